@@ -1,0 +1,584 @@
+"""The async Lago REST client: one pooled ``httpx.AsyncClient``, retries, Lago's error envelope."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import email.utils
+import enum
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import httpx
+
+from ._errors import (
+    InvalidRequestError,
+    LagoAPIError,
+    LagoAuthenticationError,
+    LagoNotFoundError,
+    LagoRateLimitError,
+    LagoUnavailableError,
+    LagoValidationError,
+)
+from ._events import MAX_BATCH_SIZE, normalize_event
+from ._ids import path_segment, validate_id
+from ._settings import BillingSettings
+from ._version import __version__
+
+__all__ = ["LagoClient", "Page"]
+
+logger = logging.getLogger("lago_org_billing.client")
+
+JSON = dict[str, Any]
+_MAX_BACKOFF = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of a Lago list, with Lago's pagination ``meta``."""
+
+    items: list[JSON]
+    current_page: int
+    next_page: int | None
+    prev_page: int | None
+    total_pages: int
+    total_count: int
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], key: str) -> Page:
+        meta = body.get("meta") or {}
+        return cls(
+            items=list(body.get(key) or []),
+            current_page=int(meta.get("current_page") or 0),
+            next_page=meta.get("next_page"),
+            prev_page=meta.get("prev_page"),
+            total_pages=int(meta.get("total_pages") or 0),
+            total_count=int(meta.get("total_count") or 0),
+        )
+
+
+class _State(enum.Enum):
+    OPEN = 1
+    CLOSED = 2
+
+
+class LagoClient:
+    """Async client for the parts of Lago's REST API that per-org billing needs.
+
+    ::
+
+        async with LagoClient(BillingSettings.from_env()) as lago:
+            customer = await lago.get_customer("org_123")
+
+    **Parameters:**
+
+    * **settings** - *(optional)* :class:`BillingSettings`; read from the environment when omitted.
+    * **transport** - *(optional)* an ``httpx.AsyncBaseTransport``, e.g. ``FakeLago().transport()`` in tests.
+    * **limits** - *(optional)* ``httpx.Limits`` of the connection pool.
+
+    Calls that are safe to repeat (every call here except creating billable metrics, plans and features) are
+    retried on network errors, 5xx and 429 with exponential backoff and full jitter, within
+    ``settings.retry_deadline`` seconds in total; a 429 waits as ``X-RateLimit-Reset``/``Retry-After`` say.
+    4xx other than 429 are never retried.
+    """
+
+    def __init__(
+        self,
+        settings: BillingSettings | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else BillingSettings.from_env()
+        api_key = self.settings.require_api_key()
+        self._http = httpx.AsyncClient(
+            base_url=self.settings.api_url,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"lago-org-billing/{__version__}",
+            },
+            timeout=httpx.Timeout(self.settings.api_timeout),
+            limits=limits or httpx.Limits(max_connections=50, max_keepalive_connections=20),
+            transport=transport,
+        )
+        self._state = _State.OPEN
+
+    async def __aenter__(self) -> LagoClient:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("Cannot reopen a LagoClient once it has been closed; create a new one.")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        self._state = _State.CLOSED
+        await self._http.aclose()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    # ------------------------------------------------------------------ health
+
+    async def health(self) -> JSON:
+        """``GET /health`` (outside ``/api/v1``): Lago's version and status. Raises when Lago is unhealthy."""
+        body = await self._request("GET", "/health", api=False)
+        return body
+
+    # --------------------------------------------------------------- customers
+
+    async def upsert_customer(self, customer: Mapping[str, Any]) -> JSON:
+        """``POST /customers``: create or update the customer with ``customer["external_id"]``.
+
+        Only the keys present are written. Beware: when ``metadata`` is present, Lago deletes every existing
+        item missing from it (``OrgBilling.update_org_customer`` merges for you).
+        """
+        path_segment(customer.get("external_id"), "customer external_id")
+        body = await self._request("POST", "/customers", json={"customer": dict(customer)})
+        return _unwrap(body, "customer")
+
+    async def get_customer(self, external_id: str) -> JSON:
+        """``GET /customers/{external_id}``. Raises :class:`LagoNotFoundError` when absent."""
+        body = await self._request("GET", f"/customers/{path_segment(external_id, 'customer external_id')}")
+        return _unwrap(body, "customer")
+
+    async def update_customer(self, external_id: str, **fields: Any) -> JSON:
+        """Update some fields of an existing customer (an upsert keyed by ``external_id``)."""
+        return await self.upsert_customer({**fields, "external_id": external_id})
+
+    async def list_customers(self, *, page: int = 1, per_page: int = 100, **filters: Any) -> Page:
+        """``GET /customers`` (one page). ``filters`` are Lago's query parameters (``search_term``...)."""
+        params = _params(filters, page=page, per_page=per_page)
+        return Page.from_body(await self._request("GET", "/customers", params=params), "customers")
+
+    def iter_customers(self, *, per_page: int = 100, **filters: Any) -> AsyncIterator[JSON]:
+        """Every customer, page after page."""
+        return self._iterate("/customers", "customers", _params(filters), per_page)
+
+    async def delete_customer(self, external_id: str) -> JSON:
+        """``DELETE /customers/{external_id}`` (a soft delete; Lago terminates its subscriptions)."""
+        path = f"/customers/{path_segment(external_id, 'customer external_id')}"
+        return _unwrap(await self._request("DELETE", path), "customer")
+
+    # ----------------------------------------------------------- subscriptions
+
+    async def create_subscription(
+        self,
+        *,
+        external_customer_id: str,
+        plan_code: str,
+        external_id: str,
+        name: str | None = None,
+        billing_time: str | None = None,
+        subscription_at: str | None = None,
+        ending_at: str | None = None,
+        plan_overrides: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> JSON:
+        """``POST /subscriptions``: create, or change the plan of, the subscription ``external_id``.
+
+        Lago treats ``external_id`` as an idempotency key: the same plan returns the existing subscription; a
+        more expensive plan upgrades at once; a cheaper one downgrades at the end of the period (the response
+        is then the current subscription with ``next_plan_code``). An unknown customer is created by Lago.
+        """
+        path_segment(external_customer_id, "external_customer_id")
+        path_segment(external_id, "subscription external_id")
+        if billing_time is not None and billing_time not in ("calendar", "anniversary"):
+            raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
+        subscription: JSON = {
+            "external_customer_id": external_customer_id,
+            "plan_code": plan_code,
+            "external_id": external_id,
+            **extra,
+        }
+        for key, value in (
+            ("name", name),
+            ("billing_time", billing_time),
+            ("subscription_at", subscription_at),
+            ("ending_at", ending_at),
+            ("plan_overrides", plan_overrides),
+        ):
+            if value is not None:
+                subscription[key] = value
+        body = await self._request("POST", "/subscriptions", json={"subscription": subscription})
+        return _unwrap(body, "subscription")
+
+    async def get_subscription(self, external_id: str, *, status: str | None = None) -> JSON:
+        """``GET /subscriptions/{external_id}`` (Lago's default ``status`` is ``active``)."""
+        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        params = {"status": status} if status else None
+        return _unwrap(await self._request("GET", path, params=params), "subscription")
+
+    async def update_subscription(self, external_id: str, *, status: str | None = None, **fields: Any) -> JSON:
+        """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription)."""
+        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        params = {"status": status} if status else None
+        body = await self._request("PUT", path, params=params, json={"subscription": fields})
+        return _unwrap(body, "subscription")
+
+    async def list_subscriptions(
+        self,
+        *,
+        external_customer_id: str | None = None,
+        plan_code: str | None = None,
+        statuses: Sequence[str] | None = None,
+        page: int = 1,
+        per_page: int = 100,
+    ) -> Page:
+        """``GET /subscriptions``. Lago returns only ``active`` ones unless ``statuses`` says otherwise."""
+        params = _subscription_filters(external_customer_id, plan_code, statuses)
+        params += [("page", str(page)), ("per_page", str(per_page))]
+        return Page.from_body(await self._request("GET", "/subscriptions", params=params), "subscriptions")
+
+    def iter_subscriptions(
+        self,
+        *,
+        external_customer_id: str | None = None,
+        plan_code: str | None = None,
+        statuses: Sequence[str] | None = None,
+        per_page: int = 100,
+    ) -> AsyncIterator[JSON]:
+        """Every matching subscription, page after page."""
+        params = _subscription_filters(external_customer_id, plan_code, statuses)
+        return self._iterate("/subscriptions", "subscriptions", params, per_page)
+
+    async def terminate_subscription(
+        self,
+        external_id: str,
+        *,
+        status: str | None = None,
+        on_termination_invoice: str | None = None,
+        on_termination_credit_note: str | None = None,
+    ) -> JSON:
+        """``DELETE /subscriptions/{external_id}``: terminate the active one (``status="pending"`` cancels a
+        pending one). ``on_termination_invoice`` is ``generate``/``skip``; ``on_termination_credit_note`` is
+        ``credit``/``refund``/``offset``/``skip`` (pay-in-advance plans only)."""
+        if on_termination_invoice not in (None, "generate", "skip"):
+            raise InvalidRequestError("on_termination_invoice must be 'generate' or 'skip'.")
+        if on_termination_credit_note not in (None, "credit", "refund", "offset", "skip"):
+            raise InvalidRequestError("on_termination_credit_note must be 'credit', 'refund', 'offset' or 'skip'.")
+        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        params = {
+            key: value
+            for key, value in (
+                ("status", status),
+                ("on_termination_invoice", on_termination_invoice),
+                ("on_termination_credit_note", on_termination_credit_note),
+            )
+            if value is not None
+        }
+        return _unwrap(await self._request("DELETE", path, params=params or None), "subscription")
+
+    async def get_subscription_entitlements(self, external_id: str) -> list[JSON]:
+        """``GET /subscriptions/{external_id}/entitlements``: plan values with this subscription's overrides."""
+        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
+        return list((await self._request("GET", path)).get("entitlements") or [])
+
+    async def update_subscription_entitlements(
+        self, external_id: str, entitlements: Mapping[str, Mapping[str, Any]]
+    ) -> list[JSON]:
+        """``PATCH /subscriptions/{external_id}/entitlements``: per-subscription overrides,
+        ``{"feature_code": {"privilege_code": value}}``."""
+        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
+        body = await self._request("PATCH", path, json={"entitlements": dict(entitlements)})
+        return list(body.get("entitlements") or [])
+
+    # ------------------------------------------------------------------ events
+
+    async def create_event(self, event: Mapping[str, Any]) -> JSON:
+        """``POST /events``. ``event`` needs ``transaction_id``, ``external_subscription_id`` and ``code``;
+        a missing ``timestamp`` is fixed to now, as a millisecond string, before sending."""
+        body = await self._request("POST", "/events", json={"event": normalize_event(event)})
+        return _unwrap(body, "event")
+
+    async def create_events(self, events: Sequence[Mapping[str, Any]]) -> list[JSON]:
+        """``POST /events/batch`` with 1 to 100 events. Lago is atomic: one invalid event rejects the batch
+        with a :class:`LagoValidationError` whose ``details`` are keyed by index (see ``failed_indexes()``)."""
+        if not events:
+            raise InvalidRequestError("create_events needs at least one event.")
+        if len(events) > MAX_BATCH_SIZE:
+            raise InvalidRequestError(
+                f"Lago takes at most {MAX_BATCH_SIZE} events per batch, got {len(events)}: split the list."
+            )
+        payload = [normalize_event(event) for event in events]
+        body = await self._request("POST", "/events/batch", json={"events": payload})
+        return list(body.get("events") or [])
+
+    async def get_event(self, transaction_id: str) -> JSON:
+        """``GET /events/{transaction_id}`` (the first match across subscriptions)."""
+        if not isinstance(transaction_id, str) or not transaction_id or "/" in transaction_id:
+            raise InvalidRequestError(f"transaction_id must be a non-empty string without '/': {transaction_id!r}.")
+        path = f"/events/{quote(transaction_id, safe='')}"  # this route takes dots
+        return _unwrap(await self._request("GET", path), "event")
+
+    # ----------------------------------------------------- metrics, plans, features
+
+    async def create_billable_metric(self, billable_metric: Mapping[str, Any]) -> JSON:
+        """``POST /billable_metrics`` (not retried: a retry after a lost response would be a duplicate)."""
+        body = await self._request(
+            "POST", "/billable_metrics", json={"billable_metric": dict(billable_metric)}, retry=False
+        )
+        return _unwrap(body, "billable_metric")
+
+    async def get_billable_metric(self, code: str) -> JSON:
+        """``GET /billable_metrics/{code}``."""
+        path = f"/billable_metrics/{path_segment(code, 'billable metric code')}"
+        return _unwrap(await self._request("GET", path), "billable_metric")
+
+    async def create_plan(self, plan: Mapping[str, Any]) -> JSON:
+        """``POST /plans`` (not retried)."""
+        return _unwrap(await self._request("POST", "/plans", json={"plan": dict(plan)}, retry=False), "plan")
+
+    async def get_plan(self, code: str) -> JSON:
+        """``GET /plans/{code}``."""
+        return _unwrap(await self._request("GET", f"/plans/{path_segment(code, 'plan code')}"), "plan")
+
+    async def create_feature(self, feature: Mapping[str, Any]) -> JSON:
+        """``POST /features`` (entitlements; not retried)."""
+        return _unwrap(
+            await self._request("POST", "/features", json={"feature": dict(feature)}, retry=False), "feature"
+        )
+
+    async def set_plan_entitlements(self, plan_code: str, entitlements: Mapping[str, Mapping[str, Any]]) -> list[JSON]:
+        """``POST /plans/{code}/entitlements``: replace the plan's entitlements."""
+        path = f"/plans/{path_segment(plan_code, 'plan code')}/entitlements"
+        body = await self._request("POST", path, json={"entitlements": dict(entitlements)})
+        return list(body.get("entitlements") or [])
+
+    # ------------------------------------------------------------------- usage
+
+    async def get_current_usage(
+        self,
+        external_customer_id: str,
+        external_subscription_id: str,
+        *,
+        apply_taxes: bool = False,
+        billable_metric_code: str | None = None,
+    ) -> JSON:
+        """``GET /customers/{id}/current_usage``: usage of the current billing period.
+
+        ``apply_taxes`` is false by default: with a tax provider, each call would also hit it (and may be
+        throttled). ``billable_metric_code`` narrows the answer to that metric's charges.
+        """
+        path = f"/customers/{path_segment(external_customer_id, 'customer external_id')}/current_usage"
+        params: dict[str, str] = {
+            "external_subscription_id": validate_id(external_subscription_id, "external_subscription_id"),
+            "apply_taxes": "true" if apply_taxes else "false",
+        }
+        if billable_metric_code:
+            params["billable_metric_code"] = billable_metric_code
+        return _unwrap(await self._request("GET", path, params=params), "customer_usage")
+
+    # ---------------------------------------------------------------- invoices
+
+    async def list_invoices(
+        self, *, external_customer_id: str | None = None, page: int = 1, per_page: int = 100, **filters: Any
+    ) -> Page:
+        """``GET /invoices`` (one page), optionally for one customer."""
+        params = _params({"external_customer_id": external_customer_id, **filters}, page=page, per_page=per_page)
+        return Page.from_body(await self._request("GET", "/invoices", params=params), "invoices")
+
+    def iter_invoices(
+        self, *, external_customer_id: str | None = None, per_page: int = 100, **filters: Any
+    ) -> AsyncIterator[JSON]:
+        """Every matching invoice, page after page."""
+        params = _params({"external_customer_id": external_customer_id, **filters})
+        return self._iterate("/invoices", "invoices", params, per_page)
+
+    # ---------------------------------------------------------------- webhooks
+
+    async def get_webhook_public_key(self) -> bytes:
+        """The PEM public key Lago signs JWT webhooks with (``GET /webhooks/json_public_key``)."""
+        body = await self._request("GET", "/webhooks/json_public_key")
+        encoded = (body.get("webhook") or {}).get("public_key")
+        if not isinstance(encoded, str):
+            raise LagoAPIError("Lago's webhook public key response has no webhook.public_key.", status=200)
+        return base64.b64decode("".join(encoded.split()))
+
+    # ------------------------------------------------------------- machinery
+
+    async def _iterate(self, path: str, key: str, params: list[tuple[str, str]], per_page: int) -> AsyncIterator[JSON]:
+        page_number = 1
+        while True:
+            query = [*params, ("page", str(page_number)), ("per_page", str(per_page))]
+            page = Page.from_body(await self._request("GET", path, params=query), key)
+            for item in page.items:
+                yield item
+            if not page.next_page or not page.items:
+                return
+            page_number = page.next_page
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        json: Any = None,
+        retry: bool = True,
+        api: bool = True,
+    ) -> JSON:
+        if self._state is _State.CLOSED:
+            raise RuntimeError("This LagoClient is closed; create a new one.")
+        url = f"/api/v1{path}" if api else path
+        settings = self.settings
+        deadline = time.monotonic() + settings.retry_deadline
+        query = httpx.QueryParams(params) if params is not None else None
+        attempt = 0
+        while True:
+            wait: float | None = None
+            try:
+                response = await self._http.request(method, url, params=query, json=json)
+            except httpx.TransportError as exc:
+                error: LagoAPIError = LagoUnavailableError(
+                    f"Lago did not answer {method} {url} ({type(exc).__name__}: {exc}). "
+                    f"Check LAGO_API_URL ({settings.api_url}) and that Lago is up.",
+                    method=method,
+                    path=url,
+                )
+                error.__cause__ = exc
+            else:
+                if response.status_code < 400:
+                    return _json_body(response, method, url)
+                error = _error_from_response(response, method, url)
+                if not isinstance(error, (LagoRateLimitError, LagoUnavailableError)):
+                    raise error
+                if isinstance(error, LagoRateLimitError):
+                    wait = error.retry_after
+            attempt += 1
+            if wait is None:
+                wait = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
+            if not retry or attempt > settings.max_retries or time.monotonic() + wait > deadline:
+                raise error
+            logger.warning(
+                "Lago %s %s failed (%s); retry %d/%d in %.2fs",
+                method,
+                url,
+                error.status or type(error.__cause__).__name__,
+                attempt,
+                settings.max_retries,
+                wait,
+            )
+            await anyio.sleep(wait)
+
+
+def _unwrap(body: JSON, key: str) -> JSON:
+    value = body.get(key)
+    if not isinstance(value, dict):
+        raise LagoAPIError(f"Lago's response has no {key!r} object: {str(body)[:200]}", status=200)
+    return value
+
+
+def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
+    params: list[tuple[str, str]] = []
+    for key, value in {**filters, **fixed}.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            params.extend((f"{key}[]", str(item)) for item in value)
+        elif isinstance(value, bool):
+            params.append((key, "true" if value else "false"))
+        else:
+            params.append((key, str(value)))
+    return params
+
+
+def _subscription_filters(
+    external_customer_id: str | None, plan_code: str | None, statuses: Sequence[str] | None
+) -> list[tuple[str, str]]:
+    if isinstance(statuses, str):
+        raise InvalidRequestError("statuses must be a list such as ['active', 'pending'], not a string.")
+    return _params({"external_customer_id": external_customer_id, "plan_code": plan_code, "status": statuses})
+
+
+def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        raise LagoAPIError(
+            f"Lago answered {method} {url} with {response.status_code} but the body is not JSON.",
+            status=response.status_code,
+            method=method,
+            path=url,
+        ) from None
+    if not isinstance(body, dict):
+        raise LagoAPIError(f"Lago answered {method} {url} with a JSON {type(body).__name__}, not an object.")
+    return body
+
+
+def _error_from_response(response: httpx.Response, method: str, url: str) -> LagoAPIError:
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    code = body.get("code") if isinstance(body.get("code"), str) else None
+    details = body.get("error_details") if isinstance(body.get("error_details"), dict) else {}
+    error_text = body.get("error") if isinstance(body.get("error"), str) else response.reason_phrase
+    summary = f"Lago answered {method} {url} with {status} {error_text}"
+    if code:
+        summary += f" ({code})"
+    if details:
+        summary += f": {_short(details)}"
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "code": code,
+        "details": details,
+        "error": error_text,
+        "method": method,
+        "path": url,
+    }
+    if status in (401, 403):
+        hint = " Check LAGO_API_KEY." if status == 401 else " The API key lacks a permission."
+        return LagoAuthenticationError(summary + "." + hint, **kwargs)
+    if status == 404:
+        return LagoNotFoundError(summary + ".", **kwargs)
+    if status == 422:
+        return LagoValidationError(summary + ".", **kwargs)
+    if status == 429:
+        return LagoRateLimitError(summary + ".", retry_after=_retry_after(response.headers), **kwargs)
+    if status >= 500:
+        return LagoUnavailableError(summary + ".", **kwargs)
+    return LagoAPIError(summary + ".", **kwargs)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait, from ``X-RateLimit-Reset`` (Lago: seconds until the window resets) or ``Retry-After``
+    (seconds or an HTTP date)."""
+    for name in ("x-ratelimit-reset", "retry-after"):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            continue
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def _short(details: Mapping[str, Any]) -> str:
+    text = str(dict(details))
+    return text if len(text) <= 300 else text[:297] + "..."

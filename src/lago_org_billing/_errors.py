@@ -1,0 +1,136 @@
+"""Every error the package raises derives from :class:`LagoIntegrationError`.
+
+The tree::
+
+    LagoIntegrationError
+    ├── ConfigurationError          a setting is missing or malformed (names the variable)
+    ├── InvalidRequestError         bad input caught before any call to Lago (also a ValueError)
+    │   └── InvalidIdentifierError  an id Lago cannot take in a URL path
+    └── LagoAPIError                Lago answered with an error (status, code, details)
+        ├── LagoAuthenticationError 401 / 403: the API key is wrong or lacks a permission
+        ├── LagoNotFoundError       404
+        ├── LagoValidationError     422, with Lago's ``error_details``
+        ├── LagoRateLimitError      429, with the wait Lago asked for
+        └── LagoUnavailableError    network error or 5xx, after retries
+
+Messages never contain the API key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidIdentifierError",
+    "InvalidRequestError",
+    "LagoAPIError",
+    "LagoAuthenticationError",
+    "LagoIntegrationError",
+    "LagoNotFoundError",
+    "LagoRateLimitError",
+    "LagoUnavailableError",
+    "LagoValidationError",
+]
+
+
+class LagoIntegrationError(Exception):
+    """Base class of every error raised by lago-org-billing."""
+
+
+class ConfigurationError(LagoIntegrationError, ValueError):
+    """A setting is missing or malformed. The message names the environment variable."""
+
+    def __init__(self, message: str, *, variable: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class InvalidRequestError(LagoIntegrationError, ValueError):
+    """The input cannot be sent to Lago as it is; nothing was sent."""
+
+
+class InvalidIdentifierError(InvalidRequestError):
+    """An id that Lago cannot address in a URL path (empty, padded, or with ``/``, ``.``, ``?``, ``#``...)."""
+
+
+class LagoAPIError(LagoIntegrationError):
+    """Lago answered with an error.
+
+    * **status** - the HTTP status (``None`` when no response was received).
+    * **code** - Lago's machine-readable ``code`` (``customer_not_found``, ``validation_errors``...).
+    * **details** - Lago's ``error_details`` (``{"field": ["error_code"]}``; for batches keyed by index).
+    * **error** - Lago's ``error`` text.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.details: dict[str, Any] = dict(details or {})
+        self.error = error
+        self.method = method
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status!r}, code={self.code!r}, details={self.details!r})"
+
+
+class LagoAuthenticationError(LagoAPIError):
+    """Lago refused the API key (401) or its permissions (403): check ``LAGO_API_KEY``."""
+
+
+class LagoNotFoundError(LagoAPIError):
+    """The Lago object does not exist (404)."""
+
+
+class LagoValidationError(LagoAPIError):
+    """Lago rejected the input (422); ``details`` says which field and why."""
+
+    @property
+    def is_duplicate_only(self) -> bool:
+        """True when every error is ``value_already_exist`` on ``transaction_id``.
+
+        That is what Lago's Postgres event store answers when events were already ingested, e.g. a retry of a
+        batch whose first attempt succeeded but whose response was lost: the events are in Lago.
+        """
+        if not self.details:
+            return False
+        found = False
+        for key, value in self.details.items():
+            if isinstance(value, Mapping):  # batch: {"<index>": {"transaction_id": [...]}}
+                if set(value) != {"transaction_id"} or set(value["transaction_id"]) != {"value_already_exist"}:
+                    return False
+                found = True
+            elif key == "transaction_id" and isinstance(value, list) and set(value) == {"value_already_exist"}:
+                found = True
+            else:
+                return False
+        return found
+
+    def failed_indexes(self) -> dict[int, Any]:
+        """For a batch rejection, the errors keyed by the index of the event in the batch."""
+        return {int(key): value for key, value in self.details.items() if key.isdigit()}
+
+
+class LagoRateLimitError(LagoAPIError):
+    """Lago throttled the call (429). ``retry_after`` is the wait in seconds Lago asked for, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class LagoUnavailableError(LagoAPIError):
+    """Lago could not be reached or kept failing (network error, timeout or 5xx) after retries."""

@@ -1,0 +1,77 @@
+"""Ids that go into Lago URL paths, and event timestamps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from urllib.parse import quote
+
+from ._errors import InvalidIdentifierError, InvalidRequestError
+
+__all__ = ["format_timestamp", "path_segment", "validate_id"]
+
+# Rails splits a path segment at "." (``acme.com`` becomes id ``acme`` + format ``com``) on most Lago routes,
+# and no route takes "/". "?" and "#" would end the path. Control characters and surrounding blanks never
+# round-trip (Lago strips external ids).
+_FORBIDDEN = re.compile(r"[./?#%\\\x00-\x1f\x7f]")
+MAX_ID_LENGTH = 255
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if Lago can address it in a URL path, else raise :class:`InvalidIdentifierError`."""
+    if not isinstance(value, str):
+        raise InvalidIdentifierError(f"{what} must be a string, got {type(value).__name__}.")
+    if not value:
+        raise InvalidIdentifierError(f"{what} must not be empty.")
+    if value != value.strip():
+        raise InvalidIdentifierError(f"{what} {value!r} has leading or trailing blanks; Lago would strip them.")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidIdentifierError(f"{what} is longer than {MAX_ID_LENGTH} characters.")
+    bad = _FORBIDDEN.search(value)
+    if bad:
+        raise InvalidIdentifierError(
+            f"{what} {value!r} contains {bad.group()!r}, which Lago cannot take in a URL path "
+            "(Rails reads 'acme.com' as id 'acme' in format 'com'). Use letters, digits, '-', '_', ':' or '@', "
+            "e.g. map 'acme.com' to 'acme-com'."
+        )
+    return value
+
+
+def path_segment(value: object, what: str = "id") -> str:
+    """A validated id, percent-encoded for use as one URL path segment."""
+    return quote(validate_id(value, what), safe="")
+
+
+def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = None) -> str:
+    """An event timestamp as Lago wants it: Unix seconds as a string with millisecond precision.
+
+    ``None`` means now. Datetimes must be timezone-aware. Floats are never truncated to whole seconds
+    (the official client's ``int`` coercion loses the milliseconds).
+    """
+    if value is None:
+        value = dt.datetime.now(dt.timezone.utc)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise InvalidRequestError(
+                "Event timestamps must be timezone-aware datetimes (e.g. datetime.now(timezone.utc))."
+            )
+        micros = (value - _EPOCH) // dt.timedelta(microseconds=1)
+        return f"{micros // 1000 // 1000}.{micros // 1000 % 1000:03d}"
+    if isinstance(value, bool):
+        raise InvalidRequestError("Event timestamp must be a number of seconds or a datetime, not a bool.")
+    try:
+        number = Decimal(str(value).strip()) if isinstance(value, (str, float, int)) else Decimal(value)
+    except (InvalidOperation, ValueError):
+        raise InvalidRequestError(f"Event timestamp {value!r} is not a number of Unix seconds.") from None
+    if not number.is_finite() or number < 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise InvalidRequestError(f"Event timestamp {value!r} must be a finite number of Unix seconds >= 0.")
+    if number > 10**11:
+        raise InvalidRequestError(
+            f"Event timestamp {value!r} looks like milliseconds; Lago takes seconds (divide by 1000)."
+        )
+    return f"{number.quantize(Decimal('0.001'))}"
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)

@@ -1,0 +1,257 @@
+"""Settings, read from the application's environment (and ``.env``) through ``starlette.config.Config``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import string
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from starlette.config import Config
+
+from ._errors import ConfigurationError
+
+__all__ = ["BillingSettings", "QuotaMode"]
+
+QuotaMode = Literal["enforce", "monitor", "off"]
+_QUOTA_MODES = ("enforce", "monitor", "off")
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BillingSettings:
+    """Everything the package needs to talk to Lago and to bill requests.
+
+    Build it from the environment with :meth:`from_env`, or directly in code::
+
+        settings = BillingSettings(api_url="https://api.getlago.com", api_key=os.environ["LAGO_API_KEY"])
+
+    Each field maps to the environment variable named in its comment. The API key never appears in ``repr``.
+    """
+
+    #: ``LAGO_API_KEY``: Lago API key (Developers > API keys).
+    api_key: str = dataclasses.field(default="", repr=False)
+    #: ``LAGO_API_URL``: Lago base URL, without ``/api/v1``.
+    api_url: str = "http://localhost:3000"
+    #: ``LAGO_API_TIMEOUT``: seconds allowed for each call to Lago.
+    api_timeout: float = 10.0
+    #: ``LAGO_MAX_RETRIES``: retries of an idempotent call on network errors, 5xx and 429.
+    max_retries: int = 3
+    #: ``LAGO_RETRY_DEADLINE``: total seconds one call may spend, retries and waits included.
+    retry_deadline: float = 30.0
+    #: ``LAGO_RETRY_BACKOFF``: first backoff in seconds (doubles each retry, full jitter, capped at 10 s).
+    retry_backoff: float = 0.25
+    #: ``LAGO_EVENT_CODE``: billable metric code of the per-request event.
+    event_code: str = "api_call"
+    #: ``LAGO_SUBSCRIPTION_ID_TEMPLATE``: how an org id maps to its Lago subscription ``external_id``.
+    subscription_id_template: str = "{org_id}"
+    #: ``LAGO_ORG_HEADER``: opt-in, resolve the org from this request header (clients can spoof it).
+    org_header: str | None = None
+    #: ``LAGO_USER_HEADER``: opt-in, resolve the user from this request header.
+    user_header: str | None = None
+    #: ``LAGO_EXCLUDE_PATHS``: path prefixes never billed nor gated.
+    exclude_paths: tuple[str, ...] = ()
+    #: ``LAGO_SPOOL_PATH``: SQLite file of the durable event spool (unset: in memory).
+    spool_path: str | None = None
+    #: ``LAGO_REDIS_URL``: Redis for shared quota counters, snapshots and webhook dedupe.
+    redis_url: str | None = None
+    #: ``LAGO_QUOTA_MODE``: ``enforce``, ``monitor`` or ``off``.
+    quota_mode: QuotaMode = "enforce"
+    #: ``LAGO_FAIL_OPEN``: allow requests when Lago cannot be asked.
+    fail_open: bool = True
+    #: ``LAGO_USAGE_CACHE_TTL``: seconds a usage snapshot is trusted.
+    usage_cache_ttl: float = 30.0
+    #: ``LAGO_PLAN_LIMITS``: fallback limits per plan code, ``{"starter": {"max_api_calls": 300}}``.
+    plan_limits: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
+    #: ``LAGO_WEBHOOK_HMAC_KEY``: HMAC key of Lago webhooks (unset: JWT mode).
+    webhook_hmac_key: str | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
+        _positive("LAGO_API_TIMEOUT", self.api_timeout)
+        _positive("LAGO_RETRY_DEADLINE", self.retry_deadline)
+        _positive("LAGO_RETRY_BACKOFF", self.retry_backoff)
+        _positive("LAGO_USAGE_CACHE_TTL", self.usage_cache_ttl)
+        if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 20:
+            raise ConfigurationError(
+                f"LAGO_MAX_RETRIES must be a whole number from 0 to 20, got {self.max_retries!r}.",
+                variable="LAGO_MAX_RETRIES",
+            )
+        if not self.event_code or not self.event_code.strip():
+            raise ConfigurationError("LAGO_EVENT_CODE must not be empty.", variable="LAGO_EVENT_CODE")
+        _check_template(self.subscription_id_template)
+        if self.quota_mode not in _QUOTA_MODES:
+            raise ConfigurationError(
+                f"LAGO_QUOTA_MODE must be one of {', '.join(_QUOTA_MODES)}; got {self.quota_mode!r}.",
+                variable="LAGO_QUOTA_MODE",
+            )
+        for prefix in self.exclude_paths:
+            if not prefix.startswith("/"):
+                raise ConfigurationError(
+                    f"LAGO_EXCLUDE_PATHS entries must start with '/': {prefix!r}.",
+                    variable="LAGO_EXCLUDE_PATHS",
+                )
+        _check_plan_limits(self.plan_limits)
+
+    def subscription_id_for(self, org_id: str) -> str:
+        """The Lago subscription ``external_id`` of an org (``LAGO_SUBSCRIPTION_ID_TEMPLATE``)."""
+        return self.subscription_id_template.format(org_id=org_id)
+
+    def require_api_key(self) -> str:
+        """The API key, or a :class:`ConfigurationError` saying how to set it."""
+        if not self.api_key:
+            raise ConfigurationError(
+                "LAGO_API_KEY is not set: set it in the environment or .env (Lago: Developers > API keys), "
+                "or pass BillingSettings(api_key=...).",
+                variable="LAGO_API_KEY",
+            )
+        return self.api_key
+
+    def replace(self, **changes: Any) -> BillingSettings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(
+        cls,
+        env_file: str | Path | None = ".env",
+        *,
+        environ: Mapping[str, str] | None = None,
+        require_api_key: bool = True,
+        **overrides: Any,
+    ) -> BillingSettings:
+        """Read settings from ``environ`` (default ``os.environ``) and ``env_file`` (skipped when absent).
+
+        Environment variables win over the file, and ``overrides`` win over both. A missing
+        ``LAGO_API_KEY`` is a :class:`ConfigurationError` unless ``require_api_key=False``.
+        """
+        if env_file is not None and not os.path.isfile(env_file):
+            env_file = None
+        config = Config(env_file, environ=os.environ if environ is None else environ)
+
+        def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
+            raw = config(name, default=None)
+            if raw is not None and field not in overrides:
+                values[field] = parse(name, raw)
+
+        values: dict[str, Any] = {}
+        get("LAGO_API_KEY", _str, "api_key")
+        get("LAGO_API_URL", _str, "api_url")
+        get("LAGO_API_TIMEOUT", _float, "api_timeout")
+        get("LAGO_MAX_RETRIES", _int, "max_retries")
+        get("LAGO_RETRY_DEADLINE", _float, "retry_deadline")
+        get("LAGO_RETRY_BACKOFF", _float, "retry_backoff")
+        get("LAGO_EVENT_CODE", _str, "event_code")
+        get("LAGO_SUBSCRIPTION_ID_TEMPLATE", _str, "subscription_id_template")
+        get("LAGO_ORG_HEADER", _optional_str, "org_header")
+        get("LAGO_USER_HEADER", _optional_str, "user_header")
+        get("LAGO_EXCLUDE_PATHS", _csv, "exclude_paths")
+        get("LAGO_SPOOL_PATH", _optional_str, "spool_path")
+        get("LAGO_REDIS_URL", _optional_str, "redis_url")
+        get("LAGO_QUOTA_MODE", _lower, "quota_mode")
+        get("LAGO_FAIL_OPEN", _bool, "fail_open")
+        get("LAGO_USAGE_CACHE_TTL", _float, "usage_cache_ttl")
+        get("LAGO_PLAN_LIMITS", _json_object, "plan_limits")
+        get("LAGO_WEBHOOK_HMAC_KEY", _optional_str, "webhook_hmac_key")
+        values.update(overrides)
+        settings = cls(**values)
+        if require_api_key:
+            settings.require_api_key()
+        return settings
+
+
+def _str(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_str(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _lower(name: str, raw: str) -> str:
+    return raw.strip().lower()
+
+
+def _csv(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}.", variable=name) from None
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, got {raw!r}.", variable=name) from None
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be true or false, got {raw!r}.", variable=name)
+
+
+def _json_object(name: str, raw: str) -> Any:
+    try:
+        value = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{name} is not valid JSON ({exc.msg} at char {exc.pos}).", variable=name) from None
+    return value
+
+
+def _parse_url(name: str, value: str) -> str:
+    url = value.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"{name} must be an http(s) URL such as https://api.getlago.com, got {value!r}.", variable=name
+        )
+    if url.endswith("/api/v1"):  # the Lago docs show URLs with /api/v1; we add it ourselves
+        url = url[: -len("/api/v1")]
+    return url
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {value!r}.", variable=name)
+
+
+def _check_template(template: str) -> None:
+    name = "LAGO_SUBSCRIPTION_ID_TEMPLATE"
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} is not a valid template ({exc}): {template!r}.", variable=name) from None
+    if fields != ["org_id"]:
+        raise ConfigurationError(
+            f"{name} must contain the placeholder {{org_id}} exactly once and no other, got {template!r}.",
+            variable=name,
+        )
+
+
+def _check_plan_limits(limits: object) -> None:
+    name = "LAGO_PLAN_LIMITS"
+    example = '{"starter": {"max_api_calls": 300, "max_tokens": 100000}}'
+    if not isinstance(limits, Mapping):
+        raise ConfigurationError(f"{name} must be a JSON object such as {example}.", variable=name)
+    for plan, plan_limits in limits.items():
+        if not isinstance(plan_limits, Mapping):
+            raise ConfigurationError(f"{name}[{plan!r}] must be an object of limits such as {example}.", variable=name)
+        for limit, value in plan_limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigurationError(
+                    f"{name}[{plan!r}][{limit!r}] must be a whole number >= 0, got {value!r}.", variable=name
+                )
