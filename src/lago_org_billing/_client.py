@@ -437,7 +437,7 @@ class LagoClient:
         url = f"/api/v1{path}" if api else path
         settings = self.settings
         deadline = time.monotonic() + settings.retry_deadline
-        query = httpx.QueryParams(params) if params is not None else None
+        query = httpx.QueryParams(tuple(params) if isinstance(params, list) else params)
         attempt = 0
         while True:
             wait: float | None = None
