@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._billing import OrgBilling
+from ._client import LagoClient, Page
 from ._errors import (
     ConfigurationError,
     InvalidIdentifierError,
@@ -24,10 +26,13 @@ __all__ = [
     "InvalidRequestError",
     "LagoAPIError",
     "LagoAuthenticationError",
+    "LagoClient",
     "LagoIntegrationError",
     "LagoNotFoundError",
     "LagoRateLimitError",
     "LagoUnavailableError",
     "LagoValidationError",
+    "OrgBilling",
+    "Page",
     "__version__",
 ]

@@ -1,0 +1,500 @@
+"""The org-level billing service: the seed's ``lago_integration`` API over :class:`LagoClient`.
+
+Customers are keyed by org id (``external_id = org_id``); the user who created the org is kept in metadata;
+the org's subscription ``external_id`` comes from ``LAGO_SUBSCRIPTION_ID_TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ._client import JSON, LagoClient
+from ._errors import (
+    InvalidRequestError,
+    LagoAPIError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+    LagoValidationError,
+)
+from ._events import event_payload
+from ._ids import validate_id
+from ._settings import BillingSettings
+
+__all__ = [
+    "METADATA_BILLING_TYPE",
+    "METADATA_CREATED_BY",
+    "METADATA_MIGRATED_FROM",
+    "OrgBilling",
+    "check_metadata",
+]
+
+logger = logging.getLogger("lago_org_billing.billing")
+
+#: Metadata keys the package writes on org customers (each fits Lago's 20-character key limit).
+METADATA_CREATED_BY = "created_by_user_id"
+METADATA_BILLING_TYPE = "billing_type"
+METADATA_MIGRATED_FROM = "migrated_from_user"
+ORGANIZATION = "organization"
+
+#: Lago's customer metadata limits (``Metadata::CustomerMetadata``).
+MAX_METADATA_ITEMS = 5
+MAX_METADATA_KEY = 20
+MAX_METADATA_VALUE = 100
+
+
+class OrgBilling:
+    """Per-organization billing on Lago, with the names of the seed's ``lago_integration`` module.
+
+    ::
+
+        async with OrgBilling() as billing:  # settings from the environment
+            await billing.subscribe_org_to_plan("org_123", "starter", "Acme", "billing@acme.test", user_id="u_1")
+
+    **Parameters:**
+
+    * **settings** - *(optional)* :class:`BillingSettings`, read from the environment when omitted.
+    * **client** - *(optional)* a :class:`LagoClient` to use (not closed by this object).
+    * **transport** - *(optional)* an httpx transport for the client this object creates (tests).
+    """
+
+    def __init__(
+        self,
+        settings: BillingSettings | None = None,
+        *,
+        client: LagoClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if client is not None:
+            self.client = client
+            self.settings = settings if settings is not None else client.settings
+            self._owns_client = False
+        else:
+            self.settings = settings if settings is not None else BillingSettings.from_env()
+            self.client = LagoClient(self.settings, transport=transport)
+            self._owns_client = True
+
+    async def __aenter__(self) -> OrgBilling:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the Lago client if this object created it."""
+        if self._owns_client:
+            await self.client.aclose()
+
+    def subscription_id(self, org_id: str) -> str:
+        """The Lago subscription ``external_id`` of ``org_id``."""
+        return validate_id(self.settings.subscription_id_for(validate_id(org_id, "org_id")), "subscription id")
+
+    # --------------------------------------------------------------- customers
+
+    async def create_org_customer(
+        self,
+        org_id: str,
+        org_name: str,
+        email: str | None = None,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> JSON:
+        """Create (or bring up to date) the Lago customer of an org: ``external_id = org_id``, with
+        ``created_by_user_id`` and ``billing_type=organization`` in metadata.
+
+        Calling it again is safe: existing metadata items are kept and updated, never dropped.
+        ``fields`` are other Lago customer fields (``currency``, ``country``...).
+        """
+        validate_id(org_id, "org_id")
+        wanted = _package_metadata(user_id, metadata)
+        check_metadata(wanted)
+        existing = await self.get_customer(org_id)
+        if existing is not None:
+            return await self._update(existing, org_name, email, wanted, fields)
+        customer = {**fields, "external_id": org_id, "name": _name(org_name)}
+        if email is not None:
+            customer["email"] = _email(email)
+        customer["metadata"] = [
+            {"key": key, "value": value, "display_in_invoice": False} for key, value in wanted.items()
+        ]
+        return await self.client.upsert_customer(customer)
+
+    async def get_customer(self, org_id: str) -> JSON | None:
+        """The org's Lago customer, or ``None`` when it has none."""
+        try:
+            return await self.client.get_customer(org_id)
+        except LagoNotFoundError:
+            return None
+
+    async def update_org_customer(
+        self,
+        org_id: str,
+        org_name: str | None = None,
+        email: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> JSON:
+        """Update an org's customer. ``metadata`` is merged into the existing items (a value of ``None``
+        removes that key); nothing else is dropped. Raises :class:`LagoNotFoundError` if the org has no
+        customer."""
+        existing = await self.get_customer(org_id)
+        if existing is None:
+            raise LagoNotFoundError(
+                f"Org {org_id!r} has no Lago customer yet: call create_org_customer first.",
+                status=404,
+                code="customer_not_found",
+            )
+        return await self._update(existing, org_name, email, dict(metadata or {}), fields)
+
+    async def get_or_create_customer(
+        self,
+        org_id: str,
+        org_name: str,
+        email: str | None = None,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> JSON:
+        """The org's customer, created first when it does not exist (an existing one is left as it is)."""
+        existing = await self.get_customer(org_id)
+        if existing is not None:
+            return existing
+        return await self.create_org_customer(org_id, org_name, email, user_id, metadata)
+
+    async def is_org_customer(self, external_id: str) -> bool:
+        """True when ``external_id`` is an org-keyed customer (``billing_type=organization`` in its metadata);
+        False for user-keyed (legacy) or unknown customers."""
+        customer = await self.get_customer(external_id)
+        if customer is None:
+            return False
+        return _metadata_dict(customer).get(METADATA_BILLING_TYPE) == ORGANIZATION
+
+    async def _update(
+        self,
+        existing: JSON,
+        org_name: str | None,
+        email: str | None,
+        changes: Mapping[str, Any],
+        fields: Mapping[str, Any],
+    ) -> JSON:
+        customer: JSON = {**fields, "external_id": existing["external_id"]}
+        if org_name is not None:
+            customer["name"] = _name(org_name)
+        if email is not None:
+            customer["email"] = _email(email)
+        if changes:
+            items = {item["key"]: item for item in existing.get("metadata") or []}
+            merged: dict[str, str] = {key: str(item["value"]) for key, item in items.items()}
+            for key, value in changes.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            check_metadata(merged)
+            if merged != {key: str(item["value"]) for key, item in items.items()}:
+                customer["metadata"] = [
+                    {
+                        **({"id": items[key]["lago_id"]} if key in items and items[key].get("lago_id") else {}),
+                        "key": key,
+                        "value": value,
+                        "display_in_invoice": bool(items[key].get("display_in_invoice")) if key in items else False,
+                    }
+                    for key, value in merged.items()
+                ]
+        if len(customer) == 1:  # nothing to change
+            return existing
+        return await self.client.upsert_customer(customer)
+
+    # ----------------------------------------------------------- subscriptions
+
+    async def create_subscription(
+        self,
+        org_id: str,
+        plan_code: str,
+        billing_time: str = "calendar",
+        subscription_at: dt.datetime | str | None = None,
+        **fields: Any,
+    ) -> JSON:
+        """Subscribe the org's customer to ``plan_code`` (subscription ``external_id`` from the template).
+
+        Idempotent: the same plan returns the existing subscription. A different plan is an upgrade or a
+        downgrade, as Lago decides from the plans' amounts (see :meth:`change_plan`)."""
+        return await self.client.create_subscription(
+            external_customer_id=validate_id(org_id, "org_id"),
+            plan_code=validate_id(plan_code, "plan_code"),
+            external_id=self.subscription_id(org_id),
+            billing_time=billing_time,
+            subscription_at=_iso(subscription_at),
+            **fields,
+        )
+
+    async def subscribe_org_to_plan(
+        self,
+        org_id: str,
+        plan_code: str,
+        org_name: str,
+        email: str | None = None,
+        user_id: str | None = None,
+        **subscription_fields: Any,
+    ) -> JSON:
+        """One call to set an org up: its customer (created if needed) and its subscription.
+
+        Returns ``{"customer": ..., "subscription": ...}``."""
+        customer = await self.get_or_create_customer(org_id, org_name, email, user_id)
+        subscription = await self.create_subscription(org_id, plan_code, **subscription_fields)
+        return {"customer": customer, "subscription": subscription}
+
+    async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
+        """The org's active subscription (or the one with ``status``), or ``None``."""
+        try:
+            return await self.client.get_subscription(self.subscription_id(org_id), status=status)
+        except LagoNotFoundError:
+            return None
+
+    async def change_plan(self, org_id: str, plan_code: str) -> JSON:
+        """Upgrade or downgrade the org's active subscription to ``plan_code``.
+
+        Lago decides by price: a plan at least as expensive takes effect now (a new subscription record); a
+        cheaper one at the end of the period (the answer is the current subscription, with ``next_plan_code``
+        and ``downgrade_plan_date``). Raises :class:`LagoNotFoundError` when the org has no active subscription.
+        """
+        current = await self.get_subscription(org_id)
+        if current is None:
+            raise LagoNotFoundError(
+                f"Org {org_id!r} has no active subscription to change: use create_subscription.",
+                status=404,
+                code="subscription_not_found",
+            )
+        return await self.client.create_subscription(
+            external_customer_id=current["external_customer_id"],
+            plan_code=validate_id(plan_code, "plan_code"),
+            external_id=current["external_id"],
+        )
+
+    async def terminate_subscription(
+        self,
+        org_id: str,
+        subscription_id: str | None = None,
+        *,
+        on_termination_invoice: str | None = None,
+        on_termination_credit_note: str | None = None,
+    ) -> JSON:
+        """Terminate the org's active subscription (``subscription_id`` defaults to the org's)."""
+        external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
+        return await self.client.terminate_subscription(
+            external_id,
+            on_termination_invoice=on_termination_invoice,
+            on_termination_credit_note=on_termination_credit_note,
+        )
+
+    # ------------------------------------------------------------------ usage
+
+    async def record_usage(
+        self,
+        org_id: str,
+        event_code: str,
+        transaction_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        timestamp: dt.datetime | float | int | str | Decimal | None = None,
+    ) -> JSON:
+        """Send one usage event for the org now, with ``org_id`` added to its properties.
+
+        Give a stable ``transaction_id`` to make retries safe (one is generated otherwise). An event Lago
+        already has is not an error: the answer is the payload with ``"duplicate": True``.
+        """
+        payload = event_payload(
+            transaction_id=transaction_id or f"tx_{uuid.uuid4().hex}",
+            external_subscription_id=self.subscription_id(org_id),
+            code=event_code,
+            properties={**(properties or {}), "org_id": org_id},
+            timestamp=timestamp,
+        )
+        try:
+            return await self.client.create_event(payload)
+        except LagoValidationError as exc:
+            if exc.is_duplicate_only:
+                logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
+                return {**payload, "duplicate": True}
+            raise
+
+    async def record_api_call(
+        self,
+        org_id: str,
+        transaction_id: str | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        tokens: int = 0,
+        model: str | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        **properties: Any,
+    ) -> JSON:
+        """Record one API call (event code ``LAGO_EVENT_CODE``) with user, endpoint, model and tokens."""
+        for name, count in (("tokens", tokens), ("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+                raise InvalidRequestError(f"{name} must be a whole number >= 0, got {count!r}.")
+        total = tokens or (input_tokens or 0) + (output_tokens or 0)
+        props: dict[str, Any] = {**properties, "total_tokens": total}
+        for key, value in (
+            ("user_id", user_id),
+            ("endpoint", endpoint),
+            ("model", model),
+            ("input_tokens", input_tokens),
+            ("output_tokens", output_tokens),
+        ):
+            if value is not None:
+                props[key] = value
+        return await self.record_usage(org_id, self.settings.event_code, transaction_id, props)
+
+    async def get_current_usage(self, org_id: str, billable_metric_code: str | None = None) -> JSON | None:
+        """Usage of the org's current billing period (``customer_usage``), or ``None`` when the org has no
+        active subscription."""
+        try:
+            return await self.client.get_current_usage(
+                validate_id(org_id, "org_id"),
+                self.subscription_id(org_id),
+                billable_metric_code=billable_metric_code,
+            )
+        except LagoNotFoundError as exc:
+            if exc.code in ("customer_not_found", "subscription_not_found"):
+                return None
+            raise
+        except LagoAPIError as exc:
+            if exc.status == 405 and exc.code == "no_active_subscription":
+                return None
+            raise
+
+    # ---------------------------------------------------------------- invoices
+
+    async def get_invoices(self, org_id: str, limit: int = 10) -> list[JSON]:
+        """The org's most recent invoices, at most ``limit``."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequestError(f"limit must be a whole number >= 1, got {limit!r}.")
+        invoices: list[JSON] = []
+        async for invoice in self.client.iter_invoices(
+            external_customer_id=validate_id(org_id, "org_id"), per_page=min(limit, 100)
+        ):
+            invoices.append(invoice)
+            if len(invoices) >= limit:
+                break
+        return invoices
+
+    # --------------------------------------------------------------- migration
+
+    async def migrate_user_to_org(
+        self,
+        user_id: str,
+        org_id: str,
+        org_name: str,
+        email: str | None = None,
+        *,
+        plan_code: str | None = None,
+        on_termination_invoice: str = "generate",
+        on_termination_credit_note: str | None = None,
+    ) -> JSON:
+        """Move one user-keyed Lago customer's billing to its org (the ``migrate`` CLI's code path).
+
+        Lago cannot rename a customer nor move a subscription, so: the org customer is upserted (with
+        ``migrated_from_user``), the org is subscribed to the user's plan (or ``plan_code``), the user's
+        active subscriptions are terminated, and the user customer is marked. Safe to re-run.
+        """
+        from ._migration import migrate_user
+
+        outcome = await migrate_user(
+            self,
+            user_id=user_id,
+            org_id=org_id,
+            org_name=org_name,
+            email=email,
+            plan_code=plan_code,
+            on_termination_invoice=on_termination_invoice,
+            on_termination_credit_note=on_termination_credit_note,
+        )
+        return outcome
+
+    # ------------------------------------------------------------------ health
+
+    async def check_lago_health(self) -> JSON:
+        """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error"}``."""
+        started = time.perf_counter()
+        result: JSON = {"healthy": False, "url": self.settings.api_url, "version": None, "error": None}
+        try:
+            body = await self.client.health()
+        except LagoIntegrationError as exc:
+            result["error"] = str(exc)
+        else:
+            result["healthy"] = body.get("message", "Success") == "Success"
+            result["version"] = body.get("version")
+            if not result["healthy"]:
+                result["error"] = str(body.get("details") or body.get("message"))
+        result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        return result
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidRequestError` unless ``metadata`` fits Lago's customer metadata limits
+    (at most 5 items, keys of at most 20 characters, string values of at most 100)."""
+    problems: list[str] = []
+    if len(metadata) > MAX_METADATA_ITEMS:
+        problems.append(
+            f"{len(metadata)} items ({', '.join(map(repr, metadata))}) but Lago keeps at most {MAX_METADATA_ITEMS}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key.strip():
+            problems.append(f"key {key!r} must be a non-empty string")
+        elif len(key) > MAX_METADATA_KEY:
+            problems.append(f"key {key!r} is {len(key)} characters, Lago allows {MAX_METADATA_KEY}")
+        if not isinstance(value, str) or not value:
+            problems.append(f"value of {key!r} must be a non-empty string, got {value!r}")
+        elif len(value) > MAX_METADATA_VALUE:
+            problems.append(f"value of {key!r} is {len(value)} characters, Lago allows {MAX_METADATA_VALUE}")
+    if problems:
+        raise InvalidRequestError("Customer metadata does not fit Lago's limits: " + "; ".join(problems) + ".")
+
+
+def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    wanted: dict[str, Any] = dict(metadata or {})
+    wanted[METADATA_BILLING_TYPE] = ORGANIZATION
+    if user_id is not None:
+        wanted[METADATA_CREATED_BY] = validate_id(user_id, "user_id")
+    return wanted
+
+
+def _metadata_dict(customer: Mapping[str, Any]) -> dict[str, str]:
+    return {item["key"]: item["value"] for item in customer.get("metadata") or [] if "key" in item}
+
+
+def _name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequestError(f"org_name must be a non-empty string, got {name!r}.")
+    if len(name) > 255:
+        raise InvalidRequestError("org_name is longer than Lago's 255 characters.")
+    return name
+
+
+def _email(email: str) -> str:
+    if not isinstance(email, str) or "@" not in email or email != email.strip():
+        raise InvalidRequestError(f"email {email!r} is not an email address.")
+    return email
+
+
+def _iso(value: dt.datetime | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        raise InvalidRequestError("subscription_at must be a timezone-aware datetime.")
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
