@@ -1,0 +1,226 @@
+"""LagoClient against faults injected at the network edge (pytest-httpx)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from pytest_httpx import HTTPXMock
+
+from lago_org_billing import (
+    BillingSettings,
+    InvalidIdentifierError,
+    InvalidRequestError,
+    LagoAuthenticationError,
+    LagoClient,
+    LagoNotFoundError,
+    LagoRateLimitError,
+    LagoUnavailableError,
+    LagoValidationError,
+)
+
+pytestmark = pytest.mark.anyio
+
+API_KEY = "sk_test_do_not_leak_me"
+BASE = "http://lago.test"
+CUSTOMER = {"lago_id": "c1", "external_id": "org_1", "name": "Acme", "metadata": []}
+
+
+def settings(**changes: object) -> BillingSettings:
+    values: dict[str, object] = {
+        "api_key": API_KEY,
+        "api_url": BASE,
+        "retry_backoff": 0.001,
+        "max_retries": 3,
+    }
+    values.update(changes)
+    return BillingSettings(**values)  # type: ignore[arg-type]
+
+
+async def test_retries_5xx_then_succeeds(httpx_mock: HTTPXMock) -> None:
+    """Two 503s then a 200: the call succeeds after three requests."""
+    url = f"{BASE}/api/v1/customers/org_1"
+    httpx_mock.add_response(url=url, status_code=503, json={"status": 503, "error": "Service Unavailable"})
+    httpx_mock.add_response(url=url, status_code=503)
+    httpx_mock.add_response(url=url, json={"customer": CUSTOMER})
+    async with LagoClient(settings()) as lago:
+        assert (await lago.get_customer("org_1"))["name"] == "Acme"
+    assert len(httpx_mock.get_requests()) == 3
+
+
+async def test_5xx_gives_up_after_max_retries(httpx_mock: HTTPXMock) -> None:
+    """A Lago that keeps failing ends in LagoUnavailableError after 1 + max_retries attempts."""
+    httpx_mock.add_response(status_code=500, json={"status": 500, "errors": []}, is_reusable=True)
+    async with LagoClient(settings(max_retries=2)) as lago:
+        with pytest.raises(LagoUnavailableError) as info:
+            await lago.get_customer("org_1")
+    assert info.value.status == 500
+    assert len(httpx_mock.get_requests()) == 3
+
+
+async def test_network_errors_are_retried(httpx_mock: HTTPXMock) -> None:
+    """A refused connection and a read timeout are retried like a 5xx."""
+    httpx_mock.add_exception(httpx.ConnectError("refused"))
+    httpx_mock.add_exception(httpx.ReadTimeout("slow"))
+    httpx_mock.add_response(json={"customer": CUSTOMER})
+    async with LagoClient(settings()) as lago:
+        await lago.get_customer("org_1")
+    assert len(httpx_mock.get_requests()) == 3
+
+
+async def test_network_error_after_retries_is_unavailable(httpx_mock: HTTPXMock) -> None:
+    """A Lago that never answers is a LagoUnavailableError that says what to check."""
+    httpx_mock.add_exception(httpx.ConnectError("refused"), is_reusable=True)
+    async with LagoClient(settings(max_retries=1)) as lago:
+        with pytest.raises(LagoUnavailableError, match="LAGO_API_URL") as info:
+            await lago.health()
+    assert info.value.status is None
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error_type"),
+    [
+        (401, {"status": 401, "error": "Unauthorized"}, LagoAuthenticationError),
+        (
+            403,
+            {"status": 403, "error": "Forbidden", "code": "write_action_not_allowed_for_customer"},
+            LagoAuthenticationError,
+        ),
+        (404, {"status": 404, "error": "Not Found", "code": "customer_not_found"}, LagoNotFoundError),
+        (
+            422,
+            {
+                "status": 422,
+                "error": "Unprocessable Entity",
+                "code": "validation_errors",
+                "error_details": {"email": ["invalid_format"]},
+            },
+            LagoValidationError,
+        ),
+    ],
+)
+async def test_4xx_are_not_retried_and_carry_lago_code(
+    httpx_mock: HTTPXMock, status: int, body: dict[str, object], error_type: type[Exception]
+) -> None:
+    """4xx other than 429 raise at once with Lago's code and details, never the API key."""
+    httpx_mock.add_response(status_code=status, json=body)
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(error_type) as info:
+            await lago.get_customer("org_1")
+    error = info.value
+    assert error.status == status  # type: ignore[attr-defined]
+    assert error.code == body.get("code")  # type: ignore[attr-defined]
+    assert error.details == body.get("error_details", {})  # type: ignore[attr-defined]
+    assert API_KEY not in str(error) and API_KEY not in repr(error)
+    assert len(httpx_mock.get_requests()) == 1
+
+
+async def test_429_waits_x_ratelimit_reset_then_succeeds(httpx_mock: HTTPXMock) -> None:
+    """A 429 with X-RateLimit-Reset is retried after that wait."""
+    httpx_mock.add_response(
+        status_code=429,
+        headers={"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "0"},
+        json={"status": 429, "error": "Too Many Requests"},
+    )
+    httpx_mock.add_response(json={"customer": CUSTOMER})
+    async with LagoClient(settings()) as lago:
+        await lago.get_customer("org_1")
+    assert len(httpx_mock.get_requests()) == 2
+
+
+async def test_429_beyond_deadline_raises_with_retry_after(httpx_mock: HTTPXMock) -> None:
+    """A reset later than the retry deadline raises at once, telling how long to wait."""
+    httpx_mock.add_response(status_code=429, headers={"X-RateLimit-Reset": "120"})
+    async with LagoClient(settings(retry_deadline=5)) as lago:
+        with pytest.raises(LagoRateLimitError) as info:
+            await lago.get_customer("org_1")
+    assert info.value.retry_after == 120.0
+    assert len(httpx_mock.get_requests()) == 1
+
+
+async def test_retry_after_http_date_is_understood(httpx_mock: HTTPXMock) -> None:
+    """Retry-After as an HTTP date in the past means retry now."""
+    httpx_mock.add_response(status_code=429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    httpx_mock.add_response(json={"customer": CUSTOMER})
+    async with LagoClient(settings()) as lago:
+        await lago.get_customer("org_1")
+    assert len(httpx_mock.get_requests()) == 2
+
+
+async def test_non_idempotent_creates_are_not_retried(httpx_mock: HTTPXMock) -> None:
+    """Creating a plan is not retried: a retry after a lost response would duplicate it."""
+    httpx_mock.add_response(status_code=503)
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(LagoUnavailableError):
+            await lago.create_plan({"code": "starter", "name": "Starter"})
+    assert len(httpx_mock.get_requests()) == 1
+
+
+async def test_requests_carry_bearer_and_encoded_paths(httpx_mock: HTTPXMock) -> None:
+    """The API key goes in the bearer header; path ids are percent-encoded."""
+    httpx_mock.add_response(json={"customer": CUSTOMER})
+    async with LagoClient(settings()) as lago:
+        await lago.get_customer("user@acme")
+    request = httpx_mock.get_request()
+    assert request is not None
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert request.url.raw_path == b"/api/v1/customers/user%40acme"
+
+
+async def test_unaddressable_ids_never_reach_lago(httpx_mock: HTTPXMock) -> None:
+    """A dotted id is rejected before any request is made."""
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(InvalidIdentifierError):
+            await lago.get_customer("acme.com")
+        with pytest.raises(InvalidIdentifierError):
+            await lago.get_current_usage("org_1", "org.1")
+    assert httpx_mock.get_requests() == []
+
+
+async def test_batch_limits_and_timestamp_strings(httpx_mock: HTTPXMock) -> None:
+    """Batches hold 1..100 events; timestamps are sent as millisecond strings."""
+    httpx_mock.add_response(json={"events": []})
+    event = {"transaction_id": "t", "external_subscription_id": "org_1", "code": "api_call"}
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(InvalidRequestError, match="at most 100"):
+            await lago.create_events([{**event, "transaction_id": f"t{i}"} for i in range(101)])
+        with pytest.raises(InvalidRequestError):
+            await lago.create_events([])
+        await lago.create_events([{**event, "timestamp": 1651240791.123}])
+    request = httpx_mock.get_request()
+    assert request is not None
+    body = json.loads(request.content)
+    assert body["events"][0]["timestamp"] == "1651240791.123"
+
+
+async def test_current_usage_defaults_to_no_taxes(httpx_mock: HTTPXMock) -> None:
+    """current_usage asks apply_taxes=false unless told otherwise, with the metric filter."""
+    httpx_mock.add_response(json={"customer_usage": {"charges_usage": []}})
+    async with LagoClient(settings()) as lago:
+        await lago.get_current_usage("org_1", "org_1", billable_metric_code="api_call")
+    request = httpx_mock.get_request()
+    assert request is not None
+    assert request.url.params["apply_taxes"] == "false"
+    assert request.url.params["billable_metric_code"] == "api_call"
+    assert request.url.params["external_subscription_id"] == "org_1"
+
+
+async def test_closed_client_refuses_calls() -> None:
+    """A closed client cannot be reused."""
+    lago = LagoClient(settings())
+    await lago.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await lago.get_customer("org_1")
+    with pytest.raises(RuntimeError):
+        async with lago:
+            pass
+
+
+async def test_non_json_success_body_is_a_clear_error(httpx_mock: HTTPXMock) -> None:
+    """A proxy answering HTML is reported, not a crash in json parsing."""
+    httpx_mock.add_response(text="<html>oops</html>")
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(Exception, match="not JSON"):
+            await lago.get_customer("org_1")
