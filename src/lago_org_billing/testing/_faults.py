@@ -1,0 +1,438 @@
+"""Fault injection for the Lago emulator: errors, latency, dropped connections and rate limits.
+
+Rules are added through the Python API (``fake.inject_fault(...)``) or over HTTP::
+
+    POST   /_emulator/faults  {"status": 503, "count": 2, "path": "/api/v1/events"}
+    POST   /_emulator/faults  {"status": 503, "seconds": 5}
+    POST   /_emulator/faults  {"latency_ms": 250, "count": 1}
+    POST   /_emulator/faults  {"drop": true, "count": 1}
+    POST   /_emulator/faults  {"rate_limit": {"limit": 10, "reset": 1}}
+    GET    /_emulator/faults  lists the active rules
+    DELETE /_emulator/faults  removes every rule
+
+A rule applies to requests whose path starts with ``path`` (default ``/api/v1``). It lasts for
+``count`` requests, for ``seconds`` after it was added, or, with neither, until it is cleared.
+Rules are tried in the order they were added: each matching rule adds its latency, and the
+first one that answers (status, drop or an exceeded rate limit) ends the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._errors import InvalidRequestError
+
+__all__ = [
+    "CONTROL_PATH",
+    "DroppedConnection",
+    "FaultController",
+    "FaultMiddleware",
+    "FaultRule",
+    "FaultSpecError",
+    "RateLimit",
+    "install_faults",
+]
+
+CONTROL_PATH = "/_emulator/faults"
+DEFAULT_PATH = "/api/v1"
+
+_ALLOWED_KEYS = frozenset({"status", "count", "seconds", "path", "latency_ms", "drop", "rate_limit", "body"})
+
+
+class FaultSpecError(InvalidRequestError):
+    """A fault rule is malformed. The message names the field and what it accepts."""
+
+
+class DroppedConnection(httpx.RemoteProtocolError):
+    """Raised in process to simulate a connection that Lago closed without answering.
+
+    It is an :class:`httpx.TransportError`, so ``httpx.AsyncClient(transport=fake.transport())``
+    surfaces it exactly like a real dropped connection.
+    """
+
+
+@dataclass
+class RateLimit:
+    """A fixed window: the first ``limit`` requests in each ``reset``-second window pass."""
+
+    limit: int
+    reset: float
+    window_start: float | None = None
+    used: int = 0
+
+
+@dataclass
+class FaultRule:
+    """One fault. ``remaining`` counts down when ``count`` was given; ``expires_at`` uses the monotonic clock."""
+
+    status: int | None = None
+    count: int | None = None
+    seconds: float | None = None
+    path: str = DEFAULT_PATH
+    latency_ms: float = 0.0
+    drop: bool = False
+    rate_limit: RateLimit | None = None
+    body: Any = None
+    remaining: int | None = field(default=None, repr=False)
+    expires_at: float | None = field(default=None, repr=False)
+
+    def matches(self, path: str) -> bool:
+        return path.startswith(self.path)
+
+    def expired(self, now: float) -> bool:
+        if self.remaining is not None and self.remaining <= 0:
+            return True
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {"path": self.path}
+        if self.status is not None:
+            data["status"] = self.status
+        if self.count is not None:
+            data["count"] = self.count
+            data["remaining"] = self.remaining
+        if self.seconds is not None:
+            data["seconds"] = self.seconds
+            data["expires_in"] = max(0.0, (self.expires_at or now) - now)
+        if self.latency_ms:
+            data["latency_ms"] = self.latency_ms
+        if self.drop:
+            data["drop"] = True
+        if self.rate_limit is not None:
+            data["rate_limit"] = {"limit": self.rate_limit.limit, "reset": self.rate_limit.reset}
+        if self.body is not None:
+            data["body"] = self.body
+        return data
+
+
+class _SupportsFaults(Protocol):
+    def add_middleware(self, factory: Callable[[ASGIApp], ASGIApp]) -> Any: ...
+
+
+def _number(spec: Mapping[str, Any], key: str, *, minimum: float, integer: bool = False) -> float | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise FaultSpecError(f"fault field {key!r} must be {kind} >= {minimum:g}, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise FaultSpecError(f"fault field {key!r} must be {kind} >= {minimum:g}, got {value!r}")
+    return value
+
+
+def parse_rule(spec: Any) -> FaultRule:
+    """Validate a fault specification (the JSON body of ``POST /_emulator/faults``)."""
+    if not isinstance(spec, Mapping):
+        raise FaultSpecError('a fault must be a JSON object such as {"status": 503, "count": 2}')
+    unknown = sorted(set(spec) - _ALLOWED_KEYS)
+    if unknown:
+        raise FaultSpecError(
+            f"unknown fault field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(_ALLOWED_KEYS))}"
+        )
+    status = _number(spec, "status", minimum=100, integer=True)
+    if status is not None and not 400 <= status <= 599:
+        raise FaultSpecError(f"fault field 'status' must be an HTTP error status (400-599), got {status!r}")
+    count = _number(spec, "count", minimum=1, integer=True)
+    seconds = _number(spec, "seconds", minimum=0)
+    if count is not None and seconds is not None:
+        raise FaultSpecError("give either 'count' (number of requests) or 'seconds' (time window), not both")
+    latency = _number(spec, "latency_ms", minimum=0) or 0.0
+    drop = spec.get("drop", False)
+    if not isinstance(drop, bool):
+        raise FaultSpecError(f"fault field 'drop' must be true or false, got {drop!r}")
+    path = spec.get("path", DEFAULT_PATH)
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise FaultSpecError(f"fault field 'path' must be a path prefix starting with '/', got {path!r}")
+    rate_limit: RateLimit | None = None
+    raw_limit = spec.get("rate_limit")
+    if raw_limit is not None:
+        if not isinstance(raw_limit, Mapping) or set(raw_limit) - {"limit", "reset"}:
+            raise FaultSpecError(
+                'fault field \'rate_limit\' must be {"limit": <requests per window>, "reset": <window seconds>}'
+            )
+        limit = _number(raw_limit, "limit", minimum=0, integer=True)
+        reset = _number(raw_limit, "reset", minimum=0)
+        if limit is None or reset is None:
+            raise FaultSpecError("fault field 'rate_limit' needs both 'limit' and 'reset'")
+        rate_limit = RateLimit(limit=int(limit), reset=float(reset))
+    if status is None and not drop and rate_limit is None and not latency:
+        raise FaultSpecError(
+            "a fault needs at least one of 'status', 'drop', 'latency_ms' or 'rate_limit', "
+            'e.g. {"status": 503, "count": 2}'
+        )
+    if sum((status is not None, drop, rate_limit is not None)) > 1:
+        raise FaultSpecError("'status', 'drop' and 'rate_limit' are exclusive: use one per fault")
+    body = spec.get("body")
+    if body is not None and status is None:
+        raise FaultSpecError("fault field 'body' only goes with 'status'")
+    return FaultRule(
+        status=None if status is None else int(status),
+        count=None if count is None else int(count),
+        seconds=seconds,
+        path=path,
+        latency_ms=float(latency),
+        drop=drop,
+        rate_limit=rate_limit,
+        body=body,
+    )
+
+
+def error_body(status: int) -> dict[str, Any]:
+    """The body Lago sends for ``status`` (see docs: error envelope)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    if status == 500:
+        return {"status": 500, "errors": [{"message": "Internal Server Error (injected fault)"}], "data": {}}
+    body: dict[str, Any] = {"status": status, "error": phrase}
+    codes = {
+        403: "forbidden",
+        404: "resource_not_found",
+        405: "method_not_allowed",
+        422: "validation_errors",
+        429: "too_many_requests",
+    }
+    if status in codes:
+        body["code"] = codes[status]
+    if status == 422:
+        body["error_details"] = {}
+    if status == 400:
+        body["error"] = "BadRequest: injected fault"
+    return body
+
+
+class FaultController:
+    """Holds the fault rules of one emulator. Thread-safe: tests may add rules while a server thread runs."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+
+    @property
+    def rules(self) -> list[FaultRule]:
+        """The active rules (expired ones are pruned)."""
+        with self._lock:
+            self._prune(self._clock())
+            return list(self._rules)
+
+    def add(self, rule: FaultRule) -> FaultRule:
+        now = self._clock()
+        rule.remaining = rule.count
+        rule.expires_at = None if rule.seconds is None else now + rule.seconds
+        if rule.rate_limit is not None:
+            rule.rate_limit.window_start = None
+            rule.rate_limit.used = 0
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def inject(
+        self,
+        status: int | None = None,
+        *,
+        count: int | None = None,
+        seconds: float | None = None,
+        path: str = DEFAULT_PATH,
+        latency_ms: float | None = None,
+        drop: bool = False,
+        rate_limit: Mapping[str, float] | None = None,
+        body: Any = None,
+    ) -> FaultRule:
+        """Add a rule; same fields and validation as ``POST /_emulator/faults``."""
+        spec: dict[str, Any] = {"path": path, "drop": drop}
+        for key, value in (
+            ("status", status),
+            ("count", count),
+            ("seconds", seconds),
+            ("latency_ms", latency_ms),
+            ("rate_limit", rate_limit),
+            ("body", body),
+        ):
+            if value is not None:
+                spec[key] = value
+        return self.add(parse_rule(spec))
+
+    def clear(self) -> None:
+        """Remove every rule."""
+        with self._lock:
+            self._rules.clear()
+
+    def _prune(self, now: float) -> None:
+        self._rules = [rule for rule in self._rules if not rule.expired(now)]
+
+    def _take(self, path: str) -> list[FaultRule]:
+        """Claim the rules that apply to one request (counting it against ``count``)."""
+        now = self._clock()
+        with self._lock:
+            self._prune(now)
+            claimed = []
+            for rule in self._rules:
+                if not rule.matches(path):
+                    continue
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                claimed.append(rule)
+                if rule.status is not None or rule.drop:
+                    break
+            return claimed
+
+    def _check_rate(self, rate: RateLimit) -> tuple[bool, dict[str, str]]:
+        """Count one request in the window; return (allowed, X-RateLimit-* headers)."""
+        now = self._clock()
+        with self._lock:
+            if rate.window_start is None or now - rate.window_start >= rate.reset:
+                rate.window_start = now
+                rate.used = 0
+            rate.used += 1
+            allowed = rate.used <= rate.limit
+            reset_in = max(0, math.ceil(rate.window_start + rate.reset - now))
+            headers = {
+                "X-RateLimit-Limit": str(rate.limit),
+                "X-RateLimit-Remaining": str(max(0, rate.limit - rate.used)),
+                "X-RateLimit-Reset": str(reset_in),
+            }
+        return allowed, headers
+
+    def middleware(self, app: ASGIApp) -> FaultMiddleware:
+        """Factory for ``fake.add_middleware``."""
+        return FaultMiddleware(app, self)
+
+    # Control endpoints -------------------------------------------------------------------------
+
+    async def _post(self, request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body() or b"null")
+        except ValueError:
+            return _unprocessable('the body must be JSON, e.g. {"status": 503, "count": 2}')
+        try:
+            rule = self.add(parse_rule(spec))
+        except FaultSpecError as exc:
+            return _unprocessable(str(exc))
+        return JSONResponse({"fault": rule.to_json(self._clock())}, status_code=201)
+
+    async def _get(self, request: Request) -> Response:
+        now = self._clock()
+        return JSONResponse({"faults": [rule.to_json(now) for rule in self.rules]})
+
+    async def _delete(self, request: Request) -> Response:
+        self.clear()
+        return JSONResponse({"faults": []})
+
+    def routes(self) -> list[Route]:
+        """The ``/_emulator/faults`` control routes."""
+        return [
+            Route(CONTROL_PATH, self._post, methods=["POST"]),
+            Route(CONTROL_PATH, self._get, methods=["GET"]),
+            Route(CONTROL_PATH, self._delete, methods=["DELETE"]),
+        ]
+
+
+def _unprocessable(message: str) -> Response:
+    return JSONResponse(
+        {"status": 422, "error": "Unprocessable Entity", "code": "invalid_fault", "message": message},
+        status_code=422,
+    )
+
+
+class FaultMiddleware:
+    """Pure ASGI middleware applying a :class:`FaultController`'s rules; also serves its control routes."""
+
+    def __init__(self, app: ASGIApp, controller: FaultController) -> None:
+        self.app = app
+        self.controller = controller
+        self.control = Router(routes=controller.routes())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == CONTROL_PATH:
+            await self.control(scope, receive, send)
+            return
+        rate_headers: dict[str, str] = {}
+        for rule in self.controller._take(path):
+            if rule.latency_ms:
+                await anyio.sleep(rule.latency_ms / 1000)
+            if rule.drop:
+                await _drop(send)
+                return
+            if rule.status is not None:
+                body = rule.body if rule.body is not None else error_body(rule.status)
+                await JSONResponse(body, status_code=rule.status)(scope, receive, send)
+                return
+            if rule.rate_limit is not None:
+                allowed, rate_headers = self.controller._check_rate(rule.rate_limit)
+                if not allowed:
+                    response = JSONResponse(error_body(429), status_code=429, headers=rate_headers)
+                    await response(scope, receive, send)
+                    return
+        if not rate_headers:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_rate_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.extend((k.lower().encode(), v.encode()) for k, v in rate_headers.items())
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_rate_headers)
+
+
+async def _drop(send: Send) -> None:
+    """End the request without an HTTP response.
+
+    Under uvicorn, ``send`` is bound to the request cycle that owns the socket: closing it gives the
+    client a clean "server disconnected without sending a response". Elsewhere (in process through
+    ``httpx.ASGITransport``), raise a transport error that httpx passes to the caller as is.
+    """
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is not None and callable(getattr(transport, "close", None)):
+        transport.close()
+        # Let the event loop deliver connection_lost so uvicorn does not try to answer with a 500.
+        for _ in range(10):
+            if getattr(cycle, "disconnected", True):
+                break
+            await anyio.lowlevel.checkpoint()
+        return
+    raise DroppedConnection("Server disconnected without sending a response (injected fault).")
+
+
+def install_faults(fake: _SupportsFaults, *, clock: Callable[[], float] | None = None) -> FaultController:
+    """Add fault injection to a FakeLago: middleware, ``/_emulator/faults`` and ``fake.inject_fault``.
+
+    Idempotent: calling it twice returns the same controller.
+    """
+    existing = getattr(fake, "faults", None)
+    if isinstance(existing, FaultController):
+        return existing
+    if clock is None:
+        clock = getattr(fake, "monotonic", None) or time.monotonic
+    controller = FaultController(clock=clock)
+    fake.add_middleware(controller.middleware)
+    # FakeLago is open for these attributes; setattr keeps mypy quiet about the Protocol.
+    setattr(fake, "faults", controller)  # noqa: B010
+    setattr(fake, "inject_fault", controller.inject)  # noqa: B010
+    setattr(fake, "clear_faults", controller.clear)  # noqa: B010
+    return controller

@@ -1,0 +1,102 @@
+"""Serve a FakeLago over real HTTP with uvicorn (for sync clients, other processes and the CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from .._errors import ConfigurationError, LagoIntegrationError
+
+__all__ = ["EmulatorServerError", "run", "serve_in_thread"]
+
+_INSTALL_HINT = "pip install 'lago-org-billing[testing]'"
+
+
+class EmulatorServerError(LagoIntegrationError):
+    """The emulator could not be served (uvicorn missing, port taken, server crashed on start)."""
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise EmulatorServerError(f"serving the Lago emulator over HTTP needs uvicorn: {_INSTALL_HINT}") from exc
+    return uvicorn
+
+
+def _config(app: ASGIApp, host: str, port: int, log_level: str) -> Any:
+    uvicorn = _uvicorn()
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        loop="asyncio",
+        http="h11",
+        ws="none",
+        access_log=False,
+    )
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    fake: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning", timeout: float = 10.0
+) -> Iterator[str]:
+    """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``).
+
+    ``port=0`` picks a free port. The server has started (socket bound, lifespan done) when the
+    ``with`` body runs, and is shut down when it ends.
+    """
+    uvicorn = _uvicorn()
+    server = uvicorn.Server(_config(fake, host, port, log_level))
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        # uvicorn installs no signal handlers outside the main thread.
+        try:
+            server.run()
+        except BaseException as exc:  # SystemExit from uvicorn on bind errors
+            failure.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name=f"fake-lago-{host}:{port}", daemon=True)
+    thread.start()
+    # Poll the server's own ``started`` flag; ``done`` ends the wait at once if it failed to start.
+    deadline = time.monotonic() + timeout
+    while not server.started and not done.wait(0.005):
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise EmulatorServerError(f"the emulator did not start on {host}:{port} within {timeout} s")
+    if not server.started:
+        cause = failure[0] if failure else None
+        raise EmulatorServerError(
+            f"the emulator could not be served on {host}:{port} (port in use? see the log above)"
+        ) from cause
+    sock = server.servers[0].sockets[0]
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    base_url = f"http://{url_host}:{bound_port}"
+    try:
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: str = "info") -> None:
+    """Serve ``fake`` in the foreground until interrupted (the ``lago-org-billing emulator`` command)."""
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"port must be between 0 and 65535, got {port}")
+    uvicorn = _uvicorn()
+    server = uvicorn.Server(_config(fake, host, port, log_level))
+    server.run()
+    if not server.started:
+        raise EmulatorServerError(f"the emulator could not be served on {host}:{port} (port in use?)")

@@ -1,0 +1,505 @@
+"""Outgoing webhooks from the Lago emulator, signed and retried like Lago's.
+
+Lago posts ``{"webhook_type", "object_type", "organization_id", <object_type>: {...}}`` with the
+headers ``X-Lago-Signature``, ``X-Lago-Signature-Algorithm`` (``jwt`` or ``hmac``) and
+``X-Lago-Unique-Key`` (stable across the retries of one delivery). A delivery succeeds on 200, 201,
+202 or 204 only, and is tried ``attempts`` times in all (Lago: 3).
+
+In tests, nothing leaves until ``await dispatcher.deliver_pending()``. When the emulator is served
+(uvicorn), a background task started on the ASGI lifespan delivers soon after each emit, and
+``dispatcher.wait_delivered(n)`` lets a synchronous test wait for it without sleeping.
+
+Control routes (never part of Lago's API)::
+
+    PUT  /_emulator/webhooks          {"url": "...", "signature": "jwt"|"hmac", "hmac_key": "...", "issuer": "..."}
+    GET  /_emulator/webhooks          configuration, pending count and deliveries
+    POST /_emulator/webhooks/deliver  sends everything pending, returns those deliveries
+    POST /_emulator/webhooks/redeliver {"unique_key": "..."} sends one delivery again, same body and key
+    DELETE /_emulator/webhooks        forgets the target, the queue and the delivery log
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError
+
+__all__ = [
+    "CONTROL_PATH",
+    "SUCCESS_STATUSES",
+    "WebhookDelivery",
+    "WebhookDispatcher",
+    "WebhookMiddleware",
+    "install_webhooks",
+    "sign_hmac",
+]
+
+CONTROL_PATH = "/_emulator/webhooks"
+SUCCESS_STATUSES = frozenset({200, 201, 202, 204})
+DEFAULT_APP_URL = "http://webhook-receiver/webhooks/lago"
+
+SignatureAlgo = Literal["jwt", "hmac"]
+
+
+class _FakeLike(Protocol):
+    @property
+    def rsa_private_key_pem(self) -> bytes: ...
+
+
+@dataclass
+class WebhookDelivery:
+    """One webhook sent to the endpoint, with its retries."""
+
+    unique_key: str
+    webhook_type: str
+    object_type: str
+    payload: dict[str, Any]
+    body: bytes
+    attempts: int = 0
+    status: int | None = None
+    """HTTP status of the last attempt (``None``: not sent yet, or a network error)."""
+    error: str | None = None
+    state: Literal["pending", "succeeded", "failed"] = "pending"
+    history: list[int | str] = field(default_factory=list)
+    """Each attempt's status, or the network error's text."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Headers of the last attempt."""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "succeeded"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unique_key": self.unique_key,
+            "webhook_type": self.webhook_type,
+            "object_type": self.object_type,
+            "attempts": self.attempts,
+            "status": self.status,
+            "state": self.state,
+            "error": self.error,
+            "history": self.history,
+            "payload": self.payload,
+        }
+
+
+def sign_hmac(body: bytes, key: str) -> str:
+    """Lago's HMAC signature: base64 (standard, padded) of HMAC-SHA256(key, raw body)."""
+    return base64.b64encode(hmac.new(key.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def _sign_jwt(body: bytes, private_key_pem: bytes, issuer: str) -> str:
+    try:
+        import jwt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigurationError(
+            "signing webhooks with JWT needs PyJWT: pip install 'lago-org-billing[testing]' "
+            "(or configure the emulator's webhooks with signature='hmac')"
+        ) from exc
+    token: str = jwt.encode({"data": body.decode(), "iss": issuer}, private_key_pem, algorithm="RS256")
+    return token
+
+
+class WebhookDispatcher:
+    """Queues, signs and delivers the emulator's webhooks.
+
+    * ``url`` - the receiver's URL. With ``app``, requests go in process to that ASGI app (``url``
+      then only sets the path and host, default ``http://webhook-receiver/webhooks/lago``);
+      without ``app`` they go over HTTP.
+    * ``signature`` - ``"jwt"`` (Lago's default; RS256 with ``fake.rsa_private_key_pem``) or
+      ``"hmac"`` (``hmac_key``, a random UUID when not given, like Lago's per-organization key).
+    * ``attempts`` - tries per delivery, in all.
+
+    Like Lago, nothing is queued while no endpoint (``url`` or ``app``) is configured.
+    """
+
+    def __init__(
+        self,
+        fake: _FakeLike,
+        url: str | None = None,
+        app: ASGIApp | None = None,
+        signature: SignatureAlgo = "jwt",
+        hmac_key: str | None = None,
+        issuer: str = "http://fake-lago",
+        attempts: int = 3,
+        timeout: float = 30.0,
+    ) -> None:
+        self.fake = fake
+        self.url = url
+        self.app = app
+        self.signature: SignatureAlgo = signature
+        self.hmac_key = hmac_key or str(uuid.uuid4())
+        self.issuer = issuer
+        self.attempts = attempts
+        self.timeout = timeout
+        self.organization_id = str(getattr(fake, "organization_id", None) or uuid.uuid4())
+        self.deliveries: list[WebhookDelivery] = []
+        self._pending: list[WebhookDelivery] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._wake: anyio.Event | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop_thread: int | None = None
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.signature not in ("jwt", "hmac"):
+            raise InvalidRequestError(f"webhook signature must be 'jwt' or 'hmac', got {self.signature!r}")
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise InvalidRequestError(f"webhook attempts must be an integer >= 1, got {self.attempts!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an endpoint is configured (otherwise emits are dropped, as in Lago)."""
+        return self.url is not None or self.app is not None
+
+    @property
+    def pending(self) -> list[WebhookDelivery]:
+        with self._lock:
+            return list(self._pending)
+
+    def configure(
+        self,
+        *,
+        url: str | None = None,
+        app: ASGIApp | None = None,
+        signature: SignatureAlgo | None = None,
+        hmac_key: str | None = None,
+        issuer: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Change the endpoint or signing; only the given arguments change."""
+        if url is not None:
+            self.url = url
+        if app is not None:
+            self.app = app
+        if signature is not None:
+            self.signature = signature
+        if hmac_key is not None:
+            self.hmac_key = hmac_key
+        if issuer is not None:
+            self.issuer = issuer
+        if attempts is not None:
+            self.attempts = attempts
+        self._validate()
+
+    def reset(self) -> None:
+        """Forget the endpoint, the queue and the delivery log."""
+        with self._lock:
+            self.url = None
+            self.app = None
+            self._pending.clear()
+            self.deliveries.clear()
+            self._changed.notify_all()
+
+    # Queueing ------------------------------------------------------------------------------------
+
+    def envelope(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "webhook_type": webhook_type,
+            "object_type": object_type,
+            "organization_id": self.organization_id,
+            object_type: dict(obj),
+        }
+
+    def emit(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> WebhookDelivery | None:
+        """Queue one webhook; returns ``None`` when no endpoint is configured."""
+        if not self.enabled:
+            return None
+        payload = self.envelope(webhook_type, object_type, obj)
+        # Lago sends ``payload.to_json``: compact, UTF-8.
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        delivery = WebhookDelivery(
+            unique_key=str(uuid.uuid4()),
+            webhook_type=webhook_type,
+            object_type=object_type,
+            payload=payload,
+            body=body,
+        )
+        with self._lock:
+            self._pending.append(delivery)
+            self.deliveries.append(delivery)
+        self._notify_worker()
+        return delivery
+
+    def headers_for(self, delivery: WebhookDelivery) -> dict[str, str]:
+        """The headers Lago sends with this delivery (signature computed now)."""
+        if self.signature == "hmac":
+            signature = sign_hmac(delivery.body, self.hmac_key)
+        else:
+            signature = _sign_jwt(delivery.body, self.fake.rsa_private_key_pem, self.issuer)
+        return {
+            "Content-Type": "application/json",
+            "X-Lago-Signature": signature,
+            "X-Lago-Signature-Algorithm": self.signature,
+            "X-Lago-Unique-Key": delivery.unique_key,
+        }
+
+    # Delivery ------------------------------------------------------------------------------------
+
+    def _client(self) -> tuple[httpx.AsyncClient, str]:
+        if self.app is not None:
+            transport: httpx.AsyncBaseTransport = httpx.ASGITransport(app=self.app)
+            return httpx.AsyncClient(transport=transport, timeout=self.timeout), self.url or DEFAULT_APP_URL
+        if self.url is None:
+            raise ConfigurationError(
+                "no webhook endpoint: configure one with WebhookDispatcher(url=...) or PUT /_emulator/webhooks"
+            )
+        return httpx.AsyncClient(timeout=self.timeout), self.url
+
+    async def _attempt(self, client: httpx.AsyncClient, url: str, delivery: WebhookDelivery) -> bool:
+        headers = self.headers_for(delivery)
+        delivery.headers = headers
+        delivery.attempts += 1
+        try:
+            response = await client.post(url, content=delivery.body, headers=headers)
+        except Exception as exc:  # network errors, and exceptions raised by an in-process receiver
+            delivery.status = None
+            delivery.error = f"{type(exc).__name__}: {exc}"
+            delivery.history.append(delivery.error)
+            return False
+        delivery.status = response.status_code
+        delivery.history.append(response.status_code)
+        ok = response.status_code in SUCCESS_STATUSES
+        delivery.error = None if ok else f"HTTP {response.status_code}"
+        return ok
+
+    async def _send(self, delivery: WebhookDelivery, tries: int) -> WebhookDelivery:
+        client, url = self._client()
+        async with client:
+            ok = False
+            for _ in range(tries):
+                ok = await self._attempt(client, url, delivery)
+                if ok:
+                    break
+        with self._lock:
+            delivery.state = "succeeded" if ok else "failed"
+            self._changed.notify_all()
+        return delivery
+
+    async def deliver_pending(self) -> list[WebhookDelivery]:
+        """Send everything queued (each up to ``attempts`` times); returns those deliveries."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for delivery in batch:
+            await self._send(delivery, self.attempts)
+        return batch
+
+    async def redeliver(self, unique_key: str) -> WebhookDelivery:
+        """Send a delivery again with the same body and ``X-Lago-Unique-Key`` (one attempt)."""
+        for delivery in self.deliveries:
+            if delivery.unique_key == unique_key:
+                return await self._send(delivery, 1)
+        raise InvalidRequestError(f"no webhook delivery has unique_key {unique_key!r}; see dispatcher.deliveries")
+
+    def find(self, webhook_type: str | None = None) -> list[WebhookDelivery]:
+        """Deliveries so far, optionally of one ``webhook_type``."""
+        with self._lock:
+            return [d for d in self.deliveries if webhook_type is None or d.webhook_type == webhook_type]
+
+    def wait_delivered(self, count: int = 1, *, timeout: float = 10.0) -> list[WebhookDelivery]:
+        """Block (in a thread other than the server's) until ``count`` deliveries have finished.
+
+        Raises :class:`LagoIntegrationError` after ``timeout`` seconds.
+        """
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: sum(d.state != "pending" for d in self.deliveries) >= count, timeout=timeout
+            )
+            finished = [d for d in self.deliveries if d.state != "pending"]
+        if not done:
+            raise LagoIntegrationError(
+                f"only {len(finished)} of {count} webhook deliveries finished within {timeout} s; "
+                "is the emulator served (background delivery) and a webhook URL configured?"
+            )
+        return finished
+
+    # Background mode -----------------------------------------------------------------------------
+
+    async def run_background(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deliver soon after each emit, until cancelled (started by the ASGI lifespan when served)."""
+        self._token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+        self._wake = anyio.Event()
+        task_status.started()
+        try:
+            while True:
+                if not self.pending:
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                await self.deliver_pending()
+        finally:
+            self._token = None
+            self._wake = None
+            self._loop_thread = None
+
+    def _notify_worker(self) -> None:
+        token = self._token
+        if token is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._set_wake()
+        else:
+            try:
+                anyio.from_thread.run_sync(self._set_wake, token=token)
+            except RuntimeError:  # the loop has just stopped
+                pass
+
+    def _set_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # Control routes ------------------------------------------------------------------------------
+
+    def config_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "in_process_app": self.app is not None,
+            "signature": self.signature,
+            "hmac_key": self.hmac_key,
+            "issuer": self.issuer,
+            "attempts": self.attempts,
+            "organization_id": self.organization_id,
+        }
+
+    async def _put(self, request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body() or b"null")
+        except ValueError:
+            spec = None
+        if not isinstance(spec, dict):
+            return _unprocessable('the body must be a JSON object such as {"url": "http://127.0.0.1:8000/hooks"}')
+        unknown = sorted(set(spec) - {"url", "signature", "hmac_key", "issuer", "attempts"})
+        if unknown:
+            return _unprocessable(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        for key in ("url", "hmac_key", "issuer"):
+            if key in spec and not isinstance(spec[key], str):
+                return _unprocessable(f"{key!r} must be a string")
+        if "url" in spec and not spec["url"].startswith(("http://", "https://")):
+            return _unprocessable(f"'url' must be an http(s) URL, got {spec['url']!r}")
+        previous = (self.url, self.signature, self.hmac_key, self.issuer, self.attempts)
+        try:
+            self.configure(
+                url=spec.get("url"),
+                signature=spec.get("signature"),
+                hmac_key=spec.get("hmac_key"),
+                issuer=spec.get("issuer"),
+                attempts=spec.get("attempts"),
+            )
+        except InvalidRequestError as exc:
+            self.url, self.signature, self.hmac_key, self.issuer, self.attempts = previous
+            return _unprocessable(str(exc))
+        return JSONResponse({"webhooks": self.config_json()})
+
+    async def _get(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "webhooks": self.config_json(),
+                "pending": len(self.pending),
+                "deliveries": [d.to_json() for d in self.find()],
+            }
+        )
+
+    async def _delete(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"webhooks": self.config_json()})
+
+    async def _deliver(self, request: Request) -> Response:
+        if not self.enabled:
+            return _unprocessable('no webhook URL configured: PUT /_emulator/webhooks {"url": ...} first')
+        delivered = await self.deliver_pending()
+        return JSONResponse({"deliveries": [d.to_json() for d in delivered]})
+
+    async def _redeliver(self, request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body() or b"null")
+        except ValueError:
+            spec = None
+        key = spec.get("unique_key") if isinstance(spec, dict) else None
+        if not isinstance(key, str):
+            return _unprocessable('the body must be {"unique_key": "<X-Lago-Unique-Key of a delivery>"}')
+        try:
+            delivery = await self.redeliver(key)
+        except InvalidRequestError as exc:
+            return JSONResponse({"status": 404, "error": "Not Found", "message": str(exc)}, status_code=404)
+        return JSONResponse({"delivery": delivery.to_json()})
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(CONTROL_PATH, self._put, methods=["PUT"]),
+            Route(CONTROL_PATH, self._get, methods=["GET"]),
+            Route(CONTROL_PATH, self._delete, methods=["DELETE"]),
+            Route(CONTROL_PATH + "/deliver", self._deliver, methods=["POST"]),
+            Route(CONTROL_PATH + "/redeliver", self._redeliver, methods=["POST"]),
+        ]
+
+
+def _unprocessable(message: str) -> Response:
+    return JSONResponse(
+        {"status": 422, "error": "Unprocessable Entity", "code": "invalid_webhook_settings", "message": message},
+        status_code=422,
+    )
+
+
+class WebhookMiddleware:
+    """Serves ``/_emulator/webhooks*`` and runs background delivery for the life of a served app."""
+
+    def __init__(self, app: ASGIApp, dispatcher: WebhookDispatcher) -> None:
+        self.app = app
+        self.dispatcher = dispatcher
+        self.control = Router(routes=dispatcher.routes())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.dispatcher.run_background)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    tg.cancel_scope.cancel()
+            return
+        if scope["type"] == "http" and scope["path"].startswith(CONTROL_PATH):
+            await self.control(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class _SupportsWebhooks(_FakeLike, Protocol):
+    def add_middleware(self, factory: Callable[[ASGIApp], ASGIApp]) -> Any: ...
+
+
+def install_webhooks(fake: _SupportsWebhooks, **options: Any) -> WebhookDispatcher:
+    """Attach a :class:`WebhookDispatcher` to a FakeLago (``fake.webhook_dispatcher``) with its routes.
+
+    ``options`` go to :class:`WebhookDispatcher`. Idempotent: a second call reconfigures and returns
+    the same dispatcher.
+    """
+    existing = getattr(fake, "webhook_dispatcher", None)
+    if isinstance(existing, WebhookDispatcher):
+        existing.configure(**options)
+        return existing
+    dispatcher = WebhookDispatcher(fake, **options)
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        return WebhookMiddleware(app, dispatcher)
+
+    fake.add_middleware(middleware)
+    setattr(fake, "webhook_dispatcher", dispatcher)  # noqa: B010
+    return dispatcher
