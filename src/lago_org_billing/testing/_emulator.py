@@ -1,0 +1,653 @@
+"""``FakeLago``: an in-process emulator of Lago's REST API (``/api/v1``) built on Starlette.
+
+Usage::
+
+    fake = FakeLago(api_key="test-api-key")
+    fake.add_billable_metric("api_call")
+    fake.add_plan("starter", charges=[{"billable_metric_code": "api_call", "properties": {"amount": "0.01"}}])
+    async with httpx.AsyncClient(transport=fake.transport(), base_url=fake.base_url) as client:
+        ...
+
+**Parameters:**
+
+* **api_key** - the bearer token every ``/api/v1`` request must carry (else ``401``).
+* **event_store** - ``"postgres"`` (duplicate ``transaction_id`` rejected with ``422``) or ``"clickhouse"``
+  (the latest copy replaces the previous one).
+* **clock** - *(optional)* a callable returning the current UTC datetime; pins billing periods in tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from os import PathLike
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._state import EVENT_STORES, LagoStore
+from ._util import JSON, UNAUTHORIZED, UTC, ApiError, FakeLagoError
+
+__all__ = ["FakeLago", "RequestRecord", "WebhookDispatcher"]
+
+API_PREFIX = "/api/v1"
+LAGO_VERSION = "v1.51.0"
+NOT_FOUND_BODY: JSON = {"status": 404, "error": "Not Found", "code": "resource_not_found"}
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the emulator received under ``/api/v1``.
+
+    ``query`` maps each parameter to its value (a list when repeated); ``body`` is the parsed JSON body
+    (``None`` when empty, the raw text when not JSON); ``status`` is ``0`` when no response was sent.
+    """
+
+    method: str
+    path: str
+    query: Mapping[str, str | list[str]]
+    status: int
+    body: Any = None
+
+
+class WebhookDispatcher(Protocol):
+    """What ``fake.webhook_dispatcher`` must provide. ``emit`` must not block (queue the delivery)."""
+
+    def emit(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> Any: ...
+
+
+Middleware = Callable[[ASGIApp], ASGIApp]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _encode64(data: bytes) -> str:
+    """Ruby ``Base64.encode64``: base64 with a newline every 60 characters and at the end."""
+    text = base64.b64encode(data).decode("ascii")
+    return "".join(text[i : i + 60] + "\n" for i in range(0, len(text), 60))
+
+
+class FakeLago:
+    """An in-memory Lago organization served as an ASGI app. See the module docstring."""
+
+    base_url = "http://fake-lago"
+
+    def __init__(
+        self,
+        api_key: str = "test-api-key",
+        event_store: str = "postgres",
+        clock: Callable[[], datetime] | None = None,
+        *,
+        batch_max_length: int = 100,
+    ) -> None:
+        if event_store not in EVENT_STORES:
+            raise FakeLagoError(f"event_store must be 'postgres' or 'clickhouse', got {event_store!r}")
+        self.api_key = api_key
+        self.event_store = event_store
+        self.clock: Callable[[], datetime] = clock or _utcnow
+        self.batch_max_length = batch_max_length
+        self.webhooks: Any = None
+        self.webhook_dispatcher: WebhookDispatcher | None = None
+        self.emitted_webhooks: list[JSON] = []
+        self.extra_routes: list[BaseRoute] = []
+        self.middleware: list[Middleware] = []
+        self.requests: list[RequestRecord] = []
+        self._log_lock = threading.Lock()
+        self._outbox: list[tuple[str, str, JSON]] = []
+        self._key_lock = threading.Lock()
+        self._rsa_private_key_pem: bytes | None = None
+        self._rsa_public_key_pem: bytes | None = None
+        self._app: Starlette | None = None
+        self._app_key: tuple[int, ...] | None = None
+        self._stack: ASGIApp | None = None
+        self._stack_key: tuple[int, ...] | None = None
+        self.store = LagoStore(event_store=event_store, clock=self._now, emit=self._queue_webhook)
+
+    # Plumbing --------------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return self.clock()
+
+    def now(self) -> datetime:
+        """The emulator's current time (from ``clock``)."""
+        return self.store.now()
+
+    @property
+    def organization_id(self) -> str:
+        return self.store.organization_id
+
+    def _queue_webhook(self, webhook_type: str, object_type: str, obj: JSON) -> None:
+        with self._log_lock:
+            self._outbox.append((webhook_type, object_type, obj))
+
+    def _flush_webhooks(self) -> None:
+        with self._log_lock:
+            pending, self._outbox = self._outbox, []
+        for webhook_type, object_type, obj in pending:
+            self._emit_webhook(webhook_type, object_type, obj)
+
+    def _emit_webhook(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> None:
+        """Record a webhook Lago would send and hand it to ``webhook_dispatcher`` when one is set."""
+        envelope: JSON = {
+            "webhook_type": webhook_type,
+            "object_type": object_type,
+            "organization_id": self.organization_id,
+            object_type: obj,
+        }
+        with self._log_lock:
+            self.emitted_webhooks.append(envelope)
+        if self.webhook_dispatcher is not None:
+            self.webhook_dispatcher.emit(webhook_type, object_type, obj)
+
+    def _call(self, operation: Callable[[], JSON]) -> JSON:
+        """Run a store operation from Python, turning Lago errors into :class:`FakeLagoError`."""
+        try:
+            return operation()
+        except ApiError as exc:
+            raise FakeLagoError(
+                f"Lago would refuse this with {exc.status}: {json.dumps(exc.body)}", status=exc.status, body=exc.body
+            ) from None
+        finally:
+            self._flush_webhooks()
+
+    # Webhook signing keys ----------------------------------------------------------------------
+
+    def _ensure_keys(self) -> tuple[bytes, bytes]:
+        with self._key_lock:
+            if self._rsa_private_key_pem is None or self._rsa_public_key_pem is None:
+                from cryptography.hazmat.primitives import serialization
+                from cryptography.hazmat.primitives.asymmetric import rsa
+
+                key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                self._rsa_private_key_pem = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+                self._rsa_public_key_pem = key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            return self._rsa_private_key_pem, self._rsa_public_key_pem
+
+    @property
+    def rsa_private_key_pem(self) -> bytes:
+        """PEM (PKCS#8) of the RSA key signing JWT webhooks; generated on first access (2048 bits)."""
+        return self._ensure_keys()[0]
+
+    @property
+    def rsa_public_key_pem(self) -> bytes:
+        """PEM of the public half, served base64-encoded by ``GET /api/v1/webhooks/json_public_key``."""
+        return self._ensure_keys()[1]
+
+    def public_key_pem(self) -> bytes:
+        """Same as :attr:`rsa_public_key_pem`."""
+        return self.rsa_public_key_pem
+
+    # ASGI --------------------------------------------------------------------------------------
+
+    @property
+    def app(self) -> Starlette:
+        """The Starlette app (control routes, ``extra_routes``, then Lago's API), rebuilt when routes change."""
+        key = tuple(id(r) for r in self.extra_routes)
+        if self._app is None or self._app_key != key:
+            self._app = self._build_app()
+            self._app_key = key
+        return self._app
+
+    def add_middleware(self, factory: Middleware) -> None:
+        """Wrap the app with ``factory(app) -> app``; the last added is the outermost."""
+        self.middleware.append(factory)
+
+    def _asgi_stack(self) -> ASGIApp:
+        app = self.app
+        key = (id(app), *(id(m) for m in self.middleware))
+        if self._stack is None or self._stack_key != key:
+            stack: ASGIApp = app
+            for factory in self.middleware:
+                stack = factory(stack)
+            self._stack = stack
+            self._stack_key = key
+        return self._stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = self._asgi_stack()
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(API_PREFIX):
+            await stack(scope, receive, send)
+            return
+        await self._logged(stack, scope, receive, send)
+
+    async def _logged(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+        raw = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            return await receive()
+
+        status = 0
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, replay, capture)
+        finally:
+            self._record(scope, raw, status)
+
+    def _record(self, scope: Scope, raw: bytes, status: int) -> None:
+        query: dict[str, str | list[str]] = {}
+        for key, value in httpx.QueryParams(scope.get("query_string", b"").decode("latin-1")).multi_items():
+            existing = query.get(key)
+            if existing is None:
+                query[key] = value
+            elif isinstance(existing, list):
+                existing.append(value)
+            else:
+                query[key] = [existing, value]
+        body: Any = None
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        record = RequestRecord(str(scope["method"]), str(scope["path"]), query, status, body)
+        with self._log_lock:
+            self.requests.append(record)
+
+    def transport(self) -> httpx.ASGITransport:
+        """An httpx transport sending requests to this emulator in process."""
+        return httpx.ASGITransport(app=self)
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` bound to the emulator and already carrying the API key."""
+        headers = {"Authorization": f"Bearer {self.api_key}", **kwargs.pop("headers", {})}
+        return httpx.AsyncClient(transport=self.transport(), base_url=self.base_url, headers=headers, **kwargs)
+
+    # Read-only views ---------------------------------------------------------------------------
+
+    @property
+    def customers(self) -> list[JSON]:
+        """Live (not deleted) customers, serialized as the API returns them, in creation order."""
+        return self.store.serialized_customers()
+
+    @property
+    def subscriptions(self) -> list[JSON]:
+        """Every subscription record (all statuses), in creation order."""
+        return self.store.serialized_subscriptions()
+
+    @property
+    def events(self) -> list[JSON]:
+        """Stored events in ingestion order (a ClickHouse replacement keeps the first copy's position)."""
+        return self.store.serialized_events()
+
+    @property
+    def invoices(self) -> list[JSON]:
+        return self.store.serialized_invoices()
+
+    @property
+    def write_requests(self) -> list[RequestRecord]:
+        """The non-GET subset of :attr:`requests`."""
+        with self._log_lock:
+            return [r for r in self.requests if r.method not in ("GET", "HEAD")]
+
+    def snapshot(self) -> str:
+        """Deterministic canonical JSON of the whole Lago state (not the request or webhook logs)."""
+        return self.store.snapshot()
+
+    def reset(self) -> None:
+        """Forget every object, event, request record and emitted webhook."""
+        self.store.clear()
+        with self._log_lock:
+            self.requests.clear()
+            self.emitted_webhooks.clear()
+            self._outbox.clear()
+
+    def usage(self, external_customer_id: str, external_subscription_id: str, **params: Any) -> JSON:
+        """The body ``GET /customers/{id}/current_usage`` would return (``{"customer_usage": {...}}``)."""
+        groups = dict(params.pop("group", None) or {})
+        query = {"external_subscription_id": external_subscription_id, **params}
+        return self._call(lambda: self.store.current_usage(external_customer_id, query, groups))
+
+    # Python seeding API ------------------------------------------------------------------------
+
+    def add_billable_metric(
+        self,
+        code: str,
+        name: str | None = None,
+        aggregation_type: str = "count_agg",
+        field_name: str | None = None,
+        filters: Sequence[Mapping[str, Any]] | None = None,
+        **fields: Any,
+    ) -> JSON:
+        """Create a billable metric (``POST /billable_metrics``) and return it."""
+        params = {
+            "code": code,
+            "name": name or code,
+            "aggregation_type": aggregation_type,
+            "field_name": field_name,
+            "filters": list(filters or []),
+            **fields,
+        }
+        return self._call(lambda: self.store.create_metric({"billable_metric": params}))["billable_metric"]  # type: ignore[no-any-return]
+
+    def add_feature(
+        self,
+        code: str,
+        privileges: Sequence[Mapping[str, Any]] | None = None,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> JSON:
+        """Create a feature (``POST /features``) and return it."""
+        params = {"code": code, "name": name, "description": description, "privileges": list(privileges or [])}
+        return self._call(lambda: self.store.create_feature({"feature": params}))["feature"]  # type: ignore[no-any-return]
+
+    def add_plan(
+        self,
+        code: str,
+        name: str | None = None,
+        amount_cents: int = 0,
+        interval: str = "monthly",
+        charges: Sequence[Mapping[str, Any]] | None = None,
+        entitlements: Mapping[str, Mapping[str, Any]] | None = None,
+        **fields: Any,
+    ) -> JSON:
+        """Create a plan (``POST /plans``); charges may name their metric by ``billable_metric_code``."""
+        params = {
+            "code": code,
+            "name": name or code,
+            "amount_cents": amount_cents,
+            "amount_currency": fields.pop("amount_currency", "USD"),
+            "interval": interval,
+            "charges": list(charges or []),
+            "entitlements": dict(entitlements or {}),
+            **fields,
+        }
+        return self._call(lambda: self.store.create_plan({"plan": params}))["plan"]  # type: ignore[no-any-return]
+
+    def add_customer(self, external_id: str, **fields: Any) -> JSON:
+        """Create or update a customer (``POST /customers``) and return it."""
+        params = {"external_id": external_id, **fields}
+        return self._call(lambda: self.store.upsert_customer({"customer": params}))["customer"]  # type: ignore[no-any-return]
+
+    def add_subscription(
+        self, external_customer_id: str, plan_code: str, external_id: str | None = None, **fields: Any
+    ) -> JSON:
+        """Create a subscription (``POST /subscriptions``); ``external_id`` defaults to the customer's id."""
+        params = {
+            "external_customer_id": external_customer_id,
+            "plan_code": plan_code,
+            "external_id": external_id or external_customer_id,
+            **fields,
+        }
+        return self._call(lambda: self.store.create_subscription({"subscription": params}))["subscription"]  # type: ignore[no-any-return]
+
+    def add_invoice(self, external_customer_id: str, **fields: Any) -> JSON:
+        """Store an invoice for a customer (created if needed); ``fields`` override the defaults."""
+        return self._call(lambda: self.store.add_invoice(external_customer_id, fields))["invoice"]  # type: ignore[no-any-return]
+
+    def seed(self, data: Mapping[str, Any]) -> None:
+        """Load objects shaped like Lago's create inputs, in dependency order.
+
+        Keys: ``billable_metrics``, ``features``, ``plans``, ``customers``, ``subscriptions``, ``invoices``.
+        """
+        if not isinstance(data, Mapping):
+            raise FakeLagoError("seed data must be a JSON object with keys such as 'plans' and 'customers'")
+        known = ("billable_metrics", "features", "plans", "customers", "subscriptions", "invoices")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise FakeLagoError(f"unknown seed key(s) {unknown}; allowed: {list(known)}")
+        for key in known:
+            items = data.get(key) or []
+            if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+                raise FakeLagoError(f"seed key {key!r} must be a list of objects")
+        store = self.store
+        for item in data.get("billable_metrics") or []:
+            params = dict(item)
+            params.setdefault("name", params.get("code"))
+            params.setdefault("aggregation_type", "count_agg")
+            self._call(lambda p=params: store.create_metric({"billable_metric": p}))  # type: ignore[misc]
+        for item in data.get("features") or []:
+            self._call(lambda p=dict(item): store.create_feature({"feature": p}))  # type: ignore[misc]
+        for item in data.get("plans") or []:
+            params = dict(item)
+            params.setdefault("name", params.get("code"))
+            params.setdefault("interval", "monthly")
+            params.setdefault("amount_cents", 0)
+            params.setdefault("amount_currency", "USD")
+            self._call(lambda p=params: store.create_plan({"plan": p}))  # type: ignore[misc]
+        for item in data.get("customers") or []:
+            self._call(lambda p=dict(item): store.upsert_customer({"customer": p}))  # type: ignore[misc]
+        for item in data.get("subscriptions") or []:
+            params = dict(item)
+            params.setdefault("external_id", params.get("external_customer_id"))
+            self._call(lambda p=params: store.create_subscription({"subscription": p}))  # type: ignore[misc]
+        for item in data.get("invoices") or []:
+            params = dict(item)
+            customer_id = params.pop("external_customer_id", None)
+            if not customer_id:
+                raise FakeLagoError("each seeded invoice needs an 'external_customer_id'")
+            self._call(lambda c=str(customer_id), p=params: store.add_invoice(c, p))  # type: ignore[misc]
+
+    @classmethod
+    def from_seed_file(cls, path: str | PathLike[str], **kwargs: Any) -> FakeLago:
+        """A new emulator loaded with the JSON seed file at ``path`` (see :meth:`seed`)."""
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FakeLagoError(f"cannot read the emulator seed file {str(file)!r}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise FakeLagoError(f"the emulator seed file {str(file)!r} is not valid JSON: {exc}") from None
+        fake = cls(**kwargs)
+        try:
+            fake.seed(data)
+        except FakeLagoError as exc:
+            raise FakeLagoError(f"seed file {str(file)!r}: {exc}", status=exc.status, body=exc.body) from None
+        return fake
+
+    # HTTP app ----------------------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        parts = header.split()
+        return len(parts) >= 2 and parts[1] == self.api_key
+
+    def _endpoint(
+        self, handler: Callable[[Request, Any], JSON | Response], *, auth: bool = True
+    ) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            if auth and not self._authorized(request):
+                return JSONResponse(UNAUTHORIZED, status_code=401)
+            body: Any = None
+            if request.method in ("POST", "PUT", "PATCH"):
+                raw = await request.body()
+                if raw.strip():
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:
+                        return JSONResponse(
+                            {"status": 400, "error": "BadRequest: the request body is not valid JSON"},
+                            status_code=400,
+                        )
+            try:
+                result = handler(request, body)
+            except ApiError as exc:
+                return JSONResponse(exc.body, status_code=exc.status)
+            finally:
+                self._flush_webhooks()
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(result)
+
+        return endpoint
+
+    def _build_app(self) -> Starlette:
+        store = self.store
+        e = self._endpoint
+
+        def query(request: Request) -> dict[str, str]:
+            return dict(request.query_params)
+
+        def multi(request: Request) -> dict[str, list[str]]:
+            return {k: request.query_params.getlist(k) for k in request.query_params}
+
+        def customer_id(request: Request) -> str:
+            # Rails' default segment stops at ".": /customers/acme.com looks up "acme" (format "com").
+            return str(request.path_params["external_id"]).split(".", 1)[0]
+
+        def nested_customer_id(request: Request) -> str:
+            value = str(request.path_params["external_id"])
+            if "." in value:
+                raise ApiError(404, NOT_FOUND_BODY)
+            return value
+
+        def groups(request: Request) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for key, value in request.query_params.multi_items():
+                for prefix in ("group[", "filter_by_group["):
+                    if key.startswith(prefix) and key.endswith("]"):
+                        out[key[len(prefix) : -1]] = value
+            return out
+
+        def statuses(request: Request) -> list[str]:
+            return request.query_params.getlist("status[]") + request.query_params.getlist("status")
+
+        def health(request: Request, body: Any) -> JSON:
+            return {"version": LAGO_VERSION, "github_url": "https://github.com/getlago/lago-api", "message": "Success"}
+
+        def reset(request: Request, body: Any) -> JSON:
+            self.reset()
+            return {"reset": True}
+
+        def state(request: Request, body: Any) -> Response:
+            return Response(self.snapshot(), media_type="application/json")
+
+        def public_key_json(request: Request, body: Any) -> JSON:
+            return {"webhook": {"public_key": _encode64(self.rsa_public_key_pem)}}
+
+        def public_key_text(request: Request, body: Any) -> Response:
+            return PlainTextResponse(_encode64(self.rsa_public_key_pem))
+
+        routes: list[BaseRoute] = [
+            Route("/health", e(health, auth=False), methods=["GET"]),
+            Route("/_emulator/reset", e(reset, auth=False), methods=["POST"]),
+            Route("/_emulator/state", e(state, auth=False), methods=["GET"]),
+            *self.extra_routes,
+        ]
+        api: list[tuple[str, Callable[[Request, Any], JSON | Response], list[str]]] = [
+            ("/customers", lambda r, b: store.upsert_customer(b), ["POST"]),
+            ("/customers", lambda r, b: store.list_customers(query(r), multi(r)), ["GET"]),
+            (
+                "/customers/{external_id}/current_usage",
+                lambda r, b: store.current_usage(nested_customer_id(r), query(r), groups(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/invoices",
+                lambda r, b: store.list_invoices(query(r), multi(r), nested_customer_id(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/subscriptions",
+                lambda r, b: store.list_subscriptions(query(r), statuses(r), nested_customer_id(r)),
+                ["GET"],
+            ),
+            ("/customers/{external_id}", lambda r, b: store.get_customer(customer_id(r)), ["GET"]),
+            ("/customers/{external_id}", lambda r, b: store.delete_customer(customer_id(r)), ["DELETE"]),
+            ("/subscriptions", lambda r, b: store.create_subscription(b), ["POST"]),
+            ("/subscriptions", lambda r, b: store.list_subscriptions(query(r), statuses(r)), ["GET"]),
+            (
+                "/subscriptions/{external_id}/entitlements",
+                lambda r, b: store.get_sub_entitlements(r.path_params["external_id"], _status(r)),
+                ["GET"],
+            ),
+            (
+                "/subscriptions/{external_id}/entitlements",
+                lambda r, b: store.patch_sub_entitlements(r.path_params["external_id"], _status(r), b),
+                ["PATCH"],
+            ),
+            (
+                "/subscriptions/{external_id}",
+                lambda r, b: store.get_subscription(r.path_params["external_id"], r.query_params.get("status")),
+                ["GET"],
+            ),
+            (
+                "/subscriptions/{external_id}",
+                lambda r, b: store.update_subscription(r.path_params["external_id"], r.query_params.get("status"), b),
+                ["PUT"],
+            ),
+            (
+                "/subscriptions/{external_id}",
+                lambda r, b: store.terminate_subscription(r.path_params["external_id"], query(r)),
+                ["DELETE"],
+            ),
+            ("/events/batch", lambda r, b: store.create_events(b, max_length=self.batch_max_length), ["POST"]),
+            ("/events", lambda r, b: store.create_event(b), ["POST"]),
+            ("/events", lambda r, b: store.list_events(query(r)), ["GET"]),
+            ("/events/{transaction_id}", lambda r, b: store.get_event(r.path_params["transaction_id"]), ["GET"]),
+            ("/billable_metrics", lambda r, b: store.create_metric(b), ["POST"]),
+            ("/billable_metrics", lambda r, b: store.list_metrics(query(r)), ["GET"]),
+            ("/billable_metrics/{code}", lambda r, b: store.get_metric(r.path_params["code"]), ["GET"]),
+            ("/features", lambda r, b: store.create_feature(b), ["POST"]),
+            ("/features", lambda r, b: store.list_features(query(r)), ["GET"]),
+            ("/features/{code}", lambda r, b: store.get_feature(r.path_params["code"]), ["GET"]),
+            ("/plans", lambda r, b: store.create_plan(b), ["POST"]),
+            ("/plans", lambda r, b: store.list_plans(query(r)), ["GET"]),
+            ("/plans/{code}", lambda r, b: store.get_plan(r.path_params["code"]), ["GET"]),
+            (
+                "/plans/{code}/entitlements",
+                lambda r, b: store.set_plan_entitlements(r.path_params["code"], b, merge=False),
+                ["POST"],
+            ),
+            (
+                "/plans/{code}/entitlements",
+                lambda r, b: store.set_plan_entitlements(r.path_params["code"], b, merge=True),
+                ["PATCH"],
+            ),
+            ("/plans/{code}/entitlements", lambda r, b: store.get_plan_entitlements(r.path_params["code"]), ["GET"]),
+            ("/invoices", lambda r, b: store.list_invoices(query(r), multi(r)), ["GET"]),
+            ("/invoices/{lago_id}", lambda r, b: store.get_invoice(r.path_params["lago_id"]), ["GET"]),
+            ("/webhooks/json_public_key", public_key_json, ["GET"]),
+            ("/webhooks/public_key", public_key_text, ["GET"]),
+        ]
+        routes.extend(Route(API_PREFIX + path, e(handler), methods=methods) for path, handler, methods in api)
+
+        async def not_found_handler(request: Request, exc: Exception) -> Response:
+            if isinstance(exc, HTTPException) and exc.status_code not in (404, 405):
+                return JSONResponse({"status": exc.status_code, "error": str(exc.detail)}, status_code=exc.status_code)
+            return JSONResponse(NOT_FOUND_BODY, status_code=404)
+
+        return Starlette(routes=routes, exception_handlers={404: not_found_handler, 405: not_found_handler})
+
+
+def _status(request: Request) -> str | None:
+    return request.query_params.get("status") or request.query_params.get("subscription_status")

@@ -1,0 +1,1819 @@
+"""In-memory Lago organization: customers, plans, subscriptions, events, usage and invoices.
+
+Every public method of :class:`LagoStore` takes the store lock itself (a re-entrant lock, never held
+across an ``await``), validates its whole input first and only then writes, so a refused call leaves
+the state untouched. Methods return serialized objects shaped like Lago's API answers and raise
+:class:`~._util.ApiError` carrying Lago's exact error body.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
+
+from ._util import (
+    JSON,
+    UTC,
+    YEARLY_FACTOR,
+    bad_request,
+    billing_period,
+    cents,
+    day_start,
+    decimal_str,
+    drop_none,
+    iso,
+    iso_ms,
+    not_allowed,
+    not_found,
+    paginate,
+    parse_datetime,
+    to_decimal,
+    validation_error,
+)
+
+__all__ = ["EVENT_STORES", "LagoStore"]
+
+EVENT_STORES = ("postgres", "clickhouse")
+AGGREGATION_TYPES = (
+    "count_agg",
+    "sum_agg",
+    "max_agg",
+    "unique_count_agg",
+    "weighted_sum_agg",
+    "latest_agg",
+    "custom_agg",
+)
+CHARGE_MODELS = ("standard", "graduated", "package", "percentage", "volume", "graduated_percentage", "dynamic")
+INTERVALS = ("weekly", "monthly", "quarterly", "semiannual", "yearly")
+VALUE_TYPES = ("integer", "boolean", "string", "select")
+METADATA_MAX_ITEMS = 5
+METADATA_KEY_MAX = 20
+METADATA_VALUE_MAX = 100
+BILLING_ENTITY_CODE = "default"
+
+CUSTOMER_FIELDS = (
+    "name",
+    "firstname",
+    "lastname",
+    "email",
+    "currency",
+    "timezone",
+    "country",
+    "address_line1",
+    "address_line2",
+    "city",
+    "state",
+    "zipcode",
+    "phone",
+    "url",
+    "logo_url",
+    "legal_name",
+    "legal_number",
+    "tax_identification_number",
+    "net_payment_term",
+    "customer_type",
+    "account_type",
+    "finalize_zero_amount_invoice",
+    "external_salesforce_id",
+    "skip_invoice_custom_sections",
+)
+SUBSCRIPTION_UPDATABLE = (
+    "name",
+    "consolidate_invoice",
+    "purchase_order_number",
+    "on_termination_credit_note",
+    "on_termination_invoice",
+    "progressive_billing_disabled",
+)
+
+Emit = Callable[[str, str, JSON], None]
+
+
+def _require_root(body: Any, key: str) -> Any:
+    if not isinstance(body, Mapping) or key not in body or body[key] in (None, "", [], {}):
+        raise bad_request(key)
+    return body[key]
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value).strip()
+
+
+class LagoStore:
+    """The state of one Lago organization."""
+
+    def __init__(self, *, event_store: str, clock: Callable[[], datetime], emit: Emit) -> None:
+        if event_store not in EVENT_STORES:
+            raise ValueError(f"event_store must be one of {EVENT_STORES}, got {event_store!r}")
+        self.event_store = event_store
+        self._clock = clock
+        self._emit = emit
+        self.lock = threading.RLock()
+        self.clear()
+
+    # Infrastructure ----------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        with self.lock:
+            self._rng = random.Random(0x1A60)
+            self.organization_id = self._uuid()
+            self.customers: list[JSON] = []
+            self.metrics: dict[str, JSON] = {}
+            self.features: dict[str, JSON] = {}
+            self.plans: dict[str, JSON] = {}
+            self.subscriptions: list[JSON] = []
+            self.events: list[JSON] = []
+            self.invoices: list[JSON] = []
+            self._sequences: dict[str, int] = {}
+
+    def _uuid(self) -> str:
+        return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+
+    def _next(self, name: str) -> int:
+        self._sequences[name] = self._sequences.get(name, 0) + 1
+        return self._sequences[name]
+
+    def now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=UTC)
+        return now.astimezone(UTC)
+
+    def snapshot(self) -> str:
+        """Canonical JSON of the whole state (sorted keys, no whitespace)."""
+        with self.lock:
+            state = {
+                "organization_id": self.organization_id,
+                "event_store": self.event_store,
+                "billable_metrics": [self.metrics[c] for c in sorted(self.metrics)],
+                "features": [self.features[c] for c in sorted(self.features)],
+                "plans": [self.plans[c] for c in sorted(self.plans)],
+                "customers": self.customers,
+                "subscriptions": self.subscriptions,
+                "events": self.events,
+                "invoices": self.invoices,
+                "sequences": self._sequences,
+            }
+            return json.dumps(state, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+    # Time-driven transitions (ending_at reached, pending start, downgrade date) -----------------
+
+    def refresh(self) -> None:
+        """Apply the transitions Lago's clock jobs would have applied by now."""
+        with self.lock:
+            now = self.now()
+            changed = True
+            while changed:
+                changed = False
+                for sub in list(self.subscriptions):
+                    if sub["status"] == "active":
+                        ending = parse_datetime(sub.get("ending_at"))
+                        if ending is not None and ending <= now:
+                            self._terminate(sub, ending, generate_invoice=sub["on_termination_invoice"] == "generate")
+                            changed = True
+                            continue
+                        nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
+                        if nxt is not None and nxt["status"] == "pending":
+                            switch = self._period_end(sub) + timedelta(seconds=1)
+                            if switch <= now:
+                                self._terminate(sub, switch, generate_invoice=False, cancel_next=False)
+                                self._activate(nxt, switch)
+                                changed = True
+                    elif sub["status"] == "pending" and not sub.get("previous_subscription_id"):
+                        start = parse_datetime(sub["subscription_at"])
+                        if start is not None and start <= now:
+                            self._activate(sub, start)
+                            changed = True
+
+    # Customers ---------------------------------------------------------------------------------
+
+    def _customer(self, external_id: str) -> JSON | None:
+        for customer in self.customers:
+            if customer["external_id"] == external_id and customer["deleted_at"] is None:
+                return customer
+        return None
+
+    def _customer_by_id(self, lago_id: str) -> JSON | None:
+        for customer in self.customers:
+            if customer["lago_id"] == lago_id:
+                return customer
+        return None
+
+    def _new_customer(self, external_id: str) -> JSON:
+        now = iso(self.now())
+        seq = self._next("customer")
+        customer: JSON = {
+            "lago_id": self._uuid(),
+            "external_id": external_id,
+            "sequential_id": seq,
+            "slug": f"LAG-FAKE-{seq:03d}",
+            "created_at": now,
+            "updated_at": now,
+            "deleted_at": None,
+            "fields": {},
+            "billing_configuration": {},
+            "shipping_address": {},
+            "metadata": [],
+        }
+        self.customers.append(customer)
+        return customer
+
+    def upsert_customer(self, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "customer"))
+        with self.lock:
+            self.refresh()
+            external_id = _str_or_none(params.get("external_id"))
+            if not external_id:
+                raise validation_error({"external_id": ["value_is_mandatory"]})
+            errors: dict[str, list[str]] = {}
+            currency = params.get("currency")
+            if "currency" in params and currency is not None and not _valid_currency(currency):
+                errors["currency"] = ["value_is_invalid"]
+            for key, allowed in (
+                ("customer_type", ("company", "individual", None)),
+                ("account_type", ("customer", "partner")),
+                ("finalize_zero_amount_invoice", ("inherit", "skip", "finalize")),
+            ):
+                if key in params and params[key] not in allowed:
+                    errors[key] = ["value_is_invalid"]
+            if "net_payment_term" in params and params["net_payment_term"] is not None:
+                term = params["net_payment_term"]
+                if isinstance(term, bool) or not isinstance(term, int) or term < 0:
+                    errors["net_payment_term"] = ["value_is_invalid"]
+            customer = self._customer(external_id)
+            existing_metadata = customer["metadata"] if customer else []
+            new_metadata: list[JSON] | None = None
+            if "metadata" in params and params["metadata"] is not None:
+                new_metadata = self._plan_metadata(params["metadata"], existing_metadata, errors)
+            if errors:
+                raise validation_error(errors)
+            created = customer is None
+            if customer is None:
+                customer = self._new_customer(external_id)
+            for key in CUSTOMER_FIELDS:
+                if key in params:
+                    customer["fields"][key] = copy.deepcopy(params[key])
+            for key in ("billing_configuration", "shipping_address"):
+                if isinstance(params.get(key), Mapping):
+                    customer[key].update(copy.deepcopy(dict(params[key])))
+            if new_metadata is not None:
+                customer["metadata"] = new_metadata
+            customer["updated_at"] = iso(self.now())
+            result = self._serialize_customer(customer)
+            self._emit("customer.created" if created else "customer.updated", "customer", result)
+            return {"customer": result}
+
+    def _plan_metadata(self, items: Any, existing: Sequence[JSON], errors: dict[str, list[str]]) -> list[JSON]:
+        """Validate a ``metadata`` list and return the resulting items (Lago's update semantics)."""
+        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+            errors["metadata"] = ["invalid_format"]
+            return list(existing)
+        if len(items) > METADATA_MAX_ITEMS:
+            errors["metadata"] = ["invalid_count"]
+            return list(existing)
+        by_id = {item["lago_id"]: item for item in existing}
+        updated_keys: dict[str, str] = {item["lago_id"]: item["key"] for item in existing}
+        kept: list[JSON] = []
+        created: list[JSON] = []
+        for raw in items:
+            key = raw.get("key")
+            value = raw.get("value")
+            if key is None or str(key) == "":
+                errors.setdefault("key", []).append("value_is_mandatory")
+                continue
+            if value is None or str(value) == "":
+                errors.setdefault("value", []).append("value_is_mandatory")
+                continue
+            key, value = str(key), str(value)
+            if len(key) > METADATA_KEY_MAX:
+                errors.setdefault("key", []).append("value_is_too_long")
+            if len(value) > METADATA_VALUE_MAX:
+                errors.setdefault("value", []).append("value_is_too_long")
+            display = bool(raw.get("display_in_invoice", False))
+            item_id = raw.get("id")
+            if item_id is not None and str(item_id) in by_id:
+                item = dict(by_id[str(item_id)])
+                item.update(key=key, value=value, display_in_invoice=display)
+                updated_keys[item["lago_id"]] = key
+                kept.append(item)
+            else:
+                created.append(
+                    {
+                        "lago_id": None,
+                        "key": key,
+                        "value": value,
+                        "display_in_invoice": display,
+                        "created_at": None,
+                    }
+                )
+        # Creation happens before the deletion of the items absent from the list, so re-sending an
+        # existing key without its id collides with the old item.
+        seen: set[str] = set()
+        for key in updated_keys.values():
+            if key in seen:
+                errors.setdefault("key", []).append("value_already_exist")
+            seen.add(key)
+        for item in created:
+            if item["key"] in seen:
+                errors.setdefault("key", []).append("value_already_exist")
+            seen.add(item["key"])
+        for key in ("key", "value"):
+            if key in errors:
+                errors[key] = sorted(set(errors[key]))
+        if errors:
+            return list(existing)
+        now = iso(self.now())
+        for item in created:
+            item["lago_id"] = self._uuid()
+            item["created_at"] = now
+        return kept + created
+
+    def _serialize_customer(self, customer: JSON) -> JSON:
+        f = customer["fields"]
+        billing: JSON = {"invoice_grace_period": 0}
+        billing.update(
+            {
+                "subscription_invoice_issuing_date_anchor": None,
+                "subscription_invoice_issuing_date_adjustment": None,
+            }
+        )
+        billing.update({k: v for k, v in customer["billing_configuration"].items() if v is not None})
+        shipping: JSON = {
+            "address_line1": None,
+            "address_line2": None,
+            "city": None,
+            "zipcode": None,
+            "state": None,
+            "country": None,
+        }
+        shipping.update(customer["shipping_address"])
+        data: JSON = {
+            "lago_id": customer["lago_id"],
+            "billing_entity_code": BILLING_ENTITY_CODE,
+            "external_id": customer["external_id"],
+            "sequential_id": customer["sequential_id"],
+            "slug": customer["slug"],
+            "name": f.get("name"),
+            "firstname": f.get("firstname"),
+            "lastname": f.get("lastname"),
+            "email": f.get("email"),
+            "currency": f.get("currency"),
+            "timezone": f.get("timezone"),
+            "applicable_timezone": f.get("timezone") or "UTC",
+            "country": f.get("country"),
+            "address_line1": f.get("address_line1"),
+            "address_line2": f.get("address_line2"),
+            "city": f.get("city"),
+            "state": f.get("state"),
+            "zipcode": f.get("zipcode"),
+            "phone": f.get("phone"),
+            "url": f.get("url"),
+            "logo_url": f.get("logo_url"),
+            "legal_name": f.get("legal_name"),
+            "legal_number": f.get("legal_number"),
+            "tax_identification_number": f.get("tax_identification_number"),
+            "net_payment_term": f.get("net_payment_term"),
+            "customer_type": f.get("customer_type"),
+            "account_type": f.get("account_type") or "customer",
+            "finalize_zero_amount_invoice": f.get("finalize_zero_amount_invoice") or "inherit",
+            "skip_invoice_custom_sections": bool(f.get("skip_invoice_custom_sections", False)),
+            "created_at": customer["created_at"],
+            "updated_at": customer["updated_at"],
+            "billing_configuration": billing,
+            "shipping_address": shipping,
+            "metadata": copy.deepcopy(customer["metadata"]),
+            "integration_customers": [],
+            "taxes": [],
+            "applicable_invoice_custom_sections": [],
+        }
+        if "external_salesforce_id" in f:
+            data["external_salesforce_id"] = f["external_salesforce_id"]
+        return data
+
+    def get_customer(self, external_id: str) -> JSON:
+        with self.lock:
+            self.refresh()
+            customer = self._customer(external_id)
+            if customer is None:
+                raise not_found("customer")
+            return {"customer": self._serialize_customer(customer)}
+
+    def delete_customer(self, external_id: str) -> JSON:
+        with self.lock:
+            self.refresh()
+            customer = self._customer(external_id)
+            if customer is None:
+                raise not_found("customer")
+            now = self.now()
+            customer["deleted_at"] = iso(now)
+            for sub in self.subscriptions:
+                if sub["customer_id"] != customer["lago_id"]:
+                    continue
+                if sub["status"] == "active":
+                    self._terminate(sub, now, generate_invoice=False)
+                elif sub["status"] == "pending":
+                    self._cancel(sub, now)
+            return {"customer": self._serialize_customer(customer)}
+
+    def list_customers(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
+        with self.lock:
+            self.refresh()
+            items = [c for c in self.customers if c["deleted_at"] is None]
+            if query.get("external_id"):
+                items = [c for c in items if c["external_id"] == query["external_id"]]
+            term = str(query.get("search_term") or "").lower()
+            if term:
+
+                def matches(c: JSON) -> bool:
+                    f = c["fields"]
+                    haystack = [c["external_id"], f.get("name"), f.get("firstname"), f.get("lastname"), f.get("email")]
+                    return any(term in str(v).lower() for v in haystack if v)
+
+                items = [c for c in items if matches(c)]
+            for param, field in (
+                ("currencies[]", "currency"),
+                ("countries[]", "country"),
+                ("states[]", "state"),
+                ("zipcodes[]", "zipcode"),
+                ("account_type[]", "account_type"),
+            ):
+                if multi.get(param):
+                    wanted = set(multi[param])
+                    items = [c for c in items if (c["fields"].get(field) or _default_field(field)) in wanted]
+            if query.get("customer_type"):
+                items = [c for c in items if c["fields"].get("customer_type") == query["customer_type"]]
+            items = sorted(items, key=lambda c: (c["created_at"], c["sequential_id"]), reverse=True)
+            return paginate(
+                [self._serialize_customer(c) for c in items], "customers", query.get("page"), query.get("per_page")
+            )
+
+    # Billable metrics --------------------------------------------------------------------------
+
+    def create_metric(self, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "billable_metric"))
+        with self.lock:
+            errors: dict[str, list[str]] = {}
+            code = _str_or_none(params.get("code"))
+            name = params.get("name")
+            if not code:
+                errors["code"] = ["value_is_mandatory"]
+            elif code in self.metrics:
+                errors["code"] = ["value_already_exist"]
+            if not name:
+                errors["name"] = ["value_is_mandatory"]
+            aggregation = params.get("aggregation_type")
+            if aggregation not in AGGREGATION_TYPES:
+                errors["aggregation_type"] = ["value_is_invalid"]
+            field_name = params.get("field_name")
+            if aggregation not in ("count_agg", "custom_agg", None) and not field_name:
+                errors["field_name"] = ["value_is_mandatory"]
+            filters = params.get("filters") or []
+            if not isinstance(filters, list) or not all(
+                isinstance(f, Mapping)
+                and isinstance(f.get("key"), str)
+                and isinstance(f.get("values"), list)
+                and f["values"]
+                for f in filters
+            ):
+                errors["filters"] = ["invalid_format"]
+            if errors:
+                raise validation_error(errors)
+            assert code is not None
+            metric: JSON = {
+                "lago_id": self._uuid(),
+                "name": str(name),
+                "code": code,
+                "description": params.get("description"),
+                "aggregation_type": aggregation,
+                "field_name": field_name if aggregation != "count_agg" else None,
+                "recurring": bool(params.get("recurring", False)),
+                "expression": params.get("expression"),
+                "rounding_function": params.get("rounding_function"),
+                "rounding_precision": params.get("rounding_precision"),
+                "weighted_interval": params.get("weighted_interval")
+                or ("seconds" if aggregation == "weighted_sum_agg" else None),
+                "filters": [{"key": f["key"], "values": [str(v) for v in f["values"]]} for f in filters],
+                "created_at": iso(self.now()),
+            }
+            self.metrics[code] = metric
+            return {"billable_metric": self._serialize_metric(metric)}
+
+    def _serialize_metric(self, metric: JSON) -> JSON:
+        data = {k: copy.deepcopy(v) for k, v in metric.items()}
+        data.update({"active_subscriptions_count": 0, "draft_invoices_count": 0, "plans_count": 0})
+        data["plans_count"] = sum(
+            1 for p in self.plans.values() if any(ch["billable_metric_id"] == metric["lago_id"] for ch in p["charges"])
+        )
+        return drop_none(data, "expression")
+
+    def get_metric(self, code: str) -> JSON:
+        with self.lock:
+            metric = self.metrics.get(code)
+            if metric is None:
+                raise not_found("billable_metric")
+            return {"billable_metric": self._serialize_metric(metric)}
+
+    def list_metrics(self, query: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            items = sorted(self.metrics.values(), key=lambda m: m["created_at"], reverse=True)
+            return paginate(
+                [self._serialize_metric(m) for m in items], "billable_metrics", query.get("page"), query.get("per_page")
+            )
+
+    # Features and entitlements -----------------------------------------------------------------
+
+    def create_feature(self, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "feature"))
+        with self.lock:
+            errors: dict[str, list[str]] = {}
+            code = _str_or_none(params.get("code"))
+            if not code:
+                errors["code"] = ["value_is_mandatory"]
+            elif code in self.features:
+                errors["code"] = ["value_already_exist"]
+            privileges: list[JSON] = []
+            raw_privileges = params.get("privileges") or []
+            if not isinstance(raw_privileges, list):
+                errors["privileges"] = ["invalid_format"]
+                raw_privileges = []
+            seen: set[str] = set()
+            for raw in raw_privileges:
+                if not isinstance(raw, Mapping) or not raw.get("code"):
+                    errors.setdefault("privilege.code", []).append("value_is_mandatory")
+                    continue
+                value_type = raw.get("value_type") or "integer"
+                if value_type not in VALUE_TYPES:
+                    errors["privilege.value_type"] = ["value_is_invalid"]
+                pcode = str(raw["code"])
+                if pcode in seen:
+                    errors["privilege.code"] = ["value_already_exist"]
+                seen.add(pcode)
+                config = dict(_mapping(raw.get("config")))
+                if value_type == "select" and not config.get("select_options"):
+                    errors["privilege.config"] = ["invalid_format"]
+                privileges.append({"code": pcode, "name": raw.get("name"), "value_type": value_type, "config": config})
+            if errors:
+                raise validation_error(errors)
+            assert code is not None
+            feature: JSON = {
+                "lago_id": self._uuid(),
+                "code": code,
+                "name": params.get("name"),
+                "description": params.get("description"),
+                "privileges": privileges,
+                "created_at": iso(self.now()),
+            }
+            self.features[code] = feature
+            result = copy.deepcopy(feature)
+            self._emit("feature.created", "feature", result)
+            return {"feature": result}
+
+    def get_feature(self, code: str) -> JSON:
+        with self.lock:
+            feature = self.features.get(code)
+            if feature is None:
+                raise not_found("feature")
+            return {"feature": copy.deepcopy(feature)}
+
+    def list_features(self, query: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            items = sorted(self.features.values(), key=lambda f: f["created_at"], reverse=True)
+            return paginate([copy.deepcopy(f) for f in items], "features", query.get("page"), query.get("per_page"))
+
+    def _privilege(self, feature: JSON, code: str) -> JSON | None:
+        for privilege in feature["privileges"]:
+            if privilege["code"] == code:
+                return privilege  # type: ignore[no-any-return]
+        return None
+
+    def _check_entitlements(self, raw: Any) -> dict[str, dict[str, Any]]:
+        """Validate ``{"feature": {"privilege": value}}`` and cast values to their declared type."""
+        if not isinstance(raw, Mapping):
+            raise bad_request("entitlements")
+        result: dict[str, dict[str, Any]] = {}
+        errors: dict[str, list[str]] = {}
+        for feature_code, privileges in raw.items():
+            feature = self.features.get(str(feature_code))
+            if feature is None:
+                raise not_found("feature")
+            values: dict[str, Any] = {}
+            for privilege_code, value in _mapping(privileges).items():
+                privilege = self._privilege(feature, str(privilege_code))
+                if privilege is None:
+                    raise not_found("privilege")
+                cast = _cast_privilege(privilege, value)
+                if cast is _INVALID:
+                    errors[f"{privilege_code}_privilege_value"] = ["value_is_invalid"]
+                    continue
+                values[str(privilege_code)] = cast
+            result[str(feature_code)] = values
+        if errors:
+            raise validation_error(errors)
+        return result
+
+    def _serialize_plan_entitlements(self, plan: JSON) -> list[JSON]:
+        out: list[JSON] = []
+        for feature_code, values in plan["entitlements"].items():
+            feature = self.features.get(feature_code)
+            if feature is None:
+                continue
+            privileges = []
+            for privilege in feature["privileges"]:
+                if privilege["code"] in values:
+                    privileges.append({**copy.deepcopy(privilege), "value": values[privilege["code"]]})
+            out.append(
+                {
+                    "code": feature["code"],
+                    "name": feature["name"],
+                    "description": feature["description"],
+                    "privileges": privileges,
+                }
+            )
+        return out
+
+    def set_plan_entitlements(self, code: str, body: Any, *, merge: bool) -> JSON:
+        raw = _require_root(body, "entitlements") if not merge or body else {}
+        with self.lock:
+            plan = self.plans.get(code)
+            if plan is None:
+                raise not_found("plan")
+            checked = self._check_entitlements(raw)
+            if merge:
+                for feature_code, values in checked.items():
+                    plan["entitlements"].setdefault(feature_code, {}).update(values)
+            else:
+                plan["entitlements"] = checked
+            plan["updated_at"] = iso(self.now())
+            return {"entitlements": self._serialize_plan_entitlements(plan)}
+
+    def get_plan_entitlements(self, code: str) -> JSON:
+        with self.lock:
+            plan = self.plans.get(code)
+            if plan is None:
+                raise not_found("plan")
+            return {"entitlements": self._serialize_plan_entitlements(plan)}
+
+    def _serialize_sub_entitlements(self, sub: JSON) -> list[JSON]:
+        plan = self.plans[sub["plan_code"]]
+        overrides: dict[str, dict[str, Any]] = sub["entitlement_overrides"]
+        codes = list(plan["entitlements"]) + [c for c in overrides if c not in plan["entitlements"]]
+        out: list[JSON] = []
+        for feature_code in codes:
+            feature = self.features.get(feature_code)
+            if feature is None:
+                continue
+            plan_values = plan["entitlements"].get(feature_code, {})
+            feature_overrides = overrides.get(feature_code, {})
+            privileges = []
+            for privilege in feature["privileges"]:
+                pcode = privilege["code"]
+                if pcode not in plan_values and pcode not in feature_overrides:
+                    continue
+                override = feature_overrides.get(pcode)
+                plan_value = plan_values.get(pcode)
+                privileges.append(
+                    {
+                        **copy.deepcopy(privilege),
+                        "value": override if override is not None else plan_value,
+                        "plan_value": plan_value,
+                        "override_value": override,
+                    }
+                )
+            out.append(
+                {
+                    "code": feature["code"],
+                    "name": feature["name"],
+                    "description": feature["description"],
+                    "privileges": privileges,
+                    "overrides": dict(feature_overrides),
+                }
+            )
+        return out
+
+    def get_sub_entitlements(self, external_id: str, status: str | None) -> JSON:
+        with self.lock:
+            self.refresh()
+            sub = self._sub_for(external_id, status or "active")
+            return {"entitlements": self._serialize_sub_entitlements(sub)}
+
+    def patch_sub_entitlements(self, external_id: str, status: str | None, body: Any) -> JSON:
+        raw = _require_root(body, "entitlements")
+        with self.lock:
+            self.refresh()
+            sub = self._sub_for(external_id, status or "active")
+            checked = self._check_entitlements(raw)
+            for feature_code, values in checked.items():
+                sub["entitlement_overrides"].setdefault(feature_code, {}).update(values)
+            result = self._serialize_sub_entitlements(sub)
+            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            return {"entitlements": result}
+
+    # Plans -------------------------------------------------------------------------------------
+
+    def _metric_for_charge(self, raw: Mapping[str, Any]) -> JSON | None:
+        ref = raw.get("billable_metric_id")
+        if ref is not None:
+            for metric in self.metrics.values():
+                if metric["lago_id"] == ref:
+                    return metric
+        code = raw.get("billable_metric_code")
+        if code is not None:
+            return self.metrics.get(str(code))
+        if ref is not None:
+            return self.metrics.get(str(ref))
+        return None
+
+    def create_plan(self, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "plan"))
+        with self.lock:
+            errors: dict[str, list[str]] = {}
+            code = _str_or_none(params.get("code"))
+            if not code:
+                errors["code"] = ["value_is_mandatory"]
+            elif code in self.plans:
+                errors["code"] = ["value_already_exist"]
+            if not params.get("name"):
+                errors["name"] = ["value_is_mandatory"]
+            interval = params.get("interval")
+            if interval not in INTERVALS:
+                errors["interval"] = ["value_is_invalid"]
+            amount = params.get("amount_cents", 0)
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                errors["amount_cents"] = ["value_is_invalid"]
+            currency = params.get("amount_currency") or "USD"
+            if not _valid_currency(currency):
+                errors["amount_currency"] = ["value_is_invalid"]
+            raw_charges = params.get("charges") or []
+            if not isinstance(raw_charges, list):
+                errors["charges"] = ["invalid_format"]
+                raw_charges = []
+            charges: list[JSON] = []
+            for raw in raw_charges:
+                raw = _mapping(raw)
+                metric = self._metric_for_charge(raw)
+                if metric is None:
+                    raise not_found("billable_metric")
+                model = raw.get("charge_model") or "standard"
+                if model not in CHARGE_MODELS:
+                    errors["charge_model"] = ["value_is_invalid"]
+                    continue
+                properties = dict(_mapping(raw.get("properties")))
+                if "grouped_by" in properties and "pricing_group_keys" not in properties:
+                    properties["pricing_group_keys"] = properties.pop("grouped_by")
+                if model == "standard":
+                    properties.setdefault("amount", "0")
+                    if to_decimal(properties["amount"]) is None:
+                        errors["properties.amount"] = ["value_is_invalid"]
+                charge_filters = []
+                for raw_filter in raw.get("filters") or []:
+                    raw_filter = _mapping(raw_filter)
+                    values = {str(k): [str(x) for x in v] for k, v in _mapping(raw_filter.get("values")).items()}
+                    for key, vals in values.items():
+                        declared = next((f for f in metric["filters"] if f["key"] == key), None)
+                        if declared is None or not set(vals) <= set(declared["values"]) | {"__ALL_FILTER_VALUES__"}:
+                            errors["filters.values"] = ["value_is_invalid"]
+                    charge_filters.append(
+                        {
+                            "invoice_display_name": raw_filter.get("invoice_display_name"),
+                            "properties": dict(_mapping(raw_filter.get("properties"))),
+                            "values": values,
+                        }
+                    )
+                charges.append(
+                    {
+                        "lago_id": self._uuid(),
+                        "billable_metric_id": metric["lago_id"],
+                        "billable_metric_code": metric["code"],
+                        "code": raw.get("code"),
+                        "invoice_display_name": raw.get("invoice_display_name"),
+                        "charge_model": model,
+                        "pay_in_advance": bool(raw.get("pay_in_advance", False)),
+                        "invoiceable": bool(raw.get("invoiceable", True)),
+                        "regroup_paid_fees": raw.get("regroup_paid_fees"),
+                        "prorated": bool(raw.get("prorated", False)),
+                        "min_amount_cents": int(raw.get("min_amount_cents") or 0),
+                        "properties": properties,
+                        "filters": charge_filters,
+                    }
+                )
+            entitlements: dict[str, dict[str, Any]] = {}
+            if params.get("entitlements"):
+                entitlements = self._check_entitlements(params["entitlements"])
+            if errors:
+                raise validation_error(errors)
+            assert code is not None
+            now = iso(self.now())
+            for charge in charges:
+                charge["created_at"] = now
+            plan: JSON = {
+                "lago_id": self._uuid(),
+                "code": code,
+                "name": str(params["name"]),
+                "invoice_display_name": params.get("invoice_display_name"),
+                "description": params.get("description"),
+                "interval": interval,
+                "amount_cents": amount,
+                "amount_currency": currency,
+                "trial_period": params.get("trial_period") or 0.0,
+                "pay_in_advance": bool(params.get("pay_in_advance", False)),
+                "bill_charges_monthly": params.get("bill_charges_monthly"),
+                "bill_fixed_charges_monthly": params.get("bill_fixed_charges_monthly"),
+                "charges": charges,
+                "entitlements": entitlements,
+                "metadata": dict(_mapping(params.get("metadata"))),
+                "created_at": now,
+                "updated_at": now,
+            }
+            self.plans[code] = plan
+            result = self._serialize_plan(plan)
+            self._emit("plan.created", "plan", result)
+            return {"plan": result}
+
+    def _serialize_charge(self, charge: JSON) -> JSON:
+        data = {k: copy.deepcopy(v) for k, v in charge.items() if k != "billable_metric_id"}
+        data["lago_billable_metric_id"] = charge["billable_metric_id"]
+        data["taxes"] = []
+        data["applied_pricing_unit"] = None
+        data["lago_parent_id"] = None
+        return data
+
+    def _serialize_plan(self, plan: JSON) -> JSON:
+        data: JSON = {
+            "lago_id": plan["lago_id"],
+            "name": plan["name"],
+            "invoice_display_name": plan["invoice_display_name"],
+            "created_at": plan["created_at"],
+            "code": plan["code"],
+            "interval": plan["interval"],
+            "description": plan["description"],
+            "amount_cents": plan["amount_cents"],
+            "amount_currency": plan["amount_currency"],
+            "trial_period": plan["trial_period"],
+            "pay_in_advance": plan["pay_in_advance"],
+            "bill_charges_monthly": plan["bill_charges_monthly"],
+            "bill_fixed_charges_monthly": plan["bill_fixed_charges_monthly"],
+            "active_subscriptions_count": sum(
+                1 for s in self.subscriptions if s["plan_code"] == plan["code"] and s["status"] == "active"
+            ),
+            "draft_invoices_count": 0,
+            "minimum_commitment": None,
+            "charges": [self._serialize_charge(c) for c in plan["charges"]],
+            "fixed_charges": [],
+            "taxes": [],
+            "usage_thresholds": [],
+            "entitlements": self._serialize_plan_entitlements(plan),
+        }
+        if plan["metadata"]:
+            data["metadata"] = dict(plan["metadata"])
+        return drop_none(data, "invoice_display_name", "description")
+
+    def get_plan(self, code: str) -> JSON:
+        with self.lock:
+            plan = self.plans.get(code)
+            if plan is None:
+                raise not_found("plan")
+            return {"plan": self._serialize_plan(plan)}
+
+    def list_plans(self, query: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            items = sorted(self.plans.values(), key=lambda p: p["created_at"], reverse=True)
+            return paginate([self._serialize_plan(p) for p in items], "plans", query.get("page"), query.get("per_page"))
+
+    # Subscriptions -----------------------------------------------------------------------------
+
+    def _find_sub_by_id(self, lago_id: Any) -> JSON | None:
+        if lago_id is None:
+            return None
+        for sub in self.subscriptions:
+            if sub["lago_id"] == lago_id:
+                return sub
+        return None
+
+    def _subs(self, external_id: str, status: str) -> list[JSON]:
+        return [s for s in self.subscriptions if s["external_id"] == external_id and s["status"] == status]
+
+    def _sub_for(self, external_id: str, status: str) -> JSON:
+        matches = self._subs(external_id, status)
+        if not matches:
+            raise not_found("subscription")
+        return max(matches, key=lambda s: (s["terminated_at"] or s["canceled_at"] or "", s["seq"]))
+
+    def _period_bounds(self, sub: JSON, at: datetime | None = None) -> tuple[datetime, datetime]:
+        plan = self.plans[sub["plan_code"]]
+        anchor = parse_datetime(sub["subscription_at"]) or self.now()
+        return billing_period(plan["interval"], sub["billing_time"], anchor, at or self.now())
+
+    def _period_end(self, sub: JSON) -> datetime:
+        return self._period_bounds(sub)[1]
+
+    def _yearly_amount(self, plan: JSON) -> int:
+        return int(plan["amount_cents"]) * YEARLY_FACTOR.get(plan["interval"], 12)
+
+    def _serialize_sub(self, sub: JSON, *, extended: bool = False) -> JSON:
+        plan = self.plans[sub["plan_code"]]
+        previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
+        nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
+        if nxt is not None and nxt["status"] != "pending" and sub["status"] == "active":
+            nxt = None
+        period_start: str | None = None
+        period_end: str | None = None
+        downgrade_date: str | None = None
+        if sub["status"] == "active":
+            start, end = self._period_bounds(sub)
+            started = parse_datetime(sub["started_at"])
+            if started is not None and started > start:
+                start = day_start(started)
+            period_start, period_end = iso(start), iso(end)
+            if nxt is not None:
+                downgrade_date = (end + timedelta(seconds=1)).date().isoformat()
+        data: JSON = {
+            "lago_id": sub["lago_id"],
+            "external_id": sub["external_id"],
+            "lago_customer_id": sub["customer_id"],
+            "external_customer_id": sub["external_customer_id"],
+            "billing_entity_code": BILLING_ENTITY_CODE,
+            "name": sub["name"],
+            "plan_code": plan["code"],
+            "plan_amount_cents": plan["amount_cents"],
+            "plan_amount_currency": plan["amount_currency"],
+            "status": sub["status"],
+            "billing_time": sub["billing_time"],
+            "subscription_at": sub["subscription_at"],
+            "started_at": sub["started_at"],
+            "trial_ended_at": None,
+            "ending_at": sub["ending_at"],
+            "terminated_at": sub["terminated_at"],
+            "canceled_at": sub["canceled_at"],
+            "created_at": sub["created_at"],
+            "previous_plan_code": previous["plan_code"] if previous else None,
+            "next_plan_code": nxt["plan_code"] if nxt else None,
+            "downgrade_plan_date": downgrade_date,
+            "current_billing_period_started_at": period_start,
+            "current_billing_period_ending_at": period_end,
+            "on_termination_credit_note": sub["on_termination_credit_note"],
+            "on_termination_invoice": sub["on_termination_invoice"],
+            "consolidate_invoice": sub["consolidate_invoice"],
+            "payment_method": {"payment_method_type": "provider"},
+            "activation_rules": [],
+            "activated_at": sub["started_at"],
+            "cancellation_reason": None,
+            "purchase_order_number": sub["purchase_order_number"],
+            "progressive_billing_disabled": sub["progressive_billing_disabled"],
+            "applied_invoice_custom_sections": [],
+        }
+        if extended:
+            data["plan"] = self._serialize_plan(plan)
+            data["entitlements"] = self._serialize_sub_entitlements(sub)
+            data["applicable_usage_thresholds"] = []
+        return data
+
+    def _new_sub(self, customer: JSON, plan: JSON, params: Mapping[str, Any], external_id: str) -> JSON:
+        now = self.now()
+        seq = self._next("subscription")
+        sub: JSON = {
+            "seq": seq,
+            "lago_id": self._uuid(),
+            "external_id": external_id,
+            "customer_id": customer["lago_id"],
+            "external_customer_id": customer["external_id"],
+            "plan_code": plan["code"],
+            "name": params.get("name"),
+            "status": "pending",
+            "billing_time": params.get("billing_time") or "calendar",
+            "subscription_at": iso(parse_datetime(params.get("subscription_at")) or now),
+            "started_at": None,
+            "ending_at": iso(parse_datetime(params.get("ending_at"))),
+            "terminated_at": None,
+            "canceled_at": None,
+            "created_at": iso(now),
+            "previous_subscription_id": None,
+            "next_subscription_id": None,
+            "on_termination_credit_note": params.get("on_termination_credit_note"),
+            "on_termination_invoice": params.get("on_termination_invoice") or "generate",
+            "consolidate_invoice": bool(params.get("consolidate_invoice", False)),
+            "purchase_order_number": params.get("purchase_order_number"),
+            "progressive_billing_disabled": bool(params.get("progressive_billing_disabled", False)),
+            "entitlement_overrides": {},
+        }
+        self.subscriptions.append(sub)
+        return sub
+
+    def _activate(self, sub: JSON, at: datetime) -> None:
+        sub["status"] = "active"
+        sub["started_at"] = iso(at)
+        self._emit("subscription.started", "subscription", self._serialize_sub(sub, extended=True))
+
+    def _cancel(self, sub: JSON, at: datetime) -> None:
+        sub["status"] = "canceled"
+        sub["canceled_at"] = iso(at)
+        previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
+        if previous is not None and previous.get("next_subscription_id") == sub["lago_id"]:
+            previous["next_subscription_id"] = None
+        self._emit("subscription.terminated", "subscription", self._serialize_sub(sub, extended=True))
+        if previous is not None and previous["status"] == "active":
+            self._emit("subscription.updated", "subscription", self._serialize_sub(previous, extended=True))
+
+    def _terminate(self, sub: JSON, at: datetime, *, generate_invoice: bool, cancel_next: bool = True) -> None:
+        usage = self._usage_for(sub, at) if generate_invoice else None
+        sub["status"] = "terminated"
+        sub["terminated_at"] = iso(at)
+        nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
+        if cancel_next and nxt is not None and nxt["status"] == "pending":
+            nxt["status"] = "canceled"
+            nxt["canceled_at"] = iso(at)
+            sub["next_subscription_id"] = None
+        self._emit("subscription.terminated", "subscription", self._serialize_sub(sub, extended=True))
+        if usage is not None:
+            customer = self._customer_by_id(sub["customer_id"])
+            if customer is not None:
+                plan = self.plans[sub["plan_code"]]
+                amount = int(usage["amount_cents"]) + (0 if plan["pay_in_advance"] else int(plan["amount_cents"]))
+                invoice = self._new_invoice(
+                    customer,
+                    {
+                        "invoice_type": "subscription",
+                        "currency": plan["amount_currency"],
+                        "fees_amount_cents": amount,
+                        "total_amount_cents": amount,
+                    },
+                    subscription=sub,
+                )
+                self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    def create_subscription(self, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "subscription"))
+        with self.lock:
+            self.refresh()
+            errors: dict[str, list[str]] = {}
+            external_customer_id = _str_or_none(params.get("external_customer_id"))
+            external_id = _str_or_none(params.get("external_id"))
+            if not external_customer_id:
+                errors["external_customer_id"] = ["value_is_mandatory"]
+            if not external_id:
+                errors["external_id"] = ["value_is_mandatory"]
+            if params.get("billing_time") not in (None, "calendar", "anniversary"):
+                errors["billing_time"] = ["value_is_invalid"]
+            for key in ("subscription_at", "ending_at"):
+                if params.get(key) is not None and parse_datetime(params[key]) is None:
+                    errors[key] = ["invalid_date"]
+            if params.get("on_termination_invoice") not in (None, "generate", "skip"):
+                errors["on_termination_invoice"] = ["value_is_invalid"]
+            if params.get("on_termination_credit_note") not in (None, "credit", "refund", "offset", "skip"):
+                errors["on_termination_credit_note"] = ["value_is_invalid"]
+            plan = self.plans.get(str(params.get("plan_code")))
+            if plan is None and not errors:
+                raise not_found("plan")
+            if errors:
+                raise validation_error(errors)
+            assert plan is not None and external_customer_id and external_id
+            ending = parse_datetime(params.get("ending_at"))
+            start_at = parse_datetime(params.get("subscription_at")) or self.now()
+            if ending is not None and ending <= start_at:
+                raise validation_error({"ending_at": ["invalid_date"]})
+            customer = self._customer(external_customer_id)
+            for other in self.subscriptions:
+                if (
+                    other["external_id"] == external_id
+                    and other["status"] in ("active", "incomplete")
+                    and (customer is None or other["customer_id"] != customer["lago_id"])
+                ):
+                    raise validation_error({"external_id": ["value_already_exist"]})
+            if customer is None:
+                customer = self._new_customer(external_customer_id)
+            current = next(
+                (
+                    s
+                    for s in self.subscriptions
+                    if s["external_id"] == external_id
+                    and s["customer_id"] == customer["lago_id"]
+                    and (s["status"] == "active" or (s["status"] == "pending" and not s["previous_subscription_id"]))
+                ),
+                None,
+            )
+            now = self.now()
+            if current is None:
+                sub = self._new_sub(customer, plan, params, external_id)
+                start = parse_datetime(sub["subscription_at"])
+                if start is not None and start <= now:
+                    self._activate(sub, start)
+                return {"subscription": self._serialize_sub(sub, extended=True)}
+            if current["plan_code"] == plan["code"]:
+                return {"subscription": self._serialize_sub(current, extended=True)}
+            if current["status"] == "pending":
+                current["plan_code"] = plan["code"]
+                self._emit("subscription.updated", "subscription", self._serialize_sub(current, extended=True))
+                return {"subscription": self._serialize_sub(current, extended=True)}
+            current_plan = self.plans[current["plan_code"]]
+            old_next = self._find_sub_by_id(current.get("next_subscription_id"))
+            if old_next is not None and old_next["status"] == "pending":
+                old_next["status"] = "canceled"
+                old_next["canceled_at"] = iso(now)
+                current["next_subscription_id"] = None
+            sub_params = dict(params)
+            sub_params.setdefault("name", current["name"])
+            sub_params["billing_time"] = current["billing_time"]
+            sub_params["subscription_at"] = current["subscription_at"]
+            sub_params.setdefault("ending_at", current["ending_at"])
+            new = self._new_sub(customer, plan, sub_params, external_id)
+            new["previous_subscription_id"] = current["lago_id"]
+            new["entitlement_overrides"] = {}
+            if self._yearly_amount(plan) >= self._yearly_amount(current_plan):
+                current["next_subscription_id"] = new["lago_id"]
+                self._terminate(current, now, generate_invoice=False, cancel_next=False)
+                self._activate(new, now)
+                return {"subscription": self._serialize_sub(new, extended=True)}
+            current["next_subscription_id"] = new["lago_id"]
+            result = self._serialize_sub(current, extended=True)
+            self._emit("subscription.updated", "subscription", result)
+            return {"subscription": result}
+
+    def get_subscription(self, external_id: str, status: str | None) -> JSON:
+        with self.lock:
+            self.refresh()
+            sub = self._sub_for(external_id, status or "active")
+            return {"subscription": self._serialize_sub(sub, extended=True)}
+
+    def list_subscriptions(
+        self, query: Mapping[str, Any], statuses: Sequence[str], external_customer_id: str | None = None
+    ) -> JSON:
+        with self.lock:
+            self.refresh()
+            wanted = set(statuses) if statuses else {"active"}
+            items = [s for s in self.subscriptions if s["status"] in wanted]
+            customer_filter = external_customer_id or query.get("external_customer_id")
+            if external_customer_id is not None:
+                customer = self._customer(external_customer_id)
+                if customer is None:
+                    raise not_found("customer")
+                items = [s for s in items if s["customer_id"] == customer["lago_id"]]
+            elif customer_filter:
+                items = [s for s in items if s["external_customer_id"] == customer_filter]
+            if query.get("plan_code"):
+                items = [s for s in items if s["plan_code"] == query["plan_code"]]
+            items = sorted(items, key=lambda s: (s["started_at"] or s["subscription_at"], s["seq"]))
+            return paginate(
+                [self._serialize_sub(s) for s in items], "subscriptions", query.get("page"), query.get("per_page")
+            )
+
+    def update_subscription(self, external_id: str, status: str | None, body: Any) -> JSON:
+        params = _mapping(_require_root(body, "subscription"))
+        with self.lock:
+            self.refresh()
+            sub = self._sub_for(external_id, status or "active")
+            errors: dict[str, list[str]] = {}
+            if "ending_at" in params and params["ending_at"] is not None:
+                ending = parse_datetime(params["ending_at"])
+                start = parse_datetime(sub["subscription_at"])
+                if ending is None or (start is not None and ending <= start) or ending <= self.now():
+                    errors["ending_at"] = ["invalid_date"]
+            if "subscription_at" in params:
+                if sub["status"] != "pending" or parse_datetime(params["subscription_at"]) is None:
+                    errors["subscription_at"] = ["invalid_date"]
+            if params.get("on_termination_invoice") not in (None, "generate", "skip"):
+                errors["on_termination_invoice"] = ["value_is_invalid"]
+            if params.get("on_termination_credit_note") not in (None, "credit", "refund", "offset", "skip"):
+                errors["on_termination_credit_note"] = ["value_is_invalid"]
+            if errors:
+                raise validation_error(errors)
+            for key in SUBSCRIPTION_UPDATABLE:
+                if key in params and (params[key] is not None or key in ("name", "purchase_order_number")):
+                    sub[key] = params[key]
+            if "ending_at" in params:
+                sub["ending_at"] = iso(parse_datetime(params["ending_at"]))
+            if "subscription_at" in params:
+                sub["subscription_at"] = iso(parse_datetime(params["subscription_at"]))
+            result = self._serialize_sub(sub, extended=True)
+            self._emit("subscription.updated", "subscription", result)
+            self.refresh()
+            return {"subscription": self._serialize_sub(sub, extended=True)}
+
+    def terminate_subscription(self, external_id: str, query: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            self.refresh()
+            status = query.get("status") or "active"
+            on_invoice = query.get("on_termination_invoice")
+            on_credit = query.get("on_termination_credit_note")
+            errors: dict[str, list[str]] = {}
+            if on_invoice not in (None, "generate", "skip"):
+                errors["on_termination_invoice"] = ["value_is_invalid"]
+            if on_credit not in (None, "credit", "refund", "offset", "skip"):
+                errors["on_termination_credit_note"] = ["value_is_invalid"]
+            if errors:
+                raise validation_error(errors)
+            if status not in ("active", "pending", "incomplete"):
+                raise not_found("subscription")
+            sub = self._sub_for(external_id, status)
+            if sub["status"] == "incomplete":
+                raise validation_error({"base": ["subscription_incomplete"]})
+            now = self.now()
+            if on_invoice is not None:
+                sub["on_termination_invoice"] = on_invoice
+            if on_credit is not None:
+                sub["on_termination_credit_note"] = on_credit
+            if sub["status"] == "pending":
+                self._cancel(sub, now)
+            else:
+                self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
+            return {"subscription": self._serialize_sub(sub, extended=True)}
+
+    # Events ------------------------------------------------------------------------------------
+
+    def _validate_event(self, raw: Any, now: datetime) -> tuple[JSON | None, dict[str, list[str]]]:
+        if not isinstance(raw, Mapping):
+            return None, {"event": ["invalid_format"]}
+        errors: dict[str, list[str]] = {}
+        for key in ("transaction_id", "external_subscription_id", "code"):
+            value = raw.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                errors[key] = ["value_is_mandatory"]
+        if "timestamp" in raw and raw["timestamp"] is not None and raw["timestamp"] != "":
+            ts = to_decimal(raw["timestamp"])
+            if ts is None:
+                errors["timestamp"] = ["invalid_format"]
+        else:
+            ts = Decimal(repr(now.timestamp()))
+        properties = raw.get("properties")
+        if properties is None:
+            properties = {}
+        if not isinstance(properties, Mapping):
+            errors["properties"] = ["invalid_format"]
+        precise = raw.get("precise_total_amount_cents")
+        if precise is not None and to_decimal(precise) is None:
+            errors["precise_total_amount_cents"] = ["value_is_invalid"]
+        if errors:
+            return None, errors
+        assert ts is not None
+        ts_ms = (ts * 1000).to_integral_value(rounding=ROUND_FLOOR) / Decimal(1000)
+        try:
+            moment = datetime.fromtimestamp(float(ts_ms), tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None, {"timestamp": ["invalid_format"]}
+        event: JSON = {
+            "transaction_id": str(raw["transaction_id"]),
+            "external_subscription_id": str(raw["external_subscription_id"]),
+            "code": str(raw["code"]),
+            "timestamp": iso_ms(moment),
+            "ts": str(ts_ms),
+            "properties": copy.deepcopy(dict(properties)),
+            "precise_total_amount_cents": None if precise is None else str(precise),
+        }
+        return event, {}
+
+    def _dedup_key(self, event: JSON) -> tuple[str, ...]:
+        if self.event_store == "postgres":
+            return (event["transaction_id"], event["external_subscription_id"])
+        return (event["transaction_id"], event["ts"], event["external_subscription_id"], event["code"])
+
+    def _find_event(self, key: tuple[str, ...]) -> int | None:
+        for index, existing in enumerate(self.events):
+            if self._dedup_key(existing) == key:
+                return index
+        return None
+
+    def _store_event(self, event: JSON) -> JSON:
+        now = self.now()
+        event["lago_id"] = self._uuid()
+        event["created_at"] = iso(now)
+        sub = next(
+            (
+                s
+                for s in self.subscriptions
+                if s["external_id"] == event["external_subscription_id"] and s["status"] == "active"
+            ),
+            None,
+        )
+        event["subscription_id"] = sub["lago_id"] if sub else None
+        event["customer_id"] = sub["customer_id"] if sub else None
+        index = self._find_event(self._dedup_key(event))
+        if index is None:
+            self.events.append(event)
+        else:
+            self.events[index] = event
+        return event
+
+    def _serialize_event(self, event: JSON, *, created: bool = False) -> JSON:
+        return {
+            "lago_id": event["lago_id"],
+            "transaction_id": event["transaction_id"],
+            "lago_customer_id": None if created else event["customer_id"],
+            "code": event["code"],
+            "timestamp": event["timestamp"],
+            "precise_total_amount_cents": event["precise_total_amount_cents"],
+            "properties": copy.deepcopy(event["properties"]),
+            "lago_subscription_id": None if created else event["subscription_id"],
+            "external_subscription_id": event["external_subscription_id"],
+            "created_at": event["created_at"],
+        }
+
+    def create_event(self, body: Any) -> JSON:
+        raw = _require_root(body, "event")
+        with self.lock:
+            self.refresh()
+            event, errors = self._validate_event(raw, self.now())
+            if errors or event is None:
+                raise validation_error(errors)
+            if self.event_store == "postgres" and self._find_event(self._dedup_key(event)) is not None:
+                raise validation_error({"transaction_id": ["value_already_exist"]})
+            stored = self._store_event(event)
+            return {"event": self._serialize_event(stored, created=True)}
+
+    def create_events(self, body: Any, *, max_length: int = 100) -> JSON:
+        if not isinstance(body, Mapping) or "events" not in body or body["events"] is None:
+            raise bad_request("events")
+        raw_events = body["events"]
+        if not isinstance(raw_events, list):
+            raise bad_request("events")
+        if not raw_events:
+            raise validation_error({"events": ["no_events"]})
+        if len(raw_events) > max_length:
+            raise validation_error({"events": ["too_many_events"]})
+        with self.lock:
+            self.refresh()
+            now = self.now()
+            batch_errors: JSON = {}
+            events: list[JSON] = []
+            seen: set[tuple[str, ...]] = set()
+            for index, raw in enumerate(raw_events):
+                event, errors = self._validate_event(raw, now)
+                if event is not None and self.event_store == "postgres":
+                    key = self._dedup_key(event)
+                    if key in seen or self._find_event(key) is not None:
+                        errors = {"transaction_id": ["value_already_exist"]}
+                    seen.add(key)
+                if errors or event is None:
+                    batch_errors[str(index)] = errors
+                    continue
+                events.append(event)
+            if batch_errors:
+                raise validation_error(batch_errors)
+            stored = [self._store_event(event) for event in events]
+            return {"events": [self._serialize_event(e, created=True) for e in stored]}
+
+    def get_event(self, transaction_id: str) -> JSON:
+        with self.lock:
+            for event in self.events:
+                if event["transaction_id"] == transaction_id:
+                    return {"event": self._serialize_event(event)}
+            raise not_found("event")
+
+    def list_events(self, query: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            items = list(self.events)
+            if query.get("external_subscription_id"):
+                items = [e for e in items if e["external_subscription_id"] == query["external_subscription_id"]]
+            if query.get("code"):
+                items = [e for e in items if e["code"] == query["code"]]
+            low = parse_datetime(query.get("timestamp_from"))
+            high = parse_datetime(query.get("timestamp_to"))
+            if low is not None:
+                items = [e for e in items if Decimal(e["ts"]) >= Decimal(repr(low.timestamp()))]
+            if high is not None:
+                items = [e for e in items if Decimal(e["ts"]) <= Decimal(repr(high.timestamp()))]
+            items.sort(key=lambda e: Decimal(e["ts"]), reverse=True)
+            return paginate(
+                [self._serialize_event(e) for e in items], "events", query.get("page"), query.get("per_page")
+            )
+
+    def serialized_events(self) -> list[JSON]:
+        with self.lock:
+            return [self._serialize_event(e) for e in self.events]
+
+    # Usage -------------------------------------------------------------------------------------
+
+    def current_usage(
+        self, external_customer_id: str, query: Mapping[str, Any], groups: Mapping[str, str] | None = None
+    ) -> JSON:
+        with self.lock:
+            self.refresh()
+            customer = self._customer(external_customer_id)
+            if customer is None:
+                raise not_found("customer")
+            external_subscription_id = query.get("external_subscription_id")
+            sub = next(
+                (
+                    s
+                    for s in self.subscriptions
+                    if s["external_id"] == external_subscription_id
+                    and s["customer_id"] == customer["lago_id"]
+                    and s["status"] == "active"
+                ),
+                None,
+            )
+            if sub is None:
+                raise not_allowed("no_active_subscription")
+            plan = self.plans[sub["plan_code"]]
+            charges = plan["charges"]
+            for param, field in (
+                ("billable_metric_code", "billable_metric_code"),
+                ("charge_code", "code"),
+                ("filter_by_charge_code", "code"),
+                ("charge_id", "lago_id"),
+                ("filter_by_charge_id", "lago_id"),
+            ):
+                if query.get(param):
+                    charges = [c for c in charges if c[field] == query[param]]
+                    if not charges:
+                        raise not_found("charge")
+            return {"customer_usage": self._usage_for(sub, self.now(), charges=charges, groups=groups or {})}
+
+    def _usage_for(
+        self,
+        sub: JSON,
+        at: datetime,
+        *,
+        charges: Sequence[JSON] | None = None,
+        groups: Mapping[str, str] | None = None,
+    ) -> JSON:
+        plan = self.plans[sub["plan_code"]]
+        start, end = self._period_bounds(sub, at)
+        started = parse_datetime(sub["started_at"])
+        if started is not None and started > start:
+            start = day_start(started)
+        upper = end
+        terminated = parse_datetime(sub["terminated_at"])
+        if terminated is not None and terminated < upper:
+            upper = terminated
+        low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999")
+        window = [
+            e
+            for e in self.events
+            if e["external_subscription_id"] == sub["external_id"] and low <= Decimal(e["ts"]) <= high
+        ]
+        currency = plan["amount_currency"]
+        usages = []
+        for charge in plan["charges"] if charges is None else charges:
+            metric = next((m for m in self.metrics.values() if m["lago_id"] == charge["billable_metric_id"]), None)
+            if metric is None:
+                continue
+            events = [e for e in window if e["code"] == metric["code"]]
+            usages.append(_charge_usage(charge, metric, events, currency, groups or {}))
+        amount = sum(int(u["amount_cents"]) for u in usages)
+        return {
+            "from_datetime": iso(start),
+            "to_datetime": iso(end),
+            "issuing_date": (end + timedelta(seconds=1)).date().isoformat(),
+            "lago_invoice_id": None,
+            "currency": currency,
+            "amount_cents": amount,
+            "taxes_amount_cents": 0,
+            "total_amount_cents": amount,
+            "charges_usage": usages,
+        }
+
+    # Invoices ----------------------------------------------------------------------------------
+
+    def _new_invoice(self, customer: JSON, fields: Mapping[str, Any], *, subscription: JSON | None = None) -> JSON:
+        now = self.now()
+        seq = self._next("invoice")
+        total = int(fields.get("total_amount_cents", fields.get("fees_amount_cents", 0)) or 0)
+        invoice: JSON = {
+            "lago_id": self._uuid(),
+            "billing_entity_code": BILLING_ENTITY_CODE,
+            "sequential_id": seq,
+            "number": f"FAKE-{customer['sequential_id']:03d}-{seq:03d}",
+            "issuing_date": now.date().isoformat(),
+            "payment_due_date": now.date().isoformat(),
+            "payment_overdue": False,
+            "net_payment_term": 0,
+            "invoice_type": "subscription",
+            "status": "finalized",
+            "payment_status": "pending",
+            "currency": "USD",
+            "fees_amount_cents": total,
+            "coupons_amount_cents": 0,
+            "credit_notes_amount_cents": 0,
+            "sub_total_excluding_taxes_amount_cents": total,
+            "taxes_amount_cents": 0,
+            "sub_total_including_taxes_amount_cents": total,
+            "prepaid_credit_amount_cents": 0,
+            "progressive_billing_credit_amount_cents": 0,
+            "total_amount_cents": total,
+            "version_number": 4,
+            "self_billed": False,
+            "web_url": None,
+            "created_at": iso(now),
+            "updated_at": iso(now),
+            "metadata": [],
+            "fees": [],
+        }
+        invoice.update(copy.deepcopy(dict(fields)))
+        invoice["customer_id"] = customer["lago_id"]
+        invoice["subscription_ids"] = [subscription["lago_id"]] if subscription else []
+        self.invoices.append(invoice)
+        return invoice
+
+    def _serialize_invoice(self, invoice: JSON, *, extended: bool = False) -> JSON:
+        data = {k: copy.deepcopy(v) for k, v in invoice.items() if k not in ("customer_id", "subscription_ids", "fees")}
+        customer = self._customer_by_id(invoice["customer_id"])
+        if customer is not None:
+            data["customer"] = self._serialize_customer(customer)
+        data.setdefault("applied_taxes", [])
+        data.setdefault("applied_invoice_custom_sections", [])
+        data.setdefault("applied_usage_thresholds", [])
+        if extended:
+            data["fees"] = copy.deepcopy(invoice["fees"])
+            data["credits"] = []
+            data["billing_periods"] = []
+            data["subscriptions"] = [
+                self._serialize_sub(s)
+                for i in invoice["subscription_ids"]
+                if (s := self._find_sub_by_id(i)) is not None
+            ]
+        return data
+
+    def add_invoice(self, external_customer_id: str, fields: Mapping[str, Any]) -> JSON:
+        with self.lock:
+            customer = self._customer(external_customer_id) or self._new_customer(external_customer_id)
+            invoice = self._new_invoice(customer, fields)
+            return {"invoice": self._serialize_invoice(invoice, extended=True)}
+
+    def list_invoices(
+        self, query: Mapping[str, Any], multi: Mapping[str, list[str]], external_customer_id: str | None = None
+    ) -> JSON:
+        with self.lock:
+            self.refresh()
+            items = list(self.invoices)
+            wanted = external_customer_id or query.get("external_customer_id") or query.get("customer_external_id")
+            if external_customer_id is not None and self._customer(external_customer_id) is None:
+                raise not_found("customer")
+            if wanted:
+                ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
+                items = [i for i in items if i["customer_id"] in ids]
+            if multi.get("statuses[]"):
+                items = [i for i in items if i["status"] in multi["statuses[]"]]
+            if multi.get("payment_statuses[]"):
+                items = [i for i in items if i["payment_status"] in multi["payment_statuses[]"]]
+            if query.get("invoice_type"):
+                items = [i for i in items if i["invoice_type"] == query["invoice_type"]]
+            items.sort(key=lambda i: (i["issuing_date"], i["sequential_id"]), reverse=True)
+            return paginate(
+                [self._serialize_invoice(i) for i in items], "invoices", query.get("page"), query.get("per_page")
+            )
+
+    def get_invoice(self, lago_id: str) -> JSON:
+        with self.lock:
+            for invoice in self.invoices:
+                if invoice["lago_id"] == lago_id:
+                    return {"invoice": self._serialize_invoice(invoice, extended=True)}
+            raise not_found("invoice")
+
+    # Read-only views ---------------------------------------------------------------------------
+
+    def serialized_customers(self) -> list[JSON]:
+        with self.lock:
+            return [self._serialize_customer(c) for c in self.customers if c["deleted_at"] is None]
+
+    def serialized_subscriptions(self) -> list[JSON]:
+        with self.lock:
+            return [self._serialize_sub(s) for s in self.subscriptions]
+
+    def serialized_invoices(self) -> list[JSON]:
+        with self.lock:
+            return [self._serialize_invoice(i) for i in self.invoices]
+
+
+# Usage computation ----------------------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return iso(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+_INVALID = object()
+
+
+def _cast_privilege(privilege: JSON, value: Any) -> Any:
+    value_type = privilege["value_type"]
+    if value_type == "integer":
+        if isinstance(value, bool):
+            return _INVALID
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        return _INVALID
+    if value_type == "boolean":
+        if isinstance(value, bool):
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        return _INVALID
+    if value_type == "select":
+        options = privilege["config"].get("select_options") or []
+        return str(value) if str(value) in [str(o) for o in options] else _INVALID
+    if isinstance(value, (dict, list)) or value is None:
+        return _INVALID
+    return str(value)
+
+
+def _valid_currency(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 3 and value.isalpha() and value.isupper()
+
+
+def _default_field(field: str) -> Any:
+    return "customer" if field == "account_type" else None
+
+
+def _aggregate(metric: JSON, events: Sequence[JSON]) -> Decimal:
+    aggregation = metric["aggregation_type"]
+    if aggregation == "count_agg":
+        return Decimal(len(events))
+    field = metric["field_name"]
+    ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
+    values = [(e, to_decimal(e["properties"].get(field))) for e in ordered]
+    if aggregation in ("sum_agg", "weighted_sum_agg", "custom_agg"):
+        return sum((v for _, v in values if v is not None), Decimal(0))
+    if aggregation == "max_agg":
+        present = [v for _, v in values if v is not None]
+        return max(present) if present else Decimal(0)
+    if aggregation == "latest_agg":
+        present = [v for _, v in values if v is not None]
+        return present[-1] if present else Decimal(0)
+    if aggregation == "unique_count_agg":
+        active: set[str] = set()
+        for event in ordered:
+            raw = event["properties"].get(field)
+            if raw is None:
+                continue
+            if event["properties"].get("operation_type") == "remove":
+                active.discard(str(raw))
+            else:
+                active.add(str(raw))
+        return Decimal(len(active))
+    return Decimal(0)
+
+
+def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volume: bool) -> Decimal:
+    total = Decimal(0)
+    for rng in ranges:
+        low = Decimal(int(rng.get("from_value") or 0))
+        high_raw = rng.get("to_value")
+        high = None if high_raw is None else Decimal(int(high_raw))
+        per_unit = to_decimal(rng.get("per_unit_amount")) or Decimal(0)
+        flat = to_decimal(rng.get("flat_amount")) or Decimal(0)
+        if volume:
+            if units >= low and (high is None or units <= high):
+                return units * per_unit + flat
+            continue
+        if units <= 0:
+            break
+        # Lago's graduated ranges: first range starts at 0, next ones at previous to_value + 1.
+        start = low - 1 if low > 0 else Decimal(0)
+        if units <= start:
+            break
+        top = units if high is None else min(units, high)
+        total += (top - start) * per_unit + flat
+    return total
+
+
+def _charge_amount(charge_model: str, properties: Mapping[str, Any], units: Decimal) -> Decimal:
+    """Amount in currency units (not cents) for ``units`` under one charge model."""
+    if charge_model == "standard":
+        return units * (to_decimal(properties.get("amount")) or Decimal(0))
+    if charge_model == "package":
+        size = int(properties.get("package_size") or 1)
+        free = Decimal(int(properties.get("free_units") or 0))
+        paid = max(units - free, Decimal(0))
+        packages = (paid / Decimal(size)).to_integral_value(rounding=ROUND_CEILING)
+        return packages * (to_decimal(properties.get("amount")) or Decimal(0))
+    if charge_model == "graduated":
+        return _ranges_amount(units, properties.get("graduated_ranges") or [], volume=False)
+    if charge_model == "volume":
+        return _ranges_amount(units, properties.get("volume_ranges") or [], volume=True)
+    if charge_model == "percentage":
+        rate = to_decimal(properties.get("rate")) or Decimal(0)
+        return units * rate / Decimal(100)
+    return Decimal(0)
+
+
+def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Sequence[JSON]) -> JSON:
+    units = _aggregate(metric, events)
+    return {
+        "units": decimal_str(units),
+        "total_aggregated_units": decimal_str(units),
+        "events_count": len(events),
+        "amount_cents": cents(_charge_amount(model, properties, units) * 100),
+        "pricing_unit_details": None,
+        "presentation_breakdowns": [],
+    }
+
+
+def _filter_match(charge_filter: Mapping[str, Any], event: JSON) -> bool:
+    for key, values in charge_filter["values"].items():
+        value = event["properties"].get(key)
+        if value is None:
+            return False
+        if "__ALL_FILTER_VALUES__" not in values and str(value) not in values:
+            return False
+    return True
+
+
+def _filters_usage(charge: JSON, metric: JSON, events: Sequence[JSON]) -> tuple[list[JSON], list[JSON], int]:
+    """Per-filter buckets (Lago drops the default bucket from ``filters``), its events, total cents."""
+    model = charge["charge_model"]
+    if not charge["filters"]:
+        bucket = _bucket(metric, model, charge["properties"], events)
+        return [], list(events), int(bucket["amount_cents"])
+    assigned: list[list[JSON]] = [[] for _ in charge["filters"]]
+    default: list[JSON] = []
+    for event in events:
+        best: int | None = None
+        for index, charge_filter in enumerate(charge["filters"]):
+            if _filter_match(charge_filter, event) and (
+                best is None or len(charge_filter["values"]) > len(charge["filters"][best]["values"])
+            ):
+                best = index
+        (default if best is None else assigned[best]).append(event)
+    out = []
+    total = 0
+    for charge_filter, bucket_events in zip(charge["filters"], assigned, strict=True):
+        properties = charge_filter["properties"] or charge["properties"]
+        bucket = _bucket(metric, model, properties, bucket_events)
+        total += int(bucket["amount_cents"])
+        bucket.pop("presentation_breakdowns")
+        out.append(
+            {
+                **bucket,
+                "invoice_display_name": charge_filter["invoice_display_name"],
+                "values": copy.deepcopy(charge_filter["values"]),
+                "presentation_breakdowns": [],
+            }
+        )
+    total += int(_bucket(metric, model, charge["properties"], default)["amount_cents"])
+    return out, default, total
+
+
+def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, str]) -> JSON:
+    keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
+    if groups:
+        events = [e for e in events if all(str(e["properties"].get(k)) == str(v) for k, v in groups.items())]
+    grouped_usage: list[JSON] = []
+    if keys:
+        by_group: dict[tuple[str | None, ...], list[JSON]] = {}
+        for event in events:
+            raw = tuple(event["properties"].get(k) for k in keys)
+            group = tuple(None if v is None else str(v) for v in raw)
+            by_group.setdefault(group, []).append(event)
+        total_amount = 0
+        for group, group_events in sorted(by_group.items(), key=lambda kv: [v or "" for v in kv[0]]):
+            filters, _, amount = _filters_usage(charge, metric, group_events)
+            units = _aggregate(metric, group_events)
+            total_amount += amount
+            grouped_usage.append(
+                {
+                    "amount_cents": amount,
+                    "events_count": len(group_events),
+                    "units": decimal_str(units),
+                    "total_aggregated_units": decimal_str(units),
+                    "pricing_unit_details": None,
+                    "grouped_by": dict(zip(keys, group, strict=True)),
+                    "filters": filters,
+                    "presentation_breakdowns": [],
+                }
+            )
+        filters, _, _ = _filters_usage(charge, metric, events)
+        amount_cents = total_amount
+        units_total = sum((Decimal(g["units"]) for g in grouped_usage), Decimal(0))
+    else:
+        filters, _, amount_cents = _filters_usage(charge, metric, events)
+        units_total = _aggregate(metric, events)
+    return {
+        "units": decimal_str(units_total),
+        "total_aggregated_units": decimal_str(units_total),
+        "events_count": len(events),
+        "amount_cents": amount_cents,
+        "amount_currency": currency,
+        "pricing_unit_details": None,
+        "charge": {
+            "lago_id": charge["lago_id"],
+            "code": charge["code"],
+            "charge_model": charge["charge_model"],
+            "invoice_display_name": charge["invoice_display_name"],
+        },
+        "billable_metric": {
+            "lago_id": metric["lago_id"],
+            "name": metric["name"],
+            "code": metric["code"],
+            "aggregation_type": metric["aggregation_type"],
+        },
+        "filters": filters,
+        "grouped_usage": grouped_usage,
+        "presentation_breakdowns": [],
+    }

@@ -1,0 +1,221 @@
+"""Small helpers shared by the emulator modules: errors, time formatting, decimals, pagination."""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
+
+from .._errors import InvalidRequestError
+
+JSON = dict[str, Any]
+
+UTC = timezone.utc
+
+
+class ApiError(Exception):
+    """A Lago error answer: an HTTP status and the exact JSON body Lago sends."""
+
+    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+        super().__init__(f"{status} {dict(body)}")
+        self.status = status
+        self.body: JSON = dict(body)
+
+
+class FakeLagoError(InvalidRequestError):
+    """A FakeLago Python helper (``add_*``, ``seed``, ``usage``) was given input Lago would refuse.
+
+    * **status** - the HTTP status the same call would get over the API.
+    * **body** - the Lago error body.
+    """
+
+    def __init__(self, message: str, *, status: int = 422, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: JSON = dict(body or {})
+
+
+def bad_request(key: str) -> ApiError:
+    return ApiError(400, {"status": 400, "error": f"BadRequest: param is missing or the value is empty: {key}"})
+
+
+def not_found(resource: str) -> ApiError:
+    return ApiError(404, {"status": 404, "error": "Not Found", "code": f"{resource}_not_found"})
+
+
+def not_allowed(code: str) -> ApiError:
+    return ApiError(405, {"status": 405, "error": "Method Not Allowed", "code": code})
+
+
+def validation_error(details: Mapping[str, Any]) -> ApiError:
+    return ApiError(
+        422,
+        {
+            "status": 422,
+            "error": "Unprocessable Entity",
+            "code": "validation_errors",
+            "error_details": dict(details),
+        },
+    )
+
+
+UNAUTHORIZED: JSON = {"status": 401, "error": "Unauthorized"}
+
+
+# Time ------------------------------------------------------------------------------------------
+
+
+def iso(dt: datetime | None) -> str | None:
+    """Lago's default ``iso8601`` rendering: seconds precision, ``Z`` suffix."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_ms(dt: datetime) -> str:
+    """Event timestamps: milliseconds precision (``iso8601(3)``)."""
+    dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """Parse an ISO 8601 string (``Z`` or offset, or a bare date); ``None`` when not parseable."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            d = date.fromisoformat(text)
+        except ValueError:
+            return None
+        dt = datetime(d.year, d.month, d.day)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def day_start(dt: datetime) -> datetime:
+    return dt.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def add_months(dt: datetime, months: int, *, day: int | None = None) -> datetime:
+    """``dt`` shifted by ``months``, on ``day`` (default ``dt.day``) clamped to the month length."""
+    total = dt.year * 12 + (dt.month - 1) + months
+    year, month = divmod(total, 12)
+    month += 1
+    wanted = dt.day if day is None else day
+    last = calendar.monthrange(year, month)[1]
+    return dt.replace(year=year, month=month, day=min(wanted, last))
+
+
+INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
+YEARLY_FACTOR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 2, "yearly": 1}
+
+
+def billing_period(interval: str, billing_time: str, anchor: datetime, now: datetime) -> tuple[datetime, datetime]:
+    """The billing period containing ``now``: ``(start, end)``, ``end`` being the last second.
+
+    ``calendar`` periods start on the 1st of the month / quarter / half-year / year or on Monday;
+    ``anniversary`` periods repeat from ``anchor`` (the subscription date).
+    """
+    now = now.astimezone(UTC)
+    anchor = day_start(anchor)
+    if interval == "weekly":
+        if billing_time == "anniversary":
+            days = (day_start(now) - anchor).days
+            start = anchor + timedelta(days=(days // 7) * 7)
+        else:
+            start = day_start(now) - timedelta(days=now.weekday())
+        return start, start + timedelta(days=7) - timedelta(seconds=1)
+    months = INTERVAL_MONTHS.get(interval, 1)
+    if billing_time == "anniversary":
+        elapsed = (now.year - anchor.year) * 12 + (now.month - anchor.month)
+        k = elapsed // months
+        start = add_months(anchor, k * months, day=anchor.day)
+        if start > now:
+            k -= 1
+            start = add_months(anchor, k * months, day=anchor.day)
+        end = add_months(anchor, (k + 1) * months, day=anchor.day)
+        return start, end - timedelta(seconds=1)
+    month_index = ((now.month - 1) // months) * months + 1
+    start = datetime(now.year, month_index, 1, tzinfo=UTC)
+    end = add_months(start, months, day=1)
+    return start, end - timedelta(seconds=1)
+
+
+# Decimals --------------------------------------------------------------------------------------
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    """A finite Decimal from an int / float / numeric string, else ``None``."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, Decimal)):
+        result = Decimal(value)
+    elif isinstance(value, float):
+        result = Decimal(repr(value))
+    elif isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+    else:
+        return None
+    return result if result.is_finite() else None
+
+
+def decimal_str(value: Decimal) -> str:
+    """Ruby ``BigDecimal#to_s("F")``-like rendering used by Lago for units: ``"15.0"``, ``"1.5"``."""
+    if value == value.to_integral_value():
+        return f"{int(value)}.0"
+    text = format(value.normalize(), "f")
+    return text
+
+
+def cents(value: Decimal) -> int:
+    """Round an amount in cents half up (Ruby ``BigDecimal#round``)."""
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+# Pagination ------------------------------------------------------------------------------------
+
+
+def int_param(value: Any, default: int) -> int:
+    try:
+        result = int(str(value))
+    except (TypeError, ValueError):
+        return default
+    return result if result > 0 else default
+
+
+def paginate(items: Sequence[Any], key: str, page: Any = None, per_page: Any = None) -> JSON:
+    """Slice ``items`` like Kaminari and build Lago's ``meta`` block."""
+    page_n = int_param(page, 1)
+    size = int_param(per_page, 100)
+    total = len(items)
+    if total == 0:
+        meta: JSON = {"current_page": 0, "next_page": None, "prev_page": None, "total_pages": 0, "total_count": 0}
+        return {key: [], "meta": meta}
+    total_pages = -(-total // size)
+    chunk = list(items[(page_n - 1) * size : page_n * size])
+    meta = {
+        "current_page": page_n,
+        "next_page": page_n + 1 if page_n < total_pages else None,
+        "prev_page": page_n - 1 if page_n > 1 else None,
+        "total_pages": total_pages,
+        "total_count": total,
+    }
+    return {key: chunk, "meta": meta}
+
+
+def drop_none(data: Mapping[str, Any], *keys: str) -> JSON:
+    """Copy of ``data`` without ``keys`` whose value is ``None`` (fields the spec does not allow as null)."""
+    return {k: v for k, v in data.items() if not (k in keys and v is None)}
