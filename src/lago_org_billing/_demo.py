@@ -1,0 +1,257 @@
+"""``lago-org-billing demo``: the emulator, an LLM-style API behind the middleware, traffic, and a report."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ._billing import OrgBilling
+from ._client import LagoClient
+from ._middleware import OrgBillingMiddleware
+from ._settings import BillingSettings
+
+__all__ = ["build_demo_app", "run_demo"]
+
+API_KEY = "demo-api-key"
+ORGS = {
+    "org_acme": ("Acme Corp", "starter", ["ada", "grace", "linus"]),
+    "org_globex": ("Globex", "pro", ["hank", "marge"]),
+}
+MODELS = ["gpt-4o-mini", "claude-haiku"]
+REQUESTS_PER_USER = 12
+
+
+def seed(fake: Any) -> None:
+    """The demo's Lago: an ``api_call`` metric summing ``total_tokens``, and two plans."""
+    fake.add_billable_metric(
+        "api_call", name="API calls (tokens)", aggregation_type="sum_agg", field_name="total_tokens"
+    )
+    charge = {
+        "billable_metric_code": "api_call",
+        "charge_model": "standard",
+        "properties": {"amount": "0.00002", "pricing_group_keys": ["user_id", "model"]},
+    }
+    fake.add_plan("starter", name="Starter", amount_cents=2_000, interval="monthly", charges=[charge])
+    fake.add_plan("pro", name="Pro", amount_cents=20_000, interval="monthly", charges=[charge])
+
+
+# --------------------------------------------------------------------------- the example API
+
+
+def _tokens(prompt: str, model: str) -> tuple[int, int]:
+    """A deterministic stand-in for an LLM: token counts from the prompt."""
+    words = len(prompt.split())
+    return 8 + words * 3, 20 + (words * 7 + len(model)) % 40
+
+
+async def chat_completions(request: Request) -> Response:
+    """OpenAI-style chat completions, JSON or SSE (usage in the final chunk)."""
+    body = await request.json()
+    model = body.get("model", MODELS[0])
+    prompt = " ".join(m.get("content", "") for m in body.get("messages", []))
+    prompt_tokens, completion_tokens = _tokens(prompt, model)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if not body.get("stream"):
+        return JSONResponse(
+            {
+                "id": "chatcmpl-demo",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}}],
+                "usage": usage,
+            }
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        for word in ("Hel", "lo", "!"):
+            chunk = {"object": "chat.completion.chunk", "model": model, "choices": [{"delta": {"content": word}}]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        final = {"object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}
+        yield f"data: {json.dumps(final)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def list_models(request: Request) -> Response:
+    """A free endpoint: billed as a call with zero tokens."""
+    return JSONResponse({"data": [{"id": model} for model in MODELS]})
+
+
+async def health(request: Request) -> Response:
+    """Excluded from billing by LAGO_EXCLUDE_PATHS."""
+    return JSONResponse({"ok": True})
+
+
+def build_demo_app(settings: BillingSettings) -> Starlette:
+    """The example API: org from ``X-Org-Id``, user from ``X-User-Id`` (demo only: trust your auth layer)."""
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models),
+            Route("/health", health),
+        ],
+        middleware=[Middleware(OrgBillingMiddleware, settings=settings)],
+    )
+
+
+# --------------------------------------------------------------------------- running it
+
+
+@contextlib.contextmanager
+def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettings]]:
+    from .testing._server import serve_in_thread
+
+    with serve_in_thread(fake, port=port) as lago_url:
+        settings = BillingSettings(
+            api_url=lago_url,
+            api_key=API_KEY,
+            org_header="X-Org-Id",
+            user_header="X-User-Id",
+            exclude_paths=("/health",),
+        )
+        app = build_demo_app(settings)
+        with serve_in_thread(app) as app_url:
+            yield lago_url, app_url, settings
+
+
+async def _setup_orgs(settings: BillingSettings) -> None:
+    async with OrgBilling(settings) as billing:
+        for org_id, (name, plan, users) in ORGS.items():
+            await billing.subscribe_org_to_plan(org_id, plan, name, f"billing@{org_id}.test", user_id=users[0])
+
+
+async def _drive(app_url: str) -> dict[tuple[str, str, str], list[int]]:
+    """Send the scripted traffic; returns {(org, user, model): [requests, tokens]} as the clients saw it."""
+    served: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    rng = random.Random(7)
+    jobs = []
+    for org_id, (_, _, users) in ORGS.items():
+        for user in users:
+            for i in range(REQUESTS_PER_USER):
+                jobs.append((org_id, user, MODELS[i % 2], i % 3 == 0, rng.randint(1, 30)))
+    limiter = anyio.CapacityLimiter(16)
+
+    async def one(client: httpx.AsyncClient, org_id: str, user: str, model: str, stream: bool, words: int) -> None:
+        async with limiter:
+            headers = {"X-Org-Id": org_id, "X-User-Id": user}
+            payload = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi " * words}]}
+            response = await client.post("/v1/chat/completions", json=payload, headers=headers)
+            response.raise_for_status()
+            if stream:
+                chunks = [line[6:] for line in response.text.splitlines() if line.startswith("data: {")]
+                usage = json.loads(chunks[-1])["usage"]
+            else:
+                usage = response.json()["usage"]
+            served[(org_id, user, model)][0] += 1
+            served[(org_id, user, model)][1] += usage["total_tokens"]
+
+    async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
+        async with anyio.create_task_group() as tasks:
+            for job in jobs:
+                tasks.start_soon(one, client, *job)
+        for org_id, (_, _, users) in ORGS.items():  # free calls and an excluded health check
+            await client.get("/v1/models", headers={"X-Org-Id": org_id, "X-User-Id": users[0]})
+            served[(org_id, users[0], "-")][0] += 1
+            await client.get("/health")
+    return served
+
+
+async def _wait_delivered(fake: Any, expected: int, timeout: float = 30.0) -> float:
+    started = time.monotonic()
+    while len(fake.events) < expected and time.monotonic() - started < timeout:
+        await anyio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def _report(fake: Any, settings: BillingSettings, served: dict[tuple[str, str, str], list[int]]) -> bool:
+    delivered: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    ids = [event["transaction_id"] for event in fake.events]
+    for event in fake.events:
+        props = event["properties"]
+        key = (props["org_id"], props.get("user_id", "-"), props.get("model", "-"))
+        delivered[key][0] += 1
+        delivered[key][1] += int(props.get("total_tokens", 0))
+    ok = len(ids) == len(set(ids))
+    print(f"\n{'org':<11} {'user':<7} {'model':<13} {'served':>6} {'events':>6} {'tokens':>7}")
+    for key in sorted(served):
+        requests, tokens = served[key]
+        events, event_tokens = delivered.get(key, [0, 0])
+        mark = "" if (requests, tokens) == (events, event_tokens) else "  <-- MISMATCH"
+        ok &= not mark
+        print(f"{key[0]:<11} {key[1]:<7} {key[2]:<13} {requests:>6} {events:>6} {event_tokens:>7}{mark}")
+    print(f"\n{'org':<11} {'plan':<8} {'requests':>8} {'tokens':>7} {'Lago units':>10} {'Lago amount':>11}  agrees")
+    async with LagoClient(settings) as lago:
+        for org_id, (_, plan, _) in ORGS.items():
+            requests = sum(v[0] for k, v in served.items() if k[0] == org_id)
+            tokens = sum(v[1] for k, v in served.items() if k[0] == org_id)
+            usage = await lago.get_current_usage(org_id, settings.subscription_id_for(org_id))
+            charge = next(c for c in usage["charges_usage"] if c["billable_metric"]["code"] == "api_call")
+            units = float(charge["units"])
+            agrees = units == tokens and charge["events_count"] == requests
+            ok &= agrees
+            amount = f"${usage['amount_cents'] / 100:.2f}"
+            print(
+                f"{org_id:<11} {plan:<8} {requests:>8} {tokens:>7} {charge['units']:>10} {amount:>11}  "
+                f"{'yes' if agrees else 'NO'}"
+            )
+    return ok
+
+
+async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSettings) -> bool:
+    await _setup_orgs(settings)
+    print(f"Lago emulator: {lago_url}   example API (OrgBillingMiddleware): {app_url}")
+    started = time.monotonic()
+    served = await _drive(app_url)
+    elapsed = time.monotonic() - started
+    total = sum(v[0] for v in served.values())
+    print(f"Sent {total} billable requests (JSON and SSE, {len(ORGS)} orgs, {len(MODELS)} models) in {elapsed:.2f}s")
+    waited = await _wait_delivered(fake, total)
+    print(f"Lago received {len(fake.events)} events ({waited:.2f}s after the last response)")
+    return await _report(fake, settings, served)
+
+
+def run_demo(*, serve: bool = False, port: int = 0) -> int:
+    """Run the demo; returns 0 when every number agrees."""
+    from .testing import FakeLago
+
+    fake = FakeLago(api_key=API_KEY)
+    seed(fake)
+    with _serving(fake, port) as (lago_url, app_url, settings):
+        ok = anyio.run(_main, fake, lago_url, app_url, settings)
+        print("\nEvery request billed exactly once; Lago agrees." if ok else "\nMISMATCH: see above.")
+        if serve:
+            print(
+                f"\nServing until Ctrl-C. Try:\n  curl -s -X POST {app_url}/v1/chat/completions "
+                "-H 'X-Org-Id: org_acme' -H 'X-User-Id: ada' -H 'Content-Type: application/json' "
+                '-d \'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}\'\n'
+                f"  curl -s {lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme "
+                f"-H 'Authorization: Bearer {API_KEY}'"
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    sys.stdout.flush()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_demo())
