@@ -51,6 +51,9 @@ __all__ = [
 CONTROL_PATH = "/_emulator/faults"
 DEFAULT_PATH = "/api/v1"
 
+# Module-level so tests can record latency without waiting for it.
+_sleep = anyio.sleep
+
 _ALLOWED_KEYS = frozenset({"status", "count", "seconds", "path", "latency_ms", "drop", "rate_limit", "body"})
 
 
@@ -371,9 +374,9 @@ class FaultMiddleware:
         rate_headers: dict[str, str] = {}
         for rule in self.controller._take(path):
             if rule.latency_ms:
-                await anyio.sleep(rule.latency_ms / 1000)
+                await _sleep(rule.latency_ms / 1000)
             if rule.drop:
-                await _drop(send)
+                await _drop(scope, receive, send)
                 return
             if rule.status is not None:
                 body = rule.body if rule.body is not None else error_body(rule.status)
@@ -399,33 +402,61 @@ class FaultMiddleware:
         await self.app(scope, receive, send_with_rate_headers)
 
 
-async def _drop(send: Send) -> None:
-    """End the request without an HTTP response.
+def _server_cycle(send: Any, depth: int = 0) -> Any:
+    """The uvicorn request cycle behind ``send`` (bound method ``cycle.send``), if any.
 
-    Under uvicorn, ``send`` is bound to the request cycle that owns the socket: closing it gives the
-    client a clean "server disconnected without sending a response". Elsewhere (in process through
-    ``httpx.ASGITransport``), raise a transport error that httpx passes to the caller as is.
+    Middleware in between (the emulator's request log, for one) wraps ``send`` in closures, so look
+    through a few levels of closure cells too.
     """
     cycle = getattr(send, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is not None and callable(getattr(transport, "close", None)):
-        transport.close()
+    if cycle is not None and callable(getattr(getattr(cycle, "transport", None), "close", None)):
+        return cycle
+    if depth >= 4:
+        return None
+    for cell in getattr(send, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+        if callable(content):
+            found = _server_cycle(content, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+async def _drop(scope: Scope, receive: Receive, send: Send) -> None:
+    """End the request without an HTTP response.
+
+    Under uvicorn, close the request's socket: the client sees "server disconnected without sending
+    a response". Otherwise start a response and raise :class:`DroppedConnection`: in process,
+    ``httpx.ASGITransport`` hands that transport error to the caller as is, and a server aborts the
+    connection in the middle of the response.
+    """
+    cycle = _server_cycle(send)
+    if cycle is not None:
+        cycle.transport.close()
         # Let the event loop deliver connection_lost so uvicorn does not try to answer with a 500.
         for _ in range(10):
             if getattr(cycle, "disconnected", True):
                 break
             await anyio.lowlevel.checkpoint()
         return
+    await send({"type": "http.response.start", "status": 502, "headers": [(b"content-length", b"1")]})
     raise DroppedConnection("Server disconnected without sending a response (injected fault).")
 
 
 def install_faults(fake: _SupportsFaults, *, clock: Callable[[], float] | None = None) -> FaultController:
     """Add fault injection to a FakeLago: middleware, ``/_emulator/faults`` and ``fake.inject_fault``.
 
-    Idempotent: calling it twice returns the same controller.
+    ``clock`` is a monotonic clock in seconds (default: ``fake.monotonic`` if it exists, else
+    :func:`time.monotonic`), used by ``seconds`` windows and rate limits. Idempotent: a second call
+    returns the same controller (switching to ``clock`` if given).
     """
     existing = getattr(fake, "faults", None)
     if isinstance(existing, FaultController):
+        if clock is not None:
+            existing._clock = clock
         return existing
     if clock is None:
         clock = getattr(fake, "monotonic", None) or time.monotonic

@@ -75,9 +75,7 @@ def lago_settings(fake_lago: Any) -> BillingSettings:
 
 
 @pytest.fixture
-async def lago_client(
-    lago_settings: BillingSettings, fake_lago: Any, anyio_backend: Any
-) -> AsyncIterator[LagoClient]:
+async def lago_client(lago_settings: BillingSettings, fake_lago: Any, anyio_backend: Any) -> AsyncIterator[LagoClient]:
     """An async ``LagoClient`` talking to ``fake_lago`` in process (no network)."""
     from .._client import LagoClient
 
