@@ -187,7 +187,7 @@ class LagoStore:
                             continue
                         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
                         if nxt is not None and nxt["status"] == "pending":
-                            switch = self._period_end(sub) + timedelta(seconds=1)
+                            switch = parse_datetime(nxt.get("switch_at")) or now
                             if switch <= now:
                                 self._terminate(sub, switch, generate_invoice=False, cancel_next=False)
                                 self._activate(nxt, switch)
@@ -917,6 +917,7 @@ class LagoStore:
         return billing_period(plan["interval"], sub["billing_time"], anchor, at or self.now())
 
     def _period_end(self, sub: JSON) -> datetime:
+        """End of the current billing period (last second)."""
         return self._period_bounds(sub)[1]
 
     def _yearly_amount(self, plan: JSON) -> int:
@@ -937,8 +938,9 @@ class LagoStore:
             if started is not None and started > start:
                 start = day_start(started)
             period_start, period_end = iso(start), iso(end)
-            if nxt is not None:
-                downgrade_date = (end + timedelta(seconds=1)).date().isoformat()
+            switch = parse_datetime(nxt.get("switch_at")) if nxt is not None else None
+            if switch is not None:
+                downgrade_date = switch.date().isoformat()
         data: JSON = {
             "lago_id": sub["lago_id"],
             "external_id": sub["external_id"],
@@ -1001,6 +1003,7 @@ class LagoStore:
             "created_at": iso(now),
             "previous_subscription_id": None,
             "next_subscription_id": None,
+            "switch_at": None,
             "on_termination_credit_note": params.get("on_termination_credit_note"),
             "on_termination_invoice": params.get("on_termination_invoice") or "generate",
             "consolidate_invoice": bool(params.get("consolidate_invoice", False)),
@@ -1136,6 +1139,7 @@ class LagoStore:
                 self._activate(new, now)
                 return {"subscription": self._serialize_sub(new, extended=True)}
             current["next_subscription_id"] = new["lago_id"]
+            new["switch_at"] = iso(self._period_end(current) + timedelta(seconds=1))
             result = self._serialize_sub(current, extended=True)
             self._emit("subscription.updated", "subscription", result)
             return {"subscription": result}
