@@ -21,6 +21,7 @@ from lago_python_client.models import (
 )
 
 from lago_org_billing.testing import FakeLago
+from lago_org_billing.testing._server import EmulatorServerError, serve_in_thread
 
 
 @pytest.fixture
@@ -176,3 +177,10 @@ def test_wrong_api_key_is_401(fake: Any) -> None:
     with pytest.raises(LagoApiError) as caught:
         client.customers.find_all()
     assert caught.value.status_code == 401
+
+
+def test_serve_in_thread_reports_a_taken_port(fake: Any) -> None:
+    """Serving on a port already in use fails fast with EmulatorServerError, not a hang."""
+    port = int(fake.url.rsplit(":", 1)[1])
+    with pytest.raises(EmulatorServerError, match="could not be served"), serve_in_thread(fake, port=port):
+        pass  # pragma: no cover - never entered

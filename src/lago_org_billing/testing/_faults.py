@@ -449,8 +449,8 @@ async def _drop(scope: Scope, receive: Receive, send: Send) -> None:
 def install_faults(fake: _SupportsFaults, *, clock: Callable[[], float] | None = None) -> FaultController:
     """Add fault injection to a FakeLago: middleware, ``/_emulator/faults`` and ``fake.inject_fault``.
 
-    ``clock`` is a monotonic clock in seconds (default: ``fake.monotonic`` if it exists, else
-    :func:`time.monotonic`), used by ``seconds`` windows and rate limits. Idempotent: a second call
+    ``clock`` is a monotonic clock in seconds (default :func:`time.monotonic`), used by ``seconds``
+    windows and rate limits; tests pass a hand-driven one. Idempotent: a second call
     returns the same controller (switching to ``clock`` if given).
     """
     existing = getattr(fake, "faults", None)
@@ -458,9 +458,7 @@ def install_faults(fake: _SupportsFaults, *, clock: Callable[[], float] | None =
         if clock is not None:
             existing._clock = clock
         return existing
-    if clock is None:
-        clock = getattr(fake, "monotonic", None) or time.monotonic
-    controller = FaultController(clock=clock)
+    controller = FaultController(clock=clock or time.monotonic)
     fake.add_middleware(controller.middleware)
     # FakeLago is open for these attributes; setattr keeps mypy quiet about the Protocol.
     setattr(fake, "faults", controller)  # noqa: B010

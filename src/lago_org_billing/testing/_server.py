@@ -12,13 +12,28 @@ from starlette.types import ASGIApp
 
 from .._errors import ConfigurationError, LagoIntegrationError
 
-__all__ = ["EmulatorServerError", "run", "serve_in_thread"]
+__all__ = ["EmulatorServerError", "install_controls", "run", "serve_in_thread"]
 
 _INSTALL_HINT = "pip install 'lago-org-billing[testing]'"
 
 
 class EmulatorServerError(LagoIntegrationError):
     """The emulator could not be served (uvicorn missing, port taken, server crashed on start)."""
+
+
+def install_controls(fake: Any) -> Any:
+    """Attach fault injection (``/_emulator/faults``) and webhook delivery (``/_emulator/webhooks``)
+    to a FakeLago that lacks them. Both installers are idempotent; other ASGI apps pass through."""
+    if not callable(getattr(fake, "add_middleware", None)) or not hasattr(fake, "rsa_private_key_pem"):
+        return fake
+    from ._faults import install_faults
+    from ._webhooks import install_webhooks
+
+    if getattr(fake, "faults", None) is None:
+        install_faults(fake)
+    if getattr(fake, "webhook_dispatcher", None) is None:
+        install_webhooks(fake)
+    return fake
 
 
 def _uvicorn() -> Any:
@@ -51,9 +66,11 @@ def serve_in_thread(
     """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``).
 
     ``port=0`` picks a free port. The server has started (socket bound, lifespan done) when the
-    ``with`` body runs, and is shut down when it ends.
+    ``with`` body runs, and is shut down when it ends. A FakeLago gets its test controls
+    (:func:`install_controls`) first.
     """
     uvicorn = _uvicorn()
+    install_controls(fake)
     server = uvicorn.Server(_config(fake, host, port, log_level))
     done = threading.Event()
     failure: list[BaseException] = []
@@ -96,6 +113,7 @@ def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: 
     if not 0 <= port <= 65535:
         raise ConfigurationError(f"port must be between 0 and 65535, got {port}")
     uvicorn = _uvicorn()
+    install_controls(fake)
     server = uvicorn.Server(_config(fake, host, port, log_level))
     server.run()
     if not server.started:

@@ -33,24 +33,13 @@ __all__ = ["fake_lago", "fake_lago_server", "lago_client", "lago_settings"]
 API_KEY = "test-api-key"
 
 
-def _attach_extensions(fake: Any) -> Any:
-    """Fault injection and webhooks, until FakeLago attaches them itself (both calls are idempotent)."""
-    from ._faults import install_faults
-    from ._webhooks import install_webhooks
-
-    if getattr(fake, "faults", None) is None:
-        install_faults(fake)
-    if getattr(fake, "webhook_dispatcher", None) is None:
-        install_webhooks(fake)
-    return fake
-
-
 @pytest.fixture
 def fake_lago() -> Any:
     """A fresh in-process Lago emulator (``FakeLago``) with API key ``test-api-key``."""
     from . import FakeLago
+    from ._server import install_controls
 
-    return _attach_extensions(FakeLago(api_key=API_KEY))
+    return install_controls(FakeLago(api_key=API_KEY))
 
 
 @pytest.fixture
