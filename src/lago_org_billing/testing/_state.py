@@ -1505,6 +1505,8 @@ class LagoStore:
             "prepaid_credit_amount_cents": 0,
             "progressive_billing_credit_amount_cents": 0,
             "total_amount_cents": total,
+            "total_due_amount_cents": total,
+            "total_paid_amount_cents": 0,
             "version_number": 4,
             "self_billed": False,
             "web_url": None,
@@ -1514,6 +1516,10 @@ class LagoStore:
             "fees": [],
         }
         invoice.update(copy.deepcopy(dict(fields)))
+        if "total_due_amount_cents" not in fields:
+            paid = invoice["payment_status"] == "succeeded"
+            invoice["total_due_amount_cents"] = 0 if paid else int(invoice["total_amount_cents"])
+            invoice["total_paid_amount_cents"] = int(invoice["total_amount_cents"]) if paid else 0
         invoice["customer_id"] = customer["lago_id"]
         invoice["subscription_ids"] = [subscription["lago_id"]] if subscription else []
         self.invoices.append(invoice)
