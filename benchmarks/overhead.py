@@ -1,0 +1,166 @@
+"""Requests/s of a small JSON endpoint: bare vs behind OrgBillingMiddleware (and a pass-through floor).
+
+Each app runs in its own uvicorn process pinned to CPU 0; wrk and the Lago emulator (which receives every
+event) share CPU 1, so the server's core is measured alone. Rounds alternate between the apps so drift
+hits all of them alike; the median of each is reported with the ratio to bare.
+
+    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64]
+
+Needs wrk (apt-get install wrk) and taskset (util-linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict[str, str] | None = None, cpu: str | None = None) -> Iterator[None]:
+    command = (["taskset", "-c", cpu] if cpu and shutil.which("taskset") else []) + args
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode not in (0, -15) and err:
+            sys.stderr.write(err.decode(errors="replace")[-2000:])
+
+
+def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> float:
+    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
+    assert match, out
+    return float(match.group(1))
+
+
+def count_events(lago_url: str) -> int:
+    request = urllib.request.Request(
+        f"{lago_url}/_emulator/state", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    state = json.loads(urllib.request.urlopen(request).read())
+    return len(state.get("events", []))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    lago_port = free_port()
+    lago_url = f"http://127.0.0.1:{lago_port}"
+    seed = ROOT / "benchmarks" / "_seed.json"
+    seed.write_text(
+        json.dumps(
+            {
+                "billable_metrics": [
+                    {"code": "api_call", "name": "calls", "aggregation_type": "sum_agg", "field_name": "total_tokens"}
+                ],
+                "plans": [
+                    {
+                        "code": "starter",
+                        "name": "Starter",
+                        "interval": "monthly",
+                        "amount_cents": 1000,
+                        "amount_currency": "USD",
+                        "charges": [
+                            {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
+                        ],
+                    }
+                ],
+                "subscriptions": [{"external_customer_id": "org_bench", "plan_code": "starter", "external_id": "org_bench"}],
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "LAGO_API_URL": lago_url,
+        "LAGO_API_KEY": API_KEY,
+        "LAGO_ORG_HEADER": "X-Org-Id",
+        "LAGO_USER_HEADER": "X-User-Id",
+        "PYTHONPATH": str(ROOT),
+    }
+    apps = ["bare", "passthrough", "billed"]
+    ports = {name: free_port() for name in apps}
+    headers = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
+    results: dict[str, list[float]] = {name: [] for name in apps}
+    emulator = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--port", str(lago_port)]
+    emulator += ["--api-key", API_KEY, "--seed", str(seed)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(emulator, env, cpu="1"))
+        wait_http(f"{lago_url}/health")
+        for name in apps:
+            uvicorn = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{name}", "--port", str(ports[name])]
+            uvicorn += ["--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
+            stack.enter_context(process(uvicorn, env, cpu="0"))
+            wait_http(f"http://127.0.0.1:{ports[name]}/v1/chat/warm")
+        for name in apps:  # warm up
+            wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, headers)
+        for round_number in range(args.rounds):
+            for name in apps:
+                rps = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", args.seconds, args.connections, headers)
+                results[name].append(rps)
+                print(f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s", flush=True)
+        time.sleep(2)  # let the billed app's last batch reach the emulator before counting
+        delivered = count_events(lago_url)
+    bare = statistics.median(results["bare"])
+    print(f"\n{'app':<12} {'median req/s':>12} {'vs bare':>8}")
+    for name in apps:
+        median = statistics.median(results[name])
+        print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x")
+    print(f"\nevents delivered to the emulator by the billed app: {delivered}")
+    seed.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The seed's example app rebuilt on the package: org creation subscribes the org, the middleware bills usage.
+
+    lago-org-billing emulator --api-key dev-key --seed examples/seed.json
+    LAGO_API_URL=http://127.0.0.1:3000 LAGO_API_KEY=dev-key uvicorn examples.fastapi_app:app --port 8000
+
+    curl -X POST localhost:8000/organizations -H 'Content-Type: application/json' \
+        -d '{"org_id": "org_acme", "name": "Acme", "email": "billing@acme.test", "plan_code": "starter"}'
+    curl -X POST localhost:8000/v1/chat -H 'Authorization: Bearer org_acme:ada'
+
+Authentication here is a toy (``Bearer <org>:<user>``) standing in for yours: whatever it is, it sets
+``request.state.org_id`` and the middleware bills that org.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lago_org_billing import OrgBilling, OrgBillingMiddleware, attribute_usage
+
+
+class ToyAuth:
+    """Stands in for your auth layer: sets request.state.org_id / user_id from ``Bearer <org>:<user>``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            token = dict(scope["headers"]).get(b"authorization", b"").decode().removeprefix("Bearer ")
+            org_id, _, user_id = token.partition(":")
+            state = scope.setdefault("state", {})
+            state["org_id"], state["user_id"] = org_id or None, user_id or None
+        await self.app(scope, receive, send)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with OrgBilling() as billing:
+        app.state.billing = billing
+        yield
+
+
+app = FastAPI(lifespan=lifespan)
+app.add_middleware(OrgBillingMiddleware)  # runs after ToyAuth (added last = outermost)
+app.add_middleware(ToyAuth)
+
+
+class OrgCreate(BaseModel):
+    org_id: str
+    name: str
+    email: str
+    plan_code: str = "starter"
+
+
+@app.post("/organizations")
+async def create_organization(data: OrgCreate, request: Request) -> dict[str, Any]:
+    billing: OrgBilling = request.app.state.billing
+    user_id = getattr(request.state, "user_id", None)
+    result = await billing.subscribe_org_to_plan(data.org_id, data.plan_code, data.name, data.email, user_id)
+    return {"org_id": data.org_id, "subscription": result["subscription"]["lago_id"]}
+
+
+@app.post("/v1/chat")
+async def chat(request: Request) -> dict[str, Any]:
+    if getattr(request.state, "org_id", None) is None:
+        raise HTTPException(401, "authenticate with Bearer <org>:<user>")
+    attribute_usage(request, model="gpt-4o-mini", input_tokens=12, output_tokens=30)
+    return {"choices": [{"message": {"role": "assistant", "content": "Hello!"}}]}
