@@ -136,6 +136,7 @@ class LagoStore:
             self.plans: dict[str, JSON] = {}
             self.subscriptions: list[JSON] = []
             self.events: list[JSON] = []
+            self._event_index: dict[tuple[str, ...], int] = {}
             self.invoices: list[JSON] = []
             self._sequences: dict[str, int] = {}
 
@@ -1282,10 +1283,7 @@ class LagoStore:
         return (event["transaction_id"], event["ts"], event["external_subscription_id"], event["code"])
 
     def _find_event(self, key: tuple[str, ...]) -> int | None:
-        for index, existing in enumerate(self.events):
-            if self._dedup_key(existing) == key:
-                return index
-        return None
+        return self._event_index.get(key)
 
     def _store_event(self, event: JSON) -> JSON:
         now = self.now()
@@ -1301,8 +1299,10 @@ class LagoStore:
         )
         event["subscription_id"] = sub["lago_id"] if sub else None
         event["customer_id"] = sub["customer_id"] if sub else None
-        index = self._find_event(self._dedup_key(event))
+        key = self._dedup_key(event)
+        index = self._find_event(key)
         if index is None:
+            self._event_index[key] = len(self.events)
             self.events.append(event)
         else:
             self.events[index] = event
