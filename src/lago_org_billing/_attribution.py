@@ -1,0 +1,591 @@
+"""What a request consumed: model and LLM tokens, read from the endpoint, the response headers or the body.
+
+Sources, highest priority first, merged field by field (a field a higher source leaves out is filled from the
+next one):
+
+1. ``attribute_usage(request, model=..., input_tokens=..., ...)`` called by the endpoint;
+2. response headers (:class:`AttributionConfig`, e.g. ``X-Tokens-Used``, ``X-Model``);
+3. the response body: a JSON body (OpenAI chat/completions/embeddings, OpenAI Responses API, Anthropic Messages)
+   or a server-sent-event stream (OpenAI chunks with a final ``usage``, Responses API ``response.completed``,
+   Anthropic ``message_start`` + ``message_delta``). The stream is read on the side while it passes through:
+   nothing is held back from the client, only the current partial line is kept.
+
+Token rules, to neither under- nor double-bill:
+
+- OpenAI ``prompt_tokens_details.cached_tokens`` / ``input_tokens_details.cached_tokens`` and
+  ``completion_tokens_details.reasoning_tokens`` are *subsets* of the prompt/completion counts: never added.
+- Anthropic ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are *not* included in its
+  ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
+  reads at a discount in Lago if wanted, the split is not kept).
+- Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
+  ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
+  ``message_start``) adds them up. A stream cut off by the client keeps what was counted so far.
+- ``total_tokens`` is ``input_tokens + output_tokens`` unless the source that gave the tokens gives a total too.
+
+Malformed values (bools, negatives, fractions, non-numeric strings, more than 10**9) never break a request: they
+count as missing (so 0 unless a lower source has the field) and are logged once per source and field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from starlette.types import Message, Scope
+
+from ._identity import SCOPE_KEY
+
+__all__ = [
+    "AttributionConfig",
+    "MAX_TOKENS",
+    "Usage",
+    "UsageRecorder",
+    "attribute_usage",
+    "reset_warnings",
+]
+
+logger = logging.getLogger("lago_org_billing.attribution")
+
+#: Token counts above this are treated as malformed.
+MAX_TOKENS = 10**9
+MAX_MODEL_LENGTH = 255
+_TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens")
+_EXPLICIT_KEY = "explicit_usage"
+_warned: set[tuple[str, str]] = set()
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    """Model and token counts of one request; ``source`` is the highest source that gave any of them."""
+
+    model: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    source: str | None = None  # "explicit" | "headers" | "json" | "sse" | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AttributionConfig:
+    """Where usage is looked for. Header names are case-insensitive; the first one present in each tuple wins."""
+
+    total_tokens_headers: tuple[str, ...] = ("x-tokens-used", "x-total-tokens")
+    input_tokens_headers: tuple[str, ...] = ("x-input-tokens", "x-prompt-tokens")
+    output_tokens_headers: tuple[str, ...] = ("x-output-tokens", "x-completion-tokens")
+    model_headers: tuple[str, ...] = ("x-model",)
+    #: Read JSON and SSE response bodies. ``False`` skips all body work.
+    inspect_body: bool = True
+    #: JSON bodies are buffered up to this many bytes, then given up on. SSE is parsed as it streams; one line
+    #: longer than this is skipped.
+    max_body_bytes: int = 1_048_576
+    # Precomputed: raw lower-case header name -> (field, rank within its tuple).
+    _header_map: dict[bytes, tuple[str, int]] = dataclasses.field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        mapping: dict[bytes, tuple[str, int]] = {}
+        for field, names in (
+            ("model", self.model_headers),
+            ("input_tokens", self.input_tokens_headers),
+            ("output_tokens", self.output_tokens_headers),
+            ("total_tokens", self.total_tokens_headers),
+        ):
+            checked: object = names
+            if isinstance(checked, str):
+                raise TypeError(f"AttributionConfig.{field}_headers must be a tuple of names, not a string.")
+            for rank, name in enumerate(names):
+                mapping.setdefault(name.strip().lower().encode("latin-1"), (field, rank))
+        object.__setattr__(self, "_header_map", mapping)
+
+
+_DEFAULT_CONFIG = AttributionConfig()
+
+
+def reset_warnings() -> None:
+    """Forget which malformed values and internal errors were already logged (for tests)."""
+    _warned.clear()
+    _internal_logged.clear()
+
+
+def _malformed(source: str, field: str, value: object) -> None:
+    if (source, field) in _warned:
+        return
+    _warned.add((source, field))
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    logger.warning(
+        "Ignoring malformed %s from %s: %s (token counts must be whole numbers from 0 to %d, models short "
+        "printable strings). Logged once per source and field.",
+        field,
+        source,
+        shown,
+        MAX_TOKENS,
+    )
+
+
+def _tokens(value: object, source: str, field: str) -> int | None:
+    """A valid token count, or ``None`` when missing or malformed (malformed ones are logged once)."""
+    if value is None:
+        return None
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            number = int(value)
+    elif isinstance(value, (str, bytes)):
+        text = value.strip()
+        if 0 < len(text) <= 10 and text.isdigit() and text.isascii():
+            number = int(text)
+    if number is None or not 0 <= number <= MAX_TOKENS:
+        _malformed(source, field, value)
+        return None
+    return number
+
+
+def _model(value: object, source: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if len(text) <= MAX_MODEL_LENGTH and text.isprintable():
+            return text
+    _malformed(source, "model", value)
+    return None
+
+
+def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    return scope if isinstance(scope, MutableMapping) else None
+
+
+def attribute_usage(
+    request_or_scope: Any,
+    *,
+    model: str | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    total_tokens: int | None = None,
+) -> None:
+    """Tell the billing middleware what this request consumed; these values win over headers and body.
+
+    Call it from the endpoint with its ``Request`` (or scope), any number of times: each call *replaces* the
+    fields it passes (``None`` leaves a field as it was), it does not add. Omit ``total_tokens`` to bill
+    ``input_tokens + output_tokens``. Values are checked when the event is built: malformed ones are logged and
+    ignored, never raised. Outside the billing middleware (e.g. unit tests of the app) this does nothing.
+    """
+    scope = _scope_of(request_or_scope)
+    data = scope.get(SCOPE_KEY) if scope is not None else None
+    if not isinstance(data, dict):
+        logger.debug("attribute_usage() called outside the billing middleware; ignored.")
+        return
+    usage = data.get(_EXPLICIT_KEY)
+    if not isinstance(usage, dict):
+        usage = data[_EXPLICIT_KEY] = {}
+    for field, value in (
+        ("model", model),
+        ("input_tokens", input_tokens),
+        ("output_tokens", output_tokens),
+        ("total_tokens", total_tokens),
+    ):
+        if value is not None:
+            usage[field] = value
+
+
+class _Counts:
+    """Raw usage values seen in a body, last value per key (streams report cumulative counts)."""
+
+    __slots__ = ("done", "latest", "model")
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.latest: dict[str, Any] = {}
+        # Usage of earlier messages of a multi-message stream, already resolved.
+        self.done: list[dict[str, Any]] = []
+
+
+def _usage_container(payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The object holding ``usage``: the payload, or its ``message`` (Anthropic) / ``response`` (Responses API)."""
+    if isinstance(payload.get("usage"), Mapping):
+        return payload
+    for key in ("message", "response"):
+        inner = payload.get(key)
+        if isinstance(inner, Mapping) and isinstance(inner.get("usage"), Mapping):
+            return inner
+    return payload
+
+
+def _collect(payload: object, counts: _Counts) -> None:
+    """Merge the model and usage of one JSON document (a body or one stream event) into ``counts``."""
+    if not isinstance(payload, Mapping):
+        return
+    container = _usage_container(payload)
+    if payload.get("type") == "message_start" and counts.latest:
+        counts.done.append(counts.latest)
+        counts.latest = {}
+    model = container.get("model")
+    usage = container.get("usage")
+    if isinstance(usage, Mapping):
+        for key in (
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ):
+            if key in usage and usage[key] is not None:
+                counts.latest[key] = usage[key]
+    if model is not None and (isinstance(usage, Mapping) or counts.model is None):
+        counts.model = model
+
+
+def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
+    """Token fields from one provider usage object (see the module docstring for the rules)."""
+    out: dict[str, int] = {}
+    input_tokens = _tokens(raw.get("prompt_tokens", raw.get("input_tokens")), source, "input_tokens")
+    if input_tokens is not None:
+        for extra in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+            added = _tokens(raw.get(extra), source, extra)
+            if added is not None:
+                input_tokens += added
+        out["input_tokens"] = input_tokens
+    output_tokens = _tokens(raw.get("completion_tokens", raw.get("output_tokens")), source, "output_tokens")
+    if output_tokens is not None:
+        out["output_tokens"] = output_tokens
+    total_tokens = _tokens(raw.get("total_tokens"), source, "total_tokens")
+    if total_tokens is not None:
+        out["total_tokens"] = total_tokens
+    return out
+
+
+def _resolve_counts(counts: _Counts, source: str, *, model_needs_usage: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    parts = [*counts.done, counts.latest] if counts.latest else counts.done
+    resolved = [_resolve_raw(raw, source) for raw in parts]
+    if resolved:
+        if len(resolved) == 1:
+            fields.update(resolved[0])
+        else:
+            for field in ("input_tokens", "output_tokens"):
+                values = [part[field] for part in resolved if field in part]
+                if values:
+                    fields[field] = sum(values)
+            # Per-message totals cannot be trusted to cover every message: recompute.
+    model = _model(counts.model, source)
+    if model is not None and (fields or counts.done or counts.latest or not model_needs_usage):
+        fields["model"] = model
+    return fields
+
+
+_MODE_NONE = 0
+_MODE_JSON = 1
+_MODE_SSE = 2
+
+
+class UsageRecorder:
+    """Watches one response and works out its :class:`Usage`. One per request.
+
+    The middleware calls :meth:`response_start` and :meth:`response_body` from its ``send`` wrapper, before
+    passing each message on, and :meth:`result` once the response is over (completed or cut off). The recorder
+    never raises from those calls: an internal error is logged once and body attribution is dropped.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_config",
+        "_counts",
+        "_data_lines",
+        "_discarding",
+        "_event",
+        "_headers",
+        "_mode",
+        "_partial",
+        "_result",
+        "_scope",
+        "_size",
+        "_skip_lf",
+        "status",
+    )
+
+    def __init__(self, scope: Scope, config: AttributionConfig | None = None) -> None:
+        self._scope = scope
+        self._config = config if config is not None else _DEFAULT_CONFIG
+        self.status: int | None = None
+        self._mode = _MODE_NONE
+        self._headers: dict[str, tuple[int, Any]] = {}
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._counts: _Counts | None = None
+        self._partial = b""
+        self._skip_lf = False
+        self._discarding = False
+        self._event = b""
+        self._data_lines: list[bytes] = []
+        self._result: Usage | None = None
+
+    # -- response start --------------------------------------------------------------------------------------------
+
+    def response_start(self, message: Message) -> None:
+        """Read the status and headers of ``http.response.start``; choose how to read the body."""
+        try:
+            self._start(message)
+        except Exception:
+            self._mode = _MODE_NONE
+            _internal_error("response_start")
+
+    def _start(self, message: Message) -> None:
+        self.status = message.get("status")
+        header_map = self._config._header_map
+        content_type = b""
+        encoded = False
+        length: bytes | None = None
+        for name, value in message.get("headers") or ():
+            name = name.lower()
+            if name == b"content-type":
+                content_type = value
+            elif name == b"content-encoding":
+                encoded = value.strip().lower() not in (b"", b"identity")
+            elif name == b"content-length":
+                length = value
+            else:
+                entry = header_map.get(name)
+                if entry is not None:
+                    field, rank = entry
+                    known = self._headers.get(field)
+                    if known is None or rank < known[0]:
+                        self._headers[field] = (rank, value)
+        if not self._config.inspect_body or encoded or not content_type:
+            return
+        media_type = content_type.split(b";", 1)[0].strip().lower()
+        if media_type == b"text/event-stream":
+            self._mode = _MODE_SSE
+            self._counts = _Counts()
+        elif media_type == b"application/json" or media_type.endswith(b"+json"):
+            if length is not None and length.strip().isdigit() and int(length) > self._config.max_body_bytes:
+                return
+            self._mode = _MODE_JSON
+
+    # -- body ------------------------------------------------------------------------------------------------------
+
+    def response_body(self, body: bytes) -> None:
+        """Look at one ``http.response.body`` chunk (cheap; JSON is only buffered, SSE is parsed line by line)."""
+        mode = self._mode
+        if mode == _MODE_NONE or not body:
+            return
+        if mode == _MODE_JSON:
+            self._size += len(body)
+            if self._size > self._config.max_body_bytes:
+                self._chunks.clear()
+                self._mode = _MODE_NONE
+                return
+            self._chunks.append(body)
+            return
+        try:
+            self._feed_sse(body)
+        except Exception:
+            self._mode = _MODE_NONE
+            _internal_error("response_body")
+
+    def _feed_sse(self, chunk: bytes) -> None:
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # SSE lines end with \r\n, \n or \r; a \r\n split across two chunks must count once.
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            if not self._discarding:
+                self._partial += chunk
+                if len(self._partial) > self._config.max_body_bytes:
+                    self._partial = b""
+                    self._discarding = True
+            return
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if self._discarding:
+            self._discarding = False
+            self._line(None)  # the rest of an oversized line: drop it and its event
+            del lines[0]
+        elif self._partial:
+            lines[0] = self._partial + lines[0]
+        for line in lines:
+            self._line(line)
+        self._partial = tail
+        if len(tail) > self._config.max_body_bytes:
+            self._partial = b""
+            self._discarding = True
+
+    def _line(self, line: bytes | None) -> None:
+        if line is None:  # an oversized line was dropped: its event is unusable
+            self._data_lines.clear()
+            self._event = b"\x00skip"
+            return
+        if not line:
+            self._dispatch()
+            return
+        if line[:1] == b":":
+            return
+        field, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data_lines.append(value)
+        elif field == b"event":
+            self._event = value
+
+    def _dispatch(self) -> None:
+        lines = self._data_lines
+        skip = self._event == b"\x00skip"
+        self._event = b""
+        if not lines:
+            return
+        data = lines[0] if len(lines) == 1 else b"\n".join(lines)
+        self._data_lines = []
+        if skip:
+            return
+        counts = self._counts
+        if counts is None:
+            return
+        # Most stream events carry no usage: skip them without parsing JSON.
+        usage_hits = data.count(b'"usage"')
+        if usage_hits == 0 or usage_hits == data.count(b'"usage":null') + data.count(b'"usage": null'):
+            if counts.model is not None or b'"model"' not in data:
+                return
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        _collect(payload, counts)
+
+    # -- result ----------------------------------------------------------------------------------------------------
+
+    def result(self) -> Usage:
+        """The request's usage so far; call it when the response is over. Later body chunks are not read."""
+        if self._result is not None:
+            return self._result
+        try:
+            body_fields, body_source = self._body_fields()
+        except Exception:
+            _internal_error("result")
+            body_fields, body_source = {}, None
+        self._mode = _MODE_NONE
+        self._chunks = []
+        try:
+            explicit = self._explicit_fields()
+            headers = self._header_fields()
+        except Exception:  # pragma: no cover - defensive, the helpers only read dicts
+            _internal_error("result")
+            explicit, headers = {}, {}
+        self._result = _merge((("explicit", explicit), ("headers", headers), (body_source or "json", body_fields)))
+        return self._result
+
+    def _explicit_fields(self) -> dict[str, Any]:
+        data = self._scope.get(SCOPE_KEY)
+        raw = data.get(_EXPLICIT_KEY) if isinstance(data, dict) else None
+        if not isinstance(raw, dict) or not raw:
+            return {}
+        fields: dict[str, Any] = {}
+        model = _model(raw.get("model"), "explicit")
+        if model is not None:
+            fields["model"] = model
+        for field in _TOKEN_FIELDS:
+            value = _tokens(raw.get(field), "explicit", field)
+            if value is not None:
+                fields[field] = value
+        return fields
+
+    def _header_fields(self) -> dict[str, Any]:
+        if not self._headers:
+            return {}
+        fields: dict[str, Any] = {}
+        for field, (_, value) in self._headers.items():
+            if field == "model":
+                model = _model(value, "headers")
+                if model is not None:
+                    fields["model"] = model
+            else:
+                number = _tokens(value, "headers", field)
+                if number is not None:
+                    fields[field] = number
+        return fields
+
+    def _body_fields(self) -> tuple[dict[str, Any], str | None]:
+        if self._mode == _MODE_JSON:
+            if not self._chunks:
+                return {}, None
+            body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            if b'"usage"' not in body:
+                return {}, None
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                return {}, None
+            counts = _Counts()
+            _collect(payload, counts)
+            # A JSON "model" without "usage" is often not an LLM (e.g. a product model): ignored.
+            return _resolve_counts(counts, "json", model_needs_usage=True), "json"
+        if self._counts is not None:
+            # A stream that ended (or was cut) without its final blank line: use complete data lines.
+            if self._partial and not self._discarding:
+                self._line(self._partial)
+                self._partial = b""
+            if self._data_lines:
+                self._dispatch()
+            return _resolve_counts(self._counts, "sse", model_needs_usage=False), "sse"
+        return {}, None
+
+
+def _merge(sources: tuple[tuple[str, dict[str, Any]], ...]) -> Usage:
+    """Field-by-field merge, highest source first; ``total_tokens`` stays consistent with the chosen tokens."""
+    usage = Usage()
+    chosen: dict[str, int] = {}
+    token_rank: int | None = None  # best rank that gave input or output tokens
+    total: tuple[int, int] | None = None  # (rank, value)
+    for rank, (name, fields) in enumerate(sources):
+        if not fields:
+            continue
+        if usage.source is None:
+            usage.source = name
+        if usage.model is None and "model" in fields:
+            usage.model = fields["model"]
+        for field in ("input_tokens", "output_tokens"):
+            if field in fields:
+                if field not in chosen:
+                    chosen[field] = fields[field]
+                if token_rank is None:
+                    token_rank = rank
+        if total is None and "total_tokens" in fields:
+            total = (rank, fields["total_tokens"])
+    usage.input_tokens = chosen.get("input_tokens", 0)
+    usage.output_tokens = chosen.get("output_tokens", 0)
+    if total is not None and (token_rank is None or total[0] <= token_rank):
+        usage.total_tokens = total[1]
+    else:
+        usage.total_tokens = usage.input_tokens + usage.output_tokens
+    return usage
+
+
+_internal_logged: set[str] = set()
+
+
+def _internal_error(where: str) -> None:
+    if where in _internal_logged:
+        return
+    _internal_logged.add(where)
+    logger.exception("Usage attribution failed in %s; falling back to explicit and header values.", where)

@@ -1,0 +1,373 @@
+"""Who a request is billed to: pluggable org and user resolvers.
+
+A *resolver* is any callable taking the ASGI ``scope`` and returning an id (``str``), ``None`` (unresolved) or an
+awaitable of either. Resolvers work on the scope, so they run before any ``Request`` exists; build one with
+``Request(scope)`` when needed, it is cheap. Built-ins:
+
+- :func:`from_state`: ``scope["state"][key]``, i.e. ``request.state.<key>`` set by the app's auth layer;
+- :func:`from_user`: an attribute of ``scope["user"]`` (Starlette ``AuthenticationMiddleware``);
+- :func:`from_jwt_claim`: a claim of a verified ``Authorization: Bearer`` JWT;
+- :func:`from_header`: a request header. Opt-in only (``LAGO_ORG_HEADER``): any client can send any header, so pair it
+  with ``membership_check`` unless a trusted proxy sets it;
+- :func:`first_of`: the first resolver that finds an id.
+
+Ids are cleaned the same way whatever the source: ``str`` (surrounding blanks stripped), ``int`` or ``UUID`` are
+accepted; empty values, values longer than 255 characters or with control characters count as unresolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from starlette.types import Scope
+
+from ._errors import ConfigurationError
+from ._settings import BillingSettings
+
+__all__ = [
+    "SCOPE_KEY",
+    "Identity",
+    "Resolver",
+    "billing_scope",
+    "call_resolver",
+    "default_org_resolver",
+    "default_user_resolver",
+    "first_of",
+    "from_header",
+    "from_jwt_claim",
+    "from_state",
+    "from_user",
+    "get_current_org",
+    "get_current_user",
+    "reset_warnings",
+]
+
+logger = logging.getLogger("lago_org_billing.identity")
+
+#: Key of the per-request billing dict in the ASGI scope: ``{"org_id", "user_id", "explicit_usage", ...}``.
+#: It holds a dict (not values directly) so that scope copies made by other middleware share it.
+SCOPE_KEY = "lago_org_billing"
+
+MAX_ID_LENGTH = 255
+
+Resolver = Callable[[Scope], str | Awaitable[str | None] | None]
+MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
+
+_JWT_CACHE_KEY = "lago_org_billing.jwt_claims"
+_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_reported: set[tuple[str, str]] = set()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identity:
+    """The org (and user) a request is billed to; ``org_id=None`` means unresolved."""
+
+    org_id: str | None
+    user_id: str | None = None
+
+
+def reset_warnings() -> None:
+    """Forget which resolver errors were already logged with a traceback (for tests)."""
+    _reported.clear()
+
+
+def _clean_id(value: object) -> str | None:
+    """``value`` as an id string, or ``None`` when it cannot be one."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+    elif isinstance(value, (int, uuid.UUID)):
+        value = str(value)
+    else:
+        return None
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        return None
+    return value
+
+
+def _resolver_name(resolver: object) -> str:
+    return getattr(resolver, "__qualname__", None) or type(resolver).__qualname__
+
+
+async def call_resolver(resolver: Resolver, scope: Scope) -> str | None:
+    """Run a sync or async resolver and clean what it returns.
+
+    A resolver that raises does not fail the request: the error is logged at ERROR with its traceback (once per
+    resolver and exception type, later ones at DEBUG) and the request is treated as unresolved, so it follows the
+    middleware's unresolved-org policy. ``BaseException``\\s that are not ``Exception`` (cancellation) propagate.
+    """
+    try:
+        value = resolver(scope)
+        if inspect.isawaitable(value):
+            value = await value
+    except Exception as exc:
+        key = (_resolver_name(resolver), type(exc).__qualname__)
+        if key in _reported:
+            logger.debug("Identity resolver %s failed again: %r", key[0], exc)
+        else:
+            _reported.add(key)
+            logger.error(
+                "Identity resolver %s raised %s; the request is treated as unresolved. Fix the resolver "
+                "(this traceback is logged once per resolver and error type).",
+                key[0],
+                key[1],
+                exc_info=True,
+            )
+        return None
+    return _clean_id(value)
+
+
+def from_state(key: str = "org_id") -> Resolver:
+    """Resolve from ``request.state.<key>`` (Starlette keeps ``request.state`` in ``scope["state"]``)."""
+
+    def resolve_from_state(scope: Scope) -> str | None:
+        state = scope.get("state")
+        if state is None:
+            return None
+        if isinstance(state, Mapping):
+            return _clean_id(state.get(key))
+        return _clean_id(getattr(state, key, None))
+
+    return resolve_from_state
+
+
+def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
+    """Resolve from ``scope["user"]`` set by Starlette's ``AuthenticationMiddleware``.
+
+    ``attribute`` may be a sequence of names tried in order. Mapping users are read with ``user[attribute]``,
+    other objects with ``getattr``. Users whose ``is_authenticated`` is false resolve to ``None``, as do
+    attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
+    """
+    names = (attribute,) if isinstance(attribute, str) else tuple(attribute)
+
+    def resolve_from_user(scope: Scope) -> str | None:
+        user = scope.get("user")
+        if user is None:
+            return None
+        if isinstance(user, Mapping):
+            for name in names:
+                value = _clean_id(user.get(name))
+                if value is not None:
+                    return value
+            return None
+        try:
+            if not getattr(user, "is_authenticated", True):
+                return None
+        except NotImplementedError:
+            pass
+        for name in names:
+            try:
+                value = _clean_id(getattr(user, name, None))
+            except NotImplementedError:
+                continue
+            if value is not None:
+                return value
+        return None
+
+    return resolve_from_user
+
+
+def _header_value(scope: Scope, name: bytes) -> str | None:
+    """The single value of a request header; absent, repeated with different values, or unreadable: ``None``."""
+    found: bytes | None = None
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            if found is not None and value != found:
+                return None  # ambiguous: two different values, trust neither
+            found = value
+    if found is None:
+        return None
+    try:
+        return found.decode("latin-1")
+    except (AttributeError, UnicodeDecodeError):
+        return None
+
+
+def from_header(name: str, *, membership_check: MembershipCheck | None = None) -> Resolver:
+    """Resolve from a request header (opt-in: a client can send any header value).
+
+    The value must be non-empty, at most 255 characters, without control characters, and not repeated with
+    different values; anything else is ``None``. ``membership_check(scope, org_id)`` (sync or async) can confirm
+    that the authenticated caller belongs to that org; when it returns false the request is unresolved.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError("from_header() needs a header name, e.g. 'X-Org-Id'.", variable="LAGO_ORG_HEADER")
+    raw_name = name.strip().lower().encode("latin-1")
+
+    def resolve_from_header(scope: Scope) -> str | None:
+        return _clean_id(_header_value(scope, raw_name))
+
+    if membership_check is None:
+        return resolve_from_header
+    check = membership_check
+
+    async def resolve_from_header_checked(scope: Scope) -> str | None:
+        value = resolve_from_header(scope)
+        if value is None:
+            return None
+        allowed = check(scope, value)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if allowed is True:
+            return value
+        logger.debug("Header %s names org %r, which the membership check rejected.", name, value)
+        return None
+
+    return resolve_from_header_checked
+
+
+def _bearer_token(scope: Scope, header: bytes) -> str | None:
+    value = _header_value(scope, header)
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def from_jwt_claim(
+    claim: str = "org_id",
+    *,
+    key: str | bytes,
+    algorithms: Sequence[str] = ("HS256", "RS256"),
+    audience: str | Sequence[str] | None = None,
+    issuer: str | None = None,
+    header: str = "authorization",
+    leeway: float = 0,
+) -> Resolver:
+    """Resolve from a claim of the ``Bearer`` JWT in ``header``, verified with PyJWT.
+
+    ``key`` is the HMAC secret or the PEM public key. Algorithms that do not fit the key are dropped (an HMAC
+    algorithm with a PEM key is the classic algorithm-confusion attack), and ``none`` is refused. Expiry
+    (``exp``), ``nbf``, ``audience`` and ``issuer`` are checked when given; a missing, malformed, badly signed or
+    expired token resolves to ``None``. The verified claims are cached in the scope, so resolving the org and the
+    user from the same token verifies it once. Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
+    """
+    try:
+        import jwt
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ConfigurationError(
+            "from_jwt_claim() needs PyJWT: pip install 'lago-org-billing[webhooks]'.", variable=None
+        ) from exc
+    if not claim:
+        raise ConfigurationError("from_jwt_claim() needs a claim name, e.g. 'org_id'.")
+    if not key:
+        raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
+    if any(alg.lower() == "none" for alg in algorithms):
+        raise ConfigurationError("from_jwt_claim() refuses the 'none' algorithm: unsigned tokens prove nothing.")
+    is_pem = (key.encode() if isinstance(key, str) else key).lstrip().startswith(b"-----BEGIN")
+    allowed = [alg for alg in algorithms if (alg in _HMAC_ALGORITHMS) != is_pem]
+    if not allowed:
+        kind = "a PEM key (use RS256/ES256/PS256/EdDSA)" if is_pem else "an HMAC secret (use HS256/HS384/HS512)"
+        raise ConfigurationError(f"from_jwt_claim(): none of the algorithms {list(algorithms)} fits {kind}.")
+    raw_header = header.lower().encode("latin-1")
+    audience_arg = audience if audience is None or isinstance(audience, str) else list(audience)
+    cache_id = (key, tuple(allowed), str(audience_arg), issuer, leeway)
+
+    def resolve_from_jwt(scope: Scope) -> str | None:
+        token = _bearer_token(scope, raw_header)
+        if token is None:
+            return None
+        cache: dict[tuple[Any, ...], Mapping[str, Any] | None] = scope.setdefault(_JWT_CACHE_KEY, {})
+        cache_key = (*cache_id, token)
+        if cache_key in cache:
+            claims = cache[cache_key]
+        else:
+            try:
+                claims = jwt.decode(token, key, algorithms=allowed, audience=audience_arg, issuer=issuer, leeway=leeway)
+            except jwt.PyJWTError as exc:
+                logger.debug("Bearer token rejected: %s", exc)
+                claims = None
+            cache[cache_key] = claims
+        if not isinstance(claims, Mapping):
+            return None
+        return _clean_id(claims.get(claim))
+
+    return resolve_from_jwt
+
+
+def first_of(*resolvers: Resolver) -> Resolver:
+    """The first id found by ``resolvers``, tried in order.
+
+    Stays synchronous while the resolvers it tries are; turns into an awaitable from the first one that returns
+    an awaitable. An exception in any resolver propagates (to :func:`call_resolver`), rather than silently falling
+    through to a later, possibly weaker, source such as a header.
+    """
+    chain = tuple(resolvers)
+
+    async def resume(pending: Awaitable[str | None], rest: tuple[Resolver, ...], scope: Scope) -> str | None:
+        value = _clean_id(await pending)
+        if value is not None:
+            return value
+        for resolver in rest:
+            result = resolver(scope)
+            if inspect.isawaitable(result):
+                result = await result
+            value = _clean_id(result)
+            if value is not None:
+                return value
+        return None
+
+    def resolve_first_of(scope: Scope) -> str | Awaitable[str | None] | None:
+        for index, resolver in enumerate(chain):
+            result = resolver(scope)
+            if inspect.isawaitable(result):
+                return resume(result, chain[index + 1 :], scope)
+            value = _clean_id(result)
+            if value is not None:
+                return value
+        return None
+
+    return resolve_first_of
+
+
+def default_org_resolver(settings: BillingSettings) -> Resolver:
+    """``request.state.org_id``, then ``scope["user"].org_id``, then ``LAGO_ORG_HEADER`` when set."""
+    resolvers = [from_state("org_id"), from_user("org_id")]
+    if settings.org_header:
+        resolvers.append(from_header(settings.org_header))
+    return first_of(*resolvers)
+
+
+def default_user_resolver(settings: BillingSettings) -> Resolver:
+    """``request.state.user_id``, then the user's ``identity``/``user_id``/``id``/``sub``, then ``LAGO_USER_HEADER``."""
+    resolvers = [from_state("user_id"), from_user(("identity", "user_id", "id", "sub"))]
+    if settings.user_header:
+        resolvers.append(from_header(settings.user_header))
+    return first_of(*resolvers)
+
+
+def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    return scope if isinstance(scope, MutableMapping) else None
+
+
+def billing_scope(request_or_scope: Any) -> dict[str, Any] | None:
+    """The per-request billing dict (``scope[SCOPE_KEY]``), or ``None`` outside the billing middleware."""
+    scope = _scope_of(request_or_scope)
+    if scope is None:
+        return None
+    data = scope.get(SCOPE_KEY)
+    return data if isinstance(data, dict) else None
+
+
+def get_current_org(request_or_scope: Any) -> str | None:
+    """The org the current request is billed to (``Request``, ``WebSocket`` or scope); ``None`` if unresolved."""
+    data = billing_scope(request_or_scope)
+    value = data.get("org_id") if data is not None else None
+    return value if isinstance(value, str) else None
+
+
+def get_current_user(request_or_scope: Any) -> str | None:
+    """The user the current request is attributed to; ``None`` if unresolved or outside the middleware."""
+    data = billing_scope(request_or_scope)
+    value = data.get("user_id") if data is not None else None
+    return value if isinstance(value, str) else None

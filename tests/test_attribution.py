@@ -1,0 +1,591 @@
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lago_org_billing._attribution import (
+    AttributionConfig,
+    Usage,
+    UsageRecorder,
+    attribute_usage,
+    reset_warnings,
+)
+from lago_org_billing._identity import SCOPE_KEY
+
+pytestmark = pytest.mark.anyio
+
+JSON = b"application/json"
+SSE = b"text/event-stream"
+
+OPENAI_CHAT = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "total_tokens": 120,
+        "prompt_tokens_details": {"cached_tokens": 80},
+        "completion_tokens_details": {"reasoning_tokens": 10},
+    },
+}
+OPENAI_RESPONSES = {
+    "id": "resp_1",
+    "object": "response",
+    "model": "gpt-4.1",
+    "output": [],
+    "usage": {
+        "input_tokens": 50,
+        "input_tokens_details": {"cached_tokens": 40},
+        "output_tokens": 7,
+        "output_tokens_details": {"reasoning_tokens": 3},
+        "total_tokens": 57,
+    },
+}
+ANTHROPIC_MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "model": "claude-sonnet-4-5",
+    "content": [{"type": "text", "text": "hi"}],
+    "usage": {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": 200,
+        "cache_read_input_tokens": 3000,
+        "output_tokens": 5,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _reset_attribution_warnings() -> Iterator[None]:
+    """Each test starts with no malformed value already reported."""
+    reset_warnings()
+    yield
+    reset_warnings()
+
+
+def start_message(content_type: bytes | None = JSON, headers: Sequence[tuple[bytes, bytes]] = ()) -> Message:
+    raw = list(headers)
+    if content_type is not None:
+        raw.append((b"content-type", content_type))
+    return {"type": "http.response.start", "status": 200, "headers": raw}
+
+
+def record(
+    chunks: Sequence[bytes],
+    content_type: bytes | None = JSON,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    config: AttributionConfig | None = None,
+    scope: Scope | None = None,
+) -> Usage:
+    recorder = UsageRecorder(scope if scope is not None else {"type": "http"}, config or AttributionConfig())
+    recorder.response_start(start_message(content_type, headers))
+    for chunk in chunks:
+        recorder.response_body(chunk)
+    return recorder.result()
+
+
+def dumps(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def sse(*events: tuple[str | None, Any], newline: bytes = b"\n") -> bytes:
+    """Build an SSE stream: (event name or None, JSON payload or raw str)."""
+    out = b""
+    for name, data in events:
+        if name is not None:
+            out += b"event: " + name.encode() + newline
+        text = data if isinstance(data, str) else json.dumps(data)
+        out += b"data: " + text.encode() + newline + newline
+    return out
+
+
+def byte_by_byte(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def openai_stream(include_usage: bool = True) -> bytes:
+    base = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o"}
+    events: list[tuple[str | None, Any]] = [
+        (None, {**base, "choices": [{"delta": {"content": "Hel"}}], "usage": None}),
+        (None, {**base, "choices": [{"delta": {"content": 'lo "usage": 99'}}], "usage": None}),
+    ]
+    if include_usage:
+        usage = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+        events.append((None, {**base, "choices": [], "usage": usage}))
+    events.append((None, "[DONE]"))
+    return sse(*events)
+
+
+def anthropic_events(
+    input_tokens: int = 25, cache_read: int = 100, output: int = 42, model: str = "claude-haiku"
+) -> list[tuple[str | None, Any]]:
+    return [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_1",
+                    "type": "message",
+                    "model": model,
+                    "usage": {"input_tokens": input_tokens, "cache_read_input_tokens": cache_read, "output_tokens": 1},
+                },
+            },
+        ),
+        ("content_block_start", {"type": "content_block_start", "index": 0}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": output}},
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+# -- JSON bodies --------------------------------------------------------------------------------------------------
+
+
+async def test_openai_chat_json_does_not_add_cached_or_reasoning_subsets() -> None:
+    """OpenAI chat usage is taken as is: cached and reasoning tokens are subsets, not extra."""
+    usage = record([dumps(OPENAI_CHAT)])
+    assert Usage("gpt-4o-mini", 100, 20, 120, "json") == usage
+
+
+async def test_openai_responses_api_json() -> None:
+    """Responses API input/output/total tokens, cached details not added."""
+    assert Usage("gpt-4.1", 50, 7, 57, "json") == record([dumps(OPENAI_RESPONSES)])
+
+
+async def test_anthropic_json_adds_cache_tokens_to_input() -> None:
+    """Anthropic cache creation and cache read tokens are extra input tokens; total is computed."""
+    assert Usage("claude-sonnet-4-5", 3210, 5, 3215, "json") == record([dumps(ANTHROPIC_MESSAGE)])
+
+
+async def test_json_body_in_several_chunks_and_json_variants() -> None:
+    """Chunks are joined; charset parameters and +json media types are read."""
+    body = dumps(OPENAI_CHAT)
+    assert 120 == record([body[:7], body[7:30], body[30:]]).total_tokens
+    assert 120 == record([body], content_type=b"application/json; charset=utf-8").total_tokens
+    assert 120 == record([body], content_type=b"application/vnd.api+json").total_tokens
+    assert 120 == record([body], content_type=b"Application/JSON").total_tokens
+
+
+async def test_json_without_usage_is_not_attributed() -> None:
+    """A top-level "model" without "usage" (e.g. a car model) is not an LLM model."""
+    assert Usage() == record([dumps({"model": "Model T", "price": 5})])
+    assert Usage() == record([b"[1, 2, 3]"])
+    assert Usage() == record([b""])
+
+
+async def test_invalid_json_is_ignored() -> None:
+    """A broken JSON body yields no usage and no error."""
+    assert Usage() == record([b'{"usage": {"prompt_tokens": 1'])
+
+
+async def test_other_content_types_are_not_inspected() -> None:
+    """Only JSON and SSE bodies are read."""
+    body = dumps(OPENAI_CHAT)
+    assert Usage() == record([body], content_type=b"text/plain")
+    assert Usage() == record([body], content_type=b"text/html; charset=utf-8")
+    assert Usage() == record([body], content_type=None)
+
+
+async def test_compressed_bodies_are_skipped() -> None:
+    """gzip (any content-encoding but identity) is not parsed; identity is."""
+    body = dumps(OPENAI_CHAT)
+    assert Usage() == record([gzip.compress(body)], headers=[(b"content-encoding", b"gzip")])
+    assert Usage() == record([body], headers=[(b"Content-Encoding", b"br")])
+    assert 120 == record([body], headers=[(b"content-encoding", b"identity")]).total_tokens
+
+
+async def test_json_size_cap() -> None:
+    """Bodies over max_body_bytes are given up on, by content-length or while streaming."""
+    body = dumps(OPENAI_CHAT)
+    exact = AttributionConfig(max_body_bytes=len(body))
+    small = AttributionConfig(max_body_bytes=len(body) - 1)
+    assert 120 == record([body], config=exact).total_tokens
+    assert Usage() == record([body[:10], body[10:]], config=small)
+    length = [(b"content-length", str(len(body)).encode())]
+    assert Usage() == record([body], headers=length, config=small)
+
+
+async def test_inspect_body_false_skips_bodies_but_keeps_headers() -> None:
+    """With inspect_body=False only headers are used."""
+    config = AttributionConfig(inspect_body=False)
+    usage = record([dumps(OPENAI_CHAT)], headers=[(b"x-tokens-used", b"9")], config=config)
+    assert Usage(None, 0, 0, 9, "headers") == usage
+
+
+# -- headers ------------------------------------------------------------------------------------------------------
+
+
+async def test_usage_from_headers() -> None:
+    """Token and model headers are read case-insensitively; total defaults to input + output."""
+    headers = [(b"X-Input-Tokens", b"30"), (b"x-output-tokens", b" 12 "), (b"X-Model", b"local-llama")]
+    assert Usage("local-llama", 30, 12, 42, "headers") == record([], content_type=None, headers=headers)
+
+
+async def test_header_order_in_config_decides() -> None:
+    """The first configured header name wins, whatever order the response sends them in."""
+    headers = [(b"x-total-tokens", b"5"), (b"x-tokens-used", b"7"), (b"x-completion-tokens", b"3")]
+    assert Usage(None, 0, 3, 7, "headers") == record([], headers=headers)
+
+
+async def test_custom_header_names() -> None:
+    """Header names come from the config."""
+    config = AttributionConfig(
+        total_tokens_headers=("X-Cost-Units",), model_headers=("X-LLM",), input_tokens_headers=()
+    )
+    headers = [(b"x-cost-units", b"77"), (b"x-llm", b"m1"), (b"x-input-tokens", b"5")]
+    assert Usage("m1", 0, 0, 77, "headers") == record([], headers=headers, config=config)
+    with pytest.raises(TypeError):
+        AttributionConfig(model_headers="x-model")  # type: ignore[arg-type]
+
+
+# -- explicit and priority ----------------------------------------------------------------------------------------
+
+
+def billing_scope() -> dict[str, Any]:
+    return {"type": "http", SCOPE_KEY: {"org_id": "acme"}}
+
+
+async def test_attribute_usage_replaces_fields_and_wins() -> None:
+    """Later calls replace the fields they pass; explicit values beat headers and body."""
+    scope = billing_scope()
+    attribute_usage(scope, model="first", input_tokens=1)
+    attribute_usage(Request(scope), model="gpt-x", output_tokens=4)
+    attribute_usage(scope, input_tokens=3)
+    usage = record([dumps(OPENAI_CHAT)], headers=[(b"x-model", b"header-model")], scope=scope)
+    assert Usage("gpt-x", 3, 4, 7, "explicit") == usage
+
+
+async def test_merge_fills_missing_fields_from_lower_sources() -> None:
+    """Per field: explicit model, header input, body output; total recomputed to stay consistent."""
+    scope = billing_scope()
+    attribute_usage(scope, model="explicit-model")
+    headers = [(b"x-input-tokens", b"1000")]
+    usage = record([dumps(OPENAI_CHAT)], headers=headers, scope=scope)
+    assert Usage("explicit-model", 1000, 20, 1020, "explicit") == usage
+
+
+async def test_merge_keeps_a_higher_total() -> None:
+    """A total from a higher source than the token counts is kept."""
+    usage = record([dumps(ANTHROPIC_MESSAGE)], headers=[(b"x-tokens-used", b"1")])
+    assert Usage("claude-sonnet-4-5", 3210, 5, 1, "headers") == usage
+    scope = billing_scope()
+    attribute_usage(scope, total_tokens=500)
+    assert Usage("gpt-4o-mini", 100, 20, 500, "explicit") == record([dumps(OPENAI_CHAT)], scope=scope)
+
+
+async def test_attribute_usage_outside_the_middleware_is_a_no_op(caplog: pytest.LogCaptureFixture) -> None:
+    """Without the billing middleware nothing happens and nothing raises."""
+    scope: dict[str, Any] = {"type": "http"}
+    with caplog.at_level(logging.DEBUG, logger="lago_org_billing.attribution"):
+        attribute_usage(scope, input_tokens=5)
+        attribute_usage(Request(scope), model="m")
+        attribute_usage(object(), model="m")
+    assert SCOPE_KEY not in scope
+    assert any("outside the billing middleware" in r.getMessage() for r in caplog.records)
+
+
+# -- SSE ----------------------------------------------------------------------------------------------------------
+
+
+async def test_openai_stream_usage_from_final_chunk() -> None:
+    """The final usage chunk is read; [DONE] and content mentioning usage are harmless."""
+    assert Usage("gpt-4o", 11, 2, 13, "sse") == record([openai_stream()], content_type=SSE)
+
+
+async def test_openai_stream_byte_by_byte_and_crlf() -> None:
+    """Lines split anywhere across chunks, with \\r\\n or \\r line ends, parse the same."""
+    stream = openai_stream()
+    expected = Usage("gpt-4o", 11, 2, 13, "sse")
+    assert expected == record(byte_by_byte(stream), content_type=SSE)
+    crlf = stream.replace(b"\n", b"\r\n")
+    assert expected == record(byte_by_byte(crlf), content_type=SSE)
+    assert expected == record([crlf[:5], crlf[5:]], content_type=SSE)
+    assert expected == record(byte_by_byte(stream.replace(b"\n", b"\r")), content_type=SSE)
+
+
+async def test_openai_stream_without_usage_reports_the_model_only() -> None:
+    """Without stream_options.include_usage there is a model but no tokens."""
+    assert Usage("gpt-4o", 0, 0, 0, "sse") == record([openai_stream(include_usage=False)], content_type=SSE)
+
+
+async def test_anthropic_stream_merges_message_start_and_delta() -> None:
+    """Input (with cache reads) from message_start, cumulative output from message_delta."""
+    stream = sse(*anthropic_events())
+    expected = Usage("claude-haiku", 125, 42, 167, "sse")
+    assert expected == record([stream], content_type=SSE)
+    assert expected == record(byte_by_byte(stream.replace(b"\n", b"\r\n")), content_type=SSE)
+
+
+async def test_anthropic_stream_with_several_messages_adds_them_up() -> None:
+    """A new message_start starts another message whose usage is added."""
+    stream = sse(*anthropic_events(10, 0, 5, "m1"), *anthropic_events(20, 0, 7, "m2"))
+    assert Usage("m2", 30, 12, 42, "sse") == record([stream], content_type=SSE)
+
+
+async def test_responses_api_stream() -> None:
+    """response.completed carries the usage under "response"."""
+    stream = sse(
+        ("response.created", {"type": "response.created", "response": {"model": "gpt-4.1", "usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+        (
+            "response.completed",
+            {
+                "type": "response.completed",
+                "response": {"model": "gpt-4.1", "usage": {"input_tokens": 8, "output_tokens": 2, "total_tokens": 10}},
+            },
+        ),
+    )
+    assert Usage("gpt-4.1", 8, 2, 10, "sse") == record(byte_by_byte(stream), content_type=SSE)
+
+
+async def test_stream_cut_off_keeps_what_was_counted() -> None:
+    """A stream cut mid-way reports the usage seen so far; a truncated last line is ignored."""
+    stream = sse(*anthropic_events())
+    cut = stream.index(b"event: message_delta")
+    usage = record([stream[:cut]], content_type=SSE)
+    assert Usage("claude-haiku", 125, 1, 126, "sse") == usage
+    truncated = stream[: cut + 60]
+    assert Usage("claude-haiku", 125, 1, 126, "sse") == record(byte_by_byte(truncated), content_type=SSE)
+    openai = openai_stream()
+    assert Usage("gpt-4o", 0, 0, 0, "sse") == record([openai[:150]], content_type=SSE)
+
+
+async def test_stream_without_final_blank_line_still_counts() -> None:
+    """A last complete data line, or a last unterminated but complete line, is still read."""
+    final = b'data: {"model": "m", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    assert Usage("m", 3, 4, 7, "sse") == record([final + b"\n"], content_type=SSE)
+    assert Usage("m", 3, 4, 7, "sse") == record([final], content_type=SSE)
+
+
+async def test_sse_multiline_data_comments_and_no_space() -> None:
+    """Multi-line data fields are joined; comments are skipped; 'data:' without a space works."""
+    stream = b': keep-alive\n\ndata:{"model": "m",\ndata: "usage": {"input_tokens": 4, "output_tokens": 6}}\n\n'
+    assert Usage("m", 4, 6, 10, "sse") == record(byte_by_byte(stream), content_type=SSE)
+    assert Usage("m", 4, 6, 10, "sse") == record(byte_by_byte(stream.replace(b"\n", b"\r\n")), content_type=SSE)
+
+
+async def test_sse_oversized_line_is_skipped() -> None:
+    """A line longer than the cap is dropped (and its event), later events still count."""
+    config = AttributionConfig(max_body_bytes=200)
+    big = b"data: " + b'{"pad": "' + b"x" * 500 + b'", "usage": {"input_tokens": 999}}\n\n'
+    good = sse((None, {"model": "m", "usage": {"input_tokens": 1, "output_tokens": 2}}))
+    for chunks in ([big + good], byte_by_byte(big + good), [big[:300], big[300:] + good]):
+        assert Usage("m", 1, 2, 3, "sse") == record(chunks, content_type=SSE, config=config)
+
+
+async def test_result_is_final_and_idempotent() -> None:
+    """result() can be called twice; chunks after it are ignored."""
+    recorder = UsageRecorder({"type": "http"}, AttributionConfig())
+    recorder.response_start(start_message(SSE))
+    recorder.response_body(sse(*anthropic_events()[:1]))
+    first = recorder.result()
+    recorder.response_body(sse(*anthropic_events()[1:]))
+    assert first is recorder.result()
+    assert 1 == first.output_tokens
+
+
+async def test_response_body_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """An internal error while reading the stream is logged once and attribution falls back."""
+    recorder = UsageRecorder({"type": "http"}, AttributionConfig())
+    recorder.response_start(start_message(SSE, [(b"x-tokens-used", b"4")]))
+    with caplog.at_level(logging.ERROR, logger="lago_org_billing.attribution"):
+        recorder.response_body("not bytes")  # type: ignore[arg-type]
+        recorder.response_body("not bytes")  # type: ignore[arg-type]
+    assert Usage(None, 0, 0, 4, "headers") == recorder.result()
+    assert 1 == len(caplog.records)
+
+
+# -- malformed values ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["-1", "true", "1.5", '"abc"', '"-3"', '"1e3"', "1000000001", "NaN", "Infinity", "null", "[3]", '{"n": 1}']
+)
+async def test_malformed_body_values_become_zero(bad: str) -> None:
+    """Bools, negatives, fractions, non-digit strings, huge values, containers: dropped, never raised."""
+    body = b'{"model": "m", "usage": {"prompt_tokens": %s, "completion_tokens": 5}}' % bad.encode()
+    assert Usage("m", 0, 5, 5, "json") == record([body])
+
+
+async def test_whole_floats_and_limits_are_accepted() -> None:
+    """5.0 is 5, a digit string is its number, and 10**9 is still valid."""
+    body = dumps({"model": "m", "usage": {"prompt_tokens": 5.0, "completion_tokens": 10**9}})
+    assert Usage("m", 5, 10**9, 10**9 + 5, "json") == record([body])
+    body = dumps({"model": "m", "usage": {"prompt_tokens": " 12 ", "completion_tokens": 0}})
+    assert Usage("m", 12, 0, 12, "json") == record([body])
+
+
+async def test_malformed_values_are_logged_once_per_source_and_field(caplog: pytest.LogCaptureFixture) -> None:
+    """Repeated malformed values log one warning per (source, field)."""
+    body = dumps({"model": "m", "usage": {"prompt_tokens": -1, "completion_tokens": "x"}})
+    headers = [(b"x-input-tokens", b"-3"), (b"x-model", b"bad\x01model")]
+    with caplog.at_level(logging.WARNING, logger="lago_org_billing.attribution"):
+        for _ in range(3):
+            scope = billing_scope()
+            attribute_usage(scope, input_tokens=-5, model=42)  # type: ignore[arg-type]
+            usage = record([body], headers=headers, scope=scope)
+            assert Usage("m", 0, 0, 0, "json") == usage
+    logged = sorted((r.args[1], r.args[0]) for r in caplog.records if isinstance(r.args, tuple))
+    assert [
+        ("explicit", "input_tokens"),
+        ("explicit", "model"),
+        ("headers", "input_tokens"),
+        ("headers", "model"),
+        ("json", "input_tokens"),
+        ("json", "output_tokens"),
+    ] == logged
+    assert 6 == len(caplog.records)
+
+
+async def test_malformed_explicit_value_falls_back_to_lower_source() -> None:
+    """A malformed explicit count counts as missing, so the body's value is used."""
+    scope = billing_scope()
+    attribute_usage(scope, input_tokens=-1)
+    assert 100 == record([dumps(OPENAI_CHAT)], scope=scope).input_tokens
+
+
+# -- end to end ---------------------------------------------------------------------------------------------------
+
+
+class RecordingMiddleware:
+    """Minimal stand-in for the billing middleware: feeds a UsageRecorder, keeps results."""
+
+    def __init__(self, app: ASGIApp, results: list[Usage], config: AttributionConfig | None = None) -> None:
+        self.app = app
+        self.results = results
+        self.config = config or AttributionConfig()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[SCOPE_KEY] = {"org_id": "acme"}
+        recorder = UsageRecorder(scope, self.config)
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                recorder.response_start(message)
+            elif message["type"] == "http.response.body":
+                recorder.response_body(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.results.append(recorder.result())
+
+
+def make_app(results: list[Usage]) -> ASGIApp:
+    async def chat(request: Request) -> JSONResponse:
+        return JSONResponse(OPENAI_CHAT)
+
+    async def explicit(request: Request) -> JSONResponse:
+        attribute_usage(request, model="own-model", input_tokens=7, output_tokens=8)
+        return JSONResponse({"ok": True})
+
+    async def headers(request: Request) -> Response:
+        return Response("ok", headers={"X-Tokens-Used": "33", "X-Model": "hdr"})
+
+    async def stream(request: Request) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            for name, data in anthropic_events():
+                yield sse((name, data))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def stream_explicit(request: Request) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            yield b"data: hello\n\n"
+            attribute_usage(request, output_tokens=99)  # counted at the end of the stream
+            yield b"data: bye\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(
+        routes=[
+            Route("/chat", chat),
+            Route("/explicit", explicit),
+            Route("/headers", headers),
+            Route("/stream", stream),
+            Route("/stream-explicit", stream_explicit),
+        ]
+    )
+    return RecordingMiddleware(app, results)
+
+
+async def test_end_to_end_through_starlette() -> None:
+    """JSON body, explicit call, headers and an SSE stream, each through a real app; the client gets every byte."""
+    results: list[Usage] = []
+    transport = httpx.ASGITransport(app=make_app(results))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        chat = await client.get("/chat")
+        await client.get("/explicit")
+        await client.get("/headers")
+        stream = await client.get("/stream")
+        await client.get("/stream-explicit")
+    assert OPENAI_CHAT == chat.json()
+    assert sse(*anthropic_events()) == stream.content
+    assert [
+        Usage("gpt-4o-mini", 100, 20, 120, "json"),
+        Usage("own-model", 7, 8, 15, "explicit"),
+        Usage("hdr", 0, 0, 33, "headers"),
+        Usage("claude-haiku", 125, 42, 167, "sse"),
+        Usage(None, 0, 99, 99, "explicit"),
+    ] == results
+
+
+async def test_end_to_end_client_disconnect_mid_stream() -> None:
+    """A client that goes away mid-stream still yields a usage result with what was counted."""
+    results: list[Usage] = []
+    app = make_app(results)
+    sent: list[bytes] = []
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1234),
+    }
+    disconnected = anyio.Event()
+
+    async def receive() -> Message:
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+            if len(sent) == 3:  # message_start, content_block_start, ping: then the client leaves
+                disconnected.set()
+                raise OSError("client went away")
+
+    with pytest.raises(ClientDisconnect):
+        await app(scope, receive, send)
+    assert [Usage("claude-haiku", 125, 1, 126, "sse")] == results
