@@ -66,6 +66,8 @@ class WebhookDispatcher(Protocol):
 
     def emit(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> Any: ...
 
+    def reset(self) -> None: ...
+
 
 Middleware = Callable[[ASGIApp], ASGIApp]
 
@@ -99,7 +101,6 @@ class FakeLago:
         self.event_store = event_store
         self.clock: Callable[[], datetime] = clock or _utcnow
         self.batch_max_length = batch_max_length
-        self.webhooks: Any = None
         self.webhook_dispatcher: WebhookDispatcher | None = None
         self.emitted_webhooks: list[JSON] = []
         self.extra_routes: list[BaseRoute] = []
@@ -115,6 +116,12 @@ class FakeLago:
         self._stack: ASGIApp | None = None
         self._stack_key: tuple[int, ...] | None = None
         self.store = LagoStore(event_store=event_store, clock=self._now, emit=self._queue_webhook)
+        # Test controls: fault injection (``inject_fault``, ``/_emulator/faults``) and signed webhook delivery.
+        from ._faults import install_faults
+        from ._webhooks import install_webhooks
+
+        self.faults = install_faults(self)
+        install_webhooks(self)
 
     # Plumbing --------------------------------------------------------------------------------
 
@@ -322,8 +329,11 @@ class FakeLago:
         return self.store.snapshot()
 
     def reset(self) -> None:
-        """Forget every object, event, request record and emitted webhook."""
+        """Forget every object, event, request record, emitted webhook and injected fault."""
         self.store.clear()
+        self.faults.clear()
+        if self.webhook_dispatcher is not None:
+            self.webhook_dispatcher.reset()
         with self._log_lock:
             self.requests.clear()
             self.emitted_webhooks.clear()

@@ -1,0 +1,357 @@
+"""OrgBillingMiddleware end to end: ASGI app -> middleware -> pipeline -> Lago emulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from lago_org_billing import BillingSettings, ConfigurationError, OrgBillingMiddleware
+from lago_org_billing._identity import get_current_org
+
+pytestmark = pytest.mark.anyio
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+
+async def chat(request: Request) -> Response:
+    return JSONResponse({"id": request.path_params["chat_id"], "model": "gpt-4o-mini", "usage": USAGE})
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+        yield b'data: {"model": "gpt-4o-mini", "choices": [], "usage": ' + json.dumps(USAGE).encode() + b"}\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+async def boom(request: Request) -> Response:
+    raise RuntimeError("app crashed")
+
+
+async def whoami(request: Request) -> Response:
+    return JSONResponse({"org": get_current_org(request), "state_org": request.state.org_id})
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def echo_ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text("hello")
+    await websocket.close()
+
+
+def build_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/v1/chat/{chat_id}", chat, methods=["POST"]),
+            Route("/v1/stream", stream),
+            Route("/boom", boom),
+            Route("/whoami", whoami),
+            Route("/health", health),
+            Mount("/api", routes=[Route("/items/{item_id}", chat, methods=["POST"])]),
+            WebSocketRoute("/ws", echo_ws),
+        ]
+    )
+
+
+@pytest.fixture
+def settings(fake_lago: Any) -> BillingSettings:
+    """Settings pointing at the emulator; org and user from headers; /health excluded."""
+    fake_lago.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
+    fake_lago.add_plan(
+        "starter",
+        amount_cents=1000,
+        charges=[{"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "1"}}],
+    )
+    for org in ("org_a", "org_b"):
+        fake_lago.add_subscription(org, "starter", external_id=org)
+    return BillingSettings(
+        api_url=fake_lago.base_url,
+        api_key=fake_lago.api_key,
+        org_header="X-Org-Id",
+        user_header="X-User-Id",
+        exclude_paths=("/health",),
+        retry_backoff=0.001,
+    )
+
+
+MiddlewareFactory = Callable[..., OrgBillingMiddleware]
+
+
+@pytest.fixture
+def make_middleware(fake_lago: Any, settings: BillingSettings) -> MiddlewareFactory:
+    """Build the middleware around the test app, talking to the emulator in process."""
+
+    def make(**kwargs: Any) -> OrgBillingMiddleware:
+        return OrgBillingMiddleware(build_app(), settings=settings, transport=fake_lago.transport(), **kwargs)
+
+    return make
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+HEADERS = {"X-Org-Id": "org_a", "X-User-Id": "ada"}
+
+
+async def test_json_request_is_one_event_with_attribution(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """A JSON response becomes exactly one event with org, user, route template, model and tokens."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        response = await client.post("/v1/chat/c_42", headers=HEADERS)
+    assert response.status_code == 200
+    assert await middleware.pipeline.flush(5)
+    [event] = fake_lago.events
+    props = event["properties"]
+    assert event["code"] == "api_call" and event["external_subscription_id"] == "org_a"
+    assert props["org_id"] == "org_a" and props["user_id"] == "ada"
+    assert props["endpoint"] == "/v1/chat/{chat_id}"
+    assert props["method"] == "POST" and props["status_code"] == 200
+    assert props["model"] == "gpt-4o-mini"
+    assert (props["input_tokens"], props["output_tokens"], props["total_tokens"]) == (11, 7, 18)
+    assert props["duration_ms"] >= 0
+
+
+async def test_sse_stream_is_one_event_with_final_usage(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """A server-sent-event stream is passed through whole and billed once with the final chunk's usage."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        response = await client.get("/v1/stream", headers=HEADERS)
+    assert response.text.endswith("data: [DONE]\n\n")
+    assert await middleware.pipeline.flush(5)
+    [event] = fake_lago.events
+    assert event["properties"]["total_tokens"] == 18
+    assert event["properties"]["endpoint"] == "/v1/stream"
+
+
+async def test_mounted_route_keeps_prefix(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """Inside a Mount, the endpoint is the mount prefix plus the inner template."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        await client.post("/api/items/77", headers=HEADERS)
+    assert await middleware.pipeline.flush(5)
+    assert fake_lago.events[0]["properties"]["endpoint"] == "/api/items/{item_id}"
+
+
+@pytest.mark.parametrize(("bill_server_errors", "expected_events"), [(False, 0), (True, 1)])
+async def test_app_errors_follow_the_setting(
+    fake_lago: Any, make_middleware: MiddlewareFactory, bill_server_errors: bool, expected_events: int
+) -> None:
+    """An exception in the app propagates; the 500 is billed only with bill_server_errors."""
+    middleware = make_middleware(bill_server_errors=bill_server_errors)
+    async with client_for(middleware) as client:
+        with pytest.raises(RuntimeError, match="app crashed"):
+            await client.get("/boom", headers=HEADERS)
+    assert await middleware.pipeline.flush(5)
+    assert len(fake_lago.events) == expected_events
+    if expected_events:
+        assert fake_lago.events[0]["properties"]["status_code"] == 500
+
+
+async def test_excluded_paths_are_not_billed(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """LAGO_EXCLUDE_PATHS prefixes are neither billed nor resolved."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        assert (await client.get("/health", headers=HEADERS)).text == "ok"
+    assert await middleware.pipeline.flush(5)
+    assert fake_lago.events == []
+    assert middleware.stats["excluded"] == 1
+
+
+async def test_missing_org_allowed_unbilled_and_counted(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """Without an org the request is served, not billed, and counted."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        assert (await client.post("/v1/chat/c1")).status_code == 200
+    assert await middleware.pipeline.flush(5)
+    assert fake_lago.events == []
+    assert middleware.stats["unresolved"] == 1
+
+
+async def test_missing_org_rejected_with_problem_json(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """With on_unresolved='reject' the app is not called and a JSON problem is returned."""
+    middleware = make_middleware(on_unresolved="reject", unresolved_status=403)
+    async with client_for(middleware) as client:
+        response = await client.post("/v1/chat/c1")
+    assert response.status_code == 403
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["status"] == 403
+    assert middleware.stats["unresolved"] == 1
+
+
+async def test_org_is_available_downstream(make_middleware: MiddlewareFactory) -> None:
+    """The resolved org is on request.state and through get_current_org."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        body = (await client.get("/whoami", headers=HEADERS)).json()
+    assert body == {"org": "org_a", "state_org": "org_a"}
+
+
+async def test_custom_resolver_and_extra_properties(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """A callable resolver and an event_properties hook are honoured."""
+
+    async def org_from_path(scope: Any) -> str | None:
+        return "org_b" if scope["path"].startswith("/v1/chat/") else None
+
+    middleware = make_middleware(resolve_org=org_from_path, event_properties=lambda scope, identity: {"region": "eu"})
+    async with client_for(middleware) as client:
+        await client.post("/v1/chat/x")
+    assert await middleware.pipeline.flush(5)
+    [event] = fake_lago.events
+    assert event["external_subscription_id"] == "org_b" and event["properties"]["region"] == "eu"
+
+
+async def test_idempotency_key_bills_a_retried_request_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """Two requests with the same Idempotency-Key share one transaction_id: Lago keeps one."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        for _ in range(2):
+            await client.post("/v1/chat/c1", headers={**HEADERS, "Idempotency-Key": "k-1"})
+    assert await middleware.pipeline.flush(5)
+    assert len(fake_lago.events) == 1
+    assert middleware.pipeline.stats["duplicates"] == 1
+
+
+async def test_many_concurrent_requests_exactly_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """250 concurrent requests for two orgs give 250 distinct events in Lago, none lost, none twice."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client, anyio.create_task_group() as tasks:
+        for i in range(250):
+            org = "org_a" if i % 2 else "org_b"
+            tasks.start_soon(client.post, f"/v1/chat/{i}", headers={"X-Org-Id": org})  # type: ignore[arg-type]
+    assert await middleware.pipeline.flush(10)
+    ids = [event["transaction_id"] for event in fake_lago.events]
+    assert len(ids) == 250 and len(set(ids)) == 250
+    usage = fake_lago.usage("org_a", "org_a")["customer_usage"]
+    assert float(usage["charges_usage"][0]["units"]) == 125 * 18
+
+
+async def test_lago_down_then_back_delivers_every_event_once(
+    fake_lago: Any, make_middleware: MiddlewareFactory
+) -> None:
+    """Requests are served while Lago fails; once it is back every event arrives exactly once."""
+    fake_lago.inject_fault(status=503, count=4, path="/api/v1/events")
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        for i in range(30):
+            assert (await client.post(f"/v1/chat/{i}", headers=HEADERS)).status_code == 200
+    assert await middleware.pipeline.flush(10)
+    ids = [event["transaction_id"] for event in fake_lago.events]
+    assert len(ids) == 30 and len(set(ids)) == 30
+
+
+def test_lifespan_starts_and_shutdown_flushes(fake_lago: Any, settings: BillingSettings) -> None:
+    """Through app.add_middleware and the lifespan: events are flushed to Lago on shutdown."""
+    app = build_app()
+    app.add_middleware(OrgBillingMiddleware, settings=settings, transport=fake_lago.transport())
+    with TestClient(app) as client:
+        for i in range(5):
+            client.post(f"/v1/chat/{i}", headers=HEADERS)
+        with client.websocket_connect("/ws") as websocket:  # non-http scopes pass through
+            assert websocket.receive_text() == "hello"
+    assert len(fake_lago.events) == 5
+
+
+def test_add_middleware_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no arguments the middleware reads LAGO_* from the environment (and needs an API key)."""
+    app = Starlette(middleware=[Middleware(OrgBillingMiddleware)])
+    with pytest.raises(ConfigurationError, match="LAGO_API_KEY"):
+        with TestClient(app):
+            pass
+    monkeypatch.setenv("LAGO_API_KEY", "k")
+    monkeypatch.setenv("LAGO_EXCLUDE_PATHS", "/status")
+    middleware = OrgBillingMiddleware(build_app())
+    assert middleware.settings.exclude_paths == ("/status",)
+
+
+async def test_two_apps_do_not_share_state(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """Two middleware instances have separate pipelines and stats."""
+    first, second = make_middleware(), make_middleware()
+    async with client_for(first) as client:
+        await client.post("/v1/chat/1", headers=HEADERS)
+    assert first.pipeline is not second.pipeline
+    assert first.stats["billed"] == 1 and second.stats["billed"] == 0
+
+
+async def test_fastapi_app(fake_lago: Any, settings: BillingSettings) -> None:
+    """FastAPI routes are billed with their path template."""
+    fastapi = pytest.importorskip("fastapi")
+    app = fastapi.FastAPI()
+
+    @app.get("/v1/users/{user_id}/items")
+    async def items(user_id: str) -> dict[str, Any]:
+        return {"user": user_id, "usage": {"input_tokens": 3, "output_tokens": 4}}
+
+    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
+    async with client_for(middleware) as client:
+        assert (await client.get("/v1/users/u1/items", headers=HEADERS)).status_code == 200
+    assert await middleware.pipeline.flush(5)
+    [event] = fake_lago.events
+    assert event["properties"]["endpoint"] == "/v1/users/{user_id}/items"
+    assert event["properties"]["total_tokens"] == 7
+
+
+async def test_client_disconnect_mid_stream_is_still_billed(fake_lago: Any, settings: BillingSettings) -> None:
+    """A stream cut off by the client produces its event with the usage counted so far."""
+
+    async def anthropic_stream(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            start = {"type": "message_start", "message": {"model": "claude-haiku", "usage": {"input_tokens": 25}}}
+            yield b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"
+            await anyio.sleep_forever()  # the model "thinks" until the client gives up
+            yield b""  # pragma: no cover
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/messages", anthropic_stream)])
+    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
+    disconnected = anyio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            disconnected.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v1/messages",
+        "raw_path": b"/v1/messages",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"x-org-id", b"org_a"), (b"x-user-id", b"ada")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    await middleware(scope, receive, send)
+    assert await middleware.pipeline.flush(5)
+    [event] = fake_lago.events
+    assert event["properties"]["model"] == "claude-haiku"
+    assert event["properties"]["input_tokens"] == 25
