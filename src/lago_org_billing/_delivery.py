@@ -1,0 +1,547 @@
+"""Background delivery of usage events to Lago: batching, sending, retries, dead letters.
+
+::
+
+    pipeline = EventPipeline(client, spool_path=settings.spool_path)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        pipeline.submit(event_payload(...))   # sync, O(1), never waits on Lago
+        ...
+        await pipeline.aclose()                 # flush within shutdown_timeout, leave the rest in the spool
+
+A dispatcher task forms batches of up to ``batch_size`` events (100, Lago's limit) as soon as a batch is
+full or the oldest waiting event is ``flush_interval`` old, and hands them to ``concurrency`` worker tasks
+that ``POST /events/batch`` over the client's connection pool. The outbox is in memory (bounded) or the
+SQLite spool of :mod:`._spool` (durable, group commit).
+
+**Retry policy** (nothing is dropped silently; nothing is retried forever *for a reason of its own*):
+
+* **Lago unreachable, 502/503/504, 401/403/404** (Lago or its configuration is down, not the event): the
+  batch goes back to the outbox and the whole pipeline backs off (exponential, jittered, capped at
+  ``max_backoff``, 60 s). This lasts as long as the outage; with the SQLite spool the events wait on disk,
+  with the memory outbox new events are refused (counted, logged) once it is full.
+* **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds; no attempt is
+  counted against the events.
+* **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): each event of the batch
+  gets a strike, but at most one per "healthy interval" (only when another batch succeeded since its last
+  strike), so a plain outage never strikes anyone twice. A batch whose events all reached ``max_attempts``
+  strikes is split in halves; a single event that does goes to the dead letters.
+* **422 with every error ``transaction_id: value_already_exist``**: already in Lago (a retry whose first
+  attempt was ingested, or a resend after a crash): counted as delivered (``duplicates``).
+* **422 naming some events** (Lago rejects the batch atomically): duplicates are counted as delivered, the
+  invalid events go to the dead letters with Lago's reason, and the rest is sent again at once.
+* **Other 4xx, or a 422 naming no event**: the batch is split in halves until the culprit is alone; it goes
+  to the dead letters with the status and Lago's code.
+
+Dead letters are kept in memory (the last 10,000) or in the spool's ``dead_letters`` table, logged at ERROR
+with Lago's reason, counted in metrics and returned by :meth:`EventPipeline.dead_letters`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._client import LagoClient
+from ._errors import (
+    InvalidRequestError,
+    LagoAPIError,
+    LagoAuthenticationError,
+    LagoNotFoundError,
+    LagoRateLimitError,
+    LagoUnavailableError,
+    LagoValidationError,
+)
+from ._events import MAX_BATCH_SIZE, normalize_event
+from ._metrics import PipelineMetrics
+from ._spool import DeadLetter, Item, MemoryOutbox, Outbox, SqliteOutbox
+
+__all__ = ["DeadLetter", "EventPipeline"]
+
+logger = logging.getLogger("lago_org_billing.delivery")
+
+JSON = dict[str, Any]
+_OUTAGE_STATUSES = (502, 503, 504)
+
+
+class EventPipeline:
+    """Delivers the events handed to :meth:`submit` to Lago in the background (see the module docstring).
+
+    **Parameters:**
+
+    * **client** - the :class:`LagoClient` to send with (its pool is shared; its own retries apply inside
+      each attempt).
+    * **spool_path** - SQLite file of the durable spool (``LAGO_SPOOL_PATH``); ``None``: in memory.
+    * **memory_capacity** - events the memory outbox holds (with the spool: events waiting for a commit).
+    * **batch_size** - events per ``POST /events/batch`` (1 to 100).
+    * **flush_interval** - seconds the oldest event may wait for a batch to fill.
+    * **concurrency** - batches in flight at once.
+    * **commit_window** - seconds between group commits of the spool (an event is durable within it).
+    * **shutdown_timeout** - seconds :meth:`aclose` spends delivering what is left.
+    * **max_attempts** - 500-class strikes before an event is isolated and dead-lettered.
+    * **max_backoff** - cap of the pause after transient failures (seconds).
+    * **retry_backoff** - first pause after a transient failure (default: the client's ``retry_backoff``).
+    * **metrics** - a :class:`PipelineMetrics` (e.g. registered with Prometheus); one is made if omitted.
+    * **spool_window** - rows of the spool held in memory at a time.
+    """
+
+    def __init__(
+        self,
+        client: LagoClient,
+        *,
+        spool_path: str | None = None,
+        memory_capacity: int = 100_000,
+        batch_size: int = MAX_BATCH_SIZE,
+        flush_interval: float = 0.2,
+        concurrency: int = 4,
+        commit_window: float = 0.05,
+        shutdown_timeout: float = 5.0,
+        max_attempts: int = 10,
+        max_backoff: float = 60.0,
+        retry_backoff: float | None = None,
+        metrics: PipelineMetrics | None = None,
+        spool_window: int | None = None,
+    ) -> None:
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE} (Lago's limit), got {batch_size}")
+        if concurrency < 1 or memory_capacity < 1 or max_attempts < 1:
+            raise ValueError("concurrency, memory_capacity and max_attempts must be >= 1")
+        if flush_interval < 0 or commit_window <= 0 or shutdown_timeout < 0 or max_backoff <= 0:
+            raise ValueError("flush_interval, shutdown_timeout must be >= 0; commit_window, max_backoff > 0")
+        self.client = client
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.concurrency = concurrency
+        self.commit_window = commit_window
+        self.shutdown_timeout = shutdown_timeout
+        self.max_attempts = max_attempts
+        self.max_backoff = max_backoff
+        self.retry_backoff = retry_backoff if retry_backoff is not None else client.settings.retry_backoff
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
+        self.metrics.bind_gauges(self._gauges)
+        self.outbox: Outbox
+        if spool_path:
+            window = spool_window or max(2_000, 4 * batch_size * concurrency)
+            self.outbox = SqliteOutbox(spool_path, capacity=memory_capacity, window=window)
+        else:
+            self.outbox = MemoryOutbox(memory_capacity)
+        self.outbox.on_ready = self._notify
+        self._sleep = anyio.sleep  # tests replace it to observe the pauses
+        self._closed = False
+        self._running = False
+        self._loop_thread: int | None = None
+        self._wakeup: anyio.Event | None = None
+        self._kick: anyio.Event | None = None
+        self._progress: anyio.Event | None = None
+        self._stopped: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._flushing = 0
+        self._not_before = 0.0
+        self._failures = 0  # consecutive transient failures (backoff exponent)
+        self._successes = 0  # batches accepted so far (the "healthy interval" of strikes)
+        self._drop_burst = 0
+        self._config_error_logged = False
+        self._exit_stack: anyio.abc.TaskGroup | None = None
+
+    # ------------------------------------------------------------------ request path
+
+    def submit(self, event: JSON) -> None:
+        """Queue ``event`` for delivery: sync, O(1), no I/O. The pipeline owns the dict from now on.
+
+        Never raises: a full outbox or a closed pipeline counts the event in ``dropped`` and logs an ERROR
+        (once per burst)."""
+        metrics = self.metrics
+        metrics.recorded += 1
+        if not self._closed and self.outbox.put(event):
+            if self._drop_burst:
+                logger.warning("Billing events are accepted again after %d were dropped", self._drop_burst)
+                self._drop_burst = 0
+            return
+        metrics.dropped += 1
+        if not self._drop_burst:
+            why = "the pipeline is closed" if self._closed else f"the outbox is full ({self.outbox.capacity} events)"
+            logger.error(
+                "Dropping billing event %s: %s. Lago is slow or down; set LAGO_SPOOL_PATH for a durable spool "
+                "or raise memory_capacity.",
+                event.get("transaction_id") if isinstance(event, Mapping) else event,
+                why,
+            )
+        self._drop_burst += 1
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the background tasks until :meth:`aclose` or cancellation. ``await tg.start(pipeline.run)``."""
+        if self._running:
+            raise RuntimeError("This EventPipeline is already running.")
+        if self._closed:
+            raise RuntimeError("This EventPipeline is closed; create a new one.")
+        self._running = True
+        self._loop_thread = threading.get_ident()
+        self._wakeup, self._kick, self._progress = anyio.Event(), anyio.Event(), anyio.Event()
+        self._stopped = anyio.Event()
+        try:
+            await self.outbox.open()
+            send, receive = anyio.create_memory_object_stream[list[Item]](0)
+            with anyio.CancelScope() as self._scope:
+                async with anyio.create_task_group() as tg:
+                    if self.outbox.durable:
+                        tg.start_soon(self._spool_task)
+                    for _ in range(self.concurrency):
+                        tg.start_soon(self._worker, receive.clone())
+                    receive.close()
+                    tg.start_soon(self._dispatcher, send)
+                    task_status.started()
+        finally:
+            self._running = False
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+            self._stopped.set()
+
+    async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - the pipeline's API
+        """Deliver everything submitted so far; True when the outbox is empty (False on timeout).
+
+        Needs :meth:`run` to be running. Transient failures are retried with the usual pauses meanwhile."""
+        if not self._running:
+            raise RuntimeError("EventPipeline.flush() needs the pipeline running: await tg.start(pipeline.run)")
+        self._flushing += 1
+        try:
+            with anyio.move_on_after(timeout):
+                while self.outbox.unresolved():
+                    progress = self._progress = anyio.Event()
+                    self._poke()
+                    await progress.wait()
+        finally:
+            self._flushing -= 1
+        with anyio.CancelScope(shield=True):
+            await self.outbox.commit()
+        return self.outbox.unresolved() == 0
+
+    async def commit(self) -> None:
+        """Write submitted events to the spool now (no-op in memory). Tests and tools use it."""
+        if not self._running:
+            await self.outbox.open()
+        await self.outbox.commit()
+
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the pipeline's API
+        """Stop accepting events, deliver what is left within ``timeout`` (default ``shutdown_timeout``),
+        stop the background tasks and close the spool. Undelivered events stay in the spool (memory: lost,
+        counted in ``lost_at_shutdown`` and logged)."""
+        if self._closed and not self._running:
+            return
+        self._closed = True
+        deadline = self.shutdown_timeout if timeout is None else timeout
+        if self._running:
+            delivered = await self.flush(deadline)
+            if not delivered:
+                logger.warning(
+                    "Shutdown: %d billing events not delivered within %.1f s%s",
+                    self.outbox.unresolved(),
+                    deadline,
+                    " (they stay in the spool)" if self.outbox.durable else "",
+                )
+            assert self._scope is not None and self._stopped is not None
+            self._scope.cancel()
+            await self._stopped.wait()
+        else:
+            await self._finish()
+
+    async def __aenter__(self) -> EventPipeline:
+        self._exit_stack = anyio.create_task_group()
+        await self._exit_stack.__aenter__()
+        await self._exit_stack.start(self.run)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            assert self._exit_stack is not None
+            await self._exit_stack.__aexit__(exc_type, exc_value, traceback)
+
+    async def _finish(self) -> None:
+        outbox = self.outbox
+        if isinstance(outbox, MemoryOutbox):
+            lost = outbox.discard()
+            if lost:
+                self.metrics.lost_at_shutdown += lost
+                logger.error(
+                    "Shutdown: %d billing events in memory were not delivered and are lost; "
+                    "set LAGO_SPOOL_PATH to keep them across restarts.",
+                    lost,
+                )
+        elif self._closed:
+            await outbox.close()
+        else:  # cancelled without aclose: make everything durable, keep the file open for a new run()
+            await outbox.commit()
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters and depths as plain ints (see :mod:`._metrics`)."""
+        return self.metrics.snapshot()
+
+    def _gauges(self) -> dict[str, int]:
+        return {"depth": self.outbox.unresolved(), "spool_depth": self.outbox.spool_depth()}
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Events Lago rejected for good, with Lago's reason (memory list or the spool's table)."""
+        return self.outbox.dead_letters()
+
+    @property
+    def spool_file(self) -> str | None:
+        """The SQLite file this process owns, or None in memory."""
+        return self.outbox.path if isinstance(self.outbox, SqliteOutbox) else None
+
+    # ------------------------------------------------------------------ background tasks
+
+    def _notify(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and threading.get_ident() == self._loop_thread:
+            wakeup.set()  # other threads: the dispatcher's own timeouts pick the events up
+
+    def _poke(self) -> None:
+        for event in (self._wakeup, self._kick):
+            if event is not None:
+                event.set()
+
+    def _progressed(self) -> None:
+        if self._progress is not None:
+            self._progress.set()
+
+    async def _spool_task(self) -> None:
+        outbox = self.outbox
+        while True:
+            kick = self._kick = anyio.Event()
+            with anyio.move_on_after(self.commit_window):
+                await kick.wait()
+            await outbox.commit()
+            await outbox.fill()
+
+    async def _dispatcher(self, send: MemoryObjectSendStream[list[Item]]) -> None:
+        outbox = self.outbox
+        async with send:
+            while True:
+                await self._wait_gate()
+                if outbox.available() < self.batch_size:
+                    await outbox.fill()  # the spool loads more rows when its window runs low
+                available = outbox.available()
+                if available >= self.batch_size or (
+                    available and (self._flushing or time.monotonic() - outbox.ready_since >= self.flush_interval)
+                ):
+                    await send.send(outbox.take(self.batch_size))
+                    continue
+                wakeup = self._wakeup = anyio.Event()
+                if available:
+                    timeout: float | None = self.flush_interval - (time.monotonic() - outbox.ready_since)
+                else:
+                    timeout = None if not outbox.durable else self.commit_window * 4
+                with anyio.move_on_after(timeout):
+                    await wakeup.wait()
+
+    async def _wait_gate(self) -> None:
+        while True:
+            delay = self._not_before - time.monotonic()
+            if delay <= 0:
+                return
+            await self._sleep(delay)
+
+    def _pause(self, seconds: float) -> None:
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    def _backoff(self) -> float:
+        self._failures += 1
+        ceiling = min(self.max_backoff, self.retry_backoff * 2 ** min(self._failures - 1, 30))
+        delay = random.uniform(ceiling / 2, ceiling)
+        self._pause(delay)
+        return delay
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[list[Item]]) -> None:
+        async with receive:
+            async for batch in receive:
+                await self._deliver(batch)
+
+    async def _deliver(self, batch: list[Item]) -> None:
+        outbox, metrics = self.outbox, self.metrics
+        stack = [batch]
+        while stack:
+            items = stack.pop()
+            await self._wait_gate()
+            started = time.monotonic()
+            metrics.batches_sent += 1
+            try:
+                await self.client.create_events([item.event for item in items])
+            except LagoValidationError as exc:
+                metrics.lago_error(exc.status)
+                stack.extend(self._rejected(items, exc))
+            except LagoRateLimitError as exc:
+                metrics.lago_error(exc.status)
+                metrics.rate_limited += 1
+                wait = exc.retry_after if exc.retry_after is not None else self._backoff()
+                self._pause(wait)
+                logger.warning("Lago rate limit (429): delivery paused for %.2f s", wait)
+                self._retry(items, stack)
+                return
+            except (LagoUnavailableError, LagoAuthenticationError, LagoNotFoundError) as exc:
+                metrics.lago_error(exc.status)
+                if self._server_failure(items, exc, stack):
+                    continue
+                return
+            except LagoAPIError as exc:  # other 4xx: some event is at fault
+                metrics.lago_error(exc.status)
+                self._isolate(items, exc, stack)
+            except InvalidRequestError:
+                self._invalid(items, stack)
+            except Exception:
+                logger.exception("Unexpected error while sending billing events; retrying later")
+                self._backoff()
+                self._retry(items, stack)
+                return
+            else:
+                metrics.observe_latency(time.monotonic() - started)
+                metrics.delivered += len(items)
+                self._succeeded()
+                outbox.resolve(items)
+                self._progressed()
+
+    def _succeeded(self) -> None:
+        self._successes += 1
+        if self._failures or self._config_error_logged:
+            logger.info("Lago accepts billing events again")
+        self._failures = 0
+        self._config_error_logged = False
+
+    def _retry(self, items: list[Item], stack: list[list[Item]]) -> None:
+        """Put ``items`` and the pending sub-batches back in the outbox for a later attempt."""
+        everything = [item for part in reversed(stack) for item in part] if stack else []
+        everything = items + everything
+        stack.clear()
+        self.metrics.retries += 1
+        self.outbox.release(everything)
+
+    def _dead(self, item: Item, reason: str, status: int | None, code: str | None) -> None:
+        letter = DeadLetter(event=item.event, reason=reason, status=status, code=code)
+        self.outbox.dead(item, letter)
+        self.metrics.dead_lettered += 1
+        logger.error(
+            "Lago rejected billing event %s for good (%s): %s; kept in the dead letters",
+            item.event.get("transaction_id"),
+            status if status is not None else code,
+            reason,
+        )
+        self._progressed()
+
+    def _server_failure(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> bool:
+        """Network error, 5xx, 401/403/404. True when the caller should go on with ``stack``."""
+        status = exc.status
+        if isinstance(exc, (LagoAuthenticationError, LagoNotFoundError)):
+            if not self._config_error_logged:
+                logger.error("Lago refuses billing events (%s): %s Events are kept and retried.", status, exc)
+                self._config_error_logged = True
+        elif status is not None and status not in _OUTAGE_STATUSES:
+            # Lago answered and failed: a strike for each event, at most one per healthy interval
+            for item in items:
+                if item.mark != self._successes:
+                    item.mark = self._successes
+                    item.attempts += 1
+            if all(item.attempts >= self.max_attempts for item in items):
+                self._backoff()
+                if len(items) == 1:
+                    self._dead(items[0], f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
+                else:
+                    half = len(items) // 2
+                    stack.extend([items[half:], items[:half]])
+                return True
+        delay = self._backoff()
+        logger.warning("Lago delivery failed (%s); retrying in %.2f s", status or type(exc.__cause__).__name__, delay)
+        self._retry(items, stack)
+        return False
+
+    def _isolate(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> None:
+        """A rejection that names no event: split until the culprit is alone."""
+        if len(items) == 1:
+            self._dead(items[0], _reason(exc), exc.status, exc.code)
+            return
+        half = len(items) // 2
+        stack.extend([items[half:], items[:half]])
+
+    def _rejected(self, items: list[Item], exc: LagoValidationError) -> list[list[Item]]:
+        """Handle a 422 (Lago rejects a batch atomically); return the sub-batches still to send."""
+        self._succeeded()  # Lago answered: it is up
+        failed = exc.failed_indexes()
+        if len(items) == 1 and not failed and _is_duplicate(exc.details):
+            self._duplicates(items)
+            return []
+        if not failed or any(index >= len(items) for index in failed):
+            stack: list[list[Item]] = []
+            self._isolate(items, exc, stack)
+            return stack
+        duplicates: list[Item] = []
+        rest: list[Item] = []
+        for index, item in enumerate(items):
+            error = failed.get(index)
+            if error is None:
+                rest.append(item)
+            elif _is_duplicate(error):
+                duplicates.append(item)
+            else:
+                self._dead(item, _describe(error), exc.status, exc.code)
+        if duplicates:
+            self._duplicates(duplicates)
+        return [rest] if rest else []
+
+    def _duplicates(self, items: list[Item]) -> None:
+        self.metrics.duplicates += len(items)
+        self.metrics.delivered += len(items)
+        self.outbox.resolve(items)
+        self._progressed()
+
+    def _invalid(self, items: list[Item], stack: list[list[Item]]) -> None:
+        """The client refused to send some event (bad shape): dead-letter those, send the rest."""
+        valid: list[Item] = []
+        for item in items:
+            try:
+                normalize_event(item.event)
+            except InvalidRequestError as exc:
+                self._dead(item, str(exc), None, "invalid_event")
+            else:
+                valid.append(item)
+        if valid and len(valid) < len(items):
+            stack.append(valid)
+        elif valid:  # every event looks fine on its own: isolate whatever the client dislikes
+            self._isolate(valid, LagoAPIError("the client refused the batch", code="invalid_event"), stack)
+
+
+def _is_duplicate(error: Any) -> bool:
+    return (
+        isinstance(error, Mapping)
+        and set(error) == {"transaction_id"}
+        and isinstance(error["transaction_id"], list)
+        and set(error["transaction_id"]) == {"value_already_exist"}
+    )
+
+
+def _describe(error: Any) -> str:
+    return error if isinstance(error, str) else json.dumps(error, sort_keys=True, default=str)
+
+
+def _reason(exc: LagoAPIError) -> str:
+    if exc.details:
+        return _describe(exc.details)
+    return exc.error or str(exc)

@@ -1,0 +1,147 @@
+"""Counters of the event delivery pipeline, optionally exported to Prometheus (extra ``metrics``).
+
+The counters are plain ints on :class:`PipelineMetrics` (the source of truth, read by ``EventPipeline.stats``
+and by tests). Prometheus reads them at scrape time through a custom collector, so the request path never
+touches ``prometheus_client``::
+
+    metrics = PipelineMetrics()
+    metrics.register()                      # the default registry; or metrics.register(my_registry)
+    pipeline = EventPipeline(client, metrics=metrics)
+
+Without ``prometheus_client`` installed, :meth:`PipelineMetrics.register` logs a warning and returns False;
+everything else works the same.
+
+Exported metrics (prefix ``lago_billing_`` by default):
+
+* ``events_recorded_total``, ``events_delivered_total`` (accepted by Lago, duplicates included),
+  ``events_duplicate_total`` (already in Lago), ``events_dead_lettered_total``, ``events_dropped_total``
+  (outbox full or pipeline closed), ``events_lost_at_shutdown_total`` (memory outbox only),
+  ``delivery_retries_total``, ``batches_sent_total``, ``rate_limited_total``
+* ``lago_errors_total{status="503"|"network"|...}``
+* ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool)
+* ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, retries inside the client included
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+__all__ = ["LATENCY_BUCKETS", "PipelineMetrics"]
+
+logger = logging.getLogger("lago_org_billing.delivery")
+
+#: Upper bounds (seconds) of the ``delivery_seconds`` histogram buckets.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+_COUNTERS = {
+    "recorded": ("events_recorded", "Usage events handed to the delivery pipeline."),
+    "delivered": ("events_delivered", "Events Lago holds thanks to the pipeline (duplicates included)."),
+    "duplicates": ("events_duplicate", "Events Lago already had (value_already_exist): counted as delivered."),
+    "dead_lettered": ("events_dead_lettered", "Events Lago rejected for good, kept in the dead-letter store."),
+    "dropped": ("events_dropped", "Events refused because the outbox was full or the pipeline closed."),
+    "lost_at_shutdown": ("events_lost_at_shutdown", "Events of the memory outbox undelivered at shutdown."),
+    "retries": ("delivery_retries", "Batches put back for a later attempt after a transient failure."),
+    "batches_sent": ("batches_sent", "POST /events/batch calls made."),
+    "rate_limited": ("rate_limited", "429 answers from Lago that paused delivery."),
+}
+
+
+class PipelineMetrics:
+    """Counters, gauges and a latency histogram of one :class:`EventPipeline`."""
+
+    def __init__(self) -> None:
+        self.recorded = 0
+        self.delivered = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.dropped = 0
+        self.lost_at_shutdown = 0
+        self.retries = 0
+        self.batches_sent = 0
+        self.rate_limited = 0
+        #: Lago errors by HTTP status (``"network"`` when no response came back).
+        self.lago_errors: dict[str, int] = {}
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self._gauges: Callable[[], dict[str, int]] = dict
+
+    # ------------------------------------------------------------- recording
+
+    def lago_error(self, status: int | None) -> None:
+        key = "network" if status is None else str(status)
+        self.lago_errors[key] = self.lago_errors.get(key, 0) + 1
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def bind_gauges(self, gauges: Callable[[], dict[str, int]]) -> None:
+        """Where ``queue_depth`` and ``spool_depth`` are read from (the pipeline binds itself)."""
+        self._gauges = gauges
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter and gauge as plain ints (``lago_errors_<status>`` for the errors)."""
+        values = {name: getattr(self, name) for name in _COUNTERS}
+        values.update(self._gauges())
+        for status, count in sorted(self.lago_errors.items()):
+            values[f"lago_errors_{status}"] = count
+        return values
+
+    # ------------------------------------------------------------ Prometheus
+
+    def register(self, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
+        """Export these metrics through ``registry`` (default: ``prometheus_client.REGISTRY``).
+
+        Returns False (and logs a warning) when ``prometheus_client`` is not installed:
+        ``pip install 'lago-org-billing[metrics]'``.
+        """
+        try:
+            import prometheus_client
+        except ImportError:
+            logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
+            return False
+        target = prometheus_client.REGISTRY if registry is None else registry
+        target.register(_Collector(self, namespace))
+        return True
+
+
+class _Collector:
+    """A prometheus_client custom collector reading :class:`PipelineMetrics` at scrape time."""
+
+    def __init__(self, metrics: PipelineMetrics, namespace: str) -> None:
+        self._metrics = metrics
+        self._prefix = f"{namespace}_" if namespace else ""
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        metrics, prefix = self._metrics, self._prefix
+        for attribute, (name, documentation) in _COUNTERS.items():
+            yield CounterMetricFamily(prefix + name, documentation, value=getattr(metrics, attribute))
+        errors = CounterMetricFamily(prefix + "lago_errors", "Errors answered by Lago, by status.", labels=["status"])
+        for status, count in sorted(metrics.lago_errors.items()):
+            errors.add_metric([status], count)
+        yield errors
+        gauges = metrics._gauges()
+        yield GaugeMetricFamily(
+            prefix + "queue_depth", "Events accepted and not yet resolved.", value=gauges.get("depth", 0)
+        )
+        yield GaugeMetricFamily(prefix + "spool_depth", "Rows in the SQLite spool.", value=gauges.get("spool_depth", 0))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), metrics.latency_buckets, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            prefix + "delivery_seconds",
+            "Duration of each POST /events/batch call.",
+            buckets=buckets,
+            sum_value=metrics.latency_sum,
+        )

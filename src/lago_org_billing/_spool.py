@@ -1,0 +1,576 @@
+"""Outboxes of the event pipeline: bounded in memory (default) or a durable SQLite spool (``LAGO_SPOOL_PATH``).
+
+Both hold the event dicts exactly as the middleware built them (``_events.event_payload``: ``transaction_id``
+and a millisecond ``timestamp`` string fixed at creation), and hand them back unchanged for every attempt,
+so a resend is byte-identical (Lago's ClickHouse store deduplicates on ``transaction_id`` + ``timestamp``).
+
+**Memory outbox** (:class:`MemoryOutbox`): a deque bounded by ``capacity``; a full outbox refuses the event
+(the pipeline counts and logs it). What is left at shutdown is lost (and counted).
+
+**SQLite spool** (:class:`SqliteOutbox`):
+
+* ``put`` appends to an in-memory *pending* list (bounded by ``capacity``); the pipeline's spool task writes
+  pending rows in **one transaction per commit window** (group commit, default 50 ms) in a worker thread,
+  so the event loop never waits on the disk. WAL journal, ``synchronous=FULL``: a committed event survives a
+  crash, ``kill -9`` or a power cut. An event is at most ``commit_window`` from durable.
+* Rows are delivered FIFO by rowid. Only a bounded **window** of rows is in memory at a time (loaded from
+  disk as it drains; just-committed rows are handed over directly when there is no backlog), so memory stays
+  bounded whatever the backlog on disk (a Lago outage of hours just grows the file).
+* A delivered row is deleted, and a dead-lettered row moved to the ``dead_letters`` table, in the next group
+  commit. A crash before that commit means the row is sent again: Lago deduplicates it (Postgres store:
+  ``value_already_exist``, counted as a duplicate; ClickHouse: the byte-identical copy replaces itself).
+* On restart the rows left in the file are delivered first: they have the lowest rowids.
+
+**Several processes** (e.g. ``uvicorn --workers 4``) may share one ``LAGO_SPOOL_PATH``. Each process owns
+one *slot* file, locked with ``fcntl.flock`` for its lifetime: slot 0 is ``LAGO_SPOOL_PATH`` itself, slot
+``k`` is ``LAGO_SPOOL_PATH.k`` (lock files ``<file>.lock``). A process takes the first free slot, then
+*adopts* every slot file whose lock is free (its process died or shrank away): it copies that file's events
+and dead letters into its own spool in one transaction, then deletes the orphan file. A crash between the
+two steps only causes a resend, which Lago deduplicates. The lock is released by the OS when a process
+dies, even on ``kill -9``. Without ``fcntl`` (Windows) there is no locking: one process per spool file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+_flock: Callable[[int, int], None] | None
+try:
+    import fcntl
+
+    _flock, _LOCK_FLAGS = fcntl.flock, fcntl.LOCK_EX | fcntl.LOCK_NB
+except ImportError:  # pragma: no cover - Windows: one process per spool file
+    _flock, _LOCK_FLAGS = None, 0
+
+__all__ = ["DeadLetter", "Item", "MemoryOutbox", "Outbox", "SqliteOutbox", "spool_slot_path"]
+
+logger = logging.getLogger("lago_org_billing.delivery")
+
+JSON = dict[str, Any]
+_MAX_SLOTS = 1024
+_MEMORY_DEAD_LETTERS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """An event Lago rejected for good, with Lago's reason."""
+
+    event: JSON
+    reason: str
+    status: int | None = None
+    code: str | None = None
+    created_at: float = dataclasses.field(default_factory=time.time)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Item:
+    """One event in an outbox. ``attempts``/``mark`` track failures attributable to the event itself."""
+
+    event: JSON
+    id: int = 0
+    attempts: int = 0
+    mark: int = -1
+
+
+class Outbox:
+    """What the pipeline needs from a store. Everything but the ``async`` methods runs on the event loop."""
+
+    durable = False
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.window: collections.deque[Item] = collections.deque()
+        self.in_flight = 0
+        #: ``time.monotonic()`` when the window last went from empty to non-empty.
+        self.ready_since = 0.0
+        #: Called (on the event loop) when events become available; set by the pipeline.
+        self.on_ready: Callable[[], None] = _nothing
+
+    def put(self, event: JSON) -> bool:
+        """Accept ``event`` (sync, O(1), no I/O); False when full."""
+        raise NotImplementedError
+
+    def available(self) -> int:
+        return len(self.window)
+
+    def take(self, n: int) -> list[Item]:
+        """Up to ``n`` events, oldest first, now in flight."""
+        window = self.window
+        count = min(n, len(window))
+        items = [window.popleft() for _ in range(count)]
+        self.in_flight += count
+        return items
+
+    def release(self, items: list[Item]) -> None:
+        """Put in-flight events back at the front, for a later attempt."""
+        self.in_flight -= len(items)
+        if not self.window:
+            self.ready_since = time.monotonic()
+        self.window.extendleft(reversed(items))
+        self.on_ready()
+
+    def resolve(self, items: list[Item]) -> None:
+        """In-flight events are in Lago (delivered or duplicates)."""
+        raise NotImplementedError
+
+    def dead(self, item: Item, letter: DeadLetter) -> None:
+        """An in-flight event goes to the dead letters."""
+        raise NotImplementedError
+
+    def unresolved(self) -> int:
+        """Events accepted and not yet delivered nor dead-lettered."""
+        raise NotImplementedError
+
+    def spool_depth(self) -> int:
+        return 0
+
+    def dead_letters(self) -> list[DeadLetter]:
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        """Prepare the store (the SQLite spool opens, locks and adopts here)."""
+
+    async def commit(self) -> None:
+        """Make accepted events durable and record resolutions (group commit)."""
+
+    async def fill(self) -> None:
+        """Load more events from the store into the window if it runs low."""
+
+    async def close(self) -> None:
+        """Commit and release the store."""
+
+
+def _nothing() -> None:
+    return None
+
+
+class MemoryOutbox(Outbox):
+    """A bounded in-memory outbox: lost on exit, refuses events beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        super().__init__(capacity)
+        self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
+        self.dead_evicted = 0
+
+    def put(self, event: JSON) -> bool:
+        window = self.window
+        if len(window) >= self.capacity:
+            return False
+        window.append(Item(event))
+        if len(window) == 1:
+            self.ready_since = time.monotonic()
+            self.on_ready()
+        return True
+
+    def resolve(self, items: list[Item]) -> None:
+        self.in_flight -= len(items)
+
+    def dead(self, item: Item, letter: DeadLetter) -> None:
+        self.in_flight -= 1
+        if len(self._dead) == self._dead.maxlen:
+            self.dead_evicted += 1
+            logger.error("The in-memory dead-letter list is full: forgetting the oldest (%s)", self._dead[0].reason)
+        self._dead.append(letter)
+
+    def unresolved(self) -> int:
+        return len(self.window) + self.in_flight
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return list(self._dead)
+
+    def discard(self) -> int:
+        """Forget what is left (shutdown); how many events that was."""
+        count = len(self.window) + self.in_flight
+        self.window.clear()
+        return count
+
+
+# --------------------------------------------------------------------------------------------- SQLite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER,
+    code TEXT,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def spool_slot_path(path: str, slot: int) -> str:
+    """The database file of a slot: ``path`` for slot 0, ``path.<slot>`` otherwise."""
+    return path if slot == 0 else f"{path}.{slot}"
+
+
+def _dumps(event: JSON) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class _SpoolFile:
+    """The blocking half of the SQLite spool. Every method runs in a worker thread, under ``lock``."""
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self.base_path = os.path.abspath(path)
+        self.synchronous = synchronous
+        self.lock = threading.Lock()
+        self.path = ""
+        self.conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> tuple[int, int, int]:
+        """Lock a slot, open it, adopt orphans; return (row count, max id, adopted rows)."""
+        with self.lock:
+            directory = os.path.dirname(self.base_path)
+            os.makedirs(directory, exist_ok=True)
+            slot = self._acquire_slot()
+            self.path = spool_slot_path(self.base_path, slot)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn = conn
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA journal_size_limit=67108864")
+            conn.executescript(_SCHEMA)
+            adopted = self._adopt_orphans(slot)
+            count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            return int(count), int(max_id), adopted
+
+    def _try_lock(self, db_path: str) -> int | None:
+        if _flock is None:  # pragma: no cover - Windows: single writer, documented
+            return -1
+        fd = os.open(db_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _flock(fd, _LOCK_FLAGS)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _acquire_slot(self) -> int:
+        for slot in range(_MAX_SLOTS):
+            fd = self._try_lock(spool_slot_path(self.base_path, slot))
+            if fd is not None:
+                self._lock_fd = fd if fd >= 0 else None
+                return slot
+        raise OSError(f"every one of {_MAX_SLOTS} spool slots of {self.base_path} is locked by a live process")
+
+    def _adopt_orphans(self, my_slot: int) -> int:
+        if _flock is None:  # pragma: no cover
+            return 0
+        assert self.conn is not None
+        pattern = re.compile(re.escape(self.base_path) + r"(?:\.(\d+))?")
+        adopted = 0
+        for candidate in [self.base_path, *glob.glob(glob.escape(self.base_path) + ".*")]:
+            match = pattern.fullmatch(candidate)
+            if match is None or not os.path.exists(candidate):
+                continue
+            slot = int(match.group(1) or 0)
+            if slot == my_slot:
+                continue
+            fd = self._try_lock(candidate)
+            if fd is None:  # a live process owns it
+                continue
+            try:
+                adopted += self._adopt(candidate)
+            finally:
+                os.close(fd)
+        return adopted
+
+    def _adopt(self, orphan: str) -> int:
+        conn = self.conn
+        assert conn is not None
+        conn.execute("ATTACH DATABASE ? AS orphan", (orphan,))
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM orphan.sqlite_master WHERE type='table'")}
+            moved = 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if "events" in tables:
+                    moved = conn.execute(
+                        "INSERT INTO main.events(body) SELECT body FROM orphan.events ORDER BY id"
+                    ).rowcount
+                if "dead_letters" in tables:
+                    conn.execute(
+                        "INSERT INTO main.dead_letters(body, reason, status, code, created_at) "
+                        "SELECT body, reason, status, code, created_at FROM orphan.dead_letters ORDER BY id"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.execute("DETACH DATABASE orphan")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.remove(orphan + suffix)
+            except FileNotFoundError:
+                pass
+        if moved:
+            logger.warning("Adopted %d undelivered events from the orphan spool %s", moved, orphan)
+        return moved
+
+    # ------------------------------------------------------------------ I/O
+
+    def write(self, rows: list[tuple[int, JSON]], deletes: list[int], dead: list[tuple[int, DeadLetter]]) -> list[int]:
+        """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes``.
+
+        Returns the ids of rows that JSON cannot carry (stored as dead letters instead)."""
+        encoded: list[tuple[int, str]] = []
+        unencodable: list[int] = []
+        letters = [
+            (_safe_dumps(letter.event), letter.reason, letter.status, letter.code, letter.created_at)
+            for _, letter in dead
+        ]
+        for row_id, event in rows:
+            try:
+                encoded.append((row_id, _dumps(event)))
+            except (TypeError, ValueError) as exc:
+                unencodable.append(row_id)
+                letters.append(
+                    (_safe_dumps(event), f"not JSON-serialisable: {exc}", None, "invalid_event", time.time())
+                )
+        with self.lock:
+            conn = self.conn
+            assert conn is not None
+            conn.execute("BEGIN")
+            try:
+                if encoded:
+                    conn.executemany("INSERT INTO events(id, body) VALUES (?, ?)", encoded)
+                if letters:
+                    conn.executemany(
+                        "INSERT INTO dead_letters(body, reason, status, code, created_at) VALUES (?, ?, ?, ?, ?)",
+                        letters,
+                    )
+                gone = [(row_id,) for row_id in deletes] + [(row_id,) for row_id, _ in dead]
+                if gone:
+                    conn.executemany("DELETE FROM events WHERE id = ?", gone)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return unencodable
+
+    def load(self, after_id: int, limit: int) -> tuple[list[Item], list[tuple[int, DeadLetter]], int]:
+        """Up to ``limit`` rows after ``after_id``: (items, unreadable rows as dead letters, last id seen)."""
+        with self.lock:
+            assert self.conn is not None
+            rows = self.conn.execute(
+                "SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            ).fetchall()
+        items: list[Item] = []
+        broken: list[tuple[int, DeadLetter]] = []
+        loads = json.loads
+        for row_id, body in rows:
+            try:
+                event = loads(body)
+                if not isinstance(event, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                broken.append((row_id, DeadLetter({"body": body}, f"unreadable spool row: {exc}", code="corrupt")))
+                continue
+            items.append(Item(event, row_id))
+        return items, broken, (rows[-1][0] if rows else after_id)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        query = "SELECT body, reason, status, code, created_at FROM dead_letters ORDER BY id"
+        with self.lock:
+            if self.conn is not None:
+                rows = self.conn.execute(query).fetchall()
+            elif self.path and os.path.exists(self.path):  # closed: read the file once more
+                conn = sqlite3.connect(self.path)
+                try:
+                    rows = conn.execute(query).fetchall()
+                finally:
+                    conn.close()
+            else:
+                rows = []
+        return [
+            DeadLetter(_loads_or_raw(body), reason, status, code, created_at)
+            for body, reason, status, code, created_at in rows
+        ]
+
+    def close(self) -> None:
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+
+def _safe_dumps(event: JSON) -> str:
+    try:
+        return _dumps(event)
+    except (TypeError, ValueError):
+        return json.dumps({"repr": repr(event)})
+
+
+def _loads_or_raw(body: str) -> JSON:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {"body": body}
+    return value if isinstance(value, dict) else {"body": value}
+
+
+class SqliteOutbox(Outbox):
+    """The durable spool (see the module docstring). ``capacity`` bounds the events waiting for a commit;
+    ``window`` bounds the rows held in memory for delivery."""
+
+    durable = True
+
+    def __init__(self, path: str, *, capacity: int = 100_000, window: int = 2_000, synchronous: str = "FULL") -> None:
+        super().__init__(capacity)
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.file = _SpoolFile(path, synchronous.upper())
+        self.window_size = max(window, 1)
+        self.pending: list[tuple[int, JSON]] = []
+        self._to_delete: list[int] = []
+        self._to_dead: list[tuple[int, DeadLetter]] = []
+        self._next_id = 1
+        self._rows = 0  # rows in the file (committed, not yet deleted)
+        self._loaded_upto = 0  # highest id put into the window (or beyond, in flight / resolved)
+        self._committed_upto = 0
+        self._io: anyio.Lock | None = None
+        self._opened = False
+        self.adopted = 0
+
+    @property
+    def path(self) -> str:
+        """The slot file this process owns (``LAGO_SPOOL_PATH`` itself unless another process holds it)."""
+        return self.file.path
+
+    # ------------------------------------------------------------- loop side
+
+    def put(self, event: JSON) -> bool:
+        if len(self.pending) >= self.capacity:
+            return False
+        self.pending.append((self._next_id, event))
+        self._next_id += 1
+        return True
+
+    def resolve(self, items: list[Item]) -> None:
+        self._to_delete.extend(item.id for item in items)
+        self.in_flight -= len(items)
+
+    def dead(self, item: Item, letter: DeadLetter) -> None:
+        self.in_flight -= 1
+        self._to_dead.append((item.id, letter))
+
+    def unresolved(self) -> int:
+        return len(self.pending) + self._rows - len(self._to_delete) - len(self._to_dead)
+
+    def spool_depth(self) -> int:
+        return self._rows
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The spool's ``dead_letters`` table (a short blocking read: not for the request path)."""
+        return self.file.dead_letters()
+
+    # ------------------------------------------------------------ thread side
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        self._io = anyio.Lock()
+        count, max_id, self.adopted = await anyio.to_thread.run_sync(self.file.open)
+        self._opened = True
+        self._rows = count
+        # ids assigned before open (events submitted early) are renumbered after the existing rows
+        first = max_id + 1
+        self.pending = [(first + index, event) for index, (_, event) in enumerate(self.pending)]
+        self._next_id = first + len(self.pending)
+        self._committed_upto = max_id
+        if count:
+            logger.info("Spool %s holds %d undelivered events: delivering them first", self.path, count)
+
+    async def commit(self) -> None:
+        if not self._opened or (not self.pending and not self._to_delete and not self._to_dead):
+            return
+        assert self._io is not None
+        async with self._io:
+            rows, self.pending = self.pending, []
+            deletes, self._to_delete = self._to_delete, []
+            dead, self._to_dead = self._to_dead, []
+            try:
+                unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead)
+            except sqlite3.Error as exc:
+                logger.error("Could not write the event spool %s (%s); retrying at the next commit", self.path, exc)
+                self.pending[:0] = rows
+                self._to_delete[:0] = deletes
+                self._to_dead[:0] = dead
+                return
+            self._rows += len(rows) - len(unencodable) - len(deletes) - sum(1 for row_id, _ in dead if row_id)
+            if unencodable:
+                logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
+            self._hand_over(rows, set(unencodable))
+
+    def _hand_over(self, rows: list[tuple[int, JSON]], skip: set[int]) -> None:
+        """Just-committed rows go straight to the window when nothing older waits on disk."""
+        if not rows:
+            return
+        first, last = rows[0][0], rows[-1][0]
+        no_backlog = self._loaded_upto == self._committed_upto == first - 1
+        self._committed_upto = last
+        if no_backlog and len(self.window) + len(rows) <= self.window_size:
+            was_empty = not self.window
+            self.window.extend(Item(event, row_id) for row_id, event in rows if row_id not in skip)
+            self._loaded_upto = last
+            if was_empty and self.window:
+                self.ready_since = time.monotonic()
+            self.on_ready()
+
+    async def fill(self) -> None:
+        if not self._opened or self._loaded_upto >= self._committed_upto:
+            return
+        room = self.window_size - len(self.window)
+        if room < self.window_size // 2:
+            return
+        assert self._io is not None
+        async with self._io:
+            if self._loaded_upto >= self._committed_upto:
+                return
+            items, broken, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
+            self._loaded_upto = last if items or broken else self._committed_upto
+            self._to_dead.extend(broken)
+            if items:
+                if not self.window:
+                    self.ready_since = time.monotonic()
+                self.window.extend(items)
+                self.on_ready()
+
+    async def close(self) -> None:
+        if not self._opened:
+            if self.pending:  # submitted before the spool was ever opened: still make them durable
+                await self.open()
+            else:
+                return
+        with anyio.CancelScope(shield=True):
+            await self.commit()
+            await anyio.to_thread.run_sync(self.file.close)
+        self._opened = False

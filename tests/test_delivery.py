@@ -1,0 +1,358 @@
+"""The background delivery pipeline (memory outbox) against the Lago emulator and faults at the network edge."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+
+from lago_org_billing._client import LagoClient
+from lago_org_billing._delivery import EventPipeline
+from lago_org_billing._events import event_payload
+from lago_org_billing._metrics import PipelineMetrics
+from lago_org_billing._settings import BillingSettings
+from lago_org_billing.testing import FakeLago
+from lago_org_billing.testing._faults import install_faults
+
+pytestmark = pytest.mark.anyio
+
+API_KEY = "test-api-key"
+
+
+def make_fake(event_store: str = "postgres") -> FakeLago:
+    fake = FakeLago(api_key=API_KEY, event_store=event_store)
+    install_faults(fake)
+    return fake
+
+
+def make_client(transport: httpx.AsyncBaseTransport, **settings: Any) -> LagoClient:
+    options: dict[str, Any] = {"api_key": API_KEY, "api_url": FakeLago.base_url, "retry_backoff": 0.001}
+    options.update(settings)
+    return LagoClient(BillingSettings(**options), transport=transport)
+
+
+def events(count: int, prefix: str = "tx", **extra: Any) -> list[dict[str, Any]]:
+    return [
+        event_payload(transaction_id=f"{prefix}{i}", external_subscription_id="org_1", code="api_call", **extra)
+        for i in range(count)
+    ]
+
+
+def transaction_ids(fake: FakeLago) -> list[str]:
+    return [event["transaction_id"] for event in fake.events]
+
+
+class Edge(httpx.AsyncBaseTransport):
+    """A transport in front of the emulator: records raw bodies, lets a test fail a request at will."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, fault: Callable[[httpx.Request, int], Any] | None = None):
+        self.inner = inner
+        self.fault = fault
+        self.bodies: list[bytes] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        self.bodies.append(body)
+        if self.fault is not None:
+            outcome = self.fault(request, len(self.bodies))
+            if isinstance(outcome, httpx.Response):
+                return outcome
+            if outcome == "lose_response":  # Lago ingests, the answer never comes back
+                await self.inner.handle_async_request(request)
+                raise httpx.ReadError("connection reset", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLago]:
+    yield make_fake()
+
+
+async def run_pipeline(pipeline: EventPipeline, submitted: list[dict[str, Any]], *, wait: float = 20) -> bool:
+    async with anyio.create_task_group() as tg:
+        await tg.start(pipeline.run)
+        for event in submitted:
+            pipeline.submit(event)
+        delivered = await pipeline.flush(wait)
+        await pipeline.aclose()
+    return delivered
+
+
+async def test_events_are_delivered_in_batches_of_at_most_100(fake: FakeLago) -> None:
+    """250 events reach Lago once each, in POST /events/batch calls of at most 100."""
+    async with make_client(fake.transport()) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, events(250))
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(250))
+    batches = [r.body["events"] for r in fake.requests if r.path == "/api/v1/events/batch"]
+    assert batches and all(1 <= len(batch) <= 100 for batch in batches)
+    assert pipeline.stats["delivered"] == 250
+    assert pipeline.stats["depth"] == 0
+
+
+async def test_lago_down_then_back_delivers_every_event_once_byte_identical(fake: FakeLago) -> None:
+    """503s and dropped connections for a while: every event lands once, each resend byte-identical."""
+    fake.inject_fault(status=503, count=12, path="/api/v1/events")
+    fake.inject_fault(drop=True, count=6, path="/api/v1/events")
+    edge = Edge(fake.transport())
+    async with make_client(edge, max_retries=1) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, retry_backoff=0.001, max_backoff=0.01)
+        submitted = events(300)
+        assert await run_pipeline(pipeline, submitted)
+    assert sorted(transaction_ids(fake)) == sorted(e["transaction_id"] for e in submitted)
+    stats = pipeline.stats
+    assert stats["retries"] > 0 and stats["lago_errors_503"] > 0 and stats["delivered"] == 300
+    # every attempt carried each event's exact bytes
+    for event in submitted[::37]:
+        encoded = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        carrying = [body for body in edge.bodies if f'"{event["transaction_id"]}"'.encode() in body]
+        assert len(carrying) >= 1 and all(encoded in body for body in carrying)
+    assert len(edge.bodies) > 3  # some attempts failed and were repeated
+
+
+async def test_lost_response_is_counted_as_duplicate_postgres(fake: FakeLago) -> None:
+    """Lago ingests a batch but the answer is lost: the resend's value_already_exist counts as delivered."""
+    edge = Edge(fake.transport(), fault=lambda request, n: "lose_response" if n == 1 else None)
+    async with make_client(edge) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, events(40))
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(40))
+    assert pipeline.stats["duplicates"] == 40
+    assert pipeline.stats["delivered"] == 40
+    assert pipeline.dead_letters() == []
+
+
+async def test_lost_response_replaces_itself_on_clickhouse() -> None:
+    """On the ClickHouse store the byte-identical resend replaces the first copy: still one event each."""
+    fake = make_fake("clickhouse")
+    edge = Edge(fake.transport(), fault=lambda request, n: "lose_response" if n == 1 else None)
+    async with make_client(edge) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, events(30))
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(30))
+
+
+async def test_poison_event_is_dead_lettered_and_the_rest_delivered(fake: FakeLago) -> None:
+    """A batch Lago rejects for one event: that one goes to the dead letters with Lago's reason, others land."""
+    batch = events(20)
+    batch.insert(7, event_payload(transaction_id="poison", external_subscription_id="org_1", code="api_call",
+                                  precise_total_amount_cents="not-a-number"))  # fmt: skip
+    async with make_client(fake.transport()) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, batch)
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(20))
+    [letter] = pipeline.dead_letters()
+    assert letter.event["transaction_id"] == "poison"
+    assert letter.status == 422 and letter.code == "validation_errors"
+    assert "value_is_invalid" in letter.reason
+    assert pipeline.stats["dead_lettered"] == 1 and pipeline.stats["delivered"] == 20
+
+
+async def test_batch_with_duplicates_and_a_poison_event(fake: FakeLago) -> None:
+    """Duplicates inside a rejected batch count as delivered; only the invalid event is dead-lettered."""
+    async with make_client(fake.transport()) as client:
+        await client.create_events(events(5))  # already in Lago
+        mixed = [
+            *events(5),
+            *events(5, prefix="new"),
+            {**events(1, prefix="bad")[0], "precise_total_amount_cents": "x"},
+        ]
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, mixed)
+    assert sorted(transaction_ids(fake)) == sorted([*(f"tx{i}" for i in range(5)), *(f"new{i}" for i in range(5))])
+    stats = pipeline.stats
+    assert (stats["duplicates"], stats["delivered"], stats["dead_lettered"]) == (5, 10, 1)
+
+
+async def test_invalid_event_shape_is_dead_lettered_without_a_call(fake: FakeLago) -> None:
+    """An event the client refuses (e.g. external_customer_id) is dead-lettered; its batch-mates are sent."""
+    bad = {**events(1, prefix="bad")[0], "external_customer_id": "cus_1"}
+    async with make_client(fake.transport()) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, [*events(3), bad])
+    assert sorted(transaction_ids(fake)) == ["tx0", "tx1", "tx2"]
+    [letter] = pipeline.dead_letters()
+    assert letter.code == "invalid_event" and "external_customer_id" in letter.reason
+
+
+async def test_429_pauses_delivery_for_the_reset_lago_sends(fake: FakeLago) -> None:
+    """A 429 with X-RateLimit-Reset pauses the whole pipeline that long, then everything is delivered."""
+    throttled = httpx.Response(
+        429,
+        headers={"X-RateLimit-Limit": "500", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "7"},
+        json={"status": 429, "error": "Too Many Requests"},
+    )
+    edge = Edge(fake.transport(), fault=lambda request, n: throttled if n == 1 else None)
+    pauses: list[float] = []
+
+    async def record(seconds: float) -> None:
+        pauses.append(seconds)
+        pipeline._not_before = 0.0  # the time has passed
+        await anyio.lowlevel.checkpoint()
+
+    async with make_client(edge, max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        pipeline._sleep = record
+        assert await run_pipeline(pipeline, events(50))
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(50))
+    assert len(pauses) == 1 and 6.9 < pauses[0] <= 7.0
+    stats = pipeline.stats
+    assert stats["rate_limited"] == 1 and stats["lago_errors_429"] == 1
+
+
+async def test_emulator_rate_limit_is_honoured() -> None:
+    """The emulator's X-RateLimit window (on a hand-driven clock): the pipeline waits for each reset."""
+    now = [0.0]
+    fake = FakeLago(api_key=API_KEY)
+    install_faults(fake, clock=lambda: now[0])
+    fake.inject_fault(rate_limit={"limit": 2, "reset": 3}, path="/api/v1/events")
+    pauses: list[float] = []
+
+    async def elapse(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+        pipeline._not_before = 0.0
+        await anyio.lowlevel.checkpoint()
+
+    async with make_client(fake.transport(), max_retries=0) as client:
+        pipeline = EventPipeline(client, batch_size=10, flush_interval=0.0, concurrency=1)
+        pipeline._sleep = elapse
+        assert await run_pipeline(pipeline, events(60))
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(60))
+    assert pipeline.stats["rate_limited"] >= 2
+    # each pause is what X-RateLimit-Reset said (3 s, or the whole seconds left of the window)
+    assert pauses and 2.9 < pauses[0] <= 3 and all(0.9 < pause <= 3 for pause in pauses)
+
+
+async def test_event_that_makes_lago_fail_with_500_is_isolated(fake: FakeLago) -> None:
+    """A 500 caused by one event: the batch is split, the culprit dead-lettered, the rest delivered."""
+
+    def fault(request: httpx.Request, n: int) -> Any:
+        if b'"crash"' in request.content:
+            return httpx.Response(500, json={"status": 500, "errors": [{"message": "boom"}], "data": {}})
+        return None
+
+    poisoned = [*events(10), event_payload(transaction_id="crash", external_subscription_id="org_1", code="api_call")]
+    async with make_client(Edge(fake.transport(), fault), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, max_attempts=2, retry_backoff=0.001, max_backoff=0.01)
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            for event in poisoned:
+                pipeline.submit(event)
+            # strikes need healthy intervals: keep healthy traffic flowing while the culprit is isolated
+            for round_ in range(200):
+                if pipeline.stats["dead_lettered"]:
+                    break
+                pipeline.submit(event_payload(transaction_id=f"ok{round_}", external_subscription_id="org_1",
+                                              code="api_call"))  # fmt: skip
+                await pipeline.flush(0.05)
+            assert await pipeline.flush(10)
+            await pipeline.aclose()
+    [letter] = pipeline.dead_letters()
+    assert letter.event["transaction_id"] == "crash" and letter.status == 500
+    assert "crash" not in transaction_ids(fake)
+    assert {f"tx{i}" for i in range(10)} <= set(transaction_ids(fake))
+
+
+async def test_outage_does_not_dead_letter_anything(fake: FakeLago) -> None:
+    """However long Lago answers 500 to everything, no event is dead-lettered (no healthy interval)."""
+    fake.inject_fault(status=500, count=40, path="/api/v1/events")
+    async with make_client(fake.transport(), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, max_attempts=2, retry_backoff=0.001, max_backoff=0.005)
+        assert await run_pipeline(pipeline, events(30))
+    assert pipeline.dead_letters() == []
+    assert sorted(transaction_ids(fake)) == sorted(f"tx{i}" for i in range(30))
+
+
+async def test_wrong_api_key_keeps_events_and_retries() -> None:
+    """401 is a configuration error, not the events' fault: they are kept, nothing is dead-lettered."""
+    fake = make_fake()
+    async with make_client(fake.transport(), api_key="wrong") as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, retry_backoff=0.001, max_backoff=0.005)
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            for event in events(5):
+                pipeline.submit(event)
+            assert not await pipeline.flush(0.2)
+            assert pipeline.stats["lago_errors_401"] >= 1 and pipeline.stats["depth"] == 5
+            await pipeline.aclose(timeout=0)
+    assert pipeline.dead_letters() == []
+    assert pipeline.stats["lost_at_shutdown"] == 5
+
+
+async def test_full_memory_outbox_counts_drops_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Beyond memory_capacity events are refused: counted in `dropped`, one ERROR per burst, never raised."""
+    async with make_client(make_fake().transport()) as client:
+        pipeline = EventPipeline(client, memory_capacity=5)
+        with caplog.at_level(logging.ERROR, logger="lago_org_billing.delivery"):
+            for event in events(9):
+                pipeline.submit(event)
+        assert pipeline.stats["dropped"] == 4 and pipeline.stats["recorded"] == 9
+        assert len([r for r in caplog.records if "Dropping billing event" in r.message]) == 1
+        await pipeline.aclose()
+    assert pipeline.stats["lost_at_shutdown"] == 5
+
+
+async def test_submit_after_close_is_counted_as_dropped(fake: FakeLago) -> None:
+    """A closed pipeline refuses events visibly (dropped), and aclose twice is harmless."""
+    async with make_client(fake.transport()) as client:
+        pipeline = EventPipeline(client)
+        async with pipeline:
+            pipeline.submit(events(1)[0])
+        await pipeline.aclose()
+        pipeline.submit(events(1, prefix="late")[0])
+    assert pipeline.stats["dropped"] == 1 and transaction_ids(fake) == ["tx0"]
+
+
+async def test_requests_never_wait_on_lago(fake: FakeLago) -> None:
+    """submit() returns while Lago hangs: delivery happens later, in the background."""
+    release = anyio.Event()
+
+    class Hanging(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            await release.wait()
+            return await fake.transport().handle_async_request(request)
+
+    async with make_client(Hanging()) as client:
+        pipeline = EventPipeline(client, flush_interval=0.0)
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            for event in events(10):
+                pipeline.submit(event)  # sync: would deadlock here if it waited on the hanging transport
+            assert pipeline.stats["depth"] == 10
+            release.set()
+            assert await pipeline.flush(10)
+            await pipeline.aclose()
+    assert len(fake.events) == 10
+
+
+async def test_prometheus_metrics_export() -> None:
+    """The counters are exported through a Prometheus registry at scrape time."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    metrics = PipelineMetrics()
+    assert metrics.register(registry)
+    fake = make_fake()
+    fake.inject_fault(status=503, count=1, path="/api/v1/events")
+    async with make_client(fake.transport(), max_retries=0) as client:
+        pipeline = EventPipeline(client, metrics=metrics, flush_interval=0.0, retry_backoff=0.001)
+        assert await run_pipeline(pipeline, events(3))
+    text = prometheus_client.generate_latest(registry).decode()
+    assert "lago_billing_events_recorded_total 3.0" in text
+    assert "lago_billing_events_delivered_total 3.0" in text
+    assert 'lago_billing_lago_errors_total{status="503"} 1.0' in text
+    assert "lago_billing_queue_depth 0.0" in text
+    assert "lago_billing_delivery_seconds_count" in text
+
+
+def test_constructor_validates_its_options() -> None:
+    """A batch larger than Lago's limit is refused at construction."""
+    client = make_client(make_fake().transport())
+    with pytest.raises(ValueError, match="batch_size"):
+        EventPipeline(client, batch_size=101)
