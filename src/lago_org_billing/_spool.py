@@ -399,8 +399,8 @@ class _SpoolFile:
         with self.lock:
             if self.conn is not None:
                 rows = self.conn.execute(query).fetchall()
-            elif self.path and os.path.exists(self.path):  # closed: read the file once more
-                conn = sqlite3.connect(self.path)
+            elif os.path.exists(self.path or self.base_path):  # closed or not yet opened: read the file
+                conn = sqlite3.connect(self.path or self.base_path)
                 try:
                     rows = conn.execute(query).fetchall()
                 finally:
@@ -456,6 +456,7 @@ class SqliteOutbox(Outbox):
         self._rows = 0  # rows in the file (committed, not yet deleted)
         self._loaded_upto = 0  # highest id put into the window (or beyond, in flight / resolved)
         self._committed_upto = 0
+        self._writing = (0, 0)  # (rows inserted, rows removed) by the commit in progress
         self._io: anyio.Lock | None = None
         self._opened = False
         self.adopted = 0
@@ -483,7 +484,8 @@ class SqliteOutbox(Outbox):
         self._to_dead.append((item.id, letter))
 
     def unresolved(self) -> int:
-        return len(self.pending) + self._rows - len(self._to_delete) - len(self._to_dead)
+        added, removed = self._writing
+        return len(self.pending) + added + self._rows - removed - len(self._to_delete) - len(self._to_dead)
 
     def spool_depth(self) -> int:
         return self._rows
@@ -517,15 +519,18 @@ class SqliteOutbox(Outbox):
             rows, self.pending = self.pending, []
             deletes, self._to_delete = self._to_delete, []
             dead, self._to_dead = self._to_dead, []
+            self._writing = (len(rows), len(deletes) + len(dead))
             try:
                 unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead)
             except sqlite3.Error as exc:
+                self._writing = (0, 0)
                 logger.error("Could not write the event spool %s (%s); retrying at the next commit", self.path, exc)
                 self.pending[:0] = rows
                 self._to_delete[:0] = deletes
                 self._to_dead[:0] = dead
                 return
-            self._rows += len(rows) - len(unencodable) - len(deletes) - sum(1 for row_id, _ in dead if row_id)
+            self._writing = (0, 0)
+            self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
                 logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
             self._hand_over(rows, set(unencodable))
