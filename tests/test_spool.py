@@ -168,7 +168,7 @@ async def test_cancelled_run_commits_pending_events(tmp_path: Path) -> None:
 
 
 async def test_unreadable_row_goes_to_dead_letters(tmp_path: Path) -> None:
-    """A corrupt row (not JSON) does not block the spool: it is dead-lettered, the rest delivered."""
+    """A corrupt row (not JSON) does not block the spool: Lago's 400 isolates it into the dead letters."""
     path = tmp_path / "spool.db"
     await park(path, events(3))
     conn = sqlite3.connect(path)
@@ -179,7 +179,7 @@ async def test_unreadable_row_goes_to_dead_letters(tmp_path: Path) -> None:
     pipeline = await drain(path, fake)
     assert sorted(transaction_ids(fake)) == ["tx0", "tx2"]
     [letter] = pipeline.dead_letters()
-    assert letter.code == "corrupt"
+    assert letter.status == 400 and letter.event == {"body": "{not json"}
 
 
 async def test_second_process_gets_its_own_slot_and_orphans_are_adopted(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: one process per spool file
     _flock, _LOCK_FLAGS = None, 0
 
-__all__ = ["DeadLetter", "Item", "MemoryOutbox", "Outbox", "SqliteOutbox", "spool_slot_path"]
+__all__ = ["DeadLetter", "Item", "MemoryOutbox", "Outbox", "SqliteOutbox", "dumps_event", "spool_slot_path"]
 
 logger = logging.getLogger("lago_org_billing.delivery")
 
@@ -78,12 +78,27 @@ class DeadLetter:
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Item:
-    """One event in an outbox. ``attempts``/``mark`` track failures attributable to the event itself."""
+    """One event in an outbox: its dict, or (loaded from the spool) its stored JSON text, or both.
 
-    event: JSON
+    ``attempts``/``mark`` track failures attributable to the event itself."""
+
+    event: JSON | None
     id: int = 0
     attempts: int = 0
     mark: int = -1
+    raw: str | None = None
+
+    def payload(self) -> JSON:
+        """The event as a dict (parsed from the stored text when needed)."""
+        if self.event is None:
+            self.event = _loads_or_raw(self.raw or "")
+        return self.event
+
+    def encoded(self) -> str:
+        """The event's JSON text: the stored text when there is one, so every resend is byte-identical."""
+        if self.raw is None:
+            self.raw = dumps_event(self.event or {})
+        return self.raw
 
 
 class Outbox:
@@ -222,7 +237,8 @@ def spool_slot_path(path: str, slot: int) -> str:
     return path if slot == 0 else f"{path}.{slot}"
 
 
-def _dumps(event: JSON) -> str:
+def dumps_event(event: JSON) -> str:
+    """The one JSON encoding of an event, used for the spool and for every request body."""
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -333,10 +349,12 @@ class _SpoolFile:
 
     # ------------------------------------------------------------------ I/O
 
-    def write(self, rows: list[tuple[int, JSON]], deletes: list[int], dead: list[tuple[int, DeadLetter]]) -> list[int]:
+    def write(
+        self, rows: list[tuple[int, JSON]], deletes: list[int], dead: list[tuple[int, DeadLetter]]
+    ) -> tuple[list[tuple[int, str]], list[int]]:
         """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes``.
 
-        Returns the ids of rows that JSON cannot carry (stored as dead letters instead)."""
+        Returns the rows written as (id, JSON text) and the ids of rows JSON cannot carry (dead-lettered)."""
         encoded: list[tuple[int, str]] = []
         unencodable: list[int] = []
         letters = [
@@ -345,7 +363,7 @@ class _SpoolFile:
         ]
         for row_id, event in rows:
             try:
-                encoded.append((row_id, _dumps(event)))
+                encoded.append((row_id, dumps_event(event)))
             except (TypeError, ValueError) as exc:
                 unencodable.append(row_id)
                 letters.append(
@@ -371,28 +389,17 @@ class _SpoolFile:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return unencodable
+        return encoded, unencodable
 
-    def load(self, after_id: int, limit: int) -> tuple[list[Item], list[tuple[int, DeadLetter]], int]:
-        """Up to ``limit`` rows after ``after_id``: (items, unreadable rows as dead letters, last id seen)."""
+    def load(self, after_id: int, limit: int) -> tuple[list[Item], int]:
+        """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id."""
         with self.lock:
             assert self.conn is not None
             rows = self.conn.execute(
                 "SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
             ).fetchall()
-        items: list[Item] = []
-        broken: list[tuple[int, DeadLetter]] = []
-        loads = json.loads
-        for row_id, body in rows:
-            try:
-                event = loads(body)
-                if not isinstance(event, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                broken.append((row_id, DeadLetter({"body": body}, f"unreadable spool row: {exc}", code="corrupt")))
-                continue
-            items.append(Item(event, row_id))
-        return items, broken, (rows[-1][0] if rows else after_id)
+        # not parsed here: the stored text is sent as is (a corrupt row is isolated by Lago's answer)
+        return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
     def dead_letters(self) -> list[DeadLetter]:
         query = "SELECT body, reason, status, code, created_at FROM dead_letters ORDER BY id"
@@ -424,7 +431,7 @@ class _SpoolFile:
 
 def _safe_dumps(event: JSON) -> str:
     try:
-        return _dumps(event)
+        return dumps_event(event)
     except (TypeError, ValueError):
         return json.dumps({"repr": repr(event)})
 
@@ -521,7 +528,7 @@ class SqliteOutbox(Outbox):
             dead, self._to_dead = self._to_dead, []
             self._writing = (len(rows), len(deletes) + len(dead))
             try:
-                unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead)
+                encoded, unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead)
             except sqlite3.Error as exc:
                 self._writing = (0, 0)
                 logger.error("Could not write the event spool %s (%s); retrying at the next commit", self.path, exc)
@@ -533,9 +540,9 @@ class SqliteOutbox(Outbox):
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
                 logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
-            self._hand_over(rows, set(unencodable))
+            self._hand_over(rows, dict(encoded))
 
-    def _hand_over(self, rows: list[tuple[int, JSON]], skip: set[int]) -> None:
+    def _hand_over(self, rows: list[tuple[int, JSON]], encoded: dict[int, str]) -> None:
         """Just-committed rows go straight to the window when nothing older waits on disk."""
         if not rows:
             return
@@ -544,7 +551,7 @@ class SqliteOutbox(Outbox):
         self._committed_upto = last
         if no_backlog and len(self.window) + len(rows) <= self.window_size:
             was_empty = not self.window
-            self.window.extend(Item(event, row_id) for row_id, event in rows if row_id not in skip)
+            self.window.extend(Item(event, row_id, raw=encoded[row_id]) for row_id, event in rows if row_id in encoded)
             self._loaded_upto = last
             if was_empty and self.window:
                 self.ready_since = time.monotonic()
@@ -560,9 +567,8 @@ class SqliteOutbox(Outbox):
         async with self._io:
             if self._loaded_upto >= self._committed_upto:
                 return
-            items, broken, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
-            self._loaded_upto = last if items or broken else self._committed_upto
-            self._to_dead.extend(broken)
+            items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
+            self._loaded_upto = last if items else self._committed_upto
             if items:
                 if not self.window:
                     self.ready_since = time.monotonic()
