@@ -26,7 +26,7 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 
 async def chat(request: Request) -> Response:
-    return JSONResponse({"id": request.path_params["chat_id"], "model": "gpt-4o-mini", "usage": USAGE})
+    return JSONResponse({"id": dict(request.path_params), "model": "gpt-4o-mini", "usage": USAGE})
 
 
 async def stream(request: Request) -> Response:
@@ -95,13 +95,18 @@ MiddlewareFactory = Callable[..., OrgBillingMiddleware]
 
 
 @pytest.fixture
-def make_middleware(fake_lago: Any, settings: BillingSettings) -> MiddlewareFactory:
-    """Build the middleware around the test app, talking to the emulator in process."""
+async def make_middleware(fake_lago: Any, settings: BillingSettings) -> AsyncIterator[MiddlewareFactory]:
+    """Build the middleware around the test app, talking to the emulator in process; closed after the test."""
+    made: list[OrgBillingMiddleware] = []
 
     def make(**kwargs: Any) -> OrgBillingMiddleware:
-        return OrgBillingMiddleware(build_app(), settings=settings, transport=fake_lago.transport(), **kwargs)
+        middleware = OrgBillingMiddleware(build_app(), settings=settings, transport=fake_lago.transport(), **kwargs)
+        made.append(middleware)
+        return middleware
 
-    return make
+    yield make
+    for middleware in made:
+        await middleware.aclose()
 
 
 def client_for(app: Any) -> httpx.AsyncClient:
@@ -232,10 +237,14 @@ async def test_idempotency_key_bills_a_retried_request_once(fake_lago: Any, make
 async def test_many_concurrent_requests_exactly_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """250 concurrent requests for two orgs give 250 distinct events in Lago, none lost, none twice."""
     middleware = make_middleware()
+
+    async def call(client: httpx.AsyncClient, i: int) -> None:
+        org = "org_a" if i % 2 else "org_b"
+        assert (await client.post(f"/v1/chat/{i}", headers={"X-Org-Id": org})).status_code == 200
+
     async with client_for(middleware) as client, anyio.create_task_group() as tasks:
         for i in range(250):
-            org = "org_a" if i % 2 else "org_b"
-            tasks.start_soon(client.post, f"/v1/chat/{i}", headers={"X-Org-Id": org})  # type: ignore[arg-type]
+            tasks.start_soon(call, client, i)
     assert await middleware.pipeline.flush(10)
     ids = [event["transaction_id"] for event in fake_lago.events]
     assert len(ids) == 250 and len(set(ids)) == 250
@@ -302,7 +311,7 @@ async def test_fastapi_app(fake_lago: Any, settings: BillingSettings) -> None:
     middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
     async with client_for(middleware) as client:
         assert (await client.get("/v1/users/u1/items", headers=HEADERS)).status_code == 200
-    assert await middleware.pipeline.flush(5)
+    await middleware.aclose()
     [event] = fake_lago.events
     assert event["properties"]["endpoint"] == "/v1/users/{user_id}/items"
     assert event["properties"]["total_tokens"] == 7
@@ -324,9 +333,11 @@ async def test_client_disconnect_mid_stream_is_still_billed(fake_lago: Any, sett
     middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
     disconnected = anyio.Event()
     sent: list[dict[str, Any]] = []
+    received: list[str] = []
 
     async def receive() -> dict[str, Any]:
-        if not sent:
+        if not received:
+            received.append("request")
             return {"type": "http.request", "body": b"", "more_body": False}
         await disconnected.wait()
         return {"type": "http.disconnect"}
@@ -351,7 +362,59 @@ async def test_client_disconnect_mid_stream_is_still_billed(fake_lago: Any, sett
         "server": ("testserver", 80),
     }
     await middleware(scope, receive, send)
-    assert await middleware.pipeline.flush(5)
+    await middleware.aclose()
     [event] = fake_lago.events
     assert event["properties"]["model"] == "claude-haiku"
     assert event["properties"]["input_tokens"] == 25
+
+
+async def test_org_set_by_endpoint_dependency_is_billed(fake_lago: Any, settings: BillingSettings) -> None:
+    """Auth done inside the endpoint (FastAPI Depends) sets request.state late: the request is still billed."""
+    fastapi = pytest.importorskip("fastapi")
+
+    def authenticate(request: Request) -> str:
+        request.state.org_id = "org_b"
+        return "org_b"
+
+    app = fastapi.FastAPI()
+
+    @app.get("/v1/report")
+    async def report(org: str = fastapi.Depends(authenticate)) -> dict[str, str]:
+        return {"org": org}
+
+    middleware = OrgBillingMiddleware(app, settings=settings.replace(org_header=None), transport=fake_lago.transport())
+    async with client_for(middleware) as client:
+        assert (await client.get("/v1/report")).json() == {"org": "org_b"}
+    await middleware.aclose()
+    [event] = fake_lago.events
+    assert event["external_subscription_id"] == "org_b"
+    assert event["properties"]["endpoint"] == "/v1/report"
+
+
+async def test_unmatched_paths_share_one_endpoint(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """404s for unknown paths are recorded under one endpoint value, not one per probed path."""
+    middleware = make_middleware()
+    async with client_for(middleware) as client:
+        for path in ("/wp-admin", "/.env", "/x/y/z"):
+            assert (await client.get(path, headers=HEADERS)).status_code == 404
+    assert await middleware.pipeline.flush(5)
+    assert {event["properties"]["endpoint"] for event in fake_lago.events} == {"<unmatched>"}
+
+
+def test_mounted_app_endpoint_is_the_mount(tmp_path: Any) -> None:
+    """A mounted non-router app (StaticFiles) is reported as '<mount>/{path}', its prefix once."""
+    from starlette.staticfiles import StaticFiles
+
+    from lago_org_billing._middleware import route_template
+
+    (tmp_path / "a.txt").write_text("x")
+    seen: dict[str, str] = {}
+
+    async def capture(scope: Any, receive: Any, send: Any) -> None:
+        await app(scope, receive, send)
+        seen["endpoint"] = route_template(scope, 200)
+
+    app = Starlette(routes=[Mount("/static", app=StaticFiles(directory=tmp_path))])
+    with TestClient(capture) as client:
+        assert client.get("/static/a.txt").text == "x"
+    assert seen["endpoint"] == "/static/{path}"

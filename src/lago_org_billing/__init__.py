@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._attribution import AttributionConfig, Usage, attribute_usage
 from ._billing import OrgBilling
 from ._client import LagoClient, Page
 from ._errors import (
@@ -16,12 +17,25 @@ from ._errors import (
     LagoUnavailableError,
     LagoValidationError,
 )
+from ._identity import (
+    Identity,
+    first_of,
+    from_header,
+    from_jwt_claim,
+    from_state,
+    from_user,
+    get_current_org,
+    get_current_user,
+)
+from ._middleware import OrgBillingMiddleware
 from ._settings import BillingSettings
 from ._version import __version__
 
 __all__ = [
+    "AttributionConfig",
     "BillingSettings",
     "ConfigurationError",
+    "Identity",
     "InvalidIdentifierError",
     "InvalidRequestError",
     "LagoAPIError",
@@ -33,6 +47,16 @@ __all__ = [
     "LagoUnavailableError",
     "LagoValidationError",
     "OrgBilling",
+    "OrgBillingMiddleware",
     "Page",
+    "Usage",
     "__version__",
+    "attribute_usage",
+    "first_of",
+    "from_header",
+    "from_jwt_claim",
+    "from_state",
+    "from_user",
+    "get_current_org",
+    "get_current_user",
 ]

@@ -1,0 +1,350 @@
+"""The pure ASGI middleware: resolve identity -> gate -> call app -> attribute usage -> enqueue one event.
+
+Background delivery (``_delivery.EventPipeline``) runs in anyio tasks owned by the middleware: started on the
+ASGI lifespan startup and flushed on shutdown, or started lazily on the first request when the server sends no
+lifespan. Requests never wait on Lago.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
+
+import anyio
+import httpx
+from starlette.responses import JSONResponse
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._attribution import AttributionConfig, UsageRecorder
+from ._client import LagoClient
+from ._delivery import EventPipeline
+from ._errors import ConfigurationError
+from ._events import event_payload
+from ._identity import (
+    SCOPE_KEY,
+    Identity,
+    Resolver,
+    call_resolver,
+    default_org_resolver,
+    default_user_resolver,
+)
+from ._settings import BillingSettings
+
+__all__ = ["OrgBillingMiddleware"]
+
+logger = logging.getLogger("lago_org_billing.middleware")
+
+#: A hook that may answer a request before the app runs (quota gating); returns None to let it through.
+Gate = Callable[[Scope, Identity], Awaitable["Any | None"]]
+#: Extra event properties computed per request.
+PropertiesHook = Callable[[Scope, Identity], Mapping[str, Any]]
+
+
+class OrgBillingMiddleware:
+    """Bill every HTTP request to the caller's organization in Lago.
+
+    ::
+
+        app.add_middleware(OrgBillingMiddleware)  # settings from the environment (LAGO_*)
+
+    **Parameters:**
+
+    * **settings** - *(optional)* :class:`BillingSettings`; read from the environment when omitted.
+    * **resolve_org** / **resolve_user** - *(optional)* resolvers ``(scope) -> str | None`` (sync or async).
+      Defaults: ``request.state.org_id``, then ``request.user.org_id``, then ``LAGO_ORG_HEADER`` when set.
+    * **on_unresolved** - ``"allow"`` (serve the request unbilled, the default) or ``"reject"`` (answer
+      ``unresolved_status`` with a JSON body). Either way it is counted in ``stats["unresolved"]``.
+    * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default
+      ``False``: the customer got nothing.
+    * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
+    * **idempotency_header** - a request header whose value makes the event id stable across client retries
+      (``Idempotency-Key`` by default; ``None`` disables): a retried request is billed once.
+    * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties.
+    * **gate** - *(optional)* ``async (scope, identity) -> ASGI app | None``: an app returned answers the request
+      instead of the application (quota gating).
+    * **client** / **transport** / **pipeline** - *(optional)* injected pieces (tests, sharing a client).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: BillingSettings | None = None,
+        *,
+        resolve_org: Resolver | None = None,
+        resolve_user: Resolver | None = None,
+        on_unresolved: Literal["allow", "reject"] = "allow",
+        unresolved_status: int = 401,
+        bill_server_errors: bool = False,
+        attribution: AttributionConfig | None = None,
+        idempotency_header: str | None = "idempotency-key",
+        event_properties: PropertiesHook | None = None,
+        gate: Gate | None = None,
+        client: LagoClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        pipeline: EventPipeline | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        if on_unresolved not in ("allow", "reject"):
+            raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
+        if unresolved_status not in (401, 403):
+            raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
+        self.app = app
+        self.settings = settings if settings is not None else BillingSettings.from_env()
+        self.resolve_org = resolve_org or default_org_resolver(self.settings)
+        self.resolve_user = resolve_user or default_user_resolver(self.settings)
+        self.on_unresolved = on_unresolved
+        self.unresolved_status = unresolved_status
+        self.bill_server_errors = bill_server_errors
+        self.attribution = attribution or AttributionConfig()
+        self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
+        self.event_properties = event_properties
+        self.gate = gate
+        self.exclude_paths = self.settings.exclude_paths
+        self.shutdown_timeout = shutdown_timeout
+        if pipeline is None:
+            client = client if client is not None else LagoClient(self.settings, transport=transport)
+            pipeline = EventPipeline(client, spool_path=self.settings.spool_path)
+        self.pipeline = pipeline
+        self.stats: dict[str, int] = {"requests": 0, "billed": 0, "unresolved": 0, "excluded": 0, "unbilled_errors": 0}
+        self._running = False
+        self._lazy_task: asyncio.Task[None] | None = None
+        self._lazy_started: anyio.Event | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # ---------------------------------------------------------------- lifespan
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.pipeline.aclose(self.shutdown_timeout)
+            await send(message)
+
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(self.pipeline.run)
+            self._running = True
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                self._running = False
+                tasks.cancel_scope.cancel()
+
+    async def _start_lazily(self) -> None:
+        """The server sent no lifespan: run the pipeline in a task of the running loop (first request waits
+        for it to start, once)."""
+        if self._lazy_started is not None:
+            await self._lazy_started.wait()
+            return
+        started = self._lazy_started = anyio.Event()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - trio without lifespan
+            raise ConfigurationError(
+                "OrgBillingMiddleware needs the ASGI lifespan to run its background delivery outside asyncio."
+            ) from None
+
+        class _Status:
+            def started(self, value: object = None) -> None:
+                started.set()
+
+        self._lazy_task = loop.create_task(self.pipeline.run(task_status=_Status()), name="lago-org-billing")
+        self._running = True
+        await started.wait()
+
+    async def aclose(self) -> None:
+        """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
+        lifespan. Servers with a lifespan do this on shutdown by themselves."""
+        await self.pipeline.aclose(self.shutdown_timeout)
+        if self._lazy_task is not None:
+            await self._lazy_task
+            self._lazy_task = None
+        self._running = False
+
+    # -------------------------------------------------------------------- http
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._running:
+            await self._start_lazily()
+        path: str = scope["path"]
+        for prefix in self.exclude_paths:
+            if path.startswith(prefix):
+                self.stats["excluded"] += 1
+                await self.app(scope, receive, send)
+                return
+        self.stats["requests"] += 1
+        started = time.time()
+        root_path: str = scope.get("root_path", "")
+        identity = await self._resolve(scope)
+        if identity.org_id is None:
+            if self.on_unresolved == "reject":
+                self.stats["unresolved"] += 1
+                await self._reject(scope, receive, send)
+                return
+            await self._call_unresolved(scope, receive, send, started, root_path)
+            return
+
+        if self.gate is not None:
+            answer = await self.gate(scope, identity)
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
+
+        recorder = UsageRecorder(scope, self.attribution)
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                recorder.response_start(message)
+            elif message["type"] == "http.response.body":
+                recorder.response_body(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._record(scope, identity, recorder, status, started, root_path)
+
+    async def _resolve(self, scope: Scope) -> Identity:
+        org_id = await call_resolver(self.resolve_org, scope)
+        user_id = await call_resolver(self.resolve_user, scope) if org_id is not None else None
+        identity = Identity(org_id, user_id)
+        _publish(scope, identity)
+        return identity
+
+    async def _call_unresolved(
+        self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str
+    ) -> None:
+        """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
+        in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then."""
+        recorder = UsageRecorder(scope, self.attribution)
+        status = 500
+        identity = Identity(None)
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, identity
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                recorder.response_start(message)
+                identity = await self._resolve(scope)
+            elif message["type"] == "http.response.body":
+                recorder.response_body(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if identity.org_id is None:
+                self.stats["unresolved"] += 1
+            else:
+                self._record(scope, identity, recorder, status, started, root_path)
+
+    def _record(
+        self, scope: Scope, identity: Identity, recorder: UsageRecorder, status: int, started: float, root_path: str
+    ) -> None:
+        if status >= 500 and not self.bill_server_errors:
+            self.stats["unbilled_errors"] += 1
+            return
+        try:
+            usage = recorder.result()
+            org_id = identity.org_id
+            assert org_id is not None
+            properties: dict[str, Any] = {
+                "org_id": org_id,
+                "endpoint": route_template(scope, status, root_path),
+                "method": scope["method"],
+                "status_code": status,
+                "duration_ms": round((time.time() - started) * 1000, 3),
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+            }
+            if identity.user_id is not None:
+                properties["user_id"] = identity.user_id
+            if usage.model is not None:
+                properties["model"] = usage.model
+            if self.event_properties is not None:
+                properties.update(self.event_properties(scope, identity))
+            event = event_payload(
+                transaction_id=self._transaction_id(scope, org_id),
+                external_subscription_id=self.settings.subscription_id_for(org_id),
+                code=self.settings.event_code,
+                properties=properties,
+                timestamp=started,
+            )
+        except Exception:  # never break the response over billing; the failure is visible
+            logger.exception("Could not build the usage event of %s %s", scope.get("method"), scope.get("path"))
+            self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
+            return
+        self.pipeline.submit(event)
+        self.stats["billed"] += 1
+
+    def _transaction_id(self, scope: Scope, org_id: str) -> str:
+        if self.idempotency_header is not None:
+            for name, value in scope["headers"]:
+                if name == self.idempotency_header and value:
+                    key = value.decode("latin-1")[:128]
+                    return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{key}').hex}"
+        return f"req_{uuid.uuid4().hex}"
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {
+                "type": "about:blank",
+                "title": "Organization required",
+                "status": self.unresolved_status,
+                "detail": "This request could not be attributed to an organization.",
+            },
+            status_code=self.unresolved_status,
+            media_type="application/problem+json",
+        )
+        await response(scope, receive, send)
+
+
+#: The endpoint of requests no route matched (404s): one value, however many paths are probed.
+UNMATCHED = "<unmatched>"
+
+
+def _publish(scope: Scope, identity: Identity) -> None:
+    """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state``."""
+    billing = scope.get(SCOPE_KEY)
+    if not isinstance(billing, dict):
+        billing = scope[SCOPE_KEY] = {}
+    billing["org_id"] = identity.org_id
+    billing["user_id"] = identity.user_id
+    state = scope.setdefault("state", {})
+    state["billing_org_id"] = identity.org_id
+    state["billing_user_id"] = identity.user_id
+    if identity.org_id is not None and state.get("org_id") is None:
+        state["org_id"] = identity.org_id
+
+
+def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
+    """The matched route's path template (``/v1/chat/{id}``).
+
+    Starlette and FastAPI leave the matched route in ``scope["route"]``; inside a ``Mount`` the mount's
+    concrete prefix is kept in front of the inner template (``root_path`` is the one the request came with).
+    A request no route matched is ``<unmatched>`` when it was a 404, else (an app without Starlette routing)
+    its raw path.
+    """
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED if status == 404 else str(scope["path"])
+    inner_root = scope.get("root_path", "")  # Mount extends root_path by the matched prefix
+    prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
+    if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
+        return (prefix or template) + "/{path}"
+    return prefix + template
