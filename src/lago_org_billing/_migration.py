@@ -1,25 +1,1018 @@
-"""Moving user-keyed Lago customers to org-keyed ones.
+"""Moving billing from user-keyed Lago customers (``external_id = user id``) to org-keyed ones.
 
-Lago can neither rename a customer's ``external_id`` nor move a subscription to another customer, so one
-user's migration is: upsert the org customer, subscribe the org (before anything is terminated, so the org is
-never without a plan), terminate the user's active subscriptions, and mark the user customer. Every step is
-idempotent, so a re-run changes nothing already done.
+Lago can neither rename a customer's ``external_id`` nor move a subscription to another customer, so each org
+is migrated in this order (every step idempotent, keyed by deterministic ids):
+
+1. **Upsert the org customer** (``external_id = org_id``): name and email when the customer is new or lacks
+   them (an existing billing email is never overwritten), metadata ``billing_type=organization``,
+   ``migrated_from_user`` (the org's user ids, shortened to fit Lago's 100 characters) and
+   ``created_by_user_id`` (the org's first user). Existing metadata items are kept; Lago allows 5 in all.
+2. **Subscribe the org** (``external_id = settings.subscription_id_for(org_id)``) to the plan the *plan
+   policy* picks among its users' active subscriptions (default ``highest``: the most expensive per year;
+   ties go to the oldest subscription), unless a ``plan_code`` column or ``--default-plan`` says otherwise.
+   An org that already has an active subscription keeps it, whatever its plan.
+3. **Terminate the users' active subscriptions** (``on_termination_invoice``/``on_termination_credit_note``
+   as chosen) and cancel their pending (not yet started) ones.
+4. **Mark each user customer** with metadata ``migrated_to_org = <org id>``.
+
+**Dates.** The org subscription starts *now* (Lago's clock: no ``subscription_at`` is sent, so clock skew
+cannot leave it pending) and the user subscriptions are terminated right after, so the old and the new
+subscription cover adjacent periods: with ``on_termination_invoice=generate`` Lago bills the user's partial
+period up to the termination, and the org's first (prorated) period starts at the cut-over; nothing is
+backdated, so no period is billed twice. The org subscription keeps the ``billing_time`` of the user
+subscription its plan came from (calendar stays calendar; an anniversary subscription gets the cut-over day as
+its new anniversary, since backdating ``subscription_at`` to the old anniversary would bill those days twice).
+The org is subscribed *before* any user subscription is terminated, so it is never left without a plan and
+Lago's state alone tells a re-run what is left to do (the journal only makes re-runs faster).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextvars
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from ._billing import METADATA_MIGRATED_FROM
-from ._client import JSON
+import anyio
+import httpx
+
+from ._client import JSON, LagoClient
+from ._errors import (
+    InvalidIdentifierError,
+    InvalidRequestError,
+    LagoAuthenticationError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+    LagoUnavailableError,
+)
+from ._ids import validate_id
+from ._settings import BillingSettings
 
 if TYPE_CHECKING:
     from ._billing import OrgBilling
 
-__all__ = ["METADATA_MIGRATED_TO", "migrate_user"]
+__all__ = [
+    "METADATA_MIGRATED_TO",
+    "PLAN_POLICIES",
+    "CallCounter",
+    "Journal",
+    "MappingError",
+    "MigrationOptions",
+    "MigrationRun",
+    "OrgMapping",
+    "OrgResult",
+    "build_mapping",
+    "load_mapping_callable",
+    "migrate_user",
+    "read_mapping_file",
+    "run_migration",
+    "validate_mapping",
+]
+
+logger = logging.getLogger("lago_org_billing.migration")
 
 #: Set on the user customer once its billing has moved to the org.
 METADATA_MIGRATED_TO = "migrated_to_org"
+#: How the org's plan is picked among its users' active subscriptions.
+PLAN_POLICIES = ("highest", "lowest", "oldest", "newest")
+MAPPING_COLUMNS = ("user_id", "org_id", "org_name", "email")
+OPTIONAL_COLUMNS = ("plan_code",)
+_PERIODS_PER_YEAR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 2, "yearly": 1}
+_MAX_NAME = 255
+
+Mode = Literal["dry-run", "execute", "verify"]
+
+
+# ---------------------------------------------------------------------------------------------- mapping
+
+
+class MappingError(InvalidRequestError):
+    """The user-to-org mapping is not usable; ``problems`` lists every problem found (nothing was changed)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = "\n  - ".join(self.problems)
+        super().__init__(
+            f"The mapping has {len(self.problems)} problem(s); fix them all, nothing was changed:\n  - {shown}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OrgMapping:
+    """One org of the mapping with its users, in mapping order (the first user is taken as its creator)."""
+
+    org_id: str
+    org_name: str
+    email: str | None
+    users: tuple[str, ...]
+    plan_code: str | None = None
+
+    def fingerprint(self, options: MigrationOptions) -> str:
+        """A short hash of everything that decides this org's migration (the journal skips an org only when
+        it was done with the same mapping and options)."""
+        data = json.dumps([dataclasses.astuple(self), dataclasses.astuple(options)], sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """Read a JSON (list of objects) or CSV (header ``user_id,org_id,org_name,email[,plan_code]``) mapping
+    file; returns ``(location, record)`` pairs. Raises :class:`MappingError` when it cannot be read at all."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MappingError([f"{path}: cannot read the mapping file ({exc})"]) from exc
+    looks_json = path.suffix.lower() == ".json" or (path.suffix.lower() != ".csv" and text.lstrip()[:1] == "[")
+    if looks_json:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise MappingError([f"{path}: not valid JSON ({exc})"]) from exc
+        if not isinstance(data, list):
+            raise MappingError([f"{path}: JSON mapping must be a list of objects, got {type(data).__name__}"])
+        return [(f"{path.name} item {index}", item) for index, item in enumerate(data, 1)]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [name.strip() for name in reader.fieldnames or []]
+    missing = [column for column in MAPPING_COLUMNS if column not in header]
+    unknown = [column for column in header if column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"{path.name} header: missing column(s) {', '.join(missing)}")
+        if unknown:
+            problems.append(f"{path.name} header: unknown column(s) {', '.join(map(repr, unknown))}")
+        problems[-1] += f" (expected {','.join(MAPPING_COLUMNS)}[,plan_code])"
+        raise MappingError(problems)
+    reader.fieldnames = header
+    records: list[tuple[str, dict[str, Any]]] = []
+    for row in reader:
+        record: dict[str, Any] = dict(row)
+        records.append((f"{path.name} line {reader.line_num}", record))
+    return records
+
+
+async def load_mapping_callable(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """Call ``module:function`` (no arguments; sync or async, e.g. a database query) and return its rows:
+    mappings, named tuples, dataclasses or objects with ``user_id``, ``org_id``, ``org_name``, ``email``."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise MappingError([f"--mapping-callable {spec!r} must look like 'package.module:function'"])
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise MappingError([f"--mapping-callable {spec!r}: {exc}"]) from exc
+    result = function()
+    if inspect.isawaitable(result):
+        result = await result
+    if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
+        raise MappingError([f"--mapping-callable {spec!r} must return an iterable of rows"])
+    return [(f"{spec} row {index}", _row_dict(row)) for index, row in enumerate(result, 1)]
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    if isinstance(row, Mapping):
+        return dict(row)
+    if hasattr(row, "_asdict"):
+        return dict(row._asdict())
+    if hasattr(row, "_mapping"):  # SQLAlchemy Row
+        return dict(row._mapping)
+    if dataclasses.is_dataclass(row) and not isinstance(row, type):
+        return dataclasses.asdict(row)
+    return {key: getattr(row, key) for key in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS) if hasattr(row, key)}
+
+
+def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings) -> tuple[list[OrgMapping], list[str]]:
+    """Validate every record and group them by org. Returns ``(orgs, warnings)``; raises :class:`MappingError`
+    listing *all* problems (missing keys, empty or URL-unsafe ids, duplicate users, conflicting org names or
+    plans, an org id that is also a mapped user id)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    if not records:
+        problems.append("the mapping has no rows")
+    seen_users: dict[str, str] = {}
+    orgs: dict[str, dict[str, Any]] = {}
+    for where, record in records:
+        if not isinstance(record, Mapping):
+            problems.append(f"{where}: expected an object with {', '.join(MAPPING_COLUMNS)}, got {record!r}")
+            continue
+        unknown = [key for key in record if key not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
+        values: dict[str, str | None] = {}
+        for key in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS):
+            raw = record.get(key)
+            if raw is not None and not isinstance(raw, str):
+                problems.append(f"{where}: {key} must be a string, got {raw!r}")
+                raw = None
+            values[key] = raw
+        row_ok = True
+        for key in ("user_id", "org_id"):
+            value = values[key]
+            if key not in record:
+                problems.append(f"{where}: missing {key}")
+                row_ok = False
+            elif not value or not value.strip():
+                problems.append(f"{where}: empty {key}")
+                row_ok = False
+            else:
+                try:
+                    validate_id(value, key)
+                except InvalidIdentifierError as exc:
+                    problems.append(f"{where}: {exc}")
+                    row_ok = False
+        org_name = values["org_name"]
+        if not org_name or not org_name.strip():
+            problems.append(f"{where}: empty org_name")
+        elif len(org_name) > _MAX_NAME:
+            problems.append(f"{where}: org_name is longer than Lago's {_MAX_NAME} characters")
+        email = (values["email"] or "").strip() or None
+        if email is not None and ("@" not in email or any(c.isspace() for c in email)):
+            problems.append(f"{where}: email {email!r} is not an email address")
+        plan_code = (values["plan_code"] or "").strip() or None
+        if plan_code is not None:
+            try:
+                validate_id(plan_code, "plan_code")
+            except InvalidIdentifierError as exc:
+                problems.append(f"{where}: {exc}")
+        if not row_ok:
+            continue
+        user_id, org_id = str(values["user_id"]), str(values["org_id"])
+        if user_id in seen_users:
+            problems.append(f"{where}: duplicate user_id {user_id!r} (already in {seen_users[user_id]})")
+            continue
+        seen_users[user_id] = where
+        org = orgs.setdefault(
+            org_id, {"where": where, "name": org_name, "email": None, "emails": set(), "users": [], "plans": {}}
+        )
+        org["users"].append(user_id)
+        if org_name and org["name"] and org_name != org["name"]:
+            problems.append(f"{where}: org {org_id!r} is named {org_name!r} here but {org['name']!r} in {org['where']}")
+        if email is not None:
+            org["emails"].add(email)
+            org["email"] = org["email"] or email
+        if plan_code is not None:
+            org["plans"].setdefault(plan_code, where)
+    for org_id, org in orgs.items():
+        if org_id in seen_users:
+            problems.append(
+                f"org_id {org_id!r} ({org['where']}) is also a mapped user_id ({seen_users[org_id]}): Lago keys "
+                "customers by external_id only, so the org and the user customer would be the same one"
+            )
+        if len(org["plans"]) > 1:
+            listed = ", ".join(f"{code!r} ({where})" for code, where in org["plans"].items())
+            problems.append(f"org {org_id!r} has conflicting plan_code values: {listed}")
+        try:
+            validate_id(settings.subscription_id_for(org_id), f"subscription id of org {org_id!r}")
+        except InvalidIdentifierError as exc:
+            problems.append(f"{org['where']}: {exc} (check LAGO_SUBSCRIPTION_ID_TEMPLATE)")
+    if problems:
+        raise MappingError(problems)
+    several = [org_id for org_id, org in orgs.items() if len(org["emails"]) > 1]
+    if several:
+        warnings.append(
+            f"{len(several)} org(s) (e.g. {several[0]!r}) have rows with different emails: each org customer gets "
+            "the email of its first row"
+        )
+    result = [
+        OrgMapping(
+            org_id=org_id,
+            org_name=str(org["name"]),
+            email=org["email"],
+            users=tuple(org["users"]),
+            plan_code=next(iter(org["plans"]), None),
+        )
+        for org_id, org in orgs.items()
+    ]
+    return result, warnings
+
+
+async def validate_mapping(
+    client: LagoClient, records: Sequence[tuple[str, Any]], options: MigrationOptions
+) -> tuple[list[OrgMapping], list[str]]:
+    """:func:`build_mapping` plus a check, in Lago (reads only), that every ``plan_code`` of the rows and
+    ``options.default_plan`` exist. Raises one :class:`MappingError` listing every problem of both kinds."""
+    problems: list[str] = []
+    orgs: list[OrgMapping] = []
+    warnings: list[str] = []
+    try:
+        orgs, warnings = build_mapping(records, client.settings)
+    except MappingError as exc:
+        problems.extend(exc.problems)
+    codes: dict[str, list[str]] = {}
+    for where, record in records:
+        code = record.get("plan_code") if isinstance(record, Mapping) else None
+        if isinstance(code, str) and code.strip():
+            try:
+                codes.setdefault(validate_id(code.strip(), "plan_code"), []).append(where)
+            except InvalidIdentifierError:
+                pass  # reported by build_mapping
+    plans = PlanCatalog(client)
+    for code, places in codes.items():
+        if await plans.get(code) is None:
+            more = f" (and {len(places) - 1} more rows)" if len(places) > 1 else ""
+            problems.append(f"{places[0]}: plan_code {code!r} is not a plan in Lago{more}")
+    if options.default_plan is not None and await plans.get(options.default_plan) is None:
+        problems.append(f"--default-plan {options.default_plan!r} is not a plan in Lago")
+    if problems:
+        raise MappingError(problems)
+    return orgs, warnings
+
+
+# ------------------------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationOptions:
+    """What the migration does where the mapping leaves a choice.
+
+    * **plan_policy** - ``highest`` (default: the plan with the largest yearly amount among the org's users'
+      active subscriptions), ``lowest``, ``oldest`` (the longest-running subscription's plan) or ``newest``.
+    * **default_plan** - plan of orgs whose users have no active subscription (default: none, the org gets a
+      customer but no subscription, and ``--verify`` reports it).
+    * **on_termination_invoice** - ``generate`` (default: bill the user's partial period) or ``skip``.
+    * **on_termination_credit_note** - ``credit``/``refund``/``offset``/``skip`` for pay-in-advance plans
+      (default: Lago's, ``credit``).
+    """
+
+    plan_policy: str = "highest"
+    default_plan: str | None = None
+    on_termination_invoice: str = "generate"
+    on_termination_credit_note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.plan_policy not in PLAN_POLICIES:
+            raise InvalidRequestError(f"plan_policy must be one of {', '.join(PLAN_POLICIES)}.")
+        if self.on_termination_invoice not in ("generate", "skip"):
+            raise InvalidRequestError("on_termination_invoice must be 'generate' or 'skip'.")
+        if self.on_termination_credit_note not in (None, "credit", "refund", "offset", "skip"):
+            raise InvalidRequestError("on_termination_credit_note must be 'credit', 'refund', 'offset' or 'skip'.")
+        if self.default_plan is not None:
+            validate_id(self.default_plan, "default_plan")
+
+
+# ----------------------------------------------------------------------------------------- counting
+
+
+@dataclasses.dataclass
+class CallStats:
+    """Lago calls made (all, writes, per method) and rate-limit waits."""
+
+    calls: int = 0
+    writes: int = 0
+    rate_limited: int = 0
+    rate_limit_wait_s: float = 0.0
+    by_method: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def to_json(self) -> JSON:
+        return {
+            "calls": self.calls,
+            "writes": self.writes,
+            "reads": self.calls - self.writes,
+            "rate_limited": self.rate_limited,
+            "rate_limit_wait_s": round(self.rate_limit_wait_s, 3),
+            "by_method": dict(sorted(self.by_method.items())),
+        }
+
+
+_org_stats: contextvars.ContextVar[CallStats | None] = contextvars.ContextVar("lago_migration_org", default=None)
+
+
+class CallCounter(httpx.AsyncBaseTransport):
+    """An httpx transport wrapper that counts Lago calls (in total and per org being migrated) and, when Lago
+    answers 429, holds every other request until the ``X-RateLimit-Reset`` window ends (the client retries the
+    throttled one itself), so concurrent workers do not keep hitting the limit."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.inner = inner if inner is not None else httpx.AsyncHTTPTransport(retries=0)
+        self.stats = CallStats()
+        self._paused_until = 0.0
+        self.on_rate_limit: Callable[[float], None] | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            self.stats.rate_limit_wait_s += wait
+            await anyio.sleep(wait)
+        response = await self.inner.handle_async_request(request)
+        if request.url.path.startswith("/api/"):
+            write = request.method != "GET"
+            for stats in (self.stats, _org_stats.get()):
+                if stats is not None:
+                    stats.calls += 1
+                    stats.writes += write
+                    stats.by_method[request.method] += 1
+        if response.status_code == 429:
+            # Without X-RateLimit-Reset the client backs off on its own and the others go on.
+            reset = max(0.0, _float(response.headers.get("x-ratelimit-reset")) or 0.0)
+            self.stats.rate_limited += 1
+            self.stats.rate_limit_wait_s += reset
+            self._paused_until = max(self._paused_until, time.monotonic() + reset)
+            logger.warning("Lago rate limit reached: waiting %.1f s (X-RateLimit-Reset)", reset)
+            if self.on_rate_limit is not None:
+                self.on_rate_limit(reset)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _float(raw: str | None) -> float | None:
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """An append-only JSON-lines log of every step. An org recorded ``done`` with the same fingerprint
+    (mapping rows and options) is skipped by the next run; a torn last line (killed process) is ignored."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._done: dict[str, str] = {}
+        self._file: IO[str] | None = None
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(entry, dict) or entry.get("type") != "org":
+                    continue
+                if entry.get("status") == "done":
+                    self._done[str(entry.get("org_id"))] = str(entry.get("fingerprint"))
+                else:
+                    self._done.pop(str(entry.get("org_id")), None)
+
+    def is_done(self, org_id: str, fingerprint: str) -> bool:
+        return self._done.get(org_id) == fingerprint
+
+    @property
+    def done_count(self) -> int:
+        return len(self._done)
+
+    def record(self, kind: str, **fields: Any) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        entry = {"type": kind, "at": _now_iso(), **fields}
+        self._file.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
+        self._file.flush()
+        if kind == "org" and fields.get("status") == "done":
+            self._done[str(fields["org_id"])] = str(fields.get("fingerprint"))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------- plans
+
+
+class PlanCatalog:
+    """``GET /plans/{code}``, once per code per run."""
+
+    def __init__(self, client: LagoClient) -> None:
+        self._client = client
+        self._plans: dict[str, JSON | None] = {}
+        self._lock = anyio.Lock()
+
+    async def get(self, code: str) -> JSON | None:
+        if code not in self._plans:
+            async with self._lock:
+                if code not in self._plans:
+                    try:
+                        self._plans[code] = await self._client.get_plan(code)
+                    except LagoNotFoundError:
+                        self._plans[code] = None
+        return self._plans[code]
+
+    async def yearly_amount(self, code: str, fallback: int = 0) -> int:
+        plan = await self.get(code)
+        if plan is None:
+            return fallback
+        return int(plan.get("amount_cents") or 0) * _PERIODS_PER_YEAR.get(str(plan.get("interval")), 12)
+
+    async def check(self, orgs: Sequence[OrgMapping], options: MigrationOptions) -> list[str]:
+        """Problems for plan codes (``plan_code`` column, ``--default-plan``) that Lago does not have."""
+        wanted: dict[str, list[str]] = {}
+        for org in orgs:
+            if org.plan_code is not None:
+                wanted.setdefault(org.plan_code, []).append(org.org_id)
+        problems = []
+        for code, org_ids in wanted.items():
+            if await self.get(code) is None:
+                shown = ", ".join(map(repr, org_ids[:5])) + (
+                    f" and {len(org_ids) - 5} more" if len(org_ids) > 5 else ""
+                )
+                problems.append(f"plan_code {code!r} (org {shown}) is not a plan in Lago")
+        if options.default_plan is not None and await self.get(options.default_plan) is None:
+            problems.append(f"--default-plan {options.default_plan!r} is not a plan in Lago")
+        return problems
+
+
+# -------------------------------------------------------------------------------------- per-org work
+
+
+@dataclasses.dataclass
+class Step:
+    """One write the migration makes (or would make) for an org."""
+
+    kind: Literal[
+        "upsert_customer", "create_subscription", "terminate_subscription", "cancel_subscription", "mark_user"
+    ]
+    target: str
+    description: str
+    payload: JSON = dataclasses.field(default_factory=dict)
+    outcome: str = "planned"
+    detail: JSON = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> JSON:
+        data: JSON = {"step": self.kind, "target": self.target, "description": self.description}
+        data["outcome"] = self.outcome
+        if self.detail:
+            data["detail"] = self.detail
+        return data
+
+
+@dataclasses.dataclass
+class OrgResult:
+    """What happened to one org: ``status`` is ``planned``/``up-to-date`` (dry run), ``migrated``/
+    ``up-to-date``/``journal`` (execute), ``verified``/``unverified`` (verify), ``failed`` or ``not-run``."""
+
+    org_id: str
+    status: str = "not-run"
+    plan_code: str | None = None
+    plan_source: str | None = None
+    billing_time: str | None = None
+    users: tuple[str, ...] = ()
+    steps: list[Step] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    calls: CallStats = dataclasses.field(default_factory=CallStats)
+    customer: JSON | None = None
+    subscription: JSON | None = None
+    exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
+
+    def to_json(self) -> JSON:
+        return {
+            "org_id": self.org_id,
+            "status": self.status,
+            "users": list(self.users),
+            "plan_code": self.plan_code,
+            "plan_source": self.plan_source,
+            "billing_time": self.billing_time,
+            "steps": [step.to_json() for step in self.steps],
+            "warnings": self.warnings,
+            "errors": self.errors,
+            "calls": self.calls.calls,
+            "writes": self.calls.writes,
+        }
+
+
+async def _or_none(call: Any) -> JSON | None:
+    try:
+        result: JSON = await call
+    except LagoNotFoundError:
+        return None
+    return result
+
+
+def _metadata(customer: JSON | None) -> dict[str, str]:
+    if customer is None:
+        return {}
+    return {str(item["key"]): str(item.get("value")) for item in customer.get("metadata") or [] if "key" in item}
+
+
+def _metadata_items(customer: JSON | None, changes: Mapping[str, str]) -> list[JSON]:
+    """Lago's metadata list for an update: existing items keep their ``id`` (a missing one would be deleted,
+    and a re-sent key without its id collides), changed values are updated in place, new keys are added."""
+    items: list[JSON] = []
+    present: set[str] = set()
+    for item in (customer or {}).get("metadata") or []:
+        key = str(item.get("key"))
+        present.add(key)
+        entry: JSON = {"key": key, "value": changes.get(key, item.get("value"))}
+        if item.get("lago_id"):
+            entry["id"] = item["lago_id"]
+        entry["display_in_invoice"] = bool(item.get("display_in_invoice", False))
+        items.append(entry)
+    for key, value in changes.items():
+        if key not in present:
+            items.append({"key": key, "value": value, "display_in_invoice": False})
+    return items
+
+
+def _user_list(users: Iterable[str], limit: int = 100) -> str:
+    """Comma-separated user ids within ``limit`` characters; the rest counted as ``+N``."""
+    users = list(dict.fromkeys(users))
+    for shown in range(len(users), 0, -1):
+        text = ",".join(users[:shown]) + (f",+{len(users) - shown}" if shown < len(users) else "")
+        if len(text) <= limit:
+            return text
+    return f"+{len(users)}"
+
+
+def _started(subscription: JSON) -> str:
+    return str(subscription.get("started_at") or subscription.get("subscription_at") or "")
+
+
+async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog) -> tuple[str, JSON]:
+    keyed = []
+    for user_id, subscription in active:
+        yearly = await plans.yearly_amount(
+            str(subscription["plan_code"]), int(subscription.get("plan_amount_cents") or 0)
+        )
+        keyed.append((yearly, _started(subscription), str(subscription["plan_code"]), user_id, subscription))
+    if policy == "highest":
+        best = min(keyed, key=lambda k: (-k[0], k[1], k[2]))
+    elif policy == "lowest":
+        best = min(keyed, key=lambda k: (k[0], k[1], k[2]))
+    elif policy == "oldest":
+        best = min(keyed, key=lambda k: (k[1], -k[0], k[2]))
+    else:
+        best = max(keyed, key=lambda k: (k[1], k[0], k[2]))
+    return best[3], best[4]
+
+
+async def plan_org(
+    client: LagoClient, org: OrgMapping, options: MigrationOptions, plans: PlanCatalog, result: OrgResult
+) -> None:
+    """Read the org's and its users' Lago state and fill ``result.steps`` with the writes still needed."""
+    settings = client.settings
+    sub_id = settings.subscription_id_for(org.org_id)
+    org_customer = await _or_none(client.get_customer(org.org_id))
+    org_subscription = await _or_none(client.get_subscription(sub_id))
+    users: list[tuple[str, JSON | None, list[JSON]]] = []
+    for user_id in org.users:
+        customer = await _or_none(client.get_customer(user_id))
+        subscriptions: list[JSON] = []
+        if customer is not None:
+            subscriptions = [
+                s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending"])
+            ]
+        users.append((user_id, customer, subscriptions))
+    result.customer, result.subscription = org_customer, org_subscription
+    active = [(user_id, s) for user_id, _, subs in users for s in subs if s.get("status") == "active"]
+
+    # 1. The org customer.
+    steps: list[Step] = []
+    wanted = {"billing_type": "organization"}
+    existing_meta = _metadata(org_customer)
+    previous_users = [u for u in existing_meta.get("migrated_from_user", "").split(",") if u and not u.startswith("+")]
+    wanted["migrated_from_user"] = _user_list([*previous_users, *org.users])
+    if "created_by_user_id" not in existing_meta:
+        wanted["created_by_user_id"] = org.users[0]
+    changes = {key: value for key, value in wanted.items() if existing_meta.get(key) != value}
+    room = 5 - len(existing_meta)
+    for key in [key for key in changes if key not in existing_meta]:
+        if room > 0:
+            room -= 1
+        else:
+            changes.pop(key)
+            result.warnings.append(
+                f"org customer {org.org_id!r} already has 5 metadata items (Lago's limit): {key} not written"
+            )
+    customer_payload: JSON = {"external_id": org.org_id}
+    if org_customer is None or not org_customer.get("name"):
+        customer_payload["name"] = org.org_name
+    if org.email is not None and (org_customer is None or not org_customer.get("email")):
+        customer_payload["email"] = org.email
+    if changes or org_customer is None:
+        customer_payload["metadata"] = _metadata_items(org_customer, changes)
+    if len(customer_payload) > 1:
+        what = "create" if org_customer is None else "update"
+        fields = ", ".join(sorted(k for k in customer_payload if k != "external_id"))
+        steps.append(
+            Step("upsert_customer", org.org_id, f"{what} org customer {org.org_id} ({fields})", customer_payload)
+        )
+
+    # 2. The org subscription.
+    if org_subscription is not None and org_subscription.get("external_customer_id") != org.org_id:
+        owner = org_subscription.get("external_customer_id")
+        raise InvalidRequestError(
+            f"subscription id {sub_id!r} is already used by the active subscription of customer {owner!r}; "
+            "Lago cannot move it. Terminate it first or set LAGO_SUBSCRIPTION_ID_TEMPLATE (e.g. 'org_{org_id}')."
+        )
+    source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
+    if org_subscription is not None:
+        result.plan_code = str(org_subscription.get("plan_code"))
+        result.plan_source = "existing org subscription"
+        result.billing_time = org_subscription.get("billing_time")
+        if org.plan_code is not None and org.plan_code != result.plan_code:
+            result.warnings.append(
+                f"org {org.org_id!r} already subscribed to {result.plan_code!r}; mapping plan_code "
+                f"{org.plan_code!r} not applied (change plans with OrgBilling.change_plan)"
+            )
+    else:
+        if org.plan_code is not None:
+            result.plan_code, result.plan_source = org.plan_code, "mapping plan_code"
+        elif source is not None:
+            result.plan_code = str(source[1]["plan_code"])
+            result.plan_source = f"{options.plan_policy} plan: {source[0]}'s subscription {source[1]['external_id']}"
+        elif options.default_plan is not None:
+            result.plan_code, result.plan_source = options.default_plan, "--default-plan"
+        if result.plan_code is None:
+            result.warnings.append(
+                f"org {org.org_id!r}: no user has an active subscription and no plan_code/--default-plan: "
+                "the org gets a customer but no subscription"
+            )
+        else:
+            result.billing_time = str(source[1].get("billing_time") or "calendar") if source else "calendar"
+            steps.append(
+                Step(
+                    "create_subscription",
+                    sub_id,
+                    f"subscribe org {org.org_id} to {result.plan_code} ({result.billing_time}; {result.plan_source})",
+                    {"plan_code": result.plan_code, "billing_time": result.billing_time},
+                )
+            )
+
+    # 3. The users' subscriptions, then 4. the marks on the user customers.
+    for user_id, _, subscriptions in users:
+        active_ids = {s["external_id"] for s in subscriptions if s.get("status") == "active"}
+        for subscription in subscriptions:
+            external_id = str(subscription["external_id"])
+            if subscription.get("status") == "active":
+                steps.append(
+                    Step(
+                        "terminate_subscription",
+                        external_id,
+                        f"terminate {user_id}'s subscription {external_id} ({subscription.get('plan_code')})",
+                        {"user_id": user_id},
+                    )
+                )
+            elif external_id not in active_ids and not subscription.get("previous_plan_code"):
+                steps.append(
+                    Step(
+                        "cancel_subscription",
+                        external_id,
+                        f"cancel {user_id}'s pending subscription {external_id}",
+                        {"user_id": user_id},
+                    )
+                )
+    for user_id, customer, _ in users:
+        if customer is None:
+            continue
+        meta = _metadata(customer)
+        if meta.get(METADATA_MIGRATED_TO) == org.org_id:
+            continue
+        if len(org.org_id) > 100:
+            result.warnings.append(f"user {user_id!r} not marked: org id longer than Lago's 100-character values")
+        elif METADATA_MIGRATED_TO not in meta and len(meta) >= 5:
+            result.warnings.append(f"user {user_id!r} not marked: its customer already has 5 metadata items")
+        else:
+            payload = {
+                "external_id": user_id,
+                "metadata": _metadata_items(customer, {METADATA_MIGRATED_TO: org.org_id}),
+            }
+            steps.append(
+                Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
+            )
+    result.steps = steps
+
+
+async def apply_org(
+    client: LagoClient, org: OrgMapping, options: MigrationOptions, result: OrgResult, journal: Journal | None
+) -> None:
+    """Make the writes ``plan_org`` planned, in order, logging and journaling each outcome."""
+    for step in result.steps:
+        try:
+            if step.kind == "upsert_customer":
+                result.customer = await client.upsert_customer(step.payload)
+                step.outcome = "done"
+            elif step.kind == "create_subscription":
+                subscription = await client.create_subscription(
+                    external_customer_id=org.org_id,
+                    plan_code=step.payload["plan_code"],
+                    external_id=step.target,
+                    billing_time=step.payload["billing_time"],
+                )
+                result.subscription = subscription
+                step.outcome = "done"
+                step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
+            elif step.kind in ("terminate_subscription", "cancel_subscription"):
+                try:
+                    ended = await client.terminate_subscription(
+                        step.target,
+                        status="pending" if step.kind == "cancel_subscription" else None,
+                        on_termination_invoice=options.on_termination_invoice,
+                        on_termination_credit_note=options.on_termination_credit_note,
+                    )
+                except LagoNotFoundError:
+                    step.outcome = "already ended"
+                else:
+                    step.outcome = "done"
+                    step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
+            else:
+                await client.upsert_customer(step.payload)
+                step.outcome = "done"
+        except LagoIntegrationError as exc:
+            step.outcome = "failed"
+            step.detail = {"error": str(exc)}
+            _log_step(org, step, journal)
+            raise
+        _log_step(org, step, journal)
+
+
+def _log_step(org: OrgMapping, step: Step, journal: Journal | None) -> None:
+    level = logging.WARNING if step.outcome == "failed" else logging.INFO
+    logger.log(level, "org %s: %s %s: %s", org.org_id, step.kind, step.target, step.outcome)
+    if journal is not None:
+        journal.record(
+            "step", org_id=org.org_id, step=step.kind, target=step.target, outcome=step.outcome, **step.detail
+        )
+
+
+async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> None:
+    """``result.errors`` gets every way the org is not migrated: no customer, no active subscription (or one
+    on another customer), a mapped user still holding an active subscription."""
+    sub_id = client.settings.subscription_id_for(org.org_id)
+    result.customer = await _or_none(client.get_customer(org.org_id))
+    if result.customer is None:
+        result.errors.append(f"org {org.org_id!r} has no Lago customer")
+    result.subscription = await _or_none(client.get_subscription(sub_id))
+    if result.subscription is None:
+        result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
+    else:
+        result.plan_code = result.subscription.get("plan_code")
+        owner = result.subscription.get("external_customer_id")
+        if owner != org.org_id:
+            result.errors.append(
+                f"active subscription {sub_id!r} belongs to customer {owner!r}, not org {org.org_id!r}"
+            )
+    for user_id in org.users:
+        page = await client.list_subscriptions(external_customer_id=user_id, statuses=["active"], per_page=20)
+        if page.items:
+            ids = ", ".join(str(s.get("external_id")) for s in page.items)
+            result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has active subscription(s) {ids}")
+    result.status = "unverified" if result.errors else "verified"
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclasses.dataclass
+class MigrationRun:
+    """The outcome of one run (the JSON report is :meth:`to_json`)."""
+
+    mode: Mode
+    options: MigrationOptions
+    orgs: list[OrgResult]
+    started_at: str
+    duration_s: float = 0.0
+    calls: CallStats = dataclasses.field(default_factory=CallStats)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    aborted: str | None = None
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(result.status for result in self.orgs)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed (and, for ``verify``, every org verified)."""
+        if self.aborted:
+            return False
+        bad = {"failed", "not-run", "unverified"}
+        return not any(result.status in bad for result in self.orgs)
+
+    def step_counts(self) -> Counter[str]:
+        counter: Counter[str] = Counter()
+        for result in self.orgs:
+            for step in result.steps:
+                counter[f"{step.kind}:{step.outcome}"] += 1
+        return counter
+
+    def to_json(self) -> JSON:
+        migrated = self.counts.get("migrated", 0)
+        return {
+            "mode": self.mode,
+            "ok": self.ok,
+            "aborted": self.aborted,
+            "started_at": self.started_at,
+            "duration_s": round(self.duration_s, 3),
+            "options": dataclasses.asdict(self.options),
+            "totals": {
+                "orgs": len(self.orgs),
+                "users": sum(len(r.users) for r in self.orgs),
+                "by_status": dict(sorted(self.counts.items())),
+                "steps": dict(sorted(self.step_counts().items())),
+                "calls_per_org": round(self.calls.calls / len(self.orgs), 2) if self.orgs else 0,
+                "calls_per_migrated_org": round(self.calls.calls / migrated, 2) if migrated else None,
+            },
+            "lago": self.calls.to_json(),
+            "warnings": self.warnings,
+            "orgs": [result.to_json() for result in self.orgs],
+        }
+
+
+async def run_migration(
+    client: LagoClient,
+    orgs: Sequence[OrgMapping],
+    *,
+    mode: Mode = "dry-run",
+    options: MigrationOptions | None = None,
+    concurrency: int = 8,
+    journal: Journal | None = None,
+    counter: CallCounter | None = None,
+    on_org_done: Callable[[OrgResult, int, int], None] | None = None,
+) -> MigrationRun:
+    """Plan (``dry-run``), migrate (``execute``) or check (``verify``) every org, ``concurrency`` orgs at a time.
+
+    Before anything is written, plan codes named by the mapping or ``default_plan`` are checked in Lago
+    (:class:`MappingError` otherwise). An org that fails is reported and the others go on; an authentication
+    error or Lago being unavailable (after the client's retries) stops the run (``aborted``): run it again to
+    resume. ``counter`` is the :class:`CallCounter` transport of ``client``, for call statistics.
+    """
+    options = options or MigrationOptions()
+    if concurrency < 1:
+        raise InvalidRequestError("concurrency must be at least 1.")
+    started = time.perf_counter()
+    run = MigrationRun(mode=mode, options=options, orgs=[], started_at=_now_iso())
+    plans = PlanCatalog(client)
+    if mode != "verify":
+        problems = await plans.check(orgs, options)
+        if problems:
+            raise MappingError(problems)
+    if journal is not None and mode == "execute":
+        journal.record("run", mode=mode, orgs=len(orgs), options=dataclasses.asdict(options))
+    limiter = anyio.CapacityLimiter(concurrency)
+    results = [OrgResult(org_id=org.org_id, users=org.users) for org in orgs]
+    run.orgs = results
+    done = 0
+
+    async def one(org: OrgMapping, result: OrgResult, scope: anyio.CancelScope) -> None:
+        nonlocal done
+        fingerprint = org.fingerprint(options)
+        async with limiter:
+            token = _org_stats.set(result.calls)
+            try:
+                if mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint):
+                    result.status = "journal"
+                elif mode == "verify":
+                    await verify_org(client, org, result)
+                else:
+                    await plan_org(client, org, options, plans, result)
+                    if mode == "dry-run" or not result.steps:
+                        result.status = "planned" if result.steps else "up-to-date"
+                    else:
+                        await apply_org(client, org, options, result, journal)
+                        result.status = "migrated"
+                    if mode == "execute" and journal is not None:
+                        journal.record("org", org_id=org.org_id, status="done", fingerprint=fingerprint)
+            except LagoIntegrationError as exc:
+                result.status = "failed"
+                result.errors.append(str(exc))
+                result.exception = exc
+                logger.warning("org %s failed: %s", org.org_id, exc)
+                if journal is not None and mode == "execute":
+                    journal.record("org", org_id=org.org_id, status="failed", error=str(exc))
+                if isinstance(exc, (LagoAuthenticationError, LagoUnavailableError)) and run.aborted is None:
+                    run.aborted = f"stopped at org {org.org_id!r}: {exc}"
+                    scope.cancel()
+            finally:
+                _org_stats.reset(token)
+        done += 1
+        if on_org_done is not None:
+            on_org_done(result, done, len(results))
+
+    async with anyio.create_task_group() as group:
+        for org, result in zip(orgs, results, strict=True):
+            group.start_soon(one, org, result, group.cancel_scope)
+    run.duration_s = time.perf_counter() - started
+    if counter is not None:
+        run.calls = counter.stats
+    else:
+        for result in results:
+            run.calls.calls += result.calls.calls
+            run.calls.writes += result.calls.writes
+            run.calls.by_method.update(result.calls.by_method)
+    if journal is not None and mode == "execute":
+        journal.record("end", ok=run.ok, counts=dict(run.counts), aborted=run.aborted)
+    return run
+
+
+# ---------------------------------------------------------------------------------------- single user
 
 
 async def migrate_user(
@@ -33,80 +1026,27 @@ async def migrate_user(
     on_termination_invoice: str = "generate",
     on_termination_credit_note: str | None = None,
 ) -> JSON:
-    """Migrate one user to its org; returns what was done (``changed`` is False on a no-op re-run)."""
-    client = billing.client
-    changed = False
-    user_customer = await billing.get_customer(user_id)
-    user_subscriptions: list[JSON] = []
-    if user_customer is not None:
-        user_subscriptions = [s async for s in client.iter_subscriptions(external_customer_id=user_id)]
-    if plan_code is None and user_subscriptions:
-        plan_code = max(user_subscriptions, key=_plan_amount)["plan_code"]
-
-    org_customer = await billing.get_customer(org_id)
-    if org_customer is None or _metadata(org_customer).get(METADATA_MIGRATED_FROM) is None:
-        org_customer = await billing.create_org_customer(
-            org_id, org_name, email, user_id=user_id, metadata={METADATA_MIGRATED_FROM: user_id}
-        )
-        changed = True
-
-    subscription = await billing.get_subscription(org_id)
-    if plan_code is not None and (subscription is None or subscription.get("plan_code") != plan_code):
-        if subscription is None:
-            subscription = await billing.create_subscription(org_id, plan_code)
-        else:
-            subscription = await billing.change_plan(org_id, plan_code)
-        changed = True
-
-    terminated: list[str] = []
-    for user_subscription in user_subscriptions:
-        await client.terminate_subscription(
-            user_subscription["external_id"],
-            on_termination_invoice=on_termination_invoice,
-            on_termination_credit_note=on_termination_credit_note,
-        )
-        terminated.append(user_subscription["external_id"])
-        changed = True
-
-    if user_customer is not None and _metadata(user_customer).get(METADATA_MIGRATED_TO) != org_id:
-        await billing.client.update_customer(user_id, metadata=_with_item(user_customer, METADATA_MIGRATED_TO, org_id))
-        changed = True
-
+    """Migrate one user to its org with the CLI's code path; returns what was done (``changed`` is False on a
+    no-op re-run). The org keeps the plan of the user's most expensive active subscription unless
+    ``plan_code`` is given; an org already subscribed keeps its subscription."""
+    record = {"user_id": user_id, "org_id": org_id, "org_name": org_name, "email": email, "plan_code": plan_code}
+    orgs, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
+    options = MigrationOptions(
+        on_termination_invoice=on_termination_invoice, on_termination_credit_note=on_termination_credit_note
+    )
+    run = await run_migration(billing.client, orgs, mode="execute", options=options, concurrency=1)
+    result = run.orgs[0]
+    if result.exception is not None:
+        raise result.exception
+    terminated = [s.target for s in result.steps if s.kind == "terminate_subscription" and s.outcome == "done"]
     return {
         "user_id": user_id,
         "org_id": org_id,
-        "plan_code": plan_code,
-        "customer": org_customer,
-        "subscription": subscription,
+        "plan_code": result.plan_code,
+        "customer": result.customer,
+        "subscription": result.subscription,
         "terminated_subscriptions": terminated,
-        "changed": changed,
+        "changed": bool(result.steps),
+        "steps": [step.to_json() for step in result.steps],
+        "warnings": result.warnings,
     }
-
-
-def _plan_amount(subscription: JSON) -> int:
-    amount = subscription.get("plan_amount_cents")
-    if amount is None:
-        amount = (subscription.get("plan") or {}).get("amount_cents")
-    return int(amount or 0)
-
-
-def _metadata(customer: JSON) -> dict[str, Any]:
-    return {item["key"]: item["value"] for item in customer.get("metadata") or [] if "key" in item}
-
-
-def _with_item(customer: JSON, key: str, value: str) -> list[JSON]:
-    from ._billing import check_metadata
-
-    items = [
-        {
-            "id": item["lago_id"],
-            "key": item["key"],
-            "value": item["value"],
-            "display_in_invoice": item.get("display_in_invoice", False),
-        }
-        for item in customer.get("metadata") or []
-        if item.get("key") != key
-    ]
-    check_metadata({**{item["key"]: item["value"] for item in items}, key: value})
-    items.append({"key": key, "value": value, "display_in_invoice": False})
-    return items

@@ -1,19 +1,332 @@
-"""The ``lago-org-billing migrate`` command (placeholder until the migration CLI lands)."""
+"""The ``lago-org-billing migrate`` command: move user-keyed Lago customers to org-keyed ones.
+
+``migrate --mapping-file FILE [--execute | --verify] [--journal FILE] [--report FILE]``; dry run by default.
+Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
 
-__all__ = ["add_migrate_command"]
+import anyio
+import httpx
+
+from ._client import LagoClient
+from ._migration import (
+    PLAN_POLICIES,
+    CallCounter,
+    Journal,
+    MappingError,
+    MigrationOptions,
+    MigrationRun,
+    Mode,
+    OrgResult,
+    load_mapping_callable,
+    read_mapping_file,
+    run_migration,
+    validate_mapping,
+)
+from ._settings import BillingSettings
+
+__all__ = ["add_migrate_command", "run_migrate_command"]
+
+_EPILOG = """\
+Per org: upsert the org customer (external_id = org id; metadata billing_type, migrated_from_user,
+created_by_user_id), subscribe it (subscription external_id from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan
+the policy picks among its users' active subscriptions, terminate the users' subscriptions, mark the user
+customers (migrated_to_org). Re-running changes nothing already done; --journal skips finished orgs.
+
+Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
+keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
+
+Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings.
+"""
 
 
 def add_migrate_command(commands: Any) -> None:
     """Register ``migrate`` on the CLI's subparsers."""
-    migrate = commands.add_parser("migrate", help="move user-keyed Lago customers to org-keyed ones")
-    migrate.add_argument("--mapping-file", required=True)
-    migrate.set_defaults(handler=_not_ready)
+    migrate = commands.add_parser(
+        "migrate",
+        help="move billing from user-keyed Lago customers to org-keyed ones (dry run by default)",
+        description="Move billing from per-user Lago customers to per-org customers. Dry run by default.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = migrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mapping-file", metavar="FILE", help="user to org mapping, CSV or JSON")
+    source.add_argument(
+        "--mapping-callable", metavar="MODULE:FUNCTION", help="a function (sync or async) returning the mapping rows"
+    )
+    mode = migrate.add_mutually_exclusive_group()
+    mode.add_argument("--execute", action="store_true", help="make the changes (default: print the plan only)")
+    mode.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every org has its customer and active subscription and no user still has one",
+    )
+    migrate.add_argument("--journal", metavar="FILE", help="JSON-lines journal; an interrupted --execute resumes")
+    migrate.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    migrate.add_argument("--concurrency", type=int, default=8, help="orgs migrated at once (default 8)")
+    migrate.add_argument(
+        "--plan-policy",
+        choices=PLAN_POLICIES,
+        default="highest",
+        help="the org's plan among its users' active subscriptions: highest (default) / lowest yearly amount, "
+        "oldest / newest subscription",
+    )
+    migrate.add_argument("--default-plan", metavar="CODE", help="plan of orgs whose users have no active subscription")
+    migrate.add_argument(
+        "--on-termination-invoice",
+        choices=("generate", "skip"),
+        default="generate",
+        help="bill the users' partial period when terminating their subscriptions (default generate)",
+    )
+    migrate.add_argument(
+        "--on-termination-credit-note",
+        choices=("credit", "refund", "offset", "skip"),
+        default=None,
+        help="pay-in-advance plans: what to do with the unused part (default: Lago's, credit)",
+    )
+    migrate.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "none"),
+        default="auto",
+        help="progress on stderr: a bar on a terminal, log lines otherwise (default auto)",
+    )
+    migrate.set_defaults(handler=_handle)
 
 
-def _not_ready(args: argparse.Namespace) -> int:
-    raise SystemExit("migrate is not available yet")
+#: Test hook: called after each org by the ``migrate`` command (the subprocess kill test freezes the run here).
+ORG_DONE_HOOK: Callable[[OrgResult, int, int], None] | None = None
+
+
+def _handle(args: argparse.Namespace) -> int:
+    return run_migrate_command(args, on_org_done=ORG_DONE_HOOK)
+
+
+def run_migrate_command(
+    args: argparse.Namespace,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    settings: BillingSettings | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    on_org_done: Callable[[OrgResult, int, int], None] | None = None,
+) -> int:
+    """Run ``migrate`` for parsed ``args``; returns the exit code.
+
+    The hooks are for tests and embedding: ``transport`` (e.g. ``FakeLago().transport()``), ``settings``
+    (default ``BillingSettings.from_env()``), output streams, and a callback after each org.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    settings = settings if settings is not None else BillingSettings.from_env()
+    # A migration outlasts Lago's rate-limit windows: wait them out rather than fail the org.
+    settings = settings.replace(
+        max_retries=max(settings.max_retries, 10), retry_deadline=max(settings.retry_deadline, 600.0)
+    )
+    options = MigrationOptions(
+        plan_policy=args.plan_policy,
+        default_plan=args.default_plan,
+        on_termination_invoice=args.on_termination_invoice,
+        on_termination_credit_note=args.on_termination_credit_note,
+    )
+    mode: Mode = "execute" if args.execute else "verify" if args.verify else "dry-run"
+    if args.concurrency < 1:
+        print("error: --concurrency must be at least 1", file=err)
+        return 2
+
+    async def main() -> int:
+        counter = CallCounter(transport or httpx.AsyncHTTPTransport(retries=0, limits=_limits(args.concurrency)))
+        progress = Progress(err, args.progress, mode)
+        counter.on_rate_limit = progress.rate_limited
+        journal: Journal | None = None
+        try:
+            async with LagoClient(settings, transport=counter) as client:
+                if args.mapping_file:
+                    records = read_mapping_file(args.mapping_file)
+                else:
+                    records = await load_mapping_callable(args.mapping_callable)
+                orgs, warnings = await validate_mapping(client, records, options)
+                journal = Journal(args.journal) if args.journal and mode == "execute" else None
+                users = sum(len(org.users) for org in orgs)
+                print(f"migrate ({mode}): {len(orgs)} orgs, {users} users, Lago at {settings.api_url}", file=err)
+                if journal is not None and journal.done_count:
+                    print(f"journal {journal.path}: {journal.done_count} orgs done before, skipping them", file=err)
+
+                def done(result: OrgResult, count: int, total: int) -> None:
+                    progress.update(result, count, total)
+                    if on_org_done is not None:
+                        on_org_done(result, count, total)
+
+                run = await run_migration(
+                    client,
+                    orgs,
+                    mode=mode,
+                    options=options,
+                    concurrency=args.concurrency,
+                    journal=journal,
+                    counter=counter,
+                    on_org_done=done,
+                )
+        except MappingError as exc:
+            return _mapping_failed(exc, args, err)
+        finally:
+            progress.close()
+            if journal is not None:
+                journal.close()
+        run.warnings[:0] = warnings
+        if mode == "dry-run":
+            _print_plan(run, out)
+        _print_summary(run, out)
+        if args.report:
+            _write_report(args.report, run.to_json())
+            print(f"report written to {args.report}", file=out)
+        return 0 if run.ok else 1
+
+    return anyio.run(main)
+
+
+def _limits(concurrency: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+
+
+def _mapping_failed(exc: MappingError, args: argparse.Namespace, err: TextIO) -> int:
+    print(f"error: the mapping has {len(exc.problems)} problem(s); nothing was changed:", file=err)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=err)
+    if args.report:
+        _write_report(args.report, {"ok": False, "problems": exc.problems})
+    return 2
+
+
+def _write_report(path: str, data: Any) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+class Progress:
+    """Progress on ``stream``: a one-line ``\\r`` bar with counts and ETA on a terminal, a log line every 5%
+    otherwise."""
+
+    def __init__(self, stream: TextIO, style: str, mode: str) -> None:
+        self.stream = stream
+        if style == "auto":
+            style = "bar" if _isatty(stream) else "lines"
+        self.style = style
+        self.mode = mode
+        self.started = time.monotonic()
+        self.failed = 0
+        self.changed = 0
+        self.rate_limit_waits = 0
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def rate_limited(self, seconds: float) -> None:
+        self.rate_limit_waits += 1
+        if self.style == "lines":
+            print(f"migrate: Lago rate limit, waiting {seconds:.1f} s", file=self.stream, flush=True)
+
+    def update(self, result: OrgResult, done: int, total: int) -> None:
+        if result.status in ("failed", "unverified"):
+            self.failed += 1
+        if result.status in ("migrated", "planned"):
+            self.changed += 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (total - done) if done else 0.0
+        bad = "unverified" if self.mode == "verify" else "failed"
+        counts = f"{done}/{total} orgs ({done * 100 // max(total, 1)}%), {self.changed} changed, {self.failed} {bad}"
+        if self.rate_limit_waits:
+            counts += f", {self.rate_limit_waits} rate-limit waits"
+        if self.style == "bar":
+            now = time.monotonic()
+            if done < total and now - self._last_draw < 0.1:
+                return
+            self._last_draw = now
+            width = 30
+            filled = width * done // max(total, 1)
+            bar = "#" * filled + "-" * (width - filled)
+            line = f"\r[{bar}] {counts} | {_clock(elapsed)} elapsed, ETA {_clock(eta)} "
+            self.stream.write(line)
+            self.stream.flush()
+            self._drawn = True
+        elif self.style == "lines":
+            step = max(1, total // 20)
+            if done % step == 0 or done == total:
+                print(f"migrate: {counts}, elapsed {elapsed:.1f} s, ETA {eta:.0f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _print_plan(run: MigrationRun, out: TextIO) -> None:
+    print("Plan (dry run, nothing changed):", file=out)
+    for result in run.orgs:
+        if not result.steps and not result.errors:
+            continue
+        plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
+        print(f"org {result.org_id} [{len(result.users)} users]: {plan}", file=out)
+        for step in result.steps:
+            print(f"  - {step.description}", file=out)
+        for error in result.errors:
+            print(f"  ! {error}", file=out)
+
+
+def _print_summary(run: MigrationRun, out: TextIO) -> None:
+    report = run.to_json()
+    totals = report["totals"]
+    verdict = "OK" if run.ok else "FAILED" if not run.aborted else "STOPPED"
+    print(f"\nMigration {run.mode}: {totals['orgs']} orgs, {totals['users']} users: {verdict}", file=out)
+    rows = [("org status", "orgs")] + [(status, str(count)) for status, count in sorted(run.counts.items())]
+    steps = run.step_counts()
+    if steps:
+        rows.append(("", ""))
+        rows.append(("step:outcome", "count"))
+        rows.extend((name, str(count)) for name, count in sorted(steps.items()))
+    lago = report["lago"]
+    rows.append(("", ""))
+    rows.append(("Lago calls", f"{lago['calls']} ({lago['writes']} writes)"))
+    rows.append(("calls per org", str(totals["calls_per_org"])))
+    if totals["calls_per_migrated_org"] is not None:
+        rows.append(("calls per migrated org", str(totals["calls_per_migrated_org"])))
+    rows.append(("rate-limit waits", f"{lago['rate_limited']} ({lago['rate_limit_wait_s']} s)"))
+    rows.append(("wall time", f"{run.duration_s:.2f} s"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name.ljust(width)}  {value}" if name else "", file=out)
+    if run.aborted:
+        print(f"\nStopped: {run.aborted}\nRun the same command again to resume.", file=out)
+    _print_list("Problems", [f"{r.org_id}: {e}" for r in run.orgs for e in r.errors], out)
+    _print_list("Warnings", [*run.warnings, *(w for r in run.orgs for w in r.warnings)], out)
+
+
+def _print_list(title: str, items: list[str], out: TextIO, limit: int = 20) -> None:
+    if not items:
+        return
+    print(f"\n{title} ({len(items)}):", file=out)
+    for item in items[:limit]:
+        print(f"  - {item}", file=out)
+    if len(items) > limit:
+        print(f"  ... {len(items) - limit} more in the JSON report (--report FILE)", file=out)
