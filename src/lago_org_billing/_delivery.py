@@ -473,7 +473,9 @@ class EventPipeline:
                     stack.extend([items[half:], items[:half]])
                 return True
         delay = self._backoff()
-        logger.warning("Lago delivery failed (%s); retrying in %.2f s", status or type(exc.__cause__).__name__, delay)
+        # one WARNING when an outage starts (then every 20th failure); recovery is logged at INFO
+        log = logger.warning if self._failures % 20 == 1 else logger.debug
+        log("Lago delivery failed (%s); retrying in %.2f s", status or type(exc.__cause__).__name__, delay)
         self._retry(items, stack)
         return False
 
