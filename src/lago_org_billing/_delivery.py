@@ -82,8 +82,8 @@ class EventPipeline:
 
     **Parameters:**
 
-    * **client** - the :class:`LagoClient` to send with (its pool is shared; its own retries apply inside
-      each attempt).
+    * **client** - the :class:`LagoClient` whose connection pool sends the batches (one attempt per call: the
+      retries are the pipeline's own, below; errors map as in the client).
     * **spool_path** - SQLite file of the durable spool (``LAGO_SPOOL_PATH``); ``None``: in memory.
     * **memory_capacity** - events the memory outbox holds (with the spool: events waiting for a commit).
     * **batch_size** - events per ``POST /events/batch`` (1 to 100).
