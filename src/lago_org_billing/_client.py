@@ -318,6 +318,24 @@ class LagoClient:
         body = await self._request("POST", "/events/batch", json={"events": payload})
         return list(body.get("events") or [])
 
+    async def send_event_batch_json(self, body: bytes) -> None:
+        """``POST /events/batch`` with a ready JSON body (``{"events": [...]}``), once, without retries.
+
+        For senders that keep events as serialized text and run their own retry policy (the delivery pipeline):
+        every attempt sends the same bytes. Errors are raised as by every other call.
+        """
+        if self._state is _State.CLOSED:
+            raise RuntimeError("This LagoClient is closed; create a new one.")
+        url = "/api/v1/events/batch"
+        try:
+            response = await self._http.post(url, content=body, headers={"Content-Type": "application/json"})
+        except httpx.TransportError as exc:
+            raise LagoUnavailableError(
+                f"Lago did not answer POST {url} ({type(exc).__name__}: {exc}).", method="POST", path=url
+            ) from exc
+        if response.status_code >= 400:
+            raise _error_from_response(response, "POST", url)
+
     async def get_event(self, transaction_id: str) -> JSON:
         """``GET /events/{transaction_id}`` (the first match across subscriptions)."""
         if not isinstance(transaction_id, str) or not transaction_id or "/" in transaction_id:

@@ -50,10 +50,9 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._client import LagoClient, _error_from_response
+from ._client import LagoClient
 from ._errors import (
     InvalidRequestError,
     LagoAPIError,
@@ -73,8 +72,6 @@ logger = logging.getLogger("lago_org_billing.delivery")
 
 JSON = dict[str, Any]
 _OUTAGE_STATUSES = (502, 503, 504)
-_BATCH_PATH = "/api/v1/events/batch"
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class EventPipeline:
@@ -532,8 +529,8 @@ class EventPipeline:
             stack.append(valid)
 
     async def _post(self, items: list[Item]) -> None:
-        """``POST /events/batch`` through the client's connection pool, with each event's stored JSON text:
-        the body of every attempt is built from the same bytes. Errors map as in :class:`LagoClient`."""
+        """``POST /events/batch`` with each event's stored JSON text: the body of every attempt is built from
+        the same bytes. Errors map as in :class:`LagoClient`."""
         client = self.client
         if client.is_closed:
             raise RuntimeError("The LagoClient of this EventPipeline is closed.")
@@ -542,16 +539,7 @@ class EventPipeline:
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         body = ('{"events":[' + ",".join(parts) + "]}").encode()
-        try:
-            response = await client._http.post(_BATCH_PATH, content=body, headers=_JSON_HEADERS)
-        except httpx.TransportError as exc:
-            raise LagoUnavailableError(
-                f"Lago did not answer POST {_BATCH_PATH} ({type(exc).__name__}: {exc}).",
-                method="POST",
-                path=_BATCH_PATH,
-            ) from exc
-        if response.status_code >= 400:
-            raise _error_from_response(response, "POST", _BATCH_PATH)
+        await client.send_event_batch_json(body)
 
 
 def _is_duplicate(error: Any) -> bool:
