@@ -129,6 +129,18 @@ def test_read_mapping_file_rejects_a_wrong_csv_header(tmp_path: Path) -> None:
     assert "unknown column(s) 'org'" in str(caught.value)
 
 
+def test_csv_row_with_extra_fields_is_reported(tmp_path: Path) -> None:
+    """A CSV row with more fields than the header (an unquoted comma) is a problem, not silently dropped."""
+    path = tmp_path / "map.csv"
+    path.write_text("user_id,org_id,org_name,email\nu1,o1,Acme, Inc,\n")
+    with pytest.raises(MappingError) as caught:
+        build_mapping(read_mapping_file(path), BillingSettings(api_key=API_KEY))
+    assert caught.value.problems == [
+        "map.csv line 2: more fields than the header has columns (a comma inside an unquoted name?)",
+        "map.csv line 2: email 'Inc' is not an email address",
+    ]
+
+
 def test_read_mapping_file_reads_json_and_csv_alike(tmp_path: Path) -> None:
     """The JSON list of objects and the CSV give the same records."""
     rows = [{"user_id": "u1", "org_id": "o1", "org_name": "One, Inc", "email": "a@x.test"}]

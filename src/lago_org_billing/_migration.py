@@ -206,7 +206,9 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
         if not isinstance(record, Mapping):
             problems.append(f"{where}: expected an object with {', '.join(MAPPING_COLUMNS)}, got {record!r}")
             continue
-        unknown = [key for key in record if key not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
+        if None in record:  # csv.DictReader puts the fields beyond the header under None
+            problems.append(f"{where}: more fields than the header has columns (a comma inside an unquoted name?)")
+        unknown = [key for key in record if key is not None and key not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
         if unknown:
             problems.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
         values: dict[str, str | None] = {}
