@@ -196,3 +196,19 @@ async def test_health_reports_instead_of_raising(fake_lago: Any, billing: OrgBil
     async with OrgBilling(settings) as down:
         report = await down.check_lago_health()
     assert report["healthy"] is False and "LAGO_API_URL" in report["error"]
+
+
+async def test_nowait_recording_goes_through_the_pipeline(fake_lago: Any, billing: OrgBilling) -> None:
+    """record_*_nowait return at once and the pipeline delivers the events."""
+    from lago_org_billing._delivery import EventPipeline
+
+    await billing.subscribe_org_to_plan("org_1", "starter", "Acme")
+    with pytest.raises(Exception, match="pipeline"):
+        billing.record_usage_nowait("org_1", "api_call")
+    async with EventPipeline(billing.client) as pipeline:
+        billing.pipeline = pipeline
+        tx = billing.record_api_call_nowait("org_1", None, "/v1/chat", "u1", tokens=9, model="m")
+        billing.record_usage_nowait("org_1", "api_call", "tx_fixed", {"total_tokens": 1})
+        assert await pipeline.flush(5)
+    assert {e["transaction_id"] for e in fake_lago.events} == {tx, "tx_fixed"}
+    assert all(e["properties"]["org_id"] == "org_1" for e in fake_lago.events)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._attribution import AttributionConfig, Usage, attribute_usage
 from ._billing import OrgBilling
 from ._client import LagoClient, Page
+from ._delivery import EventPipeline
 from ._errors import (
     ConfigurationError,
     InvalidIdentifierError,
@@ -32,9 +33,19 @@ from ._settings import BillingSettings
 from ._version import __version__
 
 __all__ = [
+    "__version__",
+    "attribute_usage",
     "AttributionConfig",
     "BillingSettings",
     "ConfigurationError",
+    "EventPipeline",
+    "first_of",
+    "from_header",
+    "from_jwt_claim",
+    "from_state",
+    "from_user",
+    "get_current_org",
+    "get_current_user",
     "Identity",
     "InvalidIdentifierError",
     "InvalidRequestError",
@@ -50,13 +61,4 @@ __all__ = [
     "OrgBillingMiddleware",
     "Page",
     "Usage",
-    "__version__",
-    "attribute_usage",
-    "first_of",
-    "from_header",
-    "from_jwt_claim",
-    "from_state",
-    "from_user",
-    "get_current_org",
-    "get_current_user",
 ]

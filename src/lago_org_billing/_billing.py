@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Mapping
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ._client import JSON, LagoClient
 from ._errors import (
+    ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
     LagoIntegrationError,
@@ -28,6 +29,9 @@ from ._errors import (
 from ._events import event_payload
 from ._ids import validate_id
 from ._settings import BillingSettings
+
+if TYPE_CHECKING:
+    from ._delivery import EventPipeline
 
 __all__ = [
     "METADATA_BILLING_TYPE",
@@ -64,6 +68,8 @@ class OrgBilling:
     * **settings** - *(optional)* :class:`BillingSettings`, read from the environment when omitted.
     * **client** - *(optional)* a :class:`LagoClient` to use (not closed by this object).
     * **transport** - *(optional)* an httpx transport for the client this object creates (tests).
+    * **pipeline** - *(optional)* the background ``EventPipeline`` (e.g. ``middleware.pipeline``) that
+      :meth:`record_usage_nowait` and :meth:`record_api_call_nowait` hand events to.
     """
 
     def __init__(
@@ -72,7 +78,9 @@ class OrgBilling:
         *,
         client: LagoClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        pipeline: EventPipeline | None = None,
     ) -> None:
+        self.pipeline = pipeline
         if client is not None:
             self.client = client
             self.settings = settings if settings is not None else client.settings
@@ -315,13 +323,7 @@ class OrgBilling:
         Give a stable ``transaction_id`` to make retries safe (one is generated otherwise). An event Lago
         already has is not an error: the answer is the payload with ``"duplicate": True``.
         """
-        payload = event_payload(
-            transaction_id=transaction_id or f"tx_{uuid.uuid4().hex}",
-            external_subscription_id=self.subscription_id(org_id),
-            code=event_code,
-            properties={**(properties or {}), "org_id": org_id},
-            timestamp=timestamp,
-        )
+        payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         try:
             return await self.client.create_event(payload)
         except LagoValidationError as exc:
@@ -329,6 +331,62 @@ class OrgBilling:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
+
+    def record_usage_nowait(
+        self,
+        org_id: str,
+        event_code: str,
+        transaction_id: str | None = None,
+        properties: Mapping[str, Any] | None = None,
+        timestamp: dt.datetime | float | int | str | Decimal | None = None,
+    ) -> str:
+        """Like :meth:`record_usage`, without waiting: the event goes to the background pipeline (batched,
+        retried, spooled) and its ``transaction_id`` is returned. Needs ``OrgBilling(pipeline=...)``."""
+        pipeline = self._require_pipeline()
+        payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
+        pipeline.submit(payload)
+        return str(payload["transaction_id"])
+
+    def record_api_call_nowait(
+        self,
+        org_id: str,
+        transaction_id: str | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        tokens: int = 0,
+        model: str | None = None,
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        **properties: Any,
+    ) -> str:
+        """Like :meth:`record_api_call`, through the background pipeline; returns the ``transaction_id``."""
+        props = _api_call_properties(endpoint, user_id, tokens, model, input_tokens, output_tokens, properties)
+        return self.record_usage_nowait(org_id, self.settings.event_code, transaction_id, props)
+
+    def _require_pipeline(self) -> EventPipeline:
+        if self.pipeline is None:
+            raise ConfigurationError(
+                "record_*_nowait needs a delivery pipeline: OrgBilling(pipeline=middleware.pipeline) "
+                "or OrgBilling(pipeline=EventPipeline(client))."
+            )
+        return self.pipeline
+
+    def _usage_event(
+        self,
+        org_id: str,
+        event_code: str,
+        transaction_id: str | None,
+        properties: Mapping[str, Any] | None,
+        timestamp: dt.datetime | float | int | str | Decimal | None,
+    ) -> JSON:
+        return event_payload(
+            transaction_id=transaction_id or f"tx_{uuid.uuid4().hex}",
+            external_subscription_id=self.subscription_id(org_id),
+            code=event_code,
+            properties={**(properties or {}), "org_id": org_id},
+            timestamp=timestamp,
+        )
 
     async def record_api_call(
         self,
@@ -344,20 +402,7 @@ class OrgBilling:
         **properties: Any,
     ) -> JSON:
         """Record one API call (event code ``LAGO_EVENT_CODE``) with user, endpoint, model and tokens."""
-        for name, count in (("tokens", tokens), ("input_tokens", input_tokens), ("output_tokens", output_tokens)):
-            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-                raise InvalidRequestError(f"{name} must be a whole number >= 0, got {count!r}.")
-        total = tokens or (input_tokens or 0) + (output_tokens or 0)
-        props: dict[str, Any] = {**properties, "total_tokens": total}
-        for key, value in (
-            ("user_id", user_id),
-            ("endpoint", endpoint),
-            ("model", model),
-            ("input_tokens", input_tokens),
-            ("output_tokens", output_tokens),
-        ):
-            if value is not None:
-                props[key] = value
+        props = _api_call_properties(endpoint, user_id, tokens, model, input_tokens, output_tokens, properties)
         return await self.record_usage(org_id, self.settings.event_code, transaction_id, props)
 
     async def get_current_usage(self, org_id: str, billable_metric_code: str | None = None) -> JSON | None:
@@ -464,6 +509,32 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
             problems.append(f"value of {key!r} is {len(value)} characters, Lago allows {MAX_METADATA_VALUE}")
     if problems:
         raise InvalidRequestError("Customer metadata does not fit Lago's limits: " + "; ".join(problems) + ".")
+
+
+def _api_call_properties(
+    endpoint: str | None,
+    user_id: str | None,
+    tokens: int,
+    model: str | None,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    for name, count in (("tokens", tokens), ("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise InvalidRequestError(f"{name} must be a whole number >= 0, got {count!r}.")
+    total = tokens or (input_tokens or 0) + (output_tokens or 0)
+    props: dict[str, Any] = {**extra, "total_tokens": total}
+    for key, value in (
+        ("user_id", user_id),
+        ("endpoint", endpoint),
+        ("model", model),
+        ("input_tokens", input_tokens),
+        ("output_tokens", output_tokens),
+    ):
+        if value is not None:
+            props[key] = value
+    return props
 
 
 def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
