@@ -106,8 +106,10 @@ class OrgBillingMiddleware:
         self.gate = gate
         self.exclude_paths = self.settings.exclude_paths
         self.shutdown_timeout = shutdown_timeout
+        self._owned_client: LagoClient | None = None
         if pipeline is None:
-            client = client if client is not None else LagoClient(self.settings, transport=transport)
+            if client is None:
+                client = self._owned_client = LagoClient(self.settings, transport=transport)
             pipeline = EventPipeline(client, spool_path=self.settings.spool_path)
         self.pipeline = pipeline
         self.stats: dict[str, int] = {"requests": 0, "billed": 0, "unresolved": 0, "excluded": 0, "unbilled_errors": 0}
@@ -128,7 +130,7 @@ class OrgBillingMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
-                await self.pipeline.aclose(self.shutdown_timeout)
+                await self._shutdown()
             await send(message)
 
         async with anyio.create_task_group() as tasks:
@@ -165,11 +167,16 @@ class OrgBillingMiddleware:
     async def aclose(self) -> None:
         """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
         lifespan. Servers with a lifespan do this on shutdown by themselves."""
-        await self.pipeline.aclose(self.shutdown_timeout)
+        await self._shutdown()
         if self._lazy_task is not None:
             await self._lazy_task
             self._lazy_task = None
         self._running = False
+
+    async def _shutdown(self) -> None:
+        await self.pipeline.aclose(self.shutdown_timeout)
+        if self._owned_client is not None:
+            await self._owned_client.aclose()
 
     # -------------------------------------------------------------------- http
 
