@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import anyio
@@ -25,6 +25,7 @@ from ._client import LagoClient
 from ._delivery import EventPipeline
 from ._errors import ConfigurationError
 from ._events import event_payload
+from ._gate import QuotaDecision, QuotaGateProtocol
 from ._identity import (
     SCOPE_KEY,
     Identity,
@@ -39,8 +40,6 @@ __all__ = ["OrgBillingMiddleware"]
 
 logger = logging.getLogger("lago_org_billing.middleware")
 
-#: A hook that may answer a request before the app runs (quota gating); returns None to let it through.
-Gate = Callable[[Scope, Identity], Awaitable["Any | None"]]
 #: Extra event properties computed per request.
 PropertiesHook = Callable[[Scope, Identity], Mapping[str, Any]]
 
@@ -65,8 +64,9 @@ class OrgBillingMiddleware:
     * **idempotency_header** - a request header whose value makes the event id stable across client retries
       (``Idempotency-Key`` by default; ``None`` disables): a retried request is billed once.
     * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties.
-    * **gate** - *(optional)* ``async (scope, identity) -> ASGI app | None``: an app returned answers the request
-      instead of the application (quota gating).
+    * **quota** - ``"auto"`` (default: a ``QuotaGate`` from the settings unless ``LAGO_QUOTA_MODE=off``),
+      ``None`` (no gating) or a gate object (see ``_gate.QuotaGateProtocol``). Checked before the app runs:
+      an org over its plan limits is answered 429/402 without reaching the app.
     * **client** / **transport** / **pipeline** - *(optional)* injected pieces (tests, sharing a client).
     """
 
@@ -83,7 +83,7 @@ class OrgBillingMiddleware:
         attribution: AttributionConfig | None = None,
         idempotency_header: str | None = "idempotency-key",
         event_properties: PropertiesHook | None = None,
-        gate: Gate | None = None,
+        quota: QuotaGateProtocol | Literal["auto"] | None = "auto",
         client: LagoClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         pipeline: EventPipeline | None = None,
@@ -103,7 +103,6 @@ class OrgBillingMiddleware:
         self.attribution = attribution or AttributionConfig()
         self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
         self.event_properties = event_properties
-        self.gate = gate
         self.exclude_paths = self.settings.exclude_paths
         self.shutdown_timeout = shutdown_timeout
         self._owned_client: LagoClient | None = None
@@ -112,7 +111,17 @@ class OrgBillingMiddleware:
                 client = self._owned_client = LagoClient(self.settings, transport=transport)
             pipeline = EventPipeline(client, spool_path=self.settings.spool_path)
         self.pipeline = pipeline
-        self.stats: dict[str, int] = {"requests": 0, "billed": 0, "unresolved": 0, "excluded": 0, "unbilled_errors": 0}
+        if quota == "auto":
+            quota = _default_quota(self.settings, pipeline.client)
+        self.quota: QuotaGateProtocol | None = quota
+        self.stats: dict[str, int] = {
+            "requests": 0,
+            "billed": 0,
+            "blocked": 0,
+            "unresolved": 0,
+            "excluded": 0,
+            "unbilled_errors": 0,
+        }
         self._running = False
         self._lazy_task: asyncio.Task[None] | None = None
         self._lazy_started: anyio.Event | None = None
@@ -135,6 +144,8 @@ class OrgBillingMiddleware:
 
         async with anyio.create_task_group() as tasks:
             await tasks.start(self.pipeline.run)
+            if self.quota is not None:
+                await tasks.start(self.quota.run)
             self._running = True
             try:
                 await self.app(scope, receive, send_wrapper)
@@ -160,9 +171,16 @@ class OrgBillingMiddleware:
             def started(self, value: object = None) -> None:
                 started.set()
 
-        self._lazy_task = loop.create_task(self.pipeline.run(task_status=_Status()), name="lago-org-billing")
+        self._lazy_task = loop.create_task(self._run_detached(_Status()), name="lago-org-billing")
         self._running = True
         await started.wait()
+
+    async def _run_detached(self, task_status: Any) -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(self.pipeline.run)
+            if self.quota is not None:
+                await tasks.start(self.quota.run)
+            task_status.started()
 
     async def aclose(self) -> None:
         """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
@@ -174,6 +192,8 @@ class OrgBillingMiddleware:
         self._running = False
 
     async def _shutdown(self) -> None:
+        if self.quota is not None:
+            await self.quota.aclose()
         await self.pipeline.aclose(self.shutdown_timeout)
         if self._owned_client is not None:
             await self._owned_client.aclose()
@@ -201,11 +221,15 @@ class OrgBillingMiddleware:
             await self._call_unresolved(scope, receive, send, started, root_path)
             return
 
-        if self.gate is not None:
-            answer = await self.gate(scope, identity)
-            if answer is not None:
-                await answer(scope, receive, send)
+        org_id = identity.org_id
+        decision: QuotaDecision | None = None
+        if self.quota is not None:
+            decision = await self.quota.check(org_id)
+            if not decision.allowed:
+                self.stats["blocked"] += 1
+                await decision.response()(scope, receive, send)
                 return
+        extra_headers = decision.headers if decision is not None else ()
 
         recorder = UsageRecorder(scope, self.attribution)
         status = 500
@@ -215,14 +239,20 @@ class OrgBillingMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 recorder.response_start(message)
+                if extra_headers:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra_headers]}
             elif message["type"] == "http.response.body":
                 recorder.response_body(message.get("body", b""))
             await send(message)
 
+        tokens = 0
+        billed = False
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self._record(scope, identity, recorder, status, started, root_path)
+            billed, tokens = self._record(scope, identity, recorder, status, started, root_path)
+            if decision is not None and self.quota is not None:
+                self.quota.settle(org_id, decision, tokens=tokens, billed=billed)
 
     async def _resolve(self, scope: Scope) -> Identity:
         org_id = await call_resolver(self.resolve_org, scope)
@@ -255,15 +285,18 @@ class OrgBillingMiddleware:
         finally:
             if identity.org_id is None:
                 self.stats["unresolved"] += 1
-            else:
-                self._record(scope, identity, recorder, status, started, root_path)
+            else:  # resolved only after the app ran: billed, but it could not be gated
+                billed, tokens = self._record(scope, identity, recorder, status, started, root_path)
+                if self.quota is not None and billed:
+                    self.quota.settle(identity.org_id, QuotaDecision(), tokens=tokens, billed=billed)
 
     def _record(
         self, scope: Scope, identity: Identity, recorder: UsageRecorder, status: int, started: float, root_path: str
-    ) -> None:
+    ) -> tuple[bool, int]:
+        """Enqueue the request's event; returns (billed, total tokens)."""
         if status >= 500 and not self.bill_server_errors:
             self.stats["unbilled_errors"] += 1
-            return
+            return False, 0
         try:
             usage = recorder.result()
             org_id = identity.org_id
@@ -294,9 +327,10 @@ class OrgBillingMiddleware:
         except Exception:  # never break the response over billing; the failure is visible
             logger.exception("Could not build the usage event of %s %s", scope.get("method"), scope.get("path"))
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
-            return
+            return False, 0
         self.pipeline.submit(event)
         self.stats["billed"] += 1
+        return True, usage.total_tokens
 
     def _transaction_id(self, scope: Scope, org_id: str) -> str:
         if self.idempotency_header is not None:
@@ -318,6 +352,16 @@ class OrgBillingMiddleware:
             media_type="application/problem+json",
         )
         await response(scope, receive, send)
+
+
+def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:
+    if settings.quota_mode == "off":
+        return None
+    try:
+        from ._quota import QuotaGate
+    except ImportError:  # pragma: no cover - until quota gating lands
+        return None
+    return QuotaGate(settings, client)
 
 
 #: The endpoint of requests no route matched (404s): one value, however many paths are probed.

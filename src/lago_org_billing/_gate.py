@@ -1,0 +1,64 @@
+"""What the middleware asks of a quota gate, and the decision it gets back.
+
+The middleware calls ``await gate.check(org_id)`` before the app runs (a blocked request never reaches it),
+adds ``decision.headers`` to the response of an allowed one, and calls ``gate.settle(...)`` once the response
+is over. ``_quota.QuotaGate`` is the implementation; anything with these methods works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import anyio
+from starlette.responses import JSONResponse
+
+__all__ = ["QuotaDecision", "QuotaGateProtocol"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QuotaDecision:
+    """The gate's answer for one request.
+
+    * **allowed** - False only when the request must be answered with ``status`` instead of reaching the app
+      (``enforce`` mode). In ``monitor`` mode it is True and ``would_block`` says what enforce would do.
+    * **status** - 402 (no active subscription) or 429/402 (over a limit) for a blocked request.
+    * **headers** - response headers (``RateLimit-*``, ``Retry-After``) as ASGI byte pairs, added to the answer
+      whether allowed or blocked.
+    * **problem** - the RFC 9457 body of a blocked request (``type``, ``title``, ``status``, ``detail``, plus
+      ``org_id``, ``limit_name``, ``limit``, ``usage``...).
+    * **reserved** - whether one call was counted for this request (``settle`` releases it if not billed).
+    """
+
+    allowed: bool = True
+    status: int | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    problem: dict[str, Any] | None = None
+    would_block: bool = False
+    reserved: bool = False
+
+    def response(self) -> JSONResponse:
+        """The answer to send instead of calling the app."""
+        status = self.status or 429
+        body = self.problem or {"type": "about:blank", "title": "Quota exceeded", "status": status}
+        response = JSONResponse(body, status_code=status, media_type="application/problem+json")
+        for name, value in self.headers:
+            response.headers.append(name.decode("latin-1"), value.decode("latin-1"))
+        return response
+
+
+class QuotaGateProtocol(Protocol):
+    """The quota gate the middleware drives."""
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Background work (snapshot refreshes), started next to the delivery pipeline."""
+
+    async def check(self, org_id: str) -> QuotaDecision:
+        """Decide before the app runs; reserve one call when allowed. No network once the org is cached."""
+
+    def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
+        """After the response: count ``tokens``; release the reserved call when the request was not billed.
+        Synchronous and non-blocking."""
+
+    async def aclose(self) -> None:
+        """Stop background work."""
