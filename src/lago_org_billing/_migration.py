@@ -38,6 +38,8 @@ import inspect
 import io
 import json
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -168,6 +170,8 @@ async def load_mapping_callable(spec: str) -> list[tuple[str, dict[str, Any]]]:
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise MappingError([f"--mapping-callable {spec!r} must look like 'package.module:function'"])
+    if os.getcwd() not in sys.path:  # like ``uvicorn module:app``: the project's modules import from here
+        sys.path.insert(0, os.getcwd())
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
