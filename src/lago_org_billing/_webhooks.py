@@ -1,0 +1,783 @@
+"""Receive Lago's webhooks: verify the signature, drop replays, invalidate quota state, run your handlers.
+
+::
+
+    from lago_org_billing import LagoWebhooks
+
+    webhooks = LagoWebhooks()  # settings from the environment, read on the first webhook
+
+    @webhooks.on("invoice.created")
+    async def invoice_created(event: WebhookEvent) -> None:
+        await notify_finance(event.org_id, event.object["lago_id"])
+
+    app = Starlette(routes=[Route("/webhooks/lago", webhooks, methods=["POST"])])
+
+**Signatures.** Lago signs each webhook one of two ways, chosen per webhook endpoint in Lago
+(``signature_algo``):
+
+* ``jwt`` (Lago's default): the ``X-Lago-Signature`` header is an RS256 JWT ``{"data": <body>, "iss": <Lago URL>}``.
+  The receiver fetches Lago's public key once (``GET /api/v1/webhooks/json_public_key``, so it needs
+  ``LAGO_API_KEY``), caches it, and fetches it again at most once per ``key_refetch_interval`` when a signature
+  does not verify (key rotation). ``iss`` must equal ``issuer`` (default: ``LAGO_API_URL``) and ``data`` the raw body.
+* ``hmac``: set ``LAGO_WEBHOOK_HMAC_KEY`` (Lago: Developers > Webhooks > HMAC Signature Token). The header is
+  base64(HMAC-SHA256(key, raw body)), compared in constant time.
+
+The mode follows the configuration: with an HMAC key the receiver takes HMAC signatures only, without one JWT
+signatures only. A missing or wrong signature is answered 401 and nothing runs.
+
+**Large payloads: prefer HMAC.** A JWT webhook carries the whole payload *inside a header*. ASGI servers cap header
+sizes (uvicorn with h11: about 16 KiB by default, ``--h11-max-incomplete-event-size``; proxies often 8 KiB), so a
+big ``invoice.created`` (many fees) can be refused before this code runs, and Lago will keep failing it. An HMAC
+signature is a 44-character header whatever the body size: Lago's own docs recommend it when payloads are large.
+
+**Replays.** ``X-Lago-Unique-Key`` is stable across Lago's retries of one delivery; each key is processed once
+(memory by default, Redis when ``LAGO_REDIS_URL`` or ``redis_url`` is set, shared by every worker). A key whose
+handlers failed is forgotten, so Lago's retry runs them again: handlers must be idempotent (at-least-once).
+
+**Answers.** 200 once processed, for a duplicate, and for a webhook type nobody handles; 401 bad signature; 400
+not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised;
+503 Lago's public key could not be fetched. Anything but 200/201/202/204 makes Lago retry.
+
+**Quota.** ``subscription.*``, ``alert.triggered`` (usage alerts), ``subscription.usage_threshold_reached`` and
+feature/entitlement changes invalidate the org's cached quota state at once, so a plan upgrade unblocks an org
+without waiting for ``LAGO_USAGE_CACHE_TTL``. Lago gives up after 3 attempts (about 25 s) and delivery order is not
+guaranteed, so a webhook can be lost: the cache TTL stays the safety net that bounds how stale quota state gets.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import string
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import anyio.to_thread
+from cachetools import TTLCache
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from ._client import LagoClient
+from ._errors import ConfigurationError, LagoIntegrationError
+from ._identity import SCOPE_KEY
+from ._settings import BillingSettings
+
+__all__ = [
+    "INVALIDATING_TYPES",
+    "ORG_WIDE_TYPES",
+    "DedupeState",
+    "LagoWebhooks",
+    "MemoryDedupe",
+    "RedisDedupe",
+    "WebhookDedupe",
+    "WebhookEvent",
+    "org_from_subscription_id",
+    "sign_hmac",
+]
+
+logger = logging.getLogger("lago_org_billing.webhooks")
+
+#: Webhook types after which the org's cached quota state is dropped at once.
+INVALIDATING_TYPES = frozenset(
+    {
+        "subscription.started",
+        "subscription.updated",
+        "subscription.terminated",
+        "subscription.canceled",
+        "subscription.incomplete",
+        "subscription.trial_ended",
+        "subscription.usage_threshold_reached",
+        "alert.triggered",
+    }
+)
+#: Webhook types about the whole Lago organization (features, plans and their entitlements): every org's cached
+#: quota state is dropped, when the quota gate offers ``invalidate_all``.
+ORG_WIDE_TYPES = frozenset(
+    {
+        "feature.created",
+        "feature.updated",
+        "feature.deleted",
+        "plan.updated",
+        "plan.deleted",
+    }
+)
+
+DedupeState = Literal["new", "processing", "done"]
+Invalidate = Callable[[str], Awaitable[None]]
+HandlerResult = Awaitable[Any] | Any
+Handler = Callable[["WebhookEvent"], HandlerResult]
+_H = TypeVar("_H", bound=Handler)
+
+_SUCCESS = 200
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_DEDUPE_TTL = 7 * 24 * 3600.0
+DEFAULT_PROCESSING_TTL = 120.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One verified Lago webhook, as handlers receive it.
+
+    * **webhook_type** - ``"subscription.started"``, ``"invoice.created"``...
+    * **object_type** - the key of the object in the payload (``"subscription"``, ``"invoice"``...).
+    * **object** - that object (``{}`` when absent).
+    * **org_id** - the org it concerns (the Lago customer ``external_id``), or ``None`` for org-less webhooks.
+    * **unique_key** - ``X-Lago-Unique-Key`` (the same on Lago's retries of one delivery).
+    * **payload** - the whole envelope.
+    """
+
+    webhook_type: str
+    object_type: str | None
+    object: Mapping[str, Any]
+    org_id: str | None
+    unique_key: str | None
+    payload: Mapping[str, Any]
+
+
+@runtime_checkable
+class SupportsInvalidate(Protocol):
+    """A quota gate (or anything) that can drop an org's cached quota state."""
+
+    async def invalidate(self, org_id: str) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------- dedupe
+
+
+class WebhookDedupe(Protocol):
+    """Remembers which ``X-Lago-Unique-Key`` were processed.
+
+    ``claim`` answers ``"new"`` (and marks the key as being processed), ``"processing"`` or ``"done"``;
+    ``complete`` records success; ``release`` forgets a key whose processing failed, so a retry runs again.
+    """
+
+    async def claim(self, key: str) -> DedupeState: ...
+
+    async def complete(self, key: str) -> None: ...
+
+    async def release(self, key: str) -> None: ...
+
+
+class MemoryDedupe:
+    """Per-process dedupe: keys kept ``ttl`` seconds (at most ``maxsize``, oldest dropped first).
+
+    A key stays "processing" at most ``processing_ttl`` seconds, in case a handler hangs.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl: float = DEFAULT_DEDUPE_TTL,
+        maxsize: int = 100_000,
+        processing_ttl: float = DEFAULT_PROCESSING_TTL,
+    ) -> None:
+        self._done: TTLCache[str, bool] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._processing: dict[str, float] = {}
+        self.processing_ttl = processing_ttl
+
+    async def claim(self, key: str) -> DedupeState:
+        if key in self._done:
+            return "done"
+        now = time.monotonic()
+        started = self._processing.get(key)
+        if started is not None and now - started < self.processing_ttl:
+            return "processing"
+        self._processing[key] = now
+        return "new"
+
+    async def complete(self, key: str) -> None:
+        self._processing.pop(key, None)
+        self._done[key] = True
+
+    async def release(self, key: str) -> None:
+        self._processing.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+
+class RedisDedupe:
+    """Dedupe shared by every worker through Redis (extra ``redis``): one key per webhook,
+    ``<prefix><unique key>`` = ``processing`` (expires after ``processing_ttl``) then ``done`` (after ``ttl``)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Any = None,
+        prefix: str = "lago_org_billing:webhook:",
+        ttl: float = DEFAULT_DEDUPE_TTL,
+        processing_ttl: float = DEFAULT_PROCESSING_TTL,
+    ) -> None:
+        if client is None:
+            if not url:
+                raise ConfigurationError("RedisDedupe needs a Redis URL (LAGO_REDIS_URL) or a client.")
+            client = _redis_from_url(url)
+        self.redis = client
+        self.prefix = prefix
+        self.ttl = max(1, int(ttl))
+        self.processing_ttl = max(1, int(processing_ttl))
+
+    async def claim(self, key: str) -> DedupeState:
+        name = self.prefix + key
+        for _ in range(2):  # the key may expire between SET NX and GET
+            if await self.redis.set(name, "processing", nx=True, ex=self.processing_ttl):
+                return "new"
+            value = await self.redis.get(name)
+            if value is not None:
+                return "done" if value in (b"done", "done") else "processing"
+        return "processing"
+
+    async def complete(self, key: str) -> None:
+        await self.redis.set(self.prefix + key, "done", ex=self.ttl)
+
+    async def release(self, key: str) -> None:
+        await self.redis.delete(self.prefix + key)
+
+    async def aclose(self) -> None:
+        close = getattr(self.redis, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def _redis_from_url(url: str) -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as exc:
+        raise ConfigurationError(
+            "Webhook dedupe in Redis (LAGO_REDIS_URL) needs redis: pip install 'lago-org-billing[redis]'.",
+            variable="LAGO_REDIS_URL",
+        ) from exc
+    return redis_asyncio.from_url(url)
+
+
+# ------------------------------------------------------------------------------------------ signatures
+
+
+def sign_hmac(body: bytes, key: str) -> str:
+    """Lago's HMAC signature of a body: base64 (standard, padded) of HMAC-SHA256(key, body)."""
+    return base64.b64encode(hmac.new(key.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def _jwt() -> Any:
+    try:
+        import jwt
+    except ImportError as exc:
+        raise ConfigurationError(
+            "Verifying JWT-signed Lago webhooks needs PyJWT: pip install 'lago-org-billing[webhooks]' "
+            "(or switch the Lago webhook endpoint to HMAC and set LAGO_WEBHOOK_HMAC_KEY).",
+            variable="LAGO_WEBHOOK_HMAC_KEY",
+        ) from exc
+    if not jwt.algorithms.has_crypto:
+        raise ConfigurationError(
+            "Verifying JWT-signed Lago webhooks (RS256) needs cryptography: pip install 'lago-org-billing[webhooks]'."
+        )
+    return jwt
+
+
+def _load_public_key(pem: bytes) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        return load_pem_public_key(pem)
+    except ValueError as exc:
+        raise LagoIntegrationError(f"Lago's webhook public key is not a PEM public key ({exc}).") from None
+
+
+class _KeyUnavailable(Exception):
+    """Lago's public key could not be fetched: answer 503 so that Lago retries."""
+
+
+# ------------------------------------------------------------------------------------------- org ids
+
+
+def org_from_subscription_id(template: str, external_id: str) -> str | None:
+    """The org id of a subscription ``external_id`` under ``LAGO_SUBSCRIPTION_ID_TEMPLATE``, or ``None``."""
+    prefix, suffix, seen = "", "", False
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if seen:
+            suffix += literal
+        else:
+            prefix += literal
+        seen = seen or field is not None
+    if not external_id.startswith(prefix) or not external_id.endswith(suffix):
+        return None
+    org_id = external_id[len(prefix) : len(external_id) - len(suffix)]
+    return org_id or None
+
+
+def resolve_org(payload: Mapping[str, Any], subscription_id_template: str = "{org_id}") -> str | None:
+    """The org a webhook concerns: ``external_customer_id``, the embedded ``customer.external_id``, a customer
+    object's ``external_id``, else the org behind ``external_subscription_id`` (through the template)."""
+    object_type = payload.get("object_type")
+    obj = payload.get(object_type) if isinstance(object_type, str) else None
+    if not isinstance(obj, Mapping):
+        return None
+    for key in ("external_customer_id", "customer_external_id"):
+        value = obj.get(key)
+        if isinstance(value, str) and value:
+            return value
+    customer = obj.get("customer")
+    if isinstance(customer, Mapping) and isinstance(customer.get("external_id"), str) and customer["external_id"]:
+        return str(customer["external_id"])
+    if object_type == "customer" and isinstance(obj.get("external_id"), str) and obj["external_id"]:
+        return str(obj["external_id"])
+    subscription_id = obj.get("external_subscription_id") or obj.get("subscription_external_id")
+    if subscription_id is None and object_type == "subscription":
+        subscription_id = obj.get("external_id")
+    if isinstance(subscription_id, str) and subscription_id:
+        return org_from_subscription_id(subscription_id_template, subscription_id)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+
+@dataclasses.dataclass
+class _Config:
+    settings: BillingSettings
+    mode: Literal["jwt", "hmac"]
+    hmac_key: bytes | None
+    issuers: tuple[str, ...]
+
+
+class LagoWebhooks:
+    """An ASGI endpoint receiving Lago's webhooks. See the module docstring for the behaviour.
+
+    ::
+
+        Route("/webhooks/lago", LagoWebhooks(), methods=["POST"])          # Starlette
+        app.add_route("/webhooks/lago", LagoWebhooks(), methods=["POST"])   # FastAPI too
+
+    **Parameters:**
+
+    * **settings** - *(optional)* :class:`BillingSettings`; read from the environment on the first webhook when
+      omitted (``LAGO_WEBHOOK_HMAC_KEY``, ``LAGO_API_URL``, ``LAGO_API_KEY`` for JWT, ``LAGO_REDIS_URL``).
+    * **client** - *(optional)* the :class:`LagoClient` that fetches the JWT public key (one is created otherwise).
+    * **invalidate** - *(optional)* ``async (org_id) -> None``, or an object with ``async invalidate(org_id)``
+      (and optionally ``async invalidate_all()``), e.g. the quota gate. Without it, the gate that
+      ``OrgBillingMiddleware`` publishes in the request scope is used, when the route sits behind it.
+    * **handlers** - *(optional)* ``{"invoice.created": handler or [handlers]}``; ``"*"`` gets every type.
+      Handlers take a :class:`WebhookEvent` and may be sync (run in a thread) or async. More with :meth:`on`.
+    * **dedupe** - *(optional)* a :class:`WebhookDedupe`; default :class:`RedisDedupe` when a Redis URL is
+      configured, else :class:`MemoryDedupe`.
+    * **issuer** - *(optional)* the expected JWT ``iss`` (or several); default ``settings.api_url``.
+    * **redis_url** - *(optional)* overrides ``LAGO_REDIS_URL`` for the dedupe.
+    * **hmac_key** - *(optional)* overrides ``LAGO_WEBHOOK_HMAC_KEY``.
+    * **public_key** - *(optional)* Lago's PEM public key, if you keep it (no fetch until a signature fails).
+    * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 60).
+    * **max_body_size** - larger bodies are answered 413 (default 10 MiB).
+    """
+
+    def __init__(
+        self,
+        settings: BillingSettings | None = None,
+        *,
+        client: LagoClient | None = None,
+        invalidate: Invalidate | SupportsInvalidate | None = None,
+        handlers: Mapping[str, Handler | Sequence[Handler]] | None = None,
+        dedupe: WebhookDedupe | None = None,
+        issuer: str | Sequence[str] | None = None,
+        redis_url: str | None = None,
+        hmac_key: str | None = None,
+        public_key: bytes | str | None = None,
+        key_refetch_interval: float = 60.0,
+        max_body_size: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._owned_client: LagoClient | None = None
+        self._invalidate = invalidate
+        self._handlers: dict[str, list[Handler]] = {}
+        for webhook_type, value in (handlers or {}).items():
+            for handler in [value] if callable(value) else list(value):
+                self.add_handler(webhook_type, handler)
+        self._dedupe = dedupe
+        self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
+        self._redis_url = redis_url
+        self._hmac_key = hmac_key
+        self._public_pem = public_key.encode() if isinstance(public_key, str) else public_key
+        self._public_key: Any = None
+        self._key_fetched_at: float | None = None
+        self._key_lock: anyio.Lock | None = None
+        self.key_refetch_interval = key_refetch_interval
+        self.max_body_size = max_body_size
+        self._config: _Config | None = None
+        #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
+        #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
+        self.stats: dict[str, int] = dict.fromkeys(
+            ("received", "processed", "duplicates", "rejected", "failed", "ignored", "invalidations", "key_fetches"),
+            0,
+        )
+        if settings is not None:
+            self._configure()
+
+    # ----------------------------------------------------------------------------------- registration
+
+    def on(self, *webhook_types: str) -> Callable[[_H], _H]:
+        """Decorator registering a handler for one or more webhook types (``"*"``: every type)::
+
+        @webhooks.on("invoice.created", "invoice.voided")
+        async def on_invoice(event: WebhookEvent) -> None: ...
+        """
+        if not webhook_types:
+            raise ConfigurationError('webhooks.on() needs at least one webhook type, e.g. on("invoice.created").')
+
+        def register(handler: _H) -> _H:
+            for webhook_type in webhook_types:
+                self.add_handler(webhook_type, handler)
+            return handler
+
+        return register
+
+    def add_handler(self, webhook_type: str, handler: Handler) -> None:
+        """Register ``handler`` for ``webhook_type`` (after those already registered)."""
+        if not isinstance(webhook_type, str) or not webhook_type:
+            raise ConfigurationError(f"A webhook type must be a non-empty string, got {webhook_type!r}.")
+        if not callable(handler):
+            raise ConfigurationError(f"The handler of {webhook_type!r} is not callable: {handler!r}.")
+        self._handlers.setdefault(webhook_type, []).append(handler)
+
+    # --------------------------------------------------------------------------------- configuration
+
+    @property
+    def settings(self) -> BillingSettings:
+        """The settings in use (read from the environment now if they were not given)."""
+        return self._configure().settings
+
+    @property
+    def mode(self) -> Literal["jwt", "hmac"]:
+        """``"hmac"`` when an HMAC key is configured, else ``"jwt"``."""
+        return self._configure().mode
+
+    def _configure(self) -> _Config:
+        if self._config is not None:
+            return self._config
+        settings = self._settings
+        if settings is None:
+            settings = self._client.settings if self._client is not None else None
+        if settings is None:
+            settings = BillingSettings.from_env(require_api_key=False)
+        hmac_key = self._hmac_key if self._hmac_key is not None else settings.webhook_hmac_key
+        mode: Literal["jwt", "hmac"] = "hmac" if hmac_key else "jwt"
+        if mode == "jwt":
+            _jwt()
+            if self._client is None and self._public_pem is None and not settings.api_key:
+                raise ConfigurationError(
+                    "LagoWebhooks verifies JWT signatures with Lago's public key, fetched with LAGO_API_KEY, which "
+                    "is not set. Set LAGO_API_KEY, or pass LagoWebhooks(public_key=...), or switch the Lago webhook "
+                    "endpoint to HMAC and set LAGO_WEBHOOK_HMAC_KEY.",
+                    variable="LAGO_API_KEY",
+                )
+        if self._dedupe is None:
+            redis_url = self._redis_url or settings.redis_url
+            self._dedupe = RedisDedupe(redis_url) if redis_url else MemoryDedupe()
+        issuers = self._issuer or (settings.api_url,)
+        self._config = _Config(
+            settings=settings,
+            mode=mode,
+            hmac_key=hmac_key.encode() if hmac_key else None,
+            issuers=tuple(issuer.rstrip("/") for issuer in issuers),
+        )
+        return self._config
+
+    async def aclose(self) -> None:
+        """Close the Lago client and the Redis connection this receiver created."""
+        if self._owned_client is not None:
+            await self._owned_client.aclose()
+            self._owned_client = None
+        if isinstance(self._dedupe, RedisDedupe) and self._redis_url is not None:
+            await self._dedupe.aclose()
+
+    # ------------------------------------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":  # served on its own: nothing to start
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":  # pragma: no cover - websockets are not routed here
+            return
+        request = Request(scope, receive)
+        if request.method != "POST":
+            response: Response = _answer(405, "method_not_allowed", "Lago webhooks are POSTed.")
+            response.headers["Allow"] = "POST"
+        else:
+            response = await self.handle(request)
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request) -> Response:
+        """Process one webhook request and return the answer (for frameworks that want an endpoint function)."""
+        config = self._configure()
+        self.stats["received"] += 1
+        body = await self._read_body(request)
+        if body is None:
+            return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
+
+        signature = request.headers.get("x-lago-signature", "").strip()
+        algorithm = request.headers.get("x-lago-signature-algorithm", "").strip().lower()
+        if not signature:
+            return self._reject("missing_signature", "X-Lago-Signature is missing.")
+        if algorithm and algorithm != config.mode:
+            hint = (
+                "set LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to JWT"
+                if algorithm == "hmac"
+                else "unset LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to HMAC"
+            )
+            return self._reject(
+                "wrong_algorithm", f"Signed with {algorithm!r}, but this receiver verifies {config.mode}: {hint}."
+            )
+        try:
+            problem = await self._verify(config, signature, body)
+        except _KeyUnavailable as exc:
+            logger.warning("Webhook not verified, Lago's public key is unavailable: %s", exc)
+            return _answer(503, "public_key_unavailable", "Lago's public key could not be fetched; retry later.")
+        if problem is not None:
+            return self._reject("invalid_signature", problem)
+
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("webhook_type"), str):
+            return _answer(400, "not_a_webhook", "The body is not a Lago webhook envelope (no webhook_type).")
+        event = self._event(config, payload, request.headers.get("x-lago-unique-key"))
+        return await self._process(event, request.scope)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_size:
+                    return None
+                chunks.append(chunk)
+        except ClientDisconnect:
+            return b""
+        return b"".join(chunks)
+
+    def _reject(self, code: str, detail: str) -> Response:
+        self.stats["rejected"] += 1
+        logger.warning("Lago webhook rejected (%s): %s", code, detail)
+        return _answer(401, code, detail)
+
+    # ------------------------------------------------------------------------------------- verifying
+
+    async def _verify(self, config: _Config, signature: str, body: bytes) -> str | None:
+        """``None`` when the signature is good, else why not."""
+        if config.mode == "hmac":
+            assert config.hmac_key is not None
+            expected = base64.b64encode(hmac.new(config.hmac_key, body, hashlib.sha256).digest())
+            if hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
+                return None
+            return "The HMAC signature does not match the body (check LAGO_WEBHOOK_HMAC_KEY)."
+        return await self._verify_jwt(config, signature, body)
+
+    async def _verify_jwt(self, config: _Config, token: str, body: bytes) -> str | None:
+        jwt = _jwt()
+        key = await self._current_key()
+        try:
+            claims = self._decode(jwt, token, key)
+        except jwt.InvalidSignatureError:
+            fresh = await self._refetch_key(key)
+            if fresh is None:
+                return "The JWT signature does not verify with Lago's public key."
+            try:
+                claims = self._decode(jwt, token, fresh)
+            except jwt.PyJWTError as exc:
+                return f"The JWT does not verify with Lago's current public key ({type(exc).__name__})."
+        except jwt.PyJWTError as exc:
+            return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or issuer.rstrip("/") not in config.issuers:
+            return f"The JWT issuer {issuer!r} is not the expected {' or '.join(config.issuers)} (see issuer=)."
+        data = claims.get("data")
+        if not isinstance(data, str) or not hmac.compare_digest(data.encode(), body):
+            return "The JWT data claim is not the request body."
+        return None
+
+    @staticmethod
+    def _decode(jwt: Any, token: str, key: Any) -> dict[str, Any]:
+        claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"], options={"require": ["iss", "data"]})
+        return claims
+
+    def _lock(self) -> anyio.Lock:
+        if self._key_lock is None:
+            self._key_lock = anyio.Lock()
+        return self._key_lock
+
+    async def _current_key(self) -> Any:
+        if self._public_key is not None:
+            return self._public_key
+        async with self._lock():
+            if self._public_key is None:
+                if self._public_pem is not None:
+                    self._public_key = _load_public_key(self._public_pem)
+                else:
+                    self._public_key = await self._fetch_key()
+            return self._public_key
+
+    async def _refetch_key(self, stale: Any) -> Any | None:
+        """A new key after a signature failure, or ``None`` (same key, or fetched too recently)."""
+        async with self._lock():
+            if self._public_key is not stale:  # another request refreshed it meanwhile
+                return self._public_key
+            fetched = self._key_fetched_at
+            if fetched is not None and time.monotonic() - fetched < self.key_refetch_interval:
+                return None
+            if self._client is None and self._owned_client is None and not self._configure().settings.api_key:
+                return None  # a static public_key and no way to fetch another one
+            try:
+                fresh = await self._fetch_key()
+            except _KeyUnavailable as exc:
+                logger.warning("Could not re-fetch Lago's webhook public key: %s", exc)
+                return None
+            if _same_key(fresh, stale):
+                self._public_key = stale
+                return None
+            logger.info("Lago's webhook public key changed; using the new one")
+            self._public_key = fresh
+            return fresh
+
+    async def _fetch_key(self) -> Any:
+        client = self._client or self._owned_client
+        if client is None:
+            client = self._owned_client = LagoClient(self._configure().settings)
+        self._key_fetched_at = time.monotonic()
+        self.stats["key_fetches"] += 1
+        try:
+            pem = await client.get_webhook_public_key()
+        except LagoIntegrationError as exc:
+            raise _KeyUnavailable(str(exc)) from exc
+        try:
+            return _load_public_key(pem)
+        except LagoIntegrationError as exc:
+            raise _KeyUnavailable(str(exc)) from exc
+
+    # ------------------------------------------------------------------------------------ dispatching
+
+    def _event(self, config: _Config, payload: dict[str, Any], unique_key: str | None) -> WebhookEvent:
+        object_type = payload.get("object_type")
+        obj = payload.get(object_type) if isinstance(object_type, str) else None
+        return WebhookEvent(
+            webhook_type=payload["webhook_type"],
+            object_type=object_type if isinstance(object_type, str) else None,
+            object=obj if isinstance(obj, Mapping) else {},
+            org_id=resolve_org(payload, config.settings.subscription_id_template),
+            unique_key=unique_key.strip() or None if unique_key else None,
+            payload=payload,
+        )
+
+    async def _process(self, event: WebhookEvent, scope: Scope) -> Response:
+        dedupe = self._dedupe
+        key = event.unique_key
+        claimed = False
+        if key is not None and dedupe is not None:
+            try:
+                state = await dedupe.claim(key)
+            except Exception:  # Redis down: process anyway (at-least-once) rather than lose the webhook
+                logger.warning("Webhook dedupe unavailable; processing %s without it", key, exc_info=True)
+                state = "new"
+                dedupe = None
+            if state == "done":
+                self.stats["duplicates"] += 1
+                return _answer(_SUCCESS, "duplicate", "Already processed.", unique_key=key)
+            if state == "processing":
+                return _answer(409, "in_progress", "This delivery is being processed; retry later.", unique_key=key)
+            claimed = dedupe is not None
+        try:
+            handled = await self._dispatch(event, scope)
+        except BaseException as exc:
+            if claimed and dedupe is not None and key is not None:
+                with anyio.CancelScope(shield=True):
+                    await _quietly(dedupe.release(key))
+            if not isinstance(exc, Exception):
+                raise
+            self.stats["failed"] += 1
+            logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, key)
+            return _answer(500, "handler_failed", "A handler failed; Lago will retry.", unique_key=key)
+        if claimed and dedupe is not None and key is not None:
+            await _quietly(dedupe.complete(key))
+        self.stats["processed" if handled else "ignored"] += 1
+        status = "processed" if handled else "ignored"
+        return _answer(_SUCCESS, status, None, unique_key=key, webhook_type=event.webhook_type, org_id=event.org_id)
+
+    async def _dispatch(self, event: WebhookEvent, scope: Scope) -> bool:
+        handled = False
+        target = self._invalidate if self._invalidate is not None else _scope_gate(scope)
+        if event.webhook_type in INVALIDATING_TYPES and event.org_id is not None and target is not None:
+            invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
+            await invalidate(event.org_id)
+            self.stats["invalidations"] += 1
+            handled = True
+        elif event.webhook_type in ORG_WIDE_TYPES and target is not None:
+            invalidate_all = getattr(target, "invalidate_all", None)
+            if invalidate_all is not None:
+                await invalidate_all()
+                self.stats["invalidations"] += 1
+                handled = True
+            else:
+                logger.info(
+                    "%s changes every org's limits; cached quota state catches up within LAGO_USAGE_CACHE_TTL",
+                    event.webhook_type,
+                )
+        for handler in [*self._handlers.get(event.webhook_type, ()), *self._handlers.get("*", ())]:
+            if _is_async(handler):
+                await handler(event)
+            else:
+                result = await anyio.to_thread.run_sync(handler, event)
+                if inspect.isawaitable(result):
+                    await result
+            handled = True
+        return handled
+
+
+def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
+    """The quota gate ``OrgBillingMiddleware`` published in the scope, if this route sits behind one."""
+    billing = scope.get(SCOPE_KEY)
+    gate = billing.get("quota") if isinstance(billing, Mapping) else None
+    return gate if isinstance(gate, SupportsInvalidate) else None
+
+
+def _is_async(handler: Handler) -> bool:
+    call = handler if inspect.isfunction(handler) or inspect.ismethod(handler) else type(handler).__call__
+    return inspect.iscoroutinefunction(call)
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    try:
+        return bool(a.public_numbers() == b.public_numbers())
+    except AttributeError:  # pragma: no cover - not an RSA key
+        return a is b
+
+
+async def _quietly(operation: Awaitable[None]) -> None:
+    try:
+        await operation
+    except Exception:
+        logger.warning("Webhook dedupe store failed", exc_info=True)
+
+
+def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONResponse:
+    body: dict[str, Any] = {"status": code}
+    if detail is not None:
+        body["detail"] = detail
+    body.update({key: value for key, value in extra.items() if value is not None})
+    return JSONResponse(body, status_code=status)
