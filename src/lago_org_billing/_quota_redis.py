@@ -1,0 +1,510 @@
+"""Redis backend of the quota gate: one count and one snapshot per org for the whole fleet.
+
+Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
+
+    <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src)
+    <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
+    <prefix>{<org>}:lock    SET NX PX <ttl>: the one process of the fleet that refreshes the org this TTL
+
+* **reserve** (``CHECK`` script, one round trip): read the snapshot and the counters, compare with the limits,
+  ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the
+  caller's copy is out of date. A counter of another period is reset; one made before any snapshot (fail-open)
+  adopts the first snapshot's period. The counter expires one hour after its period ends.
+* **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined.
+* **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
+  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``).
+
+Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
+:class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
+``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
+call tries Redis again. When Redis answers again, the records made meanwhile are added to its counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+from cachetools import LRUCache
+
+from ._errors import ConfigurationError
+from ._quota import (
+    ALLOWED,
+    BLOCKED,
+    COUNTED,
+    MISSING,
+    LocalBackend,
+    Mode,
+    Outcome,
+    QuotaConfig,
+    Snapshot,
+    period_key,
+)
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("lago_org_billing.quota")
+
+#: Counters outlive their billing period by this much (ms), and counters made before any snapshot live this long.
+PERIOD_MARGIN_MS = 3_600_000
+UNPERIODED_TTL_MS = 86_400_000
+
+CHECK = """
+local snap, cnt = KEYS[1], KEYS[2]
+local now = tonumber(ARGV[1])
+local bucket = ARGV[2]
+local mode = ARGV[3]
+local s = redis.call('HMGET', snap, 'v', 'a', 'cl', 'tl', 'ps', 'pe', 'bc', 'bt')
+local v = s[1]
+local full = {}
+if v and v ~= ARGV[4] then full = redis.call('HGETALL', snap) end
+local cp = redis.call('HGET', cnt, 'p')
+if v and s[2] == '1' and now >= tonumber(s[6]) then
+  if cp == s[5] then redis.call('DEL', cnt); cp = false end
+  v = false
+end
+if not v then
+  if mode ~= 'b' then return {0, 0, 0, '', full} end
+  local c = redis.call('HINCRBY', cnt, 'calls', 1)
+  redis.call('HINCRBY', cnt, 'i:' .. bucket, 1)
+  if not cp then redis.call('PEXPIRE', cnt, ARGV[6]) end
+  return {4, c, tonumber(redis.call('HGET', cnt, 'tokens') or '0'), '', full}
+end
+if s[2] ~= '1' then return {3, 0, 0, '', full} end
+if not cp then
+  redis.call('HSET', cnt, 'p', s[5])
+elseif cp ~= s[5] then
+  redis.call('DEL', cnt)
+  redis.call('HSET', cnt, 'p', s[5])
+end
+local calls = tonumber(s[7]) + tonumber(redis.call('HGET', cnt, 'calls') or '0')
+local tokens = tonumber(s[8]) + tonumber(redis.call('HGET', cnt, 'tokens') or '0')
+local cl, tl = tonumber(s[3]), tonumber(s[4])
+local hit = ''
+if cl >= 0 and calls + 1 > cl then hit = 'calls' elseif tl >= 0 and tokens >= tl then hit = 'tokens' end
+local code = 1
+if hit ~= '' then code = 2 end
+if mode ~= 'p' and (hit == '' or mode == 'f' or mode == 'b') then
+  redis.call('HINCRBY', cnt, 'calls', 1)
+  redis.call('HINCRBY', cnt, 'i:' .. bucket, 1)
+  redis.call('PEXPIREAT', cnt, math.floor(tonumber(s[6]) * 1000) + tonumber(ARGV[5]))
+  calls = calls + 1
+end
+return {code, calls, tokens, hit, full}
+"""
+
+SETTLE = """
+local cnt = KEYS[1]
+local period = ARGV[1]
+if period ~= '' and (redis.call('HGET', cnt, 'p') or '') ~= period then return 0 end
+if ARGV[2] ~= '' then
+  local field = 'i:' .. ARGV[2]
+  local left = tonumber(redis.call('HGET', cnt, field) or '0')
+  if left > 0 then
+    if left == 1 then redis.call('HDEL', cnt, field) else redis.call('HINCRBY', cnt, field, -1) end
+    redis.call('HINCRBY', cnt, 'calls', -1)
+  end
+end
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', cnt, 'c:' .. ARGV[3], 1)
+  redis.call('HINCRBY', cnt, 'calls', 1)
+end
+local tk = tonumber(ARGV[5])
+if tk > 0 then
+  redis.call('HINCRBY', cnt, 't:' .. ARGV[3], tk)
+  redis.call('HINCRBY', cnt, 'tokens', tk)
+end
+if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[6]) end
+return 1
+"""
+
+STORE = """
+local snap, cnt = KEYS[1], KEYS[2]
+local cur = redis.call('HGET', snap, 'rq')
+if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', snap)
+redis.call('HSET', snap, unpack(ARGV, 6))
+redis.call('PEXPIRE', snap, ARGV[4])
+local ps = ARGV[5]
+local cp = redis.call('HGET', cnt, 'p')
+if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
+local cutc, cuti = tonumber(ARGV[2]), tonumber(ARGV[3])
+local fields = redis.call('HGETALL', cnt)
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  if string.sub(f, 2, 2) == ':' then
+    local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(fields[i + 1])
+    if (kind == 'c' and sec < cutc) or (kind == 'i' and sec < cuti) then
+      redis.call('HDEL', cnt, f)
+      redis.call('HINCRBY', cnt, 'calls', -val)
+    elseif kind == 't' and sec < cutc then
+      redis.call('HDEL', cnt, f)
+      redis.call('HINCRBY', cnt, 'tokens', -val)
+    end
+  end
+end
+return 1
+"""
+
+MERGE = """
+local cnt = KEYS[1]
+local cp = redis.call('HGET', cnt, 'p')
+if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '0' then
+  redis.call('HINCRBY', cnt, 'c:' .. ARGV[2], ARGV[3])
+  redis.call('HINCRBY', cnt, 'calls', ARGV[3])
+end
+if ARGV[4] ~= '0' then
+  redis.call('HINCRBY', cnt, 't:' .. ARGV[2], ARGV[4])
+  redis.call('HINCRBY', cnt, 'tokens', ARGV[4])
+end
+if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[5]) end
+return 1
+"""
+
+
+def _redis() -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError:
+        raise ConfigurationError(
+            "LAGO_REDIS_URL is set but the redis client is not installed: pip install 'lago-org-billing[redis]'.",
+            variable="LAGO_REDIS_URL",
+        ) from None
+    return redis_asyncio
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    if value is None or value == b"" or value == "":
+        return default
+    return float(value)
+
+
+def _limit(value: int | None) -> str:
+    return "-1" if value is None else str(value)
+
+
+def encode(snapshot: Snapshot) -> list[str]:
+    """The snapshot as ``HSET`` field/value pairs."""
+    fields = {
+        "v": snapshot.version,
+        "a": "1" if snapshot.active else "0",
+        "plan": snapshot.plan_code or "",
+        "cust": snapshot.customer_id or "",
+        "cl": _limit(snapshot.calls_limit),
+        "tl": _limit(snapshot.tokens_limit),
+        "ps": period_key(snapshot),
+        "pe": repr(snapshot.period_end),
+        "bc": str(snapshot.base_calls),
+        "bt": str(snapshot.base_tokens),
+        "rq": repr(snapshot.requested_at),
+        "fa": repr(snapshot.fetched_at),
+        "pf": repr(snapshot.plan_fetched_at),
+        "ra": repr(snapshot.refresh_at),
+        "src": snapshot.limits_source,
+    }
+    out: list[str] = []
+    for name, value in fields.items():
+        out += [name, value]
+    return out
+
+
+def decode(raw: Any) -> Snapshot | None:
+    """A snapshot from ``HGETALL`` output (a flat list or a dict, bytes or str)."""
+    if not raw:
+        return None
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    else:
+        items = [(raw[i], raw[i + 1]) for i in range(0, len(raw) - 1, 2)]
+    data = {
+        (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in items
+    }
+    if "v" not in data:
+        return None
+    calls_limit = int(data.get("cl") or -1)
+    tokens_limit = int(data.get("tl") or -1)
+    return Snapshot(
+        active=data.get("a") == "1",
+        plan_code=data.get("plan") or None,
+        customer_id=data.get("cust") or None,
+        calls_limit=None if calls_limit < 0 else calls_limit,
+        tokens_limit=None if tokens_limit < 0 else tokens_limit,
+        period_start=_num(data.get("ps")),
+        period_end=_num(data.get("pe")),
+        base_calls=int(data.get("bc") or 0),
+        base_tokens=int(data.get("bt") or 0),
+        requested_at=_num(data.get("rq")),
+        fetched_at=_num(data.get("fa")),
+        plan_fetched_at=_num(data.get("pf")),
+        refresh_at=_num(data.get("ra")),
+        limits_source=data.get("src") or "none",
+        version=data["v"],
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBackend:
+    """Snapshots and counters in Redis (``redis.asyncio``), with an in-process fallback.
+
+    **Parameters:** ``url`` (``LAGO_REDIS_URL``), ``config`` (:class:`QuotaConfig`), ``fallback`` (the
+    :class:`LocalBackend` used while Redis is down), ``client`` (*optional*, a ``redis.asyncio.Redis``).
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        config: QuotaConfig | None = None,
+        *,
+        fallback: LocalBackend | None = None,
+        client: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or QuotaConfig()
+        self.url = url
+        self.fallback = fallback or LocalBackend(self.config)
+        self._clock = clock
+        if client is None:
+            redis_asyncio = _redis()
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            pool = redis_asyncio.BlockingConnectionPool.from_url(
+                url,
+                max_connections=self.config.redis_max_connections,
+                timeout=self.config.redis_timeout * 5,
+                socket_timeout=self.config.redis_timeout,
+                socket_connect_timeout=self.config.redis_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            client = redis_asyncio.Redis(connection_pool=pool)
+        self.redis = client
+        self._check = self.redis.register_script(CHECK)
+        self._settle = self.redis.register_script(SETTLE)
+        self._store = self.redis.register_script(STORE)
+        self._merge = self.redis.register_script(MERGE)
+        self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
+        self._down_until = 0.0
+        self._queue: deque[tuple[str, str, str, str, str, int]] = deque()
+        self._wakeup = anyio.Event()
+        self._running = False
+        self._closed = False
+        self._last_seen: LRUCache[str, Outcome] = LRUCache(maxsize=self.config.max_orgs)
+
+    # ------------------------------------------------------------------------------ keys
+
+    def key(self, org_id: str, kind: str) -> str:
+        return f"{self.config.redis_prefix}{{{org_id}}}:{kind}"
+
+    # ------------------------------------------------------------------------------ health
+
+    def _up(self) -> bool:
+        if not self._down_until:
+            return True
+        return self._clock() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats["redis_errors"] += 1
+        if not self.stats["redis_fallback"]:
+            logger.warning(
+                "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
+                "(retry every %.0f s).",
+                self.url,
+                type(exc).__name__,
+                exc,
+                self.config.redis_retry_interval,
+            )
+        self.stats["redis_fallback"] = 1
+        self._down_until = self._clock() + self.config.redis_retry_interval
+
+    async def _recovered(self) -> None:
+        if not self.stats["redis_fallback"]:
+            return
+        self.stats["redis_fallback"] = 0
+        self._down_until = 0.0
+        logger.info("Redis (%s) answers again: quota counters are shared again.", self.url)
+        now = int(time.time())
+        for org_id, snapshot, counts in self.fallback.drain():
+            try:
+                await self._merge(
+                    keys=[self.key(org_id, "count")],
+                    args=[period_key(snapshot), now, counts.calls, counts.tokens, UNPERIODED_TTL_MS],
+                )
+            except self._errors() as exc:  # Redis failed again
+                self._failed(exc)
+                return
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        try:
+            from redis.exceptions import RedisError
+        except ImportError:  # pragma: no cover - a custom client
+            return (OSError, TimeoutError)
+        return (RedisError, OSError, TimeoutError)
+
+    # ------------------------------------------------------------------------------ backend API
+
+    async def reserve(self, org_id: str, now: float, mode: Mode, known: Snapshot | None) -> Outcome:
+        if self._up():
+            args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
+            args += [known.version if known is not None else "", PERIOD_MARGIN_MS, UNPERIODED_TTL_MS]
+            try:
+                result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
+            except self._errors() as exc:
+                self._failed(exc)
+            else:
+                if self.stats["redis_fallback"]:
+                    await self._recovered()
+                return self._outcome(org_id, result, known, int(now))
+        self.stats["fallback_decisions"] += 1
+        self._seed_fallback(org_id)
+        return self.fallback.reserve_now(org_id, now, mode)
+
+    def _outcome(self, org_id: str, result: Any, known: Snapshot | None, bucket: int) -> Outcome:
+        code, calls, tokens, hit, full = int(result[0]), int(result[1]), int(result[2]), _text(result[3]), result[4]
+        snapshot = decode(full) if full else known
+        if code == MISSING or code == COUNTED:
+            return Outcome(code, None, calls, tokens, "", "", bucket, self)
+        if snapshot is None:  # pragma: no cover - the script sends the snapshot when we hold none
+            return Outcome(MISSING, backend=self)
+        outcome = Outcome(code, snapshot, calls, tokens, hit, period_key(snapshot), bucket, self)
+        if code in (ALLOWED, BLOCKED):
+            self._last_seen[org_id] = outcome
+        return outcome
+
+    def _seed_fallback(self, org_id: str) -> None:
+        """Start local counting from the usage last seen in Redis (once per org per outage)."""
+        seen = self._last_seen.pop(org_id, None)
+        if seen is None or seen.snapshot is None or self.fallback.peek_snapshot(org_id) is not None:
+            return
+        self.fallback.seed(org_id, dataclasses.replace(seen.snapshot, base_calls=seen.calls, base_tokens=seen.tokens))
+
+    def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
+        if self._closed or not self._up():
+            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
+            return
+        item = (org_id, period, "" if bucket is None else str(bucket), "1" if billed else "0", str(int(now)), tokens)
+        self._queue.append(item)
+        if self._running:
+            self._wakeup.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write queued settles (pipelined) until cancelled."""
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                await self.flush()
+        finally:
+            self._running = False
+
+    async def flush(self) -> None:
+        """Write every queued settle now."""
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
+            if not self._up():
+                self._settle_locally(batch)
+                continue
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for org_id, period, bucket, billed, now, tokens in batch:
+                        await self._settle(
+                            keys=[self.key(org_id, "count")],
+                            args=[period, bucket, now, billed, tokens, UNPERIODED_TTL_MS],
+                            client=pipe,
+                        )
+                    await pipe.execute()
+            except self._errors() as exc:
+                self._failed(exc)
+                self._settle_locally(batch)
+
+    def _settle_locally(self, batch: list[tuple[str, str, str, str, str, int]]) -> None:
+        for org_id, period, _bucket, billed, now, tokens in batch:
+            self.fallback.settle(org_id, period, None, float(now), tokens=tokens, billed=billed == "1")
+
+    async def load(self, org_id: str) -> Snapshot | None:
+        if self._up():
+            try:
+                return decode(await self.redis.hgetall(self.key(org_id, "snap")))
+            except self._errors() as exc:
+                self._failed(exc)
+        return self.fallback.peek_snapshot(org_id)
+
+    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+        if not self._up():
+            self.fallback.store_now(org_id, snapshot, now)
+            return
+        if snapshot.active:
+            ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
+        else:
+            ttl_ms = UNPERIODED_TTL_MS
+        args: list[Any] = [
+            repr(snapshot.requested_at),
+            int(snapshot.requested_at - self.config.settle_lag),
+            int(now - self.config.inflight_horizon),
+            ttl_ms,
+            period_key(snapshot),
+            *encode(snapshot),
+        ]
+        try:
+            await self._store(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
+        except self._errors() as exc:
+            self._failed(exc)
+            self.fallback.store_now(org_id, snapshot, now)
+
+    async def try_lock(self, org_id: str, ttl: float) -> bool:
+        if not self._up():
+            return True
+        try:
+            locked = await self.redis.set(self.key(org_id, "lock"), "1", nx=True, px=max(1, int(ttl * 1000)))
+            return locked is not None and bool(locked)
+        except self._errors() as exc:
+            self._failed(exc)
+            return True
+
+    async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        """Poll (5 ms doubling to 100 ms) until the refreshing process has stored the snapshot."""
+        delay = 0.005
+        with anyio.move_on_after(timeout):
+            while self._up():
+                try:
+                    if await self.redis.hexists(self.key(org_id, "snap"), "v"):
+                        return
+                except self._errors() as exc:
+                    self._failed(exc)
+                    return
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    async def invalidate(self, org_id: str) -> None:
+        self._last_seen.pop(org_id, None)
+        await self.fallback.invalidate(org_id)
+        if not self._up():
+            return
+        try:
+            await self.redis.delete(self.key(org_id, "snap"), self.key(org_id, "lock"))
+        except self._errors() as exc:
+            self._failed(exc)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        try:
+            await self.redis.aclose()
+        except self._errors():  # pragma: no cover - closing a dead connection
+            pass

@@ -1,0 +1,479 @@
+"""Quota gating in process: limits from entitlements and plan tables, cached snapshots, exact counting,
+answers (429/402 + RateLimit headers + RFC 9457 body), fail policies, invalidation, seed helpers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from _quota_app import TOKENS, Clock, chat, seed
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware
+from lago_org_billing._gate import QuotaDecision
+from lago_org_billing._quota import (
+    PROBLEM_NO_SUBSCRIPTION,
+    PROBLEM_QUOTA_EXCEEDED,
+    LocalBackend,
+    QuotaConfig,
+    QuotaGate,
+    Snapshot,
+    check_org_has_active_subscription,
+    enforce_usage_limits,
+    get_org_plan_limits,
+    limits_from_entitlements,
+    usage_totals,
+)
+from lago_org_billing.testing import FakeLago
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """One settable clock for the gate and the emulator."""
+    return Clock()
+
+
+@pytest.fixture
+def fake(clock: Clock) -> FakeLago:
+    """A seeded emulator on the test clock (org_1 on starter: 300 calls)."""
+    return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=5)
+
+
+@pytest.fixture
+async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
+    """A LagoClient on the emulator, without retries (failures are immediate)."""
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        yield lago
+
+
+def make_gate(client: LagoClient, clock: Clock, *, config: QuotaConfig | None = None, **changes: Any) -> QuotaGate:
+    settings = client.settings.replace(**changes)
+    return QuotaGate(settings, client, config=config or QuotaConfig(), clock=clock.time)
+
+
+def headers(decision: QuotaDecision) -> dict[str, str]:
+    return {name.decode(): value.decode() for name, value in decision.headers}
+
+
+def lago_reads(fake: FakeLago) -> int:
+    return sum(1 for r in fake.requests if r.method == "GET")
+
+
+async def test_blocks_at_the_entitlement_limit_with_headers_and_problem(client: LagoClient, clock: Clock) -> None:
+    """Limit 5 from the plan's entitlements: 5 allowed (remaining counts down), the 6th is a 429 problem."""
+    gate = make_gate(client, clock)
+    remaining = []
+    for _ in range(5):
+        decision = await gate.check("org_1")
+        assert decision.allowed and decision.reserved
+        remaining.append(headers(decision)["ratelimit-remaining"])
+    assert remaining == ["4", "3", "2", "1", "0"]
+    blocked = await gate.check("org_1")
+    assert not blocked.allowed and blocked.status == 429
+    h = headers(blocked)
+    period_left = str(int(dt_end() - clock.time()))
+    assert h == {
+        "ratelimit-limit": "5",
+        "ratelimit-remaining": "0",
+        "ratelimit-reset": period_left,
+        "retry-after": period_left,
+    }
+    assert blocked.problem is not None
+    assert blocked.problem["type"] == PROBLEM_QUOTA_EXCEEDED
+    assert blocked.problem["status"] == 429
+    assert blocked.problem["limit_name"] == "max_api_calls"
+    assert (blocked.problem["limit"], blocked.problem["usage"], blocked.problem["org_id"]) == (5, 5, "org_1")
+    assert blocked.problem["period_end"] == "2026-04-01T00:00:00Z"
+    response = blocked.response()
+    assert response.status_code == 429 and response.headers["retry-after"] == period_left
+    assert response.media_type == "application/problem+json"
+
+
+def dt_end() -> float:
+    import datetime as dt
+
+    return dt.datetime(2026, 4, 1, tzinfo=dt.timezone.utc).timestamp()
+
+
+async def test_cached_snapshot_means_no_lago_call(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """Once an org's snapshot is fresh, checks never call Lago; one refresh follows after the TTL."""
+    gate = make_gate(client, clock)
+    await gate.check("org_1")
+    reads = lago_reads(fake)
+    assert reads == 2  # subscription (with entitlements) + current usage
+    for _ in range(3):
+        await gate.check("org_1")
+    assert lago_reads(fake) == reads
+    clock.advance(31)
+    await gate.check("org_1")  # stale: served from cache, refresh in the background (not running: a task)
+    await wait_refreshed(gate)
+    usage_calls = [r for r in fake.requests if r.path.endswith("/current_usage")]
+    assert len(usage_calls) == 2
+    assert usage_calls[0].query["apply_taxes"] == "false"
+    assert usage_calls[0].query["billable_metric_code"] == "api_call"
+    assert lago_reads(fake) == reads + 1  # the subscription part is kept for plan_ttl
+
+
+async def wait_refreshed(gate: QuotaGate) -> None:
+    for event in list(gate._refreshing.values()):
+        await event.wait()
+
+
+async def test_one_refresh_for_many_cold_requests(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """50 concurrent first requests of a cold org share one subscription read and one usage read."""
+    gate = make_gate(client, clock, quota_mode="enforce")
+    fake.store.plans["starter"]["entitlements"]["api_quota"]["max_api_calls"] = 30
+    results: list[QuotaDecision] = []
+
+    async def one() -> None:
+        results.append(await gate.check("org_1"))
+
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        async with anyio.create_task_group() as burst:
+            for _ in range(50):
+                burst.start_soon(one)
+        tasks.cancel_scope.cancel()
+    assert lago_reads(fake) == 2
+    assert sum(d.allowed for d in results) == 30
+
+
+async def test_usage_already_in_lago_counts(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """Calls Lago already counted this period are the base: 3 ingested of 5 leave 2."""
+    for n in range(3):
+        await client.create_event(
+            {"transaction_id": f"t{n}", "external_subscription_id": "org_1", "code": "api_call",
+             "timestamp": clock.time() - 60, "properties": {"total_tokens": 4}}
+        )  # fmt: skip
+    gate = make_gate(client, clock)
+    assert [(await gate.check("org_1")).allowed for _ in range(3)] == [True, True, False]
+    assert (await gate.enforce_usage_limits("org_1"))["usage"] == {"max_api_calls": 5, "max_tokens": 12}
+
+
+async def test_entitlement_override_changes_the_limit(client: LagoClient, clock: Clock) -> None:
+    """A per-subscription override (enterprise custom limit) replaces the plan value."""
+    await client.update_subscription_entitlements("org_1", {"api_quota": {"max_api_calls": 2}})
+    gate = make_gate(client, clock)
+    assert [(await gate.check("org_1")).allowed for _ in range(3)] == [True, True, False]
+    assert await gate.get_org_plan_limits("org_1") == {
+        "plan_code": "starter",
+        "max_api_calls": 2,
+        "max_tokens": None,
+        "source": "entitlements",
+    }
+
+
+async def test_plan_change_is_seen_after_invalidation(client: LagoClient, clock: Clock) -> None:
+    """Blocked on starter; upgraded to pro: still blocked from the cache until invalidate(), then allowed."""
+    gate = make_gate(client, clock)
+    for _ in range(5):
+        assert (await gate.check("org_1")).allowed
+    assert not (await gate.check("org_1")).allowed
+    await client.create_subscription(external_customer_id="org_1", plan_code="pro", external_id="org_1")
+    assert not (await gate.check("org_1")).allowed  # cached snapshot
+    await gate.invalidate("org_1")
+    decision = await gate.check("org_1")
+    assert decision.allowed
+    assert headers(decision)["ratelimit-limit"] == "10000"
+    assert headers(decision)["ratelimit-remaining"] == str(10_000 - 6)  # the 5 starter calls still count
+
+
+async def test_plan_limits_table_is_the_fallback(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """A plan without entitlements takes LAGO_PLAN_LIMITS; entitlements win over the table."""
+    fake.add_customer("org_2")
+    fake.add_subscription("org_2", "legacy")
+    gate = make_gate(client, clock, plan_limits={"legacy": {"max_api_calls": 1}, "starter": {"max_api_calls": 99}})
+    assert [(await gate.check("org_2")).allowed for _ in range(2)] == [True, False]
+    assert (await gate.get_org_plan_limits("org_2"))["source"] == "plan_limits"
+    assert (await gate.get_org_plan_limits("org_1"))["max_api_calls"] == 5
+
+
+async def test_unlimited_org_costs_one_read_and_no_headers(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """No limit anywhere: allowed without RateLimit headers, and current usage is never asked."""
+    fake.add_customer("org_2")
+    fake.add_subscription("org_2", "legacy")
+    gate = make_gate(client, clock)
+    decision = await gate.check("org_2")
+    assert decision.allowed and decision.headers == ()
+    assert not any(r.path.endswith("/current_usage") for r in fake.requests)
+
+
+async def test_no_active_subscription_is_402(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """An org without subscription gets a 402 problem; the answer is cached; 'allow' lets it through."""
+    gate = make_gate(client, clock)
+    decision = await gate.check("org_unknown")
+    assert not decision.allowed and decision.status == 402
+    assert decision.problem is not None and decision.problem["type"] == PROBLEM_NO_SUBSCRIPTION
+    reads = lago_reads(fake)
+    assert (await gate.check("org_unknown")).status == 402
+    assert lago_reads(fake) == reads
+    assert not await gate.check_org_has_active_subscription("org_unknown")
+    assert await gate.check_org_has_active_subscription("org_1")
+    allowing = make_gate(client, clock, config=QuotaConfig(no_subscription="allow"))
+    assert (await allowing.check("org_unknown")).allowed
+
+
+async def test_terminated_subscription_is_402_after_invalidation(client: LagoClient, clock: Clock) -> None:
+    """Terminating the subscription (then invalidating, as the webhook does) blocks with 402."""
+    gate = make_gate(client, clock)
+    assert (await gate.check("org_1")).allowed
+    await client.terminate_subscription("org_1")
+    await gate.invalidate("org_1")
+    assert (await gate.check("org_1")).status == 402
+
+
+async def test_token_limit_checked_before_and_counted_after(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """max_tokens 25: requests pass while tokens remain, settle adds them, the exhausted org is blocked."""
+    fake.store.plans["starter"]["entitlements"]["api_quota"] = {"max_tokens": 25}
+    gate = make_gate(client, clock)
+    for _ in range(3):  # 0, 10, 20 tokens used before each: all allowed
+        decision = await gate.check("org_1")
+        assert decision.allowed
+        gate.settle("org_1", decision, tokens=TOKENS, billed=True)
+    blocked = await gate.check("org_1")
+    assert not blocked.allowed and blocked.problem is not None
+    assert (blocked.problem["limit_name"], blocked.problem["usage"], blocked.problem["limit"]) == ("max_tokens", 30, 25)
+    assert headers(blocked)["ratelimit-limit"] == "25"
+
+
+async def test_unbilled_requests_release_their_call(client: LagoClient, clock: Clock) -> None:
+    """A reserved call whose request was not billed (5xx) is given back."""
+    gate = make_gate(client, clock)
+    for _ in range(10):
+        decision = await gate.check("org_1")
+        assert decision.allowed
+        gate.settle("org_1", decision, tokens=0, billed=False)
+    assert (await gate.enforce_usage_limits("org_1"))["remaining"]["max_api_calls"] == 5
+
+
+async def test_late_resolved_billed_requests_count(client: LagoClient, clock: Clock) -> None:
+    """A request billed without a check (org resolved after the app ran) still counts."""
+    gate = make_gate(client, clock)
+    await gate.check("org_1")
+    gate.settle("org_1", QuotaDecision(), tokens=3, billed=True)
+    status = await gate.enforce_usage_limits("org_1")
+    assert status["usage"] == {"max_api_calls": 2, "max_tokens": 3}
+
+
+async def test_monitor_mode_never_blocks(client: LagoClient, clock: Clock) -> None:
+    """monitor: the 6th request is allowed with would_block and the problem it would have got."""
+    gate = make_gate(client, clock, quota_mode="monitor")
+    decisions = [await gate.check("org_1") for _ in range(7)]
+    assert all(d.allowed for d in decisions)
+    assert [d.would_block for d in decisions] == [False] * 5 + [True] * 2
+    assert decisions[5].problem is not None and decisions[5].status == 429
+    assert gate.stats["would_block"] == 2 and gate.stats["blocked"] == 0
+
+
+async def test_status_402_for_over_quota_and_no_headers_when_disabled(client: LagoClient, clock: Clock) -> None:
+    """QuotaConfig(over_quota_status=402, headers=False): 402 when over, no headers on allowed answers."""
+    gate = make_gate(client, clock, config=QuotaConfig(over_quota_status=402, headers=False))
+    decisions = [await gate.check("org_1") for _ in range(6)]
+    assert decisions[0].headers == ()
+    assert decisions[5].status == 402 and headers(decisions[5])["retry-after"]
+
+
+async def test_lago_down_cold_org_fail_open(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """Lago unreachable for a cold org: allowed (fail open), counted, and counted once Lago is back."""
+    fake.inject_fault(status=503)
+    gate = make_gate(client, clock)
+    decision = await gate.check("org_1")
+    assert decision.allowed and decision.reserved and decision.headers == ()
+    assert gate.stats["fail_open"] == 1 and gate.stats["refresh_errors"] == 1
+    assert (await gate.check("org_1")).allowed  # no new attempt within failure_backoff
+    assert gate.stats["refresh_errors"] == 1
+    fake.clear_faults()
+    clock.advance(6)
+    decision = await gate.check("org_1")  # Lago is back: snapshot, and the 2 fail-open calls count
+    assert headers(decision)["ratelimit-remaining"] == "2"
+
+
+async def test_lago_down_cold_org_fail_closed(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """LAGO_FAIL_OPEN=false: a cold org is refused with 503 + Retry-After while Lago is down."""
+    fake.inject_fault(status=503)
+    gate = make_gate(client, clock, fail_open=False)
+    decision = await gate.check("org_1")
+    assert not decision.allowed and decision.status == 503 and headers(decision)["retry-after"] == "5"
+    assert gate.stats["fail_closed"] == 1
+
+
+async def test_stale_snapshot_serves_while_lago_is_down(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """A stale snapshot keeps deciding (and counting) during an outage."""
+    gate = make_gate(client, clock, fail_open=False)
+    for _ in range(4):
+        assert (await gate.check("org_1")).allowed
+    fake.inject_fault(status=503)
+    clock.advance(120)
+    assert (await gate.check("org_1")).allowed
+    await wait_refreshed(gate)
+    assert gate.stats["refresh_errors"] == 1
+    assert not (await gate.check("org_1")).allowed
+    assert gate.stats["fail_closed"] == 0
+
+
+async def test_slow_lago_cold_wait_is_bounded(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """Lago slower than cold_timeout: the request gets the fail-open answer, the snapshot lands later."""
+    fake.inject_fault(latency_ms=300, count=1)
+    gate = make_gate(client, clock, config=QuotaConfig(cold_timeout=0.01))
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        decision = await gate.check("org_1")
+        assert decision.allowed and decision.headers == ()
+        assert gate.stats["cold_timeouts"] == 1 and gate.stats["fail_open"] == 1
+        await wait_refreshed(gate)
+        decision = await gate.check("org_1")
+        assert headers(decision)["ratelimit-remaining"] == "3"
+        tasks.cancel_scope.cancel()
+
+
+async def test_new_billing_period_starts_from_zero(client: LagoClient, clock: Clock) -> None:
+    """Exhausted in March; on April 1st the gate fetches the new period and allows again."""
+    gate = make_gate(client, clock)
+    for _ in range(5):
+        await gate.check("org_1")
+    assert not (await gate.check("org_1")).allowed
+    clock.advance(dt_end() - clock.time() + 1)
+    decision = await gate.check("org_1")
+    assert decision.allowed and headers(decision)["ratelimit-remaining"] == "4"
+
+
+async def test_records_survive_a_refresh_until_lago_has_them(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """Calls recorded within settle_lag of a refresh stay counted (never under-count); older ones are
+    trusted to be in Lago's snapshot."""
+    gate = make_gate(client, clock)
+    await gate.check("org_1")  # snapshot at T; this call stays in flight (never settled)
+    clock.advance(28)
+    decision = await gate.check("org_1")
+    gate.settle("org_1", decision, tokens=0, billed=True)  # recorded at T+28, not yet in Lago
+    clock.advance(3)
+    await gate.check("org_1")  # stale: refresh requested at T+31; Lago has no events yet
+    await wait_refreshed(gate)
+    status = await gate.enforce_usage_limits("org_1")
+    assert status["usage"]["max_api_calls"] == 3  # 2 in flight + 1 recorded 3 s before the refresh
+    clock.advance(40)
+    await client.create_event(
+        {"transaction_id": "t1", "external_subscription_id": "org_1", "code": "api_call",
+         "timestamp": clock.time() - 43, "properties": {"total_tokens": 0}}
+    )  # fmt: skip
+    await gate.check("org_1")  # the refresh requested now trusts Lago with the call recorded 43 s ago
+    await wait_refreshed(gate)
+    status = await gate.enforce_usage_limits("org_1")
+    assert status["usage"]["max_api_calls"] == 4  # Lago's 1 + 3 in flight
+
+
+async def test_seed_helpers_on_the_same_cache(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    """check_org_has_active_subscription / get_org_plan_limits / enforce_usage_limits use the gate's cache."""
+    gate = make_gate(client, clock)
+    assert await check_org_has_active_subscription("org_1")
+    reads = lago_reads(fake)
+    assert (await get_org_plan_limits("org_1"))["max_api_calls"] == 5
+    for _ in range(2):
+        await gate.check("org_1")
+    status = await enforce_usage_limits("org_1")
+    assert status == {
+        "allowed": True,
+        "reason": None,
+        "limits": {"max_api_calls": 5, "max_tokens": None},
+        "usage": {"max_api_calls": 2, "max_tokens": 0},
+        "remaining": {"max_api_calls": 3, "max_tokens": None},
+        "plan_code": "starter",
+        "period_end": "2026-04-01T00:00:00Z",
+    }
+    assert lago_reads(fake) == reads
+    assert (await enforce_usage_limits("org_unknown"))["reason"] == "no_active_subscription"
+
+
+def test_config_from_env() -> None:
+    """LAGO_QUOTA_* variables are read and validated."""
+    config = QuotaConfig.from_env(
+        {"LAGO_QUOTA_STATUS": "402", "LAGO_QUOTA_COLD_TIMEOUT": "0.5", "LAGO_QUOTA_HEADERS": "off",
+         "LAGO_QUOTA_FEATURE": "quota", "LAGO_QUOTA_NO_SUBSCRIPTION": "allow"}
+    )  # fmt: skip
+    assert (config.over_quota_status, config.cold_timeout, config.headers) == (402, 0.5, False)
+    assert (config.feature_code, config.no_subscription) == ("quota", "allow")
+    for env in ({"LAGO_QUOTA_STATUS": "500"}, {"LAGO_QUOTA_HEADERS": "maybe"}, {"LAGO_QUOTA_COLD_TIMEOUT": "x"}):
+        with pytest.raises(ConfigurationError):
+            QuotaConfig.from_env(env)
+
+
+def test_entitlement_and_usage_parsing() -> None:
+    """Privilege values (override first), unlimited privileges, and one figure per metric across charges."""
+    config = QuotaConfig()
+    entitlements = [
+        {"code": "other", "privileges": [{"code": "max_api_calls", "value": 1}]},
+        {
+            "code": "api_quota",
+            "privileges": [
+                {"code": "max_api_calls", "value": None, "plan_value": 10, "override_value": 20},
+                {"code": "max_tokens", "value": None, "plan_value": None, "override_value": None},
+                {"code": "seats", "value": 3},
+            ],
+        },
+    ]
+    assert limits_from_entitlements(entitlements, config) == {"max_api_calls": 20, "max_tokens": None}
+    usage = {
+        "charges_usage": [
+            {
+                "billable_metric": {"code": "api_call", "aggregation_type": "sum_agg"},
+                "units": "70.0",
+                "events_count": 7,
+            },
+            {
+                "billable_metric": {"code": "api_call", "aggregation_type": "sum_agg"},
+                "units": "70.0",
+                "events_count": 7,
+            },
+        ]
+    }
+    assert usage_totals(usage, "api_call", "api_call") == (7, 70)
+    usage["charges_usage"][0]["billable_metric"]["aggregation_type"] = "count_agg"
+    usage["charges_usage"][1]["billable_metric"]["aggregation_type"] = "count_agg"
+    assert usage_totals(usage, "api_call", "api_call") == (7, None)
+
+
+def test_local_backend_adopts_the_first_period() -> None:
+    """Calls counted before any snapshot (fail-open) belong to the first snapshot's period."""
+    backend = LocalBackend()
+    assert backend.reserve_now("o", 100.0, "blind").code == 4
+    snap = Snapshot(active=True, calls_limit=2, period_start=0.0, period_end=1e12, requested_at=99.0)
+    backend.store_now("o", snap, 100.0)
+    outcome = backend.reserve_now("o", 101.0, "normal")
+    assert (outcome.code, outcome.calls) == (1, 2)
+    assert backend.reserve_now("o", 101.0, "normal").code == 2
+
+
+# --------------------------------------------------------------------------- through the middleware
+
+
+async def test_exactly_the_limit_through_the_middleware(fake: FakeLago, clock: Clock) -> None:
+    """Limit 300, one process, 1,000 concurrent requests: exactly 300 answered 200, 300 events in Lago."""
+    fake.store.plans["starter"]["entitlements"]["api_quota"]["max_api_calls"] = 300
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", org_header="X-Org-Id", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time)
+        app = Starlette(routes=[Route("/v1/chat", chat)])
+        middleware = OrgBillingMiddleware(app, settings, quota=gate, client=lago)
+        transport = httpx.ASGITransport(app=middleware)
+        statuses: list[int] = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+
+            async def one() -> None:
+                response = await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})
+                statuses.append(response.status_code)
+                if response.status_code == 429:
+                    assert response.json()["limit"] == 300
+
+            async with anyio.create_task_group() as tasks:
+                for _ in range(1000):
+                    tasks.start_soon(one)
+        await middleware.aclose()
+    assert statuses.count(200) == 300 and statuses.count(429) == 700
+    assert len(fake.events) == 300
+    assert middleware.stats["blocked"] == 700
