@@ -1,0 +1,368 @@
+"""The org billing dashboard: data (JSON) and a server-rendered HTML page (no script, no external asset).
+
+:func:`dashboard_data` gathers the org's subscription, plan, current period, usage against each limit, and the
+breakdown by user and by model. The breakdown comes from Lago's *grouped usage* (charges whose
+``pricing_group_keys`` include ``user_id`` and/or ``model``) or, when given, from a local ledger
+(``breakdown_provider``). :func:`render_html` turns the data into one self-contained page: inline CSS, bars as
+styled ``div``\\s, every number in the HTML itself (it works with JavaScript disabled).
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from ._billing import OrgBilling
+
+__all__ = [
+    "BREAKDOWN_DIMENSIONS",
+    "BreakdownProvider",
+    "LimitsProvider",
+    "dashboard_data",
+    "render_html",
+    "wants_html",
+]
+
+#: Limits may be ``{"max_api_calls": 300}`` or ``{"max_tokens": {"limit": 100000, "used": 4200}}``.
+LimitsProvider = Callable[[str], Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None]
+#: A local ledger: ``{"by_user": [{"user_id": ..., "events": ..., "units": {...}}], "by_model": [...]}``.
+BreakdownProvider = Callable[[str], Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None]
+
+#: Grouping keys the dashboard breaks usage down by, and the JSON key of each breakdown.
+BREAKDOWN_DIMENSIONS = {"user_id": "by_user", "model": "by_model"}
+
+#: Content-Security-Policy of the HTML page: it loads nothing and runs nothing.
+CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+
+async def _call(provider: Callable[[str], Any], org_id: str) -> Any:
+    value = provider(org_id)
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    """Lago's decimal strings (``"12.0"``) as JSON numbers: int when whole."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    if not number.is_finite():
+        return None
+    return int(number) if number == number.to_integral_value() else float(number)
+
+
+async def dashboard_data(
+    billing: OrgBilling,
+    org_id: str,
+    *,
+    limits_provider: LimitsProvider | None = None,
+    breakdown_provider: BreakdownProvider | None = None,
+) -> dict[str, Any] | None:
+    """The dashboard of ``org_id``, or ``None`` when it has no active subscription.
+
+    Limits come from ``limits_provider(org_id)`` (sync or async), else from ``LAGO_PLAN_LIMITS`` for the plan.
+    The usage of a plain limit is derived from Lago's current usage: ``max_api_calls`` counts the events of
+    ``LAGO_EVENT_CODE``; ``max_<code>`` is the units of billable metric ``<code>``; otherwise it is unknown
+    (``null``) unless the provider gives ``{"limit": ..., "used": ...}``.
+    """
+    settings = billing.settings
+    subscription = await billing.get_subscription(org_id)
+    if subscription is None:
+        return None
+    usage = await billing.get_current_usage(org_id) or {}
+    raw_plan = subscription.get("plan")
+    plan_object: Mapping[str, Any] = raw_plan if isinstance(raw_plan, Mapping) else {}
+    plan_code = str(subscription.get("plan_code") or plan_object.get("code") or "")
+    charges = [c for c in usage.get("charges_usage") or [] if isinstance(c, Mapping)]
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for charge in charges:
+        metric = charge.get("billable_metric") or {}
+        code = str(metric.get("code") or "")
+        if not code:
+            continue
+        entry = metrics.setdefault(
+            code, {"code": code, "name": metric.get("name") or code, "units": 0, "events": 0, "amount_cents": 0}
+        )
+        # One entry per charge: a metric billed by two charges appears twice with the same units.
+        entry["units"] = max(entry["units"], _number(charge.get("units")) or 0)
+        entry["events"] = max(entry["events"], int(charge.get("events_count") or 0))
+        entry["amount_cents"] += int(charge.get("amount_cents") or 0)
+
+    raw_limits: Mapping[str, Any] | None = None
+    limits_source = "none"
+    if limits_provider is not None:
+        raw_limits = await _call(limits_provider, org_id)
+        limits_source = "provider"
+    if raw_limits is None and plan_code in settings.plan_limits:
+        raw_limits = settings.plan_limits[plan_code]
+        limits_source = "LAGO_PLAN_LIMITS"
+    limits = [_limit(name, value, metrics, settings.event_code) for name, value in (raw_limits or {}).items()]
+
+    breakdown: dict[str, list[dict[str, Any]]] = {key: [] for key in BREAKDOWN_DIMENSIONS.values()}
+    breakdown_source = "none"
+    ledger = await _call(breakdown_provider, org_id) if breakdown_provider is not None else None
+    if ledger:
+        breakdown_source = "ledger"
+        for dimension, key in BREAKDOWN_DIMENSIONS.items():
+            breakdown[key] = [_ledger_row(dimension, row) for row in ledger.get(key) or [] if isinstance(row, Mapping)]
+    elif any(charge.get("grouped_usage") for charge in charges):
+        breakdown_source = "lago_grouped_usage"
+        breakdown = _grouped_breakdown(charges)
+
+    return {
+        "org_id": org_id,
+        "subscription": {
+            key: subscription.get(key)
+            for key in ("external_id", "status", "plan_code", "next_plan_code", "downgrade_plan_date", "started_at")
+        },
+        "plan": {
+            "code": plan_code,
+            "name": plan_object.get("name") or plan_code,
+            "interval": plan_object.get("interval"),
+            "amount_cents": plan_object.get("amount_cents", subscription.get("plan_amount_cents")),
+            "currency": plan_object.get("amount_currency", subscription.get("plan_amount_currency")),
+        },
+        "period": {
+            "from": usage.get("from_datetime") or subscription.get("current_billing_period_started_at"),
+            "to": usage.get("to_datetime") or subscription.get("current_billing_period_ending_at"),
+            "issuing_date": usage.get("issuing_date"),
+        },
+        "amount": {
+            "amount_cents": int(usage.get("amount_cents") or 0),
+            "total_amount_cents": int(usage.get("total_amount_cents") or 0),
+            "currency": usage.get("currency") or plan_object.get("amount_currency"),
+        },
+        "limits": limits,
+        "limits_source": limits_source,
+        "metrics": list(metrics.values()),
+        **breakdown,
+        "breakdown_source": breakdown_source,
+    }
+
+
+def _limit(name: str, value: Any, metrics: Mapping[str, Mapping[str, Any]], event_code: str) -> dict[str, Any]:
+    used: int | float | None = None
+    if isinstance(value, Mapping):
+        limit = _number(value.get("limit"))
+        used = _number(value.get("used"))
+    else:
+        limit = _number(value)
+    if used is None:
+        if name == "max_api_calls" and event_code in metrics:
+            used = metrics[event_code]["events"]
+        elif name.startswith("max_") and name[4:] in metrics:
+            used = metrics[name[4:]]["units"]
+    ratio = used / limit if used is not None and limit else (None if used is None or limit is None else 1.0)
+    return {
+        "name": name,
+        "limit": limit,
+        "used": used,
+        "remaining": None if used is None or limit is None else max(limit - used, 0),
+        "ratio": None if ratio is None else round(ratio, 4),
+        "exceeded": bool(used is not None and limit is not None and used >= limit),
+    }
+
+
+def _ledger_row(dimension: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    raw_units = row.get("units")
+    units: Mapping[str, Any] = raw_units if isinstance(raw_units, Mapping) else {}
+    return {
+        dimension: str(row.get(dimension) if row.get(dimension) is not None else row.get("key")),
+        "events": int(row.get("events") or 0),
+        "amount_cents": int(row.get("amount_cents") or 0),
+        "units": {str(code): _number(value) or 0 for code, value in units.items()},
+    }
+
+
+def _grouped_breakdown(charges: list[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Sum Lago's ``grouped_usage`` per user and per model (one charge per metric and dimension, so that a
+    metric billed by two charges is not counted twice)."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {dimension: {} for dimension in BREAKDOWN_DIMENSIONS}
+    taken: set[tuple[str, str]] = set()
+    for charge in charges:
+        code = str((charge.get("billable_metric") or {}).get("code") or "")
+        groups = [g for g in charge.get("grouped_usage") or [] if isinstance(g, Mapping)]
+        for dimension in BREAKDOWN_DIMENSIONS:
+            if (code, dimension) in taken or not any(dimension in (g.get("grouped_by") or {}) for g in groups):
+                continue
+            taken.add((code, dimension))
+            for group in groups:
+                value = (group.get("grouped_by") or {}).get(dimension)
+                key = "(none)" if value is None else str(value)
+                row = rows[dimension].setdefault(key, {dimension: key, "events": 0, "amount_cents": 0, "units": {}})
+                row["events"] += int(group.get("events_count") or 0)
+                row["amount_cents"] += int(group.get("amount_cents") or 0)
+                row["units"][code] = (row["units"].get(code) or 0) + (_number(group.get("units")) or 0)
+    return {
+        key: sorted(rows[dimension].values(), key=lambda row: (-row["events"], row[dimension]))
+        for dimension, key in BREAKDOWN_DIMENSIONS.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+
+def wants_html(accept: str, format_param: str | None = None) -> bool:
+    """HTML when ``?format=html``, or when the Accept header prefers ``text/html`` to JSON (browsers)."""
+    if format_param:
+        return format_param.lower() == "html"
+    best_html = best_json = -1.0
+    for part in accept.lower().split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.strip()
+        if media in ("text/html", "application/xhtml+xml"):
+            best_html = max(best_html, quality)
+        elif media in ("application/json", "*/*", "application/*"):
+            best_json = max(best_json, quality if media == "application/json" else quality - 0.01)
+    return best_html > 0 and best_html > best_json
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.2f}".rstrip("0").rstrip(".")
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _money(cents: Any, currency: Any) -> str:
+    if cents is None:
+        return "—"
+    return f"{int(cents) / 100:,.2f} {currency or ''}".strip()
+
+
+_STYLE = """
+:root{color-scheme:light dark;--fg:#1c2330;--muted:#5b6675;--line:#d8dee6;--bar:#2f7d5b;--warn:#b7791f;--over:#c53030}
+*{box-sizing:border-box}body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:var(--fg)}
+main{max-width:960px;margin:0 auto;padding:24px}h1{font-size:1.5rem;margin:0 0 16px}
+h2{font-size:1.1rem;margin:28px 0 8px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
+.limit{margin:10px 0}.limit .head{display:flex;justify-content:space-between;gap:12px}
+.track{height:12px;background:var(--line);border-radius:6px;overflow:hidden;margin-top:4px}
+.fill{height:100%;background:var(--bar)}.fill.warn{background:var(--warn)}.fill.over{background:var(--over)}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line)}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:var(--muted)}
+"""
+
+
+def render_html(data: Mapping[str, Any]) -> str:
+    """The dashboard as one self-contained HTML page (every value escaped)."""
+    plan = data.get("plan") or {}
+    period = data.get("period") or {}
+    amount = data.get("amount") or {}
+    subscription = data.get("subscription") or {}
+    org_id = data.get("org_id")
+    interval = f", {_e(plan['interval'])}" if plan.get("interval") else ""
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Billing · {_e(org_id)}</title><style>{_STYLE}</style></head><body><main>",
+        f'<h1>Billing for <span id="org-id">{_e(org_id)}</span></h1>',
+        '<section id="plan"><dl>',
+        f'<dt>Plan</dt><dd id="plan-name" data-code="{_e(plan.get("code"))}">{_e(plan.get("name"))}'
+        f' <span class="muted">({_e(plan.get("code"))}{interval})</span></dd>',
+        f'<dt>Status</dt><dd id="status">{_e(subscription.get("status"))}</dd>',
+    ]
+    if subscription.get("next_plan_code"):
+        parts.append(
+            f'<dt>Next plan</dt><dd id="next-plan">{_e(subscription["next_plan_code"])}'
+            f' <span class="muted">from {_e(subscription.get("downgrade_plan_date"))}</span></dd>'
+        )
+    parts += [
+        f'<dt>Period</dt><dd id="period"><time id="period-from">{_e(period.get("from"))}</time> → '
+        f'<time id="period-to">{_e(period.get("to"))}</time></dd>',
+        f'<dt>Usage so far</dt><dd id="amount" data-cents="{_e(amount.get("amount_cents"))}">'
+        f"{_e(_money(amount.get('amount_cents'), amount.get('currency')))}</dd>",
+        "</dl></section>",
+        '<section id="limits"><h2>Usage against limits</h2>',
+    ]
+    limits = data.get("limits") or []
+    if not limits:
+        parts.append('<p class="muted">No limits are configured for this plan.</p>')
+    for limit in limits:
+        ratio = limit.get("ratio")
+        width = 0.0 if ratio is None else min(max(float(ratio), 0.0), 1.0) * 100
+        level = "over" if limit.get("exceeded") else "warn" if ratio is not None and ratio >= 0.8 else ""
+        percent = "" if ratio is None else f' <span class="pct">({float(ratio) * 100:.0f}%)</span>'
+        parts.append(
+            f'<div class="limit" data-limit="{_e(limit.get("name"))}"><div class="head">'
+            f'<span class="name">{_e(limit.get("name"))}</span><span><span class="used">{_e(_fmt(limit.get("used")))}'
+            f'</span> / <span class="max">{_e(_fmt(limit.get("limit")))}</span>{percent}</span></div>'
+            f'<div class="track" role="progressbar" aria-label="{_e(limit.get("name"))}" aria-valuemin="0"'
+            f' aria-valuemax="{_e(limit.get("limit"))}" aria-valuenow="{_e(limit.get("used"))}">'
+            f'<div class="fill {level}" style="width:{width:.1f}%"></div></div></div>'
+        )
+    parts.append("</section>")
+    metrics = data.get("metrics") or []
+    if metrics:
+        parts.append(
+            '<section id="metrics"><h2>Usage by metric</h2><table><thead><tr><th>Metric</th>'
+            '<th class="num">Units</th><th class="num">Events</th><th class="num">Amount</th></tr></thead><tbody>'
+        )
+        for metric in metrics:
+            parts.append(
+                f'<tr data-metric="{_e(metric["code"])}"><td>{_e(metric["name"])}</td>'
+                f'<td class="num units">{_e(_fmt(metric["units"]))}</td><td class="num events">'
+                f'{_e(_fmt(metric["events"]))}</td><td class="num">'
+                f"{_e(_money(metric['amount_cents'], amount.get('currency')))}</td></tr>"
+            )
+        parts.append("</tbody></table></section>")
+    for dimension, key in BREAKDOWN_DIMENSIONS.items():
+        parts.append(_breakdown_table(dimension, key, data.get(key) or [], amount.get("currency")))
+    source = {
+        "lago_grouped_usage": "Breakdown from Lago grouped usage.",
+        "ledger": "Breakdown from the local usage ledger.",
+    }.get(str(data.get("breakdown_source")), "")
+    parts.append(f'<p class="muted" id="source">{_e(source)}</p></main></body></html>')
+    return "".join(parts)
+
+
+def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], currency: Any) -> str:
+    title = {"user_id": "By user", "model": "By model"}.get(dimension, dimension)
+    section_id = key.replace("_", "-")
+    if not rows:
+        return (
+            f'<section id="{section_id}"><h2>{title}</h2><p class="muted">No breakdown: group the charge by '
+            f"<code>{_e(dimension)}</code> in Lago (pricing_group_keys) or give a ledger.</p></section>"
+        )
+    codes = sorted({code for row in rows for code in (row.get("units") or {})})
+    head = "".join(f'<th class="num">{_e(code)}</th>' for code in codes)
+    out = [
+        f'<section id="{section_id}"><h2>{title}</h2><table><thead><tr><th>{_e(dimension)}</th>'
+        f'<th class="num">Events</th>{head}<th class="num">Amount</th></tr></thead><tbody>'
+    ]
+    for row in rows:
+        units = row.get("units") or {}
+        cells = "".join(
+            f'<td class="num" data-metric="{_e(code)}">{_e(_fmt(units.get(code, 0)))}</td>' for code in codes
+        )
+        out.append(
+            f'<tr data-key="{_e(row.get(dimension))}"><td>{_e(row.get(dimension))}</td>'
+            f'<td class="num events">{_e(_fmt(row.get("events")))}</td>{cells}'
+            f'<td class="num">{_e(_money(row.get("amount_cents"), currency))}</td></tr>'
+        )
+    out.append("</tbody></table></section>")
+    return "".join(out)

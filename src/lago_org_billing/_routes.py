@@ -1,0 +1,491 @@
+"""``billing_routes()``: the seed's org billing endpoints as a Starlette ``Router`` (Starlette or FastAPI).
+
+::
+
+    async def may_manage(request: Request, org_id: str) -> bool:
+        return org_id in request.state.user.admin_of      # your rule: who may manage this org's billing
+
+    app.mount("/api/v1/billing/org", billing_routes(authorize=may_manage))
+
+Routes, under ``/organizations/{org_id}``:
+
+=========================  ==========================================================================
+``POST /setup``            customer + subscription: ``{"org_name", "plan_code", "email"?, "user_id"?,
+                           "billing_time"?}``
+``GET /subscription``      the active subscription
+``PUT /subscription``      upgrade/downgrade: ``{"plan_code"}`` (a cheaper plan applies at period end)
+``DELETE /subscription``   terminate (``?on_termination_invoice=generate|skip``)
+``POST /usage/record``     one usage event: ``{"event_code"?, "transaction_id"?, "properties"?,
+                           "timestamp"?, "user_id"?, "model"?, "endpoint"?, "tokens"?, ...}``
+``GET /usage/current``     current period usage (``?billable_metric_code=``)
+``GET /invoices``          latest invoices (``?limit=1..100``, default 10)
+``GET /dashboard``         JSON, or an HTML page when a browser asks (``Accept: text/html`` or ``?format=html``)
+=========================  ==========================================================================
+
+Every route first calls ``authorize(request, org_id)`` (sync or async). The default denies everything (403), so
+mounting the routes never opens an org's billing by accident. Errors are JSON ``{"detail": ...}``: 422 for invalid
+input (``detail`` is a list of ``{"loc", "msg", "type"}``, as FastAPI does), 404 when the org has no customer or
+no active subscription, 429 (with ``Retry-After``) / 503 when Lago throttles or is down, 502 when Lago refuses
+our API key. Nothing in an answer contains the API key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, Router
+
+from ._billing import OrgBilling, _api_call_properties
+from ._client import LagoClient
+from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
+from ._errors import (
+    ConfigurationError,
+    InvalidRequestError,
+    LagoAPIError,
+    LagoAuthenticationError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+    LagoRateLimitError,
+    LagoUnavailableError,
+    LagoValidationError,
+)
+from ._ids import validate_id
+from ._settings import BillingSettings
+from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
+
+__all__ = ["Authorize", "BillingRouter", "billing_routes", "deny_all"]
+
+logger = logging.getLogger("lago_org_billing.routes")
+
+#: ``authorize(request, org_id)``: may the caller manage this org's billing?
+Authorize = Callable[[Request, str], bool | Awaitable[bool]]
+
+NO_AUTHORIZE_DETAIL = (
+    "Forbidden: these billing routes have no authorization rule, so every request is denied. Pass "
+    "billing_routes(authorize=...) a function (request, org_id) -> bool saying whether the caller may manage "
+    "this org's billing."
+)
+
+
+def deny_all(request: Request, org_id: str) -> bool:
+    """The default authorization: nobody may manage any org until you say who can."""
+    return False
+
+
+class _Invalid(Exception):
+    """Input that fails validation: a list of FastAPI-style errors."""
+
+    def __init__(self, *errors: dict[str, Any]) -> None:
+        super().__init__(errors)
+        self.errors = list(errors)
+
+
+def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+class _Body:
+    """Field access on a JSON object body, collecting every validation error before failing."""
+
+    def __init__(self, data: Mapping[str, Any], allowed: set[str]) -> None:
+        self.data = data
+        self.errors: list[dict[str, Any]] = [
+            _error(("body", key), f"Unknown field {key!r}; allowed: {', '.join(sorted(allowed))}.", "extra_forbidden")
+            for key in data
+            if key not in allowed
+        ]
+
+    def string(self, name: str, *, required: bool = False, max_length: int = 255, is_id: bool = False) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                self.errors.append(_error(("body", name), "Field required.", "missing"))
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self.errors.append(_error(("body", name), "Must be a non-empty string.", "string_type"))
+            return None
+        if len(value) > max_length:
+            self.errors.append(_error(("body", name), f"At most {max_length} characters.", "string_too_long"))
+            return None
+        if is_id:
+            try:
+                validate_id(value, name)
+            except InvalidRequestError as exc:
+                self.errors.append(_error(("body", name), str(exc), "value_error"))
+                return None
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if value not in choices:
+            self.errors.append(_error(("body", name), f"Must be one of {', '.join(choices)}.", "enum"))
+            return None
+        return str(value)
+
+    def count(self, name: str) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.errors.append(_error(("body", name), "Must be a whole number >= 0.", "int_type"))
+            return None
+        return value
+
+    def mapping(self, name: str) -> dict[str, Any] | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            self.errors.append(_error(("body", name), "Must be a JSON object.", "dict_type"))
+            return None
+        return dict(value)
+
+    def check(self) -> None:
+        if self.errors:
+            raise _Invalid(*self.errors)
+
+
+async def _json_object(request: Request, allowed: set[str]) -> _Body:
+    raw = await request.body()
+    if not raw.strip():
+        return _Body({}, allowed)
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise _Invalid(_error(("body",), f"The body is not valid JSON ({exc}).", "json_invalid")) from None
+    if not isinstance(data, Mapping):
+        raise _Invalid(_error(("body",), "The body must be a JSON object.", "dict_type"))
+    return _Body(data, allowed)
+
+
+def _not_found(detail: str, code: str) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=404)
+
+
+class BillingRouter(Router):
+    """The Router ``billing_routes()`` returns; ``billing`` is its :class:`OrgBilling` (created on first use
+    when not given) and ``aclose()`` closes the Lago client it created."""
+
+    def __init__(
+        self,
+        billing: OrgBilling | None,
+        *,
+        settings: BillingSettings | None,
+        client: LagoClient | None,
+        authorize: Authorize,
+        invalidate: Invalidate | SupportsInvalidate | None,
+        limits_provider: LimitsProvider | None,
+        breakdown_provider: BreakdownProvider | None,
+        invoice_limit: int,
+    ) -> None:
+        self._billing = billing
+        self._settings = settings
+        self._client = client
+        self._owned: OrgBilling | None = None
+        self.authorize = authorize
+        self.invalidate = invalidate
+        self.limits_provider = limits_provider
+        self.breakdown_provider = breakdown_provider
+        self.invoice_limit = invoice_limit
+        prefix = "/organizations/{org_id}"
+        endpoint = self._endpoint
+        super().__init__(
+            routes=[
+                Route(prefix + "/setup", endpoint(self.setup), methods=["POST"], name="billing_setup"),
+                Route(prefix + "/subscription", endpoint(self.get_subscription), methods=["GET"]),
+                Route(prefix + "/subscription", endpoint(self.change_plan), methods=["PUT"]),
+                Route(prefix + "/subscription", endpoint(self.terminate), methods=["DELETE"]),
+                Route(prefix + "/usage/record", endpoint(self.record_usage), methods=["POST"]),
+                Route(prefix + "/usage/current", endpoint(self.current_usage), methods=["GET"]),
+                Route(prefix + "/invoices", endpoint(self.invoices), methods=["GET"]),
+                Route(prefix + "/dashboard", endpoint(self.dashboard), methods=["GET"], name="billing_dashboard"),
+            ]
+        )
+
+    @property
+    def billing(self) -> OrgBilling:
+        """The :class:`OrgBilling` the routes use (from the environment on first use when not given)."""
+        if self._billing is None:
+            if self._client is not None:
+                self._billing = OrgBilling(self._settings, client=self._client)
+            else:
+                self._billing = self._owned = OrgBilling(self._settings)
+        return self._billing
+
+    async def aclose(self) -> None:
+        """Close the Lago client these routes created (none when ``billing`` or ``client`` was given)."""
+        if self._owned is not None:
+            await self._owned.aclose()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _endpoint(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            org_id = str(request.path_params["org_id"])
+            allowed = self.authorize(request, org_id)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+            if allowed is not True:
+                detail = NO_AUTHORIZE_DETAIL if self.authorize is deny_all else "You may not manage this org's billing."
+                return JSONResponse({"detail": detail}, status_code=403)
+            try:
+                validate_id(org_id, "org_id")
+                return await handler(request, org_id)
+            except _Invalid as exc:
+                return JSONResponse({"detail": exc.errors}, status_code=422)
+            except InvalidRequestError as exc:
+                return JSONResponse({"detail": [_error(("path", "org_id"), str(exc), "value_error")]}, 422)
+            except LagoIntegrationError as exc:
+                return _lago_error(exc, request)
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    async def _invalidate(self, request: Request, org_id: str) -> None:
+        target = self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
+        if target is None:
+            return
+        invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
+        try:
+            await invalidate(org_id)
+        except Exception:  # the webhook or the cache TTL catches up
+            logger.warning("Could not invalidate the quota state of org %s", org_id, exc_info=True)
+
+    # ------------------------------------------------------------------------------------------- routes
+
+    async def setup(self, request: Request, org_id: str) -> Response:
+        body = await _json_object(request, {"org_name", "name", "plan_code", "email", "user_id", "billing_time"})
+        org_name = body.string("org_name" if "org_name" in body.data or "name" not in body.data else "name")
+        if org_name is None and not any(e["loc"][-1] in ("org_name", "name") for e in body.errors):
+            body.errors.append(_error(("body", "org_name"), "Field required.", "missing"))
+        plan_code = body.string("plan_code", required=True, is_id=True)
+        email = body.string("email")
+        if email is not None and ("@" not in email or email != email.strip()):
+            body.errors.append(_error(("body", "email"), "Not an email address.", "value_error"))
+        user_id = body.string("user_id", is_id=True)
+        billing_time = body.choice("billing_time", ("calendar", "anniversary"))
+        body.check()
+        assert org_name is not None and plan_code is not None
+        try:
+            result = await self.billing.subscribe_org_to_plan(
+                org_id, plan_code, org_name, email, user_id, billing_time=billing_time or "calendar"
+            )
+        except LagoNotFoundError as exc:
+            if exc.code == "plan_not_found":
+                raise _Invalid(_error(("body", "plan_code"), f"Lago has no plan {plan_code!r}.", "not_found")) from None
+            raise
+        await self._invalidate(request, org_id)
+        return JSONResponse(result)
+
+    async def get_subscription(self, request: Request, org_id: str) -> Response:
+        subscription = await self.billing.get_subscription(org_id)
+        if subscription is None:
+            return _not_found(f"Org {org_id!r} has no active subscription.", "subscription_not_found")
+        return JSONResponse({"subscription": subscription})
+
+    async def change_plan(self, request: Request, org_id: str) -> Response:
+        body = await _json_object(request, {"plan_code"})
+        plan_code = body.string("plan_code", required=True, is_id=True)
+        body.check()
+        assert plan_code is not None
+        try:
+            subscription = await self.billing.change_plan(org_id, plan_code)
+        except LagoNotFoundError as exc:
+            if exc.code == "plan_not_found":
+                raise _Invalid(_error(("body", "plan_code"), f"Lago has no plan {plan_code!r}.", "not_found")) from None
+            if exc.code == "subscription_not_found":
+                return _not_found(f"Org {org_id!r} has no active subscription to change.", "subscription_not_found")
+            raise
+        scheduled = subscription.get("next_plan_code") == plan_code and subscription.get("plan_code") != plan_code
+        await self._invalidate(request, org_id)
+        return JSONResponse(
+            {
+                "subscription": subscription,
+                "effective": "period_end" if scheduled else "now",
+                "effective_date": subscription.get("downgrade_plan_date") if scheduled else None,
+            }
+        )
+
+    async def terminate(self, request: Request, org_id: str) -> Response:
+        invoice = request.query_params.get("on_termination_invoice")
+        if invoice not in (None, "generate", "skip"):
+            raise _Invalid(_error(("query", "on_termination_invoice"), "Must be generate or skip.", "enum"))
+        try:
+            subscription = await self.billing.terminate_subscription(org_id, on_termination_invoice=invoice)
+        except LagoNotFoundError:
+            return _not_found(f"Org {org_id!r} has no active subscription to terminate.", "subscription_not_found")
+        await self._invalidate(request, org_id)
+        return JSONResponse({"subscription": subscription})
+
+    async def record_usage(self, request: Request, org_id: str) -> Response:
+        fields = {"event_code", "transaction_id", "properties", "timestamp", "user_id", "model", "endpoint"}
+        body = await _json_object(request, fields | {"tokens", "input_tokens", "output_tokens"})
+        event_code = body.string("event_code", is_id=True)
+        transaction_id = body.string("transaction_id")
+        properties = body.mapping("properties") or {}
+        user_id = body.string("user_id")
+        model = body.string("model")
+        endpoint_name = body.string("endpoint", max_length=2048)
+        counts = {name: body.count(name) for name in ("tokens", "input_tokens", "output_tokens")}
+        timestamp = body.data.get("timestamp")
+        if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, (int, float, str))):
+            body.errors.append(_error(("body", "timestamp"), "Must be Unix seconds (number or string).", "value_error"))
+        body.check()
+        if event_code is None or event_code == self.billing.settings.event_code:
+            properties = _api_call_properties(
+                endpoint_name,
+                user_id,
+                counts["tokens"] or 0,
+                model,
+                counts["input_tokens"],
+                counts["output_tokens"],
+                properties,
+            )
+        else:
+            for key, value in (("user_id", user_id), ("model", model), ("endpoint", endpoint_name), *counts.items()):
+                if value is not None:
+                    properties[key] = value
+        # Lago accepts events for any subscription id and never bills unknown ones: refuse them here instead.
+        if await self.billing.get_subscription(org_id) is None:
+            return _not_found(
+                f"Org {org_id!r} has no active subscription: its usage would never be billed.", "subscription_not_found"
+            )
+        try:
+            event = await self.billing.record_usage(
+                org_id,
+                event_code or self.billing.settings.event_code,
+                transaction_id,
+                properties,
+                timestamp,
+            )
+        except InvalidRequestError as exc:
+            raise _Invalid(_error(("body",), str(exc), "value_error")) from None
+        duplicate = bool(event.pop("duplicate", False))
+        return JSONResponse({"event": event, "duplicate": duplicate}, status_code=200 if duplicate else 201)
+
+    async def current_usage(self, request: Request, org_id: str) -> Response:
+        metric = request.query_params.get("billable_metric_code") or None
+        if metric is not None:
+            try:
+                validate_id(metric, "billable_metric_code")
+            except InvalidRequestError as exc:
+                raise _Invalid(_error(("query", "billable_metric_code"), str(exc), "value_error")) from None
+        try:
+            usage = await self.billing.get_current_usage(org_id, billable_metric_code=metric)
+        except LagoNotFoundError as exc:
+            if exc.code == "charge_not_found":
+                return _not_found(f"The plan has no charge for metric {metric!r}.", "charge_not_found")
+            raise
+        if usage is None:
+            return _not_found(f"Org {org_id!r} has no active subscription.", "subscription_not_found")
+        return JSONResponse({"usage": usage})
+
+    async def invoices(self, request: Request, org_id: str) -> Response:
+        raw = request.query_params.get("limit")
+        limit = self.invoice_limit
+        if raw is not None:
+            if not raw.isdigit() or not 1 <= int(raw) <= 100:
+                raise _Invalid(_error(("query", "limit"), "Must be a whole number from 1 to 100.", "int_range"))
+            limit = int(raw)
+        if await self.billing.get_customer(org_id) is None:
+            return _not_found(f"Org {org_id!r} has no billing account (call /setup first).", "customer_not_found")
+        return JSONResponse({"invoices": await self.billing.get_invoices(org_id, limit)})
+
+    async def dashboard(self, request: Request, org_id: str) -> Response:
+        fmt = request.query_params.get("format")
+        if fmt not in (None, "html", "json"):
+            raise _Invalid(_error(("query", "format"), "Must be html or json.", "enum"))
+        html = wants_html(request.headers.get("accept", ""), fmt)
+        data = await dashboard_data(
+            self.billing, org_id, limits_provider=self.limits_provider, breakdown_provider=self.breakdown_provider
+        )
+        headers = {"Vary": "Accept", "Cache-Control": "no-store"}
+        if data is None:
+            detail = f"Org {org_id!r} has no active subscription."
+            if html:
+                page = render_html({"org_id": org_id, "subscription": {"status": "no active subscription"}})
+                return HTMLResponse(page, status_code=404, headers={**headers, "Content-Security-Policy": CSP})
+            return JSONResponse({"detail": detail, "code": "subscription_not_found"}, status_code=404, headers=headers)
+        if html:
+            return HTMLResponse(render_html(data), headers={**headers, "Content-Security-Policy": CSP})
+        return JSONResponse(data, headers=headers)
+
+
+def _lago_error(exc: LagoIntegrationError, request: Request) -> JSONResponse:
+    """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL)."""
+    if isinstance(exc, LagoNotFoundError):
+        return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
+    if isinstance(exc, LagoValidationError):
+        return JSONResponse(
+            {"detail": "Lago rejected the request.", "code": exc.code, "errors": exc.details}, status_code=422
+        )
+    if isinstance(exc, LagoRateLimitError):
+        wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
+        return JSONResponse(
+            {"detail": "Lago is throttling requests; retry later."},
+            status_code=429,
+            headers={"Retry-After": str(wait)},
+        )
+    if isinstance(exc, LagoUnavailableError):
+        return JSONResponse(
+            {"detail": "Lago is unavailable; retry later."}, status_code=503, headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, LagoAuthenticationError):
+        logger.error("Lago refused the API key for %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
+    if isinstance(exc, LagoAPIError):
+        logger.error("Lago error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "Lago answered with an error.", "code": exc.code}, status_code=502)
+    if isinstance(exc, ConfigurationError):
+        raise exc  # a deployment error: loud, with its message in the server log
+    raise exc
+
+
+def billing_routes(
+    billing: OrgBilling | None = None,
+    *,
+    authorize: Authorize = deny_all,
+    settings: BillingSettings | None = None,
+    client: LagoClient | None = None,
+    invalidate: Invalidate | SupportsInvalidate | None = None,
+    limits_provider: LimitsProvider | None = None,
+    breakdown_provider: BreakdownProvider | None = None,
+    invoice_limit: int = 10,
+) -> BillingRouter:
+    """The org billing endpoints (see the module docstring) as a Router to mount.
+
+    **Parameters:**
+
+    * **billing** - *(optional)* the :class:`OrgBilling` to use; else one is built from ``settings``/``client``,
+      or from the environment on the first request.
+    * **authorize** - ``(request, org_id) -> bool`` (sync or async): may the caller manage this org? Default: deny.
+    * **invalidate** - *(optional)* ``async (org_id)`` or the quota gate, called after a plan change, a setup or a
+      termination so that the org's quota state is refreshed at once (default: the gate ``OrgBillingMiddleware``
+      published in the scope, if any).
+    * **limits_provider** - *(optional)* ``(org_id) -> {"max_api_calls": 300, ...}`` for the dashboard (default:
+      ``LAGO_PLAN_LIMITS`` of the org's plan).
+    * **breakdown_provider** - *(optional)* a local ledger ``(org_id) -> {"by_user": [...], "by_model": [...]}``
+      (default: Lago's grouped usage).
+    * **invoice_limit** - invoices listed when ``?limit`` is absent.
+    """
+    if not callable(authorize):
+        raise ConfigurationError("billing_routes(authorize=...) must be a function (request, org_id) -> bool.")
+    return BillingRouter(
+        billing,
+        settings=settings,
+        client=client,
+        authorize=authorize,
+        invalidate=invalidate,
+        limits_provider=limits_provider,
+        breakdown_provider=breakdown_provider,
+        invoice_limit=invoice_limit,
+    )
