@@ -630,6 +630,56 @@ async def test_emulator_jwt_with_a_wrong_issuer_fails_every_attempt(fake: FakeLa
     assert receiver.stats["rejected"] == 3
 
 
+async def test_plan_change_webhook_unblocks_a_blocked_org() -> None:
+    """Blocked at its plan's limit, an org upgraded in Lago is allowed at the next request once the
+    subscription webhooks arrive, although the usage cache TTL (1 h here) has not expired."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from lago_org_billing import OrgBillingMiddleware
+    from lago_org_billing._quota import QuotaConfig, QuotaGate
+
+    async def chat(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    fake = FakeLago(api_key="test-api-key")
+    fake.add_billable_metric("api_call")
+    fake.add_plan("starter", amount_cents=1000)
+    fake.add_plan("pro", amount_cents=5000)
+    fake.add_customer("org_acme")
+    fake.add_subscription("org_acme", "starter")
+    settings = BillingSettings(
+        api_url=fake.base_url,
+        api_key=fake.api_key,
+        org_header="X-Org-Id",
+        max_retries=0,
+        usage_cache_ttl=3600,
+        plan_limits={"starter": {"max_api_calls": 3}, "pro": {"max_api_calls": 100}},
+    )
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig())
+        app = Starlette(routes=[Route("/v1/chat", chat)])
+        middleware = OrgBillingMiddleware(app, settings, quota=gate, client=lago)
+        receiver = LagoWebhooks(client=lago, invalidate=gate)
+        dispatcher = fake.webhook_dispatcher
+        dispatcher.configure(app=app_for(receiver))  # type: ignore[union-attr]
+        org = {"X-Org-Id": "org_acme"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+            statuses = [(await http.get("/v1/chat", headers=org)).status_code for _ in range(4)]
+            assert statuses == [200, 200, 200, 429]
+
+            await lago.create_subscription(external_customer_id="org_acme", plan_code="pro", external_id="org_acme")
+            assert (await http.get("/v1/chat", headers=org)).status_code == 429  # the cached plan is still starter
+
+            deliveries = await dispatcher.deliver_pending()  # type: ignore[union-attr]
+            assert [d.webhook_type for d in deliveries] == ["subscription.terminated", "subscription.started"]
+            assert all(d.state == "succeeded" for d in deliveries)
+            allowed = await http.get("/v1/chat", headers=org)
+            assert allowed.status_code == 200
+            assert receiver.stats["invalidations"] == 2
+        await middleware.aclose()
+
+
 # ------------------------------------------------------------------------------------------------ Redis
 
 
