@@ -305,7 +305,7 @@ def render_html(data: Mapping[str, Any]) -> str:
     for limit in limits:
         ratio = limit.get("ratio")
         width = 0.0 if ratio is None else min(max(float(ratio), 0.0), 1.0) * 100
-        level = "over" if limit.get("exceeded") else "warn" if ratio is not None and ratio >= 0.8 else ""
+        level = " over" if limit.get("exceeded") else " warn" if ratio is not None and ratio >= 0.8 else ""
         percent = "" if ratio is None else f' <span class="pct">({float(ratio) * 100:.0f}%)</span>'
         parts.append(
             f'<div class="limit" data-limit="{_e(limit.get("name"))}"><div class="head">'
@@ -313,7 +313,7 @@ def render_html(data: Mapping[str, Any]) -> str:
             f'</span> / <span class="max">{_e(_fmt(limit.get("limit")))}</span>{percent}</span></div>'
             f'<div class="track" role="progressbar" aria-label="{_e(limit.get("name"))}" aria-valuemin="0"'
             f' aria-valuemax="{_e(limit.get("limit"))}" aria-valuenow="{_e(limit.get("used"))}">'
-            f'<div class="fill {level}" style="width:{width:.1f}%"></div></div></div>'
+            f'<div class="fill{level}" style="width:{width:.1f}%"></div></div></div>'
         )
     parts.append("</section>")
     metrics = data.get("metrics") or []
@@ -352,7 +352,7 @@ def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], cu
     head = "".join(f'<th class="num">{_e(code)}</th>' for code in codes)
     out = [
         f'<section id="{section_id}"><h2>{title}</h2><table><thead><tr><th>{_e(dimension)}</th>'
-        f'<th class="num">Events</th>{head}<th class="num">Amount</th></tr></thead><tbody>'
+        f'{head}<th class="num">Amount</th></tr></thead><tbody>'
     ]
     for row in rows:
         units = row.get("units") or {}
@@ -360,8 +360,7 @@ def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], cu
             f'<td class="num" data-metric="{_e(code)}">{_e(_fmt(units.get(code, 0)))}</td>' for code in codes
         )
         out.append(
-            f'<tr data-key="{_e(row.get(dimension))}"><td>{_e(row.get(dimension))}</td>'
-            f'<td class="num events">{_e(_fmt(row.get("events")))}</td>{cells}'
+            f'<tr data-key="{_e(row.get(dimension))}"><td>{_e(row.get(dimension))}</td>{cells}'
             f'<td class="num">{_e(_money(row.get("amount_cents"), currency))}</td></tr>'
         )
     out.append("</tbody></table></section>")
