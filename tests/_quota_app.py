@@ -4,12 +4,19 @@ multi-worker test (``uvicorn tests._quota_app:app --workers 4``, settings from `
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from lago_org_billing.testing import FakeLago
@@ -69,10 +76,49 @@ async def chat(request: Request) -> Response:
     )
 
 
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
 def build() -> Any:
     from lago_org_billing import OrgBillingMiddleware
 
-    return OrgBillingMiddleware(Starlette(routes=[Route("/v1/chat", chat, methods=["GET", "POST"])]))
+    routes = [Route("/v1/chat", chat, methods=["GET", "POST"]), Route("/health", health)]
+    return OrgBillingMiddleware(Starlette(routes=routes))
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path, port: int | None = None) -> Iterator[str]:
+    """A throwaway ``redis-server`` on 127.0.0.1 (no persistence); yields its URL, stops it at the end."""
+    assert REDIS_SERVER is not None
+    port = port or free_port()
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*args, "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until it accepts connections
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.01)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,16 +3,17 @@ answers (429/402 + RateLimit headers + RFC 9457 body), fail policies, invalidati
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from _quota_app import TOKENS, Clock, chat, seed
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from _quota_app import TOKENS, Clock, chat, seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import (
@@ -28,6 +29,7 @@ from lago_org_billing._quota import (
     limits_from_entitlements,
     usage_totals,
 )
+from lago_org_billing._quota_redis import RedisBackend, decode, encode
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
@@ -447,6 +449,24 @@ def test_local_backend_adopts_the_first_period() -> None:
     outcome = backend.reserve_now("o", 101.0, "normal")
     assert (outcome.code, outcome.calls) == (1, 2)
     assert backend.reserve_now("o", 101.0, "normal").code == 2
+
+
+def test_snapshot_encoding_round_trips() -> None:
+    """A snapshot stored as a Redis hash reads back equal."""
+    snap = Snapshot(active=True, plan_code="pro", customer_id="c", calls_limit=5, tokens_limit=None,
+                    period_start=1.5, period_end=9.0, base_calls=3, base_tokens=4, requested_at=2.25,
+                    fetched_at=2.5, plan_fetched_at=2.0, refresh_at=30.0, limits_source="entitlements",
+                    version="v1")  # fmt: skip
+    flat = encode(snap)
+    assert decode([f.encode() for f in flat]) == snap
+    assert decode({}) is None
+
+
+def test_missing_redis_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the redis package, LAGO_REDIS_URL fails with the extra to install."""
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ConfigurationError, match=r"lago-org-billing\[redis\]"):
+        RedisBackend("redis://127.0.0.1:1/0")
 
 
 # --------------------------------------------------------------------------- through the middleware

@@ -328,13 +328,16 @@ class QuotaBackend(Protocol):
     async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
         """Save a new snapshot and drop the local records it covers."""
 
-    async def try_lock(self, org_id: str, ttl: float) -> bool:
+    async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         """Whether this process should refresh the org now (one refresher per fleet per ``ttl``)."""
 
     async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
         """Wait (at most ``timeout``) for another process to store a snapshot."""
 
     async def invalidate(self, org_id: str) -> None: ...
+
+    async def invalidate_all(self) -> None:
+        """Make every org's snapshot due for a refresh, subscription part included (kept serving meanwhile)."""
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None: ...
 
@@ -501,7 +504,7 @@ class LocalBackend:
         self._orgs.clear()
         return out
 
-    async def try_lock(self, org_id: str, ttl: float) -> bool:
+    async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         return True
 
     async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
@@ -511,6 +514,11 @@ class LocalBackend:
         state = self._orgs.get(org_id)
         if state is not None:
             state.snapshot = None
+
+    async def invalidate_all(self) -> None:
+        for state in self._orgs.values():
+            if state.snapshot is not None:
+                state.snapshot = dataclasses.replace(state.snapshot, refresh_at=0.0, plan_fetched_at=0.0, version="")
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -751,6 +759,16 @@ class QuotaGate:
         if refresh:
             self._schedule_refresh(org_id, self.clock(), force=True)
 
+    async def invalidate_all(self) -> None:
+        """Plans or features changed for everyone: every cached snapshot is refreshed (subscription part
+        included) at its org's next request, and keeps serving until then. Local records are kept."""
+        self._known.clear()
+        self._next_attempt.clear()
+        self._gave_up.clear()
+        await self.backend.invalidate_all()
+        if self.backend is not self.local:
+            await self.local.invalidate_all()
+
     # ------------------------------------------------------------------------------ decisions
 
     def _decision(self, org_id: str, outcome: Outcome, now: float) -> QuotaDecision:
@@ -879,6 +897,7 @@ class QuotaGate:
     async def _cold(self, org_id: str, mode: Mode) -> Outcome:
         """No usable snapshot: wait (at most ``cold_timeout``) for one, then apply ``LAGO_FAIL_OPEN``."""
         now = self.clock()
+        self._known.pop(org_id, None)
         if self._gave_up.get(org_id, 0.0) <= now:
             event = self._refreshing.get(org_id) or self._schedule_refresh(org_id, now)
             if event is not None:
@@ -939,12 +958,12 @@ class QuotaGate:
     async def _refresh(self, org_id: str, event: anyio.Event) -> None:
         backend = self.backend
         try:
-            if await backend.try_lock(org_id, self.ttl):
-                previous = self._known.get(org_id) or await backend.load(org_id)
+            if await backend.try_lock(org_id, self.ttl, self.clock()):
+                previous = await backend.load(org_id)  # the fleet's copy: another process may have invalidated
                 snapshot = await self.fetch(org_id, previous)
                 await backend.store(org_id, snapshot, self.clock())
                 self._known[org_id] = snapshot
-                self._next_attempt[org_id] = snapshot.refresh_at
+                self._next_attempt.pop(org_id, None)
                 self._gave_up.pop(org_id, None)
                 if self._outage_logged:
                     self._outage_logged = False

@@ -4,12 +4,13 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 
     <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src)
     <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
-    <prefix>{<org>}:lock    SET NX PX <ttl>: the one process of the fleet that refreshes the org this TTL
+    <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org
 
 * **reserve** (``CHECK`` script, one round trip): read the snapshot and the counters, compare with the limits,
   ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the
   caller's copy is out of date. A counter of another period is reset; one made before any snapshot (fail-open)
-  adopts the first snapshot's period. The counter expires one hour after its period ends.
+  adopts the first snapshot's period. The counter expires one hour after its period ends (relative
+  to the caller's clock).
 * **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
   older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``).
@@ -93,7 +94,7 @@ if hit ~= '' then code = 2 end
 if mode ~= 'p' and (hit == '' or mode == 'f' or mode == 'b') then
   redis.call('HINCRBY', cnt, 'calls', 1)
   redis.call('HINCRBY', cnt, 'i:' .. bucket, 1)
-  redis.call('PEXPIREAT', cnt, math.floor(tonumber(s[6]) * 1000) + tonumber(ARGV[5]))
+  redis.call('PEXPIRE', cnt, math.max(1, math.floor((tonumber(s[6]) - now) * 1000)) + tonumber(ARGV[5]))
   calls = calls + 1
 end
 return {code, calls, tokens, hit, full}
@@ -165,6 +166,23 @@ if ARGV[4] ~= '0' then
   redis.call('HINCRBY', cnt, 'tokens', ARGV[4])
 end
 if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[5]) end
+return 1
+"""
+
+
+EXPIRE_SNAPSHOT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ra', '0', 'pf', '0')
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+LOCK = """
+local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+if held > tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
@@ -289,12 +307,14 @@ class RedisBackend:
                 socket_connect_timeout=self.config.redis_timeout,
                 retry=Retry(NoBackoff(), 0),
             )
-            client = redis_asyncio.Redis(connection_pool=pool)
+            client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
         self.redis = client
         self._check = self.redis.register_script(CHECK)
         self._settle = self.redis.register_script(SETTLE)
         self._store = self.redis.register_script(STORE)
         self._merge = self.redis.register_script(MERGE)
+        self._expire = self.redis.register_script(EXPIRE_SNAPSHOT)
+        self._lock = self.redis.register_script(LOCK)
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
         self._queue: deque[tuple[str, str, str, str, str, int]] = deque()
@@ -465,12 +485,13 @@ class RedisBackend:
             self._failed(exc)
             self.fallback.store_now(org_id, snapshot, now)
 
-    async def try_lock(self, org_id: str, ttl: float) -> bool:
+    async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
+        """The fleet's refresh lock: held until ``now + ttl`` on the gates' clock (``SET ... PX`` cleans up)."""
         if not self._up():
             return True
         try:
-            locked = await self.redis.set(self.key(org_id, "lock"), "1", nx=True, px=max(1, int(ttl * 1000)))
-            return locked is not None and bool(locked)
+            args = [repr(now), repr(now + ttl), max(1, int(ttl * 1000))]
+            return bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
             self._failed(exc)
             return True
@@ -498,6 +519,32 @@ class RedisBackend:
             await self.redis.delete(self.key(org_id, "snap"), self.key(org_id, "lock"))
         except self._errors() as exc:
             self._failed(exc)
+
+    async def invalidate_all(self) -> None:
+        """Every org's snapshot becomes due (SCAN over ``<prefix>*:snap``; fleet-wide), locks released."""
+        await self.fallback.invalidate_all()
+        self._last_seen.clear()
+        if not self._up():
+            return
+        version = f"expired:{time.time()!r}"
+        try:
+            batch: list[str] = []
+            async for key in self.redis.scan_iter(match=f"{self.config.redis_prefix}*:snap", count=1000):
+                batch.append(_text(key))
+                if len(batch) >= 500:
+                    await self._expire_batch(batch, version)
+                    batch = []
+            if batch:
+                await self._expire_batch(batch, version)
+        except self._errors() as exc:
+            self._failed(exc)
+
+    async def _expire_batch(self, keys: list[str], version: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                lock = key[: -len(":snap")] + ":lock"
+                await self._expire(keys=[key, lock], args=[version], client=pipe)
+            await pipe.execute()
 
     async def aclose(self) -> None:
         if self._closed:

@@ -1,0 +1,203 @@
+"""Quota gating with the Redis backend (a real ``redis-server``): several gates (= workers) share one count and
+one snapshot per org, Lago is asked once per TTL for the fleet, invalidation is fleet-wide, Redis outages fall
+back to local counting."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from _quota_app import REDIS_SERVER, TOKENS, Clock, free_port, redis_server, seed
+from lago_org_billing import BillingSettings, LagoClient
+from lago_org_billing._gate import QuotaDecision
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._quota_redis import RedisBackend
+from lago_org_billing.testing import FakeLago
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"),
+]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the module, on a free loopback port."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """One settable clock for the gates and the emulator."""
+    return Clock()
+
+
+@pytest.fixture
+def fake(clock: Clock) -> FakeLago:
+    """A seeded emulator (org_1 on starter: 300 calls)."""
+    return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=300)
+
+
+@pytest.fixture
+async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
+    """A LagoClient on the emulator, without retries."""
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        yield lago
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Redis keys of one test never meet another's."""
+    return f"test:{uuid.uuid4().hex[:8]}:"
+
+
+_OPEN: list[QuotaGate] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_gates() -> AsyncIterator[None]:
+    """Every gate a test made is closed (its Redis connections with it)."""
+    yield
+    while _OPEN:
+        await _OPEN.pop().aclose()
+
+
+def make_gate(client: LagoClient, clock: Clock, url: str, prefix: str, **config: object) -> QuotaGate:
+    settings = client.settings.replace(redis_url=url)
+    gate = QuotaGate(settings, client, config=QuotaConfig(redis_prefix=prefix, **config), clock=clock.time)  # type: ignore[arg-type]
+    _OPEN.append(gate)
+    return gate
+
+
+def usage_reads(fake: FakeLago) -> int:
+    return sum(1 for r in fake.requests if r.path.endswith("/current_usage"))
+
+
+async def test_four_gates_share_one_count(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """4 gates (workers), 1,000 concurrent checks, limit 300: exactly 300 allowed; Lago read once."""
+    gates = [make_gate(client, clock, redis_url, prefix) for _ in range(4)]
+    allowed = 0
+
+    async def one(gate: QuotaGate) -> None:
+        nonlocal allowed
+        decision = await gate.check("org_1")
+        allowed += decision.allowed
+
+    async with anyio.create_task_group() as tasks:
+        for gate in gates:
+            await tasks.start(gate.run)
+        async with anyio.create_task_group() as burst:
+            for n in range(1000):
+                burst.start_soon(one, gates[n % 4])
+        for gate in gates:
+            await gate.aclose()
+    assert allowed == 300
+    assert usage_reads(fake) == 1
+    assert sum(g.stats["blocked"] for g in gates) == 700
+
+
+async def test_snapshot_shared_and_refreshed_once_per_ttl(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """A second gate decides from the first one's snapshot; after the TTL one gate of the fleet refreshes."""
+    first, second = (make_gate(client, clock, redis_url, prefix) for _ in range(2))
+    await first.check("org_1")
+    reads = len(fake.requests)
+    decision = await second.check("org_1")
+    assert len(fake.requests) == reads
+    assert dict(decision.headers)[b"ratelimit-remaining"] == b"298"
+    clock.advance(31)
+    await first.check("org_1")
+    await second.check("org_1")
+    for gate in (first, second):
+        for event in list(gate._refreshing.values()):
+            await event.wait()
+    assert usage_reads(fake) == 2  # one refresh for both (SET NX PX lock)
+    status = await second.enforce_usage_limits("org_1")
+    assert status["usage"]["max_api_calls"] == 4
+
+
+async def test_settle_releases_and_counts_tokens(client: LagoClient, clock: Clock, redis_url: str, prefix: str) -> None:
+    """Settles go through the background writer: released calls come back, tokens add up."""
+    gate = make_gate(client, clock, redis_url, prefix)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        for billed in (True, False, False):
+            decision = await gate.check("org_1")
+            gate.settle("org_1", decision, tokens=TOKENS if billed else 0, billed=billed)
+        gate.settle("org_1", QuotaDecision(), tokens=5, billed=True)  # billed without a check
+        await gate.aclose()
+    other = make_gate(client, clock, redis_url, prefix)
+    status = await other.enforce_usage_limits("org_1")
+    assert status["usage"] == {"max_api_calls": 2, "max_tokens": TOKENS + 5}
+
+
+async def test_invalidation_is_fleet_wide(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """One gate invalidates after a plan change; another gate's next check sees the new plan."""
+    fake.store.plans["starter"]["entitlements"]["api_quota"]["max_api_calls"] = 2
+    first, second = (make_gate(client, clock, redis_url, prefix) for _ in range(2))
+    assert [(await second.check("org_1")).allowed for _ in range(3)] == [True, True, False]
+    await client.create_subscription(external_customer_id="org_1", plan_code="pro", external_id="org_1")
+    assert not (await second.check("org_1")).allowed
+    await first.invalidate("org_1")
+    decision = await second.check("org_1")
+    assert decision.allowed and dict(decision.headers)[b"ratelimit-limit"] == b"10000"
+
+
+async def test_invalidate_all_refreshes_the_plan_part(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """invalidate_all (plan/feature webhooks): every org re-reads its subscription at its next request."""
+    gate = make_gate(client, clock, redis_url, prefix)
+    await gate.check("org_1")
+    fake.store.plans["starter"]["entitlements"]["api_quota"]["max_api_calls"] = 1
+    other = make_gate(client, clock, redis_url, prefix)
+    await other.invalidate_all()
+    await gate.check("org_1")  # served from the (due) snapshot, refresh starts
+    for event in list(gate._refreshing.values()):
+        await event.wait()
+    assert not (await gate.check("org_1")).allowed
+
+
+async def test_redis_outage_falls_back_to_local_counting(
+    client: LagoClient, clock: Clock, tmp_path: Path, prefix: str
+) -> None:
+    """Redis dies: decisions continue from the last usage seen, counted locally (and said so in stats);
+    Redis back: the local records are added to the shared counters."""
+    port = free_port()
+    with redis_server(tmp_path, port) as url:
+        gate = make_gate(client, clock, url, prefix, redis_retry_interval=0.0)
+        for _ in range(3):
+            assert (await gate.check("org_1")).allowed
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    decision = await gate.check("org_1")
+    assert decision.allowed
+    assert backend.stats["redis_fallback"] == 1 and backend.stats["redis_errors"] >= 1
+    assert dict(decision.headers)[b"ratelimit-remaining"] == b"296"  # 3 seen in Redis + this one
+    gate.settle("org_1", decision, tokens=7, billed=True)
+    with redis_server(tmp_path, port) as url:
+        decision = await gate.check("org_1")  # Redis is back (empty: it lost everything)
+        assert backend.stats["redis_fallback"] == 0
+        assert decision.allowed
+        status = await gate.enforce_usage_limits("org_1")
+        assert status["usage"] == {"max_api_calls": 2, "max_tokens": 7}  # local records merged, + this call
+        await gate.aclose()
+
+
+async def test_redis_never_reachable_still_gates(client: LagoClient, clock: Clock, prefix: str) -> None:
+    """No Redis at all: the gate works per process and says so."""
+    gate = make_gate(client, clock, f"redis://127.0.0.1:{free_port()}/0", prefix)
+    decision = await gate.check("org_1")
+    assert decision.allowed and dict(decision.headers)[b"ratelimit-remaining"] == b"299"
+    assert isinstance(gate.backend, RedisBackend) and gate.backend.stats["redis_fallback"] == 1
