@@ -65,25 +65,26 @@ def process(args: list[str], env: dict[str, str] | None = None, cpu: str | None 
             sys.stderr.write(err.decode(errors="replace")[-2000:])
 
 
-def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> float:
+def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> tuple[float, int]:
     args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
-    assert match, out
-    return float(match.group(1))
+    assert match and total, out
+    return float(match.group(1)), int(total.group(1))
 
 
 def count_events(lago_url: str) -> int:
+    """Events the emulator holds (its paginated events list's total_count)."""
     request = urllib.request.Request(
-        f"{lago_url}/_emulator/state", headers={"Authorization": f"Bearer {API_KEY}"}
+        f"{lago_url}/api/v1/events?per_page=1", headers={"Authorization": f"Bearer {API_KEY}"}
     )
-    state = json.loads(urllib.request.urlopen(request).read())
-    return len(state.get("events", []))
+    return int(json.loads(urllib.request.urlopen(request).read())["meta"]["total_count"])
 
 
 def main() -> int:
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--quota", action="store_true", help="also measure the middleware with quota enforcement on")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -113,11 +115,17 @@ def main() -> int:
                         "amount_cents": 1000,
                         "amount_currency": "USD",
                         "charges": [
-                            {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
+                            {
+                                "billable_metric_code": "api_call",
+                                "charge_model": "standard",
+                                "properties": {"amount": "0"},
+                            }
                         ],
                     }
                 ],
-                "subscriptions": [{"external_customer_id": "org_bench", "plan_code": "starter", "external_id": "org_bench"}],
+                "subscriptions": [
+                    {"external_customer_id": "org_bench", "plan_code": "starter", "external_id": "org_bench"}
+                ],
             }
         )
     )
@@ -129,7 +137,15 @@ def main() -> int:
         "LAGO_USER_HEADER": "X-User-Id",
         "PYTHONPATH": str(ROOT),
     }
-    apps = ["bare", "passthrough", "billed"]
+    apps = ["bare", "passthrough", "billed"] + (["gated"] if args.quota else [])
+    app_env = {
+        "billed": {"LAGO_QUOTA_MODE": "off"},
+        # Enforcement on, with a limit never reached: every request pays for a full gate decision.
+        "gated": {
+            "LAGO_QUOTA_MODE": "enforce",
+            "LAGO_PLAN_LIMITS": json.dumps({"starter": {"max_api_calls": 10**9, "max_tokens": 10**12}}),
+        },
+    }
     ports = {name: free_port() for name in apps}
     headers = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
     results: dict[str, list[float]] = {name: [] for name in apps}
@@ -139,25 +155,31 @@ def main() -> int:
         stack.enter_context(process(emulator, env, cpu="1"))
         wait_http(f"{lago_url}/health")
         for name in apps:
-            uvicorn = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{name}", "--port", str(ports[name])]
+            module = "billed" if name == "gated" else name
+            uvicorn = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(ports[name])]
             uvicorn += ["--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
-            stack.enter_context(process(uvicorn, env, cpu="0"))
+            stack.enter_context(process(uvicorn, {**env, **app_env.get(name, {})}, cpu="0"))
             wait_http(f"http://127.0.0.1:{ports[name]}/v1/chat/warm")
+        served = 0
         for name in apps:  # warm up
-            wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, headers)
+            _, count = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, headers)
+            served += count if name in ("billed", "gated") else 0
         for round_number in range(args.rounds):
             for name in apps:
-                rps = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", args.seconds, args.connections, headers)
+                url = f"http://127.0.0.1:{ports[name]}/v1/chat/1"
+                rps, count = wrk(url, args.seconds, args.connections, headers)
+                served += count if name in ("billed", "gated") else 0
                 results[name].append(rps)
                 print(f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s", flush=True)
-        time.sleep(2)  # let the billed app's last batch reach the emulator before counting
-        delivered = count_events(lago_url)
+        deadline = time.monotonic() + 30  # delivery is asynchronous: give the last batches time to land
+        while (delivered := count_events(lago_url)) < served and time.monotonic() < deadline:
+            time.sleep(0.2)
     bare = statistics.median(results["bare"])
     print(f"\n{'app':<12} {'median req/s':>12} {'vs bare':>8}")
     for name in apps:
         median = statistics.median(results[name])
         print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x")
-    print(f"\nevents delivered to the emulator by the billed app: {delivered}")
+    print(f"\nrequests served by the billing apps: {served}; events in the emulator: {delivered}")
     seed.unlink(missing_ok=True)
     return 0
 

@@ -479,6 +479,13 @@ class UsageRecorder:
         """The request's usage so far; call it when the response is over. Later body chunks are not read."""
         if self._result is not None:
             return self._result
+        if self._mode == _MODE_JSON and not self._headers:
+            fast = self._fast_json()
+            if fast is not None:
+                self._result = fast
+                self._mode = _MODE_NONE
+                self._chunks = []
+                return fast
         try:
             body_fields, body_source = self._body_fields()
         except Exception:
@@ -494,6 +501,49 @@ class UsageRecorder:
             explicit, headers = {}, {}
         self._result = _merge((("explicit", explicit), ("headers", headers), (body_source or "json", body_fields)))
         return self._result
+
+    def _fast_json(self) -> Usage | None:
+        """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints, no
+        explicit values, no usage headers. ``None`` sends anything else down the general path (same result)."""
+        data = self._scope.get(SCOPE_KEY)
+        if type(data) is dict and data.get(_EXPLICIT_KEY):
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return Usage()
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if b'"usage"' not in body:
+            return Usage()
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return Usage()
+        if type(payload) is not dict:
+            return None
+        usage = payload.get("usage")
+        if type(usage) is not dict:
+            return None
+        get = usage.get
+        prompt, completion = get("prompt_tokens"), get("completion_tokens")
+        input_tokens = prompt if prompt is not None else get("input_tokens")
+        output_tokens = completion if completion is not None else get("output_tokens")
+        total = get("total_tokens")
+        cache_write, cache_read = get("cache_creation_input_tokens"), get("cache_read_input_tokens")
+        for value in (input_tokens, output_tokens, total, cache_write, cache_read):
+            if value is not None and (type(value) is not int or not 0 <= value <= MAX_TOKENS):
+                return None  # malformed: the general path logs it
+        model = payload.get("model")
+        if model is not None and (type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH):
+            return None
+        if input_tokens is not None:
+            input_tokens += (cache_write or 0) + (cache_read or 0)
+        if input_tokens is None and output_tokens is None and total is None and model is None:
+            return None
+        result = Usage(model=model.strip() if model else None, input_tokens=input_tokens or 0)
+        result.output_tokens = output_tokens or 0
+        result.total_tokens = total if total is not None else result.input_tokens + result.output_tokens
+        result.source = "json"
+        return result
 
     def _explicit_fields(self) -> dict[str, Any]:
         data = self._scope.get(SCOPE_KEY)

@@ -27,6 +27,7 @@ from ._errors import (
     LagoValidationError,
 )
 from ._events import MAX_BATCH_SIZE, normalize_event
+from ._http1 import RawHTTPError, RawPoster, can_use_raw_poster
 from ._ids import path_segment, validate_id
 from ._settings import BillingSettings
 from ._version import __version__
@@ -97,13 +98,18 @@ class LagoClient:
     ) -> None:
         self.settings = settings if settings is not None else BillingSettings.from_env()
         api_key = self.settings.require_api_key()
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json",
+            "User-Agent": f"lago-org-billing/{__version__}",
+        }
+        # The event batch POST is the hot call: without an injected transport or a proxy it skips httpx.
+        self._raw: RawPoster | None = None
+        if transport is None and can_use_raw_poster(self.settings.api_url):
+            self._raw = RawPoster(self.settings.api_url, headers, timeout=self.settings.api_timeout)
         self._http = httpx.AsyncClient(
             base_url=self.settings.api_url,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Accept": "application/json",
-                "User-Agent": f"lago-org-billing/{__version__}",
-            },
+            headers=headers,
             timeout=httpx.Timeout(self.settings.api_timeout),
             limits=limits or httpx.Limits(max_connections=50, max_keepalive_connections=20),
             transport=transport,
@@ -126,6 +132,8 @@ class LagoClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         self._state = _State.CLOSED
+        if self._raw is not None:
+            await self._raw.aclose()
         await self._http.aclose()
 
     @property
@@ -327,6 +335,14 @@ class LagoClient:
         if self._state is _State.CLOSED:
             raise RuntimeError("This LagoClient is closed; create a new one.")
         url = "/api/v1/events/batch"
+        if self._raw is not None:
+            try:
+                status, headers, content = await self._raw.post(url, body)
+            except RawHTTPError as exc:
+                raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
+            if status >= 400:
+                raise _error_from_response(httpx.Response(status, headers=headers, content=content), "POST", url)
+            return
         try:
             response = await self._http.post(url, content=body, headers={"Content-Type": "application/json"})
         except httpx.TransportError as exc:

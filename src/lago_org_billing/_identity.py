@@ -104,7 +104,7 @@ async def call_resolver(resolver: Resolver, scope: Scope) -> str | None:
     """
     try:
         value = resolver(scope)
-        if inspect.isawaitable(value):
+        if value is not None and type(value) is not str and inspect.isawaitable(value):
             value = await value
     except Exception as exc:
         key = (_resolver_name(resolver), type(exc).__qualname__)
@@ -130,7 +130,7 @@ def from_state(key: str = "org_id") -> Resolver:
         state = scope.get("state")
         if state is None:
             return None
-        if isinstance(state, Mapping):
+        if type(state) is dict or isinstance(state, Mapping):
             return _clean_id(state.get(key))
         return _clean_id(getattr(state, key, None))
 
@@ -309,7 +309,7 @@ def first_of(*resolvers: Resolver) -> Resolver:
             return value
         for resolver in rest:
             result = resolver(scope)
-            if inspect.isawaitable(result):
+            if result is not None and type(result) is not str and inspect.isawaitable(result):
                 result = await result
             value = _clean_id(result)
             if value is not None:
@@ -319,7 +319,9 @@ def first_of(*resolvers: Resolver) -> Resolver:
     def resolve_first_of(scope: Scope) -> str | Awaitable[str | None] | None:
         for index, resolver in enumerate(chain):
             result = resolver(scope)
-            if inspect.isawaitable(result):
+            if result is None:
+                continue
+            if type(result) is not str and inspect.isawaitable(result):
                 return resume(result, chain[index + 1 :], scope)
             value = _clean_id(result)
             if value is not None:

@@ -52,6 +52,8 @@ def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = N
     """
     if value is None:
         value = dt.datetime.now(dt.timezone.utc)
+    if type(value) is float and 0 <= value < 10**11:  # the hot path (time.time()): exact to the millisecond
+        return f"{value:.3f}"
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             raise InvalidRequestError(

@@ -237,9 +237,12 @@ def spool_slot_path(path: str, slot: int) -> str:
     return path if slot == 0 else f"{path}.{slot}"
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def dumps_event(event: JSON) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _encode(event)
 
 
 class _SpoolFile:
