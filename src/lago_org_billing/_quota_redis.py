@@ -319,6 +319,7 @@ class RedisBackend:
         self._down_until = 0.0
         self._queue: deque[tuple[str, str, str, str, str, int]] = deque()
         self._wakeup = anyio.Event()
+        self._flush_lock = anyio.Lock()
         self._running = False
         self._closed = False
         self._last_seen: LRUCache[str, Outcome] = LRUCache(maxsize=self.config.max_orgs)
@@ -432,7 +433,11 @@ class RedisBackend:
             self._running = False
 
     async def flush(self) -> None:
-        """Write every queued settle now."""
+        """Write every queued settle now (after any write in progress)."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             if not self._up():
