@@ -118,7 +118,14 @@ class RawPoster:
             except TimeoutError:
                 await self._discard(connection)
                 raise RawHTTPError(f"no answer within {self.timeout} s") from None
-            except (OSError, anyio.BrokenResourceError, anyio.EndOfStream, ssl.SSLError, RawHTTPError) as exc:
+            except (
+                OSError,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.EndOfStream,
+                ssl.SSLError,
+                RawHTTPError,
+            ) as exc:
                 await self._discard(connection)
                 if not reused:
                     raise RawHTTPError(f"{type(exc).__name__}: {exc}") from exc
@@ -194,5 +201,5 @@ class RawPoster:
             with anyio.CancelScope(shield=True):
                 try:
                     await connection.stream.aclose()
-                except (OSError, anyio.BrokenResourceError, ssl.SSLError):
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError):
                     pass

@@ -44,34 +44,39 @@ def _uvicorn() -> Any:
     return uvicorn
 
 
-def _config(app: ASGIApp, host: str, port: int, log_level: str) -> Any:
+def _config(app: ASGIApp, host: str, port: int, log_level: str, **options: Any) -> Any:
     uvicorn = _uvicorn()
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        lifespan="on",
-        loop="asyncio",
-        http="h11",
-        ws="none",
-        access_log=False,
-    )
+    settings: dict[str, Any] = {
+        "lifespan": "on",
+        "loop": "asyncio",
+        "http": "h11",
+        "ws": "none",
+        "access_log": False,
+        **options,
+    }
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, **settings)
 
 
 @contextlib.contextmanager
 def serve_in_thread(
-    fake: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning", timeout: float = 10.0
+    fake: ASGIApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    log_level: str = "warning",
+    timeout: float = 10.0,
+    **uvicorn_options: Any,
 ) -> Iterator[str]:
     """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``).
 
     ``port=0`` picks a free port. The server has started (socket bound, lifespan done) when the
     ``with`` body runs, and is shut down when it ends. A FakeLago gets its test controls
-    (:func:`install_controls`) first.
+    (:func:`install_controls`) first. ``uvicorn_options`` go to ``uvicorn.Config`` (e.g. ``ssl_certfile`` and
+    ``ssl_keyfile``, which make the URL ``https``).
     """
     uvicorn = _uvicorn()
     install_controls(fake)
-    server = uvicorn.Server(_config(fake, host, port, log_level))
+    server = uvicorn.Server(_config(fake, host, port, log_level, **uvicorn_options))
     done = threading.Event()
     failure: list[BaseException] = []
 
@@ -100,7 +105,8 @@ def serve_in_thread(
     sock = server.servers[0].sockets[0]
     bound_host, bound_port = sock.getsockname()[:2]
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    base_url = f"http://{url_host}:{bound_port}"
+    scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
+    base_url = f"{scheme}://{url_host}:{bound_port}"
     try:
         yield base_url
     finally:

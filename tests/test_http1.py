@@ -1,0 +1,178 @@
+"""The raw HTTP/1.1 path LagoClient uses for event batches, against real servers on loopback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from lago_org_billing import BillingSettings, LagoClient, LagoUnavailableError, LagoValidationError
+from lago_org_billing._http1 import RawHTTPError, RawPoster, can_use_raw_poster
+from lago_org_billing.testing._server import serve_in_thread
+
+pytestmark = pytest.mark.anyio
+
+
+def batch(*ids: str) -> bytes:
+    events = [
+        {"transaction_id": i, "external_subscription_id": "org_1", "code": "api_call", "timestamp": "1767225600.000"}
+        for i in ids
+    ]
+    return json.dumps({"events": events}).encode()
+
+
+async def test_client_uses_raw_path_and_reuses_the_connection(fake_lago_server: Any) -> None:
+    """Batches go over one kept-alive connection and land in Lago."""
+    settings = BillingSettings(api_url=fake_lago_server.url, api_key=fake_lago_server.api_key)
+    async with LagoClient(settings) as lago:
+        assert lago._raw is not None
+        for n in range(3):
+            await lago.send_event_batch_json(batch(f"tx_{n}a", f"tx_{n}b"))
+        assert len(lago._raw._idle) == 1
+    assert len(fake_lago_server.events) == 6
+
+
+async def test_raw_path_maps_lago_errors(fake_lago_server: Any) -> None:
+    """A 422 from Lago is the same LagoValidationError as through httpx."""
+    settings = BillingSettings(api_url=fake_lago_server.url, api_key=fake_lago_server.api_key)
+    async with LagoClient(settings) as lago:
+        await lago.send_event_batch_json(batch("tx_1"))
+        with pytest.raises(LagoValidationError) as info:
+            await lago.send_event_batch_json(batch("tx_1"))
+    assert info.value.is_duplicate_only
+
+
+async def test_dropped_connection_is_unavailable(fake_lago_server: Any) -> None:
+    """A server that closes without answering is a LagoUnavailableError; the next call works."""
+    settings = BillingSettings(api_url=fake_lago_server.url, api_key=fake_lago_server.api_key)
+    async with LagoClient(settings) as lago:
+        fake_lago_server.inject_fault(drop=True, count=1, path="/api/v1/events")
+        with pytest.raises(LagoUnavailableError):
+            await lago.send_event_batch_json(batch("tx_1"))
+        await lago.send_event_batch_json(batch("tx_2"))
+    assert [e["transaction_id"] for e in fake_lago_server.events] == ["tx_2"]
+
+
+async def test_stale_pooled_connection_is_retried_once() -> None:
+    """A kept-alive connection the server closed meanwhile is replaced transparently."""
+    answers = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal answers
+        if scope["type"] != "http":
+            return
+        answers += 1
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    with serve_in_thread(app) as url:
+        poster = RawPoster(url, {}, timeout=5)
+        assert (await poster.post("/x", b"{}"))[0] == 200
+        # Break the pooled connection under the poster's feet, as a server idle timeout would.
+        await poster._idle[0].stream.aclose()
+        assert (await poster.post("/x", b"{}"))[0] == 200
+        await poster.aclose()
+    assert answers == 2
+
+
+async def test_chunked_and_close_delimited_answers() -> None:
+    """Chunked bodies (with several chunks) and bodies ended by closing are read whole."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"x-kind", b"chunked")]})
+        for part in (b'{"a":', b"1", b"}"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve_in_thread(app) as url:
+        poster = RawPoster(url, {"Authorization": "Bearer k"}, timeout=5)
+        status, headers, body = await poster.post("/x", b"{}")
+        await poster.aclose()
+    assert status == 201 and body == b'{"a":1}'
+    assert ("x-kind", "chunked") in [(k.lower(), v) for k, v in headers]
+
+
+async def test_timeout_and_refused_connection() -> None:
+    """No answer in time, or nobody listening: RawHTTPError, never a hang."""
+
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":  # never answers; returns once the client hangs up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+    with serve_in_thread(slow) as url:
+        poster = RawPoster(url, {}, timeout=0.2)
+        with pytest.raises(RawHTTPError, match="no answer"):
+            await poster.post("/x", b"{}")
+    poster = RawPoster("http://127.0.0.1:9", {}, timeout=2)
+    with pytest.raises(RawHTTPError):
+        await poster.post("/x", b"{}")
+
+
+def test_raw_path_only_without_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy in the environment sends everything through httpx, which knows proxies."""
+    assert can_use_raw_poster("https://api.getlago.com")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert not can_use_raw_poster("https://api.getlago.com")
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    yield cert_file, key_file
+
+
+async def test_https_with_certificate_verification(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS the certificate is verified (SSL_CERT_FILE trusted, otherwise refused)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    cert_file, key_file = tls_files
+    with serve_in_thread(app, ssl_certfile=str(cert_file), ssl_keyfile=str(key_file)) as url:
+        assert url.startswith("https://")
+        untrusted = RawPoster(url, {}, timeout=5)
+        with pytest.raises(RawHTTPError, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+            await untrusted.post("/x", b"{}")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+        trusted = RawPoster(url, {}, timeout=5)
+        assert (await trusted.post("/x", b"{}"))[2] == b"ok"
+        await trusted.aclose()
