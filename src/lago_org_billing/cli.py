@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         default="postgres",
         help="duplicate transaction_id handling: postgres answers 422, clickhouse replaces (default postgres)",
     )
-    emulator.add_argument("--seed", metavar="FILE", help="JSON file of billable_metrics, plans, customers... to preload")
+    emulator.add_argument(
+        "--seed", metavar="FILE", help="JSON file of billable_metrics, plans, customers... to preload"
+    )
     emulator.set_defaults(handler=_emulator)
 
     health = commands.add_parser("health", help="check the Lago configured by LAGO_API_URL / LAGO_API_KEY")
