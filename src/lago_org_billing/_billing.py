@@ -454,8 +454,10 @@ class OrgBilling:
         """Move one user-keyed Lago customer's billing to its org (the ``migrate`` CLI's code path).
 
         Lago cannot rename a customer nor move a subscription, so: the org customer is upserted (with
-        ``migrated_from_user``), the org is subscribed to the user's plan (or ``plan_code``), the user's
-        active subscriptions are terminated, and the user customer is marked. Safe to re-run.
+        ``migrated_from_user``), the org is subscribed to the user's plan (or ``plan_code``) *before* the user's
+        active subscriptions are terminated, and the user customer is marked (``migrated_to_org``). Safe to
+        re-run. An org that already has a subscription keeps it (``plan_code`` is then ignored, with a warning).
+        Returns what was done: ``changed``, ``steps``, ``warnings``, the org ``customer`` and ``subscription``.
         """
         from ._migration import migrate_user
 
