@@ -1,5 +1,5 @@
 """Quota test helpers: a seeded Lago emulator, a settable clock, and the app uvicorn serves in the
-multi-worker test (``uvicorn tests._quota_app:app --workers 4``, settings from ``LAGO_*``, org from
+multi-worker test (``uvicorn _quota_app:app --app-dir tests --workers 4``, settings from ``LAGO_*``, org from
 ``X-Org-Id``)."""
 
 from __future__ import annotations

@@ -187,9 +187,11 @@ class QuotaConfig:
     #: ``LAGO_QUOTA_REDIS_PREFIX``: prefix of the Redis keys.
     redis_prefix: str = "lago_org_billing:quota:"
     #: Seconds a Redis command may take before Redis counts as down.
-    redis_timeout: float = 1.0
-    #: Connections per process to Redis.
-    redis_max_connections: int = 64
+    redis_timeout: float = 2.0
+    #: Connections per process to Redis (more concurrent checks wait for one, up to ``redis_pool_timeout``).
+    redis_max_connections: int = 128
+    #: Seconds a check may wait for a free Redis connection before Redis counts as down.
+    redis_pool_timeout: float = 10.0
     #: ``LAGO_QUOTA_REDIS_RETRY``: seconds between reconnection attempts while Redis is down.
     redis_retry_interval: float = 5.0
 

@@ -302,7 +302,7 @@ class RedisBackend:
             pool = redis_asyncio.BlockingConnectionPool.from_url(
                 url,
                 max_connections=self.config.redis_max_connections,
-                timeout=self.config.redis_timeout * 5,
+                timeout=self.config.redis_pool_timeout,
                 socket_timeout=self.config.redis_timeout,
                 socket_connect_timeout=self.config.redis_timeout,
                 retry=Retry(NoBackoff(), 0),
