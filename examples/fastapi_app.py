@@ -1,14 +1,18 @@
-"""The seed's example app rebuilt on the package: org creation subscribes the org, the middleware bills usage.
+"""The seed's example app rebuilt on the package.
+
+Org creation subscribes the org, the middleware bills every call, Lago's webhooks keep the quota cache fresh,
+and the seed's billing endpoints are mounted behind an authorization callback.
 
     lago-org-billing emulator --api-key dev-key --seed examples/seed.json
     LAGO_API_URL=http://127.0.0.1:3000 LAGO_API_KEY=dev-key uvicorn examples.fastapi_app:app --port 8000
 
-    curl -X POST localhost:8000/organizations -H 'Content-Type: application/json' \
+    curl -X POST localhost:8000/organizations -H 'Authorization: Bearer :ada' -H 'Content-Type: application/json' \\
         -d '{"org_id": "org_acme", "name": "Acme", "email": "billing@acme.test", "plan_code": "starter"}'
     curl -X POST localhost:8000/v1/chat -H 'Authorization: Bearer org_acme:ada'
+    curl localhost:8000/api/v1/billing/org/organizations/org_acme/dashboard -H 'Authorization: Bearer org_acme:ada'
 
 Authentication here is a toy (``Bearer <org>:<user>``) standing in for yours: whatever it is, it sets
-``request.state.org_id`` and the middleware bills that org.
+``request.state.org_id`` / ``user_id``, and the middleware bills that org.
 """
 
 from __future__ import annotations
@@ -21,7 +25,18 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lago_org_billing import OrgBilling, OrgBillingMiddleware, attribute_usage
+from lago_org_billing import (
+    BillingSettings,
+    LagoWebhooks,
+    OrgBilling,
+    OrgBillingMiddleware,
+    attribute_usage,
+    billing_routes,
+)
+
+# Neither billed nor gated: org creation (the caller has no org yet), Lago's webhook calls, and the billing
+# routes (an org over its quota must still see its dashboard and upgrade its plan).
+settings = BillingSettings.from_env(exclude_paths=("/organizations", "/webhooks/", "/api/v1/billing/"))
 
 
 class ToyAuth:
@@ -39,16 +54,27 @@ class ToyAuth:
         await self.app(scope, receive, send)
 
 
+def may_manage(request: Request, org_id: str) -> bool:
+    """The billing routes' authorization: only members of the org (your real check goes here)."""
+    return getattr(request.state, "org_id", None) == org_id
+
+
+billing_router = billing_routes(authorize=may_manage, settings=settings)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with OrgBilling() as billing:
+    async with OrgBilling(settings) as billing:
         app.state.billing = billing
         yield
+    await billing_router.aclose()  # a Mount does not forward lifespan events
 
 
 app = FastAPI(lifespan=lifespan)
-app.add_middleware(OrgBillingMiddleware)  # runs after ToyAuth (added last = outermost)
+app.add_middleware(OrgBillingMiddleware, settings=settings)  # runs after ToyAuth (added last = outermost)
 app.add_middleware(ToyAuth)
+app.add_route("/webhooks/lago", LagoWebhooks(settings), methods=["POST"])
+app.mount("/api/v1/billing/org", billing_router)
 
 
 class OrgCreate(BaseModel):

@@ -44,17 +44,23 @@ def test_starlette_one_liner(lago_env: Any, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_fastapi_seed_app(lago_env: Any) -> None:
-    """examples/fastapi_app.py creates and subscribes an org, then bills its calls with explicit attribution."""
+    """examples/fastapi_app.py creates and subscribes an org, bills its calls, serves its dashboard."""
     module = load("fastapi_app")
+    member = {"Authorization": "Bearer org_new:ada"}
     with TestClient(module.app) as client:
         created = client.post(
             "/organizations",
             json={"org_id": "org_new", "name": "New", "email": "b@new.test", "plan_code": "pro"},
-            headers={"Authorization": "Bearer org_new:ada"},
+            headers={"Authorization": "Bearer :ada"},
         )
         assert created.status_code == 200, created.text
-        assert client.post("/v1/chat", headers={"Authorization": "Bearer org_new:ada"}).status_code == 200
+        assert client.post("/v1/chat", headers=member).status_code == 200
         assert client.post("/v1/chat").status_code == 401
+        dashboard = client.get("/api/v1/billing/org/organizations/org_new/dashboard", headers=member)
+        assert dashboard.status_code == 200, dashboard.text
+        outsider = {"Authorization": "Bearer org_other:eve"}
+        assert client.get("/api/v1/billing/org/organizations/org_new/dashboard", headers=outsider).status_code == 403
+        assert client.post("/webhooks/lago", content=b"{}").status_code == 401  # unsigned: refused
     chat_events = [e for e in lago_env.events if e["properties"]["endpoint"] == "/v1/chat"]
     assert len(chat_events) == 1
     assert chat_events[0]["properties"]["model"] == "gpt-4o-mini"

@@ -13,6 +13,8 @@ def test_contract_names_are_exported() -> None:
         "attribute_usage",
         "LagoIntegrationError",
         "ConfigurationError",
+        "LagoWebhooks",
+        "billing_routes",
     ):
         assert name in lago_org_billing.__all__
         assert getattr(lago_org_billing, name) is not None

@@ -29,13 +29,16 @@ from ._identity import (
     get_current_user,
 )
 from ._middleware import OrgBillingMiddleware
+from ._routes import billing_routes
 from ._settings import BillingSettings
 from ._version import __version__
+from ._webhooks import LagoWebhooks, WebhookEvent
 
 __all__ = [
     "__version__",
     "attribute_usage",
     "AttributionConfig",
+    "billing_routes",
     "BillingSettings",
     "ConfigurationError",
     "EventPipeline",
@@ -57,8 +60,10 @@ __all__ = [
     "LagoRateLimitError",
     "LagoUnavailableError",
     "LagoValidationError",
+    "LagoWebhooks",
     "OrgBilling",
     "OrgBillingMiddleware",
     "Page",
     "Usage",
+    "WebhookEvent",
 ]

@@ -205,6 +205,11 @@ class OrgBillingMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._running:
             await self._start_lazily()
+        if self.quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
+            billing = scope.get(SCOPE_KEY)
+            if type(billing) is not dict:
+                billing = scope[SCOPE_KEY] = {}
+            billing["quota"] = self.quota
         path: str = scope["path"]
         for prefix in self.exclude_paths:
             if path.startswith(prefix):
