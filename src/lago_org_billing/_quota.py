@@ -421,13 +421,26 @@ class LocalBackend:
 
     def __init__(self, config: QuotaConfig | None = None) -> None:
         self.config = config or QuotaConfig()
-        self._orgs: LRUCache[str, _LocalOrg] = LRUCache(maxsize=self.config.max_orgs)
+        # A plain dict (the hot path reads it twice per request); bounded by _evict.
+        self._orgs: dict[str, _LocalOrg] = {}
 
     def _org(self, org_id: str) -> _LocalOrg:
         state = self._orgs.get(org_id)
         if state is None:
+            if len(self._orgs) >= self.config.max_orgs:
+                self._evict()
             state = self._orgs[org_id] = _LocalOrg()
         return state
+
+    def _evict(self) -> None:
+        """Over ``max_orgs``: forget orgs with nothing counted locally (their snapshot is fetched again when
+        needed); if that is not enough, the oldest tenth (their unsnapshotted records are lost)."""
+        idle = [org_id for org_id, state in self._orgs.items() if not state.counts.calls and not state.counts.tokens]
+        for org_id in idle:
+            del self._orgs[org_id]
+        if len(self._orgs) >= self.config.max_orgs:
+            for org_id in list(self._orgs)[: max(1, self.config.max_orgs // 10)]:
+                del self._orgs[org_id]
 
     def reserve_now(self, org_id: str, now: float, mode: Mode) -> Outcome:
         state = self._org(org_id)
@@ -670,6 +683,7 @@ class QuotaGate:
 
             backend = RedisBackend(settings.redis_url, self.config, fallback=self.local)
         self.backend: QuotaBackend = backend if backend is not None else self.local
+        self._shared = self.backend is not self.local  # keep a copy of snapshots (Redis: sent back only on change)
         self.stats: dict[str, int] = {
             "checks": 0,
             "allowed": 0,
@@ -724,7 +738,8 @@ class QuotaGate:
         self.stats["checks"] += 1
         now = self.clock()
         mode: Mode = "force" if self.mode == "monitor" else "normal"
-        outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id))
+        known = self._known.get(org_id) if self._shared else None
+        outcome = await self.backend.reserve(org_id, now, mode, known)
         if outcome.code == MISSING:
             outcome = await self._cold(org_id, mode)
             now = self.clock()
@@ -733,7 +748,7 @@ class QuotaGate:
             if snap is not None:
                 if snap.refresh_at <= now:
                     self._schedule_refresh(org_id, now)
-                if self._known.get(org_id) is not snap:
+                if self._shared and self._known.get(org_id) is not snap:
                     self._known[org_id] = snap
         return self._decision(org_id, outcome, now)
 
@@ -848,28 +863,36 @@ class QuotaGate:
     ) -> tuple[tuple[bytes, bytes], ...]:
         if snap is None or not snap.limited:
             return ()
-        calls_left = tokens_left = None
-        if snap.calls_limit is not None:
-            calls_left = max(0, snap.calls_limit - outcome.calls)
-        if snap.tokens_limit is not None:
-            tokens_left = max(0, snap.tokens_limit - outcome.tokens)
-        if outcome.hit == TOKENS or (
-            outcome.hit != CALLS
-            and tokens_left is not None
-            and (calls_left is None or _ratio(tokens_left, snap.tokens_limit) < _ratio(calls_left, snap.calls_limit))
-        ):
-            limit, left = snap.tokens_limit, tokens_left
+        calls_limit, tokens_limit = snap.calls_limit, snap.tokens_limit
+        if tokens_limit is None:
+            use_tokens = False
+        elif calls_limit is None or outcome.hit == TOKENS:
+            use_tokens = True
+        elif outcome.hit == CALLS:
+            use_tokens = False
+        else:  # both limits: report the one closer to exhaustion
+            calls_left = max(0, calls_limit - outcome.calls)
+            tokens_left = max(0, tokens_limit - outcome.tokens)
+            use_tokens = _ratio(tokens_left, tokens_limit) < _ratio(calls_left, calls_limit)
+        if use_tokens:
+            assert tokens_limit is not None
+            limit, left = tokens_limit, max(0, tokens_limit - outcome.tokens)
         else:
-            limit, left = snap.calls_limit, calls_left
+            assert calls_limit is not None
+            limit, left = calls_limit, max(0, calls_limit - outcome.calls)
         reset = str(max(0, math.ceil(snap.period_end - now))).encode()
-        headers = [
+        if blocked:
+            return (
+                (b"ratelimit-limit", str(limit).encode()),
+                (b"ratelimit-remaining", str(left).encode()),
+                (b"ratelimit-reset", reset),
+                (b"retry-after", reset),
+            )
+        return (
             (b"ratelimit-limit", str(limit).encode()),
             (b"ratelimit-remaining", str(left).encode()),
             (b"ratelimit-reset", reset),
-        ]
-        if blocked:
-            headers.append((b"retry-after", reset))
-        return tuple(headers)
+        )
 
     def _problem_quota(self, org_id: str, snap: Snapshot, outcome: Outcome, now: float) -> dict[str, Any]:
         if outcome.hit == TOKENS:
