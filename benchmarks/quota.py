@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _quota_app import redis_server, seed  # noqa: E402
-
 from lago_org_billing import BillingSettings, LagoClient  # noqa: E402
 from lago_org_billing._quota import QuotaConfig, QuotaGate  # noqa: E402
 from lago_org_billing.testing import FakeLago  # noqa: E402
