@@ -135,6 +135,10 @@ class LagoStore:
             self.features: dict[str, JSON] = {}
             self.plans: dict[str, JSON] = {}
             self.subscriptions: list[JSON] = []
+            self._subscription_by_id: dict[str, JSON] = {}
+            self._candidates: list[JSON] = []
+            self._candidates_len = 0
+            self._candidates_stale = True
             self.events: list[JSON] = []
             self._event_index: dict[tuple[str, ...], int] = {}
             self.invoices: list[JSON] = []
@@ -173,14 +177,23 @@ class LagoStore:
     # Time-driven transitions (ending_at reached, pending start, downgrade date) -----------------
 
     def refresh(self) -> None:
-        """Apply the transitions Lago's clock jobs would have applied by now."""
+        """Apply the transitions Lago's clock jobs would have applied by now.
+
+        Only subscriptions that can change are looked at: the candidate list is rebuilt after a subscription is
+        added or updated, or a transition happened, so a request costs O(candidates), not O(subscriptions).
+        """
         with self.lock:
             now = self.now()
             changed = True
             while changed:
                 changed = False
-                for sub in list(self.subscriptions):
-                    if sub["status"] == "active":
+                if self._candidates_stale or self._candidates_len != len(self.subscriptions):
+                    self._candidates = [sub for sub in self.subscriptions if self._may_transition(sub)]
+                    self._candidates_len = len(self.subscriptions)
+                    self._candidates_stale = False
+                for sub in list(self._candidates):
+                    status = sub["status"]
+                    if status == "active":
                         ending = parse_datetime(sub.get("ending_at"))
                         if ending is not None and ending <= now:
                             self._terminate(sub, ending, generate_invoice=sub["on_termination_invoice"] == "generate")
@@ -193,11 +206,20 @@ class LagoStore:
                                 self._terminate(sub, switch, generate_invoice=False, cancel_next=False)
                                 self._activate(nxt, switch)
                                 changed = True
-                    elif sub["status"] == "pending" and not sub.get("previous_subscription_id"):
+                    elif status == "pending" and not sub.get("previous_subscription_id"):
                         start = parse_datetime(sub["subscription_at"])
                         if start is not None and start <= now:
                             self._activate(sub, start)
                             changed = True
+                if changed:
+                    self._candidates_stale = True
+
+    @staticmethod
+    def _may_transition(sub: JSON) -> bool:
+        status = sub["status"]
+        if status == "active":
+            return sub.get("ending_at") is not None or sub.get("next_subscription_id") is not None
+        return status == "pending" and not sub.get("previous_subscription_id")
 
     # Customers ---------------------------------------------------------------------------------
 
@@ -898,10 +920,7 @@ class LagoStore:
     def _find_sub_by_id(self, lago_id: Any) -> JSON | None:
         if lago_id is None:
             return None
-        for sub in self.subscriptions:
-            if sub["lago_id"] == lago_id:
-                return sub
-        return None
+        return self._subscription_by_id.get(lago_id)
 
     def _subs(self, external_id: str, status: str) -> list[JSON]:
         return [s for s in self.subscriptions if s["external_id"] == external_id and s["status"] == status]
@@ -1013,6 +1032,7 @@ class LagoStore:
             "entitlement_overrides": {},
         }
         self.subscriptions.append(sub)
+        self._subscription_by_id[sub["lago_id"]] = sub
         return sub
 
     def _activate(self, sub: JSON, at: datetime) -> None:
@@ -1136,10 +1156,12 @@ class LagoStore:
             new["entitlement_overrides"] = {}
             if self._yearly_amount(plan) >= self._yearly_amount(current_plan):
                 current["next_subscription_id"] = new["lago_id"]
+                self._candidates_stale = True
                 self._terminate(current, now, generate_invoice=False, cancel_next=False)
                 self._activate(new, now)
                 return {"subscription": self._serialize_sub(new, extended=True)}
             current["next_subscription_id"] = new["lago_id"]
+            self._candidates_stale = True
             new["switch_at"] = iso(self._period_end(current) + timedelta(seconds=1))
             result = self._serialize_sub(current, extended=True)
             self._emit("subscription.updated", "subscription", result)
@@ -1200,6 +1222,7 @@ class LagoStore:
                 sub["ending_at"] = iso(parse_datetime(params["ending_at"]))
             if "subscription_at" in params:
                 sub["subscription_at"] = iso(parse_datetime(params["subscription_at"]))
+            self._candidates_stale = True
             result = self._serialize_sub(sub, extended=True)
             self._emit("subscription.updated", "subscription", result)
             self.refresh()
