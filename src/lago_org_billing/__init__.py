@@ -29,6 +29,13 @@ from ._identity import (
     get_current_user,
 )
 from ._middleware import OrgBillingMiddleware
+from ._quota import (
+    QuotaConfig,
+    QuotaGate,
+    check_org_has_active_subscription,
+    enforce_usage_limits,
+    get_org_plan_limits,
+)
 from ._routes import billing_routes
 from ._settings import BillingSettings
 from ._version import __version__
@@ -40,7 +47,9 @@ __all__ = [
     "AttributionConfig",
     "billing_routes",
     "BillingSettings",
+    "check_org_has_active_subscription",
     "ConfigurationError",
+    "enforce_usage_limits",
     "EventPipeline",
     "first_of",
     "from_header",
@@ -49,6 +58,7 @@ __all__ = [
     "from_user",
     "get_current_org",
     "get_current_user",
+    "get_org_plan_limits",
     "Identity",
     "InvalidIdentifierError",
     "InvalidRequestError",
@@ -64,6 +74,8 @@ __all__ = [
     "OrgBilling",
     "OrgBillingMiddleware",
     "Page",
+    "QuotaConfig",
+    "QuotaGate",
     "Usage",
     "WebhookEvent",
 ]

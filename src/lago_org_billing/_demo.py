@@ -23,10 +23,14 @@ from ._billing import OrgBilling
 from ._client import LagoClient
 from ._middleware import OrgBillingMiddleware
 from ._settings import BillingSettings
+from ._webhooks import LagoWebhooks
 
 __all__ = ["build_demo_app", "run_demo"]
 
 API_KEY = "demo-api-key"
+HMAC_KEY = "demo-webhook-hmac-key"
+QUOTA_ORG = ("org_tiny", "Tiny Startup", "sam")
+FREE_CALLS = 5
 ORGS = {
     "org_acme": ("Acme Corp", "starter", ["ada", "grace", "linus"]),
     "org_globex": ("Globex", "pro", ["hank", "marge"]),
@@ -45,7 +49,24 @@ def seed(fake: Any) -> None:
         "charge_model": "standard",
         "properties": {"amount": "0.00002", "pricing_group_keys": ["user_id", "model"]},
     }
-    fake.add_plan("starter", name="Starter", amount_cents=2_000, interval="monthly", charges=[charge])
+    # Limits are Lago entitlements: feature api_quota, privilege max_api_calls (calls per billing period).
+    fake.add_feature("api_quota", privileges=[{"code": "max_api_calls", "name": "API calls", "value_type": "integer"}])
+    fake.add_plan(
+        "free",
+        name="Free",
+        amount_cents=0,
+        interval="monthly",
+        charges=[charge],
+        entitlements={"api_quota": {"max_api_calls": FREE_CALLS}},
+    )
+    fake.add_plan(
+        "starter",
+        name="Starter",
+        amount_cents=2_000,
+        interval="monthly",
+        charges=[charge],
+        entitlements={"api_quota": {"max_api_calls": 10_000}},
+    )
     fake.add_plan("pro", name="Pro", amount_cents=20_000, interval="monthly", charges=[charge])
 
 
@@ -102,12 +123,15 @@ async def health(request: Request) -> Response:
 
 
 def build_demo_app(settings: BillingSettings) -> Starlette:
-    """The example API: org from ``X-Org-Id``, user from ``X-User-Id`` (demo only: trust your auth layer)."""
+    """The example API: org from ``X-Org-Id``, user from ``X-User-Id`` (demo only: trust your auth layer).
+
+    Lago's signed webhooks arrive at ``/webhooks/lago`` and refresh the quota of the org they concern."""
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models),
             Route("/health", health),
+            Route("/webhooks/lago", LagoWebhooks(settings), methods=["POST"]),
         ],
         middleware=[Middleware(OrgBillingMiddleware, settings=settings)],
     )
@@ -126,10 +150,12 @@ def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettin
             api_key=API_KEY,
             org_header="X-Org-Id",
             user_header="X-User-Id",
-            exclude_paths=("/health",),
+            exclude_paths=("/health", "/webhooks/"),
+            webhook_hmac_key=HMAC_KEY,
         )
         app = build_demo_app(settings)
         with serve_in_thread(app) as app_url:
+            fake.webhook_dispatcher.configure(url=f"{app_url}/webhooks/lago", signature="hmac", hmac_key=HMAC_KEY)
             yield lago_url, app_url, settings
 
 
@@ -218,6 +244,45 @@ async def _report(fake: Any, settings: BillingSettings, served: dict[tuple[str, 
     return ok
 
 
+async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bool:
+    """An org on the free plan hits its limit, is blocked, upgrades, and is served again at once."""
+    org_id, name, user = QUOTA_ORG
+    print(f"\nQuota: {org_id} is on the free plan ({FREE_CALLS} calls per period, a Lago entitlement)")
+    async with OrgBilling(settings) as billing:
+        await billing.subscribe_org_to_plan(org_id, "free", name, f"billing@{org_id}.test", user_id=user)
+        delivered_before = len(fake.webhook_dispatcher.deliveries)
+        headers = {"X-Org-Id": org_id, "X-User-Id": user}
+        payload = {"model": MODELS[0], "messages": [{"role": "user", "content": "hello"}]}
+        statuses = []
+        async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
+            for i in range(FREE_CALLS + 2):
+                response = await client.post("/v1/chat/completions", json=payload, headers=headers)
+                statuses.append(response.status_code)
+                remaining = response.headers.get("ratelimit-remaining", "-")
+                line = f"  call {i + 1}: {response.status_code}  RateLimit-Remaining: {remaining}"
+                if response.status_code != 200:
+                    problem = response.json()
+                    line += f"  Retry-After: {response.headers.get('retry-after')}s  {problem.get('detail')}"
+                print(line)
+            print(f"  {org_id} upgrades to starter; Lago sends subscription webhooks to the app")
+            await billing.change_plan(org_id, "starter")
+            started = time.monotonic()
+            webhooks = await anyio.to_thread.run_sync(
+                lambda: fake.webhook_dispatcher.wait_delivered(delivered_before + 2, timeout=10)
+            )
+            kinds = sorted({d.webhook_type for d in webhooks[delivered_before:]})
+            print(f"  webhooks delivered and verified ({', '.join(kinds)}) in {time.monotonic() - started:.2f}s")
+            response = await client.post("/v1/chat/completions", json=payload, headers=headers)
+            statuses.append(response.status_code)
+            print(
+                f"  call {len(statuses)}: {response.status_code}  RateLimit-Limit: "
+                f"{response.headers.get('ratelimit-limit')}  RateLimit-Remaining: "
+                f"{response.headers.get('ratelimit-remaining')}"
+            )
+    expected = [200] * FREE_CALLS + [429, 429, 200]
+    return statuses == expected
+
+
 async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSettings) -> bool:
     await _setup_orgs(settings)
     print(f"Lago emulator: {lago_url}   example API (OrgBillingMiddleware): {app_url}")
@@ -228,7 +293,8 @@ async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSetting
     print(f"Sent {total} billable requests (JSON and SSE, {len(ORGS)} orgs, {len(MODELS)} models) in {elapsed:.2f}s")
     waited = await _wait_delivered(fake, total)
     print(f"Lago received {len(fake.events)} events ({waited:.2f}s after the last response)")
-    return await _report(fake, settings, served)
+    ok = await _report(fake, settings, served)
+    return await _quota_scene(fake, app_url, settings) and ok
 
 
 def run_demo(*, serve: bool = False, port: int = 0) -> int:
@@ -239,7 +305,11 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
     seed(fake)
     with _serving(fake, port) as (lago_url, app_url, settings):
         ok = anyio.run(_main, fake, lago_url, app_url, settings)
-        print("\nEvery request billed exactly once; Lago agrees." if ok else "\nMISMATCH: see above.")
+        print(
+            "\nEvery request billed exactly once, Lago agrees, and the quota blocked and unblocked as it should."
+            if ok
+            else "\nMISMATCH: see above."
+        )
         if serve:
             print(
                 f"\nServing until Ctrl-C. Try:\n  curl -s -X POST {app_url}/v1/chat/completions "

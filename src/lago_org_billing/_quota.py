@@ -76,6 +76,7 @@ from typing import Any, Literal, Protocol
 import anyio
 import anyio.abc
 from cachetools import LRUCache
+from starlette.config import Config
 
 from ._client import JSON, LagoClient
 from ._errors import ConfigurationError, LagoAPIError, LagoIntegrationError, LagoNotFoundError
@@ -215,8 +216,13 @@ class QuotaConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QuotaConfig:
-        """Read the ``LAGO_QUOTA_*`` variables (unset ones keep their defaults); ``overrides`` win."""
-        env = os.environ if environ is None else environ
+        """Read the ``LAGO_QUOTA_*`` variables from ``environ`` (default: ``.env`` overlaid by the process
+        environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults; ``overrides`` win."""
+        if environ is None:
+            file_values = Config(".env").file_values if os.path.isfile(".env") else {}
+            env: Mapping[str, str] = {**file_values, **os.environ}
+        else:
+            env = environ
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:
