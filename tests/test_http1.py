@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from lago_org_billing import BillingSettings, LagoClient, LagoUnavailableError, LagoValidationError
