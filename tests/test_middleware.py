@@ -418,3 +418,29 @@ def test_mounted_app_endpoint_is_the_mount(tmp_path: Any) -> None:
     with TestClient(capture) as client:
         assert client.get("/static/a.txt").text == "x"
     assert seen["endpoint"] == "/static/{path}"
+
+
+@pytest.mark.parametrize("spool", [False, True])
+async def test_event_that_cannot_be_built_goes_to_dead_letters(
+    fake_lago: Any, settings: BillingSettings, tmp_path: Any, spool: bool
+) -> None:
+    """A failing event_properties hook never breaks the response, and the request lands in the dead letters."""
+
+    def broken(scope: Any, identity: Any) -> dict[str, Any]:
+        raise KeyError("tenant_region")
+
+    if spool:
+        settings = settings.replace(spool_path=str(tmp_path / "spool.sqlite3"))
+    middleware = OrgBillingMiddleware(
+        build_app(), settings=settings, transport=fake_lago.transport(), event_properties=broken
+    )
+    async with client_for(middleware) as client:
+        assert (await client.post("/v1/chat/1", headers=HEADERS)).status_code == 200
+        assert (await client.post("/v1/chat/2", headers=HEADERS)).status_code == 200
+    assert await middleware.pipeline.flush(5)
+    letters = middleware.pipeline.dead_letters()
+    await middleware.aclose()
+    assert fake_lago.events == []
+    assert len(letters) == 2
+    assert all("tenant_region" in letter.reason for letter in letters)
+    assert middleware.stats["event_errors"] == 2

@@ -64,7 +64,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._spool import DeadLetter, Item, MemoryOutbox, Outbox, SqliteOutbox
+from ._spool import DeadLetter, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox
 
 __all__ = ["DeadLetter", "EventPipeline"]
 
@@ -155,8 +155,11 @@ class EventPipeline:
 
     # ------------------------------------------------------------------ request path
 
-    def submit(self, event: JSON) -> None:
+    def submit(self, event: EventOrBuilder) -> None:
         """Queue ``event`` for delivery: sync, O(1), no I/O. The pipeline owns the dict from now on.
+
+        ``event`` may also be a function returning the event: the pipeline calls it once, in the background,
+        when it stores or batches the event (if it raises, the event goes to the dead letters).
 
         Never raises: a full outbox or a closed pipeline counts the event in ``dropped`` and logs an ERROR
         (once per burst)."""
@@ -331,7 +334,12 @@ class EventPipeline:
             kick = self._kick = anyio.Event()
             with anyio.move_on_after(self.commit_window):
                 await kick.wait()
+            dead_before = outbox.dead_on_write
             await outbox.commit()
+            dead = outbox.dead_on_write - dead_before
+            if dead:
+                self.metrics.dead_lettered += dead
+                self._progressed()
             await outbox.fill()
 
     async def _dispatcher(self, send: MemoryObjectSendStream[list[Item]]) -> None:
@@ -436,7 +444,10 @@ class EventPipeline:
         self.outbox.release(everything)
 
     def _dead(self, item: Item, reason: str, status: int | None, code: str | None) -> None:
-        event = item.payload()
+        try:
+            event = item.payload()
+        except ValueError:  # an event whose builder failed: keep what is known of it
+            event = dict(item.event) if isinstance(item.event, dict) else {"error": reason}
         letter = DeadLetter(event=event, reason=reason, status=status, code=code)
         self.outbox.dead(item, letter)
         self.metrics.dead_lettered += 1

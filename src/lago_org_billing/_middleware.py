@@ -8,6 +8,7 @@ lifespan. Requests never wait on Lago.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -252,14 +253,10 @@ class OrgBillingMiddleware:
                 recorder.response_body(message.get("body", b""))
             await send(message)
 
-        tokens = 0
-        billed = False
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            billed, tokens = self._record(scope, identity, recorder, status, started, root_path)
-            if decision is not None and self.quota is not None:
-                self.quota.settle(org_id, decision, tokens=tokens, billed=billed)
+            self._record(scope, identity, recorder, status, started, root_path, decision)
 
     async def _resolve(self, scope: Scope) -> Identity:
         org_id = await call_resolver(self.resolve_org, scope)
@@ -292,18 +289,49 @@ class OrgBillingMiddleware:
         finally:
             if identity.org_id is None:
                 self.stats["unresolved"] += 1
-            else:  # resolved only after the app ran: billed, but it could not be gated
-                billed, tokens = self._record(scope, identity, recorder, status, started, root_path)
-                if self.quota is not None and billed:
-                    self.quota.settle(identity.org_id, QuotaDecision(), tokens=tokens, billed=billed)
+            else:  # resolved only after the app ran: billed (and counted), but it could not be gated
+                self._record(scope, identity, recorder, status, started, root_path, QuotaDecision())
 
     def _record(
-        self, scope: Scope, identity: Identity, recorder: UsageRecorder, status: int, started: float, root_path: str
-    ) -> tuple[bool, int]:
-        """Enqueue the request's event; returns (billed, total tokens)."""
+        self,
+        scope: Scope,
+        identity: Identity,
+        recorder: UsageRecorder,
+        status: int,
+        started: float,
+        root_path: str,
+        decision: QuotaDecision | None,
+    ) -> None:
+        """Hand the request's event to the pipeline, to be built there.
+
+        Only what the request knows is captured here; reading the body's usage, building and encoding the event
+        (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
+        off the request's path."""
         if status >= 500 and not self.bill_server_errors:
             self.stats["unbilled_errors"] += 1
-            return False, 0
+            if decision is not None and self.quota is not None:
+                self.quota.settle(identity.org_id or "", decision, tokens=0, billed=False)
+            return
+        self.pipeline.submit(
+            functools.partial(
+                self._build_event, scope, identity, recorder, status, started, time.time(), root_path, decision
+            )
+        )
+        self.stats["billed"] += 1
+
+    def _build_event(
+        self,
+        scope: Scope,
+        identity: Identity,
+        recorder: UsageRecorder,
+        status: int,
+        started: float,
+        ended: float,
+        root_path: str,
+        decision: QuotaDecision | None,
+    ) -> dict[str, Any]:
+        """The event of one request (called once, by the pipeline). An error here is logged with its traceback
+        and the request goes to the dead letters: never silently lost."""
         try:
             usage = recorder.result()
             org_id = identity.org_id
@@ -313,7 +341,7 @@ class OrgBillingMiddleware:
                 "endpoint": route_template(scope, status, root_path),
                 "method": scope["method"],
                 "status_code": status,
-                "duration_ms": round((time.time() - started) * 1000, 3),
+                "duration_ms": round((ended - started) * 1000, 3),
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
                 "total_tokens": usage.total_tokens,
@@ -332,13 +360,13 @@ class OrgBillingMiddleware:
                 timestamp=started,
                 check_properties=self.event_properties is not None,
             )
-        except Exception:  # never break the response over billing; the failure is visible
+        except Exception:
             logger.exception("Could not build the usage event of %s %s", scope.get("method"), scope.get("path"))
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
-            return False, 0
-        self.pipeline.submit(event)
-        self.stats["billed"] += 1
-        return True, usage.total_tokens
+            raise
+        if decision is not None and self.quota is not None:
+            self.quota.settle(org_id, decision, tokens=usage.total_tokens, billed=True)
+        return event
 
     def _transaction_id(self, scope: Scope, org_id: str) -> str:
         if self.idempotency_header is not None:

@@ -82,22 +82,27 @@ class Item:
 
     ``attempts``/``mark`` track failures attributable to the event itself."""
 
-    event: JSON | None
+    event: EventOrBuilder | None
     id: int = 0
     attempts: int = 0
     mark: int = -1
     raw: str | None = None
 
     def payload(self) -> JSON:
-        """The event as a dict (parsed from the stored text when needed)."""
-        if self.event is None:
-            self.event = _loads_or_raw(self.raw or "")
-        return self.event
+        """The event as a dict (parsed from the stored text when needed; built when it was submitted lazily)."""
+        event = self.event
+        if event is None:
+            event = self.event = _loads_or_raw(self.raw or "")
+        elif not isinstance(event, dict):
+            event = self.event = _built_or_unbuildable(event)  # the builder runs once, even when it fails
+        if type(event) is _Unbuildable:
+            raise EventBuildError(event.reason)
+        return event
 
     def encoded(self) -> str:
         """The event's JSON text: the stored text when there is one, so every resend is byte-identical."""
         if self.raw is None:
-            self.raw = dumps_event(self.event or {})
+            self.raw = dumps_event(self.payload())
         return self.raw
 
 
@@ -105,6 +110,8 @@ class Outbox:
     """What the pipeline needs from a store. Everything but the ``async`` methods runs on the event loop."""
 
     durable = False
+    #: Events dead-lettered by the store itself as they were written (the SQLite spool).
+    dead_on_write = 0
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -115,7 +122,7 @@ class Outbox:
         #: Called (on the event loop) when events become available; set by the pipeline.
         self.on_ready: Callable[[], None] = _nothing
 
-    def put(self, event: JSON) -> bool:
+    def put(self, event: EventOrBuilder) -> bool:
         """Accept ``event`` (sync, O(1), no I/O); False when full."""
         raise NotImplementedError
 
@@ -181,7 +188,7 @@ class MemoryOutbox(Outbox):
         self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
         self.dead_evicted = 0
 
-    def put(self, event: JSON) -> bool:
+    def put(self, event: EventOrBuilder) -> bool:
         window = self.window
         if len(window) >= self.capacity:
             return False
@@ -239,10 +246,48 @@ def spool_slot_path(path: str, slot: int) -> str:
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
+#: What ``EventPipeline.submit`` takes: an event, or a function building it later (the middleware defers the
+#: building off the request path; the pipeline calls it once, in the background, before storing or sending).
+EventOrBuilder = JSON | Callable[[], JSON]
+
+
+class EventBuildError(ValueError):
+    """A lazily submitted event could not be built: it goes to the dead letters (the builder logged why)."""
+
+
+def build_event(event: EventOrBuilder) -> JSON:
+    """The event itself, calling a builder if that is what was submitted."""
+    if isinstance(event, dict):
+        return event
+    try:
+        built = event()
+    except Exception as exc:
+        raise EventBuildError(f"the event could not be built: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(built, dict):
+        raise EventBuildError(f"the event builder returned {type(built).__name__}, not a dict")
+    return built
+
 
 def dumps_event(event: JSON) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body."""
+    if type(event) is _Unbuildable:
+        raise ValueError(event.reason)
     return _encode(event)
+
+
+class _Unbuildable(dict):  # type: ignore[type-arg]
+    """Stands for a lazily submitted event whose builder failed: it is written to the dead letters."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(error=reason)
+        self.reason = reason
+
+
+def _built_or_unbuildable(event: EventOrBuilder) -> JSON:
+    try:
+        return build_event(event)
+    except EventBuildError as exc:
+        return _Unbuildable(str(exc))
 
 
 class _SpoolFile:
@@ -459,7 +504,7 @@ class SqliteOutbox(Outbox):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.file = _SpoolFile(path, synchronous.upper())
         self.window_size = max(window, 1)
-        self.pending: list[tuple[int, JSON]] = []
+        self.pending: list[tuple[int, EventOrBuilder]] = []
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
         self._next_id = 1
@@ -478,7 +523,7 @@ class SqliteOutbox(Outbox):
 
     # ------------------------------------------------------------- loop side
 
-    def put(self, event: JSON) -> bool:
+    def put(self, event: EventOrBuilder) -> bool:
         if len(self.pending) >= self.capacity:
             return False
         self.pending.append((self._next_id, event))
@@ -526,7 +571,8 @@ class SqliteOutbox(Outbox):
             return
         assert self._io is not None
         async with self._io:
-            rows, self.pending = self.pending, []
+            rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
+            self.pending = []
             deletes, self._to_delete = self._to_delete, []
             dead, self._to_dead = self._to_dead, []
             self._writing = (len(rows), len(deletes) + len(dead))
@@ -542,6 +588,7 @@ class SqliteOutbox(Outbox):
             self._writing = (0, 0)
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
+                self.dead_on_write += len(unencodable)
                 logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
             self._hand_over(rows, dict(encoded))
 
