@@ -45,6 +45,7 @@ __all__ = [
     "get_current_org",
     "get_current_user",
     "reset_warnings",
+    "resolve_now",
 ]
 
 logger = logging.getLogger("lago_org_billing.identity")
@@ -102,25 +103,49 @@ async def call_resolver(resolver: Resolver, scope: Scope) -> str | None:
     resolver and exception type, later ones at DEBUG) and the request is treated as unresolved, so it follows the
     middleware's unresolved-org policy. ``BaseException``\\s that are not ``Exception`` (cancellation) propagate.
     """
+    value = resolve_now(resolver, scope)
+    if value is None or isinstance(value, str):
+        return value
+    return await value
+
+
+def resolve_now(resolver: Resolver, scope: Scope) -> str | Awaitable[str | None] | None:
+    """:func:`call_resolver` without a coroutine when the resolver is synchronous (the hot path): the cleaned id,
+    ``None``, or an awaitable of either when the resolver is async."""
     try:
         value = resolver(scope)
-        if value is not None and type(value) is not str and inspect.isawaitable(value):
-            value = await value
     except Exception as exc:
-        key = (_resolver_name(resolver), type(exc).__qualname__)
-        if key in _reported:
-            logger.debug("Identity resolver %s failed again: %r", key[0], exc)
-        else:
-            _reported.add(key)
-            logger.error(
-                "Identity resolver %s raised %s; the request is treated as unresolved. Fix the resolver "
-                "(this traceback is logged once per resolver and error type).",
-                key[0],
-                key[1],
-                exc_info=True,
-            )
+        _report(resolver, exc)
+        return None
+    if value is None or type(value) is str:
+        return _clean_id(value)
+    if inspect.isawaitable(value):
+        return _finish(resolver, value)
+    return _clean_id(value)
+
+
+async def _finish(resolver: Resolver, pending: Awaitable[Any]) -> str | None:
+    try:
+        value = await pending
+    except Exception as exc:
+        _report(resolver, exc)
         return None
     return _clean_id(value)
+
+
+def _report(resolver: Resolver, exc: Exception) -> None:
+    key = (_resolver_name(resolver), type(exc).__qualname__)
+    if key in _reported:
+        logger.debug("Identity resolver %s failed again: %r", key[0], exc)
+    else:
+        _reported.add(key)
+        logger.error(
+            "Identity resolver %s raised %s; the request is treated as unresolved. Fix the resolver "
+            "(this traceback is logged once per resolver and error type).",
+            key[0],
+            key[1],
+            exc_info=exc,
+        )
 
 
 def from_state(key: str = "org_id") -> Resolver:

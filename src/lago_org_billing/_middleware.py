@@ -33,9 +33,9 @@ from ._identity import (
     SCOPE_KEY,
     Identity,
     Resolver,
-    call_resolver,
     default_org_resolver,
     default_user_resolver,
+    resolve_now,
 )
 from ._settings import BillingSettings
 
@@ -259,8 +259,12 @@ class OrgBillingMiddleware:
             self._record(scope, identity, recorder, status, started, root_path, decision)
 
     async def _resolve(self, scope: Scope) -> Identity:
-        org_id = await call_resolver(self.resolve_org, scope)
-        user_id = await call_resolver(self.resolve_user, scope) if org_id is not None else None
+        org = resolve_now(self.resolve_org, scope)
+        org_id = org if org is None or isinstance(org, str) else await org
+        user_id = None
+        if org_id is not None:
+            user = resolve_now(self.resolve_user, scope)
+            user_id = user if user is None or isinstance(user, str) else await user
         identity = Identity(org_id, user_id)
         _publish(scope, identity)
         return identity

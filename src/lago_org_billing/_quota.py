@@ -744,8 +744,10 @@ class QuotaGate:
         self.stats["checks"] += 1
         now = self.clock()
         mode: Mode = "force" if self.mode == "monitor" else "normal"
-        known = self._known.get(org_id) if self._shared else None
-        outcome = await self.backend.reserve(org_id, now, mode, known)
+        if self.backend is self.local:  # in process: no coroutine on the hot path
+            outcome = self.local.reserve_now(org_id, now, mode)
+        else:
+            outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
         if outcome.code == MISSING:
             outcome = await self._cold(org_id, mode)
             now = self.clock()
