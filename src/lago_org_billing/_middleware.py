@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import anyio
@@ -237,26 +237,13 @@ class OrgBillingMiddleware:
                 self.stats["blocked"] += 1
                 await decision.response()(scope, receive, send)
                 return
-        extra_headers = decision.headers if decision is not None else ()
-
-        recorder = UsageRecorder(scope, self.attribution)
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                recorder.response_start(message)
-                if extra_headers:
-                    message = {**message, "headers": [*message.get("headers", ()), *extra_headers]}
-            elif message["type"] == "http.response.body":
-                recorder.response_body(message.get("body", b""))
-            await send(message)
-
+        watcher = _ResponseWatcher(send, UsageRecorder(scope, self.attribution))
+        if decision is not None:
+            watcher.extra_headers = decision.headers
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, watcher)
         finally:
-            self._record(scope, identity, recorder, status, started, root_path, decision)
+            self._record(scope, identity, watcher.recorder, watcher.status, started, root_path, decision)
 
     async def _resolve(self, scope: Scope) -> Identity:
         org = resolve_now(self.resolve_org, scope)
@@ -274,27 +261,21 @@ class OrgBillingMiddleware:
     ) -> None:
         """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
         in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then."""
-        recorder = UsageRecorder(scope, self.attribution)
-        status = 500
         identity = Identity(None)
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, identity
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                recorder.response_start(message)
-                identity = await self._resolve(scope)
-            elif message["type"] == "http.response.body":
-                recorder.response_body(message.get("body", b""))
-            await send(message)
+        async def resolve_late() -> None:
+            nonlocal identity
+            identity = await self._resolve(scope)
 
+        watcher = _ResponseWatcher(send, UsageRecorder(scope, self.attribution))
+        watcher.on_start = resolve_late
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive, watcher)
         finally:
             if identity.org_id is None:
                 self.stats["unresolved"] += 1
             else:  # resolved only after the app ran: billed (and counted), but it could not be gated
-                self._record(scope, identity, recorder, status, started, root_path, QuotaDecision())
+                self._record(scope, identity, watcher.recorder, watcher.status, started, root_path, QuotaDecision())
 
     def _record(
         self,
@@ -392,6 +373,32 @@ class OrgBillingMiddleware:
             media_type="application/problem+json",
         )
         await response(scope, receive, send)
+
+
+class _ResponseWatcher:
+    """The ``send`` the app gets: notes the status, shows the response to the usage recorder, adds headers."""
+
+    __slots__ = ("extra_headers", "on_start", "recorder", "send", "status")
+
+    def __init__(self, send: Send, recorder: UsageRecorder) -> None:
+        self.send = send
+        self.recorder = recorder
+        self.status = 500  # when the app fails before answering
+        self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.on_start: Callable[[], Awaitable[None]] | None = None
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.recorder.response_body(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            self.recorder.response_start(message)
+            if self.extra_headers:
+                message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+            if self.on_start is not None:
+                await self.on_start()
+        await self.send(message)
 
 
 def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:
