@@ -22,7 +22,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Scope
 
@@ -58,6 +58,7 @@ MAX_ID_LENGTH = 255
 
 Resolver = Callable[[Scope], str | Awaitable[str | None] | None]
 MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
+_R = TypeVar("_R", bound=Callable[..., Any])
 
 _JWT_CACHE_KEY = "lago_org_billing.jwt_claims"
 _HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -159,7 +160,7 @@ def from_state(key: str = "org_id") -> Resolver:
             return _clean_id(state.get(key))
         return _clean_id(getattr(state, key, None))
 
-    return resolve_from_state
+    return _clean_ids(resolve_from_state)
 
 
 def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
@@ -195,7 +196,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
                 return value
         return None
 
-    return resolve_from_user
+    return _clean_ids(resolve_from_user)
 
 
 def _header_value(scope: Scope, name: bytes) -> str | None:
@@ -229,7 +230,7 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
         return _clean_id(_header_value(scope, raw_name))
 
     if membership_check is None:
-        return resolve_from_header
+        return _clean_ids(resolve_from_header)
     check = membership_check
 
     async def resolve_from_header_checked(scope: Scope) -> str | None:
@@ -244,7 +245,7 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
         logger.debug("Header %s names org %r, which the membership check rejected.", name, value)
         return None
 
-    return resolve_from_header_checked
+    return _clean_ids(resolve_from_header_checked)
 
 
 def _bearer_token(scope: Scope, header: bytes) -> str | None:
@@ -316,7 +317,7 @@ def from_jwt_claim(
             return None
         return _clean_id(claims.get(claim))
 
-    return resolve_from_jwt
+    return _clean_ids(resolve_from_jwt)
 
 
 def first_of(*resolvers: Resolver) -> Resolver:
@@ -341,11 +342,15 @@ def first_of(*resolvers: Resolver) -> Resolver:
                 return value
         return None
 
+    clean = tuple(_returns_clean_ids(resolver) for resolver in chain)
+
     def resolve_first_of(scope: Scope) -> str | Awaitable[str | None] | None:
         for index, resolver in enumerate(chain):
             result = resolver(scope)
             if result is None:
                 continue
+            if type(result) is str and clean[index]:
+                return result
             if type(result) is not str and inspect.isawaitable(result):
                 return resume(result, chain[index + 1 :], scope)
             value = _clean_id(result)
@@ -353,7 +358,17 @@ def first_of(*resolvers: Resolver) -> Resolver:
                 return value
         return None
 
-    return resolve_first_of
+    return _clean_ids(resolve_first_of)
+
+
+def _clean_ids(resolver: _R) -> _R:
+    """Mark a built-in resolver whose string results are already cleaned ids (saves re-checking them)."""
+    setattr(resolver, "_lago_clean_ids", True)  # noqa: B010 - a plain attribute on a function object
+    return resolver
+
+
+def _returns_clean_ids(resolver: object) -> bool:
+    return getattr(resolver, "_lago_clean_ids", False) is True
 
 
 def default_org_resolver(settings: BillingSettings) -> Resolver:
