@@ -232,7 +232,10 @@ class LagoClient:
         return _unwrap(await self._request("GET", path, params=params), "subscription")
 
     async def update_subscription(self, external_id: str, *, status: str | None = None, **fields: Any) -> JSON:
-        """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription)."""
+        """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription).
+
+        Only the fields given are sent. Lago's OpenAPI spec lists ``ending_at`` as required here (the server does
+        not require it); ``ending_at=None`` states "renews automatically" explicitly."""
         path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
         params = {"status": status} if status else None
         body = await self._request("PUT", path, params=params, json={"subscription": fields})

@@ -2,103 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from openapi_core import OpenAPI
-from openapi_core.datatypes import RequestParameters
-from openapi_core.exceptions import OpenAPIError
-from werkzeug.datastructures import Headers, ImmutableMultiDict
 
+from _openapi import assert_response_matches, load_spec
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
 
-SPEC = Path(__file__).parent.parent / "data" / "lago-openapi.yaml"
-
-
-@dataclass
-class _Request:
-    host_url: str
-    path: str
-    method: str
-    parameters: RequestParameters
-    content_type: str
-    body: bytes | None
-
-
-@dataclass
-class _Response:
-    status_code: int
-    content_type: str
-    headers: Headers
-    data: bytes | None
-
-
-def _repair(node: Any) -> None:
-    """Fix two contradictions of the spec that refuse valid Lago answers.
-
-    Nullable enums whose ``enum`` leaves out null, and ``oneOf`` listing both ``integer`` and ``number``
-    (every integer matches twice, so ``oneOf`` refuses it): use ``anyOf`` there.
-    """
-    if isinstance(node, dict):
-        if isinstance(node.get("type"), list) and "null" in node["type"] and isinstance(node.get("enum"), list):
-            if None not in node["enum"]:
-                node["enum"].append(None)
-        kinds = {b.get("type") for b in node.get("oneOf") or [] if isinstance(b, dict)}
-        if {"integer", "number"} <= kinds:
-            node["anyOf"] = node.pop("oneOf")
-        for value in node.values():
-            _repair(value)
-    elif isinstance(node, list):
-        for value in node:
-            _repair(value)
-
 
 @pytest.fixture(scope="session")
 def spec() -> Any:
-    """Lago's OpenAPI 3.1 spec, parsed once per session."""
-    with SPEC.open("rb") as file:
-        data = yaml.load(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    _repair(data)
-    return OpenAPI.from_dict(data)
+    """Lago's OpenAPI 3.1 spec, parsed once per process."""
+    return load_spec()
 
 
 def check(spec: Any, response: httpx.Response) -> None:
     """Validate one emulator response as if it came from https://api.getlago.com."""
-    request = response.request
-    spec_request = _Request(
-        host_url="https://api.getlago.com",
-        path=request.url.path,
-        method=request.method.lower(),
-        parameters=RequestParameters(
-            query=ImmutableMultiDict(list(request.url.params.multi_items())),
-            header=Headers(list(request.headers.items())),
-            cookie=ImmutableMultiDict(),
-        ),
-        content_type=request.headers.get("content-type", "application/json"),
-        body=request.content or None,
-    )
-    spec_response = _Response(
-        status_code=response.status_code,
-        content_type=response.headers.get("content-type", ""),
-        headers=Headers(list(response.headers.items())),
-        data=response.content,
-    )
-    try:
-        spec.validate_response(spec_request, spec_response)
-    except OpenAPIError as exc:
-        details = [str(exc)]
-        cause: BaseException | None = exc
-        while cause is not None:
-            details += [f"{e.json_path}: {e.message}" for e in getattr(cause, "schema_errors", ()) or ()]
-            cause = cause.__cause__
-        pytest.fail(f"{request.method} {request.url.path} -> {response.status_code}\n" + "\n".join(details))
+    assert_response_matches(response)
 
 
 async def test_rich_responses_match_the_spec(spec: Any) -> None:

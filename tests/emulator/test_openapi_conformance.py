@@ -10,103 +10,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from openapi_core import OpenAPI
-from openapi_core.datatypes import RequestParameters
-from openapi_core.exceptions import OpenAPIError
-from werkzeug.datastructures import Headers, ImmutableMultiDict
 
+from _openapi import assert_response_matches, load_spec
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
 
-SPEC_PATH = Path(__file__).parent.parent / "data" / "lago-openapi.yaml"
-SPEC_HOST = "https://api.getlago.com"
 API_KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-@dataclass
-class SpecRequest:
-    """openapi-core's Request protocol, for a request rewritten onto the spec's server."""
-
-    host_url: str
-    path: str
-    method: str
-    parameters: RequestParameters
-    content_type: str
-    body: bytes | None
-
-
-@dataclass
-class SpecResponse:
-    """openapi-core's Response protocol."""
-
-    status_code: int
-    content_type: str
-    headers: Headers
-    data: bytes | None
-
-
-def describe(exc: BaseException) -> str:
-    """The schema errors behind an openapi-core validation error, one per line, with their JSON paths."""
-    lines = [str(exc).split(":", 1)[0]]
-    cause: BaseException | None = exc
-    while cause is not None:
-        for error in getattr(cause, "schema_errors", ()) or ():
-            lines.append(f"  {error.json_path}: {error.message}")
-            for sub in error.context or ():
-                lines.append(f"    {sub.json_path}: {sub.message}")
-        cause = cause.__cause__
-    return "\n".join(lines)
-
-
-def fix_spec(node: Any) -> int:
-    """Repair two self-contradictions of the spec in place; returns how many schemas were changed.
-
-    Neither is about server behaviour, both make valid Lago answers fail validation:
-
-    * nullable enums: ``type: [string, 'null']`` with an ``enum`` that leaves out null (JSON Schema
-      then refuses null), e.g. ``SubscriptionObject.cancellation_reason``, whose own description says
-      "Null unless the subscription was canceled by payment gating". Add null to such enums.
-    * ``oneOf: [string, integer, number]`` (``EventObject.properties`` values): an integer matches both
-      ``integer`` and ``number``, so ``oneOf`` refuses every integer. Use ``anyOf`` there.
-    """
-    changed = 0
-    if isinstance(node, dict):
-        types = node.get("type")
-        enum = node.get("enum")
-        if isinstance(types, list) and "null" in types and isinstance(enum, list) and None not in enum:
-            node["enum"] = [*enum, None]
-            changed += 1
-        one_of = node.get("oneOf")
-        if isinstance(one_of, list):
-            kinds = {branch.get("type") for branch in one_of if isinstance(branch, dict)}
-            if {"integer", "number"} <= kinds:
-                node["anyOf"] = node.pop("oneOf")
-                changed += 1
-        for value in node.values():
-            changed += fix_spec(value)
-    elif isinstance(node, list):
-        for value in node:
-            changed += fix_spec(value)
-    return changed
-
-
 @pytest.fixture(scope="session")
 def openapi() -> Any:
-    """Lago's OpenAPI spec (repaired by fix_spec), parsed once per session (it takes a few seconds)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with SPEC_PATH.open("rb") as file:
-        spec = yaml.load(file, Loader=loader)
-    assert fix_spec(spec) > 0, "the spec no longer needs fix_spec: remove it"
-    return OpenAPI.from_dict(spec)
+    """Lago's OpenAPI spec (repaired by fix_spec), parsed once per process."""
+    return load_spec()
 
 
 @pytest.fixture
@@ -144,27 +65,7 @@ class Conformance:
 
     def validate(self, response: httpx.Response) -> None:
         request = response.request
-        query = ImmutableMultiDict(list(request.url.params.multi_items()))
-        spec_request = SpecRequest(
-            host_url=SPEC_HOST,
-            path=request.url.path,
-            method=request.method.lower(),
-            parameters=RequestParameters(
-                query=query, header=Headers(list(request.headers.items())), cookie=ImmutableMultiDict()
-            ),
-            content_type=request.headers.get("content-type", "application/json"),
-            body=request.content or None,
-        )
-        spec_response = SpecResponse(
-            status_code=response.status_code,
-            content_type=response.headers.get("content-type", "").lower(),
-            headers=Headers(list(response.headers.items())),
-            data=response.content,
-        )
-        try:
-            self.openapi.validate_response(spec_request, spec_response)
-        except OpenAPIError as exc:
-            pytest.fail(f"{request.method} {request.url.path} -> {response.status_code}: {describe(exc)}")
+        assert_response_matches(response)
         self.checked.append(f"{request.method} {request.url.path} {response.status_code}")
 
 
