@@ -444,3 +444,28 @@ async def test_event_that_cannot_be_built_goes_to_dead_letters(
     assert len(letters) == 2
     assert all("tenant_region" in letter.reason for letter in letters)
     assert middleware.stats["event_errors"] == 2
+
+
+def test_direct_event_json_matches_json_module() -> None:
+    """The middleware's hand-written event JSON is the same document json.dumps writes, quotes and unicode too."""
+    from lago_org_billing._events import event_payload
+    from lago_org_billing._middleware import _encode_request_event
+
+    for user, model in (("ada", "gpt-4o-mini"), ('o"brien\\n', "模型-ü\u2028"), (None, None)):
+        properties: dict[str, Any] = {
+            "org_id": "org_a",
+            "endpoint": "/v1/chat/{chat_id}",
+            "method": "POST",
+            "status_code": 200,
+            "duration_ms": 12.345,
+            "input_tokens": 1,
+            "output_tokens": 2,
+            "total_tokens": 3,
+        }
+        if user is not None:
+            properties["user_id"] = user
+            properties["model"] = model
+        event = event_payload(
+            transaction_id="req_1", external_subscription_id="org_a", code="api_call", properties=properties
+        )
+        assert json.loads(_encode_request_event(event)) == event

@@ -48,6 +48,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._events import EncodedEvent
+
 _flock: Callable[[int, int], None] | None
 try:
     import fcntl
@@ -272,6 +274,8 @@ def dumps_event(event: JSON) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body."""
     if type(event) is _Unbuildable:
         raise ValueError(event.reason)
+    if isinstance(event, EncodedEvent):
+        return event.json_text
     return _encode(event)
 
 
