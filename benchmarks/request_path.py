@@ -1,0 +1,91 @@
+"""CPU cost of OrgBillingMiddleware's request path, in process: bare vs pass-through vs billed.
+
+The ASGI app is called directly in a loop (no server, no network). The billed app's delivery pipeline is
+replaced by one that only accepts events, so the figure is what a request pays before its response completes;
+building, encoding and sending the event happen later, batched (see benchmarks/delivery.py).
+
+    python benchmarks/request_path.py [--requests 20000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.update(LAGO_API_KEY="bench", LAGO_ORG_HEADER="X-Org-Id", LAGO_USER_HEADER="X-User-Id")
+
+import anyio
+from benchmarks._apps import _app, bare, passthrough
+
+from lago_org_billing import OrgBillingMiddleware
+
+SCOPE = {
+    "type": "http",
+    "asgi": {"version": "3.0"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/v1/chat/1",
+    "raw_path": b"/v1/chat/1",
+    "query_string": b"",
+    "root_path": "",
+    "headers": [(b"host", b"bench"), (b"x-org-id", b"org_bench"), (b"x-user-id", b"ada")],
+    "client": ("127.0.0.1", 1),
+    "server": ("bench", 80),
+}
+
+
+class AcceptingPipeline:
+    """Takes events and drops them: isolates the request path from delivery."""
+
+    client = None
+
+    def submit(self, event: Any) -> None:
+        pass
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
+
+    async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the pipeline API
+        pass
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def send(message: dict[str, Any]) -> None:
+    pass
+
+
+async def run(app: Any, count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        await app(dict(SCOPE), receive, send)
+    return (time.perf_counter() - started) / count * 1e6
+
+
+async def main(requests: int, rounds: int) -> None:
+    billed = OrgBillingMiddleware(_app(), pipeline=AcceptingPipeline(), quota=None)  # type: ignore[arg-type]
+    billed._running = True  # no lifespan here: nothing to start
+    apps = {"bare": bare, "pass-through": passthrough, "billed (request path)": billed}
+    for app in apps.values():
+        await run(app, 200)
+    best = {name: min([await run(app, requests) for _ in range(rounds)]) for name, app in apps.items()}
+    for name, micros in best.items():
+        print(f"{name:<22} {micros:6.1f} µs/request  (+{micros - best['bare']:.1f} over bare)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.requests, arguments.rounds))
