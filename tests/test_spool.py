@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -203,3 +204,34 @@ async def test_second_process_gets_its_own_slot_and_orphans_are_adopted(tmp_path
     assert pipeline.spool_file == str(path)
     assert sorted(transaction_ids(fake)) == ["a0", "a1", "b0", "b1", "b2", "b3"]
     assert not exists(f"{path}.1")
+
+
+def test_memory_outbox_builds_lazy_events_without_sending() -> None:
+    """Builders are run once by build_pending (freeing what they hold), even when nothing can be sent."""
+    from lago_org_billing._spool import MemoryOutbox
+
+    calls: list[int] = []
+
+    def builder(n: int) -> Any:
+        def build() -> dict[str, Any]:
+            calls.append(n)
+            return {"transaction_id": f"tx_{n}", "external_subscription_id": "s", "code": "c"}
+
+        return build
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    outbox = MemoryOutbox(capacity=10)
+    for n in range(3):
+        assert outbox.put(builder(n))
+    assert outbox.put(broken)
+    assert outbox.put({"transaction_id": "plain", "external_subscription_id": "s", "code": "c"})
+    outbox.build_pending()
+    outbox.build_pending()  # nothing left to build: builders never run twice
+    assert calls == [0, 1, 2]
+    items = outbox.take(10)
+    assert [json.loads(item.encoded())["transaction_id"] for item in items[:3]] == ["tx_0", "tx_1", "tx_2"]
+    with pytest.raises(ValueError, match="boom"):
+        items[3].encoded()
+    assert calls == [0, 1, 2]

@@ -337,6 +337,11 @@ class UsageRecorder:
         self._data_lines: list[bytes] = []
         self._result: Usage | None = None
 
+    def detach(self) -> None:
+        """Let go of the request's scope (keeping only what :func:`attribute_usage` stored), for a recorder
+        whose :meth:`result` is read later: the scope and everything it holds can be freed now."""
+        self._scope = {SCOPE_KEY: self._scope.get(SCOPE_KEY)}
+
     # -- response start --------------------------------------------------------------------------------------------
 
     def response_start(self, message: Message) -> None:

@@ -200,6 +200,8 @@ class EventPipeline:
                 async with anyio.create_task_group() as tg:
                     if self.outbox.durable:
                         tg.start_soon(self._spool_task)
+                    elif isinstance(self.outbox, MemoryOutbox):
+                        tg.start_soon(self._build_task, self.outbox)
                     for _ in range(self.concurrency):
                         tg.start_soon(self._worker, receive.clone())
                     receive.close()
@@ -327,6 +329,12 @@ class EventPipeline:
     def _progressed(self) -> None:
         if self._progress is not None:
             self._progress.set()
+
+    async def _build_task(self, outbox: MemoryOutbox) -> None:
+        """Build lazily submitted events within ``flush_interval``, whether or not Lago takes them now."""
+        while True:
+            await anyio.sleep(self.flush_interval)
+            outbox.build_pending()
 
     async def _spool_task(self) -> None:
         outbox = self.outbox

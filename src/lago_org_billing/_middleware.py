@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import httpx
@@ -298,23 +298,22 @@ class OrgBillingMiddleware:
             if decision is not None and self.quota is not None:
                 self.quota.settle(identity.org_id or "", decision, tokens=0, billed=False)
             return
-        self.pipeline.submit(
-            functools.partial(
-                self._build_event, scope, identity, recorder, status, started, time.time(), root_path, decision
-            )
+        # Keep only what the event needs, not the scope, so the request's objects can be freed at once.
+        request = _RequestFacts(
+            route_template(scope, status, root_path),
+            scope["method"],
+            status,
+            started,
+            time.time(),
+            self._idempotency_key(scope),
+            scope if self.event_properties is not None else None,
         )
+        recorder.detach()
+        self.pipeline.submit(functools.partial(self._build_event, request, identity, recorder, decision))
         self.stats["billed"] += 1
 
     def _build_event(
-        self,
-        scope: Scope,
-        identity: Identity,
-        recorder: UsageRecorder,
-        status: int,
-        started: float,
-        ended: float,
-        root_path: str,
-        decision: QuotaDecision | None,
+        self, request: _RequestFacts, identity: Identity, recorder: UsageRecorder, decision: QuotaDecision | None
     ) -> dict[str, Any]:
         """The event of one request (called once, by the pipeline). An error here is logged with its traceback
         and the request goes to the dead letters: never silently lost."""
@@ -324,10 +323,10 @@ class OrgBillingMiddleware:
             assert org_id is not None
             properties: dict[str, Any] = {
                 "org_id": org_id,
-                "endpoint": route_template(scope, status, root_path),
-                "method": scope["method"],
-                "status_code": status,
-                "duration_ms": round((ended - started) * 1000, 3),
+                "endpoint": request.endpoint,
+                "method": request.method,
+                "status_code": request.status,
+                "duration_ms": round((request.ended - request.started) * 1000, 3),
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,
                 "total_tokens": usage.total_tokens,
@@ -336,33 +335,39 @@ class OrgBillingMiddleware:
                 properties["user_id"] = identity.user_id
             if usage.model is not None:
                 properties["model"] = usage.model
-            extra = self.event_properties is not None
-            if extra:
-                properties.update(self.event_properties(scope, identity))  # type: ignore[misc]
+            extra = self.event_properties is not None and request.scope is not None
+            if self.event_properties is not None and request.scope is not None:
+                properties.update(self.event_properties(request.scope, identity))
             event = event_payload(
-                transaction_id=self._transaction_id(scope, org_id),
+                transaction_id=self._transaction_id(request.idempotency_key, org_id),
                 external_subscription_id=self.settings.subscription_id_for(org_id),
                 code=self.settings.event_code,
                 properties=properties,
-                timestamp=started,
+                timestamp=request.started,
                 check_properties=extra,
             )
             if not extra:  # known keys and plain values: write the JSON text directly (2-3x faster than json)
                 event = EncodedEvent(event, _encode_request_event(event))
         except Exception:
-            logger.exception("Could not build the usage event of %s %s", scope.get("method"), scope.get("path"))
+            logger.exception("Could not build the usage event of %s %s", request.method, request.endpoint)
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
         if decision is not None and self.quota is not None:
             self.quota.settle(org_id, decision, tokens=usage.total_tokens, billed=True)
         return event
 
-    def _transaction_id(self, scope: Scope, org_id: str) -> str:
+    def _idempotency_key(self, scope: Scope) -> str | None:
         if self.idempotency_header is not None:
             for name, value in scope["headers"]:
                 if name == self.idempotency_header and value:
-                    key = value.decode("latin-1")[:128]
-                    return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{key}').hex}"
+                    key: str = value.decode("latin-1")[:128]
+                    return key
+        return None
+
+    @staticmethod
+    def _transaction_id(idempotency_key: str | None, org_id: str) -> str:
+        if idempotency_key is not None:
+            return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{idempotency_key}').hex}"
         return _request_id()
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -406,6 +411,18 @@ def _encode_request_event(event: dict[str, Any]) -> str:
     if "model" in props:
         text += ',"model":' + _json_str(props["model"])
     return text + "}}"
+
+
+class _RequestFacts(NamedTuple):
+    """What a request's event needs from the request, captured when its response is over."""
+
+    endpoint: str
+    method: str
+    status: int
+    started: float
+    ended: float
+    idempotency_key: str | None
+    scope: Scope | None  # kept only for an ``event_properties`` hook
 
 
 class _ResponseWatcher:

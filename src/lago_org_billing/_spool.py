@@ -189,16 +189,30 @@ class MemoryOutbox(Outbox):
         super().__init__(capacity)
         self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
         self.dead_evicted = 0
+        self._unbuilt: list[Item] = []
 
     def put(self, event: EventOrBuilder) -> bool:
         window = self.window
         if len(window) >= self.capacity:
             return False
-        window.append(Item(event))
+        item = Item(event)
+        window.append(item)
+        if type(event) is not dict:
+            self._unbuilt.append(item)
         if len(window) == 1:
             self.ready_since = time.monotonic()
             self.on_ready()
         return True
+
+    def build_pending(self) -> None:
+        """Build and encode the events submitted as builders since the last call, so that what a request left
+        behind (its response body, ...) is freed soon even while Lago is down and nothing is sent."""
+        items, self._unbuilt = self._unbuilt, []
+        for item in items:
+            try:
+                item.encoded()
+            except ValueError:  # its builder failed or JSON cannot carry it: dead-lettered when it is sent
+                pass
 
     def resolve(self, items: list[Item]) -> None:
         self.in_flight -= len(items)
