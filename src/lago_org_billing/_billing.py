@@ -39,6 +39,8 @@ __all__ = [
     "METADATA_MIGRATED_FROM",
     "OrgBilling",
     "check_metadata",
+    "customer_metadata",
+    "metadata_update_items",
 ]
 
 logger = logging.getLogger("lago_org_billing.billing")
@@ -188,7 +190,7 @@ class OrgBilling:
         customer = await self.get_customer(external_id)
         if customer is None:
             return False
-        return _metadata_dict(customer).get(METADATA_BILLING_TYPE) == ORGANIZATION
+        return customer_metadata(customer).get(METADATA_BILLING_TYPE) == ORGANIZATION
 
     async def _update(
         self,
@@ -204,24 +206,16 @@ class OrgBilling:
         if email is not None:
             customer["email"] = _email(email)
         if changes:
-            items = {item["key"]: item for item in existing.get("metadata") or []}
-            merged: dict[str, str] = {key: str(item["value"]) for key, item in items.items()}
+            current = customer_metadata(existing)
+            merged = dict(current)
             for key, value in changes.items():
                 if value is None:
                     merged.pop(key, None)
                 else:
                     merged[key] = value
             check_metadata(merged)
-            if merged != {key: str(item["value"]) for key, item in items.items()}:
-                customer["metadata"] = [
-                    {
-                        **({"id": items[key]["lago_id"]} if key in items and items[key].get("lago_id") else {}),
-                        "key": key,
-                        "value": value,
-                        "display_in_invoice": bool(items[key].get("display_in_invoice")) if key in items else False,
-                    }
-                    for key, value in merged.items()
-                ]
+            if merged != current:
+                customer["metadata"] = metadata_update_items(existing, merged)
         if len(customer) == 1:  # nothing to change
             return existing
         return await self.client.upsert_customer(customer)
@@ -547,8 +541,28 @@ def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -
     return wanted
 
 
-def _metadata_dict(customer: Mapping[str, Any]) -> dict[str, str]:
-    return {item["key"]: item["value"] for item in customer.get("metadata") or [] if "key" in item}
+def customer_metadata(customer: Mapping[str, Any] | None) -> dict[str, str]:
+    """A Lago customer's metadata items as ``{key: value}``."""
+    if customer is None:
+        return {}
+    return {str(item["key"]): str(item.get("value")) for item in customer.get("metadata") or [] if "key" in item}
+
+
+def metadata_update_items(customer: Mapping[str, Any] | None, metadata: Mapping[str, str]) -> list[JSON]:
+    """The ``metadata`` list that makes a customer's metadata exactly ``metadata``.
+
+    Lago deletes every existing item whose ``id`` is missing from an update, and a key re-sent without its id
+    collides with itself: items that stay keep their ``id`` and ``display_in_invoice``; new keys are added."""
+    existing = {str(item["key"]): item for item in (customer or {}).get("metadata") or [] if "key" in item}
+    items: list[JSON] = []
+    for key, value in metadata.items():
+        entry: JSON = {"key": key, "value": value}
+        known = existing.get(key)
+        if known is not None and known.get("lago_id"):
+            entry["id"] = known["lago_id"]
+        entry["display_in_invoice"] = bool(known.get("display_in_invoice")) if known is not None else False
+        items.append(entry)
+    return items
 
 
 def _name(name: str) -> str:

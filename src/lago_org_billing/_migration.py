@@ -49,6 +49,16 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 import anyio
 import httpx
 
+from ._billing import (
+    MAX_METADATA_ITEMS,
+    MAX_METADATA_VALUE,
+    METADATA_BILLING_TYPE,
+    METADATA_CREATED_BY,
+    METADATA_MIGRATED_FROM,
+    ORGANIZATION,
+    customer_metadata,
+    metadata_update_items,
+)
 from ._client import JSON, LagoClient
 from ._errors import (
     InvalidIdentifierError,
@@ -603,31 +613,6 @@ async def _or_none(call: Any) -> JSON | None:
     return result
 
 
-def _metadata(customer: JSON | None) -> dict[str, str]:
-    if customer is None:
-        return {}
-    return {str(item["key"]): str(item.get("value")) for item in customer.get("metadata") or [] if "key" in item}
-
-
-def _metadata_items(customer: JSON | None, changes: Mapping[str, str]) -> list[JSON]:
-    """Lago's metadata list for an update: existing items keep their ``id`` (a missing one would be deleted,
-    and a re-sent key without its id collides), changed values are updated in place, new keys are added."""
-    items: list[JSON] = []
-    present: set[str] = set()
-    for item in (customer or {}).get("metadata") or []:
-        key = str(item.get("key"))
-        present.add(key)
-        entry: JSON = {"key": key, "value": changes.get(key, item.get("value"))}
-        if item.get("lago_id"):
-            entry["id"] = item["lago_id"]
-        entry["display_in_invoice"] = bool(item.get("display_in_invoice", False))
-        items.append(entry)
-    for key, value in changes.items():
-        if key not in present:
-            items.append({"key": key, "value": value, "display_in_invoice": False})
-    return items
-
-
 def _user_list(users: Iterable[str], limit: int = 100) -> str:
     """Comma-separated user ids within ``limit`` characters; the rest counted as ``+N``."""
     users = list(dict.fromkeys(users))
@@ -682,14 +667,15 @@ async def plan_org(
 
     # 1. The org customer.
     steps: list[Step] = []
-    wanted = {"billing_type": "organization"}
-    existing_meta = _metadata(org_customer)
-    previous_users = [u for u in existing_meta.get("migrated_from_user", "").split(",") if u and not u.startswith("+")]
-    wanted["migrated_from_user"] = _user_list([*previous_users, *org.users])
-    if "created_by_user_id" not in existing_meta:
-        wanted["created_by_user_id"] = org.users[0]
+    wanted = {METADATA_BILLING_TYPE: ORGANIZATION}
+    existing_meta = customer_metadata(org_customer)
+    previous = existing_meta.get(METADATA_MIGRATED_FROM, "").split(",")
+    previous_users = [u for u in previous if u and not u.startswith("+")]
+    wanted[METADATA_MIGRATED_FROM] = _user_list([*previous_users, *org.users])
+    if METADATA_CREATED_BY not in existing_meta:
+        wanted[METADATA_CREATED_BY] = org.users[0]
     changes = {key: value for key, value in wanted.items() if existing_meta.get(key) != value}
-    room = 5 - len(existing_meta)
+    room = MAX_METADATA_ITEMS - len(existing_meta)
     for key in [key for key in changes if key not in existing_meta]:
         if room > 0:
             room -= 1
@@ -704,7 +690,9 @@ async def plan_org(
     if org.email is not None and (org_customer is None or not org_customer.get("email")):
         customer_payload["email"] = org.email
     if changes or org_customer is None:
-        customer_payload["metadata"] = _metadata_items(org_customer, changes)
+        customer_payload["metadata"] = metadata_update_items(
+            org_customer, {**customer_metadata(org_customer), **changes}
+        )
     if len(customer_payload) > 1:
         what = "create" if org_customer is None else "update"
         fields = ", ".join(sorted(k for k in customer_payload if k != "external_id"))
@@ -779,17 +767,19 @@ async def plan_org(
     for user_id, customer, _ in users:
         if customer is None:
             continue
-        meta = _metadata(customer)
+        meta = customer_metadata(customer)
         if meta.get(METADATA_MIGRATED_TO) == org.org_id:
             continue
-        if len(org.org_id) > 100:
+        if len(org.org_id) > MAX_METADATA_VALUE:
             result.warnings.append(f"user {user_id!r} not marked: org id longer than Lago's 100-character values")
-        elif METADATA_MIGRATED_TO not in meta and len(meta) >= 5:
+        elif METADATA_MIGRATED_TO not in meta and len(meta) >= MAX_METADATA_ITEMS:
             result.warnings.append(f"user {user_id!r} not marked: its customer already has 5 metadata items")
         else:
             payload = {
                 "external_id": user_id,
-                "metadata": _metadata_items(customer, {METADATA_MIGRATED_TO: org.org_id}),
+                "metadata": metadata_update_items(
+                    customer, {**customer_metadata(customer), METADATA_MIGRATED_TO: org.org_id}
+                ),
             }
             steps.append(
                 Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
