@@ -1,8 +1,9 @@
 """CPU cost of OrgBillingMiddleware's request path, in process: bare vs pass-through vs billed.
 
 The ASGI app is called directly in a loop (no server, no network). The billed app's delivery pipeline is
-replaced by one that only accepts events, so the figure is what a request pays before its response completes;
-building, encoding and sending the event happen later, batched (see benchmarks/delivery.py).
+replaced by one that only keeps what the middleware submits: the first figure is what a request pays before its
+response completes; the second is building and encoding those events afterwards, batched as the pipeline does
+(sending them is measured by benchmarks/delivery.py).
 
     python benchmarks/request_path.py [--requests 20000] [--rounds 5]
 """
@@ -24,6 +25,7 @@ import anyio
 from benchmarks._apps import _app, bare, passthrough
 
 from lago_org_billing import OrgBillingMiddleware
+from lago_org_billing._spool import build_item
 
 SCOPE = {
     "type": "http",
@@ -42,12 +44,20 @@ SCOPE = {
 
 
 class AcceptingPipeline:
-    """Takes events and drops them: isolates the request path from delivery."""
+    """Keeps what it is given: isolates the request path from building and delivery."""
 
     client = None
 
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.build: Any = None
+
     def submit(self, event: Any) -> None:
-        pass
+        self.events.append(event)
+
+    def lane(self, build: Any) -> Any:
+        self.build = build
+        return self.events.append
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -72,15 +82,34 @@ async def run(app: Any, count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
+def build(pipeline: AcceptingPipeline) -> float:
+    """Build and encode the submitted events as the pipeline does (µs per event)."""
+    events = pipeline.events.copy()
+    pipeline.events.clear()
+    started = time.perf_counter()
+    for facts in events:
+        build_item(pipeline.build, facts).encoded()
+    return (time.perf_counter() - started) / len(events) * 1e6
+
+
 async def main(requests: int, rounds: int) -> None:
-    billed = OrgBillingMiddleware(_app(), pipeline=AcceptingPipeline(), quota=None)  # type: ignore[arg-type]
+    pipeline = AcceptingPipeline()
+    billed = OrgBillingMiddleware(_app(), pipeline=pipeline, quota=None)  # type: ignore[arg-type]
     billed._running = True  # no lifespan here: nothing to start
     apps = {"bare": bare, "pass-through": passthrough, "billed (request path)": billed}
     for app in apps.values():
         await run(app, 200)
-    best = {name: min([await run(app, requests) for _ in range(rounds)]) for name, app in apps.items()}
+    pipeline.events.clear()
+    best: dict[str, float] = {}
+    builds: list[float] = []
+    for name, app in apps.items():
+        for _ in range(rounds):
+            best[name] = min(best.get(name, float("inf")), await run(app, requests))
+            if app is billed:
+                builds.append(build(pipeline))
     for name, micros in best.items():
         print(f"{name:<22} {micros:6.1f} µs/request  (+{micros - best['bare']:.1f} over bare)")
+    print(f"{'billed (event build)':<22} {min(builds):6.1f} µs/event    (later, batched, off the request path)")
 
 
 if __name__ == "__main__":

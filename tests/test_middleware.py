@@ -448,6 +448,7 @@ async def test_event_that_cannot_be_built_goes_to_dead_letters(
 
 def test_direct_event_json_matches_json_module() -> None:
     """The middleware's hand-written event JSON is the same document json.dumps writes, quotes and unicode too."""
+    from lago_org_billing._attribution import Usage
     from lago_org_billing._events import event_payload
     from lago_org_billing._middleware import _encode_request_event
 
@@ -466,6 +467,23 @@ def test_direct_event_json_matches_json_module() -> None:
             properties["user_id"] = user
             properties["model"] = model
         event = event_payload(
-            transaction_id="req_1", external_subscription_id="org_a", code="api_call", properties=properties
+            transaction_id="req_1",
+            external_subscription_id="org_a",
+            code="api_call",
+            properties=properties,
+            timestamp=1764082800.5,
         )
-        assert json.loads(_encode_request_event(event)) == event
+        text = _encode_request_event(
+            "req_1",
+            "org_a",
+            "api_call",
+            event["timestamp"],
+            "org_a",
+            "/v1/chat/{chat_id}",
+            "POST",
+            200,
+            12.345,
+            Usage(model, 1, 2, 3),
+            user,
+        )
+        assert text == json.dumps(event, ensure_ascii=False, separators=(",", ":"))

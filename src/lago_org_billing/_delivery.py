@@ -44,9 +44,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -71,6 +71,7 @@ __all__ = ["DeadLetter", "EventPipeline"]
 logger = logging.getLogger("lago_org_billing.delivery")
 
 JSON = dict[str, Any]
+_Facts = TypeVar("_Facts")
 _OUTAGE_STATUSES = (502, 503, 504)
 
 
@@ -158,25 +159,48 @@ class EventPipeline:
     def submit(self, event: EventOrBuilder) -> None:
         """Queue ``event`` for delivery: sync, O(1), no I/O. The pipeline owns the dict from now on.
 
-        ``event`` may also be a function returning the event: the pipeline calls it once, in the background,
-        when it stores or batches the event (if it raises, the event goes to the dead letters).
+        ``event`` may also be a function returning the event (or its JSON text): the pipeline calls it once, in
+        the background, when it stores or batches the event (if it raises, the event goes to the dead letters).
 
         Never raises: a full outbox or a closed pipeline counts the event in ``dropped`` and logs an ERROR
         (once per burst)."""
-        metrics = self.metrics
-        metrics.recorded += 1
+        self.metrics.recorded += 1
         if not self._closed and self.outbox.put(event):
             if self._drop_burst:
-                logger.warning("Billing events are accepted again after %d were dropped", self._drop_burst)
-                self._drop_burst = 0
+                self._accepted_again()
             return
-        metrics.dropped += 1
+        self._refused(event.get("transaction_id") if isinstance(event, Mapping) else event)
+
+    def lane(self, build: Callable[[_Facts], JSON | str]) -> Callable[[_Facts], None]:
+        """A cheaper :meth:`submit` for events that one function builds: ``submit_facts = pipeline.lane(build)``,
+        then ``submit_facts(facts)`` per event, and ``build(facts)`` returns the event (or its JSON text) later, in
+        the background, batched. The memory outbox keeps nothing but ``facts`` per waiting event (best a tuple of
+        plain values), which keeps the request path light. Same guarantees as :meth:`submit`."""
+        put = self.outbox.lane(build)
+        metrics = self.metrics
+
+        def submit_facts(facts: _Facts) -> None:
+            metrics.recorded += 1
+            if not self._closed and put(facts):
+                if self._drop_burst:
+                    self._accepted_again()
+                return
+            self._refused(f"built by {getattr(build, '__qualname__', build)}")
+
+        return submit_facts
+
+    def _accepted_again(self) -> None:
+        logger.warning("Billing events are accepted again after %d were dropped", self._drop_burst)
+        self._drop_burst = 0
+
+    def _refused(self, what: object) -> None:
+        self.metrics.dropped += 1
         if not self._drop_burst:
             why = "the pipeline is closed" if self._closed else f"the outbox is full ({self.outbox.capacity} events)"
             logger.error(
                 "Dropping billing event %s: %s. Lago is slow or down; set LAGO_SPOOL_PATH for a durable spool "
                 "or raise memory_capacity.",
-                event.get("transaction_id") if isinstance(event, Mapping) else event,
+                what,
                 why,
             )
         self._drop_burst += 1

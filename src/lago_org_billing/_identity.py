@@ -35,6 +35,7 @@ __all__ = [
     "Resolver",
     "billing_scope",
     "call_resolver",
+    "default_identity",
     "default_org_resolver",
     "default_user_resolver",
     "first_of",
@@ -385,6 +386,56 @@ def default_user_resolver(settings: BillingSettings) -> Resolver:
     if settings.user_header:
         resolvers.append(from_header(settings.user_header))
     return first_of(*resolvers)
+
+
+def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str | None, str | None] | None]:
+    """The default org and user resolvers in one pass over the scope (the middleware's hot path).
+
+    Returns ``(org_id, user_id)`` exactly as :func:`default_org_resolver` and :func:`default_user_resolver`
+    would (the user only when there is an org), or ``None`` when the scope has an authenticated ``user`` or an
+    unusual ``state``: the middleware then runs the resolvers themselves.
+    """
+    org_header = settings.org_header.strip().lower().encode("latin-1") if settings.org_header else None
+    user_header = settings.user_header.strip().lower().encode("latin-1") if settings.user_header else None
+
+    def resolve_identity(scope: Scope) -> tuple[str | None, str | None] | None:
+        if scope.get("user") is not None:
+            return None
+        state = scope.get("state")
+        org = user = None
+        if state is not None:
+            if type(state) is not dict:
+                return None
+            org = _clean_id(state.get("org_id"))
+            user = _clean_id(state.get("user_id"))
+        want_org = org is None and org_header is not None
+        want_user = user is None and user_header is not None
+        if want_org or want_user:
+            # One pass for both headers; a header repeated with different values resolves to None.
+            org_raw = user_raw = None
+            org_bad = user_bad = False
+            for key, value in scope.get("headers") or ():
+                key = key.lower()
+                if key == org_header and want_org:
+                    org_bad = org_bad or (org_raw is not None and value != org_raw)
+                    org_raw = value
+                if key == user_header and want_user:
+                    user_bad = user_bad or (user_raw is not None and value != user_raw)
+                    user_raw = value
+            if org_raw is not None and not org_bad:
+                org = _clean_id(_latin1(org_raw))
+            if user_raw is not None and not user_bad:
+                user = _clean_id(_latin1(user_raw))
+        return (org, user) if org is not None else (None, None)
+
+    return resolve_identity
+
+
+def _latin1(value: object) -> str | None:
+    try:
+        return value.decode("latin-1")  # type: ignore[attr-defined,no-any-return]
+    except (AttributeError, UnicodeDecodeError):
+        return None
 
 
 def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -24,20 +24,22 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._attribution import AttributionConfig, UsageRecorder
+from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
 from ._client import LagoClient
 from ._delivery import EventPipeline
 from ._errors import ConfigurationError
-from ._events import EncodedEvent, event_payload
+from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._identity import (
     SCOPE_KEY,
     Identity,
     Resolver,
+    default_identity,
     default_org_resolver,
     default_user_resolver,
     resolve_now,
 )
+from ._ids import format_timestamp
 from ._settings import BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
@@ -101,6 +103,9 @@ class OrgBillingMiddleware:
         self.settings = settings if settings is not None else BillingSettings.from_env()
         self.resolve_org = resolve_org or default_org_resolver(self.settings)
         self.resolve_user = resolve_user or default_user_resolver(self.settings)
+        # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
+        self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
+        self._subscription_ids: dict[str, str] = {}
         self.on_unresolved = on_unresolved
         self.unresolved_status = unresolved_status
         self.bill_server_errors = bill_server_errors
@@ -115,6 +120,11 @@ class OrgBillingMiddleware:
                 client = self._owned_client = LagoClient(self.settings, transport=transport)
             pipeline = EventPipeline(client, spool_path=self.settings.spool_path)
         self.pipeline = pipeline
+        self._submit: Callable[[_Facts], None] = (
+            pipeline.lane(self._build_event)
+            if hasattr(pipeline, "lane")
+            else lambda facts: pipeline.submit(functools.partial(self._build_event, facts))
+        )
         if quota == "auto":
             quota = _default_quota(self.settings, pipeline.client)
         self.quota: QuotaGateProtocol | None = quota
@@ -207,22 +217,28 @@ class OrgBillingMiddleware:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._running:
             await self._start_lazily()
-        if self.quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
-            billing = scope.get(SCOPE_KEY)
-            if type(billing) is not dict:
-                billing = scope[SCOPE_KEY] = {}
-            billing["quota"] = self.quota
-        path: str = scope["path"]
-        for prefix in self.exclude_paths:
-            if path.startswith(prefix):
-                self.stats["excluded"] += 1
-                await self.app(scope, receive, send)
-                return
+        billing = scope.get(SCOPE_KEY)
+        if type(billing) is not dict:
+            billing = scope[SCOPE_KEY] = {}
+        quota = self.quota
+        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
+            billing["quota"] = quota
+        if self.exclude_paths:
+            path: str = scope["path"]
+            for prefix in self.exclude_paths:
+                if path.startswith(prefix):
+                    self.stats["excluded"] += 1
+                    await self.app(scope, receive, send)
+                    return
         self.stats["requests"] += 1
         started = time.time()
         root_path: str = scope.get("root_path", "")
-        identity = await self._resolve(scope)
-        if identity.org_id is None:
+        identity = self._identify(scope) if self._identify is not None else None
+        if identity is None:
+            identity = await self._resolve(scope)
+        org_id, user_id = identity
+        _publish(scope, billing, org_id, user_id)
+        if org_id is None:
             if self.on_unresolved == "reject":
                 self.stats["unresolved"] += 1
                 await self._reject(scope, receive, send)
@@ -230,60 +246,59 @@ class OrgBillingMiddleware:
             await self._call_unresolved(scope, receive, send, started, root_path)
             return
 
-        org_id = identity.org_id
         decision: QuotaDecision | None = None
-        if self.quota is not None:
-            decision = await self.quota.check(org_id)
+        watcher = _ResponseWatcher(scope, self.attribution, send)
+        if quota is not None:
+            decision = await quota.check(org_id)
             if not decision.allowed:
                 self.stats["blocked"] += 1
                 await decision.response()(scope, receive, send)
                 return
-        watcher = _ResponseWatcher(send, UsageRecorder(scope, self.attribution))
-        if decision is not None:
             watcher.extra_headers = decision.headers
         try:
             await self.app(scope, receive, watcher)
         finally:
-            self._record(scope, identity, watcher.recorder, watcher.status, started, root_path, decision)
+            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
-    async def _resolve(self, scope: Scope) -> Identity:
+    async def _resolve(self, scope: Scope) -> tuple[str | None, str | None]:
+        """The configured resolvers (sync or async): ``(org_id, user_id)``, the user only when there is an org."""
         org = resolve_now(self.resolve_org, scope)
         org_id = org if org is None or isinstance(org, str) else await org
         user_id = None
         if org_id is not None:
             user = resolve_now(self.resolve_user, scope)
             user_id = user if user is None or isinstance(user, str) else await user
-        identity = Identity(org_id, user_id)
-        _publish(scope, identity)
-        return identity
+        return org_id, user_id
 
     async def _call_unresolved(
         self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str
     ) -> None:
         """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
         in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then."""
-        identity = Identity(None)
+        identity: tuple[str | None, str | None] = (None, None)
 
         async def resolve_late() -> None:
             nonlocal identity
             identity = await self._resolve(scope)
+            _publish(scope, scope[SCOPE_KEY], *identity)
 
-        watcher = _ResponseWatcher(send, UsageRecorder(scope, self.attribution))
+        watcher = _ResponseWatcher(scope, self.attribution, send)
         watcher.on_start = resolve_late
         try:
             await self.app(scope, receive, watcher)
         finally:
-            if identity.org_id is None:
+            org_id, user_id = identity
+            if org_id is None:
                 self.stats["unresolved"] += 1
             else:  # resolved only after the app ran: billed (and counted), but it could not be gated
-                self._record(scope, identity, watcher.recorder, watcher.status, started, root_path, QuotaDecision())
+                self._record(scope, org_id, user_id, watcher, started, root_path, QuotaDecision())
 
     def _record(
         self,
         scope: Scope,
-        identity: Identity,
-        recorder: UsageRecorder,
-        status: int,
+        org_id: str,
+        user_id: str | None,
+        watcher: _ResponseWatcher,
         started: float,
         root_path: str,
         decision: QuotaDecision | None,
@@ -293,68 +308,96 @@ class OrgBillingMiddleware:
         Only what the request knows is captured here; reading the body's usage, building and encoding the event
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
         off the request's path."""
+        status = watcher.status if watcher.status is not None else 500
         if status >= 500 and not self.bill_server_errors:
             self.stats["unbilled_errors"] += 1
             if decision is not None and self.quota is not None:
-                self.quota.settle(identity.org_id or "", decision, tokens=0, billed=False)
+                self.quota.settle(org_id, decision, tokens=0, billed=False)
             return
-        # Keep only what the event needs, not the scope, so the request's objects can be freed at once.
-        request = _RequestFacts(
-            route_template(scope, status, root_path),
+        # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
+        # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
+        facts: _Facts = (
+            _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status),
             scope["method"],
             status,
             started,
             time.time(),
-            self._idempotency_key(scope),
+            self._idempotency_key(scope) if self.idempotency_header is not None else None,
+            org_id,
+            user_id,
+            watcher.deferred(),
+            decision,
             scope if self.event_properties is not None else None,
         )
-        recorder.detach()
-        self.pipeline.submit(functools.partial(self._build_event, request, identity, recorder, decision))
+        watcher.detach()
+        self._submit(facts)
         self.stats["billed"] += 1
 
-    def _build_event(
-        self, request: _RequestFacts, identity: Identity, recorder: UsageRecorder, decision: QuotaDecision | None
-    ) -> dict[str, Any]:
-        """The event of one request (called once, by the pipeline). An error here is logged with its traceback
-        and the request goes to the dead letters: never silently lost."""
+    def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
+        """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
+        its traceback and the request goes to the dead letters: never silently lost."""
+        endpoint, method, status, started, ended, key, org_id, user_id, usage, decision, hook_scope = facts
         try:
-            usage = recorder.result()
-            org_id = identity.org_id
-            assert org_id is not None
-            properties: dict[str, Any] = {
-                "org_id": org_id,
-                "endpoint": request.endpoint,
-                "method": request.method,
-                "status_code": request.status,
-                "duration_ms": round((request.ended - request.started) * 1000, 3),
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "total_tokens": usage.total_tokens,
-            }
-            if identity.user_id is not None:
-                properties["user_id"] = identity.user_id
-            if usage.model is not None:
-                properties["model"] = usage.model
-            extra = self.event_properties is not None and request.scope is not None
-            if self.event_properties is not None and request.scope is not None:
-                properties.update(self.event_properties(request.scope, identity))
-            event = event_payload(
-                transaction_id=self._transaction_id(request.idempotency_key, org_id),
-                external_subscription_id=self.settings.subscription_id_for(org_id),
-                code=self.settings.event_code,
-                properties=properties,
-                timestamp=request.started,
-                check_properties=extra,
-            )
-            if not extra:  # known keys and plain values: write the JSON text directly (2-3x faster than json)
-                event = EncodedEvent(event, _encode_request_event(event))
+            if type(usage) is bytes:
+                usage = json_usage(usage)
+            assert isinstance(usage, Usage)
+            transaction_id = _request_id() if key is None else self._idempotent_id(key, org_id)
+            subscription_id = self._subscription_ids.get(org_id)
+            if subscription_id is None:
+                subscription_id = self._subscription_id(org_id)
+            duration_ms = round((ended - started) * 1000, 3)
+            event: dict[str, Any] | str
+            if self.event_properties is not None and hook_scope is not None:
+                properties: dict[str, Any] = {
+                    "org_id": org_id,
+                    "endpoint": endpoint,
+                    "method": method,
+                    "status_code": status,
+                    "duration_ms": duration_ms,
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "total_tokens": usage.total_tokens,
+                }
+                if user_id is not None:
+                    properties["user_id"] = user_id
+                if usage.model is not None:
+                    properties["model"] = usage.model
+                properties.update(self.event_properties(hook_scope, Identity(org_id, user_id)))
+                event = event_payload(
+                    transaction_id=transaction_id,
+                    external_subscription_id=subscription_id,
+                    code=self.settings.event_code,
+                    properties=properties,
+                    timestamp=started,
+                )
+            else:  # known keys and plain values: the JSON text directly, no dict (2-3x faster than json)
+                event = _encode_request_event(
+                    transaction_id,
+                    subscription_id,
+                    self.settings.event_code,
+                    format_timestamp(started),
+                    org_id,
+                    endpoint,
+                    method,
+                    status,
+                    duration_ms,
+                    usage,
+                    user_id,
+                )
         except Exception:
-            logger.exception("Could not build the usage event of %s %s", request.method, request.endpoint)
+            logger.exception("Could not build the usage event of %s %s", method, endpoint)
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
         if decision is not None and self.quota is not None:
             self.quota.settle(org_id, decision, tokens=usage.total_tokens, billed=True)
         return event
+
+    def _subscription_id(self, org_id: str) -> str:
+        subscription_id = self.settings.subscription_id_for(org_id)
+        if len(self._subscription_ids) >= 10_000:  # bounded: a cache of the active orgs, not a registry
+            self._subscription_ids.clear()
+        self._subscription_ids[org_id] = subscription_id
+        return subscription_id
 
     def _idempotency_key(self, scope: Scope) -> str | None:
         if self.idempotency_header is not None:
@@ -365,10 +408,8 @@ class OrgBillingMiddleware:
         return None
 
     @staticmethod
-    def _transaction_id(idempotency_key: str | None, org_id: str) -> str:
-        if idempotency_key is not None:
-            return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{idempotency_key}').hex}"
-        return _request_id()
+    def _idempotent_id(idempotency_key: str, org_id: str) -> str:
+        return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{idempotency_key}').hex}"
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
@@ -384,71 +425,92 @@ class OrgBillingMiddleware:
         await response(scope, receive, send)
 
 
-def _encode_request_event(event: dict[str, Any]) -> str:
-    """The JSON text of an event built by the middleware, the same document ``json.dumps`` would write."""
-    props = event["properties"]
+def _encode_request_event(
+    transaction_id: str,
+    subscription_id: str,
+    code: str,
+    timestamp: str,
+    org_id: str,
+    endpoint: str,
+    method: str,
+    status: int,
+    duration_ms: float,
+    usage: Usage,
+    user_id: str | None,
+) -> str:
+    """The JSON text of a request's event: the document ``json.dumps(event_payload(...))`` would write."""
     text = (
         '{"transaction_id":%s,"external_subscription_id":%s,"code":%s,"timestamp":%s,"properties":{'  # noqa: UP031
         '"org_id":%s,"endpoint":%s,"method":%s,"status_code":%d,"duration_ms":%r,'
         '"input_tokens":%d,"output_tokens":%d,"total_tokens":%d'
         % (
-            _json_str(event["transaction_id"]),
-            _json_str(event["external_subscription_id"]),
-            _json_str(event["code"]),
-            _json_str(event["timestamp"]),
-            _json_str(props["org_id"]),
-            _json_str(props["endpoint"]),
-            _json_str(props["method"]),
-            props["status_code"],
-            props["duration_ms"],
-            props["input_tokens"],
-            props["output_tokens"],
-            props["total_tokens"],
+            _json_str(transaction_id),
+            _json_str(subscription_id),
+            _json_str(code),
+            _json_str(timestamp),
+            _json_str(org_id),
+            _json_str(endpoint),
+            _json_str(method),
+            status,
+            duration_ms,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
         )
     )
-    if "user_id" in props:
-        text += ',"user_id":' + _json_str(props["user_id"])
-    if "model" in props:
-        text += ',"model":' + _json_str(props["model"])
+    if user_id is not None:
+        text += ',"user_id":' + _json_str(user_id)
+    if usage.model is not None:
+        text += ',"model":' + _json_str(usage.model)
     return text + "}}"
 
 
-class _RequestFacts(NamedTuple):
-    """What a request's event needs from the request, captured when its response is over."""
+#: What a request's event needs, captured when its response is over: endpoint, method, status, start and end
+#: times, idempotency key, org, user, usage (or the JSON body to read it from), quota decision and the scope (kept
+#: only for an ``event_properties`` hook). A tuple of plain values: one small allocation on the request path.
+_Facts = tuple[
+    str,
+    str,
+    int,
+    float,
+    float,
+    "str | None",
+    str,
+    "str | None",
+    "bytes | Usage",
+    "QuotaDecision | None",
+    "Scope | None",
+]
 
-    endpoint: str
-    method: str
-    status: int
-    started: float
-    ended: float
-    idempotency_key: str | None
-    scope: Scope | None  # kept only for an ``event_properties`` hook
 
+class _ResponseWatcher(UsageRecorder):
+    """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
-class _ResponseWatcher:
-    """The ``send`` the app gets: notes the status, shows the response to the usage recorder, adds headers."""
+    __slots__ = ("extra_headers", "on_start", "send")
 
-    __slots__ = ("extra_headers", "on_start", "recorder", "send", "status")
-
-    def __init__(self, send: Send, recorder: UsageRecorder) -> None:
-        self.send = send
-        self.recorder = recorder
+    def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
+        UsageRecorder.__init__(self, scope, config)
+        self.send: Send | None = send
         self.status = 500  # when the app fails before answering
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.on_start: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.body":
-            self.recorder.response_body(message.get("body", b""))
-        elif kind == "http.response.start":
-            self.status = message["status"]
-            self.recorder.response_start(message)
+        send = self.send
+        assert send is not None, "the response is over"
+        if message["type"] == "http.response.body":
+            self.response_body(message.get("body", b""))
+        elif message["type"] == "http.response.start":
+            self.response_start(message)
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             if self.on_start is not None:
                 await self.on_start()
-        await self.send(message)
+        await send(message)
+
+    def detach(self) -> None:
+        UsageRecorder.detach(self)
+        self.send = self.on_start = None
 
 
 def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:
@@ -485,18 +547,17 @@ _request_id = _RequestIds()
 UNMATCHED = "<unmatched>"
 
 
-def _publish(scope: Scope, identity: Identity) -> None:
+def _publish(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:
     """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state``."""
-    billing = scope.get(SCOPE_KEY)
-    if not isinstance(billing, dict):
-        billing = scope[SCOPE_KEY] = {}
-    billing["org_id"] = identity.org_id
-    billing["user_id"] = identity.user_id
-    state = scope.setdefault("state", {})
-    state["billing_org_id"] = identity.org_id
-    state["billing_user_id"] = identity.user_id
-    if identity.org_id is not None and state.get("org_id") is None:
-        state["org_id"] = identity.org_id
+    billing["org_id"] = org_id
+    billing["user_id"] = user_id
+    state = scope.get("state")
+    if type(state) is not dict:
+        state = scope.setdefault("state", {})
+    state["billing_org_id"] = org_id
+    state["billing_user_id"] = user_id
+    if org_id is not None and state.get("org_id") is None:
+        state["org_id"] = org_id
 
 
 def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
@@ -507,11 +568,14 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
     A request no route matched is ``<unmatched>`` when it was a 404, else (an app without Starlette routing)
     its raw path.
     """
-    route = scope.get("route")
+    return _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status)
+
+
+def _template(route: Any, inner_root: str, root_path: str, path: str, status: int) -> str:
     template = getattr(route, "path", None)
     if not isinstance(template, str):
-        return UNMATCHED if status == 404 else str(scope["path"])
-    inner_root = scope.get("root_path", "")  # Mount extends root_path by the matched prefix
+        return UNMATCHED if status == 404 else str(path)
+    # Mount extends root_path by the matched prefix
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         return (prefix or template) + "/{path}"

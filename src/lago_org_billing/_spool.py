@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -92,20 +93,31 @@ class Item:
 
     def payload(self) -> JSON:
         """The event as a dict (parsed from the stored text when needed; built when it was submitted lazily)."""
+        if self.event is not None and not isinstance(self.event, dict):
+            self._build(self.event)
         event = self.event
         if event is None:
             event = self.event = _loads_or_raw(self.raw or "")
-        elif not isinstance(event, dict):
-            event = self.event = _built_or_unbuildable(event)  # the builder runs once, even when it fails
+        assert isinstance(event, dict)
         if type(event) is _Unbuildable:
             raise EventBuildError(event.reason)
         return event
 
     def encoded(self) -> str:
         """The event's JSON text: the stored text when there is one, so every resend is byte-identical."""
+        if self.raw is None and self.event is not None and not isinstance(self.event, dict):
+            self._build(self.event)  # may set the text itself
         if self.raw is None:
             self.raw = dumps_event(self.payload())
         return self.raw
+
+    def _build(self, builder: Callable[[], JSON | str]) -> None:
+        """Run the builder (once, even when it fails): the event's dict, or its JSON text when it wrote that."""
+        built = _built_or_unbuildable(builder)
+        if type(built) is str:
+            self.event, self.raw = None, built
+        else:
+            self.event = built  # type: ignore[assignment]
 
 
 class Outbox:
@@ -127,6 +139,13 @@ class Outbox:
     def put(self, event: EventOrBuilder) -> bool:
         """Accept ``event`` (sync, O(1), no I/O); False when full."""
         raise NotImplementedError
+
+    def lane(self, build: Callable[[Any], JSON | str]) -> Callable[[Any], bool]:
+        """A ``put`` for events submitted as *facts* that ``build(facts)`` turns into the event (or its JSON text)
+        later, in the background. This store keeps one builder per event; the memory outbox keeps just the facts.
+        """
+        put = self.put
+        return lambda facts: put(functools.partial(build, facts))
 
     def available(self) -> int:
         return len(self.window)
@@ -190,23 +209,62 @@ class MemoryOutbox(Outbox):
         self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
         self.dead_evicted = 0
         self._unbuilt: list[Item] = []
+        # Events submitted through a lane: (builder, facts waiting for it); counted in ``_deferred``.
+        self._lanes: list[tuple[Callable[[Any], JSON | str], list[Any]]] = []
+        self._deferred = 0
 
     def put(self, event: EventOrBuilder) -> bool:
         window = self.window
-        if len(window) >= self.capacity:
+        if len(window) + self._deferred >= self.capacity:
             return False
         item = Item(event)
         window.append(item)
         if type(event) is not dict:
             self._unbuilt.append(item)
-        if len(window) == 1:
+        if len(window) + self._deferred == 1:
             self.ready_since = time.monotonic()
             self.on_ready()
         return True
 
+    def lane(self, build: Callable[[Any], JSON | str]) -> Callable[[Any], bool]:
+        pending: list[Any] = []
+        self._lanes.append((build, pending))
+        window = self.window
+
+        def put_facts(facts: Any) -> bool:
+            if len(window) + self._deferred >= self.capacity:
+                return False
+            pending.append(facts)
+            self._deferred += 1
+            if self._deferred == 1 and not window:
+                self.ready_since = time.monotonic()
+                self.on_ready()
+            return True
+
+        return put_facts
+
+    def available(self) -> int:
+        return len(self.window) + self._deferred
+
+    def take(self, n: int) -> list[Item]:
+        if self._deferred:
+            self._materialize()
+        return super().take(n)
+
+    def _materialize(self) -> None:
+        """Build the events waiting in lanes, in one go, into the window (behind what is already there)."""
+        for build, pending in self._lanes:
+            if pending:
+                batch = pending.copy()
+                pending.clear()
+                self._deferred -= len(batch)
+                self.window.extend([build_item(build, facts) for facts in batch])
+
     def build_pending(self) -> None:
-        """Build and encode the events submitted as builders since the last call, so that what a request left
-        behind (its response body, ...) is freed soon even while Lago is down and nothing is sent."""
+        """Build and encode the events submitted as builders or facts since the last call, so that what a request
+        left behind (its response body, ...) is freed soon even while Lago is down and nothing is sent."""
+        if self._deferred:
+            self._materialize()
         items, self._unbuilt = self._unbuilt, []
         for item in items:
             try:
@@ -225,15 +283,18 @@ class MemoryOutbox(Outbox):
         self._dead.append(letter)
 
     def unresolved(self) -> int:
-        return len(self.window) + self.in_flight
+        return len(self.window) + self._deferred + self.in_flight
 
     def dead_letters(self) -> list[DeadLetter]:
         return list(self._dead)
 
     def discard(self) -> int:
         """Forget what is left (shutdown); how many events that was."""
-        count = len(self.window) + self.in_flight
+        count = len(self.window) + self._deferred + self.in_flight
         self.window.clear()
+        for _, pending in self._lanes:
+            pending.clear()
+        self._deferred = 0
         return count
 
 
@@ -264,28 +325,45 @@ _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=
 
 #: What ``EventPipeline.submit`` takes: an event, or a function building it later (the middleware defers the
 #: building off the request path; the pipeline calls it once, in the background, before storing or sending).
-EventOrBuilder = JSON | Callable[[], JSON]
+#: A builder returns the event, or the event's JSON text (a ``str``) when it writes that itself.
+EventOrBuilder = JSON | Callable[[], JSON | str]
 
 
 class EventBuildError(ValueError):
     """A lazily submitted event could not be built: it goes to the dead letters (the builder logged why)."""
 
 
-def build_event(event: EventOrBuilder) -> JSON:
-    """The event itself, calling a builder if that is what was submitted."""
-    if isinstance(event, dict):
+def build_event(event: EventOrBuilder | str) -> JSON | str:
+    """The event itself (or its JSON text), calling a builder if that is what was submitted."""
+    if isinstance(event, (dict, str)):
         return event
     try:
         built = event()
     except Exception as exc:
         raise EventBuildError(f"the event could not be built: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(built, dict):
+    if not isinstance(built, (dict, str)):
         raise EventBuildError(f"the event builder returned {type(built).__name__}, not a dict")
     return built
 
 
-def dumps_event(event: JSON) -> str:
-    """The one JSON encoding of an event, used for the spool and for every request body."""
+def build_item(build: Callable[[Any], JSON | str], facts: Any) -> Item:
+    """The outbox item of an event submitted as ``facts`` for ``build`` (see ``Outbox.lane``)."""
+    try:
+        built = build(facts)
+    except Exception as exc:
+        return Item(_Unbuildable(f"the event could not be built: {type(exc).__name__}: {exc}"))
+    if type(built) is str:
+        return Item(None, raw=built)
+    if isinstance(built, dict):
+        return Item(built)
+    return Item(_Unbuildable(f"the event builder returned {type(built).__name__}, not a dict"))
+
+
+def dumps_event(event: JSON | str) -> str:
+    """The one JSON encoding of an event, used for the spool and for every request body (an event built as its
+    JSON text is that text)."""
+    if type(event) is str:
+        return event
     if type(event) is _Unbuildable:
         raise ValueError(event.reason)
     if isinstance(event, EncodedEvent):
@@ -301,7 +379,7 @@ class _Unbuildable(dict):  # type: ignore[type-arg]
         self.reason = reason
 
 
-def _built_or_unbuildable(event: EventOrBuilder) -> JSON:
+def _built_or_unbuildable(event: EventOrBuilder | str) -> JSON | str:
     try:
         return build_event(event)
     except EventBuildError as exc:
@@ -416,7 +494,7 @@ class _SpoolFile:
     # ------------------------------------------------------------------ I/O
 
     def write(
-        self, rows: list[tuple[int, JSON]], deletes: list[int], dead: list[tuple[int, DeadLetter]]
+        self, rows: list[tuple[int, JSON | str]], deletes: list[int], dead: list[tuple[int, DeadLetter]]
     ) -> tuple[list[tuple[int, str]], list[int]]:
         """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes``.
 
@@ -495,7 +573,7 @@ class _SpoolFile:
                 self._lock_fd = None
 
 
-def _safe_dumps(event: JSON) -> str:
+def _safe_dumps(event: JSON | str) -> str:
     try:
         return dumps_event(event)
     except (TypeError, ValueError):
@@ -522,7 +600,7 @@ class SqliteOutbox(Outbox):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.file = _SpoolFile(path, synchronous.upper())
         self.window_size = max(window, 1)
-        self.pending: list[tuple[int, EventOrBuilder]] = []
+        self.pending: list[tuple[int, EventOrBuilder | str]] = []
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
         self._next_id = 1
@@ -610,7 +688,7 @@ class SqliteOutbox(Outbox):
                 logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
             self._hand_over(rows, dict(encoded))
 
-    def _hand_over(self, rows: list[tuple[int, JSON]], encoded: dict[int, str]) -> None:
+    def _hand_over(self, rows: list[tuple[int, JSON | str]], encoded: dict[int, str]) -> None:
         """Just-committed rows go straight to the window when nothing older waits on disk."""
         if not rows:
             return
@@ -619,7 +697,11 @@ class SqliteOutbox(Outbox):
         self._committed_upto = last
         if no_backlog and len(self.window) + len(rows) <= self.window_size:
             was_empty = not self.window
-            self.window.extend(Item(event, row_id, raw=encoded[row_id]) for row_id, event in rows if row_id in encoded)
+            self.window.extend(
+                Item(event if isinstance(event, dict) else None, row_id, raw=encoded[row_id])
+                for row_id, event in rows
+                if row_id in encoded
+            )
             self._loaded_upto = last
             if was_empty and self.window:
                 self.ready_since = time.monotonic()
