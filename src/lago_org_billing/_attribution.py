@@ -70,6 +70,12 @@ class Usage:
     source: str | None = None  # "explicit" | "headers" | "json" | "sse" | None
 
 
+# Kinds of the response headers the recorder reads besides the usage headers (sentinels, compared with ``is``).
+_CONTENT_TYPE = object()
+_CONTENT_LENGTH = object()
+_CONTENT_ENCODING = object()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class AttributionConfig:
     """Where usage is looked for. Header names are case-insensitive; the first one present in each tuple wins."""
@@ -83,8 +89,12 @@ class AttributionConfig:
     #: JSON bodies are buffered up to this many bytes, then given up on. SSE is parsed as it streams; one line
     #: longer than this is skipped.
     max_body_bytes: int = 1_048_576
-    # Precomputed: raw lower-case header name -> (field, rank within its tuple).
+    # Precomputed: raw lower-case header name -> (field, rank within its tuple), and the response headers the
+    # recorder reads (those, and the content headers).
     _header_map: dict[bytes, tuple[str, int]] = dataclasses.field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+    _response_names: dict[bytes, Any] = dataclasses.field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
 
@@ -102,6 +112,13 @@ class AttributionConfig:
             for rank, name in enumerate(names):
                 mapping.setdefault(name.strip().lower().encode("latin-1"), (field, rank))
         object.__setattr__(self, "_header_map", mapping)
+        response_names: dict[bytes, Any] = {
+            **mapping,
+            b"content-type": _CONTENT_TYPE,
+            b"content-length": _CONTENT_LENGTH,
+            b"content-encoding": _CONTENT_ENCODING,
+        }
+        object.__setattr__(self, "_response_names", response_names)
 
 
 _DEFAULT_CONFIG = AttributionConfig()
@@ -369,30 +386,35 @@ class UsageRecorder:
 
     def _start(self, message: Message) -> None:
         self.status = message.get("status")
-        header_map = self._config._header_map
+        config = self._config
+        names = config._response_names
         content_type = b""
         encoded = False
         length: bytes | None = None
         for name, value in message.get("headers") or ():
-            name = name.lower()
-            if name == b"content-type":
+            kind = names.get(name)
+            if kind is None:
+                kind = names.get(name.lower())  # names are lower case in ASGI apps, but not necessarily
+                if kind is None:
+                    continue
+            if kind is _CONTENT_TYPE:
                 content_type = value
-            elif name == b"content-encoding":
-                encoded = value.strip().lower() not in (b"", b"identity")
-            elif name == b"content-length":
+            elif kind is _CONTENT_LENGTH:
                 length = value
+            elif kind is _CONTENT_ENCODING:
+                encoded = value.strip().lower() not in (b"", b"identity")
             else:
-                entry = header_map.get(name)
-                if entry is not None:
-                    field, rank = entry
-                    if self._headers is None:
-                        self._headers = {}
-                    known = self._headers.get(field)
-                    if known is None or rank < known[0]:
-                        self._headers[field] = (rank, value)
-        if not self._config.inspect_body or encoded or not content_type:
+                field, rank = kind
+                if self._headers is None:
+                    self._headers = {}
+                known = self._headers.get(field)
+                if known is None or rank < known[0]:
+                    self._headers[field] = (rank, value)
+        if not content_type or encoded or not config.inspect_body:
             return
-        media_type = content_type.split(b";", 1)[0].strip().lower()
+        media_type = (
+            content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
+        )
         if media_type == b"text/event-stream":
             self._mode = _MODE_SSE
             self._counts = _Counts()
@@ -402,8 +424,12 @@ class UsageRecorder:
             self._event = b""
             self._data_lines = []
         elif media_type == b"application/json" or media_type.endswith(b"+json"):
-            if length is not None and length.strip().isdigit() and int(length) > self._config.max_body_bytes:
-                return
+            if length is not None:
+                try:
+                    if int(length) > config.max_body_bytes:
+                        return
+                except ValueError:
+                    pass  # not a number: the body is buffered up to the cap all the same
             self._mode = _MODE_JSON
 
     # -- body ------------------------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def _header_value(scope: Scope, name: bytes) -> str | None:
     """The single value of a request header; absent, repeated with different values, or unreadable: ``None``."""
     found: bytes | None = None
     for key, value in scope.get("headers") or ():
-        if key.lower() == name:
+        if key == name:  # ASGI servers give header names in lower case (Starlette's request.headers relies on it)
             if found is not None and value != found:
                 return None  # ambiguous: two different values, trust neither
             found = value
@@ -397,45 +397,52 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
     """
     org_header = settings.org_header.strip().lower().encode("latin-1") if settings.org_header else None
     user_header = settings.user_header.strip().lower().encode("latin-1") if settings.user_header else None
+    same_header = org_header is not None and org_header == user_header
 
     def resolve_identity(scope: Scope) -> tuple[str | None, str | None] | None:
         if scope.get("user") is not None:
             return None
         state = scope.get("state")
         org = user = None
-        if state is not None:
+        if state:
             if type(state) is not dict:
                 return None
-            org = _clean_id(state.get("org_id"))
-            user = _clean_id(state.get("user_id"))
+            org = state.get("org_id")
+            if org is not None:
+                org = _clean_id(org)
+            user = state.get("user_id")
+            if user is not None:
+                user = _clean_id(user)
         want_org = org is None and org_header is not None
-        want_user = user is None and user_header is not None
-        if want_org or want_user:
+        if want_org or (user is None and user_header is not None):
             # One pass for both headers; a header repeated with different values resolves to None.
             org_raw = user_raw = None
             org_bad = user_bad = False
-            for key, value in scope.get("headers") or ():
-                key = key.lower()
-                if key == org_header and want_org:
+            for key, value in scope["headers"]:
+                if key == org_header:
                     org_bad = org_bad or (org_raw is not None and value != org_raw)
                     org_raw = value
-                if key == user_header and want_user:
+                elif key == user_header:
                     user_bad = user_bad or (user_raw is not None and value != user_raw)
                     user_raw = value
-            if org_raw is not None and not org_bad:
-                org = _clean_id(_latin1(org_raw))
-            if user_raw is not None and not user_bad:
-                user = _clean_id(_latin1(user_raw))
+            if same_header:
+                user_raw, user_bad = org_raw, org_bad
+            if want_org and org_raw is not None and not org_bad:
+                org = _header_id(org_raw)
+            if user is None and user_raw is not None and not user_bad:
+                user = _header_id(user_raw)
         return (org, user) if org is not None else (None, None)
 
     return resolve_identity
 
 
-def _latin1(value: object) -> str | None:
+def _header_id(value: Any) -> str | None:
+    """A header value as an id (see :func:`_clean_id`)."""
     try:
-        return value.decode("latin-1")  # type: ignore[attr-defined,no-any-return]
-    except (AttributeError, UnicodeDecodeError):
+        text: str = value.decode("latin-1").strip()
+    except AttributeError:
         return None
+    return text if text and len(text) <= MAX_ID_LENGTH and text.isprintable() else None
 
 
 def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:

@@ -141,12 +141,57 @@ class OrgBillingMiddleware:
         self._lazy_started: anyio.Event | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # The request path, inline (no extra coroutine): identity, gate, the app, then hand over the event.
+        if not self._running:
+            await self._start_lazily()
+        billing = scope.get(SCOPE_KEY)
+        if type(billing) is not dict:
+            billing = scope[SCOPE_KEY] = {}
+        quota = self.quota
+        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
+            billing["quota"] = quota
+        if self.exclude_paths:
+            path: str = scope["path"]
+            for prefix in self.exclude_paths:
+                if path.startswith(prefix):
+                    self.stats["excluded"] += 1
+                    await self.app(scope, receive, send)
+                    return
+        self.stats["requests"] += 1
+        started = time.time()
+        root_path: str = scope.get("root_path", "")
+        identity = self._identify(scope) if self._identify is not None else None
+        if identity is None:
+            identity = await self._resolve(scope)
+        org_id, user_id = identity
+        _publish(scope, billing, org_id, user_id)
+        if org_id is None:
+            if self.on_unresolved == "reject":
+                self.stats["unresolved"] += 1
+                await self._reject(scope, receive, send)
+                return
+            await self._call_unresolved(scope, receive, send, started, root_path)
+            return
+
+        decision: QuotaDecision | None = None
+        watcher = _ResponseWatcher(scope, self.attribution, send)
+        if quota is not None:
+            decision = await quota.check(org_id)
+            if not decision.allowed:
+                self.stats["blocked"] += 1
+                await decision.response()(scope, receive, send)
+                return
+            watcher.extra_headers = decision.headers
+        try:
+            await self.app(scope, receive, watcher)
+        finally:
+            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     # ---------------------------------------------------------------- lifespan
 
@@ -213,52 +258,6 @@ class OrgBillingMiddleware:
             await self._owned_client.aclose()
 
     # -------------------------------------------------------------------- http
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._running:
-            await self._start_lazily()
-        billing = scope.get(SCOPE_KEY)
-        if type(billing) is not dict:
-            billing = scope[SCOPE_KEY] = {}
-        quota = self.quota
-        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
-            billing["quota"] = quota
-        if self.exclude_paths:
-            path: str = scope["path"]
-            for prefix in self.exclude_paths:
-                if path.startswith(prefix):
-                    self.stats["excluded"] += 1
-                    await self.app(scope, receive, send)
-                    return
-        self.stats["requests"] += 1
-        started = time.time()
-        root_path: str = scope.get("root_path", "")
-        identity = self._identify(scope) if self._identify is not None else None
-        if identity is None:
-            identity = await self._resolve(scope)
-        org_id, user_id = identity
-        _publish(scope, billing, org_id, user_id)
-        if org_id is None:
-            if self.on_unresolved == "reject":
-                self.stats["unresolved"] += 1
-                await self._reject(scope, receive, send)
-                return
-            await self._call_unresolved(scope, receive, send, started, root_path)
-            return
-
-        decision: QuotaDecision | None = None
-        watcher = _ResponseWatcher(scope, self.attribution, send)
-        if quota is not None:
-            decision = await quota.check(org_id)
-            if not decision.allowed:
-                self.stats["blocked"] += 1
-                await decision.response()(scope, receive, send)
-                return
-            watcher.extra_headers = decision.headers
-        try:
-            await self.app(scope, receive, watcher)
-        finally:
-            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     async def _resolve(self, scope: Scope) -> tuple[str | None, str | None]:
         """The configured resolvers (sync or async): ``(org_id, user_id)``, the user only when there is an org."""
@@ -501,7 +500,7 @@ class _ResponseWatcher(UsageRecorder):
         if message["type"] == "http.response.body":
             self.response_body(message.get("body", b""))
         elif message["type"] == "http.response.start":
-            self.response_start(message)
+            self.response_start(message)  # never raises
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             if self.on_start is not None:
