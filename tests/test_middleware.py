@@ -447,43 +447,43 @@ async def test_event_that_cannot_be_built_goes_to_dead_letters(
 
 
 def test_direct_event_json_matches_json_module() -> None:
-    """The middleware's hand-written event JSON is the same document json.dumps writes, quotes and unicode too."""
+    """The middleware's hand-written event JSON is the document event_payload builds, quotes and unicode too."""
     from lago_org_billing._attribution import Usage
     from lago_org_billing._events import event_payload
-    from lago_org_billing._middleware import _encode_request_event
 
-    for user, model in (("ada", "gpt-4o-mini"), ('o"brien\\n', "模型-ü\u2028"), (None, None)):
-        properties: dict[str, Any] = {
-            "org_id": "org_a",
-            "endpoint": "/v1/chat/{chat_id}",
-            "method": "POST",
-            "status_code": 200,
-            "duration_ms": 12.345,
-            "input_tokens": 1,
-            "output_tokens": 2,
-            "total_tokens": 3,
-        }
-        if user is not None:
-            properties["user_id"] = user
-            properties["model"] = model
-        event = event_payload(
-            transaction_id="req_1",
-            external_subscription_id="org_a",
-            code="api_call",
-            properties=properties,
-            timestamp=1764082800.5,
-        )
-        text = _encode_request_event(
-            "req_1",
-            "org_a",
-            "api_call",
-            event["timestamp"],
-            "org_a",
-            "/v1/chat/{chat_id}",
-            "POST",
-            200,
-            12.345,
-            Usage(model, 1, 2, 3),
-            user,
-        )
-        assert text == json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    settings = BillingSettings(api_key="k", subscription_id_template="sub_{org_id}")
+    middleware = OrgBillingMiddleware(Starlette(), settings=settings, quota=None)
+    for org, user, model in (
+        ("org_a", "ada", "gpt-4o-mini"),
+        ('org"\\q', 'o"brien\\n', "模型-ü\u2028"),
+        ("org_b", None, None),
+    ):
+        for key in (None, "retry-1"):
+            facts = ("/v1/chat/{chat_id}", "POST", 200, 1764082800.1234, 1764082800.1357, key, org, user)
+            text = middleware._build_event((*facts, Usage(model, 1, 2, 3), None, None))
+            assert isinstance(text, str)
+            document = json.loads(text)
+            properties: dict[str, Any] = {
+                "org_id": org,
+                "endpoint": "/v1/chat/{chat_id}",
+                "method": "POST",
+                "status_code": 200,
+                "duration_ms": 12.3,
+                "input_tokens": 1,
+                "output_tokens": 2,
+                "total_tokens": 3,
+            }
+            if user is not None:
+                properties["user_id"] = user
+                properties["model"] = model
+            expected = event_payload(
+                transaction_id=document["transaction_id"],
+                external_subscription_id=f"sub_{org}",
+                code="api_call",
+                properties=properties,
+                timestamp=1764082800.1234,
+            )
+            assert document == expected
+            assert document["timestamp"] == "1764082800.123"
+            if key is not None:  # a client retry of the same request is the same event
+                assert text == middleware._build_event((*facts, Usage(model, 1, 2, 3), None, None))

@@ -649,34 +649,39 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         return Usage()
     if end != len(text) and text[end:].strip():
         return Usage()  # trailing data: json.loads would refuse the document
-    if type(payload) is not dict:
-        return None
-    usage = payload.get("usage")
+    usage = payload.get("usage") if type(payload) is dict else None
     if type(usage) is not dict:
         return None
-    get = usage.get
-    prompt, completion = get("prompt_tokens"), get("completion_tokens")
-    input_tokens = prompt if prompt is not None else get("input_tokens")
-    output_tokens = completion if completion is not None else get("output_tokens")
-    total = get("total_tokens")
-    cache_write, cache_read = get("cache_creation_input_tokens"), get("cache_read_input_tokens")
-    for value in (input_tokens, output_tokens, total, cache_write, cache_read):
-        if value is not None and (type(value) is not int or not 0 <= value <= MAX_TOKENS):
-            return None  # malformed: the general path logs it
+    input_tokens = usage.get("prompt_tokens")
+    if input_tokens is None:
+        input_tokens = usage.get("input_tokens")
+    output_tokens = usage.get("completion_tokens")
+    if output_tokens is None:
+        output_tokens = usage.get("output_tokens")
+    total = usage.get("total_tokens")
+    if not (_count_or_none(input_tokens) and _count_or_none(output_tokens) and _count_or_none(total)):
+        return None  # malformed: the general path logs it
+    if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:  # Anthropic: not included
+        cache_write, cache_read = usage.get("cache_creation_input_tokens"), usage.get("cache_read_input_tokens")
+        if not (_count_or_none(cache_write) and _count_or_none(cache_read)):
+            return None
+        if input_tokens is not None:
+            input_tokens += (cache_write or 0) + (cache_read or 0)
     model = payload.get("model")
     if model is not None:
         if type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH or not model.isprintable():
             return None
         model = model.strip() or None  # blank: the general path drops it too (and logs nothing)
-    if input_tokens is not None:
-        input_tokens += (cache_write or 0) + (cache_read or 0)
     if input_tokens is None and output_tokens is None and total is None and model is None:
         return None
-    result = Usage(model=model, input_tokens=input_tokens or 0)
-    result.output_tokens = output_tokens or 0
-    result.total_tokens = total if total is not None else result.input_tokens + result.output_tokens
-    result.source = "json"
-    return result
+    input_tokens = input_tokens or 0
+    output_tokens = output_tokens or 0
+    return Usage(model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total, "json")
+
+
+def _count_or_none(value: object) -> bool:
+    """``value`` is missing or a valid token count (the fast path's check; the general path explains others)."""
+    return value is None or (type(value) is int and 0 <= value <= MAX_TOKENS)
 
 
 def _merge(sources: tuple[tuple[str, dict[str, Any]], ...]) -> Usage:
