@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse
 __all__ = ["QuotaDecision", "QuotaGateProtocol"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class QuotaDecision:
-    """The gate's answer for one request.
+    """The gate's answer for one request (read it, do not change it: one is made per request, so it is a plain
+    slotted object rather than a frozen one, which costs a microsecond more to build).
 
     * **allowed** - False only when the request must be answered with ``status`` instead of reaching the app
       (``enforce`` mode). In ``monitor`` mode it is True and ``would_block`` says what enforce would do.
@@ -55,6 +56,9 @@ class QuotaGateProtocol(Protocol):
 
     async def check(self, org_id: str) -> QuotaDecision:
         """Decide before the app runs; reserve one call when allowed. No network once the org is cached."""
+
+    # Optional: ``check_now(org_id) -> QuotaDecision | None``, the same decision without a coroutine when it
+    # needs no I/O (``None``: call ``check``). The middleware uses it when the gate has it.
 
     def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
         """After the response: count ``tokens``; release the reserved call when the request was not billed.

@@ -127,6 +127,7 @@ class OrgBillingMiddleware:
         if quota == "auto":
             quota = _default_quota(self.settings, pipeline.client)
         self.quota: QuotaGateProtocol | None = quota
+        self._check_now: Callable[[str], QuotaDecision | None] | None = getattr(quota, "check_now", None)
         self.stats: dict[str, int] = {
             "requests": 0,
             "billed": 0,
@@ -181,7 +182,9 @@ class OrgBillingMiddleware:
         decision: QuotaDecision | None = None
         watcher = _ResponseWatcher(scope, self.attribution, send)
         if quota is not None:
-            decision = await quota.check(org_id)
+            decision = self._check_now(org_id) if self._check_now is not None else None
+            if decision is None:
+                decision = await quota.check(org_id)
             if not decision.allowed:
                 self.stats["blocked"] += 1
                 await decision.response()(scope, receive, send)

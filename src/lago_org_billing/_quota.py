@@ -312,7 +312,17 @@ class Outcome:
 
 
 def period_key(snapshot: Snapshot | None) -> str:
-    return repr(snapshot.period_start) if snapshot is not None and snapshot.active else ""
+    if snapshot is None or not snapshot.active:
+        return ""
+    key = _period_keys.get(snapshot.period_start)
+    if key is None:
+        if len(_period_keys) >= 1024:
+            _period_keys.clear()
+        key = _period_keys[snapshot.period_start] = repr(snapshot.period_start)
+    return key
+
+
+_period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
 
 
 # ------------------------------------------------------------------------------------------ backend
@@ -629,7 +639,7 @@ def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str)
 # --------------------------------------------------------------------------------------------- gate
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class _Decision(QuotaDecision):
     """A decision plus where its reservation went (for ``settle``)."""
 
@@ -739,12 +749,27 @@ class QuotaGate:
 
     # ------------------------------------------------------------------------------ hot path
 
+    def check_now(self, org_id: str) -> QuotaDecision | None:
+        """:meth:`check` without a coroutine, when the decision needs no I/O (in process, the org cached);
+        ``None`` means: call :meth:`check` (nothing was counted)."""
+        if self.backend is not self.local:
+            return None
+        now = self.clock()
+        outcome = self.local.reserve_now(org_id, now, "force" if self.mode == "monitor" else "normal")
+        if outcome.code == MISSING:
+            return None
+        self.stats["checks"] += 1
+        snap = outcome.snapshot
+        if snap is not None and snap.refresh_at <= now:
+            self._schedule_refresh(org_id, now)
+        return self._decision(org_id, outcome, now)
+
     async def check(self, org_id: str) -> QuotaDecision:
         """Decide before the app runs; reserve one call when allowed. No Lago call once the org is cached."""
         self.stats["checks"] += 1
         now = self.clock()
         mode: Mode = "force" if self.mode == "monitor" else "normal"
-        if self.backend is self.local:  # in process: no coroutine on the hot path
+        if self.backend is self.local:  # in process: no I/O for a cached org
             outcome = self.local.reserve_now(org_id, now, mode)
         else:
             outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
@@ -888,17 +913,17 @@ class QuotaGate:
         else:
             assert calls_limit is not None
             limit, left = calls_limit, max(0, calls_limit - outcome.calls)
-        reset = str(max(0, math.ceil(snap.period_end - now))).encode()
+        reset = b"%d" % max(0, math.ceil(snap.period_end - now))
         if blocked:
             return (
-                (b"ratelimit-limit", str(limit).encode()),
-                (b"ratelimit-remaining", str(left).encode()),
+                (b"ratelimit-limit", b"%d" % limit),
+                (b"ratelimit-remaining", b"%d" % left),
                 (b"ratelimit-reset", reset),
                 (b"retry-after", reset),
             )
         return (
-            (b"ratelimit-limit", str(limit).encode()),
-            (b"ratelimit-remaining", str(left).encode()),
+            (b"ratelimit-limit", b"%d" % limit),
+            (b"ratelimit-remaining", b"%d" % left),
             (b"ratelimit-reset", reset),
         )
 
