@@ -555,9 +555,18 @@ class UsageRecorder:
 
     def deferred(self) -> bytes | Usage:
         """The usage, or (the common case: a JSON body alone decides it) that JSON body, for
-        :func:`json_usage` to read later, off the request path. Call it when the response is over."""
-        if self._result is None and self._mode == _MODE_JSON and self._headers is None and not self._explicit():
-            return self._body()
+        :func:`json_usage` to read later, off the request path. Call it when the response is over; the
+        recorder lets go of the request's scope then (see :meth:`detach`)."""
+        self.detach()
+        billing = self._billing
+        if (
+            self._result is None
+            and self._mode == _MODE_JSON
+            and self._headers is None
+            and not (type(billing) is dict and billing.get(_EXPLICIT_KEY))
+        ):
+            chunks = self._chunks
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return self.result()
 
     def _body(self) -> bytes:

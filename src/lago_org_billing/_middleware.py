@@ -326,11 +326,10 @@ class OrgBillingMiddleware:
             self._idempotency_key(scope) if self.idempotency_header is not None else None,
             org_id,
             user_id,
-            watcher.deferred(),
+            watcher.deferred(),  # the watcher lets go of the request's objects
             decision,
             scope if self.event_properties is not None else None,
         )
-        watcher.detach()
         self._submit(facts)
         self.stats["billed"] += 1
 
@@ -497,7 +496,9 @@ class _ResponseWatcher(UsageRecorder):
         await send(message)
 
     def detach(self) -> None:
-        UsageRecorder.detach(self)
+        if self._scope is not None:
+            self._billing = self._scope.get(SCOPE_KEY)
+            self._scope = None
         self.send = self.on_start = None
 
 
