@@ -482,7 +482,8 @@ class _ResponseWatcher(UsageRecorder):
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.on_start: Callable[[], Awaitable[None]] | None = None
 
-    async def __call__(self, message: Message) -> None:
+    def __call__(self, message: Message) -> Awaitable[None]:
+        # Not a coroutine: it returns the server's own awaitable, so a message costs no extra coroutine.
         send = self.send
         assert send is not None, "the response is over"
         if message["type"] == "http.response.body":
@@ -492,7 +493,12 @@ class _ResponseWatcher(UsageRecorder):
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             if self.on_start is not None:
-                await self.on_start()
+                return self._start_then_send(self.on_start, send, message)
+        return send(message)
+
+    @staticmethod
+    async def _start_then_send(on_start: Callable[[], Awaitable[None]], send: Send, message: Message) -> None:
+        await on_start()
         await send(message)
 
     def detach(self) -> None:
