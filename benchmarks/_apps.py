@@ -1,10 +1,13 @@
 """The apps benchmarks/overhead.py serves: one small JSON endpoint, bare and behind middlewares.
 
-Run by uvicorn as ``benchmarks._apps:bare``, ``...:passthrough``, ``...:billed``, ``...:gated`` (settings
-from the environment).
+Run by uvicorn as ``benchmarks._apps:bare``, ``...:passthrough``, ``...:billed`` (settings from the environment)
+and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,6 +42,25 @@ def _app(*middleware: Middleware) -> Starlette:
     return Starlette(routes=[Route("/v1/chat/{chat_id}", chat, methods=["GET", "POST"])], middleware=list(middleware))
 
 
+class Burn:
+    """A pass-through that spends ``BENCH_BURN_US`` microseconds of pure CPU per request, calibrated in process:
+    shows what a microsecond measured in process costs in the server on this machine."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        micros = float(os.environ.get("BENCH_BURN_US", "10"))
+        loops = 100_000
+        started = time.perf_counter()
+        for _ in range(loops):
+            pass
+        self.loops = max(1, round(micros * 1e-6 / ((time.perf_counter() - started) / loops)))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(self.loops):
+            pass
+        await self.app(scope, receive, send)
+
+
 bare = _app()
 passthrough = _app(Middleware(PassThrough))
 
@@ -52,4 +74,6 @@ def _billed() -> Starlette:
 def __getattr__(name: str) -> Starlette:
     if name == "billed":
         return _billed()
+    if name == "burn":
+        return _app(Middleware(Burn))
     raise AttributeError(name)

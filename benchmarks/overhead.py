@@ -4,7 +4,11 @@ Each app runs in its own uvicorn process pinned to CPU 0; wrk and the Lago emula
 event) share CPU 1, so the server's core is measured alone. Rounds alternate between the apps so drift
 hits all of them alike; the median of each is reported with the ratio to bare.
 
-    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64]
+    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--calibrate US]
+
+``--calibrate US`` adds a control: a pass-through that burns US microseconds of pure CPU per request (measured
+in process). How far it falls below bare tells what one microsecond of in-process cost (see
+benchmarks/request_path.py) costs in the server on this machine.
 
 Needs wrk (apt-get install wrk) and taskset (util-linux).
 """
@@ -93,6 +97,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--quota", action="store_true", help="also measure the middleware with quota enforcement on")
+    parser.add_argument(
+        "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -137,7 +144,8 @@ def main() -> int:
         "LAGO_USER_HEADER": "X-User-Id",
         "PYTHONPATH": str(ROOT),
     }
-    apps = ["bare", "passthrough", "billed"] + (["gated"] if args.quota else [])
+    burn = f"burn-{args.calibrate:g}us" if args.calibrate else None
+    apps = ["bare", "passthrough", *([burn] if burn else []), "billed"] + (["gated"] if args.quota else [])
     app_env = {
         "billed": {"LAGO_QUOTA_MODE": "off"},
         # Enforcement on, with a limit never reached: every request pays for a full gate decision.
@@ -155,7 +163,9 @@ def main() -> int:
         stack.enter_context(process(emulator, env, cpu="1"))
         wait_http(f"{lago_url}/health")
         for name in apps:
-            module = "billed" if name == "gated" else name
+            module = "billed" if name == "gated" else "burn" if name == burn else name
+            if name == burn:
+                app_env[name] = {"BENCH_BURN_US": str(args.calibrate)}
             uvicorn = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(ports[name])]
             uvicorn += ["--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
             stack.enter_context(process(uvicorn, {**env, **app_env.get(name, {})}, cpu="0"))
@@ -178,7 +188,8 @@ def main() -> int:
     print(f"\n{'app':<12} {'median req/s':>12} {'vs bare':>8}")
     for name in apps:
         median = statistics.median(results[name])
-        print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x")
+        extra = f"   +{(1 / median - 1 / bare) * 1e6:.1f} µs/request" if name != "bare" else ""
+        print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x{extra}")
     print(f"\nrequests served by the billing apps: {served}; events in the emulator: {delivered}")
     seed.unlink(missing_ok=True)
     return 0
