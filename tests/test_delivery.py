@@ -358,3 +358,77 @@ def test_constructor_validates_its_options() -> None:
     client = make_client(make_fake().transport())
     with pytest.raises(ValueError, match="batch_size"):
         EventPipeline(client, batch_size=101)
+
+
+# -- lanes: events submitted as facts and built in batches ------------------------------------------------------------
+
+
+def build_from_facts(facts: tuple[int, str]) -> dict[str, Any] | str:
+    """Facts (n, kind) -> the event as JSON text, as a dict, or a failure."""
+    n, kind = facts
+    if kind == "broken":
+        raise RuntimeError(f"cannot build {n}")
+    event = event_payload(transaction_id=f"lane{n}", external_subscription_id="org_1", code="api_call")
+    return json.dumps(event) if kind == "text" else event
+
+
+@pytest.mark.parametrize("spool", [False, True])
+async def test_lane_events_are_built_later_and_delivered(fake: FakeLago, tmp_path: Any, spool: bool) -> None:
+    """Facts go through the lane; the builder runs once per event, off submit; text and dict results both
+    land, a failing builder sends its event to the dead letters with the reason. Memory outbox and spool."""
+    calls: list[int] = []
+
+    def build(facts: tuple[int, str]) -> dict[str, Any] | str:
+        calls.append(facts[0])
+        return build_from_facts(facts)
+
+    async with make_client(fake.transport()) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, spool_path=str(tmp_path / "spool.db") if spool else None)
+        submit = pipeline.lane(build)
+        async with anyio.create_task_group() as tg:
+            await tg.start(pipeline.run)
+            for n in range(150):
+                submit((n, "broken" if n == 7 else "text" if n % 2 else "dict"))
+            assert calls == [] or spool  # the memory outbox builds nothing on submit
+            assert await pipeline.flush(20)
+            letters = pipeline.dead_letters()
+            await pipeline.aclose()
+    assert sorted(calls) == list(range(150))
+    assert sorted(transaction_ids(fake)) == sorted(f"lane{n}" for n in range(150) if n != 7)
+    assert len(letters) == 1 and "cannot build 7" in letters[0].reason
+    assert pipeline.stats["recorded"] == 150 and pipeline.stats["delivered"] == 149
+    assert pipeline.stats["dead_lettered"] == 1
+
+
+async def test_lane_counts_against_the_capacity_and_drops_visibly(caplog: pytest.LogCaptureFixture) -> None:
+    """Facts waiting in a lane count like events: beyond memory_capacity they are dropped, counted, logged once."""
+    async with make_client(make_fake().transport()) as client:
+        pipeline = EventPipeline(client, memory_capacity=5)
+        submit = pipeline.lane(build_from_facts)
+        pipeline.submit(events(1)[0])
+        with caplog.at_level(logging.ERROR, logger="lago_org_billing.delivery"):
+            for n in range(8):
+                submit((n, "text"))
+        assert pipeline.stats["dropped"] == 4 and pipeline.stats["recorded"] == 9
+        assert pipeline.stats["depth"] == 5
+        assert len([r for r in caplog.records if "Dropping billing event" in r.message]) == 1
+        await pipeline.aclose()
+    assert pipeline.stats["lost_at_shutdown"] == 5
+
+
+def test_memory_outbox_lane_order_and_counts() -> None:
+    """Lane facts are available, unresolved and discarded like events; each lane stays in submission order."""
+    from lago_org_billing._spool import MemoryOutbox
+
+    ready: list[int] = []
+    outbox = MemoryOutbox(capacity=100)
+    outbox.on_ready = lambda: ready.append(1)
+    first, second = outbox.lane(build_from_facts), outbox.lane(build_from_facts)
+    assert first((0, "text")) and ready == [1]  # empty -> non-empty: the dispatcher is woken once
+    assert second((1, "dict")) and first((2, "text")) and ready == [1]
+    assert outbox.available() == 3 and outbox.unresolved() == 3
+    ids = [json.loads(item.encoded())["transaction_id"] for item in outbox.take(10)]
+    assert ids == ["lane0", "lane2", "lane1"]
+    assert outbox.available() == 0 and outbox.unresolved() == 3  # in flight now
+    assert first((3, "text"))
+    assert outbox.discard() == 4 and outbox.available() == 0

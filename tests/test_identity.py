@@ -26,6 +26,7 @@ from lago_org_billing._identity import (
     SCOPE_KEY,
     Identity,
     call_resolver,
+    default_identity,
     default_org_resolver,
     default_user_resolver,
     first_of,
@@ -36,6 +37,7 @@ from lago_org_billing._identity import (
     get_current_org,
     get_current_user,
     reset_warnings,
+    resolve_now,
 )
 from lago_org_billing._settings import BillingSettings
 
@@ -484,3 +486,46 @@ async def test_end_to_end_with_starlette_authentication() -> None:
         anonymous = await client.get("/whoami")
     assert {"org": "org-of-ann", "user": "ann"} == known.json()
     assert {"org": None, "user": None} == anonymous.json()
+
+
+# -- default_identity: the middleware's one-pass version of the default resolvers ----------------------------------
+
+_IDENTITY_SCOPES = [
+    make_scope({"X-Org-Id": "acme", "X-User-Id": "ada"}),
+    make_scope({"X-Org-Id": " acme ", "X-Other": "x"}),
+    make_scope(),
+    make_scope({"X-User-Id": "ada"}),
+    make_scope({"X-User-Id": "ada"}, state={"org_id": "from_state"}),
+    make_scope({"X-Org-Id": "acme", "X-User-Id": "ada"}, state={"org_id": "s_org", "user_id": "s_user"}),
+    make_scope([("X-Org-Id", "acme"), ("X-Org-Id", "other")]),
+    make_scope([("X-Org-Id", "acme"), ("X-Org-Id", "acme"), ("X-User-Id", "a"), ("X-User-Id", "b")]),
+    make_scope({"X-Org-Id": "ac\nme", "X-User-Id": "ada"}),
+    make_scope({"X-Org-Id": "a" * 256}),
+    make_scope({"X-Org-Id": "acme", "X-User-Id": "   "}, state={}),
+    make_scope({"X-Org-Id": "acme"}, state={"org_id": 42, "user_id": True}),
+]
+
+
+@pytest.mark.parametrize("org_header, user_header", [("X-Org-Id", "X-User-Id"), ("X-Org-Id", None), (None, None)])
+@pytest.mark.parametrize("scope", _IDENTITY_SCOPES)
+def test_default_identity_matches_the_default_resolvers(
+    scope: dict[str, Any], org_header: str | None, user_header: str | None
+) -> None:
+    """Same org and user as default_org_resolver/default_user_resolver (the user only with an org)."""
+    settings = BillingSettings(api_key="k", org_header=org_header, user_header=user_header)
+    org = resolve_now(default_org_resolver(settings), scope)
+    user = resolve_now(default_user_resolver(settings), scope) if org is not None else None
+    assert default_identity(settings)(scope) == (org, user)
+
+
+def test_default_identity_with_one_header_for_org_and_user() -> None:
+    settings = BillingSettings(api_key="k", org_header="X-Tenant", user_header="x-tenant")
+    assert default_identity(settings)(make_scope({"X-Tenant": "acme"})) == ("acme", "acme")
+
+
+def test_default_identity_leaves_unusual_scopes_to_the_resolvers() -> None:
+    """An authenticated user or a state object: None, so the middleware runs the resolvers themselves."""
+    settings = BillingSettings(api_key="k", org_header="X-Org-Id")
+    identify = default_identity(settings)
+    assert identify(make_scope({"X-Org-Id": "acme"}, user=SimpleUser("ada"))) is None
+    assert identify(make_scope({"X-Org-Id": "acme"}, state=State({"org_id": "s"}))) is None

@@ -497,3 +497,24 @@ async def test_exactly_the_limit_through_the_middleware(fake: FakeLago, clock: C
     assert statuses.count(200) == 300 and statuses.count(429) == 700
     assert len(fake.events) == 300
     assert middleware.stats["blocked"] == 700
+
+
+async def test_check_now_decides_without_a_coroutine_once_the_org_is_cached(client: LagoClient, clock: Clock) -> None:
+    """check_now() is None (counting nothing) for a cold org, then the same decisions as check(), blocks included."""
+    gate = make_gate(client, clock)
+    assert gate.check_now("org_1") is None
+    assert gate.stats["checks"] == 0
+    first = await gate.check("org_1")  # fetches the snapshot
+    decisions = [gate.check_now("org_1") for _ in range(5)]
+    assert first.allowed and all(d is not None for d in decisions)
+    remaining = [headers(d)["ratelimit-remaining"] for d in decisions if d is not None]
+    assert remaining == ["3", "2", "1", "0", "0"]
+    assert [d.allowed for d in decisions if d is not None] == [True, True, True, True, False]
+    assert gate.stats["checks"] == 6 and gate.stats["blocked"] == 1
+
+
+async def test_check_now_defers_to_check_with_a_shared_backend(client: LagoClient, clock: Clock) -> None:
+    """A backend that needs I/O (Redis) always goes through check()."""
+    gate = make_gate(client, clock)
+    gate.backend = RedisBackend("redis://127.0.0.1:9", QuotaConfig(), fallback=gate.local)
+    assert gate.check_now("org_1") is None
