@@ -1,4 +1,4 @@
-"""CPU cost of OrgBillingMiddleware's request path, in process: bare vs pass-through vs billed.
+"""CPU cost of OrgBillingMiddleware's request path, in process: bare vs pass-through vs billed vs gated.
 
 The ASGI app is called directly in a loop (no server, no network). The billed app's delivery pipeline is
 replaced by one that only keeps what the middleware submits: the first figure is what a request pays before its
@@ -24,7 +24,8 @@ os.environ.update(LAGO_API_KEY="bench", LAGO_ORG_HEADER="X-Org-Id", LAGO_USER_HE
 import anyio
 from benchmarks._apps import _app, bare, passthrough
 
-from lago_org_billing import OrgBillingMiddleware
+from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
+from lago_org_billing._quota import QuotaGate, Snapshot
 from lago_org_billing._spool import build_item
 
 SCOPE = {
@@ -92,11 +93,34 @@ def build(pipeline: AcceptingPipeline) -> float:
     return (time.perf_counter() - started) / len(events) * 1e6
 
 
+def cached_gate() -> QuotaGate:
+    """An enforcing gate whose org is cached with limits never reached (each request pays a full decision)."""
+    settings = BillingSettings.from_env().replace(quota_mode="enforce")
+    gate = QuotaGate(settings, LagoClient(settings))
+    now = time.time()
+    snapshot = Snapshot(
+        active=True,
+        plan_code="starter",
+        calls_limit=10**9,
+        tokens_limit=10**12,
+        period_start=now - 3600,
+        period_end=now + 86400,
+        requested_at=now,
+        fetched_at=now,
+        plan_fetched_at=now,
+        refresh_at=now + 86400,
+    )
+    gate.local.store_now("org_bench", snapshot, now)
+    return gate
+
+
 async def main(requests: int, rounds: int) -> None:
     pipeline = AcceptingPipeline()
     billed = OrgBillingMiddleware(_app(), pipeline=pipeline, quota=None)  # type: ignore[arg-type]
     billed._running = True  # no lifespan here: nothing to start
-    apps = {"bare": bare, "pass-through": passthrough, "billed (request path)": billed}
+    gated = OrgBillingMiddleware(_app(), pipeline=AcceptingPipeline(), quota=cached_gate())  # type: ignore[arg-type]
+    gated._running = True
+    apps = {"bare": bare, "pass-through": passthrough, "billed (request path)": billed, "gated (request path)": gated}
     for app in apps.values():
         await run(app, 200)
     pipeline.events.clear()

@@ -2,7 +2,7 @@
 
 The middleware calls ``await gate.check(org_id)`` before the app runs (a blocked request never reaches it),
 adds ``decision.headers`` to the response of an allowed one, and calls ``gate.settle(...)`` once the response
-is over. ``_quota.QuotaGate`` is the implementation; anything with these methods works.
+is over, then once more for the request's tokens when its event is built. ``_quota.QuotaGate`` is the implementation; anything with these methods works.
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class QuotaGateProtocol(Protocol):
 
     def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
         """After the response: count ``tokens``; release the reserved call when the request was not billed.
-        Synchronous and non-blocking."""
+        Synchronous and non-blocking. The middleware calls it when the response is over (with the request's
+        decision, ``tokens=0``) and, once the event is built, again for the tokens (with an empty
+        ``QuotaDecision()`` and ``billed=False``)."""
 
     async def aclose(self) -> None:
         """Stop background work."""

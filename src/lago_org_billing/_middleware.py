@@ -310,10 +310,12 @@ class OrgBillingMiddleware:
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
         off the request's path."""
         status = watcher.status if watcher.status is not None else 500
-        if status >= 500 and not self.bill_server_errors:
+        billed = status < 500 or self.bill_server_errors
+        if decision is not None and self.quota is not None:
+            # The call is settled now; its tokens, known once the event is built, are added then.
+            self.quota.settle(org_id, decision, tokens=0, billed=billed)
+        if not billed:
             self.stats["unbilled_errors"] += 1
-            if decision is not None and self.quota is not None:
-                self.quota.settle(org_id, decision, tokens=0, billed=False)
             return
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
         # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
@@ -327,7 +329,7 @@ class OrgBillingMiddleware:
             org_id,
             user_id,
             watcher.deferred(),  # the watcher lets go of the request's objects
-            decision,
+            decision is not None,
             scope if self.event_properties is not None else None,
         )
         self._submit(facts)
@@ -336,7 +338,7 @@ class OrgBillingMiddleware:
     def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
         """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
         its traceback and the request goes to the dead letters: never silently lost."""
-        endpoint, method, status, started, ended, key, org_id, user_id, usage, decision, hook_scope = facts
+        endpoint, method, status, started, ended, key, org_id, user_id, usage, gated, hook_scope = facts
         try:
             if type(usage) is bytes:
                 usage = json_usage(usage)
@@ -363,8 +365,8 @@ class OrgBillingMiddleware:
             logger.exception("Could not build the usage event of %s %s", method, endpoint)
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
-        if decision is not None and self.quota is not None:
-            self.quota.settle(org_id, decision, tokens=usage.total_tokens, billed=True)
+        if gated and usage.total_tokens and self.quota is not None:
+            self.quota.settle(org_id, _TOKENS_ONLY, tokens=usage.total_tokens, billed=False)
         return event
 
     def _head(self, org_id: str, endpoint: str, method: str) -> str:
@@ -441,6 +443,9 @@ _EVENT_JSON = (
 
 _user_texts: dict[str, str] = {}
 
+#: The decision passed to ``settle`` to add a request's tokens after its call was settled.
+_TOKENS_ONLY = QuotaDecision()
+
 
 def _user_json(user_id: str) -> str:
     """``,"user_id":"..."`` (cached: the active users repeat)."""
@@ -453,8 +458,9 @@ def _user_json(user_id: str) -> str:
 
 
 #: What a request's event needs, captured when its response is over: endpoint, method, status, start and end
-#: times, idempotency key, org, user, usage (or the JSON body to read it from), quota decision and the scope (kept
-#: only for an ``event_properties`` hook). A tuple of plain values: one small allocation on the request path.
+#: times, idempotency key, org, user, usage (or the JSON body to read it from), whether the quota gate counts its
+#: tokens, and the scope (kept only for an ``event_properties`` hook). A tuple of plain values: one small allocation
+#: on the request path, which the garbage collector stops tracking.
 _Facts = tuple[
     str,
     str,
@@ -465,7 +471,7 @@ _Facts = tuple[
     str,
     "str | None",
     "bytes | Usage",
-    "QuotaDecision | None",
+    bool,
     "Scope | None",
 ]
 
