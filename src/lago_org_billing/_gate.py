@@ -2,7 +2,8 @@
 
 The middleware calls ``await gate.check(org_id)`` before the app runs (a blocked request never reaches it),
 adds ``decision.headers`` to the response of an allowed one, and calls ``gate.settle(...)`` once the response
-is over, then once more for the request's tokens when its event is built. ``_quota.QuotaGate`` is the implementation; anything with these methods works.
+is over, then once more for the request's tokens when its event is built. ``_quota.QuotaGate`` is the
+implementation; anything with these methods works.
 """
 
 from __future__ import annotations
