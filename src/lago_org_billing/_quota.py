@@ -759,30 +759,31 @@ class QuotaGate:
         if outcome.code == MISSING:
             return None
         self.stats["checks"] += 1
-        snap = outcome.snapshot
-        if snap is not None and snap.refresh_at <= now:
-            self._schedule_refresh(org_id, now)
-        return self._decision(org_id, outcome, now)
+        return self._cached(org_id, outcome, now)
 
     async def check(self, org_id: str) -> QuotaDecision:
         """Decide before the app runs; reserve one call when allowed. No Lago call once the org is cached."""
+        decision = self.check_now(org_id)  # in process and cached: no I/O
+        if decision is not None:
+            return decision
         self.stats["checks"] += 1
-        now = self.clock()
         mode: Mode = "force" if self.mode == "monitor" else "normal"
-        if self.backend is self.local:  # in process: no I/O for a cached org
-            outcome = self.local.reserve_now(org_id, now, mode)
-        else:
-            outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
-        if outcome.code == MISSING:
-            outcome = await self._cold(org_id, mode)
+        if self.backend is not self.local:
             now = self.clock()
-        else:
-            snap = outcome.snapshot
-            if snap is not None:
-                if snap.refresh_at <= now:
-                    self._schedule_refresh(org_id, now)
-                if self._shared and self._known.get(org_id) is not snap:
-                    self._known[org_id] = snap
+            outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
+            if outcome.code != MISSING:
+                return self._cached(org_id, outcome, now)
+        outcome = await self._cold(org_id, mode)
+        return self._decision(org_id, outcome, self.clock())
+
+    def _cached(self, org_id: str, outcome: Outcome, now: float) -> QuotaDecision:
+        """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
+        snap = outcome.snapshot
+        if snap is not None:
+            if snap.refresh_at <= now:
+                self._schedule_refresh(org_id, now)
+            if self._shared and self._known.get(org_id) is not snap:
+                self._known[org_id] = snap
         return self._decision(org_id, outcome, now)
 
     def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
