@@ -439,10 +439,9 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
 def _header_id(value: Any) -> str | None:
     """A header value as an id (see :func:`_clean_id`)."""
     try:
-        text: str = value.decode("latin-1").strip()
+        return _clean_id(value.decode("latin-1"))
     except AttributeError:
         return None
-    return text if text and len(text) <= MAX_ID_LENGTH and text.isprintable() else None
 
 
 def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:
