@@ -508,9 +508,7 @@ class _ResponseWatcher(UsageRecorder):
         await send(message)
 
     def detach(self) -> None:
-        if self._scope is not None:
-            self._billing = self._scope.get(SCOPE_KEY)
-            self._scope = None
+        UsageRecorder.detach(self)
         self.send = self.on_start = None
 
 
