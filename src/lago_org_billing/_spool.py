@@ -337,26 +337,29 @@ def build_event(event: EventOrBuilder | str) -> JSON | str:
     """The event itself (or its JSON text), calling a builder if that is what was submitted."""
     if isinstance(event, (dict, str)):
         return event
-    try:
-        built = event()
-    except Exception as exc:
-        raise EventBuildError(f"the event could not be built: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(built, (dict, str)):
-        raise EventBuildError(f"the event builder returned {type(built).__name__}, not a dict")
-    return built
+    return _run_builder(event)
 
 
 def build_item(build: Callable[[Any], JSON | str], facts: Any) -> Item:
     """The outbox item of an event submitted as ``facts`` for ``build`` (see ``Outbox.lane``)."""
     try:
-        built = build(facts)
-    except Exception as exc:
-        return Item(_Unbuildable(f"the event could not be built: {type(exc).__name__}: {exc}"))
-    if type(built) is str:
+        built = _run_builder(build, facts)
+    except EventBuildError as exc:
+        return Item(_Unbuildable(str(exc)))
+    if isinstance(built, str):
         return Item(None, raw=built)
-    if isinstance(built, dict):
-        return Item(built)
-    return Item(_Unbuildable(f"the event builder returned {type(built).__name__}, not a dict"))
+    return Item(built)
+
+
+def _run_builder(builder: Callable[..., JSON | str], *args: Any) -> JSON | str:
+    """What ``builder(*args)`` returns, an event or its JSON text; anything else is an :class:`EventBuildError`."""
+    try:
+        built = builder(*args)
+    except Exception as exc:
+        raise EventBuildError(f"the event could not be built: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(built, (dict, str)):
+        raise EventBuildError(f"the event builder returned {type(built).__name__}, not a dict")
+    return built
 
 
 def dumps_event(event: JSON | str) -> str:
