@@ -9,28 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
+from _pinned_clock import NOW, Clock
 from lago_org_billing.testing import FakeLago, FakeLagoError
 
 pytestmark = pytest.mark.anyio
 
-NOW = datetime(2026, 3, 15, 12, 0, tzinfo=timezone.utc)
 T_NOW = int(NOW.timestamp())
-
-
-class Clock:
-    """A settable clock for the emulator."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    """Pinned at 2026-03-15 12:00 UTC."""
-    return Clock(NOW)
 
 
 def build(clock: Clock, event_store: str = "postgres") -> FakeLago:

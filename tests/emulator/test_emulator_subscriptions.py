@@ -9,25 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from _pinned_clock import Clock
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
-
-
-class Clock:
-    """A settable clock for the emulator."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    """Pinned at 2026-03-15 12:00 UTC."""
-    return Clock(datetime(2026, 3, 15, 12, 0, tzinfo=timezone.utc))
 
 
 @pytest.fixture
