@@ -12,20 +12,10 @@ from typing import Any
 from ._errors import InvalidRequestError
 from ._ids import format_timestamp
 
-__all__ = ["MAX_BATCH_SIZE", "EncodedEvent", "event_payload", "normalize_event"]
+__all__ = ["MAX_BATCH_SIZE", "event_payload", "normalize_event"]
 
 #: Lago's ``POST /events/batch`` limit (``LAGO_EVENTS_BATCH_MAX_LENGTH``, 100 by default).
 MAX_BATCH_SIZE = 100
-
-
-class EncodedEvent(dict[str, Any]):
-    """An event that carries its JSON text, written once by its maker; every send uses that text."""
-
-    __slots__ = ("json_text",)
-
-    def __init__(self, event: dict[str, Any], json_text: str) -> None:
-        super().__init__(event)
-        self.json_text = json_text
 
 
 def event_payload(

@@ -1,8 +1,9 @@
 """Outboxes of the event pipeline: bounded in memory (default) or a durable SQLite spool (``LAGO_SPOOL_PATH``).
 
-Both hold the event dicts exactly as the middleware built them (``_events.event_payload``: ``transaction_id``
-and a millisecond ``timestamp`` string fixed at creation), and hand them back unchanged for every attempt,
-so a resend is byte-identical (Lago's ClickHouse store deduplicates on ``transaction_id`` + ``timestamp``).
+Both hold each event as it was made (a dict from ``_events.event_payload``, or the JSON text a builder wrote:
+``transaction_id`` and a millisecond ``timestamp`` string fixed at creation), encode it once, and send that text
+on every attempt, so a resend is byte-identical (Lago's ClickHouse store deduplicates on ``transaction_id`` +
+``timestamp``).
 
 **Memory outbox** (:class:`MemoryOutbox`): a deque bounded by ``capacity``; a full outbox refuses the event
 (the pipeline counts and logs it). What is left at shutdown is lost (and counted).
@@ -48,8 +49,6 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-
-from ._events import EncodedEvent
 
 _flock: Callable[[int, int], None] | None
 try:
@@ -369,8 +368,6 @@ def dumps_event(event: JSON | str) -> str:
         return event
     if type(event) is _Unbuildable:
         raise ValueError(event.reason)
-    if isinstance(event, EncodedEvent):
-        return event.json_text
     return _encode(event)
 
 
