@@ -91,20 +91,10 @@ def count_events(lago_url: str) -> int:
     return int(json.loads(urllib.request.urlopen(request).read())["meta"]["total_count"])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--quota", action="store_true", help="also measure the middleware with quota enforcement on")
-    parser.add_argument(
-        "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
-    )
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
-        return 2
-
+@contextlib.contextmanager
+def emulator(stack_cpu: str = "1") -> Iterator[tuple[str, dict[str, str]]]:
+    """The Lago emulator (seeded with the api_call metric, a plan and org_bench's subscription) on ``stack_cpu``:
+    yields its URL and the environment the billed apps need."""
     lago_port = free_port()
     lago_url = f"http://127.0.0.1:{lago_port}"
     seed = ROOT / "benchmarks" / "_seed.json"
@@ -144,40 +134,67 @@ def main() -> int:
         "LAGO_USER_HEADER": "X-User-Id",
         "PYTHONPATH": str(ROOT),
     }
+    try:
+        with process([*EMULATOR, "--port", str(lago_port), "--seed", str(seed)], env, cpu=stack_cpu):
+            wait_http(f"{lago_url}/health")
+            yield lago_url, env
+    finally:
+        seed.unlink(missing_ok=True)
+
+
+#: Per app: the environment it runs with on top of the emulator's.
+APP_ENV: dict[str, dict[str, str]] = {
+    "billed": {"LAGO_QUOTA_MODE": "off"},
+    # Enforcement on, with a limit never reached: every request pays for a full gate decision.
+    "gated": {
+        "LAGO_QUOTA_MODE": "enforce",
+        "LAGO_PLAN_LIMITS": json.dumps({"starter": {"max_api_calls": 10**9, "max_tokens": 10**12}}),
+    },
+}
+HEADERS = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
+EMULATOR = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--api-key", API_KEY]
+
+
+def uvicorn_command(app: str, port: int) -> list[str]:
+    """uvicorn serving ``benchmarks._apps:<app>`` (``gated`` is the billed app with enforcement on)."""
+    module = "billed" if app == "gated" else app
+    command = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(port)]
+    return [*command, "--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--quota", action="store_true", help="also measure the middleware with quota enforcement on")
+    parser.add_argument(
+        "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
+    )
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+
     burn = f"burn-{args.calibrate:g}us" if args.calibrate else None
     apps = ["bare", "passthrough", *([burn] if burn else []), "billed"] + (["gated"] if args.quota else [])
-    app_env = {
-        "billed": {"LAGO_QUOTA_MODE": "off"},
-        # Enforcement on, with a limit never reached: every request pays for a full gate decision.
-        "gated": {
-            "LAGO_QUOTA_MODE": "enforce",
-            "LAGO_PLAN_LIMITS": json.dumps({"starter": {"max_api_calls": 10**9, "max_tokens": 10**12}}),
-        },
-    }
+    app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
     ports = {name: free_port() for name in apps}
-    headers = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
     results: dict[str, list[float]] = {name: [] for name in apps}
-    emulator = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--port", str(lago_port)]
-    emulator += ["--api-key", API_KEY, "--seed", str(seed)]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process(emulator, env, cpu="1"))
-        wait_http(f"{lago_url}/health")
+        lago_url, env = stack.enter_context(emulator())
         for name in apps:
-            module = "billed" if name == "gated" else "burn" if name == burn else name
-            if name == burn:
-                app_env[name] = {"BENCH_BURN_US": str(args.calibrate)}
-            uvicorn = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(ports[name])]
-            uvicorn += ["--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
-            stack.enter_context(process(uvicorn, {**env, **app_env.get(name, {})}, cpu="0"))
+            command = uvicorn_command("burn" if name == burn else name, ports[name])
+            stack.enter_context(process(command, {**env, **app_env.get(name, {})}, cpu="0"))
             wait_http(f"http://127.0.0.1:{ports[name]}/v1/chat/warm")
         served = 0
         for name in apps:  # warm up
-            _, count = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, headers)
+            _, count = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, HEADERS)
             served += count if name in ("billed", "gated") else 0
         for round_number in range(args.rounds):
             for name in apps:
                 url = f"http://127.0.0.1:{ports[name]}/v1/chat/1"
-                rps, count = wrk(url, args.seconds, args.connections, headers)
+                rps, count = wrk(url, args.seconds, args.connections, HEADERS)
                 served += count if name in ("billed", "gated") else 0
                 results[name].append(rps)
                 print(f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s", flush=True)
@@ -191,7 +208,6 @@ def main() -> int:
         extra = f"   +{(1 / median - 1 / bare) * 1e6:.1f} µs/request" if name != "bare" else ""
         print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x{extra}")
     print(f"\nrequests served by the billing apps: {served}; events in the emulator: {delivered}")
-    seed.unlink(missing_ok=True)
     return 0
 
 
