@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import random
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,9 @@ from lago_org_billing._attribution import (
     AttributionConfig,
     Usage,
     UsageRecorder,
+    _fast_json_usage,
+    _json_fields,
+    _merge,
     attribute_usage,
     reset_warnings,
 )
@@ -196,6 +200,72 @@ async def test_json_without_usage_is_not_attributed() -> None:
 async def test_invalid_json_is_ignored() -> None:
     """A broken JSON body yields no usage and no error."""
     assert Usage() == record([b'{"usage": {"prompt_tokens": 1'])
+
+
+def _general_usage(body: bytes) -> Usage:
+    """What the general path (json.loads and the full rules) makes of a body."""
+    fields, source = _json_fields(body)
+    return _merge((("explicit", {}), ("headers", {}), (source or "json", fields)))
+
+
+def _random_body(rng: random.Random) -> bytes:
+    """A valid JSON body shaped like (or unlike) an LLM reply: keys in any order, nested lookalikes, tricky strings."""
+    tricky = ["x", "", " gpt ", "{", "[", "}", "]", '"usage":{"total_tokens":9}}', '"model":"y"', "é😀", "a\\", "\t"]
+
+    def text() -> str:
+        return "".join(rng.choice(tricky) for _ in range(rng.randint(0, 3)))
+
+    def count() -> Any:
+        return rng.choice([0, 1, 12, 10**9, 10**9 + 1, -1, None, 2.0, "7", True])
+
+    def usage() -> Any:
+        keys = ["prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens"]
+        keys += ["cache_creation_input_tokens", "cache_read_input_tokens", "details"]
+        value = {key: count() for key in rng.sample(keys, rng.randint(0, 4))}
+        return value if rng.random() < 0.9 else rng.choice([None, [], 5, "usage"])
+
+    def nested() -> Any:
+        return rng.choice(
+            [
+                {"model": text(), "usage": usage()},
+                [{"message": {"content": text()}}, {"usage": usage()}],
+                {"text": text()},
+                [text(), 1, None],
+            ]
+        )
+
+    members: list[tuple[str, Any]] = [("id", text())]
+    if rng.random() < 0.8:
+        members.append(("model", rng.choice([text(), "gpt-4o", " ", None, 3, "m" * 300])))
+    for key in rng.sample(["choices", "content", "message", "response", "meta"], rng.randint(0, 3)):
+        members.append((key, nested()))
+    rng.shuffle(members)
+    if rng.random() < 0.9:
+        at = len(members) if rng.random() < 0.8 else rng.randint(0, len(members))
+        members.insert(at, ("usage", usage()))
+    if rng.random() < 0.1:  # a repeated key: json.loads keeps the last one
+        repeated = (rng.choice(["usage", "model"]), rng.choice([usage(), text()]))
+        members.insert(rng.randint(0, len(members)), repeated)
+    pairs = [f"{json.dumps(key)}:{json.dumps(value, ensure_ascii=rng.random() < 0.5)}" for key, value in members]
+    blank = rng.choice(["", " ", "\n  ", "\t"])
+    return ("{" + blank + ("," + blank).join(pairs) + blank + "}" + rng.choice(["", "\n"])).encode()
+
+
+def test_fast_json_path_agrees_with_the_general_path() -> None:
+    """Whenever the fast path answers (reading only ``usage`` and ``model``), json.loads and the full rules give
+    the same usage; on 5,000 random valid bodies, and it does answer for the common shapes."""
+    rng = random.Random(20261125)
+    answered = 0
+    for _ in range(5000):
+        body = _random_body(rng)
+        fast = _fast_json_usage(body)
+        if fast is not None:
+            answered += 1
+            assert fast == _general_usage(body), body
+    assert answered > 250
+    for reply in (OPENAI_CHAT, ANTHROPIC_MESSAGE):
+        body = JSONResponse(reply).body
+        assert _fast_json_usage(body) == _general_usage(body) != Usage()
 
 
 async def test_other_content_types_are_not_inspected() -> None:

@@ -681,8 +681,8 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         if type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH or not model.isprintable():
             return None
         model = model.strip() or None  # blank: the general path drops it too (and logs nothing)
-    if input_tokens is None and output_tokens is None and total is None and model is None:
-        return None
+    if input_tokens is None and output_tokens is None and total is None:
+        return None  # no counts: whether the model alone is kept is the general path's rule
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
     return Usage(model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total, "json")
