@@ -151,13 +151,15 @@ APP_ENV: dict[str, dict[str, str]] = {
         "LAGO_PLAN_LIMITS": json.dumps({"starter": {"max_api_calls": 10**9, "max_tokens": 10**12}}),
     },
 }
+# The same, without RateLimit-* headers on allowed responses: what those three headers cost in the server.
+APP_ENV["gated-quiet"] = {**APP_ENV["gated"], "LAGO_QUOTA_HEADERS": "false"}
 HEADERS = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
 EMULATOR = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--api-key", API_KEY]
 
 
 def uvicorn_command(app: str, port: int) -> list[str]:
-    """uvicorn serving ``benchmarks._apps:<app>`` (``gated`` is the billed app with enforcement on)."""
-    module = "billed" if app == "gated" else app
+    """uvicorn serving ``benchmarks._apps:<app>`` (``gated*`` are the billed app with enforcement on)."""
+    module = "billed" if app.startswith("gated") else app
     command = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(port)]
     return [*command, "--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
 
@@ -167,7 +169,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--quota", action="store_true", help="also measure the middleware with quota enforcement on")
+    parser.add_argument(
+        "--quota",
+        action="store_true",
+        help="also measure the middleware with quota enforcement on (with and without RateLimit-* headers on allowed"
+        " responses)",
+    )
     parser.add_argument(
         "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
     )
@@ -177,7 +184,9 @@ def main() -> int:
         return 2
 
     burn = f"burn-{args.calibrate:g}us" if args.calibrate else None
-    apps = ["bare", "passthrough", *([burn] if burn else []), "billed"] + (["gated"] if args.quota else [])
+    apps = ["bare", "passthrough", *([burn] if burn else []), "billed"] + (
+        ["gated", "gated-quiet"] if args.quota else []
+    )
     app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
     ports = {name: free_port() for name in apps}
     results: dict[str, list[float]] = {name: [] for name in apps}
@@ -190,12 +199,12 @@ def main() -> int:
         served = 0
         for name in apps:  # warm up
             _, count = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, HEADERS)
-            served += count if name in ("billed", "gated") else 0
+            served += count if name.startswith(("billed", "gated")) else 0
         for round_number in range(args.rounds):
             for name in apps:
                 url = f"http://127.0.0.1:{ports[name]}/v1/chat/1"
                 rps, count = wrk(url, args.seconds, args.connections, HEADERS)
-                served += count if name in ("billed", "gated") else 0
+                served += count if name.startswith(("billed", "gated")) else 0
                 results[name].append(rps)
                 print(f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s", flush=True)
         deadline = time.monotonic() + 30  # delivery is asynchronous: give the last batches time to land

@@ -368,6 +368,8 @@ def build_from_facts(facts: tuple[int, str]) -> dict[str, Any] | str:
     n, kind = facts
     if kind == "broken":
         raise RuntimeError(f"cannot build {n}")
+    if kind == "junk":
+        return 42  # type: ignore[return-value]
     event = event_payload(transaction_id=f"lane{n}", external_subscription_id="org_1", code="api_call")
     return json.dumps(event) if kind == "text" else event
 
@@ -375,7 +377,8 @@ def build_from_facts(facts: tuple[int, str]) -> dict[str, Any] | str:
 @pytest.mark.parametrize("spool", [False, True])
 async def test_lane_events_are_built_later_and_delivered(fake: FakeLago, tmp_path: Any, spool: bool) -> None:
     """Facts go through the lane; the builder runs once per event, off submit; text and dict results both
-    land, a failing builder sends its event to the dead letters with the reason. Memory outbox and spool."""
+    land, a failing builder (raising, or returning something else) sends its event to the dead letters with the
+    reason. Memory outbox and spool."""
     calls: list[int] = []
 
     def build(facts: tuple[int, str]) -> dict[str, Any] | str:
@@ -388,16 +391,17 @@ async def test_lane_events_are_built_later_and_delivered(fake: FakeLago, tmp_pat
         async with anyio.create_task_group() as tg:
             await tg.start(pipeline.run)
             for n in range(150):
-                submit((n, "broken" if n == 7 else "text" if n % 2 else "dict"))
+                submit((n, "broken" if n == 7 else "junk" if n == 9 else "text" if n % 2 else "dict"))
             assert calls == [] or spool  # the memory outbox builds nothing on submit
             assert await pipeline.flush(20)
             letters = pipeline.dead_letters()
             await pipeline.aclose()
     assert sorted(calls) == list(range(150))
-    assert sorted(transaction_ids(fake)) == sorted(f"lane{n}" for n in range(150) if n != 7)
-    assert len(letters) == 1 and "cannot build 7" in letters[0].reason
-    assert pipeline.stats["recorded"] == 150 and pipeline.stats["delivered"] == 149
-    assert pipeline.stats["dead_lettered"] == 1
+    assert sorted(transaction_ids(fake)) == sorted(f"lane{n}" for n in range(150) if n not in (7, 9))
+    reasons = " | ".join(letter.reason for letter in letters)
+    assert len(letters) == 2 and "cannot build 7" in reasons and "returned int, not a dict" in reasons
+    assert pipeline.stats["recorded"] == 150 and pipeline.stats["delivered"] == 148
+    assert pipeline.stats["dead_lettered"] == 2
 
 
 async def test_lane_counts_against_the_capacity_and_drops_visibly(caplog: pytest.LogCaptureFixture) -> None:

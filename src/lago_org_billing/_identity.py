@@ -428,20 +428,33 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
             if same_header:
                 user_raw, user_bad = org_raw, org_bad
             if want_org and org_raw is not None and not org_bad:
-                org = _header_id(org_raw)
+                org = _header_ids.get(org_raw) if type(org_raw) is bytes else None
+                if org is None:
+                    org = _header_id(org_raw)
             if user is None and user_raw is not None and not user_bad:
-                user = _header_id(user_raw)
+                user = _header_ids.get(user_raw) if type(user_raw) is bytes else None
+                if user is None:
+                    user = _header_id(user_raw)
         return (org, user) if org is not None else (None, None)
 
     return resolve_identity
 
 
 def _header_id(value: Any) -> str | None:
-    """A header value as an id (see :func:`_clean_id`)."""
+    """A header value as an id (see :func:`_clean_id`); valid ones are remembered (the active orgs and users repeat)."""
     try:
-        return _clean_id(value.decode("latin-1"))
+        ident = _clean_id(value.decode("latin-1"))
     except AttributeError:
         return None
+    if ident is not None and type(value) is bytes:
+        if len(_header_ids) >= 10_000:  # bounded: a cache of the active ids, not a registry
+            _header_ids.clear()
+        _header_ids[value] = ident
+    return ident
+
+
+#: Header value -> the id it is (valid ids only).
+_header_ids: dict[bytes, str] = {}
 
 
 def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:

@@ -257,7 +257,16 @@ class MemoryOutbox(Outbox):
                 batch = pending.copy()
                 pending.clear()
                 self._deferred -= len(batch)
-                self.window.extend([build_item(build, facts) for facts in batch])
+                items: list[Item] = []
+                append = items.append
+                for facts in batch:  # build_item, inline: JSON text, the usual result, is stored as it is
+                    try:
+                        built = build(facts)
+                    except Exception as exc:
+                        append(_failed_item(exc))
+                        continue
+                    append(Item(None, 0, 0, -1, built) if type(built) is str else _built_item(built))
+                self.window.extend(items)
 
     def build_pending(self) -> None:
         """Build and encode the events submitted as builders or facts since the last call, so that what a request
@@ -342,12 +351,24 @@ def build_event(event: EventOrBuilder | str) -> JSON | str:
 def build_item(build: Callable[[Any], JSON | str], facts: Any) -> Item:
     """The outbox item of an event submitted as ``facts`` for ``build`` (see ``Outbox.lane``)."""
     try:
-        built = _run_builder(build, facts)
-    except EventBuildError as exc:
-        return Item(_Unbuildable(str(exc)))
+        built = build(facts)
+    except Exception as exc:
+        return _failed_item(exc)
+    return _built_item(built)
+
+
+def _built_item(built: object) -> Item:
+    """The item of what a builder returned: an event, its JSON text, or (anything else) a dead letter."""
     if isinstance(built, str):
         return Item(None, raw=built)
-    return Item(built)
+    if isinstance(built, dict):
+        return Item(built)
+    return Item(_Unbuildable(_not_an_event(built)))
+
+
+def _failed_item(exc: Exception) -> Item:
+    """The item of an event whose builder raised ``exc``: a dead letter saying why."""
+    return Item(_Unbuildable(_build_failed(exc)))
 
 
 def _run_builder(builder: Callable[..., JSON | str], *args: Any) -> JSON | str:
@@ -355,10 +376,18 @@ def _run_builder(builder: Callable[..., JSON | str], *args: Any) -> JSON | str:
     try:
         built = builder(*args)
     except Exception as exc:
-        raise EventBuildError(f"the event could not be built: {type(exc).__name__}: {exc}") from exc
+        raise EventBuildError(_build_failed(exc)) from exc
     if not isinstance(built, (dict, str)):
-        raise EventBuildError(f"the event builder returned {type(built).__name__}, not a dict")
+        raise EventBuildError(_not_an_event(built))
     return built
+
+
+def _build_failed(exc: Exception) -> str:
+    return f"the event could not be built: {type(exc).__name__}: {exc}"
+
+
+def _not_an_event(built: object) -> str:
+    return f"the event builder returned {type(built).__name__}, not a dict"
 
 
 def dumps_event(event: JSON | str) -> str:
