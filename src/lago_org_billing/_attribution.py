@@ -97,6 +97,7 @@ class AttributionConfig:
     _response_names: dict[bytes, Any] = dataclasses.field(
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
+    _cap_digits: int = dataclasses.field(init=False, repr=False, compare=False, hash=False, default=0)
 
     def __post_init__(self) -> None:
         mapping: dict[bytes, tuple[str, int]] = {}
@@ -119,6 +120,7 @@ class AttributionConfig:
             b"content-encoding": _CONTENT_ENCODING,
         }
         object.__setattr__(self, "_response_names", response_names)
+        object.__setattr__(self, "_cap_digits", len(str(self.max_body_bytes)))
 
 
 _DEFAULT_CONFIG = AttributionConfig()
@@ -424,7 +426,7 @@ class UsageRecorder:
             self._event = b""
             self._data_lines = []
         elif media_type == b"application/json" or media_type.endswith(b"+json"):
-            if length is not None:
+            if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
                 try:
                     if int(length) > config.max_body_bytes:
                         return
@@ -557,7 +559,10 @@ class UsageRecorder:
         """The usage, or (the common case: a JSON body alone decides it) that JSON body, for
         :func:`json_usage` to read later, off the request path. Call it when the response is over; the
         recorder lets go of the request's scope then (see :meth:`detach`)."""
-        self.detach()
+        scope = self._scope
+        if scope is not None:  # detach(), inline
+            self._billing = scope.get(SCOPE_KEY)
+            self._scope = None
         billing = self._billing
         if (
             self._result is None

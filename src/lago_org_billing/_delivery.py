@@ -578,7 +578,7 @@ class EventPipeline:
         if client.is_closed:
             raise RuntimeError("The LagoClient of this EventPipeline is closed.")
         try:
-            parts = [item.encoded() for item in items]
+            parts = [item.raw if item.raw is not None else item.encoded() for item in items]
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         body = ('{"events":[' + ",".join(parts) + "]}").encode()

@@ -492,9 +492,11 @@ class _ResponseWatcher(UsageRecorder):
         # Not a coroutine: it returns the server's own awaitable, so a message costs no extra coroutine.
         send = self.send
         assert send is not None, "the response is over"
-        if message["type"] == "http.response.body":
-            self.response_body(message.get("body", b""))
-        elif message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.body":
+            if self._mode:  # something to read (a JSON or SSE body)
+                self.response_body(message.get("body", b""))
+        elif kind == "http.response.start":
             self.response_start(message)  # never raises
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
