@@ -100,7 +100,8 @@ async def make_middleware(fake_lago: Any, settings: BillingSettings) -> AsyncIte
     made: list[OrgBillingMiddleware] = []
 
     def make(**kwargs: Any) -> OrgBillingMiddleware:
-        middleware = OrgBillingMiddleware(build_app(), settings=settings, transport=fake_lago.transport(), **kwargs)
+        kwargs.setdefault("settings", settings)
+        middleware = OrgBillingMiddleware(build_app(), transport=fake_lago.transport(), **kwargs)
         made.append(middleware)
         return middleware
 
@@ -487,3 +488,37 @@ def test_direct_event_json_matches_json_module() -> None:
             assert document["timestamp"] == "1764082800.123"
             if key is not None:  # a client retry of the same request is the same event
                 assert text == middleware._build_event((*facts, Usage(model, 1, 2, 3), None, None))
+
+
+async def test_prometheus_metrics_of_requests_pipeline_and_gate(
+    fake_lago: Any, make_middleware: MiddlewareFactory, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LAGO_METRICS=true exports the middleware's counts, its pipeline's and its quota gate's to Prometheus' default
+    registry; middlewares registered with one registry are summed (two apps never clash)."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    monkeypatch.setattr(prometheus_client, "REGISTRY", registry)  # the default registry, for this test only
+    first = make_middleware(settings=settings.replace(metrics=True))
+    async with client_for(first) as client:
+        assert (await client.post("/v1/chat/1", headers=HEADERS)).status_code == 200
+        assert (await client.get("/health")).status_code == 200  # excluded
+        assert (await client.post("/v1/chat/2")).status_code == 200  # no org: allowed, unbilled
+    assert await first.pipeline.flush(5)
+
+    def value(name: str) -> float | None:
+        return registry.get_sample_value(f"lago_billing_{name}")
+
+    assert value("requests_total") == 2 and value("requests_billed_total") == 1
+    assert value("requests_unresolved_total") == 1 and value("requests_excluded_total") == 1
+    assert value("requests_blocked_total") == 0
+    assert value("events_recorded_total") == 1 and value("events_delivered_total") == 1
+    assert value("queue_depth") == 0 and value("delivery_seconds_count") == 1
+    assert value("quota_checks_total") == 1 and value("quota_allowed_total") == 1
+    assert value("quota_fail_open_total") == 0
+
+    second = make_middleware(metrics_registry=registry)  # same registry, passed explicitly
+    async with client_for(second) as client:
+        await client.post("/v1/chat/3", headers=HEADERS)
+    assert await second.pipeline.flush(5)
+    assert value("requests_billed_total") == 2 and value("events_delivered_total") == 2
+    assert value("quota_allowed_total") == 2

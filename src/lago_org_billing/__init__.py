@@ -28,6 +28,7 @@ from ._identity import (
     get_current_org,
     get_current_user,
 )
+from ._metrics import PipelineMetrics, register_metrics
 from ._middleware import OrgBillingMiddleware
 from ._quota import (
     QuotaConfig,
@@ -74,8 +75,10 @@ __all__ = [
     "OrgBilling",
     "OrgBillingMiddleware",
     "Page",
+    "PipelineMetrics",
     "QuotaConfig",
     "QuotaGate",
+    "register_metrics",
     "Usage",
     "WebhookEvent",
 ]

@@ -20,16 +20,29 @@ Exported metrics (prefix ``lago_billing_`` by default):
 * ``lago_errors_total{status="503"|"network"|...}``
 * ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool)
 * ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, retries inside the client included
+
+:func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
+the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares
+registered in a process (one collector per registry, so two apps never clash):
+
+* ``requests_total`` (requests handled, excluded paths aside), ``requests_billed_total``,
+  ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
+  ``requests_excluded_total``, ``requests_unbilled_errors_total`` (5xx not billed), ``event_build_errors_total``
+* ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
+  ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
+  ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
+* ``quota_redis_fallback`` gauge: 1 while Redis is unreachable and decisions are counted locally
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "PipelineMetrics"]
+__all__ = ["LATENCY_BUCKETS", "PipelineMetrics", "register_metrics"]
 
 logger = logging.getLogger("lago_org_billing.delivery")
 
@@ -121,27 +134,112 @@ class _Collector:
         return list(self.collect())
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        return _pipeline_families(self._prefix, [self._metrics])
 
-        metrics, prefix = self._metrics, self._prefix
-        for attribute, (name, documentation) in _COUNTERS.items():
-            yield CounterMetricFamily(prefix + name, documentation, value=getattr(metrics, attribute))
-        errors = CounterMetricFamily(prefix + "lago_errors", "Errors answered by Lago, by status.", labels=["status"])
-        for status, count in sorted(metrics.lago_errors.items()):
-            errors.add_metric([status], count)
-        yield errors
-        gauges = metrics._gauges()
-        yield GaugeMetricFamily(
-            prefix + "queue_depth", "Events accepted and not yet resolved.", value=gauges.get("depth", 0)
+
+def _pipeline_families(prefix: str, sources: list[PipelineMetrics]) -> Iterator[Any]:
+    """The pipeline metrics of ``sources``, summed."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    for attribute, (name, documentation) in _COUNTERS.items():
+        value = sum(getattr(metrics, attribute) for metrics in sources)
+        yield CounterMetricFamily(prefix + name, documentation, value=value)
+    errors = CounterMetricFamily(prefix + "lago_errors", "Errors answered by Lago, by status.", labels=["status"])
+    for status, count in sorted(_summed(metrics.lago_errors for metrics in sources).items()):
+        errors.add_metric([status], count)
+    yield errors
+    gauges = _summed(metrics._gauges() for metrics in sources)
+    yield GaugeMetricFamily(
+        prefix + "queue_depth", "Events accepted and not yet resolved.", value=gauges.get("depth", 0)
+    )
+    yield GaugeMetricFamily(prefix + "spool_depth", "Rows in the SQLite spool.", value=gauges.get("spool_depth", 0))
+    cumulative, buckets = 0, []
+    counts = [sum(column) for column in zip(*(metrics.latency_buckets for metrics in sources), strict=True)]
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts or [0] * (len(LATENCY_BUCKETS) + 1), strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    yield HistogramMetricFamily(
+        prefix + "delivery_seconds",
+        "Duration of each POST /events/batch call.",
+        buckets=buckets,
+        sum_value=sum(metrics.latency_sum for metrics in sources),
+    )
+
+
+def _summed(mappings: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for mapping in mappings:
+        for key, value in mapping.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+# ------------------------------------------------------------------------------------------- middleware
+
+_REQUEST_COUNTERS = {
+    "requests": ("requests", "HTTP requests the billing middleware handled (excluded paths aside)."),
+    "billed": ("requests_billed", "Requests whose api_call event went to the delivery pipeline."),
+    "blocked": ("requests_blocked", "Requests the quota gate answered 402/429 without calling the app."),
+    "unresolved": ("requests_unresolved", "Requests whose organization could not be resolved."),
+    "excluded": ("requests_excluded", "Requests on excluded paths (never billed nor gated)."),
+    "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
+    "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),
+}
+#: Gate stats exported as gauges (states, not counts).
+_GATE_GAUGES = {"redis_fallback": "1 while Redis is unreachable and quota decisions are counted locally."}
+
+#: One collector per registry (keyed by identity), holding the middlewares registered with it.
+_registered: dict[int, tuple[Any, _MiddlewareCollector]] = {}
+
+
+def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
+    """Export ``middleware``'s metrics (its pipeline's, its own counts and its quota gate's) through ``registry``
+    (default: ``prometheus_client.REGISTRY``), summed with the other middlewares registered there.
+
+    Returns False (and logs a warning) when ``prometheus_client`` is not installed:
+    ``pip install 'lago-org-billing[metrics]'``.
+    """
+    try:
+        import prometheus_client
+    except ImportError:
+        logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
+        return False
+    target = prometheus_client.REGISTRY if registry is None else registry
+    entry = _registered.get(id(target))
+    if entry is None or entry[0] is not target:
+        collector = _MiddlewareCollector(namespace)
+        target.register(collector)
+        entry = _registered[id(target)] = (target, collector)
+    entry[1].middlewares.add(middleware)
+    return True
+
+
+class _MiddlewareCollector:
+    """Reads the registered middlewares (held weakly: a discarded app stops counting) at scrape time."""
+
+    def __init__(self, namespace: str) -> None:
+        self.middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._prefix = f"{namespace}_" if namespace else ""
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        middlewares = list(self.middlewares)
+        prefix = self._prefix
+        pipelines = [getattr(middleware.pipeline, "metrics", None) for middleware in middlewares]
+        yield from _pipeline_families(prefix, [metrics for metrics in pipelines if metrics is not None])
+        requests = _summed(middleware.stats for middleware in middlewares)
+        for key, (name, documentation) in _REQUEST_COUNTERS.items():
+            yield CounterMetricFamily(prefix + name, documentation, value=requests.get(key, 0))
+        gates = [middleware.quota for middleware in middlewares if middleware.quota is not None]
+        gate_stats = _summed(
+            {**getattr(gate, "stats", {}), **getattr(getattr(gate, "backend", None), "stats", {})} for gate in gates
         )
-        yield GaugeMetricFamily(prefix + "spool_depth", "Rows in the SQLite spool.", value=gauges.get("spool_depth", 0))
-        cumulative, buckets = 0, []
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), metrics.latency_buckets, strict=True):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily(
-            prefix + "delivery_seconds",
-            "Duration of each POST /events/batch call.",
-            buckets=buckets,
-            sum_value=metrics.latency_sum,
-        )
+        for key, value in sorted(gate_stats.items()):
+            if key in _GATE_GAUGES:
+                yield GaugeMetricFamily(f"{prefix}quota_{key}", _GATE_GAUGES[key], value=value)
+            else:
+                yield CounterMetricFamily(f"{prefix}quota_{key}", f"Quota gate: {key.replace('_', ' ')}.", value=value)

@@ -39,6 +39,7 @@ from ._identity import (
     default_user_resolver,
     resolve_now,
 )
+from ._metrics import register_metrics
 from ._settings import BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
@@ -73,6 +74,8 @@ class OrgBillingMiddleware:
       ``None`` (no gating) or a gate object (see ``_gate.QuotaGateProtocol``). Checked before the app runs:
       an org over its plan limits is answered 429/402 without reaching the app.
     * **client** / **transport** / **pipeline** - *(optional)* injected pieces (tests, sharing a client).
+    * **metrics_registry** - *(optional)* a ``prometheus_client`` registry to export this middleware's metrics to
+      (see ``_metrics``); with ``LAGO_METRICS=true`` they go to the default registry without it.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class OrgBillingMiddleware:
         transport: httpx.AsyncBaseTransport | None = None,
         pipeline: EventPipeline | None = None,
         shutdown_timeout: float = 5.0,
+        metrics_registry: Any = None,
     ) -> None:
         if on_unresolved not in ("allow", "reject"):
             raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
@@ -139,6 +143,8 @@ class OrgBillingMiddleware:
         self._running = False
         self._lazy_task: asyncio.Task[None] | None = None
         self._lazy_started: anyio.Event | None = None
+        if self.settings.metrics or metrics_registry is not None:
+            register_metrics(self, metrics_registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

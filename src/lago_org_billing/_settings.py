@@ -70,6 +70,8 @@ class BillingSettings:
     plan_limits: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     #: ``LAGO_WEBHOOK_HMAC_KEY``: HMAC key of Lago webhooks (unset: JWT mode).
     webhook_hmac_key: str | None = dataclasses.field(default=None, repr=False)
+    #: ``LAGO_METRICS``: export the middleware's metrics to Prometheus' default registry (extra ``metrics``).
+    metrics: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
@@ -158,6 +160,7 @@ class BillingSettings:
         get("LAGO_USAGE_CACHE_TTL", _float, "usage_cache_ttl")
         get("LAGO_PLAN_LIMITS", _json_object, "plan_limits")
         get("LAGO_WEBHOOK_HMAC_KEY", _optional_str, "webhook_hmac_key")
+        get("LAGO_METRICS", _bool, "metrics")
         values.update(overrides)
         settings = cls(**values)
         if require_api_key:
