@@ -20,6 +20,7 @@ def test_defaults_from_contract() -> None:
     assert settings.plan_limits == {}
     assert settings.exclude_paths == ()
     assert settings.org_header is None
+    assert settings.metrics is False
 
 
 def test_every_variable_is_read() -> None:
@@ -42,6 +43,7 @@ def test_every_variable_is_read() -> None:
             "LAGO_USAGE_CACHE_TTL": "5",
             "LAGO_PLAN_LIMITS": '{"starter": {"max_api_calls": 300}}',
             "LAGO_WEBHOOK_HMAC_KEY": "secret-hmac",
+            "LAGO_METRICS": "true",
         },
     )
     assert settings.api_url == "https://api.getlago.com"
@@ -58,6 +60,7 @@ def test_every_variable_is_read() -> None:
     assert settings.usage_cache_ttl == 5.0
     assert settings.plan_limits == {"starter": {"max_api_calls": 300}}
     assert settings.webhook_hmac_key == "secret-hmac"
+    assert settings.metrics is True
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
@@ -98,6 +101,7 @@ def test_missing_api_key_names_the_variable() -> None:
         ("LAGO_EXCLUDE_PATHS", "health"),
         ("LAGO_QUOTA_MODE", "strict"),
         ("LAGO_FAIL_OPEN", "maybe"),
+        ("LAGO_METRICS", "sometimes"),
         ("LAGO_USAGE_CACHE_TTL", "0"),
         ("LAGO_PLAN_LIMITS", "{not json"),
         ("LAGO_PLAN_LIMITS", '["starter"]'),
