@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -54,19 +55,28 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def process(args: list[str], env: dict[str, str] | None = None, cpu: str | None = None) -> Iterator[None]:
+    """Run ``args`` (pinned to ``cpu``) for the ``with`` block; then stop it and show what it logged at WARNING or
+    above (stderr goes to a file: a full pipe would stall the server)."""
     command = (["taskset", "-c", cpu] if cpu and shutil.which("taskset") else []) + args
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        yield
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        if proc.returncode not in (0, -15) and err:
-            sys.stderr.write(err.decode(errors="replace")[-2000:])
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            lines = log.read().decode(errors="replace").splitlines()
+            if proc.returncode not in (0, -15):
+                shown = lines[-30:]
+            else:
+                shown = [line for line in lines if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line)][:20]
+            if shown:
+                sys.stderr.write(f"-- {' '.join(args[:5])}:\n" + "\n".join(shown) + "\n")
 
 
 def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> tuple[float, int]:
@@ -190,8 +200,11 @@ def main() -> int:
     app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
     ports = {name: free_port() for name in apps}
     results: dict[str, list[float]] = {name: [] for name in apps}
+    after_shutdown: list[int] = []
     with contextlib.ExitStack() as stack:
         lago_url, env = stack.enter_context(emulator())
+        # Runs once the servers have stopped (flushing what they held), while the emulator still answers.
+        stack.callback(lambda: after_shutdown.append(count_events(lago_url)))
         for name in apps:
             command = uvicorn_command("burn" if name == burn else name, ports[name])
             stack.enter_context(process(command, {**env, **app_env.get(name, {})}, cpu="0"))
@@ -216,7 +229,11 @@ def main() -> int:
         median = statistics.median(results[name])
         extra = f"   +{(1 / median - 1 / bare) * 1e6:.1f} µs/request" if name != "bare" else ""
         print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x{extra}")
-    print(f"\nrequests served by the billing apps: {served}; events in the emulator: {delivered}")
+    print(
+        f"\nrequests the billing apps served (as wrk counts them): {served}; events in the emulator: {delivered}, "
+        f"{after_shutdown[0]} once the servers stopped (wrk does not count requests in flight when it stops: up to "
+        f"{args.connections} per run)"
+    )
     return 0
 
 
