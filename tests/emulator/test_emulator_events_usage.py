@@ -180,6 +180,29 @@ async def test_list_events(client: httpx.AsyncClient) -> None:
     assert body["meta"]["total_count"] == 2
 
 
+async def test_list_events_pages_serialize_only_their_events(
+    fake: FakeLago, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of a large store serializes that page alone (counting events must not cost a copy of all of them),
+    and pages still come newest first with the right totals."""
+    events = [event(f"t{n}", ts=T_NOW - n) for n in range(250)]
+    for start in range(0, 250, 100):
+        assert (await client.post("/api/v1/events/batch", json={"events": events[start : start + 100]})).is_success
+    serialized: list[str] = []
+    original = fake.store._serialize_event
+
+    def counting(event: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        serialized.append(event["transaction_id"])
+        return original(event, **kwargs)
+
+    monkeypatch.setattr(fake.store, "_serialize_event", counting)
+    body = (await client.get("/api/v1/events", params={"per_page": 1})).json()
+    assert body["meta"]["total_count"] == 250 and [e["transaction_id"] for e in body["events"]] == ["t0"]
+    assert serialized == ["t0"]
+    body = (await client.get("/api/v1/events", params={"per_page": 100, "page": 3})).json()
+    assert [e["transaction_id"] for e in body["events"]] == [f"t{n}" for n in range(200, 250)]
+
+
 # Current usage ----------------------------------------------------------------------------------
 
 

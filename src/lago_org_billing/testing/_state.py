@@ -1409,10 +1409,12 @@ class LagoStore:
                 items = [e for e in items if Decimal(e["ts"]) >= Decimal(repr(low.timestamp()))]
             if high is not None:
                 items = [e for e in items if Decimal(e["ts"]) <= Decimal(repr(high.timestamp()))]
-            items.sort(key=lambda e: Decimal(e["ts"]), reverse=True)
-            return paginate(
-                [self._serialize_event(e) for e in items], "events", query.get("page"), query.get("per_page")
-            )
+            # Newest first (ms timestamps: a float orders them exactly); only the page asked for is serialized, so
+            # a page of a large store costs a sort, not a copy of every event.
+            items.sort(key=lambda e: float(e["ts"]), reverse=True)
+            result = paginate(items, "events", query.get("page"), query.get("per_page"))
+            result["events"] = [self._serialize_event(e) for e in result["events"]]
+            return result
 
     def serialized_events(self) -> list[JSON]:
         with self.lock:
