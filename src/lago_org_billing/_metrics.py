@@ -113,14 +113,21 @@ class PipelineMetrics:
         Returns False (and logs a warning) when ``prometheus_client`` is not installed:
         ``pip install 'lago-org-billing[metrics]'``.
         """
-        try:
-            import prometheus_client
-        except ImportError:
-            logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
+        target = _registry(registry)
+        if target is None:
             return False
-        target = prometheus_client.REGISTRY if registry is None else registry
         target.register(_Collector(self, namespace))
         return True
+
+
+def _registry(registry: Any) -> Any:
+    """``registry``, or prometheus_client's default one; ``None`` (with a warning) without prometheus_client."""
+    try:
+        import prometheus_client
+    except ImportError:
+        logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
+        return None
+    return prometheus_client.REGISTRY if registry is None else registry
 
 
 class _Collector:
@@ -199,12 +206,9 @@ def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = 
     Returns False (and logs a warning) when ``prometheus_client`` is not installed:
     ``pip install 'lago-org-billing[metrics]'``.
     """
-    try:
-        import prometheus_client
-    except ImportError:
-        logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
+    target = _registry(registry)
+    if target is None:
         return False
-    target = prometheus_client.REGISTRY if registry is None else registry
     entry = _registered.get(id(target))
     if entry is None or entry[0] is not target:
         collector = _MiddlewareCollector(namespace)
