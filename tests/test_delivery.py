@@ -375,7 +375,9 @@ def build_from_facts(facts: tuple[int, str]) -> dict[str, Any] | str:
 
 
 @pytest.mark.parametrize("spool", [False, True])
-async def test_lane_events_are_built_later_and_delivered(fake: FakeLago, tmp_path: Any, spool: bool) -> None:
+async def test_lane_events_are_built_later_and_delivered(
+    fake: FakeLago, tmp_path: Any, spool: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     """Facts go through the lane; the builder runs once per event, off submit; text and dict results both
     land, a failing builder (raising, or returning something else) sends its event to the dead letters with the
     reason. Memory outbox and spool."""
@@ -400,6 +402,9 @@ async def test_lane_events_are_built_later_and_delivered(fake: FakeLago, tmp_pat
     assert sorted(transaction_ids(fake)) == sorted(f"lane{n}" for n in range(150) if n not in (7, 9))
     reasons = " | ".join(letter.reason for letter in letters)
     assert len(letters) == 2 and "cannot build 7" in reasons and "returned int, not a dict" in reasons
+    assert "JSON" not in reasons  # a local build failure, said as such (not blamed on Lago or on JSON)
+    logged = [record.getMessage() for record in caplog.records if "dead letters" in record.getMessage()]
+    assert logged and all("Lago" not in line for line in logged)  # logged as local failures
     assert pipeline.stats["recorded"] == 150 and pipeline.stats["delivered"] == 148
     assert pipeline.stats["dead_lettered"] == 2
 

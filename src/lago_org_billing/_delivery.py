@@ -64,7 +64,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._spool import DeadLetter, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox
+from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox
 
 __all__ = ["DeadLetter", "EventPipeline"]
 
@@ -484,8 +484,10 @@ class EventPipeline:
         self.outbox.dead(item, letter)
         self.metrics.dead_lettered += 1
         logger.error(
-            "Lago rejected billing event %s for good (%s): %s; kept in the dead letters",
-            event.get("transaction_id"),
+            "Lago rejected billing event %s for good (%s): %s; kept in the dead letters"
+            if status is not None
+            else "Billing event %s cannot be sent (%s): %s; kept in the dead letters",
+            event.get("transaction_id", "(not built)"),
             status if status is not None else code,
             reason,
         )
@@ -564,6 +566,8 @@ class EventPipeline:
         for item in items:
             try:
                 item.encoded()
+            except EventBuildError as exc:  # its builder failed (and logged why)
+                self._dead(item, str(exc), None, "invalid_event")
             except (TypeError, ValueError) as exc:
                 self._dead(item, f"not JSON-serialisable: {exc}", None, "invalid_event")
             else:

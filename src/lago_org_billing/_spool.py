@@ -539,9 +539,8 @@ class _SpoolFile:
                 encoded.append((row_id, dumps_event(event)))
             except (TypeError, ValueError) as exc:
                 unencodable.append(row_id)
-                letters.append(
-                    (_safe_dumps(event), f"not JSON-serialisable: {exc}", None, "invalid_event", time.time())
-                )
+                reason = event.reason if type(event) is _Unbuildable else f"not JSON-serialisable: {exc}"
+                letters.append((_safe_dumps(event), reason, None, "invalid_event", time.time()))
         with self.lock:
             conn = self.conn
             assert conn is not None
@@ -714,7 +713,10 @@ class SqliteOutbox(Outbox):
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
                 self.dead_on_write += len(unencodable)
-                logger.error("%d events could not be serialised and went to the dead letters", len(unencodable))
+                logger.error(
+                    "%d events could not be built or serialised and went to the dead letters (reasons kept there)",
+                    len(unencodable),
+                )
             self._hand_over(rows, dict(encoded))
 
     def _hand_over(self, rows: list[tuple[int, JSON | str]], encoded: dict[int, str]) -> None:
