@@ -43,7 +43,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def fake(clock: Clock) -> FakeLago:
-    """A seeded emulator on the test clock (org_1 on starter: 300 calls)."""
+    """A seeded emulator on the test clock (org_1 on starter: 5 calls)."""
     return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=5)
 
 
