@@ -522,3 +522,21 @@ async def test_prometheus_metrics_of_requests_pipeline_and_gate(
     assert await second.pipeline.flush(5)
     assert value("requests_billed_total") == 2 and value("events_delivered_total") == 2
     assert value("quota_allowed_total") == 2
+
+
+async def test_watcher_lets_go_of_the_request_once_the_event_is_handed_over() -> None:
+    """deferred() gives the JSON body and drops the scope, the server's send and the late resolver with it."""
+    from lago_org_billing._attribution import AttributionConfig
+    from lago_org_billing._middleware import _ResponseWatcher
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    watcher = _ResponseWatcher({"type": "http"}, AttributionConfig(), send)
+    headers = [(b"content-type", b"application/json")]
+    await watcher({"type": "http.response.start", "status": 200, "headers": headers})
+    await watcher({"type": "http.response.body", "body": b'{"usage":{"total_tokens":3}}'})
+    assert watcher.deferred() == b'{"usage":{"total_tokens":3}}'
+    assert watcher.send is None and watcher.on_start is None and watcher._scope is None
+    with pytest.raises(AssertionError, match="the response is over"):
+        watcher({"type": "http.response.body", "body": b""})

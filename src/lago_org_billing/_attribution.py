@@ -534,7 +534,7 @@ class UsageRecorder:
         """The request's usage so far; call it when the response is over. Later body chunks are not read."""
         if self._result is not None:
             return self._result
-        if self._mode == _MODE_JSON and self._headers is None and not self._explicit():
+        if self._json_alone():
             self._result = json_usage(self._body())
             self._mode = _MODE_NONE
             self._chunks = []
@@ -559,20 +559,14 @@ class UsageRecorder:
         """The usage, or (the common case: a JSON body alone decides it) that JSON body, for
         :func:`json_usage` to read later, off the request path. Call it when the response is over; the
         recorder lets go of the request's scope then (see :meth:`detach`)."""
-        scope = self._scope
-        if scope is not None:  # detach(), inline
-            self._billing = scope.get(SCOPE_KEY)
-            self._scope = None
-        billing = self._billing
-        if (
-            self._result is None
-            and self._mode == _MODE_JSON
-            and self._headers is None
-            and not (type(billing) is dict and billing.get(_EXPLICIT_KEY))
-        ):
-            chunks = self._chunks
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.detach()
+        if self._result is None and self._json_alone():
+            return self._body()
         return self.result()
+
+    def _json_alone(self) -> bool:
+        """A JSON body alone decides the usage: no usage headers, nothing from :func:`attribute_usage`."""
+        return self._mode == _MODE_JSON and self._headers is None and not self._explicit()
 
     def _body(self) -> bytes:
         chunks = self._chunks
