@@ -113,10 +113,10 @@ class Item:
     def _build(self, builder: Callable[[], JSON | str]) -> None:
         """Run the builder (once, even when it fails): the event's dict, or its JSON text when it wrote that."""
         built = _built_or_unbuildable(builder)
-        if type(built) is str:
+        if isinstance(built, str):
             self.event, self.raw = None, built
         else:
-            self.event = built  # type: ignore[assignment]
+            self.event = built
 
 
 class Outbox:
@@ -260,12 +260,8 @@ class MemoryOutbox(Outbox):
                 items: list[Item] = []
                 append = items.append
                 for facts in batch:  # build_item, inline: JSON text, the usual result, is stored as it is
-                    try:
-                        built = build(facts)
-                    except Exception as exc:
-                        append(_failed_item(exc))
-                        continue
-                    append(Item(None, 0, 0, -1, built) if type(built) is str else _built_item(built))
+                    built = _built_or_unbuildable(build, facts)
+                    append(Item(None, 0, 0, -1, built) if isinstance(built, str) else Item(built))
                 self.window.extend(items)
 
     def build_pending(self) -> None:
@@ -341,53 +337,10 @@ class EventBuildError(ValueError):
     """A lazily submitted event could not be built: it goes to the dead letters (the builder logged why)."""
 
 
-def build_event(event: EventOrBuilder | str) -> JSON | str:
-    """The event itself (or its JSON text), calling a builder if that is what was submitted."""
-    if isinstance(event, (dict, str)):
-        return event
-    return _run_builder(event)
-
-
 def build_item(build: Callable[[Any], JSON | str], facts: Any) -> Item:
     """The outbox item of an event submitted as ``facts`` for ``build`` (see ``Outbox.lane``)."""
-    try:
-        built = build(facts)
-    except Exception as exc:
-        return _failed_item(exc)
-    return _built_item(built)
-
-
-def _built_item(built: object) -> Item:
-    """The item of what a builder returned: an event, its JSON text, or (anything else) a dead letter."""
-    if isinstance(built, str):
-        return Item(None, raw=built)
-    if isinstance(built, dict):
-        return Item(built)
-    return Item(_Unbuildable(_not_an_event(built)))
-
-
-def _failed_item(exc: Exception) -> Item:
-    """The item of an event whose builder raised ``exc``: a dead letter saying why."""
-    return Item(_Unbuildable(_build_failed(exc)))
-
-
-def _run_builder(builder: Callable[..., JSON | str], *args: Any) -> JSON | str:
-    """What ``builder(*args)`` returns, an event or its JSON text; anything else is an :class:`EventBuildError`."""
-    try:
-        built = builder(*args)
-    except Exception as exc:
-        raise EventBuildError(_build_failed(exc)) from exc
-    if not isinstance(built, (dict, str)):
-        raise EventBuildError(_not_an_event(built))
-    return built
-
-
-def _build_failed(exc: Exception) -> str:
-    return f"the event could not be built: {type(exc).__name__}: {exc}"
-
-
-def _not_an_event(built: object) -> str:
-    return f"the event builder returned {type(built).__name__}, not a dict"
+    built = _built_or_unbuildable(build, facts)
+    return Item(None, raw=built) if isinstance(built, str) else Item(built)
 
 
 def dumps_event(event: JSON | str) -> str:
@@ -408,11 +361,19 @@ class _Unbuildable(dict):  # type: ignore[type-arg]
         self.reason = reason
 
 
-def _built_or_unbuildable(event: EventOrBuilder | str) -> JSON | str:
+def _built_or_unbuildable(event: EventOrBuilder | str | Callable[..., Any], *args: Any) -> JSON | str:
+    """The event itself (or its JSON text), calling ``event(*args)`` if a builder is what was submitted. A builder
+    that raises, or returns anything but a dict or a str, gives an :class:`_Unbuildable` saying why (the event goes
+    to the dead letters with that reason)."""
+    if isinstance(event, (dict, str)):
+        return event
     try:
-        return build_event(event)
-    except EventBuildError as exc:
-        return _Unbuildable(str(exc))
+        built = event(*args)
+    except Exception as exc:
+        return _Unbuildable(f"the event could not be built: {type(exc).__name__}: {exc}")
+    if isinstance(built, (dict, str)):
+        return built
+    return _Unbuildable(f"the event builder returned {type(built).__name__}, not a dict")
 
 
 class _SpoolFile:
