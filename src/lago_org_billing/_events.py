@@ -26,12 +26,8 @@ def event_payload(
     properties: Mapping[str, Any] | None = None,
     timestamp: dt.datetime | float | int | str | Decimal | None = None,
     precise_total_amount_cents: str | Decimal | int | None = None,
-    check_properties: bool = True,
 ) -> dict[str, Any]:
     """One event body for ``POST /events`` or an item of ``POST /events/batch``, validated.
-
-    ``check_properties=False`` skips the JSON check of ``properties`` for callers that build them from plain
-    values (the middleware); the delivery pipeline still dead-letters an event JSON cannot carry.
 
     The timestamp is fixed here (now when omitted) as a string with millisecond precision, so that a resend is
     byte-identical: Lago's ClickHouse store deduplicates on ``transaction_id`` *and* ``timestamp``.
@@ -48,7 +44,7 @@ def event_payload(
         "external_subscription_id": external_subscription_id,
         "code": code,
         "timestamp": format_timestamp(timestamp),
-        "properties": _check_properties(properties or {}) if check_properties else properties,
+        "properties": _check_properties(properties or {}),
     }
     if precise_total_amount_cents is not None:
         payload["precise_total_amount_cents"] = str(precise_total_amount_cents)
