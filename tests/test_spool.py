@@ -130,9 +130,9 @@ async def test_group_commit_writes_many_events_in_one_transaction(tmp_path: Path
         spool_file = pipeline.outbox.file
         original = spool_file.write
 
-        def write(rows_: list[Any], deletes: list[int], dead: list[Any]) -> list[int]:
+        def write(rows_: list[Any], *rest: Any) -> Any:
             writes.append(len(rows_))
-            return original(rows_, deletes, dead)
+            return original(rows_, *rest)
 
         spool_file.write = write  # type: ignore[method-assign]
         for event in events(500):

@@ -34,7 +34,9 @@ SQLite spool of :mod:`._spool` (durable, group commit).
   to the dead letters with the status and Lago's code.
 
 Dead letters are kept in memory (the last 10,000) or in the spool's ``dead_letters`` table, logged at ERROR
-with Lago's reason, counted in metrics and returned by :meth:`EventPipeline.dead_letters`.
+with Lago's reason, counted in metrics and returned by :meth:`EventPipeline.dead_letters`;
+:meth:`EventPipeline.replay_dead_letters` (or ``lago-org-billing dead-letters --replay`` for a spool) sends
+them again once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -332,6 +334,24 @@ class EventPipeline:
     def dead_letters(self) -> list[DeadLetter]:
         """Events Lago rejected for good, with Lago's reason (memory list or the spool's table)."""
         return self.outbox.dead_letters()
+
+    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Send dead letters again, once what made Lago reject them is fixed (a missing subscription, a metric
+        created since...): those numbered ``ids`` (``DeadLetter.id``; all when ``None``) leave the dead letters and
+        are delivered like new events, with their own ``transaction_id`` and ``timestamp``, so one Lago did take
+        after all is counted as a duplicate, not billed twice. One rejected again comes back with the new reason.
+
+        Letters without a whole event (it could not be built or serialised) stay where they are. With the SQLite
+        spool a letter is deleted in the same transaction that spools its event again: a crash loses neither.
+        Returns how many were put back (fewer when the outbox is full: replay the rest later)."""
+        if self._closed:
+            raise RuntimeError("This EventPipeline is closed; replay dead letters with a running one.")
+        count = await self.outbox.replay_dead(None if ids is None else set(ids))
+        if count:
+            self.metrics.replayed += count
+            logger.info("%d dead-lettered billing events put back for delivery", count)
+            self._poke()
+        return count
 
     @property
     def spool_file(self) -> str | None:

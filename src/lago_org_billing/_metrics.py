@@ -14,7 +14,8 @@ everything else works the same.
 Exported metrics (prefix ``lago_billing_`` by default):
 
 * ``events_recorded_total``, ``events_delivered_total`` (accepted by Lago, duplicates included),
-  ``events_duplicate_total`` (already in Lago), ``events_dead_lettered_total``, ``events_dropped_total``
+  ``events_duplicate_total`` (already in Lago), ``events_dead_lettered_total``, ``events_replayed_total`` (dead
+  letters sent again), ``events_dropped_total``
   (outbox full or pipeline closed), ``events_lost_at_shutdown_total`` (memory outbox only),
   ``delivery_retries_total``, ``batches_sent_total``, ``rate_limited_total``
 * ``lago_errors_total{status="503"|"network"|...}``
@@ -54,6 +55,7 @@ _COUNTERS = {
     "delivered": ("events_delivered", "Events Lago holds thanks to the pipeline (duplicates included)."),
     "duplicates": ("events_duplicate", "Events Lago already had (value_already_exist): counted as delivered."),
     "dead_lettered": ("events_dead_lettered", "Events Lago rejected for good, kept in the dead-letter store."),
+    "replayed": ("events_replayed", "Dead-lettered events put back for delivery (replay_dead_letters)."),
     "dropped": ("events_dropped", "Events refused because the outbox was full or the pipeline closed."),
     "lost_at_shutdown": ("events_lost_at_shutdown", "Events of the memory outbox undelivered at shutdown."),
     "retries": ("delivery_retries", "Batches put back for a later attempt after a transient failure."),
@@ -70,6 +72,7 @@ class PipelineMetrics:
         self.delivered = 0
         self.duplicates = 0
         self.dead_lettered = 0
+        self.replayed = 0
         self.dropped = 0
         self.lost_at_shutdown = 0
         self.retries = 0

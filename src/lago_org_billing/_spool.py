@@ -37,6 +37,7 @@ import collections
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import logging
 import os
@@ -58,7 +59,16 @@ try:
 except ImportError:  # pragma: no cover - Windows: one process per spool file
     _flock, _LOCK_FLAGS = None, 0
 
-__all__ = ["DeadLetter", "Item", "MemoryOutbox", "Outbox", "SqliteOutbox", "dumps_event", "spool_slot_path"]
+__all__ = [
+    "DeadLetter",
+    "Item",
+    "MemoryOutbox",
+    "Outbox",
+    "SqliteOutbox",
+    "dumps_event",
+    "spool_slot_files",
+    "spool_slot_path",
+]
 
 logger = logging.getLogger("lago_org_billing.delivery")
 
@@ -69,13 +79,27 @@ _MEMORY_DEAD_LETTERS = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
-    """An event Lago rejected for good, with Lago's reason."""
+    """An event Lago rejected for good (or that could not be built), with the reason.
+
+    ``id`` numbers it in its store (the spool's row id; in memory, a counter): what
+    ``EventPipeline.replay_dead_letters(ids=...)`` takes. ``None`` until the store has it."""
 
     event: JSON
     reason: str
     status: int | None = None
     code: str | None = None
     created_at: float = dataclasses.field(default_factory=time.time)
+    id: int | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the letter holds a whole event that can be sent again (one that could not be built or
+        serialised holds only what is known of it)."""
+        return _replayable(self.event)
+
+
+def _replayable(event: Any) -> bool:
+    return isinstance(event, dict) and isinstance(event.get("transaction_id"), str) and bool(event["transaction_id"])
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -186,6 +210,11 @@ class Outbox:
     async def open(self) -> None:
         """Prepare the store (the SQLite spool opens, locks and adopts here)."""
 
+    async def replay_dead(self, ids: set[int] | None) -> int:
+        """Put the dead letters numbered ``ids`` (all when ``None``) that hold a whole event back among the
+        events to deliver, as far as there is room; return how many."""
+        raise NotImplementedError
+
     async def commit(self) -> None:
         """Make accepted events durable and record resolutions (group commit)."""
 
@@ -206,6 +235,7 @@ class MemoryOutbox(Outbox):
     def __init__(self, capacity: int = 100_000) -> None:
         super().__init__(capacity)
         self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
+        self._dead_ids = itertools.count(1)
         self.dead_evicted = 0
         self._unbuilt: list[Item] = []
         # Events submitted through a lane: (builder, facts waiting for it); counted in ``_deferred``.
@@ -284,7 +314,22 @@ class MemoryOutbox(Outbox):
         if len(self._dead) == self._dead.maxlen:
             self.dead_evicted += 1
             logger.error("The in-memory dead-letter list is full: forgetting the oldest (%s)", self._dead[0].reason)
-        self._dead.append(letter)
+        self._dead.append(dataclasses.replace(letter, id=next(self._dead_ids)))
+
+    async def replay_dead(self, ids: set[int] | None) -> int:
+        room = self.capacity - len(self.window) - self._deferred
+        chosen = [letter for letter in self._dead if (ids is None or letter.id in ids) and letter.replayable][
+            : max(room, 0)
+        ]
+        if not chosen:
+            return 0
+        gone = {id(letter) for letter in chosen}
+        self._dead = collections.deque(
+            (letter for letter in self._dead if id(letter) not in gone), maxlen=_MEMORY_DEAD_LETTERS
+        )
+        for letter in chosen:
+            self.put(dict(letter.event))
+        return len(chosen)
 
     def unresolved(self) -> int:
         return len(self.window) + self._deferred + self.in_flight
@@ -323,6 +368,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 def spool_slot_path(path: str, slot: int) -> str:
     """The database file of a slot: ``path`` for slot 0, ``path.<slot>`` otherwise."""
     return path if slot == 0 else f"{path}.{slot}"
+
+
+def spool_slot_files(path: str) -> list[tuple[int, str]]:
+    """The slot files of the spool at ``path`` that exist, as (slot, file), slot 0 first."""
+    base = os.path.abspath(path)
+    pattern = re.compile(re.escape(base) + r"(?:\.(\d+))?")
+    found = []
+    for candidate in [base, *glob.glob(glob.escape(base) + ".*")]:
+        match = pattern.fullmatch(candidate)
+        if match is not None and os.path.isfile(candidate):
+            found.append((int(match.group(1) or 0), candidate))
+    return sorted(found)
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
@@ -430,13 +487,8 @@ class _SpoolFile:
         if _flock is None:  # pragma: no cover
             return 0
         assert self.conn is not None
-        pattern = re.compile(re.escape(self.base_path) + r"(?:\.(\d+))?")
         adopted = 0
-        for candidate in [self.base_path, *glob.glob(glob.escape(self.base_path) + ".*")]:
-            match = pattern.fullmatch(candidate)
-            if match is None or not os.path.exists(candidate):
-                continue
-            slot = int(match.group(1) or 0)
+        for slot, candidate in spool_slot_files(self.base_path):
             if slot == my_slot:
                 continue
             fd = self._try_lock(candidate)
@@ -484,9 +536,14 @@ class _SpoolFile:
     # ------------------------------------------------------------------ I/O
 
     def write(
-        self, rows: list[tuple[int, JSON | str]], deletes: list[int], dead: list[tuple[int, DeadLetter]]
+        self,
+        rows: list[tuple[int, JSON | str]],
+        deletes: list[int],
+        dead: list[tuple[int, DeadLetter]],
+        revived: list[int],
     ) -> tuple[list[tuple[int, str]], list[int]]:
-        """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes``.
+        """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes`` and the dead
+        letters ``revived`` (replayed: their events are among ``rows``).
 
         Returns the rows written as (id, JSON text) and the ids of rows JSON cannot carry (dead-lettered)."""
         encoded: list[tuple[int, str]] = []
@@ -517,6 +574,8 @@ class _SpoolFile:
                 gone = [(row_id,) for row_id in deletes] + [(row_id,) for row_id, _ in dead]
                 if gone:
                     conn.executemany("DELETE FROM events WHERE id = ?", gone)
+                if revived:
+                    conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(dead_id,) for dead_id in revived])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -535,7 +594,7 @@ class _SpoolFile:
         return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
     def dead_letters(self) -> list[DeadLetter]:
-        query = "SELECT body, reason, status, code, created_at FROM dead_letters ORDER BY id"
+        query = "SELECT body, reason, status, code, created_at, id FROM dead_letters ORDER BY id"
         with self.lock:
             if self.conn is not None:
                 rows = self.conn.execute(query).fetchall()
@@ -548,9 +607,16 @@ class _SpoolFile:
             else:
                 rows = []
         return [
-            DeadLetter(_loads_or_raw(body), reason, status, code, created_at)
-            for body, reason, status, code, created_at in rows
+            DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id)
+            for body, reason, status, code, created_at, row_id in rows
         ]
+
+    def dead_bodies(self, ids: set[int] | None) -> list[tuple[int, str]]:
+        """(id, stored text) of the dead letters numbered ``ids`` (all when ``None``), oldest first."""
+        with self.lock:
+            assert self.conn is not None
+            rows: list[tuple[int, str]] = self.conn.execute("SELECT id, body FROM dead_letters ORDER BY id").fetchall()
+        return [(row_id, body) for row_id, body in rows if ids is None or row_id in ids]
 
     def close(self) -> None:
         with self.lock:
@@ -592,6 +658,7 @@ class SqliteOutbox(Outbox):
         self.pending: list[tuple[int, EventOrBuilder | str]] = []
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
+        self._revived: list[int] = []  # replayed dead letters, deleted with the commit that writes their events
         self._next_id = 1
         self._rows = 0  # rows in the file (committed, not yet deleted)
         self._loaded_upto = 0  # highest id put into the window (or beyond, in flight / resolved)
@@ -634,6 +701,23 @@ class SqliteOutbox(Outbox):
         """The spool's ``dead_letters`` table (a short blocking read: not for the request path)."""
         return self.file.dead_letters()
 
+    async def replay_dead(self, ids: set[int] | None) -> int:
+        await self.open()
+        assert self._io is not None
+        async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
+            rows = await anyio.to_thread.run_sync(self.file.dead_bodies, ids)
+        waiting = set(self._revived)
+        room = self.capacity - len(self.pending)
+        chosen = [
+            (dead_id, body) for dead_id, body in rows if dead_id not in waiting and _replayable(_loads_or_raw(body))
+        ][: max(room, 0)]
+        for dead_id, body in chosen:
+            # the stored text, as it is: the event goes back to the events table in the commit that deletes its letter
+            self.pending.append((self._next_id, body))
+            self._next_id += 1
+            self._revived.append(dead_id)
+        return len(chosen)
+
     # ------------------------------------------------------------ thread side
 
     async def open(self) -> None:
@@ -653,22 +737,24 @@ class SqliteOutbox(Outbox):
 
     async def commit(self) -> None:
         if not self._opened or (not self.pending and not self._to_delete and not self._to_dead):
-            return
+            return  # (replayed letters wait on their events in ``pending``)
         assert self._io is not None
         async with self._io:
             rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
             self.pending = []
             deletes, self._to_delete = self._to_delete, []
             dead, self._to_dead = self._to_dead, []
+            revived, self._revived = self._revived, []
             self._writing = (len(rows), len(deletes) + len(dead))
             try:
-                encoded, unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead)
+                encoded, unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead, revived)
             except sqlite3.Error as exc:
                 self._writing = (0, 0)
                 logger.error("Could not write the event spool %s (%s); retrying at the next commit", self.path, exc)
                 self.pending[:0] = rows
                 self._to_delete[:0] = deletes
                 self._to_dead[:0] = dead
+                self._revived[:0] = revived
                 return
             self._writing = (0, 0)
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)

@@ -1,4 +1,4 @@
-"""The ``lago-org-billing`` command: ``emulator``, ``health``, ``demo``, ``migrate``."""
+"""The ``lago-org-billing`` command: ``emulator``, ``health``, ``demo``, ``migrate``, ``dead-letters``."""
 
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="port of the emulator with --serve (default: free port)")
     demo.set_defaults(handler=_demo)
 
+    from ._dead_letters import add_dead_letters_command
     from ._migration_cli import add_migrate_command
 
     add_migrate_command(commands)
+    add_dead_letters_command(commands)
     return parser
 
 
