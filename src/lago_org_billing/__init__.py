@@ -39,6 +39,7 @@ from ._quota import (
 )
 from ._routes import billing_routes
 from ._settings import BillingSettings
+from ._spool import DeadLetter
 from ._version import __version__
 from ._webhooks import LagoWebhooks, WebhookEvent
 
@@ -50,6 +51,7 @@ __all__ = [
     "BillingSettings",
     "check_org_has_active_subscription",
     "ConfigurationError",
+    "DeadLetter",
     "enforce_usage_limits",
     "EventPipeline",
     "first_of",
