@@ -156,6 +156,37 @@ async def test_mounted_route_keeps_prefix(fake_lago: Any, make_middleware: Middl
     assert fake_lago.events[0]["properties"]["endpoint"] == "/api/items/{item_id}"
 
 
+def test_mounts_with_parameters_give_their_templates() -> None:
+    """Mounts with path parameters, nested ones too, give their templates, not the values (one endpoint per route,
+    not one per project); behind a proxy's root_path as well."""
+    from lago_org_billing._middleware import route_template
+
+    seen: list[str] = []
+
+    async def capture(scope: Any, receive: Any, send: Any) -> None:
+        root_path = scope.get("root_path", "")
+        await app(scope, receive, send)
+        seen.append(route_template(scope, 200, root_path))
+
+    inner = [Route("/chat/{chat_id}", chat, methods=["POST"])]
+    app = Starlette(
+        routes=[
+            Mount("/v1/projects/{project_id}", routes=inner),
+            Mount("/v2", routes=[Mount("/teams/{team}", routes=inner), Route("/x", chat, methods=["POST"])]),
+        ]
+    )
+    for root_path in ("", "/proxy"):
+        with TestClient(capture, root_path=root_path) as client:
+            for path in ("/v1/projects/p1/chat/1", "/v1/projects/p2/chat/2", "/v2/teams/t1/chat/3", "/v2/x"):
+                assert client.post(root_path + path).status_code == 200
+    assert seen == 2 * [
+        "/v1/projects/{project_id}/chat/{chat_id}",
+        "/v1/projects/{project_id}/chat/{chat_id}",
+        "/v2/teams/{team}/chat/{chat_id}",
+        "/v2/x",
+    ]
+
+
 @pytest.mark.parametrize(("bill_server_errors", "expected_events"), [(False, 0), (True, 1)])
 async def test_app_errors_follow_the_setting(
     fake_lago: Any, make_middleware: MiddlewareFactory, bill_server_errors: bool, expected_events: int

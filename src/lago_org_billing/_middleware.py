@@ -326,7 +326,7 @@ class OrgBillingMiddleware:
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
         # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
         facts: _Facts = (
-            _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status),
+            _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status, scope),
             scope["method"],
             status,
             started,
@@ -570,20 +570,56 @@ def _publish(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id:
 def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
     """The matched route's path template (``/v1/chat/{id}``).
 
-    Starlette and FastAPI leave the matched route in ``scope["route"]``; inside a ``Mount`` the mount's
-    concrete prefix is kept in front of the inner template (``root_path`` is the one the request came with).
-    A request no route matched is ``<unmatched>`` when it was a 404, else (an app without Starlette routing)
-    its raw path.
+    Starlette and FastAPI leave the matched route in ``scope["route"]``; inside a ``Mount`` the mount's path
+    template is put in front of the inner template (``/v1/projects/{project_id}/chat/{chat_id}``; ``root_path``
+    is the one the request came with). A request no route matched is ``<unmatched>`` when it was a 404, else (an
+    app without Starlette routing) its raw path.
     """
-    return _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status)
+    return _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status, scope)
 
 
-def _template(route: Any, inner_root: str, root_path: str, path: str, status: int) -> str:
+def _template(route: Any, inner_root: str, root_path: str, path: str, status: int, scope: Scope) -> str:
     template = getattr(route, "path", None)
     if not isinstance(template, str):
         return UNMATCHED if status == 404 else str(path)
     # Mount extends root_path by the matched prefix
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
+    if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
+        prefix = _mount_template(scope.get("router"), prefix)
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+#: (id of the outermost router, concrete mount prefix) -> (that router, the mounts' path templates).
+_mount_prefixes: dict[tuple[int, str], tuple[Any, str]] = {}
+
+
+def _mount_template(router: Any, prefix: str) -> str:
+    """The path templates of the mounts whose concrete prefix a request went through (cached: a prefix with no
+    parameter is its own template; one with parameters is looked up once per value, bounded)."""
+    key = (id(router), prefix)  # routers compare by their routes: not hashable
+    known = _mount_prefixes.get(key)
+    if known is not None and known[0] is router:
+        return known[1]
+    template = _find_mounts(getattr(router, "routes", ()), prefix) or prefix
+    if len(_mount_prefixes) >= 10_000:
+        _mount_prefixes.clear()
+    _mount_prefixes[key] = (router, template)
+    return template
+
+
+def _find_mounts(routes: Any, prefix: str) -> str | None:
+    """The templates of the chain of mounts, among ``routes`` and theirs, that matches ``prefix`` exactly (the
+    first, as Starlette's router picks it); None when none does."""
+    for route in routes:
+        if isinstance(route, Mount):
+            match = route.path_regex.match(prefix + "/")
+            if match is not None:
+                rest = match.group("path").rstrip("/")
+                if not rest:
+                    return route.path
+                inner = _find_mounts(route.routes, "/" + rest)
+                if inner is not None:
+                    return route.path + inner
+    return None
