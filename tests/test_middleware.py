@@ -255,15 +255,38 @@ async def test_custom_resolver_and_extra_properties(fake_lago: Any, make_middlew
     assert event["external_subscription_id"] == "org_b" and event["properties"]["region"] == "eu"
 
 
-async def test_idempotency_key_bills_a_retried_request_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
-    """Two requests with the same Idempotency-Key share one transaction_id: Lago keeps one."""
+async def test_idempotency_key_is_ignored_unless_enabled(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """By default a client's Idempotency-Key changes nothing: two requests are two events (it cannot buy work
+    billed once from an API that does not honour the key)."""
     middleware = make_middleware()
     async with client_for(middleware) as client:
         for _ in range(2):
             await client.post("/v1/chat/c1", headers={**HEADERS, "Idempotency-Key": "k-1"})
     assert await middleware.pipeline.flush(5)
-    assert len(fake_lago.events) == 1
-    assert middleware.pipeline.stats["duplicates"] == 1
+    assert len(fake_lago.events) == 2
+
+
+@pytest.mark.parametrize("event_store", ["postgres", "clickhouse"])
+async def test_idempotency_key_bills_a_retried_request_once(
+    fake_lago: Any, make_middleware: MiddlewareFactory, event_store: str
+) -> None:
+    """Opted in: a retried request (same org, route and key) is one transaction_id with the first one's
+    timestamp, so Lago keeps one event on either store; the same key on another route is another event."""
+    fake_lago.event_store = fake_lago.store.event_store = event_store
+    middleware = make_middleware(idempotency_header="Idempotency-Key")
+    async with client_for(middleware) as client:
+        for path in ("/v1/chat/c1", "/v1/chat/c2", "/api/items/1"):  # a retry (same route), then another route
+            await client.post(path, headers={**HEADERS, "Idempotency-Key": "k-1"})
+        await client.post("/v1/chat/c1", headers={"X-Org-Id": "org_b", "Idempotency-Key": "k-1"})  # another org
+    assert await middleware.pipeline.flush(5)
+    events = fake_lago.events
+    assert sorted(event["properties"]["endpoint"] for event in events) == [
+        "/api/items/{item_id}",
+        "/v1/chat/{chat_id}",
+        "/v1/chat/{chat_id}",
+    ]
+    assert len({event["transaction_id"] for event in events}) == 3
+    assert middleware.pipeline.stats["duplicates"] == (1 if event_store == "postgres" else 0)
 
 
 async def test_many_concurrent_requests_exactly_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
+from cachetools import TTLCache
 from starlette.responses import JSONResponse
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -67,8 +68,12 @@ class OrgBillingMiddleware:
     * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default
       ``False``: the customer got nothing.
     * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
-    * **idempotency_header** - a request header whose value makes the event id stable across client retries
-      (``Idempotency-Key`` by default; ``None`` disables): a retried request is billed once.
+    * **idempotency_header** - *(opt-in)* a request header (e.g. ``"Idempotency-Key"``) whose value makes the
+      event stable across client retries: requests of one org to one route with the same key are billed once (one
+      ``transaction_id``; the first one's timestamp, remembered for a day in this process, so that Lago's
+      ClickHouse store, which deduplicates on both, keeps one too). The client chooses the key: enable it only when
+      your API honours it itself (a repeated key replays the first answer instead of doing the work again), or
+      clients get repeated work billed once. Default ``None``: every request is billed.
     * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties.
     * **quota** - ``"auto"`` (default: a ``QuotaGate`` from the settings unless ``LAGO_QUOTA_MODE=off``),
       ``None`` (no gating) or a gate object (see ``_gate.QuotaGateProtocol``). Checked before the app runs:
@@ -89,7 +94,7 @@ class OrgBillingMiddleware:
         unresolved_status: int = 401,
         bill_server_errors: bool = False,
         attribution: AttributionConfig | None = None,
-        idempotency_header: str | None = "idempotency-key",
+        idempotency_header: str | None = None,
         event_properties: PropertiesHook | None = None,
         quota: QuotaGateProtocol | Literal["auto"] | None = "auto",
         client: LagoClient | None = None,
@@ -115,6 +120,8 @@ class OrgBillingMiddleware:
         self.attribution = attribution or AttributionConfig()
         self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
         self.event_properties = event_properties
+        # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
+        self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
         self.exclude_paths = self.settings.exclude_paths
         self.shutdown_timeout = shutdown_timeout
         self._owned_client: LagoClient | None = None
@@ -355,8 +362,12 @@ class OrgBillingMiddleware:
                 head = self._heads.get((org_id, endpoint, method))
                 if head is None:
                     head = self._head(org_id, endpoint, method)
+                if key is None:
+                    transaction_id = _request_id()
+                else:
+                    transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
                 event = _EVENT_JSON % (
-                    _request_id() if key is None else self._idempotent_id(key, org_id),
+                    transaction_id,
                     started,
                     head,
                     status,
@@ -389,12 +400,17 @@ class OrgBillingMiddleware:
     def _hooked_event(self, facts: _Facts, usage: Usage, scope: Scope) -> dict[str, Any]:
         """The event as a dict, with the properties of the ``event_properties`` hook (checked like any event)."""
         endpoint, method, status, started, ended, key, org_id, user_id = facts[:8]
+        duration = ended - started
+        if key is None:
+            transaction_id = _request_id()
+        else:
+            transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
         properties: dict[str, Any] = {
             "org_id": org_id,
             "endpoint": endpoint,
             "method": method,
             "status_code": status,
-            "duration_ms": round((ended - started) * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
             "input_tokens": usage.input_tokens,
             "output_tokens": usage.output_tokens,
             "total_tokens": usage.total_tokens,
@@ -406,7 +422,7 @@ class OrgBillingMiddleware:
         assert self.event_properties is not None
         properties.update(self.event_properties(scope, Identity(org_id, user_id)))
         return event_payload(
-            transaction_id=_request_id() if key is None else self._idempotent_id(key, org_id),
+            transaction_id=transaction_id,
             external_subscription_id=self.settings.subscription_id_for(org_id),
             code=self.settings.event_code,
             properties=properties,
@@ -421,9 +437,14 @@ class OrgBillingMiddleware:
                     return key
         return None
 
-    @staticmethod
-    def _idempotent_id(idempotency_key: str, org_id: str) -> str:
-        return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{idempotency_key}').hex}"
+    def _idempotent(self, key: str, org_id: str, method: str, endpoint: str, started: float) -> tuple[str, float]:
+        """The transaction id of a request with an idempotency key (per org, method and route), and the timestamp
+        of the first event made with it here (Lago's ClickHouse store deduplicates on id and timestamp)."""
+        transaction_id = f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{method} {endpoint}/{key}').hex}"
+        first = self._first_seen.get(transaction_id)
+        if first is None:
+            self._first_seen[transaction_id] = first = started
+        return transaction_id, first
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
