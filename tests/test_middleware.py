@@ -233,6 +233,23 @@ async def test_missing_org_rejected_with_problem_json(fake_lago: Any, make_middl
     assert middleware.stats["unresolved"] == 1
 
 
+async def test_unresolved_and_server_error_policies_come_from_the_settings(
+    fake_lago: Any, make_middleware: MiddlewareFactory, settings: BillingSettings
+) -> None:
+    """LAGO_ON_UNRESOLVED / LAGO_UNRESOLVED_STATUS / LAGO_BILL_SERVER_ERRORS drive the one-line setup; an argument
+    given in code wins."""
+    strict = settings.replace(on_unresolved="reject", unresolved_status=403, bill_server_errors=True)
+    middleware = make_middleware(settings=strict)
+    async with client_for(middleware) as client:
+        assert (await client.post("/v1/chat/c1")).status_code == 403
+        with pytest.raises(RuntimeError, match="app crashed"):
+            await client.get("/boom", headers=HEADERS)
+    assert await middleware.pipeline.flush(5)
+    assert [event["properties"]["status_code"] for event in fake_lago.events] == [500]
+    relaxed = make_middleware(settings=strict, on_unresolved="allow", bill_server_errors=False)
+    assert relaxed.on_unresolved == "allow" and relaxed.bill_server_errors is False
+
+
 async def test_org_is_available_downstream(make_middleware: MiddlewareFactory) -> None:
     """The resolved org is on request.state and through get_current_org."""
     middleware = make_middleware()

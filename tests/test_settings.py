@@ -44,6 +44,9 @@ def test_every_variable_is_read() -> None:
             "LAGO_PLAN_LIMITS": '{"starter": {"max_api_calls": 300}}',
             "LAGO_WEBHOOK_HMAC_KEY": "secret-hmac",
             "LAGO_METRICS": "true",
+            "LAGO_BILL_SERVER_ERRORS": "yes",
+            "LAGO_ON_UNRESOLVED": "Reject",
+            "LAGO_UNRESOLVED_STATUS": "403",
         },
     )
     assert settings.api_url == "https://api.getlago.com"
@@ -61,6 +64,8 @@ def test_every_variable_is_read() -> None:
     assert settings.plan_limits == {"starter": {"max_api_calls": 300}}
     assert settings.webhook_hmac_key == "secret-hmac"
     assert settings.metrics is True
+    assert settings.bill_server_errors is True
+    assert settings.on_unresolved == "reject" and settings.unresolved_status == 403
 
 
 def test_env_file_is_read_and_environment_wins(tmp_path: Path) -> None:
@@ -102,6 +107,10 @@ def test_missing_api_key_names_the_variable() -> None:
         ("LAGO_QUOTA_MODE", "strict"),
         ("LAGO_FAIL_OPEN", "maybe"),
         ("LAGO_METRICS", "sometimes"),
+        ("LAGO_BILL_SERVER_ERRORS", "perhaps"),
+        ("LAGO_ON_UNRESOLVED", "deny"),
+        ("LAGO_UNRESOLVED_STATUS", "402"),
+        ("LAGO_UNRESOLVED_STATUS", "four"),
         ("LAGO_USAGE_CACHE_TTL", "0"),
         ("LAGO_PLAN_LIMITS", "{not json"),
         ("LAGO_PLAN_LIMITS", '["starter"]'),

@@ -64,9 +64,10 @@ class OrgBillingMiddleware:
     * **resolve_org** / **resolve_user** - *(optional)* resolvers ``(scope) -> str | None`` (sync or async).
       Defaults: ``request.state.org_id``, then ``request.user.org_id``, then ``LAGO_ORG_HEADER`` when set.
     * **on_unresolved** - ``"allow"`` (serve the request unbilled, the default) or ``"reject"`` (answer
-      ``unresolved_status`` with a JSON body). Either way it is counted in ``stats["unresolved"]``.
-    * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default
-      ``False``: the customer got nothing.
+      ``unresolved_status``, 401 or 403, with a JSON body). Either way it is counted in ``stats["unresolved"]``.
+      Default: the settings' (``LAGO_ON_UNRESOLVED``, ``LAGO_UNRESOLVED_STATUS``).
+    * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default: the
+      settings' ``LAGO_BILL_SERVER_ERRORS``, false (the customer got nothing).
     * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
     * **idempotency_header** - *(opt-in)* a request header (e.g. ``"Idempotency-Key"``) whose value makes the
       event stable across client retries: requests of one org to one route with the same key are billed once (one
@@ -90,9 +91,9 @@ class OrgBillingMiddleware:
         *,
         resolve_org: Resolver | None = None,
         resolve_user: Resolver | None = None,
-        on_unresolved: Literal["allow", "reject"] = "allow",
-        unresolved_status: int = 401,
-        bill_server_errors: bool = False,
+        on_unresolved: Literal["allow", "reject"] | None = None,
+        unresolved_status: int | None = None,
+        bill_server_errors: bool | None = None,
         attribution: AttributionConfig | None = None,
         idempotency_header: str | None = None,
         event_properties: PropertiesHook | None = None,
@@ -103,12 +104,16 @@ class OrgBillingMiddleware:
         shutdown_timeout: float = 5.0,
         metrics_registry: Any = None,
     ) -> None:
-        if on_unresolved not in ("allow", "reject"):
-            raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
-        if unresolved_status not in (401, 403):
-            raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
         self.app = app
         self.settings = settings if settings is not None else BillingSettings.from_env()
+        if on_unresolved is None:
+            on_unresolved = "reject" if self.settings.on_unresolved == "reject" else "allow"
+        if on_unresolved not in ("allow", "reject"):
+            raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
+        if unresolved_status is None:
+            unresolved_status = self.settings.unresolved_status
+        if unresolved_status not in (401, 403):
+            raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
         self.resolve_org = resolve_org or default_org_resolver(self.settings)
         self.resolve_user = resolve_user or default_user_resolver(self.settings)
         # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
@@ -116,7 +121,7 @@ class OrgBillingMiddleware:
         self._heads: dict[tuple[str, str, str], str] = {}
         self.on_unresolved = on_unresolved
         self.unresolved_status = unresolved_status
-        self.bill_server_errors = bill_server_errors
+        self.bill_server_errors = self.settings.bill_server_errors if bill_server_errors is None else bill_server_errors
         self.attribution = attribution or AttributionConfig()
         self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
         self.event_properties = event_properties

@@ -72,6 +72,13 @@ class BillingSettings:
     webhook_hmac_key: str | None = dataclasses.field(default=None, repr=False)
     #: ``LAGO_METRICS``: export the middleware's metrics to Prometheus' default registry (extra ``metrics``).
     metrics: bool = False
+    #: ``LAGO_BILL_SERVER_ERRORS``: bill responses with status >= 500 and requests the app crashed on.
+    bill_server_errors: bool = False
+    #: ``LAGO_ON_UNRESOLVED``: a request whose org cannot be resolved is served unbilled (``allow``) or
+    #: answered ``LAGO_UNRESOLVED_STATUS`` with a JSON problem body (``reject``).
+    on_unresolved: str = "allow"
+    #: ``LAGO_UNRESOLVED_STATUS``: 401 or 403, the answer of ``LAGO_ON_UNRESOLVED=reject``.
+    unresolved_status: int = 401
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
@@ -91,6 +98,16 @@ class BillingSettings:
             raise ConfigurationError(
                 f"LAGO_QUOTA_MODE must be one of {', '.join(_QUOTA_MODES)}; got {self.quota_mode!r}.",
                 variable="LAGO_QUOTA_MODE",
+            )
+        if self.on_unresolved not in ("allow", "reject"):
+            raise ConfigurationError(
+                f"LAGO_ON_UNRESOLVED must be 'allow' or 'reject', got {self.on_unresolved!r}.",
+                variable="LAGO_ON_UNRESOLVED",
+            )
+        if self.unresolved_status not in (401, 403):
+            raise ConfigurationError(
+                f"LAGO_UNRESOLVED_STATUS must be 401 or 403, got {self.unresolved_status!r}.",
+                variable="LAGO_UNRESOLVED_STATUS",
             )
         for prefix in self.exclude_paths:
             if not prefix.startswith("/"):
@@ -161,6 +178,9 @@ class BillingSettings:
         get("LAGO_PLAN_LIMITS", _json_object, "plan_limits")
         get("LAGO_WEBHOOK_HMAC_KEY", _optional_str, "webhook_hmac_key")
         get("LAGO_METRICS", _bool, "metrics")
+        get("LAGO_BILL_SERVER_ERRORS", _bool, "bill_server_errors")
+        get("LAGO_ON_UNRESOLVED", _lower, "on_unresolved")
+        get("LAGO_UNRESOLVED_STATUS", _int, "unresolved_status")
         values.update(overrides)
         settings = cls(**values)
         if require_api_key:
