@@ -187,6 +187,47 @@ async def test_plan_change_is_seen_after_invalidation(client: LagoClient, clock:
     assert headers(decision)["ratelimit-remaining"] == str(10_000 - 6)  # the 5 starter calls still count
 
 
+async def test_invalidation_as_a_cold_snapshot_lands_is_waited_out(client: LagoClient, clock: Clock) -> None:
+    """A webhook invalidates the org just after its first snapshot landed, before the waiting request read it:
+    the request waits for the next snapshot (same cold_timeout budget) instead of taking it for an outage."""
+    gate = make_gate(client, clock)
+    store = gate.local.store
+    invalidations: list[str] = []
+
+    async def store_then_invalidate(org_id: str, snapshot: Snapshot, now: float) -> None:
+        await store(org_id, snapshot, now)
+        if not invalidations:
+            invalidations.append(org_id)
+            await gate.invalidate(org_id)
+
+    gate.local.store = store_then_invalidate  # type: ignore[method-assign]
+    decision = await gate.check("org_1")
+    assert invalidations == ["org_1"]
+    assert decision.allowed and headers(decision)["ratelimit-remaining"] == "4"  # a real decision, counted
+    assert gate.stats["fail_open"] == 0 and gate.stats["refreshes"] == 2
+
+
+async def test_plan_change_while_a_snapshot_is_fetched_is_not_lost(client: LagoClient, clock: Clock) -> None:
+    """The org upgrades (and its webhook invalidates the cache) while a refresh is reading the old plan: the
+    refresh reads again, and the new plan's limit applies at once, not after the TTL."""
+    gate = make_gate(client, clock)
+    fetch = gate.fetch
+    upgraded: list[bool] = []
+
+    async def fetch_during_an_upgrade(org_id: str, previous: Snapshot | None = None) -> Snapshot:
+        snapshot = await fetch(org_id, previous)
+        if not upgraded:
+            upgraded.append(True)
+            await client.create_subscription(external_customer_id="org_1", plan_code="pro", external_id="org_1")
+            await gate.invalidate("org_1")
+        return snapshot
+
+    gate.fetch = fetch_during_an_upgrade  # type: ignore[method-assign]
+    decision = await gate.check("org_1")
+    assert upgraded == [True]
+    assert headers(decision)["ratelimit-limit"] == "10000"
+
+
 async def test_plan_limits_table_is_the_fallback(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
     """A plan without entitlements takes LAGO_PLAN_LIMITS; entitlements win over the table."""
     fake.add_customer("org_2")

@@ -714,6 +714,7 @@ class QuotaGate:
             "fail_closed": 0,
         }
         self._refreshing: dict[str, anyio.Event] = {}
+        self._stale: set[str] = set()  # orgs invalidated while a refresh of theirs was in flight
         self._next_attempt: dict[str, float] = {}
         self._gave_up: dict[str, float] = {}
         self._known: LRUCache[str, Snapshot] = LRUCache(maxsize=self.config.max_orgs)
@@ -804,6 +805,8 @@ class QuotaGate:
         self._known.pop(org_id, None)
         self._next_attempt.pop(org_id, None)
         self._gave_up.pop(org_id, None)
+        if org_id in self._refreshing:  # what it is fetching may predate the change: it fetches again
+            self._stale.add(org_id)
         await self.backend.invalidate(org_id)
         if self.backend is not self.local:
             await self.local.invalidate(org_id)
@@ -816,6 +819,7 @@ class QuotaGate:
         self._known.clear()
         self._next_attempt.clear()
         self._gave_up.clear()
+        self._stale.update(self._refreshing)
         await self.backend.invalidate_all()
         if self.backend is not self.local:
             await self.local.invalidate_all()
@@ -958,20 +962,30 @@ class QuotaGate:
         now = self.clock()
         self._known.pop(org_id, None)
         if self._gave_up.get(org_id, 0.0) <= now:
-            event = self._refreshing.get(org_id) or self._schedule_refresh(org_id, now)
-            if event is not None:
-                self.stats["cold_waits"] += 1
-                with anyio.move_on_after(self.config.cold_timeout):
+            deadline = anyio.current_time() + self.config.cold_timeout
+            waited = False
+            while True:
+                event = self._refreshing.get(org_id) or self._schedule_refresh(org_id, self.clock())
+                if event is None:  # its last refresh failed moments ago
+                    break
+                if not waited:
+                    self.stats["cold_waits"] += 1
+                    waited = True
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await event.wait()
-                if not event.is_set():
-                    self.stats["cold_timeouts"] += 1
-                    self._gave_up[org_id] = self.clock() + self.config.failure_backoff
                 outcome = await self.backend.reserve(org_id, self.clock(), mode, self._known.get(org_id))
                 if outcome.code != MISSING:
                     if outcome.snapshot is not None:
                         self._known[org_id] = outcome.snapshot
                     return outcome
-                self._gave_up[org_id] = self.clock() + self.config.failure_backoff
+                if not event.is_set():
+                    self.stats["cold_timeouts"] += 1
+                    break
+                if anyio.current_time() >= deadline:
+                    break
+                # the refresh ended without a snapshot: it failed (the next round stops), or the org was
+                # invalidated between its end and now (a webhook): wait for the next one, within the same budget
+            self._gave_up[org_id] = self.clock() + self.config.failure_backoff
         if self.settings.fail_open or self.mode == "monitor":
             self.stats["fail_open"] += 1
             self._log_outage(org_id, "allowed (LAGO_FAIL_OPEN=true)")
@@ -1020,6 +1034,11 @@ class QuotaGate:
             if await backend.try_lock(org_id, self.ttl, self.clock()):
                 previous = await backend.load(org_id)  # the fleet's copy: another process may have invalidated
                 snapshot = await self.fetch(org_id, previous)
+                for _ in range(3):  # invalidated while fetching (a plan change...): what was read may be stale
+                    if org_id not in self._stale:
+                        break
+                    self._stale.discard(org_id)
+                    snapshot = await self.fetch(org_id, None)
                 await backend.store(org_id, snapshot, self.clock())
                 self._known[org_id] = snapshot
                 self._next_attempt.pop(org_id, None)
@@ -1037,6 +1056,7 @@ class QuotaGate:
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
         finally:
             self._refreshing.pop(org_id, None)
+            self._stale.discard(org_id)
             event.set()
 
     async def fetch(self, org_id: str, previous: Snapshot | None = None) -> Snapshot:
