@@ -10,11 +10,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from fastapi import Depends, FastAPI, Request
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from _quota_app import TOKENS, Clock, chat, seed
-from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware
+from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware, require_quota
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import (
     PROBLEM_NO_SUBSCRIPTION,
@@ -538,6 +539,105 @@ async def test_exactly_the_limit_through_the_middleware(fake: FakeLago, clock: C
     assert statuses.count(200) == 300 and statuses.count(429) == 700
     assert len(fake.events) == 300
     assert middleware.stats["blocked"] == 700
+
+
+def dependency_auth_app(*, gated: bool) -> Any:
+    """A FastAPI app whose auth is a dependency (the org is known only inside the app), with or without
+    require_quota after it."""
+
+    async def authenticate(request: Request) -> None:
+        request.state.org_id = request.headers["authorization"].removeprefix("Bearer ")
+
+    app = FastAPI()
+    dependencies = [Depends(authenticate), Depends(require_quota)] if gated else [Depends(authenticate)]
+
+    @app.get("/v1/chat", dependencies=dependencies)
+    async def chat_endpoint() -> dict[str, Any]:
+        return {"model": "m", "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": TOKENS}}
+
+    return app
+
+
+def installed_middleware(app: Any) -> OrgBillingMiddleware:
+    """The OrgBillingMiddleware instance ``app.add_middleware`` made (once the app has served a request)."""
+    layer = app.middleware_stack
+    while not isinstance(layer, OrgBillingMiddleware):
+        layer = layer.app
+    return layer
+
+
+@pytest.mark.parametrize(("gated", "arrangement"), [(True, "wrapped"), (True, "added"), (False, "wrapped")])
+async def test_org_known_only_in_a_dependency_is_gated_by_require_quota(
+    fake: FakeLago, clock: Clock, gated: bool, arrangement: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Auth in a FastAPI dependency: with Depends(require_quota) after it, limit 5 of 40 concurrent requests is
+    exactly 5 served and billed, 35 answered 429 with the gate's problem body and headers, whether the middleware
+    wraps the app or was added with app.add_middleware. Without it, every request is served and billed, counted
+    as ungated, and a warning says how to gate them."""
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time)
+        app = dependency_auth_app(gated=gated)
+        if arrangement == "wrapped":
+            served_by: Any = OrgBillingMiddleware(app, settings, quota=gate, client=lago)
+        else:
+            app.add_middleware(OrgBillingMiddleware, settings=settings, quota=gate, client=lago)
+            served_by = app
+        answers: list[httpx.Response] = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served_by), base_url="http://app") as http:
+
+            async def one() -> None:
+                answers.append(await http.get("/v1/chat", headers={"Authorization": "Bearer org_1"}))
+
+            async with anyio.create_task_group() as tasks:
+                for _ in range(40):
+                    tasks.start_soon(one)
+        middleware = served_by if arrangement == "wrapped" else installed_middleware(app)
+        await middleware.aclose()
+    statuses = [answer.status_code for answer in answers]
+    if gated:
+        assert statuses.count(200) == 5 and statuses.count(429) == 35
+        blocked = next(answer for answer in answers if answer.status_code == 429)
+        assert blocked.headers["content-type"] == "application/problem+json"
+        assert blocked.json()["type"] == PROBLEM_QUOTA_EXCEEDED and blocked.json()["org_id"] == "org_1"
+        assert blocked.headers["ratelimit-remaining"] == "0" and "retry-after" in blocked.headers
+        served = next(answer for answer in answers if answer.status_code == 200)
+        assert "ratelimit-limit" not in served.headers  # the decision came after the app began: not on its answer
+        assert len(fake.events) == 5
+        assert middleware.stats["blocked"] == 35 and middleware.stats["ungated"] == 0
+        assert gate.local.reserve_now("org_1", clock.time(), "peek").calls == 5  # counted once each, none left over
+    else:
+        assert statuses == [200] * 40 and len(fake.events) == 40
+        assert middleware.stats["ungated"] == 40
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "Depends(require_quota)" in caplog.text
+
+
+async def test_require_quota_error_reaching_the_middleware_is_answered(fake: FakeLago, clock: Clock) -> None:
+    """An app with no exception handling (a bare Router): the error require_quota raises reaches the middleware,
+    which answers the gate's 429 instead of letting it crash the request; 5 served, 3 blocked."""
+    from starlette.routing import Router
+
+    async def endpoint(request: Request) -> Any:
+        request.state.org_id = "org_1"
+        await require_quota(request)
+        return await chat(request)
+
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time)
+        middleware = OrgBillingMiddleware(Router([Route("/v1/chat", endpoint)]), settings, quota=gate, client=lago)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+            statuses = [(await http.get("/v1/chat")).status_code for _ in range(8)]
+        await middleware.aclose()
+    assert statuses == [200] * 5 + [429] * 3
+    assert len(fake.events) == 5 and middleware.stats["blocked"] == 3
+
+
+async def test_require_quota_outside_the_middleware_says_so() -> None:
+    """require_quota() on a request no billing middleware saw: a ConfigurationError saying what is missing."""
+    with pytest.raises(ConfigurationError, match="OrgBillingMiddleware"):
+        await require_quota(Request({"type": "http", "headers": []}))
 
 
 async def test_check_now_decides_without_a_coroutine_once_the_org_is_cached(client: LagoClient, clock: Clock) -> None:

@@ -17,7 +17,9 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    QuotaExceededError,
 )
+from ._gate import require_quota
 from ._identity import (
     Identity,
     first_of,
@@ -79,8 +81,10 @@ __all__ = [
     "Page",
     "PipelineMetrics",
     "QuotaConfig",
+    "QuotaExceededError",
     "QuotaGate",
     "register_metrics",
+    "require_quota",
     "Usage",
     "WebhookEvent",
 ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 __all__ = [
     "ConfigurationError",
     "InvalidIdentifierError",
@@ -32,6 +34,7 @@ __all__ = [
     "LagoRateLimitError",
     "LagoUnavailableError",
     "LagoValidationError",
+    "QuotaExceededError",
 ]
 
 
@@ -134,3 +137,21 @@ class LagoRateLimitError(LagoAPIError):
 
 class LagoUnavailableError(LagoAPIError):
     """Lago could not be reached or kept failing (network error, timeout or 5xx) after retries."""
+
+
+class QuotaExceededError(LagoIntegrationError, HTTPException):
+    """Raised by :func:`require_quota` when the org is over its plan limits (or has no active subscription):
+    ``OrgBillingMiddleware`` answers it with the gate's 429/402, headers and problem body (``decision.response()``).
+    It is also an ``HTTPException`` of that status and headers, so an app without the middleware answers it too."""
+
+    def __init__(self, org_id: str, decision: Any) -> None:
+        problem = getattr(decision, "problem", None) or {}
+        message = problem.get("detail") or f"Organization {org_id!r} is over its quota."
+        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in decision.headers}
+        HTTPException.__init__(self, decision.status or 429, message, headers)
+        LagoIntegrationError.__init__(self, message)
+        self.org_id = org_id
+        self.decision = decision
+
+    def __str__(self) -> str:
+        return str(self.detail)

@@ -12,9 +12,13 @@ import dataclasses
 from typing import Any, Protocol
 
 import anyio
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-__all__ = ["QuotaDecision", "QuotaGateProtocol"]
+from ._errors import ConfigurationError, QuotaExceededError
+from ._identity import billing_scope
+
+__all__ = ["QuotaDecision", "QuotaGateProtocol", "require_quota"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -69,3 +73,38 @@ class QuotaGateProtocol(Protocol):
 
     async def aclose(self) -> None:
         """Stop background work."""
+
+
+async def require_quota(request: Request) -> QuotaDecision | None:
+    """Check the org's quota from inside the app, for apps that know the org only there (auth in a FastAPI
+    dependency)::
+
+        @app.post("/v1/chat", dependencies=[Depends(authenticate), Depends(require_quota)])
+
+    The middleware gates a request before the app runs when it can resolve the org then; when it cannot, this
+    does the same check once your auth has made the org known to the middleware's resolvers
+    (``request.state.org_id``...): it reserves one call, and over quota (or without an active subscription) raises
+    :class:`QuotaExceededError`, which the middleware answers with the gate's 429/402, headers and problem body, as
+    it would have before the app ran. Returns the decision (``None``: gating is off, the middleware gated the request
+    already, or no org). Needs ``OrgBillingMiddleware`` around the app. Its only parameter is the request, so as a
+    FastAPI dependency it takes nothing from the client."""
+    billing = billing_scope(request)
+    if billing is None:
+        raise ConfigurationError("require_quota() needs OrgBillingMiddleware around the app (none saw this request).")
+    gate = billing.get("quota")
+    if gate is None or billing.get("org_id") is not None:  # gating off, or done before the app ran
+        return None
+    known = billing.get("decision")
+    if known is not None:  # checked already (a second dependency, a sub-dependency...)
+        return known  # type: ignore[no-any-return]
+    resolve = billing.get("resolve")
+    org_id = None
+    if resolve is not None:
+        org_id, _ = await resolve(request.scope)
+    if org_id is None:
+        return None
+    decision: QuotaDecision = await gate.check(org_id)
+    billing["decision"], billing["decision_org"] = decision, org_id
+    if not decision.allowed:
+        raise QuotaExceededError(org_id, decision)
+    return decision

@@ -28,7 +28,8 @@ registered in a process (one collector per registry, so two apps never clash):
 
 * ``requests_total`` (requests handled, excluded paths aside), ``requests_billed_total``,
   ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
-  ``requests_excluded_total``, ``requests_unbilled_errors_total`` (5xx not billed), ``event_build_errors_total``
+  ``requests_excluded_total``, ``requests_unbilled_errors_total`` (5xx not billed), ``requests_ungated_total``
+  (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``
 * ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
   ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
@@ -193,6 +194,7 @@ _REQUEST_COUNTERS = {
     "unresolved": ("requests_unresolved", "Requests whose organization could not be resolved."),
     "excluded": ("requests_excluded", "Requests on excluded paths (never billed nor gated)."),
     "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
+    "ungated": ("requests_ungated", "Billed requests whose org was known only after the app ran, not gated."),
     "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),
 }
 #: Gate stats exported as gauges (states, not counts).

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
 from ._client import LagoClient
 from ._delivery import EventPipeline
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, QuotaExceededError
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._identity import (
@@ -151,6 +151,7 @@ class OrgBillingMiddleware:
             "unresolved": 0,
             "excluded": 0,
             "unbilled_errors": 0,
+            "ungated": 0,
         }
         self._running = False
         self._lazy_task: asyncio.Task[None] | None = None
@@ -293,24 +294,59 @@ class OrgBillingMiddleware:
         self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str
     ) -> None:
         """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
-        in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then."""
+        in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then. The quota is checked only
+        if the app calls :func:`require_quota` once it knows the org (its over-quota error is answered here)."""
         identity: tuple[str | None, str | None] = (None, None)
+        answered = blocked = False
+        billing = scope[SCOPE_KEY]
+        billing["resolve"] = self._resolve  # for require_quota()
 
-        async def resolve_late() -> None:
-            nonlocal identity
+        async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
+            nonlocal identity, answered, blocked
+            answered = True
+            decision = billing.get("decision")
+            if decision is not None and not decision.allowed:
+                # require_quota() refused it and the app answered its error (an exception handler): the gate's
+                # answer goes out instead, whatever the app made of it
+                blocked = True
+                response = decision.response()
+                return lambda send: response(scope, receive, send)
             identity = await self._resolve(scope)
-            _publish(scope, scope[SCOPE_KEY], *identity)
+            _publish(scope, billing, *identity)
+            return None
 
         watcher = _ResponseWatcher(scope, self.attribution, send)
         watcher.on_start = resolve_late
         try:
             await self.app(scope, receive, watcher)
+        except QuotaExceededError as exc:
+            if not answered:  # straight from require_quota(): answer it here
+                blocked = True
+                await exc.decision.response()(scope, receive, send)
+            elif not blocked:  # pragma: no cover - raised after the app answered something else
+                raise
         finally:
             org_id, user_id = identity
-            if org_id is None:
+            decision = billing.get("decision") if billing.get("decision_org") == org_id else None
+            if blocked:
+                self.stats["blocked"] += 1
+            elif org_id is None:
                 self.stats["unresolved"] += 1
-            else:  # resolved only after the app ran: billed (and counted), but it could not be gated
-                self._record(scope, org_id, user_id, watcher, started, root_path, QuotaDecision())
+            else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
+                if decision is None and self.quota is not None:
+                    self._ungated(org_id)
+                self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+
+    def _ungated(self, org_id: str) -> None:
+        self.stats["ungated"] += 1
+        if self.stats["ungated"] == 1:
+            logger.warning(
+                "A request billed to org %s had no org before the app ran (auth in an endpoint dependency?): its "
+                "quota could not be checked. Resolve the org before the app (LAGO_ORG_HEADER, an auth middleware "
+                "setting request.state.org_id or scope['user']), or add require_quota as a dependency after your "
+                "auth: Depends(require_quota). Counted in stats['ungated']; logged once.",
+                org_id,
+            )
 
     def _record(
         self,
@@ -518,7 +554,8 @@ class _ResponseWatcher(UsageRecorder):
         self.send: Send | None = send
         self.status = 500  # when the app fails before answering
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
-        self.on_start: Callable[[], Awaitable[None]] | None = None
+        #: Called when the app starts its answer; may return a replacement answer (``send -> None``) to send instead.
+        self.on_start: Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]] | None = None
 
     def __call__(self, message: Message) -> Awaitable[None]:
         # Not a coroutine: it returns the server's own awaitable, so a message costs no extra coroutine.
@@ -536,14 +573,26 @@ class _ResponseWatcher(UsageRecorder):
                 return self._start_then_send(self.on_start, send, message)
         return send(message)
 
-    @staticmethod
-    async def _start_then_send(on_start: Callable[[], Awaitable[None]], send: Send, message: Message) -> None:
-        await on_start()
-        await send(message)
+    async def _start_then_send(
+        self,
+        on_start: Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]],
+        send: Send,
+        message: Message,
+    ) -> None:
+        replacement = await on_start()
+        if replacement is None:
+            await send(message)
+        else:  # the app's answer is dropped, message by message, and the replacement goes out
+            self.send = _discard
+            await replacement(send)
 
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
+
+
+async def _discard(message: Message) -> None:
+    """The ``send`` of an answer that was replaced."""
 
 
 def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:
