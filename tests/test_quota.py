@@ -434,6 +434,38 @@ async def test_seed_helpers_on_the_same_cache(client: LagoClient, fake: FakeLago
     assert (await enforce_usage_limits("org_unknown"))["reason"] == "no_active_subscription"
 
 
+async def test_seed_helpers_with_two_apps_use_the_requests_gate(fake: FakeLago, clock: Clock) -> None:
+    """Two apps in one process, each with its own Lago: helpers given the request read that app's gate; without
+    one, they refuse to guess (ConfigurationError) instead of answering from the other app's Lago."""
+    other = seed(FakeLago(api_key="k2", clock=clock.now), starter_calls=7)
+    seen: dict[str, Any] = {}
+
+    async def status(request: Any) -> Any:
+        seen[request.url.path] = await get_org_plan_limits("org_1", request=request)
+        with pytest.raises(ConfigurationError, match="2 quota gates run"):
+            await get_org_plan_limits("org_1")
+        return await chat(request)
+
+    async with anyio.create_task_group() as tasks:
+        apps = []
+        for lago, key, path in ((fake, "k", "/a"), (other, "k2", "/b")):
+            settings = BillingSettings(api_url=lago.base_url, api_key=key, org_header="X-Org-Id", max_retries=0)
+            client = LagoClient(settings, transport=lago.transport())
+            gate = QuotaGate(settings, client, config=QuotaConfig(), clock=clock.time)
+            await tasks.start(gate.run)
+            apps.append(
+                OrgBillingMiddleware(Starlette(routes=[Route(path, status)]), settings, quota=gate, client=client)
+            )
+        for app, path in zip(apps, ("/a", "/b"), strict=True):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+                assert (await http.get(path, headers={"X-Org-Id": "org_1"})).status_code == 200
+        for app in apps:
+            await app.aclose()
+            await app.pipeline.client.aclose()
+        tasks.cancel_scope.cancel()
+    assert seen["/a"]["max_api_calls"] == 5 and seen["/b"]["max_api_calls"] == 7
+
+
 def test_config_from_env() -> None:
     """LAGO_QUOTA_* variables are read and validated."""
     config = QuotaConfig.from_env(

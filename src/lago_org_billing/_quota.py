@@ -81,7 +81,7 @@ from starlette.config import Config
 from ._client import JSON, LagoClient
 from ._errors import ConfigurationError, LagoAPIError, LagoIntegrationError, LagoNotFoundError
 from ._gate import QuotaDecision
-from ._identity import get_current_org
+from ._identity import billing_scope, get_current_org
 from ._settings import BillingSettings
 
 __all__ = [
@@ -648,7 +648,8 @@ class _Decision(QuotaDecision):
     backend: Any = None
 
 
-_LAST: list[weakref.ref[QuotaGate]] = []
+_LAST: list[weakref.ref[QuotaGate]] = []  # the gate made last (scripts, tests)
+_RUNNING: weakref.WeakSet[QuotaGate] = weakref.WeakSet()  # gates whose run() is going (one per app)
 
 
 class QuotaGate:
@@ -735,9 +736,11 @@ class QuotaGate:
                     await tasks.start(self.backend.run)
                     self._tasks = tasks
                     _LAST[:] = [weakref.ref(self)]
+                    _RUNNING.add(self)
                     task_status.started()
                     await anyio.sleep_forever()
             finally:
+                _RUNNING.discard(self)
                 self._tasks = None
 
     async def aclose(self) -> None:
@@ -1232,9 +1235,26 @@ def _ratio(left: int, limit: int | None) -> float:
 # ------------------------------------------------------------------------------ module-level helpers
 
 
-def current_gate() -> QuotaGate:
-    """The most recently started (or created) :class:`QuotaGate` of this process."""
-    gate = _LAST[0]() if _LAST else None
+def current_gate(request: Any = None) -> QuotaGate:
+    """The :class:`QuotaGate` the seed's helpers use: the one of the app serving ``request`` when given, else the
+    one gate running in this process (or, when none runs, the last made)."""
+    if request is not None:
+        billing = billing_scope(request)
+        gate = billing.get("quota") if billing is not None else None
+        if not isinstance(gate, QuotaGate):
+            raise ConfigurationError(
+                "This request has no quota gate: it did not go through OrgBillingMiddleware, or quota gating is off "
+                "there (LAGO_QUOTA_MODE=off)."
+            )
+        return gate
+    running = list(_RUNNING)
+    if len(running) > 1:
+        raise ConfigurationError(
+            f"{len(running)} quota gates run in this process (one per app, each with its own settings and cache): "
+            "pass request= to use the gate of the app serving it, or call the method on the gate itself "
+            "(middleware.quota)."
+        )
+    gate = running[0] if running else (_LAST[0]() if _LAST else None)
     if gate is None:
         raise ConfigurationError(
             "No QuotaGate is running: add OrgBillingMiddleware with LAGO_QUOTA_MODE enforce or monitor, "
@@ -1243,16 +1263,17 @@ def current_gate() -> QuotaGate:
     return gate
 
 
-async def check_org_has_active_subscription(org_id: str) -> bool:
-    """The seed's helper, on the running gate's cache (see :meth:`QuotaGate.check_org_has_active_subscription`)."""
-    return await current_gate().check_org_has_active_subscription(org_id)
+async def check_org_has_active_subscription(org_id: str, *, request: Any = None) -> bool:
+    """The seed's helper, on the gate's cache (see :meth:`QuotaGate.check_org_has_active_subscription`; with
+    several apps in one process, pass the ``request`` to use its app's gate)."""
+    return await current_gate(request).check_org_has_active_subscription(org_id)
 
 
-async def get_org_plan_limits(org_id: str) -> dict[str, Any]:
-    """The seed's helper, on the running gate's cache (see :meth:`QuotaGate.get_org_plan_limits`)."""
-    return await current_gate().get_org_plan_limits(org_id)
+async def get_org_plan_limits(org_id: str, *, request: Any = None) -> dict[str, Any]:
+    """The seed's helper, on the gate's cache (see :meth:`QuotaGate.get_org_plan_limits`; ``request`` as above)."""
+    return await current_gate(request).get_org_plan_limits(org_id)
 
 
-async def enforce_usage_limits(org_id: str) -> dict[str, Any]:
-    """The seed's helper, on the running gate's cache (see :meth:`QuotaGate.enforce_usage_limits`)."""
-    return await current_gate().enforce_usage_limits(org_id)
+async def enforce_usage_limits(org_id: str, *, request: Any = None) -> dict[str, Any]:
+    """The seed's helper, on the gate's cache (see :meth:`QuotaGate.enforce_usage_limits`; ``request`` as above)."""
+    return await current_gate(request).enforce_usage_limits(org_id)
