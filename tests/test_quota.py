@@ -466,6 +466,27 @@ async def test_seed_helpers_with_two_apps_use_the_requests_gate(fake: FakeLago, 
     assert seen["/a"]["max_api_calls"] == 5 and seen["/b"]["max_api_calls"] == 7
 
 
+async def test_usage_recorded_through_org_billing_counts_against_the_quota(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    """OrgBilling(quota=gate): api_call events recorded outside requests (nowait or awaited) count at once, so a
+    limit of 5 holds between snapshots; without it they would be seen only at the next refresh."""
+    from lago_org_billing import EventPipeline, OrgBilling
+
+    gate = make_gate(client, clock)
+    for _ in range(2):
+        assert (await gate.check("org_1")).allowed  # two requests through the gate
+    async with EventPipeline(client) as pipeline:
+        billing = OrgBilling(client=client, pipeline=pipeline, quota=gate)
+        billing.record_api_call_nowait("org_1", tokens=3)
+        await billing.record_api_call("org_1", tokens=4)
+        billing.record_usage_nowait("org_1", "other_metric", properties={"total_tokens": 99})  # not api_call
+        decision = await gate.check("org_1")
+        assert decision.allowed and headers(decision)["ratelimit-remaining"] == "0"  # the 5th call
+        assert not (await gate.check("org_1")).allowed
+        assert gate.local.reserve_now("org_1", clock.time(), "peek").tokens == 7
+
+
 def test_config_from_env() -> None:
     """LAGO_QUOTA_* variables are read and validated."""
     config = QuotaConfig.from_env(

@@ -27,6 +27,7 @@ from ._errors import (
     LagoValidationError,
 )
 from ._events import event_payload
+from ._gate import QuotaDecision, QuotaGateProtocol
 from ._ids import validate_id
 from ._settings import BillingSettings
 
@@ -72,6 +73,10 @@ class OrgBilling:
     * **transport** - *(optional)* an httpx transport for the client this object creates (tests).
     * **pipeline** - *(optional)* the background ``EventPipeline`` (e.g. ``middleware.pipeline``) that
       :meth:`record_usage_nowait` and :meth:`record_api_call_nowait` hand events to.
+    * **quota** - *(optional)* the quota gate (e.g. ``middleware.quota``) to count the usage recorded here in, at
+      once, as the middleware counts its requests': an event of ``LAGO_EVENT_CODE`` is one call, and the
+      ``total_tokens`` of the gate's token metric count as tokens. Without it, the gate sees that usage only at its
+      next snapshot of Lago (``LAGO_USAGE_CACHE_TTL``), and an org can exceed its limits meanwhile.
     """
 
     def __init__(
@@ -81,8 +86,10 @@ class OrgBilling:
         client: LagoClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         pipeline: EventPipeline | None = None,
+        quota: QuotaGateProtocol | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.quota = quota
         if client is not None:
             self.client = client
             self.settings = settings if settings is not None else client.settings
@@ -319,12 +326,14 @@ class OrgBilling:
         """
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         try:
-            return await self.client.create_event(payload)
+            created = await self.client.create_event(payload)
         except LagoValidationError as exc:
             if exc.is_duplicate_only:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
+        self._count(org_id, payload)
+        return created
 
     def record_usage_nowait(
         self,
@@ -339,7 +348,21 @@ class OrgBilling:
         pipeline = self._require_pipeline()
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         pipeline.submit(payload)
+        self._count(org_id, payload)
         return str(payload["transaction_id"])
+
+    def _count(self, org_id: str, event: JSON) -> None:
+        """Tell the quota gate (if any) about a recorded event: a call of ``LAGO_EVENT_CODE``, tokens of its token
+        metric."""
+        if self.quota is None:
+            return
+        calls = event["code"] == self.settings.event_code
+        tokens = 0
+        if event["code"] == getattr(self.quota, "token_metric", self.settings.event_code):
+            value = event["properties"].get("total_tokens")
+            tokens = value if type(value) is int and value > 0 else 0
+        if calls or tokens:
+            self.quota.settle(org_id, QuotaDecision(), tokens=tokens, billed=calls)
 
     def record_api_call_nowait(
         self,
