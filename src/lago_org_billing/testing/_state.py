@@ -1671,13 +1671,24 @@ def _aggregate(metric: JSON, events: Sequence[JSON]) -> Decimal:
     if aggregation == "count_agg":
         return Decimal(len(events))
     field = metric["field_name"]
+    if aggregation in ("sum_agg", "weighted_sum_agg", "custom_agg", "max_agg"):  # order does not matter
+        whole: list[int] = []  # plain ints, the usual values, summed without a Decimal each
+        exact: list[Decimal] = []
+        for event in events:
+            raw = event["properties"].get(field)
+            if type(raw) is int:
+                whole.append(raw)
+            else:
+                value = to_decimal(raw)
+                if value is not None:
+                    exact.append(value)
+        if aggregation == "max_agg":
+            if whole:
+                exact.append(Decimal(max(whole)))
+            return max(exact) if exact else Decimal(0)
+        return Decimal(sum(whole)) + sum(exact, Decimal(0))
     ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
     values = [(e, to_decimal(e["properties"].get(field))) for e in ordered]
-    if aggregation in ("sum_agg", "weighted_sum_agg", "custom_agg"):
-        return sum((v for _, v in values if v is not None), Decimal(0))
-    if aggregation == "max_agg":
-        present = [v for _, v in values if v is not None]
-        return max(present) if present else Decimal(0)
     if aggregation == "latest_agg":
         present = [v for _, v in values if v is not None]
         return present[-1] if present else Decimal(0)
