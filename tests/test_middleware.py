@@ -306,6 +306,25 @@ async def test_idempotency_key_bills_a_retried_request_once(
     assert middleware.pipeline.stats["duplicates"] == (1 if event_store == "postgres" else 0)
 
 
+def test_idempotent_retry_keeps_the_first_timestamp_and_its_own_duration(settings: BillingSettings) -> None:
+    """The event of a retry (same key) carries the first request's transaction id and timestamp, and the retry's
+    own duration, not the time since the first attempt."""
+    middleware = OrgBillingMiddleware(build_app(), settings, idempotency_header="Idempotency-Key", quota=None)
+    usage = json.dumps({"usage": USAGE}).encode()
+    first = json.loads(
+        middleware._build_event(
+            ("/v1/chat/{chat_id}", "POST", 200, 100.0, 100.5, "k", "org_a", None, usage, False, None)
+        )
+    )
+    retry = json.loads(
+        middleware._build_event(
+            ("/v1/chat/{chat_id}", "POST", 200, 200.0, 200.25, "k", "org_a", None, usage, False, None)
+        )
+    )
+    assert retry["transaction_id"] == first["transaction_id"] and retry["timestamp"] == first["timestamp"] == "100.000"
+    assert (first["properties"]["duration_ms"], retry["properties"]["duration_ms"]) == (500.0, 250.0)
+
+
 async def test_many_concurrent_requests_exactly_once(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """250 concurrent requests for two orgs give 250 distinct events in Lago, none lost, none twice."""
     middleware = make_middleware()

@@ -666,6 +666,40 @@ async def test_org_known_only_in_a_dependency_is_gated_by_require_quota(
         assert "Depends(require_quota)" in caplog.text
 
 
+async def test_app_crash_after_require_quota_releases_its_call(fake: FakeLago, clock: Clock) -> None:
+    """An endpoint that fails after require_quota reserved its call (add_middleware: the error passes through the
+    middleware before any answer): the request is not billed and its call is released, so 7 crashes on a plan of 5
+    calls never lock the org out."""
+
+    async def authenticate(request: Request) -> None:
+        request.state.org_id = "org_1"
+
+    app = FastAPI()
+
+    @app.get("/v1/fail", dependencies=[Depends(authenticate), Depends(require_quota)])
+    async def fail() -> None:
+        raise RuntimeError("endpoint bug")
+
+    @app.get("/v1/chat", dependencies=[Depends(authenticate), Depends(require_quota)])
+    async def ok() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time)
+        app.add_middleware(OrgBillingMiddleware, settings=settings, quota=gate, client=lago)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            statuses = [(await http.get("/v1/fail")).status_code for _ in range(7)]
+            assert (await http.get("/v1/chat")).status_code == 200
+        middleware = installed_middleware(app)
+        await middleware.aclose()
+    assert statuses == [500] * 7
+    assert middleware.stats["unbilled_errors"] == 7 and middleware.stats["unresolved"] == 0
+    assert gate.local.reserve_now("org_1", clock.time(), "peek").calls == 1  # only the request that was served
+    assert len(fake.events) == 1
+
+
 async def test_require_quota_error_reaching_the_middleware_is_answered(fake: FakeLago, clock: Clock) -> None:
     """An app with no exception handling (a bare Router): the error require_quota raises reaches the middleware,
     which answers the gate's 429 instead of letting it crash the request; 5 served, 3 blocked."""

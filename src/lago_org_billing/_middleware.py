@@ -326,6 +326,13 @@ class OrgBillingMiddleware:
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
         finally:
+            if not answered and not blocked:  # the app failed before answering: its auth may have run by now
+                try:
+                    identity = await self._resolve(scope)
+                except Exception:  # never hide the app's own error behind a resolver's
+                    logger.exception("Resolving the org of a failed request")
+                if identity[0] is None and billing.get("decision_org") is not None:
+                    identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
             org_id, user_id = identity
             decision = billing.get("decision") if billing.get("decision_org") == org_id else None
             if blocked:
@@ -403,16 +410,17 @@ class OrgBillingMiddleware:
                 head = self._heads.get((org_id, endpoint, method))
                 if head is None:
                     head = self._head(org_id, endpoint, method)
+                duration = ended - started
                 if key is None:
                     transaction_id = _request_id()
-                else:
+                else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                     transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
                 event = _EVENT_JSON % (
                     transaction_id,
                     started,
                     head,
                     status,
-                    (ended - started) * 1000,
+                    duration * 1000,
                     usage.input_tokens,
                     usage.output_tokens,
                     usage.total_tokens,
