@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 
+from lago_org_billing import BillingSettings
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._events import event_payload
 from lago_org_billing.cli import main
@@ -76,10 +77,10 @@ async def test_memory_dead_letters_are_replayed_once_the_cause_is_fixed() -> Non
 
             lago.broken = False  # the metric is fixed
             await client.create_events([bad0.event])  # and bad0 reached Lago some other way meanwhile
-            assert await pipeline.replay_dead_letters([bad0.id]) == 1  # type: ignore[list-item]
+            assert await pipeline.replay_dead_letters([bad0.id]) == 1
             assert await pipeline.flush(20)
             assert pipeline.stats["duplicates"] == 1
-            assert await pipeline.replay_dead_letters([bad0.id]) == 0  # type: ignore[list-item] # gone already
+            assert await pipeline.replay_dead_letters([bad0.id]) == 0  # gone already
 
             assert await pipeline.replay_dead_letters() == 2  # bad1, bad2; not the unbuildable one
             assert await pipeline.flush(20)
@@ -120,7 +121,7 @@ async def test_spool_replay_is_one_transaction_with_the_events_row(tmp_path: Pat
     async with make_client(Down(), max_retries=0) as down:
         pipeline = EventPipeline(down, spool_path=str(path), commit_window=60, max_backoff=0.01)
         [first, second] = pipeline.dead_letters()
-        assert await pipeline.replay_dead_letters([first.id]) == 1  # type: ignore[list-item]
+        assert await pipeline.replay_dead_letters([first.id]) == 1
         assert rows(path, "dead_letters") == 2 and rows(path) == 0  # not committed yet: nothing moved
         await pipeline.commit()
         assert rows(path, "dead_letters") == 1 and rows(path) == 1
@@ -214,7 +215,66 @@ def test_command_refuses_unknown_ids_and_a_missing_spool(
     anyio.run(spool_with_letters, path, make_fake())
     before = letter_ids(path)
     monkeypatch.setenv("LAGO_API_KEY", "k")
-    assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "999", "--id", "x1"]) == 2
+    assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "999", "--id", "1"]) == 2
     err = capsys.readouterr().err
-    assert "no such dead letter" in err and "999" in err and "not an id" in err and "x1" in err
+    assert "no such dead letter" in err and "999" in err and ": 1" not in err
+    assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "x1"]) == 2
+    assert "not an id" in capsys.readouterr().err
+    assert main(["dead-letters", "--spool", str(path), "--replay", "--timeout", "0"]) == 2
+    assert "--timeout" in capsys.readouterr().err
     assert letter_ids(path) == before
+
+
+def test_replay_goes_a_chunk_at_a_time_and_never_touches_a_letter_that_took_a_freed_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Letters are sent and settled a chunk at a time (memory bounded), and a row whose id was freed and taken by
+    another letter since it was read (spool files made before AUTOINCREMENT) is neither deleted nor overwritten."""
+    from lago_org_billing import _dead_letters
+
+    monkeypatch.setattr(_dead_letters, "CHUNK", 2)
+    path = tmp_path / "spool.db"
+    anyio.run(spool_with_letters, path, make_fake())
+    letters = list(_dead_letters.read_spool_dead_letters(str(path)))  # bad0, bad1, poison
+    second = letters[1].letter.id
+    other = json.dumps({**letters[1].letter.event, "transaction_id": "someone_else"})
+    with sqlite3.connect(path) as conn:  # bad1's row now holds another letter (as if its id had been reused)
+        conn.execute("UPDATE dead_letters SET body = ? WHERE id = ?", (other, second))
+    fake = make_fake()
+    settings = BillingSettings(api_key="test-api-key", api_url=FakeLago.base_url)
+
+    async def replay() -> Any:
+        async with make_client(fake.transport()) as client:
+            monkeypatch.setattr(_dead_letters, "LagoClient", lambda _settings: client)
+            return await _dead_letters.replay_spool_dead_letters(letters, settings)
+
+    report = anyio.run(replay)
+    assert (report.sent, report.delivered, len(report.rejected)) == (3, 2, 1)
+    assert sorted(transaction_ids(fake)) == ["bad0", "bad1"]
+    with sqlite3.connect(path) as conn:
+        rows = dict(conn.execute("SELECT id, body FROM dead_letters"))
+    assert rows[second] == other and len(rows) == 2  # poison (rejected again) and the other letter
+
+
+@pytest.mark.anyio
+async def test_spool_dead_letter_ids_are_never_reused(tmp_path: Path) -> None:
+    """A replayed letter's id is not given to the next letter (what --id and a replay read stays valid)."""
+    path = tmp_path / "spool.db"
+    fake = make_fake()
+    lago = BrokenMetric(fake)
+    async with make_client(lago) as client:
+        pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.01)
+        await deliver(pipeline, events(2, prefix="bad"))
+    first, second = letter_ids(path)
+    lago.broken = False
+    async with make_client(lago) as client:
+        pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.01)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            assert await pipeline.replay_dead_letters([second]) == 1
+            assert await pipeline.flush(20)
+            lago.broken = True
+            pipeline.submit(events(1, prefix="bad_again")[0])
+            assert await pipeline.flush(20)
+            await pipeline.aclose()
+    assert letter_ids(path) == [first, second + 1]

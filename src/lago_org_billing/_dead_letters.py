@@ -21,6 +21,9 @@ import logging
 import re
 import sqlite3
 import sys
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import anyio
@@ -31,7 +34,15 @@ from ._errors import ConfigurationError
 from ._settings import BillingSettings
 from ._spool import DeadLetter, _loads_or_raw, spool_slot_files
 
-__all__ = ["SpoolDeadLetter", "add_dead_letters_command", "read_spool_dead_letters", "replay_spool_dead_letters"]
+__all__ = [
+    "SpoolDeadLetter",
+    "add_dead_letters_command",
+    "find_spool_dead_letters",
+    "read_spool_dead_letters",
+    "replay_spool_dead_letters",
+]
+
+logger = logging.getLogger("lago_org_billing.dead_letters")
 
 _EPILOG = """\
 IDs are the letters' row ids, prefixed by the slot ("2:17") for the spool's other slot files (PATH.2 ...).
@@ -58,89 +69,158 @@ class SpoolDeadLetter:
 @dataclasses.dataclass
 class ReplayReport:
     """What a replay did: letters sent, of which delivered (``duplicates`` already in Lago) or rejected again,
-    letters skipped (no whole event), and whether Lago answered for every one in time."""
+    letters skipped (no whole event), letters left as they were because their spool file changed meanwhile, and
+    whether Lago answered for every letter sent in time (if not, the letters of the unanswered thousand and after are
+    left as they were)."""
 
     sent: int = 0
     delivered: int = 0
     duplicates: int = 0
     rejected: list[SpoolDeadLetter] = dataclasses.field(default_factory=list)
     skipped: list[SpoolDeadLetter] = dataclasses.field(default_factory=list)
+    unchanged: int = 0
     complete: bool = True
 
 
-def read_spool_dead_letters(path: str) -> list[SpoolDeadLetter]:
-    """Every dead letter of the spool at ``path`` (all its slot files), oldest first in each file."""
-    letters: list[SpoolDeadLetter] = []
+#: Letters read from a spool file, and replayed, at a time: memory stays bounded whatever the table holds.
+CHUNK = 1_000
+
+_COLUMNS = "id, body, reason, status, code, created_at"
+
+
+def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
+    """Every dead letter of the spool at ``path`` (all its slot files), oldest first in each file, read a page at a
+    time."""
     for slot, file in spool_slot_files(path):
+        after = 0
+        while True:
+            rows = _rows(file, f"SELECT {_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK))
+            if not rows:
+                break
+            after = rows[-1][0]
+            yield from (_letter(file, slot, row) for row in rows)
+
+
+def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolDeadLetter], list[str]]:
+    """The letters named by ``keys`` (``"17"``, ``"2:17"`` for slot 2), in that order, and the keys found nowhere."""
+    files = dict(spool_slot_files(path))
+    found: list[SpoolDeadLetter] = []
+    missing: list[str] = []
+    for key in dict.fromkeys(keys):
+        slot_text, _, id_text = key.rpartition(":")
+        slot = int(slot_text or 0)
+        rows = (
+            _rows(files[slot], f"SELECT {_COLUMNS} FROM dead_letters WHERE id = ?", (int(id_text),))
+            if slot in files
+            else []
+        )
+        if rows:
+            found.append(_letter(files[slot], slot, rows[0]))
+        else:
+            missing.append(key)
+    return found, missing
+
+
+def _rows(file: str, query: str, parameters: tuple[Any, ...]) -> list[Any]:
+    try:
         with _connect(file) as conn:
-            try:
-                rows = conn.execute(
-                    "SELECT id, body, reason, status, code, created_at FROM dead_letters ORDER BY id"
-                ).fetchall()
-            except sqlite3.OperationalError:  # no such table: a spool that never had a dead letter
-                rows = []
-        for row_id, body, reason, status, code, created_at in rows:
-            letter = DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id)
-            letters.append(SpoolDeadLetter(file, slot, letter, body))
-    return letters
+            return conn.execute(query, parameters).fetchall()
+    except sqlite3.OperationalError:  # no dead_letters table (never had one), or the file went away (adopted)
+        return []
+
+
+def _letter(file: str, slot: int, row: tuple[Any, ...]) -> SpoolDeadLetter:
+    row_id, body, reason, status, code, created_at = row
+    return SpoolDeadLetter(file, slot, DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id), body)
 
 
 async def replay_spool_dead_letters(
-    letters: list[SpoolDeadLetter], settings: BillingSettings, *, wait: float = 60.0
+    letters: Iterable[SpoolDeadLetter], settings: BillingSettings, *, wait: float = 60.0
 ) -> ReplayReport:
-    """Send ``letters`` to Lago again (see the module docstring); update their spool files when Lago answered
-    for every one of them."""
+    """Send ``letters`` to Lago again, a thousand at a time (see the module docstring): once Lago has answered for
+    all of a thousand, their spool files are updated; if it does not within ``wait`` seconds in all, that thousand and
+    the rest are left as they were."""
     report = ReplayReport()
-    chosen: list[SpoolDeadLetter] = []
-    for spooled in letters:
-        (chosen if spooled.letter.replayable else report.skipped).append(spooled)
-    if not chosen:
-        return report
+    deadline = time.monotonic() + wait
     async with LagoClient(settings) as client:
-        pipeline = EventPipeline(client, flush_interval=0.0, shutdown_timeout=0.0, max_backoff=min(wait, 10.0))
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(pipeline.run)
-            for spooled in chosen:
-                pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
-            report.complete = await pipeline.flush(wait)
-            delivery_log = logging.getLogger("lago_org_billing.delivery")
-            quiet = delivery_log.disabled
-            # unanswered events are not "lost at shutdown" as the pipeline would log: they are still dead letters
-            delivery_log.disabled = quiet or not report.complete
-            try:
-                await pipeline.aclose()
-            finally:
-                delivery_log.disabled = quiet
-    report.sent = len(chosen)
-    if not report.complete:
-        return report
-    again = {letter.event.get("transaction_id"): letter for letter in pipeline.dead_letters()}
-    report.duplicates = pipeline.metrics.duplicates
-    by_file: dict[str, tuple[list[int], list[tuple[str, int | None, str | None, float, int]]]] = {}
-    for spooled in chosen:
-        deletes, updates = by_file.setdefault(spooled.file, ([], []))
-        assert spooled.letter.id is not None
-        new = again.get(spooled.letter.event["transaction_id"])
-        if new is None:
-            deletes.append(spooled.letter.id)
-            report.delivered += 1
-        else:
-            updates.append((new.reason, new.status, new.code, new.created_at, spooled.letter.id))
-            report.rejected.append(dataclasses.replace(spooled, letter=dataclasses.replace(new, id=spooled.letter.id)))
-    for file, (deletes, updates) in by_file.items():
-        with _connect(file) as conn:
-            conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(row_id,) for row_id in deletes])
-            conn.executemany(
-                "UPDATE dead_letters SET reason = ?, status = ?, code = ?, created_at = ? WHERE id = ?", updates
-            )
+        chunk: list[SpoolDeadLetter] = []
+        for spooled in letters:
+            if not spooled.letter.replayable:
+                report.skipped.append(spooled)
+                continue
+            chunk.append(spooled)
+            if len(chunk) == CHUNK:
+                if not await _replay_chunk(client, chunk, report, deadline):
+                    return report
+                chunk = []
+        if chunk:
+            await _replay_chunk(client, chunk, report, deadline)
     return report
 
 
+async def _replay_chunk(
+    client: LagoClient, chunk: list[SpoolDeadLetter], report: ReplayReport, deadline: float
+) -> bool:
+    """Send one chunk; update the spool once Lago has answered for all of it. False when it has not in time."""
+    pipeline = EventPipeline(
+        client, memory_capacity=len(chunk), flush_interval=0.0, shutdown_timeout=0.0, max_backoff=10.0
+    )
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(pipeline.run)
+        for spooled in chunk:
+            pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
+        answered = await pipeline.flush(max(0.0, deadline - time.monotonic()))
+        answered = answered and pipeline.metrics.dropped == 0  # (the outbox holds the whole chunk: none refused)
+        delivery_log = logging.getLogger("lago_org_billing.delivery")
+        quiet = delivery_log.disabled
+        # unanswered events are not "lost at shutdown" as the pipeline would log: they are still dead letters
+        delivery_log.disabled = quiet or not answered
+        try:
+            await pipeline.aclose()
+        finally:
+            delivery_log.disabled = quiet
+    report.sent += len(chunk)
+    if not answered:
+        report.complete = False
+        return False
+    report.duplicates += pipeline.metrics.duplicates
+    again = {letter.event.get("transaction_id"): letter for letter in pipeline.dead_letters()}
+    by_file: dict[str, list[tuple[SpoolDeadLetter, DeadLetter | None]]] = {}
+    for spooled in chunk:
+        by_file.setdefault(spooled.file, []).append((spooled, again.get(spooled.letter.event["transaction_id"])))
+    for file, outcomes in by_file.items():
+        deletes = [(spooled.letter.id, spooled.body) for spooled, new in outcomes if new is None]
+        updates = [
+            (new.reason, new.status, new.code, new.created_at, spooled.letter.id, spooled.body)
+            for spooled, new in outcomes
+            if new is not None
+        ]
+        try:
+            with _connect(file) as conn:  # by id and text: never a letter that took a freed id meanwhile
+                conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", deletes)
+                conn.executemany(
+                    "UPDATE dead_letters SET reason = ?, status = ?, code = ?, created_at = ? "
+                    "WHERE id = ? AND body = ?",
+                    updates,
+                )
+        except sqlite3.OperationalError as exc:  # the file went away (a starting worker adopted it)
+            logger.warning("Spool file %s changed during the replay (%s): its letters are left as they were", file, exc)
+            report.unchanged += len(outcomes)
+            continue
+        for spooled, new in outcomes:
+            if new is None:
+                report.delivered += 1
+            else:
+                renewed = dataclasses.replace(new, id=spooled.letter.id)
+                report.rejected.append(dataclasses.replace(spooled, letter=renewed))
+    return True
+
+
 class _connect:
-    """A connection to a spool file that commits on success (and waits for a busy owner's commit)."""
+    """A connection to an existing spool file that commits on success (and waits for a busy owner's commit)."""
 
     def __init__(self, file: str) -> None:
-        self.conn = sqlite3.connect(file, timeout=30)
+        self.conn = sqlite3.connect(f"file:{urllib.parse.quote(file)}?mode=rw", uri=True, timeout=30)
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn
@@ -178,6 +258,8 @@ def add_dead_letters_command(commands: Any) -> None:
 
 
 def run_dead_letters_command(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise ConfigurationError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
     settings = BillingSettings.from_env(require_api_key=args.replay)
     path = args.spool or settings.spool_path
     if not path:
@@ -188,29 +270,22 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
         )
     if not spool_slot_files(path):
         raise ConfigurationError(f"No spool file at {path}.", variable="LAGO_SPOOL_PATH")
-    letters = read_spool_dead_letters(path)
+    letters: Iterable[SpoolDeadLetter]
     if args.ids:
         bad = [key for key in args.ids if not re.fullmatch(r"(\d+:)?\d+", key)]
-        known = {spooled.key: spooled for spooled in letters}
-        unknown = [key for key in args.ids if key not in known and key not in bad]
-        if bad or unknown:
-            raise ConfigurationError(
-                "; ".join(
-                    part
-                    for part in (
-                        f"not an id (N or SLOT:N): {', '.join(bad)}" if bad else "",
-                        f"no such dead letter in {path}: {', '.join(unknown)}" if unknown else "",
-                    )
-                    if part
-                )
-            )
-        letters = [known[key] for key in dict.fromkeys(args.ids)]
+        if bad:
+            raise ConfigurationError(f"not an id (N or SLOT:N): {', '.join(bad)}")
+        letters, missing = find_spool_dead_letters(path, args.ids)
+        if missing:
+            raise ConfigurationError(f"no such dead letter in {path}: {', '.join(missing)}")
+    else:
+        letters = read_spool_dead_letters(path)
     if not args.replay:
         _print_letters(letters, path, args.json)
         return 0
     report = anyio.run(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
     _print_report(report, args.json)
-    return 0 if report.complete and not report.rejected else 1
+    return 0 if report.complete and not report.rejected and not report.unchanged else 1
 
 
 def _when(timestamp: float) -> str:
@@ -231,22 +306,26 @@ def _as_json(spooled: SpoolDeadLetter) -> dict[str, Any]:
     }
 
 
-def _print_letters(letters: list[SpoolDeadLetter], path: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps([_as_json(spooled) for spooled in letters], indent=2))
+def _print_letters(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool) -> None:
+    if as_json:  # a JSON array, written as the letters are read
+        print("[", end="")
+        for index, spooled in enumerate(letters):
+            print(("," if index else "") + "\n" + json.dumps(_as_json(spooled), indent=2), end="")
+        print("\n]")
         return
-    replayable = sum(spooled.letter.replayable for spooled in letters)
-    print(f"{len(letters)} dead letters in {path} ({replayable} can be replayed)")
-    if not letters:
-        return
-    print(f"{'ID':<8} {'WHEN (UTC)':<19} {'STATUS':<6} {'CODE':<18} {'TRANSACTION':<34} REASON")
+    count = replayable = 0
     for spooled in letters:
+        if not count:
+            print(f"{'ID':<8} {'WHEN (UTC)':<19} {'STATUS':<6} {'CODE':<18} {'TRANSACTION':<34} REASON")
+        count += 1
+        replayable += spooled.letter.replayable
         letter = spooled.letter
         transaction = str(letter.event.get("transaction_id", "(no event)"))
         print(
             f"{spooled.key:<8} {_when(letter.created_at):<19} {letter.status or '-'!s:<6} {letter.code or '-':<18} "
             f"{transaction[:34]:<34} {letter.reason[:200]}"
         )
+    print(f"{count} dead letters in {path} ({replayable} can be replayed)")
 
 
 def _print_report(report: ReplayReport, as_json: bool) -> None:
@@ -256,6 +335,7 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
                 {
                     "sent": report.sent,
                     "complete": report.complete,
+                    "unchanged": report.unchanged,
                     "delivered": report.delivered,
                     "duplicates": report.duplicates,
                     "rejected": [_as_json(spooled) for spooled in report.rejected],
@@ -265,19 +345,21 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
             )
         )
         return
+    print(
+        f"Replayed {report.sent}: {report.delivered} delivered ({report.duplicates} already in Lago), "
+        f"{len(report.rejected)} rejected again."
+    )
+    for spooled in report.rejected:
+        print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {spooled.letter.reason[:200]}")
     if not report.complete:
         print(
-            f"Lago did not answer for all {report.sent} replayed events in time: the dead letters are kept as they "
-            "were (run again; events Lago took meanwhile are then counted as duplicates, not billed twice).",
+            "Lago did not answer for all the replayed events in time: the letters of the last thousand sent, and any "
+            "after them, are kept as they were (run again: events Lago took meanwhile then count as duplicates, "
+            "not billed twice).",
             file=sys.stderr,
         )
-    else:
-        print(
-            f"Replayed {report.sent}: {report.delivered} delivered ({report.duplicates} already in Lago), "
-            f"{len(report.rejected)} rejected again."
-        )
-        for spooled in report.rejected:
-            print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {spooled.letter.reason[:200]}")
+    if report.unchanged:
+        print(f"{report.unchanged} letters were left as they were: their spool file changed meanwhile (run again).")
     if report.skipped:
         print(f"Skipped {len(report.skipped)} letters holding no whole event (it could not be built or serialised):")
         for spooled in report.skipped:

@@ -335,7 +335,7 @@ class EventPipeline:
         """Events Lago rejected for good, with Lago's reason (memory list or the spool's table)."""
         return self.outbox.dead_letters()
 
-    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Iterable[int | None] | None = None) -> int:
         """Send dead letters again, once what made Lago reject them is fixed (a missing subscription, a metric
         created since...): those numbered ``ids`` (``DeadLetter.id``; all when ``None``) leave the dead letters and
         are delivered like new events, with their own ``transaction_id`` and ``timestamp``, so one Lago did take
@@ -343,10 +343,12 @@ class EventPipeline:
 
         Letters without a whole event (it could not be built or serialised) stay where they are. With the SQLite
         spool a letter is deleted in the same transaction that spools its event again: a crash loses neither.
-        Returns how many were put back (fewer when the outbox is full: replay the rest later)."""
+        Returns how many were put back (fewer when the outbox is full: replay the rest later). With a spool shared
+        by several workers, each replays the letters of its own slot file: ``lago-org-billing dead-letters --replay``
+        covers them all."""
         if self._closed:
             raise RuntimeError("This EventPipeline is closed; replay dead letters with a running one.")
-        count = await self.outbox.replay_dead(None if ids is None else set(ids))
+        count = await self.outbox.replay_dead(None if ids is None else {i for i in ids if i is not None})
         if count:
             self.metrics.replayed += count
             logger.info("%d dead-lettered billing events put back for delivery", count)

@@ -140,8 +140,9 @@ class LagoUnavailableError(LagoAPIError):
 
 
 class QuotaExceededError(LagoIntegrationError, HTTPException):
-    """Raised by :func:`require_quota` when the org is over its plan limits (or has no active subscription):
-    ``OrgBillingMiddleware`` answers it with the gate's 429/402, headers and problem body (``decision.response()``).
+    """Raised by :func:`require_quota` when the gate refuses the request: the org is over its plan limits, has no
+    active subscription, or (``LAGO_FAIL_OPEN=false``) its usage cannot be read from Lago. ``OrgBillingMiddleware``
+    answers it with the gate's answer, status, headers and problem body (``decision.response()``).
     It is also an ``HTTPException`` of that status and headers, so an app without the middleware answers it too."""
 
     def __init__(self, org_id: str, decision: Any) -> None:

@@ -90,7 +90,9 @@ async def require_quota(request: Request) -> QuotaDecision | None:
     FastAPI dependency it takes nothing from the client."""
     billing = billing_scope(request)
     if billing is None:
-        raise ConfigurationError("require_quota() needs OrgBillingMiddleware around the app (none saw this request).")
+        raise ConfigurationError(
+            "require_quota() needs OrgBillingMiddleware around the app, and an HTTP request (none saw this one)."
+        )
     gate = billing.get("quota")
     if gate is None or billing.get("org_id") is not None:  # gating off, or done before the app ran
         return None

@@ -1042,6 +1042,8 @@ class QuotaGate:
                         break
                     self._stale.discard(org_id)
                     snapshot = await self.fetch(org_id, None)
+                if org_id in self._stale:  # invalidated yet again: serve it, and read again at the next request
+                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)
                 await backend.store(org_id, snapshot, self.clock())
                 self._known[org_id] = snapshot
                 self._next_attempt.pop(org_id, None)
@@ -1241,10 +1243,14 @@ def current_gate(request: Any = None) -> QuotaGate:
     if request is not None:
         billing = billing_scope(request)
         gate = billing.get("quota") if billing is not None else None
-        if not isinstance(gate, QuotaGate):
+        if gate is None:
             raise ConfigurationError(
                 "This request has no quota gate: it did not go through OrgBillingMiddleware, or quota gating is off "
                 "there (LAGO_QUOTA_MODE=off)."
+            )
+        if not isinstance(gate, QuotaGate):
+            raise ConfigurationError(
+                f"This app's quota gate is a {type(gate).__name__}, not a QuotaGate: call its own methods."
             )
         return gate
     running = list(_RUNNING)

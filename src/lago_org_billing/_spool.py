@@ -355,7 +355,7 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL,
     reason TEXT NOT NULL,
     status INTEGER,
@@ -540,7 +540,7 @@ class _SpoolFile:
         rows: list[tuple[int, JSON | str]],
         deletes: list[int],
         dead: list[tuple[int, DeadLetter]],
-        revived: list[int],
+        revived: list[tuple[int, str]],
     ) -> tuple[list[tuple[int, str]], list[int]]:
         """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes`` and the dead
         letters ``revived`` (replayed: their events are among ``rows``).
@@ -574,8 +574,8 @@ class _SpoolFile:
                 gone = [(row_id,) for row_id in deletes] + [(row_id,) for row_id, _ in dead]
                 if gone:
                     conn.executemany("DELETE FROM events WHERE id = ?", gone)
-                if revived:
-                    conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(dead_id,) for dead_id in revived])
+                if revived:  # by id and text: never another letter that took a freed id (older spool files reuse ids)
+                    conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", revived)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -611,12 +611,14 @@ class _SpoolFile:
             for body, reason, status, code, created_at, row_id in rows
         ]
 
-    def dead_bodies(self, ids: set[int] | None) -> list[tuple[int, str]]:
-        """(id, stored text) of the dead letters numbered ``ids`` (all when ``None``), oldest first."""
+    def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
+        """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first."""
         with self.lock:
             assert self.conn is not None
-            rows: list[tuple[int, str]] = self.conn.execute("SELECT id, body FROM dead_letters ORDER BY id").fetchall()
-        return [(row_id, body) for row_id, body in rows if ids is None or row_id in ids]
+            rows: list[tuple[int, str]] = self.conn.execute(
+                "SELECT id, body FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            ).fetchall()
+        return rows
 
     def close(self) -> None:
         with self.lock:
@@ -658,7 +660,8 @@ class SqliteOutbox(Outbox):
         self.pending: list[tuple[int, EventOrBuilder | str]] = []
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
-        self._revived: list[int] = []  # replayed dead letters, deleted with the commit that writes their events
+        # replayed dead letters (id, stored text), deleted with the commit that writes their events
+        self._revived: list[tuple[int, str]] = []
         self._next_id = 1
         self._rows = 0  # rows in the file (committed, not yet deleted)
         self._loaded_upto = 0  # highest id put into the window (or beyond, in flight / resolved)
@@ -704,19 +707,27 @@ class SqliteOutbox(Outbox):
     async def replay_dead(self, ids: set[int] | None) -> int:
         await self.open()
         assert self._io is not None
-        async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
-            rows = await anyio.to_thread.run_sync(self.file.dead_bodies, ids)
-        waiting = set(self._revived)
+        waiting = {dead_id for dead_id, _ in self._revived}
         room = self.capacity - len(self.pending)
-        chosen = [
-            (dead_id, body) for dead_id, body in rows if dead_id not in waiting and _replayable(_loads_or_raw(body))
-        ][: max(room, 0)]
-        for dead_id, body in chosen:
+        chosen: list[tuple[int, str]] = []
+        after = 0
+        async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
+            while len(chosen) < room:  # page through the table: it may be large
+                rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500)
+                if not rows:
+                    break
+                after = rows[-1][0]
+                chosen += [
+                    (dead_id, body)
+                    for dead_id, body in rows
+                    if (ids is None or dead_id in ids) and dead_id not in waiting and _replayable(_loads_or_raw(body))
+                ]
+        for dead_id, body in chosen[: max(room, 0)]:
             # the stored text, as it is: the event goes back to the events table in the commit that deletes its letter
             self.pending.append((self._next_id, body))
             self._next_id += 1
-            self._revived.append(dead_id)
-        return len(chosen)
+            self._revived.append((dead_id, body))
+        return min(len(chosen), max(room, 0))
 
     # ------------------------------------------------------------ thread side
 
