@@ -16,7 +16,7 @@ from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._events import event_payload
 from lago_org_billing.cli import main
 from lago_org_billing.testing import FakeLago
-from test_delivery import events, make_client, make_fake, transaction_ids
+from test_delivery import events, make_client, make_fake, run_pipeline, transaction_ids
 from test_spool import Down, rows
 
 
@@ -44,16 +44,6 @@ class BrokenMetric(httpx.AsyncBaseTransport):
 
 def unbuildable() -> dict[str, Any]:
     raise RuntimeError("no usage")
-
-
-async def deliver(pipeline: EventPipeline, submitted: list[Any]) -> None:
-    """Run ``pipeline`` until what was submitted has an answer, then close it."""
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(pipeline.run)
-        for event in submitted:
-            pipeline.submit(event)
-        assert await pipeline.flush(20)
-        await pipeline.aclose()
 
 
 @pytest.mark.anyio
@@ -98,7 +88,7 @@ async def test_memory_replay_stops_at_the_outbox_capacity() -> None:
     lago = BrokenMetric(fake)
     async with make_client(Down()) as down, make_client(lago) as client:
         pipeline = EventPipeline(client, flush_interval=0.01, memory_capacity=5)
-        await deliver(pipeline, events(5, prefix="bad"))
+        assert await run_pipeline(pipeline, events(5, prefix="bad"))
         assert len(pipeline.dead_letters()) == 5
         parked = EventPipeline(down, memory_capacity=2)  # not running: nothing leaves its outbox
         parked.outbox._dead.extend(pipeline.dead_letters())  # the same letters, in a nearly full outbox
@@ -115,7 +105,8 @@ async def test_spool_replay_is_one_transaction_with_the_events_row(tmp_path: Pat
     path = tmp_path / "spool.db"
     fake = make_fake()
     async with make_client(BrokenMetric(fake)) as client:
-        await deliver(EventPipeline(client, spool_path=str(path), flush_interval=0.01), events(2, prefix="bad"))
+        spooled = EventPipeline(client, spool_path=str(path), flush_interval=0.01)
+        assert await run_pipeline(spooled, events(2, prefix="bad"))
     assert rows(path, "dead_letters") == 2 and rows(path) == 0
 
     async with make_client(Down(), max_retries=0) as down:
@@ -129,7 +120,7 @@ async def test_spool_replay_is_one_transaction_with_the_events_row(tmp_path: Pat
         await pipeline.aclose()
 
     async with make_client(fake.transport()) as client:
-        await deliver(EventPipeline(client, spool_path=str(path), flush_interval=0.01), [])
+        assert await run_pipeline(EventPipeline(client, spool_path=str(path), flush_interval=0.01), [])
     assert transaction_ids(fake) == [first.event["transaction_id"]]
     assert rows(path) == 0 and rows(path, "dead_letters") == 1
 
@@ -144,7 +135,7 @@ async def spool_with_letters(path: Path, fake: FakeLago) -> None:
     )
     async with make_client(BrokenMetric(fake)) as client:
         pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.01)
-        await deliver(pipeline, [*events(2, prefix="bad"), poison, *events(2)])
+        assert await run_pipeline(pipeline, [*events(2, prefix="bad"), poison, *events(2)])
     assert rows(path, "dead_letters") == 3
 
 
@@ -264,7 +255,7 @@ async def test_spool_dead_letter_ids_are_never_reused(tmp_path: Path) -> None:
     lago = BrokenMetric(fake)
     async with make_client(lago) as client:
         pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.01)
-        await deliver(pipeline, events(2, prefix="bad"))
+        assert await run_pipeline(pipeline, events(2, prefix="bad"))
     first, second = letter_ids(path)
     lago.broken = False
     async with make_client(lago) as client:
