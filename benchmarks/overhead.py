@@ -2,7 +2,9 @@
 
 Each app runs in its own uvicorn process pinned to CPU 0; wrk and the Lago emulator (which receives every
 event) share CPU 1, so the server's core is measured alone. Rounds alternate between the apps so drift
-hits all of them alike; the median of each is reported with the ratio to bare.
+hits all of them alike; the median of each is reported with the ratio to bare, and next to it the server's own
+CPU time per request (from /proc: background delivery included), whose ratio to bare's is the same measure
+without the noise of CPU 1.
 
     python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--calibrate US]
 
@@ -54,14 +56,16 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict[str, str] | None = None, cpu: str | None = None) -> Iterator[None]:
+def process(
+    args: list[str], env: dict[str, str] | None = None, cpu: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``args`` (pinned to ``cpu``) for the ``with`` block; then stop it and show what it logged at WARNING or
     above (stderr goes to a file: a full pipe would stall the server)."""
     command = (["taskset", "-c", cpu] if cpu and shutil.which("taskset") else []) + args
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            yield
+            yield proc  # taskset execs the command: its pid is the server's
         finally:
             proc.terminate()
             try:
@@ -91,6 +95,12 @@ def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> tu
         raise RuntimeError(f"{url}: {errors.group(1)} error responses\n{out}")
     assert match and total, out
     return float(match.group(1)), int(total.group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def count_events(lago_url: str) -> int:
@@ -200,6 +210,9 @@ def main() -> int:
     app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
     ports = {name: free_port() for name in apps}
     results: dict[str, list[float]] = {name: [] for name in apps}
+    cpu_per_request: dict[str, list[float]] = {name: [] for name in apps}  # server CPU µs per request
+    busy: dict[str, list[float]] = {name: [] for name in apps}  # share of the wall time the server was on CPU
+    pids: dict[str, int] = {}
     after_shutdown: list[int] = []
     with contextlib.ExitStack() as stack:
         lago_url, env = stack.enter_context(emulator())
@@ -207,7 +220,7 @@ def main() -> int:
         stack.callback(lambda: after_shutdown.append(count_events(lago_url)))
         for name in apps:
             command = uvicorn_command("burn" if name == burn else name, ports[name])
-            stack.enter_context(process(command, {**env, **app_env.get(name, {})}, cpu="0"))
+            pids[name] = stack.enter_context(process(command, {**env, **app_env.get(name, {})}, cpu="0")).pid
             wait_http(f"http://127.0.0.1:{ports[name]}/v1/chat/warm")
         served = 0
         for name in apps:  # warm up
@@ -216,19 +229,40 @@ def main() -> int:
         for round_number in range(args.rounds):
             for name in apps:
                 url = f"http://127.0.0.1:{ports[name]}/v1/chat/1"
+                cpu_before, wall_before = cpu_seconds(pids[name]), time.monotonic()
                 rps, count = wrk(url, args.seconds, args.connections, HEADERS)
+                cpu_used, wall = cpu_seconds(pids[name]) - cpu_before, time.monotonic() - wall_before
                 served += count if name.startswith(("billed", "gated")) else 0
                 results[name].append(rps)
-                print(f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s", flush=True)
+                cpu_per_request[name].append(cpu_used / count * 1e6)
+                busy[name].append(cpu_used / wall)
+                print(
+                    f"round {round_number + 1} {name:<12} {rps:>9.0f} req/s  "
+                    f"{cpu_used / count * 1e6:6.1f} µs CPU/request  server busy {cpu_used / wall:4.0%}",
+                    flush=True,
+                )
         deadline = time.monotonic() + 30  # delivery is asynchronous: give the last batches time to land
         while (delivered := count_events(lago_url)) < served and time.monotonic() < deadline:
             time.sleep(0.2)
     bare = statistics.median(results["bare"])
-    print(f"\n{'app':<12} {'median req/s':>12} {'vs bare':>8}")
+    bare_cpu = statistics.median(cpu_per_request["bare"])
+    print(
+        f"\n{'app':<12} {'median req/s':>12} {'vs bare':>8} {'µs/request':>11}   "
+        f"{'server CPU µs/request':>21} {'bare/app':>8} {'busy':>5}"
+    )
     for name in apps:
         median = statistics.median(results[name])
-        extra = f"   +{(1 / median - 1 / bare) * 1e6:.1f} µs/request" if name != "bare" else ""
-        print(f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x{extra}")
+        cpu = statistics.median(cpu_per_request[name])
+        extra = f"+{(1 / median - 1 / bare) * 1e6:.1f}" if name != "bare" else ""
+        print(
+            f"{name:<12} {median:>12.0f} {median / bare:>7.2f}x {extra:>11}   {cpu:>21.1f} {bare_cpu / cpu:>7.2f}x "
+            f"{statistics.median(busy[name]):>5.0%}"
+        )
+    print(
+        "\nserver CPU µs/request: the uvicorn process's user+system CPU time during each wrk run (its background "
+        "delivery included) over the requests served; with the server busy ~100%, bare/app is the throughput ratio "
+        "without the load generator's and the emulator's noise on CPU 1."
+    )
     print(
         f"\nrequests the billing apps served (as wrk counts them): {served}; events in the emulator: {delivered}, "
         f"{after_shutdown[0]} once the servers stopped (wrk does not count requests in flight when it stops: up to "
