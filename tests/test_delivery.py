@@ -170,6 +170,24 @@ async def test_batch_with_duplicates_and_a_poison_event(fake: FakeLago) -> None:
     assert (stats["duplicates"], stats["delivered"], stats["dead_lettered"]) == (5, 10, 1)
 
 
+async def test_422_of_an_unexpected_shape_does_not_stop_delivery(fake: FakeLago) -> None:
+    """A 422 whose errors are not the usual lists of codes (objects where strings were expected, keys that are not
+    indexes) is handled like any rejection: the event it names is dead-lettered, the others are delivered."""
+    odd = {"0": {"transaction_id": [{"unexpected": True}]}, "note": ["x"]}
+
+    def fault(request: httpx.Request, count: int) -> httpx.Response | None:
+        if count == 1:
+            return httpx.Response(422, json={"status": 422, "error": "Unprocessable Entity", "error_details": odd})
+        return None
+
+    async with make_client(Edge(fake.transport(), fault)) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        assert await run_pipeline(pipeline, events(3))
+    assert sorted(transaction_ids(fake)) == ["tx1", "tx2"]
+    [letter] = pipeline.dead_letters()
+    assert letter.event["transaction_id"] == "tx0" and "unexpected" in letter.reason
+
+
 async def test_event_json_cannot_carry_is_dead_lettered(fake: FakeLago) -> None:
     """An event JSON cannot carry (NaN, a set) is dead-lettered without a call; its batch-mates are sent."""
     nan = {**events(1, prefix="nan")[0], "properties": {"tokens": float("nan")}}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lago_org_billing import BillingSettings, LagoClient, LagoUnavailableError, LagoValidationError
+from lago_org_billing import BillingSettings, LagoClient, LagoNotFoundError, LagoUnavailableError, LagoValidationError
 from lago_org_billing._http1 import RawHTTPError, RawPoster, can_use_raw_poster
 from lago_org_billing.testing._server import serve_in_thread
 
@@ -175,3 +175,62 @@ async def test_https_with_certificate_verification(
         trusted = RawPoster(url, {}, timeout=5)
         assert (await trusted.post("/x", b"{}"))[2] == b"ok"
         await trusted.aclose()
+
+
+async def serve_raw(answer: bytes, task_status: Any) -> None:
+    """A TCP server on loopback answering every request with the bytes ``answer`` (then the connection is closed)."""
+    import anyio
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+
+    async def handle(stream: Any) -> None:
+        async with stream:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive()
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
+            while len(body) < length:
+                body += await stream.receive()
+            await stream.send(answer)
+
+    async with listener:
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+        await listener.serve(handle)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", None),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 74\r\n\r\n{"status":422,"error":"x","code":"validation_errors","error_details":{}}   ',
+            LagoValidationError,
+        ),
+        (
+            b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://lago.example/\r\nContent-Length: 0\r\n\r\n",
+            LagoNotFoundError,
+        ),
+    ],
+)
+async def test_interim_answers_are_skipped_and_a_redirect_is_not_delivery(answer: bytes, error: Any) -> None:
+    """An interim 100 Continue is not the answer (the real one after it is); a 301 is an error naming the
+    redirect, never a delivered batch."""
+    import anyio
+
+    async with anyio.create_task_group() as tasks:
+        port = await tasks.start(serve_raw, answer)
+        settings = BillingSettings(api_url=f"http://127.0.0.1:{port}", api_key="k", max_retries=0)
+        async with LagoClient(settings) as lago:
+            assert lago._raw is not None
+            if error is None:
+                await lago.send_event_batch_json(batch("tx_1"))
+            else:
+                with pytest.raises(error) as info:
+                    await lago.send_event_batch_json(batch("tx_1"))
+                if error is LagoNotFoundError:
+                    assert "redirected to https://lago.example/" in str(info.value)
+        tasks.cancel_scope.cancel()

@@ -343,7 +343,7 @@ class LagoClient:
                 status, headers, content = await self._raw.post(url, body)
             except RawHTTPError as exc:
                 raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
-            if status >= 400:
+            if not 200 <= status < 300:
                 raise _error_from_response(httpx.Response(status, headers=headers, content=content), "POST", url)
             return
         try:
@@ -352,7 +352,7 @@ class LagoClient:
             raise LagoUnavailableError(
                 f"Lago did not answer POST {url} ({type(exc).__name__}: {exc}).", method="POST", path=url
             ) from exc
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:  # a redirect is not delivery: nothing reached Lago
             raise _error_from_response(response, "POST", url)
 
     async def get_event(self, transaction_id: str) -> JSON:
@@ -489,7 +489,7 @@ class LagoClient:
                 )
                 error.__cause__ = exc
             else:
-                if response.status_code < 400:
+                if 200 <= response.status_code < 300:
                     return _json_body(response, method, url)
                 error = _error_from_response(response, method, url)
                 if not isinstance(error, (LagoRateLimitError, LagoUnavailableError)):
@@ -594,6 +594,10 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         return LagoRateLimitError(summary + ".", retry_after=_retry_after(response.headers), **kwargs)
     if status >= 500:
         return LagoUnavailableError(summary + ".", **kwargs)
+    if status < 400:  # a redirect (a load balancer sending http to https, a wrong path): Lago was not reached
+        where = response.headers.get("location")
+        hint = f" to {where}" if where else ""
+        return LagoNotFoundError(f"{summary}: redirected{hint}; set LAGO_API_URL to the URL Lago answers at.", **kwargs)
     return LagoAPIError(summary + ".", **kwargs)
 
 

@@ -612,12 +612,10 @@ class EventPipeline:
 
 
 def _is_duplicate(error: Any) -> bool:
-    return (
-        isinstance(error, Mapping)
-        and set(error) == {"transaction_id"}
-        and isinstance(error["transaction_id"], list)
-        and set(error["transaction_id"]) == {"value_already_exist"}
-    )
+    if not isinstance(error, Mapping) or set(error) != {"transaction_id"}:
+        return False
+    codes = error["transaction_id"]
+    return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)
 
 
 def _describe(error: Any) -> str:

@@ -113,10 +113,10 @@ class LagoValidationError(LagoAPIError):
         found = False
         for key, value in self.details.items():
             if isinstance(value, Mapping):  # batch: {"<index>": {"transaction_id": [...]}}
-                if set(value) != {"transaction_id"} or set(value["transaction_id"]) != {"value_already_exist"}:
+                if set(value) != {"transaction_id"} or not _already_exist(value["transaction_id"]):
                     return False
                 found = True
-            elif key == "transaction_id" and isinstance(value, list) and set(value) == {"value_already_exist"}:
+            elif key == "transaction_id" and _already_exist(value):
                 found = True
             else:
                 return False
@@ -124,7 +124,12 @@ class LagoValidationError(LagoAPIError):
 
     def failed_indexes(self) -> dict[int, Any]:
         """For a batch rejection, the errors keyed by the index of the event in the batch."""
-        return {int(key): value for key, value in self.details.items() if key.isdigit()}
+        return {int(key): value for key, value in self.details.items() if isinstance(key, str) and key.isdecimal()}
+
+
+def _already_exist(codes: Any) -> bool:
+    """``["value_already_exist"]``, whatever else Lago might put in such a list (unhashable objects...)."""
+    return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)
 
 
 class LagoRateLimitError(LagoAPIError):

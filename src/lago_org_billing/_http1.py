@@ -149,12 +149,15 @@ class RawPoster:
 
     async def _exchange(self, connection: _Connection, request: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         await connection.stream.send(request)
-        head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        status_text = rest[:3]
-        if not version.startswith("HTTP/1.") or not status_text.isdigit():
-            raise RawHTTPError(f"malformed status line {lines[0][:80]!r}")
+        while True:
+            head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
+            lines = head.decode("latin-1").split("\r\n")
+            version, _, rest = lines[0].partition(" ")
+            status_text = rest[:3]
+            if not version.startswith("HTTP/1.") or not status_text.isdigit():
+                raise RawHTTPError(f"malformed status line {lines[0][:80]!r}")
+            if not status_text.startswith("1") or status_text == "101":
+                break  # interim answers (100 Continue, 103 Early Hints) come before the real one: skipped
         headers: list[tuple[str, str]] = []
         length: int | None = None
         chunked = False
