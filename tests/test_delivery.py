@@ -280,6 +280,101 @@ async def test_event_that_makes_lago_fail_with_500_is_isolated(fake: FakeLago) -
     assert {f"tx{i}" for i in range(10)} <= set(transaction_ids(fake))
 
 
+async def test_event_lago_fails_on_does_not_hold_back_a_quiet_pipeline(fake: FakeLago) -> None:
+    """Low traffic: one event Lago answers 500 for, batched with five others and nothing after. The others are
+    delivered (the batch is split), and the culprit, failing again once they got through, is dead-lettered; no
+    traffic is needed to get there."""
+
+    def fault(request: httpx.Request, n: int) -> Any:
+        if b'"crash"' in request.content:
+            return httpx.Response(500, json={"status": 500, "error": "Internal Server Error"})
+        return None
+
+    batch = [event_payload(transaction_id="crash", external_subscription_id="org_1", code="api_call"), *events(5)]
+    async with make_client(Edge(fake.transport(), fault), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, max_attempts=2, retry_backoff=0.001, max_backoff=0.01)
+        assert await run_pipeline(pipeline, batch, wait=5)
+    assert sorted(transaction_ids(fake)) == [f"tx{i}" for i in range(5)]
+    [letter] = pipeline.dead_letters()
+    assert letter.event["transaction_id"] == "crash" and letter.status == 500
+
+
+@pytest.mark.parametrize("status", [405, 408, 409])
+async def test_answers_that_blame_no_event_keep_every_event(fake: FakeLago, status: int) -> None:
+    """A 405 (wrong URL), 408 (timeout) or 409 says nothing about the events: none is dead-lettered, all are
+    delivered once Lago answers properly."""
+
+    def fault(request: httpx.Request, n: int) -> Any:
+        return httpx.Response(status, json={"status": status, "error": "x"}) if n <= 3 else None
+
+    async with make_client(Edge(fake.transport(), fault), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, retry_backoff=0.001, max_backoff=0.01)
+        assert await run_pipeline(pipeline, events(5), wait=5)
+    assert sorted(transaction_ids(fake)) == [f"tx{i}" for i in range(5)]
+    assert pipeline.dead_letters() == [] and pipeline.stats[f"lago_errors_{status}"] == 3
+
+
+@pytest.mark.parametrize("reset", ["1774000000", "inf", "0"])
+async def test_429_wait_is_kept_within_bounds(fake: FakeLago, reset: str) -> None:
+    """A 429 whose reset is an epoch timestamp or infinite pauses delivery for max_backoff, not for years; a zero
+    reset waits retry_backoff rather than spinning."""
+    sleeps: list[float] = []
+
+    def fault(request: httpx.Request, n: int) -> Any:
+        if n == 1:
+            return httpx.Response(429, headers={"x-ratelimit-reset": reset}, json={"status": 429, "error": "x"})
+        return None
+
+    async with make_client(Edge(fake.transport(), fault), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, retry_backoff=0.001, max_backoff=0.05)
+        real_sleep = pipeline._sleep
+
+        async def observed(seconds: float) -> None:
+            sleeps.append(seconds)
+            await real_sleep(seconds)
+
+        pipeline._sleep = observed
+        assert await run_pipeline(pipeline, events(3), wait=5)
+    assert len(transaction_ids(fake)) == 3
+    assert sleeps and 0.001 * 0.5 <= max(sleeps) <= 0.05
+
+
+class Held(httpx.AsyncBaseTransport):
+    """The emulator behind a gate: requests wait until ``opened`` is set."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.opened = anyio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await self.opened.wait()
+        return await self.inner.handle_async_request(request)
+
+
+async def test_concurrent_flushes_all_return(fake: FakeLago) -> None:
+    """Two flush() calls waiting at once both return when the events are delivered."""
+    held = Held(fake.transport())
+    async with make_client(held) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01)
+        results: list[bool] = []
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            for event in events(50):
+                pipeline.submit(event)
+
+            async def flush() -> None:
+                results.append(await pipeline.flush())  # no timeout: a flush nobody wakes would wait forever
+
+            with anyio.fail_after(30):  # a guard against that hang, far above the milliseconds this takes
+                async with anyio.create_task_group() as flushes:
+                    flushes.start_soon(flush)
+                    flushes.start_soon(flush)
+                    await anyio.wait_all_tasks_blocked()  # both flushes wait, the batch is held at Lago's door
+                    held.opened.set()
+            await pipeline.aclose()
+    assert results == [True, True]
+
+
 async def test_outage_does_not_dead_letter_anything(fake: FakeLago) -> None:
     """However long Lago answers 500 to everything, no event is dead-lettered (no healthy interval)."""
     fake.inject_fault(status=500, count=40, path="/api/v1/events")

@@ -16,21 +16,25 @@ SQLite spool of :mod:`._spool` (durable, group commit).
 
 **Retry policy** (nothing is dropped silently; nothing is retried forever *for a reason of its own*):
 
-* **Lago unreachable, 502/503/504, 401/403/404** (Lago or its configuration is down, not the event): the
-  batch goes back to the outbox and the whole pipeline backs off (exponential, jittered, capped at
-  ``max_backoff``, 60 s). This lasts as long as the outage; with the SQLite spool the events wait on disk,
-  with the memory outbox new events are refused (counted, logged) once it is full.
-* **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds; no attempt is
-  counted against the events.
+* **Lago unreachable, 408/425/502/503/504** (Lago, or the way to it, is down), and **other 4xx but 400, 413 and
+  422, and redirects** (401/403/404/405/409...: the configuration, not an event; logged at ERROR once): the batch
+  goes back to the outbox and the whole pipeline backs off (exponential, jittered, capped at ``max_backoff``, 60 s).
+  This lasts as long as the outage; with the SQLite spool the events wait on disk, with the memory outbox new events
+  are refused (counted, logged) once it is full.
+* **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds, kept between
+  ``retry_backoff`` and ``max_backoff``; no attempt is counted against the events.
 * **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): each event of the batch
   gets a strike, but at most one per "healthy interval" (only when another batch succeeded since its last
-  strike), so a plain outage never strikes anyone twice. A batch whose events all reached ``max_attempts``
-  strikes is split in halves; a single event that does goes to the dead letters.
+  strike), so a plain outage never strikes anyone twice. The batch is split in halves (after the backoff), so one
+  event Lago fails on cannot hold back the events queued with it; a single event goes back to the outbox, or to the
+  dead letters once it has ``max_attempts`` strikes. (An event that fails alone while nothing else is sent gets no
+  new strike: it is tried again every ``max_backoff`` at most, until other events give Lago a chance to show it is
+  up.)
 * **422 with every error ``transaction_id: value_already_exist``**: already in Lago (a retry whose first
   attempt was ingested, or a resend after a crash): counted as delivered (``duplicates``).
 * **422 naming some events** (Lago rejects the batch atomically): duplicates are counted as delivered, the
   invalid events go to the dead letters with Lago's reason, and the rest is sent again at once.
-* **Other 4xx, or a 422 naming no event**: the batch is split in halves until the culprit is alone; it goes
+* **400, 413, or a 422 naming no event**: the batch is split in halves until the culprit is alone; it goes
   to the dead letters with the status and Lago's code.
 
 Dead letters are kept in memory (the last 10,000) or in the spool's ``dead_letters`` table, logged at ERROR
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -74,7 +79,9 @@ logger = logging.getLogger("lago_org_billing.delivery")
 
 JSON = dict[str, Any]
 _Facts = TypeVar("_Facts")
-_OUTAGE_STATUSES = (502, 503, 504)
+_OUTAGE_STATUSES = (408, 425, 502, 503, 504)
+#: Answers that blame the content of some event of the batch (other 4xx are about the request or the configuration).
+_EVENT_AT_FAULT = (400, 413)
 
 
 class EventPipeline:
@@ -249,7 +256,9 @@ class EventPipeline:
         try:
             with anyio.move_on_after(timeout):
                 while self.outbox.unresolved():
-                    progress = self._progress = anyio.Event()
+                    progress = self._progress
+                    if progress is None or progress.is_set():  # one event for every flush() waiting at once
+                        progress = self._progress = anyio.Event()
                     self._poke()
                     await progress.wait()
         finally:
@@ -456,6 +465,8 @@ class EventPipeline:
                 metrics.lago_error(exc.status)
                 metrics.rate_limited += 1
                 wait = exc.retry_after if exc.retry_after is not None else self._backoff()
+                # within reason: a proxy's epoch timestamp or "inf" must not pause delivery for years, nor 0 spin
+                wait = min(max(wait, self.retry_backoff), self.max_backoff) if math.isfinite(wait) else self.max_backoff
                 self._pause(wait)
                 logger.warning("Lago rate limit (429): delivery paused for %.2f s", wait)
                 self._retry(items, stack)
@@ -465,9 +476,14 @@ class EventPipeline:
                 if self._server_failure(items, exc, stack):
                     continue
                 return
-            except LagoAPIError as exc:  # other 4xx: some event is at fault
+            except LagoAPIError as exc:  # other answers
                 metrics.lago_error(exc.status)
-                self._isolate(items, exc, stack)
+                if exc.status in _EVENT_AT_FAULT:  # the content of some event: split until it is alone
+                    self._isolate(items, exc, stack)
+                elif self._server_failure(items, exc, stack):  # 405, 408, 409...: not one event's doing
+                    continue
+                else:
+                    return
             except InvalidRequestError:
                 self._invalid(items, stack)
             except Exception:
@@ -518,23 +534,33 @@ class EventPipeline:
     def _server_failure(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> bool:
         """Network error, 5xx, 401/403/404. True when the caller should go on with ``stack``."""
         status = exc.status
-        if isinstance(exc, (LagoAuthenticationError, LagoNotFoundError)):
+        if status in _OUTAGE_STATUSES or status is None:
+            pass  # Lago (or the way to it) is down: wait and retry, no event is at fault
+        elif isinstance(exc, (LagoAuthenticationError, LagoNotFoundError)) or status < 500:
             if not self._config_error_logged:
                 logger.error("Lago refuses billing events (%s): %s Events are kept and retried.", status, exc)
                 self._config_error_logged = True
-        elif status is not None and status not in _OUTAGE_STATUSES:
+        else:
             # Lago answered and failed: a strike for each event, at most one per healthy interval
             for item in items:
                 if item.mark != self._successes:
                     item.mark = self._successes
                     item.attempts += 1
-            if all(item.attempts >= self.max_attempts for item in items):
+            if len(items) == 1:
                 self._backoff()
-                if len(items) == 1:
+                if items[0].attempts >= self.max_attempts:
                     self._dead(items[0], f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
-                else:
-                    half = len(items) // 2
-                    stack.extend([items[half:], items[:half]])
+                else:  # back to the outbox for a later attempt; the rest of the batch goes on meanwhile
+                    self.metrics.retries += 1
+                    self.outbox.release(items)
+                return True
+            if len(items) > 1:
+                # One event Lago fails on would fail its batch and every event queued behind it, and with no batch
+                # getting through its strikes would never add up: split, so the others are delivered (a healthy
+                # interval) and the culprit ends up alone.
+                self._backoff()
+                half = len(items) // 2
+                stack.extend([items[half:], items[:half]])
                 return True
         delay = self._backoff()
         # one WARNING when an outage starts (then every 20th failure); recovery is logged at INFO
