@@ -4,6 +4,7 @@ back to local counting."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -201,3 +202,83 @@ async def test_redis_never_reachable_still_gates(client: LagoClient, clock: Cloc
     decision = await gate.check("org_1")
     assert decision.allowed and dict(decision.headers)[b"ratelimit-remaining"] == b"299"
     assert isinstance(gate.backend, RedisBackend) and gate.backend.stats["redis_fallback"] == 1
+
+
+async def test_new_billing_period_is_refreshed_at_once_by_the_fleet(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """A refresh just before a period ends holds the fleet's refresh lock; once the period is over the snapshot is
+    of the past one. The lock ends with the period, so the first gate to see the new one refreshes at once and the
+    other waits for its snapshot: nobody falls back to the fail policy (here: fail closed, 503)."""
+    settings = client.settings.replace(redis_url=redis_url, fail_open=False)
+    gates = []
+    for _ in range(2):
+        gate = QuotaGate(settings, client, config=QuotaConfig(redis_prefix=prefix), clock=clock.time)
+        _OPEN.append(gate)
+        gates.append(gate)
+    first, second = gates
+    assert (await first.check("org_1")).allowed and (await second.check("org_1")).allowed
+    clock.at = dt.datetime(2026, 3, 31, 23, 59, 50, tzinfo=dt.timezone.utc)
+    assert (await first.check("org_1")).allowed  # the snapshot is due: a refresh, which takes the lock for 30 s
+    await first._refreshing["org_1"].wait()
+    clock.advance(15)  # 2026-04-01T00:00:05Z: a new period
+    reads = usage_reads(fake)
+    decisions = [await second.check("org_1"), await first.check("org_1")]
+    assert [(d.allowed, d.status) for d in decisions] == [(True, None), (True, None)]
+    assert usage_reads(fake) == reads + 1  # one refresh for the fleet
+    assert dict(decisions[1].headers)[b"ratelimit-remaining"] == b"298"  # the new period: 2 calls so far
+
+
+async def test_calls_reserved_before_a_redis_outage_are_settled_in_redis(
+    client: LagoClient, clock: Clock, tmp_path: Path, prefix: str
+) -> None:
+    """Calls reserved in Redis, answered during a Redis outage: their settles wait for Redis, which releases the
+    reservations of the unbilled ones, instead of leaving them counted for an hour."""
+    port = free_port()
+    with redis_server(tmp_path, port) as url:
+        gate = make_gate(client, clock, url, prefix, redis_retry_interval=0.0)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(gate.run)
+            decisions = [await gate.check("org_1") for _ in range(5)]
+            tasks.cancel_scope.cancel()
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    for decision in decisions:  # answered while Redis is down: not billed (5xx)
+        gate.settle("org_1", decision, tokens=0, billed=False)
+    await backend.flush()
+    assert len(backend._queue) == 5  # kept for Redis
+    with redis_server(tmp_path, port) as url:  # back (and empty: a restart lost its data; the script starts over)
+        await backend.flush()
+        assert len(backend._queue) == 0
+        status = await gate.enforce_usage_limits("org_1")
+    assert status["usage"]["max_api_calls"] == 0
+
+
+async def test_local_records_not_merged_when_redis_fails_again_are_kept(
+    client: LagoClient, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """Redis answers again, then fails in the middle of taking the local records back: what was not merged yet
+    stays counted locally (it was dropped)."""
+    gate = make_gate(client, clock, redis_url, prefix)
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    snapshot = await gate.snapshot("org_1")
+    for org_id in ("o1", "o2", "o3"):
+        backend.fallback.seed(org_id, snapshot)
+        backend.fallback.settle(org_id, "", None, clock.time(), tokens=5, billed=True)
+    backend.stats["redis_fallback"] = 1
+    merge = backend._merge
+    merged: list[str] = []
+
+    async def merge_then_fail(keys: list[str], args: list[object]) -> object:
+        if merged:
+            raise ConnectionError("Redis went away again")
+        merged.append(keys[0])
+        return await merge(keys=keys, args=args)
+
+    backend._merge = merge_then_fail  # type: ignore[method-assign]
+    await backend._recovered()
+    assert len(merged) == 1 and backend.stats["redis_fallback"] == 1
+    kept = backend.fallback.drain()
+    assert sorted(org_id for org_id, _, _ in kept) == sorted({"o1", "o2", "o3"} - {merged[0].split("{")[1][:2]})
+    assert all(counts.calls == 1 and counts.tokens == 5 for _, _, counts in kept)

@@ -349,8 +349,8 @@ class QuotaBackend(Protocol):
     async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         """Whether this process should refresh the org now (one refresher per fleet per ``ttl``)."""
 
-    async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
-        """Wait (at most ``timeout``) for another process to store a snapshot."""
+    async def wait_snapshot(self, org_id: str, timeout: float, after: float = 0.0) -> None:  # noqa: ASYNC109
+        """Wait (at most ``timeout``) for another process to store a snapshot requested after ``after``."""
 
     async def invalidate(self, org_id: str) -> None: ...
 
@@ -531,14 +531,28 @@ class LocalBackend:
 
     def drain(self) -> list[tuple[str, Snapshot | None, _Counts]]:
         """Every org's local records, cleared (handed to Redis when it is back)."""
-        out = [(org_id, state.snapshot, state.counts) for org_id, state in self._orgs.items() if state.counts.calls]
+        out = [
+            (org_id, state.snapshot, state.counts)
+            for org_id, state in self._orgs.items()
+            if state.counts.calls or state.counts.tokens
+        ]
         self._orgs.clear()
         return out
+
+    def restore(self, drained: list[tuple[str, Snapshot | None, _Counts]]) -> None:
+        """Take back records :meth:`drain` handed out that could not be merged into Redis."""
+        for org_id, snapshot, counts in drained:
+            state = self._org(org_id)
+            if state.snapshot is None:
+                state.snapshot = snapshot
+            if not state.counts.period:
+                state.counts.period = counts.period
+            state.counts.add(counts)
 
     async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         return True
 
-    async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_snapshot(self, org_id: str, timeout: float, after: float = 0.0) -> None:  # noqa: ASYNC109
         return None
 
     async def invalidate(self, org_id: str) -> None:
@@ -1051,8 +1065,12 @@ class QuotaGate:
                 if self._outage_logged:
                     self._outage_logged = False
                     logger.info("Lago answers again: usage snapshots are being refreshed.")
-            else:  # another process refreshes it: wait for its snapshot
-                await backend.wait_snapshot(org_id, self.config.cold_timeout)
+            else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
+                current = await backend.load(org_id)
+                after = 0.0
+                if current is not None and current.active and self.clock() >= current.period_end:
+                    after = current.requested_at
+                await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
             logger.warning("Could not refresh the quota snapshot of org %r: %s", org_id, exc)

@@ -55,6 +55,8 @@ logger = logging.getLogger("lago_org_billing.quota")
 #: Counters outlive their billing period by this much (ms), and counters made before any snapshot live this long.
 PERIOD_MARGIN_MS = 3_600_000
 UNPERIODED_TTL_MS = 86_400_000
+#: Settles kept for Redis while it is down (beyond: counted locally, as a fallback decision would be).
+_MAX_QUEUED_SETTLES = 100_000
 
 CHECK = """
 local snap, cnt = KEYS[1], KEYS[2]
@@ -126,12 +128,18 @@ return 1
 """
 
 STORE = """
-local snap, cnt = KEYS[1], KEYS[2]
+local snap, cnt, lock = KEYS[1], KEYS[2], KEYS[3]
 local cur = redis.call('HGET', snap, 'rq')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 6))
+redis.call('HSET', snap, unpack(ARGV, 8))
 redis.call('PEXPIRE', snap, ARGV[4])
+if ARGV[6] ~= '' then
+  -- the fleet's refresh lock ends with the snapshot's period at the latest: the first gate to see the new period
+  -- refreshes at once, instead of every gate waiting out the TTL without a usable snapshot
+  local held = tonumber(redis.call('GET', lock) or '0')
+  if held > tonumber(ARGV[6]) then redis.call('SET', lock, ARGV[6], 'PX', math.max(1, tonumber(ARGV[7]))) end
+end
 local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
 if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
@@ -357,14 +365,16 @@ class RedisBackend:
         self._down_until = 0.0
         logger.info("Redis (%s) answers again: quota counters are shared again.", self.url)
         now = int(time.time())
-        for org_id, snapshot, counts in self.fallback.drain():
+        pending = self.fallback.drain()
+        for index, (org_id, snapshot, counts) in enumerate(pending):
             try:
                 await self._merge(
                     keys=[self.key(org_id, "count")],
                     args=[period_key(snapshot), now, counts.calls, counts.tokens, UNPERIODED_TTL_MS],
                 )
-            except self._errors() as exc:  # Redis failed again
+            except self._errors() as exc:  # Redis failed again: what is not merged yet is counted here again
                 self._failed(exc)
+                self.fallback.restore(pending[index:])
                 return
 
     def _errors(self) -> tuple[type[BaseException], ...]:
@@ -412,7 +422,10 @@ class RedisBackend:
         self.fallback.seed(org_id, dataclasses.replace(seen.snapshot, base_calls=seen.calls, base_tokens=seen.tokens))
 
     def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
-        if self._closed or not self._up():
+        # A call reserved in Redis is settled in Redis, even after an outage began: there its reservation waits to be
+        # released (the local counts, seeded with what Redis showed, hold it already). Kept queued until Redis
+        # answers, within reason (beyond the bound, and once closed, they are counted here instead).
+        if self._closed or (not self._up() and len(self._queue) >= _MAX_QUEUED_SETTLES):
             self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
             return
         item = (org_id, period, "" if bucket is None else str(bucket), "1" if billed else "0", str(int(now)), tokens)
@@ -421,12 +434,17 @@ class RedisBackend:
             self._wakeup.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Write queued settles (pipelined) until cancelled."""
+        """Write queued settles (pipelined) until cancelled; while Redis is down, try again when it is due."""
         self._running = True
         task_status.started()
         try:
             while True:
-                await self._wakeup.wait()
+                if self._queue:  # what Redis could not take: tried again when it is due (or at the next settle)
+                    due = max(self._down_until - self._clock(), self.config.redis_retry_interval, 0.05)
+                    with anyio.move_on_after(due):
+                        await self._wakeup.wait()
+                else:
+                    await self._wakeup.wait()
                 self._wakeup = anyio.Event()
                 await self.flush()
         finally:
@@ -438,11 +456,8 @@ class RedisBackend:
             await self._flush()
 
     async def _flush(self) -> None:
-        while self._queue:
+        while self._queue and self._up():
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
-            if not self._up():
-                self._settle_locally(batch)
-                continue
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for org_id, period, bucket, billed, now, tokens in batch:
@@ -452,9 +467,15 @@ class RedisBackend:
                             client=pipe,
                         )
                     await pipe.execute()
-            except self._errors() as exc:
+            except self._errors() as exc:  # not written (or not known to be): kept for when Redis answers again
                 self._failed(exc)
-                self._settle_locally(batch)
+                self._queue.extendleft(reversed(batch))
+                break
+        if self._closed or len(self._queue) > _MAX_QUEUED_SETTLES:
+            overflow = [
+                self._queue.popleft() for _ in range(len(self._queue) - (0 if self._closed else _MAX_QUEUED_SETTLES))
+            ]
+            self._settle_locally(overflow)
 
     def _settle_locally(self, batch: list[tuple[str, str, str, str, str, int]]) -> None:
         for org_id, period, _bucket, billed, now, tokens in batch:
@@ -482,10 +503,13 @@ class RedisBackend:
             int(now - self.config.inflight_horizon),
             ttl_ms,
             period_key(snapshot),
+            repr(snapshot.period_end) if snapshot.active else "",
+            max(1, int((snapshot.period_end - now) * 1000)),
             *encode(snapshot),
         ]
         try:
-            await self._store(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
+            keys = [self.key(org_id, "snap"), self.key(org_id, "count"), self.key(org_id, "lock")]
+            await self._store(keys=keys, args=args)
         except self._errors() as exc:
             self._failed(exc)
             self.fallback.store_now(org_id, snapshot, now)
@@ -501,13 +525,15 @@ class RedisBackend:
             self._failed(exc)
             return True
 
-    async def wait_snapshot(self, org_id: str, timeout: float) -> None:  # noqa: ASYNC109
-        """Poll (5 ms doubling to 100 ms) until the refreshing process has stored the snapshot."""
+    async def wait_snapshot(self, org_id: str, timeout: float, after: float = 0.0) -> None:  # noqa: ASYNC109
+        """Poll (5 ms doubling to 100 ms) until the refreshing process has stored a snapshot requested after
+        ``after`` (a Unix time; 0: any snapshot)."""
         delay = 0.005
         with anyio.move_on_after(timeout):
             while self._up():
                 try:
-                    if await self.redis.hexists(self.key(org_id, "snap"), "v"):
+                    requested = await self.redis.hget(self.key(org_id, "snap"), "rq")
+                    if requested is not None and float(requested) > after:
                         return
                 except self._errors() as exc:
                     self._failed(exc)
@@ -556,6 +582,9 @@ class RedisBackend:
             return
         await self.flush()
         self._closed = True
+        if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
+            self._settle_locally(list(self._queue))
+            self._queue.clear()
         try:
             await self.redis.aclose()
         except self._errors():  # pragma: no cover - closing a dead connection
