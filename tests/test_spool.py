@@ -235,3 +235,32 @@ def test_memory_outbox_builds_lazy_events_without_sending() -> None:
     with pytest.raises(ValueError, match="boom"):
         items[3].encoded()
     assert calls == [0, 1, 2]
+
+
+async def test_run_again_after_a_cancelled_run_sends_what_was_in_flight(tmp_path: Path) -> None:
+    """The app's task group is cancelled while a batch is at Lago's door; run() again on the same pipeline (the spool
+    kept open for it) delivers those events: none stays stranded in a window nobody reads."""
+    from test_delivery import Held
+
+    path = tmp_path / "spool.db"
+    fake = make_fake()
+    held = Held(fake.transport())
+    async with make_client(held) as client:
+        pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.01, commit_window=0.01)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            for event in events(5):
+                pipeline.submit(event)
+            await pipeline.commit()
+            with anyio.fail_after(10):  # a guard: the batch is taken at once, then held at Lago's door
+                while not pipeline.outbox.in_flight:
+                    await anyio.wait_all_tasks_blocked()
+            tasks.cancel_scope.cancel()
+        held.opened.set()
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            assert await pipeline.flush(10)
+            await pipeline.aclose()
+    assert sorted(transaction_ids(fake)) == [f"tx{i}" for i in range(5)]
+    assert rows(path) == 0
+

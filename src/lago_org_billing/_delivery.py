@@ -149,6 +149,7 @@ class EventPipeline:
         self._sleep = anyio.sleep  # tests replace it to observe the pauses
         self._closed = False
         self._running = False
+        self._ran = False
         self._loop_thread: int | None = None
         self._wakeup: anyio.Event | None = None
         self._kick: anyio.Event | None = None
@@ -222,7 +223,9 @@ class EventPipeline:
             raise RuntimeError("This EventPipeline is already running.")
         if self._closed:
             raise RuntimeError("This EventPipeline is closed; create a new one.")
-        self._running = True
+        if self._ran and isinstance(self.outbox, SqliteOutbox):  # after a cancelled run: its batches were cut short
+            self.outbox.rewind()
+        self._running = self._ran = True
         self._loop_thread = threading.get_ident()
         self._wakeup, self._kick, self._progress = anyio.Event(), anyio.Event(), anyio.Event()
         self._stopped = anyio.Event()

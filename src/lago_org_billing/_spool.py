@@ -796,6 +796,13 @@ class SqliteOutbox(Outbox):
                 self.ready_since = time.monotonic()
             self.on_ready()
 
+    def rewind(self) -> None:
+        """A new run after one was cancelled: what was loaded or in flight then is forgotten (its rows are still in the
+        file, committed by the cancelled run) and read again from the first row."""
+        self.window.clear()
+        self.in_flight = 0
+        self._loaded_upto = 0
+
     async def fill(self) -> None:
         if not self._opened or self._loaded_upto >= self._committed_upto:
             return
