@@ -263,4 +263,3 @@ async def test_run_again_after_a_cancelled_run_sends_what_was_in_flight(tmp_path
             await pipeline.aclose()
     assert sorted(transaction_ids(fake)) == [f"tx{i}" for i in range(5)]
     assert rows(path) == 0
-
