@@ -43,7 +43,14 @@ async def boom(request: Request) -> Response:
 
 
 async def whoami(request: Request) -> Response:
-    return JSONResponse({"org": get_current_org(request), "state_org": request.state.org_id})
+    state = request.state
+    return JSONResponse(
+        {
+            "org": get_current_org(request),
+            "billing_org": state.billing_org_id,
+            "state_org": getattr(state, "org_id", None),
+        }
+    )
 
 
 async def health(request: Request) -> Response:
@@ -255,7 +262,8 @@ async def test_org_is_available_downstream(make_middleware: MiddlewareFactory) -
     middleware = make_middleware()
     async with client_for(middleware) as client:
         body = (await client.get("/whoami", headers=HEADERS)).json()
-    assert body == {"org": "org_a", "state_org": "org_a"}
+    # request.state.org_id stays your auth layer's: a header-resolved org never passes for an authenticated one
+    assert body == {"org": "org_a", "billing_org": "org_a", "state_org": None}
 
 
 async def test_custom_resolver_and_extra_properties(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:

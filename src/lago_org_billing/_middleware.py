@@ -638,7 +638,9 @@ UNMATCHED = "<unmatched>"
 
 
 def _publish(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:
-    """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state``."""
+    """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state.billing_org_id`` /
+    ``billing_user_id``. Never ``request.state.org_id``: that is your auth layer's, and an org taken from a header
+    (``LAGO_ORG_HEADER``) put there would pass for an authenticated one."""
     billing["org_id"] = org_id
     billing["user_id"] = user_id
     state = scope.get("state")
@@ -646,8 +648,6 @@ def _publish(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id:
         state = scope.setdefault("state", {})
     state["billing_org_id"] = org_id
     state["billing_user_id"] = user_id
-    if org_id is not None and state.get("org_id") is None:
-        state["org_id"] = org_id
 
 
 def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
