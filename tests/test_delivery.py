@@ -375,6 +375,26 @@ async def test_concurrent_flushes_all_return(fake: FakeLago) -> None:
     assert results == [True, True]
 
 
+async def test_memory_events_survive_a_cancelled_run_for_the_next(fake: FakeLago) -> None:
+    """The run is cancelled (its event loop ends, a lifespan task group is torn down) with a batch at Lago's door and
+    more waiting: nothing is dropped, and the next run() delivers all of it."""
+    held = Held(fake.transport())
+    async with make_client(held) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, batch_size=2, concurrency=1)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            for event in events(5):
+                pipeline.submit(event)
+            with anyio.fail_after(10):  # a guard: a batch is taken at once, then held at Lago's door
+                while not pipeline.outbox.in_flight:
+                    await anyio.wait_all_tasks_blocked()
+            tasks.cancel_scope.cancel()
+        assert pipeline.stats["lost_at_shutdown"] == 0 and pipeline.outbox.unresolved() == 5
+        held.opened.set()
+        assert await run_pipeline(pipeline, [])
+    assert sorted(transaction_ids(fake)) == [f"tx{i}" for i in range(5)]
+
+
 async def test_outage_does_not_dead_letter_anything(fake: FakeLago) -> None:
     """However long Lago answers 500 to everything, no event is dead-lettered (no healthy interval)."""
     fake.inject_fault(status=500, count=40, path="/api/v1/events")

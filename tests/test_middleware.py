@@ -377,6 +377,35 @@ def test_lifespan_starts_and_shutdown_flushes(fake_lago: Any, settings: BillingS
     assert len(fake_lago.events) == 5
 
 
+def test_app_served_again_after_a_shutdown_keeps_billing(fake_lago: Any, settings: BillingSettings) -> None:
+    """One app, two `with TestClient(app)` blocks (a module-level app shared by tests): the second lifespan starts
+    a new pipeline (the first was closed at shutdown), and its requests are billed too."""
+    app = build_app()
+    app.add_middleware(OrgBillingMiddleware, settings=settings, transport=fake_lago.transport())
+    for round_ in range(2):
+        with TestClient(app) as client:
+            for i in range(3):
+                assert client.post(f"/v1/chat/{round_}-{i}", headers=HEADERS).status_code == 200
+    assert len(fake_lago.events) == 6
+
+
+async def test_background_work_that_cannot_start_fails_the_request_instead_of_hanging(
+    fake_lago: Any, settings: BillingSettings, tmp_path: Any
+) -> None:
+    """No lifespan and a spool path that cannot be created: the first request gets the reason (it used to hang
+    forever), and a later request tries again."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    middleware = OrgBillingMiddleware(
+        build_app(), settings.replace(spool_path=str(blocker / "spool.db")), transport=fake_lago.transport()
+    )
+    with anyio.fail_after(30):  # a guard against the hang this test is about
+        async with client_for(middleware) as client:
+            for _ in range(2):
+                with pytest.raises(ConfigurationError, match="could not start its background delivery"):
+                    await client.post("/v1/chat/1", headers=HEADERS)
+
+
 def test_add_middleware_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no arguments the middleware reads LAGO_* from the environment (and needs an API key)."""
     app = Starlette(middleware=[Middleware(OrgBillingMiddleware)])

@@ -319,7 +319,14 @@ class EventPipeline:
 
     async def _finish(self) -> None:
         outbox = self.outbox
-        if isinstance(outbox, MemoryOutbox):
+        if isinstance(outbox, MemoryOutbox) and not self._closed:  # cancelled: kept for the next run()
+            if outbox.unresolved():
+                logger.warning(
+                    "Billing delivery stopped with %d events in memory: they wait for the pipeline to run again "
+                    "(and are lost if the process ends first)",
+                    outbox.unresolved(),
+                )
+        elif isinstance(outbox, MemoryOutbox):
             lost = outbox.discard()
             if lost:
                 self.metrics.lost_at_shutdown += lost
@@ -334,6 +341,11 @@ class EventPipeline:
             await outbox.commit()
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (a closed pipeline cannot run again)."""
+        return self._closed
 
     @property
     def stats(self) -> dict[str, int]:
@@ -419,7 +431,12 @@ class EventPipeline:
                 if available >= self.batch_size or (
                     available and (self._flushing or time.monotonic() - outbox.ready_since >= self.flush_interval)
                 ):
-                    await send.send(outbox.take(self.batch_size))
+                    batch = outbox.take(self.batch_size)
+                    try:
+                        await send.send(batch)
+                    except BaseException:  # cancelled with the batch in hand: back to the outbox
+                        outbox.release(batch)
+                        raise
                     continue
                 wakeup = self._wakeup = anyio.Event()
                 if available:
@@ -452,15 +469,29 @@ class EventPipeline:
                 await self._deliver(batch)
 
     async def _deliver(self, batch: list[Item]) -> None:
-        outbox, metrics = self.outbox, self.metrics
         stack = [batch]
+        try:
+            await self._deliver_stack(stack)
+        except BaseException:  # cancelled mid-batch (the run is stopped): what was not sent goes back to the outbox
+            if stack:
+                self.outbox.release([item for part in reversed(stack) for item in part])
+            raise
+
+    async def _deliver_stack(self, stack: list[list[Item]]) -> None:
+        outbox, metrics = self.outbox, self.metrics
         while stack:
             items = stack.pop()
-            await self._wait_gate()
-            started = time.monotonic()
-            metrics.batches_sent += 1
             try:
-                await self._post(items)
+                await self._wait_gate()
+                started = time.monotonic()
+                metrics.batches_sent += 1
+                failure = await self._attempt(items)
+            except BaseException:  # cancelled: this batch goes back to the outbox with the rest
+                stack.append(items)
+                raise
+            try:
+                if failure is not None:
+                    raise failure
             except LagoValidationError as exc:
                 metrics.lago_error(exc.status)
                 stack.extend(self._rejected(items, exc))
@@ -500,6 +531,14 @@ class EventPipeline:
                 self._succeeded()
                 outbox.resolve(items)
                 self._progressed()
+
+    async def _attempt(self, items: list[Item]) -> Exception | None:
+        """One ``POST``: the error it raised (handled by the caller), or None."""
+        try:
+            await self._post(items)
+        except Exception as exc:
+            return exc
+        return None
 
     def _succeeded(self) -> None:
         self._successes += 1

@@ -130,18 +130,15 @@ class OrgBillingMiddleware:
         self.exclude_paths = self.settings.exclude_paths
         self.shutdown_timeout = shutdown_timeout
         self._owned_client: LagoClient | None = None
+        self._transport = transport
+        self._given_client = client
+        self._owns_pipeline = pipeline is None
+        self._owns_quota = quota == "auto"
         if pipeline is None:
-            if client is None:
-                client = self._owned_client = LagoClient(self.settings, transport=transport)
-            pipeline = EventPipeline(client, spool_path=self.settings.spool_path)
-        self.pipeline = pipeline
-        self._submit: Callable[[_Facts], None] = (
-            pipeline.lane(self._build_event)
-            if hasattr(pipeline, "lane")
-            else lambda facts: pipeline.submit(functools.partial(self._build_event, facts))
-        )
+            pipeline = self._new_pipeline()
+        self._use_pipeline(pipeline)
         if quota == "auto":
-            quota = _default_quota(self.settings, pipeline.client)
+            quota = _default_quota(self.settings, self.pipeline.client)
         self.quota: QuotaGateProtocol | None = quota
         self._check_now: Callable[[str], QuotaDecision | None] | None = getattr(quota, "check_now", None)
         self.stats: dict[str, int] = {
@@ -216,12 +213,40 @@ class OrgBillingMiddleware:
 
     # ---------------------------------------------------------------- lifespan
 
+    def _new_pipeline(self) -> EventPipeline:
+        client = self._given_client
+        if client is None:
+            client = self._owned_client = LagoClient(self.settings, transport=self._transport)
+        return EventPipeline(client, spool_path=self.settings.spool_path)
+
+    def _use_pipeline(self, pipeline: EventPipeline) -> None:
+        self.pipeline = pipeline
+        self._submit: Callable[[_Facts], None] = (
+            pipeline.lane(self._build_event)
+            if hasattr(pipeline, "lane")
+            else lambda facts: pipeline.submit(functools.partial(self._build_event, facts))
+        )
+
+    def _renew(self) -> None:
+        """Before background work starts again after a shutdown (a second ``with TestClient(app)``, an app served
+        again): the pipeline, client and gate this middleware made are made anew; given ones must be open."""
+        if not getattr(self.pipeline, "closed", False):
+            return
+        if not self._owns_pipeline:
+            raise ConfigurationError(
+                "The EventPipeline given to OrgBillingMiddleware(pipeline=...) is closed: give it an open one."
+            )
+        self._use_pipeline(self._new_pipeline())
+        if self._owns_quota and self.quota is not None:
+            self.quota = _default_quota(self.settings, self.pipeline.client)
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 await self._shutdown()
             await send(message)
 
+        self._renew()
         async with anyio.create_task_group() as tasks:
             await tasks.start(self.pipeline.run)
             if self.quota is not None:
@@ -234,33 +259,56 @@ class OrgBillingMiddleware:
                 tasks.cancel_scope.cancel()
 
     async def _start_lazily(self) -> None:
-        """The server sent no lifespan: run the pipeline in a task of the running loop (first request waits
-        for it to start, once)."""
+        """The server sent no lifespan: run the background work in a task of the running loop (the first request
+        waits for it to start, once). If it cannot start, that request fails with the reason (a later one tries
+        again); if its loop ends (a test client without ``with``), the next request starts it on its own loop."""
         if self._lazy_started is not None:
             await self._lazy_started.wait()
-            return
-        started = self._lazy_started = anyio.Event()
+            if self._running:
+                return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - trio without lifespan
             raise ConfigurationError(
                 "OrgBillingMiddleware needs the ASGI lifespan to run its background delivery outside asyncio."
             ) from None
+        self._renew()
+        started = self._lazy_started = anyio.Event()
+        failure: list[BaseException] = []
+        task = loop.create_task(self._run_detached(started, failure), name="lago-org-billing")
+        task.add_done_callback(self._lazy_ended)
+        self._lazy_task = task
+        await started.wait()
+        if failure:
+            raise ConfigurationError(
+                f"OrgBillingMiddleware could not start its background delivery: {type(failure[0]).__name__}: "
+                f"{failure[0]}"
+            ) from failure[0]
+        self._running = True
 
-        class _Status:
-            def started(self, value: object = None) -> None:
+    async def _run_detached(self, started: anyio.Event, failure: list[BaseException]) -> None:
+        try:
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(self.pipeline.run)
+                if self.quota is not None:
+                    await tasks.start(self.quota.run)
+                started.set()
+        except Exception as exc:  # kept for the waiting request, or logged: never "Task exception was never retrieved"
+            if started.is_set():
+                logger.exception("The billing background work stopped: events are no longer delivered")
+            else:
+                failure.append(exc)
+        finally:
+            if not started.is_set():  # failed or cancelled before it started: the waiting request must not hang
+                if not failure:
+                    failure.append(RuntimeError("cancelled before it started"))
                 started.set()
 
-        self._lazy_task = loop.create_task(self._run_detached(_Status()), name="lago-org-billing")
-        self._running = True
-        await started.wait()
-
-    async def _run_detached(self, task_status: Any) -> None:
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(self.pipeline.run)
-            if self.quota is not None:
-                await tasks.start(self.quota.run)
-            task_status.started()
+    def _lazy_ended(self, task: asyncio.Task[None]) -> None:
+        if self._lazy_task is task:  # its loop is gone, or it failed: the next request starts it again
+            self._lazy_task = None
+            self._lazy_started = None
+            self._running = False
 
     async def aclose(self) -> None:
         """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
