@@ -463,6 +463,39 @@ async def test_sse_oversized_line_is_skipped() -> None:
         assert Usage("m", 1, 2, 3, "sse") == record(chunks, content_type=SSE, config=config)
 
 
+async def test_sse_event_of_many_lines_over_the_cap_is_not_kept(caplog: pytest.LogCaptureFixture) -> None:
+    """An event whose data lines add up past the cap (each line under it) is dropped as it grows, not kept whole in
+    memory until its blank line, and said once; the next event still counts."""
+    from lago_org_billing import _attribution
+
+    _attribution._said_once.clear()
+    config = AttributionConfig(max_body_bytes=1_000)
+    recorder = UsageRecorder({"type": "http"}, config)
+    recorder.response_start(start_message(SSE))
+    for _ in range(1_000):  # 1,000 lines of 100 bytes in one event: 100 KB against a 1 KB cap
+        recorder.response_body(b"data: " + b"x" * 100 + b"\n")
+        assert sum(len(line) for line in recorder._data_lines) <= 1_000
+    recorder.response_body(b'data: {"usage": {"input_tokens": 999}}\n\n')  # still the same (dropped) event
+    recorder.response_body(sse((None, {"model": "m", "usage": {"input_tokens": 1, "output_tokens": 2}})))
+    assert recorder.result() == Usage("m", 1, 2, 3, "sse")
+    assert "over AttributionConfig.max_body_bytes" in caplog.text
+
+
+async def test_bodies_whose_usage_is_not_read_are_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A JSON body over the cap, or compressed before the middleware saw it, bills 0 tokens: a warning says so
+    (once) and how to fix it, instead of nothing."""
+    from lago_org_billing import _attribution
+
+    _attribution._said_once.clear()
+    body = dumps({"usage": {"prompt_tokens": 5, "completion_tokens": 5}, "pad": "x" * 2_000})
+    for _ in range(2):
+        assert record([body], config=AttributionConfig(max_body_bytes=1_000)).total_tokens == 0
+        assert record([b"\x1f\x8b..."], headers=[(b"content-encoding", b"gzip")]).total_tokens == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "over AttributionConfig.max_body_bytes" in warnings[0] and "gzip-encoded" in warnings[1]
+
+
 async def test_result_is_final_and_idempotent() -> None:
     """result() can be called twice; chunks after it are ignored."""
     recorder = UsageRecorder({"type": "http"}, AttributionConfig())

@@ -525,6 +525,8 @@ async def test_unmatched_paths_share_one_endpoint(fake_lago: Any, make_middlewar
     async with client_for(middleware) as client:
         for path in ("/wp-admin", "/.env", "/x/y/z"):
             assert (await client.get(path, headers=HEADERS)).status_code == 404
+        # a redirect_slashes answer has no route either: not the client's raw (maybe secret-bearing) path
+        assert (await client.post("/v1/chat/secret-123/", headers=HEADERS)).status_code == 307
     assert await middleware.pipeline.flush(5)
     assert {event["properties"]["endpoint"] for event in fake_lago.events} == {"<unmatched>"}
 

@@ -333,6 +333,7 @@ class UsageRecorder:
         "_config",
         "_counts",
         "_data_lines",
+        "_data_size",
         "_discarding",
         "_event",
         "_headers",
@@ -346,6 +347,7 @@ class UsageRecorder:
     )
     # The stream parser's state, set when a text/event-stream response starts.
     _data_lines: list[bytes]
+    _data_size: int
     _partial: bytes
     _skip_lf: bool
     _discarding: bool
@@ -391,7 +393,7 @@ class UsageRecorder:
         config = self._config
         names = config._response_names
         content_type = b""
-        encoded = False
+        encoded = b""
         length: bytes | None = None
         for name, value in message.get("headers") or ():
             kind = names.get(name)
@@ -404,7 +406,9 @@ class UsageRecorder:
             elif kind is _CONTENT_LENGTH:
                 length = value
             elif kind is _CONTENT_ENCODING:
-                encoded = value.strip().lower() not in (b"", b"identity")
+                encoded = value.strip().lower()
+                if encoded == b"identity":
+                    encoded = b""
             else:
                 field, rank = kind
                 if self._headers is None:
@@ -413,6 +417,8 @@ class UsageRecorder:
                 if known is None or rank < known[0]:
                     self._headers[field] = (rank, value)
         if not content_type or encoded or not config.inspect_body:
+            if encoded and config.inspect_body and (b"json" in content_type or b"event-stream" in content_type):
+                _encoded_body_skipped(encoded)
             return
         media_type = (
             content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
@@ -425,10 +431,12 @@ class UsageRecorder:
             self._discarding = False
             self._event = b""
             self._data_lines = []
+            self._data_size = 0
         elif media_type == b"application/json" or media_type.endswith(b"+json"):
             if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
                 try:
                     if int(length) > config.max_body_bytes:
+                        _cap_exceeded("JSON body")
                         return
                 except ValueError:
                     pass  # not a number: the body is buffered up to the cap all the same
@@ -446,6 +454,7 @@ class UsageRecorder:
             if self._size > self._config.max_body_bytes:
                 self._chunks.clear()
                 self._mode = _MODE_NONE
+                _cap_exceeded("JSON body")
                 return
             self._chunks.append(body)
             return
@@ -487,9 +496,10 @@ class UsageRecorder:
             self._discarding = True
 
     def _line(self, line: bytes | None) -> None:
-        if line is None:  # an oversized line was dropped: its event is unusable
+        if line is None:  # an oversized line (or event) was dropped: its event is unusable
             self._data_lines.clear()
-            self._event = b"\x00skip"
+            self._event = _SKIP
+            _cap_exceeded("stream event")
             return
         if not line:
             self._dispatch()
@@ -500,14 +510,21 @@ class UsageRecorder:
         if value[:1] == b" ":
             value = value[1:]
         if field == b"data":
+            if self._event == _SKIP:
+                return
+            self._data_size += len(value) + 1
+            if self._data_size > self._config.max_body_bytes:  # one event's data over the cap: not kept, not read
+                self._line(None)
+                return
             self._data_lines.append(value)
-        elif field == b"event":
+        elif field == b"event" and self._event != _SKIP:
             self._event = value
 
     def _dispatch(self) -> None:
         lines = self._data_lines
-        skip = self._event == b"\x00skip"
+        skip = self._event == _SKIP
         self._event = b""
+        self._data_size = 0
         if not lines:
             return
         data = lines[0] if len(lines) == 1 else b"\n".join(lines)
@@ -723,6 +740,37 @@ def _merge(sources: tuple[tuple[str, dict[str, Any]], ...]) -> Usage:
 
 
 _internal_logged: set[str] = set()
+
+
+#: The marker of a stream event whose data was dropped (over the cap).
+_SKIP = b"\x00skip"
+_said_once: set[str] = set()
+
+
+def _cap_exceeded(what: str) -> None:
+    """Say once per process that usage was not read from a body over ``max_body_bytes`` (its tokens count 0)."""
+    if what not in _said_once:
+        _said_once.add(what)
+        logger.warning(
+            "A response %s was over AttributionConfig.max_body_bytes: its usage was not read (tokens billed 0). "
+            "Raise max_body_bytes, or attribute usage explicitly (attribute_usage) or in response headers. "
+            "Logged once.",
+            what,
+        )
+
+
+def _encoded_body_skipped(encoding: bytes) -> None:
+    """Say once per encoding that a compressed body's usage is not read."""
+    what = f"encoding:{encoding!r}"
+    if what not in _said_once:
+        _said_once.add(what)
+        logger.warning(
+            "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
+            "read (tokens billed 0). Put the billing middleware inside the compression one (app.add_middleware: "
+            "add OrgBillingMiddleware before GZipMiddleware, so that GZip wraps it), or attribute usage "
+            "explicitly (attribute_usage) or in response headers. Logged once.",
+            encoding.decode("latin-1"),
+        )
 
 
 def _internal_error(where: str) -> None:

@@ -711,8 +711,8 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
 
 def _template(route: Any, inner_root: str, root_path: str, path: str, status: int, scope: Scope) -> str:
     template = getattr(route, "path", None)
-    if not isinstance(template, str):
-        return UNMATCHED if status == 404 else str(path)
+    if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without a router
+        return UNMATCHED if status == 404 or scope.get("router") is not None else str(path)
     # Mount extends root_path by the matched prefix
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
