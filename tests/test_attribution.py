@@ -482,8 +482,8 @@ async def test_sse_event_of_many_lines_over_the_cap_is_not_kept(caplog: pytest.L
 
 
 async def test_bodies_whose_usage_is_not_read_are_said_once(caplog: pytest.LogCaptureFixture) -> None:
-    """A JSON body over the cap, or compressed before the middleware saw it, bills 0 tokens: a warning says so
-    (once) and how to fix it, instead of nothing."""
+    """A JSON body over the cap, compressed before the middleware saw it, or not parseable bills 0 tokens: a warning
+    says so (once) and how to fix it, instead of nothing."""
     from lago_org_billing import _attribution
 
     _attribution._said_once.clear()
@@ -491,9 +491,11 @@ async def test_bodies_whose_usage_is_not_read_are_said_once(caplog: pytest.LogCa
     for _ in range(2):
         assert record([body], config=AttributionConfig(max_body_bytes=1_000)).total_tokens == 0
         assert record([b"\x1f\x8b..."], headers=[(b"content-encoding", b"gzip")]).total_tokens == 0
+        assert record([b'{"usage": {"prompt_tokens": 5}, "name": "caf\xe9"}']).total_tokens == 0  # Latin-1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "over AttributionConfig.max_body_bytes" in warnings[0] and "gzip-encoded" in warnings[1]
+    assert "could not be parsed" in warnings[2]
 
 
 async def test_result_is_final_and_idempotent() -> None:

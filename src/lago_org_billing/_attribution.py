@@ -652,7 +652,8 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
         return {}, None
     try:
         payload = json.loads(body)
-    except ValueError:
+    except ValueError:  # not JSON, not UTF-8/16/32, an integer of thousands of digits...
+        _unparseable_body()
         return {}, None
     counts = _Counts()
     _collect(payload, counts)
@@ -671,6 +672,7 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         text = body.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
         payload, end = _scan_json(text, 0)  # json.loads without its per-call encoding sniffing (2x faster)
     except (ValueError, StopIteration):
+        _unparseable_body()
         return Usage()
     if end != len(text) and text[end:].strip():
         return Usage()  # trailing data: json.loads would refuse the document
@@ -770,6 +772,15 @@ def _encoded_body_skipped(encoding: bytes) -> None:
             "add OrgBillingMiddleware before GZipMiddleware, so that GZip wraps it), or attribute usage "
             "explicitly (attribute_usage) or in response headers. Logged once.",
             encoding.decode("latin-1"),
+        )
+
+
+def _unparseable_body() -> None:
+    if "unparseable" not in _said_once:
+        _said_once.add("unparseable")
+        logger.warning(
+            "A response declared as JSON mentions \"usage\" but could not be parsed as JSON (invalid, not UTF-8, "
+            "a number too long...): its usage was not read (tokens billed 0). Logged once."
         )
 
 
