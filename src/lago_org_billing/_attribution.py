@@ -779,7 +779,7 @@ def _unparseable_body() -> None:
     if "unparseable" not in _said_once:
         _said_once.add("unparseable")
         logger.warning(
-            "A response declared as JSON mentions \"usage\" but could not be parsed as JSON (invalid, not UTF-8, "
+            'A response declared as JSON mentions "usage" but could not be parsed as JSON (invalid, not UTF-8, '
             "a number too long...): its usage was not read (tokens billed 0). Logged once."
         )
 
