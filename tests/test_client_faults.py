@@ -224,3 +224,38 @@ async def test_non_json_success_body_is_a_clear_error(httpx_mock: HTTPXMock) -> 
     async with LagoClient(settings()) as lago:
         with pytest.raises(Exception, match="not JSON"):
             await lago.get_customer("org_1")
+
+
+async def test_delete_is_not_retried(httpx_mock: HTTPXMock) -> None:
+    """A terminate whose answer was lost (502) is not sent again: its retry would fail with 404 though it worked."""
+    httpx_mock.add_response(status_code=502)
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(LagoUnavailableError):
+            await lago.terminate_subscription("org_1")
+    assert len(httpx_mock.get_requests()) == 1
+
+
+async def test_an_attempt_never_runs_past_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each attempt's timeout is what is left of retry_deadline (not the full api_timeout), and a 429 reset of 0
+    still waits a backoff before the retry."""
+    timeouts: list[float] = []
+    waits: list[float] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            timeouts.append(request.extensions["timeout"]["read"])
+            if len(timeouts) == 1:
+                return httpx.Response(429, headers={"X-RateLimit-Reset": "0"}, json={"status": 429})
+            return httpx.Response(200, json={"customer": CUSTOMER})
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    import lago_org_billing._client as client_module
+
+    monkeypatch.setattr(client_module.anyio, "sleep", sleep)
+    monkeypatch.setattr(client_module.random, "uniform", lambda low, high: high)
+    async with LagoClient(settings(api_timeout=10, retry_deadline=2, retry_backoff=0.5), transport=Recording()) as lago:
+        await lago.get_customer("org_1")
+    assert len(timeouts) == 2 and all(timeout <= 2 for timeout in timeouts)
+    assert waits == [0.5]

@@ -487,6 +487,20 @@ async def test_usage_recorded_through_org_billing_counts_against_the_quota(
         assert gate.local.reserve_now("org_1", clock.time(), "peek").tokens == 7
 
 
+def test_an_entitlement_value_that_is_no_whole_number_is_ignored_not_unlimited() -> None:
+    """A privilege valued "unlimited", -5 or true is ignored (the plan table, or no limit from it, applies), not read
+    as "no limit", which would lift the limits of the org; a privilege without any value is unlimited."""
+    config = QuotaConfig()
+
+    def entitlement(value: object) -> list[dict[str, object]]:
+        return [{"code": "api_quota", "privileges": [{"code": "max_api_calls", "value": value}]}]
+
+    for bad in ("unlimited", -5, True, "1.5e"):
+        assert limits_from_entitlements(entitlement(bad), config) == {}
+    assert limits_from_entitlements(entitlement(None), config) == {"max_api_calls": None}
+    assert limits_from_entitlements(entitlement("300"), config) == {"max_api_calls": 300}
+
+
 def test_config_from_env() -> None:
     """LAGO_QUOTA_* variables are read and validated."""
     config = QuotaConfig.from_env(

@@ -478,8 +478,11 @@ class LagoClient:
         attempt = 0
         while True:
             wait: float | None = None
+            left = deadline - time.monotonic()
             try:
-                response = await self._http.request(method, url, params=query, json=json)
+                # an attempt never runs past the call's deadline (api_timeout otherwise)
+                timeout = min(settings.api_timeout, max(left, 0.001))
+                response = await self._http.request(method, url, params=query, json=json, timeout=timeout)
             except httpx.TransportError as exc:
                 error: LagoAPIError = LagoUnavailableError(
                     f"Lago did not answer {method} {url} ({type(exc).__name__}: {exc}). "
@@ -497,9 +500,11 @@ class LagoClient:
                 if isinstance(error, LagoRateLimitError):
                     wait = error.retry_after
             attempt += 1
-            if wait is None:
-                wait = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
-            if not retry or attempt > settings.max_retries or time.monotonic() + wait > deadline:
+            backoff = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
+            wait = backoff if wait is None else max(wait, backoff)  # a reset of 0 does not make a burst
+            # DELETE is not retried: a terminate that went through behind a lost answer would then fail with 404
+            retryable = retry and method != "DELETE"
+            if not retryable or attempt > settings.max_retries or time.monotonic() + wait > deadline:
                 raise error
             logger.warning(
                 "Lago %s %s failed (%s); retry %d/%d in %.2fs",

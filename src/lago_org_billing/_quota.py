@@ -596,7 +596,12 @@ def limits_from_entitlements(
                 value = privilege.get("override_value")
             if value is None:
                 value = privilege.get("plan_value")
-            found[code] = _whole(value, f"entitlement {config.feature_code}.{code}")
+            if value is None:  # no value: unlimited
+                found[code] = None
+                continue
+            limit = _whole(value, f"entitlement {config.feature_code}.{code}")
+            if limit is not None:  # a value that is not a whole number is ignored (logged), not "unlimited"
+                found[code] = limit
     return found
 
 
@@ -737,6 +742,7 @@ class QuotaGate:
         self._loose: set[asyncio.Task[None]] = set()
         self._scope: anyio.CancelScope | None = None
         self._outage_logged = False
+        self._config_warnings: set[tuple[str, str]] = set()
         _LAST[:] = [weakref.ref(self)]
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -1011,6 +1017,14 @@ class QuotaGate:
         self._log_outage(org_id, "refused (LAGO_FAIL_OPEN=false)")
         return Outcome(UNAVAILABLE)
 
+    def _warn_once(self, key: tuple[str, str], message: str, *args: object) -> None:
+        """A configuration problem of one org, said once (not at every refresh)."""
+        if key not in self._config_warnings:
+            if len(self._config_warnings) >= 10_000:
+                self._config_warnings.clear()
+            self._config_warnings.add(key)
+            logger.warning(message, *args)
+
     def _log_outage(self, org_id: str, what: str) -> None:
         if not self._outage_logged:
             self._outage_logged = True
@@ -1121,11 +1135,21 @@ class QuotaGate:
             calls, token_units = usage_totals(usage, self.settings.event_code, self.token_metric)
             tokens = token_units or 0
             if base.tokens_limit is not None and token_units is None and usage:
-                logger.warning(
-                    "max_tokens is set for org %r but the metric %r is not a sum_agg over total_tokens: tokens "
-                    "are counted from this deployment's records only.",
+                self._warn_once(
+                    (org_id, "tokens"),
+                    "max_tokens is set for org %r but Lago does not sum total_tokens in the metric %r (not a "
+                    "sum_agg over total_tokens): its token limit only covers the tokens counted here since the "
+                    "last refresh. Set LAGO_QUOTA_TOKEN_METRIC to such a metric.",
                     org_id,
                     self.token_metric,
+                )
+            if not usage:
+                self._warn_once(
+                    (org_id, "charge"),
+                    "The plan of org %r has no charge on the metric %r: Lago counts none of its usage, so its "
+                    "limits only cover what was counted here since the last refresh. Add the charge to the plan.",
+                    org_id,
+                    self.settings.event_code,
                 )
             start = _timestamp(usage.get("from_datetime")) or start
             to = _timestamp(usage.get("to_datetime"))
