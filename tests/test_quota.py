@@ -760,3 +760,47 @@ async def test_check_now_defers_to_check_with_a_shared_backend(client: LagoClien
     gate = make_gate(client, clock)
     gate.backend = RedisBackend("redis://127.0.0.1:9", QuotaConfig(), fallback=gate.local)
     assert gate.check_now("org_1") is None
+
+
+class CountOnlyLago:
+    """A Lago whose api_call metric is a count_agg: it counts calls, never tokens (a max_tokens limit is set)."""
+
+    async def get_subscription(self, subscription_id: str) -> dict[str, Any]:
+        return {
+            "status": "active",
+            "plan_code": "pro",
+            "external_customer_id": "org_1",
+            "current_billing_period_started_at": "2026-03-01T00:00:00Z",
+            "current_billing_period_ending_at": "2026-03-31T23:59:59Z",
+            "entitlements": [{"code": "api_quota", "privileges": [{"code": "max_tokens", "value": 1000}]}],
+        }
+
+    async def get_current_usage(self, customer_id: str, subscription_id: str, **options: Any) -> dict[str, Any]:
+        return {
+            "from_datetime": "2026-03-01T00:00:00Z",
+            "to_datetime": "2026-03-31T23:59:59Z",
+            "charges_usage": [
+                {
+                    "units": "0",
+                    "events_count": 0,
+                    "billable_metric": {"code": "api_call", "aggregation_type": "count_agg"},
+                }
+            ],
+        }
+
+
+async def test_tokens_lago_does_not_count_keep_counting_across_refreshes(clock: Clock) -> None:
+    """max_tokens with a metric Lago does not sum tokens in: the gate's own token records are the only count, so a
+    refresh keeps them (folded, memory bounded) instead of pruning them as if Lago had them: 900 + 900 tokens
+    exceed the 1,000 limit however many refreshes pass."""
+    settings = BillingSettings(api_key="k", api_url="http://lago.test")
+    gate = QuotaGate(settings, CountOnlyLago(), config=QuotaConfig(), clock=clock.time)  # type: ignore[arg-type]
+    for _ in range(2):
+        decision = await gate.check("org_1")
+        assert decision.allowed
+        gate.settle("org_1", decision, tokens=900, billed=True)
+        clock.advance(40)
+        await gate.backend.store("org_1", await gate.fetch("org_1"), clock.time())  # a routine refresh
+    assert (await gate.enforce_usage_limits("org_1"))["usage"]["max_tokens"] == 1800
+    assert not (await gate.check("org_1")).allowed
+    assert len(gate.local._orgs["org_1"].counts.t) == 1  # folded into one bucket

@@ -282,3 +282,25 @@ async def test_local_records_not_merged_when_redis_fails_again_are_kept(
     kept = backend.fallback.drain()
     assert sorted(org_id for org_id, _, _ in kept) == sorted({"o1", "o2", "o3"} - {merged[0].split("{")[1][:2]})
     assert all(counts.calls == 1 and counts.tokens == 5 for _, _, counts in kept)
+
+
+async def test_tokens_lago_does_not_count_keep_counting_in_redis(clock: Clock, redis_url: str, prefix: str) -> None:
+    """The same with Redis: the STORE script folds the records Lago does not count instead of pruning them."""
+    from test_quota import CountOnlyLago
+
+    settings = BillingSettings(api_key="k", api_url="http://lago.test", redis_url=redis_url)
+    gate = QuotaGate(settings, CountOnlyLago(), config=QuotaConfig(redis_prefix=prefix), clock=clock.time)  # type: ignore[arg-type]
+    _OPEN.append(gate)
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    for _ in range(2):
+        decision = await gate.check("org_1")
+        assert decision.allowed
+        gate.settle("org_1", decision, tokens=900, billed=True)
+        await backend.flush()
+        clock.advance(40)
+        await backend.store("org_1", await gate.fetch("org_1"), clock.time())  # a routine refresh
+    assert (await gate.enforce_usage_limits("org_1"))["usage"]["max_tokens"] == 1800
+    assert not (await gate.check("org_1")).allowed
+    fields = await backend.redis.hkeys(backend.key("org_1", "count"))
+    assert sorted(f.decode() for f in fields if f.startswith(b"t:")) == ["t:0"]

@@ -288,6 +288,10 @@ class Snapshot:
     limits_source: str = "none"
     #: Version tag (unique per stored snapshot).
     version: str = ""
+    #: Whether Lago counts the org's calls / tokens (not when the plan has no charge on the metric, or when the token
+    #: metric does not sum ``total_tokens``): what it does not count is kept locally for the whole period.
+    lago_counts_calls: bool = True
+    lago_counts_tokens: bool = True
 
     @property
     def limited(self) -> bool:
@@ -396,11 +400,16 @@ class _Counts:
             self.t[now_bucket] = self.t.get(now_bucket, 0) + tokens
             self.tokens += tokens
 
-    def prune(self, cutoff: int, inflight_cutoff: int) -> None:
-        for sec in [s for s in self.c if s < cutoff]:
-            self.calls -= self.c.pop(sec)
-        for sec in [s for s in self.t if s < cutoff]:
-            self.tokens -= self.t.pop(sec)
+    def prune(self, cutoff: int, inflight_cutoff: int, *, keep_calls: bool = False, keep_tokens: bool = False) -> None:
+        """Drop the records a snapshot covers (older than ``cutoff``); those Lago does not count (``keep_*``) are
+        folded into bucket 0 instead, so they keep counting for the period in bounded memory."""
+        for buckets, keep, total in ((self.c, keep_calls, "calls"), (self.t, keep_tokens, "tokens")):
+            old = [sec for sec in buckets if sec < cutoff and not (keep and sec == 0)]
+            if keep:
+                if old:
+                    buckets[0] = buckets.get(0, 0) + sum(buckets.pop(sec) for sec in old)
+            else:
+                setattr(self, total, getattr(self, total) - sum(buckets.pop(sec) for sec in old))
         for sec in [s for s in self.i if s < inflight_cutoff]:
             self.calls -= self.i.pop(sec)
 
@@ -517,7 +526,12 @@ class LocalBackend:
         if counts.period and counts.period != key:
             state.counts = _Counts()
             return
-        counts.prune(int(snapshot.requested_at - self.config.settle_lag), int(now - self.config.inflight_horizon))
+        counts.prune(
+            int(snapshot.requested_at - self.config.settle_lag),
+            int(now - self.config.inflight_horizon),
+            keep_calls=not snapshot.lago_counts_calls,
+            keep_tokens=not snapshot.lago_counts_tokens,
+        )
 
     async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
         self.store_now(org_id, snapshot, now)
@@ -1114,6 +1128,7 @@ class QuotaGate:
                 return self._finish(base, now, now)
         requested_at = self.clock()
         calls = tokens = 0
+        counts_calls = counts_tokens = True
         start, end = base.period_start, base.period_end
         if base.limited and base.customer_id:
             single = self.token_metric == self.settings.event_code or base.tokens_limit is None
@@ -1134,12 +1149,14 @@ class QuotaGate:
                 raise
             calls, token_units = usage_totals(usage, self.settings.event_code, self.token_metric)
             tokens = token_units or 0
+            counts_calls = bool(usage)
+            counts_tokens = bool(usage) and (token_units is not None or base.tokens_limit is None)
             if base.tokens_limit is not None and token_units is None and usage:
                 self._warn_once(
                     (org_id, "tokens"),
                     "max_tokens is set for org %r but Lago does not sum total_tokens in the metric %r (not a "
-                    "sum_agg over total_tokens): its token limit only covers the tokens counted here since the "
-                    "last refresh. Set LAGO_QUOTA_TOKEN_METRIC to such a metric.",
+                    "sum_agg over total_tokens): its tokens are counted from the gate's own records only (those of "
+                    "requests other deployments serve are missed). Set LAGO_QUOTA_TOKEN_METRIC to such a metric.",
                     org_id,
                     self.token_metric,
                 )
@@ -1147,7 +1164,8 @@ class QuotaGate:
                 self._warn_once(
                     (org_id, "charge"),
                     "The plan of org %r has no charge on the metric %r: Lago counts none of its usage, so its "
-                    "limits only cover what was counted here since the last refresh. Add the charge to the plan.",
+                    "limits are checked against the gate's own records only (those of requests other deployments "
+                    "serve are missed). Add the charge to the plan.",
                     org_id,
                     self.settings.event_code,
                 )
@@ -1155,7 +1173,15 @@ class QuotaGate:
             to = _timestamp(usage.get("to_datetime"))
             end = to + 1 if to is not None else end
         return self._finish(
-            dataclasses.replace(base, base_calls=calls, base_tokens=tokens, period_start=start, period_end=end),
+            dataclasses.replace(
+                base,
+                base_calls=calls,
+                base_tokens=tokens,
+                period_start=start,
+                period_end=end,
+                lago_counts_calls=counts_calls,
+                lago_counts_tokens=counts_tokens,
+            ),
             requested_at,
             now,
         )

@@ -132,7 +132,7 @@ local snap, cnt, lock = KEYS[1], KEYS[2], KEYS[3]
 local cur = redis.call('HGET', snap, 'rq')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 8))
+redis.call('HSET', snap, unpack(ARGV, 10))
 redis.call('PEXPIRE', snap, ARGV[4])
 if ARGV[6] ~= '' then
   -- the fleet's refresh lock ends with the snapshot's period at the latest: the first gate to see the new period
@@ -144,17 +144,26 @@ local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
 if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
 local cutc, cuti = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- records Lago does not count (ARGV[8] calls, ARGV[9] tokens: '1') are folded into second 0, not dropped
+local keep = {c = ARGV[8] == '1', t = ARGV[9] == '1'}
 local fields = redis.call('HGETALL', cnt)
 for i = 1, #fields, 2 do
   local f = fields[i]
   if string.sub(f, 2, 2) == ':' then
     local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(fields[i + 1])
-    if (kind == 'c' and sec < cutc) or (kind == 'i' and sec < cuti) then
+    if kind == 'i' and sec < cuti then
       redis.call('HDEL', cnt, f)
       redis.call('HINCRBY', cnt, 'calls', -val)
-    elseif kind == 't' and sec < cutc then
-      redis.call('HDEL', cnt, f)
-      redis.call('HINCRBY', cnt, 'tokens', -val)
+    elseif (kind == 'c' or kind == 't') and sec < cutc then
+      if keep[kind] then
+        if sec ~= 0 then
+          redis.call('HDEL', cnt, f)
+          redis.call('HINCRBY', cnt, kind .. ':0', val)
+        end
+      else
+        redis.call('HDEL', cnt, f)
+        redis.call('HINCRBY', cnt, kind == 'c' and 'calls' or 'tokens', -val)
+      end
     end
   end
 end
@@ -234,6 +243,8 @@ def encode(snapshot: Snapshot) -> list[str]:
         "pf": repr(snapshot.plan_fetched_at),
         "ra": repr(snapshot.refresh_at),
         "src": snapshot.limits_source,
+        "lc": "1" if snapshot.lago_counts_calls else "0",
+        "lt": "1" if snapshot.lago_counts_tokens else "0",
     }
     out: list[str] = []
     for name, value in fields.items():
@@ -273,6 +284,8 @@ def decode(raw: Any) -> Snapshot | None:
         refresh_at=_num(data.get("ra")),
         limits_source=data.get("src") or "none",
         version=data["v"],
+        lago_counts_calls=data.get("lc", "1") == "1",
+        lago_counts_tokens=data.get("lt", "1") == "1",
     )
 
 
@@ -505,6 +518,8 @@ class RedisBackend:
             period_key(snapshot),
             repr(snapshot.period_end) if snapshot.active else "",
             max(1, int((snapshot.period_end - now) * 1000)),
+            "0" if snapshot.lago_counts_calls else "1",
+            "0" if snapshot.lago_counts_tokens else "1",
             *encode(snapshot),
         ]
         try:
