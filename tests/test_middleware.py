@@ -382,11 +382,20 @@ def test_app_served_again_after_a_shutdown_keeps_billing(fake_lago: Any, setting
     a new pipeline (the first was closed at shutdown), and its requests are billed too."""
     app = build_app()
     app.add_middleware(OrgBillingMiddleware, settings=settings, transport=fake_lago.transport())
+    gates = []
     for round_ in range(2):
         with TestClient(app) as client:
             for i in range(3):
                 assert client.post(f"/v1/chat/{round_}-{i}", headers=HEADERS).status_code == 200
-    assert len(fake_lago.events) == 6
+            layer = app.middleware_stack
+            while not isinstance(layer, OrgBillingMiddleware):
+                layer = layer.app
+            gates.append(layer.quota)
+            assert (
+                layer._check_now is not None and layer._check_now.__self__ is layer.quota
+            )  # decides with the new gate
+            assert layer.quota.stats["checks"] == 3
+    assert len(fake_lago.events) == 6 and gates[0] is not gates[1]
 
 
 async def test_background_work_that_cannot_start_fails_the_request_instead_of_hanging(
@@ -404,6 +413,19 @@ async def test_background_work_that_cannot_start_fails_the_request_instead_of_ha
             for _ in range(2):
                 with pytest.raises(ConfigurationError, match="could not start its background delivery"):
                     await client.post("/v1/chat/1", headers=HEADERS)
+            failures: list[BaseException] = []
+
+            async def call() -> None:
+                try:
+                    await client.post("/v1/chat/2", headers=HEADERS)
+                except ConfigurationError as exc:
+                    failures.append(exc)
+
+            async with anyio.create_task_group() as tasks:  # requests arriving during one start wait for it
+                for _ in range(3):
+                    tasks.start_soon(call)
+    assert len(failures) == 3 and all("could not start" in str(exc) for exc in failures)
+    assert middleware._lazy_task is None and not middleware._running
 
 
 def test_add_middleware_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:

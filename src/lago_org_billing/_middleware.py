@@ -152,6 +152,7 @@ class OrgBillingMiddleware:
         }
         self._running = False
         self._lazy_task: asyncio.Task[None] | None = None
+        self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
         if self.settings.metrics or metrics_registry is not None:
             register_metrics(self, metrics_registry)
@@ -239,6 +240,7 @@ class OrgBillingMiddleware:
         self._use_pipeline(self._new_pipeline())
         if self._owns_quota and self.quota is not None:
             self.quota = _default_quota(self.settings, self.pipeline.client)
+            self._check_now = getattr(self.quota, "check_now", None)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: Message) -> None:
@@ -262,10 +264,11 @@ class OrgBillingMiddleware:
         """The server sent no lifespan: run the background work in a task of the running loop (the first request
         waits for it to start, once). If it cannot start, that request fails with the reason (a later one tries
         again); if its loop ends (a test client without ``with``), the next request starts it on its own loop."""
-        if self._lazy_started is not None:
+        if self._lazy_started is not None:  # another request is starting it: wait for that, never start a second
             await self._lazy_started.wait()
             if self._running:
                 return
+            raise self._lazy_error or ConfigurationError("OrgBillingMiddleware's background delivery is not running.")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - trio without lifespan
@@ -280,10 +283,14 @@ class OrgBillingMiddleware:
         self._lazy_task = task
         await started.wait()
         if failure:
-            raise ConfigurationError(
+            error = ConfigurationError(
                 f"OrgBillingMiddleware could not start its background delivery: {type(failure[0]).__name__}: "
                 f"{failure[0]}"
-            ) from failure[0]
+            )
+            error.__cause__ = failure[0]
+            self._lazy_error = error  # for the requests that waited on this start (a later one tries again)
+            raise error
+        self._lazy_error = None
         self._running = True
 
     async def _run_detached(self, started: anyio.Event, failure: list[BaseException]) -> None:

@@ -802,6 +802,9 @@ class SqliteOutbox(Outbox):
         self.window.clear()
         self.in_flight = 0
         self._loaded_upto = 0
+        # resolutions a failed commit did not write: their rows are read again and resolved again
+        self._to_delete.clear()
+        self._to_dead.clear()
 
     async def fill(self) -> None:
         if not self._opened or self._loaded_upto >= self._committed_upto:
