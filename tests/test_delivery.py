@@ -299,6 +299,19 @@ async def test_event_lago_fails_on_does_not_hold_back_a_quiet_pipeline(fake: Fak
     assert letter.event["transaction_id"] == "crash" and letter.status == 500
 
 
+async def test_intermittent_500s_dead_letter_no_innocent_event(fake: FakeLago) -> None:
+    """Lago answers every other request with a 500 (overloaded, no event at fault): batches are split and retried,
+    and as strikes go only to events failing alone, none of the 60 ends up a dead letter; all are delivered."""
+
+    def fault(request: httpx.Request, n: int) -> Any:
+        return httpx.Response(500, json={"status": 500, "error": "Internal Server Error"}) if n % 2 else None
+
+    async with make_client(Edge(fake.transport(), fault), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.01, max_attempts=3, retry_backoff=0.001, max_backoff=0.01)
+        assert await run_pipeline(pipeline, events(60), wait=10)
+    assert len(transaction_ids(fake)) == 60 and pipeline.dead_letters() == []
+
+
 @pytest.mark.parametrize("status", [405, 408, 409])
 async def test_answers_that_blame_no_event_keep_every_event(fake: FakeLago, status: int) -> None:
     """A 405 (wrong URL), 408 (timeout) or 409 says nothing about the events: none is dead-lettered, all are

@@ -23,11 +23,11 @@ SQLite spool of :mod:`._spool` (durable, group commit).
   are refused (counted, logged) once it is full.
 * **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds, kept between
   ``retry_backoff`` and ``max_backoff``; no attempt is counted against the events.
-* **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): each event of the batch
-  gets a strike, but at most one per "healthy interval" (only when another batch succeeded since its last
-  strike), so a plain outage never strikes anyone twice. The batch is split in halves (after the backoff), so one
-  event Lago fails on cannot hold back the events queued with it; a single event goes back to the outbox, or to the
-  dead letters once it has ``max_attempts`` strikes. (An event that fails alone while nothing else is sent gets no
+* **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): the batch is split in halves
+  (after the backoff), so one event Lago fails on cannot hold back the events queued with it. An event failing
+  alone gets a strike, but at most one per "healthy interval" (only when another batch succeeded since its last
+  strike), so a plain outage never strikes anyone twice; it goes back to the outbox, or to the dead letters once it
+  has ``max_attempts`` strikes. (An event that fails alone while nothing else is sent gets no
   new strike: it is tried again every ``max_backoff`` at most, until other events give Lago a chance to show it is
   up.)
 * **422 with every error ``transaction_id: value_already_exist``**: already in Lago (a retry whose first
@@ -583,12 +583,14 @@ class EventPipeline:
                 logger.error("Lago refuses billing events (%s): %s Events are kept and retried.", status, exc)
                 self._config_error_logged = True
         else:
-            # Lago answered and failed: a strike for each event, at most one per healthy interval
-            for item in items:
+            # Lago answered and failed. A batch is split (below) until its events are alone; an event failing alone
+            # gets a strike, at most one per healthy interval, so events that only shared a batch with the culprit
+            # (or met an intermittent 500) are not struck.
+            if len(items) == 1:
+                item = items[0]
                 if item.mark != self._successes:
                     item.mark = self._successes
                     item.attempts += 1
-            if len(items) == 1:
                 self._backoff()
                 if items[0].attempts >= self.max_attempts:
                     self._dead(items[0], f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
