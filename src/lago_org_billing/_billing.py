@@ -347,9 +347,7 @@ class OrgBilling:
         retried, spooled) and its ``transaction_id`` is returned. Needs ``OrgBilling(pipeline=...)``."""
         pipeline = self._require_pipeline()
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
-        refused = pipeline.metrics.dropped
-        pipeline.submit(payload)
-        if pipeline.metrics.dropped == refused:  # accepted (a refused event is logged and counted as dropped)
+        if pipeline.submit(payload):  # (a refused event is logged and counted as dropped)
             self._count(org_id, payload)
         return str(payload["transaction_id"])
 

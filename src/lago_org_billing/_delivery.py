@@ -68,6 +68,7 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    is_duplicate_error,
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
@@ -166,20 +167,21 @@ class EventPipeline:
 
     # ------------------------------------------------------------------ request path
 
-    def submit(self, event: EventOrBuilder) -> None:
+    def submit(self, event: EventOrBuilder) -> bool:
         """Queue ``event`` for delivery: sync, O(1), no I/O. The pipeline owns the dict from now on.
 
         ``event`` may also be a function returning the event (or its JSON text): the pipeline calls it once, in
         the background, when it stores or batches the event (if it raises, the event goes to the dead letters).
 
-        Never raises: a full outbox or a closed pipeline counts the event in ``dropped`` and logs an ERROR
-        (once per burst)."""
+        Never raises: a full outbox or a closed pipeline counts the event in ``dropped``, logs an ERROR (once per
+        burst), and the answer is False (True: accepted)."""
         self.metrics.recorded += 1
         if not self._closed and self.outbox.put(event):
             if self._drop_burst:
                 self._accepted_again()
-            return
+            return True
         self._refused(event.get("transaction_id") if isinstance(event, Mapping) else event)
+        return False
 
     def lane(self, build: Callable[[_Facts], JSON | str]) -> Callable[[_Facts], None]:
         """A cheaper :meth:`submit` for events that one function builds: ``submit_facts = pipeline.lane(build)``,
@@ -319,14 +321,15 @@ class EventPipeline:
 
     async def _finish(self) -> None:
         outbox = self.outbox
-        if isinstance(outbox, MemoryOutbox) and not self._closed:  # cancelled: kept for the next run()
-            if outbox.unresolved():
-                logger.warning(
-                    "Billing delivery stopped with %d events in memory: they wait for the pipeline to run again "
-                    "(and are lost if the process ends first)",
-                    outbox.unresolved(),
-                )
-        elif isinstance(outbox, MemoryOutbox):
+        if isinstance(outbox, MemoryOutbox):
+            if not self._closed:  # cancelled: kept for the next run()
+                if outbox.unresolved():
+                    logger.warning(
+                        "Billing delivery stopped with %d events in memory: they wait for the pipeline to run again "
+                        "(and are lost if the process ends first)",
+                        outbox.unresolved(),
+                    )
+                return
             lost = outbox.discard()
             if lost:
                 self.metrics.lost_at_shutdown += lost
@@ -586,26 +589,24 @@ class EventPipeline:
             # Lago answered and failed. A batch is split (below) until its events are alone; an event failing alone
             # gets a strike, at most one per healthy interval, so events that only shared a batch with the culprit
             # (or met an intermittent 500) are not struck.
-            if len(items) == 1:
-                item = items[0]
-                if item.mark != self._successes:
-                    item.mark = self._successes
-                    item.attempts += 1
-                self._backoff()
-                if items[0].attempts >= self.max_attempts:
-                    self._dead(items[0], f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
-                else:  # back to the outbox for a later attempt; the rest of the batch goes on meanwhile
-                    self.metrics.retries += 1
-                    self.outbox.release(items)
-                return True
+            self._backoff()
             if len(items) > 1:
                 # One event Lago fails on would fail its batch and every event queued behind it, and with no batch
                 # getting through its strikes would never add up: split, so the others are delivered (a healthy
                 # interval) and the culprit ends up alone.
-                self._backoff()
                 half = len(items) // 2
                 stack.extend([items[half:], items[:half]])
                 return True
+            item = items[0]
+            if item.mark != self._successes:
+                item.mark = self._successes
+                item.attempts += 1
+            if item.attempts >= self.max_attempts:
+                self._dead(item, f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
+            else:  # back to the outbox for a later attempt; the rest of the batch goes on meanwhile
+                self.metrics.retries += 1
+                self.outbox.release(items)
+            return True
         delay = self._backoff()
         # one WARNING when an outage starts (then every 20th failure); recovery is logged at INFO
         log = logger.warning if self._failures % 20 == 1 else logger.debug
@@ -625,7 +626,7 @@ class EventPipeline:
         """Handle a 422 (Lago rejects a batch atomically); return the sub-batches still to send."""
         self._succeeded()  # Lago answered: it is up
         failed = exc.failed_indexes()
-        if len(items) == 1 and not failed and _is_duplicate(exc.details):
+        if len(items) == 1 and not failed and is_duplicate_error(exc.details):
             self._duplicates(items)
             return []
         if not failed or any(index >= len(items) for index in failed):
@@ -638,7 +639,7 @@ class EventPipeline:
             error = failed.get(index)
             if error is None:
                 rest.append(item)
-            elif _is_duplicate(error):
+            elif is_duplicate_error(error):
                 duplicates.append(item)
             else:
                 self._dead(item, _describe(error), exc.status, exc.code)
@@ -679,13 +680,6 @@ class EventPipeline:
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         body = ('{"events":[' + ",".join(parts) + "]}").encode()
         await client.send_event_batch_json(body)
-
-
-def _is_duplicate(error: Any) -> bool:
-    if not isinstance(error, Mapping) or set(error) != {"transaction_id"}:
-        return False
-    codes = error["transaction_id"]
-    return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)
 
 
 def _describe(error: Any) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "LagoUnavailableError",
     "LagoValidationError",
     "QuotaExceededError",
+    "is_duplicate_error",
 ]
 
 
@@ -113,7 +114,7 @@ class LagoValidationError(LagoAPIError):
         found = False
         for key, value in self.details.items():
             if isinstance(value, Mapping):  # batch: {"<index>": {"transaction_id": [...]}}
-                if set(value) != {"transaction_id"} or not _already_exist(value["transaction_id"]):
+                if not is_duplicate_error(value):
                     return False
                 found = True
             elif key == "transaction_id" and _already_exist(value):
@@ -130,6 +131,11 @@ class LagoValidationError(LagoAPIError):
 def _already_exist(codes: Any) -> bool:
     """``["value_already_exist"]``, whatever else Lago might put in such a list (unhashable objects...)."""
     return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)
+
+
+def is_duplicate_error(error: Any) -> bool:
+    """One event's errors in a 422 (``{"transaction_id": ["value_already_exist"]}``): it is already in Lago."""
+    return isinstance(error, Mapping) and set(error) == {"transaction_id"} and _already_exist(error["transaction_id"])
 
 
 class LagoRateLimitError(LagoAPIError):

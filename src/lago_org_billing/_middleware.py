@@ -222,7 +222,7 @@ class OrgBillingMiddleware:
 
     def _use_pipeline(self, pipeline: EventPipeline) -> None:
         self.pipeline = pipeline
-        self._submit: Callable[[_Facts], None] = (
+        self._submit: Callable[[_Facts], object] = (
             pipeline.lane(self._build_event)
             if hasattr(pipeline, "lane")
             else lambda facts: pipeline.submit(functools.partial(self._build_event, facts))
@@ -436,7 +436,7 @@ class OrgBillingMiddleware:
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
         # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
         facts: _Facts = (
-            _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status, scope),
+            _template(scope, status, root_path),
             scope["method"],
             status,
             started,
@@ -459,17 +459,19 @@ class OrgBillingMiddleware:
             if type(usage) is bytes:
                 usage = json_usage(usage)
             assert isinstance(usage, Usage)
+            duration = ended - started
+            if key is None:
+                transaction_id = _request_id()
+            else:  # a retry's event is its first one's: same id and timestamp (its own duration)
+                transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
             if self.event_properties is not None and hook_scope is not None:
-                event: dict[str, Any] | str = self._hooked_event(facts, usage, hook_scope)
+                event: dict[str, Any] | str = self._hooked_event(
+                    facts, usage, hook_scope, transaction_id, started, duration
+                )
             else:  # known keys and plain values: the JSON text directly, no dict (2-3x faster than json)
                 head = self._heads.get((org_id, endpoint, method))
                 if head is None:
                     head = self._head(org_id, endpoint, method)
-                duration = ended - started
-                if key is None:
-                    transaction_id = _request_id()
-                else:  # a retry's event is its first one's: same id and timestamp (its own duration)
-                    transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
                 event = _EVENT_JSON % (
                     transaction_id,
                     started,
@@ -501,14 +503,12 @@ class OrgBillingMiddleware:
         )
         return head
 
-    def _hooked_event(self, facts: _Facts, usage: Usage, scope: Scope) -> dict[str, Any]:
+    def _hooked_event(
+        self, facts: _Facts, usage: Usage, scope: Scope, transaction_id: str, timestamp: float, duration: float
+    ) -> dict[str, Any]:
         """The event as a dict, with the properties of the ``event_properties`` hook (checked like any event)."""
-        endpoint, method, status, started, ended, key, org_id, user_id = facts[:8]
-        duration = ended - started
-        if key is None:
-            transaction_id = _request_id()
-        else:
-            transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
+        endpoint, method, status = facts[:3]
+        org_id, user_id = facts[6:8]
         properties: dict[str, Any] = {
             "org_id": org_id,
             "endpoint": endpoint,
@@ -530,7 +530,7 @@ class OrgBillingMiddleware:
             external_subscription_id=self.settings.subscription_id_for(org_id),
             code=self.settings.event_code,
             properties=properties,
-            timestamp=started,
+            timestamp=timestamp,
         )
 
     def _idempotency_key(self, scope: Scope) -> str | None:
@@ -713,14 +713,16 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
     is the one the request came with). A request no route matched is ``<unmatched>`` when it was a 404, else (an
     app without Starlette routing) its raw path.
     """
-    return _template(scope.get("route"), scope.get("root_path", ""), root_path, scope["path"], status, scope)
+    return _template(scope, status, root_path)
 
 
-def _template(route: Any, inner_root: str, root_path: str, path: str, status: int, scope: Scope) -> str:
+def _template(scope: Scope, status: int, root_path: str) -> str:
+    route, path = scope.get("route"), scope["path"]
     template = getattr(route, "path", None)
     if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without a router
         return UNMATCHED if status == 404 or scope.get("router") is not None else str(path)
     # Mount extends root_path by the matched prefix
+    inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
         prefix = _mount_template(scope.get("router"), prefix)
