@@ -749,39 +749,41 @@ _SKIP = b"\x00skip"
 _said_once: set[str] = set()
 
 
+def _warn_once(key: str, message: str, *args: object) -> None:
+    """A warning about usage that could not be read, once per process and ``key``."""
+    if key not in _said_once:
+        _said_once.add(key)
+        logger.warning(message, *args)
+
+
 def _cap_exceeded(what: str) -> None:
-    """Say once per process that usage was not read from a body over ``max_body_bytes`` (its tokens count 0)."""
-    if what not in _said_once:
-        _said_once.add(what)
-        logger.warning(
-            "A response %s was over AttributionConfig.max_body_bytes: its usage was not read (tokens billed 0). "
-            "Raise max_body_bytes, or attribute usage explicitly (attribute_usage) or in response headers. "
-            "Logged once.",
-            what,
-        )
+    """Usage was not read from a body over ``max_body_bytes`` (its tokens count 0)."""
+    _warn_once(
+        what,
+        "A response %s was over AttributionConfig.max_body_bytes: its usage was not read (tokens billed 0). "
+        "Raise max_body_bytes, or attribute usage explicitly (attribute_usage) or in response headers. Logged once.",
+        what,
+    )
 
 
 def _encoded_body_skipped(encoding: bytes) -> None:
-    """Say once per encoding that a compressed body's usage is not read."""
-    what = f"encoding:{encoding!r}"
-    if what not in _said_once:
-        _said_once.add(what)
-        logger.warning(
-            "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
-            "read (tokens billed 0). Put the billing middleware inside the compression one (app.add_middleware: "
-            "add OrgBillingMiddleware before GZipMiddleware, so that GZip wraps it), or attribute usage "
-            "explicitly (attribute_usage) or in response headers. Logged once.",
-            encoding.decode("latin-1"),
-        )
+    """A compressed body's usage is not read (said once per encoding)."""
+    _warn_once(
+        f"encoding:{encoding!r}",
+        "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
+        "read (tokens billed 0). Put the billing middleware inside the compression one (app.add_middleware: "
+        "add OrgBillingMiddleware before GZipMiddleware, so that GZip wraps it), or attribute usage "
+        "explicitly (attribute_usage) or in response headers. Logged once.",
+        encoding.decode("latin-1"),
+    )
 
 
 def _unparseable_body() -> None:
-    if "unparseable" not in _said_once:
-        _said_once.add("unparseable")
-        logger.warning(
-            'A response declared as JSON mentions "usage" but could not be parsed as JSON (invalid, not UTF-8, '
-            "a number too long...): its usage was not read (tokens billed 0). Logged once."
-        )
+    _warn_once(
+        "unparseable",
+        'A response declared as JSON mentions "usage" but could not be parsed as JSON (invalid, not UTF-8, '
+        "a number too long...): its usage was not read (tokens billed 0). Logged once.",
+    )
 
 
 def _internal_error(where: str) -> None:

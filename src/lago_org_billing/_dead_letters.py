@@ -32,7 +32,7 @@ from ._client import LagoClient
 from ._delivery import EventPipeline
 from ._errors import ConfigurationError
 from ._settings import BillingSettings
-from ._spool import DeadLetter, _loads_or_raw, spool_slot_files
+from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
 __all__ = [
     "SpoolDeadLetter",
@@ -85,8 +85,6 @@ class ReplayReport:
 #: Letters read from a spool file, and replayed, at a time: memory stays bounded whatever the table holds.
 CHUNK = 1_000
 
-_COLUMNS = "id, body, reason, status, code, created_at"
-
 
 def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     """Every dead letter of the spool at ``path`` (all its slot files), oldest first in each file, read a page at a
@@ -94,7 +92,9 @@ def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     for slot, file in spool_slot_files(path):
         after = 0
         while True:
-            rows = _rows(file, f"SELECT {_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK))
+            rows = _rows(
+                file, f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK)
+            )
             if not rows:
                 break
             after = rows[-1][0]
@@ -110,7 +110,7 @@ def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolD
         slot_text, _, id_text = key.rpartition(":")
         slot = int(slot_text or 0)
         rows = (
-            _rows(files[slot], f"SELECT {_COLUMNS} FROM dead_letters WHERE id = ?", (int(id_text),))
+            _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (int(id_text),))
             if slot in files
             else []
         )
@@ -130,8 +130,7 @@ def _rows(file: str, query: str, parameters: tuple[Any, ...]) -> list[Any]:
 
 
 def _letter(file: str, slot: int, row: tuple[Any, ...]) -> SpoolDeadLetter:
-    row_id, body, reason, status, code, created_at = row
-    return SpoolDeadLetter(file, slot, DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id), body)
+    return SpoolDeadLetter(file, slot, dead_letter_from_row(row), row[1])
 
 
 async def replay_spool_dead_letters(

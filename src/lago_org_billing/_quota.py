@@ -403,13 +403,8 @@ class _Counts:
     def prune(self, cutoff: int, inflight_cutoff: int, *, keep_calls: bool = False, keep_tokens: bool = False) -> None:
         """Drop the records a snapshot covers (older than ``cutoff``); those Lago does not count (``keep_*``) are
         folded into bucket 0 instead, so they keep counting for the period in bounded memory."""
-        for buckets, keep, total in ((self.c, keep_calls, "calls"), (self.t, keep_tokens, "tokens")):
-            old = [sec for sec in buckets if sec < cutoff and not (keep and sec == 0)]
-            if keep:
-                if old:
-                    buckets[0] = buckets.get(0, 0) + sum(buckets.pop(sec) for sec in old)
-            else:
-                setattr(self, total, getattr(self, total) - sum(buckets.pop(sec) for sec in old))
+        self.calls -= _drop_or_fold(self.c, cutoff, keep_calls)
+        self.tokens -= _drop_or_fold(self.t, cutoff, keep_tokens)
         for sec in [s for s in self.i if s < inflight_cutoff]:
             self.calls -= self.i.pop(sec)
 
@@ -419,6 +414,18 @@ class _Counts:
                 mine[sec] = mine.get(sec, 0) + value
         self.calls += other.calls
         self.tokens += other.tokens
+
+
+def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
+    """Remove the buckets older than ``cutoff``, returning how much they held; with ``keep``, fold them into bucket 0
+    instead (nothing leaves the total: 0 is returned)."""
+    old = [sec for sec in buckets if sec < cutoff and not (keep and sec == 0)]
+    removed = sum(buckets.pop(sec) for sec in old)
+    if keep:
+        if old:
+            buckets[0] = buckets.get(0, 0) + removed
+        return 0
+    return removed
 
 
 class _LocalOrg:

@@ -484,11 +484,8 @@ class RedisBackend:
                 self._failed(exc)
                 self._queue.extendleft(reversed(batch))
                 break
-        if self._closed or len(self._queue) > _MAX_QUEUED_SETTLES:
-            overflow = [
-                self._queue.popleft() for _ in range(len(self._queue) - (0 if self._closed else _MAX_QUEUED_SETTLES))
-            ]
-            self._settle_locally(overflow)
+        if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
+            self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
     def _settle_locally(self, batch: list[tuple[str, str, str, str, str, int]]) -> None:
         for org_id, period, _bucket, billed, now, tokens in batch:

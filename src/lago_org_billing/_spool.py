@@ -60,11 +60,13 @@ except ImportError:  # pragma: no cover - Windows: one process per spool file
     _flock, _LOCK_FLAGS = None, 0
 
 __all__ = [
+    "DEAD_LETTER_COLUMNS",
     "DeadLetter",
     "Item",
     "MemoryOutbox",
     "Outbox",
     "SqliteOutbox",
+    "dead_letter_from_row",
     "dumps_event",
     "spool_slot_files",
     "spool_slot_path",
@@ -96,6 +98,16 @@ class DeadLetter:
         """Whether the letter holds a whole event that can be sent again (one that could not be built or
         serialised holds only what is known of it)."""
         return _replayable(self.event)
+
+
+#: The columns of a ``dead_letters`` row, in the order :func:`dead_letter_from_row` takes them.
+DEAD_LETTER_COLUMNS = "id, body, reason, status, code, created_at"
+
+
+def dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
+    """A ``dead_letters`` row (:data:`DEAD_LETTER_COLUMNS`) as a :class:`DeadLetter`."""
+    row_id, body, reason, status, code, created_at = row
+    return DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id)
 
 
 def _replayable(event: Any) -> bool:
@@ -289,7 +301,7 @@ class MemoryOutbox(Outbox):
                 self._deferred -= len(batch)
                 items: list[Item] = []
                 append = items.append
-                for facts in batch:  # build_item, inline: JSON text, the usual result, is stored as it is
+                for facts in batch:  # JSON text, the usual result, is stored as it is
                     built = _built_or_unbuildable(build, facts)
                     append(Item(None, 0, 0, -1, built) if isinstance(built, str) else Item(built))
                 self.window.extend(items)
@@ -392,12 +404,6 @@ EventOrBuilder = JSON | Callable[[], JSON | str]
 
 class EventBuildError(ValueError):
     """A lazily submitted event could not be built: it goes to the dead letters (the builder logged why)."""
-
-
-def build_item(build: Callable[[Any], JSON | str], facts: Any) -> Item:
-    """The outbox item of an event submitted as ``facts`` for ``build`` (see ``Outbox.lane``)."""
-    built = _built_or_unbuildable(build, facts)
-    return Item(None, raw=built) if isinstance(built, str) else Item(built)
 
 
 def dumps_event(event: JSON | str) -> str:
@@ -594,7 +600,7 @@ class _SpoolFile:
         return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
     def dead_letters(self) -> list[DeadLetter]:
-        query = "SELECT body, reason, status, code, created_at, id FROM dead_letters ORDER BY id"
+        query = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY id"
         with self.lock:
             if self.conn is not None:
                 rows = self.conn.execute(query).fetchall()
@@ -606,10 +612,7 @@ class _SpoolFile:
                     conn.close()
             else:
                 rows = []
-        return [
-            DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id)
-            for body, reason, status, code, created_at, row_id in rows
-        ]
+        return [dead_letter_from_row(row) for row in rows]
 
     def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
         """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first."""
@@ -722,12 +725,13 @@ class SqliteOutbox(Outbox):
                     for dead_id, body in rows
                     if (ids is None or dead_id in ids) and dead_id not in waiting and _replayable(_loads_or_raw(body))
                 ]
-        for dead_id, body in chosen[: max(room, 0)]:
+        chosen = chosen[: max(room, 0)]
+        for dead_id, body in chosen:
             # the stored text, as it is: the event goes back to the events table in the commit that deletes its letter
             self.pending.append((self._next_id, body))
             self._next_id += 1
             self._revived.append((dead_id, body))
-        return min(len(chosen), max(room, 0))
+        return len(chosen)
 
     # ------------------------------------------------------------ thread side
 
