@@ -804,3 +804,23 @@ async def test_tokens_lago_does_not_count_keep_counting_across_refreshes(clock: 
     assert (await gate.enforce_usage_limits("org_1"))["usage"]["max_tokens"] == 1800
     assert not (await gate.check("org_1")).allowed
     assert len(gate.local._orgs["org_1"].counts.t) == 1  # folded into one bucket
+
+
+async def test_aclose_ends_a_refresh_in_flight(clock: Clock) -> None:
+    """A refresh started outside run() (a loose task) that is still reading Lago at aclose() is ended before the
+    backend closes, so it never outlives the gate holding a connection (its loop closing under it)."""
+    reading = anyio.Event()
+
+    class SlowLago(CountOnlyLago):
+        async def get_current_usage(self, customer_id: str, subscription_id: str, **options: Any) -> dict[str, Any]:
+            reading.set()
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    settings = BillingSettings(api_key="k", api_url="http://lago.test")
+    gate = QuotaGate(settings, SlowLago(), config=QuotaConfig(cold_timeout=0.01), clock=clock.time)  # type: ignore[arg-type]
+    await gate.check("org_1")  # cold: a loose refresh starts and stays at Lago's door
+    await reading.wait()
+    assert gate._loose
+    await gate.aclose()
+    assert all(task.done() for task in gate._loose) and not gate._loose

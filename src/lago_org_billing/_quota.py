@@ -786,8 +786,11 @@ class QuotaGate:
 
     async def aclose(self) -> None:
         """Write pending settles, stop refreshes, close the backend."""
-        for task in list(self._loose):
+        loose = list(self._loose)
+        for task in loose:
             task.cancel()
+        if loose:  # ended before the backend closes: none is left holding a connection of a loop about to close
+            await asyncio.gather(*loose, return_exceptions=True)
         await self.backend.aclose()
         if self._scope is not None:
             self._scope.cancel()
