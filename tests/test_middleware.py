@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -438,6 +441,58 @@ def test_add_middleware_reads_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("LAGO_EXCLUDE_PATHS", "/status")
     middleware = OrgBillingMiddleware(build_app())
     assert middleware.settings.exclude_paths == ("/status",)
+
+
+_BAD_ENV_APP = """
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from lago_org_billing import OrgBillingMiddleware
+app = Starlette(middleware=[Middleware(OrgBillingMiddleware)])
+"""
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LAGO_API_TIMEOUT", "abc"), ("LAGO_QUOTA_MODE", "bogus"), ("LAGO_PLAN_LIMITS", "{"), ("LAGO_SPOOL_PATH", "")],
+)
+def test_a_bad_setting_stops_uvicorn_at_startup_with_its_message(tmp_path: Any, variable: str, value: str) -> None:
+    """``app.add_middleware(OrgBillingMiddleware)`` is built by Starlette on the lifespan startup: an error raised
+    there made uvicorn (lifespan "auto") decide the lifespan was unsupported, serve anyway and fail every request.
+    The startup fails instead, with the setting named."""
+    (tmp_path / "bad_env_app.py").write_text(_BAD_ENV_APP)
+    value = value or str(tmp_path)  # LAGO_SPOOL_PATH: a directory (the spool cannot open; found at startup)
+    env = {**os.environ, "LAGO_API_KEY": "k", "LAGO_API_URL": "http://127.0.0.1:9", variable: value}
+    run = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "bad_env_app:app", "--app-dir", str(tmp_path), "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0, run.stderr
+    assert "Application startup failed" in run.stderr and variable in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and "Uvicorn running" not in run.stderr
+
+
+def test_a_bad_setting_raises_at_once_where_nothing_would_swallow_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built outside a running app (at import time), the middleware raises the error itself."""
+    monkeypatch.setenv("LAGO_API_KEY", "k")
+    monkeypatch.setenv("LAGO_API_TIMEOUT", "abc")
+    with pytest.raises(ConfigurationError, match="LAGO_API_TIMEOUT"):
+        OrgBillingMiddleware(build_app())
+
+
+async def test_a_bad_setting_built_in_a_running_app_fails_its_requests_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a lifespan (nothing reports the startup), each request fails with the configuration error."""
+    monkeypatch.setenv("LAGO_API_KEY", "k")
+    monkeypatch.setenv("LAGO_API_TIMEOUT", "abc")
+    app = Starlette(routes=build_app().routes, middleware=[Middleware(OrgBillingMiddleware)])
+    async with client_for(app) as client:
+        for _ in range(2):
+            with pytest.raises(ConfigurationError, match="LAGO_API_TIMEOUT"):
+                await client.post("/v1/chat/1", headers=HEADERS)
 
 
 async def test_two_apps_do_not_share_state(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:

@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from lago_org_billing import ConfigurationError
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._events import event_payload
 from lago_org_billing._spool import SqliteOutbox
@@ -203,6 +204,25 @@ async def test_second_process_gets_its_own_slot_and_orphans_are_adopted(tmp_path
     pipeline = await drain(path, fake, events(2, prefix="a"))
     assert pipeline.spool_file == str(path)
     assert sorted(transaction_ids(fake)) == ["a0", "a1", "b0", "b1", "b2", "b3"]
+    assert not exists(f"{path}.1")
+
+
+@pytest.mark.parametrize("kind", ["not a database", "a directory"])
+async def test_a_spool_that_cannot_be_opened_says_so_every_time(tmp_path: Path, kind: str) -> None:
+    """A bad LAGO_SPOOL_PATH gets a ConfigurationError naming it, every time: the failed open let go of its slot
+    (it kept the lock, and the next attempt silently used ``PATH.1``)."""
+    path = tmp_path / "spool.db"
+    if kind == "a directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"this is not a SQLite database, but a file the user pointed LAGO_SPOOL_PATH at" * 20)
+    async with make_client(Down(), max_retries=0) as client:
+        for _ in range(2):
+            pipeline = EventPipeline(client, spool_path=str(path))
+            pipeline.submit(events(1)[0])
+            with pytest.raises(ConfigurationError, match="LAGO_SPOOL_PATH") as info:
+                await pipeline.commit()
+            assert info.value.variable == "LAGO_SPOOL_PATH"
     assert not exists(f"{path}.1")
 
 

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
 from ._client import LagoClient
 from ._delivery import EventPipeline
-from ._errors import ConfigurationError, QuotaExceededError
+from ._errors import ConfigurationError, LagoIntegrationError, QuotaExceededError
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._identity import (
@@ -105,57 +105,70 @@ class OrgBillingMiddleware:
         metrics_registry: Any = None,
     ) -> None:
         self.app = app
-        self.settings = settings if settings is not None else BillingSettings.from_env()
-        if on_unresolved is None:
-            on_unresolved = "reject" if self.settings.on_unresolved == "reject" else "allow"
-        if on_unresolved not in ("allow", "reject"):
-            raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
-        if unresolved_status is None:
-            unresolved_status = self.settings.unresolved_status
-        if unresolved_status not in (401, 403):
-            raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
-        self.resolve_org = resolve_org or default_org_resolver(self.settings)
-        self.resolve_user = resolve_user or default_user_resolver(self.settings)
-        # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
-        self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
-        self._heads: dict[tuple[str, str, str], str] = {}
-        self.on_unresolved = on_unresolved
-        self.unresolved_status = unresolved_status
-        self.bill_server_errors = self.settings.bill_server_errors if bill_server_errors is None else bill_server_errors
-        self.attribution = attribution or AttributionConfig()
-        self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
-        self.event_properties = event_properties
-        # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
-        self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
-        self.exclude_paths = self.settings.exclude_paths
-        self.shutdown_timeout = shutdown_timeout
-        self._owned_client: LagoClient | None = None
-        self._transport = transport
-        self._given_client = client
-        self._owns_pipeline = pipeline is None
-        self._owns_quota = quota == "auto"
-        if pipeline is None:
-            pipeline = self._new_pipeline()
-        self._use_pipeline(pipeline)
-        if quota == "auto":
-            quota = _default_quota(self.settings, self.pipeline.client)
-        self.quota: QuotaGateProtocol | None = quota
-        self._check_now: Callable[[str], QuotaDecision | None] | None = getattr(quota, "check_now", None)
-        self.stats: dict[str, int] = {
-            "requests": 0,
-            "billed": 0,
-            "blocked": 0,
-            "unresolved": 0,
-            "excluded": 0,
-            "unbilled_errors": 0,
-            "ungated": 0,
-        }
         self._running = False
-        self._lazy_task: asyncio.Task[None] | None = None
-        self._lazy_error: ConfigurationError | None = None
-        self._lazy_started: anyio.Event | None = None
-        if self.settings.metrics or metrics_registry is not None:
-            register_metrics(self, metrics_registry)
+        #: A configuration error kept for the lifespan to report (see below); the middleware then serves nothing.
+        self._config_error: Exception | None = None
+        try:
+            self.settings = settings if settings is not None else BillingSettings.from_env()
+            if on_unresolved is None:
+                on_unresolved = "reject" if self.settings.on_unresolved == "reject" else "allow"
+            if on_unresolved not in ("allow", "reject"):
+                raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
+            if unresolved_status is None:
+                unresolved_status = self.settings.unresolved_status
+            if unresolved_status not in (401, 403):
+                raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
+            self.resolve_org = resolve_org or default_org_resolver(self.settings)
+            self.resolve_user = resolve_user or default_user_resolver(self.settings)
+            # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
+            self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
+            self._heads: dict[tuple[str, str, str], str] = {}
+            self.on_unresolved = on_unresolved
+            self.unresolved_status = unresolved_status
+            if bill_server_errors is None:
+                bill_server_errors = self.settings.bill_server_errors
+            self.bill_server_errors = bill_server_errors
+            self.attribution = attribution or AttributionConfig()
+            self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
+            self.event_properties = event_properties
+            # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
+            self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
+            self.exclude_paths = self.settings.exclude_paths
+            self.shutdown_timeout = shutdown_timeout
+            self._owned_client: LagoClient | None = None
+            self._transport = transport
+            self._given_client = client
+            self._owns_pipeline = pipeline is None
+            self._owns_quota = quota == "auto"
+            if pipeline is None:
+                pipeline = self._new_pipeline()
+            self._use_pipeline(pipeline)
+            if quota == "auto":
+                quota = _default_quota(self.settings, self.pipeline.client)
+            self.quota: QuotaGateProtocol | None = quota
+            self._check_now: Callable[[str], QuotaDecision | None] | None = getattr(quota, "check_now", None)
+            self.stats: dict[str, int] = {
+                "requests": 0,
+                "billed": 0,
+                "blocked": 0,
+                "unresolved": 0,
+                "excluded": 0,
+                "unbilled_errors": 0,
+                "ungated": 0,
+            }
+            self._lazy_task: asyncio.Task[None] | None = None
+            self._lazy_error: ConfigurationError | None = None
+            self._lazy_started: anyio.Event | None = None
+            if self.settings.metrics or metrics_registry is not None:
+                register_metrics(self, metrics_registry)
+        except (LagoIntegrationError, ValueError) as exc:
+            if not _in_async_context():
+                raise
+            # Built inside a running app: Starlette builds ``app.add_middleware(...)`` middleware on the app's first
+            # ASGI call, the lifespan startup. Raised there, servers take the error for "lifespan unsupported" (uvicorn
+            # then serves, and fails every request with it): the lifespan reports it as a startup failure instead, so
+            # the server stops with the message.
+            self._config_error = exc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -248,22 +261,39 @@ class OrgBillingMiddleware:
                 await self._shutdown()
             await send(message)
 
+        if self._config_error is not None:
+            await self._startup_failed(receive, send, self._config_error)
         self._renew()
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(self.pipeline.run)
-            if self.quota is not None:
-                await tasks.start(self.quota.run)
-            self._running = True
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                self._running = False
-                tasks.cancel_scope.cancel()
+        started = False
+        try:
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(self.pipeline.run)
+                if self.quota is not None:
+                    await tasks.start(self.quota.run)
+                started = self._running = True
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    self._running = False
+                    tasks.cancel_scope.cancel()
+        except Exception as exc:
+            if started:
+                raise
+            await self._startup_failed(receive, send, _start_error(exc))
+
+    async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
+        """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": f"{type(error).__name__}: {error}"})
+        raise error
 
     async def _start_lazily(self) -> None:
         """The server sent no lifespan: run the background work in a task of the running loop (the first request
         waits for it to start, once). If it cannot start, that request fails with the reason (a later one tries
         again); if its loop ends (a test client without ``with``), the next request starts it on its own loop."""
+        if self._config_error is not None:
+            raise self._config_error
         if self._lazy_started is not None:  # another request is starting it: wait for that, never start a second
             await self._lazy_started.wait()
             if self._running:
@@ -283,11 +313,7 @@ class OrgBillingMiddleware:
         self._lazy_task = task
         await started.wait()
         if failure:
-            error = ConfigurationError(
-                f"OrgBillingMiddleware could not start its background delivery: {type(failure[0]).__name__}: "
-                f"{failure[0]}"
-            )
-            error.__cause__ = failure[0]
+            error = _start_error(failure[0])
             self._lazy_error = error  # for the requests that waited on this start (a later one tries again)
             raise error
         self._lazy_error = None
@@ -327,6 +353,8 @@ class OrgBillingMiddleware:
         self._running = False
 
     async def _shutdown(self) -> None:
+        if self._config_error is not None:
+            return
         if self.quota is not None:
             await self.quota.aclose()
         await self.pipeline.aclose(self.shutdown_timeout)
@@ -656,6 +684,28 @@ class _ResponseWatcher(UsageRecorder):
 
 async def _discard(message: Message) -> None:
     """The ``send`` of an answer that was replaced."""
+
+
+def _start_error(exc: BaseException) -> ConfigurationError:
+    """The error to report when the background work could not start: its real cause, out of its task groups."""
+    while len(getattr(exc, "exceptions", ())) == 1:  # an (Base)ExceptionGroup of one
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    reason = str(exc) if isinstance(exc, LagoIntegrationError) else f"{type(exc).__name__}: {exc}"
+    error = ConfigurationError(
+        f"OrgBillingMiddleware could not start its background delivery: {reason}",
+        variable=getattr(exc, "variable", None),
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _in_async_context() -> bool:
+    """Called from async code (asyncio or trio): the middleware is being built by a running app."""
+    try:
+        anyio.get_current_task()
+    except RuntimeError:  # no async library running (sniffio's AsyncLibraryNotFoundError is one)
+        return False
+    return True
 
 
 def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:

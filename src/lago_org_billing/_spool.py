@@ -51,6 +51,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._errors import ConfigurationError
+
 _flock: Callable[[int, int], None] | None
 try:
     import fcntl
@@ -455,19 +457,29 @@ class _SpoolFile:
     def open(self) -> tuple[int, int, int]:
         """Lock a slot, open it, adopt orphans; return (row count, max id, adopted rows)."""
         with self.lock:
-            directory = os.path.dirname(self.base_path)
-            os.makedirs(directory, exist_ok=True)
-            slot = self._acquire_slot()
-            self.path = spool_slot_path(self.base_path, slot)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.conn = conn
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute("PRAGMA journal_size_limit=67108864")
-            conn.executescript(_SCHEMA)
-            adopted = self._adopt_orphans(slot)
-            count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-            max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            try:
+                directory = os.path.dirname(self.base_path)
+                os.makedirs(directory, exist_ok=True)
+                slot = self._acquire_slot()
+                self.path = spool_slot_path(self.base_path, slot)
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                self.conn = conn
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute("PRAGMA journal_size_limit=67108864")
+                conn.executescript(_SCHEMA)
+                adopted = self._adopt_orphans(slot)
+                count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            except (OSError, sqlite3.Error) as exc:
+                # Let go of the slot (its lock), or the next attempt would take the next slot and hide the problem.
+                self._release()
+                raise ConfigurationError(
+                    f"The event spool {self.base_path} cannot be used ({type(exc).__name__}: {exc}). Set "
+                    "LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that is not "
+                    "a spool), or unset it to keep events in memory.",
+                    variable="LAGO_SPOOL_PATH",
+                ) from exc
             return int(count), int(max_id), adopted
 
     def _try_lock(self, db_path: str) -> int | None:
@@ -625,12 +637,15 @@ class _SpoolFile:
 
     def close(self) -> None:
         with self.lock:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
+            self._release()
+
+    def _release(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
 
 def _safe_dumps(event: JSON | str) -> str:
