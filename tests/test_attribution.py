@@ -398,6 +398,48 @@ async def test_openai_stream_without_usage_reports_the_model_only() -> None:
     assert Usage("gpt-4o", 0, 0, 0, "sse") == record([openai_stream(include_usage=False)], content_type=SSE)
 
 
+async def test_a_blank_model_in_an_early_chunk_does_not_hide_the_real_one() -> None:
+    """Azure OpenAI streams open with a chunk whose model is "": the model of the later chunks is still read."""
+    usage = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+    first = (None, {"model": "", "choices": [], "prompt_filter_results": []})
+    chunk = (None, {"model": "gpt-4o-2024-08-06", "choices": [{"delta": {"content": "Hi"}}], "usage": None})
+    assert Usage("gpt-4o-2024-08-06", 0, 0, 0, "sse") == record([sse(first, chunk)], content_type=SSE)
+    last = (None, {"choices": [], "usage": usage})  # the usage chunk without a model
+    assert Usage("gpt-4o-2024-08-06", 11, 2, 13, "sse") == record([sse(first, chunk, last)], content_type=SSE)
+    invalid = (None, {"model": 42, "choices": []})  # nor does an invalid one
+    assert Usage("gpt-4o-2024-08-06", 11, 2, 13, "sse") == record([sse(invalid, chunk, last)], content_type=SSE)
+
+
+async def test_one_unreadable_stream_event_does_not_stop_the_reading() -> None:
+    """An event too deeply nested for json.loads is skipped; the usage after it still counts."""
+    deep = "[" * 100_000 + "]" * 100_000
+    stream = sse((None, '{"model": "m", "x": ' + deep + "}")) + openai_stream()
+    assert Usage("gpt-4o", 11, 2, 13, "sse") == record([stream], content_type=SSE)
+    assert Usage("gpt-4o", 11, 2, 13, "sse") == record([stream], content_type=SSE)  # the next stream too
+
+
+async def test_a_byte_order_mark_opening_a_stream_is_ignored() -> None:
+    stream = b"\xef\xbb\xbf" + openai_stream()
+    assert Usage("gpt-4o", 11, 2, 13, "sse") == record([stream], content_type=SSE)
+    assert Usage("gpt-4o", 11, 2, 13, "sse") == record([stream[:3], stream[3:]], content_type=SSE)
+
+
+async def test_a_deeply_nested_json_body_is_unparseable_not_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = b'{"usage": {"prompt_tokens": 1}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert Usage() == record([body])
+    assert Usage() == _general_usage(body)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_only_json_blanks_may_follow_a_json_body() -> None:
+    """A form feed after the document makes json.loads refuse it: the fast path agrees (0 tokens either way)."""
+    body = dumps({"model": "m", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}) + b"\x0c"
+    assert record([body]) == _general_usage(body) == Usage()
+    assert record([body[:-1] + b" \r\n\t"]) == Usage("m", 3, 4, 7, "json")
+
+
 async def test_anthropic_stream_merges_message_start_and_delta() -> None:
     """Input (with cache reads) from message_start, cumulative output from message_delta."""
     stream = sse(*anthropic_events())

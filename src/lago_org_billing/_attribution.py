@@ -269,8 +269,19 @@ def _collect(payload: object, counts: _Counts) -> None:
         ):
             if key in usage and usage[key] is not None:
                 counts.latest[key] = usage[key]
-    if model is not None and (isinstance(usage, Mapping) or counts.model is None):
-        counts.model = model
+    if model is not None:
+        # A valid model wins over an earlier one only with usage (the final chunk's); a blank or invalid one (Azure
+        # streams open with "model": "") is kept only while nothing better is known, so the real one still comes.
+        if _good_model(model):
+            if isinstance(usage, Mapping) or not _good_model(counts.model):
+                counts.model = model
+        elif counts.model is None:
+            counts.model = model  # reported (and dropped) when the usage is read, unless a valid one follows
+
+
+def _good_model(value: object) -> bool:
+    """A model name ``_model`` keeps as it is (the fast check)."""
+    return type(value) is str and 0 < len(value) <= MAX_MODEL_LENGTH and value.isprintable() and not value.isspace()
 
 
 def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
@@ -336,6 +347,7 @@ class UsageRecorder:
         "_data_size",
         "_discarding",
         "_event",
+        "_fresh",
         "_headers",
         "_mode",
         "_partial",
@@ -426,6 +438,7 @@ class UsageRecorder:
         if media_type == b"text/event-stream":
             self._mode = _MODE_SSE
             self._counts = _Counts()
+            self._fresh = True  # the stream's first bytes may be a byte-order mark, which SSE ignores
             self._partial = b""
             self._skip_lf = False
             self._discarding = False
@@ -465,6 +478,10 @@ class UsageRecorder:
             _internal_error("response_body")
 
     def _feed_sse(self, chunk: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            if chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -537,11 +554,11 @@ class UsageRecorder:
         # Most stream events carry no usage: skip them without parsing JSON.
         usage_hits = data.count(b'"usage"')
         if usage_hits == 0 or usage_hits == data.count(b'"usage":null') + data.count(b'"usage": null'):
-            if counts.model is not None or b'"model"' not in data:
+            if _good_model(counts.model) or b'"model"' not in data:
                 return
         try:
             payload = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # one unreadable event (too deeply nested...): the next ones still count
             return
         _collect(payload, counts)
 
@@ -652,7 +669,7 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
         return {}, None
     try:
         payload = json.loads(body)
-    except ValueError:  # not JSON, not UTF-8/16/32, an integer of thousands of digits...
+    except (ValueError, RecursionError):  # not JSON, not UTF-8/16/32, thousands of digits, nested too deep...
         _unparseable_body()
         return {}, None
     counts = _Counts()
@@ -666,15 +683,15 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     anything else down the general path (same result)."""
     if b'"usage"' not in body:
         return Usage()
-    if body[:1] != b"{":  # leading blanks, a UTF-16 body...: the general path decodes it like json.loads
+    if body[:1] != b"{":  # leading blanks, a byte-order mark...: the general path reads it as json.loads does
         return None
     try:
         text = body.decode("utf-8", "surrogatepass")  # as json.loads decodes bytes
         payload, end = _scan_json(text, 0)  # json.loads without its per-call encoding sniffing (2x faster)
-    except (ValueError, StopIteration):
+    except (ValueError, StopIteration, RecursionError):
         _unparseable_body()
         return Usage()
-    if end != len(text) and text[end:].strip():
+    if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's blanks only, as json.loads
         return Usage()  # trailing data: json.loads would refuse the document
     usage = payload.get("usage") if type(payload) is dict else None
     if type(usage) is not dict:
