@@ -824,3 +824,13 @@ async def test_aclose_ends_a_refresh_in_flight(clock: Clock) -> None:
     assert gate._loose
     await gate.aclose()
     assert all(task.done() for task in gate._loose) and not gate._loose
+
+
+async def test_a_misspelt_plan_limit_is_refused(client: LagoClient) -> None:
+    """{"starter": {"max_api_cals": 1}} was accepted and never enforced."""
+    settings = client.settings.replace(plan_limits={"starter": {"max_api_cals": 1}})
+    with pytest.raises(ConfigurationError, match="max_api_cals") as info:
+        QuotaGate(settings, client, config=QuotaConfig())
+    assert info.value.variable == "LAGO_PLAN_LIMITS" and "'max_api_calls'" in str(info.value)
+    renamed = QuotaConfig(calls_privilege="max_api_cals")  # the privilege renamed: the key is a limit
+    QuotaGate(settings, client, config=renamed)

@@ -95,6 +95,9 @@ def test_missing_api_key_names_the_variable() -> None:
     [
         ("LAGO_API_URL", "not a url"),
         ("LAGO_API_URL", "ftp://lago.example"),
+        ("LAGO_API_URL", "http://127.0.0.1:notaport"),
+        ("LAGO_API_URL", "http://127.0.0.1:99999"),
+        ("LAGO_REDIS_URL", "localhost:6379"),
         ("LAGO_API_TIMEOUT", "ten"),
         ("LAGO_API_TIMEOUT", "-1"),
         ("LAGO_API_TIMEOUT", "nan"),

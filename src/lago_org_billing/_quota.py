@@ -734,6 +734,7 @@ class QuotaGate:
         self.mode = settings.quota_mode
         self.ttl = settings.usage_cache_ttl
         self.token_metric = self.config.token_metric or settings.event_code
+        _check_limit_names(settings.plan_limits, self.config)
         self.local = LocalBackend(self.config)
         if backend is None and settings.redis_url:
             from ._quota_redis import RedisBackend
@@ -1351,6 +1352,20 @@ async def check_org_has_active_subscription(org_id: str, *, request: Any = None)
     """The seed's helper, on the gate's cache (see :meth:`QuotaGate.check_org_has_active_subscription`; with
     several apps in one process, pass the ``request`` to use its app's gate)."""
     return await current_gate(request).check_org_has_active_subscription(org_id)
+
+
+def _check_limit_names(plan_limits: Mapping[str, Mapping[str, int]], config: QuotaConfig) -> None:
+    """A misspelt limit in ``LAGO_PLAN_LIMITS`` would never be enforced: refuse it."""
+    known = (config.calls_privilege, config.tokens_privilege)
+    for plan, limits in plan_limits.items():
+        unknown = sorted(set(limits) - set(known))
+        if unknown:
+            raise ConfigurationError(
+                f"LAGO_PLAN_LIMITS[{plan!r}] has limits no quota reads: {', '.join(map(repr, unknown))}. The limits "
+                f"are {known[0]!r} (calls per billing period) and {known[1]!r} (tokens per billing period); "
+                "LAGO_QUOTA_CALLS_PRIVILEGE / LAGO_QUOTA_TOKENS_PRIVILEGE rename them.",
+                variable="LAGO_PLAN_LIMITS",
+            )
 
 
 async def get_org_plan_limits(org_id: str, *, request: Any = None) -> dict[str, Any]:

@@ -94,6 +94,12 @@ class BillingSettings:
         if not self.event_code or not self.event_code.strip():
             raise ConfigurationError("LAGO_EVENT_CODE must not be empty.", variable="LAGO_EVENT_CODE")
         _check_template(self.subscription_id_template)
+        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError(
+                f"LAGO_REDIS_URL must be a redis://, rediss:// or unix:// URL such as redis://localhost:6379/0, got "
+                f"{self.redis_url!r}.",
+                variable="LAGO_REDIS_URL",
+            )
         if self.quota_mode not in _QUOTA_MODES:
             raise ConfigurationError(
                 f"LAGO_QUOTA_MODE must be one of {', '.join(_QUOTA_MODES)}; got {self.quota_mode!r}.",
@@ -238,7 +244,11 @@ def _json_object(name: str, raw: str) -> Any:
 def _parse_url(name: str, value: str) -> str:
     url = value.strip().rstrip("/")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {value!r}.", variable=name
         )
