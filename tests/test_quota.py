@@ -17,6 +17,7 @@ from starlette.routing import Route
 from _quota_app import TOKENS, Clock, chat, seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware, require_quota
 from lago_org_billing._gate import QuotaDecision
+from lago_org_billing._identity import get_current_org
 from lago_org_billing._quota import (
     PROBLEM_NO_SUBSCRIPTION,
     PROBLEM_QUOTA_EXCEEDED,
@@ -619,8 +620,9 @@ def dependency_auth_app(*, gated: bool) -> Any:
     dependencies = [Depends(authenticate), Depends(require_quota)] if gated else [Depends(authenticate)]
 
     @app.get("/v1/chat", dependencies=dependencies)
-    async def chat_endpoint() -> dict[str, Any]:
-        return {"model": "m", "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": TOKENS}}
+    async def chat_endpoint(request: Request) -> dict[str, Any]:
+        usage = {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": TOKENS}
+        return {"model": "m", "usage": usage, "org": get_current_org(request)}
 
     return app
 
@@ -668,13 +670,16 @@ async def test_org_known_only_in_a_dependency_is_gated_by_require_quota(
         assert blocked.headers["content-type"] == "application/problem+json"
         assert blocked.json()["type"] == PROBLEM_QUOTA_EXCEEDED and blocked.json()["org_id"] == "org_1"
         assert blocked.headers["ratelimit-remaining"] == "0" and "retry-after" in blocked.headers
-        served = next(answer for answer in answers if answer.status_code == 200)
-        assert "ratelimit-limit" not in served.headers  # the decision came after the app began: not on its answer
+        served = [answer for answer in answers if answer.status_code == 200]
+        # the decision came before the answer began: its headers are on it, and the endpoint knew the org
+        assert sorted(answer.headers["ratelimit-remaining"] for answer in served) == ["0", "1", "2", "3", "4"]
+        assert {answer.json()["org"] for answer in served} == {"org_1"}
         assert len(fake.events) == 5
         assert middleware.stats["blocked"] == 35 and middleware.stats["ungated"] == 0
         assert gate.local.reserve_now("org_1", clock.time(), "peek").calls == 5  # counted once each, none left over
     else:
         assert statuses == [200] * 40 and len(fake.events) == 40
+        assert {answer.json()["org"] for answer in answers} == {None}  # known only once the app answered
         assert middleware.stats["ungated"] == 40
         assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
         assert "Depends(require_quota)" in caplog.text

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ._errors import ConfigurationError, QuotaExceededError
-from ._identity import billing_scope
+from ._identity import billing_scope, publish_identity
 
 __all__ = ["QuotaDecision", "QuotaGateProtocol", "require_quota"]
 
@@ -93,20 +93,23 @@ async def require_quota(request: Request) -> QuotaDecision | None:
         raise ConfigurationError(
             "require_quota() needs OrgBillingMiddleware around the app, and an HTTP request (none saw this one)."
         )
-    gate = billing.get("quota")
-    if gate is None or billing.get("org_id") is not None:  # gating off, or done before the app ran
-        return None
     known = billing.get("decision")
     if known is not None:  # checked already (a second dependency, a sub-dependency...)
         return known  # type: ignore[no-any-return]
+    gate = billing.get("quota")
+    if gate is None or billing.get("org_id") is not None:  # gating off, or done before the app ran
+        return None
     resolve = billing.get("resolve")
-    org_id = None
+    org_id = user_id = None
     if resolve is not None:
-        org_id, _ = await resolve(request.scope)
+        org_id, user_id = await resolve(request.scope)
     if org_id is None:
         return None
     decision: QuotaDecision = await gate.check(org_id)
     billing["decision"], billing["decision_org"] = decision, org_id
+    # Known from now on: get_current_org(request), request.state.billing_org_id (and the RateLimit-* headers of
+    # an allowed answer are added to it)
+    publish_identity(request.scope, billing, org_id, user_id)
     if not decision.allowed:
         raise QuotaExceededError(org_id, decision)
     return decision

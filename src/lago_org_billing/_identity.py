@@ -42,6 +42,7 @@ __all__ = [
     "from_header",
     "from_jwt_claim",
     "from_state",
+    "publish_identity",
     "from_user",
     "get_current_org",
     "get_current_user",
@@ -483,3 +484,16 @@ def get_current_user(request_or_scope: Any) -> str | None:
     data = billing_scope(request_or_scope)
     value = data.get("user_id") if data is not None else None
     return value if isinstance(value, str) else None
+
+
+def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:
+    """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state.billing_org_id`` /
+    ``billing_user_id``. Never ``request.state.org_id``: that is your auth layer's, and an org taken from a header
+    (``LAGO_ORG_HEADER``) put there would pass for an authenticated one."""
+    billing["org_id"] = org_id
+    billing["user_id"] = user_id
+    state = scope.get("state")
+    if type(state) is not dict:
+        state = scope.setdefault("state", {})
+    state["billing_org_id"] = org_id
+    state["billing_user_id"] = user_id

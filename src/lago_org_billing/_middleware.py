@@ -38,6 +38,7 @@ from ._identity import (
     default_identity,
     default_org_resolver,
     default_user_resolver,
+    publish_identity as _publish,
     resolve_now,
 )
 from ._metrics import register_metrics
@@ -396,6 +397,8 @@ class OrgBillingMiddleware:
                 return lambda send: response(scope, receive, send)
             identity = await self._resolve(scope)
             _publish(scope, billing, *identity)
+            if decision is not None and billing.get("decision_org") == identity[0]:
+                watcher.extra_headers = decision.headers  # require_quota()'s RateLimit-* headers
             return None
 
         watcher = _ResponseWatcher(scope, self.attribution, send)
@@ -658,10 +661,10 @@ class _ResponseWatcher(UsageRecorder):
                 self.response_body(message.get("body", b""))
         elif kind == "http.response.start":
             self.response_start(message)  # never raises
+            if self.on_start is not None:  # (which may set the headers to add)
+                return self._start_then_send(self.on_start, send, message)
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
-            if self.on_start is not None:
-                return self._start_then_send(self.on_start, send, message)
         return send(message)
 
     async def _start_then_send(
@@ -672,6 +675,8 @@ class _ResponseWatcher(UsageRecorder):
     ) -> None:
         replacement = await on_start()
         if replacement is None:
+            if self.extra_headers:
+                message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
             await send(message)
         else:  # the app's answer is dropped, message by message, and the replacement goes out
             self.send = _discard
@@ -740,19 +745,6 @@ _request_id = _RequestIds()
 
 #: The endpoint of requests no route matched (404s): one value, however many paths are probed.
 UNMATCHED = "<unmatched>"
-
-
-def _publish(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:
-    """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state.billing_org_id`` /
-    ``billing_user_id``. Never ``request.state.org_id``: that is your auth layer's, and an org taken from a header
-    (``LAGO_ORG_HEADER``) put there would pass for an authenticated one."""
-    billing["org_id"] = org_id
-    billing["user_id"] = user_id
-    state = scope.get("state")
-    if type(state) is not dict:
-        state = scope.setdefault("state", {})
-    state["billing_org_id"] = org_id
-    state["billing_user_id"] = user_id
 
 
 def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
