@@ -209,6 +209,9 @@ def test_command_refuses_unknown_ids_and_a_missing_spool(
     assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "999", "--id", "1"]) == 2
     err = capsys.readouterr().err
     assert "no such dead letter" in err and "999" in err and ": 1" not in err
+    assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "999", "1"]) == 2  # several after one --id
+    err = capsys.readouterr().err
+    assert "no such dead letter" in err and "999" in err and ": 1" not in err
     assert main(["dead-letters", "--spool", str(path), "--replay", "--id", "x1"]) == 2
     assert "not an id" in capsys.readouterr().err
     assert main(["dead-letters", "--spool", str(path), "--replay", "--timeout", "0"]) == 2

@@ -247,7 +247,7 @@ def add_dead_letters_command(commands: Any) -> None:
     command.add_argument("--spool", metavar="PATH", help="the spool file (default: $LAGO_SPOOL_PATH)")
     command.add_argument("--replay", action="store_true", help="send them to Lago again (default: only list)")
     command.add_argument(
-        "--id", dest="ids", action="append", metavar="ID", help="only this letter (repeatable; default: all)"
+        "--id", dest="ids", action="extend", nargs="+", metavar="ID", help="only these letters (default: all)"
     )
     command.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for Lago's answers with --replay (default 60)"
