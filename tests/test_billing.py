@@ -196,6 +196,10 @@ async def test_health_reports_instead_of_raising(fake_lago: Any, billing: OrgBil
     async with OrgBilling(settings) as down:
         report = await down.check_lago_health()
     assert report["healthy"] is False and "LAGO_API_URL" in report["error"]
+    wrong_key = BillingSettings(api_url=fake_lago.base_url, api_key="not-the-key", max_retries=0)
+    async with OrgBilling(wrong_key, client=LagoClient(wrong_key, transport=fake_lago.transport())) as refused:
+        report = await refused.check_lago_health()  # Lago's /health needs no key: the key is checked apart
+    assert report["healthy"] is False and "refuses this API key" in report["error"]
 
 
 async def test_nowait_recording_goes_through_the_pipeline(fake_lago: Any, billing: OrgBilling) -> None:

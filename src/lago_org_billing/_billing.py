@@ -22,6 +22,7 @@ from ._errors import (
     ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
+    LagoAuthenticationError,
     LagoIntegrationError,
     LagoNotFoundError,
     LagoValidationError,
@@ -505,6 +506,14 @@ class OrgBilling:
             result["version"] = body.get("version")
             if not result["healthy"]:
                 result["error"] = str(body.get("details") or body.get("message"))
+        if result["healthy"]:  # Lago's /health needs no key: one authenticated call checks the key too
+            try:
+                await self.client.list_customers(per_page=1)
+            except LagoIntegrationError as exc:
+                result["healthy"] = False
+                result["error"] = f"Lago is up, but refuses this API key: {exc}"
+                if not isinstance(exc, LagoAuthenticationError):
+                    result["error"] = f"Lago is up, but an API call failed: {exc}"
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return result
 
