@@ -81,6 +81,17 @@ def test_emulator_command_serves_seeded_lago(tmp_path: Path) -> None:
             process.wait(10)
 
 
+def test_emulator_command_on_a_port_in_use_says_so_in_one_line() -> None:
+    """It printed where it would listen, then uvicorn's 59-line traceback, and exited 3."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--port", str(port)]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "cannot listen on 127.0.0.1" in run.stderr and "--port" in run.stderr
+    assert "Traceback" not in run.stderr and "Lago emulator on" not in run.stdout
+
+
 def test_emulator_command_rejects_a_bad_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A seed file that is not valid JSON is a clear error and exit code 2, before serving anything."""
     seed = tmp_path / "seed.json"

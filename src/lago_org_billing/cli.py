@@ -81,19 +81,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _emulator(args: argparse.Namespace) -> int:
     from .testing import FakeLago
-    from .testing._server import run
+    from .testing._server import free_port_or_error, run
 
     api_key = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
     if args.seed:
         fake = FakeLago.from_seed_file(args.seed, api_key=api_key, event_store=args.event_store)
     else:
         fake = FakeLago(api_key=api_key, event_store=args.event_store)
+    port = free_port_or_error(args.host, args.port)  # before saying where it listens (a port in use: one line)
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"Lago emulator on http://{args.host}:{args.port} (event store {args.event_store}).\n"
-        f"  export LAGO_API_URL=http://{args.host}:{args.port} LAGO_API_KEY={api_key}",
+        f"Lago emulator on http://{host}:{port} (event store {args.event_store}).\n"
+        f"  export LAGO_API_URL=http://{host}:{port} LAGO_API_KEY={api_key}",
         flush=True,
     )
-    run(fake, args.host, args.port)
+    run(fake, args.host, port)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -114,13 +115,31 @@ def serve_in_thread(
         thread.join(timeout)
 
 
-def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: str = "info") -> None:
-    """Serve ``fake`` in the foreground until interrupted (the ``lago-org-billing emulator`` command)."""
+def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
+    """``port`` (a free one for 0) if the emulator can listen there, else an :class:`EmulatorServerError` that says
+    why (checked before serving, so that a port in use is one clear line, not uvicorn's traceback)."""
     if not 0 <= port <= 65535:
         raise ConfigurationError(f"port must be between 0 and 65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family) as probe:
+            return int(probe.getsockname()[1])
+    except OSError as exc:
+        raise EmulatorServerError(
+            f"the emulator cannot listen on {host}:{port}: {exc.strerror or exc}. Is another server on that port? "
+            "Choose another one with --port."
+        ) from None
+
+
+def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: str = "info") -> None:
+    """Serve ``fake`` in the foreground until interrupted (the ``lago-org-billing emulator`` command)."""
+    port = free_port_or_error(host, port)
     uvicorn = _uvicorn()
     install_controls(fake)
     server = uvicorn.Server(_config(fake, host, port, log_level))
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way out of a failed start (taken since the check above; logged)
+        pass
     if not server.started:
-        raise EmulatorServerError(f"the emulator could not be served on {host}:{port} (port in use?)")
+        raise EmulatorServerError(f"the emulator could not be served on {host}:{port} (see the log above)")
