@@ -222,6 +222,24 @@ async def test_excluded_paths_are_not_billed(fake_lago: Any, make_middleware: Mi
     assert middleware.stats["excluded"] == 1
 
 
+async def test_excluded_paths_are_whole_segments(fake_lago: Any, settings: BillingSettings) -> None:
+    """ "/v1/chat" covers "/v1/chat" and "/v1/chat/...", not "/v1/chatter" (a plain string prefix did)."""
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/v1/chat/{id}", ok), Route("/v1/chatter", ok), Route("/v1/chat", ok)])
+    middleware = OrgBillingMiddleware(
+        app, settings.replace(exclude_paths=("/v1/chat/",)), quota=None, transport=fake_lago.transport()
+    )
+    async with client_for(middleware) as client:
+        for path in ("/v1/chat", "/v1/chat/1", "/v1/chatter"):
+            assert (await client.get(path, headers=HEADERS)).status_code == 200
+    assert await middleware.pipeline.flush(5)
+    assert [event["properties"]["endpoint"] for event in fake_lago.events] == ["/v1/chatter"]
+    assert middleware.stats["excluded"] == 2
+
+
 async def test_missing_org_allowed_unbilled_and_counted(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """Without an org the request is served, not billed, and counted."""
     middleware = make_middleware()

@@ -135,6 +135,10 @@ class OrgBillingMiddleware:
             # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
             self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
             self.exclude_paths = self.settings.exclude_paths
+            # Whole path segments: "/billing" covers "/billing" and "/billing/...", not "/billing-export".
+            prefixes = [prefix.rstrip("/") for prefix in self.exclude_paths]
+            self._excluded_exact = frozenset(prefixes)
+            self._excluded_under = tuple(prefix + "/" for prefix in prefixes)
             self.shutdown_timeout = shutdown_timeout
             self._owned_client: LagoClient | None = None
             self._transport = transport
@@ -189,11 +193,10 @@ class OrgBillingMiddleware:
             billing["quota"] = quota
         if self.exclude_paths:
             path: str = scope["path"]
-            for prefix in self.exclude_paths:
-                if path.startswith(prefix):
-                    self.stats["excluded"] += 1
-                    await self.app(scope, receive, send)
-                    return
+            if path in self._excluded_exact or path.startswith(self._excluded_under):
+                self.stats["excluded"] += 1
+                await self.app(scope, receive, send)
+                return
         self.stats["requests"] += 1
         started = time.time()
         root_path: str = scope.get("root_path", "")

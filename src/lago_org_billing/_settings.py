@@ -116,10 +116,16 @@ class BillingSettings:
                 variable="LAGO_UNRESOLVED_STATUS",
             )
         for prefix in self.exclude_paths:
+            problem = None
             if not prefix.startswith("/"):
+                problem = "must start with '/'"
+            elif not prefix.strip("/"):
+                problem = "would exclude every request (to bill nothing, leave the middleware out)"
+            elif "*" in prefix or "?" in prefix:
+                problem = "is a path prefix, not a pattern ('/health' covers '/health' and '/health/...')"
+            if problem:
                 raise ConfigurationError(
-                    f"LAGO_EXCLUDE_PATHS entries must start with '/': {prefix!r}.",
-                    variable="LAGO_EXCLUDE_PATHS",
+                    f"LAGO_EXCLUDE_PATHS entry {prefix!r} {problem}.", variable="LAGO_EXCLUDE_PATHS"
                 )
         _check_plan_limits(self.plan_limits)
 
