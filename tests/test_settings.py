@@ -107,6 +107,8 @@ def test_missing_api_key_names_the_variable() -> None:
         ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "static"),
         ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "{org_id"),
         ("LAGO_EXCLUDE_PATHS", "health"),
+        ("LAGO_ORG_HEADER", "X-Org-Id:"),
+        ("LAGO_USER_HEADER", "X User Id"),
         ("LAGO_EXCLUDE_PATHS", "/health, /"),
         ("LAGO_EXCLUDE_PATHS", "/health*"),
         ("LAGO_QUOTA_MODE", "strict"),

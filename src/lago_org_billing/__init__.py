@@ -19,7 +19,7 @@ from ._errors import (
     LagoValidationError,
     QuotaExceededError,
 )
-from ._gate import require_quota
+from ._gate import QuotaDecision, require_quota
 from ._identity import (
     Identity,
     first_of,
@@ -39,7 +39,7 @@ from ._quota import (
     enforce_usage_limits,
     get_org_plan_limits,
 )
-from ._routes import billing_routes
+from ._routes import BillingRouter, billing_routes
 from ._settings import BillingSettings
 from ._spool import DeadLetter
 from ._version import __version__
@@ -50,6 +50,7 @@ __all__ = [
     "attribute_usage",
     "AttributionConfig",
     "billing_routes",
+    "BillingRouter",
     "BillingSettings",
     "check_org_has_active_subscription",
     "ConfigurationError",
@@ -81,6 +82,7 @@ __all__ = [
     "Page",
     "PipelineMetrics",
     "QuotaConfig",
+    "QuotaDecision",
     "QuotaExceededError",
     "QuotaGate",
     "register_metrics",

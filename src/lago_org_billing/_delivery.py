@@ -610,7 +610,14 @@ class EventPipeline:
         delay = self._backoff()
         # one WARNING when an outage starts (then every 20th failure); recovery is logged at INFO
         log = logger.warning if self._failures % 20 == 1 else logger.debug
-        log("Lago delivery failed (%s); retrying in %.2f s", status or type(exc.__cause__).__name__, delay)
+        hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
+        log(
+            "Lago delivery to %s failed: %s; events are kept and retried in %.2f s%s",
+            self.client.settings.api_url,
+            str(exc).rstrip("."),
+            delay,
+            hint,
+        )
         self._retry(items, stack)
         return False
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -115,6 +116,12 @@ class BillingSettings:
                 f"LAGO_UNRESOLVED_STATUS must be 401 or 403, got {self.unresolved_status!r}.",
                 variable="LAGO_UNRESOLVED_STATUS",
             )
+        for variable, header in (("LAGO_ORG_HEADER", self.org_header), ("LAGO_USER_HEADER", self.user_header)):
+            if header is not None and not _HEADER_NAME.fullmatch(header):
+                raise ConfigurationError(
+                    f"{variable} must be an HTTP header name such as X-Org-Id (letters, digits and -), got {header!r}.",
+                    variable=variable,
+                )
         for prefix in self.exclude_paths:
             problem = None
             if not prefix.startswith("/"):
@@ -245,6 +252,10 @@ def _json_object(name: str, raw: str) -> Any:
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"{name} is not valid JSON ({exc.msg} at char {exc.pos}).", variable=name) from None
     return value
+
+
+#: An HTTP field name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _parse_url(name: str, value: str) -> str:
