@@ -440,6 +440,24 @@ async def test_only_json_blanks_may_follow_a_json_body() -> None:
     assert record([body[:-1] + b" \r\n\t"]) == Usage("m", 3, 4, 7, "json")
 
 
+async def test_cache_fields_next_to_prompt_tokens_are_not_added_again() -> None:
+    """Proxies give Claude's usage in OpenAI's shape, prompt_tokens already counting the cache, with Anthropic's
+    cache fields beside it: they were added to the input a second time (6410 input for 3205 read)."""
+    usage = {"prompt_tokens": 3205, "completion_tokens": 5, "total_tokens": 3210, "cache_read_input_tokens": 3200}
+    body = dumps({"model": "claude", "usage": usage})
+    assert record([body]) == _general_usage(body) == Usage("claude", 3205, 5, 3210, "json")
+    stream = sse((None, {"model": "claude", "choices": [], "usage": usage}))
+    assert record([stream], content_type=SSE) == Usage("claude", 3205, 5, 3210, "sse")
+    anthropic = {"input_tokens": 5, "output_tokens": 5, "cache_read_input_tokens": 3200}  # Anthropic's own: added
+    assert record([dumps({"model": "claude", "usage": anthropic})]) == Usage("claude", 3205, 5, 3210, "json")
+
+
+async def test_a_later_usage_update_without_a_total_drops_the_stale_one() -> None:
+    first = (None, {"model": "m", "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}})
+    later = (None, {"model": "m", "usage": {"prompt_tokens": 11, "completion_tokens": 5}})
+    assert record([sse(first, later)], content_type=SSE) == Usage("m", 11, 5, 16, "sse")
+
+
 async def test_anthropic_stream_merges_message_start_and_delta() -> None:
     """Input (with cache reads) from message_start, cumulative output from message_delta."""
     stream = sse(*anthropic_events())
@@ -503,6 +521,16 @@ async def test_sse_oversized_line_is_skipped() -> None:
     good = sse((None, {"model": "m", "usage": {"input_tokens": 1, "output_tokens": 2}}))
     for chunks in ([big + good], byte_by_byte(big + good), [big[:300], big[300:] + good]):
         assert Usage("m", 1, 2, 3, "sse") == record(chunks, content_type=SSE, config=config)
+
+
+async def test_sse_oversized_comment_line_drops_only_itself() -> None:
+    """An oversized comment before an event's data line is dropped alone, however the bytes are chunked (its event
+    was dropped too when the line's end came in another chunk)."""
+    config = AttributionConfig(max_body_bytes=200)
+    stream = b": " + b"p" * 500 + b"\n" + sse((None, {"model": "m", "usage": {"input_tokens": 3, "output_tokens": 4}}))
+    for split in range(1, len(stream)):
+        chunks = [stream[:split], stream[split:]]
+        assert Usage("m", 3, 4, 7, "sse") == record(chunks, content_type=SSE, config=config), split
 
 
 async def test_sse_event_of_many_lines_over_the_cap_is_not_kept(caplog: pytest.LogCaptureFixture) -> None:

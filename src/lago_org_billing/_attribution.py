@@ -16,7 +16,9 @@ Token rules, to neither under- nor double-bill:
   ``completion_tokens_details.reasoning_tokens`` are *subsets* of the prompt/completion counts: never added.
 - Anthropic ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are *not* included in its
   ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
-  reads at a discount in Lago if wanted, the split is not kept).
+  reads at a discount in Lago if wanted, the split is not kept). Next to a ``prompt_tokens`` (the OpenAI shape
+  proxies such as LiteLLM give Claude's usage), which counts them already, they are not added.
+- A usage update without ``total_tokens`` drops an earlier total (it no longer matches the new counts).
 - Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
   ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
   ``message_start``) adds them up. A stream cut off by the client keeps what was counted so far.
@@ -269,6 +271,8 @@ def _collect(payload: object, counts: _Counts) -> None:
         ):
             if key in usage and usage[key] is not None:
                 counts.latest[key] = usage[key]
+        if usage.get("total_tokens") is None:  # counts updated without a total: an earlier one is stale
+            counts.latest.pop("total_tokens", None)
     if model is not None:
         # A valid model wins over an earlier one only with usage (the final chunk's); a blank or invalid one (Azure
         # streams open with "model": "") is kept only while nothing better is known, so the real one still comes.
@@ -287,12 +291,14 @@ def _good_model(value: object) -> bool:
 def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
     """Token fields from one provider usage object (see the module docstring for the rules)."""
     out: dict[str, int] = {}
-    input_tokens = _tokens(raw.get("prompt_tokens", raw.get("input_tokens")), source, "input_tokens")
+    openai_shape = "prompt_tokens" in raw  # its prompt count includes cached tokens, whatever else is there
+    input_tokens = _tokens(raw["prompt_tokens"] if openai_shape else raw.get("input_tokens"), source, "input_tokens")
     if input_tokens is not None:
-        for extra in ("cache_creation_input_tokens", "cache_read_input_tokens"):
-            added = _tokens(raw.get(extra), source, extra)
-            if added is not None:
-                input_tokens += added
+        if not openai_shape:
+            for extra in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+                added = _tokens(raw.get(extra), source, extra)
+                if added is not None:
+                    input_tokens += added
         out["input_tokens"] = input_tokens
     output_tokens = _tokens(raw.get("completion_tokens", raw.get("output_tokens")), source, "output_tokens")
     if output_tokens is not None:
@@ -345,6 +351,7 @@ class UsageRecorder:
         "_counts",
         "_data_lines",
         "_data_size",
+        "_discarded_data",
         "_discarding",
         "_event",
         "_fresh",
@@ -442,6 +449,7 @@ class UsageRecorder:
             self._partial = b""
             self._skip_lf = False
             self._discarding = False
+            self._discarded_data = False
             self._event = b""
             self._data_lines = []
             self._data_size = 0
@@ -494,23 +502,28 @@ class UsageRecorder:
             if not self._discarding:
                 self._partial += chunk
                 if len(self._partial) > self._config.max_body_bytes:
-                    self._partial = b""
-                    self._discarding = True
+                    self._discard(self._partial)
             return
         lines = chunk.split(b"\n")
         tail = lines.pop()
         if self._discarding:
             self._discarding = False
-            self._line(None)  # the rest of an oversized line: drop it and its event
-            del lines[0]
+            if self._discarded_data:
+                self._line(None)  # the rest of an oversized data line: drop it and its event
+            del lines[0]  # (a comment, id or event line: only it)
         elif self._partial:
             lines[0] = self._partial + lines[0]
         for line in lines:
             self._line(line)
         self._partial = tail
         if len(tail) > self._config.max_body_bytes:
-            self._partial = b""
-            self._discarding = True
+            self._discard(tail)
+
+    def _discard(self, start: bytes) -> None:
+        """Drop the oversized line that begins with ``start``, up to its end; its event too if it is data."""
+        self._partial = b""
+        self._discarding = True
+        self._discarded_data = start[:4] == b"data"
 
     def _line(self, line: bytes | None) -> None:
         if line is None:  # an oversized line (or event) was dropped: its event is unusable
@@ -697,7 +710,8 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     if type(usage) is not dict:
         return None
     input_tokens = usage.get("prompt_tokens")
-    if input_tokens is None:
+    anthropic_shape = input_tokens is None
+    if anthropic_shape:
         input_tokens = usage.get("input_tokens")
     output_tokens = usage.get("completion_tokens")
     if output_tokens is None:
@@ -705,7 +719,7 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     total = usage.get("total_tokens")
     if not (_count_or_none(input_tokens) and _count_or_none(output_tokens) and _count_or_none(total)):
         return None  # malformed: the general path logs it
-    if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:  # Anthropic: not included
+    if anthropic_shape and ("cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage):
         cache_write, cache_read = usage.get("cache_creation_input_tokens"), usage.get("cache_read_input_tokens")
         if not (_count_or_none(cache_write) and _count_or_none(cache_read)):
             return None
