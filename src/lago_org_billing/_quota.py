@@ -1054,7 +1054,8 @@ class QuotaGate:
         if not self._outage_logged:
             self._outage_logged = True
             logger.warning(
-                "No usage snapshot of org %r could be read from Lago within %.1f s: requests of orgs without a "
+                "No usage snapshot of org %r could be read from Lago (it failed, logged above, or took over %.1f s): "
+                "requests of orgs without a "
                 "snapshot are %s until Lago answers (counted in stats['fail_open'/'fail_closed']).",
                 org_id,
                 self.config.cold_timeout,
