@@ -511,6 +511,10 @@ async def test_a_bad_setting_built_in_a_running_app_fails_its_requests_with_the_
         for _ in range(2):
             with pytest.raises(ConfigurationError, match="LAGO_API_TIMEOUT"):
                 await client.post("/v1/chat/1", headers=HEADERS)
+    layer = app.middleware_stack
+    while not isinstance(layer, OrgBillingMiddleware):
+        layer = layer.app
+    await layer.aclose()  # nothing to close, and no error of its own
 
 
 async def test_two_apps_do_not_share_state(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:

@@ -109,6 +109,9 @@ class OrgBillingMiddleware:
         self._running = False
         #: A configuration error kept for the lifespan to report (see below); the middleware then serves nothing.
         self._config_error: Exception | None = None
+        self._lazy_task: asyncio.Task[None] | None = None
+        self._lazy_error: ConfigurationError | None = None
+        self._lazy_started: anyio.Event | None = None
         try:
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
@@ -161,9 +164,6 @@ class OrgBillingMiddleware:
                 "unbilled_errors": 0,
                 "ungated": 0,
             }
-            self._lazy_task: asyncio.Task[None] | None = None
-            self._lazy_error: ConfigurationError | None = None
-            self._lazy_started: anyio.Event | None = None
             if self.settings.metrics or metrics_registry is not None:
                 register_metrics(self, metrics_registry)
         except (LagoIntegrationError, ValueError) as exc:
