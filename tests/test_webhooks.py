@@ -23,9 +23,10 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lago_org_billing import BillingSettings, ConfigurationError, LagoClient
+from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, _webhooks as webhooks_module
 from lago_org_billing._identity import SCOPE_KEY
 from lago_org_billing._webhooks import (
+    DEFAULT_PROCESSING_TTL,
     LagoWebhooks,
     MemoryDedupe,
     RedisDedupe,
@@ -437,15 +438,50 @@ async def test_jwt_static_public_key_needs_no_api_key(post: Any, calls: Calls, k
     assert receiver.stats["key_fetches"] == 0
 
 
-async def test_public_key_unavailable_is_503(post: Any, calls: Calls, keys: Keys) -> None:
-    """When Lago cannot give its public key, the answer is 503 (Lago retries) and nothing is dispatched."""
+async def test_public_key_unavailable_is_503(
+    post: Any, calls: Calls, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When Lago cannot give its public key, the answer is 503 (Lago retries) and nothing is dispatched. Requests
+    right after a failed fetch do not call Lago again (each one did, with the client's retries)."""
     server = KeyServer(keys.public, status=503)
     receiver = LagoWebhooks(client=key_client(server), handlers={"*": calls.handler})
     response = await post(receiver, SUB_STARTED, jwt_headers(SUB_STARTED, keys.private))
     assert response.status_code == 503
-    assert calls.events == []
+    assert calls.events == [] and receiver.stats["key_fetches"] == 1
     server.status = 200
+    for _ in range(5):
+        assert (await post(receiver, SUB_STARTED, jwt_headers(SUB_STARTED, keys.private))).status_code == 503
+    assert receiver.stats["key_fetches"] == 1
+    monkeypatch.setattr(webhooks_module, "_KEY_RETRY_AFTER", 0.0)  # a moment later (Lago retries after seconds)
     assert (await post(receiver, SUB_STARTED, jwt_headers(SUB_STARTED, keys.private))).status_code == 200
+    assert receiver.stats["key_fetches"] == 2
+
+
+async def test_a_token_that_cannot_be_lagos_never_costs_a_call_to_lago(post: Any, calls: Calls, keys: Keys) -> None:
+    """Garbage, or a JWT not signed RS256, is refused before the public key is fetched."""
+    server = KeyServer(keys.public, status=503)
+    receiver = LagoWebhooks(client=key_client(server), handlers={"*": calls.handler})
+    hs256 = jwt.encode(
+        {"data": SUB_STARTED.decode(), "iss": "x"}, "a-secret-long-enough-for-hs256-0123456789", algorithm="HS256"
+    )
+    for signature in ("x", "a.b.c", hs256):
+        headers = {"X-Lago-Signature": signature, "X-Lago-Signature-Algorithm": "jwt"}
+        assert (await post(receiver, SUB_STARTED, headers)).status_code == 401
+    assert receiver.stats["key_fetches"] == 0 and calls.events == []
+
+
+async def test_webhooks_of_another_lago_organization_are_refused(post: Any, calls: Calls, keys: Keys) -> None:
+    """Lago signs JWT webhooks with its instance's key, shared by every organization on it: with
+    organization_id (LAGO_ORGANIZATION_ID) a webhook another organization made Lago send is refused."""
+    receiver = LagoWebhooks(
+        client=key_client(KeyServer(keys.public)), handlers={"*": calls.handler}, organization_id="org-uuid-mine"
+    )
+    theirs = json.dumps({**json.loads(SUB_STARTED), "organization_id": "org-uuid-theirs"}).encode()
+    response = await post(receiver, theirs, jwt_headers(theirs, keys.private))
+    assert response.status_code == 401 and response.json()["status"] == "wrong_organization"
+    mine = json.dumps({**json.loads(SUB_STARTED), "organization_id": "org-uuid-mine"}).encode()
+    assert (await post(receiver, mine, jwt_headers(mine, keys.private))).status_code == 200
+    assert [event.payload["organization_id"] for event in calls.events] == ["org-uuid-mine"]
 
 
 # --------------------------------------------------------------------------------------- configuration
@@ -746,10 +782,40 @@ async def test_redis_dedupe_is_shared_between_receivers(post: Any, redis_url: st
     assert await dedupe.claim("other") == "new"
     await dedupe.complete("other")
     assert await dedupe.claim("other") == "done"
+    await dedupe.extend("other")  # renews a claim only: a done delivery stays done
+    assert await dedupe.claim("other") == "done"
+    assert await dedupe.claim("claimed") == "new"
+    await dedupe.extend("claimed")
+    assert 0 < await dedupe.redis.ttl(prefix + "claimed") <= dedupe.processing_ttl < 20  # within Lago's retries
     for receiver in receivers:
         assert isinstance(receiver._dedupe, RedisDedupe)
         await receiver._dedupe.aclose()
     await dedupe.aclose()
+
+
+async def test_a_delivery_s_claim_is_renewed_while_its_handler_runs(post: Any, keys: Keys) -> None:
+    """The claim lasts a short lease, renewed while the handlers run: a worker that dies mid-handler (its claim
+    was kept 120 s, past Lago's last retry) frees the delivery for Lago's retries, a live one keeps it."""
+
+    class Watched(MemoryDedupe):
+        def __init__(self) -> None:
+            super().__init__(processing_ttl=0.3)
+            self.renewed = anyio.Event()
+
+        async def extend(self, key: str) -> None:
+            await super().extend(key)
+            self.renewed.set()
+
+    dedupe = Watched()
+
+    async def slow(event: WebhookEvent) -> None:
+        await dedupe.renewed.wait()  # returns only once the claim was renewed during the handler
+
+    receiver = LagoWebhooks(SETTINGS.replace(webhook_hmac_key=HMAC_KEY), handlers={"*": slow}, dedupe=dedupe)
+    with anyio.fail_after(10):
+        response = await post(receiver, SUB_STARTED, hmac_headers(SUB_STARTED, unique_key="k1"))
+    assert response.json()["status"] == "processed" and await dedupe.claim("k1") == "done"
+    assert DEFAULT_PROCESSING_TTL < 20  # Lago retries about 3 s and 20 s after a failed attempt
 
 
 async def test_redis_url_setting_selects_redis_dedupe(post: Any, redis_url: str) -> None:

@@ -438,9 +438,9 @@ class LagoClient:
 
     # ---------------------------------------------------------------- webhooks
 
-    async def get_webhook_public_key(self) -> bytes:
+    async def get_webhook_public_key(self, *, retry: bool = True) -> bytes:
         """The PEM public key Lago signs JWT webhooks with (``GET /webhooks/json_public_key``)."""
-        body = await self._request("GET", "/webhooks/json_public_key")
+        body = await self._request("GET", "/webhooks/json_public_key", retry=retry)
         encoded = (body.get("webhook") or {}).get("public_key")
         if not isinstance(encoded, str):
             raise LagoAPIError("Lago's webhook public key response has no webhook.public_key.", status=200)

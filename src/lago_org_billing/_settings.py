@@ -71,6 +71,8 @@ class BillingSettings:
     plan_limits: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
     #: ``LAGO_WEBHOOK_HMAC_KEY``: HMAC key of Lago webhooks (unset: JWT mode).
     webhook_hmac_key: str | None = dataclasses.field(default=None, repr=False)
+    #: ``LAGO_ORGANIZATION_ID``: webhooks of other Lago organizations are refused (see ``LagoWebhooks``).
+    organization_id: str | None = None
     #: ``LAGO_METRICS``: export the middleware's metrics to Prometheus' default registry (extra ``metrics``).
     metrics: bool = False
     #: ``LAGO_BILL_SERVER_ERRORS``: bill responses with status >= 500 and requests the app crashed on.
@@ -196,6 +198,7 @@ class BillingSettings:
         get("LAGO_USAGE_CACHE_TTL", _float, "usage_cache_ttl")
         get("LAGO_PLAN_LIMITS", _json_object, "plan_limits")
         get("LAGO_WEBHOOK_HMAC_KEY", _optional_str, "webhook_hmac_key")
+        get("LAGO_ORGANIZATION_ID", _optional_str, "organization_id")
         get("LAGO_METRICS", _bool, "metrics")
         get("LAGO_BILL_SERVER_ERRORS", _bool, "bill_server_errors")
         get("LAGO_ON_UNRESOLVED", _lower, "on_unresolved")

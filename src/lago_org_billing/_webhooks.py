@@ -119,7 +119,11 @@ _H = TypeVar("_H", bound=Handler)
 _SUCCESS = 200
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_DEDUPE_TTL = 7 * 24 * 3600.0
-DEFAULT_PROCESSING_TTL = 120.0
+#: Seconds a delivery being processed stays claimed without renewal (renewed every third of it while its handlers
+#: run): a worker that dies mid-handler frees it well within Lago's retries (about 3 s and 20 s later).
+DEFAULT_PROCESSING_TTL = 15.0
+#: Seconds without a public key fetch after one failed (webhooks meanwhile get 503, and Lago retries them).
+_KEY_RETRY_AFTER = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,6 +197,11 @@ class MemoryDedupe:
         self._processing[key] = now
         return "new"
 
+    async def extend(self, key: str) -> None:
+        """Renew the claim of a delivery still being processed."""
+        if key in self._processing:
+            self._processing[key] = time.monotonic()
+
     async def complete(self, key: str) -> None:
         self._processing.pop(key, None)
         self._done[key] = True
@@ -236,6 +245,10 @@ class RedisDedupe:
                 return "done" if value in (b"done", "done") else "processing"
         return "processing"
 
+    async def extend(self, key: str) -> None:
+        """Renew the claim of a delivery still being processed."""
+        await self.redis.eval(_EXTEND_CLAIM, 1, self.prefix + key, self.processing_ttl)
+
     async def complete(self, key: str) -> None:
         await self.redis.set(self.prefix + key, "done", ex=self.ttl)
 
@@ -246,6 +259,15 @@ class RedisDedupe:
         close = getattr(self.redis, "aclose", None)
         if close is not None:
             await close()
+
+
+#: Renew a claim (not a done mark): KEYS[1] the delivery, ARGV[1] the lease in seconds.
+_EXTEND_CLAIM = """
+if redis.call('GET', KEYS[1]) == 'processing' then
+  return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 def _redis_from_url(url: str) -> Any:
@@ -347,6 +369,7 @@ class _Config:
     mode: Literal["jwt", "hmac"]
     hmac_key: bytes | None
     issuers: tuple[str, ...]
+    organization_id: str | None
 
 
 class LagoWebhooks:
@@ -373,6 +396,11 @@ class LagoWebhooks:
     * **redis_url** - *(optional)* overrides ``LAGO_REDIS_URL`` for the dedupe.
     * **hmac_key** - *(optional)* overrides ``LAGO_WEBHOOK_HMAC_KEY``.
     * **public_key** - *(optional)* Lago's PEM public key, if you keep it (no fetch until a signature fails).
+    * **organization_id** - *(optional)* your Lago organization's id (``LAGO_ORGANIZATION_ID``): webhooks whose
+      envelope names another organization are refused (401). Set it in JWT mode: Lago signs JWT webhooks with its
+      instance's key, the same for every organization on that instance (Lago Cloud), so anyone with an account
+      there could send you signed webhooks. It is the ``organization_id`` of the webhooks Lago sends you, and the
+      ``lago_organization_id`` of ``GET /api/v1/webhook_endpoints``. HMAC keys are per organization.
     * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 60).
     * **max_body_size** - larger bodies are answered 413 (default 10 MiB).
     """
@@ -391,8 +419,10 @@ class LagoWebhooks:
         public_key: bytes | str | None = None,
         key_refetch_interval: float = 60.0,
         max_body_size: int = DEFAULT_MAX_BODY,
+        organization_id: str | None = None,
     ) -> None:
         self._settings = settings
+        self._organization_id = organization_id
         self._client = client
         self._owned_client: LagoClient | None = None
         self._invalidate = invalidate
@@ -407,6 +437,7 @@ class LagoWebhooks:
         self._public_pem = public_key.encode() if isinstance(public_key, str) else public_key
         self._public_key: Any = None
         self._key_fetched_at: float | None = None
+        self._key_failed_at: float | None = None  # the last fetch failed then (no key cached): fetch again later
         self._key_lock: anyio.Lock | None = None
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
@@ -481,11 +512,19 @@ class LagoWebhooks:
             redis_url = self._redis_url or settings.redis_url
             self._dedupe = RedisDedupe(redis_url) if redis_url else MemoryDedupe()
         issuers = self._issuer or (settings.api_url,)
+        organization_id = self._organization_id or settings.organization_id
+        if mode == "jwt" and organization_id is None:
+            logger.warning(
+                "LagoWebhooks verifies JWT signatures, made with the Lago instance's key, which every organization on "
+                "that instance shares (Lago Cloud): set LAGO_ORGANIZATION_ID (the organization_id of your Lago "
+                "webhooks) so that webhooks other organizations send here are refused, or use HMAC signatures."
+            )
         self._config = _Config(
             settings=settings,
             mode=mode,
             hmac_key=hmac_key.encode() if hmac_key else None,
             issuers=tuple(issuer.rstrip("/") for issuer in issuers),
+            organization_id=organization_id,
         )
         return self._config
 
@@ -523,14 +562,13 @@ class LagoWebhooks:
         """Process one webhook request and return the answer (for frameworks that want an endpoint function)."""
         config = self._configure()
         self.stats["received"] += 1
+        signature = request.headers.get("x-lago-signature", "").strip()
+        algorithm = request.headers.get("x-lago-signature-algorithm", "").strip().lower()
+        if not signature:  # (before reading a body nobody signed)
+            return self._reject("missing_signature", "X-Lago-Signature is missing.")
         body = await self._read_body(request)
         if body is None:
             return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
-
-        signature = request.headers.get("x-lago-signature", "").strip()
-        algorithm = request.headers.get("x-lago-signature-algorithm", "").strip().lower()
-        if not signature:
-            return self._reject("missing_signature", "X-Lago-Signature is missing.")
         if algorithm and algorithm != config.mode:
             hint = (
                 "set LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to JWT"
@@ -554,6 +592,12 @@ class LagoWebhooks:
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("webhook_type"), str):
             return _answer(400, "not_a_webhook", "The body is not a Lago webhook envelope (no webhook_type).")
+        if config.organization_id is not None and payload.get("organization_id") != config.organization_id:
+            return self._reject(
+                "wrong_organization",
+                f"The webhook is from Lago organization {payload.get('organization_id')!r}, not "
+                f"{config.organization_id!r} (LAGO_ORGANIZATION_ID).",
+            )
         event = self._event(config, payload, request.headers.get("x-lago-unique-key"))
         return await self._process(event, request.scope)
 
@@ -592,6 +636,12 @@ class LagoWebhooks:
 
     async def _verify_jwt(self, config: _Config, token: str, body: bytes) -> str | None:
         jwt = _jwt()
+        try:  # before anything costs a call to Lago: a token that cannot be Lago's is refused at once
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
+        if header.get("alg") != "RS256":
+            return f"The JWT is signed with {header.get('alg')!r}; Lago signs RS256."
         key = await self._current_key()
         try:
             claims = self._decode(jwt, token, key)
@@ -631,7 +681,16 @@ class LagoWebhooks:
                 if self._public_pem is not None:
                     self._public_key = _load_public_key(self._public_pem)
                 else:
-                    self._public_key = await self._fetch_key()
+                    failed = self._key_failed_at
+                    if failed is not None and time.monotonic() - failed < _KEY_RETRY_AFTER:
+                        # every request does not make a call to Lago while it fails (Lago retries its webhooks)
+                        raise _KeyUnavailable("the last fetch failed moments ago")
+                    try:
+                        self._public_key = await self._fetch_key()
+                    except _KeyUnavailable:
+                        self._key_failed_at = time.monotonic()
+                        raise
+                    self._key_failed_at = None
             return self._public_key
 
     async def _refetch_key(self, stale: Any) -> Any | None:
@@ -663,7 +722,7 @@ class LagoWebhooks:
         self._key_fetched_at = time.monotonic()
         self.stats["key_fetches"] += 1
         try:
-            pem = await client.get_webhook_public_key()
+            pem = await client.get_webhook_public_key(retry=False)  # a webhook waits on it: Lago retries it
         except LagoIntegrationError as exc:
             raise _KeyUnavailable(str(exc)) from exc
         try:
@@ -703,7 +762,7 @@ class LagoWebhooks:
                 return _answer(409, "in_progress", "This delivery is being processed; retry later.", unique_key=key)
             claimed = dedupe is not None
         try:
-            handled = await self._dispatch(event, scope)
+            handled = await self._dispatch_claimed(event, scope, dedupe if claimed else None, key)
         except BaseException as exc:
             if claimed and dedupe is not None and key is not None:
                 with anyio.CancelScope(shield=True):
@@ -718,6 +777,34 @@ class LagoWebhooks:
         self.stats["processed" if handled else "ignored"] += 1
         status = "processed" if handled else "ignored"
         return _answer(_SUCCESS, status, None, unique_key=key, webhook_type=event.webhook_type, org_id=event.org_id)
+
+    async def _dispatch_claimed(
+        self, event: WebhookEvent, scope: Scope, dedupe: WebhookDedupe | None, key: str | None
+    ) -> bool:
+        """``_dispatch``, renewing the delivery's claim while the handlers run (a dead worker's claim expires)."""
+        extend = getattr(dedupe, "extend", None)
+        if extend is None or key is None:
+            return await self._dispatch(event, scope)
+        period = max(0.1, float(getattr(dedupe, "processing_ttl", DEFAULT_PROCESSING_TTL)) / 3)
+
+        async def keep_claim() -> None:
+            while True:
+                await anyio.sleep(period)
+                await _quietly(extend(key))
+
+        handled: list[bool] = []
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(keep_claim)
+                try:
+                    handled.append(await self._dispatch(event, scope))
+                finally:
+                    tasks.cancel_scope.cancel()
+        except BaseException as exc:  # the handler's own error, out of the task group's exception group
+            while len(getattr(exc, "exceptions", ())) == 1:
+                exc = exc.exceptions[0]  # type: ignore[attr-defined]
+            raise exc from None
+        return handled[0]
 
     async def _dispatch(self, event: WebhookEvent, scope: Scope) -> bool:
         handled = False
