@@ -363,3 +363,77 @@ async def test_org_billing_migrate_user_to_org_uses_the_same_path(fake: FakeLago
         fake.faults.inject(401, count=1)
         with pytest.raises(LagoAuthenticationError):
             await b.migrate_user_to_org("alice", "acme", "Acme")
+
+
+async def test_a_rate_limited_terminate_is_retried_not_left_half_done(fake: FakeLago) -> None:
+    """A 429 on DELETE /subscriptions was never retried (DELETE is not), leaving the org subscribed and its users
+    still billed: Lago did not process it, so it is retried."""
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001, max_retries=10)
+    fake.faults.inject(429, count=2, path="/api/v1/subscriptions/sub_")
+    async with LagoClient(settings, transport=fake.transport()) as client:
+        run = await run_migration(client, [ACME], mode="execute")
+    assert run.ok and subs(fake, "alice") == subs(fake, "bob") == []
+    assert len(subs(fake, "alice", "terminated")) == len(subs(fake, "bob", "terminated")) == 1
+
+
+async def test_a_user_subscription_id_lago_cannot_address_fails_the_org_before_any_write(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """A dotted user subscription id passed the dry run and failed execute after the org was subscribed, leaving
+    org and users all active: it now fails the org's plan, dry run included, with nothing written."""
+    fake.add_subscription("alice", "starter", external_id="sub.alice.2")
+    dry = await run_migration(client, [ACME], mode="dry-run")
+    assert not dry.ok and "sub.alice.2" in dry.orgs[0].errors[0]
+    fake.requests.clear()
+    run = await run_migration(client, [ACME], mode="execute")
+    assert run.orgs[0].status == "failed" and [r for r in fake.requests if r.method != "GET"] == []
+
+
+async def test_a_pending_subscription_that_started_meanwhile_is_terminated(fake: FakeLago, client: LagoClient) -> None:
+    """A user's pending subscription that starts between the plan and its cancel (a period boundary in a long
+    run) was reported 'already ended' and left active: it is terminated."""
+    from lago_org_billing._migration import OrgResult, PlanCatalog, apply_org, plan_org
+
+    fake.add_customer("carol")
+    fake.add_subscription("carol", "pro", external_id="sub_carol", subscription_at="2099-01-01T00:00:00Z")
+    org = OrgMapping("acme", "Acme", None, ("alice", "bob", "carol"))
+    result = OrgResult(org.org_id)
+    options = MigrationOptions()
+    await plan_org(client, org, options, PlanCatalog(client), result)
+    assert ("cancel_subscription", "sub_carol") in [(step.kind, step.target) for step in result.steps]
+    for subscription in fake.store.subscriptions:  # it starts now
+        if subscription["external_id"] == "sub_carol":
+            subscription["status"] = "active"
+    await apply_org(client, org, options, result, None)
+    assert subs(fake, "carol") == [] and len(subs(fake, "carol", "terminated")) == 1
+    assert (await run_migration(client, [org], mode="verify")).ok
+
+
+async def test_an_org_subscribed_under_another_id_is_not_subscribed_twice(fake: FakeLago, client: LagoClient) -> None:
+    fake.add_customer("acme", name="Acme")
+    fake.add_subscription("acme", "starter", external_id="made-in-the-ui")
+    run = await run_migration(client, [ACME], mode="execute")
+    assert run.ok and [s["external_id"] for s in subs(fake, "acme")] == ["made-in-the-ui"]
+    assert any("made-in-the-ui" in warning for warning in run.orgs[0].warnings)
+    assert (await run_migration(client, [ACME], mode="verify")).ok
+
+
+async def test_a_mapped_user_unknown_to_lago_is_said(client: LagoClient) -> None:
+    org = OrgMapping("acme", "Acme", None, ("alice", "Bob"))  # a case typo of "bob"
+    run = await run_migration(client, [org], mode="dry-run")
+    assert any("'Bob'" in warning and "no Lago customer" in warning for warning in run.orgs[0].warnings)
+
+
+async def test_a_journal_of_another_lago_does_not_skip_orgs(fake: FakeLago, tmp_path: Path) -> None:
+    """Journaled on staging, run on production with the same journal: every org was skipped, nothing migrated."""
+    journal = Journal(tmp_path / "j.jsonl")
+    staging = FakeLago(api_key=API_KEY)
+    staging.add_customer("alice")
+    settings = BillingSettings(api_key=API_KEY, api_url="http://staging.test", retry_backoff=0.001)
+    async with LagoClient(settings, transport=staging.transport()) as client:
+        await run_migration(client, [ACME], mode="execute", journal=journal)
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
+    async with LagoClient(settings, transport=fake.transport()) as client:
+        run = await run_migration(client, [ACME], mode="execute", journal=journal)
+    journal.close()
+    assert run.orgs[0].status == "migrated" and subs(fake, "alice") == []

@@ -47,13 +47,15 @@ class Outcome:
         return [r for r in self.requests if r.method != "GET"]
 
 
-def run_cli(fake: FakeLago, tmp: Path, name: str, *argv: str) -> Outcome:
-    """Run ``migrate`` in process against ``fake``, recording its requests, state before/after and report."""
+def run_cli(fake: FakeLago, tmp: Path, name: str, *argv: str, api_url: str | None = None) -> Outcome:
+    """Run ``migrate`` in process against ``fake``, recording its requests, state before/after and report
+    (``api_url``: the URL it is told, when it is served too)."""
     fake.requests.clear()
     before = fake.snapshot()
     out, err = io.StringIO(), io.StringIO()
     report = tmp / f"{name}.json"
-    settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": fake.base_url, "LAGO_API_KEY": data.API_KEY})
+    environ = {"LAGO_API_URL": api_url or fake.base_url, "LAGO_API_KEY": data.API_KEY}
+    settings = BillingSettings.from_env(None, environ=environ)
     args = parse(*argv, "--report", str(report))
     code = run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=out, stderr=err)
     loaded = json.loads(report.read_text()) if report.exists() else None
@@ -293,7 +295,7 @@ def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago
     active_orgs = {s["external_customer_id"] for s in fake.subscriptions if s["status"] == "active"}
     assert sum(data.org_id(k) in active_orgs for k in range(data.ORGS)) < 500  # really half-way
 
-    resumed = run_cli(fake, tmp_path, "resumed", *command)
+    resumed = run_cli(fake, tmp_path, "resumed", *command, api_url=url)
     assert resumed.code == 0, resumed.stdout
     statuses = resumed.report["totals"]["by_status"]
     assert statuses["journal"] == len(done) and sum(statuses.values()) == 500
@@ -303,3 +305,23 @@ def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago
     assert verify.code == 0, verify.stdout
     org_subscriptions = [s for s in fake.subscriptions if s["external_customer_id"].startswith("o")]
     assert len(org_subscriptions) == 500  # one each: nothing created twice across the kill
+
+
+@pytest.mark.parametrize("bad", ["journal-is-a-directory", "journal-not-utf8", "report-in-a-missing-directory"])
+def test_unusable_journal_or_report_paths_stop_before_anything_is_written(tmp_path: Path, bad: str) -> None:
+    """They raised a traceback (journal) or failed after every write was made (report): exit 2, nothing written."""
+    fake = data.seed(data.new_fake())
+    mapping = str(data.write_mapping(tmp_path / "mapping.csv"))
+    journal, report = tmp_path / "journal.jsonl", tmp_path / "report.json"
+    if bad == "journal-is-a-directory":
+        journal.mkdir()
+    elif bad == "journal-not-utf8":
+        journal.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        report = tmp_path / "missing" / "report.json"
+    args = parse("--mapping-file", mapping, "--execute", "--journal", str(journal), "--report", str(report))
+    settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": fake.base_url, "LAGO_API_KEY": data.API_KEY})
+    err = io.StringIO()
+    fake.requests.clear()
+    code = run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=io.StringIO(), stderr=err)
+    assert code == 2 and "error:" in err.getvalue() and fake.requests == []

@@ -502,8 +502,9 @@ class LagoClient:
             attempt += 1
             backoff = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
             wait = backoff if wait is None else max(wait, backoff)  # a reset of 0 does not make a burst
-            # DELETE is not retried: a terminate that went through behind a lost answer would then fail with 404
-            retryable = retry and method != "DELETE"
+            # DELETE is retried only after a 429 (Lago did not process it): a terminate that went through behind a lost
+            # answer would fail its retry with a 404
+            retryable = retry and (method != "DELETE" or isinstance(error, LagoRateLimitError))
             if not retryable or attempt > settings.max_retries or time.monotonic() + wait > deadline:
                 raise error
             logger.warning(

@@ -68,7 +68,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoUnavailableError,
 )
-from ._ids import validate_id
+from ._ids import path_segment, validate_id
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -130,10 +130,11 @@ class OrgMapping:
     users: tuple[str, ...]
     plan_code: str | None = None
 
-    def fingerprint(self, options: MigrationOptions) -> str:
+    def fingerprint(self, options: MigrationOptions, settings: BillingSettings | None = None) -> str:
         """A short hash of everything that decides this org's migration (the journal skips an org only when
-        it was done with the same mapping and options)."""
-        data = json.dumps([dataclasses.astuple(self), dataclasses.astuple(options)], sort_keys=True)
+        it was done with the same mapping and options, on the same Lago and subscription id template)."""
+        target = [settings.api_url, settings.subscription_id_template] if settings is not None else []
+        data = json.dumps([dataclasses.astuple(self), dataclasses.astuple(options), target], sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -653,14 +654,30 @@ async def plan_org(
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
     org_subscription = await _or_none(client.get_subscription(sub_id))
+    if org_subscription is None and org_customer is not None:
+        # an active subscription of the org under another id (made in Lago's UI...) is the org's subscription
+        others = [s async for s in client.iter_subscriptions(external_customer_id=org.org_id, statuses=["active"])]
+        if others:
+            org_subscription = others[0]
+            result.warnings.append(
+                f"org {org.org_id!r} already has the active subscription {others[0].get('external_id')!r} (not "
+                f"{sub_id!r}, the id LAGO_SUBSCRIPTION_ID_TEMPLATE gives): kept, no second one is created"
+            )
     users: list[tuple[str, JSON | None, list[JSON]]] = []
     for user_id in org.users:
         customer = await _or_none(client.get_customer(user_id))
         subscriptions: list[JSON] = []
-        if customer is not None:
+        if customer is None:
+            result.warnings.append(
+                f"user {user_id!r} (org {org.org_id!r}) has no Lago customer: nothing of it to migrate (ids are "
+                "case-sensitive: a typo?)"
+            )
+        else:
             subscriptions = [
                 s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending"])
             ]
+        for subscription in subscriptions:  # every write it needs must be possible before the first one is made
+            path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
     result.customer, result.subscription = org_customer, org_subscription
     active = [(user_id, s) for user_id, _, subs in users for s in subs if s.get("status") == "active"]
@@ -816,6 +833,16 @@ async def apply_org(
                     )
                 except LagoNotFoundError:
                     step.outcome = "already ended"
+                    if step.kind == "cancel_subscription":  # no longer pending: it may have started meanwhile
+                        started = await _or_none(client.get_subscription(step.target))
+                        if started is not None and started.get("external_customer_id") == step.payload["user_id"]:
+                            ended = await client.terminate_subscription(
+                                step.target,
+                                on_termination_invoice=options.on_termination_invoice,
+                                on_termination_credit_note=options.on_termination_credit_note,
+                            )
+                            step.outcome = "done"
+                            step.detail = {"terminated_at": ended.get("terminated_at"), "started_meanwhile": True}
                 else:
                     step.outcome = "done"
                     step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
@@ -847,6 +874,9 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
     if result.customer is None:
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
     result.subscription = await _or_none(client.get_subscription(sub_id))
+    if result.subscription is None and result.customer is not None:  # one under another id is the org's too
+        page = await client.list_subscriptions(external_customer_id=org.org_id, statuses=["active"], per_page=1)
+        result.subscription = page.items[0] if page.items else None
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
@@ -959,7 +989,7 @@ async def run_migration(
 
     async def one(org: OrgMapping, result: OrgResult, scope: anyio.CancelScope) -> None:
         nonlocal done
-        fingerprint = org.fingerprint(options)
+        fingerprint = org.fingerprint(options, client.settings)
         async with limiter:
             token = _org_stats.set(result.calls)
             try:

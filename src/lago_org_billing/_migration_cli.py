@@ -141,6 +141,20 @@ def run_migrate_command(
     if args.concurrency < 1:
         print("error: --concurrency must be at least 1", file=err)
         return 2
+    # Files are checked before anything is read from or written to Lago (a report path that cannot be written failed
+    # only after every write was made).
+    if args.report:
+        report = Path(args.report)
+        if report.is_dir() or not report.resolve().parent.is_dir():
+            print(f"error: --report {args.report}: not a file path in an existing directory", file=err)
+            return 2
+    opened: Journal | None = None
+    if args.journal and mode == "execute":
+        try:
+            opened = Journal(args.journal)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
+            return 2
 
     async def main() -> int:
         counter = CallCounter(transport or httpx.AsyncHTTPTransport(retries=0, limits=_limits(args.concurrency)))
@@ -154,7 +168,7 @@ def run_migrate_command(
                 else:
                     records = await load_mapping_callable(args.mapping_callable)
                 orgs, warnings = await validate_mapping(client, records, options)
-                journal = Journal(args.journal) if args.journal and mode == "execute" else None
+                journal = opened
                 users = sum(len(org.users) for org in orgs)
                 print(f"migrate ({mode}): {len(orgs)} orgs, {users} users, Lago at {settings.api_url}", file=err)
                 if journal is not None and journal.done_count:
@@ -287,7 +301,8 @@ def _print_plan(run: MigrationRun, out: TextIO) -> None:
         if not result.steps and not result.errors:
             continue
         plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
-        print(f"org {result.org_id} [{len(result.users)} users]: {plan}", file=out)
+        users = f"{len(result.users)} user{'' if len(result.users) == 1 else 's'}"
+        print(f"org {result.org_id} [{users}]: {plan}", file=out)
         for step in result.steps:
             print(f"  - {step.description}", file=out)
         for error in result.errors:
