@@ -437,3 +437,13 @@ async def test_a_journal_of_another_lago_does_not_skip_orgs(fake: FakeLago, tmp_
         run = await run_migration(client, [ACME], mode="execute", journal=journal)
     journal.close()
     assert run.orgs[0].status == "migrated" and subs(fake, "alice") == []
+
+
+async def test_a_terminate_failing_transiently_is_retried(fake: FakeLago) -> None:
+    """A 503 (or a dropped connection) on a terminate stopped the run with the org half-migrated."""
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001, max_retries=3)
+    fake.faults.inject(503, count=2, path="/api/v1/subscriptions/sub_")
+    async with LagoClient(settings, transport=fake.transport()) as client:
+        run = await run_migration(client, [ACME], mode="execute")
+    assert run.ok and subs(fake, "alice") == subs(fake, "bob") == []
+    assert len(subs(fake, "alice", "terminated")) == len(subs(fake, "bob", "terminated")) == 1

@@ -825,12 +825,7 @@ async def apply_org(
                 step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
             elif step.kind in ("terminate_subscription", "cancel_subscription"):
                 try:
-                    ended = await client.terminate_subscription(
-                        step.target,
-                        status="pending" if step.kind == "cancel_subscription" else None,
-                        on_termination_invoice=options.on_termination_invoice,
-                        on_termination_credit_note=options.on_termination_credit_note,
-                    )
+                    ended = await _end_subscription(client, step, options)
                 except LagoNotFoundError:
                     step.outcome = "already ended"
                     if step.kind == "cancel_subscription":  # no longer pending: it may have started meanwhile
@@ -855,6 +850,29 @@ async def apply_org(
             _log_step(org, step, journal)
             raise
         _log_step(org, step, journal)
+
+
+async def _end_subscription(client: LagoClient, step: Step, options: MigrationOptions) -> JSON:
+    """Terminate (or cancel) the step's user subscription. The client does not retry a DELETE Lago may have done
+    behind a lost answer; here a 404 on a retry means it was, so transient failures are retried."""
+    attempts = 1 + client.settings.max_retries
+    for attempt in range(1, attempts + 1):
+        try:
+            return await client.terminate_subscription(
+                step.target,
+                status="pending" if step.kind == "cancel_subscription" else None,
+                on_termination_invoice=options.on_termination_invoice,
+                on_termination_credit_note=options.on_termination_credit_note,
+            )
+        except LagoUnavailableError:
+            if attempt == attempts:
+                raise
+            await anyio.sleep(min(30.0, client.settings.retry_backoff * 2**attempt))
+        except LagoNotFoundError:
+            if attempt == 1:
+                raise
+            return {}  # ended by the attempt whose answer was lost
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _log_step(org: OrgMapping, step: Step, journal: Journal | None) -> None:
