@@ -500,6 +500,20 @@ def test_a_bad_setting_raises_at_once_where_nothing_would_swallow_it(monkeypatch
         OrgBillingMiddleware(build_app())
 
 
+async def test_a_bad_argument_raises_at_once_in_async_code_too(fake_lago: Any, settings: BillingSettings) -> None:
+    """Only Starlette's lazy build defers the error: an async app factory (or test) gets it at once."""
+    with pytest.raises(ConfigurationError, match="on_unresolved"):
+        OrgBillingMiddleware(build_app(), settings, on_unresolved="deny")  # type: ignore[arg-type]
+
+
+async def test_exclude_paths_set_after_construction_apply(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    middleware = make_middleware()
+    middleware.exclude_paths = ("/v1/chat",)
+    async with client_for(middleware) as client:
+        assert (await client.post("/v1/chat/c1", headers=HEADERS)).status_code == 200
+    assert middleware.stats["excluded"] == 1
+
+
 async def test_a_bad_setting_built_in_a_running_app_fails_its_requests_with_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

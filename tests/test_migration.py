@@ -411,13 +411,37 @@ async def test_a_pending_subscription_that_started_meanwhile_is_terminated(fake:
     assert (await run_migration(client, [org], mode="verify")).ok
 
 
-async def test_an_org_subscribed_under_another_id_is_not_subscribed_twice(fake: FakeLago, client: LagoClient) -> None:
+async def test_a_pending_subscription_that_started_during_a_retried_cancel_is_terminated(fake: FakeLago) -> None:
+    """The cancel's first attempt gets a 503, the subscription starts, the retry gets a 404: it was reported
+    done, still active."""
+    from lago_org_billing._migration import OrgResult, PlanCatalog, apply_org, plan_org
+
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001, max_retries=3)
+    fake.add_customer("carol")
+    fake.add_subscription("carol", "pro", external_id="sub_carol", subscription_at="2099-01-01T00:00:00Z")
+    org = OrgMapping("acme", "Acme", None, ("carol",))
+    result, options = OrgResult(org.org_id), MigrationOptions(default_plan="starter")
+    async with LagoClient(settings, transport=fake.transport()) as client:
+        await plan_org(client, org, options, PlanCatalog(client), result)
+        for subscription in fake.store.subscriptions:  # it starts before the retry
+            if subscription["external_id"] == "sub_carol":
+                subscription["status"] = "active"
+        fake.faults.inject(503, count=1, path="/api/v1/subscriptions/sub_carol")
+        await apply_org(client, org, options, result, None)
+    assert subs(fake, "carol") == [] and len(subs(fake, "carol", "terminated")) == 1
+
+
+async def test_an_org_subscribed_under_another_id_fails_with_what_to_do(fake: FakeLago, client: LagoClient) -> None:
+    """It got a second subscription (billed twice); keeping only its own would leave the middleware billing an id
+    that does not exist. The org fails, nothing written, with the two ways out."""
     fake.add_customer("acme", name="Acme")
     fake.add_subscription("acme", "starter", external_id="made-in-the-ui")
+    fake.requests.clear()
     run = await run_migration(client, [ACME], mode="execute")
-    assert run.ok and [s["external_id"] for s in subs(fake, "acme")] == ["made-in-the-ui"]
-    assert any("made-in-the-ui" in warning for warning in run.orgs[0].warnings)
-    assert (await run_migration(client, [ACME], mode="verify")).ok
+    assert run.orgs[0].status == "failed" and [r for r in fake.requests if r.method != "GET"] == []
+    assert "made-in-the-ui" in run.orgs[0].errors[0] and "LAGO_SUBSCRIPTION_ID_TEMPLATE" in run.orgs[0].errors[0]
+    assert [s["external_id"] for s in subs(fake, "acme")] == ["made-in-the-ui"]
+    assert not (await run_migration(client, [ACME], mode="verify")).ok
 
 
 async def test_a_mapped_user_unknown_to_lago_is_said(client: LagoClient) -> None:

@@ -793,6 +793,23 @@ async def test_redis_dedupe_is_shared_between_receivers(post: Any, redis_url: st
     await dedupe.aclose()
 
 
+async def test_a_failing_handler_s_exception_is_logged_as_raised(post: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Run under the claim renewal, its cause was wiped (``raise ... from None``)."""
+
+    async def failing(event: WebhookEvent) -> None:
+        try:
+            {}["missing"]
+        except KeyError as exc:
+            raise RuntimeError("handler broke") from exc
+
+    receiver = LagoWebhooks(SETTINGS.replace(webhook_hmac_key=HMAC_KEY), handlers={"*": failing})
+    response = await post(receiver, SUB_STARTED, hmac_headers(SUB_STARTED, unique_key="k-fail"))
+    assert response.status_code == 500
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert isinstance(record.exc_info[1].__cause__, KeyError)
+
+
 async def test_a_delivery_s_claim_is_renewed_while_its_handler_runs(post: Any, keys: Keys) -> None:
     """The claim lasts a short lease, renewed while the handlers run: a worker that dies mid-handler (its claim
     was kept 120 s, past Lago's last retry) frees the delivery for Lago's retries, a live one keeps it."""

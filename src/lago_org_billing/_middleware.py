@@ -12,7 +12,9 @@ import functools
 import itertools
 import logging
 import os
+import sys
 import time
+import types
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
@@ -138,10 +140,6 @@ class OrgBillingMiddleware:
             # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
             self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
             self.exclude_paths = self.settings.exclude_paths
-            # Whole path segments: "/billing" covers "/billing" and "/billing/...", not "/billing-export".
-            prefixes = [prefix.rstrip("/") for prefix in self.exclude_paths]
-            self._excluded_exact = frozenset(prefixes)
-            self._excluded_under = tuple(prefix + "/" for prefix in prefixes)
             self.shutdown_timeout = shutdown_timeout
             self._owned_client: LagoClient | None = None
             self._transport = transport
@@ -167,7 +165,7 @@ class OrgBillingMiddleware:
             if self.settings.metrics or metrics_registry is not None:
                 register_metrics(self, metrics_registry)
         except (LagoIntegrationError, ValueError) as exc:
-            if not _in_async_context():
+            if not _built_by_starlette():
                 raise
             # Built inside a running app: Starlette builds ``app.add_middleware(...)`` middleware on the app's first
             # ASGI call, the lifespan startup. Raised there, servers take the error for "lifespan unsupported" (uvicorn
@@ -191,7 +189,7 @@ class OrgBillingMiddleware:
         quota = self.quota
         if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
             billing["quota"] = quota
-        if self.exclude_paths:
+        if self._exclude_paths:
             path: str = scope["path"]
             if path in self._excluded_exact or path.startswith(self._excluded_under):
                 self.stats["excluded"] += 1
@@ -228,6 +226,19 @@ class OrgBillingMiddleware:
             await self.app(scope, receive, watcher)
         finally:
             self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+
+    @property
+    def exclude_paths(self) -> tuple[str, ...]:
+        """Path prefixes never billed nor gated (``LAGO_EXCLUDE_PATHS``), by whole segments: ``/billing`` covers
+        ``/billing`` and ``/billing/...``, not ``/billing-export``."""
+        return self._exclude_paths
+
+    @exclude_paths.setter
+    def exclude_paths(self, prefixes: tuple[str, ...]) -> None:
+        self._exclude_paths = tuple(prefixes)
+        stripped = [prefix.rstrip("/") for prefix in self._exclude_paths]
+        self._excluded_exact = frozenset(stripped)
+        self._excluded_under = tuple(prefix + "/" for prefix in stripped)
 
     # ---------------------------------------------------------------- lifespan
 
@@ -707,13 +718,17 @@ def _start_error(exc: BaseException) -> ConfigurationError:
     return error
 
 
-def _in_async_context() -> bool:
-    """Called from async code (asyncio or trio): the middleware is being built by a running app."""
-    try:
-        anyio.get_current_task()
-    except RuntimeError:  # no async library running (sniffio's AsyncLibraryNotFoundError is one)
-        return False
-    return True
+def _built_by_starlette() -> bool:
+    """Whether Starlette (or FastAPI) is building the middleware stack, on the app's first ASGI call: an error raised
+    there would reach the server as a failing lifespan."""
+    frame: types.FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "build_middleware_stack":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:

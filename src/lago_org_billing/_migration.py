@@ -657,11 +657,11 @@ async def plan_org(
     if org_subscription is None and org_customer is not None:
         # an active subscription of the org under another id (made in Lago's UI...) is the org's subscription
         others = [s async for s in client.iter_subscriptions(external_customer_id=org.org_id, statuses=["active"])]
-        if others:
-            org_subscription = others[0]
-            result.warnings.append(
-                f"org {org.org_id!r} already has the active subscription {others[0].get('external_id')!r} (not "
-                f"{sub_id!r}, the id LAGO_SUBSCRIPTION_ID_TEMPLATE gives): kept, no second one is created"
+        if others:  # neither a second subscription (billed twice) nor this one (the middleware bills sub_id)
+            raise InvalidRequestError(
+                f"org {org.org_id!r} already has the active subscription {others[0].get('external_id')!r}, but the "
+                f"middleware bills {sub_id!r} (LAGO_SUBSCRIPTION_ID_TEMPLATE): terminate that subscription (the "
+                "migration then creates its own), or set LAGO_SUBSCRIPTION_ID_TEMPLATE so that it gives its id"
             )
     users: list[tuple[str, JSON | None, list[JSON]]] = []
     for user_id in org.users:
@@ -869,8 +869,8 @@ async def _end_subscription(client: LagoClient, step: Step, options: MigrationOp
                 raise
             await anyio.sleep(min(30.0, client.settings.retry_backoff * 2**attempt))
         except LagoNotFoundError:
-            if attempt == 1:
-                raise
+            if attempt == 1 or step.kind == "cancel_subscription":
+                raise  # (a pending one may have started meanwhile: the caller looks)
             return {}  # ended by the attempt whose answer was lost
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -892,9 +892,6 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
     if result.customer is None:
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
     result.subscription = await _or_none(client.get_subscription(sub_id))
-    if result.subscription is None and result.customer is not None:  # one under another id is the org's too
-        page = await client.list_subscriptions(external_customer_id=org.org_id, statuses=["active"], per_page=1)
-        result.subscription = page.items[0] if page.items else None
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:

@@ -793,17 +793,17 @@ class LagoWebhooks:
                 await _quietly(extend(key))
 
         handled: list[bool] = []
-        try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(keep_claim)
-                try:
-                    handled.append(await self._dispatch(event, scope))
-                finally:
-                    tasks.cancel_scope.cancel()
-        except BaseException as exc:  # the handler's own error, out of the task group's exception group
-            while len(getattr(exc, "exceptions", ())) == 1:
-                exc = exc.exceptions[0]  # type: ignore[attr-defined]
-            raise exc from None
+        failure: list[Exception] = []
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(keep_claim)
+            try:
+                handled.append(await self._dispatch(event, scope))
+            except Exception as exc:  # raised as it is, below (not in the task group's exception group)
+                failure.append(exc)
+            finally:
+                tasks.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
         return handled[0]
 
     async def _dispatch(self, event: WebhookEvent, scope: Scope) -> bool:
