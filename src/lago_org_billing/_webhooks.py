@@ -401,7 +401,8 @@ class LagoWebhooks:
       instance's key, the same for every organization on that instance (Lago Cloud), so anyone with an account
       there could send you signed webhooks. It is the ``organization_id`` of the webhooks Lago sends you, and the
       ``lago_organization_id`` of ``GET /api/v1/webhook_endpoints``. HMAC keys are per organization.
-    * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 60).
+    * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 10: a forged token
+      just before Lago rotates its key delays the new key that long, within Lago's retries of about 3 and 20 s).
     * **max_body_size** - larger bodies are answered 413 (default 10 MiB).
     """
 
@@ -417,7 +418,7 @@ class LagoWebhooks:
         redis_url: str | None = None,
         hmac_key: str | None = None,
         public_key: bytes | str | None = None,
-        key_refetch_interval: float = 60.0,
+        key_refetch_interval: float = 10.0,
         max_body_size: int = DEFAULT_MAX_BODY,
         organization_id: str | None = None,
     ) -> None:
