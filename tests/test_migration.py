@@ -463,3 +463,11 @@ async def test_a_journal_of_another_lago_does_not_skip_orgs(fake: FakeLago, tmp_
         run = await run_migration(client, [ACME], mode="execute", journal=journal)
     journal.close()
     assert run.orgs[0].status == "migrated" and subs(fake, "alice") == []
+
+
+async def test_verify_reports_a_user_s_pending_subscription(fake: FakeLago, client: LagoClient) -> None:
+    """A user's subscription that starts later would bill the user again: --verify ignored it."""
+    await run_migration(client, [ACME], mode="execute")
+    fake.add_subscription("bob", "pro", external_id="sub_bob_next", subscription_at="2099-01-01T00:00:00Z")
+    run = await run_migration(client, [ACME], mode="verify")
+    assert run.orgs[0].errors == ["user 'bob' (org 'acme') still has pending subscription(s) sub_bob_next"]

@@ -902,10 +902,17 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
                 f"active subscription {sub_id!r} belongs to customer {owner!r}, not org {org.org_id!r}"
             )
     for user_id in org.users:
-        page = await client.list_subscriptions(external_customer_id=user_id, statuses=["active"], per_page=20)
-        if page.items:
-            ids = ", ".join(str(s.get("external_id")) for s in page.items)
+        page = await client.list_subscriptions(
+            external_customer_id=user_id, statuses=["active", "pending"], per_page=20
+        )
+        active = [s for s in page.items if s.get("status") == "active"]
+        pending = [s for s in page.items if s.get("status") != "active"]  # would start billing the user later
+        if active:
+            ids = ", ".join(str(s.get("external_id")) for s in active)
             result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has active subscription(s) {ids}")
+        if pending:
+            ids = ", ".join(str(s.get("external_id")) for s in pending)
+            result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has pending subscription(s) {ids}")
     result.status = "unverified" if result.errors else "verified"
 
 
