@@ -471,3 +471,13 @@ async def test_verify_reports_a_user_s_pending_subscription(fake: FakeLago, clie
     fake.add_subscription("bob", "pro", external_id="sub_bob_next", subscription_at="2099-01-01T00:00:00Z")
     run = await run_migration(client, [ACME], mode="verify")
     assert run.orgs[0].errors == ["user 'bob' (org 'acme') still has pending subscription(s) sub_bob_next"]
+
+
+async def test_a_refused_api_key_is_the_same_error_whatever_the_mapping(fake: FakeLago) -> None:
+    """With --default-plan the plan check met the 401 first (exit 2); without it every org failed (exit 1)."""
+    records = [("row 2", {"user_id": "alice", "org_id": "acme", "org_name": "Acme", "email": ""})]
+    settings = BillingSettings(api_key="wrong", api_url=fake.base_url, max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as client:
+        for options in (MigrationOptions(), MigrationOptions(default_plan="starter")):
+            with pytest.raises(LagoAuthenticationError):
+                await validate_mapping(client, records, options)

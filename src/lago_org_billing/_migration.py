@@ -319,6 +319,8 @@ async def validate_mapping(
 ) -> tuple[list[OrgMapping], list[str]]:
     """:func:`build_mapping` plus a check, in Lago (reads only), that every ``plan_code`` of the rows and
     ``options.default_plan`` exist. Raises one :class:`MappingError` listing every problem of both kinds."""
+    # One read first: a refused key is the same error (exit 2) whatever the mapping holds.
+    await client.list_customers(per_page=1)
     problems: list[str] = []
     orgs: list[OrgMapping] = []
     warnings: list[str] = []
