@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from lago_org_billing import (
     BillingSettings,
     InvalidIdentifierError,
     InvalidRequestError,
+    LagoAPIError,
     LagoClient,
     LagoNotFoundError,
     OrgBilling,
@@ -216,3 +218,38 @@ async def test_nowait_recording_goes_through_the_pipeline(fake_lago: Any, billin
         assert await pipeline.flush(5)
     assert {e["transaction_id"] for e in fake_lago.events} == {tx, "tx_fixed"}
     assert all(e["properties"]["org_id"] == "org_1" for e in fake_lago.events)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(404, text="<html>404 Not Found</html>", headers={"content-type": "text/html"}),
+        httpx.Response(301, headers={"location": "https://lago.example/api/v1/customers/acme"}),
+    ],
+)
+async def test_a_wrong_lago_url_is_an_error_not_an_org_without_billing(answer: httpx.Response) -> None:
+    """A proxy's 404 page or a redirect (http to https) made get_customer answer None: "no billing" for an org set
+    up in Lago, and the quota gate answer 402 to all of them."""
+    settings = BillingSettings(api_url="http://lago.example", api_key="k", max_retries=0)
+    transport = httpx.MockTransport(lambda request: answer)
+    async with OrgBilling(settings, client=LagoClient(settings, transport=transport)) as billing:
+        for call in (billing.get_customer("acme"), billing.get_subscription("acme")):
+            with pytest.raises(LagoAPIError, match="LAGO_API_URL") as info:
+                await call
+            assert not isinstance(info.value, LagoNotFoundError)
+
+
+async def test_creator_and_owner_are_kept(fake_lago: Any, billing: OrgBilling) -> None:
+    """A second create_org_customer with another user overwrote created_by_user_id; terminate_subscription with
+    another org's subscription id terminated it."""
+    await billing.subscribe_org_to_plan("org_a", "starter", "A", user_id="founder")
+    await billing.create_org_customer("org_a", "A", user_id="later_admin")
+    customer = await billing.get_customer("org_a")
+    assert customer is not None
+    assert {i["key"]: i["value"] for i in customer["metadata"]}["created_by_user_id"] == "founder"
+    await billing.subscribe_org_to_plan("org_b", "starter", "B")
+    with pytest.raises(InvalidRequestError, match="not org 'org_a'"):
+        await billing.terminate_subscription("org_a", "org_b")
+    assert await billing.get_subscription("org_b") is not None
+    await billing.terminate_subscription("org_a", "org_a")
+    assert await billing.get_subscription("org_a") is None

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from lago_org_billing import BillingSettings, LagoClient, LagoNotFoundError, LagoUnavailableError, LagoValidationError
+from lago_org_billing import (
+    BillingSettings,
+    LagoAPIError,
+    LagoClient,
+    LagoNotFoundError,
+    LagoUnavailableError,
+    LagoValidationError,
+)
 from lago_org_billing._http1 import RawHTTPError, RawPoster, can_use_raw_poster
 from lago_org_billing.testing._server import serve_in_thread
 
@@ -212,7 +219,7 @@ async def serve_raw(answer: bytes, task_status: Any) -> None:
         ),
         (
             b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://lago.example/\r\nContent-Length: 0\r\n\r\n",
-            LagoNotFoundError,
+            LagoAPIError,
         ),
     ],
 )
@@ -231,6 +238,7 @@ async def test_interim_answers_are_skipped_and_a_redirect_is_not_delivery(answer
             else:
                 with pytest.raises(error) as info:
                     await lago.send_event_batch_json(batch("tx_1"))
-                if error is LagoNotFoundError:
+                if error is LagoAPIError:
                     assert "redirected to https://lago.example/" in str(info.value)
+                    assert not isinstance(info.value, LagoNotFoundError)  # not "the org has none"
         tasks.cancel_scope.cancel()

@@ -291,6 +291,7 @@ async def test_record_usage_and_duplicates(env: Env) -> None:
         {"timestamp": True},
         {"timestamp": 1_700_000_000_000},
         {"surprise": 1},
+        {"event_code": "tokens", "properties": {"total_tokens": -50_000}},  # an admin lowering the org's bill
     ],
 )
 async def test_record_usage_validation(env: Env, body: dict[str, Any]) -> None:
@@ -343,7 +344,7 @@ async def test_invoices(env: Env) -> None:
     assert sorted(i["total_amount_cents"] for i in everything.json()["invoices"]) == [100, 200, 300]
     two = await env.client.get(f"{BASE}/org_acme/invoices?limit=2", headers=ADMIN)
     assert len(two.json()["invoices"]) == 2
-    for bad in ("0", "101", "x", "-1"):
+    for bad in ("0", "101", "x", "-1", "²"):  # (a superscript two passed isdigit, then int() failed: 500)
         assert (await env.client.get(f"{BASE}/org_acme/invoices?limit={bad}", headers=ADMIN)).status_code == 422
 
 

@@ -142,6 +142,8 @@ class OrgBilling:
         check_metadata(wanted)
         existing = await self.get_customer(org_id)
         if existing is not None:
+            if METADATA_CREATED_BY in customer_metadata(existing):  # who created it stays who created it
+                wanted.pop(METADATA_CREATED_BY, None)
             return await self._update(existing, org_name, email, wanted, fields)
         customer = {**fields, "external_id": org_id, "name": _name(org_name)}
         if email is not None:
@@ -302,8 +304,16 @@ class OrgBilling:
         on_termination_invoice: str | None = None,
         on_termination_credit_note: str | None = None,
     ) -> JSON:
-        """Terminate the org's active subscription (``subscription_id`` defaults to the org's)."""
+        """Terminate the org's active subscription (``subscription_id`` defaults to the org's; another org's is
+        refused)."""
         external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
+        if subscription_id is not None:
+            current = await self.client.get_subscription(external_id)
+            owner = current.get("external_customer_id")
+            if owner != org_id:
+                raise InvalidRequestError(
+                    f"Subscription {external_id!r} belongs to customer {owner!r}, not org {org_id!r}: not terminated."
+                )
         return await self.client.terminate_subscription(
             external_id,
             on_termination_invoice=on_termination_invoice,
@@ -499,7 +509,7 @@ class OrgBilling:
         result: JSON = {"healthy": False, "url": self.settings.api_url, "version": None, "error": None}
         try:
             body = await self.client.health()
-        except LagoIntegrationError as exc:
+        except (LagoIntegrationError, RuntimeError) as exc:  # (RuntimeError: a closed client)
             result["error"] = str(exc)
         else:
             result["healthy"] = body.get("message", "Success") == "Success"

@@ -483,7 +483,7 @@ class LagoClient:
                 # an attempt never runs past the call's deadline (api_timeout otherwise)
                 timeout = min(settings.api_timeout, max(left, 0.001))
                 response = await self._http.request(method, url, params=query, json=json, timeout=timeout)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # network errors, and bodies that cannot be decoded
                 error: LagoAPIError = LagoUnavailableError(
                     f"Lago did not answer {method} {url} ({type(exc).__name__}: {exc}). "
                     f"Check LAGO_API_URL ({settings.api_url}) and that Lago is up.",
@@ -593,6 +593,12 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         hint = " Check LAGO_API_KEY." if status == 401 else " The API key lacks a permission."
         return LagoAuthenticationError(summary + "." + hint, **kwargs)
     if status == 404:
+        if code is None:  # not Lago's JSON 404 (a proxy's page, a wrong base path): no resource is known missing
+            return LagoAPIError(
+                f"{summary}, not Lago's answer for a missing resource: check LAGO_API_URL ({url} is not a Lago API "
+                "path there).",
+                **kwargs,
+            )
         return LagoNotFoundError(summary + ".", **kwargs)
     if status == 422:
         return LagoValidationError(summary + ".", **kwargs)
@@ -603,7 +609,8 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
     if status < 400:  # a redirect (a load balancer sending http to https, a wrong path): Lago was not reached
         where = response.headers.get("location")
         hint = f" to {where}" if where else ""
-        return LagoNotFoundError(f"{summary}: redirected{hint}; set LAGO_API_URL to the URL Lago answers at.", **kwargs)
+        # not a LagoNotFoundError: callers read that as "this org has no customer / subscription"
+        return LagoAPIError(f"{summary}: redirected{hint}; set LAGO_API_URL to the URL Lago answers at.", **kwargs)
     return LagoAPIError(summary + ".", **kwargs)
 
 

@@ -332,6 +332,9 @@ class BillingRouter(Router):
         event_code = body.string("event_code", is_id=True)
         transaction_id = body.string("transaction_id")
         properties = body.mapping("properties") or {}
+        for key, value in properties.items():  # an org's admin must not lower its own bill (a sum of negatives)
+            if not isinstance(value, bool) and isinstance(value, (int, float)) and value < 0:
+                body.errors.append(_error(("body", "properties", key), "Must not be negative.", "greater_than_equal"))
         user_id = body.string("user_id")
         model = body.string("model")
         endpoint_name = body.string("endpoint", max_length=2048)
@@ -393,7 +396,7 @@ class BillingRouter(Router):
         raw = request.query_params.get("limit")
         limit = self.invoice_limit
         if raw is not None:
-            if not raw.isdigit() or not 1 <= int(raw) <= 100:
+            if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
                 raise _Invalid(_error(("query", "limit"), "Must be a whole number from 1 to 100.", "int_range"))
             limit = int(raw)
         if await self.billing.get_customer(org_id) is None:
