@@ -253,3 +253,15 @@ async def test_creator_and_owner_are_kept(fake_lago: Any, billing: OrgBilling) -
     assert await billing.get_subscription("org_b") is not None
     await billing.terminate_subscription("org_a", "org_a")
     assert await billing.get_subscription("org_a") is None
+
+
+async def test_a_retried_record_usage_is_one_event_on_the_clickhouse_store() -> None:
+    """ClickHouse deduplicates on transaction_id and timestamp: a retry stamped "now" again was a second event."""
+    from lago_org_billing.testing import FakeLago
+
+    fake = FakeLago(api_key="k", event_store="clickhouse")
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with OrgBilling(settings, client=LagoClient(settings, transport=fake.transport())) as billing:
+        for _ in range(2):
+            await billing.record_usage("org_a", "api_call", "tx_retry", {"total_tokens": 100})
+    assert [event["transaction_id"] for event in fake.events] == ["tx_retry"]

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from cachetools import TTLCache
 
 from ._client import JSON, LagoClient
 from ._errors import (
@@ -91,6 +92,9 @@ class OrgBilling:
     ) -> None:
         self.pipeline = pipeline
         self.quota = quota
+        # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
+        # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
+        self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
         if client is not None:
             self.client = client
             self.settings = settings if settings is not None else client.settings
@@ -332,8 +336,10 @@ class OrgBilling:
     ) -> JSON:
         """Send one usage event for the org now, with ``org_id`` added to its properties.
 
-        Give a stable ``transaction_id`` to make retries safe (one is generated otherwise). An event Lago
-        already has is not an error: the answer is the payload with ``"duplicate": True``.
+        Give a stable ``transaction_id`` to make retries safe (one is generated otherwise). Lago's ClickHouse store
+        deduplicates on the id *and* the timestamp: without ``timestamp``, a retry here reuses the first call's
+        (remembered a day in this process); across processes, pass the same ``timestamp``. An event Lago already has
+        is not an error: the answer is the payload with ``"duplicate": True``.
         """
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         try:
@@ -408,13 +414,21 @@ class OrgBilling:
         properties: Mapping[str, Any] | None,
         timestamp: dt.datetime | float | int | str | Decimal | None,
     ) -> JSON:
-        return event_payload(
+        event = event_payload(
             transaction_id=transaction_id or f"tx_{uuid.uuid4().hex}",
             external_subscription_id=self.subscription_id(org_id),
             code=event_code,
             properties={**(properties or {}), "org_id": org_id},
             timestamp=timestamp,
         )
+        if transaction_id and timestamp is None:  # a retry of a caller's event keeps its first timestamp
+            key = (event["external_subscription_id"], transaction_id)
+            first = self._first_timestamps.get(key)
+            if first is None:
+                self._first_timestamps[key] = event["timestamp"]
+            else:
+                event["timestamp"] = first
+        return event
 
     async def record_api_call(
         self,
