@@ -265,3 +265,21 @@ async def test_a_retried_record_usage_is_one_event_on_the_clickhouse_store() -> 
         for _ in range(2):
             await billing.record_usage("org_a", "api_call", "tx_retry", {"total_tokens": 100})
     assert [event["transaction_id"] for event in fake.events] == ["tx_retry"]
+
+
+async def test_creating_an_org_customer_created_meanwhile_updates_it(
+    fake_lago: Any, billing: OrgBilling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A double-submitted setup, or a retry after a lost answer: the customer appears between the check and the
+    create, whose metadata keys then exist (422 value_already_exist). It failed; it updates that customer now."""
+    await billing.create_org_customer("org_new", "New", user_id="u1")  # the other call's create
+    real = billing.get_customer
+    seen: list[str] = []
+
+    async def not_yet(org_id: str) -> Any:  # what this call saw before the other call created it
+        seen.append(org_id)
+        return None if len(seen) == 1 else await real(org_id)
+
+    monkeypatch.setattr(billing, "get_customer", not_yet)
+    customer = await billing.create_org_customer("org_new", "New", user_id="u2")
+    assert {i["key"]: i["value"] for i in customer["metadata"]}["created_by_user_id"] == "u1"

@@ -155,7 +155,19 @@ class OrgBilling:
         customer["metadata"] = [
             {"key": key, "value": value, "display_in_invoice": False} for key, value in wanted.items()
         ]
-        return await self.client.upsert_customer(customer)
+        try:
+            return await self.client.upsert_customer(customer)
+        except LagoValidationError as exc:
+            # Created meanwhile (a concurrent call, or this call's own retry after a lost answer): its metadata keys
+            # exist now, and items without their ids are refused. Bring the existing customer up to date instead.
+            if not _only_existing_keys(exc.details):
+                raise
+            existing = await self.get_customer(org_id)
+            if existing is None:
+                raise
+            if METADATA_CREATED_BY in customer_metadata(existing):
+                wanted.pop(METADATA_CREATED_BY, None)
+            return await self._update(existing, org_name, email, wanted, fields)
 
     async def get_customer(self, org_id: str) -> JSON | None:
         """The org's Lago customer, or ``None`` when it has none."""
@@ -587,6 +599,14 @@ def _api_call_properties(
         if value is not None:
             props[key] = value
     return props
+
+
+def _only_existing_keys(details: Mapping[str, Any]) -> bool:
+    """A 422 whose only complaint is metadata keys that exist already (``{"key": ["value_already_exist"]}``)."""
+    return bool(details) and all(
+        field.endswith("key") and set(codes if isinstance(codes, list) else [codes]) == {"value_already_exist"}
+        for field, codes in details.items()
+    )
 
 
 def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
