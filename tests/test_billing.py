@@ -283,3 +283,16 @@ async def test_creating_an_org_customer_created_meanwhile_updates_it(
     monkeypatch.setattr(billing, "get_customer", not_yet)
     customer = await billing.create_org_customer("org_new", "New", user_id="u2")
     assert {i["key"]: i["value"] for i in customer["metadata"]}["created_by_user_id"] == "u1"
+
+
+async def test_changing_back_to_the_current_plan_cancels_a_scheduled_downgrade(billing: OrgBilling) -> None:
+    """Lago answers a change to the current plan with the subscription unchanged: a downgrade scheduled for the
+    period end stayed, while the routes said the change took effect now."""
+    await billing.subscribe_org_to_plan("org_1", "pro", "Acme")
+    downgrade = await billing.change_plan("org_1", "starter")
+    assert downgrade["plan_code"] == "pro" and downgrade["next_plan_code"] == "starter"
+    back = await billing.change_plan("org_1", "pro")
+    assert back["plan_code"] == "pro" and not back.get("next_plan_code")
+    assert billing.client is not None
+    pending = await billing.client.list_subscriptions(external_customer_id="org_1", statuses=["pending"])
+    assert pending.items == []

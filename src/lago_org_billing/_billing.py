@@ -306,9 +306,18 @@ class OrgBilling:
                 status=404,
                 code="subscription_not_found",
             )
+        plan_code = validate_id(plan_code, "plan_code")
+        if plan_code == current.get("plan_code") and current.get("next_plan_code"):
+            # Back to the current plan while a downgrade waits for the period end: Lago would answer the subscription
+            # unchanged, the downgrade still scheduled. Cancel the pending downgrade instead.
+            try:
+                await self.client.terminate_subscription(current["external_id"], status="pending")
+            except LagoNotFoundError:
+                pass  # it started or was canceled meanwhile
+            return await self.client.get_subscription(current["external_id"])
         return await self.client.create_subscription(
             external_customer_id=current["external_customer_id"],
-            plan_code=validate_id(plan_code, "plan_code"),
+            plan_code=plan_code,
             external_id=current["external_id"],
         )
 
