@@ -296,3 +296,10 @@ async def test_changing_back_to_the_current_plan_cancels_a_scheduled_downgrade(b
     assert billing.client is not None
     pending = await billing.client.list_subscriptions(external_customer_id="org_1", statuses=["pending"])
     assert pending.items == []
+
+
+async def test_a_subscription_not_started_yet_can_be_canceled(fake_lago: Any, billing: OrgBilling) -> None:
+    await billing.create_org_customer("org_f", "Future")
+    await billing.create_subscription("org_f", "starter", subscription_at="2099-01-01T00:00:00Z")
+    ended = await billing.terminate_subscription("org_f")
+    assert ended["status"] == "canceled"

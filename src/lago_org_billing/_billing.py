@@ -329,21 +329,27 @@ class OrgBilling:
         on_termination_invoice: str | None = None,
         on_termination_credit_note: str | None = None,
     ) -> JSON:
-        """Terminate the org's active subscription (``subscription_id`` defaults to the org's; another org's is
-        refused)."""
+        """Terminate the org's active subscription, or cancel its pending one (``subscription_id`` defaults to the
+        org's; another org's is refused)."""
         external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
         if subscription_id is not None:
-            current = await self.client.get_subscription(external_id)
+            try:
+                current = await self.client.get_subscription(external_id)
+            except LagoNotFoundError:  # one that has not started yet
+                current = await self.client.get_subscription(external_id, status="pending")
             owner = current.get("external_customer_id")
             if owner != org_id:
                 raise InvalidRequestError(
                     f"Subscription {external_id!r} belongs to customer {owner!r}, not org {org_id!r}: not terminated."
                 )
-        return await self.client.terminate_subscription(
-            external_id,
-            on_termination_invoice=on_termination_invoice,
-            on_termination_credit_note=on_termination_credit_note,
-        )
+        try:
+            return await self.client.terminate_subscription(
+                external_id,
+                on_termination_invoice=on_termination_invoice,
+                on_termination_credit_note=on_termination_credit_note,
+            )
+        except LagoNotFoundError:  # not active: one that has not started yet is canceled
+            return await self.client.terminate_subscription(external_id, status="pending")
 
     # ------------------------------------------------------------------ usage
 
