@@ -221,6 +221,16 @@ async def test_current_usage_errors(client: httpx.AsyncClient) -> None:
         "/api/v1/customers/org/current_usage", params={"external_subscription_id": "sub", "billable_metric_code": "zz"}
     )
     assert r.json()["code"] == "charge_not_found"
+    # full_usage needs a filter and a premium flag, off by default: Lago refuses it (the emulator ignored it)
+    for extra in ({}, {"charge_code": "calls"}):
+        r = await client.get(
+            "/api/v1/customers/org/current_usage",
+            params={"external_subscription_id": "sub", "full_usage": "true", **extra},
+        )
+        assert (r.status_code, r.json()["code"]) == (405, "full_usage_not_allowed")
+    # Lago's dot fix covers /subscriptions/:id only: nested routes stop at "." (Rails' format), a 404
+    r = await client.get("/api/v1/subscriptions/acme.com/entitlements")
+    assert (r.status_code, r.json()["code"]) == (404, "resource_not_found")
 
 
 async def test_usage_per_aggregation_type(client: httpx.AsyncClient) -> None:

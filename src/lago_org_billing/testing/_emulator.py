@@ -535,6 +535,7 @@ class FakeLago:
             return str(request.path_params["external_id"]).split(".", 1)[0]
 
         def nested_customer_id(request: Request) -> str:
+            # Lago's dot fix covers /customers/:id and /subscriptions/:id only: nested routes stop at "." (404)
             value = str(request.path_params["external_id"])
             if "." in value:
                 raise ApiError(404, NOT_FOUND_BODY)
@@ -597,12 +598,12 @@ class FakeLago:
             ("/subscriptions", lambda r, b: store.list_subscriptions(query(r), statuses(r)), ["GET"]),
             (
                 "/subscriptions/{external_id}/entitlements",
-                lambda r, b: store.get_sub_entitlements(r.path_params["external_id"], _status(r)),
+                lambda r, b: store.get_sub_entitlements(nested_customer_id(r), _status(r)),
                 ["GET"],
             ),
             (
                 "/subscriptions/{external_id}/entitlements",
-                lambda r, b: store.patch_sub_entitlements(r.path_params["external_id"], _status(r), b),
+                lambda r, b: store.patch_sub_entitlements(nested_customer_id(r), _status(r), b),
                 ["PATCH"],
             ),
             (

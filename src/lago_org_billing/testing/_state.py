@@ -1443,6 +1443,9 @@ class LagoStore:
             )
             if sub is None:
                 raise not_allowed("no_active_subscription")
+            if str(query.get("full_usage", "")).lower() in ("true", "1"):
+                # needs a charge or group filter and the premium granular_lifetime_usage flag, off here as by default
+                raise not_allowed("full_usage_not_allowed")
             plan = self.plans[sub["plan_code"]]
             charges = plan["charges"]
             for param, field in (
