@@ -131,6 +131,13 @@ async def test_customer_validation_errors(client: httpx.AsyncClient) -> None:
     }
     r = await client.post("/api/v1/customers", json={"customer": {"external_id": "a", "currency": "euros"}})
     assert r.json()["error_details"] == {"currency": ["value_is_invalid"]}
+    # Lago checks time zones against the IANA names and names against 255 characters (the emulator took both)
+    r = await client.post("/api/v1/customers", json={"customer": {"external_id": "a", "timezone": "Mars/Olympus"}})
+    assert r.json()["error_details"] == {"timezone": ["invalid_timezone"]}
+    r = await client.post("/api/v1/customers", json={"customer": {"external_id": "a", "name": "n" * 256}})
+    assert r.json()["error_details"] == {"name": ["value_is_too_long"]}
+    r = await client.post("/api/v1/customers", json={"customer": {"external_id": "a", "timezone": "Asia/Tokyo"}})
+    assert r.status_code == 200 and r.json()["customer"]["applicable_timezone"] == "Asia/Tokyo"
 
 
 async def test_customer_not_found_and_soft_delete(client: httpx.AsyncClient) -> None:

@@ -9,6 +9,7 @@ the state untouched. Methods return serialized objects shaped like Lago's API an
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 import threading
@@ -272,6 +273,13 @@ class LagoStore:
             ):
                 if key in params and params[key] not in allowed:
                     errors[key] = ["value_is_invalid"]
+            timezone = params.get("timezone")
+            known = _timezones()  # (empty without a time zone database: then not checked)
+            if timezone is not None and (not isinstance(timezone, str) or (known and timezone not in known)):
+                errors["timezone"] = ["invalid_timezone"]  # OAS TimezoneOrNull: IANA names
+            name = params.get("name")
+            if isinstance(name, str) and len(name) > 255:  # OAS CustomerCreateInput.name maxLength 255
+                errors["name"] = ["value_is_too_long"]
             if "net_payment_term" in params and params["net_payment_term"] is not None:
                 term = params["net_payment_term"]
                 if isinstance(term, bool) or not isinstance(term, int) or term < 0:
@@ -1659,6 +1667,14 @@ def _cast_privilege(privilege: JSON, value: Any) -> Any:
     if isinstance(value, (dict, list)) or value is None:
         return _INVALID
     return str(value)
+
+
+@functools.lru_cache(maxsize=1)
+def _timezones() -> frozenset[str]:
+    import zoneinfo
+
+    names = frozenset(zoneinfo.available_timezones())
+    return names | {"UTC"} if names else frozenset()
 
 
 def _valid_currency(value: Any) -> bool:
