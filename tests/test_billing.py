@@ -146,6 +146,8 @@ async def test_record_api_call_rejects_bad_tokens(billing: OrgBilling) -> None:
         await billing.record_api_call("org_1", tokens=-1)
     with pytest.raises(InvalidRequestError):
         await billing.record_api_call("org_1", tokens=1.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="2\\*\\*53"):  # 10**30 was sent (and broke the emulator's usage)
+        await billing.record_api_call("org_1", tokens=10**30)
 
 
 async def test_get_invoices_limit(fake_lago: Any, billing: OrgBilling) -> None:

@@ -600,8 +600,10 @@ def _api_call_properties(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     for name, count in (("tokens", tokens), ("input_tokens", input_tokens), ("output_tokens", output_tokens)):
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-            raise InvalidRequestError(f"{name} must be a whole number >= 0, got {count!r}.")
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_COUNT
+        ):
+            raise InvalidRequestError(f"{name} must be a whole number from 0 to 2**53 - 1, got {count!r}.")
     total = tokens or (input_tokens or 0) + (output_tokens or 0)
     props: dict[str, Any] = {**extra, "total_tokens": total}
     for key, value in (
@@ -614,6 +616,10 @@ def _api_call_properties(
         if value is not None:
             props[key] = value
     return props
+
+
+#: The largest token count an event carries: every JSON reader keeps it exact (a double's integers).
+_MAX_COUNT = 2**53 - 1
 
 
 def _only_existing_keys(details: Mapping[str, Any]) -> bool:
