@@ -514,3 +514,23 @@ async def test_webhook_dispatcher_receives_emitted_webhooks(fake: FakeLago) -> N
     envelope = fake.emitted_webhooks[0]
     assert envelope["organization_id"] == fake.organization_id
     assert envelope["customer"] == customer
+
+
+async def test_list_filters_lago_documents_are_applied(client: httpx.AsyncClient, fake: FakeLago) -> None:
+    """Customers by metadata, invoices by currency, issuing date and amount: the emulator listed everything."""
+    gold = [{"key": "tier", "value": "gold", "display_in_invoice": False}]
+    await client.post("/api/v1/customers", json={"customer": {"external_id": "fa", "metadata": gold}})
+    await client.post("/api/v1/customers", json={"customer": {"external_id": "fb"}})
+    r = await client.get("/api/v1/customers", params={"metadata[tier]": "gold"})
+    assert [c["external_id"] for c in r.json()["customers"]] == ["fa"]
+    fake.add_invoice("fa", currency="EUR", issuing_date="2026-01-05", total_amount_cents=100)
+    fake.add_invoice("fb", currency="USD", issuing_date="2026-02-05", total_amount_cents=900)
+    for params, expected in (
+        ({"currency": "EUR"}, ["EUR"]),
+        ({"issuing_date_from": "2026-02-01"}, ["USD"]),
+        ({"issuing_date_to": "2026-01-31"}, ["EUR"]),
+        ({"amount_from": "500"}, ["USD"]),
+        ({"amount_to": "500"}, ["EUR"]),
+    ):
+        r = await client.get("/api/v1/invoices", params=params)
+        assert [i["currency"] for i in r.json()["invoices"]] == expected, params

@@ -484,6 +484,12 @@ class LagoStore:
                 if multi.get(param):
                     wanted = set(multi[param])
                     items = [c for c in items if (c["fields"].get(field) or _default_field(field)) in wanted]
+            for key, value in query.items():  # metadata[tier]=gold
+                if key.startswith("metadata[") and key.endswith("]"):
+                    name = key[len("metadata[") : -1]
+                    items = [
+                        c for c in items if any(m["key"] == name and str(m["value"]) == value for m in c["metadata"])
+                    ]
             if query.get("customer_type"):
                 items = [c for c in items if c["fields"].get("customer_type") == query["customer_type"]]
             items = sorted(items, key=lambda c: (c["created_at"], c["sequential_id"]), reverse=True)
@@ -1604,6 +1610,19 @@ class LagoStore:
                 items = [i for i in items if i["payment_status"] in multi["payment_statuses[]"]]
             if query.get("invoice_type"):
                 items = [i for i in items if i["invoice_type"] == query["invoice_type"]]
+            if query.get("currency"):
+                items = [i for i in items if i.get("currency") == query["currency"]]
+            if query.get("issuing_date_from"):
+                items = [i for i in items if str(i["issuing_date"]) >= str(query["issuing_date_from"])]
+            if query.get("issuing_date_to"):
+                items = [i for i in items if str(i["issuing_date"]) <= str(query["issuing_date_to"])]
+            for param, sign in (("amount_from", 1), ("amount_to", -1)):
+                if query.get(param):
+                    try:
+                        bound = int(query[param])
+                    except ValueError:
+                        raise validation_error({param: ["value_is_invalid"]}) from None
+                    items = [i for i in items if sign * (int(i.get("total_amount_cents") or 0) - bound) >= 0]
             items.sort(key=lambda i: (i["issuing_date"], i["sequential_id"]), reverse=True)
             return paginate(
                 [self._serialize_invoice(i) for i in items], "invoices", query.get("page"), query.get("per_page")
