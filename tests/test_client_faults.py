@@ -12,6 +12,7 @@ from lago_org_billing import (
     BillingSettings,
     InvalidIdentifierError,
     InvalidRequestError,
+    LagoAPIError,
     LagoAuthenticationError,
     LagoClient,
     LagoNotFoundError,
@@ -259,3 +260,21 @@ async def test_an_attempt_never_runs_past_the_deadline(monkeypatch: pytest.Monke
         await lago.get_customer("org_1")
     assert len(timeouts) == 2 and all(timeout <= 2 for timeout in timeouts)
     assert waits == [0.5]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "hint"),
+    [
+        (404, "customer_not_found", "case-sensitive"),
+        (422, "validation_errors", "fix the fields"),
+        (429, None, "rate limit"),
+        (503, None, "retry later"),
+    ],
+)
+async def test_lago_errors_say_what_to_do(status: int, code: str | None, hint: str) -> None:
+    body = {"status": status, "error": "x", **({"code": code} if code else {})}
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, json=body))
+    settings = BillingSettings(api_url="http://lago.test", api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=transport) as client:
+        with pytest.raises(LagoAPIError, match=hint):
+            await client.get_customer("acme")

@@ -599,13 +599,21 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
                 "path there).",
                 **kwargs,
             )
-        return LagoNotFoundError(summary + ".", **kwargs)
+        return LagoNotFoundError(
+            summary + ". Check the id (Lago's ids are case-sensitive), or create the resource first.", **kwargs
+        )
     if status == 422:
-        return LagoValidationError(summary + ".", **kwargs)
+        return LagoValidationError(
+            summary + ". Lago refused the values sent: fix the fields its error details name.", **kwargs
+        )
     if status == 429:
-        return LagoRateLimitError(summary + ".", retry_after=_retry_after(response.headers), **kwargs)
+        return LagoRateLimitError(
+            summary + ". Lago's rate limit: retry later, or ask Lago to raise it.",
+            retry_after=_retry_after(response.headers),
+            **kwargs,
+        )
     if status >= 500:
-        return LagoUnavailableError(summary + ".", **kwargs)
+        return LagoUnavailableError(summary + ". Lago failed or is down: retry later.", **kwargs)
     if status < 400:  # a redirect (a load balancer sending http to https, a wrong path): Lago was not reached
         where = response.headers.get("location")
         hint = f" to {where}" if where else ""

@@ -31,10 +31,18 @@ def validate_id(value: object, what: str = "id") -> str:
         raise InvalidIdentifierError(f"{what} is longer than {MAX_ID_LENGTH} characters.")
     bad = _FORBIDDEN.search(value)
     if bad:
+        char = bad.group()
+        why = {
+            ".": "Rails reads 'acme.com' as id 'acme' in format 'com'",
+            "/": "it separates path segments",
+            "?": "it starts the query string",
+            "#": "it starts the fragment",
+            "%": "it starts an escape and proxies decode it",
+            "\\": "proxies read it as '/'",
+        }.get(char, "a control character never round-trips")
         raise InvalidIdentifierError(
-            f"{what} {value!r} contains {bad.group()!r}, which Lago cannot take in a URL path "
-            "(Rails reads 'acme.com' as id 'acme' in format 'com'). Use letters, digits, '-', '_', ':' or '@', "
-            "e.g. map 'acme.com' to 'acme-com'."
+            f"{what} {value!r} contains {char!r}, which Lago cannot take in a URL path ({why}). Use letters, digits, "
+            "'-', '_', ':' or '@', e.g. map 'acme.com' to 'acme-com'."
         )
     return value
 
