@@ -438,7 +438,6 @@ class LagoWebhooks:
         self._public_pem = public_key.encode() if isinstance(public_key, str) else public_key
         self._public_key: Any = None
         self._key_fetched_at: float | None = None
-        self._key_failed_at: float | None = None  # the last fetch failed then (no key cached): fetch again later
         self._key_lock: anyio.Lock | None = None
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
@@ -682,16 +681,12 @@ class LagoWebhooks:
                 if self._public_pem is not None:
                     self._public_key = _load_public_key(self._public_pem)
                 else:
-                    failed = self._key_failed_at
-                    if failed is not None and time.monotonic() - failed < _KEY_RETRY_AFTER:
-                        # every request does not make a call to Lago while it fails (Lago retries its webhooks)
+                    # No key yet after a fetch: that fetch failed. Not every request makes a call to Lago while it
+                    # fails (Lago retries its webhooks).
+                    fetched = self._key_fetched_at
+                    if fetched is not None and time.monotonic() - fetched < _KEY_RETRY_AFTER:
                         raise _KeyUnavailable("the last fetch failed moments ago")
-                    try:
-                        self._public_key = await self._fetch_key()
-                    except _KeyUnavailable:
-                        self._key_failed_at = time.monotonic()
-                        raise
-                    self._key_failed_at = None
+                    self._public_key = await self._fetch_key()
             return self._public_key
 
     async def _refetch_key(self, stale: Any) -> Any | None:
