@@ -145,29 +145,26 @@ class OrgBilling:
         wanted = _package_metadata(user_id, metadata)
         check_metadata(wanted)
         existing = await self.get_customer(org_id)
-        if existing is not None:
-            if METADATA_CREATED_BY in customer_metadata(existing):  # who created it stays who created it
-                wanted.pop(METADATA_CREATED_BY, None)
-            return await self._update(existing, org_name, email, wanted, fields)
-        customer = {**fields, "external_id": org_id, "name": _name(org_name)}
-        if email is not None:
-            customer["email"] = _email(email)
-        customer["metadata"] = [
-            {"key": key, "value": value, "display_in_invoice": False} for key, value in wanted.items()
-        ]
-        try:
-            return await self.client.upsert_customer(customer)
-        except LagoValidationError as exc:
-            # Created meanwhile (a concurrent call, or this call's own retry after a lost answer): its metadata keys
-            # exist now, and items without their ids are refused. Bring the existing customer up to date instead.
-            if not _only_existing_keys(exc.details):
-                raise
-            existing = await self.get_customer(org_id)
-            if existing is None:
-                raise
-            if METADATA_CREATED_BY in customer_metadata(existing):
-                wanted.pop(METADATA_CREATED_BY, None)
-            return await self._update(existing, org_name, email, wanted, fields)
+        if existing is None:
+            customer = {**fields, "external_id": org_id, "name": _name(org_name)}
+            if email is not None:
+                customer["email"] = _email(email)
+            customer["metadata"] = [
+                {"key": key, "value": value, "display_in_invoice": False} for key, value in wanted.items()
+            ]
+            try:
+                return await self.client.upsert_customer(customer)
+            except LagoValidationError as exc:
+                # Created meanwhile (a concurrent call, or this call's own retry after a lost answer): its metadata
+                # keys exist now, and items without their ids are refused. Bring that customer up to date instead.
+                if not _only_existing_keys(exc.details):
+                    raise
+                existing = await self.get_customer(org_id)
+                if existing is None:
+                    raise
+        if METADATA_CREATED_BY in customer_metadata(existing):  # who created it stays who created it
+            wanted.pop(METADATA_CREATED_BY, None)
+        return await self._update(existing, org_name, email, wanted, fields)
 
     async def get_customer(self, org_id: str) -> JSON | None:
         """The org's Lago customer, or ``None`` when it has none."""
@@ -562,9 +559,8 @@ class OrgBilling:
                 await self.client.list_customers(per_page=1)
             except LagoIntegrationError as exc:
                 result["healthy"] = False
-                result["error"] = f"Lago is up, but refuses this API key: {exc}"
-                if not isinstance(exc, LagoAuthenticationError):
-                    result["error"] = f"Lago is up, but an API call failed: {exc}"
+                what = "refuses this API key" if isinstance(exc, LagoAuthenticationError) else "an API call failed"
+                result["error"] = f"Lago is up, but {what}: {exc}"
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return result
 
