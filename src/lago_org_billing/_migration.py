@@ -907,14 +907,12 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
         page = await client.list_subscriptions(
             external_customer_id=user_id, statuses=["active", "pending"], per_page=20
         )
-        active = [s for s in page.items if s.get("status") == "active"]
-        pending = [s for s in page.items if s.get("status") != "active"]  # would start billing the user later
-        if active:
-            ids = ", ".join(str(s.get("external_id")) for s in active)
-            result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has active subscription(s) {ids}")
-        if pending:
-            ids = ", ".join(str(s.get("external_id")) for s in pending)
-            result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has pending subscription(s) {ids}")
+        for status in ("active", "pending"):  # (a pending one would start billing the user later)
+            ids = ", ".join(
+                str(s.get("external_id")) for s in page.items if (s.get("status") == "active") == (status == "active")
+            )
+            if ids:
+                result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has {status} subscription(s) {ids}")
     result.status = "unverified" if result.errors else "verified"
 
 

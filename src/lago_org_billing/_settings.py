@@ -267,8 +267,10 @@ def _parse_url(name: str, value: str) -> str:
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
     except ValueError:
-        parts = parts._replace(scheme="")
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        port_ok = False
+    else:
+        port_ok = True
+    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {value!r}.", variable=name
         )
