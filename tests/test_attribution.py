@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import random
+import zlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -276,12 +277,49 @@ async def test_other_content_types_are_not_inspected() -> None:
     assert Usage() == record([body], content_type=None)
 
 
-async def test_compressed_bodies_are_skipped() -> None:
-    """gzip (any content-encoding but identity) is not parsed; identity is."""
+async def test_compressed_bodies() -> None:
+    """A body compressed by a middleware inside this one (GZipMiddleware added first) is read when gzip or deflate
+    (zlib-wrapped as HTTP says, or raw as some servers send it), in any chunks; other encodings are not."""
     body = dumps(OPENAI_CHAT)
-    assert Usage() == record([gzip.compress(body)], headers=[(b"content-encoding", b"gzip")])
+    packed = gzip.compress(body)
+    gzipped = [(b"content-encoding", b"gzip")]
+    assert 120 == record([packed], headers=gzipped).total_tokens
+    assert 120 == record([packed[:7], packed[7:20], packed[20:]], headers=gzipped).total_tokens
+    assert 120 == record([packed], headers=[(b"Content-Encoding", b"X-GZIP")]).total_tokens
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for deflated in (zlib.compress(body), raw.compress(body) + raw.flush()):
+        assert 120 == record([deflated], headers=[(b"content-encoding", b"deflate")]).total_tokens
     assert Usage() == record([body], headers=[(b"Content-Encoding", b"br")])
+    assert Usage() == record([gzip.compress(packed)], headers=[(b"content-encoding", b"gzip, gzip")])
     assert 120 == record([body], headers=[(b"content-encoding", b"identity")]).total_tokens
+
+
+async def test_compressed_streams_are_read_as_they_pass() -> None:
+    """A gzip event stream, flushed chunk by chunk, is decompressed and parsed as it goes; a stream cut off
+    mid-way keeps what was counted."""
+    stream = sse(*anthropic_events())
+    packer = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+    chunks = [packer.compress(stream[i : i + 40]) + packer.flush(zlib.Z_SYNC_FLUSH) for i in range(0, len(stream), 40)]
+    chunks.append(packer.flush())
+    assert Usage("claude-haiku", 125, 42, 167, "sse") == record(chunks, SSE, headers=[(b"content-encoding", b"gzip")])
+    cut = record(chunks[: len(chunks) // 2], SSE, headers=[(b"content-encoding", b"gzip")])
+    assert cut.input_tokens == 125 and cut.output_tokens < 42
+
+
+async def test_compressed_bodies_are_capped_after_decompression(caplog: pytest.LogCaptureFixture) -> None:
+    """max_body_bytes bounds the decompressed JSON too: a small body that inflates over it is not read (and not
+    held in memory), and says so; a corrupt one bills 0 tokens and says so."""
+    body = dumps({"usage": {"prompt_tokens": 5, "completion_tokens": 5}, "pad": " " * 50_000})
+    packed = gzip.compress(body)
+    gzipped = [(b"content-encoding", b"gzip")]
+    assert len(packed) < 1_000
+    assert 10 == record([packed], headers=gzipped, config=AttributionConfig(max_body_bytes=len(body))).total_tokens
+    assert Usage() == record([packed], headers=gzipped, config=AttributionConfig(max_body_bytes=len(body) - 1))
+    assert Usage() == record([b"\x1f\x8b not gzip"], headers=gzipped)
+    assert Usage() == record([b"\x1f\x8b not gzip"], SSE, headers=gzipped)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert "over AttributionConfig.max_body_bytes" in warnings[0] and "could not be decompressed" in warnings[1]
 
 
 async def test_json_size_cap() -> None:
@@ -560,11 +598,11 @@ async def test_bodies_whose_usage_is_not_read_are_said_once(caplog: pytest.LogCa
     body = dumps({"usage": {"prompt_tokens": 5, "completion_tokens": 5}, "pad": "x" * 2_000})
     for _ in range(2):
         assert record([body], config=AttributionConfig(max_body_bytes=1_000)).total_tokens == 0
-        assert record([b"\x1f\x8b..."], headers=[(b"content-encoding", b"gzip")]).total_tokens == 0
+        assert record([b"\x1f\x8b..."], headers=[(b"content-encoding", b"br")]).total_tokens == 0
         assert record([b'{"usage": {"prompt_tokens": 5}, "name": "caf\xe9"}']).total_tokens == 0  # Latin-1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 3
-    assert "over AttributionConfig.max_body_bytes" in warnings[0] and "gzip-encoded" in warnings[1]
+    assert "over AttributionConfig.max_body_bytes" in warnings[0] and "br-encoded" in warnings[1]
     assert "could not be parsed" in warnings[2]
 
 

@@ -157,6 +157,24 @@ async def test_sse_stream_is_one_event_with_final_usage(fake_lago: Any, make_mid
     assert event["properties"]["endpoint"] == "/v1/stream"
 
 
+async def test_gzip_middleware_inside_the_billing_one(fake_lago: Any, settings: BillingSettings) -> None:
+    """GZipMiddleware added before the billing middleware (so inside it, compressing first): tokens still billed."""
+    from starlette.middleware.gzip import GZipMiddleware
+
+    middleware = OrgBillingMiddleware(
+        GZipMiddleware(build_app(), minimum_size=1), settings=settings, transport=fake_lago.transport()
+    )
+    try:
+        async with client_for(middleware) as client:
+            response = await client.post("/v1/chat/c_1", headers={**HEADERS, "Accept-Encoding": "gzip"})
+        assert response.headers["content-encoding"] == "gzip" and response.json()["model"] == "gpt-4o-mini"
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    [event] = fake_lago.events
+    assert event["properties"]["total_tokens"] == 18 and event["properties"]["model"] == "gpt-4o-mini"
+
+
 async def test_mounted_route_keeps_prefix(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """Inside a Mount, the endpoint is the mount prefix plus the inner template."""
     middleware = make_middleware()

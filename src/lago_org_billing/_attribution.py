@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import zlib
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -356,6 +357,7 @@ class UsageRecorder:
         "_event",
         "_fresh",
         "_headers",
+        "_inflater",
         "_mode",
         "_partial",
         "_result",
@@ -384,6 +386,7 @@ class UsageRecorder:
         self._size = 0
         self._counts: _Counts | None = None
         self._result: Usage | None = None
+        self._inflater: _Inflater | None = None
 
     def detach(self) -> None:
         """Let go of the request's scope (keeping only what :func:`attribute_usage` stored), for a recorder
@@ -435,10 +438,15 @@ class UsageRecorder:
                 known = self._headers.get(field)
                 if known is None or rank < known[0]:
                     self._headers[field] = (rank, value)
-        if not content_type or encoded or not config.inspect_body:
-            if encoded and config.inspect_body and (b"json" in content_type or b"event-stream" in content_type):
-                _encoded_body_skipped(encoded)
+        if not content_type or not config.inspect_body:
             return
+        if encoded:  # compressed by a middleware inside this one (GZipMiddleware added first): gzip/deflate are read
+            if b"json" not in content_type and b"event-stream" not in content_type:
+                return
+            if encoded not in _INFLATABLE:
+                _encoded_body_skipped(encoded)
+                return
+            self._inflater = _Inflater(encoded)
         media_type = (
             content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
         )
@@ -469,6 +477,17 @@ class UsageRecorder:
         """Look at one ``http.response.body`` chunk (cheap; JSON is only buffered, SSE is parsed line by line)."""
         mode = self._mode
         if mode == _MODE_NONE or not body:
+            return
+        if self._inflater is not None and mode == _MODE_SSE:
+            try:
+                for part in self._inflater.parts(body):
+                    self._feed_sse(part)
+            except zlib.error:
+                self._mode = _MODE_NONE
+                _undecodable_body()
+            except Exception:
+                self._mode = _MODE_NONE
+                _internal_error("response_body")
             return
         if mode == _MODE_JSON:
             self._size += len(body)
@@ -619,7 +638,17 @@ class UsageRecorder:
         chunks = self._chunks
         if not chunks:
             return b""
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._inflater is not None:
+            try:
+                body = self._inflater.whole(body, self._config.max_body_bytes)
+            except zlib.error:
+                _undecodable_body()
+                return b""
+            except _TooLarge:
+                _cap_exceeded("JSON body")
+                return b""
+        return body
 
     def _explicit_fields(self) -> dict[str, Any]:
         raw = self._explicit()
@@ -802,10 +831,65 @@ def _encoded_body_skipped(encoding: bytes) -> None:
     _warn_once(
         f"encoding:{encoding!r}",
         "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
-        "read (tokens billed 0). Put the billing middleware inside the compression one (app.add_middleware: "
-        "add OrgBillingMiddleware before GZipMiddleware, so that GZip wraps it), or attribute usage "
-        "explicitly (attribute_usage) or in response headers. Logged once.",
+        "read (tokens billed 0: gzip and deflate are read, other encodings are not). Put the billing middleware "
+        "inside the compression one (app.add_middleware: add OrgBillingMiddleware before the compression "
+        "middleware, so that it wraps the billing one), or attribute usage explicitly (attribute_usage) or in "
+        "response headers. Logged once.",
         encoding.decode("latin-1"),
+    )
+
+
+#: Content encodings read before the body is (the standard library's zlib).
+_INFLATABLE = frozenset((b"gzip", b"x-gzip", b"deflate"))
+
+
+class _TooLarge(Exception):
+    """A compressed body that inflates over the cap."""
+
+
+class _Inflater:
+    """Decompresses a gzip or deflate response body: at once (JSON, capped) or chunk by chunk (SSE). HTTP's
+    ``deflate`` is zlib-wrapped, but some servers send raw deflate: both are read."""
+
+    __slots__ = ("_decoder", "_raw_fallback")
+
+    def __init__(self, encoding: bytes) -> None:
+        gzip = encoding != b"deflate"
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if gzip else zlib.MAX_WBITS)
+        self._raw_fallback = not gzip
+
+    def whole(self, data: bytes, cap: int) -> bytes:
+        out = b"".join(self._parts(data, cap + 1))
+        if len(out) > cap:
+            raise _TooLarge
+        return out
+
+    def parts(self, data: bytes) -> list[bytes]:
+        return list(self._parts(data, None))
+
+    def _parts(self, data: bytes, cap: int | None) -> list[bytes]:
+        try:
+            first = self._decoder.decompress(data, 65_536)
+        except zlib.error:
+            if not self._raw_fallback:
+                raise
+            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            first = self._decoder.decompress(data, 65_536)
+        self._raw_fallback = False
+        out, size = [first], len(first)
+        # In slices of 64 KiB, and no further than the cap: a small body that inflates hugely costs no memory.
+        while self._decoder.unconsumed_tail and (cap is None or size <= cap):
+            part = self._decoder.decompress(self._decoder.unconsumed_tail, 65_536)
+            out.append(part)
+            size += len(part)
+        return out
+
+
+def _undecodable_body() -> None:
+    _warn_once(
+        "undecodable",
+        "A gzip/deflate-encoded JSON or event-stream response could not be decompressed: its usage was not read "
+        "(tokens billed 0). Logged once.",
     )
 
 
