@@ -292,6 +292,8 @@ async def test_record_usage_and_duplicates(env: Env) -> None:
         {"timestamp": 1_700_000_000_000},
         {"surprise": 1},
         {"event_code": "tokens", "properties": {"total_tokens": -50_000}},  # an admin lowering the org's bill
+        {"event_code": "tokens", "properties": {"total_tokens": " -50000 "}},  # Lago sums numeric strings too
+        {"event_code": "tokens", "properties": {"total_tokens": "-5e4"}},
     ],
 )
 async def test_record_usage_validation(env: Env, body: dict[str, Any]) -> None:

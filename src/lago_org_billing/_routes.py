@@ -36,6 +36,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from starlette.requests import Request
@@ -85,6 +86,20 @@ class _Invalid(Exception):
     def __init__(self, *errors: dict[str, Any]) -> None:
         super().__init__(errors)
         self.errors = list(errors)
+
+
+def _negative(value: Any) -> bool:
+    """A negative number, or a string Lago would read as one (it sums numeric strings too)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value < 0
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip()) < 0
+        except (InvalidOperation, ValueError):
+            return False
+    return False
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
@@ -333,7 +348,7 @@ class BillingRouter(Router):
         transaction_id = body.string("transaction_id")
         properties = body.mapping("properties") or {}
         for key, value in properties.items():  # an org's admin must not lower its own bill (a sum of negatives)
-            if not isinstance(value, bool) and isinstance(value, (int, float)) and value < 0:
+            if _negative(value):
                 body.errors.append(_error(("body", "properties", key), "Must not be negative.", "greater_than_equal"))
         user_id = body.string("user_id")
         model = body.string("model")
