@@ -17,6 +17,7 @@ from lago_org_billing import (
     LagoNotFoundError,
     OrgBilling,
 )
+from lago_org_billing._billing import customer_metadata
 
 pytestmark = pytest.mark.anyio
 
@@ -110,6 +111,20 @@ async def test_subscribe_change_plan_and_terminate(billing: OrgBilling) -> None:
     assert await billing.get_subscription("org_1") is None
     with pytest.raises(LagoNotFoundError, match="no active subscription"):
         await billing.change_plan("org_1", "pro")
+
+
+async def test_subscribe_completes_an_existing_customer_without_overwriting_it(billing: OrgBilling) -> None:
+    """A bare customer (Lago makes one when a subscription comes first, as the seed's create_subscription does) gets
+    the name, email, org marker and creator it lacks; what it has is kept."""
+    await billing.create_subscription("org_9", "starter")
+    result = await billing.subscribe_org_to_plan("org_9", "starter", "Org Nine", "nine@x.test", user_id="u1")
+    customer = result["customer"]
+    assert (customer["name"], customer["email"]) == ("Org Nine", "nine@x.test")
+    assert customer_metadata(customer) == {"billing_type": "organization", "created_by_user_id": "u1"}
+    assert await billing.is_org_customer("org_9")
+    again = await billing.subscribe_org_to_plan("org_9", "starter", "Renamed", "other@x.test", user_id="u2")
+    assert (again["customer"]["name"], again["customer"]["email"]) == ("Org Nine", "nine@x.test")
+    assert customer_metadata(again["customer"])["created_by_user_id"] == "u1"
 
 
 async def test_subscription_id_template(fake_lago: Any, lago_client: LagoClient) -> None:

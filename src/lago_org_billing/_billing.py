@@ -277,8 +277,21 @@ class OrgBilling:
     ) -> JSON:
         """One call to set an org up: its customer (created if needed) and its subscription.
 
+        An existing customer is completed, never overwritten: a name, email, org marker (``billing_type``) or creator
+        it lacks is set (Lago creates a bare customer when a subscription is created for an unknown one).
         Returns ``{"customer": ..., "subscription": ...}``."""
-        customer = await self.get_or_create_customer(org_id, org_name, email, user_id)
+        customer = await self.get_customer(org_id)
+        if customer is None:
+            customer = await self.create_org_customer(org_id, org_name, email, user_id)
+        else:
+            missing = {
+                key: value
+                for key, value in _package_metadata(user_id, None).items()
+                if key not in customer_metadata(customer)
+            }
+            name = None if customer.get("name") else org_name
+            mail = None if customer.get("email") else email
+            customer = await self._update(customer, name, mail, missing, {})
         subscription = await self.create_subscription(org_id, plan_code, **subscription_fields)
         return {"customer": customer, "subscription": subscription}
 
