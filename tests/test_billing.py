@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -125,6 +126,18 @@ async def test_subscribe_completes_an_existing_customer_without_overwriting_it(b
     again = await billing.subscribe_org_to_plan("org_9", "starter", "Renamed", "other@x.test", user_id="u2")
     assert (again["customer"]["name"], again["customer"]["email"]) == ("Org Nine", "nine@x.test")
     assert customer_metadata(again["customer"])["created_by_user_id"] == "u1"
+
+
+async def test_change_plan_of_a_subscription_that_has_not_started(fake_lago: Any, billing: OrgBilling) -> None:
+    """A subscription starting later (pending) changes plan in place (Lago's POST /subscriptions does so), still
+    starting then; with neither an active nor a pending one, change_plan says to create one."""
+    later = (fake_lago.now() + dt.timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await billing.subscribe_org_to_plan("org_1", "starter", "Org One", subscription_at=later)
+    changed = await billing.change_plan("org_1", "pro")
+    assert (changed["plan_code"], changed["status"]) == ("pro", "pending")
+    assert changed["subscription_at"].startswith(later[:19])
+    with pytest.raises(LagoNotFoundError, match="use create_subscription"):
+        await billing.change_plan("org_2", "pro")
 
 
 async def test_subscription_id_template(fake_lago: Any, lago_client: LagoClient) -> None:

@@ -307,9 +307,12 @@ class OrgBilling:
 
         Lago decides by price: a plan at least as expensive takes effect now (a new subscription record); a
         cheaper one at the end of the period (the answer is the current subscription, with ``next_plan_code``
-        and ``downgrade_plan_date``). Raises :class:`LagoNotFoundError` when the org has no active subscription.
+        and ``downgrade_plan_date``). A subscription that has not started yet (``subscription_at`` in the future)
+        changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither.
         """
         current = await self.get_subscription(org_id)
+        if current is None:
+            current = await self.get_subscription(org_id, status="pending")  # Lago changes its plan in place
         if current is None:
             raise LagoNotFoundError(
                 f"Org {org_id!r} has no active subscription to change: use create_subscription.",
