@@ -683,18 +683,17 @@ def test_mounted_app_endpoint_is_the_mount(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("spool", [False, True])
 async def test_event_that_cannot_be_built_goes_to_dead_letters(
-    fake_lago: Any, settings: BillingSettings, tmp_path: Any, spool: bool
+    fake_lago: Any, settings: BillingSettings, tmp_path: Any, spool: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A failing event_properties hook never breaks the response, and the request lands in the dead letters."""
-
-    def broken(scope: Any, identity: Any) -> dict[str, Any]:
-        raise KeyError("tenant_region")
-
+    """An event that fails to build never breaks the response, and the request lands in the dead letters."""
     if spool:
         settings = settings.replace(spool_path=str(tmp_path / "spool.sqlite3"))
-    middleware = OrgBillingMiddleware(
-        build_app(), settings=settings, transport=fake_lago.transport(), event_properties=broken
-    )
+    middleware = OrgBillingMiddleware(build_app(), settings=settings, transport=fake_lago.transport())
+
+    def broken(*args: Any) -> str:
+        raise KeyError("tenant_region")
+
+    monkeypatch.setattr(middleware, "_head", broken)
     async with client_for(middleware) as client:
         assert (await client.post("/v1/chat/1", headers=HEADERS)).status_code == 200
         assert (await client.post("/v1/chat/2", headers=HEADERS)).status_code == 200
@@ -705,6 +704,80 @@ async def test_event_that_cannot_be_built_goes_to_dead_letters(
     assert len(letters) == 2
     assert all("tenant_region" in letter.reason for letter in letters)
     assert middleware.stats["event_errors"] == 2
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        lambda scope, identity: {}["tenant_region"],  # raises
+        lambda scope, identity: {"region": object()},  # not JSON
+        lambda scope, identity: ["region"],  # not a mapping
+    ],
+)
+async def test_a_failing_event_properties_hook_bills_the_request_without_them(
+    fake_lago: Any, settings: BillingSettings, hook: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hook is optional enrichment: when it fails, the request is billed all the same (without its properties),
+    the failure is logged with its traceback once and counted (Moesif swallowed its callbacks' errors; an event lost
+    to one would be worse)."""
+    middleware = OrgBillingMiddleware(
+        build_app(), settings=settings, transport=fake_lago.transport(), event_properties=hook
+    )
+    try:
+        async with client_for(middleware) as client:
+            for i in range(2):
+                assert (await client.post(f"/v1/chat/{i}", headers=HEADERS)).status_code == 200
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    assert [event["properties"]["total_tokens"] for event in fake_lago.events] == [18, 18]
+    assert not any("region" in event["properties"] for event in fake_lago.events)
+    assert middleware.stats["event_properties_errors"] == 2 and not middleware.pipeline.dead_letters()
+    assert len([r for r in caplog.records if "event_properties hook" in r.getMessage()]) == 1
+
+
+def test_an_async_event_properties_hook_is_refused() -> None:
+    """It would run on the request's path when the response is over: a coroutine there is a mistake, said at once."""
+
+    async def hook(scope: Any, identity: Any) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(ConfigurationError, match="not an async one"):
+        OrgBillingMiddleware(build_app(), settings=BillingSettings(api_key="k"), event_properties=hook)
+
+
+async def test_background_task_time_is_not_billed_as_request_duration(
+    fake_lago: Any, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The response is over before its BackgroundTask runs (Starlette #919): the event's duration ends with the last
+    body message, not when the app returns. The middleware's clock is a settable one; the task moves it 30 s on."""
+    import types
+
+    from starlette.background import BackgroundTask
+
+    from lago_org_billing import _middleware
+
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+
+    def slow_job() -> None:
+        now[0] += 30.0
+
+    async def endpoint(request: Request) -> Response:
+        now[0] += 0.25  # the answer itself
+        return JSONResponse({"usage": {"total_tokens": 3}}, background=BackgroundTask(slow_job))
+
+    middleware = OrgBillingMiddleware(
+        Starlette(routes=[Route("/j", endpoint)]), settings=settings, transport=fake_lago.transport()
+    )
+    try:
+        async with client_for(middleware) as client:
+            assert (await client.get("/j", headers=HEADERS)).status_code == 200
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    [event] = fake_lago.events
+    assert event["properties"]["duration_ms"] == 250.0
 
 
 def test_direct_event_json_matches_json_module() -> None:

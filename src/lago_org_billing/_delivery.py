@@ -248,8 +248,25 @@ class EventPipeline:
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):
+                if not self._closed and isinstance(self.outbox, MemoryOutbox) and self.outbox.available():
+                    await self._last_chance()
                 await self._finish()
             self._stopped.set()
+
+    async def _last_chance(self) -> None:
+        """Cancelled without :meth:`aclose` (an app mounted in another gets no lifespan, and its loop ends with the
+        process): what memory holds is delivered now, within ``shutdown_timeout``, not lost with the process."""
+        outbox = self.outbox
+        with anyio.move_on_after(self.shutdown_timeout):
+            while outbox.available():
+                await self._deliver(outbox.take(self.batch_size))
+        if outbox.available():
+            logger.warning(
+                "Billing delivery was stopped without a shutdown (no ASGI lifespan: call the middleware's aclose() "
+                "from the serving app's lifespan) and %d events could not be delivered within %.1f s",
+                outbox.available(),
+                self.shutdown_timeout,
+            )
 
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - the pipeline's API
         """Deliver everything submitted so far; True when the outbox is empty (False on timeout).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
 from ._client import LagoClient
 from ._delivery import EventPipeline
-from ._errors import ConfigurationError, LagoIntegrationError, QuotaExceededError
+from ._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError, QuotaExceededError
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._identity import (
@@ -78,7 +79,10 @@ class OrgBillingMiddleware:
       ClickHouse store, which deduplicates on both, keeps one too). The client chooses the key: enable it only when
       your API honours it itself (a repeated key replays the first answer instead of doing the work again), or
       clients get repeated work billed once. Default ``None``: every request is billed.
-    * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties.
+    * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties, a plain
+      (synchronous) function called when the response is over, in the request's context (its context variables).
+      If it raises or gives values an event cannot carry, the event is sent without them (logged, counted in
+      ``stats["event_properties_errors"]``): the request is billed all the same.
     * **quota** - ``"auto"`` (default: a ``QuotaGate`` from the settings unless ``LAGO_QUOTA_MODE=off``),
       ``None`` (no gating) or a gate object (see ``_gate.QuotaGateProtocol``). Checked before the app runs:
       an org over its plan limits is answered 429/402 without reaching the app.
@@ -114,6 +118,7 @@ class OrgBillingMiddleware:
         self._lazy_task: asyncio.Task[None] | None = None
         self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
+        self._warned_lazy = False
         try:
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
@@ -136,6 +141,14 @@ class OrgBillingMiddleware:
             self.bill_server_errors = bill_server_errors
             self.attribution = attribution or AttributionConfig()
             self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
+            if event_properties is not None and (
+                inspect.iscoroutinefunction(event_properties)
+                or inspect.iscoroutinefunction(getattr(event_properties, "__call__", None))  # noqa: B004
+            ):
+                raise ConfigurationError(
+                    "event_properties must be a plain function returning a mapping, not an async one: it runs on the "
+                    "request's path when its response is over."
+                )
             self.event_properties = event_properties
             # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
             self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
@@ -181,11 +194,15 @@ class OrgBillingMiddleware:
                 await self.app(scope, receive, send)
             return
         # The request path, inline (no extra coroutine): identity, gate, the app, then hand over the event.
-        if not self._running:
-            await self._start_lazily()
         billing = scope.get(SCOPE_KEY)
         if type(billing) is not dict:
-            billing = scope[SCOPE_KEY] = {}
+            billing = scope[SCOPE_KEY] = {"middleware": self}
+        elif billing.setdefault("middleware", self) is not self:  # another billing middleware has this request
+            self._nested()
+            await self.app(scope, receive, send)
+            return
+        if not self._running:
+            await self._start_lazily()
         quota = self.quota
         if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
             billing["quota"] = quota
@@ -272,7 +289,8 @@ class OrgBillingMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "lifespan.shutdown.complete":
+            # Flushed whether the app's own shutdown succeeded or not: its failure is no reason to lose the events.
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self._shutdown()
             await send(message)
 
@@ -280,6 +298,7 @@ class OrgBillingMiddleware:
             await self._startup_failed(receive, send, self._config_error)
         self._renew()
         started = False
+        app_error: Exception | None = None
         try:
             async with anyio.create_task_group() as tasks:
                 await tasks.start(self.pipeline.run)
@@ -288,6 +307,8 @@ class OrgBillingMiddleware:
                 started = self._running = True
                 try:
                     await self.app(scope, receive, send_wrapper)
+                except Exception as exc:  # raised as it is after the task group, not wrapped in an ExceptionGroup
+                    app_error = exc
                 finally:
                     self._running = False
                     tasks.cancel_scope.cancel()
@@ -295,6 +316,8 @@ class OrgBillingMiddleware:
             if started:
                 raise
             await self._startup_failed(receive, send, _start_error(exc))
+        if app_error is not None:
+            raise app_error
 
     async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
         """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""
@@ -333,6 +356,15 @@ class OrgBillingMiddleware:
             raise error
         self._lazy_error = None
         self._running = True
+        if not self._warned_lazy:
+            self._warned_lazy = True
+            logger.warning(
+                "OrgBillingMiddleware got no ASGI lifespan (is its app mounted in another? Starlette does not pass the "
+                "lifespan on to mounted apps): its delivery started with the first request, and has no shutdown to "
+                "flush on. What it holds in memory is delivered when the event loop ends, but a server exiting on "
+                "SIGTERM (uvicorn) does not wait for that: add the middleware to the outermost app, call its "
+                "aclose() from that app's lifespan, or set LAGO_SPOOL_PATH. Logged once."
+            )
 
     async def _run_detached(self, started: anyio.Event, failure: list[BaseException]) -> None:
         try:
@@ -444,6 +476,15 @@ class OrgBillingMiddleware:
                     self._ungated(org_id)
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
 
+    def _nested(self) -> None:
+        self.stats["nested"] = self.stats.get("nested", 0) + 1
+        if self.stats["nested"] == 1:
+            logger.warning(
+                "An OrgBillingMiddleware got a request another one (around it) already bills: it passes it on "
+                "unbilled and ungated, so that the request is billed once. Keep one billing middleware per app "
+                "(wrapping the app for OrgBilling(pipeline=...) replaces app.add_middleware). Logged once."
+            )
+
     def _ungated(self, org_id: str) -> None:
         self.stats["ungated"] += 1
         if self.stats["ungated"] == 1:
@@ -485,13 +526,13 @@ class OrgBillingMiddleware:
             scope["method"],
             status,
             started,
-            time.time(),
+            watcher.ended or time.time(),
             self._idempotency_key(scope) if self.idempotency_header is not None else None,
             org_id,
             user_id,
             watcher.deferred(),  # the watcher lets go of the request's objects
             decision is not None,
-            scope if self.event_properties is not None else None,
+            self._extra_properties(scope, org_id, user_id) if self.event_properties is not None else None,
         )
         self._submit(facts)
         self.stats["billed"] += 1
@@ -499,7 +540,7 @@ class OrgBillingMiddleware:
     def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
         """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
         its traceback and the request goes to the dead letters: never silently lost."""
-        endpoint, method, status, started, ended, key, org_id, user_id, usage, gated, hook_scope = facts
+        endpoint, method, status, started, ended, key, org_id, user_id, usage, gated, extra = facts
         try:
             if type(usage) is bytes:
                 usage = json_usage(usage)
@@ -509,10 +550,8 @@ class OrgBillingMiddleware:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                 transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
-            if self.event_properties is not None and hook_scope is not None:
-                event: dict[str, Any] | str = self._hooked_event(
-                    facts, usage, hook_scope, transaction_id, started, duration
-                )
+            if extra is not None:
+                event: dict[str, Any] | str = self._hooked_event(facts, usage, extra, transaction_id, started, duration)
             else:  # known keys and plain values: the JSON text directly, no dict (2-3x faster than json)
                 head = self._heads.get((org_id, endpoint, method))
                 if head is None:
@@ -548,10 +587,39 @@ class OrgBillingMiddleware:
         )
         return head
 
+    def _extra_properties(self, scope: Scope, org_id: str, user_id: str | None) -> Mapping[str, Any] | None:
+        """The ``event_properties`` hook's properties for a request, asked on its path (in its context); ``None``,
+        logged and counted, when the hook fails: the request is billed without them."""
+        assert self.event_properties is not None
+        try:
+            extra: Any = self.event_properties(scope, Identity(org_id, user_id))
+            if inspect.isawaitable(extra):
+                if inspect.iscoroutine(extra):
+                    extra.close()
+                raise TypeError("it returned an awaitable: it must be a plain function returning a mapping")
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"it returned a {type(extra).__name__}, not a mapping")
+            return extra
+        except Exception:
+            self._properties_failed("The event_properties hook failed: the request is billed without its properties")
+            return None
+
+    def _properties_failed(self, message: str) -> None:
+        count = self.stats["event_properties_errors"] = self.stats.get("event_properties_errors", 0) + 1
+        if count == 1 or count % 1000 == 0:  # with its traceback, and not once per request of a broken hook
+            logger.exception("%s (%d so far)", message, count)
+
     def _hooked_event(
-        self, facts: _Facts, usage: Usage, scope: Scope, transaction_id: str, timestamp: float, duration: float
+        self,
+        facts: _Facts,
+        usage: Usage,
+        extra: Mapping[str, Any],
+        transaction_id: str,
+        timestamp: float,
+        duration: float,
     ) -> dict[str, Any]:
-        """The event as a dict, with the properties of the ``event_properties`` hook (checked like any event)."""
+        """The event as a dict, with the properties of the ``event_properties`` hook (checked like any event; an
+        event they would make invalid is sent without them)."""
         endpoint, method, status = facts[:3]
         org_id, user_id = facts[6:8]
         properties: dict[str, Any] = {
@@ -568,15 +636,20 @@ class OrgBillingMiddleware:
             properties["user_id"] = user_id
         if usage.model is not None:
             properties["model"] = usage.model
-        assert self.event_properties is not None
-        properties.update(self.event_properties(scope, Identity(org_id, user_id)))
-        return event_payload(
+        event = functools.partial(
+            event_payload,
             transaction_id=transaction_id,
             external_subscription_id=self.settings.subscription_id_for(org_id),
             code=self.settings.event_code,
-            properties=properties,
             timestamp=timestamp,
         )
+        try:
+            return event(properties={**properties, **extra})
+        except InvalidRequestError:
+            self._properties_failed(
+                "The event_properties hook gave properties an event cannot carry: sent without them"
+            )
+            return event(properties=properties)
 
     def _idempotency_key(self, scope: Scope) -> str | None:
         if self.idempotency_header is not None:
@@ -635,8 +708,8 @@ def _user_json(user_id: str) -> str:
 
 #: What a request's event needs, captured when its response is over: endpoint, method, status, start and end
 #: times, idempotency key, org, user, usage (or the JSON body to read it from), whether the quota gate counts its
-#: tokens, and the scope (kept only for an ``event_properties`` hook). A tuple of plain values: one small allocation
-#: on the request path, which the garbage collector stops tracking.
+#: tokens, and the ``event_properties`` hook's properties (with a hook only). A tuple of plain values: one small
+#: allocation on the request path, which the garbage collector stops tracking.
 _Facts = tuple[
     str,
     str,
@@ -648,19 +721,20 @@ _Facts = tuple[
     "str | None",
     "bytes | Usage",
     bool,
-    "Scope | None",
+    "Mapping[str, Any] | None",
 ]
 
 
 class _ResponseWatcher(UsageRecorder):
     """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
-    __slots__ = ("extra_headers", "on_start", "send")
+    __slots__ = ("ended", "extra_headers", "on_start", "send")
 
     def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
         UsageRecorder.__init__(self, scope, config)
         self.send: Send | None = send
         self.status = 500  # when the app fails before answering
+        self.ended = 0.0  # when the response's last body message went out (0: not yet)
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         #: Called when the app starts its answer; may return a replacement answer (``send -> None``) to send instead.
         self.on_start: Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]] | None = None
@@ -673,6 +747,8 @@ class _ResponseWatcher(UsageRecorder):
         if kind == "http.response.body":
             if self._mode:  # something to read (a JSON or SSE body)
                 self.response_body(message.get("body", b""))
+            if not message.get("more_body"):  # the response is over (background tasks may run on: not billed time)
+                self.ended = time.time()
         elif kind == "http.response.start":
             self.response_start(message)  # never raises
             if self.on_start is not None:  # (which may set the headers to add)
