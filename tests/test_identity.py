@@ -419,6 +419,13 @@ async def test_default_user_resolver() -> None:
     assert "s" == await call_resolver(resolver, make_scope(state={"user_id": "s"}, user=SimpleUser("ann")))
     assert "ann" == await call_resolver(resolver, make_scope(user=SimpleUser("ann")))
     assert "u9" == await call_resolver(resolver, make_scope(user={"id": "u9"}))
+
+    class SimpleUserBefore17(SimpleUser):  # Starlette's SimpleUser has an identity only from 1.7
+        @property
+        def identity(self) -> str:
+            raise NotImplementedError
+
+    assert "bob" == await call_resolver(resolver, make_scope(user=SimpleUserBefore17("bob")))
     assert "h" == await call_resolver(resolver, make_scope({"X-User-Id": "h"}, user=UnauthenticatedUser()))
     assert await call_resolver(default_user_resolver(BillingSettings()), make_scope({"X-User-Id": "h"})) is None
 

@@ -175,6 +175,33 @@ async def test_gzip_middleware_inside_the_billing_one(fake_lago: Any, settings: 
     assert event["properties"]["total_tokens"] == 18 and event["properties"]["model"] == "gpt-4o-mini"
 
 
+async def test_route_template_without_scope_route(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
+    """Starlette before 1.7 sets no ``scope["route"]`` (its router leaves ``scope["endpoint"]``): a plain Starlette
+    app's events still carry the route template, not ``<unmatched>``."""
+
+    class StarletteBefore17:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                scope.pop("route", None)
+
+    middleware = OrgBillingMiddleware(
+        StarletteBefore17(build_app()), settings=make_middleware().settings, transport=fake_lago.transport()
+    )
+    try:
+        async with client_for(middleware) as client:
+            await client.post("/v1/chat/c_42", headers=HEADERS)
+            await client.post("/api/items/77", headers=HEADERS)
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    assert [e["properties"]["endpoint"] for e in fake_lago.events] == ["/v1/chat/{chat_id}", "/api/items/{item_id}"]
+
+
 async def test_mounted_route_keeps_prefix(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """Inside a Mount, the endpoint is the mount prefix plus the inner template."""
     middleware = make_middleware()
@@ -184,9 +211,11 @@ async def test_mounted_route_keeps_prefix(fake_lago: Any, make_middleware: Middl
     assert fake_lago.events[0]["properties"]["endpoint"] == "/api/items/{item_id}"
 
 
-def test_mounts_with_parameters_give_their_templates() -> None:
+@pytest.mark.parametrize("starlette_before_1_7", [False, True])
+def test_mounts_with_parameters_give_their_templates(starlette_before_1_7: bool) -> None:
     """Mounts with path parameters, nested ones too, give their templates, not the values (one endpoint per route,
-    not one per project); behind a proxy's root_path as well."""
+    not one per project); behind a proxy's root_path as well. Starlette before 1.7 (``starlette>=0.37`` is allowed)
+    leaves no ``scope["route"]``: the route is found from ``scope["endpoint"]``, here one endpoint serving three."""
     from lago_org_billing._middleware import route_template
 
     seen: list[str] = []
@@ -194,6 +223,8 @@ def test_mounts_with_parameters_give_their_templates() -> None:
     async def capture(scope: Any, receive: Any, send: Any) -> None:
         root_path = scope.get("root_path", "")
         await app(scope, receive, send)
+        if starlette_before_1_7:
+            del scope["route"]
         seen.append(route_template(scope, 200, root_path))
 
     inner = [Route("/chat/{chat_id}", chat, methods=["POST"])]

@@ -382,8 +382,9 @@ def default_org_resolver(settings: BillingSettings) -> Resolver:
 
 
 def default_user_resolver(settings: BillingSettings) -> Resolver:
-    """``request.state.user_id``, then the user's ``identity``/``user_id``/``id``/``sub``, then ``LAGO_USER_HEADER``."""
-    resolvers = [from_state("user_id"), from_user(("identity", "user_id", "id", "sub"))]
+    """``request.state.user_id``, then the user's ``identity``/``user_id``/``id``/``sub``/``username`` (Starlette's
+    ``SimpleUser`` has an ``identity`` only from 1.7), then ``LAGO_USER_HEADER``."""
+    resolvers = [from_state("user_id"), from_user(("identity", "user_id", "id", "sub", "username"))]
     if settings.user_header:
         resolvers.append(from_header(settings.user_header))
     return first_of(*resolvers)

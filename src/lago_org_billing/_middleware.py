@@ -854,6 +854,8 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
 
 def _template(scope: Scope, status: int, root_path: str) -> str:
     route, path = scope.get("route"), scope["path"]
+    if route is None and "endpoint" in scope:  # Starlette before 1.7 leaves no scope["route"]: found by its endpoint
+        route = _route_by_endpoint(scope)
     template = getattr(route, "path", None)
     if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without a router
         return UNMATCHED if status == 404 or scope.get("router") is not None else str(path)
@@ -865,6 +867,47 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+#: (id of the outermost router, id of an endpoint) -> (that router, that endpoint, the routes (or mounts) serving it).
+_endpoint_routes: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...]]] = {}
+
+
+def _route_by_endpoint(scope: Scope) -> Any:
+    """The route that served a request, from ``scope["endpoint"]`` (what Starlette's router leaves before 1.7): the
+    one route (or mount of a non-router app) with that endpoint under the outermost router, or, when several share
+    it, the one whose pattern matches the request's path within its mount. None when none does."""
+    router, endpoint = scope.get("router"), scope["endpoint"]
+    key = (id(router), id(endpoint))
+    known = _endpoint_routes.get(key)
+    if known is None or known[0] is not router or known[1] is not endpoint:
+        if len(_endpoint_routes) >= 10_000:
+            _endpoint_routes.clear()
+        found = tuple(_routes_serving(getattr(router, "routes", ()), endpoint, 0))
+        known = _endpoint_routes[key] = (router, endpoint, found)
+    candidates = known[2]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    path, inner_root = scope["path"], scope.get("root_path", "")
+    inner_path = path[len(inner_root) :] if inner_root and path.startswith(inner_root) else path
+    for route in candidates:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(inner_path if not isinstance(route, Mount) else inner_path + "/"):
+            return route
+    return None
+
+
+def _routes_serving(routes: Any, endpoint: Any, depth: int) -> list[Any]:
+    found: list[Any] = []
+    for route in routes:
+        if getattr(route, "endpoint", None) is endpoint:
+            found.append(route)
+        elif isinstance(route, Mount) and depth < 16:
+            if route.app is endpoint:
+                found.append(route)
+            else:
+                found.extend(_routes_serving(route.routes, endpoint, depth + 1))
+    return found
 
 
 #: (id of the outermost router, concrete mount prefix) -> (that router, the mounts' path templates).
