@@ -289,6 +289,24 @@ async def test_excluded_paths_are_whole_segments(fake_lago: Any, settings: Billi
     assert middleware.stats["excluded"] == 2
 
 
+def test_excluded_paths_under_a_root_path(fake_lago: Any, settings: BillingSettings) -> None:
+    """Served under a root_path (``uvicorn --root-path /api``: the scope's path is "/api/health"), "/health" is the
+    app's path and is excluded; the full path is too."""
+
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/health", ok), Route("/ready", ok), Route("/x", ok)])
+    middleware = OrgBillingMiddleware(
+        app, settings.replace(exclude_paths=("/health", "/api/ready")), quota=None, transport=fake_lago.transport()
+    )
+    with TestClient(middleware, root_path="/api") as client:
+        for path in ("/api/health", "/api/ready", "/api/x"):
+            assert client.get(path, headers=HEADERS).status_code == 200
+    assert [event["properties"]["endpoint"] for event in fake_lago.events] == ["/x"]
+    assert middleware.stats["excluded"] == 2
+
+
 async def test_missing_org_allowed_unbilled_and_counted(fake_lago: Any, make_middleware: MiddlewareFactory) -> None:
     """Without an org the request is served, not billed, and counted."""
     middleware = make_middleware()

@@ -206,15 +206,13 @@ class OrgBillingMiddleware:
         quota = self.quota
         if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
             billing["quota"] = quota
-        if self._exclude_paths:
-            path: str = scope["path"]
-            if path in self._excluded_exact or path.startswith(self._excluded_under):
-                self.stats["excluded"] += 1
-                await self.app(scope, receive, send)
-                return
+        root_path: str = scope.get("root_path", "")
+        if self._exclude_paths and self._is_excluded(scope["path"], root_path):
+            self.stats["excluded"] += 1
+            await self.app(scope, receive, send)
+            return
         self.stats["requests"] += 1
         started = time.time()
-        root_path: str = scope.get("root_path", "")
         identity = self._identify(scope) if self._identify is not None else None
         if identity is None:
             identity = await self._resolve(scope)
@@ -256,6 +254,16 @@ class OrgBillingMiddleware:
         stripped = [prefix.rstrip("/") for prefix in self._exclude_paths]
         self._excluded_exact = frozenset(stripped)
         self._excluded_under = tuple(prefix + "/" for prefix in stripped)
+
+    def _is_excluded(self, path: str, root_path: str) -> bool:
+        """Whether the path is excluded, as the app sees it (served under a ``root_path``, e.g. ``uvicorn
+        --root-path /api``, the scope's path starts with it) or as the client asked it."""
+        if path in self._excluded_exact or path.startswith(self._excluded_under):
+            return True
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
+            return path in self._excluded_exact or path.startswith(self._excluded_under)
+        return False
 
     # ---------------------------------------------------------------- lifespan
 
