@@ -864,3 +864,23 @@ async def test_memory_dedupe_forgets_stuck_processing() -> None:
     await dedupe.complete("k")
     assert await dedupe.claim("k") == "done"
     assert len(dedupe) == 1
+
+
+def test_the_served_emulator_signs_jwt_webhooks_as_its_url(
+    fake_lago_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Route(path, LagoWebhooks(), methods=["POST"])`` expects LAGO_API_URL as the JWT issuer, as Lago signs with its
+    own URL: the emulator served over HTTP signs with the URL it is served at (it signed "http://fake-lago", and
+    every default delivery was refused 401)."""
+    from lago_org_billing import LagoWebhooks
+    from lago_org_billing.testing._server import serve_in_thread
+
+    fake = fake_lago_server
+    monkeypatch.setenv("LAGO_API_URL", fake.url)
+    monkeypatch.setenv("LAGO_API_KEY", fake.api_key)
+    app = Starlette(routes=[Route("/webhooks/lago", LagoWebhooks(), methods=["POST"])])
+    with serve_in_thread(app) as url:
+        fake.webhook_dispatcher.configure(url=f"{url}/webhooks/lago")  # default signature: jwt, like Lago
+        fake.add_customer("org_acme")
+        [delivery] = fake.webhook_dispatcher.wait_delivered(1)
+    assert delivery.state == "succeeded", delivery.history

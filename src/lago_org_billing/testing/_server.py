@@ -37,6 +37,14 @@ def install_controls(fake: Any) -> Any:
     return fake
 
 
+def _sign_as(fake: Any, base_url: str) -> None:
+    """Served over HTTP, the emulator's JWT webhooks name its URL as issuer, as Lago names its own (``LagoWebhooks()``
+    expects ``LAGO_API_URL``); an issuer set by the user is kept."""
+    dispatcher = getattr(fake, "webhook_dispatcher", None)
+    if dispatcher is not None and getattr(dispatcher, "issuer", None) == getattr(fake, "base_url", None):
+        dispatcher.issuer = base_url
+
+
 def _uvicorn() -> Any:
     try:
         import uvicorn
@@ -108,6 +116,7 @@ def serve_in_thread(
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
     base_url = f"{scheme}://{url_host}:{bound_port}"
+    _sign_as(fake, base_url)
     try:
         yield base_url
     finally:
@@ -136,6 +145,8 @@ def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: 
     port = free_port_or_error(host, port)
     uvicorn = _uvicorn()
     install_controls(fake)
+    url_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    _sign_as(fake, f"http://{f'[{url_host}]' if ':' in url_host else url_host}:{port}")
     server = uvicorn.Server(_config(fake, host, port, log_level))
     try:
         server.run()
