@@ -307,7 +307,16 @@ def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago
     assert len(org_subscriptions) == 500  # one each: nothing created twice across the kill
 
 
-@pytest.mark.parametrize("bad", ["journal-is-a-directory", "journal-not-utf8", "report-in-a-missing-directory"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "journal-is-a-directory",
+        "journal-not-utf8",
+        "journal-under-a-file",
+        "report-in-a-missing-directory",
+        "report-not-writable",
+    ],
+)
 def test_unusable_journal_or_report_paths_stop_before_anything_is_written(tmp_path: Path, bad: str) -> None:
     """They raised a traceback (journal) or failed after every write was made (report): exit 2, nothing written."""
     fake = data.seed(data.new_fake())
@@ -317,6 +326,11 @@ def test_unusable_journal_or_report_paths_stop_before_anything_is_written(tmp_pa
         journal.mkdir()
     elif bad == "journal-not-utf8":
         journal.write_bytes(b"\xff\xfe\x00garbage")
+    elif bad == "journal-under-a-file":  # its directory cannot be made: found on the first write, after Lago's
+        (tmp_path / "afile").write_text("")
+        journal = tmp_path / "afile" / "journal.jsonl"
+    elif bad == "report-not-writable":
+        report = Path("/proc/report.json")  # an existing directory no file can be made in (root or not)
     else:
         report = tmp_path / "missing" / "report.json"
     args = parse("--mapping-file", mapping, "--execute", "--journal", str(journal), "--report", str(report))

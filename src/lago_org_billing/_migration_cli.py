@@ -148,12 +148,22 @@ def run_migrate_command(
         if report.is_dir() or not report.resolve().parent.is_dir():
             print(f"error: --report {args.report}: not a file path in an existing directory", file=err)
             return 2
+        try:
+            report.open("a", encoding="utf-8").close()  # writable (created empty when new; written at the end)
+        except OSError as exc:
+            print(f"error: --report {args.report} cannot be written ({type(exc).__name__}: {exc})", file=err)
+            return 2
     opened: Journal | None = None
     if args.journal and mode == "execute":
         try:
             opened = Journal(args.journal)
         except (OSError, UnicodeDecodeError) as exc:
             print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
+            return 2
+        try:
+            opened.path.open("a", encoding="utf-8").close()  # writable, before the first write to Lago
+        except OSError as exc:
+            print(f"error: --journal {args.journal} cannot be written ({type(exc).__name__}: {exc})", file=err)
             return 2
 
     async def main() -> int:
@@ -200,7 +210,11 @@ def run_migrate_command(
             _print_plan(run, out)
         _print_summary(run, out)
         if args.report:
-            _write_report(args.report, run.to_json())
+            try:
+                _write_report(args.report, run.to_json())
+            except OSError as exc:  # checked up front, but it can still fail (disk full, removed directory...)
+                print(f"error: the report could not be written to {args.report}: {exc}", file=err)
+                return 1
             print(f"report written to {args.report}", file=out)
         return 0 if run.ok else 1
 
