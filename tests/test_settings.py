@@ -106,6 +106,8 @@ def test_missing_api_key_names_the_variable() -> None:
         ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "{org}"),
         ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "static"),
         ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "{org_id"),
+        ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "sub_{org_id:d}"),  # a ValueError on every use
+        ("LAGO_SUBSCRIPTION_ID_TEMPLATE", "sub_{org_id!r}"),  # ids like sub_'acme'
         ("LAGO_EXCLUDE_PATHS", "health"),
         ("LAGO_ORG_HEADER", "X-Org-Id:"),
         ("LAGO_USER_HEADER", "X User Id"),

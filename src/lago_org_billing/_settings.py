@@ -287,9 +287,16 @@ def _positive(name: str, value: float) -> None:
 def _check_template(template: str) -> None:
     name = "LAGO_SUBSCRIPTION_ID_TEMPLATE"
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        parts = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)]
     except ValueError as exc:
         raise ConfigurationError(f"{name} is not a valid template ({exc}): {template!r}.", variable=name) from None
+    fields = [field for field, _, _ in parts if field is not None]
+    if any(spec or conversion for field, spec, conversion in parts if field is not None):
+        raise ConfigurationError(
+            f"{name} takes the plain placeholder {{org_id}}, without a format spec or conversion ({{org_id:d}}, "
+            f"{{org_id!r}}): got {template!r}.",
+            variable=name,
+        )
     if fields != ["org_id"]:
         raise ConfigurationError(
             f"{name} must contain the placeholder {{org_id}} exactly once and no other, got {template!r}.",
