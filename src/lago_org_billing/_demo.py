@@ -22,6 +22,7 @@ from starlette.routing import Route
 from ._billing import OrgBilling
 from ._client import LagoClient
 from ._middleware import OrgBillingMiddleware
+from ._quota import QuotaConfig
 from ._settings import BillingSettings
 from ._webhooks import LagoWebhooks
 
@@ -133,7 +134,8 @@ def build_demo_app(settings: BillingSettings) -> Starlette:
             Route("/health", health),
             Route("/webhooks/lago", LagoWebhooks(settings), methods=["POST"]),
         ],
-        middleware=[Middleware(OrgBillingMiddleware, settings=settings)],
+        # The demo's own quota settings: none of the environment's LAGO_QUOTA_* (its emulator is seeded for these).
+        middleware=[Middleware(OrgBillingMiddleware, settings=settings, quota_config=QuotaConfig())],
     )
 
 

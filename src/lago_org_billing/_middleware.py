@@ -19,7 +19,7 @@ import types
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
@@ -46,6 +46,9 @@ from ._identity import (
 )
 from ._metrics import register_metrics
 from ._settings import BillingSettings
+
+if TYPE_CHECKING:
+    from ._quota import QuotaConfig
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -86,6 +89,8 @@ class OrgBillingMiddleware:
     * **quota** - ``"auto"`` (default: a ``QuotaGate`` from the settings unless ``LAGO_QUOTA_MODE=off``),
       ``None`` (no gating) or a gate object (see ``_gate.QuotaGateProtocol``). Checked before the app runs:
       an org over its plan limits is answered 429/402 without reaching the app.
+    * **quota_config** - *(optional)* the ``QuotaConfig`` of the ``"auto"`` gate (limits' names, statuses, headers...);
+      read from the ``LAGO_QUOTA_*`` variables when omitted.
     * **client** / **transport** / **pipeline** - *(optional)* injected pieces (tests, sharing a client).
     * **metrics_registry** - *(optional)* a ``prometheus_client`` registry to export this middleware's metrics to
       (see ``_metrics``); with ``LAGO_METRICS=true`` they go to the default registry without it.
@@ -105,6 +110,7 @@ class OrgBillingMiddleware:
         idempotency_header: str | None = None,
         event_properties: PropertiesHook | None = None,
         quota: QuotaGateProtocol | Literal["auto"] | None = "auto",
+        quota_config: QuotaConfig | None = None,
         client: LagoClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         pipeline: EventPipeline | None = None,
@@ -162,8 +168,9 @@ class OrgBillingMiddleware:
             if pipeline is None:
                 pipeline = self._new_pipeline()
             self._use_pipeline(pipeline)
+            self._quota_config = quota_config
             if quota == "auto":
-                quota = _default_quota(self.settings, self.pipeline.client)
+                quota = _default_quota(self.settings, self.pipeline.client, quota_config)
             self.quota: QuotaGateProtocol | None = quota
             self._check_now: Callable[[str], QuotaDecision | None] | None = getattr(quota, "check_now", None)
             self.stats: dict[str, int] = {
@@ -292,7 +299,7 @@ class OrgBillingMiddleware:
             )
         self._use_pipeline(self._new_pipeline())
         if self._owns_quota and self.quota is not None:
-            self.quota = _default_quota(self.settings, self.pipeline.client)
+            self.quota = _default_quota(self.settings, self.pipeline.client, self._quota_config)
             self._check_now = getattr(self.quota, "check_now", None)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -815,14 +822,14 @@ def _built_by_starlette() -> bool:
     return False
 
 
-def _default_quota(settings: BillingSettings, client: LagoClient) -> QuotaGateProtocol | None:
+def _default_quota(
+    settings: BillingSettings, client: LagoClient, config: QuotaConfig | None
+) -> QuotaGateProtocol | None:
     if settings.quota_mode == "off":
         return None
-    try:
-        from ._quota import QuotaGate
-    except ImportError:  # pragma: no cover - until quota gating lands
-        return None
-    return QuotaGate(settings, client)
+    from ._quota import QuotaGate
+
+    return QuotaGate(settings, client, config=config)
 
 
 class _RequestIds:
