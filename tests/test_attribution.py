@@ -27,6 +27,7 @@ from lago_org_billing._attribution import (
     attribute_usage,
     reset_warnings,
 )
+from lago_org_billing._errors import LagoIntegrationError
 from lago_org_billing._identity import SCOPE_KEY
 
 pytestmark = pytest.mark.anyio
@@ -362,7 +363,7 @@ async def test_custom_header_names() -> None:
     )
     headers = [(b"x-cost-units", b"77"), (b"x-llm", b"m1"), (b"x-input-tokens", b"5")]
     assert Usage("m1", 0, 0, 77, "headers") == record([], headers=headers, config=config)
-    with pytest.raises(TypeError):
+    with pytest.raises(LagoIntegrationError, match="tuple of names"):  # the base of every error the package raises
         AttributionConfig(model_headers="x-model")  # type: ignore[arg-type]
 
 

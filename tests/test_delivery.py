@@ -14,6 +14,7 @@ import pytest
 
 from lago_org_billing._client import LagoClient
 from lago_org_billing._delivery import EventPipeline
+from lago_org_billing._errors import ConfigurationError
 from lago_org_billing._events import event_payload
 from lago_org_billing._metrics import PipelineMetrics
 from lago_org_billing._settings import BillingSettings
@@ -500,10 +501,14 @@ async def test_prometheus_metrics_export() -> None:
 
 
 def test_constructor_validates_its_options() -> None:
-    """A batch larger than Lago's limit is refused at construction."""
+    """A batch larger than Lago's limit, or any bad option, is refused at construction (a ConfigurationError: the
+    base of every error the package raises is LagoIntegrationError)."""
     client = make_client(make_fake().transport())
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ConfigurationError, match="batch_size"):
         EventPipeline(client, batch_size=101)
+    for options in ({"batch_size": 0}, {"concurrency": 0}, {"flush_interval": -1}):
+        with pytest.raises(ConfigurationError):
+            EventPipeline(client, **options)
 
 
 # -- lanes: events submitted as facts and built in batches ------------------------------------------------------------

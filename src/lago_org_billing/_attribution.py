@@ -40,6 +40,7 @@ from typing import Any
 
 from starlette.types import Message, Scope
 
+from ._errors import ConfigurationError
 from ._identity import SCOPE_KEY
 
 __all__ = [
@@ -112,7 +113,7 @@ class AttributionConfig:
         ):
             checked: object = names
             if isinstance(checked, str):
-                raise TypeError(f"AttributionConfig.{field}_headers must be a tuple of names, not a string.")
+                raise ConfigurationError(f"AttributionConfig.{field}_headers must be a tuple of names, not a string.")
             for rank, name in enumerate(names):
                 mapping.setdefault(name.strip().lower().encode("latin-1"), (field, rank))
         object.__setattr__(self, "_header_map", mapping)

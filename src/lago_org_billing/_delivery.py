@@ -61,6 +61,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._client import LagoClient
 from ._errors import (
+    ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -124,11 +125,11 @@ class EventPipeline:
         spool_window: int | None = None,
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch_size must be from 1 to {MAX_BATCH_SIZE} (Lago's limit), got {batch_size}")
+            raise ConfigurationError(f"batch_size must be from 1 to {MAX_BATCH_SIZE} (Lago's limit), got {batch_size}")
         if concurrency < 1 or memory_capacity < 1 or max_attempts < 1:
-            raise ValueError("concurrency, memory_capacity and max_attempts must be >= 1")
+            raise ConfigurationError("concurrency, memory_capacity and max_attempts must be >= 1")
         if flush_interval < 0 or commit_window <= 0 or shutdown_timeout < 0 or max_backoff <= 0:
-            raise ValueError("flush_interval, shutdown_timeout must be >= 0; commit_window, max_backoff > 0")
+            raise ConfigurationError("flush_interval, shutdown_timeout must be >= 0; commit_window, max_backoff > 0")
         self.client = client
         self.batch_size = batch_size
         self.flush_interval = flush_interval

@@ -672,7 +672,7 @@ class SqliteOutbox(Outbox):
     def __init__(self, path: str, *, capacity: int = 100_000, window: int = 2_000, synchronous: str = "FULL") -> None:
         super().__init__(capacity)
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+            raise ConfigurationError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
         self.file = _SpoolFile(path, synchronous.upper())
         self.window_size = max(window, 1)
         self.pending: list[tuple[int, EventOrBuilder | str]] = []

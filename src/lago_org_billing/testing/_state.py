@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
+from .._errors import ConfigurationError
 from ._util import (
     JSON,
     UTC,
@@ -118,7 +119,7 @@ class LagoStore:
 
     def __init__(self, *, event_store: str, clock: Callable[[], datetime], emit: Emit) -> None:
         if event_store not in EVENT_STORES:
-            raise ValueError(f"event_store must be one of {EVENT_STORES}, got {event_store!r}")
+            raise ConfigurationError(f"event_store must be one of {EVENT_STORES}, got {event_store!r}")
         self.event_store = event_store
         self._clock = clock
         self._emit = emit
