@@ -387,6 +387,52 @@ async def test_dashboard_json(env: Env) -> None:
     assert by_model["gpt-4o-mini"]["units"] == {"api_call": 1, "tokens": 50}
 
 
+def readme_quota_setup(fake: FakeLago) -> None:
+    """The README's setup: api_call sums total_tokens; feature api_quota (5 calls, 1,000 tokens); org_1 on starter."""
+    fake.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
+    fake.add_feature(
+        "api_quota",
+        privileges=[
+            {"code": "max_api_calls", "value_type": "integer"},
+            {"code": "max_tokens", "value_type": "integer"},
+        ],
+    )
+    charge = {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
+    entitlements = {"api_quota": {"max_api_calls": 5, "max_tokens": 1000}}
+    fake.add_plan("starter", amount_cents=1000, charges=[charge], entitlements=entitlements)
+    fake.add_customer("org_1")
+    fake.add_subscription("org_1", "starter")
+
+
+async def dashboard_after_two_calls(fake: FakeLago, settings: BillingSettings) -> dict[str, Any]:
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        billing = OrgBilling(client=lago)
+        await billing.record_api_call("org_1", "t1", "/v1/chat", "u1", tokens=300)
+        await billing.record_api_call("org_1", "t2", "/v1/chat", "u1", tokens=200)
+        router = billing_routes(billing, authorize=lambda request, org_id: True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router), base_url="http://app") as client:
+            response = await client.get("/organizations/org_1/dashboard")
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("source", ["entitlements", "LAGO_PLAN_LIMITS"])
+async def test_dashboard_shows_the_limits_and_usage_the_gate_enforces(source: str) -> None:
+    """The limits are where the gate takes them (the subscription's entitlements, over LAGO_PLAN_LIMITS: the
+    dashboard read only the table), and max_tokens' usage is what the gate counts (total_tokens summed in
+    LAGO_EVENT_CODE: the dashboard looked for a metric called "tokens" and showed null)."""
+    fake = FakeLago(api_key="k")
+    readme_quota_setup(fake)
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    if source == "LAGO_PLAN_LIMITS":
+        fake.store.plans["starter"]["entitlements"] = {}
+        settings = settings.replace(plan_limits={"starter": {"max_api_calls": 5, "max_tokens": 1000}})
+    data = await dashboard_after_two_calls(fake, settings)
+    limits = {limit["name"]: (limit["used"], limit["limit"]) for limit in data["limits"]}
+    assert limits == {"max_api_calls": (2, 5), "max_tokens": (500, 1000)}
+    assert data["limits_source"] == source
+
+
 async def test_dashboard_limits_and_ledger_providers(fake: FakeLago) -> None:
     """limits_provider and a local ledger (breakdown_provider) replace the defaults; sync or async."""
 

@@ -16,6 +16,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
+from ._errors import LagoNotFoundError
+from ._quota import QuotaConfig, limits_from_entitlements, usage_totals
 
 __all__ = [
     "BREAKDOWN_DIMENSIONS",
@@ -67,10 +69,12 @@ async def dashboard_data(
 ) -> dict[str, Any] | None:
     """The dashboard of ``org_id``, or ``None`` when it has no active subscription.
 
-    Limits come from ``limits_provider(org_id)`` (sync or async), else from ``LAGO_PLAN_LIMITS`` for the plan.
-    The usage of a plain limit is derived from Lago's current usage: ``max_api_calls`` counts the events of
-    ``LAGO_EVENT_CODE``; ``max_<code>`` is the units of billable metric ``<code>``; otherwise it is unknown
-    (``null``) unless the provider gives ``{"limit": ..., "used": ...}``.
+    Limits come from ``limits_provider(org_id)`` (sync or async), else from where the quota gate takes them: the
+    subscription's entitlements (feature ``api_quota``), over ``LAGO_PLAN_LIMITS`` for the plan. The usage of a
+    plain limit is derived from Lago's current usage as the gate counts it: ``max_api_calls`` counts the events of
+    ``LAGO_EVENT_CODE``, ``max_tokens`` sums ``total_tokens`` in the token metric; another ``max_<code>`` is the
+    units of billable metric ``<code>``; otherwise it is unknown (``null``) unless the provider gives
+    ``{"limit": ..., "used": ...}``.
     """
     settings = billing.settings
     subscription = await billing.get_subscription(org_id)
@@ -96,15 +100,31 @@ async def dashboard_data(
         entry["events"] = max(entry["events"], int(charge.get("events_count") or 0))
         entry["amount_cents"] += int(charge.get("amount_cents") or 0)
 
+    gate_config = getattr(billing.quota, "config", None)
+    config = gate_config if isinstance(gate_config, QuotaConfig) else QuotaConfig.from_env()
     raw_limits: Mapping[str, Any] | None = None
     limits_source = "none"
     if limits_provider is not None:
         raw_limits = await _call(limits_provider, org_id)
         limits_source = "provider"
-    if raw_limits is None and plan_code in settings.plan_limits:
-        raw_limits = settings.plan_limits[plan_code]
-        limits_source = "LAGO_PLAN_LIMITS"
-    limits = [_limit(name, value, metrics, settings.event_code) for name, value in (raw_limits or {}).items()]
+    if raw_limits is None:
+        table = settings.plan_limits.get(plan_code) or {}
+        entitlements = subscription.get("entitlements")
+        if entitlements is None:  # an older Lago that does not embed them
+            try:
+                entitlements = await billing.client.get_subscription_entitlements(str(subscription.get("external_id")))
+            except LagoNotFoundError:
+                entitlements = []
+        granted = limits_from_entitlements(entitlements, config)
+        if table or granted:
+            raw_limits = {**table, **granted}
+            limits_source = "entitlements" if granted else "LAGO_PLAN_LIMITS"
+    # what the gate counts: the calls of LAGO_EVENT_CODE, the total_tokens summed in the token metric
+    calls, tokens = usage_totals(usage, settings.event_code, config.token_metric or settings.event_code)
+    counted: dict[str, int | None] = {config.tokens_privilege: tokens}
+    if settings.event_code in metrics:
+        counted[config.calls_privilege] = calls
+    limits = [_limit(name, value, metrics, counted) for name, value in (raw_limits or {}).items()]
 
     breakdown: dict[str, list[dict[str, Any]]] = {key: [] for key in BREAKDOWN_DIMENSIONS.values()}
     breakdown_source = "none"
@@ -148,7 +168,9 @@ async def dashboard_data(
     }
 
 
-def _limit(name: str, value: Any, metrics: Mapping[str, Mapping[str, Any]], event_code: str) -> dict[str, Any]:
+def _limit(
+    name: str, value: Any, metrics: Mapping[str, Mapping[str, Any]], counted: Mapping[str, int | None]
+) -> dict[str, Any]:
     used: int | float | None = None
     if isinstance(value, Mapping):
         limit = _number(value.get("limit"))
@@ -156,8 +178,8 @@ def _limit(name: str, value: Any, metrics: Mapping[str, Mapping[str, Any]], even
     else:
         limit = _number(value)
     if used is None:
-        if name == "max_api_calls" and event_code in metrics:
-            used = metrics[event_code]["events"]
+        if counted.get(name) is not None:
+            used = counted[name]
         elif name.startswith("max_") and name[4:] in metrics:
             used = metrics[name[4:]]["units"]
     ratio = used / limit if used is not None and limit else (None if used is None or limit is None else 1.0)
