@@ -677,7 +677,8 @@ async def test_client_disconnect_mid_stream_is_still_billed(fake_lago: Any, sett
 
 
 async def test_org_set_by_endpoint_dependency_is_billed(fake_lago: Any, settings: BillingSettings) -> None:
-    """Auth done inside the endpoint (FastAPI Depends) sets request.state late: the request is still billed."""
+    """Auth done inside the endpoint (FastAPI Depends) sets request.state late: the request is still billed, and
+    get_current_org(request) in the endpoint sees the org (it answered None: resolved only once the app answered)."""
     fastapi = pytest.importorskip("fastapi")
 
     def authenticate(request: Request) -> str:
@@ -687,12 +688,12 @@ async def test_org_set_by_endpoint_dependency_is_billed(fake_lago: Any, settings
     app = fastapi.FastAPI()
 
     @app.get("/v1/report")
-    async def report(org: str = fastapi.Depends(authenticate)) -> dict[str, str]:
-        return {"org": org}
+    async def report(request: Request, org: str = fastapi.Depends(authenticate)) -> dict[str, Any]:
+        return {"org": org, "billed_to": get_current_org(request)}
 
     middleware = OrgBillingMiddleware(app, settings=settings.replace(org_header=None), transport=fake_lago.transport())
     async with client_for(middleware) as client:
-        assert (await client.get("/v1/report")).json() == {"org": "org_b"}
+        assert (await client.get("/v1/report")).json() == {"org": "org_b", "billed_to": "org_b"}
     await middleware.aclose()
     [event] = fake_lago.events
     assert event["external_subscription_id"] == "org_b"

@@ -474,16 +474,30 @@ def billing_scope(request_or_scope: Any) -> dict[str, Any] | None:
 
 
 def get_current_org(request_or_scope: Any) -> str | None:
-    """The org the current request is billed to (``Request``, ``WebSocket`` or scope); ``None`` if unresolved."""
-    data = billing_scope(request_or_scope)
-    value = data.get("org_id") if data is not None else None
-    return value if isinstance(value, str) else None
+    """The org the current request is billed to (``Request``, ``WebSocket`` or scope); ``None`` if unresolved.
+
+    An org the middleware could not resolve before the app ran (auth in an endpoint dependency sets
+    ``request.state.org_id`` later) is looked for again, with the middleware's resolvers when they are synchronous."""
+    return _current(request_or_scope, "org_id")
 
 
 def get_current_user(request_or_scope: Any) -> str | None:
     """The user the current request is attributed to; ``None`` if unresolved or outside the middleware."""
-    data = billing_scope(request_or_scope)
-    value = data.get("user_id") if data is not None else None
+    return _current(request_or_scope, "user_id")
+
+
+def _current(request_or_scope: Any, key: str) -> str | None:
+    scope = _scope_of(request_or_scope)
+    if scope is None:
+        return None
+    data = scope.get(SCOPE_KEY)
+    if not isinstance(data, dict):
+        return None
+    if data.get("org_id") is None and data.get("resolve_now") is not None:
+        org_id, user_id = data["resolve_now"](scope)
+        if org_id is not None:
+            publish_identity(scope, data, org_id, user_id)  # (the middleware resolves again when the app answers)
+    value = data.get(key)
     return value if isinstance(value, str) else None
 
 

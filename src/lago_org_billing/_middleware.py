@@ -137,6 +137,7 @@ class OrgBillingMiddleware:
                 raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
             self.resolve_org = resolve_org or default_org_resolver(self.settings)
             self.resolve_user = resolve_user or default_user_resolver(self.settings)
+            self._sync_resolvers = not (_is_async(self.resolve_org) or _is_async(self.resolve_user))
             # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
             self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
             self._heads: dict[tuple[str, str, str], str] = {}
@@ -147,10 +148,7 @@ class OrgBillingMiddleware:
             self.bill_server_errors = bill_server_errors
             self.attribution = attribution or AttributionConfig()
             self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
-            if event_properties is not None and (
-                inspect.iscoroutinefunction(event_properties)
-                or inspect.iscoroutinefunction(getattr(event_properties, "__call__", None))  # noqa: B004
-            ):
+            if event_properties is not None and _is_async(event_properties):
                 raise ConfigurationError(
                     "event_properties must be a plain function returning a mapping, not an async one: it runs on the "
                     "request's path when its response is over."
@@ -425,6 +423,18 @@ class OrgBillingMiddleware:
 
     # -------------------------------------------------------------------- http
 
+    def _resolve_now(self, scope: Scope) -> tuple[str | None, str | None]:
+        """:meth:`_resolve` with synchronous resolvers only (an async one counts as unresolved here)."""
+        org = resolve_now(self.resolve_org, scope)
+        if not (org is None or isinstance(org, str)):
+            _discard_awaitable(org)
+            return None, None
+        user = resolve_now(self.resolve_user, scope) if org is not None else None
+        if not (user is None or isinstance(user, str)):
+            _discard_awaitable(user)
+            user = None
+        return org, user
+
     async def _resolve(self, scope: Scope) -> tuple[str | None, str | None]:
         """The configured resolvers (sync or async): ``(org_id, user_id)``, the user only when there is an org."""
         org = resolve_now(self.resolve_org, scope)
@@ -445,6 +455,8 @@ class OrgBillingMiddleware:
         answered = blocked = False
         billing = scope[SCOPE_KEY]
         billing["resolve"] = self._resolve  # for require_quota()
+        if self._sync_resolvers:
+            billing["resolve_now"] = self._resolve_now  # for get_current_org()
 
         async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
             nonlocal identity, answered, blocked
@@ -790,6 +802,17 @@ class _ResponseWatcher(UsageRecorder):
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
+
+
+def _is_async(function: Any) -> bool:
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
+    call = getattr(function, "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call)
+
+
+def _discard_awaitable(pending: Any) -> None:
+    if inspect.iscoroutine(pending):
+        pending.close()
 
 
 async def _discard(message: Message) -> None:
