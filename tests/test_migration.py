@@ -265,6 +265,25 @@ async def test_pending_subscriptions_are_canceled_and_downgrades_go_with_their_s
     assert verified.ok
 
 
+async def test_a_user_with_only_a_subscription_starting_later_keeps_its_plan(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """A user whose only subscription starts later: the org is subscribed to that plan from that date (the user's is
+    canceled), not left without a subscription; verify accepts it, and a second run changes nothing."""
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave", subscription_at="2099-01-01T00:00:00Z")
+    org = OrgMapping("solo", "Solo", None, ("dave",))
+    run = await run_migration(client, [org], mode="execute")
+    assert run.ok and run.orgs[0].plan_code == "pro" and "starting 2099-01-01" in str(run.orgs[0].plan_source)
+    [started] = [s for s in fake.subscriptions if s["external_id"] == "solo"]
+    assert (started["plan_code"], started["status"]) == ("pro", "pending")
+    assert started["subscription_at"].startswith("2099-01-01T00:00:00")
+    assert subs(fake, "dave", "pending") == []
+    assert (await run_migration(client, [org], mode="verify")).ok
+    again = await run_migration(client, [org], mode="execute")
+    assert [step.kind for step in again.orgs[0].steps if step.outcome == "done"] == []
+
+
 async def test_org_without_any_plan_gets_default_plan_or_fails_verify(fake: FakeLago, client: LagoClient) -> None:
     """Users without subscriptions: no plan means no org subscription (verify says so); --default-plan fixes it."""
     fake.add_customer("dave")

@@ -656,6 +656,8 @@ async def plan_org(
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
     org_subscription = await _or_none(client.get_subscription(sub_id))
+    if org_subscription is None:  # one that starts later (made from a user's pending one by an earlier run)
+        org_subscription = await _or_none(client.get_subscription(sub_id, status="pending"))
     if org_subscription is None and org_customer is not None:
         # an active subscription of the org under another id (made in Lago's UI...) is the org's subscription
         others = [s async for s in client.iter_subscriptions(external_customer_id=org.org_id, statuses=["active"])]
@@ -683,6 +685,13 @@ async def plan_org(
         users.append((user_id, customer, subscriptions))
     result.customer, result.subscription = org_customer, org_subscription
     active = [(user_id, s) for user_id, _, subs in users for s in subs if s.get("status") == "active"]
+    # subscriptions that start later (not a downgrade waiting for its date): the plan when none is active
+    starting = [
+        (user_id, s)
+        for user_id, _, subs in users
+        for s in subs
+        if s.get("status") == "pending" and not s.get("previous_plan_code")
+    ]
 
     # 1. The org customer.
     steps: list[Step] = []
@@ -727,6 +736,10 @@ async def plan_org(
             "Lago cannot move it. Terminate it first or set LAGO_SUBSCRIPTION_ID_TEMPLATE (e.g. 'org_{org_id}')."
         )
     source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
+    starts_at: str | None = None
+    if source is None and starting and org.plan_code is None:  # the plan a user bought, from the date it starts
+        source = await _pick(options.plan_policy, starting, plans)
+        starts_at = str(source[1].get("subscription_at") or "") or None
     if org_subscription is not None:
         result.plan_code = str(org_subscription.get("plan_code"))
         result.plan_source = "existing org subscription"
@@ -742,6 +755,8 @@ async def plan_org(
         elif source is not None:
             result.plan_code = str(source[1]["plan_code"])
             result.plan_source = f"{options.plan_policy} plan: {source[0]}'s subscription {source[1]['external_id']}"
+            if starts_at is not None:
+                result.plan_source += f", starting {starts_at}"
         elif options.default_plan is not None:
             result.plan_code, result.plan_source = options.default_plan, "--default-plan"
         if result.plan_code is None:
@@ -751,12 +766,15 @@ async def plan_org(
             )
         else:
             result.billing_time = str(source[1].get("billing_time") or "calendar") if source else "calendar"
+            payload: JSON = {"plan_code": result.plan_code, "billing_time": result.billing_time}
+            if starts_at is not None:
+                payload["subscription_at"] = starts_at
             steps.append(
                 Step(
                     "create_subscription",
                     sub_id,
                     f"subscribe org {org.org_id} to {result.plan_code} ({result.billing_time}; {result.plan_source})",
-                    {"plan_code": result.plan_code, "billing_time": result.billing_time},
+                    payload,
                 )
             )
 
@@ -821,6 +839,7 @@ async def apply_org(
                     plan_code=step.payload["plan_code"],
                     external_id=step.target,
                     billing_time=step.payload["billing_time"],
+                    subscription_at=step.payload.get("subscription_at"),
                 )
                 result.subscription = subscription
                 step.outcome = "done"
@@ -894,6 +913,8 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
     if result.customer is None:
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
     result.subscription = await _or_none(client.get_subscription(sub_id))
+    if result.subscription is None:  # one that starts later (a user's plan bought for a later date) counts
+        result.subscription = await _or_none(client.get_subscription(sub_id, status="pending"))
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
