@@ -648,6 +648,25 @@ async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog)
     return best[3], best[4]
 
 
+#: Lago customer fields a user customer's org inherits when it has none (its invoices' billing identity).
+_CARRIED_FIELDS = (
+    "email",
+    "currency",
+    "timezone",
+    "country",
+    "address_line1",
+    "address_line2",
+    "city",
+    "state",
+    "zipcode",
+    "phone",
+    "legal_name",
+    "legal_number",
+    "tax_identification_number",
+    "net_payment_term",
+)
+
+
 async def plan_org(
     client: LagoClient, org: OrgMapping, options: MigrationOptions, plans: PlanCatalog, result: OrgResult
 ) -> None:
@@ -693,6 +712,12 @@ async def plan_org(
         if s.get("status") == "pending" and not s.get("previous_plan_code")
     ]
 
+    source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
+    starts_at: str | None = None
+    if source is None and starting and org.plan_code is None:  # the plan a user bought, from the date it starts
+        source = await _pick(options.plan_policy, starting, plans)
+        starts_at = str(source[1].get("subscription_at") or "") or None
+
     # 1. The org customer.
     steps: list[Step] = []
     wanted = {METADATA_BILLING_TYPE: ORGANIZATION}
@@ -717,6 +742,13 @@ async def plan_org(
         customer_payload["name"] = org.org_name
     if org.email is not None and (org_customer is None or not org_customer.get("email")):
         customer_payload["email"] = org.email
+    # The user's billing identity (currency, address, legal name, tax id...), where the org customer has none: from
+    # the user whose plan the org takes, else the first one with a customer.
+    donors = [c for user_id, c, _ in users if c is not None and (source is None or user_id == source[0])]
+    for field in _CARRIED_FIELDS if donors else ():
+        value = donors[0].get(field)
+        if value not in (None, "") and field not in customer_payload and not (org_customer or {}).get(field):
+            customer_payload[field] = value
     if changes or org_customer is None:
         customer_payload["metadata"] = metadata_update_items(
             org_customer, {**customer_metadata(org_customer), **changes}
@@ -735,11 +767,6 @@ async def plan_org(
             f"subscription id {sub_id!r} is already used by the active subscription of customer {owner!r}; "
             "Lago cannot move it. Terminate it first or set LAGO_SUBSCRIPTION_ID_TEMPLATE (e.g. 'org_{org_id}')."
         )
-    source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
-    starts_at: str | None = None
-    if source is None and starting and org.plan_code is None:  # the plan a user bought, from the date it starts
-        source = await _pick(options.plan_policy, starting, plans)
-        starts_at = str(source[1].get("subscription_at") or "") or None
     if org_subscription is not None:
         result.plan_code = str(org_subscription.get("plan_code"))
         result.plan_source = "existing org subscription"
