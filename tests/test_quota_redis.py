@@ -304,3 +304,66 @@ async def test_tokens_lago_does_not_count_keep_counting_in_redis(clock: Clock, r
     assert not (await gate.check("org_1")).allowed
     fields = await backend.redis.hkeys(backend.key("org_1", "count"))
     assert sorted(f.decode() for f in fields if f.startswith(b"t:")) == ["t:0"]
+
+
+# ------------------------------------------------------------------------------------- idempotency keys, fleet-wide
+
+
+async def test_an_idempotent_retry_on_another_worker_is_billed_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """idempotency_header with LAGO_REDIS_URL: a retry reaching another worker (another middleware, its own memory)
+    gets the first request's timestamp from Redis, so Lago's ClickHouse store (deduplicating on transaction_id and
+    timestamp) keeps one event; each worker had kept its own, billed twice. Redis down: served and billed, said once."""
+    import types
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from lago_org_billing import OrgBillingMiddleware, _middleware
+
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+
+    async def chat(request: object) -> JSONResponse:
+        return JSONResponse({"usage": {"total_tokens": 3}})
+
+    fake = FakeLago(api_key="k", event_store="clickhouse")
+    settings = BillingSettings(
+        api_url=fake.base_url, api_key="k", org_header="X-Org-Id", quota_mode="off", redis_url=redis_url
+    )
+    key = {"X-Org-Id": "org_1", "Idempotency-Key": f"k-{uuid.uuid4()}"}
+    workers = [
+        OrgBillingMiddleware(
+            Starlette(routes=[Route("/v1/chat", chat)]),
+            settings,
+            idempotency_header="Idempotency-Key",
+            transport=fake.transport(),
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:  # the first request, then its retry 5 s later on the other worker
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=worker), base_url="http://app") as client:
+            assert (await client.get("/v1/chat", headers=key)).status_code == 200
+        assert await worker.pipeline.flush(5)
+        now[0] += 5
+    for worker in workers:
+        await worker.aclose()
+    assert len(fake.events) == 1
+
+    down = OrgBillingMiddleware(
+        Starlette(routes=[Route("/v1/chat", chat)]),
+        settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}"),
+        idempotency_header="Idempotency-Key",
+        transport=fake.transport(),
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=down), base_url="http://app") as client:
+        for _ in range(2):
+            assert (await client.get("/v1/chat", headers={**key, "Idempotency-Key": "other"})).status_code == 200
+    assert await down.pipeline.flush(5)
+    await down.aclose()
+    assert len(fake.events) == 2  # this worker's retry kept its first timestamp in memory
+    said = [r for r in caplog.records if "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys" in r.getMessage()]
+    assert len(said) == 1

@@ -78,10 +78,11 @@ class OrgBillingMiddleware:
     * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
     * **idempotency_header** - *(opt-in)* a request header (e.g. ``"Idempotency-Key"``) whose value makes the
       event stable across client retries: requests of one org to one route with the same key are billed once (one
-      ``transaction_id``; the first one's timestamp, remembered for a day in this process, so that Lago's
-      ClickHouse store, which deduplicates on both, keeps one too). The client chooses the key: enable it only when
-      your API honours it itself (a repeated key replays the first answer instead of doing the work again), or
-      clients get repeated work billed once. Default ``None``: every request is billed.
+      ``transaction_id``; the first one's timestamp, remembered for a day, so that Lago's ClickHouse store, which
+      deduplicates on both, keeps one too). The first timestamp is shared in Redis with ``LAGO_REDIS_URL`` (retries
+      reaching other workers or replicas); without it, it is remembered in this process only. The client chooses
+      the key: enable it only when your API honours it itself (a repeated key replays the first answer instead of
+      doing the work again), or clients get repeated work billed once. Default ``None``: every request is billed.
     * **event_properties** - *(optional)* ``(scope, identity) -> mapping`` of extra event properties, a plain
       (synchronous) function called when the response is over, in the request's context (its context variables).
       If it raises or gives values an event cannot carry, the event is sent without them (logged, counted in
@@ -156,6 +157,9 @@ class OrgBillingMiddleware:
             self.event_properties = event_properties
             # idempotent transaction id -> the timestamp of its first event (a retry's event is the same event)
             self._first_seen: TTLCache[str, float] = TTLCache(maxsize=100_000, ttl=86_400)
+            self._shared_first_seen: SharedFirstSeen | None = None
+            if self.idempotency_header is not None and self.settings.redis_url:
+                self._shared_first_seen = SharedFirstSeen(self.settings.redis_url)
             self.exclude_paths = self.settings.exclude_paths
             self.shutdown_timeout = shutdown_timeout
             self._owned_client: LagoClient | None = None
@@ -245,6 +249,8 @@ class OrgBillingMiddleware:
         try:
             await self.app(scope, receive, watcher)
         finally:
+            if self._shared_first_seen is not None:
+                await self._share_first_seen(scope, org_id, watcher, root_path, started)
             self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     @property
@@ -420,6 +426,8 @@ class OrgBillingMiddleware:
         await self.pipeline.aclose(self.shutdown_timeout)
         if self._owned_client is not None:
             await self._owned_client.aclose()
+        if self._shared_first_seen is not None:
+            await self._shared_first_seen.aclose()
 
     # -------------------------------------------------------------------- http
 
@@ -501,6 +509,8 @@ class OrgBillingMiddleware:
             else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
                 if decision is None and self.quota is not None:
                     self._ungated(org_id)
+                if self._shared_first_seen is not None:
+                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
 
     def _nested(self) -> None:
@@ -686,10 +696,28 @@ class OrgBillingMiddleware:
                     return key
         return None
 
+    async def _share_first_seen(
+        self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
+    ) -> None:
+        """The first timestamp of an idempotent request's event, from Redis (shared by every worker and replica),
+        into this process's memory, where the event's build reads it. Bounded and shielded (a client gone does not
+        cut it); Redis unavailable: this process's memory only (said once)."""
+        assert self._shared_first_seen is not None
+        key = self._idempotency_key(scope)
+        if key is None:
+            return
+        status = watcher.status if watcher.status is not None else 500
+        transaction_id = _idempotent_id(key, org_id, scope["method"], _template(scope, status, root_path))
+        local = self._first_seen.get(transaction_id, started)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
+            first = await self._shared_first_seen.first(transaction_id, local)
+            if first is not None:
+                self._first_seen[transaction_id] = first
+
     def _idempotent(self, key: str, org_id: str, method: str, endpoint: str, started: float) -> tuple[str, float]:
         """The transaction id of a request with an idempotency key (per org, method and route), and the timestamp
-        of the first event made with it here (Lago's ClickHouse store deduplicates on id and timestamp)."""
-        transaction_id = f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{method} {endpoint}/{key}').hex}"
+        of the first event made with it (Lago's ClickHouse store deduplicates on id and timestamp)."""
+        transaction_id = _idempotent_id(key, org_id, method, endpoint)
         first = self._first_seen.get(transaction_id)
         if first is None:
             self._first_seen[transaction_id] = first = started
@@ -802,6 +830,54 @@ class _ResponseWatcher(UsageRecorder):
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
+
+
+def _idempotent_id(key: str, org_id: str, method: str, endpoint: str) -> str:
+    return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{method} {endpoint}/{key}').hex}"
+
+
+class SharedFirstSeen:
+    """The first timestamp of each idempotent transaction, in Redis for a day: one round trip (set if absent, then
+    read). Redis unavailable: ``None`` (the caller keeps its own), logged once per outage."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis.asyncio as redis_asyncio
+        except ImportError:
+            raise ConfigurationError(
+                "idempotency_header with LAGO_REDIS_URL shares first timestamps in Redis, which needs the redis "
+                "client: pip install 'lago-org-billing[redis]'.",
+                variable="LAGO_REDIS_URL",
+            ) from None
+        self.redis = redis_asyncio.from_url(url)
+        self.down = False
+
+    async def first(self, transaction_id: str, candidate: float) -> float | None:
+        try:
+            value = await self.redis.eval(
+                _FIRST_SEEN, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(candidate)
+            )
+        except Exception as exc:  # redis errors, OSError, timeouts
+            if not self.down:
+                self.down = True
+                logger.warning(
+                    "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
+                    "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
+                    exc,
+                )
+            return None
+        self.down = False
+        return float(value)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+#: KEYS[1] the transaction, ARGV[1] this request's start: the first one stored (for a day) wins.
+_FIRST_SEEN = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', 86400)
+return redis.call('GET', KEYS[1])
+"""
 
 
 def _is_async(function: Any) -> bool:
