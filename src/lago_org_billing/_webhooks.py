@@ -425,7 +425,6 @@ class LagoWebhooks:
         self._settings = settings
         self._organization_id = organization_id
         self._client = client
-        self._owned_client: LagoClient | None = None
         self._invalidate = invalidate
         self._handlers: dict[str, list[Handler]] = {}
         for webhook_type, value in (handlers or {}).items():
@@ -529,10 +528,7 @@ class LagoWebhooks:
         return self._config
 
     async def aclose(self) -> None:
-        """Close the Lago client and the Redis connection this receiver created."""
-        if self._owned_client is not None:
-            await self._owned_client.aclose()
-            self._owned_client = None
+        """Close the Redis connection this receiver created."""
         if isinstance(self._dedupe, RedisDedupe) and self._redis_url is not None:
             await self._dedupe.aclose()
 
@@ -697,7 +693,7 @@ class LagoWebhooks:
             fetched = self._key_fetched_at
             if fetched is not None and time.monotonic() - fetched < self.key_refetch_interval:
                 return None
-            if self._client is None and self._owned_client is None and not self._configure().settings.api_key:
+            if self._client is None and not self._configure().settings.api_key:
                 return None  # a static public_key and no way to fetch another one
             try:
                 fresh = await self._fetch_key()
@@ -712,13 +708,14 @@ class LagoWebhooks:
             return fresh
 
     async def _fetch_key(self) -> Any:
-        client = self._client or self._owned_client
-        if client is None:
-            client = self._owned_client = LagoClient(self._configure().settings)
         self._key_fetched_at = time.monotonic()
         self.stats["key_fetches"] += 1
         try:
-            pem = await client.get_webhook_public_key(retry=False)  # a webhook waits on it: Lago retries it
+            if self._client is not None:
+                pem = await self._client.get_webhook_public_key(retry=False)  # a webhook waits on it: Lago retries it
+            else:  # a client of its own for this rare call, closed at once: a receiver has no shutdown to close it on
+                async with LagoClient(self._configure().settings) as client:
+                    pem = await client.get_webhook_public_key(retry=False)
         except LagoIntegrationError as exc:
             raise _KeyUnavailable(str(exc)) from exc
         try:
