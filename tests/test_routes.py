@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Mount
 
+from _quota_app import seed as quota_seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBilling
 from lago_org_billing._dashboard import wants_html
 from lago_org_billing._routes import NO_AUTHORIZE_DETAIL, BillingRouter, billing_routes
@@ -387,23 +388,6 @@ async def test_dashboard_json(env: Env) -> None:
     assert by_model["gpt-4o-mini"]["units"] == {"api_call": 1, "tokens": 50}
 
 
-def readme_quota_setup(fake: FakeLago) -> None:
-    """The README's setup: api_call sums total_tokens; feature api_quota (5 calls, 1,000 tokens); org_1 on starter."""
-    fake.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
-    fake.add_feature(
-        "api_quota",
-        privileges=[
-            {"code": "max_api_calls", "value_type": "integer"},
-            {"code": "max_tokens", "value_type": "integer"},
-        ],
-    )
-    charge = {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
-    entitlements = {"api_quota": {"max_api_calls": 5, "max_tokens": 1000}}
-    fake.add_plan("starter", amount_cents=1000, charges=[charge], entitlements=entitlements)
-    fake.add_customer("org_1")
-    fake.add_subscription("org_1", "starter")
-
-
 async def dashboard_after_two_calls(fake: FakeLago, settings: BillingSettings) -> dict[str, Any]:
     async with LagoClient(settings, transport=fake.transport()) as lago:
         billing = OrgBilling(client=lago)
@@ -421,8 +405,7 @@ async def test_dashboard_shows_the_limits_and_usage_the_gate_enforces(source: st
     """The limits are where the gate takes them (the subscription's entitlements, over LAGO_PLAN_LIMITS: the
     dashboard read only the table), and max_tokens' usage is what the gate counts (total_tokens summed in
     LAGO_EVENT_CODE: the dashboard looked for a metric called "tokens" and showed null)."""
-    fake = FakeLago(api_key="k")
-    readme_quota_setup(fake)
+    fake = quota_seed(FakeLago(api_key="k"), starter_calls=5, starter_tokens=1000)  # the README's setup
     settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
     if source == "LAGO_PLAN_LIMITS":
         fake.store.plans["starter"]["entitlements"] = {}
