@@ -402,6 +402,29 @@ async def test_idempotency_key_bills_a_retried_request_once(
     assert middleware.pipeline.stats["duplicates"] == (1 if event_store == "postgres" else 0)
 
 
+async def test_idempotent_transaction_ids_are_exact_and_secret(
+    fake_lago: Any, make_middleware: MiddlewareFactory, settings: BillingSettings
+) -> None:
+    """Keys differing past 128 characters are different requests (they were cut there: billed once); a route and key
+    never read as another route and key ("/v1/chat/c1" + "K" and "/v1/chat" + "c1/K" were one id); and the id is
+    keyed by the Lago API key, so that an org admin cannot compute it ahead and record a 0-token event under it
+    (``usage/record`` takes any transaction_id) to have the real request dropped as a duplicate."""
+    middleware = make_middleware(idempotency_header="Idempotency-Key")
+    async with client_for(middleware) as client:
+        for n in range(3):
+            await client.post("/v1/chat/c1", headers={**HEADERS, "Idempotency-Key": "k" * 128 + str(n)})
+    assert await middleware.pipeline.flush(5)
+    assert len({event["transaction_id"] for event in fake_lago.events}) == 3
+    ids = {
+        middleware._idempotent_id("K", "org_a", "POST", "/v1/chat/c1"),
+        middleware._idempotent_id("c1/K", "org_a", "POST", "/v1/chat"),
+        OrgBillingMiddleware(build_app(), settings.replace(api_key="another"))._idempotent_id(
+            "K", "org_a", "POST", "/v1/chat/c1"
+        ),
+    }
+    assert len(ids) == 3 and all(i.startswith("idem_") and len(i) == 37 for i in ids)
+
+
 def test_idempotent_retry_keeps_the_first_timestamp_and_its_own_duration(settings: BillingSettings) -> None:
     """The event of a retry (same key) carries the first request's transaction id and timestamp, and the retry's
     own duration, not the time since the first attempt."""

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import inspect
 import itertools
+import json
 import logging
 import os
 import sys
 import time
 import types
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import TYPE_CHECKING, Any, Literal
@@ -692,7 +694,7 @@ class OrgBillingMiddleware:
         if self.idempotency_header is not None:
             for name, value in scope["headers"]:
                 if name == self.idempotency_header and value:
-                    key: str = value.decode("latin-1")[:128]
+                    key: str = value.decode("latin-1")  # whole: keys differing past any cut are different requests
                     return key
         return None
 
@@ -707,17 +709,25 @@ class OrgBillingMiddleware:
         if key is None:
             return
         status = watcher.status if watcher.status is not None else 500
-        transaction_id = _idempotent_id(key, org_id, scope["method"], _template(scope, status, root_path))
+        endpoint = _template(scope, status, root_path)
+        transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
         local = self._first_seen.get(transaction_id, started)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
             first = await self._shared_first_seen.first(transaction_id, local)
             if first is not None:
                 self._first_seen[transaction_id] = first
 
+    def _idempotent_id(self, key: str, org_id: str, method: str, endpoint: str) -> str:
+        """The transaction id of (org, method, route, key): one reading only (JSON), and keyed by the Lago API key
+        (a secret), so that nobody can compute it ahead and record an event under it first (``usage/record``)."""
+        message = json.dumps([org_id, method, endpoint, key], ensure_ascii=True).encode()
+        digest = hmac.new((self.settings.api_key or "").encode(), message, hashlib.sha256).hexdigest()
+        return f"idem_{digest[:32]}"
+
     def _idempotent(self, key: str, org_id: str, method: str, endpoint: str, started: float) -> tuple[str, float]:
         """The transaction id of a request with an idempotency key (per org, method and route), and the timestamp
         of the first event made with it (Lago's ClickHouse store deduplicates on id and timestamp)."""
-        transaction_id = _idempotent_id(key, org_id, method, endpoint)
+        transaction_id = self._idempotent_id(key, org_id, method, endpoint)
         first = self._first_seen.get(transaction_id)
         if first is None:
             self._first_seen[transaction_id] = first = started
@@ -830,10 +840,6 @@ class _ResponseWatcher(UsageRecorder):
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
-
-
-def _idempotent_id(key: str, org_id: str, method: str, endpoint: str) -> str:
-    return f"idem_{uuid.uuid5(uuid.NAMESPACE_URL, f'{org_id}/{method} {endpoint}/{key}').hex}"
 
 
 class SharedFirstSeen:
