@@ -367,3 +367,17 @@ async def test_an_idempotent_retry_on_another_worker_is_billed_once(
     assert len(fake.events) == 2  # this worker's retry kept its first timestamp in memory
     said = [r for r in caplog.records if "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys" in r.getMessage()]
     assert len(said) == 1
+
+
+async def test_the_redis_password_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The fallback warning and the recovery line name Redis without its password."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lago_org_billing")
+    backend = RedisBackend(f"redis://:s3cretRedisPw@127.0.0.1:{free_port()}/0", QuotaConfig())  # nothing listens
+    try:
+        await backend.reserve("org_a", 1e9, "normal", None)
+    finally:
+        await backend.aclose()
+    assert backend.stats["redis_fallback"] == 1 and "falls back" in caplog.text
+    assert "s3cretRedisPw" not in caplog.text and ":***@127.0.0.1" in caplog.text

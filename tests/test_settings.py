@@ -145,6 +145,18 @@ def test_api_key_never_in_repr_or_errors() -> None:
     assert secret not in str(info.value)
 
 
+def test_url_passwords_never_in_repr_or_errors() -> None:
+    """LAGO_REDIS_URL usually carries Redis' password (redis://:pw@host, or ?password=): masked in repr and in the
+    error of a mistyped scheme (which a lifespan hands to the server's log); the rest of the URL is shown."""
+    secret = "s3cretRedisPw"
+    shown = repr(BillingSettings(redis_url=f"redis://:{secret}@redis.internal:6379/0"))
+    assert secret not in shown and "redis://:***@redis.internal:6379/0" in shown
+    assert secret not in repr(BillingSettings(redis_url=f"redis://user:{secret}@h/0?password={secret}&db=1"))
+    with pytest.raises(ConfigurationError) as info:
+        BillingSettings(redis_url=f"http://:{secret}@redis.internal:6379/0")
+    assert secret not in str(info.value) and "redis.internal" in str(info.value)
+
+
 def test_settings_are_frozen_and_keyword_only() -> None:
     """Settings cannot be mutated; replace() validates again."""
     settings = BillingSettings(api_key="k")

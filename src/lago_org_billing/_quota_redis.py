@@ -47,6 +47,7 @@ from ._quota import (
     Snapshot,
     period_key,
 )
+from ._settings import redact_url
 
 __all__ = ["RedisBackend"]
 
@@ -313,6 +314,7 @@ class RedisBackend:
     ) -> None:
         self.config = config or QuotaConfig()
         self.url = url
+        self._shown_url = redact_url(url) if url else "the given client"  # for logs: no password
         self.fallback = fallback or LocalBackend(self.config)
         self._clock = clock
         if client is None:
@@ -363,7 +365,7 @@ class RedisBackend:
             logger.warning(
                 "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
                 "(retry every %.0f s).",
-                self.url,
+                self._shown_url,
                 type(exc).__name__,
                 exc,
                 self.config.redis_retry_interval,
@@ -376,7 +378,7 @@ class RedisBackend:
             return
         self.stats["redis_fallback"] = 0
         self._down_until = 0.0
-        logger.info("Redis (%s) answers again: quota counters are shared again.", self.url)
+        logger.info("Redis (%s) answers again: quota counters are shared again.", self._shown_url)
         now = int(time.time())
         pending = self.fallback.drain()
         for index, (org_id, snapshot, counts) in enumerate(pending):

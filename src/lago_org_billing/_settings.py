@@ -32,8 +32,18 @@ class BillingSettings:
 
         settings = BillingSettings(api_url="https://api.getlago.com", api_key=os.environ["LAGO_API_KEY"])
 
-    Each field maps to the environment variable named in its comment. The API key never appears in ``repr``.
+    Each field maps to the environment variable named in its comment. Secrets never appear in ``repr``: the API key
+    and HMAC key are left out, the password of a URL is masked.
     """
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{field.name}={redact_url(value) if field.name in _URL_FIELDS and value else value!r}"
+            for field in dataclasses.fields(self)
+            if field.repr
+            for value in (getattr(self, field.name),)
+        )
+        return f"BillingSettings({', '.join(shown)})"
 
     #: ``LAGO_API_KEY``: Lago API key (Developers > API keys).
     api_key: str = dataclasses.field(default="", repr=False)
@@ -100,7 +110,7 @@ class BillingSettings:
         if self.redis_url is not None and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigurationError(
                 f"LAGO_REDIS_URL must be a redis://, rediss:// or unix:// URL such as redis://localhost:6379/0, got "
-                f"{self.redis_url!r}.",
+                f"{redact_url(self.redis_url)}.",
                 variable="LAGO_REDIS_URL",
             )
         if self.quota_mode not in _QUOTA_MODES:
@@ -282,6 +292,23 @@ def _parse_url(name: str, value: str) -> str:
 def _positive(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number, got {value!r}.", variable=name)
+
+
+_URL_FIELDS = ("api_url", "redis_url")
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown (logs, errors, ``repr``): quoted, with its password (``user:***@``, and a
+    ``password=`` query parameter) masked."""
+    parts = urlsplit(url)
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else netloc
+    if "password=" in query:
+        query = "&".join("password=***" if item.startswith("password=") else item for item in query.split("&"))
+    return repr(parts._replace(netloc=netloc, query=query).geturl())
 
 
 def _check_template(template: str) -> None:
