@@ -265,6 +265,21 @@ async def test_no_active_subscription_is_402(client: LagoClient, fake: FakeLago,
     assert (await allowing.check("org_unknown")).allowed
 
 
+async def test_an_org_id_lago_cannot_address_has_no_subscription(
+    client: LagoClient, fake: FakeLago, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An org id whose subscription id cannot be put in a Lago URL ("acme.com": Rails reads the dot as a format)
+    has no subscription this package can make or read: a 402, said once, not "Lago unreachable", which the default
+    LAGO_FAIL_OPEN let through unlimited (and unbilled: its events had no subscription)."""
+    gate = make_gate(client, clock)
+    for _ in range(3):
+        decision = await gate.check("acme.com")
+        assert not decision.allowed and decision.status == 402
+        clock.advance(60)
+    assert gate.stats["fail_open"] == 0 and gate.stats["refresh_errors"] == 0
+    assert caplog.text.count("has no subscription Lago can address") == 1
+
+
 async def test_terminated_subscription_is_402_after_invalidation(client: LagoClient, clock: Clock) -> None:
     """Terminating the subscription (then invalidating, as the webhook does) blocks with 402."""
     gate = make_gate(client, clock)

@@ -79,7 +79,13 @@ from cachetools import LRUCache
 from starlette.config import Config
 
 from ._client import JSON, LagoClient
-from ._errors import ConfigurationError, LagoAPIError, LagoIntegrationError, LagoNotFoundError
+from ._errors import (
+    ConfigurationError,
+    InvalidIdentifierError,
+    LagoAPIError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+)
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
 from ._settings import BillingSettings
@@ -1033,6 +1039,8 @@ class QuotaGate:
                     break
                 # the refresh ended without a snapshot: it failed (the next round stops), or the org was
                 # invalidated between its end and now (a webhook): wait for the next one, within the same budget
+            if len(self._gave_up) >= self.config.max_orgs:  # bounded, however many org ids requests bring
+                self._gave_up.clear()
             self._gave_up[org_id] = self.clock() + self.config.failure_backoff
         if self.settings.fail_open or self.mode == "monitor":
             self.stats["fail_open"] += 1
@@ -1071,6 +1079,8 @@ class QuotaGate:
         if not force and self._next_attempt.get(org_id, 0.0) > now:
             return None
         event = self._refreshing[org_id] = anyio.Event()
+        if len(self._next_attempt) >= self.config.max_orgs:  # bounded, however many org ids requests bring
+            self._next_attempt.clear()
         self._next_attempt[org_id] = now + self.config.failure_backoff
         self._spawn(self._refresh, org_id, event)
         return event
@@ -1214,6 +1224,16 @@ class QuotaGate:
         try:
             subscription: JSON = await self.client.get_subscription(subscription_id)
         except LagoNotFoundError:
+            return Snapshot(active=False, plan_fetched_at=now)
+        except InvalidIdentifierError as exc:  # no subscription can be made nor read for it: not "Lago is down"
+            self._warn_once(
+                (org_id, "id"),
+                "Org %r has no subscription Lago can address (%s): it is treated as having none (not as Lago being "
+                "unreachable, which LAGO_FAIL_OPEN would let through). Map such org ids to usable subscription ids "
+                "with LAGO_SUBSCRIPTION_ID_TEMPLATE, or refuse them in your auth layer.",
+                org_id,
+                exc,
+            )
             return Snapshot(active=False, plan_fetched_at=now)
         if subscription.get("status") not in (None, "active"):
             return Snapshot(active=False, plan_fetched_at=now)
