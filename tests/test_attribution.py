@@ -307,6 +307,25 @@ async def test_compressed_streams_are_read_as_they_pass() -> None:
     assert cut.input_tokens == 125 and cut.output_tokens < 42
 
 
+def test_a_compressed_stream_chunk_is_inflated_within_the_cap() -> None:
+    """A small gzip stream chunk that inflates to 20 MB is read in 64 KiB slices up to max_body_bytes, then given up
+    on (its usage not read, said once): memory stays far below what it inflates to (it was held whole)."""
+    import tracemalloc
+
+    packer = zlib.compressobj(wbits=zlib.MAX_WBITS | 16)
+    bomb = packer.compress(b"data: " + b"x" * 20_000_000 + b"\n\n") + packer.flush()
+    assert len(bomb) < 100_000
+    recorder = UsageRecorder({"type": "http"}, AttributionConfig(max_body_bytes=65_536))
+    recorder.response_start(start_message(SSE, [(b"content-encoding", b"gzip")]))
+    tracemalloc.start()
+    try:
+        recorder.response_body(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000 and recorder.result() == Usage()
+
+
 async def test_compressed_bodies_are_capped_after_decompression(caplog: pytest.LogCaptureFixture) -> None:
     """max_body_bytes bounds the decompressed JSON too: a small body that inflates over it is not read (and not
     held in memory), and says so; a corrupt one bills 0 tokens and says so."""

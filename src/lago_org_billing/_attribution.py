@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import zlib
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from starlette.types import Message, Scope
@@ -480,12 +480,15 @@ class UsageRecorder:
         if mode == _MODE_NONE or not body:
             return
         if self._inflater is not None and mode == _MODE_SSE:
-            try:
-                for part in self._inflater.parts(body):
-                    self._feed_sse(part)
+            try:  # each network chunk inflated within the cap (a stream event is capped the same)
+                for piece in self._inflater.pieces(body, self._config.max_body_bytes):
+                    self._feed_sse(piece)
             except zlib.error:
                 self._mode = _MODE_NONE
                 _undecodable_body()
+            except _TooLarge:
+                self._mode = _MODE_NONE
+                _cap_exceeded("stream chunk (decompressed)")
             except Exception:
                 self._mode = _MODE_NONE
                 _internal_error("response_body")
@@ -860,30 +863,29 @@ class _Inflater:
         self._raw_fallback = not gzip
 
     def whole(self, data: bytes, cap: int) -> bytes:
-        out = b"".join(self._parts(data, cap + 1))
-        if len(out) > cap:
-            raise _TooLarge
-        return out
+        """All of ``data`` inflated; :class:`_TooLarge` past ``cap`` bytes (inflating stops there)."""
+        return b"".join(self.pieces(data, cap))
 
-    def parts(self, data: bytes) -> list[bytes]:
-        return list(self._parts(data, None))
-
-    def _parts(self, data: bytes, cap: int | None) -> list[bytes]:
+    def pieces(self, data: bytes, cap: int) -> Iterator[bytes]:
+        """``data`` inflated in slices of 64 KiB, as they come; :class:`_TooLarge` once they pass ``cap`` bytes: a
+        small chunk that inflates hugely costs neither memory nor much time."""
         try:
-            first = self._decoder.decompress(data, 65_536)
+            piece = self._decoder.decompress(data, 65_536)
         except zlib.error:
             if not self._raw_fallback:
                 raise
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            first = self._decoder.decompress(data, 65_536)
+            piece = self._decoder.decompress(data, 65_536)
         self._raw_fallback = False
-        out, size = [first], len(first)
-        # In slices of 64 KiB, and no further than the cap: a small body that inflates hugely costs no memory.
-        while self._decoder.unconsumed_tail and (cap is None or size <= cap):
-            part = self._decoder.decompress(self._decoder.unconsumed_tail, 65_536)
-            out.append(part)
-            size += len(part)
-        return out
+        size = 0
+        while True:
+            size += len(piece)
+            if size > cap:
+                raise _TooLarge
+            yield piece
+            if not self._decoder.unconsumed_tail:
+                return
+            piece = self._decoder.decompress(self._decoder.unconsumed_tail, 65_536)
 
 
 def _undecodable_body() -> None:
