@@ -85,6 +85,27 @@ async def test_outage_backlog_survives_restart_and_drains_first(tmp_path: Path) 
     assert rows(path) == 0 and pipeline.stats["spool_depth"] == 0
 
 
+async def test_a_new_spool_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The spool holds org ids, user ids, models and token counts: a new file (and its WAL files, and a directory
+    made for it) is the owner's only, whatever the umask; an existing file keeps the mode it was given."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "made" / "spool.db"
+        await park(path, events(3))
+        existing = tmp_path / "shared.db"
+        existing.touch(mode=0o640)
+        existing.chmod(0o640)
+        await park(existing, events(1))
+    finally:
+        os.umask(old)
+    files = [path.parent, path, *path.parent.glob("spool.db-*")]
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) & 0o077 for f in files} == {f.name: 0 for f in files}
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640
+
+
 async def test_only_a_bounded_window_of_the_backlog_is_in_memory(tmp_path: Path) -> None:
     """A backlog far larger than the window is streamed from disk, never held in memory at once."""
     path = tmp_path / "spool.db"

@@ -459,9 +459,12 @@ class _SpoolFile:
         with self.lock:
             try:
                 directory = os.path.dirname(self.base_path)
-                os.makedirs(directory, exist_ok=True)
+                os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
                 slot = self._acquire_slot()
                 self.path = spool_slot_path(self.base_path, slot)
+                # Events name orgs, users and models: a new file is the owner's only (SQLite gives its -wal and -shm
+                # files the database's mode); an existing one keeps the mode it was given.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 self.conn = conn
                 conn.execute("PRAGMA journal_mode=WAL")
