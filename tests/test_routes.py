@@ -250,10 +250,15 @@ async def test_put_subscription_errors(env: Env) -> None:
 
 
 async def test_delete_subscription(env: Env) -> None:
-    """DELETE /subscription terminates it (then 404); a bad on_termination_invoice is a 422."""
+    """DELETE /subscription terminates it (then 404); a bad on_termination_invoice is a 422; skipping the period's
+    invoice is refused (403: the org's own admin would leave its usage unbilled) unless allow_skip_invoice."""
     await setup_acme(env)
     bad = await env.client.delete(f"{BASE}/org_acme/subscription?on_termination_invoice=maybe", headers=ADMIN)
     assert bad.status_code == 422
+    skip = await env.client.delete(f"{BASE}/org_acme/subscription?on_termination_invoice=skip", headers=ADMIN)
+    assert (skip.status_code, skip.json()["code"]) == (403, "skip_invoice_not_allowed")
+    assert env.fake.subscriptions[-1]["status"] == "active"
+    env.router.allow_skip_invoice = True
     done = await env.client.delete(f"{BASE}/org_acme/subscription?on_termination_invoice=skip", headers=ADMIN)
     assert done.status_code == 200
     assert done.json()["subscription"]["status"] == "terminated"

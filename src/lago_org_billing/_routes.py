@@ -14,7 +14,7 @@ Routes, under ``/organizations/{org_id}``:
                            "billing_time"?}``
 ``GET /subscription``      the active subscription
 ``PUT /subscription``      upgrade/downgrade: ``{"plan_code"}`` (a cheaper plan applies at period end)
-``DELETE /subscription``   terminate (``?on_termination_invoice=generate|skip``)
+``DELETE /subscription``   terminate (``?on_termination_invoice=skip`` only with ``allow_skip_invoice``)
 ``POST /usage/record``     one usage event: ``{"event_code"?, "transaction_id"?, "properties"?,
                            "timestamp"?, "user_id"?, "model"?, "endpoint"?, "tokens"?, ...}``
 ``GET /usage/current``     current period usage (``?billable_metric_code=``)
@@ -201,8 +201,10 @@ class BillingRouter(Router):
         limits_provider: LimitsProvider | None,
         breakdown_provider: BreakdownProvider | None,
         invoice_limit: int,
+        allow_skip_invoice: bool = False,
     ) -> None:
         self._billing = billing
+        self.allow_skip_invoice = allow_skip_invoice
         self._settings = settings
         self._client = client
         self._owned: OrgBilling | None = None
@@ -334,6 +336,12 @@ class BillingRouter(Router):
         invoice = request.query_params.get("on_termination_invoice")
         if invoice not in (None, "generate", "skip"):
             raise _Invalid(_error(("query", "on_termination_invoice"), "Must be generate or skip.", "enum"))
+        if invoice == "skip" and not self.allow_skip_invoice:  # the org's own admin would end the period unbilled
+            detail = (
+                "Ending a subscription without its invoice is not allowed here: the period's usage would not be "
+                "billed (billing_routes(allow_skip_invoice=True) allows it, for operators' routes)."
+            )
+            return JSONResponse({"detail": detail, "code": "skip_invoice_not_allowed"}, status_code=403)
         try:
             subscription = await self.billing.terminate_subscription(org_id, on_termination_invoice=invoice)
         except LagoNotFoundError:
@@ -478,6 +486,7 @@ def billing_routes(
     limits_provider: LimitsProvider | None = None,
     breakdown_provider: BreakdownProvider | None = None,
     invoice_limit: int = 10,
+    allow_skip_invoice: bool = False,
 ) -> BillingRouter:
     """The org billing endpoints (see the module docstring) as a Router to mount.
 
@@ -494,6 +503,9 @@ def billing_routes(
     * **breakdown_provider** - *(optional)* a local ledger ``(org_id) -> {"by_user": [...], "by_model": [...]}``
       (default: Lago's grouped usage).
     * **invoice_limit** - invoices listed when ``?limit`` is absent.
+    * **allow_skip_invoice** - let ``DELETE /subscription?on_termination_invoice=skip`` end a subscription without
+      the invoice of its period. Default False (403): the org's own admin would leave the period's usage unbilled;
+      allow it only on routes your operators use.
     """
     if not callable(authorize):
         raise ConfigurationError("billing_routes(authorize=...) must be a function (request, org_id) -> bool.")
@@ -506,4 +518,5 @@ def billing_routes(
         limits_provider=limits_provider,
         breakdown_provider=breakdown_provider,
         invoice_limit=invoice_limit,
+        allow_skip_invoice=allow_skip_invoice,
     )
