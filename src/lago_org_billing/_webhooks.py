@@ -595,7 +595,10 @@ class LagoWebhooks:
                 f"{config.organization_id!r} (LAGO_ORGANIZATION_ID).",
             )
         event = self._event(config, payload, request.headers.get("x-lago-unique-key"))
-        return await self._process(event, request.scope)
+        # Deduplicated on X-Lago-Unique-Key, which Lago sends with every delivery (the same on its retries); one
+        # without it (an older Lago, or a captured delivery replayed with the header dropped) on its signed body.
+        token = event.unique_key or "sha256:" + hashlib.sha256(body).hexdigest()
+        return await self._process(event, request.scope, token)
 
     async def _read_body(self, request: Request) -> bytes | None:
         declared = request.headers.get("content-length")
@@ -737,13 +740,13 @@ class LagoWebhooks:
             payload=payload,
         )
 
-    async def _process(self, event: WebhookEvent, scope: Scope) -> Response:
+    async def _process(self, event: WebhookEvent, scope: Scope, token: str) -> Response:
         dedupe = self._dedupe
         key = event.unique_key
         claimed = False
-        if key is not None and dedupe is not None:
+        if dedupe is not None:
             try:
-                state = await dedupe.claim(key)
+                state = await dedupe.claim(token)
             except Exception:  # Redis down: process anyway (at-least-once) rather than lose the webhook
                 logger.warning("Webhook dedupe unavailable; processing %s without it", key, exc_info=True)
                 state = "new"
@@ -755,18 +758,18 @@ class LagoWebhooks:
                 return _answer(409, "in_progress", "This delivery is being processed; retry later.", unique_key=key)
             claimed = dedupe is not None
         try:
-            handled = await self._dispatch_claimed(event, scope, dedupe if claimed else None, key)
+            handled = await self._dispatch_claimed(event, scope, dedupe if claimed else None, token)
         except BaseException as exc:
-            if claimed and dedupe is not None and key is not None:
+            if claimed and dedupe is not None:
                 with anyio.CancelScope(shield=True):
-                    await _quietly(dedupe.release(key))
+                    await _quietly(dedupe.release(token))
             if not isinstance(exc, Exception):
                 raise
             self.stats["failed"] += 1
             logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, key)
             return _answer(500, "handler_failed", "A handler failed; Lago will retry.", unique_key=key)
-        if claimed and dedupe is not None and key is not None:
-            await _quietly(dedupe.complete(key))
+        if claimed and dedupe is not None:
+            await _quietly(dedupe.complete(token))
         self.stats["processed" if handled else "ignored"] += 1
         status = "processed" if handled else "ignored"
         return _answer(_SUCCESS, status, None, unique_key=key, webhook_type=event.webhook_type, org_id=event.org_id)
