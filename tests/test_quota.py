@@ -630,6 +630,8 @@ def dependency_auth_app(*, gated: bool) -> Any:
 
     async def authenticate(request: Request) -> None:
         request.state.org_id = request.headers["authorization"].removeprefix("Bearer ")
+        # who is billed, asked before require_quota runs: that must not stand for "gated already"
+        assert get_current_org(request) == request.state.org_id
 
     app = FastAPI()
     dependencies = [Depends(authenticate), Depends(require_quota)] if gated else [Depends(authenticate)]

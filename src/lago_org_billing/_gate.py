@@ -97,12 +97,10 @@ async def require_quota(request: Request) -> QuotaDecision | None:
     if known is not None:  # checked already (a second dependency, a sub-dependency...)
         return known  # type: ignore[no-any-return]
     gate = billing.get("quota")
-    if gate is None or billing.get("org_id") is not None:  # gating off, or done before the app ran
+    resolve = billing.get("resolve")  # set only when the middleware had no org before the app ran
+    if gate is None or resolve is None:  # gating off, done before the app ran, or an excluded path
         return None
-    resolve = billing.get("resolve")
-    org_id = user_id = None
-    if resolve is not None:
-        org_id, user_id = await resolve(request.scope)
+    org_id, user_id = await resolve(request.scope)
     if org_id is None:
         return None
     decision: QuotaDecision = await gate.check(org_id)
