@@ -167,3 +167,77 @@ async def test_nested_billing_middlewares_bill_a_request_once(fake_lago: Any, se
         await outer.aclose()
     assert len(fake_lago.events) == 1
     assert (outer.stats["billed"], inner.stats["billed"], inner.stats["nested"]) == (1, 0, 1)
+
+
+@pytest.mark.anyio
+async def test_an_outer_middleware_excluding_a_mount_leaves_it_to_the_inner_one(
+    fake_lago: Any, settings: BillingSettings
+) -> None:
+    """The outer billing middleware excludes /v2, whose mounted app has its own: the inner one bills it (the outer
+    one's claim on the request would have left it billed by nobody)."""
+    inner = OrgBillingMiddleware(Starlette(routes=[Route("/chat", chat)]), settings, transport=fake_lago.transport())
+    outer = OrgBillingMiddleware(
+        Starlette(routes=[Mount("/v2", app=inner)]),
+        settings.replace(exclude_paths=("/v2",)),
+        transport=fake_lago.transport(),
+    )
+    try:
+        async with client_for(outer) as client:
+            assert (await client.get("/v2/chat", headers=ORG)).status_code == 200
+    finally:
+        await inner.aclose()
+        await outer.aclose()
+    assert (outer.stats["excluded"], inner.stats.get("nested", 0), inner.stats["billed"]) == (1, 0, 1)
+    assert len(fake_lago.events) == 1
+
+
+class _SubAppAuth:
+    """A mounted app's own auth, outside its own billing middleware: the org is known from there on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["org_id"] = "org_1"
+        await self.app(scope, receive, send)
+
+
+async def chat_authenticating(request: Request) -> Response:
+    request.state.org_id = "org_1"  # auth done by the endpoint itself (a FastAPI dependency would do the same)
+    return await chat(request)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("inner_knows_the_org", [True, False])
+async def test_an_outer_middleware_waiting_for_the_org_hands_the_request_over(inner_knows_the_org: bool) -> None:
+    """The outer billing middleware cannot know the org before the app runs; the mounted app's own billing
+    middleware, behind its auth, can: that one gates (limit 2 of 4) and bills, once; the outer one bills nothing
+    (both billed, or only the outer one, ungated). When the org is known only inside the endpoint, the inner one
+    bills it (late, ungated), once."""
+    from _quota_app import Clock, seed
+    from lago_org_billing import LagoClient
+    from lago_org_billing._quota import QuotaConfig, QuotaGate
+    from lago_org_billing.testing import FakeLago
+
+    clock = Clock()
+    fake = seed(FakeLago(api_key="k", clock=clock.now), starter_calls=2)
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gates = [QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time) for _ in range(2)]
+        endpoint = chat if inner_knows_the_org else chat_authenticating
+        inner = OrgBillingMiddleware(
+            Starlette(routes=[Route("/chat", endpoint)]), settings, quota=gates[0], client=lago
+        )
+        inner_app: ASGIApp = _SubAppAuth(inner) if inner_knows_the_org else inner
+        outer = OrgBillingMiddleware(
+            Starlette(routes=[Mount("/v1", app=inner_app)]), settings, quota=gates[1], client=lago
+        )
+        async with client_for(outer) as http:
+            statuses = [(await http.get("/v1/chat")).status_code for _ in range(4)]
+        await inner.aclose()
+        await outer.aclose()
+    assert statuses == ([200, 200, 429, 429] if inner_knows_the_org else [200] * 4)
+    billed = 2 if inner_knows_the_org else 4
+    assert (inner.stats["billed"], outer.stats["billed"], outer.stats["handed_over"]) == (billed, 0, 4)
+    assert len(fake.events) == billed

@@ -205,13 +205,21 @@ class OrgBillingMiddleware:
                 await self.app(scope, receive, send)
             return
         # The request path, inline (no extra coroutine): identity, gate, the app, then hand over the event.
+        # One billing middleware per request: the outermost claims it. One around it that waits for the org (its
+        # app resolves it) or excludes the path leaves the claim free (None): an inner one takes the request over.
         billing = scope.get(SCOPE_KEY)
         if type(billing) is not dict:
             billing = scope[SCOPE_KEY] = {"middleware": self}
-        elif billing.setdefault("middleware", self) is not self:  # another billing middleware has this request
-            self._nested()
-            await self.app(scope, receive, send)
-            return
+        else:
+            owner = billing.get("middleware", self)
+            if owner is None:  # taken over (from one waiting for the org, which then bills nothing)
+                billing.pop("resolve", None)
+                billing["took_over"] = self
+            elif owner is not self:
+                self._nested()
+                await self.app(scope, receive, send)
+                return
+            billing["middleware"] = self
         if not self._running:
             await self._start_lazily()
         quota = self.quota
@@ -220,6 +228,7 @@ class OrgBillingMiddleware:
         root_path: str = scope.get("root_path", "")
         if self._exclude_paths and self._is_excluded(scope["path"], root_path):
             self.stats["excluded"] += 1
+            billing["middleware"] = None  # not this one's: an inner billing middleware may bill it
             await self.app(scope, receive, send)
             return
         self.stats["requests"] += 1
@@ -464,6 +473,7 @@ class OrgBillingMiddleware:
         identity: tuple[str | None, str | None] = (None, None)
         answered = blocked = False
         billing = scope[SCOPE_KEY]
+        billing["middleware"] = None  # an inner billing middleware that knows the org takes the request over
         billing["resolve"] = self._resolve  # for require_quota()
         if self._sync_resolvers:
             billing["resolve_now"] = self._resolve_now  # for get_current_org()
@@ -471,6 +481,8 @@ class OrgBillingMiddleware:
         async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
             nonlocal identity, answered, blocked
             answered = True
+            if self._handed_over(billing):
+                return None
             decision = billing.get("decision")
             if decision is not None and not decision.allowed:
                 # require_quota() refused it and the app answered its error (an exception handler): the gate's
@@ -495,25 +507,46 @@ class OrgBillingMiddleware:
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
         finally:
-            if not answered and not blocked:  # the app failed before answering: its auth may have run by now
-                try:
-                    identity = await self._resolve(scope)
-                except Exception:  # never hide the app's own error behind a resolver's
-                    logger.exception("Resolving the org of a failed request")
-                if identity[0] is None and billing.get("decision_org") is not None:
-                    identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
-            org_id, user_id = identity
-            decision = billing.get("decision") if billing.get("decision_org") == org_id else None
-            if blocked:
-                self.stats["blocked"] += 1
-            elif org_id is None:
-                self.stats["unresolved"] += 1
-            else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
-                if decision is None and self.quota is not None:
-                    self._ungated(org_id)
-                if self._shared_first_seen is not None:
-                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
-                self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+            if self._handed_over(billing):
+                self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
+            else:
+                await self._settle_unresolved(scope, billing, watcher, identity, answered, blocked, started, root_path)
+
+    def _handed_over(self, billing: dict[str, Any]) -> bool:
+        """Whether an inner billing middleware took the request over and knows its org (it bills it then)."""
+        return billing.get("took_over") not in (None, self) and billing.get("org_id") is not None
+
+    async def _settle_unresolved(
+        self,
+        scope: Scope,
+        billing: dict[str, Any],
+        watcher: _ResponseWatcher,
+        identity: tuple[str | None, str | None],
+        answered: bool,
+        blocked: bool,
+        started: float,
+        root_path: str,
+    ) -> None:
+        """The end of :meth:`_call_unresolved`: the org as the app left it known, and its event."""
+        if not answered and not blocked:  # the app failed before answering: its auth may have run by now
+            try:
+                identity = await self._resolve(scope)
+            except Exception:  # never hide the app's own error behind a resolver's
+                logger.exception("Resolving the org of a failed request")
+            if identity[0] is None and billing.get("decision_org") is not None:
+                identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
+        org_id, user_id = identity
+        decision = billing.get("decision") if billing.get("decision_org") == org_id else None
+        if blocked:
+            self.stats["blocked"] += 1
+        elif org_id is None:
+            self.stats["unresolved"] += 1
+        else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
+            if decision is None and self.quota is not None:
+                self._ungated(org_id)
+            if self._shared_first_seen is not None:
+                await self._share_first_seen(scope, org_id, watcher, root_path, started)
+            self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1
