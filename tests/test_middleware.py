@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -486,6 +487,48 @@ def test_lifespan_starts_and_shutdown_flushes(fake_lago: Any, settings: BillingS
         with client.websocket_connect("/ws") as websocket:  # non-http scopes pass through
             assert websocket.receive_text() == "hello"
     assert len(fake_lago.events) == 5
+
+
+def test_without_lifespan_a_loop_ending_tries_once_and_leaves_nothing_behind(
+    fake_lago_server: Any, settings: BillingSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started lazily (TestClient without ``with``: a loop per request), delivery is tried once more when each loop
+    ends, within the middleware's shutdown_timeout, and not retried there while Lago fails (an app's test suite run
+    without Lago would wait seconds per request); what fails waits for the next loop. Nothing of a loop is reused
+    by the next one (its pooled connections were, and failed with "Event loop is closed")."""
+    fake_lago = fake_lago_server  # over HTTP: the events' own keep-alive poster, whose connections are a loop's
+    middleware = OrgBillingMiddleware(build_app(), settings.replace(api_url=fake_lago.url), shutdown_timeout=0.5)
+    assert middleware.pipeline.shutdown_timeout == 0.5
+    fake_lago.inject_fault(status=503, count=1_000, path="/api/v1/events/batch")
+    client = TestClient(middleware)
+    assert client.post("/v1/chat/1", headers=HEADERS).status_code == 200
+    posts = [r for r in fake_lago.requests if r.path.endswith("/events/batch")]
+    assert len(posts) <= 2 and middleware.pipeline.outbox.unresolved() == 1  # tried, kept for the next loop
+    fake_lago.clear_faults()
+    for i in range(3):
+        assert client.post(f"/v1/chat/{i}", headers=HEADERS).status_code == 200
+    assert len(fake_lago.events) == 4
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_idempotency_keys_in_redis_across_event_loops(
+    fake_lago: Any, settings: BillingSettings, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served without a lifespan (a loop per request), the Redis client of idempotency keys is closed with each loop
+    and made anew on the next: no "Redis is unavailable" (its pooled connection belonged to the first loop)."""
+    from _quota_app import REDIS_SERVER, redis_server
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with redis_server(tmp_path) as url:
+        middleware = OrgBillingMiddleware(
+            build_app(), settings.replace(redis_url=url), transport=fake_lago.transport(), idempotency_header="Idem"
+        )
+        client = TestClient(middleware)
+        for i in range(3):
+            assert client.post("/v1/chat/1", headers={**HEADERS, "Idem": f"k{i}"}).status_code == 200
+    assert "unavailable for idempotency keys" not in caplog.text
+    assert len(fake_lago.events) == 3
 
 
 def test_app_served_again_after_a_shutdown_keeps_billing(fake_lago: Any, settings: BillingSettings) -> None:

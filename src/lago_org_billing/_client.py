@@ -129,6 +129,12 @@ class LagoClient:
     ) -> None:
         await self.aclose()
 
+    async def close_idle_connections(self) -> None:
+        """Close the idle keep-alive connections of the events' poster: they belong to the running event loop (one
+        ending, e.g. background delivery started without a lifespan, leaves none for the next loop to trip on)."""
+        if self._raw is not None:
+            await self._raw.aclose()
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         self._state = _State.CLOSED

@@ -252,6 +252,8 @@ class EventPipeline:
                 if not self._closed and isinstance(self.outbox, MemoryOutbox) and self.outbox.available():
                     await self._last_chance()
                 await self._finish()
+                if not self._closed:  # cancelled: its loop may be ending, and a next run be on another one
+                    await _quietly_close_idle(self.client)
             self._stopped.set()
 
     async def _last_chance(self) -> None:
@@ -260,11 +262,15 @@ class EventPipeline:
         outbox = self.outbox
         with anyio.move_on_after(self.shutdown_timeout):
             while outbox.available():
+                before = outbox.available()
                 await self._deliver(outbox.take(self.batch_size))
+                if outbox.available() >= before:  # Lago refused or failed it: no waiting for retries here
+                    break
         if outbox.available():
             logger.warning(
                 "Billing delivery was stopped without a shutdown (no ASGI lifespan: call the middleware's aclose() "
-                "from the serving app's lifespan) and %d events could not be delivered within %.1f s",
+                "from the serving app's lifespan) and %d events could not be delivered then (Lago failed, or took "
+                "over %.1f s)",
                 outbox.available(),
                 self.shutdown_timeout,
             )
@@ -715,3 +721,12 @@ def _reason(exc: LagoAPIError) -> str:
     if exc.details:
         return _describe(exc.details)
     return exc.error or str(exc)
+
+
+async def _quietly_close_idle(client: LagoClient) -> None:
+    close = getattr(client, "close_idle_connections", None)  # (a stand-in client may not have it)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # closing is best effort: the connections are dropped all the same
+            logger.debug("Closing idle connections failed", exc_info=True)

@@ -293,7 +293,7 @@ class OrgBillingMiddleware:
         client = self._given_client
         if client is None:
             client = self._owned_client = LagoClient(self.settings, transport=self._transport)
-        return EventPipeline(client, spool_path=self.settings.spool_path)
+        return EventPipeline(client, spool_path=self.settings.spool_path, shutdown_timeout=self.shutdown_timeout)
 
     def _use_pipeline(self, pipeline: EventPipeline) -> None:
         self.pipeline = pipeline
@@ -413,6 +413,9 @@ class OrgBillingMiddleware:
                 if not failure:
                     failure.append(RuntimeError("cancelled before it started"))
                 started.set()
+            if self._shared_first_seen is not None:  # its connections belong to this loop, which may be ending
+                with anyio.CancelScope(shield=True):
+                    await self._shared_first_seen.aclose()
 
     def _lazy_ended(self, task: asyncio.Task[None]) -> None:
         if self._lazy_task is task:  # its loop is gone, or it failed: the next request starts it again
@@ -888,10 +891,13 @@ class SharedFirstSeen:
                 "client: pip install 'lago-org-billing[redis]'.",
                 variable="LAGO_REDIS_URL",
             ) from None
-        self.redis = redis_asyncio.from_url(url)
+        self._from_url = functools.partial(redis_asyncio.from_url, url)
+        self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False
 
     async def first(self, transaction_id: str, candidate: float) -> float | None:
+        if self.redis is None:
+            self.redis = self._from_url()
         try:
             value = await self.redis.eval(
                 _FIRST_SEEN, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(candidate)
@@ -909,7 +915,10 @@ class SharedFirstSeen:
         return float(value)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        """Close the client (its connections belong to the running loop); the next use makes another."""
+        redis, self.redis = self.redis, None
+        if redis is not None:
+            await redis.aclose()
 
 
 #: KEYS[1] the transaction, ARGV[1] this request's start: the first one stored (for a day) wins.
