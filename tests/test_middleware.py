@@ -507,6 +507,7 @@ def test_without_lifespan_a_loop_ending_tries_once_and_leaves_nothing_behind(
     fake_lago.clear_faults()
     for i in range(3):
         assert client.post(f"/v1/chat/{i}", headers=HEADERS).status_code == 200
+    anyio.run(middleware.aclose)
     assert len(fake_lago.events) == 4
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import email.utils
 import enum
+import functools
 import logging
 import random
 import time
@@ -107,13 +108,16 @@ class LagoClient:
         self._raw: RawPoster | None = None
         if transport is None and can_use_raw_poster(self.settings.api_url):
             self._raw = RawPoster(self.settings.api_url, headers, timeout=self.settings.api_timeout)
-        self._http = httpx.AsyncClient(
+        self._own_pool = transport is None
+        self._new_http = functools.partial(
+            httpx.AsyncClient,
             base_url=self.settings.api_url,
             headers=headers,
             timeout=httpx.Timeout(self.settings.api_timeout),
             limits=limits or httpx.Limits(max_connections=50, max_keepalive_connections=20),
             transport=transport,
         )
+        self._http = self._new_http()
         self._state = _State.OPEN
 
     async def __aenter__(self) -> LagoClient:
@@ -129,11 +133,16 @@ class LagoClient:
     ) -> None:
         await self.aclose()
 
-    async def close_idle_connections(self) -> None:
+    async def close_idle_connections(self, *, pool: bool = False) -> None:
         """Close the idle keep-alive connections of the events' poster: they belong to the running event loop (one
-        ending, e.g. background delivery started without a lifespan, leaves none for the next loop to trip on)."""
+        ending, e.g. background delivery started without a lifespan, leaves none for the next loop to trip on).
+        ``pool=True`` renews the whole httpx pool too (this client's own, not an injected transport): only when
+        nothing else uses it, as the loop ends."""
         if self._raw is not None:
             await self._raw.aclose()
+        if pool and self._own_pool and self._state is not _State.CLOSED:
+            old, self._http = self._http, self._new_http()
+            await old.aclose()
 
     async def aclose(self) -> None:
         """Close the connection pool."""

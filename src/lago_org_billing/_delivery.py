@@ -260,12 +260,12 @@ class EventPipeline:
         """Cancelled without :meth:`aclose` (an app mounted in another gets no lifespan, and its loop ends with the
         process): what memory holds is delivered now, within ``shutdown_timeout``, not lost with the process."""
         outbox = self.outbox
+        failed = 0
         with anyio.move_on_after(self.shutdown_timeout):
-            while outbox.available():
+            while outbox.available() and failed < 2:  # a hiccup is retried once, an outage not waited out
                 before = outbox.available()
                 await self._deliver(outbox.take(self.batch_size))
-                if outbox.available() >= before:  # Lago refused or failed it: no waiting for retries here
-                    break
+                failed = failed + 1 if outbox.available() >= before else 0
         if outbox.available():
             logger.warning(
                 "Billing delivery was stopped without a shutdown (no ASGI lifespan: call the middleware's aclose() "

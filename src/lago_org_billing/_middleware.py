@@ -413,9 +413,14 @@ class OrgBillingMiddleware:
                 if not failure:
                     failure.append(RuntimeError("cancelled before it started"))
                 started.set()
-            if self._shared_first_seen is not None:  # its connections belong to this loop, which may be ending
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # connections belong to this loop, which may be ending
+                if self._shared_first_seen is not None:
                     await self._shared_first_seen.aclose()
+                if self._owned_client is not None:
+                    try:
+                        await self._owned_client.close_idle_connections(pool=True)
+                    except Exception:  # best effort: they are dropped all the same
+                        logger.debug("Closing idle connections failed", exc_info=True)
 
     def _lazy_ended(self, task: asyncio.Task[None]) -> None:
         if self._lazy_task is task:  # its loop is gone, or it failed: the next request starts it again

@@ -464,6 +464,12 @@ class RedisBackend:
                 await self.flush()
         finally:
             self._running = False
+            if not self._closed:  # cancelled: its loop may be ending, and its connections with it (the pool reconnects)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.redis.connection_pool.disconnect()
+                    except Exception:  # best effort: they are dropped all the same
+                        logger.debug("Disconnecting from Redis failed", exc_info=True)
 
     async def flush(self) -> None:
         """Write every queued settle now (after any write in progress)."""
