@@ -295,6 +295,16 @@ async def test_compressed_bodies() -> None:
     assert 120 == record([body], headers=[(b"content-encoding", b"identity")]).total_tokens
 
 
+def test_raw_deflate_is_inflated_to_its_last_byte() -> None:
+    """Raw deflate has no trailer: zlib can hold output after taking all the input, which is asked for too (a body
+    of 65,537 bytes came back as 65,536, and a usage in that tail was lost)."""
+    from lago_org_billing._attribution import _Inflater
+
+    data = b"a" * 65_537
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    assert _Inflater(b"deflate").whole(packer.compress(data) + packer.flush(), 1_048_576) == data
+
+
 async def test_compressed_streams_are_read_as_they_pass() -> None:
     """A gzip event stream, flushed chunk by chunk, is decompressed and parsed as it goes; a stream cut off
     mid-way keeps what was counted."""

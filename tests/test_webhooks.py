@@ -895,3 +895,15 @@ def test_the_served_emulator_signs_jwt_webhooks_as_its_url(
         fake.add_customer("org_acme")
         [delivery] = fake.webhook_dispatcher.wait_delivered(1)
     assert delivery.state == "succeeded", delivery.history
+
+
+def test_the_emulator_served_again_signs_with_its_new_url() -> None:
+    """Served a second time (another port), the emulator names its new URL; and its issuer is put back when serving
+    ends (it kept the first URL: every webhook refused again)."""
+    from lago_org_billing.testing._server import install_controls, serve_in_thread
+
+    fake = install_controls(FakeLago(api_key="k"))
+    for _ in range(2):
+        with serve_in_thread(fake) as url:
+            assert fake.webhook_dispatcher.issuer == url
+        assert fake.webhook_dispatcher.issuer == fake.base_url

@@ -882,10 +882,13 @@ class _Inflater:
             size += len(piece)
             if size > cap:
                 raise _TooLarge
-            yield piece
-            if not self._decoder.unconsumed_tail:
+            if piece:
+                yield piece
+            tail = self._decoder.unconsumed_tail
+            # all input taken: zlib may still hold output (raw deflate has no trailer to wait for), asked for too
+            piece = self._decoder.decompress(tail, 65_536) if tail else self._decoder.decompress(b"", 65_536)
+            if not piece and not tail:
                 return
-            piece = self._decoder.decompress(self._decoder.unconsumed_tail, 65_536)
 
 
 def _undecodable_body() -> None:

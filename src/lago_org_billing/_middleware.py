@@ -750,6 +750,8 @@ class OrgBillingMiddleware:
         if key is None:
             return
         status = watcher.status if watcher.status is not None else 500
+        if status >= 500 and not self.bill_server_errors:  # not billed: no event, no first timestamp
+            return
         endpoint = _template(scope, status, root_path)
         transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
         local = self._first_seen.get(transaction_id, started)

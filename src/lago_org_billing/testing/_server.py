@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -37,12 +37,21 @@ def install_controls(fake: Any) -> Any:
     return fake
 
 
-def _sign_as(fake: Any, base_url: str) -> None:
+def _sign_as(fake: Any, base_url: str) -> Callable[[], None]:
     """Served over HTTP, the emulator's JWT webhooks name its URL as issuer, as Lago names its own (``LagoWebhooks()``
-    expects ``LAGO_API_URL``); an issuer set by the user is kept."""
+    expects ``LAGO_API_URL``); an issuer set by the user is kept. Returns what puts the issuer back when serving
+    ends (served again, elsewhere, it names its new URL)."""
     dispatcher = getattr(fake, "webhook_dispatcher", None)
-    if dispatcher is not None and getattr(dispatcher, "issuer", None) == getattr(fake, "base_url", None):
-        dispatcher.issuer = base_url
+    default = getattr(fake, "base_url", None)
+    if dispatcher is None or getattr(dispatcher, "issuer", None) != default:
+        return lambda: None
+    dispatcher.issuer = base_url
+
+    def restore() -> None:
+        if dispatcher.issuer == base_url:  # (unless the user set another one meanwhile)
+            dispatcher.issuer = default
+
+    return restore
 
 
 def _uvicorn() -> Any:
@@ -116,12 +125,13 @@ def serve_in_thread(
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
     base_url = f"{scheme}://{url_host}:{bound_port}"
-    _sign_as(fake, base_url)
+    restore_issuer = _sign_as(fake, base_url)
     try:
         yield base_url
     finally:
         server.should_exit = True
         thread.join(timeout)
+        restore_issuer()
 
 
 def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
