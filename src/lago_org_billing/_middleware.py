@@ -172,6 +172,10 @@ class OrgBillingMiddleware:
             if pipeline is None:
                 pipeline = self._new_pipeline()
             self._use_pipeline(pipeline)
+            if quota_config is not None and quota != "auto":
+                raise ConfigurationError(
+                    "quota_config configures the automatic gate (quota='auto'): give a gate of yours its config."
+                )
             self._quota_config = quota_config
             if quota == "auto":
                 quota = _default_quota(self.settings, self.pipeline.client, quota_config)
