@@ -592,3 +592,30 @@ def test_memory_outbox_lane_order_and_counts() -> None:
     assert outbox.available() == 0 and outbox.unresolved() == 3  # in flight now
     assert first((3, "text"))
     assert outbox.discard() == 4 and outbox.available() == 0
+
+
+# ------------------------------------------------------------------------------------------- steady failures, logged
+
+
+@pytest.mark.parametrize("status", [500, 429, 400])
+async def test_a_steady_failure_is_logged_once_not_per_answer(
+    fake: FakeLago, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lago (or a proxy) answering 500 to 60 batches in a row is said (it was silent: events piled up unseen); 429s
+    and 400s are said when they start, not once per answer or per event (one line per 429, and per dead-lettered
+    event for a gateway answering 400 to everything). Every call is timed, failed ones too."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="lago_org_billing")
+    fake.inject_fault(status=status, count=60, path="/api/v1/events")
+    async with make_client(fake.transport(), max_retries=0) as client:
+        pipeline = EventPipeline(client, flush_interval=0.0, retry_backoff=0.001, max_backoff=0.002, max_attempts=1_000)
+        assert await run_pipeline(pipeline, events(30))
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING and str(status) in r.getMessage()]
+    assert 1 <= len(said) <= 4, [r.getMessage() for r in said]
+    calls = pipeline.stats["batches_sent"]
+    assert calls > 50 and pipeline.metrics.latency_count == calls
+    if status == 400:
+        assert pipeline.stats["dead_lettered"] == 30  # one line for them all (and the 100th, 200th...)
+    else:
+        assert pipeline.stats["delivered"] == 30

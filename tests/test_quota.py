@@ -355,6 +355,31 @@ async def test_lago_down_cold_org_fail_open(client: LagoClient, fake: FakeLago, 
     assert headers(decision)["ratelimit-remaining"] == "2"
 
 
+async def test_an_outage_is_logged_once_not_per_org(
+    client: LagoClient, fake: FakeLago, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lago down: every org's refresh fails; one WARNING says so (then DEBUG) until a refresh works again, which
+    is said at INFO; the next outage is said again. (One WARNING per org: 10,000 active orgs, 10,000 lines.)"""
+    import logging
+
+    fake.inject_fault(status=503)
+    gate = make_gate(client, clock)
+    for n in range(30):
+        await gate.check(f"org_{n}")
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "Could not refresh" in r.getMessage()]
+    assert gate.stats["refresh_errors"] == 30 and len(warned) == 1
+    fake.clear_faults()
+    clock.advance(6)
+    await gate.check("org_1")
+    await wait_refreshed(gate)
+    assert "Lago answers again" in caplog.text
+    fake.inject_fault(status=503)
+    clock.advance(6)
+    await gate.check("org_99")
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "Could not refresh" in r.getMessage()]
+    assert len(warned) == 2
+
+
 async def test_lago_down_cold_org_fail_closed(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
     """LAGO_FAIL_OPEN=false: a cold org is refused with 503 + Retry-After while Lago is down."""
     fake.inject_fault(status=503)

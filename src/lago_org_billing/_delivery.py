@@ -162,6 +162,8 @@ class EventPipeline:
         self._not_before = 0.0
         self._failures = 0  # consecutive transient failures (backoff exponent)
         self._successes = 0  # batches accepted so far (the "healthy interval" of strikes)
+        self._limited = 0  # consecutive 429 answers (logged when they start, then every 20th)
+        self._dead_counts: dict[tuple[int | None, str | None], int] = {}  # dead letters by (status, code), for logs
         self._drop_burst = 0
         self._config_error_logged = False
         self._exit_stack: anyio.abc.TaskGroup | None = None
@@ -516,6 +518,7 @@ class EventPipeline:
             except BaseException:  # cancelled: this batch goes back to the outbox with the rest
                 stack.append(items)
                 raise
+            metrics.observe_latency(time.monotonic() - started)  # every call, failed ones too (timeouts show)
             try:
                 if failure is not None:
                     raise failure
@@ -529,7 +532,10 @@ class EventPipeline:
                 # within reason: a proxy's epoch timestamp or "inf" must not pause delivery for years, nor 0 spin
                 wait = min(max(wait, self.retry_backoff), self.max_backoff) if math.isfinite(wait) else self.max_backoff
                 self._pause(wait)
-                logger.warning("Lago rate limit (429): delivery paused for %.2f s", wait)
+                self._limited += 1  # one WARNING when it starts, then every 20th
+                (logger.warning if self._limited % 20 == 1 else logger.debug)(
+                    "Lago rate limit (429, %d in a row): delivery paused for %.2f s", self._limited, wait
+                )
                 self._retry(items, stack)
                 return
             except (LagoUnavailableError, LagoAuthenticationError, LagoNotFoundError) as exc:
@@ -553,7 +559,6 @@ class EventPipeline:
                 self._retry(items, stack)
                 return
             else:
-                metrics.observe_latency(time.monotonic() - started)
                 metrics.delivered += len(items)
                 self._succeeded()
                 outbox.resolve(items)
@@ -569,6 +574,7 @@ class EventPipeline:
 
     def _succeeded(self) -> None:
         self._successes += 1
+        self._limited = 0
         if self._failures or self._config_error_logged:
             logger.info("Lago accepts billing events again")
         self._failures = 0
@@ -590,14 +596,20 @@ class EventPipeline:
         letter = DeadLetter(event=event, reason=reason, status=status, code=code)
         self.outbox.dead(item, letter)
         self.metrics.dead_lettered += 1
-        logger.error(
-            "Lago rejected billing event %s for good (%s): %s; kept in the dead letters"
-            if status is not None
-            else "Billing event %s cannot be sent (%s): %s; kept in the dead letters",
-            event.get("transaction_id", "(not built)"),
-            status if status is not None else code,
-            reason,
-        )
+        # said for the first event of a kind (status and code), then every 100th: a proxy answering 400 to every
+        # event must not write a line per event
+        kind = (status, code)
+        count = self._dead_counts[kind] = self._dead_counts.get(kind, 0) + 1
+        if count == 1 or count % 100 == 0:
+            logger.error(
+                "Lago rejected billing event %s for good (%s): %s; kept in the dead letters (%d like it so far)"
+                if status is not None
+                else "Billing event %s cannot be sent (%s): %s; kept in the dead letters (%d like it so far)",
+                event.get("transaction_id", "(not built)"),
+                status if status is not None else code,
+                reason,
+                count,
+            )
         self._progressed()
 
     def _server_failure(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> bool:
@@ -613,7 +625,17 @@ class EventPipeline:
             # Lago answered and failed. A batch is split (below) until its events are alone; an event failing alone
             # gets a strike, at most one per healthy interval, so events that only shared a batch with the culprit
             # (or met an intermittent 500) are not struck.
-            self._backoff()
+            delay = self._backoff()
+            # one WARNING when the failures start (then every 20th); recovery is logged at INFO
+            (logger.warning if self._failures % 20 == 1 else logger.debug)(
+                "Lago failed on billing events (%s): %s; events are retried (in %.2f s) and split to find one it "
+                "cannot take (dead-lettered after %d answers like this); %d events wait",
+                status,
+                str(exc).rstrip("."),
+                delay,
+                self.max_attempts,
+                self.outbox.unresolved(),
+            )
             if len(items) > 1:
                 # One event Lago fails on would fail its batch and every event queued behind it, and with no batch
                 # getting through its strikes would never add up: split, so the others are delivered (a healthy

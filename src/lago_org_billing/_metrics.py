@@ -20,7 +20,7 @@ Exported metrics (prefix ``lago_billing_`` by default):
   ``delivery_retries_total``, ``batches_sent_total``, ``rate_limited_total``
 * ``lago_errors_total{status="503"|"network"|...}``
 * ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool)
-* ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, retries inside the client included
+* ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, failed ones too (a timeout shows)
 
 :func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
 the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares

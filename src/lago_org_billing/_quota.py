@@ -770,6 +770,7 @@ class QuotaGate:
         self._loose: set[asyncio.Task[None]] = set()
         self._scope: anyio.CancelScope | None = None
         self._outage_logged = False
+        self._refresh_failing = False  # a refresh failed since the last one that worked (logged once)
         self._config_warnings: set[tuple[str, str]] = set()
         _LAST[:] = [weakref.ref(self)]
 
@@ -1112,8 +1113,8 @@ class QuotaGate:
                 self._known[org_id] = snapshot
                 self._next_attempt.pop(org_id, None)
                 self._gave_up.pop(org_id, None)
-                if self._outage_logged:
-                    self._outage_logged = False
+                if self._outage_logged or self._refresh_failing:
+                    self._outage_logged = self._refresh_failing = False
                     logger.info("Lago answers again: usage snapshots are being refreshed.")
             else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
                 current = await backend.load(org_id)
@@ -1123,7 +1124,14 @@ class QuotaGate:
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
-            logger.warning("Could not refresh the quota snapshot of org %r: %s", org_id, exc)
+            # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
+            (logger.debug if self._refresh_failing else logger.warning)(
+                "Could not refresh the quota snapshot of org %r: %s (further failures are logged at DEBUG until Lago "
+                "answers again; counted in stats['refresh_errors'])",
+                org_id,
+                exc,
+            )
+            self._refresh_failing = True
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
