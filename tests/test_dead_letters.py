@@ -193,6 +193,22 @@ def test_command_keeps_the_letters_when_lago_does_not_answer(
     assert letter_ids(path) == before
 
 
+def test_command_says_at_once_when_lago_refuses_the_key(
+    fake_lago_server: FakeLago, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong API key: exit 2 at once with Lago's refusal, letters untouched (delivery retried the 401 until
+    --timeout, then said "Lago did not answer", exit 1)."""
+    path = tmp_path / "spool.db"
+    anyio.run(spool_with_letters, path, make_fake())
+    before = letter_ids(path)
+    monkeypatch.setenv("LAGO_API_URL", str(fake_lago_server.url))
+    monkeypatch.setenv("LAGO_API_KEY", "not-the-key")
+    assert main(["dead-letters", "--spool", str(path), "--replay", "--timeout", "30"]) == 2
+    captured = capsys.readouterr()
+    assert "refuses this API key" in captured.err and "did not answer" not in captured.err
+    assert letter_ids(path) == before and fake_lago_server.events == []
+
+
 def test_command_refuses_unknown_ids_and_a_missing_spool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

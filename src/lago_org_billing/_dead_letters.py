@@ -30,7 +30,7 @@ import anyio
 
 from ._client import LagoClient
 from ._delivery import EventPipeline
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, LagoAuthenticationError, LagoIntegrationError, LagoNotFoundError
 from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
@@ -142,6 +142,14 @@ async def replay_spool_dead_letters(
     report = ReplayReport()
     deadline = time.monotonic() + wait
     async with LagoClient(settings) as client:
+        # Lago refusing the key (401/403) or unknown at that URL is said at once (delivery would retry those until
+        # --timeout, then report "Lago did not answer"); anything else is the delivery's to retry.
+        try:
+            await client.list_customers(per_page=1)
+        except (LagoAuthenticationError, LagoNotFoundError) as exc:
+            raise ConfigurationError(f"Lago refuses this API key or URL: {exc}", variable="LAGO_API_KEY") from None
+        except LagoIntegrationError:
+            pass
         chunk: list[SpoolDeadLetter] = []
         for spooled in letters:
             if not spooled.letter.replayable:
