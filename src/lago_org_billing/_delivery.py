@@ -523,7 +523,6 @@ class EventPipeline:
                 if failure is not None:
                     raise failure
             except LagoValidationError as exc:
-                metrics.lago_error(exc.status)
                 stack.extend(self._rejected(items, exc))
             except LagoRateLimitError as exc:
                 metrics.lago_error(exc.status)
@@ -680,8 +679,10 @@ class EventPipeline:
         self._succeeded()  # Lago answered: it is up
         failed = exc.failed_indexes()
         if len(items) == 1 and not failed and is_duplicate_error(exc.details):
-            self._duplicates(items)
+            self._duplicates(items)  # (a resend of what Lago has: not an error of Lago's to count)
             return []
+        if not failed or not all(is_duplicate_error(error) for error in failed.values()):
+            self.metrics.lago_error(exc.status)
         if not failed or any(index >= len(items) for index in failed):
             stack: list[list[Item]] = []
             self._isolate(items, exc, stack)
