@@ -532,6 +532,39 @@ def test_idempotency_keys_in_redis_across_event_loops(
     assert len(fake_lago.events) == 3
 
 
+def test_lazy_mode_with_the_redis_quota_gate_survives_a_second_event_loop(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served without a lifespan (a TestClient without ``with``: a loop per request) with LAGO_REDIS_URL, the quota
+    gate's Redis writer starts again on each loop (its wake-up event was the first loop's: the background work,
+    delivery included, failed on every later loop)."""
+    from starlette.testclient import TestClient
+
+    from _quota_app import REDIS_SERVER, redis_server, seed
+    from lago_org_billing.testing import FakeLago
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    fake = seed(FakeLago(api_key="k"), starter_calls=300)
+
+    async def chat(request: Request) -> Response:
+        return JSONResponse({"usage": {"total_tokens": 3}})
+
+    with redis_server(tmp_path) as url:
+        settings = BillingSettings(
+            api_url=fake.base_url, api_key="k", org_header="X-Org-Id", redis_url=url, quota_mode="enforce"
+        )
+        middleware = OrgBillingMiddleware(
+            Starlette(routes=[Route("/chat", chat)]), settings, transport=fake.transport(), shutdown_timeout=1
+        )
+        client = TestClient(middleware)
+        statuses = [client.get("/chat", headers={"X-Org-Id": "org_1"}).status_code for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert "bound to a different event loop" not in caplog.text
+    assert "background work stopped" not in caplog.text
+    assert len(fake.events) == 3
+
+
 def test_app_served_again_after_a_shutdown_keeps_billing(fake_lago: Any, settings: BillingSettings) -> None:
     """One app, two `with TestClient(app)` blocks (a module-level app shared by tests): the second lifespan starts
     a new pipeline (the first was closed at shutdown), and its requests are billed too."""

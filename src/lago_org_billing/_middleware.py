@@ -210,19 +210,19 @@ class OrgBillingMiddleware:
             return
         # The request path, inline (no extra coroutine): identity, gate, the app, then hand over the event.
         # One billing middleware per request: the outermost claims it. One around it that waits for the org (its
-        # app resolves it) or excludes the path leaves the claim free (None): an inner one takes the request over.
+        # app resolves it) or excludes the path leaves the claim free (None): an inner one takes the request over,
+        # and whichever decides its fate first with an org (billed, blocked) is its "biller" (see _claim).
         billing = scope.get(SCOPE_KEY)
+        took_over = False
         if type(billing) is not dict:
             billing = scope[SCOPE_KEY] = {"middleware": self}
         else:
             owner = billing.get("middleware", self)
-            if owner is None:  # taken over (from one waiting for the org, which then bills nothing)
-                billing.pop("resolve", None)
-                billing["took_over"] = self
-            elif owner is not self:
+            if owner is not None and owner is not self:
                 self._nested()
                 await self.app(scope, receive, send)
                 return
+            took_over = owner is None
             billing["middleware"] = self
         if not self._running:
             await self._start_lazily()
@@ -248,6 +248,9 @@ class OrgBillingMiddleware:
                 await self._reject(scope, receive, send)
                 return
             await self._call_unresolved(scope, receive, send, started, root_path)
+            return
+        if took_over and not self._claim(billing):  # (the one waiting around it bills nothing, gates nothing)
+            await self.app(scope, receive, send)  # pragma: no cover - an org found before the app is found first
             return
 
         decision: QuotaDecision | None = None
@@ -493,16 +496,19 @@ class OrgBillingMiddleware:
         async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
             nonlocal identity, answered, blocked
             answered = True
-            if self._handed_over(billing):
+            if billing.get("biller") not in (None, self):  # an inner billing middleware has it
                 return None
             decision = billing.get("decision")
             if decision is not None and not decision.allowed:
                 # require_quota() refused it and the app answered its error (an exception handler): the gate's
                 # answer goes out instead, whatever the app made of it
                 blocked = True
+                self._claim(billing)
                 response = decision.response()
                 return lambda send: response(scope, receive, send)
             identity = await self._resolve(scope)
+            if identity[0] is not None:
+                self._claim(billing)
             _publish(scope, billing, *identity)
             if decision is not None and billing.get("decision_org") == identity[0]:
                 watcher.extra_headers = decision.headers  # require_quota()'s RateLimit-* headers
@@ -519,14 +525,18 @@ class OrgBillingMiddleware:
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
         finally:
-            if self._handed_over(billing):
+            if billing.get("biller") not in (None, self):  # an inner billing middleware billed (or blocked) it
                 self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
             else:
                 await self._settle_unresolved(scope, billing, watcher, identity, answered, blocked, started, root_path)
 
-    def _handed_over(self, billing: dict[str, Any]) -> bool:
-        """Whether an inner billing middleware took the request over and knows its org (it bills it then)."""
-        return billing.get("took_over") not in (None, self) and billing.get("org_id") is not None
+    def _claim(self, billing: dict[str, Any]) -> bool:
+        """Become the request's biller, unless another billing middleware is already (nested ones, innermost first:
+        the others bill nothing). Its late resolution, which require_quota() uses, is then this one's own."""
+        biller = billing.setdefault("biller", self)
+        if biller is self and billing.get("resolve") not in (None, self._resolve):
+            billing.pop("resolve")  # another's: require_quota() would gate it again, for nothing
+        return biller is self
 
     async def _settle_unresolved(
         self,
@@ -549,7 +559,9 @@ class OrgBillingMiddleware:
                 identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
         org_id, user_id = identity
         decision = billing.get("decision") if billing.get("decision_org") == org_id else None
-        if blocked:
+        if org_id is not None and not self._claim(billing):  # an inner billing middleware has it, after all
+            self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
+        elif blocked:
             self.stats["blocked"] += 1
         elif org_id is None:
             self.stats["unresolved"] += 1

@@ -451,6 +451,9 @@ class RedisBackend:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write queued settles (pipelined) until cancelled; while Redis is down, try again when it is due."""
         self._running = True
+        self._wakeup = anyio.Event()  # this loop's (a run on another loop, started lazily, makes its own)
+        if self._queue:
+            self._wakeup.set()
         task_status.started()
         try:
             while True:
