@@ -1235,10 +1235,10 @@ class QuotaGate:
             return Snapshot(active=False, plan_fetched_at=now)
         except InvalidIdentifierError as exc:  # no subscription can be made nor read for it: not "Lago is down"
             self._warn_once(
-                (org_id, "id"),
+                ("", "id"),  # once, not per org: ids from a header (LAGO_ORG_HEADER) would flood the log
                 "Org %r has no subscription Lago can address (%s): it is treated as having none (not as Lago being "
-                "unreachable, which LAGO_FAIL_OPEN would let through). Map such org ids to usable subscription ids "
-                "with LAGO_SUBSCRIPTION_ID_TEMPLATE, or refuse them in your auth layer.",
+                "unreachable, which LAGO_FAIL_OPEN would let through); so are other such org ids, said once. Map them "
+                "to usable subscription ids with LAGO_SUBSCRIPTION_ID_TEMPLATE, or refuse them in your auth layer.",
                 org_id,
                 exc,
             )

@@ -302,12 +302,14 @@ def redact_url(url: str) -> str:
     ``password=`` query parameter) masked."""
     parts = urlsplit(url)
     netloc, query = parts.netloc, parts.query
-    if "@" in netloc:
+    if "@" in netloc:  # user:password@, or a lone password (redis://secret@host): masked either way
         userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else netloc
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
     if "password=" in query:
         query = "&".join("password=***" if item.startswith("password=") else item for item in query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return repr(url)  # nothing to mask: as it was written (unix:///path keeps its slashes)
     return repr(parts._replace(netloc=netloc, query=query).geturl())
 
 
