@@ -96,12 +96,18 @@ async def require_quota(request: Request) -> QuotaDecision | None:
     known = billing.get("decision")
     if known is not None:  # checked already (a second dependency, a sub-dependency...)
         return known  # type: ignore[no-any-return]
-    gate = billing.get("quota")
-    resolve = billing.get("resolve")  # set only when the middleware had no org before the app ran
-    if gate is None or resolve is None:  # gating off, done before the app ran, or an excluded path
+    # The billing middlewares that had no org before the app ran, innermost first (none: gating off, done before
+    # the app ran, or an excluded path): the first whose resolvers know the org now gates it, with its own gate.
+    for middleware in list(billing.get("waiting", ())):
+        org_id, user_id = await middleware._resolve(request.scope)
+        if org_id is not None:
+            break
+    else:
         return None
-    org_id, user_id = await resolve(request.scope)
-    if org_id is None:
+    if not middleware._claim(billing):  # another billing middleware bills (and gated) it
+        return None
+    gate = middleware.quota
+    if gate is None:
         return None
     decision: QuotaDecision = await gate.check(org_id)
     billing["decision"], billing["decision_org"] = decision, org_id

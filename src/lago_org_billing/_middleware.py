@@ -227,14 +227,14 @@ class OrgBillingMiddleware:
         if not self._running:
             await self._start_lazily()
         quota = self.quota
-        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
-            billing["quota"] = quota
         root_path: str = scope.get("root_path", "")
         if self._exclude_paths and self._is_excluded(scope["path"], root_path):
             self.stats["excluded"] += 1
             billing["middleware"] = None  # not this one's: an inner billing middleware may bill it
             await self.app(scope, receive, send)
             return
+        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
+            billing["quota"] = quota
         self.stats["requests"] += 1
         started = time.time()
         identity = self._identify(scope) if self._identify is not None else None
@@ -489,9 +489,16 @@ class OrgBillingMiddleware:
         answered = blocked = False
         billing = scope[SCOPE_KEY]
         billing["middleware"] = None  # an inner billing middleware that knows the org takes the request over
-        billing["resolve"] = self._resolve  # for require_quota()
-        if self._sync_resolvers:
-            billing["resolve_now"] = self._resolve_now  # for get_current_org()
+        # the billing middlewares waiting for the org, innermost first: require_quota() asks them in turn
+        billing.setdefault("waiting", []).insert(0, self)
+        if self._sync_resolvers:  # for get_current_org(): this one's resolvers, then those of one around it
+            outer: Callable[[Scope], tuple[str | None, str | None]] | None = billing.get("resolve_now")
+
+            def resolve_now(scope: Scope) -> tuple[str | None, str | None]:
+                found = self._resolve_now(scope)
+                return found if found[0] is not None or outer is None else outer(scope)
+
+            billing["resolve_now"] = resolve_now
 
         async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
             nonlocal identity, answered, blocked
@@ -521,6 +528,7 @@ class OrgBillingMiddleware:
         except QuotaExceededError as exc:
             if not answered:  # straight from require_quota(): answer it here
                 blocked = True
+                self._claim(billing)
                 await exc.decision.response()(scope, receive, send)
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
@@ -532,10 +540,10 @@ class OrgBillingMiddleware:
 
     def _claim(self, billing: dict[str, Any]) -> bool:
         """Become the request's biller, unless another billing middleware is already (nested ones, innermost first:
-        the others bill nothing). Its late resolution, which require_quota() uses, is then this one's own."""
+        the others bill nothing). require_quota() then asks this one only (its resolvers, its gate)."""
         biller = billing.setdefault("biller", self)
-        if biller is self and billing.get("resolve") not in (None, self._resolve):
-            billing.pop("resolve")  # another's: require_quota() would gate it again, for nothing
+        if biller is self and "waiting" in billing:
+            billing["waiting"] = [waiting for waiting in billing["waiting"] if waiting is self]
         return biller is self
 
     async def _settle_unresolved(
