@@ -285,9 +285,8 @@ async def test_a_user_with_only_a_subscription_starting_later_keeps_its_plan(
 
 
 async def test_the_org_customer_inherits_the_billing_identity_of_its_user(fake: FakeLago, client: LagoClient) -> None:
-    """The org customer that replaces a user's gets its billing identity (currency, address, legal name, tax id,
-    and email when the mapping has none) from the user whose plan it takes, where it has none of its own: the
-    org's invoices went out without them."""
+    """A new org customer gets the billing identity (currency, address, legal name, tax id, and email when the
+    mapping has none) of the user whose plan it takes: the org's invoices went out without them."""
     details = {
         "currency": "EUR",
         "country": "FR",
@@ -299,11 +298,10 @@ async def test_the_org_customer_inherits_the_billing_identity_of_its_user(fake: 
     fake.add_customer("dave", name="Dave", **details)
     fake.add_subscription("dave", "pro", external_id="sub_dave")
     fake.add_customer("erin", name="Erin", country="DE", legal_name="Erin GmbH")  # another user, no plan: not it
-    fake.add_customer("solo", legal_name="Solo SAS")  # what the org has already is kept
     run = await run_migration(client, [OrgMapping("solo", "Solo", None, ("erin", "dave"))], mode="execute")
     assert run.ok
     org = customer(fake, "solo")
-    assert {key: org.get(key) for key in details} == {**details, "legal_name": "Solo SAS"}
+    assert {key: org.get(key) for key in details} == details
 
 
 async def test_org_without_any_plan_gets_default_plan_or_fails_verify(fake: FakeLago, client: LagoClient) -> None:

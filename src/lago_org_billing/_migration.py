@@ -16,10 +16,11 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
 4. **Mark each user customer** with metadata ``migrated_to_org = <org id>``.
 
 **Dates.** The org subscription starts *now* (Lago's clock: no ``subscription_at`` is sent, so clock skew
-cannot leave it pending) and the user subscriptions are terminated right after, so the old and the new
-subscription cover adjacent periods: with ``on_termination_invoice=generate`` Lago bills the user's partial
-period up to the termination, and the org's first (prorated) period starts at the cut-over; nothing is
-backdated, so no period is billed twice. The org subscription keeps the ``billing_time`` of the user
+cannot leave it pending; unless no user has an active subscription and some have one starting later: the org's
+then starts when the first of those would have) and the user subscriptions are terminated right after, so the
+old and the new subscription cover adjacent periods: with ``on_termination_invoice=generate`` Lago bills the
+user's partial period up to the termination, and the org's first (prorated) period starts at the cut-over; nothing
+is backdated, so no period is billed twice. The org subscription keeps the ``billing_time`` of the user
 subscription its plan came from (calendar stays calendar; an anniversary subscription gets the cut-over day as
 its new anniversary, since backdating ``subscription_at`` to the old anniversary would bill those days twice).
 The org is subscribed *before* any user subscription is terminated, so it is never left without a plan and
@@ -714,9 +715,16 @@ async def plan_org(
 
     source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
     starts_at: str | None = None
-    if source is None and starting and org.plan_code is None:  # the plan a user bought, from the date it starts
-        source = await _pick(options.plan_policy, starting, plans)
-        starts_at = str(source[1].get("subscription_at") or "") or None
+    if not active and starting:  # users who bought a plan starting later: the org starts when the first would have
+        starts_at = min(str(s.get("subscription_at") or "") for _, s in starting) or None
+        if org.plan_code is None:
+            source = await _pick(options.plan_policy, starting, plans)
+    if org_subscription is not None and org_subscription.get("status") == "pending" and active:
+        raise InvalidRequestError(
+            f"org {org.org_id!r} has a subscription starting later ({org_subscription.get('subscription_at')}) while "
+            f"{active[0][0]!r} has an active one: ending the users' subscriptions would leave the org unbilled until "
+            "then. Start the org's subscription now (or cancel it: the migration then makes one), and run again"
+        )
 
     # 1. The org customer.
     steps: list[Step] = []
@@ -742,12 +750,16 @@ async def plan_org(
         customer_payload["name"] = org.org_name
     if org.email is not None and (org_customer is None or not org_customer.get("email")):
         customer_payload["email"] = org.email
-    # The user's billing identity (currency, address, legal name, tax id...), where the org customer has none: from
-    # the user whose plan the org takes, else the first one with a customer.
+    # A new org customer takes the billing identity (currency, address, legal name, tax id...) of the user whose
+    # plan it takes, else of the first with a customer (its currency only with its plan: Lago refuses a customer
+    # subscribed in another currency). An existing one is left as it is: never mixed with another's details.
     donors = [c for user_id, c, _ in users if c is not None and (source is None or user_id == source[0])]
-    for field in _CARRIED_FIELDS if donors else ():
+    takes_its_plan = source is not None and org.plan_code is None
+    for field in _CARRIED_FIELDS if donors and org_customer is None else ():
         value = donors[0].get(field)
-        if value not in (None, "") and field not in customer_payload and not (org_customer or {}).get(field):
+        if field == "currency" and not takes_its_plan:
+            continue
+        if value is not None and (not isinstance(value, str) or value.strip()) and field not in customer_payload:
             customer_payload[field] = value
     if changes or org_customer is None:
         customer_payload["metadata"] = metadata_update_items(

@@ -148,8 +148,11 @@ def run_migrate_command(
         if report.is_dir() or not report.resolve().parent.is_dir():
             print(f"error: --report {args.report}: not a file path in an existing directory", file=err)
             return 2
-        try:
-            report.open("a", encoding="utf-8").close()  # writable (created empty when new; written at the end)
+        try:  # writable? (a file made to find out is removed: a run stopped early leaves no empty report)
+            existed = report.exists()
+            report.open("a", encoding="utf-8").close()
+            if not existed:
+                report.unlink()
         except OSError as exc:
             print(f"error: --report {args.report} cannot be written ({type(exc).__name__}: {exc})", file=err)
             return 2
@@ -160,8 +163,9 @@ def run_migrate_command(
         except (OSError, UnicodeDecodeError) as exc:
             print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
             return 2
-        try:
-            opened.path.open("a", encoding="utf-8").close()  # writable, before the first write to Lago
+        try:  # writable, before the first write to Lago (its directory made, as its first record would)
+            opened.path.parent.mkdir(parents=True, exist_ok=True)
+            opened.path.open("a", encoding="utf-8").close()
         except OSError as exc:
             print(f"error: --journal {args.journal} cannot be written ({type(exc).__name__}: {exc})", file=err)
             return 2
