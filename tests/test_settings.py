@@ -154,6 +154,7 @@ def test_url_passwords_never_in_repr_or_errors() -> None:
     assert secret not in repr(BillingSettings(redis_url=f"redis://user:{secret}@h/0?password={secret}&db=1"))
     assert secret not in repr(BillingSettings(redis_url=f"redis://{secret}@h/0"))  # a lone password
     assert "'unix:///run/redis.sock'" in repr(BillingSettings(redis_url="unix:///run/redis.sock"))  # unchanged
+    assert "api_url='http://localhost:3000'," in shown  # quoted once
     with pytest.raises(ConfigurationError) as info:
         BillingSettings(redis_url=f"http://:{secret}@redis.internal:6379/0")
     assert secret not in str(info.value) and "redis.internal" in str(info.value)

@@ -227,14 +227,14 @@ class OrgBillingMiddleware:
         if not self._running:
             await self._start_lazily()
         quota = self.quota
+        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it (on excluded
+            billing["quota"] = quota  # paths too: they usually are; require_quota() asks the middlewares, not this)
         root_path: str = scope.get("root_path", "")
         if self._exclude_paths and self._is_excluded(scope["path"], root_path):
             self.stats["excluded"] += 1
             billing["middleware"] = None  # not this one's: an inner billing middleware may bill it
             await self.app(scope, receive, send)
             return
-        if quota is not None:  # lets LagoWebhooks() / billing_routes() reach this gate to invalidate it
-            billing["quota"] = quota
         self.stats["requests"] += 1
         started = time.time()
         identity = self._identify(scope) if self._identify is not None else None

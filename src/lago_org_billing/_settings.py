@@ -38,7 +38,7 @@ class BillingSettings:
 
     def __repr__(self) -> str:
         shown = (
-            f"{field.name}={redact_url(value) if field.name in _URL_FIELDS and value else value!r}"
+            f"{field.name}={redact_url(value) if field.name in _URL_FIELDS and value else repr(value)}"
             for field in dataclasses.fields(self)
             if field.repr
             for value in (getattr(self, field.name),)
