@@ -907,3 +907,24 @@ def test_the_emulator_served_again_signs_with_its_new_url() -> None:
         with serve_in_thread(fake) as url:
             assert fake.webhook_dispatcher.issuer == url
         assert fake.webhook_dispatcher.issuer == fake.base_url
+
+
+async def test_the_receiver_is_also_a_request_endpoint(calls: Calls) -> None:
+    """Called with a request (as a ``request -> response`` endpoint), it answers as it does as an ASGI app."""
+    from starlette.requests import Request
+
+    receiver = hmac_receiver(calls)
+    body = SUB_STARTED
+    headers = [(name.lower().encode(), value.encode()) for name, value in hmac_headers(body).items()]
+    sent = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal sent
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request(
+        {"type": "http", "method": "POST", "path": PATH, "headers": headers, "query_string": b""}, receive
+    )
+    response = await receiver(request)
+    assert response.status_code == 200 and calls.invalidated == ["org_acme"]

@@ -55,8 +55,8 @@ import json
 import logging
 import string
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
 import anyio.to_thread
@@ -534,7 +534,18 @@ class LagoWebhooks:
 
     # ------------------------------------------------------------------------------------------- ASGI
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @overload
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]: ...
+    @overload
+    def __call__(self, request: Request) -> Coroutine[Any, Any, Response]: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """An ASGI app (what ``Route``/``add_route`` and ``Mount`` run it as), or an endpoint ``request ->
+        response`` (so that it type-checks where Starlette's ``add_route`` expects one)."""
+        if len(args) + len(kwargs) == 1:
+            return self.handle(*args, **kwargs)
+        return self._asgi(*args, **kwargs)
+
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # served on its own: nothing to start
             while True:
                 message = await receive()
