@@ -186,21 +186,23 @@ class EventPipeline:
         self._refused(event.get("transaction_id") if isinstance(event, Mapping) else event)
         return False
 
-    def lane(self, build: Callable[[_Facts], JSON | str]) -> Callable[[_Facts], None]:
+    def lane(self, build: Callable[[_Facts], JSON | str]) -> Callable[[_Facts], bool]:
         """A cheaper :meth:`submit` for events that one function builds: ``submit_facts = pipeline.lane(build)``,
-        then ``submit_facts(facts)`` per event, and ``build(facts)`` returns the event (or its JSON text) later, in
-        the background, batched. The memory outbox keeps nothing but ``facts`` per waiting event (best a tuple of
-        plain values), which keeps the request path light. Same guarantees as :meth:`submit`."""
+        then ``submit_facts(facts)`` per event (False when it was dropped: the outbox is full or the pipeline closed),
+        and ``build(facts)`` returns the event (or its JSON text) later, in the background, batched. The memory
+        outbox keeps nothing but ``facts`` per waiting event (best a tuple of plain values), which keeps the request
+        path light. Same guarantees as :meth:`submit`."""
         put = self.outbox.lane(build)
         metrics = self.metrics
 
-        def submit_facts(facts: _Facts) -> None:
+        def submit_facts(facts: _Facts) -> bool:
             metrics.recorded += 1
             if not self._closed and put(facts):
                 if self._drop_burst:
                     self._accepted_again()
-                return
+                return True
             self._refused(f"built by {getattr(build, '__qualname__', build)}")
+            return False
 
         return submit_facts
 

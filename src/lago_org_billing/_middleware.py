@@ -267,9 +267,13 @@ class OrgBillingMiddleware:
         try:
             await self.app(scope, receive, watcher)
         finally:
-            if self._shared_first_seen is not None:
-                await self._share_first_seen(scope, org_id, watcher, root_path, started)
-            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+            if self._shared_first_seen is None:
+                self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+            else:  # recorded even if the task is cancelled meanwhile (a native cancel goes through anyio's shield)
+                try:
+                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
+                finally:
+                    self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     @property
     def exclude_paths(self) -> tuple[str, ...]:
@@ -409,6 +413,9 @@ class OrgBillingMiddleware:
                 await tasks.start(self.pipeline.run)
                 if self.quota is not None:
                     await tasks.start(self.quota.run)
+                # running now, whatever becomes of the request that started it (cancelled while waiting for this)
+                self._lazy_error = None
+                self._running = True
                 started.set()
         except Exception as exc:  # kept for the waiting request, or logged: never "Task exception was never retrieved"
             if started.is_set():
@@ -557,14 +564,18 @@ class OrgBillingMiddleware:
         started: float,
         root_path: str,
     ) -> None:
-        """The end of :meth:`_call_unresolved`: the org as the app left it known, and its event."""
+        """The end of :meth:`_call_unresolved`: the org as the app left it known, and its event (settled and recorded
+        even when the request is cancelled meanwhile; the cancellation goes on after)."""
+        cancelled: BaseException | None = None
         if not answered and not blocked:  # the app failed before answering: its auth may have run by now
             try:
                 identity = await self._resolve(scope)
             except Exception:  # never hide the app's own error behind a resolver's
                 logger.exception("Resolving the org of a failed request")
-            if identity[0] is None and billing.get("decision_org") is not None:
-                identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
+            except BaseException as exc:  # cancelled: what require_quota() knew is settled below all the same
+                cancelled = exc
+        if identity[0] is None and billing.get("decision_org") is not None:
+            identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
         org_id, user_id = identity
         decision = billing.get("decision") if billing.get("decision_org") == org_id else None
         if org_id is not None and not self._claim(billing):  # an inner billing middleware has it, after all
@@ -576,9 +587,15 @@ class OrgBillingMiddleware:
         else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
             if decision is None and self.quota is not None:
                 self._ungated(org_id)
-            if self._shared_first_seen is not None:
-                await self._share_first_seen(scope, org_id, watcher, root_path, started)
-            self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+            if self._shared_first_seen is None or cancelled is not None:
+                self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+            else:
+                try:
+                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
+                finally:
+                    self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+        if cancelled is not None:
+            raise cancelled
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1
@@ -616,11 +633,9 @@ class OrgBillingMiddleware:
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
         off the request's path."""
         status = watcher.status if watcher.status is not None else 500
-        billed = status < 500 or self.bill_server_errors
-        if decision is not None and self.quota is not None:
-            # The call is settled now; its tokens, known once the event is built, are added then.
-            self.quota.settle(org_id, decision, tokens=0, billed=billed)
-        if not billed:
+        if status >= 500 and not self.bill_server_errors:
+            if decision is not None and self.quota is not None:
+                self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             self.stats["unbilled_errors"] += 1
             return
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
@@ -638,8 +653,13 @@ class OrgBillingMiddleware:
             decision is not None,
             self._extra_properties(scope, org_id, user_id) if self.event_properties is not None else None,
         )
-        self._submit(facts)
-        self.stats["billed"] += 1
+        accepted = self._submit(facts) is not False  # (False: dropped, the outbox full; logged and counted there)
+        if decision is not None and self.quota is not None:
+            # The call is settled now (released if its event was dropped); its tokens, known once the event is
+            # built, are added then.
+            self.quota.settle(org_id, decision, tokens=0, billed=accepted)
+        if accepted:
+            self.stats["billed"] += 1
 
     def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
         """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
