@@ -257,7 +257,7 @@ class EventPipeline:
                     await self._last_chance()
                 await self._finish()
                 if not self._closed:  # cancelled: its loop may be ending, and a next run be on another one
-                    await _quietly_close_idle(self.client)
+                    await close_idle_quietly(self.client)
             self._stopped.set()
 
     async def _last_chance(self) -> None:
@@ -533,8 +533,8 @@ class EventPipeline:
                 # within reason: a proxy's epoch timestamp or "inf" must not pause delivery for years, nor 0 spin
                 wait = min(max(wait, self.retry_backoff), self.max_backoff) if math.isfinite(wait) else self.max_backoff
                 self._pause(wait)
-                self._limited += 1  # one WARNING when it starts, then every 20th
-                (logger.warning if self._limited % 20 == 1 else logger.debug)(
+                self._limited += 1
+                _every_20th(self._limited)(
                     "Lago rate limit (429, %d in a row): delivery paused for %.2f s", self._limited, wait
                 )
                 self._retry(items, stack)
@@ -627,8 +627,7 @@ class EventPipeline:
             # gets a strike, at most one per healthy interval, so events that only shared a batch with the culprit
             # (or met an intermittent 500) are not struck.
             delay = self._backoff()
-            # one WARNING when the failures start (then every 20th); recovery is logged at INFO
-            (logger.warning if self._failures % 20 == 1 else logger.debug)(
+            _every_20th(self._failures)(  # (recovery is logged at INFO)
                 "Lago failed on billing events (%s): %s; events are retried (in %.2f s) and split to find one it "
                 "cannot take (dead-lettered after %d answers like this); %d events wait",
                 status,
@@ -655,10 +654,8 @@ class EventPipeline:
                 self.outbox.release(items)
             return True
         delay = self._backoff()
-        # one WARNING when an outage starts (then every 20th failure); recovery is logged at INFO
-        log = logger.warning if self._failures % 20 == 1 else logger.debug
         hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
-        log(
+        _every_20th(self._failures)(  # (recovery is logged at INFO)
             "Lago delivery to %s failed: %s; events are kept and retried in %.2f s%s",
             self.client.settings.api_url,
             str(exc).rstrip("."),
@@ -748,10 +745,17 @@ def _reason(exc: LagoAPIError) -> str:
     return exc.error or str(exc)
 
 
-async def _quietly_close_idle(client: LagoClient) -> None:
-    close = getattr(client, "close_idle_connections", None)  # (a stand-in client may not have it)
+def _every_20th(count: int) -> Callable[..., None]:
+    """How to log the ``count``-th failure in a row: a WARNING when they start, then every 20th; DEBUG between."""
+    return logger.warning if count % 20 == 1 else logger.debug
+
+
+async def close_idle_quietly(client: LagoClient, *, pool: bool = False) -> None:
+    """``client.close_idle_connections(pool=...)`` as an event loop ends, best effort (the connections are dropped
+    all the same); a stand-in client without the method is left alone."""
+    close = getattr(client, "close_idle_connections", None)
     if close is not None:
         try:
-            await close()
-        except Exception:  # closing is best effort: the connections are dropped all the same
+            await close(pool=pool)
+        except Exception:
             logger.debug("Closing idle connections failed", exc_info=True)

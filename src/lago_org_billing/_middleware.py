@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
 from ._client import LagoClient
-from ._delivery import EventPipeline
+from ._delivery import EventPipeline, close_idle_quietly
 from ._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError, QuotaExceededError
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
@@ -269,11 +269,8 @@ class OrgBillingMiddleware:
         finally:
             if self._shared_first_seen is None:
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision)
-            else:  # recorded even if the task is cancelled meanwhile (a native cancel goes through anyio's shield)
-                try:
-                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
-                finally:
-                    self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+            else:
+                await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     @property
     def exclude_paths(self) -> tuple[str, ...]:
@@ -395,9 +392,7 @@ class OrgBillingMiddleware:
             error = _start_error(failure[0])
             self._lazy_error = error  # for the requests that waited on this start (a later one tries again)
             raise error
-        self._lazy_error = None
-        self._running = True
-        if not self._warned_lazy:
+        if not self._warned_lazy:  # (_run_detached marked it running)
             self._warned_lazy = True
             logger.warning(
                 "OrgBillingMiddleware got no ASGI lifespan (is its app mounted in another? Starlette does not pass the "
@@ -431,10 +426,7 @@ class OrgBillingMiddleware:
                 if self._shared_first_seen is not None:
                     await self._shared_first_seen.aclose()
                 if self._owned_client is not None:
-                    try:
-                        await self._owned_client.close_idle_connections(pool=True)
-                    except Exception:  # best effort: they are dropped all the same
-                        logger.debug("Closing idle connections failed", exc_info=True)
+                    await close_idle_quietly(self._owned_client, pool=True)
 
     def _lazy_ended(self, task: asyncio.Task[None]) -> None:
         if self._lazy_task is task:  # its loop is gone, or it failed: the next request starts it again
@@ -587,13 +579,11 @@ class OrgBillingMiddleware:
         else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
             if decision is None and self.quota is not None:
                 self._ungated(org_id)
+            decision = decision or QuotaDecision()
             if self._shared_first_seen is None or cancelled is not None:
-                self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+                self._record(scope, org_id, user_id, watcher, started, root_path, decision)
             else:
-                try:
-                    await self._share_first_seen(scope, org_id, watcher, root_path, started)
-                finally:
-                    self._record(scope, org_id, user_id, watcher, started, root_path, decision or QuotaDecision())
+                await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
         if cancelled is not None:
             raise cancelled
 
@@ -782,6 +772,23 @@ class OrgBillingMiddleware:
                     key: str = value.decode("latin-1")  # whole: keys differing past any cut are different requests
                     return key
         return None
+
+    async def _share_and_record(
+        self,
+        scope: Scope,
+        org_id: str,
+        user_id: str | None,
+        watcher: _ResponseWatcher,
+        started: float,
+        root_path: str,
+        decision: QuotaDecision | None,
+    ) -> None:
+        """:meth:`_record`, after the first timestamp of an idempotency key was asked of Redis: recorded even if the
+        task is cancelled meanwhile (a native cancel goes through anyio's shield)."""
+        try:
+            await self._share_first_seen(scope, org_id, watcher, root_path, started)
+        finally:
+            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
 
     async def _share_first_seen(
         self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
