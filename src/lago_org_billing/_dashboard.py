@@ -16,8 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
-from ._errors import LagoNotFoundError
-from ._quota import QuotaConfig, limits_from_entitlements, usage_totals
+from ._quota import QuotaConfig, limits_from_entitlements, subscription_entitlements, usage_totals
 
 __all__ = [
     "BREAKDOWN_DIMENSIONS",
@@ -109,12 +108,9 @@ async def dashboard_data(
         limits_source = "provider"
     if raw_limits is None:
         table = settings.plan_limits.get(plan_code) or {}
-        entitlements = subscription.get("entitlements")
-        if entitlements is None:  # an older Lago that does not embed them
-            try:
-                entitlements = await billing.client.get_subscription_entitlements(str(subscription.get("external_id")))
-            except LagoNotFoundError:
-                entitlements = []
+        entitlements = await subscription_entitlements(
+            billing.client, subscription, str(subscription.get("external_id"))
+        )
         granted = limits_from_entitlements(entitlements, config)
         if table or granted:
             raw_limits = {**table, **granted}

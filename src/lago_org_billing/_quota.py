@@ -632,6 +632,20 @@ def limits_from_entitlements(
     return found
 
 
+async def subscription_entitlements(
+    client: LagoClient, subscription: Mapping[str, Any], external_id: str
+) -> list[JSON]:
+    """The entitlements of subscription ``external_id``: those Lago embeds in it, else (an older Lago) fetched; ``[]``
+    when none."""
+    entitlements: list[JSON] | None = subscription.get("entitlements")
+    if entitlements is None:
+        try:
+            entitlements = await client.get_subscription_entitlements(external_id)
+        except LagoNotFoundError:
+            entitlements = []
+    return entitlements
+
+
 def _whole(value: Any, what: str) -> int | None:
     if value is None or isinstance(value, bool):
         return None
@@ -1245,12 +1259,7 @@ class QuotaGate:
             return Snapshot(active=False, plan_fetched_at=now)
         if subscription.get("status") not in (None, "active"):
             return Snapshot(active=False, plan_fetched_at=now)
-        entitlements = subscription.get("entitlements")
-        if entitlements is None:  # an older Lago that does not embed them
-            try:
-                entitlements = await self.client.get_subscription_entitlements(subscription_id)
-            except LagoNotFoundError:
-                entitlements = []
+        entitlements = await subscription_entitlements(self.client, subscription, subscription_id)
         plan_code = subscription.get("plan_code") or (subscription.get("plan") or {}).get("code")
         limits: dict[str, int | None] = {}
         source = "none"
