@@ -310,9 +310,8 @@ class OrgBilling:
         and ``downgrade_plan_date``). A subscription that has not started yet (``subscription_at`` in the future)
         changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither.
         """
-        current = await self.get_subscription(org_id)
-        if current is None:
-            current = await self.get_subscription(org_id, status="pending")  # Lago changes its plan in place
+        # (one that has not started yet too: Lago changes its plan in place)
+        current = await self.client.get_current_subscription(self.subscription_id(org_id))
         if current is None:
             raise LagoNotFoundError(
                 f"Org {org_id!r} has no active subscription to change: use create_subscription.",
@@ -346,10 +345,13 @@ class OrgBilling:
         org's; another org's is refused)."""
         external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
         if subscription_id is not None:
-            try:
-                current = await self.client.get_subscription(external_id)
-            except LagoNotFoundError:  # one that has not started yet
-                current = await self.client.get_subscription(external_id, status="pending")
+            current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
+            if current is None:
+                raise LagoNotFoundError(
+                    f"Subscription {external_id!r} is neither active nor pending: nothing to terminate.",
+                    status=404,
+                    code="subscription_not_found",
+                )
             owner = current.get("external_customer_id")
             if owner != org_id:
                 raise InvalidRequestError(

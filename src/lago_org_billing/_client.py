@@ -246,6 +246,16 @@ class LagoClient:
         params = {"status": status} if status else None
         return _unwrap(await self._request("GET", path, params=params), "subscription")
 
+    async def get_current_subscription(self, external_id: str) -> JSON | None:
+        """The subscription ``external_id`` that is active, else the one that has not started yet (``pending``);
+        ``None`` when neither exists."""
+        for status in (None, "pending"):
+            try:
+                return await self.get_subscription(external_id, status=status)
+            except LagoNotFoundError:
+                pass
+        return None
+
     async def update_subscription(self, external_id: str, *, status: str | None = None, **fields: Any) -> JSON:
         """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription).
 

@@ -675,9 +675,8 @@ async def plan_org(
     settings = client.settings
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
-    org_subscription = await _or_none(client.get_subscription(sub_id))
-    if org_subscription is None:  # one that starts later (made from a user's pending one by an earlier run)
-        org_subscription = await _or_none(client.get_subscription(sub_id, status="pending"))
+    # (one that starts later counts: made from a user's pending one by an earlier run)
+    org_subscription = await client.get_current_subscription(sub_id)
     if org_subscription is None and org_customer is not None:
         # an active subscription of the org under another id (made in Lago's UI...) is the org's subscription
         others = [s async for s in client.iter_subscriptions(external_customer_id=org.org_id, statuses=["active"])]
@@ -951,9 +950,8 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
     result.customer = await _or_none(client.get_customer(org.org_id))
     if result.customer is None:
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
-    result.subscription = await _or_none(client.get_subscription(sub_id))
-    if result.subscription is None:  # one that starts later (a user's plan bought for a later date) counts
-        result.subscription = await _or_none(client.get_subscription(sub_id, status="pending"))
+    # (one that starts later counts: a user's plan bought for a later date)
+    result.subscription = await client.get_current_subscription(sub_id)
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
