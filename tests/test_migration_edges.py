@@ -3,7 +3,6 @@ CLI's up-front checks of its journal and report paths (against the emulator)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from collections.abc import AsyncIterator
@@ -15,8 +14,10 @@ import pytest
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoAuthenticationError
 from lago_org_billing._migration import MigrationOptions, OrgMapping, run_migration
-from lago_org_billing._migration_cli import add_migrate_command, run_migrate_command
+from lago_org_billing._migration_cli import run_migrate_command
 from lago_org_billing.testing import FakeLago
+from test_migration import customer, subs
+from test_migration_cli import parse
 
 API_KEY = "k"
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -39,24 +40,8 @@ async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
         yield client
 
 
-def customer(fake: FakeLago, external_id: str) -> dict[str, object]:
-    return next(c for c in fake.customers if c["external_id"] == external_id)
-
-
-def subs(fake: FakeLago, external_customer_id: str, status: str = "active") -> list[dict[str, object]]:
-    return [
-        s for s in fake.subscriptions if s["external_customer_id"] == external_customer_id and s["status"] == status
-    ]
-
-
 def done_writes(run: object) -> list[str]:
     return [f"{s.kind}:{s.target}" for s in run.orgs[0].steps if s.outcome == "done"]  # type: ignore[attr-defined]
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_migrate_command(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["migrate", *argv])
 
 
 # --- pending user subscriptions ---------------------------------------------------------------------------------
