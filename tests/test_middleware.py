@@ -433,12 +433,12 @@ def test_idempotent_retry_keeps_the_first_timestamp_and_its_own_duration(setting
     usage = json.dumps({"usage": USAGE}).encode()
     first = json.loads(
         middleware._build_event(
-            ("/v1/chat/{chat_id}", "POST", 200, 100.0, 100.5, "k", "org_a", None, usage, False, None)
+            ("/v1/chat/{chat_id}", "POST", 200, 100.0, 100.5, "idem_k", "org_a", None, usage, False, None)
         )
     )
     retry = json.loads(
         middleware._build_event(
-            ("/v1/chat/{chat_id}", "POST", 200, 200.0, 200.25, "k", "org_a", None, usage, False, None)
+            ("/v1/chat/{chat_id}", "POST", 200, 200.0, 200.25, "idem_k", "org_a", None, usage, False, None)
         )
     )
     assert retry["transaction_id"] == first["transaction_id"] and retry["timestamp"] == first["timestamp"] == "100.000"

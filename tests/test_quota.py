@@ -649,6 +649,36 @@ async def test_exactly_the_limit_through_the_middleware(fake: FakeLago, clock: C
     assert middleware.stats["blocked"] == 700
 
 
+@pytest.mark.parametrize("event_store", ["postgres", "clickhouse"])
+async def test_an_idempotent_retry_is_not_counted_twice(fake: FakeLago, clock: Clock, event_store: str) -> None:
+    """idempotency_header: Lago keeps one event for a request and its retries (same key), so the gate counts it
+    once, calls and tokens: the org's other requests are not refused for calls it will not be billed (limit 5
+    calls, 30 tokens: one request retried four times, then four others; it was 5 calls and 50 tokens counted)."""
+    fake.event_store = fake.store.event_store = event_store
+    fake.store.plans["starter"]["entitlements"]["api_quota"]["max_tokens"] = 5 * TOKENS
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", org_header="X-Org-Id", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(), clock=clock.time)
+        app = Starlette(routes=[Route("/v1/chat", chat)])
+        middleware = OrgBillingMiddleware(app, settings, quota=gate, client=lago, idempotency_header="Idempotency-Key")
+        statuses = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+            for _ in range(5):  # the request, then four retries, each after the previous one's event is built
+                response = await http.get("/v1/chat", headers={"X-Org-Id": "org_1", "Idempotency-Key": "k-1"})
+                statuses.append(response.status_code)
+                assert await middleware.pipeline.flush(5)
+            for n in range(5):
+                response = await http.get("/v1/chat", headers={"X-Org-Id": "org_1", "Idempotency-Key": f"k-{n + 2}"})
+                statuses.append(response.status_code)
+                assert await middleware.pipeline.flush(5)
+        usage = (await gate.enforce_usage_limits("org_1"))["usage"]
+        await middleware.aclose()
+    assert statuses == [200] * 9 + [429]
+    assert usage == {"max_api_calls": 5, "max_tokens": 5 * TOKENS}
+    assert len({event["transaction_id"] for event in fake.events}) == 5
+    assert middleware.stats["idempotent_retries"] == 4
+
+
 def dependency_auth_app(*, gated: bool) -> Any:
     """A FastAPI app whose auth is a dependency (the org is known only inside the app), with or without
     require_quota after it."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
 from _quota_app import REDIS_SERVER, TOKENS, Clock, free_port, redis_server, seed
@@ -367,6 +368,45 @@ async def test_an_idempotent_retry_on_another_worker_is_billed_once(
     assert len(fake.events) == 2  # this worker's retry kept its first timestamp in memory
     said = [r for r in caplog.records if "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys" in r.getMessage()]
     assert len(said) == 1
+
+
+async def test_an_idempotent_retry_on_another_worker_is_counted_once(
+    client: LagoClient, fake: FakeLago, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """idempotency_header with LAGO_REDIS_URL: a request and its retries on other workers are one event in Lago, so
+    the fleet's count has it once (calls and tokens); each retry had been counted again."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from _quota_app import chat
+    from lago_org_billing import OrgBillingMiddleware
+
+    settings = client.settings.replace(org_header="X-Org-Id", redis_url=redis_url)
+    workers = []
+    for _ in range(2):
+        gate = make_gate(client, clock, redis_url, prefix)
+        workers.append(
+            OrgBillingMiddleware(
+                Starlette(routes=[Route("/v1/chat", chat)]),
+                settings,
+                quota=gate,
+                client=client,
+                idempotency_header="Idempotency-Key",
+            )
+        )
+    key = {"X-Org-Id": "org_1", "Idempotency-Key": f"k-{uuid.uuid4()}"}
+    for n in range(4):  # the request, then three retries, alternating between the workers
+        worker = workers[n % 2]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=worker), base_url="http://app") as http:
+            assert (await http.get("/v1/chat", headers=key)).status_code == 200
+        assert await worker.pipeline.flush(5)
+        await worker.quota.backend.flush()  # type: ignore[union-attr]
+    usage = (await workers[0].quota.enforce_usage_limits("org_1"))["usage"]  # type: ignore[union-attr]
+    for worker in workers:
+        await worker.aclose()
+    assert usage == {"max_api_calls": 1, "max_tokens": TOKENS}
+    assert len(fake.events) == 1
+    assert sum(worker.stats.get("idempotent_retries", 0) for worker in workers) == 3
 
 
 async def test_the_redis_password_is_never_logged(caplog: pytest.LogCaptureFixture) -> None:

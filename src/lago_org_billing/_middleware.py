@@ -616,54 +616,74 @@ class OrgBillingMiddleware:
         started: float,
         root_path: str,
         decision: QuotaDecision | None,
+        idempotent: tuple[str, bool] | None = None,
     ) -> None:
         """Hand the request's event to the pipeline, to be built there.
 
         Only what the request knows is captured here; reading the body's usage, building and encoding the event
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
-        off the request's path."""
+        off the request's path. ``idempotent``: the transaction id of a request with an idempotency key and
+        whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
         status = watcher.status if watcher.status is not None else 500
         if status >= 500 and not self.bill_server_errors:
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             self.stats["unbilled_errors"] += 1
             return
+        endpoint = _template(scope, status, root_path)
+        method = scope["method"]
+        transaction_id: str | None = None
+        retry = False
+        if idempotent is not None:
+            transaction_id, retry = idempotent
+        elif self.idempotency_header is not None:
+            key = self._idempotency_key(scope)
+            if key is not None:
+                transaction_id = self._idempotent_id(key, org_id, method, endpoint)
+                retry = transaction_id in self._first_seen
+                if not retry:
+                    self._first_seen[transaction_id] = started
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
         # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
         facts: _Facts = (
-            _template(scope, status, root_path),
-            scope["method"],
+            endpoint,
+            method,
             status,
             started,
             watcher.ended or time.time(),
-            self._idempotency_key(scope) if self.idempotency_header is not None else None,
+            transaction_id,
             org_id,
             user_id,
             watcher.deferred(),  # the watcher lets go of the request's objects
-            decision is not None,
+            decision is not None and not retry,
             self._extra_properties(scope, org_id, user_id) if self.event_properties is not None else None,
         )
         accepted = self._submit(facts) is not False  # (False: dropped, the outbox full; logged and counted there)
         if decision is not None and self.quota is not None:
-            # The call is settled now (released if its event was dropped); its tokens, known once the event is
-            # built, are added then.
-            self.quota.settle(org_id, decision, tokens=0, billed=accepted)
+            # The call is settled now (released if its event was dropped, or if it is the retry of a request
+            # already counted: Lago keeps one event of the two); its tokens, known once the event is built, are
+            # added then (a retry's are not).
+            self.quota.settle(org_id, decision, tokens=0, billed=accepted and not retry)
         if accepted:
             self.stats["billed"] += 1
+            if retry:
+                self.stats["idempotent_retries"] = self.stats.get("idempotent_retries", 0) + 1
+        elif transaction_id is not None and not retry and self._first_seen.get(transaction_id) == started:
+            del self._first_seen[transaction_id]  # never sent: a retry of it is the first event after all
 
     def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
         """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
         its traceback and the request goes to the dead letters: never silently lost."""
-        endpoint, method, status, started, ended, key, org_id, user_id, usage, gated, extra = facts
+        endpoint, method, status, started, ended, idempotent_id, org_id, user_id, usage, gated, extra = facts
         try:
             if type(usage) is bytes:
                 usage = json_usage(usage)
             assert isinstance(usage, Usage)
             duration = ended - started
-            if key is None:
+            if idempotent_id is None:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
-                transaction_id, started = self._idempotent(key, org_id, method, endpoint, started)
+                transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
             if extra is not None:
                 event: dict[str, Any] | str = self._hooked_event(facts, usage, extra, transaction_id, started, duration)
             else:  # known keys and plain values: the JSON text directly, no dict (2-3x faster than json)
@@ -785,31 +805,35 @@ class OrgBillingMiddleware:
     ) -> None:
         """:meth:`_record`, after the first timestamp of an idempotency key was asked of Redis: recorded even if the
         task is cancelled meanwhile (a native cancel goes through anyio's shield)."""
+        idempotent: tuple[str, bool] | None = None
         try:
-            await self._share_first_seen(scope, org_id, watcher, root_path, started)
+            idempotent = await self._share_first_seen(scope, org_id, watcher, root_path, started)
         finally:
-            self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+            self._record(scope, org_id, user_id, watcher, started, root_path, decision, idempotent)
 
     async def _share_first_seen(
         self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
-    ) -> None:
-        """The first timestamp of an idempotent request's event, from Redis (shared by every worker and replica),
-        into this process's memory, where the event's build reads it. Bounded and shielded (a client gone does not
-        cut it); Redis unavailable: this process's memory only (said once)."""
+    ) -> tuple[str, bool] | None:
+        """The transaction id of an idempotent request, and whether a request with it was seen before (by any
+        worker or replica, through Redis: the retry of a request already counted). The first timestamp goes into
+        this process's memory, where the event's build reads it. Bounded and shielded (a client gone does not cut
+        it); Redis unavailable: this process's memory only (said once). ``None``: no key, or not billed."""
         assert self._shared_first_seen is not None
         key = self._idempotency_key(scope)
         if key is None:
-            return
+            return None
         status = watcher.status if watcher.status is not None else 500
         if status >= 500 and not self.bill_server_errors:  # not billed: no event, no first timestamp
-            return
+            return None
         endpoint = _template(scope, status, root_path)
         transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
-        local = self._first_seen.get(transaction_id, started)
+        local = self._first_seen.get(transaction_id)
+        candidate = started if local is None else local
+        first: float | None = None
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
-            first = await self._shared_first_seen.first(transaction_id, local)
-            if first is not None:
-                self._first_seen[transaction_id] = first
+            first = await self._shared_first_seen.first(transaction_id, candidate)
+        self._first_seen[transaction_id] = candidate if first is None else first
+        return transaction_id, local is not None or (first is not None and first != candidate)
 
     def _idempotent_id(self, key: str, org_id: str, method: str, endpoint: str) -> str:
         """The transaction id of (org, method, route, key): one reading only (JSON), and keyed by the Lago API key
@@ -818,14 +842,13 @@ class OrgBillingMiddleware:
         digest = hmac.new((self.settings.api_key or "").encode(), message, hashlib.sha256).hexdigest()
         return f"idem_{digest[:32]}"
 
-    def _idempotent(self, key: str, org_id: str, method: str, endpoint: str, started: float) -> tuple[str, float]:
-        """The transaction id of a request with an idempotency key (per org, method and route), and the timestamp
-        of the first event made with it (Lago's ClickHouse store deduplicates on id and timestamp)."""
-        transaction_id = self._idempotent_id(key, org_id, method, endpoint)
+    def _first_timestamp(self, transaction_id: str, started: float) -> float:
+        """The timestamp of the first event made with an idempotent transaction id (Lago's ClickHouse store
+        deduplicates on id and timestamp)."""
         first = self._first_seen.get(transaction_id)
         if first is None:
             self._first_seen[transaction_id] = first = started
-        return transaction_id, first
+        return first
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
@@ -866,9 +889,10 @@ def _user_json(user_id: str) -> str:
 
 
 #: What a request's event needs, captured when its response is over: endpoint, method, status, start and end
-#: times, idempotency key, org, user, usage (or the JSON body to read it from), whether the quota gate counts its
-#: tokens, and the ``event_properties`` hook's properties (with a hook only). A tuple of plain values: one small
-#: allocation on the request path, which the garbage collector stops tracking.
+#: times, the idempotent transaction id (with an idempotency key), org, user, usage (or the JSON body to read it
+#: from), whether the quota gate counts its tokens, and the ``event_properties`` hook's properties (with a hook
+#: only). A tuple of plain values: one small allocation on the request path, which the garbage collector stops
+#: tracking.
 _Facts = tuple[
     str,
     str,
