@@ -8,13 +8,16 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER, TOKENS, Clock, free_port, redis_server, seed
-from lago_org_billing import BillingSettings, LagoClient
+from _quota_app import REDIS_SERVER, TOKENS, Clock, chat, free_port, redis_server, seed
+from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
@@ -255,6 +258,46 @@ async def test_calls_reserved_before_a_redis_outage_are_settled_in_redis(
     assert status["usage"]["max_api_calls"] == 0
 
 
+async def test_a_request_cancelled_during_its_redis_reservation_releases_it(
+    client: LagoClient, clock: Clock, redis_url: str, prefix: str
+) -> None:
+    """A request cancelled (a client gone, a timeout) while its call is being reserved in Redis: the script ran, so
+    the reservation is settled (released: the app never answered) instead of held in flight for an hour, refusing
+    the org's calls meanwhile."""
+
+    async def slow_chat(request: Any) -> Any:
+        await anyio.lowlevel.checkpoint()  # the app awaits something before answering
+        return await chat(request)
+
+    gate = make_gate(client, clock, redis_url, prefix)
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    middleware = OrgBillingMiddleware(
+        Starlette(routes=[Route("/v1/chat", slow_chat)]),
+        client.settings.replace(org_header="X-Org-Id"),
+        quota=gate,
+        client=client,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+        assert (await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})).status_code == 200  # warm
+        original = backend._check
+        with anyio.CancelScope() as request_scope:
+
+            async def cancelled_during_the_round_trip(**kwargs: Any) -> Any:
+                request_scope.cancel()  # delivered at the next await: sending the script, or reading its answer
+                return await original(**kwargs)
+
+            backend._check = cancelled_during_the_round_trip  # type: ignore[method-assign]
+            await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})
+        backend._check = original  # type: ignore[method-assign]
+        assert request_scope.cancelled_caught
+    assert await middleware.pipeline.flush(5)
+    await backend.flush()
+    status = await gate.enforce_usage_limits("org_1")
+    await middleware.aclose()
+    assert status["usage"]["max_api_calls"] == 1  # the served request only
+
+
 async def test_local_records_not_merged_when_redis_fails_again_are_kept(
     client: LagoClient, clock: Clock, redis_url: str, prefix: str
 ) -> None:
@@ -375,12 +418,6 @@ async def test_an_idempotent_retry_on_another_worker_is_counted_once(
 ) -> None:
     """idempotency_header with LAGO_REDIS_URL: a request and its retries on other workers are one event in Lago, so
     the fleet's count has it once (calls and tokens); each retry had been counted again."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
-
-    from _quota_app import chat
-    from lago_org_billing import OrgBillingMiddleware
-
     settings = client.settings.replace(org_header="X-Org-Id", redis_url=redis_url)
     workers = []
     for _ in range(2):

@@ -406,7 +406,10 @@ class RedisBackend:
             args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
             args += [known.version if known is not None else "", PERIOD_MARGIN_MS, UNPERIODED_TTL_MS]
             try:
-                result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
+                # Shielded (bounded by redis_timeout): a request cancelled meanwhile (a client gone, a timeout) still
+                # learns whether its call was reserved, to release it after, instead of holding it for an hour.
+                with anyio.CancelScope(shield=True):
+                    result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
             except self._errors() as exc:
                 self._failed(exc)
             else:
