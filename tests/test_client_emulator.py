@@ -178,6 +178,13 @@ async def test_metrics_plans_features_entitlements(fake_lago: Any, lago_client: 
     assert privilege["code"] == "max_api_calls" and privilege["value"] == 300
     overridden = await lago_client.update_subscription_entitlements("org_1", {"api_quota": {"max_api_calls": 900}})
     assert overridden[0]["privileges"][0]["value"] == 900
+    assert [feature["code"] for feature in (await lago_client.list_features()).items] == ["api_quota"]
+    await lago_client.create_subscription(
+        external_customer_id="org_1", plan_code="team", external_id="org_2", subscription_at="2099-01-01T00:00:00Z"
+    )
+    await lago_client.update_subscription_entitlements("org_2", {"api_quota": {"max_api_calls": 50}}, status="pending")
+    pending = await lago_client.get_subscription_entitlements("org_2", status="pending")
+    assert pending[0]["privileges"][0]["value"] == 50
 
 
 async def test_invoices_are_paginated(fake_lago: Any, lago_client: LagoClient) -> None:

@@ -155,10 +155,11 @@ def test_summary_table_and_report(scenario: tuple[FakeLago, dict[str, Outcome]])
         "upsert_customer",
         "create_subscription",
         "terminate_subscription",
-        "terminate_subscription",
         "cancel_subscription",
+        "terminate_subscription",  # the donor's last (sub_u0014, whose plan the org takes)
         *["mark_user"] * 4,
     ]
+    assert o003["steps"][4]["target"] == "sub_u0014"
     assert all(step["outcome"] == "done" for step in o003["steps"])
 
 

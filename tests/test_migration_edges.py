@@ -1,23 +1,32 @@
-"""Migration edges: users whose subscriptions start later, the billing identity a new org customer inherits, and the
-CLI's up-front checks of its journal and report paths (against the emulator)."""
+"""Migration edges: users whose subscriptions start later, the billing identity a new org customer inherits, the
+CLI's up-front checks of its journal and report paths, entitlement overrides, the journal lock and user ids Lago
+cannot address (against the emulator)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+import _migration_data as data
+from _openapi import assert_request_matches
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoAuthenticationError
 from lago_org_billing._migration import MigrationOptions, OrgMapping, run_migration
 from lago_org_billing._migration_cli import run_migrate_command
 from lago_org_billing.testing import FakeLago
+from lago_org_billing.testing._server import serve_in_thread
 from test_migration import customer, subs
-from test_migration_cli import parse
+from test_migration_cli import CHILD, parse
 
 API_KEY = "k"
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
@@ -178,3 +187,332 @@ def test_a_run_that_stops_early_leaves_no_empty_report(fake: FakeLago, tmp_path:
     with pytest.raises(LagoAuthenticationError):
         _cli(fake, tmp_path, "--report", str(report), api_key="wrong")
     assert not report.exists() or json.loads(report.read_text())
+
+
+# --- entitlement overrides --------------------------------------------------------------------------------------
+
+
+class Recorder(httpx.AsyncBaseTransport):
+    """Passes requests to the emulator and keeps them (with their bodies)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        self.requests.append(request)
+        return await self.inner.handle_async_request(request)
+
+
+def quota(fake: FakeLago) -> None:
+    """Feature api_quota; plan pro allows 1,000 calls and 100,000 tokens."""
+    privileges = [{"code": "max_api_calls", "value_type": "integer"}, {"code": "max_tokens", "value_type": "integer"}]
+    fake.add_feature("api_quota", privileges)
+    limits = {"api_quota": {"max_api_calls": 1_000, "max_tokens": 100_000}}
+    fake.store.set_plan_entitlements("pro", {"entitlements": limits}, merge=False)
+
+
+def override(fake: FakeLago, external_id: str, values: dict[str, Any], status: str | None = None) -> None:
+    """Per-subscription overrides, as Lago's PATCH /subscriptions/{id}/entitlements sets them."""
+    fake.store.patch_sub_entitlements(external_id, status, {"entitlements": values})
+
+
+def privileges(fake: FakeLago, external_id: str, status: str | None = None) -> dict[str, tuple[Any, Any]]:
+    """``{privilege: (value, override_value)}`` of the subscription's api_quota."""
+    [feature] = fake.store.get_sub_entitlements(external_id, status)["entitlements"]
+    return {p["code"]: (p["value"], p["override_value"]) for p in feature["privileges"]}
+
+
+@pytest.mark.anyio
+async def test_entitlement_overrides_go_to_the_org_subscription_and_verify_checks_them(fake: FakeLago) -> None:
+    """dave, an enterprise customer, has a custom max_api_calls of 50,000 on pro (the plan's: 1,000): the org
+    subscription got the plan's 1,000. The dry run shows the override; --execute sets it (the override only, not the
+    plan's max_tokens) in a request Lago's OpenAPI spec accepts; --verify checks it and says how to set it when
+    missing."""
+    quota(fake)
+    fake.add_customer("dave", name="Dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}})
+    recorder = Recorder(fake.transport())
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
+    async with LagoClient(settings, transport=recorder) as client:
+        dry = await run_migration(client, [SOLO], mode="dry-run")
+        assert fake.write_requests == []
+        report = dry.to_json()["orgs"][0]
+        assert report["entitlement_overrides"] == {
+            "from": "dave's subscription sub_dave",
+            "values": {"api_quota": {"max_api_calls": 50_000}},
+        }
+        assert any("api_quota.max_api_calls=50000" in step["description"] for step in report["steps"])
+
+        run = await run_migration(client, [SOLO], mode="execute")
+        assert run.ok, run.orgs[0].errors
+        [patch] = [r for r in recorder.requests if r.method == "PATCH"]
+        assert patch.url.path == "/api/v1/subscriptions/solo/entitlements"
+        assert json.loads(patch.content) == {"entitlements": {"api_quota": {"max_api_calls": 50_000}}}
+        assert_request_matches(patch)
+        assert privileges(fake, "solo") == {"max_api_calls": (50_000, 50_000), "max_tokens": (100_000, None)}
+        assert subs(fake, "dave") == []
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+        assert done_writes(await run_migration(client, [SOLO], mode="execute")) == []
+
+        for subscription in fake.store.subscriptions:  # as the migration left it before: the plan's values
+            if subscription["external_id"] == "solo":
+                subscription["entitlement_overrides"] = {}
+        verify = await run_migration(client, [SOLO], mode="verify")
+    assert not verify.ok
+    assert (
+        "org subscription 'solo' lacks the entitlement overrides of dave's subscription sub_dave: "
+        "api_quota.max_api_calls=50000 (it gets the plan's values); set them: PATCH /subscriptions/solo/entitlements "
+        '{"entitlements":{"api_quota":{"max_api_calls":50000}}}'
+    ) in verify.orgs[0].errors
+
+
+def _migrate(fake: FakeLago, tmp_path: Path, mapping: str, *argv: str) -> tuple[int, str, str, Any]:
+    """``migrate`` in process on a CSV ``mapping``: exit code, stdout, stderr and the JSON report."""
+    path, report = tmp_path / "mapping.csv", tmp_path / "report.json"
+    path.write_text(mapping)
+    settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": fake.base_url, "LAGO_API_KEY": API_KEY})
+    args = parse("--mapping-file", str(path), "--report", str(report), *argv)
+    out, err = io.StringIO(), io.StringIO()
+    code = run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue(), json.loads(report.read_text()) if report.exists() else None
+
+
+def test_users_with_different_overrides_the_org_takes_the_donor_s_and_warns(fake: FakeLago, tmp_path: Path) -> None:
+    """alice (pro, 50,000 calls) and bob (team_yearly, 90,000 calls and 7 tokens) merge into acme. The org takes pro,
+    the most expensive plan, with alice's overrides (she is the donor: the user whose plan and billing identity the
+    org takes); the dry run's plan shows them, and the dry run and the report warn about bob's, not carried."""
+    quota(fake)
+    fake.add_customer("alice", name="Alice", country="FR")
+    fake.add_customer("bob", name="Bob", country="DE")
+    fake.add_subscription("alice", "pro", external_id="sub_alice")
+    fake.add_subscription("bob", "team_yearly", external_id="sub_bob")
+    override(fake, "sub_alice", {"api_quota": {"max_api_calls": 50_000}})
+    override(fake, "sub_bob", {"api_quota": {"max_api_calls": 90_000, "max_tokens": 7}})
+    mapping = "user_id,org_id,org_name,email\nbob,acme,Acme,\nalice,acme,Acme,\n"
+    warning = (
+        "org 'acme': its users' subscriptions have different entitlement overrides; the org subscription takes only "
+        "those of alice's subscription sub_alice, whose plan the plan policy picks (api_quota.max_api_calls=50000), "
+        "not those of bob's sub_bob (api_quota.max_api_calls=90000, api_quota.max_tokens=7)"
+    )
+    code, out, _, report = _migrate(fake, tmp_path, mapping)
+    assert code == 0 and fake.write_requests == []
+    assert "  entitlement overrides (those of alice's subscription sub_alice): api_quota.max_api_calls=50000" in out
+    assert "set entitlement overrides of org subscription acme to those of alice's subscription sub_alice" in out
+    assert warning in out and report["orgs"][0]["warnings"] == [warning]
+
+    code, out, _, report = _migrate(fake, tmp_path, mapping, "--execute")
+    assert code == 0 and warning in out and report["orgs"][0]["warnings"] == [warning]
+    assert privileges(fake, "acme") == {"max_api_calls": (50_000, 50_000), "max_tokens": (100_000, None)}
+    assert customer(fake, "acme")["country"] == "FR"  # the same donor as for the billing identity
+    assert _migrate(fake, tmp_path, mapping, "--verify")[0] == 0
+
+
+@pytest.mark.anyio
+async def test_overrides_on_another_plan_are_not_carried_and_the_org_s_own_are_kept(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """A mapping plan_code puts the org on another plan than the donor's: its overrides are not carried (a warning
+    says how to set them). An org subscription already on the donor's plan keeps an override of its own (set by
+    hand), gets the ones it lacks, and is warned about."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000, "max_tokens": 9}})
+    other_plan = OrgMapping("solo", "Solo", None, ("dave",), plan_code="team_yearly")
+    dry = await run_migration(client, [other_plan], mode="dry-run")
+    assert "are not carried: the org subscription is on plan 'team_yearly', not on its plan 'pro'" in "".join(
+        dry.orgs[0].warnings
+    )
+    assert [s.kind for s in dry.orgs[0].steps if s.kind == "set_entitlements"] == []
+
+    fake.add_subscription("solo", "pro", external_id="solo")
+    override(fake, "solo", {"api_quota": {"max_api_calls": 7}})
+    run = await run_migration(client, [SOLO], mode="execute")
+    assert run.ok
+    assert privileges(fake, "solo") == {"max_api_calls": (7, 7), "max_tokens": (9, 9)}
+    assert "org subscription 'solo' keeps its own entitlement overrides api_quota.max_api_calls=7" in "".join(
+        run.orgs[0].warnings
+    )
+    assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+
+@pytest.mark.anyio
+async def test_overrides_of_a_subscription_that_starts_later_go_to_the_org_s(fake: FakeLago) -> None:
+    """dave's only subscription starts in June, with an override: the org subscription (pending too) gets it, Lago
+    addressing a pending subscription with subscription_status=pending (the spec's parameter); verify checks it."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave", subscription_at="2026-06-01T00:00:00Z")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}}, status="pending")
+    recorder = Recorder(fake.transport())
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
+    async with LagoClient(settings, transport=recorder) as client:
+        run = await run_migration(client, [SOLO], mode="execute")
+        assert run.ok, run.orgs[0].errors
+        [patch] = [r for r in recorder.requests if r.method == "PATCH"]
+        assert dict(patch.url.params) == {"subscription_status": "pending"}
+        assert_request_matches(patch)
+        assert privileges(fake, "solo", "pending")["max_api_calls"] == (50_000, 50_000)
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_subscribing_the_org_and_setting_its_overrides_sets_them_when_resumed(
+    fake: FakeLago, tmp_path: Path
+) -> None:
+    """A child ``migrate --execute --journal`` is SIGKILLed when about to PATCH the org subscription's entitlements
+    (it is made, dave is still subscribed); the same command resumes and sets them, and the result verifies."""
+    quota(fake)
+    fake.add_customer("dave", name="Dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}})
+    mapping, journal = tmp_path / "mapping.csv", tmp_path / "journal.jsonl"
+    mapping.write_text("user_id,org_id,org_name,email\ndave,solo,Solo,\n")
+    command = ["migrate", "--mapping-file", str(mapping), "--execute", "--journal", str(journal)]
+    with serve_in_thread(fake) as url:
+        env = {**os.environ, "LAGO_API_URL": url, "LAGO_API_KEY": API_KEY}
+        marker = _run_child(["--freeze-at", "PATCH /api/v1/subscriptions/solo/entitlements", *command], env, tmp_path)
+        assert marker == "FROZEN PATCH /api/v1/subscriptions/solo/entitlements\n", marker
+        assert [s["external_id"] for s in subs(fake, "solo")] == ["solo"] and subs(fake, "dave") != []
+        assert privileges(fake, "solo")["max_api_calls"] == (1_000, None)  # killed before the overrides
+        assert '"step":"create_subscription","target":"solo","outcome":"done"' in journal.read_text()
+
+        assert _cli_at(url, fake, tmp_path, "--execute", "--journal", str(journal)) == 0
+    assert privileges(fake, "solo")["max_api_calls"] == (50_000, 50_000) and subs(fake, "dave") == []
+    assert len([s for s in fake.subscriptions if s["external_customer_id"] == "solo"]) == 1
+    assert _cli(fake, tmp_path, "--verify") == 0
+
+
+def _run_child(argv: list[str], env: dict[str, str], tmp_path: Path) -> str:
+    """Run ``_migration_child.py argv`` until it prints its first line (FROZEN ...), then SIGKILL it; the line."""
+    with (tmp_path / "child.log").open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), *argv], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+        finally:
+            child.kill()
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+    return line or (tmp_path / "child.log").read_text()
+
+
+def _cli_at(url: str, fake: FakeLago, tmp_path: Path, *argv: str) -> int:
+    """:func:`_cli` told the served emulator's URL (its journal fingerprints name it)."""
+    mapping = tmp_path / "mapping.csv"
+    settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": url, "LAGO_API_KEY": API_KEY})
+    args = parse("--mapping-file", str(mapping), *argv)
+    return run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=io.StringIO())
+
+
+# --- the journal lock -------------------------------------------------------------------------------------------
+
+
+def test_a_second_execute_on_a_locked_journal_stops_before_reading_lago(fake: FakeLago, tmp_path: Path) -> None:
+    """Another process holds the journal's lock (here the test, on its own open file description of
+    journal.jsonl.lock): the run exits 2 saying so and what to do, with no Lago call and the journal untouched; once
+    the lock is dropped the same command runs."""
+    fcntl = pytest.importorskip("fcntl")
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text('{"type":"run"}\n')
+    with (tmp_path / "journal.jsonl.lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere, started 2026-03-10T12:00:00.000Z")
+        held.flush()
+        fake.requests.clear()
+        code, out, err, report = _migrate(
+            fake, tmp_path, "user_id,org_id,org_name,email\ndave,solo,Solo,\n", "--execute", "--journal", str(journal)
+        )
+        assert (code, out, report) == (2, "", None)
+        assert (
+            f"error: another migration holds the journal {journal} (lock {journal}.lock: pid 4242 on elsewhere" in err
+        )
+        assert "wait for that run to finish (or stop it), then run the same command again" in err
+        assert fake.requests == [] and journal.read_text() == '{"type":"run"}\n'
+        assert _cli(fake, tmp_path, "--journal", str(journal)) == 0  # (a dry run does not take it)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert _cli(fake, tmp_path, "--execute", "--journal", str(journal)) == 0
+    assert _cli(fake, tmp_path, "--execute", "--journal", str(journal)) == 0  # (released at the end of a run)
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_journal_exits_2_and_the_lock_dies_with_the_first(tmp_path: Path) -> None:
+    """Two ``migrate --execute --journal J`` at once: the first (a child process, frozen after one org) holds J;
+    the second exits 2 naming it, without a Lago call. The first is then SIGKILLed: the OS drops its lock, and
+    the same command resumes."""
+    fake = data.seed(data.new_fake(), orgs=10)
+    mapping = str(data.write_mapping(tmp_path / "mapping.csv", orgs=10))
+    journal = tmp_path / "journal.jsonl"
+    command = ["--mapping-file", mapping, "--execute", "--journal", str(journal), "--default-plan", "free"]
+    err = io.StringIO()
+    with serve_in_thread(fake) as url, (tmp_path / "child.log").open("w") as log:
+        env = {**os.environ, "LAGO_API_URL": url, "LAGO_API_KEY": data.API_KEY}
+        settings = BillingSettings.from_env(None, environ=env)
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), "--freeze-after", "1", "migrate", *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            marker = child.stdout.readline()
+            assert marker.startswith("FROZEN"), (tmp_path / "child.log").read_text()
+            fake.requests.clear()
+            second = run_migrate_command(
+                parse(*command), transport=fake.transport(), settings=settings, stdout=io.StringIO(), stderr=err
+            )
+            requests = list(fake.requests)
+        finally:
+            child.kill()
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        resumed = run_migrate_command(
+            parse(*command), transport=fake.transport(), settings=settings, stdout=io.StringIO()
+        )
+    assert second == 2 and requests == []
+    assert f"another migration holds the journal {journal} (lock {journal}.lock: pid {child.pid} on " in err.getvalue()
+    assert resumed == 0
+    verify = parse("--mapping-file", mapping, "--verify")
+    assert run_migrate_command(verify, transport=fake.transport(), settings=settings, stdout=io.StringIO()) == 0
+
+
+# --- user ids Lago cannot address -------------------------------------------------------------------------------
+
+
+def test_a_dotted_user_id_is_refused_up_front_with_what_to_do(fake: FakeLago, tmp_path: Path) -> None:
+    """GET /customers/alice.smith reads customer 'alice' (format 'smith'): the migration can neither read
+    alice.smith's customer nor end her subscriptions. Dry run and execute refuse the mapping (exit 2, nothing written)
+    naming every such user, why, and what to do: not the advice for org ids (rename it), which here would name
+    another customer and leave her subscription billing on."""
+    fake.add_customer("alice", name="Another Alice")
+    fake.add_customer("alice.smith", name="Alice Smith")
+    fake.add_subscription("alice.smith", "pro", external_id="sub_alice_smith")
+    fake.add_customer("bob.jones")
+    fake.add_customer("carol")
+    fake.add_subscription("carol", "pro", external_id="sub_carol")
+    mapping = "user_id,org_id,org_name,email\nalice.smith,acme,Acme,\nbob.jones,acme,Acme,\ncarol,acme,Acme,\n"
+    for argv in ((), ("--execute",)):
+        fake.requests.clear()
+        code, out, err, report = _migrate(fake, tmp_path, mapping, *argv)
+        assert code == 2 and fake.write_requests == [] and out == ""
+        assert "the mapping has 2 problem(s); nothing was changed" in err
+        for line, user, head, tail in ((2, "alice.smith", "alice", "smith"), (3, "bob.jones", "bob", "jones")):
+            problem = (
+                f"mapping.csv line {line}: user_id {user!r} contains '.': Lago cannot address this user's customer "
+                f"(GET /customers/{user} is read as customer {head!r} in format {tail!r}), so the migration can "
+                "neither read it nor end its subscriptions. Do not rename it here"
+            )
+            assert problem in err and any(p.startswith(problem) for p in report["problems"])
+        assert "Remove this row and move this user by hand" in err and "map 'acme.com' to 'acme-com'" not in err
+    assert [s["external_id"] for s in subs(fake, "alice.smith")] == ["sub_alice_smith"]

@@ -319,19 +319,28 @@ class LagoClient:
         }
         return _unwrap(await self._request("DELETE", path, params=params or None), "subscription")
 
-    async def get_subscription_entitlements(self, external_id: str) -> list[JSON]:
-        """``GET /subscriptions/{external_id}/entitlements``: plan values with this subscription's overrides."""
+    async def get_subscription_entitlements(self, external_id: str, *, status: str | None = None) -> list[JSON]:
+        """``GET /subscriptions/{external_id}/entitlements``: plan values with this subscription's overrides (of the
+        active subscription, or the one with ``status``, e.g. ``pending``)."""
         path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
-        return list((await self._request("GET", path)).get("entitlements") or [])
+        params = {"subscription_status": status} if status else None
+        return list((await self._request("GET", path, params=params)).get("entitlements") or [])
 
     async def update_subscription_entitlements(
-        self, external_id: str, entitlements: Mapping[str, Mapping[str, Any]]
+        self, external_id: str, entitlements: Mapping[str, Mapping[str, Any]], *, status: str | None = None
     ) -> list[JSON]:
-        """``PATCH /subscriptions/{external_id}/entitlements``: per-subscription overrides,
-        ``{"feature_code": {"privilege_code": value}}``."""
+        """``PATCH /subscriptions/{external_id}/entitlements``: per-subscription overrides (partial: the others are
+        kept), ``{"feature_code": {"privilege_code": value}}``; of the active subscription, or the one with
+        ``status``."""
         path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
-        body = await self._request("PATCH", path, json={"entitlements": dict(entitlements)})
+        params = {"subscription_status": status} if status else None
+        body = await self._request("PATCH", path, params=params, json={"entitlements": dict(entitlements)})
         return list(body.get("entitlements") or [])
+
+    async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
+        """``GET /features`` (one page): the features plans and subscriptions can be entitled to."""
+        params = _params({}, page=page, per_page=per_page)
+        return Page.from_body(await self._request("GET", "/features", params=params), "features")
 
     # ------------------------------------------------------------------ events
 

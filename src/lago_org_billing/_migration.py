@@ -11,8 +11,16 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
    policy* picks among its users' active subscriptions (default ``highest``: the most expensive per year;
    ties go to the oldest subscription), unless a ``plan_code`` column or ``--default-plan`` says otherwise.
    An org that already has an active subscription keeps it, whatever its plan.
+   **Entitlement overrides** (``PATCH /subscriptions/{id}/entitlements``: an enterprise user's custom
+   ``max_api_calls``...) go with the plan: the org subscription gets the override values (never the plan values)
+   of the one subscription the plan policy picks, the *donor* (the user whose plan, and billing identity, the org
+   takes), when it is on that subscription's plan. Other users' differing overrides are not carried (a warning
+   names them), nor are the donor's when the org is on another plan (a mapping ``plan_code``, an existing org
+   subscription). An override the org subscription already has is kept, never overwritten (a warning says so),
+   so the step is idempotent: a run stopped between subscribing the org and setting them sets them when resumed.
 3. **Terminate the users' active subscriptions** (``on_termination_invoice``/``on_termination_credit_note``
-   as chosen) and cancel their pending (not yet started) ones.
+   as chosen) and cancel their pending (not yet started) ones; the donor's last, so that a run stopped half-way
+   still finds, when resumed, the subscription whose overrides the org takes.
 4. **Mark each user customer** with metadata ``migrated_to_org = <org id>``.
 
 **Dates.** The org subscription starts *now* (Lago's clock: no ``subscription_at`` is sent, so clock skew
@@ -40,6 +48,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -69,7 +78,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoUnavailableError,
 )
-from ._ids import path_segment, validate_id
+from ._ids import _FORBIDDEN, MAX_ID_LENGTH, path_segment, validate_id
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -80,6 +89,8 @@ __all__ = [
     "PLAN_POLICIES",
     "CallCounter",
     "Journal",
+    "JournalLock",
+    "JournalLockedError",
     "MappingError",
     "MigrationOptions",
     "MigrationRun",
@@ -105,6 +116,8 @@ _PERIODS_PER_YEAR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 
 _MAX_NAME = 255
 
 Mode = Literal["dry-run", "execute", "verify"]
+#: Per-subscription entitlement overrides: ``{feature_code: {privilege_code: value}}``.
+Overrides = dict[str, dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -247,7 +260,7 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
                 try:
                     validate_id(value, key)
                 except InvalidIdentifierError as exc:
-                    problems.append(f"{where}: {exc}")
+                    problems.append(f"{where}: {(_unaddressable_user(value) if key == 'user_id' else None) or exc}")
                     row_ok = False
         org_name = values["org_name"]
         if not org_name or not org_name.strip():
@@ -313,6 +326,27 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
         for org_id, org in orgs.items()
     ]
     return result, warnings
+
+
+def _unaddressable_user(user_id: str) -> str | None:
+    """The problem of a user id with a character Lago's ``/customers/{id}`` cannot take ('.', '/'...), with what to
+    do; ``None`` for other invalid ids (blanks, length: the mapping can fix those)."""
+    bad = _FORBIDDEN.search(user_id)
+    if bad is None or user_id != user_id.strip() or len(user_id) > MAX_ID_LENGTH:
+        return None
+    char = bad.group()
+    if char == ".":
+        head, _, tail = user_id.partition(".")
+        why = f"GET /customers/{user_id} is read as customer {head!r} in format {tail!r}"
+    else:
+        why = "it cannot be sent in a URL path"
+    return (
+        f"user_id {user_id!r} contains {char!r}: Lago cannot address this user's customer ({why}), so the "
+        "migration can neither read it nor end its subscriptions. Do not rename it here (another id is another "
+        "customer: this one would keep its subscriptions and stay billed). Remove this row and move this user by "
+        "hand in Lago's dashboard: terminate its subscriptions once its org is subscribed (give the org a plan_code "
+        "if it should get this user's plan)"
+    )
 
 
 async def validate_mapping(
@@ -501,6 +535,120 @@ class Journal:
             self._file = None
 
 
+class JournalLockedError(LagoIntegrationError):
+    """Another run holds the journal's lock (:class:`JournalLock`); nothing was done."""
+
+
+class JournalLock:
+    """An exclusive lock on ``<journal>.lock`` held for a whole ``migrate --execute --journal`` run, so that a second
+    run on the same journal (re-run in another terminal, by a scheduler...) stops at once (:class:`JournalLockedError`)
+    rather than migrating the same orgs at the same time.
+
+    It is an OS lock, taken without waiting: ``fcntl.flock`` (``msvcrt.locking`` on Windows). The OS drops it when
+    the process ends, killed or crashed as well, so a lock is never stale: the ``.lock`` file stays behind and its
+    presence means nothing (it names the last holder, for the message). On a platform with neither (WASI...) no lock
+    is taken and a warning is logged. Two runs with *different* journals are not prevented from overlapping.
+    """
+
+    def __init__(self, journal: str | Path) -> None:
+        self.journal = Path(journal)
+        resolved = self.journal.resolve()  # (the same file through a symlink or a relative path: the same lock)
+        self.path = resolved.with_name(resolved.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`JournalLockedError` (another process holds it) or ``OSError``."""
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _lock_file(fd)
+            if locked:
+                os.ftruncate(fd, 0)
+                holder = f"pid {os.getpid()} on {socket.gethostname()}, started {_now_iso()}"
+                os.write(fd, holder.encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        if not locked:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise JournalLockedError(
+                f"another migration holds the journal {self.journal} (lock {self.path}"
+                f"{': ' + holder if holder else ''}); nothing was done. Two --execute runs on one journal would "
+                "migrate the same orgs at once: wait for that run to finish (or stop it), then run the same command "
+                "again, it resumes from the journal"
+            )
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (nothing when not held)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            _unlock_file(fd)
+        except OSError:  # (closing the file drops the lock anyway)
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> JournalLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _lock_file(fd: int) -> bool:
+    """Lock ``fd`` exclusively without waiting; ``False`` when another process holds the lock."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - (WASI, Emscripten)
+        logger.warning("No file locking on this platform: a second run on the same journal is not prevented")
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock_file(fd: int) -> None:
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_holder(fd: int) -> str:
+    """What the lock's holder wrote about itself (best effort: empty when unreadable)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 300).decode("utf-8", "replace").strip()
+    except OSError:  # (Windows: the locked byte cannot be read)
+        return ""
+
+
 def _now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -514,7 +662,20 @@ class PlanCatalog:
     def __init__(self, client: LagoClient) -> None:
         self._client = client
         self._plans: dict[str, JSON | None] = {}
+        self._features: bool | None = None
         self._lock = anyio.Lock()
+
+    async def uses_entitlements(self) -> bool:
+        """Whether Lago has any feature (``GET /features``, once per run): without one no subscription can have
+        entitlement overrides, and the migration reads none (no extra call per subscription)."""
+        if self._features is None:
+            async with self._lock:
+                if self._features is None:
+                    try:  # (one page of one is all this needs)
+                        self._features = bool((await self._client.list_features(per_page=1)).items)
+                    except LagoNotFoundError:  # a Lago from before entitlements
+                        self._features = False
+        return self._features
 
     async def get(self, code: str) -> JSON | None:
         if code not in self._plans:
@@ -558,7 +719,12 @@ class Step:
     """One write the migration makes (or would make) for an org."""
 
     kind: Literal[
-        "upsert_customer", "create_subscription", "terminate_subscription", "cancel_subscription", "mark_user"
+        "upsert_customer",
+        "create_subscription",
+        "set_entitlements",
+        "terminate_subscription",
+        "cancel_subscription",
+        "mark_user",
     ]
     target: str
     description: str
@@ -591,9 +757,15 @@ class OrgResult:
     calls: CallStats = dataclasses.field(default_factory=CallStats)
     customer: JSON | None = None
     subscription: JSON | None = None
+    #: The entitlement overrides the org subscription takes (or, verified, should have), and whose they are.
+    entitlement_overrides: Overrides | None = None
+    entitlements_from: str | None = None
     exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> JSON:
+        overrides = None
+        if self.entitlement_overrides is not None:
+            overrides = {"from": self.entitlements_from, "values": self.entitlement_overrides}
         return {
             "org_id": self.org_id,
             "status": self.status,
@@ -601,6 +773,7 @@ class OrgResult:
             "plan_code": self.plan_code,
             "plan_source": self.plan_source,
             "billing_time": self.billing_time,
+            "entitlement_overrides": overrides,
             "steps": [step.to_json() for step in self.steps],
             "warnings": self.warnings,
             "errors": self.errors,
@@ -647,6 +820,137 @@ async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog)
     else:
         best = max(keyed, key=lambda k: (k[1], k[0], k[2]))
     return best[3], best[4]
+
+
+# ------------------------------------------------------------------------------------ entitlement overrides
+
+
+def _override_values(entitlements: Iterable[Any]) -> Overrides:
+    """The per-subscription override values of Lago's subscription entitlements (``overrides``, else each
+    privilege's ``override_value``): never the plan's values."""
+    result: Overrides = {}
+    for feature in entitlements:
+        if not isinstance(feature, Mapping) or not feature.get("code"):
+            continue
+        values: dict[str, Any] = {}
+        overrides = feature.get("overrides")
+        if isinstance(overrides, Mapping):
+            values.update({str(code): value for code, value in overrides.items() if value is not None})
+        for privilege in feature.get("privileges") or ():
+            if isinstance(privilege, Mapping) and privilege.get("code") and privilege.get("override_value") is not None:
+                values.setdefault(str(privilege["code"]), privilege["override_value"])
+        if values:
+            result[str(feature["code"])] = values
+    return result
+
+
+async def _overrides_of(client: LagoClient, subscription: JSON) -> Overrides:
+    """The entitlement overrides of a Lago subscription object: those it embeds, else ``GET
+    /subscriptions/{id}/entitlements`` for its status (a subscription listed by ``GET /subscriptions``)."""
+    entitlements = subscription.get("entitlements")
+    if not isinstance(entitlements, list):
+        external_id = str(subscription.get("external_id"))
+        status = subscription.get("status")
+        try:
+            entitlements = await client.get_subscription_entitlements(
+                external_id, status=None if status in (None, "active") else str(status)
+            )
+        except LagoNotFoundError:  # (a Lago without entitlements)
+            entitlements = []
+    return _override_values(entitlements)
+
+
+async def _set_overrides(client: LagoClient, external_id: str, overrides: Overrides, status: str) -> None:
+    """``PATCH /subscriptions/{id}/entitlements`` (partial: other overrides are left as they are)."""
+    await client.update_subscription_entitlements(external_id, overrides, status=None if status == "active" else status)
+
+
+def format_overrides(overrides: Overrides) -> str:
+    """``feature.privilege=value, ...`` (values as JSON)."""
+    return ", ".join(
+        f"{feature}.{privilege}={json.dumps(value)}"
+        for feature, values in sorted(overrides.items())
+        for privilege, value in sorted(values.items())
+    )
+
+
+def _compare(wanted: Overrides, current: Overrides) -> tuple[Overrides, Overrides]:
+    """``(missing, other)``: the entries of ``wanted`` that ``current`` lacks, and those it has another value for."""
+    missing: Overrides = {}
+    other: Overrides = {}
+    for feature, values in wanted.items():
+        for privilege, value in values.items():
+            have = current.get(feature, {}).get(privilege)
+            if have is None:
+                missing.setdefault(feature, {})[privilege] = value
+            elif have != value:
+                other.setdefault(feature, {})[privilege] = value
+    return missing, other
+
+
+async def _plan_overrides(
+    client: LagoClient,
+    org: OrgMapping,
+    sub_id: str,
+    candidates: Sequence[tuple[str, JSON]],
+    donor: tuple[str, JSON],
+    org_subscription: JSON | None,
+    result: OrgResult,
+) -> Step | None:
+    """The step that gives the org subscription the donor's entitlement overrides (``None`` when it has them or
+    they are not carried), and the warnings on overrides left behind (see the module's docstring)."""
+    donor_user, donor_sub = donor
+    donor_id = str(donor_sub.get("external_id"))
+    origin = f"{donor_user}'s subscription {donor_id}"
+    wanted: Overrides = {}
+    others: list[tuple[str, Overrides]] = []
+    for user_id, subscription in candidates:
+        overrides = await _overrides_of(client, subscription)
+        if user_id == donor_user and subscription.get("external_id") == donor_id:
+            wanted = overrides
+        else:
+            others.append((f"{user_id}'s {subscription.get('external_id')}", overrides))
+    differing = []
+    for name, overrides in others:
+        missing, other = _compare(overrides, wanted)
+        for feature, values in other.items():
+            missing.setdefault(feature, {}).update(values)
+        if missing:
+            differing.append(f"{name} ({format_overrides(missing)})")
+    if differing:
+        taken = format_overrides(wanted) or "none"
+        result.warnings.append(
+            f"org {org.org_id!r}: its users' subscriptions have different entitlement overrides; the org subscription "
+            f"takes only those of {origin}, whose plan the plan policy picks ({taken}), not those of "
+            + "; ".join(differing)
+        )
+    if not wanted:
+        return None
+    if result.plan_code != donor_sub.get("plan_code"):
+        where = f"is on plan {result.plan_code!r}" if result.plan_code else "is not made (no plan)"
+        result.warnings.append(
+            f"org {org.org_id!r}: the entitlement overrides of {origin} ({format_overrides(wanted)}) are not carried: "
+            f"the org subscription {where}, not on its plan {donor_sub.get('plan_code')!r}; if they still apply, set "
+            f"them with PATCH /subscriptions/{sub_id}/entitlements"
+        )
+        return None
+    result.entitlement_overrides, result.entitlements_from = wanted, origin
+    current = await _overrides_of(client, org_subscription) if org_subscription is not None else {}
+    missing, other = _compare(wanted, current)
+    if other:
+        kept = {feature: {p: current[feature][p] for p in values} for feature, values in other.items()}
+        result.warnings.append(
+            f"org subscription {sub_id!r} keeps its own entitlement overrides {format_overrides(kept)} ({origin} has "
+            f"{format_overrides(other)})"
+        )
+    if not missing:
+        return None
+    return Step(
+        "set_entitlements",
+        sub_id,
+        f"set entitlement overrides of org subscription {sub_id} to those of {origin}: {format_overrides(missing)}",
+        {"entitlements": missing},
+    )
 
 
 #: Lago customer fields a user customer's org inherits when it has none (its invoices' billing identity).
@@ -816,13 +1120,24 @@ async def plan_org(
                 )
             )
 
-    # 3. The users' subscriptions, then 4. the marks on the user customers.
+    # 2b. The entitlement overrides of the subscription the plan policy picks, the donor (see the module docstring).
+    candidates = active or starting
+    donor: tuple[str, JSON] | None = None
+    if candidates:
+        donor = source if source is not None else await _pick(options.plan_policy, candidates, plans)
+        if await plans.uses_entitlements():
+            step = await _plan_overrides(client, org, sub_id, candidates, donor, org_subscription, result)
+            if step is not None:
+                steps.append(step)
+
+    # 3. The users' subscriptions (the donor's last), then 4. the marks on the user customers.
+    ends: list[Step] = []
     for user_id, _, subscriptions in users:
         active_ids = {s["external_id"] for s in subscriptions if s.get("status") == "active"}
         for subscription in subscriptions:
             external_id = str(subscription["external_id"])
             if subscription.get("status") == "active":
-                steps.append(
+                ends.append(
                     Step(
                         "terminate_subscription",
                         external_id,
@@ -831,7 +1146,7 @@ async def plan_org(
                     )
                 )
             elif external_id not in active_ids and not subscription.get("previous_plan_code"):
-                steps.append(
+                ends.append(
                     Step(
                         "cancel_subscription",
                         external_id,
@@ -839,6 +1154,9 @@ async def plan_org(
                         {"user_id": user_id},
                     )
                 )
+    # (a run stopped half-way then still finds the donor when resumed: the same overrides, whatever was ended)
+    donor_id = donor[1].get("external_id") if donor is not None else None
+    steps.extend(sorted(ends, key=lambda step: step.target == donor_id))
     for user_id, customer, _ in users:
         if customer is None:
             continue
@@ -882,6 +1200,11 @@ async def apply_org(
                 result.subscription = subscription
                 step.outcome = "done"
                 step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
+            elif step.kind == "set_entitlements":
+                status = str((result.subscription or {}).get("status") or "active")
+                await _set_overrides(client, step.target, step.payload["entitlements"], status)
+                step.outcome = "done"
+                step.detail = {"entitlements": step.payload["entitlements"]}
             elif step.kind in ("terminate_subscription", "cancel_subscription"):
                 try:
                     ended = await _end_subscription(client, step, options)
@@ -943,9 +1266,16 @@ def _log_step(org: OrgMapping, step: Step, journal: Journal | None) -> None:
         )
 
 
-async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> None:
+async def verify_org(
+    client: LagoClient,
+    org: OrgMapping,
+    result: OrgResult,
+    plans: PlanCatalog | None = None,
+    options: MigrationOptions | None = None,
+) -> None:
     """``result.errors`` gets every way the org is not migrated: no customer, no active subscription (or one
-    on another customer), a mapped user still holding an active subscription."""
+    on another customer), a mapped user still holding an active subscription, an entitlement override of the donor
+    (the subscription the plan policy picks among those the migration ended) missing from the org subscription."""
     sub_id = client.settings.subscription_id_for(org.org_id)
     result.customer = await _or_none(client.get_customer(org.org_id))
     if result.customer is None:
@@ -961,6 +1291,8 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
             result.errors.append(
                 f"active subscription {sub_id!r} belongs to customer {owner!r}, not org {org.org_id!r}"
             )
+        elif plans is not None and await plans.uses_entitlements():
+            await _verify_overrides(client, org, result.subscription, options or MigrationOptions(), plans, result)
     for user_id in org.users:
         page = await client.list_subscriptions(
             external_customer_id=user_id, statuses=["active", "pending"], per_page=20
@@ -972,6 +1304,62 @@ async def verify_org(client: LagoClient, org: OrgMapping, result: OrgResult) -> 
             if ids:
                 result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has {status} subscription(s) {ids}")
     result.status = "unverified" if result.errors else "verified"
+
+
+async def _verify_overrides(
+    client: LagoClient,
+    org: OrgMapping,
+    subscription: JSON,
+    options: MigrationOptions,
+    plans: PlanCatalog,
+    result: OrgResult,
+) -> None:
+    """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
+    was made (terminated ones; else canceled ones that would have started later), by the plan policy. When it is on
+    the org subscription's plan, each of its overrides must be on the org subscription."""
+    sub_id = str(subscription.get("external_id"))
+    since = _parse_time(subscription.get("created_at"))
+    if since is None:
+        return
+    ended: list[tuple[str, JSON]] = []
+    for user_id in org.users:
+        async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated", "canceled"]):
+            at = _parse_time(old.get("terminated_at") or old.get("canceled_at"))
+            if at is not None and at >= since and not old.get("previous_plan_code"):
+                ended.append((user_id, old))
+    pool = [(user_id, old) for user_id, old in ended if old.get("status") == "terminated"] or ended
+    if not pool:
+        return
+    donor_user, donor = await _pick(options.plan_policy, pool, plans)
+    if donor.get("plan_code") != subscription.get("plan_code"):
+        return  # (not carried: --execute warned)
+    wanted = await _overrides_of(client, donor)
+    if not wanted:
+        return
+    origin = f"{donor_user}'s subscription {donor.get('external_id')}"
+    result.entitlement_overrides, result.entitlements_from = wanted, origin
+    missing, other = _compare(wanted, await _overrides_of(client, subscription))
+    if missing:
+        body = json.dumps({"entitlements": missing}, separators=(",", ":"))
+        result.errors.append(
+            f"org subscription {sub_id!r} lacks the entitlement overrides of {origin}: {format_overrides(missing)} (it "
+            f"gets the plan's values); set them: PATCH /subscriptions/{sub_id}/entitlements {body}"
+        )
+    if other:
+        result.warnings.append(
+            f"org subscription {sub_id!r} has other values than {origin} for the entitlement overrides "
+            + format_overrides(other)
+        )
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -1076,7 +1464,7 @@ async def run_migration(
                 if mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint):
                     result.status = "journal"
                 elif mode == "verify":
-                    await verify_org(client, org, result)
+                    await verify_org(client, org, result, plans, options)
                 else:
                     await plan_org(client, org, options, plans, result)
                     if mode == "dry-run" or not result.steps:

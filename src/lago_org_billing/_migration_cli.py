@@ -1,7 +1,8 @@
 """The ``lago-org-billing migrate`` command: move user-keyed Lago customers to org-keyed ones.
 
 ``migrate --mapping-file FILE [--execute | --verify] [--journal FILE] [--report FILE]``; dry run by default.
-Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings.
+Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings, or
+another ``--execute`` run holds the journal (``FILE.lock``, an OS lock held for the run).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from ._migration import (
     PLAN_POLICIES,
     CallCounter,
     Journal,
+    JournalLock,
+    JournalLockedError,
     MappingError,
     MigrationOptions,
     MigrationRun,
     Mode,
     OrgResult,
+    format_overrides,
     load_mapping_callable,
     read_mapping_file,
     run_migration,
@@ -39,13 +43,16 @@ __all__ = ["add_migrate_command", "run_migrate_command"]
 _EPILOG = """\
 Per org: upsert the org customer (external_id = org id; metadata billing_type, migrated_from_user,
 created_by_user_id), subscribe it (subscription external_id from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan
-the policy picks among its users' active subscriptions, terminate the users' subscriptions, mark the user
-customers (migrated_to_org). Re-running changes nothing already done; --journal skips finished orgs.
+the policy picks among its users' active subscriptions, with the entitlement overrides of the subscription
+it takes the plan from, terminate the users' subscriptions, mark the user customers (migrated_to_org).
+Re-running changes nothing already done; --journal skips finished orgs, and --execute holds an OS lock on
+FILE.lock for the run: a second --execute on the same journal stops at once (exit 2).
 
 Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
 keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
 
-Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings.
+Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings
+or another run holds the journal.
 """
 
 
@@ -70,7 +77,11 @@ def add_migrate_command(commands: Any) -> None:
         action="store_true",
         help="check every org has its customer and active subscription and no user still has one",
     )
-    migrate.add_argument("--journal", metavar="FILE", help="JSON-lines journal; an interrupted --execute resumes")
+    migrate.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="JSON-lines journal; an interrupted --execute resumes (one --execute at a time: FILE.lock)",
+    )
     migrate.add_argument("--report", metavar="FILE", help="write the JSON report here")
     migrate.add_argument("--concurrency", type=int, default=8, help="orgs migrated at once (default 8)")
     migrate.add_argument(
@@ -156,6 +167,34 @@ def run_migrate_command(
         except OSError as exc:
             print(f"error: --report {args.report} cannot be written ({type(exc).__name__}: {exc})", file=err)
             return 2
+    lock: JournalLock | None = None
+    if args.journal and mode == "execute":  # (before the journal is read: another run may be writing it)
+        lock = JournalLock(args.journal)
+        try:
+            lock.acquire()
+        except JournalLockedError as exc:
+            print(f"error: {exc}", file=err)
+            return 2
+        except OSError as exc:
+            print(f"error: --journal {args.journal}: its lock {lock.path} cannot be taken ({exc})", file=err)
+            return 2
+    try:
+        return _run(args, mode, options, settings, transport, out, err, on_org_done)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(
+    args: argparse.Namespace,
+    mode: Mode,
+    options: MigrationOptions,
+    settings: BillingSettings,
+    transport: httpx.AsyncBaseTransport | None,
+    out: TextIO,
+    err: TextIO,
+    on_org_done: Callable[[OrgResult, int, int], None] | None,
+) -> int:
     opened: Journal | None = None
     if args.journal and mode == "execute":
         try:
@@ -321,6 +360,9 @@ def _print_plan(run: MigrationRun, out: TextIO) -> None:
         plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
         users = f"{len(result.users)} user{'' if len(result.users) == 1 else 's'}"
         print(f"org {result.org_id} [{users}]: {plan}", file=out)
+        if result.entitlement_overrides:
+            values = format_overrides(result.entitlement_overrides)
+            print(f"  entitlement overrides (those of {result.entitlements_from}): {values}", file=out)
         for step in result.steps:
             print(f"  - {step.description}", file=out)
         for error in result.errors:
