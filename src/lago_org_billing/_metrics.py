@@ -34,12 +34,29 @@ registered in a process (one collector per registry, so two apps never clash):
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
   ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
 * ``quota_redis_fallback`` gauge: 1 while Redis is unreachable and decisions are counted locally
+
+With several worker processes (``uvicorn --workers``, gunicorn), each has its own counts. When
+``PROMETHEUS_MULTIPROC_DIR`` is set (checked at registration), prometheus_client's multiprocess mode is used instead
+of the collectors: a daemon thread mirrors the plain ints, by deltas, into prometheus_client ``Counter``, ``Gauge``
+(``livesum``: the live workers' values summed) and ``Histogram`` objects backed by its per-process files, every
+``_SYNC_INTERVAL`` seconds and once more when the process exits (``atexit``; its gauges then go to 0). Those objects
+are registered with no registry: the ``MultiProcessCollector`` of the registry that serves ``/metrics`` reads the
+files of every worker, dead ones' counters included, and sums them under the same names and labels. The files
+belong to the process, not to a registry: middlewares and pipelines registered under one namespace are summed (each
+once), whatever the registries given. The request path and the delivery path still never touch
+``prometheus_client``.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import collections
+import contextlib
+import functools
 import logging
+import os
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -63,6 +80,13 @@ _COUNTERS = {
     "batches_sent": ("batches_sent", "POST /events/batch calls made."),
     "rate_limited": ("rate_limited", "429 answers from Lago that paused delivery."),
 }
+#: Help of the pipeline's other metrics, by name.
+_PIPELINE_DOCS = {
+    "lago_errors": "Errors answered by Lago, by status.",
+    "queue_depth": "Events accepted and not yet resolved.",
+    "spool_depth": "Rows in the SQLite spool.",
+    "delivery_seconds": "Duration of each POST /events/batch call.",
+}
 
 
 class PipelineMetrics:
@@ -85,6 +109,12 @@ class PipelineMetrics:
         self.latency_sum = 0.0
         self.latency_count = 0
         self._gauges: Callable[[], dict[str, int]] = dict
+        #: Multiprocess mode: what takes the last counts of these metrics when they go (see ``_Mirror``).
+        self._hand_overs: list[Callable[[PipelineMetrics], None]] = []
+
+    def __del__(self) -> None:
+        for hand_over in getattr(self, "_hand_overs", ()):
+            hand_over(self)
 
     # ------------------------------------------------------------- recording
 
@@ -112,7 +142,8 @@ class PipelineMetrics:
     # ------------------------------------------------------------ Prometheus
 
     def register(self, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
-        """Export these metrics through ``registry`` (default: ``prometheus_client.REGISTRY``).
+        """Export these metrics through ``registry`` (default: ``prometheus_client.REGISTRY``); with
+        ``PROMETHEUS_MULTIPROC_DIR`` set, through prometheus_client's multiprocess files instead (see the module).
 
         Returns False (and logs a warning) when ``prometheus_client`` is not installed:
         ``pip install 'lago-org-billing[metrics]'``.
@@ -120,7 +151,8 @@ class PipelineMetrics:
         target = _registry(registry)
         if target is None:
             return False
-        target.register(_Collector(self, namespace))
+        if not _mirrored(namespace, pipeline=self):
+            target.register(_Collector(self, namespace))
         return True
 
 
@@ -155,15 +187,13 @@ def _pipeline_families(prefix: str, sources: list[PipelineMetrics]) -> Iterator[
     for attribute, (name, documentation) in _COUNTERS.items():
         value = sum(getattr(metrics, attribute) for metrics in sources)
         yield CounterMetricFamily(prefix + name, documentation, value=value)
-    errors = CounterMetricFamily(prefix + "lago_errors", "Errors answered by Lago, by status.", labels=["status"])
+    errors = CounterMetricFamily(prefix + "lago_errors", _PIPELINE_DOCS["lago_errors"], labels=["status"])
     for status, count in sorted(_summed(metrics.lago_errors for metrics in sources).items()):
         errors.add_metric([status], count)
     yield errors
     gauges = _summed(metrics._gauges() for metrics in sources)
-    yield GaugeMetricFamily(
-        prefix + "queue_depth", "Events accepted and not yet resolved.", value=gauges.get("depth", 0)
-    )
-    yield GaugeMetricFamily(prefix + "spool_depth", "Rows in the SQLite spool.", value=gauges.get("spool_depth", 0))
+    yield GaugeMetricFamily(prefix + "queue_depth", _PIPELINE_DOCS["queue_depth"], value=gauges.get("depth", 0))
+    yield GaugeMetricFamily(prefix + "spool_depth", _PIPELINE_DOCS["spool_depth"], value=gauges.get("spool_depth", 0))
     cumulative, buckets = 0, []
     counts = [sum(column) for column in zip(*(metrics.latency_buckets for metrics in sources), strict=True)]
     for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts or [0] * (len(LATENCY_BUCKETS) + 1), strict=True):
@@ -171,7 +201,7 @@ def _pipeline_families(prefix: str, sources: list[PipelineMetrics]) -> Iterator[
         buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
     yield HistogramMetricFamily(
         prefix + "delivery_seconds",
-        "Duration of each POST /events/batch call.",
+        _PIPELINE_DOCS["delivery_seconds"],
         buckets=buckets,
         sum_value=sum(metrics.latency_sum for metrics in sources),
     )
@@ -206,7 +236,9 @@ _registered: dict[int, tuple[Any, _MiddlewareCollector]] = {}
 
 def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
     """Export ``middleware``'s metrics (its pipeline's, its own counts and its quota gate's) through ``registry``
-    (default: ``prometheus_client.REGISTRY``), summed with the other middlewares registered there.
+    (default: ``prometheus_client.REGISTRY``), summed with the other middlewares registered there; with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, through prometheus_client's multiprocess files instead, summed with the other
+    middlewares and pipelines registered under ``namespace`` in the process (see the module).
 
     Returns False (and logs a warning) when ``prometheus_client`` is not installed:
     ``pip install 'lago-org-billing[metrics]'``.
@@ -214,6 +246,8 @@ def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = 
     target = _registry(registry)
     if target is None:
         return False
+    if _mirrored(namespace, middleware=middleware):
+        return True
     entry = _registered.get(id(target))
     if entry is None or entry[0] is not target:
         collector = _MiddlewareCollector(namespace)
@@ -252,3 +286,328 @@ class _MiddlewareCollector:
                 yield GaugeMetricFamily(f"{prefix}quota_{key}", _GATE_GAUGES[key], value=value)
             else:
                 yield CounterMetricFamily(f"{prefix}quota_{key}", f"Quota gate: {key.replace('_', ' ')}.", value=value)
+
+
+# ------------------------------------------------------------------------------------ multiprocess mode
+
+#: Seconds between two mirrorings of the counts into prometheus_client's multiprocess files.
+_SYNC_INTERVAL = 1.0
+
+#: What a source's counts are keyed by: (metric name without the namespace, label value or bucket).
+_Counts = dict[tuple[str, str], float]
+
+#: The mirroring of this process, made by the first registration in multiprocess mode.
+_multiprocess: _Multiprocess | None = None
+_hooks_installed = False
+_warned_late = False
+
+
+def _mirrored(namespace: str, *, pipeline: PipelineMetrics | None = None, middleware: Any = None) -> bool:
+    """In prometheus_client's multiprocess mode, add ``pipeline`` or ``middleware`` to the mirror of
+    ``namespace`` and return True; False otherwise (the caller registers a collector as usual)."""
+    global _multiprocess, _hooks_installed, _warned_late
+    if not (os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")):
+        return False
+    from prometheus_client import values
+
+    if values.ValueClass is values.MutexValue:  # chosen by prometheus_client when imported, before the variable
+        if not _warned_late:
+            _warned_late = True
+            logger.warning(
+                "PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported, so prometheus_client is not "
+                "in multiprocess mode: each process exports its own billing metrics. Set it in the environment "
+                "the server starts with."
+            )
+        return False
+    state = _multiprocess
+    if state is None:
+        state = _multiprocess = _Multiprocess()
+        if not _hooks_installed:
+            _hooks_installed = True
+            atexit.register(_at_exit)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_child)
+    state.add(namespace, pipeline, middleware)
+    return True
+
+
+def _at_exit() -> None:
+    if _multiprocess is not None:
+        _multiprocess.close()
+
+
+def _before_fork() -> None:
+    """Synced and locked across ``fork`` (gunicorn ``--preload``): the child starts from what is mirrored, and no
+    sync of the parent's thread is halfway through in it."""
+    if _multiprocess is not None:
+        _multiprocess.forking = _multiprocess.lock.acquire(timeout=5)
+        if _multiprocess.forking:
+            _multiprocess.sync_locked()
+
+
+def _after_fork() -> None:
+    if _multiprocess is not None and _multiprocess.forking:
+        _multiprocess.forking = False
+        _multiprocess.lock.release()
+
+
+def _after_fork_child() -> None:
+    if _multiprocess is not None:
+        _multiprocess.forked()
+
+
+class _Multiprocess:
+    """Mirrors the plain-int counts of every namespace's registered middlewares and pipelines into prometheus_client
+    metrics backed by its multiprocess files: from a daemon thread every ``_SYNC_INTERVAL`` seconds, and at exit."""
+
+    def __init__(self) -> None:
+        self.mirrors: dict[str, _Mirror] = {}
+        #: Held while syncing (one sync at a time, or a delta would be applied twice) and across ``fork``.
+        self.lock = threading.Lock()
+        #: prometheus_client metrics by full name, one per process: two objects of one name would each cache the
+        #: value of their shared file entry, and overwrite each other's counts.
+        self._metrics: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed = False
+        self.forking = False
+
+    def add(self, namespace: str, pipeline: PipelineMetrics | None, middleware: Any) -> None:
+        with self.lock:
+            mirror = self.mirrors.get(namespace)
+            if mirror is None:
+                mirror = self.mirrors[namespace] = _Mirror(self, namespace)
+            if pipeline is not None:
+                mirror.pipelines.add(pipeline)
+            if middleware is not None:
+                mirror.middlewares.add(middleware)
+            self.sync_locked()  # its metrics exist from now on, zeros included
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name="lago-org-billing-metrics", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(_SYNC_INTERVAL):
+            self.sync()
+
+    def sync(self, *, final: bool = False) -> None:
+        with self.lock:
+            self.sync_locked(final=final)
+
+    def sync_locked(self, *, final: bool = False) -> None:
+        for mirror in list(self.mirrors.values()):
+            try:
+                mirror.sync(final=final)
+            except Exception:  # never the end of the thread, nor of a registration: logged once
+                if not self._failed:
+                    self._failed = True
+                    logger.exception("Could not mirror the billing metrics into prometheus_client's files")
+
+    def close(self) -> None:
+        """Stop the thread and sync a last time (the process ends: its gauges go to 0). Never hangs an exit."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        if self.lock.acquire(timeout=5):
+            try:
+                self.sync_locked(final=True)
+            finally:
+                self.lock.release()
+
+    def forked(self) -> None:
+        """In the child of a ``fork``: the lock held across it and the thread are the parent's."""
+        self.lock = threading.Lock()
+        self.forking = False
+        self._thread = None
+        if self.mirrors:
+            self._start()
+
+    # prometheus_client metrics, registered with no registry: the MultiProcessCollector reads their files.
+
+    def counter(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            from prometheus_client import Counter
+
+            metric = self._metrics[name] = Counter(name, documentation, labelnames, registry=None)
+        return metric
+
+    def gauge(self, name: str, documentation: str) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            from prometheus_client import Gauge
+
+            metric = Gauge(name, documentation, registry=None, multiprocess_mode="livesum")
+            self._metrics[name] = metric
+        return metric
+
+    def histogram(self, name: str, documentation: str) -> Any:
+        """The ``delivery_seconds`` histogram, mirrored by deltas per bucket (``observe`` takes single values;
+        the pipeline counts per bucket, with the same bounds): ``None`` if prometheus_client's ``Histogram`` no
+        longer has the per-bucket values this relies on."""
+        if name not in self._metrics:
+            from prometheus_client import Histogram
+
+            histogram: Any = Histogram(name, documentation, buckets=LATENCY_BUCKETS, registry=None)
+            if len(getattr(histogram, "_buckets", ())) != len(LATENCY_BUCKETS) + 1 or not hasattr(histogram, "_sum"):
+                logger.warning("This prometheus_client's Histogram cannot be mirrored: %s is not exported", name)
+                histogram = None
+            self._metrics[name] = histogram
+        return self._metrics[name]
+
+
+class _Source:
+    """Something whose counts are mirrored, and the counts mirrored so far. A ``stats`` dict (a middleware's, a
+    gate's) is held: it holds nothing back, and one let go of (a gate renewed, a middleware discarded) is read a last
+    time, then dropped. Pipeline metrics are held weakly (they hold their pipeline, hence its middleware) and hand
+    their last counts over as they go."""
+
+    __slots__ = ("last", "read", "ref")
+
+    def __init__(self, source: Any, read: Callable[[Any], _Counts]) -> None:
+        self.ref: Callable[[], Any]
+        try:
+            self.ref = weakref.ref(source)
+        except TypeError:  # a dict (or a gate that cannot be weakly referenced)
+            self.ref = functools.partial(_same, source)
+        self.read = read
+        self.last: _Counts = {}
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Mirror:
+    """The registered middlewares and pipelines of one namespace (held weakly, as the collectors hold them)."""
+
+    def __init__(self, state: _Multiprocess, namespace: str) -> None:
+        self.middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.pipelines: weakref.WeakSet[PipelineMetrics] = weakref.WeakSet()
+        self._state = state
+        self._prefix = f"{namespace}_" if namespace else ""
+        #: Sources by id (a dead one's id may be another's by now: checked by identity).
+        self._sources: dict[int, _Source] = {}
+        #: The source of each pipeline's metrics ever seen, while they live.
+        self._adopted: weakref.WeakKeyDictionary[PipelineMetrics, _Source] = weakref.WeakKeyDictionary()
+        #: Last counts of pipeline metrics that went since the last sync (appended from ``__del__``: no lock).
+        self._handed_over: collections.deque[tuple[_Source, _Counts]] = collections.deque()
+        #: Gauge values last written (written again only when they change).
+        self._gauges: dict[str, float] = {}
+
+    def sync(self, *, final: bool = False) -> None:
+        while self._handed_over:
+            self._mirror(*self._handed_over.popleft())
+        pipelines = {id(metrics): metrics for metrics in list(self.pipelines)}
+        gates: list[Any] = []
+        current: dict[int, tuple[Any, Callable[[Any], _Counts]]] = {}
+        for middleware in list(self.middlewares):
+            current[id(middleware.stats)] = (middleware.stats, _request_counts)
+            metrics = getattr(middleware.pipeline, "metrics", None)
+            if isinstance(metrics, PipelineMetrics):
+                pipelines[id(metrics)] = metrics
+            gate = middleware.quota
+            for part in (gate, getattr(gate, "backend", None)):
+                if part is not None:
+                    stats = getattr(part, "__dict__", {}).get("stats")
+                    source = stats if type(stats) is dict else part  # its own dict, else read through the gate
+                    current[id(source)] = (source, _gate_counts)
+                    gates.append(source)
+        for key, metrics in pipelines.items():
+            current[key] = (metrics, _pipeline_counts)
+        for key, (source, read) in current.items():
+            known = self._sources.get(key)
+            if known is None or known.ref() is not source:
+                known = self._adopted.get(source) if isinstance(source, PipelineMetrics) else None
+                if known is None:
+                    known = _Source(source, read)
+                    if isinstance(source, PipelineMetrics):  # seen again later (another way), counted on from here
+                        self._adopted[source] = known
+                        source._hand_overs.append(functools.partial(self._hand_over, known))
+                self._sources[key] = known
+        for key, known in list(self._sources.items()):
+            source = known.ref()
+            if source is not None:
+                self._mirror(known, known.read(source))
+            if source is None or key not in current:
+                del self._sources[key]
+        depth = spool = 0
+        for metrics in pipelines.values():
+            values = metrics._gauges()
+            depth += values.get("depth", 0)
+            spool += values.get("spool_depth", 0)
+        gauges: dict[str, float] = {"queue_depth": depth, "spool_depth": spool}
+        gate_stats = [_stats_of(part) for part in gates]
+        for state in _GATE_GAUGES:
+            states = [stats[state] for stats in gate_stats if state in stats]
+            if states or f"quota_{state}" in self._gauges:
+                gauges[f"quota_{state}"] = sum(states)
+        for name, value in gauges.items():
+            value = 0 if final else value  # a process that ends holds no queue, no spool rows, no Redis outage
+            if self._gauges.get(name) != value:
+                documentation = _PIPELINE_DOCS.get(name) or _GATE_GAUGES[name.removeprefix("quota_")]
+                self._state.gauge(self._prefix + name, documentation).set(value)
+                self._gauges[name] = value
+
+    def _mirror(self, known: _Source, counts: _Counts) -> None:
+        for (name, label), value in counts.items():
+            target = self._target(name, label)  # made on first sight: zeros are exported too
+            delta = value - known.last.get((name, label), 0)
+            if delta > 0 and target is not None:
+                target.inc(delta)
+            known.last[name, label] = value
+
+    def _hand_over(self, known: _Source, metrics: PipelineMetrics) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit, say
+            self._handed_over.append((known, _pipeline_counts(metrics)))
+
+    def _target(self, name: str, label: str) -> Any:
+        """The prometheus_client value that the count ``(name, label)`` is mirrored into."""
+        full = self._prefix + name
+        if name == "delivery_seconds":
+            histogram = self._state.histogram(full, _PIPELINE_DOCS[name])
+            if histogram is None:
+                return None
+            return histogram._sum if label == "sum" else histogram._buckets[int(label)]
+        if name == "lago_errors":
+            return self._state.counter(full, _PIPELINE_DOCS[name], ("status",)).labels(label)
+        documentation = _COUNTER_DOCS.get(name) or f"Quota gate: {name.removeprefix('quota_').replace('_', ' ')}."
+        return self._state.counter(full, documentation)
+
+
+_COUNTER_DOCS = {name: documentation for name, documentation in (*_COUNTERS.values(), *_REQUEST_COUNTERS.values())}
+
+
+# The sources are read from the sync thread while the event loop's thread counts: the dicts are copied first (a
+# C-level copy, which a key added meanwhile cannot break), and a value read a moment early is mirrored next time.
+
+
+def _pipeline_counts(metrics: PipelineMetrics) -> _Counts:
+    counts: _Counts = {(name, ""): getattr(metrics, attribute) for attribute, (name, _) in _COUNTERS.items()}
+    for status, count in dict(metrics.lago_errors).items():
+        counts["lago_errors", status] = count
+    for index, count in enumerate(list(metrics.latency_buckets)):
+        counts["delivery_seconds", str(index)] = count
+    counts["delivery_seconds", "sum"] = metrics.latency_sum
+    return counts
+
+
+def _request_counts(source: dict[str, int]) -> _Counts:
+    stats = dict(source)
+    return {(name, ""): stats.get(key, 0) for key, (name, _) in _REQUEST_COUNTERS.items()}
+
+
+def _stats_of(gate: Any) -> dict[str, int]:
+    """A copy of a gate's stats (``gate`` is its stats dict, or the gate)."""
+    return dict(gate if type(gate) is dict else getattr(gate, "stats", None) or {})
+
+
+def _gate_counts(gate: Any) -> _Counts:
+    return {(f"quota_{key}", ""): value for key, value in _stats_of(gate).items() if key not in _GATE_GAUGES}
