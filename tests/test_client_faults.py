@@ -256,6 +256,7 @@ async def test_an_attempt_never_runs_past_the_deadline(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(client_module.anyio, "sleep", sleep)
     monkeypatch.setattr(client_module.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(client_module.random, "random", lambda: 0.0)
     async with LagoClient(settings(api_timeout=10, retry_deadline=2, retry_backoff=0.5), transport=Recording()) as lago:
         await lago.get_customer("org_1")
     assert len(timeouts) == 2 and all(timeout <= 2 for timeout in timeouts)

@@ -535,7 +535,9 @@ class LagoClient:
                     wait = error.retry_after
             attempt += 1
             backoff = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
-            wait = backoff if wait is None else max(wait, backoff)  # a reset of 0 does not make a burst
+            # after a 429, each call waits the reset plus a random part of the next second: the calls a burst had
+            # throttled do not all hit Lago again at the reset instant (and a reset of 0 does not make a burst)
+            wait = backoff if wait is None else max(wait + random.random(), backoff)
             # DELETE is retried only after a 429 (Lago did not process it): a terminate that went through behind a lost
             # answer would fail its retry with a 404
             retryable = retry and (method != "DELETE" or isinstance(error, LagoRateLimitError))

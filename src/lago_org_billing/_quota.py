@@ -53,7 +53,13 @@ limits and reserves in one round trip, so N workers or pods share one count and 
 asked for each org's usage at most once per TTL for the whole fleet: at 10,000 active orgs and the default 30 s
 TTL that is ~333 ``current_usage`` calls/s, over Lago Cloud's 200/s per organization: use a TTL >= 60 s
 (~167/s) there; the subscription part costs ``active_orgs / plan_ttl`` = 33/s at 300 s, within the 50/s of
-other endpoints. Idle orgs cost nothing (refreshes are triggered by traffic). Redis down: each process falls
+other endpoints. Idle orgs cost nothing (refreshes are triggered by traffic). Bursts are bounded: at most
+``max_concurrent_refreshes`` refreshes per process at once (cold orgs first), due snapshots refreshed at
+``refresh_rate`` per second (``plan_refresh_rate`` for those re-reading the subscription) while they keep serving,
+every refresh paused after a 429 until Lago's reset, and first snapshots due after a random half to whole TTL (orgs
+first seen together would otherwise refresh together ever after). A refresh that fails hands the fleet's Redis lock
+back after ``failure_backoff``, and folds the org's per-second records so that they stay bounded however long Lago
+is down. Redis down: each process falls
 back to local counting from the last usage it saw (``stats["redis_fallback"]`` is 1 meanwhile; limits then hold
 per process, not per fleet) and tries Redis again every ``redis_retry_interval`` seconds.
 """
@@ -85,6 +91,7 @@ from ._errors import (
     LagoAPIError,
     LagoIntegrationError,
     LagoNotFoundError,
+    LagoRateLimitError,
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
@@ -187,6 +194,16 @@ class QuotaConfig:
     jitter: float = 0.1
     #: Seconds between refresh attempts of one org while Lago fails (per process).
     failure_backoff: float = 5.0
+    #: ``LAGO_QUOTA_REFRESH_CONCURRENCY``: snapshot refreshes running at once per process (the others queue, those
+    #: of cold orgs first): keeps a burst of new orgs from flooding Lago and the client's connection pool.
+    max_concurrent_refreshes: int = 16
+    #: ``LAGO_QUOTA_REFRESH_RATE``: refreshes of due (stale) snapshots started per second per process, at most (0: no
+    #: limit). One reads the org's current usage; a snapshot keeps serving until its turn comes. Cold orgs (a
+    #: request waiting) are not paced, only bounded by ``max_concurrent_refreshes``.
+    refresh_rate: float = 100.0
+    #: ``LAGO_QUOTA_PLAN_REFRESH_RATE``: of those, refreshes that also read the subscription (``plan_ttl`` passed,
+    #: or ``invalidate_all()`` after a ``plan.updated`` webhook) per second per process (Lago Cloud allows 50/s).
+    plan_refresh_rate: float = 40.0
     #: Orgs whose state is kept in process (LRU).
     max_orgs: int = 100_000
     #: Seconds after which an unsettled reservation is forgotten (its worker died).
@@ -219,6 +236,17 @@ class QuotaConfig:
             )
         if not 0 <= self.jitter < 1:
             raise ConfigurationError(f"QuotaConfig.jitter must be in [0, 1), got {self.jitter!r}.")
+        for name, rate in (
+            ("LAGO_QUOTA_REFRESH_RATE", self.refresh_rate),
+            ("LAGO_QUOTA_PLAN_REFRESH_RATE", self.plan_refresh_rate),
+        ):
+            if not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+                raise ConfigurationError(f"{name} must be a number >= 0 (0: no limit), got {rate!r}.", variable=name)
+        if not isinstance(self.max_concurrent_refreshes, int) or self.max_concurrent_refreshes < 1:
+            raise ConfigurationError(
+                f"LAGO_QUOTA_REFRESH_CONCURRENCY must be a whole number >= 1, got {self.max_concurrent_refreshes!r}.",
+                variable="LAGO_QUOTA_REFRESH_CONCURRENCY",
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QuotaConfig:
@@ -250,6 +278,16 @@ class QuotaConfig:
         values["settle_lag"] = _env_float(env, "LAGO_QUOTA_SETTLE_LAG", cls.settle_lag)
         values["plan_ttl"] = _env_float(env, "LAGO_QUOTA_PLAN_TTL", cls.plan_ttl)
         values["redis_retry_interval"] = _env_float(env, "LAGO_QUOTA_REDIS_RETRY", cls.redis_retry_interval)
+        values["refresh_rate"] = _env_float(env, "LAGO_QUOTA_REFRESH_RATE", cls.refresh_rate)
+        values["plan_refresh_rate"] = _env_float(env, "LAGO_QUOTA_PLAN_REFRESH_RATE", cls.plan_refresh_rate)
+        concurrency = env.get("LAGO_QUOTA_REFRESH_CONCURRENCY", "").strip()
+        if concurrency:
+            if not concurrency.isdigit():
+                raise ConfigurationError(
+                    f"LAGO_QUOTA_REFRESH_CONCURRENCY must be a whole number >= 1, got {concurrency!r}.",
+                    variable="LAGO_QUOTA_REFRESH_CONCURRENCY",
+                )
+            values["max_concurrent_refreshes"] = int(concurrency)
         for name, field in (
             ("LAGO_QUOTA_FEATURE", "feature_code"),
             ("LAGO_QUOTA_CALLS_PRIVILEGE", "calls_privilege"),
@@ -414,6 +452,16 @@ class _Counts:
         for sec in [s for s in self.i if s < inflight_cutoff]:
             self.calls -= self.i.pop(sec)
 
+    def compact(self, before: int) -> None:
+        """Fold the recorded seconds older than ``before`` into the last of them: memory stays bounded while no
+        snapshot prunes them (Lago down), and nothing is under-counted (a snapshot drops the fold only when it would
+        have dropped every second in it). Second 0 (what Lago does not count) and in-flight calls are left."""
+        for buckets in (self.c, self.t):
+            old = [sec for sec in buckets if 0 < sec < before]
+            if len(old) > 1:
+                total = sum(buckets.pop(sec) for sec in old)
+                buckets[max(old)] = total
+
     def add(self, other: _Counts) -> None:
         for mine, theirs in ((self.c, other.c), (self.t, other.t), (self.i, other.i)):
             for sec, value in theirs.items():
@@ -432,6 +480,85 @@ def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
             buckets[0] = buckets.get(0, 0) + removed
         return 0
     return removed
+
+
+#: Fraction of the TTL (and of ``plan_ttl``) a first snapshot's next refresh may come early, at random.
+_FIRST_SPREAD = 0.5
+
+
+class _Pace:
+    """A token bucket on the gate's clock: ``rate`` per second, bursts of up to one second's worth (0: no limit)."""
+
+    __slots__ = ("at", "rate", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = max(rate, 1.0)
+        self.at: float | None = None
+
+    def ready(self, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        if self.at is not None:
+            self.tokens = min(max(self.rate, 1.0), self.tokens + max(now - self.at, 0.0) * self.rate)
+        self.at = now
+        return self.tokens >= 1.0
+
+    def take(self) -> None:
+        if self.rate > 0:
+            self.tokens -= 1.0
+
+
+class _RefreshSlots:
+    """At most ``size`` refreshes at once; the others wait their turn, those a request waits for (cold orgs) first.
+    Plain counters and queues of events: a slot freed is handed to the next waiter directly."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self._urgent: dict[str, anyio.Event] = {}  # (insertion-ordered: first come, first served)
+        self._later: dict[str, anyio.Event] = {}
+
+    async def acquire(self, org_id: str, urgent: bool) -> None:
+        if self.busy < self.size and not self._urgent and not self._later:
+            self.busy += 1
+            return
+        event = anyio.Event()
+        (self._urgent if urgent else self._later)[org_id] = event
+        try:
+            await event.wait()
+        except BaseException:
+            if self._urgent.get(org_id) is event:
+                del self._urgent[org_id]
+            elif self._later.get(org_id) is event:
+                del self._later[org_id]
+            elif event.is_set():  # handed a slot as it was cancelled: passed on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        for queue in (self._urgent, self._later):
+            if queue:
+                org_id = next(iter(queue))
+                queue.pop(org_id).set()  # the slot goes to the next one (still busy)
+                return
+        self.busy -= 1
+
+    def promote(self, org_id: str) -> None:
+        """A request now waits for this org's queued refresh: it goes with the urgent ones."""
+        event = self._later.pop(org_id, None)
+        if event is not None:
+            self._urgent[org_id] = event
+
+
+async def _call_optional(backend: Any, name: str, *args: Any) -> None:
+    """Call a backend method that custom backends may lack (added after :class:`QuotaBackend`); errors logged."""
+    method = getattr(backend, name, None)
+    if method is not None:
+        try:
+            await method(*args)
+        except Exception:
+            logger.exception("Quota backend %s(%r) failed", name, args[0] if args else None)
 
 
 class _LocalOrg:
@@ -586,6 +713,14 @@ class LocalBackend:
         state = self._orgs.get(org_id)
         if state is not None:
             state.snapshot = None
+
+    async def unlock(self, org_id: str, now: float, seconds: float) -> None:
+        return None  # (the lock of one process is its in-flight refresh)
+
+    async def compact(self, org_id: str, before: int) -> None:
+        state = self._orgs.get(org_id)
+        if state is not None:
+            state.counts.compact(before)
 
     async def invalidate_all(self) -> None:
         for state in self._orgs.values():
@@ -776,6 +911,10 @@ class QuotaGate:
             "fail_closed": 0,
         }
         self._refreshing: dict[str, anyio.Event] = {}
+        self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)
+        self._paused_until = 0.0  # Lago answered a refresh 429: none is sent before then (on the gate's clock)
+        self._usage_pace = _Pace(self.config.refresh_rate)
+        self._plan_pace = _Pace(self.config.plan_refresh_rate)
         self._stale: set[str] = set()  # orgs invalidated while a refresh of theirs was in flight
         self._next_attempt: dict[str, float] = {}
         self._gave_up: dict[str, float] = {}
@@ -805,6 +944,7 @@ class QuotaGate:
             finally:
                 _RUNNING.discard(self)
                 self._tasks = None
+                self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)  # (its waiters were this loop's)
 
     async def aclose(self) -> None:
         """Write pending settles, stop refreshes, close the backend."""
@@ -850,7 +990,7 @@ class QuotaGate:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
         snap = outcome.snapshot
         if snap is not None:
-            if snap.refresh_at <= now:
+            if snap.refresh_at <= now and self._paced(org_id, snap, now):
                 self._schedule_refresh(org_id, now)
             if self._shared and self._known.get(org_id) is not snap:
                 self._known[org_id] = snap
@@ -1034,7 +1174,7 @@ class QuotaGate:
             deadline = anyio.current_time() + self.config.cold_timeout
             waited = False
             while True:
-                event = self._refreshing.get(org_id) or self._schedule_refresh(org_id, self.clock())
+                event = self._schedule_refresh(org_id, self.clock(), urgent=True)
                 if event is None:  # its last refresh failed moments ago
                     break
                 if not waited:
@@ -1087,9 +1227,30 @@ class QuotaGate:
 
     # ------------------------------------------------------------------------------ refreshes
 
-    def _schedule_refresh(self, org_id: str, now: float, *, force: bool = False) -> anyio.Event | None:
-        """Start a background refresh unless one is in flight or the last attempt failed recently."""
+    def _paced(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
+        """Whether the refresh of a due snapshot may start now (``refresh_rate``, ``plan_refresh_rate``): orgs whose
+        snapshots fell due together (first seen together, ``invalidate_all``) are refreshed at a steady pace,
+        serving their snapshots meanwhile, instead of all at once (Lago's 429s for them, and for the app's calls)."""
+        if org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
+            return False  # (in flight, or failed recently: nothing to pace)
+        plan = (
+            not snapshot.active or now - snapshot.plan_fetched_at >= self.config.plan_ttl or now >= snapshot.period_end
+        )
+        if not self._usage_pace.ready(now) or (plan and not self._plan_pace.ready(now)):
+            return False
+        self._usage_pace.take()
+        if plan:
+            self._plan_pace.take()
+        return True
+
+    def _schedule_refresh(
+        self, org_id: str, now: float, *, force: bool = False, urgent: bool = False
+    ) -> anyio.Event | None:
+        """Start a background refresh unless one is in flight or the last attempt failed recently. ``urgent``: a
+        request waits for it (a cold org), so it goes before the refreshes of stale snapshots."""
         if org_id in self._refreshing:
+            if urgent:
+                self._slots.promote(org_id)
             return self._refreshing[org_id]
         if not force and self._next_attempt.get(org_id, 0.0) > now:
             return None
@@ -1097,23 +1258,49 @@ class QuotaGate:
         if len(self._next_attempt) >= self.config.max_orgs:  # bounded, however many org ids requests bring
             self._next_attempt.clear()
         self._next_attempt[org_id] = now + self.config.failure_backoff
-        self._spawn(self._refresh, org_id, event)
+        self._spawn(self._refresh, org_id, event, urgent)
         return event
 
     def _spawn(
-        self, func: Callable[[str, anyio.Event], Coroutine[Any, Any, None]], org_id: str, event: anyio.Event
+        self,
+        func: Callable[[str, anyio.Event, bool], Coroutine[Any, Any, None]],
+        org_id: str,
+        event: anyio.Event,
+        urgent: bool,
     ) -> None:
         if self._tasks is not None:
-            self._tasks.start_soon(func, org_id, event)
+            self._tasks.start_soon(func, org_id, event, urgent)
             return
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(func(org_id, event))
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(func(org_id, event, urgent))
         self._loose.add(task)
         task.add_done_callback(self._loose.discard)
 
-    async def _refresh(self, org_id: str, event: anyio.Event) -> None:
-        backend = self.backend
+    async def _refresh(self, org_id: str, event: anyio.Event, urgent: bool = False) -> None:
+        slots = self._slots
         try:
-            if await backend.try_lock(org_id, self.ttl, self.clock()):
+            await slots.acquire(org_id, urgent)
+        except BaseException:
+            self._refreshing.pop(org_id, None)
+            event.set()
+            raise
+        try:
+            await self._refresh_now(org_id)
+        finally:
+            slots.release()
+            self._refreshing.pop(org_id, None)
+            self._stale.discard(org_id)
+            event.set()
+
+    async def _refresh_now(self, org_id: str) -> None:
+        backend = self.backend
+        locked = False
+        try:
+            if self._paused_until > self.clock():  # Lago throttles us: asked again once it said it would take it
+                self._next_attempt[org_id] = self._paused_until
+                self.stats["refreshes_paused"] = self.stats.get("refreshes_paused", 0) + 1
+                return
+            locked = await backend.try_lock(org_id, self.ttl, self.clock())
+            if locked:
                 previous = await backend.load(org_id)  # the fleet's copy: another process may have invalidated
                 snapshot = await self.fetch(org_id, previous)
                 for _ in range(3):  # invalidated while fetching (a plan change...): what was read may be stale
@@ -1138,6 +1325,15 @@ class QuotaGate:
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
+            if isinstance(exc, LagoRateLimitError) and exc.status == 429:
+                # every refresh of this process waits it out, not only this org's (a burst would go on hitting the
+                # closed window), each one at a random point of a second after it (not all at the reset instant)
+                until = self.clock() + max(exc.retry_after or 0.0, 1.0) + random.random()
+                self._paused_until = max(self._paused_until, until)
+            if locked:  # the fleet may ask again after failure_backoff (not after the whole TTL)
+                await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
+            # the records of an org whose refreshes fail (Lago down) keep growing by the second: folded
+            await _call_optional(backend, "compact", org_id, int(self.clock() - self.config.settle_lag))
             # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
             (logger.debug if self._refresh_failing else logger.warning)(
                 "Could not refresh the quota snapshot of org %r: %s (further failures are logged at DEBUG until Lago "
@@ -1149,14 +1345,11 @@ class QuotaGate:
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
-        finally:
-            self._refreshing.pop(org_id, None)
-            self._stale.discard(org_id)
-            event.set()
 
     async def fetch(self, org_id: str, previous: Snapshot | None = None) -> Snapshot:
         """Read the org's subscription (unless ``previous`` holds a recent one) and current usage from Lago."""
         self.stats["refreshes"] += 1
+        spread = previous is None  # a first snapshot (or one invalidated): its next refresh is spread wider
         subscription_id = self.settings.subscription_id_for(org_id)
         now = self.clock()
         if (
@@ -1169,7 +1362,11 @@ class QuotaGate:
         else:
             base = await self._fetch_subscription(org_id, subscription_id, now)
             if not base.active:
-                return self._finish(base, now, now)
+                return self._finish(base, now, now, spread=spread)
+            # the plan is read again after plan_ttl less a random part (more for a first snapshot), so that orgs
+            # first seen together do not all re-read their subscriptions together
+            early = self.config.plan_ttl * (_FIRST_SPREAD if spread else self.config.jitter) * random.random()
+            base = dataclasses.replace(base, plan_fetched_at=now - early)
         requested_at = self.clock()
         calls = tokens = 0
         counts_calls = counts_tokens = True
@@ -1189,7 +1386,7 @@ class QuotaGate:
                 usage = {}  # the plan has no charge on the metric: Lago counts nothing
             except LagoAPIError as exc:
                 if exc.status == 405:  # no_active_subscription
-                    return self._finish(Snapshot(active=False), requested_at, now)
+                    return self._finish(Snapshot(active=False), requested_at, now, spread=spread)
                 raise
             calls, token_units = usage_totals(usage, self.settings.event_code, self.token_metric)
             tokens = token_units or 0
@@ -1228,11 +1425,15 @@ class QuotaGate:
             ),
             requested_at,
             now,
+            spread=spread,
         )
 
-    def _finish(self, snapshot: Snapshot, requested_at: float, now: float) -> Snapshot:
+    def _finish(self, snapshot: Snapshot, requested_at: float, now: float, *, spread: bool = False) -> Snapshot:
+        """The snapshot with its times; its refresh is due after the TTL less a random part: up to ``jitter`` of it,
+        or half of it for a first snapshot (orgs first seen together, after a deploy or an outage, would otherwise
+        refresh together ever after: a burst of ``current_usage`` calls every TTL)."""
         fetched = self.clock()
-        jitter = self.ttl * self.config.jitter * random.random()
+        jitter = self.ttl * (_FIRST_SPREAD if spread else self.config.jitter) * random.random()
         return dataclasses.replace(
             snapshot,
             requested_at=requested_at,
@@ -1296,7 +1497,7 @@ class QuotaGate:
         now = self.clock()
         known = self._known.get(org_id) or await self.backend.load(org_id)
         if known is not None and (not known.active or now < known.period_end):
-            if known.refresh_at <= now:
+            if known.refresh_at <= now and self._paced(org_id, known, now):
                 self._schedule_refresh(org_id, now)
             return known
         snapshot = await self.fetch(org_id, None)

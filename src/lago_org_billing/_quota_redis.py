@@ -81,11 +81,11 @@ if not v then
   return {4, c, tonumber(redis.call('HGET', cnt, 'tokens') or '0'), '', full}
 end
 if s[2] ~= '1' then return {3, 0, 0, '', full} end
-if not cp then
+if cp ~= s[5] then
+  -- (re)created for this period: it expires with it, whether or not this check reserves (a peek, a block)
+  if cp then redis.call('DEL', cnt) end
   redis.call('HSET', cnt, 'p', s[5])
-elseif cp ~= s[5] then
-  redis.call('DEL', cnt)
-  redis.call('HSET', cnt, 'p', s[5])
+  redis.call('PEXPIRE', cnt, math.max(1, math.floor((tonumber(s[6]) - now) * 1000)) + tonumber(ARGV[5]))
 end
 local calls = tonumber(s[7]) + tonumber(redis.call('HGET', cnt, 'calls') or '0')
 local tokens = tonumber(s[8]) + tonumber(redis.call('HGET', cnt, 'tokens') or '0')
@@ -133,8 +133,12 @@ local snap, cnt, lock = KEYS[1], KEYS[2], KEYS[3]
 local cur = redis.call('HGET', snap, 'rq')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 10))
+redis.call('HSET', snap, unpack(ARGV, 13))
 redis.call('PEXPIRE', snap, ARGV[4])
+if ARGV[10] ~= '' and redis.call('GET', lock) == ARGV[10] then
+  -- the lock this refresh took ends when the snapshot is due (its jittered time), not a whole TTL after it began
+  redis.call('SET', lock, ARGV[11], 'PX', ARGV[12])
+end
 if ARGV[6] ~= '' then
   -- the fleet's refresh lock ends with the snapshot's period at the latest: the first gate to see the new period
   -- refreshes at once, instead of every gate waiting out the TTL without a usable snapshot
@@ -193,6 +197,36 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ra', '0', 'pf', '0')
 end
 redis.call('DEL', KEYS[2])
+return 1
+"""
+
+
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+
+COMPACT = """
+local cnt = KEYS[1]
+local before = tonumber(ARGV[1])
+local fields = redis.call('HGETALL', cnt)
+local sum, last = {c = 0, t = 0}, {c = -1, t = -1}
+for i = 1, #fields, 2 do
+  local f = fields[i]
+  local kind = string.sub(f, 1, 1)
+  if (kind == 'c' or kind == 't') and string.sub(f, 2, 2) == ':' then
+    local sec = tonumber(string.sub(f, 3))
+    if sec > 0 and sec < before then
+      redis.call('HDEL', cnt, f)
+      sum[kind] = sum[kind] + tonumber(fields[i + 1])
+      if sec > last[kind] then last[kind] = sec end
+    end
+  end
+end
+for _, kind in ipairs({'c', 't'}) do
+  if last[kind] >= 0 then redis.call('HINCRBY', cnt, kind .. ':' .. last[kind], sum[kind]) end
+end
 return 1
 """
 
@@ -338,6 +372,9 @@ class RedisBackend:
         self._merge = self.redis.register_script(MERGE)
         self._expire = self.redis.register_script(EXPIRE_SNAPSHOT)
         self._lock = self.redis.register_script(LOCK)
+        self._unlock = self.redis.register_script(UNLOCK)
+        self._compact = self.redis.register_script(COMPACT)
+        self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
         self._queue: deque[tuple[str, str, str, str, str, int]] = deque()
@@ -531,6 +568,9 @@ class RedisBackend:
             max(1, int((snapshot.period_end - now) * 1000)),
             "0" if snapshot.lago_counts_calls else "1",
             "0" if snapshot.lago_counts_tokens else "1",
+            self._held.pop(org_id, ""),
+            repr(snapshot.refresh_at),
+            max(1, int((snapshot.refresh_at - now) * 1000)),
             *encode(snapshot),
         ]
         try:
@@ -544,12 +584,41 @@ class RedisBackend:
         """The fleet's refresh lock: held until ``now + ttl`` on the gates' clock (``SET ... PX`` cleans up)."""
         if not self._up():
             return True
+        held = repr(now + ttl)
         try:
-            args = [repr(now), repr(now + ttl), max(1, int(ttl * 1000))]
-            return bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
+            locked = bool(
+                await self._lock(keys=[self.key(org_id, "lock")], args=[repr(now), held, max(1, int(ttl * 1000))]) == 1
+            )
         except self._errors() as exc:
             self._failed(exc)
             return True
+        if locked:
+            if len(self._held) >= self.config.max_orgs:  # (bounded: refreshes cut off keep theirs until then)
+                self._held.clear()
+            self._held[org_id] = held
+        return locked
+
+    async def unlock(self, org_id: str, now: float, seconds: float) -> None:
+        """This process's refresh of the org failed: the fleet may try again in ``seconds`` (not a TTL later)."""
+        held = self._held.pop(org_id, None)
+        if held is None or not self._up():
+            return
+        try:
+            await self._unlock(
+                keys=[self.key(org_id, "lock")], args=[held, repr(now + seconds), max(1, int(seconds * 1000))]
+            )
+        except self._errors() as exc:
+            self._failed(exc)
+
+    async def compact(self, org_id: str, before: int) -> None:
+        """Fold the org's recorded seconds older than ``before`` into their last one (see LocalBackend.compact)."""
+        await self.fallback.compact(org_id, before)
+        if not self._up():
+            return
+        try:
+            await self._compact(keys=[self.key(org_id, "count")], args=[before])
+        except self._errors() as exc:
+            self._failed(exc)
 
     async def wait_snapshot(self, org_id: str, timeout: float, after: float = 0.0) -> None:  # noqa: ASYNC109
         """Poll (5 ms doubling to 100 ms) until the refreshing process has stored a snapshot requested after
