@@ -430,3 +430,26 @@ async def test_redis_count_hash_stays_bounded_while_lago_is_down(clock: Clock, r
     finally:
         await gate.aclose()
     assert fields <= 2 * (config.settle_lag + gate.ttl + 1) + 3, f"{fields} fields in one org's count hash after 5 min"
+
+
+async def test_eviction_keeps_orgs_with_calls_in_flight(clock: Clock) -> None:
+    """LocalBackend over ``max_orgs`` with no idle org evicts the least recently used orgs without calls in flight:
+    it evicted the first inserted tenth, records included, so an org whose calls were in flight (LLM streams) lost
+    them, was read again from Lago (which had not seen them) and got its limit again (limit 5: 10 allowed)."""
+    lago = StubLago(clock, limit=5)
+    gate = stub_gate(lago, clock, max_orgs=10)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        allowed = 0
+        for _ in range(5):  # the limit, all in flight (not settled yet)
+            allowed += (await gate.check("big")).allowed
+        for i in range(10):  # ten more orgs, each with a call recorded (settled): none is idle
+            decision = await gate.check(f"o{i}")
+            gate.settle(f"o{i}", decision, tokens=0, billed=True)
+        await settle_refreshes(gate)
+        for _ in range(3):
+            allowed += (await gate.check("big")).allowed
+            await settle_refreshes(gate)
+        tasks.cancel_scope.cancel()
+    assert "big" in gate.local._orgs
+    assert allowed == 5, f"{allowed} calls allowed on a limit of 5"

@@ -590,22 +590,31 @@ class LocalBackend:
         self._orgs: dict[str, _LocalOrg] = {}
 
     def _org(self, org_id: str) -> _LocalOrg:
-        state = self._orgs.get(org_id)
+        orgs = self._orgs
+        state = orgs.pop(org_id, None)  # (and put back last: the dict's order is least recently used first)
         if state is None:
-            if len(self._orgs) >= self.config.max_orgs:
+            if len(orgs) >= self.config.max_orgs:
                 self._evict()
-            state = self._orgs[org_id] = _LocalOrg()
+            state = _LocalOrg()
+        orgs[org_id] = state
         return state
 
     def _evict(self) -> None:
         """Over ``max_orgs``: forget orgs with nothing counted locally (their snapshot is fetched again when
-        needed); if that is not enough, the oldest tenth (their unsnapshotted records are lost)."""
-        idle = [org_id for org_id, state in self._orgs.items() if not state.counts.calls and not state.counts.tokens]
-        for org_id in idle:
-            del self._orgs[org_id]
-        if len(self._orgs) >= self.config.max_orgs:
-            for org_id in list(self._orgs)[: max(1, self.config.max_orgs // 10)]:
-                del self._orgs[org_id]
+        needed); if that is not enough, the least recently used tenth among those with no call in flight (their
+        records not yet in a snapshot are lost, long after they were made); only if every org has calls in flight,
+        the least recently used tenth."""
+        orgs = self._orgs
+        for org_id in [org_id for org_id, state in orgs.items() if not state.counts.calls and not state.counts.tokens]:
+            del orgs[org_id]
+        if len(orgs) < self.config.max_orgs:
+            return
+        tenth = max(1, self.config.max_orgs // 10)
+        victims = [org_id for org_id, state in orgs.items() if not state.counts.i][:tenth]
+        if not victims:
+            victims = list(orgs)[:tenth]
+        for org_id in victims:
+            del orgs[org_id]
 
     def reserve_now(self, org_id: str, now: float, mode: Mode) -> Outcome:
         state = self._org(org_id)
