@@ -617,8 +617,9 @@ class OrgBillingMiddleware:
         root_path: str,
         decision: QuotaDecision | None,
         idempotent: tuple[str, bool] | None = None,
-    ) -> None:
-        """Hand the request's event to the pipeline, to be built there.
+    ) -> str | None:
+        """Hand the request's event to the pipeline, to be built there; the idempotent transaction id of a first
+        event that was dropped (the outbox full), forgotten so that a retry of it counts as the first.
 
         Only what the request knows is captured here; reading the body's usage, building and encoding the event
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
@@ -629,7 +630,7 @@ class OrgBillingMiddleware:
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             self.stats["unbilled_errors"] += 1
-            return
+            return None
         endpoint = _template(scope, status, root_path)
         method = scope["method"]
         transaction_id: str | None = None
@@ -670,6 +671,8 @@ class OrgBillingMiddleware:
                 self.stats["idempotent_retries"] = self.stats.get("idempotent_retries", 0) + 1
         elif transaction_id is not None and not retry and self._first_seen.get(transaction_id) == started:
             del self._first_seen[transaction_id]  # never sent: a retry of it is the first event after all
+            return transaction_id
+        return None
 
     def _build_event(self, facts: _Facts) -> dict[str, Any] | str:
         """The event of one request, or its JSON text (called once, by the pipeline). An error here is logged with
@@ -809,7 +812,10 @@ class OrgBillingMiddleware:
         try:
             idempotent = await self._share_first_seen(scope, org_id, watcher, root_path, started)
         finally:
-            self._record(scope, org_id, user_id, watcher, started, root_path, decision, idempotent)
+            forgotten = self._record(scope, org_id, user_id, watcher, started, root_path, decision, idempotent)
+        if forgotten is not None and self._shared_first_seen is not None:  # its retry is the first event, fleet-wide
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
+                await self._shared_first_seen.forget(forgotten, started)
 
     async def _share_first_seen(
         self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
@@ -996,6 +1002,16 @@ class SharedFirstSeen:
         self.down = False
         return float(value)
 
+    async def forget(self, transaction_id: str, first: float) -> None:
+        """Drop the first timestamp of a transaction if it is still ``first`` (its event was dropped: a retry's is the
+        first). Redis unavailable: left to expire (the retry then counts as a retry until the next snapshot)."""
+        if self.redis is None:
+            self.redis = self._from_url()
+        try:
+            await self.redis.eval(_FORGET, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
+        except Exception:  # redis errors, OSError, timeouts
+            pass
+
     async def aclose(self) -> None:
         """Close the client (its connections belong to the running loop); the next use makes another."""
         redis, self.redis = self.redis, None
@@ -1007,6 +1023,12 @@ class SharedFirstSeen:
 _FIRST_SEEN = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', 86400)
 return redis.call('GET', KEYS[1])
+"""
+
+
+_FORGET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 

@@ -516,39 +516,47 @@ class _RefreshSlots:
     def __init__(self, size: int) -> None:
         self.size = size
         self.busy = 0
-        self._urgent: dict[str, anyio.Event] = {}  # (insertion-ordered: first come, first served)
-        self._later: dict[str, anyio.Event] = {}
+        self._urgent: dict[anyio.Event, None] = {}  # (insertion-ordered: first come, first served)
+        self._later: dict[anyio.Event, None] = {}
+        self._later_orgs: dict[str, anyio.Event] = {}  # the queued background refresh of each org (to promote it)
 
-    async def acquire(self, org_id: str, urgent: bool) -> None:
+    async def acquire(self, org_id: str | None = None, urgent: bool = True) -> None:
         if self.busy < self.size and not self._urgent and not self._later:
             self.busy += 1
             return
         event = anyio.Event()
-        (self._urgent if urgent else self._later)[org_id] = event
+        if urgent:
+            self._urgent[event] = None
+        else:
+            self._later[event] = None
+            if org_id is not None:
+                self._later_orgs[org_id] = event
         try:
             await event.wait()
         except BaseException:
-            if self._urgent.get(org_id) is event:
-                del self._urgent[org_id]
-            elif self._later.get(org_id) is event:
-                del self._later[org_id]
+            if self._urgent.pop(event, 0) is None or self._later.pop(event, 0) is None:
+                pass  # (still queued: taken out)
             elif event.is_set():  # handed a slot as it was cancelled: passed on
                 self.release()
             raise
+        finally:
+            if org_id is not None and self._later_orgs.get(org_id) is event:
+                del self._later_orgs[org_id]
 
     def release(self) -> None:
         for queue in (self._urgent, self._later):
             if queue:
-                org_id = next(iter(queue))
-                queue.pop(org_id).set()  # the slot goes to the next one (still busy)
+                event = next(iter(queue))
+                del queue[event]
+                event.set()  # the slot goes to the next one (still busy)
                 return
         self.busy -= 1
 
     def promote(self, org_id: str) -> None:
         """A request now waits for this org's queued refresh: it goes with the urgent ones."""
-        event = self._later.pop(org_id, None)
-        if event is not None:
-            self._urgent[org_id] = event
+        event = self._later_orgs.pop(org_id, None)
+        if event is not None and self._later.pop(event, 0) is None:
+            self._urgent[event] = None
 
 
 async def _call_optional(backend: Any, name: str, *args: Any) -> None:
@@ -962,6 +970,9 @@ class QuotaGate:
             task.cancel()
         if loose:  # ended before the backend closes: none is left holding a connection of a loop about to close
             await asyncio.gather(*loose, return_exceptions=True)
+        for event in self._refreshing.values():  # (a task cancelled before it ran left its entry)
+            event.set()
+        self._refreshing.clear()
         await self.backend.aclose()
         if self._scope is not None:
             self._scope.cancel()
@@ -1292,17 +1303,26 @@ class QuotaGate:
             self._refreshing.pop(org_id, None)
             event.set()
             raise
+        held = True
+
+        def release() -> None:  # (once: when the refresh only waits for another process's, or when it ends)
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+
         try:
-            await self._refresh_now(org_id)
+            await self._refresh_now(org_id, release)
         finally:
-            slots.release()
+            release()
             self._refreshing.pop(org_id, None)
             self._stale.discard(org_id)
             event.set()
 
-    async def _refresh_now(self, org_id: str) -> None:
+    async def _refresh_now(self, org_id: str, release_slot: Callable[[], None]) -> None:
         backend = self.backend
-        locked = False
+        self._stale.discard(org_id)  # (invalidated while queued: nothing was read yet, nothing to read again)
+        locked = stored = False
         try:
             if self._paused_until > self.clock():  # Lago throttles us: asked again once it said it would take it
                 self._next_attempt[org_id] = self._paused_until
@@ -1320,6 +1340,7 @@ class QuotaGate:
                 if org_id in self._stale:  # invalidated yet again: serve it, and read again at the next request
                     snapshot = dataclasses.replace(snapshot, refresh_at=0.0)
                 await backend.store(org_id, snapshot, self.clock())
+                stored = True
                 self._known[org_id] = snapshot
                 self._next_attempt.pop(org_id, None)
                 self._gave_up.pop(org_id, None)
@@ -1331,16 +1352,11 @@ class QuotaGate:
                 after = 0.0
                 if current is not None and current.active and self.clock() >= current.period_end:
                     after = current.requested_at
+                release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
-            if isinstance(exc, LagoRateLimitError) and exc.status == 429:
-                # every refresh of this process waits it out, not only this org's (a burst would go on hitting the
-                # closed window), each one at a random point of a second after it (not all at the reset instant)
-                until = self.clock() + max(exc.retry_after or 0.0, 1.0) + random.random()
-                self._paused_until = max(self._paused_until, until)
-            if locked:  # the fleet may ask again after failure_backoff (not after the whole TTL)
-                await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
+            self._pause_after(exc)
             # the records of an org whose refreshes fail (Lago down) keep growing by the second: folded
             await _call_optional(backend, "compact", org_id, int(self.clock() - self.config.settle_lag))
             # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
@@ -1354,6 +1370,18 @@ class QuotaGate:
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
+        finally:
+            if locked and not stored:  # failed or cut off: the fleet may ask again after failure_backoff, not a TTL
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
+                    await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
+
+    def _pause_after(self, exc: BaseException) -> None:
+        """After a 429, every refresh of this process waits it out, not only this org's (a burst would go on hitting
+        the closed window), each until a random point of the second after it (not all at the reset instant). Capped:
+        a reset that reads as hours (a gateway's epoch time) does not stop refreshes for hours."""
+        if isinstance(exc, LagoRateLimitError) and exc.status == 429:
+            wait = min(max(exc.retry_after or 0.0, 1.0), max(self.ttl, 60.0))
+            self._paused_until = max(self._paused_until, self.clock() + wait + random.random())
 
     async def fetch(self, org_id: str, previous: Snapshot | None = None) -> Snapshot:
         """Read the org's subscription (unless ``previous`` holds a recent one) and current usage from Lago."""
@@ -1509,7 +1537,28 @@ class QuotaGate:
             if known.refresh_at <= now and self._paced(org_id, known, now):
                 self._schedule_refresh(org_id, now)
             return known
-        snapshot = await self.fetch(org_id, None)
+        running = self._refreshing.get(org_id)
+        if running is not None:  # one is on its way: its snapshot, rather than a second read of Lago
+            self._slots.promote(org_id)
+            with anyio.move_on_after(self.config.cold_timeout):
+                await running.wait()
+            known = self._known.get(org_id) or await self.backend.load(org_id)
+            if known is not None and (not known.active or self.clock() < known.period_end):
+                return known
+        if self._paused_until > self.clock():
+            raise LagoRateLimitError(
+                f"Lago rate-limited this process's quota reads until {_iso(self._paused_until)}: try again then.",
+                status=429,
+                retry_after=self._paused_until - self.clock(),
+            )
+        await self._slots.acquire()  # within the refreshes' bound, ahead of background ones
+        try:
+            snapshot = await self.fetch(org_id, None)
+        except LagoIntegrationError as exc:
+            self._pause_after(exc)
+            raise
+        finally:
+            self._slots.release()
         await self.backend.store(org_id, snapshot, self.clock())
         self._known[org_id] = snapshot
         return snapshot

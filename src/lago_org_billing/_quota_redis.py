@@ -428,6 +428,9 @@ class RedisBackend:
                 self._failed(exc)
                 self.fallback.restore(pending[index:])
                 return
+            except BaseException:  # cut off (a native cancel): kept here, nothing lost
+                self.fallback.restore(pending[index:])
+                raise
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         try:
@@ -445,13 +448,15 @@ class RedisBackend:
             try:
                 # Shielded (bounded by redis_timeout): a request cancelled meanwhile (a client gone, a timeout) still
                 # learns whether its call was reserved, to release it after, instead of holding it for an hour.
+                # The merge of what was counted here during an outage, once Redis answers again, too: cut off, those
+                # records would be lost.
                 with anyio.CancelScope(shield=True):
                     result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
+                    if self.stats["redis_fallback"]:
+                        await self._recovered()
             except self._errors() as exc:
                 self._failed(exc)
             else:
-                if self.stats["redis_fallback"]:
-                    await self._recovered()
                 return self._outcome(org_id, result, known, int(now))
         self.stats["fallback_decisions"] += 1
         self._seed_fallback(org_id)
