@@ -241,6 +241,78 @@ async def test_middlewares_are_summed_once_whatever_the_registries(multiprocess:
     assert len(fake.events) == 5
 
 
+class Gate:
+    """A quota gate as the mirror reads it: its own ``stats`` dict (QuotaGate's, RedisBackend's)."""
+
+    def __init__(self, **stats: int) -> None:
+        self.stats = dict(stats)
+        self.backend = None
+
+
+class Middleware:
+    """What the mirror reads of an OrgBillingMiddleware: ``stats``, ``pipeline.metrics``, ``quota``."""
+
+    def __init__(self, gate: Gate | None) -> None:
+        self.stats = {"requests": 0}
+        self.pipeline = type("Pipeline", (), {"metrics": PipelineMetrics()})()
+        self.quota = gate
+
+
+def test_a_gate_that_outlives_its_middleware_is_not_counted_twice(multiprocess: Path) -> None:
+    """A gate made once (quota=gate) and given to a middleware that is let go of, then to a new one (an app built
+    again): what was mirrored of its stats is kept while the gate lives, so its counts are not added again."""
+    value = reader(multiprocess)
+    gate = Gate(checks=0)
+    first = Middleware(gate)
+    assert register_metrics(first)
+    gate.stats["checks"] = 5
+    sync()
+    assert value("lago_billing_quota_checks_total") == 5
+    del first
+    gc.collect()
+    sync()  # the gate's dict read a last time, no longer a source
+    gate.stats["checks"] = 6  # used meanwhile (by an app not registered): counted when it is mirrored again
+    second = Middleware(gate)
+    assert register_metrics(second)
+    sync()
+    sync()
+    assert value("lago_billing_quota_checks_total") == 6
+
+
+def test_a_gate_shared_by_two_middlewares_is_one_redis_outage(multiprocess: Path) -> None:
+    """One gate (Redis down: redis_fallback 1) shared by two middlewares of a namespace: its counters and its
+    gauge are mirrored once."""
+    value = reader(multiprocess)
+    gate = Gate(checks=3, redis_fallback=1)
+    first, second = Middleware(gate), Middleware(gate)
+    assert register_metrics(first) and register_metrics(second)
+    sync()
+    assert value("lago_billing_quota_checks_total") == 3
+    assert value("lago_billing_quota_redis_fallback") == 1
+
+
+async def test_a_pipeline_renewed_twice_between_two_syncs_is_counted(multiprocess: Path) -> None:
+    """A real OrgBillingMiddleware closed and served again twice within a sync interval (each time a new pipeline
+    and gate): the middle pipeline and gate, never seen by a sync, were adopted when made; their counts are
+    mirrored."""
+    value = reader(multiprocess)
+    fake = seed(FakeLago(api_key="k"), starter_calls=1_000)
+    app = Starlette(routes=[Route("/v1/chat", chat)])
+    middleware = OrgBillingMiddleware(app, settings=make_settings(fake), transport=fake.transport())
+    assert register_metrics(middleware)
+    try:
+        for _ in range(3):
+            await serve(middleware, "/v1/chat")
+            await middleware.aclose()
+        gc.collect()
+        sync()
+    finally:
+        await middleware.aclose()
+    assert len(fake.events) == 3
+    assert value("lago_billing_requests_billed_total") == 3
+    assert value("lago_billing_quota_checks_total") == 3 and value("lago_billing_events_delivered_total") == 3
+
+
 def test_last_counts_are_mirrored_when_the_process_exits(tmp_path: Path) -> None:
     """A worker's last counts (those of its shutdown, say) reach the files as it exits, and its gauges go to 0:
     a process that ended holds no queue."""
@@ -259,6 +331,55 @@ def test_last_counts_are_mirrored_when_the_process_exits(tmp_path: Path) -> None
     value = reader(tmp_path)
     assert value("lago_billing_events_delivered_total") == 7
     assert value("lago_billing_queue_depth") == 0 and value("lago_billing_spool_depth") == 0
+
+
+def test_a_killed_worker_s_gauges_are_not_summed_with_the_live_ones(tmp_path: Path) -> None:
+    """uvicorn --workers (no child_exit hook): a worker SIGKILLed with 3 events queued leaves its livesum gauge file;
+    the worker started in its place drops the gauges of the dead as its mirroring starts, so queue_depth is the live
+    workers' only."""
+    child = textwrap.dedent(
+        """
+        import sys, threading
+        import lago_org_billing._metrics as m
+
+        m._SYNC_INTERVAL = 3600.0
+        metrics = m.PipelineMetrics()
+        metrics.bind_gauges(lambda: {"depth": 3, "spool_depth": 0})
+        assert metrics.register()
+        print("READY", flush=True)
+        threading.Event().wait()
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == "READY\n"
+    finally:
+        worker.kill()
+        worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+    assert reader(tmp_path)("lago_billing_queue_depth") == 3  # the killed worker's, until a worker starts
+    replacement = """
+        import lago_org_billing._metrics as m
+
+        m._SYNC_INTERVAL = 3600.0
+        metrics = m.PipelineMetrics()
+        metrics.bind_gauges(lambda: {"depth": 0, "spool_depth": 0})
+        assert metrics.register()
+        m._multiprocess.sync()
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        print(registry.get_sample_value("lago_billing_queue_depth"), flush=True)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(replacement)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip()) == 0, "the dead worker's queue_depth is still summed"
+    assert not list(tmp_path.glob(f"gauge_livesum_{worker.pid}.db"))
 
 
 def test_without_the_variable_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,12 @@ of the collectors: a daemon thread mirrors the plain ints, by deltas, into prome
 (``livesum``: the live workers' values summed) and ``Histogram`` objects backed by its per-process files, every
 ``_SYNC_INTERVAL`` seconds and once more when the process exits (``atexit``; its gauges then go to 0). Those objects
 are registered with no registry: the ``MultiProcessCollector`` of the registry that serves ``/metrics`` reads the
-files of every worker, dead ones' counters included, and sums them under the same names and labels. The files
+files of every worker, dead ones' counters included, and sums them under the same names and labels. A process whose
+mirroring starts (or forked from one) drops the live gauges of processes that died without zeroing theirs (a killed
+worker: ``uvicorn --workers`` has no ``child_exit`` hook). A pipeline and gate that a middleware makes anew (served
+again after a shutdown) are adopted at once (``mirror_renewed``), so their counts are mirrored even if they go
+before the next sync; a gate's mirrored counts are remembered while it lives (given to another middleware later,
+it is not counted twice), and a gate shared by middlewares is counted once. The files
 belong to the process, not to a registry: middlewares and pipelines registered under one namespace are summed (each
 once), whatever the registries given. The request path and the delivery path still never touch
 ``prometheus_client``.
@@ -306,7 +311,8 @@ def _mirrored(namespace: str, *, pipeline: PipelineMetrics | None = None, middle
     """In prometheus_client's multiprocess mode, add ``pipeline`` or ``middleware`` to the mirror of
     ``namespace`` and return True; False otherwise (the caller registers a collector as usual)."""
     global _multiprocess, _hooks_installed, _warned_late
-    if not (os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    if not directory:
         return False
     from prometheus_client import values
 
@@ -321,7 +327,8 @@ def _mirrored(namespace: str, *, pipeline: PipelineMetrics | None = None, middle
         return False
     state = _multiprocess
     if state is None:
-        state = _multiprocess = _Multiprocess()
+        state = _multiprocess = _Multiprocess(directory)
+        _forget_dead_processes(directory)
         if not _hooks_installed:
             _hooks_installed = True
             atexit.register(_at_exit)
@@ -329,6 +336,44 @@ def _mirrored(namespace: str, *, pipeline: PipelineMetrics | None = None, middle
                 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_child)
     state.add(namespace, pipeline, middleware)
     return True
+
+
+def mirror_renewed(middleware: Any) -> None:
+    """Called by ``OrgBillingMiddleware`` when it has made a new pipeline and gate (served again after a shutdown):
+    in multiprocess mode, the mirrors it is registered with adopt them at once, so that their counts are mirrored
+    even if they go before the next sync. Never on the request path; never touches prometheus_client."""
+    state = _multiprocess
+    if state is not None:
+        state.renewed(middleware)
+
+
+def _forget_dead_processes(directory: str) -> None:
+    """The live gauges (``livesum`` and the like) of processes that died without a last sync (a killed worker, which
+    uvicorn replaces without a hook): dropped as mirroring starts in a process, as gunicorn's ``child_exit`` does.
+    POSIX only (elsewhere ``os.kill`` with signal 0 would end the process)."""
+    if os.name != "posix":
+        return
+    from prometheus_client import multiprocess
+
+    mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # (not typed there)
+    dead: set[int] = set()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        kind, _, pid = name.removesuffix(".db").rpartition("_")
+        if not (name.endswith(".db") and kind.startswith("gauge_live") and pid.isdigit() and int(pid) > 0):
+            continue  # not a live gauge's file, or not named by a pid (a custom process identifier)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            dead.add(int(pid))
+        except (OSError, OverflowError):  # PermissionError: it exists (another user's); or no pid at all
+            pass
+    for number in dead:
+        with contextlib.suppress(OSError):  # removed meanwhile by another worker starting
+            mark_process_dead(number, directory)
 
 
 def _at_exit() -> None:
@@ -360,7 +405,8 @@ class _Multiprocess:
     """Mirrors the plain-int counts of every namespace's registered middlewares and pipelines into prometheus_client
     metrics backed by its multiprocess files: from a daemon thread every ``_SYNC_INTERVAL`` seconds, and at exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
         self.mirrors: dict[str, _Mirror] = {}
         #: Held while syncing (one sync at a time, or a delta would be applied twice) and across ``fork``.
         self.lock = threading.Lock()
@@ -383,6 +429,16 @@ class _Multiprocess:
                 mirror.middlewares.add(middleware)
             self.sync_locked()  # its metrics exist from now on, zeros included
             self._start()
+
+    def renewed(self, middleware: Any) -> None:
+        with self.lock:
+            for mirror in list(self.mirrors.values()):
+                try:
+                    mirror.renewed(middleware)
+                except Exception:  # never the end of the middleware's start
+                    if not self._failed:
+                        self._failed = True
+                        logger.exception("Could not mirror the billing metrics into prometheus_client's files")
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -426,6 +482,8 @@ class _Multiprocess:
         self.lock = threading.Lock()
         self.forking = False
         self._thread = None
+        with contextlib.suppress(Exception):  # a worker forked in place of a killed one (gunicorn --preload)
+            _forget_dead_processes(self.directory)
         if self.mirrors:
             self._start()
 
@@ -485,6 +543,22 @@ def _same(value: Any) -> Any:
     return value
 
 
+#: What the mirror reads of a middleware: (source, how its counts are read, the gate or backend it belongs to).
+_Part = tuple[Any, Callable[[Any], _Counts], Any]
+
+
+def _parts(middleware: Any) -> Iterator[_Part]:
+    yield middleware.stats, _request_counts, None
+    metrics = getattr(middleware.pipeline, "metrics", None)
+    if isinstance(metrics, PipelineMetrics):
+        yield metrics, _pipeline_counts, None
+    gate = middleware.quota
+    for part in (gate, getattr(gate, "backend", None)):
+        if part is not None:
+            stats = getattr(part, "__dict__", {}).get("stats")
+            yield (stats if type(stats) is dict else part), _gate_counts, part  # its own dict, else read through it
+
+
 class _Mirror:
     """The registered middlewares and pipelines of one namespace (held weakly, as the collectors hold them)."""
 
@@ -497,6 +571,10 @@ class _Mirror:
         self._sources: dict[int, _Source] = {}
         #: The source of each pipeline's metrics ever seen, while they live.
         self._adopted: weakref.WeakKeyDictionary[PipelineMetrics, _Source] = weakref.WeakKeyDictionary()
+        #: The source of each gate's (or Redis backend's) stats ever seen, by the gate's id, while the gate lives: a
+        #: gate given to a middleware that goes, then to another, is counted on from what was mirrored of it. By
+        #: identity (a gate of the app's may be unhashable, or equal to another); dead ones dropped at each sync.
+        self._gates: dict[int, tuple[weakref.ref[Any], _Source]] = {}
         #: Last counts of pipeline metrics that went since the last sync (appended from ``__del__``: no lock).
         self._handed_over: collections.deque[tuple[_Source, _Counts]] = collections.deque()
         #: Gauge values last written (written again only when they change).
@@ -505,46 +583,31 @@ class _Mirror:
     def sync(self, *, final: bool = False) -> None:
         while self._handed_over:
             self._mirror(*self._handed_over.popleft())
-        pipelines = {id(metrics): metrics for metrics in list(self.pipelines)}
-        gates: list[Any] = []
-        current: dict[int, tuple[Any, Callable[[Any], _Counts]]] = {}
+        # By id: a pipeline or gate shared by two middlewares (or registered on its own too) is counted once.
+        current: dict[int, _Part] = {id(metrics): (metrics, _pipeline_counts, None) for metrics in list(self.pipelines)}
         for middleware in list(self.middlewares):
-            current[id(middleware.stats)] = (middleware.stats, _request_counts)
-            metrics = getattr(middleware.pipeline, "metrics", None)
-            if isinstance(metrics, PipelineMetrics):
-                pipelines[id(metrics)] = metrics
-            gate = middleware.quota
-            for part in (gate, getattr(gate, "backend", None)):
-                if part is not None:
-                    stats = getattr(part, "__dict__", {}).get("stats")
-                    source = stats if type(stats) is dict else part  # its own dict, else read through the gate
-                    current[id(source)] = (source, _gate_counts)
-                    gates.append(source)
-        for key, metrics in pipelines.items():
-            current[key] = (metrics, _pipeline_counts)
-        for key, (source, read) in current.items():
-            known = self._sources.get(key)
-            if known is None or known.ref() is not source:
-                known = self._adopted.get(source) if isinstance(source, PipelineMetrics) else None
-                if known is None:
-                    known = _Source(source, read)
-                    if isinstance(source, PipelineMetrics):  # seen again later (another way), counted on from here
-                        self._adopted[source] = known
-                        source._hand_overs.append(functools.partial(self._hand_over, known))
-                self._sources[key] = known
+            for part in _parts(middleware):
+                current[id(part[0])] = part
+        self._track(current)
         for key, known in list(self._sources.items()):
             source = known.ref()
             if source is not None:
                 self._mirror(known, known.read(source))
             if source is None or key not in current:
                 del self._sources[key]
+        for key, (ref, _) in list(self._gates.items()):
+            if ref() is None:
+                del self._gates[key]
         depth = spool = 0
-        for metrics in pipelines.values():
-            values = metrics._gauges()
-            depth += values.get("depth", 0)
-            spool += values.get("spool_depth", 0)
+        gate_stats: list[dict[str, int]] = []
+        for source, read, _ in current.values():
+            if read is _pipeline_counts:
+                values = source._gauges()
+                depth += values.get("depth", 0)
+                spool += values.get("spool_depth", 0)
+            elif read is _gate_counts:
+                gate_stats.append(_stats_of(source))
         gauges: dict[str, float] = {"queue_depth": depth, "spool_depth": spool}
-        gate_stats = [_stats_of(part) for part in gates]
         for state in _GATE_GAUGES:
             states = [stats[state] for stats in gate_stats if state in stats]
             if states or f"quota_{state}" in self._gauges:
@@ -555,6 +618,37 @@ class _Mirror:
                 documentation = _PIPELINE_DOCS.get(name) or _GATE_GAUGES[name.removeprefix("quota_")]
                 self._state.gauge(self._prefix + name, documentation).set(value)
                 self._gauges[name] = value
+
+    def renewed(self, middleware: Any) -> None:
+        """``middleware`` (registered here) made a new pipeline and gate: adopted now, from zero, so that their
+        counts are mirrored even if they go before the next sync (read then a last time, or handed over)."""
+        if middleware in self.middlewares:
+            self._track({id(part[0]): part for part in _parts(middleware)})
+
+    def _track(self, parts: dict[int, _Part]) -> None:
+        for key, (source, read, owner) in parts.items():
+            known = self._sources.get(key)
+            if known is None or known.ref() is not source:
+                self._sources[key] = self._adopt(source, read, owner)
+
+    def _adopt(self, source: Any, read: Callable[[Any], _Counts], owner: Any) -> _Source:
+        """The source of ``source``: that of pipeline metrics or of a gate's stats seen before (another way, or
+        before they left), counted on from what was mirrored; else a new one, nothing mirrored yet."""
+        if isinstance(source, PipelineMetrics):
+            known = self._adopted.get(source)
+            if known is None:
+                known = self._adopted[source] = _Source(source, read)
+                source._hand_overs.append(functools.partial(self._hand_over, known))
+            return known
+        if owner is None:
+            return _Source(source, read)
+        entry = self._gates.get(id(owner))
+        if entry is not None and entry[0]() is owner and entry[1].ref() is source:
+            return entry[1]
+        known = _Source(source, read)
+        with contextlib.suppress(TypeError):  # a gate that cannot be weakly referenced: not kept once it leaves
+            self._gates[id(owner)] = (weakref.ref(owner), known)
+        return known
 
     def _mirror(self, known: _Source, counts: _Counts) -> None:
         for (name, label), value in counts.items():

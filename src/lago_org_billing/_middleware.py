@@ -46,7 +46,7 @@ from ._identity import (
     publish_identity as _publish,
     resolve_now,
 )
-from ._metrics import register_metrics
+from ._metrics import mirror_renewed, register_metrics
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -324,6 +324,7 @@ class OrgBillingMiddleware:
         if self._owns_quota and self.quota is not None:
             self.quota = _default_quota(self.settings, self.pipeline.client, self._quota_config)
             self._check_now = getattr(self.quota, "check_now", None)
+        mirror_renewed(self)  # multiprocess metrics: the new pipeline and gate counted even if gone before a sync
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_wrapper(message: Message) -> None:
