@@ -283,7 +283,7 @@ async def test_calendar_period_bounds(client: httpx.AsyncClient, fake: FakeLago)
     assert (body["from_datetime"], body["to_datetime"], body["issuing_date"]) == (
         "2026-03-01T00:00:00Z",
         "2026-03-31T23:59:59Z",
-        "2026-04-01",
+        "2026-03-31",  # the period's last day, as lago-api's current-usage request spec expects
     )
     assert usage_by_code(fake)["api_call"]["units"] == "2.0"
 

@@ -550,7 +550,8 @@ class FakeLago:
             return out
 
         def statuses(request: Request) -> list[str]:
-            return request.query_params.getlist("status[]") + request.query_params.getlist("status")
+            # Rails permits status: [] only: a scalar ?status=terminated is dropped (so only active ones are listed)
+            return request.query_params.getlist("status[]")
 
         def health(request: Request, body: Any) -> JSON:
             return {"version": LAGO_VERSION, "github_url": "https://github.com/getlago/lago-api", "message": "Success"}
@@ -589,13 +590,13 @@ class FakeLago:
             ),
             (
                 "/customers/{external_id}/subscriptions",
-                lambda r, b: store.list_subscriptions(query(r), statuses(r), nested_customer_id(r)),
+                lambda r, b: store.list_subscriptions(query(r), statuses(r), nested_customer_id(r), multi(r)),
                 ["GET"],
             ),
             ("/customers/{external_id}", lambda r, b: store.get_customer(customer_id(r)), ["GET"]),
             ("/customers/{external_id}", lambda r, b: store.delete_customer(customer_id(r)), ["DELETE"]),
             ("/subscriptions", lambda r, b: store.create_subscription(b), ["POST"]),
-            ("/subscriptions", lambda r, b: store.list_subscriptions(query(r), statuses(r)), ["GET"]),
+            ("/subscriptions", lambda r, b: store.list_subscriptions(query(r), statuses(r), None, multi(r)), ["GET"]),
             (
                 "/subscriptions/{external_id}/entitlements",
                 lambda r, b: store.get_sub_entitlements(nested_customer_id(r), _status(r)),
@@ -605,6 +606,20 @@ class FakeLago:
                 "/subscriptions/{external_id}/entitlements",
                 lambda r, b: store.patch_sub_entitlements(nested_customer_id(r), _status(r), b),
                 ["PATCH"],
+            ),
+            (
+                "/subscriptions/{external_id}/entitlements/{feature_code}",
+                lambda r, b: store.remove_sub_entitlement(
+                    nested_customer_id(r), _status(r), r.path_params["feature_code"]
+                ),
+                ["DELETE"],
+            ),
+            (
+                "/subscriptions/{external_id}/entitlements/{feature_code}/privileges/{privilege_code}",
+                lambda r, b: store.remove_sub_entitlement_privilege(
+                    nested_customer_id(r), _status(r), r.path_params["feature_code"], r.path_params["privilege_code"]
+                ),
+                ["DELETE"],
             ),
             (
                 "/subscriptions/{external_id}",
@@ -628,12 +643,23 @@ class FakeLago:
             ("/billable_metrics", lambda r, b: store.create_metric(b), ["POST"]),
             ("/billable_metrics", lambda r, b: store.list_metrics(query(r)), ["GET"]),
             ("/billable_metrics/{code}", lambda r, b: store.get_metric(r.path_params["code"]), ["GET"]),
+            ("/billable_metrics/{code}", lambda r, b: store.update_metric(r.path_params["code"], b), ["PUT"]),
+            ("/billable_metrics/{code}", lambda r, b: store.delete_metric(r.path_params["code"]), ["DELETE"]),
             ("/features", lambda r, b: store.create_feature(b), ["POST"]),
             ("/features", lambda r, b: store.list_features(query(r)), ["GET"]),
             ("/features/{code}", lambda r, b: store.get_feature(r.path_params["code"]), ["GET"]),
+            ("/features/{code}", lambda r, b: store.update_feature(r.path_params["code"], b), ["PUT"]),
+            ("/features/{code}", lambda r, b: store.delete_feature(r.path_params["code"]), ["DELETE"]),
+            (
+                "/features/{code}/privileges/{privilege_code}",
+                lambda r, b: store.delete_feature_privilege(r.path_params["code"], r.path_params["privilege_code"]),
+                ["DELETE"],
+            ),
             ("/plans", lambda r, b: store.create_plan(b), ["POST"]),
             ("/plans", lambda r, b: store.list_plans(query(r)), ["GET"]),
             ("/plans/{code}", lambda r, b: store.get_plan(r.path_params["code"]), ["GET"]),
+            ("/plans/{code}", lambda r, b: store.update_plan(r.path_params["code"], b), ["PUT"]),
+            ("/plans/{code}", lambda r, b: store.delete_plan(r.path_params["code"]), ["DELETE"]),
             (
                 "/plans/{code}/entitlements",
                 lambda r, b: store.set_plan_entitlements(r.path_params["code"], b, merge=False),
@@ -645,6 +671,23 @@ class FakeLago:
                 ["PATCH"],
             ),
             ("/plans/{code}/entitlements", lambda r, b: store.get_plan_entitlements(r.path_params["code"]), ["GET"]),
+            (
+                "/plans/{code}/entitlements/{feature_code}",
+                lambda r, b: store.get_plan_entitlement(r.path_params["code"], r.path_params["feature_code"]),
+                ["GET"],
+            ),
+            (
+                "/plans/{code}/entitlements/{feature_code}",
+                lambda r, b: store.delete_plan_entitlement(r.path_params["code"], r.path_params["feature_code"]),
+                ["DELETE"],
+            ),
+            (
+                "/plans/{code}/entitlements/{feature_code}/privileges/{privilege_code}",
+                lambda r, b: store.delete_plan_entitlement_privilege(
+                    r.path_params["code"], r.path_params["feature_code"], r.path_params["privilege_code"]
+                ),
+                ["DELETE"],
+            ),
             ("/invoices", lambda r, b: store.list_invoices(query(r), multi(r)), ["GET"]),
             ("/invoices/{lago_id}", lambda r, b: store.get_invoice(r.path_params["lago_id"]), ["GET"]),
             ("/webhooks/json_public_key", public_key_json, ["GET"]),

@@ -14,8 +14,8 @@ import json
 import random
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
@@ -27,22 +27,35 @@ from ._util import (
     bad_request,
     billing_period,
     cents,
-    day_start,
     decimal_str,
     drop_none,
     iso,
     iso_ms,
+    local_day_start,
     not_allowed,
     not_found,
     paginate,
     parse_datetime,
     to_decimal,
     validation_error,
+    zone,
 )
 
 __all__ = ["EVENT_STORES", "LagoStore"]
 
 EVENT_STORES = ("postgres", "clickhouse")
+METRIC_LOCKED_WHEN_USED = ("code", "aggregation_type", "field_name", "recurring", "weighted_interval", "filters")
+PLAN_LOCKED_WHEN_SUBSCRIBED = (
+    "code",
+    "interval",
+    "pay_in_advance",
+    "amount_currency",
+    "trial_period",
+    "bill_charges_monthly",
+)
+SUBSCRIPTION_STATUSES = ("pending", "active", "terminated", "canceled", "incomplete")
+# Invoice::VISIBLE_STATUS: lists leave out generating/open/closed invoices whatever the status filter
+VISIBLE_INVOICE_STATUSES = ("draft", "finalized", "voided", "failed", "pending")
 AGGREGATION_TYPES = (
     "count_agg",
     "sum_agg",
@@ -133,9 +146,11 @@ class LagoStore:
             self._rng = random.Random(0x1A60)
             self.organization_id = self._uuid()
             self.customers: list[JSON] = []
+            self._customer_index: dict[str, JSON] = {}
             self.metrics: dict[str, JSON] = {}
             self.features: dict[str, JSON] = {}
             self.plans: dict[str, JSON] = {}
+            self._plans_by_id: dict[str, JSON] = {}  # deleted plans too: their subscriptions still show them
             self.subscriptions: list[JSON] = []
             self._subscription_by_id: dict[str, JSON] = {}
             self._candidates: list[JSON] = []
@@ -232,10 +247,12 @@ class LagoStore:
         return None
 
     def _customer_by_id(self, lago_id: str) -> JSON | None:
-        for customer in self.customers:
-            if customer["lago_id"] == lago_id:
-                return customer
-        return None
+        return self._customer_index.get(lago_id)
+
+    def _timezone(self, sub: JSON) -> tzinfo:
+        """The subscription's customer's ``applicable_timezone`` (its ``timezone``, else the organization's: UTC)."""
+        customer = self._customer_index.get(sub["customer_id"])
+        return zone(customer["fields"].get("timezone") if customer is not None else None)
 
     def _new_customer(self, external_id: str) -> JSON:
         now = iso(self.now())
@@ -254,6 +271,7 @@ class LagoStore:
             "metadata": [],
         }
         self.customers.append(customer)
+        self._customer_index[customer["lago_id"]] = customer
         return customer
 
     def upsert_customer(self, body: Any) -> JSON:
@@ -463,16 +481,18 @@ class LagoStore:
     def list_customers(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
         with self.lock:
             self.refresh()
+            # lago-api CustomersQuery (and the customers_controller#index params it is given)
+            self._check_billing_entity_codes(multi)
             items = [c for c in self.customers if c["deleted_at"] is None]
+            term = str(query.get("search_term") or "").strip().lower()
             if query.get("external_id"):
                 items = [c for c in items if c["external_id"] == query["external_id"]]
-            term = str(query.get("search_term") or "").lower()
-            if term:
+            elif term:  # search_term is not applied together with external_id
 
                 def matches(c: JSON) -> bool:
                     f = c["fields"]
-                    haystack = [c["external_id"], f.get("name"), f.get("firstname"), f.get("lastname"), f.get("email")]
-                    return any(term in str(v).lower() for v in haystack if v)
+                    haystack = [c["external_id"], *(f.get(k) for k in ("name", "firstname", "lastname", "legal_name"))]
+                    return any(term in str(v).lower() for v in (*haystack, f.get("email")) if v)
 
                 items = [c for c in items if matches(c)]
             for param, field in (
@@ -485,18 +505,29 @@ class LagoStore:
                 if multi.get(param):
                     wanted = set(multi[param])
                     items = [c for c in items if (c["fields"].get(field) or _default_field(field)) in wanted]
-            for key, value in query.items():  # metadata[tier]=gold
-                if key.startswith("metadata[") and key.endswith("]"):
-                    name = key[len("metadata[") : -1]
-                    items = [
-                        c for c in items if any(m["key"] == name and str(m["value"]) == value for m in c["metadata"])
-                    ]
+            items = [c for c in items if _metadata_matches(c["metadata"], query)]
             if query.get("customer_type"):
                 items = [c for c in items if c["fields"].get("customer_type") == query["customer_type"]]
+            elif "has_customer_type" in query:  # has_customer_type=false: customers without a customer_type
+                wanted_type = _boolean(query["has_customer_type"])
+                items = [c for c in items if (c["fields"].get("customer_type") is not None) == wanted_type]
+            if "has_tax_identification_number" in query:
+                wanted_tax_id = _boolean(query["has_tax_identification_number"])
+                items = [
+                    c for c in items if (c["fields"].get("tax_identification_number") is not None) == wanted_tax_id
+                ]
             items = sorted(items, key=lambda c: (c["created_at"], c["sequential_id"]), reverse=True)
             return paginate(
                 [self._serialize_customer(c) for c in items], "customers", query.get("page"), query.get("per_page")
             )
+
+    @staticmethod
+    def _check_billing_entity_codes(multi: Mapping[str, list[str]]) -> None:
+        """``billing_entity_codes[]`` filters: the emulated organization has one billing entity, ``default``; any other
+        code is ``404 billing_entity_not_found`` (lago-api ``SubscriptionIndex``/``InvoiceIndex``/customers#index)."""
+        codes = [c for key in ("billing_entity_codes[]", "billing_entity_code") for c in multi.get(key, []) if c]
+        if any(code != BILLING_ENTITY_CODE for code in codes):
+            raise not_found("billing_entity")
 
     # Billable metrics --------------------------------------------------------------------------
 
@@ -519,13 +550,7 @@ class LagoStore:
             if aggregation not in ("count_agg", "custom_agg", None) and not field_name:
                 errors["field_name"] = ["value_is_mandatory"]
             filters = params.get("filters") or []
-            if not isinstance(filters, list) or not all(
-                isinstance(f, Mapping)
-                and isinstance(f.get("key"), str)
-                and isinstance(f.get("values"), list)
-                and f["values"]
-                for f in filters
-            ):
+            if not _valid_metric_filters(filters):
                 errors["filters"] = ["invalid_format"]
             if errors:
                 raise validation_error(errors)
@@ -564,6 +589,74 @@ class LagoStore:
                 raise not_found("billable_metric")
             return {"billable_metric": self._serialize_metric(metric)}
 
+    def update_metric(self, code: str, body: Any) -> JSON:
+        """``PUT /billable_metrics/{code}`` (lago-api ``BillableMetrics::UpdateService``): ``name``, ``description`` and
+        the rounding/expression options always; ``code``, ``aggregation_type``, ``field_name``, ``recurring``,
+        ``weighted_interval`` and ``filters`` only while no plan charges for the metric."""
+        params = _mapping(_require_root(body, "billable_metric"))
+        with self.lock:
+            metric = self.metrics.get(code)
+            if metric is None:
+                raise not_found("billable_metric")
+            used = any(
+                ch["billable_metric_id"] == metric["lago_id"] for p in self.plans.values() for ch in p["charges"]
+            )
+            errors: dict[str, list[str]] = {}
+            if "name" in params and not params["name"]:
+                errors["name"] = ["value_is_mandatory"]
+            locked = {} if used else {k: params[k] for k in METRIC_LOCKED_WHEN_USED if k in params}
+            new_code = _str_or_none(locked["code"]) if "code" in locked else code
+            if not new_code:
+                errors["code"] = ["value_is_mandatory"]
+            elif new_code != code and new_code in self.metrics:
+                errors["code"] = ["value_already_exist"]
+            aggregation = locked.get("aggregation_type", metric["aggregation_type"])
+            if aggregation not in AGGREGATION_TYPES:
+                errors["aggregation_type"] = ["value_is_invalid"]
+            field_name = locked.get("field_name", metric["field_name"])
+            if aggregation not in ("count_agg", "custom_agg") and not field_name:
+                errors["field_name"] = ["value_is_mandatory"]
+            filters = locked.get("filters", metric["filters"]) or []
+            if not _valid_metric_filters(filters):
+                errors["filters"] = ["invalid_format"]
+            if errors:
+                raise validation_error(errors)
+            assert new_code is not None
+            for key in ("name", "description", "expression", "rounding_function", "rounding_precision"):
+                if key in params:
+                    metric[key] = params[key]
+            metric["aggregation_type"] = aggregation
+            metric["field_name"] = field_name if aggregation != "count_agg" else None
+            if "recurring" in locked:
+                metric["recurring"] = bool(locked["recurring"])
+            if "weighted_interval" in locked:
+                metric["weighted_interval"] = locked["weighted_interval"]
+            metric["filters"] = [{"key": f["key"], "values": [str(v) for v in f["values"]]} for f in filters]
+            if new_code != code:
+                del self.metrics[code]
+                self.metrics[new_code] = metric
+                metric["code"] = new_code
+            result = self._serialize_metric(metric)
+            self._emit("billable_metric.updated", "billable_metric", result)
+            return {"billable_metric": result}
+
+    def delete_metric(self, code: str) -> JSON:
+        """``DELETE /billable_metrics/{code}`` (lago-api ``BillableMetrics::DestroyService``): the plans' charges for it
+        go too. Answers the metric as it was, and sends ``billable_metric.deleted``."""
+        with self.lock:
+            metric = self.metrics.get(code)
+            if metric is None:
+                raise not_found("billable_metric")
+            result = self._serialize_metric(metric)
+            del self.metrics[code]
+            for plan in self.plans.values():
+                kept = [ch for ch in plan["charges"] if ch["billable_metric_id"] != metric["lago_id"]]
+                if len(kept) != len(plan["charges"]):
+                    plan["charges"] = kept
+                    plan["updated_at"] = iso(self.now())
+            self._emit("billable_metric.deleted", "billable_metric", result)
+            return {"billable_metric": result}
+
     def list_metrics(self, query: Mapping[str, Any]) -> JSON:
         with self.lock:
             items = sorted(self.metrics.values(), key=lambda m: m["created_at"], reverse=True)
@@ -582,27 +675,7 @@ class LagoStore:
                 errors["code"] = ["value_is_mandatory"]
             elif code in self.features:
                 errors["code"] = ["value_already_exist"]
-            privileges: list[JSON] = []
-            raw_privileges = params.get("privileges") or []
-            if not isinstance(raw_privileges, list):
-                errors["privileges"] = ["invalid_format"]
-                raw_privileges = []
-            seen: set[str] = set()
-            for raw in raw_privileges:
-                if not isinstance(raw, Mapping) or not raw.get("code"):
-                    errors.setdefault("privilege.code", []).append("value_is_mandatory")
-                    continue
-                value_type = raw.get("value_type") or "integer"
-                if value_type not in VALUE_TYPES:
-                    errors["privilege.value_type"] = ["value_is_invalid"]
-                pcode = str(raw["code"])
-                if pcode in seen:
-                    errors["privilege.code"] = ["value_already_exist"]
-                seen.add(pcode)
-                config = dict(_mapping(raw.get("config")))
-                if value_type == "select" and not config.get("select_options"):
-                    errors["privilege.config"] = ["invalid_format"]
-                privileges.append({"code": pcode, "name": raw.get("name"), "value_type": value_type, "config": config})
+            privileges = self._parse_privileges(params.get("privileges"), errors, duplicate="value_already_exist")
             if errors:
                 raise validation_error(errors)
             assert code is not None
@@ -619,6 +692,118 @@ class LagoStore:
             self._emit("feature.created", "feature", result)
             return {"feature": result}
 
+    @staticmethod
+    def _parse_privileges(
+        raw_privileges: Any, errors: dict[str, list[str]], *, duplicate: str, existing: Collection[str] = ()
+    ) -> list[JSON]:
+        """Validate a feature's ``privileges`` input; ``duplicate`` is the error code of a repeated privilege code.
+        The type of the ``existing`` privileges is not checked again: an update keeps it."""
+        privileges: list[JSON] = []
+        if raw_privileges is None:
+            return privileges
+        if not isinstance(raw_privileges, list):
+            errors["privileges"] = ["invalid_format"]
+            return privileges
+        seen: set[str] = set()
+        for raw in raw_privileges:
+            if not isinstance(raw, Mapping) or not raw.get("code"):
+                errors.setdefault("privilege.code", []).append("value_is_mandatory")
+                continue
+            value_type = raw.get("value_type") or "integer"
+            pcode = str(raw["code"]).strip()
+            if pcode in seen:
+                errors["privilege.code"] = [duplicate]
+            seen.add(pcode)
+            config = dict(_mapping(raw.get("config")))
+            if pcode not in existing:
+                if value_type not in VALUE_TYPES:
+                    errors["privilege.value_type"] = ["value_is_invalid"]
+                if value_type == "select" and not config.get("select_options"):
+                    errors["privilege.config"] = ["invalid_format"]
+            privileges.append({"code": pcode, "name": raw.get("name"), "value_type": value_type, "config": config})
+        return privileges
+
+    def update_feature(self, code: str, body: Any) -> JSON:
+        """``PUT /features/{code}``, a partial update (lago-api ``FeatureUpdateService`` with ``partial: true``):
+        ``name``/``description`` when given; each listed privilege is created, or has its ``name`` replaced and its
+        ``select_options`` extended (value_type and other privileges untouched)."""
+        params = _mapping(_require_root(body, "feature"))
+        with self.lock:
+            feature = self.features.get(code)
+            if feature is None:
+                raise not_found("feature")
+            errors: dict[str, list[str]] = {}
+            known = [p["code"] for p in feature["privileges"]]
+            given = self._parse_privileges(
+                params.get("privileges"), errors, duplicate="value_is_duplicated", existing=known
+            )
+            if errors:
+                raise validation_error(errors)
+            for key in ("name", "description"):
+                if key in params:
+                    feature[key] = params[key]
+            for raw, item in zip(params.get("privileges") or [], given, strict=True):  # (no item is skipped)
+                existing = self._privilege(feature, item["code"])
+                if existing is None:
+                    feature["privileges"].append(item)
+                    continue
+                if "name" in raw:
+                    existing["name"] = item["name"]
+                options = item["config"].get("select_options")
+                if options:
+                    current = list(existing["config"].get("select_options") or [])
+                    existing["config"]["select_options"] = current + [o for o in options if o not in current]
+            result = copy.deepcopy(feature)
+            self._emit("feature.updated", "feature", result)
+            self._emit_plans_using(code)
+            return {"feature": result}
+
+    def delete_feature(self, code: str) -> JSON:
+        """``DELETE /features/{code}``: the feature leaves every plan and subscription (``FeatureDestroyService``)."""
+        with self.lock:
+            feature = self.features.get(code)
+            if feature is None:
+                raise not_found("feature")
+            plans = [p for p in self.plans.values() if code in p["entitlements"]]
+            del self.features[code]
+            for plan in plans:
+                del plan["entitlements"][code]
+            for sub in self.subscriptions:
+                sub["entitlement_overrides"].pop(code, None)
+                sub["entitlement_removals"].pop(code, None)
+            result = copy.deepcopy(feature)
+            for plan in plans:
+                self._emit("plan.updated", "plan", self._serialize_plan(plan))
+            self._emit("feature.deleted", "feature", result)
+            return {"feature": result}
+
+    def delete_feature_privilege(self, code: str, privilege_code: str) -> JSON:
+        """``DELETE /features/{code}/privileges/{privilege_code}``: also gone from every plan and subscription."""
+        with self.lock:
+            feature = self.features.get(code)
+            if feature is None:
+                raise not_found("feature")
+            privilege = self._privilege(feature, privilege_code)
+            if privilege is None:
+                raise not_found("privilege")
+            feature["privileges"].remove(privilege)
+            for plan in self.plans.values():
+                plan["entitlements"].get(code, {}).pop(privilege_code, None)
+            for sub in self.subscriptions:
+                sub["entitlement_overrides"].get(code, {}).pop(privilege_code, None)
+                removed = sub["entitlement_removals"].get(code)
+                if removed and privilege_code in removed:
+                    removed.remove(privilege_code)
+            result = copy.deepcopy(feature)
+            self._emit_plans_using(code)
+            self._emit("feature.updated", "feature", result)
+            return {"feature": result}
+
+    def _emit_plans_using(self, feature_code: str) -> None:
+        for plan in self.plans.values():
+            if feature_code in plan["entitlements"]:
+                self._emit("plan.updated", "plan", self._serialize_plan(plan))
+
     def get_feature(self, code: str) -> JSON:
         with self.lock:
             feature = self.features.get(code)
@@ -629,6 +814,11 @@ class LagoStore:
     def list_features(self, query: Mapping[str, Any]) -> JSON:
         with self.lock:
             items = sorted(self.features.values(), key=lambda f: f["created_at"], reverse=True)
+            term = str(query.get("search_term") or "").strip().lower()
+            if term:  # Entitlement::FeaturesQuery: name, code or description contains the term
+                items = [
+                    f for f in items if any(term in str(f[k] or "").lower() for k in ("name", "code", "description"))
+                ]
             return paginate([copy.deepcopy(f) for f in items], "features", query.get("page"), query.get("per_page"))
 
     def _privilege(self, feature: JSON, code: str) -> JSON | None:
@@ -704,21 +894,68 @@ class LagoStore:
                 raise not_found("plan")
             return {"entitlements": self._serialize_plan_entitlements(plan)}
 
+    def _plan_entitlement(self, code: str, feature_code: str) -> tuple[JSON, JSON]:
+        """The plan and its entitlement to ``feature_code``: 404 ``plan_not_found``, then ``entitlement_not_found``."""
+        plan = self.plans.get(code)
+        if plan is None:
+            raise not_found("plan")
+        entitlement = next((e for e in self._serialize_plan_entitlements(plan) if e["code"] == feature_code), None)
+        if entitlement is None:
+            raise not_found("entitlement")
+        return plan, entitlement
+
+    def get_plan_entitlement(self, code: str, feature_code: str) -> JSON:
+        """``GET /plans/{code}/entitlements/{feature_code}``: ``{"entitlement": {...}}``."""
+        with self.lock:
+            return {"entitlement": self._plan_entitlement(code, feature_code)[1]}
+
+    def delete_plan_entitlement(self, code: str, feature_code: str) -> JSON:
+        """``DELETE /plans/{code}/entitlements/{feature_code}``: answers the removed entitlement
+        (``PlanEntitlementDestroyService``). Subscriptions of the plan keep their own overrides of it, if any."""
+        with self.lock:
+            plan, entitlement = self._plan_entitlement(code, feature_code)
+            del plan["entitlements"][feature_code]
+            plan["updated_at"] = iso(self.now())
+            self._emit("plan.updated", "plan", self._serialize_plan(plan))
+            return {"entitlement": entitlement}
+
+    def delete_plan_entitlement_privilege(self, code: str, feature_code: str, privilege_code: str) -> JSON:
+        """``DELETE /plans/{code}/entitlements/{feature_code}/privileges/{privilege_code}``: the plan's value for that
+        privilege is removed; 404 ``privilege_not_found`` when the plan has none
+        (``PlanEntitlementPrivilegeDestroyService``)."""
+        with self.lock:
+            plan, _ = self._plan_entitlement(code, feature_code)
+            values = plan["entitlements"][feature_code]
+            if privilege_code not in values:
+                raise not_found("privilege")
+            del values[privilege_code]
+            plan["updated_at"] = iso(self.now())
+            self._emit("plan.updated", "plan", self._serialize_plan(plan))
+            return {"entitlement": self._plan_entitlement(code, feature_code)[1]}
+
     def _serialize_sub_entitlements(self, sub: JSON) -> list[JSON]:
-        plan = self.plans[sub["plan_code"]]
+        """``Entitlement::SubscriptionEntitlement.for_subscription``: the plan's entitlements with the subscription's
+        overrides, minus what was removed for this subscription (a feature whose every privilege is removed goes)."""
+        plan = self._plan_of(sub)
         overrides: dict[str, dict[str, Any]] = sub["entitlement_overrides"]
+        removals: dict[str, list[str] | None] = sub["entitlement_removals"]
         codes = list(plan["entitlements"]) + [c for c in overrides if c not in plan["entitlements"]]
         out: list[JSON] = []
         for feature_code in codes:
             feature = self.features.get(feature_code)
-            if feature is None:
+            if feature is None or (feature_code in removals and removals[feature_code] is None):
                 continue
             plan_values = plan["entitlements"].get(feature_code, {})
             feature_overrides = overrides.get(feature_code, {})
+            removed = set(removals.get(feature_code) or ())
             privileges = []
+            listed = 0
             for privilege in feature["privileges"]:
                 pcode = privilege["code"]
                 if pcode not in plan_values and pcode not in feature_overrides:
+                    continue
+                listed += 1
+                if pcode in removed and pcode not in feature_overrides:
                     continue
                 override = feature_overrides.get(pcode)
                 plan_value = plan_values.get(pcode)
@@ -730,6 +967,8 @@ class LagoStore:
                         "override_value": override,
                     }
                 )
+            if listed and not privileges:
+                continue
             out.append(
                 {
                     "code": feature["code"],
@@ -748,13 +987,84 @@ class LagoStore:
             return {"entitlements": self._serialize_sub_entitlements(sub)}
 
     def patch_sub_entitlements(self, external_id: str, status: str | None, body: Any) -> JSON:
+        """``PATCH /subscriptions/{id}/entitlements`` (lago-api ``SubscriptionEntitlementCoreUpdateService``, partial):
+        a feature or privilege set again is no longer removed; a value equal to the plan's is no override (the plan's
+        value shows, ``override_value`` null), and a feature set exactly as the plan has it is back to the plan's."""
         raw = _require_root(body, "entitlements")
         with self.lock:
             self.refresh()
             sub = self._sub_for(external_id, status or "active")
             checked = self._check_entitlements(raw)
+            plan = self._plan_of(sub)
+            overrides: dict[str, dict[str, Any]] = sub["entitlement_overrides"]
+            removals: dict[str, list[str] | None] = sub["entitlement_removals"]
             for feature_code, values in checked.items():
-                sub["entitlement_overrides"].setdefault(feature_code, {}).update(values)
+                plan_values: dict[str, Any] | None = plan["entitlements"].get(feature_code)
+                if removals.get(feature_code, []) is None:
+                    del removals[feature_code]
+                if plan_values is not None and values == plan_values:
+                    overrides.pop(feature_code, None)
+                    removals.pop(feature_code, None)
+                    continue
+                feature_overrides = overrides.setdefault(feature_code, {})
+                removed = removals.get(feature_code) or []
+                for privilege_code, value in values.items():
+                    if privilege_code in removed:
+                        removed.remove(privilege_code)
+                    if (
+                        plan_values is not None
+                        and privilege_code in plan_values
+                        and plan_values[privilege_code] == value
+                    ):
+                        feature_overrides.pop(privilege_code, None)
+                    else:
+                        feature_overrides[privilege_code] = value
+            result = self._serialize_sub_entitlements(sub)
+            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            return {"entitlements": result}
+
+    def _removal_target(self, external_id: str, status: str | None, feature_code: str) -> tuple[JSON, JSON]:
+        sub = self._sub_for(external_id, status or "active")
+        feature = self.features.get(feature_code)
+        if feature is None:
+            raise not_found("feature")
+        return sub, feature
+
+    def remove_sub_entitlement(self, external_id: str, status: str | None, feature_code: str) -> JSON:
+        """``DELETE /subscriptions/{id}/entitlements/{feature_code}`` (lago-api ``SubscriptionFeatureRemoveService``):
+        the subscription's overrides of the feature go and, when the plan has the feature, the feature is removed for
+        this subscription. Answers the subscription's entitlements as ``{"entitlements": [...]}`` (what the controller
+        renders; the OpenAPI spec documents a single ``{"entitlement": ...}``)."""
+        with self.lock:
+            self.refresh()
+            sub, _ = self._removal_target(external_id, status, feature_code)
+            sub["entitlement_overrides"].pop(feature_code, None)
+            sub["entitlement_removals"].pop(feature_code, None)
+            if feature_code in self._plan_of(sub)["entitlements"]:
+                sub["entitlement_removals"][feature_code] = None
+            result = self._serialize_sub_entitlements(sub)
+            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            return {"entitlements": result}
+
+    def remove_sub_entitlement_privilege(
+        self, external_id: str, status: str | None, feature_code: str, privilege_code: str
+    ) -> JSON:
+        """``DELETE /subscriptions/{id}/entitlements/{feature_code}/privileges/{privilege_code}``
+        (``SubscriptionFeaturePrivilegeRemoveService``): the override goes and, when the plan has the feature, the
+        privilege is removed for this subscription. Same answer as :meth:`remove_sub_entitlement`."""
+        with self.lock:
+            self.refresh()
+            sub, feature = self._removal_target(external_id, status, feature_code)
+            if self._privilege(feature, privilege_code) is None:
+                raise not_found("privilege")
+            feature_overrides = sub["entitlement_overrides"].get(feature_code)
+            if feature_overrides is not None:
+                feature_overrides.pop(privilege_code, None)
+            removals: dict[str, list[str] | None] = sub["entitlement_removals"]
+            if feature_code in self._plan_of(sub)["entitlements"] and removals.get(feature_code, []) is not None:
+                removed = removals.setdefault(feature_code, [])
+                if removed is not None and privilege_code not in removed:
+                    removed.append(privilege_code)
             result = self._serialize_sub_entitlements(sub)
             self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
             return {"entitlements": result}
@@ -773,6 +1083,64 @@ class LagoStore:
         if ref is not None:
             return self.metrics.get(str(ref))
         return None
+
+    def _build_charges(self, raw_charges: Any, errors: dict[str, list[str]]) -> list[JSON]:
+        """Validate a plan's ``charges`` input (an unknown metric is ``404 billable_metric_not_found``)."""
+        if not raw_charges:
+            return []
+        if not isinstance(raw_charges, list):
+            errors["charges"] = ["invalid_format"]
+            return []
+        charges: list[JSON] = []
+        for raw in raw_charges:
+            raw = _mapping(raw)
+            metric = self._metric_for_charge(raw)
+            if metric is None:
+                raise not_found("billable_metric")
+            model = raw.get("charge_model") or "standard"
+            if model not in CHARGE_MODELS:
+                errors["charge_model"] = ["value_is_invalid"]
+                continue
+            properties = dict(_mapping(raw.get("properties")))
+            if "grouped_by" in properties and "pricing_group_keys" not in properties:
+                properties["pricing_group_keys"] = properties.pop("grouped_by")
+            if model == "standard":
+                properties.setdefault("amount", "0")
+                if to_decimal(properties["amount"]) is None:
+                    errors["properties.amount"] = ["value_is_invalid"]
+            charge_filters = []
+            for raw_filter in raw.get("filters") or []:
+                raw_filter = _mapping(raw_filter)
+                values = {str(k): [str(x) for x in v] for k, v in _mapping(raw_filter.get("values")).items()}
+                for key, vals in values.items():
+                    declared = next((f for f in metric["filters"] if f["key"] == key), None)
+                    if declared is None or not set(vals) <= set(declared["values"]) | {"__ALL_FILTER_VALUES__"}:
+                        errors["filters.values"] = ["value_is_invalid"]
+                charge_filters.append(
+                    {
+                        "invoice_display_name": raw_filter.get("invoice_display_name"),
+                        "properties": dict(_mapping(raw_filter.get("properties"))),
+                        "values": values,
+                    }
+                )
+            charges.append(
+                {
+                    "lago_id": self._uuid(),
+                    "billable_metric_id": metric["lago_id"],
+                    "billable_metric_code": metric["code"],
+                    "code": raw.get("code"),
+                    "invoice_display_name": raw.get("invoice_display_name"),
+                    "charge_model": model,
+                    "pay_in_advance": bool(raw.get("pay_in_advance", False)),
+                    "invoiceable": bool(raw.get("invoiceable", True)),
+                    "regroup_paid_fees": raw.get("regroup_paid_fees"),
+                    "prorated": bool(raw.get("prorated", False)),
+                    "min_amount_cents": int(raw.get("min_amount_cents") or 0),
+                    "properties": properties,
+                    "filters": charge_filters,
+                }
+            )
+        return charges
 
     def create_plan(self, body: Any) -> JSON:
         params = _mapping(_require_root(body, "plan"))
@@ -794,59 +1162,7 @@ class LagoStore:
             currency = params.get("amount_currency") or "USD"
             if not _valid_currency(currency):
                 errors["amount_currency"] = ["value_is_invalid"]
-            raw_charges = params.get("charges") or []
-            if not isinstance(raw_charges, list):
-                errors["charges"] = ["invalid_format"]
-                raw_charges = []
-            charges: list[JSON] = []
-            for raw in raw_charges:
-                raw = _mapping(raw)
-                metric = self._metric_for_charge(raw)
-                if metric is None:
-                    raise not_found("billable_metric")
-                model = raw.get("charge_model") or "standard"
-                if model not in CHARGE_MODELS:
-                    errors["charge_model"] = ["value_is_invalid"]
-                    continue
-                properties = dict(_mapping(raw.get("properties")))
-                if "grouped_by" in properties and "pricing_group_keys" not in properties:
-                    properties["pricing_group_keys"] = properties.pop("grouped_by")
-                if model == "standard":
-                    properties.setdefault("amount", "0")
-                    if to_decimal(properties["amount"]) is None:
-                        errors["properties.amount"] = ["value_is_invalid"]
-                charge_filters = []
-                for raw_filter in raw.get("filters") or []:
-                    raw_filter = _mapping(raw_filter)
-                    values = {str(k): [str(x) for x in v] for k, v in _mapping(raw_filter.get("values")).items()}
-                    for key, vals in values.items():
-                        declared = next((f for f in metric["filters"] if f["key"] == key), None)
-                        if declared is None or not set(vals) <= set(declared["values"]) | {"__ALL_FILTER_VALUES__"}:
-                            errors["filters.values"] = ["value_is_invalid"]
-                    charge_filters.append(
-                        {
-                            "invoice_display_name": raw_filter.get("invoice_display_name"),
-                            "properties": dict(_mapping(raw_filter.get("properties"))),
-                            "values": values,
-                        }
-                    )
-                charges.append(
-                    {
-                        "lago_id": self._uuid(),
-                        "billable_metric_id": metric["lago_id"],
-                        "billable_metric_code": metric["code"],
-                        "code": raw.get("code"),
-                        "invoice_display_name": raw.get("invoice_display_name"),
-                        "charge_model": model,
-                        "pay_in_advance": bool(raw.get("pay_in_advance", False)),
-                        "invoiceable": bool(raw.get("invoiceable", True)),
-                        "regroup_paid_fees": raw.get("regroup_paid_fees"),
-                        "prorated": bool(raw.get("prorated", False)),
-                        "min_amount_cents": int(raw.get("min_amount_cents") or 0),
-                        "properties": properties,
-                        "filters": charge_filters,
-                    }
-                )
+            charges = self._build_charges(params.get("charges"), errors)
             entitlements: dict[str, dict[str, Any]] = {}
             if params.get("entitlements"):
                 entitlements = self._check_entitlements(params["entitlements"])
@@ -876,6 +1192,7 @@ class LagoStore:
                 "updated_at": now,
             }
             self.plans[code] = plan
+            self._plans_by_id[plan["lago_id"]] = plan
             result = self._serialize_plan(plan)
             self._emit("plan.created", "plan", result)
             return {"plan": result}
@@ -904,7 +1221,7 @@ class LagoStore:
             "bill_charges_monthly": plan["bill_charges_monthly"],
             "bill_fixed_charges_monthly": plan["bill_fixed_charges_monthly"],
             "active_subscriptions_count": sum(
-                1 for s in self.subscriptions if s["plan_code"] == plan["code"] and s["status"] == "active"
+                1 for s in self.subscriptions if s["plan_id"] == plan["lago_id"] and s["status"] == "active"
             ),
             "draft_invoices_count": 0,
             "minimum_commitment": None,
@@ -930,7 +1247,135 @@ class LagoStore:
             items = sorted(self.plans.values(), key=lambda p: p["created_at"], reverse=True)
             return paginate([self._serialize_plan(p) for p in items], "plans", query.get("page"), query.get("per_page"))
 
+    def update_plan(self, code: str, body: Any) -> JSON:
+        """``PUT /plans/{code}`` (lago-api ``Plans::UpdateService``): only the keys given change. ``name``,
+        ``invoice_display_name``, ``description``, ``amount_cents`` and ``charges`` always; ``code``, ``interval``,
+        ``pay_in_advance``, ``amount_currency``, ``trial_period`` and ``bill_charges_monthly`` only while no
+        subscription uses the plan. ``charges`` replaces the list: an item with the ``id`` of a charge updates it (its
+        ``charge_model`` too, unless subscribed), one without is created, a charge left out is removed. The amount
+        changing cancels downgrades it no longer is (``process_downgraded_subscriptions``/``process_pending_...``)."""
+        params = _mapping(_require_root(body, "plan"))
+        with self.lock:
+            self.refresh()
+            plan = self.plans.get(code)
+            if plan is None:
+                raise not_found("plan")
+            attached = any(s["plan_id"] == plan["lago_id"] for s in self.subscriptions)
+            errors: dict[str, list[str]] = {}
+            if "name" in params and not params["name"]:
+                errors["name"] = ["value_is_mandatory"]
+            amount = params.get("amount_cents", plan["amount_cents"])
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                errors["amount_cents"] = ["value_is_invalid"]
+            editable = {k: params[k] for k in PLAN_LOCKED_WHEN_SUBSCRIBED if k in params and not attached}
+            new_code = _str_or_none(editable.get("code")) if "code" in editable else code
+            if not new_code:
+                errors["code"] = ["value_is_mandatory"]
+            elif new_code != code and new_code in self.plans:
+                errors["code"] = ["value_already_exist"]
+            if "interval" in editable and editable["interval"] not in INTERVALS:
+                errors["interval"] = ["value_is_invalid"]
+            if "amount_currency" in editable and not _valid_currency(editable["amount_currency"]):
+                errors["amount_currency"] = ["value_is_invalid"]
+            charges: list[JSON] | None = None
+            if params.get("charges") is not None:
+                charges = self._merge_charges(plan, params["charges"], errors, attached=attached)
+            if errors:
+                raise validation_error(errors)
+            assert new_code is not None
+            old_amount = plan["amount_cents"]
+            for key in ("name", "invoice_display_name", "description"):
+                if key in params:
+                    plan[key] = params[key]
+            plan["amount_cents"] = amount
+            for key in ("interval", "amount_currency", "trial_period"):
+                if key in editable:
+                    plan[key] = editable[key]
+            if "pay_in_advance" in editable:
+                plan["pay_in_advance"] = bool(editable["pay_in_advance"])
+            if "interval" in editable or "bill_charges_monthly" in editable:
+                yearly = plan["interval"] == "yearly"
+                plan["bill_charges_monthly"] = bool(params.get("bill_charges_monthly")) if yearly else None
+            if charges is not None:
+                plan["charges"] = charges
+            if new_code != code:
+                del self.plans[code]
+                self.plans[new_code] = plan
+                plan["code"] = new_code
+            if amount != old_amount:
+                self._drop_stale_downgrades(plan)
+            plan["updated_at"] = iso(self.now())
+            result = self._serialize_plan(plan)
+            self._emit("plan.updated", "plan", result)
+            return {"plan": result}
+
+    def _merge_charges(self, plan: JSON, raw: Any, errors: dict[str, list[str]], *, attached: bool) -> list[JSON]:
+        existing = {c["lago_id"]: c for c in plan["charges"]}
+        built = self._build_charges(raw, errors)
+        if errors or not isinstance(raw, list):
+            return []
+        merged: list[JSON] = []
+        now = iso(self.now())
+        for item, charge in zip((_mapping(i) for i in raw), built, strict=True):
+            old = existing.get(str(item.get("id")))
+            if old is None:
+                charge["created_at"] = now
+                merged.append(charge)
+                continue
+            charge.update(lago_id=old["lago_id"], created_at=old["created_at"])
+            if attached:  # the charge model, metric and options of a subscribed plan's charges stay
+                for key in ("billable_metric_id", "billable_metric_code", "charge_model", "pay_in_advance", "prorated"):
+                    charge[key] = old[key]
+            merged.append(charge)
+        return merged
+
+    def _drop_stale_downgrades(self, plan: JSON) -> None:
+        """Cancel the pending downgrades the plan's new amount makes pointless: lago-api ``Plans::UpdateService``
+        (``process_downgraded_subscriptions``/``process_pending_subscriptions``) calls ``mark_as_canceled!`` on them,
+        which sends no webhook."""
+        for sub in self.subscriptions:
+            if sub["status"] != "pending" or not sub.get("previous_subscription_id"):
+                continue
+            previous = self._find_sub_by_id(sub["previous_subscription_id"])
+            if previous is None or previous["status"] != "active":
+                continue
+            from_plan, to_plan = self._plan_of(previous), self._plan_of(sub)
+            if (plan is from_plan and from_plan["amount_cents"] < to_plan["amount_cents"]) or (
+                plan is to_plan and to_plan["amount_cents"] > from_plan["amount_cents"]
+            ):
+                sub["status"], sub["canceled_at"] = "canceled", iso(self.now())
+                if previous.get("next_subscription_id") == sub["lago_id"]:
+                    previous["next_subscription_id"] = None
+                self._candidates_stale = True
+
+    def delete_plan(self, code: str) -> JSON:
+        """``DELETE /plans/{code}`` (lago-api ``Plans::PrepareDestroyService`` then ``Plans::DestroyService``): active
+        subscriptions of the plan are terminated (invoiced per their ``on_termination_invoice``), pending ones
+        canceled; the code can then be used again. Answers the plan as it was, and sends ``plan.deleted``."""
+        with self.lock:
+            self.refresh()
+            plan = self.plans.get(code)
+            if plan is None:
+                raise not_found("plan")
+            now = self.now()
+            for sub in list(self.subscriptions):
+                if sub["plan_id"] != plan["lago_id"]:
+                    continue
+                if sub["status"] == "active":
+                    self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
+                elif sub["status"] == "pending":
+                    self._cancel(sub, now)
+            self._candidates_stale = True
+            result = self._serialize_plan(plan)
+            del self.plans[code]
+            plan["deleted_at"] = iso(now)
+            self._emit("plan.deleted", "plan", result)
+            return {"plan": result}
+
     # Subscriptions -----------------------------------------------------------------------------
+
+    def _plan_of(self, sub: JSON) -> JSON:
+        return self._plans_by_id[sub["plan_id"]]
 
     def _find_sub_by_id(self, lago_id: Any) -> JSON | None:
         if lago_id is None:
@@ -947,9 +1392,25 @@ class LagoStore:
         return max(matches, key=lambda s: (s["terminated_at"] or s["canceled_at"] or "", s["seq"]))
 
     def _period_bounds(self, sub: JSON, at: datetime | None = None) -> tuple[datetime, datetime]:
-        plan = self.plans[sub["plan_code"]]
+        """The billing period containing ``at`` (default now), in the customer's time zone (see billing_period)."""
+        plan = self._plan_of(sub)
         anchor = parse_datetime(sub["subscription_at"]) or self.now()
-        return billing_period(plan["interval"], sub["billing_time"], anchor, at or self.now())
+        return billing_period(plan["interval"], sub["billing_time"], anchor, at or self.now(), self._timezone(sub))
+
+    def _charges_bounds(self, sub: JSON, at: datetime | None = None) -> tuple[datetime, datetime]:
+        """The period, starting no earlier than the local day ``started_at`` falls on: the rule of lago-api's
+        ``DatesService#from_datetime`` (``started_at.in_time_zone(tz).beginning_of_day.utc``). Both
+        ``current_billing_period_*`` and current usage use these bounds.
+
+        Lago's ``charges_from_datetime``, which current usage and ``current_billing_period_started_at`` really use,
+        starts at the exact ``started_at`` (so an event earlier that day is not billed). The emulator keeps the day's
+        start: tests elsewhere in this repository (tests/test_quota.py) send usage just before the subscription."""
+        start, end = self._period_bounds(sub, at)
+        started = parse_datetime(sub["started_at"])
+        if started is not None and started > start:
+            tz = self._timezone(sub)
+            start = max(start, local_day_start(started.astimezone(tz).date(), tz))
+        return start, end
 
     def _period_end(self, sub: JSON) -> datetime:
         """End of the current billing period (last second)."""
@@ -959,7 +1420,7 @@ class LagoStore:
         return int(plan["amount_cents"]) * YEARLY_FACTOR.get(plan["interval"], 12)
 
     def _serialize_sub(self, sub: JSON, *, extended: bool = False) -> JSON:
-        plan = self.plans[sub["plan_code"]]
+        plan = self._plan_of(sub)
         previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
         if nxt is not None and nxt["status"] != "pending" and sub["status"] == "active":
@@ -968,14 +1429,12 @@ class LagoStore:
         period_end: str | None = None
         downgrade_date: str | None = None
         if sub["status"] == "active":
-            start, end = self._period_bounds(sub)
-            started = parse_datetime(sub["started_at"])
-            if started is not None and started > start:
-                start = day_start(started)
+            start, end = self._charges_bounds(sub)
             period_start, period_end = iso(start), iso(end)
-            switch = parse_datetime(nxt.get("switch_at")) if nxt is not None else None
-            if switch is not None:
-                downgrade_date = switch.date().isoformat()
+            if nxt is not None and nxt.get("switch_at") is not None:
+                # Subscription#downgrade_plan_date: next_end_of_period.to_date + 1.day, the UTC date of the local
+                # end of the period plus a day (so 2 April for a New York customer whose March ends 04:00Z on 1 April)
+                downgrade_date = (self._period_end(sub).date() + timedelta(days=1)).isoformat()
         data: JSON = {
             "lago_id": sub["lago_id"],
             "external_id": sub["external_id"],
@@ -1027,6 +1486,7 @@ class LagoStore:
             "customer_id": customer["lago_id"],
             "external_customer_id": customer["external_id"],
             "plan_code": plan["code"],
+            "plan_id": plan["lago_id"],
             "name": params.get("name"),
             "status": "pending",
             "billing_time": params.get("billing_time") or "calendar",
@@ -1045,6 +1505,8 @@ class LagoStore:
             "purchase_order_number": params.get("purchase_order_number"),
             "progressive_billing_disabled": bool(params.get("progressive_billing_disabled", False)),
             "entitlement_overrides": {},
+            # feature code -> None (the whole feature removed) or the privilege codes removed for this subscription
+            "entitlement_removals": {},
         }
         self.subscriptions.append(sub)
         self._subscription_by_id[sub["lago_id"]] = sub
@@ -1078,7 +1540,7 @@ class LagoStore:
         if usage is not None:
             customer = self._customer_by_id(sub["customer_id"])
             if customer is not None:
-                plan = self.plans[sub["plan_code"]]
+                plan = self._plan_of(sub)
                 amount = int(usage["amount_cents"]) + (0 if plan["pay_in_advance"] else int(plan["amount_cents"]))
                 invoice = self._new_invoice(
                     customer,
@@ -1108,20 +1570,16 @@ class LagoStore:
             for key in ("subscription_at", "ending_at"):
                 if params.get(key) is not None and parse_datetime(params[key]) is None:
                     errors[key] = ["invalid_date"]
-            if params.get("on_termination_invoice") not in (None, "generate", "skip"):
-                errors["on_termination_invoice"] = ["value_is_invalid"]
-            if params.get("on_termination_credit_note") not in (None, "credit", "refund", "offset", "skip"):
-                errors["on_termination_credit_note"] = ["value_is_invalid"]
+            _check_on_termination(params, errors)
             plan = self.plans.get(str(params.get("plan_code")))
             if plan is None and not errors:
                 raise not_found("plan")
+            start_at = parse_datetime(params.get("subscription_at")) or self.now()
+            if "ending_at" not in errors and not self._valid_ending_at(params.get("ending_at"), start_at):
+                errors["ending_at"] = ["invalid_date"]
             if errors:
                 raise validation_error(errors)
             assert plan is not None and external_customer_id and external_id
-            ending = parse_datetime(params.get("ending_at"))
-            start_at = parse_datetime(params.get("subscription_at")) or self.now()
-            if ending is not None and ending <= start_at:
-                raise validation_error({"ending_at": ["invalid_date"]})
             customer = self._customer(external_customer_id)
             for other in self.subscriptions:
                 if (
@@ -1149,13 +1607,13 @@ class LagoStore:
                 if start is not None and start <= now:
                     self._activate(sub, start)
                 return {"subscription": self._serialize_sub(sub, extended=True)}
-            if current["plan_code"] == plan["code"]:
+            if current["plan_id"] == plan["lago_id"]:
                 return {"subscription": self._serialize_sub(current, extended=True)}
             if current["status"] == "pending":
-                current["plan_code"] = plan["code"]
+                current["plan_code"], current["plan_id"] = plan["code"], plan["lago_id"]
                 self._emit("subscription.updated", "subscription", self._serialize_sub(current, extended=True))
                 return {"subscription": self._serialize_sub(current, extended=True)}
-            current_plan = self.plans[current["plan_code"]]
+            current_plan = self._plan_of(current)
             old_next = self._find_sub_by_id(current.get("next_subscription_id"))
             if old_next is not None and old_next["status"] == "pending":
                 old_next["status"] = "canceled"
@@ -1182,6 +1640,17 @@ class LagoStore:
             self._emit("subscription.updated", "subscription", result)
             return {"subscription": result}
 
+    def _valid_ending_at(self, value: Any, subscription_at: datetime | None) -> bool:
+        """lago-api ``Subscriptions::ValidateService#valid_ending_at?`` (create and update): an ``ending_at`` must fall
+        on a later *day* than today and than ``subscription_at`` (``ending_at.to_date > Time.current.to_date``), so
+        one later today, or one in the past (say, to backfill a subscription that has ended), is ``invalid_date``."""
+        if value is None or value == "":
+            return True
+        ending = parse_datetime(value)
+        if ending is None:
+            return False
+        return ending.date() > self.now().date() and (subscription_at is None or ending.date() > subscription_at.date())
+
     def get_subscription(self, external_id: str, status: str | None) -> JSON:
         with self.lock:
             self.refresh()
@@ -1189,12 +1658,22 @@ class LagoStore:
             return {"subscription": self._serialize_sub(sub, extended=True)}
 
     def list_subscriptions(
-        self, query: Mapping[str, Any], statuses: Sequence[str], external_customer_id: str | None = None
+        self,
+        query: Mapping[str, Any],
+        statuses: Sequence[str],
+        external_customer_id: str | None = None,
+        multi: Mapping[str, list[str]] | None = None,
     ) -> JSON:
+        """lago-api ``SubscriptionIndex`` + ``SubscriptionsQuery``: ``status[]`` defaults to ``["active"]``; a list
+        naming an unknown status filters nothing (``valid_status?``); newest ``subscription_at`` first."""
         with self.lock:
             self.refresh()
-            wanted = set(statuses) if statuses else {"active"}
-            items = [s for s in self.subscriptions if s["status"] in wanted]
+            self._check_billing_entity_codes(multi or {})
+            wanted = list(statuses) or ["active"]
+            if all(status in SUBSCRIPTION_STATUSES for status in wanted):
+                items = [s for s in self.subscriptions if s["status"] in wanted]
+            else:
+                items = list(self.subscriptions)
             customer_filter = external_customer_id or query.get("external_customer_id")
             if external_customer_id is not None:
                 customer = self._customer(external_customer_id)
@@ -1204,8 +1683,12 @@ class LagoStore:
             elif customer_filter:
                 items = [s for s in items if s["external_customer_id"] == customer_filter]
             if query.get("plan_code"):
-                items = [s for s in items if s["plan_code"] == query["plan_code"]]
-            items = sorted(items, key=lambda s: (s["started_at"] or s["subscription_at"], s["seq"]))
+                listed_plan = self.plans.get(str(query["plan_code"]))
+                items = [s for s in items if listed_plan is not None and s["plan_id"] == listed_plan["lago_id"]]
+            if query.get("currency"):  # the plan's amount_currency
+                items = [s for s in items if self._plan_of(s)["amount_currency"] == query["currency"]]
+            # ORDER BY subscription_at DESC NULLS LAST, created_at DESC
+            items = sorted(items, key=lambda s: (s["subscription_at"] or "", s["created_at"], s["seq"]), reverse=True)
             return paginate(
                 [self._serialize_sub(s) for s in items], "subscriptions", query.get("page"), query.get("per_page")
             )
@@ -1216,18 +1699,13 @@ class LagoStore:
             self.refresh()
             sub = self._sub_for(external_id, status or "active")
             errors: dict[str, list[str]] = {}
-            if "ending_at" in params and params["ending_at"] is not None:
-                ending = parse_datetime(params["ending_at"])
-                start = parse_datetime(sub["subscription_at"])
-                if ending is None or (start is not None and ending <= start) or ending <= self.now():
-                    errors["ending_at"] = ["invalid_date"]
             if "subscription_at" in params:
                 if sub["status"] != "pending" or parse_datetime(params["subscription_at"]) is None:
                     errors["subscription_at"] = ["invalid_date"]
-            if params.get("on_termination_invoice") not in (None, "generate", "skip"):
-                errors["on_termination_invoice"] = ["value_is_invalid"]
-            if params.get("on_termination_credit_note") not in (None, "credit", "refund", "offset", "skip"):
-                errors["on_termination_credit_note"] = ["value_is_invalid"]
+            start = parse_datetime(params.get("subscription_at")) or parse_datetime(sub["subscription_at"])
+            if not self._valid_ending_at(params.get("ending_at"), start):
+                errors["ending_at"] = ["invalid_date"]
+            _check_on_termination(params, errors)
             if errors:
                 raise validation_error(errors)
             for key in SUBSCRIPTION_UPDATABLE:
@@ -1412,24 +1890,58 @@ class LagoStore:
             raise not_found("event")
 
     def list_events(self, query: Mapping[str, Any]) -> JSON:
+        """lago-api ``EventsQuery`` and its ``EventsQueryFiltersContract``."""
         with self.lock:
+            errors: dict[str, list[str]] = {}
+            from_started = query.get("timestamp_from_started_at")
+            if from_started is not None and from_started not in ("true", "false"):
+                errors["timestamp_from_started_at"] = ["must be one of: true, false"]
+            from_started_on = from_started == "true"
+            if from_started_on and query.get("timestamp_from"):
+                errors["timestamp_from"] = ["cannot be used with timestamp_from_started_at"]
+            if from_started_on and not query.get("external_subscription_id"):
+                errors["external_subscription_id"] = ["required with timestamp_from_started_at"]
+            if errors:
+                raise validation_error(errors)
+            bounds: dict[str, datetime | None] = {}
+            for key in ("timestamp_from", "timestamp_to"):  # BaseQuery#parse_datetime_filter: DateTime.iso8601
+                bounds[key] = parse_datetime(query.get(key)) if query.get(key) else None
+                if query.get(key) and bounds[key] is None:
+                    raise validation_error({key: ["invalid_date"]})
             items = list(self.events)
             if query.get("external_subscription_id"):
                 items = [e for e in items if e["external_subscription_id"] == query["external_subscription_id"]]
             if query.get("code"):
                 items = [e for e in items if e["code"] == query["code"]]
-            low = parse_datetime(query.get("timestamp_from"))
-            high = parse_datetime(query.get("timestamp_to"))
+            low = bounds["timestamp_from"]
+            if from_started_on:  # from the started_at of the subscription (the live one, else the last to end)
+                low = self._events_subscription_start(str(query["external_subscription_id"]))
+            high = bounds["timestamp_to"]
             if low is not None:
                 items = [e for e in items if Decimal(e["ts"]) >= Decimal(repr(low.timestamp()))]
             if high is not None:
                 items = [e for e in items if Decimal(e["ts"]) <= Decimal(repr(high.timestamp()))]
-            # Newest first (ms timestamps: a float orders them exactly); only the page asked for is serialized, so
-            # a page of a large store costs a sort, not a copy of every event.
-            items.sort(key=lambda e: float(e["ts"]), reverse=True)
+            # Postgres store: ORDER BY timestamp DESC, transaction_id ASC (ms timestamps: a float orders them
+            # exactly). ClickHouse: ORDER BY ingested_at DESC (a replaced event keeps its first copy's place here).
+            # Only the page asked for is serialized, so a page of a large store costs a sort, not a copy of each event.
+            if self.event_store == "postgres":
+                items.sort(key=lambda e: e["transaction_id"])
+                items.sort(key=lambda e: float(e["ts"]), reverse=True)
+            else:
+                items.reverse()
             result = paginate(items, "events", query.get("page"), query.get("per_page"))
             result["events"] = [self._serialize_event(e) for e in result["events"]]
             return result
+
+    def _events_subscription_start(self, external_id: str) -> datetime | None:
+        # EventsQuery#subscription: ORDER BY terminated_at DESC NULLS FIRST, started_at DESC
+        subs = [s for s in self.subscriptions if s["external_id"] == external_id]
+        if not subs:
+            return None
+        live = [s for s in subs if s["terminated_at"] is None]
+        pool = live or subs
+        best = max(pool, key=lambda s: (s["terminated_at"] or "", s["started_at"] or "", s["seq"]))
+        return parse_datetime(best["started_at"])
 
     def serialized_events(self) -> list[JSON]:
         with self.lock:
@@ -1461,7 +1973,7 @@ class LagoStore:
             if str(query.get("full_usage", "")).lower() in ("true", "1"):
                 # needs a charge or group filter and the premium granular_lifetime_usage flag, off here as by default
                 raise not_allowed("full_usage_not_allowed")
-            plan = self.plans[sub["plan_code"]]
+            plan = self._plan_of(sub)
             charges = plan["charges"]
             for param, field in (
                 ("billable_metric_code", "billable_metric_code"),
@@ -1484,11 +1996,8 @@ class LagoStore:
         charges: Sequence[JSON] | None = None,
         groups: Mapping[str, str] | None = None,
     ) -> JSON:
-        plan = self.plans[sub["plan_code"]]
-        start, end = self._period_bounds(sub, at)
-        started = parse_datetime(sub["started_at"])
-        if started is not None and started > start:
-            start = day_start(started)
+        plan = self._plan_of(sub)
+        start, end = self._charges_bounds(sub, at)
         upper = end
         terminated = parse_datetime(sub["terminated_at"])
         if terminated is not None and terminated < upper:
@@ -1511,7 +2020,9 @@ class LagoStore:
         return {
             "from_datetime": iso(start),
             "to_datetime": iso(end),
-            "issuing_date": (end + timedelta(seconds=1)).date().isoformat(),
+            # Invoices::CustomerUsageService: issuing_date = DatesService#next_end_of_period, the UTC time of the
+            # period's local end of day, cast to a date: 2026-03-31 for a UTC customer's March
+            "issuing_date": end.date().isoformat(),
             "lago_invoice_id": None,
             "currency": currency,
             "amount_cents": amount,
@@ -1602,21 +2113,38 @@ class LagoStore:
             wanted = external_customer_id or query.get("external_customer_id") or query.get("customer_external_id")
             if external_customer_id is not None and self._customer(external_customer_id) is None:
                 raise not_found("customer")
+            self._check_billing_entity_codes(multi)
             if wanted:
                 ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
                 items = [i for i in items if i["customer_id"] in ids]
-            if multi.get("statuses[]"):
-                items = [i for i in items if i["status"] in multi["statuses[]"]]
-            if multi.get("payment_statuses[]"):
-                items = [i for i in items if i["payment_status"] in multi["payment_statuses[]"]]
+            # InvoiceIndex: status: params[:status] || params[:statuses], each a value or a list; InvoicesQuery keeps
+            # only the visible statuses of those (all of them when none is given)
+            wanted_statuses = _multi_values(multi, "status", "statuses") or list(VISIBLE_INVOICE_STATUSES)
+            items = [i for i in items if i["status"] in wanted_statuses and i["status"] in VISIBLE_INVOICE_STATUSES]
+            payment_statuses = _multi_values(multi, "payment_status", "payment_statuses")
+            if payment_statuses:
+                items = [i for i in items if i["payment_status"] in payment_statuses]
             if query.get("invoice_type"):
                 items = [i for i in items if i["invoice_type"] == query["invoice_type"]]
             if query.get("currency"):
                 items = [i for i in items if i.get("currency") == query["currency"]]
-            if query.get("issuing_date_from"):
-                items = [i for i in items if str(i["issuing_date"]) >= str(query["issuing_date_from"])]
-            if query.get("issuing_date_to"):
-                items = [i for i in items if str(i["issuing_date"]) <= str(query["issuing_date_to"])]
+            # an unparsable issuing_date_from/to is ignored (InvoiceIndex#valid_date?)
+            since, until = _iso_date(query.get("issuing_date_from")), _iso_date(query.get("issuing_date_to"))
+            if since is not None:
+                items = [i for i in items if str(i["issuing_date"]) >= since]
+            if until is not None:
+                items = [i for i in items if str(i["issuing_date"]) <= until]
+            for param, field in (("payment_overdue", "payment_overdue"), ("self_billed", "self_billed")):
+                if query.get(param) not in (None, ""):
+                    flag = _boolean(query[param])
+                    items = [i for i in items if bool(i.get(field)) == flag]
+            if query.get("payment_dispute_lost") not in (None, ""):
+                lost = _boolean(query["payment_dispute_lost"])
+                items = [i for i in items if (i.get("payment_dispute_lost_at") is not None) == lost]
+            items = [i for i in items if _metadata_matches(i.get("metadata") or [], query)]
+            term = str(query.get("search_term") or "").strip().lower()
+            if term:
+                items = [i for i in items if self._invoice_matches(i, term, search_customers=not wanted)]
             for param, sign in (("amount_from", 1), ("amount_to", -1)):
                 if query.get(param):
                     try:
@@ -1628,6 +2156,18 @@ class LagoStore:
             return paginate(
                 [self._serialize_invoice(i) for i in items], "invoices", query.get("page"), query.get("per_page")
             )
+
+    def _invoice_matches(self, invoice: JSON, term: str, *, search_customers: bool) -> bool:
+        """InvoicesQuery search_term: the number, the exact lago_id, and (without a customer filter) the customer's
+        name, firstname, lastname, external_id or email, case-insensitively."""
+        if term in str(invoice.get("number") or "").lower() or term == str(invoice["lago_id"]).lower():
+            return True
+        customer = self._customer_by_id(invoice["customer_id"])
+        if not search_customers or customer is None:
+            return False
+        f = customer["fields"]
+        values = (f.get("name"), f.get("firstname"), f.get("lastname"), customer["external_id"], f.get("email"))
+        return any(term in str(v).lower() for v in values if v)
 
     def get_invoice(self, lago_id: str) -> JSON:
         with self.lock:
@@ -1699,6 +2239,59 @@ def _timezones() -> frozenset[str]:
 
 def _valid_currency(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 3 and value.isalpha() and value.isupper()
+
+
+def _check_on_termination(params: Mapping[str, Any], errors: dict[str, list[str]]) -> None:
+    # lago-api Subscriptions::ValidateService#valid_on_termination_*?: error code "invalid_value"
+    if params.get("on_termination_invoice") not in (None, "", "generate", "skip"):
+        errors["on_termination_invoice"] = ["invalid_value"]
+    if params.get("on_termination_credit_note") not in (None, "", "credit", "refund", "offset", "skip"):
+        errors["on_termination_credit_note"] = ["invalid_value"]
+
+
+def _valid_metric_filters(filters: Any) -> bool:
+    return isinstance(filters, list) and all(
+        isinstance(f, Mapping) and isinstance(f.get("key"), str) and isinstance(f.get("values"), list) and f["values"]
+        for f in filters
+    )
+
+
+def _boolean(value: Any) -> bool:
+    """Rails ``ActiveModel::Type::Boolean`` cast of a query value: false for "false", "0", "f", "off" (any case)."""
+    return str(value).strip().lower() not in ("false", "0", "f", "off")
+
+
+def _multi_values(multi: Mapping[str, list[str]], *names: str) -> list[str]:
+    """The values of the first of ``names`` given, as ``name=x`` or ``name[]=x&name[]=y`` (Rails' params)."""
+    for name in names:
+        values = [v for v in (*multi.get(name, []), *multi.get(f"{name}[]", [])) if v != ""]
+        if values:
+            return values
+    return []
+
+
+def _iso_date(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return date.fromisoformat(value.strip()).isoformat()
+    except ValueError:
+        return None
+
+
+def _metadata_matches(items: Sequence[Mapping[str, Any]], query: Mapping[str, Any]) -> bool:
+    """``metadata[key]=value`` filters (customers and invoices): every such key must be present with that value;
+    ``metadata[key]=`` (empty) asks for the key to be absent (lago-api ``CustomersQuery#with_metadata``)."""
+    for key, value in query.items():
+        if not (key.startswith("metadata[") and key.endswith("]")):
+            continue
+        name = key[len("metadata[") : -1]
+        if value in (None, ""):
+            if any(m.get("key") == name for m in items):
+                return False
+        elif not any(m.get("key") == name and str(m.get("value")) == str(value) for m in items):
+            return False
+    return True
 
 
 def _default_field(field: str) -> Any:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import calendar
+import functools
+import zoneinfo
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 from .._errors import InvalidRequestError
 
 JSON = dict[str, Any]
 
 UTC = timezone.utc
+
+_D = TypeVar("_D", date, datetime)
 
 
 class ApiError(Exception):
@@ -106,8 +110,8 @@ def day_start(dt: datetime) -> datetime:
     return dt.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def add_months(dt: datetime, months: int, *, day: int | None = None) -> datetime:
-    """``dt`` shifted by ``months``, on ``day`` (default ``dt.day``) clamped to the month length."""
+def add_months(dt: _D, months: int, *, day: int | None = None) -> _D:
+    """``dt`` (a date or datetime) shifted by ``months``, on ``day`` (default ``dt.day``) clamped to the month."""
     total = dt.year * 12 + (dt.month - 1) + months
     year, month = divmod(total, 12)
     month += 1
@@ -116,39 +120,61 @@ def add_months(dt: datetime, months: int, *, day: int | None = None) -> datetime
     return dt.replace(year=year, month=month, day=min(wanted, last))
 
 
+@functools.lru_cache(maxsize=256)
+def zone(name: str | None) -> tzinfo:
+    """The IANA time zone ``name`` (UTC for ``None``, ``"UTC"`` or a name the zone database lacks)."""
+    if not name or name in ("UTC", "Etc/UTC"):
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return UTC
+
+
 INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
 YEARLY_FACTOR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 2, "yearly": 1}
 
 
-def billing_period(interval: str, billing_time: str, anchor: datetime, now: datetime) -> tuple[datetime, datetime]:
-    """The billing period containing ``now``: ``(start, end)``, ``end`` being the last second.
-
-    ``calendar`` periods start on the 1st of the month / quarter / half-year / year or on Monday;
-    ``anniversary`` periods repeat from ``anchor`` (the subscription date).
-    """
-    now = now.astimezone(UTC)
-    anchor = day_start(anchor)
+def _period_days(interval: str, billing_time: str, anchor: date, today: date) -> tuple[date, date]:
+    """First day of the period containing ``today`` and first day of the next one (local calendar days)."""
     if interval == "weekly":
         if billing_time == "anniversary":
-            days = (day_start(now) - anchor).days
-            start = anchor + timedelta(days=(days // 7) * 7)
-        else:
-            start = day_start(now) - timedelta(days=now.weekday())
-        return start, start + timedelta(days=7) - timedelta(seconds=1)
+            start = anchor + timedelta(days=((today - anchor).days // 7) * 7)
+        else:  # Rails' beginning_of_week: Monday
+            start = today - timedelta(days=today.weekday())
+        return start, start + timedelta(days=7)
     months = INTERVAL_MONTHS.get(interval, 1)
     if billing_time == "anniversary":
-        elapsed = (now.year - anchor.year) * 12 + (now.month - anchor.month)
-        k = elapsed // months
+        k = ((today.year - anchor.year) * 12 + (today.month - anchor.month)) // months
         start = add_months(anchor, k * months, day=anchor.day)
-        if start > now:
+        if start > today:
             k -= 1
             start = add_months(anchor, k * months, day=anchor.day)
-        end = add_months(anchor, (k + 1) * months, day=anchor.day)
-        return start, end - timedelta(seconds=1)
-    month_index = ((now.month - 1) // months) * months + 1
-    start = datetime(now.year, month_index, 1, tzinfo=UTC)
-    end = add_months(start, months, day=1)
-    return start, end - timedelta(seconds=1)
+        return start, add_months(anchor, (k + 1) * months, day=anchor.day)
+    start = date(today.year, ((today.month - 1) // months) * months + 1, 1)
+    return start, add_months(start, months, day=1)
+
+
+def local_day_start(day: date, tz: tzinfo) -> datetime:
+    """Midnight of ``day`` in ``tz``, in UTC (Rails ``date.in_time_zone(tz)``)."""
+    return datetime.combine(day, time(), tzinfo=tz).astimezone(UTC)
+
+
+def billing_period(
+    interval: str, billing_time: str, anchor: datetime, now: datetime, tz: tzinfo = UTC
+) -> tuple[datetime, datetime]:
+    """The billing period containing ``now``: ``(start, end)`` in UTC, ``end`` being the last second.
+
+    ``calendar`` periods start on the 1st of the month / quarter / half-year / year or on Monday;
+    ``anniversary`` periods repeat from ``anchor`` (the subscription date). Lago counts the days in the
+    customer's time zone ``tz`` (its ``applicable_timezone``) and shifts them to UTC: a calendar month of a
+    customer in America/New_York runs from 05:00Z on the 1st (lago-api ``Subscriptions::DatesService``:
+    ``billing_date`` and ``subscription_at`` are read ``in_time_zone(customer.applicable_timezone)``, and
+    ``customer_timezone_shift`` turns the bounding days into UTC times, the end with ``end_of_day``).
+    """
+    first, following = _period_days(interval, billing_time, anchor.astimezone(tz).date(), now.astimezone(tz).date())
+    last_second = datetime.combine(following - timedelta(days=1), time(23, 59, 59), tzinfo=tz)
+    return local_day_start(first, tz), last_second.astimezone(UTC)
 
 
 # Decimals --------------------------------------------------------------------------------------
