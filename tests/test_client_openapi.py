@@ -90,6 +90,7 @@ async def test_every_client_request_matches_the_spec(fake_lago: Any) -> None:
         await lago.get_subscription_entitlements("org_1", status="active")
         await lago.update_subscription_entitlements("org_1", {"api_quota": {"max_api_calls": 400}}, status="active")
         await lago.list_features(per_page=1)
+        await lago.remove_subscription_entitlement("org_1", "api_quota", "max_api_calls")
         now = dt.datetime.now(dt.timezone.utc)
         event = {"external_subscription_id": "org_1", "code": "api_call", "properties": {"total_tokens": 5}}
         await lago.create_event({**event, "transaction_id": "tx_1", "timestamp": now})
@@ -103,6 +104,6 @@ async def test_every_client_request_matches_the_spec(fake_lago: Any) -> None:
         with pytest.raises(LagoNotFoundError):
             await lago.get_customer("missing")
     api_calls = [r for r in recorder.exchanges if r.request.url.path.startswith("/api/v1/")]
-    assert len(api_calls) == 28  # one request per call above
+    assert len(api_calls) == 29  # one request per call above
     for response in api_calls:  # (the emulator's answers are checked in tests/emulator/test_openapi_conformance.py)
         assert_request_matches(response.request)

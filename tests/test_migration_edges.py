@@ -516,3 +516,297 @@ def test_a_dotted_user_id_is_refused_up_front_with_what_to_do(fake: FakeLago, tm
             assert problem in err and any(p.startswith(problem) for p in report["problems"])
         assert "Remove this row and move this user by hand" in err and "map 'acme.com' to 'acme-com'" not in err
     assert [s["external_id"] for s in subs(fake, "alice.smith")] == ["sub_alice_smith"]
+
+
+# --- review of 353c6f8: an upgraded donor, a key that cannot read features, a pending org subscription, features
+# granted to the donor subscription only -------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def lago(clock: Clock | None = None) -> FakeLago:
+    fake = FakeLago(api_key=API_KEY, clock=clock or (lambda: datetime(2026, 3, 10, 12, tzinfo=timezone.utc)))
+    fake.add_plan("starter", amount_cents=1_000)
+    fake.add_plan("pro", amount_cents=5_000)
+    privileges = [{"code": "max_api_calls", "value_type": "integer"}]
+    fake.add_feature("api_quota", privileges)
+    fake.store.set_plan_entitlements("pro", {"entitlements": {"api_quota": {"max_api_calls": 1_000}}}, merge=False)
+    return fake
+
+
+def client_of(fake: FakeLago) -> LagoClient:
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001, max_retries=0)
+    return LagoClient(settings, transport=fake.transport())
+
+
+def org_overrides(fake: FakeLago, external_id: str, status: str | None = None) -> dict[str, Any]:
+    return {
+        feature["code"]: feature["overrides"]
+        for feature in fake.store.get_sub_entitlements(external_id, status)["entitlements"]
+    }
+
+
+def clear_overrides(fake: FakeLago, external_id: str) -> None:
+    for subscription in fake.store.subscriptions:
+        if subscription["external_id"] == external_id:
+            subscription["entitlement_overrides"] = {}
+
+
+@pytest.mark.anyio
+async def test_verify_checks_the_overrides_of_a_donor_that_had_been_upgraded() -> None:
+    """dave upgraded starter -> pro in January (his pro subscription has previous_plan_code 'starter') and has a
+    custom max_api_calls on it. --execute takes it as the donor and carries the override; --verify must check it,
+    but it drops every terminated subscription with a previous_plan_code from its donor pool, finds none, and
+    verifies an org subscription that lacks the override (false positive)."""
+    clock = Clock(datetime(2026, 1, 5, tzinfo=timezone.utc))
+    fake = lago(clock)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "starter", external_id="sub_dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")  # upgrade: starter terminated, pro active
+    fake.store.patch_sub_entitlements("sub_dave", None, {"entitlements": {"api_quota": {"max_api_calls": 50_000}}})
+    clock.now = datetime(2026, 3, 10, 12, tzinfo=timezone.utc)
+    async with client_of(fake) as client:
+        run = await run_migration(client, [SOLO], mode="execute")
+        assert run.ok, run.orgs[0].errors
+        assert org_overrides(fake, "solo") == {"api_quota": {"max_api_calls": 50_000}}  # execute carried it
+
+        clear_overrides(fake, "solo")  # the org subscription now has the plan's 1,000
+        verify = await run_migration(client, [SOLO], mode="verify")
+    assert not verify.ok, "verify passed an org subscription that lacks the donor's override"
+
+
+@pytest.mark.anyio
+async def test_a_key_that_cannot_read_features_does_not_abort_a_migration_without_overrides() -> None:
+    """GET /features answers 403 (an API key without the feature permission, a Lago where entitlements are not
+    available): 353c6f8 only tolerates a 404 there, so the run aborts at the first org ('The API key lacks a
+    permission', nothing about features), although no subscription has an override; before, it migrated."""
+    fake = lago()
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    forbidden = {"status": 403, "error": "Forbidden", "code": "feature_unavailable"}
+    fake.faults.inject(403, path="/api/v1/features", body=forbidden)
+    async with client_of(fake) as client:
+        run = await run_migration(client, [SOLO], mode="dry-run")
+    assert run.aborted is None, run.aborted
+    assert run.orgs[0].status == "planned", run.orgs[0].errors
+
+
+@pytest.mark.anyio
+async def test_verify_advice_for_a_pending_org_subscription_names_its_status() -> None:
+    """The org subscription starts later (dave's only one does): the PATCH --verify prints must address the
+    pending subscription (?subscription_status=pending, as --execute did); without it Lago looks for an active
+    one and answers 404."""
+    fake = lago()
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave", subscription_at="2026-06-01T00:00:00Z")
+    fake.store.patch_sub_entitlements("sub_dave", "pending", {"entitlements": {"api_quota": {"max_api_calls": 9}}})
+    async with client_of(fake) as client:
+        assert (await run_migration(client, [SOLO], mode="execute")).ok
+        clear_overrides(fake, "solo")
+        verify = await run_migration(client, [SOLO], mode="verify")
+    [error] = [e for e in verify.orgs[0].errors if "PATCH" in e]
+    assert "subscription_status=pending" in error, error
+
+
+@pytest.mark.anyio
+async def test_a_feature_granted_to_the_donor_subscription_only_goes_to_the_org() -> None:
+    """dave's subscription was granted the feature 'sso' (not in his plan; a feature without privileges, added with
+    PATCH /subscriptions/sub_dave/entitlements {"sso": {}}). It is a per-subscription entitlement like an override,
+    but _override_values keeps only privilege values: the org subscription does not get sso, and verify does not
+    notice."""
+    fake = lago()
+    fake.add_feature("sso", [])
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    fake.store.patch_sub_entitlements("sub_dave", None, {"entitlements": {"sso": {}}})
+    assert "sso" in org_overrides(fake, "sub_dave")
+    async with client_of(fake) as client:
+        assert (await run_migration(client, [SOLO], mode="execute")).ok
+    assert "sso" in org_overrides(fake, "solo")
+
+
+# --- entitlements an API key may not read, features given or removed, a pending org subscription -----------------
+
+
+FORBIDDEN = {"status": 403, "error": "Forbidden", "code": "read_action_not_allowed_for_feature"}
+REFUSED = "Lago refused GET /features (403 read_action_not_allowed_for_feature): this API key may not read entitlements"
+
+
+def test_a_key_that_cannot_read_features_stops_execute_unless_allowed(fake: FakeLago, tmp_path: Path) -> None:
+    """GET /features answers 403 (a key without read access to features): the dry run says once that dave's override
+    is neither carried nor verified, and how to fix it; --execute exits 2 before any write, saying so; with
+    --allow-unreadable-entitlements it migrates, with the same warning once; --verify warns that it did not check
+    them, and finds the missing override once the key may read features."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}})
+    fake.faults.inject(403, path="/api/v1/features", body=FORBIDDEN)
+    mapping = "user_id,org_id,org_name,email\ndave,solo,Solo,\n"
+    code, out, _, report = _migrate(fake, tmp_path, mapping)
+    assert code == 0 and out.count(REFUSED) == 1 and report["warnings"][0].startswith(REFUSED)
+    assert "--execute stops before its first write unless given --allow-unreadable-entitlements" in out
+    assert "give the API key read access to features" in out
+
+    fake.requests.clear()
+    code, out, err, report = _migrate(fake, tmp_path, mapping, "--execute")
+    assert (code, out) == (2, "") and fake.write_requests == []
+    assert f"error: {REFUSED}" in err and "Nothing was done: give the API key read access to features" in err
+    assert "run again with --allow-unreadable-entitlements" in err
+    assert report["ok"] is False and report["problems"][0].startswith(REFUSED)
+
+    code, out, _, report = _migrate(fake, tmp_path, mapping, "--execute", "--allow-unreadable-entitlements")
+    assert code == 0 and out.count(REFUSED) == 1 and report["warnings"][0].startswith(REFUSED)
+    assert subs(fake, "dave") == [] and privileges(fake, "solo")["max_api_calls"] == (1_000, None)  # not carried
+
+    code, out, _, _ = _migrate(fake, tmp_path, mapping, "--verify")
+    assert code == 0 and "--verify did not check them" in out
+    fake.faults.clear()
+    code, out, _, _ = _migrate(fake, tmp_path, mapping, "--verify")
+    assert code == 1 and "PATCH /subscriptions/solo/entitlements" in out
+
+
+@pytest.mark.anyio
+async def test_a_wrong_key_on_get_features_still_stops_the_run(fake: FakeLago, client: LagoClient) -> None:
+    """A 401 on GET /features is a wrong key, not missing permissions: the run stops (aborted), nothing written."""
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    fake.faults.inject(401, path="/api/v1/features", body={"status": 401, "error": "Unauthorized"})
+    run = await run_migration(client, [SOLO], mode="execute", allow_unreadable_entitlements=True)
+    assert run.aborted is not None and "401" in run.aborted and not run.ok
+    assert fake.write_requests == []
+
+
+@pytest.mark.anyio
+async def test_plan_entitlements_the_donor_went_without_are_removed_from_the_org_subscription(fake: FakeLago) -> None:
+    """Plan pro has api_quota (max_api_calls, max_tokens) and sso; dave's subscription went without sso (DELETE
+    /subscriptions/sub_dave/entitlements/sso) and without max_tokens (.../api_quota/privileges/max_tokens). The dry
+    run's report shows it; --execute removes them from the org subscription too (DELETEs Lago's OpenAPI spec
+    accepts); --verify checks it and prints the DELETE that fixes it."""
+    quota(fake)
+    fake.add_feature("sso", [])
+    fake.store.set_plan_entitlements("pro", {"entitlements": {"sso": {}}}, merge=True)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    async with fake.client() as http:
+        for path in ("sso", "api_quota/privileges/max_tokens"):
+            assert (await http.delete(f"/api/v1/subscriptions/sub_dave/entitlements/{path}")).status_code == 200
+    recorder = Recorder(fake.transport())
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
+    async with LagoClient(settings, transport=recorder) as client:
+        dry = await run_migration(client, [SOLO], mode="dry-run")
+        assert dry.to_json()["orgs"][0]["entitlement_overrides"] == {
+            "from": "dave's subscription sub_dave",
+            "values": {},
+            "removed": ["api_quota.max_tokens", "sso"],
+        }
+        run = await run_migration(client, [SOLO], mode="execute")
+        assert run.ok, run.orgs[0].errors
+        deletes = [r for r in recorder.requests if r.method == "DELETE" and "/entitlements/" in r.url.path]
+        assert [r.url.path for r in deletes] == [
+            "/api/v1/subscriptions/solo/entitlements/api_quota/privileges/max_tokens",
+            "/api/v1/subscriptions/solo/entitlements/sso",
+        ]
+        for request in deletes:
+            assert_request_matches(request)
+        assert [f["code"] for f in fake.store.get_sub_entitlements("solo", None)["entitlements"]] == ["api_quota"]
+        assert privileges(fake, "solo") == {"max_api_calls": (1_000, None)}
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+        override(fake, "solo", {"sso": {}})  # sso back as the plan has it
+        verify = await run_migration(client, [SOLO], mode="verify")
+        assert not verify.ok
+        assert (
+            "org subscription 'solo' still has sso of its plan's entitlements, which dave's subscription sub_dave had "
+            "removed; remove them: DELETE /subscriptions/solo/entitlements/sso"
+        ) in verify.orgs[0].errors
+        async with fake.client() as http:  # (what it prints)
+            assert (await http.delete("/api/v1/subscriptions/solo/entitlements/sso")).status_code == 200
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+
+@pytest.mark.anyio
+async def test_a_privilege_a_pending_donor_went_without_is_removed_from_the_pending_org_subscription(
+    fake: FakeLago,
+) -> None:
+    """dave's only subscription starts in June and goes without max_tokens: the org subscription (pending too) goes
+    without it as well, the DELETE addressing it with subscription_status=pending; --verify checks it."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave", subscription_at="2026-06-01T00:00:00Z")
+    async with fake.client() as http:
+        path = "/api/v1/subscriptions/sub_dave/entitlements/api_quota/privileges/max_tokens"
+        assert (await http.delete(path, params={"subscription_status": "pending"})).status_code == 200
+    recorder = Recorder(fake.transport())
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
+    async with LagoClient(settings, transport=recorder) as client:
+        assert (await run_migration(client, [SOLO], mode="execute")).ok
+        [delete] = [r for r in recorder.requests if r.method == "DELETE" and "/entitlements/" in r.url.path]
+        assert dict(delete.url.params) == {"subscription_status": "pending"}
+        assert_request_matches(delete)
+        assert privileges(fake, "solo", "pending") == {"max_api_calls": (1_000, None)}
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+
+@pytest.mark.anyio
+async def test_a_feature_given_to_the_donor_subscription_only_is_shown_and_verified(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """sso is not in plan pro; dave's subscription was given it without values (PATCH {"sso": {}}): the dry run
+    shows it as sso={}, --execute gives it to the org subscription, --verify checks it and prints the PATCH."""
+    quota(fake)
+    fake.add_feature("sso", [])
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"sso": {}})
+    dry = await run_migration(client, [SOLO], mode="dry-run")
+    assert dry.orgs[0].entitlement_overrides == {"sso": {}}
+    assert any(s.description.endswith("to those of dave's subscription sub_dave: sso={}") for s in dry.orgs[0].steps)
+    assert (await run_migration(client, [SOLO], mode="execute")).ok
+    assert (await run_migration(client, [SOLO], mode="verify")).ok
+    async with fake.client() as http:
+        assert (await http.delete("/api/v1/subscriptions/solo/entitlements/sso")).status_code == 200
+    verify = await run_migration(client, [SOLO], mode="verify")
+    assert (
+        "org subscription 'solo' lacks the entitlement overrides of dave's subscription sub_dave: sso={} (it gets the "
+        'plan\'s values); set them: PATCH /subscriptions/solo/entitlements {"entitlements":{"sso":{}}}'
+    ) in verify.orgs[0].errors
+
+
+@pytest.mark.anyio
+async def test_overrides_not_carried_to_a_pending_org_subscription_name_its_status(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """dave's only subscription starts in June; the mapping puts the org on starter (it starts in June too): the
+    warning that his overrides are not carried gives a PATCH addressing the pending subscription."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave", subscription_at="2026-06-01T00:00:00Z")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}}, status="pending")
+    org = OrgMapping("solo", "Solo", None, ("dave",), plan_code="starter")
+    dry = await run_migration(client, [org], mode="dry-run")
+    assert any(
+        w.endswith(
+            "if they still apply, set them with PATCH /subscriptions/solo/entitlements?subscription_status=pending"
+        )
+        for w in dry.orgs[0].warnings
+    ), dry.orgs[0].warnings
+
+
+def test_a_journal_lock_that_cannot_be_taken_says_what_to_do(fake: FakeLago, tmp_path: Path) -> None:
+    """The journal's directory cannot be made (a file is in the way): exit 2, nothing done, and what to do."""
+    (tmp_path / "afile").write_text("")
+    journal = tmp_path / "afile" / "journal.jsonl"
+    fake.requests.clear()
+    code, out, err, _ = _migrate(
+        fake, tmp_path, "user_id,org_id,org_name,email\ndave,solo,Solo,\n", "--execute", "--journal", str(journal)
+    )
+    assert (code, out) == (2, "") and fake.requests == []
+    assert f"error: --journal {journal}: its lock {journal}.lock cannot be taken (" in err
+    assert "nothing was done" in err and "give a --journal in a directory this user can write" in err

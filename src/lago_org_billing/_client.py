@@ -337,6 +337,20 @@ class LagoClient:
         body = await self._request("PATCH", path, params=params, json={"entitlements": dict(entitlements)})
         return list(body.get("entitlements") or [])
 
+    async def remove_subscription_entitlement(
+        self, external_id: str, feature_code: str, privilege_code: str | None = None, *, status: str | None = None
+    ) -> JSON:
+        """``DELETE /subscriptions/{external_id}/entitlements/{feature_code}`` (or ``.../privileges/{privilege_code}``):
+        a feature of the plan (or one of its privileges) taken away from this subscription only."""
+        path = (
+            f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements/"
+            f"{path_segment(feature_code, 'feature code')}"
+        )
+        if privilege_code is not None:
+            path += f"/privileges/{path_segment(privilege_code, 'privilege code')}"
+        params = {"subscription_status": status} if status else None
+        return await self._request("DELETE", path, params=params)
+
     async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
         """``GET /features`` (one page): the features plans and subscriptions can be entitled to."""
         params = _params({}, page=page, per_page=per_page)

@@ -11,13 +11,18 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
    policy* picks among its users' active subscriptions (default ``highest``: the most expensive per year;
    ties go to the oldest subscription), unless a ``plan_code`` column or ``--default-plan`` says otherwise.
    An org that already has an active subscription keeps it, whatever its plan.
-   **Entitlement overrides** (``PATCH /subscriptions/{id}/entitlements``: an enterprise user's custom
-   ``max_api_calls``...) go with the plan: the org subscription gets the override values (never the plan values)
-   of the one subscription the plan policy picks, the *donor* (the user whose plan, and billing identity, the org
-   takes), when it is on that subscription's plan. Other users' differing overrides are not carried (a warning
-   names them), nor are the donor's when the org is on another plan (a mapping ``plan_code``, an existing org
-   subscription). An override the org subscription already has is kept, never overwritten (a warning says so),
-   so the step is idempotent: a run stopped between subscribing the org and setting them sets them when resumed.
+   **Entitlement overrides** go with the plan: what a subscription has of its own beyond its plan's entitlements,
+   i.e. override values (``PATCH /subscriptions/{id}/entitlements``: an enterprise user's custom
+   ``max_api_calls``...; never the plan values), features given to it outside its plan (``{"sso": {}}``) and plan
+   features or privileges removed for it (``DELETE /subscriptions/{id}/entitlements/{feature_code}``, ``.../privileges
+   /{privilege_code}``). The org subscription gets those of the one subscription the plan policy picks, the *donor*
+   (the user whose plan, and billing identity, the org takes), when it is on that subscription's plan. Other users'
+   differing ones are not carried (a warning names them), nor are the donor's when the org is on another plan (a
+   mapping ``plan_code``, an existing org subscription). An override the org subscription already has is kept,
+   never overwritten nor removed (a warning says so), so the step is idempotent: a run stopped between subscribing
+   the org and setting them sets them when resumed. When Lago does not let the API key read entitlements (``GET
+   /features`` answers 403) they can be neither carried nor verified: a dry run or a verification says so, and
+   ``execute`` stops before its first write unless told to go on (``allow_unreadable_entitlements``).
 3. **Terminate the users' active subscriptions** (``on_termination_invoice``/``on_termination_credit_note``
    as chosen) and cancel their pending (not yet started) ones; the donor's last, so that a run stopped half-way
    still finds, when resumed, the subscription whose overrides the org takes.
@@ -88,6 +93,7 @@ __all__ = [
     "METADATA_MIGRATED_TO",
     "PLAN_POLICIES",
     "CallCounter",
+    "EntitlementsUnreadableError",
     "Journal",
     "JournalLock",
     "JournalLockedError",
@@ -116,8 +122,12 @@ _PERIODS_PER_YEAR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 
 _MAX_NAME = 255
 
 Mode = Literal["dry-run", "execute", "verify"]
-#: Per-subscription entitlement overrides: ``{feature_code: {privilege_code: value}}``.
+#: Per-subscription entitlement overrides: ``{feature_code: {privilege_code: value}}`` (``{feature_code: {}}``: a
+#: feature given to the subscription beyond its plan's, without values).
 Overrides = dict[str, dict[str, Any]]
+#: A plan's feature (``(feature_code, None)``) or privilege (``(feature_code, privilege_code)``) removed for one
+#: subscription.
+Removal = tuple[str, str | None]
 
 
 # ---------------------------------------------------------------------------------------------- mapping
@@ -132,6 +142,39 @@ class MappingError(InvalidRequestError):
         super().__init__(
             f"The mapping has {len(self.problems)} problem(s); fix them all, nothing was changed:\n  - {shown}"
         )
+
+
+class EntitlementsUnreadableError(LagoIntegrationError):
+    """``--execute`` stopped before its first write: Lago does not let the API key read entitlements (``GET
+    /features`` answered 403), so the users' entitlement overrides could not be carried (see
+    ``allow_unreadable_entitlements`` of :func:`run_migration`)."""
+
+
+def _entitlements_refused(exc: LagoAuthenticationError, mode: Mode, *, refused: bool) -> str:
+    """What a 403 on ``GET /features`` means for a run of ``mode``, and what to do."""
+    code = f" {exc.code}" if exc.code else ""
+    what = (
+        f"Lago refused GET /features (403{code}): this API key may not read entitlements, so the entitlements of the "
+        "users' subscriptions (an enterprise user's custom max_api_calls, a feature given to one subscription) are "
+        "neither carried to the org subscriptions nor verified"
+    )
+    fix = (
+        "give the API key read access to features (its permissions in Lago's API key settings; entitlements must "
+        "be available on that Lago)"
+    )
+    if refused:
+        return (
+            f"{what}. Nothing was done: {fix} and run again, or, to migrate without them, run again with "
+            "--allow-unreadable-entitlements (allow_unreadable_entitlements=True from Python)"
+        )
+    if mode == "execute":
+        return (
+            f"{what} (--allow-unreadable-entitlements). To find the org subscriptions that lack their donor's: {fix}, "
+            "then run --verify, which prints the calls that set them"
+        )
+    if mode == "verify":
+        return f"{what}: --verify did not check them. {fix[0].upper()}{fix[1:]} and run --verify again"
+    return f"{what}. --execute stops before its first write unless given --allow-unreadable-entitlements: {fix}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,6 +591,8 @@ class JournalLock:
     the process ends, killed or crashed as well, so a lock is never stale: the ``.lock`` file stays behind and its
     presence means nothing (it names the last holder, for the message). On a platform with neither (WASI...) no lock
     is taken and a warning is logged. Two runs with *different* journals are not prevented from overlapping.
+    :func:`run_migration` does not take it (it is given a journal already read): hold it around ``Journal(path)``
+    and the run, as the CLI does.
     """
 
     def __init__(self, journal: str | Path) -> None:
@@ -664,16 +709,25 @@ class PlanCatalog:
         self._plans: dict[str, JSON | None] = {}
         self._features: bool | None = None
         self._lock = anyio.Lock()
+        #: Lago's 403 on ``GET /features``: the API key may not read entitlements (see :meth:`uses_entitlements`).
+        self.entitlements_refused: LagoAuthenticationError | None = None
 
     async def uses_entitlements(self) -> bool:
         """Whether Lago has any feature (``GET /features``, once per run): without one no subscription can have
-        entitlement overrides, and the migration reads none (no extra call per subscription)."""
+        entitlement overrides, and the migration reads none (no extra call per subscription). ``False`` too when Lago
+        answers 403 (an API key without read access to features): ``entitlements_refused`` then holds the error, and
+        overrides are neither carried nor verified. A 401 (a wrong key) is raised."""
         if self._features is None:
             async with self._lock:
                 if self._features is None:
                     try:  # (one page of one is all this needs)
                         self._features = bool((await self._client.list_features(per_page=1)).items)
                     except LagoNotFoundError:  # a Lago from before entitlements
+                        self._features = False
+                    except LagoAuthenticationError as exc:
+                        if exc.status != 403:
+                            raise
+                        self.entitlements_refused = exc
                         self._features = False
         return self._features
 
@@ -722,6 +776,7 @@ class Step:
         "upsert_customer",
         "create_subscription",
         "set_entitlements",
+        "remove_entitlements",
         "terminate_subscription",
         "cancel_subscription",
         "mark_user",
@@ -757,15 +812,19 @@ class OrgResult:
     calls: CallStats = dataclasses.field(default_factory=CallStats)
     customer: JSON | None = None
     subscription: JSON | None = None
-    #: The entitlement overrides the org subscription takes (or, verified, should have), and whose they are.
+    #: The entitlement overrides the org subscription takes (or, verified, should have), and whose they are; the
+    #: plan's features and privileges it goes without (``feature`` or ``feature.privilege`` in the report).
     entitlement_overrides: Overrides | None = None
     entitlements_from: str | None = None
+    entitlements_removed: list[Removal] = dataclasses.field(default_factory=list)
     exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> JSON:
-        overrides = None
+        overrides: JSON | None = None
         if self.entitlement_overrides is not None:
             overrides = {"from": self.entitlements_from, "values": self.entitlement_overrides}
+            if self.entitlements_removed:
+                overrides["removed"] = [_removal_name(removal) for removal in self.entitlements_removed]
         return {
             "org_id": self.org_id,
             "status": self.status,
@@ -844,9 +903,75 @@ def _override_values(entitlements: Iterable[Any]) -> Overrides:
     return result
 
 
-async def _overrides_of(client: LagoClient, subscription: JSON) -> Overrides:
-    """The entitlement overrides of a Lago subscription object: those it embeds, else ``GET
-    /subscriptions/{id}/entitlements`` for its status (a subscription listed by ``GET /subscriptions``)."""
+def _privilege_codes(feature: Mapping[str, Any]) -> set[str]:
+    return {
+        str(privilege["code"])
+        for privilege in feature.get("privileges") or ()
+        if isinstance(privilege, Mapping) and privilege.get("code")
+    }
+
+
+def _plan_features(plan: JSON | None) -> dict[str, set[str]] | None:
+    """``{feature_code: {privilege_code, ...}}`` of a plan's entitlements (``GET /plans/{code}`` lists them); ``None``
+    when not known (no such plan, a Lago whose plans do not list entitlements)."""
+    entitlements = plan.get("entitlements") if plan is not None else None
+    if not isinstance(entitlements, list):
+        return None
+    return {
+        str(feature["code"]): _privilege_codes(feature)
+        for feature in entitlements
+        if isinstance(feature, Mapping) and feature.get("code")
+    }
+
+
+@dataclasses.dataclass
+class SubscriptionEntitlements:
+    """What a subscription has of its own beyond its plan's entitlements: ``overrides`` (values, and ``{feature: {}}``
+    for a feature given to the subscription only) and ``removed`` (plan features, or privileges of one, it lacks)."""
+
+    overrides: Overrides = dataclasses.field(default_factory=dict)
+    removed: list[Removal] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.overrides or self.removed)
+
+    def has_removed(self, removal: Removal) -> bool:
+        """Whether the subscription lacks this feature or privilege (a privilege also when its feature is removed)."""
+        return removal in self.removed or (removal[1] is not None and (removal[0], None) in self.removed)
+
+    def owns(self, removal: Removal) -> bool:
+        """Whether the subscription has override values of its own on this feature or privilege."""
+        feature, privilege = removal
+        values = self.overrides.get(feature)
+        return values is not None and (privilege is None or privilege in values)
+
+
+def _subscription_entitlements(
+    entitlements: Iterable[Any], plan: dict[str, set[str]] | None
+) -> SubscriptionEntitlements:
+    """Lago's entitlements of a subscription against those of its plan (``None``: not known, only the values are
+    read). A feature the plan lacks is the subscription's own even without values (``PATCH {"sso": {}}``); a plan
+    feature or privilege it does not list was removed for it (``DELETE .../entitlements/{feature_code}``)."""
+    listed = [feature for feature in entitlements if isinstance(feature, Mapping) and feature.get("code")]
+    result = SubscriptionEntitlements(_override_values(listed))
+    if plan is None:
+        return result
+    present = {str(feature["code"]): _privilege_codes(feature) for feature in listed}
+    for code in present:
+        if code not in plan:
+            result.overrides.setdefault(code, {})
+    for code, privileges in sorted(plan.items()):
+        if code not in present:
+            result.removed.append((code, None))
+        else:
+            result.removed.extend((code, privilege) for privilege in sorted(privileges - present[code]))
+    return result
+
+
+async def _entitlements_of(client: LagoClient, subscription: JSON, plans: PlanCatalog) -> SubscriptionEntitlements:
+    """The entitlements of a Lago subscription object of its own: those it embeds, else ``GET
+    /subscriptions/{id}/entitlements`` for its status (a subscription listed by ``GET /subscriptions``), against its
+    plan's (``GET /plans/{code}``, once per run)."""
     entitlements = subscription.get("entitlements")
     if not isinstance(entitlements, list):
         external_id = str(subscription.get("external_id"))
@@ -855,9 +980,24 @@ async def _overrides_of(client: LagoClient, subscription: JSON) -> Overrides:
             entitlements = await client.get_subscription_entitlements(
                 external_id, status=None if status in (None, "active") else str(status)
             )
-        except LagoNotFoundError:  # (a Lago without entitlements)
-            entitlements = []
-    return _override_values(entitlements)
+        except LagoNotFoundError:  # (a Lago without entitlements; nothing known: not "every plan feature removed")
+            return SubscriptionEntitlements()
+    plan_code = subscription.get("plan_code")
+    plan = await plans.get(str(plan_code)) if isinstance(plan_code, str) and plan_code else None
+    return _subscription_entitlements(entitlements, _plan_features(plan))
+
+
+def _status_query(status: str | None) -> str:
+    """Lago addresses a subscription that is not active (one starting later) with ``subscription_status``."""
+    return f"?subscription_status={status}" if status not in (None, "active") else ""
+
+
+def _entitlements_path(sub_id: str, status: str | None, removal: Removal | None = None) -> str:
+    """``/subscriptions/{id}/entitlements[/{feature}[/privileges/{privilege}]][?subscription_status=...]``."""
+    path = f"/subscriptions/{sub_id}/entitlements"
+    if removal is not None:
+        path += f"/{removal[0]}" + (f"/privileges/{removal[1]}" if removal[1] is not None else "")
+    return path + _status_query(status)
 
 
 async def _set_overrides(client: LagoClient, external_id: str, overrides: Overrides, status: str) -> None:
@@ -865,20 +1005,44 @@ async def _set_overrides(client: LagoClient, external_id: str, overrides: Overri
     await client.update_subscription_entitlements(external_id, overrides, status=None if status == "active" else status)
 
 
-def format_overrides(overrides: Overrides) -> str:
-    """``feature.privilege=value, ...`` (values as JSON)."""
-    return ", ".join(
-        f"{feature}.{privilege}={json.dumps(value)}"
-        for feature, values in sorted(overrides.items())
-        for privilege, value in sorted(values.items())
+async def _remove_entitlement(client: LagoClient, external_id: str, removal: Removal, status: str) -> None:
+    """The plan's feature (or privilege) removed for this subscription only."""
+    feature, privilege = removal
+    await client.remove_subscription_entitlement(
+        external_id, feature, privilege, status=None if status == "active" else status
     )
 
 
+def format_overrides(overrides: Overrides) -> str:
+    """``feature.privilege=value, ...`` (values as JSON); ``feature={}`` for a feature given without values."""
+    parts: list[str] = []
+    for feature, values in sorted(overrides.items()):
+        if not values:
+            parts.append(f"{feature}={{}}")
+        parts.extend(f"{feature}.{privilege}={json.dumps(value)}" for privilege, value in sorted(values.items()))
+    return ", ".join(parts)
+
+
+def _removal_name(removal: Removal) -> str:
+    return removal[0] if removal[1] is None else f"{removal[0]}.{removal[1]}"
+
+
+def format_entitlements(overrides: Overrides, removed: Sequence[Removal] = ()) -> str:
+    """:func:`format_overrides`, then ``removed: feature, feature.privilege`` (what the plan has and it lacks)."""
+    parts = [text for text in (format_overrides(overrides),) if text]
+    if removed:
+        parts.append("removed: " + ", ".join(_removal_name(removal) for removal in removed))
+    return "; ".join(parts)
+
+
 def _compare(wanted: Overrides, current: Overrides) -> tuple[Overrides, Overrides]:
-    """``(missing, other)``: the entries of ``wanted`` that ``current`` lacks, and those it has another value for."""
+    """``(missing, other)``: the entries of ``wanted`` that ``current`` lacks, and those it has another value for (a
+    feature of ``wanted`` without values is missing when ``current`` does not have that feature)."""
     missing: Overrides = {}
     other: Overrides = {}
     for feature, values in wanted.items():
+        if not values and feature not in current:
+            missing[feature] = {}
         for privilege, value in values.items():
             have = current.get(feature, {}).get(privilege)
             if have is None:
@@ -888,6 +1052,19 @@ def _compare(wanted: Overrides, current: Overrides) -> tuple[Overrides, Override
     return missing, other
 
 
+def _removals_to_make(
+    wanted: SubscriptionEntitlements, current: SubscriptionEntitlements
+) -> tuple[list[Removal], list[Removal]]:
+    """``(to_remove, kept)``: the removals of ``wanted`` that ``current`` lacks, but for those where ``current`` has
+    values of its own (``kept``: never overwritten)."""
+    to_remove: list[Removal] = []
+    kept: list[Removal] = []
+    for removal in wanted.removed:
+        if not current.has_removed(removal):
+            (kept if current.owns(removal) else to_remove).append(removal)
+    return to_remove, kept
+
+
 async def _plan_overrides(
     client: LagoClient,
     org: OrgMapping,
@@ -895,62 +1072,92 @@ async def _plan_overrides(
     candidates: Sequence[tuple[str, JSON]],
     donor: tuple[str, JSON],
     org_subscription: JSON | None,
+    org_status: str,
+    plans: PlanCatalog,
     result: OrgResult,
-) -> Step | None:
-    """The step that gives the org subscription the donor's entitlement overrides (``None`` when it has them or
-    they are not carried), and the warnings on overrides left behind (see the module's docstring)."""
+) -> list[Step]:
+    """The steps that give the org subscription (of status ``org_status``, made or to be made) the donor's
+    entitlements of its own (none when it has them or they are not carried), and the warnings on those left behind
+    (see the module's docstring)."""
     donor_user, donor_sub = donor
     donor_id = str(donor_sub.get("external_id"))
     origin = f"{donor_user}'s subscription {donor_id}"
-    wanted: Overrides = {}
-    others: list[tuple[str, Overrides]] = []
+    wanted = SubscriptionEntitlements()
+    others: list[tuple[str, SubscriptionEntitlements]] = []
     for user_id, subscription in candidates:
-        overrides = await _overrides_of(client, subscription)
+        entitlements = await _entitlements_of(client, subscription, plans)
         if user_id == donor_user and subscription.get("external_id") == donor_id:
-            wanted = overrides
+            wanted = entitlements
         else:
-            others.append((f"{user_id}'s {subscription.get('external_id')}", overrides))
+            others.append((f"{user_id}'s {subscription.get('external_id')}", entitlements))
     differing = []
-    for name, overrides in others:
-        missing, other = _compare(overrides, wanted)
+    for name, entitlements in others:
+        missing, other = _compare(entitlements.overrides, wanted.overrides)
         for feature, values in other.items():
             missing.setdefault(feature, {}).update(values)
-        if missing:
-            differing.append(f"{name} ({format_overrides(missing)})")
+        removed = [removal for removal in entitlements.removed if not wanted.has_removed(removal)]
+        if missing or removed:
+            differing.append(f"{name} ({format_entitlements(missing, removed)})")
     if differing:
-        taken = format_overrides(wanted) or "none"
+        taken = format_entitlements(wanted.overrides, wanted.removed) or "none"
         result.warnings.append(
             f"org {org.org_id!r}: its users' subscriptions have different entitlement overrides; the org subscription "
             f"takes only those of {origin}, whose plan the plan policy picks ({taken}), not those of "
             + "; ".join(differing)
         )
     if not wanted:
-        return None
+        return []
     if result.plan_code != donor_sub.get("plan_code"):
         where = f"is on plan {result.plan_code!r}" if result.plan_code else "is not made (no plan)"
+        how = f"set them with PATCH {_entitlements_path(sub_id, org_status)}"
+        if wanted.removed:
+            removal = _entitlements_path(sub_id, org_status, ("{feature_code}", None))
+            how += f" (and DELETE {removal} for a feature its plan has and it went without)"
         result.warnings.append(
-            f"org {org.org_id!r}: the entitlement overrides of {origin} ({format_overrides(wanted)}) are not carried: "
-            f"the org subscription {where}, not on its plan {donor_sub.get('plan_code')!r}; if they still apply, set "
-            f"them with PATCH /subscriptions/{sub_id}/entitlements"
+            f"org {org.org_id!r}: the entitlement overrides of {origin} "
+            f"({format_entitlements(wanted.overrides, wanted.removed)}) are not carried: the org subscription {where}, "
+            f"not on its plan {donor_sub.get('plan_code')!r}; if they still apply, {how}"
         )
-        return None
-    result.entitlement_overrides, result.entitlements_from = wanted, origin
-    current = await _overrides_of(client, org_subscription) if org_subscription is not None else {}
-    missing, other = _compare(wanted, current)
-    if other:
-        kept = {feature: {p: current[feature][p] for p in values} for feature, values in other.items()}
+        return []
+    result.entitlement_overrides, result.entitlements_from = wanted.overrides, origin
+    result.entitlements_removed = list(wanted.removed)
+    current = SubscriptionEntitlements()  # (a subscription made now has its plan's)
+    if org_subscription is not None:
+        current = await _entitlements_of(client, org_subscription, plans)
+    missing, other = _compare(wanted.overrides, current.overrides)
+    to_remove, kept_removals = _removals_to_make(wanted, current)
+    if other or kept_removals:
+        kept = {feature: {p: current.overrides[feature][p] for p in values} for feature, values in other.items()}
+        for feature, privilege in kept_removals:
+            own = current.overrides[feature]
+            kept.setdefault(feature, {}).update(own if privilege is None else {privilege: own[privilege]})
+        theirs = format_entitlements(other, kept_removals)
         result.warnings.append(
             f"org subscription {sub_id!r} keeps its own entitlement overrides {format_overrides(kept)} ({origin} has "
-            f"{format_overrides(other)})"
+            f"{theirs})"
         )
-    if not missing:
-        return None
-    return Step(
-        "set_entitlements",
-        sub_id,
-        f"set entitlement overrides of org subscription {sub_id} to those of {origin}: {format_overrides(missing)}",
-        {"entitlements": missing},
-    )
+    steps = []
+    if missing:
+        steps.append(
+            Step(
+                "set_entitlements",
+                sub_id,
+                f"set entitlement overrides of org subscription {sub_id} to those of {origin}: "
+                f"{format_overrides(missing)}",
+                {"entitlements": missing},
+            )
+        )
+    if to_remove:
+        steps.append(
+            Step(
+                "remove_entitlements",
+                sub_id,
+                f"remove from org subscription {sub_id} what {origin} had removed of its plan's entitlements: "
+                + ", ".join(_removal_name(removal) for removal in to_remove),
+                {"removals": [list(removal) for removal in to_remove]},
+            )
+        )
+    return steps
 
 
 #: Lago customer fields a user customer's org inherits when it has none (its invoices' billing identity).
@@ -1126,9 +1333,15 @@ async def plan_org(
     if candidates:
         donor = source if source is not None else await _pick(options.plan_policy, candidates, plans)
         if await plans.uses_entitlements():
-            step = await _plan_overrides(client, org, sub_id, candidates, donor, org_subscription, result)
-            if step is not None:
-                steps.append(step)
+            if org_subscription is not None:
+                org_status = str(org_subscription.get("status") or "active")
+            else:  # (made starting later: Lago makes it pending)
+                org_status = "pending" if starts_at is not None else "active"
+            steps.extend(
+                await _plan_overrides(
+                    client, org, sub_id, candidates, donor, org_subscription, org_status, plans, result
+                )
+            )
 
     # 3. The users' subscriptions (the donor's last), then 4. the marks on the user customers.
     ends: list[Step] = []
@@ -1205,6 +1418,13 @@ async def apply_org(
                 await _set_overrides(client, step.target, step.payload["entitlements"], status)
                 step.outcome = "done"
                 step.detail = {"entitlements": step.payload["entitlements"]}
+            elif step.kind == "remove_entitlements":
+                status = str((result.subscription or {}).get("status") or "active")
+                removals: list[Removal] = [(str(f), None if p is None else str(p)) for f, p in step.payload["removals"]]
+                for removal in removals:
+                    await _remove_entitlement(client, step.target, removal, status)
+                step.outcome = "done"
+                step.detail = {"removed": [_removal_name(removal) for removal in removals]}
             elif step.kind in ("terminate_subscription", "cancel_subscription"):
                 try:
                     ended = await _end_subscription(client, step, options)
@@ -1275,7 +1495,8 @@ async def verify_org(
 ) -> None:
     """``result.errors`` gets every way the org is not migrated: no customer, no active subscription (or one
     on another customer), a mapped user still holding an active subscription, an entitlement override of the donor
-    (the subscription the plan policy picks among those the migration ended) missing from the org subscription."""
+    (the subscription the plan policy picks among those the migration ended: the policy ``execute`` used must be
+    given) missing from the org subscription, or a plan entitlement the donor went without still on it."""
     sub_id = client.settings.subscription_id_for(org.org_id)
     result.customer = await _or_none(client.get_customer(org.org_id))
     if result.customer is None:
@@ -1315,9 +1536,11 @@ async def _verify_overrides(
     result: OrgResult,
 ) -> None:
     """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
-    was made (terminated ones; else canceled ones that would have started later), by the plan policy. When it is on
-    the org subscription's plan, each of its overrides must be on the org subscription."""
+    was made (terminated ones, an upgraded one too; else canceled ones that would have started later, not a downgrade
+    waiting for its date), by the plan policy. When it is on the org subscription's plan, the org subscription must
+    have each of its overrides and go without what it had removed of the plan's entitlements."""
     sub_id = str(subscription.get("external_id"))
+    status = str(subscription.get("status") or "active")
     since = _parse_time(subscription.get("created_at"))
     if since is None:
         return
@@ -1325,7 +1548,9 @@ async def _verify_overrides(
     for user_id in org.users:
         async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated", "canceled"]):
             at = _parse_time(old.get("terminated_at") or old.get("canceled_at"))
-            if at is not None and at >= since and not old.get("previous_plan_code"):
+            # (a canceled downgrade was never a donor; a terminated subscription with a previous plan is an upgrade)
+            downgrade = old.get("status") == "canceled" and old.get("previous_plan_code")
+            if at is not None and at >= since and not downgrade:
                 ended.append((user_id, old))
     pool = [(user_id, old) for user_id, old in ended if old.get("status") == "terminated"] or ended
     if not pool:
@@ -1333,22 +1558,37 @@ async def _verify_overrides(
     donor_user, donor = await _pick(options.plan_policy, pool, plans)
     if donor.get("plan_code") != subscription.get("plan_code"):
         return  # (not carried: --execute warned)
-    wanted = await _overrides_of(client, donor)
+    wanted = await _entitlements_of(client, donor, plans)
     if not wanted:
         return
     origin = f"{donor_user}'s subscription {donor.get('external_id')}"
-    result.entitlement_overrides, result.entitlements_from = wanted, origin
-    missing, other = _compare(wanted, await _overrides_of(client, subscription))
+    result.entitlement_overrides, result.entitlements_from = wanted.overrides, origin
+    result.entitlements_removed = list(wanted.removed)
+    current = await _entitlements_of(client, subscription, plans)
+    missing, other = _compare(wanted.overrides, current.overrides)
+    to_remove, kept = _removals_to_make(wanted, current)
     if missing:
         body = json.dumps({"entitlements": missing}, separators=(",", ":"))
         result.errors.append(
             f"org subscription {sub_id!r} lacks the entitlement overrides of {origin}: {format_overrides(missing)} (it "
-            f"gets the plan's values); set them: PATCH /subscriptions/{sub_id}/entitlements {body}"
+            f"gets the plan's values); set them: PATCH {_entitlements_path(sub_id, status)} {body}"
+        )
+    if to_remove:
+        names = ", ".join(_removal_name(removal) for removal in to_remove)
+        calls = ", ".join(f"DELETE {_entitlements_path(sub_id, status, removal)}" for removal in to_remove)
+        result.errors.append(
+            f"org subscription {sub_id!r} still has {names} of its plan's entitlements, which {origin} had removed; "
+            f"remove them: {calls}"
         )
     if other:
         result.warnings.append(
             f"org subscription {sub_id!r} has other values than {origin} for the entitlement overrides "
             + format_overrides(other)
+        )
+    if kept:
+        result.warnings.append(
+            f"org subscription {sub_id!r} has overrides of its own on {', '.join(map(_removal_name, kept))}, which "
+            f"{origin} had removed of its plan's entitlements"
         )
 
 
@@ -1377,6 +1617,8 @@ class MigrationRun:
     calls: CallStats = dataclasses.field(default_factory=CallStats)
     warnings: list[str] = dataclasses.field(default_factory=list)
     aborted: str | None = None
+    #: What stopped the run before its first org (an org's own is in its :class:`OrgResult`).
+    exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     @property
     def counts(self) -> Counter[str]:
@@ -1430,13 +1672,28 @@ async def run_migration(
     journal: Journal | None = None,
     counter: CallCounter | None = None,
     on_org_done: Callable[[OrgResult, int, int], None] | None = None,
+    allow_unreadable_entitlements: bool = False,
 ) -> MigrationRun:
     """Plan (``dry-run``), migrate (``execute``) or check (``verify``) every org, ``concurrency`` orgs at a time.
 
     Before anything is written, plan codes named by the mapping or ``default_plan`` are checked in Lago
-    (:class:`MappingError` otherwise). An org that fails is reported and the others go on; an authentication
-    error or Lago being unavailable (after the client's retries) stops the run (``aborted``): run it again to
-    resume. ``counter`` is the :class:`CallCounter` transport of ``client``, for call statistics.
+    (:class:`MappingError` otherwise), and so is whether the API key may read entitlements: when Lago answers 403
+    to ``GET /features``, the users' entitlement overrides can be neither carried nor verified, so ``execute`` raises
+    :class:`EntitlementsUnreadableError` unless ``allow_unreadable_entitlements`` (the run then goes on with a
+    warning in ``run.warnings``, as a dry run or a verification does). An org that fails is reported and the others
+    go on; an authentication error or Lago being unavailable (after the client's retries) stops the run
+    (``aborted``): run it again to resume. ``counter`` is the :class:`CallCounter` transport of ``client``, for call
+    statistics.
+
+    ``journal`` is not locked here (the lock must be taken before the journal is read, which ``Journal(path)``
+    does): to keep two runs off one journal, as the CLI does, hold a :class:`JournalLock` around both::
+
+        with JournalLock(path):
+            journal = Journal(path)
+            try:
+                run = await run_migration(client, orgs, mode="execute", journal=journal)
+            finally:
+                journal.close()
     """
     options = options or MigrationOptions()
     if concurrency < 1:
@@ -1448,20 +1705,37 @@ async def run_migration(
         problems = await plans.check(orgs, options)
         if problems:
             raise MappingError(problems)
+    results = [OrgResult(org_id=org.org_id, users=org.users) for org in orgs]
+    run.orgs = results
+    fingerprints = [org.fingerprint(options, client.settings) for org in orgs]
+
+    def journal_done(org: OrgMapping, fingerprint: str) -> bool:
+        return mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint)
+
+    if not all(journal_done(org, fingerprint) for org, fingerprint in zip(orgs, fingerprints, strict=True)):
+        try:  # before any write: whether the users' entitlement overrides can be read at all
+            await plans.uses_entitlements()
+        except (LagoAuthenticationError, LagoUnavailableError) as exc:
+            run.aborted, run.exception = f"stopped before the first org: {exc}", exc
+        except LagoIntegrationError:
+            pass  # (asked again by each org that needs it, which then fails with it)
+    if plans.entitlements_refused is not None:
+        refused = mode == "execute" and not allow_unreadable_entitlements
+        message = _entitlements_refused(plans.entitlements_refused, mode, refused=refused)
+        if refused:
+            raise EntitlementsUnreadableError(message)
+        run.warnings.append(message)
     if journal is not None and mode == "execute":
         journal.record("run", mode=mode, orgs=len(orgs), options=dataclasses.asdict(options))
     limiter = anyio.CapacityLimiter(concurrency)
-    results = [OrgResult(org_id=org.org_id, users=org.users) for org in orgs]
-    run.orgs = results
     done = 0
 
-    async def one(org: OrgMapping, result: OrgResult, scope: anyio.CancelScope) -> None:
+    async def one(org: OrgMapping, result: OrgResult, fingerprint: str, scope: anyio.CancelScope) -> None:
         nonlocal done
-        fingerprint = org.fingerprint(options, client.settings)
         async with limiter:
             token = _org_stats.set(result.calls)
             try:
-                if mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint):
+                if journal_done(org, fingerprint):
                     result.status = "journal"
                 elif mode == "verify":
                     await verify_org(client, org, result, plans, options)
@@ -1473,7 +1747,9 @@ async def run_migration(
                         await apply_org(client, org, options, result, journal)
                         result.status = "migrated"
                     if mode == "execute" and journal is not None:
-                        journal.record("org", org_id=org.org_id, status="done", fingerprint=fingerprint)
+                        # (with whose entitlement overrides: --verify picks that donor again by the plan policy)
+                        donor = {"entitlements_from": result.entitlements_from} if result.entitlements_from else {}
+                        journal.record("org", org_id=org.org_id, status="done", fingerprint=fingerprint, **donor)
             except LagoIntegrationError as exc:
                 result.status = "failed"
                 result.errors.append(str(exc))
@@ -1490,9 +1766,10 @@ async def run_migration(
         if on_org_done is not None:
             on_org_done(result, done, len(results))
 
-    async with anyio.create_task_group() as group:
-        for org, result in zip(orgs, results, strict=True):
-            group.start_soon(one, org, result, group.cancel_scope)
+    if run.aborted is None:
+        async with anyio.create_task_group() as group:
+            for org, result, fingerprint in zip(orgs, results, fingerprints, strict=True):
+                group.start_soon(one, org, result, fingerprint, group.cancel_scope)
     run.duration_s = time.perf_counter() - started
     if counter is not None:
         run.calls = counter.stats
@@ -1532,6 +1809,8 @@ async def migrate_user(
     result = run.orgs[0]
     if result.exception is not None:
         raise result.exception
+    if run.exception is not None:
+        raise run.exception
     terminated = [s.target for s in result.steps if s.kind == "terminate_subscription" and s.outcome == "done"]
     return {
         "user_id": user_id,

@@ -1,8 +1,9 @@
 """The ``lago-org-billing migrate`` command: move user-keyed Lago customers to org-keyed ones.
 
 ``migrate --mapping-file FILE [--execute | --verify] [--journal FILE] [--report FILE]``; dry run by default.
-Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings, or
-another ``--execute`` run holds the journal (``FILE.lock``, an OS lock held for the run).
+Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings, an API
+key that may not read entitlements (``--execute`` without ``--allow-unreadable-entitlements``), or another ``--execute``
+run holds the journal (``FILE.lock``, an OS lock held for the run).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ._client import LagoClient
 from ._migration import (
     PLAN_POLICIES,
     CallCounter,
+    EntitlementsUnreadableError,
     Journal,
     JournalLock,
     JournalLockedError,
@@ -30,7 +32,7 @@ from ._migration import (
     MigrationRun,
     Mode,
     OrgResult,
-    format_overrides,
+    format_entitlements,
     load_mapping_callable,
     read_mapping_file,
     run_migration,
@@ -43,16 +45,23 @@ __all__ = ["add_migrate_command", "run_migrate_command"]
 _EPILOG = """\
 Per org: upsert the org customer (external_id = org id; metadata billing_type, migrated_from_user,
 created_by_user_id), subscribe it (subscription external_id from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan
-the policy picks among its users' active subscriptions, with the entitlement overrides of the subscription
-it takes the plan from, terminate the users' subscriptions, mark the user customers (migrated_to_org).
+the policy picks among its users' active subscriptions, with the entitlements of its own of the subscription
+it takes the plan from (override values, features given beyond the plan, plan features removed), terminate
+the users' subscriptions, mark the user customers (migrated_to_org).
 Re-running changes nothing already done; --journal skips finished orgs, and --execute holds an OS lock on
 FILE.lock for the run: a second --execute on the same journal stops at once (exit 2).
+
+--verify picks that subscription again with --plan-policy: give it the --plan-policy --execute used.
+An API key that may not read entitlements (GET /features answers 403): the dry run and --verify warn that
+overrides are neither carried nor checked; --execute stops before any write (exit 2) unless given
+--allow-unreadable-entitlements. Better: give the key read access to features.
 
 Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
 keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
 
-Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings
-or another run holds the journal.
+Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings,
+an API key that may not read features (--execute without --allow-unreadable-entitlements), or another run
+holds the journal.
 """
 
 
@@ -103,6 +112,12 @@ def add_migrate_command(commands: Any) -> None:
         choices=("credit", "refund", "offset", "skip"),
         default=None,
         help="pay-in-advance plans: what to do with the unused part (default: Lago's, credit)",
+    )
+    migrate.add_argument(
+        "--allow-unreadable-entitlements",
+        action="store_true",
+        help="--execute: go on when the API key may not read entitlements (GET /features answers 403); the users' "
+        "entitlement overrides are then not carried (default: stop before any write)",
     )
     migrate.add_argument(
         "--progress",
@@ -176,7 +191,12 @@ def run_migrate_command(
             print(f"error: {exc}", file=err)
             return 2
         except OSError as exc:
-            print(f"error: --journal {args.journal}: its lock {lock.path} cannot be taken ({exc})", file=err)
+            print(
+                f"error: --journal {args.journal}: its lock {lock.path} cannot be taken ({type(exc).__name__}: {exc}); "
+                "nothing was done. The lock file is made next to the journal: give a --journal in a directory this "
+                "user can write, on a file system with file locks (a local disk: some network shares have none)",
+                file=err,
+            )
             return 2
     try:
         return _run(args, mode, options, settings, transport, out, err, on_org_done)
@@ -241,9 +261,15 @@ def _run(
                     journal=journal,
                     counter=counter,
                     on_org_done=done,
+                    allow_unreadable_entitlements=args.allow_unreadable_entitlements,
                 )
         except MappingError as exc:
             return _mapping_failed(exc, args, err)
+        except EntitlementsUnreadableError as exc:
+            print(f"error: {exc}", file=err)
+            if args.report:
+                _write_report(args.report, {"ok": False, "problems": [str(exc)]})
+            return 2
         finally:
             progress.close()
             if journal is not None:
@@ -360,8 +386,8 @@ def _print_plan(run: MigrationRun, out: TextIO) -> None:
         plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
         users = f"{len(result.users)} user{'' if len(result.users) == 1 else 's'}"
         print(f"org {result.org_id} [{users}]: {plan}", file=out)
-        if result.entitlement_overrides:
-            values = format_overrides(result.entitlement_overrides)
+        if result.entitlement_overrides is not None:
+            values = format_entitlements(result.entitlement_overrides, result.entitlements_removed)
             print(f"  entitlement overrides (those of {result.entitlements_from}): {values}", file=out)
         for step in result.steps:
             print(f"  - {step.description}", file=out)
