@@ -543,6 +543,10 @@ class _RefreshSlots:
             if org_id is not None and self._later_orgs.get(org_id) is event:
                 del self._later_orgs[org_id]
 
+    @property
+    def waiting(self) -> int:
+        return len(self._urgent) + len(self._later)
+
     def release(self) -> None:
         for queue in (self._urgent, self._later):
             if queue:
@@ -940,6 +944,7 @@ class QuotaGate:
         self._loose: set[asyncio.Task[None]] = set()
         self._scope: anyio.CancelScope | None = None
         self._outage_logged = False
+        self._outage_logged_at = 0.0
         self._refresh_failing = False  # a refresh failed since the last one that worked (logged once)
         self._config_warnings: set[tuple[str, str]] = set()
         _LAST[:] = [weakref.ref(self)]
@@ -1234,14 +1239,18 @@ class QuotaGate:
             logger.warning(message, *args)
 
     def _log_outage(self, org_id: str, what: str) -> None:
-        if not self._outage_logged:
+        now = time.monotonic()
+        if not self._outage_logged_at or now - self._outage_logged_at >= 60.0:  # once a minute at most
             self._outage_logged = True
+            self._outage_logged_at = now
+            waiting = self._slots.waiting
             logger.warning(
-                "No usage snapshot of org %r could be read from Lago (it failed, logged above, or took over %.1f s): "
-                "requests of orgs without a "
-                "snapshot are %s until Lago answers (counted in stats['fail_open'/'fail_closed']).",
+                "No usage snapshot of org %r could be read from Lago (it failed, logged above, or took over %.1f s%s): "
+                "requests of orgs without a snapshot are %s until Lago answers (counted in "
+                "stats['fail_open'/'fail_closed']).",
                 org_id,
                 self.config.cold_timeout,
+                f"; {waiting} refreshes were waiting their turn (LAGO_QUOTA_REFRESH_CONCURRENCY)" if waiting else "",
                 what,
             )
 
