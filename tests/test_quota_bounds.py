@@ -8,6 +8,7 @@ assertions: events, a settable clock and counts only.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -389,3 +390,103 @@ async def test_waiting_for_another_workers_refresh_does_not_hold_a_refresh_slot(
         await worker_a.aclose()
         await worker_b.aclose()
     assert not queued_behind_a_wait, "y's Lago read waits for the slot of a refresh that only polls Redis for x"
+
+
+@pytest.fixture
+async def gate(clock: Clock, redis_url: str, prefix: str) -> AsyncIterator[QuotaGate]:
+    """A Redis-backed gate reading a StubLago."""
+    settings = BillingSettings(api_url="http://lago.invalid", api_key="k", max_retries=0, redis_url=redis_url)
+    gate = QuotaGate(settings, StubLago(), config=QuotaConfig(redis_prefix=prefix), clock=clock.time)  # type: ignore[arg-type]
+    try:
+        yield gate
+    finally:
+        await gate.aclose()
+
+
+async def _outage_records(gate: QuotaGate, clock: Clock, orgs: tuple[str, ...]) -> RedisBackend:
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    snapshot = await gate.snapshot("org_1")
+    for org_id in orgs:
+        backend.fallback.seed(org_id, snapshot)
+        backend.fallback.settle(org_id, "", None, clock.time(), tokens=5, billed=True)
+    backend.stats["redis_fallback"] = 1  # Redis answers again: the next reservation merges them
+    return backend
+
+
+@needs_redis
+async def test_outage_records_restored_by_a_native_cancel_are_merged_later(gate: QuotaGate, clock: Clock) -> None:
+    """A native cancel (task.cancel(), asyncio.timeout...) goes through anyio's shield: ``_recovered()`` then puts
+    the unmerged records back in the fallback, but it has already set redis_fallback = 0 and _down_until = 0, so
+    nothing merges them again while Redis stays up (the fallback is not consulted then): the calls served during
+    the outage are missing from the fleet's count for the rest of the period (more than the limit allowed)."""
+    orgs = ("o1", "o2")
+    backend = await _outage_records(gate, clock, orgs)
+    original = backend._merge
+    entered, never = asyncio.Event(), asyncio.Event()
+
+    async def merge_cut_off(**kwargs: Any) -> Any:
+        entered.set()
+        await never.wait()  # the request's task is cancelled natively meanwhile
+
+    backend._merge = merge_cut_off
+    task = asyncio.ensure_future(gate.check("org_1"))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    backend._merge = original
+    for _ in range(3):  # Redis is up; requests go on
+        await gate.check("org_1")
+    merged = {o: int(await backend.redis.hget(backend.key(o, "count"), "calls") or 0) for o in orgs}
+    assert merged == {"o1": 1, "o2": 1}, (
+        f"outage records never merged (Redis counts {merged}; left in the unused fallback, "
+        f"redis_fallback={backend.stats['redis_fallback']})"
+    )
+
+
+@needs_redis
+async def test_a_refresh_cut_off_as_it_takes_the_fleet_lock_hands_it_back(gate: QuotaGate) -> None:
+    """The unlock in ``finally`` covers failures after try_lock returned; a cancellation (gate closing, the worker
+    shutting down) that arrives while the LOCK script's answer is on its way leaves ``locked`` False and the lock in
+    Redis for the whole TTL: no worker of the fleet may refresh the org meanwhile (cold requests wait out
+    cold_timeout and fail open/closed)."""
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    original = backend._lock
+    scope = anyio.CancelScope()
+
+    async def answer_lost(**kwargs: Any) -> Any:
+        result = await original(**kwargs)  # Redis took the lock...
+        scope.cancel()  # ...and the refresh is cut off before try_lock returns
+        await anyio.lowlevel.checkpoint()
+        return result
+
+    backend._lock = answer_lost
+    event = gate._refreshing["x"] = anyio.Event()
+    with scope:
+        await gate._refresh("x", event)
+    assert scope.cancelled_caught
+    pttl = await backend.redis.pttl(backend.key("x", "lock"))
+    assert pttl <= gate.config.failure_backoff * 1000, f"fleet lock of x held for another {pttl} ms (TTL {gate.ttl} s)"
+
+
+@needs_redis
+async def test_the_recovery_merge_inside_the_reservation_shield_is_bounded(gate: QuotaGate, clock: Clock) -> None:
+    """The merge of every org's outage records now runs inside the shield of one request's reservation, one Redis
+    round trip per org, with no overall bound: a request cut off (client gone, its deadline) is held for as many
+    round trips as there are orgs with records (each up to redis_timeout + the pool's wait)."""
+    orgs = tuple(f"o{i}" for i in range(5))
+    backend = await _outage_records(gate, clock, orgs)
+    original = backend._merge
+    deadlines: list[float] = []
+
+    async def noted(**kwargs: Any) -> Any:
+        deadlines.append(anyio.current_effective_deadline())
+        return await original(**kwargs)
+
+    backend._merge = noted
+    with anyio.move_on_after(3600):  # the request's own deadline
+        await gate.check("org_1")
+    assert len(deadlines) == len(orgs)
+    assert all(d != float("inf") for d in deadlines), "the shielded merge of all orgs runs without any deadline"

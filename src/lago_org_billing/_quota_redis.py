@@ -428,8 +428,9 @@ class RedisBackend:
                 self._failed(exc)
                 self.fallback.restore(pending[index:])
                 return
-            except BaseException:  # cut off (a native cancel): kept here, nothing lost
+            except BaseException:  # cut off (its time is up, a native cancel): kept here, merged at the next check
                 self.fallback.restore(pending[index:])
+                self.stats["redis_fallback"] = 1
                 raise
 
     def _errors(self) -> tuple[type[BaseException], ...]:
@@ -453,7 +454,8 @@ class RedisBackend:
                 with anyio.CancelScope(shield=True):
                     result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
                     if self.stats["redis_fallback"]:
-                        await self._recovered()
+                        with anyio.move_on_after(self.config.redis_timeout):  # (bounded: what is left, later)
+                            await self._recovered()
             except self._errors() as exc:
                 self._failed(exc)
             else:
@@ -591,9 +593,12 @@ class RedisBackend:
             return True
         held = repr(now + ttl)
         try:
-            locked = bool(
-                await self._lock(keys=[self.key(org_id, "lock")], args=[repr(now), held, max(1, int(ttl * 1000))]) == 1
-            )
+            # shielded (bounded by redis_timeout): a refresh cut off meanwhile knows it holds the lock, to hand it back
+            with anyio.CancelScope(shield=True):
+                locked = bool(
+                    await self._lock(keys=[self.key(org_id, "lock")], args=[repr(now), held, max(1, int(ttl * 1000))])
+                    == 1
+                )
         except self._errors() as exc:
             self._failed(exc)
             return True
