@@ -19,9 +19,15 @@ import pytest
 
 import _migration_data as data
 from _openapi import assert_request_matches
-from lago_org_billing import BillingSettings, LagoClient
+from lago_org_billing import BillingSettings, LagoClient, OrgBilling
 from lago_org_billing._errors import LagoAuthenticationError
-from lago_org_billing._migration import MigrationOptions, OrgMapping, run_migration
+from lago_org_billing._migration import (
+    EntitlementsUnreadableError,
+    Journal,
+    MigrationOptions,
+    OrgMapping,
+    run_migration,
+)
 from lago_org_billing._migration_cli import run_migrate_command
 from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._server import serve_in_thread
@@ -724,7 +730,8 @@ async def test_plan_entitlements_the_donor_went_without_are_removed_from_the_org
         assert not verify.ok
         assert (
             "org subscription 'solo' still has sso of its plan's entitlements, which dave's subscription sub_dave had "
-            "removed; remove them: DELETE /subscriptions/solo/entitlements/sso"
+            "removed; remove them: DELETE /subscriptions/solo/entitlements/sso (unless the org subscription was there "
+            "before this migration: --execute then left them to the org, with a warning)"
         ) in verify.orgs[0].errors
         async with fake.client() as http:  # (what it prints)
             assert (await http.delete("/api/v1/subscriptions/solo/entitlements/sso")).status_code == 200
@@ -810,3 +817,203 @@ def test_a_journal_lock_that_cannot_be_taken_says_what_to_do(fake: FakeLago, tmp
     assert (code, out) == (2, "") and fake.requests == []
     assert f"error: --journal {journal}: its lock {journal}.lock cannot be taken (" in err
     assert "nothing was done" in err and "give a --journal in a directory this user can write" in err
+
+
+# --- found reviewing 82c91a1: a features read that failed otherwise, removals on an existing org subscription, ----
+# --- the one-user path without readable entitlements ---------------------------------------------------------------
+
+
+def sso_in_pro(fake: FakeLago) -> None:
+    """:func:`quota`, and feature sso (no privileges) in plan pro too."""
+    quota(fake)
+    fake.add_feature("sso", [])
+    fake.store.set_plan_entitlements("pro", {"entitlements": {"sso": {}}}, merge=True)
+
+
+async def remove_sso(fake: FakeLago, external_id: str) -> None:
+    async with fake.client() as http:
+        assert (await http.delete(f"/api/v1/subscriptions/{external_id}/entitlements/sso")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_a_403_on_features_after_a_first_failed_read_still_stops_execute(fake: FakeLago) -> None:
+    """The up-front GET /features is rate-limited (a 429 after the client's retries: neither a refusal nor Lago
+    unavailable), and would answer 403 when asked again by each org: --execute stops before any write instead of
+    migrating dave without his override (plan_org's own read would quietly answer 'no features'), saying what to do.
+    A dry run goes on and, once an org's own read gets the 403, warns as when the first read got it; so does --execute
+    told to go on without them."""
+    quota(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    override(fake, "sub_dave", {"api_quota": {"max_api_calls": 50_000}})
+    fake.faults.inject(429, path="/api/v1/features", count=1)
+    fake.faults.inject(403, path="/api/v1/features", body=FORBIDDEN)
+    async with client_of(fake) as client:
+        with pytest.raises(EntitlementsUnreadableError) as raised:
+            await run_migration(client, [SOLO], mode="execute")
+    assert fake.write_requests == []
+    assert str(raised.value).startswith("GET /features failed (") and "429" in str(raised.value)
+    assert "Nothing was done: run again once Lago answers it" in str(raised.value)
+    assert "run again with --allow-unreadable-entitlements" in str(raised.value)
+
+    for mode, allow in (("dry-run", False), ("execute", True)):
+        fake.faults.clear()
+        fake.faults.inject(429, path="/api/v1/features", count=1)
+        fake.faults.inject(403, path="/api/v1/features", body=FORBIDDEN)
+        async with client_of(fake) as client:
+            run = await run_migration(client, [SOLO], mode=mode, allow_unreadable_entitlements=allow)  # type: ignore[arg-type]
+        assert run.ok, run.orgs[0].errors
+        assert [w for w in run.warnings if w.startswith(REFUSED)] == run.warnings and len(run.warnings) == 1, mode
+    assert subs(fake, "dave") == [] and privileges(fake, "solo")["max_api_calls"] == (1_000, None)  # not carried
+
+
+@pytest.mark.anyio
+async def test_migrate_user_to_org_can_go_on_without_readable_entitlements(fake: FakeLago) -> None:
+    """The refusal says 'allow_unreadable_entitlements=True from Python': OrgBilling.migrate_user_to_org (and
+    migrate_user) take it, and the outcome's warnings say the overrides were not carried."""
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    fake.faults.inject(403, path="/api/v1/features", body=FORBIDDEN)
+    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, max_retries=0)
+    async with OrgBilling(settings, transport=fake.transport()) as billing:
+        with pytest.raises(EntitlementsUnreadableError, match="allow_unreadable_entitlements=True from Python"):
+            await billing.migrate_user_to_org("dave", "solo", "Solo")
+        assert fake.write_requests == []
+        outcome = await billing.migrate_user_to_org(  # what the message tells to do
+            "dave", "solo", "Solo", allow_unreadable_entitlements=True
+        )
+    assert outcome["changed"] and outcome["terminated_subscriptions"] == ["sub_dave"]
+    assert outcome["warnings"][0].startswith(REFUSED)
+
+
+@pytest.mark.anyio
+async def test_a_user_s_removed_feature_is_not_taken_from_an_org_subscription_that_already_had_it(
+    fake: FakeLago,
+) -> None:
+    """acme already has its pro subscription (the team uses SSO). bob, also on pro, had sso removed from his own
+    subscription. Migrating bob: acme keeps its subscription, bob's is the donor, and the whole org must not lose a
+    plan feature for one user's restriction: no DELETE, a warning naming it and the call, should the org go without."""
+    sso_in_pro(fake)
+    fake.add_customer("acme", name="Acme")
+    fake.add_subscription("acme", "pro", external_id="acme")
+    fake.add_customer("bob")
+    fake.add_subscription("bob", "pro", external_id="sub_bob")
+    await remove_sso(fake, "sub_bob")
+    assert "sso" in org_overrides(fake, "acme")
+    acme = OrgMapping("acme", "Acme", None, ("bob",))
+    async with client_of(fake) as client:
+        dry = await run_migration(client, [acme], mode="dry-run")
+        run = await run_migration(client, [acme], mode="execute")
+    assert run.ok, run.orgs[0].errors
+    assert "sso" in org_overrides(fake, "acme"), (
+        f"the existing org subscription lost sso: {[s.description for s in run.orgs[0].steps]}"
+    )
+    assert not [r for r in fake.write_requests if r.method == "DELETE" and "/acme/entitlements/" in r.path]
+    for result in (dry.orgs[0], run.orgs[0]):
+        assert "remove_entitlements" not in [s.kind for s in result.steps]
+        assert result.entitlements_removed == [] and result.to_json()["entitlement_overrides"] == {
+            "from": "bob's subscription sub_bob",
+            "values": {},
+        }
+        assert (
+            "org subscription 'acme' existed before this migration: it keeps sso of its plan's entitlements, which "
+            "bob's subscription sub_bob had removed (not taken from the whole org for one user); if the org should "
+            "go without them: DELETE /subscriptions/acme/entitlements/sso"
+        ) in result.warnings
+
+
+@pytest.mark.anyio
+async def test_verify_does_not_ask_to_take_a_removed_feature_from_an_org_subscription_older_than_the_donor() -> None:
+    """acme's subscription was made on 1 March; bob subscribed on 5 March and went without sso; migrated on 10
+    March, acme keeps sso: --verify passes, warning with the DELETE should the org go without it (acme's subscription
+    is older than bob's: not one his migration made)."""
+    clock = Clock(datetime(2026, 3, 1, 12, tzinfo=timezone.utc))
+    fake = lago(clock)
+    fake.add_feature("sso", [])
+    fake.store.set_plan_entitlements("pro", {"entitlements": {"sso": {}}}, merge=True)
+    fake.add_customer("acme", name="Acme")
+    fake.add_subscription("acme", "pro", external_id="acme")
+    clock.now = datetime(2026, 3, 5, 12, tzinfo=timezone.utc)
+    fake.add_customer("bob")
+    fake.add_subscription("bob", "pro", external_id="sub_bob")
+    await remove_sso(fake, "sub_bob")
+    clock.now = datetime(2026, 3, 10, 12, tzinfo=timezone.utc)
+    acme = OrgMapping("acme", "Acme", None, ("bob",))
+    async with client_of(fake) as client:
+        assert (await run_migration(client, [acme], mode="execute")).ok
+        verify = await run_migration(client, [acme], mode="verify")
+    assert verify.ok, verify.orgs[0].errors
+    assert "sso" in org_overrides(fake, "acme")
+    assert any(
+        w.startswith("org subscription 'acme' existed before bob's subscription sub_bob: it keeps sso")
+        and w.endswith("if the org should go without them: DELETE /subscriptions/acme/entitlements/sso")
+        for w in verify.orgs[0].warnings
+    ), verify.orgs[0].warnings
+
+
+@pytest.mark.anyio
+async def test_a_run_stopped_before_removing_from_the_org_subscription_it_made_removes_when_resumed(
+    fake: FakeLago, tmp_path: Path
+) -> None:
+    """The run makes the org subscription, then Lago fails the DELETE of sso (the run stops: dave still subscribed).
+    Resumed with the same journal, the org subscription found is the one this migration made (the journal recorded
+    it before asking Lago): sso is removed from it. Re-run without the journal, the migration cannot tell it from one
+    the org had before: it leaves sso and warns, with the DELETE."""
+    sso_in_pro(fake)
+    fake.add_customer("dave")
+    fake.add_subscription("dave", "pro", external_id="sub_dave")
+    await remove_sso(fake, "sub_dave")
+    path = tmp_path / "journal.jsonl"
+    fake.faults.inject(503, path="/api/v1/subscriptions/solo/entitlements/sso")
+    journal = Journal(path)
+    try:
+        async with client_of(fake) as client:
+            stopped = await run_migration(client, [SOLO], mode="execute", journal=journal)
+    finally:
+        journal.close()
+    assert stopped.aborted is not None and not stopped.ok
+    assert [s["external_id"] for s in subs(fake, "solo")] == ["solo"] and subs(fake, "dave") != []
+    assert "sso" in org_overrides(fake, "solo")
+    fake.faults.clear()
+
+    async with client_of(fake) as client:  # (without the journal: not known to be this migration's)
+        dry = await run_migration(client, [SOLO], mode="dry-run")
+    assert "remove_entitlements" not in [s.kind for s in dry.orgs[0].steps]
+    assert any(w.startswith("org subscription 'solo' existed before this migration") for w in dry.orgs[0].warnings)
+
+    journal = Journal(path)
+    try:
+        async with client_of(fake) as client:
+            resumed = await run_migration(client, [SOLO], mode="execute", journal=journal)
+    finally:
+        journal.close()
+    assert resumed.ok, resumed.orgs[0].errors
+    assert done_writes(resumed)[0] == "remove_entitlements:solo" and "sso" not in org_overrides(fake, "solo")
+    assert subs(fake, "dave") == [] and not resumed.orgs[0].warnings
+    async with client_of(fake) as client:
+        assert (await run_migration(client, [SOLO], mode="verify")).ok
+
+
+@pytest.mark.anyio
+async def test_a_journal_of_another_migration_does_not_make_an_existing_org_subscription_this_one_s(
+    fake: FakeLago, tmp_path: Path
+) -> None:
+    """The journal recorded that a migration of acme with alice made acme's subscription; bob is added to the mapping
+    later (another fingerprint) and went without sso: acme keeps sso."""
+    sso_in_pro(fake)
+    fake.add_customer("alice")
+    fake.add_subscription("alice", "pro", external_id="sub_alice")
+    fake.add_customer("bob")
+    fake.add_subscription("bob", "pro", external_id="sub_bob", billing_time="anniversary")
+    await remove_sso(fake, "sub_bob")
+    path = tmp_path / "journal.jsonl"
+    for users in (("alice",), ("bob",)):
+        journal = Journal(path)
+        try:
+            async with client_of(fake) as client:
+                org = OrgMapping("acme", "Acme", None, users)
+                assert (await run_migration(client, [org], mode="execute", journal=journal)).ok
+        finally:
+            journal.close()
+    assert path.read_text().count('"step":"create_subscription","target":"acme","outcome":"started"') == 1
+    assert "sso" in org_overrides(fake, "acme") and subs(fake, "bob") == []

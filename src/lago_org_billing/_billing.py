@@ -534,6 +534,7 @@ class OrgBilling:
         plan_code: str | None = None,
         on_termination_invoice: str = "generate",
         on_termination_credit_note: str | None = None,
+        allow_unreadable_entitlements: bool = False,
     ) -> JSON:
         """Move one user-keyed Lago customer's billing to its org (the ``migrate`` CLI's code path).
 
@@ -542,6 +543,9 @@ class OrgBilling:
         active subscriptions are terminated, and the user customer is marked (``migrated_to_org``). Safe to
         re-run. An org that already has a subscription keeps it (``plan_code`` is then ignored, with a warning).
         Returns what was done: ``changed``, ``steps``, ``warnings``, the org ``customer`` and ``subscription``.
+        When the API key may not read entitlements (``GET /features`` answers 403), raises
+        ``EntitlementsUnreadableError`` unless ``allow_unreadable_entitlements`` (the user's entitlement overrides
+        are then not carried, and ``warnings`` says so).
         """
         from ._migration import migrate_user
 
@@ -554,6 +558,7 @@ class OrgBilling:
             plan_code=plan_code,
             on_termination_invoice=on_termination_invoice,
             on_termination_credit_note=on_termination_credit_note,
+            allow_unreadable_entitlements=allow_unreadable_entitlements,
         )
         return outcome
 

@@ -20,9 +20,12 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
    differing ones are not carried (a warning names them), nor are the donor's when the org is on another plan (a
    mapping ``plan_code``, an existing org subscription). An override the org subscription already has is kept,
    never overwritten nor removed (a warning says so), so the step is idempotent: a run stopped between subscribing
-   the org and setting them sets them when resumed. When Lago does not let the API key read entitlements (``GET
-   /features`` answers 403) they can be neither carried nor verified: a dry run or a verification says so, and
-   ``execute`` stops before its first write unless told to go on (``allow_unreadable_entitlements``).
+   the org and setting them sets them when resumed. A plan feature the donor went without is removed only from an
+   org subscription this migration made (the journal says so when resumed): one the org had before keeps it, for
+   all its users, and a warning names it. When Lago does not let the API key read entitlements (``GET /features``
+   answers 403) they can be neither carried nor verified: a dry run or a verification says so, and ``execute`` stops
+   before its first write unless told to go on (``allow_unreadable_entitlements``), as it does when that cannot be
+   checked (``GET /features`` failing otherwise: a 429 after the client's retries).
 3. **Terminate the users' active subscriptions** (``on_termination_invoice``/``on_termination_credit_note``
    as chosen) and cancel their pending (not yet started) ones; the donor's last, so that a run stopped half-way
    still finds, when resumed, the subscription whose overrides the org takes.
@@ -175,6 +178,18 @@ def _entitlements_refused(exc: LagoAuthenticationError, mode: Mode, *, refused: 
     if mode == "verify":
         return f"{what}: --verify did not check them. {fix[0].upper()}{fix[1:]} and run --verify again"
     return f"{what}. --execute stops before its first write unless given --allow-unreadable-entitlements: {fix}"
+
+
+def _entitlements_unchecked(exc: LagoIntegrationError) -> str:
+    """``execute`` stopped: ``GET /features`` failed otherwise than with a 403 (or a 401), so whether the API key may
+    read entitlements is not known."""
+    return (
+        f"GET /features failed ({exc}): whether this API key may read entitlements could not be checked, and without "
+        "them the entitlements of the users' subscriptions (an enterprise user's custom max_api_calls, a feature "
+        "given to one subscription) would not be carried to the org subscriptions. Nothing was done: run again once "
+        "Lago answers it, or, to migrate even if they cannot be read, run again with --allow-unreadable-entitlements "
+        "(allow_unreadable_entitlements=True from Python)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,6 +556,7 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._done: dict[str, str] = {}
+        self._subscribed: set[tuple[str, str, str]] = set()
         self._file: IO[str] | None = None
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -548,6 +564,10 @@ class Journal:
                     entry = json.loads(line)
                 except ValueError:
                     continue
+                if isinstance(entry, dict) and self._subscribing(entry):
+                    self._subscribed.add(
+                        (str(entry.get("org_id")), str(entry.get("target")), str(entry.get("fingerprint")))
+                    )
                 if not isinstance(entry, dict) or entry.get("type") != "org":
                     continue
                 if entry.get("status") == "done":
@@ -557,6 +577,21 @@ class Journal:
 
     def is_done(self, org_id: str, fingerprint: str) -> bool:
         return self._done.get(org_id) == fingerprint
+
+    @staticmethod
+    def _subscribing(entry: Mapping[str, Any]) -> bool:
+        """The entry a run writes before it asks Lago to make the org subscription (see :func:`apply_org`)."""
+        return (
+            entry.get("type") == "step"
+            and entry.get("step") == "create_subscription"
+            and entry.get("outcome") == "started"
+            and entry.get("fingerprint") is not None
+        )
+
+    def made_subscription(self, org_id: str, subscription_id: str, fingerprint: str) -> bool:
+        """Whether a run of this migration (same mapping rows and options: ``fingerprint``) set out to make the org
+        subscription ``subscription_id`` (recorded before it asked Lago), i.e. the org had none before it."""
+        return (org_id, subscription_id, fingerprint) in self._subscribed
 
     @property
     def done_count(self) -> int:
@@ -571,6 +606,8 @@ class Journal:
         self._file.flush()
         if kind == "org" and fields.get("status") == "done":
             self._done[str(fields["org_id"])] = str(fields.get("fingerprint"))
+        if self._subscribing({"type": kind, **fields}):
+            self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"])))
 
     def close(self) -> None:
         if self._file is not None:
@@ -1075,10 +1112,13 @@ async def _plan_overrides(
     org_status: str,
     plans: PlanCatalog,
     result: OrgResult,
+    org_subscription_made: bool = False,
 ) -> list[Step]:
     """The steps that give the org subscription (of status ``org_status``, made or to be made) the donor's
     entitlements of its own (none when it has them or they are not carried), and the warnings on those left behind
-    (see the module's docstring)."""
+    (see the module's docstring). Plan features the donor went without are removed only from an org subscription
+    this migration makes or made (``org_subscription`` is ``None``, or ``org_subscription_made``): one the org had
+    before keeps them for all its users (a warning names them)."""
     donor_user, donor_sub = donor
     donor_id = str(donor_sub.get("external_id"))
     origin = f"{donor_user}'s subscription {donor_id}"
@@ -1119,13 +1159,22 @@ async def _plan_overrides(
             f"not on its plan {donor_sub.get('plan_code')!r}; if they still apply, {how}"
         )
         return []
-    result.entitlement_overrides, result.entitlements_from = wanted.overrides, origin
-    result.entitlements_removed = list(wanted.removed)
     current = SubscriptionEntitlements()  # (a subscription made now has its plan's)
     if org_subscription is not None:
         current = await _entitlements_of(client, org_subscription, plans)
     missing, other = _compare(wanted.overrides, current.overrides)
     to_remove, kept_removals = _removals_to_make(wanted, current)
+    left = [] if org_subscription is None or org_subscription_made else to_remove
+    if left:  # (the org's other users have them: one user's restriction is not the org's)
+        calls = ", ".join(f"DELETE {_entitlements_path(sub_id, org_status, removal)}" for removal in left)
+        result.warnings.append(
+            f"org subscription {sub_id!r} existed before this migration: it keeps "
+            f"{', '.join(map(_removal_name, left))} of its plan's entitlements, which {origin} had removed (not "
+            f"taken from the whole org for one user); if the org should go without them: {calls}"
+        )
+        to_remove = []
+    result.entitlement_overrides, result.entitlements_from = wanted.overrides, origin
+    result.entitlements_removed = [removal for removal in wanted.removed if removal not in left]
     if other or kept_removals:
         kept = {feature: {p: current.overrides[feature][p] for p in values} for feature, values in other.items()}
         for feature, privilege in kept_removals:
@@ -1180,9 +1229,17 @@ _CARRIED_FIELDS = (
 
 
 async def plan_org(
-    client: LagoClient, org: OrgMapping, options: MigrationOptions, plans: PlanCatalog, result: OrgResult
+    client: LagoClient,
+    org: OrgMapping,
+    options: MigrationOptions,
+    plans: PlanCatalog,
+    result: OrgResult,
+    *,
+    org_subscription_made: bool = False,
 ) -> None:
-    """Read the org's and its users' Lago state and fill ``result.steps`` with the writes still needed."""
+    """Read the org's and its users' Lago state and fill ``result.steps`` with the writes still needed.
+    ``org_subscription_made``: an org subscription found was made by this migration (its journal says so: a run
+    resumed), not one the org had before."""
     settings = client.settings
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
@@ -1339,7 +1396,16 @@ async def plan_org(
                 org_status = "pending" if starts_at is not None else "active"
             steps.extend(
                 await _plan_overrides(
-                    client, org, sub_id, candidates, donor, org_subscription, org_status, plans, result
+                    client,
+                    org,
+                    sub_id,
+                    candidates,
+                    donor,
+                    org_subscription,
+                    org_status,
+                    plans,
+                    result,
+                    org_subscription_made,
                 )
             )
 
@@ -1394,15 +1460,30 @@ async def plan_org(
 
 
 async def apply_org(
-    client: LagoClient, org: OrgMapping, options: MigrationOptions, result: OrgResult, journal: Journal | None
+    client: LagoClient,
+    org: OrgMapping,
+    options: MigrationOptions,
+    result: OrgResult,
+    journal: Journal | None,
+    fingerprint: str | None = None,
 ) -> None:
-    """Make the writes ``plan_org`` planned, in order, logging and journaling each outcome."""
+    """Make the writes ``plan_org`` planned, in order, logging and journaling each outcome (and, before the org
+    subscription is made, that this migration, of ``fingerprint``, makes it: see :meth:`Journal.made_subscription`)."""
     for step in result.steps:
         try:
             if step.kind == "upsert_customer":
                 result.customer = await client.upsert_customer(step.payload)
                 step.outcome = "done"
             elif step.kind == "create_subscription":
+                if journal is not None and fingerprint is not None:  # (before: its answer may be lost in a crash)
+                    journal.record(
+                        "step",
+                        org_id=org.org_id,
+                        step=step.kind,
+                        target=step.target,
+                        outcome="started",
+                        fingerprint=fingerprint,
+                    )
                 subscription = await client.create_subscription(
                     external_customer_id=org.org_id,
                     plan_code=step.payload["plan_code"],
@@ -1538,7 +1619,8 @@ async def _verify_overrides(
     """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
     was made (terminated ones, an upgraded one too; else canceled ones that would have started later, not a downgrade
     waiting for its date), by the plan policy. When it is on the org subscription's plan, the org subscription must
-    have each of its overrides and go without what it had removed of the plan's entitlements."""
+    have each of its overrides and go without what it had removed of the plan's entitlements (but for an org
+    subscription older than the donor's, which --execute did not make: a warning)."""
     sub_id = str(subscription.get("external_id"))
     status = str(subscription.get("status") or "active")
     since = _parse_time(subscription.get("created_at"))
@@ -1573,12 +1655,23 @@ async def _verify_overrides(
             f"org subscription {sub_id!r} lacks the entitlement overrides of {origin}: {format_overrides(missing)} (it "
             f"gets the plan's values); set them: PATCH {_entitlements_path(sub_id, status)} {body}"
         )
-    if to_remove:
+    donor_made = _parse_time(donor.get("created_at"))
+    if to_remove and donor_made is not None and since < donor_made:  # (so not made by its migration: see plan_org)
+        result.entitlements_removed = [removal for removal in wanted.removed if removal not in to_remove]
+        names = ", ".join(_removal_name(removal) for removal in to_remove)
+        calls = ", ".join(f"DELETE {_entitlements_path(sub_id, status, removal)}" for removal in to_remove)
+        result.warnings.append(
+            f"org subscription {sub_id!r} existed before {origin}: it keeps {names} of its plan's entitlements, "
+            f"which {origin} had removed (--execute does not take them from the whole org for one user); if the org "
+            f"should go without them: {calls}"
+        )
+    elif to_remove:
         names = ", ".join(_removal_name(removal) for removal in to_remove)
         calls = ", ".join(f"DELETE {_entitlements_path(sub_id, status, removal)}" for removal in to_remove)
         result.errors.append(
             f"org subscription {sub_id!r} still has {names} of its plan's entitlements, which {origin} had removed; "
-            f"remove them: {calls}"
+            f"remove them: {calls} (unless the org subscription was there before this migration: --execute then left "
+            "them to the org, with a warning)"
         )
     if other:
         result.warnings.append(
@@ -1680,10 +1773,13 @@ async def run_migration(
     (:class:`MappingError` otherwise), and so is whether the API key may read entitlements: when Lago answers 403
     to ``GET /features``, the users' entitlement overrides can be neither carried nor verified, so ``execute`` raises
     :class:`EntitlementsUnreadableError` unless ``allow_unreadable_entitlements`` (the run then goes on with a
-    warning in ``run.warnings``, as a dry run or a verification does). An org that fails is reported and the others
-    go on; an authentication error or Lago being unavailable (after the client's retries) stops the run
-    (``aborted``): run it again to resume. ``counter`` is the :class:`CallCounter` transport of ``client``, for call
-    statistics.
+    warning in ``run.warnings``, as a dry run or a verification does); so does ``execute`` when ``GET /features``
+    fails otherwise (a 429 after the client's retries): whether they can be read is then not known. An org
+    subscription the org had before keeps the plan features its donor went without (a warning names them); one this
+    migration made goes without them, also when resumed (``journal`` records that it made it). An org that fails is
+    reported and the others go on; an authentication error or Lago being unavailable (after the client's retries)
+    stops the run (``aborted``): run it again to resume. ``counter`` is the :class:`CallCounter` transport of
+    ``client``, for call statistics.
 
     ``journal`` is not locked here (the lock must be taken before the journal is read, which ``Journal(path)``
     does): to keep two runs off one journal, as the CLI does, hold a :class:`JournalLock` around both::
@@ -1712,17 +1808,20 @@ async def run_migration(
     def journal_done(org: OrgMapping, fingerprint: str) -> bool:
         return mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint)
 
+    refuse = mode == "execute" and not allow_unreadable_entitlements
     if not all(journal_done(org, fingerprint) for org, fingerprint in zip(orgs, fingerprints, strict=True)):
         try:  # before any write: whether the users' entitlement overrides can be read at all
             await plans.uses_entitlements()
         except (LagoAuthenticationError, LagoUnavailableError) as exc:
             run.aborted, run.exception = f"stopped before the first org: {exc}", exc
-        except LagoIntegrationError:
-            pass  # (asked again by each org that needs it, which then fails with it)
+        except LagoIntegrationError as exc:  # (a 429 after the client's retries...): not known, so not assumed
+            if refuse:
+                raise EntitlementsUnreadableError(_entitlements_unchecked(exc)) from exc
+            # (asked again by each org that needs it, which then fails with it)
+    warned = plans.entitlements_refused is not None
     if plans.entitlements_refused is not None:
-        refused = mode == "execute" and not allow_unreadable_entitlements
-        message = _entitlements_refused(plans.entitlements_refused, mode, refused=refused)
-        if refused:
+        message = _entitlements_refused(plans.entitlements_refused, mode, refused=refuse)
+        if refuse:
             raise EntitlementsUnreadableError(message)
         run.warnings.append(message)
     if journal is not None and mode == "execute":
@@ -1740,11 +1839,17 @@ async def run_migration(
                 elif mode == "verify":
                     await verify_org(client, org, result, plans, options)
                 else:
-                    await plan_org(client, org, options, plans, result)
+                    sub_id = client.settings.subscription_id_for(org.org_id)
+                    made = (
+                        mode == "execute"
+                        and journal is not None
+                        and journal.made_subscription(org.org_id, sub_id, fingerprint)
+                    )
+                    await plan_org(client, org, options, plans, result, org_subscription_made=made)
                     if mode == "dry-run" or not result.steps:
                         result.status = "planned" if result.steps else "up-to-date"
                     else:
-                        await apply_org(client, org, options, result, journal)
+                        await apply_org(client, org, options, result, journal, fingerprint)
                         result.status = "migrated"
                     if mode == "execute" and journal is not None:
                         # (with whose entitlement overrides: --verify picks that donor again by the plan policy)
@@ -1770,6 +1875,8 @@ async def run_migration(
         async with anyio.create_task_group() as group:
             for org, result, fingerprint in zip(orgs, results, fingerprints, strict=True):
                 group.start_soon(one, org, result, fingerprint, group.cancel_scope)
+    if plans.entitlements_refused is not None and not warned:  # (refused to an org's own GET /features)
+        run.warnings.append(_entitlements_refused(plans.entitlements_refused, mode, refused=False))
     run.duration_s = time.perf_counter() - started
     if counter is not None:
         run.calls = counter.stats
@@ -1796,16 +1903,26 @@ async def migrate_user(
     plan_code: str | None = None,
     on_termination_invoice: str = "generate",
     on_termination_credit_note: str | None = None,
+    allow_unreadable_entitlements: bool = False,
 ) -> JSON:
     """Migrate one user to its org with the CLI's code path; returns what was done (``changed`` is False on a
     no-op re-run). The org keeps the plan of the user's most expensive active subscription unless
-    ``plan_code`` is given; an org already subscribed keeps its subscription."""
+    ``plan_code`` is given; an org already subscribed keeps its subscription. When the API key may not read
+    entitlements, :class:`EntitlementsUnreadableError` unless ``allow_unreadable_entitlements`` (the user's
+    entitlement overrides are then not carried; ``warnings`` says so)."""
     record = {"user_id": user_id, "org_id": org_id, "org_name": org_name, "email": email, "plan_code": plan_code}
     orgs, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
     options = MigrationOptions(
         on_termination_invoice=on_termination_invoice, on_termination_credit_note=on_termination_credit_note
     )
-    run = await run_migration(billing.client, orgs, mode="execute", options=options, concurrency=1)
+    run = await run_migration(
+        billing.client,
+        orgs,
+        mode="execute",
+        options=options,
+        concurrency=1,
+        allow_unreadable_entitlements=allow_unreadable_entitlements,
+    )
     result = run.orgs[0]
     if result.exception is not None:
         raise result.exception
@@ -1821,5 +1938,5 @@ async def migrate_user(
         "terminated_subscriptions": terminated,
         "changed": bool(result.steps),
         "steps": [step.to_json() for step in result.steps],
-        "warnings": result.warnings,
+        "warnings": [*run.warnings, *result.warnings],
     }

@@ -54,7 +54,9 @@ FILE.lock for the run: a second --execute on the same journal stops at once (exi
 --verify picks that subscription again with --plan-policy: give it the --plan-policy --execute used.
 An API key that may not read entitlements (GET /features answers 403): the dry run and --verify warn that
 overrides are neither carried nor checked; --execute stops before any write (exit 2) unless given
---allow-unreadable-entitlements. Better: give the key read access to features.
+--allow-unreadable-entitlements (also when GET /features fails otherwise: run again). Better: give the key
+read access to features. A plan feature the donor went without is removed only from an org subscription
+the migration made: one the org had before keeps it (a warning names it).
 
 Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
 keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
@@ -116,8 +118,8 @@ def add_migrate_command(commands: Any) -> None:
     migrate.add_argument(
         "--allow-unreadable-entitlements",
         action="store_true",
-        help="--execute: go on when the API key may not read entitlements (GET /features answers 403); the users' "
-        "entitlement overrides are then not carried (default: stop before any write)",
+        help="--execute: go on when the API key may not read entitlements (GET /features answers 403, or fails "
+        "otherwise); the users' entitlement overrides are then not carried (default: stop before any write)",
     )
     migrate.add_argument(
         "--progress",
