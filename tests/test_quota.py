@@ -151,6 +151,7 @@ async def test_one_refresh_for_many_cold_requests(client: LagoClient, fake: Fake
 
 async def test_usage_already_in_lago_counts(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
     """Calls Lago already counted this period are the base: 3 ingested of 5 leave 2."""
+    clock.advance(120)  # the events, 60 s old, fall after the subscription's start (Lago counts from started_at)
     for n in range(3):
         await client.create_event(
             {"transaction_id": f"t{n}", "external_subscription_id": "org_1", "code": "api_call",

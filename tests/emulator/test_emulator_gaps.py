@@ -155,12 +155,13 @@ async def test_weekly_and_anniversary_periods_use_local_days(fake: FakeLago, cli
     )
 
 
-async def test_first_period_starts_on_the_local_day_and_downgrade_date(
+async def test_first_period_starts_at_started_at_and_downgrade_date(
     fake: FakeLago, client: httpx.AsyncClient, clock: Clock
 ) -> None:
-    """The first period starts on the local day of started_at (08:00 EDT on 15 March: 04:00Z), so an event at 23:00
-    the day before in New York is not billed; downgrade_plan_date is next_end_of_period.to_date + 1 day (2 April for
-    New York's March, whose local end is 03:59:59Z on 1 April), and the downgrade happens at local midnight."""
+    """The first charges period starts at the exact started_at (12:00Z on 15 March; DatesService#charges_from_datetime
+    clamps to subscription.started_at), so an event earlier that day is not billed; downgrade_plan_date is
+    next_end_of_period.to_date + 1 day (2 April for New York's March, whose local end is 03:59:59Z on 1 April), and
+    the downgrade happens at local midnight."""
     fake.add_customer("ny", timezone="America/New_York")
     sub = (
         await call(
@@ -171,11 +172,11 @@ async def test_first_period_starts_on_the_local_day_and_downgrade_date(
             json={"subscription": {"external_customer_id": "ny", "plan_code": "pro", "external_id": "s"}},
         )
     )["subscription"]
-    assert sub["current_billing_period_started_at"] == "2026-03-15T04:00:00Z"
-    await send(client, "s", "day_before_locally", datetime(2026, 3, 15, 3, tzinfo=timezone.utc))
-    await send(client, "s", "same_local_day", datetime(2026, 3, 15, 5, tzinfo=timezone.utc))
+    assert sub["current_billing_period_started_at"] == "2026-03-15T12:00:00Z"
+    await send(client, "s", "same_local_day_before", datetime(2026, 3, 15, 5, tzinfo=timezone.utc))
+    await send(client, "s", "at_the_start", datetime(2026, 3, 15, 12, tzinfo=timezone.utc))
     usage = fake.usage("ny", "s")["customer_usage"]
-    assert usage["from_datetime"] == "2026-03-15T04:00:00Z"
+    assert usage["from_datetime"] == "2026-03-15T12:00:00Z"
     assert usage["charges_usage"][0]["events_count"] == 1
     body = {"subscription": {"external_customer_id": "ny", "plan_code": "free", "external_id": "s"}}
     current = (await call(client, "POST", "/api/v1/subscriptions", 200, json=body))["subscription"]
@@ -185,6 +186,97 @@ async def test_first_period_starts_on_the_local_day_and_downgrade_date(
     clock.now = datetime(2026, 4, 1, 4, 0, tzinfo=timezone.utc)  # 1 April, 00:00 EDT
     started = (await call(client, "GET", "/api/v1/subscriptions/s", 200))["subscription"]
     assert (started["plan_code"], started["started_at"]) == ("free", "2026-04-01T04:00:00Z")
+
+
+CHARGES = [{"billable_metric_code": "api_call", "properties": {"amount": "1"}}]
+
+
+@pytest.mark.parametrize("interval", ["yearly", "semiannual"])
+async def test_bill_charges_monthly_current_usage_covers_the_month(
+    fake: FakeLago, client: httpx.AsyncClient, interval: str
+) -> None:
+    """A yearly or semiannual plan with ``bill_charges_monthly: true`` bills its charges monthly: lago-api
+    Yearly/SemiannualService#compute_charges_from_date/_to_date delegate to MonthlyService when
+    ``plan.bill_charges_monthly``, and CustomerUsageService answers ``charges_from/to_datetime``. On 15 March 2026
+    current usage covers March, so a February event is not counted; the issuing date stays the plan period's end
+    (DatesService#next_end_of_period)."""
+    fake.add_plan("annual", interval=interval, amount_cents=100_000, bill_charges_monthly=True, charges=CHARGES)
+    fake.add_subscription("org", "annual", external_id="s", subscription_at="2026-01-01T00:00:00Z")
+    await send(client, "s", "february", datetime(2026, 2, 10, tzinfo=timezone.utc))
+    await send(client, "s", "march", datetime(2026, 3, 10, tzinfo=timezone.utc))
+    usage = fake.usage("org", "s")["customer_usage"]
+    assert (usage["from_datetime"], usage["to_datetime"]) == ("2026-03-01T00:00:00Z", "2026-03-31T23:59:59Z")
+    assert usage["charges_usage"][0]["events_count"] == 1
+    assert usage["issuing_date"] == ("2026-12-31" if interval == "yearly" else "2026-06-30")
+    sub = (await call(client, "GET", "/api/v1/subscriptions/s", 200))["subscription"]
+    assert (sub["current_billing_period_started_at"], sub["current_billing_period_ending_at"]) == (
+        "2026-03-01T00:00:00Z",
+        "2026-03-31T23:59:59Z",
+    )
+
+
+async def test_bill_charges_monthly_on_an_anniversary_year_follows_the_monthly_anniversary(fake: FakeLago) -> None:
+    """MonthlyService's anniversary charges period on a yearly anniversary plan: from the 20th to the 19th."""
+    fake.add_plan("annual", interval="yearly", bill_charges_monthly=True, charges=CHARGES)
+    fake.add_subscription(
+        "org", "annual", external_id="s", billing_time="anniversary", subscription_at="2025-06-20T00:00:00Z"
+    )
+    usage = fake.usage("org", "s")["customer_usage"]
+    assert (usage["from_datetime"], usage["to_datetime"]) == ("2026-02-20T00:00:00Z", "2026-03-19T23:59:59Z")
+    assert usage["issuing_date"] == "2026-06-19"
+
+
+async def test_put_plan_keeps_bill_charges_monthly_of_a_semiannual_plan(
+    fake: FakeLago, client: httpx.AsyncClient
+) -> None:
+    """The spec (PlanUpdateInput.bill_charges_monthly): "can be set to true only if the plan's interval is
+    `yearly` or `semiannual`". PUT on a semiannual plan dropped it to null. The flag changes only when given, and
+    is nulled when the interval changes to one that does not allow it."""
+    fake.add_plan("half", interval="semiannual", charges=CHARGES)
+    body = {"plan": {"bill_charges_monthly": True}}
+    plan = (await call(client, "PUT", "/api/v1/plans/half", 200, json=body))["plan"]
+    assert plan["bill_charges_monthly"] is True
+    plan = (await call(client, "PUT", "/api/v1/plans/half", 200, json={"plan": {"interval": "yearly"}}))["plan"]
+    assert (plan["interval"], plan["bill_charges_monthly"]) == ("yearly", True)
+    plan = (await call(client, "PUT", "/api/v1/plans/half", 200, json={"plan": {"name": "Half"}}))["plan"]
+    assert plan["bill_charges_monthly"] is True
+    plan = (await call(client, "PUT", "/api/v1/plans/half", 200, json={"plan": {"interval": "monthly"}}))["plan"]
+    assert (plan["interval"], plan["bill_charges_monthly"]) == ("monthly", None)
+    plan = (await call(client, "PUT", "/api/v1/plans/half", 200, json=body))["plan"]
+    assert plan["bill_charges_monthly"] is None  # not allowed on a monthly plan
+
+
+async def test_upgrade_does_not_count_the_same_days_events_twice(
+    fake: FakeLago, client: httpx.AsyncClient, clock: Clock
+) -> None:
+    """An upgrade terminates the old record at ``now`` and starts the new one at ``now`` (lago-api.md §3). Lago's
+    current usage starts at the exact ``started_at`` (DatesService#charges_from_datetime: ``datetime =
+    subscription.started_at if datetime < subscription.started_at``), so the morning's events, billed with the old
+    plan, are not in the new plan's usage. The emulator started the new period at the local day's start."""
+    fake.add_subscription("org", "free", external_id="s", subscription_at="2026-03-01T00:00:00Z")
+    await send(client, "s", "morning", datetime(2026, 3, 15, 10, tzinfo=timezone.utc))
+    upgrade = {"subscription": {"external_customer_id": "org", "plan_code": "pro", "external_id": "s"}}
+    new = (await call(client, "POST", "/api/v1/subscriptions", 200, json=upgrade))["subscription"]
+    assert (new["plan_code"], new["started_at"]) == ("pro", "2026-03-15T12:00:00Z")
+    usage = fake.usage("org", "s")["customer_usage"]
+    assert usage["from_datetime"] == "2026-03-15T12:00:00Z"
+    assert usage["charges_usage"][0]["events_count"] == 0
+
+
+async def test_quarterly_anniversary_on_a_month_end_is_clamped_not_snapped(fake: FakeLago, clock: Clock) -> None:
+    """A quarterly anniversary subscription taken on 30 April renews on the 30th (clamped to shorter months), not on
+    each month's last day: lago-api QuarterlyService#previous_anniversary_day builds
+    ``anniversary_day_in(year, month)`` = ``[subscription_at.day, Time.days_in_month(month, year)].min`` since
+    getlago/lago-api#6173 (merged 2026-08-18, before the commit lago-api.md was read at), which dropped the older
+    ``Time.days_in_month(...) if last_day_of_month?(subscription_at)`` snapping. On 5 August the period started on
+    30 July and ends the day before the next anniversary (30 October)."""
+    clock.now = datetime(2025, 8, 5, 12, tzinfo=timezone.utc)
+    fake.add_plan("q", interval="quarterly", charges=CHARGES)
+    fake.add_subscription(
+        "org", "q", external_id="s", billing_time="anniversary", subscription_at="2025-04-30T00:00:00Z"
+    )
+    usage = fake.usage("org", "s")["customer_usage"]
+    assert (usage["from_datetime"], usage["to_datetime"]) == ("2025-07-30T00:00:00Z", "2025-10-29T23:59:59Z")
 
 
 # ending_at ----------------------------------------------------------------------------------------
@@ -221,6 +313,38 @@ async def test_ending_at_must_fall_on_a_later_day_and_ends_the_subscription(
     ended = await call(client, "GET", "/api/v1/subscriptions/org_main", 200, params={"status": "terminated"})
     assert ended["subscription"]["terminated_at"] == "2026-03-16T09:30:00Z"
     assert webhooks(fake, "subscription")[-1] == "subscription.terminated"
+
+
+async def test_ending_at_with_an_offset_is_judged_on_its_own_date(fake: FakeLago, client: httpx.AsyncClient) -> None:
+    """Subscriptions::ValidateService#valid_ending_at?: ``DateTime.iso8601(ending_at).to_date > Time.current.to_date``
+    (the date as written, in its own offset). 2026-03-16T01:00:00+05:00 is on 16 March, after today (15 March UTC),
+    so Lago accepts it; the emulator converted to UTC first (15 March 20:00Z) and answered 422. The same holds for
+    ``subscription_at``: 2026-03-20T23:00:00-05:00 is on 20 March, so an ending_at on 21 March UTC is later."""
+    body = {
+        "subscription": {
+            "external_customer_id": "org",
+            "plan_code": "pro",
+            "external_id": "s",
+            "ending_at": "2026-03-16T01:00:00+05:00",
+        }
+    }
+    created = (await call(client, "POST", "/api/v1/subscriptions", 200, json=body))["subscription"]
+    assert created["ending_at"] == "2026-03-15T20:00:00Z"
+    later = {
+        "subscription": {
+            "external_customer_id": "org",
+            "plan_code": "pro",
+            "external_id": "later",
+            "subscription_at": "2026-03-20T23:00:00-05:00",  # 21 March 04:00Z
+            "ending_at": "2026-03-21T10:00:00Z",
+        }
+    }
+    await call(client, "POST", "/api/v1/subscriptions", 200, json=later)
+    same_day = {
+        "subscription": {**body["subscription"], "external_id": "same", "ending_at": "2026-03-15T23:00:00-05:00"}
+    }
+    error = await call(client, "POST", "/api/v1/subscriptions", 422, json=same_day)  # 16 March 04:00Z, but 15 March
+    assert error["error_details"] == {"ending_at": ["invalid_date"]}
 
 
 # Entitlements: removing features and privileges -------------------------------------------------
@@ -367,6 +491,26 @@ async def test_plan_update_and_delete(fake: FakeLago, client: httpx.AsyncClient)
     assert (await call(client, "DELETE", "/api/v1/plans/pro", 404))["code"] == "plan_not_found"
     assert webhooks(fake, "plan")[-1] == "plan.deleted"
     fake.add_plan("pro")  # the code can be used again
+
+
+async def test_deleting_a_plan_cancels_its_pending_subscriptions_without_a_webhook(
+    fake: FakeLago, client: httpx.AsyncClient
+) -> None:
+    """lago-api Plans::DestroyService: ``plan.subscriptions.pending.find_each(&:mark_as_canceled!)``, which sets the
+    status and canceled_at only (no SendWebhookJob), unlike DELETE /subscriptions?status=pending, which goes through
+    Subscriptions::TerminateService and sends subscription.terminated. A pending downgrade to the plan is dropped
+    from its active subscription too."""
+    fake.add_subscription("org", "pro", external_id="active")
+    fake.add_subscription("org", "free", external_id="later", subscription_at="2026-04-01T00:00:00Z")
+    downgrade = {"subscription": {"external_customer_id": "org", "plan_code": "free", "external_id": "active"}}
+    await call(client, "POST", "/api/v1/subscriptions", 200, json=downgrade)
+    before = len(fake.emitted_webhooks)
+    await call(client, "DELETE", "/api/v1/plans/free", 200)
+    assert [w["webhook_type"] for w in fake.emitted_webhooks[before:]] == ["plan.deleted"]
+    canceled = await call(client, "GET", "/api/v1/subscriptions/later", 200, params={"status": "canceled"})
+    assert canceled["subscription"]["canceled_at"] == "2026-03-15T12:00:00Z"
+    active = (await call(client, "GET", "/api/v1/subscriptions/active", 200))["subscription"]
+    assert (active["plan_code"], active["next_plan_code"]) == ("pro", None)
 
 
 async def test_billable_metric_update_and_delete(fake: FakeLago, client: httpx.AsyncClient) -> None:

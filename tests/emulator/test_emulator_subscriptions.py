@@ -52,7 +52,8 @@ async def test_create_auto_creates_customer_and_is_idempotent(client: httpx.Asyn
     assert (sub["status"], sub["plan_code"], sub["billing_time"]) == ("active", "starter", "calendar")
     assert sub["plan"]["code"] == "starter"
     assert sub["entitlements"] == []
-    assert sub["current_billing_period_started_at"] == "2026-03-15T00:00:00Z"
+    # DatesService#charges_from_datetime: the period's start, clamped to the exact started_at (now)
+    assert sub["current_billing_period_started_at"] == "2026-03-15T12:00:00Z"
     assert sub["current_billing_period_ending_at"] == "2026-03-31T23:59:59Z"
     assert (await client.get("/api/v1/customers/org")).json()["customer"]["lago_id"] == sub["lago_customer_id"]
     again = (await subscribe(client, "starter")).json()["subscription"]

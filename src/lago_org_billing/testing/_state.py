@@ -31,13 +31,13 @@ from ._util import (
     drop_none,
     iso,
     iso_ms,
-    local_day_start,
     not_allowed,
     not_found,
     paginate,
     parse_datetime,
     to_decimal,
     validation_error,
+    written_date,
     zone,
 )
 
@@ -53,6 +53,8 @@ PLAN_LOCKED_WHEN_SUBSCRIBED = (
     "trial_period",
     "bill_charges_monthly",
 )
+# Plans::UpdateService / the spec (PlanUpdateInput.bill_charges_monthly): only these intervals bill charges monthly
+MONTHLY_CHARGES_INTERVALS = ("yearly", "semiannual")
 SUBSCRIPTION_STATUSES = ("pending", "active", "terminated", "canceled", "incomplete")
 # Invoice::VISIBLE_STATUS: lists leave out generating/open/closed invoices whatever the status filter
 VISIBLE_INVOICE_STATUSES = ("draft", "finalized", "voided", "failed", "pending")
@@ -1253,7 +1255,9 @@ class LagoStore:
         ``pay_in_advance``, ``amount_currency``, ``trial_period`` and ``bill_charges_monthly`` only while no
         subscription uses the plan. ``charges`` replaces the list: an item with the ``id`` of a charge updates it (its
         ``charge_model`` too, unless subscribed), one without is created, a charge left out is removed. The amount
-        changing cancels downgrades it no longer is (``process_downgraded_subscriptions``/``process_pending_...``)."""
+        changing cancels downgrades it no longer is (``process_downgraded_subscriptions``/``process_pending_...``).
+        ``bill_charges_monthly`` is written only when given, and holds only on a yearly or semiannual plan (the spec's
+        PlanUpdateInput); changing the interval to another one nulls it."""
         params = _mapping(_require_root(body, "plan"))
         with self.lock:
             self.refresh()
@@ -1293,9 +1297,12 @@ class LagoStore:
                     plan[key] = editable[key]
             if "pay_in_advance" in editable:
                 plan["pay_in_advance"] = bool(editable["pay_in_advance"])
-            if "interval" in editable or "bill_charges_monthly" in editable:
-                yearly = plan["interval"] == "yearly"
-                plan["bill_charges_monthly"] = bool(params.get("bill_charges_monthly")) if yearly else None
+            allows_monthly_charges = plan["interval"] in MONTHLY_CHARGES_INTERVALS
+            if "bill_charges_monthly" in editable:
+                flag = editable["bill_charges_monthly"]
+                plan["bill_charges_monthly"] = bool(flag) if allows_monthly_charges else None
+            elif "interval" in editable and not allows_monthly_charges:
+                plan["bill_charges_monthly"] = None
             if charges is not None:
                 plan["charges"] = charges
             if new_code != code:
@@ -1343,15 +1350,23 @@ class LagoStore:
             if (plan is from_plan and from_plan["amount_cents"] < to_plan["amount_cents"]) or (
                 plan is to_plan and to_plan["amount_cents"] > from_plan["amount_cents"]
             ):
-                sub["status"], sub["canceled_at"] = "canceled", iso(self.now())
-                if previous.get("next_subscription_id") == sub["lago_id"]:
-                    previous["next_subscription_id"] = None
-                self._candidates_stale = True
+                self._mark_as_canceled(sub, self.now())
+
+    def _mark_as_canceled(self, sub: JSON, at: datetime) -> None:
+        """lago-api ``Subscription#mark_as_canceled!``: the status and ``canceled_at`` only, no webhook (unlike
+        ``Subscriptions::TerminateService`` on a pending subscription, see ``_cancel``)."""
+        sub["status"] = "canceled"
+        sub["canceled_at"] = sub.get("canceled_at") or iso(at)
+        previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
+        if previous is not None and previous.get("next_subscription_id") == sub["lago_id"]:
+            previous["next_subscription_id"] = None
+        self._candidates_stale = True
 
     def delete_plan(self, code: str) -> JSON:
         """``DELETE /plans/{code}`` (lago-api ``Plans::PrepareDestroyService`` then ``Plans::DestroyService``): active
         subscriptions of the plan are terminated (invoiced per their ``on_termination_invoice``), pending ones
-        canceled; the code can then be used again. Answers the plan as it was, and sends ``plan.deleted``."""
+        canceled with ``mark_as_canceled!`` (no webhook); the code can then be used again. Answers the plan as it
+        was, and sends ``plan.deleted``."""
         with self.lock:
             self.refresh()
             plan = self.plans.get(code)
@@ -1364,7 +1379,7 @@ class LagoStore:
                 if sub["status"] == "active":
                     self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
                 elif sub["status"] == "pending":
-                    self._cancel(sub, now)
+                    self._mark_as_canceled(sub, now)
             self._candidates_stale = True
             result = self._serialize_plan(plan)
             del self.plans[code]
@@ -1398,18 +1413,21 @@ class LagoStore:
         return billing_period(plan["interval"], sub["billing_time"], anchor, at or self.now(), self._timezone(sub))
 
     def _charges_bounds(self, sub: JSON, at: datetime | None = None) -> tuple[datetime, datetime]:
-        """The period, starting no earlier than the local day ``started_at`` falls on: the rule of lago-api's
-        ``DatesService#from_datetime`` (``started_at.in_time_zone(tz).beginning_of_day.utc``). Both
-        ``current_billing_period_*`` and current usage use these bounds.
-
-        Lago's ``charges_from_datetime``, which current usage and ``current_billing_period_started_at`` really use,
-        starts at the exact ``started_at`` (so an event earlier that day is not billed). The emulator keeps the day's
-        start: tests elsewhere in this repository (tests/test_quota.py) send usage just before the subscription."""
-        start, end = self._period_bounds(sub, at)
+        """The charges period containing ``at``, starting no earlier than the exact ``started_at``: lago-api's
+        ``DatesService#charges_from_datetime`` (``datetime = subscription.started_at if datetime <
+        subscription.started_at``), so after an upgrade at noon the new subscription does not count the morning's
+        events, billed with the old plan. A yearly or semiannual plan with ``bill_charges_monthly`` has monthly
+        charges periods (``Yearly/SemiannualService#compute_charges_from_date/_to_date`` delegate to
+        ``MonthlyService``). Both ``current_billing_period_*`` and current usage use these bounds."""
+        plan = self._plan_of(sub)
+        if plan["bill_charges_monthly"] and plan["interval"] in MONTHLY_CHARGES_INTERVALS:
+            anchor = parse_datetime(sub["subscription_at"]) or self.now()
+            start, end = billing_period("monthly", sub["billing_time"], anchor, at or self.now(), self._timezone(sub))
+        else:
+            start, end = self._period_bounds(sub, at)
         started = parse_datetime(sub["started_at"])
         if started is not None and started > start:
-            tz = self._timezone(sub)
-            start = max(start, local_day_start(started.astimezone(tz).date(), tz))
+            start = started
         return start, end
 
     def _period_end(self, sub: JSON) -> datetime:
@@ -1574,7 +1592,7 @@ class LagoStore:
             plan = self.plans.get(str(params.get("plan_code")))
             if plan is None and not errors:
                 raise not_found("plan")
-            start_at = parse_datetime(params.get("subscription_at")) or self.now()
+            start_at = params.get("subscription_at") if parse_datetime(params.get("subscription_at")) else self.now()
             if "ending_at" not in errors and not self._valid_ending_at(params.get("ending_at"), start_at):
                 errors["ending_at"] = ["invalid_date"]
             if errors:
@@ -1640,16 +1658,19 @@ class LagoStore:
             self._emit("subscription.updated", "subscription", result)
             return {"subscription": result}
 
-    def _valid_ending_at(self, value: Any, subscription_at: datetime | None) -> bool:
+    def _valid_ending_at(self, value: Any, subscription_at: Any) -> bool:
         """lago-api ``Subscriptions::ValidateService#valid_ending_at?`` (create and update): an ``ending_at`` must fall
         on a later *day* than today and than ``subscription_at`` (``ending_at.to_date > Time.current.to_date``), so
-        one later today, or one in the past (say, to backfill a subscription that has ended), is ``invalid_date``."""
+        one later today, or one in the past (say, to backfill a subscription that has ended), is ``invalid_date``.
+        Both dates are read as written, in their own offset (``DateTime.iso8601(value).to_date``): an ``ending_at``
+        of ``2026-03-16T01:00:00+05:00`` is on 16 March, although it is 15 March 20:00 in UTC."""
         if value is None or value == "":
             return True
-        ending = parse_datetime(value)
+        ending = written_date(value)
         if ending is None:
             return False
-        return ending.date() > self.now().date() and (subscription_at is None or ending.date() > subscription_at.date())
+        start = written_date(subscription_at) if subscription_at is not None else None
+        return ending > self.now().astimezone(UTC).date() and (start is None or ending > start)
 
     def get_subscription(self, external_id: str, status: str | None) -> JSON:
         with self.lock:
@@ -1702,7 +1723,8 @@ class LagoStore:
             if "subscription_at" in params:
                 if sub["status"] != "pending" or parse_datetime(params["subscription_at"]) is None:
                     errors["subscription_at"] = ["invalid_date"]
-            start = parse_datetime(params.get("subscription_at")) or parse_datetime(sub["subscription_at"])
+            given_start = params.get("subscription_at")
+            start = given_start if parse_datetime(given_start) is not None else sub["subscription_at"]
             if not self._valid_ending_at(params.get("ending_at"), start):
                 errors["ending_at"] = ["invalid_date"]
             _check_on_termination(params, errors)
@@ -2021,8 +2043,9 @@ class LagoStore:
             "from_datetime": iso(start),
             "to_datetime": iso(end),
             # Invoices::CustomerUsageService: issuing_date = DatesService#next_end_of_period, the UTC time of the
-            # period's local end of day, cast to a date: 2026-03-31 for a UTC customer's March
-            "issuing_date": end.date().isoformat(),
+            # plan period's local end of day, cast to a date: 2026-03-31 for a UTC customer's March (a yearly plan
+            # billing charges monthly still issues at the end of its year)
+            "issuing_date": self._period_bounds(sub, at)[1].date().isoformat(),
             "lago_invoice_id": None,
             "currency": currency,
             "amount_cents": amount,

@@ -106,6 +106,23 @@ def parse_datetime(value: Any) -> datetime | None:
     return dt.astimezone(UTC)
 
 
+def written_date(value: Any) -> date | None:
+    """The calendar date of an ISO 8601 value as written, in its own offset (Ruby
+    ``DateTime.iso8601(value).to_date``): ``2026-03-16T01:00:00+05:00`` is on 16 March, although it is
+    15 March in UTC. A ``datetime`` gives its own date; ``None`` when not parseable."""
+    if isinstance(value, datetime):
+        return value.date()
+    if parse_datetime(value) is None:
+        return None
+    text = str(value).strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        return datetime.fromisoformat(text).date()
+    except ValueError:
+        return date.fromisoformat(text)
+
+
 def day_start(dt: datetime) -> datetime:
     return dt.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
