@@ -403,17 +403,6 @@ async def gate(clock: Clock, redis_url: str, prefix: str) -> AsyncIterator[Quota
         await gate.aclose()
 
 
-async def _outage_records(gate: QuotaGate, clock: Clock, orgs: tuple[str, ...]) -> RedisBackend:
-    backend = gate.backend
-    assert isinstance(backend, RedisBackend)
-    snapshot = await gate.snapshot("org_1")
-    for org_id in orgs:
-        backend.fallback.seed(org_id, snapshot)
-        backend.fallback.settle(org_id, "", None, clock.time(), tokens=5, billed=True)
-    backend.stats["redis_fallback"] = 1  # Redis answers again: the next reservation merges them
-    return backend
-
-
 @needs_redis
 async def test_outage_records_restored_by_a_native_cancel_are_merged_later(gate: QuotaGate, clock: Clock) -> None:
     """A native cancel (task.cancel(), asyncio.timeout...) goes through anyio's shield: ``_recovered()`` then puts
@@ -421,7 +410,7 @@ async def test_outage_records_restored_by_a_native_cancel_are_merged_later(gate:
     nothing merges them again while Redis stays up (the fallback is not consulted then): the calls served during
     the outage are missing from the fleet's count for the rest of the period (more than the limit allowed)."""
     orgs = ("o1", "o2")
-    backend = await _outage_records(gate, clock, orgs)
+    backend = await _recovering_backend(gate, clock, orgs)
     original = backend._merge
     entered, never = asyncio.Event(), asyncio.Event()
 
@@ -477,7 +466,7 @@ async def test_the_recovery_merge_inside_the_reservation_shield_is_bounded(gate:
     round trip per org, with no overall bound: a request cut off (client gone, its deadline) is held for as many
     round trips as there are orgs with records (each up to redis_timeout + the pool's wait)."""
     orgs = tuple(f"o{i}" for i in range(5))
-    backend = await _outage_records(gate, clock, orgs)
+    backend = await _recovering_backend(gate, clock, orgs)
     original = backend._merge
     deadlines: list[float] = []
 

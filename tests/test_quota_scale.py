@@ -22,6 +22,7 @@ import pytest
 
 from _quota_app import REDIS_SERVER, Clock, redis_server, seed
 from lago_org_billing import BillingSettings, LagoClient
+from lago_org_billing._errors import LagoUnavailableError
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
 from lago_org_billing.testing import FakeLago
@@ -78,12 +79,13 @@ class StubLago:
         self.fail = fail
         self.log: list[tuple[float, str, str]] = []
 
-    async def get_subscription(self, external_id: str, *, status: str | None = None) -> dict[str, Any]:
-        self.log.append((self.clock.time(), "sub", external_id))
+    def _read(self, kind: str, org: str) -> None:
+        self.log.append((self.clock.time(), kind, org))
         if self.fail:
-            from lago_org_billing._errors import LagoUnavailableError
-
             raise LagoUnavailableError("Lago is down (stub)", status=503)
+
+    async def get_subscription(self, external_id: str, *, status: str | None = None) -> dict[str, Any]:
+        self._read("sub", external_id)
         return {
             "external_id": external_id,
             "external_customer_id": external_id,
@@ -95,11 +97,7 @@ class StubLago:
         }
 
     async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
-        self.log.append((self.clock.time(), "usage", subscription))
-        if self.fail:
-            from lago_org_billing._errors import LagoUnavailableError
-
-            raise LagoUnavailableError("Lago is down (stub)", status=503)
+        self._read("usage", subscription)
         return {
             "from_datetime": PERIOD_START,
             "to_datetime": PERIOD_END,
