@@ -242,7 +242,7 @@ class LagoClient:
 
     async def get_subscription(self, external_id: str, *, status: str | None = None) -> JSON:
         """``GET /subscriptions/{external_id}`` (Lago's default ``status`` is ``active``)."""
-        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        path = _subscription_path(external_id)
         params = {"status": status} if status else None
         return _unwrap(await self._request("GET", path, params=params), "subscription")
 
@@ -261,7 +261,7 @@ class LagoClient:
 
         Only the fields given are sent. Lago's OpenAPI spec lists ``ending_at`` as required here (the server does
         not require it); ``ending_at=None`` states "renews automatically" explicitly."""
-        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        path = _subscription_path(external_id)
         params = {"status": status} if status else None
         body = await self._request("PUT", path, params=params, json={"subscription": fields})
         return _unwrap(body, "subscription")
@@ -307,7 +307,7 @@ class LagoClient:
             raise InvalidRequestError("on_termination_invoice must be 'generate' or 'skip'.")
         if on_termination_credit_note not in (None, "credit", "refund", "offset", "skip"):
             raise InvalidRequestError("on_termination_credit_note must be 'credit', 'refund', 'offset' or 'skip'.")
-        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+        path = _subscription_path(external_id)
         params = {
             key: value
             for key, value in (
@@ -322,7 +322,7 @@ class LagoClient:
     async def get_subscription_entitlements(self, external_id: str, *, status: str | None = None) -> list[JSON]:
         """``GET /subscriptions/{external_id}/entitlements``: plan values with this subscription's overrides (of the
         active subscription, or the one with ``status``, e.g. ``pending``)."""
-        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
+        path = f"{_subscription_path(external_id)}/entitlements"
         params = {"subscription_status": status} if status else None
         return list((await self._request("GET", path, params=params)).get("entitlements") or [])
 
@@ -332,7 +332,7 @@ class LagoClient:
         """``PATCH /subscriptions/{external_id}/entitlements``: per-subscription overrides (partial: the others are
         kept), ``{"feature_code": {"privilege_code": value}}``; of the active subscription, or the one with
         ``status``."""
-        path = f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements"
+        path = f"{_subscription_path(external_id)}/entitlements"
         params = {"subscription_status": status} if status else None
         body = await self._request("PATCH", path, params=params, json={"entitlements": dict(entitlements)})
         return list(body.get("entitlements") or [])
@@ -342,10 +342,7 @@ class LagoClient:
     ) -> JSON:
         """``DELETE /subscriptions/{external_id}/entitlements/{feature_code}`` (or ``.../privileges/{privilege_code}``):
         a feature of the plan (or one of its privileges) taken away from this subscription only."""
-        path = (
-            f"/subscriptions/{path_segment(external_id, 'subscription external_id')}/entitlements/"
-            f"{path_segment(feature_code, 'feature code')}"
-        )
+        path = f"{_subscription_path(external_id)}/entitlements/{path_segment(feature_code, 'feature code')}"
         if privilege_code is not None:
             path += f"/privileges/{path_segment(privilege_code, 'privilege code')}"
         params = {"subscription_status": status} if status else None
@@ -670,6 +667,11 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         # not a LagoNotFoundError: callers read that as "this org has no customer / subscription"
         return LagoAPIError(f"{summary}: redirected{hint}; set LAGO_API_URL to the URL Lago answers at.", **kwargs)
     return LagoAPIError(summary + ".", **kwargs)
+
+
+def _subscription_path(external_id: str) -> str:
+    """``/subscriptions/{external_id}``, the id checked and escaped as one path segment."""
+    return f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

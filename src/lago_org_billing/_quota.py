@@ -534,8 +534,10 @@ class _RefreshSlots:
         try:
             await event.wait()
         except BaseException:
-            if self._urgent.pop(event, 0) is None or self._later.pop(event, 0) is None:
-                pass  # (still queued: taken out)
+            if event in self._urgent:  # still queued: taken out
+                del self._urgent[event]
+            elif event in self._later:
+                del self._later[event]
             elif event.is_set():  # handed a slot as it was cancelled: passed on
                 self.release()
             raise
@@ -559,7 +561,8 @@ class _RefreshSlots:
     def promote(self, org_id: str) -> None:
         """A request now waits for this org's queued refresh: it goes with the urgent ones."""
         event = self._later_orgs.pop(org_id, None)
-        if event is not None and self._later.pop(event, 0) is None:
+        if event is not None and event in self._later:
+            del self._later[event]
             self._urgent[event] = None
 
 
@@ -1015,8 +1018,7 @@ class QuotaGate:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
         snap = outcome.snapshot
         if snap is not None:
-            if snap.refresh_at <= now and self._paced(org_id, snap, now):
-                self._schedule_refresh(org_id, now)
+            self._refresh_if_due(org_id, snap, now)
             if self._shared and self._known.get(org_id) is not snap:
                 self._known[org_id] = snap
         return self._decision(org_id, outcome, now)
@@ -1256,21 +1258,22 @@ class QuotaGate:
 
     # ------------------------------------------------------------------------------ refreshes
 
-    def _paced(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
-        """Whether the refresh of a due snapshot may start now (``refresh_rate``, ``plan_refresh_rate``): orgs whose
-        snapshots fell due together (first seen together, ``invalidate_all``) are refreshed at a steady pace,
-        serving their snapshots meanwhile, instead of all at once (Lago's 429s for them, and for the app's calls)."""
-        if org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
-            return False  # (in flight, or failed recently: nothing to pace)
+    def _refresh_if_due(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+        """Start the refresh of a snapshot that is due, at the pace allowed (``refresh_rate``, ``plan_refresh_rate``):
+        orgs whose snapshots fell due together (first seen together, ``invalidate_all``) are refreshed at a steady
+        pace, serving their snapshots meanwhile, instead of all at once (Lago's 429s for them, and for the app's
+        calls)."""
+        if snapshot.refresh_at > now or org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
+            return  # (not due, in flight, or failed recently: no pace token spent)
         plan = (
             not snapshot.active or now - snapshot.plan_fetched_at >= self.config.plan_ttl or now >= snapshot.period_end
         )
         if not self._usage_pace.ready(now) or (plan and not self._plan_pace.ready(now)):
-            return False
+            return
         self._usage_pace.take()
         if plan:
             self._plan_pace.take()
-        return True
+        self._schedule_refresh(org_id, now)
 
     def _schedule_refresh(
         self, org_id: str, now: float, *, force: bool = False, urgent: bool = False
@@ -1543,8 +1546,7 @@ class QuotaGate:
         now = self.clock()
         known = self._known.get(org_id) or await self.backend.load(org_id)
         if known is not None and (not known.active or now < known.period_end):
-            if known.refresh_at <= now and self._paced(org_id, known, now):
-                self._schedule_refresh(org_id, now)
+            self._refresh_if_due(org_id, known, now)
             return known
         running = self._refreshing.get(org_id)
         if running is not None:  # one is on its way: its snapshot, rather than a second read of Lago
