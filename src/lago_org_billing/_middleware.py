@@ -617,30 +617,30 @@ class OrgBillingMiddleware:
         started: float,
         root_path: str,
         decision: QuotaDecision | None,
-        idempotent: tuple[str, bool] | None = None,
+        idempotent: tuple[str, str, bool] | None = None,
     ) -> str | None:
         """Hand the request's event to the pipeline, to be built there; the idempotent transaction id of a first
         event that was dropped (the outbox full), forgotten so that a retry of it counts as the first.
 
         Only what the request knows is captured here; reading the body's usage, building and encoding the event
         (and counting its tokens against the quota) happen when the pipeline batches it, many events in one go,
-        off the request's path. ``idempotent``: the transaction id of a request with an idempotency key and
-        whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
+        off the request's path. ``idempotent``: the endpoint and transaction id of a request with an idempotency
+        key and whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
         status = watcher.status if watcher.status is not None else 500
         if status >= 500 and not self.bill_server_errors:
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             self.stats["unbilled_errors"] += 1
             return None
-        endpoint = _template(scope, status, root_path)
         method = scope["method"]
         transaction_id: str | None = None
         retry = False
         if idempotent is not None:
-            transaction_id, retry = idempotent
-        elif self.idempotency_header is not None:
-            key = self._idempotency_key(scope)
-            if key is not None:
+            endpoint, transaction_id, retry = idempotent
+        else:
+            endpoint = _template(scope, status, root_path)
+            key = self._idempotency_key(scope) if self.idempotency_header is not None else None
+            if key is not None:  # (in this process's memory; with Redis, _share_first_seen asked the fleet)
                 transaction_id = self._idempotent_id(key, org_id, method, endpoint)
                 retry = transaction_id in self._first_seen
                 if not retry:
@@ -809,7 +809,7 @@ class OrgBillingMiddleware:
     ) -> None:
         """:meth:`_record`, after the first timestamp of an idempotency key was asked of Redis: recorded even if the
         task is cancelled meanwhile (a native cancel goes through anyio's shield)."""
-        idempotent: tuple[str, bool] | None = None
+        idempotent: tuple[str, str, bool] | None = None
         try:
             idempotent = await self._share_first_seen(scope, org_id, watcher, root_path, started)
         finally:
@@ -820,11 +820,11 @@ class OrgBillingMiddleware:
 
     async def _share_first_seen(
         self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
-    ) -> tuple[str, bool] | None:
-        """The transaction id of an idempotent request, and whether a request with it was seen before (by any
-        worker or replica, through Redis: the retry of a request already counted). The first timestamp goes into
-        this process's memory, where the event's build reads it. Bounded and shielded (a client gone does not cut
-        it); Redis unavailable: this process's memory only (said once). ``None``: no key, or not billed."""
+    ) -> tuple[str, str, bool] | None:
+        """The endpoint and transaction id of an idempotent request, and whether a request with it was seen before
+        (by any worker or replica, through Redis: the retry of a request already counted). The first timestamp goes
+        into this process's memory, where the event's build reads it. Bounded and shielded (a client gone does not
+        cut it); Redis unavailable: this process's memory only (said once). ``None``: no key, or not billed."""
         assert self._shared_first_seen is not None
         key = self._idempotency_key(scope)
         if key is None:
@@ -840,7 +840,7 @@ class OrgBillingMiddleware:
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
             first = await self._shared_first_seen.first(transaction_id, candidate)
         self._first_seen[transaction_id] = candidate if first is None else first
-        return transaction_id, local is not None or (first is not None and first != candidate)
+        return endpoint, transaction_id, local is not None or (first is not None and first != candidate)
 
     def _idempotent_id(self, key: str, org_id: str, method: str, endpoint: str) -> str:
         """The transaction id of (org, method, route, key): one reading only (JSON), and keyed by the Lago API key
