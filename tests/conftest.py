@@ -12,6 +12,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server on 127.0.0.1 for the module (skipped when not installed; .ci/run installs it)."""
+    from _quota_app import REDIS_SERVER, redis_server
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
 @pytest.fixture(autouse=True)
 def _clean_lago_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests never see LAGO_* variables of the machine they run on."""

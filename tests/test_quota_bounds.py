@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER, TOKENS, Clock, chat, redis_server
+from _quota_app import REDIS_SERVER, TOKENS, Clock, chat
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
 from lago_org_billing._errors import LagoRateLimitError
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -35,14 +35,6 @@ PERIOD_END = "2026-03-31T23:59:59Z"
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    with redis_server(tmp_path_factory.mktemp("redis-review")) as url:
-        yield url
 
 
 @pytest.fixture

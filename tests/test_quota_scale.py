@@ -20,7 +20,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock, redis_server, seed
+from _quota_app import REDIS_SERVER, Clock, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoUnavailableError
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -308,14 +308,6 @@ async def test_invalidate_all_rereads_orgs_at_a_steady_pace(clock: Clock) -> Non
 
 
 # ------------------------------------------------------------------------------------------- 3. Redis
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    with redis_server(tmp_path_factory.mktemp("redis-scale")) as url:
-        yield url
 
 
 @pytest.fixture
