@@ -173,13 +173,8 @@ async def burst(gate: QuotaGate, orgs: list[str]) -> list[Any]:
 # ------------------------------------------------------------------------------------ 1. cold bursts
 
 
-async def test_a_cold_burst_keeps_lago_reads_within_the_refresh_concurrency(lago: FakeLago) -> None:
-    """2,000 first requests of distinct cold orgs right after startup: every one starts its own refresh at once, so
-    2,000 Lago reads are in flight together. Behind LagoClient's 50-connection httpx pool they queue in httpcore,
-    whose queue handling is O(queued x connections) per pool event: measured against the emulator over HTTP, the
-    event loop froze for ~25 s (warm orgs too), cold requests waited ~24 s instead of cold_timeout (2 s), and all
-    2,000 refreshes failed (PoolTimeout/ConnectTimeout). The gate should keep at most a pool's worth in flight."""
-    transport = CountingTransport(lago.transport())
+async def cold_burst(lago: FakeLago, transport: httpx.AsyncBaseTransport) -> QuotaGate:
+    """The first checks of N cold orgs at once, through ``transport``; the gate once their refreshes are over."""
     settings = BillingSettings(api_url=lago.base_url, api_key="k", max_retries=0)
     async with LagoClient(settings, transport=transport) as client:
         gate = QuotaGate(settings, client, config=QuotaConfig())
@@ -188,6 +183,17 @@ async def test_a_cold_burst_keeps_lago_reads_within_the_refresh_concurrency(lago
             await burst(gate, [f"o{i}" for i in range(N)])
             await settle_refreshes(gate)
             tasks.cancel_scope.cancel()
+    return gate
+
+
+async def test_a_cold_burst_keeps_lago_reads_within_the_refresh_concurrency(lago: FakeLago) -> None:
+    """2,000 first requests of distinct cold orgs right after startup: every one starts its own refresh at once, so
+    2,000 Lago reads are in flight together. Behind LagoClient's 50-connection httpx pool they queue in httpcore,
+    whose queue handling is O(queued x connections) per pool event: measured against the emulator over HTTP, the
+    event loop froze for ~25 s (warm orgs too), cold requests waited ~24 s instead of cold_timeout (2 s), and all
+    2,000 refreshes failed (PoolTimeout/ConnectTimeout). The gate should keep at most a pool's worth in flight."""
+    transport = CountingTransport(lago.transport())
+    await cold_burst(lago, transport)
     assert sum(transport.statuses.values()) == 2 * N  # subscription + current_usage per org
     assert transport.peak <= POOL, f"{transport.peak} Lago reads in flight at once (pool: {POOL} connections)"
 
@@ -201,15 +207,8 @@ async def test_a_429_pauses_the_refreshes_of_other_orgs(lago: FakeLago) -> None:
     lago.inject_fault(path="/api/v1/subscriptions", rate_limit={"limit": OTHER_PER_SECOND, "reset": 1})
     lago.inject_fault(path="/api/v1/customers", rate_limit={"limit": USAGE_PER_SECOND, "reset": 1})
     transport = CountingTransport(lago.transport())
-    settings = BillingSettings(api_url=lago.base_url, api_key="k", max_retries=0)
     try:
-        async with LagoClient(settings, transport=transport) as client:
-            gate = QuotaGate(settings, client, config=QuotaConfig())
-            async with anyio.create_task_group() as tasks:
-                await tasks.start(gate.run)
-                await burst(gate, [f"o{i}" for i in range(N)])
-                await settle_refreshes(gate)
-                tasks.cancel_scope.cancel()
+        gate = await cold_burst(lago, transport)
     finally:
         install_faults(lago, clock=time.monotonic)
     rate_limited = transport.statuses[429]
