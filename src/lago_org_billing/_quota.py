@@ -1018,7 +1018,8 @@ class QuotaGate:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
         snap = outcome.snapshot
         if snap is not None:
-            self._refresh_if_due(org_id, snap, now)
+            if snap.refresh_at <= now:  # (checked here: the hot path makes no call for a fresh snapshot)
+                self._refresh_due(org_id, snap, now)
             if self._shared and self._known.get(org_id) is not snap:
                 self._known[org_id] = snap
         return self._decision(org_id, outcome, now)
@@ -1258,13 +1259,13 @@ class QuotaGate:
 
     # ------------------------------------------------------------------------------ refreshes
 
-    def _refresh_if_due(self, org_id: str, snapshot: Snapshot, now: float) -> None:
-        """Start the refresh of a snapshot that is due, at the pace allowed (``refresh_rate``, ``plan_refresh_rate``):
-        orgs whose snapshots fell due together (first seen together, ``invalidate_all``) are refreshed at a steady
-        pace, serving their snapshots meanwhile, instead of all at once (Lago's 429s for them, and for the app's
-        calls)."""
-        if snapshot.refresh_at > now or org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
-            return  # (not due, in flight, or failed recently: no pace token spent)
+    def _refresh_due(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+        """Start the refresh of a snapshot that is due (``refresh_at`` passed), at the pace allowed (``refresh_rate``,
+        ``plan_refresh_rate``): orgs whose snapshots fell due together (first seen together, ``invalidate_all``) are
+        refreshed at a steady pace, serving their snapshots meanwhile, instead of all at once (Lago's 429s for them,
+        and for the app's calls)."""
+        if org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
+            return  # (in flight, or failed recently: no pace token spent)
         plan = (
             not snapshot.active or now - snapshot.plan_fetched_at >= self.config.plan_ttl or now >= snapshot.period_end
         )
@@ -1546,7 +1547,8 @@ class QuotaGate:
         now = self.clock()
         known = self._known.get(org_id) or await self.backend.load(org_id)
         if known is not None and (not known.active or now < known.period_end):
-            self._refresh_if_due(org_id, known, now)
+            if known.refresh_at <= now:
+                self._refresh_due(org_id, known, now)
             return known
         running = self._refreshing.get(org_id)
         if running is not None:  # one is on its way: its snapshot, rather than a second read of Lago
