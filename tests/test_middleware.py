@@ -329,6 +329,54 @@ async def test_missing_org_rejected_with_problem_json(fake_lago: Any, make_middl
     assert middleware.stats["unresolved"] == 1
 
 
+def _cors(app: Any) -> Any:
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(app, allow_origins=["https://app.example"], allow_methods=["*"], allow_headers=["*"])
+
+
+PREFLIGHT = {
+    "Origin": "https://app.example",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "x-org-id, x-user-id",
+}
+
+
+async def test_cors_preflights_pass_through(fake_lago: Any, settings: BillingSettings) -> None:
+    """A browser's CORS preflight (OPTIONS, no credentials, no header values) reaches the CORS middleware behind the
+    billing one: it is not rejected as unresolved (a 401 without CORS headers failed every cross-origin call), nor
+    billed or counted against the quota when a resolver finds its org (the path here), nor blocked by it. A plain
+    OPTIONS request is an API call like any other."""
+    strict = settings.replace(
+        on_unresolved="reject", quota_mode="enforce", plan_limits={"starter": {"max_api_calls": 1}}
+    )
+    rejecting = OrgBillingMiddleware(_cors(build_app()), strict, quota=None, transport=fake_lago.transport())
+    by_path = OrgBillingMiddleware(
+        _cors(build_app()), strict, resolve_org=lambda scope: "org_b", transport=fake_lago.transport()
+    )
+    try:
+        async with client_for(rejecting) as client:
+            answer = await client.options("/v1/chat/c1", headers=PREFLIGHT)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["access-control-allow-origin"] == "https://app.example"
+            assert (await client.options("/v1/chat/c1", headers={"Origin": "https://app.example"})).status_code == 401
+        assert rejecting.stats["preflight"] == 1 and rejecting.stats["unresolved"] == 1
+        async with client_for(by_path) as client:
+            for _ in range(3):
+                assert (await client.options("/v1/chat/c1", headers=PREFLIGHT)).status_code == 200
+            call = await client.post("/v1/chat/c1", headers={"Origin": "https://app.example"})
+            assert call.status_code == 200, call.text  # the one call allowed: no preflight took it
+            assert (await client.post("/v1/chat/c2", headers={"Origin": "https://app.example"})).status_code == 429
+        assert await by_path.pipeline.flush(5)
+        assert [(event["properties"]["method"], event["external_subscription_id"]) for event in fake_lago.events] == [
+            ("POST", "org_b")
+        ]
+        assert by_path.stats["preflight"] == 3 and by_path.stats["requests"] == 2
+    finally:
+        await rejecting.aclose()
+        await by_path.aclose()
+
+
 async def test_unresolved_and_server_error_policies_come_from_the_settings(
     fake_lago: Any, make_middleware: MiddlewareFactory, settings: BillingSettings
 ) -> None:

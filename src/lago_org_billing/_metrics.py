@@ -26,10 +26,10 @@ Exported metrics (prefix ``lago_billing_`` by default):
 the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares
 registered in a process (one collector per registry, so two apps never clash):
 
-* ``requests_total`` (requests handled, excluded paths aside), ``requests_billed_total``,
+* ``requests_total`` (requests handled, excluded paths and CORS preflights aside), ``requests_billed_total``,
   ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
-  ``requests_excluded_total``, ``requests_unbilled_errors_total`` (5xx not billed), ``requests_ungated_total``
-  (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``
+  ``requests_excluded_total``, ``requests_preflight_total``, ``requests_unbilled_errors_total`` (5xx not billed),
+  ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``
 * ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
   ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
@@ -223,11 +223,12 @@ def _summed(mappings: Iterable[dict[str, int]]) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- middleware
 
 _REQUEST_COUNTERS = {
-    "requests": ("requests", "HTTP requests the billing middleware handled (excluded paths aside)."),
+    "requests": ("requests", "HTTP requests the billing middleware handled (excluded paths, CORS preflights aside)."),
     "billed": ("requests_billed", "Requests whose api_call event went to the delivery pipeline."),
     "blocked": ("requests_blocked", "Requests the quota gate answered 402/429 without calling the app."),
     "unresolved": ("requests_unresolved", "Requests whose organization could not be resolved."),
     "excluded": ("requests_excluded", "Requests on excluded paths (never billed nor gated)."),
+    "preflight": ("requests_preflight", "CORS preflights (OPTIONS), passed on: never billed, gated or rejected."),
     "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
     "ungated": ("requests_ungated", "Billed requests whose org was known only after the app ran, not gated."),
     "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),

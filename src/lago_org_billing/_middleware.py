@@ -187,6 +187,7 @@ class OrgBillingMiddleware:
                 "blocked": 0,
                 "unresolved": 0,
                 "excluded": 0,
+                "preflight": 0,
                 "unbilled_errors": 0,
                 "ungated": 0,
             }
@@ -233,6 +234,14 @@ class OrgBillingMiddleware:
         if self._exclude_paths and self._is_excluded(scope["path"], root_path):
             self.stats["excluded"] += 1
             billing["middleware"] = None  # not this one's: an inner billing middleware may bill it
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS" and _is_preflight(scope["headers"]):
+            # A browser's CORS preflight: sent on its own before a cross-origin call, without credentials or the
+            # custom headers' values. Not an API call (billed, it would double the browser's calls), and a 401/429
+            # answer without the CORS middleware's headers would fail the real call in the browser.
+            self.stats["preflight"] += 1
+            billing["middleware"] = None  # as an excluded path: an inner billing middleware passes it on too
             await self.app(scope, receive, send)
             return
         self.stats["requests"] += 1
@@ -1031,6 +1040,13 @@ _FORGET = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
+
+
+def _is_preflight(headers: Any) -> bool:
+    """Whether an OPTIONS request's headers make it a CORS preflight (``Origin`` and
+    ``Access-Control-Request-Method``, as the Fetch standard sends it and Starlette's ``CORSMiddleware`` tells it)."""
+    names = {name.lower() for name, _ in headers}
+    return b"origin" in names and b"access-control-request-method" in names
 
 
 def _is_async(function: Any) -> bool:
