@@ -479,6 +479,13 @@ class UsageRecorder:
         mode = self._mode
         if mode == _MODE_NONE or not body:
             return
+        if type(body) is not bytes:  # a memoryview (Starlette passes them on) or bytearray: a copy, read later
+            try:
+                body = bytes(body)
+            except TypeError:  # not bytes-like: the server refuses it too
+                self._mode = _MODE_NONE
+                _internal_error("response_body")
+                return
         if self._inflater is not None and mode == _MODE_SSE:
             try:  # each network chunk inflated within the cap (a stream event is capped the same)
                 for piece in self._inflater.pieces(body, self._config.max_body_bytes):

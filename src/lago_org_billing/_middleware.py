@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import httpx
 from cachetools import TTLCache
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -275,6 +276,9 @@ class OrgBillingMiddleware:
             watcher.extra_headers = decision.headers
         try:
             await self.app(scope, receive, watcher)
+        except Exception as exc:
+            watcher.crashed(exc)
+            raise
         finally:
             if self._shared_first_seen is None:
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision)
@@ -541,6 +545,9 @@ class OrgBillingMiddleware:
                 await exc.decision.response()(scope, receive, send)
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
+        except Exception as exc:
+            watcher.crashed(exc)
+            raise
         finally:
             if billing.get("biller") not in (None, self):  # an inner billing middleware billed (or blocked) it
                 self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
@@ -927,13 +934,14 @@ _Facts = tuple[
 class _ResponseWatcher(UsageRecorder):
     """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
-    __slots__ = ("ended", "extra_headers", "on_start", "send")
+    __slots__ = ("ended", "extra_headers", "on_start", "send", "sent")
 
     def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
         UsageRecorder.__init__(self, scope, config)
         self.send: Send | None = send
         self.status = 500  # when the app fails before answering
         self.ended = 0.0  # when the response's last body message went out (0: not yet)
+        self.sent = False  # a body byte went out before the last message (a stream)
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         #: Called when the app starts its answer; may return a replacement answer (``send -> None``) to send instead.
         self.on_start: Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]] | None = None
@@ -948,7 +956,12 @@ class _ResponseWatcher(UsageRecorder):
                 self.response_body(message.get("body", b""))
             if not message.get("more_body"):  # the response is over (background tasks may run on: not billed time)
                 self.ended = time.time()
+            elif not self.sent and message.get("body"):
+                self.sent = True
         elif kind == "http.response.start":
+            headers = message.get("headers")
+            if headers is not None and type(headers) is not list and type(headers) is not tuple:
+                message = {**message, "headers": list(headers)}  # any iterable (a generator): read here and sent on
             self.response_start(message)  # never raises
             if self.on_start is not None:  # (which may set the headers to add)
                 return self._start_then_send(self.on_start, send, message)
@@ -971,9 +984,20 @@ class _ResponseWatcher(UsageRecorder):
             self.send = _discard
             await replacement(send)
 
+    def crashed(self, error: Exception) -> None:
+        """The app raised. A response it cut off before its first body byte (a stream whose generator failed at once:
+        the 200 went out, nothing else) is a server error, billed as such (or not: ``bill_server_errors``); one cut
+        off later is billed with what was counted, as one the client cut off (a broken connection)."""
+        if not self.ended and not self.sent and not isinstance(error, _DISCONNECTED):
+            self.status = 500
+
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
+
+
+#: What an app raises when its client went away (not its own failure).
+_DISCONNECTED = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ClientDisconnect)
 
 
 class SharedFirstSeen:
@@ -1137,6 +1161,9 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
 
 def _template(scope: Scope, status: int, root_path: str) -> str:
     route, path = scope.get("route"), scope["path"]
+    fastapi = scope.get("fastapi")
+    if fastapi is not None:  # FastAPI keeps included routers: the route with its include_router() prefix is there
+        route = _fastapi_route(fastapi, route)
     if route is None and "endpoint" in scope:  # Starlette before 1.7 leaves no scope["route"]: found by its endpoint
         route = _route_by_endpoint(scope)
     template = getattr(route, "path", None)
@@ -1150,6 +1177,19 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _fastapi_route(fastapi: Any, route: Any) -> Any:
+    """The route that served a request in a router that FastAPI (0.16x) included with ``include_router(prefix=...)``:
+    ``scope["route"]`` is the route as its own router declared it (``/{item_id}``) or, for a plain Starlette route,
+    None; the effective route FastAPI left in ``scope["fastapi"]`` has the prefixed path (``/v1/chat/{item_id}``).
+    ``route`` itself in any other case (a route not in an included router, a mount's context)."""
+    context = fastapi.get("effective_route_context") if type(fastapi) is dict else None
+    original = getattr(context, "original_route", None)
+    if original is None or isinstance(original, Mount) or (route is not None and original is not route):
+        return route
+    effective = getattr(context, "starlette_route", None) or context
+    return effective if isinstance(getattr(effective, "path", None), str) else route
 
 
 #: (id of the outermost router, id of an endpoint) -> (that router, that endpoint, the routes (or mounts) serving it).
@@ -1215,7 +1255,16 @@ def _find_mounts(routes: Any, prefix: str) -> str | None:
     """The templates of the chain of mounts, among ``routes`` and theirs, that matches ``prefix`` exactly (the
     first, as Starlette's router picks it); None when none does."""
     for route in routes:
-        if isinstance(route, Mount):
+        candidates = getattr(route, "effective_candidates", None)
+        if candidates is not None and callable(candidates):  # a router FastAPI included: its routes, prefixed
+            try:
+                included = [getattr(candidate, "starlette_route", None) or candidate for candidate in candidates()]
+            except Exception:  # pragma: no cover - FastAPI's private API changed: the concrete prefix is kept
+                continue
+            inner = _find_mounts(included, prefix)
+            if inner is not None:
+                return inner
+        elif isinstance(route, Mount):
             match = route.path_regex.match(prefix + "/")
             if match is not None:
                 rest = match.group("path").rstrip("/")
