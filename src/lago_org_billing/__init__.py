@@ -17,6 +17,7 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    QuotaBackendError,
     QuotaExceededError,
 )
 from ._gate import QuotaDecision, require_quota
@@ -81,6 +82,7 @@ __all__ = [
     "OrgBillingMiddleware",
     "Page",
     "PipelineMetrics",
+    "QuotaBackendError",
     "QuotaConfig",
     "QuotaDecision",
     "QuotaExceededError",

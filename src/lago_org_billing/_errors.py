@@ -51,6 +51,11 @@ class ConfigurationError(LagoIntegrationError, ValueError):
         self.variable = variable
 
 
+class QuotaBackendError(LagoIntegrationError):
+    """The quota gate's shared store (Redis) failed an operation that cannot be skipped, e.g. invalidating an org's
+    cached state for the whole fleet. The message says what is left stale and what to check."""
+
+
 class InvalidRequestError(LagoIntegrationError, ValueError):
     """The input cannot be sent to Lago as it is; nothing was sent."""
 

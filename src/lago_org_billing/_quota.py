@@ -391,8 +391,10 @@ class QuotaBackend(Protocol):
 
     async def load(self, org_id: str) -> Snapshot | None: ...
 
-    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
-        """Save a new snapshot and drop the local records it covers."""
+    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
+        """Save a new snapshot and drop the local records it covers. False (nothing saved) when the refresh lock
+        this process took is no longer its own: the org was invalidated since (in any process), or another process
+        refreshes it; what was read may predate the change."""
 
     async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         """Whether this process should refresh the org now (one refresher per fleet per ``ttl``)."""
@@ -697,8 +699,9 @@ class LocalBackend:
             keep_tokens=not snapshot.lago_counts_tokens,
         )
 
-    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
         self.store_now(org_id, snapshot, now)
+        return True
 
     def seed(self, org_id: str, snapshot: Snapshot) -> None:
         """Start local counting from ``snapshot`` (Redis fallback: the last usage seen, counters at zero)."""
@@ -1044,11 +1047,13 @@ class QuotaGate:
         self._gave_up.pop(org_id, None)
         if org_id in self._refreshing:  # what it is fetching may predate the change: it fetches again
             self._stale.add(org_id)
-        await self.backend.invalidate(org_id)
-        if self.backend is not self.local:
-            await self.local.invalidate(org_id)
-        if refresh:
-            self._schedule_refresh(org_id, self.clock(), force=True)
+        try:
+            await self.backend.invalidate(org_id)  # (Redis: raises when the fleet could not be told)
+        finally:
+            if self.backend is not self.local:
+                await self.local.invalidate(org_id)
+            if refresh:
+                self._schedule_refresh(org_id, self.clock(), force=True)
 
     async def invalidate_all(self) -> None:
         """Plans or features changed for everyone: every cached snapshot is refreshed (subscription part
@@ -1057,9 +1062,11 @@ class QuotaGate:
         self._next_attempt.clear()
         self._gave_up.clear()
         self._stale.update(self._refreshing)
-        await self.backend.invalidate_all()
-        if self.backend is not self.local:
-            await self.local.invalidate_all()
+        try:
+            await self.backend.invalidate_all()
+        finally:
+            if self.backend is not self.local:
+                await self.local.invalidate_all()
 
     # ------------------------------------------------------------------------------ decisions
 
@@ -1342,18 +1349,28 @@ class QuotaGate:
                 self.stats["refreshes_paused"] = self.stats.get("refreshes_paused", 0) + 1
                 return
             locked = await backend.try_lock(org_id, self.ttl, self.clock())
-            if locked:
-                previous = await backend.load(org_id)  # the fleet's copy: another process may have invalidated
+            previous = await backend.load(org_id) if locked else None  # the fleet's copy: maybe invalidated
+            again = 0  # reads made again because the org was invalidated meanwhile (at most 3)
+            while locked:
                 snapshot = await self.fetch(org_id, previous)
-                for _ in range(3):  # invalidated while fetching (a plan change...): what was read may be stale
-                    if org_id not in self._stale:
-                        break
-                    self._stale.discard(org_id)
-                    snapshot = await self.fetch(org_id, None)
-                if org_id in self._stale:  # invalidated yet again: serve it, and read again at the next request
-                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)
-                await backend.store(org_id, snapshot, self.clock())
-                stored = True
+                if org_id in self._stale:  # invalidated while fetching (a plan change...): what was read may be stale
+                    if again < 3:  # read again, under a new lock (an invalidation frees the fleet's)
+                        self._stale.discard(org_id)
+                        again += 1
+                        previous = None
+                        locked = await backend.try_lock(org_id, self.ttl, self.clock())
+                        continue
+                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)  # serve it, read again at next request
+                if await backend.store(org_id, snapshot, self.clock()) is not False:  # (None: a backend of old)
+                    stored = True
+                    break
+                # Invalidated in another process meanwhile (a webhook there), or another process refreshes it since:
+                # nothing was stored. Read again under a new lock, or wait for that process's snapshot.
+                self.stats["refreshes_superseded"] = self.stats.get("refreshes_superseded", 0) + 1
+                again += 1
+                previous = None
+                locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
+            if stored:
                 self._known[org_id] = snapshot
                 self._next_attempt.pop(org_id, None)
                 self._gave_up.pop(org_id, None)
@@ -1564,16 +1581,32 @@ class QuotaGate:
                 status=429,
                 retry_after=self._paused_until - self.clock(),
             )
-        await self._slots.acquire()  # within the refreshes' bound, ahead of background ones
+        # A tracked read, as a refresh: checks of the org meanwhile wait for it, and an invalidation meanwhile (a
+        # webhook: the plan changed) makes it read again instead of keeping what it read before the change.
+        event = self._refreshing[org_id] = anyio.Event()
         try:
-            snapshot = await self.fetch(org_id, None)
-        except LagoIntegrationError as exc:
-            self._pause_after(exc)
-            raise
+            await self._slots.acquire()  # within the refreshes' bound, ahead of background ones
+            try:
+                snapshot = await self.fetch(org_id, None)
+                for _ in range(3):
+                    if org_id not in self._stale:
+                        break
+                    self._stale.discard(org_id)
+                    snapshot = await self.fetch(org_id, None)
+                if org_id in self._stale:  # invalidated yet again: read again at the next request
+                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)
+            except LagoIntegrationError as exc:
+                self._pause_after(exc)
+                raise
+            finally:
+                self._slots.release()
+            await self.backend.store(org_id, snapshot, self.clock())
+            self._known[org_id] = snapshot
         finally:
-            self._slots.release()
-        await self.backend.store(org_id, snapshot, self.clock())
-        self._known[org_id] = snapshot
+            if self._refreshing.get(org_id) is event:
+                del self._refreshing[org_id]
+            self._stale.discard(org_id)
+            event.set()
         return snapshot
 
     async def check_org_has_active_subscription(self, org_id: str) -> bool:

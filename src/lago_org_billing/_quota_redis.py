@@ -4,7 +4,8 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 
     <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src)
     <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
-    <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org
+    <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org; "0"
+                            after an invalidation (free, and marks the refresh in flight then as superseded)
 
 * **reserve** (``CHECK`` script, one round trip): read the snapshot and the counters, compare with the limits,
   ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the
@@ -13,7 +14,9 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
   to the caller's clock).
 * **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
-  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``).
+  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``). A refresh whose
+  lock is no longer its own (an invalidation in any process set it to "0", or another process took it over) stores
+  nothing: what it read may predate the change (the refresher reads again).
 
 Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
 :class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
@@ -34,7 +37,7 @@ import anyio
 import anyio.abc
 from cachetools import LRUCache
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, QuotaBackendError
 from ._quota import (
     ALLOWED,
     BLOCKED,
@@ -130,6 +133,12 @@ return 1
 
 STORE = """
 local snap, cnt, lock = KEYS[1], KEYS[2], KEYS[3]
+if ARGV[10] ~= '' then
+  -- the refresh took the lock: if it is no longer its own, the org was invalidated meanwhile (a webhook in any
+  -- process) or another process refreshes it since: what this one read may predate the change
+  local holder = redis.call('GET', lock)
+  if holder and holder ~= ARGV[10] then return -1 end
+end
 local cur = redis.call('HGET', snap, 'rq')
 if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', snap)
@@ -196,9 +205,19 @@ EXPIRE_SNAPSHOT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ra', '0', 'pf', '0')
 end
-redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[2], '0', 'PX', ARGV[2])
 return 1
 """
+
+#: Invalidate one org: its snapshot goes, its lock is freed and marked (a refresh in flight stores nothing).
+INVALIDATE = """
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '0', 'PX', ARGV[1])
+return 1
+"""
+
+#: How long an invalidation's mark on the lock lasts: longer than any refresh in flight takes (client timeouts).
+_INVALIDATION_MARK_MS = 600_000
 
 
 UNLOCK = """
@@ -371,6 +390,7 @@ class RedisBackend:
         self._store = self.redis.register_script(STORE)
         self._merge = self.redis.register_script(MERGE)
         self._expire = self.redis.register_script(EXPIRE_SNAPSHOT)
+        self._invalidate = self.redis.register_script(INVALIDATE)
         self._lock = self.redis.register_script(LOCK)
         self._unlock = self.redis.register_script(UNLOCK)
         self._compact = self.redis.register_script(COMPACT)
@@ -557,10 +577,10 @@ class RedisBackend:
                 self._failed(exc)
         return self.fallback.peek_snapshot(org_id)
 
-    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
         if not self._up():
             self.fallback.store_now(org_id, snapshot, now)
-            return
+            return True
         if snapshot.active:
             ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
         else:
@@ -582,10 +602,12 @@ class RedisBackend:
         ]
         try:
             keys = [self.key(org_id, "snap"), self.key(org_id, "count"), self.key(org_id, "lock")]
-            await self._store(keys=keys, args=args)
+            if await self._store(keys=keys, args=args) == -1:
+                return False  # superseded: invalidated (or taken over) since this process took the lock
         except self._errors() as exc:
             self._failed(exc)
             self.fallback.store_now(org_id, snapshot, now)
+        return True
 
     async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         """The fleet's refresh lock: held until ``now + ttl`` on the gates' clock (``SET ... PX`` cleans up)."""
@@ -647,21 +669,29 @@ class RedisBackend:
                 delay = min(delay * 2, 0.1)
 
     async def invalidate(self, org_id: str) -> None:
+        """Drop the org's snapshot fleet-wide and mark its lock, so that a refresh in flight in any process stores
+        nothing it read before the change. Tried even while Redis is thought down; a Redis error is raised (as
+        :class:`~._errors.QuotaBackendError`) after the local state is dropped: a webhook that could not
+        invalidate the fleet fails, and Lago sends it again."""
         self._last_seen.pop(org_id, None)
         await self.fallback.invalidate(org_id)
-        if not self._up():
-            return
         try:
-            await self.redis.delete(self.key(org_id, "snap"), self.key(org_id, "lock"))
+            keys = [self.key(org_id, "snap"), self.key(org_id, "lock")]
+            await self._invalidate(keys=keys, args=[_INVALIDATION_MARK_MS])
         except self._errors() as exc:
             self._failed(exc)
+            raise QuotaBackendError(
+                f"Could not invalidate the quota state of org {org_id!r} in Redis ({exc}): other workers keep the "
+                "cached plan and usage until their next refresh. Check LAGO_REDIS_URL; a webhook answered with this "
+                "error is sent again by Lago."
+            ) from exc
 
     async def invalidate_all(self) -> None:
-        """Every org's snapshot becomes due (SCAN over ``<prefix>*:snap``; fleet-wide), locks released."""
+        """Every org's snapshot becomes due (SCAN over ``<prefix>*:snap``; fleet-wide), locks freed and marked (a
+        refresh in flight stores nothing). A Redis error is raised as :class:`~._errors.QuotaBackendError`, as for
+        :meth:`invalidate`."""
         await self.fallback.invalidate_all()
         self._last_seen.clear()
-        if not self._up():
-            return
         version = f"expired:{time.time()!r}"
         try:
             batch: list[str] = []
@@ -674,12 +704,17 @@ class RedisBackend:
                 await self._expire_batch(batch, version)
         except self._errors() as exc:
             self._failed(exc)
+            raise QuotaBackendError(
+                f"Could not mark the orgs' quota snapshots due in Redis ({exc}): other workers keep the cached plans "
+                "until their next refresh. Check LAGO_REDIS_URL; a webhook answered with this error is sent again by "
+                "Lago."
+            ) from exc
 
     async def _expire_batch(self, keys: list[str], version: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 lock = key[: -len(":snap")] + ":lock"
-                await self._expire(keys=[key, lock], args=[version], client=pipe)
+                await self._expire(keys=[key, lock], args=[version, _INVALIDATION_MARK_MS], client=pipe)
             await pipe.execute()
 
     async def aclose(self) -> None:

@@ -358,6 +358,15 @@ class BillingRouter(Router):
         for key, value in properties.items():  # an org's admin must not lower its own bill (a sum of negatives)
             if _negative(value):
                 body.errors.append(_error(("body", "properties", key), "Must not be negative.", "greater_than_equal"))
+        if "operation_type" in properties:  # nor remove the seats/projects the app counted (unique_count_agg)
+            body.errors.append(
+                _error(
+                    ("body", "properties", "operation_type"),
+                    "Not accepted here: a 'remove' takes items out of a unique-count metric, which would let an org's "
+                    "admin lower its own bill. Record removals from your backend (OrgBilling.record_usage).",
+                    "extra_forbidden",
+                )
+            )
         user_id = body.string("user_id")
         model = body.string("model")
         endpoint_name = body.string("endpoint", max_length=2048)

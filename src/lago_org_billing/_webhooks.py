@@ -431,12 +431,14 @@ class LagoWebhooks:
             for handler in [value] if callable(value) else list(value):
                 self.add_handler(webhook_type, handler)
         self._dedupe = dedupe
+        self._owns_dedupe = False  # made here (from redis_url= or LAGO_REDIS_URL): closed by aclose()
         self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
         self._redis_url = redis_url
         self._hmac_key = hmac_key
         self._public_pem = public_key.encode() if isinstance(public_key, str) else public_key
         self._public_key: Any = None
         self._key_fetched_at: float | None = None
+        self._refetch_failed = False  # the last re-fetch of a rotated key failed (Lago did not answer)
         self._key_lock: anyio.Lock | None = None
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
@@ -510,6 +512,7 @@ class LagoWebhooks:
         if self._dedupe is None:
             redis_url = self._redis_url or settings.redis_url
             self._dedupe = RedisDedupe(redis_url) if redis_url else MemoryDedupe()
+            self._owns_dedupe = True
         issuers = self._issuer or (settings.api_url,)
         organization_id = self._organization_id or settings.organization_id
         if mode == "jwt" and organization_id is None:
@@ -528,8 +531,8 @@ class LagoWebhooks:
         return self._config
 
     async def aclose(self) -> None:
-        """Close the Redis connection this receiver created."""
-        if isinstance(self._dedupe, RedisDedupe) and self._redis_url is not None:
+        """Close the Redis connection this receiver created (from ``redis_url=`` or ``LAGO_REDIS_URL``)."""
+        if self._owns_dedupe and isinstance(self._dedupe, RedisDedupe):
             await self._dedupe.aclose()
 
     # ------------------------------------------------------------------------------------------- ASGI
@@ -700,12 +703,16 @@ class LagoWebhooks:
             return self._public_key
 
     async def _refetch_key(self, stale: Any) -> Any | None:
-        """A new key after a signature failure, or ``None`` (same key, or fetched too recently)."""
+        """A new key after a signature failure, or ``None`` (same key, or fetched too recently). Raises
+        :class:`_KeyUnavailable` when Lago could not be asked (a rotated key is then not known: 503, Lago sends the
+        webhook again, rather than a 401 that blames the signature)."""
         async with self._lock():
             if self._public_key is not stale:  # another request refreshed it meanwhile
                 return self._public_key
             fetched = self._key_fetched_at
             if fetched is not None and time.monotonic() - fetched < self.key_refetch_interval:
+                if self._refetch_failed:
+                    raise _KeyUnavailable("the last fetch failed moments ago")
                 return None
             if self._client is None and not self._configure().settings.api_key:
                 return None  # a static public_key and no way to fetch another one
@@ -713,7 +720,9 @@ class LagoWebhooks:
                 fresh = await self._fetch_key()
             except _KeyUnavailable as exc:
                 logger.warning("Could not re-fetch Lago's webhook public key: %s", exc)
-                return None
+                self._refetch_failed = True
+                raise
+            self._refetch_failed = False
             if _same_key(fresh, stale):
                 self._public_key = stale
                 return None
