@@ -537,6 +537,62 @@ def test_lifespan_starts_and_shutdown_flushes(fake_lago: Any, settings: BillingS
     assert len(fake_lago.events) == 5
 
 
+async def test_background_work_failing_once_started_leaves_the_apps_lifespan_alone(
+    fake_lago: Any, settings: BillingSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery (or quota) task shares a task group with the app's own lifespan: an error escaping it once
+    started (a bug) is logged and counted, and the app's lifespan goes on (it was cancelled: the app's shutdown code
+    ran while the server served on, and the server was told the shutdown failed)."""
+    import contextlib
+
+    import anyio.lowlevel
+
+    from lago_org_billing import EventPipeline, LagoClient
+
+    crash = anyio.Event()
+
+    class Crashing(EventPipeline):
+        async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            await crash.wait()
+            raise RuntimeError("a bug in the delivery loop")
+
+    app_lifespan = {"state": "not started"}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        app_lifespan["state"] = "running"
+        try:
+            yield
+        finally:
+            app_lifespan["state"] = "ended"
+
+    client = LagoClient(settings, transport=fake_lago.transport())
+    middleware = OrgBillingMiddleware(Starlette(lifespan=lifespan), settings, pipeline=Crashing(client), quota=None)
+    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](10)
+    sent: list[str] = []
+    started = anyio.Event()
+
+    async def send(message: Any) -> None:
+        sent.append(message["type"])
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    async with client, to_app, from_server, anyio.create_task_group() as tasks:
+        tasks.start_soon(middleware, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send)
+        await to_app.send({"type": "lifespan.startup"})
+        await started.wait()
+        with caplog.at_level(logging.ERROR, logger="lago_org_billing.middleware"):
+            crash.set()
+            with anyio.fail_after(5):
+                while not middleware.stats.get("background_errors"):  # set by the crashing task
+                    await anyio.lowlevel.checkpoint()
+        assert app_lifespan["state"] == "running" and sent == ["lifespan.startup.complete"]
+        assert "background work stopped" in caplog.text
+        await to_app.send({"type": "lifespan.shutdown"})
+    assert app_lifespan["state"] == "ended" and sent[-1] == "lifespan.shutdown.complete"
+
+
 def test_without_lifespan_a_loop_ending_tries_once_and_leaves_nothing_behind(
     fake_lago_server: Any, settings: BillingSettings, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -353,9 +353,7 @@ class OrgBillingMiddleware:
         app_error: Exception | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                await tasks.start(self.pipeline.run)
-                if self.quota is not None:
-                    await tasks.start(self.quota.run)
+                await tasks.start(self._background)
                 started = self._running = True
                 try:
                     await self.app(scope, receive, send_wrapper)
@@ -370,6 +368,27 @@ class OrgBillingMiddleware:
             await self._startup_failed(receive, send, _start_error(exc))
         if app_error is not None:
             raise app_error
+
+    async def _background(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The pipeline's and the gate's background work. An error that stops them once started is logged and
+        counted, not raised: it would end the app's own lifespan, which shares their task group (the app's shutdown
+        code run while the server serves on). One before they started is raised (the startup fails)."""
+        started = False
+        try:
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(self.pipeline.run)
+                if self.quota is not None:
+                    await tasks.start(self.quota.run)
+                started = True
+                task_status.started()
+        except Exception:
+            if not started:
+                raise
+            self.stats["background_errors"] = self.stats.get("background_errors", 0) + 1
+            logger.exception(
+                "The billing background work stopped: events are no longer delivered (with LAGO_SPOOL_PATH they wait "
+                "on disk for the next start) and quota snapshots no longer refreshed. Please report this error."
+            )
 
     async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
         """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""
@@ -419,15 +438,13 @@ class OrgBillingMiddleware:
     async def _run_detached(self, started: anyio.Event, failure: list[BaseException]) -> None:
         try:
             async with anyio.create_task_group() as tasks:
-                await tasks.start(self.pipeline.run)
-                if self.quota is not None:
-                    await tasks.start(self.quota.run)
+                await tasks.start(self._background)
                 # running now, whatever becomes of the request that started it (cancelled while waiting for this)
                 self._lazy_error = None
                 self._running = True
                 started.set()
-        except Exception as exc:  # kept for the waiting request, or logged: never "Task exception was never retrieved"
-            if started.is_set():
+        except Exception as exc:  # kept for the waiting request (once started, _background logs what stops it)
+            if started.is_set():  # pragma: no cover - _background raises only before it started
                 logger.exception("The billing background work stopped: events are no longer delivered")
             else:
                 failure.append(exc)
