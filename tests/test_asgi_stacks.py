@@ -273,3 +273,71 @@ async def test_a_stream_whose_generator_crashes_before_its_first_byte_is_not_bil
         await middleware.aclose()
     assert fake_lago.events == []
     assert middleware.stats["billed"] == 0 and middleware.stats["unbilled_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    "upstream_error",
+    [
+        TimeoutError("the upstream model sent no token within 30 s"),  # anyio.fail_after, asyncio.timeout, aiohttp
+        ConnectionRefusedError(111, "Connection refused"),  # the upstream host is down (raw sockets, aiohttp)
+    ],
+    ids=["upstream-timeout", "upstream-refused"],
+)
+async def test_a_stream_whose_upstream_fails_with_an_oserror_before_its_first_byte_is_not_billed(
+    fake_lago: Any, settings: BillingSettings, upstream_error: Exception
+) -> None:
+    """The LLM proxy of the CHANGELOG entry ("whose upstream failed inside the generator"), with the usual upstream
+    failures: a timeout waiting for the first token (``TimeoutError``, what ``anyio.fail_after`` and
+    ``asyncio.timeout`` raise) or a refused connection. Both are ``OSError`` subclasses, which ``crashed()`` takes
+    for the *client* going away (``_DISCONNECTED``), so the request keeps the 200 of the start message and is
+    billed as a successful ``api_call``, though the app crashed and the customer got nothing (a RuntimeError there
+    is not billed)."""
+
+    async def endpoint(request: Request) -> Response:
+        async def upstream() -> AsyncIterator[bytes]:
+            raise upstream_error
+            yield b""  # pragma: no cover
+
+        return StreamingResponse(upstream(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/stream", endpoint)])
+    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
+            with pytest.raises(type(upstream_error)):
+                await client.get("/v1/stream", headers={"X-Org-Id": "org_a", "X-User-Id": "ada"})
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    assert [e["properties"].get("status_code") for e in fake_lago.events] == [], "billed as a successful call"
+    assert middleware.stats["billed"] == 0 and middleware.stats["unbilled_errors"] == 1
+
+
+async def test_fastapi_frontend_in_an_included_router_is_not_billed_under_an_empty_endpoint(
+    fake_lago: Any, settings: BillingSettings, tmp_path: Any
+) -> None:
+    """FastAPI 0.16x ``router.frontend("/ui", directory=...)`` (static SPA files) in a router included with
+    ``prefix="/v1"``: FastAPI leaves no ``scope["route"]`` and an effective route context whose original route is
+    the ``_FrontendRouteGroup``, with ``path == ""``. ``_fastapi_route`` takes that context (its path is a str), so
+    every request there, a 404 included, is billed under the endpoint ``""`` (``<unmatched>`` before the fix, and
+    still for ``app.frontend(...)`` declared on the app)."""
+    fastapi = pytest.importorskip("fastapi")
+    (tmp_path / "index.html").write_text("<html>app</html>")
+    router = fastapi.APIRouter()
+    router.frontend("/ui", directory=str(tmp_path))
+    app = fastapi.FastAPI()
+    app.include_router(router, prefix="/v1")
+    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
+    statuses = []
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
+            for path in ("/v1/ui/index.html", "/v1/ui/deep/missing"):
+                response = await client.get(path, headers={"X-Org-Id": "org_a", "X-User-Id": "ada"})
+                statuses.append(response.status_code)
+        assert await middleware.pipeline.flush(5)
+    finally:
+        await middleware.aclose()
+    assert statuses == [200, 404]
+    endpoints = [event["properties"]["endpoint"] for event in fake_lago.events]
+    assert len(endpoints) == 2 and "" not in endpoints, endpoints
+    assert endpoints[1] == "<unmatched>", endpoints

@@ -228,6 +228,96 @@ async def test_webhook_invalidation_during_a_seed_helper_read_is_not_lost() -> N
     assert (limits["plan_code"], limit_of(next_request)) == ("pro", b"100")
 
 
+def quota_settings(fake: FakeLago, redis_url: str) -> BillingSettings:
+    return settings_for(fake, redis_url=redis_url)
+
+
+async def test_invalidate_all_during_a_cold_orgs_first_refresh_still_stores_a_snapshot(redis_url: str) -> None:
+    """A ``plan.updated`` webhook (``invalidate_all``) reaches a worker while it reads a cold org's first snapshot.
+    The gate marks the refresh stale, so it reads again "under a new lock", but ``invalidate_all`` only frees the
+    locks of orgs that have a snapshot key (SCAN ``*:snap``): this org's lock is still the refresher's own, held
+    for a whole TTL, so ``try_lock`` refuses it, the refresh stores nothing and waits ``cold_timeout`` for a
+    snapshot that nobody will store. The waiting request times out (fail-open/closed), and every refresh of the org
+    is refused by that stale lock until the TTL (here an hour) is over. Before 776413c..1be6b9e it read again and
+    stored."""
+    fake = make_fake()
+    settings = quota_settings(fake, redis_url)
+    config = QuotaConfig(redis_prefix=f"review:{uuid.uuid4().hex}:", cold_timeout=0.5)
+    held = HeldTransport(fake.transport())
+    async with LagoClient(settings, transport=held) as lago:
+        gate = QuotaGate(settings, lago, config=config)
+        async with anyio.create_task_group() as tg:
+            await tg.start(gate.run)
+            decisions: list[Any] = []
+            answered = anyio.Event()
+
+            async def first_request() -> None:
+                decisions.append(await gate.check("org_acme"))  # cold: reads the org from Lago
+                answered.set()
+
+            held.hold()
+            tg.start_soon(first_request)
+            await held.reached.wait()  # the subscription is read; the refresh goes on
+            await gate.invalidate_all()  # plan.updated: every org's cached state is refreshed
+            held.release.set()
+            with anyio.fail_after(10):
+                await answered.wait()
+                for event in list(gate._refreshing.values()):
+                    await event.wait()
+            stored = await gate.backend.load("org_acme")
+            lock = await gate.backend.redis.get(gate.backend.key("org_acme", "lock"))  # type: ignore[attr-defined]
+            await gate.aclose()
+            tg.cancel_scope.cancel()
+    assert stored is not None, (
+        f"no snapshot stored after the refresh (cold_timeouts={gate.stats['cold_timeouts']}, "
+        f"fail_open={gate.stats['fail_open']}, lock left {lock!r})"
+    )
+    assert gate.stats["cold_timeouts"] == 0 and gate.stats["fail_open"] == 0
+    assert limit_of(decisions[0]) == b"3"
+
+
+async def test_seed_helper_read_in_one_worker_does_not_undo_an_invalidation_in_another(redis_url: str) -> None:
+    """Two workers sharing Redis. Worker B serves a billing page (``get_org_plan_limits``: ``QuotaGate.snapshot``)
+    and has just read the org's starter subscription when the org upgrades; the subscription webhook reaches worker
+    A, whose gate invalidates the org fleet-wide. B's seed-helper read then stores what it read before the change:
+    it holds no refresh lock, so STORE skips the new "lock no longer its own" rule (ARGV[10] empty) and the
+    ``_stale`` re-read only sees invalidations made in B itself. The whole fleet enforces starter's limit after the
+    upgrade for a TTL (the race 776413c..1be6b9e fixed for refreshes and, in one process only, for seed helpers)."""
+    fake = make_fake()
+    settings = quota_settings(fake, redis_url)
+    config = QuotaConfig(redis_prefix=f"review:{uuid.uuid4().hex}:")
+    held = HeldTransport(fake.transport())
+    async with (
+        LagoClient(settings, transport=fake.transport()) as lago_a,
+        LagoClient(settings, transport=held) as lago_b,
+    ):
+        gate_a = QuotaGate(settings, lago_a, config=config)
+        gate_b = QuotaGate(settings, lago_b, config=config)
+        async with anyio.create_task_group() as tg:
+            await tg.start(gate_a.run)
+            await tg.start(gate_b.run)
+            answered = anyio.Event()
+            page: list[dict[str, Any]] = []
+
+            async def billing_page_on_worker_b() -> None:
+                page.append(await gate_b.get_org_plan_limits("org_acme"))
+                answered.set()
+
+            held.hold()
+            tg.start_soon(billing_page_on_worker_b)
+            await held.reached.wait()  # B has read the starter subscription
+            await lago_a.create_subscription(external_customer_id="org_acme", plan_code="pro", external_id="org_acme")
+            await gate_a.invalidate("org_acme")  # the subscription webhooks, on worker A
+            held.release.set()
+            with anyio.fail_after(10):
+                await answered.wait()
+            next_request = await gate_a.check("org_acme")
+            await gate_a.aclose()
+            await gate_b.aclose()
+            tg.cancel_scope.cancel()
+    assert limit_of(next_request) == b"100", "the next request after the upgrade's webhook still has starter's limit"
+
+
 # ------------------------------------------------------------------------------------------ JWT key
 
 

@@ -1005,7 +1005,7 @@ class _ResponseWatcher(UsageRecorder):
         """The app raised. A response it cut off before its first body byte (a stream whose generator failed at once:
         the 200 went out, nothing else) is a server error, billed as such (or not: ``bill_server_errors``); one cut
         off later is billed with what was counted, as one the client cut off (a broken connection)."""
-        if not self.ended and not self.sent and not isinstance(error, _DISCONNECTED):
+        if not self.ended and not self.sent and not _client_went_away(error):
             self.status = 500
 
     def detach(self) -> None:
@@ -1013,8 +1013,24 @@ class _ResponseWatcher(UsageRecorder):
         self.send = self.on_start = None
 
 
-#: What an app raises when its client went away (not its own failure).
-_DISCONNECTED = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ClientDisconnect)
+#: What a server's send raises when the client went away. Not any OSError: an upstream's timeout or refused
+#: connection (TimeoutError, ConnectionRefusedError) is the app's failure.
+_DISCONNECTED = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+def _client_went_away(error: BaseException) -> bool:
+    """Whether an error the app raised means its client disconnected (rather than the app failing)."""
+    if isinstance(error, ClientDisconnect):  # reading the request, or Starlette's wrap of a stream's OSError, whose
+        cause = error.__cause__ or error.__context__  # own may be an upstream's (ASGI 2.4 servers)
+        return cause is None or _client_went_away(cause)
+    return isinstance(error, _DISCONNECTED) or type(error).__name__ == "ClientDisconnected"  # (uvicorn's)
 
 
 class SharedFirstSeen:
@@ -1206,7 +1222,8 @@ def _fastapi_route(fastapi: Any, route: Any) -> Any:
     if original is None or isinstance(original, Mount) or (route is not None and original is not route):
         return route
     effective = getattr(context, "starlette_route", None) or context
-    return effective if isinstance(getattr(effective, "path", None), str) else route
+    path = getattr(effective, "path", None)
+    return effective if isinstance(path, str) and path.startswith("/") else route  # (a frontend group's is "")
 
 
 #: (id of the outermost router, id of an endpoint) -> (that router, that endpoint, the routes (or mounts) serving it).

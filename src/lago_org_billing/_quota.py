@@ -92,6 +92,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
     LagoRateLimitError,
+    LagoUnavailableError,
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
@@ -945,6 +946,7 @@ class QuotaGate:
         self._stale: set[str] = set()  # orgs invalidated while a refresh of theirs was in flight
         self._next_attempt: dict[str, float] = {}
         self._gave_up: dict[str, float] = {}
+        self._refresh_errors: dict[str, LagoIntegrationError] = {}  # org -> why its last refresh failed (seed helpers)
         self._known: LRUCache[str, Snapshot] = LRUCache(maxsize=self.config.max_orgs)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._loose: set[asyncio.Task[None]] = set()
@@ -1372,6 +1374,7 @@ class QuotaGate:
                 locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
             if stored:
                 self._known[org_id] = snapshot
+                self._refresh_errors.pop(org_id, None)
                 self._next_attempt.pop(org_id, None)
                 self._gave_up.pop(org_id, None)
                 if self._outage_logged or self._refresh_failing:
@@ -1387,6 +1390,9 @@ class QuotaGate:
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
             self._pause_after(exc)
+            if len(self._refresh_errors) >= self.config.max_orgs:  # (bounded: raised by the seed helpers, then gone)
+                self._refresh_errors.clear()
+            self._refresh_errors[org_id] = exc
             # the records of an org whose refreshes fail (Lago down) keep growing by the second: folded
             await _call_optional(backend, "compact", org_id, int(self.clock() - self.config.settle_lag))
             # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
@@ -1567,47 +1573,28 @@ class QuotaGate:
             if known.refresh_at <= now:
                 self._refresh_due(org_id, known, now)
             return known
-        running = self._refreshing.get(org_id)
-        if running is not None:  # one is on its way: its snapshot, rather than a second read of Lago
-            self._slots.promote(org_id)
-            with anyio.move_on_after(self.config.cold_timeout):
-                await running.wait()
-            known = self._known.get(org_id) or await self.backend.load(org_id)
-            if known is not None and (not known.active or self.clock() < known.period_end):
-                return known
         if self._paused_until > self.clock():
             raise LagoRateLimitError(
                 f"Lago rate-limited this process's quota reads until {_iso(self._paused_until)}: try again then.",
                 status=429,
                 retry_after=self._paused_until - self.clock(),
             )
-        # A tracked read, as a refresh: checks of the org meanwhile wait for it, and an invalidation meanwhile (a
-        # webhook: the plan changed) makes it read again instead of keeping what it read before the change.
-        event = self._refreshing[org_id] = anyio.Event()
-        try:
-            await self._slots.acquire()  # within the refreshes' bound, ahead of background ones
-            try:
-                snapshot = await self.fetch(org_id, None)
-                for _ in range(3):
-                    if org_id not in self._stale:
-                        break
-                    self._stale.discard(org_id)
-                    snapshot = await self.fetch(org_id, None)
-                if org_id in self._stale:  # invalidated yet again: read again at the next request
-                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)
-            except LagoIntegrationError as exc:
-                self._pause_after(exc)
-                raise
-            finally:
-                self._slots.release()
-            await self.backend.store(org_id, snapshot, self.clock())
-            self._known[org_id] = snapshot
-        finally:
-            if self._refreshing.get(org_id) is event:
-                del self._refreshing[org_id]
-            self._stale.discard(org_id)
-            event.set()
-        return snapshot
+        # Read as a refresh (ahead of background ones, or the one in flight): the bound on Lago reads, the fleet's
+        # lock, and what an invalidation meanwhile (a webhook: the plan changed) makes a read do are the refreshes'.
+        self._refresh_errors.pop(org_id, None)
+        event = self._schedule_refresh(org_id, now, force=True, urgent=True)
+        if event is not None:
+            await event.wait()
+        known = self._known.get(org_id) or await self.backend.load(org_id)
+        if known is not None and (not known.active or self.clock() < known.period_end):
+            return known
+        error = self._refresh_errors.pop(org_id, None)
+        if error is not None:
+            raise error
+        raise LagoUnavailableError(
+            f"The usage of org {org_id!r} could not be read in time (another worker is reading it from Lago, or Lago "
+            "is slow): try again."
+        )
 
     async def check_org_has_active_subscription(self, org_id: str) -> bool:
         """Whether the org has an active Lago subscription (cached like the gate's snapshots)."""

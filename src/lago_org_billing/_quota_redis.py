@@ -251,8 +251,9 @@ return 1
 
 
 LOCK = """
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
-if held > tonumber(ARGV[1]) then return 0 end
+local cur = redis.call('GET', KEYS[1])
+-- taken when free (expired, or '0': invalidated), or renewed by the process holding it (ARGV[4], its value)
+if cur ~= ARGV[4] and tonumber(cur or '0') > tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
@@ -617,10 +618,8 @@ class RedisBackend:
         try:
             # shielded (bounded by redis_timeout): a refresh cut off meanwhile knows it holds the lock, to hand it back
             with anyio.CancelScope(shield=True):
-                locked = bool(
-                    await self._lock(keys=[self.key(org_id, "lock")], args=[repr(now), held, max(1, int(ttl * 1000))])
-                    == 1
-                )
+                args = [repr(now), held, max(1, int(ttl * 1000)), self._held.get(org_id, "")]
+                locked = bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
             self._failed(exc)
             return True
