@@ -390,6 +390,7 @@ class LagoClient:
                 raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
             if not 200 <= status < 300:
                 raise _error_from_response(httpx.Response(status, headers=headers, content=content), "POST", url)
+            self._check_batch_answer(status, content, url)
             return
         try:
             response = await self._http.post(url, content=body, headers={"Content-Type": "application/json"})
@@ -399,6 +400,26 @@ class LagoClient:
             ) from exc
         if not 200 <= response.status_code < 300:  # a redirect is not delivery: nothing reached Lago
             raise _error_from_response(response, "POST", url)
+        self._check_batch_answer(response.status_code, response.content, url)
+
+    def _check_batch_answer(self, status: int, content: bytes, url: str) -> None:
+        """A 2xx is Lago ingesting the batch only if its body is Lago's JSON (``{"events": [...]}``; an empty body is
+        taken too). A page (an ``index.html`` a CDN serves for unknown paths, a captive portal, Lago's front end
+        at LAGO_API_URL) ingested nothing: taken for delivery, the events would be deleted and lost.
+
+        The body is sniffed, not parsed: Lago echoes every event of the batch, and parsing that (about 150 µs for
+        100 events) on every batch would give back much of what the raw poster saves; a page or a plain text
+        answer neither starts with ``{`` nor ends with ``}``."""
+        text = content.strip()
+        if text and (text[:1] != b"{" or text[-1:] != b"}"):
+            raise LagoAPIError(
+                f"POST {url} was answered {status} with a body that is not Lago's JSON ({text[:60]!r}): that is not "
+                f"Lago's API. Check LAGO_API_URL ({self.settings.api_url}): it must be the URL of Lago's API "
+                "(not its front end, nor a CDN or proxy page).",
+                status=status,
+                method="POST",
+                path=url,
+            )
 
     async def get_event(self, transaction_id: str) -> JSON:
         """``GET /events/{transaction_id}`` (the first match across subscriptions)."""

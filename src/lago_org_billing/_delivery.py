@@ -308,24 +308,30 @@ class EventPipeline:
 
     async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the pipeline's API
         """Stop accepting events, deliver what is left within ``timeout`` (default ``shutdown_timeout``),
-        stop the background tasks and close the spool. Undelivered events stay in the spool (memory: lost,
-        counted in ``lost_at_shutdown`` and logged)."""
+        stop the background tasks and close the spool. Undelivered events stay in the spool (memory, or a spool
+        that cannot be written: lost, counted in ``lost_at_shutdown`` and logged)."""
         if self._closed and not self._running:
             return
         self._closed = True
+        self.outbox.closing()
         deadline = self.shutdown_timeout if timeout is None else timeout
         if self._running:
             delivered = await self.flush(deadline)
-            if not delivered:
+            if not delivered and not self.outbox.durable:
                 logger.warning(
-                    "Shutdown: %d billing events not delivered within %.1f s%s",
-                    self.outbox.unresolved(),
-                    deadline,
-                    " (they stay in the spool)" if self.outbox.durable else "",
+                    "Shutdown: %d billing events not delivered within %.1f s", self.outbox.unresolved(), deadline
                 )
             assert self._scope is not None and self._stopped is not None
             self._scope.cancel()
             await self._stopped.wait()
+            # said once the spool is closed, of what it does hold (what it could not write was counted lost)
+            if not delivered and self.outbox.durable and self.outbox.unresolved():
+                logger.warning(
+                    "Shutdown: %d billing events not delivered within %.1f s: they stay in the spool %s",
+                    self.outbox.unresolved(),
+                    deadline,
+                    self.spool_file,
+                )
         else:
             await self._finish()
 
@@ -367,7 +373,15 @@ class EventPipeline:
                     lost,
                 )
         elif self._closed:
-            await outbox.close()
+            lost = await outbox.close()
+            if lost:
+                self.metrics.lost_at_shutdown += lost
+                logger.error(
+                    "Shutdown: %d billing events were neither delivered nor written to the spool %s (it cannot be "
+                    "written: see the errors above) and are lost; free space on its volume or make it writable.",
+                    lost,
+                    self.spool_file,
+                )
         else:  # cancelled without aclose: make everything durable, keep the file open for a new run()
             await outbox.commit()
 

@@ -10,6 +10,7 @@ through httpx.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from urllib.parse import urlsplit
 
@@ -19,6 +20,7 @@ import anyio.abc
 __all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
 _MAX_HEADER_BYTES = 64 * 1024
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
@@ -32,14 +34,24 @@ def can_use_raw_poster(base_url: str) -> bool:
 
 
 def _ssl_context() -> ssl.SSLContext:
-    cafile = os.environ.get("SSL_CERT_FILE")
-    if cafile is None:
-        try:
-            import certifi  # httpx's own CA bundle, so both paths trust the same roots
-        except ImportError:  # pragma: no cover
-            return ssl.create_default_context()
-        cafile = certifi.where()
-    return ssl.create_default_context(cafile=cafile)
+    """The roots httpx 0.28 trusts (``httpx._config.create_ssl_context``), so that the event batches and every other
+    call (health, quota reads) verify Lago's certificate alike: ``SSL_CERT_FILE``, else ``SSL_CERT_DIR`` (a
+    directory of hashed certificates: an internal CA), else certifi's bundle. Empty variables count as unset."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    try:
+        import certifi  # httpx's own CA bundle, so both paths trust the same roots
+    except ImportError:  # pragma: no cover
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a decimal number if it is one (ASCII digits only: ``int()`` also takes signs, ``_`` and other
+    scripts' digits, none of which a status code or a Content-Length may hold), else None."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 class _Connection:
@@ -153,10 +165,10 @@ class RawPoster:
             head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
             lines = head.decode("latin-1").split("\r\n")
             version, _, rest = lines[0].partition(" ")
-            status_text = rest[:3]
-            if not version.startswith("HTTP/1.") or not status_text.isdigit():
+            status = _decimal(rest[:3])
+            if not version.startswith("HTTP/1.") or status is None or status < 100:  # (three digits)
                 raise RawHTTPError(f"malformed status line {lines[0][:80]!r}")
-            if not status_text.startswith("1") or status_text == "101":
+            if status >= 200 or status == 101:
                 break  # interim answers (100 Continue, 103 Early Hints) come before the real one: skipped
         headers: list[tuple[str, str]] = []
         length: int | None = None
@@ -168,12 +180,19 @@ class RawPoster:
             headers.append((name, value))
             lowered = name.lower()
             if lowered == "content-length":
-                length = int(value)
+                length = _decimal(value)
+                if length is None:  # the body's end is unknown: the connection cannot be read any further
+                    raise RawHTTPError(f"malformed Content-Length {value[:40]!r}")
             elif lowered == "transfer-encoding":
                 chunked = "chunked" in value.lower()
             elif lowered == "connection":
                 close = "close" in value.lower() or (close and "keep-alive" not in value.lower())
-        if chunked:
+        if status < 200 or status in (204, 304):
+            # RFC 9112 6.3: no body, whatever the headers say. (Read "to EOF", a kept-alive 204 would wait out the
+            # timeout and be taken for no answer.) A 101 leaves HTTP: the connection is not reused.
+            body = b""
+            close = close or status == 101
+        elif chunked:
             body = await self._read_chunked(connection)
         elif length is not None:
             body = await connection.read_exactly(length)
@@ -184,13 +203,16 @@ class RawPoster:
             await self._discard(connection)
         else:
             self._idle.append(connection)
-        return int(status_text), headers, body
+        return status, headers, body
 
     async def _read_chunked(self, connection: _Connection) -> bytes:
         parts: list[bytes] = []
         while True:
             size_line = await connection.read_until(b"\r\n", _MAX_HEADER_BYTES)
-            size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+            size_text = size_line.split(b";", 1)[0].strip()  # (chunk extensions ignored)
+            if not _HEX.fullmatch(size_text):  # int(..., 16) would also take "0x1f", "-5", "1_0"
+                raise RawHTTPError(f"malformed chunk size {size_line[:40]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 while await connection.read_until(b"\r\n", _MAX_HEADER_BYTES):  # trailers, then a blank line
                     pass

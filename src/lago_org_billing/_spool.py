@@ -79,6 +79,45 @@ logger = logging.getLogger("lago_org_billing.delivery")
 JSON = dict[str, Any]
 _MAX_SLOTS = 1024
 _MEMORY_DEAD_LETTERS = 10_000
+#: A failed spool write or read is tried again after this many seconds, doubled at each failure up to ``_RETRY_MAX``:
+#: not every commit window (each attempt of a write carries every event waiting for it).
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 1.0
+#: Seconds between two log lines about a condition that lasts (a spool that cannot be written, a full dead-letter
+#: list): said when it starts, then at this rate with a count, never once per attempt or per event.
+_LOG_EVERY = 60.0
+
+
+class _Streak:
+    """Occurrences in a row of one failure (a spool write, a spool read) or condition: :meth:`hit` counts one and
+    says whether to log it (the first, then one per ``_LOG_EVERY`` seconds); :meth:`waiting` whether the next attempt
+    is still to wait its backoff; :meth:`end` closes the streak (the caller logs the recovery)."""
+
+    __slots__ = ("count", "logged_at", "retry_at", "since")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.since = self.logged_at = self.retry_at = 0.0
+
+    def hit(self) -> bool:
+        now = time.monotonic()
+        self.count += 1
+        if self.count == 1:
+            self.since = now
+        self.retry_at = now + min(_RETRY_MAX, _RETRY_FIRST * 2 ** min(self.count - 1, 16))
+        if self.count == 1 or now - self.logged_at >= _LOG_EVERY:
+            self.logged_at = now
+            return True
+        return False
+
+    def waiting(self) -> bool:
+        return bool(self.count) and time.monotonic() < self.retry_at
+
+    def end(self) -> tuple[int, float]:
+        """(failures, seconds) of the streak that ends."""
+        ended = (self.count, time.monotonic() - self.since)
+        self.count = 0
+        return ended
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +274,12 @@ class Outbox:
     async def fill(self) -> None:
         """Load more events from the store into the window if it runs low."""
 
-    async def close(self) -> None:
-        """Commit and release the store."""
+    def closing(self) -> None:
+        """The pipeline is shutting down: no event comes any more, what is left is to be delivered now."""
+
+    async def close(self) -> int:
+        """Commit and release the store; return how many undelivered events it could not keep (lost)."""
+        return 0
 
 
 def _nothing() -> None:
@@ -251,6 +294,7 @@ class MemoryOutbox(Outbox):
         self._dead: collections.deque[DeadLetter] = collections.deque(maxlen=_MEMORY_DEAD_LETTERS)
         self._dead_ids = itertools.count(1)
         self.dead_evicted = 0
+        self._evictions = _Streak()  # (logged when they start, then once a minute: one per event would flood the log)
         self._unbuilt: list[Item] = []
         # Events submitted through a lane: (builder, facts waiting for it); counted in ``_deferred``.
         self._lanes: list[tuple[Callable[[Any], JSON | str], list[Any]]] = []
@@ -327,7 +371,14 @@ class MemoryOutbox(Outbox):
         self.in_flight -= 1
         if len(self._dead) == self._dead.maxlen:
             self.dead_evicted += 1
-            logger.error("The in-memory dead-letter list is full: forgetting the oldest (%s)", self._dead[0].reason)
+            if self._evictions.hit():
+                logger.error(
+                    "The in-memory dead-letter list is full (%d letters): forgetting the oldest (%s); %d forgotten so "
+                    "far. Fix what Lago rejects and replay them, or set LAGO_SPOOL_PATH to keep them all on disk.",
+                    self._dead.maxlen,
+                    self._dead[0].reason,
+                    self.dead_evicted,
+                )
         self._dead.append(dataclasses.replace(letter, id=next(self._dead_ids)))
 
     async def replay_dead(self, ids: set[int] | None) -> int:
@@ -562,24 +613,35 @@ class _SpoolFile:
         deletes: list[int],
         dead: list[tuple[int, DeadLetter]],
         revived: list[tuple[int, str]],
+        unwritten_dead: list[DeadLetter],
     ) -> tuple[list[tuple[int, str]], list[int]]:
-        """One transaction: insert ``rows``, move ``dead`` rows to dead letters, delete ``deletes`` and the dead
-        letters ``revived`` (replayed: their events are among ``rows``).
+        """One transaction: insert ``rows``, move ``dead`` rows to dead letters, add the letters ``unwritten_dead``
+        (of events that were never written), delete ``deletes`` and the dead letters ``revived`` (replayed: their
+        events are among ``rows``).
+
+        Each event of ``rows`` is replaced by its JSON text as it is encoded: when the transaction fails, the caller
+        keeps ``rows`` for the next attempt, which does not encode them again.
 
         Returns the rows written as (id, JSON text) and the ids of rows JSON cannot carry (dead-lettered)."""
         encoded: list[tuple[int, str]] = []
         unencodable: list[int] = []
         letters = [
             (_safe_dumps(letter.event), letter.reason, letter.status, letter.code, letter.created_at)
-            for _, letter in dead
+            for letter in itertools.chain((letter for _, letter in dead), unwritten_dead)
         ]
-        for row_id, event in rows:
+        for index, (row_id, event) in enumerate(rows):
+            if type(event) is str:
+                encoded.append((row_id, event))
+                continue
             try:
-                encoded.append((row_id, dumps_event(event)))
+                text = dumps_event(event)
             except (TypeError, ValueError) as exc:
                 unencodable.append(row_id)
                 reason = event.reason if type(event) is _Unbuildable else f"not JSON-serialisable: {exc}"
                 letters.append((_safe_dumps(event), reason, None, "invalid_event", time.time()))
+                continue
+            encoded.append((row_id, text))
+            rows[index] = (row_id, text)
         with self.lock:
             conn = self.conn
             assert conn is not None
@@ -668,7 +730,11 @@ def _loads_or_raw(body: str) -> JSON:
 
 class SqliteOutbox(Outbox):
     """The durable spool (see the module docstring). ``capacity`` bounds the events waiting for a commit;
-    ``window`` bounds the rows held in memory for delivery."""
+    ``window`` bounds the rows held in memory for delivery.
+
+    A file that cannot be written (a full disk, a volume gone read-only) is tried again with a backoff, the events
+    waiting in memory meanwhile (within ``capacity``); at shutdown they are sent from memory, and those neither
+    delivered nor written then are lost (counted: :meth:`close` returns how many). A failed read is tried again too."""
 
     durable = True
 
@@ -681,8 +747,10 @@ class SqliteOutbox(Outbox):
         self.pending: list[tuple[int, EventOrBuilder | str]] = []
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
-        # replayed dead letters (id, stored text), deleted with the commit that writes their events
+        # replayed dead letters (id, stored text), deleted with the commit that writes their events; and the ids of
+        # those events, never sent before they are written (their letters would stay, or go with nothing written)
         self._revived: list[tuple[int, str]] = []
+        self._replayed: set[int] = set()
         self._next_id = 1
         self._rows = 0  # rows in the file (committed, not yet deleted)
         self._loaded_upto = 0  # highest id put into the window (or beyond, in flight / resolved)
@@ -691,6 +759,13 @@ class SqliteOutbox(Outbox):
         self._io: anyio.Lock | None = None
         self._opened = False
         self.adopted = 0
+        self._write_errors = _Streak()
+        self._read_errors = _Streak()
+        self._closing = False
+        # at a shutdown with a file that cannot be written: the ids of the events sent from memory, never written,
+        # and the dead letters of those Lago rejected (written by the next commit that succeeds)
+        self._unwritten: set[int] = set()
+        self._unwritten_dead: list[DeadLetter] = []
 
     @property
     def path(self) -> str:
@@ -707,16 +782,33 @@ class SqliteOutbox(Outbox):
         return True
 
     def resolve(self, items: list[Item]) -> None:
-        self._to_delete.extend(item.id for item in items)
+        if self._unwritten:  # (a shutdown with a file that cannot be written) events sent unwritten have no row
+            unwritten = self._unwritten
+            self._to_delete.extend(item.id for item in items if item.id not in unwritten)
+            unwritten.difference_update(item.id for item in items)
+        else:
+            self._to_delete.extend(item.id for item in items)
         self.in_flight -= len(items)
 
     def dead(self, item: Item, letter: DeadLetter) -> None:
         self.in_flight -= 1
-        self._to_dead.append((item.id, letter))
+        if item.id in self._unwritten:
+            self._unwritten.discard(item.id)
+            self._unwritten_dead.append(letter)
+        else:
+            self._to_dead.append((item.id, letter))
 
     def unresolved(self) -> int:
         added, removed = self._writing
-        return len(self.pending) + added + self._rows - removed - len(self._to_delete) - len(self._to_dead)
+        return (
+            len(self.pending)
+            + len(self._unwritten)
+            + added
+            + self._rows
+            - removed
+            - len(self._to_delete)
+            - len(self._to_dead)
+        )
 
     def spool_depth(self) -> int:
         return self._rows
@@ -747,6 +839,7 @@ class SqliteOutbox(Outbox):
         for dead_id, body in chosen:
             # the stored text, as it is: the event goes back to the events table in the commit that deletes its letter
             self.pending.append((self._next_id, body))
+            self._replayed.add(self._next_id)
             self._next_id += 1
             self._revived.append((dead_id, body))
         return len(chosen)
@@ -769,8 +862,13 @@ class SqliteOutbox(Outbox):
             logger.info("Spool %s holds %d undelivered events: delivering them first", self.path, count)
 
     async def commit(self) -> None:
-        if not self._opened or (not self.pending and not self._to_delete and not self._to_dead):
+        await self._commit(last=False)
+
+    async def _commit(self, *, last: bool) -> None:
+        if not self._opened or not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
             return  # (replayed letters wait on their events in ``pending``)
+        if not last and self._write_errors.waiting():
+            return  # the file failed to write: tried again after a backoff, not at every commit window
         assert self._io is not None
         async with self._io:
             rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
@@ -778,18 +876,34 @@ class SqliteOutbox(Outbox):
             deletes, self._to_delete = self._to_delete, []
             dead, self._to_dead = self._to_dead, []
             revived, self._revived = self._revived, []
+            letters, self._unwritten_dead = self._unwritten_dead, []
             self._writing = (len(rows), len(deletes) + len(dead))
             try:
-                encoded, unencodable = await anyio.to_thread.run_sync(self.file.write, rows, deletes, dead, revived)
+                encoded, unencodable = await anyio.to_thread.run_sync(
+                    self.file.write, rows, deletes, dead, revived, letters
+                )
             except sqlite3.Error as exc:
                 self._writing = (0, 0)
-                logger.error("Could not write the event spool %s (%s); retrying at the next commit", self.path, exc)
-                self.pending[:0] = rows
                 self._to_delete[:0] = deletes
                 self._to_dead[:0] = dead
                 self._revived[:0] = revived
+                self._unwritten_dead[:0] = letters
+                if self._closing and not last:
+                    self._send_unwritten(rows)
+                else:
+                    self.pending[:0] = rows  # (as JSON text now: the next attempt does not encode them again)
+                self._write_failed(exc)
                 return
             self._writing = (0, 0)
+            if self._write_errors.count:
+                failures, seconds = self._write_errors.end()
+                logger.warning(
+                    "The event spool %s is written again (after %d failed attempts in %.0f s)",
+                    self.path,
+                    failures,
+                    seconds,
+                )
+            self._replayed.clear()  # (every replayed event was among the rows just written)
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
                 self.dead_on_write += len(unencodable)
@@ -798,6 +912,53 @@ class SqliteOutbox(Outbox):
                     len(unencodable),
                 )
             self._hand_over(rows, dict(encoded))
+
+    def _write_failed(self, exc: sqlite3.Error) -> None:
+        """Said when the failures start, then once a minute: a line per attempt would flood the log."""
+        errors = self._write_errors
+        if not errors.hit():
+            return
+        lasting = f" for {time.monotonic() - errors.since:.0f} s ({errors.count} attempts)" if errors.count > 1 else ""
+        logger.error(
+            "Could not write the event spool %s%s (%s): free space on its volume, or make it writable. %d events "
+            "wait in memory for it (beyond %d, new ones are dropped); the write is tried again every %.0f s at most.",
+            self.path,
+            lasting,
+            exc,
+            len(self.pending),
+            self.capacity,
+            _RETRY_MAX,
+        )
+
+    def closing(self) -> None:
+        self._closing = True
+        if self._write_errors.count and self.pending:  # the file fails: no use waiting for its next attempt
+            rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
+            self.pending = []
+            self._send_unwritten(rows)
+
+    def _send_unwritten(self, rows: list[tuple[int, JSON | str]]) -> None:
+        """A shutdown while the file cannot be written: the events waiting for it are sent from memory (Lago may
+        well be up) rather than wait for a write that does not come; :meth:`close` tries to write those left, once.
+        A replayed dead letter's event keeps waiting: its letter is deleted only with the write of it."""
+        items: list[Item] = []
+        for row_id, event in rows:
+            if row_id in self._replayed:
+                self.pending.append((row_id, event))
+            else:
+                items.append(Item(None, row_id, raw=event) if isinstance(event, str) else Item(event, row_id))
+        if not items:
+            return
+        logger.warning(
+            "Shutdown: the event spool %s cannot be written; its %d waiting events are sent to Lago from memory",
+            self.path,
+            len(items),
+        )
+        self._unwritten.update(item.id for item in items)
+        if not self.window:
+            self.ready_since = time.monotonic()
+        self.window.extend(items)
+        self.on_ready()
 
     def _hand_over(self, rows: list[tuple[int, JSON | str]], encoded: dict[int, str]) -> None:
         """Just-committed rows go straight to the window when nothing older waits on disk."""
@@ -829,7 +990,7 @@ class SqliteOutbox(Outbox):
         self._to_dead.clear()
 
     async def fill(self) -> None:
-        if not self._opened or self._loaded_upto >= self._committed_upto:
+        if not self._opened or self._loaded_upto >= self._committed_upto or self._read_errors.waiting():
             return
         room = self.window_size - len(self.window)
         if room < self.window_size // 2:
@@ -838,7 +999,21 @@ class SqliteOutbox(Outbox):
         async with self._io:
             if self._loaded_upto >= self._committed_upto:
                 return
-            items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
+            try:
+                items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
+            except sqlite3.Error as exc:
+                # Not raised: it would end the delivery tasks, and the app's lifespan they run in. The rows stay in
+                # the file and the read is tried again after a backoff.
+                self._read_failed(exc)
+                return
+            if self._read_errors.count:
+                failures, seconds = self._read_errors.end()
+                logger.warning(
+                    "The event spool %s is read again (after %d failed attempts in %.0f s)",
+                    self.path,
+                    failures,
+                    seconds,
+                )
             self._loaded_upto = last if items else self._committed_upto
             if items:
                 if not self.window:
@@ -846,13 +1021,67 @@ class SqliteOutbox(Outbox):
                 self.window.extend(items)
                 self.on_ready()
 
-    async def close(self) -> None:
+    def _read_failed(self, exc: sqlite3.Error) -> None:
+        """Said when the failures start, then once a minute."""
+        errors = self._read_errors
+        if not errors.hit():
+            return
+        lasting = f" for {time.monotonic() - errors.since:.0f} s ({errors.count} attempts)" if errors.count > 1 else ""
+        logger.error(
+            "Could not read the event spool %s%s (%s); %d undelivered events wait in it, and the read is tried "
+            "again every %.0f s at most. If this lasts, check its volume, and the file (PRAGMA integrity_check).",
+            self.path,
+            lasting,
+            exc,
+            self._rows,
+            _RETRY_MAX,
+        )
+
+    async def close(self) -> int:
         if not self._opened:
             if self.pending:  # submitted before the spool was ever opened: still make them durable
                 await self.open()
             else:
-                return
+                return 0
         with anyio.CancelScope(shield=True):
-            await self.commit()
+            self._take_back_unwritten()
+            await self._commit(last=True)
+            lost = self._give_up_unwritten()
             await anyio.to_thread.run_sync(self.file.close)
         self._opened = False
+        return lost
+
+    def _take_back_unwritten(self) -> None:
+        """Events sent unwritten (:meth:`_send_unwritten`) and not delivered go back among those to write, for the
+        last attempt."""
+        if not self._unwritten:
+            return
+        unwritten = self._unwritten
+        back: list[tuple[int, EventOrBuilder | str]] = []
+        kept: collections.deque[Item] = collections.deque()
+        for item in self.window:
+            if item.id not in unwritten:
+                kept.append(item)
+            elif item.raw is not None:
+                back.append((item.id, item.raw))
+            elif isinstance(item.event, dict):
+                back.append((item.id, item.event))
+        self.window = kept
+        unwritten.difference_update(row_id for row_id, _ in back)
+        self.pending[:0] = back
+
+    def _give_up_unwritten(self) -> int:
+        """After the last commit: how many events it could not write (lost, but replayed dead letters: those stay
+        letters) with what is still unwritten; forgotten."""
+        lost = sum(1 for row_id, _ in self.pending if row_id not in self._replayed) + len(self._unwritten)
+        if self._unwritten_dead:
+            logger.error(
+                "Shutdown: %d dead letters could not be written to the event spool %s and are lost (Lago's "
+                "rejections were logged above)",
+                len(self._unwritten_dead),
+                self.path,
+            )
+        self.pending, self._revived, self._unwritten_dead = [], [], []
+        self._replayed.clear()
+        self._unwritten.clear()
+        return lost
