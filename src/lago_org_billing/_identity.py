@@ -21,13 +21,13 @@ import dataclasses
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, TypeVar
 
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
-from ._settings import BillingSettings
+from ._settings import _HEADER_NAME, BillingSettings
 
 __all__ = [
     "SCOPE_KEY",
@@ -63,7 +63,6 @@ MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
 _R = TypeVar("_R", bound=Callable[..., Any])
 
 _JWT_CACHE_KEY = "lago_org_billing.jwt_claims"
-_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 _reported: set[tuple[str, str]] = set()
 
 
@@ -123,11 +122,45 @@ def resolve_now(resolver: Resolver, scope: Scope) -> str | Awaitable[str | None]
     if value is None or type(value) is str:
         return _clean_id(value)
     if inspect.isawaitable(value):
-        return _finish(resolver, value)
+        return _Pending(_finish, value, resolver)
     return _clean_id(value)
 
 
-async def _finish(resolver: Resolver, pending: Awaitable[Any]) -> str | None:
+class _Pending:
+    """The awaitable of an id that an async resolver is still working out (:func:`resolve_now`, :func:`first_of`).
+
+    Unlike a coroutine, dropping it unawaited is quiet: it closes what it holds (the resolver's own coroutine),
+    so giving up on an async resolver - ``get_current_org()`` only tries synchronous ones - leaves no "coroutine
+    ... was never awaited" warning behind. Closing a coroutine that never started runs none of its code."""
+
+    __slots__ = ("_args", "_held", "_then")
+
+    def __init__(self, then: Callable[..., Coroutine[Any, Any, str | None]], held: Awaitable[Any], *args: Any) -> None:
+        self._then = then
+        self._args = args
+        self._held: Awaitable[Any] | None = held
+
+    def __await__(self) -> Generator[Any, None, str | None]:
+        held, self._held = self._held, None
+        if held is None:
+            raise RuntimeError("This resolver result was already awaited (or closed).")
+        return self._then(held, *self._args).__await__()
+
+    def close(self) -> None:
+        """Give up on the result: close what is held if it can be (a coroutine, or another ``_Pending``)."""
+        held, self._held = self._held, None
+        close = getattr(held, "close", None)
+        if close is not None:
+            close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - a finalizer must not raise; a custom awaitable's close() might
+            pass
+
+
+async def _finish(pending: Awaitable[Any], resolver: Resolver) -> str | None:
     try:
         value = await pending
     except Exception as exc:
@@ -224,9 +257,7 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
     different values; anything else is ``None``. ``membership_check(scope, org_id)`` (sync or async) can confirm
     that the authenticated caller belongs to that org; when it returns false the request is unresolved.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigurationError("from_header() needs a header name, e.g. 'X-Org-Id'.", variable="LAGO_ORG_HEADER")
-    raw_name = name.strip().lower().encode("latin-1")
+    raw_name = _header_name("from_header()", name)
 
     def resolve_from_header(scope: Scope) -> str | None:
         return _clean_id(_header_value(scope, raw_name))
@@ -250,6 +281,17 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
     return _clean_ids(resolve_from_header_checked)
 
 
+def _header_name(caller: str, name: object) -> bytes:
+    """``name`` as ASGI servers give it (lower case, latin-1), once checked to be a header name that can match."""
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name.strip()):
+        raise ConfigurationError(
+            f"{caller} needs an HTTP header name such as 'X-Org-Id' (letters, digits and -, no ':' or blanks), "
+            f"got {name!r}.",
+            variable="LAGO_ORG_HEADER" if caller == "from_header()" else None,
+        )
+    return name.strip().lower().encode("latin-1")
+
+
 def _bearer_token(scope: Scope, header: bytes) -> str | None:
     value = _header_value(scope, header)
     if value is None:
@@ -267,17 +309,21 @@ def from_jwt_claim(
     key: str | bytes,
     algorithms: Sequence[str] = ("HS256", "RS256"),
     audience: str | Sequence[str] | None = None,
-    issuer: str | None = None,
+    issuer: str | Sequence[str] | None = None,
     header: str = "authorization",
     leeway: float = 0,
 ) -> Resolver:
     """Resolve from a claim of the ``Bearer`` JWT in ``header``, verified with PyJWT.
 
-    ``key`` is the HMAC secret or the PEM public key. Algorithms that do not fit the key are dropped (an HMAC
-    algorithm with a PEM key is the classic algorithm-confusion attack), and ``none`` is refused. Expiry
-    (``exp``), ``nbf``, ``audience`` and ``issuer`` are checked when given; a missing, malformed, badly signed or
-    expired token resolves to ``None``. The verified claims are cached in the scope, so resolving the org and the
-    user from the same token verifies it once. Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
+    ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used).
+    It is loaded once, here, for each of ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm
+    with a PEM key is the classic algorithm-confusion attack; an RSA algorithm with an EC key can never verify).
+    What could never verify a token is a :class:`ConfigurationError` saying what to pass: no algorithm left, a
+    private key, ``algorithms`` given as a string or with an unknown name, ``none``. Expiry (``exp``), ``nbf``,
+    ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed,
+    badly signed or expired token resolves to ``None``. The verified claims are cached in the scope, so resolving
+    the org and the user from the same token verifies it once.
+    Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
     try:
         import jwt
@@ -289,16 +335,30 @@ def from_jwt_claim(
         raise ConfigurationError("from_jwt_claim() needs a claim name, e.g. 'org_id'.")
     if not key:
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
-    if any(alg.lower() == "none" for alg in algorithms):
-        raise ConfigurationError("from_jwt_claim() refuses the 'none' algorithm: unsigned tokens prove nothing.")
-    is_pem = (key.encode() if isinstance(key, str) else key).lstrip().startswith(b"-----BEGIN")
-    allowed = [alg for alg in algorithms if (alg in _HMAC_ALGORITHMS) != is_pem]
-    if not allowed:
-        kind = "a PEM key (use RS256/ES256/PS256/EdDSA)" if is_pem else "an HMAC secret (use HS256/HS384/HS512)"
-        raise ConfigurationError(f"from_jwt_claim(): none of the algorithms {list(algorithms)} fits {kind}.")
-    raw_header = header.lower().encode("latin-1")
+    allowed, verification_key = _jwt_verification(jwt, key, algorithms)
+    raw_header = _header_name("from_jwt_claim(header=...)", header)
     audience_arg = audience if audience is None or isinstance(audience, str) else list(audience)
-    cache_id = (key, tuple(allowed), str(audience_arg), issuer, leeway)
+    issuer_arg: str | tuple[str, ...] | None
+    if issuer is None or isinstance(issuer, str):
+        issuer_arg = issuer
+    else:
+        accepted: object = issuer
+        if (
+            not isinstance(accepted, Iterable)
+            or isinstance(accepted, bytes)
+            or not all(isinstance(name, str) for name in accepted)
+        ):
+            raise ConfigurationError(
+                f"from_jwt_claim(issuer=...) takes the issuer (str) or a list of accepted issuers, got {issuer!r}."
+            )
+        issuer_arg = tuple(issuer)  # a container, as PyJWT accepts; a tuple keeps the claims cache key hashable
+    cache_id = (
+        key if isinstance(key, (str, bytes)) else id(verification_key),
+        tuple(allowed),
+        str(audience_arg),
+        issuer_arg,
+        leeway,
+    )
 
     def resolve_from_jwt(scope: Scope) -> str | None:
         token = _bearer_token(scope, raw_header)
@@ -310,7 +370,9 @@ def from_jwt_claim(
             claims = cache[cache_key]
         else:
             try:
-                claims = jwt.decode(token, key, algorithms=allowed, audience=audience_arg, issuer=issuer, leeway=leeway)
+                claims = jwt.decode(
+                    token, verification_key, algorithms=allowed, audience=audience_arg, issuer=issuer_arg, leeway=leeway
+                )
             except jwt.PyJWTError as exc:
                 logger.debug("Bearer token rejected: %s", exc)
                 claims = None
@@ -320,6 +382,129 @@ def from_jwt_claim(
         return _clean_id(claims.get(claim))
 
     return _clean_ids(resolve_from_jwt)
+
+
+#: The curve each ECDSA algorithm signs with (RFC 7518 3.4, RFC 8812 3.2).
+_JWT_CURVES = {
+    "ES256": "secp256r1",
+    "ES256K": "secp256k1",
+    "ES384": "secp384r1",
+    "ES512": "secp521r1",
+    "ES521": "secp521r1",
+}
+
+
+def _jwt_verification(jwt: Any, key: Any, algorithms: Sequence[str]) -> tuple[list[str], Any]:
+    """The algorithms of ``algorithms`` that ``key`` can verify, and the key to verify with: the HMAC secret as
+    given, or the public key loaded once (a certificate's public key for an X.509 certificate PEM).
+
+    Refuses, with a :class:`ConfigurationError` saying what to do: ``algorithms`` given as a string or holding an
+    unknown name, ``none``, a private key, and a key that none of the algorithms can use (which would leave every
+    request unresolved)."""
+    if isinstance(algorithms, (str, bytes)) or not all(isinstance(alg, str) for alg in algorithms):
+        raise ConfigurationError(
+            f"from_jwt_claim(algorithms=...) takes a list of algorithm names such as ['RS256'], got {algorithms!r}."
+        )
+    algorithms = list(algorithms)
+    if not algorithms:
+        raise ConfigurationError("from_jwt_claim() needs at least one algorithm, such as ['RS256'].")
+    if any(alg.lower() == "none" for alg in algorithms):
+        raise ConfigurationError("from_jwt_claim() refuses the 'none' algorithm: unsigned tokens prove nothing.")
+    known: dict[str, Any] = jwt.algorithms.get_default_algorithms()
+    needs_crypto = set(getattr(jwt.algorithms, "requires_cryptography", ()))
+    unknown = [alg for alg in algorithms if alg not in known and alg not in needs_crypto]
+    if unknown:
+        names = sorted(name for name in {*known, *needs_crypto} if name != "none")
+        raise ConfigurationError(f"from_jwt_claim(): unknown JWT algorithm(s) {unknown}; PyJWT knows {names}.")
+    missing = [alg for alg in algorithms if alg not in known]  # known to PyJWT, but they need cryptography
+
+    candidate = _jwt_key_object(key)
+    allowed: list[str] = []
+    verification_key: Any = key
+    private = False
+    for alg in algorithms:
+        if alg in known:
+            usable, is_private, prepared = _jwt_key_fits(known[alg], alg, candidate)
+            private = private or is_private
+            if usable:
+                allowed.append(alg)
+                verification_key = key if isinstance(prepared, bytes) else prepared  # PyJWT prepares secrets itself
+    if private:
+        raise ConfigurationError(
+            "from_jwt_claim() was given a private key: pass the issuer's PUBLIC key (PEM '-----BEGIN PUBLIC KEY-----' "
+            "or its certificate) - verifying needs only that, and the private key should stay with the issuer."
+        )
+    if not allowed:
+        fits: list[str] = []
+        kind = "a key PyJWT cannot load as an HMAC secret, a PEM public key or an X.509 certificate PEM"
+        for alg, implementation in known.items():
+            usable, _, prepared = _jwt_key_fits(implementation, alg, candidate)
+            if usable and alg != "none":
+                fits.append(alg)
+                kind = _jwt_key_kind(prepared)
+        if fits:
+            hint = f"pass algorithms={fits} (or the one(s) of them your issuer signs with)."
+        elif missing:
+            hint = f"{missing} need cryptography: pip install 'lago-org-billing[webhooks]'."
+        else:
+            hint = "pass the HMAC secret, or the issuer's public key as a PEM or its X.509 certificate PEM."
+        raise ConfigurationError(f"from_jwt_claim(): none of the algorithms {algorithms} fits the key, {kind}; {hint}")
+    return allowed, verification_key
+
+
+def _jwt_key_object(key: Any) -> Any:
+    """``key``, or the public key of an X.509 certificate PEM (what Auth0, Keycloak or ADFS publish), which PyJWT
+    does not load by itself."""
+    raw = key.encode("latin-1", "replace") if isinstance(key, str) else key
+    if not (isinstance(raw, bytes) and raw.lstrip().startswith(b"-----BEGIN CERTIFICATE-----")):
+        return key
+    try:
+        from cryptography import x509
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ConfigurationError(
+            "from_jwt_claim() needs cryptography for a certificate key: pip install 'lago-org-billing[webhooks]'."
+        ) from exc
+    try:
+        return x509.load_pem_x509_certificate(raw.strip()).public_key()
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"from_jwt_claim(): the key looks like a certificate PEM but is not one ({exc})."
+        ) from exc
+
+
+def _jwt_key_kind(prepared: Any) -> str:
+    """What a loaded key is, for error messages."""
+    if isinstance(prepared, bytes):
+        return "an HMAC secret"
+    curve = getattr(getattr(prepared, "curve", None), "name", None)
+    name = type(prepared).__name__.removeprefix("_").replace("PublicKey", "")
+    return f"a PEM {name}{f' ({curve})' if curve else ''} public key"
+
+
+def _jwt_key_fits(implementation: Any, alg: str, key: Any) -> tuple[bool, bool, Any]:
+    """``(usable, is_private, prepared)``: whether ``key`` loads for ``alg`` as an HMAC secret or as a public key of
+    the type (and curve) ``alg`` verifies with; ``is_private`` when it loads as a private key."""
+    try:
+        prepared = implementation.prepare_key(key)
+    except Exception:  # InvalidKeyError, or cryptography's errors for a key of another kind
+        return False, False, None
+    if isinstance(prepared, bytes):
+        return alg.startswith("HS"), False, prepared
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if isinstance(
+        prepared, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+    ):
+        return False, True, None
+    if alg.startswith(("RS", "PS")):
+        usable = isinstance(prepared, rsa.RSAPublicKey)
+    elif alg.startswith("ES"):
+        usable = isinstance(prepared, ec.EllipticCurvePublicKey) and prepared.curve.name == _JWT_CURVES.get(alg)
+    elif alg == "EdDSA":
+        usable = isinstance(prepared, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey))
+    else:  # an algorithm this check does not know: trust PyJWT's own check
+        usable = True
+    return usable, False, prepared
 
 
 def first_of(*resolvers: Resolver) -> Resolver:
@@ -354,7 +539,7 @@ def first_of(*resolvers: Resolver) -> Resolver:
             if type(result) is str and clean[index]:
                 return result
             if type(result) is not str and inspect.isawaitable(result):
-                return resume(result, chain[index + 1 :], scope)
+                return _Pending(resume, result, chain[index + 1 :], scope)
             value = _clean_id(result)
             if value is not None:
                 return value
@@ -497,18 +682,61 @@ def _current(request_or_scope: Any, key: str) -> str | None:
         org_id, user_id = data["resolve_now"](scope)
         if org_id is not None:
             publish_identity(scope, data, org_id, user_id)  # (the middleware resolves again when the app answers)
+    elif data.get("org_id") is not None and getattr(data.get("middleware"), "_identify", None) is not None:
+        # The default resolvers: an org the app's auth set in request.state.org_id since (a FastAPI dependency) is
+        # the one billed (state comes first; the header is the client's claim): the middleware bills it at the end.
+        state = scope.get("state")
+        late = _clean_id(state.get("org_id")) if type(state) is dict else None
+        if late is not None and late != data["org_id"]:
+            if key == "org_id":
+                return late
+            user = _clean_id(state.get("user_id"))  # type: ignore[union-attr]  # (a dict, checked above)
+            return user if user is not None else _text_or_none(data.get(key))
     value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _text_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
 def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:
     """Make the identity visible to the app: ``get_current_org(request)`` and ``request.state.billing_org_id`` /
     ``billing_user_id``. Never ``request.state.org_id``: that is your auth layer's, and an org taken from a header
-    (``LAGO_ORG_HEADER``) put there would pass for an authenticated one."""
+    (``LAGO_ORG_HEADER``) put there would pass for an authenticated one.
+
+    A ``scope["state"]`` that is not a dict (a Starlette ``State`` object, as up to 0.37, or another object set by
+    an auth middleware) gets attributes; one that takes neither items nor attributes (a read-only mapping) is left
+    as it is, and the identity is published in the billing dict only. Never raises."""
     billing["org_id"] = org_id
     billing["user_id"] = user_id
     state = scope.get("state")
-    if type(state) is not dict:
-        state = scope.setdefault("state", {})
-    state["billing_org_id"] = org_id
-    state["billing_user_id"] = user_id
+    if type(state) is dict:  # the usual case (Starlette keeps request.state in a plain dict)
+        state["billing_org_id"] = org_id
+        state["billing_user_id"] = user_id
+    elif state is None:
+        scope["state"] = {"billing_org_id": org_id, "billing_user_id": user_id}
+    else:
+        _publish_in_state_object(state, org_id, user_id)
+
+
+def _publish_in_state_object(state: object, org_id: str | None, user_id: str | None) -> None:
+    """:func:`publish_identity` into a ``scope["state"]`` that is not a dict: as items if it is a mapping (how
+    :func:`from_state` reads it), else as attributes; when it takes neither, it is skipped (logged once)."""
+    try:
+        if isinstance(state, Mapping):
+            state["billing_org_id"] = org_id  # type: ignore[index]
+            state["billing_user_id"] = user_id  # type: ignore[index]
+        else:
+            setattr(state, "billing_org_id", org_id)  # noqa: B010 - names kept alike for the mapping case
+            setattr(state, "billing_user_id", user_id)  # noqa: B010
+    except Exception as exc:
+        key = ("publish_identity", type(state).__qualname__)
+        if key not in _reported:
+            _reported.add(key)
+            logger.info(
+                "scope['state'] is a %s that takes neither items nor attributes (%r): request.state.billing_org_id "
+                "is not set; get_current_org(request) still tells the org. Logged once per state type.",
+                key[1],
+                exc,
+            )

@@ -41,6 +41,7 @@ from ._identity import (
     SCOPE_KEY,
     Identity,
     Resolver,
+    _clean_id,
     default_identity,
     default_org_resolver,
     default_user_resolver,
@@ -280,6 +281,10 @@ class OrgBillingMiddleware:
             watcher.crashed(exc)
             raise
         finally:
+            if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
+                state = scope.get("state")
+                if type(state) is dict and state.get("org_id") not in (None, org_id):
+                    org_id, user_id, decision = self._authenticated_late(state, org_id, user_id, decision)
             if self._shared_first_seen is None:
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision)
             else:
@@ -604,6 +609,10 @@ class OrgBillingMiddleware:
             identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
         org_id, user_id = identity
         decision = billing.get("decision") if billing.get("decision_org") == org_id else None
+        if decision is None and billing.get("decision") is not None and self.quota is not None and not blocked:
+            # require_quota() reserved a call for another org than the one the app left (it changed
+            # request.state.org_id after): released, or that org would be charged a call it is not billed for
+            self.quota.settle(billing["decision_org"], billing["decision"], tokens=0, billed=False)
         if org_id is not None and not self._claim(billing):  # an inner billing middleware has it, after all
             self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
         elif blocked:
@@ -620,6 +629,32 @@ class OrgBillingMiddleware:
                 await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
         if cancelled is not None:
             raise cancelled
+
+    def _authenticated_late(
+        self, state: dict[str, Any], org_id: str, user_id: str | None, decision: QuotaDecision | None
+    ) -> tuple[str, str | None, QuotaDecision | None]:
+        """The identity of a request whose ``request.state.org_id`` the app set while it ran (auth in a FastAPI
+        dependency) to another org than the one resolved before (from ``request.user`` or the header): billed to the
+        app's, as the resolvers' order says (state first; a header is the client's claim). The call reserved for the
+        other org is released; the request was gated as that one, not as this one (counted ``ungated``)."""
+        late = _clean_id(state.get("org_id"))
+        if late is None or late == org_id:
+            return org_id, user_id, decision
+        if decision is not None and self.quota is not None:
+            self.quota.settle(org_id, decision, tokens=0, billed=False)
+        self.stats["reattributed"] = self.stats.get("reattributed", 0) + 1
+        if self.stats["reattributed"] == 1:
+            logger.warning(
+                "A request resolved to org %r before the app ran was billed to org %r, which the app set in "
+                "request.state.org_id while it ran (auth in an endpoint dependency?): its quota was checked for the "
+                "other org. Resolve the org before the app (an auth middleware) or use require_quota after your auth. "
+                "Counted in stats['reattributed']; logged once.",
+                org_id,
+                late,
+            )
+        self._ungated(late)
+        late_user = _clean_id(state.get("user_id"))
+        return late, late_user if late_user is not None else user_id, None
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1
@@ -900,6 +935,8 @@ class OrgBillingMiddleware:
             },
             status_code=self.unresolved_status,
             media_type="application/problem+json",
+            # RFC 9110: a 401 carries a challenge (clients and proxies that follow it retry with credentials)
+            headers={"WWW-Authenticate": "Bearer"} if self.unresolved_status == 401 else None,
         )
         await response(scope, receive, send)
 
