@@ -113,6 +113,10 @@ class _Streak:
     def waiting(self) -> bool:
         return bool(self.count) and time.monotonic() < self.retry_at
 
+    def lasting(self) -> str:
+        """`` for N s (M attempts)`` once the streak is more than one failure long."""
+        return f" for {time.monotonic() - self.since:.0f} s ({self.count} attempts)" if self.count > 1 else ""
+
     def end(self) -> tuple[int, float]:
         """(failures, seconds) of the streak that ends."""
         ended = (self.count, time.monotonic() - self.since)
@@ -918,12 +922,11 @@ class SqliteOutbox(Outbox):
         errors = self._write_errors
         if not errors.hit():
             return
-        lasting = f" for {time.monotonic() - errors.since:.0f} s ({errors.count} attempts)" if errors.count > 1 else ""
         logger.error(
             "Could not write the event spool %s%s (%s): free space on its volume, or make it writable. %d events "
             "wait in memory for it (beyond %d, new ones are dropped); the write is tried again every %.0f s at most.",
             self.path,
-            lasting,
+            errors.lasting(),
             exc,
             len(self.pending),
             self.capacity,
@@ -1026,12 +1029,11 @@ class SqliteOutbox(Outbox):
         errors = self._read_errors
         if not errors.hit():
             return
-        lasting = f" for {time.monotonic() - errors.since:.0f} s ({errors.count} attempts)" if errors.count > 1 else ""
         logger.error(
             "Could not read the event spool %s%s (%s); %d undelivered events wait in it, and the read is tried "
             "again every %.0f s at most. If this lasts, check its volume, and the file (PRAGMA integrity_check).",
             self.path,
-            lasting,
+            errors.lasting(),
             exc,
             self._rows,
             _RETRY_MAX,
