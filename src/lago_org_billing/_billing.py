@@ -222,6 +222,7 @@ class OrgBilling:
         email: str | None,
         changes: Mapping[str, Any],
         fields: Mapping[str, Any],
+        _retried: bool = False,
     ) -> JSON:
         customer: JSON = {**fields, "external_id": existing["external_id"]}
         if org_name is not None:
@@ -241,7 +242,17 @@ class OrgBilling:
                 customer["metadata"] = metadata_update_items(existing, merged)
         if len(customer) == 1:  # nothing to change
             return existing
-        return await self.client.upsert_customer(customer)
+        try:
+            return await self.client.upsert_customer(customer)
+        except LagoValidationError as exc:
+            # A key this adds exists now: the client's own retry after a lost answer (Lago applied the first), or a
+            # concurrent update. Read the customer again and send what is still to change, with the items' ids.
+            if _retried or not _only_existing_keys(exc.details):
+                raise
+            fresh = await self.get_customer(existing["external_id"])
+            if fresh is None:
+                raise
+            return await self._update(fresh, org_name, email, changes, fields, _retried=True)
 
     # ----------------------------------------------------------- subscriptions
 
@@ -250,7 +261,7 @@ class OrgBilling:
         org_id: str,
         plan_code: str,
         billing_time: str = "calendar",
-        subscription_at: dt.datetime | str | None = None,
+        subscription_at: dt.datetime | dt.date | str | None = None,
         **fields: Any,
     ) -> JSON:
         """Subscribe the org's customer to ``plan_code`` (subscription ``external_id`` from the template).
@@ -284,11 +295,21 @@ class OrgBilling:
         if customer is None:
             customer = await self.create_org_customer(org_id, org_name, email, user_id)
         else:
-            missing = {
-                key: value
-                for key, value in _package_metadata(user_id, None).items()
-                if key not in customer_metadata(customer)
-            }
+            current = customer_metadata(customer)
+            missing = {key: value for key, value in _package_metadata(user_id, None).items() if key not in current}
+            room = max(MAX_METADATA_ITEMS - len(current), 0)
+            if len(missing) > room:  # the customer's own items fill Lago's 5: the org is subscribed all the same
+                skipped = list(missing)[room:]
+                missing = dict(list(missing.items())[:room])  # (billing_type first: is_org_customer reads it)
+                logger.warning(
+                    "The Lago customer of org %r has %d metadata items of its own (Lago keeps %d): %s not added. "
+                    "Free metadata slots to have it marked (is_org_customer() and the migration's verify read "
+                    "billing_type).",
+                    org_id,
+                    len(current),
+                    MAX_METADATA_ITEMS,
+                    ", ".join(skipped),
+                )
             name = None if customer.get("name") else org_name
             mail = None if customer.get("email") else email
             customer = await self._update(customer, name, mail, missing, {})
@@ -434,11 +455,12 @@ class OrgBilling:
         *,
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        timestamp: dt.datetime | float | int | str | Decimal | None = None,
         **properties: Any,
     ) -> str:
         """Like :meth:`record_api_call`, through the background pipeline; returns the ``transaction_id``."""
         props = _api_call_properties(endpoint, user_id, tokens, model, input_tokens, output_tokens, properties)
-        return self.record_usage_nowait(org_id, self.settings.event_code, transaction_id, props)
+        return self.record_usage_nowait(org_id, self.settings.event_code, transaction_id, props, timestamp)
 
     def _require_pipeline(self) -> EventPipeline:
         if self.pipeline is None:
@@ -483,11 +505,13 @@ class OrgBilling:
         *,
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        timestamp: dt.datetime | float | int | str | Decimal | None = None,
         **properties: Any,
     ) -> JSON:
-        """Record one API call (event code ``LAGO_EVENT_CODE``) with user, endpoint, model and tokens."""
+        """Record one API call (event code ``LAGO_EVENT_CODE``) with user, endpoint, model and tokens, at
+        ``timestamp`` (now when omitted; see :meth:`record_usage`)."""
         props = _api_call_properties(endpoint, user_id, tokens, model, input_tokens, output_tokens, properties)
-        return await self.record_usage(org_id, self.settings.event_code, transaction_id, props)
+        return await self.record_usage(org_id, self.settings.event_code, transaction_id, props, timestamp)
 
     async def get_current_usage(self, org_id: str, billable_metric_code: str | None = None) -> JSON | None:
         """Usage of the org's current billing period (``customer_usage``), or ``None`` when the org has no
@@ -601,8 +625,8 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
             problems.append(f"key {key!r} must be a non-empty string")
         elif len(key) > MAX_METADATA_KEY:
             problems.append(f"key {key!r} is {len(key)} characters, Lago allows {MAX_METADATA_KEY}")
-        if not isinstance(value, str) or not value:
-            problems.append(f"value of {key!r} must be a non-empty string, got {value!r}")
+        if not isinstance(value, str) or not value.strip():  # (Lago: presence, so blanks are refused)
+            problems.append(f"value of {key!r} must be a non-blank string, got {value!r}")
         elif len(value) > MAX_METADATA_VALUE:
             problems.append(f"value of {key!r} is {len(value)} characters, Lago allows {MAX_METADATA_VALUE}")
     if problems:
@@ -695,9 +719,15 @@ def _email(email: str) -> str:
     return email
 
 
-def _iso(value: dt.datetime | str | None) -> str | None:
+def _iso(value: dt.datetime | dt.date | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
+    if not isinstance(value, dt.datetime):
+        if isinstance(value, dt.date):  # a day: its start, in UTC (Lago reads the customer's timezone itself)
+            return f"{value.isoformat()}T00:00:00Z"
+        raise InvalidRequestError(
+            f"subscription_at must be a timezone-aware datetime, a date or an ISO 8601 string, got {value!r}."
+        )
     if value.tzinfo is None:
         raise InvalidRequestError("subscription_at must be a timezone-aware datetime.")
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -237,7 +237,11 @@ class LagoClient:
         ):
             if value is not None:
                 subscription[key] = value
-        body = await self._request("POST", "/subscriptions", json={"subscription": subscription})
+        # Not retried with plan_overrides: Lago compares the plan with the current subscription's, which is then the
+        # override's own plan, so a resend after a lost answer would be an "upgrade" replacing what was just made.
+        body = await self._request(
+            "POST", "/subscriptions", json={"subscription": subscription}, retry=plan_overrides is None
+        )
         return _unwrap(body, "subscription")
 
     async def get_subscription(self, external_id: str, *, status: str | None = None) -> JSON:
@@ -601,6 +605,8 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
             continue
         if isinstance(value, (list, tuple)):
             params.extend((f"{key}[]", str(item)) for item in value)
+        elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value
+            params.extend((f"{key}[{name}]", str(item)) for name, item in value.items())
         elif isinstance(value, bool):
             params.append((key, "true" if value else "false"))
         else:
@@ -643,7 +649,10 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         body = {}
     code = body.get("code") if isinstance(body.get("code"), str) else None
     details = body.get("error_details") if isinstance(body.get("error_details"), dict) else {}
-    error_text = body.get("error") if isinstance(body.get("error"), str) else response.reason_phrase
+    error_text = body.get("error") if isinstance(body.get("error"), str) else None
+    if error_text is None and isinstance(body.get("message"), str):  # /health: {"message": "Unhealthy", "details"}
+        error_text = body["message"] + (f" ({body['details']})" if isinstance(body.get("details"), str) else "")
+    error_text = error_text or response.reason_phrase
     summary = f"Lago answered {method} {url} with {status} {error_text}"
     if code:
         summary += f" ({code})"
@@ -671,6 +680,12 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
             summary + ". Check the id (Lago's ids are case-sensitive), or create the resource first.", **kwargs
         )
     if status == 422:
+        if LagoValidationError(summary, **kwargs).is_duplicate_only:  # e.g. a retry after a lost answer: ingested
+            return LagoValidationError(
+                summary + ". The event is already in Lago (a resend of one it ingested): nothing to fix, and a new "
+                "transaction_id would bill it twice.",
+                **kwargs,
+            )
         return LagoValidationError(
             summary + ". Lago refused the values sent: fix the fields its error details name.", **kwargs
         )
