@@ -33,6 +33,15 @@ from ._identity import (
 )
 from ._metrics import PipelineMetrics, register_metrics
 from ._middleware import OrgBillingMiddleware
+from ._migration import (
+    Journal,
+    JournalLock,
+    JournalLockedError,
+    MappingError,
+    MigrationOptions,
+    read_mapping_file,
+    run_migration,
+)
 from ._quota import (
     QuotaConfig,
     QuotaGate,
@@ -69,6 +78,9 @@ __all__ = [
     "Identity",
     "InvalidIdentifierError",
     "InvalidRequestError",
+    "Journal",
+    "JournalLock",
+    "JournalLockedError",
     "LagoAPIError",
     "LagoAuthenticationError",
     "LagoClient",
@@ -78,6 +90,8 @@ __all__ = [
     "LagoUnavailableError",
     "LagoValidationError",
     "LagoWebhooks",
+    "MappingError",
+    "MigrationOptions",
     "OrgBilling",
     "OrgBillingMiddleware",
     "Page",
@@ -87,8 +101,10 @@ __all__ = [
     "QuotaDecision",
     "QuotaExceededError",
     "QuotaGate",
+    "read_mapping_file",
     "register_metrics",
     "require_quota",
+    "run_migration",
     "Usage",
     "WebhookEvent",
 ]

@@ -299,10 +299,13 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
         if unknown:
             problems.append(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}")
         values: dict[str, str | None] = {}
+        mistyped: set[str] = set()
         for key in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS):
             raw = record.get(key)
             if raw is not None and not isinstance(raw, str):
-                problems.append(f"{where}: {key} must be a string, got {raw!r}")
+                hint = f' (quote it: "{raw}")' if isinstance(raw, int) and not isinstance(raw, bool) else ""
+                problems.append(f"{where}: {key} must be a string{hint}, got {raw!r}")
+                mistyped.add(key)
                 raw = None
             values[key] = raw
         row_ok = True
@@ -310,6 +313,8 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
             value = values[key]
             if key not in record:
                 problems.append(f"{where}: missing {key}")
+                row_ok = False
+            elif key in mistyped:  # (said above)
                 row_ok = False
             elif not value or not value.strip():
                 problems.append(f"{where}: empty {key}")
@@ -321,7 +326,9 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
                     problems.append(f"{where}: {(_unaddressable_user(value) if key == 'user_id' else None) or exc}")
                     row_ok = False
         org_name = values["org_name"]
-        if not org_name or not org_name.strip():
+        if "org_name" in mistyped:
+            pass  # (said above)
+        elif not org_name or not org_name.strip():
             problems.append(f"{where}: empty org_name")
         elif len(org_name) > _MAX_NAME:
             problems.append(f"{where}: org_name is longer than Lago's {_MAX_NAME} characters")

@@ -262,7 +262,9 @@ class QuotaConfig:
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:
             if not status.isdigit():
-                raise ConfigurationError(f"LAGO_QUOTA_STATUS must be 429 or 402, got {status!r}.")
+                raise ConfigurationError(
+                    f"LAGO_QUOTA_STATUS must be 429 or 402, got {status!r}.", variable="LAGO_QUOTA_STATUS"
+                )
             values["over_quota_status"] = int(status)
         no_sub = env.get("LAGO_QUOTA_NO_SUBSCRIPTION", "").strip().lower()
         if no_sub:
@@ -271,7 +273,8 @@ class QuotaConfig:
         if no_sub_status:
             if not no_sub_status.isdigit():
                 raise ConfigurationError(
-                    f"LAGO_QUOTA_NO_SUBSCRIPTION_STATUS must be 402 or 403, got {no_sub_status!r}."
+                    f"LAGO_QUOTA_NO_SUBSCRIPTION_STATUS must be 402 or 403, got {no_sub_status!r}.",
+                    variable="LAGO_QUOTA_NO_SUBSCRIPTION_STATUS",
                 )
             values["no_subscription_status"] = int(no_sub_status)
         values["cold_timeout"] = _env_float(env, "LAGO_QUOTA_COLD_TIMEOUT", cls.cold_timeout)

@@ -107,10 +107,10 @@ class BillingSettings:
         if not self.event_code or not self.event_code.strip():
             raise ConfigurationError("LAGO_EVENT_CODE must not be empty.", variable="LAGO_EVENT_CODE")
         _check_template(self.subscription_id_template)
-        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+        if self.redis_url is not None and not _redis_url_ok(self.redis_url):
             raise ConfigurationError(
-                f"LAGO_REDIS_URL must be a redis://, rediss:// or unix:// URL such as redis://localhost:6379/0, got "
-                f"{redact_url(self.redis_url)}.",
+                f"LAGO_REDIS_URL must be a redis://, rediss:// or unix:// URL such as redis://localhost:6379/0 (a port "
+                f"from 1 to 65535), got {redact_url(self.redis_url)}.",
                 variable="LAGO_REDIS_URL",
             )
         if self.quota_mode not in _QUOTA_MODES:
@@ -271,21 +271,33 @@ def _json_object(name: str, raw: str) -> Any:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+def _redis_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError:  # (an unbalanced IPv6 bracket, a port that is no number)
+        return False
+    return parts.scheme in ("redis", "rediss", "unix")
+
+
 def _parse_url(name: str, value: str) -> str:
     url = value.strip().rstrip("/")
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
-    except ValueError:
-        port_ok = False
-    else:
-        port_ok = True
-    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    except ValueError:  # (an unbalanced IPv6 bracket, a port that is no number)
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {value!r}.", variable=name
         )
     if url.endswith("/api/v1"):  # the Lago docs show URLs with /api/v1; we add it ourselves
         url = url[: -len("/api/v1")]
+    elif "/api/v1/" in parts.path:  # an endpoint's URL, copied from Lago's API reference
+        base = url[: url.index("/api/v1/")]
+        raise ConfigurationError(
+            f"{name} is Lago's base URL, without /api/v1 and what follows: got {value!r}, use {base!r}.", variable=name
+        )
     return url
 
 
@@ -300,7 +312,10 @@ _URL_FIELDS = ("api_url", "redis_url")
 def redact_url(url: str) -> str:
     """``url`` as it may be shown (logs, errors, ``repr``): quoted, with its password (``user:***@``, and a
     ``password=`` query parameter) masked."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL Python can read (an unbalanced IPv6 bracket): shown as a placeholder
+        return repr("<unparseable URL>")
     netloc, query = parts.netloc, parts.query
     if "@" in netloc:  # user:password@, or a lone password (redis://secret@host): masked either way
         userinfo, _, host = netloc.rpartition("@")

@@ -81,13 +81,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _emulator(args: argparse.Namespace) -> int:
     from .testing import FakeLago
-    from .testing._server import free_port_or_error, run
+    from .testing._server import free_port_or_error, require_uvicorn, run
 
     api_key = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
     if args.seed:
         fake = FakeLago.from_seed_file(args.seed, api_key=api_key, event_store=args.event_store)
     else:
         fake = FakeLago(api_key=api_key, event_store=args.event_store)
+    require_uvicorn()  # before saying where it listens: a script reading the address must not wait on nothing
     port = free_port_or_error(args.host, args.port)  # before saying where it listens (a port in use: one line)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(

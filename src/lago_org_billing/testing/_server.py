@@ -54,6 +54,11 @@ def _sign_as(fake: Any, base_url: str) -> Callable[[], None]:
     return restore
 
 
+def require_uvicorn() -> None:
+    """Raise :class:`EmulatorServerError` (what to install) when uvicorn is missing."""
+    _uvicorn()
+
+
 def _uvicorn() -> Any:
     try:
         import uvicorn
