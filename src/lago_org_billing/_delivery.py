@@ -743,9 +743,9 @@ class EventPipeline:
             raise RuntimeError("The LagoClient of this EventPipeline is closed.")
         try:
             parts = [item.raw if item.raw is not None else item.encoded() for item in items]
+            body = ('{"events":[' + ",".join(parts) + "]}").encode()  # (UnicodeEncodeError: a lone surrogate)
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
-        body = ('{"events":[' + ",".join(parts) + "]}").encode()
         await client.send_event_batch_json(body)
 
 

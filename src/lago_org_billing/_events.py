@@ -84,7 +84,15 @@ def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequestError(f"Event property {key!r} is {value!r}, which JSON cannot carry.")
     try:
-        json.dumps(result, allow_nan=False)
+        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"Event properties must be JSON-serialisable: {exc}.") from None
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # a lone surrogate, as json.loads makes of a client's "\ud800": no UTF-8
+            raise InvalidRequestError(
+                "Event properties must be valid Unicode text: a value holds a lone surrogate (e.g. '\\ud800' from a "
+                "client's JSON), which cannot be sent. Clean it (str.encode('utf-8', 'replace').decode())."
+            ) from None
     return result

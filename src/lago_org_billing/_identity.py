@@ -17,6 +17,7 @@ accepted; empty values, values longer than 255 characters or with control charac
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import logging
@@ -126,28 +127,45 @@ def resolve_now(resolver: Resolver, scope: Scope) -> str | Awaitable[str | None]
     return _clean_id(value)
 
 
-class _Pending:
-    """The awaitable of an id that an async resolver is still working out (:func:`resolve_now`, :func:`first_of`).
+class _Pending(collections.abc.Coroutine[Any, Any, "str | None"]):
+    """The coroutine of an id that an async resolver is still working out (:func:`resolve_now`, :func:`first_of`).
 
-    Unlike a coroutine, dropping it unawaited is quiet: it closes what it holds (the resolver's own coroutine),
+    Unlike a plain coroutine, dropping it unawaited is quiet: it closes what it holds (the resolver's own coroutine),
     so giving up on an async resolver - ``get_current_org()`` only tries synchronous ones - leaves no "coroutine
-    ... was never awaited" warning behind. Closing a coroutine that never started runs none of its code."""
+    ... was never awaited" warning behind. Closing a coroutine that never started runs none of its code. It is a
+    :class:`collections.abc.Coroutine`: awaited, or scheduled as a task (``asyncio.create_task``, ``start_soon``)."""
 
-    __slots__ = ("_args", "_held", "_then")
+    __slots__ = ("_args", "_coro", "_held", "_then")
 
     def __init__(self, then: Callable[..., Coroutine[Any, Any, str | None]], held: Awaitable[Any], *args: Any) -> None:
         self._then = then
         self._args = args
         self._held: Awaitable[Any] | None = held
+        self._coro: Coroutine[Any, Any, str | None] | None = None
+
+    def _started(self) -> Coroutine[Any, Any, str | None]:
+        if self._coro is None:
+            held, self._held = self._held, None
+            if held is None:
+                raise RuntimeError("This resolver result was already awaited (or closed).")
+            self._coro = self._then(held, *self._args)
+        return self._coro
 
     def __await__(self) -> Generator[Any, None, str | None]:
-        held, self._held = self._held, None
-        if held is None:
-            raise RuntimeError("This resolver result was already awaited (or closed).")
-        return self._then(held, *self._args).__await__()
+        coro, self._coro = self._started(), None  # the awaiting frame holds it now: not closed when this one goes
+        return coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._started().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._started().throw(*args)
 
     def close(self) -> None:
-        """Give up on the result: close what is held if it can be (a coroutine, or another ``_Pending``)."""
+        """Give up on the result: close the running coroutine, or what is held (a coroutine, another ``_Pending``)."""
+        if self._coro is not None:
+            self._coro.close()
+            return
         held, self._held = self._held, None
         close = getattr(held, "close", None)
         if close is not None:
@@ -360,6 +378,9 @@ def from_jwt_claim(
         leeway,
     )
 
+    one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
+    issuers = issuer_arg if isinstance(issuer_arg, tuple) else None
+
     def resolve_from_jwt(scope: Scope) -> str | None:
         token = _bearer_token(scope, raw_header)
         if token is None:
@@ -371,8 +392,10 @@ def from_jwt_claim(
         else:
             try:
                 claims = jwt.decode(
-                    token, verification_key, algorithms=allowed, audience=audience_arg, issuer=issuer_arg, leeway=leeway
+                    token, verification_key, algorithms=allowed, audience=audience_arg, issuer=one_issuer, leeway=leeway
                 )
+                if issuers is not None and claims.get("iss") not in issuers:  # (PyJWT < 2.9 takes one issuer only)
+                    raise jwt.InvalidIssuerError("Invalid issuer")
             except jwt.PyJWTError as exc:
                 logger.debug("Bearer token rejected: %s", exc)
                 claims = None

@@ -389,6 +389,7 @@ class OrgBillingMiddleware:
         except Exception:
             if not started:
                 raise
+            self._running = False  # the next request starts it again (lazily)
             self.stats["background_errors"] = self.stats.get("background_errors", 0) + 1
             logger.exception(
                 "The billing background work stopped: events are no longer delivered (with LAGO_SPOOL_PATH they wait "
@@ -652,9 +653,11 @@ class OrgBillingMiddleware:
                 org_id,
                 late,
             )
+        if self.quota is None:
+            return late, _clean_id(state.get("user_id")) or user_id, None
         self._ungated(late)
-        late_user = _clean_id(state.get("user_id"))
-        return late, late_user if late_user is not None else user_id, None
+        # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran
+        return late, _clean_id(state.get("user_id")) or user_id, QuotaDecision()
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1

@@ -470,7 +470,10 @@ def dumps_event(event: JSON | str) -> str:
         return event
     if type(event) is _Unbuildable:
         raise ValueError(event.reason)
-    return _encode(event)
+    text = _encode(event)
+    if not text.isascii():
+        text.encode()  # a lone surrogate ("\ud800" from a client's JSON) is no UTF-8: a UnicodeEncodeError here
+    return text
 
 
 class _Unbuildable(dict):  # type: ignore[type-arg]
@@ -886,7 +889,7 @@ class SqliteOutbox(Outbox):
                 encoded, unencodable = await anyio.to_thread.run_sync(
                     self.file.write, rows, deletes, dead, revived, letters
                 )
-            except sqlite3.Error as exc:
+            except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
                 self._writing = (0, 0)
                 self._to_delete[:0] = deletes
                 self._to_dead[:0] = dead
@@ -917,7 +920,7 @@ class SqliteOutbox(Outbox):
                 )
             self._hand_over(rows, dict(encoded))
 
-    def _write_failed(self, exc: sqlite3.Error) -> None:
+    def _write_failed(self, exc: Exception) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
         errors = self._write_errors
         if not errors.hit():
