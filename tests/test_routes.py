@@ -200,7 +200,9 @@ async def test_setup_validation_errors(env: Env, body: dict[str, Any], loc: list
 
 async def test_malformed_json_and_bad_org_id(env: Env) -> None:
     """A body that is not JSON, or not an object, and an org id Lago cannot address are 422s."""
-    bad_json = await env.client.post(f"{BASE}/org_acme/setup", content=b"{nope", headers=ADMIN)
+    bad_json = await env.client.post(
+        f"{BASE}/org_acme/setup", content=b"{nope", headers={**ADMIN, "Content-Type": "application/json"}
+    )
     assert bad_json.status_code == 422 and bad_json.json()["detail"][0]["type"] == "json_invalid"
     not_object = await env.client.post(f"{BASE}/org_acme/setup", json=[1], headers=ADMIN)
     assert not_object.status_code == 422

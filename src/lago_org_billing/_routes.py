@@ -35,7 +35,7 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -100,6 +100,12 @@ def _negative(value: Any) -> bool:
         except (InvalidOperation, ValueError):
             return False
     return False
+
+
+#: The plans the routes offer: codes, or ``(request, org_id, plan_code) -> bool`` (sync or async).
+PlanFilter = Collection[str] | Callable[[Request, str, str], "bool | Awaitable[bool]"]
+#: Headers of every answer about an org's billing.
+_PRIVATE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
@@ -169,17 +175,49 @@ class _Body:
             raise _Invalid(*self.errors)
 
 
-async def _json_object(request: Request, allowed: set[str]) -> _Body:
-    raw = await request.body()
+class _Refused(Exception):
+    """An answer other than 422 to a request the routes do not take (415, 413)."""
+
+    def __init__(self, status: int, detail: str, code: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.code = status, detail, code
+
+
+async def _json_object(router: BillingRouter, request: Request, allowed: set[str]) -> _Body:
+    # JSON only, even empty: a form or text/plain POST is a "simple" request a third-party page can send with the
+    # admin's cookie and no CORS preflight (cross-site request forgery, as in FastAPI's CVE-2021-32677)
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise _Refused(415, "The body must be JSON (Content-Type: application/json).", "unsupported_media_type")
+    raw = await _capped_body(request, router.max_body_size)
     if not raw.strip():
         return _Body({}, allowed)
     try:
         data = json.loads(raw)
-    except ValueError as exc:
-        raise _Invalid(_error(("body",), f"The body is not valid JSON ({exc}).", "json_invalid")) from None
+        json.dumps(data, ensure_ascii=False).encode()  # (a lone surrogate from a "\ud800" escape is no text)
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _Invalid(_error(("body",), f"The body is not valid JSON text ({detail}).", "json_invalid")) from None
     if not isinstance(data, Mapping):
         raise _Invalid(_error(("body",), "The body must be a JSON object.", "dict_type"))
     return _Body(data, allowed)
+
+
+async def _capped_body(request: Request, max_size: int) -> bytes:
+    too_large = _Refused(413, f"The body is over {max_size} bytes.", "body_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_size:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_size:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _not_found(detail: str, code: str) -> JSONResponse:
@@ -202,9 +240,13 @@ class BillingRouter(Router):
         breakdown_provider: BreakdownProvider | None,
         invoice_limit: int,
         allow_skip_invoice: bool = False,
+        plans: PlanFilter | None = None,
+        max_body_size: int = 65_536,
     ) -> None:
         self._billing = billing
         self.allow_skip_invoice = allow_skip_invoice
+        self.plans = plans
+        self.max_body_size = max_body_size
         self._settings = settings
         self._client = client
         self._owned: OrgBilling | None = None
@@ -253,19 +295,41 @@ class BillingRouter(Router):
                 allowed = await allowed
             if allowed is not True:
                 detail = NO_AUTHORIZE_DETAIL if self.authorize is deny_all else "You may not manage this org's billing."
-                return JSONResponse({"detail": detail}, status_code=403)
+                return JSONResponse({"detail": detail}, status_code=403, headers=_PRIVATE)
             try:
                 validate_id(org_id, "org_id")
-                return await handler(request, org_id)
+                response = await handler(request, org_id)
             except _Invalid as exc:
-                return JSONResponse({"detail": exc.errors}, status_code=422)
+                response = JSONResponse({"detail": exc.errors}, status_code=422)
+            except _Refused as exc:
+                response = JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status)
             except InvalidRequestError as exc:
-                return JSONResponse({"detail": [_error(("path", "org_id"), str(exc), "value_error")]}, 422)
+                response = JSONResponse({"detail": [_error(("path", "org_id"), str(exc), "value_error")]}, 422)
             except LagoIntegrationError as exc:
-                return _lago_error(exc, request)
+                response = _lago_error(exc, request)
+            # an org's billing data: never kept by a browser or a cache along the way (a shared computer's back
+            # button after logout, a proxy caching by URL when auth is a cookie)
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
 
         endpoint.__name__ = handler.__name__
         return endpoint
+
+    async def _check_plan(self, request: Request, org_id: str, plan_code: str) -> None:
+        """A plan the routes offer (``plans=``), or a 422 before Lago is asked: an org's admin must not pick a plan
+        kept for others (a $0 internal plan, another customer's negotiated price) to lower its own bill."""
+        plans = self.plans
+        if plans is None:
+            return
+        if callable(plans):
+            offered = plans(request, org_id, plan_code)
+            if inspect.isawaitable(offered):
+                offered = await offered
+        else:
+            offered = plan_code in plans
+        if offered is not True:
+            raise _Invalid(_error(("body", "plan_code"), f"Plan {plan_code!r} is not offered here.", "not_offered"))
 
     async def _invalidate(self, request: Request, org_id: str) -> None:
         target = self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
@@ -280,7 +344,7 @@ class BillingRouter(Router):
     # ------------------------------------------------------------------------------------------- routes
 
     async def setup(self, request: Request, org_id: str) -> Response:
-        body = await _json_object(request, {"org_name", "name", "plan_code", "email", "user_id", "billing_time"})
+        body = await _json_object(self, request, {"org_name", "name", "plan_code", "email", "user_id", "billing_time"})
         org_name = body.string("org_name" if "org_name" in body.data or "name" not in body.data else "name")
         if org_name is None and not any(e["loc"][-1] in ("org_name", "name") for e in body.errors):
             body.errors.append(_error(("body", "org_name"), "Field required.", "missing"))
@@ -292,6 +356,7 @@ class BillingRouter(Router):
         billing_time = body.choice("billing_time", ("calendar", "anniversary"))
         body.check()
         assert org_name is not None and plan_code is not None
+        await self._check_plan(request, org_id, plan_code)
         try:
             result = await self.billing.subscribe_org_to_plan(
                 org_id, plan_code, org_name, email, user_id, billing_time=billing_time or "calendar"
@@ -310,10 +375,11 @@ class BillingRouter(Router):
         return JSONResponse({"subscription": subscription})
 
     async def change_plan(self, request: Request, org_id: str) -> Response:
-        body = await _json_object(request, {"plan_code"})
+        body = await _json_object(self, request, {"plan_code"})
         plan_code = body.string("plan_code", required=True, is_id=True)
         body.check()
         assert plan_code is not None
+        await self._check_plan(request, org_id, plan_code)
         try:
             subscription = await self.billing.change_plan(org_id, plan_code)
         except LagoNotFoundError as exc:
@@ -351,7 +417,7 @@ class BillingRouter(Router):
 
     async def record_usage(self, request: Request, org_id: str) -> Response:
         fields = {"event_code", "transaction_id", "properties", "timestamp", "user_id", "model", "endpoint"}
-        body = await _json_object(request, fields | {"tokens", "input_tokens", "output_tokens"})
+        body = await _json_object(self, request, fields | {"tokens", "input_tokens", "output_tokens"})
         event_code = body.string("event_code", is_id=True)
         transaction_id = body.string("transaction_id")
         properties = body.mapping("properties") or {}
@@ -376,15 +442,18 @@ class BillingRouter(Router):
             body.errors.append(_error(("body", "timestamp"), "Must be Unix seconds (number or string).", "value_error"))
         body.check()
         if event_code is None or event_code == self.billing.settings.event_code:
-            properties = _api_call_properties(
-                endpoint_name,
-                user_id,
-                counts["tokens"] or 0,
-                model,
-                counts["input_tokens"],
-                counts["output_tokens"],
-                properties,
-            )
+            try:
+                properties = _api_call_properties(
+                    endpoint_name,
+                    user_id,
+                    counts["tokens"] or 0,
+                    model,
+                    counts["input_tokens"],
+                    counts["output_tokens"],
+                    properties,
+                )
+            except InvalidRequestError as exc:  # (a count over 2**53 - 1)
+                raise _Invalid(_error(("body",), str(exc), "value_error")) from None
         else:
             for key, value in (("user_id", user_id), ("model", model), ("endpoint", endpoint_name), *counts.items()):
                 if value is not None:
@@ -496,6 +565,8 @@ def billing_routes(
     breakdown_provider: BreakdownProvider | None = None,
     invoice_limit: int = 10,
     allow_skip_invoice: bool = False,
+    plans: PlanFilter | None = None,
+    max_body_size: int = 65_536,
 ) -> BillingRouter:
     """The org billing endpoints (see the module docstring) as a Router to mount.
 
@@ -515,6 +586,10 @@ def billing_routes(
     * **allow_skip_invoice** - let ``DELETE /subscription?on_termination_invoice=skip`` end a subscription without
       the invoice of its period. Default False (403): the org's own admin would leave the period's usage unbilled;
       allow it only on routes your operators use.
+    * **plans** - the plan codes ``setup`` and ``PUT /subscription`` accept (a collection), or ``(request, org_id,
+      plan_code) -> bool`` (sync or async). Default ``None``: any plan of the Lago account, which lets an org's
+      admin pick one kept for others (a $0 internal plan) when ``authorize`` lets org admins in: set it then.
+    * **max_body_size** - bytes a request body may have (413 beyond; 64 KiB by default).
     """
     if not callable(authorize):
         raise ConfigurationError("billing_routes(authorize=...) must be a function (request, org_id) -> bool.")
@@ -528,4 +603,6 @@ def billing_routes(
         breakdown_provider=breakdown_provider,
         invoice_limit=invoice_limit,
         allow_skip_invoice=allow_skip_invoice,
+        plans=plans,
+        max_body_size=max_body_size,
     )
