@@ -576,7 +576,9 @@ class LagoClient:
             wait = backoff if wait is None else max(wait + random.random(), backoff)
             # DELETE is retried only after a 429 (Lago did not process it): a terminate that went through behind a lost
             # answer would fail its retry with a 404
-            retryable = retry and (method != "DELETE" or isinstance(error, LagoRateLimitError))
+            # (a 429 always: Lago processed nothing, even of a call not otherwise retried)
+            throttled = isinstance(error, LagoRateLimitError)
+            retryable = throttled or (retry and method != "DELETE")
             if not retryable or attempt > settings.max_retries or time.monotonic() + wait > deadline:
                 raise error
             logger.warning(
@@ -598,6 +600,14 @@ def _unwrap(body: JSON, key: str) -> JSON:
     return value
 
 
+def _param_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
     params: list[tuple[str, str]] = []
     for key, value in {**filters, **fixed}.items():
@@ -605,8 +615,8 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
             continue
         if isinstance(value, (list, tuple)):
             params.extend((f"{key}[]", str(item)) for item in value)
-        elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value
-            params.extend((f"{key}[{name}]", str(item)) for name, item in value.items())
+        elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value ("": the key absent)
+            params.extend((f"{key}[{name}]", _param_text(item)) for name, item in value.items())
         elif isinstance(value, bool):
             params.append((key, "true" if value else "false"))
         else:

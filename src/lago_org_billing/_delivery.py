@@ -725,7 +725,9 @@ class EventPipeline:
         valid: list[Item] = []
         for item in items:
             try:
-                item.encoded()
+                text = item.raw if item.raw is not None else item.encoded()
+                if not text.isascii():
+                    text.encode()  # (a lone surrogate in text an event builder wrote: no UTF-8)
             except EventBuildError as exc:  # its builder failed (and logged why)
                 self._dead(item, str(exc), None, "invalid_event")
             except (TypeError, ValueError) as exc:

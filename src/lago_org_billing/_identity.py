@@ -133,7 +133,8 @@ class _Pending(collections.abc.Coroutine[Any, Any, "str | None"]):
     Unlike a plain coroutine, dropping it unawaited is quiet: it closes what it holds (the resolver's own coroutine),
     so giving up on an async resolver - ``get_current_org()`` only tries synchronous ones - leaves no "coroutine
     ... was never awaited" warning behind. Closing a coroutine that never started runs none of its code. It is a
-    :class:`collections.abc.Coroutine`: awaited, or scheduled as a task (``asyncio.create_task``, ``start_soon``)."""
+    :class:`collections.abc.Coroutine`: awaited, or scheduled as a task (``asyncio.create_task``, ``start_soon``),
+    though not a native one (``inspect.iscoroutine`` is false; ``asyncio.iscoroutine`` is true)."""
 
     __slots__ = ("_args", "_coro", "_held", "_then")
 
@@ -159,7 +160,11 @@ class _Pending(collections.abc.Coroutine[Any, Any, "str | None"]):
         return self._started().send(value)
 
     def throw(self, *args: Any) -> Any:
-        return self._started().throw(*args)
+        if self._coro is None:  # thrown into before it started (a task cancelled at once): nothing of it ran
+            self.close()
+            error = args[1] if len(args) > 1 and args[1] is not None else args[0]
+            raise error() if isinstance(error, type) else error
+        return self._coro.throw(*args)
 
     def close(self) -> None:
         """Give up on the result: close the running coroutine, or what is held (a coroutine, another ``_Pending``)."""

@@ -379,22 +379,28 @@ class OrgBillingMiddleware:
         counted, not raised: it would end the app's own lifespan, which shares their task group (the app's shutdown
         code run while the server serves on). One before they started is raised (the startup fails)."""
         started = False
-        try:
-            async with anyio.create_task_group() as tasks:
-                await tasks.start(self.pipeline.run)
-                if self.quota is not None:
-                    await tasks.start(self.quota.run)
-                started = True
-                task_status.started()
-        except Exception:
-            if not started:
-                raise
-            self._running = False  # the next request starts it again (lazily)
-            self.stats["background_errors"] = self.stats.get("background_errors", 0) + 1
-            logger.exception(
-                "The billing background work stopped: events are no longer delivered (with LAGO_SPOOL_PATH they wait "
-                "on disk for the next start) and quota snapshots no longer refreshed. Please report this error."
-            )
+        delay = 1.0
+        while True:
+            try:
+                async with anyio.create_task_group() as tasks:
+                    await tasks.start(self.pipeline.run)
+                    if self.quota is not None:
+                        await tasks.start(self.quota.run)
+                    if not started:
+                        started = True
+                        task_status.started()
+                return  # (ended: closed)
+            except Exception:
+                if not started:
+                    raise
+                self.stats["background_errors"] = self.stats.get("background_errors", 0) + 1
+                logger.exception(
+                    "The billing background work stopped on an error; it starts again in %.0f s (events wait in the "
+                    "outbox meanwhile). Please report this error.",
+                    delay,
+                )
+            await anyio.sleep(delay)  # started again here, in the same task group (the lifespan's, or the lazy one)
+            delay = min(delay * 2, 60.0)
 
     async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
         """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""

@@ -274,10 +274,10 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 def _redis_url_ok(url: str) -> bool:
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
     except ValueError:  # (an unbalanced IPv6 bracket, a port that is no number)
         return False
-    return parts.scheme in ("redis", "rediss", "unix")
+    return parts.scheme in ("redis", "rediss", "unix") and port != 0
 
 
 def _parse_url(name: str, value: str) -> str:
@@ -289,14 +289,16 @@ def _parse_url(name: str, value: str) -> str:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
-            f"{name} must be an http(s) URL such as https://api.getlago.com, got {value!r}.", variable=name
+            f"{name} must be an http(s) URL such as https://api.getlago.com, got {redact_url(value)}.", variable=name
         )
     if url.endswith("/api/v1"):  # the Lago docs show URLs with /api/v1; we add it ourselves
         url = url[: -len("/api/v1")]
     elif "/api/v1/" in parts.path:  # an endpoint's URL, copied from Lago's API reference
         base = url[: url.index("/api/v1/")]
         raise ConfigurationError(
-            f"{name} is Lago's base URL, without /api/v1 and what follows: got {value!r}, use {base!r}.", variable=name
+            f"{name} is Lago's base URL, without /api/v1 and what follows: got {redact_url(value)}, use "
+            f"{redact_url(base)}.",
+            variable=name,
         )
     return url
 

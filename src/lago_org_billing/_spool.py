@@ -467,10 +467,11 @@ def dumps_event(event: JSON | str) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body (an event built as its
     JSON text is that text)."""
     if type(event) is str:
-        return event
-    if type(event) is _Unbuildable:
+        text: str = event
+    elif type(event) is _Unbuildable:
         raise ValueError(event.reason)
-    text = _encode(event)
+    else:
+        text = _encode(event)
     if not text.isascii():
         text.encode()  # a lone surrogate ("\ud800" from a client's JSON) is no UTF-8: a UnicodeEncodeError here
     return text
@@ -637,9 +638,6 @@ class _SpoolFile:
             for letter in itertools.chain((letter for _, letter in dead), unwritten_dead)
         ]
         for index, (row_id, event) in enumerate(rows):
-            if type(event) is str:
-                encoded.append((row_id, event))
-                continue
             try:
                 text = dumps_event(event)
             except (TypeError, ValueError) as exc:
@@ -925,12 +923,19 @@ class SqliteOutbox(Outbox):
         errors = self._write_errors
         if not errors.hit():
             return
+        advice = (
+            "free space on its volume, or make it writable"
+            if isinstance(exc, sqlite3.Error)
+            else "an unexpected error: please report it"
+        )
         logger.error(
-            "Could not write the event spool %s%s (%s): free space on its volume, or make it writable. %d events "
-            "wait in memory for it (beyond %d, new ones are dropped); the write is tried again every %.0f s at most.",
+            "Could not write the event spool %s%s (%s: %s): %s. %d events wait in memory for it (beyond %d, new ones "
+            "are dropped); the write is tried again every %.0f s at most.",
             self.path,
             errors.lasting(),
+            type(exc).__name__,
             exc,
+            advice,
             len(self.pending),
             self.capacity,
             _RETRY_MAX,
