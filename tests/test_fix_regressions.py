@@ -4,71 +4,35 @@ schedulable as tasks, delivery restarting after its background work failed, even
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from starlette.requests import Request
 
 from lago_org_billing import BillingSettings, OrgBillingMiddleware
-from lago_org_billing._identity import from_jwt_claim, reset_warnings
+from lago_org_billing._identity import from_jwt_claim
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(autouse=True)
-def _reset_identity_warnings() -> Iterator[None]:
-    reset_warnings()
-    yield
-    reset_warnings()
-
-
-@pytest.fixture
-def settings(fake_lago: Any) -> BillingSettings:
-    """The emulator with orgs ``org_a`` and ``org_b`` on a plan billing ``api_call``."""
-    fake_lago.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
-    fake_lago.add_plan(
-        "starter",
-        amount_cents=1000,
-        charges=[{"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "1"}}],
-    )
-    for org in ("org_a", "org_b"):
-        fake_lago.add_subscription(org, "starter", external_id=org)
-    return BillingSettings(api_url=fake_lago.base_url, api_key=fake_lago.api_key, retry_backoff=0.001)
-
-
-@pytest.fixture
-async def make_middleware(
-    fake_lago: Any, settings: BillingSettings
-) -> AsyncIterator[Callable[..., OrgBillingMiddleware]]:
-    made: list[OrgBillingMiddleware] = []
-
-    def make(app: Any, **kwargs: Any) -> OrgBillingMiddleware:
-        kwargs.setdefault("settings", settings)
-        middleware = OrgBillingMiddleware(app, transport=fake_lago.transport(), **kwargs)
-        made.append(middleware)
-        return middleware
-
-    yield make
-    for middleware in made:
-        await middleware.aclose()
-
-
-def client_for(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def billed(fake_lago: Any) -> list[str]:
-    return [event["external_subscription_id"] for event in fake_lago.events]
-
+# the identity tests' fixtures and helpers (emulator with org_a and org_b, middleware factory, warnings reset)
+from test_identity_edges import (  # noqa: E402
+    _reset_identity_warnings,  # noqa: F401 - an autouse fixture
+    billed,
+    client_for,
+    make_middleware,  # noqa: F401 - a fixture
+    settings,  # noqa: F401 - a fixture
+)
 
 # --------------------------------------------------------------------------- the late org's quota (0591495)
 
 
 async def test_calls_reattributed_to_the_late_org_count_against_its_quota(
-    fake_lago: Any, settings: BillingSettings, make_middleware: Callable[..., OrgBillingMiddleware]
+    fake_lago: Any,
+    settings: BillingSettings,  # noqa: F811 - the imported fixture
+    make_middleware: Callable[..., OrgBillingMiddleware],  # noqa: F811 - the imported fixture
 ) -> None:
     """``org_b`` may make 2 calls. Its client makes 3, authenticated as ``org_b`` by a FastAPI dependency each time;
     the second one carries ``X-Org-Id: org_a`` (another org's id, or a stale one). All three are billed to ``org_b``
@@ -146,7 +110,9 @@ def test_jwt_issuer_list_works_with_the_lowest_supported_pyjwt(monkeypatch: pyte
 
 
 async def test_a_reattributed_request_is_not_counted_ungated_when_there_is_no_gate(
-    fake_lago: Any, settings: BillingSettings, make_middleware: Callable[..., OrgBillingMiddleware]
+    fake_lago: Any,
+    settings: BillingSettings,  # noqa: F811 - the imported fixture
+    make_middleware: Callable[..., OrgBillingMiddleware],  # noqa: F811 - the imported fixture
 ) -> None:
     """With gating off (``quota=None``, ``LAGO_QUOTA_MODE=off``) there is no quota to check, and an org known only
     after the app ran is not counted ``ungated`` (``_settle_unresolved`` checks ``self.quota is not None``). A
@@ -271,7 +237,9 @@ async def test_an_event_with_a_lone_surrogate_neither_loses_nor_blocks_the_other
 
 
 async def test_delivery_resumes_after_the_background_work_failed_once(
-    fake_lago: Any, settings: BillingSettings, caplog: pytest.LogCaptureFixture
+    fake_lago: Any,
+    settings: BillingSettings,  # noqa: F811 - the imported fixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before 1be6b9e an error escaping the background work (e.g. the UnicodeEncodeError above) ended the lifespan
     task; its ``finally`` set ``_running = False``, so the next request started delivery again (lazily, as without a
