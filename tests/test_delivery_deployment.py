@@ -4,9 +4,7 @@ framing), a private CA in SSL_CERT_DIR, a spool disk that fails to write or read
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
-import ipaddress
 import json
 import logging
 import sqlite3
@@ -156,39 +154,20 @@ def _subject_hash(name: Any) -> str:
     return f"{int.from_bytes(hashlib.sha1(canonical).digest()[:4], 'little'):08x}"
 
 
-async def test_raw_poster_trusts_ssl_cert_dir_as_httpx_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_raw_poster_trusts_ssl_cert_dir_as_httpx_does(
+    tls_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A self-hosted Lago behind an internal CA, trusted through ``SSL_CERT_DIR`` (which httpx honours): every
     LagoClient call (health, quota reads, ``lago-org-billing health``) works, but the raw poster only knows
     ``SSL_CERT_FILE``/certifi, so every event batch fails certificate verification, is taken for an outage and
     retried forever: nothing is ever billed while the health check is green."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_file, key_file, ca_dir = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca"
-    cert_file.write_bytes(pem)
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    cert_file, key_file = tls_files  # (self-signed: its own CA)
+    pem = cert_file.read_bytes()
+    ca_dir = tmp_path / "ca"
     ca_dir.mkdir()
-    (ca_dir / f"{_subject_hash(name)}.0").write_bytes(pem)
+    (ca_dir / f"{_subject_hash(x509.load_pem_x509_certificate(pem).subject)}.0").write_bytes(pem)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", str(ca_dir))
 
