@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from _lifespan import background_failed, serving_lifespan
 from lago_org_billing import (
     BillingSettings,
     ConfigurationError,
@@ -119,29 +120,16 @@ async def _lifespan_crash_then_request(fake_lago: Any, caplog: pytest.LogCapture
     pipeline_class = type("FailsOnce", (_FailsOnce,), {"crash": anyio.Event(), "runs": 0})
     pipeline = pipeline_class(client, flush_interval=0.0)
     middleware = OrgBillingMiddleware(_hello_app(lifespan=lifespan), settings, pipeline=pipeline, quota=None)
-    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](10)
-    started = anyio.Event()
-
-    async def send(message: Any) -> None:
-        if message["type"] == "lifespan.startup.complete":
-            started.set()
-
-    async with client, to_app, from_server, anyio.create_task_group() as tasks:
-        tasks.start_soon(middleware, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send)
-        await to_app.send({"type": "lifespan.startup"})
-        await started.wait()
+    async with client, serving_lifespan(middleware):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as http:
             before = await http.get("/hello", headers={"X-Org-Id": "org_a"})
             with caplog.at_level(logging.WARNING, logger="lago_org_billing.middleware"):
                 pipeline_class.crash.set()
-                with anyio.fail_after(5):
-                    while not middleware.stats.get("background_errors"):
-                        await anyio.lowlevel.checkpoint()
+                await background_failed(middleware)
                 try:
                     after = (await http.get("/hello", headers={"X-Org-Id": "org_a"})).status_code
                 except ConfigurationError:
                     after = 500  # what the server answers to an app raising
-        await to_app.send({"type": "lifespan.shutdown"})
     return before.status_code, after
 
 
@@ -191,9 +179,7 @@ async def test_a_request_right_after_a_lazy_background_failure_is_served(
         first = await _call(middleware, _http_scope())
         assert first[0]["status"] == 200
         pipeline_class.crash.set()
-        with anyio.fail_after(5):
-            while not middleware.stats.get("background_errors"):  # set by the failing task
-                await anyio.lowlevel.checkpoint()
+        await background_failed(middleware)
         second = await _call(middleware, _http_scope())
         assert second[0]["status"] == 200
         with anyio.fail_after(10):

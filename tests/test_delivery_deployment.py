@@ -9,7 +9,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import anyio.abc
 import httpx
 import pytest
 
+from _lifespan import serving_lifespan
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware, _spool
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._http1 import RawHTTPError, RawPoster
@@ -292,24 +293,10 @@ async def test_a_spool_read_error_does_not_tear_down_the_apps_lifespan(
     pipeline = EventPipeline(client, spool_path=str(path), spool_window=10, flush_interval=0.0, max_backoff=0.05)
     settings = BillingSettings(api_key="test-api-key", api_url=fake.base_url, quota_mode="off")
     middleware = OrgBillingMiddleware(Starlette(lifespan=lifespan), settings=settings, pipeline=pipeline, quota=None)
-    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](10)
-    sent: list[str] = []
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message["type"])
-
-    async def serve_lifespan() -> None:
-        with contextlib.suppress(Exception):
-            await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send)
-
-    async with client, to_app, from_server, anyio.create_task_group() as tasks:
-        tasks.start_soon(serve_lifespan)
-        await to_app.send({"type": "lifespan.startup"})
-        await until(lambda: "lifespan.startup.complete" in sent)
+    async with client, serving_lifespan(middleware) as sent:
         # the 10 rows of the first window are delivered, then the next load fails once
         await until(lambda: app_lifespan["state"] == "ended" or len(fake.events) == 50)
         state, server_told = app_lifespan["state"], list(sent)
-        await to_app.send({"type": "lifespan.shutdown"})
     assert state == "running", "the app's own lifespan was ended by a billing spool read error"
     assert "lifespan.shutdown.failed" not in server_told
     assert sorted(transaction_ids(fake)) == sorted(e["transaction_id"] for e in events(50))

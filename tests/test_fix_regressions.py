@@ -11,6 +11,7 @@ import jwt
 import pytest
 from starlette.requests import Request
 
+from _lifespan import background_failed, serving_lifespan
 from lago_org_billing import BillingSettings, OrgBillingMiddleware
 from lago_org_billing._identity import from_jwt_claim
 
@@ -285,23 +286,11 @@ async def test_delivery_resumes_after_the_background_work_failed_once(
     client = LagoClient(settings, transport=fake_lago.transport())
     pipeline = FailsOnce(client, flush_interval=0.0)
     middleware = OrgBillingMiddleware(app, settings.replace(org_header="X-Org-Id"), pipeline=pipeline, quota=None)
-    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](10)
-    started = anyio.Event()
-
-    async def send(message: Any) -> None:
-        if message["type"] == "lifespan.startup.complete":
-            started.set()
-
     delivered_while_serving = False
-    async with client, to_app, from_server, anyio.create_task_group() as tasks:
-        tasks.start_soon(middleware, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send)
-        await to_app.send({"type": "lifespan.startup"})
-        await started.wait()
+    async with client, serving_lifespan(middleware):
         with caplog.at_level(logging.ERROR, logger="lago_org_billing.middleware"):
             crash.set()
-            with anyio.fail_after(5):
-                while not middleware.stats.get("background_errors"):
-                    await anyio.lowlevel.checkpoint()
+            await background_failed(middleware)
         async with client_for(middleware) as http:
             response = await http.get("/hello", headers={"X-Org-Id": "org_a"})
         assert response.status_code == 200
@@ -309,5 +298,4 @@ async def test_delivery_resumes_after_the_background_work_failed_once(
             while not fake_lago.events:  # noqa: ASYNC110 - polled: delivered by a background task, or never
                 await anyio.sleep(0.01)
         delivered_while_serving = bool(fake_lago.events)
-        await to_app.send({"type": "lifespan.shutdown"})
     assert (delivered_while_serving, billed(fake_lago), pipeline.stats["lost_at_shutdown"]) == (True, ["org_a"], 0)

@@ -545,8 +545,7 @@ async def test_background_work_failing_once_started_leaves_the_apps_lifespan_alo
     ran while the server served on, and the server was told the shutdown failed)."""
     import contextlib
 
-    import anyio.lowlevel
-
+    from _lifespan import background_failed, serving_lifespan
     from lago_org_billing import EventPipeline, LagoClient
 
     crash = anyio.Event()
@@ -569,27 +568,12 @@ async def test_background_work_failing_once_started_leaves_the_apps_lifespan_alo
 
     client = LagoClient(settings, transport=fake_lago.transport())
     middleware = OrgBillingMiddleware(Starlette(lifespan=lifespan), settings, pipeline=Crashing(client), quota=None)
-    to_app, from_server = anyio.create_memory_object_stream[dict[str, Any]](10)
-    sent: list[str] = []
-    started = anyio.Event()
-
-    async def send(message: Any) -> None:
-        sent.append(message["type"])
-        if message["type"] == "lifespan.startup.complete":
-            started.set()
-
-    async with client, to_app, from_server, anyio.create_task_group() as tasks:
-        tasks.start_soon(middleware, {"type": "lifespan", "asgi": {"version": "3.0"}}, from_server.receive, send)
-        await to_app.send({"type": "lifespan.startup"})
-        await started.wait()
+    async with client, serving_lifespan(middleware) as sent:
         with caplog.at_level(logging.ERROR, logger="lago_org_billing.middleware"):
             crash.set()
-            with anyio.fail_after(5):
-                while not middleware.stats.get("background_errors"):  # set by the crashing task
-                    await anyio.lowlevel.checkpoint()
+            await background_failed(middleware)
         assert app_lifespan["state"] == "running" and sent == ["lifespan.startup.complete"]
         assert "background work stopped" in caplog.text
-        await to_app.send({"type": "lifespan.shutdown"})
     assert app_lifespan["state"] == "ended" and sent[-1] == "lifespan.shutdown.complete"
 
 
