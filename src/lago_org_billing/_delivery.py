@@ -73,7 +73,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox
+from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox, dumps_event
 
 __all__ = ["DeadLetter", "EventPipeline"]
 
@@ -725,9 +725,7 @@ class EventPipeline:
         valid: list[Item] = []
         for item in items:
             try:
-                text = item.raw if item.raw is not None else item.encoded()
-                if not text.isascii():
-                    text.encode()  # (a lone surrogate in text an event builder wrote: no UTF-8)
+                dumps_event(item.raw) if item.raw is not None else item.encoded()  # (text a builder wrote: checked)
             except EventBuildError as exc:  # its builder failed (and logged why)
                 self._dead(item, str(exc), None, "invalid_event")
             except (TypeError, ValueError) as exc:

@@ -711,21 +711,26 @@ def _current(request_or_scope: Any, key: str) -> str | None:
         if org_id is not None:
             publish_identity(scope, data, org_id, user_id)  # (the middleware resolves again when the app answers)
     elif data.get("org_id") is not None and getattr(data.get("middleware"), "_identify", None) is not None:
-        # The default resolvers: an org the app's auth set in request.state.org_id since (a FastAPI dependency) is
-        # the one billed (state comes first; the header is the client's claim): the middleware bills it at the end.
-        state = scope.get("state")
-        late = _clean_id(state.get("org_id")) if type(state) is dict else None
-        if late is not None and late != data["org_id"]:
-            if key == "org_id":
-                return late
-            user = _clean_id(state.get("user_id"))  # type: ignore[union-attr]  # (a dict, checked above)
-            return user if user is not None else _text_or_none(data.get(key))
+        # The default resolvers: the middleware bills an org the app's auth set since (see late_identity)
+        user = data.get("user_id")
+        late = late_identity(scope.get("state"), data["org_id"], user if isinstance(user, str) else None)
+        if late is not None:
+            return late[0] if key == "org_id" else late[1]
     value = data.get(key)
     return value if isinstance(value, str) else None
 
 
-def _text_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
+def late_identity(state: object, org_id: str | None, user_id: str | None) -> tuple[str, str | None] | None:
+    """The identity of a request whose ``request.state.org_id`` the app set while it ran (auth in a FastAPI
+    dependency) to another org than ``org_id``, the one the default resolvers found before it ran (from
+    ``request.user`` or the header): the one billed, as the resolvers' order says (state first; a header is the
+    client's claim), with the state's user when it has one. ``None`` when the state names no other org."""
+    if type(state) is not dict:
+        return None
+    late = _clean_id(state.get("org_id"))
+    if late is None or late == org_id:
+        return None
+    return late, _clean_id(state.get("user_id")) or user_id
 
 
 def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:

@@ -41,10 +41,10 @@ from ._identity import (
     SCOPE_KEY,
     Identity,
     Resolver,
-    _clean_id,
     default_identity,
     default_org_resolver,
     default_user_resolver,
+    late_identity,
     publish_identity as _publish,
     resolve_now,
 )
@@ -640,13 +640,13 @@ class OrgBillingMiddleware:
     def _authenticated_late(
         self, state: dict[str, Any], org_id: str, user_id: str | None, decision: QuotaDecision | None
     ) -> tuple[str, str | None, QuotaDecision | None]:
-        """The identity of a request whose ``request.state.org_id`` the app set while it ran (auth in a FastAPI
-        dependency) to another org than the one resolved before (from ``request.user`` or the header): billed to the
-        app's, as the resolvers' order says (state first; a header is the client's claim). The call reserved for the
-        other org is released; the request was gated as that one, not as this one (counted ``ungated``)."""
-        late = _clean_id(state.get("org_id"))
-        if late is None or late == org_id:
+        """The identity to bill when the app set ``request.state.org_id`` to another org while it ran (see
+        :func:`late_identity`). The call reserved for the other org is released; the request was gated as that one,
+        not as this one (counted ``ungated``)."""
+        found = late_identity(state, org_id, user_id)
+        if found is None:
             return org_id, user_id, decision
+        late, late_user = found
         if decision is not None and self.quota is not None:
             self.quota.settle(org_id, decision, tokens=0, billed=False)
         self.stats["reattributed"] = self.stats.get("reattributed", 0) + 1
@@ -660,10 +660,10 @@ class OrgBillingMiddleware:
                 late,
             )
         if self.quota is None:
-            return late, _clean_id(state.get("user_id")) or user_id, None
+            return late, late_user, None
         self._ungated(late)
         # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran
-        return late, _clean_id(state.get("user_id")) or user_id, QuotaDecision()
+        return late, late_user, QuotaDecision()
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1

@@ -309,8 +309,7 @@ class BillingRouter(Router):
                 response = _lago_error(exc, request)
             # an org's billing data: never kept by a browser or a cache along the way (a shared computer's back
             # button after logout, a proxy caching by URL when auth is a cookie)
-            response.headers["Cache-Control"] = "no-store"
-            response.headers["X-Content-Type-Options"] = "nosniff"
+            response.headers.update(_PRIVATE)
             return response
 
         endpoint.__name__ = handler.__name__
@@ -512,7 +511,7 @@ class BillingRouter(Router):
         data = await dashboard_data(
             self.billing, org_id, limits_provider=self.limits_provider, breakdown_provider=self.breakdown_provider
         )
-        headers = {"Vary": "Accept", "Cache-Control": "no-store"}
+        headers = {"Vary": "Accept"}  # (no-store: every answer of these routes, see _endpoint)
         if data is None:
             detail = f"Org {org_id!r} has no active subscription."
             if html:

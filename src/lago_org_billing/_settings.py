@@ -11,7 +11,7 @@ import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from starlette.config import Config
 
@@ -271,22 +271,25 @@ def _json_object(name: str, raw: str) -> Any:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def _redis_url_ok(url: str) -> bool:
+def _split_url(url: str) -> SplitResult | None:
+    """``url`` split, or ``None`` when Python cannot read it (an unbalanced IPv6 bracket) or its port is no number
+    from 0 to 65535."""
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a port that is not a number from 0 to 65535
-    except ValueError:  # (an unbalanced IPv6 bracket, a port that is no number)
-        return False
-    return parts.scheme in ("redis", "rediss", "unix") and port != 0
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        return None
+    return parts
+
+
+def _redis_url_ok(url: str) -> bool:
+    parts = _split_url(url)
+    return parts is not None and parts.scheme in ("redis", "rediss", "unix") and parts.port != 0
 
 
 def _parse_url(name: str, value: str) -> str:
     url = value.strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
-    except ValueError:  # (an unbalanced IPv6 bracket, a port that is no number)
-        parts = None
+    parts = _split_url(url)
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {redact_url(value)}.", variable=name

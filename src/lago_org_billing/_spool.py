@@ -465,7 +465,8 @@ class EventBuildError(ValueError):
 
 def dumps_event(event: JSON | str) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body (an event built as its
-    JSON text is that text)."""
+    JSON text is that text). A ``ValueError`` for an event that cannot be: one that could not be built, or text that
+    is no UTF-8 (a ``UnicodeEncodeError``)."""
     if type(event) is str:
         text: str = event
     elif type(event) is _Unbuildable:
