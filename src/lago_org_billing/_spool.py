@@ -91,7 +91,7 @@ _LOG_EVERY = 60.0
 class _Streak:
     """Occurrences in a row of one failure (a spool write, a spool read) or condition: :meth:`hit` counts one and
     says whether to log it (the first, then one per ``_LOG_EVERY`` seconds); :meth:`waiting` whether the next attempt
-    is still to wait its backoff; :meth:`end` closes the streak (the caller logs the recovery)."""
+    is still to wait its backoff; :meth:`end` closes the streak and says so."""
 
     __slots__ = ("count", "logged_at", "retry_at", "since")
 
@@ -117,11 +117,11 @@ class _Streak:
         """`` for N s (M attempts)`` once the streak is more than one failure long."""
         return f" for {time.monotonic() - self.since:.0f} s ({self.count} attempts)" if self.count > 1 else ""
 
-    def end(self) -> tuple[int, float]:
-        """(failures, seconds) of the streak that ends."""
-        ended = (self.count, time.monotonic() - self.since)
+    def end(self, works: str, *args: object) -> None:
+        """Close the streak, saying that what failed ``works`` again (a %-format with ``args``), after how long."""
+        failures, seconds = self.count, time.monotonic() - self.since
         self.count = 0
-        return ended
+        logger.warning(works + " again (after %d failed attempts in %.0f s)", *args, failures, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -902,13 +902,7 @@ class SqliteOutbox(Outbox):
                 return
             self._writing = (0, 0)
             if self._write_errors.count:
-                failures, seconds = self._write_errors.end()
-                logger.warning(
-                    "The event spool %s is written again (after %d failed attempts in %.0f s)",
-                    self.path,
-                    failures,
-                    seconds,
-                )
+                self._write_errors.end("The event spool %s is written", self.path)
             self._replayed.clear()  # (every replayed event was among the rows just written)
             self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
             if unencodable:
@@ -1019,13 +1013,7 @@ class SqliteOutbox(Outbox):
                 self._read_failed(exc)
                 return
             if self._read_errors.count:
-                failures, seconds = self._read_errors.end()
-                logger.warning(
-                    "The event spool %s is read again (after %d failed attempts in %.0f s)",
-                    self.path,
-                    failures,
-                    seconds,
-                )
+                self._read_errors.end("The event spool %s is read", self.path)
             self._loaded_upto = last if items else self._committed_upto
             if items:
                 if not self.window:
