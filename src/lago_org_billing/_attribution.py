@@ -90,8 +90,8 @@ class AttributionConfig:
     model_headers: tuple[str, ...] = ("x-model",)
     #: Read JSON and SSE response bodies. ``False`` skips all body work.
     inspect_body: bool = True
-    #: JSON bodies are buffered up to this many bytes, then given up on. SSE is parsed as it streams; one line
-    #: longer than this is skipped.
+    #: JSON bodies are buffered up to this many bytes, then given up on. SSE is parsed as it streams (compressed
+    #: or not, however long); one event longer than this is skipped, except for a usage object closing it.
     max_body_bytes: int = 1_048_576
     # Precomputed: raw lower-case header name -> (field, rank within its tuple), and the response headers the
     # recorder reads (those, and the content headers).
@@ -260,6 +260,10 @@ def _collect(payload: object, counts: _Counts) -> None:
         counts.done.append(counts.latest)
         counts.latest = {}
     model = container.get("model")
+    if model is None and "usage" not in payload:  # the Responses API's response.created: a model, no usage yet
+        inner = payload.get("response")
+        if isinstance(inner, Mapping):
+            model = inner.get("model")
     usage = container.get("usage")
     if isinstance(usage, Mapping):
         for key in (
@@ -365,6 +369,7 @@ class UsageRecorder:
         "_scope",
         "_size",
         "_skip_lf",
+        "_tail",
         "status",
     )
     # The stream parser's state, set when a text/event-stream response starts.
@@ -374,6 +379,7 @@ class UsageRecorder:
     _skip_lf: bool
     _discarding: bool
     _event: bytes
+    _tail: bytes
 
     def __init__(self, scope: Scope, config: AttributionConfig | None = None) -> None:
         # Only what every response needs is set here; the stream parser's state is made when a stream starts.
@@ -459,6 +465,7 @@ class UsageRecorder:
             self._skip_lf = False
             self._discarding = False
             self._discarded_data = False
+            self._tail = b""
             self._event = b""
             self._data_lines = []
             self._data_size = 0
@@ -487,15 +494,14 @@ class UsageRecorder:
                 _internal_error("response_body")
                 return
         if self._inflater is not None and mode == _MODE_SSE:
-            try:  # each network chunk inflated within the cap (a stream event is capped the same)
-                for piece in self._inflater.pieces(body, self._config.max_body_bytes):
+            # Inflated in 64 KiB slices, each parsed at once: the parser caps lines and events, not the stream (a
+            # compressor that does not flush sends megabytes of events in one chunk, the usage in the last one).
+            try:
+                for piece in self._inflater.pieces(body, None):
                     self._feed_sse(piece)
             except zlib.error:
                 self._mode = _MODE_NONE
                 _undecodable_body()
-            except _TooLarge:
-                self._mode = _MODE_NONE
-                _cap_exceeded("stream chunk (decompressed)")
             except Exception:
                 self._mode = _MODE_NONE
                 _internal_error("response_body")
@@ -533,13 +539,15 @@ class UsageRecorder:
                 self._partial += chunk
                 if len(self._partial) > self._config.max_body_bytes:
                     self._discard(self._partial)
+            elif self._discarded_data:
+                self._tail = (self._tail + chunk[-_TAIL:])[-_TAIL:]
             return
         lines = chunk.split(b"\n")
         tail = lines.pop()
         if self._discarding:
             self._discarding = False
-            if self._discarded_data:
-                self._line(None)  # the rest of an oversized data line: drop it and its event
+            if self._discarded_data:  # the rest of an oversized data line: drop it and its event
+                self._oversized(self._tail + lines[0][-_TAIL:])
             del lines[0]  # (a comment, id or event line: only it)
         elif self._partial:
             lines[0] = self._partial + lines[0]
@@ -554,13 +562,29 @@ class UsageRecorder:
         self._partial = b""
         self._discarding = True
         self._discarded_data = start[:4] == b"data"
+        self._tail = start[-_TAIL:] if self._discarded_data else b""
 
-    def _line(self, line: bytes | None) -> None:
-        if line is None:  # an oversized line (or event) was dropped: its event is unusable
-            self._data_lines.clear()
-            self._event = _SKIP
-            _cap_exceeded("stream event")
-            return
+    def _oversized(self, tail: bytes) -> None:
+        """An event whose data are over the cap is dropped (its data not kept, not parsed), but a usage object at its
+        end is read from its last bytes ``tail``: the event closing a streamed image generation (Images API, the
+        Responses API's image_generation tool) carries the image in base64, megabytes, and the usage after it."""
+        self._data_lines.clear()
+        self._event = _SKIP
+        self._tail = b""
+        at = tail.rfind(b'"usage"')
+        if at >= 0 and self._counts is not None:
+            text = tail[at + 7 :].decode("utf-8", "replace").lstrip(" \t")
+            if text[:1] == ":":
+                try:
+                    usage = _scan_json(text[1:].lstrip(" \t"), 0)[0]
+                except (ValueError, StopIteration, RecursionError):
+                    usage = None
+                if isinstance(usage, dict):
+                    _collect({"usage": usage}, self._counts)
+                    return
+        _cap_exceeded("stream event")
+
+    def _line(self, line: bytes) -> None:
         if not line:
             self._dispatch()
             return
@@ -574,7 +598,7 @@ class UsageRecorder:
                 return
             self._data_size += len(value) + 1
             if self._data_size > self._config.max_body_bytes:  # one event's data over the cap: not kept, not read
-                self._line(None)
+                self._oversized(value[-_TAIL:])
                 return
             self._data_lines.append(value)
         elif field == b"event" and self._event != _SKIP:
@@ -698,6 +722,9 @@ class UsageRecorder:
             if self._partial and not self._discarding:
                 self._line(self._partial)
                 self._partial = b""
+            elif self._discarding and self._discarded_data:
+                self._discarding = False
+                self._oversized(self._tail)
             if self._data_lines:
                 self._dispatch()
             return _resolve_counts(self._counts, "sse", model_needs_usage=False), "sse"
@@ -817,6 +844,8 @@ _internal_logged: set[str] = set()
 
 #: The marker of a stream event whose data was dropped (over the cap).
 _SKIP = b"\x00skip"
+#: The last bytes of a dropped stream event looked at for its usage.
+_TAIL = 65_536
 _said_once: set[str] = set()
 
 
@@ -873,9 +902,9 @@ class _Inflater:
         """All of ``data`` inflated; :class:`_TooLarge` past ``cap`` bytes (inflating stops there)."""
         return b"".join(self.pieces(data, cap))
 
-    def pieces(self, data: bytes, cap: int) -> Iterator[bytes]:
-        """``data`` inflated in slices of 64 KiB, as they come; :class:`_TooLarge` once they pass ``cap`` bytes: a
-        small chunk that inflates hugely costs neither memory nor much time."""
+    def pieces(self, data: bytes, cap: int | None) -> Iterator[bytes]:
+        """``data`` inflated in slices of 64 KiB, as they come; :class:`_TooLarge` once they pass ``cap`` bytes
+        (``None``: no cap; the slices are used one at a time): a small chunk that inflates hugely costs no memory."""
         try:
             piece = self._decoder.decompress(data, 65_536)
         except zlib.error:
@@ -887,7 +916,7 @@ class _Inflater:
         size = 0
         while True:
             size += len(piece)
-            if size > cap:
+            if cap is not None and size > cap:
                 raise _TooLarge
             if piece:
                 yield piece
