@@ -510,6 +510,9 @@ _IDENTITY_SCOPES = [
     make_scope({"X-Org-Id": "a" * 256}),
     make_scope({"X-Org-Id": "acme", "X-User-Id": "   "}, state={}),
     make_scope({"X-Org-Id": "acme"}, state={"org_id": 42, "user_id": True}),
+    # another header repeated (read by one pass rather than a dict of them), and headers as a tuple
+    make_scope([("Accept", "a"), ("X-Org-Id", "acme"), ("Accept", "b"), ("X-User-Id", "ada")]),
+    {**make_scope(), "headers": ((b"x-org-id", b"acme"), (b"x-user-id", b"ada"))},
 ]
 
 

@@ -630,16 +630,25 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
                 user = _clean_id(user)
         want_org = org is None and org_header is not None
         if want_org or (user is None and user_header is not None):
-            # One pass for both headers; a header repeated with different values resolves to None.
-            org_raw = user_raw = None
+            # A header repeated with different values resolves to None.
             org_bad = user_bad = False
-            for key, value in scope["headers"]:
-                if key == org_header:
-                    org_bad = org_bad or (org_raw is not None and value != org_raw)
-                    org_raw = value
-                elif key == user_header:
-                    user_bad = user_bad or (user_raw is not None and value != user_raw)
-                    user_raw = value
+            headers = scope["headers"]
+            try:  # no name repeated (the usual case): a dict of them, built in C, answers both
+                found = dict(headers) if type(headers) is list else None
+            except (TypeError, ValueError):  # not pairs: the loop below says nothing matches
+                found = None
+            if found is not None and len(found) == len(headers):
+                org_raw = found.get(org_header)
+                user_raw = found.get(user_header)
+            else:  # one pass for both
+                org_raw = user_raw = None
+                for key, value in headers:
+                    if key == org_header:
+                        org_bad = org_bad or (org_raw is not None and value != org_raw)
+                        org_raw = value
+                    elif key == user_header:
+                        user_bad = user_bad or (user_raw is not None and value != user_raw)
+                        user_raw = value
             if same_header:
                 user_raw, user_bad = org_raw, org_bad
             if want_org and org_raw is not None and not org_bad:
