@@ -10,7 +10,11 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
 2. **Subscribe the org** (``external_id = settings.subscription_id_for(org_id)``) to the plan the *plan
    policy* picks among its users' active subscriptions (default ``highest``: the most expensive per year;
    ties go to the oldest subscription), unless a ``plan_code`` column or ``--default-plan`` says otherwise.
-   An org that already has an active subscription keeps it, whatever its plan.
+   An org that already has an active subscription keeps it, whatever its plan. The org subscription ends when the
+   donor's would (its ``ending_at``: a fixed-term contract). A donor paying a price of its own (Lago's
+   ``plan_overrides``: another amount, or charges, than its plan's) cannot be copied: that org fails before any
+   write, saying how to make its subscription by hand (then run again); another user's own price is named in a
+   warning. The policy compares what each subscription pays (``plan_amount_cents``), not the plans' list prices.
    **Entitlement overrides** go with the plan: what a subscription has of its own beyond its plan's entitlements,
    i.e. override values (``PATCH /subscriptions/{id}/entitlements``: an enterprise user's custom
    ``max_api_calls``...; never the plan values), features given to it outside its plan (``{"sso": {}}``) and plan
@@ -546,6 +550,13 @@ class CallCounter(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+def _int(raw: Any) -> int | None:
+    try:
+        return int(raw) if raw is not None and not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _float(raw: str | None) -> float | None:
     try:
         return float(raw) if raw is not None else None
@@ -785,11 +796,41 @@ class PlanCatalog:
                         self._plans[code] = None
         return self._plans[code]
 
-    async def yearly_amount(self, code: str, fallback: int = 0) -> int:
+    async def yearly_amount(self, code: str, fallback: int = 0, *, amount_cents: Any = None) -> int:
+        """The plan's amount a year; ``amount_cents``: the subscription's own (``plan_amount_cents``: a price override
+        of the plan, Lago's ``plan_overrides``, shows there), else the plan's."""
         plan = await self.get(code)
         if plan is None:
             return fallback
-        return int(plan.get("amount_cents") or 0) * _PERIODS_PER_YEAR.get(str(plan.get("interval")), 12)
+        own = _int(amount_cents)
+        amount = own if own is not None else int(plan.get("amount_cents") or 0)
+        return amount * _PERIODS_PER_YEAR.get(str(plan.get("interval")), 12)
+
+    async def own_price(self, subscription: JSON, *, look: bool = True) -> str | None:
+        """What a subscription pays other than its plan (Lago's ``plan_overrides`` give it a plan of its own, with the
+        plan's code): its amount or currency as listed, else (``look``: ``GET /subscriptions/{id}``, one call) the
+        ``lago_id`` of the plan it embeds (charges overridden). ``None`` when it pays the plan's prices."""
+        code = str(subscription.get("plan_code"))
+        plan = await self.get(code)
+        if plan is None:
+            return None
+        amount = _int(subscription.get("plan_amount_cents"))
+        if amount is not None and amount != _int(plan.get("amount_cents")):
+            return f"amount_cents {amount} where plan {code!r} has {plan.get('amount_cents')}"
+        currency = subscription.get("plan_amount_currency")
+        if currency and plan.get("amount_currency") and currency != plan.get("amount_currency"):
+            return f"amount_currency {currency} where plan {code!r} has {plan.get('amount_currency')}"
+        if not look or not plan.get("lago_id"):
+            return None
+        status = subscription.get("status")
+        external_id = str(subscription.get("external_id"))
+        full = await _or_none(
+            self._client.get_subscription(external_id, status=None if status in (None, "active") else str(status))
+        )
+        own = full.get("plan") if full is not None else None
+        if isinstance(own, Mapping) and own.get("lago_id") and own.get("lago_id") != plan.get("lago_id"):
+            return f"a plan of its own (lago_id {own.get('lago_id')}, not plan {code!r}'s: its charges overridden)"
+        return None
 
     async def check(self, orgs: Sequence[OrgMapping], options: MigrationOptions) -> list[str]:
         """Problems for plan codes (``plan_code`` column, ``--default-plan``) that Lago does not have."""
@@ -910,9 +951,8 @@ def _started(subscription: JSON) -> str:
 async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog) -> tuple[str, JSON]:
     keyed = []
     for user_id, subscription in active:
-        yearly = await plans.yearly_amount(
-            str(subscription["plan_code"]), int(subscription.get("plan_amount_cents") or 0)
-        )
+        own = subscription.get("plan_amount_cents")  # (what it pays: a price override of its plan shows there)
+        yearly = await plans.yearly_amount(str(subscription["plan_code"]), _int(own) or 0, amount_cents=own)
         keyed.append((yearly, _started(subscription), str(subscription["plan_code"]), user_id, subscription))
     if policy == "highest":
         best = min(keyed, key=lambda k: (-k[0], k[1], k[2]))
@@ -1370,6 +1410,9 @@ async def plan_org(
             result.plan_source = f"{options.plan_policy} plan: {source[0]}'s subscription {source[1]['external_id']}"
             if starts_at is not None:
                 result.plan_source += f", starting {starts_at}"
+            own = await plans.own_price(source[1])
+            if own is not None:  # (made from its plan code, the org subscription would be billed the plan's prices)
+                raise InvalidRequestError(_own_price_problem(org, sub_id, source, own))
         elif options.default_plan is not None:
             result.plan_code, result.plan_source = options.default_plan, "--default-plan"
         if result.plan_code is None:
@@ -1382,13 +1425,32 @@ async def plan_org(
             payload: JSON = {"plan_code": result.plan_code, "billing_time": result.billing_time}
             if starts_at is not None:
                 payload["subscription_at"] = starts_at
+            # (a fixed-term subscription, a contract: the org's ends with it)
+            ending = source[1].get("ending_at") if source is not None and org.plan_code is None else None
+            if isinstance(ending, str) and ending:
+                payload["ending_at"] = ending
+            until = f"; ending {payload['ending_at']}" if "ending_at" in payload else ""
             steps.append(
                 Step(
                     "create_subscription",
                     sub_id,
-                    f"subscribe org {org.org_id} to {result.plan_code} ({result.billing_time}; {result.plan_source})",
+                    f"subscribe org {org.org_id} to {result.plan_code} ({result.billing_time}; {result.plan_source}"
+                    f"{until})",
                     payload,
                 )
+            )
+    # Prices of their own that the org subscription does not take (read as listed: no call).
+    made = source is not None and org_subscription is None and org.plan_code is None
+    taken = source[1].get("external_id") if source is not None and made else None
+    for user_id, subscription in (*active, *starting):
+        if subscription.get("external_id") == taken:
+            continue
+        own = await plans.own_price(subscription, look=False)
+        if own is not None:
+            result.warnings.append(
+                f"org {org.org_id!r}: {user_id}'s subscription {subscription.get('external_id')} has a price of its "
+                f"own ({own}: Lago's plan_overrides), not carried: the org subscription {sub_id} (plan "
+                f"{result.plan_code!r}) does not take it"
             )
 
     # 2b. The entitlement overrides of the subscription the plan policy picks, the donor (see the module docstring).
@@ -1428,7 +1490,7 @@ async def plan_org(
                         "terminate_subscription",
                         external_id,
                         f"terminate {user_id}'s subscription {external_id} ({subscription.get('plan_code')})",
-                        {"user_id": user_id},
+                        {"user_id": user_id, "plan_code": subscription.get("plan_code")},
                     )
                 )
             elif external_id not in active_ids and not subscription.get("previous_plan_code"):
@@ -1440,6 +1502,19 @@ async def plan_org(
                         {"user_id": user_id},
                     )
                 )
+    if options.on_termination_credit_note in (None, "credit"):
+        upfront = []
+        for step in ends:
+            plan = await plans.get(str(step.payload["plan_code"])) if step.kind == "terminate_subscription" else None
+            if plan is not None and plan.get("pay_in_advance") and _int(plan.get("amount_cents")):
+                upfront.append(step.target)
+        if upfront:  # (the org pays the rest of the period again on its own subscription)
+            result.warnings.append(
+                f"org {org.org_id!r}: {', '.join(upfront)} paid in advance: terminated with a credit note as credit "
+                f"(Lago's default), the unused part of the period stays a credit of the user customer, which gets no "
+                "more invoices to use it on, while the org pays that part again; choose with "
+                "--on-termination-credit-note refund (or offset, or skip)"
+            )
     # (a run stopped half-way then still finds the donor when resumed: the same overrides, whatever was ended)
     donor_id = donor[1].get("external_id") if donor is not None else None
     steps.extend(sorted(ends, key=lambda step: step.target == donor_id))
@@ -1464,6 +1539,21 @@ async def plan_org(
                 Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
             )
     result.steps = steps
+
+
+def _own_price_problem(org: OrgMapping, sub_id: str, donor: tuple[str, JSON], own: str) -> str:
+    """The org cannot take its donor's plan: the donor pays a price of its own (see :meth:`PlanCatalog.own_price`)."""
+    user_id, subscription = donor
+    code, billing_time = subscription.get("plan_code"), subscription.get("billing_time") or "calendar"
+    return (
+        f"{user_id}'s subscription {subscription.get('external_id')}, whose plan {code!r} the org takes, has a price "
+        f"of its own ({own}: Lago's plan_overrides). The migration cannot copy plan overrides: made from plan "
+        f"{code!r}, the org subscription would be billed the plan's prices. Nothing was done for this org, "
+        f"{user_id} stays billed as before. Make the org's subscription yourself with the same plan_overrides (POST "
+        f"/subscriptions {{external_customer_id: {org.org_id}, external_id: {sub_id}, plan_code: {code}, "
+        f"billing_time: {billing_time}, plan_overrides: ...}}; the org customer first, with {user_id}'s billing "
+        "details, if it has none), then run again: an org subscription that exists is kept and the users' are ended"
+    )
 
 
 async def apply_org(
@@ -1497,6 +1587,7 @@ async def apply_org(
                     external_id=step.target,
                     billing_time=step.payload["billing_time"],
                     subscription_at=step.payload.get("subscription_at"),
+                    ending_at=step.payload.get("ending_at"),
                 )
                 result.subscription = subscription
                 step.outcome = "done"

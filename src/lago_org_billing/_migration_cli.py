@@ -47,7 +47,10 @@ Per org: upsert the org customer (external_id = org id; metadata billing_type, m
 created_by_user_id), subscribe it (subscription external_id from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan
 the policy picks among its users' active subscriptions, with the entitlements of its own of the subscription
 it takes the plan from (override values, features given beyond the plan, plan features removed), terminate
-the users' subscriptions, mark the user customers (migrated_to_org).
+the users' subscriptions, mark the user customers (migrated_to_org). The org subscription ends when that
+subscription would (ending_at); one paying a price of its own (plan_overrides) fails its org before any write
+(make the org subscription by hand, then run again). Pay-in-advance plans: see --on-termination-credit-note
+(Lago's default, credit, leaves the unused part as a credit of the user customer; a warning says so).
 Re-running changes nothing already done; --journal skips finished orgs, and --execute holds an OS lock on
 FILE.lock for the run: a second --execute on the same journal stops at once (exit 2).
 
