@@ -632,15 +632,16 @@ async def test_emulator_deliveries_end_to_end(fake: FakeLago, calls: Calls, sign
             "subscription.started",
             "subscription.terminated",
             "subscription.started",
+            "invoice.created",  # the upgrade bills the replaced subscription at once
         ]
         assert all(d.state == "succeeded" and d.attempts == 1 for d in deliveries)
-        assert [e.org_id for e in calls.events] == ["org_acme"] * 4
+        assert [e.org_id for e in calls.events] == ["org_acme"] * 5
         assert calls.invalidated == ["org_acme"] * 3
-        assert calls.events[-1].object["plan_code"] == "pro"
+        assert calls.events[-2].object["plan_code"] == "pro"
 
         again = await dispatcher.redeliver(deliveries[-1].unique_key)  # type: ignore[attr-defined]
         assert again.status == 200
-        assert len(calls.events) == 4  # the replay ran nothing
+        assert len(calls.events) == 5  # the replay ran nothing
         assert receiver.stats["duplicates"] == 1
         assert receiver.stats["key_fetches"] == (1 if signature == "jwt" else 0)
 
@@ -716,7 +717,11 @@ async def test_plan_change_webhook_unblocks_a_blocked_org() -> None:
             assert (await http.get("/v1/chat", headers=org)).status_code == 429  # the cached plan is still starter
 
             deliveries = await dispatcher.deliver_pending()  # type: ignore[union-attr]
-            assert [d.webhook_type for d in deliveries] == ["subscription.terminated", "subscription.started"]
+            assert [d.webhook_type for d in deliveries] == [
+                "subscription.terminated",
+                "subscription.started",
+                "invoice.created",
+            ]
             assert all(d.state == "succeeded" for d in deliveries)
             allowed = await http.get("/v1/chat", headers=org)
             assert allowed.status_code == 200

@@ -125,6 +125,7 @@ async def test_webhook_invalidation_is_not_undone_by_another_workers_refresh_in_
             assert [(d.webhook_type, d.state) for d in deliveries] == [
                 ("subscription.terminated", "succeeded"),
                 ("subscription.started", "succeeded"),
+                ("invoice.created", "succeeded"),
             ]
             held.release.set()
             with anyio.fail_after(10):

@@ -471,13 +471,15 @@ class LagoStore:
                 raise not_found("customer")
             now = self.now()
             customer["deleted_at"] = iso(now)
+            # Customers::TerminateRelationsService: TerminateService for the active subscriptions (invoiced per their
+            # on_termination_invoice), mark_as_canceled! (no webhook) for the pending ones
             for sub in self.subscriptions:
                 if sub["customer_id"] != customer["lago_id"]:
                     continue
                 if sub["status"] == "active":
-                    self._terminate(sub, now, generate_invoice=False)
+                    self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
                 elif sub["status"] == "pending":
-                    self._cancel(sub, now)
+                    self._mark_as_canceled(sub, now)
             return {"customer": self._serialize_customer(customer)}
 
     def list_customers(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
@@ -1022,7 +1024,7 @@ class LagoStore:
                     else:
                         feature_overrides[privilege_code] = value
             result = self._serialize_sub_entitlements(sub)
-            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            self._emit_sub("subscription.updated", sub)
             return {"entitlements": result}
 
     def _removal_target(self, external_id: str, status: str | None, feature_code: str) -> tuple[JSON, JSON]:
@@ -1045,7 +1047,7 @@ class LagoStore:
             if feature_code in self._plan_of(sub)["entitlements"]:
                 sub["entitlement_removals"][feature_code] = None
             result = self._serialize_sub_entitlements(sub)
-            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            self._emit_sub("subscription.updated", sub)
             return {"entitlements": result}
 
     def remove_sub_entitlement_privilege(
@@ -1068,7 +1070,7 @@ class LagoStore:
                 if removed is not None and privilege_code not in removed:
                     removed.append(privilege_code)
             result = self._serialize_sub_entitlements(sub)
-            self._emit("subscription.updated", "subscription", self._serialize_sub(sub, extended=True))
+            self._emit_sub("subscription.updated", sub)
             return {"entitlements": result}
 
     # Plans -------------------------------------------------------------------------------------
@@ -1494,6 +1496,16 @@ class LagoStore:
             data["applicable_usage_thresholds"] = []
         return data
 
+    def _emit_sub(self, webhook_type: str, sub: JSON) -> None:
+        """Send a subscription webhook: Lago serializes the subscription with its plan and its customer (lago-api
+        ``Webhooks::Subscriptions::*Service``, ``includes: %i[plan customer]``; the spec's
+        ``SubscriptionWithCustomerObject``), and the entitlements."""
+        data = self._serialize_sub(sub, extended=True)
+        customer = self._customer_by_id(sub["customer_id"])
+        if customer is not None:
+            data["customer"] = self._serialize_customer(customer)
+        self._emit(webhook_type, "subscription", data)
+
     def _new_sub(self, customer: JSON, plan: JSON, params: Mapping[str, Any], external_id: str) -> JSON:
         now = self.now()
         seq = self._next("subscription")
@@ -1533,7 +1545,7 @@ class LagoStore:
     def _activate(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "active"
         sub["started_at"] = iso(at)
-        self._emit("subscription.started", "subscription", self._serialize_sub(sub, extended=True))
+        self._emit_sub("subscription.started", sub)
 
     def _cancel(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "canceled"
@@ -1541,12 +1553,11 @@ class LagoStore:
         previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
         if previous is not None and previous.get("next_subscription_id") == sub["lago_id"]:
             previous["next_subscription_id"] = None
-        self._emit("subscription.terminated", "subscription", self._serialize_sub(sub, extended=True))
+        self._emit_sub("subscription.terminated", sub)
         if previous is not None and previous["status"] == "active":
-            self._emit("subscription.updated", "subscription", self._serialize_sub(previous, extended=True))
+            self._emit_sub("subscription.updated", previous)
 
     def _terminate(self, sub: JSON, at: datetime, *, generate_invoice: bool, cancel_next: bool = True) -> None:
-        usage = self._usage_for(sub, at) if generate_invoice else None
         sub["status"] = "terminated"
         sub["terminated_at"] = iso(at)
         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
@@ -1554,23 +1565,30 @@ class LagoStore:
             nxt["status"] = "canceled"
             nxt["canceled_at"] = iso(at)
             sub["next_subscription_id"] = None
-        self._emit("subscription.terminated", "subscription", self._serialize_sub(sub, extended=True))
-        if usage is not None:
-            customer = self._customer_by_id(sub["customer_id"])
-            if customer is not None:
-                plan = self._plan_of(sub)
-                amount = int(usage["amount_cents"]) + (0 if plan["pay_in_advance"] else int(plan["amount_cents"]))
-                invoice = self._new_invoice(
-                    customer,
-                    {
-                        "invoice_type": "subscription",
-                        "currency": plan["amount_currency"],
-                        "fees_amount_cents": amount,
-                        "total_amount_cents": amount,
-                    },
-                    subscription=sub,
-                )
-                self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+        self._emit_sub("subscription.terminated", sub)
+        if generate_invoice:
+            self._bill_terminated(sub, at)
+
+    def _bill_terminated(self, sub: JSON, at: datetime) -> None:
+        """The invoice of a subscription terminated at ``at``: its usage up to ``terminated_at`` (an event timestamped
+        later in the period is not billed), plus the plan's fee when paid in arrears; sends ``invoice.created``."""
+        customer = self._customer_by_id(sub["customer_id"])
+        if customer is None:
+            return
+        usage = self._usage_for(sub, at)
+        plan = self._plan_of(sub)
+        amount = int(usage["amount_cents"]) + (0 if plan["pay_in_advance"] else int(plan["amount_cents"]))
+        invoice = self._new_invoice(
+            customer,
+            {
+                "invoice_type": "subscription",
+                "currency": plan["amount_currency"],
+                "fees_amount_cents": amount,
+                "total_amount_cents": amount,
+            },
+            subscription=sub,
+        )
+        self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def create_subscription(self, body: Any) -> JSON:
         params = _mapping(_require_root(body, "subscription"))
@@ -1629,7 +1647,7 @@ class LagoStore:
                 return {"subscription": self._serialize_sub(current, extended=True)}
             if current["status"] == "pending":
                 current["plan_code"], current["plan_id"] = plan["code"], plan["lago_id"]
-                self._emit("subscription.updated", "subscription", self._serialize_sub(current, extended=True))
+                self._emit_sub("subscription.updated", current)
                 return {"subscription": self._serialize_sub(current, extended=True)}
             current_plan = self._plan_of(current)
             old_next = self._find_sub_by_id(current.get("next_subscription_id"))
@@ -1650,13 +1668,15 @@ class LagoStore:
                 self._candidates_stale = True
                 self._terminate(current, now, generate_invoice=False, cancel_next=False)
                 self._activate(new, now)
+                # lago-api PlanUpgradeService#bill_subscriptions: the replaced subscription is billed at once,
+                # whatever its on_termination_invoice
+                self._bill_terminated(current, now)
                 return {"subscription": self._serialize_sub(new, extended=True)}
             current["next_subscription_id"] = new["lago_id"]
             self._candidates_stale = True
             new["switch_at"] = iso(self._period_end(current) + timedelta(seconds=1))
-            result = self._serialize_sub(current, extended=True)
-            self._emit("subscription.updated", "subscription", result)
-            return {"subscription": result}
+            self._emit_sub("subscription.updated", current)
+            return {"subscription": self._serialize_sub(current, extended=True)}
 
     def _valid_ending_at(self, value: Any, subscription_at: Any) -> bool:
         """lago-api ``Subscriptions::ValidateService#valid_ending_at?`` (create and update): an ``ending_at`` must fall
@@ -1738,8 +1758,7 @@ class LagoStore:
             if "subscription_at" in params:
                 sub["subscription_at"] = iso(parse_datetime(params["subscription_at"]))
             self._candidates_stale = True
-            result = self._serialize_sub(sub, extended=True)
-            self._emit("subscription.updated", "subscription", result)
+            self._emit_sub("subscription.updated", sub)
             self.refresh()
             return {"subscription": self._serialize_sub(sub, extended=True)}
 
