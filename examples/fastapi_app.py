@@ -22,11 +22,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lago_org_billing import (
     BillingSettings,
+    InvalidRequestError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+    LagoRateLimitError,
+    LagoUnavailableError,
+    LagoValidationError,
     LagoWebhooks,
     OrgBilling,
     OrgBillingMiddleware,
@@ -75,6 +82,21 @@ app.add_middleware(OrgBillingMiddleware, settings=settings)  # runs after ToyAut
 app.add_middleware(ToyAuth)
 app.add_route("/webhooks/lago", LagoWebhooks(settings), methods=["POST"])
 app.mount("/api/v1/billing/org", billing_router)
+
+
+@app.exception_handler(LagoIntegrationError)
+async def billing_error(request: Request, exc: Exception) -> JSONResponse:
+    """The caller's mistake (an org id Lago cannot take, such as 'acme.com'; a plan Lago does not have) is a 422
+    that says why; Lago down or throttling is a 503 to retry. Anything else stays a 500 (a misconfiguration)."""
+    if isinstance(exc, InvalidRequestError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    if isinstance(exc, (LagoNotFoundError, LagoValidationError)):
+        return JSONResponse({"detail": "Lago rejected the request.", "code": exc.code}, status_code=422)
+    if isinstance(exc, (LagoUnavailableError, LagoRateLimitError)):
+        return JSONResponse(
+            {"detail": "Lago is unavailable; retry later."}, status_code=503, headers={"Retry-After": "5"}
+        )
+    raise exc
 
 
 class OrgCreate(BaseModel):

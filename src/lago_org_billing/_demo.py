@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import random
 import sys
 import time
@@ -143,9 +144,28 @@ def build_demo_app(settings: BillingSettings) -> Starlette:
 
 
 @contextlib.contextmanager
-def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettings]]:
-    from .testing._server import serve_in_thread
+def _loopback_only() -> Iterator[None]:
+    """Everything the demo serves and calls is on 127.0.0.1: the proxy of the user's environment (HTTP_PROXY...,
+    which httpx and so the Lago client honour) could not reach it. Put back as it was when the demo ends."""
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
+    for name, value in saved.items():
+        os.environ[name] = f"{value},127.0.0.1" if value else "127.0.0.1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
+
+@contextlib.contextmanager
+def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettings]]:
+    from .testing._server import free_port_or_error, serve_in_thread
+
+    if port:  # a port taken (or out of range) is one line, as for ``emulator``, not uvicorn's tracebacks
+        free_port_or_error("127.0.0.1", port)
     with serve_in_thread(fake, port=port) as lago_url:
         settings = BillingSettings(
             api_url=lago_url,
@@ -305,7 +325,7 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
 
     fake = FakeLago(api_key=API_KEY)
     seed(fake)
-    with _serving(fake, port) as (lago_url, app_url, settings):
+    with _loopback_only(), _serving(fake, port) as (lago_url, app_url, settings):
         ok = anyio.run(_main, fake, lago_url, app_url, settings)
         print(
             "\nEvery request billed exactly once, Lago agrees, and the quota blocked and unblocked as it should."
@@ -317,8 +337,10 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
                 f"\nServing until Ctrl-C. Try:\n  curl -s -X POST {app_url}/v1/chat/completions "
                 "-H 'X-Org-Id: org_acme' -H 'X-User-Id: ada' -H 'Content-Type: application/json' "
                 '-d \'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}\'\n'
-                f"  curl -s {lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme "
-                f"-H 'Authorization: Bearer {API_KEY}'"
+                # quoted: unquoted, zsh (macOS's shell) takes the '?' for a glob and answers "no matches found"
+                f"  curl -s '{lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme' "
+                f"-H 'Authorization: Bearer {API_KEY}'",
+                flush=True,  # piped or redirected (``| tee``), stdout is block-buffered: out now, not at Ctrl-C
             )
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
