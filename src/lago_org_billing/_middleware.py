@@ -8,6 +8,7 @@ lifespan. Requests never wait on Lago.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -734,7 +735,7 @@ class OrgBillingMiddleware:
             org_id,
             user_id,
             watcher.deferred(),  # the watcher lets go of the request's objects
-            decision is not None and not retry,
+            decision if not retry else None,  # (its tokens count in its period: see _build_event)
             self._extra_properties(scope, org_id, user_id) if self.event_properties is not None else None,
         )
         accepted = self._submit(facts) is not False  # (False: dropped, the outbox full; logged and counted there)
@@ -787,8 +788,11 @@ class OrgBillingMiddleware:
             logger.exception("Could not build the usage event of %s %s", method, endpoint)
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
-        if gated and usage.total_tokens and self.quota is not None:
-            self.quota.settle(org_id, _TOKENS_ONLY, tokens=usage.total_tokens, billed=False)
+        if gated is not None and usage.total_tokens and self.quota is not None:
+            # in the period the call was checked in (Lago bills the event there, by its timestamp): none once that
+            # period is over
+            tokens_only = _TOKENS_ONLY if type(gated) is QuotaDecision else dataclasses.replace(gated, reserved=False)
+            self.quota.settle(org_id, tokens_only, tokens=usage.total_tokens, billed=False)
         return event
 
     def _head(self, org_id: str, endpoint: str, method: str) -> str:
@@ -989,7 +993,7 @@ _Facts = tuple[
     str,
     "str | None",
     "bytes | Usage",
-    bool,
+    "QuotaDecision | None",  # the request's gate decision (None: not gated, or an idempotent retry)
     "Mapping[str, Any] | None",
 ]
 

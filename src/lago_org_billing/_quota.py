@@ -1213,6 +1213,7 @@ class QuotaGate:
         if self._gave_up.get(org_id, 0.0) <= now:
             deadline = anyio.current_time() + self.config.cold_timeout
             waited = False
+            pause = 0.05
             while True:
                 event = self._schedule_refresh(org_id, self.clock(), urgent=True)
                 if event is None:  # its last refresh failed moments ago
@@ -1234,6 +1235,12 @@ class QuotaGate:
                     break
                 # the refresh ended without a snapshot: it failed (the next round stops), or the org was
                 # invalidated between its end and now (a webhook): wait for the next one, within the same budget
+                fresh = self._known.get(org_id)
+                if fresh is not None and fresh.active and self.clock() >= fresh.period_end:
+                    # or Lago still reports the period that just ended here (its clock is behind this host's, at the
+                    # rollover): read again after a pause (doubling), not back to back for the whole budget
+                    await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
+                    pause *= 2
             if len(self._gave_up) >= self.config.max_orgs:  # bounded, however many org ids requests bring
                 self._gave_up.clear()
             self._gave_up[org_id] = self.clock() + self.config.failure_backoff
@@ -1489,6 +1496,19 @@ class QuotaGate:
             start = _timestamp(usage.get("from_datetime")) or start
             to = _timestamp(usage.get("to_datetime"))
             end = to + 1 if to is not None else end
+            if base is previous and previous.period_start < start < previous.period_end:
+                # a usage period that starts within the known one: the subscription was replaced (an upgrade, or
+                # terminated and subscribed again) and the plan kept here is no longer its own: read it again now
+                return await self.fetch(org_id, dataclasses.replace(previous, plan_fetched_at=-math.inf))
+        if base.active and end <= now:  # (over before it was asked, not while it was read)
+            self._warn_once(
+                ("", "behind"),
+                "Lago reports a billing period of org %r that ended at %s by this host's clock: Lago's clock is "
+                "behind this one's (check both hosts' time sync). Its usage is read again until Lago is in the new "
+                "period; said once.",
+                org_id,
+                _iso(end),
+            )
         return self._finish(
             dataclasses.replace(
                 base,
@@ -1571,8 +1591,8 @@ class QuotaGate:
         Raises the Lago error when Lago cannot be asked and nothing is cached.
         """
         now = self.clock()
-        known = self._known.get(org_id) or await self.backend.load(org_id)
-        if known is not None and (not known.active or now < known.period_end):
+        known = await self._usable_snapshot(org_id, now)
+        if known is not None:
             if known.refresh_at <= now:
                 self._refresh_due(org_id, known, now)
             return known
@@ -1588,8 +1608,8 @@ class QuotaGate:
         event = self._schedule_refresh(org_id, now, force=True, urgent=True)
         if event is not None:
             await event.wait()
-        known = self._known.get(org_id) or await self.backend.load(org_id)
-        if known is not None and (not known.active or self.clock() < known.period_end):
+        known = await self._usable_snapshot(org_id, self.clock())
+        if known is not None:
             return known
         error = self._refresh_errors.pop(org_id, None)
         if error is not None:
@@ -1598,6 +1618,16 @@ class QuotaGate:
             f"The usage of org {org_id!r} could not be read in time (another worker is reading it from Lago, or Lago "
             "is slow): try again."
         )
+
+    async def _usable_snapshot(self, org_id: str, now: float) -> Snapshot | None:
+        """This process's copy of the org's snapshot, else (none, or its billing period is over: another worker may
+        have stored the new period's since) the backend's; ``None`` when neither is of the current period."""
+        known = self._known.get(org_id)
+        if known is None or (known.active and now >= known.period_end):
+            known = await self.backend.load(org_id)
+        if known is not None and (not known.active or now < known.period_end):
+            return known
+        return None
 
     async def check_org_has_active_subscription(self, org_id: str) -> bool:
         """Whether the org has an active Lago subscription (cached like the gate's snapshots)."""
