@@ -23,13 +23,18 @@ Exported metrics (prefix ``lago_billing_`` by default):
 * ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, failed ones too (a timeout shows)
 
 :func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
-the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares
-registered in a process (one collector per registry, so two apps never clash):
+the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares and
+pipelines registered with a registry under one namespace (one collector per registry and namespace, so two
+registrations never clash; a pipeline or gate that several registered is counted once). The collector adds what
+it reads to totals that never go back: a pipeline and gate made anew (an app served again) go on from the counts
+of the ones before, and a discarded app's counts stay (it adds no more):
 
 * ``requests_total`` (requests handled, excluded paths and CORS preflights aside), ``requests_billed_total``,
   ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
   ``requests_excluded_total``, ``requests_preflight_total``, ``requests_unbilled_errors_total`` (5xx not billed),
-  ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``
+  ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``,
+  ``event_properties_errors_total`` (billed without ``event_properties``: it failed), ``background_errors_total``
+  (the background work stopped on an error, then started again)
 * ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
   ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
@@ -63,7 +68,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["LATENCY_BUCKETS", "PipelineMetrics", "register_metrics"]
@@ -157,7 +162,7 @@ class PipelineMetrics:
         if target is None:
             return False
         if not _mirrored(namespace, pipeline=self):
-            target.register(_Collector(self, namespace))
+            _collect(target, namespace, pipeline=self)
         return True
 
 
@@ -169,55 +174,6 @@ def _registry(registry: Any) -> Any:
         logger.warning("prometheus_client is not installed: pip install 'lago-org-billing[metrics]'")
         return None
     return prometheus_client.REGISTRY if registry is None else registry
-
-
-class _Collector:
-    """A prometheus_client custom collector reading :class:`PipelineMetrics` at scrape time."""
-
-    def __init__(self, metrics: PipelineMetrics, namespace: str) -> None:
-        self._metrics = metrics
-        self._prefix = f"{namespace}_" if namespace else ""
-
-    def describe(self) -> list[Any]:
-        return list(self.collect())
-
-    def collect(self) -> Iterator[Any]:
-        return _pipeline_families(self._prefix, [self._metrics])
-
-
-def _pipeline_families(prefix: str, sources: list[PipelineMetrics]) -> Iterator[Any]:
-    """The pipeline metrics of ``sources``, summed."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-    for attribute, (name, documentation) in _COUNTERS.items():
-        value = sum(getattr(metrics, attribute) for metrics in sources)
-        yield CounterMetricFamily(prefix + name, documentation, value=value)
-    errors = CounterMetricFamily(prefix + "lago_errors", _PIPELINE_DOCS["lago_errors"], labels=["status"])
-    for status, count in sorted(_summed(metrics.lago_errors for metrics in sources).items()):
-        errors.add_metric([status], count)
-    yield errors
-    gauges = _summed(metrics._gauges() for metrics in sources)
-    yield GaugeMetricFamily(prefix + "queue_depth", _PIPELINE_DOCS["queue_depth"], value=gauges.get("depth", 0))
-    yield GaugeMetricFamily(prefix + "spool_depth", _PIPELINE_DOCS["spool_depth"], value=gauges.get("spool_depth", 0))
-    cumulative, buckets = 0, []
-    counts = [sum(column) for column in zip(*(metrics.latency_buckets for metrics in sources), strict=True)]
-    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts or [0] * (len(LATENCY_BUCKETS) + 1), strict=True):
-        cumulative += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-    yield HistogramMetricFamily(
-        prefix + "delivery_seconds",
-        _PIPELINE_DOCS["delivery_seconds"],
-        buckets=buckets,
-        sum_value=sum(metrics.latency_sum for metrics in sources),
-    )
-
-
-def _summed(mappings: Iterable[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for mapping in mappings:
-        for key, value in mapping.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 # ------------------------------------------------------------------------------------------- middleware
@@ -232,19 +188,22 @@ _REQUEST_COUNTERS = {
     "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
     "ungated": ("requests_ungated", "Billed requests whose org was known only after the app ran, not gated."),
     "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),
+    "event_properties_errors": ("event_properties_errors", "Requests billed without event_properties (it failed)."),
+    "background_errors": ("background_errors", "Times the background work stopped on an error (then started again)."),
 }
 #: Gate stats exported as gauges (states, not counts).
 _GATE_GAUGES = {"redis_fallback": "1 while Redis is unreachable and quota decisions are counted locally."}
 
-#: One collector per registry (keyed by identity), holding the middlewares registered with it.
-_registered: dict[int, tuple[Any, _MiddlewareCollector]] = {}
+#: One collector per registry and namespace (the registry keyed by identity), holding what was registered with it.
+_registered: dict[tuple[int, str], tuple[Any, _RegistryCollector]] = {}
 
 
 def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
     """Export ``middleware``'s metrics (its pipeline's, its own counts and its quota gate's) through ``registry``
-    (default: ``prometheus_client.REGISTRY``), summed with the other middlewares registered there; with
-    ``PROMETHEUS_MULTIPROC_DIR`` set, through prometheus_client's multiprocess files instead, summed with the other
-    middlewares and pipelines registered under ``namespace`` in the process (see the module).
+    (default: ``prometheus_client.REGISTRY``), summed with the other middlewares and pipelines registered there
+    under ``namespace``; with ``PROMETHEUS_MULTIPROC_DIR`` set, through prometheus_client's multiprocess files
+    instead, summed with the other middlewares and pipelines registered under ``namespace`` in the process (see the
+    module).
 
     Returns False (and logs a warning) when ``prometheus_client`` is not installed:
     ``pip install 'lago-org-billing[metrics]'``.
@@ -252,46 +211,135 @@ def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = 
     target = _registry(registry)
     if target is None:
         return False
-    if _mirrored(namespace, middleware=middleware):
-        return True
-    entry = _registered.get(id(target))
-    if entry is None or entry[0] is not target:
-        collector = _MiddlewareCollector(namespace)
-        target.register(collector)
-        entry = _registered[id(target)] = (target, collector)
-    entry[1].middlewares.add(middleware)
+    if not _mirrored(namespace, middleware=middleware):
+        _collect(target, namespace, middleware=middleware)
     return True
 
 
-class _MiddlewareCollector:
-    """Reads the registered middlewares (held weakly: a discarded app stops counting) at scrape time."""
+def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None = None, middleware: Any = None) -> None:
+    """Add ``pipeline`` or ``middleware`` to the collector of ``namespace`` in ``registry`` (made and registered on
+    first use: one per registry and namespace, so two registrations never clash and two namespaces stay apart)."""
+    key = (id(registry), namespace)
+    entry = _registered.get(key)
+    if entry is not None and entry[0] is registry:
+        entry[1].add(pipeline, middleware)
+        return
+    collector = _RegistryCollector(namespace)
+    collector.add(pipeline, middleware)
+    registry.register(collector)  # (its names are those of what it holds now)
+    _registered[key] = (registry, collector)
+
+
+class _Totals:
+    """The totals of one :class:`_RegistryCollector`: what a :class:`_Mirror` adds its deltas to, as it does to
+    prometheus_client's metrics in multiprocess mode. Counters never go back: the counts of a pipeline or gate that
+    was made anew (an app served again) or let go of (a discarded app) stay in them."""
+
+    def __init__(self) -> None:
+        #: Metrics by full name: (kind, documentation, values by label value ("" without label), label name).
+        self.metrics: dict[str, tuple[str, str, dict[str, _Value], str]] = {}
+
+    def _metric(self, kind: str, name: str, documentation: str, label: str = "") -> dict[str, _Value]:
+        metric = self.metrics.get(name)
+        if metric is None:
+            metric = self.metrics[name] = (kind, documentation, {}, label)
+        return metric[2]
+
+    def counter(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> Any:
+        values = self._metric("counter", name, documentation, labelnames[0] if labelnames else "")
+        return _Labelled(values) if labelnames else values.setdefault("", _Value())
+
+    def gauge(self, name: str, documentation: str) -> Any:
+        return self._metric("gauge", name, documentation).setdefault("", _Value())
+
+    def histogram(self, name: str, documentation: str) -> Any:
+        values = self._metric("histogram", name, documentation)
+        return _Histogram(values)
+
+    def families(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        for name, (kind, documentation, values, label) in list(self.metrics.items()):
+            if kind == "gauge":
+                yield GaugeMetricFamily(name, documentation, value=values[""].value)
+            elif kind == "histogram":
+                cumulative, buckets = 0.0, []
+                for index, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+                    cumulative += values[str(index)].value
+                    buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+                yield HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=values["sum"].value)
+            elif label:
+                family = CounterMetricFamily(name, documentation, labels=[label])
+                for value, count in sorted(values.items()):
+                    family.add_metric([value], count.value)
+                yield family
+            else:
+                yield CounterMetricFamily(name, documentation, value=values[""].value)
+
+
+class _Value:
+    """One value of :class:`_Totals` (``inc`` and ``set``, as prometheus_client's values)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class _Labelled:
+    def __init__(self, values: dict[str, _Value]) -> None:
+        self._values = values
+
+    def labels(self, value: str) -> _Value:
+        return self._values.setdefault(value, _Value())
+
+
+class _Histogram:
+    """The ``_buckets`` and ``_sum`` of a :class:`_Totals` histogram (as the mirror reads prometheus_client's)."""
+
+    def __init__(self, values: dict[str, _Value]) -> None:
+        self._buckets = [values.setdefault(str(index), _Value()) for index in range(len(LATENCY_BUCKETS) + 1)]
+        self._sum = values.setdefault("sum", _Value())
+
+
+class _RegistryCollector:
+    """A prometheus_client custom collector of one namespace: the middlewares and pipelines registered with its
+    registry (held weakly, as in multiprocess mode), read at scrape time through a :class:`_Mirror` into
+    :class:`_Totals`: each pipeline or gate counted once however many registered it, and counters that go on across
+    a pipeline and gate made anew."""
 
     def __init__(self, namespace: str) -> None:
-        self.middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._prefix = f"{namespace}_" if namespace else ""
+        self.totals = _Totals()
+        self.mirror = _Mirror(self.totals, namespace)
+        prefix = f"{namespace}_" if namespace else ""
+        self.totals.counter(prefix + "lago_errors", _PIPELINE_DOCS["lago_errors"], ("status",))  # shown before any
+        self.lock = threading.Lock()
+
+    def add(self, pipeline: PipelineMetrics | None, middleware: Any) -> None:
+        with self.lock:
+            if pipeline is not None:
+                self.mirror.pipelines.add(pipeline)
+            if middleware is not None:
+                self.mirror.middlewares.add(middleware)
+            self.mirror.sync()
+
+    def renewed(self, middleware: Any) -> None:
+        with self.lock:
+            self.mirror.renewed(middleware)
 
     def describe(self) -> list[Any]:
         return list(self.collect())
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        middlewares = list(self.middlewares)
-        prefix = self._prefix
-        pipelines = [getattr(middleware.pipeline, "metrics", None) for middleware in middlewares]
-        yield from _pipeline_families(prefix, [metrics for metrics in pipelines if metrics is not None])
-        requests = _summed(middleware.stats for middleware in middlewares)
-        for key, (name, documentation) in _REQUEST_COUNTERS.items():
-            yield CounterMetricFamily(prefix + name, documentation, value=requests.get(key, 0))
-        gates = [middleware.quota for middleware in middlewares if middleware.quota is not None]
-        gate_stats = _summed(
-            {**getattr(gate, "stats", {}), **getattr(getattr(gate, "backend", None), "stats", {})} for gate in gates
-        )
-        for key, value in sorted(gate_stats.items()):
-            if key in _GATE_GAUGES:
-                yield GaugeMetricFamily(f"{prefix}quota_{key}", _GATE_GAUGES[key], value=value)
-            else:
-                yield CounterMetricFamily(f"{prefix}quota_{key}", f"Quota gate: {key.replace('_', ' ')}.", value=value)
+        with self.lock:
+            self.mirror.sync()
+            return iter(list(self.totals.families()))
 
 
 # ------------------------------------------------------------------------------------ multiprocess mode
@@ -346,6 +394,11 @@ def mirror_renewed(middleware: Any) -> None:
     state = _multiprocess
     if state is not None:
         state.renewed(middleware)
+    for _, collector in list(_registered.values()):
+        try:
+            collector.renewed(middleware)
+        except Exception:  # never the end of the middleware's start
+            logger.exception("Could not adopt the renewed billing pipeline's metrics")
 
 
 def _forget_dead_processes(directory: str) -> None:
@@ -563,7 +616,7 @@ def _parts(middleware: Any) -> Iterator[_Part]:
 class _Mirror:
     """The registered middlewares and pipelines of one namespace (held weakly, as the collectors hold them)."""
 
-    def __init__(self, state: _Multiprocess, namespace: str) -> None:
+    def __init__(self, state: _Multiprocess | _Totals, namespace: str) -> None:
         self.middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
         self.pipelines: weakref.WeakSet[PipelineMetrics] = weakref.WeakSet()
         self._state = state
