@@ -69,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 import math
 import os
@@ -490,6 +491,10 @@ def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
 
 #: Fraction of the TTL (and of ``plan_ttl``) a first snapshot's next refresh may come early, at random.
 _FIRST_SPREAD = 0.5
+#: Refreshes of cold orgs queued at once per process, at most (and at most ``max_orgs``): enough for every org of a
+#: large fleet after a deploy, while a flood of fresh org ids (a spoofable header) with Lago slow or down cannot pile
+#: up refresh tasks without end, each reading Lago long after its request was answered.
+_MAX_COLD_QUEUE = 10_000
 
 
 class _Pace:
@@ -621,19 +626,22 @@ class LocalBackend:
         return state
 
     def _evict(self) -> None:
-        """Over ``max_orgs``: forget orgs with nothing counted locally (their snapshot is fetched again when
-        needed); if that is not enough, the least recently used tenth among those with no call in flight (their
-        records not yet in a snapshot are lost, long after they were made); only if every org has calls in flight,
-        the least recently used tenth."""
+        """Over ``max_orgs``: forget a tenth of the orgs, taken among the least recently used half (an org used since
+        stays, however many ids came after it: a flood of ids seen once cannot push out an org in use, say one over
+        its quota, whose blocked requests count nothing): first those with nothing counted locally (their snapshot is
+        fetched again when needed), then those with no call in flight (their records not yet in a snapshot are lost,
+        long after they were made); only if every one of them has calls in flight, the least recently used."""
         orgs = self._orgs
-        for org_id in [org_id for org_id, state in orgs.items() if not state.counts.calls and not state.counts.tokens]:
-            del orgs[org_id]
-        if len(orgs) < self.config.max_orgs:
-            return
         tenth = max(1, self.config.max_orgs // 10)
-        victims = [org_id for org_id, state in orgs.items() if not state.counts.i][:tenth]
+        older = list(itertools.islice(orgs.items(), max(tenth, len(orgs) // 2)))
+        victims = [org_id for org_id, state in older if not state.counts.calls and not state.counts.tokens][:tenth]
+        if len(victims) < tenth:
+            idle = set(victims)
+            victims += [org_id for org_id, state in older if org_id not in idle and not state.counts.i][
+                : tenth - len(victims)
+            ]
         if not victims:
-            victims = list(orgs)[:tenth]
+            victims = [org_id for org_id, _ in older[:tenth]]
         for org_id in victims:
             del orgs[org_id]
 
@@ -943,6 +951,7 @@ class QuotaGate:
         }
         self._refreshing: dict[str, anyio.Event] = {}
         self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)
+        self._cold_queued = 0  # refreshes of cold orgs spawned and not started yet (bounded: _MAX_COLD_QUEUE)
         self._paused_until = 0.0  # Lago answered a refresh 429: none is sent before then (on the gate's clock)
         self._usage_pace = _Pace(self.config.refresh_rate)
         self._plan_pace = _Pace(self.config.plan_refresh_rate)
@@ -978,6 +987,7 @@ class QuotaGate:
                 _RUNNING.discard(self)
                 self._tasks = None
                 self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)  # (its waiters were this loop's)
+                self._cold_queued = 0
 
     async def aclose(self) -> None:
         """Write pending settles, stop refreshes, close the backend."""
@@ -989,6 +999,7 @@ class QuotaGate:
         for event in self._refreshing.values():  # (a task cancelled before it ran left its entry)
             event.set()
         self._refreshing.clear()
+        self._cold_queued = 0
         await self.backend.aclose()
         if self._scope is not None:
             self._scope.cancel()
@@ -1306,6 +1317,11 @@ class QuotaGate:
             return self._refreshing[org_id]
         if not force and self._next_attempt.get(org_id, 0.0) > now:
             return None
+        if urgent:
+            if self._cold_queued >= min(self.config.max_orgs, _MAX_COLD_QUEUE):  # a flood of unknown org ids
+                self.stats["cold_shed"] = self.stats.get("cold_shed", 0) + 1
+                return None
+            self._cold_queued += 1
         event = self._refreshing[org_id] = anyio.Event()
         if len(self._next_attempt) >= self.config.max_orgs:  # bounded, however many org ids requests bring
             self._next_attempt.clear()
@@ -1332,9 +1348,13 @@ class QuotaGate:
         try:
             await slots.acquire(org_id, urgent)
         except BaseException:
+            if urgent:
+                self._cold_queued = max(0, self._cold_queued - 1)
             self._refreshing.pop(org_id, None)
             event.set()
             raise
+        if urgent:
+            self._cold_queued = max(0, self._cold_queued - 1)
         held = True
 
         def release() -> None:  # (once: when the refresh only waits for another process's, or when it ends)

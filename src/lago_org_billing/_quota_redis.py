@@ -56,7 +56,9 @@ __all__ = ["RedisBackend"]
 
 logger = logging.getLogger("lago_org_billing.quota")
 
-#: Counters outlive their billing period by this much (ms), and counters made before any snapshot live this long.
+#: Counters outlive their billing period by this much (ms), snapshots of orgs without a subscription their refresh
+#: time, and counters made before any snapshot ``inflight_horizon``; those of a merge after a Redis outage, when
+#: nothing else set their expiry, live ``UNPERIODED_TTL_MS``.
 PERIOD_MARGIN_MS = 3_600_000
 UNPERIODED_TTL_MS = 86_400_000
 #: Settles kept for Redis while it is down (beyond: counted locally, as a fallback decision would be).
@@ -404,6 +406,10 @@ class RedisBackend:
         self._running = False
         self._closed = False
         self._last_seen: LRUCache[str, Outcome] = LRUCache(maxsize=self.config.max_orgs)
+        # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
+        # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
+        # at most), and every fresh org id (a spoofable header, a JWT claim) let through makes one
+        self._blind_ttl_ms = int(self.config.inflight_horizon * 1000) + PERIOD_MARGIN_MS
 
     # ------------------------------------------------------------------------------ keys
 
@@ -466,7 +472,7 @@ class RedisBackend:
     async def reserve(self, org_id: str, now: float, mode: Mode, known: Snapshot | None) -> Outcome:
         if self._up():
             args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
-            args += [known.version if known is not None else "", PERIOD_MARGIN_MS, UNPERIODED_TTL_MS]
+            args += [known.version if known is not None else "", PERIOD_MARGIN_MS, self._blind_ttl_ms]
             try:
                 # Shielded (bounded by redis_timeout): a request cancelled meanwhile (a client gone, a timeout) still
                 # learns whether its call was reserved, to release it after, instead of holding it for an hour.
@@ -555,7 +561,7 @@ class RedisBackend:
                     for org_id, period, bucket, billed, now, tokens in batch:
                         await self._settle(
                             keys=[self.key(org_id, "count")],
-                            args=[period, bucket, now, billed, tokens, UNPERIODED_TTL_MS],
+                            args=[period, bucket, now, billed, tokens, self._blind_ttl_ms],
                             client=pipe,
                         )
                     await pipe.execute()
@@ -584,8 +590,8 @@ class RedisBackend:
             return True
         if snapshot.active:
             ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
-        else:
-            ttl_ms = UNPERIODED_TTL_MS
+        else:  # due again at refresh_at; kept a margin after it (serving while Lago is down), not a day per org id
+            ttl_ms = max(int((snapshot.refresh_at - now) * 1000), 1) + PERIOD_MARGIN_MS
         args: list[Any] = [
             repr(snapshot.requested_at),
             int(snapshot.requested_at - self.config.settle_lag),
