@@ -50,6 +50,7 @@ from ._identity import (
     resolve_now,
 )
 from ._metrics import mirror_renewed, register_metrics
+from ._quota import _Decision
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -791,7 +792,8 @@ class OrgBillingMiddleware:
         if gated is not None and usage.total_tokens and self.quota is not None:
             # in the period the call was checked in (Lago bills the event there, by its timestamp): none once that
             # period is over
-            tokens_only = _TOKENS_ONLY if type(gated) is QuotaDecision else dataclasses.replace(gated, reserved=False)
+            # (this package's gate: its own decision, unreserved; another gate gets the empty one its protocol says)
+            tokens_only = dataclasses.replace(gated, reserved=False) if type(gated) is _Decision else _TOKENS_ONLY
             self.quota.settle(org_id, tokens_only, tokens=usage.total_tokens, billed=False)
         return event
 

@@ -89,6 +89,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
     LagoUnavailableError,
+    LagoValidationError,
 )
 from ._ids import _FORBIDDEN, MAX_ID_LENGTH, path_segment, validate_id
 from ._settings import BillingSettings
@@ -1429,6 +1430,14 @@ async def plan_org(
             ending = source[1].get("ending_at") if source is not None and org.plan_code is None else None
             if isinstance(ending, str) and ending:
                 payload["ending_at"] = ending
+                last_day = _parse_time(ending)  # (Lago reads its date as written, in its own offset)
+                if last_day is not None and last_day.date() <= dt.datetime.now(dt.timezone.utc).date():
+                    result.warnings.append(
+                        f"org {org.org_id!r}: the subscription it takes its plan from ({result.plan_source}) ends "
+                        f"{ending} (ending_at), today or before by this host's clock: Lago refuses an ending_at "
+                        "that is not on a later day than today, so the org subscription cannot end with it and "
+                        "this org would fail at it (see the error then)"
+                    )
             until = f"; ending {payload['ending_at']}" if "ending_at" in payload else ""
             steps.append(
                 Step(
@@ -1556,6 +1565,20 @@ def _own_price_problem(org: OrgMapping, sub_id: str, donor: tuple[str, JSON], ow
     )
 
 
+def _ending_refused(org: OrgMapping, step: Step, result: OrgResult) -> str:
+    """Lago refused the ``ending_at`` copied from the donor (one not on a later day than today: a fixed term ending
+    today, or ended and not yet terminated by Lago's hourly job)."""
+    return (
+        f"the org subscription {step.target} cannot end when the subscription it takes its plan from does "
+        f"({result.plan_source}; ending_at {step.payload['ending_at']}): Lago refuses an ending_at that is not on a "
+        "later day than today (invalid_date), and that fixed term ends today or has ended (Lago terminates it "
+        f"within the hour after). Nothing more was done for org {org.org_id!r} (its customer aside): the users' "
+        "subscriptions go on as before. Run again once Lago has terminated it (the org then takes the plan of "
+        "another active subscription, if any), or give the org a plan_code in the mapping (an org subscription "
+        "without an end date)"
+    )
+
+
 async def apply_org(
     client: LagoClient,
     org: OrgMapping,
@@ -1581,14 +1604,19 @@ async def apply_org(
                         outcome="started",
                         fingerprint=fingerprint,
                     )
-                subscription = await client.create_subscription(
-                    external_customer_id=org.org_id,
-                    plan_code=step.payload["plan_code"],
-                    external_id=step.target,
-                    billing_time=step.payload["billing_time"],
-                    subscription_at=step.payload.get("subscription_at"),
-                    ending_at=step.payload.get("ending_at"),
-                )
+                try:
+                    subscription = await client.create_subscription(
+                        external_customer_id=org.org_id,
+                        plan_code=step.payload["plan_code"],
+                        external_id=step.target,
+                        billing_time=step.payload["billing_time"],
+                        subscription_at=step.payload.get("subscription_at"),
+                        ending_at=step.payload.get("ending_at"),
+                    )
+                except LagoValidationError as exc:
+                    if "ending_at" not in step.payload or "ending_at" not in exc.details:
+                        raise
+                    raise InvalidRequestError(_ending_refused(org, step, result)) from exc
                 result.subscription = subscription
                 step.outcome = "done"
                 step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}

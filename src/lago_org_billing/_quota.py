@@ -1405,8 +1405,10 @@ class QuotaGate:
             if stored:
                 self._known[org_id] = snapshot
                 self._refresh_errors.pop(org_id, None)
-                self._next_attempt.pop(org_id, None)
-                self._gave_up.pop(org_id, None)
+                # (a period already over: Lago's clock behind at the rollover; the backoff before reading again stays)
+                if not snapshot.active or self.clock() < snapshot.period_end:
+                    self._next_attempt.pop(org_id, None)
+                    self._gave_up.pop(org_id, None)
                 if self._outage_logged or self._refresh_failing:
                     self._outage_logged = self._refresh_failing = False
                     logger.info("Lago answers again: usage snapshots are being refreshed.")
