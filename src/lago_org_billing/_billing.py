@@ -31,7 +31,7 @@ from ._errors import (
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._ids import validate_id
-from ._settings import BillingSettings
+from ._settings import BillingSettings, masked_url
 
 if TYPE_CHECKING:
     from ._delivery import EventPipeline
@@ -591,7 +591,7 @@ class OrgBilling:
     async def check_lago_health(self) -> JSON:
         """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error"}``."""
         started = time.perf_counter()
-        result: JSON = {"healthy": False, "url": self.settings.api_url, "version": None, "error": None}
+        result: JSON = {"healthy": False, "url": masked_url(self.settings.api_url), "version": None, "error": None}
         try:
             body = await self.client.health()
         except (LagoIntegrationError, RuntimeError) as exc:  # (RuntimeError: a closed client)

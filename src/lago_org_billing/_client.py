@@ -30,7 +30,7 @@ from ._errors import (
 from ._events import MAX_BATCH_SIZE, normalize_event
 from ._http1 import RawHTTPError, RawPoster, can_use_raw_poster
 from ._ids import path_segment, validate_id
-from ._settings import BillingSettings
+from ._settings import BillingSettings, redact_url
 from ._version import __version__
 
 __all__ = ["LagoClient", "Page"]
@@ -39,6 +39,8 @@ logger = logging.getLogger("lago_org_billing.client")
 
 JSON = dict[str, Any]
 _MAX_BACKOFF = 10.0
+#: Seconds between two WARNINGs about retries (the others are logged at DEBUG).
+_RETRY_LOG_INTERVAL = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,9 @@ class LagoClient:
         )
         self._http = self._new_http()
         self._state = _State.OPEN
+        # retries are said at WARNING once per _RETRY_LOG_INTERVAL (an outage fails every call), at DEBUG between
+        self._retry_logged_at: float | None = None
+        self._retries_unsaid = 0
 
     async def __aenter__(self) -> LagoClient:
         if self._state is _State.CLOSED:
@@ -159,8 +164,19 @@ class LagoClient:
 
     async def health(self) -> JSON:
         """``GET /health`` (outside ``/api/v1``): Lago's version and status. Raises when Lago is unhealthy."""
-        body = await self._request("GET", "/health", api=False)
-        return body
+        try:
+            return await self._request("GET", "/health", api=False)
+        except LagoNotFoundError as exc:  # Lago always serves /health: its 404 of an unknown route, not a missing id
+            raise LagoAPIError(
+                f"Lago answered GET /health with 404 ({exc.code}): {redact_url(self.settings.api_url + '/health')} is "
+                "not Lago's health check, so LAGO_API_URL is not Lago's base URL (a path Lago is not served under?).",
+                status=exc.status,
+                code=exc.code,
+                details=exc.details,
+                error=exc.error,
+                method=exc.method,
+                path=exc.path,
+            ) from None
 
     # --------------------------------------------------------------- customers
 
@@ -418,8 +434,8 @@ class LagoClient:
         if text and (text[:1] != b"{" or text[-1:] != b"}"):
             raise LagoAPIError(
                 f"POST {url} was answered {status} with a body that is not Lago's JSON ({text[:60]!r}): that is not "
-                f"Lago's API. Check LAGO_API_URL ({self.settings.api_url}): it must be the URL of Lago's API "
-                "(not its front end, nor a CDN or proxy page).",
+                f"Lago's API. Check LAGO_API_URL ({redact_url(self.settings.api_url)}): it must be the URL of Lago's "
+                "API (not its front end, nor a CDN or proxy page).",
                 status=status,
                 method="POST",
                 path=url,
@@ -554,9 +570,12 @@ class LagoClient:
                 timeout = min(settings.api_timeout, max(left, 0.001))
                 response = await self._http.request(method, url, params=query, json=json, timeout=timeout)
             except httpx.RequestError as exc:  # network errors, and bodies that cannot be decoded
+                what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if isinstance(exc, httpx.TimeoutException):  # (httpx's timeouts mostly have no message)
+                    what += f", no answer within {timeout:.3g} s: LAGO_API_TIMEOUT, LAGO_RETRY_DEADLINE"
                 error: LagoAPIError = LagoUnavailableError(
-                    f"Lago did not answer {method} {url} ({type(exc).__name__}: {exc}). "
-                    f"Check LAGO_API_URL ({settings.api_url}) and that Lago is up.",
+                    f"Lago did not answer {method} {url} ({what}). "
+                    f"Check LAGO_API_URL ({redact_url(settings.api_url)}) and that Lago is up.",
                     method=method,
                     path=url,
                 )
@@ -581,16 +600,43 @@ class LagoClient:
             retryable = throttled or (retry and method != "DELETE")
             if not retryable or attempt > settings.max_retries or time.monotonic() + wait > deadline:
                 raise error
-            logger.warning(
+            self._log_retry(method, url, error, attempt, wait)
+            await anyio.sleep(wait)
+
+    def _log_retry(self, method: str, url: str, error: LagoAPIError, attempt: int, wait: float) -> None:
+        """Say a retry: at WARNING (with what to check) at most once per ``_RETRY_LOG_INTERVAL``, else at DEBUG. While
+        Lago is down every call retries (each org's quota refresh...): a line per retry would flood the logs."""
+        why = error.status or type(error.__cause__).__name__
+        now = time.monotonic()
+        if self._retry_logged_at is not None and now - self._retry_logged_at < _RETRY_LOG_INTERVAL:
+            self._retries_unsaid += 1
+            logger.debug(
                 "Lago %s %s failed (%s); retry %d/%d in %.2fs",
                 method,
                 url,
-                error.status or type(error.__cause__).__name__,
+                why,
                 attempt,
-                settings.max_retries,
+                self.settings.max_retries,
                 wait,
             )
-            await anyio.sleep(wait)
+            return
+        unsaid, self._retry_logged_at, self._retries_unsaid = self._retries_unsaid, now, 0
+        if isinstance(error, LagoRateLimitError):
+            hint = "Lago throttles this API key (429): if this lasts, lower the rate of calls or ask Lago to raise it"
+        else:
+            hint = f"If this lasts, check that Lago is up at LAGO_API_URL ({redact_url(self.settings.api_url)})"
+        logger.warning(
+            "Lago %s %s failed (%s); retry %d/%d in %.2fs. %s (%sfurther retries within %g s are logged at DEBUG)",
+            method,
+            url,
+            why,
+            attempt,
+            self.settings.max_retries,
+            wait,
+            hint,
+            f"{unsaid} retries since the last such warning; " if unsaid else "",
+            _RETRY_LOG_INTERVAL,
+        )
 
 
 def _unwrap(body: JSON, key: str) -> JSON:
@@ -639,7 +685,9 @@ def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
         body = response.json()
     except ValueError:
         raise LagoAPIError(
-            f"Lago answered {method} {url} with {response.status_code} but the body is not JSON.",
+            f"Lago answered {method} {url} with {response.status_code} but the body is not JSON "
+            f"({response.content[:60]!r}): that is not Lago's API. Check LAGO_API_URL: it must be the URL of Lago's "
+            "API (not its front end, nor a CDN or proxy page).",
             status=response.status_code,
             method=method,
             path=url,

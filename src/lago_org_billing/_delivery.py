@@ -73,6 +73,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
+from ._settings import redact_url
 from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox, dumps_event
 
 __all__ = ["DeadLetter", "EventPipeline"]
@@ -671,7 +672,7 @@ class EventPipeline:
         hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
         _every_20th(self._failures)(  # (recovery is logged at INFO)
             "Lago delivery to %s failed: %s; events are kept and retried in %.2f s%s",
-            self.client.settings.api_url,
+            redact_url(self.client.settings.api_url),
             str(exc).rstrip("."),
             delay,
             hint,

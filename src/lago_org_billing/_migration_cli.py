@@ -38,7 +38,7 @@ from ._migration import (
     run_migration,
     validate_mapping,
 )
-from ._settings import BillingSettings
+from ._settings import BillingSettings, masked_url
 
 __all__ = ["add_migrate_command", "run_migrate_command"]
 
@@ -138,7 +138,13 @@ ORG_DONE_HOOK: Callable[[OrgResult, int, int], None] | None = None
 
 
 def _handle(args: argparse.Namespace) -> int:
-    return run_migrate_command(args, on_org_done=ORG_DONE_HOOK)
+    try:
+        return run_migrate_command(args, on_org_done=ORG_DONE_HOOK)
+    except KeyboardInterrupt:  # (the CLI exits 130) what was done is done, each step idempotent: say how to go on
+        if args.execute:
+            again = "the same command" if args.journal else "the same command (with --journal FILE, it skips done orgs)"
+            print(f"\nmigrate interrupted: every step is safe to make again; run {again} to finish.", file=sys.stderr)
+        raise
 
 
 def run_migrate_command(
@@ -248,7 +254,10 @@ def _run(
                 orgs, warnings = await validate_mapping(client, records, options)
                 journal = opened
                 users = sum(len(org.users) for org in orgs)
-                print(f"migrate ({mode}): {len(orgs)} orgs, {users} users, Lago at {settings.api_url}", file=err)
+                print(
+                    f"migrate ({mode}): {len(orgs)} orgs, {users} users, Lago at {masked_url(settings.api_url)}",
+                    file=err,
+                )
                 if journal is not None and journal.done_count:
                     print(f"journal {journal.path}: {journal.done_count} orgs done before, skipping them", file=err)
 

@@ -59,7 +59,7 @@ from ._errors import (
 )
 from ._ids import validate_id
 from ._settings import BillingSettings
-from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
+from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate, _Throttled
 
 __all__ = ["Authorize", "BillingRouter", "billing_routes", "deny_all"]
 
@@ -250,6 +250,7 @@ class BillingRouter(Router):
         self._settings = settings
         self._client = client
         self._owned: OrgBilling | None = None
+        self._say = _Throttled(logger, level=logging.ERROR)  # Lago errors repeat with every request: once a minute
         self.authorize = authorize
         self.invalidate = invalidate
         self.limits_provider = limits_provider
@@ -306,7 +307,7 @@ class BillingRouter(Router):
             except InvalidRequestError as exc:
                 response = JSONResponse({"detail": [_error(("path", "org_id"), str(exc), "value_error")]}, 422)
             except LagoIntegrationError as exc:
-                response = _lago_error(exc, request)
+                response = _lago_error(exc, request, self._say)
             # an org's billing data: never kept by a browser or a cache along the way (a shared computer's back
             # button after logout, a proxy caching by URL when auth is a cookie)
             response.headers.update(_PRIVATE)
@@ -523,7 +524,7 @@ class BillingRouter(Router):
         return JSONResponse(data, headers=headers)
 
 
-def _lago_error(exc: LagoIntegrationError, request: Request) -> JSONResponse:
+def _lago_error(exc: LagoIntegrationError, request: Request, say: _Throttled) -> JSONResponse:
     """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL)."""
     if isinstance(exc, LagoNotFoundError):
         return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
@@ -543,10 +544,10 @@ def _lago_error(exc: LagoIntegrationError, request: Request) -> JSONResponse:
             {"detail": "Lago is unavailable; retry later."}, status_code=503, headers={"Retry-After": "5"}
         )
     if isinstance(exc, LagoAuthenticationError):
-        logger.error("Lago refused the API key for %s %s: %s", request.method, request.url.path, exc)
+        say("auth", "Lago refused the API key for %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
     if isinstance(exc, LagoAPIError):
-        logger.error("Lago error on %s %s: %s", request.method, request.url.path, exc)
+        say(f"status {exc.status}", "Lago error on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "Lago answered with an error.", "code": exc.code}, status_code=502)
     if isinstance(exc, ConfigurationError):
         raise exc  # a deployment error: loud, with its message in the server log

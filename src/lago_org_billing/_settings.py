@@ -317,10 +317,15 @@ _URL_FIELDS = ("api_url", "redis_url")
 def redact_url(url: str) -> str:
     """``url`` as it may be shown (logs, errors, ``repr``): quoted, with its password (``user:***@``, and a
     ``password=`` query parameter) masked."""
+    return repr(masked_url(url))
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password masked, as :func:`redact_url` shows it, unquoted (a JSON value, a report's field)."""
     try:
         parts = urlsplit(url)
     except ValueError:  # not a URL Python can read (an unbalanced IPv6 bracket): shown as a placeholder
-        return repr("<unparseable URL>")
+        return "<unparseable URL>"
     netloc, query = parts.netloc, parts.query
     if "@" in netloc:  # user:password@, or a lone password (redis://secret@host): masked either way
         userinfo, _, host = netloc.rpartition("@")
@@ -329,8 +334,8 @@ def redact_url(url: str) -> str:
     if "password=" in query:
         query = "&".join("password=***" if item.startswith("password=") else item for item in query.split("&"))
     if (netloc, query) == (parts.netloc, parts.query):
-        return repr(url)  # nothing to mask: as it was written (unix:///path keeps its slashes)
-    return repr(parts._replace(netloc=netloc, query=query).geturl())
+        return url  # nothing to mask: as it was written (unix:///path keeps its slashes)
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def _check_template(template: str) -> None:

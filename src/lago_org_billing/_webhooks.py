@@ -367,7 +367,7 @@ def resolve_org(payload: Mapping[str, Any], subscription_id_template: str = "{or
 class _Config:
     settings: BillingSettings
     mode: Literal["jwt", "hmac"]
-    hmac_key: bytes | None
+    hmac_key: bytes | None = dataclasses.field(repr=False)  # (error trackers record frames' locals by their repr)
     issuers: tuple[str, ...]
     organization_id: str | None
 
@@ -443,6 +443,7 @@ class LagoWebhooks:
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
         self._config: _Config | None = None
+        self._say = _Throttled()  # problems that repeat with every webhook: said once a minute, not per request
         #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
         #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
         self.stats: dict[str, int] = dict.fromkeys(
@@ -591,7 +592,12 @@ class LagoWebhooks:
         try:
             problem = await self._verify(config, signature, body)
         except _KeyUnavailable as exc:
-            logger.warning("Webhook not verified, Lago's public key is unavailable: %s", exc)
+            self._say(
+                "key",
+                "Webhook not verified (answered 503, Lago sends it again), Lago's public key is unavailable: %s. Check "
+                "that Lago answers at LAGO_API_URL with LAGO_API_KEY, or pass LagoWebhooks(public_key=...)",
+                exc,
+            )
             return _answer(503, "public_key_unavailable", "Lago's public key could not be fetched; retry later.")
         if problem is not None:
             return self._reject("invalid_signature", problem)
@@ -632,7 +638,7 @@ class LagoWebhooks:
 
     def _reject(self, code: str, detail: str) -> Response:
         self.stats["rejected"] += 1
-        logger.warning("Lago webhook rejected (%s): %s", code, detail)
+        self._say(code, "Lago webhook rejected (%s, answered 401): %s", code, detail)
         return _answer(401, code, detail)
 
     # ------------------------------------------------------------------------------------- verifying
@@ -768,7 +774,13 @@ class LagoWebhooks:
             try:
                 state = await dedupe.claim(token)
             except Exception:  # Redis down: process anyway (at-least-once) rather than lose the webhook
-                logger.warning("Webhook dedupe unavailable; processing %s without it", key, exc_info=True)
+                self._say(
+                    "dedupe",
+                    "Webhook dedupe unavailable (check Redis, LAGO_REDIS_URL): processing %s without it, so a delivery "
+                    "Lago sends again may run its handlers twice",
+                    key,
+                    exc_info=True,
+                )
                 state = "new"
                 dedupe = None
             if state == "done":
@@ -782,14 +794,14 @@ class LagoWebhooks:
         except BaseException as exc:
             if claimed and dedupe is not None:
                 with anyio.CancelScope(shield=True):
-                    await _quietly(dedupe.release(token))
+                    await self._quietly(dedupe.release(token))
             if not isinstance(exc, Exception):
                 raise
             self.stats["failed"] += 1
             logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, key)
             return _answer(500, "handler_failed", "A handler failed; Lago will retry.", unique_key=key)
         if claimed and dedupe is not None:
-            await _quietly(dedupe.complete(token))
+            await self._quietly(dedupe.complete(token))
         self.stats["processed" if handled else "ignored"] += 1
         status = "processed" if handled else "ignored"
         return _answer(_SUCCESS, status, None, unique_key=key, webhook_type=event.webhook_type, org_id=event.org_id)
@@ -806,7 +818,7 @@ class LagoWebhooks:
         async def keep_claim() -> None:
             while True:
                 await anyio.sleep(period)
-                await _quietly(extend(key))
+                await self._quietly(extend(key))
 
         handled: list[bool] = []
         failure: list[Exception] = []
@@ -851,6 +863,12 @@ class LagoWebhooks:
             handled = True
         return handled
 
+    async def _quietly(self, operation: Awaitable[None]) -> None:
+        try:
+            await operation
+        except Exception:
+            self._say("dedupe_store", "Webhook dedupe store failed (check Redis, LAGO_REDIS_URL)", exc_info=True)
+
 
 def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
     """The quota gate ``OrgBillingMiddleware`` published in the scope, if this route sits behind one."""
@@ -871,11 +889,33 @@ def _same_key(a: Any, b: Any) -> bool:
         return a is b
 
 
-async def _quietly(operation: Awaitable[None]) -> None:
-    try:
-        await operation
-    except Exception:
-        logger.warning("Webhook dedupe store failed", exc_info=True)
+class _Throttled:
+    """Logs a problem that can repeat with every request at ``level`` at most once per ``interval`` seconds for each
+    kind, with how many were logged at DEBUG since (a scanner posting junk, Redis down for an hour)."""
+
+    def __init__(self, log: logging.Logger = logger, *, level: int = logging.WARNING, interval: float = 60.0) -> None:
+        self.log = log
+        self.level = level
+        self.interval = interval
+        self._said: dict[str, tuple[float, int]] = {}  # kind -> (when last said at WARNING, how many since)
+
+    def __call__(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        said = self._said.get(kind)
+        if said is not None and now - said[0] < self.interval:
+            self._said[kind] = (said[0], said[1] + 1)
+            self.log.debug(message, *args, exc_info=exc_info)
+            return
+        if len(self._said) >= 100:  # (kinds are a fixed few; bounded all the same)
+            self._said.clear()
+        self._said[kind] = (now, 0)
+        since = f"{said[1]} more since the last such warning; " if said is not None and said[1] else ""
+        self.log.log(
+            self.level,
+            f"{message} ({since}more within {self.interval:g} s are logged at DEBUG)",
+            *args,
+            exc_info=exc_info,
+        )
 
 
 def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONResponse:
