@@ -225,7 +225,7 @@ def test_mounts_with_parameters_give_their_templates(starlette_before_1_7: bool)
         root_path = scope.get("root_path", "")
         await app(scope, receive, send)
         if starlette_before_1_7:
-            del scope["route"]
+            scope.pop("route", None)
         seen.append(route_template(scope, 200, root_path))
 
     inner = [Route("/chat/{chat_id}", chat, methods=["POST"])]
