@@ -198,3 +198,30 @@ async def test_lago_behind_at_the_rollover_a_stale_period_read_does_not_end_the_
             assert (await gate.check("org_1")).allowed  # the same instant by the gate's clock
             assert (gate.stats["cold_waits"] - waits, lago_reads(fake) - reads) == (0, 0)
             tasks.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_gate_given_to_two_middlewares_without_lifespan_closes() -> None:
+    """Two apps served without a lifespan (their background started by their first request) sharing one quota gate
+    (``quota=a.quota``): the second start ran the gate's background a second time, and closing ended only that
+    run, so ``a.aclose()`` waited for ever. The gate now runs once; the second run only waits for ``aclose``."""
+
+    async def chat(request: Request) -> Response:
+        return JSONResponse({"usage": {"total_tokens": 3}})
+
+    fake = FakeLago()
+    fake.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
+    fake.add_plan("starter", amount_cents=1000)
+    fake.add_subscription("org_a", "starter", external_id="org_a")
+    settings = BillingSettings(api_url=fake.base_url, api_key=fake.api_key, org_header="X-Org-Id")
+    a = OrgBillingMiddleware(Starlette(routes=[Route("/c", chat)]), settings=settings, transport=fake.transport())
+    b = OrgBillingMiddleware(
+        Starlette(routes=[Route("/c", chat)]), settings=settings, transport=fake.transport(), quota=a.quota
+    )
+    for middleware in (a, b):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
+            assert (await client.get("/c", headers={"X-Org-Id": "org_a"})).status_code == 200
+    with anyio.fail_after(10):  # (a guard against the hang, not a timing assertion)
+        await a.aclose()
+        await b.aclose()
+    assert len(fake.events) == 2

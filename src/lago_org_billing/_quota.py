@@ -962,7 +962,7 @@ class QuotaGate:
         self._known: LRUCache[str, Snapshot] = LRUCache(maxsize=self.config.max_orgs)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._loose: set[asyncio.Task[None]] = set()
-        self._scope: anyio.CancelScope | None = None
+        self._scopes: set[anyio.CancelScope] = set()  # those of run(): aclose() ends them all
         self._outage_logged = False
         self._outage_logged_at = 0.0
         self._refresh_failing = False  # a refresh failed since the last one that worked (logged once)
@@ -972,22 +972,30 @@ class QuotaGate:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Background work: snapshot refreshes and the backend's writer. Runs until cancelled or closed."""
+        """Background work: snapshot refreshes and the backend's writer. Runs until cancelled or closed. Run again
+        while running (one gate given to two middlewares), it only waits (for :meth:`aclose`, or to be cancelled):
+        one gate has one background."""
         with anyio.CancelScope() as scope:
-            self._scope = scope
+            self._scopes.add(scope)
             try:
-                async with anyio.create_task_group() as tasks:
-                    await tasks.start(self.backend.run)
-                    self._tasks = tasks
-                    _LAST[:] = [weakref.ref(self)]
-                    _RUNNING.add(self)
+                if self._tasks is not None:
                     task_status.started()
                     await anyio.sleep_forever()
+                try:
+                    async with anyio.create_task_group() as tasks:
+                        await tasks.start(self.backend.run)
+                        self._tasks = tasks
+                        _LAST[:] = [weakref.ref(self)]
+                        _RUNNING.add(self)
+                        task_status.started()
+                        await anyio.sleep_forever()
+                finally:
+                    _RUNNING.discard(self)
+                    self._tasks = None
+                    self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)  # (its waiters were this loop's)
+                    self._cold_queued = 0
             finally:
-                _RUNNING.discard(self)
-                self._tasks = None
-                self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)  # (its waiters were this loop's)
-                self._cold_queued = 0
+                self._scopes.discard(scope)
 
     async def aclose(self) -> None:
         """Write pending settles, stop refreshes, close the backend."""
@@ -1001,8 +1009,8 @@ class QuotaGate:
         self._refreshing.clear()
         self._cold_queued = 0
         await self.backend.aclose()
-        if self._scope is not None:
-            self._scope.cancel()
+        for scope in list(self._scopes):
+            scope.cancel()
 
     # ------------------------------------------------------------------------------ hot path
 
