@@ -39,8 +39,6 @@ logger = logging.getLogger("lago_org_billing.client")
 
 JSON = dict[str, Any]
 _MAX_BACKOFF = 10.0
-#: Seconds between two WARNINGs about retries (the others are logged at DEBUG).
-_RETRY_LOG_INTERVAL = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +119,7 @@ class LagoClient:
         )
         self._http = self._new_http()
         self._state = _State.OPEN
-        # retries are said at WARNING once per _RETRY_LOG_INTERVAL (an outage fails every call), at DEBUG between
-        self._retry_logged_at: float | None = None
-        self._retries_unsaid = 0
+        self._say = _Throttled(logger)  # retries: said at WARNING once a minute (an outage fails every call)
 
     async def __aenter__(self) -> LagoClient:
         if self._state is _State.CLOSED:
@@ -604,38 +600,22 @@ class LagoClient:
             await anyio.sleep(wait)
 
     def _log_retry(self, method: str, url: str, error: LagoAPIError, attempt: int, wait: float) -> None:
-        """Say a retry: at WARNING (with what to check) at most once per ``_RETRY_LOG_INTERVAL``, else at DEBUG. While
-        Lago is down every call retries (each org's quota refresh...): a line per retry would flood the logs."""
-        why = error.status or type(error.__cause__).__name__
-        now = time.monotonic()
-        if self._retry_logged_at is not None and now - self._retry_logged_at < _RETRY_LOG_INTERVAL:
-            self._retries_unsaid += 1
-            logger.debug(
-                "Lago %s %s failed (%s); retry %d/%d in %.2fs",
-                method,
-                url,
-                why,
-                attempt,
-                self.settings.max_retries,
-                wait,
-            )
-            return
-        unsaid, self._retry_logged_at, self._retries_unsaid = self._retries_unsaid, now, 0
+        """Say a retry: at WARNING (with what to check) at most once a minute, else at DEBUG. While Lago is down every
+        call retries (each org's quota refresh...): a line per retry would flood the logs."""
         if isinstance(error, LagoRateLimitError):
             hint = "Lago throttles this API key (429): if this lasts, lower the rate of calls or ask Lago to raise it"
         else:
             hint = f"If this lasts, check that Lago is up at LAGO_API_URL ({redact_url(self.settings.api_url)})"
-        logger.warning(
-            "Lago %s %s failed (%s); retry %d/%d in %.2fs. %s (%sfurther retries within %g s are logged at DEBUG)",
+        self._say(
+            "retry",
+            "Lago %s %s failed (%s); retry %d/%d in %.2fs. %s",
             method,
             url,
-            why,
+            error.status or type(error.__cause__).__name__,
             attempt,
             self.settings.max_retries,
             wait,
             hint,
-            f"{unsaid} retries since the last such warning; " if unsaid else "",
-            _RETRY_LOG_INTERVAL,
         )
 
 
@@ -790,3 +770,32 @@ def _retry_after(headers: httpx.Headers) -> float | None:
 def _short(details: Mapping[str, Any]) -> str:
     text = str(dict(details))
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _Throttled:
+    """Logs a problem that can repeat with every request at ``level`` at most once per ``interval`` seconds for each
+    kind, with how many were logged at DEBUG since (a scanner posting junk, Redis down for an hour)."""
+
+    def __init__(self, log: logging.Logger = logger, *, level: int = logging.WARNING, interval: float = 60.0) -> None:
+        self.log = log
+        self.level = level
+        self.interval = interval
+        self._said: dict[str, tuple[float, int]] = {}  # kind -> (when last said at WARNING, how many since)
+
+    def __call__(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        said = self._said.get(kind)
+        if said is not None and now - said[0] < self.interval:
+            self._said[kind] = (said[0], said[1] + 1)
+            self.log.debug(message, *args, exc_info=exc_info)
+            return
+        if len(self._said) >= 100:  # (kinds are a fixed few; bounded all the same)
+            self._said.clear()
+        self._said[kind] = (now, 0)
+        since = f"{said[1]} more since the last such warning; " if said is not None and said[1] else ""
+        self.log.log(
+            self.level,
+            f"{message} ({since}more within {self.interval:g} s are logged at DEBUG)",
+            *args,
+            exc_info=exc_info,
+        )

@@ -44,7 +44,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 
 from ._billing import OrgBilling, _api_call_properties
-from ._client import LagoClient
+from ._client import LagoClient, _Throttled
 from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
 from ._errors import (
     ConfigurationError,
@@ -59,7 +59,7 @@ from ._errors import (
 )
 from ._ids import validate_id
 from ._settings import BillingSettings
-from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate, _Throttled
+from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
 
 __all__ = ["Authorize", "BillingRouter", "billing_routes", "deny_all"]
 

@@ -65,7 +65,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from ._client import LagoClient
+from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError
 from ._identity import SCOPE_KEY
 from ._settings import BillingSettings
@@ -443,7 +443,7 @@ class LagoWebhooks:
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
         self._config: _Config | None = None
-        self._say = _Throttled()  # problems that repeat with every webhook: said once a minute, not per request
+        self._say = _Throttled(logger)  # problems that repeat with every webhook: said once a minute, not per request
         #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
         #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
         self.stats: dict[str, int] = dict.fromkeys(
@@ -887,35 +887,6 @@ def _same_key(a: Any, b: Any) -> bool:
         return bool(a.public_numbers() == b.public_numbers())
     except AttributeError:  # pragma: no cover - not an RSA key
         return a is b
-
-
-class _Throttled:
-    """Logs a problem that can repeat with every request at ``level`` at most once per ``interval`` seconds for each
-    kind, with how many were logged at DEBUG since (a scanner posting junk, Redis down for an hour)."""
-
-    def __init__(self, log: logging.Logger = logger, *, level: int = logging.WARNING, interval: float = 60.0) -> None:
-        self.log = log
-        self.level = level
-        self.interval = interval
-        self._said: dict[str, tuple[float, int]] = {}  # kind -> (when last said at WARNING, how many since)
-
-    def __call__(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        said = self._said.get(kind)
-        if said is not None and now - said[0] < self.interval:
-            self._said[kind] = (said[0], said[1] + 1)
-            self.log.debug(message, *args, exc_info=exc_info)
-            return
-        if len(self._said) >= 100:  # (kinds are a fixed few; bounded all the same)
-            self._said.clear()
-        self._said[kind] = (now, 0)
-        since = f"{said[1]} more since the last such warning; " if said is not None and said[1] else ""
-        self.log.log(
-            self.level,
-            f"{message} ({since}more within {self.interval:g} s are logged at DEBUG)",
-            *args,
-            exc_info=exc_info,
-        )
 
 
 def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONResponse:
