@@ -28,6 +28,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -289,8 +290,12 @@ class FakeLago:
             self.requests.append(record)
 
     def transport(self) -> httpx.ASGITransport:
-        """An httpx transport sending requests to this emulator in process."""
-        return httpx.ASGITransport(app=self)
+        """An httpx transport sending requests to this emulator in process.
+
+        It keeps the request's read timeout as a socket would: an emulator slower than that (an injected
+        ``latency_ms``) raises ``httpx.ReadTimeout``, as the served emulator does, instead of holding the caller.
+        """
+        return _TimedASGITransport(app=self)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` bound to the emulator and already carrying the API key."""
@@ -299,14 +304,26 @@ class FakeLago:
 
     # Read-only views ---------------------------------------------------------------------------
 
+    def catch_up(self) -> None:
+        """Apply what Lago's clock jobs would have done by :meth:`now` (subscriptions reaching their ``ending_at``,
+        their start date or a downgrade date, with their webhooks and invoices). API requests, the views below and
+        ``webhook_dispatcher.deliver_pending()`` do it first: call it after moving ``clock`` when none of them is
+        next, e.g. to have a served emulator send the webhooks of a rollover."""
+        try:
+            self.store.refresh()
+        finally:
+            self._flush_webhooks()
+
     @property
     def customers(self) -> list[JSON]:
         """Live (not deleted) customers, serialized as the API returns them, in creation order."""
+        self.catch_up()
         return self.store.serialized_customers()
 
     @property
     def subscriptions(self) -> list[JSON]:
-        """Every subscription record (all statuses), in creation order."""
+        """Every subscription record (all statuses), in creation order, as of :meth:`now`."""
+        self.catch_up()
         return self.store.serialized_subscriptions()
 
     @property
@@ -316,6 +333,7 @@ class FakeLago:
 
     @property
     def invoices(self) -> list[JSON]:
+        self.catch_up()
         return self.store.serialized_invoices()
 
     @property
@@ -325,7 +343,8 @@ class FakeLago:
             return [r for r in self.requests if r.method not in ("GET", "HEAD")]
 
     def snapshot(self) -> str:
-        """Deterministic canonical JSON of the whole Lago state (not the request or webhook logs)."""
+        """Deterministic canonical JSON of the whole Lago state (not the request or webhook logs), as of :meth:`now`."""
+        self.catch_up()
         return self.store.snapshot()
 
     def reset(self) -> None:
@@ -701,6 +720,18 @@ class FakeLago:
             return JSONResponse(NOT_FOUND_BODY, status_code=404)
 
         return Starlette(routes=routes, exception_handlers={404: not_found_handler, 405: not_found_handler})
+
+
+class _TimedASGITransport(httpx.ASGITransport):
+    """``httpx.ASGITransport`` ignores timeouts: this one gives up at the request's read timeout, like a socket."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read")
+        if timeout is None:
+            return await super().handle_async_request(request)
+        with anyio.move_on_after(timeout):
+            return await super().handle_async_request(request)
+        raise httpx.ReadTimeout(f"the emulator did not answer within the read timeout ({timeout:g} s)", request=request)
 
 
 def _status(request: Request) -> str | None:

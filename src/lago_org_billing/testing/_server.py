@@ -16,6 +16,8 @@ from .._errors import ConfigurationError, LagoIntegrationError
 __all__ = ["EmulatorServerError", "install_controls", "run", "serve_in_thread"]
 
 _INSTALL_HINT = "pip install 'lago-org-billing[testing]'"
+# Seconds a served emulator waits, as it stops, for requests still running (an injected latency) before cancelling them.
+_GRACEFUL_SHUTDOWN = 1.0
 
 
 class EmulatorServerError(LagoIntegrationError):
@@ -93,12 +95,14 @@ def serve_in_thread(
     """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``).
 
     ``port=0`` picks a free port. The server has started (socket bound, lifespan done) when the
-    ``with`` body runs, and is shut down when it ends. A FakeLago gets its test controls
-    (:func:`install_controls`) first. ``uvicorn_options`` go to ``uvicorn.Config`` (e.g. ``ssl_certfile`` and
-    ``ssl_keyfile``, which make the URL ``https``).
+    ``with`` body runs, and is shut down when it ends: a request still held then (an injected ``latency_ms`` whose
+    client gave up) is cancelled after ``timeout_graceful_shutdown`` (1 s unless given), not waited for. A FakeLago
+    gets its test controls (:func:`install_controls`) first. ``uvicorn_options`` go to ``uvicorn.Config`` (e.g.
+    ``ssl_certfile`` and ``ssl_keyfile``, which make the URL ``https``).
     """
     uvicorn = _uvicorn()
     install_controls(fake)
+    uvicorn_options.setdefault("timeout_graceful_shutdown", _GRACEFUL_SHUTDOWN)
     server = uvicorn.Server(_config(fake, host, port, log_level, **uvicorn_options))
     done = threading.Event()
     failure: list[BaseException] = []
@@ -136,6 +140,9 @@ def serve_in_thread(
     finally:
         server.should_exit = True
         thread.join(timeout)
+        if thread.is_alive():  # stuck past the graceful timeout (a lifespan shutdown?): stop without it
+            server.force_exit = True
+            thread.join(timeout)
         restore_issuer()
 
 

@@ -295,7 +295,13 @@ class WebhookDispatcher:
         return delivery
 
     async def deliver_pending(self) -> list[WebhookDelivery]:
-        """Send everything queued (each up to ``attempts`` times); returns those deliveries."""
+        """Send everything queued (each up to ``attempts`` times); returns those deliveries.
+
+        The emulator first catches up with its clock (``fake.catch_up()``): what Lago's clock jobs would have emitted
+        by now (a subscription reaching its ``ending_at``...) is sent too."""
+        catch_up = getattr(self.fake, "catch_up", None)
+        if callable(catch_up):
+            catch_up()
         with self._lock:
             batch, self._pending = self._pending, []
         for delivery in batch:

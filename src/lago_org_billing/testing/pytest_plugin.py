@@ -12,14 +12,18 @@ in any project with lago-org-billing installed:
   Needs ``pip install 'lago-org-billing[testing]'``.
 * ``lago_settings`` - :class:`~lago_org_billing.BillingSettings` pointing at the in-process fake.
 * ``lago_client`` - an async :class:`~lago_org_billing.LagoClient` wired to ``fake_lago`` without any
-  network (``httpx.ASGITransport``); use it in ``anyio`` tests.
+  network (``fake_lago.transport()``); use it in ``anyio`` (asyncio or trio) or ``pytest-asyncio`` tests.
+
+All are function-scoped: each test starts from an empty emulator, without faults or webhook settings. Move the
+emulator's clock with ``fake_lago.clock = lambda: <aware datetime>``; what Lago's clock jobs would then do (a
+subscription reaching its ``ending_at``...) shows in ``fake_lago.subscriptions`` and the webhooks sent next.
 
 Nothing heavy is imported until a fixture is used: this module loads in every pytest run.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -64,9 +68,24 @@ def lago_settings(fake_lago: Any) -> BillingSettings:
 
 
 @pytest.fixture
-async def lago_client(lago_settings: BillingSettings, fake_lago: Any, anyio_backend: Any) -> AsyncIterator[LagoClient]:
-    """An async ``LagoClient`` talking to ``fake_lago`` in process (no network)."""
+def lago_client(lago_settings: BillingSettings, fake_lago: Any) -> Iterator[LagoClient]:
+    """An async ``LagoClient`` talking to ``fake_lago`` in process (no network), for anyio and pytest-asyncio tests."""
     from .._client import LagoClient
 
-    async with LagoClient(lago_settings, transport=fake_lago.transport()) as client:
+    # A plain fixture: an async one belongs to one runner (anyio's makes pytest-asyncio tests run again as [trio],
+    # pytest-asyncio's strict mode refuses anyio's). The in-process transport holds no connection, so the client
+    # needs no event loop to be made or closed.
+    client = LagoClient(lago_settings, transport=fake_lago.transport())
+    try:
         yield client
+    finally:
+        _close_without_loop(client)
+
+
+def _close_without_loop(client: LagoClient) -> None:
+    closing = client.aclose()
+    try:
+        closing.send(None)
+    except StopIteration:
+        return
+    closing.close()  # it waited for I/O: there is none in process, and no loop here to wait with
