@@ -353,14 +353,15 @@ async def test_compressed_bodies_are_capped_after_decompression(caplog: pytest.L
 
 
 async def test_json_size_cap() -> None:
-    """Bodies over max_body_bytes are given up on, by content-length or while streaming."""
+    """Bodies over max_body_bytes are not buffered, by content-length or while streaming: only their ends are kept,
+    and a usage object closing the body is read there (the usage of OpenAI's answers closes them)."""
     body = dumps(OPENAI_CHAT)
     exact = AttributionConfig(max_body_bytes=len(body))
     small = AttributionConfig(max_body_bytes=len(body) - 1)
     assert 120 == record([body], config=exact).total_tokens
-    assert Usage() == record([body[:10], body[10:]], config=small)
+    assert Usage("gpt-4o-mini", 100, 20, 120, "json") == record([body[:10], body[10:]], config=small)
     length = [(b"content-length", str(len(body)).encode())]
-    assert Usage() == record([body], headers=length, config=small)
+    assert Usage("gpt-4o-mini", 100, 20, 120, "json") == record([body], headers=length, config=small)
 
 
 async def test_inspect_body_false_skips_bodies_but_keeps_headers() -> None:

@@ -90,8 +90,10 @@ class AttributionConfig:
     model_headers: tuple[str, ...] = ("x-model",)
     #: Read JSON and SSE response bodies. ``False`` skips all body work.
     inspect_body: bool = True
-    #: JSON bodies are buffered up to this many bytes, then given up on. SSE is parsed as it streams (compressed
-    #: or not, however long); one event longer than this is skipped, except for a usage object closing it.
+    #: JSON bodies are buffered up to this many bytes (after decompression); past it only their first and last 16 KiB
+    #: are kept, and a usage object closing the body is read there (OpenAI's embeddings of many inputs: megabytes of
+    #: vectors, then the model and the usage). SSE is parsed as it streams (compressed or not, however long); one
+    #: event longer than this is skipped, except for a usage object closing it.
     max_body_bytes: int = 1_048_576
     # Precomputed: raw lower-case header name -> (field, rank within its tuple), and the response headers the
     # recorder reads (those, and the content headers).
@@ -134,6 +136,7 @@ def reset_warnings() -> None:
     """Forget which malformed values and internal errors were already logged (for tests)."""
     _warned.clear()
     _internal_logged.clear()
+    _said_once.clear()
 
 
 def _malformed(source: str, field: str, value: object) -> None:
@@ -169,6 +172,10 @@ def _tokens(value: object, source: str, field: str) -> int | None:
         text = value.strip()
         if 0 < len(text) <= 10 and text.isdigit() and text.isascii():
             number = int(text)
+        else:  # a whole number written with a decimal point ("1500.0": str(float) in the app), as JSON's 1500.0
+            whole, dot, zeros = (text.decode("latin-1") if isinstance(text, bytes) else text).partition(".")
+            if dot and zeros and not zeros.strip("0") and 0 < len(whole) <= 10 and whole.isdigit() and whole.isascii():
+                number = int(whole)
     if number is None or not 0 <= number <= MAX_TOKENS:
         _malformed(source, field, value)
         return None
@@ -337,6 +344,10 @@ def _resolve_counts(counts: _Counts, source: str, *, model_needs_usage: bool) ->
 _MODE_NONE = 0
 _MODE_JSON = 1
 _MODE_SSE = 2
+#: A JSON body over the cap: only its first and last bytes are kept (the model, the usage closing it).
+_MODE_JSON_ENDS = 3
+#: How many first and last bytes of a JSON body over the cap are kept.
+_JSON_END = 16_384
 
 #: The C scanner behind ``json.loads``: one JSON value from a ``str`` at an index -> (value, end index).
 _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
@@ -361,8 +372,10 @@ class UsageRecorder:
         "_discarding",
         "_event",
         "_fresh",
+        "_head",
         "_headers",
         "_inflater",
+        "_last",
         "_mode",
         "_partial",
         "_result",
@@ -380,6 +393,9 @@ class UsageRecorder:
     _discarding: bool
     _event: bytes
     _tail: bytes
+    # A JSON body over the cap: its first and last bytes (inflated).
+    _head: bytearray
+    _last: bytearray
 
     def __init__(self, scope: Scope, config: AttributionConfig | None = None) -> None:
         # Only what every response needs is set here; the stream parser's state is made when a stream starts.
@@ -473,7 +489,8 @@ class UsageRecorder:
             if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
                 try:
                     if int(length) > config.max_body_bytes:
-                        _cap_exceeded("JSON body")
+                        self._head, self._last = bytearray(), bytearray()
+                        self._mode = _MODE_JSON_ENDS  # its ends only: the usage closing it
                         return
                 except ValueError:
                     pass  # not a number: the body is buffered up to the cap all the same
@@ -508,18 +525,44 @@ class UsageRecorder:
             return
         if mode == _MODE_JSON:
             self._size += len(body)
-            if self._size > self._config.max_body_bytes:
-                self._chunks.clear()
-                self._mode = _MODE_NONE
-                _cap_exceeded("JSON body")
+            if self._size > self._config.max_body_bytes:  # from now on, its ends only (the usage closing it)
+                chunks, self._chunks = self._chunks, []
+                chunks.append(body)
+                self._head, self._last = bytearray(), bytearray()
+                self._mode = _MODE_JSON_ENDS
+                for chunk in chunks:
+                    self._keep_ends(chunk)
                 return
             self._chunks.append(body)
+            return
+        if mode == _MODE_JSON_ENDS:
+            self._keep_ends(body)
             return
         try:
             self._feed_sse(body)
         except Exception:
             self._mode = _MODE_NONE
             _internal_error("response_body")
+
+    def _keep_ends(self, chunk: bytes) -> None:
+        """Keep the first and last bytes of a JSON body over the cap (inflated as it comes when compressed)."""
+        if self._inflater is None:
+            self._keep_end(chunk)
+            return
+        try:
+            for piece in self._inflater.pieces(chunk, None):
+                self._keep_end(piece)
+        except zlib.error:
+            self._mode = _MODE_NONE
+            _undecodable_body()
+
+    def _keep_end(self, data: bytes) -> None:
+        head, last = self._head, self._last
+        if len(head) < _JSON_END:
+            head += data[: _JSON_END - len(head)]
+        last += data[-_JSON_END:]
+        if len(last) > 4 * _JSON_END:  # trimmed now and then: amortized, however small the chunks
+            del last[:-_JSON_END]
 
     def _feed_sse(self, chunk: bytes) -> None:
         if self._fresh:
@@ -635,6 +678,8 @@ class UsageRecorder:
         """The request's usage so far; call it when the response is over. Later body chunks are not read."""
         if self._result is not None:
             return self._result
+        if self._inflater is not None and self._mode == _MODE_JSON:
+            self._inflate()
         if self._json_alone():
             self._result = json_usage(self._body())
             self._mode = _MODE_NONE
@@ -661,6 +706,8 @@ class UsageRecorder:
         :func:`json_usage` to read later, off the request path. Call it when the response is over; the
         recorder lets go of the request's scope then (see :meth:`detach`)."""
         self.detach()
+        if self._result is None and self._inflater is not None and self._mode == _MODE_JSON:
+            self._inflate()
         if self._result is None and self._json_alone():
             return self._body()
         return self.result()
@@ -673,17 +720,35 @@ class UsageRecorder:
         chunks = self._chunks
         if not chunks:
             return b""
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if self._inflater is not None:
-            try:
-                body = self._inflater.whole(body, self._config.max_body_bytes)
-            except zlib.error:
-                _undecodable_body()
-                return b""
-            except _TooLarge:
-                _cap_exceeded("JSON body")
-                return b""
-        return body
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _inflate(self) -> None:
+        """Inflate a whole compressed JSON body: kept when within the cap, else only its ends (as one over the cap)."""
+        inflater, self._inflater = self._inflater, None
+        assert inflater is not None
+        body = self._body()
+        self._chunks = []
+        kept: list[bytes] = []
+        size = 0
+        cap = self._config.max_body_bytes
+        try:
+            for piece in inflater.pieces(body, None):
+                if self._mode == _MODE_JSON:
+                    size += len(piece)
+                    if size <= cap:
+                        kept.append(piece)
+                        continue
+                    self._head, self._last = bytearray(), bytearray()
+                    self._mode = _MODE_JSON_ENDS
+                    for earlier in kept:
+                        self._keep_end(earlier)
+                    kept = []
+                self._keep_end(piece)
+        except zlib.error:
+            self._mode = _MODE_NONE
+            _undecodable_body()
+            return
+        self._chunks = kept
 
     def _explicit_fields(self) -> dict[str, Any]:
         raw = self._explicit()
@@ -717,6 +782,8 @@ class UsageRecorder:
     def _body_fields(self) -> tuple[dict[str, Any], str | None]:
         if self._mode == _MODE_JSON:
             return _json_fields(self._body())
+        if self._mode == _MODE_JSON_ENDS:
+            return self._ends_fields()
         if self._counts is not None:
             # A stream that ended (or was cut) without its final blank line: use complete data lines.
             if self._partial and not self._discarding:
@@ -729,6 +796,43 @@ class UsageRecorder:
                 self._dispatch()
             return _resolve_counts(self._counts, "sse", model_needs_usage=False), "sse"
         return {}, None
+
+    def _ends_fields(self) -> tuple[dict[str, Any], str | None]:
+        """The usage of a JSON body over the cap, from a usage object among its last bytes (OpenAI's embeddings of many
+        inputs: megabytes of vectors, then the model and the usage); its model there or among its first bytes."""
+        head, last = bytes(self._head), bytes(self._last[-_JSON_END:])
+        self._head, self._last = bytearray(), bytearray()
+        usage, rest = _value_after(last, last.rfind(b'"usage"'))
+        if not isinstance(usage, dict) or rest > _CLOSING:
+            _cap_exceeded("JSON body")
+            return {}, None
+        model = _value_after(last, last.rfind(b'"model"'))[0]
+        if not isinstance(model, str):
+            model = _value_after(head, head.find(b'"model"'))[0]
+        counts = _Counts()
+        _collect({"model": model if isinstance(model, str) else None, "usage": usage}, counts)
+        return _resolve_counts(counts, "json", model_needs_usage=True), "json"
+
+
+#: A usage object "closes" a JSON body when at most this many bytes follow it (OpenAI's ``service_tier`` and
+#: ``system_fingerprint``, the Responses API's ``user`` and ``metadata``; nothing after Anthropic's or embeddings').
+_CLOSING = 1_024
+
+
+def _value_after(data: bytes, at: int) -> tuple[Any, int]:
+    """The JSON value of the 7-byte key (``"usage"``, ``"model"``) found at ``at`` in ``data`` (a part of a document)
+    and how many characters of ``data`` follow it; ``None`` when there is none."""
+    if at < 0:
+        return None, 0
+    text = data[at + 7 : at + 7 + 2 * _JSON_END].decode("utf-8", "replace").lstrip(" \t\r\n")
+    if text[:1] != ":":  # a string value "usage", not a key
+        return None, 0
+    text = text[1:].lstrip(" \t\r\n")
+    try:
+        value, end = _scan_json(text, 0)
+    except (ValueError, StopIteration, RecursionError):
+        return None, 0
+    return value, len(text) - end
 
 
 def json_usage(body: bytes) -> Usage:

@@ -762,7 +762,7 @@ class OrgBillingMiddleware:
             if type(usage) is bytes:
                 usage = json_usage(usage)
             assert isinstance(usage, Usage)
-            duration = ended - started
+            duration = max(ended - started, 0.0)  # (wall clock: stepped back meanwhile by NTP, never negative)
             if idempotent_id is None:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
