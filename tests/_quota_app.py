@@ -96,26 +96,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _redis_pid(port: int) -> int | None:
+    """The ``process_id`` of the redis-server answering on ``port`` (None: nothing answers there yet)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"INFO server\r\n")
+            answer = b""
+            while b"process_id:" not in answer or not answer.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return None
+                answer += chunk
+    except OSError:
+        return None
+    return int(answer.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0])
+
+
 @contextlib.contextmanager
 def redis_server(directory: Path, port: int | None = None) -> Iterator[str]:
-    """A throwaway ``redis-server`` on 127.0.0.1 (no persistence); yields its URL, stops it at the end."""
+    """A throwaway ``redis-server`` on 127.0.0.1 (no persistence); yields its URL, stops it at the end.
+
+    Without ``port``, a free one is picked, and picked again if another process took it before redis-server bound
+    it (others run tests on this machine too). Either way the server used is this one (its process id, asked over
+    the port): never another test run's redis-server that holds the port."""
     assert REDIS_SERVER is not None
-    port = port or free_port()
-    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*args, "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    for _attempt in range(1 if port else 5):
+        chosen = port or free_port()
+        args = [REDIS_SERVER, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen([*args, "--dir", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while True:  # wait until it accepts connections
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.01)
-        yield f"redis://127.0.0.1:{port}/0"
+        # Until it answers as itself on the port, or exits (the port was taken): a bounded readiness poll (a
+        # redis-server has no other way to say it listens).
+        while _redis_pid(chosen) != proc.pid and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None and _redis_pid(chosen) == proc.pid:
+            break
+        proc.terminate()
+        proc.wait(10)
+    else:
+        raise RuntimeError(f"redis-server did not start on port {chosen} (exit code {proc.returncode})")
+    try:
+        yield f"redis://127.0.0.1:{chosen}/0"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -222,6 +222,10 @@ async def test_new_billing_period_is_refreshed_at_once_by_the_fleet(
     reads = usage_reads(fake)
     decisions = [await second.check("org_1"), await first.check("org_1")]
     assert [(d.allowed, d.status) for d in decisions] == [(True, None), (True, None)]
+    for gate in gates:  # the new period's provisional snapshot is refreshed in the background, paced
+        while gate._refreshing:
+            for event in list(gate._refreshing.values()):
+                await event.wait()
     assert usage_reads(fake) == reads + 1  # one refresh for the fleet
     assert dict(decisions[1].headers)[b"ratelimit-remaining"] == b"298"  # the new period: 2 calls so far
 
@@ -451,3 +455,19 @@ async def test_the_redis_password_is_never_logged(caplog: pytest.LogCaptureFixtu
         await backend.aclose()
     assert backend.stats["redis_fallback"] == 1 and "falls back" in caplog.text
     assert "s3cretRedisPw" not in caplog.text and ":***@127.0.0.1" in caplog.text
+
+
+async def test_a_refresh_failing_after_the_gate_closed_does_not_warn_of_an_outage(
+    client: LagoClient, clock: Clock, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh still running when the gate closes fails on the closed connection: that is the shutdown, not Redis
+    going down, so no "falls back to this process" warning at every stop of a busy server."""
+    settings = client.settings.replace(redis_url=redis_url)
+    gate = QuotaGate(settings, client, config=QuotaConfig(redis_prefix=prefix), clock=clock.time)
+    assert (await gate.check("org_1")).allowed
+    backend = gate.backend
+    assert isinstance(backend, RedisBackend)
+    await gate.aclose()
+    backend._failed(ConnectionError("Connection closed by server."))
+    assert "falls back" not in caplog.text
+    assert backend.stats["redis_errors"] == 1

@@ -28,6 +28,19 @@ at most ``cold_timeout`` (2 s) for its first snapshot; after that ``LAGO_FAIL_OP
 ``stats["fail_open"]``/``stats["fail_closed"]``, logged once per outage). A stale snapshot keeps serving while
 Lago is unreachable, until its billing period ends.
 
+Billing-period rollover
+-----------------------
+With calendar billing (Lago's default) every org's period ends at 00:00 on the 1st in its customer's time zone: every
+cached snapshot of those customers ends at the same instant. A snapshot whose period is over, of a subscription known
+to go on (no ``ending_at`` at or before the period end, no pending downgrade switching there: ``next_plan_code``), is
+rolled over by the backend at the first request past the end (``reserve``, only reached when ``now >=
+period_end``): a *provisional* snapshot of the next period decides at once (usage base 0, what Lago has at a period
+start, plus what this deployment recorded since the boundary; limits and plan unchanged; ``period_start`` = the old
+``period_end``, ``period_end`` estimated from the plan's ``interval``, else from the old period's length, for
+``RateLimit-Reset``), and it is due at once: a normal, paced refresh (``refresh_rate``, not a cold one) replaces it
+with Lago's. A read of the period that ended (begun before the boundary, or Lago's clock behind) never replaces it.
+Other snapshots whose period is over count as missing (the cold path above).
+
 Counting (never under-count)
 ----------------------------
 Usage = snapshot base (what Lago had counted) + what this deployment recorded that the snapshot may miss.
@@ -54,7 +67,8 @@ asked for each org's usage at most once per TTL for the whole fleet: at 10,000 a
 TTL that is ~333 ``current_usage`` calls/s, over Lago Cloud's 200/s per organization: use a TTL >= 60 s
 (~167/s) there; the subscription part costs ``active_orgs / plan_ttl`` = 33/s at 300 s, within the 50/s of
 other endpoints. Idle orgs cost nothing (refreshes are triggered by traffic). Bursts are bounded: at most
-``max_concurrent_refreshes`` refreshes per process at once (cold orgs first), due snapshots refreshed at
+``max_concurrent_refreshes`` refreshes per process at once (cold orgs first, but every 4th slot freed goes to a
+due snapshot's refresh when both wait: made-up org ids cannot starve real orgs), due snapshots refreshed at
 ``refresh_rate`` per second (``plan_refresh_rate`` for those re-reading the subscription) while they keep serving,
 every refresh paused after a 429 until Lago's reset, and first snapshots due after a random half to whole TTL (orgs
 first seen together would otherwise refresh together ever after). A refresh that fails hands the fleet's Redis lock
@@ -67,6 +81,7 @@ per process, not per fleet) and tries Redis again every ``redis_retry_interval``
 from __future__ import annotations
 
 import asyncio
+import calendar
 import dataclasses
 import datetime as dt
 import itertools
@@ -197,7 +212,8 @@ class QuotaConfig:
     #: Seconds between refresh attempts of one org while Lago fails (per process).
     failure_backoff: float = 5.0
     #: ``LAGO_QUOTA_REFRESH_CONCURRENCY``: snapshot refreshes running at once per process (the others queue, those
-    #: of cold orgs first): keeps a burst of new orgs from flooding Lago and the client's connection pool.
+    #: of cold orgs first, every 4th freed slot to a due one when both wait): keeps a burst of new orgs from flooding
+    #: Lago and the client's connection pool.
     max_concurrent_refreshes: int = 16
     #: ``LAGO_QUOTA_REFRESH_RATE``: refreshes of due (stale) snapshots started per second per process, at most (0: no
     #: limit). One reads the org's current usage; a snapshot keeps serving until its turn comes. Cold orgs (a
@@ -341,6 +357,14 @@ class Snapshot:
     #: metric does not sum ``total_tokens``): what it does not count is kept locally for the whole period.
     lago_counts_calls: bool = True
     lago_counts_tokens: bool = True
+    #: The plan's billing interval (``monthly``...; ``monthly`` too for yearly plans billing charges monthly), the
+    #: subscription's ``ending_at`` (0: none) and pending downgrade (``next_plan_code``): what a rollover needs.
+    interval: str = ""
+    ending_at: float = 0.0
+    next_plan_code: str | None = None
+    #: Estimated end of the next period, when a request after ``period_end`` may be decided at once on a provisional
+    #: snapshot of it (see "Billing-period rollover"); 0: not (no subscription, ending or switching plans there).
+    next_period_end: float = 0.0
 
     @property
     def limited(self) -> bool:
@@ -376,6 +400,47 @@ def period_key(snapshot: Snapshot | None) -> str:
 
 
 _period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
+
+#: Months per plan interval (``weekly`` is 7 days; an unknown interval: the old period's length).
+_INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
+
+
+def _add_months(timestamp: float, months: int) -> float:
+    at = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    index = at.month - 1 + months
+    year, month = at.year + index // 12, index % 12 + 1
+    return at.replace(year=year, month=month, day=min(at.day, calendar.monthrange(year, month)[1])).timestamp()
+
+
+def next_period_end(snapshot: Snapshot) -> float:
+    """The estimated end of the period after ``snapshot``'s when its subscription is known to go on into it, else
+    0.0: not active, ending (``ending_at``) at or before the period end, or switching to another plan there."""
+    start, end = snapshot.period_start, snapshot.period_end
+    if not snapshot.active or snapshot.next_plan_code or end <= start or 0 < snapshot.ending_at <= end:
+        return 0.0
+    months = _INTERVAL_MONTHS.get(snapshot.interval)
+    if months is not None:
+        estimate = _add_months(end, months)  # (in UTC: an hour off across a DST change, until Lago is read)
+    elif snapshot.interval == "weekly":
+        estimate = end + 7 * 86400.0
+    else:
+        estimate = end + (end - start)
+    return min(estimate, snapshot.ending_at) if snapshot.ending_at else estimate
+
+
+def provisional(snapshot: Snapshot, now: float) -> Snapshot:
+    """The snapshot of the period after ``snapshot``'s (over at ``now``), until Lago is read: usage base 0, due at
+    once. Its version is derived from the old one (the Redis backend makes the same, atomically)."""
+    return dataclasses.replace(
+        snapshot,
+        period_start=snapshot.period_end,
+        period_end=snapshot.next_period_end,
+        next_period_end=0.0,
+        base_calls=0,
+        base_tokens=0,
+        refresh_at=now,
+        version=snapshot.version + "+",
+    )
 
 
 # ------------------------------------------------------------------------------------------ backend
@@ -520,13 +585,20 @@ class _Pace:
             self.tokens -= 1.0
 
 
+#: While both cold and due refreshes wait, every ``_DUE_TURN``-th slot freed goes to a due one: a flood of made-up org
+#: ids (a spoofable header) keeping the cold queue full while Lago is slow cannot stop real orgs' refreshes.
+_DUE_TURN = 4
+
+
 class _RefreshSlots:
-    """At most ``size`` refreshes at once; the others wait their turn, those a request waits for (cold orgs) first.
-    Plain counters and queues of events: a slot freed is handed to the next waiter directly."""
+    """At most ``size`` refreshes at once; the others wait their turn, those a request waits for (cold orgs) first,
+    but every ``_DUE_TURN``-th freed slot goes to a due refresh when both wait. Plain counters and queues of events: a
+    slot freed is handed to the next waiter directly."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.busy = 0
+        self._cold_turns = 0  # slots handed to cold refreshes in a row while due ones waited
         self._urgent: dict[anyio.Event, None] = {}  # (insertion-ordered: first come, first served)
         self._later: dict[anyio.Event, None] = {}
         self._later_orgs: dict[str, anyio.Event] = {}  # the queued background refresh of each org (to promote it)
@@ -561,13 +633,20 @@ class _RefreshSlots:
         return len(self._urgent) + len(self._later)
 
     def release(self) -> None:
-        for queue in (self._urgent, self._later):
-            if queue:
-                event = next(iter(queue))
-                del queue[event]
-                event.set()  # the slot goes to the next one (still busy)
-                return
-        self.busy -= 1
+        urgent, later = self._urgent, self._later
+        if later and (not urgent or self._cold_turns >= _DUE_TURN - 1):
+            queue = later
+            self._cold_turns = 0
+        elif urgent:
+            queue = urgent
+            if later:
+                self._cold_turns += 1
+        else:
+            self.busy -= 1
+            return
+        event = next(iter(queue))
+        del queue[event]
+        event.set()  # the slot goes to the next one (still busy)
 
     def promote(self, org_id: str) -> None:
         """A request now waits for this org's queued refresh: it goes with the urgent ones."""
@@ -653,7 +732,10 @@ class LocalBackend:
         if snap is not None and snap.active and now >= snap.period_end:  # its billing period is over
             if counts.period == period_key(snap):
                 counts = state.counts = _Counts()
-            snap = None
+            if snap.next_period_end > now:  # the subscription goes on: decided at once on the next period's
+                snap = state.snapshot = provisional(snap, now)
+            else:  # cold (kept: the refresh reads the subscription again from it)
+                snap = None
         if snap is None:
             if mode != "blind":
                 return Outcome(MISSING, backend=self)
@@ -696,7 +778,11 @@ class LocalBackend:
     def store_now(self, org_id: str, snapshot: Snapshot, now: float) -> None:
         state = self._org(org_id)
         current = state.snapshot
-        if current is not None and current.requested_at > snapshot.requested_at:
+        if current is not None and (
+            current.requested_at > snapshot.requested_at
+            # a read of a period before the current one's (begun before a rollover, or Lago's clock behind)
+            or (current.active and snapshot.active and snapshot.period_end <= current.period_start)
+        ):
             return  # a newer one arrived first
         state.snapshot = snapshot
         key = period_key(snapshot)
@@ -1562,6 +1648,7 @@ class QuotaGate:
         jitter = self.ttl * (_FIRST_SPREAD if spread else self.config.jitter) * random.random()
         return dataclasses.replace(
             snapshot,
+            next_period_end=next_period_end(snapshot),
             requested_at=requested_at,
             fetched_at=fetched,
             refresh_at=fetched + self.ttl - jitter,
@@ -1601,6 +1688,10 @@ class QuotaGate:
         start = _timestamp(subscription.get("current_billing_period_started_at")) or now
         end_raw = _timestamp(subscription.get("current_billing_period_ending_at"))
         end = end_raw + 1 if end_raw is not None else now + self.ttl
+        plan = subscription.get("plan") or {}
+        interval = plan.get("interval") or ""
+        if plan.get("bill_charges_monthly") and interval in ("yearly", "semiannual"):
+            interval = "monthly"  # (its usage periods are months)
         return Snapshot(
             active=True,
             plan_code=plan_code,
@@ -1611,6 +1702,9 @@ class QuotaGate:
             period_end=end,
             plan_fetched_at=now,
             limits_source=source,
+            interval=interval if isinstance(interval, str) else "",
+            ending_at=_timestamp(subscription.get("ending_at")) or 0.0,
+            next_plan_code=subscription.get("next_plan_code") or None,
         )
 
     # ------------------------------------------------------------------------------ seed helpers
@@ -1655,6 +1749,8 @@ class QuotaGate:
         known = self._known.get(org_id)
         if known is None or (known.active and now >= known.period_end):
             known = await self.backend.load(org_id)
+        if known is not None and known.active and now >= known.period_end and known.next_period_end > now:
+            known = provisional(known, now)  # (as the backend decides: it makes the same at the next check)
         if known is not None and (not known.active or now < known.period_end):
             return known
         return None

@@ -2,7 +2,8 @@
 
 Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 
-    <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src)
+    <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src, lc, lt,
+                            iv, ea, np, ne)
     <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
     <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org; "0"
                             after an invalidation (free, and marks the refresh in flight then as superseded)
@@ -11,10 +12,16 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
   ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the
   caller's copy is out of date. A counter of another period is reset; one made before any snapshot (fail-open)
   adopts the first snapshot's period. The counter expires one hour after its period ends (relative
-  to the caller's clock).
+  to the caller's clock). A snapshot whose period is over is rolled over there, atomically (see
+  "Billing-period rollover" in :mod:`._quota`): when its ``ne`` (the next period's estimated end) is later than now,
+  the script turns it into the next period's provisional snapshot (``ps`` = the old ``pe``, ``pe`` = ``ne``, usage
+  base 0, due now, version ``<old>+``) and resets the counter to that period; it only does so on a snapshot whose
+  period is over, so it never overwrites a newer one another worker stored. Otherwise the org is cold (missing).
 * **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
-  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``). A refresh whose
+  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``). A snapshot of a
+  period before the stored one's (a read begun before a rollover, Lago's clock behind) is not stored: the refresh
+  hands its lock back. A refresh whose
   lock is no longer its own (an invalidation in any process set it to "0", or another process took it over) stores
   nothing: what it read may predate the change (the refresher reads again).
 
@@ -76,7 +83,18 @@ if v and v ~= ARGV[4] then full = redis.call('HGETALL', snap) end
 local cp = redis.call('HGET', cnt, 'p')
 if v and s[2] == '1' and now >= tonumber(s[6]) then
   if cp == s[5] then redis.call('DEL', cnt); cp = false end
-  v = false
+  local ne = redis.call('HGET', snap, 'ne')
+  if ne and tonumber(ne) > now then
+    -- rollover: the next period's provisional snapshot (see the module docstring), due at once
+    v = v .. '+'
+    redis.call('HSET', snap, 'v', v, 'ps', s[6], 'pe', ne, 'bc', '0', 'bt', '0', 'ra', ARGV[1], 'ne', '0')
+    redis.call('PEXPIRE', snap, math.max(1, math.floor((tonumber(ne) - now) * 1000)) + tonumber(ARGV[5]))
+    s[5], s[6], s[7], s[8] = s[6], ne, '0', '0'
+    full = {}
+    if v ~= ARGV[4] then full = redis.call('HGETALL', snap) end
+  else
+    v = false
+  end
 end
 if not v then
   if mode ~= 'b' then return {0, 0, 0, '', full} end
@@ -141,8 +159,16 @@ if ARGV[10] ~= '' then
   local holder = redis.call('GET', lock)
   if holder and holder ~= ARGV[10] then return -1 end
 end
-local cur = redis.call('HGET', snap, 'rq')
-if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps')
+if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) then return 0 end
+if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(cur[3]) then
+  -- a period before the stored one's (read before a rollover, or Lago's clock behind): not stored; the lock this
+  -- refresh took is handed back (its process reads again after its backoff, others when theirs ask)
+  if ARGV[10] ~= '' and redis.call('GET', lock) == ARGV[10] then
+    redis.call('SET', lock, ARGV[6], 'PX', math.max(1, tonumber(ARGV[7])))
+  end
+  return 0
+end
 redis.call('DEL', snap)
 redis.call('HSET', snap, unpack(ARGV, 13))
 redis.call('PEXPIRE', snap, ARGV[4])
@@ -302,6 +328,10 @@ def encode(snapshot: Snapshot) -> list[str]:
         "src": snapshot.limits_source,
         "lc": "1" if snapshot.lago_counts_calls else "0",
         "lt": "1" if snapshot.lago_counts_tokens else "0",
+        "iv": snapshot.interval,
+        "ea": repr(snapshot.ending_at),
+        "np": snapshot.next_plan_code or "",
+        "ne": repr(snapshot.next_period_end),
     }
     out: list[str] = []
     for name, value in fields.items():
@@ -343,6 +373,10 @@ def decode(raw: Any) -> Snapshot | None:
         version=data["v"],
         lago_counts_calls=data.get("lc", "1") == "1",
         lago_counts_tokens=data.get("lt", "1") == "1",
+        interval=data.get("iv") or "",
+        ending_at=_num(data.get("ea")),
+        next_plan_code=data.get("np") or None,
+        next_period_end=_num(data.get("ne")),
     )
 
 
@@ -425,7 +459,7 @@ class RedisBackend:
 
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
-        if not self.stats["redis_fallback"]:
+        if not self.stats["redis_fallback"] and not self._closed:  # (closed: a refresh still running at shutdown)
             logger.warning(
                 "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
                 "(retry every %.0f s).",
