@@ -50,10 +50,12 @@ async def receive_nothing() -> dict[str, Any]:
 
 
 async def until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Poll ``condition`` (a deadline of 5 s, no fixed sleep as synchronisation)."""
-    with anyio.fail_after(5):
+    """Poll ``condition`` (a deadline of 5 s, no fixed sleep as synchronisation); fail naming it after that."""
+    with anyio.move_on_after(5):
         while not await condition():  # noqa: ASYNC110 - polling an outside state with a deadline
             await anyio.sleep(0.001)
+        return
+    pytest.fail(f"{getattr(condition, '__name__', condition)}() still false after 5 s")
 
 
 def fresh_fake(clock: Clock) -> FakeLago:

@@ -52,17 +52,27 @@ def test_emulator_command_serves_seeded_lago(tmp_path: Path) -> None:
     """`emulator --seed --event-store clickhouse --api-key` serves Lago's API with that state and behaviour."""
     seed = tmp_path / "seed.json"
     seed.write_text((Path(__file__).parent.parent / "examples" / "seed.json").read_text())
-    port = free_port()
-    command = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--port", str(port)]
-    command += ["--api-key", "cli-key", "--seed", str(seed), "--event-store", "clickhouse"]
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as process:
+    for _attempt in range(3):  # (the emulator takes no --port 0: a free port, picked again if taken meanwhile)
+        port = free_port()
+        command = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--port", str(port)]
+        command += ["--api-key", "cli-key", "--seed", str(seed), "--event-store", "clickhouse"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert process.stderr is not None
+        said = []
+        for line in process.stderr:  # uvicorn says when it listens
+            said.append(line)
+            if "Uvicorn running on" in line:
+                break
+        else:
+            process.stderr.close()
+            if process.wait() == 2 and "cannot listen on" in "".join(said):
+                continue  # another process took the port before the emulator bound it
+            pytest.fail(f"the emulator exited ({process.returncode}):\n{''.join(said)}")
+        break
+    else:
+        pytest.fail("no free port could be bound in 3 attempts")
+    with process:
         try:
-            assert process.stderr is not None
-            for line in process.stderr:  # uvicorn says when it listens
-                if "Uvicorn running on" in line:
-                    break
-            else:
-                pytest.fail(f"the emulator exited: {process.wait()}")
             base = f"http://127.0.0.1:{port}"
             auth = {"Authorization": "Bearer cli-key"}
             with httpx.Client(base_url=base, headers=auth) as client:

@@ -118,17 +118,36 @@ async def test_4xx_are_not_retried_and_carry_lago_code(
     assert len(httpx_mock.get_requests()) == 1
 
 
-async def test_429_waits_x_ratelimit_reset_then_succeeds(httpx_mock: HTTPXMock) -> None:
-    """A 429 with X-RateLimit-Reset is retried after that wait."""
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The client's pauses between attempts, recorded instead of slept (its jitter: none, its backoff: the most)."""
+    import random
+
+    import anyio
+
+    asked: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)  # (what lago_org_billing._client calls: anyio.sleep, random.*)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    return asked
+
+
+async def test_429_waits_x_ratelimit_reset_then_succeeds(httpx_mock: HTTPXMock, waits: list[float]) -> None:
+    """A 429 with X-RateLimit-Reset is retried after that wait (the reset, not the backoff)."""
     httpx_mock.add_response(
         status_code=429,
-        headers={"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "0"},
+        headers={"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "3"},
         json={"status": 429, "error": "Too Many Requests"},
     )
     httpx_mock.add_response(json={"customer": CUSTOMER})
     async with LagoClient(settings()) as lago:
         await lago.get_customer("org_1")
     assert len(httpx_mock.get_requests()) == 2
+    assert waits == [3.0]
 
 
 async def test_429_beyond_deadline_raises_with_retry_after(httpx_mock: HTTPXMock) -> None:
@@ -141,13 +160,17 @@ async def test_429_beyond_deadline_raises_with_retry_after(httpx_mock: HTTPXMock
     assert len(httpx_mock.get_requests()) == 1
 
 
-async def test_retry_after_http_date_is_understood(httpx_mock: HTTPXMock) -> None:
-    """Retry-After as an HTTP date in the past means retry now."""
+async def test_retry_after_http_date_is_understood(httpx_mock: HTTPXMock, waits: list[float]) -> None:
+    """Retry-After as an HTTP date in the past means retry now (after the backoff alone); in seconds, that wait."""
     httpx_mock.add_response(status_code=429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    httpx_mock.add_response(json={"customer": CUSTOMER})
+    httpx_mock.add_response(status_code=429, headers={"Retry-After": "4"})
     httpx_mock.add_response(json={"customer": CUSTOMER})
     async with LagoClient(settings()) as lago:
         await lago.get_customer("org_1")
-    assert len(httpx_mock.get_requests()) == 2
+        await lago.get_customer("org_1")
+    assert len(httpx_mock.get_requests()) == 4
+    assert waits == [0.001, 4.0]  # (retry_backoff 0.001: the first backoff)
 
 
 async def test_non_idempotent_creates_are_not_retried(httpx_mock: HTTPXMock) -> None:

@@ -395,7 +395,9 @@ async def test_memory_events_survive_a_cancelled_run_for_the_next(fake: FakeLago
     more waiting: nothing is dropped, and the next run() delivers all of it."""
     held = Held(fake.transport())
     async with make_client(held) as client:
-        pipeline = EventPipeline(client, flush_interval=0.01, batch_size=2, concurrency=1)
+        # The cancelled run's last chance (what memory holds, sent within shutdown_timeout) waits at the held door
+        # too: it gives up after shutdown_timeout, which is what runs here (0.2 s, not the default 5 s of waiting).
+        pipeline = EventPipeline(client, flush_interval=0.01, batch_size=2, concurrency=1, shutdown_timeout=0.2)
         async with anyio.create_task_group() as tasks:
             await tasks.start(pipeline.run)
             for event in events(5):

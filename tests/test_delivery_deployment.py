@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import sqlite3
@@ -34,10 +35,16 @@ pytestmark = pytest.mark.anyio
 
 async def until(condition: Callable[[], bool], within: float = 15.0) -> None:
     """Wait until ``condition()`` holds (set by worker threads and real-time backoffs, so polled); fail the test
-    after ``within`` seconds (a guard, not a measurement)."""
-    with anyio.fail_after(within):
+    after ``within`` seconds (a guard, not a measurement), naming the condition."""
+    with anyio.move_on_after(within):
         while not condition():  # noqa: ASYNC110 - polled: some conditions change in worker threads
             await anyio.sleep(0.01)
+        return
+    try:
+        what = inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        what = repr(condition)
+    pytest.fail(f"still false after {within} s: {what}")
 
 
 async def serve_answer(answer: bytes, task_status: anyio.abc.TaskStatus[int]) -> None:
@@ -190,6 +197,14 @@ async def test_raw_poster_trusts_ssl_cert_dir_as_httpx_does(
 # ----------------------------------------------------------------------------- the spool failing at runtime
 
 
+@pytest.fixture
+def fast_spool_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool's write retries back off 1 ms doubled up to 10 ms (not 0.1 s up to 1 s): the tests count attempts
+    and ERROR lines (said at most once a minute, ``_LOG_EVERY``, unchanged), not the pauses between attempts."""
+    monkeypatch.setattr(_spool, "_RETRY_FIRST", 0.001)
+    monkeypatch.setattr(_spool, "_RETRY_MAX", 0.01)
+
+
 def _failing_write(calls: list[int]) -> Callable[..., Any]:
     lock = threading.Lock()
 
@@ -232,7 +247,7 @@ async def test_events_the_spool_could_not_write_are_not_silently_lost_at_shutdow
 
 
 async def test_a_failing_spool_disk_is_not_logged_at_error_every_commit_window(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast_spool_retries: None
 ) -> None:
     """While the spool cannot be written (disk full), every group commit (each 50 ms) logs an ERROR line: 20 lines
     a second, 72,000 an hour, per worker, and each attempt re-encodes every pending event (up to 100,000) in a worker
@@ -248,7 +263,7 @@ async def test_a_failing_spool_disk_is_not_logged_at_error_every_commit_window(
             monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
             with caplog.at_level(logging.ERROR, logger="lago_org_billing"):
                 pipeline.submit(events(1)[0])
-                await until(lambda: len(calls) >= 8, within=60)  # (the retries back off: ~5 s)
+                await until(lambda: len(calls) >= 8)
                 errors = [r for r in caplog.records if "Could not write the event spool" in r.getMessage()]
             monkeypatch.undo()
             await pipeline.aclose(timeout=1)
@@ -401,7 +416,7 @@ def _read_only(pipeline: EventPipeline, on: bool) -> None:
 
 
 async def test_a_spool_that_cannot_be_written_for_a_while_loses_nothing_and_encodes_each_event_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast_spool_retries: None
 ) -> None:
     """While the spool refuses writes, events wait in memory (not sent: only written events are), the write is
     retried with a backoff, and each event is encoded once however many attempts there are; once the volume takes

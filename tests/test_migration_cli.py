@@ -1,4 +1,5 @@
-"""``lago-org-billing migrate`` on 2,000 user customers in 500 orgs (see ``_migration_data``)."""
+"""``lago-org-billing migrate`` on 400 user customers in 100 orgs of the ``_migration_data`` set (every kind of org and
+mix of plans in it, several times; ``benchmarks/migration.py`` runs it at 2,000 users in 500 orgs)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from lago_org_billing.testing import FakeLago, RequestRecord
 from lago_org_billing.testing._server import serve_in_thread
 
 CHILD = Path(__file__).with_name("_migration_child.py")
+#: Orgs of the data set the tests migrate: its 10 kinds (``k % 10``) and 30 mixes of plans (``k % 30``), each at
+#: least 3 times, at concurrency 8. Its full 500 orgs took 30 s of the suite for the same checks (the scale is the
+#: benchmark's).
+ORGS = 100
+MIGRATED = ORGS // 10  # kind 0: already migrated
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -66,8 +72,8 @@ def run_cli(fake: FakeLago, tmp: Path, name: str, *argv: str, api_url: str | Non
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> tuple[FakeLago, dict[str, Outcome]]:
     """The full data set taken through dry run, execute, verify and a second execute, in that order."""
     tmp = tmp_path_factory.mktemp("migration")
-    fake = data.seed(data.new_fake())
-    mapping = str(data.write_mapping(tmp / "mapping.csv"))
+    fake = data.seed(data.new_fake(), orgs=ORGS)
+    mapping = str(data.write_mapping(tmp / "mapping.csv", orgs=ORGS))
     common = ("--mapping-file", mapping, "--default-plan", "free", "--progress", "lines")
     outcomes = {
         "dry": run_cli(fake, tmp, "dry", *common),
@@ -87,20 +93,20 @@ def test_dry_run_leaves_state_byte_identical(scenario: tuple[FakeLago, dict[str,
     assert "Plan (dry run, nothing changed):" in dry.stdout
     assert "org o003 [4 users]: plan team_yearly (highest plan: u0014's subscription sub_u0014)" in dry.stdout
     assert "  - cancel u0015's pending subscription sub_u0015" in dry.stdout
-    assert dry.report["totals"]["by_status"] == {"planned": 450, "up-to-date": 50}
+    assert dry.report["totals"]["by_status"] == {"planned": ORGS - MIGRATED, "up-to-date": MIGRATED}
 
 
 def test_execute_then_verify_passes(scenario: tuple[FakeLago, dict[str, Outcome]]) -> None:
-    """Execute migrates the 450 orgs left (exit 0), then verify finds every org subscribed and no user active."""
+    """Execute migrates the orgs left (exit 0), then verify finds every org subscribed and no user active."""
     _, outcomes = scenario
     execute, verify = outcomes["execute"], outcomes["verify"]
     assert execute.code == 0, execute.stdout
-    assert execute.report["totals"]["by_status"] == {"migrated": 450, "up-to-date": 50}
+    assert execute.report["totals"]["by_status"] == {"migrated": ORGS - MIGRATED, "up-to-date": MIGRATED}
     assert execute.report["lago"]["calls"] == len(execute.requests)
     assert verify.code == 0, verify.stdout
-    assert verify.report["totals"]["by_status"] == {"verified": 500}
+    assert verify.report["totals"]["by_status"] == {"verified": ORGS}
     assert verify.writes == []
-    assert "Migration verify: 500 orgs, 2000 users: OK" in verify.stdout
+    assert f"Migration verify: {ORGS} orgs, {ORGS * data.USERS_PER_ORG} users: OK" in verify.stdout
 
 
 def test_execute_result_matches_the_policy(scenario: tuple[FakeLago, dict[str, Outcome]]) -> None:
@@ -110,14 +116,14 @@ def test_execute_result_matches_the_policy(scenario: tuple[FakeLago, dict[str, O
     by_customer: dict[str, list[dict[str, Any]]] = {}
     for subscription in fake.subscriptions:
         by_customer.setdefault(subscription["external_customer_id"], []).append(subscription)
-    for k in range(data.ORGS):
+    for k in range(ORGS):
         [subscription] = by_customer[data.org_id(k)]
         assert (subscription["status"], subscription["plan_code"]) == ("active", data.expected_plan(k)), k
         for j in range(data.USERS_PER_ORG):
             user = data.user_id(k, j)
             assert all(s["status"] in ("terminated", "canceled") for s in by_customer.get(user, []))
     customers = {c["external_id"]: c for c in fake.customers}
-    for row in data.rows():
+    for row in data.rows(ORGS):
         marks = {item["key"]: item["value"] for item in customers[row["user_id"]]["metadata"]}
         assert marks["migrated_to_org"] == row["org_id"]
     org = {item["key"]: item["value"] for item in customers["o003"]["metadata"]}
@@ -136,7 +142,7 @@ def test_second_execute_makes_zero_write_calls(scenario: tuple[FakeLago, dict[st
     again = outcomes["again"]
     assert again.code == 0
     assert again.writes == [] and again.after == again.before
-    assert again.report["totals"]["by_status"] == {"up-to-date": 500}
+    assert again.report["totals"]["by_status"] == {"up-to-date": ORGS}
     assert again.report["lago"]["writes"] == 0
 
 
@@ -147,9 +153,9 @@ def test_summary_table_and_report(scenario: tuple[FakeLago, dict[str, Outcome]])
     for label in ("org status", "step:outcome", "create_subscription:done", "Lago calls", "calls per migrated org"):
         assert label in execute.stdout
     assert "wall time" in execute.stdout
-    assert "migrate: 500/500 orgs (100%)" in execute.stderr
+    assert f"migrate: {ORGS}/{ORGS} orgs (100%)" in execute.stderr
     report = execute.report
-    assert len(report["orgs"]) == 500 and report["ok"] is True
+    assert len(report["orgs"]) == ORGS and report["ok"] is True
     o003 = next(org for org in report["orgs"] if org["org_id"] == "o003")
     assert [step["step"] for step in o003["steps"]] == [
         "upsert_customer",
@@ -261,25 +267,25 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
 
 @pytest.fixture
 def served() -> Iterator[tuple[FakeLago, str]]:
-    """The full data set served over HTTP for a child process."""
-    fake = data.seed(data.new_fake())
+    """The data set served over HTTP for a child process."""
+    fake = data.seed(data.new_fake(), orgs=ORGS)
     with serve_in_thread(fake) as url:
         yield fake, url
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago, str], tmp_path: Path) -> None:
-    """A child ``migrate --execute --journal`` SIGKILLed after 250 of 500 orgs (others half-way through their
+    """A child ``migrate --execute --journal`` SIGKILLed after half of the orgs (others half-way through their
     steps) leaves a partial state; the same command resumes, skips the journaled orgs, and the result verifies
     with nothing created twice."""
     fake, url = served
-    mapping = str(data.write_mapping(tmp_path / "mapping.json"))
+    mapping = str(data.write_mapping(tmp_path / "mapping.json", orgs=ORGS))
     journal = tmp_path / "journal.jsonl"
     env = {**os.environ, "LAGO_API_URL": url, "LAGO_API_KEY": data.API_KEY}
     command = ["--mapping-file", mapping, "--execute", "--journal", str(journal), "--default-plan", "free"]
     with (tmp_path / "child.log").open("w") as log:
         child = subprocess.Popen(
-            [sys.executable, str(CHILD), "--freeze-after", "250", "migrate", *command],
+            [sys.executable, str(CHILD), "--freeze-after", str(ORGS // 2), "migrate", *command],
             env=env,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -292,20 +298,20 @@ def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago
             child.wait()
     assert marker.startswith("FROZEN"), (tmp_path / "child.log").read_text()
     done = [json.loads(line) for line in journal.read_text().splitlines() if '"type":"org"' in line]
-    assert 250 <= len(done) < 500
+    assert ORGS // 2 <= len(done) < ORGS
     active_orgs = {s["external_customer_id"] for s in fake.subscriptions if s["status"] == "active"}
-    assert sum(data.org_id(k) in active_orgs for k in range(data.ORGS)) < 500  # really half-way
+    assert sum(data.org_id(k) in active_orgs for k in range(ORGS)) < ORGS  # really half-way
 
     resumed = run_cli(fake, tmp_path, "resumed", *command, api_url=url)
     assert resumed.code == 0, resumed.stdout
     statuses = resumed.report["totals"]["by_status"]
-    assert statuses["journal"] == len(done) and sum(statuses.values()) == 500
+    assert statuses["journal"] == len(done) and sum(statuses.values()) == ORGS
     assert f"{len(done)} orgs done before, skipping them" in resumed.stderr
 
     verify = run_cli(fake, tmp_path, "verify", "--mapping-file", mapping, "--verify")
     assert verify.code == 0, verify.stdout
     org_subscriptions = [s for s in fake.subscriptions if s["external_customer_id"].startswith("o")]
-    assert len(org_subscriptions) == 500  # one each: nothing created twice across the kill
+    assert len(org_subscriptions) == ORGS  # one each: nothing created twice across the kill
 
 
 @pytest.mark.parametrize(
@@ -320,8 +326,8 @@ def test_killed_run_resumes_from_the_journal_and_verifies(served: tuple[FakeLago
 )
 def test_unusable_journal_or_report_paths_stop_before_anything_is_written(tmp_path: Path, bad: str) -> None:
     """They raised a traceback (journal) or failed after every write was made (report): exit 2, nothing written."""
-    fake = data.seed(data.new_fake())
-    mapping = str(data.write_mapping(tmp_path / "mapping.csv"))
+    fake = data.seed(data.new_fake(), orgs=10)  # (each run stops before its first request to Lago)
+    mapping = str(data.write_mapping(tmp_path / "mapping.csv", orgs=10))
     journal, report = tmp_path / "journal.jsonl", tmp_path / "report.json"
     if bad == "journal-is-a-directory":
         journal.mkdir()

@@ -4,15 +4,18 @@ saying what is wrong, and SIGTERM to a uvicorn worker flushing (or spooling) its
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +234,8 @@ APP = textwrap.dedent(
     from starlette.responses import JSONResponse
     from starlette.routing import Mount, Route
 
+    import os
+
     from lago_org_billing import OrgBillingMiddleware
 
 
@@ -239,20 +244,25 @@ APP = textwrap.dedent(
 
 
     app = Starlette(routes=[Route("/v1/chat", chat, methods=["POST"])])
-    app.add_middleware(OrgBillingMiddleware)
+    app.add_middleware(OrgBillingMiddleware, shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "5")))
     """
 )
 
 
-def _free_port() -> int:
+@contextlib.contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A loopback port bound (so no other process takes it) but not listening: connections to it are refused."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
 
 
-def _start_worker(tmp_path: Path, lago_url: str, spool: Path | None) -> tuple[subprocess.Popen[str], str]:
+def _start_worker(
+    tmp_path: Path, lago_url: str, spool: Path | None, *, shutdown_timeout: float | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """uvicorn serving APP on a port of its choosing (``--port 0``: no port picked here that another process could
+    take before it binds), and its URL once it listens."""
     (tmp_path / "billing_app.py").write_text(APP)
-    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAGO_")}
     env.update(
         LAGO_API_URL=lago_url,
@@ -263,13 +273,18 @@ def _start_worker(tmp_path: Path, lago_url: str, spool: Path | None) -> tuple[su
     )
     if spool is not None:
         env["LAGO_SPOOL_PATH"] = str(spool)
-    command = [sys.executable, "-m", "uvicorn", "billing_app:app", "--port", str(port), "--no-access-log"]
+    if shutdown_timeout is not None:
+        env["SHUTDOWN_TIMEOUT"] = str(shutdown_timeout)
+    command = [sys.executable, "-m", "uvicorn", "billing_app:app", "--port", "0", "--no-access-log"]
     worker = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     assert worker.stderr is not None
+    said = []
     for line in worker.stderr:  # blocks until uvicorn listens, or exits
-        if "Uvicorn running" in line:
-            return worker, f"http://127.0.0.1:{port}"
-    raise AssertionError(f"uvicorn exited ({worker.wait()}) before listening")
+        said.append(line)
+        listening = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+        if listening:
+            return worker, listening.group(1)
+    raise AssertionError(f"uvicorn exited ({worker.wait()}) before listening:\n{''.join(said)}")
 
 
 def _sigterm(worker: subprocess.Popen[str]) -> str:
@@ -307,11 +322,13 @@ def test_sigterm_with_lago_down_leaves_the_events_in_the_spool_for_the_next_star
     """With the SQLite spool and Lago unreachable, SIGTERM ends the worker after the shutdown timeout, saying the
     events stay in the spool; the next start delivers each once."""
     spool = tmp_path / "spool" / "events.db"
-    worker, app_url = _start_worker(tmp_path, f"http://127.0.0.1:{_free_port()}", spool)
-    try:
-        _bill(app_url, 25)
-    finally:
-        said = _sigterm(worker)
+    with _refusing_port() as lago_down:
+        # (a shutdown timeout of 1 s, not the default 5 s: the worker gives up on Lago all the same, sooner)
+        worker, app_url = _start_worker(tmp_path, f"http://127.0.0.1:{lago_down}", spool, shutdown_timeout=1)
+        try:
+            _bill(app_url, 25)
+        finally:
+            said = _sigterm(worker)
     assert "stay in the spool" in said, said
     fake = fake_lago()
     with serve_in_thread(fake) as lago_url:
@@ -329,17 +346,19 @@ async def test_a_password_in_lago_api_url_is_not_shown_by_delivery_logs_nor_erro
     from lago_org_billing._events import event_payload
 
     caplog.set_level(logging.DEBUG, logger="lago_org_billing")
-    url = f"http://ops:RECOGNIZABLE-url-password@127.0.0.1:{_free_port()}"
-    settings = BillingSettings(api_url=url, api_key=API_KEY, retry_backoff=0.001, max_retries=1)
     shown: list[str] = []
-    async with LagoClient(settings) as lago:
-        with pytest.raises(LagoUnavailableError) as info:
-            await lago.get_customer("org_1")
-        shown.append(str(info.value))
-        pipeline = EventPipeline(lago, flush_interval=0.01, max_backoff=0.01, shutdown_timeout=0.5)
-        async with pipeline:
-            pipeline.submit(event_payload(transaction_id="tx1", external_subscription_id="org_1", code="api_call"))
-            assert not await pipeline.flush(0.5)
+    with _refusing_port() as port:
+        url = f"http://ops:RECOGNIZABLE-url-password@127.0.0.1:{port}"
+        settings = BillingSettings(api_url=url, api_key=API_KEY, retry_backoff=0.001, max_retries=1)
+        async with LagoClient(settings) as lago:
+            with pytest.raises(LagoUnavailableError) as info:
+                await lago.get_customer("org_1")
+            shown.append(str(info.value))
+            # (the flush and the shutdown give up on the refused port after 0.2 s: what fails meanwhile is logged)
+            pipeline = EventPipeline(lago, flush_interval=0.01, max_backoff=0.01, shutdown_timeout=0.2)
+            async with pipeline:
+                pipeline.submit(event_payload(transaction_id="tx1", external_subscription_id="org_1", code="api_call"))
+                assert not await pipeline.flush(0.2)
     failures = [r for r in caplog.records if r.name == "lago_org_billing.delivery" and "failed" in r.getMessage()]
     assert failures
     text = "\n".join(shown + [r.getMessage() for r in caplog.records])
