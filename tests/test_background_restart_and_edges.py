@@ -120,6 +120,7 @@ async def _lifespan_crash_then_request(fake_lago: Any, caplog: pytest.LogCapture
     pipeline_class = type("FailsOnce", (_FailsOnce,), {"crash": anyio.Event(), "runs": 0})
     pipeline = pipeline_class(client, flush_interval=0.0)
     middleware = OrgBillingMiddleware(_hello_app(lifespan=lifespan), settings, pipeline=pipeline, quota=None)
+    middleware.restart_delay = 0.01  # (the backoff is not what is tested)
     async with client, serving_lifespan(middleware):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as http:
             before = await http.get("/hello", headers={"X-Org-Id": "org_a"})
@@ -175,6 +176,7 @@ async def test_a_request_right_after_a_lazy_background_failure_is_served(
     pipeline_class = type("FailsOnce", (_FailsOnce,), {"crash": anyio.Event(), "runs": 0})
     monkeypatch.setattr(middleware_module, "EventPipeline", pipeline_class)
     middleware = OrgBillingMiddleware(_hello_app(), settings, transport=fake_lago.transport(), quota=None)
+    middleware.restart_delay = 0.01  # (the backoff is not what is tested)
     try:
         first = await _call(middleware, _http_scope())
         assert first[0]["status"] == 200

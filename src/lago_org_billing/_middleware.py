@@ -103,6 +103,9 @@ class OrgBillingMiddleware:
       (see ``_metrics``); with ``LAGO_METRICS=true`` they go to the default registry without it.
     """
 
+    #: Seconds before the background work starts again after an error stopped it (doubling each time, to 60).
+    restart_delay: float = 1.0
+
     def __init__(
         self,
         app: ASGIApp,
@@ -381,7 +384,7 @@ class OrgBillingMiddleware:
         counted, not raised: it would end the app's own lifespan, which shares their task group (the app's shutdown
         code run while the server serves on). One before they started is raised (the startup fails)."""
         started = False
-        delay = 1.0
+        delay = self.restart_delay
         while True:
             try:
                 async with anyio.create_task_group() as tasks:
