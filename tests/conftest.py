@@ -5,6 +5,7 @@ import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,24 @@ def _clean_lago_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith("LAGO_"):
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture
+def header_settings(fake_lago: Any) -> Any:
+    """``BillingSettings`` for an app billing org_a (subscribed to a free plan) on the ``fake_lago`` emulator: org and
+    user from the X-Org-Id and X-User-Id headers, no quota gate, quick retries."""
+    from lago_org_billing import BillingSettings
+
+    fake_lago.add_plan("starter", amount_cents=0)
+    fake_lago.add_subscription("org_a", "starter", external_id="org_a")
+    return BillingSettings(
+        api_url=fake_lago.base_url,
+        api_key=fake_lago.api_key,
+        org_header="X-Org-Id",
+        user_header="X-User-Id",
+        quota_mode="off",
+        retry_backoff=0.001,
+    )
 
 
 @pytest.fixture

@@ -23,18 +23,9 @@ USAGE_JSON = b'{"model":"gpt-4o-mini","usage":{"prompt_tokens":11,"completion_to
 
 
 @pytest.fixture
-def settings(fake_lago: Any) -> BillingSettings:
+def settings(header_settings: BillingSettings) -> BillingSettings:
     """org_a subscribed; org and user from headers; no quota gate (these tests are about attribution)."""
-    fake_lago.add_plan("starter", amount_cents=0)
-    fake_lago.add_subscription("org_a", "starter", external_id="org_a")
-    return BillingSettings(
-        api_url=fake_lago.base_url,
-        api_key=fake_lago.api_key,
-        org_header="X-Org-Id",
-        user_header="X-User-Id",
-        quota_mode="off",
-        retry_backoff=0.001,
-    )
+    return header_settings
 
 
 async def serve(
