@@ -404,6 +404,20 @@ class OrgBilling:
         (remembered a day in this process); across processes, pass the same ``timestamp``. An event Lago already has
         is not an error: the answer is the payload with ``"duplicate": True``.
         """
+        return await self._record_usage(org_id, event_code, transaction_id, properties, timestamp, quota=self.quota)
+
+    async def _record_usage(
+        self,
+        org_id: str,
+        event_code: str,
+        transaction_id: str | None,
+        properties: Mapping[str, Any] | None,
+        timestamp: dt.datetime | float | int | str | Decimal | None,
+        *,
+        quota: QuotaGateProtocol | None,
+    ) -> JSON:
+        """:meth:`record_usage`, counting the event in ``quota`` (``billing_routes()``: the gate of the middleware the
+        request went through)."""
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         try:
             created = await self.client.create_event(payload)
@@ -412,7 +426,7 @@ class OrgBilling:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
-        self._count(org_id, payload)
+        self._count(org_id, payload, quota)
         return created
 
     def record_usage_nowait(
@@ -428,21 +442,21 @@ class OrgBilling:
         pipeline = self._require_pipeline()
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         if pipeline.submit(payload):  # (a refused event is logged and counted as dropped)
-            self._count(org_id, payload)
+            self._count(org_id, payload, self.quota)
         return str(payload["transaction_id"])
 
-    def _count(self, org_id: str, event: JSON) -> None:
+    def _count(self, org_id: str, event: JSON, quota: QuotaGateProtocol | None) -> None:
         """Tell the quota gate (if any) about a recorded event: a call of ``LAGO_EVENT_CODE``, tokens of its token
         metric."""
-        if self.quota is None:
+        if quota is None:
             return
         calls = event["code"] == self.settings.event_code
         tokens = 0
-        if event["code"] == getattr(self.quota, "token_metric", self.settings.event_code):
+        if event["code"] == getattr(quota, "token_metric", self.settings.event_code):
             value = event["properties"].get("total_tokens")
             tokens = value if type(value) is int and value > 0 else 0
         if calls or tokens:
-            self.quota.settle(org_id, QuotaDecision(), tokens=tokens, billed=calls)
+            quota.settle(org_id, QuotaDecision(), tokens=tokens, billed=calls)
 
     def record_api_call_nowait(
         self,
@@ -647,7 +661,13 @@ def _api_call_properties(
             isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_COUNT
         ):
             raise InvalidRequestError(f"{name} must be a whole number from 0 to 2**53 - 1, got {count!r}.")
-    total = tokens or (input_tokens or 0) + (output_tokens or 0)
+    total: Any = tokens or (input_tokens or 0) + (output_tokens or 0)
+    if not tokens and input_tokens is None and output_tokens is None:  # no count given: those of the properties
+        if "total_tokens" in extra:
+            total = extra["total_tokens"]
+        else:
+            parts = [extra.get("input_tokens"), extra.get("output_tokens")]
+            total = sum(part for part in parts if type(part) is int and part > 0)
     props: dict[str, Any] = {**extra, "total_tokens": total}
     for key, value in (
         ("user_id", user_id),

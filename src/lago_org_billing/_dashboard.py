@@ -65,6 +65,7 @@ async def dashboard_data(
     *,
     limits_provider: LimitsProvider | None = None,
     breakdown_provider: BreakdownProvider | None = None,
+    config: QuotaConfig | None = None,
 ) -> dict[str, Any] | None:
     """The dashboard of ``org_id``, or ``None`` when it has no active subscription.
 
@@ -73,7 +74,8 @@ async def dashboard_data(
     plain limit is derived from Lago's current usage as the gate counts it: ``max_api_calls`` counts the events of
     ``LAGO_EVENT_CODE``, ``max_tokens`` sums ``total_tokens`` in the token metric; another ``max_<code>`` is the
     units of billable metric ``<code>``; otherwise it is unknown (``null``) unless the provider gives
-    ``{"limit": ..., "used": ...}``.
+    ``{"limit": ..., "used": ...}``. ``config`` is the quota gate's :class:`QuotaConfig` (feature, privilege and token
+    metric names; default: that of ``billing.quota``, else ``QuotaConfig.from_env()``).
     """
     settings = billing.settings
     subscription = await billing.get_subscription(org_id)
@@ -99,8 +101,9 @@ async def dashboard_data(
         entry["events"] = max(entry["events"], int(charge.get("events_count") or 0))
         entry["amount_cents"] += int(charge.get("amount_cents") or 0)
 
-    gate_config = getattr(billing.quota, "config", None)
-    config = gate_config if isinstance(gate_config, QuotaConfig) else QuotaConfig.from_env()
+    if config is None:
+        gate_config = getattr(billing.quota, "config", None)
+        config = gate_config if isinstance(gate_config, QuotaConfig) else QuotaConfig.from_env()
     raw_limits: Mapping[str, Any] | None = None
     limits_source = "none"
     if limits_provider is not None:
@@ -265,10 +268,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: Subunits per unit of the currencies where it is not 100 (the Money gem's ``subunit_to_unit``, which Lago's
+#: ``amount_cents`` are counted in): a yen has none, a Kuwaiti dinar 1,000 fils.
+_SUBUNITS = {
+    **dict.fromkeys("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split(), 1),
+    **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 1000),
+    "MGA": 5,
+    "MRU": 5,
+}
+_DECIMALS = {1: 0, 5: 1, 100: 2, 1000: 3}
+
+
 def _money(cents: Any, currency: Any) -> str:
+    """An amount in Lago's ``amount_cents`` (the currency's subunits) shown in the currency's units."""
     if cents is None:
         return "—"
-    return f"{int(cents) / 100:,.2f} {currency or ''}".strip()
+    subunits = _SUBUNITS.get(str(currency or "").upper(), 100)
+    value = Decimal(int(cents)) / subunits
+    return f"{value:,.{_DECIMALS[subunits]}f} {currency or ''}".strip()
 
 
 _STYLE = """

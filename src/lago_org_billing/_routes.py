@@ -18,7 +18,8 @@ Routes, under ``/organizations/{org_id}``:
 ``POST /usage/record``     one usage event: ``{"event_code"?, "transaction_id"?, "properties"?,
                            "timestamp"?, "user_id"?, "model"?, "endpoint"?, "tokens"?, ...}``
 ``GET /usage/current``     current period usage (``?billable_metric_code=``)
-``GET /invoices``          latest invoices (``?limit=1..100``, default 10)
+``GET /invoices``          latest invoices (``?limit=1..100``, default 10; ``?page=`` for older ones) and
+                           ``meta`` (``page``, ``next_page``, ``total_pages``, ``total_count``)
 ``GET /dashboard``         JSON, or an HTML page when a browser asks (``Accept: text/html`` or ``?format=html``)
 =========================  ==========================================================================
 
@@ -37,7 +38,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -57,7 +58,9 @@ from ._errors import (
     LagoUnavailableError,
     LagoValidationError,
 )
+from ._gate import QuotaGateProtocol
 from ._ids import validate_id
+from ._quota import QuotaConfig
 from ._settings import BillingSettings
 from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
 
@@ -331,8 +334,12 @@ class BillingRouter(Router):
         if offered is not True:
             raise _Invalid(_error(("body", "plan_code"), f"Plan {plan_code!r} is not offered here.", "not_offered"))
 
+    def _gate(self, request: Request) -> Invalidate | SupportsInvalidate | None:
+        """``invalidate=``, else the quota gate of the ``OrgBillingMiddleware`` this request went through, if any."""
+        return self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
+
     async def _invalidate(self, request: Request, org_id: str) -> None:
-        target = self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
+        target = self._gate(request)
         if target is None:
             return
         invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
@@ -463,13 +470,19 @@ class BillingRouter(Router):
             return _not_found(
                 f"Org {org_id!r} has no active subscription: its usage would never be billed.", "subscription_not_found"
             )
+        # counted by the gate at once, as the middleware counts its requests (else only at its next snapshot of Lago)
+        quota = self.billing.quota
+        if quota is None:
+            gate = self._gate(request)
+            quota = cast("QuotaGateProtocol", gate) if callable(getattr(gate, "settle", None)) else None
         try:
-            event = await self.billing.record_usage(
+            event = await self.billing._record_usage(
                 org_id,
                 event_code or self.billing.settings.event_code,
                 transaction_id,
                 properties,
                 timestamp,
+                quota=quota,
             )
         except InvalidRequestError as exc:
             raise _Invalid(_error(("body",), str(exc), "value_error")) from None
@@ -500,17 +513,31 @@ class BillingRouter(Router):
             if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
                 raise _Invalid(_error(("query", "limit"), "Must be a whole number from 1 to 100.", "int_range"))
             limit = int(raw)
+        raw = request.query_params.get("page")
+        page = 1
+        if raw is not None:
+            if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+                raise _Invalid(_error(("query", "page"), "Must be a whole number >= 1.", "int_range"))
+            page = int(raw)
         if await self.billing.get_customer(org_id) is None:
             return _not_found(f"Org {org_id!r} has no billing account (call /setup first).", "customer_not_found")
-        return JSONResponse({"invoices": await self.billing.get_invoices(org_id, limit)})
+        # one page of Lago's list, newest first: ?page= reaches the history past the latest `limit`
+        found = await self.billing.client.list_invoices(external_customer_id=org_id, page=page, per_page=limit)
+        meta = {"page": page, "next_page": found.next_page, "total_pages": found.total_pages}
+        return JSONResponse({"invoices": found.items[:limit], "meta": {**meta, "total_count": found.total_count}})
 
     async def dashboard(self, request: Request, org_id: str) -> Response:
         fmt = request.query_params.get("format")
         if fmt not in (None, "html", "json"):
             raise _Invalid(_error(("query", "format"), "Must be html or json.", "enum"))
         html = wants_html(request.headers.get("accept", ""), fmt)
+        config = getattr(self._gate(request), "config", None)  # the names of the limits the gate enforces
         data = await dashboard_data(
-            self.billing, org_id, limits_provider=self.limits_provider, breakdown_provider=self.breakdown_provider
+            self.billing,
+            org_id,
+            limits_provider=self.limits_provider,
+            breakdown_provider=self.breakdown_provider,
+            config=config if isinstance(config, QuotaConfig) else None,
         )
         headers = {"Vary": "Accept"}  # (no-store: every answer of these routes, see _endpoint)
         if data is None:
@@ -577,7 +604,8 @@ def billing_routes(
     * **authorize** - ``(request, org_id) -> bool`` (sync or async): may the caller manage this org? Default: deny.
     * **invalidate** - *(optional)* ``async (org_id)`` or the quota gate, called after a plan change, a setup or a
       termination so that the org's quota state is refreshed at once (default: the gate ``OrgBillingMiddleware``
-      published in the scope, if any).
+      published in the scope, if any). A gate (given or found) also counts the usage ``POST /usage/record`` records
+      at once, and names the limits the dashboard shows (its ``QuotaConfig``).
     * **limits_provider** - *(optional)* ``(org_id) -> {"max_api_calls": 300, ...}`` for the dashboard (default:
       ``LAGO_PLAN_LIMITS`` of the org's plan).
     * **breakdown_provider** - *(optional)* a local ledger ``(org_id) -> {"by_user": [...], "by_model": [...]}``
