@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -798,17 +799,25 @@ class UsageRecorder:
         return {}, None
 
     def _ends_fields(self) -> tuple[dict[str, Any], str | None]:
-        """The usage of a JSON body over the cap, from a usage object among its last bytes (OpenAI's embeddings of many
-        inputs: megabytes of vectors, then the model and the usage); its model there or among its first bytes."""
-        head, last = bytes(self._head), bytes(self._last[-_JSON_END:])
+        """The usage of a JSON body over the cap, from a usage object of the top-level object among its last bytes
+        (OpenAI's embeddings of many inputs: megabytes of vectors, then the model and the usage); its model there or
+        among the top-level members its first bytes hold. A usage nested deeper (a record of a list, a tool result)
+        is not the answer's, as with a body read whole."""
+        head, last = bytes(self._head), self._last[-_JSON_END:].decode("utf-8", "replace")
         self._head, self._last = bytearray(), bytearray()
-        usage, rest = _value_after(last, last.rfind(b'"usage"'))
-        if not isinstance(usage, dict) or rest > _CLOSING:
+        if not head:  # no body came (the answer to a HEAD request): nothing was over the cap
+            return {}, None
+        members = _closing_members(last, "usage", len(last), _CLOSING)
+        usage = members.get("usage") if members is not None else None
+        if members is None or not isinstance(usage, dict):
             _cap_exceeded("JSON body")
             return {}, None
-        model = _value_after(last, last.rfind(b'"model"'))[0]
+        model = members.get("model")
+        if not isinstance(model, str):  # before the usage, a member of the same (top-level) object; or at the start
+            found = _closing_members(last, "model", last.rfind('"usage"'), len(last))
+            model = found.get("model") if found is not None else None
         if not isinstance(model, str):
-            model = _value_after(head, head.find(b'"model"'))[0]
+            model = _leading_members(head.decode("utf-8", "replace")).get("model")
         counts = _Counts()
         _collect({"model": model if isinstance(model, str) else None, "usage": usage}, counts)
         return _resolve_counts(counts, "json", model_needs_usage=True), "json"
@@ -817,22 +826,66 @@ class UsageRecorder:
 #: A usage object "closes" a JSON body when at most this many bytes follow it (OpenAI's ``service_tier`` and
 #: ``system_fingerprint``, the Responses API's ``user`` and ``metadata``; nothing after Anthropic's or embeddings').
 _CLOSING = 1_024
+#: How many occurrences of a key the last bytes of a JSON body over the cap are searched for, from its end.
+_KEY_TRIES = 16
+_blanks = re.compile(r"[ \t\n\r]*")
 
 
-def _value_after(data: bytes, at: int) -> tuple[Any, int]:
-    """The JSON value of the 7-byte key (``"usage"``, ``"model"``) found at ``at`` in ``data`` (a part of a document)
-    and how many characters of ``data`` follow it; ``None`` when there is none."""
-    if at < 0:
-        return None, 0
-    text = data[at + 7 : at + 7 + 2 * _JSON_END].decode("utf-8", "replace").lstrip(" \t\r\n")
-    if text[:1] != ":":  # a string value "usage", not a key
-        return None, 0
-    text = text[1:].lstrip(" \t\r\n")
+def _skip(text: str, index: int) -> int:
+    """Where JSON's blanks from ``index`` in ``text`` end."""
+    match = _blanks.match(text, index)
+    return match.end() if match is not None else index
+
+
+def _closing_members(text: str, key: str, before: int, within: int) -> dict[str, Any] | None:
+    """The members of the top-level object that close the JSON document whose last characters are ``text``, read
+    from the member ``key`` starting before ``before`` (its last occurrence from which they can be read to the
+    document's end: one nested deeper is followed by the end of its own object, not the document's), its value
+    followed by at most ``within`` characters; ``None`` when there is none."""
+    quoted = f'"{key}"'
+    for _ in range(_KEY_TRIES):
+        before = text.rfind(quoted, 0, before)
+        if before < 0:
+            return None
+        members, closing, first_end = _members(text, before)
+        if closing and key in members and len(text) - first_end <= within:
+            return members
+    return None
+
+
+def _leading_members(text: str) -> dict[str, Any]:
+    """The top-level members that the first characters ``text`` of a JSON document hold whole (up to the first
+    value cut off)."""
+    index = _skip(text, 1 if text[:1] == "\ufeff" else 0)
+    if text[index : index + 1] != "{":
+        return {}
+    return _members(text, _skip(text, index + 1))[0]
+
+
+def _members(text: str, index: int) -> tuple[dict[str, Any], bool, int]:
+    """The object members read from ``index`` (a key) in ``text``, whether the object and the document end after
+    them (``}`` and blanks only), and where the first member's value ends."""
+    members: dict[str, Any] = {}
+    first_end = len(text)
     try:
-        value, end = _scan_json(text, 0)
-    except (ValueError, StopIteration, RecursionError):
-        return None, 0
-    return value, len(text) - end
+        while True:
+            key, index = _scan_json(text, index)
+            index = _skip(text, index)
+            if type(key) is not str or text[index : index + 1] != ":":
+                return members, False, first_end
+            value, index = _scan_json(text, _skip(text, index + 1))
+            if not members:
+                first_end = index
+            members[key] = value
+            index = _skip(text, index)
+            separator = text[index : index + 1]
+            if separator == "}":
+                return members, _skip(text, index + 1) == len(text), first_end
+            if separator != ",":
+                return members, False, first_end
+            index = _skip(text, index + 1)
+    except (ValueError, StopIteration, RecursionError):  # cut off, or not JSON
+        return members, False, first_end
 
 
 def json_usage(body: bytes) -> Usage:

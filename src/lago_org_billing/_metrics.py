@@ -194,8 +194,9 @@ _REQUEST_COUNTERS = {
 #: Gate stats exported as gauges (states, not counts).
 _GATE_GAUGES = {"redis_fallback": "1 while Redis is unreachable and quota decisions are counted locally."}
 
-#: One collector per registry and namespace (the registry keyed by identity), holding what was registered with it.
-_registered: dict[tuple[int, str], tuple[Any, _RegistryCollector]] = {}
+#: One collector per registry and namespace (the registry keyed by identity, held weakly: one let go of is freed, and
+#: its entry dropped), holding what was registered with it.
+_registered: dict[tuple[int, str], tuple[Callable[[], Any], _RegistryCollector]] = {}
 
 
 def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = "lago_billing") -> bool:
@@ -221,13 +222,25 @@ def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None 
     first use: one per registry and namespace, so two registrations never clash and two namespaces stay apart)."""
     key = (id(registry), namespace)
     entry = _registered.get(key)
-    if entry is not None and entry[0] is registry:
+    if entry is not None and entry[0]() is registry:
         entry[1].add(pipeline, middleware)
         return
     collector = _RegistryCollector(namespace)
     collector.add(pipeline, middleware)
     registry.register(collector)  # (its names are those of what it holds now)
-    _registered[key] = (registry, collector)
+    held: Callable[[], Any]
+    try:
+        held = weakref.ref(registry, functools.partial(_forget_registry, key))
+    except TypeError:  # a registry that cannot be weakly referenced: held
+        held = functools.partial(_same, registry)
+    _registered[key] = (held, collector)
+
+
+def _forget_registry(key: tuple[int, str], ref: Any) -> None:
+    """A registry was let go of: its collector goes with it (the entry is still its own: its id is not reused yet)."""
+    entry = _registered.get(key)
+    if entry is not None and entry[0] is ref:
+        del _registered[key]
 
 
 class _Totals:
