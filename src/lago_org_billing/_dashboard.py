@@ -279,11 +279,16 @@ _SUBUNITS = {
 _DECIMALS = {1: 0, 5: 1, 100: 2, 1000: 3}
 
 
+def subunits_per_unit(currency: Any) -> int:
+    """How many of Lago's ``amount_cents`` make one unit of ``currency`` (100 but for the currencies above)."""
+    return _SUBUNITS.get(str(currency or "").upper(), 100)
+
+
 def _money(cents: Any, currency: Any) -> str:
     """An amount in Lago's ``amount_cents`` (the currency's subunits) shown in the currency's units."""
     if cents is None:
         return "—"
-    subunits = _SUBUNITS.get(str(currency or "").upper(), 100)
+    subunits = subunits_per_unit(currency)
     value = Decimal(int(cents)) / subunits
     return f"{value:,.{_DECIMALS[subunits]}f} {currency or ''}".strip()
 

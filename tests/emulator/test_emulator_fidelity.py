@@ -161,3 +161,26 @@ async def test_deleting_a_customer_bills_its_subscriptions_and_cancels_pending_o
     assert [i["fees_amount_cents"] for i in fake.invoices] == [200]
     sent = [(w["webhook_type"], w[w["object_type"]].get("external_id")) for w in fake.emitted_webhooks]
     assert sent == [("subscription.terminated", "sub"), ("invoice.created", None)]
+
+
+async def test_usage_amounts_are_in_the_currencys_subunits(fake: FakeLago) -> None:
+    """Lago's ``amount_cents`` count the currency's subunits (the Money gem's ``subunit_to_unit``): ¥3 a call, 4 calls
+    is 12 (a yen has no subunit), not 1,200 as 100 subunits per unit would make it."""
+    fake.add_plan(
+        "yen",
+        amount_cents=0,
+        amount_currency="JPY",
+        charges=[{"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "3"}}],
+    )
+    fake.add_subscription("org_jp", "yen", external_id="org_jp")
+    async with fake.client() as http:
+        for i in range(4):
+            answer = await http.post(
+                "/api/v1/events",
+                json={"event": {"transaction_id": f"jp{i}", "external_subscription_id": "org_jp", "code": "api_call"}},
+            )
+            assert answer.status_code == 200, answer.text
+        usage = (
+            await http.get("/api/v1/customers/org_jp/current_usage", params={"external_subscription_id": "org_jp"})
+        ).json()["customer_usage"]
+    assert (usage["currency"], usage["amount_cents"]) == ("JPY", 12)

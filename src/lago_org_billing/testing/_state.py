@@ -19,6 +19,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
+from .._dashboard import subunits_per_unit
 from .._errors import ConfigurationError
 from ._util import (
     JSON,
@@ -2423,13 +2424,15 @@ def _charge_amount(charge_model: str, properties: Mapping[str, Any], units: Deci
     return Decimal(0)
 
 
-def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Sequence[JSON]) -> JSON:
+def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Sequence[JSON], subunits: int) -> JSON:
+    """One charge bucket; ``amount_cents`` in the currency's subunits (``subunits`` per unit: 1 for JPY, 1000 for KWD,
+    as Lago counts them)."""
     units = _aggregate(metric, events)
     return {
         "units": decimal_str(units),
         "total_aggregated_units": decimal_str(units),
         "events_count": len(events),
-        "amount_cents": cents(_charge_amount(model, properties, units) * 100),
+        "amount_cents": cents(_charge_amount(model, properties, units) * subunits),
         "pricing_unit_details": None,
         "presentation_breakdowns": [],
     }
@@ -2445,11 +2448,13 @@ def _filter_match(charge_filter: Mapping[str, Any], event: JSON) -> bool:
     return True
 
 
-def _filters_usage(charge: JSON, metric: JSON, events: Sequence[JSON]) -> tuple[list[JSON], list[JSON], int]:
+def _filters_usage(
+    charge: JSON, metric: JSON, events: Sequence[JSON], subunits: int
+) -> tuple[list[JSON], list[JSON], int]:
     """Per-filter buckets (Lago drops the default bucket from ``filters``), its events, total cents."""
     model = charge["charge_model"]
     if not charge["filters"]:
-        bucket = _bucket(metric, model, charge["properties"], events)
+        bucket = _bucket(metric, model, charge["properties"], events, subunits)
         return [], list(events), int(bucket["amount_cents"])
     assigned: list[list[JSON]] = [[] for _ in charge["filters"]]
     default: list[JSON] = []
@@ -2465,7 +2470,7 @@ def _filters_usage(charge: JSON, metric: JSON, events: Sequence[JSON]) -> tuple[
     total = 0
     for charge_filter, bucket_events in zip(charge["filters"], assigned, strict=True):
         properties = charge_filter["properties"] or charge["properties"]
-        bucket = _bucket(metric, model, properties, bucket_events)
+        bucket = _bucket(metric, model, properties, bucket_events, subunits)
         total += int(bucket["amount_cents"])
         bucket.pop("presentation_breakdowns")
         out.append(
@@ -2476,11 +2481,12 @@ def _filters_usage(charge: JSON, metric: JSON, events: Sequence[JSON]) -> tuple[
                 "presentation_breakdowns": [],
             }
         )
-    total += int(_bucket(metric, model, charge["properties"], default)["amount_cents"])
+    total += int(_bucket(metric, model, charge["properties"], default, subunits)["amount_cents"])
     return out, default, total
 
 
 def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, str]) -> JSON:
+    subunits = subunits_per_unit(currency)
     keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
     if groups:
         events = [e for e in events if all(str(e["properties"].get(k)) == str(v) for k, v in groups.items())]
@@ -2493,7 +2499,7 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
             by_group.setdefault(group, []).append(event)
         total_amount = 0
         for group, group_events in sorted(by_group.items(), key=lambda kv: [v or "" for v in kv[0]]):
-            filters, _, amount = _filters_usage(charge, metric, group_events)
+            filters, _, amount = _filters_usage(charge, metric, group_events, subunits)
             units = _aggregate(metric, group_events)
             total_amount += amount
             grouped_usage.append(
@@ -2508,11 +2514,11 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
                     "presentation_breakdowns": [],
                 }
             )
-        filters, _, _ = _filters_usage(charge, metric, events)
+        filters, _, _ = _filters_usage(charge, metric, events, subunits)
         amount_cents = total_amount
         units_total = sum((Decimal(g["units"]) for g in grouped_usage), Decimal(0))
     else:
-        filters, _, amount_cents = _filters_usage(charge, metric, events)
+        filters, _, amount_cents = _filters_usage(charge, metric, events, subunits)
         units_total = _aggregate(metric, events)
     return {
         "units": decimal_str(units_total),
