@@ -31,15 +31,16 @@ Lago is unreachable, until its billing period ends.
 Billing-period rollover
 -----------------------
 With calendar billing (Lago's default) every org's period ends at 00:00 on the 1st in its customer's time zone: every
-cached snapshot of those customers ends at the same instant. A snapshot whose period is over, of a subscription known
-to go on (no ``ending_at`` at or before the period end, no pending downgrade switching there: ``next_plan_code``), is
-rolled over by the backend at the first request past the end (``reserve``, only reached when ``now >=
-period_end``): a *provisional* snapshot of the next period decides at once (usage base 0, what Lago has at a period
-start, plus what this deployment recorded since the boundary; limits and plan unchanged; ``period_start`` = the old
-``period_end``, ``period_end`` estimated from the plan's ``interval``, else from the old period's length, for
-``RateLimit-Reset``), and it is due at once: a normal, paced refresh (``refresh_rate``, not a cold one) replaces it
-with Lago's. A read of the period that ended (begun before the boundary, or Lago's clock behind) never replaces it.
-Other snapshots whose period is over count as missing (the cold path above).
+cached snapshot of those customers ends at the same instant. A snapshot whose period is over, of a subscription known to
+go on (no ``ending_at`` at or before the period end, no pending downgrade switching there: ``next_plan_code``), is
+rolled over by the backend at the first request past the end within an hour of it (``reserve``, only reached when
+``now >= period_end``; later, the new period's usage is what Lago counted meanwhile, not 0): a *provisional* snapshot of
+the next period decides at once (usage base 0, what Lago has at a period start, plus what this deployment recorded since
+the boundary; limits and plan unchanged; ``period_start`` = the old ``period_end``, ``period_end`` estimated from the
+plan's ``interval``, else from the old period's length, for ``RateLimit-Reset``), and it is due at once: a normal, paced
+refresh (``refresh_rate``, not a cold one) replaces it with Lago's. A read of the period that ended (begun before the
+boundary, or Lago's clock behind) never replaces it. Other snapshots whose period is over count as missing (the cold
+path above).
 
 Counting (never under-count)
 ----------------------------
@@ -428,6 +429,19 @@ def next_period_end(snapshot: Snapshot) -> float:
     return min(estimate, snapshot.ending_at) if snapshot.ending_at else estimate
 
 
+#: Seconds after a period's end a snapshot of it may still be rolled over (as long as Redis keeps it: its expiry
+#: margin). Later, the next period's usage is what Lago counted meanwhile, not the 0 of a period start.
+_ROLLOVER_WINDOW = 3600.0
+
+
+def rolls_over(snapshot: Snapshot, now: float) -> bool:
+    """Whether ``snapshot``, its period over at ``now``, is passed on to a provisional snapshot of the next period:
+    its subscription goes on into it (``next_period_end``), and the boundary is recent. An org first seen again weeks
+    into the period (its calls served by other workers, other services) is cold instead: read from Lago, or the fail
+    policy, not decided on a usage of 0 for as long as Lago is down."""
+    return snapshot.next_period_end > now and now < snapshot.period_end + _ROLLOVER_WINDOW
+
+
 def provisional(snapshot: Snapshot, now: float) -> Snapshot:
     """The snapshot of the period after ``snapshot``'s (over at ``now``), until Lago is read: usage base 0, due at
     once. Its version is derived from the old one (the Redis backend makes the same, atomically)."""
@@ -732,7 +746,7 @@ class LocalBackend:
         if snap is not None and snap.active and now >= snap.period_end:  # its billing period is over
             if counts.period == period_key(snap):
                 counts = state.counts = _Counts()
-            if snap.next_period_end > now:  # the subscription goes on: decided at once on the next period's
+            if rolls_over(snap, now):  # the subscription goes on: decided at once on the next period's
                 snap = state.snapshot = provisional(snap, now)
             else:  # cold (kept: the refresh reads the subscription again from it)
                 snap = None
@@ -1749,7 +1763,7 @@ class QuotaGate:
         known = self._known.get(org_id)
         if known is None or (known.active and now >= known.period_end):
             known = await self.backend.load(org_id)
-        if known is not None and known.active and now >= known.period_end and known.next_period_end > now:
+        if known is not None and known.active and now >= known.period_end and rolls_over(known, now):
             known = provisional(known, now)  # (as the backend decides: it makes the same at the next check)
         if known is not None and (not known.active or now < known.period_end):
             return known

@@ -9,11 +9,11 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
                             after an invalidation (free, and marks the refresh in flight then as superseded)
 
 * **reserve** (``CHECK`` script, one round trip): read the snapshot and the counters, compare with the limits,
-  ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the
-  caller's copy is out of date. A counter of another period is reset; one made before any snapshot (fail-open)
-  adopts the first snapshot's period. The counter expires one hour after its period ends (relative
-  to the caller's clock). A snapshot whose period is over is rolled over there, atomically (see
-  "Billing-period rollover" in :mod:`._quota`): when its ``ne`` (the next period's estimated end) is later than now,
+  ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the caller's copy
+  is out of date. A counter of another period is reset; one made before any snapshot (fail-open) adopts the first
+  snapshot's period. The counter expires one hour after its period ends (relative to the caller's clock). A snapshot
+  whose period is over is rolled over there, atomically (see "Billing-period rollover" in :mod:`._quota`): when its
+  ``ne`` (the next period's estimated end) is later than now, and its period ended less than ``PERIOD_MARGIN_MS`` ago,
   the script turns it into the next period's provisional snapshot (``ps`` = the old ``pe``, ``pe`` = ``ne``, usage
   base 0, due now, version ``<old>+``) and resets the counter to that period; it only does so on a snapshot whose
   period is over, so it never overwrites a newer one another worker stored. Otherwise the org is cold (missing).
@@ -28,7 +28,8 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
 :class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
 ``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
-call tries Redis again. When Redis answers again, the records made meanwhile are added to its counters.
+call tries Redis again. When Redis answers again, the records made meanwhile are added to its counters (those of a
+period after a counter's, made past a boundary on a provisional snapshot, replace it).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ local cp = redis.call('HGET', cnt, 'p')
 if v and s[2] == '1' and now >= tonumber(s[6]) then
   if cp == s[5] then redis.call('DEL', cnt); cp = false end
   local ne = redis.call('HGET', snap, 'ne')
-  if ne and tonumber(ne) > now then
+  -- (within the margin after the boundary that the snapshot is kept: later, it is cold, as once it expired)
+  if ne and tonumber(ne) > now and now < tonumber(s[6]) + tonumber(ARGV[5]) / 1000 then
     -- rollover: the next period's provisional snapshot (see the module docstring), due at once
     v = v .. '+'
     redis.call('HSET', snap, 'v', v, 'ps', s[6], 'pe', ne, 'bc', '0', 'bt', '0', 'ra', ARGV[1], 'ne', '0')
@@ -215,7 +217,14 @@ return 1
 MERGE = """
 local cnt = KEYS[1]
 local cp = redis.call('HGET', cnt, 'p')
-if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then return 0 end
+if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then
+  -- records of a later period than the counter's (made here past the boundary, on a provisional snapshot, while
+  -- Redis was down and nobody rolled the org over there): the counter's period is over, it is replaced
+  local old, new = tonumber(cp), tonumber(ARGV[1])
+  if not old or not new or old >= new then return 0 end
+  redis.call('DEL', cnt)
+  redis.call('HSET', cnt, 'p', ARGV[1])
+end
 if ARGV[3] ~= '0' then
   redis.call('HINCRBY', cnt, 'c:' .. ARGV[2], ARGV[3])
   redis.call('HINCRBY', cnt, 'calls', ARGV[3])
