@@ -8,7 +8,6 @@ lifespan. Requests never wait on Lago.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import hashlib
 import hmac
@@ -739,7 +738,9 @@ class OrgBillingMiddleware:
             org_id,
             user_id,
             watcher.deferred(),  # the watcher lets go of the request's objects
-            decision if not retry else None,  # (its tokens count in its period: see _build_event)
+            # what its tokens are settled with (see _build_event): the period of this package's gate's decision (a
+            # str, shared: the decision itself is not kept alive while the event waits), else the empty decision
+            None if decision is None or retry else decision.period if type(decision) is _Decision else _TOKENS_ONLY,
             self._extra_properties(scope, org_id, user_id) if self.event_properties is not None else None,
         )
         accepted = self._submit(facts) is not False  # (False: dropped, the outbox full; logged and counted there)
@@ -795,8 +796,9 @@ class OrgBillingMiddleware:
         if gated is not None and usage.total_tokens and self.quota is not None:
             # in the period the call was checked in (Lago bills the event there, by its timestamp): none once that
             # period is over
-            # (this package's gate: its own decision, unreserved; another gate gets the empty one its protocol says)
-            tokens_only = dataclasses.replace(gated, reserved=False) if type(gated) is _Decision else _TOKENS_ONLY
+            # (this package's gate: an unreserved decision of the call's period; another gate gets the empty one its
+            # protocol says)
+            tokens_only = _tokens_only(gated) if isinstance(gated, str) else gated
             self.quota.settle(org_id, tokens_only, tokens=usage.total_tokens, billed=False)
         return event
 
@@ -973,6 +975,13 @@ _user_texts: dict[str, str] = {}
 _TOKENS_ONLY = QuotaDecision()
 
 
+@functools.lru_cache(maxsize=64)
+def _tokens_only(period: str) -> _Decision:
+    """The decision a request's tokens are settled with in this package's gate: none reserved, of ``period`` (a few
+    periods at a time: one per billing period of the orgs in flight)."""
+    return _Decision(reserved=False, period=period)
+
+
 def _user_json(user_id: str) -> str:
     """``,"user_id":"..."`` (cached: the active users repeat)."""
     text = _user_texts.get(user_id)
@@ -998,7 +1007,7 @@ _Facts = tuple[
     str,
     "str | None",
     "bytes | Usage",
-    "QuotaDecision | None",  # the request's gate decision (None: not gated, or an idempotent retry)
+    "str | QuotaDecision | None",  # its gate decision's period, or _TOKENS_ONLY (None: not gated, or a retry)
     "Mapping[str, Any] | None",
 ]
 
