@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -661,14 +661,17 @@ def _api_call_properties(
             isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_COUNT
         ):
             raise InvalidRequestError(f"{name} must be a whole number from 0 to 2**53 - 1, got {count!r}.")
-    total: Any = tokens or (input_tokens or 0) + (output_tokens or 0)
+    props: dict[str, Any] = dict(extra)
     if not tokens and input_tokens is None and output_tokens is None:  # no count given: those of the properties
-        if "total_tokens" in extra:
-            total = extra["total_tokens"]
-        else:
-            parts = [extra.get("input_tokens"), extra.get("output_tokens")]
-            total = sum(part for part in parts if type(part) is int and part > 0)
-    props: dict[str, Any] = {**extra, "total_tokens": total}
+        # (under the arguments' rule: whole numbers, 500.0 or "500" too, the parts when the total is 0 or null)
+        counts = {name: _property_count(name, props.get(name)) for name in ("total_tokens", *_PARTS)}
+        props.update({name: count for name, count in counts.items() if count is not None})
+        tokens, input_tokens, output_tokens = (
+            counts["total_tokens"] or 0,
+            counts["input_tokens"],
+            counts["output_tokens"],
+        )
+    props["total_tokens"] = tokens or (input_tokens or 0) + (output_tokens or 0)
     for key, value in (
         ("user_id", user_id),
         ("endpoint", endpoint),
@@ -683,6 +686,25 @@ def _api_call_properties(
 
 #: The largest token count an event carries: every JSON reader keeps it exact (a double's integers).
 _MAX_COUNT = 2**53 - 1
+_PARTS = ("input_tokens", "output_tokens")
+
+
+def _property_count(name: str, value: Any) -> int | None:
+    """A token count given as a property (``None`` when absent or null): a whole number from 0 to 2**53 - 1, as
+    ``500``, ``500.0`` or ``"500"``; anything else raises :class:`InvalidRequestError`."""
+    if value is None:
+        return None
+    count: Decimal | None = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str, Decimal)):
+        try:
+            count = Decimal(value.strip() if isinstance(value, str) else value)
+        except (InvalidOperation, ValueError):
+            count = None
+    if count is None or not count.is_finite() or count != count.to_integral_value() or not 0 <= count <= _MAX_COUNT:
+        raise InvalidRequestError(
+            f"properties.{name} (a token count) must be a whole number from 0 to 2**53 - 1, got {value!r}."
+        )
+    return int(count)
 
 
 def _only_existing_keys(details: Mapping[str, Any]) -> bool:

@@ -334,12 +334,15 @@ class BillingRouter(Router):
         if offered is not True:
             raise _Invalid(_error(("body", "plan_code"), f"Plan {plan_code!r} is not offered here.", "not_offered"))
 
-    def _gate(self, request: Request) -> Invalidate | SupportsInvalidate | None:
-        """``invalidate=``, else the quota gate of the ``OrgBillingMiddleware`` this request went through, if any."""
-        return self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
+    def _gate(self, request: Request) -> SupportsInvalidate | None:
+        """The quota gate: ``invalidate=`` when it is one (not a plain ``async (org_id)`` function), else that of the
+        ``OrgBillingMiddleware`` this request went through, if any."""
+        if isinstance(self.invalidate, SupportsInvalidate):
+            return self.invalidate
+        return _scope_gate(request.scope)
 
     async def _invalidate(self, request: Request, org_id: str) -> None:
-        target = self._gate(request)
+        target = self.invalidate if self.invalidate is not None else _scope_gate(request.scope)
         if target is None:
             return
         invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the end-to-end demo against an embedded Lago emulator")
     demo.add_argument("--serve", action="store_true", help="keep the emulator and the example app running")
-    demo.add_argument("--port", type=int, default=0, help="port of the emulator with --serve (default: free port)")
+    demo.add_argument("--port", type=int, default=0, help="port of the emulator (default: a free one)")
     demo.set_defaults(handler=_demo)
 
     from ._dead_letters import add_dead_letters_command
