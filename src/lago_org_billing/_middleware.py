@@ -131,6 +131,7 @@ class OrgBillingMiddleware:
         #: A configuration error kept for the lifespan to report (see below); the middleware then serves nothing.
         self._config_error: Exception | None = None
         self._lazy_task: asyncio.Task[None] | None = None
+        self._lazy_done: anyio.Event | None = None  # the lazy start's end, on trio
         self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
         self._warned_lazy = False
@@ -425,17 +426,18 @@ class OrgBillingMiddleware:
                 return
             raise self._lazy_error or ConfigurationError("OrgBillingMiddleware's background delivery is not running.")
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # pragma: no cover - trio without lifespan
-            raise ConfigurationError(
-                "OrgBillingMiddleware needs the ASGI lifespan to run its background delivery outside asyncio."
-            ) from None
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # trio (hypercorn -k trio): a system task, cancelled as trio.run() ends
+            loop = None
         self._renew()
         started = self._lazy_started = anyio.Event()
         failure: list[BaseException] = []
-        task = loop.create_task(self._run_detached(started, failure), name="lago-org-billing")
-        task.add_done_callback(self._lazy_ended)
-        self._lazy_task = task
+        if loop is None:
+            self._spawn_on_trio(started, failure)
+        else:
+            task = loop.create_task(self._run_detached(started, failure), name="lago-org-billing")
+            task.add_done_callback(self._lazy_ended)
+            self._lazy_task = task
         await started.wait()
         if failure:
             error = _start_error(failure[0])
@@ -475,6 +477,23 @@ class OrgBillingMiddleware:
                 if self._owned_client is not None:
                     await close_idle_quietly(self._owned_client, pool=True)
 
+    def _spawn_on_trio(self, started: anyio.Event, failure: list[BaseException]) -> None:
+        import trio
+
+        done = self._lazy_done = anyio.Event()
+
+        async def run() -> None:  # (a system task must not raise: _run_detached keeps its errors for the request)
+            try:
+                await self._run_detached(started, failure)
+            finally:
+                done.set()
+                if self._lazy_done is done:  # as _lazy_ended: the next request starts it again
+                    self._lazy_done = None
+                    self._lazy_started = None
+                    self._running = False
+
+        trio.lowlevel.spawn_system_task(run, name="lago-org-billing")
+
     def _lazy_ended(self, task: asyncio.Task[None]) -> None:
         if self._lazy_task is task:  # its loop is gone, or it failed: the next request starts it again
             self._lazy_task = None
@@ -488,6 +507,8 @@ class OrgBillingMiddleware:
         if self._lazy_task is not None:
             await self._lazy_task
             self._lazy_task = None
+        if self._lazy_done is not None:
+            await self._lazy_done.wait()
         self._running = False
 
     async def _shutdown(self) -> None:

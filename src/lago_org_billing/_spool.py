@@ -86,6 +86,8 @@ _RETRY_MAX = 1.0
 #: Seconds between two log lines about a condition that lasts (a spool that cannot be written, a full dead-letter
 #: list): said when it starts, then at this rate with a count, never once per attempt or per event.
 _LOG_EVERY = 60.0
+#: Free bytes in a spool file with no event left past which it is vacuumed (given back to the volume).
+_SHRINK_FREE = 4 << 20
 
 
 class _Streak:
@@ -670,7 +672,21 @@ class _SpoolFile:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if gone:
+                self._shrink_if_drained(conn)
         return encoded, unencodable
+
+    def _shrink_if_drained(self, conn: sqlite3.Connection) -> None:
+        """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with no
+        event left and at least ``_SHRINK_FREE`` bytes free is vacuumed, and its WAL truncated. Best effort."""
+        try:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+            if free < _SHRINK_FREE or conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None:
+                return
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # (another connection reading it: the next drain tries again)
+            logger.debug("Could not shrink the event spool %s: %s", self.path, exc)
 
     def load(self, after_id: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id."""
@@ -732,6 +748,29 @@ def _loads_or_raw(body: str) -> JSON:
     except ValueError:
         return {"body": body}
     return value if isinstance(value, dict) else {"body": value}
+
+
+class _Once:
+    """A spool write run in a worker thread, unless abandoned before the thread took it up: :meth:`abandon` says
+    whether it was too late (the write runs, or ran)."""
+
+    def __init__(self, write: Callable[..., Any]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._state = 0  # 1: started, 2: abandoned
+
+    def __call__(self, *args: Any) -> Any:
+        with self._lock:
+            if self._state == 2:
+                return None
+            self._state = 1
+        return self._write(*args)
+
+    def abandon(self) -> bool:
+        with self._lock:
+            if self._state == 0:
+                self._state = 2
+            return self._state == 1
 
 
 class SqliteOutbox(Outbox):
@@ -884,22 +923,25 @@ class SqliteOutbox(Outbox):
             revived, self._revived = self._revived, []
             letters, self._unwritten_dead = self._unwritten_dead, []
             self._writing = (len(rows), len(deletes) + len(dead))
+            write = _Once(self.file.write)
             try:
-                encoded, unencodable = await anyio.to_thread.run_sync(
-                    self.file.write, rows, deletes, dead, revived, letters
-                )
+                # shielded whole: cancelled while it waits for a worker thread (before anyio's own shield), it would
+                # drop what it took from memory above, events included, uncounted
+                with anyio.CancelScope(shield=True):
+                    encoded, unencodable = await anyio.to_thread.run_sync(write, rows, deletes, dead, revived, letters)
             except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
-                self._writing = (0, 0)
-                self._to_delete[:0] = deletes
-                self._to_dead[:0] = dead
-                self._revived[:0] = revived
-                self._unwritten_dead[:0] = letters
-                if self._closing and not last:
-                    self._send_unwritten(rows)
-                else:
-                    self.pending[:0] = rows  # (as JSON text now: the next attempt does not encode them again)
+                self._take_back(rows, deletes, dead, revived, letters, send=self._closing and not last)
                 self._write_failed(exc)
                 return
+            except BaseException:  # a native cancellation (an event loop ending), which anyio's shield lets through
+                if not write.abandon():  # never written: kept for the next commit (the run's last one, at the latest)
+                    self._take_back(rows, deletes, dead, revived, letters, send=False)
+                else:  # being written by its thread: counted as written (a new run reads the file again)
+                    self._writing = (0, 0)
+                    self._rows += len(rows) - len(deletes) - len(dead)
+                    if rows:
+                        self._committed_upto = max(self._committed_upto, rows[-1][0])
+                raise
             self._writing = (0, 0)
             if self._write_errors.count:
                 self._write_errors.end("The event spool %s is written", self.path)
@@ -912,6 +954,27 @@ class SqliteOutbox(Outbox):
                     len(unencodable),
                 )
             self._hand_over(rows, dict(encoded))
+
+    def _take_back(
+        self,
+        rows: list[tuple[int, JSON | str]],
+        deletes: list[int],
+        dead: list[tuple[int, DeadLetter]],
+        revived: list[tuple[int, str]],
+        letters: list[DeadLetter],
+        *,
+        send: bool,
+    ) -> None:
+        """What a commit took and did not write goes back for the next one (or is sent unwritten: ``send``)."""
+        self._writing = (0, 0)
+        self._to_delete[:0] = deletes
+        self._to_dead[:0] = dead
+        self._revived[:0] = revived
+        self._unwritten_dead[:0] = letters
+        if send:
+            self._send_unwritten(rows)
+        else:
+            self.pending[:0] = rows  # (as JSON text when encoded: the next attempt does not encode them again)
 
     def _write_failed(self, exc: Exception) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
