@@ -515,7 +515,7 @@ class UsageRecorder:
             # Inflated in 64 KiB slices, each parsed at once: the parser caps lines and events, not the stream (a
             # compressor that does not flush sends megabytes of events in one chunk, the usage in the last one).
             try:
-                for piece in self._inflater.pieces(body, None):
+                for piece in self._inflater.pieces(body):
                     self._feed_sse(piece)
             except zlib.error:
                 self._mode = _MODE_NONE
@@ -551,7 +551,7 @@ class UsageRecorder:
             self._keep_end(chunk)
             return
         try:
-            for piece in self._inflater.pieces(chunk, None):
+            for piece in self._inflater.pieces(chunk):
                 self._keep_end(piece)
         except zlib.error:
             self._mode = _MODE_NONE
@@ -733,7 +733,7 @@ class UsageRecorder:
         size = 0
         cap = self._config.max_body_bytes
         try:
-            for piece in inflater.pieces(body, None):
+            for piece in inflater.pieces(body):
                 if self._mode == _MODE_JSON:
                     size += len(piece)
                     if size <= cap:
@@ -1040,13 +1040,9 @@ def _encoded_body_skipped(encoding: bytes) -> None:
 _INFLATABLE = frozenset((b"gzip", b"x-gzip", b"deflate"))
 
 
-class _TooLarge(Exception):
-    """A compressed body that inflates over the cap."""
-
-
 class _Inflater:
-    """Decompresses a gzip or deflate response body: at once (JSON, capped) or chunk by chunk (SSE). HTTP's
-    ``deflate`` is zlib-wrapped, but some servers send raw deflate: both are read."""
+    """Decompresses a gzip or deflate response body chunk by chunk, in slices. HTTP's ``deflate`` is zlib-wrapped,
+    but some servers send raw deflate: both are read."""
 
     __slots__ = ("_decoder", "_raw_fallback")
 
@@ -1055,13 +1051,9 @@ class _Inflater:
         self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if gzip else zlib.MAX_WBITS)
         self._raw_fallback = not gzip
 
-    def whole(self, data: bytes, cap: int) -> bytes:
-        """All of ``data`` inflated; :class:`_TooLarge` past ``cap`` bytes (inflating stops there)."""
-        return b"".join(self.pieces(data, cap))
-
-    def pieces(self, data: bytes, cap: int | None) -> Iterator[bytes]:
-        """``data`` inflated in slices of 64 KiB, as they come; :class:`_TooLarge` once they pass ``cap`` bytes
-        (``None``: no cap; the slices are used one at a time): a small chunk that inflates hugely costs no memory."""
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """``data`` inflated in slices of 64 KiB, as they come (used one at a time): a small chunk that inflates hugely
+        costs no memory; the callers cap what they keep."""
         try:
             piece = self._decoder.decompress(data, 65_536)
         except zlib.error:
@@ -1070,11 +1062,7 @@ class _Inflater:
             self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
             piece = self._decoder.decompress(data, 65_536)
         self._raw_fallback = False
-        size = 0
         while True:
-            size += len(piece)
-            if cap is not None and size > cap:
-                raise _TooLarge
             if piece:
                 yield piece
             tail = self._decoder.unconsumed_tail
