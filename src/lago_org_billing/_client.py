@@ -643,10 +643,8 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
             params.extend((f"{key}[]", str(item)) for item in value)
         elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value ("": the key absent)
             params.extend((f"{key}[{name}]", _param_text(item)) for name, item in value.items())
-        elif isinstance(value, bool):
-            params.append((key, "true" if value else "false"))
         else:
-            params.append((key, str(value)))
+            params.append((key, _param_text(value)))
     return params
 
 

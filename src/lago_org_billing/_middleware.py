@@ -815,10 +815,9 @@ class OrgBillingMiddleware:
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
         if gated is not None and usage.total_tokens and self.quota is not None:
-            # in the period the call was checked in (Lago bills the event there, by its timestamp): none once that
-            # period is over
-            # (this package's gate: an unreserved decision of the call's period; another gate gets the empty one its
-            # protocol says)
+            # In the period the call was checked in (Lago bills the event there, by its timestamp; none once that
+            # period is over): this package's gate gets an unreserved decision of that period, another gate the empty
+            # one its protocol says.
             tokens_only = _tokens_only(gated) if isinstance(gated, str) else gated
             self.quota.settle(org_id, tokens_only, tokens=usage.total_tokens, billed=False)
         return event

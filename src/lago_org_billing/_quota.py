@@ -371,6 +371,10 @@ class Snapshot:
     def limited(self) -> bool:
         return self.calls_limit is not None or self.tokens_limit is not None
 
+    def over(self, now: float) -> bool:
+        """Whether its billing period is over at ``now`` (a snapshot of no subscription has none)."""
+        return self.active and now >= self.period_end
+
     def limits(self, config: QuotaConfig) -> dict[str, int | None]:
         return {config.calls_privilege: self.calls_limit, config.tokens_privilege: self.tokens_limit}
 
@@ -743,7 +747,7 @@ class LocalBackend:
         snap = state.snapshot
         counts = state.counts
         bucket = int(now)
-        if snap is not None and snap.active and now >= snap.period_end:  # its billing period is over
+        if snap is not None and snap.active and now >= snap.period_end:  # over (Snapshot.over, inline: hot path)
             if counts.period == period_key(snap):
                 counts = state.counts = _Counts()
             if rolls_over(snap, now):  # the subscription goes on: decided at once on the next period's
@@ -1355,7 +1359,7 @@ class QuotaGate:
                 # the refresh ended without a snapshot: it failed (the next round stops), or the org was
                 # invalidated between its end and now (a webhook): wait for the next one, within the same budget
                 fresh = self._known.get(org_id)
-                if fresh is not None and fresh.active and self.clock() >= fresh.period_end:
+                if fresh is not None and fresh.over(self.clock()):
                     # or Lago still reports the period that just ended here (its clock is behind this host's, at the
                     # rollover): read again after a pause (doubling), not back to back for the whole budget
                     await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
@@ -1456,13 +1460,12 @@ class QuotaGate:
         try:
             await slots.acquire(org_id, urgent)
         except BaseException:
-            if urgent:
-                self._cold_queued = max(0, self._cold_queued - 1)
             self._refreshing.pop(org_id, None)
             event.set()
             raise
-        if urgent:
-            self._cold_queued = max(0, self._cold_queued - 1)
+        finally:
+            if urgent:  # (queued no more: started, or given up)
+                self._cold_queued = max(0, self._cold_queued - 1)
         held = True
 
         def release() -> None:  # (once: when the refresh only waits for another process's, or when it ends)
@@ -1514,7 +1517,7 @@ class QuotaGate:
                 self._known[org_id] = snapshot
                 self._refresh_errors.pop(org_id, None)
                 # (a period already over: Lago's clock behind at the rollover; the backoff before reading again stays)
-                if not snapshot.active or self.clock() < snapshot.period_end:
+                if not snapshot.over(self.clock()):
                     self._next_attempt.pop(org_id, None)
                     self._gave_up.pop(org_id, None)
                 if self._outage_logged or self._refresh_failing:
@@ -1523,7 +1526,7 @@ class QuotaGate:
             else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
                 current = await backend.load(org_id)
                 after = 0.0
-                if current is not None and current.active and self.clock() >= current.period_end:
+                if current is not None and current.over(self.clock()):
                     after = current.requested_at
                 release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
@@ -1761,13 +1764,11 @@ class QuotaGate:
         """This process's copy of the org's snapshot, else (none, or its billing period is over: another worker may
         have stored the new period's since) the backend's; ``None`` when neither is of the current period."""
         known = self._known.get(org_id)
-        if known is None or (known.active and now >= known.period_end):
+        if known is None or known.over(now):
             known = await self.backend.load(org_id)
-        if known is not None and known.active and now >= known.period_end and rolls_over(known, now):
-            known = provisional(known, now)  # (as the backend decides: it makes the same at the next check)
-        if known is not None and (not known.active or now < known.period_end):
-            return known
-        return None
+        if known is not None and known.over(now):  # (as the backend decides: it makes the same at the next check)
+            known = provisional(known, now) if rolls_over(known, now) else None
+        return known
 
     async def check_org_has_active_subscription(self, org_id: str) -> bool:
         """Whether the org has an active Lago subscription (cached like the gate's snapshots)."""
