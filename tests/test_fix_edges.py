@@ -4,8 +4,6 @@ host's clock at the rollover."""
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,9 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lago_org_billing import BillingSettings, OrgBillingMiddleware, QuotaDecision
-from lago_org_billing._migration_cli import run_migrate_command
 from lago_org_billing.testing import FakeLago
-from test_migration_cli import parse
+from test_migration_prices import migrate
 
 API_KEY = "k"
 
@@ -36,18 +33,6 @@ class _Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-def _migrate(fake: FakeLago, tmp_path: Path, rows: str, *argv: str) -> tuple[int, str, Any]:
-    mapping = tmp_path / "mapping.csv"
-    mapping.write_text("user_id,org_id,org_name,email\n" + rows, encoding="utf-8")
-    report = tmp_path / "report.json"
-    report.unlink(missing_ok=True)
-    out, err = io.StringIO(), io.StringIO()
-    settings = BillingSettings(api_key=API_KEY, api_url=fake.base_url, retry_backoff=0.001)
-    args = parse("--mapping-file", str(mapping), "--report", str(report), *argv)
-    code = run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=out, stderr=err)
-    return code, out.getvalue(), json.loads(report.read_text()) if report.exists() else None
 
 
 def test_a_donor_contract_ending_today_fails_its_org_with_why_not_fix_the_fields(tmp_path: Path) -> None:
@@ -64,12 +49,12 @@ def test_a_donor_contract_ending_today_fails_its_org_with_why_not_fix_the_fields
     clock.now = datetime(2026, 6, 30, 9, 0, tzinfo=timezone.utc)  # the contract's last day
 
     # (the dry run reads this host's date: any day from 30 June 2026 on is "today or later")
-    code, _, report = _migrate(fake, tmp_path, "ursula,acme,Acme,\n")
+    code, _, _, report = migrate(fake, tmp_path, "ursula,acme,Acme,\n")
     assert code == 0
     (warning,) = [w for w in report["orgs"][0]["warnings"] if "ending_at" in w]
     assert "sub_ursula" in warning and "2026-06-30" in warning
 
-    code, out, report = _migrate(fake, tmp_path, "ursula,acme,Acme,\n", "--execute")
+    code, out, _, report = migrate(fake, tmp_path, "ursula,acme,Acme,\n", "--execute")
     assert code == 1, out
     (error,) = report["orgs"][0]["errors"]
     assert "sub_ursula" in error and "2026-06-30" in error and "ending_at" in error

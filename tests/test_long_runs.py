@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import sqlite3
@@ -42,6 +43,19 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
+@contextlib.asynccontextmanager
+async def _one_worker_thread_held() -> AsyncIterator[anyio.CapacityLimiter]:
+    """anyio's worker threads limited to one, held here: a spool commit waits for a thread (release it to let it go)."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    total = limiter.total_tokens
+    limiter.total_tokens = 1
+    await limiter.acquire()
+    try:
+        yield limiter
+    finally:
+        limiter.total_tokens = total
+
+
 def _event(n: int) -> dict[str, object]:
     return event_payload(
         transaction_id=f"tx_{n}", external_subscription_id="org_a", code="api_call", timestamp=1.0, properties={}
@@ -56,18 +70,13 @@ async def test_spool_commit_cancelled_before_its_write_keeps_the_events(tmp_path
     await outbox.open()
     for n in range(50):
         assert outbox.put(_event(n))
-    limiter = anyio.to_thread.current_default_thread_limiter()
-    limiter.total_tokens = 1
-    await limiter.acquire()  # every worker thread busy: the commit waits for one, with the events in hand
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(outbox.commit)
-            while outbox.pending:  # until it took them (then it waits for the limiter)
-                await checkpoint()
-            tasks.cancel_scope.cancel()
-            limiter.release()  # (the thread is free again; the commit was cancelled meanwhile)
-    finally:
-        limiter.total_tokens = 40
+    # every worker thread busy: the commit waits for one, with the events in hand
+    async with _one_worker_thread_held() as limiter, anyio.create_task_group() as tasks:
+        tasks.start_soon(outbox.commit)
+        while outbox.pending:  # until it took them (then it waits for the limiter)
+            await checkpoint()
+        tasks.cancel_scope.cancel()
+        limiter.release()  # (the thread is free again; the commit was cancelled meanwhile)
     assert outbox.unresolved() == 50
     await outbox.commit()
     assert _rows(outbox.path) == 50
@@ -82,10 +91,7 @@ async def test_spool_commit_cancelled_natively_before_its_write_keeps_the_events
     await outbox.open()
     for n in range(50):
         assert outbox.put(_event(n))
-    limiter = anyio.to_thread.current_default_thread_limiter()
-    limiter.total_tokens = 1
-    await limiter.acquire()
-    try:
+    async with _one_worker_thread_held() as limiter:
         task = asyncio.get_running_loop().create_task(outbox.commit())
         while outbox.pending:
             await checkpoint()
@@ -93,8 +99,6 @@ async def test_spool_commit_cancelled_natively_before_its_write_keeps_the_events
         limiter.release()
         with pytest.raises(asyncio.CancelledError):
             await task
-    finally:
-        limiter.total_tokens = 40
     assert outbox.unresolved() == 50
     await outbox.commit()
     assert _rows(outbox.path) == 50

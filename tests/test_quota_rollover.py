@@ -26,7 +26,7 @@ import pytest
 
 from _quota_app import REDIS_SERVER, Clock, seed
 from lago_org_billing import BillingSettings, LagoClient
-from lago_org_billing._errors import LagoNotFoundError
+from lago_org_billing._errors import LagoNotFoundError, LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot
 from lago_org_billing.testing import FakeLago
@@ -40,6 +40,7 @@ APRIL = dt.datetime(2026, 4, 1, tzinfo=UTC)
 PERIODS = {
     "march": ("2026-03-01T00:00:00Z", "2026-03-31T23:59:59Z"),
     "april": ("2026-04-01T00:00:00Z", "2026-04-30T23:59:59Z"),
+    "may": ("2026-05-01T00:00:00Z", "2026-05-31T23:59:59Z"),
 }
 MAY = dt.datetime(2026, 5, 1, tzinfo=UTC).timestamp()
 
@@ -66,7 +67,7 @@ async def _close_gates() -> AsyncIterator[None]:
 
 class PeriodLago:
     """Lago's two reads, with the period of the gate's clock at the time a read begins; ``hold`` (when set to an
-    unset event) keeps reads from answering; counts reads begun and answered."""
+    unset event) keeps reads from answering; ``down``: every read fails; counts reads begun and answered."""
 
     def __init__(self, clock: Clock, limit: int = 10) -> None:
         self.clock = clock
@@ -74,12 +75,13 @@ class PeriodLago:
         self.begun: list[tuple[str, str]] = []
         self.answered: list[tuple[str, str]] = []
         self.hold: anyio.Event | None = None
+        self.down = False
         self.usage: dict[tuple[str, str], int] = {}  # (org, period) -> calls Lago counted
         self.subscription: dict[str, dict[str, Any]] = {}  # org -> fields overriding the subscription's
         self.missing: set[str] = set()  # orgs without a subscription (made-up ids)
 
     def _period(self) -> str:
-        return "march" if self.clock.at < APRIL else "april"
+        return "march" if self.clock.at < APRIL else "april" if self.clock.at.timestamp() < MAY else "may"
 
     async def _enter(self, kind: str, org: str) -> str:
         period = self._period()
@@ -88,6 +90,8 @@ class PeriodLago:
             await self.hold.wait()
         for _ in range(2):
             await anyio.lowlevel.checkpoint()
+        if self.down:
+            raise LagoUnavailableError("Lago is down (test)")
         self.answered.append((kind, org))
         return period
 

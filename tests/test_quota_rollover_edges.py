@@ -18,10 +18,10 @@ import pytest
 
 from _quota_app import REDIS_SERVER, Clock
 from lago_org_billing import BillingSettings
-from lago_org_billing._errors import LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
+from test_quota_rollover import PeriodLago
 
 pytestmark = pytest.mark.anyio
 
@@ -29,70 +29,6 @@ needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is n
 
 UTC = dt.timezone.utc
 APRIL = dt.datetime(2026, 4, 1, tzinfo=UTC)
-MAY = dt.datetime(2026, 5, 1, tzinfo=UTC)
-PERIODS = {
-    "march": ("2026-03-01T00:00:00Z", "2026-03-31T23:59:59Z"),
-    "april": ("2026-04-01T00:00:00Z", "2026-04-30T23:59:59Z"),
-    "may": ("2026-05-01T00:00:00Z", "2026-05-31T23:59:59Z"),
-}
-
-
-class StubLago:
-    """Lago's two reads, in the period of the clock when a read begins. ``down``: every read fails; ``hold`` (an
-    unset event): reads wait for it. Counts reads begun."""
-
-    def __init__(self, clock: Clock, limit: int = 10) -> None:
-        self.clock = clock
-        self.limit = limit
-        self.begun: list[tuple[str, str]] = []
-        self.hold: anyio.Event | None = None
-        self.down = False
-        self.usage: dict[tuple[str, str], int] = {}
-
-    def _period(self) -> str:
-        return "march" if self.clock.at < APRIL else "april" if self.clock.at < MAY else "may"
-
-    async def _enter(self, kind: str, org: str) -> str:
-        period = self._period()
-        self.begun.append((kind, org))
-        if self.hold is not None:
-            await self.hold.wait()
-        await anyio.lowlevel.checkpoint()
-        if self.down:
-            raise LagoUnavailableError("Lago is down (test)")
-        return period
-
-    async def get_subscription(self, external_id: str, *, status: str | None = None) -> dict[str, Any]:
-        start, end = PERIODS[await self._enter("sub", external_id)]
-        return {
-            "external_id": external_id,
-            "external_customer_id": external_id,
-            "status": "active",
-            "plan_code": "starter",
-            "plan": {"code": "starter", "interval": "monthly"},
-            "ending_at": None,
-            "next_plan_code": None,
-            "current_billing_period_started_at": start,
-            "current_billing_period_ending_at": end,
-            "entitlements": [{"code": "api_quota", "privileges": [{"code": "max_api_calls", "value": self.limit}]}],
-        }
-
-    async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
-        period = await self._enter("usage", subscription)
-        start, end = PERIODS[period]
-        return {
-            "from_datetime": start,
-            "to_datetime": end,
-            "charges_usage": [
-                {
-                    "billable_metric": {"code": "api_call", "aggregation_type": "sum_agg"},
-                    "events_count": self.usage.get((subscription, period), 0),
-                    "units": "0",
-                }
-            ],
-        }
-
-
 _OPEN: list[QuotaGate] = []
 
 
@@ -109,7 +45,7 @@ def clock() -> Clock:
 
 
 def make_gate(
-    lago: StubLago, clock: Clock, redis: str | None = None, *, fail_open: bool = True, **config: Any
+    lago: PeriodLago, clock: Clock, redis: str | None = None, *, fail_open: bool = True, **config: Any
 ) -> QuotaGate:
     settings = BillingSettings(
         api_url="http://lago.invalid", api_key="k", max_retries=0, redis_url=redis, fail_open=fail_open
@@ -204,7 +140,7 @@ async def test_calls_counted_during_a_redis_outage_across_the_boundary_are_merge
     snapshot. Redis answers again (the first check after it is another org's): the records are merged into Redis.
     They were dropped (the MERGE script refused a counter still of March's period, which Redis had not rolled over
     yet), so org_b was allowed 5 calls more than its April limit."""
-    lago = StubLago(clock, limit=10)
+    lago = PeriodLago(clock, limit=10)
     proxy = Proxy(redis_url)
     async with anyio.create_task_group() as tasks:
         await tasks.start(proxy.serve)
@@ -252,7 +188,7 @@ async def test_an_org_idle_here_for_weeks_is_not_decided_on_a_provisional_zero(c
     provisional April one (usage base 0, as Lago has it at a period start) and the call allowed (RateLimit-Remaining
     9): fail-closed let an org past its limit for as long as Lago is down. A rollover is for the boundary (Redis
     expires a snapshot an hour after its period): weeks on, the org is cold, and fail-closed answers 503."""
-    lago = StubLago(clock, limit=10)
+    lago = PeriodLago(clock, limit=10)
     gate = make_gate(lago, clock, redis, fail_open=False, cold_timeout=0.5)
     async with anyio.create_task_group() as tasks:
         await tasks.start(gate.run)
@@ -275,7 +211,7 @@ async def test_an_org_idle_here_for_weeks_is_not_decided_on_a_provisional_zero(c
 async def test_just_after_the_boundary_the_rollover_still_decides_at_once(clock: Clock, redis: str | None) -> None:
     """The bound above keeps the rollover itself: 30 minutes past the boundary, Lago down, fail-closed, the org is
     decided at once on its provisional April snapshot (no cold wait)."""
-    lago = StubLago(clock, limit=10)
+    lago = PeriodLago(clock, limit=10)
     gate = make_gate(lago, clock, redis, fail_open=False, cold_timeout=0.5)
     async with anyio.create_task_group() as tasks:
         await tasks.start(gate.run)
