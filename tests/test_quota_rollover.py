@@ -446,7 +446,9 @@ def _ts(text: str) -> float:
     ("interval", "start", "end", "fields", "expected"),
     [
         ("monthly", "2026-03-01T05:00:00Z", "2026-04-01T04:00:00Z", {}, "2026-05-01T04:00:00Z"),  # New York
-        ("monthly", "2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z", {}, "2026-03-28T00:00:00Z"),
+        ("monthly", "2026-01-31T00:00:00Z", "2026-02-28T00:00:00Z", {}, "2026-03-31T00:00:00Z"),  # anniversary 31
+        ("monthly", "2026-10-31T23:00:00Z", "2026-11-30T23:00:00Z", {}, "2026-12-31T23:00:00Z"),  # Paris
+        ("monthly", "2026-03-15T00:00:00Z", "2026-04-01T00:00:00Z", {}, "2026-05-01T00:00:00Z"),  # begun mid-month
         ("weekly", "2026-03-23T00:00:00Z", "2026-03-30T00:00:00Z", {}, "2026-04-06T00:00:00Z"),
         ("quarterly", "2026-01-01T00:00:00Z", "2026-04-01T00:00:00Z", {}, "2026-07-01T00:00:00Z"),
         ("yearly", "2025-04-01T00:00:00Z", "2026-04-01T00:00:00Z", {}, "2027-04-01T00:00:00Z"),
@@ -477,3 +479,50 @@ async def test_the_next_periods_end_is_estimated_from_the_interval(
     )
     assert next_period_end(snap) == (_ts(expected) if expected else 0.0)
     assert next_period_end(Snapshot(active=False, period_start=snap.period_start, period_end=snap.period_end)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "UTC",
+        "Europe/Paris",
+        "America/New_York",
+        "America/Los_Angeles",
+        "Asia/Kathmandu",
+        "Asia/Tokyo",
+        "Pacific/Auckland",
+        "Pacific/Tongatapu",
+        "Pacific/Honolulu",
+    ],
+)
+@pytest.mark.parametrize("billing_time", ["calendar", "anniversary"])
+@pytest.mark.parametrize("interval", ["monthly", "quarterly", "yearly"])
+async def test_the_estimate_is_lagos_next_period_in_every_zone_and_billing_day(
+    zone: str, billing_time: str, interval: str
+) -> None:
+    """Lago's periods (the emulator's arithmetic: the customer's time zone, a billing day clipped to short months),
+    billing days 1 to 31 over more than a year: each period's estimated successor is Lago's next period, exactly
+    when both ends share a UTC offset (an hour off across a DST change: the refresh reads Lago within minutes)."""
+    from zoneinfo import ZoneInfo
+
+    from lago_org_billing._quota import next_period_end
+    from lago_org_billing.testing._util import billing_period
+
+    tz = ZoneInfo(zone)
+    checked = 0
+    for anchor_day in (1, 15, 28, 29, 30, 31):
+        anchor = dt.datetime(2027, 1, anchor_day, 9, tzinfo=tz)
+        at = anchor
+        for _ in range(15 if interval == "monthly" else 6):
+            start, last = billing_period(interval, billing_time, anchor, at, tz)
+            end = last + dt.timedelta(seconds=1)
+            following = billing_period(interval, billing_time, anchor, end, tz)[1] + dt.timedelta(seconds=1)
+            snap = Snapshot(active=True, interval=interval, period_start=start.timestamp(), period_end=end.timestamp())
+            estimate = next_period_end(snap)
+            if end.astimezone(tz).utcoffset() == following.astimezone(tz).utcoffset():
+                assert estimate == following.timestamp(), (anchor_day, start, end, following)
+                checked += 1
+            else:
+                assert abs(estimate - following.timestamp()) == 3600, (anchor_day, start, end, following)
+            at = end
+    assert checked >= 12

@@ -410,11 +410,26 @@ _period_keys: dict[float, str] = {}  # period start -> its key (asked on every r
 _INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
 
 
-def _add_months(timestamp: float, months: int) -> float:
-    at = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+def _local(timestamp: float) -> tuple[dt.datetime, float]:
+    """A period bound in its customer's time zone, and that zone's UTC offset (seconds), inferred from the bound:
+    Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-11
+    to UTC+13 (UTC-11 and UTC+13 share their midnights: taken as UTC+13, New Zealand's summer; UTC+14 as UTC-10)."""
+    second_of_day = timestamp % 86400
+    offset = -second_of_day if second_of_day < 11 * 3600 else 86400 - second_of_day
+    return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc), offset
+
+
+def _add_months(start: float, end: float, months: int) -> float:
+    """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or the start's when
+    later and the end falls on a short month's last day (anniversary day 31: Jan 31 to Feb 28 goes on to Mar 31).
+    An hour off across a DST change, until Lago is read."""
+    at, offset = _local(end)
+    day = at.day
+    if day == calendar.monthrange(at.year, at.month)[1]:
+        day = max(day, _local(start)[0].day)
     index = at.month - 1 + months
     year, month = at.year + index // 12, index % 12 + 1
-    return at.replace(year=year, month=month, day=min(at.day, calendar.monthrange(year, month)[1])).timestamp()
+    return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1])).timestamp() - offset
 
 
 def next_period_end(snapshot: Snapshot) -> float:
@@ -425,7 +440,7 @@ def next_period_end(snapshot: Snapshot) -> float:
         return 0.0
     months = _INTERVAL_MONTHS.get(snapshot.interval)
     if months is not None:
-        estimate = _add_months(end, months)  # (in UTC: an hour off across a DST change, until Lago is read)
+        estimate = _add_months(start, end, months)
     elif snapshot.interval == "weekly":
         estimate = end + 7 * 86400.0
     else:
