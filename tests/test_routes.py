@@ -175,6 +175,15 @@ async def test_setup_creates_customer_and_subscription(env: Env) -> None:
     assert len([s for s in env.fake.subscriptions if s["status"] == "active"]) == 1
 
 
+async def test_setup_keeps_a_creator_whose_id_is_an_email(env: Env) -> None:
+    """The creating user is a metadata value, never a path: an email or a dotted id is kept (it was a 422)."""
+    body = {"org_name": "Acme", "plan_code": "starter", "user_id": "alice.smith@acme.test"}
+    response = await env.client.post(f"{BASE}/org_acme/setup", json=body, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    [customer] = env.fake.customers
+    assert {m["key"]: m["value"] for m in customer["metadata"]}["created_by_user_id"] == "alice.smith@acme.test"
+
+
 @pytest.mark.parametrize(
     ("body", "loc"),
     [
@@ -186,6 +195,7 @@ async def test_setup_creates_customer_and_subscription(env: Env) -> None:
         ({"org_name": "Acme", "plan_code": "starter", "billing_time": "weekly"}, ["body", "billing_time"]),
         ({"org_name": "", "plan_code": "starter"}, ["body", "org_name"]),
         ({"org_name": "Acme", "plan_code": "enterprise"}, ["body", "plan_code"]),
+        ({"org_name": "Acme", "plan_code": "starter", "user_id": "u" * 101}, ["body", "user_id"]),
     ],
 )
 async def test_setup_validation_errors(env: Env, body: dict[str, Any], loc: list[str]) -> None:

@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+import zoneinfo
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
@@ -156,8 +157,9 @@ class OrgBilling:
                 return await self.client.upsert_customer(customer)
             except LagoValidationError as exc:
                 # Created meanwhile (a concurrent call, or this call's own retry after a lost answer): its metadata
-                # keys exist now, and items without their ids are refused. Bring that customer up to date instead.
-                if not _only_existing_keys(exc.details):
+                # keys exist now, and items without their ids are refused; or the other call's insert won the race
+                # (Lago's unique index: external_id value_already_exist). Bring that customer up to date instead.
+                if not (_only_existing_keys(exc.details) or exc.details == {"external_id": ["value_already_exist"]}):
                     raise
                 existing = await self.get_customer(org_id)
                 if existing is None:
@@ -267,13 +269,24 @@ class OrgBilling:
         """Subscribe the org's customer to ``plan_code`` (subscription ``external_id`` from the template).
 
         Idempotent: the same plan returns the existing subscription. A different plan is an upgrade or a
-        downgrade, as Lago decides from the plans' amounts (see :meth:`change_plan`)."""
+        downgrade, as Lago decides from the plans' amounts (see :meth:`change_plan`).
+
+        ``subscription_at`` and ``ending_at`` take aware datetimes, ISO 8601 strings or dates: a date is that day's
+        00:00 in the customer's time zone (Lago's billing days are the customer's; one more call reads it), UTC for
+        an org without a customer yet."""
+        validate_id(org_id, "org_id")
+        _check_dates(subscription_at, fields)
+        zone: dt.tzinfo = dt.timezone.utc
+        if any(_is_day(value) for value in (subscription_at, fields.get("ending_at"))):
+            zone = _customer_zone(await self.get_customer(org_id))
+        if fields.get("ending_at") is not None:
+            fields["ending_at"] = _iso(fields["ending_at"], "ending_at", zone)
         return await self.client.create_subscription(
-            external_customer_id=validate_id(org_id, "org_id"),
+            external_customer_id=org_id,
             plan_code=validate_id(plan_code, "plan_code"),
             external_id=self.subscription_id(org_id),
             billing_time=billing_time,
-            subscription_at=_iso(subscription_at),
+            subscription_at=_iso(subscription_at, "subscription_at", zone),
             **fields,
         )
 
@@ -291,6 +304,7 @@ class OrgBilling:
         An existing customer is completed, never overwritten: a name, email, org marker (``billing_type``) or creator
         it lacks is set (Lago creates a bare customer when a subscription is created for an unknown one).
         Returns ``{"customer": ..., "subscription": ...}``."""
+        _check_dates(subscription_fields.get("subscription_at"), subscription_fields)  # before the customer is written
         customer = await self.get_customer(org_id)
         if customer is None:
             customer = await self.create_org_customer(org_id, org_name, email, user_id)
@@ -718,8 +732,8 @@ def _only_existing_keys(details: Mapping[str, Any]) -> bool:
 def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     wanted: dict[str, Any] = dict(metadata or {})
     wanted[METADATA_BILLING_TYPE] = ORGANIZATION
-    if user_id is not None:
-        wanted[METADATA_CREATED_BY] = validate_id(user_id, "user_id")
+    if user_id is not None:  # a metadata value, never in a URL path: emails and dotted ids too (check_metadata)
+        wanted[METADATA_CREATED_BY] = user_id
     return wanted
 
 
@@ -761,15 +775,48 @@ def _email(email: str) -> str:
     return email
 
 
-def _iso(value: dt.datetime | dt.date | str | None) -> str | None:
+def _iso(
+    value: dt.datetime | dt.date | str | None, what: str = "subscription_at", zone: dt.tzinfo = dt.timezone.utc
+) -> str | None:
+    """A subscription date as Lago takes it: an aware datetime in UTC, a date at its 00:00 in ``zone`` (the
+    customer's: Lago counts billing days in it, so 00:00 UTC would start a Tokyo subscription at 09:00 there and a
+    New York one on the evening before, a day of the previous period billed)."""
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, dt.datetime):
-        if isinstance(value, dt.date):  # a day: its start, in UTC (Lago reads the customer's timezone itself)
-            return f"{value.isoformat()}T00:00:00Z"
-        raise InvalidRequestError(
-            f"subscription_at must be a timezone-aware datetime, a date or an ISO 8601 string, got {value!r}."
-        )
+        if isinstance(value, dt.date):
+            value = dt.datetime.combine(value, dt.time(), tzinfo=zone)
+        else:
+            raise InvalidRequestError(
+                f"{what} must be a timezone-aware datetime, a date or an ISO 8601 string, got {value!r}."
+            )
     if value.tzinfo is None:
-        raise InvalidRequestError("subscription_at must be a timezone-aware datetime.")
+        raise InvalidRequestError(f"{what} must be a timezone-aware datetime.")
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_day(value: object) -> bool:
+    return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+
+
+def _check_dates(subscription_at: Any, fields: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidRequestError` for a subscription date Lago cannot be sent (a naive datetime...)."""
+    _iso(subscription_at, "subscription_at")
+    _iso(fields.get("ending_at"), "ending_at")
+
+
+def _customer_zone(customer: Mapping[str, Any] | None) -> dt.tzinfo:
+    """The time zone Lago bills ``customer`` in (``applicable_timezone``); UTC without a customer (Lago then creates
+    it in the organization's, UTC unless set otherwise) or when this machine's zone database lacks the name."""
+    name = (customer or {}).get("applicable_timezone") or (customer or {}).get("timezone")
+    if not name or name in ("UTC", "Etc/UTC"):
+        return dt.timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        logger.warning(
+            "Time zone %r of Lago customer %r is unknown here (install tzdata): its subscription date is read in UTC.",
+            name,
+            (customer or {}).get("external_id"),
+        )
+        return dt.timezone.utc

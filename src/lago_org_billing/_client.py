@@ -387,7 +387,25 @@ class LagoClient:
                 f"Lago takes at most {MAX_BATCH_SIZE} events per batch, got {len(events)}: split the list."
             )
         payload = [normalize_event(event) for event in events]
-        body = await self._request("POST", "/events/batch", json={"events": payload})
+        try:
+            body = await self._request("POST", "/events/batch", json={"events": payload})
+        except LagoValidationError as exc:
+            duplicates = exc.failed_indexes()
+            if not exc.is_duplicate_only or len(duplicates) >= len(payload):
+                raise
+            # Some events are in Lago already (a resend): the batch is atomic, so the others were refused with them.
+            others = [index for index in range(len(payload)) if index not in duplicates]
+            raise _PartlyDuplicateBatch(
+                f"Lago answered POST /api/v1/events/batch with 422: the events at indexes {sorted(duplicates)} are "
+                f"already in Lago, and its batches are atomic, so the others {others} were not ingested: send those "
+                "again, without the ones already in Lago (failed_indexes()).",
+                status=exc.status,
+                code=exc.code,
+                details=exc.details,
+                error=exc.error,
+                method=exc.method,
+                path=exc.path,
+            ) from None
         return list(body.get("events") or [])
 
     async def send_event_batch_json(self, body: bytes) -> None:
@@ -617,6 +635,15 @@ class LagoClient:
             wait,
             hint,
         )
+
+
+class _PartlyDuplicateBatch(LagoValidationError):
+    """A batch refused because some of its events are in Lago already: the others were not ingested, so it is not
+    the harmless resend ``is_duplicate_only`` stands for."""
+
+    @property
+    def is_duplicate_only(self) -> bool:
+        return False
 
 
 def _unwrap(body: JSON, key: str) -> JSON:

@@ -112,7 +112,9 @@ class LagoValidationError(LagoAPIError):
         """True when every error is ``value_already_exist`` on ``transaction_id``.
 
         That is what Lago's Postgres event store answers when events were already ingested, e.g. a retry of a
-        batch whose first attempt succeeded but whose response was lost: the events are in Lago.
+        batch whose first attempt succeeded but whose response was lost. For a batch, the details name only the
+        indexes refused, so this cannot tell whether every event of it is in Lago: compare :meth:`failed_indexes`
+        with the batch (:meth:`LagoClient.create_events` raises with this False when some events were not).
         """
         if not self.details:
             return False

@@ -342,10 +342,11 @@ def from_jwt_claim(
     It is loaded once, here, for each of ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm
     with a PEM key is the classic algorithm-confusion attack; an RSA algorithm with an EC key can never verify).
     What could never verify a token is a :class:`ConfigurationError` saying what to pass: no algorithm left, a
-    private key, ``algorithms`` given as a string or with an unknown name, ``none``. Expiry (``exp``), ``nbf``,
-    ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed,
-    badly signed or expired token resolves to ``None``. The verified claims are cached in the scope, so resolving
-    the org and the user from the same token verifies it once.
+    private key, ``algorithms`` given as a string or with an unknown name, ``none``, an empty ``audience`` or
+    ``issuer`` (or list of them). Expiry (``exp``), ``nbf``, ``audience`` and ``issuer`` (one, or a list of accepted
+    ones) are checked when given; a missing, malformed, badly signed or expired token resolves to ``None``. The
+    verified claims are cached in the scope (under an opaque id: never the key), so resolving the org and the user
+    from the same token verifies it once.
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
     try:
@@ -360,27 +361,16 @@ def from_jwt_claim(
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
     allowed, verification_key = _jwt_verification(jwt, key, algorithms)
     raw_header = _header_name("from_jwt_claim(header=...)", header)
-    audience_arg = audience if audience is None or isinstance(audience, str) else list(audience)
-    issuer_arg: str | tuple[str, ...] | None
-    if issuer is None or isinstance(issuer, str):
-        issuer_arg = issuer
-    else:
-        accepted: object = issuer
-        if (
-            not isinstance(accepted, Iterable)
-            or isinstance(accepted, bytes)
-            or not all(isinstance(name, str) for name in accepted)
-        ):
-            raise ConfigurationError(
-                f"from_jwt_claim(issuer=...) takes the issuer (str) or a list of accepted issuers, got {issuer!r}."
-            )
-        issuer_arg = tuple(issuer)  # a container, as PyJWT accepts; a tuple keeps the claims cache key hashable
-    cache_id = (
-        key if isinstance(key, (str, bytes)) else id(verification_key),
-        tuple(allowed),
-        str(audience_arg),
-        issuer_arg,
-        leeway,
+    audiences = _jwt_accepted("audience", audience)
+    audience_arg = audiences if audiences is None or isinstance(audiences, str) else list(audiences)
+    issuer_arg = _jwt_accepted("issuer", issuer)  # a tuple for a list, as PyJWT accepts; hashable for the cache id
+    # The claims are cached in the scope under an opaque id of these settings, never the settings themselves: the
+    # scope is every middleware's, error reporter's and log line's to see, and the key may be the HMAC secret.
+    if len(_jwt_cache_ids) >= 1_000:  # bounded (resolvers built per request): forgetting costs a verification
+        _jwt_cache_ids.clear()
+    cache_id = _jwt_cache_ids.setdefault(
+        (key if isinstance(key, (str, bytes)) else id(verification_key), tuple(allowed), audiences, issuer_arg, leeway),
+        object(),
     )
 
     one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
@@ -390,8 +380,8 @@ def from_jwt_claim(
         token = _bearer_token(scope, raw_header)
         if token is None:
             return None
-        cache: dict[tuple[Any, ...], Mapping[str, Any] | None] = scope.setdefault(_JWT_CACHE_KEY, {})
-        cache_key = (*cache_id, token)
+        cache: dict[tuple[object, str], Mapping[str, Any] | None] = scope.setdefault(_JWT_CACHE_KEY, {})
+        cache_key = (cache_id, token)
         if cache_key in cache:
             claims = cache[cache_key]
         else:
@@ -410,6 +400,31 @@ def from_jwt_claim(
         return _clean_id(claims.get(claim))
 
     return _clean_ids(resolve_from_jwt)
+
+
+#: Verification settings of :func:`from_jwt_claim` -> the opaque id its verified claims are cached under in a scope
+#: (resolvers with equal settings share it: the org and the user read from one token verify it once).
+_jwt_cache_ids: dict[tuple[Any, ...], object] = {}
+
+
+def _jwt_accepted(option: str, value: object) -> str | tuple[str, ...] | None:
+    """``audience`` / ``issuer`` of :func:`from_jwt_claim`: ``None``, one name, or a tuple of the accepted names.
+    What no token can match (an empty list or name, bytes, names that are not strings) is a ConfigurationError:
+    it would leave every request unresolved."""
+    if value is None:
+        return None
+    names: tuple[object, ...] | None = None
+    if isinstance(value, str):
+        names = (value,)
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray, Mapping)):
+        names = tuple(value)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ConfigurationError(
+            f"from_jwt_claim({option}=...) takes the accepted {option} (a non-empty str) or a non-empty list of "
+            f"them, got {value!r}: no token could match it, so every request would be unresolved. Pass "
+            f"{option}=None to skip the check."
+        )
+    return value if isinstance(value, str) else tuple(str(name) for name in names)
 
 
 #: The curve each ECDSA algorithm signs with (RFC 7518 3.4, RFC 8812 3.2).
@@ -696,7 +711,8 @@ def billing_scope(request_or_scope: Any) -> dict[str, Any] | None:
 
 
 def get_current_org(request_or_scope: Any) -> str | None:
-    """The org the current request is billed to (``Request``, ``WebSocket`` or scope); ``None`` if unresolved.
+    """The org the current request is billed to (``Request`` or scope); ``None`` if unresolved, and for a WebSocket
+    (the middleware passes WebSocket sessions on unbilled and ungated).
 
     An org the middleware could not resolve before the app ran (auth in an endpoint dependency sets
     ``request.state.org_id`` later) is looked for again, with the middleware's resolvers when they are synchronous."""

@@ -362,7 +362,7 @@ class BillingRouter(Router):
         email = body.string("email")
         if email is not None and ("@" not in email or email != email.strip()):
             body.errors.append(_error(("body", "email"), "Not an email address.", "value_error"))
-        user_id = body.string("user_id", is_id=True)
+        user_id = body.string("user_id", max_length=100)  # kept in metadata (Lago: 100 characters), never a path
         billing_time = body.choice("billing_time", ("calendar", "anniversary"))
         body.check()
         assert org_name is not None and plan_code is not None
