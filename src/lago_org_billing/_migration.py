@@ -64,7 +64,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -596,6 +596,10 @@ class Journal:
 
     def is_done(self, org_id: str, fingerprint: str) -> bool:
         return self._done.get(org_id) == fingerprint
+
+    def was_done(self, org_id: str) -> bool:
+        """Whether the org was last recorded done, with whatever fingerprint."""
+        return org_id in self._done
 
     @staticmethod
     def _subscribing(entry: Mapping[str, Any]) -> bool:
@@ -1592,7 +1596,7 @@ async def apply_org(
     for step in result.steps:
         try:
             if step.kind == "upsert_customer":
-                result.customer = await client.upsert_customer(step.payload)
+                result.customer = await _upsert_customer(client, step.payload)
                 step.outcome = "done"
             elif step.kind == "create_subscription":
                 if journal is not None and fingerprint is not None:  # (before: its answer may be lost in a crash)
@@ -1628,8 +1632,8 @@ async def apply_org(
             elif step.kind == "remove_entitlements":
                 status = str((result.subscription or {}).get("status") or "active")
                 removals: list[Removal] = [(str(f), None if p is None else str(p)) for f, p in step.payload["removals"]]
-                for removal in removals:
-                    await _remove_entitlement(client, step.target, removal, status)
+                for removal in removals:  # (idempotent, so retried after a 5xx or a lost answer: see below)
+                    await _again_if_unavailable(client, _remove_entitlement, step.target, removal, status)
                 step.outcome = "done"
                 step.detail = {"removed": [_removal_name(removal) for removal in removals]}
             elif step.kind in ("terminate_subscription", "cancel_subscription"):
@@ -1651,7 +1655,7 @@ async def apply_org(
                     step.outcome = "done"
                     step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
             else:
-                await client.upsert_customer(step.payload)
+                await _upsert_customer(client, step.payload)
                 step.outcome = "done"
         except LagoIntegrationError as exc:
             step.outcome = "failed"
@@ -1659,6 +1663,36 @@ async def apply_org(
             _log_step(org, step, journal)
             raise
         _log_step(org, step, journal)
+
+
+async def _again_if_unavailable(client: LagoClient, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """``call(client, *args)`` (an idempotent write the client does not retry: a ``DELETE``), made again after a 5xx
+    or a network error as the client retries other calls: one lost answer would otherwise fail the org and stop the
+    run."""
+    attempts = 1 + client.settings.max_retries
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call(client, *args)
+        except LagoUnavailableError:
+            if attempt == attempts:
+                raise
+            await anyio.sleep(min(30.0, client.settings.retry_backoff * 2**attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _upsert_customer(client: LagoClient, payload: JSON) -> JSON:
+    """``POST /customers``. Lago answering that a metadata key exists already (``value_already_exist``) is a resend,
+    by the client's retry, of a POST it made behind a lost answer (or another run's mark): the new items, sent without
+    the ids Lago has since given them, collide with themselves. The customer is read again and the same metadata
+    sent with those ids (one more call), rather than failing the org on a write that was made."""
+    try:
+        return await client.upsert_customer(payload)
+    except LagoValidationError as exc:
+        if "metadata" not in payload or "value_already_exist" not in json.dumps(exc.details, default=str):
+            raise
+        current = await client.get_customer(str(payload["external_id"]))
+        wanted = {str(item["key"]): str(item["value"]) for item in payload["metadata"]}
+        return await client.upsert_customer({**payload, "metadata": metadata_update_items(current, wanted)})
 
 
 async def _end_subscription(client: LagoClient, step: Step, options: MigrationOptions) -> JSON:
@@ -1931,8 +1965,9 @@ async def run_migration(
     run.orgs = results
     fingerprints = [org.fingerprint(options, client.settings) for org in orgs]
 
+    # (a dry run given the journal plans what ``execute`` would do with it: done orgs skipped, subscriptions it made)
     def journal_done(org: OrgMapping, fingerprint: str) -> bool:
-        return mode == "execute" and journal is not None and journal.is_done(org.org_id, fingerprint)
+        return mode != "verify" and journal is not None and journal.is_done(org.org_id, fingerprint)
 
     refuse = mode == "execute" and not allow_unreadable_entitlements
     if not all(journal_done(org, fingerprint) for org, fingerprint in zip(orgs, fingerprints, strict=True)):
@@ -1966,11 +2001,7 @@ async def run_migration(
                     await verify_org(client, org, result, plans, options)
                 else:
                     sub_id = client.settings.subscription_id_for(org.org_id)
-                    made = (
-                        mode == "execute"
-                        and journal is not None
-                        and journal.made_subscription(org.org_id, sub_id, fingerprint)
-                    )
+                    made = journal is not None and journal.made_subscription(org.org_id, sub_id, fingerprint)
                     await plan_org(client, org, options, plans, result, org_subscription_made=made)
                     if mode == "dry-run" or not result.steps:
                         result.status = "planned" if result.steps else "up-to-date"

@@ -94,7 +94,8 @@ def add_migrate_command(commands: Any) -> None:
     migrate.add_argument(
         "--journal",
         metavar="FILE",
-        help="JSON-lines journal; an interrupted --execute resumes (one --execute at a time: FILE.lock)",
+        help="JSON-lines journal; an interrupted --execute resumes (one --execute at a time: FILE.lock), a dry run "
+        "given it shows what is left",
     )
     migrate.add_argument("--report", metavar="FILE", help="write the JSON report here")
     migrate.add_argument("--concurrency", type=int, default=8, help="orgs migrated at once (default 8)")
@@ -227,12 +228,13 @@ def _run(
     on_org_done: Callable[[OrgResult, int, int], None] | None,
 ) -> int:
     opened: Journal | None = None
-    if args.journal and mode == "execute":
+    if args.journal and mode != "verify":  # (a dry run reads it to plan what --execute would do with it)
         try:
             opened = Journal(args.journal)
         except (OSError, UnicodeDecodeError) as exc:
             print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
             return 2
+    if opened is not None and mode == "execute":
         try:  # writable, before the first write to Lago (its directory made, as its first record would)
             opened.path.parent.mkdir(parents=True, exist_ok=True)
             opened.path.open("a", encoding="utf-8").close()
@@ -259,7 +261,17 @@ def _run(
                     file=err,
                 )
                 if journal is not None and journal.done_count:
-                    print(f"journal {journal.path}: {journal.done_count} orgs done before, skipping them", file=err)
+                    # (an org done with another mapping row, options, Lago or id template is planned again)
+                    same = sum(journal.is_done(org.org_id, org.fingerprint(options, client.settings)) for org in orgs)
+                    other = sum(journal.was_done(org.org_id) for org in orgs) - same
+                    if same:
+                        print(f"journal {journal.path}: {same} orgs done before, skipping them", file=err)
+                    if other:
+                        print(
+                            f"journal {journal.path}: {other} orgs done before with another mapping row, options or "
+                            "Lago: planned again (from what Lago has)",
+                            file=err,
+                        )
 
                 def done(result: OrgResult, count: int, total: int) -> None:
                     progress.update(result, count, total)
