@@ -393,6 +393,12 @@ class Outcome:
     backend: QuotaBackend | None = None
 
 
+def _replanned(outcome: Outcome) -> bool:
+    """Whether the outcome's snapshot is one :meth:`QuotaBackend.invalidate_all` marked (its plan read again at its
+    next refresh: ``plan_fetched_at`` 0, which no read of Lago leaves)."""
+    return outcome.snapshot is not None and not outcome.snapshot.plan_fetched_at
+
+
 def period_key(snapshot: Snapshot | None) -> str:
     if snapshot is None or not snapshot.active:
         return ""
@@ -1140,7 +1146,7 @@ class QuotaGate:
             return None
         now = self.clock()
         outcome = self.local.reserve_now(org_id, now, "force" if self.mode == "monitor" else "normal")
-        if outcome.code == MISSING:
+        if outcome.code == MISSING or (outcome.code == BLOCKED and _replanned(outcome) and self.mode != "monitor"):
             return None
         self.stats["checks"] += 1
         return self._cached(org_id, outcome, now)
@@ -1152,13 +1158,31 @@ class QuotaGate:
             return decision
         self.stats["checks"] += 1
         mode: Mode = "force" if self.mode == "monitor" else "normal"
+        now = self.clock()
         if self.backend is not self.local:
-            now = self.clock()
             outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
-            if outcome.code != MISSING:
-                return self._cached(org_id, outcome, now)
+        else:
+            outcome = self.local.reserve_now(org_id, now, mode)  # (missing, or blocked on plans changed since)
+        if outcome.code == BLOCKED and _replanned(outcome) and mode == "normal":
+            outcome = await self._reread(org_id, mode, outcome)
+            now = self.clock()
+        if outcome.code != MISSING:
+            return self._cached(org_id, outcome, now)
         outcome = await self._cold(org_id, mode)
         return self._decision(org_id, outcome, self.clock())
+
+    async def _reread(self, org_id: str, mode: Mode, blocked: Outcome) -> Outcome:
+        """A request blocked on a snapshot of plans that changed since (:meth:`invalidate_all`: a ``plan.updated``
+        webhook, the limit maybe raised) waits, at most ``cold_timeout``, for the org's refresh and is decided again
+        (a 429 now would tell the client to come back at the period's end: days). If Lago does not answer in time,
+        the blocked answer stands."""
+        event = self._schedule_refresh(org_id, self.clock(), urgent=True)
+        if event is None:  # its last refresh failed moments ago
+            return blocked
+        self.stats["cold_waits"] += 1  # (a request waiting for Lago)
+        with anyio.move_on_after(self.config.cold_timeout):
+            await event.wait()
+        return await self.backend.reserve(org_id, self.clock(), mode, self._known.get(org_id) if self._shared else None)
 
     def _cached(self, org_id: str, outcome: Outcome, now: float) -> QuotaDecision:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""

@@ -66,7 +66,7 @@ logger = logging.getLogger("lago_org_billing.quota")
 
 #: Counters outlive their billing period by this much (ms), snapshots of orgs without a subscription their refresh
 #: time, and counters made before any snapshot ``inflight_horizon``; those of a merge after a Redis outage, when
-#: nothing else set their expiry, live ``UNPERIODED_TTL_MS``.
+#: nothing else set their expiry, live as long as their records' period (``UNPERIODED_TTL_MS``: records of none).
 PERIOD_MARGIN_MS = 3_600_000
 UNPERIODED_TTL_MS = 86_400_000
 #: Settles kept for Redis while it is down (beyond: counted locally, as a fallback decision would be).
@@ -224,6 +224,12 @@ if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then
   if not old or not new or old >= new then return 0 end
   redis.call('DEL', cnt)
   redis.call('HSET', cnt, 'p', ARGV[1])
+  redis.call('PEXPIRE', cnt, ARGV[5])
+elseif ARGV[1] ~= '' and redis.call('EXISTS', cnt) == 0 then
+  -- (no counter, Redis restarted or it expired: these records keep their period, so that a snapshot of another
+  -- period drops them instead of adopting them as those of a counter made before any snapshot)
+  redis.call('HSET', cnt, 'p', ARGV[1])
+  redis.call('PEXPIRE', cnt, ARGV[5])
 end
 if ARGV[3] ~= '0' then
   redis.call('HINCRBY', cnt, 'c:' .. ARGV[2], ARGV[3])
@@ -489,10 +495,14 @@ class RedisBackend:
         now = int(time.time())
         pending = self.fallback.drain()
         for index, (org_id, snapshot, counts) in enumerate(pending):
+            # (a counter of the records' period expires with it, as one the CHECK script makes)
+            ttl_ms = UNPERIODED_TTL_MS
+            if snapshot is not None and snapshot.active:
+                ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
             try:
                 await self._merge(
                     keys=[self.key(org_id, "count")],
-                    args=[period_key(snapshot), now, counts.calls, counts.tokens, UNPERIODED_TTL_MS],
+                    args=[period_key(snapshot), now, counts.calls, counts.tokens, ttl_ms],
                 )
             except self._errors() as exc:  # Redis failed again: what is not merged yet is counted here again
                 self._failed(exc)
@@ -607,10 +617,17 @@ class RedisBackend:
                             args=[period, bucket, now, billed, tokens, self._blind_ttl_ms],
                             client=pipe,
                         )
-                    await pipe.execute()
+                    results = await pipe.execute(raise_on_error=False)
             except self._errors() as exc:  # not written (or not known to be): kept for when Redis answers again
                 self._failed(exc)
                 self._queue.extendleft(reversed(batch))
+                break
+            # Those Redis refused (an OOM at maxmemory, a BUSY script, a failover's READONLY...) are kept, not the
+            # others of the batch: applied already, written again they would be counted twice
+            refused = [index for index, result in enumerate(results) if isinstance(result, Exception)]
+            if refused:
+                self._failed(results[refused[0]])
+                self._queue.extendleft(reversed([batch[index] for index in refused]))
                 break
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
@@ -735,7 +752,7 @@ class RedisBackend:
             ) from exc
 
     async def invalidate_all(self) -> None:
-        """Every org's snapshot becomes due (SCAN over ``<prefix>*:snap``; fleet-wide), locks freed and marked (a
+        """Every org's snapshot becomes due (SCAN over ``<prefix>{*}:snap``; fleet-wide), locks freed and marked (a
         refresh in flight stores nothing). A Redis error is raised as :class:`~._errors.QuotaBackendError`, as for
         :meth:`invalidate`."""
         await self.fallback.invalidate_all()
@@ -743,7 +760,10 @@ class RedisBackend:
         version = f"expired:{time.time()!r}"
         try:
             batch: list[str] = []
-            async for key in self.redis.scan_iter(match=f"{self.config.redis_prefix}*:snap", count=1000):
+            # (the prefix taken literally, then this backend's key shape: not the keys of another app whose prefix
+            # starts with this one's, nor, for a prefix holding glob characters, those its pattern would match)
+            match = "".join("\\" + c if c in "*?[]\\" else c for c in self.config.redis_prefix) + "{*}:snap"
+            async for key in self.redis.scan_iter(match=match, count=1000):
                 batch.append(_text(key))
                 if len(batch) >= 500:
                     await self._expire_batch(batch, version)

@@ -41,7 +41,10 @@ not a Lago webhook; 409 the same key is being processed right now (Lago retries 
 **Quota.** ``subscription.*``, ``alert.triggered`` (usage alerts), ``subscription.usage_threshold_reached`` and
 feature/entitlement changes invalidate the org's cached quota state at once, so a plan upgrade unblocks an org
 without waiting for ``LAGO_USAGE_CACHE_TTL``. Lago gives up after 3 attempts (about 25 s) and delivery order is not
-guaranteed, so a webhook can be lost: the cache TTL stays the safety net that bounds how stale quota state gets.
+guaranteed, so a webhook can be lost: the gate's refreshes stay the safety net that bounds how stale quota state gets
+(usage within ``LAGO_USAGE_CACHE_TTL``, the plan and its limits within ``LAGO_QUOTA_PLAN_TTL``, 5 min). Without Redis
+each worker caches its own quota state and a webhook reaches one of them: the others only catch up that way, so set
+``LAGO_REDIS_URL`` when serving with several workers.
 """
 
 from __future__ import annotations
@@ -314,6 +317,32 @@ def _load_public_key(pem: bytes) -> Any:
         raise LagoIntegrationError(f"Lago's webhook public key is not a PEM public key ({exc}).") from None
 
 
+def _pem(key: bytes | str) -> bytes:
+    """A kept public key as PEM: as given, or base64-decoded when kept as Lago serves it (``GET
+    /webhooks/public_key`` and ``json_public_key`` answer the PEM in base64, a newline every 60 characters)."""
+    raw = key.encode() if isinstance(key, str) else key
+    if b"-----BEGIN" in raw:
+        return raw
+    try:
+        return base64.b64decode(b"".join(raw.split()), validate=True)
+    except ValueError:
+        return raw
+
+
+def _static_key(pem: bytes) -> Any:
+    """The key of ``LagoWebhooks(public_key=...)``, checked when the receiver is made (not with every webhook);
+    ``None`` when ``cryptography`` is missing (JWT mode then says so)."""
+    try:
+        return _load_public_key(pem)
+    except ImportError:
+        return None
+    except LagoIntegrationError as exc:
+        raise ConfigurationError(
+            f"LagoWebhooks(public_key=...) is not Lago's webhook public key: {exc} Pass the PEM, or the base64 "
+            "Lago serves (GET /api/v1/webhooks/json_public_key), or leave it out to fetch it with LAGO_API_KEY."
+        ) from None
+
+
 class _KeyUnavailable(Exception):
     """Lago's public key could not be fetched: answer 503 so that Lago retries."""
 
@@ -395,7 +424,8 @@ class LagoWebhooks:
     * **issuer** - *(optional)* the expected JWT ``iss`` (or several); default ``settings.api_url``.
     * **redis_url** - *(optional)* overrides ``LAGO_REDIS_URL`` for the dedupe.
     * **hmac_key** - *(optional)* overrides ``LAGO_WEBHOOK_HMAC_KEY``.
-    * **public_key** - *(optional)* Lago's PEM public key, if you keep it (no fetch until a signature fails).
+    * **public_key** - *(optional)* Lago's public key, if you keep it (no fetch until a signature fails): PEM, or
+      base64 as Lago serves it; one that is no public key is a :class:`ConfigurationError` here.
     * **organization_id** - *(optional)* your Lago organization's id (``LAGO_ORGANIZATION_ID``): webhooks whose
       envelope names another organization are refused (401). Set it in JWT mode: Lago signs JWT webhooks with its
       instance's key, the same for every organization on that instance (Lago Cloud), so anyone with an account
@@ -435,8 +465,8 @@ class LagoWebhooks:
         self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
         self._redis_url = redis_url
         self._hmac_key = hmac_key
-        self._public_pem = public_key.encode() if isinstance(public_key, str) else public_key
-        self._public_key: Any = None
+        self._public_pem = _pem(public_key) if public_key is not None else None
+        self._public_key: Any = _static_key(self._public_pem) if self._public_pem is not None else None
         self._key_fetched_at: float | None = None
         self._refetch_failed = False  # the last re-fetch of a rotated key failed (Lago did not answer)
         self._key_lock: anyio.Lock | None = None

@@ -890,6 +890,8 @@ class LagoStore:
             else:
                 plan["entitlements"] = checked
             plan["updated_at"] = iso(self.now())
+            # (PlanEntitlementsUpdateService sends it after commit, "even if no changes were made")
+            self._emit("plan.updated", "plan", self._serialize_plan(plan))
             return {"entitlements": self._serialize_plan_entitlements(plan)}
 
     def get_plan_entitlements(self, code: str) -> JSON:
