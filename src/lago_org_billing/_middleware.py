@@ -28,7 +28,7 @@ import httpx
 from cachetools import TTLCache
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import Mount
+from starlette.routing import Host, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
@@ -312,10 +312,10 @@ class OrgBillingMiddleware:
         """Whether the path is excluded, as the app sees it (served under a ``root_path``, e.g. ``uvicorn
         --root-path /api``, the scope's path starts with it) or as the client asked it."""
         if path in self._excluded_exact or path.startswith(self._excluded_under):
-            return True
+            return not _dot_segments(path)
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :] or "/"
-            return path in self._excluded_exact or path.startswith(self._excluded_under)
+            return (path in self._excluded_exact or path.startswith(self._excluded_under)) and not _dot_segments(path)
         return False
 
     # ---------------------------------------------------------------- lifespan
@@ -1068,6 +1068,12 @@ class _ResponseWatcher(UsageRecorder):
                 return self._start_then_send(self.on_start, send, message)
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+        elif kind == "http.response.pathsend" or kind == "http.response.zerocopy":
+            # a file the server sends itself (ASGI extensions; FileResponse under granian): the body as it goes out
+            if kind == "http.response.pathsend" or not message.get("more_body"):
+                self.ended = time.time()
+            else:
+                self.sent = True
         return send(message)
 
     async def _start_then_send(
@@ -1285,8 +1291,10 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
         route = _route_by_endpoint(scope)
     template = getattr(route, "path", None)
     if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without a router
+        if isinstance(route, Host) and status != 404 and not route.routes:  # a host's app that is not a router
+            return _mount_prefix(scope, root_path) + "/{path}"  # (StaticFiles...): the host is the route, as a mount
         return UNMATCHED if status == 404 or scope.get("router") is not None else str(path)
-    # Mount extends root_path by the matched prefix
+    # Mount extends root_path by the matched prefix (as _mount_prefix, inline: the hot path)
     inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
@@ -1294,6 +1302,19 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _dot_segments(path: str) -> bool:
+    """Whether a path holds ``.`` or ``..`` segments (``/health/../v1/chat``, sent as is or as ``%2e%2e``): not the
+    excluded path it starts with, once an app's catch-all route or a proxy behind it resolves them."""
+    return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
+
+
+def _mount_prefix(scope: Scope, root_path: str) -> str:
+    """The templates of the mounts a request went through, from where the middleware saw it (``root_path``)."""
+    inner_root: str = scope.get("root_path", "")
+    prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
+    return _mount_template(scope.get("router"), prefix) if prefix else prefix
 
 
 def _fastapi_route(fastapi: Any, route: Any) -> Any:
@@ -1343,7 +1364,7 @@ def _routes_serving(routes: Any, endpoint: Any, depth: int) -> list[Any]:
     for route in routes:
         if getattr(route, "endpoint", None) is endpoint:
             found.append(route)
-        elif isinstance(route, Mount) and depth < 16:
+        elif isinstance(route, (Mount, Host)) and depth < 16:
             if route.app is endpoint:
                 found.append(route)
             else:
@@ -1391,4 +1412,8 @@ def _find_mounts(routes: Any, prefix: str) -> str | None:
                 inner = _find_mounts(route.routes, "/" + rest)
                 if inner is not None:
                     return route.path + inner
+        elif isinstance(route, Host):  # a host's routes are its app's, under the same prefix
+            inner = _find_mounts(route.routes, prefix)
+            if inner is not None:
+                return inner
     return None
