@@ -126,7 +126,12 @@ class RawPoster:
                 with anyio.fail_after(self.timeout):
                     if connection is None:
                         connection = await self._connect()
-                    return await self._exchange(connection, request)
+                    answer = await self._exchange(connection, request)
+                if reused and answer[0] == 408:
+                    # A server closing an idle kept-alive connection may say so first (RFC 9110 15.5.9): that 408
+                    # was waiting on the connection, it is not this request's answer.
+                    continue
+                return answer
             except TimeoutError:
                 await self._discard(connection)
                 raise RawHTTPError(f"no answer within {self.timeout} s") from None
@@ -141,6 +146,9 @@ class RawPoster:
                 await self._discard(connection)
                 if not reused:
                     raise RawHTTPError(f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:  # cancelled mid-exchange (a shutdown deadline): not left open to the server
+                await self._discard(connection)
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
@@ -187,6 +195,7 @@ class RawPoster:
                 chunked = "chunked" in value.lower()
             elif lowered == "connection":
                 close = "close" in value.lower() or (close and "keep-alive" not in value.lower())
+        close = close or status == 408  # (the server gave up on this connection: RFC 9110 15.5.9)
         if status < 200 or status in (204, 304):
             # RFC 9112 6.3: no body, whatever the headers say. (Read "to EOF", a kept-alive 204 would wait out the
             # timeout and be taken for no answer.) A 101 leaves HTTP: the connection is not reused.

@@ -86,8 +86,10 @@ _RETRY_MAX = 1.0
 #: Seconds between two log lines about a condition that lasts (a spool that cannot be written, a full dead-letter
 #: list): said when it starts, then at this rate with a count, never once per attempt or per event.
 _LOG_EVERY = 60.0
-#: Free bytes in a spool file with no event left past which it is vacuumed (given back to the volume).
+#: Free bytes in a drained spool file (at most ``_SHRINK_ROWS`` events left: traffic goes on meanwhile) past which it
+#: is vacuumed (given back to the volume).
 _SHRINK_FREE = 4 << 20
+_SHRINK_ROWS = 10_000
 
 
 class _Streak:
@@ -513,12 +515,18 @@ class _SpoolFile:
         self.path = ""
         self.conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self.adopted = 0
 
     # ------------------------------------------------------------------ opening
 
     def open(self) -> tuple[int, int, int]:
         """Lock a slot, open it, adopt orphans; return (row count, max id, adopted rows)."""
         with self.lock:
+            if self.conn is not None:
+                # Opened already by a call whose caller was cancelled natively as it ran (an event loop ending): that
+                # opening stands. Opening again would lock another slot, this process holding its own.
+                count, max_id = self.conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM events").fetchone()
+                return int(count), int(max_id), self.adopted
             try:
                 directory = os.path.dirname(self.base_path)
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
@@ -533,14 +541,14 @@ class _SpoolFile:
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.execute("PRAGMA journal_size_limit=67108864")
                 conn.executescript(_SCHEMA)
-                adopted = self._adopt_orphans(slot)
+                adopted = self.adopted = self._adopt_orphans(slot)
                 count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
             except (OSError, sqlite3.Error) as exc:
                 # Let go of the slot (its lock), or the next attempt would take the next slot and hide the problem.
                 self._release()
                 raise ConfigurationError(
-                    f"The event spool {self.base_path} cannot be used ({type(exc).__name__}: {exc}). Set "
+                    f"The event spool {self.path or self.base_path} cannot be used ({type(exc).__name__}: {exc}). Set "
                     "LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that is not "
                     "a spool), or unset it to keep events in memory.",
                     variable="LAGO_SPOOL_PATH",
@@ -579,6 +587,17 @@ class _SpoolFile:
                 continue
             try:
                 adopted += self._adopt(candidate)
+            except sqlite3.DatabaseError as exc:
+                # One unreadable orphan (torn by a failing disk, a stray file named like a slot) must not keep every
+                # process from starting: it is left where it is, and said.
+                logger.error(
+                    "The orphan spool file %s cannot be adopted (%s: %s): left where it is, with whatever events it "
+                    "holds. Check it (sqlite3 %s 'PRAGMA integrity_check'); remove it if it is not a spool file.",
+                    candidate,
+                    type(exc).__name__,
+                    exc,
+                    candidate,
+                )
             finally:
                 os.close(fd)
         return adopted
@@ -677,11 +696,18 @@ class _SpoolFile:
         return encoded, unencodable
 
     def _shrink_if_drained(self, conn: sqlite3.Connection) -> None:
-        """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with no
-        event left and at least ``_SHRINK_FREE`` bytes free is vacuumed, and its WAL truncated. Best effort."""
+        """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with at
+        least ``_SHRINK_FREE`` bytes free and at most ``_SHRINK_ROWS`` events left is vacuumed, and its WAL truncated.
+        (Not "no event left": under steady traffic every commit writes new rows, so the table is never empty then.)
+        VACUUM keeps the ids (``events.id`` is an INTEGER PRIMARY KEY), which the rows in flight are known by. Best
+        effort."""
         try:
             free = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
-            if free < _SHRINK_FREE or conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is not None:
+            if free < _SHRINK_FREE:
+                return
+            # the span of ids bounds the rows from above (O(log n), no scan): rows are taken and resolved oldest first
+            span = conn.execute("SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM events").fetchone()[0]
+            if span > _SHRINK_ROWS:
                 return
             conn.execute("VACUUM")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1103,7 +1129,8 @@ class SqliteOutbox(Outbox):
         if not self._opened:
             if self.pending:  # submitted before the spool was ever opened: still make them durable
                 await self.open()
-            else:
+            else:  # (an opening cut short may have locked a slot all the same)
+                await anyio.to_thread.run_sync(self.file.close)
                 return 0
         with anyio.CancelScope(shield=True):
             self._take_back_unwritten()
