@@ -25,7 +25,8 @@ Exported metrics (prefix ``lago_billing_`` by default):
 :func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
 the middleware's pipeline plus the middleware's own counts and its quota gate's, summed over the middlewares and
 pipelines registered with a registry under one namespace (one collector per registry and namespace, so two
-registrations never clash; a pipeline or gate that several registered is counted once). The collector adds what
+registrations never clash; a pipeline or gate that several registered is counted once; it describes every name it
+may export, for the registry's duplicate check and ``/metrics?name[]=...``). The collector adds what
 it reads to totals that never go back: a pipeline and gate made anew (an app served again) go on from the counts
 of the ones before, and a discarded app's counts stay (it adds no more):
 
@@ -66,9 +67,10 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 __all__ = ["LATENCY_BUCKETS", "PipelineMetrics", "register_metrics"]
@@ -193,6 +195,26 @@ _REQUEST_COUNTERS = {
 }
 #: Gate stats exported as gauges (states, not counts).
 _GATE_GAUGES = {"redis_fallback": "1 while Redis is unreachable and quota decisions are counted locally."}
+#: The counters of QuotaGate's and RedisBackend's stats, some there only from the first time they happen: described
+#: at registration with the rest (a registry takes the names once, for its duplicate check and ``?name[]=``).
+_GATE_COUNTERS = (
+    "checks",
+    "allowed",
+    "blocked",
+    "would_block",
+    "no_subscription",
+    "refreshes",
+    "refresh_errors",
+    "cold_waits",
+    "cold_timeouts",
+    "fail_open",
+    "fail_closed",
+    "cold_shed",
+    "refreshes_paused",
+    "refreshes_superseded",
+    "redis_errors",
+    "fallback_decisions",
+)
 
 #: One collector per registry and namespace (the registry keyed by identity, held weakly: one let go of is freed, and
 #: its entry dropped), holding what was registered with it.
@@ -227,7 +249,7 @@ def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None 
         return
     collector = _RegistryCollector(namespace)
     collector.add(pipeline, middleware)
-    registry.register(collector)  # (its names are those of what it holds now)
+    registry.register(collector)  # (its names: those of what it holds now, and those it may export later)
     held: Callable[[], Any]
     try:
         held = weakref.ref(registry, functools.partial(_forget_registry, key))
@@ -330,9 +352,10 @@ class _RegistryCollector:
     def __init__(self, namespace: str) -> None:
         self.totals = _Totals()
         self.mirror = _Mirror(self.totals, namespace)
-        prefix = f"{namespace}_" if namespace else ""
-        self.totals.counter(prefix + "lago_errors", _PIPELINE_DOCS["lago_errors"], ("status",))  # shown before any
+        self.prefix = f"{namespace}_" if namespace else ""
+        self.totals.counter(self.prefix + "lago_errors", _PIPELINE_DOCS["lago_errors"], ("status",))  # shown first
         self.lock = threading.Lock()
+        self._failed = False
 
     def add(self, pipeline: PipelineMetrics | None, middleware: Any) -> None:
         with self.lock:
@@ -347,11 +370,32 @@ class _RegistryCollector:
             self.mirror.renewed(middleware)
 
     def describe(self) -> list[Any]:
-        return list(self.collect())
+        """Every metric exported now, and every one a middleware, pipeline or gate registered later (or a gate counter
+        that first happens later) may add: a registry takes the names once, as this collector is registered, for its
+        duplicate check and for ``restricted_registry`` (``/metrics?name[]=...``)."""
+        described = _Totals()
+        for name, documentation in (*_COUNTERS.values(), *_REQUEST_COUNTERS.values()):
+            described.counter(self.prefix + name, documentation)
+        for key in _GATE_COUNTERS:
+            described.counter(f"{self.prefix}quota_{key}", _counter_documentation(f"quota_{key}"))
+        for name in ("queue_depth", "spool_depth"):
+            described.gauge(self.prefix + name, _PIPELINE_DOCS[name])
+        for state, documentation in _GATE_GAUGES.items():
+            described.gauge(f"{self.prefix}quota_{state}", documentation)
+        described.histogram(self.prefix + "delivery_seconds", _PIPELINE_DOCS["delivery_seconds"])
+        with self.lock:
+            for name, metric in self.totals.metrics.items():
+                described.metrics.setdefault(name, metric)
+            return list(described.families())
 
     def collect(self) -> Iterator[Any]:
         with self.lock:
-            self.mirror.sync()
+            try:
+                self.mirror.sync()
+            except Exception:  # never the end of a scrape (the app's own metrics with it): the counts read so far
+                if not self._failed:
+                    self._failed = True
+                    logger.exception("Could not read the billing metrics: some are not up to date")
             return iter(list(self.totals.families()))
 
 
@@ -666,7 +710,7 @@ class _Mirror:
             if ref() is None:
                 del self._gates[key]
         depth = spool = 0
-        gate_stats: list[dict[str, int]] = []
+        gate_stats: list[dict[str, float]] = []
         for source, read, _ in current.values():
             if read is _pipeline_counts:
                 values = source._gauges()
@@ -739,11 +783,14 @@ class _Mirror:
             return histogram._sum if label == "sum" else histogram._buckets[int(label)]
         if name == "lago_errors":
             return self._state.counter(full, _PIPELINE_DOCS[name], ("status",)).labels(label)
-        documentation = _COUNTER_DOCS.get(name) or f"Quota gate: {name.removeprefix('quota_').replace('_', ' ')}."
-        return self._state.counter(full, documentation)
+        return self._state.counter(full, _counter_documentation(name))
 
 
 _COUNTER_DOCS = {name: documentation for name, documentation in (*_COUNTERS.values(), *_REQUEST_COUNTERS.values())}
+
+
+def _counter_documentation(name: str) -> str:
+    return _COUNTER_DOCS.get(name) or f"Quota gate: {name.removeprefix('quota_').replace('_', ' ')}."
 
 
 # The sources are read from the sync thread while the event loop's thread counts: the dicts are copied first (a
@@ -765,9 +812,21 @@ def _request_counts(source: dict[str, int]) -> _Counts:
     return {(name, ""): stats.get(key, 0) for key, (name, _) in _REQUEST_COUNTERS.items()}
 
 
-def _stats_of(gate: Any) -> dict[str, int]:
-    """A copy of a gate's stats (``gate`` is its stats dict, or the gate)."""
-    return dict(gate if type(gate) is dict else getattr(gate, "stats", None) or {})
+#: What a stat's name must be to be exported (``quota_<name>_total``: a valid Prometheus metric name).
+_STAT_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _stats_of(gate: Any) -> dict[str, float]:
+    """A copy of a gate's stats (``gate`` is its stats dict, or the gate): its numbers only, by valid names (a custom
+    gate's ``stats`` may be a method, or hold a text: not exported, rather than a scrape that fails)."""
+    stats = gate if type(gate) is dict else getattr(gate, "stats", None)
+    if not isinstance(stats, Mapping):
+        return {}
+    return {
+        key: value
+        for key, value in dict(stats).items()
+        if isinstance(value, int | float) and isinstance(key, str) and _STAT_NAME.fullmatch(key)
+    }
 
 
 def _gate_counts(gate: Any) -> _Counts:

@@ -607,6 +607,7 @@ class RedisBackend:
             await self._flush()
 
     async def _flush(self) -> None:
+        written = False
         while self._queue and self._up():
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             try:
@@ -629,6 +630,12 @@ class RedisBackend:
                 self._failed(results[refused[0]])
                 self._queue.extendleft(reversed([batch[index] for index in refused]))
                 break
+            written = True
+        if written and not self._queue and self.stats["redis_fallback"]:
+            # Redis takes writes again: shared counting resumes now (with the outage's records merged), not at the
+            # next quota check, which an idle or ungated worker may never make (its fallback gauge stuck at 1)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
+                await self._recovered()
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
