@@ -27,7 +27,10 @@ Every route first calls ``authorize(request, org_id)`` (sync or async). The defa
 mounting the routes never opens an org's billing by accident. Errors are JSON ``{"detail": ...}``: 422 for invalid
 input (``detail`` is a list of ``{"loc", "msg", "type"}``, as FastAPI does), 404 when the org has no customer or
 no active subscription, 429 (with ``Retry-After``) / 503 when Lago throttles or is down, 502 when Lago refuses
-our API key. Nothing in an answer contains the API key.
+our API key. Nothing in an answer contains the API key. A 429 / 503 of ``POST /usage/record`` also says the event's
+``transaction_id`` and ``timestamp``: Lago may hold the event (an answer lost), so retry with both (a duplicate is a
+200, not a second charge). ``authorize`` (and a ``plans`` callable) must return ``True`` to allow: anything else
+denies (a truthy non-bool is logged once).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import inspect
 import json
 import logging
 import math
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
@@ -59,7 +63,7 @@ from ._errors import (
     LagoValidationError,
 )
 from ._gate import QuotaGateProtocol
-from ._ids import validate_id
+from ._ids import format_timestamp, validate_id
 from ._quota import QuotaConfig
 from ._settings import BillingSettings
 from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
@@ -223,6 +227,24 @@ async def _capped_body(request: Request, max_size: int) -> bytes:
     return b"".join(chunks)
 
 
+#: The last ``?page=`` of invoices asked of Lago: its SQL offset, ``(page - 1) * per_page``, is a bigint (a page past
+#: it fails there, a 500 retried as an outage); a 32-bit page count is far past any history.
+_MAX_PAGE = 2**31 - 1
+
+
+def _query_int(request: Request, name: str, maximum: int, default: int) -> int:
+    """A whole-number query parameter from 1 to ``maximum`` (ASCII digits only: ``int()`` takes "²" and fails on
+    more than 4,300 digits), else a 422."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    digits = raw.lstrip("0")  # (leading zeros count in int()'s digit limit too)
+    value = int(digits or "0") if raw.isascii() and raw.isdigit() and len(digits) <= len(str(maximum)) else 0
+    if not 1 <= value <= maximum:
+        raise _Invalid(_error(("query", name), f"Must be a whole number from 1 to {maximum}.", "int_range"))
+    return value
+
+
 def _not_found(detail: str, code: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=404)
 
@@ -255,6 +277,7 @@ class BillingRouter(Router):
         self._owned: OrgBilling | None = None
         self._say = _Throttled(logger, level=logging.ERROR)  # Lago errors repeat with every request: once a minute
         self.authorize = authorize
+        self._said_not_bool: set[str] = set()
         self.invalidate = invalidate
         self.limits_provider = limits_provider
         self.breakdown_provider = breakdown_provider
@@ -298,6 +321,7 @@ class BillingRouter(Router):
             if inspect.isawaitable(allowed):
                 allowed = await allowed
             if allowed is not True:
+                self._not_bool("authorize", allowed, "the caller was denied (403)")
                 detail = NO_AUTHORIZE_DETAIL if self.authorize is deny_all else "You may not manage this org's billing."
                 return JSONResponse({"detail": detail}, status_code=403, headers=_PRIVATE)
             try:
@@ -319,6 +343,19 @@ class BillingRouter(Router):
         endpoint.__name__ = handler.__name__
         return endpoint
 
+    def _not_bool(self, option: str, value: object, outcome: str) -> None:
+        """Say once (in the log, never to the client) that a callback answered a truthy non-bool (a membership row,
+        1), which denies: fail closed, but the operator learns why."""
+        if value is False or value is None or option in self._said_not_bool:
+            return
+        self._said_not_bool.add(option)
+        logger.warning(
+            "billing_routes(%s=...) returned a %s, not True: %s. Return a bool: only True allows.",
+            option,
+            type(value).__name__,
+            outcome,
+        )
+
     async def _check_plan(self, request: Request, org_id: str, plan_code: str) -> None:
         """A plan the routes offer (``plans=``), or a 422 before Lago is asked: an org's admin must not pick a plan
         kept for others (a $0 internal plan, another customer's negotiated price) to lower its own bill."""
@@ -332,6 +369,7 @@ class BillingRouter(Router):
         else:
             offered = plan_code in plans
         if offered is not True:
+            self._not_bool("plans", offered, f"plan {plan_code!r} was refused (422)")
             raise _Invalid(_error(("body", "plan_code"), f"Plan {plan_code!r} is not offered here.", "not_offered"))
 
     def _gate(self, request: Request) -> SupportsInvalidate | None:
@@ -478,6 +516,9 @@ class BillingRouter(Router):
         if quota is None:
             gate = self._gate(request)
             quota = cast("QuotaGateProtocol", gate) if callable(getattr(gate, "settle", None)) else None
+        if transaction_id is None:  # made here with its timestamp, so that a lost answer can say both (below)
+            transaction_id = f"tx_{uuid.uuid4().hex}"
+            timestamp = format_timestamp() if timestamp is None else timestamp
         try:
             event = await self.billing._record_usage(
                 org_id,
@@ -489,6 +530,12 @@ class BillingRouter(Router):
             )
         except InvalidRequestError as exc:
             raise _Invalid(_error(("body",), str(exc), "value_error")) from None
+        except (LagoUnavailableError, LagoRateLimitError) as exc:
+            # Lago may hold the event (its answer lost): a retry under this transaction_id and timestamp is then a
+            # duplicate, not a second charge (Lago's ClickHouse store deduplicates on both)
+            sent = self.billing._first_timestamps.get((self.billing.subscription_id(org_id), transaction_id))
+            stamp = format_timestamp(timestamp) if timestamp is not None else sent
+            return _lago_error(exc, request, self._say, {"transaction_id": transaction_id, "timestamp": stamp})
         duplicate = bool(event.pop("duplicate", False))
         return JSONResponse({"event": event, "duplicate": duplicate}, status_code=200 if duplicate else 201)
 
@@ -510,18 +557,8 @@ class BillingRouter(Router):
         return JSONResponse({"usage": usage})
 
     async def invoices(self, request: Request, org_id: str) -> Response:
-        raw = request.query_params.get("limit")
-        limit = self.invoice_limit
-        if raw is not None:
-            if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:
-                raise _Invalid(_error(("query", "limit"), "Must be a whole number from 1 to 100.", "int_range"))
-            limit = int(raw)
-        raw = request.query_params.get("page")
-        page = 1
-        if raw is not None:
-            if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-                raise _Invalid(_error(("query", "page"), "Must be a whole number >= 1.", "int_range"))
-            page = int(raw)
+        limit = _query_int(request, "limit", 100, self.invoice_limit)
+        page = _query_int(request, "page", _MAX_PAGE, 1)
         if await self.billing.get_customer(org_id) is None:
             return _not_found(f"Org {org_id!r} has no billing account (call /setup first).", "customer_not_found")
         # one page of Lago's list, newest first: ?page= reaches the history past the latest `limit`
@@ -554,8 +591,11 @@ class BillingRouter(Router):
         return JSONResponse(data, headers=headers)
 
 
-def _lago_error(exc: LagoIntegrationError, request: Request, say: _Throttled) -> JSONResponse:
-    """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL)."""
+def _lago_error(
+    exc: LagoIntegrationError, request: Request, say: _Throttled, extra: Mapping[str, Any] | None = None
+) -> JSONResponse:
+    """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL). ``extra``
+    adds fields to the 429 and 503 answers."""
     if isinstance(exc, LagoNotFoundError):
         return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
     if isinstance(exc, LagoValidationError):
@@ -565,13 +605,15 @@ def _lago_error(exc: LagoIntegrationError, request: Request, say: _Throttled) ->
     if isinstance(exc, LagoRateLimitError):
         wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
         return JSONResponse(
-            {"detail": "Lago is throttling requests; retry later."},
+            {"detail": "Lago is throttling requests; retry later.", **(extra or {})},
             status_code=429,
             headers={"Retry-After": str(wait)},
         )
     if isinstance(exc, LagoUnavailableError):
         return JSONResponse(
-            {"detail": "Lago is unavailable; retry later."}, status_code=503, headers={"Retry-After": "5"}
+            {"detail": "Lago is unavailable; retry later.", **(extra or {})},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
     if isinstance(exc, LagoAuthenticationError):
         say("auth", "Lago refused the API key for %s %s: %s", request.method, request.url.path, exc)
