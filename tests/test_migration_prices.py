@@ -31,8 +31,8 @@ def fake() -> FakeLago:
 
 def price_override(fake: FakeLago, external_id: str, **plan_fields: Any) -> None:
     """What Lago does for ``POST /subscriptions {"plan_overrides": {...}}``: the subscription gets a child plan of
-    its plan (same code, its own ``lago_id``, the overridden values). The emulator does not model plan overrides, so
-    the child plan is made in its store directly."""
+    its plan (same code, its own ``lago_id``, the overridden values), made in the emulator's store directly (for an
+    existing subscription; the emulator takes ``plan_overrides`` through the API too)."""
     store = fake.store
     sub = next(s for s in store.subscriptions if s["external_id"] == external_id and s["status"] == "active")
     parent = store._plans_by_id[sub["plan_id"]]

@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._faults import DroppedConnection
 from ._state import EVENT_STORES, LagoStore
 from ._util import JSON, UNAUTHORIZED, UTC, ApiError, FakeLagoError
 
@@ -266,6 +267,9 @@ class FakeLago:
 
         try:
             await app(scope, replay, capture)
+        except DroppedConnection:
+            status = 0  # (an injected drop starts a response in process only to abort it: nothing was answered)
+            raise
         finally:
             self._record(scope, raw, status)
 

@@ -10,7 +10,8 @@ Rules are added through the Python API (``fake.inject_fault(...)``) or over HTTP
     GET    /_emulator/faults  lists the active rules
     DELETE /_emulator/faults  removes every rule
 
-A rule applies to requests whose path starts with ``path`` (default ``/api/v1``). It lasts for
+A rule applies to requests whose path starts with ``path`` (default ``/api/v1``), never to the emulator's own
+``/_emulator/`` controls (reset, state, webhooks): even ``"path": "/"`` leaves them working. It lasts for
 ``count`` requests, for ``seconds`` after it was added, or, with neither, until it is cleared.
 Rules are tried in the order they were added: each matching rule adds its latency, and the
 first one that answers (status, drop or an exceeded rate limit) ends the chain.
@@ -50,6 +51,7 @@ __all__ = [
 
 CONTROL_PATH = "/_emulator/faults"
 DEFAULT_PATH = "/api/v1"
+EMULATOR_PATHS = "/_emulator/"
 
 # Module-level so tests can record latency without waiting for it.
 _sleep = anyio.sleep
@@ -370,6 +372,9 @@ class FaultMiddleware:
         path: str = scope["path"]
         if path == CONTROL_PATH:
             await self.control(scope, receive, send)
+            return
+        if path.startswith(EMULATOR_PATHS):  # the emulator's own controls (reset, state...) are never faulted
+            await self.app(scope, receive, send)
             return
         rate_headers: dict[str, str] = {}
         for rule in self.controller._take(path):

@@ -577,7 +577,10 @@ class LagoStore:
                 "created_at": iso(self.now()),
             }
             self.metrics[code] = metric
-            return {"billable_metric": self._serialize_metric(metric)}
+            result = self._serialize_metric(metric)
+            # (Webhooks::BillableMetrics::CreatedService, as for plans and features)
+            self._emit("billable_metric.created", "billable_metric", result)
+            return {"billable_metric": result}
 
     def _serialize_metric(self, metric: JSON) -> JSON:
         data = {k: copy.deepcopy(v) for k, v in metric.items()}
@@ -943,7 +946,7 @@ class LagoStore:
     def _serialize_sub_entitlements(self, sub: JSON) -> list[JSON]:
         """``Entitlement::SubscriptionEntitlement.for_subscription``: the plan's entitlements with the subscription's
         overrides, minus what was removed for this subscription (a feature whose every privilege is removed goes)."""
-        plan = self._plan_of(sub)
+        plan = self._entitlements_plan(sub)
         overrides: dict[str, dict[str, Any]] = sub["entitlement_overrides"]
         removals: dict[str, list[str] | None] = sub["entitlement_removals"]
         codes = list(plan["entitlements"]) + [c for c in overrides if c not in plan["entitlements"]]
@@ -1002,7 +1005,7 @@ class LagoStore:
             self.refresh()
             sub = self._sub_for(external_id, status or "active")
             checked = self._check_entitlements(raw)
-            plan = self._plan_of(sub)
+            plan = self._entitlements_plan(sub)
             overrides: dict[str, dict[str, Any]] = sub["entitlement_overrides"]
             removals: dict[str, list[str] | None] = sub["entitlement_removals"]
             for feature_code, values in checked.items():
@@ -1047,7 +1050,7 @@ class LagoStore:
             sub, _ = self._removal_target(external_id, status, feature_code)
             sub["entitlement_overrides"].pop(feature_code, None)
             sub["entitlement_removals"].pop(feature_code, None)
-            if feature_code in self._plan_of(sub)["entitlements"]:
+            if feature_code in self._entitlements_plan(sub)["entitlements"]:
                 sub["entitlement_removals"][feature_code] = None
             result = self._serialize_sub_entitlements(sub)
             self._emit_sub("subscription.updated", sub)
@@ -1068,7 +1071,10 @@ class LagoStore:
             if feature_overrides is not None:
                 feature_overrides.pop(privilege_code, None)
             removals: dict[str, list[str] | None] = sub["entitlement_removals"]
-            if feature_code in self._plan_of(sub)["entitlements"] and removals.get(feature_code, []) is not None:
+            if (
+                feature_code in self._entitlements_plan(sub)["entitlements"]
+                and removals.get(feature_code, []) is not None
+            ):
                 removed = removals.setdefault(feature_code, [])
                 if removed is not None and privilege_code not in removed:
                     removed.append(privilege_code)
@@ -1610,12 +1616,18 @@ class LagoStore:
                 if params.get(key) is not None and parse_datetime(params[key]) is None:
                     errors[key] = ["invalid_date"]
             _check_on_termination(params, errors)
+            raw_overrides = params.get("plan_overrides")
+            if raw_overrides is not None and not isinstance(raw_overrides, Mapping):
+                errors["plan_overrides"] = ["invalid_format"]
             plan = self.plans.get(str(params.get("plan_code")))
             if plan is None and not errors:
                 raise not_found("plan")
             start_at = params.get("subscription_at") if parse_datetime(params.get("subscription_at")) else self.now()
             if "ending_at" not in errors and not self._valid_ending_at(params.get("ending_at"), start_at):
                 errors["ending_at"] = ["invalid_date"]
+            override: JSON | None = None
+            if plan is not None and "plan_overrides" in params and "plan_overrides" not in errors:
+                override = self._override_plan(plan, _mapping(raw_overrides), errors)
             if errors:
                 raise validation_error(errors)
             assert plan is not None and external_customer_id and external_id
@@ -1640,16 +1652,21 @@ class LagoStore:
                 None,
             )
             now = self.now()
+            # the plan the subscription gets: the override plan when plan_overrides were given (registered only once a
+            # subscription uses it: the same plan as the current subscription's returns that one, overrides ignored)
+            target = plan if override is None else self._register_override(override)
             if current is None:
-                sub = self._new_sub(customer, plan, params, external_id)
+                sub = self._new_sub(customer, target, params, external_id)
                 start = parse_datetime(sub["subscription_at"])
                 if start is not None and start <= now:
                     self._activate(sub, start)
                 return {"subscription": self._serialize_sub(sub, extended=True)}
             if current["plan_id"] == plan["lago_id"]:
+                if override is not None:
+                    del self._plans_by_id[override["lago_id"]]
                 return {"subscription": self._serialize_sub(current, extended=True)}
             if current["status"] == "pending":
-                current["plan_code"], current["plan_id"] = plan["code"], plan["lago_id"]
+                current["plan_code"], current["plan_id"] = target["code"], target["lago_id"]
                 self._emit_sub("subscription.updated", current)
                 return {"subscription": self._serialize_sub(current, extended=True)}
             current_plan = self._plan_of(current)
@@ -1663,10 +1680,11 @@ class LagoStore:
             sub_params["billing_time"] = current["billing_time"]
             sub_params["subscription_at"] = current["subscription_at"]
             sub_params.setdefault("ending_at", current["ending_at"])
-            new = self._new_sub(customer, plan, sub_params, external_id)
+            new = self._new_sub(customer, target, sub_params, external_id)
             new["previous_subscription_id"] = current["lago_id"]
             new["entitlement_overrides"] = {}
-            if self._yearly_amount(plan) >= self._yearly_amount(current_plan):
+            # (create_service#upgrade? compares the plan with the overridden amount_cents)
+            if self._yearly_amount(target) >= self._yearly_amount(current_plan):
                 current["next_subscription_id"] = new["lago_id"]
                 self._candidates_stale = True
                 self._terminate(current, now, generate_invoice=False, cancel_next=False)
@@ -1680,6 +1698,55 @@ class LagoStore:
             new["switch_at"] = iso(self._period_end(current) + timedelta(seconds=1))
             self._emit_sub("subscription.updated", current)
             return {"subscription": self._serialize_sub(current, extended=True)}
+
+    def _override_plan(self, plan: JSON, overrides: Mapping[str, Any], errors: dict[str, list[str]]) -> JSON:
+        """lago-api ``Plans::OverrideService``: the plan of a subscription created with ``plan_overrides``, a copy of
+        ``plan`` (same code, its own ``lago_id``, ``parent_id`` the plan's) with the given ``amount_cents``,
+        ``amount_currency``, ``name``, ``invoice_display_name``, ``description`` and ``trial_period``, and a copy of
+        each charge, those listed by ``id`` with their ``properties``, ``filters``, ``min_amount_cents`` and
+        ``invoice_display_name``. It is not one of the plans (``GET /plans``); the subscription's entitlements stay
+        the parent's (``SubscriptionEntitlement.for_subscription``). Validated here, stored by ``_register_override``.
+        """
+        child = copy.deepcopy(plan)
+        amount = overrides.get("amount_cents", plan["amount_cents"])
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            errors["amount_cents"] = ["value_is_invalid"]
+        currency = overrides.get("amount_currency", plan["amount_currency"])
+        if not _valid_currency(currency):
+            errors["amount_currency"] = ["value_is_invalid"]
+        child.update(amount_cents=amount, amount_currency=currency)
+        for key in ("name", "invoice_display_name", "description", "trial_period"):
+            if key in overrides:
+                child[key] = overrides[key]
+        raw_charges = overrides.get("charges") or []
+        if not isinstance(raw_charges, list):
+            errors["charges"] = ["invalid_format"]
+            raw_charges = []
+        given = {str(c.get("id")): c for c in raw_charges if isinstance(c, Mapping)}
+        copies: list[JSON] = []
+        for charge in plan["charges"]:
+            raw = {k: v for k, v in charge.items() if k not in ("lago_id", "created_at")}
+            override = given.get(charge["lago_id"], {})
+            for key in ("properties", "filters", "min_amount_cents", "invoice_display_name"):
+                if key in override:
+                    raw[key] = override[key]
+            copies.append(raw)
+        child["charges"] = self._build_charges(copies, errors)
+        now = iso(self.now())
+        for charge in child["charges"]:
+            charge["created_at"] = now
+        child.update(lago_id=self._uuid(), parent_id=plan["lago_id"], entitlements={}, created_at=now, updated_at=now)
+        return child
+
+    def _register_override(self, child: JSON) -> JSON:
+        self._plans_by_id[child["lago_id"]] = child
+        return child
+
+    def _entitlements_plan(self, sub: JSON) -> JSON:
+        """The plan whose entitlements a subscription has: its plan's parent for an override plan."""
+        plan = self._plan_of(sub)
+        parent = self._plans_by_id.get(plan["parent_id"]) if plan.get("parent_id") else None
+        return parent if parent is not None else plan
 
     def _valid_ending_at(self, value: Any, subscription_at: Any) -> bool:
         """lago-api ``Subscriptions::ValidateService#valid_ending_at?`` (create and update): an ``ending_at`` must fall
@@ -1728,7 +1795,13 @@ class LagoStore:
                 items = [s for s in items if s["external_customer_id"] == customer_filter]
             if query.get("plan_code"):
                 listed_plan = self.plans.get(str(query["plan_code"]))
-                items = [s for s in items if listed_plan is not None and s["plan_id"] == listed_plan["lago_id"]]
+                # (an override plan has its parent's code: SubscriptionsQuery filters on plans.code)
+                items = [
+                    s
+                    for s in items
+                    if listed_plan is not None
+                    and listed_plan["lago_id"] in (s["plan_id"], self._plan_of(s).get("parent_id"))
+                ]
             if query.get("currency"):  # the plan's amount_currency
                 items = [s for s in items if self._plan_of(s)["amount_currency"] == query["currency"]]
             # ORDER BY subscription_at DESC NULLS LAST, created_at DESC
