@@ -5,10 +5,13 @@ next one):
 
 1. ``attribute_usage(request, model=..., input_tokens=..., ...)`` called by the endpoint;
 2. response headers (:class:`AttributionConfig`, e.g. ``X-Tokens-Used``, ``X-Model``);
-3. the response body: a JSON body (OpenAI chat/completions/embeddings, OpenAI Responses API, Anthropic Messages)
-   or a server-sent-event stream (OpenAI chunks with a final ``usage``, Responses API ``response.completed``,
-   Anthropic ``message_start`` + ``message_delta``). The stream is read on the side while it passes through:
-   nothing is held back from the client, only the current partial line is kept.
+3. the response body: a JSON body (OpenAI chat/completions/embeddings, OpenAI Responses API, Anthropic Messages,
+   Google Gemini's ``usageMetadata`` and its streamed JSON array, AWS Bedrock Converse, Ollama's own API) or a
+   server-sent-event stream (OpenAI chunks with a final ``usage``, Groq's ``x_groq``, Responses API
+   ``response.completed``, Anthropic ``message_start`` + ``message_delta``, Gemini's ``alt=sse``) or a
+   newline-delimited JSON one (Ollama's). The stream is read on the side while it passes through: nothing is held
+   back from the client, only the current partial line is kept. A stream from a model that ends without any usage
+   (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once.
 
 Token rules, to neither under- nor double-bill:
 
@@ -18,6 +21,9 @@ Token rules, to neither under- nor double-bill:
   ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
   reads at a discount in Lago if wanted, the split is not kept). Next to a ``prompt_tokens`` (the OpenAI shape
   proxies such as LiteLLM give Claude's usage), which counts them already, they are not added.
+- Gemini's ``thoughtsTokenCount`` is *not* a part of ``candidatesTokenCount``: added to the output (its
+  ``cachedContentTokenCount`` is a part of ``promptTokenCount``: not added). Bedrock's ``cacheReadInputTokens`` and
+  ``cacheWriteInputTokens`` are not a part of its ``inputTokens``: added to the input, as Anthropic's.
 - A usage update without ``total_tokens`` drops an earlier total (it no longer matches the new counts).
 - Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
   ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
@@ -249,10 +255,11 @@ class _Counts:
 
 
 def _usage_container(payload: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The object holding ``usage``: the payload, or its ``message`` (Anthropic) / ``response`` (Responses API)."""
+    """The object holding ``usage``: the payload, or its ``message`` (Anthropic) / ``response`` (Responses API) /
+    ``x_groq`` (Groq's streams, before they gave it at the top level too)."""
     if isinstance(payload.get("usage"), Mapping):
         return payload
-    for key in ("message", "response"):
+    for key in ("message", "response", "x_groq"):
         inner = payload.get(key)
         if isinstance(inner, Mapping) and isinstance(inner.get("usage"), Mapping):
             return inner
@@ -273,20 +280,23 @@ def _collect(payload: object, counts: _Counts) -> None:
         if isinstance(inner, Mapping):
             model = inner.get("model")
     usage = container.get("usage")
+    if not isinstance(usage, Mapping):
+        usage = payload.get("usageMetadata")  # Google Gemini (and Vertex AI), its model in modelVersion
+        if isinstance(usage, Mapping):
+            if model is None:
+                model = payload.get("modelVersion")
+        elif "eval_count" in payload or "prompt_eval_count" in payload:  # Ollama's own API: counts at the top level
+            usage = {"prompt_tokens": payload.get("prompt_eval_count"), "completion_tokens": payload.get("eval_count")}
     if isinstance(usage, Mapping):
-        for key in (
-            "prompt_tokens",
-            "completion_tokens",
-            "input_tokens",
-            "output_tokens",
-            "total_tokens",
-            "cache_creation_input_tokens",
-            "cache_read_input_tokens",
-        ):
+        if "totalTokenCount" in usage or "promptTokenCount" in usage:  # Gemini's: each one whole, zeros left out
+            for key in _GEMINI_KEYS:
+                counts.latest.pop(key, None)
+        for key in _USAGE_KEYS:
             if key in usage and usage[key] is not None:
                 counts.latest[key] = usage[key]
-        if usage.get("total_tokens") is None:  # counts updated without a total: an earlier one is stale
-            counts.latest.pop("total_tokens", None)
+        if all(usage.get(key) is None for key in _TOTAL_KEYS):  # counts updated without a total: an earlier one is
+            for key in _TOTAL_KEYS:  # stale
+                counts.latest.pop(key, None)
     if model is not None:
         # A valid model wins over an earlier one only with usage (the final chunk's); a blank or invalid one (Azure
         # streams open with "model": "") is kept only while nothing better is known, so the real one still comes.
@@ -302,10 +312,68 @@ def _good_model(value: object) -> bool:
     return type(value) is str and 0 < len(value) <= MAX_MODEL_LENGTH and value.isprintable() and not value.isspace()
 
 
+#: The usage keys read: OpenAI's and Anthropic's, Google Gemini's ``usageMetadata``, AWS Bedrock Converse's.
+_GEMINI_KEYS = ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount")
+_BEDROCK_KEYS = ("inputTokens", "cacheReadInputTokens", "cacheWriteInputTokens", "outputTokens")
+_TOTAL_KEYS = ("total_tokens", "totalTokenCount", "totalTokens")
+_USAGE_KEYS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    *_GEMINI_KEYS,
+    *_BEDROCK_KEYS,
+    *_TOTAL_KEYS,
+)
+
+
+def _sum(raw: Mapping[str, Any], keys: tuple[str, ...], source: str) -> int | None:
+    """The sum of the valid counts ``raw`` has under ``keys``; ``None`` when it has none."""
+    total: int | None = None
+    for key in keys:
+        number = _tokens(raw.get(key), source, key)
+        if number is not None:
+            total = number if total is None else total + number
+    return total
+
+
+def _resolve_camel(raw: Mapping[str, Any], source: str) -> dict[str, int] | None:
+    """Token fields from Gemini's ``usageMetadata`` or Bedrock's ``usage``; ``None`` when ``raw`` is neither.
+
+    Gemini: ``promptTokenCount`` counts the cached content (``cachedContentTokenCount`` is a part of it, not added);
+    ``thoughtsTokenCount`` is *not* a part of ``candidatesTokenCount`` and is billed as output: added to it (as
+    ``totalTokenCount`` does), and so is ``toolUsePromptTokenCount`` to the input. Zero counts are left out of its
+    JSON. Bedrock: ``inputTokens`` does not count the cache reads and writes, ``totalTokens`` does: they are added
+    to the input (as Anthropic's)."""
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    if "promptTokenCount" in raw or "candidatesTokenCount" in raw or "totalTokenCount" in raw:
+        inputs, outputs, total_key = _GEMINI_KEYS[:2], _GEMINI_KEYS[2:], "totalTokenCount"
+    elif "inputTokens" in raw or "outputTokens" in raw or "totalTokens" in raw:
+        inputs, outputs, total_key = _BEDROCK_KEYS[:3], _BEDROCK_KEYS[3:], "totalTokens"
+    else:
+        return None
+    out: dict[str, int] = {}
+    for field, keys in (("input_tokens", inputs), ("output_tokens", outputs)):
+        number = _sum(raw, keys, source)
+        if number is not None:
+            out[field] = number
+    total_tokens = _tokens(raw.get(total_key), source, "total_tokens")
+    if total_tokens is not None:
+        out["total_tokens"] = total_tokens
+    return out
+
+
 def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
     """Token fields from one provider usage object (see the module docstring for the rules)."""
     out: dict[str, int] = {}
     openai_shape = "prompt_tokens" in raw  # its prompt count includes cached tokens, whatever else is there
+    if not openai_shape and "input_tokens" not in raw:
+        camel = _resolve_camel(raw, source)
+        if camel is not None:
+            return camel
     input_tokens = _tokens(raw["prompt_tokens"] if openai_shape else raw.get("input_tokens"), source, "input_tokens")
     if input_tokens is not None:
         if not openai_shape:
@@ -349,6 +417,8 @@ _MODE_SSE = 2
 _MODE_JSON_ENDS = 3
 #: How many first and last bytes of a JSON body over the cap are kept.
 _JSON_END = 16_384
+#: Newline-delimited JSON streams (Ollama's ``application/x-ndjson``), read as event streams of one line per event.
+_NDJSON = frozenset((b"application/x-ndjson", b"application/ndjson", b"application/jsonl", b"application/jsonlines"))
 
 #: The C scanner behind ``json.loads``: one JSON value from a ``str`` at an index -> (value, end index).
 _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
@@ -378,6 +448,7 @@ class UsageRecorder:
         "_inflater",
         "_last",
         "_mode",
+        "_ndjson",
         "_partial",
         "_result",
         "_scope",
@@ -389,6 +460,7 @@ class UsageRecorder:
     # The stream parser's state, set when a text/event-stream response starts.
     _data_lines: list[bytes]
     _data_size: int
+    _ndjson: bool
     _partial: bytes
     _skip_lf: bool
     _discarding: bool
@@ -474,8 +546,10 @@ class UsageRecorder:
         media_type = (
             content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
         )
-        if media_type == b"text/event-stream":
+        ndjson = media_type in _NDJSON
+        if media_type == b"text/event-stream" or ndjson:
             self._mode = _MODE_SSE
+            self._ndjson = ndjson
             self._counts = _Counts()
             self._fresh = True  # the stream's first bytes may be a byte-order mark, which SSE ignores
             self._partial = b""
@@ -606,6 +680,8 @@ class UsageRecorder:
         self._partial = b""
         self._discarding = True
         self._discarded_data = start[:4] == b"data"
+        if self._ndjson:  # a document over the cap, dropped (its usage with it)
+            _cap_exceeded("stream event")
         self._tail = start[-_TAIL:] if self._discarded_data else b""
 
     def _oversized(self, tail: bytes) -> None:
@@ -615,9 +691,11 @@ class UsageRecorder:
         self._data_lines.clear()
         self._event = _SKIP
         self._tail = b""
-        at = tail.rfind(b'"usage"')
+        at, key = tail.rfind(b'"usage"'), 7
+        if at < 0:
+            at, key = tail.rfind(b'"usageMetadata"'), 15
         if at >= 0 and self._counts is not None:
-            text = tail[at + 7 :].decode("utf-8", "replace").lstrip(" \t")
+            text = tail[at + key :].decode("utf-8", "replace").lstrip(" \t")
             if text[:1] == ":":
                 try:
                     usage = _scan_json(text[1:].lstrip(" \t"), 0)[0]
@@ -630,6 +708,13 @@ class UsageRecorder:
 
     def _line(self, line: bytes) -> None:
         if not line:
+            self._dispatch()
+            return
+        if self._ndjson:  # newline-delimited JSON (Ollama's streams): each line is one document
+            if len(line) > self._config.max_body_bytes:
+                _cap_exceeded("stream event")
+                return
+            self._data_lines.append(line)
             self._dispatch()
             return
         if line[:1] == b":":
@@ -662,10 +747,12 @@ class UsageRecorder:
         counts = self._counts
         if counts is None:
             return
-        # Most stream events carry no usage: skip them without parsing JSON.
-        usage_hits = data.count(b'"usage"')
+        # Most stream events carry no usage: skip them without parsing JSON ("usage", Gemini's "usageMetadata").
+        usage_hits = data.count(b'"usage')
         if usage_hits == 0 or usage_hits == data.count(b'"usage":null') + data.count(b'"usage": null'):
-            if _good_model(counts.model) or b'"model"' not in data:
+            if (_good_model(counts.model) or b'"model"' not in data) and not (
+                self._ndjson and b'eval_count"' in data  # Ollama's last line
+            ):
                 return
         try:
             payload = json.loads(data)
@@ -699,6 +786,9 @@ class UsageRecorder:
         except Exception:  # pragma: no cover - defensive, the helpers only read dicts
             _internal_error("result")
             explicit, headers = {}, {}
+        if body_source == "sse" and len(body_fields) == 1 and "model" in body_fields:
+            if not any(field in explicit or field in headers for field in _TOKEN_FIELDS):
+                _stream_without_usage()
         self._result = _merge((("explicit", explicit), ("headers", headers), (body_source or "json", body_fields)))
         return self._result
 
@@ -808,6 +898,10 @@ class UsageRecorder:
         if not head:  # no body came (the answer to a HEAD request): nothing was over the cap
             return {}, None
         members = _closing_members(last, "usage", len(last), _CLOSING)
+        if members is None:  # Gemini's, followed by its modelVersion and responseId
+            members = _closing_members(last, "usageMetadata", len(last), _CLOSING)
+            if members is not None:
+                members["usage"], members["model"] = members.get("usageMetadata"), members.get("modelVersion")
         usage = members.get("usage") if members is not None else None
         if members is None or not isinstance(usage, dict):
             _cap_exceeded("JSON body")
@@ -889,7 +983,7 @@ def _members(text: str, index: int) -> tuple[dict[str, Any], bool, int]:
 
 
 def json_usage(body: bytes) -> Usage:
-    """The usage a JSON response body shows (OpenAI or Anthropic shapes), when no other source has any."""
+    """The usage a JSON response body shows (the shapes of the module's docstring), when no other source has any."""
     try:
         fast = _fast_json_usage(body)
         if fast is not None:
@@ -902,7 +996,7 @@ def json_usage(body: bytes) -> Usage:
 
 
 def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
-    if b'"usage"' not in body:
+    if not _mentions_usage(body):
         return {}, None
     try:
         payload = json.loads(body)
@@ -910,7 +1004,11 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
         _unparseable_body()
         return {}, None
     counts = _Counts()
-    _collect(payload, counts)
+    if type(payload) is list and payload and isinstance(payload[-1], Mapping) and "usageMetadata" in payload[-1]:
+        for item in payload:  # Gemini's streamGenerateContent without alt=sse: an array of cumulative answers
+            _collect(item, counts)
+    else:  # (any other array, records that each have a usage, is not an answer's)
+        _collect(payload, counts)
     # A JSON "model" without "usage" is often not an LLM (e.g. a product model): ignored.
     return _resolve_counts(counts, "json", model_needs_usage=True), "json"
 
@@ -918,7 +1016,7 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
 def _fast_json_usage(body: bytes) -> Usage | None:
     """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints. ``None`` sends
     anything else down the general path (same result)."""
-    if b'"usage"' not in body:
+    if b'"usage' not in body and b'eval_count"' not in body:  # (_mentions_usage, inlined)
         return Usage()
     if body[:1] != b"{":  # leading blanks, a byte-order mark...: the general path reads it as json.loads does
         return None
@@ -959,6 +1057,11 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
     return Usage(model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total, "json")
+
+
+def _mentions_usage(body: bytes) -> bool:
+    """Whether a JSON body may hold a usage: ``"usage"``, Gemini's ``"usageMetadata"``, Ollama's ``eval_count``s."""
+    return b'"usage' in body or b'eval_count"' in body
 
 
 def _count_or_none(value: object) -> bool:
@@ -1020,6 +1123,17 @@ def _cap_exceeded(what: str) -> None:
         "A response %s was over AttributionConfig.max_body_bytes: its usage was not read (tokens billed 0). "
         "Raise max_body_bytes, or attribute usage explicitly (attribute_usage) or in response headers. Logged once.",
         what,
+    )
+
+
+def _stream_without_usage() -> None:
+    """A stream from a model ended without any usage (its tokens count 0)."""
+    _warn_once(
+        "stream without usage",
+        "A streamed response from a model ended without a usage: its tokens were billed 0. OpenAI-style chat "
+        "completions streams give one only when asked (stream_options={'include_usage': True}); a stream cut off or "
+        "failed before its end has none either. Else attribute usage explicitly (attribute_usage) or in response "
+        "headers. Logged once.",
     )
 
 
