@@ -807,6 +807,12 @@ class LocalBackend:
             return
         counts.settle(bucket, int(now), tokens, billed)
 
+    def holds(self, org_id: str, bucket: int) -> bool:
+        """Whether a call of the org reserved here in second ``bucket`` is still in flight here (not handed out by
+        :meth:`drain`)."""
+        state = self._orgs.get(org_id)
+        return state is not None and bucket in state.counts.i
+
     def peek_snapshot(self, org_id: str) -> Snapshot | None:
         state = self._orgs.get(org_id)
         return state.snapshot if state is not None else None
@@ -1175,14 +1181,26 @@ class QuotaGate:
         """A request blocked on a snapshot of plans that changed since (:meth:`invalidate_all`: a ``plan.updated``
         webhook, the limit maybe raised) waits, at most ``cold_timeout``, for the org's refresh and is decided again
         (a 429 now would tell the client to come back at the period's end: days). If Lago does not answer in time,
-        the blocked answer stands."""
-        event = self._schedule_refresh(org_id, self.clock(), urgent=True)
+        the blocked answer stands, asking the client back after ``failure_backoff`` (:meth:`_retry_after`), and the
+        org's next blocked requests until then are answered at once."""
+        now = self.clock()
+        if self._gave_up.get(org_id, 0.0) > now:  # a wait for its refresh went unanswered moments ago
+            return blocked
+        event = self._schedule_refresh(org_id, now, urgent=True)
         if event is None:  # its last refresh failed moments ago
             return blocked
         self.stats["cold_waits"] += 1  # (a request waiting for Lago)
         with anyio.move_on_after(self.config.cold_timeout):
             await event.wait()
-        return await self.backend.reserve(org_id, self.clock(), mode, self._known.get(org_id) if self._shared else None)
+        if not event.is_set():
+            self.stats["cold_timeouts"] += 1
+        known = self._known.get(org_id) if self._shared else None
+        outcome = await self.backend.reserve(org_id, self.clock(), mode, known)
+        if outcome.code == BLOCKED and _replanned(outcome):
+            # not read again in time (Lago slow or failing): the org's next blocked requests are answered at once
+            # until failure_backoff has passed, as a cold org's are, not each held cold_timeout while Lago is slow
+            self._give_up(org_id)
+        return outcome
 
     def _cached(self, org_id: str, outcome: Outcome, now: float) -> QuotaDecision:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
@@ -1202,6 +1220,12 @@ class QuotaGate:
                 return
             backend = decision.backend if decision.backend is not None else self.backend
             bucket = decision.bucket if decision.reserved else None
+            if self._shared and backend is self.local and bucket is not None and not self.local.holds(org_id, bucket):
+                # decided here during a Redis outage, its call handed to Redis since (drain: counted there as a
+                # recorded call) when Redis came back: its tokens go there too
+                if tokens > 0:
+                    self.backend.settle(org_id, decision.period, None, self.clock(), tokens=tokens, billed=False)
+                return
             backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed)
         elif billed or tokens > 0:  # billed without a check (org known only after the app ran)
             self.backend.settle(org_id, "", None, self.clock(), tokens=tokens, billed=billed)
@@ -1335,7 +1359,7 @@ class QuotaGate:
                 (b"ratelimit-limit", b"%d" % limit),
                 (b"ratelimit-remaining", b"%d" % left),
                 (b"ratelimit-reset", reset),
-                (b"retry-after", reset),
+                (b"retry-after", b"%d" % self._retry_after(snap, now)),
             )
         return (
             (b"ratelimit-limit", b"%d" % limit),
@@ -1363,8 +1387,16 @@ class QuotaGate:
             "plan_code": snap.plan_code,
             "period_start": _iso(snap.period_start),
             "period_end": _iso(snap.period_end),
-            "retry_after": max(0, math.ceil(snap.period_end - now)),
+            "retry_after": self._retry_after(snap, now),
         }
+
+    def _retry_after(self, snap: Snapshot, now: float) -> int:
+        """Seconds a blocked client is asked to wait: until the period's end, or, while the plan is to be read again
+        (one :meth:`invalidate_all` marked: ``plan.updated``, and not read in time), until the gate asks Lago again:
+        the new plan may allow the call, which a client told to come back in days would not learn."""
+        if not snap.plan_fetched_at:
+            return max(1, math.ceil(self.config.failure_backoff))
+        return max(0, math.ceil(snap.period_end - now))
 
     # ------------------------------------------------------------------------------ cold path
 
@@ -1403,16 +1435,26 @@ class QuotaGate:
                     # rollover): read again after a pause (doubling), not back to back for the whole budget
                     await anyio.sleep(min(pause, max(0.0, deadline - anyio.current_time())))
                     pause *= 2
-            if len(self._gave_up) >= self.config.max_orgs:  # bounded, however many org ids requests bring
-                self._gave_up.clear()
-            self._gave_up[org_id] = self.clock() + self.config.failure_backoff
+            self._give_up(org_id)
         if self.settings.fail_open or self.mode == "monitor":
             self.stats["fail_open"] += 1
             self._log_outage(org_id, "allowed (LAGO_FAIL_OPEN=true)")
-            return await self.backend.reserve(org_id, self.clock(), "blind", None)
+            outcome = await self.backend.reserve(org_id, self.clock(), "blind", None)
+            if outcome.code == BLOCKED and self.mode != "monitor":
+                # a snapshot came meanwhile (another worker stored it), over a limit: the request is blocked, and
+                # the call the blind reservation counted all the same is released (a block is never settled)
+                backend = outcome.backend if outcome.backend is not None else self.backend
+                backend.settle(org_id, outcome.period, outcome.bucket, self.clock(), tokens=0, billed=False)
+            return outcome
         self.stats["fail_closed"] += 1
         self._log_outage(org_id, "refused (LAGO_FAIL_OPEN=false)")
         return Outcome(UNAVAILABLE)
+
+    def _give_up(self, org_id: str) -> None:
+        """No request of the org waits for its refresh again before ``failure_backoff`` has passed."""
+        if len(self._gave_up) >= self.config.max_orgs:  # bounded, however many org ids requests bring
+            self._gave_up.clear()
+        self._gave_up[org_id] = self.clock() + self.config.failure_backoff
 
     def _warn_once(self, key: tuple[str, str], message: str, *args: object) -> None:
         """A configuration problem of one org, said once (not at every refresh)."""
@@ -1565,7 +1607,8 @@ class QuotaGate:
             else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
                 current = await backend.load(org_id)
                 after = 0.0
-                if current is not None and current.over(self.clock()):
+                # (or one invalidate_all marked, its plan to be read again: its requests blocked on it wait for it)
+                if current is not None and (current.over(self.clock()) or not current.plan_fetched_at):
                     after = current.requested_at
                 release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
@@ -1721,8 +1764,9 @@ class QuotaGate:
             self._warn_once(
                 ("", "id"),  # once, not per org: ids from a header (LAGO_ORG_HEADER) would flood the log
                 "Org %r has no subscription Lago can address (%s): it is treated as having none (not as Lago being "
-                "unreachable, which LAGO_FAIL_OPEN would let through); so are other such org ids, said once. Map them "
-                "to usable subscription ids with LAGO_SUBSCRIPTION_ID_TEMPLATE, or refuse them in your auth layer.",
+                "unreachable, which LAGO_FAIL_OPEN would let through); so are other such org ids, said once. Give such "
+                "orgs ids without those characters where the middleware resolves them (your auth layer, or "
+                "resolve_org=: e.g. map 'acme.com' to 'acme-com'), or refuse them there.",
                 org_id,
                 exc,
             )

@@ -570,6 +570,12 @@ class RedisBackend:
         if self._closed or (not self._up() and len(self._queue) >= _MAX_QUEUED_SETTLES):
             self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
             return
+        if bucket is None and not self._up():
+            # Nothing reserved in Redis (tokens counted after the call, a call billed without a check): counted here,
+            # where the outage's decisions are made (a token limit holds meanwhile), and merged into Redis after it
+            self._seed_fallback(org_id)
+            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
+            return
         item = (org_id, period, "" if bucket is None else str(bucket), "1" if billed else "0", str(int(now)), tokens)
         self._queue.append(item)
         if self._running:
