@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._errors import ConfigurationError
 from ._faults import DroppedConnection
 from ._state import EVENT_STORES, LagoStore
 from ._util import JSON, UNAUTHORIZED, UTC, ApiError, FakeLagoError
@@ -177,8 +178,15 @@ class FakeLago:
     def _ensure_keys(self) -> tuple[bytes, bytes]:
         with self._key_lock:
             if self._rsa_private_key_pem is None or self._rsa_public_key_pem is None:
-                from cryptography.hazmat.primitives import serialization
-                from cryptography.hazmat.primitives.asymmetric import rsa
+                try:
+                    from cryptography.hazmat.primitives import serialization
+                    from cryptography.hazmat.primitives.asymmetric import rsa
+                except ImportError:
+                    raise ConfigurationError(
+                        "The emulator signs JWT webhooks (and serves GET /webhooks/public_key) with an RSA key, which "
+                        "needs cryptography: pip install 'lago-org-billing[testing]', or configure its webhooks with "
+                        "signature='hmac'."
+                    ) from None
 
                 key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
                 self._rsa_private_key_pem = key.private_bytes(

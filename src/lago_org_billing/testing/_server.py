@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import socket
 import threading
 import time
@@ -27,7 +28,11 @@ class EmulatorServerError(LagoIntegrationError):
 def install_controls(fake: Any) -> Any:
     """Attach fault injection (``/_emulator/faults``) and webhook delivery (``/_emulator/webhooks``)
     to a FakeLago that lacks them. Both installers are idempotent; other ASGI apps pass through."""
-    if not callable(getattr(fake, "add_middleware", None)) or not hasattr(fake, "rsa_private_key_pem"):
+    # (looked up statically: reading the property would make its RSA key, which needs cryptography, for nothing)
+    if (
+        not callable(getattr(fake, "add_middleware", None))
+        or inspect.getattr_static(fake, "rsa_private_key_pem", None) is None
+    ):
         return fake
     from ._faults import install_faults
     from ._webhooks import install_webhooks
