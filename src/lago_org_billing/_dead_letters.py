@@ -18,6 +18,7 @@ import datetime
 import functools
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -30,7 +31,13 @@ import anyio
 
 from ._client import LagoClient
 from ._delivery import EventPipeline
-from ._errors import ConfigurationError, LagoAuthenticationError, LagoIntegrationError, LagoNotFoundError
+from ._errors import (
+    ConfigurationError,
+    LagoAPIError,
+    LagoAuthenticationError,
+    LagoIntegrationError,
+    LagoNotFoundError,
+)
 from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
@@ -46,8 +53,10 @@ logger = logging.getLogger("lago_org_billing.dead_letters")
 
 _EPILOG = """\
 IDs are the letters' row ids, prefixed by the slot ("2:17") for the spool's other slot files (PATH.2 ...).
-Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again or Lago did not answer in time
-(nothing lost: they stay dead letters); 2 no spool, unknown ids or settings missing.
+Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time or a
+spool file changed meanwhile (nothing lost: they stay dead letters; run again); 2 no spool, a file that is not a
+spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent);
+130 interrupted (Ctrl-C: run again, events Lago took count as duplicates).
 """
 
 
@@ -85,6 +94,9 @@ class ReplayReport:
 #: Letters read from a spool file, and replayed, at a time: memory stays bounded whatever the table holds.
 CHUNK = 1_000
 
+#: Seconds to wait for a spool file another process holds locked (its owner's commits take milliseconds).
+BUSY_TIMEOUT = 30.0
+
 
 def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     """Every dead letter of the spool at ``path`` (all its slot files), oldest first in each file, read a page at a
@@ -106,11 +118,13 @@ def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolD
     files = dict(spool_slot_files(path))
     found: list[SpoolDeadLetter] = []
     missing: list[str] = []
-    for key in dict.fromkeys(keys):
+    named: dict[tuple[int, int], str] = {}  # one letter named twice ("1", "0:1", "01") is sent once
+    for key in keys:
         slot_text, _, id_text = key.rpartition(":")
-        slot = int(slot_text or 0)
+        named.setdefault((int(slot_text or 0), int(id_text)), key)
+    for (slot, row_id), key in named.items():
         rows = (
-            _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (int(id_text),))
+            _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
             if slot in files
             else []
         )
@@ -121,12 +135,39 @@ def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolD
     return found, missing
 
 
+def check_spool_files(path: str) -> None:
+    """Raise a ``ConfigurationError`` naming the first slot file of the spool at ``path`` that cannot be read (not a
+    spool, damaged, locked past :data:`BUSY_TIMEOUT`): before anything is listed or sent."""
+    for _, file in spool_slot_files(path):
+        _rows(file, "SELECT id FROM dead_letters LIMIT 1", ())
+
+
 def _rows(file: str, query: str, parameters: tuple[Any, ...]) -> list[Any]:
     try:
         with _connect(file) as conn:
-            return conn.execute(query, parameters).fetchall()
-    except sqlite3.OperationalError:  # no dead_letters table (never had one), or the file went away (adopted)
-        return []
+            try:
+                return conn.execute(query, parameters).fetchall()
+            except sqlite3.OperationalError as exc:
+                # a slot file a starting worker has just created (no table yet) holds no letters; a database with
+                # other tables is no spool
+                if "no such table" in str(exc) and conn.execute("SELECT 1 FROM sqlite_master").fetchone() is None:
+                    return []
+                raise
+    except sqlite3.DatabaseError as exc:
+        if not os.path.exists(file):  # the file went away (a starting worker adopted it): its letters moved
+            return []
+        if "locked" in str(exc):
+            message = (
+                f"The spool file {file} is locked: another process has held it for {BUSY_TIMEOUT:g} s ({exc}). "
+                "Nothing was changed: run again once it lets go."
+            )
+        else:
+            message = (
+                f"{file} cannot be read ({type(exc).__name__}: {exc}): not a spool file, a damaged one, or one this "
+                "user may not open. Check --spool or LAGO_SPOOL_PATH (a stray file named like a slot file, PATH.N, "
+                "can be moved away)."
+            )
+        raise ConfigurationError(message, variable="LAGO_SPOOL_PATH") from None
 
 
 def _letter(file: str, slot: int, row: tuple[Any, ...]) -> SpoolDeadLetter:
@@ -142,14 +183,18 @@ async def replay_spool_dead_letters(
     report = ReplayReport()
     deadline = time.monotonic() + wait
     async with LagoClient(settings) as client:
-        # Lago refusing the key (401/403) or unknown at that URL is said at once (delivery would retry those until
-        # --timeout, then report "Lago did not answer"); anything else is the delivery's to retry.
+        # Lago refusing the key (401/403), or a URL that is not Lago's API (its front end's HTML, another 404 page, a
+        # redirect: a plain LagoAPIError), is said at once (delivery would retry those until --timeout, then report
+        # "Lago did not answer"); an outage (5xx, 408, 429, no connection) is the delivery's to retry.
         try:
             await client.list_customers(per_page=1)
         except (LagoAuthenticationError, LagoNotFoundError) as exc:
             raise ConfigurationError(f"Lago refuses this API key or URL: {exc}", variable="LAGO_API_KEY") from None
-        except LagoIntegrationError:
-            pass
+        except LagoIntegrationError as exc:
+            if type(exc) is LagoAPIError and exc.status not in (408, 425):
+                raise ConfigurationError(
+                    f"LAGO_API_URL ({settings.api_url}) does not answer as Lago's API: {exc}", variable="LAGO_API_URL"
+                ) from None
         chunk: list[SpoolDeadLetter] = []
         for spooled in letters:
             if not spooled.letter.replayable:
@@ -191,10 +236,11 @@ async def _replay_chunk(
         report.complete = False
         return False
     report.duplicates += pipeline.metrics.duplicates
-    again = {letter.event.get("transaction_id"): letter for letter in pipeline.dead_letters()}
+    # Matched by the whole event, not its transaction_id: Lago takes the same one on several subscriptions.
+    again = {_event_key(letter.event): letter for letter in pipeline.dead_letters()}
     by_file: dict[str, list[tuple[SpoolDeadLetter, DeadLetter | None]]] = {}
     for spooled in chunk:
-        by_file.setdefault(spooled.file, []).append((spooled, again.get(spooled.letter.event["transaction_id"])))
+        by_file.setdefault(spooled.file, []).append((spooled, again.get(_event_key(spooled.letter.event))))
     for file, outcomes in by_file.items():
         deletes = [(spooled.letter.id, spooled.body) for spooled, new in outcomes if new is None]
         updates = [
@@ -210,8 +256,12 @@ async def _replay_chunk(
                     "WHERE id = ? AND body = ?",
                     updates,
                 )
-        except sqlite3.OperationalError as exc:  # the file went away (a starting worker adopted it)
-            logger.warning("Spool file %s changed during the replay (%s): its letters are left as they were", file, exc)
+        except sqlite3.OperationalError as exc:  # the file went away (a starting worker adopted it), or is locked
+            logger.warning(
+                "Spool file %s changed or was locked during the replay (%s): its letters are left as they were",
+                file,
+                exc,
+            )
             report.unchanged += len(outcomes)
             continue
         for spooled, new in outcomes:
@@ -223,11 +273,15 @@ async def _replay_chunk(
     return True
 
 
+def _event_key(event: Any) -> str:
+    return json.dumps(event, sort_keys=True)
+
+
 class _connect:
     """A connection to an existing spool file that commits on success (and waits for a busy owner's commit)."""
 
     def __init__(self, file: str) -> None:
-        self.conn = sqlite3.connect(f"file:{urllib.parse.quote(file)}?mode=rw", uri=True, timeout=30)
+        self.conn = sqlite3.connect(f"file:{urllib.parse.quote(file)}?mode=rw", uri=True, timeout=BUSY_TIMEOUT)
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn
@@ -277,6 +331,7 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
         )
     if not spool_slot_files(path):
         raise ConfigurationError(f"No spool file at {path}.", variable="LAGO_SPOOL_PATH")
+    check_spool_files(path)  # one that cannot be read is said before anything is listed or sent
     letters: Iterable[SpoolDeadLetter]
     if args.ids:
         bad = [key for key in args.ids if not re.fullmatch(r"(\d+:)?\d+", key)]
@@ -290,7 +345,15 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
     if not args.replay:
         _print_letters(letters, path, args.json)
         return 0
-    report = anyio.run(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
+    try:
+        report = anyio.run(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
+    except KeyboardInterrupt:
+        print(
+            "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "
+            "(run again: events Lago took meanwhile count as duplicates, not billed twice).",
+            file=sys.stderr,
+        )
+        raise
     _print_report(report, args.json)
     return 0 if report.complete and not report.rejected and not report.unchanged else 1
 
@@ -366,7 +429,10 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
             file=sys.stderr,
         )
     if report.unchanged:
-        print(f"{report.unchanged} letters were left as they were: their spool file changed meanwhile (run again).")
+        print(
+            f"{report.unchanged} letters were left as they were: their spool file changed or was locked meanwhile "
+            "(run again: events Lago took count as duplicates, not billed twice)."
+        )
     if report.skipped:
         print(f"Skipped {len(report.skipped)} letters holding no whole event (it could not be built or serialised):")
         for spooled in report.skipped:

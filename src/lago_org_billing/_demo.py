@@ -143,13 +143,21 @@ def build_demo_app(settings: BillingSettings) -> Starlette:
 # --------------------------------------------------------------------------- running it
 
 
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
     """Everything the demo serves and calls is on 127.0.0.1: the proxy of the user's environment (HTTP_PROXY...,
-    which httpx and so the Lago client honour) could not reach it. Put back as it was when the demo ends."""
-    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
+    which httpx and so the Lago client honour) could not reach it, and a SOCKS one (ALL_PROXY=socks5://...) stops
+    httpx from making a client at all without its ``socks`` extra, NO_PROXY or not. Put back as it was when the demo
+    ends."""
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy", *_PROXY_VARIABLES)}
     for name, value in saved.items():
-        os.environ[name] = f"{value},127.0.0.1" if value else "127.0.0.1"
+        if name in _PROXY_VARIABLES:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = f"{value},127.0.0.1" if value else "127.0.0.1"
     try:
         yield
     finally:

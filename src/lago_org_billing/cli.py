@@ -94,9 +94,12 @@ def _emulator(args: argparse.Namespace) -> int:
     require_uvicorn()  # before saying where it listens: a script reading the address must not wait on nothing
     port = free_port_or_error(args.host, args.port)  # before saying where it listens (a port in use: one line)
     host = f"[{args.host}]" if ":" in args.host else args.host
+    # The environment's key may be a real Lago's: not printed (the apps of this shell already have it).
+    key = "" if api_key == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={api_key}"
     print(
-        f"Lago emulator on http://{host}:{port} (event store {args.event_store}).\n"
-        f"  export LAGO_API_URL=http://{host}:{port} LAGO_API_KEY={api_key}",
+        f"Lago emulator on http://{host}:{port} (event store {args.event_store}"
+        f"{', taking the LAGO_API_KEY of your environment' if not key else ''}).\n"
+        f"  export LAGO_API_URL=http://{host}:{port}{key}",
         flush=True,
     )
     run(fake, args.host, port)
