@@ -507,7 +507,7 @@ class OrgBilling:
         timestamp: dt.datetime | float | int | str | Decimal | None,
     ) -> JSON:
         event = event_payload(
-            transaction_id=transaction_id or f"tx_{uuid.uuid4().hex}",
+            transaction_id=f"tx_{uuid.uuid4().hex}" if transaction_id is None else transaction_id,
             external_subscription_id=self.subscription_id(org_id),
             code=event_code,
             properties={**(properties or {}), "org_id": org_id},

@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import math
 from collections.abc import Mapping
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ._errors import InvalidRequestError
@@ -17,6 +17,14 @@ __all__ = ["MAX_BATCH_SIZE", "event_payload", "normalize_event"]
 #: Lago's ``POST /events/batch`` limit (``LAGO_EVENTS_BATCH_MAX_LENGTH``, 100 by default).
 MAX_BATCH_SIZE = 100
 
+#: The longest ``transaction_id``, ``external_subscription_id`` or ``code``, in bytes of UTF-8: Lago's Postgres event
+#: store indexes them in btrees (``index_unique_transaction_id`` is organization, subscription and transaction id),
+#: whose rows hold at most 2,704 bytes; a longer row is a 500 from Lago, not a 422.
+MAX_ID_BYTES = 1024
+
+#: ``precise_total_amount_cents`` is a ``decimal(40, 15)`` column: at most 25 digits before the point.
+_MAX_AMOUNT = Decimal(10) ** 25
+
 
 def event_payload(
     *,
@@ -25,7 +33,7 @@ def event_payload(
     code: str,
     properties: Mapping[str, Any] | None = None,
     timestamp: dt.datetime | float | int | str | Decimal | None = None,
-    precise_total_amount_cents: str | Decimal | int | None = None,
+    precise_total_amount_cents: str | Decimal | int | float | None = None,
 ) -> dict[str, Any]:
     """One event body for ``POST /events`` or an item of ``POST /events/batch``, validated.
 
@@ -37,8 +45,12 @@ def event_payload(
         ("external_subscription_id", external_subscription_id),
         ("code", code),
     ):
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidRequestError(f"Event {name} must be a non-empty string, got {value!r}.")
+        _check_id(name, value)
+    if external_subscription_id != external_subscription_id.strip():
+        raise InvalidRequestError(
+            f"Event external_subscription_id {external_subscription_id!r} has leading or trailing blanks: Lago strips "
+            "them from the subscriptions it creates, so the event would never be billed."
+        )
     payload: dict[str, Any] = {
         "transaction_id": transaction_id,
         "external_subscription_id": external_subscription_id,
@@ -49,6 +61,51 @@ def event_payload(
     if precise_total_amount_cents is not None:
         payload["precise_total_amount_cents"] = str(precise_total_amount_cents)
     return payload
+
+
+def _check_id(name: str, value: object) -> None:
+    """An id field Lago can store: a non-empty string without NUL (Postgres text has none: a 500 from Lago) or lone
+    surrogates (no UTF-8), at most :data:`MAX_ID_BYTES` long."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"Event {name} must be a non-empty string, got {value!r}.")
+    if "\x00" in value:
+        raise InvalidRequestError(
+            f"Event {name} {value!r} contains a NUL character, which Lago's database cannot store (it answers 500)."
+        )
+    size = len(value)
+    if not value.isascii():
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                f"Event {name} {value!r} holds a lone surrogate (e.g. '\\ud800' from a client's JSON): no valid "
+                "Unicode text, which cannot be sent."
+            ) from None
+    if size > MAX_ID_BYTES:
+        raise InvalidRequestError(
+            f"Event {name} is {size} bytes long (UTF-8); Lago's event index takes at most {MAX_ID_BYTES} bytes."
+        )
+
+
+def _check_amount(value: object) -> str | None:
+    """``precise_total_amount_cents`` of a user's event (:func:`normalize_event`) as a plain decimal string. Lago
+    casts it with Rails' ``String#to_d``, which bills ``"12,5"`` as 12 and ``"abc"`` as 0 without a word: anything but
+    a finite number is refused here."""
+    if value is None:
+        return None
+    number: Decimal | None = None
+    if isinstance(value, (str, int, float, Decimal)) and not isinstance(value, bool):
+        try:
+            text = value.strip() if isinstance(value, str) else str(value) if isinstance(value, float) else value
+            number = Decimal(text)
+        except (InvalidOperation, ValueError):
+            number = None
+    if number is None or not number.is_finite() or abs(number) >= _MAX_AMOUNT:
+        raise InvalidRequestError(
+            f"Event precise_total_amount_cents must be a finite number of cents (a decimal string such as "
+            f"'1234.56', under 10**25), got {value!r}."
+        )
+    return f"{number:f}"
 
 
 def normalize_event(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,7 +127,7 @@ def normalize_event(event: Mapping[str, Any]) -> dict[str, Any]:
         code=event.get("code"),  # type: ignore[arg-type]
         properties=event.get("properties"),
         timestamp=event.get("timestamp"),
-        precise_total_amount_cents=event.get("precise_total_amount_cents"),
+        precise_total_amount_cents=_check_amount(event.get("precise_total_amount_cents")),
     )
 
 
@@ -87,6 +144,13 @@ def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
         text = json.dumps(result, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"Event properties must be JSON-serialisable: {exc}.") from None
+    if "\\u0000" in text:  # (JSON's escape of a NUL, or text that ends with a backslash and goes on with "u0000")
+        path = _nul_path(result)
+        if path is not None:
+            raise InvalidRequestError(
+                f"Event property {path} contains a NUL character (\\u0000), which Lago's database cannot store (it "
+                "answers 500). Remove it (value.replace('\\x00', ''))."
+            )
     if not text.isascii():
         try:
             text.encode()
@@ -96,3 +160,23 @@ def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
                 "client's JSON), which cannot be sent. Clean it (str.encode('utf-8', 'replace').decode())."
             ) from None
     return result
+
+
+def _nul_path(value: object, path: str = "") -> str | None:
+    """Where a NUL is in a JSON document of properties (a key or a string value, at any depth), or ``None``."""
+    if isinstance(value, str):
+        return repr(path) if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "\x00" in str(key):
+                return repr(where) + " (its name)"
+            found = _nul_path(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None

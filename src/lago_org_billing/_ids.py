@@ -68,6 +68,11 @@ def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = N
                 "Event timestamps must be timezone-aware datetimes (e.g. datetime.now(timezone.utc))."
             )
         micros = (value - _EPOCH) // dt.timedelta(microseconds=1)
+        if not 0 <= micros < 10**17:  # the range numbers are held to (below): Unix seconds >= 0, under 10**11
+            raise InvalidRequestError(
+                f"Event timestamp {value.isoformat()} is out of range: Lago takes Unix seconds from 1970 on, and "
+                "this package refuses those past 10**11 (year 5138) as milliseconds."
+            )
         return f"{micros // 1000 // 1000}.{micros // 1000 % 1000:03d}"
     if isinstance(value, bool):
         raise InvalidRequestError("Event timestamp must be a number of seconds or a datetime, not a bool.")

@@ -16,6 +16,7 @@ from urllib.parse import SplitResult, urlsplit
 from starlette.config import Config
 
 from ._errors import ConfigurationError
+from ._ids import _FORBIDDEN
 
 __all__ = ["BillingSettings", "QuotaMode"]
 
@@ -354,6 +355,16 @@ def _check_template(template: str) -> None:
     if fields != ["org_id"]:
         raise ConfigurationError(
             f"{name} must contain the placeholder {{org_id}} exactly once and no other, got {template!r}.",
+            variable=name,
+        )
+    literal = "".join(text for text, _, _, _ in string.Formatter().parse(template))
+    bad = _FORBIDDEN.search(literal)
+    if bad or literal != literal.strip():
+        shown = repr(bad.group()) if bad else "leading or trailing blanks"
+        raise ConfigurationError(
+            f"{name} {template!r} has {shown}, which no Lago subscription id can take in a URL path: every org's "
+            "subscription would be out of reach (each request a 402). Use letters, digits, '-', '_' or ':' around "
+            "{org_id}.",
             variable=name,
         )
 
