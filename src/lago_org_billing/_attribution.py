@@ -11,7 +11,10 @@ next one):
    ``response.completed``, Anthropic ``message_start`` + ``message_delta``, Gemini's ``alt=sse``) or a
    newline-delimited JSON one (Ollama's). The stream is read on the side while it passes through: nothing is held
    back from the client, only the current partial line is kept. A stream from a model that ends without any usage
-   (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once.
+   (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
+   ``eval_count``s are read only in its answers (a string ``model`` and ``"done": true``, or ``embeddings``), and
+   of newline-delimited JSON only its lines (a ``model`` and ``done``): an export's records, an evaluation
+   service's counts are not tokens. A JSON array is read only as Gemini's chunks of one answer (one ``responseId``).
 
 Token rules, to neither under- nor double-bill:
 
@@ -245,10 +248,13 @@ def attribute_usage(
 class _Counts:
     """Raw usage values seen in a body, last value per key (streams report cumulative counts)."""
 
-    __slots__ = ("done", "latest", "model")
+    __slots__ = ("answer", "done", "latest", "model")
 
     def __init__(self) -> None:
         self.model: Any = None
+        # Whether a model came with an LLM's answer (a chat chunk's choices, the Responses API's response, Ollama's
+        # line), not with any event naming a model (a job's progress): only those say a stream lacked its usage.
+        self.answer = False
         self.latest: dict[str, Any] = {}
         # Usage of earlier messages of a multi-message stream, already resolved.
         self.done: list[dict[str, Any]] = []
@@ -275,17 +281,21 @@ def _collect(payload: object, counts: _Counts) -> None:
         counts.done.append(counts.latest)
         counts.latest = {}
     model = container.get("model")
+    answer = "choices" in container  # an OpenAI-style completion (or chunk)
     if model is None and "usage" not in payload:  # the Responses API's response.created: a model, no usage yet
         inner = payload.get("response")
         if isinstance(inner, Mapping):
             model = inner.get("model")
+            answer = True
     usage = container.get("usage")
     if not isinstance(usage, Mapping):
         usage = payload.get("usageMetadata")  # Google Gemini (and Vertex AI), its model in modelVersion
         if isinstance(usage, Mapping):
             if model is None:
                 model = payload.get("modelVersion")
-        elif "eval_count" in payload or "prompt_eval_count" in payload:  # Ollama's own API: counts at the top level
+        elif ("eval_count" in payload or "prompt_eval_count" in payload) and _ollama(payload):
+            # Ollama's own API: counts at the top level of its last line (done) or of its embeddings; elsewhere an
+            # "eval_count" is not tokens (a model-evaluation service's samples)
             usage = {"prompt_tokens": payload.get("prompt_eval_count"), "completion_tokens": payload.get("eval_count")}
     if isinstance(usage, Mapping):
         if "totalTokenCount" in usage or "promptTokenCount" in usage:  # Gemini's: each one whole, zeros left out
@@ -305,6 +315,14 @@ def _collect(payload: object, counts: _Counts) -> None:
                 counts.model = model
         elif counts.model is None:
             counts.model = model  # reported (and dropped) when the usage is read, unless a valid one follows
+        if answer:
+            counts.answer = True
+
+
+def _ollama(payload: Mapping[str, Any]) -> bool:
+    """Whether ``payload`` is an answer of Ollama's own API with its counts: its model, and ``"done": true`` (a
+    generation's last line, or whole answer) or ``embeddings``."""
+    return type(payload.get("model")) is str and (payload.get("done") is True or "embeddings" in payload)
 
 
 def _good_model(value: object) -> bool:
@@ -714,6 +732,8 @@ class UsageRecorder:
             if len(line) > self._config.max_body_bytes:
                 _cap_exceeded("stream event")
                 return
+            if b'"done"' not in line:  # not a line of Ollama's answer (an export's records): not read
+                return
             self._data_lines.append(line)
             self._dispatch()
             return
@@ -749,7 +769,11 @@ class UsageRecorder:
             return
         # Most stream events carry no usage: skip them without parsing JSON ("usage", Gemini's "usageMetadata").
         usage_hits = data.count(b'"usage')
-        if usage_hits == 0 or usage_hits == data.count(b'"usage":null') + data.count(b'"usage": null'):
+        if (
+            usage_hits == 0
+            or usage_hits == data.count(b'"usage":null') + data.count(b'"usage": null')
+            or (b'"usage"' not in data and b'"usageMetadata"' not in data)  # "usage_percent", "usageCount"...
+        ):
             if (_good_model(counts.model) or b'"model"' not in data) and not (
                 self._ndjson and b'eval_count"' in data  # Ollama's last line
             ):
@@ -758,6 +782,10 @@ class UsageRecorder:
             payload = json.loads(data)
         except (ValueError, RecursionError):  # one unreadable event (too deeply nested...): the next ones still count
             return
+        if self._ndjson:
+            if type(payload) is not dict or type(payload.get("model")) is not str or "done" not in payload:
+                return  # only Ollama's answer is read: not records that mention a "done" (an export's)
+            counts.answer = True
         _collect(payload, counts)
 
     # -- result ----------------------------------------------------------------------------------------------------
@@ -786,8 +814,8 @@ class UsageRecorder:
         except Exception:  # pragma: no cover - defensive, the helpers only read dicts
             _internal_error("result")
             explicit, headers = {}, {}
-        if body_source == "sse" and len(body_fields) == 1 and "model" in body_fields:
-            if not any(field in explicit or field in headers for field in _TOKEN_FIELDS):
+        if body_source == "sse" and len(body_fields) == 1 and "model" in body_fields and self._counts is not None:
+            if self._counts.answer and not any(field in explicit or field in headers for field in _TOKEN_FIELDS):
                 _stream_without_usage()
         self._result = _merge((("explicit", explicit), ("headers", headers), (body_source or "json", body_fields)))
         return self._result
@@ -1003,8 +1031,13 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
     except (ValueError, RecursionError):  # not JSON, not UTF-8/16/32, thousands of digits, nested too deep...
         _unparseable_body()
         return {}, None
+    return _payload_fields(payload)
+
+
+def _payload_fields(payload: object) -> tuple[dict[str, Any], str]:
+    """The usage fields of a parsed JSON body."""
     counts = _Counts()
-    if type(payload) is list and payload and isinstance(payload[-1], Mapping) and "usageMetadata" in payload[-1]:
+    if type(payload) is list and payload and _gemini_chunks(payload):
         for item in payload:  # Gemini's streamGenerateContent without alt=sse: an array of cumulative answers
             _collect(item, counts)
     else:  # (any other array, records that each have a usage, is not an answer's)
@@ -1013,11 +1046,32 @@ def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
     return _resolve_counts(counts, "json", model_needs_usage=True), "json"
 
 
+def _payload_usage(payload: object) -> Usage:
+    """The usage of a parsed JSON body (:func:`json_usage`'s general path, without parsing it again)."""
+    fields, source = _payload_fields(payload)
+    return _merge((("explicit", {}), ("headers", {}), (source, fields)))
+
+
+def _gemini_chunks(items: list[Any]) -> bool:
+    """Whether a JSON array is Gemini's streamed answer: chunks of one response (the same ``responseId``), the last
+    with its ``usageMetadata``; not a list of answers (a chat history's), which is not billed."""
+    last = items[-1]
+    if not isinstance(last, Mapping) or "usageMetadata" not in last:
+        return False
+    response_id = last.get("responseId")
+    return all(isinstance(item, Mapping) and item.get("responseId") == response_id for item in items)
+
+
 def _fast_json_usage(body: bytes) -> Usage | None:
-    """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints. ``None`` sends
-    anything else down the general path (same result)."""
-    if b'"usage' not in body and b'eval_count"' not in body:  # (_mentions_usage, inlined)
-        return Usage()
+    """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints; any other
+    document it parsed goes to the general path's rules (same result, not parsed again). ``None`` sends a body not
+    starting with ``{`` down the general path (``json.loads``)."""
+    at = body.rfind(b'"usage')  # (_mentions_usage, inlined: from the end, where OpenAI's usage is)
+    if at < 0:
+        if b'eval_count"' not in body:
+            return Usage()
+    elif body[at + 6 : at + 7] != b'"' and not _mentions_usage(body):
+        return Usage()  # keys such as "usage_limit": no usage to parse the body for
     if body[:1] != b"{":  # leading blanks, a byte-order mark...: the general path reads it as json.loads does
         return None
     try:
@@ -1030,7 +1084,7 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         return Usage()  # trailing data: json.loads would refuse the document
     usage = payload.get("usage") if type(payload) is dict else None
     if type(usage) is not dict:
-        return None
+        return _payload_usage(payload)  # Gemini's, Ollama's, an array...: the general path's rules, parsed once
     input_tokens = usage.get("prompt_tokens")
     anthropic_shape = input_tokens is None
     if anthropic_shape:
@@ -1040,20 +1094,20 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         output_tokens = usage.get("output_tokens")
     total = usage.get("total_tokens")
     if not (_count_or_none(input_tokens) and _count_or_none(output_tokens) and _count_or_none(total)):
-        return None  # malformed: the general path logs it
+        return _payload_usage(payload)  # malformed: the general path logs it
     if anthropic_shape and ("cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage):
         cache_write, cache_read = usage.get("cache_creation_input_tokens"), usage.get("cache_read_input_tokens")
         if not (_count_or_none(cache_write) and _count_or_none(cache_read)):
-            return None
+            return _payload_usage(payload)
         if input_tokens is not None:
             input_tokens += (cache_write or 0) + (cache_read or 0)
     model = payload.get("model")
     if model is not None:
         if type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH or not model.isprintable():
-            return None
+            return _payload_usage(payload)
         model = model.strip() or None  # blank: the general path drops it too (and logs nothing)
     if input_tokens is None and output_tokens is None and total is None:
-        return None  # no counts: whether the model alone is kept is the general path's rule
+        return _payload_usage(payload)  # no counts (Bedrock's camelCase...): the general path's rules
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
     return Usage(model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total, "json")
@@ -1061,7 +1115,7 @@ def _fast_json_usage(body: bytes) -> Usage | None:
 
 def _mentions_usage(body: bytes) -> bool:
     """Whether a JSON body may hold a usage: ``"usage"``, Gemini's ``"usageMetadata"``, Ollama's ``eval_count``s."""
-    return b'"usage' in body or b'eval_count"' in body
+    return b'"usage"' in body or b'"usageMetadata"' in body or b'eval_count"' in body
 
 
 def _count_or_none(value: object) -> bool:
