@@ -3,11 +3,20 @@
 Background delivery (``_delivery.EventPipeline``) runs in anyio tasks owned by the middleware: started on the
 ASGI lifespan startup and flushed on shutdown, or started lazily on the first request when the server sends no
 lifespan. Requests never wait on Lago.
+
+What is billed: every request with an org, whatever its answer, except 5xx (unless ``bill_server_errors``) and the
+routing's own answers, which no endpoint produced: a Starlette (FastAPI) router's 404 for a path no route matches, at
+the top or under a ``Mount``/``Host``, its ``redirect_slashes`` 307 (``/v1/chat/`` -> ``/v1/chat``: the call the
+client then makes is the one billed), its 405 for a method the route does not take, and a redirect a Starlette
+middleware inside this one answers before routing (``HTTPSRedirectMiddleware``). Those are not counted against the
+quota either (``stats["unrouted"]``). Endpoints' own 404s and redirects, a mounted app's (``StaticFiles``), and the
+404 of an app without Starlette routing, are billed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import hashlib
 import hmac
@@ -26,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import httpx
 from cachetools import TTLCache
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount
@@ -151,6 +162,7 @@ class OrgBillingMiddleware:
             # Both resolvers left to their defaults: resolved in one pass (same result, a fraction of the cost).
             self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
             self._heads: dict[tuple[str, str, str], str] = {}
+            self._cors: CORSMiddleware | Literal[False] | None = None  # the app's, inside this one (see _outward)
             self.on_unresolved = on_unresolved
             self.unresolved_status = unresolved_status
             if bill_server_errors is None:
@@ -196,6 +208,7 @@ class OrgBillingMiddleware:
                 "excluded": 0,
                 "preflight": 0,
                 "unbilled_errors": 0,
+                "unrouted": 0,
                 "ungated": 0,
             }
             if self.settings.metrics or metrics_registry is not None:
@@ -277,7 +290,7 @@ class OrgBillingMiddleware:
                 decision = await quota.check(org_id)
             if not decision.allowed:
                 self.stats["blocked"] += 1
-                await decision.response()(scope, receive, send)
+                await self._outward(decision.response())(scope, receive, send)
                 return
             watcher.extra_headers = decision.headers
         try:
@@ -578,7 +591,7 @@ class OrgBillingMiddleware:
                 # answer goes out instead, whatever the app made of it
                 blocked = True
                 self._claim(billing)
-                response = decision.response()
+                response = self._outward(decision.response())
                 return lambda send: response(scope, receive, send)
             identity = await self._resolve(scope)
             if identity[0] is not None:
@@ -596,7 +609,7 @@ class OrgBillingMiddleware:
             if not answered:  # straight from require_quota(): answer it here
                 blocked = True
                 self._claim(billing)
-                await exc.decision.response()(scope, receive, send)
+                await self._outward(exc.decision.response())(scope, receive, send)
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
         except Exception as exc:
@@ -729,10 +742,12 @@ class OrgBillingMiddleware:
         off the request's path. ``idempotent``: the endpoint and transaction id of a request with an idempotency
         key and whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
         status = watcher.status if watcher.status is not None else 500
-        if status >= 500 and not self.bill_server_errors:
+        if status >= 300 and (
+            (status >= 500 and not self.bill_server_errors) or (status < 500 and _unrouted(scope, status, root_path))
+        ):  # (a 2xx answer pays the first comparison only)
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
-            self.stats["unbilled_errors"] += 1
+            self.stats["unbilled_errors" if status >= 500 else "unrouted"] += 1
             return None
         method = scope["method"]
         transaction_id: str | None = None
@@ -938,8 +953,10 @@ class OrgBillingMiddleware:
         if key is None:
             return None
         status = watcher.status if watcher.status is not None else 500
-        if status >= 500 and not self.bill_server_errors:  # not billed: no event, no first timestamp
-            return None
+        if (status >= 500 and not self.bill_server_errors) or (
+            300 <= status < 500 and _unrouted(scope, status, root_path)
+        ):
+            return None  # not billed: no event, no first timestamp
         endpoint = _template(scope, status, root_path)
         transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
         local = self._first_seen.get(transaction_id)
@@ -978,7 +995,23 @@ class OrgBillingMiddleware:
             # RFC 9110: a 401 carries a challenge (clients and proxies that follow it retry with credentials)
             headers={"WWW-Authenticate": "Bearer"} if self.unresolved_status == 401 else None,
         )
-        await response(scope, receive, send)
+        await self._outward(response)(scope, receive, send)
+
+    def _outward(self, response: ASGIApp) -> ASGIApp:
+        """An answer of this middleware's own (the gate's 429/402, the unresolved 401/403), sent through the app's
+        ``CORSMiddleware`` when that one is inside this one (added before it): a browser gets it with the CORS headers
+        of the app's own answers, not a CORS error that hides its status and ``Retry-After`` from the page."""
+        cors = self._cors
+        if cors is None:
+            found = _inner_cors(self.app)
+            if found is None:  # a Starlette app whose middleware stack is not built yet: looked for next time
+                return response
+            cors = self._cors = found
+        if cors is False:
+            return response
+        outward = copy.copy(cors)
+        outward.app = response
+        return outward
 
 
 #: The JSON text of a request's event (``json.loads`` gives the document ``event_payload`` builds): transaction id,
@@ -1196,6 +1229,23 @@ def _is_preflight(headers: Any) -> bool:
     return b"origin" in names and b"access-control-request-method" in names
 
 
+def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
+    """The ``CORSMiddleware`` among the middlewares an app is wrapped in, down to its router (a Starlette app's built
+    stack included); False when there is none; None when a Starlette app's stack is not built yet (its first call)."""
+    for _ in range(64):
+        if isinstance(app, CORSMiddleware):
+            return app
+        if isinstance(app, Starlette):
+            if app.middleware_stack is None:
+                return None
+            app = app.middleware_stack
+        else:
+            app = getattr(app, "app", None)
+            if app is None:
+                return False
+    return False
+
+
 def _is_async(function: Any) -> bool:
     """An ``async def`` function, or an object whose ``__call__`` is one."""
     call = getattr(function, "__call__", None)  # noqa: B004
@@ -1290,18 +1340,44 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     if route is None and "endpoint" in scope:  # Starlette before 1.7 leaves no scope["route"]: found by its endpoint
         route = _route_by_endpoint(scope)
     template = getattr(route, "path", None)
-    if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without a router
-        if isinstance(route, Host) and status != 404 and not route.routes:  # a host's app that is not a router
-            return _mount_prefix(scope, root_path) + "/{path}"  # (StaticFiles...): the host is the route, as a mount
-        return UNMATCHED if status == 404 or scope.get("router") is not None else str(path)
+    if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without Starlette
+        if isinstance(route, Host) and not route.routes:  # a host's app that is not a router (StaticFiles...): the
+            return _mount_prefix(scope, root_path) + "/{path}"  # host is the route, as a mount, its 404s included
+        if status == 404 or scope.get("router") is not None or isinstance(scope.get("app"), Starlette):
+            return UNMATCHED  # (a Starlette middleware's answer before the router: no route either)
+        return str(path)
     # Mount extends root_path by the matched prefix (as _mount_prefix, inline: the hot path)
     inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
         prefix = _mount_template(scope.get("router"), prefix)
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
+        if (status == 404 or 300 <= status < 400) and route.routes:  # (a mounted router that matched none: its 404,
+            return UNMATCHED  # its redirect_slashes 307, not a "/v2/{path}" endpoint)
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _unrouted(scope: Scope, status: int, root_path: str) -> bool:
+    """Whether a 3xx or 4xx answer is the routing's own, which no endpoint (nor mounted app) produced: the 404 of a
+    Starlette router that matched no route, its ``redirect_slashes`` redirect, its 405 for a method the route does not
+    take, a redirect of a Starlette middleware before routing (``HTTPSRedirectMiddleware``). Not billed."""
+    if status == 405:
+        route = scope.get("route")
+        if scope.get("fastapi") is not None:
+            route = _fastapi_route(scope["fastapi"], route)
+        if route is None and "endpoint" in scope:
+            route = _route_by_endpoint(scope)
+        methods = getattr(route, "methods", None)
+        return isinstance(methods, (set, frozenset, list, tuple)) and scope["method"] not in methods
+    if status != 404 and status >= 400:
+        return False
+    if scope.get("router") is None and not isinstance(scope.get("app"), Starlette):
+        return False  # no Starlette routing: the app's own answer
+    fastapi = scope.get("fastapi")
+    if type(fastapi) is dict and "frontend_path" in fastapi:
+        return False  # a FastAPI frontend's (static files) answer, as a mounted app's: no scope["route"] either
+    return _template(scope, status, root_path) is UNMATCHED
 
 
 def _dot_segments(path: str) -> bool:
