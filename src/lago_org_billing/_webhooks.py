@@ -309,18 +309,28 @@ def _jwt() -> Any:
 
 
 def _load_public_key(pem: bytes) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        return load_pem_public_key(pem)
+        key = load_pem_public_key(pem)
     except ValueError as exc:
         raise LagoIntegrationError(f"Lago's webhook public key is not a PEM public key ({exc}).") from None
+    if not isinstance(key, RSAPublicKey):  # (PyJWT would raise a TypeError with every webhook)
+        raise LagoIntegrationError(
+            f"Lago's webhook public key is an {type(key).__name__}, not an RSA key: Lago signs its webhooks RS256."
+        )
+    return key
 
 
 def _pem(key: bytes | str) -> bytes:
     """A kept public key as PEM: as given, or base64-decoded when kept as Lago serves it (``GET
     /webhooks/public_key`` and ``json_public_key`` answer the PEM in base64, a newline every 60 characters)."""
-    raw = key.encode() if isinstance(key, str) else key
+    raw = (key.encode() if isinstance(key, str) else bytes(key)).strip()
+    # as written in an environment variable: in quotes (a Docker --env-file keeps them), on one line with \n escapes
+    if len(raw) >= 2 and raw[:1] == raw[-1:] and raw[:1] in (b'"', b"'"):
+        raw = raw[1:-1].strip()
+    raw = raw.replace(b"\\r", b"").replace(b"\\n", b"\n")  # (neither PEM nor base64 has a backslash)
     if b"-----BEGIN" in raw:
         return raw
     try:

@@ -180,12 +180,17 @@ class LagoStore:
     def snapshot(self) -> str:
         """Canonical JSON of the whole state (sorted keys, no whitespace)."""
         with self.lock:
+            overrides = sorted(
+                (p for p in self._plans_by_id.values() if p.get("parent_id")), key=lambda p: p["lago_id"]
+            )
             state = {
                 "organization_id": self.organization_id,
                 "event_store": self.event_store,
                 "billable_metrics": [self.metrics[c] for c in sorted(self.metrics)],
                 "features": [self.features[c] for c in sorted(self.features)],
                 "plans": [self.plans[c] for c in sorted(self.plans)],
+                # (the plans of plan_overrides, which GET /plans does not list)
+                **({"override_plans": overrides} if overrides else {}),
                 "customers": self.customers,
                 "subscriptions": self.subscriptions,
                 "events": self.events,
@@ -1384,8 +1389,11 @@ class LagoStore:
             if plan is None:
                 raise not_found("plan")
             now = self.now()
+            # (Plans::DestroyJob destroys the plan's children first: the override plans of plan_overrides)
+            children = [p for p in self._plans_by_id.values() if p.get("parent_id") == plan["lago_id"]]
+            ids = {plan["lago_id"], *(child["lago_id"] for child in children)}
             for sub in list(self.subscriptions):
-                if sub["plan_id"] != plan["lago_id"]:
+                if sub["plan_id"] not in ids:
                     continue
                 if sub["status"] == "active":
                     self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
@@ -1394,7 +1402,8 @@ class LagoStore:
             self._candidates_stale = True
             result = self._serialize_plan(plan)
             del self.plans[code]
-            plan["deleted_at"] = iso(now)
+            for deleted in (*children, plan):
+                deleted.setdefault("deleted_at", iso(now))
             self._emit("plan.deleted", "plan", result)
             return {"plan": result}
 
@@ -1738,6 +1747,23 @@ class LagoStore:
         child.update(lago_id=self._uuid(), parent_id=plan["lago_id"], entitlements={}, created_at=now, updated_at=now)
         return child
 
+    def _override_changes(self, child: JSON, overrides: Mapping[str, Any], errors: dict[str, list[str]]) -> JSON:
+        """lago-api ``Plans::UpdateService`` on an override plan (``PUT /subscriptions/{id}`` with ``plan_overrides``
+        when the subscription has one already): what a plan with subscriptions lets change, ``name``,
+        ``invoice_display_name``, ``description``, ``amount_cents`` and ``charges`` (as ``PUT /plans/{code}`` does: the
+        list replaces the override plan's charges, matched by *their* ids). Validated here; applied by the caller."""
+        changes: JSON = {k: overrides[k] for k in ("name", "invoice_display_name", "description") if k in overrides}
+        if "name" in overrides and not overrides["name"]:
+            errors["name"] = ["value_is_mandatory"]
+        if "amount_cents" in overrides:
+            amount = overrides["amount_cents"]
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+                errors["amount_cents"] = ["value_is_invalid"]
+            changes["amount_cents"] = amount
+        if overrides.get("charges") is not None:
+            changes["charges"] = self._merge_charges(child, overrides["charges"], errors, attached=True)
+        return changes
+
     def _register_override(self, child: JSON) -> JSON:
         self._plans_by_id[child["lago_id"]] = child
         return child
@@ -1824,8 +1850,28 @@ class LagoStore:
             if not self._valid_ending_at(params.get("ending_at"), start):
                 errors["ending_at"] = ["invalid_date"]
             _check_on_termination(params, errors)
+            # plan_overrides (UpdateService#handle_plan_override): a plan of its own made from the subscription's plan
+            # (Plans::OverrideService), or, when it has one already, that plan updated (Plans::UpdateService)
+            plan = self._plan_of(sub)
+            override: JSON | None = None
+            changes: JSON | None = None
+            raw_overrides = params.get("plan_overrides")
+            if raw_overrides is not None and not isinstance(raw_overrides, Mapping):
+                errors["plan_overrides"] = ["invalid_format"]
+            elif "plan_overrides" in params and plan.get("parent_id"):
+                changes = self._override_changes(plan, _mapping(raw_overrides), errors)
+            elif "plan_overrides" in params:
+                override = self._override_plan(plan, _mapping(raw_overrides), errors)
             if errors:
                 raise validation_error(errors)
+            if override is not None:
+                sub["plan_id"] = self._register_override(override)["lago_id"]
+            elif changes is not None:
+                old_amount = plan["amount_cents"]
+                plan.update(changes, updated_at=iso(self.now()))
+                if plan["amount_cents"] != old_amount:
+                    self._drop_stale_downgrades(plan)
+                self._emit("plan.updated", "plan", self._serialize_plan(plan))  # (UpdateService sends it, child or not)
             for key in SUBSCRIPTION_UPDATABLE:
                 if key in params and (params[key] is not None or key in ("name", "purchase_order_number")):
                     sub[key] = params[key]
