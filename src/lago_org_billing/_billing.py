@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 import uuid
 import zoneinfo
@@ -271,9 +272,9 @@ class OrgBilling:
         Idempotent: the same plan returns the existing subscription. A different plan is an upgrade or a
         downgrade, as Lago decides from the plans' amounts (see :meth:`change_plan`).
 
-        ``subscription_at`` and ``ending_at`` take aware datetimes, ISO 8601 strings or dates: a date is that day's
-        00:00 in the customer's time zone (Lago's billing days are the customer's; one more call reads it), UTC for
-        an org without a customer yet."""
+        ``subscription_at`` and ``ending_at`` take aware datetimes, ISO 8601 strings or dates: a date (or a
+        ``YYYY-MM-DD`` string) is that day's 00:00 in the customer's time zone (Lago's billing days are the
+        customer's; one more call reads it), UTC for an org without a customer yet."""
         validate_id(org_id, "org_id")
         _check_dates(subscription_at, fields)
         zone: dt.tzinfo = dt.timezone.utc
@@ -653,10 +654,14 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
             problems.append(f"key {key!r} must be a non-empty string")
         elif len(key) > MAX_METADATA_KEY:
             problems.append(f"key {key!r} is {len(key)} characters, Lago allows {MAX_METADATA_KEY}")
+        elif _unstorable(key):
+            problems.append(f"key {key!r} {_unstorable(key)}")
         if not isinstance(value, str) or not value.strip():  # (Lago: presence, so blanks are refused)
             problems.append(f"value of {key!r} must be a non-blank string, got {value!r}")
         elif len(value) > MAX_METADATA_VALUE:
             problems.append(f"value of {key!r} is {len(value)} characters, Lago allows {MAX_METADATA_VALUE}")
+        elif _unstorable(value):
+            problems.append(f"value of {key!r} {_unstorable(value)}")
     if problems:
         raise InvalidRequestError("Customer metadata does not fit Lago's limits: " + "; ".join(problems) + ".")
 
@@ -766,11 +771,25 @@ def _name(name: str) -> str:
         raise InvalidRequestError(f"org_name must be a non-empty string, got {name!r}.")
     if len(name) > 255:
         raise InvalidRequestError("org_name is longer than Lago's 255 characters.")
+    if _unstorable(name):
+        raise InvalidRequestError(f"org_name {name!r} {_unstorable(name)}.")
     return name
 
 
+def _unstorable(text: str) -> str | None:
+    """Why Lago cannot store ``text`` (a NUL: Postgres text has none, Lago answers 500, retried as an outage; a lone
+    surrogate: no UTF-8, the JSON body cannot be encoded), else ``None``."""
+    if "\x00" in text:
+        return "contains a NUL character, which Lago's database cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (e.g. '\\ud800' from a client's JSON): it is not valid Unicode text"
+    return None
+
+
 def _email(email: str) -> str:
-    if not isinstance(email, str) or "@" not in email or email != email.strip():
+    if not isinstance(email, str) or "@" not in email or email != email.strip() or _unstorable(email):
         raise InvalidRequestError(f"email {email!r} is not an email address.")
     return email
 
@@ -778,25 +797,45 @@ def _email(email: str) -> str:
 def _iso(
     value: dt.datetime | dt.date | str | None, what: str = "subscription_at", zone: dt.tzinfo = dt.timezone.utc
 ) -> str | None:
-    """A subscription date as Lago takes it: an aware datetime in UTC, a date at its 00:00 in ``zone`` (the
-    customer's: Lago counts billing days in it, so 00:00 UTC would start a Tokyo subscription at 09:00 there and a
-    New York one on the evening before, a day of the previous period billed)."""
-    if value is None or isinstance(value, str):
+    """A subscription date as Lago takes it: an aware datetime, a date (or an ISO 8601 ``YYYY-MM-DD`` string) at its
+    00:00 in ``zone`` (the customer's: Lago counts billing days in it, so 00:00 UTC would start a Tokyo subscription
+    at 09:00 there and a New York one on the evening before, a day of the previous period billed). Sent in its own
+    offset: Lago checks ``ending_at`` against today and ``subscription_at`` on the dates as written, so a Paris
+    ``ending_at`` of tomorrow written in UTC (today, 23:00) is refused as ``invalid_date``."""
+    day = _day(value)
+    if day is not None:
+        value = dt.datetime.combine(day, dt.time(), tzinfo=zone)  # (a DST day without 00:00: its first instant)
+    elif value is None or isinstance(value, str):
         return value
-    if not isinstance(value, dt.datetime):
-        if isinstance(value, dt.date):
-            value = dt.datetime.combine(value, dt.time(), tzinfo=zone)
-        else:
-            raise InvalidRequestError(
-                f"{what} must be a timezone-aware datetime, a date or an ISO 8601 string, got {value!r}."
-            )
-    if value.tzinfo is None:
+    elif not isinstance(value, dt.datetime):
+        raise InvalidRequestError(
+            f"{what} must be a timezone-aware datetime, a date or an ISO 8601 string, got {value!r}."
+        )
+    offset = value.utcoffset()
+    if offset is None:
         raise InvalidRequestError(f"{what} must be a timezone-aware datetime.")
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not offset or offset % dt.timedelta(minutes=1):  # (UTC, or an offset ISO 8601 cannot write: in UTC)
+        return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.replace(microsecond=0).isoformat()
+
+
+def _day(value: object) -> dt.date | None:
+    """``value`` as a day: a date, or an ISO 8601 date string (``2026-03-01``); else ``None``."""
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str) and _ISO_DAY.fullmatch(value):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:  # (2026-02-30: Lago's to refuse, as given)
+            return None
+    return None
+
+
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _is_day(value: object) -> bool:
-    return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+    return _day(value) is not None
 
 
 def _check_dates(subscription_at: Any, fields: Mapping[str, Any]) -> None:

@@ -368,9 +368,11 @@ def from_jwt_claim(
     # scope is every middleware's, error reporter's and log line's to see, and the key may be the HMAC secret.
     if len(_jwt_cache_ids) >= 1_000:  # bounded (resolvers built per request): forgetting costs a verification
         _jwt_cache_ids.clear()
-    cache_id = _jwt_cache_ids.setdefault(
+    # A key object is known by its id(), which Python gives to another object once it is freed: the entry holds the
+    # object, so that no other key gets its id (and its verified claims) while the entry lives.
+    cache_id, _ = _jwt_cache_ids.setdefault(
         (key if isinstance(key, (str, bytes)) else id(verification_key), tuple(allowed), audiences, issuer_arg, leeway),
-        object(),
+        (object(), verification_key),
     )
 
     one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
@@ -404,7 +406,7 @@ def from_jwt_claim(
 
 #: Verification settings of :func:`from_jwt_claim` -> the opaque id its verified claims are cached under in a scope
 #: (resolvers with equal settings share it: the org and the user read from one token verify it once).
-_jwt_cache_ids: dict[tuple[Any, ...], object] = {}
+_jwt_cache_ids: dict[tuple[Any, ...], tuple[object, Any]] = {}
 
 
 def _jwt_accepted(option: str, value: object) -> str | tuple[str, ...] | None:
