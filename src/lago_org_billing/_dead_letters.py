@@ -125,7 +125,7 @@ def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolD
     for (slot, row_id), key in named.items():
         rows = (
             _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
-            if slot in files
+            if slot in files and row_id < 2**63  # (past SQLite's integers: no such row, not an OverflowError)
             else []
         )
         if rows:
@@ -188,7 +188,12 @@ async def replay_spool_dead_letters(
         # "Lago did not answer"); an outage (5xx, 408, 429, no connection) is the delivery's to retry.
         try:
             await client.list_customers(per_page=1)
-        except (LagoAuthenticationError, LagoNotFoundError) as exc:
+        except LagoAuthenticationError as exc:
+            if exc.status != 403:
+                raise ConfigurationError(f"Lago refuses this API key: {exc}", variable="LAGO_API_KEY") from None
+            # a key scoped by resource (Lago's API key permissions) may not read customers: a replay only writes events
+            await _check_events_permission(client)
+        except LagoNotFoundError as exc:
             raise ConfigurationError(f"Lago refuses this API key or URL: {exc}", variable="LAGO_API_KEY") from None
         except LagoIntegrationError as exc:
             if type(exc) is LagoAPIError and exc.status not in (408, 425):
@@ -210,6 +215,17 @@ async def replay_spool_dead_letters(
     return report
 
 
+async def _check_events_permission(client: LagoClient) -> None:
+    """Whether the API key may write events: an empty batch, which Lago refuses (422 ``no_events``) after its
+    permission check (403) and creates nothing with."""
+    try:
+        await client.send_event_batch_json(b'{"events":[]}')
+    except LagoAuthenticationError as exc:
+        raise ConfigurationError(f"Lago refuses this API key for events: {exc}", variable="LAGO_API_KEY") from None
+    except LagoIntegrationError:  # 422 no_events: it may; anything else is the delivery's to retry
+        pass
+
+
 async def _replay_chunk(
     client: LagoClient, chunk: list[SpoolDeadLetter], report: ReplayReport, deadline: float
 ) -> bool:
@@ -217,20 +233,25 @@ async def _replay_chunk(
     pipeline = EventPipeline(
         client, memory_capacity=len(chunk), flush_interval=0.0, shutdown_timeout=0.0, max_backoff=10.0
     )
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(pipeline.run)
-        for spooled in chunk:
-            pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
-        answered = await pipeline.flush(max(0.0, deadline - time.monotonic()))
-        answered = answered and pipeline.metrics.dropped == 0  # (the outbox holds the whole chunk: none refused)
-        delivery_log = logging.getLogger("lago_org_billing.delivery")
-        quiet = delivery_log.disabled
-        # unanswered events are not "lost at shutdown" as the pipeline would log: they are still dead letters
-        delivery_log.disabled = quiet or not answered
-        try:
+    delivery_log = logging.getLogger("lago_org_billing.delivery")
+    quiet = delivery_log.disabled
+    try:
+        async with anyio.create_task_group() as tasks:
+            try:
+                await tasks.start(pipeline.run)
+                for spooled in chunk:
+                    pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
+                answered = await pipeline.flush(max(0.0, deadline - time.monotonic()))
+            except BaseException:  # interrupted (Ctrl-C): the pipeline stops as cancelled, its events unanswered
+                delivery_log.disabled = True
+                raise
+            answered = answered and pipeline.metrics.dropped == 0  # (the outbox holds the whole chunk: none refused)
+            # unanswered events are not "lost at shutdown" (nor "stopped without a shutdown" when interrupted) as the
+            # pipeline would log: they are still dead letters
+            delivery_log.disabled = quiet or not answered
             await pipeline.aclose()
-        finally:
-            delivery_log.disabled = quiet
+    finally:
+        delivery_log.disabled = quiet
     report.sent += len(chunk)
     if not answered:
         report.complete = False
@@ -334,7 +355,7 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
     check_spool_files(path)  # one that cannot be read is said before anything is listed or sent
     letters: Iterable[SpoolDeadLetter]
     if args.ids:
-        bad = [key for key in args.ids if not re.fullmatch(r"(\d+:)?\d+", key)]
+        bad = [key for key in args.ids if not re.fullmatch(r"(\d{1,100}:)?\d{1,100}", key)]  # (int() takes 4,300)
         if bad:
             raise ConfigurationError(f"not an id (N or SLOT:N): {', '.join(bad)}")
         letters, missing = find_spool_dead_letters(path, args.ids)
