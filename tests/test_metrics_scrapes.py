@@ -275,3 +275,12 @@ async def test_every_counter_of_a_real_gate_is_described(fake_lago: Any, setting
     for key in [*gate.stats, "cold_shed", "refreshes_paused", "refreshes_superseded", "redis_errors"]:
         if key not in gauges:
             assert f"lago_billing_quota_{key}_total" in described, key
+
+
+def test_every_counter_of_the_middleware_is_exported(fake_lago: Any, settings: BillingSettings) -> None:
+    """Each of the middleware's own counts (``stats``) has its Prometheus counter: one added to the middleware
+    (``unrouted``, the routing's own answers) and not here was counted but never scraped."""
+    from lago_org_billing import OrgBillingMiddleware, _metrics
+
+    middleware = OrgBillingMiddleware(lambda scope, receive, send: None, settings, quota=None)
+    assert set(middleware.stats) <= set(_metrics._REQUEST_COUNTERS)

@@ -93,6 +93,18 @@ async def test_invoices_far_pages_lago_can_offset_still_work(env: Env) -> None:
     assert response.json()["invoices"] == []
 
 
+async def test_a_field_the_billing_layer_refuses_is_located_in_the_body_not_the_path(env: Env) -> None:
+    """An org name Lago cannot store (a NUL), refused by the billing layer after the route's own checks: the 422 was
+    located at ``["path", "org_id"]``, the one field that was fine."""
+    body = {"org_name": "New\u0000", "plan_code": "starter"}
+    response = await env.client.post(f"{BASE}/org_new/setup", json=body, headers={"X-Admin-Of": "org_new"})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body"] and "org_name" in error["msg"]
+    bad_org = await env.client.get(f"{BASE}/a%5Cb/invoices", headers={"X-Admin-Of": "a\\b"})  # (no Lago path takes it)
+    assert bad_org.status_code == 422 and bad_org.json()["detail"][0]["loc"] == ["path", "org_id"]
+
+
 # ------------------------------------------------------------------------------------------------ authorize
 
 

@@ -160,8 +160,15 @@ class RawPoster:
         if self.tls:
             if self._ssl is None:
                 self._ssl = _ssl_context()
+            # Not "standard compatible" (as httpcore): closing a connection does not wait, shielded, for the server's
+            # close_notify, which a server that stopped answering never sends (HTTP frames its own messages).
             stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-                self.host, self.port, tls=True, ssl_context=self._ssl, tls_hostname=self.host
+                self.host,
+                self.port,
+                tls=True,
+                ssl_context=self._ssl,
+                tls_hostname=self.host,
+                tls_standard_compatible=False,
             )
         else:
             stream = await anyio.connect_tcp(self.host, self.port)

@@ -188,6 +188,10 @@ _REQUEST_COUNTERS = {
     "excluded": ("requests_excluded", "Requests on excluded paths (never billed nor gated)."),
     "preflight": ("requests_preflight", "CORS preflights (OPTIONS), passed on: never billed, gated or rejected."),
     "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
+    "unrouted": (
+        "requests_unrouted",
+        "Requests answered by the routing, not an endpoint (unknown-path 404, redirect_slashes 307, 405): not billed.",
+    ),
     "ungated": ("requests_ungated", "Billed requests whose org was known only after the app ran, not gated."),
     "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),
     "event_properties_errors": ("event_properties_errors", "Requests billed without event_properties (it failed)."),

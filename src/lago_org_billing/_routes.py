@@ -324,15 +324,17 @@ class BillingRouter(Router):
                 self._not_bool("authorize", allowed, "the caller was denied (403)")
                 detail = NO_AUTHORIZE_DETAIL if self.authorize is deny_all else "You may not manage this org's billing."
                 return JSONResponse({"detail": detail}, status_code=403, headers=_PRIVATE)
+            where: tuple[str, ...] = ("path", "org_id")
             try:
                 validate_id(org_id, "org_id")
+                where = ("body",)  # (what the billing layer refuses next is the body's: the message names the field)
                 response = await handler(request, org_id)
             except _Invalid as exc:
                 response = JSONResponse({"detail": exc.errors}, status_code=422)
             except _Refused as exc:
                 response = JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status)
             except InvalidRequestError as exc:
-                response = JSONResponse({"detail": [_error(("path", "org_id"), str(exc), "value_error")]}, 422)
+                response = JSONResponse({"detail": [_error(where, str(exc), "value_error")]}, 422)
             except LagoIntegrationError as exc:
                 response = _lago_error(exc, request, self._say)
             # an org's billing data: never kept by a browser or a cache along the way (a shared computer's back

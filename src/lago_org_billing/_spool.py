@@ -90,6 +90,8 @@ _LOG_EVERY = 60.0
 #: is vacuumed (given back to the volume).
 _SHRINK_FREE = 4 << 20
 _SHRINK_ROWS = 10_000
+#: The same once no event is left (the rest of a backlog vacuumed while traffic went on, given back when it ends).
+_SHRINK_FREE_EMPTY = 256 << 10
 
 
 class _Streak:
@@ -530,17 +532,19 @@ class _SpoolFile:
             try:
                 directory = os.path.dirname(self.base_path)
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
-                slot = self._acquire_slot()
-                self.path = spool_slot_path(self.base_path, slot)
-                # Events name orgs, users and models: a new file is the owner's only (SQLite gives its -wal and -shm
-                # files the database's mode); an existing one keeps the mode it was given.
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                self.conn = conn
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                conn.execute("PRAGMA journal_size_limit=67108864")
-                conn.executescript(_SCHEMA)
+                slot, conn = -1, None
+                while conn is None:
+                    slot = self._acquire_slot(slot + 1)
+                    self.path = spool_slot_path(self.base_path, slot)
+                    try:
+                        conn = self._connect()
+                    except sqlite3.DatabaseError as exc:
+                        # An orphan slot file SQLite cannot read (torn, or a stray file named like one) is no spool to
+                        # write to: left where it is (said by ``_adopt_orphans``), and the next slot taken. (Not
+                        # LAGO_SPOOL_PATH itself, nor a failure of the volume, which another slot would not escape.)
+                        if slot == 0 or type(exc) is not sqlite3.DatabaseError:
+                            raise
+                        self._release()
                 adopted = self.adopted = self._adopt_orphans(slot)
                 count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
@@ -555,6 +559,18 @@ class _SpoolFile:
                 ) from exc
             return int(count), int(max_id), adopted
 
+    def _connect(self) -> sqlite3.Connection:
+        """Open the slot file ``path`` (made if need be) as ``conn``, in WAL mode, with the schema."""
+        # Events name orgs, users and models: a new file is the owner's only (SQLite gives its -wal and -shm files the
+        # database's mode); an existing one keeps the mode it was given.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA journal_size_limit=67108864")
+        conn.executescript(_SCHEMA)
+        return conn
+
     def _try_lock(self, db_path: str) -> int | None:
         if _flock is None:  # pragma: no cover - Windows: single writer, documented
             return -1
@@ -566,8 +582,8 @@ class _SpoolFile:
             return None
         return fd
 
-    def _acquire_slot(self) -> int:
-        for slot in range(_MAX_SLOTS):
+    def _acquire_slot(self, first: int = 0) -> int:
+        for slot in range(first, _MAX_SLOTS):
             fd = self._try_lock(spool_slot_path(self.base_path, slot))
             if fd is not None:
                 self._lock_fd = fd if fd >= 0 else None
@@ -697,17 +713,23 @@ class _SpoolFile:
 
     def _shrink_if_drained(self, conn: sqlite3.Connection) -> None:
         """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with at
-        least ``_SHRINK_FREE`` bytes free and at most ``_SHRINK_ROWS`` events left is vacuumed, and its WAL truncated.
+        least ``_SHRINK_FREE`` bytes free, half of it at least, and at most ``_SHRINK_ROWS`` events left is vacuumed,
+        and its WAL truncated; with no event left, from ``_SHRINK_FREE_EMPTY`` bytes free.
         (Not "no event left": under steady traffic every commit writes new rows, so the table is never empty then.)
         VACUUM keeps the ids (``events.id`` is an INTEGER PRIMARY KEY), which the rows in flight are known by. Best
         effort."""
         try:
-            free = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
-            if free < _SHRINK_FREE:
+            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            free = free_pages * conn.execute("PRAGMA page_size").fetchone()[0]
+            if free < _SHRINK_FREE_EMPTY:
+                return
+            # VACUUM rewrites what the file holds (dead letters included) under the lock (commits wait): only when that
+            # is no more than it frees, or a large dead-letter table would be rewritten whole after every small drain
+            if 2 * free_pages < conn.execute("PRAGMA page_count").fetchone()[0]:
                 return
             # the span of ids bounds the rows from above (O(log n), no scan): rows are taken and resolved oldest first
             span = conn.execute("SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM events").fetchone()[0]
-            if span > _SHRINK_ROWS:
+            if span > _SHRINK_ROWS or (span and free < _SHRINK_FREE):
                 return
             conn.execute("VACUUM")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
