@@ -1596,7 +1596,7 @@ async def apply_org(
     for step in result.steps:
         try:
             if step.kind == "upsert_customer":
-                result.customer = await _upsert_customer(client, step.payload)
+                result.customer = await _upsert_customer(client, step.payload, result.warnings)
                 step.outcome = "done"
             elif step.kind == "create_subscription":
                 if journal is not None and fingerprint is not None:  # (before: its answer may be lost in a crash)
@@ -1621,6 +1621,14 @@ async def apply_org(
                     if "ending_at" not in step.payload or "ending_at" not in exc.details:
                         raise
                     raise InvalidRequestError(_ending_refused(org, step, result)) from exc
+                if subscription.get("plan_code") != step.payload["plan_code"]:  # (made since the plan: a downgrade)
+                    raise InvalidRequestError(await _undo_downgrade(client, org, step, subscription))
+                if subscription.get("previous_plan_code"):  # (made since the plan on another plan: upgraded at once)
+                    result.warnings.append(
+                        f"org subscription {step.target!r} was made on plan {subscription['previous_plan_code']!r} "
+                        f"since this run read it (another run at the same time?): this run changed it to "
+                        f"{step.payload['plan_code']!r}"
+                    )
                 result.subscription = subscription
                 step.outcome = "done"
                 step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
@@ -1655,7 +1663,7 @@ async def apply_org(
                     step.outcome = "done"
                     step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
             else:
-                await _upsert_customer(client, step.payload)
+                await _upsert_customer(client, step.payload, result.warnings)
                 step.outcome = "done"
         except LagoIntegrationError as exc:
             step.outcome = "failed"
@@ -1663,6 +1671,35 @@ async def apply_org(
             _log_step(org, step, journal)
             raise
         _log_step(org, step, journal)
+
+
+async def _undo_downgrade(client: LagoClient, org: OrgMapping, step: Step, subscription: JSON) -> str:
+    """The org subscription ``step`` was to make exists since the plan (another run at the same time, with others of
+    the org's users), on a more expensive plan: Lago took the POST as a downgrade at the period's end. It is canceled
+    (the pending subscription of the new plan), as a run after the other keeps the org's subscription; the org then
+    fails, so that a run again plans from that subscription (the steps planned without it would carry the overrides
+    of a user on another plan). Returns the error."""
+    what = f"the org subscription {step.target!r} on plan {subscription.get('plan_code')!r}"
+    try:
+        await _again_if_unavailable(client, _cancel_pending, step.target)
+    except LagoIntegrationError as exc:
+        return (
+            f"{what} was made since this run read it (another run at the same time?), and Lago took this run's "
+            f"{step.payload['plan_code']!r} as a downgrade at the end of its period, which could not be canceled "
+            f"({exc}): cancel it (DELETE /subscriptions/{step.target}?status=pending) unless wanted, then run again"
+        )
+    return (
+        f"{what} was made since this run read it (another run at the same time?): this run's change to "
+        f"{step.payload['plan_code']!r} (a downgrade at the end of its period) was canceled; run again to migrate "
+        "the org from that subscription"
+    )
+
+
+async def _cancel_pending(client: LagoClient, external_id: str) -> None:
+    try:
+        await client.terminate_subscription(external_id, status="pending")
+    except LagoNotFoundError:  # (canceled by an attempt whose answer was lost, or by someone else)
+        pass
 
 
 async def _again_if_unavailable(client: LagoClient, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -1680,19 +1717,42 @@ async def _again_if_unavailable(client: LagoClient, call: Callable[..., Awaitabl
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _upsert_customer(client: LagoClient, payload: JSON) -> JSON:
+async def _upsert_customer(client: LagoClient, payload: JSON, warnings: list[str]) -> JSON:
     """``POST /customers``. Lago answering that a metadata key exists already (``value_already_exist``) is a resend,
-    by the client's retry, of a POST it made behind a lost answer (or another run's mark): the new items, sent without
-    the ids Lago has since given them, collide with themselves. The customer is read again and the same metadata
-    sent with those ids (one more call), rather than failing the org on a write that was made."""
+    by the client's retry, of a POST it made behind a lost answer, or a write made by someone else since the plan (the
+    app making the org's customer, another batch of the migration, a key added in Lago's UI): the new items, sent
+    without the ids Lago has since given them, collide. The customer is read again and the migration's own changes
+    made to what it has now (one more call), as the plan would have made them: its other items, name and email kept,
+    users added to ``migrated_from_user``, an existing ``created_by_user_id`` kept, within Lago's 5 items (a warning
+    in ``warnings`` names a key left out), rather than failing the org, or overwriting what it has."""
     try:
         return await client.upsert_customer(payload)
     except LagoValidationError as exc:
         if "metadata" not in payload or "value_already_exist" not in json.dumps(exc.details, default=str):
             raise
-        current = await client.get_customer(str(payload["external_id"]))
-        wanted = {str(item["key"]): str(item["value"]) for item in payload["metadata"]}
-        return await client.upsert_customer({**payload, "metadata": metadata_update_items(current, wanted)})
+        external_id = str(payload["external_id"])
+        current = await client.get_customer(external_id)
+    have = customer_metadata(current)
+    merged = dict(have)
+    for item in payload["metadata"]:
+        key, value = str(item["key"]), str(item["value"])
+        if key == METADATA_MIGRATED_FROM and key in have:  # (the users of both, as a run after the other makes it)
+            users = [u for u in f"{have[key]},{value}".split(",") if u and not u.startswith("+")]
+            merged[key] = have[key] if have[key] == value else _user_list(users)
+        elif key in (METADATA_BILLING_TYPE, METADATA_MIGRATED_FROM, METADATA_MIGRATED_TO) or (
+            key == METADATA_CREATED_BY and key not in have
+        ):
+            merged[key] = value
+        # (another key is an item the customer had, sent to keep it: kept as it is now, or gone if deleted since)
+    added = [key for key in merged if key not in have]
+    for key in added[max(MAX_METADATA_ITEMS - len(have), 0) :]:
+        merged.pop(key)
+        warnings.append(f"customer {external_id!r} already has 5 metadata items (Lago's limit): {key} not written")
+    update: JSON = {"external_id": external_id}
+    update.update({field: payload[field] for field in ("name", "email") if field in payload and not current.get(field)})
+    if merged != have:
+        update["metadata"] = metadata_update_items(current, merged)
+    return await client.upsert_customer(update) if len(update) > 1 else current
 
 
 async def _end_subscription(client: LagoClient, step: Step, options: MigrationOptions) -> JSON:
