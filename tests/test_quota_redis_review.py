@@ -1,27 +1,27 @@
-"""Re-review of the Redis quota backend (a real ``redis-server`` on 127.0.0.1): settle batches Redis refuses in
+"""The Redis quota backend, reviewed again (a real ``redis-server`` on 127.0.0.1): settle batches Redis refuses in
 part, the scripts' cache flushed, keys' expiries, org ids with special characters, key prefixes of two apps sharing
 one Redis, exactness across the period boundary.
 
 Counts only (decisions, Redis counters, TTLs), a settable clock, no sleeps as synchronisation.
 """
 
+# ruff: noqa: F811 (test_quota_redis's fixtures, imported, are the tests' parameters)
 from __future__ import annotations
 
 import datetime as dt
 import types
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 
-from _quota_app import REDIS_SERVER, TOKENS, Clock, seed
+from _quota_app import REDIS_SERVER, TOKENS, Clock
 from lago_org_billing import BillingSettings, LagoClient, _quota_redis
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
-from lago_org_billing.testing import FakeLago
+from test_quota_redis import _OPEN, _close_gates, client, clock, fake, prefix  # noqa: F401 (its fixtures)
 from test_quota_rollover import APRIL, PeriodLago
 
 pytestmark = [
@@ -30,39 +30,6 @@ pytestmark = [
 ]
 
 UTC = dt.timezone.utc
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def fake(clock: Clock) -> FakeLago:
-    """org_1 on starter (300 calls)."""
-    return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=300)
-
-
-@pytest.fixture
-async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
-    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
-    async with LagoClient(settings, transport=fake.transport()) as lago:
-        yield lago
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"zzredis:{uuid.uuid4().hex[:8]}:"
-
-
-_OPEN: list[QuotaGate] = []
-
-
-@pytest.fixture(autouse=True)
-async def _close_gates() -> AsyncIterator[None]:
-    yield
-    while _OPEN:
-        await _OPEN.pop().aclose()
 
 
 def make_gate(client: Any, clock: Clock, url: str, prefix: str, **config: Any) -> QuotaGate:

@@ -163,15 +163,10 @@ class LagoClient:
         try:
             return await self._request("GET", "/health", api=False)
         except LagoNotFoundError as exc:  # Lago always serves /health: its 404 of an unknown route, not a missing id
-            raise LagoAPIError(
+            raise exc._restated(
+                LagoAPIError,
                 f"Lago answered GET /health with 404 ({exc.code}): {redact_url(self.settings.api_url + '/health')} is "
                 "not Lago's health check, so LAGO_API_URL is not Lago's base URL (a path Lago is not served under?).",
-                status=exc.status,
-                code=exc.code,
-                details=exc.details,
-                error=exc.error,
-                method=exc.method,
-                path=exc.path,
             ) from None
 
     # --------------------------------------------------------------- customers
@@ -395,16 +390,11 @@ class LagoClient:
                 raise
             # Some events are in Lago already (a resend): the batch is atomic, so the others were refused with them.
             others = [index for index in range(len(payload)) if index not in duplicates]
-            raise _PartlyDuplicateBatch(
+            raise exc._restated(
+                _PartlyDuplicateBatch,
                 f"Lago answered POST /api/v1/events/batch with 422: the events at indexes {sorted(duplicates)} are "
                 f"already in Lago, and its batches are atomic, so the others {others} were not ingested: send those "
                 "again, without the ones already in Lago (failed_indexes()).",
-                status=exc.status,
-                code=exc.code,
-                details=exc.details,
-                error=exc.error,
-                method=exc.method,
-                path=exc.path,
             ) from None
         return list(body.get("events") or [])
 

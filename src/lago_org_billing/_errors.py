@@ -95,6 +95,18 @@ class LagoAPIError(LagoIntegrationError):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status!r}, code={self.code!r}, details={self.details!r})"
 
+    def _restated(self, cls: type[LagoAPIError], message: str) -> LagoAPIError:
+        """The same answer of Lago's as a ``cls``, with a message saying what it means here."""
+        return cls(
+            message,
+            status=self.status,
+            code=self.code,
+            details=self.details,
+            error=self.error,
+            method=self.method,
+            path=self.path,
+        )
+
 
 class LagoAuthenticationError(LagoAPIError):
     """Lago refused the API key (401) or its permissions (403): check ``LAGO_API_KEY``."""
