@@ -40,17 +40,30 @@ def event_payload(
     The timestamp is fixed here (now when omitted) as a string with millisecond precision, so that a resend is
     byte-identical: Lago's ClickHouse store deduplicates on ``transaction_id`` *and* ``timestamp``.
     """
-    for name, value in (
-        ("transaction_id", transaction_id),
-        ("external_subscription_id", external_subscription_id),
-        ("code", code),
+    try:
+        ids = "\n".join((transaction_id, external_subscription_id, code))
+    except TypeError:  # (not strings: said by _check_id)
+        ids = "\x00"
+    if not (  # one pass for plain ids (ASCII, no NUL, all three within the size); the others one by one, said exactly
+        ids.isascii()
+        and len(ids) <= MAX_ID_BYTES
+        and "\x00" not in ids
+        and transaction_id.strip()
+        and code.strip()
+        and external_subscription_id
+        and external_subscription_id == external_subscription_id.strip()
     ):
-        _check_id(name, value)
-    if external_subscription_id != external_subscription_id.strip():
-        raise InvalidRequestError(
-            f"Event external_subscription_id {external_subscription_id!r} has leading or trailing blanks: Lago strips "
-            "them from the subscriptions it creates, so the event would never be billed."
-        )
+        for name, value in (
+            ("transaction_id", transaction_id),
+            ("external_subscription_id", external_subscription_id),
+            ("code", code),
+        ):
+            _check_id(name, value)
+        if external_subscription_id != external_subscription_id.strip():
+            raise InvalidRequestError(
+                f"Event external_subscription_id {external_subscription_id!r} has leading or trailing blanks: Lago "
+                "strips them from the subscriptions it creates, so the event would never be billed."
+            )
     payload: dict[str, Any] = {
         "transaction_id": transaction_id,
         "external_subscription_id": external_subscription_id,
@@ -141,16 +154,28 @@ def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequestError(f"Event property {key!r} is {value!r}, which JSON cannot carry.")
     try:
-        text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        try:
+            text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        except TypeError as exc:  # a Decimal (money from a database) is sent as its exact text; anything else refused
+            plain = _decimals_as_text(result, "")
+            if plain is result:
+                raise InvalidRequestError(f"Event properties must be JSON-serialisable: {exc}.") from None
+            result = plain
+            text = json.dumps(result, allow_nan=False, ensure_ascii=False)
+        # A NUL is JSON's escape "\\u0000" (or text ending with a backslash goes on with "u0000"): no backslash, no
+        # NUL, found with one memchr (most events), not a search of the whole text
+        path = _nul_path(result) if "\\" in text and "\\u0000" in text else None
+    except InvalidRequestError:
+        raise
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"Event properties must be JSON-serialisable: {exc}.") from None
-    if "\\u0000" in text:  # (JSON's escape of a NUL, or text that ends with a backslash and goes on with "u0000")
-        path = _nul_path(result)
-        if path is not None:
-            raise InvalidRequestError(
-                f"Event property {path} contains a NUL character (\\u0000), which Lago's database cannot store (it "
-                "answers 500). Remove it (value.replace('\\x00', ''))."
-            )
+    except RecursionError:
+        raise InvalidRequestError("Event properties are nested too deeply to be sent as JSON.") from None
+    if path is not None:
+        raise InvalidRequestError(
+            f"Event property {path} contains a NUL character (\\u0000), which Lago's database cannot store (it "
+            "answers 500). Remove it (value.replace('\\x00', ''))."
+        )
     if not text.isascii():
         try:
             text.encode()
@@ -160,6 +185,23 @@ def _check_properties(properties: Mapping[str, Any]) -> dict[str, Any]:
                 "client's JSON), which cannot be sent. Clean it (str.encode('utf-8', 'replace').decode())."
             ) from None
     return result
+
+
+def _decimals_as_text(value: Any, path: str) -> Any:
+    """``value`` with its finite :class:`~decimal.Decimal`\\ s (at any depth) as plain decimal strings, which Lago
+    aggregates as the numbers they are (``properties->>'field'`` cast to numeric), exactly; ``value`` itself when it
+    holds none. A NaN or an infinity is refused, as a float's is."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidRequestError(f"Event property {path!r} is {value!r}, which JSON cannot carry.")
+        return f"{value:f}"
+    if isinstance(value, dict):
+        items = {key: _decimals_as_text(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}
+        return value if all(items[key] is item for key, item in value.items()) else items
+    if isinstance(value, (list, tuple)):
+        listed = [_decimals_as_text(item, f"{path}[{index}]") for index, item in enumerate(value)]
+        return value if all(new is old for new, old in zip(listed, value, strict=True)) else listed
+    return value
 
 
 def _nul_path(value: object, path: str = "") -> str | None:

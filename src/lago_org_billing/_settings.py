@@ -359,7 +359,8 @@ def _check_template(template: str) -> None:
         )
     literal = "".join(text for text, _, _, _ in string.Formatter().parse(template))
     bad = _FORBIDDEN.search(literal)
-    if bad or literal != literal.strip():
+    sample = template.format(org_id="x")  # (an org id has no blank at either end: only the template's can be)
+    if bad or sample != sample.strip():
         shown = repr(bad.group()) if bad else "leading or trailing blanks"
         raise ConfigurationError(
             f"{name} {template!r} has {shown}, which no Lago subscription id can take in a URL path: every org's "
