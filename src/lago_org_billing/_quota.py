@@ -803,8 +803,12 @@ class LocalBackend:
 
     def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
         counts = self._org(org_id).counts
-        if period and counts.period != period:  # the period changed since: nothing of it is counted any more
-            return
+        if period and counts.period != period:
+            if counts.period:  # the period changed since: nothing of it is counted any more
+                return
+            # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that period,
+            # which its next snapshot keeps (if of that period), not dropped
+            counts.period = period
         counts.settle(bucket, int(now), tokens, billed)
 
     def holds(self, org_id: str, bucket: int) -> bool:
@@ -812,6 +816,10 @@ class LocalBackend:
         :meth:`drain`)."""
         state = self._orgs.get(org_id)
         return state is not None and bucket in state.counts.i
+
+    def knows(self, org_id: str) -> bool:
+        """Whether anything of the org (a snapshot, records) is kept here."""
+        return org_id in self._orgs
 
     def peek_snapshot(self, org_id: str) -> Snapshot | None:
         state = self._orgs.get(org_id)
@@ -847,11 +855,16 @@ class LocalBackend:
         return True
 
     def seed(self, org_id: str, snapshot: Snapshot) -> None:
-        """Start local counting from ``snapshot`` (Redis fallback: the last usage seen, counters at zero)."""
+        """Start local counting from ``snapshot`` (Redis fallback: the last usage seen; what was counted here since,
+        of its period, is kept)."""
         state = self._org(org_id)
         if state.snapshot is None or state.snapshot.requested_at < snapshot.requested_at:
+            key = period_key(snapshot)
             state.snapshot = snapshot
-            state.counts = _Counts(period_key(snapshot))
+            if state.counts.period in ("", key):  # records made here since (not in what Redis showed) are kept
+                state.counts.period = key
+            else:
+                state.counts = _Counts(key)
 
     def drain(self) -> list[tuple[str, Snapshot | None, _Counts]]:
         """Every org's local records, cleared (handed to Redis when it is back)."""

@@ -28,8 +28,9 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
 :class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
 ``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
-call tries Redis again. When Redis answers again, the records made meanwhile are added to its counters (those of a
-period after a counter's, made past a boundary on a provisional snapshot, replace it).
+call tries Redis again (and so does the background writer, however idle the worker). When Redis answers again, the
+records made meanwhile are added to its counters (those of a period after a counter's, made past a boundary on a
+provisional snapshot, replace it) before Redis decides for their orgs again: until then, those orgs are decided here.
 """
 
 from __future__ import annotations
@@ -399,6 +400,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _Merging(set[str]):
+    """The orgs whose records counted during an outage are being handed to Redis, and when that is over."""
+
+    def __init__(self, orgs: Any = ()) -> None:
+        super().__init__(orgs)
+        self.done = anyio.Event()
+
+
 class RedisBackend:
     """Snapshots and counters in Redis (``redis.asyncio``), with an in-process fallback.
 
@@ -455,6 +464,8 @@ class RedisBackend:
         self._running = False
         self._closed = False
         self._last_seen: LRUCache[str, Outcome] = LRUCache(maxsize=self.config.max_orgs)
+        self._probing = False  # asking Redis whether it answers again (after an outage)
+        self._merging: _Merging | None = None  # the orgs whose outage records are being handed to Redis
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
         # at most), and every fresh org id (a spoofable header, a JWT claim) let through makes one
@@ -486,14 +497,44 @@ class RedisBackend:
         self.stats["redis_fallback"] = 1
         self._down_until = self._clock() + self.config.redis_retry_interval
 
-    async def _recovered(self) -> None:
-        if not self.stats["redis_fallback"]:
+    async def _recovered(self, first: str | None = None) -> None:
+        """Hand what this process counted during an outage to Redis (``first``'s records first), once Redis answers
+        (asked first: while it does not, the fallback keeps its snapshots). A check of an org whose records another
+        task is handing over waits for it (:meth:`reserve`: they are not in Redis's counts yet)."""
+        merging = self._merging
+        if merging is not None:
+            if first in merging:
+                await merging.done.wait()
+            return
+        if not self.stats["redis_fallback"] or self._probing:
+            return
+        self._probing = True
+        try:
+            await self.redis.ping()
+        except self._errors() as exc:
+            self._failed(exc)
+            return
+        finally:
+            self._probing = False
+        if not self.stats["redis_fallback"] or self._merging is not None:  # (done by another task meanwhile)
             return
         self.stats["redis_fallback"] = 0
         self._down_until = 0.0
         logger.info("Redis (%s) answers again: quota counters are shared again.", self._shown_url)
         now = int(time.time())
         pending = self.fallback.drain()
+        if first is not None:  # (the records of the org a check waits for go first)
+            pending.sort(key=lambda item: item[0] != first)
+        merging = self._merging = _Merging(org_id for org_id, _, _ in pending)
+        try:
+            await self._merge_pending(pending, now, merging)
+        finally:
+            self._merging = None
+            merging.done.set()
+
+    async def _merge_pending(
+        self, pending: list[tuple[str, Snapshot | None, Any]], now: int, merging: _Merging
+    ) -> None:
         for index, (org_id, snapshot, counts) in enumerate(pending):
             # (a counter of the records' period expires with it, as one the CHECK script makes)
             ttl_ms = UNPERIODED_TTL_MS
@@ -512,6 +553,7 @@ class RedisBackend:
                 self.fallback.restore(pending[index:])
                 self.stats["redis_fallback"] = 1
                 raise
+            merging.discard(org_id)
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         try:
@@ -526,20 +568,26 @@ class RedisBackend:
         if self._up():
             args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
             args += [known.version if known is not None else "", PERIOD_MARGIN_MS, self._blind_ttl_ms]
+            result = None
             try:
                 # Shielded (bounded by redis_timeout): a request cancelled meanwhile (a client gone, a timeout) still
                 # learns whether its call was reserved, to release it after, instead of holding it for an hour.
                 # The merge of what was counted here during an outage, once Redis answers again, too: cut off, those
-                # records would be lost.
+                # records would be lost. It comes first: Redis's counts lack them until then (the checks made when
+                # Redis comes back would let an org at its limit through), so until the org's records are merged it
+                # is decided here, where they are.
                 with anyio.CancelScope(shield=True):
-                    result = await self._check(keys=[self.key(org_id, "snap"), self.key(org_id, "count")], args=args)
-                    if self.stats["redis_fallback"]:
+                    if self.stats["redis_fallback"] or self._merging is not None:
                         with anyio.move_on_after(self.config.redis_timeout):  # (bounded: what is left, later)
-                            await self._recovered()
+                            await self._recovered(org_id)
+                    if self._up() and not self._unmerged(org_id):
+                        keys = [self.key(org_id, "snap"), self.key(org_id, "count")]
+                        result = await self._check(keys=keys, args=args)
             except self._errors() as exc:
                 self._failed(exc)
             else:
-                return self._outcome(org_id, result, known, int(now))
+                if result is not None:
+                    return self._outcome(org_id, result, known, int(now))
         self.stats["fallback_decisions"] += 1
         self._seed_fallback(org_id)
         return self.fallback.reserve_now(org_id, now, mode)
@@ -555,6 +603,14 @@ class RedisBackend:
         if code in (ALLOWED, BLOCKED):
             self._last_seen[org_id] = outcome
         return outcome
+
+    def _unmerged(self, org_id: str) -> bool:
+        """Whether records of the org counted here during an outage are not in Redis yet (being merged, or kept here
+        after a merge cut off)."""
+        merging = self._merging
+        if merging is not None and org_id in merging:
+            return True
+        return bool(self.stats["redis_fallback"]) and self.fallback.knows(org_id)
 
     def _seed_fallback(self, org_id: str) -> None:
         """Start local counting from the usage last seen in Redis (once per org per outage)."""
@@ -585,12 +641,14 @@ class RedisBackend:
         """Write queued settles (pipelined) until cancelled; while Redis is down, try again when it is due."""
         self._running = True
         self._wakeup = anyio.Event()  # this loop's (a run on another loop, started lazily, makes its own)
-        if self._queue:
+        if self._queue or self.stats["redis_fallback"]:
             self._wakeup.set()
         task_status.started()
         try:
             while True:
-                if self._queue:  # what Redis could not take: tried again when it is due (or at the next settle)
+                # What Redis could not take, and what was counted here during an outage: tried again when it is due
+                # (or at the next settle), however idle this worker is
+                if self._queue or self.stats["redis_fallback"]:
                     due = max(self._down_until - self._clock(), self.config.redis_retry_interval, 0.05)
                     with anyio.move_on_after(due):
                         await self._wakeup.wait()
@@ -613,7 +671,6 @@ class RedisBackend:
             await self._flush()
 
     async def _flush(self) -> None:
-        written = False
         while self._queue and self._up():
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             try:
@@ -636,10 +693,10 @@ class RedisBackend:
                 self._failed(results[refused[0]])
                 self._queue.extendleft(reversed([batch[index] for index in refused]))
                 break
-            written = True
-        if written and not self._queue and self.stats["redis_fallback"]:
+        if not self._queue and self.stats["redis_fallback"] and self._up():
             # Redis takes writes again: shared counting resumes now (with the outage's records merged), not at the
-            # next quota check, which an idle or ungated worker may never make (its fallback gauge stuck at 1)
+            # next quota check, which an idle or ungated worker may never make (its records missing from the fleet's
+            # counts, its fallback gauge stuck at 1), whether or not settles were queued meanwhile
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
                 await self._recovered()
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
