@@ -1231,12 +1231,18 @@ def _is_preflight(headers: Any) -> bool:
 
 def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
     """The ``CORSMiddleware`` among the middlewares an app is wrapped in, down to its router (a Starlette app's built
-    stack included); False when there is none; None when a Starlette app's stack is not built yet (its first call)."""
+    stack included); False when there is none; None when a Starlette app's stack is not built yet (its first call,
+    which an app served without a lifespan has not had before a request reached it) and declares none."""
     for _ in range(64):
         if isinstance(app, CORSMiddleware):
             return app
         if isinstance(app, Starlette):
-            if app.middleware_stack is None:
+            if app.middleware_stack is None:  # made as its build will make it (the app stays unbuilt until called)
+                declared: Any
+                for declared in app.user_middleware:
+                    if isinstance(declared.cls, type) and issubclass(declared.cls, CORSMiddleware):
+                        made: CORSMiddleware = declared.cls(app, *declared.args, **declared.kwargs)
+                        return made
                 return None
             app = app.middleware_stack
         else:
@@ -1342,7 +1348,10 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     template = getattr(route, "path", None)
     if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without Starlette
         if isinstance(route, Host) and not route.routes:  # a host's app that is not a router (StaticFiles...): the
-            return _mount_prefix(scope, root_path) + "/{path}"  # host is the route, as a mount, its 404s included
+            # host is the route, as a mount, its 404s included (not a router in middlewares of its own matching none)
+            if (status == 404 or 300 <= status < 400) and _wraps_served(route, scope):
+                return UNMATCHED
+            return _mount_prefix(scope, root_path) + "/{path}"
         if status == 404 or scope.get("router") is not None or isinstance(scope.get("app"), Starlette):
             return UNMATCHED  # (a Starlette middleware's answer before the router: no route either)
         return str(path)
@@ -1352,10 +1361,28 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
         prefix = _mount_template(scope.get("router"), prefix)
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
-        if (status == 404 or 300 <= status < 400) and route.routes:  # (a mounted router that matched none: its 404,
-            return UNMATCHED  # its redirect_slashes 307, not a "/v2/{path}" endpoint)
+        # (a mounted router that matched none, bare or in middlewares of its own: its 404, its redirect_slashes
+        # 307, not a "/v2/{path}" endpoint)
+        if (status == 404 or 300 <= status < 400) and (route.routes or _wraps_served(route, scope)):
+            return UNMATCHED
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _wraps_served(route: Mount | Host, scope: Scope) -> bool:
+    """Whether a mount's (host's) app is the Starlette app that served the request in middlewares of its own
+    (``Mount("/api", app=CORSMiddleware(api))``): no routes of its own, but a router answered under it."""
+    served = scope.get("app")
+    app: Any = route.app
+    if not isinstance(served, Starlette):
+        return False
+    for _ in range(16):
+        if app is served:
+            return True
+        app = getattr(app, "app", None)
+        if app is None:
+            return False
+    return False
 
 
 def _unrouted(scope: Scope, status: int, root_path: str) -> bool:
@@ -1397,10 +1424,17 @@ def _fastapi_route(fastapi: Any, route: Any) -> Any:
     """The route that served a request in a router that FastAPI (0.16x) included with ``include_router(prefix=...)``:
     ``scope["route"]`` is the route as its own router declared it (``/{item_id}``) or, for a plain Starlette route,
     None; the effective route FastAPI left in ``scope["fastapi"]`` has the prefixed path (``/v1/chat/{item_id}``).
-    ``route`` itself in any other case (a route not in an included router, a mount's context)."""
+    ``route`` itself in any other case (a route not in an included router, a mount's context). A mount of an app that
+    is not a router (``router.mount("/static", StaticFiles(...))``) leaves no ``scope["route"]`` (or that of a mount
+    around this app): its effective mount (``/v1/static``), whose app answered."""
     context = fastapi.get("effective_route_context") if type(fastapi) is dict else None
     original = getattr(context, "original_route", None)
-    if original is None or isinstance(original, Mount) or (route is not None and original is not route):
+    if original is None:
+        return route
+    if isinstance(original, Mount):
+        if original.routes or not (route is None or (isinstance(route, (Mount, Host)) and route.routes)):
+            return route  # a mounted router (what it matched is the route) or a route inside the mounted app
+    elif route is not None and original is not route:
         return route
     effective = getattr(context, "starlette_route", None) or context
     path = getattr(effective, "path", None)

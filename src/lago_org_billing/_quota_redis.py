@@ -465,6 +465,7 @@ class RedisBackend:
         self._closed = False
         self._last_seen: LRUCache[str, Outcome] = LRUCache(maxsize=self.config.max_orgs)
         self._probing = False  # asking Redis whether it answers again (after an outage)
+        self._releasing: set[str] = set()  # orgs with a reserved call released in the queue (not yet in Redis)
         self._merging: _Merging | None = None  # the orgs whose outage records are being handed to Redis
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
@@ -565,6 +566,11 @@ class RedisBackend:
     # ------------------------------------------------------------------------------ backend API
 
     async def reserve(self, org_id: str, now: float, mode: Mode, known: Snapshot | None) -> Outcome:
+        if self._releasing and org_id in self._releasing and self._up():
+            # A call of the org released (unbilled: a redirect the client follows at once, a 5xx) is still queued:
+            # written first, or this reservation would find that call still held (a 429 for the org's last call)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
+                await self.flush()
         if self._up():
             args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
             args += [known.version if known is not None else "", PERIOD_MARGIN_MS, self._blind_ttl_ms]
@@ -634,6 +640,8 @@ class RedisBackend:
             return
         item = (org_id, period, "" if bucket is None else str(bucket), "1" if billed else "0", str(int(now)), tokens)
         self._queue.append(item)
+        if bucket is not None and not billed:
+            self._releasing.add(org_id)
         if self._running:
             self._wakeup.set()
 
@@ -693,6 +701,8 @@ class RedisBackend:
                 self._failed(results[refused[0]])
                 self._queue.extendleft(reversed([batch[index] for index in refused]))
                 break
+        if not self._queue:
+            self._releasing.clear()
         if not self._queue and self.stats["redis_fallback"] and self._up():
             # Redis takes writes again: shared counting resumes now (with the outage's records merged), not at the
             # next quota check, which an idle or ungated worker may never make (its records missing from the fleet's
