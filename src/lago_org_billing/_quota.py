@@ -454,6 +454,12 @@ def next_period_end(snapshot: Snapshot) -> float:
     return min(estimate, snapshot.ending_at) if snapshot.ending_at else estimate
 
 
+#: A wall-clock time more than this (seconds) after the clock's now was taken before the clock was stepped back (NTP
+#: correcting a clock that ran ahead, a VM's clock set wrong at boot), not on another host a moment ahead (Redis:
+#: workers' clocks differ by a little): a snapshot read then is due, a newer read replaces it, and its records are
+#: counted as made now. Without it, every time stamped on the old clock would hold for as long as the step.
+CLOCK_STEP = 60.0
+
 #: Seconds after a period's end a snapshot of it may still be rolled over (as long as Redis keeps it: its expiry
 #: margin). Later, the next period's usage is what Lago counted meanwhile, not the 0 of a period start.
 _ROLLOVER_WINDOW = 3600.0
@@ -555,9 +561,24 @@ class _Counts:
             self.t[now_bucket] = self.t.get(now_bucket, 0) + tokens
             self.tokens += tokens
 
-    def prune(self, cutoff: int, inflight_cutoff: int, *, keep_calls: bool = False, keep_tokens: bool = False) -> None:
+    def prune(
+        self,
+        cutoff: int,
+        inflight_cutoff: int,
+        *,
+        keep_calls: bool = False,
+        keep_tokens: bool = False,
+        now: int | None = None,
+    ) -> None:
         """Drop the records a snapshot covers (older than ``cutoff``); those Lago does not count (``keep_*``) are
-        folded into bucket 0 instead, so they keep counting for the period in bounded memory."""
+        folded into bucket 0 instead, so they keep counting for the period in bounded memory. Records stamped more
+        than ``CLOCK_STEP`` after ``now`` (made before the clock was stepped back) are stamped ``now``: the next
+        snapshot drops them, not one taken once the clock is back where they were made (counted twice until then)."""
+        if now is not None:
+            for buckets in (self.c, self.t):
+                late = [sec for sec in buckets if sec > now + CLOCK_STEP]
+                if late:
+                    buckets[now] = buckets.get(now, 0) + sum(buckets.pop(sec) for sec in late)
         self.calls -= _drop_or_fold(self.c, cutoff, keep_calls)
         self.tokens -= _drop_or_fold(self.t, cutoff, keep_tokens)
         for sec in [s for s in self.i if s < inflight_cutoff]:
@@ -832,7 +853,8 @@ class LocalBackend:
         state = self._org(org_id)
         current = state.snapshot
         if current is not None and (
-            current.requested_at > snapshot.requested_at
+            # (unless requested on a clock stepped back since: later reads would all be refused for the step's length)
+            snapshot.requested_at < current.requested_at <= now + CLOCK_STEP
             # a read of a period before the current one's (begun before a rollover, or Lago's clock behind)
             or (current.active and snapshot.active and snapshot.period_end <= current.period_start)
         ):
@@ -848,6 +870,7 @@ class LocalBackend:
             int(now - self.config.inflight_horizon),
             keep_calls=not snapshot.lago_counts_calls,
             keep_tokens=not snapshot.lago_counts_tokens,
+            now=int(now),
         )
 
     async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
@@ -1102,6 +1125,10 @@ class QuotaGate:
         self._stale: set[str] = set()  # orgs invalidated while a refresh of theirs was in flight
         self._next_attempt: dict[str, float] = {}
         self._gave_up: dict[str, float] = {}
+        # the longest a snapshot waits for its refresh, and a backoff or 429 pause lasts, on this clock (beyond: stamped
+        # on a clock stepped back since)
+        self._due_within = self.ttl + CLOCK_STEP
+        self._longest_wait = max(self.config.failure_backoff, self.ttl, 60.0) + 1.0
         self._refresh_errors: dict[str, LagoIntegrationError] = {}  # org -> why its last refresh failed (seed helpers)
         self._known: LRUCache[str, Snapshot] = LRUCache(maxsize=self.config.max_orgs)
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -1197,7 +1224,7 @@ class QuotaGate:
         the blocked answer stands, asking the client back after ``failure_backoff`` (:meth:`_retry_after`), and the
         org's next blocked requests until then are answered at once."""
         now = self.clock()
-        if self._gave_up.get(org_id, 0.0) > now:  # a wait for its refresh went unanswered moments ago
+        if self._backing_off(self._gave_up.get(org_id, 0.0), now):  # a wait for its refresh went unanswered just now
             return blocked
         event = self._schedule_refresh(org_id, now, urgent=True)
         if event is None:  # its last refresh failed moments ago
@@ -1219,7 +1246,10 @@ class QuotaGate:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
         snap = outcome.snapshot
         if snap is not None:
-            if snap.refresh_at <= now:  # (checked here: the hot path makes no call for a fresh snapshot)
+            refresh_at = snap.refresh_at
+            # (checked here: the hot path makes no call for a fresh snapshot; one due beyond a TTL was read on a
+            # clock stepped back since, and is due now)
+            if refresh_at <= now or refresh_at > now + self._due_within:
                 self._refresh_due(org_id, snap, now)
             if self._shared and self._known.get(org_id) is not snap:
                 self._known[org_id] = snap
@@ -1417,7 +1447,7 @@ class QuotaGate:
         """No usable snapshot: wait (at most ``cold_timeout``) for one, then apply ``LAGO_FAIL_OPEN``."""
         now = self.clock()
         self._known.pop(org_id, None)
-        if self._gave_up.get(org_id, 0.0) <= now:
+        if not self._backing_off(self._gave_up.get(org_id, 0.0), now):
             deadline = anyio.current_time() + self.config.cold_timeout
             waited = False
             pause = 0.05
@@ -1463,6 +1493,11 @@ class QuotaGate:
         self._log_outage(org_id, "refused (LAGO_FAIL_OPEN=false)")
         return Outcome(UNAVAILABLE)
 
+    def _backing_off(self, until: float, now: float) -> bool:
+        """Whether a backoff or pause ending at ``until`` (on this gate's clock) lasts at ``now``: not one stamped
+        before the clock was stepped back (it would last as long as the step: an org refused, refreshes stopped)."""
+        return now < until <= now + self._longest_wait
+
     def _give_up(self, org_id: str) -> None:
         """No request of the org waits for its refresh again before ``failure_backoff`` has passed."""
         if len(self._gave_up) >= self.config.max_orgs:  # bounded, however many org ids requests bring
@@ -1500,10 +1535,13 @@ class QuotaGate:
         ``plan_refresh_rate``): orgs whose snapshots fell due together (first seen together, ``invalidate_all``) are
         refreshed at a steady pace, serving their snapshots meanwhile, instead of all at once (Lago's 429s for them,
         and for the app's calls)."""
-        if org_id in self._refreshing or self._next_attempt.get(org_id, 0.0) > now:
+        if org_id in self._refreshing or self._backing_off(self._next_attempt.get(org_id, 0.0), now):
             return  # (in flight, or failed recently: no pace token spent)
         plan = (
-            not snapshot.active or now - snapshot.plan_fetched_at >= self.config.plan_ttl or now >= snapshot.period_end
+            not snapshot.active
+            or now - snapshot.plan_fetched_at >= self.config.plan_ttl
+            or snapshot.plan_fetched_at > now + CLOCK_STEP  # (read on a clock stepped back since)
+            or now >= snapshot.period_end
         )
         if not self._usage_pace.ready(now) or (plan and not self._plan_pace.ready(now)):
             return
@@ -1521,7 +1559,7 @@ class QuotaGate:
             if urgent:
                 self._slots.promote(org_id)
             return self._refreshing[org_id]
-        if not force and self._next_attempt.get(org_id, 0.0) > now:
+        if not force and self._backing_off(self._next_attempt.get(org_id, 0.0), now):
             return None
         if urgent:
             if self._cold_queued >= min(self.config.max_orgs, _MAX_COLD_QUEUE):  # a flood of unknown org ids
@@ -1581,7 +1619,7 @@ class QuotaGate:
         self._stale.discard(org_id)  # (invalidated while queued: nothing was read yet, nothing to read again)
         locked = stored = False
         try:
-            if self._paused_until > self.clock():  # Lago throttles us: asked again once it said it would take it
+            if self._backing_off(self._paused_until, self.clock()):  # Lago throttles us: asked again once it said so
                 self._next_attempt[org_id] = self._paused_until
                 self.stats["refreshes_paused"] = self.stats.get("refreshes_paused", 0) + 1
                 return
@@ -1667,6 +1705,7 @@ class QuotaGate:
             previous is not None
             and previous.active
             and now - previous.plan_fetched_at < self.config.plan_ttl
+            and previous.plan_fetched_at <= now + CLOCK_STEP  # (not read on a clock stepped back since)
             and now < previous.period_end
         ):
             base = previous
@@ -1830,10 +1869,10 @@ class QuotaGate:
         now = self.clock()
         known = await self._usable_snapshot(org_id, now)
         if known is not None:
-            if known.refresh_at <= now:
+            if known.refresh_at <= now or known.refresh_at > now + self._due_within:
                 self._refresh_due(org_id, known, now)
             return known
-        if self._paused_until > self.clock():
+        if self._backing_off(self._paused_until, self.clock()):
             raise LagoRateLimitError(
                 f"Lago rate-limited this process's quota reads until {_iso(self._paused_until)}: try again then.",
                 status=429,

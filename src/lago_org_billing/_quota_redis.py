@@ -50,6 +50,7 @@ from ._errors import ConfigurationError, QuotaBackendError
 from ._quota import (
     ALLOWED,
     BLOCKED,
+    CLOCK_STEP,
     COUNTED,
     MISSING,
     LocalBackend,
@@ -163,7 +164,8 @@ if ARGV[10] ~= '' then
   if holder and holder ~= ARGV[10] then return -1 end
 end
 local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps')
-if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) then return 0 end
+-- (one requested past ARGV[13], the caller's now + CLOCK_STEP, was read on a clock stepped back since: replaced)
+if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) and tonumber(cur[1]) <= tonumber(ARGV[13]) then return 0 end
 if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(cur[3]) then
   -- a period before the stored one's (read before a rollover, or Lago's clock behind): not stored; the lock this
   -- refresh took is handed back (its process reads again after its backoff, others when theirs ask)
@@ -173,7 +175,7 @@ if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(
   return 0
 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 13))
+redis.call('HSET', snap, unpack(ARGV, 16))
 redis.call('PEXPIRE', snap, ARGV[4])
 if ARGV[10] ~= '' and redis.call('GET', lock) == ARGV[10] then
   -- the lock this refresh took ends when the snapshot is due (its jittered time), not a whole TTL after it began
@@ -189,6 +191,8 @@ local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
 if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
 local cutc, cuti = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- records stamped after ARGV[14] (made before a clock was stepped back) are stamped ARGV[15] (now): see prune()
+local late, now = tonumber(ARGV[14]), ARGV[15]
 -- records Lago does not count (ARGV[8] calls, ARGV[9] tokens: '1') are folded into second 0, not dropped
 local keep = {c = ARGV[8] == '1', t = ARGV[9] == '1'}
 local fields = redis.call('HGETALL', cnt)
@@ -199,6 +203,9 @@ for i = 1, #fields, 2 do
     if kind == 'i' and sec < cuti then
       redis.call('HDEL', cnt, f)
       redis.call('HINCRBY', cnt, 'calls', -val)
+    elseif (kind == 'c' or kind == 't') and sec > late then
+      redis.call('HDEL', cnt, f)
+      redis.call('HINCRBY', cnt, kind .. ':' .. now, val)
     elseif (kind == 'c' or kind == 't') and sec < cutc then
       if keep[kind] then
         if sec ~= 0 then
@@ -296,8 +303,10 @@ return 1
 
 LOCK = """
 local cur = redis.call('GET', KEYS[1])
--- taken when free (expired, or '0': invalidated), or renewed by the process holding it (ARGV[4], its value)
-if cur ~= ARGV[4] and tonumber(cur or '0') > tonumber(ARGV[1]) then return 0 end
+-- taken when free (expired, or '0': invalidated; or held until after ARGV[5], the caller's now + TTL + CLOCK_STEP:
+-- taken on a clock stepped back since), or renewed by the process holding it (ARGV[4], its value)
+local held = tonumber(cur or '0')
+if cur ~= ARGV[4] and held > tonumber(ARGV[1]) and held <= tonumber(ARGV[5]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
@@ -745,6 +754,9 @@ class RedisBackend:
             self._held.pop(org_id, ""),
             repr(snapshot.refresh_at),
             max(1, int((snapshot.refresh_at - now) * 1000)),
+            repr(now + CLOCK_STEP),
+            int(now) + int(CLOCK_STEP),
+            int(now),
             *encode(snapshot),
         ]
         try:
@@ -764,7 +776,13 @@ class RedisBackend:
         try:
             # shielded (bounded by redis_timeout): a refresh cut off meanwhile knows it holds the lock, to hand it back
             with anyio.CancelScope(shield=True):
-                args = [repr(now), held, max(1, int(ttl * 1000)), self._held.get(org_id, "")]
+                args = [
+                    repr(now),
+                    held,
+                    max(1, int(ttl * 1000)),
+                    self._held.get(org_id, ""),
+                    repr(now + ttl + CLOCK_STEP),
+                ]
                 locked = bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
             self._failed(exc)
