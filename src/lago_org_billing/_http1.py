@@ -5,6 +5,10 @@ event at 100 events a batch: more than everything else the middleware does for a
 request and reads its answer with a handful of byte operations on an anyio socket stream (TLS included), and is
 used only where it is a plain drop-in: no injected transport, no proxy in the environment. Everything else goes
 through httpx.
+
+A process forked from one holding kept-alive connections (``os.fork()``, ``multiprocessing``'s ``fork``) never uses
+them: a request written on the parent's connection would have its answer read by the parent as the answer to its own
+next one. The child starts with no idle connection (those it inherited are left as they are, never used nor closed).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import weakref
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -92,6 +98,20 @@ class _Connection:
             raise RawHTTPError("connection closed by the server") from None
 
 
+#: Every RawPoster, for :func:`_after_fork_in_child`; and, in a forked child, the connections it inherited.
+_posters: weakref.WeakSet[RawPoster] = weakref.WeakSet()
+_left_by_parent: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for poster in list(_posters):
+        poster._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class RawPoster:
     """POSTs JSON bodies to one origin over pooled keep-alive connections."""
 
@@ -108,6 +128,12 @@ class RawPoster:
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = None
+        _posters.add(self)
+
+    def _forked(self) -> None:
+        if self._idle:
+            _left_by_parent.append(self._idle)  # (the parent's sockets, on the parent's event loop)
+            self._idle = []
 
     async def post(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send ``body``; returns (status, headers, response body). Raises :class:`RawHTTPError`."""

@@ -29,6 +29,12 @@ one *slot* file, locked with ``fcntl.flock`` for its lifetime: slot 0 is ``LAGO_
 and dead letters into its own spool in one transaction, then deletes the orphan file. A crash between the
 two steps only causes a resend, which Lago deduplicates. The lock is released by the OS when a process
 dies, even on ``kill -9``. Without ``fcntl`` (Windows) there is no locking: one process per spool file.
+
+**fork**: a process forked from one with an open spool (a helper a worker starts with ``multiprocessing``'s ``fork``,
+``os.fork()``) inherits the slot's lock descriptor and SQLite connection. Its copy of the descriptor is closed at once
+(the slot stays the parent's, and is free once the parent is gone, however long the child lives on), the connection
+is left untouched (SQLite connections must not cross a fork) and the child's outbox starts empty and unopened: the
+events held are the parent's; if the child opens it again, it takes a slot of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -782,6 +789,20 @@ class _SpoolFile:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
+    def forked(self) -> None:
+        """In the child of a ``fork``: let go of the parent's slot. The child's copy of the lock descriptor is closed
+        (a flock is released when its last descriptor closes: the parent's keeps it, and the slot is free once the
+        parent is gone, not once this child is too); the connection is never used here, nor closed (SQLite: a
+        connection must not cross a fork; closing it could roll back the transaction a thread of the parent was
+        writing). The thread lock, perhaps held by one of those threads, is made anew."""
+        self.lock = threading.Lock()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+        if self.conn is not None:
+            _left_by_parent.append(self.conn)
+            self.conn = None
+
 
 def _safe_dumps(event: JSON | str) -> str:
     try:
@@ -819,6 +840,21 @@ class _Once:
             if self._state == 0:
                 self._state = 2
             return self._state == 1
+
+
+#: In the child of a ``fork``: the parent's SQLite connections, kept (never used, never closed) for the child's life.
+_left_by_parent: list[Any] = []
+#: Every SqliteOutbox, for :func:`_after_fork_in_child`.
+_outboxes: weakref.WeakSet[SqliteOutbox] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for outbox in list(_outboxes):
+        outbox.forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SqliteOutbox(Outbox):
@@ -859,6 +895,23 @@ class SqliteOutbox(Outbox):
         # and the dead letters of those Lago rejected (written by the next commit that succeeds)
         self._unwritten: set[int] = set()
         self._unwritten_dead: list[DeadLetter] = []
+        _outboxes.add(self)
+
+    def forked(self) -> None:
+        """In the child of a ``fork`` (see the module docstring): an opened spool is the parent's. The child lets go
+        of its slot and starts over, empty and unopened (what this outbox held is the parent's to deliver; kept
+        referenced, not freed: no copy-on-write of its pages); a spool never opened is kept as it is."""
+        file = self.file
+        opened = self._opened or file.conn is not None or file._lock_fd is not None
+        file.forked()
+        if not opened:
+            return
+        _left_by_parent.append(vars(self).copy())
+        on_ready = self.on_ready
+        SqliteOutbox.__init__(
+            self, file.base_path, capacity=self.capacity, window=self.window_size, synchronous=file.synchronous
+        )
+        self.on_ready = on_ready
 
     @property
     def path(self) -> str:
