@@ -1693,7 +1693,10 @@ class QuotaGate:
         a reset that reads as hours (a gateway's epoch time) does not stop refreshes for hours."""
         if isinstance(exc, LagoRateLimitError) and exc.status == 429:
             wait = min(max(exc.retry_after or 0.0, 1.0), max(self.ttl, 60.0))
-            self._paused_until = max(self._paused_until, self.clock() + wait + random.random())
+            now = self.clock()
+            # (one stamped before the clock was stepped back is over: not kept instead of this one)
+            paused = self._paused_until if self._backing_off(self._paused_until, now) else 0.0
+            self._paused_until = max(paused, now + wait + random.random())
 
     async def fetch(self, org_id: str, previous: Snapshot | None = None) -> Snapshot:
         """Read the org's subscription (unless ``previous`` holds a recent one) and current usage from Lago."""

@@ -303,8 +303,9 @@ return 1
 
 LOCK = """
 local cur = redis.call('GET', KEYS[1])
--- taken when free (expired, or '0': invalidated; or held until after ARGV[5], the caller's now + TTL + CLOCK_STEP:
--- taken on a clock stepped back since), or renewed by the process holding it (ARGV[4], its value)
+-- taken when free (expired, or '0': invalidated; or held until after ARGV[5], the caller's now + the longer of TTL
+-- and failure_backoff + CLOCK_STEP: taken on a clock stepped back since), or renewed by the process holding it
+-- (ARGV[4], its value)
 local held = tonumber(cur or '0')
 if cur ~= ARGV[4] and held > tonumber(ARGV[1]) and held <= tonumber(ARGV[5]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -781,7 +782,8 @@ class RedisBackend:
                     held,
                     max(1, int(ttl * 1000)),
                     self._held.get(org_id, ""),
-                    repr(now + ttl + CLOCK_STEP),
+                    # (a failed refresh's unlock holds it failure_backoff: maybe longer than a TTL)
+                    repr(now + max(ttl, self.config.failure_backoff) + CLOCK_STEP),
                 ]
                 locked = bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
