@@ -13,7 +13,9 @@ subscription's overrides already applied in ``value``). The privileges of the fe
 =================  ============================================================================
 
 A privilege without a value means "no limit". Limits missing from the entitlements come from the plan-code
-table ``LAGO_PLAN_LIMITS`` (same names); entitlements win. An org with no active subscription is answered
+table ``LAGO_PLAN_LIMITS`` (same names); entitlements win. A Lago serving no entitlements (older than them, or
+premium-only there: ``404``/``403 feature_unavailable``) leaves the table alone, said once (and once per plan missing
+from it: unlimited). An org with no active subscription is answered
 402 (``QuotaConfig.no_subscription``). Limits apply per billing period: ``from_datetime``/``to_datetime`` of
 ``current_usage`` (``to_datetime`` + 1 s is the reset time given to clients).
 
@@ -973,17 +975,52 @@ def limits_from_entitlements(
     return found
 
 
+#: Seconds a Lago that said it serves no entitlements is not asked for them again (per client): on such a Lago every
+#: plan read would otherwise cost a second request. Asked again after that, in case it was upgraded meanwhile.
+_UNSERVED_FOR = 3600.0
+_unserved: weakref.WeakKeyDictionary[LagoClient, float] = weakref.WeakKeyDictionary()  # client -> ask again after
+_unserved_said: weakref.WeakSet[LagoClient] = weakref.WeakSet()
+
+
+def _serves_no_entitlements(exc: LagoAPIError) -> bool:
+    """Whether ``exc``, the answer to ``GET /subscriptions/{id}/entitlements`` of a subscription just read, says this
+    Lago has no entitlements: a version before them (its catch-all route: ``404 resource_not_found``; or, behind a
+    proxy, a 404 that is not Lago's JSON), or one where they were premium-only (2025: ``403 feature_unavailable`` on a
+    free licence). Not ``subscription_not_found`` (it ended meanwhile)."""
+    if exc.status == 404:
+        return exc.code in (None, "resource_not_found")
+    return exc.status == 403 and exc.code == "feature_unavailable"
+
+
 async def subscription_entitlements(
     client: LagoClient, subscription: Mapping[str, Any], external_id: str
-) -> list[JSON]:
+) -> list[JSON] | None:
     """The entitlements of subscription ``external_id``: those Lago embeds in it, else (an older Lago) fetched; ``[]``
-    when none."""
+    when none; ``None`` when this Lago serves none (older than entitlements, or premium-only there: said once per
+    client, and not asked again for an hour), so that limits come from ``LAGO_PLAN_LIMITS`` alone."""
     entitlements: list[JSON] | None = subscription.get("entitlements")
     if entitlements is None:
+        if _unserved.get(client, 0.0) > time.monotonic():
+            return None
         try:
             entitlements = await client.get_subscription_entitlements(external_id)
-        except LagoNotFoundError:
-            entitlements = []
+        except LagoAPIError as exc:
+            if not _serves_no_entitlements(exc):
+                if isinstance(exc, LagoNotFoundError):
+                    return []  # (the subscription ended since it was read)
+                raise
+            _unserved[client] = time.monotonic() + _UNSERVED_FOR
+            if client not in _unserved_said:
+                _unserved_said.add(client)
+                logger.warning(
+                    "Lago serves no entitlements (its subscriptions have none, and GET /subscriptions/{id}/"
+                    "entitlements answered %s%s: a Lago version before entitlements, or one where they are "
+                    "premium-only): quota limits come from LAGO_PLAN_LIMITS alone, and a plan missing from it is "
+                    "unlimited. Upgrade Lago to use entitlements; asked again every hour; said once.",
+                    exc.status,
+                    f" {exc.code}" if exc.code else " (not Lago's JSON)",
+                )
+            return None
     return entitlements
 
 
@@ -1836,6 +1873,15 @@ class QuotaGate:
         if table is not None:
             limits.update(table)
             source = "plan_limits"
+        elif entitlements is None:
+            self._warn_once(
+                ("plan", str(plan_code)),  # (per plan, not per org)
+                "The plan %r of org %r has no limits: Lago serves no entitlements (said above) and LAGO_PLAN_LIMITS "
+                "has no entry for it, so its orgs are unlimited. Add it to LAGO_PLAN_LIMITS if it has limits; said "
+                "once per plan.",
+                plan_code,
+                org_id,
+            )
         from_entitlements = limits_from_entitlements(entitlements, self.config)
         if from_entitlements:
             limits.update(from_entitlements)
