@@ -1,4 +1,11 @@
-"""The async Lago REST client: one pooled ``httpx.AsyncClient``, retries, Lago's error envelope."""
+"""The async Lago REST client: one pooled ``httpx.AsyncClient``, retries, Lago's error envelope.
+
+A process forked from one holding a client (``os.fork()``, ``multiprocessing``'s ``fork``, ``gunicorn --preload``)
+never uses the client's own pool it inherited: its connections are the parent's, on the parent's event loop. The
+child's first call makes a pool of its own; the parent's is left as it is, never used nor closed (closing it from
+the child would unregister its sockets from the event loop the child shares with its parent). A transport passed in
+is the caller's: kept as it is.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ import email.utils
 import enum
 import functools
 import logging
+import os
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -70,6 +79,21 @@ class _State(enum.Enum):
     CLOSED = 2
 
 
+#: Every LagoClient with a pool of its own, for :func:`_after_fork_in_child`; and, in a forked child, the pools it
+#: inherited.
+_clients: weakref.WeakSet[LagoClient] = weakref.WeakSet()
+_left_by_parent: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._inherited = True  # (a pool is made on first use: none in a child that never calls Lago)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class LagoClient:
     """Async client for the parts of Lago's REST API that per-org billing needs.
 
@@ -118,6 +142,9 @@ class LagoClient:
             transport=transport,
         )
         self._http = self._new_http()
+        self._inherited = False  # (in a forked child: ``_http`` is the parent's pool)
+        if self._own_pool:
+            _clients.add(self)
         self._state = _State.OPEN
         self._say = _Throttled(logger)  # retries: said at WARNING once a minute (an outage fails every call)
 
@@ -142,6 +169,9 @@ class LagoClient:
         if self._raw is not None:
             await self._raw.aclose()
         if pool and self._own_pool and self._state is not _State.CLOSED:
+            if self._inherited:
+                self._pool()
+                return
             old, self._http = self._http, self._new_http()
             await old.aclose()
 
@@ -150,7 +180,19 @@ class LagoClient:
         self._state = _State.CLOSED
         if self._raw is not None:
             await self._raw.aclose()
+        if self._inherited:  # the parent's: never closed here
+            self._inherited = False
+            _left_by_parent.append(self._http)
+            return
         await self._http.aclose()
+
+    def _pool(self) -> httpx.AsyncClient:
+        """The httpx client to call through: in a forked child, one of its own, made on its first call."""
+        if self._inherited:
+            self._inherited = False
+            _left_by_parent.append(self._http)
+            self._http = self._new_http()
+        return self._http
 
     @property
     def is_closed(self) -> bool:
@@ -417,7 +459,7 @@ class LagoClient:
             self._check_batch_answer(status, content, url)
             return
         try:
-            response = await self._http.post(url, content=body, headers={"Content-Type": "application/json"})
+            response = await self._pool().post(url, content=body, headers={"Content-Type": "application/json"})
         except httpx.TransportError as exc:
             raise LagoUnavailableError(
                 f"Lago did not answer POST {url} ({type(exc).__name__}: {exc}).", method="POST", path=url
@@ -572,7 +614,7 @@ class LagoClient:
             try:
                 # an attempt never runs past the call's deadline (api_timeout otherwise)
                 timeout = min(settings.api_timeout, max(left, 0.001))
-                response = await self._http.request(method, url, params=query, json=json, timeout=timeout)
+                response = await self._pool().request(method, url, params=query, json=json, timeout=timeout)
             except httpx.RequestError as exc:  # network errors, and bodies that cannot be decoded
                 what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if isinstance(exc, httpx.TimeoutException):  # (httpx's timeouts mostly have no message)

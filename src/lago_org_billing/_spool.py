@@ -800,7 +800,7 @@ class _SpoolFile:
         if fd is not None:
             os.close(fd)
         if self.conn is not None:
-            _left_by_parent.append(self.conn)
+            _keep_for_life(self.conn)
             self.conn = None
 
 
@@ -842,10 +842,25 @@ class _Once:
             return self._state == 1
 
 
-#: In the child of a ``fork``: the parent's SQLite connections, kept (never used, never closed) for the child's life.
+#: In the child of a ``fork``: the parent's SQLite connections, kept (never used, never closed) for the child's life
+#: (:func:`_keep_for_life`).
 _left_by_parent: list[Any] = []
 #: Every SqliteOutbox, for :func:`_after_fork_in_child`.
 _outboxes: weakref.WeakSet[SqliteOutbox] = weakref.WeakSet()
+
+
+def _keep_for_life(conn: sqlite3.Connection) -> None:
+    """Keep the parent's ``conn`` in this forked child, never closed: not even as the interpreter exits, where a
+    module's list is cleared and sqlite3 closes what it frees. Closed here, a connection copied while a thread of the
+    parent was writing would roll that write back, rewriting the WAL index the parent shares (the shm file is mapped
+    in both): its spool would be corrupt. One reference more, never given back, and the connection is never freed."""
+    _left_by_parent.append(conn)
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - no ctypes (then at least never collected)
+        pass
 
 
 def _after_fork_in_child() -> None:
