@@ -244,12 +244,6 @@ async def test_a_subscription_without_billing_period_takes_the_usage_period(
     assert blocked.problem is not None and blocked.problem["period_end"] == "2026-04-01T00:00:00Z"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: with no period bound from Lago the gate makes up [now, now + TTL), whose end rolls over into a "
-    "new period (a new counter key, usage 0) at each refresh: needs a 'period unknown' mark on Snapshot (and its Redis "
-    "encoding, not this reviewer's file)",
-)
 async def test_no_billing_period_anywhere_keeps_counting_across_refreshes(
     fake: FakeLago, clock: Clock, clients: Any
 ) -> None:

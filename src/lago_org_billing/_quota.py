@@ -17,7 +17,8 @@ table ``LAGO_PLAN_LIMITS`` (same names); entitlements win. A Lago serving no ent
 premium-only there: ``404``/``403 feature_unavailable``) leaves the table alone, said once (and once per plan missing
 from it: unlimited). An org with no active subscription is answered
 402 (``QuotaConfig.no_subscription``). Limits apply per billing period: ``from_datetime``/``to_datetime`` of
-``current_usage`` (``to_datetime`` + 1 s is the reset time given to clients).
+``current_usage`` (``to_datetime`` + 1 s is the reset time given to clients; when Lago gives no period at all, the
+calendar one of the plan's interval in UTC).
 
 Cached, never on the hot path
 -----------------------------
@@ -465,6 +466,20 @@ CLOCK_STEP = 60.0
 #: Seconds after a period's end a snapshot of it may still be rolled over (as long as Redis keeps it: its expiry
 #: margin). Later, the next period's usage is what Lago counted meanwhile, not the 0 of a period start.
 _ROLLOVER_WINDOW = 3600.0
+
+
+def _calendar_period(now: float, interval: str) -> tuple[float, float]:
+    """The calendar billing period (Lago's default, here in UTC) of ``interval`` (a month when unknown) holding
+    ``now``: the period of a subscription when Lago gives none. Stable across reads, so that the counts kept under it
+    (all of them when Lago counts nothing) go on, not made up anew (usage back to 0) at each refresh."""
+    at = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    if interval == "weekly":
+        monday = at - dt.timedelta(days=at.weekday())
+        return monday.timestamp(), (monday + dt.timedelta(days=7)).timestamp()
+    months = _INTERVAL_MONTHS.get(interval, 1)
+    first = at.replace(month=(at.month - 1) // months * months + 1, day=1)
+    index = first.month - 1 + months
+    return first.timestamp(), first.replace(year=first.year + index // 12, month=index % 12 + 1).timestamp()
 
 
 def rolls_over(snapshot: Snapshot, now: float) -> bool:
@@ -980,6 +995,12 @@ def limits_from_entitlements(
 _UNSERVED_FOR = 3600.0
 _unserved: weakref.WeakKeyDictionary[LagoClient, float] = weakref.WeakKeyDictionary()  # client -> ask again after
 _unserved_said: weakref.WeakSet[LagoClient] = weakref.WeakSet()
+#: When (monotonic) the client was last served entitlements: for ``_UNSERVED_FOR`` after it, no answer saying this
+#: Lago has none is believed (a proxy's 404 during a deploy, an old pod of a rolling upgrade): that read fails instead.
+_served: weakref.WeakKeyDictionary[LagoClient, float] = weakref.WeakKeyDictionary()
+#: Clients whose last answer was a 404 that is not Lago's JSON: a second one in a row (no entitlements served between)
+#: is needed before the whole client is switched to LAGO_PLAN_LIMITS for ``_UNSERVED_FOR``.
+_unconfirmed: weakref.WeakSet[LagoClient] = weakref.WeakSet()
 
 
 def _serves_no_entitlements(exc: LagoAPIError) -> bool:
@@ -997,7 +1018,11 @@ async def subscription_entitlements(
 ) -> list[JSON] | None:
     """The entitlements of subscription ``external_id``: those Lago embeds in it, else (an older Lago) fetched; ``[]``
     when none; ``None`` when this Lago serves none (older than entitlements, or premium-only there: said once per
-    client, and not asked again for an hour), so that limits come from ``LAGO_PLAN_LIMITS`` alone."""
+    client, and not asked again for an hour), so that limits come from ``LAGO_PLAN_LIMITS`` alone.
+
+    Not from one odd answer: within an hour of entitlements served, an answer saying there are none is raised (the
+    org keeps its snapshot: not every org left unlimited for an hour); a 404 that is not Lago's JSON (a proxy's) is
+    taken for this read only, and for the whole client once a second comes in a row."""
     entitlements: list[JSON] | None = subscription.get("entitlements")
     if entitlements is None:
         if _unserved.get(client, 0.0) > time.monotonic():
@@ -1009,7 +1034,12 @@ async def subscription_entitlements(
                 if isinstance(exc, LagoNotFoundError):
                     return []  # (the subscription ended since it was read)
                 raise
-            _unserved[client] = time.monotonic() + _UNSERVED_FOR
+            if _served.get(client, -math.inf) > time.monotonic() - _UNSERVED_FOR:
+                raise  # (this Lago served entitlements within the hour: not believed)
+            if exc.code is None and client not in _unconfirmed:
+                _unconfirmed.add(client)  # (this read only: the client's next read asks again)
+            else:
+                _unserved[client] = time.monotonic() + _UNSERVED_FOR
             if client not in _unserved_said:
                 _unserved_said.add(client)
                 logger.warning(
@@ -1021,6 +1051,8 @@ async def subscription_entitlements(
                     f" {exc.code}" if exc.code else " (not Lago's JSON)",
                 )
             return None
+        _served[client] = time.monotonic()
+        _unconfirmed.discard(client)
     return entitlements
 
 
@@ -1886,13 +1918,18 @@ class QuotaGate:
         if from_entitlements:
             limits.update(from_entitlements)
             source = "entitlements"
-        start = _timestamp(subscription.get("current_billing_period_started_at")) or now
-        end_raw = _timestamp(subscription.get("current_billing_period_ending_at"))
-        end = end_raw + 1 if end_raw is not None else now + self.ttl
         plan = subscription.get("plan") or {}
         interval = plan.get("interval") or ""
         if plan.get("bill_charges_monthly") and interval in ("yearly", "semiannual"):
             interval = "monthly"  # (its usage periods are months)
+        started = _timestamp(subscription.get("current_billing_period_started_at"))
+        end_raw = _timestamp(subscription.get("current_billing_period_ending_at"))
+        if end_raw is not None:
+            start, end = started or now, end_raw + 1
+        else:  # (an older Lago: the usage's bounds replace these when it has them)
+            start, end = _calendar_period(now, interval if isinstance(interval, str) else "")
+            if started is not None and start <= started <= now:
+                start = started
         return Snapshot(
             active=True,
             plan_code=plan_code,
