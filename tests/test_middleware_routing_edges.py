@@ -176,7 +176,9 @@ async def test_the_gates_answer_carries_what_the_apps_cors_gives(
     assert response.headers.get("access-control-allow-origin") == expected
     credentials = cors.get("allow_credentials") and expected is not None
     assert response.headers.get("access-control-allow-credentials") == ("true" if credentials else None)
-    assert response.headers.get("access-control-expose-headers") == "Retry-After"  # (to any origin, as its own)
+    exposed = response.headers.get("access-control-expose-headers", "").split(", ")
+    assert exposed[0] == "Retry-After"  # (the app's own first, to any origin, then the gate's headers)
+    assert {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"} <= {name.lower() for name in exposed}
 
 
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])

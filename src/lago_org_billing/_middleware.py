@@ -8,9 +8,10 @@ What is billed: every request with an org, whatever its answer, except 5xx (unle
 routing's own answers, which no endpoint produced: a Starlette (FastAPI) router's 404 for a path no route matches, at
 the top or under a ``Mount``/``Host``, its ``redirect_slashes`` 307 (``/v1/chat/`` -> ``/v1/chat``: the call the
 client then makes is the one billed), its 405 for a method the route does not take, and a redirect a Starlette
-middleware inside this one answers before routing (``HTTPSRedirectMiddleware``). Those are not counted against the
-quota either (``stats["unrouted"]``). Endpoints' own 404s and redirects, a mounted app's (``StaticFiles``), and the
-404 of an app without Starlette routing, are billed.
+middleware inside this one answers before routing (``HTTPSRedirectMiddleware``, in the app or around it, or around a
+mounted app). Those are not counted against the quota either (``stats["unrouted"]``). Endpoints' own 404s and
+redirects, a mounted app's (``StaticFiles``), and the 404 of an app without Starlette routing, are billed. The
+endpoint of an answer no route produced is ``<unmatched>`` (the raw path only for an app without Starlette routing).
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import httpx
 from cachetools import TTLCache
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import Host, Mount
+from starlette.routing import Host, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
@@ -163,6 +165,8 @@ class OrgBillingMiddleware:
             self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
             self._heads: dict[tuple[str, str, str], str] = {}
             self._cors: CORSMiddleware | Literal[False] | None = None  # the app's, inside this one (see _outward)
+            # a Starlette app (router) inside, behind middlewares (see _unrouted); an HTTPSRedirectMiddleware before it
+            self._routing_inside, self._https_redirect = _inner_routing(app)
             self.on_unresolved = on_unresolved
             self.unresolved_status = unresolved_status
             if bill_server_errors is None:
@@ -290,7 +294,7 @@ class OrgBillingMiddleware:
                 decision = await quota.check(org_id)
             if not decision.allowed:
                 self.stats["blocked"] += 1
-                await self._outward(decision.response())(scope, receive, send)
+                await self._outward(decision.response(), expose=True)(scope, receive, send)
                 return
             watcher.extra_headers = decision.headers
         try:
@@ -302,7 +306,9 @@ class OrgBillingMiddleware:
             if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
                 state = scope.get("state")
                 if type(state) is dict and state.get("org_id") not in (None, org_id):
-                    org_id, user_id, decision = self._authenticated_late(state, org_id, user_id, decision)
+                    org_id, user_id, decision = self._authenticated_late(
+                        state, org_id, user_id, decision, scope, watcher, root_path
+                    )
             if self._shared_first_seen is None:
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision)
             else:
@@ -591,7 +597,7 @@ class OrgBillingMiddleware:
                 # answer goes out instead, whatever the app made of it
                 blocked = True
                 self._claim(billing)
-                response = self._outward(decision.response())
+                response = self._outward(decision.response(), expose=True)
                 return lambda send: response(scope, receive, send)
             identity = await self._resolve(scope)
             if identity[0] is not None:
@@ -609,7 +615,7 @@ class OrgBillingMiddleware:
             if not answered:  # straight from require_quota(): answer it here
                 blocked = True
                 self._claim(billing)
-                await self._outward(exc.decision.response())(scope, receive, send)
+                await self._outward(exc.decision.response(), expose=True)(scope, receive, send)
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
         except Exception as exc:
@@ -665,8 +671,8 @@ class OrgBillingMiddleware:
         elif org_id is None:
             self.stats["unresolved"] += 1
         else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
-            if decision is None and self.quota is not None:
-                self._ungated(org_id)
+            if decision is None and self.quota is not None and self._billable(scope, watcher.status, root_path):
+                self._ungated(org_id)  # (an answer not billed was not ungated either)
             decision = decision or QuotaDecision()
             if self._shared_first_seen is None or cancelled is not None:
                 self._record(scope, org_id, user_id, watcher, started, root_path, decision)
@@ -676,7 +682,14 @@ class OrgBillingMiddleware:
             raise cancelled
 
     def _authenticated_late(
-        self, state: dict[str, Any], org_id: str, user_id: str | None, decision: QuotaDecision | None
+        self,
+        state: dict[str, Any],
+        org_id: str,
+        user_id: str | None,
+        decision: QuotaDecision | None,
+        scope: Scope,
+        watcher: _ResponseWatcher,
+        root_path: str,
     ) -> tuple[str, str | None, QuotaDecision | None]:
         """The identity to bill when the app set ``request.state.org_id`` to another org while it ran (see
         :func:`late_identity`). The call reserved for the other org is released; the request was gated as that one,
@@ -699,7 +712,8 @@ class OrgBillingMiddleware:
             )
         if self.quota is None:
             return late, late_user, None
-        self._ungated(late)
+        if self._billable(scope, watcher.status, root_path):  # (an answer not billed was not ungated either)
+            self._ungated(late)
         # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran
         return late, late_user, QuotaDecision()
 
@@ -711,6 +725,20 @@ class OrgBillingMiddleware:
                 "unbilled and ungated, so that the request is billed once. Keep one billing middleware per app "
                 "(wrapping the app for OrgBilling(pipeline=...) replaces app.add_middleware). Logged once."
             )
+
+    def _billable(self, scope: Scope, status: int | None, root_path: str) -> bool:
+        """Whether an answer is billed (as :meth:`_record` decides, off its hot path)."""
+        if status is None or status >= 500:
+            return self.bill_server_errors
+        return status < 300 or not self._unrouted(scope, status, root_path)
+
+    def _unrouted(self, scope: Scope, status: int, root_path: str) -> bool:
+        """:func:`_unrouted`, knowing what is inside this middleware: a Starlette app behind middlewares of their own
+        (one of them answered before its routing ran: nothing in the scope shows it), an ``HTTPSRedirectMiddleware``
+        (its redirect of an ``http`` request, whatever app it wraps)."""
+        if self._https_redirect and 300 <= status < 400 and scope.get("scheme") in ("http", "ws"):
+            return True
+        return _unrouted(scope, status, root_path, self._routing_inside)
 
     def _ungated(self, org_id: str) -> None:
         self.stats["ungated"] += 1
@@ -743,7 +771,8 @@ class OrgBillingMiddleware:
         key and whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
         status = watcher.status if watcher.status is not None else 500
         if status >= 300 and (
-            (status >= 500 and not self.bill_server_errors) or (status < 500 and _unrouted(scope, status, root_path))
+            (status >= 500 and not self.bill_server_errors)
+            or (status < 500 and self._unrouted(scope, status, root_path))
         ):  # (a 2xx answer pays the first comparison only)
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
@@ -755,7 +784,7 @@ class OrgBillingMiddleware:
         if idempotent is not None:
             endpoint, transaction_id, retry = idempotent
         else:
-            endpoint = _template(scope, status, root_path)
+            endpoint = _template(scope, status, root_path, self._routing_inside)
             key = self._idempotency_key(scope) if self.idempotency_header is not None else None
             if key is not None:  # (in this process's memory; with Redis, _share_first_seen asked the fleet)
                 transaction_id = self._idempotent_id(key, org_id, method, endpoint)
@@ -954,10 +983,10 @@ class OrgBillingMiddleware:
             return None
         status = watcher.status if watcher.status is not None else 500
         if (status >= 500 and not self.bill_server_errors) or (
-            300 <= status < 500 and _unrouted(scope, status, root_path)
+            300 <= status < 500 and self._unrouted(scope, status, root_path)
         ):
             return None  # not billed: no event, no first timestamp
-        endpoint = _template(scope, status, root_path)
+        endpoint = _template(scope, status, root_path, self._routing_inside)
         transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
         local = self._first_seen.get(transaction_id)
         candidate = started if local is None else local
@@ -997,7 +1026,7 @@ class OrgBillingMiddleware:
         )
         await self._outward(response)(scope, receive, send)
 
-    def _outward(self, response: ASGIApp) -> ASGIApp:
+    def _outward(self, response: ASGIApp, *, expose: bool = False) -> ASGIApp:
         """An answer of this middleware's own (the gate's 429/402, the unresolved 401/403), sent through the app's
         ``CORSMiddleware`` when that one is inside this one (added before it): a browser gets it with the CORS headers
         of the app's own answers, not a CORS error that hides its status and ``Retry-After`` from the page."""
@@ -1011,6 +1040,8 @@ class OrgBillingMiddleware:
             return response
         outward = copy.copy(cors)
         outward.app = response
+        if expose:  # the gate's answer: the page may read its Retry-After and RateLimit-* (that answer only)
+            outward.simple_headers = _exposing(cors.simple_headers, response)
         return outward
 
 
@@ -1252,6 +1283,46 @@ def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
     return False
 
 
+#: Response headers a browser lets a page read without ``Access-Control-Expose-Headers`` (the Fetch standard's).
+_SAFELISTED = frozenset(
+    ("cache-control", "content-language", "content-length", "content-type", "expires", "last-modified", "pragma")
+)
+
+
+def _exposing(simple_headers: dict[str, str], response: Any) -> dict[str, str]:
+    """A CORS middleware's headers for its simple answers, with the headers of ``response`` (the gate's
+    ``Retry-After``, ``RateLimit-*``) added to ``Access-Control-Expose-Headers``."""
+    exposed = simple_headers.get("Access-Control-Expose-Headers", "")
+    known = {name.strip().lower() for name in exposed.split(",")}
+    names = [exposed] if exposed else []
+    for raw, _ in getattr(response, "raw_headers", ()):
+        name = raw.decode("latin-1").lower()
+        if name not in known and name not in _SAFELISTED:
+            known.add(name)
+            names.append(name)
+    if len(names) == (1 if exposed else 0):
+        return simple_headers
+    return {**simple_headers, "Access-Control-Expose-Headers": ", ".join(names)}
+
+
+def _inner_routing(app: Any) -> tuple[bool, bool]:
+    """Whether a Starlette app (or router) is inside ``app``, behind middlewares of its own, and whether an
+    ``HTTPSRedirectMiddleware`` is among those."""
+    redirects = False
+    for _ in range(64):
+        if isinstance(app, (Starlette, Router)):
+            return True, redirects
+        if isinstance(app, HTTPSRedirectMiddleware):
+            redirects = True
+        try:
+            app = getattr(app, "app", None)
+        except Exception:  # pragma: no cover - an object whose attributes fail
+            break
+        if app is None:
+            break
+    return False, redirects
+
+
 def _is_async(function: Any) -> bool:
     """An ``async def`` function, or an object whose ``__call__`` is one."""
     call = getattr(function, "__call__", None)  # noqa: B004
@@ -1338,7 +1409,8 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
     return _template(scope, status, root_path)
 
 
-def _template(scope: Scope, status: int, root_path: str) -> str:
+def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -> str:
+    # routed: a Starlette app (router) is inside the billing middleware, behind middlewares of its own
     route, path = scope.get("route"), scope["path"]
     fastapi = scope.get("fastapi")
     if fastapi is not None:  # FastAPI keeps included routers: the route with its include_router() prefix is there
@@ -1352,7 +1424,7 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
             if (status == 404 or 300 <= status < 400) and _wraps_served(route, scope):
                 return UNMATCHED
             return _mount_prefix(scope, root_path) + "/{path}"
-        if status == 404 or scope.get("router") is not None or isinstance(scope.get("app"), Starlette):
+        if status == 404 or routed or scope.get("router") is not None or isinstance(scope.get("app"), Starlette):
             return UNMATCHED  # (a Starlette middleware's answer before the router: no route either)
         return str(path)
     # Mount extends root_path by the matched prefix (as _mount_prefix, inline: the hot path)
@@ -1370,22 +1442,14 @@ def _template(scope: Scope, status: int, root_path: str) -> str:
 
 
 def _wraps_served(route: Mount | Host, scope: Scope) -> bool:
-    """Whether a mount's (host's) app is the Starlette app that served the request in middlewares of its own
-    (``Mount("/api", app=CORSMiddleware(api))``): no routes of its own, but a router answered under it."""
-    served = scope.get("app")
-    app: Any = route.app
-    if not isinstance(served, Starlette):
-        return False
-    for _ in range(16):
-        if app is served:
-            return True
-        app = getattr(app, "app", None)
-        if app is None:
-            return False
-    return False
+    """Whether a mount's (host's) app is a Starlette app (router) in middlewares of its own
+    (``Mount("/api", app=CORSMiddleware(api))``): no routes of its own, but its router answered under it, or one of
+    its middlewares did before it (``HTTPSRedirectMiddleware``); or an ``HTTPSRedirectMiddleware``'s redirect."""
+    routed, redirects = _inner_routing(route.app)
+    return routed or (redirects and scope.get("scheme") in ("http", "ws"))
 
 
-def _unrouted(scope: Scope, status: int, root_path: str) -> bool:
+def _unrouted(scope: Scope, status: int, root_path: str, routed: bool = False) -> bool:
     """Whether a 3xx or 4xx answer is the routing's own, which no endpoint (nor mounted app) produced: the 404 of a
     Starlette router that matched no route, its ``redirect_slashes`` redirect, its 405 for a method the route does not
     take, a redirect of a Starlette middleware before routing (``HTTPSRedirectMiddleware``). Not billed."""
@@ -1399,12 +1463,12 @@ def _unrouted(scope: Scope, status: int, root_path: str) -> bool:
         return isinstance(methods, (set, frozenset, list, tuple)) and scope["method"] not in methods
     if status != 404 and status >= 400:
         return False
-    if scope.get("router") is None and not isinstance(scope.get("app"), Starlette):
+    if not routed and scope.get("router") is None and not isinstance(scope.get("app"), Starlette):
         return False  # no Starlette routing: the app's own answer
     fastapi = scope.get("fastapi")
     if type(fastapi) is dict and "frontend_path" in fastapi:
         return False  # a FastAPI frontend's (static files) answer, as a mounted app's: no scope["route"] either
-    return _template(scope, status, root_path) is UNMATCHED
+    return _template(scope, status, root_path, routed) is UNMATCHED
 
 
 def _dot_segments(path: str) -> bool:
