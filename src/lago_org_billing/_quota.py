@@ -18,7 +18,8 @@ premium-only there: ``404``/``403 feature_unavailable``) leaves the table alone,
 from it: unlimited). An org with no active subscription is answered
 402 (``QuotaConfig.no_subscription``). Limits apply per billing period: ``from_datetime``/``to_datetime`` of
 ``current_usage`` (``to_datetime`` + 1 s is the reset time given to clients; when Lago gives no period at all, the
-calendar one of the plan's interval in UTC).
+calendar one of the plan's interval in UTC, or for an anniversary subscription the one repeating from its
+``subscription_at`` day).
 
 Cached, never on the hot path
 -----------------------------
@@ -468,18 +469,30 @@ CLOCK_STEP = 60.0
 _ROLLOVER_WINDOW = 3600.0
 
 
-def _calendar_period(now: float, interval: str) -> tuple[float, float]:
+def _calendar_period(now: float, interval: str, anchor: float | None = None) -> tuple[float, float]:
     """The calendar billing period (Lago's default, here in UTC) of ``interval`` (a month when unknown) holding
-    ``now``: the period of a subscription when Lago gives none. Stable across reads, so that the counts kept under it
-    (all of them when Lago counts nothing) go on, not made up anew (usage back to 0) at each refresh."""
+    ``now``: the period of a subscription when Lago gives none. With ``anchor`` (an anniversary subscription's
+    ``subscription_at``), the period repeating from that day instead. Stable across reads, so that the counts kept
+    under it (all of them when Lago counts nothing) go on, not made up anew (usage back to 0) at each refresh."""
     at = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    day = at if anchor is None else dt.datetime.fromtimestamp(anchor, dt.timezone.utc)
+    day = day.replace(hour=0, minute=0, second=0, microsecond=0)
     if interval == "weekly":
-        monday = at - dt.timedelta(days=at.weekday())
+        monday = at - dt.timedelta(days=at.weekday() if anchor is None else (at - day).days % 7)
         return monday.timestamp(), (monday + dt.timedelta(days=7)).timestamp()
     months = _INTERVAL_MONTHS.get(interval, 1)
-    first = at.replace(month=(at.month - 1) // months * months + 1, day=1)
-    index = first.month - 1 + months
-    return first.timestamp(), first.replace(year=first.year + index // 12, month=index % 12 + 1).timestamp()
+    if anchor is None or day > at:
+        day = at.replace(month=1, day=1)  # (calendar periods: those of an anniversary on Jan 1)
+
+    def nth(k: int) -> dt.datetime:  # the anchor's day, k intervals on (a short month's last day for a day 31)
+        index = day.month - 1 + k * months
+        year, month = day.year + index // 12, index % 12 + 1
+        return day.replace(year=year, month=month, day=min(day.day, calendar.monthrange(year, month)[1]))
+
+    k = ((at.year - day.year) * 12 + at.month - day.month) // months
+    if nth(k) > at:
+        k -= 1
+    return nth(k).timestamp(), nth(k + 1).timestamp()
 
 
 def rolls_over(snapshot: Snapshot, now: float) -> bool:
@@ -1922,12 +1935,19 @@ class QuotaGate:
         interval = plan.get("interval") or ""
         if plan.get("bill_charges_monthly") and interval in ("yearly", "semiannual"):
             interval = "monthly"  # (its usage periods are months)
+        interval = interval if isinstance(interval, str) else ""
         started = _timestamp(subscription.get("current_billing_period_started_at"))
         end_raw = _timestamp(subscription.get("current_billing_period_ending_at"))
+        anchor = None  # (an anniversary subscription's periods repeat from its subscription date)
+        if subscription.get("billing_time") == "anniversary":
+            anchor = _timestamp(subscription.get("subscription_at")) or _timestamp(subscription.get("started_at"))
         if end_raw is not None:
-            start, end = started or now, end_raw + 1
+            end = end_raw + 1
+            # (no start: the guessed period's ending a day before it, in whatever time zone: not now, so that the
+            # period's counter key stays the same across reads)
+            start = started or _calendar_period(end_raw - 86400, interval, anchor)[0]
         else:  # (an older Lago: the usage's bounds replace these when it has them)
-            start, end = _calendar_period(now, interval if isinstance(interval, str) else "")
+            start, end = _calendar_period(now, interval, anchor)
             if started is not None and start <= started <= now:
                 start = started
         return Snapshot(
@@ -1940,7 +1960,7 @@ class QuotaGate:
             period_end=end,
             plan_fetched_at=now,
             limits_source=source,
-            interval=interval if isinstance(interval, str) else "",
+            interval=interval,
             ending_at=_timestamp(subscription.get("ending_at")) or 0.0,
             next_plan_code=subscription.get("next_plan_code") or None,
         )
