@@ -32,6 +32,7 @@ import types
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -167,6 +168,8 @@ class OrgBillingMiddleware:
             self._cors: CORSMiddleware | Literal[False] | None = None  # the app's, inside this one (see _outward)
             # a Starlette app (router) inside, behind middlewares (see _unrouted); an HTTPSRedirectMiddleware before it
             self._routing_inside, self._https_redirect = _inner_routing(app)
+            # (its redirect told from an endpoint's by the answer's Location: a watcher noting it, only then)
+            self._watcher = _RedirectWatcher if self._https_redirect else _ResponseWatcher
             self.on_unresolved = on_unresolved
             self.unresolved_status = unresolved_status
             if bill_server_errors is None:
@@ -287,7 +290,7 @@ class OrgBillingMiddleware:
             return
 
         decision: QuotaDecision | None = None
-        watcher = _ResponseWatcher(scope, self.attribution, send)
+        watcher = self._watcher(scope, self.attribution, send)
         if quota is not None:
             decision = self._check_now(org_id) if self._check_now is not None else None
             if decision is None:
@@ -607,7 +610,7 @@ class OrgBillingMiddleware:
                 watcher.extra_headers = decision.headers  # require_quota()'s RateLimit-* headers
             return None
 
-        watcher = _ResponseWatcher(scope, self.attribution, send)
+        watcher = self._watcher(scope, self.attribution, send)
         watcher.on_start = resolve_late
         try:
             await self.app(scope, receive, watcher)
@@ -671,7 +674,7 @@ class OrgBillingMiddleware:
         elif org_id is None:
             self.stats["unresolved"] += 1
         else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
-            if decision is None and self.quota is not None and self._billable(scope, watcher.status, root_path):
+            if decision is None and self.quota is not None and self._billable(scope, watcher, root_path):
                 self._ungated(org_id)  # (an answer not billed was not ungated either)
             decision = decision or QuotaDecision()
             if self._shared_first_seen is None or cancelled is not None:
@@ -712,10 +715,15 @@ class OrgBillingMiddleware:
             )
         if self.quota is None:
             return late, late_user, None
-        if self._billable(scope, watcher.status, root_path):  # (an answer not billed was not ungated either)
+        if self._billable(scope, watcher, root_path):  # (an answer not billed was not ungated either)
             self._ungated(late)
         # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran
         return late, late_user, QuotaDecision()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OrgBillingMiddleware:
+        """Itself: a middleware that deep-copies the scope (hypercorn's ``ProxyFixMiddleware``) copies the request's
+        billing dict, which holds this middleware (its tasks, client, locks cannot be copied: every request failed)."""
+        return self
 
     def _nested(self) -> None:
         self.stats["nested"] = self.stats.get("nested", 0) + 1
@@ -726,19 +734,24 @@ class OrgBillingMiddleware:
                 "(wrapping the app for OrgBilling(pipeline=...) replaces app.add_middleware). Logged once."
             )
 
-    def _billable(self, scope: Scope, status: int | None, root_path: str) -> bool:
+    def _billable(self, scope: Scope, watcher: _ResponseWatcher, root_path: str) -> bool:
         """Whether an answer is billed (as :meth:`_record` decides, off its hot path)."""
+        status = watcher.status
         if status is None or status >= 500:
             return self.bill_server_errors
-        return status < 300 or not self._unrouted(scope, status, root_path)
+        return status < 300 or not self._unrouted(scope, status, root_path, watcher)
 
-    def _unrouted(self, scope: Scope, status: int, root_path: str) -> bool:
+    def _unrouted(self, scope: Scope, status: int, root_path: str, watcher: _ResponseWatcher) -> bool:
         """:func:`_unrouted`, knowing what is inside this middleware: a Starlette app behind middlewares of their own
         (one of them answered before its routing ran: nothing in the scope shows it), an ``HTTPSRedirectMiddleware``
         (its redirect of an ``http`` request, whatever app it wraps)."""
-        if self._https_redirect and 300 <= status < 400 and scope.get("scheme") in ("http", "ws"):
-            return True
-        return _unrouted(scope, status, root_path, self._routing_inside)
+        if self._https_redirect and status == 307 and scope.get("scheme") in ("http", "ws"):
+            # its answer, not an endpoint's (behind a proxy fix that made the request https on a copy of the scope)
+            if _https_redirect_of(scope, getattr(watcher, "location", None)):
+                return True
+        # (the Starlette app found inside does not decide: a middleware working on a copy of the scope (a proxy fix)
+        # hides its routing from this one, and its endpoints' own 404s and redirects are billed)
+        return _unrouted(scope, status, root_path)
 
     def _ungated(self, org_id: str) -> None:
         self.stats["ungated"] += 1
@@ -772,7 +785,7 @@ class OrgBillingMiddleware:
         status = watcher.status if watcher.status is not None else 500
         if status >= 300 and (
             (status >= 500 and not self.bill_server_errors)
-            or (status < 500 and self._unrouted(scope, status, root_path))
+            or (status < 500 and self._unrouted(scope, status, root_path, watcher))
         ):  # (a 2xx answer pays the first comparison only)
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
@@ -983,7 +996,7 @@ class OrgBillingMiddleware:
             return None
         status = watcher.status if watcher.status is not None else 500
         if (status >= 500 and not self.bill_server_errors) or (
-            300 <= status < 500 and self._unrouted(scope, status, root_path)
+            300 <= status < 500 and self._unrouted(scope, status, root_path, watcher)
         ):
             return None  # not billed: no event, no first timestamp
         endpoint = _template(scope, status, root_path, self._routing_inside)
@@ -1165,6 +1178,33 @@ class _ResponseWatcher(UsageRecorder):
     def detach(self) -> None:
         UsageRecorder.detach(self)
         self.send = self.on_start = None
+
+
+class _RedirectWatcher(_ResponseWatcher):
+    """A :class:`_ResponseWatcher` that notes the ``Location`` of a 307 (an ``HTTPSRedirectMiddleware`` is inside)."""
+
+    __slots__ = ("location",)
+
+    def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
+        _ResponseWatcher.__init__(self, scope, config, send)
+        self.location: bytes | None = None
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start" and message.get("status") == 307:
+            for name, value in message.get("headers") or ():
+                if name.lower() == b"location":
+                    self.location = value
+        return _ResponseWatcher.__call__(self, message)
+
+
+def _https_redirect_of(scope: Scope, location: bytes | None) -> bool:
+    """Whether a 307's ``Location`` is what an ``HTTPSRedirectMiddleware`` answers: the request's own URL over https
+    (the host may differ: a proxy fix's ``X-Forwarded-Host``), not an endpoint's redirect elsewhere."""
+    if location is None:
+        return True  # (not seen: taken for it, as before)
+    target = urlsplit(location.decode("latin-1"))
+    query = scope.get("query_string", b"").decode("latin-1")
+    return target.scheme in ("https", "wss") and target.path.endswith(scope["path"]) and target.query == query
 
 
 #: What a server's send raises when the client went away. Not any OSError: an upstream's timeout or refused

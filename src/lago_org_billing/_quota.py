@@ -1250,6 +1250,11 @@ class QuotaGate:
             finally:
                 self._scopes.discard(scope)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuotaGate:
+        """Itself: a scope holding the gate (the request's billing state) is deep-copied by some middlewares
+        (hypercorn's ``ProxyFixMiddleware``); a gate is a process-wide service, not request data."""
+        return self
+
     async def aclose(self) -> None:
         """Write pending settles, stop refreshes, close the backend."""
         loose = list(self._loose)
