@@ -564,10 +564,19 @@ class UsageRecorder:
         media_type = (
             content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
         )
-        ndjson = media_type in _NDJSON
-        if media_type == b"text/event-stream" or ndjson:
+        if media_type == b"application/json" or media_type.endswith(b"+json"):  # (the common case first)
+            if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
+                try:
+                    if int(length) > config.max_body_bytes:
+                        self._head, self._last = bytearray(), bytearray()
+                        self._mode = _MODE_JSON_ENDS  # its ends only: the usage closing it
+                        return
+                except ValueError:
+                    pass  # not a number: the body is buffered up to the cap all the same
+            self._mode = _MODE_JSON
+        elif media_type == b"text/event-stream" or media_type in _NDJSON:
             self._mode = _MODE_SSE
-            self._ndjson = ndjson
+            self._ndjson = media_type in _NDJSON
             self._counts = _Counts()
             self._fresh = True  # the stream's first bytes may be a byte-order mark, which SSE ignores
             self._partial = b""
@@ -578,16 +587,6 @@ class UsageRecorder:
             self._event = b""
             self._data_lines = []
             self._data_size = 0
-        elif media_type == b"application/json" or media_type.endswith(b"+json"):
-            if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
-                try:
-                    if int(length) > config.max_body_bytes:
-                        self._head, self._last = bytearray(), bytearray()
-                        self._mode = _MODE_JSON_ENDS  # its ends only: the usage closing it
-                        return
-                except ValueError:
-                    pass  # not a number: the body is buffered up to the cap all the same
-            self._mode = _MODE_JSON
 
     # -- body ------------------------------------------------------------------------------------------------------
 
@@ -1066,12 +1065,8 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints; any other
     document it parsed goes to the general path's rules (same result, not parsed again). ``None`` sends a body not
     starting with ``{`` down the general path (``json.loads``)."""
-    at = body.rfind(b'"usage')  # (_mentions_usage, inlined: from the end, where OpenAI's usage is)
-    if at < 0:
-        if b'eval_count"' not in body:
-            return Usage()
-    elif body[at + 6 : at + 7] != b'"' and not _mentions_usage(body):
-        return Usage()  # keys such as "usage_limit": no usage to parse the body for
+    if b'"usage"' not in body and b'"usageMetadata"' not in body and b'eval_count"' not in body:
+        return Usage()  # (_mentions_usage, inlined; keys such as "usage_limit": no usage to parse the body for)
     if body[:1] != b"{":  # leading blanks, a byte-order mark...: the general path reads it as json.loads does
         return None
     try:
