@@ -32,7 +32,7 @@ import types
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -1202,9 +1202,13 @@ def _https_redirect_of(scope: Scope, location: bytes | None) -> bool:
     (the host may differ: a proxy fix's ``X-Forwarded-Host``), not an endpoint's redirect elsewhere."""
     if location is None:
         return True  # (not seen: taken for it, as before)
-    target = urlsplit(location.decode("latin-1"))
-    query = scope.get("query_string", b"").decode("latin-1")
-    return target.scheme in ("https", "wss") and target.path.endswith(scope["path"]) and target.query == query
+    # its Location as Starlette writes it: the path's '?', '#', '\\' escaped, path and query quoted (a space, a
+    # non-ASCII name, a raw '{' or '|' in the query are percent-encoded there, not in the scope)
+    path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    query = scope.get("query_string", b"").decode("utf-8", "replace")
+    own = quote(f"{path}?{query}" if query else path, safe=":/%#?=@[]!$&'()*+,;")
+    target = location.decode("latin-1")
+    return target.startswith(("https://", "wss://")) and target.endswith(own)
 
 
 #: What a server's send raises when the client went away. Not any OSError: an upstream's timeout or refused
