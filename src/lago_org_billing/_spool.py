@@ -34,7 +34,9 @@ dies, even on ``kill -9``. Without ``fcntl`` (Windows) there is no locking: one 
 ``os.fork()``) inherits the slot's lock descriptor and SQLite connection. Its copy of the descriptor is closed at once
 (the slot stays the parent's, and is free once the parent is gone, however long the child lives on), the connection
 is left untouched (SQLite connections must not cross a fork) and the child's outbox starts empty and unopened: the
-events held are the parent's; if the child opens it again, it takes a slot of its own.
+events held are the parent's; if the child opens it again, it takes a slot of its own, never the file of the
+connection it inherited (nor adopts it), even once the parent has let go of it: SQLite would share that connection's
+locks with the child's own (see ``_inherited_files``).
 """
 
 from __future__ import annotations
@@ -591,6 +593,8 @@ class _SpoolFile:
 
     def _acquire_slot(self, first: int = 0) -> int:
         for slot in range(first, _MAX_SLOTS):
+            if _inherited(spool_slot_path(self.base_path, slot)):  # (a forked child: see _keep_for_life)
+                continue
             fd = self._try_lock(spool_slot_path(self.base_path, slot))
             if fd is not None:
                 self._lock_fd = fd if fd >= 0 else None
@@ -603,7 +607,7 @@ class _SpoolFile:
         assert self.conn is not None
         adopted = 0
         for slot, candidate in spool_slot_files(self.base_path):
-            if slot == my_slot:
+            if slot == my_slot or _inherited(candidate):  # (left to another process to adopt)
                 continue
             fd = self._try_lock(candidate)
             if fd is None:  # a live process owns it
@@ -800,7 +804,7 @@ class _SpoolFile:
         if fd is not None:
             os.close(fd)
         if self.conn is not None:
-            _keep_for_life(self.conn)
+            _keep_for_life(self.conn, self.path)
             self.conn = None
 
 
@@ -845,16 +849,37 @@ class _Once:
 #: In the child of a ``fork``: the parent's SQLite connections, kept (never used, never closed) for the child's life
 #: (:func:`_keep_for_life`).
 _left_by_parent: list[Any] = []
+#: In the child of a ``fork``: (device, inode) of the files those connections hold. SQLite shares its state of a file
+#: (the locks held, a write in progress among them) among the connections of a process to it: a connection of the
+#: child's own to one of them would share the locks the parent held at the fork ('database is locked' for ever). The
+#: child never opens them again, nor adopts them: they are left to another process.
+_inherited_files: set[tuple[int, int]] = set()
 #: Every SqliteOutbox, for :func:`_after_fork_in_child`.
 _outboxes: weakref.WeakSet[SqliteOutbox] = weakref.WeakSet()
 
 
-def _keep_for_life(conn: sqlite3.Connection) -> None:
+def _inherited(path: str) -> bool:
+    """Whether ``path`` is the file of a connection this forked child inherited (:data:`_inherited_files`)."""
+    if not _inherited_files:
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return (stat.st_dev, stat.st_ino) in _inherited_files
+
+
+def _keep_for_life(conn: sqlite3.Connection, path: str) -> None:
     """Keep the parent's ``conn`` in this forked child, never closed: not even as the interpreter exits, where a
     module's list is cleared and sqlite3 closes what it frees. Closed here, a connection copied while a thread of the
     parent was writing would roll that write back, rewriting the WAL index the parent shares (the shm file is mapped
     in both): its spool would be corrupt. One reference more, never given back, and the connection is never freed."""
     _left_by_parent.append(conn)
+    try:
+        stat = os.stat(path)
+        _inherited_files.add((stat.st_dev, stat.st_ino))
+    except OSError:  # (removed: nothing to open again)
+        pass
     try:
         import ctypes
 
