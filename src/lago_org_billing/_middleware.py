@@ -735,7 +735,7 @@ class OrgBillingMiddleware:
             )
 
     def _billable(self, scope: Scope, watcher: _ResponseWatcher, root_path: str) -> bool:
-        """Whether an answer is billed (as :meth:`_record` decides, off its hot path)."""
+        """Whether an answer is billed (what :meth:`_record` and the idempotency check decide on; no answer: a 500)."""
         status = watcher.status
         if status is None or status >= 500:
             return self.bill_server_errors
@@ -783,10 +783,7 @@ class OrgBillingMiddleware:
         off the request's path. ``idempotent``: the endpoint and transaction id of a request with an idempotency
         key and whether it is a retry, when Redis was asked (:meth:`_share_first_seen`)."""
         status = watcher.status if watcher.status is not None else 500
-        if status >= 300 and (
-            (status >= 500 and not self.bill_server_errors)
-            or (status < 500 and self._unrouted(scope, status, root_path, watcher))
-        ):  # (a 2xx answer pays the first comparison only)
+        if status >= 300 and not self._billable(scope, watcher, root_path):  # (a 2xx: the first comparison only)
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             self.stats["unbilled_errors" if status >= 500 else "unrouted"] += 1
@@ -994,11 +991,9 @@ class OrgBillingMiddleware:
         key = self._idempotency_key(scope)
         if key is None:
             return None
-        status = watcher.status if watcher.status is not None else 500
-        if (status >= 500 and not self.bill_server_errors) or (
-            300 <= status < 500 and self._unrouted(scope, status, root_path, watcher)
-        ):
+        if not self._billable(scope, watcher, root_path):
             return None  # not billed: no event, no first timestamp
+        status = watcher.status if watcher.status is not None else 500
         endpoint = _template(scope, status, root_path, self._routing_inside)
         transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
         local = self._first_seen.get(transaction_id)

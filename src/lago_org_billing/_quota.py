@@ -429,6 +429,13 @@ def _local(timestamp: float) -> tuple[dt.datetime, float]:
     return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc), offset
 
 
+def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
+    """``at`` moved ``months`` months on, to billing ``day`` of that month (its last day, when shorter)."""
+    index = at.month - 1 + months
+    year, month = at.year + index // 12, index % 12 + 1
+    return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1]))
+
+
 def _add_months(start: float, end: float, months: int) -> float:
     """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or the start's when
     later and the end falls on a short month's last day (anniversary day 31: Jan 31 to Feb 28 goes on to Mar 31).
@@ -437,9 +444,7 @@ def _add_months(start: float, end: float, months: int) -> float:
     day = at.day
     if day == calendar.monthrange(at.year, at.month)[1]:
         day = max(day, _local(start)[0].day)
-    index = at.month - 1 + months
-    year, month = at.year + index // 12, index % 12 + 1
-    return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1])).timestamp() - offset
+    return _months_on(at, months, day).timestamp() - offset
 
 
 def next_period_end(snapshot: Snapshot) -> float:
@@ -485,9 +490,7 @@ def _calendar_period(now: float, interval: str, anchor: float | None = None) -> 
         day = at.replace(month=1, day=1)  # (calendar periods: those of an anniversary on Jan 1)
 
     def nth(k: int) -> dt.datetime:  # the anchor's day, k intervals on (a short month's last day for a day 31)
-        index = day.month - 1 + k * months
-        year, month = day.year + index // 12, index % 12 + 1
-        return day.replace(year=year, month=month, day=min(day.day, calendar.monthrange(year, month)[1]))
+        return _months_on(day, k * months, day.day)
 
     k = ((at.year - day.year) * 12 + at.month - day.month) // months
     if nth(k) > at:

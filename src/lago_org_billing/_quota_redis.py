@@ -71,6 +71,13 @@ logger = logging.getLogger("lago_org_billing.quota")
 #: nothing else set their expiry, live as long as their records' period (``UNPERIODED_TTL_MS``: records of none).
 PERIOD_MARGIN_MS = 3_600_000
 UNPERIODED_TTL_MS = 86_400_000
+
+
+def _expiry_ms(until: float, now: float) -> int:
+    """The expiry (ms) of a key needed until ``until``: that, and the ``PERIOD_MARGIN_MS`` margin after it."""
+    return max(int((until - now) * 1000), 1) + PERIOD_MARGIN_MS
+
+
 #: Settles kept for Redis while it is down (beyond: counted locally, as a fallback decision would be).
 _MAX_QUEUED_SETTLES = 100_000
 
@@ -550,7 +557,7 @@ class RedisBackend:
             # (a counter of the records' period expires with it, as one the CHECK script makes)
             ttl_ms = UNPERIODED_TTL_MS
             if snapshot is not None and snapshot.active:
-                ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
+                ttl_ms = _expiry_ms(snapshot.period_end, now)
             try:
                 await self._merge(
                     keys=[self.key(org_id, "count")],
@@ -739,9 +746,9 @@ class RedisBackend:
             self.fallback.store_now(org_id, snapshot, now)
             return True
         if snapshot.active:
-            ttl_ms = max(int((snapshot.period_end - now) * 1000), 1) + PERIOD_MARGIN_MS
+            ttl_ms = _expiry_ms(snapshot.period_end, now)
         else:  # due again at refresh_at; kept a margin after it (serving while Lago is down), not a day per org id
-            ttl_ms = max(int((snapshot.refresh_at - now) * 1000), 1) + PERIOD_MARGIN_MS
+            ttl_ms = _expiry_ms(snapshot.refresh_at, now)
         args: list[Any] = [
             repr(snapshot.requested_at),
             int(snapshot.requested_at - self.config.settle_lag),
