@@ -104,7 +104,7 @@ CLIENT_CHILD = textwrap.dedent(
     import httpx
 
     from lago_org_billing import BillingSettings, LagoClient
-    from lago_org_billing import _client
+    from lago_org_billing import _forks
 
 
     async def handle(stream):
@@ -139,7 +139,7 @@ CLIENT_CHILD = textwrap.dedent(
             throwaway = LagoClient(settings)
             del throwaway
             gc.collect()
-            print("TRACKED", len(getattr(_client, "_clients", ())), flush=True)
+            print("TRACKED", sum(isinstance(obj, LagoClient) for obj in _forks._tracked), flush=True)
             print("PARENT", json.dumps(await client.health()), flush=True)
             print("OTHER", json.dumps(await closed_in_child.health()), flush=True)
             pid = os.fork()

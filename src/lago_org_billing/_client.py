@@ -15,10 +15,8 @@ import email.utils
 import enum
 import functools
 import logging
-import os
 import random
 import time
-import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -27,6 +25,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from . import _forks
 from ._errors import (
     InvalidRequestError,
     LagoAPIError,
@@ -79,21 +78,6 @@ class _State(enum.Enum):
     CLOSED = 2
 
 
-#: Every LagoClient with a pool of its own, for :func:`_after_fork_in_child`; and, in a forked child, the pools it
-#: inherited.
-_clients: weakref.WeakSet[LagoClient] = weakref.WeakSet()
-_left_by_parent: list[Any] = []
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_clients):
-        client._inherited = True  # (a pool is made on first use: none in a child that never calls Lago)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class LagoClient:
     """Async client for the parts of Lago's REST API that per-org billing needs.
 
@@ -144,7 +128,7 @@ class LagoClient:
         self._http = self._new_http()
         self._inherited = False  # (in a forked child: ``_http`` is the parent's pool)
         if self._own_pool:
-            _clients.add(self)
+            _forks.track(self)
         self._state = _State.OPEN
         self._say = _Throttled(logger)  # retries: said at WARNING once a minute (an outage fails every call)
 
@@ -175,6 +159,11 @@ class LagoClient:
             old, self._http = self._http, self._new_http()
             await old.aclose()
 
+    def _forked(self) -> None:
+        """In a forked child: ``_http`` is the parent's pool (a pool of its own is made on its first call: none in a
+        child that never calls Lago)."""
+        self._inherited = True
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         self._state = _State.CLOSED
@@ -182,7 +171,7 @@ class LagoClient:
             await self._raw.aclose()
         if self._inherited:  # the parent's: never closed here
             self._inherited = False
-            _left_by_parent.append(self._http)
+            _forks.left_by_parent.append(self._http)
             return
         await self._http.aclose()
 
@@ -190,7 +179,7 @@ class LagoClient:
         """The httpx client to call through: in a forked child, one of its own, made on its first call."""
         if self._inherited:
             self._inherited = False
-            _left_by_parent.append(self._http)
+            _forks.left_by_parent.append(self._http)
             self._http = self._new_http()
         return self._http
 

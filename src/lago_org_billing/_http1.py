@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import weakref
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+
+from . import _forks
 
 __all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
@@ -98,20 +98,6 @@ class _Connection:
             raise RawHTTPError("connection closed by the server") from None
 
 
-#: Every RawPoster, for :func:`_after_fork_in_child`; and, in a forked child, the connections it inherited.
-_posters: weakref.WeakSet[RawPoster] = weakref.WeakSet()
-_left_by_parent: list[Any] = []
-
-
-def _after_fork_in_child() -> None:
-    for poster in list(_posters):
-        poster._forked()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class RawPoster:
     """POSTs JSON bodies to one origin over pooled keep-alive connections."""
 
@@ -128,11 +114,11 @@ class RawPoster:
         self.max_idle = max_idle
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = None
-        _posters.add(self)
+        _forks.track(self)
 
     def _forked(self) -> None:
         if self._idle:
-            _left_by_parent.append(self._idle)  # (the parent's sockets, on the parent's event loop)
+            _forks.left_by_parent.append(self._idle)  # (the parent's sockets, on the parent's event loop)
             self._idle = []
 
     async def post(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -53,13 +53,13 @@ import re
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from . import _forks
 from ._errors import ConfigurationError
 
 _flock: Callable[[int, int], None] | None
@@ -846,16 +846,11 @@ class _Once:
             return self._state == 1
 
 
-#: In the child of a ``fork``: the parent's SQLite connections, kept (never used, never closed) for the child's life
-#: (:func:`_keep_for_life`).
-_left_by_parent: list[Any] = []
 #: In the child of a ``fork``: (device, inode) of the files those connections hold. SQLite shares its state of a file
 #: (the locks held, a write in progress among them) among the connections of a process to it: a connection of the
 #: child's own to one of them would share the locks the parent held at the fork ('database is locked' for ever). The
 #: child never opens them again, nor adopts them: they are left to another process.
 _inherited_files: set[tuple[int, int]] = set()
-#: Every SqliteOutbox, for :func:`_after_fork_in_child`.
-_outboxes: weakref.WeakSet[SqliteOutbox] = weakref.WeakSet()
 
 
 def _inherited(path: str) -> bool:
@@ -874,7 +869,7 @@ def _keep_for_life(conn: sqlite3.Connection, path: str) -> None:
     module's list is cleared and sqlite3 closes what it frees. Closed here, a connection copied while a thread of the
     parent was writing would roll that write back, rewriting the WAL index the parent shares (the shm file is mapped
     in both): its spool would be corrupt. One reference more, never given back, and the connection is never freed."""
-    _left_by_parent.append(conn)
+    _forks.left_by_parent.append(conn)
     try:
         stat = os.stat(path)
         _inherited_files.add((stat.st_dev, stat.st_ino))
@@ -886,15 +881,6 @@ def _keep_for_life(conn: sqlite3.Connection, path: str) -> None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
     except (ImportError, AttributeError, OSError):  # pragma: no cover - no ctypes (then at least never collected)
         pass
-
-
-def _after_fork_in_child() -> None:
-    for outbox in list(_outboxes):
-        outbox.forked()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SqliteOutbox(Outbox):
@@ -935,9 +921,9 @@ class SqliteOutbox(Outbox):
         # and the dead letters of those Lago rejected (written by the next commit that succeeds)
         self._unwritten: set[int] = set()
         self._unwritten_dead: list[DeadLetter] = []
-        _outboxes.add(self)
+        _forks.track(self)
 
-    def forked(self) -> None:
+    def _forked(self) -> None:
         """In the child of a ``fork`` (see the module docstring): an opened spool is the parent's. The child lets go
         of its slot and starts over, empty and unopened (what this outbox held is the parent's to deliver; kept
         referenced, not freed: no copy-on-write of its pages); a spool never opened is kept as it is."""
@@ -946,7 +932,7 @@ class SqliteOutbox(Outbox):
         file.forked()
         if not opened:
             return
-        _left_by_parent.append(vars(self).copy())
+        _forks.left_by_parent.append(vars(self).copy())
         on_ready = self.on_ready
         SqliteOutbox.__init__(
             self, file.base_path, capacity=self.capacity, window=self.window_size, synchronous=file.synchronous
