@@ -1,7 +1,7 @@
 """The apps benchmarks/overhead.py serves: one small JSON endpoint, bare and behind middlewares.
 
 Run by uvicorn as ``benchmarks._apps:bare``, ``...:passthrough``, ``...:billed`` (settings from the environment)
-and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
+``...:floor`` (the least a billing middleware does) and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 BODY = {
     "id": "chatcmpl-bench",
@@ -61,6 +61,41 @@ class Burn:
         await self.app(scope, receive, send)
 
 
+class Floor:
+    """The least a billing middleware can do per request in pure Python, as a floor for the real one: the org read
+    from a header, ``send`` wrapped to see the status and the body, the request's facts kept as one tuple. No route
+    template, no usage parsed, no event built, nothing delivered: what the real middleware does beyond this is its
+    own cost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.facts: list[tuple[object, ...]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        org = None
+        for name, value in scope["headers"]:
+            if name == b"x-org-id":
+                org = value
+                break
+        seen: list[object] = [500, b""]
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen[0] = message["status"]
+            else:
+                seen[1] = message.get("body", b"")
+            await send(message)
+
+        started = time.time()
+        await self.app(scope, receive, watch)
+        self.facts.append((org, scope["path"], scope["method"], seen[0], started, time.time(), seen[1]))
+        if len(self.facts) >= 10_000:
+            self.facts.clear()
+
+
 bare = _app()
 passthrough = _app(Middleware(PassThrough))
 
@@ -74,6 +109,8 @@ def _billed() -> Starlette:
 def __getattr__(name: str) -> Starlette:
     if name == "billed":
         return _billed()
+    if name == "floor":
+        return _app(Middleware(Floor))
     if name == "burn":
         return _app(Middleware(Burn))
     raise AttributeError(name)

@@ -6,7 +6,7 @@ hits all of them alike; the median of each is reported with the ratio to bare, a
 CPU time per request (from /proc: background delivery included), whose ratio to bare's is the same measure
 without the noise of CPU 1.
 
-    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--calibrate US]
+    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--floor] [--calibrate US]
 
 ``--calibrate US`` adds a control: a pass-through that burns US microseconds of pure CPU per request (measured
 in process). How far it falls below bare tells what one microsecond of in-process cost (see
@@ -196,6 +196,12 @@ def main() -> int:
         " responses)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the least a billing middleware can do in Python (benchmarks/_apps.py Floor: org header, "
+        "status and body seen, facts kept; nothing built or delivered)",
+    )
+    parser.add_argument(
         "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
     )
     args = parser.parse_args()
@@ -204,7 +210,7 @@ def main() -> int:
         return 2
 
     burn = f"burn-{args.calibrate:g}us" if args.calibrate else None
-    apps = ["bare", "passthrough", *([burn] if burn else []), "billed"] + (
+    apps = ["bare", "passthrough", *([burn] if burn else []), *(["floor"] if args.floor else []), "billed"] + (
         ["gated", "gated-quiet"] if args.quota else []
     )
     app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
