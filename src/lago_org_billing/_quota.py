@@ -856,7 +856,8 @@ class LocalBackend:
         return self.reserve_now(org_id, now, mode)
 
     def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
-        counts = self._org(org_id).counts
+        state = self._orgs.get(org_id)  # (not moved in the LRU order: its check did that moments ago)
+        counts = (state if state is not None else self._org(org_id)).counts
         if period and counts.period != period:
             if counts.period:  # the period changed since: nothing of it is counted any more
                 return
@@ -1348,11 +1349,14 @@ class QuotaGate:
     def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
         """After the response: count ``tokens``; turn the reserved call into a recorded one, or release it
         when the request was not billed. Synchronous; Redis writes go through a background queue."""
-        if isinstance(decision, _Decision):
-            if not decision.reserved and not billed and tokens <= 0:
+        if type(decision) is _Decision or isinstance(decision, _Decision):
+            reserved = decision.reserved
+            if not reserved and not billed and tokens <= 0:
                 return
-            backend = decision.backend if decision.backend is not None else self.backend
-            bucket = decision.bucket if decision.reserved else None
+            backend = decision.backend
+            if backend is None:
+                backend = self.backend
+            bucket = decision.bucket if reserved else None
             if self._shared and backend is self.local and bucket is not None and not self.local.holds(org_id, bucket):
                 # decided here during a Redis outage, its call handed to Redis since (drain: counted there as a
                 # recorded call) when Redis came back: its tokens go there too
