@@ -682,12 +682,14 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
 
 
 def _header_id(value: Any) -> str | None:
-    """A header value as an id (see :func:`_clean_id`); valid ones are remembered (the active orgs and users repeat)."""
+    """A header value as an id (see :func:`_clean_id`); valid ones are remembered (the active orgs and users repeat),
+    when the value is no longer than an id: one padded with blanks that :func:`_clean_id` strips (``\\xa0``, which
+    servers pass on) would keep kilobytes per entry, each distinct padding its own entry."""
     try:
         ident = _clean_id(value.decode("latin-1"))
     except AttributeError:
         return None
-    if ident is not None and type(value) is bytes:
+    if ident is not None and type(value) is bytes and len(value) <= MAX_ID_LENGTH:
         if len(_header_ids) >= 10_000:  # bounded: a cache of the active ids, not a registry
             _header_ids.clear()
         _header_ids[value] = ident

@@ -655,10 +655,7 @@ class LagoWebhooks:
                 f"{config.organization_id!r} (LAGO_ORGANIZATION_ID).",
             )
         event = self._event(config, payload, request.headers.get("x-lago-unique-key"))
-        # Deduplicated on X-Lago-Unique-Key, which Lago sends with every delivery (the same on its retries); one
-        # without it (an older Lago, or a captured delivery replayed with the header dropped) on its signed body.
-        token = event.unique_key or "sha256:" + hashlib.sha256(body).hexdigest()
-        return await self._process(event, request.scope, token)
+        return await self._process(event, request.scope, _dedupe_token(event.unique_key, body))
 
     async def _read_body(self, request: Request) -> bytes | None:
         declared = request.headers.get("content-length")
@@ -908,6 +905,22 @@ class LagoWebhooks:
             await operation
         except Exception:
             self._say("dedupe_store", "Webhook dedupe store failed (check Redis, LAGO_REDIS_URL)", exc_info=True)
+
+
+#: The longest ``X-Lago-Unique-Key`` kept as it is in the dedupe store (Lago's are UUIDs, 36 characters).
+_MAX_KEPT_KEY = 128
+
+
+def _dedupe_token(unique_key: str | None, body: bytes) -> str:
+    """What a delivery is deduplicated on: ``X-Lago-Unique-Key``, which Lago sends with every delivery (the same on
+    its retries); one without it (an older Lago, or a captured delivery replayed with the header dropped) on its
+    signed body. The header is not signed: a longer key than Lago's is kept as its digest, so that the store (whose
+    cap counts entries, and Redis for a week) holds some bytes per delivery, not what a header can carry."""
+    if unique_key is None:
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+    if len(unique_key) <= _MAX_KEPT_KEY:
+        return unique_key
+    return "key-sha256:" + hashlib.sha256(unique_key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
