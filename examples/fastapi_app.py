@@ -42,8 +42,9 @@ from lago_org_billing import (
 )
 
 # Neither billed nor gated: org creation (the caller has no org yet), Lago's webhook calls, and the billing
-# routes (an org over its quota must still see its dashboard and upgrade its plan).
-settings = BillingSettings.from_env(exclude_paths=("/organizations", "/webhooks/", "/api/v1/billing/"))
+# routes (an org over its quota must still see its dashboard and upgrade its plan); added to LAGO_EXCLUDE_PATHS.
+settings = BillingSettings.from_env()
+settings = settings.replace(exclude_paths=(*settings.exclude_paths, "/organizations", "/webhooks/", "/api/v1/billing/"))
 
 
 class ToyAuth:

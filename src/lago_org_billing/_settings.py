@@ -25,6 +25,18 @@ _QUOTA_MODES = ("enforce", "monitor", "off")
 _T = TypeVar("_T")
 
 
+class _DefaultDeadline(float):
+    """``LAGO_RETRY_DEADLINE`` left at its default: at least 30 s, and never shorter than ``LAGO_API_TIMEOUT`` (a
+    deadline set explicitly is the user's: kept, it caps each attempt)."""
+
+    __slots__ = ()
+
+
+_RETRY_DEADLINE = 30.0
+#: Values that say "on"/"off": a header variable set to one of them was meant as a switch, not a header's name.
+_SWITCH_WORDS = frozenset({"1", "0", "true", "false", "yes", "no", "on", "off", "y", "n", "enabled", "disabled"})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BillingSettings:
     """Everything the package needs to talk to Lago and to bill requests.
@@ -55,7 +67,7 @@ class BillingSettings:
     #: ``LAGO_MAX_RETRIES``: retries of an idempotent call on network errors, 5xx and 429.
     max_retries: int = 3
     #: ``LAGO_RETRY_DEADLINE``: total seconds one call may spend, retries and waits included.
-    retry_deadline: float = 30.0
+    retry_deadline: float = _DefaultDeadline(_RETRY_DEADLINE)
     #: ``LAGO_RETRY_BACKOFF``: first backoff in seconds (doubles each retry, full jitter, capped at 10 s).
     retry_backoff: float = 0.25
     #: ``LAGO_EVENT_CODE``: billable metric code of the per-request event.
@@ -96,7 +108,12 @@ class BillingSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
+        _check_api_key(self)
+        if isinstance(self.webhook_hmac_key, str):  # (a key read from a secret file keeps its line break)
+            object.__setattr__(self, "webhook_hmac_key", self.webhook_hmac_key.strip() or None)
         _positive("LAGO_API_TIMEOUT", self.api_timeout)
+        if isinstance(self.retry_deadline, _DefaultDeadline):  # a call gets its whole LAGO_API_TIMEOUT at least
+            object.__setattr__(self, "retry_deadline", _DefaultDeadline(max(_RETRY_DEADLINE, self.api_timeout)))
         _positive("LAGO_RETRY_DEADLINE", self.retry_deadline)
         _positive("LAGO_RETRY_BACKOFF", self.retry_backoff)
         _positive("LAGO_USAGE_CACHE_TTL", self.usage_cache_ttl)
@@ -135,6 +152,19 @@ class BillingSettings:
                     f"{variable} must be an HTTP header name such as X-Org-Id (letters, digits and -), got {header!r}.",
                     variable=variable,
                 )
+            if header is not None and header.lower() in _SWITCH_WORDS:
+                raise ConfigurationError(
+                    f"{variable} is the name of the request header that carries the id (such as X-Org-Id or "
+                    f"X-User-Id), not a switch: got {header!r}. Unset it to leave header resolution off.",
+                    variable=variable,
+                )
+            if header is not None and header[:5].upper() == "HTTP_":
+                name = "-".join(part.capitalize() for part in header[5:].split("_"))
+                raise ConfigurationError(
+                    f"{variable} is the header's name as clients send it ({name or 'X-Org-Id'}), not its WSGI/CGI "
+                    f"name: got {header!r}.",
+                    variable=variable,
+                )
         for prefix in self.exclude_paths:
             problem = None
             if not prefix.startswith("/"):
@@ -143,11 +173,15 @@ class BillingSettings:
                 problem = "would exclude every request (to bill nothing, leave the middleware out)"
             elif "*" in prefix or "?" in prefix:
                 problem = "is a path prefix, not a pattern ('/health' covers '/health' and '/health/...')"
+            elif _SEVERAL_PREFIXES.search(prefix):
+                problem = "holds several prefixes: separate them with commas ('/health,/metrics')"
             if problem:
                 raise ConfigurationError(
                     f"LAGO_EXCLUDE_PATHS entry {prefix!r} {problem}.", variable="LAGO_EXCLUDE_PATHS"
                 )
-        _check_plan_limits(self.plan_limits)
+        object.__setattr__(self, "plan_limits", _check_plan_limits(self.plan_limits))
+        if self.spool_path is not None:
+            object.__setattr__(self, "spool_path", _spool_path(self.spool_path))
 
     def subscription_id_for(self, org_id: str) -> str:
         """The Lago subscription ``external_id`` of an org (``LAGO_SUBSCRIPTION_ID_TEMPLATE``)."""
@@ -188,6 +222,7 @@ class BillingSettings:
         def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
             raw = config(name, default=None)
             if raw is not None and field not in overrides:
+                _check_unquoted(name, raw)
                 values[field] = parse(name, raw)
 
         values: dict[str, Any] = {}
@@ -268,6 +303,51 @@ def _json_object(name: str, raw: str) -> Any:
     return value
 
 
+def _check_unquoted(name: str, raw: str) -> None:
+    """Refuse a value wrapped whole in quotes: ``docker run --env-file`` and compose's ``environment:`` lists keep
+    them as part of the value (a ``.env`` file read here drops them)."""
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        raise ConfigurationError(
+            f"{name} is wrapped in quotes ({value[0]}...{value[0]}), which are kept as part of its value here (as "
+            "`docker run --env-file` and compose `environment:` lists keep them): remove the quotes.",
+            variable=name,
+        )
+
+
+def _check_api_key(settings: BillingSettings) -> None:
+    """Strip the API key (a key read from a secret file keeps its line break) and refuse one that cannot be a key:
+    pasted with ``Bearer`` (sent as ``Bearer Bearer ...``: every call a 401), or two values run together. The key
+    itself is never shown."""
+    key = settings.api_key.strip() if isinstance(settings.api_key, str) else settings.api_key
+    object.__setattr__(settings, "api_key", key)
+    if not isinstance(key, str) or not key:
+        return
+    problem = None
+    if _BEARER.match(key):
+        problem = "starts with 'Bearer': set it to the key alone (the client sends 'Authorization: Bearer <key>')"
+    elif any(char.isspace() for char in key):
+        problem = "has a blank or a line break inside: set it to the key alone (Lago: Developers > API keys)"
+    if problem:
+        raise ConfigurationError(f"LAGO_API_KEY {problem}.", variable="LAGO_API_KEY")
+
+
+def _spool_path(path: str) -> str:
+    """``~`` expanded (``.env``, docker and systemd leave it as it is: a directory named ``~`` was made)."""
+    if path.strip() == ":memory:":
+        raise ConfigurationError(
+            "LAGO_SPOOL_PATH is the SQLite file of the durable spool, not SQLite's ':memory:' (a file of that name "
+            "would be made): unset it to keep events in memory.",
+            variable="LAGO_SPOOL_PATH",
+        )
+    return os.path.expanduser(path)
+
+
+#: ``Bearer <key>`` or ``Authorization: Bearer <key>``, as Lago's curl examples show it.
+_BEARER = re.compile(r"(?i)(authorization\s*:\s*)?bearer\s")
+#: Exclusions separated by blanks or semicolons instead of commas: ``/health /metrics``.
+_SEVERAL_PREFIXES = re.compile(r"[\s;]+/")
+
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -296,7 +376,7 @@ def _parse_url(name: str, value: str) -> str:
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {redact_url(value)}.", variable=name
         )
     if url.endswith("/api/v1"):  # the Lago docs show URLs with /api/v1; we add it ourselves
-        url = url[: -len("/api/v1")]
+        url = url[: -len("/api/v1")].rstrip("/")  # (and ``${HOST}/`` + ``/api/v1`` leaves ``//api/v1``)
     elif "/api/v1/" in parts.path:  # an endpoint's URL, copied from Lago's API reference
         base = url[: url.index("/api/v1/")]
         raise ConfigurationError(
@@ -370,16 +450,24 @@ def _check_template(template: str) -> None:
         )
 
 
-def _check_plan_limits(limits: object) -> None:
+def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
+    """``limits`` checked; whole numbers written as floats (``300.0``, Helm's ``1e+06``) are read as ints."""
     name = "LAGO_PLAN_LIMITS"
     example = '{"starter": {"max_api_calls": 300, "max_tokens": 100000}}'
     if not isinstance(limits, Mapping):
         raise ConfigurationError(f"{name} must be a JSON object such as {example}.", variable=name)
+    converted = False
     for plan, plan_limits in limits.items():
         if not isinstance(plan_limits, Mapping):
             raise ConfigurationError(f"{name}[{plan!r}] must be an object of limits such as {example}.", variable=name)
         for limit, value in plan_limits.items():
+            if isinstance(value, float) and value.is_integer():
+                converted = True
+                value = int(value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(
                     f"{name}[{plan!r}][{limit!r}] must be a whole number >= 0, got {value!r}.", variable=name
                 )
+    if not converted:
+        return limits
+    return {plan: {limit: int(value) for limit, value in plan_limits.items()} for plan, plan_limits in limits.items()}
