@@ -14,6 +14,9 @@ Usage::
 * **event_store** - ``"postgres"`` (duplicate ``transaction_id`` rejected with ``422``) or ``"clickhouse"``
   (the latest copy replaces the previous one).
 * **clock** - *(optional)* a callable returning the current UTC datetime; pins billing periods in tests.
+* **organization_id** - *(optional)* the organization's UUID (the ``organization_id`` of its webhooks), kept by
+  :meth:`FakeLago.reset`; it also seeds the ``lago_id`` of the objects. Give two emulators two ids to have two
+  organizations; by default every emulator has the same one, so that two fed the same calls agree.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -97,9 +101,17 @@ class FakeLago:
         clock: Callable[[], datetime] | None = None,
         *,
         batch_max_length: int = 100,
+        organization_id: str | None = None,
     ) -> None:
         if event_store not in EVENT_STORES:
             raise FakeLagoError(f"event_store must be 'postgres' or 'clickhouse', got {event_store!r}")
+        if organization_id is not None:
+            try:
+                organization_id = str(uuid.UUID(str(organization_id)))
+            except ValueError:
+                raise FakeLagoError(
+                    f"organization_id must be a UUID like Lago's (e.g. {str(uuid.uuid4())!r}), got {organization_id!r}"
+                ) from None
         self.api_key = api_key
         self.event_store = event_store
         self.clock: Callable[[], datetime] = clock or _utcnow
@@ -118,7 +130,9 @@ class FakeLago:
         self._app_key: tuple[int, ...] | None = None
         self._stack: ASGIApp | None = None
         self._stack_key: tuple[int, ...] | None = None
-        self.store = LagoStore(event_store=event_store, clock=self._now, emit=self._queue_webhook)
+        self.store = LagoStore(
+            event_store=event_store, clock=self._now, emit=self._queue_webhook, organization_id=organization_id
+        )
         # Test controls: fault injection (``inject_fault``, ``/_emulator/faults``) and signed webhook delivery.
         from ._faults import install_faults
         from ._webhooks import install_webhooks
@@ -572,12 +586,22 @@ class FakeLago:
                 raise ApiError(404, NOT_FOUND_BODY)
             return value
 
-        def groups(request: Request) -> dict[str, str]:
-            out: dict[str, str] = {}
+        def groups(request: Request) -> dict[str, list[Any]]:
+            # lago-api UsageFilters.init_from_params: the group comes as nested params (group[k]=v, group[k][]=v, the
+            # deprecated filter_by_group[k]=v) or, as lago-python-client sends it, filter_by_group=<JSON object>
+            # ("JSON.parse(group) if group.is_a?(String)"); each value is kept as Array(v): any of them matches
+            out: dict[str, list[Any]] = {}
+            raw = request.query_params.get("filter_by_group")
+            if raw is not None:
+                out.update(_json_group(raw))
             for key, value in request.query_params.multi_items():
                 for prefix in ("group[", "filter_by_group["):
                     if key.startswith(prefix) and key.endswith("]"):
-                        out[key[len(prefix) : -1]] = value
+                        name = key[len(prefix) : -1]
+                        if name.endswith("]["):  # group[k][]=v: one of several values
+                            out.setdefault(name[:-2], []).append(value)
+                        else:
+                            out[name] = [value]
             return out
 
         def statuses(request: Request) -> list[str]:
@@ -593,6 +617,13 @@ class FakeLago:
 
         def state(request: Request, body: Any) -> Response:
             return Response(self.snapshot(), media_type="application/json")
+
+        def events_enriched(request: Request, body: Any) -> JSON:
+            # EventsController before_action :ensure_organization_uses_clickhouse (lago-api.md §4, "Detecting the
+            # store"). On ClickHouse it lists the events (EventsQuery filters; the enriched serializer is not emulated)
+            if self.store.event_store != "clickhouse":
+                raise ApiError(403, {"status": 403, "error": "Forbidden", "code": "endpoint_not_available"})
+            return store.list_events(query(request))
 
         def public_key_json(request: Request, body: Any) -> JSON:
             return {"webhook": {"public_key": _encode64(self.rsa_public_key_pem)}}
@@ -670,6 +701,7 @@ class FakeLago:
             ("/events/batch", lambda r, b: store.create_events(b, max_length=self.batch_max_length), ["POST"]),
             ("/events", lambda r, b: store.create_event(b), ["POST"]),
             ("/events", lambda r, b: store.list_events(query(r)), ["GET"]),
+            ("/events_enriched", events_enriched, ["GET"]),
             ("/events/{transaction_id}", lambda r, b: store.get_event(r.path_params["transaction_id"]), ["GET"]),
             ("/billable_metrics", lambda r, b: store.create_metric(b), ["POST"]),
             ("/billable_metrics", lambda r, b: store.list_metrics(query(r)), ["GET"]),
@@ -744,6 +776,23 @@ class _TimedASGITransport(httpx.ASGITransport):
         with anyio.move_on_after(timeout):
             return await super().handle_async_request(request)
         raise httpx.ReadTimeout(f"the emulator did not answer within the read timeout ({timeout:g} s)", request=request)
+
+
+def _json_group(raw: str) -> dict[str, list[Any]]:
+    """``filter_by_group`` given as a JSON object (``{"user_id": "u1"}`` or ``{"user_id": ["u1", "u2"]}``).
+
+    Anything else makes lago-api raise (``JSON::ParserError``, or ``transform_values`` on a non-Hash): a 500 there,
+    answered here in Lago's 500 envelope with what to send instead."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        message = (
+            f'filter_by_group must be a JSON object such as {{"user_id": "u1"}} (or group[user_id]=u1), got {raw!r}'
+        )
+        raise ApiError(500, {"status": 500, "errors": [{"message": message}], "data": {}})
+    return {str(key): list(value) if isinstance(value, list) else [value] for key, value in parsed.items()}
 
 
 def _status(request: Request) -> str | None:

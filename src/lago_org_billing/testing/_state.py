@@ -133,10 +133,15 @@ def _str_or_none(value: Any) -> str | None:
 class LagoStore:
     """The state of one Lago organization."""
 
-    def __init__(self, *, event_store: str, clock: Callable[[], datetime], emit: Emit) -> None:
+    def __init__(
+        self, *, event_store: str, clock: Callable[[], datetime], emit: Emit, organization_id: str | None = None
+    ) -> None:
         if event_store not in EVENT_STORES:
             raise ConfigurationError(f"event_store must be one of {EVENT_STORES}, got {event_store!r}")
         self.event_store = event_store
+        # Given: this organization's id, kept across clear(), which also seeds its lago_ids (two emulators given two
+        # ids are two organizations). Not given: the same id and lago_ids in every emulator fed the same calls.
+        self._organization_id = organization_id
         self._clock = clock
         self._emit = emit
         self.lock = threading.RLock()
@@ -146,8 +151,12 @@ class LagoStore:
 
     def clear(self) -> None:
         with self.lock:
-            self._rng = random.Random(0x1A60)
-            self.organization_id = self._uuid()
+            if self._organization_id is None:
+                self._rng = random.Random(0x1A60)
+                self.organization_id = self._uuid()
+            else:
+                self._rng = random.Random(f"lago-org:{self._organization_id}")
+                self.organization_id = self._organization_id
             self.customers: list[JSON] = []
             self._customer_index: dict[str, JSON] = {}
             self.metrics: dict[str, JSON] = {}
@@ -2113,7 +2122,7 @@ class LagoStore:
     # Usage -------------------------------------------------------------------------------------
 
     def current_usage(
-        self, external_customer_id: str, query: Mapping[str, Any], groups: Mapping[str, str] | None = None
+        self, external_customer_id: str, query: Mapping[str, Any], groups: Mapping[str, Any] | None = None
     ) -> JSON:
         with self.lock:
             self.refresh()
@@ -2157,7 +2166,7 @@ class LagoStore:
         at: datetime,
         *,
         charges: Sequence[JSON] | None = None,
-        groups: Mapping[str, str] | None = None,
+        groups: Mapping[str, Any] | None = None,
     ) -> JSON:
         plan = self._plan_of(sub)
         start, end = self._charges_bounds(sub, at)
@@ -2606,11 +2615,24 @@ def _filters_usage(
     return out, default, total
 
 
-def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, str]) -> JSON:
+def _group_text(value: Any) -> str | None:
+    """A property value as lago-api compares it with a group filter value (JSON text: ``true``, ``5``, ``u1``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, Any]) -> JSON:
     subunits = subunits_per_unit(currency)
     keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
     if groups:
-        events = [e for e in events if all(str(e["properties"].get(k)) == str(v) for k, v in groups.items())]
+        # UsageFilters keeps each value as Array(v): an event matches when its property is any of them
+        wanted = {
+            k: {_group_text(x) for x in (v if isinstance(v, (list, tuple, set)) else [v])} for k, v in groups.items()
+        }
+        events = [e for e in events if all(_group_text(e["properties"].get(k)) in vals for k, vals in wanted.items())]
     grouped_usage: list[JSON] = []
     if keys:
         by_group: dict[tuple[str | None, ...], list[JSON]] = {}
