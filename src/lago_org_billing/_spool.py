@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import functools
 import glob
 import itertools
@@ -101,6 +102,10 @@ _SHRINK_FREE = 4 << 20
 _SHRINK_ROWS = 10_000
 #: The same once no event is left (the rest of a backlog vacuumed while traffic went on, given back when it ends).
 _SHRINK_FREE_EMPTY = 256 << 10
+#: Seconds before a VACUUM that failed (too little room on the volume for its copy of the file) is tried again,
+#: doubled at each failure up to ``_SHRINK_RETRY_MAX``: not at every commit that deletes rows.
+_SHRINK_RETRY_FIRST = 60.0
+_SHRINK_RETRY_MAX = 3600.0
 
 
 class _Streak:
@@ -455,14 +460,19 @@ def spool_slot_path(path: str, slot: int) -> str:
 
 
 def spool_slot_files(path: str) -> list[tuple[int, str]]:
-    """The slot files of the spool at ``path`` that exist, as (slot, file), slot 0 first."""
+    """The slot files of the spool at ``path`` that exist, as (slot, file), slot 0 first. Only names a process can
+    own (:func:`spool_slot_path` of a slot below ``_MAX_SLOTS``): a copy named ``PATH.20240101``, ``PATH.01`` or
+    ``PATH.0`` is no slot file, never adopted (its events sent again, the file deleted) nor listed."""
     base = os.path.abspath(path)
-    pattern = re.compile(re.escape(base) + r"(?:\.(\d+))?")
+    pattern = re.compile(re.escape(base) + r"(?:\.([1-9][0-9]*))?")
     found = []
     for candidate in [base, *glob.glob(glob.escape(base) + ".*")]:
         match = pattern.fullmatch(candidate)
-        if match is not None and os.path.isfile(candidate):
-            found.append((int(match.group(1) or 0), candidate))
+        if match is None or not os.path.isfile(candidate):
+            continue
+        slot = int(match.group(1) or 0)
+        if slot < _MAX_SLOTS:
+            found.append((slot, candidate))
     return sorted(found)
 
 
@@ -527,6 +537,8 @@ class _SpoolFile:
         self.conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self.adopted = 0
+        self._shrink_failures = 0
+        self._shrink_retry_at = 0.0
 
     # ------------------------------------------------------------------ opening
 
@@ -560,10 +572,16 @@ class _SpoolFile:
             except (OSError, sqlite3.Error) as exc:
                 # Let go of the slot (its lock), or the next attempt would take the next slot and hide the problem.
                 self._release()
+                if isinstance(exc, _NoFileLocks):
+                    advice = "Set LAGO_SPOOL_PATH to a file on a volume that supports them (a local disk)"
+                else:
+                    advice = (
+                        "Set LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that "
+                        "is not a spool)"
+                    )
                 raise ConfigurationError(
-                    f"The event spool {self.path or self.base_path} cannot be used ({type(exc).__name__}: {exc}). Set "
-                    "LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that is not "
-                    "a spool), or unset it to keep events in memory.",
+                    f"The event spool {self.path or self.base_path} cannot be used ({type(exc).__name__}: {exc}). "
+                    f"{advice}, or unset it to keep events in memory.",
                     variable="LAGO_SPOOL_PATH",
                 ) from exc
             return int(count), int(max_id), adopted
@@ -581,14 +599,21 @@ class _SpoolFile:
         return conn
 
     def _try_lock(self, db_path: str) -> int | None:
+        """The descriptor of ``db_path``'s lock, now locked by this process; None when another process holds it."""
         if _flock is None:  # pragma: no cover - Windows: single writer, documented
             return -1
-        fd = os.open(db_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_lock(db_path + ".lock")
         try:
             _flock(fd, _LOCK_FLAGS)
-        except OSError:
-            os.close(fd)
-            return None
+        except OSError as exc:
+            _close_lock(fd)
+            if isinstance(exc, BlockingIOError) or exc.errno in (errno.EACCES, errno.EAGAIN):
+                return None  # held by another process
+            # ENOLCK, EOPNOTSUPP...: no lock can be taken here, not one of 1024 slots (each leaving a lock file)
+            raise _NoFileLocks(
+                f"its volume does not support file locks, which keep the processes sharing a spool off each other's "
+                f"file (flock {db_path}.lock: {exc})"
+            ) from exc
         return fd
 
     def _acquire_slot(self, first: int = 0) -> int:
@@ -626,7 +651,7 @@ class _SpoolFile:
                     candidate,
                 )
             finally:
-                os.close(fd)
+                _close_lock(fd)
         return adopted
 
     def _adopt(self, orphan: str) -> int:
@@ -728,7 +753,9 @@ class _SpoolFile:
         and its WAL truncated; with no event left, from ``_SHRINK_FREE_EMPTY`` bytes free.
         (Not "no event left": under steady traffic every commit writes new rows, so the table is never empty then.)
         VACUUM keeps the ids (``events.id`` is an INTEGER PRIMARY KEY), which the rows in flight are known by. Best
-        effort."""
+        effort: one that fails is tried again after a backoff (:data:`_SHRINK_RETRY_FIRST`)."""
+        if self._shrink_failures and time.monotonic() < self._shrink_retry_at:
+            return
         try:
             free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
             free = free_pages * conn.execute("PRAGMA page_size").fetchone()[0]
@@ -744,8 +771,21 @@ class _SpoolFile:
                 return
             conn.execute("VACUUM")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:  # (another connection reading it: the next drain tries again)
-            logger.debug("Could not shrink the event spool %s: %s", self.path, exc)
+        except sqlite3.Error as exc:
+            # (too little room for VACUUM's copy of the file, most likely): every attempt rewrites the file's live data
+            # and fills the volume anew, holding the spool's reads meanwhile; not tried at every commit
+            self._shrink_failures += 1
+            delay = min(_SHRINK_RETRY_MAX, _SHRINK_RETRY_FIRST * 2 ** min(self._shrink_failures - 1, 16))
+            self._shrink_retry_at = time.monotonic() + delay
+            (logger.warning if self._shrink_failures == 1 else logger.debug)(
+                "Could not shrink the event spool %s (%s: %s): its free space stays in the file; tried again in %.0f s",
+                self.path,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        else:
+            self._shrink_failures = 0
 
     def load(self, after_id: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id."""
@@ -790,22 +830,94 @@ class _SpoolFile:
             self.conn.close()
             self.conn = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            _close_lock(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
     def forked(self) -> None:
         """In the child of a ``fork``: let go of the parent's slot. The child's copy of the lock descriptor is closed
-        (a flock is released when its last descriptor closes: the parent's keeps it, and the slot is free once the
-        parent is gone, not once this child is too); the connection is never used here, nor closed (SQLite: a
-        connection must not cross a fork; closing it could roll back the transaction a thread of the parent was
-        writing). The thread lock, perhaps held by one of those threads, is made anew."""
+        (by :func:`_close_inherited_locks`, with every other lock descriptor of the parent's: a flock is released
+        when its last descriptor closes: the parent's keeps it, and the slot is free once the parent is gone, not
+        once this child is too); the connection is never used here, nor closed (SQLite: a connection must not cross
+        a fork; closing it could roll back the transaction a thread of the parent was writing). The thread lock,
+        perhaps held by one of those threads, is made anew."""
         self.lock = threading.Lock()
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        self._lock_fd = None
         if self.conn is not None:
             _keep_for_life(self.conn, self.path)
             self.conn = None
+
+
+class _NoFileLocks(OSError):
+    """The spool's volume takes no ``flock`` (some network and FUSE file systems)."""
+
+
+#: The slot lock descriptors this process holds open (its own slot's, an orphan's while it adopts it). A forked child
+#: closes its copies at once (:func:`_close_inherited_locks`): a flock lasts as long as any copy of its descriptor, and
+#: the child would hold the parent's slot for its own life. Changed only under ``_lock_fds_guard``, which ``fork``
+#: takes first: no child is forked between a descriptor's opening and its being noted here (by a thread other than the
+#: one opening the spool), nor between its closing and its removal (the child would close a number reused since).
+_lock_fds: set[int] = set()
+_lock_fds_guard = threading.RLock()
+
+
+def _open_lock(path: str) -> int:
+    with _lock_fds_guard:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        _lock_fds.add(fd)
+    return fd
+
+
+def _close_lock(fd: int) -> None:
+    with _lock_fds_guard:
+        _lock_fds.discard(fd)
+        os.close(fd)
+
+
+def _hold_locks_for_fork() -> None:
+    _lock_fds_guard.acquire()
+
+
+def _locks_forked_in_parent() -> None:
+    _lock_fds_guard.release()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close its copies of the parent's slot lock descriptors (the parent keeps its locks)."""
+    global _lock_fds_guard
+    fds = list(_lock_fds)
+    _lock_fds.clear()
+    _lock_fds_guard = threading.RLock()  # (the parent's is held by the forking thread)
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover - closed by the app meanwhile (a daemonizing library closing every fd)
+            pass
+
+
+if _flock is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_hold_locks_for_fork, after_in_parent=_locks_forked_in_parent, after_in_child=_close_inherited_locks
+    )
+
+
+def _write_advice(exc: Exception, path: str) -> str:
+    """What to do about a spool write failing with ``exc``."""
+    if not isinstance(exc, sqlite3.Error):
+        return "an unexpected error: please report it"
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:  # SQLITE_BUSY: this process's own writes never overlap
+        return (
+            "another program holds a write lock on it (an sqlite3 shell or a backup tool left in a transaction?): "
+            "end that transaction"
+        )
+    if type(exc) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text:  # SQLITE_CORRUPT...
+        return (
+            f"the file is damaged (sqlite3 {path} 'PRAGMA integrity_check'): stop this process (what waits in memory "
+            "is sent to Lago as it stops), recover the file's events (sqlite3 .recover) and move it away"
+        )
+    if isinstance(exc, sqlite3.OperationalError):  # SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN
+        return "free space on its volume, or make it writable"
+    return "an unexpected error: please report it"  # (an IntegrityError, a ProgrammingError: a defect here)
 
 
 def _safe_dumps(event: JSON | str) -> str:
@@ -1108,11 +1220,7 @@ class SqliteOutbox(Outbox):
         errors = self._write_errors
         if not errors.hit():
             return
-        advice = (
-            "free space on its volume, or make it writable"
-            if isinstance(exc, sqlite3.Error)
-            else "an unexpected error: please report it"
-        )
+        advice = _write_advice(exc, self.path)
         logger.error(
             "Could not write the event spool %s%s (%s: %s): %s. %d events wait in memory for it (beyond %d, new ones "
             "are dropped); the write is tried again every %.0f s at most.",
