@@ -205,6 +205,18 @@ def fast_spool_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_spool, "_RETRY_MAX", 0.01)
 
 
+async def _failed_commits(pipeline: EventPipeline, calls: list[int], count: int) -> None:
+    """Until the spool has failed ``count`` writes: an event submitted whenever none waits for it (those a failed
+    write took are sent from memory, leaving nothing to write)."""
+    submitted = 0
+    with anyio.fail_after(15):
+        while len(calls) < count:
+            if not pipeline.outbox.pending:  # type: ignore[attr-defined]
+                pipeline.submit(events(1, prefix=f"kept{submitted}-")[0])
+                submitted += 1
+            await anyio.sleep(0.005)
+
+
 def _failing_write(calls: list[int]) -> Callable[..., Any]:
     lock = threading.Lock()
 
@@ -219,9 +231,9 @@ def _failing_write(calls: list[int]) -> Callable[..., Any]:
 async def test_events_the_spool_could_not_write_are_not_silently_lost_at_shutdown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The spool's disk fills up (or its volume goes read-only) while Lago is up. Events only reach Lago once they
-    are committed, so none is sent; at shutdown the events still waiting for a commit vanish: not in Lago, not in the
-    spool, not counted in ``lost_at_shutdown``, and the log says they "stay in the spool"."""
+    """The spool's disk fills up (or its volume goes read-only) while Lago is up; at shutdown, every event is in Lago,
+    in the spool or counted in ``lost_at_shutdown`` (the log says they "stay in the spool" only when they do): none
+    vanishes silently."""
     path = tmp_path / "spool.db"
     fake = make_fake()
     async with make_client(fake.transport()) as client:
@@ -233,7 +245,7 @@ async def test_events_the_spool_could_not_write_are_not_silently_lost_at_shutdow
             monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
             for event in events(5):
                 pipeline.submit(event)
-            await until(lambda: len(calls) >= 2)  # the disk refused at least one group commit
+            await until(lambda: len(calls) >= 1)  # the disk refused at least one group commit
             with caplog.at_level(logging.WARNING, logger="lago_org_billing"):
                 await pipeline.aclose(timeout=1)
     monkeypatch.undo()
@@ -262,8 +274,7 @@ async def test_a_failing_spool_disk_is_not_logged_at_error_every_commit_window(
             calls: list[int] = []
             monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
             with caplog.at_level(logging.ERROR, logger="lago_org_billing"):
-                pipeline.submit(events(1)[0])
-                await until(lambda: len(calls) >= 8)
+                await _failed_commits(pipeline, calls, 8)
                 errors = [r for r in caplog.records if "Could not write the event spool" in r.getMessage()]
             monkeypatch.undo()
             await pipeline.aclose(timeout=1)
@@ -418,9 +429,10 @@ def _read_only(pipeline: EventPipeline, on: bool) -> None:
 async def test_a_spool_that_cannot_be_written_for_a_while_loses_nothing_and_encodes_each_event_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fast_spool_retries: None
 ) -> None:
-    """While the spool refuses writes, events wait in memory (not sent: only written events are), the write is
-    retried with a backoff, and each event is encoded once however many attempts there are; once the volume takes
-    writes again they are written and delivered, and the recovery is said."""
+    """While the spool refuses writes (a full or read-only volume), Lago being up, the events it could not write are
+    sent to Lago from memory, each encoded once, instead of waiting there for the volume until memory is full and new
+    ones are dropped; the write is retried with a backoff meanwhile, and once the volume takes writes again the next
+    events are written and delivered as usual, and the recovery is said. Nothing is left in the file."""
     path = tmp_path / "spool.db"
     encoded: list[str] = []
     dumps = _spool.dumps_event
@@ -441,6 +453,7 @@ async def test_a_spool_that_cannot_be_written_for_a_while_loses_nothing_and_enco
     monkeypatch.setattr(_spool._SpoolFile, "write", counting_write)
     fake = make_fake()
     submitted = events(5)
+    later = events(3, prefix="later")
     async with make_client(fake.transport()) as client:
         pipeline = EventPipeline(client, spool_path=str(path), flush_interval=0.0)
         async with anyio.create_task_group() as tasks:
@@ -450,17 +463,50 @@ async def test_a_spool_that_cannot_be_written_for_a_while_loses_nothing_and_enco
                 _read_only(pipeline, True)
                 for event in submitted:
                     pipeline.submit(event)
-                await until(lambda: len(attempts) >= 4)
-                assert transaction_ids(fake) == [] and pipeline.outbox.unresolved() == 5
+                await until(lambda: len(transaction_ids(fake)) == 5)  # delivered though never written
+                assert rows(path) == 0 and pipeline.outbox.unresolved() == 0
                 _read_only(pipeline, False)
+                for event in later:
+                    pipeline.submit(event)
                 assert await pipeline.flush(15)
             await pipeline.aclose()
-    assert sorted(transaction_ids(fake)) == sorted(e["transaction_id"] for e in submitted)
-    assert sorted(encoded) == sorted(e["transaction_id"] for e in submitted), "events encoded again at each attempt"
+    expected = submitted + later
+    assert sorted(transaction_ids(fake)) == sorted(e["transaction_id"] for e in expected)
+    assert len(transaction_ids(fake)) == len(expected)
+    assert sorted(encoded) == sorted(e["transaction_id"] for e in expected), "events encoded more than once"
     assert rows(path) == 0
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert [m for level, m in messages if level == logging.ERROR and "Could not write the event spool" in m][:1]
-    assert any("is written again" in m for _, m in messages)
+    assert any("sent to Lago from memory" in m for level, m in messages if level == logging.WARNING)
+
+
+async def test_events_a_failing_spool_sends_from_memory_count_against_its_capacity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lago down and the spool failing: the events sent from memory wait there for Lago, and count against the
+    outbox's capacity as the ones waiting for the file do (memory stays bounded: the next ones are refused, counted)."""
+    from test_spool import Down
+
+    path = tmp_path / "spool.db"
+    async with make_client(Down(), max_retries=0) as client:
+        pipeline = EventPipeline(
+            client, spool_path=str(path), flush_interval=0.0, retry_backoff=0.001, max_backoff=0.05
+        )
+        outbox = pipeline.outbox
+        assert isinstance(outbox, _spool.SqliteOutbox)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            await pipeline.commit()
+            outbox.capacity = 4
+            calls: list[int] = []
+            monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
+            accepted = [pipeline.submit(event) is not False for event in events(3)]
+            await until(lambda: len(outbox._unwritten) == 3)  # sent from memory, Lago down: waiting there
+            accepted += [pipeline.submit(event) is not False for event in events(3, prefix="more")]
+            assert accepted == [True] * 4 + [False] * 2
+            assert outbox.unresolved() == 4
+            await pipeline.aclose(timeout=0.1)
+    monkeypatch.undo()
 
 
 async def test_a_spool_that_cannot_be_written_at_shutdown_sends_its_waiting_events_from_memory(
@@ -479,7 +525,7 @@ async def test_a_spool_that_cannot_be_written_at_shutdown_sends_its_waiting_even
             monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
             for event in events(5):
                 pipeline.submit(event)
-            await until(lambda: len(calls) >= 2)
+            await until(lambda: len(calls) >= 1)
             await pipeline.aclose(timeout=10)
     assert transaction_ids(fake) == [e["transaction_id"] for e in events(5)]
     assert pipeline.stats["lost_at_shutdown"] == 0 and pipeline.stats["delivered"] == 5
@@ -505,7 +551,8 @@ async def test_what_a_failing_spool_holds_at_shutdown_is_said_truthfully(
             monkeypatch.setattr(_spool._SpoolFile, "write", _failing_write(calls))
             for event in events(5):
                 pipeline.submit(event)
-            await until(lambda: len(calls) >= 2)
+            # written by no commit: sent from memory (Lago down: they wait there)
+            await until(lambda: len(calls) >= 1 and len(pipeline.outbox._unwritten) == 5)  # type: ignore[attr-defined]
             with caplog.at_level(logging.WARNING, logger="lago_org_billing"):
                 assert not await pipeline.flush(0.1)
                 if disk_at_close == "writable again":

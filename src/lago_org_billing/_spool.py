@@ -1059,8 +1059,10 @@ class SqliteOutbox(Outbox):
     # ------------------------------------------------------------- loop side
 
     def put(self, event: EventOrBuilder) -> bool:
-        if len(self.pending) >= self.capacity:
-            return False
+        if len(self.pending) >= self.capacity or (
+            self._unwritten and len(self.pending) + len(self._unwritten) >= self.capacity
+        ):
+            return False  # (those sent unwritten wait in memory too)
         self.pending.append((self._next_id, event))
         self._next_id += 1
         return True
@@ -1169,8 +1171,10 @@ class SqliteOutbox(Outbox):
                 with anyio.CancelScope(shield=True):
                     encoded, unencodable = await anyio.to_thread.run_sync(write, rows, deletes, dead, revived, letters)
             except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
-                self._take_back(rows, deletes, dead, revived, letters, send=self._closing and not last)
-                self._write_failed(exc)
+                # sent from memory (Lago may well be up) rather than held there for a volume that may stay full
+                # until memory is full too and new events are dropped; not by the run's last commit (nothing sends)
+                self._take_back(rows, deletes, dead, revived, letters, send=not last)
+                self._write_failed(exc, sent=0 if last else len(rows))
                 return
             except BaseException:  # a native cancellation (an event loop ending), which anyio's shield lets through
                 if not write.abandon():  # never written: kept for the next commit (the run's last one, at the latest)
@@ -1215,21 +1219,22 @@ class SqliteOutbox(Outbox):
         else:
             self.pending[:0] = rows  # (as JSON text when encoded: the next attempt does not encode them again)
 
-    def _write_failed(self, exc: Exception) -> None:
+    def _write_failed(self, exc: Exception, *, sent: int) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
         errors = self._write_errors
         if not errors.hit():
             return
         advice = _write_advice(exc, self.path)
         logger.error(
-            "Could not write the event spool %s%s (%s: %s): %s. %d events wait in memory for it (beyond %d, new ones "
-            "are dropped); the write is tried again every %.0f s at most.",
+            "Could not write the event spool %s%s (%s: %s): %s. Meanwhile events are sent to Lago from memory (%d "
+            "now), where they wait for Lago (beyond %d waiting, new ones are dropped); the write is tried again every "
+            "%.0f s at most.",
             self.path,
             errors.lasting(),
             type(exc).__name__,
             exc,
             advice,
-            len(self.pending),
+            sent,
             self.capacity,
             _RETRY_MAX,
         )
@@ -1242,9 +1247,10 @@ class SqliteOutbox(Outbox):
             self._send_unwritten(rows)
 
     def _send_unwritten(self, rows: list[tuple[int, JSON | str]]) -> None:
-        """A shutdown while the file cannot be written: the events waiting for it are sent from memory (Lago may
-        well be up) rather than wait for a write that does not come; :meth:`close` tries to write those left, once.
-        A replayed dead letter's event keeps waiting: its letter is deleted only with the write of it."""
+        """The file cannot be written (a full or read-only volume, or at shutdown): the events waiting for it are sent
+        from memory (Lago may well be up) rather than wait for a write that may not come, lost if this process dies
+        before Lago has them, as they would be waiting; :meth:`close` tries to write those left, once. A replayed dead
+        letter's event keeps waiting: its letter is deleted only with the write of it."""
         items: list[Item] = []
         for row_id, event in rows:
             if row_id in self._replayed:
@@ -1253,11 +1259,19 @@ class SqliteOutbox(Outbox):
                 items.append(Item(None, row_id, raw=event) if isinstance(event, str) else Item(event, row_id))
         if not items:
             return
-        logger.warning(
-            "Shutdown: the event spool %s cannot be written; its %d waiting events are sent to Lago from memory",
-            self.path,
-            len(items),
-        )
+        if self._closing:
+            logger.warning(
+                "Shutdown: the event spool %s cannot be written; its %d waiting events are sent to Lago from memory",
+                self.path,
+                len(items),
+            )
+        else:  # (said with the write's error, once a minute at most: then only counted at debug level)
+            (logger.warning if not self._write_errors.count else logger.debug)(
+                "The event spool %s cannot be written: %d events are sent to Lago from memory meanwhile (lost if this "
+                "process dies before Lago has them)",
+                self.path,
+                len(items),
+            )
         self._unwritten.update(item.id for item in items)
         if not self.window:
             self.ready_since = time.monotonic()
