@@ -149,6 +149,9 @@ class OrgBillingMiddleware:
         self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
         self._warned_lazy = False
+        #: Requests running the app or recording their event; the shutdown waits for them (see _requests_recorded).
+        self._in_flight = 0
+        self._all_recorded: anyio.Event | None = None
         try:
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
@@ -300,22 +303,28 @@ class OrgBillingMiddleware:
                 await self._outward(decision.response(), expose=True)(scope, receive, send)
                 return
             watcher.extra_headers = decision.headers
+        self._in_flight += 1
         try:
             await self.app(scope, receive, watcher)
-        except Exception as exc:
+        except BaseException as exc:  # (a cancellation, KeyboardInterrupt... cut it too: see crashed)
             watcher.crashed(exc)
             raise
         finally:
-            if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
-                state = scope.get("state")
-                if type(state) is dict and state.get("org_id") not in (None, org_id):
-                    org_id, user_id, decision = self._authenticated_late(
-                        state, org_id, user_id, decision, scope, watcher, root_path
-                    )
-            if self._shared_first_seen is None:
-                self._record(scope, org_id, user_id, watcher, started, root_path, decision)
-            else:
-                await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
+            try:
+                if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
+                    state = scope.get("state")
+                    if type(state) is dict and state.get("org_id") not in (None, org_id):
+                        org_id, user_id, decision = self._authenticated_late(
+                            state, org_id, user_id, decision, scope, watcher, root_path
+                        )
+                if self._shared_first_seen is None:
+                    self._record(scope, org_id, user_id, watcher, started, root_path, decision)
+                else:
+                    await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
+            finally:
+                self._in_flight -= 1
+                if self._all_recorded is not None and not self._in_flight:
+                    self._all_recorded.set()
 
     @property
     def exclude_paths(self) -> tuple[str, ...]:
@@ -536,6 +545,7 @@ class OrgBillingMiddleware:
     async def _shutdown(self) -> None:
         if self._config_error is not None:
             return
+        await self._requests_recorded()
         if self.quota is not None:
             await self.quota.aclose()
         await self.pipeline.aclose(self.shutdown_timeout)
@@ -543,6 +553,28 @@ class OrgBillingMiddleware:
             await self._owned_client.aclose()
         if self._shared_first_seen is not None:
             await self._shared_first_seen.aclose()
+
+    async def _requests_recorded(self) -> None:
+        """Wait (at most ``shutdown_timeout``) for the requests still running to record their events before the
+        pipeline closes: a server past its graceful-shutdown timeout cancels them and sends the lifespan shutdown
+        without waiting for them to end (uvicorn), and a stream cut so records its event a few loop turns later
+        (its app's task groups end first): into a closed pipeline, that event was dropped."""
+        if self._in_flight <= 0:
+            return
+        recorded = self._all_recorded = anyio.Event()
+        try:
+            with anyio.move_on_after(self.shutdown_timeout):
+                await recorded.wait()
+        finally:
+            self._all_recorded = None
+        if self._in_flight > 0:
+            logger.warning(
+                "Shutdown: %d requests still running after %.1f s (shutdown_timeout): billing delivery closes now, "
+                "and their events, recorded when they end, are dropped. Give the server a graceful-shutdown timeout "
+                "(uvicorn --timeout-graceful-shutdown) so that it ends them first.",
+                self._in_flight,
+                self.shutdown_timeout,
+            )
 
     # -------------------------------------------------------------------- http
 
@@ -612,6 +644,7 @@ class OrgBillingMiddleware:
 
         watcher = self._watcher(scope, self.attribution, send)
         watcher.on_start = resolve_late
+        self._in_flight += 1
         try:
             await self.app(scope, receive, watcher)
         except QuotaExceededError as exc:
@@ -621,14 +654,21 @@ class OrgBillingMiddleware:
                 await self._outward(exc.decision.response(), expose=True)(scope, receive, send)
             elif not blocked:  # pragma: no cover - raised after the app answered something else
                 raise
-        except Exception as exc:
+        except BaseException as exc:  # (a cancellation, KeyboardInterrupt... cut it too: see crashed)
             watcher.crashed(exc)
             raise
         finally:
-            if billing.get("biller") not in (None, self):  # an inner billing middleware billed (or blocked) it
-                self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
-            else:
-                await self._settle_unresolved(scope, billing, watcher, identity, answered, blocked, started, root_path)
+            try:
+                if billing.get("biller") not in (None, self):  # an inner billing middleware billed (or blocked) it
+                    self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
+                else:
+                    await self._settle_unresolved(
+                        scope, billing, watcher, identity, answered, blocked, started, root_path
+                    )
+            finally:
+                self._in_flight -= 1
+                if self._all_recorded is not None and not self._in_flight:
+                    self._all_recorded.set()
 
     def _claim(self, billing: dict[str, Any]) -> bool:
         """Become the request's biller, unless another billing middleware is already (nested ones, innermost first:
@@ -1163,10 +1203,11 @@ class _ResponseWatcher(UsageRecorder):
             self.send = _discard
             await replacement(send)
 
-    def crashed(self, error: Exception) -> None:
-        """The app raised. A response it cut off before its first body byte (a stream whose generator failed at once:
-        the 200 went out, nothing else) is a server error, billed as such (or not: ``bill_server_errors``); one cut
-        off later is billed with what was counted, as one the client cut off (a broken connection)."""
+    def crashed(self, error: BaseException) -> None:
+        """The app raised, or was cancelled (a timeout, a server's shutdown). A response it cut off before its first
+        body byte (a stream whose generator failed at once: the 200 went out, nothing else) is a server error, billed
+        as such (or not: ``bill_server_errors``); one cut off later is billed with what was counted, as one the client
+        cut off (a broken connection)."""
         if not self.ended and not self.sent and not _client_went_away(error):
             self.status = 500
 
