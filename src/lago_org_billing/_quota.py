@@ -370,6 +370,10 @@ class Snapshot:
     #: Estimated end of the next period, when a request after ``period_end`` may be decided at once on a provisional
     #: snapshot of it (see "Billing-period rollover"); 0: not (no subscription, ending or switching plans there).
     next_period_end: float = 0.0
+    #: An anniversary subscription's ``subscription_at`` (0: calendar billing, or not known): its day in the customer's
+    #: time zone is the billing day, which a period begun elsewhere (the first, at the exact ``started_at``; one begun
+    #: by an upgrade) or ending on a short month's last day does not show.
+    anchor: float = 0.0
 
     @property
     def limited(self) -> bool:
@@ -422,11 +426,21 @@ _INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
 
 def _local(timestamp: float) -> tuple[dt.datetime, float]:
     """A period bound in its customer's time zone, and that zone's UTC offset (seconds), inferred from the bound:
-    Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-11
-    to UTC+13 (UTC-11 and UTC+13 share their midnights: taken as UTC+13, New Zealand's summer; UTC+14 as UTC-10)."""
+    Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-10:15
+    to UTC+13:45 (offsets a day apart share their midnights: UTC-11 is taken as UTC+13, New Zealand's summer, and
+    UTC+14 as UTC-10, Hawaii; there, a date near a month's end may be estimated a few days off, until Lago is read)."""
     second_of_day = timestamp % 86400
-    offset = -second_of_day if second_of_day < 11 * 3600 else 86400 - second_of_day
+    offset = -second_of_day if second_of_day < _EAST_FROM else 86400 - second_of_day
     return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc), offset
+
+
+#: Local midnights this many seconds after a UTC midnight or more are taken as those of a zone east of UTC (up to
+#: Chatham's +13:45 summer), earlier ones as those of a zone west of it (down to Hawaii's -10).
+_EAST_FROM = 36900
+
+
+def _day_of(timestamp: float, offset: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc)
 
 
 def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
@@ -436,14 +450,23 @@ def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
     return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1]))
 
 
-def _add_months(start: float, end: float, months: int) -> float:
-    """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or the start's when
-    later and the end falls on a short month's last day (anniversary day 31: Jan 31 to Feb 28 goes on to Mar 31).
-    An hour off across a DST change, until Lago is read."""
+def _add_months(start: float, end: float, months: int, anchor: float = 0.0) -> float:
+    """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or, when the end
+    falls on a short month's last day, a later one: the start's (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
+    31) when the start is a local midnight (not the exact ``started_at`` of a first period, nor an upgrade's), and an
+    anniversary subscription's (``anchor``'s local day; Nov 30 to Feb 28 goes on to May 31 for a day 31) unless the
+    anchor is within an hour of a local midnight, not at one (a DST change since would make its day uncertain). An
+    hour off across a DST change, until Lago is read."""
     at, offset = _local(end)
     day = at.day
     if day == calendar.monthrange(at.year, at.month)[1]:
-        day = max(day, _local(start)[0].day)
+        begun, begun_offset = _local(start)
+        if abs(begun_offset - offset) <= 3600:  # (a local midnight, the zone's offset maybe changed since)
+            day = max(day, begun.day)
+        if anchor:
+            local_time = (anchor + offset) % 86400
+            if local_time == 0 or 3600 <= local_time < 82800:  # (not within an hour of a midnight: a DST change)
+                day = max(day, _day_of(anchor, offset).day)
     return _months_on(at, months, day).timestamp() - offset
 
 
@@ -455,7 +478,7 @@ def next_period_end(snapshot: Snapshot) -> float:
         return 0.0
     months = _INTERVAL_MONTHS.get(snapshot.interval)
     if months is not None:
-        estimate = _add_months(start, end, months)
+        estimate = _add_months(start, end, months, snapshot.anchor)
     elif snapshot.interval == "weekly":
         estimate = end + 7 * 86400.0
     else:
@@ -1975,6 +1998,7 @@ class QuotaGate:
             interval=interval,
             ending_at=_timestamp(subscription.get("ending_at")) or 0.0,
             next_plan_code=subscription.get("next_plan_code") or None,
+            anchor=anchor or 0.0,
         )
 
     # ------------------------------------------------------------------------------ seed helpers

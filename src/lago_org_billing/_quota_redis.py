@@ -3,7 +3,7 @@
 Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
 
     <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src, lc, lt,
-                            iv, ea, np, ne)
+                            iv, ea, np, ne, an)
     <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
     <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org; "0"
                             after an invalidation (free, and marks the refresh in flight then as superseded)
@@ -365,6 +365,7 @@ def encode(snapshot: Snapshot) -> list[str]:
         "ea": repr(snapshot.ending_at),
         "np": snapshot.next_plan_code or "",
         "ne": repr(snapshot.next_period_end),
+        "an": repr(snapshot.anchor),
     }
     out: list[str] = []
     for name, value in fields.items():
@@ -410,6 +411,7 @@ def decode(raw: Any) -> Snapshot | None:
         ending_at=_num(data.get("ea")),
         next_plan_code=data.get("np") or None,
         next_period_end=_num(data.get("ne")),
+        anchor=_num(data.get("an")),
     )
 
 
