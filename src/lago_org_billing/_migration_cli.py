@@ -64,6 +64,13 @@ the migration made: one the org had before keeps it (a warning names it).
 Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
 keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
 
+Lago: the one of LAGO_API_URL (base URL, without /api/v1), with LAGO_API_KEY, read from the environment, else
+from ./.env (as the app reads them: the other LAGO_* variables there must be valid too). Also read:
+LAGO_SUBSCRIPTION_ID_TEMPLATE (the org subscriptions' external_id: give the app's), LAGO_API_TIMEOUT (seconds
+per call); LAGO_MAX_RETRIES and LAGO_RETRY_DEADLINE are raised to at least 10 retries and 600 s per call (a
+migration waits out Lago's rate limits). The dry run only reads from Lago; check the target first with
+`lago-org-billing health`.
+
 Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings,
 an API key that may not read features (--execute without --allow-unreadable-entitlements), or another run
 holds the journal.
@@ -75,7 +82,8 @@ def add_migrate_command(commands: Any) -> None:
     migrate = commands.add_parser(
         "migrate",
         help="move billing from user-keyed Lago customers to org-keyed ones (dry run by default)",
-        description="Move billing from per-user Lago customers to per-org customers. Dry run by default.",
+        description="Move billing from per-user Lago customers to per-org customers, in the Lago of LAGO_API_URL "
+        "and LAGO_API_KEY (environment, else ./.env). Dry run by default.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

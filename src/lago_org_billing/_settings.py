@@ -27,7 +27,11 @@ _T = TypeVar("_T")
 
 class _DefaultDeadline(float):
     """``LAGO_RETRY_DEADLINE`` left at its default: at least 30 s, and never shorter than ``LAGO_API_TIMEOUT`` (a
-    deadline set explicitly is the user's: kept, it caps each attempt)."""
+    deadline set explicitly is the user's: kept, it caps each attempt).
+
+    Only the signature's default: ``__post_init__`` stores a plain ``float`` (serialisers such as ``orjson`` and
+    ``yaml.safe_dump`` refuse a subclass) and remembers, outside the fields, that the deadline follows the timeout
+    (``_default_deadline``, which :meth:`BillingSettings.replace`, copies and pickling keep)."""
 
     __slots__ = ()
 
@@ -112,8 +116,10 @@ class BillingSettings:
         if isinstance(self.webhook_hmac_key, str):  # (a key read from a secret file keeps its line break)
             object.__setattr__(self, "webhook_hmac_key", self.webhook_hmac_key.strip() or None)
         _positive("LAGO_API_TIMEOUT", self.api_timeout)
-        if isinstance(self.retry_deadline, _DefaultDeadline):  # a call gets its whole LAGO_API_TIMEOUT at least
-            object.__setattr__(self, "retry_deadline", _DefaultDeadline(max(_RETRY_DEADLINE, self.api_timeout)))
+        default_deadline = isinstance(self.retry_deadline, _DefaultDeadline)
+        object.__setattr__(self, "_default_deadline", default_deadline)  # (not a field: not compared nor shown)
+        if default_deadline:  # a call gets its whole LAGO_API_TIMEOUT at least
+            object.__setattr__(self, "retry_deadline", float(max(_RETRY_DEADLINE, self.api_timeout)))
         _positive("LAGO_RETRY_DEADLINE", self.retry_deadline)
         _positive("LAGO_RETRY_BACKOFF", self.retry_backoff)
         _positive("LAGO_USAGE_CACHE_TTL", self.usage_cache_ttl)
@@ -198,8 +204,13 @@ class BillingSettings:
         return self.api_key
 
     def replace(self, **changes: Any) -> BillingSettings:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); a ``retry_deadline`` left at its default still follows
+        ``api_timeout``."""
+        if "retry_deadline" not in changes and getattr(self, "_default_deadline", False):
+            changes["retry_deadline"] = _DefaultDeadline(_RETRY_DEADLINE)
         return dataclasses.replace(self, **changes)
+
+    __replace__ = replace  # ``copy.replace`` (Python 3.13)
 
     @classmethod
     def from_env(
@@ -217,12 +228,20 @@ class BillingSettings:
         """
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None
-        config = Config(env_file, environ=os.environ if environ is None else environ)
+        source = os.environ if environ is None else environ
+        config = Config(env_file, environ=source)
+        _read_exports(config.file_values)
 
         def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
             raw = config(name, default=None)
             if raw is not None and field not in overrides:
                 _check_unquoted(name, raw)
+                if name not in source and _INLINE_COMMENT.search(raw):  # (read from the .env file)
+                    raise ConfigurationError(
+                        f"{name} in {env_file} ends with an inline comment (' # ...'), which is read here as part of "
+                        "its value: put the comment on a line of its own.",
+                        variable=name,
+                    )
                 values[field] = parse(name, raw)
 
         values: dict[str, Any] = {}
@@ -303,6 +322,17 @@ def _json_object(name: str, raw: str) -> Any:
     return value
 
 
+def _read_exports(file_values: dict[str, str]) -> dict[str, str]:
+    """``file_values`` (starlette's reading of a ``.env``) with its ``export LAGO_X=...`` lines (a ``.env`` also
+    ``source``d by a shell, as python-dotenv and compose read it) under their variable's name too; a plain line of
+    the same name wins."""
+    for line_name, value in list(file_values.items()):
+        exported = _EXPORTED.fullmatch(line_name)
+        if exported:
+            file_values.setdefault(exported.group(1), value)
+    return file_values
+
+
 def _check_unquoted(name: str, raw: str) -> None:
     """Refuse a value wrapped whole in quotes: ``docker run --env-file`` and compose's ``environment:`` lists keep
     them as part of the value (a ``.env`` file read here drops them)."""
@@ -328,12 +358,24 @@ def _check_api_key(settings: BillingSettings) -> None:
         problem = "starts with 'Bearer': set it to the key alone (the client sends 'Authorization: Bearer <key>')"
     elif any(char.isspace() for char in key):
         problem = "has a blank or a line break inside: set it to the key alone (Lago: Developers > API keys)"
+    elif not (key.isascii() and key.isprintable()):  # (httpx could not send it: UnicodeEncodeError at first use)
+        problem = (
+            "has a character no Lago key has (a typographic quote, an invisible or control character, pasted with "
+            "it): type or copy the key again alone (Lago: Developers > API keys)"
+        )
     if problem:
         raise ConfigurationError(f"LAGO_API_KEY {problem}.", variable="LAGO_API_KEY")
 
 
-def _spool_path(path: str) -> str:
-    """``~`` expanded (``.env``, docker and systemd leave it as it is: a directory named ``~`` was made)."""
+def _spool_path(value: object) -> str:
+    """``~`` expanded (``.env``, docker and systemd leave it as it is: a directory named ``~`` was made); a
+    ``pathlib.Path`` given in code read as its string."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise ConfigurationError(
+            f"LAGO_SPOOL_PATH must be a file path (a str or a pathlib.Path), got {type(value).__name__}.",
+            variable="LAGO_SPOOL_PATH",
+        )
+    path = os.fsdecode(value)
     if path.strip() == ":memory:":
         raise ConfigurationError(
             "LAGO_SPOOL_PATH is the SQLite file of the durable spool, not SQLite's ':memory:' (a file of that name "
@@ -345,6 +387,10 @@ def _spool_path(path: str) -> str:
 
 #: ``Bearer <key>`` or ``Authorization: Bearer <key>``, as Lago's curl examples show it.
 _BEARER = re.compile(r"(?i)(authorization\s*:\s*)?bearer\s")
+#: A ``.env`` line ``export LAGO_X=...`` (starlette reads its name as ``export LAGO_X``).
+_EXPORTED = re.compile(r"export\s+(LAGO_\w+)")
+#: `` # comment`` after a value, which python-dotenv and compose drop and starlette's ``.env`` reader keeps.
+_INLINE_COMMENT = re.compile(r"\s#")
 #: Exclusions separated by blanks or semicolons instead of commas: ``/health /metrics``.
 _SEVERAL_PREFIXES = re.compile(r"[\s;]+/")
 
