@@ -418,6 +418,10 @@ class OrgBilling:
         deduplicates on the id *and* the timestamp: without ``timestamp``, a retry here reuses the first call's
         (remembered a day in this process); across processes, pass the same ``timestamp``. An event Lago already has
         is not an error: the answer is the payload with ``"duplicate": True``.
+
+        Lago takes (200) an event of an org without a subscription yet, and bills it never, not even once the
+        subscription exists (it ignores events before a subscription's ``started_at``): subscribe the org first
+        (``subscribe_org_to_plan``, ``lago-org-billing migrate --execute``).
         """
         return await self._record_usage(org_id, event_code, transaction_id, properties, timestamp, quota=self.quota)
 

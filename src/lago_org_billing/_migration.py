@@ -1323,6 +1323,21 @@ async def plan_org(
             path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
     result.customer, result.subscription = org_customer, org_subscription
+    # users an earlier run moved to another org (the mapping changed since): their subscriptions were ended then, and
+    # that org keeps the subscription it got, maybe on the plan it took from them; this run moves their mark only
+    elsewhere = {
+        user_id: moved_to
+        for user_id, customer, _ in users
+        if (moved_to := customer_metadata(customer).get(METADATA_MIGRATED_TO)) and moved_to != org.org_id
+    }
+    for user_id, moved_to in elsewhere.items():
+        result.warnings.append(
+            f"user {user_id!r} was migrated to org {moved_to!r} by an earlier run (its customer's "
+            f"{METADATA_MIGRATED_TO}), and is now mapped to org {org.org_id!r}: the subscriptions that run ended stay "
+            f"ended, so it brings org {org.org_id!r} no plan, and org {moved_to!r} keeps the subscription it got then "
+            f"(its plan may be the one taken from {user_id!r}: check it, change it with OrgBilling.change_plan, or "
+            f"terminate it if no user of {moved_to!r} is left); this run marks it {METADATA_MIGRATED_TO}={org.org_id}"
+        )
     active = [(user_id, s) for user_id, _, subs in users for s in subs if s.get("status") == "active"]
     # subscriptions that start later (not a downgrade waiting for its date): the plan when none is active
     starting = [
@@ -1421,9 +1436,12 @@ async def plan_org(
         elif options.default_plan is not None:
             result.plan_code, result.plan_source = options.default_plan, "--default-plan"
         if result.plan_code is None:
+            moved = "; ".join(
+                f"{user_id!r} was migrated to org {to!r} by an earlier run" for user_id, to in elsewhere.items()
+            )
             result.warnings.append(
                 f"org {org.org_id!r}: no user has an active subscription and no plan_code/--default-plan: "
-                "the org gets a customer but no subscription"
+                f"the org gets a customer but no subscription{f' ({moved})' if moved else ''}"
             )
         else:
             result.billing_time = str(source[1].get("billing_time") or "calendar") if source else "calendar"
