@@ -51,6 +51,7 @@ __all__ = ["FakeLago", "RequestRecord", "WebhookDispatcher"]
 API_PREFIX = "/api/v1"
 LAGO_VERSION = "v1.51.0"
 NOT_FOUND_BODY: JSON = {"status": 404, "error": "Not Found", "code": "resource_not_found"}
+BETA_HEADER = "X-Lago-Endpoint-Status"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class RequestRecord:
 
 
 class WebhookDispatcher(Protocol):
-    """What ``fake.webhook_dispatcher`` must provide. ``emit`` must not block (queue the delivery)."""
+    """What ``fake.webhook_dispatcher`` must provide. ``emit`` must not block (queue the delivery).
+
+    :meth:`FakeLago.reset` calls the dispatcher's ``clear()`` when it has one (forget the queue and the deliveries,
+    keep the endpoint), else its ``reset()``."""
 
     def emit(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> Any: ...
 
@@ -374,11 +378,23 @@ class FakeLago:
         return self.store.snapshot()
 
     def reset(self) -> None:
-        """Forget every object, event, request record, emitted webhook and injected fault."""
+        """Forget every object, event, request record, emitted webhook, webhook delivery and injected fault.
+
+        The organization stays as Lago keeps it when its data goes: its API key, ``organization_id``, event store,
+        clock, signing keys, and its webhook endpoint with its signing settings, so that an emulator kept for a
+        session and reset between tests keeps delivering webhooks. To forget the endpoint too, call
+        ``fake.webhook_dispatcher.reset()`` (or ``DELETE /_emulator/webhooks``). ``POST /_emulator/reset`` does the
+        same as this method."""
         self.store.clear()
         self.faults.clear()
-        if self.webhook_dispatcher is not None:
-            self.webhook_dispatcher.reset()
+        dispatcher = self.webhook_dispatcher
+        if dispatcher is not None:
+            # (a dispatcher of the user's own has only reset(): it then forgets what its reset() forgets)
+            forget = getattr(dispatcher, "clear", None)
+            if callable(forget):
+                forget()
+            else:
+                dispatcher.reset()
         with self._log_lock:
             self.requests.clear()
             self.emitted_webhooks.clear()
@@ -587,22 +603,15 @@ class FakeLago:
             return value
 
         def groups(request: Request) -> dict[str, list[Any]]:
-            # lago-api UsageFilters.init_from_params: the group comes as nested params (group[k]=v, group[k][]=v, the
-            # deprecated filter_by_group[k]=v) or, as lago-python-client sends it, filter_by_group=<JSON object>
-            # ("JSON.parse(group) if group.is_a?(String)"); each value is kept as Array(v): any of them matches
-            out: dict[str, list[Any]] = {}
-            raw = request.query_params.get("filter_by_group")
-            if raw is not None:
-                out.update(_json_group(raw))
-            for key, value in request.query_params.multi_items():
-                for prefix in ("group[", "filter_by_group["):
-                    if key.startswith(prefix) and key.endswith("]"):
-                        name = key[len(prefix) : -1]
-                        if name.endswith("]["):  # group[k][]=v: one of several values
-                            out.setdefault(name[:-2], []).append(value)
-                        else:
-                            out[name] = [value]
-            return out
+            # lago-api UsageFilters.init_from_params: group = params[:group] || params[:filter_by_group] (the first
+            # given wins whole, the other is not read), as nested params (group[k]=v, group[k][]=v) or a JSON object
+            # ("JSON.parse(group) if group.is_a?(String)", as lago-python-client sends filter_by_group); each value is
+            # kept as Array(v): any of them matches
+            for name in ("group", "filter_by_group"):
+                found = _group_param(request, name)
+                if found is not None:
+                    return found
+            return {}
 
         def statuses(request: Request) -> list[str]:
             # Rails permits status: [] only: a scalar ?status=terminated is dropped (so only active ones are listed)
@@ -611,6 +620,10 @@ class FakeLago:
         def health(request: Request, body: Any) -> JSON:
             return {"version": LAGO_VERSION, "github_url": "https://github.com/getlago/lago-api", "message": "Success"}
 
+        def ready(request: Request, body: Any) -> JSON:
+            # ApplicationController#ready (lago-api.md §1 "Health"); 503 "shutting down" is not emulated
+            return {"status": "ok"}
+
         def reset(request: Request, body: Any) -> JSON:
             self.reset()
             return {"reset": True}
@@ -618,12 +631,13 @@ class FakeLago:
         def state(request: Request, body: Any) -> Response:
             return Response(self.snapshot(), media_type="application/json")
 
-        def events_enriched(request: Request, body: Any) -> JSON:
+        def events_enriched(request: Request, body: Any) -> Response:
             # EventsController before_action :ensure_organization_uses_clickhouse (lago-api.md §4, "Detecting the
-            # store"). On ClickHouse it lists the events (EventsQuery filters; the enriched serializer is not emulated)
+            # store"): 403 without the beta header. On ClickHouse, index_enriched calls set_beta_header! and lists
+            # EventsQuery's page (the filters and pagination of /events) with V1::EventEnrichedSerializer
             if self.store.event_store != "clickhouse":
                 raise ApiError(403, {"status": 403, "error": "Forbidden", "code": "endpoint_not_available"})
-            return store.list_events(query(request))
+            return JSONResponse(store.list_events(query(request), enriched=True), headers={BETA_HEADER: "beta"})
 
         def public_key_json(request: Request, body: Any) -> JSON:
             return {"webhook": {"public_key": _encode64(self.rsa_public_key_pem)}}
@@ -633,6 +647,7 @@ class FakeLago:
 
         routes: list[BaseRoute] = [
             Route("/health", e(health, auth=False), methods=["GET"]),
+            Route("/ready", e(ready, auth=False), methods=["GET"]),
             Route("/_emulator/reset", e(reset, auth=False), methods=["POST"]),
             Route("/_emulator/state", e(state, auth=False), methods=["GET"]),
             *self.extra_routes,
@@ -778,21 +793,42 @@ class _TimedASGITransport(httpx.ASGITransport):
         raise httpx.ReadTimeout(f"the emulator did not answer within the read timeout ({timeout:g} s)", request=request)
 
 
-def _json_group(raw: str) -> dict[str, list[Any]]:
-    """``filter_by_group`` given as a JSON object (``{"user_id": "u1"}`` or ``{"user_id": ["u1", "u2"]}``).
+def _group_param(request: Request, name: str) -> dict[str, list[Any]] | None:
+    """``name`` (``group`` or ``filter_by_group``) as Rails reads it: nested params, else a JSON object; ``None``
+    when absent."""
+    prefix = name + "["
+    nested: dict[str, list[Any]] | None = None
+    for key, value in request.query_params.multi_items():
+        if key.startswith(prefix) and key.endswith("]"):
+            nested = {} if nested is None else nested
+            field = key[len(prefix) : -1]
+            if field.endswith("]["):  # group[k][]=v: one of several values
+                nested.setdefault(field[:-2], []).append(value)
+            else:  # group[k]=v: Rack keeps the last one
+                nested[field] = [value]
+    if nested is not None:
+        return nested
+    raw = request.query_params.get(name)
+    return None if raw is None else _json_group(raw, name)
 
-    Anything else makes lago-api raise (``JSON::ParserError``, or ``transform_values`` on a non-Hash): a 500 there,
-    answered here in Lago's 500 envelope with what to send instead."""
+
+def _json_group(raw: str, name: str = "filter_by_group") -> dict[str, list[Any]]:
+    """``group``/``filter_by_group`` given as a JSON object (``{"user_id": "u1"}`` or ``{"user_id": ["u1", "u2"]}``).
+
+    Each value becomes Ruby's ``Array(v)``: a list stays, ``null`` is ``[]`` (matches nothing), anything else is
+    one value. Anything but an object makes lago-api raise (``JSON::ParserError``, or ``transform_values`` on a
+    non-Hash): a 500 there, answered here in Lago's 500 envelope with what to send instead."""
     try:
         parsed = json.loads(raw)
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):
-        message = (
-            f'filter_by_group must be a JSON object such as {{"user_id": "u1"}} (or group[user_id]=u1), got {raw!r}'
-        )
+        message = f'{name} must be a JSON object such as {{"user_id": "u1"}} (or {name}[user_id]=u1), got {raw!r}'
         raise ApiError(500, {"status": 500, "errors": [{"message": message}], "data": {}})
-    return {str(key): list(value) if isinstance(value, list) else [value] for key, value in parsed.items()}
+    return {
+        str(key): list(value) if isinstance(value, list) else [] if value is None else [value]
+        for key, value in parsed.items()
+    }
 
 
 def _status(request: Request) -> str | None:

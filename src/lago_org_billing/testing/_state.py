@@ -2061,8 +2061,9 @@ class LagoStore:
                     return {"event": self._serialize_event(event)}
             raise not_found("event")
 
-    def list_events(self, query: Mapping[str, Any]) -> JSON:
-        """lago-api ``EventsQuery`` and its ``EventsQueryFiltersContract``."""
+    def list_events(self, query: Mapping[str, Any], *, enriched: bool = False) -> JSON:
+        """lago-api ``EventsQuery`` and its ``EventsQueryFiltersContract``; ``enriched``: the page of
+        ``GET /events_enriched`` (``V1::EventEnrichedSerializer``)."""
         with self.lock:
             errors: dict[str, list[str]] = {}
             from_started = query.get("timestamp_from_started_at")
@@ -2102,8 +2103,34 @@ class LagoStore:
             else:
                 items.reverse()
             result = paginate(items, "events", query.get("page"), query.get("per_page"))
-            result["events"] = [self._serialize_event(e) for e in result["events"]]
+            serialize = self._serialize_enriched_event if enriched else self._serialize_event
+            result["events"] = [serialize(e) for e in result["events"]]
             return result
+
+    def _serialize_enriched_event(self, event: JSON) -> JSON:
+        """``V1::EventEnrichedSerializer``. ``value`` is the event's property named by its metric's ``field_name``
+        as text (``None`` without one), ``decimal_value`` that value as a decimal (``""``, Ruby's ``nil.to_s``, when
+        it is not a number); ``enriched_at`` is the time the emulator stored the event."""
+        metric = self.metrics.get(event["code"])
+        field = metric["field_name"] if metric is not None else None
+        value = _group_text(event["properties"].get(field)) if field else None
+        try:
+            number = Decimal(value) if value is not None else None
+        except ArithmeticError:
+            number = None
+        decimal_value = decimal_str(number) if number is not None and number.is_finite() else ""
+        stored = parse_datetime(event["created_at"])
+        return {
+            "transaction_id": event["transaction_id"],
+            "external_subscription_id": event["external_subscription_id"],
+            "code": event["code"],
+            "timestamp": event["timestamp"],
+            "enriched_at": iso_ms(stored) if stored is not None else None,
+            "value": value,
+            "decimal_value": decimal_value,
+            "precise_total_amount_cents": event["precise_total_amount_cents"],
+            "properties": copy.deepcopy(event["properties"]),
+        }
 
     def _events_subscription_start(self, external_id: str) -> datetime | None:
         # EventsQuery#subscription: ORDER BY terminated_at DESC NULLS FIRST, started_at DESC
@@ -2616,7 +2643,8 @@ def _filters_usage(
 
 
 def _group_text(value: Any) -> str | None:
-    """A property value as lago-api compares it with a group filter value (JSON text: ``true``, ``5``, ``u1``)."""
+    """A property value as lago-api compares it with a group filter value (``properties->>key``: ``true``, ``5``,
+    ``u1``); a missing one is SQL ``NULL``, which matches nothing."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -2624,15 +2652,25 @@ def _group_text(value: Any) -> str | None:
     return str(value)
 
 
+def _group_values(value: Any) -> set[str | None]:
+    """A group filter value as lago-api matches it: ``Array(v).map(&:to_s)`` (``nil`` alone is ``[]``, ``nil`` in a
+    list is ``""``)."""
+    if value is None:
+        return set()
+    items = value if isinstance(value, (list, tuple, set)) else [value]
+    return {"" if x is None else _group_text(x) for x in items}
+
+
 def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, Any]) -> JSON:
     subunits = subunits_per_unit(currency)
     keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
     if groups:
-        # UsageFilters keeps each value as Array(v): an event matches when its property is any of them
-        wanted = {
-            k: {_group_text(x) for x in (v if isinstance(v, (list, tuple, set)) else [v])} for k, v in groups.items()
-        }
+        # UsageFilters keeps each value as Array(v): an event matches when its property is any of them. The filtered
+        # keys leave the charge's grouping (Fees::ChargeService#aggregation_filters: "filters[:grouped_by]&.delete"),
+        # so the usage stays per the other keys only, or ungrouped (no grouped_usage) when none is left
+        wanted = {str(k): _group_values(v) for k, v in groups.items()}
         events = [e for e in events if all(_group_text(e["properties"].get(k)) in vals for k, vals in wanted.items())]
+        keys = [k for k in keys if k not in wanted]
     grouped_usage: list[JSON] = []
     if keys:
         by_group: dict[tuple[str | None, ...], list[JSON]] = {}

@@ -16,6 +16,8 @@ Control routes (never part of Lago's API)::
     POST /_emulator/webhooks/deliver  sends everything pending, returns those deliveries
     POST /_emulator/webhooks/redeliver {"unique_key": "..."} sends one delivery again, same body and key
     DELETE /_emulator/webhooks        forgets the target, the queue and the delivery log
+
+``fake.reset()`` (and ``POST /_emulator/reset``) forgets the queue and the delivery log but keeps the target.
 """
 
 from __future__ import annotations
@@ -201,10 +203,19 @@ class WebhookDispatcher:
         self._validate()
 
     def reset(self) -> None:
-        """Forget the endpoint, the queue and the delivery log."""
+        """Forget the endpoint, the queue and the delivery log (``DELETE /_emulator/webhooks``): nothing is queued
+        until an endpoint is configured again. The signing settings stay."""
         with self._lock:
             self.url = None
             self.app = None
+            self._pending.clear()
+            self.deliveries.clear()
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        """Forget the queue and the delivery log, keep the endpoint and the signing settings (what
+        ``FakeLago.reset()`` does: Lago keeps an organization's webhook endpoints when its data goes)."""
+        with self._lock:
             self._pending.clear()
             self.deliveries.clear()
             self._changed.notify_all()
