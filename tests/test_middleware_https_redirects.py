@@ -82,11 +82,6 @@ async def reported(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs _attribution.py: the billing dict must survive copy.deepcopy (a dict subclass whose __deepcopy__ "
-    "returns itself, and UsageRecorder._explicit testing isinstance(data, dict) instead of type(data) is dict)",
-)
 async def test_usage_attributed_behind_a_scope_deep_copying_proxy_fix_is_billed(
     fake_lago: Any, header_settings: BillingSettings
 ) -> None:
@@ -105,11 +100,6 @@ async def authenticated(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the billing dict to survive copy.deepcopy (see above): require_quota's decision, reservation and "
-    "org are written in the copy",
-)
 async def test_require_quota_behind_a_scope_deep_copying_proxy_fix_is_billed_and_settled(
     fake_lago: Any, header_settings: BillingSettings
 ) -> None:

@@ -512,7 +512,8 @@ class UsageRecorder:
     def _explicit(self) -> Any:
         """What :func:`attribute_usage` stored for this request (``None`` when nothing)."""
         data = self._scope.get(SCOPE_KEY) if self._scope is not None else self._billing
-        return data.get(_EXPLICIT_KEY) if type(data) is dict else None
+        # (a dict subclass: the middleware's, which deep copies of the scope share)
+        return data.get(_EXPLICIT_KEY) if isinstance(data, dict) else None
 
     # -- response start --------------------------------------------------------------------------------------------
 

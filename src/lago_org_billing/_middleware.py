@@ -77,6 +77,21 @@ logger = logging.getLogger("lago_org_billing.middleware")
 PropertiesHook = Callable[[Scope, Identity], Mapping[str, Any]]
 
 
+class _Billing(dict[str, Any]):
+    """The per-request billing dict (``scope[SCOPE_KEY]``), one per request whatever copies of the scope are made: a
+    middleware between this one and the app that deep-copies the scope (hypercorn's ``ProxyFixMiddleware``) hands the
+    app this dict, not a copy, so that what the app writes in it (``attribute_usage()``'s tokens, ``require_quota()``'s
+    reserved call and org) reaches the middleware (a copy's were lost: tokens not billed, a call never settled)."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> _Billing:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Billing:
+        return self
+
+
 class OrgBillingMiddleware:
     """Bill every HTTP request to the caller's organization in Lago.
 
@@ -245,8 +260,8 @@ class OrgBillingMiddleware:
         # and whichever decides its fate first with an org (billed, blocked) is its "biller" (see _claim).
         billing = scope.get(SCOPE_KEY)
         took_over = False
-        if type(billing) is not dict:
-            billing = scope[SCOPE_KEY] = {"middleware": self}
+        if not isinstance(billing, dict):  # (a _Billing: shared by deep copies of the scope, see there)
+            billing = scope[SCOPE_KEY] = _Billing(middleware=self)
         else:
             owner = billing.get("middleware", self)
             if owner is not None and owner is not self:
@@ -918,13 +933,15 @@ class OrgBillingMiddleware:
 
     def _head(self, org_id: str, endpoint: str, method: str) -> str:
         """The JSON of what all events of one org, endpoint and method share (cached: a few per route and org)."""
-        if len(self._heads) >= 10_000:  # bounded: a cache of the active combinations, not a registry
-            self._heads.clear()
-        head = self._heads[(org_id, endpoint, method)] = (
+        head = (
             f'"external_subscription_id":{_json_str(self.settings.subscription_id_for(org_id))},'
             f'"code":{_json_str(self.settings.event_code)},"properties":{{"org_id":{_json_str(org_id)},'
             f'"endpoint":{_json_str(endpoint)},"method":{_json_str(method)}'
         )
+        if len(endpoint) <= _MAX_CACHED_PATH:  # (an app without Starlette routing: its raw paths, long ones not kept)
+            if len(self._heads) >= 10_000:  # bounded: a cache of the active combinations, not a registry
+                self._heads.clear()
+            self._heads[(org_id, endpoint, method)] = head
         return head
 
     def _extra_properties(self, scope: Scope, org_id: str, user_id: str | None) -> Mapping[str, Any] | None:
@@ -1626,6 +1643,10 @@ def _routes_serving(routes: Any, endpoint: Any, depth: int) -> list[Any]:
     return found
 
 
+#: The longest concrete path (mount prefix, raw path as endpoint) the caches keyed by one keep: a client chooses the
+#: values in its URL (up to the server's limit, ~16 KB), and 10,000 entries of that size would be hundreds of MB.
+_MAX_CACHED_PATH = 1024
+
 #: (id of the outermost router, concrete mount prefix) -> (that router, the mounts' path templates).
 _mount_prefixes: dict[tuple[int, str], tuple[Any, str]] = {}
 
@@ -1638,6 +1659,8 @@ def _mount_template(router: Any, prefix: str) -> str:
     if known is not None and known[0] is router:
         return known[1]
     template = _find_mounts(getattr(router, "routes", ()), prefix) or prefix
+    if len(prefix) > _MAX_CACHED_PATH:  # a long parameter value (a client's 16 KB tenant): looked up, not kept
+        return template
     if len(_mount_prefixes) >= 10_000:
         _mount_prefixes.clear()
     _mount_prefixes[key] = (router, template)
