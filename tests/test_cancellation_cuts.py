@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -187,6 +188,54 @@ async def test_a_stream_cancelled_by_the_servers_shutdown_is_billed_before_deliv
             await shut_down.wait()
     assert middleware.pipeline.metrics.dropped == 0
     assert billed(fake) == [(200, 7)]
+
+
+@BACKENDS
+async def test_a_request_still_running_at_shutdown_keeps_the_shutdown_within_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request that never ends (not cancelled by the server) is waited for at most half of ``shutdown_timeout``;
+    delivery gets what is left, so that the whole shutdown stays within ``shutdown_timeout`` (a deployment sizes its
+    kill grace period on it): it was waited for the whole ``shutdown_timeout``, and delivery given as long again."""
+    streaming = anyio.Event()
+    clock = Clock()
+    fake = seed(FakeLago(api_key="k", clock=clock.now), starter_calls=5)
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", org_header="X-Org-Id", max_retries=0)
+    middleware = OrgBillingMiddleware(
+        stream_app(streaming), settings, transport=fake.transport(), quota=None, shutdown_timeout=1.0
+    )
+    given: list[float | None] = []
+    to_lifespan, lifespan_messages = anyio.create_memory_object_stream[Message](4)
+    started, shut_down = anyio.Event(), anyio.Event()
+
+    async def lifespan_send(message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+        elif message["type"].startswith("lifespan.shutdown"):
+            shut_down.set()
+
+    with anyio.fail_after(10), caplog.at_level(logging.WARNING, logger="lago_org_billing"):
+        async with anyio.create_task_group() as tasks, to_lifespan, lifespan_messages:
+            tasks.start_soon(
+                middleware, {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_messages.receive, lifespan_send
+            )
+            await to_lifespan.send({"type": "lifespan.startup"})
+            await started.wait()
+            aclose = middleware.pipeline.aclose
+
+            async def recording_aclose(timeout: float | None = None) -> Any:
+                given.append(timeout)
+                return await aclose(timeout)
+
+            middleware.pipeline.aclose = recording_aclose  # type: ignore[method-assign]
+            tasks.start_soon(middleware, http_scope(), receiver(), ignore)
+            await streaming.wait()
+            await to_lifespan.send({"type": "lifespan.shutdown"})  # the request goes on: never cancelled
+            await shut_down.wait()
+            tasks.cancel_scope.cancel()
+    # waited 0.5 s (half of it) at least: delivery given the rest, half at least
+    assert given == [0.5]
+    assert any("1 requests still running after 0.5 s" in r.getMessage() for r in caplog.records)
 
 
 def test_a_stream_cut_by_uvicorns_graceful_shutdown_timeout_is_billed() -> None:

@@ -560,36 +560,42 @@ class OrgBillingMiddleware:
     async def _shutdown(self) -> None:
         if self._config_error is not None:
             return
-        await self._requests_recorded()
+        spent = await self._requests_recorded()
         if self.quota is not None:
             await self.quota.aclose()
-        await self.pipeline.aclose(self.shutdown_timeout)
+        # the whole shutdown within shutdown_timeout (the server's kill grace period is sized on it), delivery given
+        # half of it at least
+        await self.pipeline.aclose(max(self.shutdown_timeout - spent, self.shutdown_timeout / 2))
         if self._owned_client is not None:
             await self._owned_client.aclose()
         if self._shared_first_seen is not None:
             await self._shared_first_seen.aclose()
 
-    async def _requests_recorded(self) -> None:
-        """Wait (at most ``shutdown_timeout``) for the requests still running to record their events before the
-        pipeline closes: a server past its graceful-shutdown timeout cancels them and sends the lifespan shutdown
-        without waiting for them to end (uvicorn), and a stream cut so records its event a few loop turns later
-        (its app's task groups end first): into a closed pipeline, that event was dropped."""
+    async def _requests_recorded(self) -> float:
+        """Wait (at most half of ``shutdown_timeout``, 5 s at most) for the requests still running to record their
+        events before the pipeline closes; the seconds it took. A server past its graceful-shutdown timeout cancels
+        them and sends the lifespan shutdown without waiting for them to end (uvicorn), and a stream cut so records
+        its event a few loop turns later (its app's task groups end first): into a closed pipeline, that event was
+        dropped. One still running past the wait is not waited for: delivery keeps the rest of the time."""
         if self._in_flight <= 0:
-            return
+            return 0.0
+        began = anyio.current_time()
+        wait = min(self.shutdown_timeout / 2, _REQUESTS_WAIT_MAX)
         recorded = self._all_recorded = anyio.Event()
         try:
-            with anyio.move_on_after(self.shutdown_timeout):
+            with anyio.move_on_after(wait):
                 await recorded.wait()
         finally:
             self._all_recorded = None
         if self._in_flight > 0:
             logger.warning(
-                "Shutdown: %d requests still running after %.1f s (shutdown_timeout): billing delivery closes now, "
-                "and their events, recorded when they end, are dropped. Give the server a graceful-shutdown timeout "
-                "(uvicorn --timeout-graceful-shutdown) so that it ends them first.",
+                "Shutdown: %d requests still running after %.1f s: billing delivery closes now, and their events, "
+                "recorded when they end, are dropped. Give the server a graceful-shutdown timeout (uvicorn "
+                "--timeout-graceful-shutdown) so that it ends them first.",
                 self._in_flight,
-                self.shutdown_timeout,
+                wait,
             )
+        return anyio.current_time() - began
 
     # -------------------------------------------------------------------- http
 
@@ -1642,6 +1648,10 @@ def _routes_serving(routes: Any, endpoint: Any, depth: int) -> list[Any]:
                 found.extend(_routes_serving(route.routes, endpoint, depth + 1))
     return found
 
+
+#: Seconds the shutdown waits at most for the requests in flight to record their events (cancelled ones do within a
+#: few loop turns), and never more than half of ``shutdown_timeout``.
+_REQUESTS_WAIT_MAX = 5.0
 
 #: The longest concrete path (mount prefix, raw path as endpoint) the caches keyed by one keep: a client chooses the
 #: values in its URL (up to the server's limit, ~16 KB), and 10,000 entries of that size would be hundreds of MB.
