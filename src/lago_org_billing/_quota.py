@@ -117,7 +117,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._settings import BillingSettings
+from ._settings import _INLINE_COMMENT, BillingSettings, _check_unquoted, _read_exports
 
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
@@ -182,6 +182,27 @@ def _env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigurationError(f"{name} must be true or false, got {raw!r}.", variable=name)
+
+
+#: The variables :meth:`QuotaConfig.from_env` reads (checked for quotes and, in ``.env``, inline comments).
+_QUOTA_VARIABLES = (
+    "LAGO_QUOTA_STATUS",
+    "LAGO_QUOTA_NO_SUBSCRIPTION",
+    "LAGO_QUOTA_NO_SUBSCRIPTION_STATUS",
+    "LAGO_QUOTA_COLD_TIMEOUT",
+    "LAGO_QUOTA_HEADERS",
+    "LAGO_QUOTA_SETTLE_LAG",
+    "LAGO_QUOTA_PLAN_TTL",
+    "LAGO_QUOTA_REDIS_RETRY",
+    "LAGO_QUOTA_REFRESH_RATE",
+    "LAGO_QUOTA_PLAN_REFRESH_RATE",
+    "LAGO_QUOTA_REFRESH_CONCURRENCY",
+    "LAGO_QUOTA_FEATURE",
+    "LAGO_QUOTA_CALLS_PRIVILEGE",
+    "LAGO_QUOTA_TOKENS_PRIVILEGE",
+    "LAGO_QUOTA_TOKEN_METRIC",
+    "LAGO_QUOTA_REDIS_PREFIX",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -275,11 +296,23 @@ class QuotaConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QuotaConfig:
         """Read the ``LAGO_QUOTA_*`` variables from ``environ`` (default: ``.env`` overlaid by the process
         environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults; ``overrides`` win."""
+        file_values: dict[str, str] = {}
         if environ is None:
-            file_values = Config(".env").file_values if os.path.isfile(".env") else {}
+            # (``export LAGO_QUOTA_X=...`` lines read under their name, as BillingSettings.from_env reads them)
+            file_values = _read_exports(dict(Config(".env").file_values)) if os.path.isfile(".env") else {}
             env: Mapping[str, str] = {**file_values, **os.environ}
         else:
             env = environ
+        for name in _QUOTA_VARIABLES:
+            raw = env.get(name)
+            if raw is not None:
+                _check_unquoted(name, raw)
+                if name in file_values and name not in os.environ and _INLINE_COMMENT.search(raw):  # (from .env)
+                    raise ConfigurationError(
+                        f"{name} in .env ends with an inline comment (' # ...'), which is read here as part of its "
+                        "value: put the comment on a line of its own.",
+                        variable=name,
+                    )
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:
@@ -452,21 +485,38 @@ def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
 
 def _add_months(start: float, end: float, months: int, anchor: float = 0.0) -> float:
     """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or, when the end
-    falls on a short month's last day, a later one: the start's (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
-    31) when the start is a local midnight (not the exact ``started_at`` of a first period, nor an upgrade's), and an
-    anniversary subscription's (``anchor``'s local day; Nov 30 to Feb 28 goes on to May 31 for a day 31) unless the
-    anchor is within an hour of a local midnight, not at one (a DST change since would make its day uncertain). An
-    hour off across a DST change, until Lago is read."""
+    falls on a short month's last day, a later one. An anniversary subscription's is ``anchor``'s local day (Nov 30 to
+    Feb 28 goes on to May 31 for a day 31), taken alone: a period's start may be a first period's exact
+    ``started_at`` or an upgrade's, which a time within an hour of a midnight would show as the next day's. Without an
+    anchor, the start's day when the start is a local midnight (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
+    31). An anchor within an hour of a local midnight (not at one) may be a day off, a DST change since moving it
+    across the midnight: its day read at the end's offset, unless the start, a local midnight on an unclipped day,
+    shows the other one. An hour off across a DST change, until Lago is read."""
     at, offset = _local(end)
     day = at.day
     if day == calendar.monthrange(at.year, at.month)[1]:
         begun, begun_offset = _local(start)
-        if abs(begun_offset - offset) <= 3600:  # (a local midnight, the zone's offset maybe changed since)
-            day = max(day, begun.day)
-        if anchor:
+        if not anchor:
+            if abs(begun_offset - offset) <= 3600:  # (a local midnight, the zone's offset maybe changed since)
+                day = max(day, begun.day)
+        else:
+            billing_day = _day_of(anchor, offset).day
             local_time = (anchor + offset) % 86400
-            if local_time == 0 or 3600 <= local_time < 82800:  # (not within an hour of a midnight: a DST change)
-                day = max(day, _day_of(anchor, offset).day)
+            if 0 < local_time < 3600 or local_time >= 82800:  # (within an hour of a midnight: a DST change since?)
+                other_offset = offset + (3600 if local_time >= 82800 else -3600)
+                other = _day_of(anchor, other_offset).day
+                # the start shows the other day: a local midnight at the end's offset or one an hour off (not an
+                # exact time, a first period's or an upgrade's, half an hour off) on that day, which the first day,
+                # clipped by a short month, would not be
+                if (
+                    begun.day == other
+                    and begun_offset in (offset, other_offset)
+                    and other != min(billing_day, calendar.monthrange(begun.year, begun.month)[1])
+                ):
+                    billing_day = other
+                elif begun_offset in (offset, other_offset):  # (a start on the billing day or clipped: not later)
+                    billing_day = max(billing_day, begun.day)
+            day = max(day, billing_day)
     return _months_on(at, months, day).timestamp() - offset
 
 
@@ -1513,7 +1563,9 @@ class QuotaGate:
         else:
             assert calls_limit is not None
             limit, left = calls_limit, max(0, calls_limit - outcome.calls)
-        reset = b"%d" % max(0, math.ceil(snap.period_end - now))
+        # (a blocked client asked back at least a second on: the period may have ended during the reserve's round
+        # trip, and a 0 has clients retry at once, in a loop)
+        reset = b"%d" % max(1 if blocked else 0, math.ceil(snap.period_end - now))
         if blocked:
             return (
                 (b"ratelimit-limit", b"%d" % limit),
@@ -1556,7 +1608,7 @@ class QuotaGate:
         the new plan may allow the call, which a client told to come back in days would not learn."""
         if not snap.plan_fetched_at:
             return max(1, math.ceil(self.config.failure_backoff))
-        return max(0, math.ceil(snap.period_end - now))
+        return max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
 
     # ------------------------------------------------------------------------------ cold path
 

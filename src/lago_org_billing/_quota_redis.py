@@ -35,7 +35,9 @@ provisional snapshot, replace it) before Redis decides for their orgs again: unt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import deque
@@ -486,6 +488,7 @@ class RedisBackend:
         self._probing = False  # asking Redis whether it answers again (after an outage)
         self._releasing: set[str] = set()  # orgs with a reserved call released in the queue (not yet in Redis)
         self._merging: _Merging | None = None  # the orgs whose outage records are being handed to Redis
+        self._orphans: set[asyncio.Task[Any]] = set()  # reserves whose request a native cancel cut off (released)
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
         # at most), and every fresh org id (a spoofable header, a JWT claim) let through makes one
@@ -607,7 +610,7 @@ class RedisBackend:
                             await self._recovered(org_id)
                     if self._up() and not self._unmerged(org_id):
                         keys = [self.key(org_id, "snap"), self.key(org_id, "count")]
-                        result = await self._check(keys=keys, args=args)
+                        result = await self._reserve(org_id, keys, args, known, now)
             except self._errors() as exc:
                 self._failed(exc)
             else:
@@ -616,6 +619,39 @@ class RedisBackend:
         self.stats["fallback_decisions"] += 1
         self._seed_fallback(org_id)
         return self.fallback.reserve_now(org_id, now, mode)
+
+    async def _reserve(self, org_id: str, keys: list[str], args: list[Any], known: Snapshot | None, now: float) -> Any:
+        """The ``CHECK`` script's answer. Under asyncio it runs as a task of its own: a native cancel of the request
+        (``task.cancel()``: ``asyncio.wait_for`` or ``asyncio.timeout`` around the app, uvicorn cancelling requests at
+        shutdown), which the anyio shield does not stop, leaves it running, and the call it reserved is released when
+        its answer comes (:meth:`_orphaned`), instead of staying in flight for ``inflight_horizon``. Under trio every
+        cancellation goes through anyio's scopes, which the caller's shield stops: it is awaited in place."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (trio)
+            return await self._check(keys=keys, args=args)
+        task = loop.create_task(self._check(keys=keys, args=args))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._orphans.add(task)
+            task.add_done_callback(functools.partial(self._orphaned, org_id, args[2], known, now))
+            raise
+
+    def _orphaned(self, org_id: str, mode: str, known: Snapshot | None, now: float, task: asyncio.Task[Any]) -> None:
+        """The answer of a reserve whose request is gone: the call it reserved (if any) is released."""
+        self._orphans.discard(task)
+        if task.cancelled():  # (the loop is closing)
+            return
+        exc = task.exception()
+        if exc is not None:
+            if isinstance(exc, self._errors()):
+                self._failed(exc)
+            return
+        outcome = self._outcome(org_id, task.result(), known, int(now))
+        code = outcome.code
+        if (code in (ALLOWED, COUNTED) and mode != "p") or (code == BLOCKED and mode in ("f", "b")):
+            self.settle(org_id, outcome.period, outcome.bucket, now, tokens=0, billed=False)
 
     def _outcome(self, org_id: str, result: Any, known: Snapshot | None, bucket: int) -> Outcome:
         code, calls, tokens, hit, full = int(result[0]), int(result[1]), int(result[2]), _text(result[3]), result[4]
@@ -897,6 +933,8 @@ class RedisBackend:
     async def aclose(self) -> None:
         if self._closed:
             return
+        if self._orphans:  # (their releases queued before the last writes)
+            await asyncio.wait(set(self._orphans), timeout=self.config.redis_timeout)
         await self.flush()
         self._closed = True
         if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
