@@ -53,6 +53,10 @@ logger = logging.getLogger("lago_org_billing.dead_letters")
 
 _EPILOG = """\
 IDs are the letters' row ids, prefixed by the slot ("2:17") for the spool's other slot files (PATH.2 ...).
+--replay sends them to the Lago of LAGO_API_URL (base URL, without /api/v1) with LAGO_API_KEY, read from the
+environment, else from ./.env (as the app reads them: the other LAGO_* variables there must be valid too, and
+LAGO_API_TIMEOUT, LAGO_MAX_RETRIES apply to its calls); listing needs neither. Check that Lago first with
+`lago-org-billing health`.
 Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time or a
 spool file changed meanwhile (nothing lost: they stay dead letters; run again); 2 no spool, a file that is not a
 spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent);
@@ -323,7 +327,8 @@ def add_dead_letters_command(commands: Any) -> None:
     command = commands.add_parser(
         "dead-letters",
         help="list the dead letters of the event spool, or send them to Lago again (--replay)",
-        description="List the events Lago rejected for good, kept in the SQLite spool; --replay sends them again.",
+        description="List the events Lago rejected for good, kept in the SQLite spool (--spool, else LAGO_SPOOL_PATH);"
+        "\n--replay sends them again to the Lago of LAGO_API_URL and LAGO_API_KEY (environment, else ./.env).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

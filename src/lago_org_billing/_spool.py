@@ -999,9 +999,11 @@ class SqliteOutbox(Outbox):
     """The durable spool (see the module docstring). ``capacity`` bounds the events waiting for a commit;
     ``window`` bounds the rows held in memory for delivery.
 
-    A file that cannot be written (a full disk, a volume gone read-only) is tried again with a backoff, the events
-    waiting in memory meanwhile (within ``capacity``); at shutdown they are sent from memory, and those neither
-    delivered nor written then are lost (counted: :meth:`close` returns how many). A failed read is tried again too."""
+    A file that cannot be written (a full disk, a volume gone read-only) is tried again with a backoff; the events a
+    failed write took are sent to Lago from memory meanwhile (within ``capacity``), and those Lago has not taken yet
+    are written with the next write that succeeds (durable from then on: not in memory only until Lago is back). At
+    shutdown those neither delivered nor written are lost (counted: :meth:`close` returns how many). A failed read is
+    tried again too."""
 
     durable = True
 
@@ -1029,10 +1031,13 @@ class SqliteOutbox(Outbox):
         self._write_errors = _Streak()
         self._read_errors = _Streak()
         self._closing = False
-        # at a shutdown with a file that cannot be written: the ids of the events sent from memory, never written,
-        # and the dead letters of those Lago rejected (written by the next commit that succeeds)
+        # with a file that cannot be written: the ids of the events sent from memory, never written, and the dead
+        # letters of those Lago rejected (written by the next commit that succeeds); those of the first kind in
+        # ``pending`` again (taken back to be written: :meth:`_requeue_unwritten`), and in the commit in progress
         self._unwritten: set[int] = set()
         self._unwritten_dead: list[DeadLetter] = []
+        self._requeued = 0
+        self._rewriting = 0
         _forks.track(self)
 
     def _forked(self) -> None:
@@ -1060,9 +1065,10 @@ class SqliteOutbox(Outbox):
 
     def put(self, event: EventOrBuilder) -> bool:
         if len(self.pending) >= self.capacity or (
-            self._unwritten and len(self.pending) + len(self._unwritten) >= self.capacity
+            (self._unwritten or self._rewriting)
+            and len(self.pending) + len(self._unwritten) + self._rewriting >= self.capacity
         ):
-            return False  # (those sent unwritten wait in memory too)
+            return False  # (those sent unwritten wait in memory too, as they are written again)
         self.pending.append((self._next_id, event))
         self._next_id += 1
         return True
@@ -1107,7 +1113,7 @@ class SqliteOutbox(Outbox):
         await self.open()
         assert self._io is not None
         waiting = {dead_id for dead_id, _ in self._revived}
-        room = self.capacity - len(self.pending)
+        room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
         chosen: list[tuple[int, str]] = []
         after = 0
         async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
@@ -1151,7 +1157,11 @@ class SqliteOutbox(Outbox):
         await self._commit(last=False)
 
     async def _commit(self, *, last: bool) -> None:
-        if not self._opened or not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
+        if not self._opened:
+            return
+        if self._unwritten and not last and not self._write_errors.waiting():
+            self._requeue_unwritten()  # (the volume may take writes again: then they are durable from now on)
+        if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
             return  # (replayed letters wait on their events in ``pending``)
         if not last and self._write_errors.waiting():
             return  # the file failed to write: tried again after a backoff, not at every commit window
@@ -1164,6 +1174,7 @@ class SqliteOutbox(Outbox):
             revived, self._revived = self._revived, []
             letters, self._unwritten_dead = self._unwritten_dead, []
             self._writing = (len(rows), len(deletes) + len(dead))
+            self._rewriting, self._requeued = self._requeued, 0
             write = _Once(self.file.write)
             try:
                 # shielded whole: cancelled while it waits for a worker thread (before anyio's own shield), it would
@@ -1181,11 +1192,13 @@ class SqliteOutbox(Outbox):
                     self._take_back(rows, deletes, dead, revived, letters, send=False)
                 else:  # being written by its thread: counted as written (a new run reads the file again)
                     self._writing = (0, 0)
+                    self._rewriting = 0
                     self._rows += len(rows) - len(deletes) - len(dead)
                     if rows:
                         self._committed_upto = max(self._committed_upto, rows[-1][0])
                 raise
             self._writing = (0, 0)
+            self._rewriting = 0
             if self._write_errors.count:
                 self._write_errors.end("The event spool %s is written", self.path)
             self._replayed.clear()  # (every replayed event was among the rows just written)
@@ -1210,6 +1223,9 @@ class SqliteOutbox(Outbox):
     ) -> None:
         """What a commit took and did not write goes back for the next one (or is sent unwritten: ``send``)."""
         self._writing = (0, 0)
+        if not send:
+            self._requeued += self._rewriting
+        self._rewriting = 0
         self._to_delete[:0] = deletes
         self._to_dead[:0] = dead
         self._revived[:0] = revived
@@ -1243,7 +1259,7 @@ class SqliteOutbox(Outbox):
         self._closing = True
         if self._write_errors.count and self.pending:  # the file fails: no use waiting for its next attempt
             rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
-            self.pending = []
+            self.pending, self._requeued = [], 0
             self._send_unwritten(rows)
 
     def _send_unwritten(self, rows: list[tuple[int, JSON | str]]) -> None:
@@ -1278,6 +1294,31 @@ class SqliteOutbox(Outbox):
         self.window.extend(items)
         self.on_ready()
 
+    def _requeue_unwritten(self) -> None:
+        """Events sent from memory because the file could not be written (:meth:`_send_unwritten`) and waiting in the
+        window (Lago down too) go back among those to write, under new ids (their own may be below the rows already
+        loaded from the file, which the window would never load again): once the volume takes writes again they are
+        in the file, and survive a crash, not in memory only until Lago takes them. Those in flight stay as they are
+        (taken back here if Lago does not take them). Should the write fail again, they are sent from memory again."""
+        unwritten = self._unwritten
+        if not unwritten or not self.window:
+            return
+        kept: collections.deque[Item] = collections.deque()
+        back: list[tuple[int, EventOrBuilder | str]] = []
+        for item in self.window:
+            if item.id not in unwritten:
+                kept.append(item)
+                continue
+            unwritten.discard(item.id)
+            event = item.raw if item.raw is not None else item.event
+            assert event is not None
+            back.append((self._next_id, event))
+            self._next_id += 1
+        if back:
+            self.window = kept
+            self.pending.extend(back)
+            self._requeued += len(back)
+
     def _hand_over(self, rows: list[tuple[int, JSON | str]], encoded: dict[int, str]) -> None:
         """Just-committed rows go straight to the window when nothing older waits on disk."""
         if not rows:
@@ -1299,7 +1340,11 @@ class SqliteOutbox(Outbox):
 
     def rewind(self) -> None:
         """A new run after one was cancelled: what was loaded or in flight then is forgotten (its rows are still in the
-        file, committed by the cancelled run) and read again from the first row."""
+        file, committed by the cancelled run) and read again from the first row; but the events sent from memory (the
+        file could not be written), which no file holds: they go back among those to write."""
+        if self._unwritten:
+            self._requeue_unwritten()
+            self._unwritten.clear()  # (none in flight: a cancelled run puts back what it was sending)
         self.window.clear()
         self.in_flight = 0
         self._loaded_upto = 0
@@ -1394,6 +1439,7 @@ class SqliteOutbox(Outbox):
                 self.path,
             )
         self.pending, self._revived, self._unwritten_dead = [], [], []
+        self._requeued = 0
         self._replayed.clear()
         self._unwritten.clear()
         return lost
