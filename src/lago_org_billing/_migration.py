@@ -35,6 +35,14 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
    still finds, when resumed, the subscription whose overrides the org takes.
 4. **Mark each user customer** with metadata ``migrated_to_org = <org id>``.
 
+**Two phases** (``prepare_only``, ``migrate --execute --prepare``), for a migration made while traffic flows: the
+first makes steps 1 and 2 only, so that the old user-keyed integration's events go on being billed on the users'
+subscriptions while the middleware, deployed next, bills the org's; the second (a run without it) makes steps 3 and
+4. Every event is billed once, on the subscription it names; the fixed fees of both are billed for the window (a
+warning says so). ``verify`` in between reports the users' active subscriptions and that the second phase is pending.
+One run doing both loses events either way: the old integration's sent after it to the users' ended subscriptions, or
+the middleware's sent before it for orgs without a subscription (Lago takes both and never bills them).
+
 **Dates.** The org subscription starts *now* (Lago's clock: no ``subscription_at`` is sent, so clock skew
 cannot leave it pending; unless no user has an active subscription and some have one starting later: the org's
 then starts when the first of those would have) and the user subscriptions are terminated right after, so the
@@ -211,7 +219,13 @@ class OrgMapping:
         """A short hash of everything that decides this org's migration (the journal skips an org only when
         it was done with the same mapping and options, on the same Lago and subscription id template)."""
         target = [settings.api_url, settings.subscription_id_template] if settings is not None else []
-        data = json.dumps([dataclasses.astuple(self), dataclasses.astuple(options), target], sort_keys=True)
+        # (``prepare_only`` only when set: the fingerprints of a journal written before the phases existed still match)
+        chosen = [
+            getattr(options, field.name)
+            for field in dataclasses.fields(options)
+            if field.name != "prepare_only" or options.prepare_only
+        ]
+        data = json.dumps([dataclasses.astuple(self), chosen, target], sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -467,12 +481,18 @@ class MigrationOptions:
     * **on_termination_invoice** - ``generate`` (default: bill the user's partial period) or ``skip``.
     * **on_termination_credit_note** - ``credit``/``refund``/``offset``/``skip`` for pay-in-advance plans
       (default: Lago's, ``credit``).
+    * **prepare_only** - the first phase of a migration made while traffic flows (``--prepare``): the org customers
+      and subscriptions (with the donor's entitlement overrides) only; the users' subscriptions are neither ended nor
+      their customers marked, so the old user-keyed integration's events go on being billed on them while the
+      middleware's are billed on the org's. Deploy the middleware, then run again without it (the second phase ends
+      and marks them). The fixed fees of both are billed for that window. Default ``False``: both phases at once.
     """
 
     plan_policy: str = "highest"
     default_plan: str | None = None
     on_termination_invoice: str = "generate"
     on_termination_credit_note: str | None = None
+    prepare_only: bool = False
 
     def __post_init__(self) -> None:
         if self.plan_policy not in PLAN_POLICIES:
@@ -483,6 +503,8 @@ class MigrationOptions:
             raise InvalidRequestError("on_termination_credit_note must be 'credit', 'refund', 'offset' or 'skip'.")
         if self.default_plan is not None:
             validate_id(self.default_plan, "default_plan")
+        if not isinstance(self.prepare_only, bool):
+            raise InvalidRequestError("prepare_only must be True or False.")
 
 
 # ----------------------------------------------------------------------------------------- counting
@@ -575,6 +597,7 @@ class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._done: dict[str, str] = {}
+        self._prepared: set[str] = set()
         self._subscribed: set[tuple[str, str, str]] = set()
         self._file: IO[str] | None = None
         if self.path.exists():
@@ -591,11 +614,18 @@ class Journal:
                     continue
                 if entry.get("status") == "done":
                     self._done[str(entry.get("org_id"))] = str(entry.get("fingerprint"))
+                    if entry.get("phase") == "prepare":
+                        self._prepared.add(str(entry.get("org_id")))
                 else:
                     self._done.pop(str(entry.get("org_id")), None)
 
     def is_done(self, org_id: str, fingerprint: str) -> bool:
         return self._done.get(org_id) == fingerprint
+
+    @property
+    def prepared(self) -> frozenset[str]:
+        """The orgs a first phase (``prepare_only``: ``--prepare``) of this journal was done for."""
+        return frozenset(self._prepared)
 
     def was_done(self, org_id: str) -> bool:
         """Whether the org was last recorded done, with whatever fingerprint."""
@@ -629,6 +659,8 @@ class Journal:
         self._file.flush()
         if kind == "org" and fields.get("status") == "done":
             self._done[str(fields["org_id"])] = str(fields.get("fingerprint"))
+            if fields.get("phase") == "prepare":
+                self._prepared.add(str(fields["org_id"]))
         if self._subscribing({"type": kind, **fields}):
             self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"])))
 
@@ -887,8 +919,12 @@ class Step:
 
 @dataclasses.dataclass
 class OrgResult:
-    """What happened to one org: ``status`` is ``planned``/``up-to-date`` (dry run), ``migrated``/
-    ``up-to-date``/``journal`` (execute), ``verified``/``unverified`` (verify), ``failed`` or ``not-run``."""
+    """What happened to one org: ``status`` is ``planned``/``up-to-date`` (dry run), ``migrated``/``prepared``
+    (the first phase: ``prepare_only``)/``up-to-date``/``journal`` (execute), ``verified``/``unverified`` (verify),
+    ``failed`` or ``not-run``. ``phase``: what the run does, or found, for it: ``prepare`` (the first phase: the org
+    subscribed, its users' subscriptions left running), ``finish`` (the second: the org subscribed already, its users'
+    ended and marked), ``both`` (both at once: the org subscribed and its users' ended in one run), ``prepared``
+    (verify: the first phase done, the second pending)."""
 
     org_id: str
     status: str = "not-run"
@@ -907,6 +943,7 @@ class OrgResult:
     entitlement_overrides: Overrides | None = None
     entitlements_from: str | None = None
     entitlements_removed: list[Removal] = dataclasses.field(default_factory=list)
+    phase: str | None = None
     exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> JSON:
@@ -918,6 +955,7 @@ class OrgResult:
         return {
             "org_id": self.org_id,
             "status": self.status,
+            "phase": self.phase,
             "users": list(self.users),
             "plan_code": self.plan_code,
             "plan_source": self.plan_source,
@@ -1367,6 +1405,16 @@ async def plan_org(
     previous = existing_meta.get(METADATA_MIGRATED_FROM, "").split(",")
     previous_users = [u for u in previous if u and not u.startswith("+")]
     wanted[METADATA_MIGRATED_FROM] = _user_list([*previous_users, *org.users])
+    dropped = [user_id for user_id in dict.fromkeys(previous_users) if user_id not in org.users]
+    if dropped and org_subscription is not None:  # (the mapping changed since a run prepared or migrated the org)
+        names = ", ".join(map(repr, dropped))
+        result.warnings.append(
+            f"org {org.org_id!r} was prepared or migrated by an earlier run with {names} (its customer's "
+            f"{METADATA_MIGRATED_FROM}), no longer mapped to it: it keeps its subscription {sub_id!r} (plan "
+            f"{org_subscription.get('plan_code')!r}), whose plan and entitlement overrides may be those taken from "
+            f"{names}: check it, change it with OrgBilling.change_plan, or terminate it if none of its users is left; "
+            f"the subscriptions of {names} are ended by the org each is mapped to now (if any)"
+        )
     if METADATA_CREATED_BY not in existing_meta:
         wanted[METADATA_CREATED_BY] = org.users[0]
     changes = {key: value for key, value in wanted.items() if existing_meta.get(key) != value}
@@ -1509,6 +1557,13 @@ async def plan_org(
                 )
             )
 
+    if options.prepare_only:  # the first phase: the users' subscriptions go on billing the old integration's events
+        result.phase = "prepare"
+        await _warn_overlap(org, sub_id, active, plans, result)
+        result.steps = steps
+        return
+    result.phase = "both" if any(step.kind == "create_subscription" for step in steps) else "finish"
+
     # 3. The users' subscriptions (the donor's last), then 4. the marks on the user customers.
     ends: list[Step] = []
     for user_id, _, subscriptions in users:
@@ -1570,6 +1625,31 @@ async def plan_org(
                 Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
             )
     result.steps = steps
+
+
+async def _warn_overlap(
+    org: OrgMapping, sub_id: str, active: Sequence[tuple[str, JSON]], plans: PlanCatalog, result: OrgResult
+) -> None:
+    """The first phase: the users' active subscriptions with a fixed fee run next to the org's until the second."""
+    if result.plan_code is None:
+        return
+    paying = []
+    for _, subscription in active:
+        code = str(subscription.get("plan_code"))
+        plan = await plans.get(code)
+        amount = _int(subscription.get("plan_amount_cents"))
+        if amount is None and plan is not None:
+            amount = _int(plan.get("amount_cents"))
+        if amount:
+            paying.append(str(subscription.get("external_id")))
+    if paying:
+        result.warnings.append(
+            f"org {org.org_id!r}: until the second phase (migrate --execute without --prepare, once the middleware is "
+            f"deployed) its users' subscriptions {', '.join(paying)} stay active next to the org subscription "
+            f"{sub_id!r}: each event is billed once, on the subscription it names (the old integration's on the "
+            "users', the middleware's on the org's), but the fixed fee of each is billed for that window (the "
+            "users' up to their termination, the org's from its start): keep the window short"
+        )
 
 
 def _own_price_problem(org: OrgMapping, sub_id: str, donor: tuple[str, JSON], own: str) -> str:
@@ -1822,6 +1902,12 @@ async def verify_org(
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
     # (one that starts later counts: a user's plan bought for a later date)
     result.subscription = await client.get_current_subscription(sub_id)
+    pages: list[tuple[str, list[JSON]]] = []
+    for user_id in org.users:
+        page = await client.list_subscriptions(
+            external_customer_id=user_id, statuses=["active", "pending"], per_page=20
+        )
+        pages.append((user_id, page.items))
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
@@ -1832,17 +1918,27 @@ async def verify_org(
                 f"active subscription {sub_id!r} belongs to customer {owner!r}, not org {org.org_id!r}"
             )
         elif plans is not None and await plans.uses_entitlements():
-            await _verify_overrides(client, org, result.subscription, options or MigrationOptions(), plans, result)
-    for user_id in org.users:
-        page = await client.list_subscriptions(
-            external_customer_id=user_id, statuses=["active", "pending"], per_page=20
-        )
+            # (the users' still active: the first phase done, the second not yet, or a run stopped half-way)
+            active = [(user_id, s) for user_id, items in pages for s in items if s.get("status") == "active"]
+            await _verify_overrides(
+                client, org, result.subscription, options or MigrationOptions(), plans, result, active
+            )
+    for user_id, items in pages:
         for status in ("active", "pending"):  # (a pending one would start billing the user later)
             ids = ", ".join(
-                str(s.get("external_id")) for s in page.items if (s.get("status") == "active") == (status == "active")
+                str(s.get("external_id")) for s in items if (s.get("status") == "active") == (status == "active")
             )
             if ids:
                 result.errors.append(f"user {user_id!r} (org {org.org_id!r}) still has {status} subscription(s) {ids}")
+    subscribed = result.subscription is not None and result.subscription.get("external_customer_id") == org.org_id
+    if subscribed and any(s.get("status") == "active" for _, items in pages for s in items):
+        result.phase = "prepared"
+        result.errors.append(
+            f"org {org.org_id!r} is subscribed ({sub_id!r}) but its users' active subscriptions above are not "
+            "ended: the second phase is pending (after migrate --execute --prepare, or a run stopped half-way). "
+            "Once the middleware is deployed, run migrate --execute without --prepare to end them and mark the "
+            "users (until then the fixed fees of both are billed)"
+        )
     result.status = "unverified" if result.errors else "verified"
 
 
@@ -1853,10 +1949,12 @@ async def _verify_overrides(
     options: MigrationOptions,
     plans: PlanCatalog,
     result: OrgResult,
+    active: Sequence[tuple[str, JSON]] = (),
 ) -> None:
     """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
-    was made (terminated ones, an upgraded one too; else canceled ones that would have started later, not a downgrade
-    waiting for its date), by the plan policy. When it is on the org subscription's plan, the org subscription must
+    was made (terminated ones, an upgraded one too) and those still ``active`` (the first phase done, the second not
+    yet: ``--prepare``), else canceled ones that would have started later (not a downgrade waiting for its date), by
+    the plan policy. When it is on the org subscription's plan, the org subscription must
     have each of its overrides and go without what it had removed of the plan's entitlements (but for an org
     subscription older than the donor's, which --execute did not make: a warning)."""
     sub_id = str(subscription.get("external_id"))
@@ -1872,7 +1970,7 @@ async def _verify_overrides(
             downgrade = old.get("status") == "canceled" and old.get("previous_plan_code")
             if at is not None and at >= since and not downgrade:
                 ended.append((user_id, old))
-    pool = [(user_id, old) for user_id, old in ended if old.get("status") == "terminated"] or ended
+    pool = [*((user_id, old) for user_id, old in ended if old.get("status") == "terminated"), *active] or ended
     if not pool:
         return
     donor_user, donor = await _pick(options.plan_policy, pool, plans)
@@ -2042,6 +2140,10 @@ async def run_migration(
     results = [OrgResult(org_id=org.org_id, users=org.users) for org in orgs]
     run.orgs = results
     fingerprints = [org.fingerprint(options, client.settings) for org in orgs]
+    # (which run made an org subscription, whatever the phase: a first phase stopped and a second resuming it)
+    both_phases = dataclasses.replace(options, prepare_only=False)
+    made_by = {org.org_id: org.fingerprint(both_phases, client.settings) for org in orgs}
+    prepared = journal.prepared if journal is not None and not options.prepare_only else frozenset()
 
     # (a dry run given the journal plans what ``execute`` would do with it: done orgs skipped, subscriptions it made)
     def journal_done(org: OrgMapping, fingerprint: str) -> bool:
@@ -2079,16 +2181,26 @@ async def run_migration(
                     await verify_org(client, org, result, plans, options)
                 else:
                     sub_id = client.settings.subscription_id_for(org.org_id)
-                    made = journal is not None and journal.made_subscription(org.org_id, sub_id, fingerprint)
+                    base = made_by[org.org_id]
+                    made = journal is not None and journal.made_subscription(org.org_id, sub_id, base)
                     await plan_org(client, org, options, plans, result, org_subscription_made=made)
+                    if prepared and org.org_id not in prepared and result.phase == "both":
+                        result.warnings.append(
+                            f"org {org.org_id!r} was not prepared by the first phase of this journal (migrate "
+                            "--execute --prepare): its subscription is made only now, so what the middleware sent "
+                            "for it before now was not billed (Lago takes events of a subscription that does not "
+                            "exist yet and never bills them); prepare an org added to the mapping before deploying"
+                        )
                     if mode == "dry-run" or not result.steps:
                         result.status = "planned" if result.steps else "up-to-date"
                     else:
-                        await apply_org(client, org, options, result, journal, fingerprint)
-                        result.status = "migrated"
+                        await apply_org(client, org, options, result, journal, base)
+                        result.status = "prepared" if options.prepare_only else "migrated"
                     if mode == "execute" and journal is not None:
                         # (with whose entitlement overrides: --verify picks that donor again by the plan policy)
                         donor = {"entitlements_from": result.entitlements_from} if result.entitlements_from else {}
+                        if options.prepare_only:
+                            donor["phase"] = "prepare"
                         journal.record("org", org_id=org.org_id, status="done", fingerprint=fingerprint, **donor)
             except LagoIntegrationError as exc:
                 result.status = "failed"

@@ -1,6 +1,7 @@
 """The ``lago-org-billing migrate`` command: move user-keyed Lago customers to org-keyed ones.
 
-``migrate --mapping-file FILE [--execute | --verify] [--journal FILE] [--report FILE]``; dry run by default.
+``migrate --mapping-file FILE [--execute | --verify] [--prepare] [--journal FILE] [--report FILE]``; dry run by default
+(``--prepare``: the first of two phases, for a migration while traffic flows).
 Exit codes: 0 all good, 1 some org failed / verification failed / run stopped, 2 unusable mapping or settings, an API
 key that may not read entitlements (``--execute`` without ``--allow-unreadable-entitlements``), or another ``--execute``
 run holds the journal (``FILE.lock``, an OS lock held for the run).
@@ -54,6 +55,15 @@ subscription would (ending_at); one paying a price of its own (plan_overrides) f
 Re-running changes nothing already done; --journal skips finished orgs, and --execute holds an OS lock on
 FILE.lock for the run: a second --execute on the same journal stops at once (exit 2).
 
+While traffic flows, migrate in two phases, so that no event is lost: `--execute --prepare` makes the org
+customers and subscriptions (with the entitlement overrides) and leaves the users' subscriptions running
+(neither ended nor marked); deploy the middleware; then `--execute` (without --prepare) ends the users'
+subscriptions and marks them. In between, the old user-keyed integration's events are billed on the users'
+subscriptions and the middleware's on the org's: each once. The fixed fees of both are billed for that window
+(keep it short). --verify in between reports the users' active subscriptions and that the second phase is
+pending. (One --execute does both at once: an org subscribed before the middleware is deployed loses the
+old integration's events after it, one subscribed after loses the middleware's before it.)
+
 --verify picks that subscription again with --plan-policy: give it the --plan-policy --execute used.
 An API key that may not read entitlements (GET /features answers 403): the dry run and --verify warn that
 overrides are neither carried nor checked; --execute stops before any write (exit 2) unless given
@@ -98,6 +108,13 @@ def add_migrate_command(commands: Any) -> None:
         "--verify",
         action="store_true",
         help="check every org has its customer and active subscription and no user still has one",
+    )
+    migrate.add_argument(
+        "--prepare",
+        action="store_true",
+        help="the first phase of a migration while traffic flows (with --execute, or a dry run): make the org "
+        "customers and subscriptions only, leaving the users' subscriptions active and unmarked; deploy the "
+        "middleware, then run --execute without --prepare to end and mark them",
     )
     migrate.add_argument(
         "--journal",
@@ -182,8 +199,16 @@ def run_migrate_command(
         default_plan=args.default_plan,
         on_termination_invoice=args.on_termination_invoice,
         on_termination_credit_note=args.on_termination_credit_note,
+        prepare_only=bool(getattr(args, "prepare", False)),
     )
     mode: Mode = "execute" if args.execute else "verify" if args.verify else "dry-run"
+    if mode == "verify" and options.prepare_only:
+        print(
+            "error: --prepare goes with --execute (or a dry run), not --verify: --verify checks the end state and, "
+            "after the first phase, says the second is pending",
+            file=err,
+        )
+        return 2
     if args.concurrency < 1:
         print("error: --concurrency must be at least 1", file=err)
         return 2
@@ -271,9 +296,26 @@ def _run(
                 if journal is not None and journal.done_count:
                     # (an org done with another mapping row, options, Lago or id template is planned again)
                     same = sum(journal.is_done(org.org_id, org.fingerprint(options, client.settings)) for org in orgs)
-                    other = sum(journal.was_done(org.org_id) for org in orgs) - same
+                    # (done by the first phase, --prepare: the second phase finishes them)
+                    prepared = (
+                        0
+                        if options.prepare_only
+                        else sum(
+                            journal.was_done(org.org_id)
+                            and org.org_id in journal.prepared
+                            and not journal.is_done(org.org_id, org.fingerprint(options, client.settings))
+                            for org in orgs
+                        )
+                    )
+                    other = sum(journal.was_done(org.org_id) for org in orgs) - same - prepared
                     if same:
                         print(f"journal {journal.path}: {same} orgs done before, skipping them", file=err)
+                    if prepared:
+                        print(
+                            f"journal {journal.path}: {prepared} orgs prepared by the first phase (--prepare): this "
+                            "second phase ends their users' subscriptions and marks them",
+                            file=err,
+                        )
                     if other:
                         print(
                             f"journal {journal.path}: {other} orgs done before with another mapping row, options or "
@@ -312,6 +354,13 @@ def _run(
         if mode == "dry-run":
             _print_plan(run, out)
         _print_summary(run, out)
+        if mode == "execute" and options.prepare_only and run.ok:
+            print(
+                "\nFirst phase done: the orgs are subscribed, their users' subscriptions still bill the old "
+                "integration's events (their fixed fees too, until the second phase). Next: deploy the middleware, "
+                "then run the same command without --prepare to end the users' subscriptions and mark them.",
+                file=out,
+            )
         if args.report:
             try:
                 _write_report(args.report, run.to_json())
@@ -369,7 +418,7 @@ class Progress:
     def update(self, result: OrgResult, done: int, total: int) -> None:
         if result.status in ("failed", "unverified"):
             self.failed += 1
-        if result.status in ("migrated", "planned"):
+        if result.status in ("migrated", "prepared", "planned"):
             self.changed += 1
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (total - done) if done else 0.0
@@ -412,14 +461,24 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+#: How the dry run names what an org's plan is (``OrgResult.phase``).
+_PHASES = {
+    "prepare": "phase 1 of 2 (--prepare): the users' subscriptions keep running",
+    "finish": "phase 2 of 2: the org subscribed already, its users' subscriptions ended",
+    "both": "both phases at once: the org subscribed and its users' subscriptions ended in this run",
+}
+
+
 def _print_plan(run: MigrationRun, out: TextIO) -> None:
-    print("Plan (dry run, nothing changed):", file=out)
+    first = "; phase 1 of 2, --prepare: org customers and subscriptions only" if run.options.prepare_only else ""
+    print(f"Plan (dry run, nothing changed{first}):", file=out)
     for result in run.orgs:
         if not result.steps and not result.errors:
             continue
         plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
         users = f"{len(result.users)} user{'' if len(result.users) == 1 else 's'}"
-        print(f"org {result.org_id} [{users}]: {plan}", file=out)
+        phase = f" [{_PHASES[result.phase]}]" if result.phase in _PHASES and result.steps else ""
+        print(f"org {result.org_id} [{users}]: {plan}{phase}", file=out)
         if result.entitlement_overrides is not None:
             values = format_entitlements(result.entitlement_overrides, result.entitlements_removed)
             print(f"  entitlement overrides (those of {result.entitlements_from}): {values}", file=out)
