@@ -73,7 +73,7 @@ class WebhookDispatcher(Protocol):
     """What ``fake.webhook_dispatcher`` must provide. ``emit`` must not block (queue the delivery).
 
     :meth:`FakeLago.reset` calls the dispatcher's ``clear()`` when it has one (forget the queue and the deliveries,
-    keep the endpoint), else its ``reset()``."""
+    keep the endpoint), else its ``reset()`` when it has one."""
 
     def emit(self, webhook_type: str, object_type: str, obj: Mapping[str, Any]) -> Any: ...
 
@@ -389,12 +389,13 @@ class FakeLago:
         self.faults.clear()
         dispatcher = self.webhook_dispatcher
         if dispatcher is not None:
-            # (a dispatcher of the user's own has only reset(): it then forgets what its reset() forgets)
+            # (a dispatcher of the user's own may have only reset(): it then forgets what its reset() forgets; one
+            # with emit() alone is left as it is)
             forget = getattr(dispatcher, "clear", None)
+            if not callable(forget):
+                forget = getattr(dispatcher, "reset", None)
             if callable(forget):
                 forget()
-            else:
-                dispatcher.reset()
         with self._log_lock:
             self.requests.clear()
             self.emitted_webhooks.clear()

@@ -170,6 +170,7 @@ class LagoStore:
             self._candidates_stale = True
             self.events: list[JSON] = []
             self._event_index: dict[tuple[str, ...], int] = {}
+            self._first_ingested: dict[int, str] = {}  # a replaced event's first created_at, by its place in events
             self.invoices: list[JSON] = []
             self._sequences: dict[str, int] = {}
 
@@ -1993,6 +1994,7 @@ class LagoStore:
             self._event_index[key] = len(self.events)
             self.events.append(event)
         else:
+            self._first_ingested.setdefault(index, self.events[index]["created_at"])
             self.events[index] = event
         return event
 
@@ -2095,13 +2097,23 @@ class LagoStore:
             if high is not None:
                 items = [e for e in items if Decimal(e["ts"]) <= Decimal(repr(high.timestamp()))]
             # Postgres store: ORDER BY timestamp DESC, transaction_id ASC (ms timestamps: a float orders them
-            # exactly). ClickHouse: ORDER BY ingested_at DESC (a replaced event keeps its first copy's place here).
-            # Only the page asked for is serialized, so a page of a large store costs a sort, not a copy of each event.
+            # exactly). Only the page asked for is serialized, so a page of a large store costs a sort, not a copy
+            # of each event.
             if self.event_store == "postgres":
                 items.sort(key=lambda e: e["transaction_id"])
                 items.sort(key=lambda e: float(e["ts"]), reverse=True)
             else:
+                # ClickHouse: events_raw ORDER BY ingested_at DESC (a replaced event keeps its first copy's place),
+                # events_enriched ORDER BY enriched_at DESC (a replaced event's latest copy, enriched last, comes
+                # first); then transaction_id ASC both: a batch stored within one second comes in transaction id
+                # order (the emulator keeps stored times to the second, Lago to the millisecond; created_at is
+                # always iso(): its text orders it)
+                first: dict[int, str] = {}
+                if self._first_ingested and not enriched:
+                    first = {id(self.events[i]): stamp for i, stamp in self._first_ingested.items()}
                 items.reverse()
+                items.sort(key=lambda e: e["transaction_id"])
+                items.sort(key=lambda e: first.get(id(e)) or e["created_at"], reverse=True)
             result = paginate(items, "events", query.get("page"), query.get("per_page"))
             serialize = self._serialize_enriched_event if enriched else self._serialize_event
             result["events"] = [serialize(e) for e in result["events"]]
@@ -2119,13 +2131,13 @@ class LagoStore:
         except ArithmeticError:
             number = None
         decimal_value = decimal_str(number) if number is not None and number.is_finite() else ""
-        stored = parse_datetime(event["created_at"])
+        stored = _enriched_at(event)
         return {
             "transaction_id": event["transaction_id"],
             "external_subscription_id": event["external_subscription_id"],
             "code": event["code"],
             "timestamp": event["timestamp"],
-            "enriched_at": iso_ms(stored) if stored is not None else None,
+            "enriched_at": iso_ms(stored),
             "value": value,
             "decimal_value": decimal_value,
             "precise_total_amount_cents": event["precise_total_amount_cents"],
@@ -2595,39 +2607,79 @@ def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Seq
     }
 
 
-def _filter_match(charge_filter: Mapping[str, Any], event: JSON) -> bool:
+ALL_FILTER_VALUES = "__ALL_FILTER_VALUES__"
+
+
+def _filter_match(charge_filter: Mapping[str, Any], event: JSON, skip: frozenset[str] = frozenset()) -> bool:
+    """Whether ``event`` matches the filter's values, its keys in ``skip`` aside."""
     for key, values in charge_filter["values"].items():
+        if key in skip:
+            continue
         value = event["properties"].get(key)
         if value is None:
             return False
-        if "__ALL_FILTER_VALUES__" not in values and str(value) not in values:
+        if ALL_FILTER_VALUES not in values and str(value) not in values:
             return False
     return True
 
 
+def _filters_overlap(first: Mapping[str, Any], second: Mapping[str, Any]) -> bool:
+    """Whether one event can match both filters: each key they share has a value in common."""
+    for key, values in first["values"].items():
+        other = second["values"].get(key)
+        if other is None or ALL_FILTER_VALUES in values or ALL_FILTER_VALUES in other:
+            continue
+        if not {str(v) for v in values} & {str(v) for v in other}:
+            return False
+    return True
+
+
+def _filter_buckets(filters: Sequence[JSON], events: Sequence[JSON], replaced: frozenset[str]) -> list[list[JSON]]:
+    """The events each filter's fee aggregates, as lago-api selects them: its ``matching_filters`` minus its
+    ``ignored_filters`` (the filters taking precedence over it, here the one with the most keys then the first,
+    that overlap its own values). ``replaced``: the keys a group filter gives (``aggregation_filters`` merges
+    ``filter_by_group`` into ``matching_filters`` after the ignored filters were computed, so the group's values
+    replace the filter's own on those keys; ``events`` already match the group). Without replaced keys, each event
+    is in the bucket of the one filter that wins it."""
+    size = [len(f["values"]) for f in filters]
+    buckets: list[list[JSON]] = []
+    for i, charge_filter in enumerate(filters):
+        ignored = [
+            other
+            for j, other in enumerate(filters)
+            if (size[j] > size[i] or (size[j] == size[i] and j < i)) and _filters_overlap(other, charge_filter)
+        ]
+        buckets.append(
+            [
+                e
+                for e in events
+                if _filter_match(charge_filter, e, replaced) and not any(_filter_match(g, e) for g in ignored)
+            ]
+        )
+    return buckets
+
+
 def _filters_usage(
-    charge: JSON, metric: JSON, events: Sequence[JSON], subunits: int
-) -> tuple[list[JSON], list[JSON], int]:
-    """Per-filter buckets (Lago drops the default bucket from ``filters``), its events, total cents."""
+    charge: JSON, metric: JSON, events: Sequence[JSON], subunits: int, replaced: frozenset[str] = frozenset()
+) -> tuple[list[JSON], Decimal, int, int]:
+    """Per-filter buckets (Lago drops the default bucket from ``filters``), and the units, events count and cents of
+    all the buckets summed (``ChargeUsageSerializer`` sums its fees: a ``max_agg`` charge with filters reports the sum
+    of each bucket's maximum; an event in two buckets, see :func:`_filter_buckets`, counts twice)."""
     model = charge["charge_model"]
     if not charge["filters"]:
         bucket = _bucket(metric, model, charge["properties"], events, subunits)
-        return [], list(events), int(bucket["amount_cents"])
-    assigned: list[list[JSON]] = [[] for _ in charge["filters"]]
-    default: list[JSON] = []
-    for event in events:
-        best: int | None = None
-        for index, charge_filter in enumerate(charge["filters"]):
-            if _filter_match(charge_filter, event) and (
-                best is None or len(charge_filter["values"]) > len(charge["filters"][best]["values"])
-            ):
-                best = index
-        (default if best is None else assigned[best]).append(event)
+        return [], Decimal(bucket["units"]), len(events), int(bucket["amount_cents"])
+    default = [e for e in events if not any(_filter_match(f, e) for f in charge["filters"])]
     out = []
-    total = 0
-    for charge_filter, bucket_events in zip(charge["filters"], assigned, strict=True):
+    units = Decimal(0)
+    count = total = 0
+    for charge_filter, bucket_events in zip(
+        charge["filters"], _filter_buckets(charge["filters"], events, replaced), strict=True
+    ):
         properties = charge_filter["properties"] or charge["properties"]
         bucket = _bucket(metric, model, properties, bucket_events, subunits)
+        units += Decimal(bucket["units"])
+        count += len(bucket_events)
         total += int(bucket["amount_cents"])
         bucket.pop("presentation_breakdowns")
         out.append(
@@ -2638,8 +2690,25 @@ def _filters_usage(
                 "presentation_breakdowns": [],
             }
         )
-    total += int(_bucket(metric, model, charge["properties"], default, subunits)["amount_cents"])
-    return out, default, total
+    rest = _bucket(metric, model, charge["properties"], default, subunits)
+    units += Decimal(rest["units"])
+    count += len(default)
+    total += int(rest["amount_cents"])
+    return out, units, count, total
+
+
+def _sum_filters(into: list[JSON], more: Sequence[JSON]) -> None:
+    """Add one group's filter buckets to the charge's (``filters(fees)`` sums a filter's fees over the groups)."""
+    for mine, theirs in zip(into, more, strict=True):
+        for key in ("units", "total_aggregated_units"):
+            mine[key] = decimal_str(Decimal(mine[key]) + Decimal(theirs[key]))
+        mine["events_count"] += theirs["events_count"]
+        mine["amount_cents"] += theirs["amount_cents"]
+
+
+def _enriched_at(event: JSON) -> datetime:
+    """When the emulator stored (enriched) the event: its ``created_at`` (to the second)."""
+    return parse_datetime(event["created_at"]) or datetime.min.replace(tzinfo=UTC)
 
 
 def _group_text(value: Any) -> str | None:
@@ -2664,6 +2733,7 @@ def _group_values(value: Any) -> set[str | None]:
 def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, Any]) -> JSON:
     subunits = subunits_per_unit(currency)
     keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
+    replaced: frozenset[str] = frozenset()
     if groups:
         # UsageFilters keeps each value as Array(v): an event matches when its property is any of them. The filtered
         # keys leave the charge's grouping (Fees::ChargeService#aggregation_filters: "filters[:grouped_by]&.delete"),
@@ -2671,40 +2741,42 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
         wanted = {str(k): _group_values(v) for k, v in groups.items()}
         events = [e for e in events if all(_group_text(e["properties"].get(k)) in vals for k, vals in wanted.items())]
         keys = [k for k in keys if k not in wanted]
+        replaced = frozenset(wanted)
     grouped_usage: list[JSON] = []
-    if keys:
-        by_group: dict[tuple[str | None, ...], list[JSON]] = {}
-        for event in events:
-            raw = tuple(event["properties"].get(k) for k in keys)
-            group = tuple(None if v is None else str(v) for v in raw)
-            by_group.setdefault(group, []).append(event)
-        total_amount = 0
+    by_group: dict[tuple[str | None, ...], list[JSON]] = {}
+    for event in events if keys else ():
+        raw = tuple(event["properties"].get(k) for k in keys)
+        by_group.setdefault(tuple(None if v is None else str(v) for v in raw), []).append(event)
+    if by_group:
+        filters: list[JSON] = []
+        units_total, events_count, amount_cents = Decimal(0), 0, 0
         for group, group_events in sorted(by_group.items(), key=lambda kv: [v or "" for v in kv[0]]):
-            filters, _, amount = _filters_usage(charge, metric, group_events, subunits)
-            units = _aggregate(metric, group_events)
-            total_amount += amount
+            group_filters, units, count, amount = _filters_usage(charge, metric, group_events, subunits, replaced)
+            if grouped_usage:
+                _sum_filters(filters, group_filters)
+            else:
+                filters = copy.deepcopy(group_filters)
+            units_total += units
+            events_count += count
+            amount_cents += amount
             grouped_usage.append(
                 {
                     "amount_cents": amount,
-                    "events_count": len(group_events),
+                    "events_count": count,
                     "units": decimal_str(units),
                     "total_aggregated_units": decimal_str(units),
                     "pricing_unit_details": None,
                     "grouped_by": dict(zip(keys, group, strict=True)),
-                    "filters": filters,
+                    "filters": group_filters,
                     "presentation_breakdowns": [],
                 }
             )
-        filters, _, _ = _filters_usage(charge, metric, events, subunits)
-        amount_cents = total_amount
-        units_total = sum((Decimal(g["units"]) for g in grouped_usage), Decimal(0))
     else:
-        filters, _, amount_cents = _filters_usage(charge, metric, events, subunits)
-        units_total = _aggregate(metric, events)
+        filters, units_total, events_count, amount_cents = _filters_usage(charge, metric, events, subunits, replaced)
     return {
         "units": decimal_str(units_total),
         "total_aggregated_units": decimal_str(units_total),
-        "events_count": len(events),
+        "events_count": events_count,
         "amount_cents": amount_cents,
         "amount_currency": currency,
         "pricing_unit_details": None,

@@ -154,6 +154,7 @@ class WebhookDispatcher:
         self.organization_id = str(getattr(fake, "organization_id", None) or uuid.uuid4())
         self.deliveries: list[WebhookDelivery] = []
         self._pending: list[WebhookDelivery] = []
+        self._generation = 0  # bumped by reset() and clear(): a delivery run taken before stops sending
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wake: anyio.Event | None = None
@@ -210,14 +211,17 @@ class WebhookDispatcher:
             self.app = None
             self._pending.clear()
             self.deliveries.clear()
+            self._generation += 1
             self._changed.notify_all()
 
     def clear(self) -> None:
         """Forget the queue and the delivery log, keep the endpoint and the signing settings (what
-        ``FakeLago.reset()`` does: Lago keeps an organization's webhook endpoints when its data goes)."""
+        ``FakeLago.reset()`` does: Lago keeps an organization's webhook endpoints when its data goes). What a delivery
+        run had already taken from the queue is not sent either (the one being sent finishes its current attempt)."""
         with self._lock:
             self._pending.clear()
             self.deliveries.clear()
+            self._generation += 1
             self._changed.notify_all()
 
     # Queueing ------------------------------------------------------------------------------------
@@ -292,13 +296,17 @@ class WebhookDispatcher:
         delivery.error = None if ok else f"HTTP {response.status_code}"
         return ok
 
-    async def _send(self, delivery: WebhookDelivery, tries: int) -> WebhookDelivery:
+    def _current(self, generation: int | None) -> bool:
+        with self._lock:
+            return generation is None or generation == self._generation
+
+    async def _send(self, delivery: WebhookDelivery, tries: int, generation: int | None = None) -> WebhookDelivery:
         client, url = self._client()
         async with client:
             ok = False
             for _ in range(tries):
                 ok = await self._attempt(client, url, delivery)
-                if ok:
+                if ok or not self._current(generation):  # (no retry of a delivery a reset forgot)
                     break
         with self._lock:
             delivery.state = "succeeded" if ok else "failed"
@@ -309,15 +317,20 @@ class WebhookDispatcher:
         """Send everything queued (each up to ``attempts`` times); returns those deliveries.
 
         The emulator first catches up with its clock (``fake.catch_up()``): what Lago's clock jobs would have emitted
-        by now (a subscription reaching its ``ending_at``...) is sent too."""
+        by now (a subscription reaching its ``ending_at``...) is sent too. A :meth:`reset` or :meth:`clear` meanwhile
+        (``fake.reset()`` from the next test) ends the run: the rest is not sent, nor returned."""
         catch_up = getattr(self.fake, "catch_up", None)
         if callable(catch_up):
             catch_up()
         with self._lock:
             batch, self._pending = self._pending, []
+            generation = self._generation
+        sent: list[WebhookDelivery] = []
         for delivery in batch:
-            await self._send(delivery, self.attempts)
-        return batch
+            if not self._current(generation):
+                break
+            sent.append(await self._send(delivery, self.attempts, generation))
+        return sent
 
     async def redeliver(self, unique_key: str) -> WebhookDelivery:
         """Send a delivery again with the same body and ``X-Lago-Unique-Key`` (one attempt)."""
