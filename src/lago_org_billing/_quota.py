@@ -1507,17 +1507,19 @@ class QuotaGate:
             return _Decision(allowed=False, status=self.config.over_quota_status, headers=headers, problem=problem)
         if code == NO_SUBSCRIPTION:
             self.stats["no_subscription"] += 1
+            if self.config.no_subscription == "allow":  # (said once per org at its read: see _no_subscription)
+                return _Decision(allowed=True)
             status = self.config.no_subscription_status
+            subscription_id = self.settings.subscription_id_for(org_id)
             problem = {
                 "type": PROBLEM_NO_SUBSCRIPTION,
                 "title": "No active subscription",
                 "status": status,
                 "detail": f"Organization {org_id!r} has no active Lago subscription "
-                f"(external_id {self.settings.subscription_id_for(org_id)!r}): subscribe it to a plan.",
+                f"(external_id {subscription_id!r}): subscribe it to a plan.",
                 "org_id": org_id,
+                "external_subscription_id": subscription_id,
             }
-            if self.config.no_subscription == "allow":
-                return _Decision(allowed=True)
             if monitor:
                 self.stats["would_block"] += 1
                 return _Decision(allowed=True, status=status, problem=problem, would_block=True)
@@ -1680,6 +1682,44 @@ class QuotaGate:
                 self._config_warnings.clear()
             self._config_warnings.add(key)
             logger.warning(message, *args)
+
+    def _no_subscription(self, org_id: str, subscription_id: str, why: str) -> None:
+        """Lago has no active subscription for the org (read from Lago: not per request). Refused (``block``): said
+        once, for the first such org (each answer names its external_id; ids from a header would flood the log).
+        Served (``allow``, or monitor mode): said once per org (bounded), its events being taken by Lago and never
+        billed."""
+        template = self.settings.subscription_id_template
+        if self.config.no_subscription == "allow" or self.mode == "monitor":
+            self._warn_once(
+                (org_id, "unbilled"),
+                "Org %r has no active Lago subscription: subscription %r (LAGO_SUBSCRIPTION_ID_TEMPLATE %r) %s. Its "
+                "requests are served (%s) and their events are taken by Lago and never billed, not even once the "
+                "subscription is made (they are dated before it starts). Subscribe the org "
+                "(OrgBilling.create_subscription, or run `lago-org-billing migrate --execute` for orgs not migrated "
+                "yet), or fix LAGO_SUBSCRIPTION_ID_TEMPLATE if its subscription has another external_id; said once "
+                "per org.",
+                org_id,
+                subscription_id,
+                template,
+                why,
+                "LAGO_QUOTA_NO_SUBSCRIPTION=allow"
+                if self.config.no_subscription == "allow"
+                else "LAGO_QUOTA_MODE=monitor",
+            )
+        else:
+            self._warn_once(
+                ("", "no subscription"),
+                "Org %r has no active Lago subscription: subscription %r (LAGO_SUBSCRIPTION_ID_TEMPLATE %r) %s. Its "
+                "requests are answered %d (LAGO_QUOTA_NO_SUBSCRIPTION=block), as are those of other such orgs, each "
+                "answer naming the external_id looked up. Subscribe the org (OrgBilling.create_subscription, or run "
+                "`lago-org-billing migrate --execute` before deploying the middleware, for orgs not migrated yet), or "
+                "fix LAGO_SUBSCRIPTION_ID_TEMPLATE if its subscription has another external_id; said once.",
+                org_id,
+                subscription_id,
+                template,
+                why,
+                self.config.no_subscription_status,
+            )
 
     def _log_outage(self, org_id: str, what: str) -> None:
         now = time.monotonic()
@@ -1908,6 +1948,7 @@ class QuotaGate:
                 usage = {}  # the plan has no charge on the metric: Lago counts nothing
             except LagoAPIError as exc:
                 if exc.status == 405:  # no_active_subscription
+                    self._no_subscription(org_id, subscription_id, "is no longer active (current_usage: 405)")
                     return self._finish(Snapshot(active=False), requested_at, now, spread=spread)
                 raise
             calls, token_units = usage_totals(usage, self.settings.event_code, self.token_metric)
@@ -1983,6 +2024,7 @@ class QuotaGate:
         try:
             subscription: JSON = await self.client.get_subscription(subscription_id)
         except LagoNotFoundError:
+            self._no_subscription(org_id, subscription_id, "does not exist (404)")
             return Snapshot(active=False, plan_fetched_at=now)
         except InvalidIdentifierError as exc:  # no subscription can be made nor read for it: not "Lago is down"
             self._warn_once(
@@ -1996,6 +2038,7 @@ class QuotaGate:
             )
             return Snapshot(active=False, plan_fetched_at=now)
         if subscription.get("status") not in (None, "active"):
+            self._no_subscription(org_id, subscription_id, f"is {subscription.get('status')}")
             return Snapshot(active=False, plan_fetched_at=now)
         entitlements = await subscription_entitlements(self.client, subscription, subscription_id)
         plan_code = subscription.get("plan_code") or (subscription.get("plan") or {}).get("code")

@@ -421,6 +421,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: A settle queued for Redis: (org, period, in-flight bucket or "", billed "1"/"0", its second, tokens).
+_Queued = tuple[str, str, str, str, str, int]
+
+
 class _Merging(set[str]):
     """The orgs whose records counted during an outage are being handed to Redis, and when that is over."""
 
@@ -479,7 +483,7 @@ class RedisBackend:
         self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
-        self._queue: deque[tuple[str, str, str, str, str, int]] = deque()
+        self._queue: deque[_Queued] = deque()
         self._wakeup = anyio.Event()
         self._flush_lock = anyio.Lock()
         self._running = False
@@ -737,24 +741,12 @@ class RedisBackend:
         while self._queue and self._up():
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for org_id, period, bucket, billed, now, tokens in batch:
-                        await self._settle(
-                            keys=[self.key(org_id, "count")],
-                            args=[period, bucket, now, billed, tokens, self._blind_ttl_ms],
-                            client=pipe,
-                        )
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._write(batch)
             except self._errors() as exc:  # not written (or not known to be): kept for when Redis answers again
                 self._failed(exc)
                 self._queue.extendleft(reversed(batch))
                 break
-            # Those Redis refused (an OOM at maxmemory, a BUSY script, a failover's READONLY...) are kept, not the
-            # others of the batch: applied already, written again they would be counted twice
-            refused = [index for index, result in enumerate(results) if isinstance(result, Exception)]
-            if refused:
-                self._failed(results[refused[0]])
-                self._queue.extendleft(reversed([batch[index] for index in refused]))
+            if not self._applied(batch, results):
                 break
         if not self._queue:
             self._releasing.clear()
@@ -767,7 +759,73 @@ class RedisBackend:
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
-    def _settle_locally(self, batch: list[tuple[str, str, str, str, str, int]]) -> None:
+    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for org_id, period, bucket, billed, now, tokens in batch:
+                await self._settle(
+                    keys=[self.key(org_id, "count")],
+                    args=[period, bucket, now, billed, tokens, self._blind_ttl_ms],
+                    client=pipe,
+                )
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _write(self, batch: list[_Queued]) -> list[Any]:
+        """Redis's answers to a batch of settles, taken from the queue. Under asyncio the write runs as a task of its
+        own, as :meth:`_reserve` does: a native cancel of its caller (a request writing its org's queued releases
+        first, in :meth:`reserve`; the background writer cut off) leaves it going, and what Redis did not take is
+        queued again when it ends (:meth:`_written_late`), instead of the batch being lost (its billed calls never
+        recorded, its released ones held in flight for ``inflight_horizon``). Under trio, shielded (its time is
+        bounded by ``redis_timeout``)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (trio)
+            with anyio.CancelScope(shield=True):
+                return await self._pipelined(batch)
+        task = loop.create_task(self._pipelined(batch))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._orphans.add(task)
+            task.add_done_callback(functools.partial(self._written_late, batch))
+            raise
+
+    def _applied(self, batch: list[_Queued], results: list[Any]) -> bool:
+        """Whether Redis took every settle of ``batch``; those it refused are queued again (:meth:`_refused`)."""
+        refused = self._refused(batch, results)
+        self._queue.extendleft(reversed(refused))
+        return not refused
+
+    def _refused(self, batch: list[_Queued], results: list[Any]) -> list[_Queued]:
+        """The settles of ``batch`` Redis refused (an OOM at maxmemory, a BUSY script, a failover's READONLY...), to
+        be written again; not the others: applied already, written again they would be counted twice."""
+        refused = [index for index, result in enumerate(results) if isinstance(result, Exception)]
+        if refused:
+            self._failed(results[refused[0]])
+        return [batch[index] for index in refused]
+
+    def _written_late(self, batch: list[_Queued], task: asyncio.Task[list[Any]]) -> None:
+        """The end of a write whose caller was cancelled: what Redis did not take is queued again."""
+        self._orphans.discard(task)
+        if task.cancelled():  # (the loop is closing: not known to be written)
+            kept = batch
+        elif (exc := task.exception()) is not None:
+            if not isinstance(exc, self._errors()):  # (as one awaited in place would raise it: not kept)
+                logger.error("Writing quota settles to Redis failed", exc_info=exc)
+                return
+            self._failed(exc)
+            kept = batch
+        else:
+            kept = self._refused(batch, task.result())
+        if not kept:
+            return
+        if self._closed:  # (aclose() did not wait for it: counted here, as what is left at aclose() is)
+            self._settle_locally(kept)
+            return
+        self._queue.extendleft(reversed(kept))
+        if self._running:
+            self._wakeup.set()
+
+    def _settle_locally(self, batch: list[_Queued]) -> None:
         for org_id, period, _bucket, billed, now, tokens in batch:
             self.fallback.settle(org_id, period, None, float(now), tokens=tokens, billed=billed == "1")
 
