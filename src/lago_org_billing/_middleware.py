@@ -81,7 +81,11 @@ class _Billing(dict[str, Any]):
     """The per-request billing dict (``scope[SCOPE_KEY]``), one per request whatever copies of the scope are made: a
     middleware between this one and the app that deep-copies the scope (hypercorn's ``ProxyFixMiddleware``) hands the
     app this dict, not a copy, so that what the app writes in it (``attribute_usage()``'s tokens, ``require_quota()``'s
-    reserved call and org) reaches the middleware (a copy's were lost: tokens not billed, a call never settled)."""
+    reserved call and org) reaches the middleware (a copy's were lost: tokens not billed, a call never settled).
+
+    The copy keeps its own ``state`` though (``request.state``), where the app's auth (a FastAPI dependency) sets the
+    org: so that the middleware finds it when the request ends, the copies made while the org may still be set there
+    are remembered (their ``copy.deepcopy`` memos, see :func:`_scope_copies`) and let go when the request ends."""
 
     __slots__ = ()
 
@@ -89,7 +93,60 @@ class _Billing(dict[str, Any]):
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Billing:
+        copies = self.get(_COPIES, _UNSEEN)
+        if copies is _UNSEEN:  # the first copy: wanted by a request waiting for its org, or by the default resolvers
+            owner = self.get("middleware")  # (which look for the org an app's auth set in the state)
+            if "waiting" not in self and getattr(owner, "_identify", None) is None:
+                return self  # (an excluded path, custom resolvers that had the org before the app: nothing to find)
+            copies = self[_COPIES] = _Copies()
+        if isinstance(copies, _Copies) and len(copies.memos) < _MAX_COPIES and all(m is not memo for m in copies.memos):
+            copies.memos.append(memo)  # (None: the request has ended, nothing more is looked for)
         return self
+
+
+class _Copies:
+    """The memos of the ``copy.deepcopy`` calls that copied a request's scope (original ids -> copies), kept in its
+    billing dict (under ``_COPIES``) until the request ends. Not a list: a logging middleware dumping the scope as
+    JSON (``default=str``) prints this short line, not the copies."""
+
+    __slots__ = ("memos",)
+
+    def __init__(self) -> None:
+        self.memos: list[dict[int, Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<{len(self.memos)} deep copies of the scope>"
+
+    def __copy__(self) -> _Copies:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Copies:
+        return self
+
+
+#: The billing dict's key for the deep copies made of the scope (see _Billing), and its value before any.
+_COPIES = "scope_copies"
+_UNSEEN = object()
+#: Deep copies of one request's scope remembered at most (a proxy or two; a middleware copying it in a loop would
+#: otherwise keep every copy until the request ends).
+_MAX_COPIES = 8
+
+
+def _scope_copies(billing: dict[str, Any], *, release: bool = False) -> list[Scope]:
+    """The deep copies made of the request's scope that the app may have run with, the latest first (each holds its
+    own ``request.state``); ``release``: forgotten now, and none remembered from now on (the copies refer to the
+    billing dict, which referred to them: freed by reference counting, not left to the cyclic collector)."""
+    copies = billing.get(_COPIES)
+    if release and _COPIES in billing:
+        billing[_COPIES] = None
+    if not isinstance(copies, _Copies):
+        return []
+    found: dict[int, Scope] = {}
+    for memo in reversed(copies.memos):
+        for value in reversed(memo.values()):
+            if type(value) is dict and value.get(SCOPE_KEY) is billing:
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 class OrgBillingMiddleware:
@@ -326,12 +383,23 @@ class OrgBillingMiddleware:
             raise
         finally:
             try:
+                # (the app ran on deep copies of the scope, each with its own state: see _Billing)
+                # (let go by the outermost billing middleware: none waits around this one)
+                copies = _scope_copies(billing, release="waiting" not in billing) if _COPIES in billing else None
                 if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
                     state = scope.get("state")
                     if type(state) is dict and state.get("org_id") not in (None, org_id):
                         org_id, user_id, decision = self._authenticated_late(
                             state, org_id, user_id, decision, scope, watcher, root_path
                         )
+                    elif copies:
+                        for copied in copies:
+                            state = copied.get("state")
+                            if type(state) is dict and state.get("org_id") not in (None, org_id):
+                                org_id, user_id, decision = self._authenticated_late(
+                                    state, org_id, user_id, decision, scope, watcher, root_path
+                                )
+                                break
                 if self._shared_first_seen is None:
                     self._record(scope, org_id, user_id, watcher, started, root_path, decision)
                 else:
@@ -621,6 +689,17 @@ class OrgBillingMiddleware:
             user_id = user if user is None or isinstance(user, str) else await user
         return org_id, user_id
 
+    async def _resolve_late(self, scope: Scope, billing: dict[str, Any]) -> tuple[str | None, str | None]:
+        """:meth:`_resolve` once the app ran: on the scope, then on the deep copies of it the app ran with (their
+        ``request.state``, where its auth set the org: hypercorn's ``ProxyFixMiddleware`` between them)."""
+        identity = await self._resolve(scope)
+        if identity[0] is None and _COPIES in billing:
+            for copied in _scope_copies(billing):
+                identity = await self._resolve(copied)
+                if identity[0] is not None:
+                    break
+        return identity
+
     async def _call_unresolved(
         self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str
     ) -> None:
@@ -632,7 +711,9 @@ class OrgBillingMiddleware:
         billing = scope[SCOPE_KEY]
         billing["middleware"] = None  # an inner billing middleware that knows the org takes the request over
         # the billing middlewares waiting for the org, innermost first: require_quota() asks them in turn
-        billing.setdefault("waiting", []).insert(0, self)
+        waiting: list[OrgBillingMiddleware] = billing.setdefault("waiting", [])
+        outermost = not waiting  # (lets go of the deep copies of the scope at the end: see _Billing)
+        waiting.insert(0, self)
         if self._sync_resolvers:  # for get_current_org(): this one's resolvers, then those of one around it
             outer: Callable[[Scope], tuple[str | None, str | None]] | None = billing.get("resolve_now")
 
@@ -655,7 +736,7 @@ class OrgBillingMiddleware:
                 self._claim(billing)
                 response = self._outward(decision.response(), expose=True)
                 return lambda send: response(scope, receive, send)
-            identity = await self._resolve(scope)
+            identity = await self._resolve_late(scope, billing)
             if identity[0] is not None:
                 self._claim(billing)
             _publish(scope, billing, *identity)
@@ -687,6 +768,8 @@ class OrgBillingMiddleware:
                         scope, billing, watcher, identity, answered, blocked, started, root_path
                     )
             finally:
+                if outermost and _COPIES in billing:
+                    _scope_copies(billing, release=True)
                 self._in_flight -= 1
                 if self._all_recorded is not None and not self._in_flight:
                     self._all_recorded.set()
@@ -715,7 +798,7 @@ class OrgBillingMiddleware:
         cancelled: BaseException | None = None
         if not answered and not blocked:  # the app failed before answering: its auth may have run by now
             try:
-                identity = await self._resolve(scope)
+                identity = await self._resolve_late(scope, billing)
             except Exception:  # never hide the app's own error behind a resolver's
                 logger.exception("Resolving the org of a failed request")
             except BaseException as exc:  # cancelled: what require_quota() knew is settled below all the same
