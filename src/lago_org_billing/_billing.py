@@ -592,6 +592,7 @@ class OrgBilling:
         on_termination_invoice: str = "generate",
         on_termination_credit_note: str | None = None,
         allow_unreadable_entitlements: bool = False,
+        prepare_only: bool = False,
     ) -> JSON:
         """Move one user-keyed Lago customer's billing to its org (the ``migrate`` CLI's code path).
 
@@ -602,7 +603,10 @@ class OrgBilling:
         Returns what was done: ``changed``, ``steps``, ``warnings``, the org ``customer`` and ``subscription``.
         When the API key may not read entitlements (``GET /features`` answers 403), raises
         ``EntitlementsUnreadableError`` unless ``allow_unreadable_entitlements`` (the user's entitlement overrides
-        are then not carried, and ``warnings`` says so).
+        are then not carried, and ``warnings`` says so). ``prepare_only=True`` makes the first phase of a migration
+        while traffic flows (``migrate --execute --prepare``): the org customer and subscription only, the user's
+        subscriptions left active and unmarked; the same call without it, once the middleware is deployed, ends and
+        marks them. ``phase`` in the answer: ``prepare``, ``finish`` (the org subscribed before) or ``both``.
         """
         from ._migration import migrate_user
 
@@ -616,6 +620,7 @@ class OrgBilling:
             on_termination_invoice=on_termination_invoice,
             on_termination_credit_note=on_termination_credit_note,
             allow_unreadable_entitlements=allow_unreadable_entitlements,
+            prepare_only=prepare_only,
         )
         return outcome
 

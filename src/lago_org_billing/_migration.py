@@ -598,6 +598,7 @@ class Journal:
         self.path = Path(path)
         self._done: dict[str, str] = {}
         self._prepared: set[str] = set()
+        self._donors: dict[str, tuple[str, str]] = {}
         self._subscribed: set[tuple[str, str, str]] = set()
         self._file: IO[str] | None = None
         if self.path.exists():
@@ -614,8 +615,7 @@ class Journal:
                     continue
                 if entry.get("status") == "done":
                     self._done[str(entry.get("org_id"))] = str(entry.get("fingerprint"))
-                    if entry.get("phase") == "prepare":
-                        self._prepared.add(str(entry.get("org_id")))
+                    self._phase_done(entry)
                 else:
                     self._done.pop(str(entry.get("org_id")), None)
 
@@ -626,6 +626,24 @@ class Journal:
     def prepared(self) -> frozenset[str]:
         """The orgs a first phase (``prepare_only``: ``--prepare``) of this journal was done for."""
         return frozenset(self._prepared)
+
+    def prepared_donor(self, org_id: str) -> tuple[str, str] | None:
+        """The user and subscription id whose entitlement overrides the first phase gave the org (its donor)."""
+        return self._donors.get(org_id)
+
+    def _phase_done(self, entry: Mapping[str, Any]) -> None:
+        """An org recorded done: by a first phase (its donor kept for the second), or finished."""
+        org_id = str(entry.get("org_id"))
+        donor = entry.get("donor")
+        if entry.get("phase") != "prepare":
+            self._prepared.discard(org_id)
+            self._donors.pop(org_id, None)
+            return
+        self._prepared.add(org_id)
+        if isinstance(donor, list) and len(donor) == 2 and all(isinstance(part, str) for part in donor):
+            self._donors[org_id] = (donor[0], donor[1])
+        else:
+            self._donors.pop(org_id, None)
 
     def was_done(self, org_id: str) -> bool:
         """Whether the org was last recorded done, with whatever fingerprint."""
@@ -659,8 +677,7 @@ class Journal:
         self._file.flush()
         if kind == "org" and fields.get("status") == "done":
             self._done[str(fields["org_id"])] = str(fields.get("fingerprint"))
-            if fields.get("phase") == "prepare":
-                self._prepared.add(str(fields["org_id"]))
+            self._phase_done(fields)
         if self._subscribing({"type": kind, **fields}):
             self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"])))
 
@@ -944,6 +961,8 @@ class OrgResult:
     entitlements_from: str | None = None
     entitlements_removed: list[Removal] = dataclasses.field(default_factory=list)
     phase: str | None = None
+    #: The user and subscription id the plan policy picks, whose entitlement overrides the org takes (the donor).
+    donor: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
     exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> JSON:
@@ -1326,10 +1345,12 @@ async def plan_org(
     result: OrgResult,
     *,
     org_subscription_made: bool = False,
+    donor_hint: tuple[str, str] | None = None,
 ) -> None:
     """Read the org's and its users' Lago state and fill ``result.steps`` with the writes still needed.
     ``org_subscription_made``: an org subscription found was made by this migration (its journal says so: a run
-    resumed), not one the org had before."""
+    resumed), not one the org had before. ``donor_hint``: the user and subscription id a first phase took the
+    entitlement overrides from (its journal says so), kept as the donor while it can be found."""
     settings = client.settings
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
@@ -1535,8 +1556,15 @@ async def plan_org(
     # 2b. The entitlement overrides of the subscription the plan policy picks, the donor (see the module docstring).
     candidates = active or starting
     donor: tuple[str, JSON] | None = None
-    if candidates:
+    kept_donor = await _donor_kept(
+        client, org, sub_id, org_subscription, users, active, previous_users, options, plans, result, donor_hint
+    )
+    if kept_donor is not None:  # (the org subscription an earlier run made: its donor, whatever changed since)
+        donor, candidates = kept_donor
+    elif candidates:
         donor = source if source is not None else await _pick(options.plan_policy, candidates, plans)
+    if donor is not None:
+        result.donor = (donor[0], str(donor[1].get("external_id")))
         if await plans.uses_entitlements():
             if org_subscription is not None:
                 org_status = str(org_subscription.get("status") or "active")
@@ -1625,6 +1653,71 @@ async def plan_org(
                 Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
             )
     result.steps = steps
+
+
+async def _donor_kept(
+    client: LagoClient,
+    org: OrgMapping,
+    sub_id: str,
+    org_subscription: JSON | None,
+    users: Sequence[tuple[str, JSON | None, Sequence[JSON]]],
+    active: Sequence[tuple[str, JSON]],
+    previous_users: Sequence[str],
+    options: MigrationOptions,
+    plans: PlanCatalog,
+    result: OrgResult,
+    donor_hint: tuple[str, str] | None,
+) -> tuple[tuple[str, JSON], list[tuple[str, JSON]]] | None:
+    """The donor and the candidates of an org subscription an earlier run of this migration made while its users'
+    are still active (a second phase, a first phase again, a run resumed; the org customer's ``migrated_from_user``
+    or the journal says so): the users' subscriptions there when it was made, still active or ended since (the
+    donor's may end by itself in the window between the phases), as ``verify`` picks it, not one begun since (an
+    upgrade, a plan bought in the window: a warning names those, which the second phase ends); the first phase's
+    donor (``donor_hint``, from the journal) when found. ``None`` otherwise: the donor is picked among ``active``."""
+    since = _parse_time((org_subscription or {}).get("created_at"))
+    earlier = bool(set(previous_users) & set(org.users)) or donor_hint is not None
+    if org_subscription is None or not active or since is None or not earlier:
+        return None
+
+    def begun_since(subscription: JSON) -> bool:
+        made = _parse_time(subscription.get("created_at"))
+        return made is not None and made > since
+
+    there = [(user_id, s) for user_id, s in active if not begun_since(s)]
+    ended: list[tuple[str, JSON]] = []
+    for user_id, customer, _ in users:
+        if customer is None:
+            continue
+        async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated"]):
+            at = _parse_time(old.get("terminated_at"))
+            if at is not None and at >= since and not begun_since(old):
+                ended.append((user_id, old))
+    pool = [*there, *ended]
+    if not pool:
+        return None
+    plan = org_subscription.get("plan_code")
+    ending = "the second phase ends it" if options.prepare_only else "it is ended"
+    for user_id, subscription in active:
+        if begun_since(subscription) and subscription.get("plan_code") != plan:
+            result.warnings.append(
+                f"org {org.org_id!r}: {user_id}'s subscription {subscription.get('external_id')} (plan "
+                f"{subscription.get('plan_code')!r}) began after the org subscription {sub_id!r} was made (a plan "
+                f"bought or changed since, e.g. between the two phases): {ending} with the others and the org stays "
+                f"on {plan!r}, neither taking its plan nor its entitlement overrides; if the org should have "
+                f"{subscription.get('plan_code')!r}, change it with OrgBilling.change_plan"
+            )
+    donor = await _pick(options.plan_policy, pool, plans)
+    if donor_hint is not None and (donor[0], donor[1].get("external_id")) != donor_hint:
+        hinted = next(((u, s) for u, s in pool if (u, s.get("external_id")) == donor_hint), None)
+        if hinted is not None:
+            result.warnings.append(
+                f"org {org.org_id!r}: the first phase took the entitlement overrides of {hinted[0]}'s subscription "
+                f"{donor_hint[1]} (its journal says so): kept, not those of {donor[0]}'s subscription "
+                f"{donor[1].get('external_id')} (--plan-policy {options.plan_policy}); give --verify the plan policy "
+                "of the first phase"
+            )
+            donor = hinted
+    return donor, pool
 
 
 async def _warn_overlap(
@@ -2069,7 +2162,7 @@ class MigrationRun:
         return counter
 
     def to_json(self) -> JSON:
-        migrated = self.counts.get("migrated", 0)
+        migrated = self.counts.get("migrated", 0) + self.counts.get("prepared", 0)  # (a first phase: prepared)
         return {
             "mode": self.mode,
             "ok": self.ok,
@@ -2183,7 +2276,8 @@ async def run_migration(
                     sub_id = client.settings.subscription_id_for(org.org_id)
                     base = made_by[org.org_id]
                     made = journal is not None and journal.made_subscription(org.org_id, sub_id, base)
-                    await plan_org(client, org, options, plans, result, org_subscription_made=made)
+                    hint = journal.prepared_donor(org.org_id) if journal is not None else None
+                    await plan_org(client, org, options, plans, result, org_subscription_made=made, donor_hint=hint)
                     if prepared and org.org_id not in prepared and result.phase == "both":
                         result.warnings.append(
                             f"org {org.org_id!r} was not prepared by the first phase of this journal (migrate "
@@ -2198,9 +2292,13 @@ async def run_migration(
                         result.status = "prepared" if options.prepare_only else "migrated"
                     if mode == "execute" and journal is not None:
                         # (with whose entitlement overrides: --verify picks that donor again by the plan policy)
-                        donor = {"entitlements_from": result.entitlements_from} if result.entitlements_from else {}
+                        donor: dict[str, Any] = (
+                            {"entitlements_from": result.entitlements_from} if result.entitlements_from else {}
+                        )
                         if options.prepare_only:
                             donor["phase"] = "prepare"
+                            if result.donor is not None:  # (the second phase keeps it: see plan_org)
+                                donor["donor"] = list(result.donor)
                         journal.record("org", org_id=org.org_id, status="done", fingerprint=fingerprint, **donor)
             except LagoIntegrationError as exc:
                 result.status = "failed"
@@ -2251,16 +2349,20 @@ async def migrate_user(
     on_termination_invoice: str = "generate",
     on_termination_credit_note: str | None = None,
     allow_unreadable_entitlements: bool = False,
+    prepare_only: bool = False,
 ) -> JSON:
     """Migrate one user to its org with the CLI's code path; returns what was done (``changed`` is False on a
     no-op re-run). The org keeps the plan of the user's most expensive active subscription unless
     ``plan_code`` is given; an org already subscribed keeps its subscription. When the API key may not read
     entitlements, :class:`EntitlementsUnreadableError` unless ``allow_unreadable_entitlements`` (the user's
-    entitlement overrides are then not carried; ``warnings`` says so)."""
+    entitlement overrides are then not carried; ``warnings`` says so). ``prepare_only``: the first phase only
+    (:class:`MigrationOptions`), the user's subscriptions left active and unmarked; ``phase`` says which was made."""
     record = {"user_id": user_id, "org_id": org_id, "org_name": org_name, "email": email, "plan_code": plan_code}
     orgs, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
     options = MigrationOptions(
-        on_termination_invoice=on_termination_invoice, on_termination_credit_note=on_termination_credit_note
+        on_termination_invoice=on_termination_invoice,
+        on_termination_credit_note=on_termination_credit_note,
+        prepare_only=prepare_only,
     )
     run = await run_migration(
         billing.client,
@@ -2284,6 +2386,7 @@ async def migrate_user(
         "subscription": result.subscription,
         "terminated_subscriptions": terminated,
         "changed": bool(result.steps),
+        "phase": result.phase,
         "steps": [step.to_json() for step in result.steps],
         "warnings": [*run.warnings, *result.warnings],
     }
