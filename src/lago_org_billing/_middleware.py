@@ -84,8 +84,10 @@ class _Billing(dict[str, Any]):
     reserved call and org) reaches the middleware (a copy's were lost: tokens not billed, a call never settled).
 
     The copy keeps its own ``state`` though (``request.state``), where the app's auth (a FastAPI dependency) sets the
-    org: so that the middleware finds it when the request ends, the copies made while the org may still be set there
-    are remembered (their ``copy.deepcopy`` memos, see :func:`_scope_copies`) and let go when the request ends."""
+    org, and Starlette's router writes the matched route in it: so that the middleware finds both when the request
+    ends, the copies made while the request is billed are remembered (their ``copy.deepcopy`` memos, see
+    :func:`_scope_copies`) and let go when the request ends; none is remembered once it ended (a copy made then, by
+    a middleware around this one logging the scope, would be kept in a cycle with the billing dict)."""
 
     __slots__ = ()
 
@@ -94,10 +96,9 @@ class _Billing(dict[str, Any]):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Billing:
         copies = self.get(_COPIES, _UNSEEN)
-        if copies is _UNSEEN:  # the first copy: wanted by a request waiting for its org, or by the default resolvers
-            owner = self.get("middleware")  # (which look for the org an app's auth set in the state)
-            if "waiting" not in self and getattr(owner, "_identify", None) is None:
-                return self  # (an excluded path, custom resolvers that had the org before the app: nothing to find)
+        if copies is _UNSEEN:  # the first copy: wanted by a request billed (its route) or waiting for its org
+            if "waiting" not in self and self.get("middleware") is None:
+                return self  # (an excluded path, a preflight: nothing to find)
             copies = self[_COPIES] = _Copies()
         if isinstance(copies, _Copies) and len(copies.memos) < _MAX_COPIES and all(m is not memo for m in copies.memos):
             copies.memos.append(memo)  # (None: the request has ended, nothing more is looked for)
@@ -124,7 +125,8 @@ class _Copies:
         return self
 
 
-#: The billing dict's key for the deep copies made of the scope (see _Billing), and its value before any.
+#: The billing dict's key for the deep copies made of the scope (see _Billing), and its value before any (None: the
+#: request is over, none remembered any more).
 _COPIES = "scope_copies"
 _UNSEEN = object()
 #: Deep copies of one request's scope remembered at most (a proxy or two; a middleware copying it in a loop would
@@ -143,10 +145,25 @@ def _scope_copies(billing: dict[str, Any], *, release: bool = False) -> list[Sco
         return []
     found: dict[int, Scope] = {}
     for memo in reversed(copies.memos):
-        for value in reversed(memo.values()):
+        for value in reversed(tuple(memo.values())):  # (a snapshot: a copy still made in a thread)
             if type(value) is dict and value.get(SCOPE_KEY) is billing:
                 found.setdefault(id(value), value)
     return list(found.values())
+
+
+def _app_scope(scope: Scope, copies: list[Scope]) -> Scope:
+    """The scope the app's routing ran on, to read its route and state from: the scope itself when a route of its
+    own was matched on it, else the first of its deep copies that a router went further on (hypercorn's
+    ``ProxyFixMiddleware`` between them: Starlette's router writes ``scope["route"]`` there; a later one is a
+    sub-call's, an endpoint dispatching a copy of its scope to another router), else the scope."""
+    route, router, endpoint = scope.get("route"), scope.get("router"), scope.get("endpoint")
+    if endpoint is not None and not isinstance(route, (Mount, Host)):  # (an endpoint's sub-call on a copy: its own)
+        return scope
+    for copied in reversed(copies):  # (the first copy made first)
+        if copied.get("route") is not route or copied.get("router") is not router:
+            if "method" in copied and "path" in copied:  # (not a copy left half made by a failing deepcopy)
+                return copied
+    return scope
 
 
 class OrgBillingMiddleware:
@@ -356,6 +373,7 @@ class OrgBillingMiddleware:
         if org_id is None:
             if self.on_unresolved == "reject":
                 self.stats["unresolved"] += 1
+                billing[_COPIES] = None  # (the request is over: see _Billing)
                 await self._reject(scope, receive, send)
                 return
             await self._call_unresolved(scope, receive, send, started, root_path)
@@ -372,6 +390,7 @@ class OrgBillingMiddleware:
                 decision = await quota.check(org_id)
             if not decision.allowed:
                 self.stats["blocked"] += 1
+                billing[_COPIES] = None  # (the request is over: see _Billing)
                 await self._outward(decision.response(), expose=True)(scope, receive, send)
                 return
             watcher.extra_headers = decision.headers
@@ -383,23 +402,18 @@ class OrgBillingMiddleware:
             raise
         finally:
             try:
-                # (the app ran on deep copies of the scope, each with its own state: see _Billing)
-                # (let go by the outermost billing middleware: none waits around this one)
-                copies = _scope_copies(billing, release="waiting" not in billing) if _COPIES in billing else None
-                if self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
+                # (None from now on: a deep copy of the scope made once the request is over is not remembered)
+                copies = billing.setdefault(_COPIES, None)
+                if copies is not None:  # the app ran on deep copies of the scope: its route and state there
+                    scope, org_id, user_id, decision = self._read_copies(
+                        scope, billing, org_id, user_id, decision, watcher, root_path
+                    )
+                elif self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
                     state = scope.get("state")
                     if type(state) is dict and state.get("org_id") not in (None, org_id):
                         org_id, user_id, decision = self._authenticated_late(
                             state, org_id, user_id, decision, scope, watcher, root_path
                         )
-                    elif copies:
-                        for copied in copies:
-                            state = copied.get("state")
-                            if type(state) is dict and state.get("org_id") not in (None, org_id):
-                                org_id, user_id, decision = self._authenticated_late(
-                                    state, org_id, user_id, decision, scope, watcher, root_path
-                                )
-                                break
                 if self._shared_first_seen is None:
                     self._record(scope, org_id, user_id, watcher, started, root_path, decision)
                 else:
@@ -408,6 +422,31 @@ class OrgBillingMiddleware:
                 self._in_flight -= 1
                 if self._all_recorded is not None and not self._in_flight:
                     self._all_recorded.set()
+
+    def _read_copies(
+        self,
+        scope: Scope,
+        billing: dict[str, Any],
+        org_id: str,
+        user_id: str | None,
+        decision: QuotaDecision | None,
+        watcher: _ResponseWatcher,
+        root_path: str,
+    ) -> tuple[Scope, str, str | None, QuotaDecision | None]:
+        """The end of a request whose scope was deep-copied inside this middleware (see _Billing): the copy the app
+        ran on (its route, its state: what the request is billed as) and, with the default resolvers, the org the app's
+        auth set in a copy's state. The copies are let go by the outermost billing middleware (none waits around)."""
+        copies = _scope_copies(billing, release="waiting" not in billing)
+        app_scope = _app_scope(scope, copies)
+        if self._identify is not None:
+            for copied in (scope, *copies):
+                state = copied.get("state")
+                if type(state) is dict and state.get("org_id") not in (None, org_id):
+                    org_id, user_id, decision = self._authenticated_late(
+                        state, org_id, user_id, decision, app_scope, watcher, root_path
+                    )
+                    break
+        return app_scope, org_id, user_id, decision
 
     @property
     def exclude_paths(self) -> tuple[str, ...]:
@@ -768,8 +807,8 @@ class OrgBillingMiddleware:
                         scope, billing, watcher, identity, answered, blocked, started, root_path
                     )
             finally:
-                if outermost and _COPIES in billing:
-                    _scope_copies(billing, release=True)
+                if outermost:  # the copies let go, none remembered from now on (see _Billing)
+                    billing[_COPIES] = None
                 self._in_flight -= 1
                 if self._all_recorded is not None and not self._in_flight:
                     self._all_recorded.set()
@@ -805,6 +844,8 @@ class OrgBillingMiddleware:
                 cancelled = exc
         if identity[0] is None and billing.get("decision_org") is not None:
             identity = (billing["decision_org"], None)  # require_quota() reserved a call for it
+        if isinstance(billing.get(_COPIES), _Copies):  # the copy the app ran on: its route (see _Billing)
+            scope = _app_scope(scope, _scope_copies(billing))
         org_id, user_id = identity
         decision = billing.get("decision") if billing.get("decision_org") == org_id else None
         if decision is None and billing.get("decision") is not None and self.quota is not None and not blocked:
@@ -893,8 +934,8 @@ class OrgBillingMiddleware:
             # its answer, not an endpoint's (behind a proxy fix that made the request https on a copy of the scope)
             if _https_redirect_of(scope, getattr(watcher, "location", None)):
                 return True
-        # (the Starlette app found inside does not decide: a middleware working on a copy of the scope (a proxy fix)
-        # hides its routing from this one, and its endpoints' own 404s and redirects are billed)
+        # (the Starlette app found inside does not decide: a middleware answering before it leaves no trace in the
+        # scope, and endpoints' own 404s and redirects are billed; a proxy fix's copy is read: see _app_scope)
         return _unrouted(scope, status, root_path)
 
     def _ungated(self, org_id: str) -> None:
