@@ -351,7 +351,7 @@ def test_hypercorn_several_workers_lose_nothing_with_the_spool(serve: Any, emula
     running once the first one has exited, so a worker still flushing to a slow Lago loses what memory holds. With
     ``LAGO_SPOOL_PATH`` those events wait in its slot file and the next start delivers them. That start's own
     shutdown is the same race (its draining worker may be killed when the idle one exits first: on a loaded machine
-    it is): every event is then in Lago or still in a slot file, none lost, none twice."""
+    it is): every event is then in Lago or still in a slot file, none lost, none in Lago twice."""
     server = Server(
         "hypercorn-2-workers", ("hypercorn",), ("hypercorn", "-w", "2", "--bind", "127.0.0.1:{port}", "{app}")
     )
@@ -372,7 +372,9 @@ def test_hypercorn_several_workers_lose_nothing_with_the_spool(serve: Any, emula
     for _, slot_file in spool_slot_files(spool):
         with contextlib.closing(sqlite3.connect(slot_file)) as db:
             waiting += db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    assert delivered + waiting == 5, (delivered, waiting, running.output())
+    # (a row may outlive its delivery when the worker is killed between Lago's answer and the row's deletion: sent
+    # again at the next start, the same transaction id and timestamp, which Lago deduplicates)
+    assert delivered <= 5 <= delivered + waiting, (delivered, waiting, running.output())
 
 
 # ------------------------------------------------------------------------------------------------------------------
