@@ -539,6 +539,9 @@ class _SpoolFile:
         self.adopted = 0
         self._shrink_failures = 0
         self._shrink_retry_at = 0.0
+        #: Dead letters of events never written (sent from memory), in the write in progress: forgotten here as that
+        #: write commits, under ``lock`` (:meth:`dead_letters` lists each letter once, from here or from the table).
+        self.letters_writing: list[DeadLetter] = []
 
     # ------------------------------------------------------------------ opening
 
@@ -739,6 +742,7 @@ class _SpoolFile:
                 if revived:  # by id and text: never another letter that took a freed id (older spool files reuse ids)
                     conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", revived)
                 conn.execute("COMMIT")
+                self.letters_writing = []
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -798,8 +802,10 @@ class _SpoolFile:
         return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
     def dead_letters(self) -> list[DeadLetter]:
+        """The table's letters, then those of events never written that the write in progress holds (no id yet)."""
         query = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY id"
         with self.lock:
+            writing = self.letters_writing
             if self.conn is not None:
                 rows = self.conn.execute(query).fetchall()
             elif os.path.exists(self.path or self.base_path):  # closed or not yet opened: read the file
@@ -810,7 +816,7 @@ class _SpoolFile:
                     conn.close()
             else:
                 rows = []
-        return [dead_letter_from_row(row) for row in rows]
+        return [dead_letter_from_row(row) for row in rows] + writing
 
     def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
         """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first."""
@@ -1001,9 +1007,11 @@ class SqliteOutbox(Outbox):
 
     A file that cannot be written (a full disk, a volume gone read-only) is tried again with a backoff; the events a
     failed write took are sent to Lago from memory meanwhile (within ``capacity``), and those Lago has not taken yet
-    are written with the next write that succeeds (durable from then on: not in memory only until Lago is back). At
-    shutdown those neither delivered nor written are lost (counted: :meth:`close` returns how many). A failed read is
-    tried again too."""
+    are written with the next write that succeeds (durable from then on: not in memory only until Lago is back); the
+    dead letters of those Lago rejects wait in memory for that write too (the last ``_MEMORY_DEAD_LETTERS``, as the
+    memory outbox keeps them: the oldest are forgotten beyond, counted in ``dead_evicted``, logged). At shutdown those
+    neither delivered nor written are lost (counted: :meth:`close` returns how many). A failed read is tried again
+    too."""
 
     durable = True
 
@@ -1035,7 +1043,11 @@ class SqliteOutbox(Outbox):
         # letters of those Lago rejected (written by the next commit that succeeds); those of the first kind in
         # ``pending`` again (taken back to be written: :meth:`_requeue_unwritten`), and in the commit in progress
         self._unwritten: set[int] = set()
-        self._unwritten_dead: list[DeadLetter] = []
+        self._unwritten_dead: collections.deque[DeadLetter] = collections.deque()
+        #: Dead letters of events sent from memory forgotten, the oldest first, past ``_MEMORY_DEAD_LETTERS`` waiting
+        #: for a write (a volume that stays full while Lago rejects every event): as the memory outbox's list.
+        self.dead_evicted = 0
+        self._evictions = _Streak()
         self._requeued = 0
         self._rewriting = 0
         _forks.track(self)
@@ -1087,8 +1099,32 @@ class SqliteOutbox(Outbox):
         if item.id in self._unwritten:
             self._unwritten.discard(item.id)
             self._unwritten_dead.append(letter)
+            if len(self._unwritten_dead) > _MEMORY_DEAD_LETTERS:
+                self._forget_unwritten_dead()
         else:
             self._to_dead.append((item.id, letter))
+
+    def _forget_unwritten_dead(self) -> None:
+        """Keep the last ``_MEMORY_DEAD_LETTERS`` dead letters waiting in memory for a write (their events were never
+        written: the file cannot be), as the memory outbox keeps its list: memory stays bounded however long the
+        volume stays full while Lago rejects events. Those forgotten are counted, and logged at a bounded rate."""
+        letters = self._unwritten_dead
+        excess = len(letters) - _MEMORY_DEAD_LETTERS
+        if excess <= 0:
+            return
+        for _ in range(excess):
+            oldest = letters.popleft()
+        self.dead_evicted += excess
+        if self._evictions.hit():
+            logger.error(
+                "The event spool %s cannot be written, and the dead letters waiting in memory for it are at their cap "
+                "(%d): forgetting the oldest (%s); %d forgotten so far (Lago's rejections were logged). Free space on "
+                "its volume or make it writable: the letters kept are written then.",
+                self.path,
+                _MEMORY_DEAD_LETTERS,
+                oldest.reason,
+                self.dead_evicted,
+            )
 
     def unresolved(self) -> int:
         added, removed = self._writing
@@ -1106,17 +1142,19 @@ class SqliteOutbox(Outbox):
         return self._rows
 
     def dead_letters(self) -> list[DeadLetter]:
-        """The spool's ``dead_letters`` table (a short blocking read: not for the request path)."""
-        return self.file.dead_letters()
+        """The spool's ``dead_letters`` table (a short blocking read: not for the request path), then the letters of
+        events sent from memory that wait for a write (the file could not be written), with no ``id`` yet."""
+        return self.file.dead_letters() + list(self._unwritten_dead)
 
     async def replay_dead(self, ids: set[int] | None) -> int:
         await self.open()
         assert self._io is not None
-        waiting = {dead_id for dead_id, _ in self._revived}
-        room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
         chosen: list[tuple[int, str]] = []
         after = 0
         async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
+            # (read once no commit holds them: one that fails puts the letters it took back among those waiting)
+            waiting = {dead_id for dead_id, _ in self._revived}
+            room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
             while len(chosen) < room:  # page through the table: it may be large
                 rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500)
                 if not rows:
@@ -1172,7 +1210,8 @@ class SqliteOutbox(Outbox):
             deletes, self._to_delete = self._to_delete, []
             dead, self._to_dead = self._to_dead, []
             revived, self._revived = self._revived, []
-            letters, self._unwritten_dead = self._unwritten_dead, []
+            letters = self.file.letters_writing = list(self._unwritten_dead)
+            self._unwritten_dead.clear()
             self._writing = (len(rows), len(deletes) + len(dead))
             self._rewriting, self._requeued = self._requeued, 0
             write = _Once(self.file.write)
@@ -1191,6 +1230,7 @@ class SqliteOutbox(Outbox):
                 if not write.abandon():  # never written: kept for the next commit (the run's last one, at the latest)
                     self._take_back(rows, deletes, dead, revived, letters, send=False)
                 else:  # being written by its thread: counted as written (a new run reads the file again)
+                    self.file.letters_writing = []
                     self._writing = (0, 0)
                     self._rewriting = 0
                     self._rows += len(rows) - len(deletes) - len(dead)
@@ -1229,7 +1269,9 @@ class SqliteOutbox(Outbox):
         self._to_delete[:0] = deletes
         self._to_dead[:0] = dead
         self._revived[:0] = revived
-        self._unwritten_dead[:0] = letters
+        self.file.letters_writing = []
+        self._unwritten_dead.extendleft(reversed(letters))
+        self._forget_unwritten_dead()
         if send:
             self._send_unwritten(rows)
         else:
@@ -1438,7 +1480,8 @@ class SqliteOutbox(Outbox):
                 len(self._unwritten_dead),
                 self.path,
             )
-        self.pending, self._revived, self._unwritten_dead = [], [], []
+        self.pending, self._revived = [], []
+        self._unwritten_dead.clear()
         self._requeued = 0
         self._replayed.clear()
         self._unwritten.clear()
