@@ -83,3 +83,12 @@ def tls_files(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     yield cert_file, key_file
+
+
+@pytest.fixture
+def no_write_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed spool write is tried again at the next commit window (the tests count outcomes, not pauses)."""
+    from lago_org_billing import _spool
+
+    monkeypatch.setattr(_spool, "_RETRY_FIRST", 0.0)
+    monkeypatch.setattr(_spool, "_RETRY_MAX", 0.0)

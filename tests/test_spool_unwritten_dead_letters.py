@@ -17,20 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 from lago_org_billing import _spool
-from lago_org_billing._delivery import EventPipeline
 from test_delivery import events, make_client, make_fake
 from test_delivery_deployment import until
 from test_spool import rows
+from test_spool_unwritten_events import Volume, _pipeline
 
 pytestmark = pytest.mark.anyio
 
@@ -51,41 +49,6 @@ class Lago(httpx.AsyncBaseTransport):
         if request.url.path.endswith("/events/batch"):
             self.posted += [event["transaction_id"] for event in json.loads(body)["events"]]
         return await self.inner.handle_async_request(request)
-
-
-class Volume:
-    """The spool's volume: ``full`` makes every write fail as a full disk does; ``hold`` makes the next writes wait
-    for ``release`` (``entered`` set as one starts) before they fail or go on."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.full = False
-        self.hold = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        write = _spool._SpoolFile.write
-
-        def write_on_the_volume(file: Any, *args: Any) -> Any:
-            if self.hold:
-                self.entered.set()
-                self.release.wait(10)
-            if self.full:
-                raise sqlite3.OperationalError("database or disk is full")
-            return write(file, *args)
-
-        monkeypatch.setattr(_spool._SpoolFile, "write", write_on_the_volume)
-
-
-@pytest.fixture
-def no_write_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failed spool write is tried again at the next commit window (the tests count outcomes, not pauses)."""
-    monkeypatch.setattr(_spool, "_RETRY_FIRST", 0.0)
-    monkeypatch.setattr(_spool, "_RETRY_MAX", 0.0)
-
-
-def _pipeline(client: Any, path: Path, **options: Any) -> EventPipeline:
-    return EventPipeline(
-        client, spool_path=str(path), flush_interval=0.0, retry_backoff=0.001, max_backoff=0.02, **options
-    )
 
 
 def _letters(path: Path) -> list[str]:

@@ -48,29 +48,30 @@ class Switch(httpx.AsyncBaseTransport):
 
 
 class Volume:
-    """The spool's volume: ``full`` makes every write of the spool fail as a full disk does."""
+    """The spool's volume: ``full`` makes every write of the spool fail as a full disk does (``failures`` counts
+    them); ``hold`` makes the next writes wait for ``release`` (``entered`` set as one starts) before they fail or go
+    on."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.full = False
         self.failures = 0
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
         self._lock = threading.Lock()
         write = _spool._SpoolFile.write
 
-        def maybe_failing_write(file: Any, *args: Any) -> Any:
+        def write_on_the_volume(file: Any, *args: Any) -> Any:
+            if self.hold:
+                self.entered.set()
+                self.release.wait(10)
             if self.full:
                 with self._lock:
                     self.failures += 1
                 raise sqlite3.OperationalError("database or disk is full")
             return write(file, *args)
 
-        monkeypatch.setattr(_spool._SpoolFile, "write", maybe_failing_write)
-
-
-@pytest.fixture
-def no_write_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failed spool write is tried again at the next commit window (the tests count outcomes, not pauses)."""
-    monkeypatch.setattr(_spool, "_RETRY_FIRST", 0.0)
-    monkeypatch.setattr(_spool, "_RETRY_MAX", 0.0)
+        monkeypatch.setattr(_spool._SpoolFile, "write", write_on_the_volume)
 
 
 def _pipeline(client: Any, path: Path, **options: Any) -> EventPipeline:
