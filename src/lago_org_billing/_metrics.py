@@ -17,9 +17,12 @@ Exported metrics (prefix ``lago_billing_`` by default):
   ``events_duplicate_total`` (already in Lago), ``events_dead_lettered_total``, ``events_replayed_total`` (dead
   letters sent again), ``events_dropped_total``
   (outbox full or pipeline closed), ``events_lost_at_shutdown_total`` (memory outbox only),
-  ``delivery_retries_total``, ``batches_sent_total``, ``rate_limited_total``
+  ``delivery_retries_total``, ``batches_sent_total``, ``rate_limited_total``, ``dead_letters_evicted_total`` (dead
+  letters forgotten past the last 10,000 kept in memory: the memory outbox's, or a spool's that cannot be written)
 * ``lago_errors_total{status="503"|"network"|...}``
-* ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool)
+* ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool),
+  ``spool_unwritten`` (events in memory only because the spool cannot be written: in ``queue_depth``, not in
+  ``spool_depth``), ``spool_write_failing`` (1 while the spool file cannot be written)
 * ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, failed ones too (a timeout shows)
 
 :func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
@@ -35,7 +38,10 @@ of the ones before, and a discarded app's counts stay (it adds no more):
   ``requests_excluded_total``, ``requests_preflight_total``, ``requests_unbilled_errors_total`` (5xx not billed),
   ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``,
   ``event_properties_errors_total`` (billed without ``event_properties``: it failed), ``background_errors_total``
-  (the background work stopped on an error, then started again)
+  (the background work stopped on an error, then started again), ``requests_idempotent_retries_total``,
+  ``requests_nested_total`` (passed on to the billing middleware around), ``requests_handed_over_total`` (billed by
+  one inside), ``requests_reattributed_total`` (billed to another org than the one gated)
+* ``requests_in_flight`` gauge: requests running the app or recording their event (what a shutdown waits for)
 * ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
   ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
@@ -91,14 +97,24 @@ _COUNTERS = {
     "retries": ("delivery_retries", "Batches put back for a later attempt after a transient failure."),
     "batches_sent": ("batches_sent", "POST /events/batch calls made."),
     "rate_limited": ("rate_limited", "429 answers from Lago that paused delivery."),
+    "dead_evicted": (
+        "dead_letters_evicted",
+        "Dead letters forgotten, the oldest first, past the last 10,000 kept in memory (memory outbox, or a SQLite "
+        "spool that cannot be written).",
+    ),
 }
 #: Help of the pipeline's other metrics, by name.
 _PIPELINE_DOCS = {
     "lago_errors": "Errors answered by Lago, by status.",
     "queue_depth": "Events accepted and not yet resolved.",
     "spool_depth": "Rows in the SQLite spool.",
+    "spool_unwritten": "Events in memory only because the SQLite spool cannot be written (lost if the process stops "
+    "before Lago takes them).",
+    "spool_write_failing": "1 while the SQLite spool file cannot be written (a full or read-only volume).",
     "delivery_seconds": "Duration of each POST /events/batch call.",
 }
+#: The pipeline's gauges, as :meth:`PipelineMetrics.snapshot` names them (``depth``: ``queue_depth``).
+_PIPELINE_GAUGES = ("queue_depth", "spool_depth", "spool_unwritten", "spool_write_failing")
 
 
 class PipelineMetrics:
@@ -140,13 +156,39 @@ class PipelineMetrics:
         self.latency_count += 1
 
     def bind_gauges(self, gauges: Callable[[], dict[str, int]]) -> None:
-        """Where ``queue_depth`` and ``spool_depth`` are read from (the pipeline binds itself)."""
+        """Where ``queue_depth`` and ``spool_depth`` are read from (the pipeline binds itself: its outbox's own counts,
+        ``dead_evicted`` and the spool's state, are read through it)."""
         self._gauges = gauges
+
+    @property
+    def dead_evicted(self) -> int:
+        """Dead letters forgotten past the last 10,000 kept in memory, as the pipeline's outbox counts them (the memory
+        outbox's list, or the letters a SQLite spool that cannot be written keeps for it)."""
+        count = getattr(self._outbox(), "dead_evicted", 0)
+        return count if type(count) is int else 0
+
+    def _outbox(self) -> Any:
+        """The outbox of the pipeline bound to these metrics (``None`` when none is, or gauges of another kind)."""
+        return getattr(getattr(self._gauges, "__self__", None), "outbox", None)
+
+    def _spool_gauges(self) -> dict[str, int]:
+        """``spool_unwritten``: the events sent to Lago from memory because the SQLite spool could not be written
+        (those waiting to be written again included), lost if the process stops before Lago takes them; in
+        ``queue_depth``, not in ``spool_depth``. ``spool_write_failing``: 1 while the spool file cannot be written
+        (with Lago up, events sent from memory are delivered at once: ``spool_unwritten`` stays near 0 meanwhile)."""
+        outbox = self._outbox()
+        unwritten = getattr(outbox, "_unwritten", None)
+        if not isinstance(unwritten, set):  # the memory outbox (or none)
+            return {"spool_unwritten": 0, "spool_write_failing": 0}
+        again = getattr(outbox, "_requeued", 0) + getattr(outbox, "_rewriting", 0)  # back among those to write
+        failing = getattr(getattr(outbox, "_write_errors", None), "count", 0)
+        return {"spool_unwritten": len(unwritten) + again, "spool_write_failing": 1 if failing else 0}
 
     def snapshot(self) -> dict[str, int]:
         """Every counter and gauge as plain ints (``lago_errors_<status>`` for the errors)."""
         values = {name: getattr(self, name) for name in _COUNTERS}
         values.update(self._gauges())
+        values.update(self._spool_gauges())
         for status, count in sorted(self.lago_errors.items()):
             values[f"lago_errors_{status}"] = count
         return values
@@ -196,6 +238,20 @@ _REQUEST_COUNTERS = {
     "event_errors": ("event_build_errors", "Events that could not be built (dead-lettered with the reason)."),
     "event_properties_errors": ("event_properties_errors", "Requests billed without event_properties (it failed)."),
     "background_errors": ("background_errors", "Times the background work stopped on an error (then started again)."),
+    "idempotent_retries": (
+        "requests_idempotent_retries",
+        "Billed requests retrying an idempotency key already seen (one event in Lago for both).",
+    ),
+    "nested": ("requests_nested", "Requests another billing middleware around this one bills: passed on untouched."),
+    "handed_over": ("requests_handed_over", "Requests a billing middleware inside this one billed (or blocked)."),
+    "reattributed": (
+        "requests_reattributed",
+        "Requests billed to another org than the one gated (request.state.org_id changed while the app ran).",
+    ),
+}
+#: The middleware's gauges (read from it, not from its ``stats``).
+_REQUEST_GAUGES = {
+    "requests_in_flight": "Requests running the app or recording their event (a shutdown waits for them)."
 }
 #: Gate stats exported as gauges (states, not counts).
 _GATE_GAUGES = {"redis_fallback": "1 while Redis is unreachable and quota decisions are counted locally."}
@@ -382,8 +438,10 @@ class _RegistryCollector:
             described.counter(self.prefix + name, documentation)
         for key in _GATE_COUNTERS:
             described.counter(f"{self.prefix}quota_{key}", _counter_documentation(f"quota_{key}"))
-        for name in ("queue_depth", "spool_depth"):
+        for name in _PIPELINE_GAUGES:
             described.gauge(self.prefix + name, _PIPELINE_DOCS[name])
+        for name, documentation in _REQUEST_GAUGES.items():
+            described.gauge(self.prefix + name, documentation)
         for state, documentation in _GATE_GAUGES.items():
             described.gauge(f"{self.prefix}quota_{state}", documentation)
         described.histogram(self.prefix + "delivery_seconds", _PIPELINE_DOCS["delivery_seconds"])
@@ -713,16 +771,19 @@ class _Mirror:
         for key, (ref, _) in list(self._gates.items()):
             if ref() is None:
                 del self._gates[key]
-        depth = spool = 0
+        gauges: dict[str, float] = dict.fromkeys((*_PIPELINE_GAUGES, *_REQUEST_GAUGES), 0)
         gate_stats: list[dict[str, float]] = []
         for source, read, _ in current.values():
             if read is _pipeline_counts:
-                values = source._gauges()
-                depth += values.get("depth", 0)
-                spool += values.get("spool_depth", 0)
+                values = {**source._gauges(), **source._spool_gauges()}
+                values.setdefault("queue_depth", values.get("depth", 0))
+                for name in _PIPELINE_GAUGES:
+                    gauges[name] += values.get(name, 0)
             elif read is _gate_counts:
                 gate_stats.append(_stats_of(source))
-        gauges: dict[str, float] = {"queue_depth": depth, "spool_depth": spool}
+        for middleware in list(self.middlewares):
+            in_flight = getattr(middleware, "_in_flight", 0)
+            gauges["requests_in_flight"] += in_flight if type(in_flight) is int else 0
         for state in _GATE_GAUGES:
             states = [stats[state] for stats in gate_stats if state in stats]
             if states or f"quota_{state}" in self._gauges:
@@ -730,7 +791,9 @@ class _Mirror:
         for name, value in gauges.items():
             value = 0 if final else value  # a process that ends holds no queue, no spool rows, no Redis outage
             if self._gauges.get(name) != value:
-                documentation = _PIPELINE_DOCS.get(name) or _GATE_GAUGES[name.removeprefix("quota_")]
+                documentation = (
+                    _PIPELINE_DOCS.get(name) or _REQUEST_GAUGES.get(name) or _GATE_GAUGES[name.removeprefix("quota_")]
+                )
                 self._state.gauge(self._prefix + name, documentation).set(value)
                 self._gauges[name] = value
 
