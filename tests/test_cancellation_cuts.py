@@ -236,6 +236,7 @@ async def test_a_request_still_running_at_shutdown_keeps_the_shutdown_within_its
     # waited 0.5 s (half of it) at least: delivery given the rest, half at least
     assert given == [0.5]
     assert any("1 requests still running after 0.5 s" in r.getMessage() for r in caplog.records)
+    assert middleware.stats["unfinished_at_shutdown"] == 1  # (requests_unfinished_at_shutdown_total)
 
 
 def test_a_stream_cut_by_uvicorns_graceful_shutdown_timeout_is_billed() -> None:

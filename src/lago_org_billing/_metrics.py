@@ -248,6 +248,10 @@ _REQUEST_COUNTERS = {
         "requests_reattributed",
         "Requests billed to another org than the one gated (request.state.org_id changed while the app ran).",
     ),
+    "unfinished_at_shutdown": (
+        "requests_unfinished_at_shutdown",
+        "Requests still running when a shutdown stopped waiting for them (their events are dropped).",
+    ),
 }
 #: The middleware's gauges (read from it, not from its ``stats``).
 _REQUEST_GAUGES = {

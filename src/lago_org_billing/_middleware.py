@@ -695,6 +695,7 @@ class OrgBillingMiddleware:
         finally:
             self._all_recorded = None
         if self._in_flight > 0:
+            self.stats["unfinished_at_shutdown"] = self.stats.get("unfinished_at_shutdown", 0) + self._in_flight
             logger.warning(
                 "Shutdown: %d requests still running after %.1f s: billing delivery closes now, and their events, "
                 "recorded when they end, are dropped. Give the server a graceful-shutdown timeout (uvicorn "
