@@ -943,19 +943,30 @@ def _loads_or_raw(body: str) -> JSON:
 
 class _Once:
     """A spool write run in a worker thread, unless abandoned before the thread took it up: :meth:`abandon` says
-    whether it was too late (the write runs, or ran)."""
+    whether it was too late (the write runs, or ran). A write that ran keeps its outcome (``result`` or ``error``),
+    ``done`` set once it is known: what its caller, cancelled meanwhile, settles later."""
 
     def __init__(self, write: Callable[..., Any]) -> None:
         self._write = write
         self._lock = threading.Lock()
         self._state = 0  # 1: started, 2: abandoned
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
 
     def __call__(self, *args: Any) -> Any:
         with self._lock:
             if self._state == 2:
                 return None
             self._state = 1
-        return self._write(*args)
+        try:
+            self.result = self._write(*args)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.done.set()
+        return self.result
 
     def abandon(self) -> bool:
         with self._lock:
@@ -1009,7 +1020,9 @@ class SqliteOutbox(Outbox):
     failed write took are sent to Lago from memory meanwhile (within ``capacity``), and those Lago has not taken yet
     are written with the next write that succeeds (durable from then on: not in memory only until Lago is back); the
     dead letters of those Lago rejects wait in memory for that write too (the last ``_MEMORY_DEAD_LETTERS``, as the
-    memory outbox keeps them: the oldest are forgotten beyond, counted in ``dead_evicted``, logged). At shutdown those
+    memory outbox keeps them: the oldest are forgotten beyond, counted in ``dead_evicted``, logged); rows of the file's
+    backlog are loaded for delivery only while at most ``capacity`` resolutions (deletes, dead letters) wait for a
+    write, so memory does not grow with the backlog. At shutdown those
     neither delivered nor written are lost (counted: :meth:`close` returns how many). A failed read is tried again
     too."""
 
@@ -1050,6 +1063,11 @@ class SqliteOutbox(Outbox):
         self._evictions = _Streak()
         self._requeued = 0
         self._rewriting = 0
+        # a write whose commit was cancelled natively (an event loop ending) once its thread had started it: what it
+        # took, settled by its outcome (:meth:`_settle_orphan`); and whether a rewind came meanwhile
+        self._orphan: tuple[_Once, list[Any], list[int], list[tuple[int, DeadLetter]], list[Any], list[Any]] | None
+        self._orphan = None
+        self._orphan_rewound = False
         _forks.track(self)
 
     def _forked(self) -> None:
@@ -1152,6 +1170,8 @@ class SqliteOutbox(Outbox):
         chosen: list[tuple[int, str]] = []
         after = 0
         async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
+            if self._orphan is not None:  # (nor while a cancelled commit's write may be)
+                await self._settle_orphan()
             # (read once no commit holds them: one that fails puts the letters it took back among those waiting)
             waiting = {dead_id for dead_id, _ in self._revived}
             room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
@@ -1199,12 +1219,16 @@ class SqliteOutbox(Outbox):
             return
         if self._unwritten and not last and not self._write_errors.waiting():
             self._requeue_unwritten()  # (the volume may take writes again: then they are durable from now on)
-        if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
+        if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead or self._orphan):
             return  # (replayed letters wait on their events in ``pending``)
         if not last and self._write_errors.waiting():
             return  # the file failed to write: tried again after a backoff, not at every commit window
         assert self._io is not None
         async with self._io:
+            if self._orphan is not None:
+                await self._settle_orphan()
+                if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
+                    return
             rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
             self.pending = []
             deletes, self._to_delete = self._to_delete, []
@@ -1229,27 +1253,54 @@ class SqliteOutbox(Outbox):
             except BaseException:  # a native cancellation (an event loop ending), which anyio's shield lets through
                 if not write.abandon():  # never written: kept for the next commit (the run's last one, at the latest)
                     self._take_back(rows, deletes, dead, revived, letters, send=False)
-                else:  # being written by its thread: counted as written (a new run reads the file again)
-                    self.file.letters_writing = []
-                    self._writing = (0, 0)
-                    self._rewriting = 0
-                    self._rows += len(rows) - len(deletes) - len(dead)
-                    if rows:
-                        self._committed_upto = max(self._committed_upto, rows[-1][0])
+                else:  # being written by its thread: its outcome decides, settled by the next commit (or close)
+                    # (counted as being written meanwhile: ``_writing``; counted written, a write that then failed
+                    # would lose its events uncounted)
+                    self._orphan, self._orphan_rewound = (write, rows, deletes, dead, revived, letters), False
                 raise
-            self._writing = (0, 0)
-            self._rewriting = 0
-            if self._write_errors.count:
-                self._write_errors.end("The event spool %s is written", self.path)
             self._replayed.clear()  # (every replayed event was among the rows just written)
-            self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
-            if unencodable:
-                self.dead_on_write += len(unencodable)
-                logger.error(
-                    "%d events could not be built or serialised and went to the dead letters (reasons kept there)",
-                    len(unencodable),
-                )
+            self._written(rows, unencodable, deletes, dead)
             self._hand_over(rows, dict(encoded))
+
+    def _written(
+        self, rows: list[tuple[int, JSON | str]], unencodable: list[int], deletes: list[int], dead: list[Any]
+    ) -> None:
+        """A commit's write succeeded: its rows are in the file, its resolutions recorded."""
+        self._writing = (0, 0)
+        self._rewriting = 0
+        if self._write_errors.count:
+            self._write_errors.end("The event spool %s is written", self.path)
+        self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
+        if unencodable:
+            self.dead_on_write += len(unencodable)
+            logger.error(
+                "%d events could not be built or serialised and went to the dead letters (reasons kept there)",
+                len(unencodable),
+            )
+
+    async def _settle_orphan(self) -> None:
+        """Under ``_io``: the outcome of a write whose commit was cancelled natively once its thread had started it
+        (:meth:`_commit`). Written: its rows are counted (loaded from the file, not handed over: a new run may have
+        rewound the window). Failed (a full volume): what it took goes back, its events to be written by this commit,
+        or counted lost at close if the file never takes them (not lost uncounted); its resolutions are dropped after
+        a rewind (their rows are read again, and resolved again)."""
+        assert self._orphan is not None
+        write, rows, deletes, dead, revived, letters = self._orphan
+        with anyio.CancelScope(shield=True):  # (the thread is writing: a short wait, off the event loop)
+            await anyio.to_thread.run_sync(write.done.wait)
+        self._orphan = None
+        if write.error is None:
+            _, unencodable = write.result
+            self._replayed.difference_update(row_id for row_id, _ in rows)
+            self._written(rows, unencodable, deletes, dead)
+            if rows:
+                self._committed_upto = max(self._committed_upto, rows[-1][0])
+            return
+        if self._orphan_rewound:
+            deletes, dead = [], []
+        self._take_back(rows, deletes, dead, revived, letters, send=False)
+        if isinstance(write.error, Exception):
+            self._write_failed(write.error, sent=0)
 
     def _take_back(
         self,
@@ -1387,6 +1438,7 @@ class SqliteOutbox(Outbox):
         if self._unwritten:
             self._requeue_unwritten()
             self._unwritten.clear()  # (none in flight: a cancelled run puts back what it was sending)
+        self._orphan_rewound = self._orphan is not None
         self.window.clear()
         self.in_flight = 0
         self._loaded_upto = 0
@@ -1397,11 +1449,19 @@ class SqliteOutbox(Outbox):
     async def fill(self) -> None:
         if not self._opened or self._loaded_upto >= self._committed_upto or self._read_errors.waiting():
             return
+        if len(self._to_delete) + len(self._to_dead) > self.capacity:
+            # More rows resolved than a commit has recorded (the file cannot be written: a full volume): each row
+            # resolved from here on would wait in memory for a write too (a delete, a dead letter carrying its event),
+            # carried by every attempt, as many as the backlog on disk holds. The rows stay in the file, loaded once a
+            # commit has recorded those (within a commit window when the file takes writes).
+            return
         room = self.window_size - len(self.window)
         if room < self.window_size // 2:
             return
         assert self._io is not None
         async with self._io:
+            if self._orphan is not None:  # (its rows may be deleted by it, or not be in the file)
+                await self._settle_orphan()
             if self._loaded_upto >= self._committed_upto:
                 return
             try:
