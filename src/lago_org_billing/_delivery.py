@@ -473,6 +473,8 @@ class EventPipeline:
                 await self._wait_gate()
                 if outbox.available() < self.batch_size:
                     await outbox.fill()  # the spool loads more rows when its window runs low
+                    if getattr(outbox, "needs_commit", False) and self._kick is not None:
+                        self._kick.set()  # (it waits for a commit of the rows resolved: made now)
                 available = outbox.available()
                 if available >= self.batch_size or (
                     available and (self._flushing or time.monotonic() - outbox.ready_since >= self.flush_interval)

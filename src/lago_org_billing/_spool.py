@@ -1446,6 +1446,13 @@ class SqliteOutbox(Outbox):
         self._to_delete.clear()
         self._to_dead.clear()
 
+    @property
+    def needs_commit(self) -> bool:
+        """Loading waits for a commit to record the rows resolved (see :meth:`fill`) and the file takes writes: the
+        pipeline commits now rather than at the end of its commit window (a small ``capacity`` would otherwise drain a
+        backlog one window of rows per commit window)."""
+        return len(self._to_delete) + len(self._to_dead) > self.capacity and not self._write_errors.count
+
     async def fill(self) -> None:
         if not self._opened or self._loaded_upto >= self._committed_upto or self._read_errors.waiting():
             return
