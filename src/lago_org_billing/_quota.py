@@ -117,7 +117,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._settings import _INLINE_COMMENT, BillingSettings, _check_unquoted, _read_exports
+from ._settings import BillingSettings, _check_raw, _read_exports
 
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
@@ -306,13 +306,7 @@ class QuotaConfig:
         for name in _QUOTA_VARIABLES:
             raw = env.get(name)
             if raw is not None:
-                _check_unquoted(name, raw)
-                if name in file_values and name not in os.environ and _INLINE_COMMENT.search(raw):  # (from .env)
-                    raise ConfigurationError(
-                        f"{name} in .env ends with an inline comment (' # ...'), which is read here as part of its "
-                        "value: put the comment on a line of its own.",
-                        variable=name,
-                    )
+                _check_raw(name, raw, ".env" if name in file_values and name not in os.environ else None)
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:

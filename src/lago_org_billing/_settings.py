@@ -235,13 +235,7 @@ class BillingSettings:
         def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
             raw = config(name, default=None)
             if raw is not None and field not in overrides:
-                _check_unquoted(name, raw)
-                if name not in source and _INLINE_COMMENT.search(raw):  # (read from the .env file)
-                    raise ConfigurationError(
-                        f"{name} in {env_file} ends with an inline comment (' # ...'), which is read here as part of "
-                        "its value: put the comment on a line of its own.",
-                        variable=name,
-                    )
+                _check_raw(name, raw, env_file if name not in source else None)
                 values[field] = parse(name, raw)
 
         values: dict[str, Any] = {}
@@ -331,6 +325,19 @@ def _read_exports(file_values: dict[str, str]) -> dict[str, str]:
         if exported:
             file_values.setdefault(exported.group(1), value)
     return file_values
+
+
+def _check_raw(name: str, raw: str, env_file: str | os.PathLike[str] | None) -> None:
+    """Refuse a value as written that would be read wrong: wrapped in quotes (:func:`_check_unquoted`) or, read from
+    the ``env_file`` (None: from the environment, where docker keeps it literally), ending with an inline comment,
+    which python-dotenv and compose drop and starlette's ``.env`` reader keeps."""
+    _check_unquoted(name, raw)
+    if env_file is not None and _INLINE_COMMENT.search(raw):
+        raise ConfigurationError(
+            f"{name} in {env_file} ends with an inline comment (' # ...'), which is read here as part of its value: "
+            "put the comment on a line of its own.",
+            variable=name,
+        )
 
 
 def _check_unquoted(name: str, raw: str) -> None:
