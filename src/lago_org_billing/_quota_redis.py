@@ -41,8 +41,8 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -65,6 +65,8 @@ from ._quota import (
 from ._settings import redact_url
 
 __all__ = ["RedisBackend"]
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("lago_org_billing.quota")
 
@@ -634,12 +636,20 @@ class RedisBackend:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (trio)
             return await self._check(keys=keys, args=args)
-        task = loop.create_task(self._check(keys=keys, args=args))
+        late = functools.partial(self._orphaned, org_id, args[2], known, now)
+        return await self._outliving_its_caller(loop, self._check(keys=keys, args=args), late)
+
+    async def _outliving_its_caller(
+        self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, _T], late: Callable[[asyncio.Task[_T]], None]
+    ) -> _T:
+        """``work``'s result, ``work`` run as a task of its own: a native cancel of the caller leaves it going, kept
+        in ``_orphans`` (which :meth:`aclose` waits for), and ``late`` gets the task when it ends."""
+        task = loop.create_task(work)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self._orphans.add(task)
-            task.add_done_callback(functools.partial(self._orphaned, org_id, args[2], known, now))
+            task.add_done_callback(late)
             raise
 
     def _orphaned(self, org_id: str, mode: str, known: Snapshot | None, now: float, task: asyncio.Task[Any]) -> None:
@@ -781,13 +791,9 @@ class RedisBackend:
         except RuntimeError:  # (trio)
             with anyio.CancelScope(shield=True):
                 return await self._pipelined(batch)
-        task = loop.create_task(self._pipelined(batch))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._orphans.add(task)
-            task.add_done_callback(functools.partial(self._written_late, batch))
-            raise
+        return await self._outliving_its_caller(
+            loop, self._pipelined(batch), functools.partial(self._written_late, batch)
+        )
 
     def _applied(self, batch: list[_Queued], results: list[Any]) -> bool:
         """Whether Redis took every settle of ``batch``; those it refused are queued again (:meth:`_refused`)."""
