@@ -74,6 +74,14 @@ class Volume:
         monkeypatch.setattr(_spool._SpoolFile, "write", write_on_the_volume)
 
 
+async def _sent_from_memory(pipeline: EventPipeline, outbox: _spool.SqliteOutbox, volume: Volume) -> None:
+    """The volume full, three events submitted: the write fails and they are sent from memory (Lago may be down)."""
+    volume.full = True
+    for event in events(3):
+        pipeline.submit(event)
+    await until(lambda: volume.failures >= 1 and len(outbox._unwritten) == 3)
+
+
 def _pipeline(client: Any, path: Path, **options: Any) -> EventPipeline:
     return EventPipeline(
         client, spool_path=str(path), flush_interval=0.0, retry_backoff=0.001, max_backoff=0.02, **options
@@ -98,10 +106,7 @@ async def test_events_sent_from_memory_are_written_once_the_volume_recovers(
         async with anyio.create_task_group() as tasks:
             await tasks.start(pipeline.run)
             await pipeline.commit()
-            volume.full = True
-            for event in events(3):
-                pipeline.submit(event)
-            await until(lambda: volume.failures >= 1 and len(outbox._unwritten) == 3)
+            await _sent_from_memory(pipeline, outbox, volume)
             volume.full = False
             pipeline.submit(events(1, prefix="after")[0])
             # Lago still down: the file must hold all four (what a crash now leaves for the next start)
@@ -133,10 +138,7 @@ async def test_a_restarted_run_keeps_the_events_sent_from_memory(
         async with anyio.create_task_group() as tasks:
             await tasks.start(pipeline.run)
             await pipeline.commit()
-            volume.full = True
-            for event in events(3):
-                pipeline.submit(event)
-            await until(lambda: volume.failures >= 1 and len(outbox._unwritten) == 3)
+            await _sent_from_memory(pipeline, outbox, volume)
             tasks.cancel_scope.cancel()  # the run stops (no aclose): the volume still full
         volume.full = False
         lago.down = False
