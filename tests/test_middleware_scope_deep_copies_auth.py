@@ -42,10 +42,11 @@ FORWARDED = {"X-Forwarded-Proto": "https"}
 
 
 async def serve(
-    app: Any, settings: BillingSettings, fake_lago: Any, headers: dict[str, str], count: int = 1
+    app: Any, settings: BillingSettings, fake_lago: Any, headers: dict[str, str], count: int = 1, **options: Any
 ) -> tuple[OrgBillingMiddleware, list[httpx.Response]]:
-    """``count`` POSTs through the billing middleware around ``app``, every event delivered before it returns."""
-    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport())
+    """``count`` POSTs through the billing middleware (made with ``options``) around ``app``, every event delivered
+    before it returns."""
+    middleware = OrgBillingMiddleware(app, settings=settings, transport=fake_lago.transport(), **options)
     responses = []
     try:
         transport = httpx.ASGITransport(app=middleware, raise_app_exceptions=False)
@@ -105,15 +106,7 @@ async def test_a_fastapi_dependency_behind_a_deep_copying_proxy_is_billed(
         return state.get("tenant") if isinstance(state, dict) else None
 
     settings = header_settings.replace(org_header=None, user_header=None)
-    middleware = OrgBillingMiddleware(
-        ProxyFixMiddleware(api), settings=settings, transport=fake_lago.transport(), resolve_org=tenant
-    )
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as http:
-            response = await http.post("/v1/chat", headers=FORWARDED, json={})
-        assert await middleware.pipeline.flush(5)
-    finally:
-        await middleware.aclose()
+    middleware, [response] = await serve(ProxyFixMiddleware(api), settings, fake_lago, {}, resolve_org=tenant)
     assert response.json() == {"org": "org_a"}
     assert middleware.stats["unresolved"] == 0
     assert billed(fake_lago) == [("org_a", None)]
