@@ -6,9 +6,10 @@ next one):
 1. ``attribute_usage(request, model=..., input_tokens=..., ...)`` called by the endpoint;
 2. response headers (:class:`AttributionConfig`, e.g. ``X-Tokens-Used``, ``X-Model``);
 3. the response body: a JSON body (OpenAI chat/completions/embeddings, OpenAI Responses API, Anthropic Messages,
-   Google Gemini's ``usageMetadata`` and its streamed JSON array, AWS Bedrock Converse, Ollama's own API) or a
-   server-sent-event stream (OpenAI chunks with a final ``usage``, Groq's ``x_groq``, Responses API
-   ``response.completed``, Anthropic ``message_start`` + ``message_delta``, Gemini's ``alt=sse``) or a
+   Google Gemini's ``usageMetadata`` and its streamed JSON array, AWS Bedrock Converse, Ollama's own API, Cohere's
+   v2 Chat ``usage`` and the ``meta`` of its v1 Chat, Embed and Rerank APIs) or a server-sent-event stream (OpenAI
+   chunks with a final ``usage``, Groq's ``x_groq``, Responses API ``response.completed``, Anthropic
+   ``message_start`` + ``message_delta``, Gemini's ``alt=sse``, Cohere's ``message-end``) or a
    newline-delimited JSON one (Ollama's). The stream is read on the side while it passes through: nothing is held
    back from the client, only the current partial line is kept. A stream from a model that ends without any usage
    (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
@@ -24,6 +25,8 @@ Token rules, to neither under- nor double-bill:
   ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
   reads at a discount in Lago if wanted, the split is not kept). Next to a ``prompt_tokens`` (the OpenAI shape
   proxies such as LiteLLM give Claude's usage), which counts them already, they are not added.
+- Cohere's ``billed_units`` are billed (what Cohere bills; its ``tokens`` count the prompt template it adds too);
+  its ``tokens`` only when no billed units give a token count.
 - Gemini's ``thoughtsTokenCount`` is *not* a part of ``candidatesTokenCount``: added to the output (its
   ``cachedContentTokenCount`` is a part of ``promptTokenCount``: not added). Bedrock's ``cacheReadInputTokens`` and
   ``cacheWriteInputTokens`` are not a part of its ``inputTokens``: added to the input, as Anthropic's.
@@ -262,10 +265,10 @@ class _Counts:
 
 def _usage_container(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     """The object holding ``usage``: the payload, or its ``message`` (Anthropic) / ``response`` (Responses API) /
-    ``x_groq`` (Groq's streams, before they gave it at the top level too)."""
+    ``x_groq`` (Groq's streams, before they gave it at the top level too) / ``delta`` (Cohere's ``message-end``)."""
     if isinstance(payload.get("usage"), Mapping):
         return payload
-    for key in ("message", "response", "x_groq"):
+    for key in ("message", "response", "x_groq", "delta"):
         inner = payload.get(key)
         if isinstance(inner, Mapping) and isinstance(inner.get("usage"), Mapping):
             return inner
@@ -297,6 +300,10 @@ def _collect(payload: object, counts: _Counts) -> None:
             # Ollama's own API: counts at the top level of its last line (done) or of its embeddings; elsewhere an
             # "eval_count" is not tokens (a model-evaluation service's samples)
             usage = {"prompt_tokens": payload.get("prompt_eval_count"), "completion_tokens": payload.get("eval_count")}
+        elif isinstance(payload.get("meta"), Mapping):  # Cohere's v1 Chat API, its Embed and Rerank APIs
+            usage = _cohere_units(payload["meta"])
+    elif "billed_units" in usage or "tokens" in usage:  # Cohere's v2 Chat API
+        usage = _cohere_units(usage) or usage
     if isinstance(usage, Mapping):
         if "totalTokenCount" in usage or "promptTokenCount" in usage:  # Gemini's: each one whole, zeros left out
             for key in _GEMINI_KEYS:
@@ -317,6 +324,19 @@ def _collect(payload: object, counts: _Counts) -> None:
             counts.model = model  # reported (and dropped) when the usage is read, unless a valid one follows
         if answer:
             counts.answer = True
+
+
+def _cohere_units(usage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The token counts of Cohere's ``usage`` (or ``meta``): its ``billed_units``, what Cohere bills (its ``tokens``
+    count the prompt template Cohere adds too); ``tokens`` only when no billed units give a token count. ``None``
+    when neither is Cohere's object of counts."""
+    for key in ("billed_units", "tokens"):
+        units = usage.get(key)
+        if isinstance(units, Mapping) and ("input_tokens" in units or "output_tokens" in units):
+            return {"input_tokens": units.get("input_tokens"), "output_tokens": units.get("output_tokens")}
+    if isinstance(usage.get("billed_units"), Mapping):  # a rerank's search units, a classification's: no tokens
+        return {}
+    return None
 
 
 def _ollama(payload: Mapping[str, Any]) -> bool:
@@ -930,6 +950,11 @@ class UsageRecorder:
             members = _closing_members(last, "usageMetadata", len(last), _CLOSING)
             if members is not None:
                 members["usage"], members["model"] = members.get("usageMetadata"), members.get("modelVersion")
+        if members is None:  # Cohere's (an embedding of many texts), followed by its response_type
+            members = _closing_members(last, "meta", len(last), _CLOSING)
+            meta = members.get("meta") if members is not None else None
+            if members is not None and isinstance(meta, dict):
+                members["usage"] = _cohere_units(meta)
         usage = members.get("usage") if members is not None else None
         if members is None or not isinstance(usage, dict):
             _cap_exceeded("JSON body")
@@ -1066,7 +1091,12 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints; any other
     document it parsed goes to the general path's rules (same result, not parsed again). ``None`` sends a body not
     starting with ``{`` down the general path (``json.loads``)."""
-    if b'"usage"' not in body and b'"usageMetadata"' not in body and b'eval_count"' not in body:
+    if (
+        b'"usage"' not in body
+        and b'"usageMetadata"' not in body
+        and b'eval_count"' not in body
+        and b'"billed_units"' not in body
+    ):
         return Usage()  # (_mentions_usage, inlined; keys such as "usage_limit": no usage to parse the body for)
     if body[:1] != b"{":  # leading blanks, a byte-order mark...: the general path reads it as json.loads does
         return None
@@ -1110,8 +1140,9 @@ def _fast_json_usage(body: bytes) -> Usage | None:
 
 
 def _mentions_usage(body: bytes) -> bool:
-    """Whether a JSON body may hold a usage: ``"usage"``, Gemini's ``"usageMetadata"``, Ollama's ``eval_count``s."""
-    return b'"usage"' in body or b'"usageMetadata"' in body or b'eval_count"' in body
+    """Whether a JSON body may hold a usage: ``"usage"``, Gemini's ``"usageMetadata"``, Ollama's ``eval_count``s,
+    Cohere's ``"billed_units"``."""
+    return b'"usage"' in body or b'"usageMetadata"' in body or b'eval_count"' in body or b'"billed_units"' in body
 
 
 def _count_or_none(value: object) -> bool:
