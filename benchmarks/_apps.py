@@ -1,7 +1,8 @@
 """The apps benchmarks/overhead.py serves: one small JSON endpoint, bare and behind middlewares.
 
 Run by uvicorn as ``benchmarks._apps:bare``, ``...:passthrough``, ``...:billed`` (settings from the environment)
-``...:floor`` (the least a billing middleware does) and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
+``...:floor`` (the least a billing middleware does), ``...:request_path`` (the billed app's request path alone: its
+events dropped) and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
 """
 
 from __future__ import annotations
@@ -106,9 +107,25 @@ def _billed() -> Starlette:
     return _app(Middleware(OrgBillingMiddleware))
 
 
+def _request_path() -> Starlette:
+    """The billed app with its events dropped as they are handed over: the middleware's request path alone, nothing
+    built or delivered (what the billed app costs beyond it is building and delivering its events)."""
+    from lago_org_billing import OrgBillingMiddleware
+    from lago_org_billing._delivery import EventPipeline
+
+    class RequestPathOnly(OrgBillingMiddleware):
+        def _use_pipeline(self, pipeline: EventPipeline) -> None:
+            super()._use_pipeline(pipeline)
+            self._submit = lambda facts: True
+
+    return _app(Middleware(RequestPathOnly))
+
+
 def __getattr__(name: str) -> Starlette:
     if name == "billed":
         return _billed()
+    if name == "request_path":
+        return _request_path()
     if name == "floor":
         return _app(Middleware(Floor))
     if name == "burn":

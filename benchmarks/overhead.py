@@ -6,7 +6,11 @@ hits all of them alike; the median of each is reported with the ratio to bare, a
 CPU time per request (from /proc: background delivery included), whose ratio to bare's is the same measure
 without the noise of CPU 1.
 
-    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--floor] [--calibrate US]
+    python benchmarks/overhead.py [--seconds 10] [--rounds 3] [--connections 64] [--quota] [--floor] [--breakdown]
+                                  [--calibrate US]
+
+``--breakdown`` adds the billed app's request path alone (its events dropped as they are handed over, nothing built
+or delivered): what the billed app costs beyond it is building its events and delivering them in the background.
 
 ``--calibrate US`` adds a control: a pass-through that burns US microseconds of pure CPU per request (measured
 in process). How far it falls below bare tells what one microsecond of in-process cost (see
@@ -179,7 +183,7 @@ EMULATOR = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--api-key
 
 def uvicorn_command(app: str, port: int) -> list[str]:
     """uvicorn serving ``benchmarks._apps:<app>`` (``gated*`` are the billed app with enforcement on)."""
-    module = "billed" if app.startswith("gated") else app
+    module = "billed" if app.startswith("gated") else app.replace("-", "_")
     command = [sys.executable, "-m", "uvicorn", f"benchmarks._apps:{module}", "--port", str(port)]
     return [*command, "--log-level", "warning", "--no-access-log", "--http", "h11", "--loop", "asyncio"]
 
@@ -202,6 +206,12 @@ def main() -> int:
         "status and body seen, facts kept; nothing built or delivered)",
     )
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure the billed app's request path alone (benchmarks/_apps.py request_path: its events dropped "
+        "as they are handed over): the rest of billed's cost is building and delivering them",
+    )
+    parser.add_argument(
         "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
     )
     args = parser.parse_args()
@@ -210,9 +220,14 @@ def main() -> int:
         return 2
 
     burn = f"burn-{args.calibrate:g}us" if args.calibrate else None
-    apps = ["bare", "passthrough", *([burn] if burn else []), *(["floor"] if args.floor else []), "billed"] + (
-        ["gated", "gated-quiet"] if args.quota else []
-    )
+    apps = [
+        "bare",
+        "passthrough",
+        *([burn] if burn else []),
+        *(["floor"] if args.floor else []),
+        *(["request-path"] if args.breakdown else []),
+        "billed",
+    ] + (["gated", "gated-quiet"] if args.quota else [])
     app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
     ports = {name: free_port() for name in apps}
     results: dict[str, list[float]] = {name: [] for name in apps}
