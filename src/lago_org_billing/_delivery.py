@@ -149,6 +149,7 @@ class EventPipeline:
         else:
             self.outbox = MemoryOutbox(memory_capacity)
         self.outbox.on_ready = self._notify
+        self.outbox.on_dead_written = self._dead_written
         self._sleep = anyio.sleep  # tests replace it to observe the pauses
         self._closed = False
         self._running = False
@@ -442,6 +443,12 @@ class EventPipeline:
             if event is not None:
                 event.set()
 
+    def _dead_written(self, count: int) -> None:
+        """The spool dead-lettered ``count`` events as it wrote them (they could not be built or serialised), in
+        whichever commit: the spool task's, :meth:`commit`, :meth:`flush`'s, a cancelled run's or the last one."""
+        self.metrics.dead_lettered += count
+        self._progressed()
+
     def _progressed(self) -> None:
         if self._progress is not None:
             self._progress.set()
@@ -458,12 +465,7 @@ class EventPipeline:
             kick = self._kick = anyio.Event()
             with anyio.move_on_after(self.commit_window):
                 await kick.wait()
-            dead_before = outbox.dead_on_write
             await outbox.commit()
-            dead = outbox.dead_on_write - dead_before
-            if dead:
-                self.metrics.dead_lettered += dead
-                self._progressed()
             await outbox.fill()
 
     async def _dispatcher(self, send: MemoryObjectSendStream[list[Item]]) -> None:

@@ -46,9 +46,11 @@ import dataclasses
 import errno
 import functools
 import glob
+import heapq
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import sqlite3
@@ -235,6 +237,9 @@ class Outbox:
         self.ready_since = 0.0
         #: Called (on the event loop) when events become available; set by the pipeline.
         self.on_ready: Callable[[], None] = _nothing
+        #: Called (on the event loop) with how many events the store dead-lettered as it wrote them (``dead_on_write``
+        #: grew by that much), whichever commit wrote them; set by the pipeline, which counts them.
+        self.on_dead_written: Callable[[int], None] = _ignore
 
     def put(self, event: EventOrBuilder) -> bool:
         """Accept ``event`` (sync, O(1), no I/O); False when full."""
@@ -307,6 +312,10 @@ class Outbox:
 
 
 def _nothing() -> None:
+    return None
+
+
+def _ignore(count: int) -> None:
     return None
 
 
@@ -1080,11 +1089,11 @@ class SqliteOutbox(Outbox):
         if not opened:
             return
         _forks.left_by_parent.append(vars(self).copy())
-        on_ready = self.on_ready
+        on_ready, on_dead_written = self.on_ready, self.on_dead_written
         SqliteOutbox.__init__(
             self, file.base_path, capacity=self.capacity, window=self.window_size, synchronous=file.synchronous
         )
-        self.on_ready = on_ready
+        self.on_ready, self.on_dead_written = on_ready, on_dead_written
 
     @property
     def path(self) -> str:
@@ -1229,6 +1238,8 @@ class SqliteOutbox(Outbox):
                 await self._settle_orphan()
                 if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead):
                     return
+                if not last and self._write_errors.waiting():
+                    return  # it failed (a full volume): written again after the backoff, one attempt at a time
             rows = [(row_id, _built_or_unbuildable(event)) for row_id, event in self.pending]
             self.pending = []
             deletes, self._to_delete = self._to_delete, []
@@ -1247,8 +1258,8 @@ class SqliteOutbox(Outbox):
             except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
                 # sent from memory (Lago may well be up) rather than held there for a volume that may stay full
                 # until memory is full too and new events are dropped; not by the run's last commit (nothing sends)
-                self._take_back(rows, deletes, dead, revived, letters, send=not last)
-                self._write_failed(exc, sent=0 if last else len(rows))
+                sent = self._take_back(rows, deletes, dead, revived, letters, send=not last)
+                self._write_failed(exc, sent=sent)
                 return
             except BaseException:  # a native cancellation (an event loop ending), which anyio's shield lets through
                 if not write.abandon():  # never written: kept for the next commit (the run's last one, at the latest)
@@ -1277,6 +1288,7 @@ class SqliteOutbox(Outbox):
                 "%d events could not be built or serialised and went to the dead letters (reasons kept there)",
                 len(unencodable),
             )
+            self.on_dead_written(len(unencodable))
 
     async def _settle_orphan(self) -> None:
         """Under ``_io``: the outcome of a write whose commit was cancelled natively once its thread had started it
@@ -1311,8 +1323,9 @@ class SqliteOutbox(Outbox):
         letters: list[DeadLetter],
         *,
         send: bool,
-    ) -> None:
-        """What a commit took and did not write goes back for the next one (or is sent unwritten: ``send``)."""
+    ) -> int:
+        """What a commit took and did not write goes back for the next one (or is sent unwritten: ``send``); how many
+        events were sent unwritten."""
         self._writing = (0, 0)
         if not send:
             self._requeued += self._rewriting
@@ -1324,9 +1337,9 @@ class SqliteOutbox(Outbox):
         self._unwritten_dead.extendleft(reversed(letters))
         self._forget_unwritten_dead()
         if send:
-            self._send_unwritten(rows)
-        else:
-            self.pending[:0] = rows  # (as JSON text when encoded: the next attempt does not encode them again)
+            return self._send_unwritten(rows)
+        self.pending[:0] = rows  # (as JSON text when encoded: the next attempt does not encode them again)
+        return 0
 
     def _write_failed(self, exc: Exception, *, sent: int) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
@@ -1355,19 +1368,24 @@ class SqliteOutbox(Outbox):
             self.pending, self._requeued = [], 0
             self._send_unwritten(rows)
 
-    def _send_unwritten(self, rows: list[tuple[int, JSON | str]]) -> None:
+    def _send_unwritten(self, rows: list[tuple[int, JSON | str]]) -> int:
         """The file cannot be written (a full or read-only volume, or at shutdown): the events waiting for it are sent
         from memory (Lago may well be up) rather than wait for a write that may not come, lost if this process dies
         before Lago has them, as they would be waiting; :meth:`close` tries to write those left, once. A replayed dead
-        letter's event keeps waiting: its letter is deleted only with the write of it."""
+        letter's event keeps waiting: its letter is deleted only with the write of it, in its place by id among the
+        events submitted meanwhile (written out of id order, the rows after it would not be loaded: see
+        :meth:`_hand_over`). Returns how many events are sent."""
         items: list[Item] = []
+        waiting: list[tuple[int, EventOrBuilder | str]] = []
         for row_id, event in rows:
             if row_id in self._replayed:
-                self.pending.append((row_id, event))
+                waiting.append((row_id, event))
             else:
                 items.append(Item(None, row_id, raw=event) if isinstance(event, str) else Item(event, row_id))
+        if waiting:
+            self.pending = list(heapq.merge(waiting, self.pending, key=operator.itemgetter(0)))
         if not items:
-            return
+            return 0
         if self._closing:
             logger.warning(
                 "Shutdown: the event spool %s cannot be written; its %d waiting events are sent to Lago from memory",
@@ -1386,6 +1404,7 @@ class SqliteOutbox(Outbox):
             self.ready_since = time.monotonic()
         self.window.extend(items)
         self.on_ready()
+        return len(items)
 
     def _requeue_unwritten(self) -> None:
         """Events sent from memory because the file could not be written (:meth:`_send_unwritten`) and waiting in the
