@@ -215,3 +215,31 @@ def test_a_run_restarted_while_an_orphaned_write_still_runs_delivers_every_event
     assert len(sent) == len(set(sent)) == 15, sorted(sent)
     assert pipeline.stats["delivered"] == 15 and pipeline.stats["duplicates"] == 0
     assert rows(path) == 0
+
+
+@pytest.mark.anyio
+async def test_a_commit_asked_for_while_one_is_writing_is_made_next_not_a_commit_window_later(tmp_path: Path) -> None:
+    """The dispatcher asks the spool task for a commit when loading waits on one (a backlog through a small memory
+    window). Asked while a commit is being written, the request was dropped: the spool task made a fresh request
+    event after that commit, and the next commit waited the whole commit window (an hour here)."""
+    fake = make_fake()
+    pipeline = EventPipeline(make_client(fake.transport()), spool_path=str(tmp_path / "spool.db"), commit_window=3600)
+    commits = 0
+    commit = pipeline.outbox.commit
+
+    async def counted_commit() -> None:
+        nonlocal commits
+        commits += 1
+        if commits == 1:
+            assert pipeline._kick is not None
+            pipeline._kick.set()  # the dispatcher asking, while this commit writes
+        await commit()
+
+    pipeline.outbox.commit = counted_commit  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(pipeline.run)
+        await until(lambda: pipeline._kick is not None)
+        assert pipeline._kick is not None
+        pipeline._kick.set()  # the first commit, asked for
+        await until(lambda: commits >= 2)
+        await pipeline.aclose()

@@ -461,10 +461,12 @@ class EventPipeline:
 
     async def _spool_task(self) -> None:
         outbox = self.outbox
+        kick = self._kick = anyio.Event()
         while True:
-            kick = self._kick = anyio.Event()
             with anyio.move_on_after(self.commit_window):
                 await kick.wait()
+            # a new request before this commit: one made while it writes is for the rows resolved meanwhile (made next)
+            kick = self._kick = anyio.Event()
             await outbox.commit()
             await outbox.fill()
 
