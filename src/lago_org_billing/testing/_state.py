@@ -1938,7 +1938,7 @@ class LagoStore:
             if ts is None:
                 errors["timestamp"] = ["invalid_format"]
         else:
-            ts = Decimal(repr(now.timestamp()))
+            ts = _epoch(now)  # (Time.current.to_f: the reception time, to the microsecond)
         properties = raw.get("properties")
         if properties is None:
             properties = {}
@@ -1951,6 +1951,9 @@ class LagoStore:
             return None, errors
         assert ts is not None
         ts_ms = (ts * 1000).to_integral_value(rounding=ROUND_FLOOR) / Decimal(1000)
+        # The time the store keeps: a Postgres timestamp(6) column to the microsecond (Rails truncates), ClickHouse's
+        # DateTime64(3) to the millisecond. EventsQuery orders a Postgres store by it; answers show milliseconds.
+        kept = ts_ms if self.event_store == "clickhouse" else _floor_us(ts)
         try:
             moment = datetime.fromtimestamp(float(ts_ms), tz=UTC)
         except (OverflowError, OSError, ValueError):
@@ -1960,7 +1963,7 @@ class LagoStore:
             "external_subscription_id": str(raw["external_subscription_id"]),
             "code": str(raw["code"]),
             "timestamp": iso_ms(moment),
-            "ts": str(ts_ms),
+            "ts": str(kept),
             "properties": copy.deepcopy(dict(properties)),
             "precise_total_amount_cents": None if precise is None else str(precise),
         }
@@ -1978,6 +1981,7 @@ class LagoStore:
         now = self.now()
         event["lago_id"] = self._uuid()
         event["created_at"] = iso(now)
+        event["ingested_at"] = iso_ms(now)  # (ClickHouse's ingested_at / enriched_at: DateTime64(3))
         sub = next(
             (
                 s
@@ -1994,13 +1998,16 @@ class LagoStore:
             self._event_index[key] = len(self.events)
             self.events.append(event)
         else:
-            self._first_ingested.setdefault(index, self.events[index]["created_at"])
+            self._first_ingested.setdefault(index, _ingested_at(self.events[index]))
             self.events[index] = event
         return event
 
     def _serialize_event(self, event: JSON, *, created: bool = False) -> JSON:
+        """``V1::EventSerializer``. ``created``: the answer to a ``POST`` (the event as received, not yet processed;
+        on ClickHouse an unsaved ``Event``, without ``lago_id`` nor ``created_at``)."""
+        unsaved = created and self.event_store == "clickhouse"
         return {
-            "lago_id": event["lago_id"],
+            "lago_id": None if unsaved else event["lago_id"],
             "transaction_id": event["transaction_id"],
             "lago_customer_id": None if created else event["customer_id"],
             "code": event["code"],
@@ -2009,8 +2016,22 @@ class LagoStore:
             "properties": copy.deepcopy(event["properties"]),
             "lago_subscription_id": None if created else event["subscription_id"],
             "external_subscription_id": event["external_subscription_id"],
-            "created_at": event["created_at"],
+            "created_at": None if unsaved else event["created_at"],
         }
+
+    def _read_event(self, event: JSON) -> JSON:
+        """An event as ``GET /events`` and ``GET /events/{id}`` read it back. On ClickHouse that is a
+        ``Clickhouse::EventsRaw`` row: ``properties`` is a ``Map(String, String)`` (every value as text) and ``id`` is
+        ``"<organization_id>-<external_subscription_id>-<transaction_id>-<ingested_at epoch seconds>"``."""
+        data = self._serialize_event(event)
+        if self.event_store == "clickhouse":
+            ingested = parse_datetime(_ingested_at(event))
+            epoch = int(ingested.timestamp()) if ingested is not None else 0
+            data["lago_id"] = (
+                f"{self.organization_id}-{event['external_subscription_id']}-{event['transaction_id']}-{epoch}"
+            )
+            data["properties"] = _map_text(event["properties"])
+        return data
 
     def create_event(self, body: Any) -> JSON:
         raw = _require_root(body, "event")
@@ -2039,28 +2060,46 @@ class LagoStore:
             now = self.now()
             batch_errors: JSON = {}
             events: list[JSON] = []
-            seen: set[tuple[str, ...]] = set()
             for index, raw in enumerate(raw_events):
                 event, errors = self._validate_event(raw, now)
-                if event is not None and self.event_store == "postgres":
-                    key = self._dedup_key(event)
-                    if key in seen or self._find_event(key) is not None:
-                        errors = {"transaction_id": ["value_already_exist"]}
-                    seen.add(key)
                 if errors or event is None:
                     batch_errors[str(index)] = errors
                     continue
                 events.append(event)
             if batch_errors:
                 raise validation_error(batch_errors)
+            if self.event_store == "postgres":
+                self._check_batch_insert(events)
             stored = [self._store_event(event) for event in events]
             return {"events": [self._serialize_event(e, created=True) for e in stored]}
+
+    def _check_batch_insert(self, events: Sequence[JSON]) -> None:
+        """``CreateBatchService#bulk_insert_events`` (Postgres store), run once every event is valid: ``insert_all``
+        skips the rows already stored (or already in the batch) for their ``transaction_id`` and subscription, then the
+        returned rows are matched back by ``transaction_id`` alone, each used once; an event left without one is
+        ``value_already_exist`` and the batch is rolled back. So a batch giving one ``transaction_id`` to two
+        subscriptions is refused, although two single ``POST /events`` are not."""
+        inserted: set[tuple[str, ...]] = set()
+        returned: set[str] = set()
+        for event in events:
+            key = self._dedup_key(event)
+            if key not in inserted and self._find_event(key) is None:
+                inserted.add(key)
+                returned.add(event["transaction_id"])
+        errors: JSON = {}
+        for index, event in enumerate(events):
+            if event["transaction_id"] in returned:
+                returned.discard(event["transaction_id"])
+            else:
+                errors[str(index)] = {"transaction_id": ["value_already_exist"]}
+        if errors:
+            raise validation_error(errors)
 
     def get_event(self, transaction_id: str) -> JSON:
         with self.lock:
             for event in self.events:
                 if event["transaction_id"] == transaction_id:
-                    return {"event": self._serialize_event(event)}
+                    return {"event": self._read_event(event)}
             raise not_found("event")
 
     def list_events(self, query: Mapping[str, Any], *, enriched: bool = False) -> JSON:
@@ -2101,7 +2140,7 @@ class LagoStore:
             # of each event.
             if self.event_store == "postgres":
                 items.sort(key=lambda e: e["transaction_id"])
-                items.sort(key=lambda e: float(e["ts"]), reverse=True)
+                items.sort(key=lambda e: Decimal(e["ts"]), reverse=True)
             else:
                 # ClickHouse: events_raw ORDER BY ingested_at DESC (a replaced event keeps its first copy's place),
                 # events_enriched ORDER BY enriched_at DESC (a replaced event's latest copy, enriched last, comes
@@ -2113,9 +2152,9 @@ class LagoStore:
                     first = {id(self.events[i]): stamp for i, stamp in self._first_ingested.items()}
                 items.reverse()
                 items.sort(key=lambda e: e["transaction_id"])
-                items.sort(key=lambda e: first.get(id(e)) or e["created_at"], reverse=True)
+                items.sort(key=lambda e: first.get(id(e)) or _ingested_at(e), reverse=True)
             result = paginate(items, "events", query.get("page"), query.get("per_page"))
-            serialize = self._serialize_enriched_event if enriched else self._serialize_event
+            serialize = self._serialize_enriched_event if enriched else self._read_event
             result["events"] = [serialize(e) for e in result["events"]]
             return result
 
@@ -2125,7 +2164,8 @@ class LagoStore:
         it is not a number); ``enriched_at`` is the time the emulator stored the event."""
         metric = self.metrics.get(event["code"])
         field = metric["field_name"] if metric is not None else None
-        value = _group_text(event["properties"].get(field)) if field else None
+        raw = event["properties"].get(field) if field else None
+        value = None if raw is None else _text(raw)
         try:
             number = Decimal(value) if value is not None else None
         except ArithmeticError:
@@ -2141,7 +2181,7 @@ class LagoStore:
             "value": value,
             "decimal_value": decimal_value,
             "precise_total_amount_cents": event["precise_total_amount_cents"],
-            "properties": copy.deepcopy(event["properties"]),
+            "properties": _map_text(event["properties"]),  # (Map(String, String), as events_raw)
         }
 
     def _events_subscription_start(self, external_id: str) -> datetime | None:
@@ -2213,7 +2253,8 @@ class LagoStore:
         terminated = parse_datetime(sub["terminated_at"])
         if terminated is not None and terminated < upper:
             upper = terminated
-        low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999")
+        # (the period's last second up to its last microsecond, as Lago's end_of_day)
+        low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999999")
         window = [
             e
             for e in self.events
@@ -2707,8 +2748,43 @@ def _sum_filters(into: list[JSON], more: Sequence[JSON]) -> None:
 
 
 def _enriched_at(event: JSON) -> datetime:
-    """When the emulator stored (enriched) the event: its ``created_at`` (to the second)."""
-    return parse_datetime(event["created_at"]) or datetime.min.replace(tzinfo=UTC)
+    """When the emulator stored (enriched) the event: its ingestion time (to the millisecond)."""
+    return parse_datetime(_ingested_at(event)) or datetime.min.replace(tzinfo=UTC)
+
+
+def _ingested_at(event: JSON) -> str:
+    """The event's ingestion time, ``iso_ms`` text (its text orders it)."""
+    return str(event.get("ingested_at") or event["created_at"])
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = Decimal("0.000001")
+
+
+def _epoch(moment: datetime) -> Decimal:
+    """``moment`` in Unix seconds, exact to the microsecond (a float is not)."""
+    delta = moment - _EPOCH
+    return Decimal(delta.days * 86400 + delta.seconds) + Decimal(delta.microseconds) * _MICROSECOND
+
+
+def _floor_us(seconds: Decimal) -> Decimal:
+    """Unix ``seconds`` cut to the microsecond (Rails writing a ``timestamp(6)`` column)."""
+    return seconds.quantize(_MICROSECOND, rounding=ROUND_FLOOR)
+
+
+def _text(value: Any) -> str:
+    """A JSON property value as ClickHouse keeps it in a ``Map(String, String)``: a string as it is, anything else as
+    its JSON text (``5``, ``1.5``, ``true``, ``{"a":1}``), ``null`` as the empty string."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _map_text(properties: Mapping[str, Any]) -> dict[str, str]:
+    """``properties`` read back from a ClickHouse ``Map(String, String)`` column."""
+    return {str(key): _text(value) for key, value in properties.items()}
 
 
 def _group_text(value: Any) -> str | None:
