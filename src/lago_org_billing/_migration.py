@@ -39,7 +39,11 @@ is migrated in this order (every step idempotent, keyed by deterministic ids):
 first makes steps 1 and 2 only, so that the old user-keyed integration's events go on being billed on the users'
 subscriptions while the middleware, deployed next, bills the org's; the second (a run without it) makes steps 3 and
 4. Every event is billed once, on the subscription it names; the fixed fees of both are billed for the window (a
-warning says so). ``verify`` in between reports the users' active subscriptions and that the second phase is pending.
+warning says so). The second phase keeps the donor of the first (its journal names it; without the journal, the
+candidate whose entitlements of its own the org subscription has, should another ``--plan-policy`` pick another), and
+``verify`` picks it as ``execute`` did: never a subscription begun after the org subscription was made (a plan bought
+or upgraded in the window). ``verify`` in between reports the users' active subscriptions and that the second phase
+is pending.
 One run doing both loses events either way: the old integration's sent after it to the users' ended subscriptions, or
 the middleware's sent before it for orgs without a subscription (Lago takes both and never bills them).
 
@@ -1222,19 +1226,40 @@ async def _plan_overrides(
     plans: PlanCatalog,
     result: OrgResult,
     org_subscription_made: bool = False,
+    given_policy: str | None = None,
 ) -> list[Step]:
     """The steps that give the org subscription (of status ``org_status``, made or to be made) the donor's
     entitlements of its own (none when it has them or they are not carried), and the warnings on those left behind
     (see the module's docstring). Plan features the donor went without are removed only from an org subscription
     this migration makes or made (``org_subscription`` is ``None``, or ``org_subscription_made``): one the org had
-    before keeps them for all its users (a warning names them)."""
+    before keeps them for all its users (a warning names them). ``given_policy`` (the plan policy that picked
+    ``donor`` for an org subscription an earlier run made, the journal naming no donor): when the org subscription
+    lacks the donor's entitlements of its own but has all of another candidate's, that one is the donor an earlier
+    run gave it (see :func:`_donor_given`)."""
+    read = [
+        (user_id, subscription, await _entitlements_of(client, subscription, plans))
+        for user_id, subscription in candidates
+    ]
+    current: SubscriptionEntitlements | None = None
+    if given_policy is not None and org_subscription is not None:
+        current = await _entitlements_of(client, org_subscription, plans)
+        given = await _donor_given(donor, read, current, result.plan_code, given_policy, plans)
+        if given is not None:
+            result.warnings.append(
+                f"org {org.org_id!r}: its subscription {sub_id!r} has the entitlement overrides of {given[0]}'s "
+                f"subscription {given[1].get('external_id')} (an earlier run took them: the first phase, or a run "
+                f"stopped), not those of {donor[0]}'s subscription {donor[1].get('external_id')} that --plan-policy "
+                f"{given_policy} picks: kept as they are (give the second phase the --plan-policy, or the --journal, "
+                "of the first)"
+            )
+            donor = given
+            result.donor = (given[0], str(given[1].get("external_id")))
     donor_user, donor_sub = donor
     donor_id = str(donor_sub.get("external_id"))
     origin = f"{donor_user}'s subscription {donor_id}"
     wanted = SubscriptionEntitlements()
     others: list[tuple[str, SubscriptionEntitlements]] = []
-    for user_id, subscription in candidates:
-        entitlements = await _entitlements_of(client, subscription, plans)
+    for user_id, subscription, entitlements in read:
         if user_id == donor_user and subscription.get("external_id") == donor_id:
             wanted = entitlements
         else:
@@ -1268,9 +1293,10 @@ async def _plan_overrides(
             f"not on its plan {donor_sub.get('plan_code')!r}; if they still apply, {how}"
         )
         return []
-    current = SubscriptionEntitlements()  # (a subscription made now has its plan's)
-    if org_subscription is not None:
-        current = await _entitlements_of(client, org_subscription, plans)
+    if current is None:
+        current = SubscriptionEntitlements()  # (a subscription made now has its plan's)
+        if org_subscription is not None:
+            current = await _entitlements_of(client, org_subscription, plans)
     missing, other = _compare(wanted.overrides, current.overrides)
     to_remove, kept_removals = _removals_to_make(wanted, current)
     left = [] if org_subscription is None or org_subscription_made else to_remove
@@ -1316,6 +1342,43 @@ async def _plan_overrides(
             )
         )
     return steps
+
+
+def _has_all(entitlements: SubscriptionEntitlements, current: SubscriptionEntitlements) -> bool:
+    """Whether a subscription (``current``) has every entitlement of its own of another (values, features given,
+    plan features or privileges removed)."""
+    missing, other = _compare(entitlements.overrides, current.overrides)
+    to_remove, kept = _removals_to_make(entitlements, current)
+    return not (missing or other or to_remove or kept)
+
+
+async def _donor_given(
+    donor: tuple[str, JSON],
+    read: Sequence[tuple[str, JSON, SubscriptionEntitlements]],
+    current: SubscriptionEntitlements,
+    plan_code: str | None,
+    policy: str,
+    plans: PlanCatalog,
+) -> tuple[str, JSON] | None:
+    """The candidate whose entitlements of its own the org subscription (``current``, on ``plan_code``) was given by
+    an earlier run, when that is not ``donor`` (the one the plan policy picks now: a second phase, or a run resumed,
+    with another ``--plan-policy`` than the first and without its journal): a candidate on the org subscription's
+    plan with entitlements of its own, all of which the org subscription has, while it lacks some of the donor's
+    (or the donor is on another plan). A subscription made by the migration has only its plan's, so it matches no
+    one until its donor's are set. ``None`` when the donor's are there, or no other candidate's are."""
+    by_id = {id(subscription): entitlements for _, subscription, entitlements in read}
+    wanted = by_id.get(id(donor[1]))
+    if donor[1].get("plan_code") == plan_code and (wanted is None or _has_all(wanted, current)):
+        return None
+    given = [
+        (user_id, subscription)
+        for user_id, subscription, entitlements in read
+        if subscription is not donor[1]
+        and subscription.get("plan_code") == plan_code
+        and entitlements
+        and _has_all(entitlements, current)
+    ]
+    return await _pick(policy, given, plans) if given else None
 
 
 #: Lago customer fields a user customer's org inherits when it has none (its invoices' billing identity).
@@ -1582,6 +1645,8 @@ async def plan_org(
                     plans,
                     result,
                     org_subscription_made,
+                    # (an earlier run's org subscription, its donor not known from the journal: see _donor_given)
+                    options.plan_policy if kept_donor is not None and result.donor != donor_hint else None,
                 )
             )
 
@@ -1680,8 +1745,7 @@ async def _donor_kept(
         return None
 
     def begun_since(subscription: JSON) -> bool:
-        made = _parse_time(subscription.get("created_at"))
-        return made is not None and made > since
+        return _begun_after(subscription, since)
 
     there = [(user_id, s) for user_id, s in active if not begun_since(s)]
     ended: list[tuple[str, JSON]] = []
@@ -2064,6 +2128,9 @@ async def _verify_overrides(
             if at is not None and at >= since and not downgrade:
                 ended.append((user_id, old))
     pool = [*((user_id, old) for user_id, old in ended if old.get("status") == "terminated"), *active] or ended
+    # (not one begun after the org subscription was made, as --execute keeps its donor: a plan bought or upgraded
+    # between the two phases, or while a run was stopped; see _donor_kept)
+    pool = [(user_id, s) for user_id, s in pool if not _begun_after(s, since)] or pool
     if not pool:
         return
     donor_user, donor = await _pick(options.plan_policy, pool, plans)
@@ -2078,6 +2145,27 @@ async def _verify_overrides(
     current = await _entitlements_of(client, subscription, plans)
     missing, other = _compare(wanted.overrides, current.overrides)
     to_remove, kept = _removals_to_make(wanted, current)
+    if missing or to_remove:  # (--execute with another --plan-policy may have given it another's: see _donor_given)
+        read = [(user_id, s, await _entitlements_of(client, s, plans)) for user_id, s in pool if s is not donor]
+        given = await _donor_given(
+            (donor_user, donor),
+            [*read, (donor_user, donor, wanted)],
+            current,
+            subscription.get("plan_code"),
+            options.plan_policy,
+            plans,
+        )
+        if given is not None:
+            theirs = f"{given[0]}'s subscription {given[1].get('external_id')}"
+            entitlements = next(e for _, s, e in read if s is given[1])
+            result.entitlement_overrides, result.entitlements_from = entitlements.overrides, theirs
+            result.entitlements_removed = list(entitlements.removed)
+            result.warnings.append(
+                f"org subscription {sub_id!r} has the entitlement overrides of {theirs}, not those of {origin} that "
+                f"--plan-policy {options.plan_policy} picks: verified against {theirs} (an earlier --execute, or its "
+                "first phase, took them with another --plan-policy; give --verify that one)"
+            )
+            return
     if missing:
         body = json.dumps({"entitlements": missing}, separators=(",", ":"))
         result.errors.append(
@@ -2112,6 +2200,12 @@ async def _verify_overrides(
             f"org subscription {sub_id!r} has overrides of its own on {', '.join(map(_removal_name, kept))}, which "
             f"{origin} had removed of its plan's entitlements"
         )
+
+
+def _begun_after(subscription: JSON, since: dt.datetime) -> bool:
+    """Whether the subscription was made after ``since`` (its ``created_at``; an upgrade is a new record)."""
+    made = _parse_time(subscription.get("created_at"))
+    return made is not None and made > since
 
 
 def _parse_time(value: Any) -> dt.datetime | None:
