@@ -39,6 +39,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -485,6 +487,7 @@ class RedisBackend:
         self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
+        self._on_asyncio = False  # the redis client's loop seen (see _usable)
         self._queue: deque[_Queued] = deque()
         self._wakeup = anyio.Event()
         self._flush_lock = anyio.Lock()
@@ -509,8 +512,41 @@ class RedisBackend:
 
     def _up(self) -> bool:
         if not self._down_until:
-            return True
+            return self._on_asyncio or self._usable()
         return self._clock() >= self._down_until
+
+    def _usable(self) -> bool:
+        """Whether this event loop can use the redis client (asked until an async library is seen): it runs only
+        under asyncio. Under another (trio: ``hypercorn -k trio``) every call would raise ``RuntimeError``; the
+        backend counts in the process for good instead, as while Redis is down, and says so once."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            trio = sys.modules.get("trio")
+            try:
+                if trio is None or trio.lowlevel.current_task() is None:
+                    return True
+            except RuntimeError:  # (no event loop: a synchronous settle, queued for the writer)
+                return True
+            library = "trio"
+        else:
+            self._on_asyncio = True
+            return True
+        logger.error(
+            "LAGO_REDIS_URL is set but the redis client (redis.asyncio) runs only under asyncio, not %s: quota "
+            "counting stays in each process (limits per worker, not shared). Run the server on asyncio (uvicorn, "
+            "hypercorn -k asyncio) to share counts in Redis (%s), or unset LAGO_REDIS_URL.",
+            library,
+            self._shown_url,
+        )
+        self.stats["redis_fallback"] = 1
+        self._down_until = math.inf  # (never tried again: _unusable)
+        return False
+
+    @property
+    def _unusable(self) -> bool:
+        """Whether the redis client cannot run on this event loop (see :meth:`_usable`)."""
+        return self._down_until == math.inf
 
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
@@ -735,7 +771,8 @@ class RedisBackend:
                 await self.flush()
         finally:
             self._running = False
-            if not self._closed:  # cancelled: its loop may be ending, and its connections with it (the pool reconnects)
+            if not self._closed and not self._unusable:  # cancelled: its loop may be ending, and its connections with
+                # it (the pool reconnects)
                 with anyio.CancelScope(shield=True):
                     try:
                         await self.redis.connection_pool.disconnect()
@@ -949,6 +986,8 @@ class RedisBackend:
         invalidate the fleet fails, and Lago sends it again."""
         self._last_seen.pop(org_id, None)
         await self.fallback.invalidate(org_id)
+        if not self._up() and self._unusable:  # (no fleet to tell: every process counts on its own)
+            return
         try:
             keys = [self.key(org_id, "snap"), self.key(org_id, "lock")]
             await self._invalidate(keys=keys, args=[_INVALIDATION_MARK_MS])
@@ -966,6 +1005,8 @@ class RedisBackend:
         :meth:`invalidate`."""
         await self.fallback.invalidate_all()
         self._last_seen.clear()
+        if not self._up() and self._unusable:  # (no fleet to tell)
+            return
         version = f"expired:{time.time()!r}"
         try:
             batch: list[str] = []
@@ -1004,6 +1045,8 @@ class RedisBackend:
         if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
             self._settle_locally(list(self._queue))
             self._queue.clear()
+        if self._unusable:  # (never connected: the redis client does not run on this loop)
+            return
         try:
             await self.redis.aclose()
         except self._errors():  # pragma: no cover - closing a dead connection
