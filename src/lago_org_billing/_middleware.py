@@ -1431,8 +1431,32 @@ class SharedFirstSeen:
         self._from_url = functools.partial(redis_asyncio.from_url, url)
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False
+        self._said_unusable = False
+
+    def _usable(self) -> bool:
+        """Whether the running event loop can use the redis client: it runs only under asyncio. Under trio
+        (``hypercorn -k trio``) each call raised, and closing the client raised at shutdown: the first timestamps stay
+        in the process instead (as while Redis is down), said once."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            library = "trio" if "trio" in sys.modules else "this event loop"
+        else:
+            return True
+        if not self._said_unusable:
+            self._said_unusable = True
+            logger.error(
+                "LAGO_REDIS_URL is set but the redis client (redis.asyncio) runs only under asyncio, not %s: the first "
+                "timestamps of idempotency keys stay in each process (a retry reaching another worker gets its own, "
+                "billed again on Lago's ClickHouse store). Run the server on asyncio (uvicorn, hypercorn -k asyncio), "
+                "or unset LAGO_REDIS_URL.",
+                library,
+            )
+        return False
 
     async def first(self, transaction_id: str, candidate: float) -> float | None:
+        if not self._usable():
+            return None
         if self.redis is None:
             self.redis = self._from_url()
         try:
@@ -1454,6 +1478,8 @@ class SharedFirstSeen:
     async def forget(self, transaction_id: str, first: float) -> None:
         """Drop the first timestamp of a transaction if it is still ``first`` (its event was dropped: a retry's is the
         first). Redis unavailable: left to expire (the retry then counts as a retry until the next snapshot)."""
+        if not self._usable():
+            return
         if self.redis is None:
             self.redis = self._from_url()
         try:
