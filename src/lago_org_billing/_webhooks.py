@@ -23,7 +23,10 @@
   base64(HMAC-SHA256(key, raw body)), compared in constant time.
 
 The mode follows the configuration: with an HMAC key the receiver takes HMAC signatures only, without one JWT
-signatures only. A missing or wrong signature is answered 401 and nothing runs.
+signatures only. A missing or wrong signature is answered 401 and nothing runs. What can be refused without the
+body is refused before reading it (no signature, the other algorithm, a token that is no RS256 JWT), and in JWT mode
+a body is read no further than its token could carry (the token holds the body it signs): an unsigned body costs at
+most ``max_body_size`` (HMAC mode, which needs the whole body to verify) or the length of the header sent with it.
 
 **Large payloads: prefer HMAC.** A JWT webhook carries the whole payload *inside a header*. ASGI servers cap header
 sizes (uvicorn with h11: about 16 KiB by default, ``--h11-max-incomplete-event-size``; proxies often 8 KiB), so a
@@ -32,7 +35,11 @@ signature is a 44-character header whatever the body size: Lago's own docs recom
 
 **Replays.** ``X-Lago-Unique-Key`` is stable across Lago's retries of one delivery; each key is processed once
 (memory by default, Redis when ``LAGO_REDIS_URL`` or ``redis_url`` is set, shared by every worker). A key whose
-handlers failed is forgotten, so Lago's retry runs them again: handlers must be idempotent (at-least-once).
+handlers failed is forgotten, so Lago's retry runs them again: handlers must be idempotent (at-least-once). Lago
+signs the body only (no timestamp, not the key), and a body can legitimately come again under a new key (a
+subscription changed back): a signed delivery captured (logs of headers, a proxy) and re-sent under a new key runs
+again. Handlers that keep state should not apply an old payload over newer state: key on the object's ``lago_id``
+and its timestamps, or read the current state from Lago.
 
 **Answers.** 200 once processed, for a duplicate, and for a webhook type nobody handles; 401 bad signature; 400
 not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised;
@@ -44,7 +51,9 @@ without waiting for ``LAGO_USAGE_CACHE_TTL``. Lago gives up after 3 attempts (ab
 guaranteed, so a webhook can be lost: the gate's refreshes stay the safety net that bounds how stale quota state gets
 (usage within ``LAGO_USAGE_CACHE_TTL``, the plan and its limits within ``LAGO_QUOTA_PLAN_TTL``, 5 min). Without Redis
 each worker caches its own quota state and a webhook reaches one of them: the others only catch up that way, so set
-``LAGO_REDIS_URL`` when serving with several workers.
+``LAGO_REDIS_URL`` when serving with several workers. Plan and feature webhooks drop every org's state (with Redis, a
+scan of the fleet's snapshots): a burst of them (a script editing plans) shares runs, one at a time, each webhook
+answered after a run that began after it arrived.
 """
 
 from __future__ import annotations
@@ -353,6 +362,19 @@ def _static_key(pem: bytes) -> Any:
         ) from None
 
 
+def _jwt_shape(token: str) -> str | None:
+    """Why ``token`` cannot be a JWT Lago signed (not a JWT, or not RS256), read without verifying it; ``None`` when
+    it may be one."""
+    jwt = _jwt()
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
+    if header.get("alg") != "RS256":
+        return f"The JWT is signed with {header.get('alg')!r}; Lago signs RS256."
+    return None
+
+
 class _KeyUnavailable(Exception):
     """Lago's public key could not be fetched: answer 503 so that Lago retries."""
 
@@ -443,7 +465,8 @@ class LagoWebhooks:
       ``lago_organization_id`` of ``GET /api/v1/webhook_endpoints``. HMAC keys are per organization.
     * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 10: a forged token
       just before Lago rotates its key delays the new key that long, within Lago's retries of about 3 and 20 s).
-    * **max_body_size** - larger bodies are answered 413 (default 10 MiB).
+    * **max_body_size** - larger bodies are answered 413 (default 10 MiB). In JWT mode a body longer than its
+      token is refused (401) once that many bytes are read.
     """
 
     def __init__(
@@ -483,6 +506,7 @@ class LagoWebhooks:
         self.key_refetch_interval = key_refetch_interval
         self.max_body_size = max_body_size
         self._config: _Config | None = None
+        self._org_wide: dict[int, _Coalesced] = {}  # by quota gate: its invalidate_all's runs, shared
         self._say = _Throttled(logger)  # problems that repeat with every webhook: said once a minute, not per request
         #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
         #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
@@ -615,11 +639,9 @@ class LagoWebhooks:
         self.stats["received"] += 1
         signature = request.headers.get("x-lago-signature", "").strip()
         algorithm = request.headers.get("x-lago-signature-algorithm", "").strip().lower()
-        if not signature:  # (before reading a body nobody signed)
+        # Everything that refuses a request without its body, before reading it (an unsigned body costs nothing)
+        if not signature:
             return self._reject("missing_signature", "X-Lago-Signature is missing.")
-        body = await self._read_body(request)
-        if body is None:
-            return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
         if algorithm and algorithm != config.mode:
             hint = (
                 "set LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to JWT"
@@ -629,6 +651,22 @@ class LagoWebhooks:
             return self._reject(
                 "wrong_algorithm", f"Signed with {algorithm!r}, but this receiver verifies {config.mode}: {hint}."
             )
+        limit = self.max_body_size
+        if config.mode == "jwt":
+            problem = _jwt_shape(signature)
+            if problem is not None:
+                return self._reject("invalid_signature", problem)
+            # The token carries the body it signs (its ``data`` claim, base64url inside the token): a body longer
+            # than the token is not that one, and is read no further than that (16 KiB or so, not max_body_size).
+            limit = min(limit, len(signature))
+        body = await self._read_body(request, limit)
+        if body is None:
+            if limit < self.max_body_size:
+                return self._reject(
+                    "invalid_signature",
+                    "The body is longer than its JWT signature could carry: it is not the body signed.",
+                )
+            return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
         try:
             problem = await self._verify(config, signature, body)
         except _KeyUnavailable as exc:
@@ -657,16 +695,17 @@ class LagoWebhooks:
         event = self._event(config, payload, request.headers.get("x-lago-unique-key"))
         return await self._process(event, request.scope, _dedupe_token(event.unique_key, body))
 
-    async def _read_body(self, request: Request) -> bytes | None:
+    async def _read_body(self, request: Request, limit: int) -> bytes | None:
+        """The body, or ``None`` once it is over ``limit`` bytes (read no further)."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return None
         chunks: list[bytes] = []
         size = 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > self.max_body_size:
+                if size > limit:
                     return None
                 chunks.append(chunk)
         except ClientDisconnect:
@@ -692,12 +731,9 @@ class LagoWebhooks:
 
     async def _verify_jwt(self, config: _Config, token: str, body: bytes) -> str | None:
         jwt = _jwt()
-        try:  # before anything costs a call to Lago: a token that cannot be Lago's is refused at once
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
-        if header.get("alg") != "RS256":
-            return f"The JWT is signed with {header.get('alg')!r}; Lago signs RS256."
+        problem = _jwt_shape(token)  # before anything costs a call to Lago: a token that cannot be Lago's is refused
+        if problem is not None:
+            return problem
         key = await self._current_key()
         try:
             claims = self._decode(jwt, token, key)
@@ -882,7 +918,11 @@ class LagoWebhooks:
         elif event.webhook_type in ORG_WIDE_TYPES and target is not None:
             invalidate_all = getattr(target, "invalidate_all", None)
             if invalidate_all is not None:
-                await invalidate_all()
+                # fleet-wide (Redis: a SCAN of every org's snapshot): a burst of plan/feature webhooks shares runs
+                coalesced = self._org_wide.get(id(target))
+                if coalesced is None or coalesced.target is not target:
+                    coalesced = self._org_wide[id(target)] = _Coalesced(target)
+                await coalesced.run(invalidate_all)
                 self.stats["invalidations"] += 1
                 handled = True
             else:
@@ -905,6 +945,51 @@ class LagoWebhooks:
             await operation
         except Exception:
             self._say("dedupe_store", "Webhook dedupe store failed (check Redis, LAGO_REDIS_URL)", exc_info=True)
+
+
+class _Run:
+    """One run of a :class:`_Coalesced` operation, and the callers waiting on it."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+
+class _Coalesced:
+    """An operation (a gate's ``invalidate_all``) run for its callers one run at a time: a caller arriving during a
+    run waits for the next one, which starts after it arrived and serves every caller arriving meanwhile. So each
+    caller returns after a run that began after it came (what it was called for is taken into account), and a burst
+    of N callers makes two runs, not N at once. A run's error is raised to every caller it served."""
+
+    def __init__(self, target: object) -> None:
+        self.target = target  # (kept: the id it is filed under is not reused while it lives)
+        self._pending: _Run | None = None  # the next run, that callers arriving now join
+        self._busy: anyio.Event | None = None  # set when the run in progress ends
+
+    async def run(self, operation: Callable[[], Awaitable[object]]) -> None:
+        run = self._pending
+        if run is None:
+            run = self._pending = _Run()
+        while not run.done.is_set():
+            busy = self._busy
+            if busy is not None:
+                await busy.wait()
+                continue
+            if self._pending is run:  # callers arriving from now on wait for the run after this one
+                self._pending = None
+            self._busy = anyio.Event()
+            try:  # (this caller cancelled: the run is not done, and another caller waiting on it makes it)
+                await operation()
+            except Exception as exc:
+                run.error = exc
+                run.done.set()
+            else:
+                run.done.set()
+            finally:
+                ended, self._busy = self._busy, None
+                ended.set()
+        if run.error is not None:
+            raise run.error
 
 
 #: The longest ``X-Lago-Unique-Key`` kept as it is in the dedupe store (Lago's are UUIDs, 36 characters).
