@@ -58,6 +58,7 @@ answered after a run that began after it arrived.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -66,6 +67,7 @@ import inspect
 import json
 import logging
 import string
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
@@ -280,6 +282,15 @@ if redis.call('GET', KEYS[1]) == 'processing' then
 end
 return 0
 """
+
+
+def _on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (the redis client's only one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _redis_from_url(url: str) -> Any:
@@ -595,6 +606,19 @@ class LagoWebhooks:
         )
         return self._config
 
+    def _memory_dedupe_instead(self) -> MemoryDedupe:
+        """The dedupe made from ``LAGO_REDIS_URL`` served under trio (``hypercorn -k trio``), where the redis client
+        cannot run (it runs only under asyncio): every claim would fail and each delivery run without dedupe. It is
+        kept in the process instead (never connected: nothing to close), said once."""
+        library = "trio" if "trio" in sys.modules else "this event loop"
+        logger.error(
+            "LAGO_REDIS_URL is set but the redis client (redis.asyncio) runs only under asyncio, not %s: webhook "
+            "deliveries are deduplicated in each process (a delivery Lago sends again to another worker runs its "
+            "handlers again). Run the server on asyncio (uvicorn, hypercorn -k asyncio), or unset LAGO_REDIS_URL.",
+            library,
+        )
+        return MemoryDedupe()
+
     async def aclose(self) -> None:
         """Close the Redis connection this receiver created (from ``redis_url=`` or ``LAGO_REDIS_URL``)."""
         if self._owns_dedupe and isinstance(self._dedupe, RedisDedupe):
@@ -841,6 +865,8 @@ class LagoWebhooks:
 
     async def _process(self, event: WebhookEvent, scope: Scope, token: str) -> Response:
         dedupe = self._dedupe
+        if self._owns_dedupe and isinstance(dedupe, RedisDedupe) and not _on_asyncio():
+            dedupe = self._dedupe = self._memory_dedupe_instead()
         key = event.unique_key
         claimed = False
         if dedupe is not None:
