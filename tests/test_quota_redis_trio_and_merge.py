@@ -4,12 +4,11 @@
 1. Under trio (``hypercorn -k trio``) with ``LAGO_REDIS_URL``: ``redis.asyncio`` runs only on asyncio, so every gated
    request raised ``RuntimeError: no running event loop`` (a 500 for every call of every org). Now the gate counts in
    the process, as while Redis is down, says why once, and the fallback gauge shows it. Through the middleware.
-2. (Known, not fixed: ``strict`` xfail.) The merge of what a worker counted during a Redis outage, cut off after
-   Redis applied it (a native ``task.cancel()`` of the request that ran it: ``asyncio.timeout`` around the app, a
-   client gone, uvicorn cancelling at shutdown; or its ``redis_timeout``): the records are taken back and merged
-   again, so the outage's calls count twice fleet-wide. Running the merge apart from its caller fixes this case but
-   leaves a merge hung for good unmerged (test_quota_bounds); an idempotent MERGE (a token per merged batch) is
-   needed.
+2. The merge of what a worker counted during a Redis outage, cut off or failed after Redis applied it (a native
+   ``task.cancel()`` of the request that ran it: ``asyncio.timeout`` around the app, a client gone, uvicorn cancelling
+   at shutdown; or a socket timeout): the records were taken back and merged again, so the outage's calls counted
+   twice fleet-wide (the org refused early for the rest of its period). Each merge now leaves a mark in Redis, and
+   the next one adds only what the latest applied one leaves, however many were lost in a row.
 
 A settable clock; counts, decisions and logs only, no sleeps as synchronisation.
 """
@@ -24,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis import exceptions as redis_exceptions
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -90,7 +90,6 @@ async def test_under_trio_a_redis_gate_counts_in_the_process_instead_of_failing_
 # ------------------------------------------------------------------- 2. a merge cut off after Redis applied it
 
 
-@pytest.mark.xfail(strict=True, reason="known window: a MERGE cut off after Redis applied it is merged again")
 async def test_a_merge_cut_off_after_redis_applied_it_counts_the_outage_once(fleet: Fleet) -> None:
     """Limit 3. One call counted in Redis; Redis down: two more served on this worker's fallback. Redis answers again:
     the next request hands those two to Redis (MERGE), and is cancelled natively just after Redis applied it. The two
@@ -129,3 +128,44 @@ async def test_a_merge_cut_off_after_redis_applied_it_counts_the_outage_once(fle
     assert (after.allowed, after.status) == (False, 429)
     assert status["usage"]["max_api_calls"] == 3
     assert backend.stats["redis_fallback"] == 0
+
+
+async def test_merges_failing_after_redis_applied_them_twice_in_a_row_count_the_outage_once(fleet: Fleet) -> None:
+    """Limit 3. One call counted in Redis; Redis down: one more served here. Redis answers again, but the reply of the
+    merge of that record is lost (a socket timeout once Redis ran it: a Redis error, the record taken back), twice in
+    a row; the third merge goes through. Each check meanwhile is decided here and its call released. Redis must hold 2
+    calls, and the next call be allowed: each merge adds only what the latest one applied leaves (before: 4, refused)."""
+    with fleet.up():
+        gate = fleet.gate()
+        await served(gate)
+        await backend_of(gate).flush()
+        await fleet.save()
+    await served(gate)  # Redis down: decided here
+    backend = backend_of(gate)
+    with fleet.up():
+        original = backend._merge
+        lost = 2
+
+        async def applied_then_lost(**kwargs: Any) -> Any:
+            nonlocal lost
+            result = await original(**kwargs)  # Redis ran the script
+            if lost:
+                lost -= 1
+                raise redis_exceptions.TimeoutError("Timeout reading from socket")
+            return result
+
+        backend._merge = applied_then_lost  # type: ignore[method-assign]
+        for left in (1, 0):
+            fleet.retry_due()
+            decision = await gate.check("org_1")  # its merge lost: decided here, with the record taken back
+            assert decision.allowed and lost == left and backend.stats["redis_fallback"] == 1
+            gate.settle("org_1", decision, tokens=0, billed=False)
+        fleet.retry_due()
+        after = await gate.check("org_1")  # the third merge goes through, then the call is decided in Redis
+        gate.settle("org_1", after, tokens=0, billed=False)
+        await backend.flush()
+        status = await gate.enforce_usage_limits("org_1")
+        await gate.aclose()
+    assert backend.stats["redis_fallback"] == 0
+    assert after.allowed
+    assert status["usage"]["max_api_calls"] == 2

@@ -42,6 +42,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -236,7 +237,20 @@ return 1
 """
 
 MERGE = """
+-- KEYS[2] this merge's mark; KEYS[3..] the marks of earlier merges of these records cut off (their outcome unknown),
+-- latest first, ARGV[7 + 2k], ARGV[8 + 2k] the calls and tokens each handed over (cumulative: each one the org's
+-- records at its time, the earlier ones' included). Only what the latest one applied leaves is added: a merge cut off
+-- after Redis applied it, merged again with the records counted since, counts them once.
 local cnt = KEYS[1]
+local calls, tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+for k = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    calls = calls - tonumber(ARGV[2 * k + 1])
+    tokens = tokens - tonumber(ARGV[2 * k + 2])
+    break
+  end
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[6])
 local cp = redis.call('HGET', cnt, 'p')
 if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then
   -- records of a later period than the counter's (made here past the boundary, on a provisional snapshot, while
@@ -252,17 +266,22 @@ elseif ARGV[1] ~= '' and redis.call('EXISTS', cnt) == 0 then
   redis.call('HSET', cnt, 'p', ARGV[1])
   redis.call('PEXPIRE', cnt, ARGV[5])
 end
-if ARGV[3] ~= '0' then
-  redis.call('HINCRBY', cnt, 'c:' .. ARGV[2], ARGV[3])
-  redis.call('HINCRBY', cnt, 'calls', ARGV[3])
+if calls ~= 0 then
+  redis.call('HINCRBY', cnt, 'c:' .. ARGV[2], calls)
+  redis.call('HINCRBY', cnt, 'calls', calls)
 end
-if ARGV[4] ~= '0' then
-  redis.call('HINCRBY', cnt, 't:' .. ARGV[2], ARGV[4])
-  redis.call('HINCRBY', cnt, 'tokens', ARGV[4])
+if tokens ~= 0 then
+  redis.call('HINCRBY', cnt, 't:' .. ARGV[2], tokens)
+  redis.call('HINCRBY', cnt, 'tokens', tokens)
 end
 if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[5]) end
 return 1
 """
+
+
+#: Merges of one org's records cut off in a row that the next merge looks for: bounded (a Redis failing every merge
+#: of it), the oldest are let go (one of them applied and none of the later: its calls would be counted twice).
+_MAX_UNCERTAIN = 8
 
 
 EXPIRE_SNAPSHOT = """
@@ -497,6 +516,9 @@ class RedisBackend:
         self._probing = False  # asking Redis whether it answers again (after an outage)
         self._releasing: set[str] = set()  # orgs with a reserved call released in the queue (not yet in Redis)
         self._merging: _Merging | None = None  # the orgs whose outage records are being handed to Redis
+        # org -> its merges cut off (failed or cancelled once Redis may have applied them): (mark, calls, tokens, now),
+        # latest first; the next merge of its records adds only what the latest one applied leaves (see MERGE)
+        self._uncertain: dict[str, list[tuple[str, int, int, int]]] = {}
         self._orphans: set[asyncio.Task[Any]] = set()  # reserves whose request a native cancel cut off (released)
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
@@ -605,19 +627,29 @@ class RedisBackend:
             ttl_ms = UNPERIODED_TTL_MS
             if snapshot is not None and snapshot.active:
                 ttl_ms = _expiry_ms(snapshot.period_end, now)
+            # A merge that failed or was cut off may have been applied (Redis ran it, its answer was lost): each merge
+            # leaves a mark, and the next one of the org's records (those taken back, and the ones counted since)
+            # adds only what the latest applied one leaves, in the same second's bucket.
+            uncertain = self._uncertain.get(org_id, [])
+            mark = self.key(org_id, f"merge:{uuid.uuid4().hex}")
+            bucket = uncertain[-1][3] if uncertain else now
+            keys = [self.key(org_id, "count"), mark, *(earlier for earlier, _, _, _ in uncertain)]
+            args: list[Any] = [period_key(snapshot), bucket, counts.calls, counts.tokens, ttl_ms, ttl_ms]
+            for _, calls, tokens, _ in uncertain:
+                args += [calls, tokens]
             try:
-                await self._merge(
-                    keys=[self.key(org_id, "count")],
-                    args=[period_key(snapshot), now, counts.calls, counts.tokens, ttl_ms],
-                )
+                await self._merge(keys=keys, args=args)
             except self._errors() as exc:  # Redis failed again: what is not merged yet is counted here again
+                self._uncertain[org_id] = [(mark, counts.calls, counts.tokens, bucket), *uncertain][:_MAX_UNCERTAIN]
                 self._failed(exc)
                 self.fallback.restore(pending[index:])
                 return
             except BaseException:  # cut off (its time is up, a native cancel): kept here, merged at the next check
+                self._uncertain[org_id] = [(mark, counts.calls, counts.tokens, bucket), *uncertain][:_MAX_UNCERTAIN]
                 self.fallback.restore(pending[index:])
                 self.stats["redis_fallback"] = 1
                 raise
+            self._uncertain.pop(org_id, None)
             merging.discard(org_id)
 
     def _errors(self) -> tuple[type[BaseException], ...]:
