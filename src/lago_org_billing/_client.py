@@ -444,7 +444,9 @@ class LagoClient:
             except RawHTTPError as exc:
                 raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
             if not 200 <= status < 300:
-                raise _error_from_response(httpx.Response(status, headers=headers, content=content), "POST", url)
+                # As bytes (as read): httpx encodes str headers as ASCII, and a load balancer's header may not be
+                raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+                raise _error_from_response(httpx.Response(status, headers=raw, content=content), "POST", url)
             self._check_batch_answer(status, content, url)
             return
         try:

@@ -3,8 +3,12 @@
 httpx spends about 0.7 ms of CPU per request (measured on this project's benchmark machine), which is 7 µs per
 event at 100 events a batch: more than everything else the middleware does for a request. This client writes a
 request and reads its answer with a handful of byte operations on an anyio socket stream (TLS included), and is
-used only where it is a plain drop-in: no injected transport, no proxy in the environment. Everything else goes
-through httpx.
+used only where it is a plain drop-in: no injected transport, and httpx would connect to Lago directly (no proxy
+in the environment applies to it). Everything else goes through httpx.
+
+An answer is only ever read as the answer to the request just written: a connection is pooled again only if nothing
+follows the answer in its buffer, and taken from the pool only if the server has written nothing on it meanwhile
+(bytes nobody asked for, a close, an idle-timeout 408), as httpcore does.
 
 A process forked from one holding kept-alive connections (``os.fork()``, ``multiprocessing``'s ``fork``) never uses
 them: a request written on the parent's connection would have its answer read by the parent as the answer to its own
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import ssl
 from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import anyio
 import anyio.abc
+import httpx
 
 from . import _forks
 
@@ -27,7 +34,6 @@ __all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
 _MAX_HEADER_BYTES = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
-_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 class RawHTTPError(Exception):
@@ -35,8 +41,24 @@ class RawHTTPError(Exception):
 
 
 def can_use_raw_poster(base_url: str) -> bool:
-    """Whether :class:`RawPoster` can stand in for httpx: http(s) and no proxy configured in the environment."""
-    return urlsplit(base_url).scheme in ("http", "https") and not any(os.environ.get(v) for v in _PROXY_VARIABLES)
+    """Whether :class:`RawPoster` can stand in for httpx: an http(s) URL httpx would connect to directly, the
+    environment's proxies considered as httpx considers them (``urllib.request.getproxies()``: ``*_proxy`` variables
+    in any case, the lower-case one first; ``NO_PROXY`` exempting the host)."""
+    if urlsplit(base_url).scheme not in ("http", "https"):
+        return False
+    try:
+        from httpx._utils import URLPattern, get_environment_proxies
+    except ImportError:  # pragma: no cover (an httpx that moved them): any proxy configured goes through httpx
+        return not any(getproxies().get(scheme) for scheme in ("http", "https", "all"))
+    try:
+        url = httpx.URL(base_url)
+        mounts = sorted((URLPattern(key), proxy) for key, proxy in get_environment_proxies().items())
+    except (ValueError, httpx.InvalidURL):  # (httpx refuses such a setting itself): left to httpx
+        return False
+    for pattern, proxy in mounts:  # as httpx picks a mount: the most specific pattern first
+        if pattern.matches(url):
+            return proxy is None
+    return True
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -52,6 +74,27 @@ def _ssl_context() -> ssl.SSLContext:
     except ImportError:  # pragma: no cover
         return ssl.create_default_context()
     return ssl.create_default_context(cafile=certifi.where())
+
+
+def _readable(connection: _Connection) -> bool:
+    """Whether the server wrote something on an idle connection (or closed it): what it wrote is no answer to a
+    request not yet sent, so the connection is not reused."""
+    if connection.buffer:
+        return True
+    try:
+        fileno = connection.stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
+    except (anyio.TypedAttributeLookupError, AttributeError, OSError):  # (not a socket: nothing to look at)
+        return False
+    if fileno < 0:
+        return True
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fileno], [], [], 0)[0])  # pragma: no cover (Windows)
+    except (OSError, ValueError):
+        return True
 
 
 def _decimal(text: str) -> int | None:
@@ -102,12 +145,14 @@ class RawPoster:
     """POSTs JSON bodies to one origin over pooled keep-alive connections."""
 
     def __init__(self, base_url: str, headers: dict[str, str], *, timeout: float, max_idle: int = 8) -> None:
-        parts = urlsplit(base_url)
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname or "localhost"
-        self.port = parts.port or (443 if self.tls else 80)
-        self.prefix = parts.path.rstrip("/")
-        host_header = parts.netloc.rsplit("@", 1)[-1]
+        # Read as httpx reads it (the other calls' URL): an internationalized name in its IDNA (xn--) form for the
+        # Host header, DNS and the TLS name; the path percent-encoded; no user:password@ in the Host.
+        url = httpx.URL(base_url)
+        self.tls = url.scheme == "https"
+        self.host = url.raw_host.decode("ascii") or "localhost"
+        self.port = url.port or (443 if self.tls else 80)
+        self.prefix = url.raw_path.partition(b"?")[0].decode("ascii").rstrip("/")
+        host_header = url.netloc.decode("ascii")
         fixed = {"Host": host_header, **headers, "Content-Type": "application/json", "Connection": "keep-alive"}
         self._head = "".join(f"{name}: {value}\r\n" for name, value in fixed.items()).encode("latin-1")
         self.timeout = timeout
@@ -132,8 +177,11 @@ class RawPoster:
         # A pooled connection may have been closed by the server meanwhile: one more try on a fresh one
         # (safe: events are idempotent by transaction_id).
         for attempt in (0, 1):
-            reused = bool(self._idle) and attempt == 0
-            connection = self._idle.pop() if reused else None
+            connection = self._idle.pop() if self._idle and attempt == 0 else None
+            while connection is not None and _readable(connection):
+                await self._discard(connection)
+                connection = self._idle.pop() if self._idle else None
+            reused = connection is not None
             try:
                 with anyio.fail_after(self.timeout):
                     if connection is None:
@@ -207,9 +255,12 @@ class RawPoster:
             headers.append((name, value))
             lowered = name.lower()
             if lowered == "content-length":
-                length = _decimal(value)
-                if length is None:  # the body's end is unknown: the connection cannot be read any further
+                value_length = _decimal(value)
+                # the body's end is unknown (RFC 9112 6.3: also when two lengths disagree): the connection cannot be
+                # read any further
+                if value_length is None or (length is not None and value_length != length):
                     raise RawHTTPError(f"malformed Content-Length {value[:40]!r}")
+                length = value_length
             elif lowered == "transfer-encoding":
                 chunked = "chunked" in value.lower()
             elif lowered == "connection":
@@ -227,7 +278,8 @@ class RawPoster:
         else:
             body = await connection.read_to_eof()
             close = True
-        if close or len(self._idle) >= self.max_idle:
+        # Bytes after the answer (a server writing more than its framing said): no answer to any request to come.
+        if close or connection.buffer or len(self._idle) >= self.max_idle:
             await self._discard(connection)
         else:
             self._idle.append(connection)
@@ -246,7 +298,8 @@ class RawPoster:
                     pass
                 return b"".join(parts)
             parts.append(await connection.read_exactly(size))
-            await connection.read_exactly(2)
+            if await connection.read_exactly(2) != b"\r\n":  # the size was wrong: where the body ends is unknown
+                raise RawHTTPError(f"malformed chunk: {size} bytes not followed by CRLF")
 
     @staticmethod
     async def _discard(connection: _Connection | None) -> None:
