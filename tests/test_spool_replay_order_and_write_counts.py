@@ -243,3 +243,38 @@ async def test_a_commit_asked_for_while_one_is_writing_is_made_next_not_a_commit
         pipeline._kick.set()  # the first commit, asked for
         await until(lambda: commits >= 2)
         await pipeline.aclose()
+
+
+@pytest.mark.anyio
+async def test_loading_waits_for_a_failing_write_of_the_rows_resolved_before_counting_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_write_backoff: None
+) -> None:
+    """Loading pauses while more rows are resolved than a commit has recorded (a full volume). A load asked for while
+    a write carries those resolutions counted none (the write had taken them), waited for the write, and loaded once it
+    failed and gave them back: a backlog went into memory a window at a time past the outbox's capacity."""
+    path = tmp_path / "spool.db"
+    volume = Volume(monkeypatch)
+    outbox = SqliteOutbox(str(path), capacity=10, window=20)
+    await outbox.open()
+    backlog = events(60, prefix="old")
+    for start in range(0, 60, 10):  # (10 at a time: the capacity)
+        assert all(outbox.put(event) for event in backlog[start : start + 10])
+        await outbox.commit()
+    await outbox.fill()
+    outbox.resolve(outbox.take(11))  # 11 delivered: more than the capacity wait for a write
+    loaded = outbox._loaded_upto
+    volume.hold, volume.fail_next = True, 1
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(outbox.commit)
+        await until(volume.entered.is_set)
+        tasks.start_soon(outbox.fill)  # asked while the write carries the 11 resolutions
+        await until(lambda: outbox._io is not None and outbox._io.statistics().tasks_waiting == 1)
+        volume.hold = False
+        volume.release.set()
+    assert volume.fail_next == 0  # (the write failed: the 11 resolutions wait again)
+    assert len(outbox._to_delete) == 11
+    assert outbox._loaded_upto == loaded, "rows were loaded while more than the capacity of resolutions waited"
+    await outbox.commit()  # the volume takes writes again: recorded, and loading goes on
+    await outbox.fill()
+    assert outbox._loaded_upto > loaded
+    assert await outbox.close() == 0

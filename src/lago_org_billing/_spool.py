@@ -1490,6 +1490,11 @@ class SqliteOutbox(Outbox):
                 await self._settle_orphan()
             if self._loaded_upto >= self._committed_upto:
                 return
+            if len(self._to_delete) + len(self._to_dead) > self.capacity:
+                return  # (as above, once the write that held them failed and gave them back: seen after it)
+            room = self.window_size - len(self.window)
+            if room < self.window_size // 2:
+                return
             try:
                 items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
             except sqlite3.Error as exc:
