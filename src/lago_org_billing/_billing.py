@@ -28,6 +28,7 @@ from ._errors import (
     LagoAuthenticationError,
     LagoIntegrationError,
     LagoNotFoundError,
+    LagoUnavailableError,
     LagoValidationError,
 )
 from ._events import event_payload
@@ -81,6 +82,10 @@ class OrgBilling:
       once, as the middleware counts its requests': an event of ``LAGO_EVENT_CODE`` is one call, and the
       ``total_tokens`` of the gate's token metric count as tokens. Without it, the gate sees that usage only at its
       next snapshot of Lago (``LAGO_USAGE_CACHE_TTL``), and an org can exceed its limits meanwhile.
+    * **middleware** - *(optional)* the :class:`OrgBillingMiddleware` instance served (``asgi_app =
+      OrgBillingMiddleware(app)``), instead of ``pipeline`` and ``quota``: its *current* pipeline and gate are used,
+      which it makes anew each time the app is served again (a second lifespan), and its settings when ``settings``
+      is omitted. The client stays this object's own.
     """
 
     def __init__(
@@ -91,9 +96,18 @@ class OrgBilling:
         transport: httpx.AsyncBaseTransport | None = None,
         pipeline: EventPipeline | None = None,
         quota: QuotaGateProtocol | None = None,
+        middleware: Any = None,
     ) -> None:
-        self.pipeline = pipeline
-        self.quota = quota
+        if middleware is not None and (pipeline is not None or quota is not None):
+            raise ConfigurationError(
+                "Give OrgBilling either middleware=asgi_app (its current pipeline and gate) or pipeline=/quota=, "
+                "not both."
+            )
+        self._middleware = middleware
+        self._pipeline = pipeline
+        self._quota = quota
+        if settings is None and client is None and middleware is not None:
+            settings = middleware.settings
         # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
         # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
         self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
@@ -105,6 +119,28 @@ class OrgBilling:
             self.settings = settings if settings is not None else BillingSettings.from_env()
             self.client = LagoClient(self.settings, transport=transport)
             self._owns_client = True
+
+    @property
+    def pipeline(self) -> EventPipeline | None:
+        """The background pipeline of :meth:`record_usage_nowait`: the one given, else the middleware's current one."""
+        if self._pipeline is None and self._middleware is not None:
+            return self._middleware.pipeline  # type: ignore[no-any-return]
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, pipeline: EventPipeline | None) -> None:
+        self._pipeline = pipeline
+
+    @property
+    def quota(self) -> QuotaGateProtocol | None:
+        """The quota gate usage recorded here is counted in: the one given, else the middleware's current one."""
+        if self._quota is None and self._middleware is not None:
+            return self._middleware.quota  # type: ignore[no-any-return]
+        return self._quota
+
+    @quota.setter
+    def quota(self, quota: QuotaGateProtocol | None) -> None:
+        self._quota = quota
 
     async def __aenter__(self) -> OrgBilling:
         return self
@@ -457,11 +493,17 @@ class OrgBilling:
         timestamp: dt.datetime | float | int | str | Decimal | None = None,
     ) -> str:
         """Like :meth:`record_usage`, without waiting: the event goes to the background pipeline (batched,
-        retried, spooled) and its ``transaction_id`` is returned. Needs ``OrgBilling(pipeline=...)``."""
+        retried, spooled) and its ``transaction_id`` is returned. Needs ``OrgBilling(middleware=...)`` or
+        ``OrgBilling(pipeline=...)``.
+
+        An event the pipeline cannot take is not dropped silently: a closed pipeline raises
+        :class:`ConfigurationError`, a full outbox (Lago slow or down for long) :class:`LagoUnavailableError`; send
+        it with ``await record_usage(...)`` instead (nothing was queued)."""
         pipeline = self._require_pipeline()
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
-        if pipeline.submit(payload):  # (a refused event is logged and counted as dropped)
-            self._count(org_id, payload, self.quota)
+        if not pipeline.submit(payload):  # (also logged and counted as dropped by the pipeline)
+            raise _not_queued(pipeline, str(payload["transaction_id"]))
+        self._count(org_id, payload, self.quota)
         return str(payload["transaction_id"])
 
     def _count(self, org_id: str, event: JSON, quota: QuotaGateProtocol | None) -> None:
@@ -496,12 +538,13 @@ class OrgBilling:
         return self.record_usage_nowait(org_id, self.settings.event_code, transaction_id, props, timestamp)
 
     def _require_pipeline(self) -> EventPipeline:
-        if self.pipeline is None:
+        pipeline = self.pipeline
+        if pipeline is None:
             raise ConfigurationError(
-                "record_*_nowait needs a delivery pipeline: OrgBilling(pipeline=middleware.pipeline) "
+                "record_*_nowait needs a delivery pipeline: OrgBilling(middleware=asgi_app) "
                 "or OrgBilling(pipeline=EventPipeline(client))."
             )
-        return self.pipeline
+        return pipeline
 
     def _usage_event(
         self,
@@ -648,6 +691,23 @@ class OrgBilling:
                 result["error"] = f"Lago is up, but {what}: {exc}"
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return result
+
+
+def _not_queued(pipeline: EventPipeline, transaction_id: str) -> LagoIntegrationError:
+    """Why ``pipeline`` refused the event ``transaction_id``, as the error :meth:`OrgBilling.record_usage_nowait`
+    raises."""
+    if getattr(pipeline, "closed", False):
+        return ConfigurationError(
+            f"Event {transaction_id!r} was not queued: OrgBilling's delivery pipeline is closed (the app shut down, or "
+            "was served again and its middleware made a new pipeline). Build OrgBilling(middleware=asgi_app) to follow "
+            "the middleware's current pipeline, or send the event now with await billing.record_usage(...)."
+        )
+    capacity = getattr(getattr(pipeline, "outbox", None), "capacity", None)
+    return LagoUnavailableError(
+        f"Event {transaction_id!r} was not queued: the delivery outbox is full ({capacity} events wait for Lago, "
+        "which is slow or down). Send it later with await billing.record_usage(...) (same transaction_id), and set "
+        "LAGO_SPOOL_PATH for a durable spool or raise EventPipeline(memory_capacity=...)."
+    )
 
 
 def check_metadata(metadata: Mapping[str, Any]) -> None:

@@ -7,16 +7,19 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from types import FrameType
 from typing import Any
 
 import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -83,7 +86,10 @@ def _tokens(prompt: str, model: str) -> tuple[int, int]:
 
 async def chat_completions(request: Request) -> Response:
     """OpenAI-style chat completions, JSON or SSE (usage in the final chunk)."""
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ClientDisconnect:  # the demo's own client gone (Ctrl-C mid-traffic): nothing to answer, nothing to log
+        return Response(status_code=499)
     model = body.get("model", MODELS[0])
     prompt = " ".join(m.get("content", "") for m in body.get("messages", []))
     prompt_tokens, completion_tokens = _tokens(prompt, model)
@@ -169,24 +175,54 @@ def _loopback_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that comes while the body runs, and raise it as :class:`KeyboardInterrupt` once the body
+    is over; a second Ctrl-C raises at once (in the main thread; elsewhere the body just runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+        if len(caught) > 1:  # insisting: stop waiting
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettings]]:
+    """The emulator and the example app, served; stopped in that order's reverse when the body ends, however it ends
+    (a Ctrl-C while they stop is held until both have: the app flushes its events to the emulator first)."""
     from .testing._server import free_port_or_error, serve_in_thread
 
     if port:  # a port taken (or out of range) is one line, as for ``emulator``, not uvicorn's tracebacks
         free_port_or_error("127.0.0.1", port)
-    with serve_in_thread(fake, port=port) as lago_url:
-        settings = BillingSettings(
-            api_url=lago_url,
-            api_key=API_KEY,
-            org_header="X-Org-Id",
-            user_header="X-User-Id",
-            exclude_paths=("/health", "/webhooks/"),
-            webhook_hmac_key=HMAC_KEY,
-        )
-        app = build_demo_app(settings)
-        with serve_in_thread(app) as app_url:
+    with contextlib.ExitStack() as servers:
+        try:
+            lago_url = servers.enter_context(serve_in_thread(fake, port=port))
+            settings = BillingSettings(
+                api_url=lago_url,
+                api_key=API_KEY,
+                org_header="X-Org-Id",
+                user_header="X-User-Id",
+                exclude_paths=("/health", "/webhooks/"),
+                webhook_hmac_key=HMAC_KEY,
+            )
+            app = build_demo_app(settings)
+            app_url = servers.enter_context(serve_in_thread(app))
             fake.webhook_dispatcher.configure(url=f"{app_url}/webhooks/lago", signature="hmac", hmac_key=HMAC_KEY)
             yield lago_url, app_url, settings
+        finally:
+            with _interrupts_deferred():
+                servers.close()
 
 
 async def _setup_orgs(settings: BillingSettings) -> None:

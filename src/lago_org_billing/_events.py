@@ -68,12 +68,30 @@ def event_payload(
         "transaction_id": transaction_id,
         "external_subscription_id": external_subscription_id,
         "code": code,
-        "timestamp": format_timestamp(timestamp),
+        "timestamp": _timestamp(timestamp),
         "properties": _check_properties(properties or {}),
     }
     if precise_total_amount_cents is not None:
         payload["precise_total_amount_cents"] = str(precise_total_amount_cents)
     return payload
+
+
+def _timestamp(value: Any) -> str:
+    """:func:`format_timestamp`, with a value of a type it cannot read (a date, bytes...) an
+    :class:`InvalidRequestError` that says what to give, not the ``TypeError`` of ``Decimal(value)``."""
+    try:
+        return format_timestamp(value)
+    except TypeError:
+        hint = (
+            ": a date is a day, not an instant; give its start in the zone you mean, e.g. "
+            "datetime.combine(day, time(), tzinfo=timezone.utc)"
+            if isinstance(value, dt.date)
+            else ""
+        )
+        raise InvalidRequestError(
+            f"Event timestamp {value!r} must be a timezone-aware datetime, or Unix seconds as a number or a decimal "
+            f"string (now when omitted){hint}."
+        ) from None
 
 
 def _check_id(name: str, value: object) -> None:
