@@ -163,3 +163,18 @@ def test_demo_exits_non_zero_when_lagos_numbers_disagree(
     assert main(["demo"]) == 1
     out = capsys.readouterr().out
     assert "  NO" in out and "MISMATCH: see above." in out
+
+
+def test_the_demo_leaves_out_proxy_variables_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proxy variables are read in any case (``Https_Proxy``: urllib's and so httpx's rule): one spelled so was left in
+    place, and the demo's calls to 127.0.0.1 still went to the proxy. None applies while the demo runs, and each is
+    put back after."""
+    from urllib.request import getproxies
+
+    from lago_org_billing._demo import _loopback_only
+
+    for name in ("Http_Proxy", "Https_Proxy", "All_Proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    with _loopback_only():
+        assert not any(getproxies().get(scheme) for scheme in ("http", "https", "all")), getproxies()
+    assert os.environ["Https_Proxy"] == "http://127.0.0.1:9" and os.environ["All_Proxy"] == "http://127.0.0.1:9"

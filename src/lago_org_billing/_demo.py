@@ -149,7 +149,8 @@ def build_demo_app(settings: BillingSettings) -> Starlette:
 # --------------------------------------------------------------------------- running it
 
 
-_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+#: Proxy variables, by their lower-case name: read in any case (``Https_Proxy``), as urllib and so httpx read them.
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
 
 @contextlib.contextmanager
@@ -158,9 +159,10 @@ def _loopback_only() -> Iterator[None]:
     which httpx and so the Lago client honour) could not reach it, and a SOCKS one (ALL_PROXY=socks5://...) stops
     httpx from making a client at all without its ``socks`` extra, NO_PROXY or not. Put back as it was when the demo
     ends."""
-    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy", *_PROXY_VARIABLES)}
+    proxies = [name for name in os.environ if name.lower() in _PROXY_VARIABLES]
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy", *proxies)}
     for name, value in saved.items():
-        if name in _PROXY_VARIABLES:
+        if name in proxies:
             os.environ.pop(name, None)
         else:
             os.environ[name] = f"{value},127.0.0.1" if value else "127.0.0.1"
