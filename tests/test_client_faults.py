@@ -302,3 +302,30 @@ async def test_lago_errors_say_what_to_do(status: int, code: str | None, hint: s
     async with LagoClient(settings, transport=transport) as client:
         with pytest.raises(LagoAPIError, match=hint):
             await client.get_customer("acme")
+
+
+@pytest.mark.parametrize("next_page", [1, 2], ids=["same-page", "back"])
+async def test_a_listing_whose_next_page_does_not_move_forward_is_an_error_not_a_loop(
+    httpx_mock: HTTPXMock, next_page: int
+) -> None:
+    """A Lago (or a caching proxy before it) answering page 2 with ``next_page`` 2 again, or 1: the listing followed it
+    for ever (a migration listing customers never ended). It is a Lago error naming the pages, after what came."""
+    page = {"current_page": 2, "prev_page": 1, "total_pages": 3, "total_count": 3}
+    httpx_mock.add_response(
+        json={"customers": [CUSTOMER], "meta": {**page, "current_page": 1, "next_page": 2, "prev_page": None}},
+        url=f"{BASE}/api/v1/customers?page=1&per_page=1",
+        is_reusable=True,
+        is_optional=True,
+    )
+    httpx_mock.add_response(
+        json={"customers": [CUSTOMER], "meta": {**page, "next_page": next_page}},
+        url=f"{BASE}/api/v1/customers?page=2&per_page=1",
+        is_reusable=True,
+    )
+    seen = []
+    async with LagoClient(settings()) as lago:
+        with pytest.raises(LagoAPIError, match="next_page") as info:
+            async for customer in lago.iter_customers(per_page=1):
+                seen.append(customer)
+                assert len(seen) < 10, "the listing loops"
+    assert len(seen) == 2 and info.value.path == "/customers"

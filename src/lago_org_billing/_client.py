@@ -580,6 +580,15 @@ class LagoClient:
                 yield item
             if not page.next_page or not page.items:
                 return
+            if not isinstance(page.next_page, int) or page.next_page <= page_number:
+                # (followed, a Lago or a caching proxy before it answering so would make the listing loop for ever)
+                raise LagoAPIError(
+                    f"Lago answered GET {path} page {page_number} with next_page {page.next_page!r}, not a later page: "
+                    "the listing stops here rather than loop. A proxy or cache in front of Lago (LAGO_API_URL) may be "
+                    "ignoring the page parameter.",
+                    method="GET",
+                    path=path,
+                )
             page_number = page.next_page
 
     async def _request(
