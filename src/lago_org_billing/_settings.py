@@ -1,4 +1,4 @@
-"""Settings, read from the application's environment (and ``.env``) through ``starlette.config.Config``."""
+"""Settings, read from the application's environment and ``.env`` (read as python-dotenv reads it)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit
-
-from starlette.config import Config
 
 from ._errors import ConfigurationError
 from ._ids import _FORBIDDEN
@@ -229,11 +227,10 @@ class BillingSettings:
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None
         source = os.environ if environ is None else environ
-        config = Config(env_file, environ=source)
-        _read_exports(config.file_values)
+        file_values = _read_env_file(env_file) if env_file is not None else {}
 
         def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
-            raw = config(name, default=None)
+            raw = source[name] if name in source else file_values.get(name)
             if raw is not None and field not in overrides:
                 _check_raw(name, raw, env_file if name not in source else None)
                 values[field] = parse(name, raw)
@@ -309,6 +306,7 @@ def _bool(name: str, raw: str) -> bool:
 
 
 def _json_object(name: str, raw: str) -> Any:
+    raw = raw.strip().removeprefix("\ufeff")  # (``$(cat limits.json)`` of a file saved with a byte-order mark)
     try:
         value = json.loads(raw) if raw.strip() else {}
     except json.JSONDecodeError as exc:
@@ -328,16 +326,71 @@ def _read_exports(file_values: dict[str, str]) -> dict[str, str]:
 
 
 def _check_raw(name: str, raw: str, env_file: str | os.PathLike[str] | None) -> None:
-    """Refuse a value as written that would be read wrong: wrapped in quotes (:func:`_check_unquoted`) or, read from
-    the ``env_file`` (None: from the environment, where docker keeps it literally), ending with an inline comment,
-    which python-dotenv and compose drop and starlette's ``.env`` reader keeps."""
+    """Refuse a value as written that would be read wrong: wrapped in quotes (:func:`_check_unquoted`) or, read
+    unquoted from the ``env_file`` (None: from the environment, where docker keeps it literally), ending with an
+    inline comment, which python-dotenv and compose drop and starlette's ``.env`` reader keeps (a value quoted in the
+    file, a :class:`_Quoted` of :func:`_read_env_file`, is its content: `` #`` included)."""
     _check_unquoted(name, raw)
-    if env_file is not None and _INLINE_COMMENT.search(raw):
+    if env_file is not None and not isinstance(raw, _Quoted) and _INLINE_COMMENT.search(raw):
         raise ConfigurationError(
             f"{name} in {env_file} ends with an inline comment (' # ...'), which is read here as part of its value: "
             "put the comment on a line of its own.",
             variable=name,
         )
+
+
+class _Quoted(str):
+    """A value written in quotes in a ``.env`` file, as :func:`_read_env_file` reads it (escapes decoded): its
+    content, `` #`` included, is the value."""
+
+    __slots__ = ()
+
+
+def _read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The variables of a ``.env`` file, read as python-dotenv reads it: a leading byte-order mark dropped,
+    ``export`` lines, values in single or double quotes (over several lines too; ``\\`` and the quote escaped inside,
+    and in double quotes ``\\n`` and the like), a blank value before an inline comment (``KEY= # later``), the last
+    line of a variable winning. Quoted values are :class:`_Quoted`; an unquoted value keeps an inline comment for
+    :func:`_check_raw` to refuse (python-dotenv drops it, starlette kept it). Lines it cannot read are skipped, as
+    python-dotenv skips them; no ``${VAR}`` expansion."""
+    try:
+        with open(path, encoding="utf-8") as file:  # (universal newlines: CRLF files read as LF)
+            text = file.read().removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{os.fspath(path)} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 (PowerShell 5's "
+            "'>' writes UTF-16: use Set-Content -Encoding utf8, or an editor's 'UTF-8').",
+        ) from None
+    values: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        binding = _DOTENV_BINDING.match(text, position)
+        if binding is None:  # a comment, or a line python-dotenv cannot read either
+            end = text.find("\n", position)
+            position = len(text) if end < 0 else end + 1
+            continue
+        position = binding.end()
+        key = binding["key"] or binding["quoted_key"]
+        if binding["single"] is not None:
+            value: str = _Quoted(_SINGLE_ESCAPES.sub(_unescape, binding["single"]))
+        elif binding["double"] is not None:
+            value = _Quoted(_DOUBLE_ESCAPES.sub(_unescape, binding["double"]))
+        elif binding["blank"] is not None or (binding["comment"] is not None and binding["equal"] != "="):
+            value = ""  # ``KEY=``, or ``KEY= # comment`` (``KEY=#x`` is ``#x``)
+        else:
+            value = (binding["plain"] or binding["comment"] or "").strip()
+        if binding["rest"].strip() and not binding["rest"].lstrip().startswith("#"):
+            # text after a closing quote (``KEY="a"b``): python-dotenv skips the line; read as written instead, for
+            # the checks to see it rather than the variable being silently unset
+            start = binding.start("single" if binding["single"] is not None else "double") - 1
+            line_end = text.find("\n", start)
+            value = text[start : len(text) if line_end < 0 else line_end].strip()
+        values[key] = value
+    return values
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return _ESCAPES.get(match.group()[1], match.group()[1])
 
 
 def _check_unquoted(name: str, raw: str) -> None:
@@ -396,10 +449,27 @@ def _spool_path(value: object) -> str:
 _BEARER = re.compile(r"(?i)(authorization\s*:\s*)?bearer\s")
 #: A ``.env`` line ``export LAGO_X=...`` (starlette reads its name as ``export LAGO_X``).
 _EXPORTED = re.compile(r"export\s+(LAGO_\w+)")
+#: One ``.env`` binding, as python-dotenv's parser reads it (blank lines before it skipped).
+_DOTENV_BINDING = re.compile(
+    r"""\s*(?:export[^\S\n]+)?
+    (?:'(?P<quoted_key>[^'\n]+)'|(?P<key>[^=\#\s'][^=\#\s]*))[^\S\n]*
+    (?P<equal>=[^\S\n]*)
+    (?:'(?P<single>(?:\\.|[^'\\])*)'|"(?P<double>(?:\\.|[^"\\])*)"|(?P<comment>\#[^\n]*)|(?P<blank>(?=\n|\Z))
+       |(?P<plain>[^\n]*))
+    (?P<rest>[^\n]*)(?:\n|\Z)""",
+    re.VERBOSE | re.DOTALL,
+)
+#: What python-dotenv decodes in a single-quoted value, and in a double-quoted one.
+_SINGLE_ESCAPES = re.compile(r"\\[\\']")
+_DOUBLE_ESCAPES = re.compile(r"\\[\\'\"abfnrtv]")
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 #: `` # comment`` after a value, which python-dotenv and compose drop and starlette's ``.env`` reader keeps.
 _INLINE_COMMENT = re.compile(r"\s#")
 #: Exclusions separated by blanks or semicolons instead of commas: ``/health /metrics``.
 _SEVERAL_PREFIXES = re.compile(r"[\s;]+/")
+
+#: Where an endpoint's path starts in a URL copied from Lago's API reference (``/api/v1/events``).
+_ENDPOINT_PATH = re.compile("(?i)/api/v1/")
 
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -422,16 +492,16 @@ def _redis_url_ok(url: str) -> bool:
 
 
 def _parse_url(name: str, value: str) -> str:
-    url = value.strip().rstrip("/")
+    url = value.strip().rstrip("/?#")  # (an empty query or fragment is none: httpx would call ``host/?/api/v1/...``)
     parts = _split_url(url)
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {redact_url(value)}.", variable=name
         )
-    if url.endswith("/api/v1"):  # the Lago docs show URLs with /api/v1; we add it ourselves
+    if url[-len("/api/v1") :].lower() == "/api/v1":  # the Lago docs show URLs with /api/v1; we add it ourselves
         url = url[: -len("/api/v1")].rstrip("/")  # (and ``${HOST}/`` + ``/api/v1`` leaves ``//api/v1``)
-    elif "/api/v1/" in parts.path:  # an endpoint's URL, copied from Lago's API reference
-        base = url[: url.index("/api/v1/")]
+    elif endpoint := _ENDPOINT_PATH.search(parts.path):  # an endpoint's URL, copied from Lago's API reference
+        base = url[: len(url) - len(parts.path) + endpoint.start()]
         raise ConfigurationError(
             f"{name} is Lago's base URL, without /api/v1 and what follows: got {redact_url(value)}, use "
             f"{redact_url(base)}.",
