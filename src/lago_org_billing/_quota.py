@@ -1000,6 +1000,10 @@ class LocalBackend:
         self._orgs.clear()
         return out
 
+    def has_records(self) -> bool:
+        """Whether any org's records are kept here (what :meth:`drain` would hand out)."""
+        return any(state.counts.calls or state.counts.tokens for state in self._orgs.values())
+
     def restore(self, drained: list[tuple[str, Snapshot | None, _Counts]]) -> None:
         """Take back records :meth:`drain` handed out that could not be merged into Redis."""
         for org_id, snapshot, counts in drained:
@@ -1425,10 +1429,15 @@ class QuotaGate:
                 backend = self.backend
             bucket = decision.bucket if reserved else None
             if self._shared and backend is self.local and bucket is not None and not self.local.holds(org_id, bucket):
-                # decided here during a Redis outage, its call handed to Redis since (drain: counted there as a
-                # recorded call) when Redis came back: its tokens go there too
-                if tokens > 0:
-                    self.backend.settle(org_id, decision.period, None, self.clock(), tokens=tokens, billed=False)
+                # decided here during a Redis outage, its call no longer held here: handed to Redis in flight when it
+                # answered again (drain), settled there as a call reserved there is (recorded, or released: a 5xx);
+                # else (forgotten here meanwhile) its record and tokens go there
+                handed_over = getattr(self.backend, "handed_over", None)
+                if handed_over is None or not handed_over(org_id, bucket):
+                    bucket = None
+                    if not billed and tokens <= 0:
+                        return
+                self.backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed)
                 return
             backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed)
         elif billed or tokens > 0:  # billed without a check (org known only after the app ran)

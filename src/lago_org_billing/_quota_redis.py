@@ -30,7 +30,9 @@ Redis down (connection refused, timeout, any ``RedisError``): the backend switch
 ``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
 call tries Redis again (and so does the background writer, however idle the worker). When Redis answers again, the
 records made meanwhile are added to its counters (those of a period after a counter's, made past a boundary on a
-provisional snapshot, replace it) before Redis decides for their orgs again: until then, those orgs are decided here.
+provisional snapshot, replace it) before Redis decides for their orgs again: a check merges its own org's records
+itself (or waits for that org's merge alone), the background writer the rest, a few orgs at once. Calls still running
+are handed over in flight (kept by snapshots, released or recorded in Redis when they end), not as finished calls.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from ._quota import (
     Outcome,
     QuotaConfig,
     Snapshot,
+    _Counts,
     period_key,
 )
 from ._settings import redact_url
@@ -237,16 +240,24 @@ return 1
 """
 
 MERGE = """
+-- ARGV[3] the recorded calls (in second ARGV[2]), ARGV[4] the tokens, ARGV[7] the calls in flight ('<second>:<n>,...':
+-- kept in flight, released or recorded by their settle, as a call reserved here is; not dropped by the next snapshots).
 -- KEYS[2] this merge's mark; KEYS[3..] the marks of earlier merges of these records cut off (their outcome unknown),
--- latest first, ARGV[7 + 2k], ARGV[8 + 2k] the calls and tokens each handed over (cumulative: each one the org's
--- records at its time, the earlier ones' included). Only what the latest one applied leaves is added: a merge cut off
--- after Redis applied it, merged again with the records counted since, counts them once.
+-- latest first, ARGV[3k - 1], ARGV[3k], ARGV[3k + 1] the recorded calls, tokens and calls in flight each handed over
+-- (cumulative: each one the org's records at its time, the earlier ones' included). Only what the latest one applied
+-- leaves is added: a merge cut off after Redis applied it, merged again with the records counted since, counts them
+-- once.
 local cnt = KEYS[1]
 local calls, tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+local inflight = {}
+for sec, n in string.gmatch(ARGV[7], '(%d+):(%d+)') do inflight[sec] = (inflight[sec] or 0) + tonumber(n) end
 for k = 3, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 1 then
-    calls = calls - tonumber(ARGV[2 * k + 1])
-    tokens = tokens - tonumber(ARGV[2 * k + 2])
+    calls = calls - tonumber(ARGV[3 * k - 1])
+    tokens = tokens - tonumber(ARGV[3 * k])
+    for sec, n in string.gmatch(ARGV[3 * k + 1], '(%d+):(%d+)') do
+      inflight[sec] = (inflight[sec] or 0) - tonumber(n)
+    end
     break
   end
 end
@@ -260,9 +271,10 @@ if ARGV[1] ~= '' and cp and cp ~= ARGV[1] then
   redis.call('DEL', cnt)
   redis.call('HSET', cnt, 'p', ARGV[1])
   redis.call('PEXPIRE', cnt, ARGV[5])
-elseif ARGV[1] ~= '' and redis.call('EXISTS', cnt) == 0 then
+elseif ARGV[1] ~= '' and not cp then
   -- (no counter, Redis restarted or it expired: these records keep their period, so that a snapshot of another
-  -- period drops them instead of adopting them as those of a counter made before any snapshot)
+  -- period drops them instead of adopting them as those of a counter made before any snapshot; one made before any
+  -- snapshot adopts it, as at a check, and the settles of the calls in flight, of that period, apply to it)
   redis.call('HSET', cnt, 'p', ARGV[1])
   redis.call('PEXPIRE', cnt, ARGV[5])
 end
@@ -273,6 +285,15 @@ end
 if tokens ~= 0 then
   redis.call('HINCRBY', cnt, 't:' .. ARGV[2], tokens)
   redis.call('HINCRBY', cnt, 'tokens', tokens)
+end
+for sec, n in pairs(inflight) do
+  if n ~= 0 then
+    local field = 'i:' .. sec
+    local old = tonumber(redis.call('HGET', cnt, field) or '0')
+    local left = math.max(old + n, 0)
+    if left > 0 then redis.call('HSET', cnt, field, left) else redis.call('HDEL', cnt, field) end
+    redis.call('HINCRBY', cnt, 'calls', left - old)
+  end
 end
 if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[5]) end
 return 1
@@ -448,12 +469,29 @@ def _text(value: Any) -> str:
 _Queued = tuple[str, str, str, str, str, int]
 
 
-class _Merging(set[str]):
-    """The orgs whose records counted during an outage are being handed to Redis, and when that is over."""
+#: Orgs whose outage records one task hands to Redis at once (each its own round trip, on a connection of the pool;
+#: at most a quarter of the pool, the rest left to requests).
+_MERGE_CONCURRENCY = 16
 
-    def __init__(self, orgs: Any = ()) -> None:
-        super().__init__(orgs)
-        self.done = anyio.Event()
+
+def _inflight_spec(counts: _Counts) -> str:
+    """The calls in flight of ``counts`` as the MERGE script reads them: ``<second>:<n>,...``."""
+    return ",".join(f"{sec}:{n}" for sec, n in counts.i.items() if n > 0)
+
+
+class _Merging:
+    """The records counted during an outage that are being handed to Redis: those no merge took yet (``pending``),
+    and the orgs whose merge runs (each with an event set when it ends)."""
+
+    def __init__(self, drained: list[tuple[str, Snapshot | None, _Counts]]) -> None:
+        self.pending: dict[str, tuple[Snapshot | None, _Counts]] = {
+            org_id: (snapshot, counts) for org_id, snapshot, counts in drained
+        }
+        self.running: dict[str, anyio.Event] = {}
+        self.bulk = False  # a task merges the pending records (the others each merge their own org's)
+
+    def __contains__(self, org_id: object) -> bool:
+        return org_id in self.pending or org_id in self.running
 
 
 class RedisBackend:
@@ -516,9 +554,12 @@ class RedisBackend:
         self._probing = False  # asking Redis whether it answers again (after an outage)
         self._releasing: set[str] = set()  # orgs with a reserved call released in the queue (not yet in Redis)
         self._merging: _Merging | None = None  # the orgs whose outage records are being handed to Redis
-        # org -> its merges cut off (failed or cancelled once Redis may have applied them): (mark, calls, tokens, now),
-        # latest first; the next merge of its records adds only what the latest one applied leaves (see MERGE)
-        self._uncertain: dict[str, list[tuple[str, int, int, int]]] = {}
+        # org -> its merges cut off (failed or cancelled once Redis may have applied them): (mark, recorded calls,
+        # tokens, their second, calls in flight), latest first; the next merge of its records adds only what the
+        # latest one applied leaves (see MERGE)
+        self._uncertain: dict[str, list[tuple[str, int, int, int, str]]] = {}
+        # org -> second -> its calls decided on the fallback, handed to Redis in flight (settled there: handed_over)
+        self._handed: LRUCache[str, dict[int, int]] = LRUCache(maxsize=self.config.max_orgs)
         self._orphans: set[asyncio.Task[Any]] = set()  # reserves whose request a native cancel cut off (released)
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
@@ -585,72 +626,152 @@ class RedisBackend:
         self._down_until = self._clock() + self.config.redis_retry_interval
 
     async def _recovered(self, first: str | None = None) -> None:
-        """Hand what this process counted during an outage to Redis (``first``'s records first), once Redis answers
-        (asked first: while it does not, the fallback keeps its snapshots). A check of an org whose records another
-        task is handing over waits for it (:meth:`reserve`: they are not in Redis's counts yet)."""
+        """Hand what this process counted during an outage to Redis once it answers (asked first: while it does not,
+        the fallback keeps its snapshots). A check (``first``: its org) merges its own org's records itself, or waits
+        for the merge of that org alone when one runs: not for those of every other org (thousands, after an outage
+        of a busy worker). The rest is merged by the background writer when it runs, else by this task, a few orgs at
+        once (:meth:`_merge_rest`)."""
         merging = self._merging
-        if merging is not None:
-            if first in merging:
-                await merging.done.wait()
-            return
-        if not self.stats["redis_fallback"] or self._probing:
-            return
-        self._probing = True
-        try:
-            await self.redis.ping()
-        except self._errors() as exc:
-            self._failed(exc)
-            return
-        finally:
-            self._probing = False
-        if not self.stats["redis_fallback"] or self._merging is not None:  # (done by another task meanwhile)
-            return
-        self.stats["redis_fallback"] = 0
-        self._down_until = 0.0
-        logger.info("Redis (%s) answers again: quota counters are shared again.", self._shown_url)
-        now = int(time.time())
-        pending = self.fallback.drain()
-        if first is not None:  # (the records of the org a check waits for go first)
-            pending.sort(key=lambda item: item[0] != first)
-        merging = self._merging = _Merging(org_id for org_id, _, _ in pending)
-        try:
-            await self._merge_pending(pending, now, merging)
-        finally:
-            self._merging = None
-            merging.done.set()
-
-    async def _merge_pending(
-        self, pending: list[tuple[str, Snapshot | None, Any]], now: int, merging: _Merging
-    ) -> None:
-        for index, (org_id, snapshot, counts) in enumerate(pending):
-            # (a counter of the records' period expires with it, as one the CHECK script makes)
-            ttl_ms = UNPERIODED_TTL_MS
-            if snapshot is not None and snapshot.active:
-                ttl_ms = _expiry_ms(snapshot.period_end, now)
-            # A merge that failed or was cut off may have been applied (Redis ran it, its answer was lost): each merge
-            # leaves a mark, and the next one of the org's records (those taken back, and the ones counted since)
-            # adds only what the latest applied one leaves, in the same second's bucket.
-            uncertain = self._uncertain.get(org_id, [])
-            mark = self.key(org_id, f"merge:{uuid.uuid4().hex}")
-            bucket = uncertain[-1][3] if uncertain else now
-            keys = [self.key(org_id, "count"), mark, *(earlier for earlier, _, _, _ in uncertain)]
-            args: list[Any] = [period_key(snapshot), bucket, counts.calls, counts.tokens, ttl_ms, ttl_ms]
-            for _, calls, tokens, _ in uncertain:
-                args += [calls, tokens]
-            try:
-                await self._merge(keys=keys, args=args)
-            except self._errors() as exc:  # Redis failed again: what is not merged yet is counted here again
-                self._uncertain[org_id] = [(mark, counts.calls, counts.tokens, bucket), *uncertain][:_MAX_UNCERTAIN]
-                self._failed(exc)
-                self.fallback.restore(pending[index:])
+        if merging is None:
+            if not self.stats["redis_fallback"] or self._probing:
                 return
-            except BaseException:  # cut off (its time is up, a native cancel): kept here, merged at the next check
-                self._uncertain[org_id] = [(mark, counts.calls, counts.tokens, bucket), *uncertain][:_MAX_UNCERTAIN]
-                self.fallback.restore(pending[index:])
-                self.stats["redis_fallback"] = 1
-                raise
-            self._uncertain.pop(org_id, None)
-            merging.discard(org_id)
+            self._probing = True
+            try:
+                await self.redis.ping()
+            except self._errors() as exc:
+                self._failed(exc)
+                return
+            finally:
+                self._probing = False
+            if not self.stats["redis_fallback"] or self._merging is not None:  # (done by another task meanwhile)
+                return
+            self.stats["redis_fallback"] = 0
+            self._down_until = 0.0
+            logger.info("Redis (%s) answers again: quota counters are shared again.", self._shown_url)
+            merging = self._merging = _Merging(self.fallback.drain())
+            self._merged(merging)  # (nothing to merge)
+        if first is not None:
+            await self._merge_org(first, merging)
+            if self._running:  # the rest by the background writer, not on this request's time
+                self._wakeup.set()
+                return
+        await self._merge_rest(merging)
+
+    async def _merge_org(self, org_id: str, merging: _Merging) -> None:
+        """Merge the org's pending records (one round trip), or wait for the merge of them that runs."""
+        running = merging.running.get(org_id)
+        if running is not None:
+            await running.wait()
+            return
+        taken = merging.pending.pop(org_id, None)
+        if taken is None:
+            return
+        done = merging.running[org_id] = anyio.Event()
+        try:
+            await self._merge_one(org_id, *taken)
+        except BaseException:  # (cut off) what no merge took yet is counted here again, merged at the next recovery
+            self._abandon(merging)
+            raise
+        else:
+            if self.stats["redis_fallback"]:  # (Redis failed again)
+                self._abandon(merging)
+        finally:
+            del merging.running[org_id]
+            done.set()
+            self._merged(merging)
+
+    async def _merge_rest(self, merging: _Merging) -> None:
+        """Merge every org's pending records, ``_MERGE_CONCURRENCY`` at once. Cut off, or Redis failing again, what is
+        left is counted here again (merged at the next recovery)."""
+        if merging.bulk or not merging.pending:
+            return
+        merging.bulk = True
+
+        async def merging_orgs() -> None:
+            while merging.pending and not self.stats["redis_fallback"]:
+                await self._merge_org(next(iter(merging.pending)), merging)
+
+        try:
+            width = min(_MERGE_CONCURRENCY, max(1, self.config.redis_max_connections // 4), len(merging.pending))
+            async with anyio.create_task_group() as tasks:
+                for _ in range(width):
+                    tasks.start_soon(merging_orgs)
+        finally:
+            merging.bulk = False
+            self._abandon(merging)  # (what is left: cut off, or Redis failed again)
+            self._merged(merging)
+
+    def _abandon(self, merging: _Merging) -> None:
+        """The records no merge took yet are counted here again (merged at the next recovery: the gauge is set)."""
+        if merging.pending:
+            self.fallback.restore([(org_id, *taken) for org_id, taken in merging.pending.items()])
+            merging.pending.clear()
+            self.stats["redis_fallback"] = 1
+
+    def _merged(self, merging: _Merging) -> None:
+        """The end of a recovery, once no record is left to merge nor being merged. Records counted here meanwhile
+        (a merge cut off, a check that could not wait for its org's) are merged at the next check (or writer's
+        round): the fallback gauge is set again for them."""
+        if merging.pending or merging.running or self._merging is not merging:
+            return
+        self._merging = None
+        if self.fallback.has_records():
+            self.stats["redis_fallback"] = 1
+
+    async def _merge_one(self, org_id: str, snapshot: Snapshot | None, counts: _Counts) -> None:
+        """Merge one org's records: its recorded calls and tokens, and its calls in flight, kept in flight in Redis
+        (settled there when they end: :meth:`handed_over`). Failed or cut off, they are counted here again."""
+        now = int(time.time())
+        # (a counter of the records' period expires with it, as one the CHECK script makes)
+        ttl_ms = UNPERIODED_TTL_MS
+        if snapshot is not None and snapshot.active:
+            ttl_ms = _expiry_ms(snapshot.period_end, now)
+        # A merge that failed or was cut off may have been applied (Redis ran it, its answer was lost): each merge
+        # leaves a mark, and the next one of the org's records (those taken back, and the ones counted since) adds
+        # only what the latest applied one leaves, in the same second's bucket.
+        uncertain = self._uncertain.get(org_id, [])
+        mark = self.key(org_id, f"merge:{uuid.uuid4().hex}")
+        bucket = uncertain[-1][3] if uncertain else now
+        inflight = _inflight_spec(counts)
+        recorded = counts.calls - sum(counts.i.values())
+        keys = [self.key(org_id, "count"), mark, *(earlier for earlier, _, _, _, _ in uncertain)]
+        args: list[Any] = [period_key(snapshot), bucket, recorded, counts.tokens, ttl_ms, ttl_ms, inflight]
+        for _, calls, tokens, _, spec in uncertain:
+            args += [calls, tokens, spec]
+        this = (mark, recorded, counts.tokens, bucket, inflight)
+        try:
+            applied = await self._merge(keys=keys, args=args)
+        except self._errors() as exc:  # Redis failed again: counted here again
+            self._uncertain[org_id] = [this, *uncertain][:_MAX_UNCERTAIN]
+            self._failed(exc)
+            self.fallback.restore([(org_id, snapshot, counts)])
+            return
+        except BaseException:  # cut off (its time is up, a native cancel): kept here, merged at the next check
+            self._uncertain[org_id] = [this, *uncertain][:_MAX_UNCERTAIN]
+            self.fallback.restore([(org_id, snapshot, counts)])
+            self.stats["redis_fallback"] = 1
+            raise
+        self._uncertain.pop(org_id, None)
+        if applied == 1 and counts.i:
+            handed = self._handed.get(org_id)
+            if handed is None:
+                handed = self._handed[org_id] = {}
+            for sec, n in counts.i.items():
+                handed[sec] = handed.get(sec, 0) + n
+
+    def handed_over(self, org_id: str, bucket: int) -> bool:
+        """Whether a call of the org decided on the fallback in second ``bucket`` was handed to Redis in flight when
+        it answered again (and is no longer held here): its settle goes to Redis (once: the hand-over is used up)."""
+        handed = self._handed.get(org_id)
+        if not handed or not handed.get(bucket):
+            return False
+        if handed[bucket] == 1:
+            del handed[bucket]
+            if not handed:
+                del self._handed[org_id]
+        else:
+            handed[bucket] -= 1
+        return True
 
     def _errors(self) -> tuple[type[BaseException], ...]:
         try:
@@ -829,7 +950,7 @@ class RedisBackend:
                 break
         if not self._queue:
             self._releasing.clear()
-        if not self._queue and self.stats["redis_fallback"] and self._up():
+        if not self._queue and (self.stats["redis_fallback"] or self._merging is not None) and self._up():
             # Redis takes writes again: shared counting resumes now (with the outage's records merged), not at the
             # next quota check, which an idle or ungated worker may never make (its records missing from the fleet's
             # counts, its fallback gauge stuck at 1), whether or not settles were queued meanwhile
