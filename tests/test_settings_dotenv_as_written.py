@@ -267,3 +267,24 @@ def test_api_url_pasted_with_an_empty_query_or_in_capitals_is_the_base(value: st
     settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": value}, require_api_key=False)
     assert settings.api_url == expected
     assert BillingSettings(api_url=value).api_url == expected
+
+
+def test_quota_variables_in_a_dotenv_are_read_as_the_other_settings_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``QuotaConfig.from_env`` read ``.env`` through starlette: with a byte-order mark its first line was dropped
+    (``LAGO_QUOTA_STATUS=402`` ignored: 429 answered), and a commented-out placeholder was the feature ``# our
+    feature`` (no org's plan has it: every org unlimited, silently)."""
+    from lago_org_billing._quota import QuotaConfig
+
+    for name in ("LAGO_QUOTA_STATUS", "LAGO_QUOTA_FEATURE", "LAGO_QUOTA_REDIS_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".env").write_text(
+        '\ufeffLAGO_QUOTA_STATUS=402\r\nLAGO_QUOTA_FEATURE= # our feature, later\r\nLAGO_QUOTA_REDIS_PREFIX="q #1:"\r\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    config = QuotaConfig.from_env()
+    assert config.over_quota_status == 402
+    assert config.feature_code == QuotaConfig().feature_code
+    assert config.redis_prefix == "q #1:"

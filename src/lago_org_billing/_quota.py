@@ -103,7 +103,6 @@ from typing import Any, Literal, Protocol
 import anyio
 import anyio.abc
 from cachetools import LRUCache
-from starlette.config import Config
 
 from ._client import JSON, LagoClient
 from ._errors import (
@@ -117,7 +116,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._settings import BillingSettings, _check_raw, _read_exports
+from ._settings import BillingSettings, _check_raw, _read_env_file
 
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
@@ -298,8 +297,8 @@ class QuotaConfig:
         environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults; ``overrides`` win."""
         file_values: dict[str, str] = {}
         if environ is None:
-            # (``export LAGO_QUOTA_X=...`` lines read under their name, as BillingSettings.from_env reads them)
-            file_values = _read_exports(dict(Config(".env").file_values)) if os.path.isfile(".env") else {}
+            # (read as BillingSettings.from_env reads it: as python-dotenv does, ``export`` lines included)
+            file_values = _read_env_file(".env") if os.path.isfile(".env") else {}
             env: Mapping[str, str] = {**file_values, **os.environ}
         else:
             env = environ

@@ -314,17 +314,6 @@ def _json_object(name: str, raw: str) -> Any:
     return value
 
 
-def _read_exports(file_values: dict[str, str]) -> dict[str, str]:
-    """``file_values`` (starlette's reading of a ``.env``) with its ``export LAGO_X=...`` lines (a ``.env`` also
-    ``source``d by a shell, as python-dotenv and compose read it) under their variable's name too; a plain line of
-    the same name wins."""
-    for line_name, value in list(file_values.items()):
-        exported = _EXPORTED.fullmatch(line_name)
-        if exported:
-            file_values.setdefault(exported.group(1), value)
-    return file_values
-
-
 def _check_raw(name: str, raw: str, env_file: str | os.PathLike[str] | None) -> None:
     """Refuse a value as written that would be read wrong: wrapped in quotes (:func:`_check_unquoted`) or, read
     unquoted from the ``env_file`` (None: from the environment, where docker keeps it literally), ending with an
@@ -447,8 +436,6 @@ def _spool_path(value: object) -> str:
 
 #: ``Bearer <key>`` or ``Authorization: Bearer <key>``, as Lago's curl examples show it.
 _BEARER = re.compile(r"(?i)(authorization\s*:\s*)?bearer\s")
-#: A ``.env`` line ``export LAGO_X=...`` (starlette reads its name as ``export LAGO_X``).
-_EXPORTED = re.compile(r"export\s+(LAGO_\w+)")
 #: One ``.env`` binding, as python-dotenv's parser reads it (blank lines before it skipped).
 _DOTENV_BINDING = re.compile(
     r"""\s*(?:export[^\S\n]+)?
