@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -181,15 +182,28 @@ def _limit(
             used = counted[name]
         elif name.startswith("max_") and name[4:] in metrics:
             used = metrics[name[4:]]["units"]
-    ratio = used / limit if used is not None and limit else (None if used is None or limit is None else 1.0)
+    ratio: float | None = None if used is None or limit is None else 1.0
+    remaining: int | float | None = None
+    if used is not None and limit is not None:
+        try:
+            ratio = used / limit if limit else 1.0
+            remaining = max(limit - used, 0)
+        except OverflowError:  # past a float (a "1e400" from a provider or summed in Lago): exactly, then capped
+            ratio = _capped(Decimal(used) / Decimal(limit)) if limit else 1.0
+            remaining = max(_number(Decimal(limit) - Decimal(used)) or 0, 0)
     return {
         "name": name,
         "limit": limit,
         "used": used,
-        "remaining": None if used is None or limit is None else max(limit - used, 0),
+        "remaining": remaining,
         "ratio": None if ratio is None else round(ratio, 4),
         "exceeded": bool(used is not None and limit is not None and used >= limit),
     }
+
+
+def _capped(value: Decimal) -> float:
+    """``value`` as a float JSON can carry (the largest finite one past it)."""
+    return max(min(float(value), sys.float_info.max), -sys.float_info.max)
 
 
 def _ledger_row(dimension: str, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,7 +360,7 @@ def render_html(data: Mapping[str, Any]) -> str:
         ratio = limit.get("ratio")
         width = 0.0 if ratio is None else min(max(float(ratio), 0.0), 1.0) * 100
         level = " over" if limit.get("exceeded") else " warn" if ratio is not None and ratio >= 0.8 else ""
-        percent = "" if ratio is None else f' <span class="pct">({float(ratio) * 100:.0f}%)</span>'
+        percent = "" if ratio is None else f' <span class="pct">({min(float(ratio), 1e6) * 100:.0f}%)</span>'
         parts.append(
             f'<div class="limit" data-limit="{_e(limit.get("name"))}"><div class="head">'
             f'<span class="name">{_e(limit.get("name"))}</span><span><span class="used">{_e(_fmt(limit.get("used")))}'

@@ -17,10 +17,14 @@ accepted; empty values, values longer than 255 characters or with control charac
 
 from __future__ import annotations
 
+import base64
 import collections.abc
 import dataclasses
+import datetime as dt
 import inspect
 import logging
+import math
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, TypeVar
@@ -225,8 +229,8 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
     """Resolve from ``scope["user"]`` set by Starlette's ``AuthenticationMiddleware``.
 
     ``attribute`` may be a sequence of names tried in order. Mapping users are read with ``user[attribute]``,
-    other objects with ``getattr``. Users whose ``is_authenticated`` is false resolve to ``None``, as do
-    attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
+    other objects with ``getattr``. Users whose ``is_authenticated`` (attribute, method or mapping item) is false
+    resolve to ``None``, as do attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
     """
     names = (attribute,) if isinstance(attribute, str) else tuple(attribute)
 
@@ -235,13 +239,18 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
         if user is None:
             return None
         if isinstance(user, Mapping):
+            flag = user.get("is_authenticated", True)
+            if flag is not True and not (flag() if callable(flag) else flag):
+                return None
             for name in names:
                 value = _clean_id(user.get(name))
                 if value is not None:
                     return value
             return None
         try:
-            if not getattr(user, "is_authenticated", True):
+            flag = getattr(user, "is_authenticated", True)
+            # (a method, as in Django < 1.10 or Flask-Login < 0.3: the bound method itself is always true)
+            if flag is not True and not (flag() if callable(flag) else flag):
                 return None
         except NotImplementedError:
             pass
@@ -334,19 +343,21 @@ def from_jwt_claim(
     audience: str | Sequence[str] | None = None,
     issuer: str | Sequence[str] | None = None,
     header: str = "authorization",
-    leeway: float = 0,
+    leeway: float | dt.timedelta = 0,
 ) -> Resolver:
     """Resolve from a claim of the ``Bearer`` JWT in ``header``, verified with PyJWT.
 
-    ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used).
-    It is loaded once, here, for each of ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm
-    with a PEM key is the classic algorithm-confusion attack; an RSA algorithm with an EC key can never verify).
-    What could never verify a token is a :class:`ConfigurationError` saying what to pass: no algorithm left, a
-    private key, ``algorithms`` given as a string or with an unknown name, ``none``, an empty ``audience`` or
-    ``issuer`` (or list of them). Expiry (``exp``), ``nbf``, ``audience`` and ``issuer`` (one, or a list of accepted
-    ones) are checked when given; a missing, malformed, badly signed or expired token resolves to ``None``. The
-    verified claims are cached in the scope (under an opaque id: never the key), so resolving the org and the user
-    from the same token verifies it once.
+    ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used);
+    a public key or certificate as bare base64 DER (Keycloak's "Public key" / "Certificate", a JWKS ``x5c``) is
+    loaded as the public key too, never taken as an HMAC secret. It is loaded once, here, for each of
+    ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm with a public key is the classic
+    algorithm-confusion attack; an RSA algorithm with an EC key can never verify). What could never verify a token
+    is a :class:`ConfigurationError` saying what to pass: no algorithm left, a private key, ``algorithms`` given as
+    a string or with an unknown name, ``none``, an empty ``audience`` or ``issuer`` (or list of them), a ``claim``
+    that is not a str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0. Expiry (``exp``), ``nbf``,
+    ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed,
+    badly signed or expired token resolves to ``None``. The verified claims are cached in the scope (under an opaque
+    id: never the key), so resolving the org and the user from the same token verifies it once.
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
     try:
@@ -355,8 +366,11 @@ def from_jwt_claim(
         raise ConfigurationError(
             "from_jwt_claim() needs PyJWT: pip install 'lago-org-billing[webhooks]'.", variable=None
         ) from exc
-    if not claim:
-        raise ConfigurationError("from_jwt_claim() needs a claim name, e.g. 'org_id'.")
+    if not isinstance(claim, str) or not claim:
+        raise ConfigurationError(
+            f"from_jwt_claim() needs a claim name (a non-empty str), e.g. 'org_id'; got {claim!r}."
+        )
+    _jwt_check_leeway(leeway)
     if not key:
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
     allowed, verification_key = _jwt_verification(jwt, key, algorithms)
@@ -402,6 +416,20 @@ def from_jwt_claim(
         return _clean_id(claims.get(claim))
 
     return _clean_ids(resolve_from_jwt)
+
+
+def _jwt_check_leeway(leeway: object) -> None:
+    """``leeway`` of :func:`from_jwt_claim`: seconds (or a ``timedelta``) >= 0. NaN would switch the ``exp`` and
+    ``nbf`` checks off (every comparison with it is false), infinity too; a string fails every request."""
+    if isinstance(leeway, dt.timedelta):
+        seconds: object = leeway.total_seconds()
+    else:
+        seconds = leeway if isinstance(leeway, (int, float)) and not isinstance(leeway, bool) else None
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(
+            f"from_jwt_claim(leeway=...) takes the clock skew to tolerate on exp/nbf, in seconds (a finite number "
+            f">= 0, or a timedelta), got {leeway!r}; pass e.g. leeway=30, or 0 for none."
+        )
 
 
 #: Verification settings of :func:`from_jwt_claim` -> the opaque id its verified claims are cached under in a scope
@@ -499,10 +527,11 @@ def _jwt_verification(jwt: Any, key: Any, algorithms: Sequence[str]) -> tuple[li
 
 def _jwt_key_object(key: Any) -> Any:
     """``key``, or the public key of an X.509 certificate PEM (what Auth0, Keycloak or ADFS publish), which PyJWT
-    does not load by itself."""
+    does not load by itself, or of a bare base64 DER public key or certificate (see :func:`_jwt_bare_der_key`)."""
     raw = key.encode("latin-1", "replace") if isinstance(key, str) else key
     if not (isinstance(raw, bytes) and raw.lstrip().startswith(b"-----BEGIN CERTIFICATE-----")):
-        return key
+        bare = _jwt_bare_der_key(raw) if isinstance(raw, bytes) else None
+        return key if bare is None else bare
     try:
         from cryptography import x509
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -515,6 +544,55 @@ def _jwt_key_object(key: Any) -> Any:
         raise ConfigurationError(
             f"from_jwt_claim(): the key looks like a certificate PEM but is not one ({exc})."
         ) from exc
+
+
+_BASE64_KEY = re.compile(rb"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+
+
+def _jwt_bare_der_key(raw: bytes) -> Any:
+    """The key object of a public key, certificate (its public key) or private key given as bare base64 DER, without
+    the PEM lines: how Keycloak shows a realm's "Public key" and "Certificate", and what a JWKS ``x5c`` holds.
+    PyJWT loads none of them, and takes them as an HMAC *secret*: with HS256 allowed (the default), anyone who read
+    the public key could sign tokens for any org. ``None`` for anything else (an HMAC secret, even in base64)."""
+    text = raw.strip()
+    if len(text) < 64 or not text.startswith(b"M") or not _BASE64_KEY.fullmatch(text):  # DER: a SEQUENCE, 0x30
+        return None
+    compact = b"".join(text.split()).rstrip(b"=").translate(bytes.maketrans(b"-_", b"+/"))  # (or base64url)
+    try:
+        der = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
+    except ValueError:
+        return None
+    if not _is_der_sequence(der):  # random bytes (a secret in base64): not even shaped like a key
+        return None
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ConfigurationError(
+            "from_jwt_claim(): the key looks like a bare base64 public key or certificate, which needs cryptography: "
+            "pip install 'lago-org-billing[webhooks]' (an HMAC secret must not be a public key)."
+        ) from exc
+    loaders: tuple[Callable[[bytes], Any], ...] = (
+        serialization.load_der_public_key,
+        lambda data: x509.load_der_x509_certificate(data).public_key(),
+        lambda data: serialization.load_der_private_key(data, password=None),
+    )
+    for load in loaders:
+        try:
+            return load(der)
+        except Exception:  # ValueError, or cryptography's UnsupportedAlgorithm: not a key of this kind
+            continue
+    return None
+
+
+def _is_der_sequence(der: bytes) -> bool:
+    """Whether ``der`` is exactly one DER SEQUENCE, as every key and certificate is."""
+    if len(der) < 2 or der[0] != 0x30:
+        return False
+    if der[1] < 0x80:
+        return len(der) == 2 + der[1]
+    size = der[1] & 0x7F
+    return 0 < size <= 4 and len(der) == 2 + size + int.from_bytes(der[2 : 2 + size], "big")
 
 
 def _jwt_key_kind(prepared: Any) -> str:

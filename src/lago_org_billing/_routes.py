@@ -30,7 +30,9 @@ no active subscription, 429 (with ``Retry-After``) / 503 when Lago throttles or 
 our API key. Nothing in an answer contains the API key. A 429 / 503 of ``POST /usage/record`` also says the event's
 ``transaction_id`` and ``timestamp``: Lago may hold the event (an answer lost), so retry with both (a duplicate is a
 200, not a second charge). ``authorize`` (and a ``plans`` callable) must return ``True`` to allow: anything else
-denies (a truthy non-bool is logged once).
+denies (a truthy non-bool is logged once), and so does one that raises (logged with its traceback; an
+``HTTPException`` it raises, a 401 asking to log in, is answered as is). ``POST /usage/record`` refuses property
+values Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string stays an id).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, Router
@@ -95,18 +98,39 @@ class _Invalid(Exception):
         self.errors = list(errors)
 
 
-def _negative(value: Any) -> bool:
-    """A negative number, or a string Lago would read as one (it sums numeric strings too)."""
+#: The largest number a property of ``POST /usage/record`` may carry (as for token counts): Lago sums properties
+#: into ``decimal(30, 10)`` units and ``bigint`` cents, which overflow long before a float does.
+_MAX_PROPERTY = 2**53 - 1
+
+
+def _property_error(value: Any) -> tuple[str, str] | None:
+    """Why Lago must not sum ``value`` (it sums numeric strings too), as ``(msg, type)``, else ``None``: a negative
+    number lowers the org's bill; NaN, an infinity or a number past :data:`_MAX_PROPERTY` breaks the period's usage
+    (Lago's sum or its amounts fail, so the period cannot be priced). A plain digit string is also an id (a unique
+    count of 20-digit ids), so only one written with an exponent (``"1e400"``) is bounded."""
     if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return value < 0
-    if isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(value) if math.isfinite(value) else Decimal("NaN")
+    elif isinstance(value, str):
+        text = value.strip()
         try:
-            return Decimal(value.strip()) < 0
+            number = Decimal(text)
         except (InvalidOperation, ValueError):
-            return False
-    return False
+            return None
+        if number.is_finite() and number >= 0 and "e" not in text.lower():
+            return None
+    else:
+        return None
+    if not number.is_finite():
+        return "Must be a finite number (NaN and infinities cannot be summed).", "finite_number"
+    if number < 0:
+        return "Must not be negative.", "greater_than_equal"
+    if number > _MAX_PROPERTY:
+        return f"At most {_MAX_PROPERTY} (2**53 - 1): Lago could not sum it.", "less_than_equal"
+    return None
 
 
 #: The plans the routes offer: codes, or ``(request, org_id, plan_code) -> bool`` (sync or async).
@@ -317,9 +341,22 @@ class BillingRouter(Router):
     def _endpoint(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             org_id = str(request.path_params["org_id"])
-            allowed = self.authorize(request, org_id)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
+            try:
+                allowed = self.authorize(request, org_id)
+                if inspect.isawaitable(allowed):
+                    allowed = await allowed
+            except HTTPException:
+                raise  # the app's own answer (a 401 asking to log in)
+            except Exception:  # (no session on the request: a scanner, a logged-out tab) fail closed, not a 500
+                self._say(
+                    "authorize",
+                    "billing_routes(authorize=...) raised on %s %s: the caller was denied (403). Make it return "
+                    "False (or raise an HTTPException) when it cannot tell.",
+                    request.method,
+                    request.url.path,
+                    exc_info=True,
+                )
+                allowed = False
             if allowed is not True:
                 self._not_bool("authorize", allowed, "the caller was denied (403)")
                 detail = NO_AUTHORIZE_DETAIL if self.authorize is deny_all else "You may not manage this org's billing."
@@ -365,9 +402,20 @@ class BillingRouter(Router):
         if plans is None:
             return
         if callable(plans):
-            offered = plans(request, org_id, plan_code)
-            if inspect.isawaitable(offered):
-                offered = await offered
+            try:
+                offered = plans(request, org_id, plan_code)
+                if inspect.isawaitable(offered):
+                    offered = await offered
+            except HTTPException:
+                raise
+            except Exception:  # fail closed: a plan nobody could check is not offered
+                self._say(
+                    "plans",
+                    "billing_routes(plans=...) raised for plan %r: it was refused (422). Make it return a bool.",
+                    plan_code,
+                    exc_info=True,
+                )
+                offered = None
         else:
             offered = plan_code in plans
         if offered is not True:
@@ -471,9 +519,10 @@ class BillingRouter(Router):
         event_code = body.string("event_code", is_id=True)
         transaction_id = body.string("transaction_id")
         properties = body.mapping("properties") or {}
-        for key, value in properties.items():  # an org's admin must not lower its own bill (a sum of negatives)
-            if _negative(value):
-                body.errors.append(_error(("body", "properties", key), "Must not be negative.", "greater_than_equal"))
+        for key, value in properties.items():  # an org's admin must not lower (or break) its own bill
+            refused = _property_error(value)
+            if refused is not None:
+                body.errors.append(_error(("body", "properties", key), *refused))
         if "operation_type" in properties:  # nor remove the seats/projects the app counted (unique_count_agg)
             body.errors.append(
                 _error(
