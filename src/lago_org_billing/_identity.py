@@ -80,8 +80,9 @@ class Identity:
 
 
 def reset_warnings() -> None:
-    """Forget which resolver errors were already logged with a traceback (for tests)."""
+    """Forget which resolver errors and token refusals were already logged (for tests)."""
     _reported.clear()
+    _refusals_said.clear()
 
 
 def _clean_id(value: object) -> str | None:
@@ -408,7 +409,7 @@ def from_jwt_claim(
                 if issuers is not None and claims.get("iss") not in issuers:  # (PyJWT < 2.9 takes one issuer only)
                     raise jwt.InvalidIssuerError("Invalid issuer")
             except jwt.PyJWTError as exc:
-                logger.debug("Bearer token rejected: %s", exc)
+                _jwt_refused(jwt, exc)
                 claims = None
             cache[cache_key] = claims
         if not isinstance(claims, Mapping):
@@ -416,6 +417,39 @@ def from_jwt_claim(
         return _clean_id(claims.get(claim))
 
     return _clean_ids(resolve_from_jwt)
+
+
+#: The kinds of refused tokens already said at WARNING (the first of each kind; the next ones at DEBUG).
+_refusals_said: set[str] = set()
+
+
+def _jwt_refused(jwt: Any, exc: Exception) -> None:
+    """A bearer token refused. Expired or not yet valid ones are a client's normal traffic (DEBUG); the first refusal
+    of each other kind may be this resolver's configuration (every token refused: every request unresolved, served
+    unbilled with ``LAGO_ON_UNRESOLVED=allow``), so it is a WARNING saying what to check."""
+    if isinstance(exc, (jwt.ExpiredSignatureError, jwt.ImmatureSignatureError)):
+        logger.debug("Bearer token rejected: %s", exc)
+        return
+    if isinstance(exc, (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError)) and "aud" in str(exc):
+        kind, hint = "audience", "pass from_jwt_claim(audience=...) the audience your issuer puts in its tokens"
+    elif isinstance(exc, jwt.InvalidIssuerError):
+        kind, hint = "issuer", "check from_jwt_claim(issuer=...) against the tokens' iss claim"
+    elif isinstance(exc, jwt.InvalidSignatureError):
+        kind, hint = "key", "check that from_jwt_claim(key=...) is the issuer's current key or secret"
+    elif isinstance(exc, jwt.InvalidAlgorithmError):
+        kind, hint = "algorithm", "check from_jwt_claim(algorithms=...) against the tokens' alg header"
+    else:
+        kind, hint = type(exc).__name__, "the token may be malformed, or not from the configured issuer"
+    if kind in _refusals_said:
+        logger.debug("Bearer token rejected: %s", exc)
+        return
+    _refusals_said.add(kind)
+    logger.warning(
+        "A bearer token was refused by from_jwt_claim (%s): %s. If every token is refused, no request resolves its "
+        "org from them. Later refusals of this kind are logged at DEBUG.",
+        exc,
+        hint,
+    )
 
 
 def _jwt_check_leeway(leeway: object) -> None:
