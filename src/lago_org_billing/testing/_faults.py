@@ -175,6 +175,10 @@ def parse_rule(spec: Any) -> FaultRule:
         reset = _number(raw_limit, "reset", minimum=0)
         if limit is None or reset is None:
             raise FaultSpecError("fault field 'rate_limit' needs both 'limit' and 'reset'")
+        if reset == 0:  # a new window on every request: it could never answer 429
+            raise FaultSpecError(
+                f"fault field 'rate_limit' needs a 'reset' window longer than 0 seconds (e.g. 1), got {reset!r}"
+            )
         rate_limit = RateLimit(limit=int(limit), reset=float(reset))
     if status is None and not drop and rate_limit is None and not latency:
         raise FaultSpecError(
@@ -186,6 +190,11 @@ def parse_rule(spec: Any) -> FaultRule:
     body = spec.get("body")
     if body is not None and status is None:
         raise FaultSpecError("fault field 'body' only goes with 'status'")
+    if body is not None:
+        try:  # (as the response will send it: refused now, not when a request meets the rule)
+            json.dumps(body, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise FaultSpecError(f"fault field 'body' must be JSON (objects, lists, strings, numbers): {exc}") from None
     return FaultRule(
         status=None if status is None else int(status),
         count=None if count is None else int(count),
@@ -283,12 +292,20 @@ class FaultController:
     def _prune(self, now: float) -> None:
         self._rules = [rule for rule in self._rules if not rule.expired(now)]
 
-    def _take(self, path: str) -> list[FaultRule]:
-        """Claim the rules that apply to one request (counting it against ``count``)."""
+    def _take(self, path: str) -> tuple[list[FaultRule], dict[str, str] | None, bool]:
+        """Claim the rules that apply to one request, counting it against their ``count`` and rate-limit windows.
+
+        Returns the claimed rules in order (each adds its latency; the last one answers if it has a status or drops),
+        the ``X-RateLimit-*`` headers of the last rate limit met (``None``: none) and whether that rate limit was
+        exceeded. An exceeded rate limit answers 429 and ends the chain there: the rules after it are not claimed, their
+        ``count`` stays for the requests that reach them. Decided at once under the lock, so that concurrent requests
+        never share one ``count``."""
         now = self._clock()
         with self._lock:
             self._prune(now)
             claimed = []
+            rate_headers: dict[str, str] | None = None
+            limited = False
             for rule in self._rules:
                 if not rule.matches(path):
                     continue
@@ -297,24 +314,26 @@ class FaultController:
                 claimed.append(rule)
                 if rule.status is not None or rule.drop:
                     break
-            return claimed
+                if rule.rate_limit is not None:
+                    allowed, rate_headers = self._count_rate(rule.rate_limit, now)
+                    if not allowed:
+                        limited = True
+                        break
+            return claimed, rate_headers, limited
 
-    def _check_rate(self, rate: RateLimit) -> tuple[bool, dict[str, str]]:
-        """Count one request in the window; return (allowed, X-RateLimit-* headers)."""
-        now = self._clock()
-        with self._lock:
-            if rate.window_start is None or now - rate.window_start >= rate.reset:
-                rate.window_start = now
-                rate.used = 0
-            rate.used += 1
-            allowed = rate.used <= rate.limit
-            reset_in = max(0, math.ceil(rate.window_start + rate.reset - now))
-            headers = {
-                "X-RateLimit-Limit": str(rate.limit),
-                "X-RateLimit-Remaining": str(max(0, rate.limit - rate.used)),
-                "X-RateLimit-Reset": str(reset_in),
-            }
-        return allowed, headers
+    def _count_rate(self, rate: RateLimit, now: float) -> tuple[bool, dict[str, str]]:
+        """Count one request in the window (the lock held); return (allowed, X-RateLimit-* headers)."""
+        if rate.window_start is None or now - rate.window_start >= rate.reset:
+            rate.window_start = now
+            rate.used = 0
+        rate.used += 1
+        reset_in = max(0, math.ceil(rate.window_start + rate.reset - now))
+        headers = {
+            "X-RateLimit-Limit": str(rate.limit),
+            "X-RateLimit-Remaining": str(max(0, rate.limit - rate.used)),
+            "X-RateLimit-Reset": str(reset_in),
+        }
+        return rate.used <= rate.limit, headers
 
     def middleware(self, app: ASGIApp) -> FaultMiddleware:
         """Factory for ``fake.add_middleware``."""
@@ -376,31 +395,30 @@ class FaultMiddleware:
         if path.startswith(EMULATOR_PATHS):  # the emulator's own controls (reset, state...) are never faulted
             await self.app(scope, receive, send)
             return
-        rate_headers: dict[str, str] = {}
-        for rule in self.controller._take(path):
+        rules, rate_headers, limited = self.controller._take(path)
+        for rule in rules:
             if rule.latency_ms:
                 await _sleep(rule.latency_ms / 1000)
-            if rule.drop:
-                await _drop(scope, receive, send)
-                return
-            if rule.status is not None:
-                body = rule.body if rule.body is not None else error_body(rule.status)
-                await JSONResponse(body, status_code=rule.status)(scope, receive, send)
-                return
-            if rule.rate_limit is not None:
-                allowed, rate_headers = self.controller._check_rate(rule.rate_limit)
-                if not allowed:
-                    response = JSONResponse(error_body(429), status_code=429, headers=rate_headers)
-                    await response(scope, receive, send)
-                    return
+        last = rules[-1] if rules else None
+        if last is not None and last.drop:
+            await _drop(scope, receive, send)
+            return
+        if last is not None and last.status is not None:
+            body = last.body if last.body is not None else error_body(last.status)
+            await JSONResponse(body, status_code=last.status)(scope, receive, send)
+            return
+        if limited:
+            await JSONResponse(error_body(429), status_code=429, headers=rate_headers)(scope, receive, send)
+            return
         if not rate_headers:
             await self.app(scope, receive, send)
             return
+        extra = [(k.lower().encode(), v.encode()) for k, v in rate_headers.items()]
 
         async def send_with_rate_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.extend((k.lower().encode(), v.encode()) for k, v in rate_headers.items())
+                headers.extend(extra)
                 message = {**message, "headers": headers}
             await send(message)
 

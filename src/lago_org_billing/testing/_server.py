@@ -104,10 +104,24 @@ def serve_in_thread(
     client gave up) is cancelled after ``timeout_graceful_shutdown`` (1 s unless given), not waited for. A FakeLago
     gets its test controls (:func:`install_controls`) first. ``uvicorn_options`` go to ``uvicorn.Config`` (e.g.
     ``ssl_certfile`` and ``ssl_keyfile``, which make the URL ``https``).
+
+    The host process's logging is left as it is (``log_config=None`` unless given): uvicorn's ``dictConfig`` would
+    close every handler already installed (a test run's ``--log-file`` would record nothing more), and its records
+    go through the root logger like any library's. A ``port`` already taken is an :class:`EmulatorServerError`
+    before uvicorn starts.
     """
     uvicorn = _uvicorn()
+    if port:  # taken: one clear error, not uvicorn's tracebacks of its failed start
+        try:
+            _probe(host, port)
+        except OSError as exc:
+            raise EmulatorServerError(
+                f"the emulator could not be served on {host}:{port}: {exc.strerror or exc}. Is another server on that "
+                "port? Choose another port, or 0 for a free one."
+            ) from None
     install_controls(fake)
     uvicorn_options.setdefault("timeout_graceful_shutdown", _GRACEFUL_SHUTDOWN)
+    uvicorn_options.setdefault("log_config", None)
     server = uvicorn.Server(_config(fake, host, port, log_level, **uvicorn_options))
     done = threading.Event()
     failure: list[BaseException] = []
@@ -151,15 +165,20 @@ def serve_in_thread(
         restore_issuer()
 
 
+def _probe(host: str, port: int) -> int:
+    """Listen on ``(host, port)`` for a moment; the port bound (an ``OSError`` when it cannot)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, port), family=family) as probe:
+        return int(probe.getsockname()[1])
+
+
 def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
     """``port`` (a free one for 0) if the emulator can listen there, else an :class:`EmulatorServerError` that says
     why (checked before serving, so that a port in use is one clear line, not uvicorn's traceback)."""
     if not 0 <= port <= 65535:
         raise ConfigurationError(f"port must be between 0 and 65535, got {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        with socket.create_server((host, port), family=family) as probe:
-            return int(probe.getsockname()[1])
+        return _probe(host, port)
     except OSError as exc:
         raise EmulatorServerError(
             f"the emulator cannot listen on {host}:{port}: {exc.strerror or exc}. Is another server on that port? "
