@@ -273,3 +273,31 @@ def test_wait_delivered_times_out_with_advice(fake: FakeLago) -> None:
     dispatcher = install_webhooks(fake)
     with pytest.raises(LagoIntegrationError, match="webhook URL configured"):
         dispatcher.wait_delivered(1, timeout=0.01)
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"url": "http://[::1"}, "url"),
+        ({"url": "http://a b/hooks"}, "url"),
+        ({"url": "ftp://receiver.test/hooks"}, "url"),
+        ({"url": "receiver.test/hooks"}, "url"),
+        ({"signature": "hmac", "hmac_key": ""}, "hmac_key"),
+        ({"attempts": 100_000_000_000}, "attempts"),
+    ],
+    ids=["unclosed-ipv6", "space", "ftp", "no-scheme", "empty-hmac-key", "attempts-huge"],
+)
+async def test_a_webhook_endpoint_no_delivery_could_use_is_refused_when_configured(
+    fake: FakeLago, client: httpx.AsyncClient, settings: dict[str, object], says: str
+) -> None:
+    """A URL no request can go to, an empty HMAC key (Lago never signs with one) or a retry count no test could wait
+    for were accepted, and each delivery then failed or retried with no word at setup time. They are a 422 naming the
+    setting, and the endpoint configured before stays as it was."""
+    install_webhooks(fake)
+    before = await client.put("/_emulator/webhooks", json={"url": "http://receiver.test/hooks", "attempts": 2})
+    assert before.status_code == 200
+    refused = await client.put("/_emulator/webhooks", json=settings)
+    assert refused.status_code == 422, refused.text
+    assert says in refused.json()["message"]
+    kept = (await client.get("/_emulator/webhooks")).json()["webhooks"]
+    assert (kept["url"], kept["attempts"]) == ("http://receiver.test/hooks", 2)

@@ -165,8 +165,20 @@ class WebhookDispatcher:
     def _validate(self) -> None:
         if self.signature not in ("jwt", "hmac"):
             raise InvalidRequestError(f"webhook signature must be 'jwt' or 'hmac', got {self.signature!r}")
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
-            raise InvalidRequestError(f"webhook attempts must be an integer >= 1, got {self.attempts!r}")
+        if (
+            isinstance(self.attempts, bool)
+            or not isinstance(self.attempts, int)
+            or not 1 <= self.attempts <= _MAX_ATTEMPTS
+        ):
+            raise InvalidRequestError(
+                f"webhook attempts must be an integer from 1 to {_MAX_ATTEMPTS} (Lago: 3), got {self.attempts!r}"
+            )
+        if not isinstance(self.hmac_key, str) or not self.hmac_key:
+            raise InvalidRequestError(
+                "webhook hmac_key must be a non-empty string (Lago signs with its organization's key)"
+            )
+        if self.url is not None:
+            _check_url(self.url)
 
     @property
     def enabled(self) -> bool:
@@ -188,7 +200,24 @@ class WebhookDispatcher:
         issuer: str | None = None,
         attempts: int | None = None,
     ) -> None:
-        """Change the endpoint or signing; only the given arguments change."""
+        """Change the endpoint or signing; only the given arguments change (none when one of them is refused)."""
+        before = (self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts)
+        try:
+            self._configure(url=url, app=app, signature=signature, hmac_key=hmac_key, issuer=issuer, attempts=attempts)
+        except InvalidRequestError:
+            self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts = before
+            raise
+
+    def _configure(
+        self,
+        *,
+        url: str | None,
+        app: ASGIApp | None,
+        signature: SignatureAlgo | None,
+        hmac_key: str | None,
+        issuer: str | None,
+        attempts: int | None,
+    ) -> None:
         if url is not None:
             self.url = url
         if app is not None:
@@ -533,3 +562,24 @@ def install_webhooks(fake: _SupportsWebhooks, **options: Any) -> WebhookDispatch
     fake.add_middleware(middleware)
     setattr(fake, "webhook_dispatcher", dispatcher)  # noqa: B010
     return dispatcher
+
+
+#: Tries per delivery at most (Lago makes 3): more is no test's, and a typo of a huge count retries for ever.
+_MAX_ATTEMPTS = 100
+
+
+def _check_url(url: object) -> None:
+    """Refuse a webhook URL no delivery could be sent to, when it is configured rather than at each delivery."""
+    problem = None
+    if not isinstance(url, str) or not url or any(ch.isspace() for ch in url):
+        problem = "it is empty or holds blanks"
+    else:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError) as exc:
+            problem = str(exc)
+        else:
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                problem = "it needs http:// or https:// and a host"
+    if problem is not None:
+        raise InvalidRequestError(f"webhook url {url!r} cannot be delivered to: {problem}")
