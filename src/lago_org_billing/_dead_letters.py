@@ -38,6 +38,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
 )
+from ._run import run_main
 from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
@@ -372,7 +373,7 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
         _print_letters(letters, path, args.json)
         return 0
     try:
-        report = anyio.run(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
+        report = run_main(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
     except KeyboardInterrupt:
         print(
             "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "

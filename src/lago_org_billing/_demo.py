@@ -27,6 +27,7 @@ from ._billing import OrgBilling
 from ._client import LagoClient
 from ._middleware import OrgBillingMiddleware
 from ._quota import QuotaConfig
+from ._run import run_main
 from ._settings import BillingSettings
 from ._webhooks import LagoWebhooks
 
@@ -372,7 +373,7 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
     fake = FakeLago(api_key=API_KEY)
     seed(fake)
     with _loopback_only(), _serving(fake, port) as (lago_url, app_url, settings):
-        ok = anyio.run(_main, fake, lago_url, app_url, settings)
+        ok = run_main(_main, fake, lago_url, app_url, settings)
         print(
             "\nEvery request billed exactly once, Lago agrees, and the quota blocked and unblocked as it should."
             if ok

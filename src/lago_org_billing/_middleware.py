@@ -1386,13 +1386,18 @@ def _https_redirect_of(scope: Scope, location: bytes | None) -> bool:
     (the host may differ: a proxy fix's ``X-Forwarded-Host``), not an endpoint's redirect elsewhere."""
     if location is None:
         return True  # (not seen: taken for it, as before)
-    # its Location as Starlette writes it: the path's '?', '#', '\\' escaped, path and query quoted (a space, a
-    # non-ASCII name, a raw '{' or '|' in the query are percent-encoded there, not in the scope)
-    path = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
-    query = scope.get("query_string", b"").decode("utf-8", "replace")
-    own = quote(f"{path}?{query}" if query else path, safe=":/%#?=@[]!$&'()*+,;")
+    # its Location as Starlette writes it: the path's '?', '#', '\\' escaped (recent Starlette; 1.7 and before: as they
+    # are), path and query quoted (a space, a non-ASCII name, a raw '{' or '|' in the query are percent-encoded there,
+    # not in the scope)
     target = location.decode("latin-1")
-    return target.startswith(("https://", "wss://")) and target.endswith(own)
+    if not target.startswith(("https://", "wss://")):
+        return False
+    raw = scope["path"]
+    query = scope.get("query_string", b"").decode("utf-8", "replace")
+    for path in {raw.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C"), raw}:
+        if target.endswith(quote(f"{path}?{query}" if query else path, safe=":/%#?=@[]!$&'()*+,;")):
+            return True
+    return False
 
 
 #: What a server's send raises when the client went away. Not any OSError: an upstream's timeout or refused

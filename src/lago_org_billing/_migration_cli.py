@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import anyio
 import httpx
 
 from ._client import LagoClient
@@ -39,6 +38,7 @@ from ._migration import (
     run_migration,
     validate_mapping,
 )
+from ._run import run_main
 from ._settings import BillingSettings, masked_url
 
 __all__ = ["add_migrate_command", "run_migrate_command"]
@@ -370,7 +370,7 @@ def _run(
             print(f"report written to {args.report}", file=out)
         return 0 if run.ok else 1
 
-    return anyio.run(main)
+    return run_main(main)
 
 
 def _limits(concurrency: int) -> httpx.Limits:

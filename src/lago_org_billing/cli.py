@@ -9,9 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-import anyio
-
 from ._errors import LagoIntegrationError
+from ._run import run_main
 
 __all__ = ["main"]
 
@@ -155,7 +154,7 @@ def _health(args: argparse.Namespace) -> int:
         async with OrgBilling(settings) as billing:
             return await billing.check_lago_health()
 
-    result = anyio.run(check)
+    result = run_main(check)
     if args.json:
         print(json.dumps(result))
     elif result["healthy"]:
