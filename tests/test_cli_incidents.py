@@ -4,6 +4,7 @@ replays, files that are not spools or are locked, a demo in a shell with a proxy
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -80,7 +81,7 @@ def spool_letters(path: Path, submitted: list[dict[str, Any]]) -> None:
 
 def letters(path: Path) -> list[tuple[str, str, str]]:
     """(subscription, transaction_id, reason) of every letter of the spool file."""
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         found = conn.execute("SELECT body, reason FROM dead_letters ORDER BY id").fetchall()
     return [(json.loads(body)["external_subscription_id"], json.loads(body)["transaction_id"], r) for body, r in found]
 
@@ -122,7 +123,7 @@ def test_a_file_that_is_not_a_spool_is_said_not_listed_as_empty(
     text = tmp_path / "notes.db"
     text.write_text("not a database\n" * 100)
     app_db = tmp_path / "app.db"
-    with sqlite3.connect(app_db) as conn:
+    with contextlib.closing(sqlite3.connect(app_db)) as conn, conn:
         conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
     for path in (text, app_db):
         for replay in ([], ["--replay"], ["--json"]):
@@ -218,7 +219,7 @@ def test_a_replay_interrupted_after_lago_took_the_events_bills_nothing_twice(
 
 
 def bodies(path: Path) -> list[str]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         return [row[0] for row in conn.execute("SELECT body FROM dead_letters ORDER BY id")]
 
 
@@ -335,7 +336,7 @@ def test_the_listing_piped_to_head_ends_quietly(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     spool_letters(path, [event("tx0", "org_a")])
     [body] = bodies(path)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.executemany(
             "INSERT INTO dead_letters(body, reason, status, code, created_at) VALUES (?, ?, 422, 'x', 0)",
             [(body.replace('"tx0"', f'"many{i}"'), "r" * 150) for i in range(3_000)],

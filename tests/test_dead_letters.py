@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -140,7 +141,7 @@ async def spool_with_letters(path: Path, fake: FakeLago) -> None:
 
 
 def letter_ids(path: Path) -> list[int]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         return [row[0] for row in conn.execute("SELECT id FROM dead_letters ORDER BY id")]
 
 
@@ -248,7 +249,8 @@ def test_replay_goes_a_chunk_at_a_time_and_never_touches_a_letter_that_took_a_fr
     letters = list(_dead_letters.read_spool_dead_letters(str(path)))  # bad0, bad1, poison
     second = letters[1].letter.id
     other = json.dumps({**letters[1].letter.event, "transaction_id": "someone_else"})
-    with sqlite3.connect(path) as conn:  # bad1's row now holds another letter (as if its id had been reused)
+    # bad1's row now holds another letter (as if its id had been reused)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         conn.execute("UPDATE dead_letters SET body = ? WHERE id = ?", (other, second))
     fake = make_fake()
     settings = BillingSettings(api_key="test-api-key", api_url=FakeLago.base_url)
@@ -261,7 +263,7 @@ def test_replay_goes_a_chunk_at_a_time_and_never_touches_a_letter_that_took_a_fr
     report = anyio.run(replay)
     assert (report.sent, report.delivered, len(report.rejected)) == (3, 2, 1)
     assert sorted(transaction_ids(fake)) == ["bad0", "bad1"]
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         rows = dict(conn.execute("SELECT id, body FROM dead_letters"))
     assert rows[second] == other and len(rows) == 2  # poison (rejected again) and the other letter
 

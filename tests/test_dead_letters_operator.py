@@ -3,6 +3,7 @@ event store, the quota gate's count), ``dead-letters --replay``'s up-front check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -152,7 +153,7 @@ def _spool_with_letters(path: Path, count: int) -> None:
                 await pipeline.aclose()
 
     anyio.run(make)
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0] == count
 
 
@@ -173,7 +174,7 @@ def test_replay_with_an_api_key_scoped_to_events_is_not_refused(
     captured = capsys.readouterr()
     assert code == 0, captured
     assert sorted(event["transaction_id"] for event in fake.events) == ["tx0", "tx1"]
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0] == 0
 
 
@@ -198,7 +199,7 @@ def test_replay_with_a_key_that_may_not_write_events_is_said_at_once(
     assert main(["dead-letters", "--spool", str(path), "--replay", "--timeout", "30"]) == 2
     err = capsys.readouterr().err
     assert "LAGO_API_KEY" in err or "API key" in err, err
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0] == 1
 
 
@@ -255,5 +256,5 @@ def test_ctrl_c_during_a_replay_does_not_say_events_are_lost(
     assert "Interrupted" in capsys.readouterr().err
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [m for m in said if "lost" in m or "aclose()" in m or "lifespan" in m], said
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0] == 3

@@ -3,6 +3,7 @@ behaviours on loopback and the SQLite spool as deployments leave it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -225,12 +226,12 @@ async def test_a_drained_backlog_is_given_back_to_the_volume_while_traffic_goes_
     # the rows left are intact and in order: the next one is delivered, and a restart has nothing else to send
     [item] = outbox.take(1)
     assert '"tx20039"' in item.encoded()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         [(row_id, body)] = conn.execute("SELECT id, body FROM events").fetchall()
     assert row_id == item.id and body == item.encoded()
     outbox.resolve([item])
     await outbox.close()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
 
 

@@ -134,7 +134,8 @@ async def test_merges_failing_after_redis_applied_them_twice_in_a_row_count_the_
     """Limit 3. One call counted in Redis; Redis down: one more served here. Redis answers again, but the reply of the
     merge of that record is lost (a socket timeout once Redis ran it: a Redis error, the record taken back), twice in
     a row; the third merge goes through. Each check meanwhile is decided here and its call released. Redis must hold 2
-    calls, and the next call be allowed: each merge adds only what the latest one applied leaves (before: 4, refused)."""
+    calls, and the next call be allowed: each merge adds only what the latest one applied leaves (before: 4,
+    refused)."""
     with fleet.up():
         gate = fleet.gate()
         await served(gate)

@@ -280,7 +280,9 @@ def test_quota_variables_in_a_dotenv_are_read_as_the_other_settings_are(
     for name in ("LAGO_QUOTA_STATUS", "LAGO_QUOTA_FEATURE", "LAGO_QUOTA_REDIS_PREFIX"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / ".env").write_text(
-        '\ufeffLAGO_QUOTA_STATUS=402\r\nLAGO_QUOTA_FEATURE= # our feature, later\r\nLAGO_QUOTA_REDIS_PREFIX="q #1:"\r\n',
+        "\ufeffLAGO_QUOTA_STATUS=402\r\n"
+        "LAGO_QUOTA_FEATURE= # our feature, later\r\n"
+        'LAGO_QUOTA_REDIS_PREFIX="q #1:"\r\n',
         encoding="utf-8",
     )
     monkeypatch.chdir(tmp_path)

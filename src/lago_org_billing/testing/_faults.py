@@ -207,12 +207,19 @@ def parse_rule(spec: Any) -> FaultRule:
     )
 
 
+#: Lago's reason phrases where Python's have changed since (3.13: 413 "Content Too Large", 422 "Unprocessable
+#: Content"): the error bodies stay what Lago sends on every Python.
+_LAGO_PHRASES = {413: "Payload Too Large", 422: "Unprocessable Entity"}
+
+
 def error_body(status: int) -> dict[str, Any]:
     """The body Lago sends for ``status`` (see docs: error envelope)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
+    phrase = _LAGO_PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
     if status == 500:
         return {"status": 500, "errors": [{"message": "Internal Server Error (injected fault)"}], "data": {}}
     body: dict[str, Any] = {"status": status, "error": phrase}
