@@ -1059,6 +1059,7 @@ class SqliteOutbox(Outbox):
         self._opened = False
         self.adopted = 0
         self._write_errors = _Streak()
+        self._writes_failed = 0  # (ever: a load that waited for a write sees whether it failed meanwhile)
         self._read_errors = _Streak()
         self._closing = False
         # with a file that cannot be written: the ids of the events sent from memory, never written, and the dead
@@ -1343,6 +1344,7 @@ class SqliteOutbox(Outbox):
 
     def _write_failed(self, exc: Exception, *, sent: int) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
+        self._writes_failed += 1
         errors = self._write_errors
         if not errors.hit():
             return
@@ -1485,16 +1487,14 @@ class SqliteOutbox(Outbox):
         if room < self.window_size // 2:
             return
         assert self._io is not None
+        failed = self._writes_failed
         async with self._io:
             if self._orphan is not None:  # (its rows may be deleted by it, or not be in the file)
                 await self._settle_orphan()
             if self._loaded_upto >= self._committed_upto:
                 return
-            if len(self._to_delete) + len(self._to_dead) > self.capacity:
-                return  # (as above, once the write that held them failed and gave them back: seen after it)
-            room = self.window_size - len(self.window)
-            if room < self.window_size // 2:
-                return
+            if self._writes_failed != failed and len(self._to_delete) + len(self._to_dead) > self.capacity:
+                return  # (as above: a write that held them failed meanwhile and gave them back)
             try:
                 items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
             except sqlite3.Error as exc:
