@@ -355,13 +355,15 @@ async def test_429_wait_is_kept_within_bounds(fake: FakeLago, reset: str) -> Non
 
 
 class Held(httpx.AsyncBaseTransport):
-    """The emulator behind a gate: requests wait until ``opened`` is set."""
+    """The emulator behind a gate: requests wait until ``opened`` is set (``entered`` is set as the first arrives)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
         self.opened = anyio.Event()
+        self.entered = anyio.Event()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.entered.set()
         await self.opened.wait()
         return await self.inner.handle_async_request(request)
 
@@ -384,7 +386,11 @@ async def test_concurrent_flushes_all_return(fake: FakeLago) -> None:
                 async with anyio.create_task_group() as flushes:
                     flushes.start_soon(flush)
                     flushes.start_soon(flush)
-                    await anyio.wait_all_tasks_blocked()  # both flushes wait, the batch is held at Lago's door
+                    # both flushes wait, the batch is held at Lago's door (not wait_all_tasks_blocked(): the
+                    # pipeline's timers keep waking its tasks, so "all blocked" may take seconds to be seen)
+                    await held.entered.wait()
+                    while pipeline._flushing < 2:
+                        await anyio.lowlevel.checkpoint()
                     held.opened.set()
             await pipeline.aclose()
     assert results == [True, True]
@@ -403,8 +409,8 @@ async def test_memory_events_survive_a_cancelled_run_for_the_next(fake: FakeLago
             for event in events(5):
                 pipeline.submit(event)
             with anyio.fail_after(10):  # a guard: a batch is taken at once, then held at Lago's door
-                while not pipeline.outbox.in_flight:
-                    await anyio.wait_all_tasks_blocked()
+                await held.entered.wait()
+            assert pipeline.outbox.in_flight
             tasks.cancel_scope.cancel()
         assert pipeline.stats["lost_at_shutdown"] == 0 and pipeline.outbox.unresolved() == 5
         held.opened.set()

@@ -294,8 +294,8 @@ async def test_run_again_after_a_cancelled_run_sends_what_was_in_flight(tmp_path
                 pipeline.submit(event)
             await pipeline.commit()
             with anyio.fail_after(10):  # a guard: the batch is taken at once, then held at Lago's door
-                while not pipeline.outbox.in_flight:
-                    await anyio.wait_all_tasks_blocked()
+                await held.entered.wait()
+            assert pipeline.outbox.in_flight
             tasks.cancel_scope.cancel()
         held.opened.set()
         async with anyio.create_task_group() as tasks:

@@ -61,9 +61,13 @@ async def test_a_small_memory_capacity_does_not_throttle_a_backlog_to_one_window
             assert isinstance(outbox, SqliteOutbox)
 
             def stalled() -> bool:
-                """Nothing in memory to send, rows left in the file, and the loading paused on a commit."""
+                """Nothing in memory to send, rows left in the file, the loading paused on a commit, and no commit
+                asked for or running (nor a load): nothing will move before the commit window ends."""
+                assert pipeline._kick is not None and outbox._io is not None
                 return (
-                    not outbox.window
+                    not pipeline._kick.is_set()
+                    and not outbox._io.locked()
+                    and not outbox.window
                     and not outbox.in_flight
                     and outbox._loaded_upto < outbox._committed_upto
                     and len(outbox._to_delete) > outbox.capacity

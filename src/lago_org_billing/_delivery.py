@@ -452,6 +452,10 @@ class EventPipeline:
     def _progressed(self) -> None:
         if self._progress is not None:
             self._progress.set()
+        if self._kick is not None and getattr(self.outbox, "needs_commit", False):
+            # the loading waits for these resolutions to be written: the spool task commits now (a commit running
+            # meanwhile took only those before it, and its own load would otherwise wait out the commit window)
+            self._kick.set()
 
     async def _build_task(self, outbox: MemoryOutbox) -> None:
         """Build lazily submitted events within ``flush_interval``, whether or not Lago takes them now."""
