@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -411,3 +412,22 @@ async def test_usage_helper_raises_lago_errors(fake: FakeLago) -> None:
         fake.usage("ghost", "sub")
     assert info.value.status == 404
     assert info.value.body["code"] == "customer_not_found"
+
+
+@pytest.mark.parametrize("event_store", ["postgres", "clickhouse"])
+@pytest.mark.parametrize("value", ["1e400", "-1e400", "9" * 60])
+async def test_current_usage_of_huge_property_values_is_computed_not_a_crash(
+    clock: Clock, event_store: str, value: str
+) -> None:
+    """A sum metric's property far past 28 digits (Lago's numeric columns take it): current usage answers 200 with
+    the amount in cents as a whole number, not a 500 from quantizing it in Decimal's default context."""
+    fake = build(clock, event_store)
+    async with fake.client() as c:
+        assert (
+            await c.post("/api/v1/events", json={"event": event("huge", code="tokens", tokens=value)})
+        ).status_code == 200
+        r = await c.get("/api/v1/customers/org/current_usage", params={"external_subscription_id": "sub"})
+    assert r.status_code == 200
+    tokens = {u["billable_metric"]["code"]: u for u in r.json()["customer_usage"]["charges_usage"]}["tokens"]
+    expected = int(Decimal(value) / 10)  # 0.001 USD a token, in cents: a tenth of a cent each
+    assert tokens["amount_cents"] == expected or abs(tokens["amount_cents"] - expected) <= abs(expected) // 10**26

@@ -7,7 +7,7 @@ import functools
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 from .._errors import InvalidRequestError
@@ -224,8 +224,10 @@ def decimal_str(value: Decimal) -> str:
 
 
 def cents(value: Decimal) -> int:
-    """Round an amount in cents half up (Ruby ``BigDecimal#round``)."""
-    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    """Round an amount in cents half up (Ruby ``BigDecimal#round``), however large (units of ``1e400`` are summed by
+    Lago's numeric columns: the default 28-digit context would raise on quantizing them)."""
+    digits = max(value.adjusted() + 2, 28)
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP, context=Context(prec=digits)))
 
 
 # Pagination ------------------------------------------------------------------------------------
