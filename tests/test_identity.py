@@ -182,6 +182,20 @@ async def test_from_header_refuses_conflicting_repeated_headers() -> None:
     assert "a" == resolver(make_scope([("X-Org-Id", "a"), ("X-Org-Id", "a")]))
 
 
+async def test_from_header_refuses_values_a_proxy_joined_with_commas(caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 9110 lets a proxy join repeated headers with commas: ``acme, other`` is two ids (ambiguous: None, said once
+    with the fix), not the customer ``"acme, other"``; one id repeated is that id."""
+    resolver = from_header("X-Org-Id")
+    with caplog.at_level("WARNING", logger="lago_org_billing"):
+        assert resolver(make_scope({"X-Org-Id": "acme, other"})) is None
+        assert resolver(make_scope({"X-Org-Id": "acme,other"})) is None
+    assert "acme" == resolver(make_scope({"X-Org-Id": "acme, acme"}))
+    assert "acme" == resolver(make_scope({"X-Org-Id": " acme ,"}))
+    assert resolver(make_scope({"X-Org-Id": ","})) is None
+    said = [r.getMessage() for r in caplog.records if "comma-separated" in r.getMessage()]
+    assert len(said) <= 1 and all("Send the header once" in message for message in said)
+
+
 async def test_from_header_needs_a_name() -> None:
     """An empty header name is a configuration error."""
     with pytest.raises(ConfigurationError):
@@ -513,6 +527,10 @@ _IDENTITY_SCOPES = [
     # another header repeated (read by one pass rather than a dict of them), and headers as a tuple
     make_scope([("Accept", "a"), ("X-Org-Id", "acme"), ("Accept", "b"), ("X-User-Id", "ada")]),
     {**make_scope(), "headers": ((b"x-org-id", b"acme"), (b"x-user-id", b"ada"))},
+    # joined by a proxy from repeated headers: different ids are ambiguous, one id repeated is that id
+    make_scope({"X-Org-Id": "acme, other", "X-User-Id": "ada"}),
+    make_scope({"X-Org-Id": "acme, acme", "X-User-Id": "ada,bob"}),
+    make_scope({"X-Org-Id": "acme,", "X-User-Id": " ada , ada "}),
 ]
 
 

@@ -293,7 +293,8 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
     raw_name = _header_name("from_header()", name)
 
     def resolve_from_header(scope: Scope) -> str | None:
-        return _clean_id(_header_value(scope, raw_name))
+        value = _header_value(scope, raw_name)
+        return _clean_id(_unjoined(value)) if value is not None else None
 
     if membership_check is None:
         return _clean_ids(resolve_from_header)
@@ -793,12 +794,36 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
     return resolve_identity
 
 
+def _unjoined(text: str) -> str | None:
+    """A header value that a proxy may have joined from repeated headers (RFC 9110 lets it join them with commas:
+    ``org_a, org_b``): one id repeated is that id, different ones are ambiguous (``None``, as repeated headers with
+    different values are), never the id ``"org_a, org_b"`` billed as a customer of its own. An id cannot be passed
+    in a header with a comma in it."""
+    if "," not in text:
+        return text
+    parts = {part.strip() for part in text.split(",")}
+    parts.discard("")
+    if len(parts) == 1:
+        return parts.pop()
+    if not _joined_said:
+        _joined_said.append(True)
+        logger.warning(
+            "An identity header holds several comma-separated values (%r: a proxy joins repeated headers this way); "
+            "the request is treated as unresolved. Send the header once (ids with commas cannot be sent in headers).",
+            text[:100],
+        )
+    return None
+
+
+_joined_said: list[bool] = []
+
+
 def _header_id(value: Any) -> str | None:
     """A header value as an id (see :func:`_clean_id`); valid ones are remembered (the active orgs and users repeat),
     when the value is no longer than an id: one padded with blanks that :func:`_clean_id` strips (``\\xa0``, which
     servers pass on) would keep kilobytes per entry, each distinct padding its own entry."""
     try:
-        ident = _clean_id(value.decode("latin-1"))
+        ident = _clean_id(_unjoined(value.decode("latin-1")))
     except AttributeError:
         return None
     if ident is not None and type(value) is bytes and len(value) <= MAX_ID_LENGTH:
