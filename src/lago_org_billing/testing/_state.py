@@ -1964,7 +1964,7 @@ class LagoStore:
             "code": str(raw["code"]),
             "timestamp": iso_ms(moment),
             "ts": str(kept),
-            "properties": copy.deepcopy(dict(properties)),
+            "properties": _copied(properties),
             "precise_total_amount_cents": None if precise is None else str(precise),
         }
         return event, {}
@@ -1977,19 +1977,30 @@ class LagoStore:
     def _find_event(self, key: tuple[str, ...]) -> int | None:
         return self._event_index.get(key)
 
-    def _store_event(self, event: JSON) -> JSON:
+    def _active_subscriptions(self) -> dict[str, JSON]:
+        """External id -> its first active subscription, for a batch of events (one pass over the subscriptions)."""
+        active: dict[str, JSON] = {}
+        for sub in self.subscriptions:
+            if sub["status"] == "active":
+                active.setdefault(sub["external_id"], sub)
+        return active
+
+    def _store_event(self, event: JSON, active: Mapping[str, JSON] | None = None) -> JSON:
         now = self.now()
         event["lago_id"] = self._uuid()
         event["created_at"] = iso(now)
         event["ingested_at"] = iso_ms(now)  # (ClickHouse's ingested_at / enriched_at: DateTime64(3))
-        sub = next(
-            (
-                s
-                for s in self.subscriptions
-                if s["external_id"] == event["external_subscription_id"] and s["status"] == "active"
-            ),
-            None,
-        )
+        if active is not None:
+            sub = active.get(event["external_subscription_id"])
+        else:
+            sub = next(
+                (
+                    s
+                    for s in self.subscriptions
+                    if s["external_id"] == event["external_subscription_id"] and s["status"] == "active"
+                ),
+                None,
+            )
         event["subscription_id"] = sub["lago_id"] if sub else None
         event["customer_id"] = sub["customer_id"] if sub else None
         key = self._dedup_key(event)
@@ -2013,7 +2024,7 @@ class LagoStore:
             "code": event["code"],
             "timestamp": event["timestamp"],
             "precise_total_amount_cents": event["precise_total_amount_cents"],
-            "properties": copy.deepcopy(event["properties"]),
+            "properties": _copied(event["properties"]),
             "lago_subscription_id": None if created else event["subscription_id"],
             "external_subscription_id": event["external_subscription_id"],
             "created_at": None if unsaved else event["created_at"],
@@ -2070,7 +2081,8 @@ class LagoStore:
                 raise validation_error(batch_errors)
             if self.event_store == "postgres":
                 self._check_batch_insert(events)
-            stored = [self._store_event(event) for event in events]
+            active = self._active_subscriptions()
+            stored = [self._store_event(event, active) for event in events]
             return {"events": [self._serialize_event(e, created=True) for e in stored]}
 
     def _check_batch_insert(self, events: Sequence[JSON]) -> None:
@@ -2549,6 +2561,17 @@ def _metadata_matches(items: Sequence[Mapping[str, Any]], query: Mapping[str, An
 
 def _default_field(field: str) -> Any:
     return "customer" if field == "account_type" else None
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _copied(properties: Mapping[str, Any]) -> JSON:
+    """A copy of an event's properties that shares nothing mutable with them: the usual flat map of scalars copied
+    as a dict (a deep copy of each event's properties was most of a batch's ingestion), nested values deep-copied."""
+    if all(map(_SCALARS.__contains__, map(type, properties.values()))):
+        return dict(properties)
+    return copy.deepcopy(dict(properties))
 
 
 def _aggregate(metric: JSON, events: Sequence[JSON]) -> Decimal:
