@@ -33,7 +33,9 @@ Token rules, to neither under- nor double-bill:
 - A usage update without ``total_tokens`` drops an earlier total (it no longer matches the new counts).
 - Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
   ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
-  ``message_start``) adds them up. A stream cut off by the client keeps what was counted so far.
+  ``message_start``; an OpenAI chat chunk or Responses API response with a usage under another ``id`` than the last
+  usage read: a tool loop relaying each call) adds them up. A stream cut off by the client keeps what was counted so
+  far.
 - ``total_tokens`` is ``input_tokens + output_tokens`` unless the source that gave the tokens gives a total too.
 
 Malformed values (bools, negatives, fractions, non-numeric strings, more than 10**9) never break a request: they
@@ -251,10 +253,12 @@ def attribute_usage(
 class _Counts:
     """Raw usage values seen in a body, last value per key (streams report cumulative counts)."""
 
-    __slots__ = ("answer", "done", "latest", "model")
+    __slots__ = ("answer", "done", "latest", "model", "usage_id")
 
     def __init__(self) -> None:
         self.model: Any = None
+        # The id of the completion (chat chunks' "id", the Responses API's response's) whose usage was last read.
+        self.usage_id: object = None
         # Whether a model came with an LLM's answer (a chat chunk's choices, the Responses API's response, Ollama's
         # line), not with any event naming a model (a job's progress): only those say a stream lacked its usage.
         self.answer = False
@@ -291,6 +295,14 @@ def _collect(payload: object, counts: _Counts) -> None:
             model = inner.get("model")
             answer = True
     usage = container.get("usage")
+    if isinstance(usage, Mapping) and (answer or container is payload.get("response")) and container.get("id"):
+        # An OpenAI-style completion (or the Responses API's response) with its id: a usage of another one than
+        # the last usage read is another completion of the stream (a tool loop relaying each call): added up.
+        ident = container.get("id")
+        if counts.latest and counts.usage_id is not None and ident != counts.usage_id:
+            counts.done.append(counts.latest)
+            counts.latest = {}
+        counts.usage_id = ident
     if not isinstance(usage, Mapping):
         usage = payload.get("usageMetadata")  # Google Gemini (and Vertex AI), its model in modelVersion
         if isinstance(usage, Mapping):
@@ -576,7 +588,8 @@ class UsageRecorder:
         if not content_type or not config.inspect_body:
             return
         if encoded:  # compressed by a middleware inside this one (GZipMiddleware added first): gzip/deflate are read
-            if b"json" not in content_type and b"event-stream" not in content_type:
+            lowered = content_type.lower()
+            if b"json" not in lowered and b"event-stream" not in lowered:
                 return
             if encoded not in _INFLATABLE:
                 _encoded_body_skipped(encoded)
@@ -678,9 +691,14 @@ class UsageRecorder:
             del last[:-_JSON_END]
 
     def _feed_sse(self, chunk: bytes) -> None:
-        if self._fresh:
+        if self._fresh:  # (a byte-order mark may come split over the first chunks: held until it is whole or not one)
+            chunk = self._partial + chunk
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                self._partial = chunk
+                return
+            self._partial = b""
             self._fresh = False
-            if chunk.startswith(b"\xef\xbb\xbf"):
+            if chunk.startswith(_BOM):
                 chunk = chunk[3:]
         if self._skip_lf:
             self._skip_lf = False
@@ -950,6 +968,8 @@ class UsageRecorder:
             members = _closing_members(last, "usageMetadata", len(last), _CLOSING)
             if members is not None:
                 members["usage"], members["model"] = members.get("usageMetadata"), members.get("modelVersion")
+        if members is None:  # Gemini's array of chunks (streamGenerateContent without alt=sse): its last one's
+            members = _gemini_last_chunk(last, head)
         if members is None:  # Cohere's (an embedding of many texts), followed by its response_type
             members = _closing_members(last, "meta", len(last), _CLOSING)
             meta = members.get("meta") if members is not None else None
@@ -968,6 +988,30 @@ class UsageRecorder:
         counts = _Counts()
         _collect({"model": model if isinstance(model, str) else None, "usage": usage}, counts)
         return _resolve_counts(counts, "json", model_needs_usage=True), "json"
+
+
+def _gemini_last_chunk(last: str, head: bytes) -> dict[str, Any] | None:
+    """The members of the last chunk of Gemini's streamed answer as a JSON array over the cap (an image model's:
+    megabytes of base64 in a chunk), its ``usageMetadata`` (cumulative) and ``modelVersion`` as ``usage`` and
+    ``model``, read from the array's last characters ``last``; ``None`` unless the array closes with a chunk that has
+    a ``responseId`` and its first chunk, when its first bytes ``head`` show it, has the same (as a body read whole:
+    a list of stored answers, each its own, is not billed)."""
+    end = len(last.rstrip(" \t\n\r"))
+    if last[end - 1 : end] != "]":
+        return None
+    text = last[: end - 1]
+    members = _closing_members(text, "usageMetadata", len(text), _CLOSING)
+    if members is None or type(members.get("responseId")) is not str:
+        return None
+    start = head.decode("utf-8", "replace")
+    index = _skip(start, 1 if start[:1] == "\ufeff" else 0)
+    if start[index : index + 1] != "[":
+        return None
+    first = _leading_members(start[index + 1 :])
+    if "responseId" in first and first["responseId"] != members["responseId"]:
+        return None
+    members["usage"], members["model"] = members.get("usageMetadata"), members.get("modelVersion")
+    return members
 
 
 #: A usage object "closes" a JSON body when at most this many bytes follow it (OpenAI's ``service_tier`` and
@@ -1183,6 +1227,8 @@ def _merge(sources: tuple[tuple[str, dict[str, Any]], ...]) -> Usage:
 _internal_logged: set[str] = set()
 
 
+#: The UTF-8 byte-order mark a stream may open with (which SSE ignores).
+_BOM = b"\xef\xbb\xbf"
 #: The marker of a stream event whose data was dropped (over the cap).
 _SKIP = b"\x00skip"
 #: The last bytes of a dropped stream event looked at for its usage.
