@@ -72,6 +72,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -235,39 +236,104 @@ class OrgMapping:
 
 def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """Read a JSON (list of objects) or CSV (header ``user_id,org_id,org_name,email[,plan_code]``) mapping
-    file; returns ``(location, record)`` pairs. Raises :class:`MappingError` when it cannot be read at all."""
+    file; returns ``(location, record)`` pairs. Raises :class:`MappingError` when it cannot be read at all: not
+    UTF-8 (the line named), empty, a CSV header or JSON object giving a column twice, a CSV quoted field running
+    over lines (a quote not closed: the rows after it would be read as that field)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise MappingError([f"{path}: cannot read the mapping file ({exc})"]) from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MappingError([_not_utf8(path, raw, exc)]) from exc
+    if not text.strip():
+        raise MappingError(
+            [
+                f"{path.name} is empty: expected a CSV header {','.join(MAPPING_COLUMNS)}[,plan_code] and a row per "
+                "user, or a JSON list of objects with these keys"
+            ]
+        )
     looks_json = path.suffix.lower() == ".json" or (path.suffix.lower() != ".csv" and text.lstrip()[:1] == "[")
     if looks_json:
+        repeated: dict[int, list[str]] = {}
+
+        def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            item = dict(pairs)
+            if len(item) < len(pairs):  # (json.loads keeps the last value of a key given twice: said, not guessed)
+                keys = [key for key, _ in pairs]
+                repeated[id(item)] = sorted({key for key in keys if keys.count(key) > 1})
+            return item
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys)
         except ValueError as exc:
             raise MappingError([f"{path}: not valid JSON ({exc})"]) from exc
         if not isinstance(data, list):
             raise MappingError([f"{path}: JSON mapping must be a list of objects, got {type(data).__name__}"])
+        twice = [
+            f"{path.name} item {index}: key(s) given more than once: {', '.join(repeated[id(item)])} (which one is "
+            "meant cannot be told)"
+            for index, item in enumerate(data, 1)
+            if id(item) in repeated
+        ]
+        if twice:
+            raise MappingError(twice)
         return [(f"{path.name} item {index}", item) for index, item in enumerate(data, 1)]
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [name.strip() for name in reader.fieldnames or []]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [name.strip() for name in next(reader, [])]
     missing = [column for column in MAPPING_COLUMNS if column not in header]
     unknown = [column for column in header if column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
-    if missing or unknown:
+    doubled = [column for column in dict.fromkeys(header) if header.count(column) > 1]
+    if missing or unknown or doubled:
         problems = []
+        if doubled:  # (which value is meant cannot be told)
+            problems.append(f"{path.name} header: column(s) given more than once: {', '.join(doubled)}")
         if missing:
             problems.append(f"{path.name} header: missing column(s) {', '.join(missing)}")
         if unknown:
             problems.append(f"{path.name} header: unknown column(s) {', '.join(map(repr, unknown))}")
         problems[-1] += f" (expected {','.join(MAPPING_COLUMNS)}[,plan_code])"
         raise MappingError(problems)
-    reader.fieldnames = header
     records: list[tuple[str, dict[str, Any]]] = []
+    runaway: list[str] = []
+    end = reader.line_num
     for row in reader:
-        record: dict[str, Any] = dict(row)
-        records.append((f"{path.name} line {reader.line_num}", record))
+        start, end = end + 1, reader.line_num  # (the line the row begins on: a quoted field may hold line breaks)
+        if not row:  # a blank line
+            continue
+        # (as csv.DictReader: the fields beyond the header under None, a short row's missing ones None)
+        record: dict[str, Any] = dict(zip(header, row, strict=False))
+        record.update({column: None for column in header[len(row) :]})
+        if len(row) > len(header):
+            record[None] = row[len(header) :]  # type: ignore[index]
+        if end > start:
+            runaway.append(
+                f"{path.name} line {start}: a quoted field runs on to line {end} (a double quote opened and not "
+                "closed?): the lines in between would be read as that field, not as rows; close the quote, or "
+                "remove it"
+            )
+        records.append((f"{path.name} line {start}", record))
+    if runaway:
+        raise MappingError(runaway)
     return records
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError) -> str:
+    """The problem of a mapping file that is not UTF-8: the line and byte, and how to convert it."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        what = "UTF-16 (Excel's 'Unicode Text'?), not UTF-8"
+    else:
+        what = f"not UTF-8 (byte 0x{raw[exc.start]:02x}; Latin-1 or Windows-1252, as Excel writes 'CSV' on Windows?)"
+    line = raw[: exc.start].count(b"\n") + 1
+    return (
+        f"{path.name} line {line}: {what}; save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f WINDOWS-1252 -t UTF-8 "
+        f"{path.name}) and run again"
+    )
 
 
 async def load_mapping_callable(spec: str) -> list[tuple[str, dict[str, Any]]]:
@@ -355,8 +421,13 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
             problems.append(f"{where}: empty org_name")
         elif len(org_name) > _MAX_NAME:
             problems.append(f"{where}: org_name is longer than Lago's {_MAX_NAME} characters")
+        elif control := _CONTROL.search(org_name):  # (a NUL is refused by Lago's database: an org failing mid-run)
+            problems.append(
+                f"{where}: org_name contains the control character {control.group()!r} (a line break of a quote not "
+                "closed, or a byte of a binary export?): remove it"
+            )
         email = (values["email"] or "").strip() or None
-        if email is not None and ("@" not in email or any(c.isspace() for c in email)):
+        if email is not None and ("@" not in email or any(c.isspace() or _CONTROL.match(c) for c in email)):
             problems.append(f"{where}: email {email!r} is not an email address")
         plan_code = (values["plan_code"] or "").strip() or None
         if plan_code is not None:
@@ -1417,6 +1488,13 @@ async def plan_org(
     settings = client.settings
     sub_id = settings.subscription_id_for(org.org_id)
     org_customer = await _or_none(client.get_customer(org.org_id))
+    moved = customer_metadata(org_customer).get(METADATA_MIGRATED_TO)
+    if moved:  # (a mapping typo: made an org customer, that user's customer would be subscribed and billed again)
+        raise InvalidRequestError(
+            f"org_id {org.org_id!r} is the Lago customer of a user migrated to org {moved!r} (its metadata "
+            f"{METADATA_MIGRATED_TO}={moved}), not an org's: nothing was done for this org. Check the org_id of its "
+            "rows in the mapping (Lago keys customers by external_id only: an org cannot share a user's id)"
+        )
     # (one that starts later counts: made from a user's pending one by an earlier run)
     org_subscription = await client.get_current_subscription(sub_id)
     if org_subscription is None and org_customer is not None:
@@ -1650,6 +1728,21 @@ async def plan_org(
                 )
             )
 
+    # A user with several active subscriptions at once (a plan and an add-on): the org gets one; the others end (by the
+    # second phase) with nothing to follow them.
+    taken_id = result.donor[1] if result.donor is not None else None
+    for user_id, _, subscriptions in users:
+        held = [s for s in subscriptions if s.get("status") == "active"]
+        others = [s for s in held if s.get("external_id") != taken_id]
+        if len(held) > 1 and others:
+            ending = "the second phase ends" if options.prepare_only else "this migration ends"
+            listed = ", ".join(f"{s.get('external_id')} (plan {s.get('plan_code')!r})" for s in others)
+            result.warnings.append(
+                f"org {org.org_id!r}: {user_id} has {len(held)} active subscriptions at once (an add-on?); the org "
+                f"gets one, {sub_id!r} on plan {result.plan_code!r}, and {ending} {listed} with no subscription "
+                "to follow: its billing stops. If the org should keep paying for it, subscribe the org customer to "
+                "that plan yourself (POST /subscriptions with another external_id)"
+            )
     if options.prepare_only:  # the first phase: the users' subscriptions go on billing the old integration's events
         result.phase = "prepare"
         await _warn_overlap(org, sub_id, active, plans, result)
@@ -2049,22 +2142,40 @@ async def verify_org(
     plans: PlanCatalog | None = None,
     options: MigrationOptions | None = None,
 ) -> None:
-    """``result.errors`` gets every way the org is not migrated: no customer, no active subscription (or one
-    on another customer), a mapped user still holding an active subscription, an entitlement override of the donor
+    """``result.errors`` gets every way the org is not migrated: no customer, or one not marked
+    ``billing_type=organization``, no active subscription (or one on another customer), a mapped user still holding an
+    active subscription, or whose subscriptions are ended but whose customer is not marked ``migrated_to_org`` (a run
+    stopped before step 4), an entitlement override of the donor
     (the subscription the plan policy picks among those the migration ended: the policy ``execute`` used must be
     given) missing from the org subscription, or a plan entitlement the donor went without still on it."""
     sub_id = client.settings.subscription_id_for(org.org_id)
     result.customer = await _or_none(client.get_customer(org.org_id))
     if result.customer is None:
         result.errors.append(f"org {org.org_id!r} has no Lago customer")
+    else:
+        meta = customer_metadata(result.customer)
+        if meta.get(METADATA_BILLING_TYPE) != ORGANIZATION:
+            if METADATA_BILLING_TYPE in meta or len(meta) < MAX_METADATA_ITEMS:
+                result.errors.append(
+                    f"org customer {org.org_id!r} is not marked {METADATA_BILLING_TYPE}={ORGANIZATION} (its metadata "
+                    f"has {METADATA_BILLING_TYPE}={meta.get(METADATA_BILLING_TYPE)!r}: OrgBilling.is_org_customer "
+                    "reads it); run migrate --execute again to mark it"
+                )
+            else:  # (--execute could not write it either, and warned)
+                result.warnings.append(
+                    f"org customer {org.org_id!r} is not marked {METADATA_BILLING_TYPE}={ORGANIZATION}: its metadata "
+                    "has 5 items already (Lago's limit); free one and run migrate --execute again to mark it"
+                )
     # (one that starts later counts: a user's plan bought for a later date)
     result.subscription = await client.get_current_subscription(sub_id)
     pages: list[tuple[str, list[JSON]]] = []
+    user_customers: list[tuple[str, JSON | None]] = []
     for user_id in org.users:
         page = await client.list_subscriptions(
             external_customer_id=user_id, statuses=["active", "pending"], per_page=20
         )
         pages.append((user_id, page.items))
+        user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
@@ -2096,6 +2207,23 @@ async def verify_org(
             "Once the middleware is deployed, run migrate --execute without --prepare to end them and mark the "
             "users (until then the fixed fees of both are billed)"
         )
+    else:  # (step 4, as --execute makes it: a run stopped after ending the users' subscriptions left it to do; a user
+        # whose subscriptions are not ended yet is reported above)
+        ended = {user_id for user_id, items in pages if not items}
+        for user_id, customer in user_customers:
+            if user_id not in ended:
+                continue
+            meta = customer_metadata(customer)
+            moved_to = meta.get(METADATA_MIGRATED_TO)
+            markable = len(org.org_id) <= MAX_METADATA_VALUE and (
+                METADATA_MIGRATED_TO in meta or len(meta) < MAX_METADATA_ITEMS
+            )
+            if customer is not None and moved_to != org.org_id and markable:
+                marked = f" (it is marked {METADATA_MIGRATED_TO}={moved_to})" if moved_to else ""
+                result.errors.append(
+                    f"user {user_id!r} (org {org.org_id!r}) is not marked {METADATA_MIGRATED_TO}={org.org_id}{marked}: "
+                    "a run stopped before marking it; run migrate --execute again to mark it"
+                )
     result.status = "unverified" if result.errors else "verified"
 
 

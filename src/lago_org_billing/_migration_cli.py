@@ -107,7 +107,8 @@ def add_migrate_command(commands: Any) -> None:
     mode.add_argument(
         "--verify",
         action="store_true",
-        help="check every org has its customer and active subscription and no user still has one",
+        help="check every org has its customer (billing_type=organization) and active subscription, no user still has "
+        "one and every user is marked migrated_to_org",
     )
     migrate.add_argument(
         "--prepare",
