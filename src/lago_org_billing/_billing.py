@@ -23,6 +23,7 @@ from cachetools import TTLCache
 from ._client import JSON, LagoClient
 from ._errors import (
     ConfigurationError,
+    InvalidIdentifierError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -33,7 +34,7 @@ from ._errors import (
 )
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
-from ._ids import validate_id
+from ._ids import _FORBIDDEN, validate_id
 from ._settings import BillingSettings, masked_url
 
 if TYPE_CHECKING:
@@ -209,7 +210,9 @@ class OrgBilling:
         """The org's Lago customer, or ``None`` when it has none."""
         try:
             return await self.client.get_customer(org_id)
-        except LagoNotFoundError:
+        except LagoNotFoundError as exc:
+            if _no_such_route(exc):  # a LAGO_API_URL Lago is not served under: not "this org has no customer"
+                raise
             return None
 
     async def update_org_customer(
@@ -248,7 +251,11 @@ class OrgBilling:
 
     async def is_org_customer(self, external_id: str) -> bool:
         """True when ``external_id`` is an org-keyed customer (``billing_type=organization`` in its metadata);
-        False for user-keyed (legacy) or unknown customers."""
+        False for user-keyed (legacy) or unknown customers, and for an id no org customer can have (a legacy
+        customer keyed by an email: ``alice@example.com``; Lago cannot address it in a URL path, and
+        ``create_org_customer`` refuses such ids)."""
+        if isinstance(external_id, str) and external_id and _unaddressable(external_id):
+            return False
         customer = await self.get_customer(external_id)
         if customer is None:
             return False
@@ -305,7 +312,8 @@ class OrgBilling:
     ) -> JSON:
         """Subscribe the org's customer to ``plan_code`` (subscription ``external_id`` from the template).
 
-        Idempotent: the same plan returns the existing subscription. A different plan is an upgrade or a
+        Idempotent: the same plan returns the existing subscription (one made with ``plan_overrides`` too, when no
+        ``plan_overrides`` are given). A different plan is an upgrade or a
         downgrade, as Lago decides from the plans' amounts (see :meth:`change_plan`).
 
         ``subscription_at`` and ``ending_at`` take aware datetimes, ISO 8601 strings or dates: a date (or a
@@ -313,6 +321,18 @@ class OrgBilling:
         customer's; one more call reads it), UTC for an org without a customer yet."""
         validate_id(org_id, "org_id")
         _check_dates(subscription_at, fields)
+        plan_code = validate_id(plan_code, "plan_code")
+        if fields.get("plan_overrides") is None:
+            # Lago compares plan *ids*: a subscription made with plan_overrides is on a copy of the plan (same code,
+            # its own id), so the same plan again would be an "upgrade" replacing it (billed at once, at list price)
+            # or a downgrade to list price. The same plan code is the subscription the org has.
+            current = await self.client.get_current_subscription(self.subscription_id(org_id))
+            if (
+                current is not None
+                and current.get("plan_code") == plan_code
+                and current.get("external_customer_id") == org_id  # (another customer's: Lago's to refuse)
+            ):
+                return current
         zone: dt.tzinfo = dt.timezone.utc
         if any(_is_day(value) for value in (subscription_at, fields.get("ending_at"))):
             zone = _customer_zone(await self.get_customer(org_id))
@@ -320,7 +340,7 @@ class OrgBilling:
             fields["ending_at"] = _iso(fields["ending_at"], "ending_at", zone)
         return await self.client.create_subscription(
             external_customer_id=org_id,
-            plan_code=validate_id(plan_code, "plan_code"),
+            plan_code=plan_code,
             external_id=self.subscription_id(org_id),
             billing_time=billing_time,
             subscription_at=_iso(subscription_at, "subscription_at", zone),
@@ -371,7 +391,9 @@ class OrgBilling:
         """The org's active subscription (or the one with ``status``), or ``None``."""
         try:
             return await self.client.get_subscription(self.subscription_id(org_id), status=status)
-        except LagoNotFoundError:
+        except LagoNotFoundError as exc:
+            if _no_such_route(exc):
+                raise
             return None
 
     async def change_plan(self, org_id: str, plan_code: str) -> JSON:
@@ -399,6 +421,8 @@ class OrgBilling:
             except LagoNotFoundError:
                 pass  # it started or was canceled meanwhile
             return await self.client.get_subscription(current["external_id"])
+        if plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
+            return current
         return await self.client.create_subscription(
             external_customer_id=current["external_customer_id"],
             plan_code=plan_code,
@@ -419,24 +443,76 @@ class OrgBilling:
         if subscription_id is not None:
             current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
             if current is None:
-                raise LagoNotFoundError(
-                    f"Subscription {external_id!r} is neither active nor pending: nothing to terminate.",
-                    status=404,
-                    code="subscription_not_found",
-                )
+                raise await self._nothing_to_terminate(external_id)
             owner = current.get("external_customer_id")
             if owner != org_id:
                 raise InvalidRequestError(
                     f"Subscription {external_id!r} belongs to customer {owner!r}, not org {org_id!r}: not terminated."
                 )
+        for status in ("active", "pending"):  # not active: one that has not started yet is canceled
+            try:
+                return await self.client.terminate_subscription(
+                    external_id,
+                    status=None if status == "active" else status,
+                    on_termination_invoice=on_termination_invoice if status == "active" else None,
+                    on_termination_credit_note=on_termination_credit_note if status == "active" else None,
+                )
+            except LagoNotFoundError as exc:
+                if _no_such_route(exc):
+                    raise
+            except LagoUnavailableError:
+                # The DELETE is not retried (Lago may have applied it, its answer lost: a retry would 404). Read back
+                # what Lago did: ended, it is answered; still there (or Lago unreadable), the error stands.
+                ended = await self._ended_behind_lost_answer(external_id, status)
+                if ended is None:
+                    raise
+                return ended
+        raise await self._nothing_to_terminate(external_id)
+
+    async def _ended_behind_lost_answer(self, external_id: str, status: str) -> JSON | None:
+        """After a terminate (``status`` active) or cancel (``pending``) whose answer was lost: the subscription Lago
+        ended, or ``None`` when it is still ``status`` or cannot be read."""
         try:
-            return await self.client.terminate_subscription(
-                external_id,
-                on_termination_invoice=on_termination_invoice,
-                on_termination_credit_note=on_termination_credit_note,
+            await self.client.get_subscription(external_id, status=None if status == "active" else status)
+        except LagoNotFoundError as exc:
+            if _no_such_route(exc):
+                return None
+        except LagoIntegrationError:
+            return None
+        else:
+            return None  # still there: Lago did not apply it
+        try:
+            ended = await self.client.get_subscription(
+                external_id, status="terminated" if status == "active" else "canceled"
             )
-        except LagoNotFoundError:  # not active: one that has not started yet is canceled
-            return await self.client.terminate_subscription(external_id, status="pending")
+        except LagoIntegrationError:
+            return None
+        logger.info("Subscription %s was ended by Lago although its answer was lost; answered as ended", external_id)
+        return ended
+
+    async def _nothing_to_terminate(self, external_id: str) -> LagoNotFoundError:
+        """The error of a terminate that finds neither an active nor a pending subscription ``external_id``: it says
+        when it already ended (a terminate run again, or one whose answer was lost), else that there is none."""
+        for status in ("terminated", "canceled"):
+            try:
+                ended = await self.client.get_subscription(external_id, status=status)
+            except LagoNotFoundError as exc:
+                if _no_such_route(exc):
+                    return exc
+                continue
+            when = ended.get("terminated_at") or ended.get("canceled_at")
+            return LagoNotFoundError(
+                f"Subscription {external_id!r} is already {status} ({when}; lago_id {ended.get('lago_id')}): nothing "
+                "left to terminate. Subscribe the org again (create_subscription) to bill it.",
+                status=404,
+                code="subscription_not_found",
+            )
+        return LagoNotFoundError(
+            f"Subscription {external_id!r} is neither active nor pending, and never was: nothing to terminate. "
+            "Check the org id (and LAGO_SUBSCRIPTION_ID_TEMPLATE), or subscribe the org first.",
+            status=404,
+            code="subscription_not_found",
+        )
 
     # ------------------------------------------------------------------ usage
 
@@ -793,6 +869,21 @@ def _property_count(name: str, value: Any) -> int | None:
             f"properties.{name} (a token count) must be a whole number from 0 to 2**53 - 1, got {value!r}."
         )
     return int(count)
+
+
+def _no_such_route(exc: LagoNotFoundError) -> bool:
+    """Lago's catch-all 404 (``resource_not_found``): the path is not one of Lago's (a LAGO_API_URL under a path Lago
+    is not served at), so nothing is known missing."""
+    return exc.code == "resource_not_found"
+
+
+def _unaddressable(external_id: str) -> bool:
+    """An id that no org customer can have: one with a character Lago cannot take in a URL path ('.', '/'...)."""
+    try:
+        validate_id(external_id)
+    except InvalidIdentifierError:
+        return external_id == external_id.strip() and _FORBIDDEN.search(external_id) is not None
+    return False
 
 
 def _only_existing_keys(details: Mapping[str, Any]) -> bool:

@@ -762,7 +762,7 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         "path": url,
     }
     if status in (401, 403):
-        hint = " Check LAGO_API_KEY." if status == 401 else " The API key lacks a permission."
+        hint = " Check LAGO_API_KEY." if status == 401 else _forbidden_hint(code)
         return LagoAuthenticationError(summary + "." + hint, **kwargs)
     if status == 404:
         if code is None:  # not Lago's JSON 404 (a proxy's page, a wrong base path): no resource is known missing
@@ -771,8 +771,22 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
                 "path there).",
                 **kwargs,
             )
+        if code == "resource_not_found":  # Lago's catch-all route: no such path, not a missing id
+            # (still a LagoNotFoundError: callers read it as "this Lago has no such endpoint", e.g. one before
+            # entitlements; OrgBilling never reads it as "this org has no customer / subscription")
+            return LagoNotFoundError(
+                f"{summary}: Lago serves no such route. Check LAGO_API_URL (is Lago served under the path it names?), "
+                "or that this Lago version has this endpoint.",
+                **kwargs,
+            )
         return LagoNotFoundError(
             summary + ". Check the id (Lago's ids are case-sensitive), or create the resource first.", **kwargs
+        )
+    if status == 405 and code == "no_active_subscription":
+        return LagoAPIError(
+            summary + ". The customer has no active subscription (none yet, not started yet, or terminated): "
+            "subscribe it first.",
+            **kwargs,
         )
     if status == 422:
         if LagoValidationError(summary, **kwargs).is_duplicate_only:  # e.g. a retry after a lost answer: ingested
@@ -798,6 +812,22 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
         # not a LagoNotFoundError: callers read that as "this org has no customer / subscription"
         return LagoAPIError(f"{summary}: redirected{hint}; set LAGO_API_URL to the URL Lago answers at.", **kwargs)
     return LagoAPIError(summary + ".", **kwargs)
+
+
+def _forbidden_hint(code: str | None) -> str:
+    """What to do about Lago's 403, by its ``code``: only ``<read|write>_action_not_allowed_for_<resource>`` is about
+    the API key's permissions; the others are features this Lago (its licence, plan or setup) does not serve."""
+    if code == "feature_unavailable":
+        return (
+            " This Lago does not include the feature (premium: a Lago Cloud plan or a self-hosted licence that has "
+            "it); the API key is not the problem."
+        )
+    if code in ("endpoint_not_available", "projected_usage_not_enabled"):
+        return " This Lago organization does not serve this endpoint as set up; the API key is not the problem."
+    if code and "_action_not_allowed_for_" in code:
+        mode, _, resource = code.partition("_action_not_allowed_for_")
+        return f" The API key lacks the {mode} permission on {resource}: grant it to the key in Lago (API keys)."
+    return " The API key lacks a permission."
 
 
 def _subscription_path(external_id: str) -> str:
