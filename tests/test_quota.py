@@ -912,3 +912,19 @@ async def test_a_misspelt_plan_limit_is_refused(client: LagoClient) -> None:
     assert info.value.variable == "LAGO_PLAN_LIMITS" and "'max_api_calls'" in str(info.value)
     renamed = QuotaConfig(calls_privilege="max_api_cals")  # the privilege renamed: the key is a limit
     QuotaGate(settings, client, config=renamed)
+
+
+async def test_a_lago_url_under_a_wrong_path_follows_the_fail_policy_not_402(
+    fake: FakeLago, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``LAGO_API_URL`` under a path Lago is not served at: Lago's catch-all ``404 resource_not_found`` is not "this org
+    has no subscription" (a 402 for every org): Lago is unusable as configured, so LAGO_FAIL_OPEN decides, and the
+    log says to check the URL."""
+    settings = BillingSettings(api_url=fake.base_url + "/lago", api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = make_gate(lago, clock)
+        decision = await gate.check("org_1")
+        assert decision.allowed and gate.stats["fail_open"] == 1 and gate.stats["refresh_errors"] == 1
+        closed = make_gate(lago, clock, fail_open=False)
+        assert (await closed.check("org_1")).status == 503
+    assert "LAGO_API_URL" in caplog.text

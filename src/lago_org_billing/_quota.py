@@ -2025,7 +2025,9 @@ class QuotaGate:
     async def _fetch_subscription(self, org_id: str, subscription_id: str, now: float) -> Snapshot:
         try:
             subscription: JSON = await self.client.get_subscription(subscription_id)
-        except LagoNotFoundError:
+        except LagoNotFoundError as exc:
+            if exc.code == "resource_not_found":  # Lago's catch-all for a route it does not serve: LAGO_API_URL is
+                raise  # wrong (a path), not every org without a subscription: the fail policy applies, the error said
             self._no_subscription(org_id, subscription_id, "does not exist (404)")
             return Snapshot(active=False, plan_fetched_at=now)
         except InvalidIdentifierError as exc:  # no subscription can be made nor read for it: not "Lago is down"
