@@ -99,7 +99,8 @@ __all__ = [
 
 logger = logging.getLogger("lago_org_billing.webhooks")
 
-#: Webhook types after which the org's cached quota state is dropped at once.
+#: Webhook types after which the org's cached quota state is dropped at once (so is it after any other
+#: ``subscription.*`` type: see ``_invalidates``).
 INVALIDATING_TYPES = frozenset(
     {
         "subscription.started",
@@ -112,6 +113,15 @@ INVALIDATING_TYPES = frozenset(
         "alert.triggered",
     }
 )
+
+
+def _invalidates(webhook_type: str) -> bool:
+    """Whether a webhook type drops its org's cached quota state: :data:`INVALIDATING_TYPES`, and every other
+    ``subscription.*`` type (newer Lago adds some, e.g. ``subscription.activating``/``activation_failed``, whose
+    subscription changed: one re-read of it costs less than a stale plan)."""
+    return webhook_type in INVALIDATING_TYPES or webhook_type.startswith("subscription.")
+
+
 #: Webhook types about the whole Lago organization (features, plans and their entitlements): every org's cached
 #: quota state is dropped, when the quota gate offers ``invalidate_all``.
 ORG_WIDE_TYPES = frozenset(
@@ -410,11 +420,34 @@ def org_from_subscription_id(template: str, external_id: str) -> str | None:
 
 def resolve_org(payload: Mapping[str, Any], subscription_id_template: str = "{org_id}") -> str | None:
     """The org a webhook concerns: ``external_customer_id``, the embedded ``customer.external_id``, a customer
-    object's ``external_id``, else the org behind ``external_subscription_id`` (through the template)."""
+    object's ``external_id``, else the org behind ``external_subscription_id`` (through the template); else the same
+    read in the object's nested ``invoice``, ``subscription``, ``wallet``, ``payment`` or ``event`` (Lago names the
+    org only there in ``invoice.payment_dispute_lost``, ``wallet_transaction.*``, ``payment_receipt.*`` and
+    ``event.error``)."""
     object_type = payload.get("object_type")
-    obj = payload.get(object_type) if isinstance(object_type, str) else None
+    if not isinstance(object_type, str):
+        return None
+    obj = payload.get(object_type)
     if not isinstance(obj, Mapping):
         return None
+    org_id = _org_of(object_type, obj, subscription_id_template)
+    if org_id is not None:
+        return org_id
+    for key in _NESTED_OWNERS:
+        nested = obj.get(key)
+        if key != object_type and isinstance(nested, Mapping):
+            org_id = _org_of(key, nested, subscription_id_template)
+            if org_id is not None:
+                return org_id
+    return None
+
+
+#: Objects Lago nests in a webhook's object that name its customer or subscription.
+_NESTED_OWNERS = ("invoice", "subscription", "wallet", "payment", "event")
+
+
+def _org_of(object_type: str, obj: Mapping[str, Any], subscription_id_template: str) -> str | None:
+    """The org named directly by one object (of type ``object_type``), or ``None``."""
     for key in ("external_customer_id", "customer_external_id"):
         value = obj.get(key)
         if isinstance(value, str) and value:
@@ -706,7 +739,7 @@ class LagoWebhooks:
 
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than the parser goes)
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("webhook_type"), str):
             return _answer(400, "not_a_webhook", "The body is not a Lago webhook envelope (no webhook_type).")
@@ -936,7 +969,7 @@ class LagoWebhooks:
     async def _dispatch(self, event: WebhookEvent, scope: Scope) -> bool:
         handled = False
         target = self._invalidate if self._invalidate is not None else _scope_gate(scope)
-        if event.webhook_type in INVALIDATING_TYPES and event.org_id is not None and target is not None:
+        if _invalidates(event.webhook_type) and event.org_id is not None and target is not None:
             invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
             await invalidate(event.org_id)
             self.stats["invalidations"] += 1
