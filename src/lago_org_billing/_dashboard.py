@@ -13,7 +13,7 @@ import html
 import inspect
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
@@ -60,6 +60,17 @@ def _number(value: Any) -> int | float | None:
     return int(number) if number == number.to_integral_value() else float(number)
 
 
+def _whole(value: Any) -> int:
+    """A count or an amount in cents as a whole number: Lago's integers, and a ledger's ``"150.5"`` (precise cents,
+    rounded half up) or ``"3.0"``; anything else (``None``, a word, NaN) is 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _number(value)
+    if number is None:
+        return 0
+    return int(Decimal(str(number)).to_integral_value(rounding=ROUND_HALF_UP))
+
+
 async def dashboard_data(
     billing: OrgBilling,
     org_id: str,
@@ -99,8 +110,8 @@ async def dashboard_data(
         )
         # One entry per charge: a metric billed by two charges appears twice with the same units.
         entry["units"] = max(entry["units"], _number(charge.get("units")) or 0)
-        entry["events"] = max(entry["events"], int(charge.get("events_count") or 0))
-        entry["amount_cents"] += int(charge.get("amount_cents") or 0)
+        entry["events"] = max(entry["events"], _whole(charge.get("events_count")))
+        entry["amount_cents"] += _whole(charge.get("amount_cents"))
 
     if config is None:
         gate_config = getattr(billing.quota, "config", None)
@@ -156,8 +167,8 @@ async def dashboard_data(
             "issuing_date": usage.get("issuing_date"),
         },
         "amount": {
-            "amount_cents": int(usage.get("amount_cents") or 0),
-            "total_amount_cents": int(usage.get("total_amount_cents") or 0),
+            "amount_cents": _whole(usage.get("amount_cents")),
+            "total_amount_cents": _whole(usage.get("total_amount_cents")),
             "currency": usage.get("currency") or plan_object.get("amount_currency"),
         },
         "limits": limits,
@@ -211,8 +222,8 @@ def _ledger_row(dimension: str, row: Mapping[str, Any]) -> dict[str, Any]:
     units: Mapping[str, Any] = raw_units if isinstance(raw_units, Mapping) else {}
     return {
         dimension: str(row.get(dimension) if row.get(dimension) is not None else row.get("key")),
-        "events": int(row.get("events") or 0),
-        "amount_cents": int(row.get("amount_cents") or 0),
+        "events": _whole(row.get("events")),
+        "amount_cents": _whole(row.get("amount_cents")),
         "units": {str(code): _number(value) or 0 for code, value in units.items()},
     }
 
@@ -233,8 +244,8 @@ def _grouped_breakdown(charges: list[Mapping[str, Any]]) -> dict[str, list[dict[
                 value = (group.get("grouped_by") or {}).get(dimension)
                 key = "(none)" if value is None else str(value)
                 row = rows[dimension].setdefault(key, {dimension: key, "events": 0, "amount_cents": 0, "units": {}})
-                row["events"] += int(group.get("events_count") or 0)
-                row["amount_cents"] += int(group.get("amount_cents") or 0)
+                row["events"] += _whole(group.get("events_count"))
+                row["amount_cents"] += _whole(group.get("amount_cents"))
                 row["units"][code] = (row["units"].get(code) or 0) + (_number(group.get("units")) or 0)
     return {
         key: sorted(rows[dimension].values(), key=lambda row: (-row["events"], row[dimension]))

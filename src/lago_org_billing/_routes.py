@@ -32,7 +32,9 @@ our API key. Nothing in an answer contains the API key. A 429 / 503 of ``POST /u
 200, not a second charge). ``authorize`` (and a ``plans`` callable) must return ``True`` to allow: anything else
 denies (a truthy non-bool is logged once), and so does one that raises (logged with its traceback; an
 ``HTTPException`` it raises, a 401 asking to log in, is answered as is). ``POST /usage/record`` refuses property
-values Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string stays an id).
+values Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string stays an id), and
+an ``event_code`` the org's plan has no charge for (Lago would keep the event and never bill it). A 405 is JSON too,
+its ``Allow`` naming every method of the path.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ from typing import Any, cast
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route, Router
+from starlette.routing import Route, Router, request_response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ._billing import OrgBilling, _api_call_properties
-from ._client import LagoClient, _Throttled
+from ._client import JSON, LagoClient, _Throttled
 from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
 from ._errors import (
     ConfigurationError,
@@ -229,7 +232,12 @@ async def _json_object(router: BillingRouter, request: Request, allowed: set[str
         data = json.loads(raw)
         json.dumps(data, ensure_ascii=False).encode()  # (a lone surrogate from a "\ud800" escape is no text)
     except (ValueError, RecursionError) as exc:
-        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        if isinstance(exc, RecursionError):
+            detail = "nested too deeply"
+        elif isinstance(exc, (json.JSONDecodeError, UnicodeError)):  # (and a lone surrogate, below)
+            detail = str(exc)
+        else:  # (int()'s digit limit: its message says to call sys.set_int_max_str_digits)
+            detail = "a number of more than 4,300 digits"
         raise _Invalid(_error(("body",), f"The body is not valid JSON text ({detail}).", "json_invalid")) from None
     if not isinstance(data, Mapping):
         raise _Invalid(_error(("body",), "The body must be a JSON object.", "dict_type"))
@@ -269,8 +277,40 @@ def _query_int(request: Request, name: str, maximum: int, default: int) -> int:
     return value
 
 
+def _check_billed(event_code: str, subscription: Mapping[str, Any]) -> None:
+    """A 422 when the subscription's plan (as Lago includes it) has no charge for ``event_code``: Lago stores such an
+    event (200) and never bills it, nor shows it in the current usage."""
+    plan = subscription.get("plan")
+    charges = plan.get("charges") if isinstance(plan, Mapping) else None
+    if not isinstance(charges, list):  # (an answer without its plan: nothing to tell by)
+        return
+    billed = sorted(
+        {str(c["billable_metric_code"]) for c in charges if isinstance(c, Mapping) and c.get("billable_metric_code")}
+    )
+    if event_code not in billed:
+        raise _Invalid(
+            _error(
+                ("body", "event_code"),
+                f"Plan {subscription.get('plan_code')!r} has no charge for {event_code!r}: Lago would keep the event "
+                f"and never bill it. Codes it bills: {', '.join(billed) or 'none'}.",
+                "not_billed",
+            )
+        )
+
+
 def _not_found(detail: str, code: str) -> JSONResponse:
     return JSONResponse({"detail": detail, "code": code}, status_code=404)
+
+
+class _AnyMethod:
+    """An endpoint as an ASGI app, so that its ``Route`` takes every method (``Route`` gives a function endpoint
+    ``methods=["GET"]``) and the endpoint answers the 405 of its path, with every method of it in ``Allow``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class BillingRouter(Router):
@@ -308,16 +348,20 @@ class BillingRouter(Router):
         self.invoice_limit = invoice_limit
         prefix = "/organizations/{org_id}"
         endpoint = self._endpoint
+        # one Route per path, dispatching on the method: a 405 then lists every method of the path in Allow (three
+        # Routes of /subscription answered a PATCH "Allow: GET, HEAD"), as JSON in a Starlette app too
         super().__init__(
             routes=[
-                Route(prefix + "/setup", endpoint(self.setup), methods=["POST"], name="billing_setup"),
-                Route(prefix + "/subscription", endpoint(self.get_subscription), methods=["GET"]),
-                Route(prefix + "/subscription", endpoint(self.change_plan), methods=["PUT"]),
-                Route(prefix + "/subscription", endpoint(self.terminate), methods=["DELETE"]),
-                Route(prefix + "/usage/record", endpoint(self.record_usage), methods=["POST"]),
-                Route(prefix + "/usage/current", endpoint(self.current_usage), methods=["GET"]),
-                Route(prefix + "/invoices", endpoint(self.invoices), methods=["GET"]),
-                Route(prefix + "/dashboard", endpoint(self.dashboard), methods=["GET"], name="billing_dashboard"),
+                Route(prefix + "/setup", endpoint({"POST": self.setup}), name="billing_setup"),
+                Route(
+                    prefix + "/subscription",
+                    endpoint({"GET": self.get_subscription, "PUT": self.change_plan, "DELETE": self.terminate}),
+                    name="billing_subscription",
+                ),
+                Route(prefix + "/usage/record", endpoint({"POST": self.record_usage}), name="billing_usage_record"),
+                Route(prefix + "/usage/current", endpoint({"GET": self.current_usage}), name="billing_usage_current"),
+                Route(prefix + "/invoices", endpoint({"GET": self.invoices}), name="billing_invoices"),
+                Route(prefix + "/dashboard", endpoint({"GET": self.dashboard}), name="billing_dashboard"),
             ]
         )
 
@@ -338,8 +382,15 @@ class BillingRouter(Router):
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def _endpoint(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Callable[[Request], Any]:
+    def _endpoint(self, handlers: Mapping[str, Callable[[Request, str], Awaitable[Response]]]) -> _AnyMethod:
+        if "GET" in handlers:
+            handlers = {**handlers, "HEAD": handlers["GET"]}
+        allow = ", ".join(handlers)
+
         async def endpoint(request: Request) -> Response:
+            handler = handlers.get(request.method)
+            if handler is None:  # (before authorize, as a Route's own 405 was: it tells only the routes' shape)
+                return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow})
             org_id = str(request.path_params["org_id"])
             try:
                 allowed = self.authorize(request, org_id)
@@ -379,8 +430,7 @@ class BillingRouter(Router):
             response.headers.update(_PRIVATE)
             return response
 
-        endpoint.__name__ = handler.__name__
-        return endpoint
+        return _AnyMethod(request_response(endpoint))
 
     def _not_bool(self, option: str, value: object, outcome: str) -> None:
         """Say once (in the log, never to the client) that a callback answered a truthy non-bool (a membership row,
@@ -558,10 +608,13 @@ class BillingRouter(Router):
                 if value is not None:
                     properties[key] = value
         # Lago accepts events for any subscription id and never bills unknown ones: refuse them here instead.
-        if await self.billing.get_subscription(org_id) is None:
+        subscription = await self.billing.get_subscription(org_id)
+        if subscription is None:
             return _not_found(
                 f"Org {org_id!r} has no active subscription: its usage would never be billed.", "subscription_not_found"
             )
+        if event_code is not None and event_code != self.billing.settings.event_code:
+            _check_billed(event_code, subscription)  # (nor events of a code its plan has no charge for: a typo)
         # counted by the gate at once, as the middleware counts its requests (else only at its next snapshot of Lago)
         quota = self.billing.quota
         if quota is None:
@@ -588,7 +641,22 @@ class BillingRouter(Router):
             stamp = format_timestamp(timestamp) if timestamp is not None else sent
             return _lago_error(exc, request, self._say, {"transaction_id": transaction_id, "timestamp": stamp})
         duplicate = bool(event.pop("duplicate", False))
+        if duplicate:  # (a retry: the rare path) the event Lago bills, not this retry's body
+            event = await self._held_event(event)
         return JSONResponse({"event": event, "duplicate": duplicate}, status_code=200 if duplicate else 201)
+
+    async def _held_event(self, sent: JSON) -> JSON:
+        """The event Lago holds under ``sent``'s transaction_id and subscription (as a 201 answers it, but for its
+        ``timestamp``: the Unix seconds this retry sent, its deduplication key), else ``sent`` (Lago not answering,
+        an id its path cannot take): an answer about a retry is never an error."""
+        try:
+            held = await self.billing.client.get_event(str(sent["transaction_id"]))
+        except LagoIntegrationError:
+            return sent
+        # (GET /events/{id} is the first match across the account: never another org's event)
+        if held.get("external_subscription_id") != sent.get("external_subscription_id"):
+            return sent
+        return {**held, "timestamp": sent.get("timestamp")}
 
     async def current_usage(self, request: Request, org_id: str) -> Response:
         metric = request.query_params.get("billable_metric_code") or None
@@ -649,9 +717,9 @@ def _lago_error(
     adds fields to the 429 and 503 answers."""
     if isinstance(exc, LagoNotFoundError):
         return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
-    if isinstance(exc, LagoValidationError):
+    if isinstance(exc, LagoValidationError):  # a detail list, as every 422 of these routes (Lago's own kept in errors)
         return JSONResponse(
-            {"detail": "Lago rejected the request.", "code": exc.code, "errors": exc.details}, status_code=422
+            {"detail": _lago_field_errors(exc), "code": exc.code, "errors": exc.details}, status_code=422
         )
     if isinstance(exc, LagoRateLimitError):
         wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
@@ -675,6 +743,17 @@ def _lago_error(
     if isinstance(exc, ConfigurationError):
         raise exc  # a deployment error: loud, with its message in the server log
     raise exc
+
+
+def _lago_field_errors(exc: LagoValidationError) -> list[dict[str, Any]]:
+    """Lago's ``error_details`` (``{"external_id": ["value_already_exist"]}``) as FastAPI-style errors, one per
+    reason; a 422 without details is one error on the body."""
+    errors: list[dict[str, Any]] = []
+    for field, reasons in (exc.details or {}).items():
+        for reason in reasons if isinstance(reasons, list) else [reasons]:
+            kind = reason if isinstance(reason, str) else "invalid"
+            errors.append(_error(("body", str(field)), f"Lago refused {field}: {reason}.", kind))
+    return errors or [_error(("body",), "Lago rejected the request.", exc.code or "validation_errors")]
 
 
 def billing_routes(
