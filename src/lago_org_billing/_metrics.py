@@ -36,15 +36,18 @@ of the ones before, and a discarded app's counts stay (it adds no more):
 * ``requests_total`` (requests handled, excluded paths and CORS preflights aside), ``requests_billed_total``,
   ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
   ``requests_excluded_total``, ``requests_preflight_total``, ``requests_unbilled_errors_total`` (5xx not billed),
+  ``requests_unrouted_total`` (answered by the routing, not an endpoint: unknown-path 404, redirect_slashes 307, 405),
   ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``,
   ``event_properties_errors_total`` (billed without ``event_properties``: it failed), ``background_errors_total``
   (the background work stopped on an error, then started again), ``requests_idempotent_retries_total``,
   ``requests_nested_total`` (passed on to the billing middleware around), ``requests_handed_over_total`` (billed by
-  one inside), ``requests_reattributed_total`` (billed to another org than the one gated)
+  one inside), ``requests_reattributed_total`` (billed to another org than the one gated),
+  ``requests_unfinished_at_shutdown_total`` (still running when a shutdown stopped waiting for them)
 * ``requests_in_flight`` gauge: requests running the app or recording their event (what a shutdown waits for)
 * ``quota_<name>_total`` for each counter of the gate's ``stats``: ``checks``, ``allowed``, ``blocked``,
   ``would_block`` (monitor mode), ``no_subscription``, ``refreshes``, ``refresh_errors``, ``cold_waits``,
-  ``cold_timeouts``, ``fail_open``, ``fail_closed``, and with Redis ``redis_errors`` and ``fallback_decisions``
+  ``cold_timeouts``, ``fail_open``, ``fail_closed``, from the first time they happen ``cold_shed``,
+  ``refreshes_paused`` and ``refreshes_superseded``, and with Redis ``redis_errors`` and ``fallback_decisions``
 * ``quota_redis_fallback`` gauge: 1 while Redis is unreachable and decisions are counted locally
 
 With several worker processes (``uvicorn --workers``, gunicorn), each has its own counts. When
