@@ -1,11 +1,15 @@
-"""The ``lago-org-billing dead-letters`` command: list the dead letters of a spool, and send them to Lago again.
+"""The ``lago-org-billing dead-letters`` command: list the dead letters of a spool, count them by reason, send them
+to Lago again, or delete them.
 
 ``dead-letters [--spool PATH] [--json]`` lists the dead letters of every slot file of the spool
-(``LAGO_SPOOL_PATH`` by default), whether or not a live process owns it. ``--replay [--id ID ...]`` sends them
-(all, or those named) to the Lago of ``LAGO_API_URL``/``LAGO_API_KEY`` with their stored text, so an event Lago
-did take after all is a duplicate there, not a second charge. Then, once every one has an answer, the delivered
-letters are deleted and those rejected again get Lago's new reason; if Lago does not answer for all of them within
-``--timeout``, nothing is changed and a later run sends them again.
+(``LAGO_SPOOL_PATH`` by default), whether or not a live process owns it; ``--summary`` counts them by status, code and
+reason; ``--reason TEXT`` keeps only those whose reason or code holds TEXT (any case). ``--purge`` deletes those
+selected (Lago never gets them), once confirmed: ``--yes``, or an answer on a terminal.
+
+``--replay [--id ID ...]`` sends them (all, or those named) to the Lago of ``LAGO_API_URL``/``LAGO_API_KEY`` with
+their stored text, so an event Lago did take after all is a duplicate there, not a second charge. Then, once every one
+has an answer, the delivered letters are deleted and those rejected again get Lago's new reason; if Lago does not
+answer for all of them within ``--timeout``, nothing is changed and a later run sends them again.
 
 In-memory dead letters live only in their process: ``EventPipeline.replay_dead_letters()`` replays those.
 """
@@ -60,8 +64,11 @@ LAGO_API_TIMEOUT, LAGO_MAX_RETRIES apply to its calls); listing needs neither. C
 `lago-org-billing health`.
 Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time or a
 spool file changed meanwhile (nothing lost: they stay dead letters; run again); 2 no spool, a file that is not a
-spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent);
+spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent),
+or --purge without --yes where no terminal can confirm (nothing deleted); 1 also --purge answered no;
 130 interrupted (Ctrl-C: run again, events Lago took count as duplicates).
+--id and --reason TEXT select the letters listed, counted (--summary), replayed or purged. --purge deletes them for
+good (Lago never gets them: list them first); it asks on a terminal, and needs --yes elsewhere.
 """
 
 
@@ -327,17 +334,23 @@ def add_dead_letters_command(commands: Any) -> None:
     """Register ``dead-letters`` on the CLI's subparsers."""
     command = commands.add_parser(
         "dead-letters",
-        help="list the dead letters of the event spool, or send them to Lago again (--replay)",
+        help="list the dead letters of the event spool, send them to Lago again (--replay) or delete them (--purge)",
         description="List the events Lago rejected for good, kept in the SQLite spool (--spool, else LAGO_SPOOL_PATH);"
-        "\n--replay sends them again to the Lago of LAGO_API_URL and LAGO_API_KEY (environment, else ./.env).",
+        "\n--summary counts them by reason; --replay sends them again to the Lago of LAGO_API_URL and LAGO_API_KEY"
+        "\n(environment, else ./.env); --purge deletes them.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     command.add_argument("--spool", metavar="PATH", help="the spool file (default: $LAGO_SPOOL_PATH)")
-    command.add_argument("--replay", action="store_true", help="send them to Lago again (default: only list)")
+    action = command.add_mutually_exclusive_group()
+    action.add_argument("--replay", action="store_true", help="send them to Lago again (default: only list)")
+    action.add_argument("--summary", action="store_true", help="count them by status, code and reason")
+    action.add_argument("--purge", action="store_true", help="delete them for good (asks first, unless --yes)")
+    command.add_argument("--yes", action="store_true", help="with --purge: do not ask for a confirmation")
     command.add_argument(
         "--id", dest="ids", action="extend", nargs="+", metavar="ID", help="only these letters (default: all)"
     )
+    command.add_argument("--reason", metavar="TEXT", help="only letters whose reason or code holds TEXT (any case)")
     command.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for Lago's answers with --replay (default 60)"
     )
@@ -369,6 +382,13 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"no such dead letter in {path}: {', '.join(missing)}")
     else:
         letters = read_spool_dead_letters(path)
+    if args.reason is not None:
+        letters = _matching(letters, args.reason)
+    if args.purge:
+        return _purge(path, args, letters)
+    if args.summary:
+        _print_summary(letters, path, args.json)
+        return 0
     if not args.replay:
         _print_letters(letters, path, args.json)
         return 0
@@ -383,6 +403,113 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
         raise
     _print_report(report, args.json)
     return 0 if report.complete and not report.rejected and not report.unchanged else 1
+
+
+def _matching(letters: Iterable[SpoolDeadLetter], text: str) -> Iterator[SpoolDeadLetter]:
+    """The letters whose reason or code holds ``text``, whatever the case."""
+    needle = text.casefold()
+    for spooled in letters:
+        if needle in spooled.letter.reason.casefold() or needle in (spooled.letter.code or "").casefold():
+            yield spooled
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line (a reason on several would split a letter over several lines of the listing)."""
+    return " ".join(text.split())
+
+
+def _print_summary(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool) -> None:
+    counts: dict[tuple[int | None, str | None, str], int] = {}
+    for spooled in letters:
+        letter = spooled.letter
+        group = (letter.status, letter.code, _one_line(letter.reason))
+        counts[group] = counts.get(group, 0) + 1
+    groups = sorted(counts.items(), key=lambda item: (-item[1], str(item[0])))
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {"count": n, "status": status, "code": code, "reason": reason}
+                    for (status, code, reason), n in groups
+                ],
+                indent=2,
+            )
+        )
+        return
+    if groups:
+        print(f"{'COUNT':>7} {'STATUS':<6} {'CODE':<18} REASON")
+    for (status, code, reason), count in groups:
+        print(f"{count:>7} {status or '-'!s:<6} {code or '-':<18} {reason[:200]}")
+    print(f"{sum(counts.values())} dead letters in {path}")
+
+
+def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLetter]) -> int:
+    """Delete the letters selected, once confirmed; those written after they were counted are kept."""
+    named = list(letters) if args.ids else None  # a few named letters; else the spool is read again to delete
+    newest: dict[str, int] = {}
+    count = 0
+    for spooled in named if named is not None else letters:
+        count += 1
+        newest[spooled.file] = max(newest.get(spooled.file, 0), spooled.letter.id or 0)
+    if not count:
+        print(json.dumps({"purged": 0}) if args.json else f"No dead letters to purge in {path}.")
+        return 0
+    what = f"{count} dead letters of {path}" + (f" whose reason holds {args.reason!r}" if args.reason else "")
+    if not args.yes:
+        if not _isatty(sys.stdin):
+            raise ConfigurationError(
+                f"--purge deletes {what} for good (Lago never gets them): add --yes to confirm. Nothing was deleted."
+            )
+        print(f"Delete {what} for good (Lago never gets them)? [y/N] ", end="", file=sys.stderr, flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print(f"Nothing was deleted ({what} kept).", file=sys.stderr)
+            return 1
+    chosen: Iterable[SpoolDeadLetter]
+    if named is not None:
+        chosen = named
+    else:  # read again: only the letters counted above (ids up to the newest seen), as they were (by text)
+        again: Iterable[SpoolDeadLetter] = read_spool_dead_letters(path)
+        if args.reason is not None:
+            again = _matching(again, args.reason)
+        chosen = (spooled for spooled in again if (spooled.letter.id or 0) <= newest.get(spooled.file, 0))
+    purged = 0
+    batch: list[SpoolDeadLetter] = []
+    for spooled in chosen:
+        batch.append(spooled)
+        if len(batch) == CHUNK:
+            purged += _delete(batch, purged)
+            batch = []
+    if batch:
+        purged += _delete(batch, purged)
+    logger.info("Purged %d dead letters of %s", purged, path)
+    print(json.dumps({"purged": purged}) if args.json else f"Purged {purged} dead letters of {path}.")
+    return 0
+
+
+def _delete(letters: list[SpoolDeadLetter], done: int) -> int:
+    """Delete ``letters`` (by id and text: never a letter that took a freed id), a transaction per spool file."""
+    by_file: dict[str, list[tuple[int | None, str]]] = {}
+    for spooled in letters:
+        by_file.setdefault(spooled.file, []).append((spooled.letter.id, spooled.body))
+    deleted = 0
+    for file, keys in by_file.items():
+        try:
+            with _connect(file) as conn:
+                deleted += conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", keys).rowcount
+        except sqlite3.DatabaseError as exc:
+            raise ConfigurationError(
+                f"The spool file {file} could not be changed ({type(exc).__name__}: {exc}): {done + deleted} dead "
+                "letters were deleted before it, the rest are kept. Run again once it lets go.",
+                variable="LAGO_SPOOL_PATH",
+            ) from None
+    return deleted
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
 
 
 def _when(timestamp: float) -> str:
@@ -420,7 +547,7 @@ def _print_letters(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool)
         transaction = str(letter.event.get("transaction_id", "(no event)"))
         print(
             f"{spooled.key:<8} {_when(letter.created_at):<19} {letter.status or '-'!s:<6} {letter.code or '-':<18} "
-            f"{transaction[:34]:<34} {letter.reason[:200]}"
+            f"{transaction[:34]:<34} {_one_line(letter.reason)[:200]}"
         )
     print(f"{count} dead letters in {path} ({replayable} can be replayed)")
 
@@ -447,7 +574,7 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
         f"{len(report.rejected)} rejected again."
     )
     for spooled in report.rejected:
-        print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {spooled.letter.reason[:200]}")
+        print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {_one_line(spooled.letter.reason)[:200]}")
     if not report.complete:
         print(
             "Lago did not answer for all the replayed events in time: the letters of the last thousand sent, and any "
@@ -463,4 +590,4 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
     if report.skipped:
         print(f"Skipped {len(report.skipped)} letters holding no whole event (it could not be built or serialised):")
         for spooled in report.skipped:
-            print(f"  {spooled.key}: {spooled.letter.reason[:200]}")
+            print(f"  {spooled.key}: {_one_line(spooled.letter.reason)[:200]}")
