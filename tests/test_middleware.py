@@ -1111,3 +1111,24 @@ async def test_watcher_lets_go_of_the_request_once_the_event_is_handed_over() ->
     assert watcher.send is None and watcher.on_start is None and watcher._scope is None
     with pytest.raises(AssertionError, match="the response is over"):
         watcher({"type": "http.response.body", "body": b""})
+
+
+def test_the_response_watcher_sets_every_field_a_usage_recorder_sets() -> None:
+    """``_ResponseWatcher.__init__`` does ``UsageRecorder.__init__``'s work inline (a call less per request): a field
+    added to the recorder and not to the watcher would be missing (AttributeError) on the middleware's path only."""
+    from lago_org_billing._attribution import UsageRecorder
+    from lago_org_billing._middleware import _ResponseWatcher
+
+    scope: dict[str, Any] = {"type": "http", "headers": []}
+    recorder = UsageRecorder(scope)
+    watcher = _ResponseWatcher(scope, recorder._config, _noop_send)
+
+    def fields(obj: object, cls: type) -> set[str]:
+        names = {name for klass in cls.__mro__ for name in getattr(klass, "__slots__", ())}
+        return {name for name in names if hasattr(obj, name)}
+
+    assert fields(recorder, UsageRecorder) <= fields(watcher, UsageRecorder)
+
+
+async def _noop_send(message: Any) -> None:
+    return None

@@ -551,76 +551,75 @@ class UsageRecorder:
 
     def response_start(self, message: Message) -> None:
         """Read the status and headers of ``http.response.start``; choose how to read the body."""
-        try:
-            self._start(message)
+        try:  # (the work inline, not in a method of its own: once per response)
+            self.status = message.get("status")
+            config = self._config
+            names = config._response_names
+            content_type = b""
+            encoded = b""
+            length: bytes | None = None
+            for name, value in message.get("headers") or ():
+                kind = names.get(name)
+                if kind is None:
+                    kind = names.get(name.lower())  # names are lower case in ASGI apps, but not necessarily
+                    if kind is None:
+                        continue
+                if kind is _CONTENT_TYPE:
+                    content_type = value
+                elif kind is _CONTENT_LENGTH:
+                    length = value
+                elif kind is _CONTENT_ENCODING:
+                    encoded = value.strip().lower()
+                    if encoded == b"identity":
+                        encoded = b""
+                else:
+                    field, rank = kind
+                    if self._headers is None:
+                        self._headers = {}
+                    known = self._headers.get(field)
+                    if known is None or rank < known[0]:
+                        self._headers[field] = (rank, value)
+            if not content_type or not config.inspect_body:
+                return
+            if (
+                encoded
+            ):  # compressed by a middleware inside this one (GZipMiddleware added first): gzip/deflate are read
+                lowered = content_type.lower()
+                if b"json" not in lowered and b"event-stream" not in lowered:
+                    return
+                if encoded not in _INFLATABLE:
+                    _encoded_body_skipped(encoded)
+                    return
+                self._inflater = _Inflater(encoded)
+            media_type = (
+                content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
+            )
+            if media_type == b"application/json" or media_type.endswith(b"+json"):  # (the common case first)
+                if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
+                    try:
+                        if int(length) > config.max_body_bytes:
+                            self._head, self._last = bytearray(), bytearray()
+                            self._mode = _MODE_JSON_ENDS  # its ends only: the usage closing it
+                            return
+                    except ValueError:
+                        pass  # not a number: the body is buffered up to the cap all the same
+                self._mode = _MODE_JSON
+            elif media_type == b"text/event-stream" or media_type in _NDJSON:
+                self._mode = _MODE_SSE
+                self._ndjson = media_type in _NDJSON
+                self._counts = _Counts()
+                self._fresh = True  # the stream's first bytes may be a byte-order mark, which SSE ignores
+                self._partial = b""
+                self._skip_lf = False
+                self._discarding = False
+                self._discarded_data = False
+                self._tail = b""
+                self._event = b""
+                self._data_lines = []
+                self._data_size = 0
         except Exception:
             self._mode = _MODE_NONE
             _internal_error("response_start")
-
-    def _start(self, message: Message) -> None:
-        self.status = message.get("status")
-        config = self._config
-        names = config._response_names
-        content_type = b""
-        encoded = b""
-        length: bytes | None = None
-        for name, value in message.get("headers") or ():
-            kind = names.get(name)
-            if kind is None:
-                kind = names.get(name.lower())  # names are lower case in ASGI apps, but not necessarily
-                if kind is None:
-                    continue
-            if kind is _CONTENT_TYPE:
-                content_type = value
-            elif kind is _CONTENT_LENGTH:
-                length = value
-            elif kind is _CONTENT_ENCODING:
-                encoded = value.strip().lower()
-                if encoded == b"identity":
-                    encoded = b""
-            else:
-                field, rank = kind
-                if self._headers is None:
-                    self._headers = {}
-                known = self._headers.get(field)
-                if known is None or rank < known[0]:
-                    self._headers[field] = (rank, value)
-        if not content_type or not config.inspect_body:
-            return
-        if encoded:  # compressed by a middleware inside this one (GZipMiddleware added first): gzip/deflate are read
-            lowered = content_type.lower()
-            if b"json" not in lowered and b"event-stream" not in lowered:
-                return
-            if encoded not in _INFLATABLE:
-                _encoded_body_skipped(encoded)
-                return
-            self._inflater = _Inflater(encoded)
-        media_type = (
-            content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
-        )
-        if media_type == b"application/json" or media_type.endswith(b"+json"):  # (the common case first)
-            if length is not None and len(length) >= config._cap_digits:  # fewer digits: under the cap
-                try:
-                    if int(length) > config.max_body_bytes:
-                        self._head, self._last = bytearray(), bytearray()
-                        self._mode = _MODE_JSON_ENDS  # its ends only: the usage closing it
-                        return
-                except ValueError:
-                    pass  # not a number: the body is buffered up to the cap all the same
-            self._mode = _MODE_JSON
-        elif media_type == b"text/event-stream" or media_type in _NDJSON:
-            self._mode = _MODE_SSE
-            self._ndjson = media_type in _NDJSON
-            self._counts = _Counts()
-            self._fresh = True  # the stream's first bytes may be a byte-order mark, which SSE ignores
-            self._partial = b""
-            self._skip_lf = False
-            self._discarding = False
-            self._discarded_data = False
-            self._tail = b""
-            self._event = b""
-            self._data_lines = []
-            self._data_size = 0
 
     # -- body ------------------------------------------------------------------------------------------------------
 
@@ -636,6 +635,18 @@ class UsageRecorder:
                 self._mode = _MODE_NONE
                 _internal_error("response_body")
                 return
+        if mode == _MODE_JSON:  # (the usual first)
+            self._size += len(body)
+            if self._size > self._config.max_body_bytes:  # from now on, its ends only (the usage closing it)
+                chunks, self._chunks = self._chunks, []
+                chunks.append(body)
+                self._head, self._last = bytearray(), bytearray()
+                self._mode = _MODE_JSON_ENDS
+                for chunk in chunks:
+                    self._keep_ends(chunk)
+                return
+            self._chunks.append(body)
+            return
         if self._inflater is not None and mode == _MODE_SSE:
             # Inflated in 64 KiB slices, each parsed at once: the parser caps lines and events, not the stream (a
             # compressor that does not flush sends megabytes of events in one chunk, the usage in the last one).
@@ -648,18 +659,6 @@ class UsageRecorder:
             except Exception:
                 self._mode = _MODE_NONE
                 _internal_error("response_body")
-            return
-        if mode == _MODE_JSON:
-            self._size += len(body)
-            if self._size > self._config.max_body_bytes:  # from now on, its ends only (the usage closing it)
-                chunks, self._chunks = self._chunks, []
-                chunks.append(body)
-                self._head, self._last = bytearray(), bytearray()
-                self._mode = _MODE_JSON_ENDS
-                for chunk in chunks:
-                    self._keep_ends(chunk)
-                return
-            self._chunks.append(body)
             return
         if mode == _MODE_JSON_ENDS:
             self._keep_ends(body)
@@ -863,10 +862,18 @@ class UsageRecorder:
         :func:`json_usage` to read later, off the request path. Call it when the response is over; the
         recorder lets go of the request's scope then (see :meth:`detach`)."""
         self.detach()
-        if self._result is None and self._inflater is not None and self._mode == _MODE_JSON:
-            self._inflate()
-        if self._result is None and self._json_alone():
-            return self._body()
+        if self._mode == _MODE_JSON and self._result is None:
+            if self._inflater is not None:
+                self._inflate()  # (over the cap, or not inflatable: no longer a JSON body read whole)
+                if self._mode != _MODE_JSON:
+                    return self.result()
+            # _json_alone(), then _body(), inline (once per request): detached, what attribute_usage() stored is in
+            # the billing dict kept
+            if self._headers is None:
+                data = self._billing
+                if not (data.get(_EXPLICIT_KEY) if isinstance(data, dict) else None):
+                    chunks = self._chunks
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return self.result()
 
     def _json_alone(self) -> bool:
@@ -1092,6 +1099,23 @@ def json_usage(body: bytes) -> Usage:
     return _merge((("explicit", {}), ("headers", {}), (source or "json", fields)))
 
 
+#: A usage's ``(model, input_tokens, output_tokens, total_tokens)``.
+UsageCounts = tuple["str | None", int, int, int]
+
+
+def json_usage_counts(body: bytes) -> UsageCounts:
+    """:func:`json_usage`'s model and token counts, without making a :class:`Usage` in the common case (the
+    middleware's event builder: once per request)."""
+    try:
+        found = _fast_json_counts(body)
+    except Exception:
+        found = None  # (json_usage meets the same error: it logs it, and reads no usage)
+    if isinstance(found, tuple):
+        return found
+    usage = json_usage(body) if found is None else found
+    return usage.model, usage.input_tokens, usage.output_tokens, usage.total_tokens
+
+
 def _json_fields(body: bytes) -> tuple[dict[str, Any], str | None]:
     if not _mentions_usage(body):
         return {}, None
@@ -1135,6 +1159,13 @@ def _fast_json_usage(body: bytes) -> Usage | None:
     """The common case in a few microseconds: a JSON body with a top-level ``usage`` of plain ints; any other
     document it parsed goes to the general path's rules (same result, not parsed again). ``None`` sends a body not
     starting with ``{`` down the general path (``json.loads``)."""
+    found = _fast_json_counts(body)
+    return Usage(*found, "json") if isinstance(found, tuple) else found
+
+
+def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
+    """:func:`_fast_json_usage`, its common case's counts as they are (a JSON usage of plain ints), not in a
+    :class:`Usage`."""
     if (
         b'"usage"' not in body
         and b'"usageMetadata"' not in body
@@ -1152,17 +1183,36 @@ def _fast_json_usage(body: bytes) -> Usage | None:
         return Usage()
     if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's blanks only, as json.loads
         return Usage()  # trailing data: json.loads would refuse the document
-    usage = payload.get("usage") if type(payload) is dict else None
+    usage = payload.get("usage")  # (a document opening with "{" is an object: a dict)
     if type(usage) is not dict:
-        return _payload_usage(payload)  # Gemini's, Ollama's, an array...: the general path's rules, parsed once
+        return _payload_usage(payload)  # Gemini's, Ollama's...: the general path's rules, parsed once
+    # (the model checked before the counts: either one not plain sends the body down the general path all the same)
+    model = payload.get("model")
+    if model is not None:
+        try:  # a model seen before: checked then (the models answering repeat)
+            known = _fast_models.get(model)
+        except TypeError:  # not hashable (a list...): no model, checked below
+            known = None
+        if known is None:
+            if type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH or not model.isprintable():
+                return _payload_usage(payload)
+            known = model.strip()
+            if len(_fast_models) >= 1_000:  # bounded: a cache of the models in use
+                _fast_models.clear()
+            _fast_models[model] = known
+        model = known or None  # blank: the general path drops it too (and logs nothing)
     input_tokens = usage.get("prompt_tokens")
+    output_tokens = usage.get("completion_tokens")
+    total = usage.get("total_tokens")
+    if type(input_tokens) is int and type(output_tokens) is int and type(total) is int:  # the usual: OpenAI's three
+        if min(input_tokens, output_tokens, total) < 0 or max(input_tokens, output_tokens, total) > MAX_TOKENS:
+            return _payload_usage(payload)  # malformed: the general path logs it
+        return model, input_tokens, output_tokens, total
     anthropic_shape = input_tokens is None
     if anthropic_shape:
         input_tokens = usage.get("input_tokens")
-    output_tokens = usage.get("completion_tokens")
     if output_tokens is None:
         output_tokens = usage.get("output_tokens")
-    total = usage.get("total_tokens")
     if not (_count_or_none(input_tokens) and _count_or_none(output_tokens) and _count_or_none(total)):
         return _payload_usage(payload)  # malformed: the general path logs it
     if anthropic_shape and ("cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage):
@@ -1171,16 +1221,15 @@ def _fast_json_usage(body: bytes) -> Usage | None:
             return _payload_usage(payload)
         if input_tokens is not None:
             input_tokens += (cache_write or 0) + (cache_read or 0)
-    model = payload.get("model")
-    if model is not None:
-        if type(model) is not str or not 0 < len(model) <= MAX_MODEL_LENGTH or not model.isprintable():
-            return _payload_usage(payload)
-        model = model.strip() or None  # blank: the general path drops it too (and logs nothing)
     if input_tokens is None and output_tokens is None and total is None:
         return _payload_usage(payload)  # no counts (Bedrock's camelCase...): the general path's rules
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
-    return Usage(model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total, "json")
+    return model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total
+
+
+#: A valid model name of a JSON body (:func:`_fast_json_usage`) -> the model billed (stripped; blank: none).
+_fast_models: dict[str, str] = {}
 
 
 def _mentions_usage(body: bytes) -> bool:

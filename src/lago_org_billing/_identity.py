@@ -758,10 +758,7 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
             user = state.get("user_id")
             if user is not None:
                 user = _clean_id(user)
-        want_org = org is None and org_header is not None
-        if want_org or (user is None and user_header is not None):
-            # A header repeated with different values resolves to None.
-            org_bad = user_bad = False
+        if (org is None and org_header is not None) or (user is None and user_header is not None):
             headers = scope["headers"]
             try:  # no name repeated (the usual case): a dict of them, built in C, answers both
                 found = dict(headers) if type(headers) is list else None
@@ -771,27 +768,36 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
                 org_raw = found.get(org_header)
                 user_raw = found.get(user_header)
             else:  # one pass for both
-                org_raw = user_raw = None
-                for key, value in headers:
-                    if key == org_header:
-                        org_bad = org_bad or (org_raw is not None and value != org_raw)
-                        org_raw = value
-                    elif key == user_header:
-                        user_bad = user_bad or (user_raw is not None and value != user_raw)
-                        user_raw = value
+                org_raw, user_raw = _two_headers(headers, org_header, user_header)
             if same_header:
-                user_raw, user_bad = org_raw, org_bad
-            if want_org and org_raw is not None and not org_bad:
+                user_raw = org_raw
+            # (without an org header org_raw is None: no header is named None)
+            if org is None and org_raw is not None:
                 org = _header_ids.get(org_raw) if type(org_raw) is bytes else None
                 if org is None:
                     org = _header_id(org_raw)
-            if user is None and user_raw is not None and not user_bad:
+            if user is None and user_raw is not None:
                 user = _header_ids.get(user_raw) if type(user_raw) is bytes else None
                 if user is None:
                     user = _header_id(user_raw)
         return (org, user) if org is not None else (None, None)
 
     return resolve_identity
+
+
+def _two_headers(headers: Iterable[tuple[Any, Any]], first: bytes | None, second: bytes | None) -> tuple[Any, Any]:
+    """The values of two request headers, in one pass; ``None`` for one absent, or repeated with different values
+    (ambiguous: trusted neither)."""
+    first_raw = second_raw = None
+    first_bad = second_bad = False
+    for key, value in headers:
+        if key == first:
+            first_bad = first_bad or (first_raw is not None and value != first_raw)
+            first_raw = value
+        elif key == second:
+            second_bad = second_bad or (second_raw is not None and value != second_raw)
+            second_raw = value
+    return (None if first_bad else first_raw), (None if second_bad else second_raw)
 
 
 def _unjoined(text: str) -> str | None:

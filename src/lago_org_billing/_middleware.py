@@ -42,10 +42,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.routing import Host, Mount, Router
+from starlette.routing import Host, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._attribution import AttributionConfig, Usage, UsageRecorder, json_usage
+from ._attribution import _MODE_NONE, AttributionConfig, Usage, UsageCounts, UsageRecorder, json_usage_counts
 from ._client import LagoClient
 from ._delivery import EventPipeline, close_idle_quietly
 from ._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError, QuotaExceededError
@@ -334,7 +334,7 @@ class OrgBillingMiddleware:
         # and whichever decides its fate first with an org (billed, blocked) is its "biller" (see _claim).
         billing = scope.get(SCOPE_KEY)
         took_over = False
-        if not isinstance(billing, dict):  # (a _Billing: shared by deep copies of the scope, see there)
+        if billing is None or not isinstance(billing, dict):  # (a _Billing: shared by deep copies of the scope)
             billing = scope[SCOPE_KEY] = _Billing(middleware=self)
         else:
             owner = billing.get("middleware", self)
@@ -369,7 +369,14 @@ class OrgBillingMiddleware:
         if identity is None:
             identity = await self._resolve(scope)
         org_id, user_id = identity
-        _publish(scope, billing, org_id, user_id)
+        state = scope.get("state")
+        if type(state) is dict:  # publish_identity(), inline for the usual state (a plain dict): the hot path
+            billing["org_id"] = org_id
+            billing["user_id"] = user_id
+            state["billing_org_id"] = org_id
+            state["billing_user_id"] = user_id
+        else:
+            _publish(scope, billing, org_id, user_id)
         if org_id is None:
             if self.on_unresolved == "reject":
                 self.stats["unresolved"] += 1
@@ -410,7 +417,8 @@ class OrgBillingMiddleware:
                     )
                 elif self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
                     state = scope.get("state")
-                    if type(state) is dict and state.get("org_id") not in (None, org_id):
+                    # (the usual state has no org_id: found absent at once)
+                    if type(state) is dict and "org_id" in state and state["org_id"] not in (None, org_id):
                         org_id, user_id, decision = self._authenticated_late(
                             state, org_id, user_id, decision, scope, watcher, root_path
                         )
@@ -980,7 +988,11 @@ class OrgBillingMiddleware:
         if idempotent is not None:
             endpoint, transaction_id, retry = idempotent
         else:
-            endpoint = _template(scope, status, root_path, self._routing_inside)
+            route = scope.get("route")
+            if type(route) is Route and "fastapi" not in scope and scope.get("root_path", "") == root_path:
+                endpoint = route.path  # (the usual: a Starlette route, not mounted; as _template finds it, at once)
+            else:
+                endpoint = _template(scope, status, root_path, self._routing_inside)
             key = self._idempotency_key(scope) if self.idempotency_header is not None else None
             if key is not None:  # (in this process's memory; with Redis, _share_first_seen asked the fleet)
                 transaction_id = self._idempotent_id(key, org_id, method, endpoint)
@@ -1024,16 +1036,26 @@ class OrgBillingMiddleware:
         its traceback and the request goes to the dead letters: never silently lost."""
         endpoint, method, status, started, ended, idempotent_id, org_id, user_id, usage, gated, extra = facts
         try:
-            if type(usage) is bytes:
-                usage = json_usage(usage)
-            assert isinstance(usage, Usage)
+            if type(usage) is bytes:  # (the usual: a JSON body's counts, read without a Usage made)
+                model, input_tokens, output_tokens, total_tokens = json_usage_counts(usage)
+            else:
+                assert isinstance(usage, Usage)
+                model, input_tokens, output_tokens, total_tokens = (
+                    usage.model,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.total_tokens,
+                )
             duration = max(ended - started, 0.0)  # (wall clock: stepped back meanwhile by NTP, never negative)
             if idempotent_id is None:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                 transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
             if extra is not None:
-                event: dict[str, Any] | str = self._hooked_event(facts, usage, extra, transaction_id, started, duration)
+                counts = (model, input_tokens, output_tokens, total_tokens)
+                event: dict[str, Any] | str = self._hooked_event(
+                    facts, counts, extra, transaction_id, started, duration
+                )
             else:  # known keys and plain values: the JSON text directly, no dict (2-3x faster than json)
                 head = self._heads.get((org_id, endpoint, method))
                 if head is None:
@@ -1044,22 +1066,22 @@ class OrgBillingMiddleware:
                     head,
                     status,
                     duration * 1000,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.total_tokens,
-                    "" if user_id is None else _user_json(user_id),
-                    "" if usage.model is None else ',"model":' + _json_str(usage.model),
+                    input_tokens,
+                    output_tokens,
+                    total_tokens,
+                    "" if user_id is None else _user_texts.get(user_id) or _user_json(user_id),
+                    "" if model is None else ',"model":' + _json_str(model),
                 )
         except Exception:
             logger.exception("Could not build the usage event of %s %s", method, endpoint)
             self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
             raise
-        if gated is not None and usage.total_tokens and self.quota is not None:
+        if gated is not None and total_tokens and self.quota is not None:
             # In the period the call was checked in (Lago bills the event there, by its timestamp; none once that
             # period is over): this package's gate gets an unreserved decision of that period, another gate the empty
             # one its protocol says.
             tokens_only = _tokens_only(gated) if isinstance(gated, str) else gated
-            self.quota.settle(org_id, tokens_only, tokens=usage.total_tokens, billed=False)
+            self.quota.settle(org_id, tokens_only, tokens=total_tokens, billed=False)
         return event
 
     def _head(self, org_id: str, endpoint: str, method: str) -> str:
@@ -1100,7 +1122,7 @@ class OrgBillingMiddleware:
     def _hooked_event(
         self,
         facts: _Facts,
-        usage: Usage,
+        counts: UsageCounts,
         extra: Mapping[str, Any],
         transaction_id: str,
         timestamp: float,
@@ -1110,20 +1132,21 @@ class OrgBillingMiddleware:
         event they would make invalid is sent without them)."""
         endpoint, method, status = facts[:3]
         org_id, user_id = facts[6:8]
+        model, input_tokens, output_tokens, total_tokens = counts
         properties: dict[str, Any] = {
             "org_id": org_id,
             "endpoint": endpoint,
             "method": method,
             "status_code": status,
             "duration_ms": round(duration * 1000, 3),
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "total_tokens": usage.total_tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": total_tokens,
         }
         if user_id is not None:
             properties["user_id"] = user_id
-        if usage.model is not None:
-            properties["model"] = usage.model
+        if model is not None:
+            properties["model"] = model
         event = functools.partial(
             event_payload,
             transaction_id=transaction_id,
@@ -1298,7 +1321,17 @@ class _ResponseWatcher(UsageRecorder):
     __slots__ = ("ended", "extra_headers", "on_start", "send", "sent")
 
     def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
-        UsageRecorder.__init__(self, scope, config)
+        # UsageRecorder.__init__, inline (one per request: a call less); keep the two in step
+        self._scope: Scope | None = scope
+        self._billing = None
+        self._config = config
+        self._mode = _MODE_NONE
+        self._headers = None
+        self._chunks = []
+        self._size = 0
+        self._counts = None
+        self._result = None
+        self._inflater = None
         self.send: Send | None = send
         self.status = 500  # when the app fails before answering
         self.ended = 0.0  # when the response's last body message went out (0: not yet)
@@ -1321,7 +1354,7 @@ class _ResponseWatcher(UsageRecorder):
                 self.sent = True
         elif kind == "http.response.start":
             headers = message.get("headers")
-            if headers is not None and type(headers) is not list and type(headers) is not tuple:
+            if type(headers) is not list and headers is not None and type(headers) is not tuple:
                 message = {**message, "headers": list(headers)}  # any iterable (a generator): read here and sent on
             self.response_start(message)  # never raises
             if self.on_start is not None:  # (which may set the headers to add)
@@ -1360,7 +1393,9 @@ class _ResponseWatcher(UsageRecorder):
             self.status = 500
 
     def detach(self) -> None:
-        UsageRecorder.detach(self)
+        if self._scope is not None:  # (UsageRecorder.detach, inline: once per request)
+            self._billing = self._scope.get(SCOPE_KEY)
+            self._scope = None
         self.send = self.on_start = None
 
 
