@@ -826,11 +826,15 @@ async def _call_optional(backend: Any, name: str, *args: Any) -> None:
 
 
 class _LocalOrg:
-    __slots__ = ("counts", "snapshot")
+    __slots__ = ("counts", "key", "key_of", "snapshot")
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.counts = _Counts()
+        # period_key(key_of), kept for QuotaGate.check_now's fast path (whatever snapshot is stored since: it
+        # compares key_of with the current one)
+        self.key_of: Snapshot | None = None
+        self.key = ""
 
 
 def decide(snapshot: Snapshot, calls: int, tokens: int) -> str:
@@ -1349,10 +1353,58 @@ class QuotaGate:
     def check_now(self, org_id: str) -> QuotaDecision | None:
         """:meth:`check` without a coroutine, when the decision needs no I/O (in process, the org cached);
         ``None`` means: call :meth:`check` (nothing was counted)."""
-        if self.backend is not self.local:
+        local = self.local
+        if self.backend is not local:
             return None
         now = self.clock()
-        outcome = self.local.reserve_now(org_id, now, "force" if self.mode == "monitor" else "normal")
+        # Fast path, the common case: an org cached here, in its snapshot's period, within its limits. This is
+        # LocalBackend.reserve_now, _cached, _decision and _headers inline for that case only (the same counts, stats,
+        # refresh and headers); anything else (no snapshot, a period over, no subscription, over a limit) takes the
+        # general path below, which finds the same state (nothing was changed here but the org's LRU place, which it
+        # sets again).
+        orgs = local._orgs
+        state = orgs.pop(org_id, None)
+        if state is not None:
+            orgs[org_id] = state  # (most recently used last, as LocalBackend._org does)
+            snap = state.snapshot
+            if snap is not None and snap.active and now < snap.period_end:
+                counts = state.counts
+                if state.key_of is snap:
+                    key = state.key
+                else:
+                    key = state.key = period_key(snap)
+                    state.key_of = snap
+                if counts.period == key:
+                    calls = snap.base_calls + counts.calls
+                    tokens = snap.base_tokens + counts.tokens
+                    calls_limit = snap.calls_limit
+                    tokens_limit = snap.tokens_limit
+                    if (calls_limit is None or calls + 1 <= calls_limit) and (
+                        tokens_limit is None or tokens < tokens_limit
+                    ):  # (decide(): no limit hit)
+                        bucket = int(now)
+                        inflight = counts.i  # (_Counts.reserve)
+                        inflight[bucket] = inflight.get(bucket, 0) + 1
+                        counts.calls += 1
+                        calls += 1
+                        stats = self.stats
+                        stats["checks"] += 1
+                        refresh_at = snap.refresh_at  # (_cached)
+                        if refresh_at <= now or refresh_at > now + self._due_within:
+                            self._refresh_due(org_id, snap, now)
+                        stats["allowed"] += 1
+                        return _Decision(
+                            True,
+                            None,
+                            _allowed_headers(snap, calls, tokens, now) if self.config.headers else (),
+                            None,
+                            False,
+                            True,
+                            key,
+                            bucket,
+                            local,
+                        )
+        outcome = local.reserve_now(org_id, now, "force" if self.mode == "monitor" else "normal")
         if outcome.code == MISSING or (outcome.code == BLOCKED and _replanned(outcome) and self.mode != "monitor"):
             return None
         self.stats["checks"] += 1
@@ -1427,7 +1479,32 @@ class QuotaGate:
             if backend is None:
                 backend = self.backend
             bucket = decision.bucket if reserved else None
-            if self._shared and backend is self.local and bucket is not None and not self.local.holds(org_id, bucket):
+            if backend is self.local and not self._shared:
+                # Fast path (in process): LocalBackend.settle inline for an org still known here in the decision's
+                # period (or none given); else (forgotten meanwhile, or the period changed) LocalBackend.settle
+                state = self.local._orgs.get(org_id)
+                if state is not None:
+                    counts = state.counts
+                    period = decision.period
+                    if counts.period == period or not period:
+                        now_bucket = int(self.clock())
+                        if bucket is not None and billed and tokens <= 0:
+                            # the reserved call recorded (_Counts.settle inline): out of flight (its total unchanged),
+                            # into this second's records
+                            inflight = counts.i
+                            left = inflight.get(bucket, 0)
+                            if left > 1:
+                                inflight[bucket] = left - 1
+                            elif left == 1:
+                                del inflight[bucket]
+                            else:
+                                counts.calls += 1
+                            recorded = counts.c
+                            recorded[now_bucket] = recorded.get(now_bucket, 0) + 1
+                        else:
+                            counts.settle(bucket, now_bucket, tokens, billed)
+                        return
+            elif self._shared and backend is self.local and bucket is not None and not self.local.holds(org_id, bucket):
                 # decided here during a Redis outage, its call no longer held here: handed to Redis in flight when it
                 # answered again (drain), settled there as a call reserved there is (recorded, or released: a 5xx);
                 # else (forgotten here meanwhile) its record and tokens go there
@@ -2187,6 +2264,53 @@ class QuotaGate:
             "plan_code": snap.plan_code,
             "period_end": _iso(snap.period_end),
         }
+
+
+def _allowed_headers(snap: Snapshot, calls: int, tokens: int, now: float) -> tuple[tuple[bytes, bytes], ...]:
+    """:meth:`QuotaGate._headers` of an allowed request (no limit hit), for the fast path of
+    :meth:`QuotaGate.check_now`: the same values, with the limit and reset pairs taken from caches (a plan has one
+    limit, and the orgs of one billing period share its reset, which changes once a second)."""
+    calls_limit, tokens_limit = snap.calls_limit, snap.tokens_limit
+    if tokens_limit is None:
+        if calls_limit is None:
+            return ()
+        limit, left = calls_limit, calls_limit - calls
+    else:
+        tokens_left = tokens_limit - tokens
+        if tokens_left < 0:
+            tokens_left = 0
+        if calls_limit is None:
+            limit, left = tokens_limit, tokens_left
+        else:
+            left = calls_limit - calls
+            if left < 0:
+                left = 0
+            # the one closer to exhaustion (_ratio() inline; a limit of 0 counts as 0.0 there)
+            if (tokens_left / tokens_limit if tokens_limit else 0.0) < (left / calls_limit if calls_limit else 0.0):
+                limit, left = tokens_limit, tokens_left
+            else:
+                limit = calls_limit
+    if left < 0:
+        left = 0
+    limit_pair = _LIMIT_PAIRS.get(limit)
+    if limit_pair is None:
+        if len(_LIMIT_PAIRS) >= 1024:
+            _LIMIT_PAIRS.clear()
+        limit_pair = _LIMIT_PAIRS[limit] = (b"ratelimit-limit", b"%d" % limit)
+    reset = math.ceil(snap.period_end - now)
+    if reset < 0:
+        reset = 0
+    reset_pair = _RESET_PAIRS.get(reset)
+    if reset_pair is None:
+        if len(_RESET_PAIRS) >= 4096:
+            _RESET_PAIRS.clear()
+        reset_pair = _RESET_PAIRS[reset] = (b"ratelimit-reset", b"%d" % reset)
+    return (limit_pair, (b"ratelimit-remaining", b"%d" % left), reset_pair)
+
+
+#: ``ratelimit-limit`` and ``ratelimit-reset`` header pairs by value (bounded: cleared when full)
+_LIMIT_PAIRS: dict[int, tuple[bytes, bytes]] = {}
+_RESET_PAIRS: dict[int, tuple[bytes, bytes]] = {}
 
 
 def _ratio(left: int, limit: int | None) -> float:
