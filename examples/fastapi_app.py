@@ -1,4 +1,4 @@
-"""The seed's example app rebuilt on the package.
+r"""The seed's example app rebuilt on the package.
 
 Org creation subscribes the org, the middleware bills every call, Lago's webhooks keep the quota cache fresh,
 and the seed's billing endpoints are mounted behind an authorization callback.
@@ -6,7 +6,7 @@ and the seed's billing endpoints are mounted behind an authorization callback.
     lago-org-billing emulator --api-key dev-key --seed examples/seed.json
     LAGO_API_URL=http://127.0.0.1:3000 LAGO_API_KEY=dev-key uvicorn examples.fastapi_app:app --port 8000
 
-    curl -X POST localhost:8000/organizations -H 'Authorization: Bearer :ada' -H 'Content-Type: application/json' \\
+    curl -X POST localhost:8000/organizations -H 'Authorization: Bearer :ada' -H 'Content-Type: application/json' \
         -d '{"org_id": "org_acme", "name": "Acme", "email": "billing@acme.test", "plan_code": "starter"}'
     curl -X POST localhost:8000/v1/chat -H 'Authorization: Bearer org_acme:ada'
     curl localhost:8000/api/v1/billing/org/organizations/org_acme/dashboard -H 'Authorization: Bearer org_acme:ada'

@@ -1,4 +1,4 @@
-"""The minimal setup: one line bills every request to the caller's organization.
+r"""The minimal setup: one line bills every request to the caller's organization.
 
 Against the emulator (two terminals):
 
