@@ -17,7 +17,9 @@ Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
   the script turns it into the next period's provisional snapshot (``ps`` = the old ``pe``, ``pe`` = ``ne``, usage
   base 0, due now, version ``<old>+``) and resets the counter to that period; it only does so on a snapshot whose
   period is over, so it never overwrites a newer one another worker stored. Otherwise the org is cold (missing).
-* **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined.
+* **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined. One of
+  another period than the counter's is dropped; one finding no counter (Redis restarted without its data, or evicted
+  it) makes it again for its period, unless the org's snapshot is of another period or its period is over.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
   older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``). A snapshot of a
   period before the stored one's (a read begun before a rollover, Lago's clock behind) is not stored: the refresh
@@ -150,7 +152,23 @@ return {code, calls, tokens, hit, full}
 SETTLE = """
 local cnt = KEYS[1]
 local period = ARGV[1]
-if period ~= '' and (redis.call('HGET', cnt, 'p') or '') ~= period then return 0 end
+if period ~= '' then
+  local cp = redis.call('HGET', cnt, 'p')
+  if not cp then
+    -- no counter of any period (Redis restarted without its data, or evicted it at maxmemory): the records are of
+    -- that period, which the org's next snapshot keeps (if of that period, within settle_lag) or drops; not lost
+    -- before Lago has them (the in-process backend keeps them too)
+    local s = redis.call('HMGET', KEYS[2], 'v', 'a', 'ps', 'pe')
+    -- (the org's period changed since, or is over, or it has no subscription: nothing of it counts any more)
+    if s[1] and (s[2] ~= '1' or s[3] ~= period or tonumber(s[4]) <= tonumber(ARGV[3])) then return 0 end
+    redis.call('HSET', cnt, 'p', period)
+    if s[1] then  -- (as long as its period, as the CHECK script's; else until the next snapshot's STORE)
+      redis.call('PEXPIRE', cnt, math.floor((tonumber(s[4]) - tonumber(ARGV[3])) * 1000) + ARGV[7])
+    end
+  elseif cp ~= period then
+    return 0
+  end
+end
 if ARGV[2] ~= '' then
   local field = 'i:' .. ARGV[2]
   local left = tonumber(redis.call('HGET', cnt, field) or '0')
@@ -207,6 +225,8 @@ end
 local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
 if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
+-- a counter of this period lives as long as it (one a settle made again after Redis lost it expires sooner)
+if cp and ARGV[6] ~= '' then redis.call('PEXPIRE', cnt, ARGV[4]) end
 local cutc, cuti = tonumber(ARGV[2]), tonumber(ARGV[3])
 -- records stamped after ARGV[14] (made before a clock was stepped back) are stamped ARGV[15] (now): see prune()
 local late, now = tonumber(ARGV[14]), ARGV[15]
@@ -522,6 +542,15 @@ class RedisBackend:
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
+            extra: dict[str, Any] = {}
+            if hasattr(redis_asyncio.BlockingConnectionPool, "maint_notifications_enabled"):
+                # (redis-py 8: RESP3 turns maintenance notifications on, and with them on the pool hands out a pooled
+                # connection the server closed without reconnecting it. Every connection open when Redis restarted,
+                # failed over, or dropped idle clients (its ``timeout``, a proxy's) then failed its next command,
+                # never tried again here: the process counted alone for redis_retry_interval after each of them)
+                from redis.maint_notifications import MaintNotificationsConfig
+
+                extra["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
             pool = redis_asyncio.BlockingConnectionPool.from_url(
                 url,
                 max_connections=self.config.redis_max_connections,
@@ -529,6 +558,7 @@ class RedisBackend:
                 socket_timeout=self.config.redis_timeout,
                 socket_connect_timeout=self.config.redis_timeout,
                 retry=Retry(NoBackoff(), 0),
+                **extra,
             )
             client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
         self.redis = client
@@ -963,8 +993,8 @@ class RedisBackend:
         async with self.redis.pipeline(transaction=False) as pipe:
             for org_id, period, bucket, billed, now, tokens in batch:
                 await self._settle(
-                    keys=[self.key(org_id, "count")],
-                    args=[period, bucket, now, billed, tokens, self._blind_ttl_ms],
+                    keys=[self.key(org_id, "count"), self.key(org_id, "snap")],
+                    args=[period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS],
                     client=pipe,
                 )
             return list(await pipe.execute(raise_on_error=False))
