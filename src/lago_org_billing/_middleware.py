@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -549,7 +550,7 @@ class OrgBillingMiddleware:
         while True:
             try:
                 async with anyio.create_task_group() as tasks:
-                    await tasks.start(self.pipeline.run)
+                    await tasks.start(self._run_pipeline)
                     if self.quota is not None:
                         await tasks.start(self.quota.run)
                     if not started:
@@ -567,6 +568,24 @@ class OrgBillingMiddleware:
                 )
             await anyio.sleep(delay)  # started again here, in the same task group (the lifespan's, or the lazy one)
             delay = min(delay * 2, 60.0)
+
+    async def _run_pipeline(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The pipeline's work (``pipeline.run``). A pipeline given to this middleware may run already, on this thread:
+        shared with the billing middleware of another app (mounted beside this one, or served by another server on
+        the same loop), or run by the application itself. Run again, it refused ("already running"), and every
+        request of this app failed with that: that run is followed instead, and the pipeline run here if it stops
+        without being closed."""
+        pipeline = self.pipeline
+        stopped = _running_here(pipeline)
+        if stopped is None:
+            await pipeline.run(task_status=task_status)
+            return
+        task_status.started()
+        while stopped is not None:
+            await stopped.wait()
+            stopped = _running_here(pipeline)  # (another follower may have run it again meanwhile)
+        if not getattr(pipeline, "closed", False):
+            await pipeline.run()
 
     async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
         """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""
@@ -1315,6 +1334,11 @@ _Facts = tuple[
 ]
 
 
+#: The messages of the ASGI extensions handing a file to the server (``http.response.pathsend``, and the zero-copy
+#: send's ``http.response.zerocopysend``; ``http.response.zerocopy``, a name ASGI does not define, kept as before).
+_FILE_SENDS = frozenset(("http.response.pathsend", "http.response.zerocopysend", "http.response.zerocopy"))
+
+
 class _ResponseWatcher(UsageRecorder):
     """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
@@ -1344,6 +1368,8 @@ class _ResponseWatcher(UsageRecorder):
         # Not a coroutine: it returns the server's own awaitable, so a message costs no extra coroutine.
         send = self.send
         assert send is not None, "the response is over"
+        if self.ended:  # over: what the app sends now (trailers; an error middleware's answer to a failing background
+            return send(message)  # task, which the server refuses or ignores) is not the answer the client got
         kind = message["type"]
         if kind == "http.response.body":
             if self._mode:  # something to read (a JSON or SSE body)
@@ -1353,6 +1379,8 @@ class _ResponseWatcher(UsageRecorder):
             elif not self.sent and message.get("body"):
                 self.sent = True
         elif kind == "http.response.start":
+            if self.sent:  # a second answer once a stream's first bytes went out: refused, the stream is the answer
+                return send(message)
             headers = message.get("headers")
             if type(headers) is not list and headers is not None and type(headers) is not tuple:
                 message = {**message, "headers": list(headers)}  # any iterable (a generator): read here and sent on
@@ -1361,7 +1389,7 @@ class _ResponseWatcher(UsageRecorder):
                 return self._start_then_send(self.on_start, send, message)
             if self.extra_headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
-        elif kind == "http.response.pathsend" or kind == "http.response.zerocopy":
+        elif kind in _FILE_SENDS:
             # a file the server sends itself (ASGI extensions; FileResponse under granian): the body as it goes out
             if kind == "http.response.pathsend" or not message.get("more_body"):
                 self.ended = time.time()
@@ -1630,6 +1658,15 @@ def _discard_awaitable(pending: Any) -> None:
 
 async def _discard(message: Message) -> None:
     """The ``send`` of an answer that was replaced."""
+
+
+def _running_here(pipeline: Any) -> anyio.Event | None:
+    """The event a pipeline sets when its run stops, if it is running on this thread (its loop: this one), else
+    ``None``. (A run on another thread is not followed: it refuses a second run, as before.)"""
+    if not getattr(pipeline, "_running", False) or getattr(pipeline, "_loop_thread", None) != threading.get_ident():
+        return None
+    stopped = getattr(pipeline, "_stopped", None)
+    return stopped if isinstance(stopped, anyio.Event) and not stopped.is_set() else None
 
 
 def _start_error(exc: BaseException) -> ConfigurationError:
