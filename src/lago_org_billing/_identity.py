@@ -129,7 +129,7 @@ def resolve_now(resolver: Resolver, scope: Scope) -> str | Awaitable[str | None]
         return _clean_id(value)
     if inspect.isawaitable(value):
         return _Pending(_finish, value, resolver)
-    return _clean_id(value)
+    return _clean_result(resolver, value)
 
 
 class _Pending(collections.abc.Coroutine[Any, Any, "str | None"]):
@@ -194,7 +194,27 @@ async def _finish(pending: Awaitable[Any], resolver: Resolver) -> str | None:
     except Exception as exc:
         _report(resolver, exc)
         return None
-    return _clean_id(value)
+    return _clean_result(resolver, value)
+
+
+def _clean_result(resolver: object, value: object) -> str | None:
+    """:func:`_clean_id` of what a resolver returned; a value of a type that is never an id (``bytes``, a tuple, a
+    float...) is a bug in the resolver that would leave every request unresolved without a word: said once."""
+    ident = _clean_id(value)
+    if ident is None and value is not None and not isinstance(value, (str, int, uuid.UUID)):
+        name, kind = _resolver_name(resolver), type(value).__qualname__
+        key = (name, f"returned {kind}")
+        if key not in _reported:
+            _reported.add(key)
+            logger.warning(
+                "Identity resolver %s returned a %s (%.100r), which is not an id: the request is treated as "
+                "unresolved. Return the id as a str (bytes need .decode()), an int or a UUID, or None when there is "
+                "none. Logged once per resolver and type.",
+                name,
+                kind,
+                value,
+            )
+    return ident
 
 
 def _report(resolver: Resolver, exc: Exception) -> None:
@@ -278,17 +298,29 @@ def _header_value(scope: Scope, name: bytes) -> str | None:
     if found is None:
         return None
     try:
-        return found.decode("latin-1")
-    except (AttributeError, UnicodeDecodeError):
+        return _decoded(found)
+    except AttributeError:
         return None
+
+
+def _decoded(raw: bytes) -> str:
+    """A header value as the text the client meant: UTF-8 (what clients other than browsers send, and what ids are
+    everywhere else: request.state, Lago, the migration's mapping files), else Latin-1 (a browser's ``fetch()``
+    sends its ISO-8859-1 bytes). Read as Latin-1 only, a UTF-8 ``société`` was the id ``sociÃ©tÃ©``. ASCII reads
+    the same either way."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def from_header(name: str, *, membership_check: MembershipCheck | None = None) -> Resolver:
     """Resolve from a request header (opt-in: a client can send any header value).
 
-    The value must be non-empty, at most 255 characters, without control characters, and not repeated with
-    different values; anything else is ``None``. ``membership_check(scope, org_id)`` (sync or async) can confirm
-    that the authenticated caller belongs to that org; when it returns false the request is unresolved.
+    The value is read as UTF-8 (else Latin-1, as browsers send it), and must be non-empty, at most 255 characters,
+    without control characters, and not repeated with different values; anything else is ``None``.
+    ``membership_check(scope, org_id)`` (sync or async) can confirm that the authenticated caller belongs to that
+    org; when it returns false the request is unresolved.
     """
     raw_name = _header_name("from_header()", name)
 
@@ -304,11 +336,23 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
         value = resolve_from_header(scope)
         if value is None:
             return None
-        allowed = check(scope, value)
+        allowed: object = check(scope, value)
         if inspect.isawaitable(allowed):
             allowed = await allowed
         if allowed is True:
             return value
+        if allowed is not False:  # None (a forgotten return), a row, 1, numpy.bool_: only True admits
+            said = (_resolver_name(check), f"answered {type(allowed).__qualname__}")
+            if said not in _reported:
+                _reported.add(said)
+                logger.warning(
+                    "Membership check %s answered %.100r, not True or False: org %r (header %s) is rejected, as is "
+                    "every org it answers so. Return True for a member. Logged once per check and answer type.",
+                    said[0],
+                    allowed,
+                    value,
+                    name,
+                )
         logger.debug("Header %s names org %r, which the membership check rejected.", name, value)
         return None
 
@@ -351,14 +395,16 @@ def from_jwt_claim(
 
     ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used);
     a public key or certificate as bare base64 DER (Keycloak's "Public key" / "Certificate", a JWKS ``x5c``) is
-    loaded as the public key too, never taken as an HMAC secret. It is loaded once, here, for each of
+    loaded as the public key too, never taken as an HMAC secret; so are a PEM whose line breaks were written as
+    ``\\n`` (env vars) and a JWK as JSON (one key of the issuer's ``jwks_uri``). It is loaded once, here, for each of
     ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm with a public key is the classic
     algorithm-confusion attack; an RSA algorithm with an EC key can never verify). What could never verify a token
     is a :class:`ConfigurationError` saying what to pass: no algorithm left, a private key, ``algorithms`` given as
     a string or with an unknown name, ``none``, an empty ``audience`` or ``issuer`` (or list of them), a ``claim``
     that is not a str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0. Expiry (``exp``), ``nbf``,
     ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed,
-    badly signed or expired token resolves to ``None``. The verified claims are cached in the scope (under an opaque
+    badly signed or expired token resolves to ``None``. A ``claim`` with dots that no claim is named after reads a
+    nested one (``"o.id"`` for ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under an opaque
     id: never the key), so resolving the org and the user from the same token verifies it once.
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
@@ -392,6 +438,7 @@ def from_jwt_claim(
     )
 
     one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
+    path = tuple(claim.split(".")) if "." in claim else None  # a nested claim, when no claim has the dotted name
     issuers = issuer_arg if isinstance(issuer_arg, tuple) else None
 
     def resolve_from_jwt(scope: Scope) -> str | None:
@@ -415,7 +462,12 @@ def from_jwt_claim(
             cache[cache_key] = claims
         if not isinstance(claims, Mapping):
             return None
-        return _clean_id(claims.get(claim))
+        value = claims.get(claim)
+        if value is None and path is not None:
+            value = claims
+            for name in path:
+                value = value.get(name) if isinstance(value, Mapping) else None
+        return _clean_id(value)
 
     return _clean_ids(resolve_from_jwt)
 
@@ -528,15 +580,22 @@ def _jwt_verification(jwt: Any, key: Any, algorithms: Sequence[str]) -> tuple[li
 
     candidate = _jwt_key_object(key)
     allowed: list[str] = []
-    verification_key: Any = key
+    verification_key: Any = candidate
     private = False
+    public: list[str] = []
     for alg in algorithms:
         if alg in known:
             usable, is_private, prepared = _jwt_key_fits(known[alg], alg, candidate)
             private = private or is_private
-            if usable:
-                allowed.append(alg)
-                verification_key = key if isinstance(prepared, bytes) else prepared  # PyJWT prepares secrets itself
+            if usable and not isinstance(prepared, bytes):
+                public.append(alg)
+                verification_key = prepared
+            elif usable:
+                allowed.append(alg)  # (PyJWT prepares secrets itself: the candidate is passed as it is)
+    if public:
+        # A key that loads as a public key is never also an HMAC secret: the public text as a secret is the
+        # algorithm-confusion attack (PyJWT < 2.1x takes a PEM flattened onto one line as both).
+        allowed = public
     if private:
         raise ConfigurationError(
             "from_jwt_claim() was given a private key: pass the issuer's PUBLIC key (PEM '-----BEGIN PUBLIC KEY-----' "
@@ -564,6 +623,15 @@ def _jwt_key_object(key: Any) -> Any:
     """``key``, or the public key of an X.509 certificate PEM (what Auth0, Keycloak or ADFS publish), which PyJWT
     does not load by itself, or of a bare base64 DER public key or certificate (see :func:`_jwt_bare_der_key`)."""
     raw = key.encode("latin-1", "replace") if isinstance(key, str) else key
+    if isinstance(raw, bytes) and raw.lstrip().startswith(b"{"):
+        jwk = _jwt_jwk_key(raw)
+        if jwk is not None:
+            return jwk
+    if isinstance(raw, bytes) and b"-----BEGIN " in raw and b"\\n" in raw:
+        # A PEM whose line breaks an env var or a JSON/YAML file kept as the two characters \n: unambiguous, and
+        # unreadable as it is (and older PyJWTs take it as an HMAC secret: anyone with the public key signs)
+        raw = raw.replace(b"\\r", b"").replace(b"\\n", b"\n")
+        key = raw
     if not (isinstance(raw, bytes) and raw.lstrip().startswith(b"-----BEGIN CERTIFICATE-----")):
         bare = _jwt_bare_der_key(raw) if isinstance(raw, bytes) else None
         return key if bare is None else bare
@@ -578,6 +646,37 @@ def _jwt_key_object(key: Any) -> Any:
     except ValueError as exc:
         raise ConfigurationError(
             f"from_jwt_claim(): the key looks like a certificate PEM but is not one ({exc})."
+        ) from exc
+
+
+def _jwt_jwk_key(raw: bytes) -> Any:
+    """The key of a JWK given as JSON (one key of the issuer's ``jwks_uri``, or a JWKS holding one key): its public
+    key, or for a symmetric (``"kty": "oct"``) one the secret bytes of ``k``. PyJWT takes neither JSON as a key, and
+    older versions take it as an HMAC *secret*: the JSON is public, so anyone could sign. ``None`` for JSON that is
+    not a JWK (an HMAC secret may be anything)."""
+    import json
+
+    import jwt
+
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("keys"), list):
+        if len(data["keys"]) != 1:
+            raise ConfigurationError(
+                f"from_jwt_claim(key=...) got a JWKS with {len(data['keys'])} keys; it verifies with one key: pass "
+                "the one whose kid your issuer signs with now (as its JWK JSON or a PEM)."
+            )
+        data = data["keys"][0]
+    if not isinstance(data, dict) or "kty" not in data:
+        return None
+    try:
+        return jwt.PyJWK(data).key
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigurationError(
+            f"from_jwt_claim(key=...) got a JWK that PyJWT cannot load ({exc}); pass the issuer's public key as a "
+            "PEM, or a JWK of its key (kty RSA, EC or OKP) from its jwks_uri."
         ) from exc
 
 
@@ -620,6 +719,12 @@ def _jwt_bare_der_key(raw: bytes) -> Any:
     return None
 
 
+def _jwt_public_text(secret: bytes) -> bool:
+    """Whether an HMAC secret is public key text that the PyJWT in use let through (older ones refuse only a
+    well-formed PEM and ssh keys): PEM armour anywhere, or an OpenSSH public key."""
+    return b"-----BEGIN " in secret or b"-----END " in secret or secret.lstrip().startswith((b"ssh-", b"ecdsa-sha2-"))
+
+
 def _is_der_sequence(der: bytes) -> bool:
     """Whether ``der`` is exactly one DER SEQUENCE, as every key and certificate is."""
     if len(der) < 2 or der[0] != 0x30:
@@ -647,7 +752,7 @@ def _jwt_key_fits(implementation: Any, alg: str, key: Any) -> tuple[bool, bool, 
     except Exception:  # InvalidKeyError, or cryptography's errors for a key of another kind
         return False, False, None
     if isinstance(prepared, bytes):
-        return alg.startswith("HS"), False, prepared
+        return alg.startswith("HS") and not _jwt_public_text(prepared), False, prepared
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
     if isinstance(
@@ -674,15 +779,17 @@ def first_of(*resolvers: Resolver) -> Resolver:
     """
     chain = tuple(resolvers)
 
-    async def resume(pending: Awaitable[str | None], rest: tuple[Resolver, ...], scope: Scope) -> str | None:
-        value = _clean_id(await pending)
+    async def resume(
+        pending: Awaitable[str | None], source: Resolver, rest: tuple[Resolver, ...], scope: Scope
+    ) -> str | None:
+        value = _clean_result(source, await pending)
         if value is not None:
             return value
         for resolver in rest:
             result = resolver(scope)
             if result is not None and type(result) is not str and inspect.isawaitable(result):
                 result = await result
-            value = _clean_id(result)
+            value = _clean_result(resolver, result)
             if value is not None:
                 return value
         return None
@@ -697,8 +804,8 @@ def first_of(*resolvers: Resolver) -> Resolver:
             if type(result) is str and clean[index]:
                 return result
             if type(result) is not str and inspect.isawaitable(result):
-                return _Pending(resume, result, chain[index + 1 :], scope)
-            value = _clean_id(result)
+                return _Pending(resume, result, resolver, chain[index + 1 :], scope)
+            value = _clean_result(resolver, result)
             if value is not None:
                 return value
         return None
@@ -829,7 +936,7 @@ def _header_id(value: Any) -> str | None:
     when the value is no longer than an id: one padded with blanks that :func:`_clean_id` strips (``\\xa0``, which
     servers pass on) would keep kilobytes per entry, each distinct padding its own entry."""
     try:
-        ident = _clean_id(_unjoined(value.decode("latin-1")))
+        ident = _clean_id(_unjoined(_decoded(value)))
     except AttributeError:
         return None
     if ident is not None and type(value) is bytes and len(value) <= MAX_ID_LENGTH:
