@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import email.utils
 import enum
 import functools
@@ -20,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
@@ -112,6 +113,12 @@ class LagoClient:
             "Accept": "application/json",
             "User-Agent": f"lago-org-billing/{__version__}",
         }
+        if _has_userinfo(self.settings.api_url):
+            logger.warning(
+                "LAGO_API_URL (%s) carries a user:password@ part, which is not sent: Lago authenticates every call "
+                "with LAGO_API_KEY (Authorization: Bearer). Remove it from the URL.",
+                redact_url(self.settings.api_url),
+            )
         # The event batch POST is the hot call: without an injected transport or a proxy it skips httpx.
         self._raw: RawPoster | None = None
         if transport is None and can_use_raw_poster(self.settings.api_url):
@@ -124,6 +131,8 @@ class LagoClient:
             timeout=httpx.Timeout(self.settings.api_timeout),
             limits=limits or httpx.Limits(max_connections=50, max_keepalive_connections=20),
             transport=transport,
+            # no auth of httpx's own: it turns a user:password@ of the URL into Basic auth, replacing the API key
+            auth=_KEY_ONLY,
         )
         self._http = self._new_http()
         self._inherited = False  # (in a forked child: ``_http`` is the parent's pool)
@@ -438,23 +447,36 @@ class LagoClient:
         if self._state is _State.CLOSED:
             raise RuntimeError("This LagoClient is closed; create a new one.")
         url = "/api/v1/events/batch"
+        timeout = self.settings.api_timeout
         if self._raw is not None:
             try:
                 status, headers, content = await self._raw.post(url, body)
             except RawHTTPError as exc:
                 raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
+            if 200 <= status < 300 and not any(name.lower() == "content-encoding" for name, _ in headers):
+                self._check_batch_answer(status, content, url)
+                return
+            # As bytes (as read): httpx encodes str headers as ASCII, and a load balancer's header may not be. httpx
+            # decodes a compressed body (a server may compress an answer to a request that did not ask it to).
+            raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+            try:
+                response = httpx.Response(status, headers=raw, content=content)
+            except httpx.DecodingError as exc:
+                raise _undecodable(status, url, exc) from exc
             if not 200 <= status < 300:
-                # As bytes (as read): httpx encodes str headers as ASCII, and a load balancer's header may not be
-                raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
-                raise _error_from_response(httpx.Response(status, headers=raw, content=content), "POST", url)
-            self._check_batch_answer(status, content, url)
+                raise _error_from_response(response, "POST", url)
+            self._check_batch_answer(status, response.content, url)
             return
         try:
-            response = await self._pool().post(url, content=body, headers={"Content-Type": "application/json"})
-        except httpx.TransportError as exc:
-            raise LagoUnavailableError(
-                f"Lago did not answer POST {url} ({type(exc).__name__}: {exc}).", method="POST", path=url
-            ) from exc
+            with anyio.fail_after(timeout):  # (whole: httpx's timeout is per read)
+                response = await self._pool().post(url, content=body, headers={"Content-Type": "application/json"})
+        except httpx.DecodingError as exc:
+            raise _undecodable(None, url, exc) from exc
+        except (httpx.RequestError, TimeoutError) as exc:
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+                what += f", no answer within {timeout:.3g} s: LAGO_API_TIMEOUT"
+            raise LagoUnavailableError(f"Lago did not answer POST {url} ({what}).", method="POST", path=url) from exc
         if not 200 <= response.status_code < 300:  # a redirect is not delivery: nothing reached Lago
             raise _error_from_response(response, "POST", url)
         self._check_batch_answer(response.status_code, response.content, url)
@@ -611,13 +633,15 @@ class LagoClient:
         while True:
             wait: float | None = None
             left = deadline - time.monotonic()
+            # an attempt never runs past the call's deadline (api_timeout otherwise), whole: httpx's timeout is per
+            # read, which an answer trickling in (a byte now and then) never reaches
+            timeout = min(settings.api_timeout, max(left, 0.001))
             try:
-                # an attempt never runs past the call's deadline (api_timeout otherwise)
-                timeout = min(settings.api_timeout, max(left, 0.001))
-                response = await self._pool().request(method, url, params=query, json=json, timeout=timeout)
-            except httpx.RequestError as exc:  # network errors, and bodies that cannot be decoded
+                with anyio.fail_after(timeout):
+                    response = await self._pool().request(method, url, params=query, json=json, timeout=timeout)
+            except (httpx.RequestError, TimeoutError) as exc:  # network errors, and bodies that cannot be decoded
                 what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                if isinstance(exc, httpx.TimeoutException):  # (httpx's timeouts mostly have no message)
+                if isinstance(exc, (httpx.TimeoutException, TimeoutError)):  # (they mostly have no message)
                     what += f", no answer within {timeout:.3g} s: LAGO_API_TIMEOUT, LAGO_RETRY_DEADLINE"
                 error: LagoAPIError = LagoUnavailableError(
                     f"Lago did not answer {method} {url} ({what}). "
@@ -676,6 +700,28 @@ class _PartlyDuplicateBatch(LagoValidationError):
     @property
     def is_duplicate_only(self) -> bool:
         return False
+
+
+#: httpx's own auth left out: the client's ``Authorization: Bearer <key>`` header is what every call sends.
+_KEY_ONLY = httpx.Auth()
+
+
+def _has_userinfo(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.username is not None or parts.password is not None
+
+
+def _undecodable(status: int | None, url: str, exc: httpx.DecodingError) -> LagoUnavailableError:
+    """An answer whose body cannot be decoded as its ``Content-Encoding`` says (a proxy's page labelled gzip): what it
+    says is unknown, as if no answer came."""
+    answered = f"answered POST {url} with {status}" if status is not None else f"answered POST {url}"
+    return LagoUnavailableError(
+        f"Lago {answered} but its body could not be decoded ({exc}): a proxy or gateway in front of Lago "
+        f"(LAGO_API_URL) may be mislabelling its Content-Encoding. Retry later.",
+        status=status,
+        method="POST",
+        path=url,
+    )
 
 
 def _unwrap(body: JSON, key: str) -> JSON:
@@ -850,6 +896,8 @@ def _retry_after(headers: httpx.Headers) -> float | None:
             when = email.utils.parsedate_to_datetime(raw)
         except (TypeError, ValueError):
             continue
+        if when.tzinfo is None:  # asctime's form and "-0000": HTTP dates are GMT (RFC 9110 5.6.7), not local time
+            when = when.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, when.timestamp() - time.time())
     return None
 

@@ -194,7 +194,7 @@ class RawPoster:
                 return answer
             except TimeoutError:
                 await self._discard(connection)
-                raise RawHTTPError(f"no answer within {self.timeout} s") from None
+                raise RawHTTPError(f"no answer within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
             except (
                 OSError,
                 anyio.BrokenResourceError,

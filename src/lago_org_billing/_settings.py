@@ -121,6 +121,17 @@ class BillingSettings:
         _positive("LAGO_RETRY_DEADLINE", self.retry_deadline)
         _positive("LAGO_RETRY_BACKOFF", self.retry_backoff)
         _positive("LAGO_USAGE_CACHE_TTL", self.usage_cache_ttl)
+        for variable, switch in (
+            ("LAGO_FAIL_OPEN", self.fail_open),
+            ("LAGO_METRICS", self.metrics),
+            ("LAGO_BILL_SERVER_ERRORS", self.bill_server_errors),
+        ):
+            if not isinstance(switch, bool):  # ("false", a non-empty string, is true)
+                raise ConfigurationError(
+                    f"{variable} must be True or False, got {switch!r} (from_env reads the text forms: true/false, "
+                    "yes/no, on/off, 1/0).",
+                    variable=variable,
+                )
         if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 20:
             raise ConfigurationError(
                 f"LAGO_MAX_RETRIES must be a whole number from 0 to 20, got {self.max_retries!r}.",
@@ -484,6 +495,14 @@ def _parse_url(name: str, value: str) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
             f"{name} must be an http(s) URL such as https://api.getlago.com, got {redact_url(value)}.", variable=name
+        )
+    # Port 0 (no server there), a blank or a control character inside (a line break of a folded YAML value: Python
+    # drops tabs and line breaks from URLs it splits, httpx refuses them with its own InvalidURL at each client made)
+    if parts.port == 0 or any(char.isspace() or not char.isprintable() for char in url):
+        raise ConfigurationError(
+            f"{name} must be Lago's URL with no blank or line break inside and a port from 1 to 65535, such as "
+            f"http://lago:3000, got {redact_url(value)}.",
+            variable=name,
         )
     if url[-len("/api/v1") :].lower() == "/api/v1":  # the Lago docs show URLs with /api/v1; we add it ourselves
         url = url[: -len("/api/v1")].rstrip("/")  # (and ``${HOST}/`` + ``/api/v1`` leaves ``//api/v1``)
