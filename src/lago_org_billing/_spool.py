@@ -21,6 +21,8 @@ on every attempt, so a resend is byte-identical (Lago's ClickHouse store dedupli
   commit. A crash before that commit means the row is sent again: Lago deduplicates it (Postgres store:
   ``value_already_exist``, counted as a duplicate; ClickHouse: the byte-identical copy replaces itself).
 * On restart the rows left in the file are delivered first: they have the lowest rowids.
+* A file that is no spool this version can write (another program's SQLite database, a spool of another schema) is
+  refused at start, untouched; a damaged one too, with how to recover its events.
 
 **Several processes** (e.g. ``uvicorn --workers 4``) may share one ``LAGO_SPOOL_PATH``. Each process owns
 one *slot* file, locked with ``fcntl.flock`` for its lifetime: slot 0 is ``LAGO_SPOOL_PATH`` itself, slot
@@ -461,6 +463,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_at REAL NOT NULL
 );
 """
+#: The columns of each table of a spool this version writes. A file it opens may have no table yet (a new spool), these
+#: tables with any other column it need not write (nullable or with a default), and the tables SQLite makes itself
+#: (``sqlite_*``: AUTOINCREMENT, ANALYZE) or ``sqlite3 .recover`` adds (``lost_and_found``); any other file is not a
+#: spool (another program's database, a spool of another version), refused untouched (:func:`_check_spool_schema`).
+_SPOOL_COLUMNS = {
+    "events": ("id", "body"),
+    "dead_letters": ("id", "body", "reason", "status", "code", "created_at"),
+}
+_OTHER_TABLES_ALLOWED = ("lost_and_found",)
 
 
 def spool_slot_path(path: str, slot: int) -> str:
@@ -539,7 +550,8 @@ class _SpoolFile:
     """The blocking half of the SQLite spool. Every method runs in a worker thread, under ``lock``."""
 
     def __init__(self, path: str, synchronous: str) -> None:
-        self.base_path = os.path.abspath(path)
+        # (``~`` as BillingSettings reads LAGO_SPOOL_PATH: a path given to EventPipeline as is means the same file)
+        self.base_path = os.path.abspath(os.path.expanduser(path))
         self.synchronous = synchronous
         self.lock = threading.Lock()
         self.path = ""
@@ -575,7 +587,7 @@ class _SpoolFile:
                         # An orphan slot file SQLite cannot read (torn, or a stray file named like one) is no spool to
                         # write to: left where it is (said by ``_adopt_orphans``), and the next slot taken. (Not
                         # LAGO_SPOOL_PATH itself, nor a failure of the volume, which another slot would not escape.)
-                        if slot == 0 or type(exc) is not sqlite3.DatabaseError:
+                        if slot == 0 or not (type(exc) is sqlite3.DatabaseError or isinstance(exc, _NotASpool)):
                             raise
                         self._release()
                 adopted = self.adopted = self._adopt_orphans(slot)
@@ -586,13 +598,30 @@ class _SpoolFile:
                 self._release()
                 if isinstance(exc, _NoFileLocks):
                     advice = "Set LAGO_SPOOL_PATH to a file on a volume that supports them (a local disk)"
+                elif isinstance(exc, _NotASpool):
+                    advice = (
+                        "The file was left untouched. Set LAGO_SPOOL_PATH to a file of its own (a new path: the spool "
+                        "makes it)"
+                    )
+                elif _damaged(exc):
+                    where = self.path or self.base_path
+                    advice = (
+                        f"If it is a spool, it is damaged, and its undelivered events are still to recover: stop every "
+                        f"process using it, move it away with its -wal file if there is one (mv {where} "
+                        f"{where}.damaged; mv {where}-wal {where}.damaged-wal), recover what it holds into a slot file "
+                        f"that the next start adopts and delivers (SQLite's recovery: sqlite3 {where}.damaged "
+                        f"'.recover' | sqlite3 {self.base_path}.1000), and keep the damaged file until that is done. "
+                        "If it is not a spool, set LAGO_SPOOL_PATH to a file of its own (a new path: the spool "
+                        "makes it)"
+                    )
                 else:
                     advice = (
                         "Set LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that "
                         "is not a spool)"
                     )
+                said = str(exc) if isinstance(exc, _NotASpool) else f"{type(exc).__name__}: {exc}"
                 raise ConfigurationError(
-                    f"The event spool {self.path or self.base_path} cannot be used ({type(exc).__name__}: {exc}). "
+                    f"The event spool {self.path or self.base_path} cannot be used ({said}). "
                     f"{advice}, or unset it to keep events in memory.",
                     variable="LAGO_SPOOL_PATH",
                 ) from exc
@@ -604,6 +633,7 @@ class _SpoolFile:
         # database's mode); an existing one keeps the mode it was given.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        _check_spool_schema(conn)  # (before anything is written to it: another program's database stays untouched)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA journal_size_limit=67108864")
@@ -866,6 +896,49 @@ class _NoFileLocks(OSError):
     """The spool's volume takes no ``flock`` (some network and FUSE file systems)."""
 
 
+class _NotASpool(sqlite3.DatabaseError):
+    """An SQLite database that is no spool this version can write: another program's, or a spool of another schema."""
+
+
+def _check_spool_schema(conn: sqlite3.Connection) -> None:
+    """Raise :class:`_NotASpool` unless the database of ``conn`` is empty or a spool this version can read and write
+    (:data:`_SPOOL_COLUMNS`). Used as a spool, another program's database would have its ``events`` rows sent to Lago
+    and deleted, or be read and written in vain (every event in memory only) with advice about disk space."""
+    tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    problems: list[str] = []
+    foreign = sorted(
+        name
+        for name in tables
+        if name not in _SPOOL_COLUMNS and name not in _OTHER_TABLES_ALLOWED and not name.startswith("sqlite_")
+    )
+    if foreign:
+        problems.append(f"it holds tables no spool has ({', '.join(foreign)})")
+    for table, needed in _SPOOL_COLUMNS.items():
+        if table not in tables:
+            continue
+        # (cid, name, type, notnull, default, pk)
+        columns = {row[1]: row for row in conn.execute(f"PRAGMA table_info({table})")}
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            problems.append(f"its table {table} has no column {', '.join(missing)}")
+        required = [name for name, row in columns.items() if name not in needed and row[3] and row[4] is None]
+        if required:
+            problems.append(
+                f"its table {table} needs a value for column {', '.join(required)}, which this version does not write"
+            )
+    if problems:
+        raise _NotASpool(
+            "not an event spool: " + "; ".join(problems) + " (another program's database, or a spool of another "
+            "version of lago-org-billing)"
+        )
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether SQLite's ``exc`` says the file is damaged or not a database (SQLITE_CORRUPT, SQLITE_NOTADB)."""
+    text = str(exc).lower()
+    return type(exc) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text
+
+
 #: The slot lock descriptors this process holds open (its own slot's, an orphan's while it adopts it). A forked child
 #: closes its copies at once (:func:`_close_inherited_locks`): a flock lasts as long as any copy of its descriptor, and
 #: the child would hold the parent's slot for its own life. Changed only under ``_lock_fds_guard``, which ``fork``
@@ -925,7 +998,7 @@ def _write_advice(exc: Exception, path: str) -> str:
             "another program holds a write lock on it (an sqlite3 shell or a backup tool left in a transaction?): "
             "end that transaction"
         )
-    if type(exc) is sqlite3.DatabaseError or "malformed" in text or "not a database" in text:  # SQLITE_CORRUPT...
+    if _damaged(exc):  # SQLITE_CORRUPT, SQLITE_NOTADB
         return (
             f"the file is damaged (sqlite3 {path} 'PRAGMA integrity_check'): stop this process (what waits in memory "
             "is sent to Lago as it stops), recover the file's events (sqlite3 .recover) and move it away"
