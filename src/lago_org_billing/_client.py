@@ -781,13 +781,24 @@ def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
 
 
 def _error_from_response(response: httpx.Response, method: str, url: str) -> LagoAPIError:
-    status = response.status_code
+    error = _lago_error(response, method, url)
+    error.lago_json = _body_object(response) is not None
+    return error
+
+
+def _body_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's body as a JSON object (Lago's answers are), else ``None`` (a proxy's page, no body)."""
     try:
         body = response.json()
     except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        body = {}
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _lago_error(response: httpx.Response, method: str, url: str) -> LagoAPIError:
+    status = response.status_code
+    parsed = _body_object(response)
+    body = parsed or {}
     code = body.get("code") if isinstance(body.get("code"), str) else None
     details = body.get("error_details") if isinstance(body.get("error_details"), dict) else {}
     error_text = body.get("error") if isinstance(body.get("error"), str) else None
@@ -827,6 +838,12 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
             )
         return LagoNotFoundError(
             summary + ". Check the id (Lago's ids are case-sensitive), or create the resource first.", **kwargs
+        )
+    if status == 400 and parsed is None:
+        return LagoAPIError(
+            f"{summary}, not Lago's answer (its body is not Lago's JSON: a proxy's or load balancer's page). Check "
+            "LAGO_API_URL (http:// to an https port?) and what stands between this app and Lago.",
+            **kwargs,
         )
     if status == 405 and code == "no_active_subscription":
         return LagoAPIError(

@@ -571,7 +571,9 @@ class EventPipeline:
                 return
             except LagoAPIError as exc:  # other answers
                 metrics.lago_error(exc.status)
-                if exc.status in _EVENT_AT_FAULT:  # the content of some event: split until it is alone
+                # the content of some event: split until it is alone (not a 400 page of a proxy's: Lago's are JSON,
+                # and an HTTP request to an HTTPS port would dead-letter every event)
+                if exc.status in _EVENT_AT_FAULT and (exc.status != 400 or exc.lago_json):
                     self._isolate(items, exc, stack)
                 elif self._server_failure(items, exc, stack):  # 405, 408, 409...: not one event's doing
                     continue

@@ -71,7 +71,11 @@ class LagoAPIError(LagoIntegrationError):
     * **code** - Lago's machine-readable ``code`` (``customer_not_found``, ``validation_errors``...).
     * **details** - Lago's ``error_details`` (``{"field": ["error_code"]}``; for batches keyed by index).
     * **error** - Lago's ``error`` text.
+    * **lago_json** - whether the answer's body was a JSON object, as Lago's are (``False``: a proxy's or load
+      balancer's page, or no body: its status is theirs, not Lago's verdict on the request).
     """
+
+    lago_json: bool = True
 
     def __init__(
         self,
