@@ -295,3 +295,14 @@ def test_switches_given_as_text_in_code_are_refused(field: str, value: object) -
     with pytest.raises(ConfigurationError, match=variable):
         BillingSettings.from_env(None, environ={}, require_api_key=False, **{field: value})
     assert getattr(BillingSettings(**{field: True}), field) is True  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ahead", [30, 0])
+def test_an_epoch_style_rate_limit_reset_is_read_as_the_time_of_the_reset(ahead: int) -> None:
+    """A proxy's ``X-RateLimit-Reset`` giving the reset's Unix time (GitHub's style) is not 56 years to wait."""
+    from lago_org_billing._client import _retry_after
+
+    reset = int(time.time()) + ahead
+    wait = _retry_after(httpx.Headers({"x-ratelimit-reset": str(reset)}))
+    assert wait is not None and wait <= ahead + 1
+    assert _retry_after(httpx.Headers({"x-ratelimit-reset": "30"})) == 30.0  # Lago's: seconds until the reset

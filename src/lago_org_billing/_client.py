@@ -898,6 +898,10 @@ def _subscription_path(external_id: str) -> str:
     return f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
 
 
+#: A reset "in seconds" beyond this (2001 as a Unix time; no rate-limit window lasts 31 years) is a Unix time
+_EPOCH_RESET = 1e9
+
+
 def _retry_after(headers: httpx.Headers) -> float | None:
     """Seconds to wait, from ``X-RateLimit-Reset`` (Lago: seconds until the window resets) or ``Retry-After``
     (seconds or an HTTP date)."""
@@ -906,9 +910,13 @@ def _retry_after(headers: httpx.Headers) -> float | None:
         if raw is None:
             continue
         try:
-            return max(0.0, float(raw))
+            seconds = float(raw)
         except ValueError:
             pass
+        else:
+            if seconds > _EPOCH_RESET:  # a proxy's (GitHub-style) Unix time of the reset, not seconds to wait
+                seconds -= time.time()
+            return max(0.0, seconds)
         try:
             when = email.utils.parsedate_to_datetime(raw)
         except (TypeError, ValueError):
