@@ -288,7 +288,7 @@ async def test_the_org_customer_inherits_the_billing_identity_of_its_user(fake: 
     """A new org customer gets the billing identity (currency, address, legal name, tax id, and email when the
     mapping has none) of the user whose plan it takes: the org's invoices went out without them."""
     details = {
-        "currency": "EUR",
+        "currency": "USD",
         "country": "FR",
         "address_line1": "1 rue de la Paix",
         "legal_name": "Dave SARL",

@@ -32,6 +32,7 @@ from ._util import (
     drop_none,
     iso,
     iso_ms,
+    local_day_start,
     not_allowed,
     not_found,
     paginate,
@@ -242,12 +243,30 @@ class LagoStore:
                                 self._activate(nxt, switch)
                                 changed = True
                     elif status == "pending" and not sub.get("previous_subscription_id"):
-                        start = parse_datetime(sub["subscription_at"])
-                        if start is not None and start <= now:
-                            self._activate(sub, start)
+                        due = self._activation_due(sub)
+                        if due is not None and due <= now:
+                            self._activate(sub, due)
                             changed = True
                 if changed:
                     self._candidates_stale = True
+
+    def _local_date(self, sub: JSON, moment: datetime) -> date:
+        """The calendar date of ``moment`` in the time zone of the subscription's customer."""
+        return moment.astimezone(self._timezone(sub)).date()
+
+    def _activation_due(self, sub: JSON) -> datetime | None:
+        """When Lago's ``Clock::ActivateSubscriptionsJob`` (every 5 minutes) activates a pending subscription, which is
+        also its ``started_at`` (``mark_as_active!(Time.current)``): the first run on the *date* of its
+        ``subscription_at`` in the customer's time zone (``ActivateAllPendingService``: ``DATE(subscription_at AT TIME
+        ZONE tz) <= DATE(now AT TIME ZONE tz)``), i.e. that day's local midnight (the 5 minutes of the job's period
+        left out), and not before the subscription was created."""
+        start = parse_datetime(sub["subscription_at"])
+        if start is None:
+            return None
+        tz = self._timezone(sub)
+        due = local_day_start(start.astimezone(tz).date(), tz)
+        created = parse_datetime(sub.get("created_at"))
+        return max(due, created) if created is not None else due
 
     @staticmethod
     def _may_transition(sub: JSON) -> bool:
@@ -296,6 +315,13 @@ class LagoStore:
         params = _mapping(_require_root(body, "customer"))
         with self.lock:
             self.refresh()
+            # UpsertFromApiService returns early, each alone and before anything else, on too many metadata items,
+            # then on an unknown finalize_zero_amount_invoice (null is accepted: "inherit")
+            items = params.get("metadata")
+            if isinstance(items, list) and len(items) > METADATA_MAX_ITEMS:
+                raise validation_error({"metadata": ["invalid_count"]})
+            if params.get("finalize_zero_amount_invoice") not in (None, "inherit", "skip", "finalize"):
+                raise validation_error({"finalize_zero_amount_invoice": ["invalid_value"]})
             external_id = _str_or_none(params.get("external_id"))
             if not external_id:
                 raise validation_error({"external_id": ["value_is_mandatory"]})
@@ -306,7 +332,6 @@ class LagoStore:
             for key, allowed in (
                 ("customer_type", ("company", "individual", None)),
                 ("account_type", ("customer", "partner")),
-                ("finalize_zero_amount_invoice", ("inherit", "skip", "finalize")),
             ):
                 if key in params and params[key] not in allowed:
                     errors[key] = ["value_is_invalid"]
@@ -326,6 +351,13 @@ class LagoStore:
             new_metadata: list[JSON] | None = None
             if "metadata" in params and params["metadata"] is not None:
                 new_metadata = self._plan_metadata(params["metadata"], existing_metadata, errors)
+            if (
+                customer is not None
+                and "currency" in params
+                and self._currency_refused(customer, currency, customer_update=True)
+            ):
+                # UpsertFromApiService runs UpdateCurrencyService before saving the other fields: this error comes alone
+                raise validation_error({"currency": ["currencies_does_not_match"]})
             if errors:
                 raise validation_error(errors)
             created = customer is None
@@ -343,6 +375,28 @@ class LagoStore:
             result = self._serialize_customer(customer)
             self._emit("customer.created" if created else "customer.updated", "customer", result)
             return {"customer": result}
+
+    def _editable(self, customer: JSON) -> bool:
+        """lago-api ``Customer#editable?``: no subscription, whatever its status, and no invoice (the emulator has no
+        add-ons, coupons nor wallets, the other things that make a customer's currency fixed)."""
+        lago_id = customer["lago_id"]
+        return not any(s["customer_id"] == lago_id for s in self.subscriptions) and not any(
+            i["customer_id"] == lago_id for i in self.invoices
+        )
+
+    def _currency_refused(self, customer: JSON, currency: Any, *, customer_update: bool) -> bool:
+        """lago-api ``Customers::UpdateCurrencyService`` (without the ``multi_currency`` feature flag, off by default):
+        ``True`` when giving ``currency`` to ``customer`` is ``422 {"currency": ["currencies_does_not_match"]}``.
+
+        The upsert (``customer_update``) may change the currency while the customer is editable; a subscription
+        (its plan's currency, or ``plan_overrides.amount_currency``) may only give one to an editable customer
+        without a currency, and must otherwise be in the customer's currency."""
+        current = customer["fields"].get("currency")
+        if current == currency:
+            return False
+        if customer_update:
+            return not self._editable(customer)
+        return current not in (None, "") or not self._editable(customer)
 
     def _plan_metadata(self, items: Any, existing: Sequence[JSON], errors: dict[str, list[str]]) -> list[JSON]:
         """Validate a ``metadata`` list and return the resulting items (Lago's update semantics)."""
@@ -1622,6 +1676,11 @@ class LagoStore:
         params = _mapping(_require_root(body, "subscription"))
         with self.lock:
             self.refresh()
+            # Subscriptions::ValidateService#valid? stops at valid_plan? before any other check: an unknown plan is
+            # 404 plan_not_found whatever else is wrong
+            plan = self.plans.get(str(params.get("plan_code")))
+            if plan is None:
+                raise not_found("plan")
             errors: dict[str, list[str]] = {}
             external_customer_id = _str_or_none(params.get("external_customer_id"))
             external_id = _str_or_none(params.get("external_id"))
@@ -1638,19 +1697,21 @@ class LagoStore:
             raw_overrides = params.get("plan_overrides")
             if raw_overrides is not None and not isinstance(raw_overrides, Mapping):
                 errors["plan_overrides"] = ["invalid_format"]
-            plan = self.plans.get(str(params.get("plan_code")))
-            if plan is None and not errors:
-                raise not_found("plan")
             start_at = params.get("subscription_at") if parse_datetime(params.get("subscription_at")) else self.now()
             if "ending_at" not in errors and not self._valid_ending_at(params.get("ending_at"), start_at):
                 errors["ending_at"] = ["invalid_date"]
             override: JSON | None = None
-            if plan is not None and "plan_overrides" in params and "plan_overrides" not in errors:
+            if "plan_overrides" in params and "plan_overrides" not in errors:
                 override = self._override_plan(plan, _mapping(raw_overrides), errors)
             if errors:
                 raise validation_error(errors)
-            assert plan is not None and external_customer_id and external_id
+            assert external_customer_id and external_id
             customer = self._customer(external_customer_id)
+            # CreateService: Customers::UpdateCurrencyService with the plan's currency (after plan_overrides), before
+            # anything else is checked or written (a new customer has no currency yet: it takes the plan's)
+            currency = (override or plan)["amount_currency"]
+            if customer is not None and self._currency_refused(customer, currency, customer_update=False):
+                raise validation_error({"currency": ["currencies_does_not_match"]})
             for other in self.subscriptions:
                 if (
                     other["external_id"] == external_id
@@ -1660,6 +1721,9 @@ class LagoStore:
                     raise validation_error({"external_id": ["value_already_exist"]})
             if customer is None:
                 customer = self._new_customer(external_customer_id)
+            if customer["fields"].get("currency") != currency:  # (customer.update!: no webhook)
+                customer["fields"]["currency"] = currency
+                customer["updated_at"] = iso(self.now())
             current = next(
                 (
                     s
@@ -1677,7 +1741,10 @@ class LagoStore:
             if current is None:
                 sub = self._new_sub(customer, target, params, external_id)
                 start = parse_datetime(sub["subscription_at"])
-                if start is not None and start <= now:
+                # CreateService#create_subscription: a subscription_at on today's date or before (in the customer's
+                # time zone) is active at once, from that subscription_at, even one later today
+                # (handle_today_subscription); a later day is pending (handle_future_subscription)
+                if start is not None and self._local_date(sub, start) <= self._local_date(sub, now):
                     self._activate(sub, start)
                 return {"subscription": self._serialize_sub(sub, extended=True)}
             if current["plan_id"] == plan["lago_id"]:
@@ -1889,6 +1956,15 @@ class LagoStore:
                 sub["ending_at"] = iso(parse_datetime(params["ending_at"]))
             if "subscription_at" in params:
                 sub["subscription_at"] = iso(parse_datetime(params["subscription_at"]))
+                # UpdateService#process_subscription_at_change: a time already past activates it from that time; one
+                # later today leaves it to the next ActivateSubscriptionsJob run (now, within 5 minutes)
+                moved = parse_datetime(sub["subscription_at"])
+                now = self.now()
+                if moved is not None and sub["status"] == "pending" and not sub.get("previous_subscription_id"):
+                    if moved <= now:
+                        self._activate(sub, moved)
+                    elif self._local_date(sub, moved) <= self._local_date(sub, now):
+                        self._activate(sub, now)
             self._candidates_stale = True
             self._emit_sub("subscription.updated", sub)
             self.refresh()
@@ -2623,7 +2699,8 @@ def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volum
         per_unit = to_decimal(rng.get("per_unit_amount")) or Decimal(0)
         flat = to_decimal(rng.get("flat_amount")) or Decimal(0)
         if volume:
-            if units >= low and (high is None or units <= high):
+            # VolumeService#matching_range: from_value <= units.ceil (100.5 units fall in the range from 101)
+            if units.to_integral_value(rounding=ROUND_CEILING) >= low and (high is None or units <= high):
                 return units * per_unit + flat
             continue
         if units <= 0:
@@ -2637,8 +2714,13 @@ def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volum
     return total
 
 
-def _charge_amount(charge_model: str, properties: Mapping[str, Any], units: Decimal) -> Decimal:
-    """Amount in currency units (not cents) for ``units`` under one charge model."""
+def _charge_amount(
+    charge_model: str, properties: Mapping[str, Any], units: Decimal, events: Sequence[JSON] = (), subunits: int = 100
+) -> Decimal:
+    """Amount in currency units (not cents) for ``units`` (aggregated from ``events``) under one charge model.
+
+    Not emulated: percentage's free units (``free_units_per_events``, ``free_units_per_total_aggregation``) and
+    premium per-transaction min/max, and ``graduated_percentage`` (billed 0)."""
     if charge_model == "standard":
         return units * (to_decimal(properties.get("amount")) or Decimal(0))
     if charge_model == "package":
@@ -2653,7 +2735,16 @@ def _charge_amount(charge_model: str, properties: Mapping[str, Any], units: Deci
         return _ranges_amount(units, properties.get("volume_ranges") or [], volume=True)
     if charge_model == "percentage":
         rate = to_decimal(properties.get("rate")) or Decimal(0)
-        return units * rate / Decimal(100)
+        # PercentageService#compute_fixed_amount: fixed_amount per event (none without units)
+        fixed = to_decimal(properties.get("fixed_amount")) or Decimal(0)
+        per_events = Decimal(len(events)) * fixed if units != 0 else Decimal(0)
+        return units * rate / Decimal(100) + per_events
+    if charge_model == "dynamic":
+        # DynamicService: the sum of the events' precise_total_amount_cents, in the currency's units (0 without units)
+        if units == 0:
+            return Decimal(0)
+        total = sum((to_decimal(e.get("precise_total_amount_cents")) or Decimal(0) for e in events), Decimal(0))
+        return total / Decimal(subunits)
     return Decimal(0)
 
 
@@ -2665,7 +2756,7 @@ def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Seq
         "units": decimal_str(units),
         "total_aggregated_units": decimal_str(units),
         "events_count": len(events),
-        "amount_cents": cents(_charge_amount(model, properties, units) * subunits),
+        "amount_cents": cents(_charge_amount(model, properties, units, events, subunits) * subunits),
         "pricing_unit_details": None,
         "presentation_breakdowns": [],
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
@@ -233,19 +234,42 @@ def cents(value: Decimal) -> int:
 # Pagination ------------------------------------------------------------------------------------
 
 
-def int_param(value: Any, default: int) -> int:
-    try:
-        result = int(str(value))
-    except (TypeError, ValueError):
-        return default
-    return result if result > 0 else default
+KAMINARI_DEFAULT_PER_PAGE = 25  # (lago-api has no Kaminari initializer: its default_per_page stays 25)
+_LEADING_INT = re.compile(r"\s*([+-]?\d+)")
+
+
+def _ruby_to_i(value: Any) -> int:
+    """Ruby ``String#to_i``: the leading integer (after blanks), 0 when there is none."""
+    match = _LEADING_INT.match(str(value))
+    return int(match.group(1)) if match else 0
+
+
+def page_size(per_page: Any) -> int:
+    """The page size of ``scope.page(page).per(params[:per_page] || 100)`` (Kaminari ``per``): a value not starting
+    with a digit (``-1``, ``abc``, empty) leaves the default page size, 25; otherwise its leading digits (``12abc`` is
+    12; no maximum). ``0`` is returned as is: Kaminari then cannot compute the current page (see :func:`paginate`)."""
+    if per_page is None:
+        return 100
+    text = str(per_page)
+    if not text[:1].isdigit():
+        return KAMINARI_DEFAULT_PER_PAGE
+    return _ruby_to_i(text)
 
 
 def paginate(items: Sequence[Any], key: str, page: Any = None, per_page: Any = None) -> JSON:
-    """Slice ``items`` like Kaminari and build Lago's ``meta`` block."""
-    page_n = int_param(page, 1)
-    size = int_param(per_page, 100)
+    """Slice ``items`` like Kaminari and build Lago's ``meta`` block (lago-api ``Pagination#pagination_metadata``).
+
+    ``page`` is Ruby's ``to_i`` of the value, 1 below 1; ``per_page`` is read by :func:`page_size`. With
+    ``per_page=0`` and something to list, Kaminari raises ``ZeroPerPageOperation``: Lago answers 500."""
+    page_n = max(_ruby_to_i(page), 1) if page is not None else 1
+    size = page_size(per_page)
     total = len(items)
+    if total and size == 0:
+        message = (
+            "Current page was incalculable. Perhaps you called .per(0)? (per_page=0: Lago cannot paginate with an empty"
+            " page size; give per_page a positive number, e.g. 100)"
+        )
+        raise ApiError(500, {"status": 500, "errors": [{"message": message}], "data": {}})
     if total == 0:
         meta: JSON = {"current_page": 0, "next_page": None, "prev_page": None, "total_pages": 0, "total_count": 0}
         return {key: [], "meta": meta}
