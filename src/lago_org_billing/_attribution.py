@@ -10,9 +10,12 @@ next one):
    v2 Chat ``usage`` and the ``meta`` of its v1 Chat, Embed and Rerank APIs) or a server-sent-event stream (OpenAI
    chunks with a final ``usage``, Groq's ``x_groq``, Responses API ``response.completed``, Anthropic
    ``message_start`` + ``message_delta``, Gemini's ``alt=sse``, Cohere's ``message-end``) or a
-   newline-delimited JSON one (Ollama's). The stream is read on the side while it passes through: nothing is held
-   back from the client, only the current partial line is kept. A stream from a model that ends without any usage
-   (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
+   newline-delimited JSON one (Ollama's), or an AWS Bedrock binary event stream
+   (``application/vnd.amazon.eventstream``: ConverseStream's ``metadata`` usage; InvokeModelWithResponseStream's base64
+   chunks, the model's own events, whose ``amazon-bedrock-invocationMetrics`` replace the counts those gave). The
+   stream is read on the side while it passes through: nothing is held back from the client, only the current partial
+   line (or frame) is kept. A stream from a model that ends without any usage (OpenAI's without
+   ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
    ``eval_count``s are read only in its answers (a string ``model`` and ``"done": true``, or ``embeddings``), and
    of newline-delimited JSON only its lines (a ``model`` and ``done``): an export's records, an evaluation
    service's counts are not tokens. A JSON array is read only as Gemini's chunks of one answer (one ``responseId``).
@@ -34,7 +37,8 @@ Token rules, to neither under- nor double-bill:
 - Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
   ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
   ``message_start``; an OpenAI chat chunk or Responses API response with a usage under another ``id`` than the last
-  usage read: a tool loop relaying each call) adds them up. A stream cut off by the client keeps what was counted so
+  usage read, a Gemini chunk under another ``responseId``, another Bedrock call's final usage: a tool loop relaying
+  each call) adds them up. A stream cut off by the client keeps what was counted so
   far.
 - ``total_tokens`` is ``input_tokens + output_tokens`` unless the source that gave the tokens gives a total too.
 
@@ -44,11 +48,13 @@ count as missing (so 0 unless a lower source has the field) and are logged once 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
 import math
 import re
+import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -108,7 +114,9 @@ class AttributionConfig:
     #: JSON bodies are buffered up to this many bytes (after decompression); past it only their first and last 16 KiB
     #: are kept, and a usage object closing the body is read there (OpenAI's embeddings of many inputs: megabytes of
     #: vectors, then the model and the usage). SSE is parsed as it streams (compressed or not, however long); one
-    #: event longer than this is skipped, except for a usage object closing it.
+    #: event longer than this is skipped, except for a usage object closing it. A gzip/deflate body (gzip: any number
+    #: of members) is inflated up to 64 times this (a JSON body whole; a stream chunk by chunk): a bomb costs bounded
+    #: time, its usage not read past that.
     max_body_bytes: int = 1_048_576
     # Precomputed: raw lower-case header name -> (field, rank within its tuple), and the response headers the
     # recorder reads (those, and the content headers).
@@ -267,6 +275,12 @@ class _Counts:
         self.done: list[dict[str, Any]] = []
 
 
+class _EventCounts(_Counts):
+    """The counts of an event stream (AWS Bedrock's): its frames are read, not lines."""
+
+    __slots__ = ()
+
+
 def _usage_container(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     """The object holding ``usage``: the payload, or its ``message`` (Anthropic) / ``response`` (Responses API) /
     ``x_groq`` (Groq's streams, before they gave it at the top level too) / ``delta`` (Cohere's ``message-end``)."""
@@ -308,6 +322,12 @@ def _collect(payload: object, counts: _Counts) -> None:
         if isinstance(usage, Mapping):
             if model is None:
                 model = payload.get("modelVersion")
+            ident = payload.get("responseId")  # its usage is cumulative per answer: another answer's adds up
+            if ident is not None:
+                if counts.latest and counts.usage_id is not None and ident != counts.usage_id:
+                    counts.done.append(counts.latest)
+                    counts.latest = {}
+                counts.usage_id = ident
         elif ("eval_count" in payload or "prompt_eval_count" in payload) and _ollama(payload):
             # Ollama's own API: counts at the top level of its last line (done) or of its embeddings; elsewhere an
             # "eval_count" is not tokens (a model-evaluation service's samples)
@@ -465,6 +485,9 @@ _MODE_JSON = 1
 _MODE_SSE = 2
 #: A JSON body over the cap: only its first and last bytes are kept (the model, the usage closing it).
 _MODE_JSON_ENDS = 3
+#: An ``application/vnd.amazon.eventstream`` body (AWS Bedrock's streams): binary frames, read as they pass.
+_MODE_EVENTS = 4
+_EVENTSTREAM = b"application/vnd.amazon.eventstream"
 #: How many first and last bytes of a JSON body over the cap are kept.
 _JSON_END = 16_384
 #: Newline-delimited JSON streams (Ollama's ``application/x-ndjson``), read as event streams of one line per event.
@@ -492,6 +515,8 @@ class UsageRecorder:
         "_discarded_data",
         "_discarding",
         "_event",
+        "_frame_skip",
+        "_frames",
         "_fresh",
         "_head",
         "_headers",
@@ -519,6 +544,9 @@ class UsageRecorder:
     # A JSON body over the cap: its first and last bytes (inflated).
     _head: bytearray
     _last: bytearray
+    # An event stream's frame being received, and how many bytes of a frame over the cap are still to drop.
+    _frames: bytearray
+    _frame_skip: int
 
     def __init__(self, scope: Scope, config: AttributionConfig | None = None) -> None:
         # Only what every response needs is set here; the stream parser's state is made when a stream starts.
@@ -585,12 +613,12 @@ class UsageRecorder:
                 encoded
             ):  # compressed by a middleware inside this one (GZipMiddleware added first): gzip/deflate are read
                 lowered = content_type.lower()
-                if b"json" not in lowered and b"event-stream" not in lowered:
+                if b"json" not in lowered and b"event-stream" not in lowered and b"eventstream" not in lowered:
                     return
                 if encoded not in _INFLATABLE:
                     _encoded_body_skipped(encoded)
                     return
-                self._inflater = _Inflater(encoded)
+                self._inflater = _Inflater(encoded, config.max_body_bytes * _INFLATE_FACTOR)
             media_type = (
                 content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
             )
@@ -617,6 +645,11 @@ class UsageRecorder:
                 self._event = b""
                 self._data_lines = []
                 self._data_size = 0
+            elif media_type == _EVENTSTREAM:  # AWS Bedrock's binary event streams (ConverseStream, InvokeModel's)
+                self._mode = _MODE_EVENTS
+                self._counts = _EventCounts()
+                self._frames = bytearray()
+                self._frame_skip = 0
         except Exception:
             self._mode = _MODE_NONE
             _internal_error("response_start")
@@ -647,21 +680,34 @@ class UsageRecorder:
                 return
             self._chunks.append(body)
             return
-        if self._inflater is not None and mode == _MODE_SSE:
+        if self._inflater is not None and mode != _MODE_JSON_ENDS:
             # Inflated in 64 KiB slices, each parsed at once: the parser caps lines and events, not the stream (a
             # compressor that does not flush sends megabytes of events in one chunk, the usage in the last one).
+            # The inflation budget holds per chunk: a stream may be long, one chunk inflating past it is a bomb.
+            feed = self._feed_sse if mode == _MODE_SSE else self._feed_frames
             try:
+                self._inflater.inflated = 0
                 for piece in self._inflater.pieces(body):
-                    self._feed_sse(piece)
+                    feed(piece)
             except zlib.error:
                 self._mode = _MODE_NONE
                 _undecodable_body()
+            except OverflowError:
+                self._mode = _MODE_NONE
+                _inflation_budget_exceeded()
             except Exception:
                 self._mode = _MODE_NONE
                 _internal_error("response_body")
             return
-        if mode == _MODE_JSON_ENDS:
-            self._keep_ends(body)
+        if mode != _MODE_SSE:
+            if mode == _MODE_JSON_ENDS:
+                self._keep_ends(body)
+                return
+            try:
+                self._feed_frames(body)
+            except Exception:
+                self._mode = _MODE_NONE
+                _internal_error("response_body")
             return
         try:
             self._feed_sse(body)
@@ -680,6 +726,9 @@ class UsageRecorder:
         except zlib.error:
             self._mode = _MODE_NONE
             _undecodable_body()
+        except OverflowError:
+            self._mode = _MODE_NONE
+            _inflation_budget_exceeded()
 
     def _keep_end(self, data: bytes) -> None:
         head, last = self._head, self._last
@@ -729,6 +778,99 @@ class UsageRecorder:
         self._partial = tail
         if len(tail) > self._config.max_body_bytes:
             self._discard(tail)
+
+    def _feed_frames(self, chunk: bytes) -> None:
+        """Read the frames of an ``application/vnd.amazon.eventstream`` body as they come: only the frame being
+        received is kept (one over max_body_bytes is dropped as it passes, not held); a frame whose message CRC does
+        not match is skipped, a prelude whose CRC does not match (not an event stream, or a corrupt one) ends the
+        reading. The body itself goes on to the client untouched."""
+        skip = self._frame_skip
+        if skip:
+            if len(chunk) <= skip:
+                self._frame_skip = skip - len(chunk)
+                return
+            chunk = chunk[skip:]
+            self._frame_skip = 0
+        frames = self._frames
+        frames += chunk
+        while len(frames) >= 12:
+            total, headers_length, prelude_crc = _PRELUDE.unpack_from(frames)
+            if zlib.crc32(frames[:8]) != prelude_crc or total < 16 or headers_length > total - 16:
+                self._mode = _MODE_NONE
+                self._frames = bytearray()
+                _unreadable_event_stream()
+                return
+            if total > self._config.max_body_bytes:
+                _cap_exceeded("stream event")
+                if len(frames) < total:
+                    self._frame_skip = total - len(frames)
+                    frames.clear()
+                    return
+                del frames[:total]
+                continue
+            if len(frames) < total:
+                return
+            message = bytes(frames[:total])
+            del frames[:total]  # (amortized: a bytearray drops its first bytes without moving the rest)
+            if zlib.crc32(memoryview(message)[:-4]) == int.from_bytes(message[-4:], "big"):
+                self._frame(message, headers_length)
+
+    def _frame(self, message: bytes, headers_length: int) -> None:
+        """One whole event-stream frame: ConverseStream's ``metadata`` event (its ``usage``), or an InvokeModel
+        ``chunk`` (the model's own JSON event in base64: Anthropic's events, the invocation metrics of the last one).
+        Other events (text deltas...) and exceptions carry no usage."""
+        counts = self._counts
+        if counts is None:
+            return
+        headers = _frame_headers(message, 12, 12 + headers_length)
+        if headers is None or headers.get(b":message-type") != b"event":
+            return
+        kind = headers.get(b":event-type")
+        if kind != b"chunk" and kind != b"metadata":
+            return
+        try:
+            payload = json.loads(message[12 + headers_length : -4])
+        except (ValueError, RecursionError):
+            return
+        if type(payload) is not dict:
+            return
+        if kind == b"metadata":  # ConverseStream's last event: the call's usage (cache reads and writes apart)
+            inner = payload.get("metadata")  # (as the SDKs show it, should a relay re-wrap it)
+            usage = (inner if isinstance(inner, Mapping) else payload).get("usage")
+            if isinstance(usage, Mapping):
+                _close_call(counts, dict(usage))
+            return
+        encoded = payload.get("bytes")
+        if type(encoded) is not str:
+            return
+        try:
+            data = base64.b64decode(encoded)
+        except ValueError:  # (binascii.Error)
+            return
+        if b"usage" not in data and b"invocationMetrics" not in data and b'"model"' not in data:
+            return  # a text delta: no JSON to parse
+        try:
+            event = json.loads(data)
+        except (ValueError, RecursionError):
+            return
+        if type(event) is not dict:
+            return
+        _collect(
+            event, counts
+        )  # Anthropic's message_start (model, input) and message_delta (output): as counted so far
+        metrics = event.get("amazon-bedrock-invocationMetrics")
+        if isinstance(metrics, Mapping):  # the invocation's own counts, as Bedrock bills them: they replace those
+            raw = {
+                field: metrics.get(key)
+                for field, key in (
+                    ("input_tokens", "inputTokenCount"),
+                    ("output_tokens", "outputTokenCount"),
+                    ("cache_read_input_tokens", "cacheReadInputTokenCount"),
+                    ("cache_creation_input_tokens", "cacheWriteInputTokenCount"),
+                )
+                if metrics.get(key) is not None
+            }
+            _close_call(counts, raw)
 
     def _discard(self, start: bytes) -> None:
         """Drop the oversized line that begins with ``start``, up to its end; its event too if it is data."""
@@ -912,6 +1054,10 @@ class UsageRecorder:
             self._mode = _MODE_NONE
             _undecodable_body()
             return
+        except OverflowError:
+            self._mode = _MODE_NONE
+            _inflation_budget_exceeded()
+            return
         self._chunks = kept
 
     def _explicit_fields(self) -> dict[str, Any]:
@@ -948,7 +1094,11 @@ class UsageRecorder:
             return _json_fields(self._body())
         if self._mode == _MODE_JSON_ENDS:
             return self._ends_fields()
-        if self._counts is not None:
+        counts = self._counts
+        if type(counts) is _EventCounts:  # an event stream (read to its end, or given up on)
+            self._frames = bytearray()
+            return _resolve_counts(counts, "sse", model_needs_usage=False), "sse"
+        if counts is not None:
             # A stream that ended (or was cut) without its final blank line: use complete data lines.
             if self._partial and not self._discarding:
                 self._line(self._partial)
@@ -958,7 +1108,7 @@ class UsageRecorder:
                 self._oversized(self._tail)
             if self._data_lines:
                 self._dispatch()
-            return _resolve_counts(self._counts, "sse", model_needs_usage=False), "sse"
+            return _resolve_counts(counts, "sse", model_needs_usage=False), "sse"
         return {}, None
 
     def _ends_fields(self) -> tuple[dict[str, Any], str | None]:
@@ -1330,36 +1480,154 @@ def _encoded_body_skipped(encoding: bytes) -> None:
 _INFLATABLE = frozenset((b"gzip", b"x-gzip", b"deflate"))
 
 
+#: A compressed body is inflated up to this many times ``max_body_bytes`` (a JSON body; each chunk of a stream): a gzip
+#: bomb (deflate inflates up to 1,032 times, gzip members repeat) costs bounded memory *and* time on the event loop.
+_INFLATE_FACTOR = 64
+#: Where a gzip member starts; the zeros some servers pad a gzip body with (ignored, as gzip tools do).
+_GZIP_MAGIC = 0x1F
+_zeros = re.compile(rb"\x00*")
+
+
 class _Inflater:
     """Decompresses a gzip or deflate response body chunk by chunk, in slices. HTTP's ``deflate`` is zlib-wrapped,
-    but some servers send raw deflate: both are read."""
+    but some servers send raw deflate: both are read. A gzip body may be several gzip members one after the other
+    (valid gzip: a proxy or server compressing each chunk on its own): each is read; bytes after a member that are not
+    one (zeros, junk) are ignored. Past ``budget`` inflated bytes, :class:`OverflowError` is raised."""
 
-    __slots__ = ("_decoder", "_raw_fallback")
+    __slots__ = ("_decoder", "_ended", "_gzip", "_raw_fallback", "budget", "inflated")
 
-    def __init__(self, encoding: bytes) -> None:
+    def __init__(self, encoding: bytes, budget: int | None = None) -> None:
         gzip = encoding != b"deflate"
+        self._gzip = gzip
         self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if gzip else zlib.MAX_WBITS)
         self._raw_fallback = not gzip
+        self._ended = False  # the compressed stream is over, and what follows is not a gzip member: ignored
+        self.budget = budget
+        self.inflated = 0
 
     def pieces(self, data: bytes) -> Iterator[bytes]:
         """``data`` inflated in slices of 64 KiB, as they come (used one at a time): a small chunk that inflates hugely
-        costs no memory; the callers cap what they keep."""
-        try:
-            piece = self._decoder.decompress(data, 65_536)
-        except zlib.error:
-            if not self._raw_fallback:
-                raise
-            self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-            piece = self._decoder.decompress(data, 65_536)
-        self._raw_fallback = False
-        while True:
-            if piece:
-                yield piece
-            tail = self._decoder.unconsumed_tail
-            # all input taken: zlib may still hold output (raw deflate has no trailer to wait for), asked for too
-            piece = self._decoder.decompress(tail, 65_536) if tail else self._decoder.decompress(b"", 65_536)
-            if not piece and not tail:
-                return
+        costs no memory; the callers cap what they keep. The chunk is fed whole (one call, the common case); after a
+        member's end the next ones are fed in slices growing from 1 KiB (zlib copies what follows a member's end: a
+        chunk of thousands of tiny members costs linear time, not quadratic)."""
+        if self._ended:
+            return
+        end = len(data)
+        at = 0
+        feed = end
+        view: memoryview | None = None
+        while at < end:
+            decoder = self._decoder
+            if decoder.eof:  # (a stream is never fed past its end: zlib would keep appending to unused_data)
+                at = self._next_member(data, at)
+                if at < 0:
+                    return
+                decoder = self._decoder
+                feed = 1_024
+            if at == 0 and feed >= end:
+                given: bytes | memoryview = data
+            else:
+                if view is None:
+                    view = memoryview(data)
+                given = view[at : at + feed]
+            try:
+                piece = decoder.decompress(given, 65_536)
+            except zlib.error:
+                if not self._raw_fallback:
+                    raise
+                decoder = self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                piece = decoder.decompress(given, 65_536)
+            self._raw_fallback = False
+            at += len(given)
+            while True:
+                if piece:
+                    self.inflated += len(piece)
+                    if self.budget is not None and self.inflated > self.budget:
+                        self._ended = True
+                        raise OverflowError("inflation budget exceeded")
+                    yield piece
+                if decoder.eof:  # (its unconsumed_tail may be stale then: feeding it again looped forever)
+                    at -= len(decoder.unused_data)
+                    break
+                tail = decoder.unconsumed_tail
+                # all input taken: zlib may still hold output (raw deflate has no trailer to wait for), asked for too
+                piece = decoder.decompress(tail, 65_536) if tail else decoder.decompress(b"", 65_536)
+                if not piece and not tail:
+                    break
+            if feed < 65_536:
+                feed *= 2
+
+    def _next_member(self, data: bytes, at: int) -> int:
+        """Where the gzip member following a finished one starts in ``data`` (a fresh decoder made for it); ``-1``
+        when none does in this chunk (only zeros: maybe in the next) or ever (not gzip, or junk: the rest ignored)."""
+        if not self._gzip:  # zlib and raw deflate are one stream: what follows is ignored
+            self._ended = True
+            return -1
+        match = _zeros.match(data, at)
+        at = match.end() if match is not None else at
+        if at == len(data):
+            return -1
+        if data[at] != _GZIP_MAGIC or data[at + 1 : at + 2] not in (b"", b"\x8b"):
+            self._ended = True
+            return -1
+        self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        return at
+
+
+def _inflation_budget_exceeded() -> None:
+    _warn_once(
+        "inflation budget",
+        "A gzip/deflate-encoded response inflated past %d times AttributionConfig.max_body_bytes (a whole JSON body, "
+        "or one chunk of a stream): it was not read further, its usage not read (tokens billed as counted so far). "
+        "Raise max_body_bytes if such bodies are legitimate, or attribute usage explicitly (attribute_usage) or in "
+        "response headers. Logged once.",
+        _INFLATE_FACTOR,
+    )
+
+
+#: An event-stream frame's prelude: its total length, its headers' length, their CRC32 (big-endian).
+_PRELUDE = struct.Struct(">III")
+#: The sizes of the event-stream header values of fixed size, by type (0, 1: booleans, no value).
+_HEADER_SIZES = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
+
+
+def _frame_headers(message: bytes, at: int, end: int) -> dict[bytes, bytes] | None:
+    """The string headers of an event-stream frame (``None`` when malformed): a name length (1 byte), the name, a value
+    type (1 byte), the value (strings and byte arrays: their length on 2 bytes first)."""
+    headers: dict[bytes, bytes] = {}
+    try:
+        while at < end:
+            length = message[at]
+            name = message[at + 1 : at + 1 + length]
+            at += 1 + length
+            kind = message[at]
+            at += 1
+            if kind == 6 or kind == 7:
+                size = int.from_bytes(message[at : at + 2], "big")
+                if kind == 7:
+                    headers[name] = message[at + 2 : at + 2 + size]
+                at += 2 + size
+            else:
+                at += _HEADER_SIZES[kind]
+    except (IndexError, KeyError):
+        return None
+    return headers if at == end else None
+
+
+def _close_call(counts: _Counts, raw: dict[str, Any]) -> None:
+    """A call's final usage (a Bedrock stream's ``metadata`` event or invocation metrics): it replaces what its
+    events counted so far, and the call is done (the next call of a relayed stream adds up)."""
+    counts.latest = raw
+    counts.done.append(raw)
+    counts.latest = {}
+
+
+def _unreadable_event_stream() -> None:
+    _warn_once(
+        "eventstream",
+        "An application/vnd.amazon.eventstream response had a frame whose prelude CRC did not match (corrupt, or not "
+        "an event stream): its usage was not read further (tokens billed as counted so far). Logged once.",
+    )
 
 
 def _undecodable_body() -> None:
