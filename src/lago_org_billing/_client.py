@@ -656,7 +656,7 @@ class LagoClient:
                 error = _error_from_response(response, method, url)
                 if not isinstance(error, (LagoRateLimitError, LagoUnavailableError)):
                     raise error
-                if isinstance(error, LagoRateLimitError):
+                if isinstance(error, (LagoRateLimitError, LagoUnavailableError)):  # (a 503's Retry-After)
                     wait = error.retry_after
             attempt += 1
             backoff = random.uniform(0, min(_MAX_BACKOFF, settings.retry_backoff * 2 ** (attempt - 1)))
@@ -867,6 +867,14 @@ def _lago_error(response: httpx.Response, method: str, url: str) -> LagoAPIError
             retry_after=_retry_after(response.headers),
             **kwargs,
         )
+    if status == 503 and "retry-after" in response.headers:  # (maintenance: how long Lago, or its proxy, expects)
+        wait = _retry_after(response.headers, ("retry-after",))
+        if wait is not None:
+            error = LagoUnavailableError(
+                f"{summary}. Lago is unavailable and asks to retry in {wait:.0f} s (Retry-After).", **kwargs
+            )
+            error.retry_after = wait
+            return error
     if status >= 500:
         return LagoUnavailableError(summary + ". Lago failed or is down: retry later.", **kwargs)
     if status < 400:  # a redirect (a load balancer sending http to https, a wrong path): Lago was not reached
@@ -902,10 +910,10 @@ def _subscription_path(external_id: str) -> str:
 _EPOCH_RESET = 1e9
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: httpx.Headers, names: tuple[str, ...] = ("x-ratelimit-reset", "retry-after")) -> float | None:
     """Seconds to wait, from ``X-RateLimit-Reset`` (Lago: seconds until the window resets) or ``Retry-After``
     (seconds or an HTTP date)."""
-    for name in ("x-ratelimit-reset", "retry-after"):
+    for name in names:
         raw = headers.get(name)
         if raw is None:
             continue

@@ -170,7 +170,10 @@ class LagoRateLimitError(LagoAPIError):
 
 
 class LagoUnavailableError(LagoAPIError):
-    """Lago could not be reached or kept failing (network error, timeout or 5xx) after retries."""
+    """Lago could not be reached or kept failing (network error, timeout or 5xx) after retries. ``retry_after`` is
+    the wait in seconds a 503 asked for (``Retry-After``), if any."""
+
+    retry_after: float | None = None
 
 
 class QuotaExceededError(LagoIntegrationError, HTTPException):
