@@ -855,9 +855,8 @@ class UsageRecorder:
             return
         if type(event) is not dict:
             return
-        _collect(
-            event, counts
-        )  # Anthropic's message_start (model, input) and message_delta (output): as counted so far
+        # Anthropic's message_start (model, input) and message_delta (output): as counted so far
+        _collect(event, counts)
         metrics = event.get("amazon-bedrock-invocationMetrics")
         if isinstance(metrics, Mapping):  # the invocation's own counts, as Bedrock bills them: they replace those
             raw = {
@@ -1617,7 +1616,6 @@ def _frame_headers(message: bytes, at: int, end: int) -> dict[bytes, bytes] | No
 def _close_call(counts: _Counts, raw: dict[str, Any]) -> None:
     """A call's final usage (a Bedrock stream's ``metadata`` event or invocation metrics): it replaces what its
     events counted so far, and the call is done (the next call of a relayed stream adds up)."""
-    counts.latest = raw
     counts.done.append(raw)
     counts.latest = {}
 

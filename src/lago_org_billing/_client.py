@@ -781,8 +781,9 @@ def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
 
 
 def _error_from_response(response: httpx.Response, method: str, url: str) -> LagoAPIError:
-    error = _lago_error(response, method, url)
-    error.lago_json = _body_object(response) is not None
+    parsed = _body_object(response)
+    error = _lago_error(response, method, url, parsed)
+    error.lago_json = parsed is not None
     return error
 
 
@@ -795,9 +796,9 @@ def _body_object(response: httpx.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _lago_error(response: httpx.Response, method: str, url: str) -> LagoAPIError:
+def _lago_error(response: httpx.Response, method: str, url: str, parsed: dict[str, Any] | None) -> LagoAPIError:
+    """The error for Lago's (or a proxy's) answer ``response``, whose body is ``parsed`` (:func:`_body_object`)."""
     status = response.status_code
-    parsed = _body_object(response)
     body = parsed or {}
     code = body.get("code") if isinstance(body.get("code"), str) else None
     details = body.get("error_details") if isinstance(body.get("error_details"), dict) else {}
@@ -870,11 +871,11 @@ def _lago_error(response: httpx.Response, method: str, url: str) -> LagoAPIError
     if status == 503 and "retry-after" in response.headers:  # (maintenance: how long Lago, or its proxy, expects)
         wait = _retry_after(response.headers, ("retry-after",))
         if wait is not None:
-            error = LagoUnavailableError(
-                f"{summary}. Lago is unavailable and asks to retry in {wait:.0f} s (Retry-After).", **kwargs
+            return LagoUnavailableError(
+                f"{summary}. Lago is unavailable and asks to retry in {wait:.0f} s (Retry-After).",
+                retry_after=wait,
+                **kwargs,
             )
-            error.retry_after = wait
-            return error
     if status >= 500:
         return LagoUnavailableError(summary + ". Lago failed or is down: retry later.", **kwargs)
     if status < 400:  # a redirect (a load balancer sending http to https, a wrong path): Lago was not reached

@@ -762,6 +762,16 @@ class EventPipeline:
         await client.send_event_batch_json(body)
 
 
+def running_here(pipeline: Any) -> anyio.Event | None:
+    """The event an :class:`EventPipeline` sets when its run stops, if it is running on this thread (its loop: this
+    one), else ``None``: what a second middleware given the same pipeline follows instead of running it twice. (A run
+    on another thread is not followed: it refuses a second run; a pipeline of another kind is never "running here".)"""
+    if not getattr(pipeline, "_running", False) or getattr(pipeline, "_loop_thread", None) != threading.get_ident():
+        return None
+    stopped = getattr(pipeline, "_stopped", None)
+    return stopped if isinstance(stopped, anyio.Event) and not stopped.is_set() else None
+
+
 def _describe(error: Any) -> str:
     return error if isinstance(error, str) else json.dumps(error, sort_keys=True, default=str)
 

@@ -173,7 +173,9 @@ class LagoUnavailableError(LagoAPIError):
     """Lago could not be reached or kept failing (network error, timeout or 5xx) after retries. ``retry_after`` is
     the wait in seconds a 503 asked for (``Retry-After``), if any."""
 
-    retry_after: float | None = None
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class QuotaExceededError(LagoIntegrationError, HTTPException):

@@ -79,6 +79,14 @@ class Identity:
     user_id: str | None = None
 
 
+def _first_time(key: tuple[str, str]) -> bool:
+    """Whether ``key`` (what, and of whom) is to be said now: the first time only (remembered in ``_reported``)."""
+    if key in _reported:
+        return False
+    _reported.add(key)
+    return True
+
+
 def reset_warnings() -> None:
     """Forget which resolver errors and token refusals were already logged (for tests)."""
     _reported.clear()
@@ -203,9 +211,7 @@ def _clean_result(resolver: object, value: object) -> str | None:
     ident = _clean_id(value)
     if ident is None and value is not None and not isinstance(value, (str, int, uuid.UUID)):
         name, kind = _resolver_name(resolver), type(value).__qualname__
-        key = (name, f"returned {kind}")
-        if key not in _reported:
-            _reported.add(key)
+        if _first_time((name, f"returned {kind}")):
             logger.warning(
                 "Identity resolver %s returned a %s (%.100r), which is not an id: the request is treated as "
                 "unresolved. Return the id as a str (bytes need .decode()), an int or a UUID, or None when there is "
@@ -219,10 +225,7 @@ def _clean_result(resolver: object, value: object) -> str | None:
 
 def _report(resolver: Resolver, exc: Exception) -> None:
     key = (_resolver_name(resolver), type(exc).__qualname__)
-    if key in _reported:
-        logger.debug("Identity resolver %s failed again: %r", key[0], exc)
-    else:
-        _reported.add(key)
+    if _first_time(key):
         logger.error(
             "Identity resolver %s raised %s; the request is treated as unresolved. Fix the resolver "
             "(this traceback is logged once per resolver and error type).",
@@ -230,6 +233,8 @@ def _report(resolver: Resolver, exc: Exception) -> None:
             key[1],
             exc_info=exc,
         )
+    else:
+        logger.debug("Identity resolver %s failed again: %r", key[0], exc)
 
 
 def from_state(key: str = "org_id") -> Resolver:
@@ -343,8 +348,7 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
             return value
         if allowed is not False:  # None (a forgotten return), a row, 1, numpy.bool_: only True admits
             said = (_resolver_name(check), f"answered {type(allowed).__qualname__}")
-            if said not in _reported:
-                _reported.add(said)
+            if _first_time(said):
                 logger.warning(
                     "Membership check %s answered %.100r, not True or False: org %r (header %s) is rejected, as is "
                     "every org it answers so. Return True for a member. Logged once per check and answer type.",
@@ -1044,8 +1048,7 @@ def _publish_in_state_object(state: object, org_id: str | None, user_id: str | N
             setattr(state, "billing_user_id", user_id)  # noqa: B010
     except Exception as exc:
         key = ("publish_identity", type(state).__qualname__)
-        if key not in _reported:
-            _reported.add(key)
+        if _first_time(key):
             logger.info(
                 "scope['state'] is a %s that takes neither items nor attributes (%r): request.state.billing_org_id "
                 "is not set; get_current_org(request) still tells the org. Logged once per state type.",

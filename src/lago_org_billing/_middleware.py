@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._attribution import _MODE_NONE, AttributionConfig, Usage, UsageCounts, UsageRecorder, json_usage_counts
 from ._client import LagoClient
-from ._delivery import EventPipeline, close_idle_quietly
+from ._delivery import EventPipeline, close_idle_quietly, running_here
 from ._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError, QuotaExceededError
 from ._events import event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
@@ -576,14 +575,14 @@ class OrgBillingMiddleware:
         request of this app failed with that: that run is followed instead, and the pipeline run here if it stops
         without being closed."""
         pipeline = self.pipeline
-        stopped = _running_here(pipeline)
+        stopped = running_here(pipeline)
         if stopped is None:
             await pipeline.run(task_status=task_status)
             return
         task_status.started()
         while stopped is not None:
             await stopped.wait()
-            stopped = _running_here(pipeline)  # (another follower may have run it again meanwhile)
+            stopped = running_here(pipeline)  # (another follower may have run it again meanwhile)
         if not getattr(pipeline, "closed", False):
             await pipeline.run()
 
@@ -1658,15 +1657,6 @@ def _discard_awaitable(pending: Any) -> None:
 
 async def _discard(message: Message) -> None:
     """The ``send`` of an answer that was replaced."""
-
-
-def _running_here(pipeline: Any) -> anyio.Event | None:
-    """The event a pipeline sets when its run stops, if it is running on this thread (its loop: this one), else
-    ``None``. (A run on another thread is not followed: it refuses a second run, as before.)"""
-    if not getattr(pipeline, "_running", False) or getattr(pipeline, "_loop_thread", None) != threading.get_ident():
-        return None
-    stopped = getattr(pipeline, "_stopped", None)
-    return stopped if isinstance(stopped, anyio.Event) and not stopped.is_set() else None
 
 
 def _start_error(exc: BaseException) -> ConfigurationError:

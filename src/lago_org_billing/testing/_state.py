@@ -403,9 +403,7 @@ class LagoStore:
         if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
             errors["metadata"] = ["invalid_format"]
             return list(existing)
-        if len(items) > METADATA_MAX_ITEMS:
-            errors["metadata"] = ["invalid_count"]
-            return list(existing)
+        # (more than METADATA_MAX_ITEMS: refused before, alone, by upsert_customer as Lago does)
         by_id = {item["lago_id"]: item for item in existing}
         updated_keys: dict[str, str] = {item["lago_id"]: item["key"] for item in existing}
         kept: list[JSON] = []
