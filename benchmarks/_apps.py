@@ -2,13 +2,15 @@
 
 Run by uvicorn as ``benchmarks._apps:bare``, ``...:passthrough``, ``...:billed`` (settings from the environment)
 ``...:floor`` (the least a billing middleware does), ``...:request_path`` (the billed app's request path alone: its
-events dropped) and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
+events dropped), ``...:floor_delivered`` (the floor's request path, its events built and delivered as the billed app's)
+and ``...:burn`` (a calibrated CPU cost, ``BENCH_BURN_US``).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -121,11 +123,50 @@ def _request_path() -> Starlette:
     return _app(Middleware(RequestPathOnly))
 
 
+def _floor_delivered() -> Starlette:
+    """The floor's request path (the org from its header, the body kept, no checks) handing its facts to the billed
+    app's pipeline: its events are built and delivered exactly as the billed app's. What a billing middleware would
+    cost with a request path as cheap as the floor's: the events' building and delivery alone (the common case
+    only: a JSON answer of a known org; not a middleware to use)."""
+    from lago_org_billing import OrgBillingMiddleware
+    from lago_org_billing._identity import _header_ids
+
+    class FloorDelivered(OrgBillingMiddleware):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or not self._running:
+                await super().__call__(scope, receive, send)
+                return
+            found = dict(scope["headers"])
+            org, user = _header_ids.get(found.get(b"x-org-id", b"")), _header_ids.get(found.get(b"x-user-id", b""))
+            if org is None:  # (the first request of the org: its id checked by the middleware)
+                await super().__call__(scope, receive, send)
+                return
+            seen: list[Any] = [500, b"", 0.0]
+
+            async def watch(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    seen[0] = message["status"]
+                else:
+                    seen[1] += message.get("body", b"")
+                    if not message.get("more_body"):
+                        seen[2] = time.time()
+                await send(message)
+
+            started = time.time()
+            await self.app(scope, receive, watch)
+            endpoint = scope["route"].path
+            self._submit((endpoint, scope["method"], seen[0], started, seen[2], None, org, user, seen[1], None, None))
+
+    return _app(Middleware(FloorDelivered))
+
+
 def __getattr__(name: str) -> Starlette:
     if name == "billed":
         return _billed()
     if name == "request_path":
         return _request_path()
+    if name == "floor_delivered":
+        return _floor_delivered()
     if name == "floor":
         return _app(Middleware(Floor))
     if name == "burn":

@@ -101,14 +101,14 @@ def _in_process_count(app_name: str, requests: int) -> int:
 
 def _server_count(app_name: str, env: dict[str, str], seconds: int) -> tuple[int, int]:
     """(instructions, requests) of ``app_name`` under uvicorn while wrk loads it for ``seconds``."""
-    from benchmarks.overhead import APP_ENV, HEADERS, free_port, process, uvicorn_command, wait_http, wrk
+    from benchmarks.overhead import HEADERS, app_env, free_port, process, uvicorn_command, wait_http, wrk
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/chat/1"
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/callgrind.out"
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-        with process(valgrind + uvicorn_command(app_name, port), {**env, **APP_ENV.get(app_name, {})}, cpu="0"):
+        with process(valgrind + uvicorn_command(app_name, port), {**env, **app_env(app_name)}, cpu="0"):
             wait_http(f"http://127.0.0.1:{port}/v1/chat/warm", timeout=180)
             wrk(url, 3, 16, HEADERS)  # warm up (not counted)
             control = ["callgrind_control"]

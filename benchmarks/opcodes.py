@@ -36,11 +36,11 @@ Key = tuple[str, str]
 def _count(app_name: str, env: dict[str, str], seconds: int) -> tuple[collections.Counter[Key], int]:
     """(bytecodes by (file, function), requests) of ``app_name`` served here while wrk loads it."""
     from benchmarks import _apps
-    from benchmarks.overhead import APP_ENV
+    from benchmarks.overhead import app_env
 
     # the app reads its settings from the environment when it builds its middleware, at the first request
     saved = dict(os.environ)
-    os.environ.update({**env, **APP_ENV.get(app_name, {})})
+    os.environ.update({**env, **app_env(app_name)})
     try:
         return _serve_and_count(getattr(_apps, "billed" if app_name.startswith("gated") else app_name), seconds)
     finally:

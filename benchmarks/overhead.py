@@ -11,6 +11,9 @@ without the noise of CPU 1.
 
 ``--breakdown`` adds the billed app's request path alone (its events dropped as they are handed over, nothing built
 or delivered): what the billed app costs beyond it is building its events and delivering them in the background.
+It also adds ``floor-delivered``: the floor's request path (benchmarks/_apps.py) handing its facts to the billed app's
+pipeline, which builds and delivers them as billed's: what building and delivering costs over the floor, whatever the
+request path.
 
 ``--calibrate US`` adds a control: a pass-through that burns US microseconds of pure CPU per request (measured
 in process). How far it falls below bare tells what one microsecond of in-process cost (see
@@ -166,9 +169,12 @@ def emulator(stack_cpu: str = "1") -> Iterator[tuple[str, dict[str, str]]]:
         seed.unlink(missing_ok=True)
 
 
-#: Per app: the environment it runs with on top of the emulator's.
+#: Per app: the environment it runs with on top of the emulator's (see :func:`app_env`).
 APP_ENV: dict[str, dict[str, str]] = {
     "billed": {"LAGO_QUOTA_MODE": "off"},
+    # The billed app's request path alone: billed without the gate, as the billed app it is compared with.
+    "request-path": {"LAGO_QUOTA_MODE": "off"},
+    "floor-delivered": {"LAGO_QUOTA_MODE": "off"},
     # Enforcement on, with a limit never reached: every request pays for a full gate decision.
     "gated": {
         "LAGO_QUOTA_MODE": "enforce",
@@ -177,8 +183,19 @@ APP_ENV: dict[str, dict[str, str]] = {
 }
 # The same, without RateLimit-* headers on allowed responses: what those three headers cost in the server.
 APP_ENV["gated-quiet"] = {**APP_ENV["gated"], "LAGO_QUOTA_HEADERS": "false"}
+#: The apps whose events reach the emulator (their requests are counted against the events delivered).
+BILLING = ("billed", "gated", "floor-delivered")
 HEADERS = {"X-Org-Id": "org_bench", "X-User-Id": "ada"}
 EMULATOR = [sys.executable, "-m", "lago_org_billing.cli", "emulator", "--api-key", API_KEY]
+
+
+def app_env(app: str) -> dict[str, str]:
+    """The environment ``app`` runs with on top of the emulator's (``request_path`` or ``request-path``). A billing app
+    without an entry would run with the package's default, enforcement on: none is measured that way by accident."""
+    name = app.replace("_", "-")
+    if name not in APP_ENV and name not in ("bare", "passthrough", "floor", "burn"):
+        raise KeyError(f"no environment for the app {app!r}: add it to APP_ENV")
+    return APP_ENV.get(name, {})
 
 
 def uvicorn_command(app: str, port: int) -> list[str]:
@@ -209,7 +226,8 @@ def main() -> int:
         "--breakdown",
         action="store_true",
         help="also measure the billed app's request path alone (benchmarks/_apps.py request_path: its events dropped "
-        "as they are handed over): the rest of billed's cost is building and delivering them",
+        "as they are handed over): the rest of billed's cost is building and delivering them; and the floor's request "
+        "path with its events built and delivered as billed's (floor_delivered): that building and delivery alone",
     )
     parser.add_argument(
         "--calibrate", type=float, metavar="US", help="also measure a pass-through burning US µs of CPU"
@@ -225,10 +243,10 @@ def main() -> int:
         "passthrough",
         *([burn] if burn else []),
         *(["floor"] if args.floor else []),
-        *(["request-path"] if args.breakdown else []),
+        *(["request-path", "floor-delivered"] if args.breakdown else []),
         "billed",
     ] + (["gated", "gated-quiet"] if args.quota else [])
-    app_env = {**APP_ENV, **({burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {})}
+    extra_env = {burn: {"BENCH_BURN_US": str(args.calibrate)}} if burn else {}
     ports = {name: free_port() for name in apps}
     results: dict[str, list[float]] = {name: [] for name in apps}
     cpu_per_request: dict[str, list[float]] = {name: [] for name in apps}  # server CPU µs per request
@@ -241,19 +259,20 @@ def main() -> int:
         stack.callback(lambda: after_shutdown.append(count_events(lago_url)))
         for name in apps:
             command = uvicorn_command("burn" if name == burn else name, ports[name])
-            pids[name] = stack.enter_context(process(command, {**env, **app_env.get(name, {})}, cpu="0")).pid
+            own = extra_env.get(name) or app_env(name)
+            pids[name] = stack.enter_context(process(command, {**env, **own}, cpu="0")).pid
             wait_http(f"http://127.0.0.1:{ports[name]}/v1/chat/warm")
         served = 0
         for name in apps:  # warm up
             _, count = wrk(f"http://127.0.0.1:{ports[name]}/v1/chat/1", 2, args.connections, HEADERS)
-            served += count if name.startswith(("billed", "gated")) else 0
+            served += count if name.startswith(BILLING) else 0
         for round_number in range(args.rounds):
             for name in apps:
                 url = f"http://127.0.0.1:{ports[name]}/v1/chat/1"
                 cpu_before, wall_before = cpu_seconds(pids[name]), time.monotonic()
                 rps, count = wrk(url, args.seconds, args.connections, HEADERS)
                 cpu_used, wall = cpu_seconds(pids[name]) - cpu_before, time.monotonic() - wall_before
-                served += count if name.startswith(("billed", "gated")) else 0
+                served += count if name.startswith(BILLING) else 0
                 results[name].append(rps)
                 cpu_per_request[name].append(cpu_used / count * 1e6)
                 busy[name].append(cpu_used / wall)
