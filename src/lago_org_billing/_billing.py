@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import threading
 import time
 import uuid
 import zoneinfo
@@ -33,6 +34,7 @@ from ._errors import (
     LagoValidationError,
 )
 from ._events import event_payload
+from ._forks import track
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._ids import _FORBIDDEN, validate_id
 from ._settings import BillingSettings, masked_url
@@ -112,6 +114,10 @@ class OrgBilling:
         # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
         # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
         self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
+        # record_*_nowait is sync and called from thread pools (sync endpoints): the cache is not thread-safe (two
+        # threads evicting at once raise KeyError out of the call, the event never queued)
+        self._first_timestamps_lock = threading.Lock()
+        track(self)  # (a lock held by another thread at a fork would stay held in the child)
         if client is not None:
             self.client = client
             self.settings = settings if settings is not None else client.settings
@@ -120,6 +126,9 @@ class OrgBilling:
             self.settings = settings if settings is not None else BillingSettings.from_env()
             self.client = LagoClient(self.settings, transport=transport)
             self._owns_client = True
+
+    def _forked(self) -> None:
+        self._first_timestamps_lock = threading.Lock()
 
     @property
     def pipeline(self) -> EventPipeline | None:
@@ -338,14 +347,61 @@ class OrgBilling:
             zone = _customer_zone(await self.get_customer(org_id))
         if fields.get("ending_at") is not None:
             fields["ending_at"] = _iso(fields["ending_at"], "ending_at", zone)
-        return await self.client.create_subscription(
-            external_customer_id=org_id,
-            plan_code=plan_code,
-            external_id=self.subscription_id(org_id),
-            billing_time=billing_time,
-            subscription_at=_iso(subscription_at, "subscription_at", zone),
-            **fields,
+        try:
+            return await self.client.create_subscription(
+                external_customer_id=org_id,
+                plan_code=plan_code,
+                external_id=self.subscription_id(org_id),
+                billing_time=billing_time,
+                subscription_at=_iso(subscription_at, "subscription_at", zone),
+                **fields,
+            )
+        except LagoValidationError as exc:
+            if exc.details != {"external_id": ["value_already_exist"]}:
+                raise
+            # (the caller sent no external_id: Lago's "fix the fields" is no help) another customer holds it
+            held = await self._held_elsewhere(org_id, exc)
+            if held is None:
+                raise
+            raise held from None
+
+    async def _held_elsewhere(self, org_id: str, exc: LagoValidationError) -> LagoValidationError | None:
+        """Lago's refusal ``exc`` of the org's subscription ``external_id`` (``value_already_exist``), restated with
+        the customer that holds it and what to do; ``None`` when the org itself holds it."""
+        external_id = self.subscription_id(org_id)
+        try:
+            holder = await self.client.get_current_subscription(external_id)
+        except LagoIntegrationError:
+            holder = None
+        owner = (holder or {}).get("external_customer_id")
+        if owner == org_id:
+            return None
+        who = (
+            f"Lago customer {owner!r} ({holder.get('status')}, plan {holder.get('plan_code')!r})"
+            if holder is not None and owner is not None
+            else "another Lago customer"
         )
+        return exc._restated(  # type: ignore[return-value]
+            LagoValidationError,
+            f"Org {org_id!r} cannot be subscribed: its subscription external_id {external_id!r} "
+            f"(LAGO_SUBSCRIPTION_ID_TEMPLATE {self.settings.subscription_id_template!r}) is held by {who}, and Lago "
+            "cannot move a subscription to another customer. Terminate that subscription first (await "
+            f"billing.client.terminate_subscription({external_id!r})), or map orgs to subscription ids no other "
+            "customer uses (LAGO_SUBSCRIPTION_ID_TEMPLATE, e.g. '{org_id}_main').",
+        )
+
+    def _check_owner(self, org_id: str, subscription: Mapping[str, Any], what: str) -> None:
+        """Raise :class:`InvalidRequestError` unless ``subscription`` (found under the org's subscription id, or one
+        given) is the org's: another customer's (a legacy user's named like the org) is never read, changed nor ended
+        as the org's."""
+        owner = subscription.get("external_customer_id")
+        if owner is not None and owner != org_id:
+            raise InvalidRequestError(
+                f"Subscription {subscription.get('external_id')!r} belongs to customer {owner!r}, not org {org_id!r}: "
+                f"{what}. Lago keys one active subscription external_id to one customer: end that one on its customer "
+                "first (LagoClient.terminate_subscription), or map orgs to ids no other customer uses "
+                "(LAGO_SUBSCRIPTION_ID_TEMPLATE, e.g. '{org_id}_main')."
+            )
 
     async def subscribe_org_to_plan(
         self,
@@ -388,13 +444,25 @@ class OrgBilling:
         return {"customer": customer, "subscription": subscription}
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
-        """The org's active subscription (or the one with ``status``), or ``None``."""
+        """The org's active subscription (or the one with ``status``), or ``None`` (also when another customer holds
+        the org's subscription id: it is not the org's)."""
         try:
-            return await self.client.get_subscription(self.subscription_id(org_id), status=status)
+            subscription = await self.client.get_subscription(self.subscription_id(org_id), status=status)
         except LagoNotFoundError as exc:
             if _no_such_route(exc):
                 raise
             return None
+        owner = subscription.get("external_customer_id")
+        if owner is not None and owner != org_id:  # (a legacy user's named like the org: not the org's to show)
+            logger.warning(
+                "Subscription %r belongs to Lago customer %r, not org %r: the org has none of its own (see "
+                "LAGO_SUBSCRIPTION_ID_TEMPLATE).",
+                subscription.get("external_id"),
+                owner,
+                org_id,
+            )
+            return None
+        return subscription
 
     async def change_plan(self, org_id: str, plan_code: str) -> JSON:
         """Upgrade or downgrade the org's active subscription to ``plan_code``.
@@ -402,7 +470,8 @@ class OrgBilling:
         Lago decides by price: a plan at least as expensive takes effect now (a new subscription record); a
         cheaper one at the end of the period (the answer is the current subscription, with ``next_plan_code``
         and ``downgrade_plan_date``). A subscription that has not started yet (``subscription_at`` in the future)
-        changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither.
+        changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither, and
+        :class:`InvalidRequestError` when the subscription under the org's id is another customer's.
         """
         # (one that has not started yet too: Lago changes its plan in place)
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
@@ -412,6 +481,7 @@ class OrgBilling:
                 status=404,
                 code="subscription_not_found",
             )
+        self._check_owner(org_id, current, "its plan is not changed")
         plan_code = validate_id(plan_code, "plan_code")
         if plan_code == current.get("plan_code") and current.get("next_plan_code"):
             # Back to the current plan while a downgrade waits for the period end: Lago would answer the subscription
@@ -438,17 +508,13 @@ class OrgBilling:
         on_termination_credit_note: str | None = None,
     ) -> JSON:
         """Terminate the org's active subscription, or cancel its pending one (``subscription_id`` defaults to the
-        org's; another org's is refused)."""
+        org's; another customer's is refused, under the org's own id too)."""
         external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
-        if subscription_id is not None:
-            current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
-            if current is None:
-                raise await self._nothing_to_terminate(external_id)
-            owner = current.get("external_customer_id")
-            if owner != org_id:
-                raise InvalidRequestError(
-                    f"Subscription {external_id!r} belongs to customer {owner!r}, not org {org_id!r}: not terminated."
-                )
+        # the org's own id too: another customer may hold it (a legacy user's, named like the org)
+        current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
+        if current is None:
+            raise await self._nothing_to_terminate(external_id)
+        self._check_owner(org_id, current, "not terminated")
         for status in ("active", "pending"):  # not active: one that has not started yet is canceled
             try:
                 return await self.client.terminate_subscription(
@@ -639,10 +705,11 @@ class OrgBilling:
         )
         if transaction_id and timestamp is None:  # a retry of a caller's event keeps its first timestamp
             key = (event["external_subscription_id"], transaction_id)
-            first = self._first_timestamps.get(key)
-            if first is None:
-                self._first_timestamps[key] = event["timestamp"]
-            else:
+            with self._first_timestamps_lock:
+                first = self._first_timestamps.get(key)
+                if first is None:
+                    self._first_timestamps[key] = event["timestamp"]
+            if first is not None:
                 event["timestamp"] = first
         return event
 
