@@ -45,10 +45,12 @@ them again once the cause is fixed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -155,6 +157,8 @@ class EventPipeline:
         self._running = False
         self._ran = False
         self._loop_thread: int | None = None
+        #: Runs a function soon on the running loop's thread, from any thread (see :meth:`_notify`).
+        self._call_soon: Callable[[Callable[[], object]], object] | None = None
         self._wakeup: anyio.Event | None = None
         self._kick: anyio.Event | None = None
         self._progress: anyio.Event | None = None
@@ -236,6 +240,7 @@ class EventPipeline:
             self.outbox.rewind()
         self._running = self._ran = True
         self._loop_thread = threading.get_ident()
+        self._call_soon = _threadsafe_caller()
         self._wakeup, self._kick, self._progress = anyio.Event(), anyio.Event(), anyio.Event()
         self._stopped = anyio.Event()
         try:
@@ -435,8 +440,20 @@ class EventPipeline:
 
     def _notify(self) -> None:
         wakeup = self._wakeup
-        if wakeup is not None and threading.get_ident() == self._loop_thread:
-            wakeup.set()  # other threads: the dispatcher's own timeouts pick the events up
+        if wakeup is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            wakeup.set()
+            return
+        # Another thread (a sync endpoint's record_usage_nowait, run in a thread pool): an anyio Event is not
+        # thread-safe, and the dispatcher, idle with nothing to send, has no timeout to find the event by. The
+        # loop's thread sets it, soon.
+        call_soon = self._call_soon
+        if call_soon is not None:
+            try:
+                call_soon(wakeup.set)
+            except Exception:  # the loop has ended: the run is over, what it left waits for the next run or aclose
+                logger.debug("Could not wake the pipeline's loop from another thread", exc_info=True)
 
     def _poke(self) -> None:
         for event in (self._wakeup, self._kick):
@@ -770,6 +787,19 @@ def running_here(pipeline: Any) -> anyio.Event | None:
         return None
     stopped = getattr(pipeline, "_stopped", None)
     return stopped if isinstance(stopped, anyio.Event) and not stopped.is_set() else None
+
+
+def _threadsafe_caller() -> Callable[[Callable[[], object]], object] | None:
+    """What runs a function soon on the running event loop's thread, called from any thread (asyncio's
+    ``call_soon_threadsafe``, trio's token's ``run_sync_soon``); ``None`` on another loop."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:  # not asyncio: trio (hypercorn -k trio), which is imported then
+        trio = sys.modules.get("trio")
+        try:
+            return trio.lowlevel.current_trio_token().run_sync_soon if trio is not None else None
+        except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
+            return None
 
 
 def _describe(error: Any) -> str:
