@@ -677,11 +677,22 @@ class Journal:
         self._subscribed: set[tuple[str, str, str]] = set()
         self._file: IO[str] | None = None
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            lines = self.path.read_bytes().splitlines(keepends=True)
+            read_one = False
+            for number, raw in enumerate(lines, 1):
                 try:
-                    entry = json.loads(line)
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    # (the last line cut by a kill or a full disk, inside a UTF-8 character: skipped as any torn line;
+                    # not UTF-8 elsewhere, or nothing read before it: not a journal, said by the caller)
+                    if number == len(lines) and not raw.endswith(b"\n") and read_one:
+                        continue
+                    raise
+                try:
+                    entry = json.loads(text)
                 except ValueError:
                     continue
+                read_one = read_one or isinstance(entry, dict)
                 if isinstance(entry, dict) and self._subscribing(entry):
                     self._subscribed.add(
                         (str(entry.get("org_id")), str(entry.get("target")), str(entry.get("fingerprint")))
@@ -747,6 +758,8 @@ class Journal:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
+            if self._torn():  # (a line cut by a crash: this record on a line of its own, not glued to it and lost)
+                self._file.write("\n")
         entry = {"type": kind, "at": _now_iso(), **fields}
         self._file.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
         self._file.flush()
@@ -755,6 +768,17 @@ class Journal:
             self._phase_done(fields)
         if self._subscribing({"type": kind, **fields}):
             self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"])))
+
+    def _torn(self) -> bool:
+        """Whether the journal ends inside a line (its last write cut by a kill or a full disk)."""
+        try:
+            with self.path.open("rb") as file:
+                if file.seek(0, os.SEEK_END) == 0:
+                    return False
+                file.seek(-1, os.SEEK_END)
+                return file.read(1) != b"\n"
+        except OSError:
+            return False
 
     def close(self) -> None:
         if self._file is not None:
@@ -1577,8 +1601,15 @@ async def plan_org(
             f"{names}: check it, change it with OrgBilling.change_plan, or terminate it if none of its users is left; "
             f"the subscriptions of {names} are ended by the org each is mapped to now (if any)"
         )
-    if METADATA_CREATED_BY not in existing_meta:
+    if METADATA_CREATED_BY in existing_meta:
+        pass  # (who created it stays who created it)
+    elif len(org.users[0]) <= MAX_METADATA_VALUE:
         wanted[METADATA_CREATED_BY] = org.users[0]
+    else:  # (Lago would refuse the whole customer: 422 value_is_too_long, and the org could never be migrated)
+        result.warnings.append(
+            f"org customer {org.org_id!r}: {METADATA_CREATED_BY} not written: its first user's id is "
+            f"{len(org.users[0])} characters, longer than Lago's {MAX_METADATA_VALUE}-character metadata values"
+        )
     changes = {key: value for key, value in wanted.items() if existing_meta.get(key) != value}
     room = MAX_METADATA_ITEMS - len(existing_meta)
     for key in [key for key in changes if key not in existing_meta]:
@@ -1743,6 +1774,7 @@ async def plan_org(
                 "to follow: its billing stops. If the org should keep paying for it, subscribe the org customer to "
                 "that plan yourself (POST /subscriptions with another external_id)"
             )
+    _warn_scheduled(org, sub_id, users, source, options, result)
     if options.prepare_only:  # the first phase: the users' subscriptions go on billing the old integration's events
         result.phase = "prepare"
         await _warn_overlap(org, sub_id, active, plans, result)
@@ -1875,6 +1907,50 @@ async def _donor_kept(
             )
             donor = hinted
     return donor, pool
+
+
+def _warn_scheduled(
+    org: OrgMapping,
+    sub_id: str,
+    users: Sequence[tuple[str, JSON | None, Sequence[JSON]]],
+    source: tuple[str, JSON] | None,
+    options: MigrationOptions,
+    result: OrgResult,
+) -> None:
+    """Plan changes the users had scheduled in Lago that the org subscription does not take (they end with the users'
+    subscriptions): a plan bought to start later, canceled, and the donor's downgrade at the end of its period."""
+    plan = result.plan_code
+    if plan is None:
+        return
+    taken_id = result.donor[1] if result.donor is not None else None
+    source_id = source[1].get("external_id") if source is not None else None
+    ends = "the second phase cancels it" if options.prepare_only else "it is canceled"
+    for user_id, _, subscriptions in users:
+        for subscription in subscriptions:
+            code, external_id = subscription.get("plan_code"), subscription.get("external_id")
+            if subscription.get("status") != "pending" or code == plan:
+                continue
+            if not subscription.get("previous_plan_code") and external_id != source_id:
+                result.warnings.append(
+                    f"org {org.org_id!r}: {user_id}'s subscription {external_id} to plan {code!r}, starting "
+                    f"{subscription.get('subscription_at')}, is not taken by the org subscription {sub_id!r} (plan "
+                    f"{plan!r}): {ends}, and the org does not move to {code!r} then. If it should, change its plan "
+                    f"on that date (OrgBilling.change_plan({org.org_id!r}, {code!r})), or give the org plan_code "
+                    f"{code!r} in the mapping"
+                )
+            elif subscription.get("previous_plan_code") and external_id == taken_id:
+                current = next(
+                    (s for s in subscriptions if s.get("external_id") == external_id and s.get("status") == "active"),
+                    {},
+                )
+                when = current.get("downgrade_plan_date") or "the end of its period"
+                result.warnings.append(
+                    f"org {org.org_id!r}: {user_id}'s subscription {external_id}, whose plan {plan!r} the org takes, "
+                    f"was to change to plan {code!r} on {when} (a downgrade scheduled in Lago): the org subscription "
+                    f"{sub_id!r} does not take that change and stays on {plan!r}. If the org should move to {code!r}, "
+                    f"once it is migrated: OrgBilling.change_plan({org.org_id!r}, {code!r}) (Lago applies a downgrade "
+                    "at the end of the org's period)"
+                )
 
 
 async def _warn_overlap(
@@ -2171,10 +2247,11 @@ async def verify_org(
     pages: list[tuple[str, list[JSON]]] = []
     user_customers: list[tuple[str, JSON | None]] = []
     for user_id in org.users:
-        page = await client.list_subscriptions(
-            external_customer_id=user_id, statuses=["active", "pending"], per_page=20
-        )
-        pages.append((user_id, page.items))
+        # (every page: a user left with more than one page of subscriptions is reported with all of them)
+        items = [
+            s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending"])
+        ]
+        pages.append((user_id, items))
         user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")

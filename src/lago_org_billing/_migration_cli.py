@@ -265,7 +265,16 @@ def _run(
     if args.journal and mode != "verify":  # (a dry run reads it to plan what --execute would do with it)
         try:
             opened = Journal(args.journal)
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:  # (a torn last line is skipped by Journal: this is more)
+            print(
+                f"error: --journal {args.journal} is not a journal of this command (not UTF-8: {exc}); nothing was "
+                "done. Give the journal of the run to resume, or a new path to start one (without it, a run plans "
+                "from what Lago has). If it is the journal of a run killed while writing its first line, move it "
+                "aside: nothing had been recorded yet",
+                file=err,
+            )
+            return 2
+        except OSError as exc:
             print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
             return 2
     if opened is not None and mode == "execute":
