@@ -43,7 +43,9 @@ and its timestamps, or read the current state from Lago.
 
 **Answers.** 200 once processed, for a duplicate, and for a webhook type nobody handles; 401 bad signature; 400
 not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised;
-503 Lago's public key could not be fetched. Anything but 200/201/202/204 makes Lago retry.
+503 Lago's public key could not be fetched. Anything but 200/201/202/204 makes Lago retry. Lago waits 30 s for an
+answer: handlers slower than that fail the attempt (its retries are answered 409 while they run, then 200), so hand
+long work to a queue. A dedupe Redis that does not answer within 2 s is skipped (the webhook processed without it).
 
 **Quota.** ``subscription.*``, ``alert.triggered`` (usage alerts), ``subscription.usage_threshold_reached`` and
 feature/entitlement changes invalidate the org's cached quota state at once, so a plan upgrade unblocks an org
@@ -148,6 +150,10 @@ DEFAULT_DEDUPE_TTL = 7 * 24 * 3600.0
 DEFAULT_PROCESSING_TTL = 15.0
 #: Seconds without a public key fetch after one failed (webhooks meanwhile get 503, and Lago retries them).
 _KEY_RETRY_AFTER = 2.0
+#: Seconds a call to the dedupe's Redis may take (to connect, or to answer) before the webhook goes on without it:
+#: redis-py before 8 waits for ever by default, and a Redis that stops answering without closing (paused, failing
+#: over, a partition) then held every webhook past Lago's 30 s timeout, on each of its 3 attempts.
+_REDIS_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,7 +203,8 @@ class WebhookDedupe(Protocol):
 class MemoryDedupe:
     """Per-process dedupe: keys kept ``ttl`` seconds (at most ``maxsize``, oldest dropped first).
 
-    A key stays "processing" at most ``processing_ttl`` seconds, in case a handler hangs.
+    A key stays "processing" ``processing_ttl`` seconds after its last renewal (renewed while its handlers run), in
+    case its processing was lost.
     """
 
     def __init__(
@@ -239,7 +246,10 @@ class MemoryDedupe:
 
 class RedisDedupe:
     """Dedupe shared by every worker through Redis (extra ``redis``): one key per webhook,
-    ``<prefix><unique key>`` = ``processing`` (expires after ``processing_ttl``) then ``done`` (after ``ttl``)."""
+    ``<prefix><unique key>`` = ``processing`` (expires after ``processing_ttl``) then ``done`` (after ``ttl``).
+
+    A client made from ``url`` gives up on a Redis call after ``timeout`` seconds (default 2; a ``socket_timeout``
+    in the URL wins): the webhook is then processed without dedupe rather than held until Lago times out."""
 
     def __init__(
         self,
@@ -249,11 +259,12 @@ class RedisDedupe:
         prefix: str = "lago_org_billing:webhook:",
         ttl: float = DEFAULT_DEDUPE_TTL,
         processing_ttl: float = DEFAULT_PROCESSING_TTL,
+        timeout: float | None = None,
     ) -> None:
         if client is None:
             if not url:
                 raise ConfigurationError("RedisDedupe needs a Redis URL (LAGO_REDIS_URL) or a client.")
-            client = _redis_from_url(url)
+            client = _redis_from_url(url, _REDIS_TIMEOUT if timeout is None else timeout)
         self.redis = client
         self.prefix = prefix
         self.ttl = max(1, int(ttl))
@@ -303,7 +314,7 @@ def _on_asyncio() -> bool:
     return True
 
 
-def _redis_from_url(url: str) -> Any:
+def _redis_from_url(url: str, timeout: float) -> Any:
     try:
         import redis.asyncio as redis_asyncio
     except ImportError as exc:
@@ -311,7 +322,8 @@ def _redis_from_url(url: str) -> Any:
             "Webhook dedupe in Redis (LAGO_REDIS_URL) needs redis: pip install 'lago-org-billing[redis]'.",
             variable="LAGO_REDIS_URL",
         ) from exc
-    return redis_asyncio.from_url(url)
+    # (options in the URL's query win over these: redis-py applies them last)
+    return redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------ signatures
@@ -771,7 +783,8 @@ class LagoWebhooks:
 
     def _reject(self, code: str, detail: str) -> Response:
         self.stats["rejected"] += 1
-        self._say(code, "Lago webhook rejected (%s, answered 401): %s", code, detail)
+        # (the detail may quote what the sender wrote, e.g. a token's "crit" header: no line of its choosing in the log)
+        self._say(code, "Lago webhook rejected (%s, answered 401): %s", code, _printable(detail))
         return _answer(401, code, detail)
 
     # ------------------------------------------------------------------------------------- verifying
@@ -877,6 +890,8 @@ class LagoWebhooks:
                     pem = await client.get_webhook_public_key(retry=False)
         except LagoIntegrationError as exc:
             raise _KeyUnavailable(str(exc)) from exc
+        except ValueError as exc:  # (its base64 does not decode: a proxy's answer, a truncated key)
+            raise _KeyUnavailable(f"Lago's webhook public key is not base64 ({exc}).") from exc
         try:
             return _load_public_key(pem)
         except LagoIntegrationError as exc:
@@ -1084,6 +1099,13 @@ def _same_key(a: Any, b: Any) -> bool:
         return bool(a.public_numbers() == b.public_numbers())
     except AttributeError:  # pragma: no cover - not an RSA key
         return a is b
+
+
+def _printable(text: str) -> str:
+    """``text`` with its line breaks and other control characters escaped (``\\n``), for a log line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONResponse:
