@@ -676,7 +676,6 @@ NOT_EMULATED = {
     "DELETE /subscriptions/{external_id}/charges/{charge_code}/filters/{filter_id}",
     "GET /customers/{external_customer_id}/applied_coupons",
     "GET /customers/{external_customer_id}/credit_notes",
-    "GET /customers/{external_customer_id}/past_usage",
     "GET /customers/{external_customer_id}/payment_methods",
     "GET /customers/{external_customer_id}/payment_requests",
     "GET /customers/{external_customer_id}/payments",

@@ -407,6 +407,14 @@ class FakeLago:
         query = {"external_subscription_id": external_subscription_id, **params}
         return self._call(lambda: self.store.current_usage(external_customer_id, query, groups))
 
+    def past_usage(self, external_customer_id: str, external_subscription_id: str, **params: Any) -> JSON:
+        """The body ``GET /customers/{id}/past_usage`` would return (``{"usage_periods": [...], "meta": {...}}``): the
+        subscription's invoiced periods, newest first. ``params``: ``billable_metric_code``, ``periods_count``,
+        ``page``, ``per_page``. A period is invoiced when it ends (move ``clock`` past it) or when the subscription
+        is terminated or upgraded."""
+        query = {"external_subscription_id": external_subscription_id, **{k: str(v) for k, v in params.items()}}
+        return self._call(lambda: self.store.past_usage(external_customer_id, query))
+
     # Python seeding API ------------------------------------------------------------------------
 
     def add_billable_metric(
@@ -659,6 +667,11 @@ class FakeLago:
             (
                 "/customers/{external_id}/current_usage",
                 lambda r, b: store.current_usage(nested_customer_id(r), query(r), groups(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/past_usage",
+                lambda r, b: store.past_usage(nested_customer_id(r), query(r)),
                 ["GET"],
             ),
             (

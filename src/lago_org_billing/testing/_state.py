@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import heapq
 import json
 import random
 import threading
@@ -36,6 +37,7 @@ from ._util import (
     not_allowed,
     not_found,
     paginate,
+    paginate_limited,
     parse_datetime,
     to_decimal,
     validation_error,
@@ -174,6 +176,9 @@ class LagoStore:
             self._first_ingested: dict[int, str] = {}  # a replaced event's first created_at, by its place in events
             self.invoices: list[JSON] = []
             self._sequences: dict[str, int] = {}
+            # (when each active subscription's charges period closes, its lago_id): a min-heap, so that a request
+            # only peeks at the earliest close (Clock::SubscriptionsBillerJob, see _close_periods)
+            self._closings: list[tuple[datetime, int, str]] = []
 
     def _uuid(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
@@ -222,7 +227,7 @@ class LagoStore:
             now = self.now()
             changed = True
             while changed:
-                changed = False
+                changed = self._close_periods(now)
                 if self._candidates_stale or self._candidates_len != len(self.subscriptions):
                     self._candidates = [sub for sub in self.subscriptions if self._may_transition(sub)]
                     self._candidates_len = len(self.subscriptions)
@@ -249,6 +254,83 @@ class LagoStore:
                             changed = True
                 if changed:
                     self._candidates_stale = True
+
+    def _close_periods(self, now: datetime) -> bool:
+        """Issue the invoice of each charges period that ended by ``now`` (lago-api ``Clock::SubscriptionsBillerJob``
+        and ``BillSubscriptionJob``: at the start of the next period's first day, in the customer's time zone), in
+        the order the periods ended. A subscription reaching its ``ending_at`` (or its downgrade date) first is not
+        billed past it: its termination bills the rest. Returns whether an invoice was issued."""
+        closings = self._closings
+        billed = False
+        while closings and closings[0][0] <= now:
+            close_at, _, lago_id = heapq.heappop(closings)
+            sub = self._find_sub_by_id(lago_id)
+            if sub is None or sub["status"] != "active" or sub.get("next_close") != iso(close_at):
+                continue
+            limit = parse_datetime(sub.get("ending_at"))
+            nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
+            if nxt is not None and nxt["status"] == "pending":
+                switch = parse_datetime(nxt.get("switch_at"))
+                if switch is not None and (limit is None or switch < limit):
+                    limit = switch
+            if limit is not None and close_at > limit:
+                continue  # (the transition at ``limit`` terminates it first)
+            self._bill_period(sub, close_at)
+            self._schedule_close(sub, close_at)
+            billed = True
+        return billed
+
+    def _schedule_close(self, sub: JSON, at: datetime) -> None:
+        """Remember when the charges period containing ``at`` closes (the second after its last one)."""
+        close_at = self._charges_bounds(sub, at)[1] + timedelta(seconds=1)
+        sub["next_close"] = iso(close_at)
+        heapq.heappush(self._closings, (close_at, sub["seq"], sub["lago_id"]))
+
+    def _bill_period(self, sub: JSON, close_at: datetime) -> None:
+        """The invoice of the charges period closing at ``close_at``: its charges, plus the plan's fee when the plan's
+        own period ends there too (in arrears, that period's fee; in advance, the next one's). Sends
+        ``invoice.created``. Not emulated: proration of a first partial period, minimum commitments, taxes."""
+        customer = self._customer_by_id(sub["customer_id"])
+        if customer is None:
+            return
+        last = close_at - timedelta(seconds=1)
+        usage = self._usage_for(sub, last)
+        plan = self._plan_of(sub)
+        plan_fee = int(plan["amount_cents"]) if self._period_bounds(sub, last)[1] == last else 0
+        amount = int(usage["amount_cents"]) + plan_fee
+        day = self._local_date(sub, close_at).isoformat()
+        invoice = self._new_invoice(
+            customer,
+            {
+                "invoice_type": "subscription",
+                "currency": plan["amount_currency"],
+                "fees_amount_cents": amount,
+                "total_amount_cents": amount,
+                "issuing_date": day,
+                "payment_due_date": day,
+                "created_at": iso(close_at),
+                "updated_at": iso(close_at),
+            },
+            subscription=sub,
+        )
+        invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, None)]
+        self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    @staticmethod
+    def _invoice_subscription(sub: JSON, usage: Mapping[str, Any], terminated_at: datetime | None) -> JSON:
+        """What an invoice keeps of a subscription's period (lago-api ``InvoiceSubscription`` and the charge fees):
+        the charges period, cut at ``terminated_at`` (``DatesService#charges_to_datetime``), and the charges usage
+        frozen as billed, which ``past_usage`` answers with."""
+        to_datetime = usage["to_datetime"]
+        if terminated_at is not None and terminated_at < (parse_datetime(to_datetime) or terminated_at):
+            to_datetime = iso(terminated_at)
+        return {
+            "subscription_id": sub["lago_id"],
+            "external_subscription_id": sub["external_id"],
+            "charges_from_datetime": usage["from_datetime"],
+            "charges_to_datetime": to_datetime,
+            "charges_usage": copy.deepcopy(usage["charges_usage"]),
+        }
 
     def _local_date(self, sub: JSON, moment: datetime) -> date:
         """The calendar date of ``moment`` in the time zone of the subscription's customer."""
@@ -1188,6 +1270,11 @@ class LagoStore:
                 properties.setdefault("amount", "0")
                 if to_decimal(properties["amount"]) is None:
                     errors["properties.amount"] = ["value_is_invalid"]
+            elif model in ("percentage", "graduated_percentage"):
+                codes = _percentage_errors(model, properties, metric)
+                if codes:
+                    known = errors.setdefault("properties", [])
+                    known.extend(c for c in codes if c not in known)
             charge_filters = []
             for raw_filter in raw.get("filters") or []:
                 raw_filter = _mapping(raw_filter)
@@ -1625,6 +1712,10 @@ class LagoStore:
     def _activate(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "active"
         sub["started_at"] = iso(at)
+        # a subscription backdated at its creation is billed from the period it was created in (the biller job
+        # does not go back to the periods before)
+        created = parse_datetime(sub.get("created_at"))
+        self._schedule_close(sub, max(at, created) if created is not None else at)
         self._emit_sub("subscription.started", sub)
 
     def _cancel(self, sub: JSON, at: datetime) -> None:
@@ -1668,6 +1759,7 @@ class LagoStore:
             },
             subscription=sub,
         )
+        invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, at)]
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def create_subscription(self, body: Any) -> JSON:
@@ -2325,6 +2417,69 @@ class LagoStore:
                         raise not_found("charge")
             return {"customer_usage": self._usage_for(sub, self.now(), charges=charges, groups=groups or {})}
 
+    def past_usage(self, external_customer_id: str, query: Mapping[str, Any]) -> JSON:
+        """``GET /customers/{id}/past_usage``: lago-api ``PastUsageQuery`` and ``V1::Customers::PastUsageSerializer``.
+
+        One usage period per invoiced period of the customer's subscriptions with that ``external_subscription_id``
+        (an upgraded one and its successor share it), whatever the invoice's status, newest charges period first:
+        the charges period billed, the invoice's issuing date, currency, ``lago_invoice_id`` and ``fees_amount_cents``
+        (the plan's fee included, as Lago sends it), and the charges usage frozen when the period was invoiced
+        (narrowed to ``billable_metric_code``'s charges). Paginated by ``page``/``per_page``, then limited to
+        ``periods_count`` (see :func:`~._util.paginate_limited`).
+
+        Errors as lago-api answers them: no ``external_subscription_id``, ``422 value_is_mandatory``; an unknown
+        ``billable_metric_code``, ``404 billable_metric_not_found``; an unknown customer or subscription is not an
+        error (the query joins them): an empty list.
+        """
+        with self.lock:
+            self.refresh()
+            external_subscription_id = str(query.get("external_subscription_id") or "")
+            if not external_subscription_id.strip():
+                raise validation_error({"external_subscription_id": ["value_is_mandatory"]})
+            metric_code = query.get("billable_metric_code")
+            metric_id: str | None = None
+            if metric_code:
+                metric = self.metrics.get(str(metric_code))
+                if metric is None:
+                    raise not_found("billable_metric")
+                metric_id = metric["lago_id"]
+            customer = self._customer(external_customer_id)
+            periods: list[tuple[JSON, JSON]] = []
+            for invoice in self.invoices if customer is not None else ():
+                if customer is None or invoice["customer_id"] != customer["lago_id"]:
+                    continue
+                for period in invoice.get("invoice_subscriptions") or ():
+                    if period["external_subscription_id"] == external_subscription_id:
+                        periods.append((invoice, period))
+            # order(charges_from_datetime: :desc), then apply_consistent_ordering (created_at desc, id asc)
+            periods.sort(key=lambda ip: (ip[1]["charges_from_datetime"], ip[0]["created_at"]), reverse=True)
+            page = paginate_limited(
+                periods, "usage_periods", query.get("page"), query.get("per_page"), query.get("periods_count")
+            )
+            page["usage_periods"] = [self._past_period(i, p, metric_id) for i, p in page["usage_periods"]]
+            return page
+
+    @staticmethod
+    def _past_period(invoice: JSON, period: JSON, metric_id: str | None) -> JSON:
+        charges = [
+            copy.deepcopy(c)
+            for c in period["charges_usage"]
+            if metric_id is None or c["billable_metric"]["lago_id"] == metric_id
+        ]
+        amount = int(invoice.get("fees_amount_cents") or 0)
+        taxes = int(invoice.get("taxes_amount_cents") or 0)
+        return {
+            "from_datetime": period["charges_from_datetime"],
+            "to_datetime": period["charges_to_datetime"],
+            "issuing_date": str(invoice["issuing_date"]),
+            "currency": invoice.get("currency") or "USD",
+            "amount_cents": amount,
+            "total_amount_cents": amount + taxes,
+            "taxes_amount_cents": taxes,
+            "lago_invoice_id": invoice["lago_id"],
+            "charges_usage": charges,
+        }
+
     def _usage_for(
         self,
         sub: JSON,
@@ -2419,7 +2574,7 @@ class LagoStore:
         return invoice
 
     def _serialize_invoice(self, invoice: JSON, *, extended: bool = False) -> JSON:
-        data = {k: copy.deepcopy(v) for k, v in invoice.items() if k not in ("customer_id", "subscription_ids", "fees")}
+        data = {k: copy.deepcopy(v) for k, v in invoice.items() if k not in _INVOICE_INTERNAL}
         customer = self._customer_by_id(invoice["customer_id"])
         if customer is not None:
             data["customer"] = self._serialize_customer(customer)
@@ -2531,6 +2686,9 @@ class LagoStore:
 
 
 # Usage computation ----------------------------------------------------------------------------
+
+# what an invoice record keeps that its serialization does not show as it is
+_INVOICE_INTERNAL = frozenset(("customer_id", "subscription_ids", "fees", "invoice_subscriptions"))
 
 
 def _json_default(value: Any) -> Any:
@@ -2712,13 +2870,213 @@ def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volum
     return total
 
 
-def _charge_amount(
-    charge_model: str, properties: Mapping[str, Any], units: Decimal, events: Sequence[JSON] = (), subunits: int = 100
-) -> Decimal:
-    """Amount in currency units (not cents) for ``units`` (aggregated from ``events``) under one charge model.
+def _event_values(metric: JSON | None, events: Sequence[JSON]) -> list[Decimal]:
+    """Each event's value in timestamp order, as lago-api's ``events_values`` / ``per_event_aggregation`` read them:
+    1 per event for ``count_agg`` (and ``unique_count_agg``), the ``field_name`` property otherwise (an event without
+    a number there is left out)."""
+    ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
+    if metric is None or metric["aggregation_type"] in ("count_agg", "unique_count_agg"):
+        return [Decimal(1)] * len(ordered)
+    values = (to_decimal(e["properties"].get(metric["field_name"])) for e in ordered)
+    return [v for v in values if v is not None]
 
-    Not emulated: percentage's free units (``free_units_per_events``, ``free_units_per_total_aggregation``) and
-    premium per-transaction min/max, and ``graduated_percentage`` (billed 0)."""
+
+def _running_total(
+    metric: JSON | None, units: Decimal, events: Sequence[JSON], per_events: int, per_total: Decimal
+) -> list[Decimal]:
+    """lago-api's aggregation ``running_total`` option: empty without free units; ``(1..units)`` for a count; for a
+    sum, the cumulative sums of the first ``free_units_per_events`` events, else of the events until the sum passes
+    ``free_units_per_total_aggregation``. Other aggregations give none (no free units)."""
+    if per_events == 0 and per_total == 0:
+        return []
+    aggregation = "count_agg" if metric is None else metric["aggregation_type"]
+    if aggregation in ("count_agg", "unique_count_agg"):
+        return [Decimal(i) for i in range(1, int(units) + 1)]
+    if aggregation != "sum_agg":
+        return []
+    values = _event_values(metric, events)
+    totals: list[Decimal] = []
+    total = Decimal(0)
+    if per_events:
+        for value in values[:per_events]:
+            total += value
+            totals.append(total)
+        return totals
+    for value in values:
+        if per_total < total:
+            break
+        total += value
+        totals.append(total)
+    return totals
+
+
+def _percentage_amount(
+    properties: Mapping[str, Any], units: Decimal, events: Sequence[JSON], metric: JSON | None
+) -> Decimal:
+    """lago-api ``ChargeModels::PercentageService`` (in currency units).
+
+    * ``rate`` % of the units beyond the free units, plus ``fixed_amount`` for each event beyond the free events
+      (none without units);
+    * free units: the units of the first ``free_units_per_events`` events, or ``free_units_per_total_aggregation``
+      (whichever comes first when both are given); free events: those, or the events whose running total stays
+      under ``free_units_per_total_aggregation``;
+    * ``per_transaction_min_amount`` / ``per_transaction_max_amount`` (a premium feature, applied here as on Lago
+      Cloud): each event is then billed on its own, ``rate`` % of its value (after the free units) plus
+      ``fixed_amount``, raised to the min or capped at the max; a free event is billed nothing.
+    """
+    rate = to_decimal(properties.get("rate")) or Decimal(0)
+    fixed = to_decimal(properties.get("fixed_amount")) or Decimal(0)
+    per_events = _ruby_int(properties.get("free_units_per_events"))
+    per_total = to_decimal(properties.get("free_units_per_total_aggregation")) or Decimal(0)
+    low = (
+        to_decimal(properties.get("per_transaction_min_amount"))
+        if _present(properties, "per_transaction_min_amount")
+        else None
+    )
+    high = (
+        to_decimal(properties.get("per_transaction_max_amount"))
+        if _present(properties, "per_transaction_max_amount")
+        else None
+    )
+    if low is not None or high is not None:
+        free_events, free_amount = per_events, per_total
+        total = Decimal(0)
+        for value in _event_values(metric, events):
+            if free_events > 0 or free_amount > 0:
+                free_events -= 1
+                if free_amount <= 0:
+                    continue
+                if free_amount > value:
+                    free_amount -= value
+                    continue
+                value -= free_amount
+                free_amount, free_events = Decimal(0), 0
+            amount = value * rate / 100 + fixed
+            if low is not None and amount < low:
+                amount = low
+            elif high is not None and amount > high:
+                amount = high
+            total += amount
+        return total
+    running = _running_total(metric, units, events, per_events, per_total)
+    last = running[-1] if running else Decimal(0)
+    if last == 0:
+        free_units = Decimal(0)
+    elif 0 < per_events < len(running):
+        free_units = running[per_events - 1]
+    elif per_total == 0 or last <= per_total:
+        free_units = last
+    else:
+        free_units = per_total
+    free_count = min((n for n in (per_events, sum(1 for t in running if t < per_total)) if n != 0), default=0)
+    percentage = Decimal(0) if free_units > units else (units - free_units) * rate / 100
+    count = len(events)
+    fixed_total = Decimal(0) if units == 0 or free_count >= count else (count - free_count) * fixed
+    return percentage + fixed_total
+
+
+def _graduated_percentage_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]]) -> Decimal:
+    """lago-api ``ChargeModels::GraduatedPercentageService``: each range bills ``rate`` % of the units that fall in
+    it plus its ``flat_amount`` (no flat amount without units), ranges counted as Lago's graduated ones (the first
+    from 0, the next from the previous ``to_value`` + 1), up to the range holding the units."""
+    total = Decimal(0)
+    for rng in ranges:
+        low = to_decimal(rng.get("from_value")) or Decimal(0)
+        high = to_decimal(rng.get("to_value"))
+        if high is not None and units >= high:
+            in_range = high - (1 if low == 0 else low) + 1
+        elif low == 0:
+            in_range = units
+        else:
+            in_range = units - low + 1
+        amount = in_range * (to_decimal(rng.get("rate")) or Decimal(0)) / 100
+        if units != 0 and in_range != 0:
+            amount += to_decimal(rng.get("flat_amount")) or Decimal(0)
+        total += amount
+        if high is None or high >= units:
+            break
+    return total
+
+
+def _valid_amount(value: Any) -> bool:
+    """lago-api ``Validators::DecimalAmountService#valid_amount?``: a finite decimal (a number or numeric text), not
+    negative."""
+    amount = to_decimal(value)
+    return amount is not None and amount >= 0
+
+
+def _percentage_errors(model: str, properties: Mapping[str, Any], metric: JSON) -> list[str]:
+    """The codes lago-api's ``Charges::Validators::PercentageService`` / ``GraduatedPercentageService`` add, which
+    ``Charge#validate_charge_model`` reports as ``{"properties": [codes]}`` (the per-transaction bounds are checked,
+    as on a premium (Cloud) organization)."""
+    codes: list[str] = []
+    if metric["aggregation_type"] == "latest_agg":
+        codes.append("invalid_value")
+    if model == "percentage":
+        if not _valid_amount(properties.get("rate")):
+            codes.append("invalid_rate")
+        if properties.get("fixed_amount") is not None and not _valid_amount(properties["fixed_amount"]):
+            codes.append("invalid_fixed_amount")
+        per_events = properties.get("free_units_per_events")
+        if per_events is not None and not (type(per_events) is int and per_events > 0):
+            codes.append("invalid_free_units_per_events")
+        per_total = properties.get("free_units_per_total_aggregation")
+        if per_total is not None and not _valid_amount(per_total):
+            codes.append("invalid_free_units_per_total_aggregation")
+        bounds = ("per_transaction_min_amount", "per_transaction_max_amount")
+        if any(_present(properties, key) and not _valid_amount(properties[key]) for key in bounds):
+            codes.append("invalid_amount")
+        low, high = (to_decimal(properties.get(key)) for key in bounds)
+        if low is not None and high is not None and low > high:
+            codes.append("per_transaction_max_lower_than_per_transaction_min")
+        return codes
+    ranges = properties.get("graduated_percentage_ranges")
+    if not ranges or not isinstance(ranges, list):
+        codes.append("missing_graduated_percentage_ranges")
+        return codes
+    expected = Decimal(0)
+    for index, rng in enumerate(ranges):
+        rng = _mapping(rng)
+        if not _valid_amount(rng.get("flat_amount")):
+            codes.append("invalid_amount")
+        if not _valid_amount(rng.get("rate")):
+            codes.append("invalid_rate")
+        low, high = to_decimal(rng.get("from_value")), to_decimal(rng.get("to_value"))
+        last = index == len(ranges) - 1
+        # Validators::RangeBoundsValidator: each range starts where expected, the last one is open, the others end
+        # after they start
+        if low != expected or (high is not None if last else (high is None or high <= low)):
+            codes.append("invalid_graduated_percentage_ranges")
+        expected = (high or Decimal(0)) + 1
+    return codes
+
+
+def _ruby_int(value: Any) -> int:
+    """Ruby ``to_i`` of a property (``nil`` is 0)."""
+    if value is None or isinstance(value, bool):
+        return 0
+    if isinstance(value, (int, float, Decimal)):
+        return int(value)
+    number = to_decimal(str(value).strip().split(".")[0] or "0")
+    return int(number) if number is not None else 0
+
+
+def _present(properties: Mapping[str, Any], key: str) -> bool:
+    """Rails ``present?`` of a property: set, and not an empty (or blank) string."""
+    value = properties.get(key)
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _charge_amount(
+    charge_model: str,
+    properties: Mapping[str, Any],
+    units: Decimal,
+    events: Sequence[JSON] = (),
+    subunits: int = 100,
+    metric: JSON | None = None,
+) -> Decimal:
+    """Amount in currency units (not cents) for ``units`` (aggregated from ``events`` of ``metric``) under one charge
+    model."""
     if charge_model == "standard":
         return units * (to_decimal(properties.get("amount")) or Decimal(0))
     if charge_model == "package":
@@ -2732,11 +3090,9 @@ def _charge_amount(
     if charge_model == "volume":
         return _ranges_amount(units, properties.get("volume_ranges") or [], volume=True)
     if charge_model == "percentage":
-        rate = to_decimal(properties.get("rate")) or Decimal(0)
-        # PercentageService#compute_fixed_amount: fixed_amount per event (none without units)
-        fixed = to_decimal(properties.get("fixed_amount")) or Decimal(0)
-        per_events = Decimal(len(events)) * fixed if units != 0 else Decimal(0)
-        return units * rate / Decimal(100) + per_events
+        return _percentage_amount(properties, units, events, metric)
+    if charge_model == "graduated_percentage":
+        return _graduated_percentage_amount(units, properties.get("graduated_percentage_ranges") or [])
     if charge_model == "dynamic":
         # DynamicService: the sum of the events' precise_total_amount_cents, in the currency's units (0 without units)
         if units == 0:
@@ -2754,7 +3110,7 @@ def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Seq
         "units": decimal_str(units),
         "total_aggregated_units": decimal_str(units),
         "events_count": len(events),
-        "amount_cents": cents(_charge_amount(model, properties, units, events, subunits) * subunits),
+        "amount_cents": cents(_charge_amount(model, properties, units, events, subunits, metric) * subunits),
         "pricing_unit_details": None,
         "presentation_breakdowns": [],
     }

@@ -288,3 +288,45 @@ def paginate(items: Sequence[Any], key: str, page: Any = None, per_page: Any = N
 def drop_none(data: Mapping[str, Any], *keys: str) -> JSON:
     """Copy of ``data`` without ``keys`` whose value is ``None`` (fields the spec does not allow as null)."""
     return {k: v for k, v in data.items() if not (k in keys and v is None)}
+
+
+def paginate_limited(items: Sequence[Any], key: str, page: Any, per_page: Any, limit: Any) -> JSON:
+    """Slice ``items`` as lago-api ``PastUsageQuery`` does: ``scope.page(page).per(per_page || 100)`` and then
+    ``.limit(periods_count.to_i)`` when ``periods_count`` is given, which keeps the page's offset but makes the limit
+    the page size that Kaminari's ``current_page`` (``offset / limit + 1``) and ``total_pages`` are computed with.
+
+    The query computes ``current_page`` even when nothing matched, so a page size of 0 (``per_page=0``, or a
+    ``periods_count`` of 0 or not a number) is Kaminari's ``ZeroPerPageOperation``: a 500, as is a negative
+    ``periods_count`` (PostgreSQL refuses a negative ``LIMIT``)."""
+    if limit is None:
+        if page_size(per_page) == 0:
+            raise _zero_page_size("per_page")
+        return paginate(items, key, page, per_page)
+    page_n = max(_ruby_to_i(page), 1) if page is not None else 1
+    size = page_size(per_page)
+    count = _ruby_to_i(limit)
+    if size == 0 or count <= 0:
+        raise _zero_page_size("per_page" if size == 0 else "periods_count")
+    offset = (page_n - 1) * size
+    total = len(items)
+    if total == 0:
+        meta: JSON = {"current_page": 0, "next_page": None, "prev_page": None, "total_pages": 0, "total_count": 0}
+        return {key: [], "meta": meta}
+    current = offset // count + 1
+    total_pages = -(-total // count)
+    meta = {
+        "current_page": current,
+        "next_page": current + 1 if current < total_pages else None,
+        "prev_page": current - 1 if current > 1 else None,
+        "total_pages": total_pages,
+        "total_count": total,
+    }
+    return {key: list(items[offset : offset + count]), "meta": meta}
+
+
+def _zero_page_size(name: str) -> ApiError:
+    message = (
+        f"Current page was incalculable. Perhaps you called .per(0)? ({name} must be a positive number: Lago cannot "
+        "paginate with an empty page size; give it a positive number, e.g. 12)"
+    )
+    return ApiError(500, {"status": 500, "errors": [{"message": message}], "data": {}})
