@@ -6,7 +6,7 @@ awaitable of either. Resolvers work on the scope, so they run before any ``Reque
 
 - :func:`from_state`: ``scope["state"][key]``, i.e. ``request.state.<key>`` set by the app's auth layer;
 - :func:`from_user`: an attribute of ``scope["user"]`` (Starlette ``AuthenticationMiddleware``);
-- :func:`from_jwt_claim`: a claim of a verified ``Authorization: Bearer`` JWT;
+- :func:`from_jwt_claim`: a claim of a verified ``Authorization: Bearer`` JWT (one key, or the issuer's JWKS);
 - :func:`from_header`: a request header. Opt-in only (``LAGO_ORG_HEADER``): any client can send any header, so pair it
   with ``membership_check`` unless a trusted proxy sets it;
 - :func:`first_of`: the first resolver that finds an id.
@@ -26,13 +26,17 @@ import logging
 import math
 import re
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
 from ._settings import _HEADER_NAME, BillingSettings
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "SCOPE_KEY",
@@ -388,14 +392,22 @@ def _bearer_token(scope: Scope, header: bytes) -> str | None:
 def from_jwt_claim(
     claim: str = "org_id",
     *,
-    key: str | bytes,
+    key: str | bytes | None = None,
+    jwks_url: str | None = None,
     algorithms: Sequence[str] = ("HS256", "RS256"),
     audience: str | Sequence[str] | None = None,
     issuer: str | Sequence[str] | None = None,
     header: str = "authorization",
     leeway: float | dt.timedelta = 0,
+    jwks_refresh_interval: float = 60.0,
+    jwks_max_age: float = 3600.0,
+    jwks_client: httpx.AsyncClient | None = None,
 ) -> Resolver:
     """Resolve from a claim of the ``Bearer`` JWT in ``header``, verified with PyJWT.
+
+    The token is verified with exactly one of ``key`` (one fixed key) or ``jwks_url`` (the issuer's published key
+    set, keys rotated by ``kid``: Auth0, Clerk, Cognito, Keycloak, Okta); passing both or neither is a
+    :class:`ConfigurationError`.
 
     ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used);
     a public key or certificate as bare base64 DER (Keycloak's "Public key" / "Certificate", a JWKS ``x5c``) is
@@ -410,6 +422,24 @@ def from_jwt_claim(
     badly signed or expired token resolves to ``None``. A ``claim`` with dots that no claim is named after reads a
     nested one (``"o.id"`` for ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under an opaque
     id: never the key), so resolving the org and the user from the same token verifies it once.
+
+    ``jwks_url`` is the https URL of the issuer's JWKS (its ``jwks_uri``, e.g.
+    ``https://YOUR_DOMAIN/.well-known/jwks.json``; plain http is refused but on a loopback host, since whoever sits on
+    the path could swap in a key of their own). The set is fetched asynchronously with httpx (with ``jwks_client``
+    when given, an ``httpx.AsyncClient`` of yours: proxies, CA bundle, tests), never blocking the event loop, on the
+    first token, and its keys are cached by ``kid``. A token whose ``kid`` is not cached (the issuer rotated its keys)
+    makes it be fetched again, at most once per ``jwks_refresh_interval`` seconds (60) whatever the number of such
+    tokens; the set is fetched again too when a token comes after ``jwks_max_age`` seconds (3600), so retired keys
+    stop verifying. Concurrent requests share one fetch in flight. A failed fetch (logged once until one succeeds)
+    keeps the cached keys: tokens of a known ``kid`` still verify. A token without ``kid`` verifies only when the set
+    has exactly one usable key. Only public signature keys of ``algorithms`` are used: symmetric (``oct``) keys,
+    private keys, ``use: enc`` keys, keys whose ``alg`` is not allowed and unknown kinds are skipped, and HMAC
+    algorithms never apply (``algorithms`` of HMAC ones only is a :class:`ConfigurationError`; the default keeps
+    ``RS256``). The resolver answers synchronously once the keys are cached (as cheap as ``key``), and returns an
+    awaitable only when it must fetch (the billing middleware awaits it; ``get_current_org()`` does not, and sees
+    the org the middleware resolved). Audience, issuer, leeway, nested claims and the per-request claims cache work
+    as with ``key``.
+
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
     try:
@@ -423,6 +453,31 @@ def from_jwt_claim(
             f"from_jwt_claim() needs a claim name (a non-empty str), e.g. 'org_id'; got {claim!r}."
         )
     _jwt_check_leeway(leeway)
+    if jwks_client is not None and jwks_url is None:
+        raise ConfigurationError(
+            "from_jwt_claim(jwks_client=...) is the client that fetches jwks_url=: pass jwks_url too (with key=, "
+            "nothing is fetched: drop jwks_client)."
+        )
+    if (key is None) == (jwks_url is None):
+        raise ConfigurationError(
+            "from_jwt_claim() needs exactly one of key= (the HMAC secret or the issuer's public key) or jwks_url= "
+            "(the https URL of the issuer's JWKS, its jwks_uri, e.g. https://YOUR_DOMAIN/.well-known/jwks.json); "
+            f"got {'both' if key is not None else 'neither'}."
+        )
+    if jwks_url is not None:
+        return _from_jwks(
+            jwt,
+            claim,
+            jwks_url,
+            algorithms,
+            audience,
+            issuer,
+            header,
+            leeway,
+            jwks_refresh_interval,
+            jwks_max_age,
+            jwks_client,
+        )
     if not key:
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
     allowed, verification_key = _jwt_verification(jwt, key, algorithms)
@@ -476,11 +531,124 @@ def from_jwt_claim(
     return _clean_ids(resolve_from_jwt)
 
 
+def _from_jwks(
+    jwt: Any,
+    claim: str,
+    jwks_url: object,
+    algorithms: Sequence[str],
+    audience: str | Sequence[str] | None,
+    issuer: str | Sequence[str] | None,
+    header: str,
+    leeway: float | dt.timedelta,
+    refresh_interval: object,
+    max_age: object,
+    client: object,
+) -> Resolver:
+    """:func:`from_jwt_claim` with ``jwks_url``: the token verified with the key of its ``kid`` in the issuer's JWKS
+    (see :mod:`._jwks`). Synchronous once the keys are cached; a coroutine when the set must be fetched first."""
+    import httpx
+
+    from . import _jwks
+
+    url = _jwks.check_url(jwks_url)
+    interval = _jwks.check_interval("jwks_refresh_interval", refresh_interval, zero=True)
+    age = _jwks.check_interval("jwks_max_age", max_age, zero=False)
+    if client is not None and not isinstance(client, httpx.AsyncClient):
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_client=...) takes an httpx.AsyncClient (the JWKS is fetched asynchronously, never "
+            f"blocking the event loop), got a {type(client).__qualname__}; pass httpx.AsyncClient(...) or None."
+        )
+    chosen, known, missing = _jwt_algorithms(jwt, algorithms)
+    usable = {alg: known[alg] for alg in chosen if alg in known and not alg.startswith("HS")}
+    if not usable:
+        if any(not alg.startswith("HS") for alg in missing):
+            raise ConfigurationError(
+                f"from_jwt_claim(jwks_url=...): {missing} need cryptography: pip install 'lago-org-billing[webhooks]'."
+            )
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_url=...) verifies with the issuer's public keys, which HMAC algorithms {chosen} "
+            "cannot use (a secret published in a JWKS is no secret): pass the algorithm(s) your issuer signs with, "
+            "e.g. algorithms=['RS256'], or key= the HMAC secret."
+        )
+    raw_header = _header_name("from_jwt_claim(header=...)", header)
+    audiences = _jwt_accepted("audience", audience)
+    audience_arg = audiences if audiences is None or isinstance(audiences, str) else list(audiences)
+    issuer_arg = _jwt_accepted("issuer", issuer)
+    one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
+    issuers = issuer_arg if isinstance(issuer_arg, tuple) else None
+    path = tuple(claim.split(".")) if "." in claim else None
+
+    # One key set per URL and client: the org and the user resolvers (or several apps) fetch it once.
+    set_id = (url, None if client is None else id(client), tuple(usable), interval, age)
+    keys = _jwks_sets.get(set_id)
+    if keys is None:
+        keys = _jwks_sets[set_id] = _jwks.JwksKeys(url, client, usable, interval, age)
+    if len(_jwt_cache_ids) >= 1_000:  # (as with key=; the entry holds the key set, so its client keeps its id)
+        _jwt_cache_ids.clear()
+    cache_id, _ = _jwt_cache_ids.setdefault((("jwks", *set_id), audiences, issuer_arg, leeway), (object(), keys))
+    fetch = _jwks.FETCH
+    one_alg = {alg: [alg] for alg in usable}
+
+    def verify(token: str, found: tuple[Any, str] | None) -> Mapping[str, Any] | None:
+        if found is None:
+            return None
+        try:
+            claims: Mapping[str, Any] = jwt.decode(
+                token, found[0], algorithms=one_alg[found[1]], audience=audience_arg, issuer=one_issuer, leeway=leeway
+            )
+            if issuers is not None and claims.get("iss") not in issuers:
+                raise jwt.InvalidIssuerError("Invalid issuer")
+        except jwt.PyJWTError as exc:
+            _jwt_refused(jwt, exc, source="jwks_url")
+            return None
+        return claims
+
+    def claim_of(claims: Mapping[str, Any] | None) -> str | None:
+        if not isinstance(claims, Mapping):
+            return None
+        value = claims.get(claim)
+        if value is None and path is not None:
+            value = claims
+            for name in path:
+                value = value.get(name) if isinstance(value, Mapping) else None
+        return _clean_id(value)
+
+    async def fetch_then_verify(
+        token: str, cache: dict[tuple[object, str], Mapping[str, Any] | None], cache_key: tuple[object, str]
+    ) -> str | None:
+        await keys.refresh()
+        claims = verify(token, keys.find(token, fetch=False))
+        cache[cache_key] = claims
+        return claim_of(claims)
+
+    def resolve_from_jwks(scope: Scope) -> str | Awaitable[str | None] | None:
+        token = _bearer_token(scope, raw_header)
+        if token is None:
+            return None
+        cache: dict[tuple[object, str], Mapping[str, Any] | None] = scope.setdefault(_JWT_CACHE_KEY, {})
+        cache_key = (cache_id, token)
+        if cache_key in cache:
+            claims = cache[cache_key]
+        else:
+            found = keys.find(token)
+            if found is fetch:
+                return fetch_then_verify(token, cache, cache_key)
+            claims = verify(token, found)
+            cache[cache_key] = claims
+        return claim_of(claims)
+
+    return _clean_ids(resolve_from_jwks)
+
+
+#: The key sets of from_jwt_claim(jwks_url=...), by URL, client and settings, while a resolver uses them.
+_jwks_sets: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+
+
 #: The kinds of refused tokens already said at WARNING (the first of each kind; the next ones at DEBUG).
 _refusals_said: set[str] = set()
 
 
-def _jwt_refused(jwt: Any, exc: Exception) -> None:
+def _jwt_refused(jwt: Any, exc: Exception, source: str = "key") -> None:
     """A bearer token refused. Expired or not yet valid ones are a client's normal traffic (DEBUG); the first refusal
     of each other kind may be this resolver's configuration (every token refused: every request unresolved, served
     unbilled with ``LAGO_ON_UNRESOLVED=allow``), so it is a WARNING saying what to check."""
@@ -491,6 +659,8 @@ def _jwt_refused(jwt: Any, exc: Exception) -> None:
         kind, hint = "audience", "pass from_jwt_claim(audience=...) the audience your issuer puts in its tokens"
     elif isinstance(exc, jwt.InvalidIssuerError):
         kind, hint = "issuer", "check from_jwt_claim(issuer=...) against the tokens' iss claim"
+    elif isinstance(exc, jwt.InvalidSignatureError) and source == "jwks_url":
+        kind, hint = "key", "the signature does not match the JWKS key of its kid: forged, or from another issuer"
     elif isinstance(exc, jwt.InvalidSignatureError):
         kind, hint = "key", "check that from_jwt_claim(key=...) is the issuer's current key or secret"
     elif isinstance(exc, jwt.InvalidAlgorithmError):
@@ -565,22 +735,7 @@ def _jwt_verification(jwt: Any, key: Any, algorithms: Sequence[str]) -> tuple[li
     Refuses, with a :class:`ConfigurationError` saying what to do: ``algorithms`` given as a string or holding an
     unknown name, ``none``, a private key, and a key that none of the algorithms can use (which would leave every
     request unresolved)."""
-    if isinstance(algorithms, (str, bytes)) or not all(isinstance(alg, str) for alg in algorithms):
-        raise ConfigurationError(
-            f"from_jwt_claim(algorithms=...) takes a list of algorithm names such as ['RS256'], got {algorithms!r}."
-        )
-    algorithms = list(algorithms)
-    if not algorithms:
-        raise ConfigurationError("from_jwt_claim() needs at least one algorithm, such as ['RS256'].")
-    if any(alg.lower() == "none" for alg in algorithms):
-        raise ConfigurationError("from_jwt_claim() refuses the 'none' algorithm: unsigned tokens prove nothing.")
-    known: dict[str, Any] = jwt.algorithms.get_default_algorithms()
-    needs_crypto = set(getattr(jwt.algorithms, "requires_cryptography", ()))
-    unknown = [alg for alg in algorithms if alg not in known and alg not in needs_crypto]
-    if unknown:
-        names = sorted(name for name in {*known, *needs_crypto} if name != "none")
-        raise ConfigurationError(f"from_jwt_claim(): unknown JWT algorithm(s) {unknown}; PyJWT knows {names}.")
-    missing = [alg for alg in algorithms if alg not in known]  # known to PyJWT, but they need cryptography
+    algorithms, known, missing = _jwt_algorithms(jwt, algorithms)
 
     candidate = _jwt_key_object(key)
     allowed: list[str] = []
@@ -621,6 +776,28 @@ def _jwt_verification(jwt: Any, key: Any, algorithms: Sequence[str]) -> tuple[li
             hint = "pass the HMAC secret, or the issuer's public key as a PEM or its X.509 certificate PEM."
         raise ConfigurationError(f"from_jwt_claim(): none of the algorithms {algorithms} fits the key, {kind}; {hint}")
     return allowed, verification_key
+
+
+def _jwt_algorithms(jwt: Any, algorithms: Sequence[str]) -> tuple[list[str], dict[str, Any], list[str]]:
+    """``algorithms`` of :func:`from_jwt_claim` checked: as a list, PyJWT's implementations by name, and those of
+    them that need cryptography (not installed). Refuses a string, an unknown name, ``none``, or no algorithm."""
+    if isinstance(algorithms, (str, bytes)) or not all(isinstance(alg, str) for alg in algorithms):
+        raise ConfigurationError(
+            f"from_jwt_claim(algorithms=...) takes a list of algorithm names such as ['RS256'], got {algorithms!r}."
+        )
+    chosen = list(algorithms)
+    if not chosen:
+        raise ConfigurationError("from_jwt_claim() needs at least one algorithm, such as ['RS256'].")
+    if any(alg.lower() == "none" for alg in chosen):
+        raise ConfigurationError("from_jwt_claim() refuses the 'none' algorithm: unsigned tokens prove nothing.")
+    known: dict[str, Any] = jwt.algorithms.get_default_algorithms()
+    needs_crypto = set(getattr(jwt.algorithms, "requires_cryptography", ()))
+    unknown = [alg for alg in chosen if alg not in known and alg not in needs_crypto]
+    if unknown:
+        names = sorted(name for name in {*known, *needs_crypto} if name != "none")
+        raise ConfigurationError(f"from_jwt_claim(): unknown JWT algorithm(s) {unknown}; PyJWT knows {names}.")
+    missing = [alg for alg in chosen if alg not in known]  # known to PyJWT, but they need cryptography
+    return chosen, known, missing
 
 
 def _jwt_key_object(key: Any) -> Any:

@@ -1,0 +1,343 @@
+"""The issuer's JSON Web Key Set for :func:`~lago_org_billing.from_jwt_claim` (``jwks_url=``): fetched with httpx,
+asynchronously (never blocking the event loop), its usable keys cached by ``kid``.
+
+A token whose ``kid`` is not cached makes the set be fetched again, at most once per ``refresh_interval``; the set is
+also fetched again when a token comes after ``max_age``. Concurrent requests share the fetch in flight. A failed fetch
+keeps the cached keys (logged once until a fetch succeeds). Only public signature keys of the allowed algorithms are
+kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys and unknown kinds are skipped, so an HMAC algorithm
+never verifies with a published key (the algorithm-confusion attack).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import jwt
+
+from ._errors import ConfigurationError
+from ._identity import _first_time, _jwt_key_fits, _jwt_refused, _refusals_said
+
+logger = logging.getLogger("lago_org_billing.identity")
+
+#: The clock of the cache (a module attribute: tests move it).
+_clock = time.monotonic
+
+#: Timeout of a fetch with the built-in client (a request waits for the first one).
+_TIMEOUT = httpx.Timeout(5.0)
+
+#: A JWK member that only a private key has.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+
+#: Returned by :meth:`JwksKeys.find` when the set must be fetched first.
+FETCH: Any = object()
+
+_UNPARSED: Any = object()
+
+
+class _FetchError(Exception):
+    """A JWKS answer that cannot be used (the message says why)."""
+
+
+def check_url(url: object) -> str:
+    """``jwks_url`` of :func:`from_jwt_claim`: an https URL, or http on a loopback host (a local test issuer)."""
+    example = "https://YOUR_ISSUER/.well-known/jwks.json (the jwks_uri of its /.well-known/openid-configuration)"
+    parsed = None
+    if isinstance(url, str):
+        try:
+            parsed = urllib.parse.urlsplit(url.strip())
+            host = parsed.hostname
+        except ValueError:
+            parsed = None
+    if parsed is None or parsed.scheme not in ("https", "http") or not host:
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_url=...) takes the https URL of the issuer's JWKS, such as {example}; got {url!r}."
+        )
+    if parsed.scheme == "http" and not _loopback(host):
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_url={url!r}) must be an https URL: fetched over plain http, anyone on the network "
+            "path could substitute their own key and sign tokens for any org. http is accepted only on a loopback "
+            f"host (localhost, 127.0.0.1, ::1: a local test issuer). Pass {example}."
+        )
+    return str(url).strip()
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_interval(option: str, value: object, *, zero: bool) -> float:
+    """Seconds of ``jwks_refresh_interval`` (>= 0) or ``jwks_max_age`` (> 0)."""
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value == value
+        and value != float("inf")
+        and (value >= 0 if zero else value > 0)
+    ):
+        return float(value)
+    bound = ">= 0" if zero else "> 0"
+    raise ConfigurationError(f"from_jwt_claim({option}=...) takes seconds (a finite number {bound}), got {value!r}.")
+
+
+class JwksKeys:
+    """The usable keys of one JWKS URL, by ``(kid, alg)``; shared by the resolvers with the same settings."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient | None,
+        algorithms: dict[str, Any],
+        refresh_interval: float,
+        max_age: float,
+    ) -> None:
+        self.url = url
+        self._client = client
+        self._algorithms = algorithms  # allowed name -> PyJWT implementation (asymmetric ones only)
+        self._interval = refresh_interval
+        self._max_age = max_age
+        self._keys: dict[tuple[str, str], Any] = {}
+        self._single: dict[str, Any] = {}  # alg -> key, when the set has exactly one usable key (kid-less tokens)
+        self._fetched_at: float | None = None  # last successful fetch
+        self._attempted_at: float | None = None  # last fetch started (and not cancelled)
+        self._completed = 0
+        self._in_flight: anyio.Event | None = None
+        self._failures = 0
+        self._ssl: ssl.SSLContext | None = None
+        self._headers: dict[str, tuple[str | None, str] | None] = {}  # token header segment -> (kid, alg)
+
+    # ------------------------------------------------------------------------------------------- lookup (sync)
+
+    def find(self, token: str, *, fetch: bool = True) -> Any:
+        """``(key, alg)`` to verify ``token`` with; :data:`FETCH` when the set must be fetched first (cold, stale, or
+        an unknown kid and the last fetch is older than the interval); ``None`` when refused (logged)."""
+        segment = token.partition(".")[0]
+        header = self._headers.get(segment, _UNPARSED)
+        if header is _UNPARSED:
+            header = _parse_header(segment)
+            if len(self._headers) >= 256:  # bounded: the issuer's few headers, not every forged one
+                self._headers.clear()
+            self._headers[segment] = header
+        if header is None:
+            _jwt_refused(jwt, jwt.DecodeError("Invalid token header"), source="jwks_url")
+            return None
+        kid, alg = header
+        if alg not in self._algorithms:
+            _jwt_refused(jwt, jwt.InvalidAlgorithmError("The specified alg value is not allowed"), source="jwks_url")
+            return None
+        now = _clock()
+        due = self._attempted_at is None or now - self._attempted_at >= self._interval
+        if fetch and due and (self._fetched_at is None or now - self._fetched_at >= self._max_age):
+            return FETCH
+        key = self._keys.get((kid, alg)) if kid is not None else self._single.get(alg)
+        if key is not None:
+            return key, alg
+        if fetch and (due or self._in_flight is not None):  # (one in flight: wait for it)
+            return FETCH
+        self._unknown(kid, alg)
+        return None
+
+    def _unknown(self, kid: str | None, alg: str) -> None:
+        said = "kid" if kid is not None else "no kid"
+        if said in _refusals_said:
+            logger.debug("Bearer token refused: kid %r (%s) is not in the JWKS at %s.", kid, alg, self.url)
+            return
+        _refusals_said.add(said)
+        if kid is None:
+            reason = "it has no kid, and the JWKS has not exactly one usable key"
+        elif self._fetched_at is None:
+            reason = f"its kid {kid!r} cannot be checked: the JWKS could not be fetched yet"
+        else:
+            reason = f"its kid {kid!r} ({alg}) is not among the JWKS's usable keys {sorted({k for k, _ in self._keys})}"
+        logger.warning(
+            "A bearer token was refused by from_jwt_claim: %s (%s; fetched again at most every %g s for an unknown "
+            "kid). Check that jwks_url is your issuer's jwks_uri and algorithms the ones it signs with. Later "
+            "refusals of this kind are logged at DEBUG.",
+            reason,
+            self.url,
+            self._interval,
+        )
+
+    # ------------------------------------------------------------------------------------------- fetch (async)
+
+    async def refresh(self) -> None:
+        """Fetch the set, unless a fetch is in flight (wait for it) or one started less than the interval ago.
+        Never raises for a failed fetch (the cached keys stay); a cancelled one hands the fetch to a waiter."""
+        while True:
+            in_flight = self._in_flight
+            if in_flight is not None:
+                completed = self._completed
+                await in_flight.wait()
+                if self._completed != completed:
+                    return
+                continue  # its request was cancelled: fetch in its stead
+            now = _clock()
+            if self._attempted_at is not None and now - self._attempted_at < self._interval:
+                return
+            event = self._in_flight = anyio.Event()
+            previous, self._attempted_at = self._attempted_at, now
+            done = False
+            try:
+                await self._fetch()
+                done = True
+            finally:
+                if done:
+                    self._completed += 1
+                else:
+                    self._attempted_at = previous
+                self._in_flight = None
+                event.set()
+            return
+
+    async def _fetch(self) -> None:
+        try:
+            response = await self._get()
+            if response.status_code != 200:
+                where = response.headers.get("location")
+                moved = f" redirecting to {where}: pass that URL as jwks_url" if where else ""
+                raise _FetchError(f"HTTP {response.status_code}{moved}")
+            try:
+                data = response.json()
+            except ValueError as exc:
+                raise _FetchError(f"the answer is not JSON ({exc})") from None
+            keys, single = self._load(data)
+        except Exception as exc:  # httpx's errors, a bad answer: the cached keys stay
+            self._failed(exc)
+            return
+        self._keys, self._single = keys, single
+        self._fetched_at = _clock()
+        if self._failures:
+            logger.info("JWKS at %s fetched again after %d failed attempt(s).", self.url, self._failures)
+            self._failures = 0
+        logger.debug("JWKS at %s fetched: %d usable key(s).", self.url, len({k for k, _ in keys}))
+
+    async def _get(self) -> httpx.Response:
+        headers = {"Accept": "application/json"}
+        if self._client is not None:
+            return await self._client.get(self.url, headers=headers)
+        if self._ssl is None:  # (loading the CA bundle reads files: done once, off the event loop)
+            self._ssl = await anyio.to_thread.run_sync(httpx.create_ssl_context)
+        async with httpx.AsyncClient(verify=self._ssl, timeout=_TIMEOUT, follow_redirects=False) as client:
+            return await client.get(self.url, headers=headers)
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.HTTPStatusError):
+            reason = f"{type(exc).__name__}: {reason}"
+        if self._failures > 1:
+            logger.debug("Could not fetch the JWKS at %s again (%s).", self.url, reason)
+            return
+        cached = len({k for k, _ in self._keys})
+        logger.warning(
+            "Could not fetch the JWKS at %s (%s): tokens whose kid is cached (%d key(s)) still verify, tokens with "
+            "another kid are unresolved until a fetch succeeds; fetched again at most every %g s when a token needs "
+            "it. Check jwks_url (your issuer's jwks_uri) and that it is reachable. Logged once until a fetch "
+            "succeeds.",
+            self.url,
+            reason,
+            cached,
+            self._interval,
+        )
+
+    def _load(self, data: object) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
+        if not isinstance(data, Mapping) or not isinstance(data.get("keys"), list):
+            raise _FetchError("the answer is not a JWKS (a JSON object with a 'keys' list)")
+        keys: dict[tuple[str, str], Any] = {}
+        usable: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for jwk in data["keys"]:
+            loaded = self._load_key(jwk, skipped)
+            if not loaded:
+                continue
+            usable.append(loaded)
+            kid = jwk.get("kid")
+            if isinstance(kid, str):
+                for alg, key in loaded.items():
+                    keys.setdefault((kid, alg), key)  # (the first of a kid repeated, as PyJWT's PyJWKClient)
+        if skipped:
+            logger.debug("JWKS at %s: skipped %s.", self.url, "; ".join(skipped))
+        if not usable:
+            raise _FetchError(
+                f"no key usable with algorithms {list(self._algorithms)} ({'; '.join(skipped) or 'no keys'}): pass "
+                "from_jwt_claim(algorithms=[...]) the algorithm(s) your issuer signs with"
+            )
+        return keys, usable[0] if len(usable) == 1 else {}
+
+    def _load_key(self, jwk: object, skipped: list[str]) -> dict[str, Any] | None:
+        """``{alg: public key}`` for the allowed algorithms ``jwk`` verifies with; ``None`` (reason in ``skipped``)
+        for an entry that cannot verify a token, or must not."""
+        if not isinstance(jwk, Mapping):
+            skipped.append("an entry that is not a JSON object")
+            return None
+        name = f"kid {jwk.get('kid')!r}"
+        kty, use, ops, alg = jwk.get("kty"), jwk.get("use"), jwk.get("key_ops"), jwk.get("alg")
+        if use is not None and use != "sig":
+            skipped.append(f"{name}: use {use!r}")
+            return None
+        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+            skipped.append(f"{name}: key_ops {ops!r} without 'verify'")
+            return None
+        if kty == "oct":  # a secret published is no secret: an HMAC key from a JWKS lets anyone sign
+            skipped.append(f"{name}: a symmetric (kty 'oct') key, never used from a public JWKS")
+            return None
+        if kty not in ("RSA", "EC", "OKP"):
+            skipped.append(f"{name}: kty {kty!r}, not a signature key kind (RSA, EC, OKP)")
+            return None
+        if any(member in jwk for member in _PRIVATE_MEMBERS):
+            if _first_time(("jwks private key", f"{self.url} {jwk.get('kid')}")):
+                logger.warning(
+                    "The JWKS at %s publishes a PRIVATE key (%s): skipped. Anyone who reads that URL can sign tokens "
+                    "with it: have the issuer rotate it, or check that jwks_url is its public jwks_uri.",
+                    self.url,
+                    name,
+                )
+            skipped.append(f"{name}: a private key")
+            return None
+        if alg is not None and alg not in self._algorithms:
+            skipped.append(f"{name}: alg {alg!r} not in algorithms")
+            return None
+        loaded: dict[str, Any] = {}
+        for candidate in (alg,) if alg is not None else self._algorithms:
+            implementation = self._algorithms[candidate]
+            try:
+                key = implementation.from_jwk(dict(jwk))
+            except Exception:  # InvalidKeyError, a malformed member: not a key of this kind
+                continue
+            usable, private, prepared = _jwt_key_fits(implementation, candidate, key)
+            if usable and not private and prepared is not None and not isinstance(prepared, bytes):
+                loaded[candidate] = prepared
+        if not loaded:
+            crv = jwk.get("crv")
+            skipped.append(f"{name}: a {kty}{f' {crv}' if crv else ''} key fits none of the algorithms")
+        return loaded or None
+
+
+def _parse_header(segment: str) -> tuple[str | None, str] | None:
+    """``(kid, alg)`` of a JWT's header segment; ``None`` when malformed."""
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, TypeError, binascii.Error):
+        return None
+    if not isinstance(header, dict):
+        return None
+    kid, alg = header.get("kid"), header.get("alg")
+    if not isinstance(alg, str) or (kid is not None and not isinstance(kid, str)):
+        return None
+    return kid, alg
