@@ -812,12 +812,15 @@ class OrgBilling:
 
     # ------------------------------------------------------------------ health
 
-    async def check_lago_health(self) -> JSON:
-        """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error"}``."""
+    async def check_lago_health(self, *, retry: bool = False) -> JSON:
+        """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error"}``.
+
+        A probe (a readiness check): one attempt per call, each within ``LAGO_API_TIMEOUT``, so it reports Lago as it
+        is now rather than after retrying an unhealthy one; ``retry=True`` retries as other calls do."""
         started = time.perf_counter()
         result: JSON = {"healthy": False, "url": masked_url(self.settings.api_url), "version": None, "error": None}
         try:
-            body = await self.client.health()
+            body = await self.client.health(retry=retry)
         except (LagoIntegrationError, RuntimeError) as exc:  # (RuntimeError: a closed client)
             result["error"] = str(exc)
         else:
@@ -827,7 +830,7 @@ class OrgBilling:
                 result["error"] = str(body.get("details") or body.get("message"))
         if result["healthy"]:  # Lago's /health needs no key: one authenticated call checks the key too
             try:
-                await self.client.list_customers(per_page=1)
+                await self.client._request("GET", "/customers", params={"page": "1", "per_page": "1"}, retry=retry)
             except LagoIntegrationError as exc:
                 result["healthy"] = False
                 what = "refuses this API key" if isinstance(exc, LagoAuthenticationError) else "an API call failed"

@@ -198,10 +198,11 @@ class LagoClient:
 
     # ------------------------------------------------------------------ health
 
-    async def health(self) -> JSON:
-        """``GET /health`` (outside ``/api/v1``): Lago's version and status. Raises when Lago is unhealthy."""
+    async def health(self, *, retry: bool = True) -> JSON:
+        """``GET /health`` (outside ``/api/v1``): Lago's version and status. Raises when Lago is unhealthy.
+        ``retry=False``: one attempt (a probe reports Lago as it is now)."""
         try:
-            return await self._request("GET", "/health", api=False)
+            return await self._request("GET", "/health", api=False, retry=retry)
         except LagoNotFoundError as exc:  # Lago always serves /health: its 404 of an unknown route, not a missing id
             raise exc._restated(
                 LagoAPIError,
