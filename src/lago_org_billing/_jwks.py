@@ -24,7 +24,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import httpx
-import jwt
+
+try:
+    import jwt
+except ImportError:  # (the webhooks extra: from_jwt_claim says which to install before this module is used)
+    jwt = None  # type: ignore[assignment]
 
 from ._errors import ConfigurationError
 from ._identity import _first_time, _jwt_key_fits, _jwt_refused, _refusals_said
