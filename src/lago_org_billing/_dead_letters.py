@@ -354,15 +354,21 @@ def add_dead_letters_command(commands: Any) -> None:
     command.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for Lago's answers with --replay (default 60)"
     )
-    command.add_argument("--json", action="store_true", help="print the letters (or the replay's result) as JSON")
+    command.add_argument(
+        "--json",
+        action="store_true",
+        help='print the letters (or the replay\'s result) as JSON; an error as {"error": ..., "exit_code": N}',
+    )
     command.set_defaults(handler=run_dead_letters_command)
 
 
 def run_dead_letters_command(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
+    if not args.timeout > 0:  # (nan too: no time at all for Lago, then "Lago did not answer")
         raise ConfigurationError(f"--timeout must be a positive number of seconds, got {args.timeout}.")
-    settings = BillingSettings.from_env(require_api_key=args.replay)
-    path = args.spool or settings.spool_path
+    # Listing, counting and purging a spool named by --spool read nothing else: a malformed LAGO_* variable (perhaps
+    # why the app is down) does not keep the operator from its dead letters. A replay talks to Lago as the app does.
+    settings = BillingSettings.from_env(require_api_key=True) if args.replay else None
+    path = args.spool or (settings or BillingSettings.from_env(require_api_key=False)).spool_path
     if not path:
         raise ConfigurationError(
             "No spool: pass --spool PATH or set LAGO_SPOOL_PATH. (Without a spool, dead letters live in the app's "
@@ -389,11 +395,13 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
     if args.summary:
         _print_summary(letters, path, args.json)
         return 0
-    if not args.replay:
+    if settings is None:  # (read for --replay only)
+        args.json_started = args.json  # (the CLI then adds no error object to a JSON array begun)
         _print_letters(letters, path, args.json)
         return 0
+    replay_settings = settings
     try:
-        report = run_main(lambda: replay_spool_dead_letters(letters, settings, wait=args.timeout))
+        report = run_main(lambda: replay_spool_dead_letters(letters, replay_settings, wait=args.timeout))
     except KeyboardInterrupt:
         print(
             "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "
@@ -463,6 +471,8 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
         print(f"Delete {what} for good (Lago never gets them)? [y/N] ", end="", file=sys.stderr, flush=True)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print(f"Nothing was deleted ({what} kept).", file=sys.stderr)
+            if args.json:  # (stdout stays JSON whatever the answer)
+                print(json.dumps({"purged": 0}))
             return 1
     chosen: Iterable[SpoolDeadLetter]
     if named is not None:
@@ -474,13 +484,21 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
         chosen = (spooled for spooled in again if (spooled.letter.id or 0) <= newest.get(spooled.file, 0))
     purged = 0
     batch: list[SpoolDeadLetter] = []
-    for spooled in chosen:
-        batch.append(spooled)
-        if len(batch) == CHUNK:
+    try:
+        for spooled in chosen:
+            batch.append(spooled)
+            if len(batch) == CHUNK:
+                purged += _delete(batch, purged)
+                batch = []
+        if batch:
             purged += _delete(batch, purged)
-            batch = []
-    if batch:
-        purged += _delete(batch, purged)
+    except KeyboardInterrupt:  # a thousand at a time, each its own transaction: the one interrupted is rolled back
+        print(
+            f"Interrupted: {purged} dead letters were deleted, the others are kept (run the same command again to "
+            "delete them).",
+            file=sys.stderr,
+        )
+        raise
     logger.info("Purged %d dead letters of %s", purged, path)
     print(json.dumps({"purged": purged}) if args.json else f"Purged {purged} dead letters of {path}.")
     return 0

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._errors import LagoIntegrationError
+from ._errors import LagoIntegrationError, LagoRateLimitError, LagoUnavailableError
 from ._run import run_main
 
 __all__ = ["main"]
@@ -48,8 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except LagoIntegrationError as exc:
+        # Lago down or throttling (after the client's retries) is a run that stopped: exit 1, run again later. Exit 2
+        # is what the operator must fix first: settings, the mapping, the spool, a key Lago refuses.
+        code = 1 if isinstance(exc, (LagoUnavailableError, LagoRateLimitError)) else 2
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if getattr(args, "json", False) and not getattr(args, "json_started", False):
+            # --json: stdout stays one JSON document a script can read (health's keeps its "healthy" key)
+            failed: dict[str, object] = {"healthy": False} if args.command == "health" else {}
+            print(json.dumps({**failed, "error": str(exc), "exit_code": code}))
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (``| head``): no traceback, and none at exit flushing stdout
@@ -96,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 healthy; 1 not healthy (Lago unreachable, not Lago's API, or refusing the key: "
         "said on stderr); 2 settings missing or malformed (LAGO_API_KEY unset...).",
     )
-    health.add_argument("--json", action="store_true", help="print the result as JSON")
+    health.add_argument(
+        "--json",
+        action="store_true",
+        help='print the result as JSON (a settings error too: {"healthy": false, "error": ..., "exit_code": 2})',
+    )
     health.set_defaults(handler=_health)
 
     demo = commands.add_parser(
