@@ -311,7 +311,7 @@ def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None 
     first use: one per registry and namespace, so two registrations never clash and two namespaces stay apart)."""
     key = (id(registry), namespace)
     entry = _registered.get(key)
-    if entry is not None and entry[0]() is registry:
+    if entry is not None and entry[0]() is registry and _still_registered(registry, entry[1]):
         entry[1].add(pipeline, middleware)
         return
     collector = _RegistryCollector(namespace)
@@ -323,6 +323,14 @@ def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None 
     except TypeError:  # a registry that cannot be weakly referenced: held
         held = functools.partial(_same, registry)
     _registered[key] = (held, collector)
+
+
+def _still_registered(registry: Any, collector: _RegistryCollector) -> bool:
+    """Whether ``collector`` is still registered with ``registry``: one unregistered since (a test fixture cleaning
+    ``prometheus_client.REGISTRY``, an app made anew that unregisters what it registered) is replaced by a new one,
+    registered, rather than fed counts no scrape reads. A registry of another kind is taken at its word."""
+    collectors = getattr(registry, "_collector_to_names", None)
+    return not isinstance(collectors, dict) or collector in collectors
 
 
 def _forget_registry(key: tuple[int, str], ref: Any) -> None:

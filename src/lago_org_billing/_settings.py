@@ -110,6 +110,7 @@ class BillingSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
+        _check_given_text(self)
         _check_api_key(self)
         if isinstance(self.webhook_hmac_key, str):  # (a key read from a secret file keeps its line break)
             object.__setattr__(self, "webhook_hmac_key", self.webhook_hmac_key.strip() or None)
@@ -140,10 +141,13 @@ class BillingSettings:
         if not self.event_code or not self.event_code.strip():
             raise ConfigurationError("LAGO_EVENT_CODE must not be empty.", variable="LAGO_EVENT_CODE")
         _check_template(self.subscription_id_template)
+        if isinstance(self.redis_url, str):  # (a Kubernetes secret's line break, kept by code reading it itself)
+            object.__setattr__(self, "redis_url", self.redis_url.strip() or None)
         if self.redis_url is not None and not _redis_url_ok(self.redis_url):
             raise ConfigurationError(
                 f"LAGO_REDIS_URL must be a redis://, rediss:// or unix:// URL such as redis://localhost:6379/0 (a port "
-                f"from 1 to 65535), got {redact_url(self.redis_url)}.",
+                f"from 1 to 65535, a database number alone after the host; unix:///path/to/redis.sock?db=0), got "
+                f"{redact_url(self.redis_url)}.",
                 variable="LAGO_REDIS_URL",
             )
         if self.quota_mode not in _QUOTA_MODES:
@@ -249,10 +253,10 @@ class BillingSettings:
         values: dict[str, Any] = {}
         get("LAGO_API_KEY", _str, "api_key")
         get("LAGO_API_URL", _str, "api_url")
-        get("LAGO_API_TIMEOUT", _float, "api_timeout")
+        get("LAGO_API_TIMEOUT", _seconds, "api_timeout")
         get("LAGO_MAX_RETRIES", _int, "max_retries")
-        get("LAGO_RETRY_DEADLINE", _float, "retry_deadline")
-        get("LAGO_RETRY_BACKOFF", _float, "retry_backoff")
+        get("LAGO_RETRY_DEADLINE", _seconds, "retry_deadline")
+        get("LAGO_RETRY_BACKOFF", _seconds, "retry_backoff")
         get("LAGO_EVENT_CODE", _str, "event_code")
         get("LAGO_SUBSCRIPTION_ID_TEMPLATE", _str, "subscription_id_template")
         get("LAGO_ORG_HEADER", _optional_str, "org_header")
@@ -262,7 +266,7 @@ class BillingSettings:
         get("LAGO_REDIS_URL", _optional_str, "redis_url")
         get("LAGO_QUOTA_MODE", _lower, "quota_mode")
         get("LAGO_FAIL_OPEN", _bool, "fail_open")
-        get("LAGO_USAGE_CACHE_TTL", _float, "usage_cache_ttl")
+        get("LAGO_USAGE_CACHE_TTL", _seconds, "usage_cache_ttl")
         get("LAGO_PLAN_LIMITS", _json_object, "plan_limits")
         get("LAGO_WEBHOOK_HMAC_KEY", _optional_str, "webhook_hmac_key")
         get("LAGO_ORGANIZATION_ID", _optional_str, "organization_id")
@@ -293,36 +297,128 @@ def _csv(name: str, raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-def _float(name: str, raw: str) -> float:
+def _empty(name: str, expected: str) -> ConfigurationError:
+    """The error of a variable set to nothing (``- LAGO_FAIL_OPEN=${LAGO_FAIL_OPEN}`` in compose, the host's unset)."""
+    return ConfigurationError(
+        f"{name} is set but empty: unset it to use the default, or set {expected}.",
+        variable=name,
+    )
+
+
+def _seconds(name: str, raw: str) -> float:
+    """A number of seconds, or a duration with its units as Go, systemd and Kubernetes write them: ``10s``,
+    ``500ms``, ``1m30s``, ``1h`` (``m`` is minutes)."""
+    text = raw.strip()
+    if not text:
+        raise _empty(name, "a number of seconds such as 10")
     try:
-        return float(raw)
+        return float(text)
     except ValueError:
-        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}.", variable=name) from None
+        pass
+    if _DURATION.fullmatch(text):
+        return sum(float(number) * _UNITS[unit.lower()] for number, unit in _DURATION_PART.findall(text))
+    raise ConfigurationError(
+        f"{name} must be a number of seconds such as 10 (or a duration with its unit: 10s, 500ms, 1m30s), got {raw!r}.",
+        variable=name,
+    )
 
 
 def _int(name: str, raw: str) -> int:
+    text = raw.strip()
+    if not text:
+        raise _empty(name, "a whole number")
     try:
-        return int(raw)
+        return int(text)
     except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number, got {raw!r}.", variable=name) from None
+        pass
+    try:  # ``3.0``: a templating tool that renders every number as a float
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if number.is_integer():
+        return int(number)
+    raise ConfigurationError(f"{name} must be a whole number, got {raw!r}.", variable=name)
 
 
 def _bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
+    if value in _TRUE:
         return True
-    if value in ("0", "false", "no", "off"):
+    if value in _FALSE:
         return False
-    raise ConfigurationError(f"{name} must be true or false, got {raw!r}.", variable=name)
+    if not value:
+        raise _empty(name, "true or false")
+    raise ConfigurationError(f"{name} must be true or false (yes/no, on/off, 1/0), got {raw!r}.", variable=name)
+
+
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on", "enabled", "enable"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off", "disabled", "disable"})
+#: Seconds per duration unit (lower case).
+_UNITS = {
+    **dict.fromkeys(("ms", "msec", "msecs", "millisecond", "milliseconds"), 0.001),
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)")
+_DURATION = re.compile(
+    r"(?:\s*(?:\d+(?:\.\d*)?|\.\d+)\s*(?i:" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r"))+\s*"
+)
+
+#: The expected shape of ``LAGO_PLAN_LIMITS``.
+_PLAN_LIMITS_EXAMPLE = '{"starter": {"max_api_calls": 300, "max_tokens": 100000}}'
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object with a key written twice (``json`` keeps the last silently)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return value
 
 
 def _json_object(name: str, raw: str) -> Any:
     raw = raw.strip().removeprefix("\ufeff")  # (``$(cat limits.json)`` of a file saved with a byte-order mark)
+    if not raw.strip():
+        return {}
+    shape = f"a JSON object of limits per plan code, such as {_PLAN_LIMITS_EXAMPLE}"
     try:
-        value = json.loads(raw) if raw.strip() else {}
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"{name} is not valid JSON ({exc.msg} at char {exc.pos}).", variable=name) from None
-    return value
+        hint = " (JSON takes double quotes, not single ones)" if "'" in raw else ""
+        raise ConfigurationError(
+            f"{name} is not valid JSON: {exc.msg}{hint} at line {exc.lineno}, column {exc.colno}:\n"
+            f"{_excerpt(raw, exc.pos)}\nExpected {shape}.",
+            variable=name,
+        ) from None
+    except _DuplicateKey as exc:
+        raise ConfigurationError(
+            f"{name} has {exc.args[0]!r} twice in one object (the second would replace the first): write it once. "
+            f"Expected {shape}.",
+            variable=name,
+        ) from None
+    except (ValueError, RecursionError) as exc:  # a number of more than 4300 digits; objects nested thousands deep
+        raise ConfigurationError(f"{name} cannot be read ({exc}). Expected {shape}.", variable=name) from None
+
+
+def _excerpt(text: str, position: int) -> str:
+    """The line of ``text`` holding ``position`` (some 60 characters around it) and a caret under it."""
+    start = text.rfind("\n", 0, position) + 1
+    end = text.find("\n", position)
+    line = text[start : len(text) if end < 0 else end]
+    column = position - start
+    left = max(0, column - 40)
+    shown = line[left : column + 20]
+    prefix = "..." if left else ""
+    suffix = "..." if column + 20 < len(line) else ""
+    return f"    {prefix}{shown}{suffix}\n    {' ' * (len(prefix) + column - left)}^"
 
 
 def _check_raw(name: str, raw: str, env_file: str | os.PathLike[str] | None) -> None:
@@ -405,6 +501,36 @@ def _check_unquoted(name: str, raw: str) -> None:
         )
 
 
+#: Fields whose value is never meant wrapped in quotes (Lago's keys and ids are UUIDs; a header name, a metric code,
+#: the template of an id, a file path): refused given in code too (``os.environ[...]`` read by the app itself under
+#: ``docker run --env-file``, which keeps them), as :meth:`BillingSettings.from_env` refuses them.
+_UNQUOTED_FIELDS = {
+    "api_key": "LAGO_API_KEY",
+    "webhook_hmac_key": "LAGO_WEBHOOK_HMAC_KEY",
+    "organization_id": "LAGO_ORGANIZATION_ID",
+    "org_header": "LAGO_ORG_HEADER",
+    "user_header": "LAGO_USER_HEADER",
+    "event_code": "LAGO_EVENT_CODE",
+    "subscription_id_template": "LAGO_SUBSCRIPTION_ID_TEMPLATE",
+    "spool_path": "LAGO_SPOOL_PATH",
+}
+
+
+def _check_given_text(settings: BillingSettings) -> None:
+    """Refuse a secret that is not text (bytes read from a file: an error at the first call or webhook otherwise) and
+    a value wrapped whole in quotes. Never shows a secret."""
+    for field, variable in _UNQUOTED_FIELDS.items():
+        value = getattr(settings, field)
+        if field in ("api_key", "webhook_hmac_key") and value is not None and not isinstance(value, str):
+            raise ConfigurationError(
+                f"{variable} must be text (a str), got {type(value).__name__}: decode it (value.decode()) or read "
+                "the secret's file as text.",
+                variable=variable,
+            )
+        if isinstance(value, str):
+            _check_unquoted(variable, value)
+
+
 def _check_api_key(settings: BillingSettings) -> None:
     """Strip the API key (a key read from a secret file keeps its line break) and refuse one that cannot be a key:
     pasted with ``Bearer`` (sent as ``Bearer Bearer ...``: every call a 401), or two values run together. The key
@@ -485,8 +611,18 @@ def _split_url(url: str) -> SplitResult | None:
 
 
 def _redis_url_ok(url: str) -> bool:
+    """A URL redis-py reads as it was meant: ``//`` after the scheme (``redis:6379`` is Redis on localhost, database
+    6379), a database number alone as the path (``/abc`` was database 0, silently), a socket path after ``unix:``."""
     parts = _split_url(url)
-    return parts is not None and parts.scheme in ("redis", "rediss", "unix") and parts.port != 0
+    if parts is None or parts.scheme not in ("redis", "rediss", "unix") or parts.port == 0:
+        return False
+    if parts.scheme == "unix":
+        return bool(parts.path)
+    return url[len(parts.scheme) : len(parts.scheme) + 3] == "://" and _REDIS_DATABASE.fullmatch(parts.path) is not None
+
+
+#: The path of a redis:// URL: none, ``/`` or ``/<database number>``.
+_REDIS_DATABASE = re.compile(r"/?[0-9]*")
 
 
 def _parse_url(name: str, value: str) -> str:
@@ -588,7 +724,11 @@ def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
     converted = False
     for plan, plan_limits in limits.items():
         if not isinstance(plan_limits, Mapping):
-            raise ConfigurationError(f"{name}[{plan!r}] must be an object of limits such as {example}.", variable=name)
+            raise ConfigurationError(
+                f"{name} maps each plan code to an object of its limits: {name}[{plan!r}] is {plan_limits!r}, not an "
+                f"object of limits. Expected such as {example}.",
+                variable=name,
+            )
         for limit, value in plan_limits.items():
             if isinstance(value, float) and value.is_integer():
                 converted = True
