@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from lago_org_billing import BillingSettings, LagoClient, _webhooks as webhooks_module
+from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, _webhooks as webhooks_module
 from lago_org_billing._webhooks import LagoWebhooks, RedisDedupe, sign_hmac
 
 pytestmark = pytest.mark.anyio
@@ -203,3 +203,14 @@ async def test_a_refused_token_cannot_forge_log_lines(private_key: bytes, caplog
     messages = [record.getMessage() for record in caplog.records if record.name == "lago_org_billing.webhooks"]
     assert any("rejected" in message for message in messages)
     assert not any("\n" in message for message in messages), messages
+
+
+def test_an_hmac_key_given_in_code_is_checked_as_the_variable_is() -> None:
+    """``LagoWebhooks(hmac_key=os.environ[...])`` under ``docker run --env-file`` kept the quotes, and a key read from
+    a secret file its line break: every webhook was a 401. Quotes are refused at once, blanks around it dropped."""
+    with pytest.raises(ConfigurationError, match="LAGO_WEBHOOK_HMAC_KEY is wrapped in quotes"):
+        LagoWebhooks(hmac_key='"0123-abcd"')
+    with pytest.raises(ConfigurationError, match="as text"):
+        LagoWebhooks(hmac_key=b"0123-abcd")  # type: ignore[arg-type]
+    assert LagoWebhooks(hmac_key="0123-abcd\n")._hmac_key == "0123-abcd"
+    assert LagoWebhooks(hmac_key='ab"c')._hmac_key == 'ab"c'  # (quotes inside are its own)

@@ -84,7 +84,7 @@ from starlette.types import Receive, Scope, Send
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError
 from ._identity import SCOPE_KEY
-from ._settings import BillingSettings
+from ._settings import BillingSettings, _check_unquoted
 
 __all__ = [
     "INVALIDATING_TYPES",
@@ -553,7 +553,7 @@ class LagoWebhooks:
         self._owns_dedupe = False  # made here (from redis_url= or LAGO_REDIS_URL): closed by aclose()
         self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
         self._redis_url = redis_url
-        self._hmac_key = hmac_key
+        self._hmac_key = _given_hmac_key(hmac_key)
         self._public_pem = _pem(public_key) if public_key is not None else None
         self._public_key: Any = _static_key(self._public_pem) if self._public_pem is not None else None
         self._key_fetched_at: float | None = None
@@ -1099,6 +1099,20 @@ def _same_key(a: Any, b: Any) -> bool:
         return bool(a.public_numbers() == b.public_numbers())
     except AttributeError:  # pragma: no cover - not an RSA key
         return a is b
+
+
+def _given_hmac_key(key: object) -> str | None:
+    """``LagoWebhooks(hmac_key=...)``, checked as ``LAGO_WEBHOOK_HMAC_KEY`` is: text, without the quotes a Docker
+    ``--env-file`` keeps or the line break a secret file ends with (either made every webhook a 401)."""
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigurationError(
+            f"LagoWebhooks(hmac_key=...) takes the webhook HMAC key of Lago as text, got {type(key).__name__}.",
+            variable="LAGO_WEBHOOK_HMAC_KEY",
+        )
+    _check_unquoted("LAGO_WEBHOOK_HMAC_KEY", key)
+    return key.strip() or None
 
 
 def _printable(text: str) -> str:
