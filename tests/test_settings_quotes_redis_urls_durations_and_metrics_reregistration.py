@@ -281,3 +281,30 @@ def test_a_middleware_made_again_after_its_registry_was_cleaned_exports_its_coun
         for collector in list(registry._collector_to_names):
             registry.unregister(collector)
     assert _metrics._registered  # (the module's table, still keyed by the registry)
+
+
+def test_the_quota_variables_read_durations_and_switches_as_the_others_do() -> None:
+    """``LAGO_QUOTA_PLAN_TTL=5m`` or ``LAGO_QUOTA_HEADERS=enabled`` were refused while ``LAGO_API_TIMEOUT=10s`` and
+    ``LAGO_METRICS=enabled`` were read: one package, one way of writing a duration or a switch."""
+    from lago_org_billing._quota import QuotaConfig
+
+    config = QuotaConfig.from_env(
+        {
+            "LAGO_QUOTA_PLAN_TTL": "5m",
+            "LAGO_QUOTA_COLD_TIMEOUT": "250ms",
+            "LAGO_QUOTA_SETTLE_LAG": "1m30s",
+            "LAGO_QUOTA_REDIS_RETRY": "2s",
+            "LAGO_QUOTA_HEADERS": "disabled",
+        }
+    )
+    assert (config.plan_ttl, config.cold_timeout, config.settle_lag, config.redis_retry_interval) == (
+        300.0,
+        0.25,
+        90.0,
+        2.0,
+    )
+    assert config.headers is False
+    with pytest.raises(ConfigurationError, match="LAGO_QUOTA_REFRESH_RATE must be a number"):
+        QuotaConfig.from_env({"LAGO_QUOTA_REFRESH_RATE": "5s"})  # (a rate, not a duration)
+    with pytest.raises(ConfigurationError, match="LAGO_QUOTA_PLAN_TTL must be a number of seconds"):
+        QuotaConfig.from_env({"LAGO_QUOTA_PLAN_TTL": "5 parsecs"})

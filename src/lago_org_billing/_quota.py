@@ -116,7 +116,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._settings import BillingSettings, _check_raw, _read_env_file
+from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
 
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
@@ -159,28 +159,27 @@ Mode = Literal["normal", "force", "blind", "peek"]
 # ------------------------------------------------------------------------------------------- config
 
 
-def _env_float(environ: Mapping[str, str], name: str, default: float) -> float:
+def _env_float(environ: Mapping[str, str], name: str, default: float, *, duration: bool = False) -> float:
+    """A number >= 0; with ``duration``, seconds also written with their unit as ``LAGO_API_TIMEOUT`` is (``10s``,
+    ``500ms``, ``5m``)."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {raw!r}.", variable=name) from None
+    if duration:
+        value = _seconds(name, raw)
+    else:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name} must be a number, got {raw!r}.", variable=name) from None
     if not math.isfinite(value) or value < 0:
         raise ConfigurationError(f"{name} must be a number >= 0, got {raw!r}.", variable=name)
     return value
 
 
 def _env_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"{name} must be true or false, got {raw!r}.", variable=name)
+    raw = environ.get(name, "").strip()
+    return _bool(name, raw) if raw else default  # (the spellings BillingSettings reads)
 
 
 #: The variables :meth:`QuotaConfig.from_env` reads (checked for quotes and, in ``.env``, inline comments).
@@ -325,11 +324,13 @@ class QuotaConfig:
                     variable="LAGO_QUOTA_NO_SUBSCRIPTION_STATUS",
                 )
             values["no_subscription_status"] = int(no_sub_status)
-        values["cold_timeout"] = _env_float(env, "LAGO_QUOTA_COLD_TIMEOUT", cls.cold_timeout)
+        values["cold_timeout"] = _env_float(env, "LAGO_QUOTA_COLD_TIMEOUT", cls.cold_timeout, duration=True)
         values["headers"] = _env_bool(env, "LAGO_QUOTA_HEADERS", cls.headers)
-        values["settle_lag"] = _env_float(env, "LAGO_QUOTA_SETTLE_LAG", cls.settle_lag)
-        values["plan_ttl"] = _env_float(env, "LAGO_QUOTA_PLAN_TTL", cls.plan_ttl)
-        values["redis_retry_interval"] = _env_float(env, "LAGO_QUOTA_REDIS_RETRY", cls.redis_retry_interval)
+        values["settle_lag"] = _env_float(env, "LAGO_QUOTA_SETTLE_LAG", cls.settle_lag, duration=True)
+        values["plan_ttl"] = _env_float(env, "LAGO_QUOTA_PLAN_TTL", cls.plan_ttl, duration=True)
+        values["redis_retry_interval"] = _env_float(
+            env, "LAGO_QUOTA_REDIS_RETRY", cls.redis_retry_interval, duration=True
+        )
         values["refresh_rate"] = _env_float(env, "LAGO_QUOTA_REFRESH_RATE", cls.refresh_rate)
         values["plan_refresh_rate"] = _env_float(env, "LAGO_QUOTA_PLAN_REFRESH_RATE", cls.plan_refresh_rate)
         concurrency = env.get("LAGO_QUOTA_REFRESH_CONCURRENCY", "").strip()
