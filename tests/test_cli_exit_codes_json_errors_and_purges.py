@@ -203,3 +203,19 @@ def test_a_purge_answered_no_still_prints_json(
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"purged": 0} and "Nothing was deleted" in captured.err
     assert letter_ids(spool) == before
+
+
+def test_an_emulator_host_that_is_not_this_machines_is_said_to_be_the_host_not_the_port() -> None:
+    """``--host`` an address of another machine (or a name that resolves to none) was answered "Is another server on
+    that port? Choose another one with --port.": the operator changed ports for ever. The port's own failures keep
+    that hint."""
+    import socket
+
+    from lago_org_billing.testing._server import EmulatorServerError, free_port_or_error
+
+    with pytest.raises(EmulatorServerError, match="Is the host an address of this machine"):
+        free_port_or_error("192.0.2.1", 0)  # (TEST-NET-1: no machine's own address)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(EmulatorServerError, match="another server on that port"):
+            free_port_or_error("127.0.0.1", port)

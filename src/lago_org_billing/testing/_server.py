@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import socket
 import threading
@@ -180,9 +181,12 @@ def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
     try:
         return _probe(host, port)
     except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):  # the port: taken, or privileged
+            hint = "Is another server on that port? Choose another one with --port."
+        else:  # the host: unknown name, or no address of this machine (socket.gaierror, EADDRNOTAVAIL)
+            hint = "Is the host an address of this machine? Use --host 127.0.0.1 (or 0.0.0.0 for every interface)."
         raise EmulatorServerError(
-            f"the emulator cannot listen on {host}:{port}: {exc.strerror or exc}. Is another server on that port? "
-            "Choose another one with --port."
+            f"the emulator cannot listen on {host}:{port}: {exc.strerror or exc}. {hint}"
         ) from None
 
 
