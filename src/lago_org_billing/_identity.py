@@ -519,16 +519,22 @@ def from_jwt_claim(
                 _jwt_refused(jwt, exc)
                 claims = None
             cache[cache_key] = claims
-        if not isinstance(claims, Mapping):
-            return None
-        value = claims.get(claim)
-        if value is None and path is not None:
-            value = claims
-            for name in path:
-                value = value.get(name) if isinstance(value, Mapping) else None
-        return _clean_id(value)
+        return _claim_value(claims, claim, path)
 
     return _clean_ids(resolve_from_jwt)
+
+
+def _claim_value(claims: object, claim: str, path: Sequence[str] | None) -> str | None:
+    """The id in ``claim`` of verified ``claims`` (``None`` when refused: not a mapping), or at its dotted ``path``
+    when no claim has that name."""
+    if not isinstance(claims, Mapping):
+        return None
+    value = claims.get(claim)
+    if value is None and path is not None:
+        value = claims
+        for name in path:
+            value = value.get(name) if isinstance(value, Mapping) else None
+    return _clean_id(value)
 
 
 def _from_jwks(
@@ -604,14 +610,7 @@ def _from_jwks(
         return claims
 
     def claim_of(claims: Mapping[str, Any] | None) -> str | None:
-        if not isinstance(claims, Mapping):
-            return None
-        value = claims.get(claim)
-        if value is None and path is not None:
-            value = claims
-            for name in path:
-                value = value.get(name) if isinstance(value, Mapping) else None
-        return _clean_id(value)
+        return _claim_value(claims, claim, path)
 
     async def fetch_then_verify(
         token: str, cache: dict[tuple[object, str], Mapping[str, Any] | None], cache_key: tuple[object, str]
