@@ -13,6 +13,14 @@ and the seed's billing endpoints are mounted behind an authorization callback.
 
 Authentication here is a toy (``Bearer <org>:<user>``) standing in for yours: whatever it is, it sets
 ``request.state.org_id`` / ``user_id``, and the middleware bills that org.
+
+Quota: the seed's ``free`` plan allows 5 calls per period (a Lago entitlement). Create an org on it (the first curl
+with ``"org_id": "org_tiny", "plan_code": "free"``): its sixth ``/v1/chat`` is a 429 with ``Retry-After``. To see
+Lago's webhooks unblock it, tell the emulator where to send them (once per emulator start):
+``curl -X PUT localhost:3000/_emulator/webhooks -d '{"url": "http://127.0.0.1:8000/webhooks/lago"}'``; then upgrade
+the org: ``curl -X PUT localhost:8000/api/v1/billing/org/organizations/org_tiny/subscription
+-H 'Authorization: Bearer org_tiny:ada' -H 'Content-Type: application/json' -d '{"plan_code": "starter"}'``, and its
+next call is a 200 (``curl localhost:3000/_emulator/webhooks`` lists the deliveries).
 """
 
 from __future__ import annotations

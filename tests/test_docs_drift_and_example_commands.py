@@ -271,7 +271,7 @@ def test_the_readme_quota_variables_give_quota_configs_defaults() -> None:
     assert len(pairs) >= 15, pairs
     config = QuotaConfig.from_env(environ={})
     source = (ROOT / "src" / "lago_org_billing" / "_quota.py").read_text(encoding="utf-8")
-    fields = dict(re.findall(r'"(LAGO_QUOTA_[A-Z_]+)", (?:cls\.)?"?(\w+)"?\)', source))
+    fields = dict(re.findall(r'"(LAGO_QUOTA_[A-Z_]+)",\s*(?:cls\.)?"?(\w+)"?(?:\)|, duration=True)', source))
     fields |= {
         "LAGO_QUOTA_STATUS": "over_quota_status",
         "LAGO_QUOTA_NO_SUBSCRIPTION": "no_subscription",
