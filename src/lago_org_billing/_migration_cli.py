@@ -488,6 +488,8 @@ def _print_plan(run: MigrationRun, out: TextIO) -> None:
         plan = f"plan {result.plan_code} ({result.plan_source})" if result.plan_code else "no plan"
         users = f"{len(result.users)} user{'' if len(result.users) == 1 else 's'}"
         phase = f" [{_PHASES[result.phase]}]" if result.phase in _PHASES and result.steps else ""
+        if result.phase == "finish" and result.plan_code is None:  # (nothing subscribed, before nor now: no phase)
+            phase = " [no subscription to make: its users have none]"
         print(f"org {result.org_id} [{users}]: {plan}{phase}", file=out)
         if result.entitlement_overrides is not None:
             values = format_entitlements(result.entitlement_overrides, result.entitlements_removed)

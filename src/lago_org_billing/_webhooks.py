@@ -365,9 +365,15 @@ def _load_public_key(pem: bytes) -> Any:
     return key
 
 
-def _pem(key: bytes | str) -> bytes:
+def _pem(key: object) -> bytes:
     """A kept public key as PEM: as given, or base64-decoded when kept as Lago serves it (``GET
     /webhooks/public_key`` and ``json_public_key`` answer the PEM in base64, a newline every 60 characters)."""
+    if not isinstance(key, (str, bytes, bytearray, memoryview)):
+        called = " (a method: call it, or use FakeLago.rsa_public_key_pem)" if callable(key) else ""
+        raise ConfigurationError(
+            f"LagoWebhooks(public_key=...) takes Lago's webhook public key as PEM text or bytes (or their base64, as "
+            f"GET /webhooks/public_key answers it), got {type(key).__name__}{called}."
+        )
     raw = (key.encode() if isinstance(key, str) else bytes(key)).strip()
     # as written in an environment variable: in quotes (a Docker --env-file keeps them), on one line with \n escapes
     if len(raw) >= 2 and raw[:1] == raw[-1:] and raw[:1] in (b'"', b"'"):
