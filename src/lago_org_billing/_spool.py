@@ -23,6 +23,9 @@ on every attempt, so a resend is byte-identical (Lago's ClickHouse store dedupli
 * On restart the rows left in the file are delivered first: they have the lowest rowids.
 * A file that is no spool this version can write (another program's SQLite database, a spool of another schema) is
   refused at start, untouched; a damaged one too, with how to recover its events.
+* A spool file (or its directory, its -wal or -shm file) deleted while the process runs, which SQLite would go on
+  writing without a word (everything in it gone with the process), is made again at its path before the next write
+  (and at shutdown) with everything it held, said at ERROR; until it can be, its writes fail as on a full volume.
 
 **Several processes** (e.g. ``uvicorn --workers 4``) may share one ``LAGO_SPOOL_PATH``. Each process owns
 one *slot* file, locked with ``fcntl.flock`` for its lifetime: slot 0 is ``LAGO_SPOOL_PATH`` itself, slot
@@ -558,6 +561,14 @@ class _SpoolFile:
         self.conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self.adopted = 0
+        self.slot = 0
+        #: (device, inode) of the slot file ``conn`` has open: a file at ``path`` that is not this one (deleted,
+        #: replaced) no longer holds what is written (:meth:`_keep_in_place`).
+        self._identity: tuple[int, int] | None = None
+        #: The same of its -wal and -shm files, as SQLite made them when it opened the file.
+        self._sidecars: dict[str, tuple[int, int]] = {}
+        #: ``conn`` was closed to be opened again (:meth:`_reopen`), and could not be yet (:meth:`_reconnect`).
+        self._closed_to_reopen = False
         self._shrink_failures = 0
         self._shrink_retry_at = 0.0
         #: Dead letters of events never written (sent from memory), in the write in progress: forgotten here as that
@@ -579,7 +590,7 @@ class _SpoolFile:
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
                 slot, conn = -1, None
                 while conn is None:
-                    slot = self._acquire_slot(slot + 1)
+                    slot = self.slot = self._acquire_slot(slot + 1)
                     self.path = spool_slot_path(self.base_path, slot)
                     try:
                         conn = self._connect()
@@ -633,12 +644,159 @@ class _SpoolFile:
         # database's mode); an existing one keeps the mode it was given.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        _check_spool_schema(conn)  # (before anything is written to it: another program's database stays untouched)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA journal_size_limit=67108864")
-        conn.executescript(_SCHEMA)
+        try:
+            _check_spool_schema(conn)  # (before anything is written to it: another program's database stays untouched)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA journal_size_limit=67108864")
+            conn.executescript(_SCHEMA)
+            identity = _file_id(self.path)
+            if identity is None:
+                raise FileNotFoundError(errno.ENOENT, "deleted as it was opened", self.path)
+        except BaseException:
+            conn.close()
+            self.conn = None
+            raise
+        self._identity = identity
+        sidecars = ((suffix, _file_id(self.path + suffix)) for suffix in ("-wal", "-shm"))
+        self._sidecars = {suffix: made for suffix, made in sidecars if made is not None}
         return conn
+
+    # ------------------------------------------------------------------ files removed while in use
+
+    def _keep_in_place(self) -> None:
+        """Under ``lock``, before each write and at close: make sure the files at the slot's path are those the
+        connection writes. SQLite goes on writing, without a word, to a database file or a WAL deleted while it has
+        them open (``rm spool.db*``, the directory removed by a deploy or a cleanup): every event "made durable" from
+        then on, and the backlog the file held, would vanish with the process. A deleted (or replaced) database file is
+        made again, at the path, with everything the connection still reads (:meth:`_make_again`); a deleted -wal or
+        -shm file is made again by reopening the connection once the WAL's content is in the database file. An
+        ``OperationalError`` when that cannot be done now (the write fails, and is tried again)."""
+        if self._closed_to_reopen:
+            self._reconnect()
+            return
+        if self.conn is None or self._identity is None:
+            return
+        try:
+            if _file_id(self.path) != self._identity:
+                self._make_again()
+            elif any(_file_id(self.path + suffix) != made for suffix, made in self._sidecars.items()):
+                self._reopen()
+        except OSError as exc:
+            raise sqlite3.OperationalError(
+                f"the spool file {self.path} was deleted while in use and cannot be made again ({exc})"
+            ) from exc
+
+    def _reopen(self) -> None:
+        """The -wal or -shm file of the spool was deleted: the WAL's content goes into the database file, and the
+        connection is opened again (a new WAL and index at the path)."""
+        conn = self.conn
+        assert conn is not None
+        busy, frames, moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy or moved != frames:  # (another connection reads it: the dead-letters CLI) closed now, it would be lost
+            raise sqlite3.OperationalError(f"the -wal file of the spool {self.path} was deleted, and is still read")
+        logger.error(
+            "The -wal or -shm file of the event spool %s was deleted while this process used it: made again (events "
+            "committed since were in the deleted file, and are now in the spool). Never remove a spool's files while "
+            "a process uses it.",
+            self.path,
+        )
+        conn.close()
+        self.conn, self._closed_to_reopen = None, True
+        self._reconnect()
+
+    def _reconnect(self) -> sqlite3.Connection:
+        """Under ``lock``: the connection, opened again if :meth:`_reopen` closed it and could not open it again (an
+        ``OperationalError`` while it still cannot be: a read or write that fails, tried again after a backoff)."""
+        if self.conn is None and self._closed_to_reopen:
+            try:
+                self._connect()
+            except (OSError, sqlite3.Error) as exc:  # (``_connect`` closed what it opened)
+                if isinstance(exc, sqlite3.Error):
+                    raise
+                raise sqlite3.OperationalError(f"the spool file {self.path} cannot be opened again ({exc})") from exc
+            self._closed_to_reopen = False
+        assert self.conn is not None
+        return self.conn
+
+    def _make_again(self) -> None:
+        """The spool's database file was deleted or replaced: a new one at the slot's path (its directory made again if
+        need be, its lock taken again if its lock file went too) receives a copy of everything the connection still
+        reads (SQLite's backup: the events with their ids, the dead letters), and is used from then on. Another file
+        at the path (replaced, or a process took the slot since) is left to the next start to adopt, and the next free
+        slot taken. On failure nothing changes (the old connection is kept, to try again)."""
+        old = self.conn
+        assert old is not None
+        old_path, old_fd, old_slot = self.path, self._lock_fd, self.slot
+        os.makedirs(os.path.dirname(self.base_path), mode=0o700, exist_ok=True)
+        slot, fd = old_slot, None
+        while True:
+            if slot >= _MAX_SLOTS:
+                raise OSError(f"every one of {_MAX_SLOTS} spool slots of {self.base_path} is taken")
+            path = spool_slot_path(self.base_path, slot)
+            ours = slot == old_slot and old_fd is not None and _same_file(old_fd, path + ".lock")
+            if not ours:
+                fd = self._try_lock(path)
+                if fd is None:  # a process took it since
+                    slot += 1
+                    continue
+            if not os.path.exists(path):
+                break
+            if fd is not None and fd >= 0:  # another file there: left to the next start to adopt
+                _close_lock(fd)
+            fd = None
+            slot += 1
+        try:
+            # the copy is made in SQLite's rollback mode (durable as it commits), before the file has a WAL: no WAL nor
+            # index is opened at the path while the old connection, which may still have those of the deleted file
+            # open (and deletes its own by name as it closes), is open
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            try:
+                copy = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                try:
+                    old.backup(copy)
+                finally:
+                    copy.close()
+            except BaseException:
+                for suffix in ("", "-journal"):
+                    try:
+                        os.remove(path + suffix)
+                    except FileNotFoundError:
+                        pass
+                raise
+        except BaseException:
+            if fd is not None and fd >= 0:
+                _close_lock(fd)
+            raise
+        # Everything is in the new file now. The -wal and -shm files of the deleted file left at its path are removed
+        # (the WAL of the file at that path must not start from them), and the old connection closed; kept open for
+        # life when other -wal or -shm files are there (closing, SQLite would delete them by name).
+        count = old.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        foreign = False
+        for suffix, made in self._sidecars.items():
+            found = _file_id(old_path + suffix)
+            if found is not None and (found == made or path == old_path):  # (the deleted file's)
+                os.remove(old_path + suffix)
+            elif found is not None:  # (another's, next to the file put at the path)
+                foreign = True
+        if foreign:
+            _keep_open(old)
+        else:
+            old.close()
+        if fd is not None:  # the slot's lock is the new lock file's (or another slot's)
+            self._lock_fd = fd if fd >= 0 else None
+            if old_fd is not None:
+                _close_lock(old_fd)
+        self.slot, self.path, self.conn, self._closed_to_reopen = slot, path, None, True
+        logger.error(
+            "The event spool file %s was deleted or replaced while this process used it: made again at %s with the %d "
+            "undelivered events and the dead letters it held. Never remove a spool's files while a process uses it "
+            "(stop it first).",
+            old_path,
+            path,
+            count,
+        )
+        self._reconnect()  # (should it fail, the next read or write opens it)
 
     def _try_lock(self, db_path: str) -> int | None:
         """The descriptor of ``db_path``'s lock, now locked by this process; None when another process holds it."""
@@ -764,8 +922,8 @@ class _SpoolFile:
             encoded.append((row_id, text))
             rows[index] = (row_id, text)
         with self.lock:
-            conn = self.conn
-            assert conn is not None
+            self._keep_in_place()
+            conn = self._reconnect()
             conn.execute("BEGIN")
             try:
                 if encoded:
@@ -833,10 +991,11 @@ class _SpoolFile:
     def load(self, after_id: int, limit: int) -> tuple[list[Item], int]:
         """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id."""
         with self.lock:
-            assert self.conn is not None
-            rows = self.conn.execute(
-                "SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-            ).fetchall()
+            rows = (
+                self._reconnect()
+                .execute("SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+                .fetchall()
+            )
         # not parsed here: the stored text is sent as is (a corrupt row is isolated by Lago's answer)
         return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
@@ -860,15 +1019,31 @@ class _SpoolFile:
     def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
         """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first."""
         with self.lock:
-            assert self.conn is not None
-            rows: list[tuple[int, str]] = self.conn.execute(
-                "SELECT id, body FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
-            ).fetchall()
+            rows: list[tuple[int, str]] = (
+                self._reconnect()
+                .execute("SELECT id, body FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+                .fetchall()
+            )
         return rows
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Release the slot; how many events were lost with it: those of a file deleted while in use that could not be
+        made again (:meth:`_keep_in_place`, said at ERROR)."""
         with self.lock:
+            lost = 0
+            if self.conn is not None:
+                try:
+                    self._keep_in_place()
+                except sqlite3.Error as exc:
+                    lost = self.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+                    logger.error(
+                        "Shutdown: %s; the %d undelivered events it held are lost with it. Never remove a spool's "
+                        "files while a process uses it.",
+                        exc,
+                        lost,
+                    )
             self._release()
+        return int(lost)
 
     def _release(self) -> None:
         if self.conn is not None:
@@ -887,6 +1062,7 @@ class _SpoolFile:
         perhaps held by one of those threads, is made anew."""
         self.lock = threading.Lock()
         self._lock_fd = None
+        self._closed_to_reopen = False
         if self.conn is not None:
             _keep_for_life(self.conn, self.path)
             self.conn = None
@@ -986,6 +1162,39 @@ if _flock is not None and hasattr(os, "register_at_fork"):
     os.register_at_fork(
         before=_hold_locks_for_fork, after_in_parent=_locks_forked_in_parent, after_in_child=_close_inherited_locks
     )
+
+
+#: Connections to spool files deleted while in use, never closed (see :meth:`_SpoolFile._make_again`).
+_kept_open: list[sqlite3.Connection] = []
+
+
+def _keep_open(conn: sqlite3.Connection) -> None:
+    """Keep ``conn`` open for the life of the process, even as the interpreter exits (which would close it)."""
+    _kept_open.append(conn)
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+    except (ImportError, AttributeError, OSError):  # pragma: no cover - no ctypes (then at least never collected)
+        pass
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` names the file open as ``fd``."""
+    try:
+        here, there = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _write_advice(exc: Exception, path: str) -> str:
@@ -1610,7 +1819,9 @@ class SqliteOutbox(Outbox):
             self._take_back_unwritten()
             await self._commit(last=True)
             lost = self._give_up_unwritten()
-            await anyio.to_thread.run_sync(self.file.close)
+            gone = await anyio.to_thread.run_sync(self.file.close)  # (a file deleted in use, not made again)
+            self._rows -= gone
+            lost += gone
         self._opened = False
         return lost
 
