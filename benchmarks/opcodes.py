@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -36,21 +37,38 @@ Key = tuple[str, str]
 def _count(app_name: str, env: dict[str, str], seconds: int) -> tuple[collections.Counter[Key], int]:
     """(bytecodes by (file, function), requests) of ``app_name`` served here while wrk loads it."""
     from benchmarks import _apps
-    from benchmarks.overhead import app_env
+    from benchmarks.overhead import BILLING, app_env
 
     # the app reads its settings from the environment when it builds its middleware, at the first request
     saved = dict(os.environ)
     os.environ.update({**env, **app_env(app_name)})
     try:
-        return _serve_and_count(getattr(_apps, "billed" if app_name.startswith("gated") else app_name), seconds)
+        app = getattr(_apps, "billed" if app_name.startswith("gated") else app_name)
+        return _serve_and_count(app, seconds, env["LAGO_API_URL"] if app_name.startswith(BILLING) else None)
     finally:
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _serve_and_count(app: Any, seconds: int) -> tuple[collections.Counter[Key], int]:
+def _delivered(lago_url: str | None, count: int) -> None:
+    """Wait (at most 60 s) until the emulator at ``lago_url`` holds ``count`` events: the events of the requests
+    served so far are built and delivered, in the window that counts them, not in the next one."""
+    if lago_url is None:
+        return
+    from benchmarks.overhead import count_events
+
+    deadline = time.monotonic() + 60
+    while count_events(lago_url) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the emulator did not receive the {count} events of the requests served")
+        time.sleep(0.05)  # (polling the emulator: a wait for delivery, bounded above)
+
+
+def _serve_and_count(app: Any, seconds: int, lago_url: str | None) -> tuple[collections.Counter[Key], int]:
+    """``lago_url``: the emulator the app bills to (None: it bills nowhere). Its events are counted with their
+    requests: those of the warm-up delivered before the count starts, those of the counted requests before it ends."""
     import uvicorn
-    from benchmarks.overhead import HEADERS, free_port, wait_http
+    from benchmarks.overhead import HEADERS, count_events, free_port, wait_http
 
     counts: collections.Counter[Key] = collections.Counter()
 
@@ -87,21 +105,30 @@ def _serve_and_count(app: Any, seconds: int) -> tuple[collections.Counter[Key], 
         url = f"http://127.0.0.1:{port}/v1/chat/1"
         wait_http(url)
         headers = [part for name, value in HEADERS.items() for part in ("-H", f"{name}: {value}")]
-        subprocess.run(["wrk", "-t1", "-c16", "-d2s", *headers, url], capture_output=True, check=True)  # warm up
+        before = count_events(lago_url) if lago_url is not None else 0
+        warm = subprocess.run(["wrk", "-t1", "-c16", "-d2s", *headers, url], capture_output=True, text=True, check=True)
+        _delivered(lago_url, before + _served(warm.stdout))
+        before = count_events(lago_url) if lago_url is not None else 0
         tracing.set()
         traced.wait()
         counts.clear()
         out = subprocess.run(
             ["wrk", "-t1", "-c16", f"-d{seconds}s", *headers, url], capture_output=True, text=True, check=True
         ).stdout
+        _delivered(lago_url, before + _served(out))
     finally:
         tracing.set()
         done.set()
         thread.join()
+    return counts, _served(out)
+
+
+def _served(out: str) -> int:
+    """The requests wrk completed (those in flight as it stopped are served too, not counted: at most 16)."""
     match = re.search(r"(\d+) requests in", out)
     if not match:
         raise RuntimeError(f"wrk printed no request count:\n{out}")
-    return counts, int(match.group(1))
+    return int(match.group(1))
 
 
 def main() -> int:
