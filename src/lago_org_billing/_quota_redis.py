@@ -1,6 +1,8 @@
 """Redis backend of the quota gate: one count and one snapshot per org for the whole fleet.
 
-Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot)::
+Keys (``{org}`` is a Redis Cluster hash tag, so one org's keys share a slot; an org id that is empty or starts with
+"}", which would make an empty tag, has ``<prefix>}{~}<org>:<kind>`` instead). On a cluster, ``LAGO_REDIS_URL`` must
+hold every slot (cluster mode with one shard): a node answering MOVED is refused once (see ``_refuse_sharded``)::
 
     <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src, lc, lt,
                             iv, ea, np, ne, an)
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import sys
@@ -397,6 +400,57 @@ def _redis() -> Any:
     return redis_asyncio
 
 
+def _redis_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """The redis-py exception classes named (none without redis-py: a custom client)."""
+    try:
+        from redis import exceptions
+    except ImportError:  # pragma: no cover - a custom client
+        return ()
+    return tuple(getattr(exceptions, name) for name in names)
+
+
+class _Script:
+    """A Lua script run with ``EVALSHA``, and with ``EVAL`` when Redis does not have it (its script cache emptied: a
+    restart, a failover, ``SCRIPT FLUSH``). Not ``SCRIPT LOAD`` (nor ``SCRIPT EXISTS`` before a pipeline), as redis-py's
+    registered scripts do: an ACL user may be allowed ``EVAL``/``EVALSHA`` and not ``SCRIPT`` (every call then failed,
+    the worker never counted in Redis), and ``EVAL`` caches the script in one round trip instead of two."""
+
+    def __init__(self, client: Any, body: str) -> None:
+        self.client = client
+        self.body = body
+        self.sha = hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()
+        self._missing = _redis_errors("NoScriptError")
+
+    async def __call__(self, *, keys: list[Any], args: list[Any]) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except self._missing:
+            return await self.client.eval(self.body, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, *, keys: list[Any], args: list[Any], load: bool) -> None:
+        """Queue a run on ``pipe`` (``load``: with ``EVAL``, caching it for the ``EVALSHA`` runs after it)."""
+        if load:
+            pipe.eval(self.body, len(keys), *keys, *args)
+        else:
+            pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def run_all(self, client: Any, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Run ``calls`` (keys, args) pipelined, not in a transaction: Redis's answers, errors among them. The first
+        with ``EVAL``; those Redis still did not have the script for (flushed meanwhile: not run) again with it."""
+        async with client.pipeline(transaction=False) as pipe:
+            for n, (keys, args) in enumerate(calls):
+                self.queue(pipe, keys=keys, args=args, load=n == 0)
+            results = list(await pipe.execute(raise_on_error=False))
+        missing = [n for n, result in enumerate(results) if self._missing and isinstance(result, self._missing)]
+        if missing:
+            async with client.pipeline(transaction=False) as pipe:
+                for n in missing:
+                    self.queue(pipe, keys=calls[n][0], args=calls[n][1], load=True)
+                for n, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                    results[n] = result
+        return results
+
+
 def _num(value: Any, default: float = 0.0) -> float:
     if value is None or value == b"" or value == "":
         return default
@@ -562,15 +616,17 @@ class RedisBackend:
             )
             client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
         self.redis = client
-        self._check = self.redis.register_script(CHECK)
-        self._settle = self.redis.register_script(SETTLE)
-        self._store = self.redis.register_script(STORE)
-        self._merge = self.redis.register_script(MERGE)
-        self._expire = self.redis.register_script(EXPIRE_SNAPSHOT)
-        self._invalidate = self.redis.register_script(INVALIDATE)
-        self._lock = self.redis.register_script(LOCK)
-        self._unlock = self.redis.register_script(UNLOCK)
-        self._compact = self.redis.register_script(COMPACT)
+        self._check = _Script(self.redis, CHECK)
+        self._settle = _Script(self.redis, SETTLE)
+        self._store = _Script(self.redis, STORE)
+        self._merge = _Script(self.redis, MERGE)
+        self._expire = _Script(self.redis, EXPIRE_SNAPSHOT)
+        self._invalidate = _Script(self.redis, INVALIDATE)
+        self._lock = _Script(self.redis, LOCK)
+        self._unlock = _Script(self.redis, UNLOCK)
+        self._compact = _Script(self.redis, COMPACT)
+        self._sharded = False  # LAGO_REDIS_URL named a node of a cluster of several shards (see _refuse_sharded)
+        self._redirected = _redis_errors("AskError")  # (MovedError is one)
         self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
@@ -599,6 +655,10 @@ class RedisBackend:
     # ------------------------------------------------------------------------------ keys
 
     def key(self, org_id: str, kind: str) -> str:
+        if not org_id or org_id[0] == "}":
+            # ("{}" would be an empty hash tag: Redis Cluster would hash each whole key, the org's keys in different
+            # slots, its scripts refused with CROSSSLOT) the constant tag "~", and "}" where the others have "{"
+            return f"{self.config.redis_prefix}}}{{~}}{org_id}:{kind}"
         return f"{self.config.redis_prefix}{{{org_id}}}:{kind}"
 
     # ------------------------------------------------------------------------------ health
@@ -643,6 +703,11 @@ class RedisBackend:
 
     def _failed(self, exc: BaseException) -> None:
         self.stats["redis_errors"] += 1
+        if self._sharded:
+            return
+        if isinstance(exc, self._redirected):
+            self._refuse_sharded(exc)
+            return
         if not self.stats["redis_fallback"] and not self._closed:  # (closed: a refresh still running at shutdown)
             logger.warning(
                 "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
@@ -654,6 +719,25 @@ class RedisBackend:
             )
         self.stats["redis_fallback"] = 1
         self._down_until = self._clock() + self.config.redis_retry_interval
+
+    def _refuse_sharded(self, exc: BaseException) -> None:
+        """Redis answered MOVED (or ASK): ``LAGO_REDIS_URL`` names one node of a Redis Cluster of several shards, which
+        holds some orgs' keys only. Said once, as the error it is, and quota counting stays in this process (never
+        tried again, as under trio: a partly served fleet fell back and came back every ``redis_retry_interval``,
+        forever); the settles queued for Redis are counted here."""
+        self._sharded = True
+        logger.error(
+            "LAGO_REDIS_URL (%s) is a node of a Redis Cluster with several shards (%s: %s): the quota backend keeps "
+            "each org's keys in one hash slot but talks to one node, which does not hold every slot. Quota counting "
+            "stays in each process (limits per worker, not shared) until restarted. Use a Redis without cluster "
+            "mode (ElastiCache or Memorystore with cluster mode disabled, or cluster mode with a single shard), or "
+            "unset LAGO_REDIS_URL.",
+            self._shown_url,
+            type(exc).__name__,
+            exc,
+        )
+        self.stats["redis_fallback"] = 1
+        self._down_until = math.inf  # (_unusable)
 
     async def _recovered(self, first: str | None = None) -> None:
         """Hand what this process counted during an outage to Redis once it answers (asked first: while it does not,
@@ -917,7 +1001,7 @@ class RedisBackend:
         # A call reserved in Redis is settled in Redis, even after an outage began: there its reservation waits to be
         # released (the local counts, seeded with what Redis showed, hold it already). Kept queued until Redis
         # answers, within reason (beyond the bound, and once closed, they are counted here instead).
-        if self._closed or (not self._up() and len(self._queue) >= _MAX_QUEUED_SETTLES):
+        if self._closed or (not self._up() and (self._unusable or len(self._queue) >= _MAX_QUEUED_SETTLES)):
             self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
             return
         if bucket is None and not self._up():
@@ -986,18 +1070,21 @@ class RedisBackend:
             # counts, its fallback gauge stuck at 1), whether or not settles were queued meanwhile
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
                 await self._recovered()
+        if self._queue and self._unusable:  # (refused: never written; counted here, as those made since are)
+            self._settle_locally(list(self._queue))
+            self._queue.clear()
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
     async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for org_id, period, bucket, billed, now, tokens in batch:
-                await self._settle(
-                    keys=[self.key(org_id, "count"), self.key(org_id, "snap")],
-                    args=[period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS],
-                    client=pipe,
-                )
-            return list(await pipe.execute(raise_on_error=False))
+        calls = [
+            (
+                [self.key(org_id, "count"), self.key(org_id, "snap")],
+                [period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS],
+            )
+            for org_id, period, bucket, billed, now, tokens in batch
+        ]
+        return await self._settle.run_all(self.redis, calls)
 
     async def _write(self, batch: list[_Queued]) -> list[Any]:
         """Redis's answers to a batch of settles, taken from the queue. Under asyncio the write runs as a task of its
@@ -1183,9 +1270,9 @@ class RedisBackend:
             ) from exc
 
     async def invalidate_all(self) -> None:
-        """Every org's snapshot becomes due (SCAN over ``<prefix>{*}:snap``; fleet-wide), locks freed and marked (a
-        refresh in flight stores nothing). A Redis error is raised as :class:`~._errors.QuotaBackendError`, as for
-        :meth:`invalidate`."""
+        """Every org's snapshot becomes due (SCAN over the keys ``<prefix>{<org>}:snap``; fleet-wide), locks freed and
+        marked (a refresh in flight stores nothing). A Redis error is raised as :class:`~._errors.QuotaBackendError`,
+        as for :meth:`invalidate`."""
         await self.fallback.invalidate_all()
         self._last_seen.clear()
         if not self._up() and self._unusable:  # (no fleet to tell)
@@ -1195,7 +1282,8 @@ class RedisBackend:
             batch: list[str] = []
             # (the prefix taken literally, then this backend's key shape: not the keys of another app whose prefix
             # starts with this one's, nor, for a prefix holding glob characters, those its pattern would match)
-            match = "".join("\\" + c if c in "*?[]\\" else c for c in self.config.redis_prefix) + "{*}:snap"
+            # (and the form of org ids starting with "}": see key())
+            match = "".join("\\" + c if c in "*?[]\\" else c for c in self.config.redis_prefix) + "[{}]*:snap"
             async for key in self.redis.scan_iter(match=match, count=1000):
                 batch.append(_text(key))
                 if len(batch) >= 500:
@@ -1212,11 +1300,10 @@ class RedisBackend:
             ) from exc
 
     async def _expire_batch(self, keys: list[str], version: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                lock = key[: -len(":snap")] + ":lock"
-                await self._expire(keys=[key, lock], args=[version, _INVALIDATION_MARK_MS], client=pipe)
-            await pipe.execute()
+        calls = [([key, key[: -len(":snap")] + ":lock"], [version, _INVALIDATION_MARK_MS]) for key in keys]
+        for result in await self._expire.run_all(self.redis, calls):
+            if isinstance(result, Exception):
+                raise result
 
     async def aclose(self) -> None:
         if self._closed:
@@ -1228,7 +1315,7 @@ class RedisBackend:
         if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
             self._settle_locally(list(self._queue))
             self._queue.clear()
-        if self._unusable:  # (never connected: the redis client does not run on this loop)
+        if self._unusable and not self._sharded:  # (never connected: the redis client does not run on this loop)
             return
         try:
             await self.redis.aclose()
