@@ -275,3 +275,17 @@ async def test_rediss_with_certificate_options_in_the_url(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.anyio
+async def test_a_redis_prefix_with_an_empty_hash_tag_is_refused() -> None:
+    """``LAGO_QUOTA_REDIS_PREFIX=app{}:`` spread each org's keys over several cluster slots (the prefix's empty tag
+    comes first, and Redis then hashes each whole key)."""
+    from lago_org_billing import ConfigurationError
+    from lago_org_billing._quota import QuotaConfig
+
+    for braced in ("app{}:", "{}", "a{}{b}:"):
+        with pytest.raises(ConfigurationError, match="must not hold an empty"):
+            QuotaConfig(redis_prefix=braced)
+    for fine in ("app:quota:", "app}:", "app{:", "app{x}:"):
+        assert QuotaConfig(redis_prefix=fine).redis_prefix == fine

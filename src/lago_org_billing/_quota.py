@@ -262,6 +262,14 @@ class QuotaConfig:
     redis_retry_interval: float = 5.0
 
     def __post_init__(self) -> None:
+        opening = self.redis_prefix.find("{")
+        if opening >= 0 and self.redis_prefix.find("}", opening + 1) == opening + 1:
+            raise ConfigurationError(
+                f"LAGO_QUOTA_REDIS_PREFIX must not hold an empty {{}}, got {self.redis_prefix!r}: Redis Cluster then "
+                "hashes each whole key, and an org's keys land in several hash slots (every check of it a CROSSSLOT "
+                "error). Use e.g. 'myapp:quota:'.",
+                variable="LAGO_QUOTA_REDIS_PREFIX",
+            )
         if self.over_quota_status not in (402, 429):
             raise ConfigurationError(
                 f"LAGO_QUOTA_STATUS must be 429 or 402, got {self.over_quota_status!r}.", variable="LAGO_QUOTA_STATUS"
