@@ -34,7 +34,9 @@ denies (a truthy non-bool is logged once), and so does one that raises (logged w
 ``HTTPException`` it raises, a 401 asking to log in, is answered as is). ``POST /usage/record`` refuses property
 values Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string stays an id), and
 an ``event_code`` the org's plan has no charge for (Lago would keep the event and never bill it). A 405 is JSON too,
-its ``Allow`` naming every method of the path.
+its ``Allow`` naming every method of the path. On Lago's ClickHouse event store an event sent again with the
+``transaction_id`` and ``timestamp`` of an earlier one replaces it: there, let only your backend, not org admins, reach
+``POST /usage/record``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from ._client import JSON, LagoClient, _Throttled
 from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
 from ._errors import (
     ConfigurationError,
+    InvalidIdentifierError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -140,6 +143,9 @@ def _property_error(value: Any) -> tuple[str, str] | None:
 PlanFilter = Collection[str] | Callable[[Request, str, str], "bool | Awaitable[bool]"]
 #: Headers of every answer about an org's billing.
 _PRIVATE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+#: Headers of the HTML dashboard: it loads and runs nothing, and no other site frames it (``X-Frame-Options`` for the
+#: browsers and web views that ignore CSP's ``frame-ancestors``).
+_HTML = {"Content-Security-Policy": CSP, "X-Frame-Options": "DENY"}
 
 
 def _error(loc: tuple[str | int, ...], msg: str, kind: str) -> dict[str, Any]:
@@ -472,6 +478,14 @@ class BillingRouter(Router):
             self._not_bool("plans", offered, f"plan {plan_code!r} was refused (422)")
             raise _Invalid(_error(("body", "plan_code"), f"Plan {plan_code!r} is not offered here.", "not_offered"))
 
+    def _held_elsewhere(self, request: Request, org_id: str, exc: InvalidRequestError, what: str) -> Response:
+        """The answer when the subscription under the org's id is another Lago customer's (a legacy user's, named
+        like the org): a 404, as ``GET /subscription`` answers then. The billing layer's message names that customer
+        (its external id: an email, a user id) and the operator's remedies: for the server log, never for the org's
+        admin."""
+        self._say("held elsewhere", "%s %s was answered 404: %s", request.method, request.url.path, exc)
+        return _not_found(f"Org {org_id!r} has no active subscription {what}.", "subscription_not_found")
+
     def _gate(self, request: Request) -> SupportsInvalidate | None:
         """The quota gate: ``invalidate=`` when it is one (not a plain ``async (org_id)`` function), else that of the
         ``OrgBillingMiddleware`` this request went through, if any."""
@@ -530,6 +544,10 @@ class BillingRouter(Router):
         await self._check_plan(request, org_id, plan_code)
         try:
             subscription = await self.billing.change_plan(org_id, plan_code)
+        except InvalidRequestError as exc:
+            if isinstance(exc, InvalidIdentifierError):
+                raise
+            return self._held_elsewhere(request, org_id, exc, "to change")
         except LagoNotFoundError as exc:
             if exc.code == "plan_not_found":
                 raise _Invalid(_error(("body", "plan_code"), f"Lago has no plan {plan_code!r}.", "not_found")) from None
@@ -558,6 +576,10 @@ class BillingRouter(Router):
             return JSONResponse({"detail": detail, "code": "skip_invoice_not_allowed"}, status_code=403)
         try:
             subscription = await self.billing.terminate_subscription(org_id, on_termination_invoice=invoice)
+        except InvalidRequestError as exc:
+            if isinstance(exc, InvalidIdentifierError):
+                raise
+            return self._held_elsewhere(request, org_id, exc, "to terminate")
         except LagoNotFoundError:
             return _not_found(f"Org {org_id!r} has no active subscription to terminate.", "subscription_not_found")
         await self._invalidate(request, org_id)
@@ -703,10 +725,10 @@ class BillingRouter(Router):
             detail = f"Org {org_id!r} has no active subscription."
             if html:
                 page = render_html({"org_id": org_id, "subscription": {"status": "no active subscription"}})
-                return HTMLResponse(page, status_code=404, headers={**headers, "Content-Security-Policy": CSP})
+                return HTMLResponse(page, status_code=404, headers={**headers, **_HTML})
             return JSONResponse({"detail": detail, "code": "subscription_not_found"}, status_code=404, headers=headers)
         if html:
-            return HTMLResponse(render_html(data), headers={**headers, "Content-Security-Policy": CSP})
+            return HTMLResponse(render_html(data), headers={**headers, **_HTML})
         return JSONResponse(data, headers=headers)
 
 
