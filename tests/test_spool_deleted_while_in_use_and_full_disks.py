@@ -399,3 +399,31 @@ async def test_a_spool_file_replaced_while_in_use_moves_to_a_slot_of_its_own(tmp
             assert await again.flush(10)
             await again.aclose()
     assert sorted(transaction_ids(fake)) == ["copy0", "later0", "mine0", "mine1"]
+
+
+async def test_a_spool_deleted_while_idle_is_made_again_before_the_next_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lago down, no traffic, and the spool deleted: the backlog lived on only in the unlinked file until the next
+    event came (a ``kill -9`` meanwhile lost it all). An idle spool checks its files about once a second and makes
+    itself again at its path with its backlog."""
+    path = tmp_path / "spool.db"
+    fake = make_fake()
+    lago = Switch(fake.transport())
+    async with make_client(lago, max_retries=0) as client:
+        pipeline = _pipeline(client, path)
+        outbox = pipeline.outbox
+        assert isinstance(outbox, _spool.SqliteOutbox)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            lago.down = True
+            await _spooled(pipeline, outbox, 5, "idle")
+            _remove(path)
+            outbox._checked_at = 0.0  # (the check due now: not a second from now)
+            await outbox.commit()  # nothing to write: the idle check
+            assert path.exists(), "the backlog stayed in the deleted file until the next write"
+            assert rows(path) == 5
+            lago.down = False
+            await pipeline.flush(10)
+            await pipeline.aclose()
+    assert sorted(transaction_ids(fake)) == sorted(f"idle{i}" for i in range(5))

@@ -549,6 +549,11 @@ def _built_or_unbuildable(event: EventOrBuilder | str | Callable[..., Any], *arg
     return _Unbuildable(f"the event builder returned {type(built).__name__}, not a dict")
 
 
+#: Seconds between two checks of an idle spool's files (:meth:`SqliteOutbox._idle_check`): three ``stat`` calls in a
+#: worker thread.
+_IDLE_CHECK = 1.0
+
+
 class _SpoolFile:
     """The blocking half of the SQLite spool. Every method runs in a worker thread, under ``lock``."""
 
@@ -663,6 +668,12 @@ class _SpoolFile:
         return conn
 
     # ------------------------------------------------------------------ files removed while in use
+
+    def keep_in_place(self) -> None:
+        """:meth:`_keep_in_place` between writes (an idle spool's check): under ``lock``; an ``OperationalError``
+        when the file cannot be made again now (the next write says so)."""
+        with self.lock:
+            self._keep_in_place()
 
     def _keep_in_place(self) -> None:
         """Under ``lock``, before each write and at close: make sure the files at the slot's path are those the
@@ -1338,6 +1349,7 @@ class SqliteOutbox(Outbox):
         self._committed_upto = 0
         self._writing = (0, 0)  # (rows inserted, rows removed) by the commit in progress
         self._io: anyio.Lock | None = None
+        self._checked_at = time.monotonic()  # the files' last check between writes (:meth:`_idle_check`)
         self._opened = False
         self.adopted = 0
         self._write_errors = _Streak()
@@ -1512,6 +1524,7 @@ class SqliteOutbox(Outbox):
         if self._unwritten and not last and not self._write_errors.waiting():
             self._requeue_unwritten()  # (the volume may take writes again: then they are durable from now on)
         if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead or self._orphan):
+            await self._idle_check()
             return  # (replayed letters wait on their events in ``pending``)
         if not last and self._write_errors.waiting():
             return  # the file failed to write: tried again after a backoff, not at every commit window
@@ -1555,6 +1568,21 @@ class SqliteOutbox(Outbox):
             self._replayed.clear()  # (every replayed event was among the rows just written)
             self._written(rows, unencodable, deletes, dead)
             self._hand_over(rows, dict(encoded))
+
+    async def _idle_check(self) -> None:
+        """Nothing to write: its files are still checked, every ``_IDLE_CHECK`` seconds, so that a spool deleted while
+        idle (Lago down, no traffic) is made again with its backlog before a crash would take it, not at the next
+        write."""
+        now = time.monotonic()
+        if now - self._checked_at < _IDLE_CHECK or self._io is None or self._write_errors.waiting():
+            return
+        self._checked_at = now
+        async with self._io:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.file.keep_in_place)
+            except sqlite3.Error:  # (cannot be made again now: the next write fails visibly, and is retried)
+                logger.debug("The spool %s could not be checked between writes", self.file.path, exc_info=True)
 
     def _written(
         self, rows: list[tuple[int, JSON | str]], unencodable: list[int], deletes: list[int], dead: list[Any]
