@@ -3,7 +3,8 @@
 Lago posts ``{"webhook_type", "object_type", "organization_id", <object_type>: {...}}`` with the
 headers ``X-Lago-Signature``, ``X-Lago-Signature-Algorithm`` (``jwt`` or ``hmac``) and
 ``X-Lago-Unique-Key`` (stable across the retries of one delivery). A delivery succeeds on 200, 201,
-202 or 204 only, and is tried ``attempts`` times in all (Lago: 3).
+202 or 204 only, and is tried ``attempts`` times in all (Lago: 3), each attempt given up after ``timeout`` seconds
+(Lago: 30, ``LAGO_WEBHOOK_TIMEOUT_SECONDS``), in process too.
 
 In tests, nothing leaves until ``await dispatcher.deliver_pending()``. When the emulator is served
 (uvicorn), a background task started on the ASGI lifespan delivers soon after each emit, and
@@ -11,7 +12,8 @@ In tests, nothing leaves until ``await dispatcher.deliver_pending()``. When the 
 
 Control routes (never part of Lago's API)::
 
-    PUT  /_emulator/webhooks          {"url": "...", "signature": "jwt"|"hmac", "hmac_key": "...", "issuer": "..."}
+    PUT  /_emulator/webhooks          {"url": "...", "signature": "jwt"|"hmac", "hmac_key": "...", "issuer": "...",
+                                       "attempts": 3, "timeout": 30}
     GET  /_emulator/webhooks          configuration, pending count and deliveries
     POST /_emulator/webhooks/deliver  sends everything pending, returns those deliveries
     POST /_emulator/webhooks/redeliver {"unique_key": "..."} sends one delivery again, same body and key
@@ -26,6 +28,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -128,6 +131,8 @@ class WebhookDispatcher:
     * ``signature`` - ``"jwt"`` (Lago's default; RS256 with ``fake.rsa_private_key_pem``) or
       ``"hmac"`` (``hmac_key``, a random UUID when not given, like Lago's per-organization key).
     * ``attempts`` - tries per delivery, in all.
+    * ``timeout`` - seconds an attempt may take (Lago: 30); a receiver slower than that, in process too, is a failed
+      attempt (``ReadTimeout``), retried like Lago's.
 
     Like Lago, nothing is queued while no endpoint (``url`` or ``app``) is configured.
     """
@@ -177,6 +182,15 @@ class WebhookDispatcher:
             raise InvalidRequestError(
                 "webhook hmac_key must be a non-empty string (Lago signs with its organization's key)"
             )
+        if (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, (int, float))
+            or not math.isfinite(self.timeout)
+            or self.timeout <= 0
+        ):
+            raise InvalidRequestError(
+                f"webhook timeout must be a number of seconds greater than 0 (Lago: 30), got {self.timeout!r}"
+            )
         if self.url is not None:
             _check_url(self.url)
 
@@ -199,13 +213,23 @@ class WebhookDispatcher:
         hmac_key: str | None = None,
         issuer: str | None = None,
         attempts: int | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Change the endpoint or signing; only the given arguments change (none when one of them is refused)."""
-        before = (self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts)
+        """Change the endpoint, signing or delivery settings; only the given arguments change (none when one of them
+        is refused)."""
+        before = (self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts, self.timeout)
         try:
-            self._configure(url=url, app=app, signature=signature, hmac_key=hmac_key, issuer=issuer, attempts=attempts)
+            self._configure(
+                url=url,
+                app=app,
+                signature=signature,
+                hmac_key=hmac_key,
+                issuer=issuer,
+                attempts=attempts,
+                timeout=timeout,
+            )
         except InvalidRequestError:
-            self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts = before
+            self.url, self.app, self.signature, self.hmac_key, self.issuer, self.attempts, self.timeout = before
             raise
 
     def _configure(
@@ -217,6 +241,7 @@ class WebhookDispatcher:
         hmac_key: str | None,
         issuer: str | None,
         attempts: int | None,
+        timeout: float | None,
     ) -> None:
         if url is not None:
             self.url = url
@@ -230,6 +255,8 @@ class WebhookDispatcher:
             self.issuer = issuer
         if attempts is not None:
             self.attempts = attempts
+        if timeout is not None:
+            self.timeout = timeout
         self._validate()
 
     def reset(self) -> None:
@@ -300,7 +327,8 @@ class WebhookDispatcher:
 
     def _client(self) -> tuple[httpx.AsyncClient, str]:
         if self.app is not None:
-            transport: httpx.AsyncBaseTransport = httpx.ASGITransport(app=self.app)
+            # (a plain ASGITransport ignores timeouts: a receiver that hangs would hold the delivery for ever)
+            transport: httpx.AsyncBaseTransport = _TimedASGITransport(app=self.app)
             return httpx.AsyncClient(transport=transport, timeout=self.timeout), self.url or DEFAULT_APP_URL
         if self.url is None:
             raise ConfigurationError(
@@ -435,6 +463,7 @@ class WebhookDispatcher:
             "hmac_key": self.hmac_key,
             "issuer": self.issuer,
             "attempts": self.attempts,
+            "timeout": self.timeout,
             "organization_id": self.organization_id,
         }
 
@@ -445,7 +474,7 @@ class WebhookDispatcher:
             spec = None
         if not isinstance(spec, dict):
             return _unprocessable('the body must be a JSON object such as {"url": "http://127.0.0.1:8000/hooks"}')
-        unknown = sorted(set(spec) - {"url", "signature", "hmac_key", "issuer", "attempts"})
+        unknown = sorted(set(spec) - {"url", "signature", "hmac_key", "issuer", "attempts", "timeout"})
         if unknown:
             return _unprocessable(f"unknown field(s) {', '.join(map(repr, unknown))}")
         for key in ("url", "hmac_key", "issuer"):
@@ -453,7 +482,7 @@ class WebhookDispatcher:
                 return _unprocessable(f"{key!r} must be a string")
         if "url" in spec and not spec["url"].startswith(("http://", "https://")):
             return _unprocessable(f"'url' must be an http(s) URL, got {spec['url']!r}")
-        previous = (self.url, self.signature, self.hmac_key, self.issuer, self.attempts)
+        previous = (self.url, self.signature, self.hmac_key, self.issuer, self.attempts, self.timeout)
         try:
             self.configure(
                 url=spec.get("url"),
@@ -461,9 +490,10 @@ class WebhookDispatcher:
                 hmac_key=spec.get("hmac_key"),
                 issuer=spec.get("issuer"),
                 attempts=spec.get("attempts"),
+                timeout=spec.get("timeout"),
             )
         except InvalidRequestError as exc:
-            self.url, self.signature, self.hmac_key, self.issuer, self.attempts = previous
+            self.url, self.signature, self.hmac_key, self.issuer, self.attempts, self.timeout = previous
             return _unprocessable(str(exc))
         return JSONResponse({"webhooks": self.config_json()})
 
@@ -515,6 +545,19 @@ def _unprocessable(message: str) -> Response:
         {"status": 422, "error": "Unprocessable Entity", "code": "invalid_webhook_settings", "message": message},
         status_code=422,
     )
+
+
+class _TimedASGITransport(httpx.ASGITransport):
+    """Delivers to an ASGI app in process, giving up at the request's read timeout as a socket would (Lago's
+    ``LAGO_WEBHOOK_TIMEOUT_SECONDS``)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read")
+        if timeout is None:
+            return await super().handle_async_request(request)
+        with anyio.move_on_after(timeout):
+            return await super().handle_async_request(request)
+        raise httpx.ReadTimeout(f"the webhook receiver did not answer within {timeout:g} s", request=request)
 
 
 class WebhookMiddleware:

@@ -10,31 +10,77 @@ in any project with lago-org-billing installed:
   ``127.0.0.1`` and a free port, for sync clients and subprocesses. It is the FakeLago itself, with
   ``fake_lago_server.url`` set to ``http://127.0.0.1:<port>`` (the Lago base URL, without ``/api/v1``).
   Needs ``pip install 'lago-org-billing[testing]'``.
-* ``lago_settings`` - :class:`~lago_org_billing.BillingSettings` pointing at the in-process fake.
+* ``lago_settings`` - :class:`~lago_org_billing.BillingSettings` pointing at the in-process fake, or at
+  ``fake_lago_server.url`` in a test that uses ``fake_lago_server`` (an app made from them then reaches it over
+  HTTP, and accepts its JWT webhooks, whose issuer is that URL).
 * ``lago_client`` - an async :class:`~lago_org_billing.LagoClient` wired to ``fake_lago`` without any
   network (``fake_lago.transport()``); use it in ``anyio`` (asyncio or trio) or ``pytest-asyncio`` tests.
 
-All are function-scoped: each test starts from an empty emulator, without faults or webhook settings. Move the
+All are function-scoped: each test starts from an empty emulator, without faults or webhook settings (for one
+emulator shared by a session, make your own ``FakeLago()`` in a session fixture and ``reset()`` it between tests).
+Move the
 emulator's clock with ``fake_lago.clock = lambda: <aware datetime>``; what Lago's clock jobs would then do (a
 subscription reaching its ``ending_at``...) shows in ``fake_lago.subscriptions`` and the webhooks sent next.
 
-Nothing heavy is imported until a fixture is used: this module loads in every pytest run.
+Nothing heavy is imported until a fixture is used: this module loads in every pytest run. A conftest may name it too
+(``pytest_plugins = ["lago_org_billing.testing.pytest_plugin"]``, for runs with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``):
+where the entry point has loaded it already, that is a no-op.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from pluggy import Result
+
     from .._client import LagoClient
     from .._settings import BillingSettings
 
 __all__ = ["fake_lago", "fake_lago_server", "lago_client", "lago_settings"]
 
 API_KEY = "test-api-key"
+#: The ``pytest11`` entry point's name (``-p no:lago_org_billing``) and this module's: pytest registers a plugin under
+#: the name it was loaded by, and refuses the same module under the other one ("Plugin already registered under a
+#: different name"), which stopped a run whose conftest names this module while the entry point loads it.
+_NAMES = ("lago_org_billing", __name__)
+_FIXTURES = frozenset(__all__)
+
+
+def pytest_plugin_registered(plugin: object, plugin_name: str, manager: pytest.PytestPluginManager) -> None:
+    """Once registered under one of its names, this plugin is not loaded again under the other one."""
+    if plugin is not sys.modules[__name__]:
+        return
+    for name in _NAMES:
+        if name != plugin_name and manager.get_plugin(name) is None and not manager.is_blocked(name):
+            manager.set_blocked(name)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Result[pytest.TestReport], None]:
+    """A session (or module...) fixture of the user's asking for one of these function-scoped fixtures: pytest's
+    ScopeMismatch says what is wrong; add what to do instead (in the report itself, so that xdist shows it too)."""
+    outcome = yield
+    if call.excinfo is None or call.when != "setup":  # (the common case: nothing more per test)
+        return
+    text = str(call.excinfo.value)
+    if "ScopeMismatch" not in text or not any(f"function scoped fixture {name} " in text for name in _FIXTURES):
+        return
+    outcome.get_result().sections.append(("lago-org-billing", _SCOPE_HINT))
+
+
+_SCOPE_HINT = (
+    "fake_lago, fake_lago_server, lago_settings and lago_client are function-scoped: each test gets a fresh emulator. "
+    "Ask for them from function-scoped fixtures, or keep one emulator for the session: `fake = FakeLago()` (from "
+    "lago_org_billing.testing) in a session-scoped fixture of yours, and `fake.reset()` in a function-scoped one (it "
+    "forgets the data and faults, keeps the webhook endpoint)."
+)
 
 
 @pytest.fixture
@@ -60,11 +106,16 @@ def fake_lago_server(fake_lago: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def lago_settings(fake_lago: Any) -> BillingSettings:
-    """``BillingSettings`` pointing at the in-process ``fake_lago``."""
+def lago_settings(request: pytest.FixtureRequest, fake_lago: Any) -> BillingSettings:
+    """``BillingSettings`` pointing at the in-process ``fake_lago``, or at the served one in a test that uses
+    ``fake_lago_server`` (``http://fake-lago`` is no host: an app delivering there over HTTP would lose its events,
+    and refuse the served emulator's JWT webhooks, which name ``fake_lago_server.url`` as issuer)."""
     from .._settings import BillingSettings
 
-    return BillingSettings(api_url=fake_lago.base_url, api_key=fake_lago.api_key)
+    api_url = fake_lago.base_url
+    if "fake_lago_server" in request.fixturenames:
+        api_url = request.getfixturevalue("fake_lago_server").url
+    return BillingSettings(api_url=api_url, api_key=fake_lago.api_key)
 
 
 @pytest.fixture
