@@ -40,3 +40,34 @@ def test_emulator_is_importable() -> None:
     from lago_org_billing.testing import FakeLago
 
     assert FakeLago().api_key
+
+
+def test_loading_the_pytest_plugin_imports_nothing_heavy() -> None:
+    """pytest loads the plugin (``pytest11`` entry point) in every run of every project that has this package
+    installed: it imported the whole package (~0.2 s of every test run, httpx, starlette, anyio...) even where no
+    fixture of it is used. The public names are imported at their first use now, and mean the same objects."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lago_org_billing.testing.pytest_plugin\n"
+        "heavy = sorted(m for m in sys.modules if m in ('httpx', 'starlette', 'anyio', 'sqlite3') or "
+        "m.startswith('lago_org_billing._') and m != 'lago_org_billing._version')\n"
+        "print(heavy)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    from lago_org_billing import OrgBillingMiddleware
+    from lago_org_billing._middleware import OrgBillingMiddleware as defined
+    from lago_org_billing.testing import FakeLago
+    from lago_org_billing.testing._emulator import FakeLago as emulator
+
+    assert OrgBillingMiddleware is defined and FakeLago is emulator
+    assert set(dir(lago_org_billing)) >= set(lago_org_billing.__all__)
+    try:
+        lago_org_billing.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as exc:
+        assert "NoSuchName" in str(exc)
+    else:
+        raise AssertionError("an unknown name must be an AttributeError")

@@ -1,59 +1,137 @@
-"""Per-organization usage billing for SaaS and LLM APIs through Lago."""
+"""Per-organization usage billing for SaaS and LLM APIs through Lago.
+
+The public names are imported when first used (``from lago_org_billing import OrgBillingMiddleware`` imports the
+middleware's modules then): importing the package, as pytest does in every run of a project that has it installed
+(its plugin), costs next to nothing.
+"""
 
 from __future__ import annotations
 
-from ._attribution import AttributionConfig, Usage, attribute_usage
-from ._billing import OrgBilling
-from ._client import LagoClient, Page
-from ._delivery import EventPipeline
-from ._errors import (
-    ConfigurationError,
-    InvalidIdentifierError,
-    InvalidRequestError,
-    LagoAPIError,
-    LagoAuthenticationError,
-    LagoIntegrationError,
-    LagoNotFoundError,
-    LagoRateLimitError,
-    LagoUnavailableError,
-    LagoValidationError,
-    QuotaBackendError,
-    QuotaExceededError,
-)
-from ._gate import QuotaDecision, require_quota
-from ._identity import (
-    Identity,
-    first_of,
-    from_header,
-    from_jwt_claim,
-    from_state,
-    from_user,
-    get_current_org,
-    get_current_user,
-)
-from ._metrics import PipelineMetrics, register_metrics
-from ._middleware import OrgBillingMiddleware
-from ._migration import (
-    Journal,
-    JournalLock,
-    JournalLockedError,
-    MappingError,
-    MigrationOptions,
-    read_mapping_file,
-    run_migration,
-)
-from ._quota import (
-    QuotaConfig,
-    QuotaGate,
-    check_org_has_active_subscription,
-    enforce_usage_limits,
-    get_org_plan_limits,
-)
-from ._routes import BillingRouter, billing_routes
-from ._settings import BillingSettings
-from ._spool import DeadLetter
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from ._webhooks import LagoWebhooks, WebhookEvent
+
+if TYPE_CHECKING:
+    from ._attribution import AttributionConfig, Usage, attribute_usage
+    from ._billing import OrgBilling
+    from ._client import LagoClient, Page
+    from ._delivery import EventPipeline
+    from ._errors import (
+        ConfigurationError,
+        InvalidIdentifierError,
+        InvalidRequestError,
+        LagoAPIError,
+        LagoAuthenticationError,
+        LagoIntegrationError,
+        LagoNotFoundError,
+        LagoRateLimitError,
+        LagoUnavailableError,
+        LagoValidationError,
+        QuotaBackendError,
+        QuotaExceededError,
+    )
+    from ._gate import QuotaDecision, require_quota
+    from ._identity import (
+        Identity,
+        first_of,
+        from_header,
+        from_jwt_claim,
+        from_state,
+        from_user,
+        get_current_org,
+        get_current_user,
+    )
+    from ._metrics import PipelineMetrics, register_metrics
+    from ._middleware import OrgBillingMiddleware
+    from ._migration import (
+        Journal,
+        JournalLock,
+        JournalLockedError,
+        MappingError,
+        MigrationOptions,
+        read_mapping_file,
+        run_migration,
+    )
+    from ._quota import (
+        QuotaConfig,
+        QuotaGate,
+        check_org_has_active_subscription,
+        enforce_usage_limits,
+        get_org_plan_limits,
+    )
+    from ._routes import BillingRouter, billing_routes
+    from ._settings import BillingSettings
+    from ._spool import DeadLetter
+    from ._webhooks import LagoWebhooks, WebhookEvent
+
+#: Public name -> the module defining it (imported at the first use of one of its names).
+_EXPORTS = {
+    "AttributionConfig": "._attribution",
+    "BillingRouter": "._routes",
+    "BillingSettings": "._settings",
+    "ConfigurationError": "._errors",
+    "DeadLetter": "._spool",
+    "EventPipeline": "._delivery",
+    "Identity": "._identity",
+    "InvalidIdentifierError": "._errors",
+    "InvalidRequestError": "._errors",
+    "Journal": "._migration",
+    "JournalLock": "._migration",
+    "JournalLockedError": "._migration",
+    "LagoAPIError": "._errors",
+    "LagoAuthenticationError": "._errors",
+    "LagoClient": "._client",
+    "LagoIntegrationError": "._errors",
+    "LagoNotFoundError": "._errors",
+    "LagoRateLimitError": "._errors",
+    "LagoUnavailableError": "._errors",
+    "LagoValidationError": "._errors",
+    "LagoWebhooks": "._webhooks",
+    "MappingError": "._migration",
+    "MigrationOptions": "._migration",
+    "OrgBilling": "._billing",
+    "OrgBillingMiddleware": "._middleware",
+    "Page": "._client",
+    "PipelineMetrics": "._metrics",
+    "QuotaBackendError": "._errors",
+    "QuotaConfig": "._quota",
+    "QuotaDecision": "._gate",
+    "QuotaExceededError": "._errors",
+    "QuotaGate": "._quota",
+    "Usage": "._attribution",
+    "WebhookEvent": "._webhooks",
+    "attribute_usage": "._attribution",
+    "billing_routes": "._routes",
+    "check_org_has_active_subscription": "._quota",
+    "enforce_usage_limits": "._quota",
+    "first_of": "._identity",
+    "from_header": "._identity",
+    "from_jwt_claim": "._identity",
+    "from_state": "._identity",
+    "from_user": "._identity",
+    "get_current_org": "._identity",
+    "get_current_user": "._identity",
+    "get_org_plan_limits": "._quota",
+    "read_mapping_file": "._migration",
+    "register_metrics": "._metrics",
+    "require_quota": "._gate",
+    "run_migration": "._migration",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # (found at once from now on)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "__version__",

@@ -12,7 +12,33 @@ client, keeps everything in memory and exposes the state for assertions::
 
 from __future__ import annotations
 
-from ._emulator import FakeLago, RequestRecord, WebhookDispatcher
-from ._util import FakeLagoError
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._emulator import FakeLago, RequestRecord, WebhookDispatcher
+    from ._util import FakeLagoError
 
 __all__ = ["FakeLago", "FakeLagoError", "RequestRecord", "WebhookDispatcher"]
+
+#: Imported at first use: the pytest plugin (``testing.pytest_plugin``) loads in every pytest run of a project with
+#: this package installed, and imports nothing more until one of its fixtures is used.
+_EXPORTS = {
+    "FakeLago": "._emulator",
+    "FakeLagoError": "._util",
+    "RequestRecord": "._emulator",
+    "WebhookDispatcher": "._emulator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
