@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ._billing import OrgBilling
 from ._client import LagoClient
+from ._errors import LagoIntegrationError
 from ._middleware import OrgBillingMiddleware
 from ._quota import QuotaConfig
 from ._run import run_main
@@ -43,6 +44,10 @@ ORGS = {
 }
 MODELS = ["gpt-4o-mini", "claude-haiku"]
 REQUESTS_PER_USER = 12
+#: Seconds the demo waits for its events to reach Lago after the last response (they take well under one).
+DELIVERY_TIMEOUT = 30.0
+#: Seconds the demo waits for Lago's webhooks to reach the app after the plan upgrade.
+WEBHOOK_TIMEOUT = 10.0
 
 
 def seed(fake: Any) -> None:
@@ -152,18 +157,21 @@ def build_demo_app(settings: BillingSettings) -> Starlette:
 
 #: Proxy variables, by their lower-case name: read in any case (``Https_Proxy``), as urllib and so httpx read them.
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+#: TLS trust settings httpx reads as it makes any client, plain HTTP or not: one naming a file gone (a removed corporate
+#: CA bundle, an old virtualenv's certifi) is a FileNotFoundError there, and the demo has no TLS at all.
+_TLS_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 @contextlib.contextmanager
 def _loopback_only() -> Iterator[None]:
-    """Everything the demo serves and calls is on 127.0.0.1: the proxy of the user's environment (HTTP_PROXY...,
-    which httpx and so the Lago client honour) could not reach it, and a SOCKS one (ALL_PROXY=socks5://...) stops
-    httpx from making a client at all without its ``socks`` extra, NO_PROXY or not. Put back as it was when the demo
-    ends."""
-    proxies = [name for name in os.environ if name.lower() in _PROXY_VARIABLES]
-    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy", *proxies)}
+    """Everything the demo serves and calls is plain HTTP on 127.0.0.1: the proxy of the user's environment
+    (HTTP_PROXY..., which httpx and so the Lago client honour) could not reach it, a SOCKS one (ALL_PROXY=socks5://...)
+    stops httpx from making a client at all without its ``socks`` extra, NO_PROXY or not, and so does an
+    ``SSL_CERT_FILE`` that names no file. Put back as it was when the demo ends."""
+    removed = [name for name in os.environ if name.lower() in _PROXY_VARIABLES or name in _TLS_VARIABLES]
+    saved = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy", *removed)}
     for name, value in saved.items():
-        if name in proxies:
+        if name in removed:
             os.environ.pop(name, None)
         else:
             os.environ[name] = f"{value},127.0.0.1" if value else "127.0.0.1"
@@ -270,13 +278,21 @@ async def _drive(app_url: str) -> dict[tuple[str, str, str], list[int]]:
     return served
 
 
-async def _wait_delivered(fake: Any, expected: int) -> float:
+async def _wait_delivered(fake: Any, expected: int) -> None:
+    """Wait (at most :data:`DELIVERY_TIMEOUT` seconds) until Lago holds ``expected`` events; say what it received."""
     started = time.monotonic()
-    with anyio.move_on_after(30):
+    with anyio.move_on_after(DELIVERY_TIMEOUT):
         # The emulator runs in another thread and signals nothing: poll what it has received.
         while len(fake.events) < expected:  # noqa: ASYNC110
             await anyio.sleep(0.05)
-    return time.monotonic() - started
+    received = len(fake.events)
+    if received >= expected:
+        print(f"Lago received {received} events ({time.monotonic() - started:.2f}s after the last response)")
+    else:
+        print(
+            f"Only {received} of {expected} events reached Lago within {DELIVERY_TIMEOUT:g} s of the last response: "
+            "its delivery failed or is slow (see any warnings above). The report shows what is missing."
+        )
 
 
 async def _report(fake: Any, settings: BillingSettings, served: dict[tuple[str, str, str], list[int]]) -> bool:
@@ -336,11 +352,21 @@ async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bo
             print(f"  {org_id} upgrades to starter; Lago sends subscription webhooks to the app")
             await billing.change_plan(org_id, "starter")
             started = time.monotonic()
-            webhooks = await anyio.to_thread.run_sync(
-                lambda: fake.webhook_dispatcher.wait_delivered(delivered_before + 2, timeout=10)
-            )
-            kinds = sorted({d.webhook_type for d in webhooks[delivered_before:]})
-            print(f"  webhooks delivered and verified ({', '.join(kinds)}) in {time.monotonic() - started:.2f}s")
+            try:
+                webhooks = await anyio.to_thread.run_sync(
+                    lambda: fake.webhook_dispatcher.wait_delivered(delivered_before + 2, timeout=WEBHOOK_TIMEOUT)
+                )
+                refused = [d for d in webhooks[delivered_before:] if d.state != "succeeded"]
+            except LagoIntegrationError:  # the wait ran out: said as the demo's, not as a test harness's error
+                webhooks, refused = [], []
+                print(f"  Lago's webhooks did not reach the app within {WEBHOOK_TIMEOUT:g} s")
+            if refused:
+                answers = ", ".join(f"{d.webhook_type}: {d.error}" for d in refused)
+                print(f"  webhooks refused by the app ({answers}): it still holds the free plan's limit")
+            elif webhooks:
+                kinds = sorted({d.webhook_type for d in webhooks[delivered_before:]})
+                print(f"  webhooks delivered and verified ({', '.join(kinds)}) in {time.monotonic() - started:.2f}s")
+            webhooks_ok = bool(webhooks) and not refused
             response = await client.post("/v1/chat/completions", json=payload, headers=headers)
             statuses.append(response.status_code)
             print(
@@ -349,7 +375,7 @@ async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bo
                 f"{response.headers.get('ratelimit-remaining')}"
             )
     expected = [200] * FREE_CALLS + [429, 429, 200]
-    return statuses == expected
+    return statuses == expected and webhooks_ok
 
 
 async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSettings) -> bool:
@@ -360,10 +386,13 @@ async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSetting
     elapsed = time.monotonic() - started
     total = sum(v[0] for v in served.values())
     print(f"Sent {total} billable requests (JSON and SSE, {len(ORGS)} orgs, {len(MODELS)} models) in {elapsed:.2f}s")
-    waited = await _wait_delivered(fake, total)
-    print(f"Lago received {len(fake.events)} events ({waited:.2f}s after the last response)")
+    await _wait_delivered(fake, total)
     ok = await _report(fake, settings, served)
     return await _quota_scene(fake, app_url, settings) and ok
+
+
+#: How the printed commands call curl.
+_CURL = "curl -sS --noproxy 127.0.0.1"
 
 
 def run_demo(*, serve: bool = False, port: int = 0) -> int:
@@ -381,11 +410,13 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
         )
         if serve:
             print(
-                f"\nServing until Ctrl-C. Try:\n  curl -s -X POST {app_url}/v1/chat/completions "
+                # --noproxy: curl sends even 127.0.0.1 to the http_proxy/ALL_PROXY of the user's shell (a corporate
+                # laptop's), and -S shows why a call failed (-s alone hides it: nothing at all on screen).
+                f"\nServing until Ctrl-C. Try:\n  {_CURL} -X POST {app_url}/v1/chat/completions "
                 "-H 'X-Org-Id: org_acme' -H 'X-User-Id: ada' -H 'Content-Type: application/json' "
                 '-d \'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}\'\n'
                 # quoted: unquoted, zsh (macOS's shell) takes the '?' for a glob and answers "no matches found"
-                f"  curl -s '{lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme' "
+                f"  {_CURL} '{lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme' "
                 f"-H 'Authorization: Bearer {API_KEY}'",
                 flush=True,  # piped or redirected (``| tee``), stdout is block-buffered: out now, not at Ctrl-C
             )
