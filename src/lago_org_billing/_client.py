@@ -16,7 +16,9 @@ import email.utils
 import enum
 import functools
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -28,6 +30,7 @@ import httpx
 
 from . import _forks
 from ._errors import (
+    ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -126,6 +129,7 @@ class LagoClient:
         self._own_pool = transport is None
         self._new_http = functools.partial(
             httpx.AsyncClient,
+            verify=_verification(self.settings.api_url),
             base_url=self.settings.api_url,
             headers=headers,
             timeout=httpx.Timeout(self.settings.api_timeout),
@@ -710,6 +714,24 @@ _KEY_ONLY = httpx.Auth()
 def _has_userinfo(url: str) -> bool:
     parts = urlsplit(url)
     return parts.username is not None or parts.password is not None
+
+
+def _verification(api_url: str) -> ssl.SSLContext | bool:
+    """How httpx verifies Lago's certificate: as it does by default (``SSL_CERT_FILE``, ``SSL_CERT_DIR``, else
+    certifi's bundle) for an https ``LAGO_API_URL``, with a ``SSL_CERT_FILE`` that does not exist said as such (httpx
+    raised a bare ``FileNotFoundError`` making the client); for http, where no certificate is ever checked, a context
+    that reads neither variable, so that a stale one (a removed corporate CA bundle) cannot break a plain-http
+    client."""
+    if not api_url.lower().startswith("https:"):
+        return ssl.create_default_context()
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if cafile and not os.path.isfile(cafile):
+        raise ConfigurationError(
+            f"SSL_CERT_FILE names {cafile!r}, which is no file: Lago's certificate (LAGO_API_URL is https) cannot be "
+            "verified with it. Point it at your CA bundle, or unset it (certifi's bundle is used then).",
+            variable="SSL_CERT_FILE",
+        )
+    return True
 
 
 def _undecodable(status: int | None, url: str, exc: httpx.DecodingError) -> LagoUnavailableError:
