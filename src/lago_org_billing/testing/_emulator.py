@@ -32,7 +32,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol
 
-import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import ConfigurationError
 from ._faults import DroppedConnection
 from ._state import EVENT_STORES, LagoStore
-from ._util import JSON, UNAUTHORIZED, UTC, ApiError, FakeLagoError
+from ._util import JSON, UNAUTHORIZED, UTC, ApiError, FakeLagoError, TimedASGITransport
 
 __all__ = ["FakeLago", "RequestRecord", "WebhookDispatcher"]
 
@@ -325,7 +324,7 @@ class FakeLago:
         It keeps the request's read timeout as a socket would: an emulator slower than that (an injected
         ``latency_ms``) raises ``httpx.ReadTimeout``, as the served emulator does, instead of holding the caller.
         """
-        return _TimedASGITransport(app=self)
+        return TimedASGITransport(app=self)
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` bound to the emulator and already carrying the API key."""
@@ -793,18 +792,6 @@ class FakeLago:
             return JSONResponse(NOT_FOUND_BODY, status_code=404)
 
         return Starlette(routes=routes, exception_handlers={404: not_found_handler, 405: not_found_handler})
-
-
-class _TimedASGITransport(httpx.ASGITransport):
-    """``httpx.ASGITransport`` ignores timeouts: this one gives up at the request's read timeout, like a socket."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {}).get("read")
-        if timeout is None:
-            return await super().handle_async_request(request)
-        with anyio.move_on_after(timeout):
-            return await super().handle_async_request(request)
-        raise httpx.ReadTimeout(f"the emulator did not answer within the read timeout ({timeout:g} s)", request=request)
 
 
 def _group_param(request: Request, name: str) -> dict[str, list[Any]] | None:

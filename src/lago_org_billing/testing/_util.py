@@ -11,6 +11,9 @@ from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any, TypeVar
 
+import anyio
+import httpx
+
 from .._errors import InvalidRequestError
 
 JSON = dict[str, Any]
@@ -330,3 +333,18 @@ def _zero_page_size(name: str) -> ApiError:
         "paginate with an empty page size; give it a positive number, e.g. 12)"
     )
     return ApiError(500, {"status": 500, "errors": [{"message": message}], "data": {}})
+
+
+class TimedASGITransport(httpx.ASGITransport):
+    """``httpx.ASGITransport`` ignores timeouts: this one gives up at the request's read timeout, as a socket would
+    (the emulator's in-process transport, and its webhooks delivered to an app in process)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read")
+        if timeout is None:
+            return await super().handle_async_request(request)
+        with anyio.move_on_after(timeout):
+            return await super().handle_async_request(request)
+        raise httpx.ReadTimeout(
+            f"{request.url} did not answer within the read timeout ({timeout:g} s)", request=request
+        )

@@ -45,6 +45,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError
+from ._util import TimedASGITransport
 
 __all__ = [
     "CONTROL_PATH",
@@ -328,7 +329,7 @@ class WebhookDispatcher:
     def _client(self) -> tuple[httpx.AsyncClient, str]:
         if self.app is not None:
             # (a plain ASGITransport ignores timeouts: a receiver that hangs would hold the delivery for ever)
-            transport: httpx.AsyncBaseTransport = _TimedASGITransport(app=self.app)
+            transport: httpx.AsyncBaseTransport = TimedASGITransport(app=self.app)
             return httpx.AsyncClient(transport=transport, timeout=self.timeout), self.url or DEFAULT_APP_URL
         if self.url is None:
             raise ConfigurationError(
@@ -545,19 +546,6 @@ def _unprocessable(message: str) -> Response:
         {"status": 422, "error": "Unprocessable Entity", "code": "invalid_webhook_settings", "message": message},
         status_code=422,
     )
-
-
-class _TimedASGITransport(httpx.ASGITransport):
-    """Delivers to an ASGI app in process, giving up at the request's read timeout as a socket would (Lago's
-    ``LAGO_WEBHOOK_TIMEOUT_SECONDS``)."""
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {}).get("read")
-        if timeout is None:
-            return await super().handle_async_request(request)
-        with anyio.move_on_after(timeout):
-            return await super().handle_async_request(request)
-        raise httpx.ReadTimeout(f"the webhook receiver did not answer within {timeout:g} s", request=request)
 
 
 class WebhookMiddleware:
