@@ -12,6 +12,7 @@ made anew) is registered again by the next registration instead of exporting not
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -134,7 +135,9 @@ def test_a_json_error_on_several_lines_points_at_its_line_and_column() -> None:
 
 def test_a_json_error_on_one_line_shows_where() -> None:
     message = str(refused("LAGO_PLAN_LIMITS", '{"starter": {"max_api_calls": 300,}}'))
-    assert "column 35" in message and "300,}}" in message and "^" in message
+    # (Python 3.13's json says "Illegal trailing comma" at the comma; before, "Expecting property name" after it)
+    column = 34 if sys.version_info >= (3, 13) else 35
+    assert f"column {column}" in message and "300,}}" in message and "^" in message
     assert '{"starter": {"max_api_calls": 300' in message
 
 

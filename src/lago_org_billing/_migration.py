@@ -238,7 +238,7 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """Read a JSON (list of objects) or CSV (header ``user_id,org_id,org_name,email[,plan_code]``) mapping
     file; returns ``(location, record)`` pairs. Raises :class:`MappingError` when it cannot be read at all: not
     UTF-8 (the line named), empty, a CSV header or JSON object giving a column twice, a CSV quoted field running
-    over lines (a quote not closed: the rows after it would be read as that field)."""
+    over lines (a quote not closed: the rows after it would be read as that field), a CSV line ``csv`` cannot read."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -281,8 +281,17 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         if twice:
             raise MappingError(twice)
         return [(f"{path.name} item {index}", item) for index, item in enumerate(data, 1)]
+    # Python 3.10's csv refuses a NUL ("line contains NUL", out of the CLI as a traceback); 3.11 reads it as the
+    # character it is, named by the checks of the field it is in. The file is read with a character it does not hold
+    # in its place, put back in each field.
+    nul = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text), "\x00") if "\x00" in text else ""
+    if nul:
+        text = text.replace("\x00", nul)
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [name.strip() for name in next(reader, [])]
+    try:
+        header = [name.replace(nul, "\x00").strip() if nul else name.strip() for name in next(reader, [])]
+    except csv.Error as exc:
+        raise MappingError([_unreadable_csv(path, 1, reader.line_num, exc)]) from exc
     missing = [column for column in MAPPING_COLUMNS if column not in header]
     unknown = [column for column in header if column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
     doubled = [column for column in dict.fromkeys(header) if header.count(column) > 1]
@@ -299,10 +308,19 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     records: list[tuple[str, dict[str, Any]]] = []
     runaway: list[str] = []
     end = reader.line_num
-    for row in reader:
-        start, end = end + 1, reader.line_num  # (the line the row begins on: a quoted field may hold line breaks)
+    while True:
+        start = end + 1  # (the line the row begins on: a quoted field may hold line breaks)
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:  # (a quote not closed in a large file: a field over csv's limit)
+            raise MappingError([_unreadable_csv(path, start, reader.line_num, exc)]) from exc
+        if row is None:
+            break
+        end = reader.line_num
         if not row:  # a blank line
             continue
+        if nul:
+            row = [field.replace(nul, "\x00") for field in row]
         # (as csv.DictReader: the fields beyond the header under None, a short row's missing ones None)
         record: dict[str, Any] = dict(zip(header, row, strict=False))
         record.update({column: None for column in header[len(row) :]})
@@ -321,6 +339,16 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unreadable_csv(path: Path, start: int, end: int, exc: csv.Error) -> str:
+    """The problem of a CSV mapping file that ``csv`` cannot read from line ``start`` (stopped at line ``end``)."""
+    if "field limit" in str(exc) and end > start:
+        return (
+            f"{path.name} line {start}: a quoted field runs on to line {end} and beyond, longer than any name ({exc}): "
+            "a double quote opened and not closed? Close the quote, or remove it"
+        )
+    return f"{path.name} line {start}: not readable as CSV ({exc}); fix the line, or export the file again"
 
 
 def _not_utf8(path: Path, raw: bytes, exc: UnicodeDecodeError) -> str:
