@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Protocol
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
 from ._errors import ConfigurationError, QuotaExceededError
@@ -75,7 +75,7 @@ class QuotaGateProtocol(Protocol):
         """Stop background work."""
 
 
-async def require_quota(request: Request) -> QuotaDecision | None:
+async def require_quota(request: HTTPConnection) -> QuotaDecision | None:
     """Check the org's quota from inside the app, for apps that know the org only there (auth in a FastAPI
     dependency)::
 
@@ -87,9 +87,16 @@ async def require_quota(request: Request) -> QuotaDecision | None:
     :class:`QuotaExceededError`, which the middleware answers with the gate's 429/402, headers and problem body, as
     it would have before the app ran. Returns the decision (``None``: gating is off, the middleware gated the request
     already, or no org). Needs ``OrgBillingMiddleware`` around the app. Its only parameter is the request, so as a
-    FastAPI dependency it takes nothing from the client."""
+    FastAPI dependency it takes nothing from the client.
+
+    On a WebSocket connection (an ``APIRouter``'s ``dependencies=[...]`` cover its websocket routes too) it does
+    nothing and returns ``None``: WebSocket sessions pass through the middleware unbilled and ungated. (Typed
+    ``HTTPConnection`` so that FastAPI passes the connection for both: typed ``Request``, it failed every websocket
+    route it covered with a ``TypeError``.)"""
     billing = billing_scope(request)
     if billing is None:
+        if request.scope.get("type") == "websocket":
+            return None
         raise ConfigurationError(
             "require_quota() needs OrgBillingMiddleware around the app, and an HTTP request (none saw this one)."
         )
