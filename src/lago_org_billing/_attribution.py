@@ -23,7 +23,9 @@ next one):
 Token rules, to neither under- nor double-bill:
 
 - OpenAI ``prompt_tokens_details.cached_tokens`` / ``input_tokens_details.cached_tokens`` and
-  ``completion_tokens_details.reasoning_tokens`` are *subsets* of the prompt/completion counts: never added.
+  ``completion_tokens_details.reasoning_tokens`` are *subsets* of the prompt/completion counts: never added. Where
+  the total shows they are not (``total_tokens`` = prompt + completion + reasoning: xAI's Grok, gateways relaying
+  Gemini's thoughts in OpenAI's shape), the reasoning tokens are added to the output (what those providers bill).
 - Anthropic ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are *not* included in its
   ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
   reads at a discount in Lago if wanted, the split is not kept). Next to a ``prompt_tokens`` (the OpenAI shape
@@ -343,6 +345,16 @@ def _collect(payload: object, counts: _Counts) -> None:
         for key in _USAGE_KEYS:
             if key in usage and usage[key] is not None:
                 counts.latest[key] = usage[key]
+        if _OUTPUT_DETAILS[0] in usage or _OUTPUT_DETAILS[1] in usage or "completion_tokens" in usage:
+            # An OpenAI-style output count: its reasoning, kept to tell whether the total counts it apart (xAI's)
+            details = usage.get(_OUTPUT_DETAILS[0], usage.get(_OUTPUT_DETAILS[1]))
+            reasoning = details.get("reasoning_tokens") if isinstance(details, Mapping) else None
+            if reasoning is None:
+                counts.latest.pop(_REASONING, None)
+            else:
+                counts.latest[_REASONING] = reasoning
+        elif "output_tokens" in usage:  # (an Anthropic delta: no reasoning apart)
+            counts.latest.pop(_REASONING, None)
         if all(usage.get(key) is None for key in _TOTAL_KEYS):  # counts updated without a total: an earlier one is
             for key in _TOTAL_KEYS:  # stale
                 counts.latest.pop(key, None)
@@ -397,6 +409,12 @@ _USAGE_KEYS = (
     *_BEDROCK_KEYS,
     *_TOTAL_KEYS,
 )
+
+
+#: Where OpenAI-style usages detail their output (chat completions', the Responses API's), and the key under which
+#: their ``reasoning_tokens`` are kept in the raw counts.
+_OUTPUT_DETAILS = ("completion_tokens_details", "output_tokens_details")
+_REASONING = "\x00reasoning_tokens"
 
 
 def _sum(raw: Mapping[str, Any], keys: tuple[str, ...], source: str) -> int | None:
@@ -458,6 +476,14 @@ def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
     total_tokens = _tokens(raw.get("total_tokens"), source, "total_tokens")
     if total_tokens is not None:
         out["total_tokens"] = total_tokens
+        reasoning = raw.get(_REASONING)
+        if reasoning and input_tokens is not None:
+            # OpenAI's reasoning is a part of its completion (total = prompt + completion); xAI's, and Gemini's thoughts
+            # relayed in OpenAI's shape, are not (total = prompt + completion + reasoning): billed as output too
+            reasoning = _tokens(reasoning, source, "reasoning_tokens")
+            shown = output_tokens or 0
+            if reasoning and input_tokens + shown + reasoning == total_tokens:
+                out["output_tokens"] = shown + reasoning
     return out
 
 
@@ -1356,6 +1382,8 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
     if type(input_tokens) is int and type(output_tokens) is int and type(total) is int:  # the usual: OpenAI's three
         if min(input_tokens, output_tokens, total) < 0 or max(input_tokens, output_tokens, total) > MAX_TOKENS:
             return _payload_usage(payload)  # malformed: the general path logs it
+        if input_tokens + output_tokens != total:  # reasoning counted apart (xAI's)?: the general path's rules
+            return _payload_usage(payload)
         return model, input_tokens, output_tokens, total
     anthropic_shape = input_tokens is None
     if anthropic_shape:
@@ -1374,7 +1402,11 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
         return _payload_usage(payload)  # no counts (Bedrock's camelCase...): the general path's rules
     input_tokens = input_tokens or 0
     output_tokens = output_tokens or 0
-    return model, input_tokens, output_tokens, input_tokens + output_tokens if total is None else total
+    if total is None:
+        return model, input_tokens, output_tokens, input_tokens + output_tokens
+    if input_tokens + output_tokens != total:  # reasoning counted apart (xAI's Responses API)?: the general path's
+        return _payload_usage(payload)
+    return model, input_tokens, output_tokens, total
 
 
 #: A valid model name of a JSON body (:func:`_fast_json_usage`) -> the model billed (stripped; blank: none).
