@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 from starlette.types import Scope
 
 from ._errors import ConfigurationError
@@ -323,15 +324,31 @@ def _decoded(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def from_header(name: str, *, membership_check: MembershipCheck | None = None) -> Resolver:
+def from_header(
+    name: str, *, membership_check: MembershipCheck | None = None, membership_timeout: float | None = 5.0
+) -> Resolver:
     """Resolve from a request header (opt-in: a client can send any header value).
 
     The value is read as UTF-8 (else Latin-1, as browsers send it), and must be non-empty, at most 255 characters,
     without control characters, and not repeated with different values; anything else is ``None``.
     ``membership_check(scope, org_id)`` (sync or async) can confirm that the authenticated caller belongs to that
-    org; when it returns false the request is unresolved.
+    org; when it returns false, raises, answers anything but ``True``, or (async) does not answer within
+    ``membership_timeout`` seconds (5 by default; ``None`` waits without bound), the request is unresolved and
+    follows the middleware's unresolved-org policy (a timeout is logged once at WARNING, later ones at DEBUG). A
+    check doing I/O should be ``async``: a synchronous one blocks the event loop, and no timeout can stop it.
+    Answers are not cached: cache in the check if the lookup is costly (revoking a member then waits out your TTL).
     """
     raw_name = _header_name("from_header()", name)
+    if membership_timeout is not None and (
+        isinstance(membership_timeout, bool)
+        or not isinstance(membership_timeout, (int, float))
+        or not math.isfinite(membership_timeout)
+        or membership_timeout <= 0
+    ):
+        raise ConfigurationError(
+            f"from_header(membership_timeout=...) must be a positive number of seconds or None (no bound), "
+            f"got {membership_timeout!r}."
+        )
 
     def resolve_from_header(scope: Scope) -> str | None:
         value = _header_value(scope, raw_name)
@@ -347,7 +364,14 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
             return None
         allowed: object = check(scope, value)
         if inspect.isawaitable(allowed):
-            allowed = await allowed
+            if membership_timeout is None:
+                allowed = await allowed
+            else:
+                with anyio.move_on_after(membership_timeout) as waited:
+                    allowed = await allowed
+                if waited.cancelled_caught:
+                    _said_timeout(check, name, value, membership_timeout)
+                    return None
         if allowed is True:
             return value
         if allowed is not False:  # None (a forgotten return), a row, 1, numpy.bool_: only True admits
@@ -365,6 +389,22 @@ def from_header(name: str, *, membership_check: MembershipCheck | None = None) -
         return None
 
     return _clean_ids(resolve_from_header_checked)
+
+
+def _said_timeout(check: object, header: str, org_id: str, timeout: float) -> None:
+    said = (_resolver_name(check), "timed out")
+    if _first_time(said):
+        logger.warning(
+            "Membership check %s did not answer within %s s for org %r (header %s): the request is treated as "
+            "unresolved. Make the check faster (cache its answers) or raise from_header(membership_timeout=...). "
+            "Logged once per check, later ones at DEBUG.",
+            said[0],
+            timeout,
+            org_id,
+            header,
+        )
+    else:
+        logger.debug("Membership check %s timed out again, for org %r.", said[0], org_id)
 
 
 def _header_name(caller: str, name: object) -> bytes:
