@@ -1,0 +1,305 @@
+"""The in-process quota gate (default backend) through a SaaS's month, on the emulator: an upgrade mid-period (a
+blocked org allowed again after ``invalidate``), a downgrade (limits kept until the period end), a termination
+(402 after ``invalidate``), a subscription's entitlement override, the ``LAGO_PLAN_LIMITS`` fallback, and the
+``monitor`` and ``off`` modes through the middleware."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from _quota_app import Clock, seed
+from lago_org_billing import BillingSettings, LagoClient
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing.testing import FakeLago
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def fake(clock: Clock) -> FakeLago:
+    """org_1 on starter: 2 calls per period; pro: 10,000; legacy: no entitlements."""
+    return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=2)
+
+
+@pytest.fixture
+async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
+    settings = BillingSettings(
+        api_url=fake.base_url, api_key="k", max_retries=0, plan_limits={"legacy": {"max_api_calls": 1}}
+    )
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        yield lago
+
+
+async def use_up(gate: QuotaGate, org_id: str, calls: int) -> None:
+    for _ in range(calls):
+        decision = await gate.check(org_id)
+        assert decision.allowed, decision
+        gate.settle(org_id, decision, tokens=0, billed=True)
+
+
+def limit(decision: Any) -> str | None:
+    return dict((k.decode(), v.decode()) for k, v in decision.headers).get("ratelimit-limit")
+
+
+async def test_an_upgrade_mid_period_unblocks_after_invalidate(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_1", 2)
+        blocked = await gate.check("org_1")
+        assert (blocked.allowed, blocked.status) == (False, 429)
+        clock.advance(3600)
+        fake.add_subscription("org_1", "pro")  # upgrade: at once
+        await gate.invalidate("org_1")
+        decision = await gate.check("org_1")
+        assert decision.allowed, decision
+        assert limit(decision) == "10000"
+        assert (await gate.get_org_plan_limits("org_1"))["plan_code"] == "pro"
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
+async def test_a_downgrade_keeps_the_current_limits_until_the_period_end(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    fake.add_customer("org_2")
+    fake.add_subscription("org_2", "pro")
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_2", 3)
+        clock.advance(3600)
+        fake.add_subscription("org_2", "starter")  # downgrade: at the period end
+        await gate.invalidate("org_2")
+        decision = await gate.check("org_2")
+        assert decision.allowed, decision
+        assert limit(decision) == "10000"
+        assert (await gate.get_org_plan_limits("org_2"))["plan_code"] == "pro"
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
+async def test_a_termination_mid_period_is_402_after_invalidate(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_1", 1)
+        clock.advance(60)
+        fake.store.terminate_subscription("org_1", {})
+        await gate.invalidate("org_1")
+        decision = await gate.check("org_1")
+        assert (decision.allowed, decision.status) == (False, 402)
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
+async def test_a_subscription_override_raises_one_orgs_limit(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    fake.add_customer("org_2")
+    fake.add_subscription("org_2", "starter")
+    fake.store.patch_sub_entitlements("org_2", None, {"entitlements": {"api_quota": {"max_api_calls": 5}}})
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        assert limit(await gate.check("org_2")) == "5"
+        assert limit(await gate.check("org_1")) == "2"
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
+async def test_plan_limits_fallback_for_a_plan_without_entitlements(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    fake.add_customer("org_3")
+    fake.add_subscription("org_3", "legacy")
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_3", 1)
+        decision = await gate.check("org_3")
+        assert (decision.allowed, decision.status) == (False, 429)
+        assert (await gate.get_org_plan_limits("org_3"))["source"] == "plan_limits"
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
+def middleware_for(fake: FakeLago, lago: LagoClient, clock: Clock, mode: str = "enforce") -> Any:
+    from lago_org_billing import OrgBillingMiddleware
+
+    settings = lago.settings.replace(org_header="X-Org-Id", quota_mode=mode)
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    gate = None
+    if mode != "off":
+        gate = QuotaGate(settings, lago, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    app = Starlette(routes=[Route("/v1/chat", ok)])
+    if gate is None:
+        return OrgBillingMiddleware(app, settings, client=lago), None
+    return OrgBillingMiddleware(app, settings, quota=gate, client=lago), gate
+
+
+@pytest.mark.parametrize("later", [1, 60])
+async def test_an_upgrade_through_the_middleware_starts_the_new_plan_with_lagos_count(
+    client: LagoClient, fake: FakeLago, clock: Clock, later: int
+) -> None:
+    middleware, gate = middleware_for(fake, client, clock)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+        for _ in range(2):
+            assert (await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})).status_code == 200
+        assert await middleware.pipeline.flush(5)
+        assert (await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})).status_code == 429
+        clock.advance(later)
+        fake.add_subscription("org_1", "pro")
+        await gate.invalidate("org_1")
+        response = await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})
+    await middleware.aclose()
+    assert response.status_code == 200
+    assert response.headers["ratelimit-limit"] == "10000"
+    assert response.headers["ratelimit-remaining"] == "9999"
+
+
+async def test_monitor_mode_reports_a_terminated_subscription_without_blocking(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    middleware, gate = middleware_for(fake, client, clock, "monitor")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+        for _ in range(3):
+            assert (await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})).status_code == 200
+        fake.store.terminate_subscription("org_1", {})
+        await gate.invalidate("org_1")
+        response = await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})
+    await middleware.aclose()
+    assert response.status_code == 200
+    assert gate.stats["would_block"] == 2 and gate.stats["blocked"] == 0
+
+
+async def test_off_mode_never_reads_lago_for_quota(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
+    middleware, _ = middleware_for(fake, client, clock, "off")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as http:
+        statuses = [(await http.get("/v1/chat", headers={"X-Org-Id": "org_1"})).status_code for _ in range(4)]
+        assert await middleware.pipeline.flush(5)
+    await middleware.aclose()
+    assert statuses == [200] * 4
+    assert not [r for r in fake.requests if r.method == "GET"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed: a provisional snapshot's refresh reads usage only, by design (test_quota_rollover asserts "
+    "it: it keeps Lago calls at the period boundary down); without a webhook the downgrade applies within "
+    "LAGO_QUOTA_PLAN_TTL",
+)
+async def test_a_downgrade_unseen_before_the_rollover_applies_at_the_first_refresh_of_the_new_period() -> None:
+    """pro (10,000 calls) read at 23:58; a downgrade to starter (2 calls) is scheduled then, no webhook wired to
+    ``invalidate``. At the boundary the provisional April snapshot (pro's limits) decides at once, as it should, but
+    its refresh read only the usage: the org kept pro's limits in April, on Lago's starter plan, until ``plan_ttl``
+    (4 requests allowed, plan_code ``pro``). Not fixed here: reading the subscription in a provisional snapshot's
+    refresh (``fetch``: not ``previous.version.endswith("+")``) contradicts test_quota_rollover's usage-only reads."""
+    clock = Clock(dt.datetime(2026, 3, 31, 23, 58, tzinfo=dt.timezone.utc))
+    fake = seed(FakeLago(api_key="k", clock=clock.now), starter_calls=2)
+    fake.add_customer("org_2")
+    fake.add_subscription("org_2", "pro")
+    settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(gate.run)
+            assert (await gate.check("org_2")).allowed
+            fake.add_subscription("org_2", "starter")  # a downgrade: at the period end
+            clock.at = dt.datetime(2026, 4, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
+            first = await gate.check("org_2")  # provisional: allowed at once
+            assert first.allowed
+            gate.settle("org_2", first, tokens=0, billed=True)
+            while gate._refreshing:  # its refresh (started by that request) done
+                for event in list(gate._refreshing.values()):
+                    await event.wait()
+            clock.advance(1)
+            decisions = []
+            for _ in range(3):
+                decision = await gate.check("org_2")
+                gate.settle("org_2", decision, tokens=0, billed=True)
+                decisions.append(decision.allowed)
+            plan = (await gate.get_org_plan_limits("org_2"))["plan_code"]
+            tasks.cancel_scope.cancel()
+        await gate.aclose()
+    assert plan == "starter"
+    assert decisions == [True, False, False]
+
+
+async def refreshed(gate: QuotaGate) -> None:
+    while gate._refreshing:
+        for event in list(gate._refreshing.values()):
+            await event.wait()
+
+
+async def test_an_upgrade_without_a_webhook_is_seen_at_the_next_usage_refresh(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    """No ``invalidate``: the usage read after the TTL shows a period begun within the known one (the subscription was
+    replaced), so the plan is read again: the blocked org is allowed on pro's limit."""
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_1", 2)
+        assert not (await gate.check("org_1")).allowed
+        clock.advance(3600)
+        fake.add_subscription("org_1", "pro")
+        await gate.check("org_1")  # due: its refresh starts
+        await refreshed(gate)
+        decision = await gate.check("org_1")
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+    assert decision.allowed and limit(decision) == "10000"
+
+
+async def test_a_termination_without_a_webhook_is_402_after_the_next_usage_refresh(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_1", 1)
+        clock.advance(3600)
+        fake.store.terminate_subscription("org_1", {})
+        await gate.check("org_1")
+        await refreshed(gate)
+        decision = await gate.check("org_1")
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+    assert (decision.allowed, decision.status) == (False, 402)
+
+
+async def test_an_override_patched_mid_period_applies_after_invalidate(
+    client: LagoClient, fake: FakeLago, clock: Clock
+) -> None:
+    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        await use_up(gate, "org_1", 2)
+        assert not (await gate.check("org_1")).allowed
+        fake.store.patch_sub_entitlements("org_1", None, {"entitlements": {"api_quota": {"max_api_calls": 4}}})
+        await gate.invalidate("org_1")
+        decision = await gate.check("org_1")
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+    assert decision.allowed and limit(decision) == "4"
