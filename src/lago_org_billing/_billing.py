@@ -830,7 +830,7 @@ class OrgBilling:
                 result["error"] = str(body.get("details") or body.get("message"))
         if result["healthy"]:  # Lago's /health needs no key: one authenticated call checks the key too
             try:
-                await self.client._request("GET", "/customers", params={"page": "1", "per_page": "1"}, retry=retry)
+                await self.client.list_customers(per_page=1, retry=retry)
             except LagoIntegrationError as exc:
                 result["healthy"] = False
                 what = "refuses this API key" if isinstance(exc, LagoAuthenticationError) else "an API call failed"

@@ -235,10 +235,11 @@ class LagoClient:
         """Update some fields of an existing customer (an upsert keyed by ``external_id``)."""
         return await self.upsert_customer({**fields, "external_id": external_id})
 
-    async def list_customers(self, *, page: int = 1, per_page: int = 100, **filters: Any) -> Page:
-        """``GET /customers`` (one page). ``filters`` are Lago's query parameters (``search_term``...)."""
+    async def list_customers(self, *, page: int = 1, per_page: int = 100, retry: bool = True, **filters: Any) -> Page:
+        """``GET /customers`` (one page). ``filters`` are Lago's query parameters (``search_term``...); ``retry=False``:
+        one attempt."""
         params = _params(filters, page=page, per_page=per_page)
-        return Page.from_body(await self._request("GET", "/customers", params=params), "customers")
+        return Page.from_body(await self._request("GET", "/customers", params=params, retry=retry), "customers")
 
     def iter_customers(self, *, per_page: int = 100, **filters: Any) -> AsyncIterator[JSON]:
         """Every customer, page after page."""
