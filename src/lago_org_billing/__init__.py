@@ -8,6 +8,8 @@ middleware's modules then): importing the package, as pytest does in every run o
 from __future__ import annotations
 
 import importlib
+import sys
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -120,19 +122,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # (found at once from now on)
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
-
 __all__ = [
     "__version__",
     "attribute_usage",
@@ -186,3 +175,27 @@ __all__ = [
     "Usage",
     "WebhookEvent",
 ]
+
+
+def _lazy_exports(
+    package: str, exports: Mapping[str, str], public: Collection[str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """The module ``__getattr__`` and ``__dir__`` of ``package``: a name of ``exports`` (name -> the relative module
+    defining it) is imported at its first use, then kept in the package (found at once from then on); ``dir()`` lists
+    ``public`` too. Any other name is an ``AttributeError``, as usual."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *public})
+
+    return __getattr__, __dir__
+
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

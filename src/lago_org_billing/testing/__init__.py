@@ -12,8 +12,9 @@ client, keeps everything in memory and exposes the state for assertions::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .. import _lazy_exports
 
 if TYPE_CHECKING:
     from ._emulator import FakeLago, RequestRecord, WebhookDispatcher
@@ -30,15 +31,4 @@ _EXPORTS = {
     "WebhookDispatcher": "._emulator",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
