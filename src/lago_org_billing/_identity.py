@@ -449,35 +449,36 @@ def from_jwt_claim(
     set, keys rotated by ``kid``: Auth0, Clerk, Cognito, Keycloak, Okta); passing both or neither is a
     :class:`ConfigurationError`.
 
-    ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used);
-    a public key or certificate as bare base64 DER (Keycloak's "Public key" / "Certificate", a JWKS ``x5c``) is
-    loaded as the public key too, never taken as an HMAC secret; so are a PEM whose line breaks were written as
+    ``key`` is the HMAC secret, the PEM public key, or the issuer's X.509 certificate PEM (its public key is used); a
+    public key or certificate as bare base64 DER (Keycloak's "Public key" / "Certificate", a JWKS ``x5c``) or as hex DER
+    is loaded as the public key too, never taken as an HMAC secret; so are a PEM whose line breaks were written as
     ``\\n`` (env vars) and a JWK as JSON (one key of the issuer's ``jwks_uri``). It is loaded once, here, for each of
     ``algorithms``; those it cannot verify with are dropped (an HMAC algorithm with a public key is the classic
-    algorithm-confusion attack; an RSA algorithm with an EC key can never verify). What could never verify a token
-    is a :class:`ConfigurationError` saying what to pass: no algorithm left, a private key, ``algorithms`` given as
-    a string or with an unknown name, ``none``, an empty ``audience`` or ``issuer`` (or list of them), a ``claim``
-    that is not a str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0. Expiry (``exp``), ``nbf``,
-    ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed,
-    badly signed or expired token resolves to ``None``. A ``claim`` with dots that no claim is named after reads a
-    nested one (``"o.id"`` for ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under an opaque
-    id: never the key), so resolving the org and the user from the same token verifies it once.
+    algorithm-confusion attack; an RSA algorithm with an EC key can never verify). What could never verify a token is a
+    :class:`ConfigurationError` saying what to pass: no algorithm left, a private key, ``algorithms`` given as a string
+    or with an unknown name, ``none``, an empty ``audience`` or ``issuer`` (or list of them), a ``claim`` that is not a
+    str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0. Expiry (``exp``), ``nbf``, ``audience`` and
+    ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed, badly signed or expired
+    token resolves to ``None``. A ``claim`` with dots that no claim is named after reads a nested one (``"o.id"`` for
+    ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under an opaque id: never the key), so
+    resolving the org and the user from the same token verifies it once.
 
     ``jwks_url`` is the https URL of the issuer's JWKS (its ``jwks_uri``, e.g.
     ``https://YOUR_DOMAIN/.well-known/jwks.json``; plain http is refused but on a loopback host, since whoever sits on
-    the path could swap in a key of their own). The set is fetched asynchronously with httpx (with ``jwks_client``
-    when given, an ``httpx.AsyncClient`` of yours: proxies, CA bundle, tests), never blocking the event loop, on the
-    first token, and its keys are cached by ``kid``. A token whose ``kid`` is not cached (the issuer rotated its keys)
-    makes it be fetched again, at most once per ``jwks_refresh_interval`` seconds (60) whatever the number of such
-    tokens; the set is fetched again too when a token comes after ``jwks_max_age`` seconds (3600), so retired keys
-    stop verifying. Concurrent requests share one fetch in flight. A failed fetch (logged once until one succeeds)
-    keeps the cached keys: tokens of a known ``kid`` still verify. A token without ``kid`` verifies only when the set
-    has exactly one usable key. Only public signature keys of ``algorithms`` are used: symmetric (``oct``) keys,
-    private keys, ``use: enc`` keys, keys whose ``alg`` is not allowed and unknown kinds are skipped, and HMAC
-    algorithms never apply (``algorithms`` of HMAC ones only is a :class:`ConfigurationError`; the default keeps
-    ``RS256``). The resolver answers synchronously once the keys are cached (as cheap as ``key``), and returns an
-    awaitable only when it must fetch (the billing middleware awaits it; ``get_current_org()`` does not, and sees
-    the org the middleware resolved). Audience, issuer, leeway, nested claims and the per-request claims cache work
+    the path could swap in a key of their own). The set is fetched asynchronously with httpx (with ``jwks_client`` when
+    given, an ``httpx.AsyncClient`` of yours: proxies, CA bundle, tests), never blocking the event loop, on the first
+    token, and its keys are cached by ``kid``. A token whose ``kid`` is not cached (the issuer rotated its keys) makes
+    it be fetched again, at most once per ``jwks_refresh_interval`` seconds (60) whatever the number of such tokens; the
+    set is fetched again too when a token comes after ``jwks_max_age`` seconds (3600), so retired keys stop verifying.
+    Concurrent requests share one fetch in flight. A fetch never follows a redirect (not even with a ``jwks_client``
+    that follows them), and fails when its answer is not complete within 10 s or exceeds 1 MiB. A failed fetch (logged
+    once until one succeeds) keeps the cached keys: tokens of a known ``kid`` still verify. A token without ``kid``
+    verifies only when the set has exactly one usable key. Only public signature keys of ``algorithms`` are used:
+    symmetric (``oct``) keys, private keys, ``use: enc`` keys, keys whose ``alg`` is not allowed and unknown kinds are
+    skipped, and HMAC algorithms never apply (``algorithms`` of HMAC ones only is a :class:`ConfigurationError`; the
+    default keeps ``RS256``). The resolver answers synchronously once the keys are cached (as cheap as ``key``), and
+    returns an awaitable only when it must fetch (the billing middleware awaits it; ``get_current_org()`` does not, and
+    sees the org the middleware resolved). Audience, issuer, leeway, nested claims and the per-request claims cache work
     as with ``key``.
 
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
@@ -901,20 +902,30 @@ def _jwt_jwk_key(raw: bytes) -> Any:
 
 
 _BASE64_KEY = re.compile(rb"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+_HEX_KEY = re.compile(rb"30(?:[0-9A-Fa-f:]|\s)+")
 
 
 def _jwt_bare_der_key(raw: bytes) -> Any:
     """The key object of a public key, certificate (its public key) or private key given as bare base64 DER, without
-    the PEM lines: how Keycloak shows a realm's "Public key" and "Certificate", and what a JWKS ``x5c`` holds.
-    PyJWT loads none of them, and takes them as an HMAC *secret*: with HS256 allowed (the default), anyone who read
-    the public key could sign tokens for any org. ``None`` for anything else (an HMAC secret, even in base64)."""
+    the PEM lines: how Keycloak shows a realm's "Public key" and "Certificate", and what a JWKS ``x5c`` holds; or
+    that DER in hex (``xxd -p``, keystore and HSM exports). PyJWT loads none of them, and takes them as an HMAC
+    *secret*: with HS256 allowed (the default), anyone who read the public key could sign tokens for any org.
+    ``None`` for anything else (an HMAC secret, even in base64 or hex: random bytes are no DER key)."""
     text = raw.strip()
-    if len(text) < 64 or not text.startswith(b"M") or not _BASE64_KEY.fullmatch(text):  # DER: a SEQUENCE, 0x30
+    if len(text) < 64:
         return None
-    compact = b"".join(text.split()).rstrip(b"=").translate(bytes.maketrans(b"-_", b"+/"))  # (or base64url)
-    try:
-        der = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
-    except ValueError:
+    if _HEX_KEY.fullmatch(text):  # DER: a SEQUENCE, 0x30
+        try:
+            der = bytes.fromhex(b"".join(text.replace(b":", b"").split()).decode("ascii"))
+        except ValueError:
+            return None
+    elif text.startswith(b"M") and _BASE64_KEY.fullmatch(text):  # (0x30 in base64)
+        compact = b"".join(text.split()).rstrip(b"=").translate(bytes.maketrans(b"-_", b"+/"))  # (or base64url)
+        try:
+            der = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
+        except ValueError:
+            return None
+    else:
         return None
     if not _is_der_sequence(der):  # random bytes (a secret in base64): not even shaped like a key
         return None

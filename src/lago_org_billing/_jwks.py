@@ -3,9 +3,12 @@ asynchronously (never blocking the event loop), its usable keys cached by ``kid`
 
 A token whose ``kid`` is not cached makes the set be fetched again, at most once per ``refresh_interval``; the set is
 also fetched again when a token comes after ``max_age``. Concurrent requests share the fetch in flight. A failed fetch
-keeps the cached keys (logged once until a fetch succeeds). Only public signature keys of the allowed algorithms are
-kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys and unknown kinds are skipped, so an HMAC algorithm
-never verifies with a published key (the algorithm-confusion attack).
+keeps the cached keys (logged once until a fetch succeeds). A fetch is bounded: redirects are never followed (not even
+by a ``jwks_client`` that follows them: to plain http or another host, whoever answers there would choose the keys), the
+answer is read up to :data:`_MAX_BYTES` (decoded) and must be complete within :data:`_DEADLINE` seconds (a server that
+drips its answer keeps every read under httpx's per-read timeout, and a request waits for the fetch). Only public
+signature keys of the allowed algorithms are kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys and unknown
+kinds are skipped, so an HMAC algorithm never verifies with a published key (the algorithm-confusion attack).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ _clock = time.monotonic
 
 #: Timeout of a fetch with the built-in client (a request waits for the first one).
 _TIMEOUT = httpx.Timeout(5.0)
+
+#: Seconds a whole fetch may take, whatever the client (read when fetching: tests shorten it).
+_DEADLINE = 10.0
+
+#: Bytes of a JWKS answer read at most, once decoded (a JWKS is a few KB; a gzip bomb expands a thousandfold).
+_MAX_BYTES = 1 << 20
 
 #: A JWK member that only a private key has.
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
@@ -160,15 +169,17 @@ class JwksKeys:
     def _unknown(self, kid: str | None, alg: str) -> None:
         said = "kid" if kid is not None else "no kid"
         if said in _refusals_said:
-            logger.debug("Bearer token refused: kid %r (%s) is not in the JWKS at %s.", kid, alg, self.url)
+            logger.debug("Bearer token refused: kid %.100r (%s) is not in the JWKS at %s.", kid, alg, self.url)
             return
         _refusals_said.add(said)
         if kid is None:
             reason = "it has no kid, and the JWKS has not exactly one usable key"
         elif self._fetched_at is None:
-            reason = f"its kid {kid!r} cannot be checked: the JWKS could not be fetched yet"
-        else:
-            reason = f"its kid {kid!r} ({alg}) is not among the JWKS's usable keys {sorted({k for k, _ in self._keys})}"
+            reason = f"its kid {kid!r:.100} cannot be checked: the JWKS could not be fetched yet"
+        else:  # (a kid is the client's: shown cut to 100 characters)
+            reason = (
+                f"its kid {kid!r:.100} ({alg}) is not among the JWKS's usable keys {sorted({k for k, _ in self._keys})}"
+            )
         logger.warning(
             "A bearer token was refused by from_jwt_claim: %s (%s; fetched again at most every %g s for an unknown "
             "kid). Check that jwks_url is your issuer's jwks_uri and algorithms the ones it signs with. Later "
@@ -211,15 +222,23 @@ class JwksKeys:
 
     async def _fetch(self) -> None:
         try:
-            response = await self._get()
-            if response.status_code != 200:
-                where = response.headers.get("location")
-                moved = f" redirecting to {where}: pass that URL as jwks_url" if where else ""
-                raise _FetchError(f"HTTP {response.status_code}{moved}")
             try:
-                data = response.json()
-            except ValueError as exc:
-                raise _FetchError(f"the answer is not JSON ({exc})") from None
+                with anyio.fail_after(_DEADLINE):
+                    status, where, body = await self._get()
+            except TimeoutError:
+                raise _FetchError(f"no complete answer within {_DEADLINE:g} s") from None
+            if status != 200:
+                moved = (
+                    f" redirecting to {where[:200]} (never followed: pass the URL it points to as jwks_url, if it is "
+                    "your issuer's https jwks_uri)"
+                    if where
+                    else ""
+                )
+                raise _FetchError(f"HTTP {status}{moved}")
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
+                raise _FetchError(f"the answer is not JSON ({str(exc)[:200]})") from None
             keys, single = self._load(data)
         except Exception as exc:  # httpx's errors, a bad answer: the cached keys stay
             self._failed(exc)
@@ -231,14 +250,29 @@ class JwksKeys:
             self._failures = 0
         logger.debug("JWKS at %s fetched: %d usable key(s).", self.url, len({k for k, _ in keys}))
 
-    async def _get(self) -> httpx.Response:
-        headers = {"Accept": "application/json"}
+    async def _get(self) -> tuple[int, str | None, bytes]:
+        """``(status, location, body)`` of the JWKS URL; the body of a 200 only, at most :data:`_MAX_BYTES`."""
         if self._client is not None:
-            return await self._client.get(self.url, headers=headers)
+            return await self._read(self._client)
         if self._ssl is None:  # (loading the CA bundle reads files: done once, off the event loop)
             self._ssl = await anyio.to_thread.run_sync(httpx.create_ssl_context)
         async with httpx.AsyncClient(verify=self._ssl, timeout=_TIMEOUT, follow_redirects=False) as client:
-            return await client.get(self.url, headers=headers)
+            return await self._read(client)
+
+    async def _read(self, client: httpx.AsyncClient) -> tuple[int, str | None, bytes]:
+        headers = {"Accept": "application/json"}
+        async with client.stream("GET", self.url, headers=headers, follow_redirects=False) as response:
+            if response.status_code != 200:
+                return response.status_code, response.headers.get("location"), b""
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > _MAX_BYTES:
+                    raise _FetchError(
+                        f"the answer is larger than {_MAX_BYTES >> 10} KiB, which no key set is (a JWKS is a few "
+                        "KB): check that jwks_url is your issuer's jwks_uri"
+                    )
+            return 200, None, bytes(body)
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
@@ -337,7 +371,7 @@ def _parse_header(segment: str) -> tuple[str | None, str] | None:
     """``(kid, alg)`` of a JWT's header segment; ``None`` when malformed."""
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError, binascii.Error, RecursionError):  # (JSON nested thousands deep: anyone sends it)
         return None
     if not isinstance(header, dict):
         return None
