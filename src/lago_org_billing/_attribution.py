@@ -901,15 +901,18 @@ class UsageRecorder:
         """Drop the oversized line that begins with ``start``, up to its end; its event too if it is data."""
         self._partial = b""
         self._discarding = True
-        self._discarded_data = start[:4] == b"data"
-        if self._ndjson:  # a document over the cap, dropped (its usage with it)
-            _cap_exceeded("stream event")
+        self._discarded_data = start[:4] == b"data" or self._ndjson
+        if self._ndjson:  # a document over the cap, dropped: its first bytes kept for its model (see _oversized)
+            self._head = bytearray(start[:_JSON_END])
         self._tail = start[-_TAIL:] if self._discarded_data else b""
 
     def _oversized(self, tail: bytes) -> None:
         """An event whose data are over the cap is dropped (its data not kept, not parsed), but a usage object at its
         end is read from its last bytes ``tail``: the event closing a streamed image generation (Images API, the
         Responses API's image_generation tool) carries the image in base64, megabytes, and the usage after it."""
+        if self._ndjson:
+            self._oversized_document(bytes(self._head), tail)
+            return
         self._data_lines.clear()
         self._event = _SKIP
         self._tail = b""
@@ -928,13 +931,29 @@ class UsageRecorder:
                     return
         _cap_exceeded("stream event")
 
+    def _oversized_document(self, head: bytes, tail: bytes) -> None:
+        """A newline-delimited JSON document over the cap is dropped (not parsed), but Ollama's counts closing it are
+        read from its last bytes ``tail``: the last line of a generation carries its ``context`` (a token id per token
+        of the conversation, a client's choice) before them; its model from earlier lines, or its first bytes."""
+        counts = self._counts
+        if counts is not None:
+            model: object = counts.model
+            if not _good_model(model):
+                model = _leading_members(head.decode("utf-8", "replace")).get("model")
+            payload = _ollama_closing(tail.decode("utf-8", "replace"), model)
+            if payload is not None:
+                counts.answer = True
+                _collect(payload, counts)
+                return
+        _cap_exceeded("stream event")
+
     def _line(self, line: bytes) -> None:
         if not line:
             self._dispatch()
             return
         if self._ndjson:  # newline-delimited JSON (Ollama's streams): each line is one document
             if len(line) > self._config.max_body_bytes:
-                _cap_exceeded("stream event")
+                self._oversized_document(line[:_JSON_END], line[-_TAIL:])
                 return
             if b'"done"' not in line:  # not a line of Ollama's answer (an export's records): not read
                 return
@@ -1157,6 +1176,12 @@ class UsageRecorder:
             meta = members.get("meta") if members is not None else None
             if members is not None and isinstance(meta, dict):
                 members["usage"] = _cohere_units(meta)
+        if members is None:  # Ollama's (an embedding of many inputs, a generation with a long context)
+            ollama = _ollama_closing(last, _leading_members(head.decode("utf-8", "replace")).get("model"))
+            if ollama is not None:
+                read = _Counts()
+                _collect(ollama, read)
+                return _resolve_counts(read, "json", model_needs_usage=True), "json"
         usage = members.get("usage") if members is not None else None
         if members is None or not isinstance(usage, dict):
             _cap_exceeded("JSON body")
@@ -1170,6 +1195,21 @@ class UsageRecorder:
         counts = _Counts()
         _collect({"model": model if isinstance(model, str) else None, "usage": usage}, counts)
         return _resolve_counts(counts, "json", model_needs_usage=True), "json"
+
+
+def _ollama_closing(last: str, model: object) -> dict[str, Any] | None:
+    """Ollama's answer (or its stream's last line) over the cap, as :func:`_collect` reads it whole: the members that
+    close it from its ``total_duration`` on (its durations and counts, after the vectors of an embedding or a
+    generation's ``context``), read from its last characters ``last``, with its ``model`` (a string: its first
+    member); ``None`` unless they hold a token count."""
+    if type(model) is not str:
+        return None
+    members = _closing_members(last.rstrip(" \t\n\r"), "total_duration", len(last), _CLOSING)
+    if members is None or type(members.get("total_duration")) is not int:
+        return None
+    if type(members.get("prompt_eval_count")) is not int and type(members.get("eval_count")) is not int:
+        return None
+    return {**members, "model": model, "done": True}
 
 
 def _gemini_last_chunk(last: str, head: bytes) -> dict[str, Any] | None:

@@ -355,15 +355,22 @@ class OrgBillingMiddleware:
             billing["middleware"] = None  # not this one's: an inner billing middleware may bill it
             await self.app(scope, receive, send)
             return
+        preflight = False
         if scope["method"] == "OPTIONS" and _is_preflight(scope["headers"]):
             # A browser's CORS preflight: sent on its own before a cross-origin call, without credentials or the
             # custom headers' values. Not an API call (billed, it would double the browser's calls), and a 401/429
             # answer without the CORS middleware's headers would fail the real call in the browser.
-            self.stats["preflight"] += 1
-            billing["middleware"] = None  # as an excluded path: an inner billing middleware passes it on too
-            await self.app(scope, receive, send)
-            return
-        self.stats["requests"] += 1
+            if self._preflights_answered_inside():  # a CORSMiddleware inside answers it: the app never sees it
+                self.stats["preflight"] += 1
+                billing["middleware"] = None  # as an excluded path: an inner billing middleware passes it on too
+                await self.app(scope, receive, send)
+                return
+            # Else whoever answers it is told by its answer (see _PreflightWatcher): a CORS middleware further in (under
+            # a Mount, not Starlette's), not billed; an endpoint taking OPTIONS (a client's call in a preflight's
+            # shape), an API call like any other: gated, billed, rejected without an org (its answer replaced then).
+            preflight = True
+        else:
+            self.stats["requests"] += 1
         started = time.time()
         identity = self._identify(scope) if self._identify is not None else None
         if identity is None:
@@ -378,29 +385,37 @@ class OrgBillingMiddleware:
         else:
             _publish(scope, billing, org_id, user_id)
         if org_id is None:
-            if self.on_unresolved == "reject":
+            if self.on_unresolved == "reject" and not preflight:
                 self.stats["unresolved"] += 1
                 billing[_COPIES] = None  # (the request is over: see _Billing)
                 await self._reject(scope, receive, send)
                 return
-            await self._call_unresolved(scope, receive, send, started, root_path)
+            await self._call_unresolved(scope, receive, send, started, root_path, preflight)
             return
         if took_over and not self._claim(billing):  # (the one waiting around it bills nothing, gates nothing)
             await self.app(scope, receive, send)  # pragma: no cover - an org found before the app is found first
             return
 
         decision: QuotaDecision | None = None
-        watcher = self._watcher(scope, self.attribution, send)
+        watcher = (
+            self._watcher(scope, self.attribution, send) if not preflight else _PreflightWatcher(scope, self, send)
+        )
         if quota is not None:
             decision = self._check_now(org_id) if self._check_now is not None else None
             if decision is None:
                 decision = await quota.check(org_id)
             if not decision.allowed:
-                self.stats["blocked"] += 1
-                billing[_COPIES] = None  # (the request is over: see _Billing)
-                await self._outward(decision.response(), expose=True)(scope, receive, send)
-                return
-            watcher.extra_headers = decision.headers
+                if not preflight:
+                    self.stats["blocked"] += 1
+                    billing[_COPIES] = None  # (the request is over: see _Billing)
+                    await self._outward(decision.response(), expose=True)(scope, receive, send)
+                    return
+                assert isinstance(watcher, _PreflightWatcher)  # the gate's answer, unless a CORS middleware's
+                watcher.on_start = watcher.replaced_unless_cors(
+                    self._outward(decision.response(), expose=True), scope, receive
+                )
+            else:
+                watcher.extra_headers = decision.headers
         self._in_flight += 1
         try:
             await self.app(scope, receive, watcher)
@@ -422,7 +437,9 @@ class OrgBillingMiddleware:
                         org_id, user_id, decision = self._authenticated_late(
                             state, org_id, user_id, decision, scope, watcher, root_path
                         )
-                if self._shared_first_seen is None:
+                if preflight and self._preflight_unbilled(org_id, decision, watcher):
+                    pass
+                elif self._shared_first_seen is None:
                     self._record(scope, org_id, user_id, watcher, started, root_path, decision)
                 else:
                     await self._share_and_record(scope, org_id, user_id, watcher, started, root_path, decision)
@@ -430,6 +447,33 @@ class OrgBillingMiddleware:
                 self._in_flight -= 1
                 if self._all_recorded is not None and not self._in_flight:
                     self._all_recorded.set()
+
+    def _preflights_answered_inside(self) -> bool:
+        """Whether a Starlette ``CORSMiddleware`` is among the middlewares inside this one (down to the app's router):
+        it answers every CORS preflight itself (OPTIONS with ``Origin`` and ``Access-Control-Request-Method``, as
+        :func:`_is_preflight` tells them), so none reaches an endpoint."""
+        cors = self._cors
+        if cors is None:
+            found = _inner_cors(self.app)
+            if found is None:  # a Starlette app not built yet, declaring none: none in it
+                return False
+            cors = self._cors = found
+        return cors is not False
+
+    def _preflight_unbilled(self, org_id: str, decision: QuotaDecision | None, watcher: _ResponseWatcher) -> bool:
+        """The end of a request in a CORS preflight's shape that no Starlette ``CORSMiddleware`` inside answered:
+        whether it is left unbilled (a CORS middleware's preflight answer, or the gate's answer that replaced an
+        endpoint's); else it was an API call, billed as one."""
+        if getattr(watcher, "cors", False):
+            self.stats["preflight"] += 1
+            if decision is not None and decision.allowed and self.quota is not None:
+                self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
+            return True
+        self.stats["requests"] += 1
+        if decision is not None and not decision.allowed:
+            self.stats["blocked"] += 1
+            return True
+        return False
 
     def _read_copies(
         self,
@@ -767,11 +811,13 @@ class OrgBillingMiddleware:
         return identity
 
     async def _call_unresolved(
-        self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str
+        self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str, preflight: bool = False
     ) -> None:
         """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
         in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then. The quota is checked only
-        if the app calls :func:`require_quota` once it knows the org (its over-quota error is answered here)."""
+        if the app calls :func:`require_quota` once it knows the org (its over-quota error is answered here).
+        ``preflight``: a request in a CORS preflight's shape, let through under ``on_unresolved="reject"`` (a
+        browser's has no credentials) unless it is answered by an endpoint without an org (then rejected)."""
         identity: tuple[str | None, str | None] = (None, None)
         answered = blocked = False
         billing = scope[SCOPE_KEY]
@@ -792,6 +838,8 @@ class OrgBillingMiddleware:
         async def resolve_late() -> Callable[[Send], Awaitable[None]] | None:
             nonlocal identity, answered, blocked
             answered = True
+            if preflight and getattr(watcher, "cors", False):  # a CORS middleware's answer to a preflight: no API call
+                return None
             if billing.get("biller") not in (None, self):  # an inner billing middleware has it
                 return None
             decision = billing.get("decision")
@@ -805,12 +853,17 @@ class OrgBillingMiddleware:
             identity = await self._resolve_late(scope, billing)
             if identity[0] is not None:
                 self._claim(billing)
+            elif preflight and self.on_unresolved == "reject" and billing.get("decision_org") is None:
+                rejection = self._rejection()  # an endpoint's answer in a preflight's shape: rejected as any call
+                return lambda send: rejection(scope, receive, send)
             _publish(scope, billing, *identity)
             if decision is not None and billing.get("decision_org") == identity[0]:
                 watcher.extra_headers = decision.headers  # require_quota()'s RateLimit-* headers
             return None
 
-        watcher = self._watcher(scope, self.attribution, send)
+        watcher = (
+            self._watcher(scope, self.attribution, send) if not preflight else _PreflightWatcher(scope, self, send)
+        )
         watcher.on_start = resolve_late
         self._in_flight += 1
         try:
@@ -829,6 +882,8 @@ class OrgBillingMiddleware:
             try:
                 if billing.get("biller") not in (None, self):  # an inner billing middleware billed (or blocked) it
                     self.stats["handed_over"] = self.stats.get("handed_over", 0) + 1
+                elif preflight and self._preflight_unresolved_end(billing, watcher):
+                    pass
                 else:
                     await self._settle_unresolved(
                         scope, billing, watcher, identity, answered, blocked, started, root_path
@@ -839,6 +894,18 @@ class OrgBillingMiddleware:
                 self._in_flight -= 1
                 if self._all_recorded is not None and not self._in_flight:
                     self._all_recorded.set()
+
+    def _preflight_unresolved_end(self, billing: dict[str, Any], watcher: _ResponseWatcher) -> bool:
+        """:meth:`_preflight_unbilled` for one without an org before the app ran: True (nothing more to settle) when a
+        CORS middleware answered it; else it is counted as a request and settled as any other."""
+        if not getattr(watcher, "cors", False):
+            self.stats["requests"] += 1
+            return False
+        self.stats["preflight"] += 1
+        decision = billing.get("decision")
+        if decision is not None and decision.allowed and self.quota is not None:  # (a require_quota() inside)
+            self.quota.settle(billing["decision_org"], decision, tokens=0, billed=False)
+        return True
 
     def _claim(self, billing: dict[str, Any]) -> bool:
         """Become the request's biller, unless another billing middleware is already (nested ones, innermost first:
@@ -1249,6 +1316,10 @@ class OrgBillingMiddleware:
         return first
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._rejection()(scope, receive, send)
+
+    def _rejection(self) -> ASGIApp:
+        """The answer to a request without an org under ``on_unresolved="reject"``."""
         response = JSONResponse(
             {
                 "type": "about:blank",
@@ -1261,7 +1332,7 @@ class OrgBillingMiddleware:
             # RFC 9110: a 401 carries a challenge (clients and proxies that follow it retry with credentials)
             headers={"WWW-Authenticate": "Bearer"} if self.unresolved_status == 401 else None,
         )
-        await self._outward(response)(scope, receive, send)
+        return self._outward(response)
 
     def _outward(self, response: ASGIApp, *, expose: bool = False) -> ASGIApp:
         """An answer of this middleware's own (the gate's 429/402, the unresolved 401/403), sent through the app's
@@ -1443,6 +1514,35 @@ class _RedirectWatcher(_ResponseWatcher):
         return _ResponseWatcher.__call__(self, message)
 
 
+class _PreflightWatcher(_RedirectWatcher):
+    """The watcher of a request in a CORS preflight's shape that no Starlette ``CORSMiddleware`` inside answers: notes
+    whether its answer is a CORS preflight answer (``Access-Control-Allow-Methods``, which only those carry: a CORS
+    middleware further in answered it) or an endpoint's (an API call)."""
+
+    __slots__ = ("cors",)
+
+    def __init__(self, scope: Scope, middleware: OrgBillingMiddleware, send: Send) -> None:
+        _RedirectWatcher.__init__(self, scope, middleware.attribution, send)
+        self.cors = False
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start" and not self.sent and not self.ended:
+            self.cors = any(name.lower() == b"access-control-allow-methods" for name, _ in message.get("headers") or ())
+        return _RedirectWatcher.__call__(self, message)
+
+    def replaced_unless_cors(
+        self, response: ASGIApp, scope: Scope, receive: Receive
+    ) -> Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]]:
+        """An ``on_start`` sending ``response`` instead of the app's answer, unless that is a CORS preflight answer."""
+
+        async def on_start() -> Callable[[Send], Awaitable[None]] | None:
+            if self.cors:
+                return None
+            return lambda send: response(scope, receive, send)
+
+        return on_start
+
+
 def _https_redirect_of(scope: Scope, location: bytes | None) -> bool:
     """Whether a 307's ``Location`` is what an ``HTTPSRedirectMiddleware`` answers: the request's own URL over https
     (the host may differ: a proxy fix's ``X-Forwarded-Host``), not an endpoint's redirect elsewhere."""
@@ -1576,8 +1676,9 @@ return 1
 
 def _is_preflight(headers: Any) -> bool:
     """Whether an OPTIONS request's headers make it a CORS preflight (``Origin`` and
-    ``Access-Control-Request-Method``, as the Fetch standard sends it and Starlette's ``CORSMiddleware`` tells it)."""
-    names = {name.lower() for name, _ in headers}
+    ``Access-Control-Request-Method``, as the Fetch standard sends it and Starlette's ``CORSMiddleware`` tells it:
+    by the names as the scope holds them, lower case in ASGI; one it would not answer is no preflight here either)."""
+    names = {name for name, _ in headers}
     return b"origin" in names and b"access-control-request-method" in names
 
 
@@ -1747,7 +1848,7 @@ def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -
             return _mount_prefix(scope, root_path) + "/{path}"
         if status == 404 or routed or scope.get("router") is not None or isinstance(scope.get("app"), Starlette):
             return UNMATCHED  # (a Starlette middleware's answer before the router: no route either)
-        return str(path)
+        return _raw_endpoint(path)
     # Mount extends root_path by the matched prefix (as _mount_prefix, inline: the hot path)
     inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
@@ -1760,6 +1861,14 @@ def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -
             return UNMATCHED
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _raw_endpoint(path: object) -> str:
+    """The raw path as an event's endpoint (an app without Starlette routing): the client chose it, so it is made a
+    value Lago stores: a NUL (``%00`` in the URL), which its database refuses with a 500 that fails the whole batch
+    (the call then dead-lettered, unbilled), is dropped."""
+    text = str(path)
+    return text.replace("\x00", "") if "\x00" in text else text
 
 
 def _wraps_served(route: Mount | Host, scope: Scope) -> bool:
