@@ -38,6 +38,7 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    _without_tracebacks,
 )
 from ._events import MAX_BATCH_SIZE, normalize_event
 from ._http1 import RawHTTPError, RawPoster, can_use_raw_poster
@@ -110,35 +111,36 @@ class LagoClient:
         limits: httpx.Limits | None = None,
     ) -> None:
         self.settings = settings if settings is not None else BillingSettings.from_env()
-        api_key = self.settings.require_api_key()
-        headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Accept": "application/json",
-            "User-Agent": f"lago-org-billing/{__version__}",
-        }
-        if _has_userinfo(self.settings.api_url):
+        self.settings.require_api_key()
+        # No local of this frame holds the key (a traceback of an error raised here, its locals shown by Sentry or
+        # ``rich``, would show it): the headers are made where they are handed over, and kept out of any repr.
+        base_url = self.settings.api_url
+        if _has_userinfo(base_url):
             logger.warning(
                 "LAGO_API_URL (%s) carries a user:password@ part, which is not sent: Lago authenticates every call "
                 "with LAGO_API_KEY (Authorization: Bearer). Remove it from the URL.",
-                redact_url(self.settings.api_url),
+                redact_url(base_url),
             )
+            # not sent, and not kept either: httpx logs each request's URL (INFO) and shows it in its errors' repr
+            base_url = _without_userinfo(base_url)
+        verify = _verification(base_url)
         # The event batch POST is the hot call: without an injected transport or a proxy it skips httpx.
         self._raw: RawPoster | None = None
-        if transport is None and can_use_raw_poster(self.settings.api_url):
-            self._raw = RawPoster(self.settings.api_url, headers, timeout=self.settings.api_timeout)
+        if transport is None and can_use_raw_poster(base_url):
+            self._raw = RawPoster(base_url, _Headers.of(self.settings), timeout=self.settings.api_timeout)
         self._own_pool = transport is None
         self._new_http = functools.partial(
             httpx.AsyncClient,
-            verify=_verification(self.settings.api_url),
-            base_url=self.settings.api_url,
-            headers=headers,
+            verify=verify,
+            base_url=base_url,
+            headers=_Headers.of(self.settings),
             timeout=httpx.Timeout(self.settings.api_timeout),
             limits=limits or httpx.Limits(max_connections=50, max_keepalive_connections=20),
             transport=transport,
             # no auth of httpx's own: it turns a user:password@ of the URL into Basic auth, replacing the API key
             auth=_KEY_ONLY,
         )
-        self._http = self._new_http()
+        self._http = self._make_http()
         self._inherited = False  # (in a forked child: ``_http`` is the parent's pool)
         if self._own_pool:
             _forks.track(self)
@@ -169,7 +171,7 @@ class LagoClient:
             if self._inherited:
                 self._pool()
                 return
-            old, self._http = self._http, self._new_http()
+            old, self._http = self._http, self._make_http()
             await old.aclose()
 
     def _forked(self) -> None:
@@ -193,8 +195,20 @@ class LagoClient:
         if self._inherited:
             self._inherited = False
             _forks.left_by_parent.append(self._http)
-            self._http = self._new_http()
+            self._http = self._make_http()
         return self._http
+
+    def _make_http(self) -> httpx.AsyncClient:
+        """A new httpx pool. A proxy variable httpx cannot read (it reads them as each pool is made) is a
+        :class:`ConfigurationError` that says which, its password masked, raised outside the handler of httpx's
+        error: the frames of that error held the proxy's URL and this client's headers."""
+        try:
+            return self._new_http()
+        except (ValueError, httpx.InvalidURL) as exc:
+            if not _proxy_variables():
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
+        raise _proxy_error(problem)
 
     @property
     def is_closed(self) -> bool:
@@ -458,7 +472,9 @@ class LagoClient:
             try:
                 status, headers, content = await self._raw.post(url, body)
             except RawHTTPError as exc:
-                raise LagoUnavailableError(f"Lago did not answer POST {url} ({exc}).", method="POST", path=url) from exc
+                raise LagoUnavailableError(
+                    f"Lago did not answer POST {url} ({exc}).", method="POST", path=url
+                ) from _without_tracebacks(exc)
             if 200 <= status < 300 and not any(name.lower() == "content-encoding" for name, _ in headers):
                 self._check_batch_answer(status, content, url)
                 return
@@ -477,12 +493,14 @@ class LagoClient:
             with anyio.fail_after(timeout):  # (whole: httpx's timeout is per read)
                 response = await self._pool().post(url, content=body, headers={"Content-Type": "application/json"})
         except httpx.DecodingError as exc:
-            raise _undecodable(None, url, exc) from exc
+            raise _undecodable(None, url, exc) from _without_tracebacks(exc)
         except (httpx.RequestError, TimeoutError) as exc:
             what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
                 what += f", no answer within {timeout:.3g} s: LAGO_API_TIMEOUT"
-            raise LagoUnavailableError(f"Lago did not answer POST {url} ({what}).", method="POST", path=url) from exc
+            raise LagoUnavailableError(
+                f"Lago did not answer POST {url} ({what}).", method="POST", path=url
+            ) from _without_tracebacks(exc)
         if not 200 <= response.status_code < 300:  # a redirect is not delivery: nothing reached Lago
             raise _error_from_response(response, "POST", url)
         self._check_batch_answer(response.status_code, response.content, url)
@@ -655,7 +673,7 @@ class LagoClient:
                     method=method,
                     path=url,
                 )
-                error.__cause__ = exc
+                error.__cause__ = _without_tracebacks(exc)
             else:
                 if 200 <= response.status_code < 300:
                     return _json_body(response, method, url)
@@ -715,6 +733,57 @@ _KEY_ONLY = httpx.Auth()
 def _has_userinfo(url: str) -> bool:
     parts = urlsplit(url)
     return parts.username is not None or parts.password is not None
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without its ``user:password@`` part."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+class _Headers(dict[str, str]):
+    """The headers of every call, ``Authorization: Bearer <key>`` among them, shown with the key masked (the
+    ``repr`` of the partial that makes the pools, a debugger's view)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, settings: BillingSettings) -> _Headers:
+        return cls(
+            {
+                "Authorization": f"Bearer {settings.require_api_key()}",
+                "Accept": "application/json",
+                "User-Agent": f"lago-org-billing/{__version__}",
+            }
+        )
+
+    def __repr__(self) -> str:
+        return repr({name: "[secure]" if name == "Authorization" else value for name, value in self.items()})
+
+
+#: The proxy variables httpx reads (``urllib.request.getproxies``: any case).
+_PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
+
+
+def _proxy_variables() -> dict[str, str]:
+    """The proxy variables set, by name as written in the environment."""
+    return {name: value for name, value in os.environ.items() if name.lower() in _PROXY_VARIABLES and value}
+
+
+def _proxy_error(problem: str) -> ConfigurationError:
+    """The error of a proxy variable httpx cannot read, every password of them masked, in ``problem`` too."""
+    variables = _proxy_variables()
+    for value in variables.values():
+        userinfo = value.rpartition("@")[0].partition("://")[2]
+        password = userinfo.partition(":")[2] or userinfo  # (``scheme://token@host``: the token)
+        if password:
+            problem = problem.replace(password, "***")
+    shown = ", ".join(f"{name}={redact_url(value)}" for name, value in sorted(variables.items()))
+    return ConfigurationError(
+        f"A proxy variable cannot be read ({problem}): {shown}. Fix it (http://[user:password@]host:port, the "
+        "password percent-encoded) or unset it.",
+        variable=min(variables, default=None),
+    )
 
 
 def _verification(api_url: str) -> ssl.SSLContext | bool:

@@ -151,6 +151,24 @@ class LagoValidationError(LagoAPIError):
         return {int(key): value for key, value in self.details.items() if isinstance(key, str) and key.isdecimal()}
 
 
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """``exc``, to be kept as the cause of the package's error (its type and message say what failed), with the
+    tracebacks of its whole chain (causes and contexts) dropped: the frames of httpx, httpcore, anyio and the raw
+    poster under a network error held the request as it was written (``Authorization: Bearer <key>``, a proxy's
+    ``Proxy-Authorization``) as locals, which error trackers (Sentry's ``include_local_variables``, on by default),
+    ``rich`` and ``loguru`` tracebacks ship."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or any(current is known for known in seen):
+            continue
+        seen.append(current)
+        current.__traceback__ = None
+        todo += [current.__cause__, current.__context__]
+    return exc
+
+
 def _already_exist(codes: Any) -> bool:
     """``["value_already_exist"]``, whatever else Lago might put in such a list (unhashable objects...)."""
     return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)

@@ -29,6 +29,7 @@ import anyio.abc
 import httpx
 
 from . import _forks
+from ._errors import _without_tracebacks
 
 __all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
@@ -37,7 +38,21 @@ _HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
 class RawHTTPError(Exception):
-    """The exchange failed below HTTP (connection, TLS, timeout, malformed answer)."""
+    """The exchange failed below HTTP (connection, TLS, timeout, malformed answer). Its cause, if any, carries no
+    traceback: the frames under it held the request as written, ``Authorization: Bearer <key>`` included."""
+
+
+class _Wire:
+    """A request as written on the connection, headers (the API key's among them) included: a local of the frames of
+    :meth:`RawPoster.post` that a traceback's locals show (Sentry, ``rich``), shown without its bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"<HTTP request of {len(self.data)} bytes, not shown: its headers hold the API key>"
 
 
 def can_use_raw_poster(base_url: str) -> bool:
@@ -168,7 +183,7 @@ class RawPoster:
 
     async def post(self, path: str, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         """Send ``body``; returns (status, headers, response body). Raises :class:`RawHTTPError`."""
-        request = (
+        request = _Wire(
             f"POST {self.prefix}{path} HTTP/1.1\r\n".encode("latin-1")
             + self._head
             + f"Content-Length: {len(body)}\r\n\r\n".encode("latin-1")
@@ -192,8 +207,9 @@ class RawPoster:
                     # was waiting on the connection, it is not this request's answer.
                     continue
                 return answer
-            except TimeoutError:
+            except TimeoutError as exc:
                 await self._discard(connection)
+                _without_tracebacks(exc)  # (its frames: the exchange cut short, the request among their locals)
                 raise RawHTTPError(f"no answer within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
             except (
                 OSError,
@@ -205,7 +221,7 @@ class RawPoster:
             ) as exc:
                 await self._discard(connection)
                 if not reused:
-                    raise RawHTTPError(f"{type(exc).__name__}: {exc}") from exc
+                    raise RawHTTPError(f"{type(exc).__name__}: {exc}") from _without_tracebacks(exc)
             except BaseException:  # cancelled mid-exchange (a shutdown deadline): not left open to the server
                 await self._discard(connection)
                 raise
@@ -234,8 +250,8 @@ class RawPoster:
             stream = await anyio.connect_tcp(self.host, self.port)
         return _Connection(stream)
 
-    async def _exchange(self, connection: _Connection, request: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        await connection.stream.send(request)
+    async def _exchange(self, connection: _Connection, request: _Wire) -> tuple[int, list[tuple[str, str]], bytes]:
+        await connection.stream.send(request.data)
         while True:
             head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
             lines = head.decode("latin-1").split("\r\n")

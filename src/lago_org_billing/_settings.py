@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -239,6 +240,21 @@ class BillingSettings:
         Environment variables win over the file, and ``overrides`` win over both. A missing
         ``LAGO_API_KEY`` is a :class:`ConfigurationError` unless ``require_api_key=False``.
         """
+        try:
+            return cls._from_env(env_file, environ, require_api_key, overrides)
+        except ConfigurationError as exc:
+            failure = exc
+        del environ, overrides  # (locals a traceback would show: the environment, its secrets included)
+        raise _bare(failure)
+
+    @classmethod
+    def _from_env(
+        cls,
+        env_file: str | Path | None,
+        environ: Mapping[str, str] | None,
+        require_api_key: bool,
+        overrides: dict[str, Any],
+    ) -> BillingSettings:
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None
         source = os.environ if environ is None else environ
@@ -279,6 +295,35 @@ class BillingSettings:
         if require_api_key:
             settings.require_api_key()
         return settings
+
+
+def _bare(error: ConfigurationError) -> ConfigurationError:
+    """``error`` without its traceback, nor the context it was raised ``from None`` over: the locals of the frames
+    it went through held the API key, the HMAC key, URLs with their passwords and the whole environment (error
+    trackers such as Sentry, ``rich`` and ``loguru`` tracebacks show locals); its message says what is wrong."""
+    if error.__suppress_context__:
+        error.__context__ = None
+    return error.with_traceback(None)
+
+
+def _guarded_init(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass' ``__init__``, whose frame has every field as a local: a :class:`ConfigurationError` of its
+    checks is raised again from here, bare (:func:`_bare`), with no field left among this frame's locals."""
+
+    @functools.wraps(init)
+    def __init__(self: BillingSettings, **fields: Any) -> None:
+        try:
+            init(self, **fields)
+            return
+        except ConfigurationError as exc:
+            failure = exc
+        del fields
+        raise _bare(failure)
+
+    return __init__
+
+
+setattr(BillingSettings, "__init__", _guarded_init(BillingSettings.__init__))  # noqa: B010 - (mypy: the dataclass')
 
 
 def _str(name: str, raw: str) -> str:
@@ -673,6 +718,8 @@ def masked_url(url: str) -> str:
     except ValueError:  # not a URL Python can read (an unbalanced IPv6 bracket): shown as a placeholder
         return "<unparseable URL>"
     netloc, query = parts.netloc, parts.query
+    if "@" not in netloc and "@" in url:  # a password with '/', '?' or '#' unescaped, a slash short: read loosely
+        return _masked_loosely(url)
     if "@" in netloc:  # user:password@, or a lone password (redis://secret@host): masked either way
         userinfo, _, host = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
@@ -682,6 +729,24 @@ def masked_url(url: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return url  # nothing to mask: as it was written (unix:///path keeps its slashes)
     return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _masked_loosely(url: str) -> str:
+    """``url``, which holds an ``@`` that Python does not read as the end of a ``user:password@`` part (a password with
+    an unescaped ``/``, ``?`` or ``#``: the URL's host part ends there; ``redis:/u:p@host``, a slash short), with
+    everything between the scheme and its last ``@`` taken for the user and password, the password masked: a URL
+    shown because it is refused is often one of these."""
+    head, _, rest = url.rpartition("@")
+    start = head.find("://")
+    start = start + 3 if start >= 0 else head.find(":") + 1  # (after ``scheme:``; none: from the start)
+    userinfo = head[start:]
+    user, colon, _ = userinfo.partition(":")
+    rest = _PASSWORD_PARAMETER.sub(r"\1***", rest)
+    return f"{head[:start]}{user}:***@{rest}" if colon else f"{head[:start]}***@{rest}"
+
+
+#: A ``password=`` query parameter's value.
+_PASSWORD_PARAMETER = re.compile(r"(?i)(\bpassword=)[^&#]*")
 
 
 def _check_template(template: str) -> None:
