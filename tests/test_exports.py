@@ -71,3 +71,18 @@ def test_loading_the_pytest_plugin_imports_nothing_heavy() -> None:
         assert "NoSuchName" in str(exc)
     else:
         raise AssertionError("an unknown name must be an AttributeError")
+
+
+def test_the_emulator_is_served_over_http_with_a_public_function() -> None:
+    """``serve_in_thread`` (a session's emulator, as the plugin's scope hint and the README say) is public, and serves
+    the FakeLago given until its block ends."""
+    import httpx
+
+    import lago_org_billing.testing as testing
+    from lago_org_billing.testing import FakeLago, serve_in_thread
+
+    assert "serve_in_thread" in testing.__all__
+    fake = FakeLago(api_key="k")
+    with serve_in_thread(fake) as url:
+        answer = httpx.get(f"{url}/api/v1/customers", headers={"Authorization": "Bearer k"})
+        assert answer.status_code == 200

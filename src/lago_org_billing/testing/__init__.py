@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._emulator import FakeLago, RequestRecord, WebhookDispatcher
     from ._util import FakeLagoError
 
-__all__ = ["FakeLago", "FakeLagoError", "RequestRecord", "WebhookDispatcher"]
+__all__ = ["FakeLago", "FakeLagoError", "RequestRecord", "WebhookDispatcher", "serve_in_thread"]
 
 #: Imported at first use: the pytest plugin (``testing.pytest_plugin``) loads in every pytest run of a project with
 #: this package installed, and imports nothing more until one of its fixtures is used.
@@ -29,6 +29,7 @@ _EXPORTS = {
     "FakeLagoError": "._util",
     "RequestRecord": "._emulator",
     "WebhookDispatcher": "._emulator",
+    "serve_in_thread": "._server",
 }
 
 __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)

@@ -51,6 +51,16 @@ API_PREFIX = "/api/v1"
 LAGO_VERSION = "v1.51.0"
 NOT_FOUND_BODY: JSON = {"status": 404, "error": "Not Found", "code": "resource_not_found"}
 BETA_HEADER = "X-Lago-Endpoint-Status"
+#: The scope key holding the emulator's reset count when a request arrived: a request held (an injected latency) while
+#: ``reset()`` ran belongs to the test that ended, and is not applied to the next one's state.
+_EPOCH = "lago_org_billing.emulator_epoch"
+HELD_ACROSS_RESET_BODY: JSON = {
+    "status": 503,
+    "error": "Service Unavailable",
+    "code": "emulator_reset",
+    "message": "the emulator was reset while this request was held (an injected latency): it was not applied; "
+    "send it again if it belongs to the current test",
+}
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ class FakeLago:
         self.extra_routes: list[BaseRoute] = []
         self.middleware: list[Middleware] = []
         self.requests: list[RequestRecord] = []
+        self._epoch = 0  # reset() count: see _EPOCH
         self._log_lock = threading.Lock()
         self._outbox: list[tuple[str, str, JSON]] = []
         self._key_lock = threading.Lock()
@@ -264,6 +275,7 @@ class FakeLago:
         await self._logged(stack, scope, receive, send)
 
     async def _logged(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        epoch = scope[_EPOCH] = self._epoch
         chunks: list[bytes] = []
         more = True
         while more:
@@ -296,9 +308,9 @@ class FakeLago:
             status = 0  # (an injected drop starts a response in process only to abort it: nothing was answered)
             raise
         finally:
-            self._record(scope, raw, status)
+            self._record(scope, raw, status, epoch)
 
-    def _record(self, scope: Scope, raw: bytes, status: int) -> None:
+    def _record(self, scope: Scope, raw: bytes, status: int, epoch: int) -> None:
         query: dict[str, str | list[str]] = {}
         for key, value in httpx.QueryParams(scope.get("query_string", b"").decode("latin-1")).multi_items():
             existing = query.get(key)
@@ -316,7 +328,8 @@ class FakeLago:
                 body = raw.decode("utf-8", "replace")
         record = RequestRecord(str(scope["method"]), str(scope["path"]), query, status, body)
         with self._log_lock:
-            self.requests.append(record)
+            if epoch == self._epoch:  # (a request that arrived before a reset is not the next test's)
+                self.requests.append(record)
 
     def transport(self) -> httpx.ASGITransport:
         """An httpx transport sending requests to this emulator in process.
@@ -383,8 +396,11 @@ class FakeLago:
         clock, signing keys, and its webhook endpoint with its signing settings, so that an emulator kept for a
         session and reset between tests keeps delivering webhooks. To forget the endpoint too, call
         ``fake.webhook_dispatcher.reset()`` (or ``DELETE /_emulator/webhooks``). ``POST /_emulator/reset`` does the
-        same as this method."""
-        self.store.clear()
+        same as this method. A request still held then (an injected ``latency_ms``) is answered 503 and not applied
+        when its latency ends: it belongs to the test that ended, not to the next one."""
+        with self.store.lock:  # (the endpoints check the epoch under this lock: see _endpoint)
+            self._epoch += 1
+            self.store.clear()
         self.faults.clear()
         dispatcher = self.webhook_dispatcher
         if dispatcher is not None:
@@ -578,7 +594,14 @@ class FakeLago:
                             status_code=400,
                         )
             try:
-                result = handler(request, body)
+                epoch = request.scope.get(_EPOCH)
+                if epoch is None:  # (the emulator's own controls: no lock held while they reset or flush)
+                    result = handler(request, body)
+                else:
+                    with self.store.lock:  # (checked and applied at once: a reset() waits for the lock)
+                        if epoch != self._epoch:  # held across a reset()
+                            return JSONResponse(HELD_ACROSS_RESET_BODY, status_code=503)
+                        result = handler(request, body)
             except ApiError as exc:
                 return JSONResponse(exc.body, status_code=exc.status)
             finally:

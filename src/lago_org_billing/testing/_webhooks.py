@@ -42,7 +42,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError
 from ._util import TimedASGITransport
@@ -161,6 +161,9 @@ class WebhookDispatcher:
         self.deliveries: list[WebhookDelivery] = []
         self._pending: list[WebhookDelivery] = []
         self._generation = 0  # bumped by reset() and clear(): a delivery run taken before stops sending
+        # Delivery runs going on (deliver_pending), each with its cancel scope, generation and thread: reset() and
+        # clear() cancel those of older generations (an attempt to a receiver that hangs would hold the next ones).
+        self._runs: list[tuple[anyio.CancelScope, int, int]] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wake: anyio.Event | None = None
@@ -266,20 +269,30 @@ class WebhookDispatcher:
         with self._lock:
             self.url = None
             self.app = None
-            self._pending.clear()
-            self.deliveries.clear()
-            self._generation += 1
-            self._changed.notify_all()
+        self.clear()
 
     def clear(self) -> None:
         """Forget the queue and the delivery log, keep the endpoint and the signing settings (what
         ``FakeLago.reset()`` does: Lago keeps an organization's webhook endpoints when its data goes). What a delivery
-        run had already taken from the queue is not sent either (the one being sent finishes its current attempt)."""
+        run had already taken from the queue is not sent either, and the attempt being sent is cancelled (a receiver
+        that hangs would hold the next test's webhooks for the attempt's ``timeout``), in the served emulator's
+        background delivery and in a ``deliver_pending()`` running in this thread's event loop."""
         with self._lock:
             self._pending.clear()
             self.deliveries.clear()
             self._generation += 1
+            generation = self._generation
+            runs = [run for run in self._runs if run[1] < generation]
             self._changed.notify_all()
+        for scope, _, thread in runs:  # (outside the lock: the loop thread may be waiting for it)
+            try:
+                if thread == threading.get_ident():
+                    scope.cancel()
+                elif thread == self._loop_thread and self._token is not None:
+                    anyio.from_thread.run_sync(scope.cancel, token=self._token)
+            except RuntimeError:  # its loop has stopped, or is not running now (a run left over by a test)
+                pass
+            # (else, or then, the run stops before its next delivery: see _current)
 
     # Queueing ------------------------------------------------------------------------------------
 
@@ -380,14 +393,21 @@ class WebhookDispatcher:
         catch_up = getattr(self.fake, "catch_up", None)
         if callable(catch_up):
             catch_up()
-        with self._lock:
-            batch, self._pending = self._pending, []
-            generation = self._generation
         sent: list[WebhookDelivery] = []
-        for delivery in batch:
-            if not self._current(generation):
-                break
-            sent.append(await self._send(delivery, self.attempts, generation))
+        with anyio.CancelScope() as scope:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                generation = self._generation
+                run = (scope, generation, threading.get_ident())
+                self._runs.append(run)
+            try:
+                for delivery in batch:
+                    if not self._current(generation):
+                        break
+                    sent.append(await self._send(delivery, self.attempts, generation))
+            finally:
+                with self._lock:
+                    self._runs.remove(run)
         return sent
 
     async def redeliver(self, unique_key: str) -> WebhookDelivery:
@@ -558,17 +578,41 @@ class WebhookMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            async with anyio.create_task_group() as tg:
-                await tg.start(self.dispatcher.run_background)
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    tg.cancel_scope.cancel()
+            await self._lifespan(scope, receive, send)
             return
         if scope["type"] == "http" and scope["path"].startswith(CONTROL_PATH):
             await self.control(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app's lifespan with background delivery beside it. Delivery stops (an attempt being sent is
+        cancelled) before the app is told to shut down: once the server has its ``lifespan.shutdown.complete`` it
+        cancels whatever still runs, and a delivery cancelled then was logged as ``Exception in 'lifespan'
+        protocol``."""
+        stop = anyio.CancelScope()
+        stopped = anyio.Event()
+
+        async def background(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with stop:
+                    await self.dispatcher.run_background(task_status=task_status)
+            finally:
+                stopped.set()
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                stop.cancel()
+                await stopped.wait()
+            return message
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(background)
+            try:
+                await self.app(scope, lifespan_receive, send)
+            finally:
+                stop.cancel()
 
 
 class _SupportsWebhooks(_FakeLike, Protocol):

@@ -17,7 +17,8 @@ in any project with lago-org-billing installed:
   network (``fake_lago.transport()``); use it in ``anyio`` (asyncio or trio) or ``pytest-asyncio`` tests.
 
 All are function-scoped: each test starts from an empty emulator, without faults or webhook settings (for one
-emulator shared by a session, make your own ``FakeLago()`` in a session fixture and ``reset()`` it between tests).
+emulator shared by a session, make your own ``FakeLago()`` in a session fixture, served over HTTP if you need it with
+``with serve_in_thread(fake) as url:`` (from ``lago_org_billing.testing``), and ``reset()`` it between tests).
 Move the
 emulator's clock with ``fake_lago.clock = lambda: <aware datetime>``; what Lago's clock jobs would then do (a
 subscription reaching its ``ending_at``...) shows in ``fake_lago.subscriptions`` and the webhooks sent next.
@@ -78,8 +79,9 @@ def pytest_runtest_makereport(
 _SCOPE_HINT = (
     "fake_lago, fake_lago_server, lago_settings and lago_client are function-scoped: each test gets a fresh emulator. "
     "Ask for them from function-scoped fixtures, or keep one emulator for the session: `fake = FakeLago()` (from "
-    "lago_org_billing.testing) in a session-scoped fixture of yours, and `fake.reset()` in a function-scoped one (it "
-    "forgets the data and faults, keeps the webhook endpoint)."
+    "lago_org_billing.testing) in a session-scoped fixture of yours (served over HTTP with "
+    "`with serve_in_thread(fake) as url:` from the same module), and `fake.reset()` in a function-scoped one (it "
+    "forgets the data and faults, keeps the webhook endpoint and the clock)."
 )
 
 
