@@ -1316,7 +1316,7 @@ def _keep_for_life(conn: sqlite3.Connection, path: str) -> None:
 
 class SqliteOutbox(Outbox):
     """The durable spool (see the module docstring). ``capacity`` bounds the events waiting for a commit;
-    ``window`` bounds the rows held in memory for delivery.
+    ``window`` bounds the rows of the file held in memory for delivery (waiting in the window, or in flight).
 
     A file that cannot be written (a full disk, a volume gone read-only) is tried again with a backoff; the events a
     failed write took are sent to Lago from memory meanwhile (within ``capacity``), and those Lago has not taken yet
@@ -1353,7 +1353,9 @@ class SqliteOutbox(Outbox):
         self._opened = False
         self.adopted = 0
         self._write_errors = _Streak()
-        self._writes_failed = 0  # (ever: a load that waited for a write sees whether it failed meanwhile)
+        #: A load found the window's room taken by the rows held for delivery (:meth:`_room`): the answers of the
+        #: batches in flight wake the dispatcher to load once they leave room (:meth:`_answered`).
+        self._short = False
         self._read_errors = _Streak()
         self._closing = False
         # with a file that cannot be written: the ids of the events sent from memory, never written, and the dead
@@ -1415,6 +1417,8 @@ class SqliteOutbox(Outbox):
         else:
             self._to_delete.extend(item.id for item in items)
         self.in_flight -= len(items)
+        if self._short:
+            self._answered()
 
     def dead(self, item: Item, letter: DeadLetter) -> None:
         self.in_flight -= 1
@@ -1425,6 +1429,15 @@ class SqliteOutbox(Outbox):
                 self._forget_unwritten_dead()
         else:
             self._to_dead.append((item.id, letter))
+        if self._short:
+            self._answered()
+
+    def _answered(self) -> None:
+        """Batches in flight were answered after a load found no room for them (:meth:`_room`): once they leave room,
+        the dispatcher is woken to load (not left to its next timeout or the spool task's next commit window)."""
+        if self.window_size - len(self.window) - self.in_flight >= max(self.window_size // 2, 1):
+            self._short = False
+            self.on_ready()
 
     def _forget_unwritten_dead(self) -> None:
         """Keep the last ``_MEMORY_DEAD_LETTERS`` dead letters waiting in memory for a write (their events were never
@@ -1654,7 +1667,6 @@ class SqliteOutbox(Outbox):
 
     def _write_failed(self, exc: Exception, *, sent: int) -> None:
         """Said when the failures start, then once a minute: a line per attempt would flood the log."""
-        self._writes_failed += 1
         errors = self._write_errors
         if not errors.hit():
             return
@@ -1787,24 +1799,19 @@ class SqliteOutbox(Outbox):
     async def fill(self) -> None:
         if not self._opened or self._loaded_upto >= self._committed_upto or self._read_errors.waiting():
             return
-        if len(self._to_delete) + len(self._to_dead) > self.capacity:
-            # More rows resolved than a commit has recorded (the file cannot be written: a full volume): each row
-            # resolved from here on would wait in memory for a write too (a delete, a dead letter carrying its event),
-            # carried by every attempt, as many as the backlog on disk holds. The rows stay in the file, loaded once a
-            # commit has recorded those (within a commit window when the file takes writes).
-            return
-        room = self.window_size - len(self.window)
-        if room < self.window_size // 2:
+        if not self._room():
             return
         assert self._io is not None
-        failed = self._writes_failed
         async with self._io:
             if self._orphan is not None:  # (its rows may be deleted by it, or not be in the file)
                 await self._settle_orphan()
             if self._loaded_upto >= self._committed_upto:
                 return
-            if self._writes_failed != failed and len(self._to_delete) + len(self._to_dead) > self.capacity:
-                return  # (as above: a write that held them failed meanwhile and gave them back)
+            # measured again: while this load waited, another (the spool task's, the dispatcher's) may have filled the
+            # window, and the rows resolved meanwhile (or given back by a failed write) may have paused the loading
+            room = self._room()
+            if not room:
+                return
             try:
                 items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
             except sqlite3.Error as exc:
@@ -1820,6 +1827,26 @@ class SqliteOutbox(Outbox):
                     self.ready_since = time.monotonic()
                 self.window.extend(items)
                 self.on_ready()
+
+    def _room(self) -> int:
+        """How many rows of the file's backlog to load now: none while the loading is paused or while the rows held
+        for delivery fill more than half the window; else as many as the window has room for.
+
+        Paused while more rows are resolved than a commit has recorded (the file cannot be written: a full volume):
+        each row resolved from here on would wait in memory for a write too (a delete, a dead letter carrying its
+        event), carried by every attempt, as many as the backlog on disk holds. The rows stay in the file, loaded once
+        a commit has recorded those (within a commit window when the file takes writes: see :attr:`needs_commit`).
+
+        The rows in flight (taken into batches, waiting for Lago's answer) are rows of the spool held in memory too:
+        not counted, a dispatcher that took its window into batches loaded as much again, and the resolutions waiting
+        for a write reached ``capacity`` plus the window plus every batch in flight."""
+        if len(self._to_delete) + len(self._to_dead) > self.capacity:
+            return 0
+        room = self.window_size - len(self.window) - self.in_flight
+        if room < max(self.window_size // 2, 1):
+            self._short = True  # (the batches in flight make room as they are answered: :meth:`_answered`)
+            return 0
+        return room
 
     def _read_failed(self, exc: sqlite3.Error) -> None:
         """Said when the failures start, then once a minute."""
