@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import uuid
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -442,6 +443,7 @@ def from_jwt_claim(
     jwks_refresh_interval: float = 60.0,
     jwks_max_age: float = 3600.0,
     jwks_client: httpx.AsyncClient | None = None,
+    require: Sequence[str] = (),
 ) -> Resolver:
     """Resolve from a claim of the ``Bearer`` JWT in ``header``, verified with PyJWT.
 
@@ -457,29 +459,36 @@ def from_jwt_claim(
     algorithm-confusion attack; an RSA algorithm with an EC key can never verify). What could never verify a token is a
     :class:`ConfigurationError` saying what to pass: no algorithm left, a private key, ``algorithms`` given as a string
     or with an unknown name, ``none``, an empty ``audience`` or ``issuer`` (or list of them), a ``claim`` that is not a
-    str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0. Expiry (``exp``), ``nbf``, ``audience`` and
-    ``issuer`` (one, or a list of accepted ones) are checked when given; a missing, malformed, badly signed or expired
-    token resolves to ``None``. A ``claim`` with dots that no claim is named after reads a nested one (``"o.id"`` for
-    ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under an opaque id: never the key), so
-    resolving the org and the user from the same token verifies it once.
+    str, a ``leeway`` that is not seconds (or a ``timedelta``) >= 0, a ``require`` that is not a list of claim names.
+    Expiry (``exp``), ``nbf``, ``audience`` and ``issuer`` (one, or a list of accepted ones) are checked when given; a
+    missing, malformed, badly signed or expired token resolves to ``None``. A token without ``exp`` never expires:
+    ``require=["exp"]`` (claim names, as PyJWT's ``options={"require": [...]}``; none by default) refuses tokens that
+    lack any of the named claims, with ``key`` and ``jwks_url`` alike. A weak key is logged once at WARNING, here, with
+    the fix, but still used (existing setups keep working): an HMAC secret shorter than RFC 7518 3.2 requires (32 bytes
+    for HS256, 48 for HS384, 64 for HS512) or an RSA key under 2048 bits; PyJWT's own warning about it on each decode is
+    silenced, so a ``-W error`` filter never turns it into a refused token. A ``claim`` with dots that no claim is named
+    after reads a nested one (``"o.id"`` for ``{"o": {"id": ...}}``). The verified claims are cached in the scope (under
+    an opaque id: never the key), so resolving the org and the user from the same token verifies it once.
 
     ``jwks_url`` is the https URL of the issuer's JWKS (its ``jwks_uri``, e.g.
     ``https://YOUR_DOMAIN/.well-known/jwks.json``; plain http is refused but on a loopback host, since whoever sits on
     the path could swap in a key of their own). The set is fetched asynchronously with httpx (with ``jwks_client`` when
     given, an ``httpx.AsyncClient`` of yours: proxies, CA bundle, tests), never blocking the event loop, on the first
     token, and its keys are cached by ``kid``. A token whose ``kid`` is not cached (the issuer rotated its keys) makes
-    it be fetched again, at most once per ``jwks_refresh_interval`` seconds (60) whatever the number of such tokens; the
-    set is fetched again too when a token comes after ``jwks_max_age`` seconds (3600), so retired keys stop verifying.
-    Concurrent requests share one fetch in flight. A fetch never follows a redirect (not even with a ``jwks_client``
-    that follows them), and fails when its answer is not complete within 10 s or exceeds 1 MiB. A failed fetch (logged
-    once until one succeeds) keeps the cached keys: tokens of a known ``kid`` still verify. A token without ``kid``
-    verifies only when the set has exactly one usable key. Only public signature keys of ``algorithms`` are used:
-    symmetric (``oct``) keys, private keys, ``use: enc`` keys, keys whose ``alg`` is not allowed and unknown kinds are
-    skipped, and HMAC algorithms never apply (``algorithms`` of HMAC ones only is a :class:`ConfigurationError`; the
-    default keeps ``RS256``). The resolver answers synchronously once the keys are cached (as cheap as ``key``), and
-    returns an awaitable only when it must fetch (the billing middleware awaits it; ``get_current_org()`` does not, and
-    sees the org the middleware resolved). Audience, issuer, leeway, nested claims and the per-request claims cache work
-    as with ``key``.
+    it be fetched again, at most once per ``jwks_refresh_interval`` seconds (60; at least 1, since anyone can send
+    tokens with random kids) whatever the number of such tokens; the set is fetched again too when a token comes after
+    ``jwks_max_age`` seconds (3600; at least the refresh interval), so retired keys stop verifying. Both are finite
+    numbers, else a :class:`ConfigurationError`. Concurrent requests share one fetch in flight. A fetch never follows a
+    redirect (not even with a ``jwks_client`` that follows them), and fails when its answer is not complete within 10 s
+    or exceeds 1 MiB. A failed fetch (logged once until one succeeds) keeps the cached keys: tokens of a known ``kid``
+    still verify. A token without ``kid`` verifies only when the set has exactly one usable key. Only public signature
+    keys of ``algorithms`` are used: symmetric (``oct``) keys, private keys, ``use: enc`` keys, keys whose ``alg`` is
+    not allowed, unknown kinds and RSA keys under 2048 bits (a WARNING on each fetch that has them) are skipped, and
+    HMAC algorithms never apply (``algorithms`` of HMAC ones only is a :class:`ConfigurationError`; the default keeps
+    ``RS256``). The resolver answers synchronously once the keys are cached (as cheap as ``key``), and returns an
+    awaitable only when it must fetch (the billing middleware awaits it; ``get_current_org()`` does not, and sees the
+    org the middleware resolved). Audience, issuer, leeway, nested claims and the per-request claims cache work as with
+    ``key``.
 
     Needs PyJWT: ``pip install 'lago-org-billing[webhooks]'``.
     """
@@ -494,6 +503,7 @@ def from_jwt_claim(
             f"from_jwt_claim() needs a claim name (a non-empty str), e.g. 'org_id'; got {claim!r}."
         )
     _jwt_check_leeway(leeway)
+    required = _jwt_required(require)
     if jwks_client is not None and jwks_url is None:
         raise ConfigurationError(
             "from_jwt_claim(jwks_client=...) is the client that fetches jwks_url=: pass jwks_url too (with key=, "
@@ -518,10 +528,15 @@ def from_jwt_claim(
             jwks_refresh_interval,
             jwks_max_age,
             jwks_client,
+            required,
         )
     if not key:
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
     allowed, verification_key = _jwt_verification(jwt, key, algorithms)
+    decode: Callable[..., Any] = (
+        _jwt_quiet_decode(jwt) if _jwt_check_key_strength(jwt, allowed, verification_key) else jwt.decode
+    )
+    options = {"require": list(required)} if required else None
     raw_header = _header_name("from_jwt_claim(header=...)", header)
     audiences = _jwt_accepted("audience", audience)
     audience_arg = audiences if audiences is None or isinstance(audiences, str) else list(audiences)
@@ -533,7 +548,14 @@ def from_jwt_claim(
     # A key object is known by its id(), which Python gives to another object once it is freed: the entry holds the
     # object, so that no other key gets its id (and its verified claims) while the entry lives.
     cache_id, _ = _jwt_cache_ids.setdefault(
-        (key if isinstance(key, (str, bytes)) else id(verification_key), tuple(allowed), audiences, issuer_arg, leeway),
+        (
+            key if isinstance(key, (str, bytes)) else id(verification_key),
+            tuple(allowed),
+            audiences,
+            issuer_arg,
+            leeway,
+            required,
+        ),
         (object(), verification_key),
     )
 
@@ -551,8 +573,14 @@ def from_jwt_claim(
             claims = cache[cache_key]
         else:
             try:
-                claims = jwt.decode(
-                    token, verification_key, algorithms=allowed, audience=audience_arg, issuer=one_issuer, leeway=leeway
+                claims = decode(
+                    token,
+                    verification_key,
+                    algorithms=allowed,
+                    options=options,
+                    audience=audience_arg,
+                    issuer=one_issuer,
+                    leeway=leeway,
                 )
                 if issuers is not None and claims.get("iss") not in issuers:  # (PyJWT < 2.9 takes one issuer only)
                     raise jwt.InvalidIssuerError("Invalid issuer")
@@ -590,6 +618,7 @@ def _from_jwks(
     refresh_interval: object,
     max_age: object,
     client: object,
+    required: tuple[str, ...] = (),
 ) -> Resolver:
     """:func:`from_jwt_claim` with ``jwks_url``: the token verified with the key of its ``kid`` in the issuer's JWKS
     (see :mod:`._jwks`). Synchronous once the keys are cached; a coroutine when the set must be fetched first."""
@@ -598,8 +627,7 @@ def _from_jwks(
     from . import _jwks
 
     url = _jwks.check_url(jwks_url)
-    interval = _jwks.check_interval("jwks_refresh_interval", refresh_interval, zero=True)
-    age = _jwks.check_interval("jwks_max_age", max_age, zero=False)
+    interval, age = _jwks.check_intervals(refresh_interval, max_age)
     if client is not None and not isinstance(client, httpx.AsyncClient):
         raise ConfigurationError(
             f"from_jwt_claim(jwks_client=...) takes an httpx.AsyncClient (the JWKS is fetched asynchronously, never "
@@ -632,7 +660,10 @@ def _from_jwks(
         keys = _jwks_sets[set_id] = _jwks.JwksKeys(url, client, usable, interval, age)
     if len(_jwt_cache_ids) >= 1_000:  # (as with key=; the entry holds the key set, so its client keeps its id)
         _jwt_cache_ids.clear()
-    cache_id, _ = _jwt_cache_ids.setdefault((("jwks", *set_id), audiences, issuer_arg, leeway), (object(), keys))
+    cache_id, _ = _jwt_cache_ids.setdefault(
+        (("jwks", *set_id), audiences, issuer_arg, leeway, required), (object(), keys)
+    )
+    options = {"require": list(required)} if required else None
     fetch = _jwks.FETCH
     one_alg = {alg: [alg] for alg in usable}
 
@@ -641,7 +672,13 @@ def _from_jwks(
             return None
         try:
             claims: Mapping[str, Any] = jwt.decode(
-                token, found[0], algorithms=one_alg[found[1]], audience=audience_arg, issuer=one_issuer, leeway=leeway
+                token,
+                found[0],
+                algorithms=one_alg[found[1]],
+                options=options,
+                audience=audience_arg,
+                issuer=one_issuer,
+                leeway=leeway,
             )
             if issuers is not None and claims.get("iss") not in issuers:
                 raise jwt.InvalidIssuerError("Invalid issuer")
@@ -695,8 +732,15 @@ def _jwt_refused(jwt: Any, exc: Exception, source: str = "key") -> None:
     if isinstance(exc, (jwt.ExpiredSignatureError, jwt.ImmatureSignatureError)):
         logger.debug("Bearer token rejected: %s", exc)
         return
-    if isinstance(exc, (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError)) and "aud" in str(exc):
+    missing = getattr(exc, "claim", None) if isinstance(exc, jwt.MissingRequiredClaimError) else None
+    if isinstance(exc, jwt.InvalidAudienceError) or missing == "aud":
         kind, hint = "audience", "pass from_jwt_claim(audience=...) the audience your issuer puts in its tokens"
+    elif missing is not None:
+        kind, hint = (
+            f"missing {missing}",
+            f"the token has no {missing!r} claim, which from_jwt_claim requires (require=..., or issuer=): have "
+            "the issuer put it in its tokens, or drop that requirement",
+        )
     elif isinstance(exc, jwt.InvalidIssuerError):
         kind, hint = "issuer", "check from_jwt_claim(issuer=...) against the tokens' iss claim"
     elif isinstance(exc, jwt.InvalidSignatureError) and source == "jwks_url":
@@ -999,6 +1043,109 @@ def _jwt_key_fits(implementation: Any, alg: str, key: Any) -> tuple[bool, bool, 
     else:  # an algorithm this check does not know: trust PyJWT's own check
         usable = True
     return usable, False, prepared
+
+
+#: The shortest HMAC secret for each algorithm, in bytes: its hash's output size (RFC 7518 3.2).
+_JWT_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+#: The smallest RSA modulus that verifies a token, in bits (RFC 7518 3.3; NIST SP 800-131A).
+_JWT_RSA_MIN_BITS = 2048
+
+
+def _jwt_weakness(implementation: Any, alg: str, prepared: Any) -> str | None:
+    """What makes ``prepared`` (an HMAC secret's bytes, or a loaded public key) too weak for ``alg``, or ``None``:
+    a secret shorter than RFC 7518 3.2 requires, an RSA key under 2048 bits, or what PyJWT's own key-length check
+    (2.11 and later) flags."""
+    if isinstance(prepared, bytes):
+        needed = _JWT_HMAC_MIN_BYTES.get(alg)
+        if needed is not None and len(prepared) < needed:
+            return (
+                f"the HMAC secret is {len(prepared)} bytes, shorter than the {needed} bytes RFC 7518 3.2 requires "
+                f"for {alg}"
+            )
+    else:
+        size = getattr(prepared, "key_size", None)
+        if alg.startswith(("RS", "PS")) and isinstance(size, int) and size < _JWT_RSA_MIN_BITS:
+            return f"the RSA key is {size} bits, under the {_JWT_RSA_MIN_BITS} bits RFC 7518 3.3 requires for {alg}"
+    check = getattr(implementation, "check_key_length", None)
+    if check is not None:
+        try:
+            said = check(prepared)
+        except Exception:  # (a check of another PyJWT version that does not take this key: no opinion)
+            return None
+        if isinstance(said, str) and said:
+            return said
+    return None
+
+
+def _jwt_check_key_strength(jwt: Any, allowed: Sequence[str], verification_key: Any) -> bool:
+    """Whether the ``key=`` of :func:`from_jwt_claim` is weak for one of ``allowed``: then said once at WARNING,
+    here at configuration, with what to do (not refused: existing setups keep working)."""
+    known: dict[str, Any] = jwt.algorithms.get_default_algorithms()
+    weak: dict[str, list[str]] = {}
+    for alg in allowed:
+        try:
+            prepared = known[alg].prepare_key(verification_key)
+        except Exception:  # (it loaded in _jwt_verification; a key PyJWT prepares differently: no opinion)
+            continue
+        problem = _jwt_weakness(known[alg], alg, prepared)
+        if problem is not None:
+            weak.setdefault("rsa" if not isinstance(prepared, bytes) else "hmac", []).append(problem)
+    if not weak:
+        return False
+    for kind, problems in weak.items():
+        if not _first_time(("weak jwt key", f"{kind}: {'; '.join(problems)}")):
+            continue
+        if kind == "hmac":
+            fix = (
+                "a short secret can be guessed offline from a single token, and whoever guesses it signs tokens for "
+                "any org. Use a random secret of at least 64 bytes (e.g. `openssl rand -base64 64`) at the issuer "
+                "and in from_jwt_claim(key=...)"
+            )
+        else:
+            fix = (
+                "a key this small can be factored, and whoever does signs tokens for any org. Have the issuer sign "
+                "with an RSA key of 2048 bits or more (or an EC key) and pass its public key to from_jwt_claim(key=...)"
+            )
+        logger.warning(
+            "from_jwt_claim(key=...): %s: %s. Tokens are still verified with it. Logged once per key kind and size.",
+            "; ".join(problems),
+            fix,
+        )
+    return True
+
+
+def _jwt_quiet_decode(jwt: Any) -> Callable[..., Any]:
+    """``jwt.decode`` without PyJWT's ``InsecureKeyLengthWarning``, for a key already said to be weak (at build time,
+    by :func:`_jwt_check_key_strength`): PyJWT >= 2.11 issues it on every decode, and under ``-W error`` (or a test
+    suite's ``filterwarnings = error``) it was raised out of the resolver, leaving every genuine token unresolved. The
+    filter is set around each decode of a weak key only; other keys decode as they did."""
+    category = getattr(getattr(jwt, "warnings", None), "InsecureKeyLengthWarning", None)
+    decode: Callable[..., Any] = jwt.decode
+    if category is None:  # (PyJWT < 2.11 does not warn)
+        return decode
+
+    def decode_quietly(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category)
+            return decode(*args, **kwargs)
+
+    return decode_quietly
+
+
+def _jwt_required(require: object) -> tuple[str, ...]:
+    """``require`` of :func:`from_jwt_claim`: the names of the claims a token must carry (a list, as PyJWT's
+    ``options={"require": [...]}``). A string is refused: PyJWT would read ``"exp"`` as the claims ``e``, ``x``, ``p``
+    and refuse every token."""
+    names: tuple[object, ...] | None = None
+    if isinstance(require, Iterable) and not isinstance(require, (str, bytes, bytearray, Mapping)):
+        names = tuple(require)
+    if names is None or not all(isinstance(name, str) and name.strip() == name and name for name in names):
+        raise ConfigurationError(
+            f"from_jwt_claim(require=...) takes a list of claim names every token must carry, such as "
+            f"require=['exp'] (tokens without an expiry are refused), got {require!r}; pass () to require none."
+        )
+    return tuple(dict.fromkeys(str(name) for name in names))
 
 
 def first_of(*resolvers: Resolver) -> Resolver:

@@ -1,14 +1,16 @@
 """The issuer's JSON Web Key Set for :func:`~lago_org_billing.from_jwt_claim` (``jwks_url=``): fetched with httpx,
 asynchronously (never blocking the event loop), its usable keys cached by ``kid``.
 
-A token whose ``kid`` is not cached makes the set be fetched again, at most once per ``refresh_interval``; the set is
-also fetched again when a token comes after ``max_age``. Concurrent requests share the fetch in flight. A failed fetch
-keeps the cached keys (logged once until a fetch succeeds). A fetch is bounded: redirects are never followed (not even
-by a ``jwks_client`` that follows them: to plain http or another host, whoever answers there would choose the keys), the
-answer is read up to :data:`_MAX_BYTES` (decoded) and must be complete within :data:`_DEADLINE` seconds (a server that
-drips its answer keeps every read under httpx's per-read timeout, and a request waits for the fetch). Only public
-signature keys of the allowed algorithms are kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys and unknown
-kinds are skipped, so an HMAC algorithm never verifies with a published key (the algorithm-confusion attack).
+A token whose ``kid`` is not cached makes the set be fetched again, at most once per ``refresh_interval`` (at least 1 s:
+anyone can send tokens with random kids); the set is also fetched again when a token comes after ``max_age`` (at least
+the interval). Concurrent requests share the fetch in flight. A failed fetch keeps the cached keys (logged once until a
+fetch succeeds). A fetch is bounded: redirects are never followed (not even by a ``jwks_client`` that follows them: to
+plain http or another host, whoever answers there would choose the keys), the answer is read up to :data:`_MAX_BYTES`
+(decoded) and must be complete within :data:`_DEADLINE` seconds (a server that drips its answer keeps every read under
+httpx's per-read timeout, and a request waits for the fetch). Only public signature keys of the allowed algorithms are
+kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys, unknown kinds and keys too weak to trust (RSA under
+2048 bits: a WARNING per fetch) are skipped, so an HMAC algorithm never verifies with a published key (the
+algorithm-confusion attack).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import binascii
 import ipaddress
 import json
 import logging
+import math
 import ssl
 import time
 import urllib.parse
@@ -34,7 +37,7 @@ except ImportError:  # (the webhooks extra: from_jwt_claim says which to install
     jwt = None  # type: ignore[assignment]
 
 from ._errors import ConfigurationError
-from ._identity import _first_time, _jwt_key_fits, _jwt_refused, _refusals_said
+from ._identity import _first_time, _jwt_key_fits, _jwt_refused, _jwt_weakness, _refusals_said
 
 logger = logging.getLogger("lago_org_billing.identity")
 
@@ -95,18 +98,46 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def check_interval(option: str, value: object, *, zero: bool) -> float:
-    """Seconds of ``jwks_refresh_interval`` (>= 0) or ``jwks_max_age`` (> 0)."""
+#: The shortest ``jwks_refresh_interval``: a token with an unknown ``kid`` fetches the set when the last fetch is older
+#: than the interval, and anyone can send tokens with random kids (below a second, that is a fetch per request).
+MIN_REFRESH_INTERVAL = 1.0
+
+
+def check_intervals(refresh_interval: object, max_age: object) -> tuple[float, float]:
+    """``jwks_refresh_interval`` and ``jwks_max_age`` of :func:`from_jwt_claim`, in seconds: finite numbers (not
+    bools, not strings), the interval at least :data:`MIN_REFRESH_INTERVAL`, the maximum age at least the interval
+    (the set is never fetched more often than that, so a shorter age could not be honoured)."""
+    interval = _seconds("jwks_refresh_interval", refresh_interval, "60", positive=False)
+    if interval < MIN_REFRESH_INTERVAL:
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_refresh_interval={refresh_interval!r}) must be at least {MIN_REFRESH_INTERVAL:g} s: "
+            "it bounds how often a token with an unknown kid fetches the JWKS again, and anyone can send tokens with "
+            "random kids, so a shorter interval fetches the issuer's JWKS on nearly every such request (each one "
+            "waiting for it). Pass e.g. jwks_refresh_interval=60 (the default)."
+        )
+    age = _seconds("jwks_max_age", max_age, "3600")
+    if age < interval:
+        raise ConfigurationError(
+            f"from_jwt_claim(jwks_max_age={max_age!r}) is shorter than jwks_refresh_interval={refresh_interval!r}: the "
+            "JWKS is never fetched more often than the refresh interval, so the keys would be kept longer than asked. "
+            "Pass a jwks_max_age >= jwks_refresh_interval (e.g. 3600, the default), or lower the interval."
+        )
+    return interval, age
+
+
+def _seconds(option: str, value: object, example: str, *, positive: bool = True) -> float:
+    """``value`` as seconds: a finite number (not a bool or a string), > 0 (``positive``) or >= 0."""
     if (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
-        and value == value
-        and value != float("inf")
-        and (value >= 0 if zero else value > 0)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
     ):
         return float(value)
-    bound = ">= 0" if zero else "> 0"
-    raise ConfigurationError(f"from_jwt_claim({option}=...) takes seconds (a finite number {bound}), got {value!r}.")
+    raise ConfigurationError(
+        f"from_jwt_claim({option}=...) takes seconds (a finite number {'>' if positive else '>='} 0, not a string), "
+        f"got {value!r}; pass e.g. {option}={example}."
+    )
 
 
 class JwksKeys:
@@ -300,8 +331,9 @@ class JwksKeys:
         keys: dict[tuple[str, str], Any] = {}
         usable: list[dict[str, Any]] = []
         skipped: list[str] = []
+        weak: list[str] = []
         for jwk in data["keys"]:
-            loaded = self._load_key(jwk, skipped)
+            loaded = self._load_key(jwk, skipped, weak)
             if not loaded:
                 continue
             usable.append(loaded)
@@ -311,6 +343,14 @@ class JwksKeys:
                     keys.setdefault((kid, alg), key)  # (the first of a kid repeated, as PyJWT's PyJWKClient)
         if skipped:
             logger.debug("JWKS at %s: skipped %s.", self.url, "; ".join(skipped))
+        if weak:  # (once per fetch: the issuer's to fix, and a risk while it publishes them)
+            logger.warning(
+                "The JWKS at %s publishes key(s) too weak to trust (%s): skipped, tokens signed with them are refused. "
+                "Whoever factors such a key signs tokens for any org: have the issuer rotate to RSA keys of 2048 bits "
+                "or more (or EC keys). Logged on each fetch while it publishes them.",
+                self.url,
+                "; ".join(weak),
+            )
         if not usable:
             raise _FetchError(
                 f"no key usable with algorithms {list(self._algorithms)} ({'; '.join(skipped) or 'no keys'}): pass "
@@ -318,9 +358,9 @@ class JwksKeys:
             )
         return keys, usable[0] if len(usable) == 1 else {}
 
-    def _load_key(self, jwk: object, skipped: list[str]) -> dict[str, Any] | None:
+    def _load_key(self, jwk: object, skipped: list[str], weak: list[str]) -> dict[str, Any] | None:
         """``{alg: public key}`` for the allowed algorithms ``jwk`` verifies with; ``None`` (reason in ``skipped``)
-        for an entry that cannot verify a token, or must not."""
+        for an entry that cannot verify a token, or must not (a key too weak: in ``weak`` too)."""
         if not isinstance(jwk, Mapping):
             skipped.append("an entry that is not a JSON object")
             return None
@@ -352,6 +392,7 @@ class JwksKeys:
             skipped.append(f"{name}: alg {alg!r} not in algorithms")
             return None
         loaded: dict[str, Any] = {}
+        problem: str | None = None
         for candidate in (alg,) if alg is not None else self._algorithms:
             implementation = self._algorithms[candidate]
             try:
@@ -360,7 +401,13 @@ class JwksKeys:
                 continue
             usable, private, prepared = _jwt_key_fits(implementation, candidate, key)
             if usable and not private and prepared is not None and not isinstance(prepared, bytes):
+                problem = problem or _jwt_weakness(implementation, candidate, prepared)
                 loaded[candidate] = prepared
+        if problem is not None:  # (PyJWT would verify with it, warning on every token)
+            said = f"{name}: {problem}"
+            skipped.append(said)
+            weak.append(said)
+            return None
         if not loaded:
             crv = jwk.get("crv")
             skipped.append(f"{name}: a {kty}{f' {crv}' if crv else ''} key fits none of the algorithms")
