@@ -32,7 +32,11 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
 Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
 :class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
 ``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
-call tries Redis again (and so does the background writer, however idle the worker). When Redis answers again, the
+call tries Redis again (and so does the background writer, however idle the worker) with a write (``PROBE``: a
+replica's READONLY, an OOM, a missing ACL permission keep it down, where a PING passed). After a READONLY (a failover
+made the node a replica) the pooled connections are dropped first: new ones reach the endpoint's new primary. A
+misconfiguration or a state only an operator ends (a replica's URL, TLS, credentials, ACL permissions, maxmemory) is
+said once, as what to change (``_problem``), not as an outage. When Redis answers again, the
 records made meanwhile are added to its counters (those of a period after a counter's, made past a boundary on a
 provisional snapshot, replace it) before Redis decides for their orgs again: a check merges its own org's records
 itself (or waits for that org's merge alone), the background writer the rest, a few orgs at once. Calls still running
@@ -47,6 +51,7 @@ import functools
 import hashlib
 import logging
 import math
+import ssl
 import sys
 import time
 import uuid
@@ -389,6 +394,16 @@ return 1
 """
 
 
+#: The recovery probe: whether Redis takes this process's writes again (a ``SET``, which a replica answers with
+#: READONLY, a Redis out of memory with OOM, an ACL user without the permission with NOPERM; a ``PING`` passes all
+#: three, and the next write failed again: the worker flapped between Redis and its own counts for ever). Run with
+#: ``EVALSHA``/``EVAL`` as the scripts are, on a key of its own that expires at once.
+PROBE = """
+redis.call('SET', KEYS[1], '1', 'PX', 1000)
+return 1
+"""
+
+
 def _redis() -> Any:
     try:
         import redis.asyncio as redis_asyncio
@@ -625,11 +640,18 @@ class RedisBackend:
         self._lock = _Script(self.redis, LOCK)
         self._unlock = _Script(self.redis, UNLOCK)
         self._compact = _Script(self.redis, COMPACT)
+        self._probe = _Script(self.redis, PROBE)
         self._sharded = False  # LAGO_REDIS_URL named a node of a cluster of several shards (see _refuse_sharded)
         self._redirected = _redis_errors("AskError")  # (MovedError is one)
         self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
+        # Misconfigurations and states of Redis said (a kind each: see _problem) since it last took a write: each is
+        # said once, not at every retry
+        self._said: set[str] = set()
+        self._answered = False  # Redis answered once (a connection reset before any answer: maybe a TLS port)
+        self._wrote = False  # Redis took a write once (READONLY after that: a failover; before: a replica's URL)
+        self._reconnect = False  # READONLY seen: the pooled connections go to a replica, dropped before the probe
         self._on_asyncio = False  # the redis client's loop seen (see _usable)
         self._queue: deque[_Queued] = deque()
         self._wakeup = anyio.Event()
@@ -708,7 +730,15 @@ class RedisBackend:
         if isinstance(exc, self._redirected):
             self._refuse_sharded(exc)
             return
-        if not self.stats["redis_fallback"] and not self._closed:  # (closed: a refresh still running at shutdown)
+        problem = self._problem(exc)
+        if problem is not None:  # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
+            kind, level, message = problem
+            if kind == "readonly":  # (the pooled connections reach a replica: dropped before the next probe)
+                self._reconnect = True
+            if kind not in self._said and not self._closed:
+                self._said.add(kind)
+                logger.log(level, "%s", message)
+        elif not self.stats["redis_fallback"] and not self._closed:  # (closed: a refresh still running at shutdown)
             logger.warning(
                 "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
                 "(retry every %.0f s).",
@@ -719,6 +749,109 @@ class RedisBackend:
             )
         self.stats["redis_fallback"] = 1
         self._down_until = self._clock() + self.config.redis_retry_interval
+
+    def _problem(self, exc: BaseException) -> tuple[str, int, str] | None:
+        """What a Redis error says beyond "Redis is down", when it is a misconfiguration or a state of Redis that only
+        an operator ends: (kind, log level, the message saying what to change); None for an outage. Either way quota
+        counting falls back to this process (the outage policy) and Redis is tried again every
+        ``redis_retry_interval`` (a fix on the Redis side ends it without a restart)."""
+        text = f"{type(exc).__name__}: {exc}"
+        meanwhile = (
+            "Quota counting falls back to this process meanwhile (limits per worker, not shared); Redis is tried "
+            f"again every {self.config.redis_retry_interval:.0f} s."
+        )
+        url = self._shown_url
+        if isinstance(exc, _redis_errors("ReadOnlyError")) or any(
+            # (MASTERDOWN: a replica whose link to its primary is down, with replica-serve-stale-data no)
+            words in str(exc)
+            for words in ("read only replica", "Link with MASTER is down")
+        ):
+            if self._wrote:
+                return (
+                    "readonly",
+                    logging.WARNING,
+                    f"Redis ({url}) answered READONLY ({text}): a failover (Sentinel, ElastiCache, a replica promoted) "
+                    "made the node this process is connected to a read-only replica. Its pooled connections are "
+                    "dropped and it reconnects to LAGO_REDIS_URL, which names the new primary once the failover is "
+                    "over (its DNS name follows the primary; if LAGO_REDIS_URL holds this node's own address, set it "
+                    f"to the primary endpoint's). {meanwhile}",
+                )
+            return (
+                "readonly",
+                logging.ERROR,
+                f"LAGO_REDIS_URL ({url}) names a read-only replica ({text}): the quota backend writes its counters, "
+                "so it must be the primary's endpoint (ElastiCache: the primary endpoint, not the reader endpoint; "
+                f"Sentinel: the current master's address). {meanwhile}",
+            )
+        if isinstance(exc, _redis_errors("OutOfMemoryError")) or "used memory > 'maxmemory'" in str(exc):
+            return (
+                "oom",
+                logging.ERROR,
+                f"Redis ({url}) is out of memory ({text}): maxmemory is reached and maxmemory-policy is noeviction, "
+                "so it refuses the quota counters' writes. Give it more memory (maxmemory, a larger node) or an "
+                "eviction policy (maxmemory-policy volatile-lru: every quota key expires; ElastiCache: the "
+                f"parameter group). {meanwhile}",
+            )
+        if isinstance(exc, _redis_errors("AuthenticationError", "AuthorizationError")) or any(
+            code in str(exc) for code in ("WRONGPASS", "NOAUTH", "invalid username-password")
+        ):
+            return (
+                "auth",
+                logging.ERROR,
+                f"Redis ({url}) refused the credentials of LAGO_REDIS_URL ({text}): set the user and password it "
+                "expects there (redis://<user>:<password>@<host>:<port>/<db>, or redis://:<password>@... for the "
+                "default user; after rotating an AUTH token, the new one) and restart, or give the password to the "
+                f"user on the Redis side. {meanwhile}",
+            )
+        if isinstance(exc, _redis_errors("NoPermissionError")) or any(
+            code in str(exc) for code in ("NOPERM", "no permissions", "can't run this command")
+        ):
+            return (
+                "acl",
+                logging.ERROR,
+                f"The Redis ACL user of LAGO_REDIS_URL ({url}) lacks a permission the quota backend needs ({text}): "
+                f"grant it, e.g. ACL SETUSER <user> ~{self.config.redis_prefix}* +@read +@write +eval +evalsha "
+                f"(ElastiCache: an access string with these). {meanwhile}",
+            )
+        cause: BaseException | None = exc
+        for _depth in range(8):  # (the ssl error is the redis error's context)
+            if cause is None:
+                break
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return (
+                    "tls",
+                    logging.ERROR,
+                    f"The TLS certificate of Redis ({url}) does not verify ({text}): give LAGO_REDIS_URL the "
+                    "certificate of the CA that signed it (rediss://<host>:<port>/<db>?ssl_ca_certs=/path/to/ca.pem), "
+                    "or add that CA to the system's trust store (ssl_cert_reqs=none turns verification off: not "
+                    f"recommended). {meanwhile}",
+                )
+            if isinstance(cause, ssl.SSLError):
+                return (
+                    "tls",
+                    logging.ERROR,
+                    f"The TLS handshake with Redis ({url}) failed ({text}): check that the port of LAGO_REDIS_URL "
+                    "speaks TLS (rediss://; a plain port needs redis://) and its certificate options (ssl_ca_certs; "
+                    f"ssl_certfile and ssl_keyfile when Redis asks for a client certificate). {meanwhile}",
+                )
+            cause = cause.__cause__ or cause.__context__
+        if (
+            not self._answered
+            and self.url.lower().startswith("redis://")
+            and isinstance(exc, _redis_errors("ConnectionError"))
+            and ("Connection reset by peer" in str(exc) or "Connection closed by server" in str(exc))
+        ):
+            # (a server reached that closes the connection before answering anything: a TLS-only port, which takes
+            # the plain-text command as a broken handshake, most likely)
+            return (
+                "tls",
+                logging.ERROR,
+                f"Redis ({url}) closed the connection without answering ({text}): if it accepts TLS only "
+                "(ElastiCache in-transit encryption, Redis Cloud, Upstash, a TLS port), LAGO_REDIS_URL must start "
+                "with rediss:// instead of redis://; else a proxy in front of it has no Redis to reach. "
+                f"{meanwhile}",
+            )
+        return None
 
     def _refuse_sharded(self, exc: BaseException) -> None:
         """Redis answered MOVED (or ASK): ``LAGO_REDIS_URL`` names one node of a Redis Cluster of several shards, which
@@ -751,12 +884,21 @@ class RedisBackend:
                 return
             self._probing = True
             try:
-                await self.redis.ping()
+                if self._reconnect:
+                    # READONLY: the pooled connections reach a node that a failover made a replica; new ones go where
+                    # LAGO_REDIS_URL names now (the new primary, once its DNS follows)
+                    self._reconnect = False
+                    pool = getattr(self.redis, "connection_pool", None)
+                    if pool is not None:
+                        await pool.disconnect()
+                await self._probe(keys=[self.key("", "probe")], args=[])  # (a write: see PROBE)
             except self._errors() as exc:
                 self._failed(exc)
                 return
             finally:
                 self._probing = False
+            self._answered = self._wrote = True
+            self._said.clear()
             if not self.stats["redis_fallback"] or self._merging is not None:  # (done by another task meanwhile)
                 return
             self.stats["redis_fallback"] = 0
@@ -924,6 +1066,7 @@ class RedisBackend:
                 self._failed(exc)
             else:
                 if result is not None:
+                    self._answered = True
                     return self._outcome(org_id, result, known, int(now))
         self.stats["fallback_decisions"] += 1
         self._seed_fallback(org_id)
@@ -1106,6 +1249,9 @@ class RedisBackend:
         """Whether Redis took every settle of ``batch``; those it refused are queued again (:meth:`_refused`)."""
         refused = self._refused(batch, results)
         self._queue.extendleft(reversed(refused))
+        if not refused:
+            self._answered = True
+            self._wrote = self._wrote or 1 in results
         return not refused
 
     def _refused(self, batch: list[_Queued], results: list[Any]) -> list[_Queued]:
@@ -1205,7 +1351,9 @@ class RedisBackend:
         except self._errors() as exc:
             self._failed(exc)
             return True
+        self._answered = True
         if locked:
+            self._wrote = True
             if len(self._held) >= self.config.max_orgs:  # (bounded: refreshes cut off keep theirs until then)
                 self._held.clear()
             self._held[org_id] = held
