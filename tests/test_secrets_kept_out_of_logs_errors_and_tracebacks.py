@@ -436,3 +436,14 @@ def test_settings_refused_in_code_keep_secrets_out_of_the_traceback() -> None:
     assert "api_key" in inspect.signature(BillingSettings).parameters
     with pytest.raises(ConfigurationError):
         BillingSettings(api_key=KEY).replace(max_retries=-1)
+
+
+def test_the_redis_quota_store_shows_its_url_without_the_password() -> None:
+    """``RedisBackend.url`` (a public attribute: ``vars()``, debuggers and error trackers' locals show it) held the
+    URL with its password; it is the masked URL, the pool keeping the real one."""
+    pytest.importorskip("redis")
+    from lago_org_billing._quota_redis import RedisBackend
+
+    backend = RedisBackend("redis://billing:s3cr3t-pw@127.0.0.1:1/0")
+    assert "s3cr3t-pw" not in backend.url
+    assert backend.url == "redis://billing:***@127.0.0.1:1/0"

@@ -78,7 +78,7 @@ from ._quota import (
     _Counts,
     period_key,
 )
-from ._settings import redact_url
+from ._settings import masked_url, redact_url
 
 __all__ = ["RedisBackend"]
 
@@ -602,7 +602,9 @@ class RedisBackend:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or QuotaConfig()
-        self.url = url
+        #: The URL as it may be shown: its password masked (the pool keeps the real one; ``vars()``, a debugger and an
+        #: error tracker's locals see this one).
+        self.url = masked_url(url) if url else ""
         self._shown_url = redact_url(url) if url else "the given client"  # for logs: no password
         self.fallback = fallback or LocalBackend(self.config)
         self._clock = clock
