@@ -18,6 +18,7 @@ Messages never contain the API key.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -213,3 +214,12 @@ class QuotaExceededError(LagoIntegrationError, HTTPException):
 
     def __str__(self) -> str:
         return str(self.detail)
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``exc``, its traceback and chain as a log handler writes them (files, lines, messages), for a log record that
+    does not carry the exception: error trackers (Sentry's logging integration, ``include_local_variables`` on by
+    default), ``rich`` and ``loguru`` ship the locals of the frames of a record's exception, and those of these
+    failures held secrets (redis-py's ``auth_args``: the Redis password; an app's ``authorize`` decoding a JWT: the
+    bearer token and the app's signing key)."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()

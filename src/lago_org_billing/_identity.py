@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from starlette.types import Scope
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, traceback_text
 from ._settings import _HEADER_NAME, BillingSettings
 
 if TYPE_CHECKING:
@@ -232,12 +232,13 @@ def _clean_result(resolver: object, value: object) -> str | None:
 def _report(resolver: Resolver, exc: Exception) -> None:
     key = (_resolver_name(resolver), type(exc).__qualname__)
     if _first_time(key):
-        logger.error(
+        logger.error(  # the traceback as text, not the exception: its frames held the request's scope (its bearer
+            # token) and a JWT-decoding resolver's signing key, which error trackers ship with a record's exception
             "Identity resolver %s raised %s; the request is treated as unresolved. Fix the resolver "
-            "(this traceback is logged once per resolver and error type).",
+            "(this traceback is logged once per resolver and error type).\n%s",
             key[0],
             key[1],
-            exc_info=exc,
+            traceback_text(exc),
         )
     else:
         logger.debug("Identity resolver %s failed again: %r", key[0], exc)

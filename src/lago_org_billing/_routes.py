@@ -70,6 +70,7 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    traceback_text,
 )
 from ._gate import QuotaGateProtocol
 from ._ids import format_timestamp, validate_id
@@ -404,14 +405,16 @@ class BillingRouter(Router):
                     allowed = await allowed
             except HTTPException:
                 raise  # the app's own answer (a 401 asking to log in)
-            except Exception:  # (no session on the request: a scanner, a logged-out tab) fail closed, not a 500
+            except Exception as exc:  # (no session on the request: a scanner, a logged-out tab) fail closed, not a 500
+                # its traceback as text, not the exception: the locals of its frames (the callback's, PyJWT's...) held
+                # the caller's bearer token or cookie and the app's JWT signing key, which error trackers ship
                 self._say(
                     "authorize",
                     "billing_routes(authorize=...) raised on %s %s: the caller was denied (403). Make it return "
-                    "False (or raise an HTTPException) when it cannot tell.",
+                    "False (or raise an HTTPException) when it cannot tell.\n%s",
                     request.method,
                     request.url.path,
-                    exc_info=True,
+                    traceback_text(exc),
                 )
                 allowed = False
             if allowed is not True:
@@ -464,12 +467,12 @@ class BillingRouter(Router):
                     offered = await offered
             except HTTPException:
                 raise
-            except Exception:  # fail closed: a plan nobody could check is not offered
+            except Exception as exc:  # fail closed: a plan nobody could check is not offered
                 self._say(
                     "plans",
-                    "billing_routes(plans=...) raised for plan %r: it was refused (422). Make it return a bool.",
+                    "billing_routes(plans=...) raised for plan %r: it was refused (422). Make it return a bool.\n%s",
                     plan_code,
-                    exc_info=True,
+                    traceback_text(exc),  # (as for authorize: not the exception, whose frames held the caller's token)
                 )
                 offered = None
         else:
@@ -500,8 +503,9 @@ class BillingRouter(Router):
         invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
         try:
             await invalidate(org_id)
-        except Exception:  # the webhook or the cache TTL catches up
-            logger.warning("Could not invalidate the quota state of org %s", org_id, exc_info=True)
+        except Exception as exc:  # the webhook or the cache TTL catches up
+            # (its traceback as text, not the exception: the frames of the gate's Redis client held its password)
+            logger.warning("Could not invalidate the quota state of org %s\n%s", org_id, traceback_text(exc))
 
     # ------------------------------------------------------------------------------------------- routes
 

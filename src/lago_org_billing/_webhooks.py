@@ -82,9 +82,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from ._client import LagoClient, _Throttled
-from ._errors import ConfigurationError, LagoIntegrationError
+from ._errors import ConfigurationError, LagoIntegrationError, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
-from ._settings import BillingSettings, _check_unquoted
+from ._settings import BillingSettings, _check_unquoted, masked_url
 
 __all__ = [
     "INVALIDATING_TYPES",
@@ -264,7 +264,15 @@ class RedisDedupe:
         if client is None:
             if not url:
                 raise ConfigurationError("RedisDedupe needs a Redis URL (LAGO_REDIS_URL) or a client.")
-            client = _redis_from_url(url, _REDIS_TIMEOUT if timeout is None else timeout)
+            try:
+                client = _redis_from_url(url, _REDIS_TIMEOUT if timeout is None else timeout)
+            except ConfigurationError as exc:
+                failure: ConfigurationError | None = exc
+            else:
+                failure = None
+            if failure is not None:
+                del url  # (a local a traceback would show: the URL with its password)
+                raise _bare(failure)
         self.redis = client
         self.prefix = prefix
         self.ttl = max(1, int(ttl))
@@ -315,15 +323,42 @@ def _on_asyncio() -> bool:
 
 
 def _redis_from_url(url: str, timeout: float) -> Any:
+    """A redis client of ``url``; a :class:`ConfigurationError` (its traceback and chain bare: their frames held the
+    URL) when the redis extra is missing or redis-py cannot read the URL (``?socket_timeout=2s``: the settings do
+    not read the options of its query, redis-py refused it with a bare ``ValueError`` at each webhook)."""
     try:
         import redis.asyncio as redis_asyncio
     except ImportError as exc:
         raise ConfigurationError(
             "Webhook dedupe in Redis (LAGO_REDIS_URL) needs redis: pip install 'lago-org-billing[redis]'.",
             variable="LAGO_REDIS_URL",
-        ) from exc
-    # (options in the URL's query win over these: redis-py applies them last)
-    return redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        ) from _without_tracebacks(exc)
+    try:
+        # (options in the URL's query win over these: redis-py applies them last)
+        return redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
+        problem = f"{type(exc).__name__}: {exc}"
+    shown = masked_url(url)
+    password = url.rpartition("@")[0].partition("://")[2]
+    password = password.partition(":")[2] or password  # (``redis://secret@host``: the password alone)
+    if password:
+        problem = problem.replace(password, "***")
+    del url, password
+    raise ConfigurationError(
+        f"LAGO_REDIS_URL ({shown}) cannot be read by redis-py ({problem}): the webhooks' dedupe cannot be made. Fix it "
+        "(redis://[user:password@]host:port/db, the password percent-encoded, options as redis-py reads them, e.g. "
+        "?socket_timeout=5) or unset it.",
+        variable="LAGO_REDIS_URL",
+    )
+
+
+def _bare(error: ConfigurationError) -> ConfigurationError:
+    """``error`` with the tracebacks of its whole chain dropped: the frames it went through held secrets as locals
+    (the Redis URL and its password, the HMAC key, the settings' environment), which error trackers (Sentry's
+    ``include_local_variables``, on by default), ``rich`` and ``loguru`` tracebacks show; its message says what is
+    wrong."""
+    _without_tracebacks(error)
+    return error
 
 
 # ------------------------------------------------------------------------------------------ signatures
@@ -416,6 +451,21 @@ def _jwt_shape(token: str) -> str | None:
 
 class _KeyUnavailable(Exception):
     """Lago's public key could not be fetched: answer 503 so that Lago retries."""
+
+
+class _InvalidationFailed(LagoIntegrationError):
+    """Dropping cached quota state (the quota gate's ``invalidate``/``invalidate_all``) failed: the webhook is answered
+    500, and Lago sends it again."""
+
+    @classmethod
+    def of(cls, what: str, exc: Exception) -> _InvalidationFailed:
+        """The error of ``exc``, raised ``from _without_tracebacks(exc)``: the frames under it (the gate's Redis
+        client, redis-py's ``auth_args`` among them) held the Redis password as a local, which error trackers ship
+        with the webhook's failure (logged with its traceback)."""
+        return cls(
+            f"Dropping the cached quota state of {what} failed ({type(exc).__name__}: {exc}); Lago will send the "
+            "webhook again. Check the quota gate's store (its Redis: LAGO_REDIS_URL)."
+        )
 
 
 # ------------------------------------------------------------------------------------------- org ids
@@ -547,37 +597,55 @@ class LagoWebhooks:
         max_body_size: int = DEFAULT_MAX_BODY,
         organization_id: str | None = None,
     ) -> None:
-        self._settings = settings
-        self._organization_id = organization_id
-        self._client = client
-        self._invalidate = invalidate
-        self._handlers: dict[str, list[Handler]] = {}
-        for webhook_type, value in (handlers or {}).items():
-            for handler in [value] if callable(value) else list(value):
-                self.add_handler(webhook_type, handler)
-        self._dedupe = dedupe
-        self._owns_dedupe = False  # made here (from redis_url= or LAGO_REDIS_URL): closed by aclose()
-        self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
-        self._redis_url = redis_url
-        self._hmac_key = _given_hmac_key(hmac_key)
-        self._public_pem = _pem(public_key) if public_key is not None else None
-        self._public_key: Any = _static_key(self._public_pem) if self._public_pem is not None else None
-        self._key_fetched_at: float | None = None
-        self._refetch_failed = False  # the last re-fetch of a rotated key failed (Lago did not answer)
-        self._key_lock: anyio.Lock | None = None
-        self.key_refetch_interval = key_refetch_interval
-        self.max_body_size = max_body_size
-        self._config: _Config | None = None
-        self._org_wide: dict[int, _Coalesced] = {}  # by quota gate: its invalidate_all's runs, shared
-        self._say = _Throttled(logger)  # problems that repeat with every webhook: said once a minute, not per request
-        #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
-        #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
-        self.stats: dict[str, int] = dict.fromkeys(
-            ("received", "processed", "duplicates", "rejected", "failed", "ignored", "invalidations", "key_fetches"),
-            0,
-        )
-        if settings is not None:
-            self._configure()
+        try:
+            self._settings = settings
+            self._organization_id = organization_id
+            self._client = client
+            self._invalidate = invalidate
+            self._handlers: dict[str, list[Handler]] = {}
+            for webhook_type, value in (handlers or {}).items():
+                for handler in [value] if callable(value) else list(value):
+                    self.add_handler(webhook_type, handler)
+            self._dedupe = dedupe
+            self._owns_dedupe = False  # made here (from redis_url= or LAGO_REDIS_URL): closed by aclose()
+            self._issuer = (issuer,) if isinstance(issuer, str) else tuple(issuer) if issuer is not None else None
+            self._redis_url = redis_url
+            self._hmac_key = _given_hmac_key(hmac_key)
+            self._public_pem = _pem(public_key) if public_key is not None else None
+            self._public_key: Any = _static_key(self._public_pem) if self._public_pem is not None else None
+            self._key_fetched_at: float | None = None
+            self._refetch_failed = False  # the last re-fetch of a rotated key failed (Lago did not answer)
+            self._key_lock: anyio.Lock | None = None
+            self.key_refetch_interval = key_refetch_interval
+            self.max_body_size = max_body_size
+            self._config: _Config | None = None
+            self._org_wide: dict[int, _Coalesced] = {}  # by quota gate: its invalidate_all's runs, shared
+            self._say = _Throttled(
+                logger
+            )  # problems that repeat with every webhook: said once a minute, not per request
+            #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
+            #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
+            self.stats: dict[str, int] = dict.fromkeys(
+                (
+                    "received",
+                    "processed",
+                    "duplicates",
+                    "rejected",
+                    "failed",
+                    "ignored",
+                    "invalidations",
+                    "key_fetches",
+                ),
+                0,
+            )
+            if settings is not None:
+                self._configure()
+            return
+        except ConfigurationError as exc:
+            failure = exc
+        # (raised bare, these locals gone: its frames held the HMAC key and the Redis URL with its password)
+        del hmac_key, redis_url, public_key, settings
+        raise _bare(failure)
 
     # ----------------------------------------------------------------------------------- registration
 
@@ -620,6 +688,15 @@ class LagoWebhooks:
     def _configure(self) -> _Config:
         if self._config is not None:
             return self._config
+        try:
+            self._config = self._configured()
+            return self._config
+        except ConfigurationError as exc:
+            failure = exc
+        # (raised bare: the frames it went through held the HMAC key and the Redis URL with its password)
+        raise _bare(failure)
+
+    def _configured(self) -> _Config:
         settings = self._settings
         if settings is None:
             settings = self._client.settings if self._client is not None else None
@@ -648,14 +725,13 @@ class LagoWebhooks:
                 "that instance shares (Lago Cloud): set LAGO_ORGANIZATION_ID (the organization_id of your Lago "
                 "webhooks) so that webhooks other organizations send here are refused, or use HMAC signatures."
             )
-        self._config = _Config(
+        return _Config(
             settings=settings,
             mode=mode,
             hmac_key=hmac_key.encode() if hmac_key else None,
             issuers=tuple(issuer.rstrip("/") for issuer in issuers),
             organization_id=organization_id,
         )
-        return self._config
 
     def _memory_dedupe_instead(self) -> MemoryDedupe:
         """The dedupe made from ``LAGO_REDIS_URL`` served under trio (``hypercorn -k trio``), where the redis client
@@ -926,13 +1002,13 @@ class LagoWebhooks:
         if dedupe is not None:
             try:
                 state = await dedupe.claim(token)
-            except Exception:  # Redis down: process anyway (at-least-once) rather than lose the webhook
+            except Exception as exc:  # Redis down: process anyway (at-least-once) rather than lose the webhook
                 self._say(
                     "dedupe",
                     "Webhook dedupe unavailable (check Redis, LAGO_REDIS_URL): processing %s without it, so a delivery "
-                    "Lago sends again may run its handlers twice",
+                    "Lago sends again may run its handlers twice\n%s",
                     key,
-                    exc_info=True,
+                    traceback_text(exc),  # (not the exception: its frames' locals held the Redis password)
                 )
                 state = "new"
                 dedupe = None
@@ -992,7 +1068,10 @@ class LagoWebhooks:
         target = self._invalidate if self._invalidate is not None else _scope_gate(scope)
         if _invalidates(event.webhook_type) and event.org_id is not None and target is not None:
             invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
-            await invalidate(event.org_id)
+            try:
+                await invalidate(event.org_id)
+            except Exception as exc:
+                raise _InvalidationFailed.of(f"org {event.org_id!r}", exc) from _without_tracebacks(exc)
             self.stats["invalidations"] += 1
             handled = True
         elif event.webhook_type in ORG_WIDE_TYPES and target is not None:
@@ -1002,7 +1081,10 @@ class LagoWebhooks:
                 coalesced = self._org_wide.get(id(target))
                 if coalesced is None or coalesced.target is not target:
                     coalesced = self._org_wide[id(target)] = _Coalesced(target)
-                await coalesced.run(invalidate_all)
+                try:
+                    await coalesced.run(invalidate_all)
+                except Exception as exc:
+                    raise _InvalidationFailed.of("every org", exc) from _without_tracebacks(exc)
                 self.stats["invalidations"] += 1
                 handled = True
             else:
@@ -1023,8 +1105,10 @@ class LagoWebhooks:
     async def _quietly(self, operation: Awaitable[None]) -> None:
         try:
             await operation
-        except Exception:
-            self._say("dedupe_store", "Webhook dedupe store failed (check Redis, LAGO_REDIS_URL)", exc_info=True)
+        except Exception as exc:
+            self._say(
+                "dedupe_store", "Webhook dedupe store failed (check Redis, LAGO_REDIS_URL)\n%s", traceback_text(exc)
+            )
 
 
 class _Run:
