@@ -31,7 +31,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -45,38 +45,22 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+import test_identity_jwks as _jwks_tests
 from lago_org_billing import _jwks
-from lago_org_billing._identity import from_jwt_claim, reset_warnings, resolve_now
+from lago_org_billing._identity import from_jwt_claim, resolve_now
 
 pytestmark = pytest.mark.anyio
+
+# the JWKS cache's hand-moved clock and the identity warnings reset around each test, as in test_identity_jwks
+Clock = _jwks_tests.Clock
+clock = _jwks_tests.clock
+_reset_identity_warnings = _jwks_tests._reset_identity_warnings
 
 _urls = itertools.count()
 
 
 def new_url() -> str:
     return f"https://idp{next(_urls)}.review.test/.well-known/jwks.json"
-
-
-@pytest.fixture(autouse=True)
-def _reset_identity_warnings() -> Iterator[None]:
-    reset_warnings()
-    yield
-    reset_warnings()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("lago_org_billing._jwks._clock", fake)
-    return fake
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +105,7 @@ async def resolve(resolver: Any, token: str) -> str | None:
     if result is None or isinstance(result, str):
         return result
     with anyio.fail_after(10):  # a guard against a hang (this takes milliseconds)
-        return await result  # type: ignore[no-any-return]
+        return await result
 
 
 class JwksApp:

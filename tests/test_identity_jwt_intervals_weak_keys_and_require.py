@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -33,35 +33,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import test_identity_jwks as _jwks_tests
 from lago_org_billing import BillingSettings, ConfigurationError, OrgBillingMiddleware
-from lago_org_billing._identity import from_jwt_claim, get_current_org, reset_warnings, resolve_now
+from lago_org_billing._identity import from_jwt_claim, get_current_org, resolve_now
 
 pytestmark = pytest.mark.anyio
 
+# the JWKS cache's hand-moved clock and the identity warnings reset around each test, as in test_identity_jwks
+Clock = _jwks_tests.Clock
+clock = _jwks_tests.clock
+_reset_identity_warnings = _jwks_tests._reset_identity_warnings
+
 URL = "https://issuer.test/.well-known/jwks.json"
 STRONG_SECRET = "a-review-secret-long-enough-for-hs256-and-hs384-and-hs512-0123456789"
-
-
-@pytest.fixture(autouse=True)
-def _reset_identity_warnings() -> Iterator[None]:
-    reset_warnings()
-    yield
-    reset_warnings()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
-    monkeypatch.setattr("lago_org_billing._jwks._clock", fake)
-    return fake
 
 
 @pytest.fixture(scope="module")

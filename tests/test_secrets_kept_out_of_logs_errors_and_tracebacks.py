@@ -54,9 +54,10 @@ def _shown(value: object) -> str:
         return f"<repr failed: {exc!r}>"
 
 
-def _texts(exc: BaseException) -> Iterator[tuple[str, str]]:
+def _texts(exc: BaseException, own: str = __file__) -> Iterator[tuple[str, str]]:
     """What an operator's tooling may ship of ``exc``: str, repr and attributes of each exception of its chain, and
-    the repr of every local of every frame of their tracebacks (as Sentry and ``capture_locals`` show them)."""
+    the repr of every local of every frame of their tracebacks (as Sentry and ``capture_locals`` show them), but the
+    frames of the test file ``own``."""
     for error in _chain(exc):
         name = type(error).__name__
         yield f"str({name})", str(error)
@@ -65,7 +66,7 @@ def _texts(exc: BaseException) -> Iterator[tuple[str, str]]:
         tb = error.__traceback__
         while tb is not None:
             frame = tb.tb_frame
-            if frame.f_code.co_filename == __file__:  # (this test's own frames hold the secrets it passed)
+            if frame.f_code.co_filename == own:  # (the test's own frames hold the secrets it passed)
                 tb = tb.tb_next
                 continue
             for local, value in list(frame.f_locals.items()):
@@ -73,8 +74,8 @@ def _texts(exc: BaseException) -> Iterator[tuple[str, str]]:
             tb = tb.tb_next
 
 
-def _leaks(exc: BaseException, *secrets: str) -> list[str]:
-    return [f"{where}: {text[:160]}" for where, text in _texts(exc) for secret in secrets if secret in text]
+def _leaks(exc: BaseException, *secrets: str, own: str = __file__) -> list[str]:
+    return [f"{where}: {text[:160]}" for where, text in _texts(exc, own) for secret in secrets if secret in text]
 
 
 def _logged(caplog: pytest.LogCaptureFixture) -> str:

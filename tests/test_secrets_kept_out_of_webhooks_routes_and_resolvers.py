@@ -21,7 +21,6 @@ import logging
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from lago_org_billing import (
 from lago_org_billing._webhooks import sign_hmac
 from lago_org_billing.cli import main
 from lago_org_billing.testing import FakeLago
+from test_secrets_kept_out_of_logs_errors_and_tracebacks import _free_port, _leaks as _leaks_of, _logged
 
 jwt = pytest.importorskip("jwt")
 
@@ -58,44 +58,8 @@ SECRETS = (KEY, HMAC_KEY, REDIS_PASSWORD, URL_PASSWORD, JWT_SECRET, COOKIE_VALUE
 # ----------------------------------------------------------------------------------------------------------- helpers
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or any(current is known for known in seen):
-            continue
-        seen.append(current)
-        todo += [current.__cause__, current.__context__]
-    return seen
-
-
-def _shown(value: object) -> str:
-    try:
-        return repr(value)
-    except Exception as exc:
-        return f"<repr failed: {exc!r}>"
-
-
-def _texts(exc: BaseException) -> Iterator[tuple[str, str]]:
-    """str, repr and attributes of each exception of the chain, and the repr of every local of every frame of their
-    tracebacks but this test's own."""
-    for error in _chain(exc):
-        name = type(error).__name__
-        yield f"str({name})", str(error)
-        yield f"repr({name})", _shown(error)
-        yield f"vars({name})", _shown(getattr(error, "__dict__", {}))
-        tb = error.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_code.co_filename != __file__:
-                for local, value in list(frame.f_locals.items()):
-                    yield f"{name} traceback: {frame.f_code.co_name}() local {local}", _shown(value)
-            tb = tb.tb_next
-
-
 def _leaks(exc: BaseException, *secrets: str) -> list[str]:
-    return [f"{where}: {text[:160]}" for where, text in _texts(exc) for secret in secrets if secret in text]
+    return _leaks_of(exc, *secrets, own=__file__)
 
 
 def _log_leaks(caplog: pytest.LogCaptureFixture, *secrets: str) -> list[str]:
@@ -109,17 +73,6 @@ def _log_leaks(caplog: pytest.LogCaptureFixture, *secrets: str) -> list[str]:
         if record.exc_info and record.exc_info[1] is not None:
             found += [f"log exc_info: {leak}" for leak in _leaks(record.exc_info[1], *secrets)]
     return found
-
-
-def _logged(caplog: pytest.LogCaptureFixture) -> str:
-    formatter = logging.Formatter("%(levelname)s %(name)s %(message)s")
-    return "\n".join(formatter.format(record) for record in caplog.records)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _expired_token() -> str:
