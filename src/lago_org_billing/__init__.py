@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         JournalLockedError,
         MappingError,
         MigrationOptions,
+        UnmovedHoldingsError,
         read_mapping_file,
         run_migration,
     )
@@ -92,6 +93,7 @@ _EXPORTS = {
     "LagoWebhooks": "._webhooks",
     "MappingError": "._migration",
     "MigrationOptions": "._migration",
+    "UnmovedHoldingsError": "._migration",
     "OrgBilling": "._billing",
     "OrgBillingMiddleware": "._middleware",
     "Page": "._client",
@@ -172,6 +174,7 @@ __all__ = [
     "register_metrics",
     "require_quota",
     "run_migration",
+    "UnmovedHoldingsError",
     "Usage",
     "WebhookEvent",
 ]

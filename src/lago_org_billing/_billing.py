@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -779,6 +779,7 @@ class OrgBilling:
         on_termination_credit_note: str | None = None,
         allow_unreadable_entitlements: bool = False,
         prepare_only: bool = False,
+        accept_unmoved: Collection[str] = (),
     ) -> JSON:
         """Move one user-keyed Lago customer's billing to its org (the ``migrate`` CLI's code path).
 
@@ -793,6 +794,9 @@ class OrgBilling:
         while traffic flows (``migrate --execute --prepare``): the org customer and subscription only, the user's
         subscriptions left active and unmarked; the same call without it, once the middleware is deployed, ends and
         marks them. ``phase`` in the answer: ``prepare``, ``finish`` (the org subscribed before) or ``both``.
+        A user whose customer holds wallets, coupons, a payment provider link or integrations the org customer lacks
+        is refused (``UnmovedHoldingsError``, before any write, saying what to move) unless ``accept_unmoved`` names
+        those kinds (``"all"``: every one); nothing is moved for them.
         """
         from ._migration import migrate_user
 
@@ -807,6 +811,7 @@ class OrgBilling:
             on_termination_credit_note=on_termination_credit_note,
             allow_unreadable_entitlements=allow_unreadable_entitlements,
             prepare_only=prepare_only,
+            accept_unmoved=accept_unmoved,
         )
         return outcome
 

@@ -77,7 +77,8 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -95,6 +96,7 @@ from ._billing import (
     metadata_update_items,
 )
 from ._client import JSON, LagoClient
+from ._dashboard import subunits_per_unit
 from ._errors import (
     InvalidIdentifierError,
     InvalidRequestError,
@@ -115,6 +117,9 @@ __all__ = [
     "PLAN_POLICIES",
     "CallCounter",
     "EntitlementsUnreadableError",
+    "UNMOVED_KINDS",
+    "UnmovedHoldingsError",
+    "Unmoved",
     "Journal",
     "JournalLock",
     "JournalLockedError",
@@ -137,6 +142,11 @@ logger = logging.getLogger("lago_org_billing.migration")
 METADATA_MIGRATED_TO = "migrated_to_org"
 #: How the org's plan is picked among its users' active subscriptions.
 PLAN_POLICIES = ("highest", "lowest", "oldest", "newest")
+#: What a user customer holds besides subscriptions that the migration does not move, and refuses to leave behind
+#: unless told to (``MigrationOptions.accept_unmoved``).
+UNMOVED_KINDS = ("wallets", "coupons", "payment_provider", "integrations")
+#: What it holds that stays collectible or usable where it is: reported, never refused.
+_REPORTED_KINDS = ("unpaid_invoices", "credit_notes")
 MAPPING_COLUMNS = ("user_id", "org_id", "org_name", "email")
 OPTIONAL_COLUMNS = ("plan_code",)
 _PERIODS_PER_YEAR = {"weekly": 52, "monthly": 12, "quarterly": 4, "semiannual": 2, "yearly": 1}
@@ -225,10 +235,11 @@ class OrgMapping:
         it was done with the same mapping and options, on the same Lago and subscription id template)."""
         target = [settings.api_url, settings.subscription_id_template] if settings is not None else []
         # (``prepare_only`` only when set: the fingerprints of a journal written before the phases existed still match)
+        # (nor ``accept_unmoved``: it decides whether an org may be migrated, not what its migration does)
         chosen = [
             getattr(options, field.name)
             for field in dataclasses.fields(options)
-            if field.name != "prepare_only" or options.prepare_only
+            if (field.name != "prepare_only" or options.prepare_only) and field.name != "accept_unmoved"
         ]
         data = json.dumps([dataclasses.astuple(self), chosen, target], sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
@@ -589,6 +600,14 @@ class MigrationOptions:
       their customers marked, so the old user-keyed integration's events go on being billed on them while the
       middleware's are billed on the org's. Deploy the middleware, then run again without it (the second phase ends
       and marks them). The fixed fees of both are billed for that window. Default ``False``: both phases at once.
+    * **accept_unmoved** - what the users' customers hold besides subscriptions that the migration may leave on
+      them (it never moves money): any of ``wallets`` (active wallets with a balance or recurring top-ups),
+      ``coupons`` (active applied coupons), ``payment_provider`` (a payment provider link the org customer lacks),
+      ``integrations`` (accounting/tax integration customers the org customer lacks), or ``all``; a set, or a
+      comma-separated string. An org whose users hold one not accepted fails, before any write, when its users'
+      subscriptions would be ended (not in the first phase, ``prepare_only``), saying what to move where; default
+      none. Whatever is accepted is reported (``OrgResult.unmoved`` and a warning), as are the users' unpaid invoices
+      and credit notes with credit left, never refused.
     """
 
     plan_policy: str = "highest"
@@ -596,8 +615,11 @@ class MigrationOptions:
     on_termination_invoice: str = "generate"
     on_termination_credit_note: str | None = None
     prepare_only: bool = False
+    accept_unmoved: Collection[str] = ()
 
     def __post_init__(self) -> None:
+        # (kept as a sorted tuple: hashable, and written to the journal and the JSON report as a list)
+        object.__setattr__(self, "accept_unmoved", _unmoved_kinds(self.accept_unmoved))
         if self.plan_policy not in PLAN_POLICIES:
             raise InvalidRequestError(f"plan_policy must be one of {', '.join(PLAN_POLICIES)}.")
         if self.on_termination_invoice not in ("generate", "skip"):
@@ -608,6 +630,27 @@ class MigrationOptions:
             validate_id(self.default_plan, "default_plan")
         if not isinstance(self.prepare_only, bool):
             raise InvalidRequestError("prepare_only must be True or False.")
+
+
+def _unmoved_kinds(raw: Any) -> tuple[str, ...]:
+    """``accept_unmoved`` as a sorted tuple of :data:`UNMOVED_KINDS` (``all``: every one)."""
+    if raw is None:
+        return ()
+    items = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, Iterable) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise InvalidRequestError(
+            f"accept_unmoved must be a set of {', '.join(UNMOVED_KINDS)} (or 'all'), or those comma-separated."
+        )
+    kinds = {item.strip() for item in items if item.strip()}
+    if "all" in kinds:
+        kinds = (kinds - {"all"}) | set(UNMOVED_KINDS)
+    unknown = sorted(kinds - set(UNMOVED_KINDS))
+    if unknown:
+        raise InvalidRequestError(
+            f"accept_unmoved: unknown kind(s) {', '.join(map(repr, unknown))}; choose among "
+            f"{', '.join(UNMOVED_KINDS)} (or 'all')."
+        )
+    return tuple(sorted(kinds))
 
 
 # ----------------------------------------------------------------------------------------- counting
@@ -1088,11 +1131,19 @@ class OrgResult:
     entitlements_from: str | None = None
     entitlements_removed: list[Removal] = dataclasses.field(default_factory=list)
     phase: str | None = None
+    #: What the users' customers hold besides subscriptions that the migration leaves on them (see :class:`Unmoved`).
+    unmoved: list[Unmoved] = dataclasses.field(default_factory=list)
     #: The user and subscription id the plan policy picks, whose entitlement overrides the org takes (the donor).
     donor: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
     exception: LagoIntegrationError | None = dataclasses.field(default=None, repr=False)
 
     def to_json(self) -> JSON:
+        data = self._to_json()
+        if self.unmoved:  # (only then: the report of an account without any is as it was)
+            data["unmoved"] = [item.to_json() for item in self.unmoved]
+        return data
+
+    def _to_json(self) -> JSON:
         overrides: JSON | None = None
         if self.entitlement_overrides is not None:
             overrides = {"from": self.entitlements_from, "values": self.entitlement_overrides}
@@ -1523,6 +1574,251 @@ _CARRIED_FIELDS = (
 )
 
 
+# ------------------------------------------------------------- what user customers hold besides subscriptions
+
+
+class UnmovedHoldingsError(InvalidRequestError):
+    """An org was not migrated: its users' customers hold what the migration does not move (wallets, coupons, a
+    payment provider link or integrations the org customer lacks), which ending their subscriptions would leave on
+    customers nobody bills. ``unmoved`` lists them; move them in Lago, or accept them
+    (``MigrationOptions.accept_unmoved``), and run again."""
+
+    def __init__(self, message: str, unmoved: Sequence[Unmoved]) -> None:
+        super().__init__(message)
+        self.unmoved = list(unmoved)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unmoved:
+    """One thing a user customer holds that the migration leaves on it: ``kind`` (one of :data:`UNMOVED_KINDS`, or
+    ``unpaid_invoices``/``credit_notes``), ``what`` (with amounts), ``todo`` (how to move it in Lago), and its
+    amount in the currency's subunits (``amount_cents``, ``currency``) when it has one."""
+
+    kind: str
+    user_id: str
+    what: str
+    todo: str
+    amount_cents: int | None = None
+    currency: str | None = None
+    lago_id: str | None = None
+
+    def to_json(self) -> JSON:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _amount(cents: Any, currency: Any) -> str:
+    """``cents`` (Lago's ``*_cents``: the currency's subunits) in the currency's units: ``25.00 USD``."""
+    subunits = subunits_per_unit(currency)
+    places = max(len(str(subunits)) - 1, 0)
+    value = Decimal(_int(cents) or 0) / subunits
+    return f"{value:,.{places}f} {currency or ''}".strip()
+
+
+def _totals(items: Iterable[tuple[int, str]]) -> str:
+    """Amounts summed per currency: ``120.00 USD + 30.00 EUR``."""
+    sums: dict[str, int] = {}
+    for cents, currency in items:
+        sums[currency] = sums.get(currency, 0) + cents
+    return " + ".join(_amount(cents, currency) for currency, cents in sums.items())
+
+
+async def _listed(client: LagoClient, path: str, key: str, params: list[tuple[str, str]]) -> list[JSON]:
+    """Every item of a Lago list the client has no method for (``GET /wallets``...); none when Lago does not know
+    the customer (deleted since it was read)."""
+    try:
+        return [item async for item in client._iterate(path, key, params, 100)]
+    except LagoNotFoundError:
+        return []
+
+
+def _payment_link(customer: JSON | None) -> str | None:
+    """The customer's payment provider link (``billing_configuration.payment_provider``...), as said in a report."""
+    config = (customer or {}).get("billing_configuration") or {}
+    provider = config.get("payment_provider") if isinstance(config, Mapping) else None
+    if not provider:
+        return None
+    parts = [str(provider)]
+    for field in ("payment_provider_code", "provider_customer_id"):
+        if config.get(field):
+            parts.append(f"{field} {config[field]}")
+    return ", ".join(parts)
+
+
+def _integrations(customer: JSON | None) -> dict[str, JSON]:
+    """The customer's integration customers (accounting, tax, CRM syncs) by type."""
+    items = (customer or {}).get("integration_customers") or []
+    return {str(i.get("type")): dict(i) for i in items if isinstance(i, Mapping) and i.get("type")}
+
+
+async def _holdings(
+    client: LagoClient, org_id: str, user_id: str, customer: JSON, org_customer: JSON | None, accepted: Collection[str]
+) -> tuple[list[Unmoved], list[str]]:
+    """What user ``user_id``'s ``customer`` holds that the migration does not move to org ``org_id``: active wallets
+    with a balance or recurring top-ups, active applied coupons, a payment provider link and integration customers
+    the org customer lacks (:data:`UNMOVED_KINDS`), unpaid invoices and credit notes with credit left (reported only).
+    Four reads (wallets, applied coupons, invoices, credit notes). Returns them, and warnings: a list Lago does not
+    let the API key read (403) is a warning when its kind is ``accepted`` (or only reported), else an error."""
+    found: list[Unmoved] = []
+    warnings: list[str] = []
+
+    async def read(kind: str, path: str, key: str, params: list[tuple[str, str]]) -> list[JSON]:
+        try:
+            return await _listed(client, path, key, params)
+        except LagoAuthenticationError as exc:
+            what = (
+                f"Lago refused GET {path} (403{f' {exc.code}' if exc.code else ''}): this API key may not read "
+                f"them, so whether user {user_id!r} holds {kind.replace('_', ' ')} could not be checked"
+            )
+            if kind in accepted or kind in _REPORTED_KINDS:
+                warnings.append(f"org {org_id!r}: {what}")
+                return []
+            raise InvalidRequestError(
+                f"{what}. Nothing was done for org {org_id!r}: give the API key read access to them (its permissions "
+                f"in Lago's API key settings) and run again, or accept leaving them on the users' customers "
+                f"(--accept-unmoved {kind}; accept_unmoved={{{kind!r}}} from Python)"
+            ) from exc
+
+    by_customer = [("external_customer_id", user_id)]
+    for wallet in await read("wallets", "/wallets", "wallets", by_customer):
+        if wallet.get("status") != "active":
+            continue
+        balance, currency = _int(wallet.get("balance_cents")) or 0, str(wallet.get("currency") or "")
+        rules = [
+            r
+            for r in wallet.get("recurring_transaction_rules") or []
+            if isinstance(r, Mapping) and r.get("status", "active") == "active"
+        ]
+        if balance <= 0 and not rules:
+            continue
+        name = wallet.get("code") or wallet.get("name") or wallet.get("lago_id")
+        what = (
+            f"wallet {name} ({wallet.get('lago_id')}): {wallet.get('credits_balance')} credits, "
+            f"{_amount(balance, currency)}"
+        )
+        for rule in rules:
+            when = (
+                rule.get("interval") if rule.get("trigger") == "interval" else f"below {rule.get('threshold_credits')}"
+            )
+            what += (
+                f", recurring top-up ({rule.get('trigger')} {when}: {rule.get('paid_credits')} paid and "
+                f"{rule.get('granted_credits')} granted credits) that goes on invoicing {user_id}"
+            )
+        todo = (
+            f"give org customer {org_id} a wallet with these credits (POST /wallets {{external_customer_id: {org_id}, "
+            f"currency: {currency}, rate_amount: {wallet.get('rate_amount')}, granted_credits: "
+            f"{wallet.get('credits_balance')}}}, or in Lago's UI), then terminate {user_id}'s (DELETE /wallets/"
+            f"{wallet.get('lago_id')}), which also stops its recurring top-ups"
+        )
+        found.append(Unmoved("wallets", user_id, what, todo, balance, currency, wallet.get("lago_id")))
+    coupon_query = [*by_customer, ("status", "active")]
+    for coupon in await read("coupons", "/applied_coupons", "applied_coupons", coupon_query):
+        if coupon.get("status") != "active":
+            continue
+        code, coupon_currency = coupon.get("coupon_code"), coupon.get("amount_currency")
+        remaining = _int(coupon.get("amount_cents_remaining"))
+        amount = remaining if remaining is not None else _int(coupon.get("amount_cents"))
+        if amount is not None:
+            value = _amount(amount, coupon_currency) + (" left" if remaining is not None else "")
+        else:
+            value = f"{coupon.get('percentage_rate')}% off"
+        frequency = str(coupon.get("frequency") or "")
+        if frequency == "recurring":
+            frequency += f", {coupon.get('frequency_duration_remaining')} billing period(s) left"
+        what = f"coupon {code} ({coupon.get('lago_id')}): {value}, {frequency}"
+        todo = (
+            f"apply coupon {code} to org customer {org_id} with what is left of it (POST /applied_coupons "
+            f"{{external_customer_id: {org_id}, coupon_code: {code}, amount_cents / percentage_rate, frequency_duration"
+            f"}}), then remove {user_id}'s (DELETE /customers/{user_id}/applied_coupons/{coupon.get('lago_id')})"
+        )
+        found.append(
+            Unmoved(
+                "coupons",
+                user_id,
+                what,
+                todo,
+                amount,
+                str(coupon_currency) if amount is not None else None,
+                coupon.get("lago_id"),
+            )
+        )
+    link = _payment_link(customer)
+    if link is not None and _payment_link(org_customer) is None:
+        what = f"payment provider link ({link}): org customer {org_id} has none, so its invoices would not be collected"
+        todo = (
+            f"give org customer {org_id} a payment provider of its own (Lago's UI: the customer's settings; or POST "
+            f"/customers {{external_id: {org_id}, billing_configuration: {{payment_provider, payment_provider_code, "
+            "provider_customer_id}}); for an org customer this run would create, run migrate --execute --prepare "
+            "first (it creates the org customer and subscription and leaves the users' running), set it, then run "
+            "--execute again"
+        )
+        found.append(Unmoved("payment_provider", user_id, what, todo))
+    lacking = {kind: item for kind, item in _integrations(customer).items() if kind not in _integrations(org_customer)}
+    for kind, item in lacking.items():
+        what = (
+            f"{kind} integration customer ({item.get('integration_code')}, external id "
+            f"{item.get('external_customer_id')}): org customer {org_id} has none, so its invoices are not synced to "
+            f"{kind}"
+        )
+        todo = (
+            f"give org customer {org_id} its {kind} integration (POST /customers {{external_id: {org_id}, "
+            f"integration_customers: [{{integration_type: {kind}, integration_code: {item.get('integration_code')}, "
+            "external_customer_id or sync_with_provider: true}]})"
+        )
+        found.append(Unmoved("integrations", user_id, what, todo, lago_id=item.get("lago_id")))
+    invoice_query = [*by_customer, ("statuses[]", "finalized"), ("payment_statuses[]", "pending")]
+    invoice_query.append(("payment_statuses[]", "failed"))
+    unpaid = await read("unpaid_invoices", "/invoices", "invoices", invoice_query)
+    due = [
+        (_int(i.get("total_due_amount_cents", i.get("total_amount_cents"))) or 0, str(i.get("currency") or ""))
+        for i in unpaid
+    ]
+    if any(cents > 0 for cents, _ in due):
+        numbers = ", ".join(str(i.get("number")) for i in unpaid[:5]) + (", ..." if len(unpaid) > 5 else "")
+        failed = sum(1 for i in unpaid if i.get("payment_status") == "failed")
+        what = (
+            f"{len(unpaid)} unpaid invoice(s) ({numbers}; {failed} with a failed payment): {_totals(due)} due; they "
+            f"stay {user_id}'s, collected through its payment method"
+        )
+        todo = (
+            f"collect them from {user_id} as before (retry their payment in Lago: POST /invoices/{{id}}/retry_payment)"
+        )
+        only = due[0][1] if len({c for _, c in due}) == 1 else None
+        found.append(Unmoved("unpaid_invoices", user_id, what, todo, sum(c for c, _ in due) if only else None, only))
+    notes = await read("credit_notes", "/credit_notes", "credit_notes", [*by_customer, ("credit_status", "available")])
+    credit_left = [(_int(n.get("balance_amount_cents")) or 0, str(n.get("currency") or "")) for n in notes]
+    if any(cents > 0 for cents, _ in credit_left):
+        numbers = ", ".join(str(n.get("number")) for n in notes[:5]) + (", ..." if len(notes) > 5 else "")
+        what = (
+            f"{len(notes)} credit note(s) with credit left ({numbers}): {_totals(credit_left)}, which only {user_id}'s "
+            "invoices can use (its last ones, when its subscriptions end)"
+        )
+        todo = (
+            f"refund what is left to {user_id}, or void it (PUT /credit_notes/{{id}}/void) and credit org customer "
+            f"{org_id} as much (a coupon or wallet credits)"
+        )
+        only = credit_left[0][1] if len({c for _, c in credit_left}) == 1 else None
+        total = sum(c for c, _ in credit_left) if only else None
+        found.append(Unmoved("credit_notes", user_id, what, todo, total, only))
+    return found, warnings
+
+
+def _unmoved_lines(unmoved: Sequence[Unmoved], *, todo: bool) -> str:
+    return "; ".join(f"{u.user_id}: {u.what}" + (f" (to move it: {u.todo})" if todo else "") for u in unmoved)
+
+
+def _unmoved_refused(org: OrgMapping, blocking: Sequence[Unmoved]) -> str:
+    """Why ``org`` is not migrated and what to do (see :class:`UnmovedHoldingsError`)."""
+    kinds = sorted({u.kind for u in blocking}, key=UNMOVED_KINDS.index)
+    return (
+        f"its users' customers hold what the migration does not move, which ending their subscriptions would leave "
+        "on customers nobody bills (the org would pay full price, without them): "
+        f"{_unmoved_lines(blocking, todo=True)}. "
+        f"Nothing was done for org {org.org_id!r}, its users stay billed as before. Move them in Lago (the migration "
+        f"never moves money) and run again, or, to migrate and leave them where they are, run again with "
+        f"--accept-unmoved {','.join(kinds)} (accept_unmoved={','.join(kinds)!r} from Python)"
+    )
+
+
 async def plan_org(
     client: LagoClient,
     org: OrgMapping,
@@ -1575,6 +1871,14 @@ async def plan_org(
             path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
     result.customer, result.subscription = org_customer, org_subscription
+    # what the users' customers hold besides subscriptions (not for a user an earlier run ended and marked: reported
+    # then, and by --verify)
+    for user_id, customer, subscriptions in users:
+        if customer is None or (not subscriptions and customer_metadata(customer).get(METADATA_MIGRATED_TO)):
+            continue
+        holding, warned = await _holdings(client, org.org_id, user_id, customer, org_customer, options.accept_unmoved)
+        result.unmoved.extend(holding)
+        result.warnings.extend(warned)
     # users an earlier run moved to another org (the mapping changed since): their subscriptions were ended then, and
     # that org keeps the subscription it got, maybe on the plan it took from them; this run moves their mark only
     elsewhere = {
@@ -1806,6 +2110,7 @@ async def plan_org(
     if options.prepare_only:  # the first phase: the users' subscriptions go on billing the old integration's events
         result.phase = "prepare"
         await _warn_overlap(org, sub_id, active, plans, result)
+        _settle_unmoved(org, options, result, steps)
         result.steps = steps
         return
     result.phase = "both" if any(step.kind == "create_subscription" for step in steps) else "finish"
@@ -1870,7 +2175,39 @@ async def plan_org(
             steps.append(
                 Step("mark_user", user_id, f"mark user customer {user_id} migrated_to_org={org.org_id}", payload)
             )
+    _settle_unmoved(org, options, result, steps)
     result.steps = steps
+
+
+def _settle_unmoved(org: OrgMapping, options: MigrationOptions, result: OrgResult, steps: Sequence[Step]) -> None:
+    """Refuse the org (:class:`UnmovedHoldingsError`, before any write) when ``steps`` end its users' subscriptions
+    while their customers hold what is not moved and not accepted (``options.accept_unmoved``); else say in a
+    warning what stays on them. Read from Lago's state each run, so a resumed run decides as the first did."""
+    if not result.unmoved:
+        return
+    ending = any(step.kind in ("terminate_subscription", "cancel_subscription") for step in steps)
+    blocking = [u for u in result.unmoved if u.kind in UNMOVED_KINDS and u.kind not in options.accept_unmoved]
+    if ending and blocking:
+        raise UnmovedHoldingsError(
+            f"org {org.org_id!r} not migrated: {_unmoved_refused(org, blocking)}", result.unmoved
+        )
+    accepted = [u for u in result.unmoved if u not in blocking]
+    if accepted:
+        result.warnings.append(
+            f"org {org.org_id!r}: left on its users' customers (the migration never moves money; what the users' last "
+            f"invoices take aside): {_unmoved_lines(accepted, todo=True)}"
+        )
+    if blocking:  # (a first phase, or nothing of theirs left to end)
+        later = (
+            "the second phase (migrate --execute without --prepare) refuses this org until they are moved or accepted "
+            f"(--accept-unmoved {','.join(sorted({u.kind for u in blocking}, key=UNMOVED_KINDS.index))})"
+            if options.prepare_only
+            else "they stay there"
+        )
+        result.warnings.append(
+            f"org {org.org_id!r}: its users' customers hold what the migration does not move: "
+            f"{_unmoved_lines(blocking, todo=True)}; {later}"
+        )
 
 
 async def _donor_kept(
@@ -2281,6 +2618,21 @@ async def verify_org(
         ]
         pages.append((user_id, items))
         user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
+    accepted = (options or MigrationOptions()).accept_unmoved
+    for user_id, customer in user_customers:  # (what they hold that was not moved: see _settle_unmoved)
+        if customer is None:
+            continue
+        held, warned = await _holdings(client, org.org_id, user_id, customer, result.customer, accepted)
+        result.unmoved.extend(held)
+        result.warnings.extend(warned)
+        for item in held:
+            if item.kind in UNMOVED_KINDS and item.kind not in accepted:
+                result.errors.append(
+                    f"user {user_id!r} (org {org.org_id!r}) still holds {item.what}: to move it, {item.todo}; or "
+                    f"accept leaving it there (--accept-unmoved {item.kind}, as given to --execute)"
+                )
+            else:
+                result.warnings.append(f"user {user_id!r} (org {org.org_id!r}) still holds {item.what} (not moved)")
     if result.subscription is None:
         result.errors.append(f"org {org.org_id!r} has no active subscription {sub_id!r}")
     else:
@@ -2677,19 +3029,23 @@ async def migrate_user(
     on_termination_credit_note: str | None = None,
     allow_unreadable_entitlements: bool = False,
     prepare_only: bool = False,
+    accept_unmoved: Collection[str] = (),
 ) -> JSON:
     """Migrate one user to its org with the CLI's code path; returns what was done (``changed`` is False on a
     no-op re-run). The org keeps the plan of the user's most expensive active subscription unless
     ``plan_code`` is given; an org already subscribed keeps its subscription. When the API key may not read
     entitlements, :class:`EntitlementsUnreadableError` unless ``allow_unreadable_entitlements`` (the user's
     entitlement overrides are then not carried; ``warnings`` says so). ``prepare_only``: the first phase only
-    (:class:`MigrationOptions`), the user's subscriptions left active and unmarked; ``phase`` says which was made."""
+    (:class:`MigrationOptions`), the user's subscriptions left active and unmarked; ``phase`` says which was made.
+    A user whose customer holds wallets, coupons, a payment provider link or integrations the org customer lacks is
+    refused (:class:`UnmovedHoldingsError`) unless ``accept_unmoved`` names them (:class:`MigrationOptions`)."""
     record = {"user_id": user_id, "org_id": org_id, "org_name": org_name, "email": email, "plan_code": plan_code}
     orgs, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
     options = MigrationOptions(
         on_termination_invoice=on_termination_invoice,
         on_termination_credit_note=on_termination_credit_note,
         prepare_only=prepare_only,
+        accept_unmoved=accept_unmoved,
     )
     run = await run_migration(
         billing.client,

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import httpx
 
 from ._client import LagoClient
+from ._errors import InvalidRequestError
 from ._migration import (
     PLAN_POLICIES,
     CallCounter,
@@ -152,6 +153,14 @@ def add_migrate_command(commands: Any) -> None:
         "otherwise); the users' entitlement overrides are then not carried (default: stop before any write)",
     )
     migrate.add_argument(
+        "--accept-unmoved",
+        metavar="KINDS",
+        default="",
+        help="comma-separated: wallets, coupons, payment_provider, integrations, or all: migrate orgs whose users' "
+        "customers hold these, leaving them on the users' customers (the migration never moves money); without it "
+        "such an org fails before any write, naming what to move. Give --verify the same",
+    )
+    migrate.add_argument(
         "--progress",
         choices=("auto", "bar", "lines", "none"),
         default="auto",
@@ -195,13 +204,11 @@ def run_migrate_command(
     settings = settings.replace(
         max_retries=max(settings.max_retries, 10), retry_deadline=max(settings.retry_deadline, 600.0)
     )
-    options = MigrationOptions(
-        plan_policy=args.plan_policy,
-        default_plan=args.default_plan,
-        on_termination_invoice=args.on_termination_invoice,
-        on_termination_credit_note=args.on_termination_credit_note,
-        prepare_only=bool(getattr(args, "prepare", False)),
-    )
+    try:
+        options = _options(args)
+    except InvalidRequestError as exc:  # (--accept-unmoved with an unknown kind: said before anything is read)
+        print(f"error: --accept-unmoved: {exc}", file=err)
+        return 2
     mode: Mode = "execute" if args.execute else "verify" if args.verify else "dry-run"
     if mode == "verify" and options.prepare_only:
         print(
@@ -249,6 +256,17 @@ def run_migrate_command(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _options(args: argparse.Namespace) -> MigrationOptions:
+    return MigrationOptions(
+        plan_policy=args.plan_policy,
+        default_plan=args.default_plan,
+        on_termination_invoice=args.on_termination_invoice,
+        on_termination_credit_note=args.on_termination_credit_note,
+        prepare_only=bool(getattr(args, "prepare", False)),
+        accept_unmoved=getattr(args, "accept_unmoved", "") or (),
+    )
 
 
 def _run(
@@ -496,6 +514,8 @@ def _print_plan(run: MigrationRun, out: TextIO) -> None:
             print(f"  entitlement overrides (those of {result.entitlements_from}): {values}", file=out)
         for step in result.steps:
             print(f"  - {step.description}", file=out)
+        for unmoved in result.unmoved:  # (wallets, coupons, payment links... left on the users' customers)
+            print(f"  ~ not moved: user {unmoved.user_id}: {unmoved.what}; {unmoved.todo}", file=out)
         for error in result.errors:
             print(f"  ! {error}", file=out)
 

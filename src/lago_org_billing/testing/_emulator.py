@@ -507,10 +507,34 @@ class FakeLago:
         """Store an invoice for a customer (created if needed); ``fields`` override the defaults."""
         return self._call(lambda: self.store.add_invoice(external_customer_id, fields))["invoice"]  # type: ignore[no-any-return]
 
+    def add_wallet(self, external_customer_id: str, **fields: Any) -> JSON:
+        """Store a wallet of prepaid credits for a customer (created if needed) and return it as ``GET /wallets``
+        lists it. ``fields`` are WalletObject fields overriding the defaults (``status`` active, ``currency`` USD,
+        ``rate_amount`` 1): ``credits_balance`` (``"25.0"``) or ``balance_cents`` gives the balance (the other is
+        derived), ``recurring_transaction_rules`` (a list of partial rules: ``{"trigger": "interval", "interval":
+        "monthly", "paid_credits": "10.0"}``) its automatic top-ups. The emulator never consumes nor tops it up."""
+        return self._call(lambda: self.store.add_wallet(external_customer_id, fields))["wallet"]  # type: ignore[no-any-return]
+
+    def add_applied_coupon(self, external_customer_id: str, coupon_code: str, **fields: Any) -> JSON:
+        """Store a coupon applied to a customer (created if needed) and return it as ``GET /applied_coupons`` lists
+        it. ``fields`` are AppliedCouponObject fields: ``amount_cents`` (a fixed amount, in the customer's currency)
+        or ``percentage_rate`` (``"10.0"``), ``frequency`` (``once``/``recurring``/``forever``, the default),
+        ``frequency_duration``, ``status``... The emulator never deducts it from invoices."""
+        return self._call(  # type: ignore[no-any-return]
+            lambda: self.store.add_applied_coupon(external_customer_id, coupon_code, fields)
+        )["applied_coupon"]
+
+    def add_credit_note(self, lago_invoice_id: str, **fields: Any) -> JSON:
+        """Store a credit note of an invoice (see :meth:`add_invoice`) and return it as ``GET /credit_notes`` lists it.
+        ``fields`` are CreditNoteObject fields: ``credit_amount_cents`` (what it credits the customer),
+        ``balance_amount_cents`` (what is left of it: all by default), ``credit_status``, ``refund_amount_cents``..."""
+        return self._call(lambda: self.store.add_credit_note(lago_invoice_id, fields))["credit_note"]  # type: ignore[no-any-return]
+
     def seed(self, data: Mapping[str, Any]) -> None:
         """Load objects shaped like Lago's create inputs, in dependency order.
 
-        Keys: ``billable_metrics``, ``features``, ``plans``, ``customers``, ``subscriptions``, ``invoices``.
+        Keys: ``billable_metrics``, ``features``, ``plans``, ``customers``, ``subscriptions``, ``invoices`` (wallets,
+        applied coupons and credit notes: :meth:`add_wallet`, :meth:`add_applied_coupon`, :meth:`add_credit_note`).
         """
         if not isinstance(data, Mapping):
             raise FakeLagoError("seed data must be a JSON object with keys such as 'plans' and 'customers'")
@@ -803,6 +827,9 @@ class FakeLago:
                 ["DELETE"],
             ),
             ("/invoices", lambda r, b: store.list_invoices(query(r), multi(r)), ["GET"]),
+            ("/wallets", lambda r, b: store.list_wallets(query(r)), ["GET"]),
+            ("/applied_coupons", lambda r, b: store.list_applied_coupons(query(r), multi(r)), ["GET"]),
+            ("/credit_notes", lambda r, b: store.list_credit_notes(query(r)), ["GET"]),
             ("/invoices/{lago_id}", lambda r, b: store.get_invoice(r.path_params["lago_id"]), ["GET"]),
             ("/webhooks/json_public_key", public_key_json, ["GET"]),
             ("/webhooks/public_key", public_key_text, ["GET"]),

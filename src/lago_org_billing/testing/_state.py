@@ -78,6 +78,9 @@ METADATA_MAX_ITEMS = 5
 METADATA_KEY_MAX = 20
 METADATA_VALUE_MAX = 100
 BILLING_ENTITY_CODE = "default"
+#: IntegrationCustomer.type (the accounting, tax and CRM integrations a customer is synced with)
+INTEGRATION_TYPES = ("netsuite", "anrok", "xero", "hubspot", "salesforce", "avalara")
+COUPON_FREQUENCIES = ("once", "recurring", "forever")
 
 CUSTOMER_FIELDS = (
     "name",
@@ -175,6 +178,10 @@ class LagoStore:
             self._event_index: dict[tuple[str, ...], int] = {}
             self._first_ingested: dict[int, str] = {}  # a replaced event's first created_at, by its place in events
             self.invoices: list[JSON] = []
+            # what else a customer holds (prepaid credits, coupons, credit notes): seeded, listed, never billed here
+            self.wallets: list[JSON] = []
+            self.applied_coupons: list[JSON] = []
+            self.credit_notes: list[JSON] = []
             self._sequences: dict[str, int] = {}
             # (when each active subscription's charges period closes, its lago_id): a min-heap, so that a request
             # only peeks at the earliest close (Clock::SubscriptionsBillerJob, see _close_periods)
@@ -211,6 +218,9 @@ class LagoStore:
                 "subscriptions": self.subscriptions,
                 "events": self.events,
                 "invoices": self.invoices,
+                **({"wallets": self.wallets} if self.wallets else {}),
+                **({"applied_coupons": self.applied_coupons} if self.applied_coupons else {}),
+                **({"credit_notes": self.credit_notes} if self.credit_notes else {}),
                 "sequences": self._sequences,
             }
             return json.dumps(state, sort_keys=True, separators=(",", ":"), default=_json_default)
@@ -387,6 +397,7 @@ class LagoStore:
             "fields": {},
             "billing_configuration": {},
             "shipping_address": {},
+            "integration_customers": [],
             "metadata": [],
         }
         self.customers.append(customer)
@@ -424,6 +435,14 @@ class LagoStore:
             name = params.get("name")
             if isinstance(name, str) and len(name) > 255:  # OAS CustomerCreateInput.name maxLength 255
                 errors["name"] = ["value_is_too_long"]
+            integrations = params.get("integration_customers")
+            if integrations is not None and (
+                not isinstance(integrations, list)
+                or not all(
+                    isinstance(i, Mapping) and i.get("integration_type") in INTEGRATION_TYPES for i in integrations
+                )
+            ):
+                errors["integration_customers"] = ["invalid_format"]
             if "net_payment_term" in params and params["net_payment_term"] is not None:
                 term = params["net_payment_term"]
                 if isinstance(term, bool) or not isinstance(term, int) or term < 0:
@@ -451,6 +470,8 @@ class LagoStore:
             for key in ("billing_configuration", "shipping_address"):
                 if isinstance(params.get(key), Mapping):
                     customer[key].update(copy.deepcopy(dict(params[key])))
+            for raw in integrations or ():
+                self._upsert_integration_customer(customer, raw)
             if new_metadata is not None:
                 customer["metadata"] = new_metadata
             customer["updated_at"] = iso(self.now())
@@ -458,12 +479,29 @@ class LagoStore:
             self._emit("customer.created" if created else "customer.updated", "customer", result)
             return {"customer": result}
 
+    def _upsert_integration_customer(self, customer: JSON, raw: Mapping[str, Any]) -> None:
+        """lago-api ``IntegrationCustomers::CreateOrUpdateService``: one integration customer per integration type,
+        updated when the customer has one of that type (the emulator has no integrations: any code is taken)."""
+        kind = str(raw["integration_type"])
+        current = next((i for i in customer["integration_customers"] if i["type"] == kind), None)
+        if current is None:
+            current = {"lago_id": self._uuid(), "type": kind, "integration_code": None, "external_customer_id": None}
+            current.update(sync_with_provider=None, subsidiary_id=None)
+            customer["integration_customers"].append(current)
+        for key in ("integration_code", "external_customer_id", "sync_with_provider", "subsidiary_id"):
+            if key in raw:
+                current[key] = copy.deepcopy(raw[key])
+
     def _editable(self, customer: JSON) -> bool:
-        """lago-api ``Customer#editable?``: no subscription, whatever its status, and no invoice (the emulator has no
-        add-ons, coupons nor wallets, the other things that make a customer's currency fixed)."""
+        """lago-api ``Customer#editable?``: no subscription, whatever its status, no invoice, no wallet and no
+        fixed-amount coupon applied (the emulator has no add-ons, the other thing that makes a customer's currency
+        fixed)."""
         lago_id = customer["lago_id"]
-        return not any(s["customer_id"] == lago_id for s in self.subscriptions) and not any(
-            i["customer_id"] == lago_id for i in self.invoices
+        return (
+            not any(s["customer_id"] == lago_id for s in self.subscriptions)
+            and not any(i["customer_id"] == lago_id for i in self.invoices)
+            and not any(w["customer_id"] == lago_id for w in self.wallets)
+            and not any(c["customer_id"] == lago_id and c["amount_cents"] is not None for c in self.applied_coupons)
         )
 
     def _currency_refused(self, customer: JSON, currency: Any, *, customer_update: bool) -> bool:
@@ -597,7 +635,7 @@ class LagoStore:
             "billing_configuration": billing,
             "shipping_address": shipping,
             "metadata": copy.deepcopy(customer["metadata"]),
-            "integration_customers": [],
+            "integration_customers": [_serialize_integration(i) for i in customer["integration_customers"]],
             "taxes": [],
             "applicable_invoice_custom_sections": [],
         }
@@ -630,6 +668,10 @@ class LagoStore:
                     self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
                 elif sub["status"] == "pending":
                     self._mark_as_canceled(sub, now)
+            # (and terminates its applied coupons and wallets)
+            for held in (*self.applied_coupons, *self.wallets):
+                if held["customer_id"] == customer["lago_id"] and held["status"] == "active":
+                    held["status"], held["terminated_at"] = "terminated", iso(now)
             return {"customer": self._serialize_customer(customer)}
 
     def list_customers(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
@@ -2670,6 +2712,288 @@ class LagoStore:
                     return {"invoice": self._serialize_invoice(invoice, extended=True)}
             raise not_found("invoice")
 
+    # Wallets, applied coupons, credit notes (what a customer holds besides subscriptions) ------------
+    # Seeded (add_wallet, add_applied_coupon, add_credit_note) and listed as Lago lists them; the emulator neither
+    # bills them nor tops them up.
+
+    def _holder(self, external_customer_id: str) -> JSON:
+        return self._customer(external_customer_id) or self._new_customer(external_customer_id)
+
+    def add_wallet(self, external_customer_id: str, fields: Mapping[str, Any]) -> JSON:
+        """Store a wallet (``fields``: WalletObject fields; ``credits_balance`` or ``balance_cents`` gives the other
+        by ``rate_amount`` and the currency's subunits). Lago's wallet currency must be the customer's: one without a
+        currency takes the wallet's."""
+        params = dict(fields)
+        with self.lock:
+            currency = params.get("currency") or "USD"
+            rate = to_decimal(params.get("rate_amount", "1"))
+            status = params.get("status", "active")
+            errors: dict[str, list[str]] = {}
+            if not _valid_currency(currency):
+                errors["currency"] = ["value_is_invalid"]
+            if rate is None or rate <= 0:
+                errors["rate_amount"] = ["value_is_invalid"]
+            if status not in ("active", "terminated"):
+                errors["status"] = ["value_is_invalid"]
+            if errors:
+                raise validation_error(errors)
+            assert rate is not None
+            customer = self._holder(external_customer_id)
+            current = customer["fields"].get("currency")
+            if current not in (None, "") and current != currency:
+                raise validation_error({"currency": ["currencies_does_not_match"]})
+            customer["fields"]["currency"] = currency
+            unit = subunits_per_unit(currency)
+            if "credits_balance" in params:
+                credits = to_decimal(params["credits_balance"]) or Decimal(0)
+                balance = cents(credits * rate * unit)
+            else:
+                balance = int(params.get("balance_cents", 0) or 0)
+                credits = Decimal(balance) / unit / rate
+            now = iso(self.now())
+            wallet: JSON = {
+                "lago_id": self._uuid(),
+                "lago_customer_id": customer["lago_id"],
+                "external_customer_id": customer["external_id"],
+                "billing_entity_code": BILLING_ENTITY_CODE,
+                "status": status,
+                "currency": currency,
+                "name": None,
+                "code": None,
+                "priority": 50,
+                "rate_amount": decimal_str(rate),
+                "credits_balance": decimal_str(credits),
+                "balance": decimal_str(Decimal(balance) / unit),
+                "balance_cents": balance,
+                "consumed_credits": "0.0",
+                "created_at": now,
+                "expiration_at": None,
+                "last_balance_sync_at": now,
+                "last_consumed_credit_at": None,
+                "terminated_at": now if status == "terminated" else None,
+                "invoice_requires_successful_payment": False,
+                "ongoing_balance_cents": balance,
+                "ongoing_usage_balance_cents": 0,
+                "credits_ongoing_balance": decimal_str(credits),
+                "credits_ongoing_usage_balance": "0.0",
+                "paid_top_up_min_amount_cents": None,
+                "paid_top_up_max_amount_cents": None,
+                "applied_invoice_custom_sections": [],
+                "purchase_order_number": None,
+                "metadata": None,  # (OAS MetadataObject: an object of key-value pairs)
+            }
+            wallet.update(
+                {k: copy.deepcopy(v) for k, v in params.items() if k not in ("credits_balance", "balance_cents")}
+            )
+            wallet.update(currency=currency, rate_amount=decimal_str(rate))
+            wallet["recurring_transaction_rules"] = [
+                self._recurring_rule(rule) for rule in params.get("recurring_transaction_rules") or []
+            ]
+            wallet["customer_id"] = customer["lago_id"]
+            self.wallets.append(wallet)
+            return {"wallet": self._serialize_wallet(wallet)}
+
+    def _recurring_rule(self, raw: Mapping[str, Any]) -> JSON:
+        rule: JSON = {
+            "lago_id": self._uuid(),
+            "trigger": "interval",
+            "method": "fixed",
+            "interval": "monthly",
+            "status": "active",
+            "threshold_credits": "0.0",
+            "paid_credits": "0.0",
+            "granted_credits": "0.0",
+            "grants_target_top_up": None,
+            "started_at": None,
+            "target_ongoing_balance": None,
+            "created_at": iso(self.now()),
+            "expiration_at": None,
+            "invoice_requires_successful_payment": False,
+            "transaction_metadata": [],
+            "transaction_name": None,
+            "ignore_paid_top_up_limits": False,
+        }
+        rule.update(copy.deepcopy(dict(raw)))
+        return rule
+
+    @staticmethod
+    def _serialize_wallet(wallet: JSON) -> JSON:
+        return {k: copy.deepcopy(v) for k, v in wallet.items() if k != "customer_id"}
+
+    def list_wallets(self, query: Mapping[str, Any]) -> JSON:
+        """``GET /wallets?external_customer_id=`` (required: Lago answers ``404 customer_not_found`` without a customer
+        of that id): every wallet of the customer, active and terminated."""
+        with self.lock:
+            wanted = query.get("external_customer_id")
+            customer = self._customer(str(wanted)) if wanted else None
+            if customer is None:
+                raise not_found("customer")
+            items = [w for w in self.wallets if w["customer_id"] == customer["lago_id"]]
+            if query.get("currency"):
+                items = [w for w in items if w["currency"] == query["currency"]]
+            items.sort(key=lambda w: w["created_at"], reverse=True)
+            return paginate(
+                [self._serialize_wallet(w) for w in items], "wallets", query.get("page"), query.get("per_page")
+            )
+
+    def add_applied_coupon(self, external_customer_id: str, coupon_code: str, fields: Mapping[str, Any]) -> JSON:
+        """Store a coupon applied to a customer (``fields``: AppliedCouponObject fields; a fixed amount by
+        ``amount_cents``, else a ``percentage_rate``)."""
+        params = dict(fields)
+        with self.lock:
+            errors: dict[str, list[str]] = {}
+            frequency = params.get("frequency", "forever")
+            if frequency not in COUPON_FREQUENCIES:
+                errors["frequency"] = ["value_is_invalid"]
+            if params.get("status", "active") not in ("active", "terminated"):
+                errors["status"] = ["value_is_invalid"]
+            if not coupon_code:
+                errors["coupon_code"] = ["value_is_mandatory"]
+            if params.get("amount_cents") is None and params.get("percentage_rate") is None:
+                errors["amount_cents"] = ["value_is_mandatory"]
+            if errors:
+                raise validation_error(errors)
+            customer = self._holder(external_customer_id)
+            amount = params.get("amount_cents")
+            now = iso(self.now())
+            coupon: JSON = {
+                "lago_id": self._uuid(),
+                "lago_coupon_id": self._uuid(),
+                "coupon_code": coupon_code,
+                "coupon_name": coupon_code,
+                "coupon_status": "active",
+                "coupon_deleted_at": None,
+                "lago_customer_id": customer["lago_id"],
+                "external_customer_id": customer["external_id"],
+                "status": "active",
+                "amount_cents": amount,
+                "amount_cents_remaining": amount if amount is not None and frequency == "once" else None,
+                "amount_currency": (params.get("amount_currency") or customer["fields"].get("currency") or "USD")
+                if amount is not None
+                else None,
+                "percentage_rate": None,
+                "frequency": frequency,
+                "frequency_duration": None,
+                "frequency_duration_remaining": None,
+                "expiration_at": None,
+                "created_at": now,
+                "terminated_at": None,
+            }
+            coupon.update(copy.deepcopy(params))
+            if coupon["frequency"] == "recurring" and coupon["frequency_duration_remaining"] is None:
+                coupon["frequency_duration_remaining"] = coupon["frequency_duration"]
+            if coupon["status"] == "terminated" and coupon["terminated_at"] is None:
+                coupon["terminated_at"] = now
+            coupon["customer_id"] = customer["lago_id"]
+            self.applied_coupons.append(coupon)
+            return {"applied_coupon": self._serialize_applied_coupon(coupon)}
+
+    @staticmethod
+    def _serialize_applied_coupon(coupon: JSON) -> JSON:
+        data = {k: copy.deepcopy(v) for k, v in coupon.items() if k != "customer_id"}
+        data["credits"] = []  # (AppliedCouponObjectExtended: the invoices' credits it gave)
+        return data
+
+    def list_applied_coupons(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
+        """``GET /applied_coupons`` (filters ``external_customer_id``, ``status``, ``coupon_code[]``; an unknown
+        customer lists nothing)."""
+        with self.lock:
+            wanted = query.get("external_customer_id")
+            items = list(self.applied_coupons)
+            if wanted:
+                customer = self._customer(str(wanted))
+                items = [c for c in items if customer is not None and c["customer_id"] == customer["lago_id"]]
+            if query.get("status"):
+                items = [c for c in items if c["status"] == query["status"]]
+            codes = _multi_values(multi, "coupon_code")
+            if codes:
+                items = [c for c in items if c["coupon_code"] in codes]
+            items.sort(key=lambda c: c["created_at"], reverse=True)
+            return paginate(
+                [self._serialize_applied_coupon(c) for c in items],
+                "applied_coupons",
+                query.get("page"),
+                query.get("per_page"),
+            )
+
+    def add_credit_note(self, lago_invoice_id: str, fields: Mapping[str, Any]) -> JSON:
+        """Store a credit note of an invoice (``fields``: CreditNoteObject fields; ``credit_amount_cents`` is what
+        it credits, ``balance_amount_cents`` what remains of it: all of it by default)."""
+        params = dict(fields)
+        with self.lock:
+            invoice = next((i for i in self.invoices if i["lago_id"] == lago_invoice_id), None)
+            if invoice is None:
+                raise not_found("invoice")
+            credit = int(params.get("credit_amount_cents", 0) or 0)
+            refund = int(params.get("refund_amount_cents", 0) or 0)
+            offset = int(params.get("offset_amount_cents", 0) or 0)
+            total = credit + refund + offset
+            seq = self._next(f"credit_note:{invoice['lago_id']}")
+            now = self.now()
+            note: JSON = {
+                "lago_id": self._uuid(),
+                "billing_entity_code": BILLING_ENTITY_CODE,
+                "sequential_id": seq,
+                "number": f"{invoice['number']}-CN{seq:03d}",
+                "lago_invoice_id": invoice["lago_id"],
+                "invoice_number": invoice["number"],
+                "issuing_date": now.date().isoformat(),
+                "credit_status": "available" if credit else None,
+                "refund_status": "pending" if refund else None,
+                "reason": "other",
+                "description": None,
+                "currency": invoice.get("currency") or "USD",
+                "total_amount_cents": total,
+                "taxes_amount_cents": 0,
+                "taxes_rate": 0,
+                "sub_total_excluding_taxes_amount_cents": total,
+                "balance_amount_cents": credit,
+                "credit_amount_cents": credit,
+                "refund_amount_cents": refund,
+                "offset_amount_cents": offset,
+                "coupons_adjustment_amount_cents": 0,
+                "created_at": iso(now),
+                "updated_at": iso(now),
+                "file_url": None,
+                "self_billed": False,
+                "items": [],
+                "applied_taxes": [],
+                "metadata": None,
+            }
+            note.update(copy.deepcopy(params))
+            if note["credit_status"] not in ("available", "consumed", "voided", None):
+                raise validation_error({"credit_status": ["value_is_invalid"]})
+            note["customer_id"] = invoice["customer_id"]
+            self.credit_notes.append(note)
+            return {"credit_note": self._serialize_credit_note(note)}
+
+    def _serialize_credit_note(self, note: JSON) -> JSON:
+        data = {k: copy.deepcopy(v) for k, v in note.items() if k != "customer_id"}
+        customer = self._customer_by_id(note["customer_id"])
+        if customer is not None:
+            data["customer"] = self._serialize_customer(customer)
+        return data
+
+    def list_credit_notes(self, query: Mapping[str, Any]) -> JSON:
+        """``GET /credit_notes`` (filters ``external_customer_id``, ``credit_status``, ``refund_status``,
+        ``currency``), newest first."""
+        with self.lock:
+            wanted = query.get("external_customer_id")
+            items = list(self.credit_notes)
+            if wanted:
+                ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
+                items = [n for n in items if n["customer_id"] in ids]
+            for param in ("credit_status", "refund_status", "currency"):
+                if query.get(param):
+                    items = [n for n in items if n.get(param) == query[param]]
+            items.sort(key=lambda n: (n["created_at"], n["lago_id"]), reverse=True)
+            return paginate(
+                [self._serialize_credit_note(n) for n in items],
+                "credit_notes",
+                query.get("page"),
+                query.get("per_page"),
+            )
+
     # Read-only views ---------------------------------------------------------------------------
 
     def serialized_customers(self) -> list[JSON]:
@@ -2689,6 +3013,18 @@ class LagoStore:
 
 # what an invoice record keeps that its serialization does not show as it is
 _INVOICE_INTERNAL = frozenset(("customer_id", "subscription_ids", "fees", "invoice_subscriptions"))
+
+
+def _serialize_integration(item: Mapping[str, Any]) -> JSON:
+    """OAS ``IntegrationCustomer``: ``external_customer_id`` and ``integration_code`` are strings (empty until the
+    integration's sync fills them), ``subsidiary_id`` present only when given."""
+    data: JSON = {"lago_id": item["lago_id"], "type": item["type"]}
+    data["integration_code"] = str(item.get("integration_code") or "")
+    data["external_customer_id"] = str(item.get("external_customer_id") or "")
+    data["sync_with_provider"] = item.get("sync_with_provider")
+    if item.get("subsidiary_id") is not None:
+        data["subsidiary_id"] = str(item["subsidiary_id"])
+    return data
 
 
 def _json_default(value: Any) -> Any:
