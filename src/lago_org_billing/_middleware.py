@@ -17,6 +17,7 @@ endpoint of an answer no route produced is ``<unmatched>`` (the raw path only fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import hashlib
@@ -64,7 +65,8 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import _Decision
-from ._settings import BillingSettings
+from ._quota_redis import RedisUse, redis_problem
+from ._settings import BillingSettings, redact_url
 
 if TYPE_CHECKING:
     from ._quota import QuotaConfig
@@ -1584,7 +1586,11 @@ def _client_went_away(error: BaseException) -> bool:
 
 class SharedFirstSeen:
     """The first timestamp of each idempotent transaction, in Redis for a day: one round trip (set if absent, then
-    read). Redis unavailable: ``None`` (the caller keeps its own), logged once per outage."""
+    read). Redis unavailable: ``None`` (the caller keeps its own), logged once per outage; asked again at the next
+    request. A misconfiguration or a state of Redis only an operator ends (a replica's URL, TLS, credentials, ACL
+    permissions, maxmemory) is said once as what to change (as the quota store says it: ``redis_problem``). After a
+    READONLY (a failover made the node a replica) the pooled connections are dropped, so that new ones reach the
+    endpoint's new primary, and the call is made once more on a new connection."""
 
     def __init__(self, url: str) -> None:
         try:
@@ -1596,9 +1602,15 @@ class SharedFirstSeen:
                 variable="LAGO_REDIS_URL",
             ) from None
         self._from_url = functools.partial(redis_asyncio.from_url, url)
+        self._shown_url = redact_url(url)  # for logs: no password
+        self._plain = url.lower().startswith("redis://")
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False
         self._said_unusable = False
+        # Misconfigurations and states of Redis said (a kind each: see redis_problem) since it last answered
+        self._said: set[str] = set()
+        self._answered = False  # Redis answered once (a connection reset before any answer: maybe a TLS port)
+        self._wrote = False  # Redis took a write once (READONLY after that: a failover; before: a replica's URL)
 
     def _usable(self) -> bool:
         """Whether the running event loop can use the redis client: it runs only under asyncio. Under trio
@@ -1626,21 +1638,19 @@ class SharedFirstSeen:
             return None
         if self.redis is None:
             self.redis = self._from_url()
-        try:
-            value = await self.redis.eval(
-                _FIRST_SEEN, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(candidate)
-            )
-        except Exception as exc:  # redis errors, OSError, timeouts
-            if not self.down:
-                self.down = True
-                logger.warning(
-                    "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
-                    "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
-                    exc,
-                )
-            return None
-        self.down = False
-        return float(value)
+        key = f"lago_org_billing:first_seen:{transaction_id}"
+        for attempt in range(2):  # (a second one only after a failover's READONLY, on a new connection)
+            try:
+                value = await self.redis.eval(_FIRST_SEEN, 1, key, repr(candidate))
+            except Exception as exc:  # redis errors, OSError, timeouts
+                if not await self._failed(exc) or attempt:
+                    return None
+            else:
+                if self.down:
+                    self._recovered()
+                self._answered = self._wrote = True
+                return float(value)
+        return None  # pragma: no cover - (the loop returns)
 
     async def forget(self, transaction_id: str, first: float) -> None:
         """Drop the first timestamp of a transaction if it is still ``first`` (its event was dropped: a retry's is the
@@ -1651,14 +1661,62 @@ class SharedFirstSeen:
             self.redis = self._from_url()
         try:
             await self.redis.eval(_FORGET, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
-        except Exception:  # redis errors, OSError, timeouts
-            pass
+        except Exception as exc:  # redis errors, OSError, timeouts
+            await self._failed(exc)
+
+    async def _failed(self, exc: Exception) -> bool:
+        """Say what failed (once per outage; a problem once per kind, with what to change); after a READONLY, drop the
+        pooled connections (they reach a node a failover made a replica). Whether to try again at once (a READONLY
+        after a write: a failover, its endpoint may name the new primary already)."""
+        use = _IDEMPOTENCY_REDIS_USE
+        problem = redis_problem(
+            exc, use, url=self._shown_url, wrote=self._wrote, answered=self._answered, plain=self._plain
+        )
+        again = False
+        if problem is not None:  # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
+            kind, level, message = problem
+            if kind == "readonly":
+                pool = getattr(self.redis, "connection_pool", None)
+                if pool is not None:
+                    with contextlib.suppress(Exception):  # (the idle ones: those in use drop at their READONLY)
+                        await pool.disconnect(inuse_connections=False)
+                again = self._wrote
+            if kind not in self._said:
+                self._said.add(kind)
+                logger.log(level, "%s", message)
+        elif not self.down:
+            logger.warning(
+                "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
+                "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
+                exc,
+            )
+        self.down = True
+        return again
+
+    def _recovered(self) -> None:
+        self.down = False
+        self._said.clear()
+        logger.info("Redis (%s) answers again: idempotency keys' first timestamps are shared again.", self._shown_url)
 
     async def aclose(self) -> None:
         """Close the client (its connections belong to the running loop); the next use makes another."""
         redis, self.redis = self.redis, None
         if redis is not None:
             await redis.aclose()
+
+
+#: What the idempotency store's Redis problems say it is (see redis_problem).
+_IDEMPOTENCY_REDIS_USE = RedisUse(
+    who="the idempotency store (idempotency_header)",
+    writes="the first timestamp of each idempotency key",
+    refused="the idempotency keys'",
+    keys="idempotency key",
+    prefix="lago_org_billing:first_seen:",
+    meanwhile=(
+        "Meanwhile a retry reaching another worker gets its own timestamp (billed again on Lago's ClickHouse store); "
+        "Redis is asked again at each idempotent request."
+    ),
+)
 
 
 #: KEYS[1] the transaction, ARGV[1] this request's start: the first one stored (for a day) wins.

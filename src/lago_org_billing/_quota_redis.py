@@ -424,6 +424,131 @@ def _redis_errors(*names: str) -> tuple[type[BaseException], ...]:
     return tuple(getattr(exceptions, name) for name in names)
 
 
+@dataclasses.dataclass(frozen=True)
+class RedisUse:
+    """A user of Redis, as :func:`redis_problem` names it: ``who`` (``"the quota backend"``), what it ``writes``
+    (``"its counters"``), ``refused`` (whose writes an OOM refuses: ``"the quota counters'"``), ``keys`` (``"quota
+    key"``), ``prefix`` (its keys' prefix, for the ACL to grant) and ``meanwhile`` (what happens until it is fixed)."""
+
+    who: str
+    writes: str
+    refused: str
+    keys: str
+    prefix: str
+    meanwhile: str
+
+
+_QUOTA_USE = RedisUse("the quota backend", "its counters", "the quota counters'", "quota key", "", "")
+
+
+def redis_is_readonly(exc: BaseException) -> bool:
+    """Whether ``exc`` is a replica's refusal of a write (READONLY: a failover made the node a replica, or the URL
+    names one; MASTERDOWN: a replica whose link to its primary is down, with replica-serve-stale-data no)."""
+    return isinstance(exc, _redis_errors("ReadOnlyError")) or any(
+        words in str(exc) for words in ("read only replica", "Link with MASTER is down")
+    )
+
+
+def redis_problem(
+    exc: BaseException, use: RedisUse, *, url: str, wrote: bool, answered: bool, plain: bool
+) -> tuple[str, int, str] | None:
+    """What a Redis error says beyond "Redis is down", when it is a misconfiguration or a state of Redis that only
+    an operator ends: (kind, log level, the message saying what to change); None for an outage. ``url``: Redis's URL
+    as it may be shown (no password); ``wrote``: Redis took a write of this client once (READONLY after that: a
+    failover, before: a replica's URL); ``answered``: it answered once; ``plain``: the URL is ``redis://``. Kinds:
+    ``readonly`` (drop the pooled connections: new ones reach the endpoint's primary), ``oom``, ``auth``, ``acl``,
+    ``tls``."""
+    text = f"{type(exc).__name__}: {exc}"
+    meanwhile = use.meanwhile
+    if redis_is_readonly(exc):
+        if wrote:
+            return (
+                "readonly",
+                logging.WARNING,
+                f"Redis ({url}) answered READONLY ({text}): a failover (Sentinel, ElastiCache, a replica promoted) "
+                "made the node this process is connected to a read-only replica. Its pooled connections are "
+                "dropped and it reconnects to LAGO_REDIS_URL, which names the new primary once the failover is "
+                "over (its DNS name follows the primary; if LAGO_REDIS_URL holds this node's own address, set it "
+                f"to the primary endpoint's). {meanwhile}",
+            )
+        return (
+            "readonly",
+            logging.ERROR,
+            f"LAGO_REDIS_URL ({url}) names a read-only replica ({text}): {use.who} writes {use.writes}, "
+            "so it must be the primary's endpoint (ElastiCache: the primary endpoint, not the reader endpoint; "
+            f"Sentinel: the current master's address). {meanwhile}",
+        )
+    if isinstance(exc, _redis_errors("OutOfMemoryError")) or "used memory > 'maxmemory'" in str(exc):
+        return (
+            "oom",
+            logging.ERROR,
+            f"Redis ({url}) is out of memory ({text}): maxmemory is reached and maxmemory-policy is noeviction, "
+            f"so it refuses {use.refused} writes. Give it more memory (maxmemory, a larger node) or an "
+            f"eviction policy (maxmemory-policy volatile-lru: every {use.keys} expires; ElastiCache: the "
+            f"parameter group). {meanwhile}",
+        )
+    if isinstance(exc, _redis_errors("AuthenticationError", "AuthorizationError")) or any(
+        code in str(exc) for code in ("WRONGPASS", "NOAUTH", "invalid username-password")
+    ):
+        return (
+            "auth",
+            logging.ERROR,
+            f"Redis ({url}) refused the credentials of LAGO_REDIS_URL ({text}): set the user and password it "
+            "expects there (redis://<user>:<password>@<host>:<port>/<db>, or redis://:<password>@... for the "
+            "default user; after rotating an AUTH token, the new one) and restart, or give the password to the "
+            f"user on the Redis side. {meanwhile}",
+        )
+    if isinstance(exc, _redis_errors("NoPermissionError")) or any(
+        code in str(exc) for code in ("NOPERM", "no permissions", "can't run this command")
+    ):
+        return (
+            "acl",
+            logging.ERROR,
+            f"The Redis ACL user of LAGO_REDIS_URL ({url}) lacks a permission {use.who} needs ({text}): "
+            f"grant it, e.g. ACL SETUSER <user> ~{use.prefix}* +@read +@write +eval +evalsha "
+            f"(ElastiCache: an access string with these). {meanwhile}",
+        )
+    cause: BaseException | None = exc
+    for _depth in range(8):  # (the ssl error is the redis error's context)
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                "tls",
+                logging.ERROR,
+                f"The TLS certificate of Redis ({url}) does not verify ({text}): give LAGO_REDIS_URL the "
+                "certificate of the CA that signed it (rediss://<host>:<port>/<db>?ssl_ca_certs=/path/to/ca.pem), "
+                "or add that CA to the system's trust store (ssl_cert_reqs=none turns verification off: not "
+                f"recommended). {meanwhile}",
+            )
+        if isinstance(cause, ssl.SSLError):
+            return (
+                "tls",
+                logging.ERROR,
+                f"The TLS handshake with Redis ({url}) failed ({text}): check that the port of LAGO_REDIS_URL "
+                "speaks TLS (rediss://; a plain port needs redis://) and its certificate options (ssl_ca_certs; "
+                f"ssl_certfile and ssl_keyfile when Redis asks for a client certificate). {meanwhile}",
+            )
+        cause = cause.__cause__ or cause.__context__
+    if (
+        not answered
+        and plain
+        and isinstance(exc, _redis_errors("ConnectionError"))
+        and ("Connection reset by peer" in str(exc) or "Connection closed by server" in str(exc))
+    ):
+        # (a server reached that closes the connection before answering anything: a TLS-only port, which takes
+        # the plain-text command as a broken handshake, most likely)
+        return (
+            "tls",
+            logging.ERROR,
+            f"Redis ({url}) closed the connection without answering ({text}): if it accepts TLS only "
+            "(ElastiCache in-transit encryption, Redis Cloud, Upstash, a TLS port), LAGO_REDIS_URL must start "
+            "with rediss:// instead of redis://; else a proxy in front of it has no Redis to reach. "
+            f"{meanwhile}",
+        )
+    return None
+
+
 class _Script:
     """A Lua script run with ``EVALSHA``, and with ``EVAL`` when Redis does not have it (its script cache emptied: a
     restart, a failover, ``SCRIPT FLUSH``). Not ``SCRIPT LOAD`` (nor ``SCRIPT EXISTS`` before a pipeline), as redis-py's
@@ -757,103 +882,13 @@ class RedisBackend:
         an operator ends: (kind, log level, the message saying what to change); None for an outage. Either way quota
         counting falls back to this process (the outage policy) and Redis is tried again every
         ``redis_retry_interval`` (a fix on the Redis side ends it without a restart)."""
-        text = f"{type(exc).__name__}: {exc}"
         meanwhile = (
             "Quota counting falls back to this process meanwhile (limits per worker, not shared); Redis is tried "
             f"again every {self.config.redis_retry_interval:.0f} s."
         )
-        url = self._shown_url
-        if isinstance(exc, _redis_errors("ReadOnlyError")) or any(
-            # (MASTERDOWN: a replica whose link to its primary is down, with replica-serve-stale-data no)
-            words in str(exc)
-            for words in ("read only replica", "Link with MASTER is down")
-        ):
-            if self._wrote:
-                return (
-                    "readonly",
-                    logging.WARNING,
-                    f"Redis ({url}) answered READONLY ({text}): a failover (Sentinel, ElastiCache, a replica promoted) "
-                    "made the node this process is connected to a read-only replica. Its pooled connections are "
-                    "dropped and it reconnects to LAGO_REDIS_URL, which names the new primary once the failover is "
-                    "over (its DNS name follows the primary; if LAGO_REDIS_URL holds this node's own address, set it "
-                    f"to the primary endpoint's). {meanwhile}",
-                )
-            return (
-                "readonly",
-                logging.ERROR,
-                f"LAGO_REDIS_URL ({url}) names a read-only replica ({text}): the quota backend writes its counters, "
-                "so it must be the primary's endpoint (ElastiCache: the primary endpoint, not the reader endpoint; "
-                f"Sentinel: the current master's address). {meanwhile}",
-            )
-        if isinstance(exc, _redis_errors("OutOfMemoryError")) or "used memory > 'maxmemory'" in str(exc):
-            return (
-                "oom",
-                logging.ERROR,
-                f"Redis ({url}) is out of memory ({text}): maxmemory is reached and maxmemory-policy is noeviction, "
-                "so it refuses the quota counters' writes. Give it more memory (maxmemory, a larger node) or an "
-                "eviction policy (maxmemory-policy volatile-lru: every quota key expires; ElastiCache: the "
-                f"parameter group). {meanwhile}",
-            )
-        if isinstance(exc, _redis_errors("AuthenticationError", "AuthorizationError")) or any(
-            code in str(exc) for code in ("WRONGPASS", "NOAUTH", "invalid username-password")
-        ):
-            return (
-                "auth",
-                logging.ERROR,
-                f"Redis ({url}) refused the credentials of LAGO_REDIS_URL ({text}): set the user and password it "
-                "expects there (redis://<user>:<password>@<host>:<port>/<db>, or redis://:<password>@... for the "
-                "default user; after rotating an AUTH token, the new one) and restart, or give the password to the "
-                f"user on the Redis side. {meanwhile}",
-            )
-        if isinstance(exc, _redis_errors("NoPermissionError")) or any(
-            code in str(exc) for code in ("NOPERM", "no permissions", "can't run this command")
-        ):
-            return (
-                "acl",
-                logging.ERROR,
-                f"The Redis ACL user of LAGO_REDIS_URL ({url}) lacks a permission the quota backend needs ({text}): "
-                f"grant it, e.g. ACL SETUSER <user> ~{self.config.redis_prefix}* +@read +@write +eval +evalsha "
-                f"(ElastiCache: an access string with these). {meanwhile}",
-            )
-        cause: BaseException | None = exc
-        for _depth in range(8):  # (the ssl error is the redis error's context)
-            if cause is None:
-                break
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                return (
-                    "tls",
-                    logging.ERROR,
-                    f"The TLS certificate of Redis ({url}) does not verify ({text}): give LAGO_REDIS_URL the "
-                    "certificate of the CA that signed it (rediss://<host>:<port>/<db>?ssl_ca_certs=/path/to/ca.pem), "
-                    "or add that CA to the system's trust store (ssl_cert_reqs=none turns verification off: not "
-                    f"recommended). {meanwhile}",
-                )
-            if isinstance(cause, ssl.SSLError):
-                return (
-                    "tls",
-                    logging.ERROR,
-                    f"The TLS handshake with Redis ({url}) failed ({text}): check that the port of LAGO_REDIS_URL "
-                    "speaks TLS (rediss://; a plain port needs redis://) and its certificate options (ssl_ca_certs; "
-                    f"ssl_certfile and ssl_keyfile when Redis asks for a client certificate). {meanwhile}",
-                )
-            cause = cause.__cause__ or cause.__context__
-        if (
-            not self._answered
-            and self.url.lower().startswith("redis://")
-            and isinstance(exc, _redis_errors("ConnectionError"))
-            and ("Connection reset by peer" in str(exc) or "Connection closed by server" in str(exc))
-        ):
-            # (a server reached that closes the connection before answering anything: a TLS-only port, which takes
-            # the plain-text command as a broken handshake, most likely)
-            return (
-                "tls",
-                logging.ERROR,
-                f"Redis ({url}) closed the connection without answering ({text}): if it accepts TLS only "
-                "(ElastiCache in-transit encryption, Redis Cloud, Upstash, a TLS port), LAGO_REDIS_URL must start "
-                "with rediss:// instead of redis://; else a proxy in front of it has no Redis to reach. "
-                f"{meanwhile}",
-            )
-        return None
+        use = dataclasses.replace(_QUOTA_USE, prefix=self.config.redis_prefix, meanwhile=meanwhile)
+        plain = self.url.lower().startswith("redis://")
+        return redis_problem(exc, use, url=self._shown_url, wrote=self._wrote, answered=self._answered, plain=plain)
 
     def _refuse_sharded(self, exc: BaseException) -> None:
         """Redis answered MOVED (or ASK): ``LAGO_REDIS_URL`` names one node of a Redis Cluster of several shards, which

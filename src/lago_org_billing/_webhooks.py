@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -84,7 +85,8 @@ from starlette.types import Receive, Scope, Send
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
-from ._settings import BillingSettings, _check_unquoted, masked_url
+from ._quota_redis import RedisUse, redis_problem
+from ._settings import BillingSettings, _check_unquoted, masked_url, redact_url
 
 __all__ = [
     "INVALIDATING_TYPES",
@@ -244,6 +246,18 @@ class MemoryDedupe:
         return len(self._done)
 
 
+#: The webhook dedupe as :func:`redis_problem` names it.
+_DEDUPE_USE = RedisUse(
+    who="the webhooks' dedupe (RedisDedupe)",
+    writes="a claim for each delivery",
+    refused="the dedupe's",
+    keys="dedupe key",
+    prefix="lago_org_billing:webhook:",
+    meanwhile="Meanwhile each webhook is processed without dedupe (a delivery Lago sends again runs its handlers "
+    "again); Redis is asked again at each webhook.",
+)
+
+
 class RedisDedupe:
     """Dedupe shared by every worker through Redis (extra ``redis``): one key per webhook,
     ``<prefix><unique key>`` = ``processing`` (expires after ``processing_ttl``) then ``done`` (after ``ttl``).
@@ -261,6 +275,11 @@ class RedisDedupe:
         processing_ttl: float = DEFAULT_PROCESSING_TTL,
         timeout: float | None = None,
     ) -> None:
+        # for what it says of Redis (failovers, misconfigurations: :func:`redis_problem`), never the password
+        self._shown_url = redact_url(url) if url else "the given client"
+        self._plain = bool(url) and str(url).lower().startswith("redis://")
+        self._answered = self._wrote = False
+        self._said: set[str] = set()
         if client is None:
             if not url:
                 raise ConfigurationError("RedisDedupe needs a Redis URL (LAGO_REDIS_URL) or a client.")
@@ -280,23 +299,58 @@ class RedisDedupe:
 
     async def claim(self, key: str) -> DedupeState:
         name = self.prefix + key
+        redis = self.redis
         for _ in range(2):  # the key may expire between SET NX and GET
-            if await self.redis.set(name, "processing", nx=True, ex=self.processing_ttl):
+            if await self._call(lambda: redis.set(name, "processing", nx=True, ex=self.processing_ttl)):
                 return "new"
-            value = await self.redis.get(name)
+            value = await self._call(lambda: redis.get(name), write=False)
             if value is not None:
                 return "done" if value in (b"done", "done") else "processing"
         return "processing"
 
     async def extend(self, key: str) -> None:
         """Renew the claim of a delivery still being processed."""
-        await self.redis.eval(_EXTEND_CLAIM, 1, self.prefix + key, self.processing_ttl)
+        await self._call(lambda: self.redis.eval(_EXTEND_CLAIM, 1, self.prefix + key, self.processing_ttl))
 
     async def complete(self, key: str) -> None:
-        await self.redis.set(self.prefix + key, "done", ex=self.ttl)
+        await self._call(lambda: self.redis.set(self.prefix + key, "done", ex=self.ttl))
 
     async def release(self, key: str) -> None:
-        await self.redis.delete(self.prefix + key)
+        await self._call(lambda: self.redis.delete(self.prefix + key))
+
+    async def _call(self, operation: Callable[[], Awaitable[Any]], write: bool = True) -> Any:
+        """``operation()`` on Redis. A misconfiguration or a state only an operator ends (a replica's URL, a wrong
+        password, an ACL, an OOM, TLS: :func:`redis_problem`) is said once, with what to change, until Redis answers
+        again. After a failover (``READONLY`` from the old primary, once a write was taken) the pooled connections
+        are dropped and the call made once more, on a new connection to the endpoint's new primary: without that,
+        every webhook would run without dedupe for the life of the process."""
+        for attempt in range(2):
+            try:
+                result = await operation()
+            except Exception as exc:
+                problem = redis_problem(
+                    exc, _DEDUPE_USE, url=self._shown_url, wrote=self._wrote, answered=self._answered, plain=self._plain
+                )
+                if problem is None:
+                    raise
+                kind, level, message = problem
+                if kind not in self._said:
+                    self._said.add(kind)
+                    logger.log(level, "%s", message)
+                if kind != "readonly":
+                    raise
+                pool = getattr(self.redis, "connection_pool", None)
+                with contextlib.suppress(Exception):
+                    if pool is not None:
+                        await pool.disconnect(inuse_connections=False)
+                if attempt or not self._wrote:
+                    raise
+            else:
+                self._answered = True
+                self._wrote = self._wrote or write
+                self._said.clear()
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         close = getattr(self.redis, "aclose", None)
