@@ -132,22 +132,24 @@ async def test_raw_paths_billed_as_endpoints_are_values_lago_stores_and_bounded(
     fake_lago: Any, header_settings: BillingSettings
 ) -> None:
     """``GET /%00`` put a NUL in the event's endpoint (Lago's database refuses it with a 500: the batch it is in fails
-    and the call ends in the dead letters, unbilled). Long paths are billed whole (see test_middleware_scope_deep_
-    copies)."""
+    and the call ends in the dead letters, unbilled). A path over 1,024 characters is cut there, ending with "…": the
+    16 KB paths a client may send, held by each of 100,000 events waiting for Lago, would hold 1.6 GB."""
     middleware = OrgBillingMiddleware(raw_app, header_settings, transport=fake_lago.transport())
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
-            for path in ("/v1/a%00b", "/v1/%00", "/v1/plain"):
+            for path in ("/v1/a%00b", "/v1/%00", "/v1/plain", "/v1/" + "y" * 16_000, "/v1/" + "z" * 1020):
                 assert (await client.get(path, headers=ORG)).status_code == 200
         events = await events_of(fake_lago, middleware)
         endpoints = [e["properties"]["endpoint"] for e in events]
-        assert len(endpoints) == 3 and endpoints[2] == "/v1/plain"
+        assert len(endpoints) == 5 and endpoints[2] == "/v1/plain"
+        assert endpoints[3] == "/v1/" + "y" * 1019 + "\u2026" and len(endpoints[3]) == 1024
+        assert endpoints[4] == "/v1/" + "z" * 1020  # (1,024 characters: whole)
         for event in events:  # (raises for what Lago cannot store)
             event_payload(
                 transaction_id="t", external_subscription_id="org_a", code="c", properties=event["properties"]
             )
         assert endpoints[:2] == ["/v1/ab", "/v1/"]
-        assert [e["properties"]["total_tokens"] for e in events] == [18, 18, 18]
+        assert [e["properties"]["total_tokens"] for e in events] == [18] * 5
     finally:
         await middleware.aclose()
 

@@ -1924,9 +1924,17 @@ def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -
 def _raw_endpoint(path: object) -> str:
     """The raw path as an event's endpoint (an app without Starlette routing): the client chose it, so it is made a
     value Lago stores: a NUL (``%00`` in the URL), which its database refuses with a 500 that fails the whole batch
-    (the call then dead-lettered, unbilled), is dropped."""
+    (the call then dead-lettered, unbilled), is dropped; and one longer than :data:`_MAX_RAW_ENDPOINT` characters is
+    cut there, ending with ``…``: a client's 16 KB paths, kept whole by every event waiting for Lago (100,000 in the
+    memory outbox), would hold 1.6 GB."""
     text = str(path)
-    return text.replace("\x00", "") if "\x00" in text else text
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text if len(text) <= _MAX_RAW_ENDPOINT else text[: _MAX_RAW_ENDPOINT - 1] + "\u2026"
+
+
+#: The longest raw path billed whole as an endpoint (see :func:`_raw_endpoint`).
+_MAX_RAW_ENDPOINT = 1024
 
 
 def _wraps_served(route: Mount | Host, scope: Scope) -> bool:
