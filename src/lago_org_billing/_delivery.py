@@ -107,7 +107,9 @@ class EventPipeline:
     * **max_backoff** - cap of the pause after transient failures (seconds).
     * **retry_backoff** - first pause after a transient failure (default: the client's ``retry_backoff``).
     * **metrics** - a :class:`PipelineMetrics` (e.g. registered with Prometheus); one is made if omitted.
-    * **spool_window** - rows of the spool held in memory at a time.
+    * **spool_window** - rows of the spool held in memory at a time, waiting in the window or in flight (default
+      ``max(8000, 16 * batch_size * concurrency)`` plus the ``concurrency + 1`` batches that may be in flight:
+      8,500 rows, a few MB).
     """
 
     def __init__(
@@ -146,7 +148,11 @@ class EventPipeline:
         self.metrics.bind_gauges(self._gauges)
         self.outbox: Outbox
         if spool_path:
-            window = spool_window or max(2_000, 4 * batch_size * concurrency)
+            # (the rows in flight count against the window: room for them on top. A larger window than the 2,000 rows
+            # it was: a load begins once the window has drained to half, and with only one load at a time (they are
+            # no longer made twice at once) a 1,000,000-row backlog drained in 7.5-8.7 s, against 5.5 s before and
+            # 4.7 s with this one: benchmarks/delivery.py)
+            window = spool_window or max(8_000, 16 * batch_size * concurrency) + batch_size * (concurrency + 1)
             self.outbox = SqliteOutbox(spool_path, capacity=memory_capacity, window=window)
         else:
             self.outbox = MemoryOutbox(memory_capacity)
