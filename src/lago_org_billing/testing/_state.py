@@ -17,8 +17,8 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
-from typing import Any
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal
+from typing import Any, NamedTuple
 
 from .._dashboard import subunits_per_unit
 from .._errors import ConfigurationError
@@ -304,10 +304,10 @@ class LagoStore:
         if customer is None:
             return
         last = close_at - timedelta(seconds=1)
-        usage = self._usage_for(sub, last)
+        usage = self._usage_for(sub, last, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
         plan_fee = int(plan["amount_cents"]) if self._period_bounds(sub, last)[1] == last else 0
-        amount = int(usage["amount_cents"]) + plan_fee
+        amount = int(usage["amount_cents"]) + self._true_ups(sub, usage, last, None) + plan_fee
         day = self._local_date(sub, close_at).isoformat()
         invoice = self._new_invoice(
             customer,
@@ -325,6 +325,34 @@ class LagoStore:
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, None)]
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    def _invoiced_charges(self, sub: JSON) -> list[JSON]:
+        """The charges a subscription invoice bills (lago-api ``Invoices::CalculateFeesService``): the invoiceable
+        ones, less those paid in advance (billed as their events come), a recurring metric's aside."""
+        recurring = {m["lago_id"] for m in self.metrics.values() if m["recurring"]}
+        return [
+            c
+            for c in self._plan_of(sub)["charges"]
+            if c["invoiceable"] and (not c["pay_in_advance"] or c["billable_metric_id"] in recurring)
+        ]
+
+    def _true_ups(self, sub: JSON, usage: Mapping[str, Any], at: datetime, terminated_at: datetime | None) -> int:
+        """The true-up fees of the charges billed under their ``min_amount_cents`` (lago-api
+        ``Fees::CreateTrueUpService``): the minimum prorated by the days billed (``charges_from_datetime`` to
+        ``charges_to_datetime``, or the termination, in days rounded up) over the charges period's days, less the
+        charge's amount, truncated to the subunit as Lago's integer column keeps it."""
+        start, end = self._full_charges_bounds(sub, at)
+        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        billed_from = parse_datetime(usage["from_datetime"]) or start
+        billed_to = terminated_at if terminated_at is not None and terminated_at < end else end + timedelta(seconds=1)
+        days = Decimal((billed_to - billed_from).total_seconds() / 86400).to_integral_value(rounding=ROUND_CEILING)
+        minimums = {c["lago_id"]: int(c["min_amount_cents"]) for c in self._plan_of(sub)["charges"]}
+        total = 0
+        for charge_usage in usage["charges_usage"]:
+            minimum = Decimal(minimums.get(charge_usage["charge"]["lago_id"], 0)) * days / duration
+            if minimum > charge_usage["amount_cents"]:
+                total += int(minimum - charge_usage["amount_cents"])
+        return total
 
     @staticmethod
     def _invoice_subscription(sub: JSON, usage: Mapping[str, Any], terminated_at: datetime | None) -> JSON:
@@ -1305,6 +1333,16 @@ class LagoStore:
             if model not in CHARGE_MODELS:
                 errors["charge_model"] = ["value_is_invalid"]
                 continue
+            # What the emulator cannot compute is refused rather than billed as something else: a custom_agg
+            # metric's expression is not evaluated, and charges are not prorated (Charge#validate_prorated refuses
+            # proration outside recurring metrics with standard / graduated / volume charges, as Lago does)
+            if metric["aggregation_type"] == "custom_agg":
+                errors["billable_metric"] = ["custom_aggregation_not_supported_by_the_emulator"]
+            if raw.get("prorated"):
+                prorable = metric["recurring"] and model in ("standard", "graduated", "volume")
+                errors["prorated"] = [
+                    "proration_not_supported_by_the_emulator" if prorable else "invalid_billable_metric_or_charge_model"
+                ]
             properties = dict(_mapping(raw.get("properties")))
             if "grouped_by" in properties and "pricing_group_keys" not in properties:
                 properties["pricing_group_keys"] = properties.pop("grouped_by")
@@ -1630,16 +1668,20 @@ class LagoStore:
         events, billed with the old plan. A yearly or semiannual plan with ``bill_charges_monthly`` has monthly
         charges periods (``Yearly/SemiannualService#compute_charges_from_date/_to_date`` delegate to
         ``MonthlyService``). Both ``current_billing_period_*`` and current usage use these bounds."""
-        plan = self._plan_of(sub)
-        if plan["bill_charges_monthly"] and plan["interval"] in MONTHLY_CHARGES_INTERVALS:
-            anchor = parse_datetime(sub["subscription_at"]) or self.now()
-            start, end = billing_period("monthly", sub["billing_time"], anchor, at or self.now(), self._timezone(sub))
-        else:
-            start, end = self._period_bounds(sub, at)
+        start, end = self._full_charges_bounds(sub, at)
         started = parse_datetime(sub["started_at"])
         if started is not None and started > start:
             start = started
         return start, end
+
+    def _full_charges_bounds(self, sub: JSON, at: datetime | None = None) -> tuple[datetime, datetime]:
+        """The whole charges period containing ``at`` (a first one not cut at ``started_at``), whose days are
+        lago-api's ``charges_duration``."""
+        plan = self._plan_of(sub)
+        if plan["bill_charges_monthly"] and plan["interval"] in MONTHLY_CHARGES_INTERVALS:
+            anchor = parse_datetime(sub["subscription_at"]) or self.now()
+            return billing_period("monthly", sub["billing_time"], anchor, at or self.now(), self._timezone(sub))
+        return self._period_bounds(sub, at)
 
     def _period_end(self, sub: JSON) -> datetime:
         """End of the current billing period (last second)."""
@@ -1788,9 +1830,10 @@ class LagoStore:
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
-        usage = self._usage_for(sub, at)
+        usage = self._usage_for(sub, at, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
-        amount = int(usage["amount_cents"]) + (0 if plan["pay_in_advance"] else int(plan["amount_cents"]))
+        amount = int(usage["amount_cents"]) + self._true_ups(sub, usage, at, at)
+        amount += 0 if plan["pay_in_advance"] else int(plan["amount_cents"])
         invoice = self._new_invoice(
             customer,
             {
@@ -2538,19 +2581,24 @@ class LagoStore:
             upper = terminated
         # (the period's last second up to its last microsecond, as Lago's end_of_day)
         low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999999")
-        window = [
-            e
-            for e in self.events
-            if e["external_subscription_id"] == sub["external_id"] and low <= Decimal(e["ts"]) <= high
+        # a recurring metric also reads the events of the periods before (lago-api ``recurring_events_scope``, or
+        # the latest cached aggregation): its value carries over
+        history = [
+            e for e in self.events if e["external_subscription_id"] == sub["external_id"] and Decimal(e["ts"]) <= high
         ]
+        window = [e for e in history if low <= Decimal(e["ts"])]
+        full_start, full_end = self._full_charges_bounds(sub, at)
+        days = round((full_end + timedelta(seconds=1) - full_start).total_seconds() / 86400)
+        span = Span(low, high, Decimal(days * 86400))
         currency = plan["amount_currency"]
         usages = []
         for charge in plan["charges"] if charges is None else charges:
             metric = next((m for m in self.metrics.values() if m["lago_id"] == charge["billable_metric_id"]), None)
             if metric is None:
                 continue
-            events = [e for e in window if e["code"] == metric["code"]]
-            usages.append(_charge_usage(charge, metric, events, currency, groups or {}))
+            pool = history if metric["recurring"] else window
+            events = [e for e in pool if e["code"] == metric["code"]]
+            usages.append(_charge_usage(charge, metric, events, currency, groups or {}, span))
         amount = sum(int(u["amount_cents"]) for u in usages)
         return {
             "from_datetime": iso(start),
@@ -3142,11 +3190,76 @@ def _copied(properties: Mapping[str, Any]) -> JSON:
     return copy.deepcopy(dict(properties))
 
 
-def _aggregate(metric: JSON, events: Sequence[JSON]) -> Decimal:
+class Span(NamedTuple):
+    """A charges period as an aggregation reads it: ``start`` and ``end`` in Unix seconds (``end`` at the period's
+    last microsecond, or the termination), and ``seconds``, the full period's length (``charges_duration`` days)."""
+
+    start: Decimal
+    end: Decimal
+    seconds: Decimal
+
+
+_PG_MIN_SIG_DIGITS = 16
+
+
+def _pg_scale(value: Decimal) -> int:
+    """The display scale PostgreSQL keeps for a ``numeric`` (its digits after the point)."""
+    exponent = value.as_tuple().exponent
+    return max(-exponent, 0) if isinstance(exponent, int) else 0
+
+
+def _pg_div(dividend: Decimal, divisor: Decimal) -> Decimal:
+    """PostgreSQL's ``numeric / numeric`` (``select_div_scale``): at least 16 significant digits, no fewer decimals
+    than either operand, rounded half away from zero."""
+    if dividend == 0:
+        return Decimal(0)
+
+    def weight_and_digit(value: Decimal) -> tuple[int, int]:
+        weight = value.adjusted() // 4  # base-10000 digits, as numeric stores them
+        return weight, int(abs(value).scaleb(-4 * weight))
+
+    weight1, digit1 = weight_and_digit(dividend)
+    weight2, digit2 = weight_and_digit(divisor)
+    qweight = weight1 - weight2 - (1 if digit1 < digit2 else 0)
+    scale = max(_PG_MIN_SIG_DIGITS - qweight * 4, _pg_scale(dividend), _pg_scale(divisor), 0)
+    scale = min(scale, 1000)
+    context = Context(prec=max(dividend.adjusted(), 0) + scale + 40)
+    return context.divide(dividend, divisor).quantize(
+        Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP, context=context
+    )
+
+
+_EPOCH_SCALE = Decimal("0.000001")  # EXTRACT(EPOCH FROM interval) is a numeric with 6 decimals
+
+
+def _weighted_sum(values: Sequence[tuple[Decimal, Decimal]], span: Span) -> Decimal:
+    """lago-api ``Events::Stores::Postgres::WeightedSumQuery``: ``values`` are (timestamp, value) in timestamp order,
+    those before ``span.start`` (a recurring metric's) forming the initial value. Each running total is weighted by
+    the seconds until the next event (or the period's end), divided by the full period's seconds (each product
+    divided as PostgreSQL divides numerics), the ratios summed, then ``ceil(20)``."""
+    initial = sum((v for ts, v in values if ts < span.start), Decimal(0))
+    rows = [(span.start, initial)] + [(ts, v) for ts, v in values if ts >= span.start] + [(span.end, Decimal(0))]
+    total = Decimal(0)
+    running = Decimal(0)
+    for (ts, value), (following, _) in zip(rows, [*rows[1:], (span.end, Decimal(0))], strict=True):
+        running += value
+        seconds = (following - ts).quantize(_EPOCH_SCALE)
+        if seconds == 0:
+            continue
+        total += _pg_div(running * seconds, span.seconds)
+    context = Context(prec=max(total.adjusted(), 0) + 40)
+    return total.quantize(Decimal("1e-20"), rounding=ROUND_CEILING, context=context).normalize(context)
+
+
+def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -> Decimal:
     aggregation = metric["aggregation_type"]
     if aggregation == "count_agg":
         return Decimal(len(events))
     field = metric["field_name"]
+    if aggregation == "weighted_sum_agg" and span is not None:
+        ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
+        pairs = [(Decimal(e["ts"]), to_decimal(e["properties"].get(field))) for e in ordered]
+        return _weighted_sum([(ts, v) for ts, v in pairs if v is not None], span)
     if aggregation in ("sum_agg", "weighted_sum_agg", "custom_agg", "max_agg"):  # order does not matter
         whole: list[int] = []  # plain ints, the usual values, summed without a Decimal each
         exact: list[Decimal] = []
@@ -3438,14 +3551,27 @@ def _charge_amount(
     return Decimal(0)
 
 
-def _bucket(metric: JSON, model: str, properties: Mapping[str, Any], events: Sequence[JSON], subunits: int) -> JSON:
+def _bucket(
+    metric: JSON,
+    model: str,
+    properties: Mapping[str, Any],
+    events: Sequence[JSON],
+    subunits: int,
+    span: Span | None = None,
+) -> JSON:
     """One charge bucket; ``amount_cents`` in the currency's subunits (``subunits`` per unit: 1 for JPY, 1000 for KWD,
-    as Lago counts them)."""
-    units = _aggregate(metric, events)
+    as Lago counts them). A weighted sum's ``total_aggregated_units`` is the plain sum of its events (lago-api's
+    ``variation``, plus the previous periods' total for a recurring metric), its ``events_count`` the period's."""
+    units = _aggregate(metric, events, span)
+    total_units = units
+    count = len(events)
+    if metric["aggregation_type"] == "weighted_sum_agg" and span is not None:
+        total_units = _aggregate({**metric, "aggregation_type": "sum_agg"}, events)
+        count = sum(1 for e in events if Decimal(e["ts"]) >= span.start)
     return {
         "units": decimal_str(units),
-        "total_aggregated_units": decimal_str(units),
-        "events_count": len(events),
+        "total_aggregated_units": decimal_str(total_units),
+        "events_count": count,
         "amount_cents": cents(_charge_amount(model, properties, units, events, subunits, metric) * subunits),
         "pricing_unit_details": None,
         "presentation_breakdowns": [],
@@ -3505,26 +3631,34 @@ def _filter_buckets(filters: Sequence[JSON], events: Sequence[JSON], replaced: f
 
 
 def _filters_usage(
-    charge: JSON, metric: JSON, events: Sequence[JSON], subunits: int, replaced: frozenset[str] = frozenset()
-) -> tuple[list[JSON], Decimal, int, int]:
+    charge: JSON,
+    metric: JSON,
+    events: Sequence[JSON],
+    subunits: int,
+    replaced: frozenset[str] = frozenset(),
+    span: Span | None = None,
+) -> tuple[list[JSON], Decimal, int, int, Decimal]:
     """Per-filter buckets (Lago drops the default bucket from ``filters``), and the units, events count and cents of
     all the buckets summed (``ChargeUsageSerializer`` sums its fees: a ``max_agg`` charge with filters reports the sum
     of each bucket's maximum; an event in two buckets, see :func:`_filter_buckets`, counts twice)."""
     model = charge["charge_model"]
     if not charge["filters"]:
-        bucket = _bucket(metric, model, charge["properties"], events, subunits)
-        return [], Decimal(bucket["units"]), len(events), int(bucket["amount_cents"])
+        bucket = _bucket(metric, model, charge["properties"], events, subunits, span)
+        units = Decimal(bucket["units"])
+        total_units = Decimal(bucket["total_aggregated_units"])
+        return [], units, int(bucket["events_count"]), int(bucket["amount_cents"]), total_units
     default = [e for e in events if not any(_filter_match(f, e) for f in charge["filters"])]
     out = []
-    units = Decimal(0)
+    units = total_units = Decimal(0)
     count = total = 0
     for charge_filter, bucket_events in zip(
         charge["filters"], _filter_buckets(charge["filters"], events, replaced), strict=True
     ):
         properties = charge_filter["properties"] or charge["properties"]
-        bucket = _bucket(metric, model, properties, bucket_events, subunits)
+        bucket = _bucket(metric, model, properties, bucket_events, subunits, span)
         units += Decimal(bucket["units"])
-        count += len(bucket_events)
+        total_units += Decimal(bucket["total_aggregated_units"])
+        count += int(bucket["events_count"])
         total += int(bucket["amount_cents"])
         bucket.pop("presentation_breakdowns")
         out.append(
@@ -3535,11 +3669,12 @@ def _filters_usage(
                 "presentation_breakdowns": [],
             }
         )
-    rest = _bucket(metric, model, charge["properties"], default, subunits)
+    rest = _bucket(metric, model, charge["properties"], default, subunits, span)
     units += Decimal(rest["units"])
-    count += len(default)
+    total_units += Decimal(rest["total_aggregated_units"])
+    count += int(rest["events_count"])
     total += int(rest["amount_cents"])
-    return out, units, count, total
+    return out, units, count, total, total_units
 
 
 def _sum_filters(into: list[JSON], more: Sequence[JSON]) -> None:
@@ -3610,7 +3745,14 @@ def _group_values(value: Any) -> set[str | None]:
     return {"" if x is None else _group_text(x) for x in items}
 
 
-def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: str, groups: Mapping[str, Any]) -> JSON:
+def _charge_usage(
+    charge: JSON,
+    metric: JSON,
+    events: Sequence[JSON],
+    currency: str,
+    groups: Mapping[str, Any],
+    span: Span | None = None,
+) -> JSON:
     subunits = subunits_per_unit(currency)
     keys = [str(k) for k in charge["properties"].get("pricing_group_keys") or []]
     replaced: frozenset[str] = frozenset()
@@ -3629,14 +3771,17 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
         by_group.setdefault(tuple(None if v is None else str(v) for v in raw), []).append(event)
     if by_group:
         filters: list[JSON] = []
-        units_total, events_count, amount_cents = Decimal(0), 0, 0
+        units_total, events_count, amount_cents, aggregated_total = Decimal(0), 0, 0, Decimal(0)
         for group, group_events in sorted(by_group.items(), key=lambda kv: [v or "" for v in kv[0]]):
-            group_filters, units, count, amount = _filters_usage(charge, metric, group_events, subunits, replaced)
+            group_filters, units, count, amount, aggregated = _filters_usage(
+                charge, metric, group_events, subunits, replaced, span
+            )
             if grouped_usage:
                 _sum_filters(filters, group_filters)
             else:
                 filters = copy.deepcopy(group_filters)
             units_total += units
+            aggregated_total += aggregated
             events_count += count
             amount_cents += amount
             grouped_usage.append(
@@ -3644,7 +3789,7 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
                     "amount_cents": amount,
                     "events_count": count,
                     "units": decimal_str(units),
-                    "total_aggregated_units": decimal_str(units),
+                    "total_aggregated_units": decimal_str(aggregated),
                     "pricing_unit_details": None,
                     "grouped_by": dict(zip(keys, group, strict=True)),
                     "filters": group_filters,
@@ -3652,10 +3797,12 @@ def _charge_usage(charge: JSON, metric: JSON, events: Sequence[JSON], currency: 
                 }
             )
     else:
-        filters, units_total, events_count, amount_cents = _filters_usage(charge, metric, events, subunits, replaced)
+        filters, units_total, events_count, amount_cents, aggregated_total = _filters_usage(
+            charge, metric, events, subunits, replaced, span
+        )
     return {
         "units": decimal_str(units_total),
-        "total_aggregated_units": decimal_str(units_total),
+        "total_aggregated_units": decimal_str(aggregated_total),
         "events_count": events_count,
         "amount_cents": amount_cents,
         "amount_currency": currency,
