@@ -37,9 +37,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._here import use_this_checkout
+
+use_this_checkout()
 
 API_KEY = "bench-key"
 

@@ -17,9 +17,12 @@ from pathlib import Path
 import anyio
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._here import use_this_checkout
 
-from lago_org_billing.testing import FakeLago
+use_this_checkout()
+
+from lago_org_billing.testing import FakeLago  # noqa: E402
 
 
 async def _measure(count: int) -> tuple[float, float]:

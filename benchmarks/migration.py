@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._here import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 sys.path.insert(0, str(ROOT / "tests"))
 
 import _migration_data as data  # noqa: E402

@@ -30,6 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._here import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 
 Key = tuple[str, str]
 

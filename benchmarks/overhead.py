@@ -41,6 +41,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._here import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 API_KEY = "bench-key"
 
 
@@ -159,7 +163,7 @@ def emulator(stack_cpu: str = "1") -> Iterator[tuple[str, dict[str, str]]]:
         "LAGO_API_KEY": API_KEY,
         "LAGO_ORG_HEADER": "X-Org-Id",
         "LAGO_USER_HEADER": "X-User-Id",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.environ["PYTHONPATH"],  # (this checkout's src first: benchmarks/_here.py)
     }
     try:
         with process([*EMULATOR, "--port", str(lago_port), "--seed", str(seed)], env, cpu=stack_cpu):

@@ -26,6 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._here import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _quota_app import redis_server, seed  # noqa: E402

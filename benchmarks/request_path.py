@@ -19,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._here import use_this_checkout
+
+use_this_checkout()
 os.environ.update(LAGO_API_KEY="bench", LAGO_ORG_HEADER="X-Org-Id", LAGO_USER_HEADER="X-User-Id")
 
-import anyio
-from benchmarks._apps import _app, bare, passthrough
+import anyio  # noqa: E402
+from benchmarks._apps import _app, bare, passthrough  # noqa: E402
 
-from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
-from lago_org_billing._quota import QuotaGate, Snapshot
-from lago_org_billing._spool import MemoryOutbox
+from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware  # noqa: E402
+from lago_org_billing._quota import QuotaGate, Snapshot  # noqa: E402
+from lago_org_billing._spool import MemoryOutbox  # noqa: E402
 
 SCOPE = {
     "type": "http",

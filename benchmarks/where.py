@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks._here import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 
 from benchmarks.overhead import HEADERS, app_env, emulator, free_port, process, uvicorn_command, wait_http  # noqa: E402
 

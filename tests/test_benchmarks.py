@@ -64,3 +64,31 @@ def test_the_server_benchmarks_run_each_billing_app_with_the_gate_it_is_meant_to
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gates ok" in run.stdout
+
+
+def test_a_benchmark_run_from_another_checkout_measures_that_checkout(tmp_path: Path) -> None:
+    """A baseline run from another checkout (``git worktree add /tmp/old <rev>``) imported the package installed in
+    the venv (this checkout, editable), for itself and the servers it starts: it measured the same code as the run it
+    was compared with. benchmarks/_here.py puts the checkout's own ``src`` first, here and for children."""
+    other = tmp_path / "checkout"
+    (other / "benchmarks").mkdir(parents=True)
+    (other / "benchmarks" / "__init__.py").write_text("")
+    (other / "benchmarks" / "_here.py").write_text((ROOT / "benchmarks" / "_here.py").read_text())
+    (other / "src" / "lago_org_billing").mkdir(parents=True)
+    (other / "src" / "lago_org_billing" / "__init__.py").write_text("CHECKOUT = 'other'\n")
+    script = other / "benchmarks" / "probe.py"
+    script.write_text(
+        "import subprocess, sys\n"
+        "from pathlib import Path\n"
+        "sys.path.insert(0, str(Path(__file__).resolve().parent.parent))\n"
+        "from benchmarks._here import use_this_checkout\n"
+        "use_this_checkout()\n"
+        "import lago_org_billing\n"
+        "print(getattr(lago_org_billing, 'CHECKOUT', 'installed'))\n"
+        "code = 'import lago_org_billing as p; print(getattr(p, \"CHECKOUT\", \"installed\"))'\n"
+        "child = [sys.executable, '-c', code]\n"
+        "print(subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip())\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["other", "other"]
