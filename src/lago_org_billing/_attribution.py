@@ -63,6 +63,7 @@ from typing import Any
 
 from starlette.types import Message, Scope
 
+from . import _checks as checks
 from ._errors import ConfigurationError
 from ._identity import SCOPE_KEY
 
@@ -141,9 +142,16 @@ class AttributionConfig:
             checked: object = names
             if isinstance(checked, str):
                 raise ConfigurationError(f"AttributionConfig.{field}_headers must be a tuple of names, not a string.")
+            if not isinstance(checked, (tuple, list)) or not all(isinstance(name, str) and name for name in names):
+                raise ConfigurationError(
+                    f"AttributionConfig.{field}_headers must be a tuple of header names such as ('x-{field}',) "
+                    f"(() for none), got {checked!r}."
+                )
             for rank, name in enumerate(names):
                 mapping.setdefault(name.strip().lower().encode("latin-1"), (field, rank))
         object.__setattr__(self, "_header_map", mapping)
+        checks.flag("AttributionConfig.inspect_body", self.inspect_body)
+        checks.whole("AttributionConfig.max_body_bytes", self.max_body_bytes, minimum=0)
         response_names: dict[bytes, Any] = {
             **mapping,
             b"content-type": _CONTENT_TYPE,

@@ -106,6 +106,7 @@ class OrgBilling:
                 "Give OrgBilling either middleware=asgi_app (its current pipeline and gate) or pipeline=/quota=, "
                 "not both."
             )
+        _check_billing_arguments(settings, client, pipeline, quota, middleware)
         self._middleware = middleware
         self._pipeline = pipeline
         self._quota = quota
@@ -696,6 +697,11 @@ class OrgBilling:
         properties: Mapping[str, Any] | None,
         timestamp: dt.datetime | float | int | str | Decimal | None,
     ) -> JSON:
+        if properties is not None and not isinstance(properties, Mapping):
+            raise InvalidRequestError(
+                f"properties must be a mapping of the event's properties, such as {{'tokens': 12}}, got "
+                f"{type(properties).__name__}: nothing was sent."
+            )
         event = event_payload(
             transaction_id=f"tx_{uuid.uuid4().hex}" if transaction_id is None else transaction_id,
             external_subscription_id=self.subscription_id(org_id),
@@ -859,6 +865,34 @@ def _not_queued(pipeline: EventPipeline, transaction_id: str) -> LagoIntegration
         "which is slow or down). Send it later with await billing.record_usage(...) (same transaction_id), and set "
         "LAGO_SPOOL_PATH for a durable spool or raise EventPipeline(memory_capacity=...)."
     )
+
+
+def _check_billing_arguments(
+    settings: object, client: object, pipeline: object, quota: object, middleware: object
+) -> None:
+    """Refuse an argument of ``OrgBilling(...)`` that cannot work, where it was written (each failed later: at the
+    first call, or at the first ``record_*_nowait``)."""
+    if settings is not None and not isinstance(settings, BillingSettings):
+        raise ConfigurationError(
+            "OrgBilling(settings) must be a BillingSettings (BillingSettings.from_env()), got "
+            f"{type(settings).__name__}."
+        )
+    if client is not None and not isinstance(getattr(client, "settings", None), BillingSettings):
+        raise ConfigurationError(f"OrgBilling(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if pipeline is not None and not callable(getattr(pipeline, "submit", None)):
+        raise ConfigurationError(
+            "OrgBilling(pipeline=...) must be an EventPipeline (e.g. middleware.pipeline), got "
+            f"{type(pipeline).__name__}."
+        )
+    if quota is not None and not callable(getattr(quota, "settle", None)):
+        raise ConfigurationError(
+            f"OrgBilling(quota=...) must be a quota gate (e.g. middleware.quota), got {type(quota).__name__}."
+        )
+    if middleware is not None and not isinstance(getattr(middleware, "settings", None), BillingSettings):
+        raise ConfigurationError(
+            "OrgBilling(middleware=...) must be the OrgBillingMiddleware instance served (asgi_app = "
+            f"OrgBillingMiddleware(app)), got {type(middleware).__name__}."
+        )
 
 
 def check_metadata(metadata: Mapping[str, Any]) -> None:

@@ -110,6 +110,21 @@ class LagoClient:
         transport: httpx.AsyncBaseTransport | None = None,
         limits: httpx.Limits | None = None,
     ) -> None:
+        if settings is not None and not isinstance(settings, BillingSettings):
+            raise ConfigurationError(
+                f"LagoClient(settings) must be a BillingSettings (BillingSettings.from_env(), or "
+                f"BillingSettings(api_key=...)), got {type(settings).__name__}."
+            )
+        if transport is not None and not callable(getattr(transport, "handle_async_request", None)):
+            raise ConfigurationError(
+                f"LagoClient(transport=...) must be an httpx.AsyncBaseTransport (e.g. FakeLago().transport()), got "
+                f"{type(transport).__name__}."
+            )
+        if limits is not None and not isinstance(limits, httpx.Limits):
+            raise ConfigurationError(
+                f"LagoClient(limits=...) must be an httpx.Limits, such as httpx.Limits(max_connections=100), got "
+                f"{type(limits).__name__}."
+            )
         self.settings = settings if settings is not None else BillingSettings.from_env()
         self.settings.require_api_key()
         # No local of this frame holds the key (a traceback of an error raised here, its locals shown by Sentry or

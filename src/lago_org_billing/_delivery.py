@@ -49,6 +49,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -61,6 +62,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import _checks as checks
 from ._client import LagoClient
 from ._errors import (
     ConfigurationError,
@@ -75,7 +77,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._settings import redact_url
+from ._settings import BillingSettings, redact_url
 from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox, dumps_event
 
 __all__ = ["DeadLetter", "EventPipeline"]
@@ -129,6 +131,15 @@ class EventPipeline:
         metrics: PipelineMetrics | None = None,
         spool_window: int | None = None,
     ) -> None:
+        _check_pipeline_arguments(
+            client, memory_capacity, batch_size, flush_interval, concurrency, commit_window, shutdown_timeout,
+            max_attempts, max_backoff, retry_backoff, metrics, spool_window,
+        )  # fmt: skip
+        if spool_path is not None and not isinstance(spool_path, (str, os.PathLike)):
+            raise ConfigurationError(
+                f"EventPipeline(spool_path=...) must be a file path (a str or a pathlib.Path), got "
+                f"{type(spool_path).__name__}."
+            )
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ConfigurationError(f"batch_size must be from 1 to {MAX_BATCH_SIZE} (Lago's limit), got {batch_size}")
         if concurrency < 1 or memory_capacity < 1 or max_attempts < 1:
@@ -188,8 +199,15 @@ class EventPipeline:
         ``event`` may also be a function returning the event (or its JSON text): the pipeline calls it once, in
         the background, when it stores or batches the event (if it raises, the event goes to the dead letters).
 
-        Never raises: a full outbox or a closed pipeline counts the event in ``dropped``, logs an ERROR (once per
-        burst), and the answer is False (True: accepted)."""
+        A full outbox or a closed pipeline never raises: it counts the event in ``dropped``, logs an ERROR (once per
+        burst), and the answer is False (True: accepted). Something that is neither an event (a mapping) nor a
+        function raises :class:`InvalidRequestError` (it could only be dead-lettered)."""
+        if not isinstance(event, Mapping) and not callable(event):  # (it would be dead-lettered in the background)
+            raise InvalidRequestError(
+                f"EventPipeline.submit() takes an event (a dict such as {{'transaction_id': ..., "
+                f"'external_subscription_id': ..., 'code': ..., 'properties': {{...}}}}) or a function returning one, "
+                f"got {type(event).__name__}: nothing was queued."
+            )
         self.metrics.recorded += 1
         if not self._closed and self.outbox.put(event):
             if self._drop_burst:
@@ -204,6 +222,7 @@ class EventPipeline:
         and ``build(facts)`` returns the event (or its JSON text) later, in the background, batched. The memory
         outbox keeps nothing but ``facts`` per waiting event (best a tuple of plain values), which keeps the request
         path light. Same guarantees as :meth:`submit`."""
+        checks.function("EventPipeline.lane(build)", build, what="a function (facts) -> event (or its JSON text)")
         put = self.outbox.lane(build)
         metrics = self.metrics
 
@@ -821,6 +840,45 @@ def _reason(exc: LagoAPIError) -> str:
 def _every_20th(count: int) -> Callable[..., None]:
     """How to log the ``count``-th failure in a row: a WARNING when they start, then every 20th; DEBUG between."""
     return logger.warning if count % 20 == 1 else logger.debug
+
+
+def _check_pipeline_arguments(
+    client: object,
+    memory_capacity: object,
+    batch_size: object,
+    flush_interval: object,
+    concurrency: object,
+    commit_window: object,
+    shutdown_timeout: object,
+    max_attempts: object,
+    max_backoff: object,
+    retry_backoff: object,
+    metrics: object,
+    spool_window: object,
+) -> None:
+    """Refuse an argument of ``EventPipeline(...)`` that cannot work where it was written: a string read from the
+    environment (``TypeError: '<' not supported``), NaN or infinity (the delivery loop then never flushes or never
+    waits), a bool for a count, a client that is not one (an ``AttributeError`` here, or in the background)."""
+    name = "EventPipeline"
+    if not isinstance(getattr(client, "settings", None), BillingSettings):
+        raise ConfigurationError(f"{name}(client) must be a LagoClient, got {type(client).__name__}.")
+    checks.whole(f"{name}(batch_size=...)", batch_size, maximum=MAX_BATCH_SIZE)
+    for argument, count in (
+        ("memory_capacity", memory_capacity),
+        ("concurrency", concurrency),
+        ("max_attempts", max_attempts),
+    ):
+        checks.whole(f"{name}({argument}=...)", count)
+    if spool_window is not None:
+        checks.whole(f"{name}(spool_window=...)", spool_window)
+    checks.number(f"{name}(flush_interval=...)", flush_interval, inclusive=True)
+    checks.number(f"{name}(shutdown_timeout=...)", shutdown_timeout, inclusive=True)
+    checks.number(f"{name}(commit_window=...)", commit_window)
+    checks.number(f"{name}(max_backoff=...)", max_backoff)
+    if retry_backoff is not None:
+        checks.number(f"{name}(retry_backoff=...)", retry_backoff)
+    if metrics is not None and not isinstance(metrics, PipelineMetrics):
+        raise ConfigurationError(f"{name}(metrics=...) must be a PipelineMetrics, got {type(metrics).__name__}.")
 
 
 async def close_idle_quietly(client: LagoClient, *, pool: bool = False) -> None:

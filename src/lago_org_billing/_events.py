@@ -141,6 +141,11 @@ def _check_amount(value: object) -> str | None:
 
 def normalize_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a raw event mapping (as a user may build it) and fix its timestamp format."""
+    if not isinstance(event, Mapping):
+        raise InvalidRequestError(
+            "An event is a mapping such as {'transaction_id': ..., 'external_subscription_id': ..., 'code': ..., "
+            f"'properties': {{...}}}}, got {type(event).__name__}: nothing was sent."
+        )
     unknown = set(event) - {
         "transaction_id",
         "external_subscription_id",

@@ -15,7 +15,7 @@ import anyio
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse
 
-from ._errors import ConfigurationError, QuotaExceededError
+from ._errors import ConfigurationError, InvalidRequestError, QuotaExceededError
 from ._identity import billing_scope, publish_identity
 
 __all__ = ["QuotaDecision", "QuotaGateProtocol", "require_quota"]
@@ -93,6 +93,11 @@ async def require_quota(request: HTTPConnection) -> QuotaDecision | None:
     nothing and returns ``None``: WebSocket sessions pass through the middleware unbilled and ungated. (Typed
     ``HTTPConnection`` so that FastAPI passes the connection for both: typed ``Request``, it failed every websocket
     route it covered with a ``TypeError``.)"""
+    if not isinstance(request, HTTPConnection):
+        raise InvalidRequestError(
+            "require_quota(request) takes the request (a starlette Request, as FastAPI passes it to "
+            f"Depends(require_quota)), got {type(request).__name__}: wrap a scope as Request(scope)."
+        )
     billing = billing_scope(request)
     if billing is None:
         if request.scope.get("type") == "websocket":

@@ -246,6 +246,11 @@ def _report(resolver: Resolver, exc: Exception) -> None:
 
 def from_state(key: str = "org_id") -> Resolver:
     """Resolve from ``request.state.<key>`` (Starlette keeps ``request.state`` in ``scope["state"]``)."""
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(
+            f"from_state(key) must be the name of the request.state attribute holding the id, such as 'org_id', "
+            f"got {key!r}."
+        )
 
     def resolve_from_state(scope: Scope) -> str | None:
         state = scope.get("state")
@@ -265,7 +270,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
     other objects with ``getattr``. Users whose ``is_authenticated`` (attribute, method or mapping item) is false
     resolve to ``None``, as do attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
     """
-    names = (attribute,) if isinstance(attribute, str) else tuple(attribute)
+    names = (attribute,) if isinstance(attribute, str) and attribute else _attribute_names(attribute)
 
     def resolve_from_user(scope: Scope) -> str | None:
         user = scope.get("user")
@@ -326,6 +331,17 @@ def _decoded(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+def _attribute_names(attribute: object) -> tuple[str, ...]:
+    """``from_user``'s attribute names, checked: each a non-empty string, at least one."""
+    names = tuple(attribute) if isinstance(attribute, (list, tuple)) else None
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ConfigurationError(
+            f"from_user(attribute) must be the name of the user's attribute holding the id, such as 'org_id', or a "
+            f"list of names tried in order, got {attribute!r}."
+        )
+    return names
+
+
 def from_header(
     name: str, *, membership_check: MembershipCheck | None = None, membership_timeout: float | None = 5.0
 ) -> Resolver:
@@ -341,6 +357,11 @@ def from_header(
     Answers are not cached: cache in the check if the lookup is costly (revoking a member then waits out your TTL).
     """
     raw_name = _header_name("from_header()", name)
+    if membership_check is not None and not callable(membership_check):
+        raise ConfigurationError(
+            f"from_header(membership_check=...) must be a function (scope, org_id) -> bool, sync or async, got "
+            f"{membership_check!r}."
+        )
     if membership_timeout is not None and (
         isinstance(membership_timeout, bool)
         or not isinstance(membership_timeout, (int, float))
@@ -1157,6 +1178,11 @@ def first_of(*resolvers: Resolver) -> Resolver:
     through to a later, possibly weaker, source such as a header.
     """
     chain = tuple(resolvers)
+    if not all(callable(resolver) for resolver in chain):  # (none: every request unresolved, as documented)
+        raise ConfigurationError(
+            "first_of(...) takes resolvers, functions (scope) -> str | None such as from_state() or "
+            f"from_header('X-Org-Id'), got {chain!r}."
+        )
 
     async def resume(
         pending: Awaitable[str | None], source: Resolver, rest: tuple[Resolver, ...], scope: Scope

@@ -82,6 +82,8 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from ._errors import ConfigurationError
+
 __all__ = ["LATENCY_BUCKETS", "PipelineMetrics", "register_metrics"]
 
 logger = logging.getLogger("lago_org_billing.delivery")
@@ -298,12 +300,37 @@ def register_metrics(middleware: Any, registry: Any = None, *, namespace: str = 
     Returns False (and logs a warning) when ``prometheus_client`` is not installed:
     ``pip install 'lago-org-billing[metrics]'``.
     """
+    _check_registration(middleware, registry, namespace)
     target = _registry(registry)
     if target is None:
         return False
     if not _mirrored(namespace, middleware=middleware):
         _collect(target, namespace, middleware=middleware)
     return True
+
+
+def _check_registration(middleware: Any, registry: Any, namespace: Any) -> None:
+    """Refuse what cannot be registered, before anything is: a middleware that is not one (``None`` was accepted and
+    exported nothing), a registry without ``register``, a namespace Prometheus cannot take in a metric's name."""
+    if not (hasattr(middleware, "stats") and hasattr(middleware, "pipeline")):
+        raise ConfigurationError(
+            "register_metrics(middleware) takes the OrgBillingMiddleware instance served (asgi_app = "
+            f"OrgBillingMiddleware(app)), got {type(middleware).__name__}."
+        )
+    if registry is not None and not callable(getattr(registry, "register", None)):
+        raise ConfigurationError(
+            "register_metrics(registry=...) must be a prometheus_client CollectorRegistry (None: the default one), "
+            f"got {registry!r}."
+        )
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ConfigurationError(
+            "register_metrics(namespace=...) must be a Prometheus metric name prefix such as 'lago_billing' (letters, "
+            f"digits and _, not starting with a digit), got {namespace!r}."
+        )
+
+
+#: A metric name's prefix Prometheus takes.
+_NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None = None, middleware: Any = None) -> None:

@@ -27,12 +27,13 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
@@ -46,6 +47,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Host, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import _checks as checks
 from ._attribution import _MODE_NONE, AttributionConfig, Usage, UsageCounts, UsageRecorder, json_usage_counts
 from ._client import LagoClient
 from ._delivery import EventPipeline, close_idle_quietly, running_here
@@ -64,12 +66,9 @@ from ._identity import (
     resolve_now,
 )
 from ._metrics import mirror_renewed, register_metrics
-from ._quota import _Decision
+from ._quota import QuotaConfig, _Decision
 from ._quota_redis import RedisUse, redis_problem
 from ._settings import BillingSettings, redact_url
-
-if TYPE_CHECKING:
-    from ._quota import QuotaConfig
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -244,6 +243,10 @@ class OrgBillingMiddleware:
         self._in_flight = 0
         self._all_recorded: anyio.Event | None = None
         try:
+            _check_arguments(
+                app, settings, resolve_org, resolve_user, bill_server_errors, attribution, idempotency_header,
+                event_properties, quota, quota_config, client, pipeline, shutdown_timeout, metrics_registry,
+            )  # fmt: skip
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
                 on_unresolved = "reject" if self.settings.on_unresolved == "reject" else "allow"
@@ -1801,6 +1804,80 @@ def _inner_routing(app: Any) -> tuple[bool, bool]:
         if app is None:
             break
     return False, redirects
+
+
+def _check_arguments(
+    app: object,
+    settings: object,
+    resolve_org: object,
+    resolve_user: object,
+    bill_server_errors: object,
+    attribution: object,
+    idempotency_header: object,
+    event_properties: object,
+    quota: object,
+    quota_config: object,
+    client: object,
+    pipeline: object,
+    shutdown_timeout: object,
+    metrics_registry: object,
+) -> None:
+    """Refuse an argument of ``OrgBillingMiddleware(...)`` that cannot work, where it was written: each failed later,
+    at the first request (a 500, ``'str' object is not callable``) or in the background, or meant something else
+    (``bill_server_errors="false"``, a non-empty string, is true)."""
+    name = "OrgBillingMiddleware"
+    checks.function(f"{name}(app=...)", app, what="the ASGI app it wraps (app.add_middleware() passes it)")
+    if settings is not None:
+        checks.instance(
+            f"{name}(settings=...)", settings, BillingSettings, what="a BillingSettings (BillingSettings.from_env())"
+        )
+    for argument, resolver in (("resolve_org", resolve_org), ("resolve_user", resolve_user)):
+        if resolver is not None:
+            example = "from_header('X-Org-Id')" if argument == "resolve_org" else "from_header('X-User-Id')"
+            checks.function(
+                f"{name}({argument}=...)",
+                resolver,
+                what=f"a function (scope) -> str | None, sync or async, such as {example} (a header's name goes "
+                "in LAGO_ORG_HEADER / LAGO_USER_HEADER)",
+            )
+    if bill_server_errors is not None:
+        checks.flag(f"{name}(bill_server_errors=...)", bill_server_errors)
+    if attribution is not None:
+        checks.instance(f"{name}(attribution=...)", attribution, AttributionConfig, what="an AttributionConfig")
+    if idempotency_header is not None:
+        header = checks.text(f"{name}(idempotency_header=...)", idempotency_header, example="Idempotency-Key")
+        if not _HEADER_NAME.fullmatch(header):
+            raise ConfigurationError(
+                f"{name}(idempotency_header=...) must be an HTTP header name such as 'Idempotency-Key' (letters, "
+                f"digits and -), got {header!r}."
+            )
+    if event_properties is not None:
+        checks.function(
+            f"{name}(event_properties=...)", event_properties, what="a function (scope, identity) -> mapping"
+        )
+    if quota is not None and quota != "auto" and not callable(getattr(quota, "check", None)):
+        raise ConfigurationError(
+            f"{name}(quota=...) must be 'auto' (a QuotaGate from the settings), None (no gating; or "
+            f"LAGO_QUOTA_MODE=off) or a gate object with an async check(org_id), got {quota!r}."
+        )
+    if quota_config is not None:
+        checks.instance(f"{name}(quota_config=...)", quota_config, QuotaConfig, what="a QuotaConfig")
+    if client is not None and not isinstance(getattr(client, "settings", None), BillingSettings):
+        raise ConfigurationError(f"{name}(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if pipeline is not None and not (
+        callable(getattr(pipeline, "lane", None)) or callable(getattr(pipeline, "submit", None))
+    ):
+        raise ConfigurationError(f"{name}(pipeline=...) must be an EventPipeline, got {type(pipeline).__name__}.")
+    checks.number(f"{name}(shutdown_timeout=...)", shutdown_timeout, inclusive=True)
+    if metrics_registry is not None and not callable(getattr(metrics_registry, "register", None)):
+        raise ConfigurationError(
+            f"{name}(metrics_registry=...) must be a prometheus_client CollectorRegistry (or None: with "
+            f"LAGO_METRICS=true, the default registry), got {metrics_registry!r}."
+        )
+
+
+#: An HTTP field name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _is_async(function: Any) -> bool:

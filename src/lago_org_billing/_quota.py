@@ -104,6 +104,7 @@ import anyio
 import anyio.abc
 from cachetools import LRUCache
 
+from . import _checks as checks
 from ._client import JSON, LagoClient
 from ._errors import (
     ConfigurationError,
@@ -262,6 +263,7 @@ class QuotaConfig:
     redis_retry_interval: float = 5.0
 
     def __post_init__(self) -> None:
+        _check_config_types(self)
         opening = self.redis_prefix.find("{")
         if opening >= 0 and self.redis_prefix.find("}", opening + 1) == opening + 1:
             raise ConfigurationError(
@@ -1257,6 +1259,10 @@ class QuotaGate:
         config: QuotaConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        checks.instance("QuotaGate(settings)", settings, BillingSettings, what="a BillingSettings")
+        if config is not None:
+            checks.instance("QuotaGate(config=...)", config, QuotaConfig, what="a QuotaConfig")
+        checks.function("QuotaGate(clock=...)", clock, what="a function returning the time in seconds (time.time)")
         self.settings = settings
         self.client = client
         self.config = config if config is not None else QuotaConfig.from_env()
@@ -2389,3 +2395,28 @@ async def get_org_plan_limits(org_id: str, *, request: Any = None) -> dict[str, 
 async def enforce_usage_limits(org_id: str, *, request: Any = None) -> dict[str, Any]:
     """The seed's helper, on the gate's cache (see :meth:`QuotaGate.enforce_usage_limits`; ``request`` as above)."""
     return await current_gate(request).enforce_usage_limits(org_id)
+
+
+def _check_config_types(config: QuotaConfig) -> None:
+    """Refuse a ``QuotaConfig`` field of the wrong type or range, given in code: a string read from the environment
+    (``cold_timeout="2"`` failed at the first cold check, in the request), NaN, a negative
+    duration), a bool for a count, ``None`` for a name."""
+    name = "QuotaConfig"
+    for field in ("feature_code", "calls_privilege", "tokens_privilege", "redis_prefix"):
+        checks.text(f"{name}.{field}", getattr(config, field), example=getattr(QuotaConfig, field))
+    if config.token_metric is not None:
+        checks.text(f"{name}.token_metric", config.token_metric, example="api_tokens")
+    checks.flag(f"{name}.headers", config.headers)
+    for field in (
+        "cold_timeout", "plan_ttl", "failure_backoff", "inflight_horizon", "redis_timeout", "settle_lag",
+        "redis_pool_timeout", "redis_retry_interval", "jitter",
+    ):  # fmt: skip
+        checks.number(f"{name}.{field}", getattr(config, field), inclusive=True)
+    checks.whole(f"{name}.max_orgs", config.max_orgs)
+    checks.whole(f"{name}.redis_max_connections", config.redis_max_connections)
+    if isinstance(config.max_concurrent_refreshes, bool):
+        checks.whole(f"{name}.max_concurrent_refreshes", config.max_concurrent_refreshes)
+    if config.unavailable_status not in range(500, 600) or isinstance(config.unavailable_status, bool):
+        raise ConfigurationError(
+            f"{name}.unavailable_status must be a 5xx status such as 503, got {config.unavailable_status!r}."
+        )

@@ -56,6 +56,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, Router, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import _checks as checks
 from ._billing import OrgBilling, _api_call_properties
 from ._client import JSON, LagoClient, _Throttled
 from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
@@ -339,6 +340,34 @@ class BillingRouter(Router):
         plans: PlanFilter | None = None,
         max_body_size: int = 65_536,
     ) -> None:
+        name = "billing_routes"
+        for argument, value, cls, what in (
+            ("billing", billing, OrgBilling, "an OrgBilling"),
+            ("settings", settings, BillingSettings, "a BillingSettings"),
+            ("client", client, LagoClient, "a LagoClient"),
+        ):
+            if value is not None:
+                checks.instance(f"{name}({argument}=...)", value, cls, what=what)
+        if (
+            plans is not None
+            and not callable(plans)
+            and (isinstance(plans, (str, bytes)) or not all(isinstance(code, str) for code in plans))
+        ):
+            raise ConfigurationError(
+                f"{name}(plans=...) must be a collection of plan codes such as {{'starter', 'pro'}}, or a function "
+                f"(request, org_id, plan_code) -> bool, got {plans!r}."
+            )
+        for argument, function in (
+            ("limits_provider", limits_provider),
+            ("breakdown_provider", breakdown_provider),
+        ):
+            if function is not None:
+                checks.function(
+                    f"{name}({argument}=...)", function, what="a function (see billing_routes' documentation)"
+                )
+        checks.whole(f"{name}(invoice_limit=...)", invoice_limit, maximum=100)
+        checks.whole(f"{name}(max_body_size=...)", max_body_size)
+        checks.flag(f"{name}(allow_skip_invoice=...)", allow_skip_invoice)
         self._billing = billing
         self.allow_skip_invoice = allow_skip_invoice
         self.plans = plans

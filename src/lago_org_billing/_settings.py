@@ -110,6 +110,7 @@ class BillingSettings:
     unresolved_status: int = 401
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "api_url", _parse_url("LAGO_API_URL", self.api_url))
         _check_given_text(self)
         _check_api_key(self)
@@ -134,7 +135,11 @@ class BillingSettings:
                     "yes/no, on/off, 1/0).",
                     variable=variable,
                 )
-        if not isinstance(self.max_retries, int) or not 0 <= self.max_retries <= 20:
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or not 0 <= self.max_retries <= 20
+        ):
             raise ConfigurationError(
                 f"LAGO_MAX_RETRIES must be a whole number from 0 to 20, got {self.max_retries!r}.",
                 variable="LAGO_MAX_RETRIES",
@@ -561,6 +566,57 @@ _UNQUOTED_FIELDS = {
 }
 
 
+#: The text fields (``None``: unset, where the field allows it) and an example of each.
+_TEXT_FIELDS = {
+    "api_url": ("LAGO_API_URL", False, "https://api.getlago.com"),
+    "event_code": ("LAGO_EVENT_CODE", False, "api_call"),
+    "subscription_id_template": ("LAGO_SUBSCRIPTION_ID_TEMPLATE", False, "{org_id}"),
+    "org_header": ("LAGO_ORG_HEADER", True, "X-Org-Id"),
+    "user_header": ("LAGO_USER_HEADER", True, "X-User-Id"),
+    "redis_url": ("LAGO_REDIS_URL", True, "redis://localhost:6379/0"),
+    "organization_id": ("LAGO_ORGANIZATION_ID", True, "1a901a90-1a90-1a90-1a90-1a901a901a90"),
+    "quota_mode": ("LAGO_QUOTA_MODE", False, "enforce"),
+    "on_unresolved": ("LAGO_ON_UNRESOLVED", False, "allow"),
+}
+
+
+def _check_types(settings: BillingSettings) -> None:
+    """Refuse a field of the wrong type given in code (``None`` for a missing setting, bytes, a number), which failed
+    deep inside (``AttributeError: 'NoneType' object has no attribute 'strip'``) or later, at the first request; and
+    read a list of ``exclude_paths`` as the tuple it stands for."""
+    for field, (variable, optional, example) in _TEXT_FIELDS.items():
+        value = getattr(settings, field)
+        if value is None and optional:
+            continue
+        if not isinstance(value, str):
+            hint = " (decode bytes with .decode())" if isinstance(value, (bytes, bytearray)) else ""
+            unset = " or None (unset)" if optional else ""
+            raise ConfigurationError(
+                f"{variable} (BillingSettings.{field}) must be a string such as {example!r}{unset}, got "
+                f"{type(value).__name__}{hint}.",
+                variable=variable,
+            )
+    paths: object = settings.exclude_paths
+    shape = "a tuple of path prefixes such as ('/health', '/metrics')"
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, (tuple, list, frozenset, set)):
+        raise ConfigurationError(
+            f"LAGO_EXCLUDE_PATHS (BillingSettings.exclude_paths) must be {shape}, got {paths!r} "
+            "(from_env reads the comma-separated text form).",
+            variable="LAGO_EXCLUDE_PATHS",
+        )
+    for prefix in paths:
+        if not isinstance(prefix, str):
+            raise ConfigurationError(
+                f"LAGO_EXCLUDE_PATHS (BillingSettings.exclude_paths) must be {shape}: entry {prefix!r} is a "
+                f"{type(prefix).__name__}.",
+                variable="LAGO_EXCLUDE_PATHS",
+            )
+    if not isinstance(paths, tuple):
+        object.__setattr__(settings, "exclude_paths", tuple(paths))
+    if settings.organization_id is not None and not settings.organization_id.strip():  # (as from_env reads it: unset,
+        object.__setattr__(settings, "organization_id", None)  # not an id that no webhook carries, each one refused)
+
+
 def _check_given_text(settings: BillingSettings) -> None:
     """Refuse a secret that is not text (bytes read from a file: an error at the first call or webhook otherwise) and
     a value wrapped whole in quotes. Never shows a secret."""
@@ -698,7 +754,7 @@ def _parse_url(name: str, value: str) -> str:
 
 
 def _positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number, got {value!r}.", variable=name)
 
 

@@ -82,6 +82,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from . import _checks as checks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
@@ -599,6 +600,49 @@ class _Config:
     organization_id: str | None
 
 
+def _check_webhook_arguments(
+    settings: object,
+    client: object,
+    invalidate: object,
+    handlers: object,
+    issuer: object,
+    key_refetch_interval: object,
+    max_body_size: object,
+    organization_id: object,
+) -> None:
+    """Refuse an argument of ``LagoWebhooks(...)`` that cannot work, where it was written (each failed deep inside
+    or later, at the first webhook: an answer Lago retries, then gives up on)."""
+    name = "LagoWebhooks"
+    if settings is not None:
+        checks.instance(f"{name}(settings)", settings, BillingSettings, what="a BillingSettings")
+    if client is not None:
+        checks.instance(f"{name}(client=...)", client, LagoClient, what="a LagoClient")
+    if invalidate is not None and not (callable(invalidate) or callable(getattr(invalidate, "invalidate", None))):
+        raise ConfigurationError(
+            f"{name}(invalidate=...) must be a function (org_id) or an object with invalidate(org_id) (e.g. the "
+            f"quota gate), got {invalidate!r}."
+        )
+    if handlers is not None:
+        ok = isinstance(handlers, Mapping) and all(
+            isinstance(key, str)
+            and (callable(value) or (isinstance(value, (list, tuple, set, frozenset)) and all(map(callable, value))))
+            for key, value in handlers.items()
+        )
+        if not ok:
+            raise ConfigurationError(
+                f"{name}(handlers=...) must map webhook types to handlers, such as {{'invoice.created': on_invoice}} "
+                f"(a function, or a list of them), got {handlers!r}."
+            )
+    if issuer is not None and not (
+        isinstance(issuer, str) or (isinstance(issuer, (list, tuple)) and all(isinstance(one, str) for one in issuer))
+    ):
+        raise ConfigurationError(f"{name}(issuer=...) must be a string or a list of strings, got {issuer!r}.")
+    checks.number(f"{name}(key_refetch_interval=...)", key_refetch_interval, inclusive=True)
+    checks.whole(f"{name}(max_body_size=...)", max_body_size)
+    if organization_id is not None:
+        checks.text(f"{name}(organization_id=...)", organization_id, example="1a901a90-1a90-1a90-1a90-1a901a901a90")
+
+
 class LagoWebhooks:
     """An ASGI endpoint receiving Lago's webhooks. See the module docstring for the behaviour.
 
@@ -652,6 +696,9 @@ class LagoWebhooks:
         organization_id: str | None = None,
     ) -> None:
         try:
+            _check_webhook_arguments(
+                settings, client, invalidate, handlers, issuer, key_refetch_interval, max_body_size, organization_id
+            )
             self._settings = settings
             self._organization_id = organization_id
             self._client = client

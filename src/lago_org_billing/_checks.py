@@ -1,0 +1,83 @@
+"""Checks of the arguments of the public API, made once when an object is built (never on the request path).
+
+Each raises a :class:`ConfigurationError` naming the argument (or its environment variable) and saying what to give:
+a wrong value refused where it was written, not an ``AttributeError`` deep inside at the first request, nor a value
+that quietly means something else (``"false"``, a non-empty string, is true; ``True`` is the number 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._errors import ConfigurationError
+
+
+def number(
+    name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False, variable: str | None = None
+) -> float:
+    """``value``, a finite int or float above ``minimum`` (or equal to it with ``inclusive``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+        or (value == minimum and not inclusive)
+    ):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        hint = " (a string read from the environment: convert it with float())" if isinstance(value, str) else ""
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds {bound}, got {value!r}{hint}.", variable=variable
+        )
+    return value
+
+
+def whole(
+    name: str, value: object, *, minimum: int = 1, maximum: int | None = None, variable: str | None = None
+) -> int:
+    """``value``, an int (not a bool) from ``minimum`` to ``maximum``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        hint = " (a string read from the environment: convert it with int())" if isinstance(value, str) else ""
+        raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}{hint}.", variable=variable)
+    return value
+
+
+def flag(name: str, value: object, *, variable: str | None = None) -> bool:
+    """``value``, a bool (``"false"``, a non-empty string, would be true)."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True or False, got {value!r}.", variable=variable)
+    return value
+
+
+def text(name: str, value: object, *, example: str, empty: bool = False, variable: str | None = None) -> str:
+    """``value``, a str (non-empty unless ``empty``)."""
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        shown = f"a {type(value).__name__}" if not isinstance(value, str) else repr(value)
+        hint = " (decode bytes with .decode())" if isinstance(value, (bytes, bytearray)) else ""
+        raise ConfigurationError(
+            f"{name} must be {'a' if empty else 'a non-empty'} string such as {example!r}, got {shown}{hint}.",
+            variable=variable,
+        )
+    return value
+
+
+def function(name: str, value: Any, *, what: str) -> Any:
+    """``value``, a callable."""
+    if not callable(value):
+        raise ConfigurationError(
+            f"{name} must be {what}, got {value!r} ({type(value).__name__}), which is not callable."
+        )
+    return value
+
+
+def instance(name: str, value: Any, cls: type, *, what: str) -> Any:
+    """``value``, an instance of ``cls``."""
+    if not isinstance(value, cls):
+        raise ConfigurationError(f"{name} must be {what}, got {type(value).__name__}.")
+    return value
