@@ -306,8 +306,14 @@ class LagoStore:
         last = close_at - timedelta(seconds=1)
         usage = self._usage_for(sub, last, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
-        plan_fee = int(plan["amount_cents"]) if self._period_bounds(sub, last)[1] == last else 0
-        amount = int(usage["amount_cents"]) + self._true_ups(sub, usage, last, None) + plan_fee
+        true_ups = self._true_up_amounts(sub, usage, last, None)
+        plan_period: tuple[datetime, datetime] | None = None
+        plan_fee = 0
+        if self._period_bounds(sub, last)[1] == last:
+            # in arrears, the period ending here; in advance, the one starting now
+            plan_period = self._period_bounds(sub, close_at if plan["pay_in_advance"] else last)
+            plan_fee = self._plan_fee(sub, *plan_period)
+        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
         day = self._local_date(sub, close_at).isoformat()
         invoice = self._new_invoice(
             customer,
@@ -324,7 +330,208 @@ class LagoStore:
             subscription=sub,
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, None)]
+        invoice["fees"] = self._invoice_fees(invoice, sub, usage, true_ups, plan_period, plan_fee)
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    def _trial_end(self, sub: JSON) -> datetime | None:
+        """When the plan's free trial ends (lago-api ``Subscription#trial_end_datetime``: ``started_at`` plus
+        ``trial_period`` days), or None without a trial."""
+        days = to_decimal(self._plan_of(sub).get("trial_period")) or Decimal(0)
+        started = parse_datetime(sub.get("started_at"))
+        if days <= 0 or started is None:
+            return None
+        return started + timedelta(seconds=float(days * 86400))
+
+    def _plan_fee(self, sub: JSON, start: datetime, end: datetime, *, first: bool = False) -> int:
+        """The subscription fee of the plan period ``start``..``end`` (its last second), lago-api
+        ``Fees::SubscriptionService``: nothing while the trial covers the period; from the trial's end (or, for the
+        ``first`` period, from ``started_at``) ``days * amount / period days``, the days counted as
+        ``(to + 1 day - from) / 1 day`` floored, rounded to the cent; the full amount otherwise. Without a trial only
+        a ``first`` period (a pay-in-advance start) is prorated."""
+        amount = int(self._plan_of(sub)["amount_cents"])
+        trial_end = self._trial_end(sub)
+        if trial_end is None and not first:
+            return amount
+        billed_from = start
+        started = parse_datetime(sub.get("started_at"))
+        if first and started is not None and started > billed_from:
+            billed_from = started
+        if trial_end is not None:
+            if trial_end >= end:
+                return 0
+            billed_from = max(billed_from, trial_end)
+        if billed_from <= start:
+            return amount
+        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        days = int((end + timedelta(days=1) - billed_from).total_seconds()) // 86400
+        return int((Decimal(amount) * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
+
+    def _bill_start(self, sub: JSON, at: datetime) -> None:
+        """A pay-in-advance plan's first invoice, issued when the subscription starts (lago-api
+        ``Subscriptions::CreateService`` / ``ActivateService``: ``BillSubscriptionJob``): the fee of the plan period
+        holding ``at``, prorated from ``started_at`` (a calendar subscription started mid-period) or the trial's end;
+        a whole one for a subscription started on an earlier day than it was created (``started_in_past?``)."""
+        customer = self._customer_by_id(sub["customer_id"])
+        if customer is None:
+            return
+        plan = self._plan_of(sub)
+        period = self._period_bounds(sub, at)
+        created = parse_datetime(sub.get("created_at"))
+        started = parse_datetime(sub.get("started_at")) or at
+        in_past = created is not None and self._local_date(sub, started) < self._local_date(sub, created)
+        fee = self._plan_fee(sub, *period, first=not in_past)
+        day = self._local_date(sub, at).isoformat()
+        invoice = self._new_invoice(
+            customer,
+            {
+                "invoice_type": "subscription",
+                "currency": plan["amount_currency"],
+                "fees_amount_cents": fee,
+                "total_amount_cents": fee,
+                "issuing_date": day,
+                "payment_due_date": day,
+            },
+            subscription=sub,
+        )
+        invoice["fees"] = [self._subscription_fee(invoice, sub, period, fee)]
+        self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    def _fee(self, invoice: JSON, sub: JSON, amount: int, item: JSON, **fields: Any) -> JSON:
+        """One fee of an invoice as ``V1::FeeSerializer`` shows it (no taxes)."""
+        subunits = subunits_per_unit(invoice["currency"])
+        precise = decimal_str(Decimal(amount) / subunits)
+        units = Decimal(fields.get("units", "1"))
+        fee: JSON = {
+            "lago_id": self._uuid(),
+            "lago_charge_id": None,
+            "lago_charge_filter_id": None,
+            "lago_fixed_charge_id": None,
+            "lago_invoice_id": invoice["lago_id"],
+            "lago_true_up_fee_id": None,
+            "lago_true_up_parent_fee_id": None,
+            "lago_subscription_id": sub["lago_id"],
+            "lago_customer_id": invoice["customer_id"],
+            "external_customer_id": sub["external_customer_id"],
+            "external_subscription_id": sub["external_id"],
+            "amount_cents": amount,
+            "precise_amount": precise,
+            "precise_total_amount": precise,
+            "amount_currency": invoice["currency"],
+            "taxes_amount_cents": 0,
+            "taxes_precise_amount": "0.0",
+            "taxes_rate": 0.0,
+            "units": decimal_str(units),
+            "precise_unit_amount": decimal_str(Decimal(amount) / subunits / units) if units else "0.0",
+            "total_aggregated_units": decimal_str(units),
+            "total_amount_cents": amount,
+            "total_amount_currency": invoice["currency"],
+            "events_count": None,
+            "pay_in_advance": False,
+            "invoiceable": True,
+            "from_date": None,
+            "to_date": None,
+            "payment_status": "pending",
+            "created_at": invoice["created_at"],
+            "succeeded_at": None,
+            "failed_at": None,
+            "refunded_at": None,
+            "event_transaction_id": None,
+            "precise_coupons_amount_cents": "0.0",
+            "sub_total_excluding_taxes_amount_cents": amount,
+            "sub_total_excluding_taxes_precise_amount_cents": decimal_str(Decimal(amount)),
+            "amount_details": {},
+            "self_billed": False,
+            "item": item,
+            "applied_taxes": [],
+        }
+        fee.update(fields)
+        return fee
+
+    def _subscription_fee(self, invoice: JSON, sub: JSON, period: tuple[datetime, datetime], amount: int) -> JSON:
+        plan = self._plan_of(sub)
+        item = {
+            "type": "subscription",
+            "code": plan["code"],
+            "name": plan["name"],
+            "description": plan["description"],
+            "invoice_display_name": plan["invoice_display_name"] or plan["name"],
+            "filter_invoice_display_name": None,
+            "filters": None,
+            "lago_item_id": sub["lago_id"],
+            "item_type": "Subscription",
+            "grouped_by": {},
+        }
+        return self._fee(
+            invoice,
+            sub,
+            amount,
+            item,
+            pay_in_advance=bool(plan["pay_in_advance"]),
+            from_date=iso(period[0]),
+            to_date=iso(period[1]),
+            amount_details={"plan_amount_cents": int(plan["amount_cents"])},
+        )
+
+    def _invoice_fees(
+        self,
+        invoice: JSON,
+        sub: JSON,
+        usage: Mapping[str, Any],
+        true_ups: Mapping[str, int],
+        plan_period: tuple[datetime, datetime] | None,
+        plan_fee: int,
+    ) -> list[JSON]:
+        """A subscription invoice's fees: the plan's (when billed), one per charge billed (its units, amount and
+        ``amount_details``), and a true-up fee after a charge billed under its minimum (lago-api
+        ``Fees::CreateTrueUpService``: ``true_up_parent_fee``). Their amounts sum to the invoice's."""
+        fees = [] if plan_period is None else [self._subscription_fee(invoice, sub, plan_period, plan_fee)]
+        charges = {c["lago_id"]: c for c in self._plan_of(sub)["charges"]}
+        for charge_usage in usage["charges_usage"]:
+            charge = charges.get(charge_usage["charge"]["lago_id"])
+            if charge is None:
+                continue
+            metric = charge_usage["billable_metric"]
+            described = next((m for m in self.metrics.values() if m["lago_id"] == metric["lago_id"]), None)
+            item = {
+                "type": "charge",
+                "code": metric["code"],
+                "name": metric["name"],
+                "description": described.get("description") if described is not None else None,
+                "invoice_display_name": charge["invoice_display_name"] or metric["name"],
+                "filter_invoice_display_name": None,
+                "filters": None,
+                "lago_item_id": metric["lago_id"],
+                "item_type": "BillableMetric",
+                "grouped_by": {},
+            }
+            common = {
+                "lago_charge_id": charge["lago_id"],
+                "pay_in_advance": bool(charge["pay_in_advance"]),
+                "invoiceable": bool(charge["invoiceable"]),
+                "from_date": usage["from_datetime"],
+                "to_date": usage["to_datetime"],
+            }
+            fee = self._fee(
+                invoice,
+                sub,
+                int(charge_usage["amount_cents"]),
+                item,
+                **common,
+                units=charge_usage["units"],
+                total_aggregated_units=charge_usage["total_aggregated_units"],
+                events_count=charge_usage["events_count"],
+                amount_details=_amount_details(charge, Decimal(charge_usage["units"])),
+            )
+            if fee["units"] == "0.0":
+                fee["precise_unit_amount"] = "0.0"
+            fees.append(fee)
+            true_up = true_ups.get(charge["lago_id"], 0)
+            if true_up:
+                extra = self._fee(invoice, sub, true_up, copy.deepcopy(item), **common)
+                extra["lago_true_up_parent_fee_id"] = fee["lago_id"]
+                fee["lago_true_up_fee_id"] = extra["lago_id"]
+                fees.append(extra)
+        return fees
 
     def _invoiced_charges(self, sub: JSON) -> list[JSON]:
         """The charges a subscription invoice bills (lago-api ``Invoices::CalculateFeesService``): the invoiceable
@@ -336,7 +543,9 @@ class LagoStore:
             if c["invoiceable"] and (not c["pay_in_advance"] or c["billable_metric_id"] in recurring)
         ]
 
-    def _true_ups(self, sub: JSON, usage: Mapping[str, Any], at: datetime, terminated_at: datetime | None) -> int:
+    def _true_up_amounts(
+        self, sub: JSON, usage: Mapping[str, Any], at: datetime, terminated_at: datetime | None
+    ) -> dict[str, int]:
         """The true-up fees of the charges billed under their ``min_amount_cents`` (lago-api
         ``Fees::CreateTrueUpService``): the minimum prorated by the days billed (``charges_from_datetime`` to
         ``charges_to_datetime``, or the termination, in days rounded up) over the charges period's days, less the
@@ -347,12 +556,12 @@ class LagoStore:
         billed_to = terminated_at if terminated_at is not None and terminated_at < end else end + timedelta(seconds=1)
         days = Decimal((billed_to - billed_from).total_seconds() / 86400).to_integral_value(rounding=ROUND_CEILING)
         minimums = {c["lago_id"]: int(c["min_amount_cents"]) for c in self._plan_of(sub)["charges"]}
-        total = 0
+        amounts: dict[str, int] = {}
         for charge_usage in usage["charges_usage"]:
             minimum = Decimal(minimums.get(charge_usage["charge"]["lago_id"], 0)) * days / duration
             if minimum > charge_usage["amount_cents"]:
-                total += int(minimum - charge_usage["amount_cents"])
-        return total
+                amounts[charge_usage["charge"]["lago_id"]] = int(minimum - charge_usage["amount_cents"])
+        return amounts
 
     @staticmethod
     def _invoice_subscription(sub: JSON, usage: Mapping[str, Any], terminated_at: datetime | None) -> JSON:
@@ -1350,8 +1559,12 @@ class LagoStore:
                 properties.setdefault("amount", "0")
                 if to_decimal(properties["amount"]) is None:
                     errors["properties.amount"] = ["value_is_invalid"]
-            elif model in ("percentage", "graduated_percentage"):
-                codes = _percentage_errors(model, properties, metric)
+            elif model in ("percentage", "graduated_percentage", "package", "graduated", "volume"):
+                codes = (
+                    _percentage_errors(model, properties, metric)
+                    if model in ("percentage", "graduated_percentage")
+                    else _package_and_ranges_errors(model, properties)
+                )
                 if codes:
                     known = errors.setdefault("properties", [])
                     known.extend(c for c in codes if c not in known)
@@ -1720,7 +1933,7 @@ class LagoStore:
             "billing_time": sub["billing_time"],
             "subscription_at": sub["subscription_at"],
             "started_at": sub["started_at"],
-            "trial_ended_at": None,
+            "trial_ended_at": self._trial_ended_at(sub),
             "ending_at": sub["ending_at"],
             "terminated_at": sub["terminated_at"],
             "canceled_at": sub["canceled_at"],
@@ -1746,6 +1959,17 @@ class LagoStore:
             data["entitlements"] = self._serialize_sub_entitlements(sub)
             data["applicable_usage_thresholds"] = []
         return data
+
+    def _trial_ended_at(self, sub: JSON) -> str | None:
+        """``trial_ended_at``: the trial's end once it is over (lago-api ``Subscriptions::FreeTrialBillingService``
+        sets it to ``trial_end_datetime``), null before or without a trial."""
+        if sub["status"] == "pending":
+            return None
+        trial_end = self._trial_end(sub)
+        if trial_end is None:
+            return None
+        over_at = parse_datetime(sub["terminated_at"]) or self.now()
+        return iso(trial_end) if trial_end <= over_at else None
 
     def _emit_sub(self, webhook_type: str, sub: JSON) -> None:
         """Send a subscription webhook: Lago serializes the subscription with its plan and its customer (lago-api
@@ -1801,6 +2025,8 @@ class LagoStore:
         created = parse_datetime(sub.get("created_at"))
         self._schedule_close(sub, max(at, created) if created is not None else at)
         self._emit_sub("subscription.started", sub)
+        if self._plan_of(sub)["pay_in_advance"]:
+            self._bill_start(sub, max(at, created) if created is not None else at)
 
     def _cancel(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "canceled"
@@ -1832,8 +2058,21 @@ class LagoStore:
             return
         usage = self._usage_for(sub, at, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
-        amount = int(usage["amount_cents"]) + self._true_ups(sub, usage, at, at)
-        amount += 0 if plan["pay_in_advance"] else int(plan["amount_cents"])
+        true_ups = self._true_up_amounts(sub, usage, at, at)
+        plan_period: tuple[datetime, datetime] | None = None
+        plan_fee = 0
+        if not plan["pay_in_advance"]:
+            plan_period = self._period_bounds(sub, at)
+            plan_fee = int(plan["amount_cents"])
+            trial_end = self._trial_end(sub)
+            if trial_end is not None and trial_end > plan_period[0]:
+                # Fees::SubscriptionService#terminated_amount: the days from the trial's end to the termination,
+                # rounded up (nothing when the trial outlasts it)
+                duration = round((plan_period[1] + timedelta(seconds=1) - plan_period[0]).total_seconds() / 86400)
+                days = max(Decimal((at - trial_end).total_seconds() / 86400), Decimal(0))
+                days = days.to_integral_value(rounding=ROUND_CEILING)
+                plan_fee = int((plan_fee * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
+        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
         invoice = self._new_invoice(
             customer,
             {
@@ -1845,6 +2084,7 @@ class LagoStore:
             subscription=sub,
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, at)]
+        invoice["fees"] = self._invoice_fees(invoice, sub, usage, true_ups, plan_period, plan_fee)
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def create_subscription(self, body: Any) -> JSON:
@@ -3497,6 +3737,56 @@ def _percentage_errors(model: str, properties: Mapping[str, Any], metric: JSON) 
         if low != expected or (high is not None if last else (high is None or high <= low)):
             codes.append("invalid_graduated_percentage_ranges")
         expected = (high or Decimal(0)) + 1
+    return codes
+
+
+def _amount_details(charge: JSON, units: Decimal) -> JSON:
+    """A charge fee's ``amount_details`` (lago-api ``ChargeModels::*Service#amount_details``): a package's free and
+    paid units, package size and package price; empty for the other models here."""
+    if charge["charge_model"] != "package" or charge["filters"]:
+        return {}
+    properties = charge["properties"]
+    free = min(Decimal(int(properties.get("free_units") or 0)), units)
+    return {
+        "free_units": decimal_str(free),
+        "paid_units": decimal_str(units - free),
+        "per_package_size": int(properties.get("package_size") or 1),
+        "per_package_unit_amount": decimal_str(to_decimal(properties.get("amount")) or Decimal(0)),
+    }
+
+
+def _json_number(value: Any) -> bool:
+    """Whether a JSON value is a number (``10`` or ``10.0``; not ``"10"`` or ``true``)."""
+    return type(value) in (int, float) and to_decimal(value) is not None
+
+
+def _package_and_ranges_errors(model: str, properties: Mapping[str, Any]) -> list[str]:
+    """The codes lago-api's ``Charges::Validators::PackageService`` / ``GraduatedService`` / ``VolumeService`` add
+    (reported as ``{"properties": [codes]}``): a package's ``amount`` a decimal, its ``package_size`` an Integer
+    above 0 and its ``free_units`` an Integer from 0 (a JSON ``10.0`` or ``"10"`` is not: Ruby's ``is_a?(Integer)``;
+    a missing ``free_units``, which Lago refuses, is taken as 0 here); ranges given, their bounds JSON numbers (Lago
+    cannot bill a text bound: ``range[:to_value] >= units`` raises). Bounds that do not follow each other are not
+    checked here."""
+    codes: list[str] = []
+    if model == "package":
+        if not _valid_amount(properties.get("amount")):
+            codes.append("invalid_amount")
+        size = properties.get("package_size")
+        if not (type(size) is int and size > 0):
+            codes.append("invalid_package_size")
+        free = properties.get("free_units")
+        if free is not None and not (type(free) is int and free >= 0):
+            codes.append("invalid_free_units")
+        return codes
+    key = f"{model}_ranges"
+    ranges = properties.get(key)
+    if not ranges or not isinstance(ranges, list):
+        return [f"missing_{key}"]
+    for rng in ranges:
+        rng = _mapping(rng)
+        high = rng.get("to_value")
+        if not _json_number(rng.get("from_value")) or not (high is None or _json_number(high)):
+            return [f"invalid_{key}"]
     return codes
 
 
