@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import test_identity_edges as _identity_edges
 import test_identity_jwks as _jwks_tests
 from lago_org_billing import BillingSettings, ConfigurationError, OrgBillingMiddleware
 from lago_org_billing._identity import from_jwt_claim, get_current_org, resolve_now
@@ -125,17 +126,8 @@ async def make_issuer() -> AsyncIterator[Callable[[list[dict[str, Any]]], Issuer
         await issuer.client.aclose()
 
 
-@pytest.fixture
-def settings(fake_lago: Any) -> BillingSettings:
-    fake_lago.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
-    fake_lago.add_plan(
-        "starter",
-        amount_cents=1000,
-        charges=[{"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "1"}}],
-    )
-    for org in ("org_a", "org_b"):
-        fake_lago.add_subscription(org, "starter", external_id=org)
-    return BillingSettings(api_url=fake_lago.base_url, api_key=fake_lago.api_key, retry_backoff=0.001)
+#: The emulator with orgs ``org_a`` and ``org_b`` on a plan billing ``api_call`` (test_identity_edges' fixture).
+settings = _identity_edges.settings
 
 
 async def whoami(request: Request) -> Response:
