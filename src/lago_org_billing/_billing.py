@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from cachetools import TTLCache
 
+from . import _checks as checks
 from ._client import JSON, LagoClient
 from ._errors import (
     ConfigurationError,
@@ -872,12 +873,16 @@ def _check_billing_arguments(
 ) -> None:
     """Refuse an argument of ``OrgBilling(...)`` that cannot work, where it was written (each failed later: at the
     first call, or at the first ``record_*_nowait``)."""
-    if settings is not None and not isinstance(settings, BillingSettings):
+    if settings is not None and not isinstance(settings, BillingSettings) and not checks.double(settings):
         raise ConfigurationError(
             "OrgBilling(settings) must be a BillingSettings (BillingSettings.from_env()), got "
             f"{type(settings).__name__}."
         )
-    if client is not None and not isinstance(getattr(client, "settings", None), BillingSettings):
+    if (
+        client is not None
+        and not isinstance(getattr(client, "settings", None), BillingSettings)
+        and not checks.double(client)  # (a test double of one, as before these checks)
+    ):
         raise ConfigurationError(f"OrgBilling(client=...) must be a LagoClient, got {type(client).__name__}.")
     if pipeline is not None and not callable(getattr(pipeline, "submit", None)):
         raise ConfigurationError(
@@ -888,7 +893,11 @@ def _check_billing_arguments(
         raise ConfigurationError(
             f"OrgBilling(quota=...) must be a quota gate (e.g. middleware.quota), got {type(quota).__name__}."
         )
-    if middleware is not None and not isinstance(getattr(middleware, "settings", None), BillingSettings):
+    if (
+        middleware is not None
+        and not isinstance(getattr(middleware, "settings", None), BillingSettings)
+        and not checks.double(middleware)
+    ):
         raise ConfigurationError(
             "OrgBilling(middleware=...) must be the OrgBillingMiddleware instance served (asgi_app = "
             f"OrgBillingMiddleware(app)), got {type(middleware).__name__}."

@@ -8,6 +8,8 @@ that quietly means something else (``"false"``, a non-empty string, is true; ``T
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from typing import Any
 
 from ._errors import ConfigurationError
@@ -16,36 +18,39 @@ from ._errors import ConfigurationError
 def number(
     name: str, value: object, *, minimum: float = 0.0, inclusive: bool = False, variable: str | None = None
 ) -> float:
-    """``value``, a finite int or float above ``minimum`` (or equal to it with ``inclusive``)."""
+    """``value``, a finite real number (an int, a float, numpy's) above ``minimum`` (or equal to it with
+    ``inclusive``)."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, (int, float))
+        or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
         or value < minimum
         or (value == minimum and not inclusive)
     ):
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
         hint = " (a string read from the environment: convert it with float())" if isinstance(value, str) else ""
+        if type(value).__name__ == "Decimal":
+            hint = " (a Decimal: convert it with float())"
         raise ConfigurationError(
             f"{name} must be a finite number of seconds {bound}, got {value!r}{hint}.", variable=variable
         )
-    return value
+    return float(value)
 
 
 def whole(
     name: str, value: object, *, minimum: int = 1, maximum: int | None = None, variable: str | None = None
 ) -> int:
-    """``value``, an int (not a bool) from ``minimum`` to ``maximum``."""
+    """``value``, a whole number (an int, numpy's; not a bool) from ``minimum`` to ``maximum``."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
+        or not isinstance(value, numbers.Integral)
+        or int(value) < minimum
+        or (maximum is not None and int(value) > maximum)
     ):
         bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
         hint = " (a string read from the environment: convert it with int())" if isinstance(value, str) else ""
         raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}{hint}.", variable=variable)
-    return value
+    return int(value)
 
 
 def flag(name: str, value: object, *, variable: str | None = None) -> bool:
@@ -76,8 +81,16 @@ def function(name: str, value: Any, *, what: str) -> Any:
     return value
 
 
+def double(value: object) -> bool:
+    """Whether ``value`` is a ``unittest.mock`` test double (``AsyncMock()``, ``MagicMock()``, ``create_autospec``):
+    accepted for any object, as before these checks, so that users' tests that stand one in for a client, a service or
+    a middleware keep working (``unittest.mock`` is not imported for this: a process that has none has no double)."""
+    module = sys.modules.get("unittest.mock")
+    return module is not None and isinstance(value, module.NonCallableMock)
+
+
 def instance(name: str, value: Any, cls: type, *, what: str) -> Any:
-    """``value``, an instance of ``cls``."""
-    if not isinstance(value, cls):
+    """``value``, an instance of ``cls`` (or a test double: :func:`double`)."""
+    if not isinstance(value, cls) and not double(value):
         raise ConfigurationError(f"{name} must be {what}, got {type(value).__name__}.")
     return value

@@ -860,7 +860,7 @@ def _check_pipeline_arguments(
     environment (``TypeError: '<' not supported``), NaN or infinity (the delivery loop then never flushes or never
     waits), a bool for a count, a client that is not one (an ``AttributeError`` here, or in the background)."""
     name = "EventPipeline"
-    if not isinstance(getattr(client, "settings", None), BillingSettings):
+    if not isinstance(getattr(client, "settings", None), BillingSettings) and not checks.double(client):
         raise ConfigurationError(f"{name}(client) must be a LagoClient, got {type(client).__name__}.")
     checks.whole(f"{name}(batch_size=...)", batch_size, maximum=MAX_BATCH_SIZE)
     for argument, count in (

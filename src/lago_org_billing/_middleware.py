@@ -1862,7 +1862,11 @@ def _check_arguments(
         )
     if quota_config is not None:
         checks.instance(f"{name}(quota_config=...)", quota_config, QuotaConfig, what="a QuotaConfig")
-    if client is not None and not isinstance(getattr(client, "settings", None), BillingSettings):
+    if (
+        client is not None
+        and not isinstance(getattr(client, "settings", None), BillingSettings)
+        and not checks.double(client)
+    ):
         raise ConfigurationError(f"{name}(client=...) must be a LagoClient, got {type(client).__name__}.")
     if pipeline is not None and not (
         callable(getattr(pipeline, "lane", None)) or callable(getattr(pipeline, "submit", None))
