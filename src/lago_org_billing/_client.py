@@ -267,12 +267,12 @@ class LagoClient:
     async def list_customers(self, *, page: int = 1, per_page: int = 100, retry: bool = True, **filters: Any) -> Page:
         """``GET /customers`` (one page). ``filters`` are Lago's query parameters (``search_term``...); ``retry=False``:
         one attempt."""
-        params = _params(filters, page=page, per_page=per_page)
+        params = _params(filters, **_page_arguments(page, per_page))
         return Page.from_body(await self._request("GET", "/customers", params=params, retry=retry), "customers")
 
     def iter_customers(self, *, per_page: int = 100, **filters: Any) -> AsyncIterator[JSON]:
         """Every customer, page after page."""
-        return self._iterate("/customers", "customers", _params(filters), per_page)
+        return self._iterate("/customers", "customers", _params(filters), _page_size(per_page))
 
     async def delete_customer(self, external_id: str) -> JSON:
         """``DELETE /customers/{external_id}`` (a soft delete; Lago terminates its subscriptions)."""
@@ -362,8 +362,9 @@ class LagoClient:
         per_page: int = 100,
     ) -> Page:
         """``GET /subscriptions``. Lago returns only ``active`` ones unless ``statuses`` says otherwise."""
+        paging = _page_arguments(page, per_page)
         params = _subscription_filters(external_customer_id, plan_code, statuses)
-        params += [("page", str(page)), ("per_page", str(per_page))]
+        params += [("page", str(paging["page"])), ("per_page", str(paging["per_page"]))]
         return Page.from_body(await self._request("GET", "/subscriptions", params=params), "subscriptions")
 
     def iter_subscriptions(
@@ -375,8 +376,9 @@ class LagoClient:
         per_page: int = 100,
     ) -> AsyncIterator[JSON]:
         """Every matching subscription, page after page."""
+        size = _page_size(per_page)
         params = _subscription_filters(external_customer_id, plan_code, statuses)
-        return self._iterate("/subscriptions", "subscriptions", params, per_page)
+        return self._iterate("/subscriptions", "subscriptions", params, size)
 
     async def terminate_subscription(
         self,
@@ -436,7 +438,7 @@ class LagoClient:
 
     async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
         """``GET /features`` (one page): the features plans and subscriptions can be entitled to."""
-        params = _params({}, page=page, per_page=per_page)
+        params = _params({}, **_page_arguments(page, per_page))
         return Page.from_body(await self._request("GET", "/features", params=params), "features")
 
     # ------------------------------------------------------------------ events
@@ -610,15 +612,75 @@ class LagoClient:
         self, *, external_customer_id: str | None = None, page: int = 1, per_page: int = 100, **filters: Any
     ) -> Page:
         """``GET /invoices`` (one page), optionally for one customer."""
-        params = _params({"external_customer_id": external_customer_id, **filters}, page=page, per_page=per_page)
+        paging = _page_arguments(page, per_page)
+        params = _params({"external_customer_id": external_customer_id, **filters}, **paging)
         return Page.from_body(await self._request("GET", "/invoices", params=params), "invoices")
 
     def iter_invoices(
         self, *, external_customer_id: str | None = None, per_page: int = 100, **filters: Any
     ) -> AsyncIterator[JSON]:
         """Every matching invoice, page after page."""
+        size = _page_size(per_page)
         params = _params({"external_customer_id": external_customer_id, **filters})
-        return self._iterate("/invoices", "invoices", params, per_page)
+        return self._iterate("/invoices", "invoices", params, size)
+
+    # --------------------------------------------- wallets, applied coupons, credit notes
+
+    async def list_wallets(
+        self, *, external_customer_id: str, page: int = 1, per_page: int = 100, **filters: Any
+    ) -> Page:
+        """``GET /wallets`` (one page): a customer's wallets of prepaid credits, active and terminated (Lago requires
+        the customer: ``404 customer_not_found`` for one it does not know). ``filters``: ``currency``,
+        ``billing_entity_codes=[...]``."""
+        params = _params({**filters, "external_customer_id": _customer_filter(external_customer_id)})
+        params += _params({}, **_page_arguments(page, per_page))
+        return Page.from_body(await self._request("GET", "/wallets", params=params), "wallets")
+
+    def iter_wallets(self, *, external_customer_id: str, per_page: int = 100, **filters: Any) -> AsyncIterator[JSON]:
+        """Every wallet of the customer, page after page."""
+        size = _page_size(per_page)
+        params = _params({**filters, "external_customer_id": _customer_filter(external_customer_id)})
+        return self._iterate("/wallets", "wallets", params, size)
+
+    async def list_applied_coupons(
+        self,
+        *,
+        external_customer_id: str | None = None,
+        status: str | None = None,
+        page: int = 1,
+        per_page: int = 100,
+        **filters: Any,
+    ) -> Page:
+        """``GET /applied_coupons`` (one page), optionally of one customer; ``status`` ``active`` or ``terminated``;
+        ``filters``: ``coupon_code=[...]``."""
+        params = _params({"external_customer_id": external_customer_id, "status": status, **filters})
+        params += _params({}, **_page_arguments(page, per_page))
+        return Page.from_body(await self._request("GET", "/applied_coupons", params=params), "applied_coupons")
+
+    def iter_applied_coupons(
+        self, *, external_customer_id: str | None = None, status: str | None = None, per_page: int = 100, **filters: Any
+    ) -> AsyncIterator[JSON]:
+        """Every matching applied coupon, page after page."""
+        size = _page_size(per_page)
+        params = _params({"external_customer_id": external_customer_id, "status": status, **filters})
+        return self._iterate("/applied_coupons", "applied_coupons", params, size)
+
+    async def list_credit_notes(
+        self, *, external_customer_id: str | None = None, page: int = 1, per_page: int = 100, **filters: Any
+    ) -> Page:
+        """``GET /credit_notes`` (one page), optionally of one customer. ``filters`` are Lago's (``credit_status``,
+        ``refund_status``, ``currency``, ``issuing_date_from``...)."""
+        params = _params({"external_customer_id": external_customer_id, **filters})
+        params += _params({}, **_page_arguments(page, per_page))
+        return Page.from_body(await self._request("GET", "/credit_notes", params=params), "credit_notes")
+
+    def iter_credit_notes(
+        self, *, external_customer_id: str | None = None, per_page: int = 100, **filters: Any
+    ) -> AsyncIterator[JSON]:
+        """Every matching credit note, page after page."""
+        size = _page_size(per_page)
+        params = _params({"external_customer_id": external_customer_id, **filters})
+        return self._iterate("/credit_notes", "credit_notes", params, size)
 
     # ---------------------------------------------------------------- webhooks
 
@@ -859,6 +921,45 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
         else:
             params.append((key, _param_text(value)))
     return params
+
+
+#: The largest ``per_page`` the client asks of Lago. Lago sets none, but one page is one SQL query answered within
+#: ``settings.timeout``: a page of millions times out and is retried as an outage. Iterate (``iter_*``) instead.
+MAX_PER_PAGE = 1_000
+#: The largest ``page``: Lago's SQL offset, ``(page - 1) * per_page``, is a bigint (past it, a 500 retried as outage).
+MAX_PAGE = 2**31 - 1
+
+
+def _whole(value: object, name: str, maximum: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(
+            f"{name} must be an integer from 1 to {maximum}, got {value!r} ({type(value).__name__}): Lago reads "
+            f"{name} with Ruby's to_i, so anything else lists another page than the one meant. Pass an int."
+        )
+    if not 1 <= value <= maximum:
+        raise InvalidRequestError(f"{name} must be an integer from 1 to {maximum}, got {value}{why}.")
+    return value
+
+
+def _page_size(per_page: object) -> int:
+    """``per_page`` if Lago can take it as meant, else an :class:`InvalidRequestError` naming it."""
+    why = f" (Lago sets no maximum; the client asks at most {MAX_PER_PAGE} a page: use an iter_* method for more)"
+    return _whole(per_page, "per_page", MAX_PER_PAGE, why)
+
+
+def _page_arguments(page: object, per_page: object) -> dict[str, int]:
+    """The ``page`` and ``per_page`` query parameters of one page of a Lago list, checked before any request."""
+    return {"page": _whole(page, "page", MAX_PAGE), "per_page": _page_size(per_page)}
+
+
+def _customer_filter(external_customer_id: object) -> str:
+    """A customer's ``external_customer_id`` as a list filter Lago requires (``GET /wallets``)."""
+    if not isinstance(external_customer_id, str) or not external_customer_id:
+        raise InvalidRequestError(
+            f"external_customer_id must be the customer's id, a non-empty string, got {external_customer_id!r}: "
+            "Lago lists wallets of one customer only."
+        )
+    return external_customer_id
 
 
 def _subscription_filters(

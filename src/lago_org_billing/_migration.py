@@ -77,7 +77,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -1622,11 +1622,11 @@ def _totals(items: Iterable[tuple[int, str]]) -> str:
     return " + ".join(_amount(cents, currency) for currency, cents in sums.items())
 
 
-async def _listed(client: LagoClient, path: str, key: str, params: list[tuple[str, str]]) -> list[JSON]:
-    """Every item of a Lago list the client has no method for (``GET /wallets``...); none when Lago does not know
-    the customer (deleted since it was read)."""
+async def _listed(items: AsyncIterator[JSON]) -> list[JSON]:
+    """Every item of a Lago list (``client.iter_wallets(...)``...); none when Lago does not know the customer
+    (deleted since it was read)."""
     try:
-        return [item async for item in client._iterate(path, key, params, 100)]
+        return [item async for item in items]
     except LagoNotFoundError:
         return []
 
@@ -1661,9 +1661,9 @@ async def _holdings(
     found: list[Unmoved] = []
     warnings: list[str] = []
 
-    async def read(kind: str, path: str, key: str, params: list[tuple[str, str]]) -> list[JSON]:
+    async def read(kind: str, path: str, items: AsyncIterator[JSON]) -> list[JSON]:
         try:
-            return await _listed(client, path, key, params)
+            return await _listed(items)
         except LagoAuthenticationError as exc:
             what = (
                 f"Lago refused GET {path} (403{f' {exc.code}' if exc.code else ''}): this API key may not read "
@@ -1678,8 +1678,7 @@ async def _holdings(
                 f"(--accept-unmoved {kind}; accept_unmoved={{{kind!r}}} from Python)"
             ) from exc
 
-    by_customer = [("external_customer_id", user_id)]
-    for wallet in await read("wallets", "/wallets", "wallets", by_customer):
+    for wallet in await read("wallets", "/wallets", client.iter_wallets(external_customer_id=user_id)):
         if wallet.get("status") != "active":
             continue
         balance, currency = _int(wallet.get("balance_cents")) or 0, str(wallet.get("currency") or "")
@@ -1710,8 +1709,8 @@ async def _holdings(
             f"{wallet.get('lago_id')}), which also stops its recurring top-ups"
         )
         found.append(Unmoved("wallets", user_id, what, todo, balance, currency, wallet.get("lago_id")))
-    coupon_query = [*by_customer, ("status", "active")]
-    for coupon in await read("coupons", "/applied_coupons", "applied_coupons", coupon_query):
+    coupons = client.iter_applied_coupons(external_customer_id=user_id, status="active")
+    for coupon in await read("coupons", "/applied_coupons", coupons):
         if coupon.get("status") != "active":
             continue
         code, coupon_currency = coupon.get("coupon_code"), coupon.get("amount_currency")
@@ -1765,9 +1764,10 @@ async def _holdings(
             "external_customer_id or sync_with_provider: true}]})"
         )
         found.append(Unmoved("integrations", user_id, what, todo, lago_id=item.get("lago_id")))
-    invoice_query = [*by_customer, ("statuses[]", "finalized"), ("payment_statuses[]", "pending")]
-    invoice_query.append(("payment_statuses[]", "failed"))
-    unpaid = await read("unpaid_invoices", "/invoices", "invoices", invoice_query)
+    invoices = client.iter_invoices(
+        external_customer_id=user_id, statuses=["finalized"], payment_statuses=["pending", "failed"]
+    )
+    unpaid = await read("unpaid_invoices", "/invoices", invoices)
     due = [
         (_int(i.get("total_due_amount_cents", i.get("total_amount_cents"))) or 0, str(i.get("currency") or ""))
         for i in unpaid
@@ -1784,7 +1784,8 @@ async def _holdings(
         )
         only = due[0][1] if len({c for _, c in due}) == 1 else None
         found.append(Unmoved("unpaid_invoices", user_id, what, todo, sum(c for c, _ in due) if only else None, only))
-    notes = await read("credit_notes", "/credit_notes", "credit_notes", [*by_customer, ("credit_status", "available")])
+    available = client.iter_credit_notes(external_customer_id=user_id, credit_status="available")
+    notes = await read("credit_notes", "/credit_notes", available)
     credit_left = [(_int(n.get("balance_amount_cents")) or 0, str(n.get("currency") or "")) for n in notes]
     if any(cents > 0 for cents, _ in credit_left):
         numbers = ", ".join(str(n.get("number")) for n in notes[:5]) + (", ..." if len(notes) > 5 else "")

@@ -473,7 +473,7 @@ async def test_seed_and_seed_file(tmp_path: Path) -> None:
     with pytest.raises(FakeLagoError, match="billable_metric_not_found"):
         FakeLago.from_seed_file(bad)
     with pytest.raises(FakeLagoError, match="unknown seed key"):
-        FakeLago().seed({"wallets": []})
+        FakeLago().seed({"coupons": []})  # (Lago's coupon definitions: not seeded)
 
 
 async def test_middleware_wraps_app_and_requests_are_still_logged(fake: FakeLago) -> None:

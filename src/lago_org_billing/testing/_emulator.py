@@ -533,12 +533,23 @@ class FakeLago:
     def seed(self, data: Mapping[str, Any]) -> None:
         """Load objects shaped like Lago's create inputs, in dependency order.
 
-        Keys: ``billable_metrics``, ``features``, ``plans``, ``customers``, ``subscriptions``, ``invoices`` (wallets,
-        applied coupons and credit notes: :meth:`add_wallet`, :meth:`add_applied_coupon`, :meth:`add_credit_note`).
+        Keys: ``billable_metrics``, ``features``, ``plans``, ``customers``, ``subscriptions``, ``invoices``,
+        ``wallets`` (each with its ``external_customer_id``, else as :meth:`add_wallet` takes), ``applied_coupons``
+        (each with its ``external_customer_id`` and ``coupon_code``, else as :meth:`add_applied_coupon` takes); credit
+        notes, which need an invoice's ``lago_id``: :meth:`add_credit_note`.
         """
         if not isinstance(data, Mapping):
             raise FakeLagoError("seed data must be a JSON object with keys such as 'plans' and 'customers'")
-        known = ("billable_metrics", "features", "plans", "customers", "subscriptions", "invoices")
+        known = (
+            "billable_metrics",
+            "features",
+            "plans",
+            "customers",
+            "subscriptions",
+            "invoices",
+            "wallets",
+            "applied_coupons",
+        )
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise FakeLagoError(f"unknown seed key(s) {unknown}; allowed: {list(known)}")
@@ -573,6 +584,21 @@ class FakeLago:
             if not customer_id:
                 raise FakeLagoError("each seeded invoice needs an 'external_customer_id'")
             self._call(lambda c=str(customer_id), p=params: store.add_invoice(c, p))  # type: ignore[misc]
+        for item in data.get("wallets") or []:
+            params = dict(item)
+            customer_id = params.pop("external_customer_id", None)
+            if not customer_id:
+                raise FakeLagoError("each seeded wallet needs an 'external_customer_id'")
+            self._call(lambda c=str(customer_id), p=params: store.add_wallet(c, p))  # type: ignore[misc]
+        for item in data.get("applied_coupons") or []:
+            params = dict(item)
+            customer_id = params.pop("external_customer_id", None)
+            coupon_code = params.pop("coupon_code", None)
+            if not customer_id or not coupon_code:
+                raise FakeLagoError("each seeded applied coupon needs an 'external_customer_id' and a 'coupon_code'")
+            self._call(
+                lambda c=str(customer_id), k=str(coupon_code), p=params: store.add_applied_coupon(c, k, p)  # type: ignore[misc]
+            )
 
     @classmethod
     def from_seed_file(cls, path: str | PathLike[str], **kwargs: Any) -> FakeLago:
@@ -728,6 +754,21 @@ class FakeLago:
             (
                 "/customers/{external_id}/subscriptions",
                 lambda r, b: store.list_subscriptions(query(r), statuses(r), nested_customer_id(r), multi(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/wallets",
+                lambda r, b: store.list_wallets(query(r), nested_customer_id(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/applied_coupons",
+                lambda r, b: store.list_applied_coupons(query(r), multi(r), nested_customer_id(r)),
+                ["GET"],
+            ),
+            (
+                "/customers/{external_id}/credit_notes",
+                lambda r, b: store.list_credit_notes(query(r), nested_customer_id(r)),
                 ["GET"],
             ),
             ("/customers/{external_id}", lambda r, b: store.get_customer(customer_id(r)), ["GET"]),

@@ -3108,11 +3108,12 @@ class LagoStore:
     def _serialize_wallet(wallet: JSON) -> JSON:
         return {k: copy.deepcopy(v) for k, v in wallet.items() if k != "customer_id"}
 
-    def list_wallets(self, query: Mapping[str, Any]) -> JSON:
+    def list_wallets(self, query: Mapping[str, Any], external_customer_id: str | None = None) -> JSON:
         """``GET /wallets?external_customer_id=`` (required: Lago answers ``404 customer_not_found`` without a customer
-        of that id): every wallet of the customer, active and terminated."""
+        of that id), or ``GET /customers/{external_customer_id}/wallets``: every wallet of the customer, active and
+        terminated."""
         with self.lock:
-            wanted = query.get("external_customer_id")
+            wanted = external_customer_id or query.get("external_customer_id")
             customer = self._customer(str(wanted)) if wanted else None
             if customer is None:
                 raise not_found("customer")
@@ -3182,11 +3183,16 @@ class LagoStore:
         data["credits"] = []  # (AppliedCouponObjectExtended: the invoices' credits it gave)
         return data
 
-    def list_applied_coupons(self, query: Mapping[str, Any], multi: Mapping[str, list[str]]) -> JSON:
+    def list_applied_coupons(
+        self, query: Mapping[str, Any], multi: Mapping[str, list[str]], external_customer_id: str | None = None
+    ) -> JSON:
         """``GET /applied_coupons`` (filters ``external_customer_id``, ``status``, ``coupon_code[]``; an unknown
-        customer lists nothing)."""
+        customer lists nothing), or ``GET /customers/{external_customer_id}/applied_coupons`` (an unknown customer:
+        ``404 customer_not_found``)."""
         with self.lock:
-            wanted = query.get("external_customer_id")
+            if external_customer_id is not None and self._customer(external_customer_id) is None:
+                raise not_found("customer")
+            wanted = external_customer_id or query.get("external_customer_id")
             items = list(self.applied_coupons)
             if wanted:
                 customer = self._customer(str(wanted))
@@ -3262,11 +3268,14 @@ class LagoStore:
             data["customer"] = self._serialize_customer(customer)
         return data
 
-    def list_credit_notes(self, query: Mapping[str, Any]) -> JSON:
+    def list_credit_notes(self, query: Mapping[str, Any], external_customer_id: str | None = None) -> JSON:
         """``GET /credit_notes`` (filters ``external_customer_id``, ``credit_status``, ``refund_status``,
-        ``currency``), newest first."""
+        ``currency``), newest first; ``GET /customers/{external_customer_id}/credit_notes`` (an unknown customer:
+        ``404 customer_not_found``)."""
         with self.lock:
-            wanted = query.get("external_customer_id")
+            if external_customer_id is not None and self._customer(external_customer_id) is None:
+                raise not_found("customer")
+            wanted = external_customer_id or query.get("external_customer_id")
             items = list(self.credit_notes)
             if wanted:
                 ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
