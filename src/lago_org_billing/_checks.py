@@ -37,6 +37,20 @@ def number(
     return float(value)
 
 
+def timeout(name: str, value: object) -> float | None:
+    """``value``, ``None`` (no limit, or the default) or a number of seconds >= 0 (``math.inf``: no limit), for a
+    timeout given to a call of the public API (``EventPipeline.flush(timeout)``): a string failed deep inside anyio
+    (``TypeError``), NaN never ended or ended at once (every comparison false), a negative one at once."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+        hint = " (a string read from the environment: convert it with float())" if isinstance(value, str) else ""
+        raise ConfigurationError(
+            f"{name} must be None or a number of seconds >= 0 (math.inf: no limit), got {value!r}{hint}."
+        )
+    return float(value)
+
+
 def whole(
     name: str, value: object, *, minimum: int = 1, maximum: int | None = None, variable: str | None = None
 ) -> int:

@@ -314,7 +314,10 @@ class EventPipeline:
     async def flush(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - the pipeline's API
         """Deliver everything submitted so far; True when the outbox is empty (False on timeout).
 
-        Needs :meth:`run` to be running. Transient failures are retried with the usual pauses meanwhile."""
+        Needs :meth:`run` to be running. Transient failures are retried with the usual pauses meanwhile.
+        ``timeout``: seconds >= 0, ``None`` or ``math.inf`` for no limit (anything else: :class:`ConfigurationError`).
+        """
+        timeout = checks.timeout("EventPipeline.flush(timeout)", timeout)
         if not self._running:
             raise RuntimeError("EventPipeline.flush() needs the pipeline running: await tg.start(pipeline.run)")
         self._flushing += 1
@@ -341,7 +344,9 @@ class EventPipeline:
     async def aclose(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - the pipeline's API
         """Stop accepting events, deliver what is left within ``timeout`` (default ``shutdown_timeout``),
         stop the background tasks and close the spool. Undelivered events stay in the spool (memory, or a spool
-        that cannot be written: lost, counted in ``lost_at_shutdown`` and logged)."""
+        that cannot be written: lost, counted in ``lost_at_shutdown`` and logged). ``timeout``: seconds >= 0 or
+        ``math.inf`` (anything else: :class:`ConfigurationError`, raised before anything is closed)."""
+        timeout = checks.timeout("EventPipeline.aclose(timeout)", timeout)
         if self._closed and not self._running:
             return
         self._closed = True

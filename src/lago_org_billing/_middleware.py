@@ -1855,11 +1855,17 @@ def _check_arguments(
         checks.function(
             f"{name}(event_properties=...)", event_properties, what="a function (scope, identity) -> mapping"
         )
-    if quota is not None and quota != "auto" and not callable(getattr(quota, "check", None)):
-        raise ConfigurationError(
-            f"{name}(quota=...) must be 'auto' (a QuotaGate from the settings), None (no gating; or "
-            f"LAGO_QUOTA_MODE=off) or a gate object with an async check(org_id), got {quota!r}."
-        )
+    if quota is not None and quota != "auto" and not checks.double(quota):
+        # what the middleware calls of its gate (``_gate.QuotaGateProtocol``): each missing one failed only at the
+        # first request (``run``: "could not start its background delivery"), or when its response was over
+        missing = [method for method in _GATE_METHODS if not callable(getattr(quota, method, None))]
+        if missing:
+            raise ConfigurationError(
+                f"{name}(quota=...) must be 'auto' (a QuotaGate from the settings), None (no gating; or "
+                f"LAGO_QUOTA_MODE=off) or a gate object with the methods of QuotaGateProtocol (async run(*, "
+                f"task_status), async check(org_id), settle(org_id, decision, *, tokens, billed), async aclose()): "
+                f"got {type(quota).__name__}, which lacks {', '.join(missing)}."
+            )
     if quota_config is not None:
         checks.instance(f"{name}(quota_config=...)", quota_config, QuotaConfig, what="a QuotaConfig")
     if (
@@ -1879,6 +1885,9 @@ def _check_arguments(
             f"LAGO_METRICS=true, the default registry), got {metrics_registry!r}."
         )
 
+
+#: What the middleware calls of a gate given as ``quota=`` (``_gate.QuotaGateProtocol``; ``check_now`` is optional).
+_GATE_METHODS = ("run", "check", "settle", "aclose")
 
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

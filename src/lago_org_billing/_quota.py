@@ -1220,6 +1220,50 @@ class _Decision(QuotaDecision):
     backend: Any = None
 
 
+#: What a gate reads of Lago through its client (a stand-in for Lago, as tests make, needs only these).
+_CLIENT_READS = ("get_subscription", "get_current_usage")
+#: What a gate calls of its backend (:class:`QuotaBackend`; ``compact``, ``unlock`` and ``handed_over`` are optional).
+_BACKEND_METHODS = (
+    "reserve",
+    "settle",
+    "load",
+    "store",
+    "try_lock",
+    "wait_snapshot",
+    "invalidate",
+    "invalidate_all",
+    "run",
+    "aclose",
+)
+
+
+def _check_gate_parts(client: object, backend: object) -> None:
+    """Refuse a ``QuotaGate`` client or backend that cannot work, where it was written: ``client=None`` or a URL, a
+    backend named by a string (``"redis"``: it is chosen by ``LAGO_REDIS_URL``) or a class instead of an instance were
+    accepted, and failed in the background, at the first refresh or request. Test doubles are accepted."""
+    if not checks.double(client):
+        missing = [read for read in _CLIENT_READS if not callable(getattr(client, read, None))]
+        if missing:
+            raise ConfigurationError(
+                f"QuotaGate(client) must be a LagoClient (LagoClient(settings)), got {type(client).__name__}, which "
+                f"lacks {', '.join(missing)}."
+            )
+    if backend is None or checks.double(backend):
+        return
+    missing = [method for method in _BACKEND_METHODS if not callable(getattr(backend, method, None))]
+    if missing or isinstance(backend, type):
+        if isinstance(backend, type):
+            got = f"the class {backend.__name__} (build one: {backend.__name__}(...))"
+        else:
+            got = f"{type(backend).__name__}, which lacks {', '.join(missing)}"
+        if isinstance(backend, str):
+            got += " (Redis is used when BillingSettings.redis_url / LAGO_REDIS_URL is set: leave backend=None)"
+        raise ConfigurationError(
+            f"QuotaGate(backend=...) must be None (Redis when LAGO_REDIS_URL is set, else in process) or a "
+            f"QuotaBackend such as LocalBackend(config), got {got}."
+        )
+
+
 _LAST: list[weakref.ref[QuotaGate]] = []  # the gate made last (scripts, tests)
 _RUNNING: weakref.WeakSet[QuotaGate] = weakref.WeakSet()  # gates whose run() is going (one per app)
 
@@ -1263,6 +1307,7 @@ class QuotaGate:
         if config is not None:
             checks.instance("QuotaGate(config=...)", config, QuotaConfig, what="a QuotaConfig")
         checks.function("QuotaGate(clock=...)", clock, what="a function returning the time in seconds (time.time)")
+        _check_gate_parts(client, backend)
         self.settings = settings
         self.client = client
         self.config = config if config is not None else QuotaConfig.from_env()

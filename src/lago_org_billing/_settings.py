@@ -224,7 +224,7 @@ class BillingSettings:
 
     def replace(self, **changes: Any) -> BillingSettings:
         """A copy with some fields changed (validated again); a ``retry_deadline`` left at its default still follows
-        ``api_timeout``."""
+        ``api_timeout`` (``dataclasses.replace`` would keep the deadline computed from the old timeout: use this)."""
         if "retry_deadline" not in changes and getattr(self, "_default_deadline", False):
             changes["retry_deadline"] = _DefaultDeadline(_RETRY_DEADLINE)
         return dataclasses.replace(self, **changes)
