@@ -85,7 +85,7 @@ def test_a_benchmark_run_from_another_checkout_measures_that_checkout(tmp_path: 
         "use_this_checkout()\n"
         "import lago_org_billing\n"
         "print(getattr(lago_org_billing, 'CHECKOUT', 'installed'))\n"
-        "code = 'import lago_org_billing as p; print(getattr(p, \"CHECKOUT\", \"installed\"))'\n"
+        'code = \'import lago_org_billing as p; print(getattr(p, "CHECKOUT", "installed"))\'\n'
         "child = [sys.executable, '-c', code]\n"
         "print(subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip())\n"
     )
