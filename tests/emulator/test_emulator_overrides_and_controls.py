@@ -105,10 +105,11 @@ async def test_plan_overrides_give_the_subscription_its_own_price(fake: FakeLago
         by_plan = await _ok(await client.get("/api/v1/subscriptions", params={"plan_code": "pro"}))
         assert [s["external_id"] for s in by_plan["subscriptions"]] == ["sub"]
 
-        # terminated: invoiced at the negotiated price (500 + 15), not the plan's (1000 + 3)
+        # terminated: invoiced at the negotiated price, not the plan's (1000 / 31 + 3 = 35): started and terminated on
+        # 15 March, one day of 500 / 31, 16 (Fees::SubscriptionService#terminated_amount), + 15
         await _ok(await client.delete("/api/v1/subscriptions/sub"))
     (invoice,) = fake.invoices
-    assert invoice["total_amount_cents"] == 515
+    assert invoice["total_amount_cents"] == 31
 
 
 async def test_plan_overrides_with_a_bad_amount_are_refused(fake: FakeLago) -> None:

@@ -270,8 +270,9 @@ async def test_past_usage_lists_the_invoiced_periods(fake: FakeLago, clock: Cloc
     ]
     assert [p["issuing_date"] for p in periods] == ["2026-05-10", "2026-05-01", "2026-04-01"]
     # amount_cents is the invoice's fees amount (the plan's fee too), the charges are the invoice's charge fees
-    assert [p["amount_cents"] for p in periods] == [1001, 1005, 1503]
-    assert [p["total_amount_cents"] for p in periods] == [1001, 1005, 1503]
+    # (May, terminated on 10 May 00:00: 9 days of the plan's 1000 / 31, 290, ``terminated_amount``)
+    assert [p["amount_cents"] for p in periods] == [291, 1005, 1503]
+    assert [p["total_amount_cents"] for p in periods] == [291, 1005, 1503]
     invoice_ids = {i["lago_id"] for i in fake.invoices}
     assert {p["lago_invoice_id"] for p in periods} == invoice_ids
     march = periods[2]["charges_usage"]
@@ -369,9 +370,11 @@ async def test_past_usage_of_an_upgraded_subscription(fake: FakeLago, clock: Clo
     clock.now = datetime(2026, 4, 1, 0, 0, 1, tzinfo=UTC)
     response = await client.get("/api/v1/customers/org/past_usage", params={"external_subscription_id": "sub"})
     periods = response.json()["usage_periods"]
+    # each plan billed for its days (Fees::SubscriptionService): the new one 20-31 March, 12 days of 5000 / 31, 1935
+    # (upgraded_amount), + 100; the replaced one 1-20 March, 19 days of 1000 / 31, 613 (terminated_amount), + 1
     assert [(p["from_datetime"], p["to_datetime"], p["amount_cents"]) for p in periods] == [
-        ("2026-03-20T00:00:00Z", "2026-03-31T23:59:59Z", 5100),
-        ("2026-03-01T00:00:00Z", "2026-03-20T00:00:00Z", 1001),
+        ("2026-03-20T00:00:00Z", "2026-03-31T23:59:59Z", 2035),
+        ("2026-03-01T00:00:00Z", "2026-03-20T00:00:00Z", 614),
     ]
     assert_response_matches(response)
 

@@ -299,7 +299,7 @@ class LagoStore:
     def _bill_period(self, sub: JSON, close_at: datetime) -> None:
         """The invoice of the charges period closing at ``close_at``: its charges, plus the plan's fee when the plan's
         own period ends there too (in arrears, that period's fee; in advance, the next one's). Sends
-        ``invoice.created``. Not emulated: proration of a first partial period, minimum commitments, taxes."""
+        ``invoice.created``. Not emulated: minimum commitments, taxes."""
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
@@ -310,9 +310,15 @@ class LagoStore:
         plan_period: tuple[datetime, datetime] | None = None
         plan_fee = 0
         if self._period_bounds(sub, last)[1] == last:
-            # in arrears, the period ending here; in advance, the one starting now
-            plan_period = self._period_bounds(sub, close_at if plan["pay_in_advance"] else last)
-            plan_fee = self._plan_fee(sub, *plan_period)
+            # in arrears, the period ending here (its first one prorated from the day the subscription started, an
+            # upgrade's new plan from the upgrade's day); in advance, the one starting now
+            if plan["pay_in_advance"]:
+                plan_period = self._period_bounds(sub, close_at)
+                plan_fee = self._plan_fee(sub, *plan_period)
+            else:
+                start, end = self._period_bounds(sub, last)
+                plan_fee = self._plan_fee(sub, start, end, first=True)
+                plan_period = (self._billed_from(sub, start), end)
         amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
         day = self._local_date(sub, close_at).isoformat()
         invoice = self._new_invoice(
@@ -342,20 +348,28 @@ class LagoStore:
             return None
         return started + timedelta(seconds=float(days * 86400))
 
+    def _billed_from(self, sub: JSON, start: datetime) -> datetime:
+        """Where the plan period starting at ``start`` is billed from: lago-api ``DatesService#from_datetime``, the
+        period's start, or the local start of the day the subscription started when that is later (its first
+        period)."""
+        started = parse_datetime(sub.get("started_at"))
+        if started is None:
+            return start
+        return max(start, local_day_start(self._local_date(sub, started), self._timezone(sub)))
+
     def _plan_fee(self, sub: JSON, start: datetime, end: datetime, *, first: bool = False) -> int:
         """The subscription fee of the plan period ``start``..``end`` (its last second), lago-api
         ``Fees::SubscriptionService``: nothing while the trial covers the period; from the trial's end (or, for the
-        ``first`` period, from ``started_at``) ``days * amount / period days``, the days counted as
-        ``(to + 1 day - from) / 1 day`` floored, rounded to the cent; the full amount otherwise. Without a trial only
-        a ``first`` period (a pay-in-advance start) is prorated."""
+        ``first`` period, from the local start of the day the subscription started, ``DatesService#from_datetime``)
+        ``days * amount / period days``, the days counted as ``(to + 1 day - from) / 1 day`` floored, rounded to the
+        cent; the full amount otherwise. ``first`` is asked for a pay-in-advance start and for every period billed
+        in arrears (``first_subscription_amount`` / ``upgraded_amount``: only the first period can start after
+        ``start``, a later one, a subscription backdated before it or one started on its first day is whole)."""
         amount = int(self._plan_of(sub)["amount_cents"])
         trial_end = self._trial_end(sub)
         if trial_end is None and not first:
             return amount
-        billed_from = start
-        started = parse_datetime(sub.get("started_at"))
-        if first and started is not None and started > billed_from:
-            billed_from = started
+        billed_from = self._billed_from(sub, start) if first else start
         if trial_end is not None:
             if trial_end >= end:
                 return 0
@@ -365,6 +379,23 @@ class LagoStore:
         duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
         days = int((end + timedelta(days=1) - billed_from).total_seconds()) // 86400
         return int((Decimal(amount) * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
+
+    def _terminated_plan_fee(self, sub: JSON, start: datetime, end: datetime, at: datetime) -> int:
+        """The fee of a plan paid in arrears for its period ``start``..``end`` cut by a termination (or an upgrade) at
+        ``at``: lago-api ``Fees::SubscriptionService#terminated_amount``, the days from the period's start (the local
+        start of the day the subscription started, or the trial's end, when later) to ``at``, ceiled, times ``amount
+        / period days``, rounded to the cent; nothing while the trial lasts."""
+        amount = int(self._plan_of(sub)["amount_cents"])
+        billed_from = self._billed_from(sub, start)
+        trial_end = self._trial_end(sub)
+        if trial_end is not None:
+            if trial_end >= at:
+                return 0
+            billed_from = max(billed_from, trial_end)
+        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        days = max(Decimal((at - billed_from).total_seconds() / 86400), Decimal(0))
+        days = days.to_integral_value(rounding=ROUND_CEILING)
+        return int((amount * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
 
     def _bill_start(self, sub: JSON, at: datetime) -> None:
         """A pay-in-advance plan's first invoice, issued when the subscription starts (lago-api
@@ -393,7 +424,7 @@ class LagoStore:
             },
             subscription=sub,
         )
-        invoice["fees"] = [self._subscription_fee(invoice, sub, period, fee)]
+        invoice["fees"] = [self._subscription_fee(invoice, sub, (self._billed_from(sub, period[0]), period[1]), fee)]
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def _fee(self, invoice: JSON, sub: JSON, amount: int, item: JSON, **fields: Any) -> JSON:
@@ -2052,7 +2083,8 @@ class LagoStore:
 
     def _bill_terminated(self, sub: JSON, at: datetime) -> None:
         """The invoice of a subscription terminated at ``at``: its usage up to ``terminated_at`` (an event timestamped
-        later in the period is not billed), plus the plan's fee when paid in arrears; sends ``invoice.created``."""
+        later in the period is not billed), plus, when paid in arrears, the plan's fee for the days used (see
+        ``_terminated_plan_fee``); sends ``invoice.created``."""
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
@@ -2062,16 +2094,10 @@ class LagoStore:
         plan_period: tuple[datetime, datetime] | None = None
         plan_fee = 0
         if not plan["pay_in_advance"]:
-            plan_period = self._period_bounds(sub, at)
-            plan_fee = int(plan["amount_cents"])
-            trial_end = self._trial_end(sub)
-            if trial_end is not None and trial_end > plan_period[0]:
-                # Fees::SubscriptionService#terminated_amount: the days from the trial's end to the termination,
-                # rounded up (nothing when the trial outlasts it)
-                duration = round((plan_period[1] + timedelta(seconds=1) - plan_period[0]).total_seconds() / 86400)
-                days = max(Decimal((at - trial_end).total_seconds() / 86400), Decimal(0))
-                days = days.to_integral_value(rounding=ROUND_CEILING)
-                plan_fee = int((plan_fee * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
+            # Fees::SubscriptionService#terminated_amount: the days used up to the termination, rounded up
+            start, end = self._period_bounds(sub, at)
+            plan_fee = self._terminated_plan_fee(sub, start, end, at)
+            plan_period = (self._billed_from(sub, start), at)
         amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
         invoice = self._new_invoice(
             customer,
