@@ -724,7 +724,6 @@ NOT_EMULATED = {
     "PUT /customers/{external_customer_id}/payment_methods/{lago_id}/set_as_default",
     "PUT /customers/{external_customer_id}/wallets/{code}",
     "PUT /customers/{external_customer_id}/wallets/{wallet_code}/alerts/{code}",
-    "PUT /invoices/{lago_id}",
     "PUT /invoices/{lago_id}/finalize",
     "PUT /invoices/{lago_id}/refresh",
     "PUT /plans/{code}/charges/{charge_code}",

@@ -872,6 +872,7 @@ class FakeLago:
             ("/applied_coupons", lambda r, b: store.list_applied_coupons(query(r), multi(r)), ["GET"]),
             ("/credit_notes", lambda r, b: store.list_credit_notes(query(r)), ["GET"]),
             ("/invoices/{lago_id}", lambda r, b: store.get_invoice(r.path_params["lago_id"]), ["GET"]),
+            ("/invoices/{lago_id}", lambda r, b: store.update_invoice(r.path_params["lago_id"], b), ["PUT"]),
             ("/webhooks/json_public_key", public_key_json, ["GET"]),
             ("/webhooks/public_key", public_key_text, ["GET"]),
         ]

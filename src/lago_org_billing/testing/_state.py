@@ -17,7 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
-from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal
 from typing import Any, NamedTuple
 
 from .._dashboard import subunits_per_unit
@@ -178,7 +178,8 @@ class LagoStore:
             self._event_index: dict[tuple[str, ...], int] = {}
             self._first_ingested: dict[int, str] = {}  # a replaced event's first created_at, by its place in events
             self.invoices: list[JSON] = []
-            # what else a customer holds (prepaid credits, coupons, credit notes): seeded, listed, never billed here
+            # what else a customer holds (prepaid credits, coupons, credit notes): seeded (credit notes also made by
+            # terminations, see _credit_unused_days), listed, never billed here
             self.wallets: list[JSON] = []
             self.applied_coupons: list[JSON] = []
             self.credit_notes: list[JSON] = []
@@ -254,7 +255,9 @@ class LagoStore:
                         if nxt is not None and nxt["status"] == "pending":
                             switch = parse_datetime(nxt.get("switch_at")) or now
                             if switch <= now:
-                                self._terminate(sub, switch, generate_invoice=False, cancel_next=False)
+                                self._terminate(
+                                    sub, switch, generate_invoice=False, cancel_next=False, credit_unused=False
+                                )
                                 self._activate(nxt, switch)
                                 changed = True
                     elif status == "pending" and not sub.get("previous_subscription_id"):
@@ -2069,9 +2072,17 @@ class LagoStore:
         if previous is not None and previous["status"] == "active":
             self._emit_sub("subscription.updated", previous)
 
-    def _terminate(self, sub: JSON, at: datetime, *, generate_invoice: bool, cancel_next: bool = True) -> None:
+    def _terminate(
+        self, sub: JSON, at: datetime, *, generate_invoice: bool, cancel_next: bool = True, credit_unused: bool = True
+    ) -> None:
+        """lago-api ``Subscriptions::TerminateService``: terminated at ``at``; a pay-in-advance plan's unused days
+        credited (``credit_unused``, see ``_credit_unused_days``: not for a downgrade's switch, nor an upgrade, not
+        emulated); its pending next subscription canceled (``cancel_next``); the termination invoice issued
+        (``generate_invoice``: its ``on_termination_invoice``)."""
         sub["status"] = "terminated"
         sub["terminated_at"] = iso(at)
+        if credit_unused:
+            self._credit_unused_days(sub, at)
         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
         if cancel_next and nxt is not None and nxt["status"] == "pending":
             nxt["status"] = "canceled"
@@ -2080,6 +2091,109 @@ class LagoStore:
         self._emit_sub("subscription.terminated", sub)
         if generate_invoice:
             self._bill_terminated(sub, at)
+
+    def _last_subscription_fee(self, sub: JSON) -> tuple[JSON, JSON] | None:
+        """The invoice and fee of the subscription's last plan fee (``subscription.fees.subscription.order(created_at:
+        :desc).first``), or None."""
+        for invoice in reversed(self.invoices):
+            if sub["lago_id"] not in invoice["subscription_ids"]:
+                continue
+            for fee in invoice["fees"]:
+                if fee["item"]["type"] == "subscription" and fee["lago_subscription_id"] == sub["lago_id"]:
+                    return invoice, fee
+        return None
+
+    def _credit_unused_days(self, sub: JSON, at: datetime) -> None:
+        """The credit note of a pay-in-advance plan terminated at ``at`` before the end of the period it paid (lago-api
+        ``Subscriptions::TerminateService``, ``CreditNotes::CreateFromTermination``; reason ``order_cancellation``),
+        on the invoice of its last plan fee, when that fee paid the period holding ``at``
+        (``pay_in_advance_invoice_issued?``). Its amount: the unused days, from the (UTC date of the) end of the
+        termination's local day to the period's end, times ``plan amount / period days`` (a float, as Ruby's
+        ``fdiv``), truncated to 5 decimals, then rounded; less what credit notes already took from the fee. Per the
+        subscription's ``on_termination_credit_note``: ``credit`` (the default) credits it all; ``refund`` refunds
+        what was paid of it (the fee's share of ``total_paid_amount_cents`` less the used days' price, at most the
+        amount) and credits the rest; ``offset`` refunds as much and offsets the rest against the invoice (its
+        ``total_due_amount_cents`` shrinks); ``skip``: none. Not emulated: taxes and coupons (none here), upgrades."""
+        choice = sub.get("on_termination_credit_note") or "credit"
+        if choice == "skip" or not self._plan_of(sub)["pay_in_advance"]:
+            return
+        found = self._last_subscription_fee(sub)
+        if found is None:
+            return
+        invoice, fee = found
+        fee_amount = int(fee["amount_cents"])
+        start, end = self._period_bounds(sub, at)
+        if fee_amount <= 0 or invoice.get("status") == "voided" or fee.get("to_date") != iso(end):
+            return
+        details: Mapping[str, Any] = fee.get("amount_details") or {}
+        plan_amount = int(details.get("plan_amount_cents", self._plan_of(sub)["amount_cents"]))
+        tz = self._timezone(sub)
+        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        day_price = plan_amount / duration
+        period_end = end.astimezone(UTC).date()
+        end_of_day = local_day_start(self._local_date(sub, at) + timedelta(days=1), tz) - timedelta(seconds=1)
+        terminated_day = end_of_day.astimezone(UTC).date()
+        trial_end = self._trial_end(sub)
+        trial_day = trial_end.astimezone(UTC).date() if trial_end is not None else None
+        billed_from = terminated_day
+        if trial_day is not None and trial_day >= billed_from:
+            billed_from = period_end if trial_day > period_end else trial_day - timedelta(days=1)
+        amount = day_price * max((period_end - billed_from).days, 0)
+        if amount <= 0:
+            return
+        amount = min(amount, float(fee_amount))
+        amount -= sum(
+            int(item["amount_cents"])
+            for note in self.credit_notes
+            if note["lago_invoice_id"] == invoice["lago_id"] and note.get("credit_status") != "voided"
+            for item in note.get("items") or []
+            if item.get("fee", {}).get("lago_id") == fee["lago_id"]
+        )
+        if amount <= 0:
+            return
+        precise = Decimal(amount).quantize(Decimal("0.00001"), rounding=ROUND_DOWN)
+        total = int(precise.to_integral_value(rounding=ROUND_HALF_UP))
+        if total <= 0:
+            return
+        refund = 0
+        if choice in ("refund", "offset"):
+            invoice_total = int(invoice.get("sub_total_including_taxes_amount_cents") or 0)
+            paid = int(invoice.get("total_paid_amount_cents") or 0)
+            paid_share = fee_amount / invoice_total * paid if invoice_total else 0.0
+            used_from = self._billed_from(sub, start).astimezone(UTC).date()
+            if trial_day is not None and trial_day > used_from:
+                used_from = trial_day
+            used_days = max((min(terminated_day, period_end) - used_from).days + 1, 0)
+            used = Decimal(day_price * used_days).quantize(Decimal("0.00001"), rounding=ROUND_DOWN)
+            potential = Decimal(paid_share) - used.to_integral_value(rounding=ROUND_HALF_UP)
+            if potential > 0:
+                refund = int(min(potential, Decimal(total)).to_integral_value(rounding=ROUND_HALF_UP))
+        rest = total - refund
+        credit, offset = (0, rest) if choice == "offset" else (rest, 0)
+        item = {
+            "lago_id": self._uuid(),
+            "amount_cents": total,
+            "amount_currency": invoice.get("currency") or "USD",
+            "fee": copy.deepcopy(fee),
+        }
+        note = self._credit_note_record(
+            invoice,
+            {
+                "credit_amount_cents": credit,
+                "refund_amount_cents": refund,
+                "offset_amount_cents": offset,
+                "credit_status": "available",
+                "reason": "order_cancellation",
+                "issuing_date": self._local_date(sub, at).isoformat(),
+                "created_at": iso(at),
+                "updated_at": iso(at),
+                "items": [item],
+            },
+        )
+        if offset:
+            invoice["total_due_amount_cents"] = max(int(invoice["total_due_amount_cents"]) - offset, 0)
+        self.credit_notes.append(note)
+        self._emit("credit_note.created", "credit_note", self._serialize_credit_note(note))
 
     def _bill_terminated(self, sub: JSON, at: datetime) -> None:
         """The invoice of a subscription terminated at ``at``: its usage up to ``terminated_at`` (an event timestamped
@@ -2214,7 +2328,7 @@ class LagoStore:
             if self._yearly_amount(target) >= self._yearly_amount(current_plan):
                 current["next_subscription_id"] = new["lago_id"]
                 self._candidates_stale = True
-                self._terminate(current, now, generate_invoice=False, cancel_next=False)
+                self._terminate(current, now, generate_invoice=False, cancel_next=False, credit_unused=False)
                 self._activate(new, now)
                 # lago-api PlanUpgradeService#bill_subscriptions: the replaced subscription is billed at once,
                 # whatever its on_termination_invoice
@@ -3019,8 +3133,57 @@ class LagoStore:
         values = (f.get("name"), f.get("firstname"), f.get("lastname"), customer["external_id"], f.get("email"))
         return any(term in str(v).lower() for v in values if v)
 
+    def update_invoice(self, lago_id: str, body: Any) -> JSON:
+        """``PUT /invoices/{lago_id}`` (lago-api ``Invoices::UpdateService``): its ``payment_status`` (``pending``,
+        ``succeeded``, ``failed``; a succeeded payment pays the total: ``total_paid_amount_cents``, nothing due) and
+        its ``metadata`` (the items given, an ``id`` naming one kept; the others removed). A changed payment status
+        sends ``invoice.payment_status_updated``."""
+        params = _mapping(_require_root(body, "invoice"))
+        with self.lock:
+            self.refresh()
+            invoice = next((i for i in self.invoices if i["lago_id"] == lago_id), None)
+            if invoice is None:
+                raise not_found("invoice")
+            status = params.get("payment_status")
+            errors: dict[str, list[str]] = {}
+            if status is not None and status not in ("pending", "succeeded", "failed"):
+                errors["payment_status"] = ["value_is_invalid"]
+            raw_metadata = params.get("metadata")
+            if raw_metadata is not None and (
+                not isinstance(raw_metadata, list) or not all(isinstance(m, Mapping) for m in raw_metadata)
+            ):
+                errors["metadata"] = ["invalid_format"]
+            if errors:
+                raise validation_error(errors)
+            now = iso(self.now())
+            if raw_metadata is not None:
+                kept = {m["lago_id"]: m for m in invoice.get("metadata") or []}
+                metadata = []
+                for raw in raw_metadata:
+                    item = kept.get(str(raw.get("id"))) or {"lago_id": self._uuid(), "created_at": now}
+                    metadata.append({**item, "key": str(raw.get("key")), "value": str(raw.get("value"))})
+                invoice["metadata"] = metadata
+            changed = status is not None and status != invoice["payment_status"]
+            if changed:
+                invoice["payment_status"] = status
+                if status == "succeeded":
+                    invoice["total_paid_amount_cents"] = int(invoice["total_amount_cents"])
+                offsets = sum(
+                    int(n.get("offset_amount_cents") or 0)
+                    for n in self.credit_notes
+                    if n["lago_invoice_id"] == lago_id and n.get("credit_status") != "voided"
+                )
+                due = int(invoice["total_amount_cents"]) - int(invoice["total_paid_amount_cents"]) - offsets
+                invoice["total_due_amount_cents"] = max(due, 0)
+            invoice["updated_at"] = now
+            result = self._serialize_invoice(invoice, extended=True)
+            if changed:
+                self._emit("invoice.payment_status_updated", "invoice", result)
+            return {"invoice": result}
+
     def get_invoice(self, lago_id: str) -> JSON:
         with self.lock:
+            self.refresh()
             for invoice in self.invoices:
                 if invoice["lago_id"] == lago_id:
                     return {"invoice": self._serialize_invoice(invoice, extended=True)}
@@ -3028,7 +3191,8 @@ class LagoStore:
 
     # Wallets, applied coupons, credit notes (what a customer holds besides subscriptions) ------------
     # Seeded (add_wallet, add_applied_coupon, add_credit_note) and listed as Lago lists them; the emulator neither
-    # bills them nor tops them up.
+    # bills them nor tops them up. Credit notes are also made by the termination of a pay-in-advance plan
+    # (_credit_unused_days); their credit is not applied to later invoices.
 
     def _holder(self, external_customer_id: str) -> JSON:
         return self._customer(external_customer_id) or self._new_customer(external_customer_id)
@@ -3244,48 +3408,53 @@ class LagoStore:
             invoice = next((i for i in self.invoices if i["lago_id"] == lago_invoice_id), None)
             if invoice is None:
                 raise not_found("invoice")
-            credit = int(params.get("credit_amount_cents", 0) or 0)
-            refund = int(params.get("refund_amount_cents", 0) or 0)
-            offset = int(params.get("offset_amount_cents", 0) or 0)
-            total = credit + refund + offset
-            seq = self._next(f"credit_note:{invoice['lago_id']}")
-            now = self.now()
-            note: JSON = {
-                "lago_id": self._uuid(),
-                "billing_entity_code": BILLING_ENTITY_CODE,
-                "sequential_id": seq,
-                "number": f"{invoice['number']}-CN{seq:03d}",
-                "lago_invoice_id": invoice["lago_id"],
-                "invoice_number": invoice["number"],
-                "issuing_date": now.date().isoformat(),
-                "credit_status": "available" if credit else None,
-                "refund_status": "pending" if refund else None,
-                "reason": "other",
-                "description": None,
-                "currency": invoice.get("currency") or "USD",
-                "total_amount_cents": total,
-                "taxes_amount_cents": 0,
-                "taxes_rate": 0,
-                "sub_total_excluding_taxes_amount_cents": total,
-                "balance_amount_cents": credit,
-                "credit_amount_cents": credit,
-                "refund_amount_cents": refund,
-                "offset_amount_cents": offset,
-                "coupons_adjustment_amount_cents": 0,
-                "created_at": iso(now),
-                "updated_at": iso(now),
-                "file_url": None,
-                "self_billed": False,
-                "items": [],
-                "applied_taxes": [],
-                "metadata": None,
-            }
-            note.update(copy.deepcopy(params))
+            note = self._credit_note_record(invoice, params)
             if note["credit_status"] not in ("available", "consumed", "voided", None):
                 raise validation_error({"credit_status": ["value_is_invalid"]})
-            note["customer_id"] = invoice["customer_id"]
             self.credit_notes.append(note)
             return {"credit_note": self._serialize_credit_note(note)}
+
+    def _credit_note_record(self, invoice: JSON, params: Mapping[str, Any]) -> JSON:
+        """A credit note of ``invoice`` (``params``: CreditNoteObject fields over the defaults), not yet stored."""
+        credit = int(params.get("credit_amount_cents", 0) or 0)
+        refund = int(params.get("refund_amount_cents", 0) or 0)
+        offset = int(params.get("offset_amount_cents", 0) or 0)
+        total = credit + refund + offset
+        seq = self._next(f"credit_note:{invoice['lago_id']}")
+        now = self.now()
+        note: JSON = {
+            "lago_id": self._uuid(),
+            "billing_entity_code": BILLING_ENTITY_CODE,
+            "sequential_id": seq,
+            "number": f"{invoice['number']}-CN{seq:03d}",
+            "lago_invoice_id": invoice["lago_id"],
+            "invoice_number": invoice["number"],
+            "issuing_date": now.date().isoformat(),
+            "credit_status": "available" if credit else None,
+            "refund_status": "pending" if refund else None,
+            "reason": "other",
+            "description": None,
+            "currency": invoice.get("currency") or "USD",
+            "total_amount_cents": total,
+            "taxes_amount_cents": 0,
+            "taxes_rate": 0,
+            "sub_total_excluding_taxes_amount_cents": total,
+            "balance_amount_cents": credit,
+            "credit_amount_cents": credit,
+            "refund_amount_cents": refund,
+            "offset_amount_cents": offset,
+            "coupons_adjustment_amount_cents": 0,
+            "created_at": iso(now),
+            "updated_at": iso(now),
+            "file_url": None,
+            "self_billed": False,
+            "items": [],
+            "applied_taxes": [],
+            "metadata": None,
+        }
+        note.update(copy.deepcopy(dict(params)))
+        note["customer_id"] = invoice["customer_id"]
+        return note
 
     def _serialize_credit_note(self, note: JSON) -> JSON:
         data = {k: copy.deepcopy(v) for k, v in note.items() if k != "customer_id"}
@@ -3299,6 +3468,7 @@ class LagoStore:
         ``currency``), newest first; ``GET /customers/{external_customer_id}/credit_notes`` (an unknown customer:
         ``404 customer_not_found``)."""
         with self.lock:
+            self.refresh()  # (a subscription reaching its ending_at by now has its termination's credit note)
             if external_customer_id is not None and self._customer(external_customer_id) is None:
                 raise not_found("customer")
             wanted = external_customer_id or query.get("external_customer_id")
