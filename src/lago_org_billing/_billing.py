@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import numbers
 import re
 import threading
 import time
@@ -761,8 +762,10 @@ class OrgBilling:
 
     async def get_invoices(self, org_id: str, limit: int = 10) -> list[JSON]:
         """The org's most recent invoices, at most ``limit``."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        given: object = limit  # (numpy's int64...: taken, as an int, which the client's per_page is)
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
             raise InvalidRequestError(f"limit must be a whole number >= 1, got {limit!r}.")
+        limit = int(given)
         invoices: list[JSON] = []
         async for invoice in self.client.iter_invoices(
             external_customer_id=validate_id(org_id, "org_id"), per_page=min(limit, 100)
@@ -884,6 +887,10 @@ def _check_billing_arguments(
         and not checks.double(client)  # (a test double of one, as before these checks)
     ):
         raise ConfigurationError(f"OrgBilling(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if pipeline is not None:
+        checks.built("OrgBilling(pipeline=...)", pipeline, what="an EventPipeline (e.g. middleware.pipeline)")
+    if quota is not None:
+        checks.built("OrgBilling(quota=...)", quota, what="a quota gate (e.g. middleware.quota)")
     if pipeline is not None and not callable(getattr(pipeline, "submit", None)):
         raise ConfigurationError(
             "OrgBilling(pipeline=...) must be an EventPipeline (e.g. middleware.pipeline), got "

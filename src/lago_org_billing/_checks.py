@@ -95,6 +95,17 @@ def function(name: str, value: Any, *, what: str) -> Any:
     return value
 
 
+def built(name: str, value: object, *, what: str) -> None:
+    """Refuse a class given for an instance (``quota=QuotaGate``, ``pipeline=EventPipeline``): a class has every
+    method its instances have, so checks for those methods pass it, and it failed at its first use (a method called
+    unbound: a ``TypeError`` missing an argument)."""
+    if isinstance(value, type):
+        raise ConfigurationError(
+            f"{name} must be {what}, got the class {value.__name__} itself: build one ({value.__name__}(...)) and "
+            "give that."
+        )
+
+
 def double(value: object) -> bool:
     """Whether ``value`` is a ``unittest.mock`` test double (``AsyncMock()``, ``MagicMock()``, ``create_autospec``):
     accepted for any object, as before these checks, so that users' tests that stand one in for a client, a service or

@@ -16,6 +16,7 @@ import email.utils
 import enum
 import functools
 import logging
+import numbers
 import os
 import random
 import ssl
@@ -931,14 +932,17 @@ MAX_PAGE = 2**31 - 1
 
 
 def _whole(value: object, name: str, maximum: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an ``int``: any whole number (numpy's ``int64``, as the package's argument checks take), not a
+    bool, a float or a string."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidRequestError(
             f"{name} must be an integer from 1 to {maximum}, got {value!r} ({type(value).__name__}): Lago reads "
             f"{name} with Ruby's to_i, so anything else lists another page than the one meant. Pass an int."
         )
-    if not 1 <= value <= maximum:
-        raise InvalidRequestError(f"{name} must be an integer from 1 to {maximum}, got {value}{why}.")
-    return value
+    whole = int(value)
+    if not 1 <= whole <= maximum:
+        raise InvalidRequestError(f"{name} must be an integer from 1 to {maximum}, got {whole}{why}.")
+    return whole
 
 
 def _page_size(per_page: object) -> int:

@@ -135,6 +135,15 @@ class EventPipeline:
             client, memory_capacity, batch_size, flush_interval, concurrency, commit_window, shutdown_timeout,
             max_attempts, max_backoff, retry_backoff, metrics, spool_window,
         )  # fmt: skip
+        # kept as checked: an int or a float, whatever real number was given (numpy's int64 reached SQLite's
+        # LIMIT ?, which cannot bind it: the spool's backlog was never loaded)
+        batch_size, memory_capacity, concurrency, max_attempts = (
+            int(batch_size), int(memory_capacity), int(concurrency), int(max_attempts)
+        )  # fmt: skip
+        spool_window = int(spool_window) if spool_window is not None else None
+        flush_interval, commit_window = float(flush_interval), float(commit_window)
+        shutdown_timeout, max_backoff = float(shutdown_timeout), float(max_backoff)
+        retry_backoff = float(retry_backoff) if retry_backoff is not None else None
         if spool_path is not None and not isinstance(spool_path, (str, os.PathLike)):
             raise ConfigurationError(
                 f"EventPipeline(spool_path=...) must be a file path (a str or a pathlib.Path), got "

@@ -1085,7 +1085,7 @@ class OrgBillingMiddleware:
                 endpoint = _template(scope, status, root_path, self._routing_inside)
             key = self._idempotency_key(scope) if self.idempotency_header is not None else None
             if key is not None:  # (in this process's memory; with Redis, _share_first_seen asked the fleet)
-                transaction_id = self._idempotent_id(key, org_id, method, endpoint)
+                transaction_id = self._idempotent_id(key, org_id, method, endpoint, scope["path"])
                 retry = transaction_id in self._first_seen
                 if not retry:
                     self._first_seen[transaction_id] = started
@@ -1296,7 +1296,7 @@ class OrgBillingMiddleware:
             return None  # not billed: no event, no first timestamp
         status = watcher.status if watcher.status is not None else 500
         endpoint = _template(scope, status, root_path, self._routing_inside)
-        transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint)
+        transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint, scope["path"])
         local = self._first_seen.get(transaction_id)
         candidate = started if local is None else local
         first: float | None = None
@@ -1305,9 +1305,13 @@ class OrgBillingMiddleware:
         self._first_seen[transaction_id] = candidate if first is None else first
         return endpoint, transaction_id, local is not None or (first is not None and first != candidate)
 
-    def _idempotent_id(self, key: str, org_id: str, method: str, endpoint: str) -> str:
+    def _idempotent_id(self, key: str, org_id: str, method: str, endpoint: str, path: object = None) -> str:
         """The transaction id of (org, method, route, key): one reading only (JSON), and keyed by the Lago API key
-        (a secret), so that nobody can compute it ahead and record an event under it first (``usage/record``)."""
+        (a secret), so that nobody can compute it ahead and record an event under it first (``usage/record``).
+        ``path``: the request's; a raw path billed cut (:func:`_raw_endpoint`) is read whole here, so that two
+        different long paths with one key are two calls, not a call and its retry (as before paths were cut)."""
+        if len(endpoint) == _MAX_RAW_ENDPOINT and endpoint[-1] == "\u2026" and path is not None:
+            endpoint = _whole_raw_endpoint(endpoint, path)
         message = json.dumps([org_id, method, endpoint, key], ensure_ascii=True).encode()
         digest = hmac.new((self.settings.api_key or "").encode(), message, hashlib.sha256).hexdigest()
         return f"idem_{digest[:32]}"
@@ -1856,6 +1860,7 @@ def _check_arguments(
             f"{name}(event_properties=...)", event_properties, what="a function (scope, identity) -> mapping"
         )
     if quota is not None and quota != "auto" and not checks.double(quota):
+        checks.built(f"{name}(quota=...)", quota, what="'auto', None or a gate object (QuotaGate(settings, client))")
         # what the middleware calls of its gate (``_gate.QuotaGateProtocol``): each missing one failed only at the
         # first request (``run``: "could not start its background delivery"), or when its response was over
         missing = [method for method in _GATE_METHODS if not callable(getattr(quota, method, None))]
@@ -1874,6 +1879,8 @@ def _check_arguments(
         and not checks.double(client)
     ):
         raise ConfigurationError(f"{name}(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if pipeline is not None:
+        checks.built(f"{name}(pipeline=...)", pipeline, what="an EventPipeline (EventPipeline(client))")
     if pipeline is not None and not (
         callable(getattr(pipeline, "lane", None)) or callable(getattr(pipeline, "submit", None))
     ):
@@ -2025,6 +2032,15 @@ def _raw_endpoint(path: object) -> str:
 
 #: The longest raw path billed whole as an endpoint (see :func:`_raw_endpoint`).
 _MAX_RAW_ENDPOINT = 1024
+
+
+def _whole_raw_endpoint(endpoint: str, path: object) -> str:
+    """``endpoint`` uncut, when it is the raw ``path`` cut by :func:`_raw_endpoint` (NULs dropped, as there); else
+    ``endpoint`` (a route's template that happens to end so)."""
+    text = str(path)
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text if len(text) > _MAX_RAW_ENDPOINT and text.startswith(endpoint[:-1]) else endpoint
 
 
 def _wraps_served(route: Mount | Host, scope: Scope) -> bool:

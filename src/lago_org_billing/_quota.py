@@ -1241,6 +1241,7 @@ def _check_gate_parts(client: object, backend: object) -> None:
     """Refuse a ``QuotaGate`` client or backend that cannot work, where it was written: ``client=None`` or a URL, a
     backend named by a string (``"redis"``: it is chosen by ``LAGO_REDIS_URL``) or a class instead of an instance were
     accepted, and failed in the background, at the first refresh or request. Test doubles are accepted."""
+    checks.built("QuotaGate(client)", client, what="a LagoClient (LagoClient(settings))")
     if not checks.double(client):
         missing = [read for read in _CLIENT_READS if not callable(getattr(client, read, None))]
         if missing:

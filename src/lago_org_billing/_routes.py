@@ -365,8 +365,9 @@ class BillingRouter(Router):
                 checks.function(
                     f"{name}({argument}=...)", function, what="a function (see billing_routes' documentation)"
                 )
-        checks.whole(f"{name}(invoice_limit=...)", invoice_limit, maximum=100)
-        checks.whole(f"{name}(max_body_size=...)", max_body_size)
+        # (kept as checked: an int, whatever whole number was given, e.g. numpy's, which Lago's page sizes refuse)
+        invoice_limit = checks.whole(f"{name}(invoice_limit=...)", invoice_limit, maximum=100)
+        max_body_size = checks.whole(f"{name}(max_body_size=...)", max_body_size)
         checks.flag(f"{name}(allow_skip_invoice=...)", allow_skip_invoice)
         self._billing = billing
         self.allow_skip_invoice = allow_skip_invoice
