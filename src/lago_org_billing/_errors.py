@@ -170,6 +170,18 @@ def _without_tracebacks(exc: BaseException) -> BaseException:
     return exc
 
 
+def _bare(error: ConfigurationError) -> ConfigurationError:
+    """``error``, to be raised again, without its traceback nor those of its chain, and without the context it was
+    raised ``from None`` over: the frames it went through held secrets as locals (the API key, the HMAC key, URLs
+    with their passwords, the whole environment of ``from_env``), which error trackers (Sentry's
+    ``include_local_variables``, on by default), ``rich`` and ``loguru`` tracebacks ship; its message says what is
+    wrong."""
+    if error.__suppress_context__:
+        error.__context__ = None
+    _without_tracebacks(error)
+    return error
+
+
 def _already_exist(codes: Any) -> bool:
     """``["value_already_exist"]``, whatever else Lago might put in such a list (unhashable objects...)."""
     return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, _bare
 from ._ids import _FORBIDDEN
 
 __all__ = ["BillingSettings", "QuotaMode"]
@@ -300,15 +300,6 @@ class BillingSettings:
         if require_api_key:
             settings.require_api_key()
         return settings
-
-
-def _bare(error: ConfigurationError) -> ConfigurationError:
-    """``error`` without its traceback, nor the context it was raised ``from None`` over: the locals of the frames
-    it went through held the API key, the HMAC key, URLs with their passwords and the whole environment (error
-    trackers such as Sentry, ``rich`` and ``loguru`` tracebacks show locals); its message says what is wrong."""
-    if error.__suppress_context__:
-        error.__context__ = None
-    return error.with_traceback(None)
 
 
 def _guarded_init(init: Callable[..., None]) -> Callable[..., None]:

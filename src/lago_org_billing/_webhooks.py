@@ -84,7 +84,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import _checks as checks
 from ._client import LagoClient, _Throttled
-from ._errors import ConfigurationError, LagoIntegrationError, _without_tracebacks, traceback_text
+from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
 from ._quota_redis import RedisUse, redis_problem
 from ._settings import BillingSettings, _check_unquoted, masked_url, redact_url
@@ -405,15 +405,6 @@ def _redis_from_url(url: str, timeout: float) -> Any:
         "?socket_timeout=5) or unset it.",
         variable="LAGO_REDIS_URL",
     )
-
-
-def _bare(error: ConfigurationError) -> ConfigurationError:
-    """``error`` with the tracebacks of its whole chain dropped: the frames it went through held secrets as locals
-    (the Redis URL and its password, the HMAC key, the settings' environment), which error trackers (Sentry's
-    ``include_local_variables``, on by default), ``rich`` and ``loguru`` tracebacks show; its message says what is
-    wrong."""
-    _without_tracebacks(error)
-    return error
 
 
 # ------------------------------------------------------------------------------------------ signatures
