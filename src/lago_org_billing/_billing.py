@@ -881,12 +881,8 @@ def _check_billing_arguments(
             "OrgBilling(settings) must be a BillingSettings (BillingSettings.from_env()), got "
             f"{type(settings).__name__}."
         )
-    if (
-        client is not None
-        and not isinstance(getattr(client, "settings", None), BillingSettings)
-        and not checks.double(client)  # (a test double of one, as before these checks)
-    ):
-        raise ConfigurationError(f"OrgBilling(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if client is not None:
+        checks.client("OrgBilling(client=...)", client)
     if pipeline is not None:
         checks.built("OrgBilling(pipeline=...)", pipeline, what="an EventPipeline (e.g. middleware.pipeline)")
     if quota is not None:

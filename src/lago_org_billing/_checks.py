@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from ._errors import ConfigurationError
+from ._settings import BillingSettings
 
 
 def number(
@@ -119,3 +120,10 @@ def instance(name: str, value: Any, cls: type, *, what: str) -> Any:
     if not isinstance(value, cls) and not double(value):
         raise ConfigurationError(f"{name} must be {what}, got {type(value).__name__}.")
     return value
+
+
+def client(name: str, value: object) -> None:
+    """Refuse what is not a Lago client: an object whose ``settings`` are a :class:`BillingSettings` (a
+    ``LagoClient``, a subclass, a stand-in of one) or a test double (:func:`double`)."""
+    if not isinstance(getattr(value, "settings", None), BillingSettings) and not double(value):
+        raise ConfigurationError(f"{name} must be a LagoClient, got {type(value).__name__}.")

@@ -77,7 +77,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._settings import BillingSettings, redact_url
+from ._settings import redact_url
 from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox, dumps_event
 
 __all__ = ["DeadLetter", "EventPipeline"]
@@ -874,8 +874,7 @@ def _check_pipeline_arguments(
     environment (``TypeError: '<' not supported``), NaN or infinity (the delivery loop then never flushes or never
     waits), a bool for a count, a client that is not one (an ``AttributeError`` here, or in the background)."""
     name = "EventPipeline"
-    if not isinstance(getattr(client, "settings", None), BillingSettings) and not checks.double(client):
-        raise ConfigurationError(f"{name}(client) must be a LagoClient, got {type(client).__name__}.")
+    checks.client(f"{name}(client)", client)
     checks.whole(f"{name}(batch_size=...)", batch_size, maximum=MAX_BATCH_SIZE)
     for argument, count in (
         ("memory_capacity", memory_capacity),

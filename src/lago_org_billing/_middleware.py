@@ -1873,12 +1873,8 @@ def _check_arguments(
             )
     if quota_config is not None:
         checks.instance(f"{name}(quota_config=...)", quota_config, QuotaConfig, what="a QuotaConfig")
-    if (
-        client is not None
-        and not isinstance(getattr(client, "settings", None), BillingSettings)
-        and not checks.double(client)
-    ):
-        raise ConfigurationError(f"{name}(client=...) must be a LagoClient, got {type(client).__name__}.")
+    if client is not None:
+        checks.client(f"{name}(client=...)", client)
     if pipeline is not None:
         checks.built(f"{name}(pipeline=...)", pipeline, what="an EventPipeline (EventPipeline(client))")
     if pipeline is not None and not (
