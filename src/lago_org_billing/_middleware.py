@@ -17,7 +17,6 @@ endpoint of an answer no route produced is ``<unmatched>`` (the raw path only fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import functools
 import hashlib
@@ -67,8 +66,8 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import QuotaConfig, _Decision
-from ._quota_redis import RedisUse, redis_problem
-from ._settings import BillingSettings, redact_url
+from ._quota_redis import RedisProblems, RedisUse
+from ._settings import BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -1609,15 +1608,10 @@ class SharedFirstSeen:
                 variable="LAGO_REDIS_URL",
             ) from None
         self._from_url = functools.partial(redis_asyncio.from_url, url)
-        self._shown_url = redact_url(url)  # for logs: no password
-        self._plain = url.lower().startswith("redis://")
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False
         self._said_unusable = False
-        # Misconfigurations and states of Redis said (a kind each: see redis_problem) since it last answered
-        self._said: set[str] = set()
-        self._answered = False  # Redis answered once (a connection reset before any answer: maybe a TLS port)
-        self._wrote = False  # Redis took a write once (READONLY after that: a failover; before: a replica's URL)
+        self._problems = RedisProblems(_IDEMPOTENCY_REDIS_USE, url, logger)
 
     def _usable(self) -> bool:
         """Whether the running event loop can use the redis client: it runs only under asyncio. Under trio
@@ -1655,7 +1649,7 @@ class SharedFirstSeen:
             else:
                 if self.down:
                     self._recovered()
-                self._answered = self._wrote = True
+                self._problems.succeeded(write=True)
                 return float(value)
         return None  # pragma: no cover - (the loop returns)
 
@@ -1675,23 +1669,9 @@ class SharedFirstSeen:
         """Say what failed (once per outage; a problem once per kind, with what to change); after a READONLY, drop the
         pooled connections (they reach a node a failover made a replica). Whether to try again at once (a READONLY
         after a write: a failover, its endpoint may name the new primary already)."""
-        use = _IDEMPOTENCY_REDIS_USE
-        problem = redis_problem(
-            exc, use, url=self._shown_url, wrote=self._wrote, answered=self._answered, plain=self._plain
-        )
-        again = False
-        if problem is not None:  # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
-            kind, level, message = problem
-            if kind == "readonly":
-                pool = getattr(self.redis, "connection_pool", None)
-                if pool is not None:
-                    with contextlib.suppress(Exception):  # (the idle ones: those in use drop at their READONLY)
-                        await pool.disconnect(inuse_connections=False)
-                again = self._wrote
-            if kind not in self._said:
-                self._said.add(kind)
-                logger.log(level, "%s", message)
-        elif not self.down:
+        # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
+        known, again = await self._problems.failed(exc, self.redis)
+        if not known and not self.down:
             logger.warning(
                 "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
                 "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
@@ -1702,8 +1682,9 @@ class SharedFirstSeen:
 
     def _recovered(self) -> None:
         self.down = False
-        self._said.clear()
-        logger.info("Redis (%s) answers again: idempotency keys' first timestamps are shared again.", self._shown_url)
+        logger.info(
+            "Redis (%s) answers again: idempotency keys' first timestamps are shared again.", self._problems.shown_url
+        )
 
     async def aclose(self) -> None:
         """Close the client (its connections belong to the running loop); the next use makes another."""

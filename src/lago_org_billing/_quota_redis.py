@@ -46,6 +46,7 @@ are handed over in flight (kept by snapshots, released or recorded in Redis when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -447,6 +448,51 @@ def redis_is_readonly(exc: BaseException) -> bool:
     return isinstance(exc, _redis_errors("ReadOnlyError")) or any(
         words in str(exc) for words in ("read only replica", "Link with MASTER is down")
     )
+
+
+class RedisProblems:
+    """What one of the package's Redis clients knows of its Redis, for :func:`redis_problem`, and what it said of it:
+    whether Redis answered once and took a write once (``READONLY`` after a write: a failover; before: a replica's
+    URL), and the kinds of problem said since it last answered (each said once). ``url``: ``None`` for a client
+    given; ``log``: the client's own logger."""
+
+    def __init__(self, use: RedisUse, url: str | None, log: logging.Logger) -> None:
+        self.use = use
+        self.shown_url = redact_url(url) if url else "the given client"  # for logs: no password
+        self.plain = bool(url) and str(url).lower().startswith("redis://")
+        self.log = log
+        self.answered = False
+        self.wrote = False
+        self.said: set[str] = set()
+
+    def succeeded(self, *, write: bool) -> None:
+        """Redis answered (and took a write, ``write``): the problems may be said again should they come back."""
+        self.answered = True
+        self.wrote = self.wrote or write
+        self.said.clear()
+
+    async def failed(self, exc: BaseException, client: Any) -> tuple[bool, bool]:
+        """Say what :func:`redis_problem` makes of ``exc`` (once per kind); after a ``READONLY`` drop the idle pooled
+        connections of ``client`` (they reach a node a failover made a replica; those in use drop at their own
+        READONLY). ``(known, again)``: ``known``, a problem it named (else an outage, the caller's to say); ``again``,
+        a READONLY after a write (a failover: the endpoint may name the new primary already), to call once more."""
+        problem = redis_problem(
+            exc, self.use, url=self.shown_url, wrote=self.wrote, answered=self.answered, plain=self.plain
+        )
+        if problem is None:
+            return False, False
+        kind, level, message = problem
+        again = False
+        if kind == "readonly":
+            pool = getattr(client, "connection_pool", None)
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await pool.disconnect(inuse_connections=False)
+            again = self.wrote
+        if kind not in self.said:
+            self.said.add(kind)
+            self.log.log(level, "%s", message)
+        return True, again
 
 
 def redis_problem(

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -86,8 +85,8 @@ from . import _checks as checks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
-from ._quota_redis import RedisUse, redis_problem
-from ._settings import BillingSettings, _check_unquoted, masked_url, redact_url
+from ._quota_redis import RedisProblems, RedisUse
+from ._settings import BillingSettings, _check_unquoted, masked_url
 
 __all__ = [
     "INVALIDATING_TYPES",
@@ -277,10 +276,7 @@ class RedisDedupe:
         timeout: float | None = None,
     ) -> None:
         # for what it says of Redis (failovers, misconfigurations: :func:`redis_problem`), never the password
-        self._shown_url = redact_url(url) if url else "the given client"
-        self._plain = bool(url) and str(url).lower().startswith("redis://")
-        self._answered = self._wrote = False
-        self._said: set[str] = set()
+        self._problems = RedisProblems(_DEDUPE_USE, url, logger)
         if client is None:
             if not url:
                 raise ConfigurationError("RedisDedupe needs a Redis URL (LAGO_REDIS_URL) or a client.")
@@ -329,27 +325,11 @@ class RedisDedupe:
             try:
                 result = await operation()
             except Exception as exc:
-                problem = redis_problem(
-                    exc, _DEDUPE_USE, url=self._shown_url, wrote=self._wrote, answered=self._answered, plain=self._plain
-                )
-                if problem is None:
-                    raise
-                kind, level, message = problem
-                if kind not in self._said:
-                    self._said.add(kind)
-                    logger.log(level, "%s", message)
-                if kind != "readonly":
-                    raise
-                pool = getattr(self.redis, "connection_pool", None)
-                with contextlib.suppress(Exception):
-                    if pool is not None:
-                        await pool.disconnect(inuse_connections=False)
-                if attempt or not self._wrote:
+                _, again = await self._problems.failed(exc, self.redis)
+                if attempt or not again:
                     raise
             else:
-                self._answered = True
-                self._wrote = self._wrote or write
-                self._said.clear()
+                self._problems.succeeded(write=write)
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
