@@ -379,7 +379,7 @@ class LagoStore:
             billed_from = max(billed_from, trial_end)
         if billed_from <= start:
             return amount
-        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        duration = _period_days(start, end)
         days = int((end + timedelta(days=1) - billed_from).total_seconds()) // 86400
         return int((Decimal(amount) * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
 
@@ -395,7 +395,7 @@ class LagoStore:
             if trial_end >= at:
                 return 0
             billed_from = max(billed_from, trial_end)
-        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        duration = _period_days(start, end)
         days = max(Decimal((at - billed_from).total_seconds() / 86400), Decimal(0))
         days = days.to_integral_value(rounding=ROUND_CEILING)
         return int((amount * days / duration).to_integral_value(rounding=ROUND_HALF_UP))
@@ -585,7 +585,7 @@ class LagoStore:
         ``charges_to_datetime``, or the termination, in days rounded up) over the charges period's days, less the
         charge's amount, truncated to the subunit as Lago's integer column keeps it."""
         start, end = self._full_charges_bounds(sub, at)
-        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        duration = _period_days(start, end)
         billed_from = parse_datetime(usage["from_datetime"]) or start
         billed_to = terminated_at if terminated_at is not None and terminated_at < end else end + timedelta(seconds=1)
         days = Decimal((billed_to - billed_from).total_seconds() / 86400).to_integral_value(rounding=ROUND_CEILING)
@@ -2128,7 +2128,7 @@ class LagoStore:
         details: Mapping[str, Any] = fee.get("amount_details") or {}
         plan_amount = int(details.get("plan_amount_cents", self._plan_of(sub)["amount_cents"]))
         tz = self._timezone(sub)
-        duration = round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
+        duration = _period_days(start, end)
         day_price = plan_amount / duration
         period_end = end.astimezone(UTC).date()
         end_of_day = local_day_start(self._local_date(sub, at) + timedelta(days=1), tz) - timedelta(seconds=1)
@@ -2968,7 +2968,7 @@ class LagoStore:
         ]
         window = [e for e in history if low <= Decimal(e["ts"])]
         full_start, full_end = self._full_charges_bounds(sub, at)
-        days = round((full_end + timedelta(seconds=1) - full_start).total_seconds() / 86400)
+        days = _period_days(full_start, full_end)
         span = Span(low, high, Decimal(days * 86400))
         currency = plan["amount_currency"]
         usages = []
@@ -3645,6 +3645,12 @@ class Span(NamedTuple):
 
 
 _PG_MIN_SIG_DIGITS = 16
+
+
+def _period_days(start: datetime, end: datetime) -> int:
+    """The days of a billing period ``start``..``end`` (its last second), as lago-api counts them to prorate a fee
+    (``DatesService#charges_duration_in_days`` / ``duration_in_days``)."""
+    return round((end + timedelta(seconds=1) - start).total_seconds() / 86400)
 
 
 def _pg_scale(value: Decimal) -> int:
