@@ -1435,9 +1435,19 @@ class SqliteOutbox(Outbox):
     def _answered(self) -> None:
         """Batches in flight were answered after a load found no room for them (:meth:`_room`): once they leave room,
         the dispatcher is woken to load (not left to its next timeout or the spool task's next commit window)."""
-        if self.window_size - len(self.window) - self.in_flight >= max(self.window_size // 2, 1):
+        if self._free() >= self._low_water:
             self._short = False
             self.on_ready()
+
+    def _free(self) -> int:
+        """The window's room: rows it may still hold, those waiting in it and those in flight counted."""
+        return self.window_size - len(self.window) - self.in_flight
+
+    @property
+    def _low_water(self) -> int:
+        """The least room a load waits for (half the window): it then reads enough rows to be worth a trip to the
+        file."""
+        return max(self.window_size // 2, 1)
 
     def _forget_unwritten_dead(self) -> None:
         """Keep the last ``_MEMORY_DEAD_LETTERS`` dead letters waiting in memory for a write (their events were never
@@ -1842,8 +1852,8 @@ class SqliteOutbox(Outbox):
         for a write reached ``capacity`` plus the window plus every batch in flight."""
         if len(self._to_delete) + len(self._to_dead) > self.capacity:
             return 0
-        room = self.window_size - len(self.window) - self.in_flight
-        if room < max(self.window_size // 2, 1):
+        room = self._free()
+        if room < self._low_water:
             self._short = True  # (the batches in flight make room as they are answered: :meth:`_answered`)
             return 0
         return room
