@@ -5,6 +5,7 @@ blocked org allowed again after ``invalidate``), a downgrade (limits kept until 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +46,20 @@ async def client(fake: FakeLago) -> AsyncIterator[LagoClient]:
         yield lago
 
 
+@contextlib.asynccontextmanager
+async def running_gate(
+    lago: LagoClient, clock: Clock, settings: BillingSettings | None = None
+) -> AsyncIterator[QuotaGate]:
+    """A gate of ``lago`` (``settings``: its client's unless given) on the test's clock, running in the background
+    for the ``async with`` block, then closed."""
+    gate = QuotaGate(settings or lago.settings, lago, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        yield gate
+        tasks.cancel_scope.cancel()
+    await gate.aclose()
+
+
 async def use_up(gate: QuotaGate, org_id: str, calls: int) -> None:
     for _ in range(calls):
         decision = await gate.check(org_id)
@@ -59,9 +74,7 @@ def limit(decision: Any) -> str | None:
 async def test_an_upgrade_mid_period_unblocks_after_invalidate(
     client: LagoClient, fake: FakeLago, clock: Clock
 ) -> None:
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_1", 2)
         blocked = await gate.check("org_1")
         assert (blocked.allowed, blocked.status) == (False, 429)
@@ -72,8 +85,6 @@ async def test_an_upgrade_mid_period_unblocks_after_invalidate(
         assert decision.allowed, decision
         assert limit(decision) == "10000"
         assert (await gate.get_org_plan_limits("org_1"))["plan_code"] == "pro"
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
 
 
 async def test_a_downgrade_keeps_the_current_limits_until_the_period_end(
@@ -81,9 +92,7 @@ async def test_a_downgrade_keeps_the_current_limits_until_the_period_end(
 ) -> None:
     fake.add_customer("org_2")
     fake.add_subscription("org_2", "pro")
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_2", 3)
         clock.advance(3600)
         fake.add_subscription("org_2", "starter")  # downgrade: at the period end
@@ -92,37 +101,27 @@ async def test_a_downgrade_keeps_the_current_limits_until_the_period_end(
         assert decision.allowed, decision
         assert limit(decision) == "10000"
         assert (await gate.get_org_plan_limits("org_2"))["plan_code"] == "pro"
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
 
 
 async def test_a_termination_mid_period_is_402_after_invalidate(
     client: LagoClient, fake: FakeLago, clock: Clock
 ) -> None:
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_1", 1)
         clock.advance(60)
         fake.store.terminate_subscription("org_1", {})
         await gate.invalidate("org_1")
         decision = await gate.check("org_1")
         assert (decision.allowed, decision.status) == (False, 402)
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
 
 
 async def test_a_subscription_override_raises_one_orgs_limit(client: LagoClient, fake: FakeLago, clock: Clock) -> None:
     fake.add_customer("org_2")
     fake.add_subscription("org_2", "starter")
     fake.store.patch_sub_entitlements("org_2", None, {"entitlements": {"api_quota": {"max_api_calls": 5}}})
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         assert limit(await gate.check("org_2")) == "5"
         assert limit(await gate.check("org_1")) == "2"
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
 
 
 async def test_plan_limits_fallback_for_a_plan_without_entitlements(
@@ -130,15 +129,11 @@ async def test_plan_limits_fallback_for_a_plan_without_entitlements(
 ) -> None:
     fake.add_customer("org_3")
     fake.add_subscription("org_3", "legacy")
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_3", 1)
         decision = await gate.check("org_3")
         assert (decision.allowed, decision.status) == (False, 429)
         assert (await gate.get_org_plan_limits("org_3"))["source"] == "plan_limits"
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
 
 
 def middleware_for(fake: FakeLago, lago: LagoClient, clock: Clock, mode: str = "enforce") -> Any:
@@ -221,9 +216,7 @@ async def test_a_downgrade_unseen_before_the_rollover_applies_at_the_first_refre
     fake.add_subscription("org_2", "pro")
     settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
     async with LagoClient(settings, transport=fake.transport()) as lago:
-        gate = QuotaGate(settings, lago, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(gate.run)
+        async with running_gate(lago, clock, settings) as gate:
             assert (await gate.check("org_2")).allowed
             fake.add_subscription("org_2", "starter")  # a downgrade: at the period end
             clock.at = dt.datetime(2026, 4, 1, 0, 0, 1, tzinfo=dt.timezone.utc)
@@ -240,8 +233,6 @@ async def test_a_downgrade_unseen_before_the_rollover_applies_at_the_first_refre
                 gate.settle("org_2", decision, tokens=0, billed=True)
                 decisions.append(decision.allowed)
             plan = (await gate.get_org_plan_limits("org_2"))["plan_code"]
-            tasks.cancel_scope.cancel()
-        await gate.aclose()
     assert plan == "starter"
     assert decisions == [True, False, False]
 
@@ -257,9 +248,7 @@ async def test_an_upgrade_without_a_webhook_is_seen_at_the_next_usage_refresh(
 ) -> None:
     """No ``invalidate``: the usage read after the TTL shows a period begun within the known one (the subscription was
     replaced), so the plan is read again: the blocked org is allowed on pro's limit."""
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_1", 2)
         assert not (await gate.check("org_1")).allowed
         clock.advance(3600)
@@ -267,39 +256,29 @@ async def test_an_upgrade_without_a_webhook_is_seen_at_the_next_usage_refresh(
         await gate.check("org_1")  # due: its refresh starts
         await refreshed(gate)
         decision = await gate.check("org_1")
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
     assert decision.allowed and limit(decision) == "10000"
 
 
 async def test_a_termination_without_a_webhook_is_402_after_the_next_usage_refresh(
     client: LagoClient, fake: FakeLago, clock: Clock
 ) -> None:
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_1", 1)
         clock.advance(3600)
         fake.store.terminate_subscription("org_1", {})
         await gate.check("org_1")
         await refreshed(gate)
         decision = await gate.check("org_1")
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
     assert (decision.allowed, decision.status) == (False, 402)
 
 
 async def test_an_override_patched_mid_period_applies_after_invalidate(
     client: LagoClient, fake: FakeLago, clock: Clock
 ) -> None:
-    gate = QuotaGate(client.settings, client, config=QuotaConfig(cold_timeout=5.0), clock=clock.time)
-    async with anyio.create_task_group() as tasks:
-        await tasks.start(gate.run)
+    async with running_gate(client, clock) as gate:
         await use_up(gate, "org_1", 2)
         assert not (await gate.check("org_1")).allowed
         fake.store.patch_sub_entitlements("org_1", None, {"entitlements": {"api_quota": {"max_api_calls": 4}}})
         await gate.invalidate("org_1")
         decision = await gate.check("org_1")
-        tasks.cancel_scope.cancel()
-    await gate.aclose()
     assert decision.allowed and limit(decision) == "4"
