@@ -226,12 +226,18 @@ def test_session_emulator(shared, i):
 """
 
 
-def test_xdist_workers_each_have_their_own_emulators(pytester: pytest.Pytester) -> None:
+def test_xdist_workers_each_have_their_own_emulators(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("xdist")
     pytester.makeconftest(_SESSION_CONFTEST)
     pytester.makepyfile(_XDIST_TESTS)
+    # Only the plugins this run is about: others installed beside them (pytest-benchmark warns when xdist is active,
+    # an error under -W error) must not decide its outcome.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     result = pytester.runpytest_subprocess(
-        "-n", "2", "-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error", "-W", "error::ResourceWarning", "-rA"
+        *("-p", "xdist.plugin", "-p", "lago_org_billing.testing.pytest_plugin", "-p", "anyio"),
+        *("-n", "2", "-p", "no:cacheprovider", "-W", "error", "-W", "error::ResourceWarning", "-rA"),
     )
     result.assert_outcomes(passed=7, failed=1)
     urls = {line.split()[-1] for line in result.outlines if line.startswith("worker gw")}
