@@ -22,8 +22,11 @@
 * ``hmac``: set ``LAGO_WEBHOOK_HMAC_KEY`` (Lago: Developers > Webhooks > HMAC Signature Token). The header is
   base64(HMAC-SHA256(key, raw body)), compared in constant time.
 
-The mode follows the configuration: with an HMAC key the receiver takes HMAC signatures only, without one JWT
-signatures only. A missing or wrong signature is answered 401 and nothing runs. What can be refused without the
+The mode follows the configuration: with an HMAC key the receiver takes HMAC signatures, without one JWT signatures
+only. With an HMAC key it takes JWT signatures too once it knows its organization (``LAGO_ORGANIZATION_ID``: Lago's JWT
+key is shared by every organization of an instance) and can verify them (``LAGO_API_KEY`` or ``public_key=``): to
+switch a Lago endpoint from JWT to HMAC without losing webhooks, deploy the key first, then switch the endpoint. A
+missing or wrong signature is answered 401 and nothing runs. What can be refused without the
 body is refused before reading it (no signature, the other algorithm, a token that is no RS256 JWT), and in JWT mode
 a body is read no further than its token could carry (the token holds the body it signs): an unsigned body costs at
 most ``max_body_size`` (HMAC mode, which needs the whole body to verify) or the length of the header sent with it.
@@ -42,8 +45,10 @@ again. Handlers that keep state should not apply an old payload over newer state
 and its timestamps, or read the current state from Lago.
 
 **Answers.** 200 once processed, for a duplicate, and for a webhook type nobody handles; 401 bad signature; 400
-not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised;
-503 Lago's public key could not be fetched. Anything but 200/201/202/204 makes Lago retry. Lago waits 30 s for an
+not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised, or the
+quota state could not be dropped (logged once a minute, not per webhook); 503 Lago's public key could not be fetched.
+A type nothing handles is logged once (INFO), as is a quota-changing one reaching a receiver with no quota gate.
+Anything but 200/201/202/204 makes Lago retry. Lago waits 30 s for an
 answer: handlers slower than that fail the attempt (its retries are answered 409 while they run, then 200), so hand
 long work to a queue. A dedupe Redis that does not answer within 2 s is skipped (the webhook processed without it).
 
@@ -569,6 +574,8 @@ class _Config:
     hmac_key: bytes | None = dataclasses.field(repr=False)  # (error trackers record frames' locals by their repr)
     issuers: tuple[str, ...]
     organization_id: str | None
+    #: HMAC mode that takes the JWT webhooks of its own organization too (see ``_takes_jwt_too``)
+    jwt_too: bool = False
 
 
 def _check_webhook_arguments(
@@ -643,7 +650,8 @@ class LagoWebhooks:
       envelope names another organization are refused (401). Set it in JWT mode: Lago signs JWT webhooks with its
       instance's key, the same for every organization on that instance (Lago Cloud), so anyone with an account
       there could send you signed webhooks. It is the ``organization_id`` of the webhooks Lago sends you, and the
-      ``lago_organization_id`` of ``GET /api/v1/webhook_endpoints``. HMAC keys are per organization.
+      ``lago_organization_id`` of ``GET /api/v1/webhook_endpoints``. HMAC keys are per organization. With an HMAC
+      key, it lets the receiver take this organization's JWT webhooks too (while an endpoint is switched to HMAC).
     * **key_refetch_interval** - minimum seconds between two fetches of the public key (default 10: a forged token
       just before Lago rotates its key delays the new key that long, within Lago's retries of about 3 and 20 s).
     * **max_body_size** - larger bodies are answered 413 (default 10 MiB). In JWT mode a body longer than its
@@ -692,9 +700,11 @@ class LagoWebhooks:
             self.max_body_size = max_body_size
             self._config: _Config | None = None
             self._org_wide: dict[int, _Coalesced] = {}  # by quota gate: its invalidate_all's runs, shared
-            self._say = _Throttled(
-                logger
-            )  # problems that repeat with every webhook: said once a minute, not per request
+            # problems that repeat with every webhook: said once a minute, not per request
+            self._say = _Throttled(logger)
+            # the quota gate's store failing (Redis down): each webhook fails the same way, Lago retries each 3 times
+            self._alarm = _Throttled(logger, level=logging.ERROR)
+            self._said_once: set[str] = set()  # what is said once per webhook type (see _once)
             #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
             #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
             self.stats: dict[str, int] = dict.fromkeys(
@@ -803,7 +813,23 @@ class LagoWebhooks:
             hmac_key=hmac_key.encode() if hmac_key else None,
             issuers=tuple(issuer.rstrip("/") for issuer in issuers),
             organization_id=organization_id,
+            jwt_too=mode == "hmac" and self._takes_jwt_too(settings, organization_id),
         )
+
+    def _takes_jwt_too(self, settings: BillingSettings, organization_id: str | None) -> bool:
+        """Whether a receiver with an HMAC key takes JWT webhooks as well: when it knows its Lago organization (the
+        instance's JWT key is shared by every organization on it, the HMAC key is not) and can verify them (Lago's
+        public key given, or fetched with LAGO_API_KEY; PyJWT installed). Switching a Lago endpoint from JWT to HMAC
+        then loses no webhook: the key deployed first, Lago's JWT webhooks until the switch are taken too."""
+        if organization_id is None:
+            return False
+        if self._client is None and self._public_pem is None and not settings.api_key:
+            return False
+        try:
+            _jwt()
+        except ConfigurationError:
+            return False
+        return True
 
     def _memory_dedupe_instead(self) -> MemoryDedupe:
         """The dedupe made from ``LAGO_REDIS_URL`` served under trio (``hypercorn -k trio``), where the redis client
@@ -865,17 +891,21 @@ class LagoWebhooks:
         # Everything that refuses a request without its body, before reading it (an unsigned body costs nothing)
         if not signature:
             return self._reject("missing_signature", "X-Lago-Signature is missing.")
-        if algorithm and algorithm != config.mode:
+        scheme = config.mode
+        if config.jwt_too and (algorithm == "jwt" or (not algorithm and signature.count(".") == 2)):
+            scheme = "jwt"  # (an HMAC signature is base64: no dot)
+        if algorithm and algorithm != scheme:
             hint = (
                 "set LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to JWT"
                 if algorithm == "hmac"
-                else "unset LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to HMAC"
+                else "unset LAGO_WEBHOOK_HMAC_KEY or switch the endpoint to HMAC (or set LAGO_ORGANIZATION_ID, with "
+                "LAGO_API_KEY, to take both while switching)"
             )
             return self._reject(
                 "wrong_algorithm", f"Signed with {algorithm!r}, but this receiver verifies {config.mode}: {hint}."
             )
         limit = self.max_body_size
-        if config.mode == "jwt":
+        if scheme == "jwt":
             problem = _jwt_shape(signature)
             if problem is not None:
                 return self._reject("invalid_signature", problem)
@@ -891,7 +921,7 @@ class LagoWebhooks:
                 )
             return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
         try:
-            problem = await self._verify(config, signature, body)
+            problem = await self._verify(config, scheme, signature, body)
         except _KeyUnavailable as exc:
             self._say(
                 "key",
@@ -943,9 +973,9 @@ class LagoWebhooks:
 
     # ------------------------------------------------------------------------------------- verifying
 
-    async def _verify(self, config: _Config, signature: str, body: bytes) -> str | None:
-        """``None`` when the signature is good, else why not."""
-        if config.mode == "hmac":
+    async def _verify(self, config: _Config, scheme: Literal["jwt", "hmac"], signature: str, body: bytes) -> str | None:
+        """``None`` when the signature (of ``scheme``) is good, else why not."""
+        if scheme == "hmac":
             assert config.hmac_key is not None
             expected = base64.b64encode(hmac.new(config.hmac_key, body, hashlib.sha256).digest())
             if hmac.compare_digest(expected, signature.encode("utf-8", "replace")):
@@ -1070,6 +1100,7 @@ class LagoWebhooks:
         if self._owns_dedupe and isinstance(dedupe, RedisDedupe) and not _on_asyncio():
             dedupe = self._dedupe = self._memory_dedupe_instead()
         key = event.unique_key
+        shown = None if key is None else _printable(key)  # (the header is not signed: no line of its choosing logged)
         claimed = False
         if dedupe is not None:
             try:
@@ -1099,7 +1130,15 @@ class LagoWebhooks:
             if not isinstance(exc, Exception):
                 raise
             self.stats["failed"] += 1
-            logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, key)
+            if isinstance(exc, _InvalidationFailed):  # (one outage fails every webhook alike: no traceback each)
+                self._alarm("invalidation", "Lago webhook %s (%s) answered 500: %s", event.webhook_type, shown, exc)
+                return _answer(
+                    500,
+                    "invalidation_failed",
+                    "Cached quota state could not be dropped; Lago will retry.",
+                    unique_key=key,
+                )
+            logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, shown)
             return _answer(500, "handler_failed", "A handler failed; Lago will retry.", unique_key=key)
         if claimed and dedupe is not None:
             await self._quietly(dedupe.complete(token))
@@ -1138,6 +1177,15 @@ class LagoWebhooks:
     async def _dispatch(self, event: WebhookEvent, scope: Scope) -> bool:
         handled = False
         target = self._invalidate if self._invalidate is not None else _scope_gate(scope)
+        if target is None and _invalidates(event.webhook_type):
+            self._once(
+                event.webhook_type,
+                "Lago webhook %s changes an org's quota state, but this receiver has no quota gate to tell: pass "
+                "LagoWebhooks(invalidate=gate) (the QuotaGate, sharing LAGO_REDIS_URL with the app's workers), or "
+                "serve it behind OrgBillingMiddleware; cached plans catch up within LAGO_QUOTA_PLAN_TTL meanwhile "
+                "(said once)",
+                event.webhook_type,
+            )
         if _invalidates(event.webhook_type) and event.org_id is not None and target is not None:
             invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
             try:
@@ -1160,8 +1208,11 @@ class LagoWebhooks:
                 self.stats["invalidations"] += 1
                 handled = True
             else:
-                logger.info(
-                    "%s changes every org's limits; cached quota state catches up within LAGO_USAGE_CACHE_TTL",
+                self._once(
+                    event.webhook_type,
+                    "Lago webhook %s changes every org's limits, but invalidate= has no invalidate_all(): cached plans "
+                    "catch up within LAGO_QUOTA_PLAN_TTL (pass the QuotaGate as invalidate= to apply it at once; said "
+                    "once)",
                     event.webhook_type,
                 )
         for handler in [*self._handlers.get(event.webhook_type, ()), *self._handlers.get("*", ())]:
@@ -1172,7 +1223,22 @@ class LagoWebhooks:
                 if inspect.isawaitable(result):
                     await result
             handled = True
+        if not handled:
+            self._once(
+                event.webhook_type,
+                "Lago webhook type %r is answered 200 and ignored: no handler for it (LagoWebhooks.on(%r)) and no "
+                "quota effect. Filter the endpoint's event_types in Lago if it is not wanted (said once per type)",
+                event.webhook_type,
+                event.webhook_type,
+            )
         return handled
+
+    def _once(self, webhook_type: str, message: str, *args: object) -> None:
+        """Log ``message`` at INFO the first time for ``webhook_type`` (a few dozen types: bounded all the same)."""
+        if webhook_type in self._said_once or len(self._said_once) >= _MAX_TYPES_SAID:
+            return
+        self._said_once.add(webhook_type)
+        logger.info(message, *args)
 
     async def _quietly(self, operation: Awaitable[None]) -> None:
         try:
@@ -1227,6 +1293,9 @@ class _Coalesced:
         if run.error is not None:
             raise run.error
 
+
+#: Webhook types whose notes (ignored, no gate) are said once each; Lago has about a hundred.
+_MAX_TYPES_SAID = 512
 
 #: The longest ``X-Lago-Unique-Key`` kept as it is in the dedupe store (Lago's are UUIDs, 36 characters).
 _MAX_KEPT_KEY = 128
