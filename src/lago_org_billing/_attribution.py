@@ -29,7 +29,13 @@ Token rules, to neither under- nor double-bill:
 - Anthropic ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are *not* included in its
   ``input_tokens``: they are added to ``input_tokens`` (every token the model read is an input token; bill cache
   reads at a discount in Lago if wanted, the split is not kept). Next to a ``prompt_tokens`` (the OpenAI shape
-  proxies such as LiteLLM give Claude's usage), which counts them already, they are not added.
+  proxies such as LiteLLM give Claude's usage), which counts them already, they are not added. So ``input_tokens``
+  means the same for every provider: what OpenAI's ``prompt_tokens`` counts (cached tokens included), what a customer
+  billed per token reads as "the tokens the model read".
+- Anthropic's server-side compaction runs a summarizing call of its own, billed by Anthropic but reported only in
+  ``usage.iterations`` (an entry of type ``compaction``, not counted in the top-level fields): added (its reads to the
+  input, as above; its output to the output). The other entries (``message``: a server-side tool loop's samplings)
+  are in the top-level counts already: not added.
 - Cohere's ``billed_units`` are billed (what Cohere bills; its ``tokens`` count the prompt template it adds too);
   its ``tokens`` only when no billed units give a token count.
 - Gemini's ``thoughtsTokenCount`` is *not* a part of ``candidatesTokenCount``: added to the output (its
@@ -37,7 +43,9 @@ Token rules, to neither under- nor double-bill:
   ``cacheWriteInputTokens`` are not a part of its ``inputTokens``: added to the input, as Anthropic's.
 - A usage update without ``total_tokens`` drops an earlier total (it no longer matches the new counts).
 - Streams: usage values are cumulative, the last value of each field wins (Anthropic's ``message_delta`` updates
-  ``output_tokens`` while ``message_start`` gave the input). A stream with several messages (a new
+  ``output_tokens`` while ``message_start`` gave the input; a ``0`` in a ``message_delta`` after a count, which
+  gateways translating to Anthropic's stream send for the counts they leave to ``message_start``, is not a count: a
+  cumulative count never drops). A stream with several messages (a new
   ``message_start``; an OpenAI chat chunk or Responses API response with a usage under another ``id`` than the last
   usage read, a Gemini chunk under another ``responseId``, another Bedrock call's final usage: a tool loop relaying
   each call) adds them up. A stream cut off by the client keeps what was counted so
@@ -350,9 +358,21 @@ def _collect(payload: object, counts: _Counts) -> None:
         if "totalTokenCount" in usage or "promptTokenCount" in usage:  # Gemini's: each one whole, zeros left out
             for key in _GEMINI_KEYS:
                 counts.latest.pop(key, None)
-        for key in _USAGE_KEYS:
-            if key in usage and usage[key] is not None:
-                counts.latest[key] = usage[key]
+        latest = counts.latest
+        if payload.get("type") == "message_delta":  # Anthropic's cumulative counts (zero placeholders: not counts)
+            for key in _USAGE_KEYS:
+                value = usage.get(key)
+                if value is not None and not (value == 0 and key in _ANTHROPIC_KEYS and latest.get(key)):
+                    latest[key] = value
+        else:
+            for key in _USAGE_KEYS:
+                if key in usage and usage[key] is not None:
+                    latest[key] = usage[key]
+        iterations = usage.get("iterations")
+        if type(iterations) is list:  # Anthropic's per-sampling counts: its compaction calls are not in the others
+            latest[_COMPACTIONS] = [
+                item for item in iterations if isinstance(item, Mapping) and item.get("type") == "compaction"
+            ]
         if _OUTPUT_DETAILS[0] in usage or _OUTPUT_DETAILS[1] in usage or "completion_tokens" in usage:
             # An OpenAI-style output count: its reasoning, kept to tell whether the total counts it apart (xAI's)
             details = usage.get(_OUTPUT_DETAILS[0], usage.get(_OUTPUT_DETAILS[1]))
@@ -418,6 +438,15 @@ _USAGE_KEYS = (
     *_TOTAL_KEYS,
 )
 
+
+#: Anthropic's counts. In a ``message_delta`` they are cumulative: a ``0`` after a count (what gateways translating
+#: to Anthropic's stream send for the counts they leave to ``message_start``) is a placeholder, not a count.
+_ANTHROPIC_KEYS = frozenset(("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"))
+#: The raw counts' key for the ``compaction`` entries of Anthropic's ``usage.iterations``.
+_COMPACTIONS = "\x00compactions"
+#: What an Anthropic iteration read (every token read is an input token) and wrote.
+_ITERATION_INPUTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_ITERATION_OUTPUTS = ("output_tokens",)
 
 #: Where OpenAI-style usages detail their output (chat completions', the Responses API's), and the key under which
 #: their ``reasoning_tokens`` are kept in the raw counts.
@@ -492,7 +521,23 @@ def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
             shown = output_tokens or 0
             if reasoning and input_tokens + shown + reasoning == total_tokens:
                 out["output_tokens"] = shown + reasoning
+    compactions = raw.get(_COMPACTIONS)
+    if compactions and not openai_shape:
+        _add_compactions(out, compactions, source)
     return out
+
+
+def _add_compactions(out: dict[str, int], compactions: list[Mapping[str, Any]], source: str) -> None:
+    """Add the calls of Anthropic's server-side compaction to ``out``: each summarizing sampling is billed by
+    Anthropic, and reported only as a ``compaction`` entry of ``usage.iterations`` (its tokens "are not included in
+    the top-level usage fields"; the ``message`` entries are, and are not added again)."""
+    for entry in compactions:
+        for field, keys in (("input_tokens", _ITERATION_INPUTS), ("output_tokens", _ITERATION_OUTPUTS)):
+            number = _sum(entry, keys, source)
+            if number:
+                out[field] = out.get(field, 0) + number
+                if "total_tokens" in out:
+                    out["total_tokens"] += number
 
 
 def _resolve_counts(counts: _Counts, source: str, *, model_needs_usage: bool) -> dict[str, Any]:
@@ -1436,6 +1481,8 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
     anthropic_shape = input_tokens is None
     if anthropic_shape:
         input_tokens = usage.get("input_tokens")
+        if usage.get("iterations"):  # Anthropic's compaction calls may be there: the general path's rules
+            return _payload_usage(payload)
     if output_tokens is None:
         output_tokens = usage.get("output_tokens")
     if not (_count_or_none(input_tokens) and _count_or_none(output_tokens) and _count_or_none(total)):
@@ -1573,13 +1620,14 @@ class _Inflater:
     (valid gzip: a proxy or server compressing each chunk on its own): each is read; bytes after a member that are not
     one (zeros, junk) are ignored. Past ``budget`` inflated bytes, :class:`OverflowError` is raised."""
 
-    __slots__ = ("_decoder", "_ended", "_gzip", "_raw_fallback", "budget", "inflated")
+    __slots__ = ("_decoder", "_early", "_ended", "_gzip", "_raw_fallback", "budget", "inflated")
 
     def __init__(self, encoding: bytes, budget: int | None = None) -> None:
         gzip = encoding != b"deflate"
         self._gzip = gzip
         self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if gzip else zlib.MAX_WBITS)
         self._raw_fallback = not gzip
+        self._early = b""  # the first byte of a deflate body, while zlib could not tell whether it is wrapped
         self._ended = False  # the compressed stream is over, and what follows is not a gzip member: ignored
         self.budget = budget
         self.inflated = 0
@@ -1614,9 +1662,18 @@ class _Inflater:
             except zlib.error:
                 if not self._raw_fallback:
                     raise
+                # not zlib's 2-byte header: raw deflate, read from its first byte (a first chunk of one byte was
+                # taken for the header's start)
                 decoder = self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
-                piece = decoder.decompress(given, 65_536)
-            self._raw_fallback = False
+                piece = decoder.decompress(self._early + bytes(given), 65_536)
+                self._raw_fallback = False
+                self._early = b""
+            else:
+                if self._raw_fallback:  # zlib tells a header from its first two bytes: until then, raw may follow
+                    self._early += bytes(given[:2])
+                    if len(self._early) >= 2:
+                        self._raw_fallback = False
+                        self._early = b""
             at += len(given)
             while True:
                 if piece:
