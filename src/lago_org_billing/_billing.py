@@ -334,7 +334,12 @@ class OrgBilling:
         validate_id(org_id, "org_id")
         _check_dates(subscription_at, fields)
         plan_code = validate_id(plan_code, "plan_code")
-        if fields.get("plan_overrides") is None:
+        before: JSON | None = None
+        if fields.get("plan_overrides") is not None:
+            # (not resent by the client: Lago would read it as a plan change) what there is before, so that a create
+            # whose answer is lost can be told from what Lago had
+            before = await self.client.get_current_subscription(self.subscription_id(org_id))
+        else:
             # Lago compares plan *ids*: a subscription made with plan_overrides is on a copy of the plan (same code,
             # its own id), so the same plan again would be an "upgrade" replacing it (billed at once, at list price)
             # or a downgrade to list price. The same plan code is the subscription the org has.
@@ -359,6 +364,13 @@ class OrgBilling:
                 subscription_at=_iso(subscription_at, "subscription_at", zone),
                 **fields,
             )
+        except LagoUnavailableError:
+            if fields.get("plan_overrides") is None:  # (resent by the client: a re-run converges)
+                raise
+            made = await self._made_behind_lost_answer(org_id, plan_code, before)
+            if made is None:
+                raise
+            return made
         except LagoValidationError as exc:
             if exc.details != {"external_id": ["value_already_exist"]}:
                 raise
@@ -367,6 +379,30 @@ class OrgBilling:
             if held is None:
                 raise
             raise held from None
+
+    async def _made_behind_lost_answer(self, org_id: str, plan_code: str, before: JSON | None) -> JSON | None:
+        """After a create with ``plan_overrides`` whose answer was lost: the org's subscription Lago made of it (a new
+        one on ``plan_code``, or ``before`` with a downgrade to it scheduled), else ``None`` (nothing made, or Lago
+        unreadable: a resend might apply it twice)."""
+        try:
+            after = await self.client.get_current_subscription(self.subscription_id(org_id))
+        except LagoIntegrationError:
+            return None
+        if after is None or after.get("external_customer_id") != org_id:
+            return None
+        was = before or {}
+        made = after.get("plan_code") == plan_code and after.get("lago_id") != was.get("lago_id")
+        scheduled = (
+            after.get("lago_id") == was.get("lago_id")
+            and after.get("next_plan_code") == plan_code
+            and was.get("next_plan_code") != plan_code
+        )
+        if not (made or scheduled):
+            return None
+        logger.info(
+            "Subscription %s was made by Lago although its answer was lost; answered as made", after.get("external_id")
+        )
+        return after
 
     async def _held_elsewhere(self, org_id: str, exc: LagoValidationError) -> LagoValidationError | None:
         """Lago's refusal ``exc`` of the org's subscription ``external_id`` (``value_already_exist``), restated with

@@ -446,13 +446,28 @@ class LagoClient:
 
     async def create_event(self, event: Mapping[str, Any]) -> JSON:
         """``POST /events``. ``event`` needs ``transaction_id``, ``external_subscription_id`` and ``code``;
-        a missing ``timestamp`` is fixed to now, as a millisecond string, before sending."""
-        body = await self._request("POST", "/events", json={"event": normalize_event(event)})
+        a missing ``timestamp`` is fixed to now, as a millisecond string, before sending.
+
+        An event this call's first attempt got into Lago, its answer lost (a 502, a timeout), is sent again as it was;
+        Lago's answer that it has it then is this call's success: the event as sent, with ``"duplicate": True``.
+        An event Lago had before this call raises :class:`LagoValidationError` (``is_duplicate_only``)."""
+        payload = normalize_event(event)
+        lost: list[LagoAPIError] = []
+        try:
+            body = await self._request("POST", "/events", json={"event": payload}, lost=lost)
+        except LagoValidationError as exc:
+            if not (lost and exc.is_duplicate_only):
+                raise
+            _say_ingested_behind_lost_answer(1)
+            return {**payload, "duplicate": True}
         return _unwrap(body, "event")
 
     async def create_events(self, events: Sequence[Mapping[str, Any]]) -> list[JSON]:
         """``POST /events/batch`` with 1 to 100 events. Lago is atomic: one invalid event rejects the batch
-        with a :class:`LagoValidationError` whose ``details`` are keyed by index (see ``failed_indexes()``)."""
+        with a :class:`LagoValidationError` whose ``details`` are keyed by index (see ``failed_indexes()``).
+
+        A batch this call's first attempt got into Lago, its answer lost, is sent again as it was; Lago's answer that
+        it has every event then is this call's success: the events as sent, each with ``"duplicate": True``."""
         if not events:
             raise InvalidRequestError("create_events needs at least one event.")
         if len(events) > MAX_BATCH_SIZE:
@@ -460,10 +475,15 @@ class LagoClient:
                 f"Lago takes at most {MAX_BATCH_SIZE} events per batch, got {len(events)}: split the list."
             )
         payload = [normalize_event(event) for event in events]
+        lost: list[LagoAPIError] = []
         try:
-            body = await self._request("POST", "/events/batch", json={"events": payload})
+            body = await self._request("POST", "/events/batch", json={"events": payload}, lost=lost)
         except LagoValidationError as exc:
             duplicates = exc.failed_indexes()
+            if exc.is_duplicate_only and lost and len(duplicates) >= len(payload):
+                # every event in Lago, on a resend after a lost answer: this call's first attempt ingested the batch
+                _say_ingested_behind_lost_answer(len(payload))
+                return [{**item, "duplicate": True} for item in payload]
             if not exc.is_duplicate_only or len(duplicates) >= len(payload):
                 raise
             # Some events are in Lago already (a resend): the batch is atomic, so the others were refused with them.
@@ -724,7 +744,11 @@ class LagoClient:
         json: Any = None,
         retry: bool = True,
         api: bool = True,
+        lost: list[LagoAPIError] | None = None,
     ) -> JSON:
+        """One call, retried as the class says. ``lost``: a list the failures of attempts Lago may have applied (an
+        answer lost: a network error once the request was sent, a 5xx) are appended to, for a caller that reads a
+        resend's ``value_already_exist`` as its own first attempt applied."""
         if self._state is _State.CLOSED:
             raise RuntimeError("This LagoClient is closed; create a new one.")
         url = f"/api/v1{path}" if api else path
@@ -770,8 +794,19 @@ class LagoClient:
             # (a 429 always: Lago processed nothing, even of a call not otherwise retried)
             throttled = isinstance(error, LagoRateLimitError)
             retryable = throttled or (retry and method != "DELETE")
-            if not retryable or attempt > settings.max_retries or time.monotonic() + wait > deadline:
+            if not retryable:
+                raise _not_resent(error) if method != "GET" and _maybe_applied(error) else error
+            if attempt > settings.max_retries:
                 raise error
+            asked = getattr(error, "retry_after", None)
+            if asked is not None:  # a wait Lago asked for, past the call's deadline or its caller's: said, at once
+                callers = anyio.current_effective_deadline() - anyio.current_time()
+                if time.monotonic() + wait > deadline or wait > callers:
+                    raise _past_deadline(error, asked, deadline - time.monotonic(), callers, settings.retry_deadline)
+            elif time.monotonic() + wait > deadline:
+                raise error
+            if lost is not None and _maybe_applied(error):
+                lost.append(error)
             self._log_retry(method, url, error, attempt, wait)
             await anyio.sleep(wait)
 
@@ -793,6 +828,48 @@ class LagoClient:
             wait,
             hint,
         )
+
+
+def _say_ingested_behind_lost_answer(count: int) -> None:
+    logger.info(
+        "Lago had ingested %d event(s) of this call although its answer was lost: its resend was answered "
+        "value_already_exist, taken as delivered",
+        count,
+    )
+
+
+def _maybe_applied(error: LagoAPIError) -> bool:
+    """Whether Lago may have applied the request that failed with ``error``: its answer lost (a 5xx, a timeout or a
+    connection closed once it was sent), not a 429 (Lago processed nothing) nor a connection never made."""
+    if isinstance(error, LagoRateLimitError):
+        return False
+    return not isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
+def _not_resent(error: LagoAPIError) -> LagoAPIError:
+    """``error`` of a write the client does not send again (Lago may have applied it before its answer was lost),
+    saying so: "retry later" alone invites the duplicate the client avoided."""
+    error.args = (
+        f"{error.args[0]} Not sent again: Lago may have applied it before its answer was lost, and a resend would "
+        "apply it twice. Read back what Lago has (e.g. get_subscription) before sending it again.",
+    )
+    return error
+
+
+def _past_deadline(
+    error: LagoAPIError, asked: float, left: float, callers: float, retry_deadline: float
+) -> LagoAPIError:
+    """``error`` (a 429, or a 503 with Retry-After) not retried because the wait Lago asked for, ``asked`` seconds,
+    ends past the call's deadline (``left`` seconds away) or its caller's (``callers`` seconds away), saying so."""
+    if callers < left:
+        whose = f"the {max(callers, 0.0):.3g} s left before this call's caller's own deadline (a cancel scope)"
+    else:
+        whose = f"the {max(left, 0.0):.3g} s left of this call's LAGO_RETRY_DEADLINE ({retry_deadline:g} s)"
+    error.args = (
+        f"{error.args[0]} Not retried: Lago asks to wait {asked:.0f} s, more than {whose}. Retry after that wait, or "
+        "allow the call longer (LAGO_RETRY_DEADLINE, the caller's timeout).",
+    )
+    return error
 
 
 class _PartlyDuplicateBatch(LagoValidationError):
