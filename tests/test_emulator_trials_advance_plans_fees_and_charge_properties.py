@@ -93,10 +93,13 @@ async def test_pay_in_advance_plan_invoices_its_first_period_at_the_start() -> N
 
 
 async def test_pay_in_advance_plan_with_a_trial_bills_from_the_trial_end() -> None:
-    """Pay in advance, a 5-day trial from 10 March: the start invoice bills from 15 March, 17 days x 100 = 1700."""
+    """Pay in advance, a 5-day trial from 10 March: nothing is billed until the trial ends (as Lago's
+    FreeTrialBillingService), then the rest of March from 15 March, 17 days x 100 = 1700."""
     start = datetime(2026, 3, 10, tzinfo=UTC)
     clock = Clock(start)
     fake = _fake(clock, start, pay_in_advance=True, trial_period=5)
+    assert fake.invoices == []
+    clock.now = datetime(2026, 3, 15, 0, 0, 1, tzinfo=UTC)
     assert [i["fees_amount_cents"] for i in fake.invoices] == [1700]
 
 

@@ -512,14 +512,16 @@ class FakeLago:
         lists it. ``fields`` are WalletObject fields overriding the defaults (``status`` active, ``currency`` USD,
         ``rate_amount`` 1): ``credits_balance`` (``"25.0"``) or ``balance_cents`` gives the balance (the other is
         derived), ``recurring_transaction_rules`` (a list of partial rules: ``{"trigger": "interval", "interval":
-        "monthly", "paid_credits": "10.0"}``) its automatic top-ups. The emulator never consumes nor tops it up."""
+        "monthly", "paid_credits": "10.0"}``) its automatic top-ups. Subscription invoices consume it, as Lago does
+        (``prepaid_credit_amount_cents``, a ``wallet_transaction.created`` webhook); the emulator never tops it up."""
         return self._call(lambda: self.store.add_wallet(external_customer_id, fields))["wallet"]  # type: ignore[no-any-return]
 
     def add_applied_coupon(self, external_customer_id: str, coupon_code: str, **fields: Any) -> JSON:
         """Store a coupon applied to a customer (created if needed) and return it as ``GET /applied_coupons`` lists
         it. ``fields`` are AppliedCouponObject fields: ``amount_cents`` (a fixed amount, in the customer's currency)
         or ``percentage_rate`` (``"10.0"``), ``frequency`` (``once``/``recurring``/``forever``, the default),
-        ``frequency_duration``, ``status``... The emulator never deducts it from invoices."""
+        ``frequency_duration``, ``status``... Subscription invoices deduct it before taxes, as Lago does
+        (``coupons_amount_cents``), and terminate it once used up."""
         return self._call(  # type: ignore[no-any-return]
             lambda: self.store.add_applied_coupon(external_customer_id, coupon_code, fields)
         )["applied_coupon"]
@@ -527,7 +529,8 @@ class FakeLago:
     def add_credit_note(self, lago_invoice_id: str, **fields: Any) -> JSON:
         """Store a credit note of an invoice (see :meth:`add_invoice`) and return it as ``GET /credit_notes`` lists it.
         ``fields`` are CreditNoteObject fields: ``credit_amount_cents`` (what it credits the customer),
-        ``balance_amount_cents`` (what is left of it: all by default), ``credit_status``, ``refund_amount_cents``..."""
+        ``balance_amount_cents`` (what is left of it: all by default), ``credit_status``, ``refund_amount_cents``...
+        The customer's next subscription invoices consume its available credit (``credit_notes_amount_cents``)."""
         return self._call(lambda: self.store.add_credit_note(lago_invoice_id, fields))["credit_note"]  # type: ignore[no-any-return]
 
     def seed(self, data: Mapping[str, Any]) -> None:

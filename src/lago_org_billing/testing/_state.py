@@ -179,14 +179,17 @@ class LagoStore:
             self._first_ingested: dict[int, str] = {}  # a replaced event's first created_at, by its place in events
             self.invoices: list[JSON] = []
             # what else a customer holds (prepaid credits, coupons, credit notes): seeded (credit notes also made by
-            # terminations, see _credit_unused_days), listed, never billed here
+            # terminations, see _credit_unused_days), listed, and deducted from subscription invoices (_settle_invoice)
             self.wallets: list[JSON] = []
+            self.wallet_transactions: list[JSON] = []  # (the outbound ones paying invoices: _apply_wallets)
             self.applied_coupons: list[JSON] = []
             self.credit_notes: list[JSON] = []
             self._sequences: dict[str, int] = {}
             # (when each active subscription's charges period closes, its lago_id): a min-heap, so that a request
             # only peeks at the earliest close (Clock::SubscriptionsBillerJob, see _close_periods)
             self._closings: list[tuple[datetime, int, str]] = []
+            # the active subscriptions whose plan's free trial has not ended yet (see _end_trials)
+            self._trials: list[JSON] = []
 
     def _uuid(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
@@ -220,6 +223,7 @@ class LagoStore:
                 "events": self.events,
                 "invoices": self.invoices,
                 **({"wallets": self.wallets} if self.wallets else {}),
+                **({"wallet_transactions": self.wallet_transactions} if self.wallet_transactions else {}),
                 **({"applied_coupons": self.applied_coupons} if self.applied_coupons else {}),
                 **({"credit_notes": self.credit_notes} if self.credit_notes else {}),
                 "sequences": self._sequences,
@@ -276,6 +280,8 @@ class LagoStore:
         closings = self._closings
         billed = False
         while closings and closings[0][0] <= now:
+            if self._trials:  # (a trial ending before this period closes is billed first, as it happened first)
+                billed = self._end_trials(closings[0][0], before=True) or billed
             close_at, _, lago_id = heapq.heappop(closings)
             sub = self._find_sub_by_id(lago_id)
             if sub is None or sub["status"] != "active" or sub.get("next_close") != iso(close_at):
@@ -291,7 +297,50 @@ class LagoStore:
             self._bill_period(sub, close_at)
             self._schedule_close(sub, close_at)
             billed = True
+        if self._trials:
+            billed = self._end_trials(now) or billed
         return billed
+
+    def _end_trials(self, until: datetime, *, before: bool = False) -> bool:
+        """lago-api ``Subscriptions::FreeTrialBillingService`` (a clock job): each active subscription whose trial
+        ended by ``until`` (before it, with ``before``) gets ``subscription.trial_ended``, and, on a plan paid in
+        advance, the invoice of the rest of its period from the trial's end (``BillSubscriptionJob``, charges
+        skipped), unless a plan fee was already billed that day or on its first day. Returns whether one ended."""
+        ended: list[tuple[datetime, JSON]] = []
+        for sub in list(self._trials):
+            trial_end = self._trial_end(sub)
+            if sub["status"] != "active" or trial_end is None:
+                self._trials.remove(sub)
+                continue
+            ending = parse_datetime(sub.get("ending_at"))
+            if ending is not None and ending <= trial_end:
+                continue  # (terminated first: the transition at ending_at drops it)
+            if trial_end < until or (trial_end == until and not before):
+                ended.append((trial_end, sub))
+        ended.sort(key=lambda item: (item[0], item[1]["seq"]))
+        for trial_end, sub in ended:
+            self._trials.remove(sub)
+            self._emit_sub("subscription.trial_ended", sub)
+            if self._plan_of(sub)["pay_in_advance"] and not self._plan_fee_billed_on(sub, trial_end):
+                self._bill_start(sub, trial_end)
+        return bool(ended)
+
+    def _plan_fee_billed_on(self, sub: JSON, trial_end: datetime) -> bool:
+        """Whether a plan fee of ``sub`` was invoiced on the (local) day its trial ends or the day it started
+        (``FreeTrialBillingService``: ``was_already_billed_today``, ``already_billed_on_day_one?``)."""
+        days = {self._local_date(sub, trial_end).isoformat()}
+        started = parse_datetime(sub.get("started_at"))
+        if started is not None:
+            days.add(self._local_date(sub, started).isoformat())
+        return any(
+            invoice["issuing_date"] in days
+            and any(
+                f["item"]["type"] == "subscription" and f["lago_subscription_id"] == sub["lago_id"]
+                for f in invoice["fees"]
+            )
+            for invoice in self.invoices
+            if sub["lago_id"] in invoice["subscription_ids"]
+        )
 
     def _schedule_close(self, sub: JSON, at: datetime) -> None:
         """Remember when the charges period containing ``at`` closes (the second after its last one)."""
@@ -315,9 +364,16 @@ class LagoStore:
         if self._period_bounds(sub, last)[1] == last:
             # in arrears, the period ending here (its first one prorated from the day the subscription started, an
             # upgrade's new plan from the upgrade's day); in advance, the one starting now
-            if plan["pay_in_advance"]:
+            trial_end = self._trial_end(sub)
+            if plan["pay_in_advance"] and (
+                trial_end is None
+                or trial_end <= close_at
+                or self._local_date(sub, trial_end) == self._local_date(sub, close_at)
+            ):
                 plan_period = self._period_bounds(sub, close_at)
                 plan_fee = self._plan_fee(sub, *plan_period)
+            elif plan["pay_in_advance"]:
+                pass  # (in_trial_period_not_ending_today?: billed when the trial ends, see _end_trials)
             else:
                 start, end = self._period_bounds(sub, last)
                 plan_fee = self._plan_fee(sub, start, end, first=True)
@@ -340,6 +396,7 @@ class LagoStore:
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, None)]
         invoice["fees"] = self._invoice_fees(invoice, sub, usage, true_ups, plan_period, plan_fee)
+        self._settle_invoice(invoice)
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def _trial_end(self, sub: JSON) -> datetime | None:
@@ -428,6 +485,7 @@ class LagoStore:
             subscription=sub,
         )
         invoice["fees"] = [self._subscription_fee(invoice, sub, (self._billed_from(sub, period[0]), period[1]), fee)]
+        self._settle_invoice(invoice)
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def _fee(self, invoice: JSON, sub: JSON, amount: int, item: JSON, **fields: Any) -> JSON:
@@ -2051,7 +2109,9 @@ class LagoStore:
         self._subscription_by_id[sub["lago_id"]] = sub
         return sub
 
-    def _activate(self, sub: JSON, at: datetime) -> None:
+    def _activate(self, sub: JSON, at: datetime, *, bill: bool = True) -> None:
+        """Start ``sub`` at ``at`` (``subscription.started``); a plan paid in advance out of its trial is billed then
+        (``bill``: not for an upgrade, whose invoice bills it with the replaced subscription)."""
         sub["status"] = "active"
         sub["started_at"] = iso(at)
         # a subscription backdated at its creation is billed from the period it was created in (the biller job
@@ -2059,8 +2119,11 @@ class LagoStore:
         created = parse_datetime(sub.get("created_at"))
         self._schedule_close(sub, max(at, created) if created is not None else at)
         self._emit_sub("subscription.started", sub)
-        if self._plan_of(sub)["pay_in_advance"]:
-            self._bill_start(sub, max(at, created) if created is not None else at)
+        if self._trial_end(sub) is not None:
+            self._trials.append(sub)
+        billed_at = max(at, created) if created is not None else at
+        if bill and self._bills_in_advance_at(sub, billed_at):
+            self._bill_start(sub, billed_at)
 
     def _cancel(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "canceled"
@@ -2073,16 +2136,23 @@ class LagoStore:
             self._emit_sub("subscription.updated", previous)
 
     def _terminate(
-        self, sub: JSON, at: datetime, *, generate_invoice: bool, cancel_next: bool = True, credit_unused: bool = True
+        self,
+        sub: JSON,
+        at: datetime,
+        *,
+        generate_invoice: bool,
+        cancel_next: bool = True,
+        credit_unused: bool = True,
+        upgrade: bool = False,
     ) -> None:
         """lago-api ``Subscriptions::TerminateService``: terminated at ``at``; a pay-in-advance plan's unused days
-        credited (``credit_unused``, see ``_credit_unused_days``: not for a downgrade's switch, nor an upgrade, not
-        emulated); its pending next subscription canceled (``cancel_next``); the termination invoice issued
-        (``generate_invoice``: its ``on_termination_invoice``)."""
+        credited (``credit_unused``, see ``_credit_unused_days``: not for a downgrade's switch; for an ``upgrade``
+        from the upgrade's day on, credit only); its pending next subscription canceled (``cancel_next``); the
+        termination invoice issued (``generate_invoice``: its ``on_termination_invoice``)."""
         sub["status"] = "terminated"
         sub["terminated_at"] = iso(at)
         if credit_unused:
-            self._credit_unused_days(sub, at)
+            self._credit_unused_days(sub, at, upgrade=upgrade)
         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
         if cancel_next and nxt is not None and nxt["status"] == "pending":
             nxt["status"] = "canceled"
@@ -2103,7 +2173,7 @@ class LagoStore:
                     return invoice, fee
         return None
 
-    def _credit_unused_days(self, sub: JSON, at: datetime) -> None:
+    def _credit_unused_days(self, sub: JSON, at: datetime, *, upgrade: bool = False) -> None:
         """The credit note of a pay-in-advance plan terminated at ``at`` before the end of the period it paid (lago-api
         ``Subscriptions::TerminateService``, ``CreditNotes::CreateFromTermination``; reason ``order_cancellation``),
         on the invoice of its last plan fee, when that fee paid the period holding ``at``
@@ -2113,10 +2183,14 @@ class LagoStore:
         subscription's ``on_termination_credit_note``: ``credit`` (the default) credits it all; ``refund`` refunds
         what was paid of it (the fee's share of ``total_paid_amount_cents`` less the used days' price, at most the
         amount) and credits the rest; ``offset`` refunds as much and offsets the rest against the invoice (its
-        ``total_due_amount_cents`` shrinks); ``skip``: none. Not emulated: taxes and coupons (none here), upgrades."""
+        ``total_due_amount_cents`` shrinks); ``skip``: none. An ``upgrade`` (``TerminateService`` with ``upgrade:
+        true``) counts the unused days from the upgrade's day (``billed_from -= 1.day``: the new plan pays that day)
+        and credits them all (``refund: !upgrade && ...``). Not emulated: taxes and coupons' share."""
         choice = sub.get("on_termination_credit_note") or "credit"
         if choice == "skip" or not self._plan_of(sub)["pay_in_advance"]:
             return
+        if upgrade:
+            choice = "credit"
         found = self._last_subscription_fee(sub)
         if found is None:
             return
@@ -2135,7 +2209,7 @@ class LagoStore:
         terminated_day = end_of_day.astimezone(UTC).date()
         trial_end = self._trial_end(sub)
         trial_day = trial_end.astimezone(UTC).date() if trial_end is not None else None
-        billed_from = terminated_day
+        billed_from = terminated_day - timedelta(days=1) if upgrade else terminated_day
         if trial_day is not None and trial_day >= billed_from:
             billed_from = period_end if trial_day > period_end else trial_day - timedelta(days=1)
         amount = day_price * max((period_end - billed_from).days, 0)
@@ -2195,10 +2269,12 @@ class LagoStore:
         self.credit_notes.append(note)
         self._emit("credit_note.created", "credit_note", self._serialize_credit_note(note))
 
-    def _bill_terminated(self, sub: JSON, at: datetime) -> None:
+    def _bill_terminated(self, sub: JSON, at: datetime, *, upgraded_to: JSON | None = None) -> None:
         """The invoice of a subscription terminated at ``at``: its usage up to ``terminated_at`` (an event timestamped
         later in the period is not billed), plus, when paid in arrears, the plan's fee for the days used (see
-        ``_terminated_plan_fee``); sends ``invoice.created``."""
+        ``_terminated_plan_fee``); sends ``invoice.created``. An upgrade (``upgraded_to``: the new subscription) bills
+        on the same invoice the new plan's first period when it is paid in advance and not in a trial (lago-api
+        ``PlanUpgradeService#billable_subscriptions``: one ``BillSubscriptionJob`` for both)."""
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
@@ -2212,7 +2288,12 @@ class LagoStore:
             start, end = self._period_bounds(sub, at)
             plan_fee = self._terminated_plan_fee(sub, start, end, at)
             plan_period = (self._billed_from(sub, start), at)
-        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
+        new_period: tuple[datetime, datetime] | None = None
+        new_fee = 0
+        if upgraded_to is not None and self._bills_in_advance_at(upgraded_to, at):
+            new_period = self._period_bounds(upgraded_to, at)
+            new_fee = self._plan_fee(upgraded_to, *new_period, first=True)
+        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee + new_fee
         invoice = self._new_invoice(
             customer,
             {
@@ -2225,7 +2306,235 @@ class LagoStore:
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, at)]
         invoice["fees"] = self._invoice_fees(invoice, sub, usage, true_ups, plan_period, plan_fee)
+        if upgraded_to is not None and new_period is not None:
+            invoice["subscription_ids"].append(upgraded_to["lago_id"])
+            billed = (self._billed_from(upgraded_to, new_period[0]), new_period[1])
+            invoice["fees"].append(self._subscription_fee(invoice, upgraded_to, billed, new_fee))
+        self._settle_invoice(invoice)
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+
+    def _bills_in_advance_at(self, sub: JSON, at: datetime) -> bool:
+        """Whether a subscription starting at ``at`` is billed then: a plan paid in advance, out of its trial
+        (lago-api ``ActivateService`` / ``PlanUpgradeService``: ``pay_in_advance? && !in_trial_period?``; a trial's
+        plan is billed when the trial ends, see ``_end_trials``)."""
+        if not self._plan_of(sub)["pay_in_advance"]:
+            return False
+        trial_end = self._trial_end(sub)
+        return trial_end is None or trial_end <= at
+
+    # Credits deducted from an invoice (lago-api Invoices::CalculateFeesService, after the fees) -------------------
+
+    def _settle_invoice(self, invoice: JSON) -> None:
+        """Deduct from a new subscription invoice what the customer holds, in lago-api's order
+        (``Invoices::CalculateFeesService#call``): its applied coupons before taxes (``_apply_coupons``), then its
+        credit notes (``_apply_credit_notes``), then its wallets (``_apply_wallets``); no taxes are emulated. Then
+        ``payment_status`` is ``succeeded`` when nothing is left to pay, else ``pending``."""
+        invoice["credits"] = []
+        fees_amount = int(invoice["fees_amount_cents"])
+        invoice["sub_total_excluding_taxes_amount_cents"] = fees_amount
+        if fees_amount > 0:
+            self._apply_coupons(invoice)
+        subtotal = int(invoice["sub_total_excluding_taxes_amount_cents"])
+        invoice["sub_total_including_taxes_amount_cents"] = subtotal
+        invoice["total_amount_cents"] = subtotal
+        self._apply_credit_notes(invoice)
+        if int(invoice["total_amount_cents"]) > 0:
+            self._apply_wallets(invoice)
+        total = int(invoice["total_amount_cents"])
+        invoice["payment_status"] = "pending" if total > 0 else "succeeded"
+        invoice["total_due_amount_cents"] = total
+        invoice["total_paid_amount_cents"] = 0
+
+    def _credit(self, invoice: JSON, amount: int, item: JSON, *, before_taxes: bool) -> None:
+        """One ``credits`` line of an invoice (lago-api ``V1::CreditSerializer``; ``invoice.payment_status`` is
+        filled in when serialized)."""
+        invoice["credits"].append(
+            {
+                "lago_id": self._uuid(),
+                "amount_cents": amount,
+                "amount_currency": invoice["currency"],
+                "before_taxes": before_taxes,
+                "item": item,
+            }
+        )
+
+    def _apply_coupons(self, invoice: JSON) -> None:
+        """lago-api ``Credits::AppliedCouponsService`` / ``AppliedCouponService`` / ``AppliedCoupons::AmountService``:
+        the customer's active coupons, oldest first, while the sub-total is positive; a fixed one only in its currency.
+        A percentage takes ``rate`` % of the sub-total (rounded half up), a fixed one its amount (a ``once`` one what
+        is left of it), at most the sub-total. A ``recurring`` one counts down ``frequency_duration_remaining``; a
+        ``once`` one used up (a percentage one at its first use) or a ``recurring`` one at 0 is terminated."""
+        now = iso(self.now())
+        coupons = [
+            c for c in self.applied_coupons if c["customer_id"] == invoice["customer_id"] and c["status"] == "active"
+        ]
+        coupons.sort(key=lambda c: c["created_at"])
+        for coupon in coupons:
+            subtotal = int(invoice["sub_total_excluding_taxes_amount_cents"])
+            if subtotal <= 0:
+                break
+            rate = to_decimal(coupon.get("percentage_rate")) if coupon.get("amount_cents") is None else None
+            if rate is None and (coupon.get("amount_currency") or invoice["currency"]) != invoice["currency"]:
+                continue
+            frequency = coupon["frequency"]
+            remaining = 0
+            if rate is not None:
+                discount = Decimal(subtotal) * rate / 100
+                amount = subtotal if discount >= subtotal else cents(discount)
+            else:
+                fixed = int(coupon["amount_cents"] or 0)
+                if frequency == "once":
+                    left = coupon.get("amount_cents_remaining")
+                    remaining = fixed if left is None else int(left)
+                    amount = min(remaining, subtotal)
+                else:
+                    amount = min(fixed, subtotal)
+            self._credit(
+                invoice,
+                amount,
+                {
+                    "lago_item_id": coupon["lago_coupon_id"],
+                    "type": "coupon",
+                    "code": coupon["coupon_code"],
+                    "name": coupon.get("coupon_name") or coupon["coupon_code"],
+                },
+                before_taxes=True,
+            )
+            self._spread_coupon(invoice, amount, subtotal)
+            invoice["coupons_amount_cents"] = int(invoice.get("coupons_amount_cents") or 0) + amount
+            invoice["sub_total_excluding_taxes_amount_cents"] = subtotal - amount
+            terminate = False
+            if frequency == "once":
+                if rate is None:
+                    coupon["amount_cents_remaining"] = remaining - amount
+                terminate = rate is not None or amount >= remaining
+            elif frequency == "recurring":
+                left_count = int(coupon.get("frequency_duration_remaining") or 0)
+                coupon["frequency_duration_remaining"] = max(left_count - 1, 0)
+                terminate = coupon["frequency_duration_remaining"] <= 0
+            if terminate:
+                coupon["status"] = "terminated"
+                coupon["terminated_at"] = now
+
+    @staticmethod
+    def _spread_coupon(invoice: JSON, amount: int, base: int) -> None:
+        """Each fee's share of a coupon, by its amount (lago-api ``Fee#compute_precise_credit_amount_cents``), at most
+        the fee's amount: its ``precise_coupons_amount_cents`` and its sub-total without taxes."""
+        if base <= 0:
+            return
+        for fee in invoice["fees"]:
+            fee_amount = Decimal(int(fee["amount_cents"]))
+            taken = Decimal(fee.get("precise_coupons_amount_cents") or "0")
+            taken = min(taken + Decimal(amount) * (fee_amount - taken) / base, fee_amount)
+            fee["precise_coupons_amount_cents"] = decimal_str(taken)
+            fee["sub_total_excluding_taxes_amount_cents"] = cents(fee_amount - taken)
+            fee["sub_total_excluding_taxes_precise_amount_cents"] = decimal_str(fee_amount - taken)
+
+    def _apply_credit_notes(self, invoice: JSON) -> None:
+        """lago-api ``Credits::CreditNoteService``: the customer's available credit notes of other invoices, oldest
+        first, each taking at most what is left of the invoice from its ``balance_amount_cents`` (``consumed`` at
+        0); the invoice's ``credit_notes_amount_cents`` grows and its total shrinks (credits after taxes)."""
+        notes = [
+            n
+            for n in self.credit_notes
+            if n["customer_id"] == invoice["customer_id"]
+            and n.get("credit_status") == "available"
+            and int(n.get("balance_amount_cents") or 0) > 0
+            and n["lago_invoice_id"] != invoice["lago_id"]
+        ]
+        notes.sort(key=lambda n: n["created_at"])
+        now = iso(self.now())
+        for note in notes:
+            remaining = int(invoice["total_amount_cents"])
+            if remaining <= 0:
+                break
+            amount = min(int(note["balance_amount_cents"]), remaining)
+            self._credit(
+                invoice,
+                amount,
+                {
+                    "lago_item_id": note["lago_id"],
+                    "type": "credit_note",
+                    "code": note["number"],
+                    "name": note.get("invoice_number") or note["number"],
+                },
+                before_taxes=False,
+            )
+            note["balance_amount_cents"] = int(note["balance_amount_cents"]) - amount
+            if note["balance_amount_cents"] == 0:
+                note["credit_status"] = "consumed"
+            note["updated_at"] = now
+            invoice["credit_notes_amount_cents"] = int(invoice.get("credit_notes_amount_cents") or 0) + amount
+            invoice["total_amount_cents"] = remaining - amount
+
+    def _apply_wallets(self, invoice: JSON) -> None:
+        """lago-api ``Credits::AppliedPrepaidCreditsService``: the customer's active wallets in the invoice's currency
+        with a balance, by ``priority`` then age, each paying at most its balance through an outbound, settled,
+        ``invoiced`` wallet transaction (``wallet_transaction.created``); ``Wallets::Balance::DecreaseService`` takes
+        the credits from the wallet (``wallet.updated``). The invoice's ``prepaid_credit_amount_cents`` grows and its
+        total shrinks."""
+        wallets = [
+            w
+            for w in self.wallets
+            if w["customer_id"] == invoice["customer_id"]
+            and w["status"] == "active"
+            and w["currency"] == invoice["currency"]
+            and int(w["balance_cents"]) > 0
+        ]
+        wallets.sort(key=lambda w: (int(w.get("priority") or 50), w["created_at"]))
+        now = iso(self.now())
+        for wallet in wallets:
+            remaining = int(invoice["total_amount_cents"])
+            if remaining <= 0:
+                break
+            amount = min(int(wallet["balance_cents"]), remaining)
+            unit = subunits_per_unit(wallet["currency"])
+            rate = to_decimal(wallet["rate_amount"]) or Decimal(1)
+            credits_used = (Decimal(amount) / unit / rate).quantize(Decimal("0.00001"), rounding=ROUND_DOWN)
+            credits_left = (to_decimal(wallet["credits_balance"]) or Decimal(0)) - credits_used
+            consumed = (to_decimal(wallet.get("consumed_credits")) or Decimal(0)) + credits_used
+            balance = int((credits_left * rate * unit).to_integral_value(rounding=ROUND_FLOOR))
+            wallet.update(
+                balance_cents=balance,
+                balance=decimal_str(Decimal(balance) / unit),
+                credits_balance=decimal_str(credits_left),
+                consumed_credits=decimal_str(consumed),
+                ongoing_balance_cents=balance,
+                credits_ongoing_balance=decimal_str(credits_left),
+                last_balance_sync_at=now,
+                last_consumed_credit_at=now,
+            )
+            transaction: JSON = {
+                "lago_id": self._uuid(),
+                "lago_wallet_id": wallet["lago_id"],
+                "lago_invoice_id": invoice["lago_id"],
+                "lago_credit_note_id": None,
+                "lago_voided_invoice_id": None,
+                "status": "settled",
+                "source": "manual",
+                "transaction_status": "invoiced",
+                "transaction_type": "outbound",
+                "amount": decimal_str(Decimal(amount) / unit),
+                "credit_amount": decimal_str(credits_used),
+                "remaining_amount_cents": None,
+                "remaining_credit_amount": None,
+                "priority": int(wallet.get("priority") or 50),
+                "invoice_requires_successful_payment": False,
+                "settled_at": now,
+                "failed_at": None,
+                "created_at": now,
+                "metadata": [],
+                "name": None,
+                "payment_method": {"payment_method_type": "provider"},
+                "applied_invoice_custom_sections": [],
+                "purchase_order_number": None,
+            }
+            self.wallet_transactions.append(transaction)
+            invoice["prepaid_credit_amount_cents"] = int(invoice.get("prepaid_credit_amount_cents") or 0) + amount
+            invoice["total_amount_cents"] = remaining - amount
+            serialized = self._serialize_wallet(wallet)
+            self._emit("wallet_transaction.created", "wallet_transaction", {**transaction, "wallet": serialized})
+            self._emit("wallet.updated", "wallet", serialized)
 
     def create_subscription(self, body: Any) -> JSON:
         params = _mapping(_require_root(body, "subscription"))
@@ -2328,11 +2637,11 @@ class LagoStore:
             if self._yearly_amount(target) >= self._yearly_amount(current_plan):
                 current["next_subscription_id"] = new["lago_id"]
                 self._candidates_stale = True
-                self._terminate(current, now, generate_invoice=False, cancel_next=False, credit_unused=False)
-                self._activate(new, now)
+                self._terminate(current, now, generate_invoice=False, cancel_next=False, upgrade=True)
+                self._activate(new, now, bill=False)
                 # lago-api PlanUpgradeService#bill_subscriptions: the replaced subscription is billed at once,
-                # whatever its on_termination_invoice
-                self._bill_terminated(current, now)
+                # whatever its on_termination_invoice, with the new plan's first period when paid in advance
+                self._bill_terminated(current, now, upgraded_to=new)
                 return {"subscription": self._serialize_sub(new, extended=True)}
             current["next_subscription_id"] = new["lago_id"]
             self._candidates_stale = True
@@ -3053,7 +3362,14 @@ class LagoStore:
         data.setdefault("applied_usage_thresholds", [])
         if extended:
             data["fees"] = copy.deepcopy(invoice["fees"])
-            data["credits"] = []
+            # (V1::CreditSerializer: each credit with its invoice's current payment_status)
+            data["credits"] = [
+                {
+                    **copy.deepcopy(c),
+                    "invoice": {"lago_id": invoice["lago_id"], "payment_status": invoice["payment_status"]},
+                }
+                for c in invoice.get("credits") or []
+            ]
             data["billing_periods"] = []
             data["subscriptions"] = [
                 self._serialize_sub(s)
@@ -3190,9 +3506,9 @@ class LagoStore:
             raise not_found("invoice")
 
     # Wallets, applied coupons, credit notes (what a customer holds besides subscriptions) ------------
-    # Seeded (add_wallet, add_applied_coupon, add_credit_note) and listed as Lago lists them; the emulator neither
-    # bills them nor tops them up. Credit notes are also made by the termination of a pay-in-advance plan
-    # (_credit_unused_days); their credit is not applied to later invoices.
+    # Seeded (add_wallet, add_applied_coupon, add_credit_note) and listed as Lago lists them; subscription invoices
+    # consume them (_settle_invoice); wallets are never topped up. Credit notes are also made by the termination or
+    # the upgrade of a pay-in-advance plan (_credit_unused_days).
 
     def _holder(self, external_customer_id: str) -> JSON:
         return self._customer(external_customer_id) or self._new_customer(external_customer_id)
@@ -3505,7 +3821,7 @@ class LagoStore:
 # Usage computation ----------------------------------------------------------------------------
 
 # what an invoice record keeps that its serialization does not show as it is
-_INVOICE_INTERNAL = frozenset(("customer_id", "subscription_ids", "fees", "invoice_subscriptions"))
+_INVOICE_INTERNAL = frozenset(("customer_id", "subscription_ids", "fees", "invoice_subscriptions", "credits"))
 
 
 def _serialize_integration(item: Mapping[str, Any]) -> JSON:
