@@ -2382,85 +2382,115 @@ async def apply_org(
     fingerprint: str | None = None,
 ) -> None:
     """Make the writes ``plan_org`` planned, in order, logging and journaling each outcome (and, before the org
-    subscription is made, that this migration, of ``fingerprint``, makes it: see :meth:`Journal.made_subscription`)."""
-    for step in result.steps:
-        try:
-            if step.kind == "upsert_customer":
-                result.customer = await _upsert_customer(client, step.payload, result.warnings)
-                step.outcome = "done"
-            elif step.kind == "create_subscription":
-                if journal is not None and fingerprint is not None:  # (before: its answer may be lost in a crash)
-                    journal.record(
-                        "step",
-                        org_id=org.org_id,
-                        step=step.kind,
-                        target=step.target,
-                        outcome="started",
-                        fingerprint=fingerprint,
-                    )
-                try:
-                    subscription = await client.create_subscription(
-                        external_customer_id=org.org_id,
-                        plan_code=step.payload["plan_code"],
-                        external_id=step.target,
-                        billing_time=step.payload["billing_time"],
-                        subscription_at=step.payload.get("subscription_at"),
-                        ending_at=step.payload.get("ending_at"),
-                    )
-                except LagoValidationError as exc:
-                    if "ending_at" not in step.payload or "ending_at" not in exc.details:
-                        raise
-                    raise InvalidRequestError(_ending_refused(org, step, result)) from exc
-                if subscription.get("plan_code") != step.payload["plan_code"]:  # (made since the plan: a downgrade)
-                    raise InvalidRequestError(await _undo_downgrade(client, org, step, subscription))
-                if subscription.get("previous_plan_code"):  # (made since the plan on another plan: upgraded at once)
-                    result.warnings.append(
-                        f"org subscription {step.target!r} was made on plan {subscription['previous_plan_code']!r} "
-                        f"since this run read it (another run at the same time?): this run changed it to "
-                        f"{step.payload['plan_code']!r}"
-                    )
-                result.subscription = subscription
-                step.outcome = "done"
-                step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
-            elif step.kind == "set_entitlements":
-                status = str((result.subscription or {}).get("status") or "active")
-                await _set_overrides(client, step.target, step.payload["entitlements"], status)
-                step.outcome = "done"
-                step.detail = {"entitlements": step.payload["entitlements"]}
-            elif step.kind == "remove_entitlements":
-                status = str((result.subscription or {}).get("status") or "active")
-                removals: list[Removal] = [(str(f), None if p is None else str(p)) for f, p in step.payload["removals"]]
-                for removal in removals:  # (idempotent, so retried after a 5xx or a lost answer: see below)
-                    await _again_if_unavailable(client, _remove_entitlement, step.target, removal, status)
-                step.outcome = "done"
-                step.detail = {"removed": [_removal_name(removal) for removal in removals]}
-            elif step.kind in ("terminate_subscription", "cancel_subscription"):
-                try:
-                    ended = await _end_subscription(client, step, options)
-                except LagoNotFoundError:
-                    step.outcome = "already ended"
-                    if step.kind == "cancel_subscription":  # no longer pending: it may have started meanwhile
-                        started = await _or_none(client.get_subscription(step.target))
-                        if started is not None and started.get("external_customer_id") == step.payload["user_id"]:
-                            ended = await client.terminate_subscription(
-                                step.target,
-                                on_termination_invoice=options.on_termination_invoice,
-                                on_termination_credit_note=options.on_termination_credit_note,
-                            )
-                            step.outcome = "done"
-                            step.detail = {"terminated_at": ended.get("terminated_at"), "started_meanwhile": True}
-                else:
-                    step.outcome = "done"
-                    step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
+    subscription is made, that this migration, of ``fingerprint``, makes it: see :meth:`Journal.made_subscription`).
+
+    The org subscription and its entitlement writes are made together, shielded from cancellation (Ctrl-C, SIGTERM,
+    the run stopped by another org's failure), which takes effect once they are made: stopped between them, a run
+    again without the journal took that subscription for one the org had before, and left it the plan features its
+    donor went without (a second Ctrl-C still stops at once)."""
+    steps = result.steps
+    index = 0
+    while index < len(steps):
+        if steps[index].kind != "create_subscription":
+            await _apply_step(client, org, options, result, journal, fingerprint, steps[index])
+            index += 1
+            continue
+        end = index + 1
+        while end < len(steps) and steps[end].kind in ("set_entitlements", "remove_entitlements"):
+            end += 1
+        with anyio.CancelScope(shield=True):
+            for step in steps[index:end]:
+                await _apply_step(client, org, options, result, journal, fingerprint, step)
+        index = end
+
+
+async def _apply_step(
+    client: LagoClient,
+    org: OrgMapping,
+    options: MigrationOptions,
+    result: OrgResult,
+    journal: Journal | None,
+    fingerprint: str | None,
+    step: Step,
+) -> None:
+    """Make one write of :func:`apply_org`, logging and journaling its outcome."""
+    try:
+        if step.kind == "upsert_customer":
+            result.customer = await _upsert_customer(client, step.payload, result.warnings)
+            step.outcome = "done"
+        elif step.kind == "create_subscription":
+            if journal is not None and fingerprint is not None:  # (before: its answer may be lost in a crash)
+                journal.record(
+                    "step",
+                    org_id=org.org_id,
+                    step=step.kind,
+                    target=step.target,
+                    outcome="started",
+                    fingerprint=fingerprint,
+                )
+            try:
+                subscription = await client.create_subscription(
+                    external_customer_id=org.org_id,
+                    plan_code=step.payload["plan_code"],
+                    external_id=step.target,
+                    billing_time=step.payload["billing_time"],
+                    subscription_at=step.payload.get("subscription_at"),
+                    ending_at=step.payload.get("ending_at"),
+                )
+            except LagoValidationError as exc:
+                if "ending_at" not in step.payload or "ending_at" not in exc.details:
+                    raise
+                raise InvalidRequestError(_ending_refused(org, step, result)) from exc
+            if subscription.get("plan_code") != step.payload["plan_code"]:  # (made since the plan: a downgrade)
+                raise InvalidRequestError(await _undo_downgrade(client, org, step, subscription))
+            if subscription.get("previous_plan_code"):  # (made since the plan on another plan: upgraded at once)
+                result.warnings.append(
+                    f"org subscription {step.target!r} was made on plan {subscription['previous_plan_code']!r} "
+                    f"since this run read it (another run at the same time?): this run changed it to "
+                    f"{step.payload['plan_code']!r}"
+                )
+            result.subscription = subscription
+            step.outcome = "done"
+            step.detail = {"started_at": subscription.get("started_at"), "status": subscription.get("status")}
+        elif step.kind == "set_entitlements":
+            status = str((result.subscription or {}).get("status") or "active")
+            await _set_overrides(client, step.target, step.payload["entitlements"], status)
+            step.outcome = "done"
+            step.detail = {"entitlements": step.payload["entitlements"]}
+        elif step.kind == "remove_entitlements":
+            status = str((result.subscription or {}).get("status") or "active")
+            removals: list[Removal] = [(str(f), None if p is None else str(p)) for f, p in step.payload["removals"]]
+            for removal in removals:  # (idempotent, so retried after a 5xx or a lost answer: see below)
+                await _again_if_unavailable(client, _remove_entitlement, step.target, removal, status)
+            step.outcome = "done"
+            step.detail = {"removed": [_removal_name(removal) for removal in removals]}
+        elif step.kind in ("terminate_subscription", "cancel_subscription"):
+            try:
+                ended = await _end_subscription(client, step, options)
+            except LagoNotFoundError:
+                step.outcome = "already ended"
+                if step.kind == "cancel_subscription":  # no longer pending: it may have started meanwhile
+                    started = await _or_none(client.get_subscription(step.target))
+                    if started is not None and started.get("external_customer_id") == step.payload["user_id"]:
+                        ended = await client.terminate_subscription(
+                            step.target,
+                            on_termination_invoice=options.on_termination_invoice,
+                            on_termination_credit_note=options.on_termination_credit_note,
+                        )
+                        step.outcome = "done"
+                        step.detail = {"terminated_at": ended.get("terminated_at"), "started_meanwhile": True}
             else:
-                await _upsert_customer(client, step.payload, result.warnings)
                 step.outcome = "done"
-        except LagoIntegrationError as exc:
-            step.outcome = "failed"
-            step.detail = {"error": str(exc)}
-            _log_step(org, step, journal)
-            raise
+                step.detail = {"terminated_at": ended.get("terminated_at") or ended.get("canceled_at")}
+        else:
+            await _upsert_customer(client, step.payload, result.warnings)
+            step.outcome = "done"
+    except LagoIntegrationError as exc:
+        step.outcome = "failed"
+        step.detail = {"error": str(exc)}
         _log_step(org, step, journal)
+        raise
+    _log_step(org, step, journal)
 
 
 async def _undo_downgrade(client: LagoClient, org: OrgMapping, step: Step, subscription: JSON) -> str:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import anyio
+import anyio.abc
 import httpx
 
 from ._client import LagoClient
-from ._errors import InvalidRequestError
+from ._errors import InvalidRequestError, LagoIntegrationError
 from ._migration import (
     PLAN_POLICIES,
     CallCounter,
@@ -33,6 +37,7 @@ from ._migration import (
     MigrationRun,
     Mode,
     OrgResult,
+    _entitlements_path,
     format_entitlements,
     load_mapping_callable,
     read_mapping_file,
@@ -173,14 +178,31 @@ def add_migrate_command(commands: Any) -> None:
 ORG_DONE_HOOK: Callable[[OrgResult, int, int], None] | None = None
 
 
+class Terminated(LagoIntegrationError):
+    """The run was stopped by SIGTERM (``timeout``, systemd, a Kubernetes job stopped), as Ctrl-C stops it: the writes
+    of each org in progress that belong together finished, the others cancelled (see :func:`_until_sigterm`)."""
+
+
 def _handle(args: argparse.Namespace) -> int:
     try:
         return run_migrate_command(args, on_org_done=ORG_DONE_HOOK)
     except KeyboardInterrupt:  # (the CLI exits 130) what was done is done, each step idempotent: say how to go on
-        if args.execute:
-            again = "the same command" if args.journal else "the same command (with --journal FILE, it skips done orgs)"
-            print(f"\nmigrate interrupted: every step is safe to make again; run {again} to finish.", file=sys.stderr)
+        _say_stopped(args, "interrupted")
         raise
+    except Terminated:
+        _say_stopped(args, "stopped (SIGTERM)")
+        return 128 + signal.SIGTERM
+
+
+def _say_stopped(args: argparse.Namespace, how: str) -> None:
+    if args.execute:
+        again = "the same command" if args.journal else "the same command (with --journal FILE, it skips done orgs)"
+        print(f"\nmigrate {how}: every step is safe to make again; run {again} to finish.", file=sys.stderr)
+    else:
+        print(
+            f"\nmigrate {how}: nothing was changed (a {'--verify' if args.verify else 'dry run'} only reads).",
+            file=sys.stderr,
+        )
 
 
 def run_migrate_command(
@@ -382,6 +404,8 @@ def _run(
         if mode == "dry-run":
             _print_plan(run, out)
         _print_summary(run, out)
+        if mode == "execute" and journal is None:
+            _print_list("Left to do by hand", _removals_left(run), out)
         if mode == "execute" and options.prepare_only and run.ok:
             print(
                 "\nFirst phase done: the orgs are subscribed, their users' subscriptions still bill the old "
@@ -398,7 +422,38 @@ def _run(
             print(f"report written to {args.report}", file=out)
         return 0 if run.ok else 1
 
-    return run_main(main)
+    return run_main(_until_sigterm, main)
+
+
+async def _until_sigterm(work: Callable[[], Awaitable[int]]) -> int:
+    """``work()``, cancelled by SIGTERM as Ctrl-C cancels it (the org writes that belong together finished first:
+    see ``apply_org``), then :class:`Terminated` raised. Without it SIGTERM ended the process at once, silently,
+    between any two writes. Only where signals can be received (the main thread, not Windows)."""
+    codes: list[int] = []
+    failed: list[Exception] = []
+
+    async def watch(group: anyio.abc.TaskGroup, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM) as received:
+            task_status.started()
+            async for _ in received:
+                group.cancel_scope.cancel()
+                return
+
+    async with anyio.create_task_group() as group:
+        if sys.platform != "win32" and threading.current_thread() is threading.main_thread():
+            await group.start(watch, group)
+        try:
+            codes.append(await work())
+        except Exception as exc:  # (raised as it is, not in the task group's ExceptionGroup)
+            failed.append(exc)
+        group.cancel_scope.cancel()
+    if failed:
+        raise failed[0]
+    if not codes:
+        raise Terminated(
+            "migrate was stopped by SIGTERM; every step is safe to make again: run the same command to finish"
+        )
+    return codes[0]
 
 
 def _limits(concurrency: int) -> httpx.Limits:
@@ -546,6 +601,32 @@ def _print_summary(run: MigrationRun, out: TextIO) -> None:
         print(f"\nStopped: {run.aborted}\nRun the same command again to resume.", file=out)
     _print_list("Problems", [f"{r.org_id}: {e}" for r in run.orgs for e in r.errors], out)
     _print_list("Warnings", [*run.warnings, *(w for r in run.orgs for w in r.warnings)], out)
+
+
+def _removals_left(run: MigrationRun) -> list[str]:
+    """The plan features the donors went without that a run stopped (or an org failed) left on org subscriptions it
+    made, when it had no journal: a run again cannot tell those subscriptions from ones the orgs had before, and
+    leaves them their plan's features (see ``plan_org``); so they are named here, with their calls."""
+    left = []
+    for result in run.orgs:
+        made = next((s for s in result.steps if s.kind == "create_subscription" and s.outcome == "done"), None)
+        if made is None:
+            continue
+        status = str((result.subscription or {}).get("status") or "active")
+        calls = [
+            f"DELETE {_entitlements_path(step.target, status, (str(feature), None if p is None else str(p)))}"
+            for step in result.steps
+            if step.kind == "remove_entitlements" and step.outcome != "done"
+            for feature, p in step.payload["removals"]
+        ]
+        if calls:
+            left.append(
+                f"org {result.org_id}: its subscription {made.target} was made by this run, which stopped before "
+                f"taking from it what {result.entitlements_from} went without: {', '.join(calls)}. A run again "
+                "without a journal cannot tell it from a subscription the org had before, and leaves it these: make "
+                "the calls by hand (give every --execute a --journal FILE: a run resumed with its journal makes them)"
+            )
+    return left
 
 
 def _print_list(title: str, items: list[str], out: TextIO, limit: int = 20) -> None:
