@@ -407,9 +407,9 @@ class Snapshot:
     #: Estimated end of the next period, when a request after ``period_end`` may be decided at once on a provisional
     #: snapshot of it (see "Billing-period rollover"); 0: not (no subscription, ending or switching plans there).
     next_period_end: float = 0.0
-    #: An anniversary subscription's ``subscription_at`` (0: calendar billing, or not known): its day in the customer's
-    #: time zone is the billing day, which a period begun elsewhere (the first, at the exact ``started_at``; one begun
-    #: by an upgrade) or ending on a short month's last day does not show.
+    #: An anniversary subscription's ``subscription_at`` (``CALENDAR_ANCHOR``: calendar billing; 0: not known): its
+    #: day in the customer's time zone is the billing day, which a period begun elsewhere (the first, at the exact
+    #: ``started_at``; one begun by an upgrade) or ending on a short month's last day does not show.
     anchor: float = 0.0
 
     @property
@@ -457,17 +457,24 @@ def period_key(snapshot: Snapshot | None) -> str:
 
 _period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
 
+#: ``Snapshot.anchor`` of a subscription billed on calendar periods (an anniversary's is its ``subscription_at``; 0:
+#: the billing time is not known).
+CALENDAR_ANCHOR = -1.0
+
 #: Months per plan interval (``weekly`` is 7 days; an unknown interval: the old period's length).
 _INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
 
 
-def _local(timestamp: float) -> tuple[dt.datetime, float]:
+def _local(timestamp: float, other_day: bool = False) -> tuple[dt.datetime, float]:
     """A period bound in its customer's time zone, and that zone's UTC offset (seconds), inferred from the bound:
     Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-10:15
     to UTC+13:45 (offsets a day apart share their midnights: UTC-11 is taken as UTC+13, New Zealand's summer, and
-    UTC+14 as UTC-10, Hawaii; there, a date near a month's end may be estimated a few days off, until Lago is read)."""
+    UTC+14 as UTC-10, Hawaii). ``other_day``: the offset a day apart instead (UTC+14, Kiritimati; UTC-11, American
+    Samoa), which :func:`next_period_end` takes when only it puts the bound on the billing day."""
     second_of_day = timestamp % 86400
     offset = -second_of_day if second_of_day < _EAST_FROM else 86400 - second_of_day
+    if other_day:
+        offset += 86400 if offset < 0 else -86400
     return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc), offset
 
 
@@ -487,7 +494,7 @@ def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
     return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1]))
 
 
-def _add_months(start: float, end: float, months: int, anchor: float = 0.0) -> float:
+def _add_months(start: float, end: float, months: int, anchor: float = 0.0, other_day: bool = False) -> float:
     """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or, when the end
     falls on a short month's last day, a later one. An anniversary subscription's is ``anchor``'s local day (Nov 30 to
     Feb 28 goes on to May 31 for a day 31), taken alone: a period's start may be a first period's exact
@@ -495,11 +502,12 @@ def _add_months(start: float, end: float, months: int, anchor: float = 0.0) -> f
     anchor, the start's day when the start is a local midnight (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
     31). An anchor within an hour of a local midnight (not at one) may be a day off, a DST change since moving it
     across the midnight: its day read at the end's offset, unless the start, a local midnight on an unclipped day,
-    shows the other one. An hour off across a DST change, until Lago is read."""
-    at, offset = _local(end)
+    shows the other one. An hour off across a DST change, until Lago is read. ``other_day``: in the zone a day apart
+    from the one the end suggests (see :func:`_local`)."""
+    at, offset = _local(end, other_day)
     day = at.day
     if day == calendar.monthrange(at.year, at.month)[1]:
-        begun, begun_offset = _local(start)
+        begun, begun_offset = _local(start, other_day)
         if not anchor:
             if abs(begun_offset - offset) <= 3600:  # (a local midnight, the zone's offset maybe changed since)
                 day = max(day, begun.day)
@@ -524,6 +532,22 @@ def _add_months(start: float, end: float, months: int, anchor: float = 0.0) -> f
     return _months_on(at, months, day).timestamp() - offset
 
 
+def _on_billing_day(end: float, anchor: float, other_day: bool = False) -> bool:
+    """Whether the period end ``end``, read in the zone :func:`_local` infers (or the one a day apart), falls on a day
+    Lago ends periods of a plan counted in months: the 1st with calendar billing (``CALENDAR_ANCHOR``), else the
+    anchor's day in that zone, or the last day of a month shorter than it. Only asked of the zones whose midnights a
+    zone a day apart shares (beyond UTC-10 or UTC+13), and of a known billing time: otherwise the end's own zone is
+    kept, whatever its day."""
+    at, offset = _local(end)
+    if -36000 < offset < 46800 or not anchor:
+        return not other_day
+    if other_day:
+        at, offset = _local(end, True)
+    if anchor < 0:
+        return at.day == 1
+    return at.day == min(_day_of(anchor, offset).day, calendar.monthrange(at.year, at.month)[1])
+
+
 def next_period_end(snapshot: Snapshot) -> float:
     """The estimated end of the period after ``snapshot``'s when its subscription is known to go on into it, else
     0.0: not active, ending (``ending_at``) at or before the period end, or switching to another plan there."""
@@ -532,7 +556,13 @@ def next_period_end(snapshot: Snapshot) -> float:
         return 0.0
     months = _INTERVAL_MONTHS.get(snapshot.interval)
     if months is not None:
-        estimate = _add_months(start, end, months, snapshot.anchor)
+        anchor = max(snapshot.anchor, 0.0)
+        estimate = _add_months(start, end, months, anchor)
+        if not _on_billing_day(end, snapshot.anchor) and _on_billing_day(end, snapshot.anchor, other_day=True):
+            # the end is a midnight of two zones a day apart (UTC-10 and Kiritimati's UTC+14, UTC+13 and American
+            # Samoa's UTC-11): only the other one puts it on the billing day (the 1st; an anniversary's day, or a short
+            # month's last), so the customer is there (its quarter ending on Oct 1 was estimated to end Dec 31)
+            estimate = _add_months(start, end, months, anchor, other_day=True)
     elif snapshot.interval == "weekly":
         estimate = end + 7 * 86400.0
     else:
@@ -2235,7 +2265,7 @@ class QuotaGate:
             interval=interval,
             ending_at=_timestamp(subscription.get("ending_at")) or 0.0,
             next_plan_code=subscription.get("next_plan_code") or None,
-            anchor=anchor or 0.0,
+            anchor=anchor or (CALENDAR_ANCHOR if subscription.get("billing_time") == "calendar" else 0.0),
         )
 
     # ------------------------------------------------------------------------------ seed helpers
