@@ -244,6 +244,10 @@ class BillingSettings:
 
         Environment variables win over the file, and ``overrides`` win over both. A missing
         ``LAGO_API_KEY`` is a :class:`ConfigurationError` unless ``require_api_key=False``.
+
+        The file is read as python-dotenv's ``load_dotenv`` reads it, ``${VAR}`` and ``${VAR:-default}`` expanded
+        (from the environment, else the lines above). Each variable can also be given as ``<name>_FILE``, the path
+        of a file holding its value (Docker and Kubernetes secrets: ``LAGO_API_KEY_FILE=/run/secrets/lago_api_key``).
         """
         try:
             return cls._from_env(env_file, environ, require_api_key, overrides)
@@ -263,12 +267,17 @@ class BillingSettings:
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None
         source = os.environ if environ is None else environ
-        file_values = _read_env_file(env_file) if env_file is not None else {}
+        file_values = _read_env_file(env_file, source) if env_file is not None else {}
 
         def get(name: str, parse: Callable[[str, str], _T], field: str) -> None:
-            raw = source[name] if name in source else file_values.get(name)
-            if raw is not None and field not in overrides:
-                _check_raw(name, raw, env_file if name not in source else None)
+            if field in overrides:
+                return
+            raw = _secret_file(name, source, file_values, env_file)
+            if raw is None:
+                raw = source[name] if name in source else file_values.get(name)
+                if raw is not None:
+                    _check_raw(name, raw, env_file if name not in source else None)
+            if raw is not None:
                 values[field] = parse(name, raw)
 
         values: dict[str, Any] = {}
@@ -300,6 +309,50 @@ class BillingSettings:
         if require_api_key:
             settings.require_api_key()
         return settings
+
+
+def _secret_file(
+    name: str, source: Mapping[str, str], file_values: Mapping[str, str], env_file: str | Path | None
+) -> str | None:
+    """The content of the file ``<name>_FILE`` names (Docker and Kubernetes secrets: ``LAGO_API_KEY_FILE=/run/secrets/
+    lago_api_key``), or ``None`` when that variable is unset or empty. The environment wins over the ``.env`` file, as
+    for the variables themselves; ``<name>`` and ``<name>_FILE`` both set at the same place are refused (which one was
+    meant?). The content is read as the variable's value (a trailing line break dropped with the blanks around it)."""
+    variable = f"{name}_FILE"
+    if source.get(variable, "").strip():
+        path, here, where = source[variable], name in source, "the environment"
+    elif (
+        name not in source
+        and variable in file_values
+        and (isinstance(file_values[variable], _Unusable) or file_values[variable].strip())
+    ):
+        path = file_values[variable]
+        _check_raw(variable, path, env_file)
+        here, where = name in file_values, os.fspath(env_file or ".env")
+    else:
+        return None
+    path = path.strip()
+    if here:
+        raise ConfigurationError(
+            f"{name} and {variable} are both set in {where}: keep one ({variable} names a file holding the value, "
+            "such as a Docker secret).",
+            variable=name,
+        )
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = file.read().removeprefix("\ufeff")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+        raise ConfigurationError(
+            f"{variable} names {path!r}, which cannot be read as text ({reason}): give the path of a UTF-8 file "
+            f"readable by the user the app runs as (such as /run/secrets/...), or unset {variable} and set {name}.",
+            variable=variable,
+        ) from None
+    if not content.strip():
+        raise ConfigurationError(
+            f"{variable} names {path!r}, which is empty: write the value of {name} in it.", variable=variable
+        )
+    return content.strip()
 
 
 def _guarded_init(init: Callable[..., None]) -> Callable[..., None]:
@@ -467,6 +520,8 @@ def _check_raw(name: str, raw: str, env_file: str | os.PathLike[str] | None) -> 
     unquoted from the ``env_file`` (None: from the environment, where docker keeps it literally), ending with an
     inline comment, which python-dotenv and compose drop and starlette's ``.env`` reader keeps (a value quoted in the
     file, a :class:`_Quoted` of :func:`_read_env_file`, is its content: `` #`` included)."""
+    if isinstance(raw, _Unusable):
+        raise ConfigurationError(f"{name} in {os.fspath(env_file or '.env')} {raw.problem}", variable=name)
     _check_unquoted(name, raw)
     if env_file is not None and not isinstance(raw, _Quoted) and _INLINE_COMMENT.search(raw):
         raise ConfigurationError(
@@ -483,13 +538,18 @@ class _Quoted(str):
     __slots__ = ()
 
 
-def _read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The variables of a ``.env`` file, read as python-dotenv reads it: a leading byte-order mark dropped,
-    ``export`` lines, values in single or double quotes (over several lines too; ``\\`` and the quote escaped inside,
-    and in double quotes ``\\n`` and the like), a blank value before an inline comment (``KEY= # later``), the last
-    line of a variable winning. Quoted values are :class:`_Quoted`; an unquoted value keeps an inline comment for
-    :func:`_check_raw` to refuse (python-dotenv drops it, starlette kept it). Lines it cannot read are skipped, as
-    python-dotenv skips them; no ``${VAR}`` expansion."""
+def _read_env_file(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of a ``.env`` file, read as python-dotenv's ``load_dotenv`` reads it: a leading byte-order mark
+    dropped, ``export`` lines, values in single or double quotes (over several lines too; ``\\`` and the quote escaped
+    inside, and in double quotes ``\\n`` and the like), a blank value before an inline comment (``KEY= # later``), the
+    last line of a variable winning, ``${VAR}`` and ``${VAR:-default}`` expanded from ``environ`` (default
+    ``os.environ``), else from the lines above (``:-`` takes the default for a variable unset or empty, as compose and
+    the shell do). Quoted and expanded values are :class:`_Quoted`; an unquoted value keeps an inline comment for
+    :func:`_check_raw` to refuse (python-dotenv drops it, starlette kept it). A ``LAGO_*`` line python-dotenv cannot
+    read (a quote not closed, text after the closing quote, ``LAGO_X: value``) and a reference to a variable set
+    nowhere are an :class:`_Unusable` value, which :func:`_check_raw` refuses saying why (python-dotenv skips such a
+    line, and expands such a reference to nothing); other lines it cannot read are skipped, as python-dotenv skips
+    them."""
     try:
         with open(path, encoding="utf-8") as file:  # (universal newlines: CRLF files read as LF)
             text = file.read().removeprefix("\ufeff")
@@ -498,16 +558,29 @@ def _read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
             f"{os.fspath(path)} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 (PowerShell 5's "
             "'>' writes UTF-16: use Set-Content -Encoding utf8, or an editor's 'UTF-8').",
         ) from None
+    except OSError as exc:  # (a file of root's, mode 600, in an image run as another user)
+        raise ConfigurationError(
+            f"{os.fspath(path)} cannot be read ({exc.strerror or exc}): make it readable by the user the app runs as, "
+            "or remove it and set the LAGO_* variables in the environment.",
+        ) from None
+    environ = os.environ if environ is None else environ
     values: dict[str, str] = {}
     position = 0
     while position < len(text):
         binding = _DOTENV_BINDING.match(text, position)
         if binding is None:  # a comment, or a line python-dotenv cannot read either
             end = text.find("\n", position)
+            unread = _UNREAD_LINE.match(text, position, len(text) if end < 0 else end)
+            if unread is not None and unread["after"].strip() and not unread["after"].lstrip().startswith("#"):
+                values[unread["name"]] = _Unusable(_line_problem(text, position, _NOT_A_BINDING.format(unread["name"])))
             position = len(text) if end < 0 else end + 1
             continue
         position = binding.end()
         key = binding["key"] or binding["quoted_key"]
+        at = binding.start("key" if binding["key"] else "quoted_key") - (0 if binding["key"] else 1)
+        if (name := _LAGO_NAME.match(key)) is not None and name.end() != len(key):  # ``export LAGO_X:=value``
+            values[name.group()] = _Unusable(_line_problem(text, at, _NOT_A_BINDING.format(name.group())))
+            continue
         if binding["single"] is not None:
             value: str = _Quoted(_SINGLE_ESCAPES.sub(_unescape, binding["single"]))
         elif binding["double"] is not None:
@@ -516,14 +589,80 @@ def _read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
             value = ""  # ``KEY=``, or ``KEY= # comment`` (``KEY=#x`` is ``#x``)
         else:
             value = (binding["plain"] or binding["comment"] or "").strip()
+            if value[:1] in ("'", '"'):  # quoted alternatives failed: the quote is never closed
+                values[key] = _Unusable(_line_problem(text, at, _UNCLOSED.format(quote=value[0])))
+                continue
         if binding["rest"].strip() and not binding["rest"].lstrip().startswith("#"):
-            # text after a closing quote (``KEY="a"b``): python-dotenv skips the line; read as written instead, for
-            # the checks to see it rather than the variable being silently unset
+            # text after a closing quote (``KEY="a"b``, or a quote not closed on its line that the next quote closed):
+            # python-dotenv skips the line; read again from the next line, for the lines that follow to be read
             start = binding.start("single" if binding["single"] is not None else "double") - 1
+            values[key] = _Unusable(_line_problem(text, at, _UNCLOSED.format(quote=text[start])))
             line_end = text.find("\n", start)
-            value = text[start : len(text) if line_end < 0 else line_end].strip()
+            position = len(text) if line_end < 0 else line_end + 1
+            continue
+        if "${" in value and not (not isinstance(value, _Quoted) and _INLINE_COMMENT.search(value)):
+            value = _expanded(value, environ, values)  # (a value with an inline comment is refused as written)
         values[key] = value
     return values
+
+
+class _Unusable(str):
+    """A ``.env`` value :func:`_check_raw` refuses (the text is empty, never the value: it may be a secret); ``problem``
+    says why, after the variable's name and the file's."""
+
+    def __new__(cls, problem: str) -> _Unusable:
+        unusable = super().__new__(cls, "")
+        unusable.problem = problem
+        return unusable
+
+    problem: str
+
+
+#: A line that starts with the name of a ``LAGO_*`` variable (a bare name: from the environment, as compose reads it).
+_UNREAD_LINE = re.compile(r"[^\S\n]*(?:export[^\S\n]+)?(?P<name>LAGO_\w+)(?P<after>[^\n]*)")
+_LAGO_NAME = re.compile(r"LAGO_\w+")
+_NOT_A_BINDING = "is not written as NAME=value, which python-dotenv skips: write it {0}=value (no ':' nor blank)."
+_UNCLOSED = (
+    "has a quote ({quote}) that is not closed, or text after its closing quote: python-dotenv skips such a line. Write "
+    "the value in a pair of quotes with nothing after the closing one but a comment."
+)
+#: ``${VAR}`` and ``${VAR:-default}``, as python-dotenv expands them.
+_REFERENCE = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def _line_problem(text: str, position: int, problem: str) -> str:
+    return f"(line {text.count(chr(10), 0, position) + 1}) {problem}"
+
+
+def _expanded(value: str, environ: Mapping[str, str], above: Mapping[str, str]) -> str:
+    """``value`` with its references expanded (the environment first, then the lines above), a :class:`_Quoted` (its
+    content is the value); an :class:`_Unusable` naming the variables set nowhere."""
+    missing: list[str] = []
+
+    def resolve(reference: re.Match[str]) -> str:
+        name, default = reference["name"], reference["default"]
+        found = environ.get(name)
+        if found is None:
+            earlier = above.get(name)
+            found = None if isinstance(earlier, _Unusable) else earlier
+        if default is not None and not found:
+            return default
+        if found is None:
+            missing.append(name)
+            return ""
+        return found
+
+    result = _REFERENCE.sub(resolve, value)
+    if missing:
+        names = ", ".join(dict.fromkeys(missing))
+        template = (
+            " (the subscription id template's placeholder is {org_id}, without '$')" if "org_id" in missing else ""
+        )
+        return _Unusable(
+            f"refers to {names}, set neither in the environment nor above it in the file{template}: set it, or give "
+            f"the reference a default (${{{missing[0]}:-default}}; ${{{missing[0]}:-}} for none)."
+        )
+    return _Quoted(result)
 
 
 def _unescape(match: re.Match[str]) -> str:
@@ -621,6 +760,15 @@ def _check_given_text(settings: BillingSettings) -> None:
             )
         if isinstance(value, str):
             _check_unquoted(variable, value)
+            reference = _UNEXPANDED[field].search(value) if field in _UNEXPANDED else None
+            if reference is not None:
+                raise ConfigurationError(
+                    f"{variable} holds {reference.group().strip('/')!r}, a reference to another variable that nothing "
+                    "expanded (docker run --env-file, systemd's EnvironmentFile and Kubernetes pass it as written): "
+                    "set the value itself, or expand it where the variable is set (a .env read by from_env expands "
+                    "${NAME}).",
+                    variable=variable,
+                )
 
 
 def _check_api_key(settings: BillingSettings) -> None:
@@ -663,6 +811,14 @@ def _spool_path(value: object) -> str:
     return os.path.expanduser(path)
 
 
+#: A ``$NAME`` or ``${NAME}`` left unexpanded, where no value of the field has one: anywhere in a Lago key or id
+#: (UUIDs), the whole HMAC key (whose bytes may be anything), a directory of the spool's path (``${HOME}/spool.db``).
+_UNEXPANDED = {
+    "api_key": re.compile(r"\$\{[^}]*\}|\$[A-Za-z_]\w*"),
+    "organization_id": re.compile(r"\$\{[^}]*\}|\$[A-Za-z_]\w*"),
+    "webhook_hmac_key": re.compile(r"\A\s*(?:\$\{[^}]*\}|\$[A-Za-z_]\w*)\s*\Z"),
+    "spool_path": re.compile(r"\$\{\w+(?::?[-=?+][^}]*)?\}|(?:\A|/)\$[A-Za-z_]\w*(?=/|\Z)"),
+}
 #: ``Bearer <key>`` or ``Authorization: Bearer <key>``, as Lago's curl examples show it.
 _BEARER = re.compile(r"(?i)(authorization\s*:\s*)?bearer\s")
 #: One ``.env`` binding, as python-dotenv's parser reads it (blank lines before it skipped).
@@ -719,6 +875,18 @@ _REDIS_DATABASE = re.compile(r"/?[0-9]*")
 
 def _parse_url(name: str, value: str) -> str:
     url = value.strip().rstrip("/?#")  # (an empty query or fragment is none: httpx would call ``host/?/api/v1/...``)
+    if not url:  # (``LAGO_API_URL=``; compose's ``${LAGO_API_URL}`` of a host where it is unset)
+        raise ConfigurationError(
+            f"{name} is set but empty: unset it to use the default (http://localhost:3000), or set Lago's URL such as "
+            "https://api.getlago.com.",
+            variable=name,
+        )
+    if "://" not in url and not url.lower().startswith(("http:", "https:")):  # (``lago:3000`` splits as scheme lago)
+        raise ConfigurationError(
+            f"{name} must be a URL with its scheme, got {redact_url(value)}: write {masked_url('http://' + url)!r} or "
+            f"{masked_url('https://' + url)!r}.",
+            variable=name,
+        )
     parts = _split_url(url)
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigurationError(
@@ -802,6 +970,12 @@ def _check_template(template: str) -> None:
         parts = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)]
     except ValueError as exc:
         raise ConfigurationError(f"{name} is not a valid template ({exc}): {template!r}.", variable=name) from None
+    if "${org_id}" in template:  # (a JavaScript template string, or a shell's: the ids would be ``sub_$acme``)
+        raise ConfigurationError(
+            f"{name} takes the placeholder {{org_id}} without '$' before it (such as sub_{{org_id}}), got "
+            f"{template!r}.",
+            variable=name,
+        )
     fields = [field for field, _, _ in parts if field is not None]
     if any(spec or conversion for field, spec, conversion in parts if field is not None):
         raise ConfigurationError(
