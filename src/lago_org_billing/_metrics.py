@@ -58,12 +58,13 @@ of the collectors: a daemon thread mirrors the plain ints, by deltas, into prome
 are registered with no registry: the ``MultiProcessCollector`` of the registry that serves ``/metrics`` reads the
 files of every worker, dead ones' counters included, and sums them under the same names and labels. A process whose
 mirroring starts (or forked from one) drops the live gauges of processes that died without zeroing theirs (a killed
-worker: ``uvicorn --workers`` has no ``child_exit`` hook). A pipeline and gate that a middleware makes anew (served
-again after a shutdown) are adopted at once (``mirror_renewed``), so their counts are mirrored even if they go
-before the next sync; a gate's mirrored counts are remembered while it lives (given to another middleware later,
-it is not counted twice), and a gate shared by middlewares is counted once. The files
-belong to the process, not to a registry: middlewares and pipelines registered under one namespace are summed (each
-once), whatever the registries given. The request path and the delivery path still never touch
+worker: ``uvicorn --workers`` has no ``child_exit`` hook), when prometheus_client names the files by pid (a custom
+``process_identifier`` names them by numbers that are no pid here: none are dropped then). A pipeline and gate
+that a middleware makes anew (served again after a shutdown) are adopted at once (``mirror_renewed``), so their
+counts are mirrored even if they go before the next sync; a gate's mirrored counts are remembered while it lives
+(given to another middleware later, it is not counted twice), and a gate shared by middlewares is counted once. The
+files belong to the process, not to a registry: middlewares and pipelines registered under one namespace are summed
+(each once), whatever the registries given. The request path and the delivery path still never touch
 ``prometheus_client``.
 """
 
@@ -207,6 +208,7 @@ class PipelineMetrics:
         Returns False (and logs a warning) when ``prometheus_client`` is not installed:
         ``pip install 'lago-org-billing[metrics]'``.
         """
+        _check_registry(registry, namespace, "PipelineMetrics.register", empty=True)
         target = _registry(registry)
         if target is None:
             return False
@@ -317,14 +319,21 @@ def _check_registration(middleware: Any, registry: Any, namespace: Any) -> None:
             "register_metrics(middleware) takes the OrgBillingMiddleware instance served (asgi_app = "
             f"OrgBillingMiddleware(app)), got {type(middleware).__name__}."
         )
+    _check_registry(registry, namespace, "register_metrics")
+
+
+def _check_registry(registry: Any, namespace: Any, caller: str, *, empty: bool = False) -> None:
+    """A registry without ``register``, a namespace Prometheus cannot take in a metric's name (prometheus_client
+    would export it renamed, ``my-app`` as ``my_app``): refused before anything is registered. ``empty``: no prefix
+    at all is taken (``PipelineMetrics.register`` always took it)."""
     if registry is not None and not callable(getattr(registry, "register", None)):
         raise ConfigurationError(
-            "register_metrics(registry=...) must be a prometheus_client CollectorRegistry (None: the default one), "
+            f"{caller}(registry=...) must be a prometheus_client CollectorRegistry (None: the default one), "
             f"got {registry!r}."
         )
-    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+    if not isinstance(namespace, str) or not ((empty and namespace == "") or _NAMESPACE.fullmatch(namespace)):
         raise ConfigurationError(
-            "register_metrics(namespace=...) must be a Prometheus metric name prefix such as 'lago_billing' (letters, "
+            f"{caller}(namespace=...) must be a Prometheus metric name prefix such as 'lago_billing' (letters, "
             f"digits and _, not starting with a digit), got {namespace!r}."
         )
 
@@ -343,7 +352,18 @@ def _collect(registry: Any, namespace: str, *, pipeline: PipelineMetrics | None 
         return
     collector = _RegistryCollector(namespace)
     collector.add(pipeline, middleware)
-    registry.register(collector)  # (its names: those of what it holds now, and those it may export later)
+    try:
+        registry.register(collector)  # (its names: those of what it holds now, and those it may export later)
+    except ValueError as exc:  # prometheus_client's DuplicateTimeseries: a metric of the app's own has such a name
+        if "Duplicated timeseries" not in str(exc):
+            raise
+        raise ConfigurationError(
+            f"The billing metrics (prefix {namespace + '_' if namespace else 'none'!r}) cannot be registered: this "
+            f"registry already holds metrics of their names ({exc}), the app's own most likely. Export them under "
+            "another prefix: register_metrics(middleware, registry, namespace='billing') (with LAGO_METRICS unset and "
+            "no metrics_registry=), or PipelineMetrics.register(registry, namespace='billing'); or give the billing "
+            "middleware a registry of its own (metrics_registry=) served on another path."
+        ) from exc
     held: Callable[[], Any]
     try:
         held = weakref.ref(registry, functools.partial(_forget_registry, key))
@@ -536,15 +556,17 @@ def _mirrored(namespace: str, *, pipeline: PipelineMetrics | None = None, middle
             )
         return False
     state = _multiprocess
+    starting = state is None
     if state is None:
         state = _multiprocess = _Multiprocess(directory)
-        _forget_dead_processes(directory)
         if not _hooks_installed:
             _hooks_installed = True
             atexit.register(_at_exit)
             if hasattr(os, "register_at_fork"):
                 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_child)
     state.add(namespace, pipeline, middleware)
+    if starting:  # after the first sync: this process's own files tell how prometheus_client names them
+        state.forget_dead()
     return True
 
 
@@ -565,7 +587,8 @@ def mirror_renewed(middleware: Any) -> None:
 def _forget_dead_processes(directory: str) -> None:
     """The live gauges (``livesum`` and the like) of processes that died without a last sync (a killed worker, which
     uvicorn replaces without a hook): dropped as mirroring starts in a process, as gunicorn's ``child_exit`` does.
-    POSIX only (elsewhere ``os.kill`` with signal 0 would end the process)."""
+    POSIX only (elsewhere ``os.kill`` with signal 0 would end the process). Only when prometheus_client names the
+    files by pid (see :meth:`_Multiprocess.forget_dead`)."""
     if os.name != "posix":
         return
     from prometheus_client import multiprocess
@@ -632,6 +655,9 @@ class _Multiprocess:
         self._thread: threading.Thread | None = None
         self._failed = False
         self.forking = False
+        #: Whether prometheus_client names this process's files by its pid (its default process identifier): known
+        #: once its first sync wrote its gauge file (``None`` until then), inherited by a forked child.
+        self.by_pid: bool | None = None
 
     def add(self, namespace: str, pipeline: PipelineMetrics | None, middleware: Any) -> None:
         with self.lock:
@@ -697,10 +723,21 @@ class _Multiprocess:
         self.lock = threading.Lock()
         self.forking = False
         self._thread = None
-        with contextlib.suppress(Exception):  # a worker forked in place of a killed one (gunicorn --preload)
-            _forget_dead_processes(self.directory)
+        self.forget_dead()  # a worker forked in place of a killed one (gunicorn --preload)
         if self.mirrors:
             self._start()
+
+    def forget_dead(self) -> None:
+        """Drop the live gauges of dead processes (:func:`_forget_dead_processes`), when the files are named by pid. A
+        custom process identifier (``values.ValueClass = values.MultiProcessValue(worker_id)``, against files piling
+        up) names them by numbers that are no pid here: taken for dead, live workers' files (this process's own
+        after a fork included) would be deleted, and their gauges would vanish from every scrape. Left alone then:
+        such a setup drops its dead workers' files itself."""
+        if self.by_pid is None and os.path.exists(os.path.join(self.directory, f"gauge_livesum_{os.getpid()}.db")):
+            self.by_pid = True  # (unknown, nothing dropped, while the first sync has not written this process's file)
+        if self.by_pid:
+            with contextlib.suppress(Exception):
+                _forget_dead_processes(self.directory)
 
     # prometheus_client metrics, registered with no registry: the MultiProcessCollector reads their files.
 
