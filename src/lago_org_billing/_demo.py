@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -287,15 +288,42 @@ async def _wait_delivered(fake: Any, expected: int) -> None:
             await anyio.sleep(0.05)
     received = len(fake.events)
     if received >= expected:
-        print(f"Lago received {received} events ({time.monotonic() - started:.2f}s after the last response)")
+        _say(f"Lago received {received} events ({time.monotonic() - started:.2f}s after the last response)")
     else:
-        print(
+        _say(
             f"Only {received} of {expected} events reached Lago within {DELIVERY_TIMEOUT:g} s of the last response: "
             "its delivery failed or is slow (see any warnings above). The report shows what is missing."
         )
 
 
+#: The report's width: an 80-column terminal shows each line whole (the curl commands of ``--serve`` excepted).
+WIDTH = 80
+
+
+def _say(text: str, indent: str = "") -> None:
+    """Print ``text`` wrapped to :data:`WIDTH` columns, each line indented by ``indent``; URLs and other long words are
+    never cut."""
+    print(
+        textwrap.fill(
+            text,
+            WIDTH,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    )
+
+
+def _units(value: Any) -> str:
+    """Lago's units (a decimal string, ``"490.0"``) as the integer it is for a sum of tokens."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else f"{number:g}"
+
+
 async def _report(fake: Any, settings: BillingSettings, served: dict[tuple[str, str, str], list[int]]) -> bool:
+    """What the API served, per (org, user, model) and per org, next to the events Lago received and Lago's current
+    usage (the ``api_call`` charge, grouped by ``user_id`` and ``model`` as the plans price it)."""
     delivered: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     ids = [event["transaction_id"] for event in fake.events]
     for event in fake.events:
@@ -304,41 +332,68 @@ async def _report(fake: Any, settings: BillingSettings, served: dict[tuple[str, 
         delivered[key][0] += 1
         delivered[key][1] += int(props.get("total_tokens", 0))
     ok = len(ids) == len(set(ids))
-    print(f"\n{'org':<11} {'user':<7} {'model':<13} {'served':>6} {'events':>6} {'tokens':>7}")
+    charges: dict[str, dict[str, Any]] = {}
+    async with LagoClient(settings) as lago:
+        for org_id in ORGS:
+            usage = await lago.get_current_usage(org_id, settings.subscription_id_for(org_id))
+            charge = next(c for c in usage["charges_usage"] if c["billable_metric"]["code"] == "api_call")
+            charges[org_id] = {**charge, "amount_cents": usage["amount_cents"]}
+    grouped: dict[tuple[str, str, str], tuple[int, str]] = {}
+    for org_id, charge in charges.items():
+        for group in charge.get("grouped_usage") or ():
+            by = group.get("grouped_by") or {}
+            key = (org_id, by.get("user_id") or "-", by.get("model") or "-")
+            grouped[key] = (int(group["events_count"]), _units(group["units"]))
+
+    print("\nPer user and model: served by the API, received by Lago, in Lago's usage")
+    print(f"{'':<34}{'--- requests ---':^19}  {'--- tokens ---':^15}".rstrip())
+    print(
+        f"{'org':<11} {'user':<7} {'model':<13} {'served':>6} {'events':>6} {'Lago':>5}  "
+        f"{'served':>7} {'Lago':>7}  agrees"
+    )
     for key in sorted(served):
         requests, tokens = served[key]
         events, event_tokens = delivered.get(key, [0, 0])
-        mark = "" if (requests, tokens) == (events, event_tokens) else "  <-- MISMATCH"
-        ok &= not mark
-        print(f"{key[0]:<11} {key[1]:<7} {key[2]:<13} {requests:>6} {events:>6} {event_tokens:>7}{mark}")
-    print(f"\n{'org':<11} {'plan':<8} {'requests':>8} {'tokens':>7} {'Lago units':>10} {'Lago amount':>11}  agrees")
-    async with LagoClient(settings) as lago:
-        for org_id, (_, plan, _) in ORGS.items():
-            requests = sum(v[0] for k, v in served.items() if k[0] == org_id)
-            tokens = sum(v[1] for k, v in served.items() if k[0] == org_id)
-            usage = await lago.get_current_usage(org_id, settings.subscription_id_for(org_id))
-            charge = next(c for c in usage["charges_usage"] if c["billable_metric"]["code"] == "api_call")
-            units = float(charge["units"])
-            agrees = units == tokens and charge["events_count"] == requests
-            ok &= agrees
-            amount = f"${usage['amount_cents'] / 100:.2f}"
-            print(
-                f"{org_id:<11} {plan:<8} {requests:>8} {tokens:>7} {charge['units']:>10} {amount:>11}  "
-                f"{'yes' if agrees else 'NO'}"
-            )
+        lago_events, lago_units = grouped.get(key, (0, "-"))
+        agrees = events == lago_events == requests and event_tokens == tokens and lago_units == str(tokens)
+        ok &= agrees
+        print(
+            f"{key[0]:<11} {key[1]:<7} {key[2]:<13} {requests:>6} {events:>6} {lago_events:>5}  {tokens:>7} "
+            f"{lago_units:>7}  {'yes' if agrees else 'NO'}"
+        )
+    for key in sorted(set(delivered) - set(served)):  # events of requests the API never served
+        ok = False
+        events, event_tokens = delivered[key]
+        print(f"{key[0]:<11} {key[1]:<7} {key[2]:<13} {0:>6} {events:>6} {'':>5}  {0:>7} {event_tokens:>7}  NO")
+
+    print("\nPer org: Lago's current usage (units: the tokens its api_call metric sums)")
+    print(f"{'org':<11} {'plan':<8} {'requests':>8} {'tokens':>7} {'Lago units':>10} {'Lago amount':>11}  agrees")
+    for org_id, (_, plan, _) in ORGS.items():
+        requests = sum(v[0] for k, v in served.items() if k[0] == org_id)
+        tokens = sum(v[1] for k, v in served.items() if k[0] == org_id)
+        charge = charges[org_id]
+        agrees = float(charge["units"]) == tokens and charge["events_count"] == requests
+        ok &= agrees
+        amount = f"${charge['amount_cents'] / 100:.2f}"
+        print(
+            f"{org_id:<11} {plan:<8} {requests:>8} {tokens:>7} {_units(charge['units']):>10} {amount:>11}  "
+            f"{'yes' if agrees else 'NO'}"
+        )
     return ok
 
 
 async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bool:
     """An org on the free plan hits its limit, is blocked, upgrades, and is served again at once."""
     org_id, name, user = QUOTA_ORG
-    print(f"\nQuota: {org_id} is on the free plan ({FREE_CALLS} calls per period, a Lago entitlement)")
+    print()
+    _say(f"Quota: {org_id} is on the free plan ({FREE_CALLS} calls per period, a Lago entitlement)")
     async with OrgBilling(settings) as billing:
         await billing.subscribe_org_to_plan(org_id, "free", name, f"billing@{org_id}.test", user_id=user)
         delivered_before = len(fake.webhook_dispatcher.deliveries)
         headers = {"X-Org-Id": org_id, "X-User-Id": user}
         payload = {"model": MODELS[0], "messages": [{"role": "user", "content": "hello"}]}
         statuses = []
+        said = ""  # the refusal's text, said once: the same for each refused call
         async with httpx.AsyncClient(base_url=app_url, timeout=30) as client:
             for i in range(FREE_CALLS + 2):
                 response = await client.post("/v1/chat/completions", json=payload, headers=headers)
@@ -346,10 +401,13 @@ async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bo
                 remaining = response.headers.get("ratelimit-remaining", "-")
                 line = f"  call {i + 1}: {response.status_code}  RateLimit-Remaining: {remaining}"
                 if response.status_code != 200:
-                    problem = response.json()
-                    line += f"  Retry-After: {response.headers.get('retry-after')}s  {problem.get('detail')}"
+                    line += f"  Retry-After: {response.headers.get('retry-after')}s"
                 print(line)
-            print(f"  {org_id} upgrades to starter; Lago sends subscription webhooks to the app")
+                detail = str(response.json().get("detail")) if response.status_code != 200 else ""
+                if detail and detail != said:
+                    _say(detail, "    ")
+                    said = detail
+            _say(f"{org_id} upgrades to starter; Lago sends subscription webhooks to the app", "  ")
             await billing.change_plan(org_id, "starter")
             started = time.monotonic()
             try:
@@ -359,13 +417,15 @@ async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bo
                 refused = [d for d in webhooks[delivered_before:] if d.state != "succeeded"]
             except LagoIntegrationError:  # the wait ran out: said as the demo's, not as a test harness's error
                 webhooks, refused = [], []
-                print(f"  Lago's webhooks did not reach the app within {WEBHOOK_TIMEOUT:g} s")
+                _say(f"Lago's webhooks did not reach the app within {WEBHOOK_TIMEOUT:g} s", "  ")
             if refused:
-                answers = ", ".join(f"{d.webhook_type}: {d.error}" for d in refused)
-                print(f"  webhooks refused by the app ({answers}): it still holds the free plan's limit")
+                _say("webhooks refused by the app: it still holds the free plan's limit", "  ")
+                for delivery in refused:  # one a line: an answer is never cut in two
+                    _say(f"{delivery.webhook_type}: {delivery.error}", "    ")
             elif webhooks:
                 kinds = sorted({d.webhook_type for d in webhooks[delivered_before:]})
-                print(f"  webhooks delivered and verified ({', '.join(kinds)}) in {time.monotonic() - started:.2f}s")
+                elapsed = time.monotonic() - started
+                _say(f"webhooks verified in {elapsed:.2f}s: {', '.join(kinds)}", "  ")
             webhooks_ok = bool(webhooks) and not refused
             response = await client.post("/v1/chat/completions", json=payload, headers=headers)
             statuses.append(response.status_code)
@@ -380,12 +440,12 @@ async def _quota_scene(fake: Any, app_url: str, settings: BillingSettings) -> bo
 
 async def _main(fake: Any, lago_url: str, app_url: str, settings: BillingSettings) -> bool:
     await _setup_orgs(settings)
-    print(f"Lago emulator: {lago_url}   example API (OrgBillingMiddleware): {app_url}")
+    print(f"Lago emulator: {lago_url}\nExample API:   {app_url} (behind OrgBillingMiddleware)")
     started = time.monotonic()
     served = await _drive(app_url)
     elapsed = time.monotonic() - started
     total = sum(v[0] for v in served.values())
-    print(f"Sent {total} billable requests (JSON and SSE, {len(ORGS)} orgs, {len(MODELS)} models) in {elapsed:.2f}s")
+    _say(f"Sent {total} billable requests (JSON and SSE, {len(ORGS)} orgs, {len(MODELS)} models) in {elapsed:.2f}s")
     await _wait_delivered(fake, total)
     ok = await _report(fake, settings, served)
     return await _quota_scene(fake, app_url, settings) and ok
@@ -403,10 +463,11 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
     seed(fake)
     with _loopback_only(), _serving(fake, port) as (lago_url, app_url, settings):
         ok = run_main(_main, fake, lago_url, app_url, settings)
-        print(
-            "\nEvery request billed exactly once, Lago agrees, and the quota blocked and unblocked as it should."
+        print()
+        _say(
+            "Every request billed exactly once, Lago agrees, and the quota blocked and unblocked as it should."
             if ok
-            else "\nMISMATCH: see above."
+            else "MISMATCH: see above."
         )
         if serve:
             print(

@@ -18,29 +18,39 @@ DEFAULT_EMULATOR_KEY = "lago-emulator-key"
 
 _ENVIRONMENT = """\
 environment (also read from ./.env; all optional unless marked):
-  LAGO_API_URL                   Lago base URL, without /api/v1 (default http://localhost:3000)
-  LAGO_API_KEY                   Lago API key (required to talk to Lago)
-  LAGO_API_TIMEOUT               seconds per Lago call (default 10)
-  LAGO_EVENT_CODE                billable metric code of the per-request event (default api_call)
-  LAGO_SUBSCRIPTION_ID_TEMPLATE  org id to Lago subscription external_id (default {org_id})
-  LAGO_ORG_HEADER                opt-in: resolve the org from this request header (e.g. X-Org-Id)
-  LAGO_USER_HEADER               opt-in: resolve the user from this request header (e.g. X-User-Id)
-  LAGO_EXCLUDE_PATHS             comma-separated path prefixes never billed or gated
-  LAGO_SPOOL_PATH                SQLite file of the durable event spool (default: in memory)
-  LAGO_REDIS_URL                 Redis for shared quota counters, snapshots, webhook dedupe
-  LAGO_QUOTA_MODE                enforce, monitor or off (default enforce)
-  LAGO_FAIL_OPEN                 allow requests when Lago cannot be asked (default true)
-  LAGO_USAGE_CACHE_TTL           seconds a usage snapshot is trusted (default 30)
-  LAGO_PLAN_LIMITS               JSON fallback limits per plan code, e.g.
-                                 {"starter": {"max_api_calls": 300, "max_tokens": 100000}}
-  LAGO_WEBHOOK_HMAC_KEY          HMAC key of Lago webhooks (default: JWT mode)
-See the README (Configuration) for the others (LAGO_MAX_RETRIES, LAGO_RETRY_DEADLINE, LAGO_QUOTA_*...)."""
+  LAGO_API_URL           URL without /api/v1 (default http://localhost:3000)
+  LAGO_API_KEY           Lago API key (required to talk to Lago)
+  LAGO_API_TIMEOUT       seconds per Lago call (default 10)
+  LAGO_EVENT_CODE        metric code of each request's event (default api_call)
+  LAGO_SUBSCRIPTION_ID_TEMPLATE  subscription external_id (default {org_id})
+  LAGO_ORG_HEADER        opt-in: request header naming the org (e.g. X-Org-Id)
+  LAGO_USER_HEADER       opt-in: request header naming the user (e.g. X-User-Id)
+  LAGO_EXCLUDE_PATHS     comma-separated path prefixes never billed or gated
+  LAGO_SPOOL_PATH        SQLite file of the event spool (default: in memory)
+  LAGO_REDIS_URL         Redis for shared quota counters and webhook dedupe
+  LAGO_QUOTA_MODE        enforce, monitor or off (default enforce)
+  LAGO_FAIL_OPEN         allow requests when Lago cannot be asked (default true)
+  LAGO_USAGE_CACHE_TTL   seconds a usage snapshot is trusted (default 30)
+  LAGO_PLAN_LIMITS       JSON fallback limits per plan code, e.g.
+                         {"free": {"max_api_calls": 300, "max_tokens": 100000}}
+  LAGO_WEBHOOK_HMAC_KEY  HMAC key of Lago webhooks (default: JWT mode)
+See the README (Configuration) for the others (LAGO_MAX_RETRIES,
+LAGO_RETRY_DEADLINE, LAGO_QUOTA_*...)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lago-org-billing`` command; returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:  # the parser imports every command's module: a Ctrl-C then is an interrupted run, not a traceback
+        parser = _parser()
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        return 130
+    if unknown:  # those given after a command: said with that command's usage (argparse's says the top-level one)
+        given = list(sys.argv[1:] if argv is None else argv)
+        command = getattr(args, "command", None)
+        after = given[given.index(command) + 1 :] if command in given else []
+        owner = _command_parser(parser, command) if all(token in after for token in unknown) else parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "command", None):
         parser.print_help()
@@ -128,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
 
     add_migrate_command(commands)
     add_dead_letters_command(commands)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of ``command`` (the top-level one when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[command]
+            return chosen
     return parser
 
 
