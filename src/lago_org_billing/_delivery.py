@@ -21,6 +21,9 @@ SQLite spool of :mod:`._spool` (durable, group commit).
   goes back to the outbox and the whole pipeline backs off (exponential, jittered, capped at ``max_backoff``, 60 s).
   This lasts as long as the outage; with the SQLite spool the events wait on disk, with the memory outbox new events
   are refused (counted, logged) once it is full.
+* **No answer to a batch of 1 MiB or more** (a proxy before Lago may drop a body over its limit, or its upload outlast
+  LAGO_API_TIMEOUT): as a 500 below (split, strikes only in healthy intervals), so an event too large for the way to
+  Lago is dead-lettered and cannot hold back the events behind it for good; in an outage nothing is struck.
 * **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds, kept between
   ``retry_backoff`` and ``max_backoff``; no attempt is counted against the events.
 * **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): the batch is split in halves
@@ -89,6 +92,11 @@ _Facts = TypeVar("_Facts")
 _OUTAGE_STATUSES = (408, 425, 502, 503, 504)
 #: Answers that blame the content of some event of the batch (other 4xx are about the request or the configuration).
 _EVENT_AT_FAULT = (400, 413)
+#: Bytes of a batch's body from which a failure without an answer (a reset, a timeout) may be the body's own doing: a
+#: proxy before Lago that drops a request over its limit instead of answering 413 (nginx's ``client_max_body_size`` is
+#: 1 MiB by default), or a body too slow to upload within LAGO_API_TIMEOUT. Such a batch is split as on a 500; an
+#: ordinary batch (100 events are some 50 kB) failing so is an outage, and only waited out.
+_LARGE_BODY = 1 << 20
 
 
 class EventPipeline:
@@ -699,6 +707,29 @@ class EventPipeline:
     def _server_failure(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> bool:
         """Network error, 5xx, 401/403/404. True when the caller should go on with ``stack``."""
         status = exc.status
+        size = _body_size(items) if status is None else 0
+        if size >= _LARGE_BODY:
+            # No answer to a large body: perhaps the way to Lago refuses it (a reset, an upload cut off at the timeout)
+            # rather than an outage. Split as on a 500, so one event too large for it cannot hold back every event
+            # behind it for good; alone, it is struck once per healthy interval (in an outage, never).
+            delay = self._backoff()
+            _every_20th(self._failures)(
+                "Lago (or a proxy before it) did not answer a batch of %d events (%d bytes): %s; it is retried (in "
+                "%.2f s) and split, in case an event is too large for the way to Lago (dead-lettered after %d "
+                "failures like this while other events get through)",
+                len(items),
+                size,
+                str(exc).rstrip("."),
+                delay,
+                self.max_attempts,
+            )
+            reason = (
+                f"no answer to this {size}-byte event {self.max_attempts} times while other events were delivered: too "
+                "large for Lago or a proxy before it (raise its request body limit, e.g. nginx's client_max_body_size, "
+                f"or LAGO_API_TIMEOUT, then replay it): {exc}"
+            )
+            self._strike_or_split(items, stack, reason, None, "request_too_large")
+            return True
         if status in _OUTAGE_STATUSES or status is None:
             pass  # Lago (or the way to it) is down: wait and retry, no event is at fault
         elif isinstance(exc, (LagoAuthenticationError, LagoNotFoundError)) or status < 500:
@@ -719,22 +750,9 @@ class EventPipeline:
                 self.max_attempts,
                 self.outbox.unresolved(),
             )
-            if len(items) > 1:
-                # One event Lago fails on would fail its batch and every event queued behind it, and with no batch
-                # getting through its strikes would never add up: split, so the others are delivered (a healthy
-                # interval) and the culprit ends up alone.
-                half = len(items) // 2
-                stack.extend([items[half:], items[:half]])
-                return True
-            item = items[0]
-            if item.mark != self._successes:
-                item.mark = self._successes
-                item.attempts += 1
-            if item.attempts >= self.max_attempts:
-                self._dead(item, f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code)
-            else:  # back to the outbox for a later attempt; the rest of the batch goes on meanwhile
-                self.metrics.retries += 1
-                self.outbox.release(items)
+            self._strike_or_split(
+                items, stack, f"Lago answered {status} {self.max_attempts} times: {exc}", status, exc.code
+            )
             return True
         delay = self._backoff()
         hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
@@ -747,6 +765,29 @@ class EventPipeline:
         )
         self._retry(items, stack)
         return False
+
+    def _strike_or_split(
+        self, items: list[Item], stack: list[list[Item]], reason: str, status: int | None, code: str | None
+    ) -> None:
+        """A failure that may be one event's doing (after the backoff it set): a batch is split, an event alone gets a
+        strike (at most one per healthy interval) and goes back to the outbox, or to the dead letters with ``reason``
+        once it has ``max_attempts`` strikes."""
+        if len(items) > 1:
+            # One event Lago fails on would fail its batch and every event queued behind it, and with no batch
+            # getting through its strikes would never add up: split, so the others are delivered (a healthy
+            # interval) and the culprit ends up alone.
+            half = len(items) // 2
+            stack.extend([items[half:], items[:half]])
+            return
+        item = items[0]
+        if item.mark != self._successes:
+            item.mark = self._successes
+            item.attempts += 1
+        if item.attempts >= self.max_attempts:
+            self._dead(item, reason, status, code)
+        else:  # back to the outbox for a later attempt; the rest of the batch goes on meanwhile
+            self.metrics.retries += 1
+            self.outbox.release(items)
 
     def _isolate(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> None:
         """A rejection that names no event: split until the culprit is alone."""
@@ -839,6 +880,11 @@ def _threadsafe_caller() -> Callable[[Callable[[], object]], object] | None:
             return trio.lowlevel.current_trio_token().run_sync_soon if trio is not None else None
         except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
             return None
+
+
+def _body_size(items: list[Item]) -> int:
+    """About the bytes of the body that carried ``items`` (their JSON text: ASCII, mostly)."""
+    return sum(len(item.raw) for item in items if item.raw is not None)
 
 
 def _describe(error: Any) -> str:

@@ -630,6 +630,15 @@ class _SpoolFile:
                         "If it is not a spool, set LAGO_SPOOL_PATH to a file of its own (a new path: the spool "
                         "makes it)"
                     )
+                elif _volume_full(exc):
+                    # (not "a writable directory", nor "unset it": the file's events would stay in it, undelivered)
+                    raise ConfigurationError(
+                        f"The event spool {self.path or self.base_path} cannot be opened ({type(exc).__name__}: "
+                        f"{exc}): its volume is full or failing (opening a spool writes its -wal and -shm files). "
+                        f"Free space on it (df -h {os.path.dirname(self.base_path)}) and start again: the undelivered "
+                        "events the spool holds are kept in it, and delivered then.",
+                        variable="LAGO_SPOOL_PATH",
+                    ) from exc
                 else:
                     advice = (
                         "Set LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that "
@@ -1118,6 +1127,20 @@ def _check_spool_schema(conn: sqlite3.Connection) -> None:
             "not an event spool: " + "; ".join(problems) + " (another program's database, or a spool of another "
             "version of lago-org-billing)"
         )
+
+
+def _volume_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the spool's volume is full or failing: ENOSPC, a quota, a file size limit; SQLite's
+    SQLITE_FULL, or an SQLITE_IOERR (a full volume as SQLite opens a WAL file: it cannot size its -shm file)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)  # (Python 3.11+)
+    if isinstance(name, str):
+        return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
+    text = str(exc).lower()
+    return "disk i/o error" in text or "disk is full" in text
 
 
 def _damaged(exc: BaseException) -> bool:
