@@ -566,6 +566,11 @@ class LagoClient:
         """``GET /events/{transaction_id}`` (the first match across subscriptions)."""
         if not isinstance(transaction_id, str) or not transaction_id or "/" in transaction_id:
             raise InvalidRequestError(f"transaction_id must be a non-empty string without '/': {transaction_id!r}.")
+        if transaction_id in (".", ".."):  # dot segments (quote keeps dots): GET /events or /api/v1, not this event
+            raise InvalidRequestError(
+                f"transaction_id {transaction_id!r} cannot be read back: as a URL path segment it names the events "
+                "list (or the API root), not one event. Use transaction ids with other characters."
+            )
         path = f"/events/{quote(transaction_id, safe='')}"  # this route takes dots
         return _unwrap(await self._request("GET", path), "event")
 

@@ -37,6 +37,11 @@ an ``event_code`` the org's plan has no charge for (Lago would keep the event an
 its ``Allow`` naming every method of the path. On Lago's ClickHouse event store an event sent again with the
 ``transaction_id`` and ``timestamp`` of an earlier one replaces it: there, let only your backend, not org admins, reach
 ``POST /usage/record``.
+
+Requests of the same read of the same org (``GET``/``HEAD`` with the same query) in flight together share one read of
+Lago: a dashboard polled from many tabs does not spend the Lago organization's rate limit, which every tenant and the
+quota gate share. Nothing is kept once the read ends, and a write through these routes makes the org's later reads
+read Lago afresh.
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ import inspect
 import json
 import logging
 import math
+import os
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from decimal import Decimal, InvalidOperation
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -58,7 +66,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _checks as checks
 from ._billing import OrgBilling, _api_call_properties
-from ._client import JSON, LagoClient, _Throttled
+from ._client import JSON, LagoClient, Page, _Throttled
 from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
 from ._errors import (
     ConfigurationError,
@@ -321,6 +329,65 @@ class _AnyMethod:
         await self.app(scope, receive, send)
 
 
+_T = TypeVar("_T")
+
+
+class _Flight:
+    """One read of Lago in flight: its answer (or error) once ``finished``; ``done`` is set when it ends, finished
+    or not (its request cancelled: a waiting one reads instead)."""
+
+    __slots__ = ("done", "error", "finished", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.finished = False
+        self.result: Any = None
+        self.error: Exception | None = None
+
+
+class _SharedReads:
+    """The routes' reads of Lago in flight, keyed by what they read (always with the org's id): a request asking for
+    the same read of the same org while one is in flight waits for it and takes its answer (or its error) instead of
+    asking Lago again. Lago Cloud's rate limit is per Lago organization, shared by every tenant and by the quota gate:
+    without this, one org's admin polling its dashboard from many tabs (or a script) spent it for everyone. Nothing is
+    kept once a read ends, and a write through the routes makes the org's next reads read Lago afresh (``forget``)."""
+
+    def __init__(self) -> None:
+        self._flights: dict[tuple[Any, ...], _Flight] = {}
+
+    async def read(self, key: tuple[Any, ...], fetch: Callable[[], Awaitable[_T]]) -> _T:
+        # (per thread: a router served by event loops in several threads shares no Event between them; per process:
+        # a child forked while a read was in flight never waits for that read, which only the parent ends)
+        key = (os.getpid(), threading.get_ident(), *key)
+        while (flight := self._flights.get(key)) is not None:
+            await flight.done.wait()
+            if flight.finished:
+                if flight.error is not None:
+                    raise flight.error
+                return cast("_T", flight.result)
+            # (its request went away before Lago answered: read again, maybe as the one reading)
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.result = await fetch()
+        except Exception as exc:
+            flight.error = exc
+            flight.finished = True
+            raise
+        else:
+            flight.finished = True
+            return cast("_T", flight.result)
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    def forget(self, org_id: str) -> None:
+        """Reads of ``org_id`` asked from now on read Lago afresh (a write just changed what they read); those waiting
+        for a read in flight still take its answer."""
+        for key in [key for key in self._flights if key[3] == org_id]:
+            del self._flights[key]
+
+
 class BillingRouter(Router):
     """The Router ``billing_routes()`` returns; ``billing`` is its :class:`OrgBilling` (created on first use
     when not given) and ``aclose()`` closes the Lago client it created."""
@@ -383,6 +450,7 @@ class BillingRouter(Router):
         self.limits_provider = limits_provider
         self.breakdown_provider = breakdown_provider
         self.invoice_limit = invoice_limit
+        self._reads = _SharedReads()
         prefix = "/organizations/{org_id}"
         endpoint = self._endpoint
         # one Route per path, dispatching on the method: a 405 then lists every method of the path in Allow (three
@@ -455,7 +523,11 @@ class BillingRouter(Router):
             try:
                 validate_id(org_id, "org_id")
                 where = ("body",)  # (what the billing layer refuses next is the body's: the message names the field)
-                response = await handler(request, org_id)
+                try:
+                    response = await handler(request, org_id)
+                finally:
+                    if request.method not in ("GET", "HEAD"):  # a write (done, failed or cut): read Lago afresh
+                        self._reads.forget(org_id)
             except _Invalid as exc:
                 response = JSONResponse({"detail": exc.errors}, status_code=422)
             except _Refused as exc:
@@ -565,7 +637,7 @@ class BillingRouter(Router):
         return JSONResponse(result)
 
     async def get_subscription(self, request: Request, org_id: str) -> Response:
-        subscription = await self.billing.get_subscription(org_id)
+        subscription = await self._reads.read(("subscription", org_id), lambda: self.billing.get_subscription(org_id))
         if subscription is None:
             return _not_found(f"Org {org_id!r} has no active subscription.", "subscription_not_found")
         return JSONResponse({"subscription": subscription})
@@ -705,8 +777,11 @@ class BillingRouter(Router):
         """The event Lago holds under ``sent``'s transaction_id and subscription (as a 201 answers it, but for its
         ``timestamp``: the Unix seconds this retry sent, its deduplication key), else ``sent`` (Lago not answering,
         an id its path cannot take): an answer about a retry is never an error."""
+        transaction_id = str(sent["transaction_id"])
+        if transaction_id in (".", ".."):  # a dot segment (percent-encoding keeps dots): GET /events, GET /api/v1
+            return sent
         try:
-            held = await self.billing.client.get_event(str(sent["transaction_id"]))
+            held = await self.billing.client.get_event(transaction_id)
         except LagoIntegrationError:
             return sent
         # (GET /events/{id} is the first match across the account: never another org's event)
@@ -722,7 +797,9 @@ class BillingRouter(Router):
             except InvalidRequestError as exc:
                 raise _Invalid(_error(("query", "billable_metric_code"), str(exc), "value_error")) from None
         try:
-            usage = await self.billing.get_current_usage(org_id, billable_metric_code=metric)
+            usage = await self._reads.read(
+                ("usage", org_id, metric), lambda: self.billing.get_current_usage(org_id, billable_metric_code=metric)
+            )
         except LagoNotFoundError as exc:
             if exc.code == "charge_not_found":
                 return _not_found(f"The plan has no charge for metric {metric!r}.", "charge_not_found")
@@ -734,10 +811,16 @@ class BillingRouter(Router):
     async def invoices(self, request: Request, org_id: str) -> Response:
         limit = _query_int(request, "limit", 100, self.invoice_limit)
         page = _query_int(request, "page", _MAX_PAGE, 1)
-        if await self.billing.get_customer(org_id) is None:
+
+        async def fetch() -> Page | None:
+            if await self.billing.get_customer(org_id) is None:
+                return None
+            # one page of Lago's list, newest first: ?page= reaches the history past the latest `limit`
+            return await self.billing.client.list_invoices(external_customer_id=org_id, page=page, per_page=limit)
+
+        found = await self._reads.read(("invoices", org_id, limit, page), fetch)
+        if found is None:
             return _not_found(f"Org {org_id!r} has no billing account (call /setup first).", "customer_not_found")
-        # one page of Lago's list, newest first: ?page= reaches the history past the latest `limit`
-        found = await self.billing.client.list_invoices(external_customer_id=org_id, page=page, per_page=limit)
         meta = {"page": page, "next_page": found.next_page, "total_pages": found.total_pages}
         return JSONResponse({"invoices": found.items[:limit], "meta": {**meta, "total_count": found.total_count}})
 
@@ -746,13 +829,17 @@ class BillingRouter(Router):
         if fmt not in (None, "html", "json"):
             raise _Invalid(_error(("query", "format"), "Must be html or json.", "enum"))
         html = wants_html(request.headers.get("accept", ""), fmt)
-        config = getattr(self._gate(request), "config", None)  # the names of the limits the gate enforces
-        data = await dashboard_data(
-            self.billing,
-            org_id,
-            limits_provider=self.limits_provider,
-            breakdown_provider=self.breakdown_provider,
-            config=config if isinstance(config, QuotaConfig) else None,
+        found = getattr(self._gate(request), "config", None)  # the names of the limits the gate enforces
+        config = found if isinstance(found, QuotaConfig) else None
+        data = await self._reads.read(
+            ("dashboard", org_id, id(config)),  # (HTML or JSON: the same data)
+            lambda: dashboard_data(
+                self.billing,
+                org_id,
+                limits_provider=self.limits_provider,
+                breakdown_provider=self.breakdown_provider,
+                config=config,
+            ),
         )
         headers = {"Vary": "Accept"}  # (no-store: every answer of these routes, see _endpoint)
         if data is None:
