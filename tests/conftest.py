@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,78 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+#: Variables of the machine the suite runs on that lago-org-billing (or httpx, requests, redis-py under it) reads: a
+#: developer's shell (LAGO_API_KEY, LAGO_REDIS_URL...), a corporate CI's proxy (every request to the emulator on
+#: 127.0.0.1 sent to it), a CA bundle, a metrics directory. Tests that are about one of them set it themselves.
+_MACHINE_VARIABLES = frozenset(
+    {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir", "prometheus_multiproc_dir"}
+)
+_ENVIRON_KEY = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+def _of_the_machine(name: str) -> bool:
+    return name.startswith("LAGO_") or name.lower() in _MACHINE_VARIABLES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Removed for the whole run, before any module is collected: a function-scoped fixture came too late for module
+    and session fixtures (which ran migrations, servers and subprocesses with the developer's LAGO_* variables) and
+    put them back after each test. Restored when the run ends (``pytest.main()`` called twice in one process)."""
+    environ = pytest.MonkeyPatch()
+    for name in [name for name in os.environ if _of_the_machine(name)]:
+        environ.delenv(name)
+    config.stash[_ENVIRON_KEY] = environ
+    if hasattr(config.option, "asyncio_mode"):
+        # pytest-asyncio installed beside us, maybe in auto mode (``-o asyncio_mode=auto``, PYTEST_ADDOPTS): it took
+        # this suite's async fixtures and anyio tests (a [trio] test ran on asyncio; gates made on anyio's loop were
+        # closed on its own: "Event loop is closed"). Every async test and fixture here is anyio's: strict mode
+        # leaves them to anyio.
+        config.option.asyncio_mode = "strict"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    environ = config.stash.get(_ENVIRON_KEY, None)
+    if environ is not None:
+        environ.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _empty_working_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests (and module fixtures) run in an empty directory, not where pytest was started: a developer's ``.env``
+    there (a project's root) was read by every ``QuotaGate()``, CLI command and middleware made without settings
+    (``QuotaConfig.from_env()``, ``BillingSettings.from_env()``). A test about ``.env`` files chdirs to its own
+    ``tmp_path``. The starting directory is back before pytest's summary (reports written where asked)."""
+    directory = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(directory)
+        yield directory
+
+
 @pytest.fixture(autouse=True)
 def _clean_lago_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tests never see LAGO_* variables of the machine they run on."""
-    for name in list(os.environ):
-        if name.startswith("LAGO_"):
-            monkeypatch.delenv(name)
+    """Tests never see LAGO_* variables (or proxies...) left by another test that set them without monkeypatch."""
+    for name in [name for name in os.environ if _of_the_machine(name)]:
+        monkeypatch.delenv(name)
     yield
+
+
+#: The pytest11 entry points a project run by ``pytester`` keeps: the emulator's fixtures and anyio's runner.
+_OWN_PLUGINS = frozenset({"lago_org_billing", "anyio"})
+
+
+@pytest.fixture
+def other_plugins_off() -> Callable[..., list[str]]:
+    """``-p no:<name>`` for each pytest plugin installed beside ours (pytest-asyncio, pytest-randomly, pytest-benchmark,
+    typeguard, hypothesis...), to pass to ``pytester.runpytest_*``: a user's project run by pytester loads every
+    installed plugin, and pytest-asyncio's warning of an unset loop scope failed those runs under -W error (and
+    pytest-randomly reordered tests about the order). Autoload stays on, so our plugin is still loaded by its entry
+    point. ``other_plugins_off("xdist")`` keeps xdist's too."""
+
+    def arguments(*keep: str) -> list[str]:
+        installed = {entry.name for entry in importlib.metadata.entry_points(group="pytest11")}
+        return [part for name in sorted(installed - _OWN_PLUGINS - set(keep)) for part in ("-p", f"no:{name}")]
+
+    return arguments
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +168,15 @@ def test_the_webhooks_and_billing_routes_lines_mount_on_the_app_above(lago: Any)
 # ------------------------------------------------------------------------------------------ the testing blocks
 
 
-def test_the_readme_testing_blocks_pass_as_a_users_test_file(pytester: pytest.Pytester) -> None:
+def test_the_readme_testing_blocks_pass_as_a_users_test_file(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     """README (Testing): the emulator fixtures' example and the app-factory one, pasted into a project's tests. The
     factory test runs twice: each test has an emulator of its own, at a URL of its own."""
     first = block("async def test_customer(fake_lago, lago_client")
     second = block("def test_hello_is_billed_to_the_org(")
     pytester.makepyfile(test_first=first, test_second=second + "\n\ntest_again = test_hello_is_billed_to_the_org\n")
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-W", "error", "-v")
+    result = pytester.runpytest_inprocess(*other_plugins_off(), "-p", "no:cacheprovider", "-W", "error", "-v")
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 3 and "failed" not in outcomes and "errors" not in outcomes, outcomes
     result.stdout.fnmatch_lines(["*test_customer*PASSED*", "*test_hello_is_billed_to_the_org PASSED*"])

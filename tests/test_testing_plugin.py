@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -90,7 +91,9 @@ def test_served_emulator_stops_with_a_request_held_by_latency() -> None:
 # --------------------------------------------------------------------------- lago_client outside anyio
 
 
-def test_lago_client_fixture_serves_tests_that_anyio_does_not_run(pytester: pytest.Pytester) -> None:
+def test_lago_client_fixture_serves_tests_that_anyio_does_not_run(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     """pytest-asyncio users (its strict mode warns, then errors, on an async ``@pytest.fixture``; and an
     ``anyio_backend`` dependency runs their asyncio test once more as ``[trio]``). A stand-in runner here: one
     test, run once, with a client that works on the runner's loop."""
@@ -123,7 +126,7 @@ def test_lago_client_fixture_serves_tests_that_anyio_does_not_run(pytester: pyte
             assert fake_lago.customers[0]["external_id"] == "org_1"
         """
     )
-    result = pytester.runpytest_inprocess("-W", "error", "-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest_inprocess(*other_plugins_off(), "-W", "error", "-p", "no:cacheprovider", "-v")
     result.assert_outcomes(passed=1)
     assert "[trio]" not in result.stdout.str()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -131,7 +132,9 @@ def test_served_webhooks_to_a_hanging_in_process_handler_time_out() -> None:
 # --------------------------------------------------------------------------- naming the plugin in a conftest
 
 
-def test_a_conftest_naming_the_plugin_module_works_beside_the_entry_point(pytester: pytest.Pytester) -> None:
+def test_a_conftest_naming_the_plugin_module_works_beside_the_entry_point(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     pytester.makeconftest('pytest_plugins = ["lago_org_billing.testing.pytest_plugin"]\n')
     pytester.makepyfile(
         """
@@ -139,20 +142,25 @@ def test_a_conftest_naming_the_plugin_module_works_beside_the_entry_point(pytest
             assert lago_settings.api_url == fake_lago.base_url
         """
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    off = other_plugins_off()
+    result = pytester.runpytest_inprocess(*off, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "lago_org_billing.testing.pytest_plugin")
+    result = pytester.runpytest_inprocess(
+        *off, "-p", "no:cacheprovider", "-p", "lago_org_billing.testing.pytest_plugin"
+    )
     result.assert_outcomes(passed=1)
 
 
-def test_the_plugin_can_still_be_disabled_by_its_entry_point_name(pytester: pytest.Pytester) -> None:
+def test_the_plugin_can_still_be_disabled_by_its_entry_point_name(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     pytester.makepyfile(
         """
         def test_it(fake_lago):
             pass
         """
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:lago_org_billing")
+    result = pytester.runpytest_inprocess(*other_plugins_off(), "-p", "no:cacheprovider", "-p", "no:lago_org_billing")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'fake_lago' not found*"])
 
@@ -160,7 +168,9 @@ def test_the_plugin_can_still_be_disabled_by_its_entry_point_name(pytester: pyte
 # --------------------------------------------------------------------------- scopes
 
 
-def test_a_session_fixture_on_the_emulator_is_told_what_to_do(pytester: pytest.Pytester) -> None:
+def test_a_session_fixture_on_the_emulator_is_told_what_to_do(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     pytester.makepyfile(
         """
         import pytest
@@ -173,6 +183,6 @@ def test_a_session_fixture_on_the_emulator_is_told_what_to_do(pytester: pytest.P
             pass
         """
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(*other_plugins_off(), "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ScopeMismatch*fake_lago*", "*FakeLago()*reset()*"])

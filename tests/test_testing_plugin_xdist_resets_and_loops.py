@@ -25,7 +25,7 @@ import importlib.util
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -279,25 +279,31 @@ async def test_served_fixture(fake_lago_server, lago_settings):
 """
 
 
-def test_anyio_tests_on_asyncio_and_trio(pytester: pytest.Pytester) -> None:
+def test_anyio_tests_on_asyncio_and_trio(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     pytester.makeconftest(
         _SESSION_CONFTEST
         + '\n@pytest.fixture(params=["asyncio", "trio"])\ndef anyio_backend(request):\n    return request.param\n'
     )
     pytester.makepyfile(_ASYNC_TESTS.format(marker="pytestmark = pytest.mark.anyio"))
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error", "-W", "error::ResourceWarning"
+        *other_plugins_off(), "-p", "no:cacheprovider", "-W", "error", "-W", "error::ResourceWarning"
     )
     result.assert_outcomes(passed=10)
 
 
 @pytest.mark.parametrize("mode", ["strict", "auto"])
-def test_pytest_asyncio_tests(pytester: pytest.Pytester, mode: str) -> None:
+def test_pytest_asyncio_tests(
+    pytester: pytest.Pytester, mode: str, other_plugins_off: Callable[..., list[str]]
+) -> None:
     if importlib.util.find_spec("pytest_asyncio") is None:
         pytest.skip("pytest-asyncio is not installed")
     pytester.makeconftest(_SESSION_CONFTEST)
     pytester.makeini(f"[pytest]\nasyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n")
     marker = "pytestmark = pytest.mark.asyncio" if mode == "strict" else ""
     pytester.makepyfile(_ASYNC_TESTS.format(marker=marker))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error", "-W", "error::ResourceWarning")
+    result = pytester.runpytest_subprocess(
+        *other_plugins_off("asyncio"), "-p", "no:cacheprovider", "-W", "error", "-W", "error::ResourceWarning"
+    )
     result.assert_outcomes(passed=5)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,7 +32,9 @@ AUTH = {"Authorization": "Bearer test-api-key"}
 # --------------------------------------------------------------------------- the host process's logging
 
 
-def test_a_served_emulator_leaves_the_users_log_file_recording(pytester: pytest.Pytester) -> None:
+def test_a_served_emulator_leaves_the_users_log_file_recording(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     """``pytest --log-file run.log``: what the suite logs after a test that used ``fake_lago_server`` is still in the
     file (uvicorn configured logging with ``dictConfig``, which closed pytest's file handler for good)."""
     pytester.makepyfile(
@@ -50,7 +53,9 @@ def test_a_served_emulator_leaves_the_users_log_file_recording(pytester: pytest.
             log.warning("logged-after-the-server")
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--log-file=run.log", "--log-file-level=INFO")
+    result = pytester.runpytest_subprocess(
+        *other_plugins_off(), "-p", "no:cacheprovider", "--log-file=run.log", "--log-file-level=INFO"
+    )
     result.assert_outcomes(passed=3)
     logged = (pytester.path / "run.log").read_text()
     for message in ("logged-before-the-server", "logged-while-served", "logged-after-the-server"):
@@ -108,7 +113,9 @@ async def test_a_fault_body_that_is_not_json_is_refused_when_injected(fake_lago:
 # --------------------------------------------------------------------------- isolation between tests
 
 
-def test_faults_and_clock_left_set_do_not_leak_into_the_next_test(pytester: pytest.Pytester) -> None:
+def test_faults_and_clock_left_set_do_not_leak_into_the_next_test(
+    pytester: pytest.Pytester, other_plugins_off: Callable[..., list[str]]
+) -> None:
     """A sync test and an async (anyio) one each leave a fault, a webhook target and a moved clock behind; the
     tests after them, in process and served, start from a clean emulator."""
     pytester.makeconftest(
@@ -152,5 +159,5 @@ def test_faults_and_clock_left_set_do_not_leak_into_the_next_test(pytester: pyte
             assert (await lago_client.health())["message"] == "Success"
         """
     )
-    result = pytester.runpytest_inprocess("-W", "error", "-p", "no:cacheprovider", "-p", "no:randomly")
+    result = pytester.runpytest_inprocess(*other_plugins_off(), "-W", "error", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
