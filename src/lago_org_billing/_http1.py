@@ -10,6 +10,14 @@ An answer is only ever read as the answer to the request just written: a connect
 follows the answer in its buffer, and taken from the pool only if the server has written nothing on it meanwhile
 (bytes nobody asked for, a close, an idle-timeout 408), as httpcore does.
 
+A server may answer before it has read the whole body, then close: a proxy refusing a body over its limit (413), a
+server refusing the request by its headers (401). Writing the rest of the body then fails; the answer it already sent
+is read (as httpcore does), within :data:`_EARLY_ANSWER_WAIT` seconds and :data:`_MAX_EARLY_ANSWER` bytes, so the
+caller sees that status, not "no answer". The connection is never reused after that. (A body over
+:data:`_LISTEN_FROM` bytes, which may not fit the socket's buffers at once, is written while the connection is read:
+anyio's asyncio streams close the socket as a write fails, and with it whatever the kernel had received and nobody
+read yet.)
+
 A process forked from one holding kept-alive connections (``os.fork()``, ``multiprocessing``'s ``fork``) never uses
 them: a request written on the parent's connection would have its answer read by the parent as the answer to its own
 next one. The child starts with no idle connection (those it inherited are left as they are, never used nor closed).
@@ -21,6 +29,7 @@ import os
 import re
 import select
 import ssl
+import sys
 from urllib.parse import urlsplit
 from urllib.request import getproxies
 
@@ -34,6 +43,13 @@ from ._errors import _without_tracebacks
 __all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
 _MAX_HEADER_BYTES = 64 * 1024
+#: After a write that failed: seconds given to reading an answer the server sent before closing (it is on the
+#: connection already, or not at all), and the bytes read for it at most.
+_EARLY_ANSWER_WAIT = 1.0
+_MAX_EARLY_ANSWER = 1 << 20
+#: Bodies from this many bytes are written while the connection is read (see the module docstring): smaller ones (an
+#: ordinary batch) are taken by the socket's buffers at once, with no task started to listen.
+_LISTEN_FROM = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
@@ -119,11 +135,13 @@ def _decimal(text: str) -> int | None:
 
 
 class _Connection:
-    __slots__ = ("buffer", "stream")
+    __slots__ = ("buffer", "limit", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.buffer = b""
+        #: Bytes the buffer may hold (bounded only for an answer read after a broken write).
+        self.limit = sys.maxsize
 
     async def read_until(self, marker: bytes, limit: int) -> bytes:
         while True:
@@ -143,13 +161,16 @@ class _Connection:
 
     async def read_to_eof(self) -> bytes:
         try:
-            while True:
+            while len(self.buffer) <= self.limit:
                 self.buffer += await self.stream.receive(65536)
+            raise RawHTTPError(f"answer over {self.limit} bytes")
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             data, self.buffer = self.buffer, b""
             return data
 
     async def _receive(self) -> None:
+        if len(self.buffer) > self.limit:
+            raise RawHTTPError(f"answer over {self.limit} bytes")
         try:
             self.buffer += await self.stream.receive(65536)
         except anyio.EndOfStream:
@@ -251,7 +272,74 @@ class RawPoster:
         return _Connection(stream)
 
     async def _exchange(self, connection: _Connection, request: _Wire) -> tuple[int, list[tuple[str, str]], bytes]:
-        await connection.stream.send(request.data)
+        try:
+            if len(request.data) < _LISTEN_FROM:
+                await connection.stream.send(request.data)
+            else:
+                await self._send_listening(connection, request.data)
+        except (OSError, anyio.BrokenResourceError, ssl.SSLError):
+            # The server may have answered before reading the whole body, and closed (a proxy's 413, a 401): that
+            # answer is this request's. Without one, the write's failure stands.
+            answer = await self._early_answer(connection)
+            if answer is None:
+                raise
+            return answer
+        return await self._read_answer(connection)
+
+    @staticmethod
+    async def _send_listening(connection: _Connection, data: bytes) -> None:
+        """Write ``data`` while whatever the server sends meanwhile (an early answer) is read into the buffer, up to
+        :data:`_MAX_EARLY_ANSWER` bytes: kept when the write fails, the socket closed under it."""
+
+        async def listen() -> None:
+            try:
+                while len(connection.buffer) < _MAX_EARLY_ANSWER:
+                    connection.buffer += await connection.stream.receive(65536)
+            except (
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.BusyResourceError,
+                OSError,
+                ssl.SSLError,
+            ):
+                pass  # (the close or failure is met again by the write, or by the reading of the answer)
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listen)
+            try:
+                await connection.stream.send(data)
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError) as exc:
+                failure = exc  # (raised as itself, not in the task group's ExceptionGroup)
+            finally:
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _early_answer(self, connection: _Connection) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The complete answer the server sent before a write failed, if one can be read within
+        :data:`_EARLY_ANSWER_WAIT` seconds and :data:`_MAX_EARLY_ANSWER` bytes; else None. The connection is
+        discarded either way (the request was cut short)."""
+        connection.limit = _MAX_EARLY_ANSWER
+        try:
+            with anyio.move_on_after(_EARLY_ANSWER_WAIT):
+                return await self._read_answer(connection, reusable=False)
+        except (
+            OSError,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            anyio.EndOfStream,
+            ssl.SSLError,
+            RawHTTPError,
+        ):
+            pass
+        await self._discard(connection)
+        return None
+
+    async def _read_answer(
+        self, connection: _Connection, *, reusable: bool = True
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         while True:
             head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
             lines = head.decode("latin-1").split("\r\n")
@@ -295,7 +383,7 @@ class RawPoster:
             body = await connection.read_to_eof()
             close = True
         # Bytes after the answer (a server writing more than its framing said): no answer to any request to come.
-        if close or connection.buffer or len(self._idle) >= self.max_idle:
+        if close or not reusable or connection.buffer or len(self._idle) >= self.max_idle:
             await self._discard(connection)
         else:
             self._idle.append(connection)

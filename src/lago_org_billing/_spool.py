@@ -22,7 +22,9 @@ on every attempt, so a resend is byte-identical (Lago's ClickHouse store dedupli
   ``value_already_exist``, counted as a duplicate; ClickHouse: the byte-identical copy replaces itself).
 * On restart the rows left in the file are delivered first: they have the lowest rowids.
 * A file that is no spool this version can write (another program's SQLite database, a spool of another schema) is
-  refused at start, untouched; a damaged one too, with how to recover its events.
+  refused at start, untouched; a damaged one too, with how to recover its events. So is a slot whose database file is
+  missing or empty while its -wal file holds data (the file deleted after a crash): SQLite would reset that -wal as
+  it made a new database, and the events in it be lost; an orphan slot in that state is left untouched, not adopted.
 * A spool file (or its directory, its -wal or -shm file) deleted while the process runs, which SQLite would go on
   writing without a word (everything in it gone with the process), is made again at its path before the next write
   (and at shutdown) with everything it held, said at ERROR; until it can be, its writes fail as on a full volume.
@@ -61,6 +63,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -612,8 +615,24 @@ class _SpoolFile:
             except (OSError, sqlite3.Error) as exc:
                 # Let go of the slot (its lock), or the next attempt would take the next slot and hide the problem.
                 self._release()
+                if isinstance(exc, _WalWithoutDatabase):
+                    where = exc.filename
+                    raise ConfigurationError(
+                        f"The event spool {where} cannot be opened: its database file is "
+                        f"{'empty' if os.path.exists(where) else 'missing'}, but its write-ahead log {where}-wal "
+                        f"({exc.wal_bytes} bytes) is there, holding the events committed since the database file was "
+                        "last written (was the file deleted or moved after a crash?). Opening the spool would make a "
+                        "new database, and SQLite would reset that log: its events would be lost. Nothing was "
+                        f"touched. Restore the database file at {where} (from where it was moved, or a backup) and "
+                        "start again: the events of both are delivered then. Or, to start with an empty spool and "
+                        f"give up the events in that log, move it away, with its -shm file if there is one: mv "
+                        f"{where}-wal {where}.orphan-wal; mv {where}-shm {where}.orphan-shm.",
+                        variable="LAGO_SPOOL_PATH",
+                    ) from exc
+                backlog = ""
                 if isinstance(exc, _NoFileLocks):
                     advice = "Set LAGO_SPOOL_PATH to a file on a volume that supports them (a local disk)"
+                    backlog = _backlog_left(self.base_path)
                 elif isinstance(exc, _NotASpool):
                     advice = (
                         "The file was left untouched. Set LAGO_SPOOL_PATH to a file of its own (a new path: the spool "
@@ -644,16 +663,22 @@ class _SpoolFile:
                         "Set LAGO_SPOOL_PATH to a file path in a writable directory (not a directory, nor a file that "
                         "is not a spool)"
                     )
+                    backlog = _backlog_left(self.base_path)
                 said = str(exc) if isinstance(exc, _NotASpool) else f"{type(exc).__name__}: {exc}"
                 raise ConfigurationError(
                     f"The event spool {self.path or self.base_path} cannot be used ({said}). "
-                    f"{advice}, or unset it to keep events in memory.",
+                    f"{advice}, or unset it to keep events in memory{backlog}.",
                     variable="LAGO_SPOOL_PATH",
                 ) from exc
             return int(count), int(max_id), adopted
 
     def _connect(self) -> sqlite3.Connection:
         """Open the slot file ``path`` (made if need be) as ``conn``, in WAL mode, with the schema."""
+        # A -wal file left without its database (deleted after a crash): SQLite would reset it as it opens the new,
+        # empty database, and the events it holds with it. (Checked before the file is made, under the slot's lock.)
+        wal_bytes = _wal_without_database(self.path)
+        if wal_bytes:
+            raise _WalWithoutDatabase(self.path, wal_bytes)
         # Events name orgs, users and models: a new file is the owner's only (SQLite gives its -wal and -shm files the
         # database's mode); an existing one keeps the mode it was given.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -856,6 +881,18 @@ class _SpoolFile:
                 continue
             fd = self._try_lock(candidate)
             if fd is None:  # a live process owns it
+                continue
+            wal_bytes = _wal_without_database(candidate)
+            if wal_bytes:  # (attached, SQLite would reset the -wal, and the events in it be lost)
+                _close_lock(fd)
+                logger.error(
+                    "The orphan spool file %s is empty, but its write-ahead log %s-wal (%d bytes) holds the events "
+                    "committed to it: left where it is, untouched. Restore its database file (from where it was moved, "
+                    "or a backup) for the next start to adopt its events, or move the -wal away to give them up.",
+                    candidate,
+                    candidate,
+                    wal_bytes,
+                )
                 continue
             try:
                 adopted += self._adopt(candidate)
@@ -1090,6 +1127,69 @@ class _SpoolFile:
 
 class _NoFileLocks(OSError):
     """The spool's volume takes no ``flock`` (some network and FUSE file systems)."""
+
+
+class _WalWithoutDatabase(OSError):
+    """A slot's -wal file holds data, and its database file is missing or empty (deleted after a crash)."""
+
+    def __init__(self, path: str, wal_bytes: int) -> None:
+        super().__init__(errno.ENOENT, "a write-ahead log without its database", path)
+        self.wal_bytes = wal_bytes
+
+
+def _wal_without_database(path: str) -> int:
+    """The size of the -wal file of ``path`` when it holds data and ``path`` is missing or empty (SQLite, opening
+    such a database, resets the log: what it held is lost); else 0."""
+    try:
+        wal_bytes = os.stat(path + "-wal").st_size
+    except OSError:
+        return 0
+    if not wal_bytes:
+        return 0
+    try:
+        return 0 if os.stat(path).st_size else wal_bytes
+    except FileNotFoundError:
+        return wal_bytes
+    except OSError:
+        return 0  # (left to opening it to say what is wrong)
+
+
+def _count_read_only(path: str) -> int | None:
+    """The rows of the ``events`` table of the spool file ``path``, read without writing anything; None if that
+    cannot be known (unreadable, not a spool, its -wal unreadable)."""
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    try:
+        wal = os.stat(path + "-wal").st_size
+    except FileNotFoundError:
+        wal = 0
+    except OSError:
+        return None
+    tries = [uri] if wal else [uri, uri + "&immutable=1"]  # (without a -wal, the file itself is the whole spool)
+    for attempt in tries:
+        try:
+            conn = sqlite3.connect(attempt, uri=True, timeout=0)
+        except sqlite3.Error:
+            continue
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        except sqlite3.Error:
+            continue
+        finally:
+            conn.close()
+    return None
+
+
+def _backlog_left(base_path: str) -> str:
+    """What keeping events in memory instead of the spool at ``base_path`` leaves behind, to append to that advice:
+    the events its files hold, counted if they can be read, else said in general terms ("" when it has none)."""
+    counts = [_count_read_only(file) for _slot, file in spool_slot_files(base_path)]
+    until = "until a process that can write it starts with LAGO_SPOOL_PATH set to it"
+    if None in counts:
+        return f" (any undelivered events the spool file holds would then stay in it, undelivered, {until})"
+    total = sum(count or 0 for count in counts)
+    if total:
+        return f" (the {total} undelivered events the spool file holds would then stay in it, {until})"
+    return ""
 
 
 class _NotASpool(sqlite3.DatabaseError):
