@@ -174,12 +174,26 @@ async def test_retry_after_http_date_is_understood(httpx_mock: HTTPXMock, waits:
 
 
 async def test_non_idempotent_creates_are_not_retried(httpx_mock: HTTPXMock) -> None:
-    """Creating a plan is not retried: a retry after a lost response would duplicate it."""
-    httpx_mock.add_response(status_code=503)
+    """Creating a plan never duplicates it: a resend after a lost response (503) is answered by Lago's unique
+    ``code`` (422 value_already_exist), and the plan Lago made is read back and returned, not created twice."""
+    plan = {"lago_id": "p1", "code": "starter", "name": "Starter"}
+    httpx_mock.add_response(method="POST", url=f"{BASE}/api/v1/plans", status_code=503)
+    httpx_mock.add_response(
+        method="POST",
+        url=f"{BASE}/api/v1/plans",
+        status_code=422,
+        json={
+            "status": 422,
+            "error": "Unprocessable Entity",
+            "code": "validation_errors",
+            "error_details": {"code": ["value_already_exist"]},
+        },
+    )
+    httpx_mock.add_response(method="GET", url=f"{BASE}/api/v1/plans/starter", json={"plan": plan})
     async with LagoClient(settings()) as lago:
-        with pytest.raises(LagoUnavailableError):
-            await lago.create_plan({"code": "starter", "name": "Starter"})
-    assert len(httpx_mock.get_requests()) == 1
+        assert await lago.create_plan({"code": "starter", "name": "Starter"}) == plan
+    posts = [request for request in httpx_mock.get_requests() if request.method == "POST"]
+    assert len(posts) == 2 and posts[0].content == posts[1].content
 
 
 async def test_requests_carry_bearer_and_encoded_paths(httpx_mock: HTTPXMock) -> None:

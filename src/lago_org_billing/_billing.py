@@ -330,24 +330,41 @@ class OrgBilling:
 
         ``subscription_at`` and ``ending_at`` take aware datetimes, ISO 8601 strings or dates: a date (or a
         ``YYYY-MM-DD`` string) is that day's 00:00 in the customer's time zone (Lago's billing days are the
-        customer's; one more call reads it), UTC for an org without a customer yet."""
+        customer's; one more call reads it), UTC for an org without a customer yet.
+
+        An org whose subscription ``external_id`` another Lago customer's active subscription holds is refused before
+        anything is sent (:class:`LagoValidationError`, as Lago's 422, saying which customer and what to do)."""
         validate_id(org_id, "org_id")
         _check_dates(subscription_at, fields)
         plan_code = validate_id(plan_code, "plan_code")
-        before: JSON | None = None
-        if fields.get("plan_overrides") is not None:
-            # (not resent by the client: Lago would read it as a plan change) what there is before, so that a create
-            # whose answer is lost can be told from what Lago had
-            before = await self.client.get_current_subscription(self.subscription_id(org_id))
-        else:
+        current = await self.client.get_current_subscription(self.subscription_id(org_id))
+        return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
+
+    async def _create_subscription(
+        self,
+        org_id: str,
+        plan_code: str,
+        billing_time: str,
+        subscription_at: dt.datetime | dt.date | str | None,
+        current: JSON | None,
+        fields: dict[str, Any],
+    ) -> JSON:
+        """:meth:`create_subscription`, its arguments checked, ``current`` the subscription under the org's id Lago
+        has (``get_current_subscription``, read by the caller)."""
+        held = self._held_by_another(org_id, current)
+        if held is not None:  # (Lago would refuse it: 422 external_id value_already_exist)
+            raise held
+        # (with plan_overrides, not resent by the client once sent: Lago would read it as a plan change) what there
+        # is before, so that a create whose answer is lost can be told from what Lago had
+        before = current
+        if fields.get("plan_overrides") is None:
             # Lago compares plan *ids*: a subscription made with plan_overrides is on a copy of the plan (same code,
             # its own id), so the same plan again would be an "upgrade" replacing it (billed at once, at list price)
             # or a downgrade to list price. The same plan code is the subscription the org has.
-            current = await self.client.get_current_subscription(self.subscription_id(org_id))
             if (
                 current is not None
                 and current.get("plan_code") == plan_code
-                and current.get("external_customer_id") == org_id  # (another customer's: Lago's to refuse)
+                and current.get("external_customer_id") == org_id  # (another customer's pending one: not the org's)
             ):
                 return current
         zone: dt.tzinfo = dt.timezone.utc
@@ -415,18 +432,44 @@ class OrgBilling:
         owner = (holder or {}).get("external_customer_id")
         if owner == org_id:
             return None
+        return exc._restated(  # type: ignore[return-value]
+            LagoValidationError, self._held_message(org_id, holder if owner is not None else None)
+        )
+
+    def _held_by_another(self, org_id: str, current: JSON | None) -> LagoValidationError | None:
+        """The error of subscribing an org whose subscription ``external_id`` another customer's active subscription
+        holds (``current``, as read): Lago refuses it with ``422 external_id value_already_exist``, so it is refused
+        here, before anything is written (a pending one does not hold the id: Lago subscribes the org beside it)."""
+        if current is None or current.get("status") == "pending":
+            return None
+        owner = current.get("external_customer_id")
+        if owner is None or owner == org_id:
+            return None
+        return LagoValidationError(
+            self._held_message(org_id, current) + " Nothing was written to Lago.",
+            status=422,
+            code="validation_errors",
+            details={"external_id": ["value_already_exist"]},
+            error="Unprocessable Entity",
+            method="POST",
+            path="/api/v1/subscriptions",
+        )
+
+    def _held_message(self, org_id: str, holder: Mapping[str, Any] | None) -> str:
+        """Why the org cannot be subscribed: ``holder`` (``None``: unknown) holds its subscription id; what to do."""
+        external_id = self.subscription_id(org_id)
         who = (
-            f"Lago customer {owner!r} ({holder.get('status')}, plan {holder.get('plan_code')!r})"
-            if holder is not None and owner is not None
+            f"Lago customer {holder.get('external_customer_id')!r} ({holder.get('status')}, plan "
+            f"{holder.get('plan_code')!r})"
+            if holder is not None
             else "another Lago customer"
         )
-        return exc._restated(  # type: ignore[return-value]
-            LagoValidationError,
+        return (
             f"Org {org_id!r} cannot be subscribed: its subscription external_id {external_id!r} "
             f"(LAGO_SUBSCRIPTION_ID_TEMPLATE {self.settings.subscription_id_template!r}) is held by {who}, and Lago "
             "cannot move a subscription to another customer. Terminate that subscription first (await "
             f"billing.client.terminate_subscription({external_id!r})), or map orgs to subscription ids no other "
-            "customer uses (LAGO_SUBSCRIPTION_ID_TEMPLATE, e.g. '{org_id}_main').",
+            "customer uses (LAGO_SUBSCRIPTION_ID_TEMPLATE, e.g. '{org_id}_main')."
         )
 
     def _check_owner(self, org_id: str, subscription: Mapping[str, Any], what: str) -> None:
@@ -455,8 +498,21 @@ class OrgBilling:
 
         An existing customer is completed, never overwritten: a name, email, org marker (``billing_type``) or creator
         it lacks is set (Lago creates a bare customer when a subscription is created for an unknown one).
-        Returns ``{"customer": ..., "subscription": ...}``."""
-        _check_dates(subscription_fields.get("subscription_at"), subscription_fields)  # before the customer is written
+        Returns ``{"customer": ..., "subscription": ...}``.
+
+        Checked before anything is written, so that a refused setup leaves no customer behind: the arguments, and the
+        org's subscription ``external_id`` (another customer's active subscription holding it raises
+        :class:`LagoValidationError`, as Lago's 422 would once the customer was written, naming that customer)."""
+        validate_id(org_id, "org_id")
+        plan_code = validate_id(plan_code, "plan_code")
+        billing_time = subscription_fields.pop("billing_time", "calendar")
+        subscription_at = subscription_fields.pop("subscription_at", None)
+        _check_dates(subscription_at, subscription_fields)
+        # (the read create_subscription makes, made first: the org's own subscription, or the id held by another)
+        subscribed = await self.client.get_current_subscription(self.subscription_id(org_id))
+        held = self._held_by_another(org_id, subscribed)
+        if held is not None:
+            raise held
         customer = await self.get_customer(org_id)
         if customer is None:
             customer = await self.create_org_customer(org_id, org_name, email, user_id)
@@ -479,7 +535,9 @@ class OrgBilling:
             name = None if customer.get("name") else org_name
             mail = None if customer.get("email") else email
             customer = await self._update(customer, name, mail, missing, {})
-        subscription = await self.create_subscription(org_id, plan_code, **subscription_fields)
+        subscription = await self._create_subscription(
+            org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
+        )
         return {"customer": customer, "subscription": subscription}
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:

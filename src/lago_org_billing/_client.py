@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import decimal
 import email.utils
 import enum
 import functools
@@ -35,6 +36,7 @@ from ._errors import (
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
+    LagoIntegrationError,
     LagoNotFoundError,
     LagoRateLimitError,
     LagoUnavailableError,
@@ -98,10 +100,12 @@ class LagoClient:
     * **transport** - *(optional)* an ``httpx.AsyncBaseTransport``, e.g. ``FakeLago().transport()`` in tests.
     * **limits** - *(optional)* ``httpx.Limits`` of the connection pool.
 
-    Calls that are safe to repeat (every call here except creating billable metrics, plans and features) are
-    retried on network errors, 5xx and 429 with exponential backoff and full jitter, within
+    Calls are retried on network errors, 5xx and 429 with exponential backoff and full jitter, within
     ``settings.retry_deadline`` seconds in total; a 429 waits as ``X-RateLimit-Reset``/``Retry-After`` say.
-    4xx other than 429 are never retried.
+    4xx other than 429 are never retried. Writes a resend could apply twice once Lago applied them behind a lost
+    answer (a DELETE, a subscription with ``plan_overrides``) are resent only when nothing reached Lago: a 429, or a
+    connection never made (refused, DNS, connect timeout). Creates keyed by a unique ``code`` (plans, billable
+    metrics, features) are resent, and a resend's ``value_already_exist`` read back as the object made.
     """
 
     def __init__(
@@ -320,8 +324,9 @@ class LagoClient:
         ):
             if value is not None:
                 subscription[key] = value
-        # Not retried with plan_overrides: Lago compares the plan with the current subscription's, which is then the
-        # override's own plan, so a resend after a lost answer would be an "upgrade" replacing what was just made.
+        # Not resent with plan_overrides once sent: Lago compares the plan with the current subscription's, which is
+        # then the override's own plan, so a resend after a lost answer would be an "upgrade" replacing what was just
+        # made (resent after a 429 or a connection never made: nothing reached Lago).
         body = await self._request(
             "POST", "/subscriptions", json={"subscription": subscription}, retry=plan_overrides is None
         )
@@ -577,11 +582,10 @@ class LagoClient:
     # ----------------------------------------------------- metrics, plans, features
 
     async def create_billable_metric(self, billable_metric: Mapping[str, Any]) -> JSON:
-        """``POST /billable_metrics`` (not retried: a retry after a lost response would be a duplicate)."""
-        body = await self._request(
-            "POST", "/billable_metrics", json={"billable_metric": dict(billable_metric)}, retry=False
-        )
-        return _unwrap(body, "billable_metric")
+        """``POST /billable_metrics``. Resent after a lost answer: Lago keeps ``code`` unique, so a resend of one it
+        made is answered ``value_already_exist``, and the metric Lago has under that code is then this call's answer
+        when it is the one asked for (see :meth:`create_plan`)."""
+        return await self._create_by_code("/billable_metrics", "billable_metric", billable_metric, "billable metric")
 
     async def get_billable_metric(self, code: str) -> JSON:
         """``GET /billable_metrics/{code}``."""
@@ -589,18 +593,52 @@ class LagoClient:
         return _unwrap(await self._request("GET", path), "billable_metric")
 
     async def create_plan(self, plan: Mapping[str, Any]) -> JSON:
-        """``POST /plans`` (not retried)."""
-        return _unwrap(await self._request("POST", "/plans", json={"plan": dict(plan)}, retry=False), "plan")
+        """``POST /plans``. Resent after a lost answer (a 5xx, a timeout, a reset once sent) as other writes are: Lago
+        keeps ``code`` unique, so a resend of a plan it made is answered ``422 code value_already_exist``; the plan
+        under that code is then read back and returned when it has every value asked for. A plan with other values
+        under the code, or a code taken before the call (no answer lost), raises :class:`LagoValidationError`."""
+        return await self._create_by_code("/plans", "plan", plan, "plan")
 
     async def get_plan(self, code: str) -> JSON:
         """``GET /plans/{code}``."""
         return _unwrap(await self._request("GET", f"/plans/{path_segment(code, 'plan code')}"), "plan")
 
     async def create_feature(self, feature: Mapping[str, Any]) -> JSON:
-        """``POST /features`` (entitlements; not retried)."""
-        return _unwrap(
-            await self._request("POST", "/features", json={"feature": dict(feature)}, retry=False), "feature"
-        )
+        """``POST /features`` (entitlements). Resent after a lost answer, read back on ``value_already_exist`` (see
+        :meth:`create_plan`)."""
+        return await self._create_by_code("/features", "feature", feature, "feature")
+
+    async def _create_by_code(self, path: str, key: str, item: Mapping[str, Any], what: str) -> JSON:
+        """``POST {path}`` of ``{key: item}``, an object Lago keys by a unique ``code``: resent as safe writes are. A
+        resend answered ``422 {"code": ["value_already_exist"]}`` after an attempt whose answer was lost is read back
+        (``GET {path}/{code}``): the object Lago has is the answer when it matches ``item``; else the 422 stands,
+        saying which values differ."""
+        lost: list[LagoAPIError] = []
+        try:
+            body = await self._request("POST", path, json={key: dict(item)}, lost=lost)
+        except LagoValidationError as exc:
+            code = item.get("code")
+            if not (lost and exc.details == {"code": ["value_already_exist"]} and isinstance(code, str)):
+                raise
+            try:
+                found = _unwrap(await self._request("GET", f"{path}/{path_segment(code, f'{what} code')}"), key)
+            except LagoIntegrationError as read:
+                raise exc._restated(
+                    LagoValidationError,
+                    f"{exc.args[0]} This call's first attempt may have made {what} {code!r} (its answer was lost), but "
+                    f"it could not be read back ({type(read).__name__}: {read}): read it (GET /api/v1{path}/{code}) "
+                    "before creating it again.",
+                ) from None
+            differences = _differences(item, found)
+            if differences:
+                raise exc._restated(
+                    LagoValidationError,
+                    f"Lago already has a {what} with code {code!r}, with other values than asked ("
+                    f"{'; '.join(differences[:5])}): not this call's. Use another code, or update that {what}.",
+                ) from None
+            logger.info("Lago had made %s %r although its answer was lost; answered as made", what, code)
+            return found
+        return _unwrap(body, key)
 
     async def set_plan_entitlements(self, plan_code: str, entitlements: Mapping[str, Mapping[str, Any]]) -> list[JSON]:
         """``POST /plans/{code}/entitlements``: replace the plan's entitlements."""
@@ -796,9 +834,12 @@ class LagoClient:
             wait = backoff if wait is None else max(wait + random.random(), backoff)
             # DELETE is retried only after a 429 (Lago did not process it): a terminate that went through behind a lost
             # answer would fail its retry with a 404
-            # (a 429 always: Lago processed nothing, even of a call not otherwise retried)
+            # (a 429 always: Lago processed nothing, even of a call not otherwise retried; and a write never sent, its
+            # connection not made (refused, DNS, connect timeout): nothing reached Lago. A read with retry=False is a
+            # probe's one attempt: not resent)
             throttled = isinstance(error, LagoRateLimitError)
-            retryable = throttled or (retry and method != "DELETE")
+            never_sent = method != "GET" and not _maybe_applied(error)
+            retryable = throttled or never_sent or (retry and method != "DELETE")
             if not retryable:
                 raise _not_resent(error) if method != "GET" and _maybe_applied(error) else error
             if attempt > settings.max_retries:
@@ -849,6 +890,61 @@ def _maybe_applied(error: LagoAPIError) -> bool:
     if isinstance(error, LagoRateLimitError):
         return False
     return not isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
+def _differences(asked: Any, found: Any, where: str = "") -> list[str]:
+    """How ``found`` (an object Lago has) differs from ``asked`` (the body of its create): each value asked that Lago
+    has otherwise, as ``"name: asked X, Lago has Y"``. Keys Lago does not echo (write-only ones: ``tax_codes``...)
+    and values asked as ``None`` (Lago's default) are not compared; numbers compare by value (``0`` and ``0.0``,
+    ``"0.010"`` and ``"0.01"``); a list compares item by item, in any order."""
+    if isinstance(asked, Mapping):
+        if not isinstance(found, Mapping):
+            return [f"{where or 'body'}: asked {_shown(asked)}, Lago has {_shown(found)}"]
+        return [
+            difference
+            for name, value in asked.items()
+            if value is not None and name in found
+            for difference in _differences(value, found[name], f"{where}.{name}" if where else str(name))
+        ]
+    if isinstance(asked, (list, tuple)):
+        if not isinstance(found, list) or len(found) != len(asked):
+            return [f"{where}: asked {_shown(asked)}, Lago has {_shown(found)}"]
+        left = list(found)
+        for index, value in enumerate(asked):
+            match = next((item for item in left if not _differences(value, item)), _NO_MATCH)
+            if match is _NO_MATCH:
+                return [f"{where}[{index}]: asked {_shown(value)}, Lago has none such"]
+            left.remove(match)
+        return []
+    return [] if _same_value(asked, found) else [f"{where}: asked {_shown(asked)}, Lago has {_shown(found)}"]
+
+
+_NO_MATCH = object()
+
+
+def _same_value(asked: Any, found: Any) -> bool:
+    if asked == found and type(asked) is type(found):
+        return True
+    if isinstance(asked, bool) or isinstance(found, bool):
+        return asked == found and isinstance(asked, bool) and isinstance(found, bool)
+    numbers_ = [_number(value) for value in (asked, found)]
+    return None not in numbers_ and numbers_[0] == numbers_[1]
+
+
+def _number(value: Any) -> decimal.Decimal | None:
+    """``value`` as a finite number (a JSON number, or a decimal string as Lago keeps amounts), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, decimal.Decimal)):
+        return None
+    try:
+        number = decimal.Decimal(value.strip() if isinstance(value, str) else value)
+    except (decimal.InvalidOperation, ValueError):
+        return None
+    return number if number.is_finite() else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _not_resent(error: LagoAPIError) -> LagoAPIError:
