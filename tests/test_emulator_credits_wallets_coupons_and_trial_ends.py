@@ -84,7 +84,7 @@ def _webhook_errors(fake: FakeLago) -> list[str]:
 
 def _fake(*, trial_period: int | None = None) -> tuple[FakeLago, Clock]:
     clock = Clock(MARCH)
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_plan(
         "p", amount_cents=3100, pay_in_advance=True, **({"trial_period": trial_period} if trial_period else {})
     )

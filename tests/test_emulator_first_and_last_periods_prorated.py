@@ -38,7 +38,7 @@ UTC = timezone.utc
 def _fake(clock: Clock, start: datetime, *, amount: int = 3100, customer: dict[str, Any] | None = None,
           sub: dict[str, Any] | None = None, **plan: Any) -> FakeLago:  # fmt: skip
     """A subscription ``sub`` of customer ``org`` from ``start`` on plan ``p`` (monthly, in arrears by default)."""
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_plan("p", **({"amount_cents": amount} | plan))
     if customer:
         fake.add_customer("org", **customer)

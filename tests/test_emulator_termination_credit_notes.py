@@ -42,7 +42,7 @@ MID_MARCH = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 
 def _fake(*, pay_in_advance: bool = True, timezone_name: str | None = None) -> tuple[FakeLago, Clock]:
     clock = Clock(MARCH)
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_plan("p", amount_cents=3100, pay_in_advance=pay_in_advance)
     if timezone_name is not None:
         fake.add_customer("org", timezone=timezone_name)

@@ -37,7 +37,7 @@ STANDARD = {"billable_metric_code": "m", "charge_model": "standard", "properties
 
 def _fake(clock: Clock, start: datetime, *, charges: list[dict[str, Any]] | None = None, **plan: Any) -> FakeLago:
     """A subscription ``sub`` of customer ``org`` started at ``start`` on a monthly calendar plan ``p``."""
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("m", aggregation_type="sum_agg", field_name="v")
     fake.add_plan("p", **({"amount_cents": 3100, "charges": charges or []} | plan))
     fake.add_subscription("org", "p", external_id="sub", subscription_at=start.isoformat())
@@ -107,7 +107,7 @@ async def test_anniversary_pay_in_advance_plan_bills_a_full_first_period() -> No
     """On an anniversary subscription the first period is a whole one: the start invoice bills the full 3100."""
     start = datetime(2026, 3, 10, tzinfo=UTC)
     clock = Clock(start)
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_plan("p", amount_cents=3100, pay_in_advance=True)
     fake.add_subscription("org", "p", external_id="sub", subscription_at=start.isoformat(), billing_time="anniversary")
     assert [i["fees_amount_cents"] for i in fake.invoices] == [3100]
@@ -148,7 +148,7 @@ async def test_charge_properties_lago_refuses_are_a_422(model: str, properties: 
     """Lago's validators want Integer ``package_size`` (> 0) and ``free_units`` (>= 0), a decimal ``amount`` and
     numeric range bounds: anything else is ``422 validation_errors`` with ``{"properties": [code]}`` (the emulator
     created the plan and its usage raised, ``int("10.0")``, a 500)."""
-    fake = FakeLago(api_key="k", clock=Clock(MARCH))
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=Clock(MARCH))
     fake.add_billable_metric("m", aggregation_type="sum_agg", field_name="v")
     charge = {"billable_metric_code": "m", "charge_model": model, "properties": properties}
     plan = {"code": "p", "name": "p", "interval": "monthly", "amount_cents": 0, "charges": [charge]}

@@ -34,7 +34,7 @@ MARCH = datetime(2026, 3, 1, tzinfo=UTC)
 
 def _fake(clock: Clock, charges: list[dict[str, Any]], *, amount_cents: int = 0, **metric: Any) -> FakeLago:
     """A subscription ``sub`` of customer ``org`` started at 2026-03-01 00:00 UTC on a monthly plan."""
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("m", **({"aggregation_type": "sum_agg", "field_name": "v"} | metric))
     fake.add_plan("p", amount_cents=amount_cents, charges=charges)
     fake.add_subscription("org", "p", external_id="sub", subscription_at=MARCH.isoformat())
@@ -180,7 +180,7 @@ async def test_what_the_emulator_cannot_compute_is_refused_at_plan_creation(
     """A prorated charge (the emulator does not prorate) and a charge on a ``custom_agg`` metric (its expression is
     not evaluated) are refused with ``422 validation_errors`` naming the field, instead of billed unprorated or as a
     plain sum."""
-    fake = FakeLago(api_key="k", clock=Clock(MARCH))
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=Clock(MARCH))
     fake.add_billable_metric("m", **({"aggregation_type": "sum_agg", "field_name": "v"} | metric))
     async with fake.client() as client:
         response = await client.post(

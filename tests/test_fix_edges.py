@@ -42,7 +42,7 @@ def test_a_donor_contract_ending_today_fails_its_org_with_why_not_fix_the_fields
     the fields its error details name", a field the operator never sent; the dry run said nothing. The dry run now
     warns, and the failure says whose end date it is and what to do."""
     clock = _Clock(datetime(2026, 6, 29, 12, 0, tzinfo=timezone.utc))
-    fake = FakeLago(api_key=API_KEY, clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key=API_KEY, clock=clock)
     fake.add_plan("pro", amount_cents=5_000)
     fake.add_customer("ursula")
     fake.add_subscription("ursula", "pro", external_id="sub_ursula", ending_at="2026-06-30T18:00:00Z")
@@ -99,7 +99,7 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture
 def lago() -> Iterator[FakeLago]:
-    fake = FakeLago(api_key=API_KEY)
+    fake = FakeLago(clock_jobs="boundary", api_key=API_KEY)
     fake.add_billable_metric("api_call", aggregation_type="count_agg")
     fake.add_plan("starter", amount_cents=0)
     fake.add_subscription("org_a", "starter", external_id="org_a")
@@ -166,7 +166,7 @@ async def test_lago_behind_at_the_rollover_a_stale_period_read_does_not_end_the_
     from test_quota_periods import MARCH_END, LaggingLago, lago_reads, make_gate
 
     clock = Clock(MARCH_END - dt.timedelta(minutes=1))
-    fake = seed(FakeLago(api_key="k", clock=LaggingLago(clock, 5.0)), starter_calls=5)
+    fake = seed(FakeLago(clock_jobs="boundary", api_key="k", clock=LaggingLago(clock, 5.0)), starter_calls=5)
     settings = BillingSettings(api_url=fake.base_url, api_key="k", max_retries=0)
     async with LagoClient(settings, transport=fake.transport()) as lago:
         gate = make_gate(lago, clock, cold_timeout=0.2)

@@ -198,18 +198,16 @@ async def test_off_mode_never_reads_lago_for_quota(client: LagoClient, fake: Fak
     assert not [r for r in fake.requests if r.method == "GET"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: a provisional snapshot's refresh reads usage only, by design (test_quota_rollover asserts "
-    "it: it keeps Lago calls at the period boundary down); without a webhook the downgrade applies within "
-    "LAGO_QUOTA_PLAN_TTL",
-)
-async def test_a_downgrade_unseen_before_the_rollover_applies_at_the_first_refresh_of_the_new_period() -> None:
+async def test_a_downgrade_unseen_before_the_rollover_applies_once_lago_switches_it() -> None:
     """pro (10,000 calls) read at 23:58; a downgrade to starter (2 calls) is scheduled then, no webhook wired to
-    ``invalidate``. At the boundary the provisional April snapshot (pro's limits) decides at once, as it should, but
-    its refresh read only the usage: the org kept pro's limits in April, on Lago's starter plan, until ``plan_ttl``
-    (4 requests allowed, plan_code ``pro``). Not fixed here: reading the subscription in a provisional snapshot's
-    refresh (``fetch``: not ``previous.version.endswith("+")``) contradicts test_quota_rollover's usage-only reads."""
+    ``invalidate``. Lago switches it when its biller runs (at minute 10 of the hour, the emulator's default timing):
+    until then Lago itself still holds pro, and the provisional April snapshot (pro's limits) decides, as Lago would.
+    Once switched, the first usage refresh (after ``LAGO_USAGE_CACHE_TTL``) sees the new subscription's start (00:10,
+    within the known period) and the gate reads the plan again: starter's limits apply then, not only after
+    ``LAGO_QUOTA_PLAN_TTL``.
+
+    (This was a strict xfail while the emulator switched downgrades exactly at the boundary, a state real Lago never
+    shows: a provisional snapshot's refresh reads usage only, by design.)"""
     clock = Clock(dt.datetime(2026, 3, 31, 23, 58, tzinfo=dt.timezone.utc))
     fake = seed(FakeLago(api_key="k", clock=clock.now), starter_calls=2)
     fake.add_customer("org_2")
@@ -223,18 +221,21 @@ async def test_a_downgrade_unseen_before_the_rollover_applies_at_the_first_refre
             first = await gate.check("org_2")  # provisional: allowed at once
             assert first.allowed
             gate.settle("org_2", first, tokens=0, billed=True)
-            while gate._refreshing:  # its refresh (started by that request) done
-                for event in list(gate._refreshing.values()):
-                    await event.wait()
-            clock.advance(1)
+            await refreshed(gate)
+            assert (await gate.get_org_plan_limits("org_2"))["plan_code"] == "pro"  # as Lago holds it until 00:10
+            clock.at = dt.datetime(2026, 4, 1, 0, 10, 1, tzinfo=dt.timezone.utc)  # the biller switched it
+            clock.advance(settings.usage_cache_ttl + 1)  # (the usage read after its TTL sees the new start)
             decisions = []
-            for _ in range(3):
+            for _ in range(4):
                 decision = await gate.check("org_2")
                 gate.settle("org_2", decision, tokens=0, billed=True)
                 decisions.append(decision.allowed)
+                await refreshed(gate)
             plan = (await gate.get_org_plan_limits("org_2"))["plan_code"]
     assert plan == "starter"
-    assert decisions == [True, False, False]
+    # the first decision after the switch is the last on pro's snapshot (its refresh reads the new start), then
+    # starter's 2 calls of April are used up (one at 00:00:01, one now)
+    assert decisions == [True, True, False, False]
 
 
 async def refreshed(gate: QuotaGate) -> None:

@@ -307,7 +307,7 @@ async def test_a_march_read_landing_after_the_boundary_keeps_aprils_count(clock:
 @pytest.fixture
 def fake(clock: Clock) -> FakeLago:
     """The emulator: org_1 on starter (5 calls per period), legacy (no entitlements) for a downgrade."""
-    return seed(FakeLago(api_key="k", clock=clock.now), starter_calls=5)
+    return seed(FakeLago(clock_jobs="boundary", api_key="k", clock=clock.now), starter_calls=5)
 
 
 def emulator_gate(fake: FakeLago, lago: LagoClient, clock: Clock, redis: str | None, **config: Any) -> QuotaGate:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def fake(clock: Clock) -> FakeLago:
     """A metric, a feature with two privileges, a plan granting both, and a cheaper plan."""
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("api_call")
     fake.add_feature(
         "seats",

@@ -51,7 +51,7 @@ async def _send(fake: FakeLago, events: list[dict[str, Any]]) -> None:
 
 
 def _percentage_fake(clock: Clock, properties: dict[str, Any], model: str = "percentage") -> FakeLago:
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("tx", aggregation_type="sum_agg", field_name="amount")
     fake.add_plan("pct", charges=[{"billable_metric_code": "tx", "charge_model": model, "properties": properties}])
     fake.add_subscription("org", "pct", external_id="sub")
@@ -160,7 +160,7 @@ async def test_graduated_percentage_on_the_termination_invoice(clock: Clock) -> 
     ],
 )
 async def test_percentage_properties_are_validated(model: str, properties: dict[str, Any], codes: list[str]) -> None:
-    fake = FakeLago(api_key="k")
+    fake = FakeLago(clock_jobs="boundary", api_key="k")
     fake.add_billable_metric("tx", aggregation_type="sum_agg", field_name="amount")
     plan = {
         "code": "p",
@@ -183,7 +183,7 @@ async def test_percentage_properties_are_validated(model: str, properties: dict[
 
 
 async def test_unknown_charge_model_is_refused() -> None:
-    fake = FakeLago(api_key="k")
+    fake = FakeLago(clock_jobs="boundary", api_key="k")
     fake.add_billable_metric("tx")
     plan = {
         "code": "p",
@@ -205,7 +205,7 @@ async def test_unknown_charge_model_is_refused() -> None:
 
 @pytest.fixture
 def fake(clock: Clock) -> FakeLago:
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("api_call")
     fake.add_billable_metric("tx", aggregation_type="sum_agg", field_name="amount")
     fake.add_plan(

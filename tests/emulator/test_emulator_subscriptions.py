@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def fake(clock: Clock) -> FakeLago:
     """An emulator with a cheap (starter) and an expensive (pro, yearly) plan."""
-    fake = FakeLago(api_key="k", clock=clock)
+    fake = FakeLago(clock_jobs="boundary", api_key="k", clock=clock)
     fake.add_billable_metric("api_call")
     fake.add_plan("starter", amount_cents=1000, charges=[{"billable_metric_code": "api_call"}])
     fake.add_plan("pro", amount_cents=20000, interval="yearly")

@@ -14,6 +14,13 @@ Usage::
 * **event_store** - ``"postgres"`` (duplicate ``transaction_id`` rejected with ``422``) or ``"clickhouse"``
   (the latest copy replaces the previous one).
 * **clock** - *(optional)* a callable returning the current UTC datetime; pins billing periods in tests.
+* **clock_jobs** - when the time-driven changes happen. ``"lago"`` (the default), as Lago's clock jobs do them
+  (``clock.rb``): period-end invoices and pending downgrades at the biller's first run after the boundary, hourly at
+  minute 10 (UTC), the new subscription starting then (``started_at`` 00:10 for a UTC customer's month); a subscription
+  whose ``ending_at`` falls on a day is terminated at the first run of the hourly job at minute 5 that day, possibly
+  hours before ``ending_at``. ``"boundary"``: exactly at the boundary and at ``ending_at`` (idealised).
+* **clock_job_delay** - *(optional)* seconds a clock job waits in Sidekiq's queue before it runs (``"lago"`` only):
+  a downgrade is then seen that much later, though its dates stay the biller's run time.
 * **organization_id** - *(optional)* the organization's UUID (the ``organization_id`` of its webhooks), kept by
   :meth:`FakeLago.reset`; it also seeds the ``lago_id`` of the objects. Give two emulators two ids to have two
   organizations; by default every emulator has the same one, so that two fed the same calls agree.
@@ -115,6 +122,8 @@ class FakeLago:
         *,
         batch_max_length: int = 100,
         organization_id: str | None = None,
+        clock_jobs: str = "lago",
+        clock_job_delay: float = 0.0,
     ) -> None:
         if event_store not in EVENT_STORES:
             raise FakeLagoError(f"event_store must be 'postgres' or 'clickhouse', got {event_store!r}")
@@ -144,9 +153,17 @@ class FakeLago:
         self._app_key: tuple[int, ...] | None = None
         self._stack: ASGIApp | None = None
         self._stack_key: tuple[int, ...] | None = None
-        self.store = LagoStore(
-            event_store=event_store, clock=self._now, emit=self._queue_webhook, organization_id=organization_id
-        )
+        try:
+            self.store = LagoStore(
+                event_store=event_store,
+                clock=self._now,
+                emit=self._queue_webhook,
+                organization_id=organization_id,
+                clock_jobs=clock_jobs,
+                clock_job_delay=clock_job_delay,
+            )
+        except ConfigurationError as exc:
+            raise FakeLagoError(str(exc)) from None
         # Test controls: fault injection (``inject_fault``, ``/_emulator/faults``) and signed webhook delivery.
         from ._faults import install_faults
         from ._webhooks import install_webhooks
@@ -425,8 +442,8 @@ class FakeLago:
     def past_usage(self, external_customer_id: str, external_subscription_id: str, **params: Any) -> JSON:
         """The body ``GET /customers/{id}/past_usage`` would return (``{"usage_periods": [...], "meta": {...}}``): the
         subscription's invoiced periods, newest first. ``params``: ``billable_metric_code``, ``periods_count``,
-        ``page``, ``per_page``. A period is invoiced when it ends (move ``clock`` past it) or when the subscription
-        is terminated or upgraded."""
+        ``page``, ``per_page``. A period is invoiced when the biller runs after it ends (move ``clock`` past it: past
+        00:10 for a UTC customer with the default ``clock_jobs``) or when the subscription is terminated or upgraded."""
         query = {"external_subscription_id": external_subscription_id, **{k: str(v) for k, v in params.items()}}
         return self._call(lambda: self.store.past_usage(external_customer_id, query))
 

@@ -48,6 +48,13 @@ from ._util import (
 __all__ = ["EVENT_STORES", "LagoStore"]
 
 EVENT_STORES = ("postgres", "clickhouse")
+#: When the time-driven changes happen: ``"lago"`` when Lago's clock jobs run them (``clock.rb``: the biller
+#: ``Clock::SubscriptionsBillerJob`` hourly at minute 10 issues period-end invoices and applies pending downgrades;
+#: ``Clock::TerminateEndedSubscriptionsJob`` hourly at minute 5 terminates the subscriptions whose ``ending_at`` falls
+#: on that day), ``"boundary"`` exactly at the period boundary or ``ending_at`` (idealised).
+CLOCK_JOBS = ("lago", "boundary")
+BILLER_MINUTE = 10
+TERMINATOR_MINUTE = 5
 METRIC_LOCKED_WHEN_USED = ("code", "aggregation_type", "field_name", "recurring", "weighted_interval", "filters")
 PLAN_LOCKED_WHEN_SUBSCRIBED = (
     "code",
@@ -140,11 +147,34 @@ class LagoStore:
     """The state of one Lago organization."""
 
     def __init__(
-        self, *, event_store: str, clock: Callable[[], datetime], emit: Emit, organization_id: str | None = None
+        self,
+        *,
+        event_store: str,
+        clock: Callable[[], datetime],
+        emit: Emit,
+        organization_id: str | None = None,
+        clock_jobs: str = "lago",
+        clock_job_delay: float = 0.0,
     ) -> None:
         if event_store not in EVENT_STORES:
             raise ConfigurationError(f"event_store must be one of {EVENT_STORES}, got {event_store!r}")
+        if clock_jobs not in CLOCK_JOBS:
+            raise ConfigurationError(
+                f"clock_jobs must be one of {CLOCK_JOBS} (Lago's hourly clock jobs, or exactly at the boundary), "
+                f"got {clock_jobs!r}"
+            )
+        if isinstance(clock_job_delay, bool) or not isinstance(clock_job_delay, (int, float)) or clock_job_delay < 0:
+            raise ConfigurationError(
+                f"clock_job_delay must be a number of seconds >= 0 (how long a clock job waits in Sidekiq's queue), "
+                f"got {clock_job_delay!r}"
+            )
+        if clock_jobs == "boundary" and clock_job_delay:
+            raise ConfigurationError(
+                "clock_job_delay applies to Lago's clock jobs: give it with clock_jobs='lago', or leave it at 0"
+            )
         self.event_store = event_store
+        self.clock_jobs = clock_jobs
+        self._job_delay = timedelta(seconds=float(clock_job_delay))
         # Given: this organization's id, kept across clear(), which also seeds its lago_ids (two emulators given two
         # ids are two organizations). Not given: the same id and lago_ids in every emulator fed the same calls.
         self._organization_id = organization_id
@@ -190,6 +220,9 @@ class LagoStore:
             self._closings: list[tuple[datetime, int, str]] = []
             # the active subscriptions whose plan's free trial has not ended yet (see _end_trials)
             self._trials: list[JSON] = []
+            # (customer lago_id, external_id) -> the earliest started_at of its subscriptions (lago-api
+            # Subscription#initial_started_at, which a trial counts from: see _activate and _trial_end)
+            self._first_started: dict[tuple[str, str], datetime] = {}
 
     def _uuid(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
@@ -247,22 +280,23 @@ class LagoStore:
                     self._candidates = [sub for sub in self.subscriptions if self._may_transition(sub)]
                     self._candidates_len = len(self.subscriptions)
                     self._candidates_stale = False
+                delay = self._job_delay
                 for sub in list(self._candidates):
                     status = sub["status"]
                     if status == "active":
-                        ending = parse_datetime(sub.get("ending_at"))
-                        if ending is not None and ending <= now:
-                            self._terminate(sub, ending, generate_invoice=sub["on_termination_invoice"] == "generate")
+                        ends = self._ending_run(sub)
+                        if ends is not None and ends + delay <= now:
+                            # (terminated_at: when the job ran, Time.current in mark_as_terminated!)
+                            self._terminate(
+                                sub, ends + delay, generate_invoice=sub["on_termination_invoice"] == "generate"
+                            )
                             changed = True
                             continue
                         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
                         if nxt is not None and nxt["status"] == "pending":
-                            switch = parse_datetime(nxt.get("switch_at")) or now
-                            if switch <= now:
-                                self._terminate(
-                                    sub, switch, generate_invoice=False, cancel_next=False, credit_unused=False
-                                )
-                                self._activate(nxt, switch)
+                            switch = self._job_run(parse_datetime(nxt.get("switch_at")) or now, BILLER_MINUTE)
+                            if switch + delay <= now:
+                                self._switch(sub, nxt, switch)
                                 changed = True
                     elif status == "pending" and not sub.get("previous_subscription_id"):
                         due = self._activation_due(sub)
@@ -274,27 +308,36 @@ class LagoStore:
 
     def _close_periods(self, now: datetime) -> bool:
         """Issue the invoice of each charges period that ended by ``now`` (lago-api ``Clock::SubscriptionsBillerJob``
-        and ``BillSubscriptionJob``: at the start of the next period's first day, in the customer's time zone), in
-        the order the periods ended. A subscription reaching its ``ending_at`` (or its downgrade date) first is not
-        billed past it: its termination bills the rest. Returns whether an invoice was issued."""
+        and ``BillSubscriptionJob``: the biller's first run, hourly at minute 10, on the next period's first day in
+        the customer's time zone, its time the invoice's; with ``clock_jobs="boundary"``, at the boundary), in the
+        order the periods ended. A subscription terminated before that run (its ``ending_at``) or downgraded then
+        is not billed here: its termination or its switch bills the period. Returns whether an invoice was
+        issued."""
         closings = self._closings
         billed = False
-        while closings and closings[0][0] <= now:
+        delay = self._job_delay
+        while closings:
+            close_at = closings[0][0]
+            run = self._job_run(close_at, BILLER_MINUTE)  # (the biller's run billing it: its invoice's timestamp)
+            if run + delay > now:
+                break
             if self._trials:  # (a trial ending before this period closes is billed first, as it happened first)
-                billed = self._end_trials(closings[0][0], before=True) or billed
-            close_at, _, lago_id = heapq.heappop(closings)
+                billed = self._end_trials(close_at, before=True) or billed
+            _, _, lago_id = heapq.heappop(closings)
             sub = self._find_sub_by_id(lago_id)
             if sub is None or sub["status"] != "active" or sub.get("next_close") != iso(close_at):
                 continue
-            limit = parse_datetime(sub.get("ending_at"))
+            ends = self._ending_run(sub)
+            if ends is not None and ends <= run:
+                # (terminated before the biller runs, Lago's *:05 job before its *:10 one: the termination bills this
+                # period, see _bill_terminated; the biller skips a subscription whose ending_at is today)
+                continue
             nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
             if nxt is not None and nxt["status"] == "pending":
                 switch = parse_datetime(nxt.get("switch_at"))
-                if switch is not None and (limit is None or switch < limit):
-                    limit = switch
-            if limit is not None and close_at > limit:
-                continue  # (the transition at ``limit`` terminates it first)
-            self._bill_period(sub, close_at)
+                if switch is not None and switch <= close_at:
+                    continue  # (the biller applies the downgrade instead, which bills this period: see _switch)
+            self._bill_period(sub, close_at, issued_at=run)
             self._schedule_close(sub, close_at)
             billed = True
         if self._trials:
@@ -312,7 +355,7 @@ class LagoStore:
             if sub["status"] != "active" or trial_end is None:
                 self._trials.remove(sub)
                 continue
-            ending = parse_datetime(sub.get("ending_at"))
+            ending = self._ending_run(sub)
             if ending is not None and ending <= trial_end:
                 continue  # (terminated first: the transition at ending_at drops it)
             if trial_end < until or (trial_end == until and not before):
@@ -348,13 +391,25 @@ class LagoStore:
         sub["next_close"] = iso(close_at)
         heapq.heappush(self._closings, (close_at, sub["seq"], sub["lago_id"]))
 
-    def _bill_period(self, sub: JSON, close_at: datetime) -> None:
-        """The invoice of the charges period closing at ``close_at``: its charges, plus the plan's fee when the plan's
-        own period ends there too (in arrears, that period's fee; in advance, the next one's). Sends
-        ``invoice.created``. Not emulated: minimum commitments, taxes."""
+    def _bill_period(
+        self,
+        sub: JSON,
+        close_at: datetime,
+        *,
+        issued_at: datetime | None = None,
+        advance: bool = True,
+        upgraded_to: JSON | None = None,
+    ) -> None:
+        """The invoice of the charges period closing at ``close_at``, issued at ``issued_at`` (default
+        ``close_at``): its charges, plus the plan's fee when the plan's own period ends there too (in arrears, that
+        period's fee; in advance, the next one's, unless not ``advance``: the subscription ended with the period).
+        ``upgraded_to``: a downgrade's new subscription, whose first period (paid in advance) the same invoice
+        bills (``TerminateService#terminate_and_start_next``). Sends ``invoice.created``. Not emulated: minimum
+        commitments, taxes."""
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
+        issued_at = issued_at or close_at
         last = close_at - timedelta(seconds=1)
         usage = self._usage_for(sub, last, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
@@ -365,7 +420,9 @@ class LagoStore:
             # in arrears, the period ending here (its first one prorated from the day the subscription started, an
             # upgrade's new plan from the upgrade's day); in advance, the one starting now
             trial_end = self._trial_end(sub)
-            if plan["pay_in_advance"] and (
+            if plan["pay_in_advance"] and not advance:
+                pass  # (ended with the period: Invoices::CalculateFeesService bills no fee of a terminated plan)
+            elif plan["pay_in_advance"] and (
                 trial_end is None
                 or trial_end <= close_at
                 or self._local_date(sub, trial_end) == self._local_date(sub, close_at)
@@ -378,8 +435,13 @@ class LagoStore:
                 start, end = self._period_bounds(sub, last)
                 plan_fee = self._plan_fee(sub, start, end, first=True)
                 plan_period = (self._billed_from(sub, start), end)
-        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee
-        day = self._local_date(sub, close_at).isoformat()
+        new_period: tuple[datetime, datetime] | None = None
+        new_fee = 0
+        if upgraded_to is not None:
+            new_period = self._period_bounds(upgraded_to, issued_at)
+            new_fee = self._plan_fee(upgraded_to, *new_period, first=True)
+        amount = int(usage["amount_cents"]) + sum(true_ups.values()) + plan_fee + new_fee
+        day = self._local_date(sub, issued_at).isoformat()
         invoice = self._new_invoice(
             customer,
             {
@@ -389,24 +451,76 @@ class LagoStore:
                 "total_amount_cents": amount,
                 "issuing_date": day,
                 "payment_due_date": day,
-                "created_at": iso(close_at),
-                "updated_at": iso(close_at),
+                "created_at": iso(issued_at),
+                "updated_at": iso(issued_at),
             },
             subscription=sub,
         )
         invoice["invoice_subscriptions"] = [self._invoice_subscription(sub, usage, None)]
         invoice["fees"] = self._invoice_fees(invoice, sub, usage, true_ups, plan_period, plan_fee)
+        if upgraded_to is not None and new_period is not None:
+            invoice["subscription_ids"].append(upgraded_to["lago_id"])
+            billed = (self._billed_from(upgraded_to, new_period[0]), new_period[1])
+            invoice["fees"].append(self._subscription_fee(invoice, upgraded_to, billed, new_fee))
         self._settle_invoice(invoice)
-        self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+        self._issue(invoice)
 
     def _trial_end(self, sub: JSON) -> datetime | None:
-        """When the plan's free trial ends (lago-api ``Subscription#trial_end_datetime``: ``started_at`` plus
-        ``trial_period`` days), or None without a trial."""
+        """When the plan's free trial ends (lago-api ``Subscription#trial_end_datetime``: ``initial_started_at``, the
+        earliest ``started_at`` of the customer's subscriptions with this ``external_id``, plus ``trial_period``
+        days), or None without a trial: an upgrade or a downgrade does not restart the trial (its record's
+        ``trial_from``, set by ``_activate``, is the first one's start)."""
         days = to_decimal(self._plan_of(sub).get("trial_period")) or Decimal(0)
-        started = parse_datetime(sub.get("started_at"))
+        started = parse_datetime(sub.get("trial_from") or sub.get("started_at"))
         if days <= 0 or started is None:
             return None
         return started + timedelta(seconds=float(days * 86400))
+
+    def _job_run(self, at: datetime, minute: int) -> datetime:
+        """The first run at or after ``at`` of a Lago clock job scheduled hourly at ``minute`` (``clock.rb``:
+        clockwork's ``every(1.hour, at: "*:MM")``, in UTC); ``at`` itself with ``clock_jobs="boundary"``."""
+        if self.clock_jobs == "boundary":
+            return at
+        run = at.replace(minute=minute, second=0, microsecond=0)
+        return run if run >= at else run + timedelta(hours=1)
+
+    def _ending_run(self, sub: JSON) -> datetime | None:
+        """When ``ending_at`` terminates the subscription, or None without one: lago-api's
+        ``Clock::TerminateEndedSubscriptionsJob`` (hourly at minute 5) terminates the active subscriptions whose
+        ``ending_at`` falls on the current date in the customer's time zone (``DATE(ending_at) = DATE(now)``), so its
+        first run on that date, which can be hours before ``ending_at`` itself, and not before ``ending_at`` was set;
+        ``ending_at`` with ``clock_jobs="boundary"``."""
+        ending = parse_datetime(sub.get("ending_at"))
+        if ending is None or self.clock_jobs == "boundary":
+            return ending
+        start = local_day_start(self._local_date(sub, ending), self._timezone(sub))
+        set_at = parse_datetime(sub.get("ending_set_at") or sub.get("created_at"))
+        if set_at is not None and set_at > start:
+            start = set_at
+        return self._job_run(start, TERMINATOR_MINUTE)
+
+    def _switch(self, sub: JSON, nxt: JSON, at: datetime) -> None:
+        """Apply a pending downgrade at ``at`` (lago-api ``Clock::SubscriptionsBillerJob``: ``TerminateJob`` with the
+        biller's time, ``terminate_and_start_next``): ``sub`` terminated and ``nxt`` started then, and one invoice,
+        whatever ``on_termination_invoice``: ``sub``'s last period (its charges, its fee when paid in arrears; no fee
+        of a plan paid in advance, whose period ended) and ``nxt``'s first period when its plan is paid in advance."""
+        close = parse_datetime(sub.get("next_close"))
+        self._terminate(sub, at, generate_invoice=False, cancel_next=False, credit_unused=False)
+        self._activate(nxt, at, bill=False)
+        upgraded_to = nxt if self._bills_in_advance_at(nxt, at) else None
+        if close is not None and close <= at:
+            self._bill_period(sub, close, issued_at=at, advance=False, upgraded_to=upgraded_to)
+        elif upgraded_to is not None:
+            self._bill_start(nxt, at)
+
+    def _bill_pending_close(self, sub: JSON, at: datetime) -> None:
+        """Bill the period of ``sub`` that closed before ``at`` when the biller has not billed it yet (with
+        ``clock_jobs="lago"``, between the boundary and the biller's run), before it is upgraded at ``at``: its
+        charges and its fee in arrears, not the next period's in advance (the upgrade bills the new plan)."""
+        close = parse_datetime(sub.get("next_close"))
+        if close is not None and close <= at:
+            self._bill_period(sub, close, issued_at=at, advance=False)
+            self._schedule_close(sub, close)
 
     def _billed_from(self, sub: JSON, start: datetime) -> datetime:
         """Where the plan period starting at ``start`` is billed from: lago-api ``DatesService#from_datetime``, the
@@ -486,6 +600,19 @@ class LagoStore:
         )
         invoice["fees"] = [self._subscription_fee(invoice, sub, (self._billed_from(sub, period[0]), period[1]), fee)]
         self._settle_invoice(invoice)
+        self._issue(invoice)
+
+    def _issue(self, invoice: JSON) -> None:
+        """Finalize a new subscription invoice and send ``invoice.created``, or, when its fees sum to zero and its
+        customer's ``finalize_zero_amount_invoice`` is ``skip``, close it (lago-api
+        ``Invoices::TransitionToFinalStatusService``; the organization's default, for ``inherit``, finalizes): a
+        ``closed`` invoice sends no webhook, and neither ``GET /invoices`` nor ``GET /invoices/{id}`` shows it
+        (``invoices.visible``)."""
+        if int(invoice["fees_amount_cents"]) == 0:
+            customer = self._customer_by_id(invoice["customer_id"])
+            if customer is not None and customer["fields"].get("finalize_zero_amount_invoice") == "skip":
+                invoice["status"] = "closed"
+                return
         self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
 
     def _fee(self, invoice: JSON, sub: JSON, amount: int, item: JSON, **fields: Any) -> JSON:
@@ -2114,6 +2241,12 @@ class LagoStore:
         (``bill``: not for an upgrade, whose invoice bills it with the replaced subscription)."""
         sub["status"] = "active"
         sub["started_at"] = iso(at)
+        key = (sub["customer_id"], sub["external_id"])
+        first = self._first_started.get(key)
+        if first is None or at < first:
+            self._first_started[key] = at
+        elif first < at:
+            sub["trial_from"] = iso(first)  # (Subscription#initial_started_at: see _trial_end)
         # a subscription backdated at its creation is billed from the period it was created in (the biller job
         # does not go back to the periods before)
         created = parse_datetime(sub.get("created_at"))
@@ -2278,6 +2411,19 @@ class LagoStore:
         customer = self._customer_by_id(sub["customer_id"])
         if customer is None:
             return
+        close = parse_datetime(sub.get("next_close"))
+        started = parse_datetime(sub.get("started_at"))
+        if (
+            upgraded_to is None
+            and close is not None
+            and close <= at < close + timedelta(days=1)
+            and (started is None or at - timedelta(days=1) >= started)
+        ):
+            # terminated on the day after a period the biller has not billed yet (at its boundary, or before the
+            # biller's run): CreateInvoiceSubscriptionService#termination_boundaries bills that period instead, as if
+            # not terminated, with no fee of a plan paid in advance (its next period is not due)
+            self._bill_period(sub, close, issued_at=at, advance=False)
+            return
         usage = self._usage_for(sub, at, charges=self._invoiced_charges(sub))
         plan = self._plan_of(sub)
         true_ups = self._true_up_amounts(sub, usage, at, at)
@@ -2311,7 +2457,7 @@ class LagoStore:
             billed = (self._billed_from(upgraded_to, new_period[0]), new_period[1])
             invoice["fees"].append(self._subscription_fee(invoice, upgraded_to, billed, new_fee))
         self._settle_invoice(invoice)
-        self._emit("invoice.created", "invoice", self._serialize_invoice(invoice, extended=True))
+        self._issue(invoice)
 
     def _bills_in_advance_at(self, sub: JSON, at: datetime) -> bool:
         """Whether a subscription starting at ``at`` is billed then: a plan paid in advance, out of its trial
@@ -2635,6 +2781,7 @@ class LagoStore:
             new["entitlement_overrides"] = {}
             # (create_service#upgrade? compares the plan with the overridden amount_cents)
             if self._yearly_amount(target) >= self._yearly_amount(current_plan):
+                self._bill_pending_close(current, now)
                 current["next_subscription_id"] = new["lago_id"]
                 self._candidates_stale = True
                 self._terminate(current, now, generate_invoice=False, cancel_next=False, upgrade=True)
@@ -2818,6 +2965,7 @@ class LagoStore:
                     sub[key] = params[key]
             if "ending_at" in params:
                 sub["ending_at"] = iso(parse_datetime(params["ending_at"]))
+                sub["ending_set_at"] = iso(self.now())  # (see _ending_run)
             if "subscription_at" in params:
                 sub["subscription_at"] = iso(parse_datetime(params["subscription_at"]))
                 # UpdateService#process_subscription_at_change: a time already past activates it from that time; one
@@ -3457,7 +3605,7 @@ class LagoStore:
         params = _mapping(_require_root(body, "invoice"))
         with self.lock:
             self.refresh()
-            invoice = next((i for i in self.invoices if i["lago_id"] == lago_id), None)
+            invoice = next((i for i in self.invoices if i["lago_id"] == lago_id and i["status"] != "closed"), None)
             if invoice is None:
                 raise not_found("invoice")
             status = params.get("payment_status")
@@ -3501,7 +3649,7 @@ class LagoStore:
         with self.lock:
             self.refresh()
             for invoice in self.invoices:
-                if invoice["lago_id"] == lago_id:
+                if invoice["lago_id"] == lago_id and invoice["status"] != "closed":  # (invoices.visible)
                     return {"invoice": self._serialize_invoice(invoice, extended=True)}
             raise not_found("invoice")
 
