@@ -290,3 +290,32 @@ async def test_an_hmac_receiver_of_a_known_organization_takes_its_jwt_webhooks_t
     refused = await post(without_org, body, jwt_headers(body, private))
     assert (refused.status_code, refused.json()["status"]) == (401, "wrong_algorithm")
     assert invalidated == ["org_a", "org_a"]
+
+
+async def test_a_usage_alert_webhook_keeps_the_org_decided_while_lagos_api_is_down(post: Callable[..., Any]) -> None:
+    """org_a read (starter, 3 calls); Lago's API goes down while its webhook workers still send an ``alert.triggered``.
+    The receiver dropped the org's snapshot: its next request waited for a read that failed and got the fail policy
+    (503 with ``LAGO_FAIL_OPEN=false``) while the snapshot could decide. It now tells the gate the webhook's type,
+    which marks the snapshot due for usage webhooks: decided on it, refreshed once Lago answers. A
+    ``subscription.terminated`` still drops it (a terminated subscription is never served as active)."""
+    fake = make_fake()
+    fake.add_customer("org_a")
+    fake.add_subscription("org_a", "starter")
+    settings = settings_for(fake).replace(fail_open=False)
+    async with LagoClient(settings, transport=fake.transport()) as lago:
+        gate = QuotaGate(settings, lago, config=QuotaConfig())
+        receiver = LagoWebhooks(settings, client=lago, invalidate=gate)
+        async with anyio.create_task_group() as tg:
+            await tg.start(gate.run)
+            assert limit_of(await gate.check("org_a")) == b"3"
+            fake.inject_fault(status=503, count=100)
+            alert = envelope("alert.triggered", "alert", {"external_subscription_id": "org_a", "code": "calls"})
+            assert (await post(receiver, alert, hmac_headers(alert))).status_code == 200
+            decision = await gate.check("org_a")
+            assert (decision.allowed, decision.status, limit_of(decision)) == (True, None, b"3")
+            terminated = sub_body("subscription.terminated", "org_a", "starter", status="terminated")
+            assert (await post(receiver, terminated, hmac_headers(terminated))).status_code == 200
+            decision = await gate.check("org_a")
+            assert (decision.allowed, decision.status) == (False, 503)
+            tg.cancel_scope.cancel()
+        await gate.aclose()

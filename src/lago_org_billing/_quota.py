@@ -27,7 +27,8 @@ Per org, a :class:`Snapshot` (subscription + ``current_usage(apply_taxes=false, 
 is cached; after ``LAGO_USAGE_CACHE_TTL`` (minus up to ``jitter``) the next request triggers a background
 refresh (stale-while-revalidate; one refresh in flight per org per process, and with Redis one per fleet per
 TTL through a ``SET NX PX`` lock). The subscription part is re-read every ``plan_ttl`` seconds (default 300;
-:meth:`QuotaGate.invalidate` drops it at once, e.g. from a ``subscription.updated`` webhook). A cold org waits
+:meth:`QuotaGate.invalidate` drops it at once, e.g. from a ``subscription.updated`` webhook; one of a usage webhook,
+``alert.triggered``, only marks the snapshot due). A cold org waits
 at most ``cold_timeout`` (2 s) for its first snapshot; after that ``LAGO_FAIL_OPEN`` applies (counted in
 ``stats["fail_open"]``/``stats["fail_closed"]``, logged once per outage). A stale snapshot keeps serving while
 Lago is unreachable, until its billing period ends.
@@ -58,6 +59,12 @@ Local records are kept in 1-second buckets by the time they were recorded:
   had ``settle_lag`` seconds (default 5) to go through the delivery queue (flush interval 0.2 s) and Lago's
   asynchronous processing. In-flight reservations are never dropped by snapshots (a long LLM stream keeps its
   call counted until it settles), only after ``inflight_horizon`` (1 h) in case their worker died.
+
+A snapshot of a period begun within the one counted so far (an upgrade, a subscription terminated and made again, a
+downgrade switched after the boundary) keeps the records made since it began (in flight included: their settles are
+taken), which Lago may not have counted yet; those before it are the old subscription's. Calls made before the
+snapshot's period starts (a subscription whose ``started_at`` is later the same day: Lago ignores the events dated
+before it) are served and not counted (:data:`NOT_STARTED`); its limits hold from its start.
 
 The price is a slight over-count right after each refresh, at most the calls recorded in the last
 ``settle_lag`` seconds before it (which Lago may already have counted); it is never an under-count as long as
@@ -151,6 +158,18 @@ BLOCKED = 2  # over a limit: nothing counted (unless forced)
 NO_SUBSCRIPTION = 3  # the org has no active subscription
 COUNTED = 4  # no snapshot, counted anyway (forced: fail-open or monitor mode)
 UNAVAILABLE = 5  # no snapshot and fail-closed (decided by the gate, not by backends)
+
+#: The counter period of a call allowed before its snapshot's period starts (a subscription whose ``started_at`` is
+#: later the same day, active in Lago, which ignores the events dated before it; or Lago's clock ahead of this one's
+#: at a rollover, the call billed in the period before): served, nothing counted, its settle dropped.
+NOT_STARTED = "not started"
+#: The period of an org's local records while its snapshot's period has not started: none is kept (and the hot path,
+#: which needs the records' period to be the snapshot's, leaves such an org to :meth:`LocalBackend.reserve_now`).
+_BEFORE_START = "before start"
+
+#: Webhook types about an org's usage, its subscription unchanged (Lago counted past a threshold): the org's snapshot
+#: is marked due (refreshed at its next request, and serving meanwhile, while Lago's API is down too), not dropped.
+USAGE_WEBHOOK_TYPES = frozenset({"alert.triggered", "subscription.usage_threshold_reached"})
 
 #: ``normal``: reserve within limits; ``force``: reserve even over a limit (monitor mode); ``blind``: reserve
 #: even without a snapshot (fail-open); ``peek``: never reserve.
@@ -671,10 +690,11 @@ class _Counts:
     """One org's local records: totals plus 1-second buckets (``c`` recorded calls, ``t`` tokens, ``i`` in
     flight)."""
 
-    __slots__ = ("c", "calls", "i", "period", "t", "tokens")
+    __slots__ = ("c", "calls", "i", "period", "prior", "t", "tokens")
 
     def __init__(self, period: str = "") -> None:
         self.period = period
+        self.prior = ""  # the period these records were carried over from (see carried)
         self.calls = 0  # recorded + in flight
         self.tokens = 0
         self.c: dict[int, int] = {}
@@ -733,6 +753,20 @@ class _Counts:
             if len(old) > 1:
                 total = sum(buckets.pop(sec) for sec in old)
                 buckets[max(old)] = total
+
+    def carried(self, period: str, since: int) -> _Counts:
+        """The records of second ``since`` or later (recorded, tokens, in flight), as records of ``period``: a period
+        begun within this one's (an upgrade, a subscription terminated and made again, a downgrade switched), whose
+        first snapshot may not have them yet. The settles of this period's calls made since are taken (``prior``)."""
+        new = _Counts(period)
+        new.prior = self.period
+        for mine, theirs in ((new.c, self.c), (new.t, self.t), (new.i, self.i)):
+            for sec, value in theirs.items():
+                if sec >= since:
+                    mine[sec] = value
+        new.calls = sum(new.c.values()) + sum(new.i.values())
+        new.tokens = sum(new.t.values())
+        return new
 
     def add(self, other: _Counts) -> None:
         for mine, theirs in ((self.c, other.c), (self.t, other.t), (self.i, other.i)):
@@ -947,6 +981,10 @@ class LocalBackend:
             return Outcome(COUNTED, None, counts.calls, counts.tokens, "", counts.period, bucket, self)
         if not snap.active:
             return Outcome(NO_SUBSCRIPTION, snap, backend=self)
+        if now < snap.period_start:  # not started: served, nothing counted (see NOT_STARTED)
+            if counts.period != _BEFORE_START:
+                state.counts = _Counts(_BEFORE_START)
+            return Outcome(ALLOWED, snap, snap.base_calls, snap.base_tokens, "", NOT_STARTED, bucket, self)
         key = period_key(snap)
         if counts.period != key:
             if counts.period:
@@ -968,13 +1006,19 @@ class LocalBackend:
 
     def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
         state = self._orgs.get(org_id)  # (not moved in the LRU order: its check did that moments ago)
+        if period == NOT_STARTED:  # (before its subscription started: Lago bills none of it)
+            return
         counts = (state if state is not None else self._org(org_id)).counts
         if period and counts.period != period:
-            if counts.period:  # the period changed since: nothing of it is counted any more
-                return
-            # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that period,
-            # which its next snapshot keeps (if of that period), not dropped
-            counts.period = period
+            if counts.period:
+                # the period changed since: nothing of it is counted any more, but for the calls made since the new
+                # one began (carried over: their events, dated then, are billed in it)
+                if period != counts.prior or (bucket is not None and bucket < int(float(counts.period))):
+                    return
+            else:
+                # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that
+                # period, which its next snapshot keeps (if of that period), not dropped
+                counts.period = period
         counts.settle(bucket, int(now), tokens, billed)
 
     def holds(self, org_id: str, bucket: int) -> bool:
@@ -1007,11 +1051,24 @@ class LocalBackend:
         state.snapshot = snapshot
         key = period_key(snapshot)
         counts = state.counts
+        since = 0
+        if snapshot.active:
+            if now < snapshot.period_start:  # not started: nothing is counted until it does (see NOT_STARTED)
+                state.counts = _Counts(_BEFORE_START)
+                return
+            since = int(snapshot.period_start)
         if counts.period and counts.period != key:
-            state.counts = _Counts()
-            return
+            if not snapshot.active:
+                state.counts = _Counts()
+                return
+            # A period begun within the known one (an upgrade, terminated and subscribed again, a downgrade switched
+            # after the boundary): the records made since it began that Lago may not have counted yet (recorded in the
+            # last settle_lag seconds, in flight) are its own; not dropped (the org under-counted until the next
+            # refresh). Those before it are the old subscription's.
+            counts = state.counts = counts.carried(key, since)
         counts.prune(
-            int(snapshot.requested_at - self.config.settle_lag),
+            # (and those before the period's start: dated before it, their events are not billed in it)
+            max(int(snapshot.requested_at - self.config.settle_lag), since),
             int(now - self.config.inflight_horizon),
             keep_calls=not snapshot.lago_counts_calls,
             keep_tokens=not snapshot.lago_counts_tokens,
@@ -1029,7 +1086,9 @@ class LocalBackend:
         if state.snapshot is None or state.snapshot.requested_at < snapshot.requested_at:
             key = period_key(snapshot)
             state.snapshot = snapshot
-            if state.counts.period in ("", key):  # records made here since (not in what Redis showed) are kept
+            if snapshot.active and snapshot.period_start > snapshot.requested_at:  # (not started: see NOT_STARTED)
+                state.counts = _Counts(_BEFORE_START)
+            elif state.counts.period in ("", key):  # records made here since (not in what Redis showed) are kept
                 state.counts.period = key
             else:
                 state.counts = _Counts(key)
@@ -1068,6 +1127,12 @@ class LocalBackend:
         state = self._orgs.get(org_id)
         if state is not None:
             state.snapshot = None
+
+    async def mark_due(self, org_id: str) -> None:
+        """The org's usage is read again at its next request; its snapshot serves until then (a usage webhook)."""
+        state = self._orgs.get(org_id)
+        if state is not None and state.snapshot is not None and state.snapshot.refresh_at:
+            state.snapshot = dataclasses.replace(state.snapshot, refresh_at=0.0)
 
     async def unlock(self, org_id: str, now: float, seconds: float) -> None:
         return None  # (the lock of one process is its in-flight refresh)
@@ -1252,7 +1317,8 @@ class _Decision(QuotaDecision):
 
 #: What a gate reads of Lago through its client (a stand-in for Lago, as tests make, needs only these).
 _CLIENT_READS = ("get_subscription", "get_current_usage")
-#: What a gate calls of its backend (:class:`QuotaBackend`; ``compact``, ``unlock`` and ``handed_over`` are optional).
+#: What a gate calls of its backend (:class:`QuotaBackend`; ``compact``, ``unlock``, ``handed_over`` and
+#: ``mark_due`` are optional).
 _BACKEND_METHODS = (
     "reserve",
     "settle",
@@ -1610,9 +1676,19 @@ class QuotaGate:
         elif billed or tokens > 0:  # billed without a check (org known only after the app ran)
             self.backend.settle(org_id, "", None, self.clock(), tokens=tokens, billed=billed)
 
-    async def invalidate(self, org_id: str, *, refresh: bool = False) -> None:
+    async def invalidate(self, org_id: str, *, refresh: bool = False, webhook_type: str | None = None) -> None:
         """Forget what is cached about the org's subscription and usage (local records are kept): the next
-        request waits (at most ``cold_timeout``) for fresh data. ``refresh=True`` starts fetching it now."""
+        request waits (at most ``cold_timeout``) for fresh data. ``refresh=True`` starts fetching it now.
+
+        ``webhook_type``: the Lago webhook that asked for it. One about the org's usage only
+        (:data:`USAGE_WEBHOOK_TYPES`: ``alert.triggered``, ``subscription.usage_threshold_reached``) marks the
+        org's snapshot due instead: its next request refreshes it and is decided on it meanwhile (while Lago's API is
+        down too), and a backoff after a failed read of the org stays (each such webhook is no extra Lago read while
+        Lago fails). Any other (``subscription.terminated``...), or none, drops it as said above: a subscription
+        changed is never decided on its old snapshot."""
+        if webhook_type in USAGE_WEBHOOK_TYPES:
+            await self._mark_due(org_id, refresh)
+            return
         self._known.pop(org_id, None)
         self._next_attempt.pop(org_id, None)
         self._gave_up.pop(org_id, None)
@@ -1625,6 +1701,23 @@ class QuotaGate:
                 await self.local.invalidate(org_id)
             if refresh:
                 self._schedule_refresh(org_id, self.clock(), force=True)
+
+    async def _mark_due(self, org_id: str, refresh: bool) -> None:
+        """:meth:`invalidate` of a usage webhook: the org's snapshot is due (its usage read again), kept serving."""
+        self._known.pop(org_id, None)  # (the backend's copy, marked, is taken at the next check)
+        if org_id in self._refreshing:  # what it is fetching may predate the threshold: it fetches again
+            self._stale.add(org_id)
+        mark_due = getattr(self.backend, "mark_due", None)
+        try:
+            if mark_due is not None:
+                await mark_due(org_id)  # (Redis: raises when the fleet could not be told)
+            else:  # (a backend of old: dropped)
+                await self.backend.invalidate(org_id)
+        finally:
+            if self.backend is not self.local:
+                await self.local.mark_due(org_id)
+            if refresh:
+                self._schedule_refresh(org_id, self.clock())
 
     async def invalidate_all(self) -> None:
         """Plans or features changed for everyone: every cached snapshot is refreshed (subscription part
@@ -2114,9 +2207,16 @@ class QuotaGate:
                 )
             except LagoNotFoundError as exc:
                 if exc.code != "charge_not_found":
+                    if base is previous and exc.code == "customer_not_found":  # (moved off a customer since deleted)
+                        return await self.fetch(org_id, dataclasses.replace(previous, plan_fetched_at=-math.inf))
                     raise
                 usage = {}  # the plan has no charge on the metric: Lago counts nothing
             except LagoAPIError as exc:
+                if exc.status == 405 and base is previous:
+                    # no active subscription of that id *on the customer kept here*: it may have moved to another
+                    # one (terminated and made again there: no webhook wired, or not yet come), or ended; the
+                    # subscription is read again before concluding (not 402 until the plan's next read)
+                    return await self.fetch(org_id, dataclasses.replace(previous, plan_fetched_at=-math.inf))
                 if exc.status == 405:  # no_active_subscription
                     self._no_subscription(org_id, subscription_id, "is no longer active (current_usage: 405)")
                     return self._finish(Snapshot(active=False), requested_at, now, spread=spread)
@@ -2146,6 +2246,16 @@ class QuotaGate:
             start = _timestamp(usage.get("from_datetime")) or start
             to = _timestamp(usage.get("to_datetime"))
             end = to + 1 if to is not None else end
+            if start > requested_at + CLOCK_STEP:
+                self._warn_once(
+                    (org_id, "not started"),
+                    "The subscription of org %r starts at %s (its started_at, later than now): Lago ignores the "
+                    "events dated before it, so the org's calls until then are served and not counted against its "
+                    "limits (nor billed). Subscribe with subscription_at now or earlier to bill them; said once per "
+                    "org.",
+                    org_id,
+                    _iso(start),
+                )
             if base is previous and previous.period_start < start < previous.period_end:
                 # a usage period that starts within the known one: the subscription was replaced (an upgrade, or
                 # terminated and subscribed again) and the plan kept here is no longer its own: read it again now

@@ -23,9 +23,12 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
   another period than the counter's is dropped; one finding no counter (Redis restarted without its data, or evicted
   it) makes it again for its period, unless the org's snapshot is of another period or its period is over.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
-  older than ``requested_at - settle_lag`` (and in-flight ones older than ``inflight_horizon``). A snapshot of a
-  period before the stored one's (a read begun before a rollover, Lago's clock behind) is not stored: the refresh
-  hands its lock back. A refresh whose
+  older than ``requested_at - settle_lag`` or than the period's start (and in-flight ones older than
+  ``inflight_horizon``). A counter of another period has the records made since the new period began carried over
+  (``pp``: the period they came from, whose settles of those calls then apply); one of a period not started yet
+  (a subscription starting later today, see ``NOT_STARTED``) is dropped: nothing is counted before it starts. A
+  snapshot of a period before the stored one's (a read begun before a rollover, Lago's clock behind) is not stored:
+  the refresh hands its lock back. A refresh whose
   lock is no longer its own (an invalidation in any process set it to "0", or another process took it over) stores
   nothing: what it read may predate the change (the refresher reads again).
 
@@ -71,6 +74,7 @@ from ._quota import (
     CLOCK_STEP,
     COUNTED,
     MISSING,
+    NOT_STARTED,
     LocalBackend,
     Mode,
     Outcome,
@@ -136,6 +140,11 @@ if not v then
   return {4, c, tonumber(redis.call('HGET', cnt, 'tokens') or '0'), '', full}
 end
 if s[2] ~= '1' then return {3, 0, 0, '', full} end
+if now < tonumber(s[5]) then
+  -- its period has not started (a subscription starting later today: Lago ignores the events dated before it):
+  -- served, nothing counted (the 6th value: see NOT_STARTED)
+  return {1, tonumber(s[7]), tonumber(s[8]), '', full, 1}
+end
 if cp ~= s[5] then
   -- (re)created for this period: it expires with it, whether or not this check reserves (a peek, a block)
   if cp then redis.call('DEL', cnt) end
@@ -175,7 +184,10 @@ if period ~= '' then
       redis.call('PEXPIRE', cnt, math.floor((tonumber(s[4]) - tonumber(ARGV[3])) * 1000) + ARGV[7])
     end
   elseif cp ~= period then
-    return 0
+    -- a period begun within this one since (STORE carried its records over, 'pp' naming the one they came from):
+    -- the calls of that one made since the new one began are its own
+    if redis.call('HGET', cnt, 'pp') ~= period then return 0 end
+    if ARGV[2] ~= '' and tonumber(ARGV[2]) < math.floor(tonumber(cp)) then return 0 end
   end
 end
 if ARGV[2] ~= '' then
@@ -219,7 +231,7 @@ if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(
   return 0
 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 16))
+redis.call('HSET', snap, unpack(ARGV, 17))
 redis.call('PEXPIRE', snap, ARGV[4])
 if ARGV[10] ~= '' and redis.call('GET', lock) == ARGV[10] then
   -- the lock this refresh took ends when the snapshot is due (its jittered time), not a whole TTL after it began
@@ -233,10 +245,39 @@ if ARGV[6] ~= '' then
 end
 local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
-if cp and cp ~= ps then redis.call('DEL', cnt); return 1 end
+local since = tonumber(ps)
+if since and tonumber(ARGV[16]) < since then
+  -- its period has not started (see the CHECK script): nothing is counted until it does
+  redis.call('DEL', cnt)
+  return 1
+end
+if cp and cp ~= ps then
+  if ARGV[6] == '' then redis.call('DEL', cnt); return 1 end
+  -- a period begun within the counter's (an upgrade, terminated and subscribed again, a downgrade switched after the
+  -- boundary): the records made since it began, which Lago may not have counted yet (the last settle_lag seconds',
+  -- those in flight), are carried over to it ('pp': the settles of the old period's calls made since apply here);
+  -- those before it are the old subscription's
+  local old = redis.call('HGETALL', cnt)
+  redis.call('DEL', cnt)
+  redis.call('HSET', cnt, 'p', ps, 'pp', cp)
+  local start = math.floor(since)
+  for i = 1, #old, 2 do
+    local f = old[i]
+    if string.sub(f, 2, 2) == ':' then
+      local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(old[i + 1])
+      if sec and sec >= start and (kind == 'c' or kind == 't' or kind == 'i') then
+        redis.call('HINCRBY', cnt, f, val)
+        redis.call('HINCRBY', cnt, kind == 't' and 'tokens' or 'calls', val)
+      end
+    end
+  end
+  cp = ps
+end
 -- a counter of this period lives as long as it (one a settle made again after Redis lost it expires sooner)
 if cp and ARGV[6] ~= '' then redis.call('PEXPIRE', cnt, ARGV[4]) end
 local cutc, cuti = tonumber(ARGV[2]), tonumber(ARGV[3])
+-- (and the records before the period's start: dated before it, their events are not billed in it)
+if since and ARGV[6] ~= '' then cutc = math.max(cutc, math.floor(since)) end
 -- records stamped after ARGV[14] (made before a clock was stepped back) are stamped ARGV[15] (now): see prune()
 local late, now = tonumber(ARGV[14]), ARGV[15]
 -- records Lago does not count (ARGV[8] calls, ARGV[9] tokens: '1') are folded into second 0, not dropped
@@ -337,6 +378,16 @@ _MAX_UNCERTAIN = 8
 EXPIRE_SNAPSHOT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ra', '0', 'pf', '0')
+end
+redis.call('SET', KEYS[2], '0', 'PX', ARGV[2])
+return 1
+"""
+
+#: Mark one org's snapshot due (a usage webhook): a new version (the gates' copies are sent again), due now; its lock
+#: is freed and marked (a refresh in flight stores nothing, reading again).
+MARK_DUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'ra', '0')
 end
 redis.call('SET', KEYS[2], '0', 'PX', ARGV[2])
 return 1
@@ -810,6 +861,7 @@ class RedisBackend:
         self._merge = _Script(self.redis, MERGE)
         self._expire = _Script(self.redis, EXPIRE_SNAPSHOT)
         self._invalidate = _Script(self.redis, INVALIDATE)
+        self._mark_due = _Script(self.redis, MARK_DUE)
         self._lock = _Script(self.redis, LOCK)
         self._unlock = _Script(self.redis, UNLOCK)
         self._compact = _Script(self.redis, COMPACT)
@@ -1070,7 +1122,11 @@ class RedisBackend:
         # only what the latest applied one leaves, in the same second's bucket.
         uncertain = self._uncertain.get(org_id, [])
         mark = self.key(org_id, f"merge:{uuid.uuid4().hex}")
-        bucket = uncertain[-1][3] if uncertain else now
+        # (stamped with the second of their latest record, not the merge's: a snapshot then drops them as it drops any
+        # record Lago has had settle_lag seconds to count, and one of a period begun after them does not carry them
+        # over as its own, as it carries the records made since it began: see STORE)
+        latest = max((sec for buckets in (counts.c, counts.t) for sec in buckets if sec > 0), default=0)
+        bucket = uncertain[-1][3] if uncertain else (min(latest, now) if latest else now)
         inflight = _inflight_spec(counts)
         recorded = counts.calls - sum(counts.i.values())
         keys = [self.key(org_id, "count"), mark, *(earlier for earlier, _, _, _, _ in uncertain)]
@@ -1203,7 +1259,8 @@ class RedisBackend:
             return Outcome(code, None, calls, tokens, "", "", bucket, self)
         if snapshot is None:  # pragma: no cover - the script sends the snapshot when we hold none
             return Outcome(MISSING, backend=self)
-        outcome = Outcome(code, snapshot, calls, tokens, hit, period_key(snapshot), bucket, self)
+        period = NOT_STARTED if len(result) > 5 else period_key(snapshot)  # (before its period starts: see CHECK)
+        outcome = Outcome(code, snapshot, calls, tokens, hit, period, bucket, self)
         if code in (ALLOWED, BLOCKED):
             self._last_seen[org_id] = outcome
         return outcome
@@ -1224,6 +1281,8 @@ class RedisBackend:
         self.fallback.seed(org_id, dataclasses.replace(seen.snapshot, base_calls=seen.calls, base_tokens=seen.tokens))
 
     def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
+        if period == NOT_STARTED:  # (allowed before its subscription started: nothing counted)
+            return
         # A call reserved in Redis is settled in Redis, even after an outage began: there its reservation waits to be
         # released (the local counts, seeded with what Redis showed, hold it already). Kept queued until Redis
         # answers, within reason (beyond the bound, and once closed, they are counted here instead).
@@ -1403,6 +1462,7 @@ class RedisBackend:
             repr(now + CLOCK_STEP),
             int(now) + int(CLOCK_STEP),
             int(now),
+            repr(now),
             *encode(snapshot),
         ]
         try:
@@ -1498,6 +1558,24 @@ class RedisBackend:
                 f"Could not invalidate the quota state of org {org_id!r} in Redis ({exc}): other workers keep the "
                 "cached plan and usage until their next refresh. Check LAGO_REDIS_URL; a webhook answered with this "
                 "error is sent again by Lago."
+            ) from exc
+
+    async def mark_due(self, org_id: str) -> None:
+        """Mark the org's snapshot due fleet-wide (a usage webhook): every gate refreshes it at the org's next request
+        and decides on it meanwhile. A Redis error is raised as :class:`~._errors.QuotaBackendError`, as for
+        :meth:`invalidate`."""
+        await self.fallback.mark_due(org_id)
+        if not self._up() and self._unusable:  # (no fleet to tell)
+            return
+        try:
+            keys = [self.key(org_id, "snap"), self.key(org_id, "lock")]
+            await self._mark_due(keys=keys, args=[f"due:{time.time()!r}", _INVALIDATION_MARK_MS])
+        except self._errors() as exc:
+            self._failed(exc)
+            raise QuotaBackendError(
+                f"Could not mark the quota snapshot of org {org_id!r} due in Redis ({exc}): other workers keep its "
+                "cached usage until their next refresh. Check LAGO_REDIS_URL; a webhook answered with this error is "
+                "sent again by Lago."
             ) from exc
 
     async def invalidate_all(self) -> None:

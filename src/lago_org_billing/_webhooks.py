@@ -90,6 +90,7 @@ from . import _checks as checks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY
+from ._quota import QuotaGate
 from ._quota_redis import RedisProblems, RedisUse
 from ._settings import BillingSettings, _check_unquoted, masked_url
 
@@ -1187,9 +1188,11 @@ class LagoWebhooks:
                 event.webhook_type,
             )
         if _invalidates(event.webhook_type) and event.org_id is not None and target is not None:
-            invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
             try:
-                await invalidate(event.org_id)
+                if isinstance(target, QuotaGate):  # the type decides: usage alerts mark the snapshot due, not drop it
+                    await target.invalidate(event.org_id, webhook_type=event.webhook_type)
+                else:  # (a gate of another kind, or a plain function: the org id only)
+                    await (target.invalidate if isinstance(target, SupportsInvalidate) else target)(event.org_id)
             except Exception as exc:
                 raise _InvalidationFailed.of(f"org {event.org_id!r}", exc) from _without_tracebacks(exc)
             self.stats["invalidations"] += 1
