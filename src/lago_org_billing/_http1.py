@@ -58,6 +58,10 @@ class RawHTTPError(Exception):
     traceback: the frames under it held the request as written, ``Authorization: Bearer <key>`` included."""
 
 
+#: What a connection that broke raises (reset, closed, cut TLS, a malformed answer): the request is discarded with it.
+_BROKEN = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, ssl.SSLError, RawHTTPError)
+
+
 class _Wire:
     """A request as written on the connection, headers (the API key's among them) included: a local of the frames of
     :meth:`RawPoster.post` that a traceback's locals show (Sentry, ``rich``), shown without its bytes."""
@@ -232,14 +236,7 @@ class RawPoster:
                 await self._discard(connection)
                 _without_tracebacks(exc)  # (its frames: the exchange cut short, the request among their locals)
                 raise RawHTTPError(f"no answer within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
-            except (
-                OSError,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                anyio.EndOfStream,
-                ssl.SSLError,
-                RawHTTPError,
-            ) as exc:
+            except _BROKEN as exc:
                 await self._discard(connection)
                 if not reused:
                     raise RawHTTPError(f"{type(exc).__name__}: {exc}") from _without_tracebacks(exc)
@@ -325,14 +322,7 @@ class RawPoster:
         try:
             with anyio.move_on_after(_EARLY_ANSWER_WAIT):
                 return await self._read_answer(connection, reusable=False)
-        except (
-            OSError,
-            anyio.BrokenResourceError,
-            anyio.ClosedResourceError,
-            anyio.EndOfStream,
-            ssl.SSLError,
-            RawHTTPError,
-        ):
+        except _BROKEN:
             pass
         await self._discard(connection)
         return None
