@@ -29,6 +29,7 @@ import anyio.abc
 import httpx
 import pytest
 
+from _limited_proxy import serve_limited_proxy
 from lago_org_billing._client import LagoClient
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._settings import BillingSettings
@@ -43,51 +44,9 @@ pytestmark = pytest.mark.anyio
 _PROXY_LIMIT = 1_500_000
 
 
-async def _proxy_connection(stream: anyio.abc.SocketStream, lago: httpx.AsyncClient) -> None:
-    """One keep-alive connection of a proxy in front of the emulator that resets a request whose body is over its
-    limit without answering it (as a proxy that refuses to buffer it does), and passes every other one on."""
-    buffer = b""
-    async with stream:
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length"))
-            if length > _PROXY_LIMIT:
-                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, no answer
-                return
-            while len(buffer) < length:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            body, buffer = buffer[:length], buffer[length:]
-            headers = {name: value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-            answer = await lago.request(method, target, content=body, headers=headers)
-            payload = answer.content
-            await stream.send(
-                f"HTTP/1.1 {answer.status_code} {answer.reason_phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n".encode("latin-1")
-                + payload
-            )
-
-
-async def _serve_proxy(fake: FakeLago, task_status: anyio.abc.TaskStatus[int]) -> None:
-    async with httpx.AsyncClient(transport=fake.transport(), base_url=FakeLago.base_url) as lago:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        async with listener:
-            task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
-
-            async def handle(stream: anyio.abc.SocketStream) -> None:
-                await _proxy_connection(stream, lago)
-
-            await listener.serve(handle)
+async def _reset(stream: anyio.abc.SocketStream) -> None:
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, no answer
 
 
 @pytest.fixture
@@ -95,7 +54,7 @@ async def proxied() -> AsyncIterator[tuple[FakeLago, str]]:
     """The emulator behind a proxy on 127.0.0.1 that resets requests over ``_PROXY_LIMIT`` bytes: (emulator, URL)."""
     fake = make_fake()
     async with anyio.create_task_group() as tasks:
-        port = await tasks.start(_serve_proxy, fake)
+        port = await tasks.start(serve_limited_proxy, fake, _PROXY_LIMIT, _reset)
         yield fake, f"http://127.0.0.1:{port}"
         tasks.cancel_scope.cancel()
 

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import httpx
 import pytest
 
+from _limited_proxy import serve_limited_proxy
 from lago_org_billing import _spool
 from lago_org_billing._client import LagoClient
 from lago_org_billing._delivery import EventPipeline
@@ -40,7 +40,6 @@ from lago_org_billing._errors import ConfigurationError, LagoAuthenticationError
 from lago_org_billing._http1 import RawHTTPError, RawPoster
 from lago_org_billing._settings import BillingSettings
 from lago_org_billing._spool import SqliteOutbox
-from lago_org_billing.testing import FakeLago
 from test_delivery import API_KEY, events, make_fake, transaction_ids
 from test_delivery_deployment import until
 from test_delivery_tls_and_vacuum import tls_server
@@ -232,47 +231,8 @@ async def test_over_tls_a_413_answered_early_is_read_and_large_bodies_still_go_t
         server.cancel_scope.cancel()
 
 
-async def _proxy_connection(stream: anyio.abc.SocketStream, lago: httpx.AsyncClient) -> None:
-    """One keep-alive connection of a proxy before the emulator that answers 413 to a body over ``_LIMIT`` as soon as
-    it has read the headers, and closes (nginx's ``client_max_body_size``); it passes every other request on."""
-    buffer = b""
-    async with stream:
-        while True:
-            parts = await _head(stream, buffer)
-            if parts is None:
-                return
-            head, buffer = parts
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length"))
-            if length > _LIMIT:
-                await stream.send(_answer("413 Request Entity Too Large", _NGINX_413))
-                return
-            while len(buffer) < length:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            body, buffer = buffer[:length], buffer[length:]
-            headers = {name: value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-            answer = await lago.request(method, target, content=body, headers=headers)
-            await stream.send(
-                f"HTTP/1.1 {answer.status_code} {answer.reason_phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(answer.content)}\r\n\r\n".encode("latin-1")
-                + answer.content
-            )
-
-
-async def _serve_proxy(fake: FakeLago, task_status: anyio.abc.TaskStatus[int]) -> None:
-    async with httpx.AsyncClient(transport=fake.transport(), base_url=FakeLago.base_url) as lago:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        async with listener:
-            task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
-
-            async def handle(stream: anyio.abc.SocketStream) -> None:
-                await _proxy_connection(stream, lago)
-
-            await listener.serve(handle)
+async def _answer_413(stream: anyio.abc.SocketStream) -> None:
+    await stream.send(_answer("413 Request Entity Too Large", _NGINX_413))
 
 
 async def test_an_event_a_proxy_refuses_with_413_is_dead_lettered_with_the_proxys_reason_at_once(
@@ -283,7 +243,7 @@ async def test_an_event_a_proxy_refuses_with_413_is_dead_lettered_with_the_proxy
     fake = make_fake()
     path = tmp_path / "spool.db"
     async with anyio.create_task_group() as tasks:
-        port = await tasks.start(_serve_proxy, fake)
+        port = await tasks.start(serve_limited_proxy, fake, _LIMIT, _answer_413)
         settings = BillingSettings(
             api_key=API_KEY, api_url=f"http://127.0.0.1:{port}", retry_backoff=0.001, max_retries=0, api_timeout=10
         )
