@@ -49,47 +49,73 @@ from ._settings import BillingSettings, masked_url
 
 __all__ = ["add_migrate_command", "run_migrate_command"]
 
+#: Written out: argparse's keeps "(--mapping-file FILE | --mapping-callable MODULE:FUNCTION)" on the line of the
+#: command's name, 90 columns wide (a test checks it names every option of the parser, and their choices).
+_USAGE = f"""%(prog)s [-h]
+       (--mapping-file FILE | --mapping-callable MODULE:FUNCTION)
+       [--execute | --verify] [--prepare] [--journal FILE] [--report FILE]
+       [--concurrency CONCURRENCY] [--default-plan CODE]
+       [--plan-policy {{{",".join(PLAN_POLICIES)}}}]
+       [--on-termination-invoice {{generate,skip}}]
+       [--on-termination-credit-note {{credit,refund,offset,skip}}]
+       [--allow-unreadable-entitlements] [--accept-unmoved KINDS]
+       [--progress {{auto,bar,lines,none}}]"""
+
 _EPILOG = """\
-Per org: upsert the org customer (external_id = org id; metadata billing_type, migrated_from_user,
-created_by_user_id), subscribe it (subscription external_id from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan
-the policy picks among its users' active subscriptions, with the entitlements of its own of the subscription
-it takes the plan from (override values, features given beyond the plan, plan features removed), terminate
-the users' subscriptions, mark the user customers (migrated_to_org). The org subscription ends when that
-subscription would (ending_at); one paying a price of its own (plan_overrides) fails its org before any write
-(make the org subscription by hand, then run again). Pay-in-advance plans: see --on-termination-credit-note
-(Lago's default, credit, leaves the unused part as a credit of the user customer; a warning says so).
-Re-running changes nothing already done; --journal skips finished orgs, and --execute holds an OS lock on
-FILE.lock for the run: a second --execute on the same journal stops at once (exit 2).
+Per org: upsert the org customer (external_id = org id; metadata billing_type,
+migrated_from_user, created_by_user_id), subscribe it (subscription external_id
+from LAGO_SUBSCRIPTION_ID_TEMPLATE) to the plan the policy picks among its
+users' active subscriptions, with the entitlements of its own of the
+subscription it takes the plan from (override values, features given beyond the
+plan, plan features removed), terminate the users' subscriptions, mark the user
+customers (migrated_to_org). The org subscription ends when that subscription
+would (ending_at); one paying a price of its own (plan_overrides) fails its org
+before any write (make the org subscription by hand, then run again).
+Pay-in-advance plans: see --on-termination-credit-note (Lago's default, credit,
+leaves the unused part as a credit of the user customer; a warning says so).
+Re-running changes nothing already done; --journal skips finished orgs, and
+--execute holds an OS lock on FILE.lock for the run: a second --execute on the
+same journal stops at once (exit 2).
 
-While traffic flows, migrate in two phases, so that no event is lost: `--execute --prepare` makes the org
-customers and subscriptions (with the entitlement overrides) and leaves the users' subscriptions running
-(neither ended nor marked); deploy the middleware; then `--execute` (without --prepare) ends the users'
-subscriptions and marks them. In between, the old user-keyed integration's events are billed on the users'
-subscriptions and the middleware's on the org's: each once. The fixed fees of both are billed for that window
-(keep it short). --verify in between reports the users' active subscriptions and that the second phase is
-pending. (One --execute does both at once: an org subscribed before the middleware is deployed loses the
-old integration's events after it, one subscribed after loses the middleware's before it.)
+While traffic flows, migrate in two phases, so that no event is lost:
+`--execute --prepare` makes the org customers and subscriptions (with the
+entitlement overrides) and leaves the users' subscriptions running (neither
+ended nor marked); deploy the middleware; then `--execute` (without --prepare)
+ends the users' subscriptions and marks them. In between, the old user-keyed
+integration's events are billed on the users' subscriptions and the
+middleware's on the org's: each once. The fixed fees of both are billed for
+that window (keep it short). --verify in between reports the users' active
+subscriptions and that the second phase is pending. (One --execute does both at
+once: an org subscribed before the middleware is deployed loses the old
+integration's events after it, one subscribed after loses the middleware's
+before it.)
 
---verify picks that subscription again with --plan-policy: give it the --plan-policy --execute used.
-An API key that may not read entitlements (GET /features answers 403): the dry run and --verify warn that
-overrides are neither carried nor checked; --execute stops before any write (exit 2) unless given
---allow-unreadable-entitlements (also when GET /features fails otherwise: run again). Better: give the key
-read access to features. A plan feature the donor went without is removed only from an org subscription
-the migration made: one the org had before keeps it (a warning names it).
+--verify picks that subscription again with --plan-policy: give it the
+--plan-policy --execute used. An API key that may not read entitlements
+(GET /features answers 403): the dry run and --verify warn that overrides are
+neither carried nor checked; --execute stops before any write (exit 2) unless
+given --allow-unreadable-entitlements (also when GET /features fails otherwise:
+run again). Better: give the key read access to features. A plan feature the
+donor went without is removed only from an org subscription the migration made:
+one the org had before keeps it (a warning names it).
 
-Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a list of objects with these
-keys, or --mapping-callable 'module:function' returning such rows (e.g. a database query).
+Mapping: CSV with header user_id,org_id,org_name,email[,plan_code], or JSON: a
+list of objects with these keys, or --mapping-callable 'module:function'
+returning such rows (e.g. a database query).
 
-Lago: the one of LAGO_API_URL (base URL, without /api/v1), with LAGO_API_KEY, read from the environment, else
-from ./.env (as the app reads them: the other LAGO_* variables there must be valid too). Also read:
-LAGO_SUBSCRIPTION_ID_TEMPLATE (the org subscriptions' external_id: give the app's), LAGO_API_TIMEOUT (seconds
-per call); LAGO_MAX_RETRIES and LAGO_RETRY_DEADLINE are raised to at least 10 retries and 600 s per call (a
-migration waits out Lago's rate limits). The dry run only reads from Lago; check the target first with
-`lago-org-billing health`.
+Lago: the one of LAGO_API_URL (base URL, without /api/v1), with LAGO_API_KEY,
+read from the environment, else from ./.env (as the app reads them: the other
+LAGO_* variables there must be valid too). Also read:
+LAGO_SUBSCRIPTION_ID_TEMPLATE (the org subscriptions' external_id: give the
+app's), LAGO_API_TIMEOUT (seconds per call); LAGO_MAX_RETRIES and
+LAGO_RETRY_DEADLINE are raised to at least 10 retries and 600 s per call (a
+migration waits out Lago's rate limits). The dry run only reads from Lago;
+check the target first with `lago-org-billing health`.
 
-Exit codes: 0 all good; 1 an org failed, verification failed or the run stopped; 2 unusable mapping/settings,
-an API key that may not read features (--execute without --allow-unreadable-entitlements), or another run
-holds the journal.
+Exit codes: 0 all good; 1 an org failed, verification failed or the run
+stopped; 2 unusable mapping/settings, an API key that may not read features
+(--execute without --allow-unreadable-entitlements), or another run holds the
+journal.
 """
 
 
@@ -98,8 +124,9 @@ def add_migrate_command(commands: Any) -> None:
     migrate = commands.add_parser(
         "migrate",
         help="move billing from user-keyed Lago customers to org-keyed ones (dry run by default)",
-        description="Move billing from per-user Lago customers to per-org customers, in the Lago of LAGO_API_URL "
-        "and LAGO_API_KEY (environment, else ./.env). Dry run by default.",
+        usage=_USAGE,
+        description="Move billing from per-user Lago customers to per-org customers, in the Lago\n"
+        "of LAGO_API_URL and LAGO_API_KEY (environment, else ./.env). Dry run by default.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
-from ._errors import LagoIntegrationError, LagoRateLimitError, LagoUnavailableError
-from ._run import run_main
+# Only the standard library here (json and logging are imported when used): ``--help`` and a mistyped command then
+# cost next to nothing, and a Ctrl-C while a command imports what it needs is in ``main`` (exit 130, no traceback).
 
 __all__ = ["main"]
 
@@ -40,21 +39,28 @@ LAGO_RETRY_DEADLINE, LAGO_QUOTA_*...)."""
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lago-org-billing`` command; returns the exit code."""
-    try:  # the parser imports every command's module: a Ctrl-C then is an interrupted run, not a traceback
-        parser = _parser()
-        args, unknown = parser.parse_known_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    try:  # the parser imports the module of the command given: a Ctrl-C then is an interrupted run, not a traceback
+        parser = _parser(given)
+        args, unknown = parser.parse_known_args(given)
     except KeyboardInterrupt:
         return 130
     if unknown:  # those given after a command: said with that command's usage (argparse's says the top-level one)
-        given = list(sys.argv[1:] if argv is None else argv)
         command = getattr(args, "command", None)
         after = given[given.index(command) + 1 :] if command in given else []
         owner = _command_parser(parser, command) if all(token in after for token in unknown) else parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    try:  # what every command imports anyway (starlette, anyio...): under the Ctrl-C of the run
+        import json
+        import logging
+
+        from ._errors import LagoIntegrationError, LagoRateLimitError, LagoUnavailableError
+    except KeyboardInterrupt:
+        return 130
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         code: int = args.handler(args)
     except LagoIntegrationError as exc:
@@ -75,7 +81,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
+#: The commands defined in modules of their own (imported by the parser only when given): name -> module, function
+#: adding the command to the subparsers, and the help line the top-level ``--help`` shows (the one the function gives:
+#: a test keeps them equal).
+_COMMANDS_ELSEWHERE = {
+    "migrate": (
+        "._migration_cli",
+        "add_migrate_command",
+        "move billing from user-keyed Lago customers to org-keyed ones (dry run by default)",
+    ),
+    "dead-letters": (
+        "._dead_letters",
+        "add_dead_letters_command",
+        "list the dead letters of the event spool, send them to Lago again (--replay) or delete them (--purge)",
+    ),
+}
+
+
+def _parser(given: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of the command line; of the commands defined elsewhere, only those named in ``given`` (a word of the
+    command line equal to the command's name: argparse picks a command by no other) get their full parser, importing
+    their module (the others are a help line). ``None``: all of them."""
     parser = argparse.ArgumentParser(
         prog="lago-org-billing",
         description="Per-organization usage billing through Lago.",
@@ -133,11 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="port of the emulator (default: a free one)")
     demo.set_defaults(handler=_demo)
 
-    from ._dead_letters import add_dead_letters_command
-    from ._migration_cli import add_migrate_command
-
-    add_migrate_command(commands)
-    add_dead_letters_command(commands)
+    for name, (module, add_command, help_line) in _COMMANDS_ELSEWHERE.items():
+        if given is None or name in given:
+            getattr(importlib.import_module(module, __package__), add_command)(commands)
+        else:
+            commands.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
@@ -175,7 +201,10 @@ def _emulator(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    import json
+
     from ._billing import OrgBilling
+    from ._run import run_main
     from ._settings import BillingSettings
 
     settings = BillingSettings.from_env()
