@@ -9,7 +9,11 @@ selected (Lago never gets them), once confirmed: ``--yes``, or an answer on a te
 ``--replay [--id ID ...]`` sends them (all, or those named) to the Lago of ``LAGO_API_URL``/``LAGO_API_KEY`` with
 their stored text, so an event Lago did take after all is a duplicate there, not a second charge. Then, once every one
 has an answer, the delivered letters are deleted and those rejected again get Lago's new reason; if Lago does not
-answer for all of them within ``--timeout``, nothing is changed and a later run sends them again.
+answer for all of them within ``--timeout``, nothing is changed and a later run sends them again. A replayed event
+keeps its timestamp: one Lago stores but will never bill (from a billing period before its subscription's current one,
+already invoiced unless its invoice is still a draft; before the subscription starts; no subscription) is said, with
+what to do. A replay or purge holds ``PATH.dead-letters.lock`` for its run: a second one started meanwhile (another
+shell, another worker) does nothing and says so.
 
 In-memory dead letters live only in their process: ``EventPipeline.replay_dead_letters()`` replays those.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import decimal
 import functools
 import json
 import logging
@@ -42,6 +47,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
 )
+from ._migration import _lock_file, _read_holder, _unlock_file
 from ._run import run_main
 from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
@@ -62,13 +68,17 @@ IDs are the letters' row ids, prefixed by the slot ("2:17") for the spool's othe
 environment, else from ./.env (as the app reads them: the other LAGO_* variables there must be valid too, and
 LAGO_API_TIMEOUT, LAGO_MAX_RETRIES apply to its calls); listing needs neither. Check that Lago first with
 `lago-org-billing health`.
-Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time or a
-spool file changed meanwhile (nothing lost: they stay dead letters; run again); 2 no spool, a file that is not a
+Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time, a
+spool file changed meanwhile, or another --replay/--purge of the spool is running (nothing lost: they stay dead
+letters; run again); 2 no spool, a file that is not a
 spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent),
 or --purge without --yes where no terminal can confirm (nothing deleted); 1 also --purge answered no;
 130 interrupted (Ctrl-C: run again, events Lago took count as duplicates).
 --id and --reason TEXT select the letters listed, counted (--summary), replayed or purged. --purge deletes them for
 good (Lago never gets them: list them first); it asks on a terminal, and needs --yes elsewhere.
+A replayed event keeps its timestamp: one Lago stores but never bills (a billing period before its subscription's
+current one, invoiced unless its invoice is still a draft; before the subscription starts; no subscription) is listed
+after the replay (--json: "unbilled"): bill it by hand (a one-off invoice, or an adjustment of the next one).
 """
 
 
@@ -101,6 +111,12 @@ class ReplayReport:
     skipped: list[SpoolDeadLetter] = dataclasses.field(default_factory=list)
     unchanged: int = 0
     complete: bool = True
+    #: Letters delivered that Lago stores but will not bill, with why and the start of their subscription's current
+    #: billing period (when there is one).
+    unbilled: list[tuple[SpoolDeadLetter, str, str | None]] = dataclasses.field(default_factory=list)
+    #: Letters delivered whose subscription could not be read from Lago (not checked against its billing period).
+    unchecked: int = 0
+    unchecked_reason: str = ""
 
 
 #: Letters read from a spool file, and replayed, at a time: memory stays bounded whatever the table holds.
@@ -213,18 +229,122 @@ async def replay_spool_dead_letters(
                     f"LAGO_API_URL ({settings.api_url}) does not answer as Lago's API: {exc}", variable="LAGO_API_URL"
                 ) from None
         chunk: list[SpoolDeadLetter] = []
+        periods: dict[str, _Subscription | LagoIntegrationError | None] = {}
         for spooled in letters:
             if not spooled.letter.replayable:
                 report.skipped.append(spooled)
                 continue
             chunk.append(spooled)
             if len(chunk) == CHUNK:
-                if not await _replay_chunk(client, chunk, report, deadline):
+                delivered = await _replay_chunk(client, chunk, report, deadline)
+                await _check_billing_periods(client, delivered, report, periods, deadline)
+                if not report.complete:
                     return report
                 chunk = []
         if chunk:
-            await _replay_chunk(client, chunk, report, deadline)
+            delivered = await _replay_chunk(client, chunk, report, deadline)
+            await _check_billing_periods(client, delivered, report, periods, deadline)
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subscription:
+    """What of a Lago subscription says whether an event is billed: its start (``started_at``, else
+    ``subscription_at`` for one not started yet) and the start of its current billing period."""
+
+    starts: decimal.Decimal | None
+    starts_text: str | None
+    period: decimal.Decimal | None
+    period_text: str | None
+
+
+async def _check_billing_periods(
+    client: LagoClient,
+    delivered: list[SpoolDeadLetter],
+    report: ReplayReport,
+    periods: dict[str, _Subscription | LagoIntegrationError | None],
+    deadline: float,
+) -> None:
+    """Note in ``report.unbilled`` the ``delivered`` letters Lago stores but will not bill: a timestamp before their
+    subscription's current billing period (Lago bills a late event only while that period's invoice is a draft),
+    before the subscription starts, or no subscription at all. One ``GET /subscriptions/{id}`` per subscription and
+    run; one Lago cannot answer (or past the deadline) leaves its letters unchecked, said as such."""
+    for spooled in delivered:
+        event = spooled.letter.event
+        external_id = event.get("external_subscription_id")
+        moment = _seconds(event.get("timestamp"))
+        if not isinstance(external_id, str) or moment is None:  # (no timestamp: Lago's reception time, billed now)
+            continue
+        if external_id not in periods:
+            if time.monotonic() >= deadline:
+                periods[external_id] = LagoIntegrationError("--timeout was reached before it was read")
+            else:
+                try:
+                    subscription = await client.get_current_subscription(external_id)
+                except LagoIntegrationError as exc:
+                    periods[external_id] = exc
+                else:
+                    periods[external_id] = None if subscription is None else _subscription_of(subscription)
+        known = periods[external_id]
+        if isinstance(known, LagoIntegrationError):
+            report.unchecked += 1
+            report.unchecked_reason = str(known)
+            continue
+        when = _when(float(moment))
+        if known is None:
+            why = (
+                f"Lago has no active or pending subscription {external_id!r}: it stores the event but bills it only "
+                "if such a subscription covering its time exists when that period is invoiced"
+            )
+        elif known.starts is None or moment < known.starts:
+            why = (
+                f"its timestamp ({when} UTC) is before subscription {external_id!r} starts ({known.starts_text}): "
+                "Lago stores it and never bills it"
+            )
+        elif known.period is not None and moment < known.period:
+            why = (
+                f"its timestamp ({when} UTC) is in a billing period of {external_id!r} before the current one (from "
+                f"{known.period_text}): Lago bills it only while that period's invoice is still a draft (grace "
+                "period), never once it is finalized"
+            )
+        else:
+            continue
+        report.unbilled.append((spooled, why, known.period_text if known is not None else None))
+
+
+def _subscription_of(subscription: dict[str, Any]) -> _Subscription:
+    starts = subscription.get("started_at") or subscription.get("subscription_at")
+    period = subscription.get("current_billing_period_started_at")
+    return _Subscription(
+        _iso_seconds(starts),
+        starts if isinstance(starts, str) else None,
+        _iso_seconds(period),
+        period if isinstance(period, str) else None,
+    )
+
+
+def _seconds(timestamp: Any) -> decimal.Decimal | None:
+    """An event's ``timestamp`` (Unix seconds, a number or a decimal string) as a Decimal; None when it has none."""
+    if timestamp is None or isinstance(timestamp, bool) or timestamp == "":
+        return None
+    try:
+        seconds = decimal.Decimal(str(timestamp))
+    except decimal.InvalidOperation:
+        return None
+    return seconds if seconds.is_finite() and abs(seconds) < 10**11 else None
+
+
+def _iso_seconds(text: Any) -> decimal.Decimal | None:
+    """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``) as Unix seconds; None when absent or unreadable."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return decimal.Decimal(repr(moment.timestamp()))
 
 
 async def _check_events_permission(client: LagoClient) -> None:
@@ -240,8 +360,9 @@ async def _check_events_permission(client: LagoClient) -> None:
 
 async def _replay_chunk(
     client: LagoClient, chunk: list[SpoolDeadLetter], report: ReplayReport, deadline: float
-) -> bool:
-    """Send one chunk; update the spool once Lago has answered for all of it. False when it has not in time."""
+) -> list[SpoolDeadLetter]:
+    """Send one chunk; update the spool once Lago has answered for all of it (``report.complete`` False when it has
+    not in time). The letters delivered (their rows deleted)."""
     pipeline = EventPipeline(
         client, memory_capacity=len(chunk), flush_interval=0.0, shutdown_timeout=0.0, max_backoff=10.0
     )
@@ -265,9 +386,10 @@ async def _replay_chunk(
     finally:
         delivery_log.disabled = quiet
     report.sent += len(chunk)
+    delivered: list[SpoolDeadLetter] = []
     if not answered:
         report.complete = False
-        return False
+        return delivered
     report.duplicates += pipeline.metrics.duplicates
     # Matched by the whole event, not its transaction_id: Lago takes the same one on several subscriptions.
     again = {_event_key(letter.event): letter for letter in pipeline.dead_letters()}
@@ -300,10 +422,72 @@ async def _replay_chunk(
         for spooled, new in outcomes:
             if new is None:
                 report.delivered += 1
+                delivered.append(spooled)
             else:
                 renewed = dataclasses.replace(new, id=spooled.letter.id)
                 report.rejected.append(dataclasses.replace(spooled, letter=renewed))
-    return True
+    return delivered
+
+
+class DeadLettersBusyError(LagoIntegrationError):
+    """Another ``dead-letters --replay`` or ``--purge`` of the same spool is running: nothing was done."""
+
+
+class _SpoolLettersLock:
+    """An exclusive OS lock on ``PATH.dead-letters.lock``, held by a ``--replay`` or ``--purge`` for its whole run, so
+    that a purge never deletes what a replay is sending, nor a second replay sends it again. Taken without waiting;
+    the OS drops it when the process ends (killed too): the file left behind means nothing. A spool directory where
+    the file cannot be made (read-only) gets no lock, with a warning."""
+
+    def __init__(self, path: str, action: str) -> None:
+        self.path = os.path.realpath(path) + ".dead-letters.lock"
+        self.action = action
+        self._fd: int | None = None
+        self._taken = False
+
+    def __enter__(self) -> _SpoolLettersLock:
+        if self._taken:  # (taken already, by an explicit __enter__() before its with block)
+            return self
+        self._taken = True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            logger.warning("No lock against a concurrent replay or purge (%s cannot be made: %s)", self.path, exc)
+            return self
+        try:
+            locked = _lock_file(fd)
+            if locked:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{self.action}, pid {os.getpid()}, started {_when(time.time())} UTC".encode())
+        except BaseException:
+            os.close(fd)
+            self._taken = False
+            raise
+        if not locked:
+            holder = _read_holder(fd)
+            os.close(fd)
+            self._taken = False
+            done = "Nothing was deleted" if self.action == "--purge" else "Nothing was sent"
+            raise DeadLettersBusyError(
+                f"another dead-letters --replay or --purge of this spool is running ({holder or 'lock ' + self.path})."
+                f" {done} (a purge must not delete what a replay is sending, nor a second replay send it again): run "
+                "the same command again once it ends."
+            )
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._taken = False
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            _unlock_file(fd)
+        except OSError:  # (closing the file drops the lock anyway)
+            pass
+        finally:
+            os.close(fd)
 
 
 def _event_key(event: Any) -> str:
@@ -352,6 +536,19 @@ def add_dead_letters_command(commands: Any) -> None:
     )
     command.add_argument("--reason", metavar="TEXT", help="only letters whose reason or code holds TEXT (any case)")
     command.add_argument(
+        "--subscription",
+        dest="subscriptions",
+        action="append",
+        metavar="ID",
+        help="only letters of this external_subscription_id (exact; repeat for several)",
+    )
+    command.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only events timestamped at or after TIME (ISO 8601, UTC if no offset; or Unix s)",
+    )
+    command.add_argument("--until", metavar="TIME", help="only events timestamped before TIME (as --since)")
+    command.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for Lago's answers with --replay (default 60)"
     )
     command.add_argument(
@@ -378,11 +575,40 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
     if not spool_slot_files(path):
         raise ConfigurationError(f"No spool file at {path}.", variable="LAGO_SPOOL_PATH")
     check_spool_files(path)  # one that cannot be read is said before anything is listed or sent
-    letters: Iterable[SpoolDeadLetter]
+    args.since_seconds = _time_option("--since", args.since)
+    args.until_seconds = _time_option("--until", args.until)
     if args.ids:
         bad = [key for key in args.ids if not re.fullmatch(r"(\d{1,100}:)?\d{1,100}", key)]  # (int() takes 4,300)
         if bad:
             raise ConfigurationError(f"not an id (N or SLOT:N): {', '.join(bad)}")
+    if not args.purge and settings is None:
+        letters = _selected(path, args)
+        if args.summary:
+            _print_summary(letters, path, args.json)
+            return 0
+        args.json_started = args.json  # (the CLI then adds no error object to a JSON array begun)
+        _print_letters(letters, path, args.json)
+        return 0
+    # A purge or a replay holds the spool's lock from before it reads the letters to its last write.
+    try:
+        lock = _SpoolLettersLock(path, "--purge" if args.purge else "--replay").__enter__()
+    except DeadLettersBusyError as exc:  # exit 1 (run again), not 2: nothing is wrong with the settings
+        print(f"error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(exc), "exit_code": 1}))
+        return 1
+    with lock:
+        letters = _selected(path, args)
+        if args.purge:
+            return _purge(path, args, letters)
+        assert settings is not None
+        return _replay(letters, settings, args)
+
+
+def _selected(path: str, args: argparse.Namespace) -> Iterable[SpoolDeadLetter]:
+    """The letters of the spool at ``path`` that ``--id`` and ``--reason`` select (all by default)."""
+    letters: Iterable[SpoolDeadLetter]
+    if args.ids:
         letters, missing = find_spool_dead_letters(path, args.ids)
         if missing:
             raise ConfigurationError(f"no such dead letter in {path}: {', '.join(missing)}")
@@ -390,15 +616,46 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
         letters = read_spool_dead_letters(path)
     if args.reason is not None:
         letters = _matching(letters, args.reason)
-    if args.purge:
-        return _purge(path, args, letters)
-    if args.summary:
-        _print_summary(letters, path, args.json)
-        return 0
-    if settings is None:  # (read for --replay only)
-        args.json_started = args.json  # (the CLI then adds no error object to a JSON array begun)
-        _print_letters(letters, path, args.json)
-        return 0
+    if args.subscriptions or args.since_seconds is not None or args.until_seconds is not None:
+        letters = _of_subscriptions_and_times(letters, args.subscriptions, args.since_seconds, args.until_seconds)
+    return letters
+
+
+def _time_option(option: str, text: str | None) -> decimal.Decimal | None:
+    """``--since``/``--until``: an ISO 8601 date or time (UTC when it has no offset) or Unix seconds."""
+    if text is None:
+        return None
+    seconds = _seconds(text.strip())
+    if seconds is None:
+        seconds = _iso_seconds(text.strip())
+    if seconds is None:
+        raise ConfigurationError(
+            f"{option} takes an ISO 8601 date or time (2026-03-01, 2026-03-01T12:00:00Z; UTC without an offset) or "
+            f"Unix seconds, got {text!r}. Nothing was selected."
+        )
+    return seconds
+
+
+def _of_subscriptions_and_times(
+    letters: Iterable[SpoolDeadLetter],
+    subscriptions: list[str] | None,
+    since: decimal.Decimal | None,
+    until: decimal.Decimal | None,
+) -> Iterator[SpoolDeadLetter]:
+    """The letters of those subscriptions (any when None) whose event's timestamp is in [since, until)."""
+    wanted = set(subscriptions) if subscriptions else None
+    for spooled in letters:
+        event = spooled.letter.event
+        if wanted is not None and event.get("external_subscription_id") not in wanted:
+            continue
+        if since is not None or until is not None:
+            moment = _seconds(event.get("timestamp"))
+            if moment is None or (since is not None and moment < since) or (until is not None and moment >= until):
+                continue
+        yield spooled
+
+
+def _replay(letters: Iterable[SpoolDeadLetter], settings: BillingSettings, args: argparse.Namespace) -> int:
     replay_settings = settings
     try:
         report = run_main(lambda: replay_spool_dead_letters(letters, replay_settings, wait=args.timeout))
@@ -463,6 +720,8 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
         print(json.dumps({"purged": 0}) if args.json else f"No dead letters to purge in {path}.")
         return 0
     what = f"{count} dead letters of {path}" + (f" whose reason holds {args.reason!r}" if args.reason else "")
+    if args.subscriptions or args.since or args.until:
+        what += " (of the subscriptions and times selected)"
     if not args.yes:
         if not _isatty(sys.stdin):
             raise ConfigurationError(
@@ -478,9 +737,7 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
     if named is not None:
         chosen = named
     else:  # read again: only the letters counted above (ids up to the newest seen), as they were (by text)
-        again: Iterable[SpoolDeadLetter] = read_spool_dead_letters(path)
-        if args.reason is not None:
-            again = _matching(again, args.reason)
+        again = _selected(path, args)  # (the same filters)
         chosen = (spooled for spooled in again if (spooled.letter.id or 0) <= newest.get(spooled.file, 0))
     purged = 0
     batch: list[SpoolDeadLetter] = []
@@ -582,6 +839,11 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
                     "duplicates": report.duplicates,
                     "rejected": [_as_json(spooled) for spooled in report.rejected],
                     "skipped": [_as_json(spooled) for spooled in report.skipped],
+                    "unbilled": [
+                        {**_as_json(spooled), "why": why, "period_started_at": period}
+                        for spooled, why, period in report.unbilled
+                    ],
+                    "unchecked": report.unchecked,
                 },
                 indent=2,
             )
@@ -609,3 +871,22 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
         print(f"Skipped {len(report.skipped)} letters holding no whole event (it could not be built or serialised):")
         for spooled in report.skipped:
             print(f"  {spooled.key}: {_one_line(spooled.letter.reason)[:200]}")
+    if report.unbilled:
+        print(
+            f"Delivered, but Lago will not bill these {len(report.unbilled)} (a replay keeps each event's timestamp):"
+        )
+        for spooled, why, _ in report.unbilled:
+            transaction = spooled.letter.event.get("transaction_id")
+            print(f"  {spooled.key}: {transaction}: {why}")
+        print(
+            f"Warning: Lago stores the {len(report.unbilled)} events listed above but will not bill them (--json "
+            "gives them whole). A period whose invoice is still a draft (grace period) takes them; otherwise bill "
+            "them by hand: a one-off invoice (POST /invoices with an add-on) or an adjustment of the next invoice.",
+            file=sys.stderr,
+        )
+    if report.unchecked:
+        print(
+            f"Warning: {report.unchecked} delivered events were not checked against their subscription's billing "
+            f"period ({report.unchecked_reason}): one timestamped before it is stored by Lago but not billed.",
+            file=sys.stderr,
+        )
