@@ -30,6 +30,7 @@ where the entry point has loaded it already, that is a no-op.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -96,10 +97,17 @@ def fake_lago() -> Any:
 
 @pytest.fixture
 def fake_lago_server(fake_lago: Any) -> Iterator[Any]:
-    """``fake_lago`` served over HTTP on 127.0.0.1; its base URL is ``fake_lago_server.url``."""
+    """``fake_lago`` served over HTTP on 127.0.0.1; its base URL is ``fake_lago_server.url``.
+
+    While it is served, ``127.0.0.1`` is added to ``NO_PROXY``/``no_proxy``: behind a proxy (``HTTPS_PROXY`` of a
+    corporate network or CI) the clients of the test (httpx, requests, the package's own) sent its requests to the
+    proxy, which cannot reach this machine's loopback."""
     from ._server import serve_in_thread
 
-    with serve_in_thread(fake_lago) as url:
+    with serve_in_thread(fake_lago) as url, pytest.MonkeyPatch.context() as patch:
+        for name in ("NO_PROXY", "no_proxy"):
+            value = os.environ.get(name)
+            patch.setenv(name, f"{value},127.0.0.1" if value else "127.0.0.1")
         fake_lago.url = url
         try:
             yield fake_lago
