@@ -219,6 +219,8 @@ def test_a_misspelt_public_name_is_a_type_checker_error(tmp_path: Path) -> None:
         "from lago_org_billing import OrgBillingMiddleware, OrgBilingMiddleware\n"
         "client: lago_org_billing.LagoClient | None = None\n"
         "print(OrgBillingMiddleware, OrgBilingMiddleware, client, lago_org_billing.LagoClent)\n"
+        "from lago_org_billing.testing import FakeLago, FakeLgo, serve_in_thread\n"
+        "print(FakeLago, FakeLgo, serve_in_thread)\n"
     )
     run = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path), "-c", code],
@@ -228,5 +230,6 @@ def test_a_misspelt_public_name_is_a_type_checker_error(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     errors = [line for line in run.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 2, run.stdout + run.stderr
+    assert len(errors) == 3, run.stdout + run.stderr
     assert '"OrgBilingMiddleware"' in errors[0] and '"LagoClent"' in errors[1], errors
+    assert '"FakeLgo"' in errors[2], errors  # (lago_org_billing.testing: the same lazy names)

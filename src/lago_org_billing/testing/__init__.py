@@ -18,6 +18,7 @@ from .. import _lazy_exports
 
 if TYPE_CHECKING:
     from ._emulator import FakeLago, RequestRecord, WebhookDispatcher
+    from ._server import serve_in_thread
     from ._util import FakeLagoError
 
 __all__ = ["FakeLago", "FakeLagoError", "RequestRecord", "WebhookDispatcher", "serve_in_thread"]
@@ -32,4 +33,5 @@ _EXPORTS = {
     "serve_in_thread": "._server",
 }
 
-__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
+if not TYPE_CHECKING:  # (type checkers see the names above: a misspelt one is their error, not Any)
+    __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, __all__)
