@@ -31,6 +31,7 @@ import os
 import re
 import sqlite3
 import sys
+import textwrap
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -62,24 +63,29 @@ __all__ = [
 
 logger = logging.getLogger("lago_org_billing.dead_letters")
 
-_EPILOG = """\
-IDs are the letters' row ids, prefixed by the slot ("2:17") for the spool's other slot files (PATH.2 ...).
---replay sends them to the Lago of LAGO_API_URL (base URL, without /api/v1) with LAGO_API_KEY, read from the
-environment, else from ./.env (as the app reads them: the other LAGO_* variables there must be valid too, and
-LAGO_API_TIMEOUT, LAGO_MAX_RETRIES apply to its calls); listing needs neither. Check that Lago first with
-`lago-org-billing health`.
-Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in time, a
-spool file changed meanwhile, or another --replay/--purge of the spool is running (nothing lost: they stay dead
-letters; run again); 2 no spool, a file that is not a
-spool or is locked, unknown ids, settings missing, --timeout <= 0, or Lago refusing the API key (nothing sent),
-or --purge without --yes where no terminal can confirm (nothing deleted); 1 also --purge answered no;
-130 interrupted (Ctrl-C: run again, events Lago took count as duplicates).
---id and --reason TEXT select the letters listed, counted (--summary), replayed or purged. --purge deletes them for
-good (Lago never gets them: list them first); it asks on a terminal, and needs --yes elsewhere.
-A replayed event keeps its timestamp: one Lago stores but never bills (a billing period before its subscription's
-current one, invoiced unless its invoice is still a draft; before the subscription starts; no subscription) is listed
-after the replay (--json: "unbilled"): bill it by hand (a one-off invoice, or an adjustment of the next one).
-"""
+_EPILOG = "\n".join(
+    textwrap.fill(paragraph, 79)
+    for paragraph in (
+        "IDs are the letters' row ids, prefixed by the slot (\"2:17\") for the spool's other slot files (PATH.2 ...).",
+        "--replay sends them to the Lago of LAGO_API_URL (base URL, without /api/v1) with LAGO_API_KEY, read from the "
+        "environment, else from ./.env (as the app reads them: the other LAGO_* variables there must be valid too, and "
+        "LAGO_API_TIMEOUT, LAGO_MAX_RETRIES apply to its calls); listing needs neither. Check that Lago first with "
+        "`lago-org-billing health`.",
+        "Exit codes: 0 done (every replayed letter delivered); 1 some were rejected again, Lago did not answer in "
+        "time, a spool file changed meanwhile, or another --replay/--purge of the spool is running (nothing lost: they "
+        "stay dead letters; run again); 2 no spool, a file that is not a spool or is locked, unknown ids, settings "
+        "missing, --timeout <= 0, or Lago refusing the API key (nothing sent), or --purge without --yes where no "
+        "terminal can confirm (nothing deleted); 1 also --purge answered no; 130 interrupted (Ctrl-C: run again, "
+        "events Lago took count as duplicates).",
+        "--id, --reason TEXT, --subscription ID and --since/--until TIME select the letters listed, counted "
+        "(--summary), replayed or purged. --purge deletes them for good (Lago never gets them: list them first); it "
+        "asks on a terminal, and needs --yes elsewhere.",
+        "A replayed event keeps its timestamp: one Lago stores but never bills (a billing period before its "
+        "subscription's current one, invoiced unless its invoice is still a draft; before the subscription starts; "
+        'no subscription) is listed after the replay (--json: "unbilled"): bill it by hand (a one-off invoice, or '
+        "an adjustment of the next one).",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,9 +525,12 @@ def add_dead_letters_command(commands: Any) -> None:
     command = commands.add_parser(
         "dead-letters",
         help="list the dead letters of the event spool, send them to Lago again (--replay) or delete them (--purge)",
-        description="List the events Lago rejected for good, kept in the SQLite spool (--spool, else LAGO_SPOOL_PATH);"
-        "\n--summary counts them by reason; --replay sends them again to the Lago of LAGO_API_URL and LAGO_API_KEY"
-        "\n(environment, else ./.env); --purge deletes them.",
+        description=textwrap.fill(
+            "List the events Lago rejected for good, kept in the SQLite spool (--spool, else LAGO_SPOOL_PATH); "
+            "--summary counts them by reason; --replay sends them again to the Lago of LAGO_API_URL and LAGO_API_KEY "
+            "(environment, else ./.env); --purge deletes them.",
+            79,
+        ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
