@@ -1118,10 +1118,22 @@ def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -
 
 
 def customer_metadata(customer: Mapping[str, Any] | None) -> dict[str, str]:
-    """A Lago customer's metadata items as ``{key: value}``."""
+    """A Lago customer's metadata items as ``{key: value}`` (also when a drifting Lago writes them as an object, or
+    with entries that are not items: those are skipped)."""
     if customer is None:
         return {}
-    return {str(item["key"]): str(item.get("value")) for item in customer.get("metadata") or [] if "key" in item}
+    metadata = customer.get("metadata")
+    if isinstance(metadata, Mapping):
+        return {str(key): str(value) for key, value in metadata.items() if value is not None}
+    # (an item without a value holds nothing: left out, not read as the text "None" and written back so)
+    return {str(item["key"]): str(item["value"]) for item in _metadata_items(metadata) if item.get("value") is not None}
+
+
+def _metadata_items(metadata: object) -> list[Mapping[str, Any]]:
+    """The items of a customer's ``metadata`` list that are items (objects with a ``key``)."""
+    if not isinstance(metadata, list):
+        return []
+    return [item for item in metadata if isinstance(item, Mapping) and "key" in item]
 
 
 def metadata_update_items(customer: Mapping[str, Any] | None, metadata: Mapping[str, str]) -> list[JSON]:
@@ -1129,7 +1141,7 @@ def metadata_update_items(customer: Mapping[str, Any] | None, metadata: Mapping[
 
     Lago deletes every existing item whose ``id`` is missing from an update, and a key re-sent without its id
     collides with itself: items that stay keep their ``id`` and ``display_in_invoice``; new keys are added."""
-    existing = {str(item["key"]): item for item in (customer or {}).get("metadata") or [] if "key" in item}
+    existing = {str(item["key"]): item for item in _metadata_items((customer or {}).get("metadata"))}
     items: list[JSON] = []
     for key, value in metadata.items():
         entry: JSON = {"key": key, "value": value}

@@ -70,15 +70,34 @@ class Page:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], key: str) -> Page:
-        meta = body.get("meta") or {}
+        """The page of ``body[key]`` (``null``: none). Page numbers and counts are taken as Lago may write them (``2``,
+        ``"2"``, ``2.0``); ``meta`` missing or not an object is no pagination (one page). ``body[key]`` not a list is
+        a :class:`LagoAPIError` naming it and what Lago sent."""
+        raw = body.get("meta")
+        meta: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
         return cls(
-            items=list(body.get(key) or []),
-            current_page=int(meta.get("current_page") or 0),
-            next_page=meta.get("next_page"),
-            prev_page=meta.get("prev_page"),
-            total_pages=int(meta.get("total_pages") or 0),
-            total_count=int(meta.get("total_count") or 0),
+            items=_list_of(body, key),
+            current_page=_page_number(meta.get("current_page")) or 0,
+            next_page=_page_number(meta.get("next_page")),
+            prev_page=_page_number(meta.get("prev_page")),
+            total_pages=_page_number(meta.get("total_pages")) or 0,
+            total_count=_page_number(meta.get("total_count")) or 0,
         )
+
+
+def _page_number(value: Any) -> Any:
+    """A page number or count of Lago's pagination ``meta`` as an ``int`` when it is a whole number written as one
+    (``2``, ``"2"``, ``2.0``); ``None`` as ``None``; anything else as it came (the listing then says it, rather than
+    follow it)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return value
 
 
 class _State(enum.Enum):
@@ -240,7 +259,7 @@ class LagoClient:
         """``GET /health`` (outside ``/api/v1``): Lago's version and status. Raises when Lago is unhealthy.
         ``retry=False``: one attempt (a probe reports Lago as it is now)."""
         try:
-            return await self._request("GET", "/health", api=False, retry=retry)
+            return dict(await self._request("GET", "/health", api=False, retry=retry))
         except LagoNotFoundError as exc:  # Lago always serves /health: its 404 of an unknown route, not a missing id
             raise exc._restated(
                 LagoAPIError,
@@ -418,7 +437,7 @@ class LagoClient:
         active subscription, or the one with ``status``, e.g. ``pending``)."""
         path = f"{_subscription_path(external_id)}/entitlements"
         params = {"subscription_status": status} if status else None
-        return list((await self._request("GET", path, params=params)).get("entitlements") or [])
+        return _list_of(await self._request("GET", path, params=params), "entitlements")
 
     async def update_subscription_entitlements(
         self, external_id: str, entitlements: Mapping[str, Mapping[str, Any]], *, status: str | None = None
@@ -429,7 +448,7 @@ class LagoClient:
         path = f"{_subscription_path(external_id)}/entitlements"
         params = {"subscription_status": status} if status else None
         body = await self._request("PATCH", path, params=params, json={"entitlements": dict(entitlements)})
-        return list(body.get("entitlements") or [])
+        return _list_of(body, "entitlements")
 
     async def remove_subscription_entitlement(
         self, external_id: str, feature_code: str, privilege_code: str | None = None, *, status: str | None = None
@@ -440,7 +459,7 @@ class LagoClient:
         if privilege_code is not None:
             path += f"/privileges/{path_segment(privilege_code, 'privilege code')}"
         params = {"subscription_status": status} if status else None
-        return await self._request("DELETE", path, params=params)
+        return dict(await self._request("DELETE", path, params=params))
 
     async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
         """``GET /features`` (one page): the features plans and subscriptions can be entitled to."""
@@ -465,7 +484,10 @@ class LagoClient:
                 raise
             _say_ingested_behind_lost_answer(1)
             return {**payload, "duplicate": True}
-        return _unwrap(body, "event")
+        answered: Any = body.get("event")
+        # a 2xx is Lago taking the event: one answered without it (an older Lago's empty 200, a gateway's 202/204) is
+        # the event as sent, not an error a caller would resend (with a new timestamp: billed twice on ClickHouse)
+        return answered if isinstance(answered, dict) else dict(payload)
 
     async def create_events(self, events: Sequence[Mapping[str, Any]]) -> list[JSON]:
         """``POST /events/batch`` with 1 to 100 events. Lago is atomic: one invalid event rejects the batch
@@ -499,7 +521,9 @@ class LagoClient:
                 f"already in Lago, and its batches are atomic, so the others {others} were not ingested: send those "
                 "again, without the ones already in Lago (failed_indexes()).",
             ) from None
-        return list(body.get("events") or [])
+        echoed = body.get("events")
+        # (a 2xx without the events echoed, an older Lago's empty 200: the events as sent, taken)
+        return echoed if isinstance(echoed, list) else [dict(item) for item in payload]
 
     async def send_event_batch_json(self, body: bytes) -> None:
         """``POST /events/batch`` with a ready JSON body (``{"events": [...]}``), once, without retries.
@@ -644,7 +668,7 @@ class LagoClient:
         """``POST /plans/{code}/entitlements``: replace the plan's entitlements."""
         path = f"/plans/{path_segment(plan_code, 'plan code')}/entitlements"
         body = await self._request("POST", path, json={"entitlements": dict(entitlements)})
-        return list(body.get("entitlements") or [])
+        return _list_of(body, "entitlements")
 
     # ------------------------------------------------------------------- usage
 
@@ -1073,11 +1097,55 @@ def _undecodable(status: int | None, url: str, exc: httpx.DecodingError) -> Lago
     )
 
 
+class _Answer(dict[str, Any]):
+    """A 2xx answer's JSON object, with the call it answers (said by the errors of an answer not shaped as Lago's)."""
+
+    method = ""
+    path = ""
+    status = 200
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], method: str, path: str, status: int) -> _Answer:
+        answer = cls(body)
+        answer.method, answer.path, answer.status = method, path, status
+        return answer
+
+
+def _shape_error(body: Mapping[str, Any], key: str, wanted: str) -> LagoAPIError:
+    """The error of a 2xx answer whose ``key`` is not ``wanted`` (an object, a list), naming the call and what came."""
+    method, path, status = (body.method, body.path, body.status) if isinstance(body, _Answer) else ("", "", 200)
+    call = f"{method} {path}" if method else "a call"
+    if not body:
+        came = "no body" if isinstance(body, _Answer) else "an empty object"
+    elif key in body:
+        came = f"{key!r} {_shown(body[key])}"
+    else:
+        came = f"no {key!r} but {str(dict(body))[:200]}"
+    return LagoAPIError(
+        f"Lago answered {call} with {status} and {came}, where its API answers {wanted} under {key!r}: not an answer "
+        "this client can read. Check LAGO_API_URL (a proxy or gateway answering instead of Lago?) and that this Lago "
+        "version serves this call as documented.",
+        status=status,
+        method=method or None,
+        path=path or None,
+    )
+
+
 def _unwrap(body: JSON, key: str) -> JSON:
     value = body.get(key)
     if not isinstance(value, dict):
-        raise LagoAPIError(f"Lago's response has no {key!r} object: {str(body)[:200]}", status=200)
+        raise _shape_error(body, key, "an object")
     return value
+
+
+def _list_of(body: Mapping[str, Any], key: str) -> list[JSON]:
+    """``body[key]``, a list Lago documents (``null`` or absent: empty); anything else is a :class:`LagoAPIError`."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _shape_error(body, key, "a list")
+    return list(value)
 
 
 def _param_text(value: Any) -> str:
@@ -1154,7 +1222,7 @@ def _subscription_filters(
 
 def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
     if not response.content:
-        return {}
+        return _Answer.of({}, method, url, response.status_code)
     try:
         body = response.json()
     except ValueError:
@@ -1167,8 +1235,16 @@ def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
             path=url,
         ) from None
     if not isinstance(body, dict):
-        raise LagoAPIError(f"Lago answered {method} {url} with a JSON {type(body).__name__}, not an object.")
-    return body
+        raise LagoAPIError(
+            f"Lago answered {method} {url} with {response.status_code} and a JSON {type(body).__name__} "
+            f"({_shown(body)}), not the object its API answers: not an answer this client can read. Check "
+            "LAGO_API_URL (a proxy or gateway answering instead of Lago?) and that this Lago version serves this call "
+            "as documented.",
+            status=response.status_code,
+            method=method,
+            path=url,
+        )
+    return _Answer.of(body, method, url, response.status_code)
 
 
 def _error_from_response(response: httpx.Response, method: str, url: str) -> LagoAPIError:

@@ -167,6 +167,9 @@ NOT_STARTED = "not started"
 #: which needs the records' period to be the snapshot's, leaves such an org to :meth:`LocalBackend.reserve_now`).
 _BEFORE_START = "before start"
 
+#: The subscription statuses Lago documents besides ``active``: an org whose subscription has one has no active one.
+_NOT_ACTIVE = frozenset({"pending", "terminated", "canceled", "incomplete"})
+
 #: Webhook types about an org's usage, its subscription unchanged (Lago counted past a threshold): the org's snapshot
 #: is marked due (refreshed at its next request, and serving meanwhile, while Lago's API is down too), not dropped.
 USAGE_WEBHOOK_TYPES = frozenset({"alert.triggered", "subscription.usage_threshold_reached"})
@@ -1166,10 +1169,14 @@ def limits_from_entitlements(
     privilege present with no value maps to ``None`` (unlimited). Absent privileges are absent from the result.
     """
     found: dict[str, int | None] = {}
-    for feature in entitlements or ():
-        if feature.get("code") != config.feature_code:
+    for feature in entitlements if isinstance(entitlements, list) else ():
+        # (entries not objects, a null among them from a drifting Lago: skipped, the others read)
+        if not isinstance(feature, Mapping) or feature.get("code") != config.feature_code:
             continue
-        for privilege in feature.get("privileges") or ():
+        privileges = feature.get("privileges")
+        for privilege in privileges if isinstance(privileges, list) else ():
+            if not isinstance(privilege, Mapping):
+                continue
             code = privilege.get("code")
             if code not in (config.calls_privilege, config.tokens_privilege):
                 continue
@@ -1221,7 +1228,8 @@ async def subscription_entitlements(
     org keeps its snapshot: not every org left unlimited for an hour); a 404 that is not Lago's JSON (a proxy's) is
     taken for this read only, and for the whole client once a second comes in a row."""
     entitlements: list[JSON] | None = subscription.get("entitlements")
-    if entitlements is None:
+    if not isinstance(entitlements, list):  # (none embedded, or not the documented list: read from their endpoint)
+        entitlements = None
         if _unserved.get(client, 0.0) > time.monotonic():
             return None
         try:
@@ -1267,6 +1275,38 @@ def _whole(value: Any, what: str) -> int | None:
     return int(number)
 
 
+class _Unreadable(LagoAPIError):
+    """A Lago answer this gate cannot decide on (a count that is no number, a status it does not know): the fail
+    policy decides meanwhile. Said once per ``kind`` per gate, not at every refresh."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, status=200)
+        self.kind = kind
+
+
+def _events_count(value: Any, index: int, metric: str) -> int:
+    """A charge's ``events_count``: a count as Lago writes it (``12``), or as it writes ``units`` (``"12.0"``, a
+    float); ``null`` or absent is 0. Anything else is :class:`_Unreadable`: a count taken as 0 would let the org
+    past its limit."""
+    if value is None or value == "":
+        return 0
+    number: Decimal | None = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = Decimal(value.strip() if isinstance(value, str) else value)
+        except (InvalidOperation, ValueError):
+            number = None
+    if number is None or not number.is_finite() or number < 0:
+        raise _Unreadable(
+            f"Lago's current_usage has charges_usage[{index}].events_count {str(value)[:60]!r} (metric {metric!r}), "
+            "not a count of events: the usage of orgs on such answers is unknown, so LAGO_FAIL_OPEN decides for them "
+            "until Lago answers a count. Check what stands between this app and Lago (LAGO_API_URL) and Lago's "
+            "version.",
+            "events_count",
+        )
+    return int(number)
+
+
 def _timestamp(value: Any) -> float | None:
     if not isinstance(value, str) or not value:
         return None
@@ -1292,11 +1332,15 @@ def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str)
     ``sum_agg`` (its units would not be tokens)."""
     calls = 0
     tokens: int | None = None
-    for charge in usage.get("charges_usage") or ():
-        metric = charge.get("billable_metric") or {}
+    charges = usage.get("charges_usage")
+    for index, charge in enumerate(charges if isinstance(charges, list) else ()):
+        if not isinstance(charge, Mapping):  # (a null among them, from a drifting Lago: skipped)
+            continue
+        metric = charge.get("billable_metric")
+        metric = metric if isinstance(metric, Mapping) else {}
         code = metric.get("code")
         if code == calls_metric:
-            calls = max(calls, int(charge.get("events_count") or 0))
+            calls = max(calls, _events_count(charge.get("events_count"), index, code))
         if code == token_metric and metric.get("aggregation_type", "sum_agg") == "sum_agg":
             units = _whole(charge.get("units") or 0, f"units of {code}") or 0
             tokens = max(tokens or 0, units)
@@ -2143,14 +2187,20 @@ class QuotaGate:
             self._refresh_errors[org_id] = exc
             # the records of an org whose refreshes fail (Lago down) keep growing by the second: folded
             await _call_optional(backend, "compact", org_id, int(self.clock() - self.config.settle_lag))
-            # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
-            (logger.debug if self._refresh_failing else logger.warning)(
-                "Could not refresh the quota snapshot of org %r: %s (further failures are logged at DEBUG until Lago "
-                "answers again; counted in stats['refresh_errors'])",
-                org_id,
-                exc,
-            )
-            self._refresh_failing = True
+            if isinstance(exc, _Unreadable):  # (Lago answers, in a shape it keeps: said once per kind, not per outage)
+                if ("", exc.kind) in self._config_warnings:
+                    logger.debug("Could not refresh the quota snapshot of org %r: %s", org_id, exc)
+                else:
+                    self._warn_once(("", exc.kind), "Could not refresh the quota snapshot of org %r: %s", org_id, exc)
+            else:
+                # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
+                (logger.debug if self._refresh_failing else logger.warning)(
+                    "Could not refresh the quota snapshot of org %r: %s (further failures are logged at DEBUG until "
+                    "Lago answers again; counted in stats['refresh_errors'])",
+                    org_id,
+                    exc,
+                )
+                self._refresh_failing = True
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
@@ -2319,11 +2369,25 @@ class QuotaGate:
                 exc,
             )
             return Snapshot(active=False, plan_fetched_at=now)
-        if subscription.get("status") not in (None, "active"):
-            self._no_subscription(org_id, subscription_id, f"is {subscription.get('status')}")
+        status = subscription.get("status")
+        if status not in (None, "active"):
+            if (
+                not isinstance(status, str) or status not in _NOT_ACTIVE
+            ):  # a status Lago added since: whether the org may be served is unknown
+                raise _Unreadable(
+                    f"Lago answered the active subscription {subscription_id!r} of org {org_id!r} with status "
+                    f"{str(status)[:40]!r}, which this package does not know (Lago's: active, "
+                    f"{', '.join(sorted(_NOT_ACTIVE))}): neither served as active nor refused as without a "
+                    "subscription, its requests are decided by LAGO_FAIL_OPEN while Lago answers so (a newer Lago: "
+                    "upgrade lago-org-billing); said once per status.",
+                    f"status {str(status)[:40]}",
+                )
+            self._no_subscription(org_id, subscription_id, f"is {status}")
             return Snapshot(active=False, plan_fetched_at=now)
         entitlements = await subscription_entitlements(self.client, subscription, subscription_id)
-        plan_code = subscription.get("plan_code") or (subscription.get("plan") or {}).get("code")
+        plan = subscription.get("plan")
+        plan = plan if isinstance(plan, Mapping) else {}  # (null, or not the documented object)
+        plan_code = subscription.get("plan_code") or plan.get("code")
         limits: dict[str, int | None] = {}
         source = "none"
         table = self.settings.plan_limits.get(plan_code or "")
@@ -2343,7 +2407,6 @@ class QuotaGate:
         if from_entitlements:
             limits.update(from_entitlements)
             source = "entitlements"
-        plan = subscription.get("plan") or {}
         interval = plan.get("interval") or ""
         if plan.get("bill_charges_monthly") and interval in ("yearly", "semiannual"):
             interval = "monthly"  # (its usage periods are months)
