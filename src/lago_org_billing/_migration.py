@@ -685,16 +685,20 @@ class CallCounter(httpx.AsyncBaseTransport):
     answers 429, holds every other request until the ``X-RateLimit-Reset`` window ends (the client retries the
     throttled one itself), so concurrent workers do not keep hitting the limit."""
 
+    #: Seconds between two WARNING lines about rate limits (the others are logged at DEBUG): at Lago Cloud's 50 req/s
+    #: a long run meets the limit every second or so, and a line per 429 flooded its log.
+    WARN_EVERY = 60.0
+
     def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self.inner = inner if inner is not None else httpx.AsyncHTTPTransport(retries=0)
         self.stats = CallStats()
         self._paused_until = 0.0
+        self._warned_at: float | None = None
         self.on_rate_limit: Callable[[float], None] | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         wait = self._paused_until - time.monotonic()
-        if wait > 0:
-            self.stats.rate_limit_wait_s += wait
+        if wait > 0:  # (counted once, when the 429 set it: not again per request waiting it out)
             await anyio.sleep(wait)
         response = await self.inner.handle_async_request(request)
         if request.url.path.startswith("/api/"):
@@ -707,10 +711,23 @@ class CallCounter(httpx.AsyncBaseTransport):
         if response.status_code == 429:
             # Without X-RateLimit-Reset the client backs off on its own and the others go on.
             reset = max(0.0, _float(response.headers.get("x-ratelimit-reset")) or 0.0)
+            now = time.monotonic()
             self.stats.rate_limited += 1
-            self.stats.rate_limit_wait_s += reset
-            self._paused_until = max(self._paused_until, time.monotonic() + reset)
-            logger.warning("Lago rate limit reached: waiting %.1f s (X-RateLimit-Reset)", reset)
+            # the time the run is held: the 429s of one window (every worker in flight gets one) extend the pause,
+            # they do not add a window each (a sum over requests exceeded the run's wall time)
+            self.stats.rate_limit_wait_s += max(0.0, now + reset - max(self._paused_until, now))
+            self._paused_until = max(self._paused_until, now + reset)
+            if self._warned_at is None or now - self._warned_at >= self.WARN_EVERY:
+                self._warned_at = now
+                logger.warning(
+                    "Lago rate limit reached: waiting %.1f s (X-RateLimit-Reset); %d so far (more within %.0f s are "
+                    "logged at DEBUG)",
+                    reset,
+                    self.stats.rate_limited,
+                    self.WARN_EVERY,
+                )
+            else:
+                logger.debug("Lago rate limit reached: waiting %.1f s (X-RateLimit-Reset)", reset)
             if self.on_rate_limit is not None:
                 self.on_rate_limit(reset)
         return response
@@ -748,16 +765,21 @@ class Journal:
         self._subscribed: set[tuple[str, str, str]] = set()
         self._file: IO[str] | None = None
         if self.path.exists():
-            lines = self.path.read_bytes().splitlines(keepends=True)
-            read_one = False
-            for number, raw in enumerate(lines, 1):
+            self._read()
+
+    def _read(self) -> None:
+        """Read the journal a line at a time (a long migration's, resumed a few times, is tens of MB: read whole, it
+        was held twice, as bytes and as a list of lines)."""
+        read_one = False
+        with self.path.open("rb") as file:
+            for raw in file:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     # (the last line cut by a kill or a full disk, inside a UTF-8 character: skipped as any torn line;
                     # not UTF-8 elsewhere, or nothing read before it: not a journal, said by the caller)
-                    if number == len(lines) and not raw.endswith(b"\n") and read_one:
-                        continue
+                    if not raw.endswith(b"\n") and read_one:
+                        continue  # (a line without its newline is the file's last)
                     raise
                 try:
                     entry = json.loads(text)

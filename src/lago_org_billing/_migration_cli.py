@@ -505,7 +505,13 @@ def _write_report(path: str, data: Any) -> None:
 
 class Progress:
     """Progress on ``stream``: a one-line ``\\r`` bar with counts and ETA on a terminal, a log line every 5%
-    otherwise."""
+    otherwise (and at least once a minute while orgs finish: 5% of a long run can be many minutes apart).
+
+    The ETA is of the orgs worked on: those a resumed run's journal skips (in no time) are left out of the rate. Lago's
+    rate limits are said once a minute at most (their count is on every progress line)."""
+
+    #: Seconds: at least one progress line this often in log mode, at most one rate-limit line this often.
+    EVERY = 60.0
 
     def __init__(self, stream: TextIO, style: str, mode: str) -> None:
         self.stream = stream
@@ -516,28 +522,44 @@ class Progress:
         self.started = time.monotonic()
         self.failed = 0
         self.changed = 0
+        self.skipped = 0
         self.rate_limit_waits = 0
         self._last_draw = 0.0
+        self._last_line = self.started
+        self._said_rate_limit: float | None = None
         self._drawn = False
 
     def rate_limited(self, seconds: float) -> None:
         self.rate_limit_waits += 1
-        if self.style == "lines":
-            print(f"migrate: Lago rate limit, waiting {seconds:.1f} s", file=self.stream, flush=True)
+        if self.style != "lines":
+            return  # (the bar counts them)
+        now = time.monotonic()
+        if self._said_rate_limit is not None and now - self._said_rate_limit < self.EVERY:
+            return  # (every worker in flight gets a 429 in each window: a line each flooded the log)
+        self._said_rate_limit = now
+        print(
+            f"migrate: Lago rate limit, waiting {seconds:.1f} s ({self.rate_limit_waits} so far; the progress lines "
+            "count them)",
+            file=self.stream,
+            flush=True,
+        )
 
     def update(self, result: OrgResult, done: int, total: int) -> None:
         if result.status in ("failed", "unverified"):
             self.failed += 1
         if result.status in ("migrated", "prepared", "planned"):
             self.changed += 1
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (total - done) if done else 0.0
+        if result.status == "journal":
+            self.skipped += 1
+        now = time.monotonic()
+        elapsed = now - self.started
+        worked = done - self.skipped
+        eta = elapsed / worked * (total - done) if worked > 0 else 0.0
         bad = "unverified" if self.mode == "verify" else "failed"
         counts = f"{done}/{total} orgs ({done * 100 // max(total, 1)}%), {self.changed} changed, {self.failed} {bad}"
         if self.rate_limit_waits:
             counts += f", {self.rate_limit_waits} rate-limit waits"
         if self.style == "bar":
-            now = time.monotonic()
             if done < total and now - self._last_draw < 0.1:
                 return
             self._last_draw = now
@@ -550,7 +572,8 @@ class Progress:
             self._drawn = True
         elif self.style == "lines":
             step = max(1, total // 20)
-            if done % step == 0 or done == total:
+            if done % step == 0 or done == total or now - self._last_line >= self.EVERY:
+                self._last_line = now
                 print(f"migrate: {counts}, elapsed {elapsed:.1f} s, ETA {eta:.0f} s", file=self.stream, flush=True)
 
     def close(self) -> None:
