@@ -48,7 +48,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
 )
-from ._migration import _lock_file, _read_holder, _unlock_file
+from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
@@ -456,22 +456,16 @@ class _SpoolLettersLock:
             return self
         self._taken = True
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd, holder = take_file_lock(
+                self.path, f"{self.action}, pid {os.getpid()}, started {_when(time.time())} UTC"
+            )
         except OSError as exc:
             logger.warning("No lock against a concurrent replay or purge (%s cannot be made: %s)", self.path, exc)
             return self
-        try:
-            locked = _lock_file(fd)
-            if locked:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{self.action}, pid {os.getpid()}, started {_when(time.time())} UTC".encode())
         except BaseException:
-            os.close(fd)
             self._taken = False
             raise
-        if not locked:
-            holder = _read_holder(fd)
-            os.close(fd)
+        if fd is None:
             self._taken = False
             done = "Nothing was deleted" if self.action == "--purge" else "Nothing was sent"
             raise DeadLettersBusyError(
@@ -485,15 +479,7 @@ class _SpoolLettersLock:
     def __exit__(self, *exc_info: object) -> None:
         self._taken = False
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            os.ftruncate(fd, 0)
-            _unlock_file(fd)
-        except OSError:  # (closing the file drops the lock anyway)
-            pass
-        finally:
-            os.close(fd)
+        drop_file_lock(fd)
 
 
 def _event_key(event: Any) -> str:

@@ -907,19 +907,8 @@ class JournalLock:
         if self._fd is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            locked = _lock_file(fd)
-            if locked:
-                os.ftruncate(fd, 0)
-                holder = f"pid {os.getpid()} on {socket.gethostname()}, started {_now_iso()}"
-                os.write(fd, holder.encode())
-        except BaseException:
-            os.close(fd)
-            raise
-        if not locked:
-            holder = _read_holder(fd)
-            os.close(fd)
+        fd, holder = take_file_lock(self.path, f"pid {os.getpid()} on {socket.gethostname()}, started {_now_iso()}")
+        if fd is None:
             raise JournalLockedError(
                 f"another migration holds the journal {self.journal} (lock {self.path}"
                 f"{': ' + holder if holder else ''}); nothing was done. Two --execute runs on one journal would "
@@ -931,15 +920,7 @@ class JournalLock:
     def release(self) -> None:
         """Drop the lock (nothing when not held)."""
         fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            os.ftruncate(fd, 0)
-            _unlock_file(fd)
-        except OSError:  # (closing the file drops the lock anyway)
-            pass
-        finally:
-            os.close(fd)
+        drop_file_lock(fd)
 
     def __enter__(self) -> JournalLock:
         self.acquire()
@@ -947,6 +928,39 @@ class JournalLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def take_file_lock(path: str | Path, holder: str) -> tuple[int | None, str]:
+    """Open ``path`` (made if missing) and lock it exclusively without waiting: ``(fd, "")`` when taken, ``holder``
+    written in it for the next one's message; ``(None, what the holder wrote)`` when another process holds it. The
+    OS drops the lock when the process ends (killed too): the file left behind means nothing."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = _lock_file(fd)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    if locked:
+        return fd, ""
+    held_by = _read_holder(fd)
+    os.close(fd)
+    return None, held_by
+
+
+def drop_file_lock(fd: int | None) -> None:
+    """Release a lock :func:`take_file_lock` took (nothing for ``None``), emptying its file and closing it."""
+    if fd is None:
+        return
+    try:
+        os.ftruncate(fd, 0)
+        _unlock_file(fd)
+    except OSError:  # (closing the file drops the lock anyway)
+        pass
+    finally:
+        os.close(fd)
 
 
 def _lock_file(fd: int) -> bool:
