@@ -17,18 +17,28 @@ from lago_org_billing.testing import FakeLago
 Refuse = Callable[[anyio.abc.SocketStream], Awaitable[None]]
 
 
+async def read_head(stream: anyio.abc.ByteStream, buffer: bytes) -> tuple[bytes, bytes] | None:
+    """A request's head (up to the blank line) and what came after it, reading ``stream`` on from ``buffer``; None
+    when the client went away first."""
+    while b"\r\n\r\n" not in buffer:
+        try:
+            buffer += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return None
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    return head, rest
+
+
 async def _proxy_connection(
     stream: anyio.abc.SocketStream, lago: httpx.AsyncClient, limit: int, refuse: Refuse
 ) -> None:
     buffer = b""
     async with stream:
         while True:
-            while b"\r\n\r\n" not in buffer:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            parts = await read_head(stream, buffer)
+            if parts is None:
+                return
+            head, buffer = parts
             lines = head.decode("latin-1").split("\r\n")
             method, target, _ = lines[0].split(" ", 2)
             length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length"))

@@ -32,7 +32,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from _limited_proxy import serve_limited_proxy
+from _limited_proxy import read_head, serve_limited_proxy
 from lago_org_billing import _spool
 from lago_org_billing._client import LagoClient
 from lago_org_billing._delivery import EventPipeline
@@ -65,16 +65,6 @@ def _answer(status: str, body: bytes, content_type: str = "text/html") -> bytes:
     ).encode("latin-1") + body
 
 
-async def _head(stream: anyio.abc.SocketStream, buffer: bytes) -> tuple[bytes, bytes] | None:
-    while b"\r\n\r\n" not in buffer:
-        try:
-            buffer += await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            return None
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    return head, rest
-
-
 async def _early_answerer(answer: bytes, task_status: anyio.abc.TaskStatus[int]) -> None:
     """A server that reads a request's headers, writes ``answer`` and closes, the body unread (as a proxy refusing a
     body over its limit, or a server refusing a request by its headers)."""
@@ -84,7 +74,7 @@ async def _early_answerer(answer: bytes, task_status: anyio.abc.TaskStatus[int])
 
         async def handle(stream: anyio.abc.SocketStream) -> None:
             async with stream:
-                if await _head(stream, b"") is not None:
+                if await read_head(stream, b"") is not None:
                     await stream.send(answer)
 
         await listener.serve(handle)
@@ -162,7 +152,7 @@ async def test_a_large_body_a_server_stops_reading_is_still_no_answer_within_the
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
         async with stream:
-            await _head(stream, b"")
+            await read_head(stream, b"")
             await stuck.wait()
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -180,10 +170,8 @@ async def test_a_large_body_a_server_stops_reading_is_still_no_answer_within_the
 
 async def _tls_early_answerer(stream: anyio.abc.ByteStream) -> None:
     async with stream:
-        buffer = b""
-        while b"\r\n\r\n" not in buffer:
-            buffer += await stream.receive()
-        await stream.send(_answer("413 Request Entity Too Large", _NGINX_413))
+        if await read_head(stream, b"") is not None:
+            await stream.send(_answer("413 Request Entity Too Large", _NGINX_413))
 
 
 async def _tls_echo_length(stream: anyio.abc.ByteStream) -> None:
@@ -191,12 +179,10 @@ async def _tls_echo_length(stream: anyio.abc.ByteStream) -> None:
     async with stream:
         buffer = b""
         while True:
-            while b"\r\n\r\n" not in buffer:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            parts = await read_head(stream, buffer)
+            if parts is None:
+                return
+            head, buffer = parts
             length = next(
                 int(line.split(b":", 1)[1])
                 for line in head.split(b"\r\n")
