@@ -48,6 +48,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
 )
+from ._ids import parse_time
 from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
@@ -342,15 +343,8 @@ def _seconds(timestamp: Any) -> decimal.Decimal | None:
 
 def _iso_seconds(text: Any) -> decimal.Decimal | None:
     """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``) as Unix seconds; None when absent or unreadable."""
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return decimal.Decimal(repr(moment.timestamp()))
+    moment = parse_time(text)
+    return None if moment is None else decimal.Decimal(repr(moment.timestamp()))
 
 
 async def _check_events_permission(client: LagoClient) -> None:

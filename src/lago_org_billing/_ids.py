@@ -52,6 +52,18 @@ def path_segment(value: object, what: str = "id") -> str:
     return quote(validate_id(value, what), safe="")
 
 
+def parse_time(value: object) -> dt.datetime | None:
+    """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``, ``...00.123+01:00``) as an aware datetime, UTC when it names no
+    offset; None when absent, blank or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
+
+
 def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = None) -> str:
     """An event timestamp as Lago wants it: Unix seconds as a string with millisecond precision.
 

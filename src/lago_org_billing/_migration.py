@@ -106,7 +106,7 @@ from ._errors import (
     LagoUnavailableError,
     LagoValidationError,
 )
-from ._ids import _FORBIDDEN, MAX_ID_LENGTH, path_segment, validate_id
+from ._ids import _FORBIDDEN, MAX_ID_LENGTH, parse_time, path_segment, validate_id
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -2062,7 +2062,7 @@ async def plan_org(
             ending = source[1].get("ending_at") if source is not None and org.plan_code is None else None
             if isinstance(ending, str) and ending:
                 payload["ending_at"] = ending
-                last_day = _parse_time(ending)  # (Lago reads its date as written, in its own offset)
+                last_day = parse_time(ending)  # (Lago reads its date as written, in its own offset)
                 if last_day is not None and last_day.date() <= dt.datetime.now(dt.timezone.utc).date():
                     result.warnings.append(
                         f"org {org.org_id!r}: the subscription it takes its plan from ({result.plan_source}) ends "
@@ -2266,7 +2266,7 @@ async def _donor_kept(
     donor's may end by itself in the window between the phases), as ``verify`` picks it, not one begun since (an
     upgrade, a plan bought in the window: a warning names those, which the second phase ends); the first phase's
     donor (``donor_hint``, from the journal) when found. ``None`` otherwise: the donor is picked among ``active``."""
-    since = _parse_time((org_subscription or {}).get("created_at"))
+    since = parse_time((org_subscription or {}).get("created_at"))
     earlier = bool(set(previous_users) & set(org.users)) or donor_hint is not None
     if org_subscription is None or not active or since is None or not earlier:
         return None
@@ -2280,7 +2280,7 @@ async def _donor_kept(
         if customer is None:
             continue
         async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated"]):
-            at = _parse_time(old.get("terminated_at"))
+            at = parse_time(old.get("terminated_at"))
             if at is not None and at >= since and not begun_since(old):
                 ended.append((user_id, old))
     pool = [*there, *ended]
@@ -2768,13 +2768,13 @@ async def _verify_overrides(
     subscription older than the donor's, which --execute did not make: a warning)."""
     sub_id = str(subscription.get("external_id"))
     status = str(subscription.get("status") or "active")
-    since = _parse_time(subscription.get("created_at"))
+    since = parse_time(subscription.get("created_at"))
     if since is None:
         return
     ended: list[tuple[str, JSON]] = []
     for user_id in org.users:
         async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated", "canceled"]):
-            at = _parse_time(old.get("terminated_at") or old.get("canceled_at"))
+            at = parse_time(old.get("terminated_at") or old.get("canceled_at"))
             # (a canceled downgrade was never a donor; a terminated subscription with a previous plan is an upgrade)
             downgrade = old.get("status") == "canceled" and old.get("previous_plan_code")
             if at is not None and at >= since and not downgrade:
@@ -2824,7 +2824,7 @@ async def _verify_overrides(
             f"org subscription {sub_id!r} lacks the entitlement overrides of {origin}: {format_overrides(missing)} (it "
             f"gets the plan's values); set them: PATCH {_entitlements_path(sub_id, status)} {body}"
         )
-    donor_made = _parse_time(donor.get("created_at"))
+    donor_made = parse_time(donor.get("created_at"))
     if to_remove and donor_made is not None and since < donor_made:  # (so not made by its migration: see plan_org)
         result.entitlements_removed = [removal for removal in wanted.removed if removal not in to_remove]
         names = ", ".join(_removal_name(removal) for removal in to_remove)
@@ -2856,18 +2856,8 @@ async def _verify_overrides(
 
 def _begun_after(subscription: JSON, since: dt.datetime) -> bool:
     """Whether the subscription was made after ``since`` (its ``created_at``; an upgrade is a new record)."""
-    made = _parse_time(subscription.get("created_at"))
+    made = parse_time(subscription.get("created_at"))
     return made is not None and made > since
-
-
-def _parse_time(value: Any) -> dt.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 # ------------------------------------------------------------------------------------------------ run

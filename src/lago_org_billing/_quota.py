@@ -124,6 +124,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
+from ._ids import parse_time
 from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
 
 __all__ = [
@@ -1308,18 +1309,8 @@ def _events_count(value: Any, index: int, metric: str) -> int:
 
 
 def _timestamp(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip()
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = dt.datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.timestamp()
+    parsed = parse_time(value)
+    return None if parsed is None else parsed.timestamp()
 
 
 def _iso(timestamp: float) -> str:
