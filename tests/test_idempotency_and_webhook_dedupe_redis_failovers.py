@@ -253,7 +253,14 @@ async def test_a_redis_out_of_memory_is_said_once_and_the_store_recovers_when_fr
             admin.close()
 
 
-async def test_a_certificate_that_does_not_verify_is_said_once_with_the_fix(
+@pytest.mark.parametrize(
+    ("scheme", "fix"),
+    [("rediss", ("certificate", "ssl_ca_certs")), ("redis", ("rediss://",))],
+    ids=["a-certificate-that-does-not-verify", "a-plain-url-to-a-tls-port"],
+)
+async def test_a_tls_mistake_is_said_once_with_the_fix(
+    scheme: str,
+    fix: tuple[str, ...],
     tmp_path: Path,
     tls_files: tuple[Path, Path],
     now: list[float],
@@ -262,32 +269,14 @@ async def test_a_certificate_that_does_not_verify_is_said_once_with_the_fix(
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     with tls_redis(tmp_path, *tls_files) as tls_port:
-        fleet = fleet_of(f"rediss://127.0.0.1:{tls_port}/0")
+        fleet = fleet_of(f"{scheme}://127.0.0.1:{tls_port}/0")
         for _ in range(2):
             await retried(fleet, now)
     warnings = said(caplog)
     assert len(warnings) == 2, [r.getMessage() for r in warnings]
     for record in warnings:
         message = record.getMessage()
-        assert record.levelno == logging.ERROR and "certificate" in message and "ssl_ca_certs" in message
-
-
-async def test_a_plain_url_to_a_tls_port_is_said_once_with_the_fix(
-    tmp_path: Path,
-    tls_files: tuple[Path, Path],
-    now: list[float],
-    fleet_of: Callable[[str], Fleet],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    with tls_redis(tmp_path, *tls_files) as tls_port:
-        fleet = fleet_of(f"redis://127.0.0.1:{tls_port}/0")
-        for _ in range(2):
-            await retried(fleet, now)
-    warnings = said(caplog)
-    assert len(warnings) == 2, [r.getMessage() for r in warnings]
-    for record in warnings:
-        assert record.levelno == logging.ERROR and "rediss://" in record.getMessage()
+        assert record.levelno == logging.ERROR and all(words in message for words in fix)
 
 
 # ------------------------------------------------------------------- 3. the webhooks' dedupe after a failover
