@@ -154,6 +154,26 @@ async def test_a_count_that_is_no_number_is_said_naming_the_field_and_the_fail_p
     assert API_KEY not in caplog.text
 
 
+@pytest.mark.parametrize("units", ["lots", "-5", "NaN", True], ids=["word", "negative", "nan", "bool"])
+async def test_token_units_that_are_no_count_are_said_and_the_fail_policy_decides(
+    clock: Clock, units: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token metric's ``units`` as no count of tokens (``"lots"``, negative, NaN, a boolean): as for
+    ``events_count``, the snapshot cannot be trusted and the fail policy decides (closed here: 503), said once naming
+    the field and what Lago sent. Taken as 0 tokens before: an org on a token limit was let through without one."""
+    fake = seed(FakeLago(api_key=API_KEY, clock=clock.now), starter_calls=None, starter_tokens=100)
+    lago = Drifting(fake, usage=each_charge(lambda charge: charge.update(units=units)))
+    async with client_on(lago) as client:
+        gate = gate_on(client, clock, fail_open=False)
+        for _ in range(3):
+            decision = await gate.check("org_1")
+            assert not decision.allowed and decision.status == 503
+            clock.advance(10)  # (past failure_backoff: read again, failing again)
+    said = [r.getMessage() for r in problems(caplog) if "units" in r.getMessage()]
+    assert len(said) == 1 and repr(units)[:10] in said[0], said
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 async def test_null_entries_in_charges_entitlements_and_privileges_are_skipped(
     fake: FakeLago, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -90,13 +90,14 @@ async def stored(backend: RedisBackend, org: str) -> dict[str, str]:
 @needs_redis
 async def test_store_script_stores_a_newer_read_field_for_field(redis_url: str) -> None:
     """ARGV[16...] are the snapshot's HSET pairs: the stored hash is exactly ``encode(snapshot)`` (no argument of
-    13..15 taken as a field, none of the snapshot's lost), and a newer read replaces an older one."""
+    13..15 taken as a field, none of the snapshot's lost) plus the unsure records the script found (``uc``/``ut``:
+    none here), and a newer read replaces an older one."""
     backend = backend_on(redis_url, f"rr:{uuid.uuid4().hex[:8]}:")
     first, newer = snap(NOW - 10), snap(NOW, base_calls=9)
     assert await backend.store("org_1", first, NOW - 10)
     assert await backend.store("org_1", newer, NOW)
     pairs = encode(newer)
-    assert await stored(backend, "org_1") == dict(zip(pairs[::2], pairs[1::2], strict=True))
+    assert await stored(backend, "org_1") == {**dict(zip(pairs[::2], pairs[1::2], strict=True)), "uc": "0", "ut": "0"}
     assert decode(await backend.redis.hgetall(backend.key("org_1", "snap"))) == newer
     assert backend.stats["redis_errors"] == 0
 

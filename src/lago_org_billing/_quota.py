@@ -69,6 +69,11 @@ before it) are served and not counted (:data:`NOT_STARTED`); its limits hold fro
 The price is a slight over-count right after each refresh, at most the calls recorded in the last
 ``settle_lag`` seconds before it (which Lago may already have counted); it is never an under-count as long as
 events reach Lago within ``settle_lag``. Events recorded elsewhere (other services) are seen at the next refresh.
+The backend storing a snapshot notes how much of what it keeps is such an unsure record (``unsure_calls``,
+``unsure_tokens``). A block that holds only with them is answered with a ``Retry-After`` of the seconds until a read
+would trust them to Lago (not the period's end), and a request blocked past that point has the org read again (once
+per snapshot, fleet-wide with Redis) and is decided on the new read: near its limit, an org is not refused below it
+for a TTL.
 
 Exact across workers and replicas
 ---------------------------------
@@ -434,6 +439,12 @@ class Snapshot:
     #: day in the customer's time zone is the billing day, which a period begun elsewhere (the first, at the exact
     #: ``started_at``; one begun by an upgrade) or ending on a short month's last day does not show.
     anchor: float = 0.0
+    #: Of the records counted on top of this snapshot, the calls / tokens Lago may have counted already: recorded in
+    #: the ``settle_lag`` seconds before ``requested_at`` (kept: never under-count). Set by the backend storing it. A
+    #: block that holds only with them is unsure (:meth:`QuotaGate._unsure_until`): answered with a short
+    #: ``Retry-After``, and the org read again once they are ``settle_lag`` old.
+    unsure_calls: int = 0
+    unsure_tokens: int = 0
 
     @property
     def limited(self) -> bool:
@@ -646,6 +657,8 @@ def provisional(snapshot: Snapshot, now: float) -> Snapshot:
         next_period_end=0.0,
         base_calls=0,
         base_tokens=0,
+        unsure_calls=0,
+        unsure_tokens=0,
         refresh_at=now,
         version=snapshot.version + "+",
     )
@@ -1043,6 +1056,8 @@ class LocalBackend:
         return self.peek_snapshot(org_id)
 
     def store_now(self, org_id: str, snapshot: Snapshot, now: float) -> None:
+        if snapshot.unsure_calls or snapshot.unsure_tokens:  # (a read made from an older one: set below, from here)
+            snapshot = dataclasses.replace(snapshot, unsure_calls=0, unsure_tokens=0)
         state = self._org(org_id)
         current = state.snapshot
         if current is not None and (
@@ -1070,14 +1085,26 @@ class LocalBackend:
             # last settle_lag seconds, in flight) are its own; not dropped (the org under-counted until the next
             # refresh). Those before it are the old subscription's.
             counts = state.counts = counts.carried(key, since)
+        cutoff = max(int(snapshot.requested_at - self.config.settle_lag), since)
         counts.prune(
             # (and those before the period's start: dated before it, their events are not billed in it)
-            max(int(snapshot.requested_at - self.config.settle_lag), since),
+            cutoff,
             int(now - self.config.inflight_horizon),
             keep_calls=not snapshot.lago_counts_calls,
             keep_tokens=not snapshot.lago_counts_tokens,
             now=int(now),
         )
+        # What is kept that Lago may have counted: recorded in the seconds up to the read (the read's own second
+        # included: its records may precede it), of what Lago counts
+        last = int(snapshot.requested_at)
+        unsure_calls = (
+            sum(n for sec, n in counts.c.items() if cutoff <= sec <= last) if snapshot.lago_counts_calls else 0
+        )
+        unsure_tokens = (
+            sum(n for sec, n in counts.t.items() if cutoff <= sec <= last) if snapshot.lago_counts_tokens else 0
+        )
+        if (unsure_calls, unsure_tokens) != (snapshot.unsure_calls, snapshot.unsure_tokens):
+            state.snapshot = dataclasses.replace(snapshot, unsure_calls=unsure_calls, unsure_tokens=unsure_tokens)
 
     async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
         self.store_now(org_id, snapshot, now)
@@ -1089,6 +1116,9 @@ class LocalBackend:
         state = self._org(org_id)
         if state.snapshot is None or state.snapshot.requested_at < snapshot.requested_at:
             key = period_key(snapshot)
+            # (what Redis counted is its base here: no record of it known apart, none unsure)
+            if snapshot.unsure_calls or snapshot.unsure_tokens:
+                snapshot = dataclasses.replace(snapshot, unsure_calls=0, unsure_tokens=0)
             state.snapshot = snapshot
             if snapshot.active and snapshot.period_start > snapshot.requested_at:  # (not started: see NOT_STARTED)
                 state.counts = _Counts(_BEFORE_START)
@@ -1289,6 +1319,16 @@ def _events_count(value: Any, index: int, metric: str) -> int:
     """A charge's ``events_count``: a count as Lago writes it (``12``), or as it writes ``units`` (``"12.0"``, a
     float); ``null`` or absent is 0. Anything else is :class:`_Unreadable`: a count taken as 0 would let the org
     past its limit."""
+    return _count(value, index, metric, "events_count", "events")
+
+
+def _units(value: Any, index: int, metric: str) -> int:
+    """The token metric's ``units`` (a decimal string, ``"1234.0"``; ``null`` or absent is 0). Anything else is
+    :class:`_Unreadable`, as for :func:`_events_count`: tokens taken as 0 would let the org past its token limit."""
+    return _count(value, index, metric, "units", "tokens")
+
+
+def _count(value: Any, index: int, metric: str, field: str, of: str) -> int:
     if value is None or value == "":
         return 0
     number: Decimal | None = None
@@ -1299,11 +1339,10 @@ def _events_count(value: Any, index: int, metric: str) -> int:
             number = None
     if number is None or not number.is_finite() or number < 0:
         raise _Unreadable(
-            f"Lago's current_usage has charges_usage[{index}].events_count {str(value)[:60]!r} (metric {metric!r}), "
-            "not a count of events: the usage of orgs on such answers is unknown, so LAGO_FAIL_OPEN decides for them "
-            "until Lago answers a count. Check what stands between this app and Lago (LAGO_API_URL) and Lago's "
-            "version.",
-            "events_count",
+            f"Lago's current_usage has charges_usage[{index}].{field} {str(value)[:60]!r} (metric {metric!r}), not a "
+            f"count of {of}: the usage of orgs on such answers is unknown, so LAGO_FAIL_OPEN decides for them until "
+            "Lago answers a count. Check what stands between this app and Lago (LAGO_API_URL) and Lago's version.",
+            field,
         )
     return int(number)
 
@@ -1333,8 +1372,7 @@ def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str)
         if code == calls_metric:
             calls = max(calls, _events_count(charge.get("events_count"), index, code))
         if code == token_metric and metric.get("aggregation_type", "sum_agg") == "sum_agg":
-            units = _whole(charge.get("units") or 0, f"units of {code}") or 0
-            tokens = max(tokens or 0, units)
+            tokens = max(tokens or 0, _units(charge.get("units"), index, code))
     return calls, tokens
 
 
@@ -1597,7 +1635,9 @@ class QuotaGate:
                             local,
                         )
         outcome = local.reserve_now(org_id, now, "force" if self.mode == "monitor" else "normal")
-        if outcome.code == MISSING or (outcome.code == BLOCKED and _replanned(outcome) and self.mode != "monitor"):
+        if outcome.code == MISSING or (
+            outcome.code == BLOCKED and self.mode != "monitor" and self._read_again(outcome, now)
+        ):
             return None
         self.stats["checks"] += 1
         return self._cached(org_id, outcome, now)
@@ -1614,7 +1654,7 @@ class QuotaGate:
             outcome = await self.backend.reserve(org_id, now, mode, self._known.get(org_id) if self._shared else None)
         else:
             outcome = self.local.reserve_now(org_id, now, mode)  # (missing, or blocked on plans changed since)
-        if outcome.code == BLOCKED and _replanned(outcome) and mode == "normal":
+        if outcome.code == BLOCKED and mode == "normal" and self._read_again(outcome, now):
             outcome = await self._reread(org_id, mode, outcome)
             now = self.clock()
         if outcome.code != MISSING:
@@ -1625,12 +1665,16 @@ class QuotaGate:
     async def _reread(self, org_id: str, mode: Mode, blocked: Outcome) -> Outcome:
         """A request blocked on a snapshot of plans that changed since (:meth:`invalidate_all`: a ``plan.updated``
         webhook, the limit maybe raised) waits, at most ``cold_timeout``, for the org's refresh and is decided again
-        (a 429 now would tell the client to come back at the period's end: days). If Lago does not answer in time,
-        the blocked answer stands, asking the client back after ``failure_backoff`` (:meth:`_retry_after`), and the
-        org's next blocked requests until then are answered at once."""
+        (a 429 now would tell the client to come back at the period's end: days); so does one blocked only by
+        records that Lago may have counted already, once a read can tell (:meth:`_unsure_until`). If Lago does not
+        answer in time, the blocked answer stands, asking the client back after ``failure_backoff``
+        (:meth:`_retry_after`), and the org's next blocked requests until then are answered at once."""
         now = self.clock()
         if self._backing_off(self._gave_up.get(org_id, 0.0), now):  # a wait for its refresh went unanswered just now
             return blocked
+        if not _replanned(blocked) and blocked.snapshot is not None and org_id not in self._refreshing:
+            # an unsure block: the fleet's lock on a snapshot not due yet is freed for this read (Redis)
+            await _call_optional(self.backend, "read_again", org_id, blocked.snapshot.version)
         event = self._schedule_refresh(org_id, now, urgent=True)
         if event is None:  # its last refresh failed moments ago
             return blocked
@@ -1641,11 +1685,33 @@ class QuotaGate:
             self.stats["cold_timeouts"] += 1
         known = self._known.get(org_id) if self._shared else None
         outcome = await self.backend.reserve(org_id, self.clock(), mode, known)
-        if outcome.code == BLOCKED and _replanned(outcome):
+        if outcome.code == BLOCKED and (_replanned(outcome) or not event.is_set()):
             # not read again in time (Lago slow or failing): the org's next blocked requests are answered at once
             # until failure_backoff has passed, as a cold org's are, not each held cold_timeout while Lago is slow
             self._give_up(org_id)
         return outcome
+
+    def _unsure_until(self, outcome: Outcome) -> float | None:
+        """For a block that holds only with the records Lago may have counted already (``Snapshot.unsure_calls``,
+        ``unsure_tokens``: kept by the last read, and maybe counted twice), the time a read of Lago no longer keeps
+        them (they are ``settle_lag`` older than it): until then the block is answered with a short ``Retry-After``,
+        from then on the org is read again before the answer (:meth:`_reread`). ``None``: a sure block (what Lago
+        cannot have yet is over the limit: in flight, recorded since the read), or no block."""
+        snap = outcome.snapshot
+        if outcome.code != BLOCKED or snap is None or not (snap.unsure_calls or snap.unsure_tokens):
+            return None
+        if decide(snap, outcome.calls - snap.unsure_calls, outcome.tokens - snap.unsure_tokens):
+            return None
+        # (records are kept by the second: those of the read's own second are dropped by a read settle_lag after it)
+        return int(snap.requested_at) + 1 + self.config.settle_lag
+
+    def _read_again(self, outcome: Outcome, now: float) -> bool:
+        """Whether a blocked request has the org read again before its answer: a plan change since (``plan.updated``),
+        or an unsure block whose records a read now would trust to Lago (:meth:`_unsure_until`)."""
+        if _replanned(outcome):
+            return True
+        until = self._unsure_until(outcome)
+        return until is not None and now >= until
 
     def _cached(self, org_id: str, outcome: Outcome, now: float) -> QuotaDecision:
         """The decision on a snapshot the backend had; a refresh is scheduled when the snapshot is due."""
@@ -1871,7 +1937,7 @@ class QuotaGate:
                 (b"ratelimit-limit", b"%d" % limit),
                 (b"ratelimit-remaining", b"%d" % left),
                 (b"ratelimit-reset", reset),
-                (b"retry-after", b"%d" % self._retry_after(snap, now)),
+                (b"retry-after", b"%d" % self._retry_after(snap, outcome, now)),
             )
         return (
             (b"ratelimit-limit", b"%d" % limit),
@@ -1899,15 +1965,20 @@ class QuotaGate:
             "plan_code": snap.plan_code,
             "period_start": _iso(snap.period_start),
             "period_end": _iso(snap.period_end),
-            "retry_after": self._retry_after(snap, now),
+            "retry_after": self._retry_after(snap, outcome, now),
         }
 
-    def _retry_after(self, snap: Snapshot, now: float) -> int:
+    def _retry_after(self, snap: Snapshot, outcome: Outcome, now: float) -> int:
         """Seconds a blocked client is asked to wait: until the period's end, or, while the plan is to be read again
         (one :meth:`invalidate_all` marked: ``plan.updated``, and not read in time), until the gate asks Lago again:
-        the new plan may allow the call, which a client told to come back in days would not learn."""
+        the new plan may allow the call, which a client told to come back in days would not learn. The same for a
+        block that holds only with records Lago may have counted already (:meth:`_unsure_until`): until a read can
+        tell, or, past that (the read failed or is late), after ``failure_backoff``."""
         if not snap.plan_fetched_at:
             return max(1, math.ceil(self.config.failure_backoff))
+        until = self._unsure_until(outcome)
+        if until is not None:
+            return max(1, math.ceil(until - now) if until > now else math.ceil(self.config.failure_backoff))
         return max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
 
     # ------------------------------------------------------------------------------ cold path
@@ -2153,7 +2224,9 @@ class QuotaGate:
                 previous = None
                 locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
             if stored:
-                self._known[org_id] = snapshot
+                # (shared: the backend's copy also says which of its records are unsure, which only it knows: with no
+                # version, this one is replaced by it at the org's next check)
+                self._known[org_id] = dataclasses.replace(snapshot, version="") if self._shared else snapshot
                 self._refresh_errors.pop(org_id, None)
                 # (a period already over: Lago's clock behind at the rollover; the backoff before reading again stays)
                 if not snapshot.over(self.clock()):

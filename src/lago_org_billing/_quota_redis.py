@@ -123,7 +123,8 @@ if v and s[2] == '1' and now >= tonumber(s[6]) then
   if ne and tonumber(ne) > now and now < tonumber(s[6]) + tonumber(ARGV[5]) / 1000 then
     -- rollover: the next period's provisional snapshot (see the module docstring), due at once
     v = v .. '+'
-    redis.call('HSET', snap, 'v', v, 'ps', s[6], 'pe', ne, 'bc', '0', 'bt', '0', 'ra', ARGV[1], 'ne', '0')
+    redis.call('HSET', snap, 'v', v, 'ps', s[6], 'pe', ne, 'bc', '0', 'bt', '0', 'uc', '0', 'ut', '0', 'ra', ARGV[1],
+      'ne', '0')
     redis.call('PEXPIRE', snap, math.max(1, math.floor((tonumber(ne) - now) * 1000)) + tonumber(ARGV[5]))
     s[5], s[6], s[7], s[8] = s[6], ne, '0', '0'
     full = {}
@@ -282,6 +283,10 @@ if since and ARGV[6] ~= '' then cutc = math.max(cutc, math.floor(since)) end
 local late, now = tonumber(ARGV[14]), ARGV[15]
 -- records Lago does not count (ARGV[8] calls, ARGV[9] tokens: '1') are folded into second 0, not dropped
 local keep = {c = ARGV[8] == '1', t = ARGV[9] == '1'}
+-- what is kept that Lago may have counted (recorded from the cutoff to the read's own second, of what Lago counts):
+-- the snapshot's 'uc'/'ut' (see LocalBackend.store_now)
+local last = math.floor(tonumber(ARGV[1]))
+local unsure = {c = 0, t = 0}
 local fields = redis.call('HGETALL', cnt)
 for i = 1, #fields, 2 do
   local f = fields[i]
@@ -303,9 +308,12 @@ for i = 1, #fields, 2 do
         redis.call('HDEL', cnt, f)
         redis.call('HINCRBY', cnt, kind == 'c' and 'calls' or 'tokens', -val)
       end
+    elseif (kind == 'c' or kind == 't') and sec <= last and not keep[kind] then
+      unsure[kind] = unsure[kind] + val
     end
   end
 end
+redis.call('HSET', snap, 'uc', unsure.c, 'ut', unsure.t)
 return 1
 """
 
@@ -402,6 +410,19 @@ return 1
 
 #: How long an invalidation's mark on the lock lasts: longer than any refresh in flight takes (client timeouts).
 _INVALIDATION_MARK_MS = 600_000
+
+
+#: An unsure block (see QuotaGate._unsure_until): the fleet's refresh lock, held since the org's snapshot was stored
+#: until it is due, is freed when that snapshot (ARGV[1], its version) is still the stored one and no refresh holds
+#: the lock (its value is the snapshot's due time, as STORE left it): the org is read again at once, by one gate.
+READ_AGAIN = """
+local s = redis.call('HMGET', KEYS[1], 'v', 'ra')
+if s[1] ~= ARGV[1] then return 0 end
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= s[2] then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
+"""
 
 
 UNLOCK = """
@@ -756,6 +777,8 @@ def decode(raw: Any) -> Snapshot | None:
         period_end=_num(data.get("pe")),
         base_calls=int(data.get("bc") or 0),
         base_tokens=int(data.get("bt") or 0),
+        unsure_calls=int(data.get("uc") or 0),
+        unsure_tokens=int(data.get("ut") or 0),
         requested_at=_num(data.get("rq")),
         fetched_at=_num(data.get("fa")),
         plan_fetched_at=_num(data.get("pf")),
@@ -862,6 +885,7 @@ class RedisBackend:
         self._expire = _Script(self.redis, EXPIRE_SNAPSHOT)
         self._invalidate = _Script(self.redis, INVALIDATE)
         self._mark_due = _Script(self.redis, MARK_DUE)
+        self._read_again = _Script(self.redis, READ_AGAIN)
         self._lock = _Script(self.redis, LOCK)
         self._unlock = _Script(self.redis, UNLOCK)
         self._compact = _Script(self.redis, COMPACT)
@@ -1559,6 +1583,17 @@ class RedisBackend:
                 "cached plan and usage until their next refresh. Check LAGO_REDIS_URL; a webhook answered with this "
                 "error is sent again by Lago."
             ) from exc
+
+    async def read_again(self, org_id: str, version: str) -> None:
+        """Let the org's snapshot ``version`` be read again before it is due (an unsure block: see
+        ``QuotaGate._unsure_until``), unless a newer one is stored or a refresh is in flight. A Redis error is
+        counted and the block stands (the snapshot is read when due)."""
+        if not self._up():
+            return
+        try:
+            await self._read_again(keys=[self.key(org_id, "snap"), self.key(org_id, "lock")], args=[version])
+        except self._errors() as exc:
+            self._failed(exc)
 
     async def mark_due(self, org_id: str) -> None:
         """Mark the org's snapshot due fleet-wide (a usage webhook): every gate refreshes it at the org's next request
