@@ -14,8 +14,11 @@ next one):
    (``application/vnd.amazon.eventstream``: ConverseStream's ``metadata`` usage; InvokeModelWithResponseStream's base64
    chunks, the model's own events, whose ``amazon-bedrock-invocationMetrics`` replace the counts those gave). The
    stream is read on the side while it passes through: nothing is held back from the client, only the current partial
-   line (or frame) is kept. A stream from a model that ends without any usage (OpenAI's without
-   ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
+   line (or frame) is kept. A body compressed by a middleware inside the billing one is decompressed as it is read:
+   gzip and deflate always, br and zstd when a module reading them is importable (``brotli`` 1.2 or later or
+   ``brotlicffi``; ``compression.zstd``, ``backports.zstd`` or ``zstandard``: not dependencies); other encodings are
+   not read (0 tokens, said once per encoding with the fix). A stream from a model that ends without any usage
+   (OpenAI's without ``stream_options.include_usage``) bills 0 tokens, said once. Ollama's top-level
    ``eval_count``s are read only in its answers (a string ``model`` and ``"done": true``, or ``embeddings``), and
    of newline-delimited JSON only its lines (a ``model`` and ``done``): an export's records, an evaluation
    service's counts are not tokens. A JSON array is read only as Gemini's chunks of one answer (one ``responseId``).
@@ -32,10 +35,11 @@ Token rules, to neither under- nor double-bill:
   proxies such as LiteLLM give Claude's usage), which counts them already, they are not added. So ``input_tokens``
   means the same for every provider: what OpenAI's ``prompt_tokens`` counts (cached tokens included), what a customer
   billed per token reads as "the tokens the model read".
-- Anthropic's server-side compaction runs a summarizing call of its own, billed by Anthropic but reported only in
-  ``usage.iterations`` (an entry of type ``compaction``, not counted in the top-level fields): added (its reads to the
-  input, as above; its output to the output). The other entries (``message``: a server-side tool loop's samplings)
-  are in the top-level counts already: not added.
+- Anthropic's server-side compaction runs a summarizing call of its own, and its advisor tool a sub-inference on the
+  advisor model, billed by Anthropic but reported only in ``usage.iterations`` (entries of type ``compaction``,
+  ``advisor_message``, not counted in the top-level fields): added (their reads to the input, as above; their output
+  to the output). The ``message`` entries (the executor's samplings, a server-side tool loop's) are in the top-level
+  counts already: not added; nor is any entry when the top-level counts are the sum of them all (a gateway's).
 - Cohere's ``billed_units`` are billed (what Cohere bills; its ``tokens`` count the prompt template it adds too);
   its ``tokens`` only when no billed units give a token count.
 - Gemini's ``thoughtsTokenCount`` is *not* a part of ``candidatesTokenCount``: added to the output (its
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -125,9 +130,9 @@ class AttributionConfig:
     #: JSON bodies are buffered up to this many bytes (after decompression); past it only their first and last 16 KiB
     #: are kept, and a usage object closing the body is read there (OpenAI's embeddings of many inputs: megabytes of
     #: vectors, then the model and the usage). SSE is parsed as it streams (compressed or not, however long); one
-    #: event longer than this is skipped, except for a usage object closing it. A gzip/deflate body (gzip: any number
-    #: of members) is inflated up to 64 times this (a JSON body whole; a stream chunk by chunk): a bomb costs bounded
-    #: time, its usage not read past that.
+    #: event longer than this is skipped, except for a usage object closing it. A compressed body (gzip: any number
+    #: of members; deflate; br, zstd: any number of frames) is inflated up to 64 times this (a JSON body whole; a
+    #: stream chunk by chunk): a bomb costs bounded time, its usage not read past that.
     max_body_bytes: int = 1_048_576
     # Precomputed: raw lower-case header name -> (field, rank within its tuple), and the response headers the
     # recorder reads (those, and the content headers).
@@ -369,10 +374,8 @@ def _collect(payload: object, counts: _Counts) -> None:
                 if key in usage and usage[key] is not None:
                     latest[key] = usage[key]
         iterations = usage.get("iterations")
-        if type(iterations) is list:  # Anthropic's per-sampling counts: its compaction calls are not in the others
-            latest[_COMPACTIONS] = [
-                item for item in iterations if isinstance(item, Mapping) and item.get("type") == "compaction"
-            ]
+        if type(iterations) is list:  # Anthropic's per-sampling counts: its compaction and advisor calls are apart
+            latest[_ITERATIONS] = [item for item in iterations if isinstance(item, Mapping)]
         if _OUTPUT_DETAILS[0] in usage or _OUTPUT_DETAILS[1] in usage or "completion_tokens" in usage:
             # An OpenAI-style output count: its reasoning, kept to tell whether the total counts it apart (xAI's)
             details = usage.get(_OUTPUT_DETAILS[0], usage.get(_OUTPUT_DETAILS[1]))
@@ -442,8 +445,8 @@ _USAGE_KEYS = (
 #: Anthropic's counts. In a ``message_delta`` they are cumulative: a ``0`` after a count (what gateways translating
 #: to Anthropic's stream send for the counts they leave to ``message_start``) is a placeholder, not a count.
 _ANTHROPIC_KEYS = frozenset(("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens"))
-#: The raw counts' key for the ``compaction`` entries of Anthropic's ``usage.iterations``.
-_COMPACTIONS = "\x00compactions"
+#: The raw counts' key for the entries of Anthropic's ``usage.iterations``.
+_ITERATIONS = "\x00iterations"
 #: What an Anthropic iteration read (every token read is an input token) and wrote.
 _ITERATION_INPUTS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 _ITERATION_OUTPUTS = ("output_tokens",)
@@ -521,23 +524,36 @@ def _resolve_raw(raw: Mapping[str, Any], source: str) -> dict[str, int]:
             shown = output_tokens or 0
             if reasoning and input_tokens + shown + reasoning == total_tokens:
                 out["output_tokens"] = shown + reasoning
-    compactions = raw.get(_COMPACTIONS)
-    if compactions and not openai_shape:
-        _add_compactions(out, compactions, source)
+    iterations = raw.get(_ITERATIONS)
+    if iterations and not openai_shape:
+        _add_iterations(out, iterations, source)
     return out
 
 
-def _add_compactions(out: dict[str, int], compactions: list[Mapping[str, Any]], source: str) -> None:
-    """Add the calls of Anthropic's server-side compaction to ``out``: each summarizing sampling is billed by
-    Anthropic, and reported only as a ``compaction`` entry of ``usage.iterations`` (its tokens "are not included in
-    the top-level usage fields"; the ``message`` entries are, and are not added again)."""
-    for entry in compactions:
+def _add_iterations(out: dict[str, int], iterations: list[Mapping[str, Any]], source: str) -> None:
+    """Add the samplings Anthropic reports only in ``usage.iterations`` to ``out``: the top-level counts are those of
+    the ``message`` entries (the executor's own samplings, a server-side tool loop's), not of the others, billed all
+    the same: a ``compaction`` (server-side compaction's summarizing call, whose tokens "are not included in the
+    top-level usage fields"), an ``advisor_message`` (the advisor tool's sub-inference, on the advisor model). Those
+    are added, once; unless the top-level counts are already the sum of every entry (a gateway rolling them in)."""
+    extra = [entry for entry in iterations if entry.get("type") != "message"]
+    if not extra:
+        return
+    sums: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
+    added: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
+    for entry in iterations:
         for field, keys in (("input_tokens", _ITERATION_INPUTS), ("output_tokens", _ITERATION_OUTPUTS)):
-            number = _sum(entry, keys, source)
-            if number:
-                out[field] = out.get(field, 0) + number
-                if "total_tokens" in out:
-                    out["total_tokens"] += number
+            number = _sum(entry, keys, source) or 0
+            sums[field] += number
+            if entry.get("type") != "message":
+                added[field] += number
+    if sums["input_tokens"] == out.get("input_tokens", 0) and sums["output_tokens"] == out.get("output_tokens", 0):
+        return  # every entry is in the top-level counts already
+    for field, number in added.items():
+        if number:
+            out[field] = out.get(field, 0) + number
+            if "total_tokens" in out:
+                out["total_tokens"] += number
 
 
 def _resolve_counts(counts: _Counts, source: str, *, model_needs_usage: bool) -> dict[str, Any]:
@@ -639,7 +655,7 @@ class UsageRecorder:
         self._size = 0
         self._counts: _Counts | None = None
         self._result: Usage | None = None
-        self._inflater: _Inflater | None = None
+        self._inflater: _Inflater | _Decoder | None = None
 
     def detach(self) -> None:
         """Let go of the request's scope (keeping only what :func:`attribute_usage` stored), for a recorder
@@ -694,10 +710,9 @@ class UsageRecorder:
                 lowered = content_type.lower()
                 if b"json" not in lowered and b"event-stream" not in lowered and b"eventstream" not in lowered:
                     return
-                if encoded not in _INFLATABLE:
-                    _encoded_body_skipped(encoded)
+                self._inflater = _decoder_of(encoded, config.max_body_bytes * _INFLATE_FACTOR)
+                if self._inflater is None:  # (said)
                     return
-                self._inflater = _Inflater(encoded, config.max_body_bytes * _INFLATE_FACTOR)
             media_type = (
                 content_type if content_type == b"application/json" else content_type.split(b";", 1)[0].strip().lower()
             )
@@ -768,7 +783,7 @@ class UsageRecorder:
                 self._inflater.inflated = 0
                 for piece in self._inflater.pieces(body):
                     feed(piece)
-            except zlib.error:
+            except _UNDECODABLE:
                 self._mode = _MODE_NONE
                 _undecodable_body()
             except OverflowError:
@@ -802,7 +817,7 @@ class UsageRecorder:
         try:
             for piece in self._inflater.pieces(chunk):
                 self._keep_end(piece)
-        except zlib.error:
+        except _UNDECODABLE:
             self._mode = _MODE_NONE
             _undecodable_body()
         except OverflowError:
@@ -1147,7 +1162,7 @@ class UsageRecorder:
                         self._keep_end(earlier)
                     kept = []
                 self._keep_end(piece)
-        except zlib.error:
+        except _UNDECODABLE:
             self._mode = _MODE_NONE
             _undecodable_body()
             return
@@ -1589,16 +1604,19 @@ def _stream_without_usage() -> None:
     )
 
 
-def _encoded_body_skipped(encoding: bytes) -> None:
-    """A compressed body's usage is not read (said once per encoding)."""
+def _encoded_body_skipped(encoding: bytes, install: str | None = None) -> None:
+    """A compressed body's usage is not read (said once per encoding); ``install``: what reads it, not importable."""
+    shown = encoding.decode("latin-1")
     _warn_once(
         f"encoding:{encoding!r}",
         "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
-        "read (tokens billed 0: gzip and deflate are read, other encodings are not). Put the billing middleware "
-        "inside the compression one (app.add_middleware: add OrgBillingMiddleware before the compression "
-        "middleware, so that it wraps the billing one), or attribute usage explicitly (attribute_usage) or in "
-        "response headers. Logged once.",
-        encoding.decode("latin-1"),
+        "read (tokens billed 0). %sput the billing middleware inside the compression one (app.add_middleware: add "
+        "OrgBillingMiddleware before the compression middleware, so that it wraps the billing one), or attribute "
+        "usage explicitly (attribute_usage) or in response headers. Logged once.",
+        shown,
+        f"Install {install} to read {shown} bodies (not a dependency of lago-org-billing), or "
+        if install
+        else "(gzip and deflate are read, br and zstd with their module installed, other encodings not): ",
     )
 
 
@@ -1710,13 +1728,172 @@ class _Inflater:
         return at
 
 
+class _Undecodable(Exception):
+    """A br or zstd body its module could not decode (as :class:`zlib.error` for gzip and deflate)."""
+
+
+#: What a body that cannot be decoded raises.
+_UNDECODABLE = (zlib.error, _Undecodable)
+#: The content encodings read with a module that is not a dependency: the modules tried, first importable one used,
+#: and what to install when none is. brotli before 1.2 cannot bound what one call outputs (a bomb): not used.
+_CODEC_MODULES: dict[bytes, tuple[tuple[str, ...], str]] = {
+    b"br": (("brotli", "brotlicffi"), "brotli 1.2 or later (pip install 'brotli>=1.2')"),
+    b"zstd": (("compression.zstd", "backports.zstd", "zstandard"), "a zstd module (pip install zstandard)"),
+}
+#: Encoding -> (module name, module) of the decoder in use; ``None``: none importable (looked up once per process).
+_codecs: dict[bytes, tuple[str, Any] | None] = {}
+#: The largest output asked for at a time from a decoder (a slice: a bomb's chunk costs no more memory).
+_SLICE = 65_536
+#: The compressed bytes python-zstandard is fed at a time: its decompressobj cannot bound its output, a zstd block of a
+#: few bytes gives up to 128 KiB, so a slice of 64 bytes gives at most a few MiB.
+_ZSTANDARD_FEED = 64
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _codec(encoding: bytes) -> tuple[str, Any] | None:
+    """The module decoding ``encoding`` (br, zstd), imported on first use; ``None`` when none is importable."""
+    if encoding in _codecs:
+        return _codecs[encoding]
+    found: tuple[str, Any] | None = None
+    for name in _CODEC_MODULES[encoding][0]:
+        try:
+            module = importlib.import_module(name)
+            if name.startswith("brotli"):
+                module.Decompressor().process(b"", output_buffer_limit=_SLICE)  # (TypeError before 1.2)
+            elif name == "zstandard":
+                module.ZstdDecompressor().decompressobj()
+            else:
+                module.ZstdDecompressor()
+        except Exception:  # not installed, too old, broken: the next one
+            continue
+        found = (name, module)
+        break
+    _codecs[encoding] = found
+    return found
+
+
+class _Decoder:
+    """Decompresses a br or zstd response body chunk by chunk, in slices, with the optional module that reads it (the
+    same interface as :class:`_Inflater`): a zstd body may be several frames one after the other (each is read; bytes
+    after a frame that are not one are ignored). Past ``budget`` decoded bytes, :class:`OverflowError` is raised; an
+    undecodable body raises :class:`_Undecodable`."""
+
+    __slots__ = ("_decoder", "_ended", "_module", "_name", "budget", "inflated")
+
+    def __init__(self, codec: tuple[str, Any], budget: int | None = None) -> None:
+        self._name, self._module = codec
+        self._decoder: Any = self._fresh()
+        self._ended = False
+        self.budget = budget
+        self.inflated = 0
+
+    def _fresh(self) -> Any:
+        if self._name == "zstandard":
+            return self._module.ZstdDecompressor().decompressobj()
+        if self._name.startswith("brotli"):
+            return self._module.Decompressor()
+        return self._module.ZstdDecompressor()
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """``data`` decoded in slices (about 64 KiB each), as they come (used one at a time)."""
+        if self._ended or not data:
+            return
+        if self._name.startswith("brotli"):
+            produce = self._brotli(data)
+        elif self._name == "zstandard":
+            produce = self._zstandard(data)
+        else:
+            produce = self._zstd(data)
+        try:
+            for piece in produce:
+                if piece:
+                    self.inflated += len(piece)
+                    if self.budget is not None and self.inflated > self.budget:
+                        self._ended = True
+                        raise OverflowError("inflation budget exceeded")
+                    yield piece
+        except OverflowError:
+            raise
+        except Exception as exc:  # the module's error (or any: the recorder never raises), as zlib.error is gzip's
+            self._ended = True
+            raise _Undecodable(str(exc)) from exc
+
+    def _brotli(self, data: bytes) -> Iterator[bytes]:
+        decoder = self._decoder
+        if decoder.is_finished():  # what follows the stream's end is ignored
+            self._ended = True
+            return
+        yield decoder.process(data, output_buffer_limit=_SLICE)
+        while not decoder.can_accept_more_data():  # (output held back at the limit: drained with empty input)
+            yield decoder.process(b"", output_buffer_limit=_SLICE)
+
+    def _next_frame(self, rest: bytes) -> bool:
+        """After a zstd frame's end: whether ``rest`` (what follows it) starts another frame (a fresh decoder made);
+        junk is ignored, and so is everything after it."""
+        head = rest[:4]
+        if not (_ZSTD_MAGIC.startswith(head) or (0x50 <= head[0] <= 0x5F and b"\x2a\x4d\x18".startswith(head[1:]))):
+            self._ended = True  # not a frame, nor a skippable one (magic 0x184D2A5?): junk
+            return False
+        self._decoder = self._fresh()
+        return True
+
+    def _zstd(self, data: bytes) -> Iterator[bytes]:
+        """``compression.zstd`` (Python 3.14) and ``backports.zstd``: one decoder per frame, output bounded."""
+        pending = data
+        while True:
+            decoder = self._decoder
+            if decoder.eof:
+                if not self._next_frame(pending):
+                    return
+                decoder = self._decoder
+            yield decoder.decompress(pending, _SLICE)
+            pending = b""
+            while not decoder.eof and not decoder.needs_input:
+                yield decoder.decompress(b"", _SLICE)
+            if not decoder.eof:
+                return
+            pending = decoder.unused_data
+            if not pending:
+                return  # (the next chunk may start another frame)
+
+    def _zstandard(self, data: bytes) -> Iterator[bytes]:
+        """python-zstandard: its decompressobj cannot bound its output: fed a few bytes at a time."""
+        view = memoryview(data)
+        at = 0
+        while at < len(view):
+            decoder = self._decoder
+            if decoder.eof:
+                if not self._next_frame(bytes(view[at : at + 4])):
+                    return
+                decoder = self._decoder
+            given = view[at : at + _ZSTANDARD_FEED]
+            yield decoder.decompress(given)
+            at += len(given)
+            if decoder.eof:
+                at -= len(decoder.unused_data)
+
+
+def _decoder_of(encoding: bytes, budget: int) -> _Inflater | _Decoder | None:
+    """What decodes a body of ``encoding`` (gzip, deflate; br, zstd with their module); ``None``: not read, said."""
+    if encoding in _INFLATABLE:
+        return _Inflater(encoding, budget)
+    if encoding in _CODEC_MODULES:
+        codec = _codec(encoding)
+        if codec is not None:
+            return _Decoder(codec, budget)
+        _encoded_body_skipped(encoding, _CODEC_MODULES[encoding][1])
+        return None
+    _encoded_body_skipped(encoding)
+    return None
+
+
 def _inflation_budget_exceeded() -> None:
     _warn_once(
         "inflation budget",
-        "A gzip/deflate-encoded response inflated past %d times AttributionConfig.max_body_bytes (a whole JSON body, "
-        "or one chunk of a stream): it was not read further, its usage not read (tokens billed as counted so far). "
-        "Raise max_body_bytes if such bodies are legitimate, or attribute usage explicitly (attribute_usage) or in "
-        "response headers. Logged once.",
+        "A compressed (gzip, deflate, br or zstd) response inflated past %d times AttributionConfig.max_body_bytes (a "
+        "whole JSON body, or one chunk of a stream): it was not read further, its usage not read (tokens billed as "
+        "counted so far). Raise max_body_bytes if such bodies are legitimate, or attribute usage explicitly "
+        "(attribute_usage) or in response headers. Logged once.",
         _INFLATE_FACTOR,
     )
 
@@ -1768,8 +1945,8 @@ def _unreadable_event_stream() -> None:
 def _undecodable_body() -> None:
     _warn_once(
         "undecodable",
-        "A gzip/deflate-encoded JSON or event-stream response could not be decompressed: its usage was not read "
-        "(tokens billed 0). Logged once.",
+        "A compressed (gzip, deflate, br or zstd) JSON or event-stream response could not be decompressed: its usage "
+        "was not read (tokens billed 0). Logged once.",
     )
 
 
