@@ -15,6 +15,14 @@ already invoiced unless its invoice is still a draft; before the subscription st
 what to do. A replay or purge holds ``PATH.dead-letters.lock`` for its run: a second one started meanwhile (another
 shell, another worker) does nothing and says so.
 
+The same from Python: :func:`replay_spool_dead_letters` (of :func:`read_spool_dead_letters` or
+:func:`find_spool_dead_letters`) holds the same lock (:class:`DeadLettersBusyError` while another replay or purge
+runs), sends only the letters still in the spool, and logs at WARNING what the command prints as warnings. In every
+case a chunk's letters are deleted only once Lago has answered for all of them and the billing periods of those it
+took are checked: one interrupted before leaves them to the next replay, which sends the stored text again (same
+``transaction_id``, subscription and timestamp: Lago's Postgres store answers 422 ``value_already_exist``, counted as
+a duplicate, its ClickHouse store replaces the row) and reports them.
+
 In-memory dead letters live only in their process: ``EventPipeline.replay_dead_letters()`` replays those.
 """
 
@@ -55,6 +63,8 @@ from ._settings import BillingSettings
 from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
 __all__ = [
+    "DeadLettersBusyError",
+    "ReplayReport",
     "SpoolDeadLetter",
     "add_dead_letters_command",
     "find_spool_dead_letters",
@@ -107,9 +117,10 @@ class SpoolDeadLetter:
 @dataclasses.dataclass
 class ReplayReport:
     """What a replay did: letters sent, of which delivered (``duplicates`` already in Lago) or rejected again,
-    letters skipped (no whole event), letters left as they were because their spool file changed meanwhile, and
-    whether Lago answered for every letter sent in time (if not, the letters of the unanswered thousand and after are
-    left as they were)."""
+    letters skipped (no whole event), letters left as they were because their spool file changed (or another replay
+    or purge of it ran) meanwhile, letters gone from their spool file when their turn came (replayed, purged or moved
+    by another run since they were read: not sent), and whether Lago answered for every letter sent in time (if not,
+    the letters of the unanswered thousand and after are left as they were)."""
 
     sent: int = 0
     delivered: int = 0
@@ -117,6 +128,7 @@ class ReplayReport:
     rejected: list[SpoolDeadLetter] = dataclasses.field(default_factory=list)
     skipped: list[SpoolDeadLetter] = dataclasses.field(default_factory=list)
     unchanged: int = 0
+    gone: int = 0
     complete: bool = True
     #: Letters delivered that Lago stores but will not bill, with why and the start of their subscription's current
     #: billing period (when there is one).
@@ -132,11 +144,17 @@ CHUNK = 1_000
 #: Seconds to wait for a spool file another process holds locked (its owner's commits take milliseconds).
 BUSY_TIMEOUT = 30.0
 
+#: A letter's key: its row id, or SLOT:ID (at most 100 digits each: ``int()`` refuses more than 4,300).
+_ID = re.compile(r"(\d{1,100}:)?\d{1,100}")
+
 
 def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     """Every dead letter of the spool at ``path`` (all its slot files), oldest first in each file, read a page at a
-    time."""
-    for slot, file in spool_slot_files(path):
+    time. A ``ConfigurationError`` when ``path`` has no spool file (a mistyped path is said, not an empty spool)."""
+    files = spool_slot_files(path)
+    if not files:
+        raise ConfigurationError(f"No spool file at {path}.", variable="LAGO_SPOOL_PATH")
+    for slot, file in files:
         after = 0
         while True:
             rows = _rows(
@@ -148,13 +166,24 @@ def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
             yield from (_letter(file, slot, row) for row in rows)
 
 
-def find_spool_dead_letters(path: str, keys: Iterable[str]) -> tuple[list[SpoolDeadLetter], list[str]]:
-    """The letters named by ``keys`` (``"17"``, ``"2:17"`` for slot 2), in that order, and the keys found nowhere."""
+def find_spool_dead_letters(path: str, keys: Iterable[str | int]) -> tuple[list[SpoolDeadLetter], list[str]]:
+    """The letters named by ``keys`` (``"17"`` or ``17``, ``"2:17"`` for slot 2), in that order, and the keys found
+    nowhere. A ``ConfigurationError`` naming those that are no id."""
     files = dict(spool_slot_files(path))
     found: list[SpoolDeadLetter] = []
     missing: list[str] = []
-    named: dict[tuple[int, int], str] = {}  # one letter named twice ("1", "0:1", "01") is sent once
+    texts: list[str] = []
+    bad: list[str] = []
     for key in keys:
+        text: object = str(key) if type(key) is int else key  # (a DeadLetter.id; not True)
+        if isinstance(text, str) and _ID.fullmatch(text):
+            texts.append(text)
+        else:
+            bad.append(repr(key))
+    if bad:
+        raise ConfigurationError(f"not an id (N or SLOT:N): {', '.join(bad)}. Nothing was selected.")
+    named: dict[tuple[int, int], str] = {}  # one letter named twice ("1", "0:1", "01") is sent once
+    for key in texts:
         slot_text, _, id_text = key.rpartition(":")
         named.setdefault((int(slot_text or 0), int(id_text)), key)
     for (slot, row_id), key in named.items():
@@ -213,8 +242,26 @@ async def replay_spool_dead_letters(
     letters: Iterable[SpoolDeadLetter], settings: BillingSettings, *, wait: float = 60.0
 ) -> ReplayReport:
     """Send ``letters`` to Lago again, a thousand at a time (see the module docstring): once Lago has answered for
-    all of a thousand, their spool files are updated; if it does not within ``wait`` seconds in all, that thousand and
-    the rest are left as they were."""
+    all of a thousand, and the billing periods of those it took are checked, their spool files are updated; if it
+    does not answer within ``wait`` seconds in all, that thousand and the rest are left as they were.
+
+    As ``dead-letters --replay``, it holds each spool's ``PATH.dead-letters.lock`` from before it sends that spool's
+    first letter to its last write: a :class:`DeadLettersBusyError` (nothing sent) when another replay or purge holds
+    the spool of the first letter; the letters of another spool held meanwhile are left as they were (``unchanged``).
+    A letter no longer in its spool file when its thousand is sent (replayed or purged since it was read) is not sent
+    (``gone``). What the command prints as warnings (events Lago stores but will not bill, letters left as they were)
+    is logged at WARNING on ``lago_org_billing.dead_letters``."""
+    if not wait > 0:  # (nan too)
+        raise ConfigurationError(f"wait must be a positive number of seconds, got {wait!r}. Nothing was sent.")
+    with _SpoolLocks("replay_spool_dead_letters") as locks:
+        report = await _replay_letters(locks.held_letters(letters), settings, wait)
+        report.unchanged += locks.busy
+    _log_report(report)
+    return report
+
+
+async def _replay_letters(letters: Iterable[SpoolDeadLetter], settings: BillingSettings, wait: float) -> ReplayReport:
+    """:func:`replay_spool_dead_letters` without its locks (the command holds its own) nor its log."""
     report = ReplayReport()
     deadline = time.monotonic() + wait
     async with LagoClient(settings) as client:
@@ -243,15 +290,93 @@ async def replay_spool_dead_letters(
                 continue
             chunk.append(spooled)
             if len(chunk) == CHUNK:
-                delivered = await _replay_chunk(client, chunk, report, deadline)
-                await _check_billing_periods(client, delivered, report, periods, deadline)
+                await _replay_chunk(client, chunk, report, periods, deadline)
                 if not report.complete:
                     return report
                 chunk = []
         if chunk:
-            delivered = await _replay_chunk(client, chunk, report, deadline)
-            await _check_billing_periods(client, delivered, report, periods, deadline)
+            await _replay_chunk(client, chunk, report, periods, deadline)
     return report
+
+
+def _spool_of(spooled: SpoolDeadLetter) -> str:
+    """The spool path of a letter's slot file (``PATH`` for ``PATH.2``)."""
+    suffix = f".{spooled.slot}"
+    return spooled.file[: -len(suffix)] if spooled.slot and spooled.file.endswith(suffix) else spooled.file
+
+
+class _SpoolLocks:
+    """The ``PATH.dead-letters.lock`` of each spool whose letters an in-process replay meets, taken as it meets them
+    and held to its end: that of the first letter's spool, or :class:`DeadLettersBusyError` (nothing was sent yet);
+    the letters of a spool held by another run after that are passed over (counted in ``busy``)."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        self.locks: dict[str, _SpoolLettersLock | None] = {}
+        self.busy = 0
+
+    def __enter__(self) -> _SpoolLocks:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lock in self.locks.values():
+            if lock is not None:
+                lock.__exit__(None, None, None)
+        self.locks.clear()
+
+    def held_letters(self, letters: Iterable[SpoolDeadLetter]) -> Iterator[SpoolDeadLetter]:
+        for spooled in letters:
+            spool = os.path.realpath(_spool_of(spooled))
+            if spool not in self.locks:
+                lock = _SpoolLettersLock(spool, self.action)
+                try:
+                    self.locks[spool] = lock.__enter__()
+                except DeadLettersBusyError as exc:
+                    if not self.locks:  # the first spool: nothing was sent
+                        raise
+                    logger.warning("The dead letters of %s are left as they were: %s", spool, exc)
+                    self.locks[spool] = None
+            if self.locks[spool] is None:
+                self.busy += 1
+                continue
+            yield spooled
+
+
+def _log_report(report: ReplayReport) -> None:
+    """Log at WARNING what the command prints as warnings (an in-process replay has no terminal)."""
+    if report.unbilled:
+        shown = report.unbilled[:20]
+        more = len(report.unbilled) - len(shown)
+        logger.warning(
+            "Replayed dead letters: Lago stores these %d delivered events but will not bill them (a replay keeps each "
+            "event's timestamp): %s%s. A period whose invoice is still a draft (grace period) takes them; otherwise "
+            "bill them by hand: a one-off invoice (POST /invoices with an add-on) or an adjustment of the next invoice "
+            "(ReplayReport.unbilled lists them all).",
+            len(report.unbilled),
+            "; ".join(
+                f"{spooled.key} {spooled.letter.event.get('transaction_id')}: {why}" for spooled, why, _ in shown
+            ),
+            f"; and {more} more" if more else "",
+        )
+    if report.unchecked:
+        logger.warning(
+            "Replayed dead letters: %d delivered events were not checked against their subscription's billing period "
+            "(%s): one timestamped before it is stored by Lago but not billed.",
+            report.unchecked,
+            report.unchecked_reason,
+        )
+    if not report.complete:
+        logger.warning(
+            "Replayed dead letters: Lago did not answer for all the replayed events in time: the letters of the last "
+            "thousand sent, and any after them, are kept as they were (replay again: events Lago took meanwhile then "
+            "count as duplicates, not billed twice)."
+        )
+    if report.unchanged:
+        logger.warning(
+            "Replayed dead letters: %d were left as they were (their spool file changed or was locked, or another "
+            "replay or purge held it): replay again.",
+            report.unchanged,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,14 +393,15 @@ class _Subscription:
 async def _check_billing_periods(
     client: LagoClient,
     delivered: list[SpoolDeadLetter],
-    report: ReplayReport,
     periods: dict[str, _Subscription | LagoIntegrationError | None],
     deadline: float,
-) -> None:
-    """Note in ``report.unbilled`` the ``delivered`` letters Lago stores but will not bill: a timestamp before their
-    subscription's current billing period (Lago bills a late event only while that period's invoice is a draft),
-    before the subscription starts, or no subscription at all. One ``GET /subscriptions/{id}`` per subscription and
-    run; one Lago cannot answer (or past the deadline) leaves its letters unchecked, said as such."""
+) -> dict[int, tuple[str, str | None] | str]:
+    """The ``delivered`` letters (by ``id()``) Lago stores but will not bill, with why and the start of their
+    subscription's current billing period: a timestamp before that period (Lago bills a late event only while that
+    period's invoice is a draft), before the subscription starts, or no subscription at all. One
+    ``GET /subscriptions/{id}`` per subscription and run; one Lago cannot answer (or past the deadline) leaves its
+    letters unchecked: those get the reason (a ``str``)."""
+    verdicts: dict[int, tuple[str, str | None] | str] = {}
     for spooled in delivered:
         event = spooled.letter.event
         external_id = event.get("external_subscription_id")
@@ -284,7 +410,9 @@ async def _check_billing_periods(
             continue
         if external_id not in periods:
             if time.monotonic() >= deadline:
-                periods[external_id] = LagoIntegrationError("--timeout was reached before it was read")
+                periods[external_id] = LagoIntegrationError(
+                    "the replay's time (--timeout, or wait) ran out before it was read"
+                )
             else:
                 try:
                     subscription = await client.get_current_subscription(external_id)
@@ -294,8 +422,7 @@ async def _check_billing_periods(
                     periods[external_id] = None if subscription is None else _subscription_of(subscription)
         known = periods[external_id]
         if isinstance(known, LagoIntegrationError):
-            report.unchecked += 1
-            report.unchecked_reason = str(known)
+            verdicts[id(spooled)] = str(known)
             continue
         when = _when(float(moment))
         if known is None:
@@ -316,7 +443,8 @@ async def _check_billing_periods(
             )
         else:
             continue
-        report.unbilled.append((spooled, why, known.period_text if known is not None else None))
+        verdicts[id(spooled)] = (why, known.period_text if known is not None else None)
+    return verdicts
 
 
 def _subscription_of(subscription: dict[str, Any]) -> _Subscription:
@@ -359,10 +487,19 @@ async def _check_events_permission(client: LagoClient) -> None:
 
 
 async def _replay_chunk(
-    client: LagoClient, chunk: list[SpoolDeadLetter], report: ReplayReport, deadline: float
-) -> list[SpoolDeadLetter]:
-    """Send one chunk; update the spool once Lago has answered for all of it (``report.complete`` False when it has
-    not in time). The letters delivered (their rows deleted)."""
+    client: LagoClient,
+    chunk: list[SpoolDeadLetter],
+    report: ReplayReport,
+    periods: dict[str, _Subscription | LagoIntegrationError | None],
+    deadline: float,
+) -> None:
+    """Send one chunk (those of its letters still in their spool file); once Lago has answered for all of it
+    (``report.complete`` False when it has not in time) and the billing periods of those it took are checked, update
+    the spool and the report. Nothing is written before that: a replay interrupted meanwhile leaves the letters for
+    the next one, which sends them again as they are (Lago counts those it took as duplicates) and reports them."""
+    chunk = _still_spooled(chunk, report)
+    if not chunk:
+        return
     pipeline = EventPipeline(
         client, memory_capacity=len(chunk), flush_interval=0.0, shutdown_timeout=0.0, max_backoff=10.0
     )
@@ -386,21 +523,26 @@ async def _replay_chunk(
     finally:
         delivery_log.disabled = quiet
     report.sent += len(chunk)
-    delivered: list[SpoolDeadLetter] = []
     if not answered:
         report.complete = False
-        return delivered
-    report.duplicates += pipeline.metrics.duplicates
+        return
     # Matched by the whole event, not its transaction_id: Lago takes the same one on several subscriptions.
     again = {_event_key(letter.event): letter for letter in pipeline.dead_letters()}
+    outcomes = [(spooled, again.get(_event_key(spooled.letter.event))) for spooled in chunk]
+    # Checked before the letters Lago took are deleted: never deleted without being said unbilled (or unchecked).
+    verdicts = await _check_billing_periods(
+        client, [spooled for spooled, new in outcomes if new is None], periods, deadline
+    )
+    # From here to the end, no await: what is written to the spool and what the report says go together.
+    report.duplicates += pipeline.metrics.duplicates
     by_file: dict[str, list[tuple[SpoolDeadLetter, DeadLetter | None]]] = {}
-    for spooled in chunk:
-        by_file.setdefault(spooled.file, []).append((spooled, again.get(_event_key(spooled.letter.event))))
-    for file, outcomes in by_file.items():
-        deletes = [(spooled.letter.id, spooled.body) for spooled, new in outcomes if new is None]
+    for spooled, new in outcomes:
+        by_file.setdefault(spooled.file, []).append((spooled, new))
+    for file, file_outcomes in by_file.items():
+        deletes = [(spooled.letter.id, spooled.body) for spooled, new in file_outcomes if new is None]
         updates = [
             (new.reason, new.status, new.code, new.created_at, spooled.letter.id, spooled.body)
-            for spooled, new in outcomes
+            for spooled, new in file_outcomes
             if new is not None
         ]
         try:
@@ -417,16 +559,51 @@ async def _replay_chunk(
                 file,
                 exc,
             )
-            report.unchanged += len(outcomes)
+            report.unchanged += len(file_outcomes)
             continue
-        for spooled, new in outcomes:
-            if new is None:
-                report.delivered += 1
-                delivered.append(spooled)
-            else:
+        for spooled, new in file_outcomes:
+            if new is not None:
                 renewed = dataclasses.replace(new, id=spooled.letter.id)
                 report.rejected.append(dataclasses.replace(spooled, letter=renewed))
-    return delivered
+                continue
+            report.delivered += 1
+            verdict = verdicts.get(id(spooled))
+            if isinstance(verdict, str):
+                report.unchecked += 1
+                report.unchecked_reason = verdict
+            elif verdict is not None:
+                report.unbilled.append((spooled, *verdict))
+
+
+def _still_spooled(chunk: list[SpoolDeadLetter], report: ReplayReport) -> list[SpoolDeadLetter]:
+    """The letters of ``chunk`` whose row is still in their spool file (read before the spool's lock was taken, or
+    replayed by a worker since): one gone is not sent (``report.gone``); those of a file that cannot be read now are
+    left as they were (``report.unchanged``)."""
+    by_file: dict[str, list[SpoolDeadLetter]] = {}
+    for spooled in chunk:
+        by_file.setdefault(spooled.file, []).append(spooled)
+    present: set[tuple[str, int]] = set()
+    unreadable: set[str] = set()
+    for file, letters in by_file.items():
+        ids = [spooled.letter.id for spooled in letters if spooled.letter.id is not None]
+        try:
+            for start in range(0, len(ids), 500):  # (SQLite's older builds take at most 999 parameters)
+                part = ids[start : start + 500]
+                query = f"SELECT id FROM dead_letters WHERE id IN ({', '.join('?' * len(part))})"
+                present.update((file, row[0]) for row in _rows(file, query, tuple(part)))
+        except ConfigurationError as exc:
+            logger.warning("The dead letters of %s are left as they were: %s", file, exc)
+            report.unchanged += len(letters)
+            unreadable.add(file)
+    kept = []
+    for spooled in chunk:
+        if spooled.file in unreadable:
+            continue
+        if (spooled.file, spooled.letter.id) in present:
+            kept.append(spooled)
+        else:
+            report.gone += 1
+    return kept
 
 
 class DeadLettersBusyError(LagoIntegrationError):
@@ -463,9 +640,9 @@ class _SpoolLettersLock:
             self._taken = False
             done = "Nothing was deleted" if self.action == "--purge" else "Nothing was sent"
             raise DeadLettersBusyError(
-                f"another dead-letters --replay or --purge of this spool is running ({holder or 'lock ' + self.path})."
-                f" {done} (a purge must not delete what a replay is sending, nor a second replay send it again): run "
-                "the same command again once it ends."
+                f"another dead-letters --replay or --purge of this spool (or an in-process replay_spool_dead_letters) "
+                f"is running ({holder or 'lock ' + self.path}). {done} (a purge must not delete what a replay is "
+                "sending, nor a second replay send it again): run it again once that one ends."
             )
         self._fd = fd
         return self
@@ -566,8 +743,13 @@ def run_dead_letters_command(args: argparse.Namespace) -> int:
     check_spool_files(path)  # one that cannot be read is said before anything is listed or sent
     args.since_seconds = _time_option("--since", args.since)
     args.until_seconds = _time_option("--until", args.until)
+    if args.since_seconds is not None and args.until_seconds is not None and args.since_seconds >= args.until_seconds:
+        raise ConfigurationError(
+            f"--since {args.since} is not before --until {args.until} (from --since, inclusive, to --until, "
+            "exclusive): no letter could be selected. Nothing was selected: swap them, or check their dates."
+        )
     if args.ids:
-        bad = [key for key in args.ids if not re.fullmatch(r"(\d{1,100}:)?\d{1,100}", key)]  # (int() takes 4,300)
+        bad = [key for key in args.ids if not _ID.fullmatch(key)]
         if bad:
             raise ConfigurationError(f"not an id (N or SLOT:N): {', '.join(bad)}")
     if not args.purge and settings is None:
@@ -614,6 +796,12 @@ def _time_option(option: str, text: str | None) -> decimal.Decimal | None:
     """``--since``/``--until``: an ISO 8601 date or time (UTC when it has no offset) or Unix seconds."""
     if text is None:
         return None
+    day = _basic_date(text.strip())
+    if day is not None:  # a date in ISO 8601's basic format, or Unix seconds of 1970-73 (when no letter was written)
+        raise ConfigurationError(
+            f"{option} {text.strip()} is ambiguous: a date ({day}) or Unix seconds ({_when(int(text))} UTC). Write "
+            f"{option} {day} for the date, or {option} {text.strip()}.0 for the seconds. Nothing was selected."
+        )
     seconds = _seconds(text.strip())
     if seconds is None:
         seconds = _iso_seconds(text.strip())
@@ -623,6 +811,17 @@ def _time_option(option: str, text: str | None) -> decimal.Decimal | None:
             f"Unix seconds, got {text!r}. Nothing was selected."
         )
     return seconds
+
+
+def _basic_date(text: str) -> str | None:
+    """``2026-03-01`` for ``20260301`` (eight digits that are a date, on every Python: 3.10's ``fromisoformat`` does not
+    read them); None otherwise."""
+    if not re.fullmatch(r"[0-9]{8}", text):
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%Y%m%d").date().isoformat()
+    except ValueError:
+        return None
 
 
 def _of_subscriptions_and_times(
@@ -647,7 +846,8 @@ def _of_subscriptions_and_times(
 def _replay(letters: Iterable[SpoolDeadLetter], settings: BillingSettings, args: argparse.Namespace) -> int:
     replay_settings = settings
     try:
-        report = run_main(lambda: replay_spool_dead_letters(letters, replay_settings, wait=args.timeout))
+        # (the command holds the spool's lock already, and prints what the function would log)
+        report = run_main(lambda: _replay_letters(letters, replay_settings, args.timeout))
     except KeyboardInterrupt:
         print(
             "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "
@@ -824,6 +1024,7 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
                     "sent": report.sent,
                     "complete": report.complete,
                     "unchanged": report.unchanged,
+                    "gone": report.gone,
                     "delivered": report.delivered,
                     "duplicates": report.duplicates,
                     "rejected": [_as_json(spooled) for spooled in report.rejected],
@@ -850,6 +1051,11 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
             "after them, are kept as they were (run again: events Lago took meanwhile then count as duplicates, "
             "not billed twice).",
             file=sys.stderr,
+        )
+    if report.gone:
+        print(
+            f"{report.gone} letters were not sent: they had left the spool since they were read (replayed by a worker, "
+            "or its file adopted by one)."
         )
     if report.unchanged:
         print(
