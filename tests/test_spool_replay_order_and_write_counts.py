@@ -278,3 +278,34 @@ async def test_loading_waits_for_a_failing_write_of_the_rows_resolved_before_cou
     await outbox.fill()
     assert outbox._loaded_upto > loaded
     assert await outbox.close() == 0
+
+
+@pytest.mark.anyio
+async def test_a_replayed_letter_purged_before_its_write_is_not_sent(tmp_path: Path) -> None:
+    """A running pipeline replays two dead letters (``EventPipeline.replay_dead_letters``); before its next commit
+    writes them back among the events, another process deletes one (``dead-letters --purge --yes``, which promises
+    Lago never gets it, or a ``--replay`` that sent it already). That letter's event is not written nor sent: the
+    other one is. Before the fix the commit deleted nothing for it and wrote its event anyway: sent after a purge, or
+    twice after a replay."""
+    path = tmp_path / "spool.db"
+    outbox = SqliteOutbox(str(path))
+    await outbox.open()
+    for event in events(2, prefix="rejected"):
+        outbox.put(event)
+    await outbox.commit()
+    await outbox.fill()
+    for item in outbox.take(10):
+        outbox.dead(item, DeadLetter(item.payload(), "metric missing", 422, "validation_errors"))
+    await outbox.commit()
+    assert rows(path, "dead_letters") == 2
+    assert await outbox.replay_dead(None) == 2
+
+    with sqlite3.connect(path) as other:  # the CLI's purge of one of them, meanwhile
+        purged = other.execute("SELECT id, body FROM dead_letters ORDER BY id LIMIT 1").fetchone()
+        other.execute("DELETE FROM dead_letters WHERE id = ?", (purged[0],))
+    await outbox.commit()
+    assert rows(path, "dead_letters") == 0
+    taken = await _drain(outbox)
+    assert taken == ["rejected1"], taken
+    assert outbox.unresolved() == 0 and rows(path) == 0
+    assert await outbox.close() == 0

@@ -951,17 +951,19 @@ class _SpoolFile:
         rows: list[tuple[int, JSON | str]],
         deletes: list[int],
         dead: list[tuple[int, DeadLetter]],
-        revived: list[tuple[int, str]],
+        revived: list[tuple[int, str, int]],
         unwritten_dead: list[DeadLetter],
-    ) -> tuple[list[tuple[int, str]], list[int]]:
+    ) -> tuple[list[tuple[int, str]], list[int], list[int]]:
         """One transaction: insert ``rows``, move ``dead`` rows to dead letters, add the letters ``unwritten_dead``
-        (of events that were never written), delete ``deletes`` and the dead letters ``revived`` (replayed: their
-        events are among ``rows``).
+        (of events that were never written), delete ``deletes`` and the dead letters ``revived`` (replayed: (letter id,
+        its text, the id of its event among ``rows``)). A replayed letter no longer in the file (purged, or replayed by
+        another process, since it was read) has its event left out.
 
         Each event of ``rows`` is replaced by its JSON text as it is encoded: when the transaction fails, the caller
         keeps ``rows`` for the next attempt, which does not encode them again.
 
-        Returns the rows written as (id, JSON text) and the ids of rows JSON cannot carry (dead-lettered)."""
+        Returns the rows written as (id, JSON text), the ids of rows JSON cannot carry (dead-lettered) and those of
+        replayed events left out (their letters gone)."""
         encoded: list[tuple[int, str]] = []
         unencodable: list[int] = []
         letters = [
@@ -983,8 +985,17 @@ class _SpoolFile:
             conn = self._reconnect()
             conn.execute("BEGIN")
             try:
-                if encoded:
-                    conn.executemany("INSERT INTO events(id, body) VALUES (?, ?)", encoded)
+                vanished: list[int] = []
+                for dead_id, body, row_id in revived:
+                    # by id and text: never another letter that took a freed id (older spool files reuse ids)
+                    if (
+                        conn.execute("DELETE FROM dead_letters WHERE id = ? AND body = ?", (dead_id, body)).rowcount
+                        == 0
+                    ):
+                        vanished.append(row_id)
+                written = [row for row in encoded if row[0] not in vanished] if vanished else encoded
+                if written:
+                    conn.executemany("INSERT INTO events(id, body) VALUES (?, ?)", written)
                 if letters:
                     conn.executemany(
                         "INSERT INTO dead_letters(body, reason, status, code, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -993,8 +1004,6 @@ class _SpoolFile:
                 gone = [(row_id,) for row_id in deletes] + [(row_id,) for row_id, _ in dead]
                 if gone:
                     conn.executemany("DELETE FROM events WHERE id = ?", gone)
-                if revived:  # by id and text: never another letter that took a freed id (older spool files reuse ids)
-                    conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", revived)
                 conn.execute("COMMIT")
                 self.letters_writing = []
             except BaseException:
@@ -1003,7 +1012,7 @@ class _SpoolFile:
                 raise
             if gone:
                 self._shrink_if_drained(conn)
-        return encoded, unencodable
+        return written, unencodable, vanished
 
     def _shrink_if_drained(self, conn: sqlite3.Connection) -> None:
         """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with at
@@ -1464,7 +1473,7 @@ class SqliteOutbox(Outbox):
         self._to_dead: list[tuple[int, DeadLetter]] = []
         # replayed dead letters (id, stored text), deleted with the commit that writes their events; and the ids of
         # those events, never sent before they are written (their letters would stay, or go with nothing written)
-        self._revived: list[tuple[int, str]] = []
+        self._revived: list[tuple[int, str, int]] = []  # replayed letters: (id, text, the id of their event)
         self._replayed: set[int] = set()
         self._next_id = 1
         self._rows = 0  # rows in the file (committed, not yet deleted)
@@ -1623,7 +1632,7 @@ class SqliteOutbox(Outbox):
             if self._orphan is not None:  # (nor while a cancelled commit's write may be)
                 await self._settle_orphan()
             # (read once no commit holds them: one that fails puts the letters it took back among those waiting)
-            waiting = {dead_id for dead_id, _ in self._revived}
+            waiting = {dead_id for dead_id, _, _ in self._revived}
             room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
             while len(chosen) < room:  # page through the table: it may be large
                 rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500)
@@ -1641,7 +1650,7 @@ class SqliteOutbox(Outbox):
             self.pending.append((self._next_id, body))
             self._replayed.add(self._next_id)
             self._next_id += 1
-            self._revived.append((dead_id, body))
+            self._revived.append((dead_id, body, self._next_id - 1))
         return len(chosen)
 
     # ------------------------------------------------------------ thread side
@@ -1696,7 +1705,9 @@ class SqliteOutbox(Outbox):
                 # shielded whole: cancelled while it waits for a worker thread (before anyio's own shield), it would
                 # drop what it took from memory above, events included, uncounted
                 with anyio.CancelScope(shield=True):
-                    encoded, unencodable = await anyio.to_thread.run_sync(write, rows, deletes, dead, revived, letters)
+                    encoded, unencodable, vanished = await anyio.to_thread.run_sync(
+                        write, rows, deletes, dead, revived, letters
+                    )
             except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
                 # sent from memory (Lago may well be up) rather than held there for a volume that may stay full
                 # until memory is full too and new events are dropped; not by the run's last commit (nothing sends)
@@ -1712,7 +1723,7 @@ class SqliteOutbox(Outbox):
                     self._orphan, self._orphan_rewound = (write, rows, deletes, dead, revived, letters), False
                 raise
             self._replayed.clear()  # (every replayed event was among the rows just written)
-            self._written(rows, unencodable, deletes, dead)
+            self._written(rows, unencodable, deletes, dead, vanished)
             self._hand_over(rows, dict(encoded))
 
     async def _idle_check(self) -> None:
@@ -1731,14 +1742,27 @@ class SqliteOutbox(Outbox):
                 logger.debug("The spool %s could not be checked between writes", self.file.path, exc_info=True)
 
     def _written(
-        self, rows: list[tuple[int, JSON | str]], unencodable: list[int], deletes: list[int], dead: list[Any]
+        self,
+        rows: list[tuple[int, JSON | str]],
+        unencodable: list[int],
+        deletes: list[int],
+        dead: list[Any],
+        vanished: list[int],
     ) -> None:
         """A commit's write succeeded: its rows are in the file, its resolutions recorded."""
         self._writing = (0, 0)
         self._rewriting = 0
         if self._write_errors.count:
             self._write_errors.end("The event spool %s is written", self.path)
-        self._rows += len(rows) - len(unencodable) - len(deletes) - len(dead)
+        self._rows += len(rows) - len(unencodable) - len(vanished) - len(deletes) - len(dead)
+        if vanished:
+            logger.warning(
+                "%d replayed dead letters of the spool %s were deleted by another process (dead-letters --purge or "
+                "--replay) before this one wrote their events back: not sent (a purged letter is never sent, a "
+                "replayed one was sent by that replay)",
+                len(vanished),
+                self.path,
+            )
         if unencodable:
             self.dead_on_write += len(unencodable)
             logger.error(
@@ -1759,9 +1783,9 @@ class SqliteOutbox(Outbox):
             await anyio.to_thread.run_sync(write.done.wait)
         self._orphan = None
         if write.error is None:
-            _, unencodable = write.result
+            _, unencodable, vanished = write.result
             self._replayed.difference_update(row_id for row_id, _ in rows)
-            self._written(rows, unencodable, deletes, dead)
+            self._written(rows, unencodable, deletes, dead, vanished)
             if rows:
                 self._committed_upto = max(self._committed_upto, rows[-1][0])
             return
@@ -1776,7 +1800,7 @@ class SqliteOutbox(Outbox):
         rows: list[tuple[int, JSON | str]],
         deletes: list[int],
         dead: list[tuple[int, DeadLetter]],
-        revived: list[tuple[int, str]],
+        revived: list[tuple[int, str, int]],
         letters: list[DeadLetter],
         *,
         send: bool,
