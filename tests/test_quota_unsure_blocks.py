@@ -184,3 +184,49 @@ async def test_calls_in_flight_and_records_after_the_read_block_for_the_period(
         clock.advance(6)
         assert not (await gate.check("org_1")).allowed
     assert lago.usage_reads == reads
+
+
+@needs_redis
+async def test_with_redis_one_gate_of_the_fleet_reads_an_unsure_block_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two gates (two workers) share Redis. The scenario of the first test: once the unsure records can be trusted,
+    both workers' blocked requests come in; the org is read again once for the fleet (the lock freed for that
+    snapshot only), and both decide on that read."""
+    monkeypatch.setattr(_quota, "_FIRST_SPREAD", 0.0)
+    clock = Clock(START)
+    lago = StubLago(limit=5)
+    settings = BillingSettings(api_url="http://lago.invalid", api_key="k", max_retries=0, redis_url=redis_url)
+    config = QuotaConfig(jitter=0.0, redis_prefix=f"unsure:{uuid.uuid4().hex[:8]}:")
+    gates = [QuotaGate(settings, lago, config=config, clock=clock.time) for _ in range(2)]  # type: ignore[arg-type]
+    first, second = gates
+    async with anyio.create_task_group() as tasks:
+        for gate in gates:
+            await tasks.start(gate.run)
+        assert (await call(first, lago)).allowed
+        clock.advance(28)
+        assert (await call(first, lago)).allowed and (await call(second, lago)).allowed
+        clock.advance(3)
+        fourth = await first.check("org_1")
+        assert fourth.allowed
+        await settled(first)
+        first.settle("org_1", fourth, tokens=0, billed=True)
+        lago.usage += 1
+        await first.backend.flush()  # type: ignore[attr-defined]
+        reads = lago.usage_reads
+        clock.advance(1)
+        assert [headers(await gate.check("org_1"))["retry-after"] for gate in gates] == ["5", "5"]
+        clock.advance(5)
+        decisions: list[QuotaDecision] = []
+
+        async def one(gate: QuotaGate) -> None:
+            decisions.append(await gate.check("org_1"))
+
+        async with anyio.create_task_group() as burst:
+            for gate in gates:
+                burst.start_soon(one, gate)
+        assert lago.usage_reads == reads + 1  # once for the fleet
+        assert sorted(decision.allowed for decision in decisions) == [False, True]  # the fifth call, once
+        tasks.cancel_scope.cancel()
+    for gate in gates:
+        await gate.aclose()
