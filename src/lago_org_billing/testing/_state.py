@@ -133,6 +133,18 @@ def _require_root(body: Any, key: str) -> Any:
     return body[key]
 
 
+def _page(items: Sequence[JSON], key: str, query: Mapping[str, Any], serialize: Callable[[JSON], JSON]) -> JSON:
+    """:func:`~._util.paginate` the records, then serialize the page's alone (serializing every record for each page
+    made paging through 20,000 customers quadratic)."""
+    result = paginate(items, key, query.get("page"), query.get("per_page"))
+    result[key] = [serialize(item) for item in result[key]]
+    return result
+
+
+def _seq(sub: JSON) -> int:
+    return int(sub["seq"])
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -141,6 +153,53 @@ def _str_or_none(value: Any) -> str | None:
     if value is None:
         return None
     return str(value).strip()
+
+
+class _Index:
+    """The records of one of the store's lists by a key a record never changes (an external id, a customer's
+    ``lago_id``, a transaction id), in the list's order: the lookups of a request cost the records it is about, not a
+    scan of the whole list (20,000 customers scanned per request made a migration quadratic).
+
+    It follows its list lazily, so that what it answers is always what a scan of the list would: the records
+    appended since the last lookup are indexed at the next one, and a list replaced, shortened or rewritten from
+    outside (a test forgetting the events it has read) is indexed again from scratch. A record replaced in place by
+    one with the same key (an event sent again) needs nothing: positions are kept, not records."""
+
+    __slots__ = ("_covered", "_key", "_last", "_list", "_positions", "_source")
+
+    def __init__(self, source: Callable[[], list[JSON]], key: Callable[[JSON], Any]) -> None:
+        self._source = source
+        self._key = key
+        self._list: list[JSON] | None = None
+        self._positions: dict[Any, list[int]] = {}
+        self._covered = 0
+        self._last: Any = None
+
+    def positions(self, value: Any) -> Sequence[int]:
+        """The positions in the list of the records whose key is ``value``, ascending."""
+        records = self._source()
+        count, covered = len(records), self._covered
+        if (
+            records is not self._list
+            or count < covered
+            or (covered and count and self._key(records[covered - 1]) != self._last)
+        ):
+            self._list, self._positions, covered = records, {}, 0
+        if covered < count:
+            key, positions = self._key, self._positions
+            for position in range(covered, count):
+                positions.setdefault(key(records[position]), []).append(position)
+            self._covered = count
+            self._last = key(records[count - 1])
+        return self._positions.get(value, ())
+
+    def records(self, value: Any) -> list[JSON]:
+        """The records whose key is ``value``, in the list's order."""
+        positions = self.positions(value)
+        if not positions:
+            return []
+        records = self._source()
+        return [records[position] for position in positions]
 
 
 class LagoStore:
@@ -203,6 +262,7 @@ class LagoStore:
             self._subscription_by_id: dict[str, JSON] = {}
             self._candidates: list[JSON] = []
             self._candidates_len = 0
+            self._candidates_of: list[JSON] | None = None  # (the list the candidates were taken from)
             self._candidates_stale = True
             self.events: list[JSON] = []
             self._event_index: dict[tuple[str, ...], int] = {}
@@ -223,6 +283,28 @@ class LagoStore:
             # (customer lago_id, external_id) -> the earliest started_at of its subscriptions (lago-api
             # Subscription#initial_started_at, which a trial counts from: see _activate and _trial_end)
             self._first_started: dict[tuple[str, str], datetime] = {}
+            self._index_lists()
+
+    def _index_lists(self) -> None:
+        """The indexes of the store's lists (see :class:`_Index`): what a request looks up by an id."""
+        self._customers_by_external = _Index(lambda: self.customers, lambda c: c["external_id"])
+        self._subs_by_external = _Index(lambda: self.subscriptions, lambda s: s["external_id"])
+        self._subs_by_customer = _Index(lambda: self.subscriptions, lambda s: s["customer_id"])
+        self._subs_by_external_customer = _Index(lambda: self.subscriptions, lambda s: s["external_customer_id"])
+        # (a subscription's plan changes: filed under each plan it had, see _file_under_plan; read with its plan_id)
+        self._subs_by_plan: dict[str, dict[str, JSON]] = {}
+        self._active_by_plan: dict[str, set[str]] = {}  # plan lago_id -> its active subscriptions' lago_ids
+        self._active_on_plan: dict[str, str | None] = {}  # subscription lago_id -> the plan it is counted active on
+        self._events_by_transaction = _Index(lambda: self.events, lambda e: e["transaction_id"])
+        self._events_by_subscription = _Index(lambda: self.events, lambda e: e["external_subscription_id"])
+        self._invoices_by_id = _Index(lambda: self.invoices, lambda i: i["lago_id"])
+        self._invoices_by_customer = _Index(lambda: self.invoices, lambda i: i["customer_id"])
+        self._wallets_by_customer = _Index(lambda: self.wallets, lambda w: w["customer_id"])
+        self._coupons_by_customer = _Index(lambda: self.applied_coupons, lambda c: c["customer_id"])
+        self._notes_by_customer = _Index(lambda: self.credit_notes, lambda n: n["customer_id"])
+        # the subscriptions to examine again for a due transition at the next refresh (made, started, given an
+        # ending_at or a next subscription since): see refresh
+        self._touched: list[JSON] = []
 
     def _uuid(self) -> str:
         return str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
@@ -276,10 +358,7 @@ class LagoStore:
             changed = True
             while changed:
                 changed = self._close_periods(now)
-                if self._candidates_stale or self._candidates_len != len(self.subscriptions):
-                    self._candidates = [sub for sub in self.subscriptions if self._may_transition(sub)]
-                    self._candidates_len = len(self.subscriptions)
-                    self._candidates_stale = False
+                self._update_candidates()
                 delay = self._job_delay
                 for sub in list(self._candidates):
                     status = sub["status"]
@@ -305,6 +384,29 @@ class LagoStore:
                             changed = True
                 if changed:
                     self._candidates_stale = True
+
+    def _update_candidates(self) -> None:
+        """Bring the candidates of ``refresh`` (the subscriptions that ``_may_transition``, in subscription order) up
+        to date at the cost of what changed: the candidates known, the subscriptions added since and those touched
+        since (``_touch``: started, given an ``ending_at`` or a next subscription), not every subscription again (a
+        scan per new subscription made seeding 20,000 quadratic). A list shortened or replaced from outside is
+        examined whole again."""
+        subs = self.subscriptions
+        count = len(subs)
+        if count < self._candidates_len or subs is not self._candidates_of:
+            self._candidates = [sub for sub in subs if self._may_transition(sub)]
+        elif self._candidates_stale or count != self._candidates_len or self._touched:
+            pool = {id(sub): sub for sub in (*self._candidates, *self._touched, *subs[self._candidates_len :])}
+            self._candidates = sorted((sub for sub in pool.values() if self._may_transition(sub)), key=_seq)
+        else:
+            return
+        self._candidates_of, self._candidates_len, self._candidates_stale = subs, count, False
+        self._touched = []
+
+    def _touch(self, sub: JSON) -> None:
+        """``sub`` may have become a candidate of ``refresh`` (see ``_update_candidates``)."""
+        self._touched.append(sub)
+        self._candidates_stale = True
 
     def _close_periods(self, now: datetime) -> bool:
         """Issue the invoice of each charges period that ended by ``now`` (lago-api ``Clock::SubscriptionsBillerJob``
@@ -381,7 +483,7 @@ class LagoStore:
                 f["item"]["type"] == "subscription" and f["lago_subscription_id"] == sub["lago_id"]
                 for f in invoice["fees"]
             )
-            for invoice in self.invoices
+            for invoice in self._invoices_by_customer.records(sub["customer_id"])
             if sub["lago_id"] in invoice["subscription_ids"]
         )
 
@@ -826,10 +928,14 @@ class LagoStore:
     # Customers ---------------------------------------------------------------------------------
 
     def _customer(self, external_id: str) -> JSON | None:
-        for customer in self.customers:
-            if customer["external_id"] == external_id and customer["deleted_at"] is None:
+        for customer in self._customers_by_external.records(external_id):
+            if customer["deleted_at"] is None:
                 return customer
         return None
+
+    def _customer_ids(self, external_id: Any) -> set[str]:
+        """The lago_ids of the customers with that external id, deleted ones too."""
+        return {c["lago_id"] for c in self._customers_by_external.records(external_id)}
 
     def _customer_by_id(self, lago_id: str) -> JSON | None:
         return self._customer_index.get(lago_id)
@@ -954,10 +1060,10 @@ class LagoStore:
         fixed)."""
         lago_id = customer["lago_id"]
         return (
-            not any(s["customer_id"] == lago_id for s in self.subscriptions)
-            and not any(i["customer_id"] == lago_id for i in self.invoices)
-            and not any(w["customer_id"] == lago_id for w in self.wallets)
-            and not any(c["customer_id"] == lago_id and c["amount_cents"] is not None for c in self.applied_coupons)
+            not self._subs_by_customer.positions(lago_id)
+            and not self._invoices_by_customer.positions(lago_id)
+            and not self._wallets_by_customer.positions(lago_id)
+            and not any(c["amount_cents"] is not None for c in self._coupons_by_customer.records(lago_id))
         )
 
     def _currency_refused(self, customer: JSON, currency: Any, *, customer_update: bool) -> bool:
@@ -1117,16 +1223,15 @@ class LagoStore:
             customer["deleted_at"] = iso(now)
             # Customers::TerminateRelationsService: TerminateService for the active subscriptions (invoiced per their
             # on_termination_invoice), mark_as_canceled! (no webhook) for the pending ones
-            for sub in self.subscriptions:
-                if sub["customer_id"] != customer["lago_id"]:
-                    continue
+            for sub in self._subs_by_customer.records(customer["lago_id"]):
                 if sub["status"] == "active":
                     self._terminate(sub, now, generate_invoice=sub["on_termination_invoice"] == "generate")
                 elif sub["status"] == "pending":
                     self._mark_as_canceled(sub, now)
             # (and terminates its applied coupons and wallets)
-            for held in (*self.applied_coupons, *self.wallets):
-                if held["customer_id"] == customer["lago_id"] and held["status"] == "active":
+            held_by = customer["lago_id"]
+            for held in (*self._coupons_by_customer.records(held_by), *self._wallets_by_customer.records(held_by)):
+                if held["status"] == "active":
                     held["status"], held["terminated_at"] = "terminated", iso(now)
             return {"customer": self._serialize_customer(customer)}
 
@@ -1135,8 +1240,12 @@ class LagoStore:
             self.refresh()
             # lago-api CustomersQuery (and the customers_controller#index params it is given)
             self._check_billing_entity_codes(multi)
-            items = [c for c in self.customers if c["deleted_at"] is None]
             term = str(query.get("search_term") or "").strip().lower()
+            if query.get("external_id"):
+                pool = self._customers_by_external.records(query["external_id"])
+            else:
+                pool = self.customers
+            items = [c for c in pool if c["deleted_at"] is None]
             if query.get("external_id"):
                 items = [c for c in items if c["external_id"] == query["external_id"]]
             elif term:  # search_term is not applied together with external_id
@@ -1169,9 +1278,7 @@ class LagoStore:
                     c for c in items if (c["fields"].get("tax_identification_number") is not None) == wanted_tax_id
                 ]
             items = sorted(items, key=lambda c: (c["created_at"], c["sequential_id"]), reverse=True)
-            return paginate(
-                [self._serialize_customer(c) for c in items], "customers", query.get("page"), query.get("per_page")
-            )
+            return _page(items, "customers", query, self._serialize_customer)
 
     @staticmethod
     def _check_billing_entity_codes(multi: Mapping[str, list[str]]) -> None:
@@ -1899,9 +2006,7 @@ class LagoStore:
             "pay_in_advance": plan["pay_in_advance"],
             "bill_charges_monthly": plan["bill_charges_monthly"],
             "bill_fixed_charges_monthly": plan["bill_fixed_charges_monthly"],
-            "active_subscriptions_count": sum(
-                1 for s in self.subscriptions if s["plan_id"] == plan["lago_id"] and s["status"] == "active"
-            ),
+            "active_subscriptions_count": self._active_count(plan),
             "draft_invoices_count": 0,
             "minimum_commitment": None,
             "charges": [self._serialize_charge(c) for c in plan["charges"]],
@@ -1916,6 +2021,7 @@ class LagoStore:
 
     def get_plan(self, code: str) -> JSON:
         with self.lock:
+            self.refresh()  # (its active_subscriptions_count: the subscriptions started or ended by now)
             plan = self.plans.get(code)
             if plan is None:
                 raise not_found("plan")
@@ -1923,8 +2029,9 @@ class LagoStore:
 
     def list_plans(self, query: Mapping[str, Any]) -> JSON:
         with self.lock:
+            self.refresh()
             items = sorted(self.plans.values(), key=lambda p: p["created_at"], reverse=True)
-            return paginate([self._serialize_plan(p) for p in items], "plans", query.get("page"), query.get("per_page"))
+            return _page(items, "plans", query, self._serialize_plan)
 
     def update_plan(self, code: str, body: Any) -> JSON:
         """``PUT /plans/{code}`` (lago-api ``Plans::UpdateService``): only the keys given change. ``name``,
@@ -1941,7 +2048,7 @@ class LagoStore:
             plan = self.plans.get(code)
             if plan is None:
                 raise not_found("plan")
-            attached = any(s["plan_id"] == plan["lago_id"] for s in self.subscriptions)
+            attached = bool(self._plan_subs(plan))
             errors: dict[str, list[str]] = {}
             if "name" in params and not params["name"]:
                 errors["name"] = ["value_is_mandatory"]
@@ -2034,6 +2141,7 @@ class LagoStore:
         ``Subscriptions::TerminateService`` on a pending subscription, see ``_cancel``)."""
         sub["status"] = "canceled"
         sub["canceled_at"] = sub.get("canceled_at") or iso(at)
+        self._file_under_plan(sub)
         previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
         if previous is not None and previous.get("next_subscription_id") == sub["lago_id"]:
             previous["next_subscription_id"] = None
@@ -2079,7 +2187,34 @@ class LagoStore:
         return self._subscription_by_id.get(lago_id)
 
     def _subs(self, external_id: str, status: str) -> list[JSON]:
-        return [s for s in self.subscriptions if s["external_id"] == external_id and s["status"] == status]
+        return [s for s in self._subs_by_external.records(external_id) if s["status"] == status]
+
+    def _first_active(self, external_id: str) -> JSON | None:
+        """The first active subscription with that external id (the one an event is attributed to)."""
+        return next((s for s in self._subs_by_external.records(external_id) if s["status"] == "active"), None)
+
+    def _file_under_plan(self, sub: JSON) -> None:
+        """Index ``sub`` under its plan, and count it among the plan's active subscriptions while it is one (call it
+        whenever its ``plan_id`` or its ``status`` changes: see ``_plan_subs`` and ``_active_count``)."""
+        lago_id = sub["lago_id"]
+        self._subs_by_plan.setdefault(sub["plan_id"], {})[lago_id] = sub
+        before = self._active_on_plan.get(lago_id)
+        after = sub["plan_id"] if sub["status"] == "active" else None
+        if before != after:
+            if before is not None:
+                self._active_by_plan[before].discard(lago_id)
+            if after is not None:
+                self._active_by_plan.setdefault(after, set()).add(lago_id)
+            self._active_on_plan[lago_id] = after
+
+    def _active_count(self, plan: JSON) -> int:
+        """The number of active subscriptions on ``plan`` (its ``active_subscriptions_count``)."""
+        return len(self._active_by_plan.get(plan["lago_id"], ()))
+
+    def _plan_subs(self, plan: JSON) -> list[JSON]:
+        """The subscriptions on ``plan`` now (filed under each plan they had: those that left it are skipped)."""
+        lago_id = plan["lago_id"]
+        return [s for s in self._subs_by_plan.get(lago_id, {}).values() if s["plan_id"] == lago_id]
 
     def _sub_for(self, external_id: str, status: str) -> JSON:
         matches = self._subs(external_id, status)
@@ -2234,6 +2369,7 @@ class LagoStore:
         }
         self.subscriptions.append(sub)
         self._subscription_by_id[sub["lago_id"]] = sub
+        self._file_under_plan(sub)
         return sub
 
     def _activate(self, sub: JSON, at: datetime, *, bill: bool = True) -> None:
@@ -2241,6 +2377,8 @@ class LagoStore:
         (``bill``: not for an upgrade, whose invoice bills it with the replaced subscription)."""
         sub["status"] = "active"
         sub["started_at"] = iso(at)
+        self._file_under_plan(sub)
+        self._touch(sub)
         key = (sub["customer_id"], sub["external_id"])
         first = self._first_started.get(key)
         if first is None or at < first:
@@ -2261,6 +2399,7 @@ class LagoStore:
     def _cancel(self, sub: JSON, at: datetime) -> None:
         sub["status"] = "canceled"
         sub["canceled_at"] = iso(at)
+        self._file_under_plan(sub)
         previous = self._find_sub_by_id(sub.get("previous_subscription_id"))
         if previous is not None and previous.get("next_subscription_id") == sub["lago_id"]:
             previous["next_subscription_id"] = None
@@ -2284,12 +2423,14 @@ class LagoStore:
         termination invoice issued (``generate_invoice``: its ``on_termination_invoice``)."""
         sub["status"] = "terminated"
         sub["terminated_at"] = iso(at)
+        self._file_under_plan(sub)
         if credit_unused:
             self._credit_unused_days(sub, at, upgrade=upgrade)
         nxt = self._find_sub_by_id(sub.get("next_subscription_id"))
         if cancel_next and nxt is not None and nxt["status"] == "pending":
             nxt["status"] = "canceled"
             nxt["canceled_at"] = iso(at)
+            self._file_under_plan(nxt)
             sub["next_subscription_id"] = None
         self._emit_sub("subscription.terminated", sub)
         if generate_invoice:
@@ -2298,7 +2439,8 @@ class LagoStore:
     def _last_subscription_fee(self, sub: JSON) -> tuple[JSON, JSON] | None:
         """The invoice and fee of the subscription's last plan fee (``subscription.fees.subscription.order(created_at:
         :desc).first``), or None."""
-        for invoice in reversed(self.invoices):
+        # (a subscription's invoices are its customer's)
+        for invoice in reversed(self._invoices_by_customer.records(sub["customer_id"])):
             if sub["lago_id"] not in invoice["subscription_ids"]:
                 continue
             for fee in invoice["fees"]:
@@ -2351,7 +2493,7 @@ class LagoStore:
         amount = min(amount, float(fee_amount))
         amount -= sum(
             int(item["amount_cents"])
-            for note in self.credit_notes
+            for note in self._notes_by_customer.records(invoice["customer_id"])  # (an invoice's notes: its customer's)
             if note["lago_invoice_id"] == invoice["lago_id"] and note.get("credit_status") != "voided"
             for item in note.get("items") or []
             if item.get("fee", {}).get("lago_id") == fee["lago_id"]
@@ -2511,9 +2653,7 @@ class LagoStore:
         is left of it), at most the sub-total. A ``recurring`` one counts down ``frequency_duration_remaining``; a
         ``once`` one used up (a percentage one at its first use) or a ``recurring`` one at 0 is terminated."""
         now = iso(self.now())
-        coupons = [
-            c for c in self.applied_coupons if c["customer_id"] == invoice["customer_id"] and c["status"] == "active"
-        ]
+        coupons = [c for c in self._coupons_by_customer.records(invoice["customer_id"]) if c["status"] == "active"]
         coupons.sort(key=lambda c: c["created_at"])
         for coupon in coupons:
             subtotal = int(invoice["sub_total_excluding_taxes_amount_cents"])
@@ -2582,9 +2722,8 @@ class LagoStore:
         0); the invoice's ``credit_notes_amount_cents`` grows and its total shrinks (credits after taxes)."""
         notes = [
             n
-            for n in self.credit_notes
-            if n["customer_id"] == invoice["customer_id"]
-            and n.get("credit_status") == "available"
+            for n in self._notes_by_customer.records(invoice["customer_id"])
+            if n.get("credit_status") == "available"
             and int(n.get("balance_amount_cents") or 0) > 0
             and n["lago_invoice_id"] != invoice["lago_id"]
         ]
@@ -2621,11 +2760,8 @@ class LagoStore:
         total shrinks."""
         wallets = [
             w
-            for w in self.wallets
-            if w["customer_id"] == invoice["customer_id"]
-            and w["status"] == "active"
-            and w["currency"] == invoice["currency"]
-            and int(w["balance_cents"]) > 0
+            for w in self._wallets_by_customer.records(invoice["customer_id"])
+            if w["status"] == "active" and w["currency"] == invoice["currency"] and int(w["balance_cents"]) > 0
         ]
         wallets.sort(key=lambda w: (int(w.get("priority") or 50), w["created_at"]))
         now = iso(self.now())
@@ -2722,11 +2858,10 @@ class LagoStore:
             currency = (override or plan)["amount_currency"]
             if customer is not None and self._currency_refused(customer, currency, customer_update=False):
                 raise validation_error({"currency": ["currencies_does_not_match"]})
-            for other in self.subscriptions:
-                if (
-                    other["external_id"] == external_id
-                    and other["status"] in ("active", "incomplete")
-                    and (customer is None or other["customer_id"] != customer["lago_id"])
+            same_id = self._subs_by_external.records(external_id)
+            for other in same_id:
+                if other["status"] in ("active", "incomplete") and (
+                    customer is None or other["customer_id"] != customer["lago_id"]
                 ):
                     raise validation_error({"external_id": ["value_already_exist"]})
             if customer is None:
@@ -2737,9 +2872,8 @@ class LagoStore:
             current = next(
                 (
                     s
-                    for s in self.subscriptions
-                    if s["external_id"] == external_id
-                    and s["customer_id"] == customer["lago_id"]
+                    for s in same_id
+                    if s["customer_id"] == customer["lago_id"]
                     and (s["status"] == "active" or (s["status"] == "pending" and not s["previous_subscription_id"]))
                 ),
                 None,
@@ -2763,6 +2897,7 @@ class LagoStore:
                 return {"subscription": self._serialize_sub(current, extended=True)}
             if current["status"] == "pending":
                 current["plan_code"], current["plan_id"] = target["code"], target["lago_id"]
+                self._file_under_plan(current)
                 self._emit_sub("subscription.updated", current)
                 return {"subscription": self._serialize_sub(current, extended=True)}
             current_plan = self._plan_of(current)
@@ -2770,6 +2905,7 @@ class LagoStore:
             if old_next is not None and old_next["status"] == "pending":
                 old_next["status"] = "canceled"
                 old_next["canceled_at"] = iso(now)
+                self._file_under_plan(old_next)
                 current["next_subscription_id"] = None
             sub_params = dict(params)
             sub_params.setdefault("name", current["name"])
@@ -2783,7 +2919,7 @@ class LagoStore:
             if self._yearly_amount(target) >= self._yearly_amount(current_plan):
                 self._bill_pending_close(current, now)
                 current["next_subscription_id"] = new["lago_id"]
-                self._candidates_stale = True
+                self._touch(current)
                 self._terminate(current, now, generate_invoice=False, cancel_next=False, upgrade=True)
                 self._activate(new, now, bill=False)
                 # lago-api PlanUpgradeService#bill_subscriptions: the replaced subscription is billed at once,
@@ -2791,7 +2927,7 @@ class LagoStore:
                 self._bill_terminated(current, now, upgraded_to=new)
                 return {"subscription": self._serialize_sub(new, extended=True)}
             current["next_subscription_id"] = new["lago_id"]
-            self._candidates_stale = True
+            self._touch(current)
             new["switch_at"] = iso(self._period_end(current) + timedelta(seconds=1))
             self._emit_sub("subscription.updated", current)
             return {"subscription": self._serialize_sub(current, extended=True)}
@@ -2895,18 +3031,19 @@ class LagoStore:
             self.refresh()
             self._check_billing_entity_codes(multi or {})
             wanted = list(statuses) or ["active"]
-            if all(status in SUBSCRIPTION_STATUSES for status in wanted):
-                items = [s for s in self.subscriptions if s["status"] in wanted]
-            else:
-                items = list(self.subscriptions)
             customer_filter = external_customer_id or query.get("external_customer_id")
+            pool: list[JSON] = self.subscriptions
             if external_customer_id is not None:
                 customer = self._customer(external_customer_id)
                 if customer is None:
                     raise not_found("customer")
-                items = [s for s in items if s["customer_id"] == customer["lago_id"]]
+                pool = self._subs_by_customer.records(customer["lago_id"])
             elif customer_filter:
-                items = [s for s in items if s["external_customer_id"] == customer_filter]
+                pool = self._subs_by_external_customer.records(customer_filter)
+            if all(status in SUBSCRIPTION_STATUSES for status in wanted):
+                items = [s for s in pool if s["status"] in wanted]
+            else:
+                items = list(pool)
             if query.get("plan_code"):
                 listed_plan = self.plans.get(str(query["plan_code"]))
                 # (an override plan has its parent's code: SubscriptionsQuery filters on plans.code)
@@ -2920,9 +3057,7 @@ class LagoStore:
                 items = [s for s in items if self._plan_of(s)["amount_currency"] == query["currency"]]
             # ORDER BY subscription_at DESC NULLS LAST, created_at DESC
             items = sorted(items, key=lambda s: (s["subscription_at"] or "", s["created_at"], s["seq"]), reverse=True)
-            return paginate(
-                [self._serialize_sub(s) for s in items], "subscriptions", query.get("page"), query.get("per_page")
-            )
+            return _page(items, "subscriptions", query, self._serialize_sub)
 
     def update_subscription(self, external_id: str, status: str | None, body: Any) -> JSON:
         params = _mapping(_require_root(body, "subscription"))
@@ -2954,6 +3089,7 @@ class LagoStore:
                 raise validation_error(errors)
             if override is not None:
                 sub["plan_id"] = self._register_override(override)["lago_id"]
+                self._file_under_plan(sub)
             elif changes is not None:
                 old_amount = plan["amount_cents"]
                 plan.update(changes, updated_at=iso(self.now()))
@@ -2977,7 +3113,7 @@ class LagoStore:
                         self._activate(sub, moved)
                     elif self._local_date(sub, moved) <= self._local_date(sub, now):
                         self._activate(sub, now)
-            self._candidates_stale = True
+            self._touch(sub)
             self._emit_sub("subscription.updated", sub)
             self.refresh()
             return {"subscription": self._serialize_sub(sub, extended=True)}
@@ -3065,30 +3201,12 @@ class LagoStore:
     def _find_event(self, key: tuple[str, ...]) -> int | None:
         return self._event_index.get(key)
 
-    def _active_subscriptions(self) -> dict[str, JSON]:
-        """External id -> its first active subscription, for a batch of events (one pass over the subscriptions)."""
-        active: dict[str, JSON] = {}
-        for sub in self.subscriptions:
-            if sub["status"] == "active":
-                active.setdefault(sub["external_id"], sub)
-        return active
-
-    def _store_event(self, event: JSON, active: Mapping[str, JSON] | None = None) -> JSON:
+    def _store_event(self, event: JSON) -> JSON:
         now = self.now()
         event["lago_id"] = self._uuid()
         event["created_at"] = iso(now)
         event["ingested_at"] = iso_ms(now)  # (ClickHouse's ingested_at / enriched_at: DateTime64(3))
-        if active is not None:
-            sub = active.get(event["external_subscription_id"])
-        else:
-            sub = next(
-                (
-                    s
-                    for s in self.subscriptions
-                    if s["external_id"] == event["external_subscription_id"] and s["status"] == "active"
-                ),
-                None,
-            )
+        sub = self._first_active(event["external_subscription_id"])
         event["subscription_id"] = sub["lago_id"] if sub else None
         event["customer_id"] = sub["customer_id"] if sub else None
         key = self._dedup_key(event)
@@ -3169,8 +3287,7 @@ class LagoStore:
                 raise validation_error(batch_errors)
             if self.event_store == "postgres":
                 self._check_batch_insert(events)
-            active = self._active_subscriptions()
-            stored = [self._store_event(event, active) for event in events]
+            stored = [self._store_event(event) for event in events]
             return {"events": [self._serialize_event(e, created=True) for e in stored]}
 
     def _check_batch_insert(self, events: Sequence[JSON]) -> None:
@@ -3197,9 +3314,8 @@ class LagoStore:
 
     def get_event(self, transaction_id: str) -> JSON:
         with self.lock:
-            for event in self.events:
-                if event["transaction_id"] == transaction_id:
-                    return {"event": self._read_event(event)}
+            for event in self._events_by_transaction.records(transaction_id)[:1]:
+                return {"event": self._read_event(event)}
             raise not_found("event")
 
     def list_events(self, query: Mapping[str, Any], *, enriched: bool = False) -> JSON:
@@ -3222,9 +3338,10 @@ class LagoStore:
                 bounds[key] = parse_datetime(query.get(key)) if query.get(key) else None
                 if query.get(key) and bounds[key] is None:
                     raise validation_error({key: ["invalid_date"]})
-            items = list(self.events)
             if query.get("external_subscription_id"):
-                items = [e for e in items if e["external_subscription_id"] == query["external_subscription_id"]]
+                items = self._events_by_subscription.records(query["external_subscription_id"])
+            else:
+                items = list(self.events)
             if query.get("code"):
                 items = [e for e in items if e["code"] == query["code"]]
             low = bounds["timestamp_from"]
@@ -3286,7 +3403,7 @@ class LagoStore:
 
     def _events_subscription_start(self, external_id: str) -> datetime | None:
         # EventsQuery#subscription: ORDER BY terminated_at DESC NULLS FIRST, started_at DESC
-        subs = [s for s in self.subscriptions if s["external_id"] == external_id]
+        subs = self._subs_by_external.records(external_id)
         if not subs:
             return None
         live = [s for s in subs if s["terminated_at"] is None]
@@ -3312,10 +3429,8 @@ class LagoStore:
             sub = next(
                 (
                     s
-                    for s in self.subscriptions
-                    if s["external_id"] == external_subscription_id
-                    and s["customer_id"] == customer["lago_id"]
-                    and s["status"] == "active"
+                    for s in self._subs_by_external.records(external_subscription_id)
+                    if s["customer_id"] == customer["lago_id"] and s["status"] == "active"
                 ),
                 None,
             )
@@ -3367,9 +3482,7 @@ class LagoStore:
                 metric_id = metric["lago_id"]
             customer = self._customer(external_customer_id)
             periods: list[tuple[JSON, JSON]] = []
-            for invoice in self.invoices if customer is not None else ():
-                if customer is None or invoice["customer_id"] != customer["lago_id"]:
-                    continue
+            for invoice in self._invoices_by_customer.records(customer["lago_id"]) if customer is not None else ():
                 for period in invoice.get("invoice_subscriptions") or ():
                     if period["external_subscription_id"] == external_subscription_id:
                         periods.append((invoice, period))
@@ -3420,9 +3533,7 @@ class LagoStore:
         low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999999")
         # a recurring metric also reads the events of the periods before (lago-api ``recurring_events_scope``, or
         # the latest cached aggregation): its value carries over
-        history = [
-            e for e in self.events if e["external_subscription_id"] == sub["external_id"] and Decimal(e["ts"]) <= high
-        ]
+        history = [e for e in self._events_by_subscription.records(sub["external_id"]) if Decimal(e["ts"]) <= high]
         window = [e for e in history if low <= Decimal(e["ts"])]
         full_start, full_end = self._full_charges_bounds(sub, at)
         days = _period_days(full_start, full_end)
@@ -3537,14 +3648,14 @@ class LagoStore:
     ) -> JSON:
         with self.lock:
             self.refresh()
-            items = list(self.invoices)
             wanted = external_customer_id or query.get("external_customer_id") or query.get("customer_external_id")
             if external_customer_id is not None and self._customer(external_customer_id) is None:
                 raise not_found("customer")
             self._check_billing_entity_codes(multi)
             if wanted:
-                ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
-                items = [i for i in items if i["customer_id"] in ids]
+                items = self._held_by(self._invoices_by_customer, self.invoices, wanted)
+            else:
+                items = list(self.invoices)
             # InvoiceIndex: status: params[:status] || params[:statuses], each a value or a list; InvoicesQuery keeps
             # only the visible statuses of those (all of them when none is given)
             wanted_statuses = _multi_values(multi, "status", "statuses") or list(VISIBLE_INVOICE_STATUSES)
@@ -3581,9 +3692,14 @@ class LagoStore:
                         raise validation_error({param: ["value_is_invalid"]}) from None
                     items = [i for i in items if sign * (int(i.get("total_amount_cents") or 0) - bound) >= 0]
             items.sort(key=lambda i: (i["issuing_date"], i["sequential_id"]), reverse=True)
-            return paginate(
-                [self._serialize_invoice(i) for i in items], "invoices", query.get("page"), query.get("per_page")
-            )
+            return _page(items, "invoices", query, self._serialize_invoice)
+
+    def _held_by(self, index: _Index, records: list[JSON], external_customer_id: Any) -> list[JSON]:
+        """The records of ``index`` (by customer) of the customers with that external id, deleted ones too, in the
+        list's order."""
+        ids = self._customer_ids(external_customer_id)
+        positions = sorted(p for lago_id in ids for p in index.positions(lago_id))
+        return [records[p] for p in positions]
 
     def _invoice_matches(self, invoice: JSON, term: str, *, search_customers: bool) -> bool:
         """InvoicesQuery search_term: the number, the exact lago_id, and (without a customer filter) the customer's
@@ -3605,7 +3721,7 @@ class LagoStore:
         params = _mapping(_require_root(body, "invoice"))
         with self.lock:
             self.refresh()
-            invoice = next((i for i in self.invoices if i["lago_id"] == lago_id and i["status"] != "closed"), None)
+            invoice = next((i for i in self._invoices_by_id.records(lago_id) if i["status"] != "closed"), None)
             if invoice is None:
                 raise not_found("invoice")
             status = params.get("payment_status")
@@ -3634,7 +3750,7 @@ class LagoStore:
                     invoice["total_paid_amount_cents"] = int(invoice["total_amount_cents"])
                 offsets = sum(
                     int(n.get("offset_amount_cents") or 0)
-                    for n in self.credit_notes
+                    for n in self._notes_by_customer.records(invoice["customer_id"])
                     if n["lago_invoice_id"] == lago_id and n.get("credit_status") != "voided"
                 )
                 due = int(invoice["total_amount_cents"]) - int(invoice["total_paid_amount_cents"]) - offsets
@@ -3648,8 +3764,8 @@ class LagoStore:
     def get_invoice(self, lago_id: str) -> JSON:
         with self.lock:
             self.refresh()
-            for invoice in self.invoices:
-                if invoice["lago_id"] == lago_id and invoice["status"] != "closed":  # (invoices.visible)
+            for invoice in self._invoices_by_id.records(lago_id):
+                if invoice["status"] != "closed":  # (invoices.visible)
                     return {"invoice": self._serialize_invoice(invoice, extended=True)}
             raise not_found("invoice")
 
@@ -3771,13 +3887,11 @@ class LagoStore:
             customer = self._customer(str(wanted)) if wanted else None
             if customer is None:
                 raise not_found("customer")
-            items = [w for w in self.wallets if w["customer_id"] == customer["lago_id"]]
+            items = self._wallets_by_customer.records(customer["lago_id"])
             if query.get("currency"):
                 items = [w for w in items if w["currency"] == query["currency"]]
             items.sort(key=lambda w: w["created_at"], reverse=True)
-            return paginate(
-                [self._serialize_wallet(w) for w in items], "wallets", query.get("page"), query.get("per_page")
-            )
+            return _page(items, "wallets", query, self._serialize_wallet)
 
     def add_applied_coupon(self, external_customer_id: str, coupon_code: str, fields: Mapping[str, Any]) -> JSON:
         """Store a coupon applied to a customer (``fields``: AppliedCouponObject fields; a fixed amount by
@@ -3847,29 +3961,25 @@ class LagoStore:
             if external_customer_id is not None and self._customer(external_customer_id) is None:
                 raise not_found("customer")
             wanted = external_customer_id or query.get("external_customer_id")
-            items = list(self.applied_coupons)
             if wanted:
                 customer = self._customer(str(wanted))
-                items = [c for c in items if customer is not None and c["customer_id"] == customer["lago_id"]]
+                items = self._coupons_by_customer.records(customer["lago_id"]) if customer is not None else []
+            else:
+                items = list(self.applied_coupons)
             if query.get("status"):
                 items = [c for c in items if c["status"] == query["status"]]
             codes = _multi_values(multi, "coupon_code")
             if codes:
                 items = [c for c in items if c["coupon_code"] in codes]
             items.sort(key=lambda c: c["created_at"], reverse=True)
-            return paginate(
-                [self._serialize_applied_coupon(c) for c in items],
-                "applied_coupons",
-                query.get("page"),
-                query.get("per_page"),
-            )
+            return _page(items, "applied_coupons", query, self._serialize_applied_coupon)
 
     def add_credit_note(self, lago_invoice_id: str, fields: Mapping[str, Any]) -> JSON:
         """Store a credit note of an invoice (``fields``: CreditNoteObject fields; ``credit_amount_cents`` is what
         it credits, ``balance_amount_cents`` what remains of it: all of it by default)."""
         params = dict(fields)
         with self.lock:
-            invoice = next((i for i in self.invoices if i["lago_id"] == lago_invoice_id), None)
+            invoice = next(iter(self._invoices_by_id.records(lago_invoice_id)), None)
             if invoice is None:
                 raise not_found("invoice")
             note = self._credit_note_record(invoice, params)
@@ -3936,20 +4046,15 @@ class LagoStore:
             if external_customer_id is not None and self._customer(external_customer_id) is None:
                 raise not_found("customer")
             wanted = external_customer_id or query.get("external_customer_id")
-            items = list(self.credit_notes)
             if wanted:
-                ids = {c["lago_id"] for c in self.customers if c["external_id"] == wanted}
-                items = [n for n in items if n["customer_id"] in ids]
+                items = self._held_by(self._notes_by_customer, self.credit_notes, wanted)
+            else:
+                items = list(self.credit_notes)
             for param in ("credit_status", "refund_status", "currency"):
                 if query.get(param):
                     items = [n for n in items if n.get(param) == query[param]]
             items.sort(key=lambda n: (n["created_at"], n["lago_id"]), reverse=True)
-            return paginate(
-                [self._serialize_credit_note(n) for n in items],
-                "credit_notes",
-                query.get("page"),
-                query.get("per_page"),
-            )
+            return _page(items, "credit_notes", query, self._serialize_credit_note)
 
     # Read-only views ---------------------------------------------------------------------------
 
