@@ -22,7 +22,9 @@ Exported metrics (prefix ``lago_billing_`` by default):
 * ``lago_errors_total{status="503"|"network"|...}``
 * ``queue_depth`` (events accepted and not yet resolved), ``spool_depth`` (rows in the SQLite spool),
   ``spool_unwritten`` (events in memory only because the spool cannot be written: in ``queue_depth``, not in
-  ``spool_depth``), ``spool_write_failing`` (1 while the spool file cannot be written)
+  ``spool_depth``), ``spool_write_failing`` (1 while the spool file cannot be written), ``dead_letters`` (dead letters
+  held until replayed or purged: the SQLite spool's table, those waiting in memory for its write included, or the
+  memory outbox's list; ``events_dead_lettered_total`` only ever grows)
 * ``delivery_seconds`` histogram: duration of each ``POST /events/batch`` call, failed ones too (a timeout shows)
 
 :func:`register_metrics` (what ``LAGO_METRICS=true`` does for each ``OrgBillingMiddleware``) exports those of
@@ -117,10 +119,12 @@ _PIPELINE_DOCS = {
     "spool_unwritten": "Events in memory only because the SQLite spool cannot be written (lost if the process stops "
     "before Lago takes them).",
     "spool_write_failing": "1 while the SQLite spool file cannot be written (a full or read-only volume).",
+    "dead_letters": "Dead letters held until replayed or purged (the SQLite spool's dead_letters table, or the memory "
+    "outbox's list): lago-org-billing dead-letters --summary says why.",
     "delivery_seconds": "Duration of each POST /events/batch call.",
 }
 #: The pipeline's gauges, as :meth:`PipelineMetrics.snapshot` names them (``depth``: ``queue_depth``).
-_PIPELINE_GAUGES = ("queue_depth", "spool_depth", "spool_unwritten", "spool_write_failing")
+_PIPELINE_GAUGES = ("queue_depth", "spool_depth", "spool_unwritten", "spool_write_failing", "dead_letters")
 
 
 class PipelineMetrics:
@@ -181,14 +185,22 @@ class PipelineMetrics:
         """``spool_unwritten``: the events sent to Lago from memory because the SQLite spool could not be written
         (those waiting to be written again included), lost if the process stops before Lago takes them; in
         ``queue_depth``, not in ``spool_depth``. ``spool_write_failing``: 1 while the spool file cannot be written
-        (with Lago up, events sent from memory are delivered at once: ``spool_unwritten`` stays near 0 meanwhile)."""
+        (with Lago up, events sent from memory are delivered at once: ``spool_unwritten`` stays near 0 meanwhile).
+        ``dead_letters``: the letters the outbox holds (the spool keeps its count up to date: no read of the file)."""
         outbox = self._outbox()
+        count = getattr(outbox, "dead_letter_count", None)
+        dead = count() if callable(count) else 0
+        dead = dead if type(dead) is int else 0
         unwritten = getattr(outbox, "_unwritten", None)
         if not isinstance(unwritten, set):  # the memory outbox (or none)
-            return {"spool_unwritten": 0, "spool_write_failing": 0}
+            return {"spool_unwritten": 0, "spool_write_failing": 0, "dead_letters": dead}
         again = getattr(outbox, "_requeued", 0) + getattr(outbox, "_rewriting", 0)  # back among those to write
         failing = getattr(getattr(outbox, "_write_errors", None), "count", 0)
-        return {"spool_unwritten": len(unwritten) + again, "spool_write_failing": 1 if failing else 0}
+        return {
+            "spool_unwritten": len(unwritten) + again,
+            "spool_write_failing": 1 if failing else 0,
+            "dead_letters": dead,
+        }
 
     def snapshot(self) -> dict[str, int]:
         """Every counter and gauge as plain ints (``lago_errors_<status>`` for the errors)."""

@@ -21,6 +21,12 @@ on every attempt, so a resend is byte-identical (Lago's ClickHouse store dedupli
   commit. A crash before that commit means the row is sent again: Lago deduplicates it (Postgres store:
   ``value_already_exist``, counted as a duplicate; ClickHouse: the byte-identical copy replaces itself).
 * On restart the rows left in the file are delivered first: they have the lowest rowids.
+* Dead letters stay in the file until replayed or purged (never dropped: a misconfiguration that dead-letters every
+  event grows the table without bound). The spool counts them (``COUNT(*)`` once at open; then each commit adds what it
+  wrote and removed, and counts again only when another connection wrote to the file since: the ``dead-letters``
+  command's purges and replays, seen at the next commit or idle check), exported as the ``dead_letters`` gauge; past
+  ``_DEAD_LETTERS_WARN`` letters, then at each tenfold, a WARNING says so, with the most common recent cause and what
+  to do (once per process each).
 * A file that is no spool this version can write (another program's SQLite database, a spool of another schema) is
   refused at start, untouched; a damaged one too, with how to recover its events. So is a slot whose database file is
   missing or empty while its -wal file holds data (the file deleted after a crash): SQLite would reset that -wal as
@@ -60,6 +66,7 @@ import logging
 import operator
 import os
 import re
+import shlex
 import sqlite3
 import threading
 import time
@@ -116,6 +123,14 @@ _SHRINK_FREE_EMPTY = 256 << 10
 #: doubled at each failure up to ``_SHRINK_RETRY_MAX``: not at every commit that deletes rows.
 _SHRINK_RETRY_FIRST = 60.0
 _SHRINK_RETRY_MAX = 3600.0
+#: A spool's ``dead_letters`` table past this many letters is said at WARNING, then again at each tenfold (100,000,
+#: 1,000,000...), each once per process (:meth:`_SpoolFile._dead_letters_grew`): nothing else bounds it (no letter is
+#: dropped), and a cause that dead-letters every event fills the volume at the rate of the traffic.
+_DEAD_LETTERS_WARN = 10_000
+#: How many of the most recent letters that warning reads for their most common cause.
+_DEAD_LETTERS_SAMPLE = 1_000
+#: The highest threshold said, by slot file, in this process.
+_dead_letters_said: dict[str, int] = {}
 
 
 class _Streak:
@@ -294,6 +309,10 @@ class Outbox:
     def spool_depth(self) -> int:
         return 0
 
+    def dead_letter_count(self) -> int:
+        """How many dead letters the store holds (O(1): read by the metrics at each scrape)."""
+        return 0
+
     def dead_letters(self) -> list[DeadLetter]:
         raise NotImplementedError
 
@@ -440,6 +459,9 @@ class MemoryOutbox(Outbox):
     def unresolved(self) -> int:
         return len(self.window) + self._deferred + self.in_flight
 
+    def dead_letter_count(self) -> int:
+        return len(self._dead)
+
     def dead_letters(self) -> list[DeadLetter]:
         return list(self._dead)
 
@@ -582,6 +604,12 @@ class _SpoolFile:
         #: Dead letters of events never written (sent from memory), in the write in progress: forgotten here as that
         #: write commits, under ``lock`` (:meth:`dead_letters` lists each letter once, from here or from the table).
         self.letters_writing: list[DeadLetter] = []
+        #: The letters of the ``dead_letters`` table: counted at open, then kept up to date by each write (what it
+        #: added and removed), counted again when another connection wrote to the file since (:meth:`_count_dead`).
+        self.dead_count = 0
+        #: ``PRAGMA data_version`` of ``conn`` when ``dead_count`` was last right: another value means that another
+        #: connection committed to the file since (the ``dead-letters`` command's purges and replays). None: unknown.
+        self._data_version: int | None = None
 
     # ------------------------------------------------------------------ opening
 
@@ -612,6 +640,7 @@ class _SpoolFile:
                 adopted = self.adopted = self._adopt_orphans(slot)
                 count = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
                 max_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+                self._count_dead(conn)
             except (OSError, sqlite3.Error) as exc:
                 # Let go of the slot (its lock), or the next attempt would take the next slot and hide the problem.
                 self._release()
@@ -670,6 +699,7 @@ class _SpoolFile:
                     f"{advice}, or unset it to keep events in memory{backlog}.",
                     variable="LAGO_SPOOL_PATH",
                 ) from exc
+            self._dead_letters_grew(conn)
             return int(count), int(max_id), adopted
 
     def _connect(self) -> sqlite3.Connection:
@@ -682,6 +712,7 @@ class _SpoolFile:
         # Events name orgs, users and models: a new file is the owner's only (SQLite gives its -wal and -shm files the
         # database's mode); an existing one keeps the mode it was given.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        self._data_version = None  # (a new connection: its own numbering; the letters are counted again)
         conn = self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             _check_spool_schema(conn)  # (before anything is written to it: another program's database stays untouched)
@@ -705,9 +736,14 @@ class _SpoolFile:
 
     def keep_in_place(self) -> None:
         """:meth:`_keep_in_place` between writes (an idle spool's check): under ``lock``; an ``OperationalError``
-        when the file cannot be made again now (the next write says so)."""
+        when the file cannot be made again now (the next write says so). The dead letters are counted again if another
+        connection wrote to the file since (a purge while no event comes)."""
         with self.lock:
             self._keep_in_place()
+            if self.conn is not None:
+                version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._data_version:
+                    self._count_dead(self.conn)
 
     def _keep_in_place(self) -> None:
         """Under ``lock``, before each write and at close: make sure the files at the slot's path are those the
@@ -986,12 +1022,14 @@ class _SpoolFile:
             conn.execute("BEGIN")
             try:
                 vanished: list[int] = []
+                revived_gone = 0
                 for dead_id, body, row_id in revived:
                     # by id and text: never another letter that took a freed id (older spool files reuse ids)
-                    if (
-                        conn.execute("DELETE FROM dead_letters WHERE id = ? AND body = ?", (dead_id, body)).rowcount
-                        == 0
-                    ):
+                    deleted = conn.execute(
+                        "DELETE FROM dead_letters WHERE id = ? AND body = ?", (dead_id, body)
+                    ).rowcount
+                    revived_gone += deleted
+                    if deleted == 0:
                         vanished.append(row_id)
                 written = [row for row in encoded if row[0] not in vanished] if vanished else encoded
                 if written:
@@ -1004,7 +1042,15 @@ class _SpoolFile:
                 gone = [(row_id,) for row_id in deletes] + [(row_id,) for row_id, _ in dead]
                 if gone:
                     conn.executemany("DELETE FROM events WHERE id = ?", gone)
+                # the letters this write added and removed; counted again (in this transaction, which sees the file as
+                # it is) only when another connection committed to the file since the last count: not at each commit
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if version == self._data_version:
+                    dead_count = self.dead_count + len(letters) - revived_gone
+                else:
+                    dead_count = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
                 conn.execute("COMMIT")
+                self.dead_count, self._data_version = dead_count, version  # (its own commit leaves the version as is)
                 self.letters_writing = []
             except BaseException:
                 if conn.in_transaction:
@@ -1012,7 +1058,64 @@ class _SpoolFile:
                 raise
             if gone:
                 self._shrink_if_drained(conn)
+            if letters:
+                self._dead_letters_grew(conn)
         return written, unencodable, vanished
+
+    def _count_dead(self, conn: sqlite3.Connection) -> None:
+        """Under ``lock``: count the letters of the ``dead_letters`` table (at open, and when another connection wrote
+        to the file). The version is read first: a commit of another connection between the two is counted again."""
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        self.dead_count = int(conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+        self._data_version = version
+
+    def _dead_letters_grew(self, conn: sqlite3.Connection) -> None:
+        """Under ``lock``: a WARNING when the table holds ``_DEAD_LETTERS_WARN`` letters or more, then each tenfold,
+        once per process each: nothing else bounds it (no letter is ever dropped), and the per-kind error lines of the
+        rejections do not say how many are kept nor what to do."""
+        said = _dead_letters_said.get(self.path, 0)
+        level = max(_DEAD_LETTERS_WARN, said * 10)
+        count = self.dead_count
+        if count < level:
+            return
+        while count >= level * 10:
+            level *= 10
+        _dead_letters_said[self.path] = level
+        spool = shlex.quote(self.base_path)
+        logger.warning(
+            "The event spool %s holds %d dead letters (events Lago rejected for good, or that could not be built), "
+            "past %d%s. They are all kept, none dropped, and the file grows with each one. See why with: "
+            "lago-org-billing dead-letters --spool %s --summary; fix the cause (a billable metric code or an event "
+            "property Lago rejects, a missing subscription...), then send them again with: lago-org-billing "
+            "dead-letters --spool %s --replay; or delete those Lago will never take with --purge (list them first). "
+            "Said again at %d.",
+            self.path,
+            count,
+            level,
+            self._common_cause(conn),
+            spool,
+            spool,
+            level * 10,
+        )
+
+    def _common_cause(self, conn: sqlite3.Connection) -> str:
+        """``: K of the last N for REASON (status S, code C)``: the most common cause among the most recent letters (a
+        read of at most ``_DEAD_LETTERS_SAMPLE`` rows by id); "" when they cannot be read (the warning is said all the
+        same)."""
+        try:
+            rows = conn.execute(
+                "SELECT status, code, reason FROM dead_letters ORDER BY id DESC LIMIT ?", (_DEAD_LETTERS_SAMPLE,)
+            ).fetchall()
+        except sqlite3.Error:
+            return ""
+        if not rows:
+            return ""
+        (status, code, reason), times = collections.Counter(
+            (status, code, " ".join(str(reason).split())) for status, code, reason in rows
+        ).most_common(1)[0]
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        return f": {times} of the last {len(rows)} for {reason} (status {status or '-'}, code {code or '-'})"
 
     def _shrink_if_drained(self, conn: sqlite3.Connection) -> None:
         """Give the space of a delivered backlog (an outage's high-water mark) back to the volume: a file with at
@@ -1617,6 +1720,12 @@ class SqliteOutbox(Outbox):
 
     def spool_depth(self) -> int:
         return self._rows
+
+    def dead_letter_count(self) -> int:
+        """The letters of the spool's table (as of its last commit, or open), with those of events never written that
+        wait in memory for a write (the file could not be written)."""
+        file = self.file
+        return file.dead_count + len(file.letters_writing) + len(self._unwritten_dead)
 
     def dead_letters(self) -> list[DeadLetter]:
         """The spool's ``dead_letters`` table (a short blocking read: not for the request path), then the letters of
