@@ -1046,6 +1046,10 @@ class PlanCatalog:
                         self._features = False
         return self._features
 
+    def known_uses_entitlements(self) -> bool | None:
+        """What :meth:`uses_entitlements` answered, without asking Lago (``None``: not asked yet, or it failed)."""
+        return self._features
+
     async def get(self, code: str) -> JSON | None:
         if code not in self._plans:
             async with self._lock:
@@ -1087,6 +1091,9 @@ class PlanCatalog:
         full = await _or_none(
             self._client.get_subscription(external_id, status=None if status in (None, "active") else str(status))
         )
+        if full is not None and isinstance(full.get("entitlements"), list) and "entitlements" not in subscription:
+            # (GET /subscriptions/{id} embeds them: _entitlements_of then needs no GET /subscriptions/{id}/entitlements)
+            subscription["entitlements"] = full["entitlements"]
         own = full.get("plan") if full is not None else None
         if isinstance(own, Mapping) and own.get("lago_id") and own.get("lago_id") != plan.get("lago_id"):
             return f"a plan of its own (lago_id {own.get('lago_id')}, not plan {code!r}'s: its charges overridden)"
@@ -1891,7 +1898,13 @@ async def plan_org(
                 f"middleware bills {sub_id!r} (LAGO_SUBSCRIPTION_ID_TEMPLATE): terminate that subscription (the "
                 "migration then creates its own), or set LAGO_SUBSCRIPTION_ID_TEMPLATE so that it gives its id"
             )
+    # (an org subscription an earlier run made: _donor_kept reads the users' terminated subscriptions too, listed here
+    # with their active and pending ones, one listing per user rather than two)
+    made_for = customer_metadata(org_customer).get(METADATA_MIGRATED_FROM, "").split(",")
+    with_ended = _earlier_run(org, org_subscription, made_for, donor_hint) is not None
+    statuses = ["active", "pending", "terminated"] if with_ended else ["active", "pending"]
     users: list[tuple[str, JSON | None, list[JSON]]] = []
+    terminated: dict[str, list[JSON]] = {}
     for user_id in org.users:
         customer = await _or_none(client.get_customer(user_id))
         subscriptions: list[JSON] = []
@@ -1901,9 +1914,10 @@ async def plan_org(
                 "case-sensitive: a typo?)"
             )
         else:
-            subscriptions = [
-                s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending"])
-            ]
+            items = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
+            subscriptions = [s for s in items if s.get("status") in ("active", "pending")]
+            if with_ended:
+                terminated[user_id] = [s for s in items if s.get("status") == "terminated"]
         for subscription in subscriptions:  # every write it needs must be possible before the first one is made
             path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
@@ -2098,7 +2112,18 @@ async def plan_org(
     candidates = active or starting
     donor: tuple[str, JSON] | None = None
     kept_donor = await _donor_kept(
-        client, org, sub_id, org_subscription, users, active, previous_users, options, plans, result, donor_hint
+        client,
+        org,
+        sub_id,
+        org_subscription,
+        users,
+        active,
+        previous_users,
+        options,
+        plans,
+        result,
+        donor_hint,
+        terminated if with_ended else None,
     )
     if kept_donor is not None:  # (the org subscription an earlier run made: its donor, whatever changed since)
         donor, candidates = kept_donor
@@ -2259,16 +2284,18 @@ async def _donor_kept(
     plans: PlanCatalog,
     result: OrgResult,
     donor_hint: tuple[str, str] | None,
+    terminated: Mapping[str, Sequence[JSON]] | None = None,
 ) -> tuple[tuple[str, JSON], list[tuple[str, JSON]]] | None:
     """The donor and the candidates of an org subscription an earlier run of this migration made while its users'
     are still active (a second phase, a first phase again, a run resumed; the org customer's ``migrated_from_user``
     or the journal says so): the users' subscriptions there when it was made, still active or ended since (the
     donor's may end by itself in the window between the phases), as ``verify`` picks it, not one begun since (an
     upgrade, a plan bought in the window: a warning names those, which the second phase ends); the first phase's
-    donor (``donor_hint``, from the journal) when found. ``None`` otherwise: the donor is picked among ``active``."""
-    since = parse_time((org_subscription or {}).get("created_at"))
-    earlier = bool(set(previous_users) & set(org.users)) or donor_hint is not None
-    if org_subscription is None or not active or since is None or not earlier:
+    donor (``donor_hint``, from the journal) when found. ``None`` otherwise: the donor is picked among ``active``.
+    ``terminated``: the users' terminated subscriptions, by user, when :func:`plan_org` listed them with their others
+    (else read here: one more listing per user)."""
+    since = _earlier_run(org, org_subscription, previous_users, donor_hint)
+    if org_subscription is None or not active or since is None:
         return None
 
     def begun_since(subscription: JSON) -> bool:
@@ -2279,7 +2306,11 @@ async def _donor_kept(
     for user_id, customer, _ in users:
         if customer is None:
             continue
-        async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated"]):
+        if terminated is not None:
+            olds: Sequence[JSON] = terminated.get(user_id, ())
+        else:
+            olds = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated"])]
+        for old in olds:
             at = parse_time(old.get("terminated_at"))
             if at is not None and at >= since and not begun_since(old):
                 ended.append((user_id, old))
@@ -2309,6 +2340,18 @@ async def _donor_kept(
             )
             donor = hinted
     return donor, pool
+
+
+def _earlier_run(
+    org: OrgMapping, org_subscription: JSON | None, previous_users: Iterable[str], donor_hint: tuple[str, str] | None
+) -> dt.datetime | None:
+    """When the org subscription was made, if an earlier run of this migration made it (the org customer's
+    ``migrated_from_user`` names one of the org's users, or the journal names its donor: ``donor_hint``); ``None``
+    otherwise (see :func:`_donor_kept`)."""
+    since = parse_time((org_subscription or {}).get("created_at"))
+    users = {user_id for user_id in previous_users if user_id and not user_id.startswith("+")}
+    earlier = bool(users & set(org.users)) or donor_hint is not None
+    return since if org_subscription is not None and earlier else None
 
 
 def _warn_scheduled(
@@ -2676,14 +2719,25 @@ async def verify_org(
                 )
     # (one that starts later counts: a user's plan bought for a later date)
     result.subscription = await client.get_current_subscription(sub_id)
+    # (when the donor's entitlement overrides will be checked, the users' ended subscriptions they are picked among
+    # are listed with their active and pending ones: one listing per user rather than two; see _verify_overrides)
+    with_ended = (
+        plans is not None
+        and plans.known_uses_entitlements() is True
+        and result.subscription is not None
+        and result.subscription.get("external_customer_id") == org.org_id
+        and parse_time(result.subscription.get("created_at")) is not None
+    )
+    statuses = ["active", "pending", "terminated", "canceled"] if with_ended else ["active", "pending"]
     pages: list[tuple[str, list[JSON]]] = []
+    ended_by_user: dict[str, list[JSON]] = {}
     user_customers: list[tuple[str, JSON | None]] = []
     for user_id in org.users:
         # (every page: a user left with more than one page of subscriptions is reported with all of them)
-        items = [
-            s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending"])
-        ]
-        pages.append((user_id, items))
+        items = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
+        pages.append((user_id, [s for s in items if s.get("status") in ("active", "pending")]))
+        if with_ended:
+            ended_by_user[user_id] = [s for s in items if s.get("status") in ("terminated", "canceled")]
         user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
     accepted = (options or MigrationOptions()).accept_unmoved
     for user_id, customer in user_customers:  # (what they hold that was not moved: see _settle_unmoved)
@@ -2713,7 +2767,14 @@ async def verify_org(
             # (the users' still active: the first phase done, the second not yet, or a run stopped half-way)
             active = [(user_id, s) for user_id, items in pages for s in items if s.get("status") == "active"]
             await _verify_overrides(
-                client, org, result.subscription, options or MigrationOptions(), plans, result, active
+                client,
+                org,
+                result.subscription,
+                options or MigrationOptions(),
+                plans,
+                result,
+                active,
+                ended_by_user if with_ended else None,
             )
     for user_id, items in pages:
         for status in ("active", "pending"):  # (a pending one would start billing the user later)
@@ -2759,13 +2820,15 @@ async def _verify_overrides(
     plans: PlanCatalog,
     result: OrgResult,
     active: Sequence[tuple[str, JSON]] = (),
+    listed: Mapping[str, Sequence[JSON]] | None = None,
 ) -> None:
     """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
     was made (terminated ones, an upgraded one too) and those still ``active`` (the first phase done, the second not
     yet: ``--prepare``), else canceled ones that would have started later (not a downgrade waiting for its date), by
     the plan policy. When it is on the org subscription's plan, the org subscription must
     have each of its overrides and go without what it had removed of the plan's entitlements (but for an org
-    subscription older than the donor's, which --execute did not make: a warning)."""
+    subscription older than the donor's, which --execute did not make: a warning). ``listed``: the users' terminated
+    and canceled subscriptions, by user, when :func:`verify_org` listed them with their others (else read here)."""
     sub_id = str(subscription.get("external_id"))
     status = str(subscription.get("status") or "active")
     since = parse_time(subscription.get("created_at"))
@@ -2773,7 +2836,12 @@ async def _verify_overrides(
         return
     ended: list[tuple[str, JSON]] = []
     for user_id in org.users:
-        async for old in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated", "canceled"]):
+        if listed is not None:
+            olds: Sequence[JSON] = listed.get(user_id, ())
+        else:
+            statuses = ["terminated", "canceled"]
+            olds = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
+        for old in olds:
             at = parse_time(old.get("terminated_at") or old.get("canceled_at"))
             # (a canceled downgrade was never a donor; a terminated subscription with a previous plan is an upgrade)
             downgrade = old.get("status") == "canceled" and old.get("previous_plan_code")
