@@ -1116,9 +1116,8 @@ class LocalBackend:
         state = self._org(org_id)
         if state.snapshot is None or state.snapshot.requested_at < snapshot.requested_at:
             key = period_key(snapshot)
-            # (what Redis counted is its base here: no record of it known apart, none unsure)
-            if snapshot.unsure_calls or snapshot.unsure_tokens:
-                snapshot = dataclasses.replace(snapshot, unsure_calls=0, unsure_tokens=0)
+            # (what Redis counted is its base here, the unsure records among it: a block that holds only with them
+            # stays unsure, answered in seconds and read again, not for the period's end until the snapshot is due)
             state.snapshot = snapshot
             if snapshot.active and snapshot.period_start > snapshot.requested_at:  # (not started: see NOT_STARTED)
                 state.counts = _Counts(_BEFORE_START)
@@ -1672,9 +1671,12 @@ class QuotaGate:
         now = self.clock()
         if self._backing_off(self._gave_up.get(org_id, 0.0), now):  # a wait for its refresh went unanswered just now
             return blocked
-        if not _replanned(blocked) and blocked.snapshot is not None and org_id not in self._refreshing:
-            # an unsure block: the fleet's lock on a snapshot not due yet is freed for this read (Redis)
-            await _call_optional(self.backend, "read_again", org_id, blocked.snapshot.version)
+        if org_id not in self._refreshing:
+            if self._backing_off(self._next_attempt.get(org_id, 0.0), now):  # its last refresh failed moments ago
+                return blocked  # (nothing asked of the backend either: a client asking again and again costs nothing)
+            if not _replanned(blocked) and blocked.snapshot is not None:
+                # an unsure block: the fleet's lock on a snapshot not due yet is freed for this read (Redis)
+                await _call_optional(self.backend, "read_again", org_id, blocked.snapshot.version)
         event = self._schedule_refresh(org_id, now, urgent=True)
         if event is None:  # its last refresh failed moments ago
             return blocked
@@ -1700,9 +1702,16 @@ class QuotaGate:
         snap = outcome.snapshot
         if outcome.code != BLOCKED or snap is None or not (snap.unsure_calls or snap.unsure_tokens):
             return None
-        if decide(snap, outcome.calls - snap.unsure_calls, outcome.tokens - snap.unsure_tokens):
+        # (in monitor mode the blocked call was reserved all the same, and is in outcome.calls: not a record of before)
+        reserved = 1 if self.mode == "monitor" else 0
+        if decide(snap, outcome.calls - reserved - snap.unsure_calls, outcome.tokens - snap.unsure_tokens):
             return None
-        # (records are kept by the second: those of the read's own second are dropped by a read settle_lag after it)
+        return self._trusted_at(snap)
+
+    def _trusted_at(self, snap: Snapshot) -> float:
+        """When a read of Lago no longer keeps the records ``snap`` keeps as unsure (they are ``settle_lag`` older than
+        it): records are kept by the second, those of the read's own second are dropped by a read ``settle_lag``
+        after it."""
         return int(snap.requested_at) + 1 + self.config.settle_lag
 
     def _read_again(self, outcome: Outcome, now: float) -> bool:
@@ -1978,7 +1987,11 @@ class QuotaGate:
             return max(1, math.ceil(self.config.failure_backoff))
         until = self._unsure_until(outcome)
         if until is not None:
-            return max(1, math.ceil(until - now) if until > now else math.ceil(self.config.failure_backoff))
+            if until <= now:  # (a read was due: it failed, is late, or waits its backoff)
+                return max(1, math.ceil(self.config.failure_backoff))
+            # (never more than settle_lag + 1: a read stamped later than that was made on a clock stepped back since,
+            # and is read again at once, not trusted when the clock comes back there)
+            return max(1, math.ceil(min(until - now, self.config.settle_lag + 1)))
         return max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
 
     # ------------------------------------------------------------------------------ cold path
@@ -2185,14 +2198,14 @@ class QuotaGate:
                 slots.release()
 
         try:
-            await self._refresh_now(org_id, release)
+            await self._refresh_now(org_id, release, urgent)
         finally:
             release()
             self._refreshing.pop(org_id, None)
             self._stale.discard(org_id)
             event.set()
 
-    async def _refresh_now(self, org_id: str, release_slot: Callable[[], None]) -> None:
+    async def _refresh_now(self, org_id: str, release_slot: Callable[[], None], urgent: bool = False) -> None:
         backend = self.backend
         self._stale.discard(org_id)  # (invalidated while queued: nothing was read yet, nothing to read again)
         locked = stored = False
@@ -2238,8 +2251,15 @@ class QuotaGate:
             else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
                 current = await backend.load(org_id)
                 after = 0.0
-                # (or one invalidate_all marked, its plan to be read again: its requests blocked on it wait for it)
-                if current is not None and (current.over(self.clock()) or not current.plan_fetched_at):
+                now = self.clock()
+                if current is not None and (
+                    current.over(now)
+                    # (or one invalidate_all marked, its plan to be read again: its requests blocked on it wait for it)
+                    or not current.plan_fetched_at
+                    # (or one a request blocked on its unsure records waits to see read again, as the fleet's refresh
+                    # now does: decided on that read, not refused at once on the records it is to settle)
+                    or (urgent and (current.unsure_calls or current.unsure_tokens) and now >= self._trusted_at(current))
+                ):
                     after = current.requested_at
                 release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
                 await backend.wait_snapshot(org_id, self.config.cold_timeout, after)

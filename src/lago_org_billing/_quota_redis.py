@@ -298,6 +298,8 @@ for i = 1, #fields, 2 do
     elseif (kind == 'c' or kind == 't') and sec > late then
       redis.call('HDEL', cnt, f)
       redis.call('HINCRBY', cnt, kind .. ':' .. now, val)
+      -- (made before the read, on a clock stepped back since: unsure as the records of second now are)
+      if tonumber(now) >= cutc and tonumber(now) <= last and not keep[kind] then unsure[kind] = unsure[kind] + val end
     elseif (kind == 'c' or kind == 't') and sec < cutc then
       if keep[kind] then
         if sec ~= 0 then
@@ -414,12 +416,14 @@ _INVALIDATION_MARK_MS = 600_000
 
 #: An unsure block (see QuotaGate._unsure_until): the fleet's refresh lock, held since the org's snapshot was stored
 #: until it is due, is freed when that snapshot (ARGV[1], its version) is still the stored one and no refresh holds
-#: the lock (its value is the snapshot's due time, as STORE left it): the org is read again at once, by one gate.
+#: the lock (its value is the snapshot's due time as STORE left it, or its period's end when STORE capped it there):
+#: the org is read again at once, by one gate. An invalidation's mark ("0", free to take) is left: a refresh in
+#: flight in any process since before it still stores nothing.
 READ_AGAIN = """
-local s = redis.call('HMGET', KEYS[1], 'v', 'ra')
+local s = redis.call('HMGET', KEYS[1], 'v', 'ra', 'pe')
 if s[1] ~= ARGV[1] then return 0 end
 local cur = redis.call('GET', KEYS[2])
-if cur and cur ~= s[2] then return 0 end
+if cur and (cur == '0' or (cur ~= s[2] and cur ~= s[3])) then return 0 end
 redis.call('DEL', KEYS[2])
 return 1
 """
