@@ -144,6 +144,7 @@ async def test_a_block_on_records_lago_may_have_counted_is_short_and_read_again(
     assert not early.allowed
     assert headers(early)["retry-after"] == "5"  # not the period's end
     assert early.problem is not None and early.problem["retry_after"] == 5
+    assert "may be lower than counted here: retry in 5 s" in early.problem["detail"]
     assert headers(early)["ratelimit-reset"] == str(math.ceil(PERIOD_END - clock.time()))
     assert lago.usage_reads == 2  # too early for a read to tell more
 
@@ -161,6 +162,7 @@ async def test_a_block_on_records_lago_may_have_counted_is_short_and_read_again(
 
     sixth = await call(gate, lago)
     assert not sixth.allowed
+    assert sixth.problem is not None and "may be lower" not in sixth.problem["detail"]
     assert headers(sixth)["retry-after"] == str(math.ceil(PERIOD_END - clock.time()))  # truly at the limit
     reads = lago.usage_reads
     clock.advance(6)

@@ -1960,13 +1960,18 @@ class QuotaGate:
         else:
             name, limit, usage, unit = self.config.calls_privilege, snap.calls_limit, outcome.calls, "API calls"
         status = self.config.over_quota_status
+        retry_after = self._retry_after(snap, outcome, now)
+        detail = (
+            f"Organization {org_id!r} has used {usage} of the {limit} {unit} its plan {snap.plan_code!r} allows per "
+            f"billing period ({name}). The quota resets at {_iso(snap.period_end)}, or at once with a plan upgrade."
+        )
+        if self._unsure_until(outcome) is not None:  # (counted with calls Lago may have counted already)
+            detail += f" The usage may be lower than counted here: retry in {retry_after} s, when it is known."
         return {
             "type": PROBLEM_QUOTA_EXCEEDED,
             "title": "Quota exceeded",
             "status": status,
-            "detail": f"Organization {org_id!r} has used {usage} of the {limit} {unit} its plan "
-            f"{snap.plan_code!r} allows per billing period ({name}). The quota resets at "
-            f"{_iso(snap.period_end)}, or at once with a plan upgrade.",
+            "detail": detail,
             "org_id": org_id,
             "limit_name": name,
             "limit": limit,
@@ -1974,7 +1979,7 @@ class QuotaGate:
             "plan_code": snap.plan_code,
             "period_start": _iso(snap.period_start),
             "period_end": _iso(snap.period_end),
-            "retry_after": self._retry_after(snap, outcome, now),
+            "retry_after": retry_after,
         }
 
     def _retry_after(self, snap: Snapshot, outcome: Outcome, now: float) -> int:
