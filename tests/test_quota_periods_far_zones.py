@@ -84,7 +84,10 @@ async def _reset_after_the_boundary(fake: FakeLago, clock: Clock, boundary: dt.d
         decision = await gate.check("org_1")
         assert decision.allowed
         assert len(fake.requests) == lago_reads  # decided at once (the provisional snapshot), not after a Lago read
-        lago_end = dt.datetime.fromisoformat(fake.subscriptions[0]["current_billing_period_ending_at"])
+        # ("Z" spelt as an offset: Python 3.10's fromisoformat reads no "Z")
+        lago_end = dt.datetime.fromisoformat(
+            fake.subscriptions[0]["current_billing_period_ending_at"].replace("Z", "+00:00")
+        )
         return _reset(decision), round(lago_end.timestamp() + 1 - clock.time())
 
 

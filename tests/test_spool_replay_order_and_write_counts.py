@@ -17,6 +17,7 @@ the I/O lock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -300,7 +301,9 @@ async def test_a_replayed_letter_purged_before_its_write_is_not_sent(tmp_path: P
     assert rows(path, "dead_letters") == 2
     assert await outbox.replay_dead(None) == 2
 
-    with sqlite3.connect(path) as other:  # the CLI's purge of one of them, meanwhile
+    # the CLI's purge of one of them, meanwhile (closed: ``with`` on a connection only commits, and one left to the
+    # garbage collector holds the file's descriptors until then, and is a ResourceWarning from Python 3.13)
+    with contextlib.closing(sqlite3.connect(path)) as other, other:
         purged = other.execute("SELECT id, body FROM dead_letters ORDER BY id LIMIT 1").fetchone()
         other.execute("DELETE FROM dead_letters WHERE id = ?", (purged[0],))
     await outbox.commit()

@@ -1788,6 +1788,11 @@ class SqliteOutbox(Outbox):
         if self._unwritten and not last and not self._write_errors.waiting():
             self._requeue_unwritten()  # (the volume may take writes again: then they are durable from now on)
         if not (self.pending or self._to_delete or self._to_dead or self._unwritten_dead or self._orphan):
+            if self._writing != (0, 0) and self._io is not None:
+                # another commit is writing rows or resolutions, already counted as done by unresolved(): this one
+                # returns once they are in the file (flush() says the spool is empty only then, not before)
+                async with self._io:
+                    pass
             await self._idle_check()
             return  # (replayed letters wait on their events in ``pending``)
         if not last and self._write_errors.waiting():
