@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -88,6 +89,29 @@ def build() -> Any:
 
 
 REDIS_SERVER = shutil.which("redis-server")
+#: Marks a test that needs a real redis-server (skipped without one; .ci/run installs it).
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+
+def subscription_answer(
+    external_id: str, period: tuple[str, str], privileges: list[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """``GET /subscriptions/{external_id}``'s ``subscription`` as a stub Lago answers it: active on ``starter``
+    (monthly), billing ``period`` (start, end as Lago writes them), feature ``api_quota`` with ``privileges``;
+    ``fields`` override any of it."""
+    return {
+        "external_id": external_id,
+        "external_customer_id": external_id,
+        "status": "active",
+        "plan_code": "starter",
+        "plan": {"code": "starter", "interval": "monthly", "bill_charges_monthly": None},
+        "ending_at": None,
+        "next_plan_code": None,
+        "current_billing_period_started_at": period[0],
+        "current_billing_period_ending_at": period[1],
+        "entitlements": [{"code": "api_quota", "privileges": privileges}],
+        **fields,
+    }
 
 
 def free_port() -> int:

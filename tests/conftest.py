@@ -4,6 +4,7 @@ import datetime as dt
 import importlib.metadata
 import ipaddress
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,17 @@ def no_write_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(_spool, "_RETRY_FIRST", 0.0)
     monkeypatch.setattr(_spool, "_RETRY_MAX", 0.0)
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param(
+            "redis",
+            marks=pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed"),
+        ),
+    ]
+)
+def redis(request: pytest.FixtureRequest) -> str | None:
+    """The quota backend a test runs on: ``None`` (in process), or the URL of a throwaway redis-server."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else None

@@ -20,7 +20,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER, TOKENS, Clock, chat
+from _quota_app import TOKENS, Clock, chat, needs_redis
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
 from lago_org_billing._errors import LagoRateLimitError
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -28,7 +28,6 @@ from lago_org_billing._quota_redis import RedisBackend
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 PERIOD_START = "2026-03-01T00:00:00Z"
 PERIOD_END = "2026-03-31T23:59:59Z"

@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock
+from _quota_app import Clock, needs_redis
 from lago_org_billing import BillingSettings
 from lago_org_billing._errors import LagoNotFoundError
 from lago_org_billing._gate import QuotaDecision
@@ -22,7 +22,6 @@ from lago_org_billing._quota import QuotaConfig, QuotaGate
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 PERIOD_START = "2026-03-01T00:00:00Z"
 PERIOD_END = "2026-03-31T23:59:59Z"

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock
+from _quota_app import Clock, subscription_answer
 from lago_org_billing import BillingSettings
 from lago_org_billing._errors import LagoRateLimitError, LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
@@ -25,7 +25,6 @@ from lago_org_billing._quota import QuotaConfig, QuotaGate
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -42,11 +41,6 @@ async def _close_gates() -> AsyncIterator[None]:
     yield
     while _OPEN:
         await _OPEN.pop().aclose()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 class HostLago:
@@ -71,18 +65,7 @@ class HostLago:
 
     async def get_subscription(self, external_id: str, *, status: str | None = None) -> dict[str, Any]:
         await self._enter()
-        return {
-            "external_id": external_id,
-            "external_customer_id": external_id,
-            "status": "active",
-            "plan_code": "starter",
-            "plan": {"code": "starter", "interval": "monthly", "bill_charges_monthly": None},
-            "ending_at": None,
-            "next_plan_code": None,
-            "current_billing_period_started_at": self.period[0],
-            "current_billing_period_ending_at": self.period[1],
-            "entitlements": [{"code": "api_quota", "privileges": [{"code": "max_api_calls", "value": self.limit}]}],
-        }
+        return subscription_answer(external_id, self.period, [{"code": "max_api_calls", "value": self.limit}])
 
     async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
         await self._enter()

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock
+from _quota_app import Clock, needs_redis
 from lago_org_billing import BillingSettings
 from lago_org_billing._quota import CLOCK_STEP, LocalBackend, QuotaConfig, QuotaGate, Snapshot
 from lago_org_billing._quota_redis import RedisBackend, decode, encode
@@ -20,7 +20,6 @@ from test_quota_clock_steps import HOURS_2, T0, HostLago, call, flushed, no_redi
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 NOW = T0.timestamp()
 MARCH = (
@@ -37,11 +36,6 @@ async def _close() -> AsyncIterator[None]:
     yield
     while _OPEN:
         await _OPEN.pop().aclose()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 def gate_on(lago: HostLago, clock: Clock, redis: str | None, *, ttl: float = 30.0, **config: Any) -> QuotaGate:

@@ -29,14 +29,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lago_org_billing
-from _quota_app import REDIS_SERVER, free_port, redis_server, seed
+from _quota_app import free_port, needs_redis, redis_server, seed
 from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._server import serve_in_thread
 from lago_org_billing.testing._webhooks import install_webhooks
 
 pytestmark = [pytest.mark.anyio]
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 HMAC_KEY = "review-hmac-key"

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER, Clock, seed
+from _quota_app import Clock, needs_redis, seed
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -25,8 +25,6 @@ from lago_org_billing.testing import FakeLago
 pytestmark = pytest.mark.anyio
 
 MARCH_END = dt.datetime(2026, 4, 1, tzinfo=dt.timezone.utc)  # org_1 (UTC, calendar) starts April here
-
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER, Clock, chat, seed
+from _quota_app import Clock, chat, needs_redis, seed
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
@@ -34,8 +34,6 @@ from lago_org_billing.testing import FakeLago
 from test_quota_redis import _OPEN, _close_gates, client, clock, fake, prefix  # noqa: F401 (its fixtures)
 
 pytestmark = pytest.mark.anyio
-
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
 # ------------------------------------------------------------------- 1. the reserve's write of queued settles

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock, free_port, redis_server, seed
+from _quota_app import Clock, free_port, needs_redis, redis_server, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoUnavailableError
 from lago_org_billing._quota import LocalBackend, Mode, Outcome, QuotaConfig, QuotaGate, Snapshot, _Decision
@@ -21,8 +21,6 @@ from lago_org_billing._quota_redis import RedisBackend
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
-
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock, seed
+from _quota_app import Clock, needs_redis, seed, subscription_answer
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoNotFoundError, LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
@@ -33,7 +33,6 @@ from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 UTC = dt.timezone.utc
 APRIL = dt.datetime(2026, 4, 1, tzinfo=UTC)
@@ -43,11 +42,6 @@ PERIODS = {
     "may": ("2026-05-01T00:00:00Z", "2026-05-31T23:59:59Z"),
 }
 MAY = dt.datetime(2026, 5, 1, tzinfo=UTC).timestamp()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 @pytest.fixture
@@ -100,19 +94,8 @@ class PeriodLago:
         if external_id in self.missing:
             raise LagoNotFoundError("subscription not found", status=404, code="subscription_not_found")
         start, end = PERIODS[period]
-        return {
-            "external_id": external_id,
-            "external_customer_id": external_id,
-            "status": "active",
-            "plan_code": "starter",
-            "plan": {"code": "starter", "interval": "monthly", "bill_charges_monthly": None},
-            "ending_at": None,
-            "next_plan_code": None,
-            "current_billing_period_started_at": start,
-            "current_billing_period_ending_at": end,
-            "entitlements": [{"code": "api_quota", "privileges": [{"code": "max_api_calls", "value": self.limit}]}],
-            **self.subscription.get(external_id, {}),
-        }
+        privileges = [{"code": "max_api_calls", "value": self.limit}]
+        return subscription_answer(external_id, (start, end), privileges, **self.subscription.get(external_id, {}))
 
     async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
         period = await self._enter("usage", subscription)

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock, seed
+from _quota_app import Clock, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot, next_period_end
@@ -30,14 +30,8 @@ from lago_org_billing.testing._util import billing_period
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 UTC = dt.timezone.utc
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 _OPEN: list[QuotaGate] = []

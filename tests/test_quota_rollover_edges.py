@@ -16,7 +16,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock
+from _quota_app import Clock, needs_redis
 from lago_org_billing import BillingSettings
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -25,7 +25,6 @@ from test_quota_rollover import PeriodLago
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 UTC = dt.timezone.utc
 APRIL = dt.datetime(2026, 4, 1, tzinfo=UTC)
@@ -175,11 +174,6 @@ async def test_calls_counted_during_a_redis_outage_across_the_boundary_are_merge
 
 
 # ------------------------------------------------------- 2. a provisional period is for the boundary, not weeks on
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 async def test_an_org_idle_here_for_weeks_is_not_decided_on_a_provisional_zero(clock: Clock, redis: str | None) -> None:

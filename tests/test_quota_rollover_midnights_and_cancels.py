@@ -30,7 +30,7 @@ import anyio
 import pytest
 
 from _pinned_clock import Clock as PinnedClock
-from _quota_app import REDIS_SERVER, Clock, seed
+from _quota_app import Clock, needs_redis, seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient
 from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot, next_period_end
 from lago_org_billing._quota_redis import RedisBackend
@@ -41,14 +41,8 @@ from test_quota_rollover_billing_days import reset_after_the_boundary
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 UTC = dt.timezone.utc
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 # ------------------------------------------------------------------- 1. the anniversary day near a midnight

@@ -20,7 +20,7 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from _quota_app import REDIS_SERVER, Clock, seed
+from _quota_app import Clock, needs_redis, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoUnavailableError
 from lago_org_billing._quota import QuotaConfig, QuotaGate
@@ -36,8 +36,6 @@ OTHER_PER_SECOND = 50
 #: LagoClient's httpx pool (max_connections).
 POOL = 50
 N = 2_000
-
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -22,20 +22,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, START, Clock
+from _quota_app import START, Clock, needs_redis, subscription_answer
 from lago_org_billing import BillingSettings, _quota
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 PERIOD_END = dt.datetime(2026, 4, 1, tzinfo=dt.timezone.utc).timestamp()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 class StubLago:
@@ -48,18 +42,8 @@ class StubLago:
 
     async def get_subscription(self, external_id: str, *, status: str | None = None) -> dict[str, Any]:
         await anyio.lowlevel.checkpoint()
-        return {
-            "external_id": external_id,
-            "external_customer_id": external_id,
-            "status": "active",
-            "plan_code": "starter",
-            "plan": {"code": "starter", "interval": "monthly", "bill_charges_monthly": None},
-            "ending_at": None,
-            "next_plan_code": None,
-            "current_billing_period_started_at": "2026-03-01T00:00:00Z",
-            "current_billing_period_ending_at": "2026-03-31T23:59:59Z",
-            "entitlements": [{"code": "api_quota", "privileges": [{"code": "max_api_calls", "value": self.limit}]}],
-        }
+        period = ("2026-03-01T00:00:00Z", "2026-03-31T23:59:59Z")
+        return subscription_answer(external_id, period, [{"code": "max_api_calls", "value": self.limit}])
 
     async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
         await anyio.lowlevel.checkpoint()

@@ -26,7 +26,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import REDIS_SERVER, START, Clock
+from _quota_app import START, Clock, needs_redis, subscription_answer
 from lago_org_billing import BillingSettings, _quota
 from lago_org_billing._errors import LagoNotFoundError, LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
@@ -35,13 +35,7 @@ from lago_org_billing._quota_redis import RedisBackend, decode
 
 pytestmark = pytest.mark.anyio
 
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 MARCH_END = dt.datetime(2026, 4, 1, tzinfo=dt.timezone.utc).timestamp()
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
-def redis(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
 
 
 class Lago:
@@ -67,18 +61,7 @@ class Lago:
         privileges = [{"code": "max_api_calls", "value": self.limit}]
         if self.tokens_limit is not None:
             privileges.append({"code": "max_tokens", "value": self.tokens_limit})
-        return {
-            "external_id": external_id,
-            "external_customer_id": external_id,
-            "status": "active",
-            "plan_code": "starter",
-            "plan": {"code": "starter", "interval": "monthly", "bill_charges_monthly": None},
-            "ending_at": None,
-            "next_plan_code": None,
-            "current_billing_period_started_at": self.period[0],
-            "current_billing_period_ending_at": self.period[1],
-            "entitlements": [{"code": "api_quota", "privileges": privileges}],
-        }
+        return subscription_answer(external_id, self.period, privileges)
 
     async def get_current_usage(self, customer: str, subscription: str, **params: Any) -> dict[str, Any]:
         await anyio.lowlevel.checkpoint()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from _quota_app import REDIS_SERVER
+from _quota_app import needs_redis
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._webhooks import LagoWebhooks, RedisDedupe, WebhookEvent, sign_hmac
@@ -25,7 +25,6 @@ from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._webhooks import WebhookDispatcher
 
 pytestmark = pytest.mark.anyio
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 HMAC_KEY = "5d1c0f7e-review-webhooks-hmac"
 LAGO_URL = "http://lago.review"
