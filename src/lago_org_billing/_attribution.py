@@ -1632,7 +1632,22 @@ _GZIP_MAGIC = 0x1F
 _zeros = re.compile(rb"\x00*")
 
 
-class _Inflater:
+class _Budgeted:
+    """A decoder of a response body, bounded: what it produced so far (``inflated``) may not pass ``budget``."""
+
+    __slots__ = ()
+    budget: int | None
+    inflated: int
+    _ended: bool
+
+    def _spend(self, size: int) -> None:
+        self.inflated += size
+        if self.budget is not None and self.inflated > self.budget:
+            self._ended = True
+            raise OverflowError("inflation budget exceeded")
+
+
+class _Inflater(_Budgeted):
     """Decompresses a gzip or deflate response body chunk by chunk, in slices. HTTP's ``deflate`` is zlib-wrapped,
     but some servers send raw deflate: both are read. A gzip body may be several gzip members one after the other
     (valid gzip: a proxy or server compressing each chunk on its own): each is read; bytes after a member that are not
@@ -1695,10 +1710,7 @@ class _Inflater:
             at += len(given)
             while True:
                 if piece:
-                    self.inflated += len(piece)
-                    if self.budget is not None and self.inflated > self.budget:
-                        self._ended = True
-                        raise OverflowError("inflation budget exceeded")
+                    self._spend(len(piece))
                     yield piece
                 if decoder.eof:  # (its unconsumed_tail may be stale then: feeding it again looped forever)
                     at -= len(decoder.unused_data)
@@ -1772,7 +1784,7 @@ def _codec(encoding: bytes) -> tuple[str, Any] | None:
     return found
 
 
-class _Decoder:
+class _Decoder(_Budgeted):
     """Decompresses a br or zstd response body chunk by chunk, in slices, with the optional module that reads it (the
     same interface as :class:`_Inflater`): a zstd body may be several frames one after the other (each is read; bytes
     after a frame that are not one are ignored). Past ``budget`` decoded bytes, :class:`OverflowError` is raised; an
@@ -1807,10 +1819,7 @@ class _Decoder:
         try:
             for piece in produce:
                 if piece:
-                    self.inflated += len(piece)
-                    if self.budget is not None and self.inflated > self.budget:
-                        self._ended = True
-                        raise OverflowError("inflation budget exceeded")
+                    self._spend(len(piece))
                     yield piece
         except OverflowError:
             raise
