@@ -1635,7 +1635,7 @@ _zeros = re.compile(rb"\x00*")
 class _Budgeted:
     """A decoder of a response body, bounded: what it produced so far (``inflated``) may not pass ``budget``."""
 
-    __slots__ = ()
+    __slots__ = ("_ended", "budget", "inflated")
     budget: int | None
     inflated: int
     _ended: bool
@@ -1653,7 +1653,7 @@ class _Inflater(_Budgeted):
     (valid gzip: a proxy or server compressing each chunk on its own): each is read; bytes after a member that are not
     one (zeros, junk) are ignored. Past ``budget`` inflated bytes, :class:`OverflowError` is raised."""
 
-    __slots__ = ("_decoder", "_early", "_ended", "_gzip", "_raw_fallback", "budget", "inflated")
+    __slots__ = ("_decoder", "_early", "_gzip", "_raw_fallback")
 
     def __init__(self, encoding: bytes, budget: int | None = None) -> None:
         gzip = encoding != b"deflate"
@@ -1790,7 +1790,7 @@ class _Decoder(_Budgeted):
     after a frame that are not one are ignored). Past ``budget`` decoded bytes, :class:`OverflowError` is raised; an
     undecodable body raises :class:`_Undecodable`."""
 
-    __slots__ = ("_decoder", "_ended", "_module", "_name", "budget", "inflated")
+    __slots__ = ("_decoder", "_module", "_name")
 
     def __init__(self, codec: tuple[str, Any], budget: int | None = None) -> None:
         self._name, self._module = codec
