@@ -88,6 +88,23 @@ def iso_ms(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+#: An ISO 8601 time in the extended or the basic format, with a fraction of any length (``.`` or ``,``) and an offset.
+_ISO_TIME = re.compile(
+    r"(\d{4})-?(\d{2})-?(\d{2})[T ](\d{2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?(?:([+-])(\d{2}):?(\d{2}))?"
+)
+
+
+def _iso_time(found: re.Match[str]) -> datetime:
+    """The time :data:`_ISO_TIME` matched (a fraction past microseconds cut); ``ValueError`` when out of range."""
+    year, month, day, hour, minute, second, fraction, sign, off_hours, off_minutes = found.groups()
+    zone: tzinfo | None = None
+    if sign is not None:
+        offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
+        zone = timezone(-offset if sign == "-" else offset)
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=zone)
+
+
 def parse_datetime(value: Any) -> datetime | None:
     """Parse an ISO 8601 string (``Z`` or offset, or a bare date); ``None`` when not parseable."""
     if isinstance(value, datetime):
@@ -100,11 +117,15 @@ def parse_datetime(value: Any) -> datetime | None:
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
+        found = _ISO_TIME.fullmatch(text)  # (what 3.10's fromisoformat does not read: other fractions, basic format)
         try:
-            d = date.fromisoformat(text)
+            if found is not None:
+                dt = _iso_time(found)
+            else:
+                d = date.fromisoformat(text)
+                dt = datetime(d.year, d.month, d.day)
         except ValueError:
             return None
-        dt = datetime(d.year, d.month, d.day)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)
@@ -124,7 +145,8 @@ def written_date(value: Any) -> date | None:
     try:
         return datetime.fromisoformat(text).date()
     except ValueError:
-        return date.fromisoformat(text)
+        found = _ISO_TIME.fullmatch(text)
+        return _iso_time(found).date() if found is not None else date.fromisoformat(text)
 
 
 def day_start(dt: datetime) -> datetime:
