@@ -29,6 +29,7 @@ In-memory dead letters live only in their process: ``EventPipeline.replay_dead_l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import decimal
@@ -314,23 +315,21 @@ class _SpoolLocks:
         self.action = action
         self.locks: dict[str, _SpoolLettersLock | None] = {}
         self.busy = 0
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> _SpoolLocks:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for lock in self.locks.values():
-            if lock is not None:
-                lock.__exit__(None, None, None)
+        self._held.close()
         self.locks.clear()
 
     def held_letters(self, letters: Iterable[SpoolDeadLetter]) -> Iterator[SpoolDeadLetter]:
         for spooled in letters:
             spool = os.path.realpath(_spool_of(spooled))
             if spool not in self.locks:
-                lock = _SpoolLettersLock(spool, self.action)
                 try:
-                    self.locks[spool] = lock.__enter__()
+                    self.locks[spool] = self._held.enter_context(_SpoolLettersLock(spool, self.action))
                 except DeadLettersBusyError as exc:
                     if not self.locks:  # the first spool: nothing was sent
                         raise
@@ -342,6 +341,25 @@ class _SpoolLocks:
             yield spooled
 
 
+#: What to do about delivered events Lago stores but will not bill (said by the command and logged by the function).
+_UNBILLED_ADVICE = (
+    "A period whose invoice is still a draft (grace period) takes them; otherwise bill them by hand: a one-off "
+    "invoice (POST /invoices with an add-on) or an adjustment of the next invoice"
+)
+#: A replay Lago did not answer for in time (``%s``: "run" for the command, "replay" for the function).
+_INCOMPLETE = (
+    "Lago did not answer for all the replayed events in time: the letters of the last thousand sent, and any after "
+    "them, are kept as they were (%s again: events Lago took meanwhile then count as duplicates, not billed twice)."
+)
+
+
+def _unchecked(report: ReplayReport) -> str:
+    return (
+        f"{report.unchecked} delivered events were not checked against their subscription's billing period "
+        f"({report.unchecked_reason}): one timestamped before it is stored by Lago but not billed."
+    )
+
+
 def _log_report(report: ReplayReport) -> None:
     """Log at WARNING what the command prints as warnings (an in-process replay has no terminal)."""
     if report.unbilled:
@@ -349,28 +367,18 @@ def _log_report(report: ReplayReport) -> None:
         more = len(report.unbilled) - len(shown)
         logger.warning(
             "Replayed dead letters: Lago stores these %d delivered events but will not bill them (a replay keeps each "
-            "event's timestamp): %s%s. A period whose invoice is still a draft (grace period) takes them; otherwise "
-            "bill them by hand: a one-off invoice (POST /invoices with an add-on) or an adjustment of the next invoice "
-            "(ReplayReport.unbilled lists them all).",
+            "event's timestamp): %s%s. %s (ReplayReport.unbilled lists them all).",
             len(report.unbilled),
             "; ".join(
                 f"{spooled.key} {spooled.letter.event.get('transaction_id')}: {why}" for spooled, why, _ in shown
             ),
             f"; and {more} more" if more else "",
+            _UNBILLED_ADVICE,
         )
     if report.unchecked:
-        logger.warning(
-            "Replayed dead letters: %d delivered events were not checked against their subscription's billing period "
-            "(%s): one timestamped before it is stored by Lago but not billed.",
-            report.unchecked,
-            report.unchecked_reason,
-        )
+        logger.warning("Replayed dead letters: %s", _unchecked(report))
     if not report.complete:
-        logger.warning(
-            "Replayed dead letters: Lago did not answer for all the replayed events in time: the letters of the last "
-            "thousand sent, and any after them, are kept as they were (replay again: events Lago took meanwhile then "
-            "count as duplicates, not billed twice)."
-        )
+        logger.warning("Replayed dead letters: %s", _INCOMPLETE % "replay")
     if report.unchanged:
         logger.warning(
             "Replayed dead letters: %d were left as they were (their spool file changed or was locked, or another "
@@ -1046,12 +1054,7 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
     for spooled in report.rejected:
         print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {_one_line(spooled.letter.reason)[:200]}")
     if not report.complete:
-        print(
-            "Lago did not answer for all the replayed events in time: the letters of the last thousand sent, and any "
-            "after them, are kept as they were (run again: events Lago took meanwhile then count as duplicates, "
-            "not billed twice).",
-            file=sys.stderr,
-        )
+        print(_INCOMPLETE % "run", file=sys.stderr)
     if report.gone:
         print(
             f"{report.gone} letters were not sent: they had left the spool since they were read (replayed by a worker, "
@@ -1075,13 +1078,8 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
             print(f"  {spooled.key}: {transaction}: {why}")
         print(
             f"Warning: Lago stores the {len(report.unbilled)} events listed above but will not bill them (--json "
-            "gives them whole). A period whose invoice is still a draft (grace period) takes them; otherwise bill "
-            "them by hand: a one-off invoice (POST /invoices with an add-on) or an adjustment of the next invoice.",
+            f"gives them whole). {_UNBILLED_ADVICE}.",
             file=sys.stderr,
         )
     if report.unchecked:
-        print(
-            f"Warning: {report.unchecked} delivered events were not checked against their subscription's billing "
-            f"period ({report.unchecked_reason}): one timestamped before it is stored by Lago but not billed.",
-            file=sys.stderr,
-        )
+        print(f"Warning: {_unchecked(report)}", file=sys.stderr)
