@@ -1770,18 +1770,24 @@ def _codec(encoding: bytes) -> tuple[str, Any] | None:
     for name in _CODEC_MODULES[encoding][0]:
         try:
             module = importlib.import_module(name)
+            decoder = _new_decoder(name, module)
             if name.startswith("brotli"):
-                module.Decompressor().process(b"", output_buffer_limit=_SLICE)  # (TypeError before 1.2)
-            elif name == "zstandard":
-                module.ZstdDecompressor().decompressobj()
-            else:
-                module.ZstdDecompressor()
+                decoder.process(b"", output_buffer_limit=_SLICE)  # (TypeError before 1.2)
         except Exception:  # not installed, too old, broken: the next one
             continue
         found = (name, module)
         break
     _codecs[encoding] = found
     return found
+
+
+def _new_decoder(name: str, module: Any) -> Any:
+    """A decompression object of the codec module ``name`` (see :data:`_CODEC_MODULES`), for one stream (one frame)."""
+    if name == "zstandard":
+        return module.ZstdDecompressor().decompressobj()
+    if name.startswith("brotli"):
+        return module.Decompressor()
+    return module.ZstdDecompressor()
 
 
 class _Decoder(_Budgeted):
@@ -1794,17 +1800,10 @@ class _Decoder(_Budgeted):
 
     def __init__(self, codec: tuple[str, Any], budget: int | None = None) -> None:
         self._name, self._module = codec
-        self._decoder: Any = self._fresh()
+        self._decoder: Any = _new_decoder(self._name, self._module)
         self._ended = False
         self.budget = budget
         self.inflated = 0
-
-    def _fresh(self) -> Any:
-        if self._name == "zstandard":
-            return self._module.ZstdDecompressor().decompressobj()
-        if self._name.startswith("brotli"):
-            return self._module.Decompressor()
-        return self._module.ZstdDecompressor()
 
     def pieces(self, data: bytes) -> Iterator[bytes]:
         """``data`` decoded in slices (about 64 KiB each), as they come (used one at a time)."""
@@ -1843,7 +1842,7 @@ class _Decoder(_Budgeted):
         if not (_ZSTD_MAGIC.startswith(head) or (0x50 <= head[0] <= 0x5F and b"\x2a\x4d\x18".startswith(head[1:]))):
             self._ended = True  # not a frame, nor a skippable one (magic 0x184D2A5?): junk
             return False
-        self._decoder = self._fresh()
+        self._decoder = _new_decoder(self._name, self._module)
         return True
 
     def _zstd(self, data: bytes) -> Iterator[bytes]:
