@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,9 @@ from lago_org_billing._events import event_payload
 from lago_org_billing._spool import SqliteOutbox
 from lago_org_billing.testing import FakeLago
 from test_delivery import make_client
+from test_spool import rows
 
 pytestmark = pytest.mark.anyio
-
-
-def _rows(path: str) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def _size(path: str) -> int:
@@ -79,7 +71,7 @@ async def test_spool_commit_cancelled_before_its_write_keeps_the_events(tmp_path
         limiter.release()  # (the thread is free again; the commit was cancelled meanwhile)
     assert outbox.unresolved() == 50
     await outbox.commit()
-    assert _rows(outbox.path) == 50
+    assert rows(outbox.path) == 50
     assert outbox.unresolved() == 50
     assert await outbox.close() == 0
 
@@ -101,7 +93,7 @@ async def test_spool_commit_cancelled_natively_before_its_write_keeps_the_events
             await task
     assert outbox.unresolved() == 50
     await outbox.commit()
-    assert _rows(outbox.path) == 50
+    assert rows(outbox.path) == 50
     assert outbox.unresolved() == 50
     assert await outbox.close() == 0
 
@@ -132,7 +124,7 @@ async def test_spool_file_shrinks_once_a_backlog_is_delivered(tmp_path: Path) ->
             fake.faults.clear()
             assert await pipeline.flush(60)
             assert len(fake.events) == 20_000
-            assert _rows(path) == 0
+            assert rows(path) == 0
             assert _size(path) < backlog // 10
             assert _size(path + "-wal") < 4_000_000
             await pipeline.aclose()

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,9 @@ from lago_org_billing import _spool
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing.testing import FakeLago
 from test_delivery import events, make_client
+from test_spool import rows
 
 pytestmark = pytest.mark.anyio
-
-
-def _rows(path: str) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-    finally:
-        conn.close()
 
 
 async def test_flush_is_true_only_once_the_delivered_rows_are_gone_from_the_spool(
@@ -59,14 +51,14 @@ async def test_flush_is_true_only_once_the_delivered_rows_are_gone_from_the_spoo
             for event in events(5):
                 pipeline.submit(event)
             await pipeline.commit()
-            assert _rows(path) == 5
+            assert rows(path) == 5
             assert await anyio.to_thread.run_sync(entered.wait, 30)  # delivered; their deletion is being written
             assert len(fake.events) == 5
             said: list[tuple[bool, int]] = []
 
             async def flush() -> None:
                 ok = await pipeline.flush(30)
-                said.append((ok, _rows(path)))
+                said.append((ok, rows(path)))
 
             tasks.start_soon(flush)
             await anyio.wait_all_tasks_blocked()
