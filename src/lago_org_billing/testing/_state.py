@@ -1581,7 +1581,7 @@ class LagoStore:
                 items = [
                     f for f in items if any(term in str(f[k] or "").lower() for k in ("name", "code", "description"))
                 ]
-            return paginate([copy.deepcopy(f) for f in items], "features", query.get("page"), query.get("per_page"))
+            return _page(items, "features", query, copy.deepcopy)
 
     def _privilege(self, feature: JSON, code: str) -> JSON | None:
         for privilege in feature["privileges"]:
