@@ -1902,7 +1902,7 @@ async def plan_org(
     # with their active and pending ones, one listing per user rather than two)
     made_for = customer_metadata(org_customer).get(METADATA_MIGRATED_FROM, "").split(",")
     with_ended = _earlier_run(org, org_subscription, made_for, donor_hint) is not None
-    statuses = ["active", "pending", "terminated"] if with_ended else ["active", "pending"]
+    ended_statuses = ("terminated",) if with_ended else ()
     users: list[tuple[str, JSON | None, list[JSON]]] = []
     terminated: dict[str, list[JSON]] = {}
     for user_id in org.users:
@@ -1914,10 +1914,7 @@ async def plan_org(
                 "case-sensitive: a typo?)"
             )
         else:
-            items = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
-            subscriptions = [s for s in items if s.get("status") in ("active", "pending")]
-            if with_ended:
-                terminated[user_id] = [s for s in items if s.get("status") == "terminated"]
+            subscriptions, terminated[user_id] = await _user_subscriptions(client, user_id, ended_statuses)
         for subscription in subscriptions:  # every write it needs must be possible before the first one is made
             path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
@@ -2306,10 +2303,7 @@ async def _donor_kept(
     for user_id, customer, _ in users:
         if customer is None:
             continue
-        if terminated is not None:
-            olds: Sequence[JSON] = terminated.get(user_id, ())
-        else:
-            olds = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["terminated"])]
+        olds = await _listed_or_read(client, terminated, user_id, ("terminated",))
         for old in olds:
             at = parse_time(old.get("terminated_at"))
             if at is not None and at >= since and not begun_since(old):
@@ -2340,6 +2334,28 @@ async def _donor_kept(
             )
             donor = hinted
     return donor, pool
+
+
+async def _user_subscriptions(
+    client: LagoClient, user_id: str, ended: Sequence[str] = ()
+) -> tuple[list[JSON], list[JSON]]:
+    """A user's active and pending subscriptions (every page), and those of the ``ended`` statuses listed in the same
+    request (one listing per user rather than two)."""
+    items = [
+        s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending", *ended])
+    ]
+    live = [s for s in items if s.get("status") in ("active", "pending")]
+    return live, [s for s in items if s.get("status") in ended]
+
+
+async def _listed_or_read(
+    client: LagoClient, listed: Mapping[str, Sequence[JSON]] | None, user_id: str, statuses: Sequence[str]
+) -> Sequence[JSON]:
+    """A user's subscriptions of ``statuses``: as :func:`_user_subscriptions` listed them (``listed``, by user), else
+    read now."""
+    if listed is not None:
+        return listed.get(user_id, ())
+    return [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=list(statuses))]
 
 
 def _earlier_run(
@@ -2728,16 +2744,14 @@ async def verify_org(
         and result.subscription.get("external_customer_id") == org.org_id
         and parse_time(result.subscription.get("created_at")) is not None
     )
-    statuses = ["active", "pending", "terminated", "canceled"] if with_ended else ["active", "pending"]
+    ended_statuses = ("terminated", "canceled") if with_ended else ()
     pages: list[tuple[str, list[JSON]]] = []
     ended_by_user: dict[str, list[JSON]] = {}
     user_customers: list[tuple[str, JSON | None]] = []
     for user_id in org.users:
         # (every page: a user left with more than one page of subscriptions is reported with all of them)
-        items = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
-        pages.append((user_id, [s for s in items if s.get("status") in ("active", "pending")]))
-        if with_ended:
-            ended_by_user[user_id] = [s for s in items if s.get("status") in ("terminated", "canceled")]
+        live, ended_by_user[user_id] = await _user_subscriptions(client, user_id, ended_statuses)
+        pages.append((user_id, live))
         user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
     accepted = (options or MigrationOptions()).accept_unmoved
     for user_id, customer in user_customers:  # (what they hold that was not moved: see _settle_unmoved)
@@ -2836,11 +2850,7 @@ async def _verify_overrides(
         return
     ended: list[tuple[str, JSON]] = []
     for user_id in org.users:
-        if listed is not None:
-            olds: Sequence[JSON] = listed.get(user_id, ())
-        else:
-            statuses = ["terminated", "canceled"]
-            olds = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
+        olds = await _listed_or_read(client, listed, user_id, ("terminated", "canceled"))
         for old in olds:
             at = parse_time(old.get("terminated_at") or old.get("canceled_at"))
             # (a canceled downgrade was never a donor; a terminated subscription with a previous plan is an upgrade)
