@@ -38,6 +38,7 @@ of the ones before, and a discarded app's counts stay (it adds no more):
 * ``requests_total`` (requests handled, excluded paths and CORS preflights aside), ``requests_billed_total``,
   ``requests_blocked_total`` (answered 402/429 by the gate), ``requests_unresolved_total`` (no org),
   ``requests_excluded_total``, ``requests_preflight_total``, ``requests_unbilled_errors_total`` (5xx not billed),
+  ``requests_unbilled_auth_failures_total`` (the app's 401/403, not billed unless ``LAGO_BILL_AUTH_FAILURES``),
   ``requests_unrouted_total`` (answered by the routing, not an endpoint: unknown-path 404, redirect_slashes 307, 405),
   ``requests_ungated_total`` (org known only after the app ran, no ``require_quota``), ``event_build_errors_total``,
   ``event_properties_errors_total`` (billed without ``event_properties``: it failed), ``background_errors_total``
@@ -249,6 +250,10 @@ _REQUEST_COUNTERS = {
     "excluded": ("requests_excluded", "Requests on excluded paths (never billed nor gated)."),
     "preflight": ("requests_preflight", "CORS preflights (OPTIONS), passed on: never billed, gated or rejected."),
     "unbilled_errors": ("requests_unbilled_errors", "Requests answered 5xx (or crashed) and not billed."),
+    "unbilled_auth_failures": (
+        "requests_unbilled_auth_failures",
+        "Requests the app answered 401/403, not billed (LAGO_BILL_AUTH_FAILURES off).",
+    ),
     "unrouted": (
         "requests_unrouted",
         "Requests answered by the routing, not an endpoint (unknown-path 404, redirect_slashes 307, 405): not billed.",

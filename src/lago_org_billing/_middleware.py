@@ -4,14 +4,16 @@ Background delivery (``_delivery.EventPipeline``) runs in anyio tasks owned by t
 ASGI lifespan startup and flushed on shutdown, or started lazily on the first request when the server sends no
 lifespan. Requests never wait on Lago.
 
-What is billed: every request with an org, whatever its answer, except 5xx (unless ``bill_server_errors``) and the
-routing's own answers, which no endpoint produced: a Starlette (FastAPI) router's 404 for a path no route matches, at
-the top or under a ``Mount``/``Host``, its ``redirect_slashes`` 307 (``/v1/chat/`` -> ``/v1/chat``: the call the
-client then makes is the one billed), its 405 for a method the route does not take, and a redirect a Starlette
-middleware inside this one answers before routing (``HTTPSRedirectMiddleware``, in the app or around it, or around a
-mounted app). Those are not counted against the quota either (``stats["unrouted"]``). Endpoints' own 404s and
-redirects, a mounted app's (``StaticFiles``), and the 404 of an app without Starlette routing, are billed. The
-endpoint of an answer no route produced is ``<unmatched>`` (the raw path only for an app without Starlette routing).
+What is billed: every request with an org, whatever its answer, except 5xx (unless ``bill_server_errors``), the app's
+401 and 403 (unless ``bill_auth_failures``: its auth refused the caller, who may have named any org; not counted
+against the quota either, ``stats["unbilled_auth_failures"]``) and the routing's own answers, which no endpoint
+produced: a Starlette (FastAPI) router's 404 for a path no route matches, at the top or under a ``Mount``/``Host``,
+its ``redirect_slashes`` 307 (``/v1/chat/`` -> ``/v1/chat``: the call the client then makes is the one billed), its
+405 for a method the route does not take, and a redirect a Starlette middleware inside this one answers before
+routing (``HTTPSRedirectMiddleware``, in the app or around it, or around a mounted app). Those are not counted against
+the quota either (``stats["unrouted"]``). Endpoints' own 404s and redirects, a mounted app's (``StaticFiles``), and the
+404 of an app without Starlette routing, are billed. The endpoint of an answer no route produced is ``<unmatched>``
+(the raw path only for an app without Starlette routing).
 """
 
 from __future__ import annotations
@@ -183,6 +185,11 @@ class OrgBillingMiddleware:
       Default: the settings' (``LAGO_ON_UNRESOLVED``, ``LAGO_UNRESOLVED_STATUS``).
     * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default: the
       settings' ``LAGO_BILL_SERVER_ERRORS``, false (the customer got nothing).
+    * **bill_auth_failures** - bill the app's 401 and 403 answers. Default: the settings'
+      ``LAGO_BILL_AUTH_FAILURES``, false: its auth refused the caller, and with the org from a header anyone could
+      name another org and run up its bill. Not billed, they are not counted against the quota either
+      (``stats["unbilled_auth_failures"]``). The middleware's own answers (``on_unresolved="reject"``, the gate's)
+      are never billed.
     * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
     * **idempotency_header** - *(opt-in)* a request header (e.g. ``"Idempotency-Key"``) whose value makes the
       event stable across client retries: requests of one org to one route with the same key are billed once (one
@@ -218,6 +225,7 @@ class OrgBillingMiddleware:
         on_unresolved: Literal["allow", "reject"] | None = None,
         unresolved_status: int | None = None,
         bill_server_errors: bool | None = None,
+        bill_auth_failures: bool | None = None,
         attribution: AttributionConfig | None = None,
         idempotency_header: str | None = None,
         event_properties: PropertiesHook | None = None,
@@ -243,8 +251,9 @@ class OrgBillingMiddleware:
         self._all_recorded: anyio.Event | None = None
         try:
             _check_arguments(
-                app, settings, resolve_org, resolve_user, bill_server_errors, attribution, idempotency_header,
-                event_properties, quota, quota_config, client, pipeline, shutdown_timeout, metrics_registry,
+                app, settings, resolve_org, resolve_user, bill_server_errors, bill_auth_failures, attribution,
+                idempotency_header, event_properties, quota, quota_config, client, pipeline, shutdown_timeout,
+                metrics_registry,
             )  # fmt: skip
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
@@ -271,6 +280,9 @@ class OrgBillingMiddleware:
             if bill_server_errors is None:
                 bill_server_errors = self.settings.bill_server_errors
             self.bill_server_errors = bill_server_errors
+            if bill_auth_failures is None:
+                bill_auth_failures = self.settings.bill_auth_failures
+            self.bill_auth_failures = bill_auth_failures
             self.attribution = attribution or AttributionConfig()
             self.idempotency_header = idempotency_header.lower().encode("latin-1") if idempotency_header else None
             if event_properties is not None and _is_async(event_properties):
@@ -1022,6 +1034,8 @@ class OrgBillingMiddleware:
         status = watcher.status
         if status is None or status >= 500:
             return self.bill_server_errors
+        if status == 401 or status == 403:  # the app's auth refused the caller (the middleware's own: never here)
+            return self.bill_auth_failures
         return status < 300 or not self._unrouted(scope, status, root_path, watcher)
 
     def _unrouted(self, scope: Scope, status: int, root_path: str, watcher: _ResponseWatcher) -> bool:
@@ -1069,7 +1083,12 @@ class OrgBillingMiddleware:
         if status >= 300 and not self._billable(scope, watcher, root_path):  # (a 2xx: the first comparison only)
             if decision is not None and self.quota is not None:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
-            self.stats["unbilled_errors" if status >= 500 else "unrouted"] += 1
+            if status >= 500:
+                self.stats["unbilled_errors"] += 1
+            elif status == 401 or status == 403:
+                self.stats["unbilled_auth_failures"] = self.stats.get("unbilled_auth_failures", 0) + 1
+            else:
+                self.stats["unrouted"] += 1
             return None
         method = scope["method"]
         transaction_id: str | None = None
@@ -1797,6 +1816,7 @@ def _check_arguments(
     resolve_org: object,
     resolve_user: object,
     bill_server_errors: object,
+    bill_auth_failures: object,
     attribution: object,
     idempotency_header: object,
     event_properties: object,
@@ -1827,6 +1847,8 @@ def _check_arguments(
             )
     if bill_server_errors is not None:
         checks.flag(f"{name}(bill_server_errors=...)", bill_server_errors)
+    if bill_auth_failures is not None:
+        checks.flag(f"{name}(bill_auth_failures=...)", bill_auth_failures)
     if attribution is not None:
         checks.instance(f"{name}(attribution=...)", attribution, AttributionConfig, what="an AttributionConfig")
     if idempotency_header is not None:

@@ -103,6 +103,9 @@ class BillingSettings:
     metrics: bool = False
     #: ``LAGO_BILL_SERVER_ERRORS``: bill responses with status >= 500 and requests the app crashed on.
     bill_server_errors: bool = False
+    #: ``LAGO_BILL_AUTH_FAILURES``: bill the app's 401 and 403 answers (its auth refused the caller: with
+    #: ``LAGO_ORG_HEADER``, anyone naming an org would run up its bill).
+    bill_auth_failures: bool = False
     #: ``LAGO_ON_UNRESOLVED``: a request whose org cannot be resolved is served unbilled (``allow``) or
     #: answered ``LAGO_UNRESOLVED_STATUS`` with a JSON problem body (``reject``).
     on_unresolved: str = "allow"
@@ -128,6 +131,7 @@ class BillingSettings:
             ("LAGO_FAIL_OPEN", self.fail_open),
             ("LAGO_METRICS", self.metrics),
             ("LAGO_BILL_SERVER_ERRORS", self.bill_server_errors),
+            ("LAGO_BILL_AUTH_FAILURES", self.bill_auth_failures),
         ):
             if not isinstance(switch, bool):  # ("false", a non-empty string, is true)
                 raise ConfigurationError(
@@ -302,6 +306,7 @@ class BillingSettings:
         get("LAGO_ORGANIZATION_ID", _optional_str, "organization_id")
         get("LAGO_METRICS", _bool, "metrics")
         get("LAGO_BILL_SERVER_ERRORS", _bool, "bill_server_errors")
+        get("LAGO_BILL_AUTH_FAILURES", _bool, "bill_auth_failures")
         get("LAGO_ON_UNRESOLVED", _lower, "on_unresolved")
         get("LAGO_UNRESOLVED_STATUS", _int, "unresolved_status")
         values.update(overrides)
