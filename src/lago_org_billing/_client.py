@@ -1258,7 +1258,7 @@ def _body_object(response: httpx.Response) -> dict[str, Any] | None:
     """The answer's body as a JSON object (Lago's answers are), else ``None`` (a proxy's page, no body)."""
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (a proxy's page; a body nested thousands deep)
         return None
     return body if isinstance(body, dict) else None
 
@@ -1395,11 +1395,12 @@ def _retry_after(headers: httpx.Headers, names: tuple[str, ...] = ("x-ratelimit-
             return max(0.0, seconds)
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError):
+            if when.tzinfo is None:  # asctime's form and "-0000": HTTP dates are GMT (RFC 9110 5.6.7), not local time
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            at = when.timestamp()
+        except (TypeError, ValueError, OverflowError):  # (a year past datetime's range: not a date to wait for)
             continue
-        if when.tzinfo is None:  # asctime's form and "-0000": HTTP dates are GMT (RFC 9110 5.6.7), not local time
-            when = when.replace(tzinfo=datetime.timezone.utc)
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, at - time.time())
     return None
 
 

@@ -838,7 +838,7 @@ class EventPipeline:
                 dumps_event(item.raw) if item.raw is not None else item.encoded()  # (text a builder wrote: checked)
             except EventBuildError as exc:  # its builder failed (and logged why)
                 self._dead(item, str(exc), None, "invalid_event")
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:  # (properties nested thousands deep)
                 self._dead(item, f"not JSON-serialisable: {exc}", None, "invalid_event")
             else:
                 valid.append(item)
@@ -854,7 +854,9 @@ class EventPipeline:
         try:
             parts = [item.raw if item.raw is not None else item.encoded() for item in items]
             body = ('{"events":[' + ",".join(parts) + "]}").encode()  # (UnicodeEncodeError: a lone surrogate)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
+            # (RecursionError: an event submitted with properties nested thousands deep, which json cannot encode;
+            # as an "unexpected error" its whole batch was retried as it was, for ever, its other events held back)
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         await client.send_event_batch_json(body)
 

@@ -138,6 +138,12 @@ def _decimal(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def _same_length(value: str) -> int | None:
+    """A ``Content-Length`` listing one length more than once (``"42, 42"``): that length, else None."""
+    lengths = {_decimal(part.strip()) for part in value.split(",")}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
 class _Connection:
     __slots__ = ("buffer", "limit", "stream")
 
@@ -340,18 +346,28 @@ class RawPoster:
             if status >= 200 or status == 101:
                 break  # interim answers (100 Continue, 103 Early Hints) come before the real one: skipped
         headers: list[tuple[str, str]] = []
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t"):
+                # obs-fold (RFC 9112 5.2): a line going on with the header above it, read as one space, as h11 (the
+                # httpx path) reads it: else a proxy's "Content-Length:\r\n 42" was no answer, and the batch Lago
+                # had ingested was sent again for ever. Whitespace before the first header is refused (RFC 9112 2.2).
+                if not headers:
+                    raise RawHTTPError(f"malformed answer: a header line begins with whitespace {line[:40]!r}")
+                name, value = headers[-1]
+                headers[-1] = (name, f"{value} {line.strip()}".strip())
+            else:
+                name, _, value = line.partition(":")
+                headers.append((name.strip(), value.strip()))
         length: int | None = None
         chunked = False
         close = version == "HTTP/1.0"
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip(), value.strip()
-            headers.append((name, value))
+        for name, value in headers:
             lowered = name.lower()
             if lowered == "content-length":
-                value_length = _decimal(value)
-                # the body's end is unknown (RFC 9112 6.3: also when two lengths disagree): the connection cannot be
-                # read any further
+                # "42, 42" (a proxy joining two equal headers into one) is 42, as RFC 9110 8.6 allows and h11 reads
+                # it; the body's end is unknown (RFC 9112 6.3) when a length is no number or two lengths disagree:
+                # the connection cannot be read any further
+                value_length = _decimal(value) if "," not in value else _same_length(value)
                 if value_length is None or (length is not None and value_length != length):
                     raise RawHTTPError(f"malformed Content-Length {value[:40]!r}")
                 length = value_length

@@ -66,6 +66,7 @@ import logging
 import operator
 import os
 import re
+import reprlib
 import shlex
 import sqlite3
 import threading
@@ -1009,7 +1010,7 @@ class _SpoolFile:
         for index, (row_id, event) in enumerate(rows):
             try:
                 text = dumps_event(event)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:  # (RecursionError: nested too deep for JSON)
                 unencodable.append(row_id)
                 reason = event.reason if type(event) is _Unbuildable else f"not JSON-serialisable: {exc}"
                 letters.append((_safe_dumps(event), reason, None, "invalid_event", time.time()))
@@ -1466,8 +1467,12 @@ def _write_advice(exc: Exception, path: str) -> str:
 def _safe_dumps(event: JSON | str) -> str:
     try:
         return dumps_event(event)
-    except (TypeError, ValueError):
-        return json.dumps({"repr": repr(event)})
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(event)
+        except RecursionError:  # nested too deep for repr too: its outer levels, abbreviated
+            text = reprlib.repr(event)
+        return json.dumps({"repr": text})
 
 
 def _loads_or_raw(body: str) -> JSON:
