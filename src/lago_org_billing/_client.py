@@ -1225,7 +1225,7 @@ def _json_body(response: httpx.Response, method: str, url: str) -> JSON:
         return _Answer.of({}, method, url, response.status_code)
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: nested thousands deep, nothing Lago writes)
         raise LagoAPIError(
             f"Lago answered {method} {url} with {response.status_code} but the body is not JSON "
             f"({response.content[:60]!r}): that is not Lago's API. Check LAGO_API_URL: it must be the URL of Lago's "

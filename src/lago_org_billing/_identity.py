@@ -947,7 +947,7 @@ def _jwt_jwk_key(raw: bytes) -> Any:
 
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (not JSON; nested thousands deep: no JWK)
         return None
     if isinstance(data, dict) and isinstance(data.get("keys"), list):
         if len(data["keys"]) != 1:

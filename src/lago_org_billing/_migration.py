@@ -279,7 +279,7 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
         try:
             data = json.loads(text, object_pairs_hook=unique_keys)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (RecursionError: nested thousands deep)
             raise MappingError([f"{path}: not valid JSON ({exc})"]) from exc
         if not isinstance(data, list):
             raise MappingError([f"{path}: JSON mapping must be a list of objects, got {type(data).__name__}"])
@@ -783,7 +783,7 @@ class Journal:
                     raise
                 try:
                     entry = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 read_one = read_one or isinstance(entry, dict)
                 if isinstance(entry, dict) and self._subscribing(entry):

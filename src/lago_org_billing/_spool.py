@@ -1478,7 +1478,7 @@ def _safe_dumps(event: JSON | str) -> str:
 def _loads_or_raw(body: str) -> JSON:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"body": body}
     return value if isinstance(value, dict) else {"body": value}
 

@@ -341,7 +341,7 @@ class FakeLago:
         if raw.strip():
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = raw.decode("utf-8", "replace")
         record = RequestRecord(str(scope["method"]), str(scope["path"]), query, status, body)
         with self._log_lock:
@@ -630,7 +630,7 @@ class FakeLago:
             raise FakeLagoError(f"cannot read the emulator seed file {str(file)!r}: {exc.strerror}") from None
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise FakeLagoError(f"the emulator seed file {str(file)!r} is not valid JSON: {exc}") from None
         fake = cls(**kwargs)
         try:
@@ -658,7 +658,7 @@ class FakeLago:
                 if raw.strip():
                     try:
                         body = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # (nested thousands deep: Lago's parser refuses it too)
                         return JSONResponse(
                             {"status": 400, "error": "BadRequest: the request body is not valid JSON"},
                             status_code=400,
@@ -933,7 +933,7 @@ def _json_group(raw: str, name: str = "filter_by_group") -> dict[str, list[Any]]
     non-Hash): a 500 there, answered here in Lago's 500 envelope with what to send instead."""
     try:
         parsed = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if not isinstance(parsed, dict):
         message = f'{name} must be a JSON object such as {{"user_id": "u1"}} (or {name}[user_id]=u1), got {raw!r}'
