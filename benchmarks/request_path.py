@@ -28,7 +28,8 @@ import anyio  # noqa: E402
 from benchmarks._apps import _app, bare, passthrough  # noqa: E402
 
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware  # noqa: E402
-from lago_org_billing._quota import QuotaGate, Snapshot  # noqa: E402
+from lago_org_billing._quota import QuotaGate  # noqa: E402
+from lago_org_billing._snapshots import Snapshot  # noqa: E402
 from lago_org_billing._spool import MemoryOutbox  # noqa: E402
 
 SCOPE = {

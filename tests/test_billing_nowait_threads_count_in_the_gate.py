@@ -14,7 +14,8 @@ import anyio
 import pytest
 
 from lago_org_billing import BillingSettings, EventPipeline, LagoClient, OrgBilling
-from lago_org_billing._quota import QuotaGate, Snapshot
+from lago_org_billing._quota import QuotaGate
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 
 API_KEY = "test-api-key"

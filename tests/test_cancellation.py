@@ -17,7 +17,8 @@ from starlette.routing import Route
 from _quota_app import Clock, chat, seed
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware, require_quota
 from lago_org_billing._delivery import EventPipeline
-from lago_org_billing._quota import LocalBackend, QuotaConfig, QuotaGate
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._quota_local import LocalBackend
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio

@@ -20,7 +20,8 @@ import pytest
 from lago_org_billing import BillingSettings, ConfigurationError, EventPipeline, LagoClient, OrgBillingMiddleware
 from lago_org_billing._events import event_payload
 from lago_org_billing._gate import QuotaDecision
-from lago_org_billing._quota import LocalBackend, QuotaConfig, QuotaGate
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._quota_local import LocalBackend
 from lago_org_billing.testing import FakeLago
 
 SETTINGS = BillingSettings(api_key="key", api_url="http://127.0.0.1:9", quota_mode="off")

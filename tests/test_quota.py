@@ -18,20 +18,19 @@ from _quota_app import TOKENS, Clock, chat, seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient, OrgBillingMiddleware, require_quota
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._identity import get_current_org
+from lago_org_billing._limits import limits_from_entitlements, usage_totals
 from lago_org_billing._quota import (
     PROBLEM_NO_SUBSCRIPTION,
     PROBLEM_QUOTA_EXCEEDED,
-    LocalBackend,
     QuotaConfig,
     QuotaGate,
-    Snapshot,
     check_org_has_active_subscription,
     enforce_usage_limits,
     get_org_plan_limits,
-    limits_from_entitlements,
-    usage_totals,
 )
+from lago_org_billing._quota_local import LocalBackend
 from lago_org_billing._quota_redis import RedisBackend, decode, encode
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio

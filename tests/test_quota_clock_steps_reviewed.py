@@ -14,8 +14,10 @@ import pytest
 
 from _quota_app import Clock, needs_redis
 from lago_org_billing import BillingSettings
-from lago_org_billing._quota import CLOCK_STEP, LocalBackend, QuotaConfig, QuotaGate, Snapshot
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._quota_local import LocalBackend
 from lago_org_billing._quota_redis import RedisBackend, decode, encode
+from lago_org_billing._snapshots import CLOCK_STEP, Snapshot
 from test_quota_clock_steps import HOURS_2, T0, HostLago, call, flushed, no_redis_errors, refreshed, settled
 
 pytestmark = pytest.mark.anyio

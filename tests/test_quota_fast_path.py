@@ -11,7 +11,9 @@ import pytest
 
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._gate import QuotaDecision
-from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot, _Decision, period_key
+from lago_org_billing._periods import period_key
+from lago_org_billing._quota import QuotaConfig, QuotaGate, _Decision
+from lago_org_billing._snapshots import Snapshot
 
 NOW = 1_700_000_000.25
 

@@ -140,6 +140,6 @@ def test_anniversary_period_guessed_from_the_subscription_date(
     """The guessed period of an anniversary subscription repeats from its ``subscription_at`` day (Lago's
     ``DatesService``: day 31 on a short month's last day, then back to 31); a subscription date after now (not
     expected) falls back to the calendar period."""
-    from lago_org_billing._quota import _calendar_period
+    from lago_org_billing._periods import _calendar_period
 
     assert _calendar_period(ts(now), interval, None if anchor is None else ts(anchor)) == (ts(start), ts(end))

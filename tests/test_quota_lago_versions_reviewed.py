@@ -168,7 +168,7 @@ def test_a_period_lago_does_not_give_is_the_calendar_one_not_a_ttl(
     reads (the counter key), not ``[now, now + TTL)`` rolled over (usage back to 0) at every refresh."""
     import datetime as dt
 
-    from lago_org_billing._quota import _calendar_period
+    from lago_org_billing._periods import _calendar_period
 
     def ts(text: str) -> float:
         return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()

@@ -28,7 +28,9 @@ import pytest
 from _quota_app import Clock
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._gate import QuotaDecision
-from lago_org_billing._quota import CALENDAR_ANCHOR, QuotaConfig, QuotaGate, Snapshot, next_period_end
+from lago_org_billing._periods import CALENDAR_ANCHOR, next_period_end
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._util import billing_period
 

@@ -33,8 +33,9 @@ from starlette.routing import Route
 
 from _quota_app import REDIS_SERVER, TOKENS, Clock, _redis_pid, chat, free_port, redis_server
 from lago_org_billing import LagoClient, OrgBillingMiddleware
-from lago_org_billing._quota import Outcome, QuotaConfig, QuotaGate
+from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
+from lago_org_billing._snapshots import Outcome
 from test_quota_redis import _OPEN, _close_gates, client, clock, fake, prefix  # noqa: F401 (its fixtures)
 
 pytestmark = [

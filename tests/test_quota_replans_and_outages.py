@@ -16,8 +16,10 @@ import pytest
 from _quota_app import Clock, free_port, needs_redis, redis_server, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoUnavailableError
-from lago_org_billing._quota import LocalBackend, Mode, Outcome, QuotaConfig, QuotaGate, Snapshot, _Decision
+from lago_org_billing._quota import QuotaConfig, QuotaGate, _Decision
+from lago_org_billing._quota_local import LocalBackend
 from lago_org_billing._quota_redis import RedisBackend
+from lago_org_billing._snapshots import Mode, Outcome, Snapshot
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio

@@ -28,7 +28,8 @@ from _quota_app import Clock, needs_redis, seed, subscription_answer
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._errors import LagoNotFoundError, LagoUnavailableError
 from lago_org_billing._gate import QuotaDecision
-from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
@@ -450,7 +451,7 @@ def _ts(text: str) -> float:
 async def test_the_next_periods_end_is_estimated_from_the_interval(
     interval: str, start: str, end: str, fields: dict[str, str], expected: str | None
 ) -> None:
-    from lago_org_billing._quota import next_period_end
+    from lago_org_billing._periods import next_period_end
 
     snap = Snapshot(
         active=True,
@@ -488,7 +489,7 @@ async def test_the_estimate_is_lagos_next_period_in_every_zone_and_billing_day(
     when both ends share a UTC offset (an hour off across a DST change: the refresh reads Lago within minutes)."""
     from zoneinfo import ZoneInfo
 
-    from lago_org_billing._quota import next_period_end
+    from lago_org_billing._periods import next_period_end
     from lago_org_billing.testing._util import billing_period
 
     tz = ZoneInfo(zone)

@@ -24,7 +24,9 @@ import pytest
 from _quota_app import Clock, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._gate import QuotaDecision
-from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot, next_period_end
+from lago_org_billing._periods import next_period_end
+from lago_org_billing._quota import QuotaConfig, QuotaGate
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._util import billing_period
 

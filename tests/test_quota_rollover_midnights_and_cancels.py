@@ -32,8 +32,10 @@ import pytest
 from _pinned_clock import Clock as PinnedClock
 from _quota_app import Clock, needs_redis, seed
 from lago_org_billing import BillingSettings, ConfigurationError, LagoClient
-from lago_org_billing._quota import QuotaConfig, QuotaGate, Snapshot, next_period_end
+from lago_org_billing._periods import next_period_end
+from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import RedisBackend
+from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
 from lago_org_billing.testing._util import billing_period
 from test_quota_redis import _OPEN, _close_gates, client, clock, fake, prefix  # noqa: F401 (its fixtures)
@@ -137,7 +139,7 @@ async def test_a_period_begun_by_a_late_evening_upgrade_rolls_over_to_the_billin
 async def test_a_calendar_subscription_keeps_no_anchor_and_a_provisional_snapshot_keeps_it() -> None:
     """A calendar subscription's estimate does not depend on an anchor; a rollover's provisional snapshot keeps the
     anchor (its own rollover estimate, once Lago is read, needs it)."""
-    from lago_org_billing._quota import provisional
+    from lago_org_billing._periods import provisional
 
     end = dt.datetime(2027, 2, 28, tzinfo=UTC).timestamp()
     snap = Snapshot(

@@ -468,7 +468,7 @@ async def test_read_again_leaves_an_invalidations_mark_on_the_lock(redis_url: st
     the lock ``"0"`` so that a refresh in flight then (its read may predate the change) stores nothing. An unsure
     block's ``READ_AGAIN`` on the marked snapshot (``ra`` set to ``"0"`` too by ``mark_due``) deleted that mark: the
     refresh in flight stored its stale read. Free to take all the same, the mark is now left."""
-    from lago_org_billing._quota import Snapshot
+    from lago_org_billing._snapshots import Snapshot
 
     config = QuotaConfig(redis_prefix=f"{_PREFIX}:{uuid.uuid4().hex[:8]}:")
     ours, theirs = RedisBackend(redis_url, config), RedisBackend(redis_url, config)

@@ -17,7 +17,8 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
-from ._quota import QuotaConfig, limits_from_entitlements, subscription_entitlements, usage_totals
+from ._limits import limits_from_entitlements, subscription_entitlements, usage_totals
+from ._quota import QuotaConfig
 
 __all__ = [
     "BREAKDOWN_DIMENSIONS",

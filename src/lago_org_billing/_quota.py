@@ -93,23 +93,31 @@ back after ``failure_backoff``, and folds the org's per-second records so that t
 is down. Redis down: each process falls
 back to local counting from the last usage it saw (``stats["redis_fallback"]`` is 1 meanwhile; limits then hold
 per process, not per fleet) and tries Redis again every ``redis_retry_interval`` seconds.
+
+Modules
+-------
+This one holds the gate (:class:`QuotaGate`: a check before the app, a settle after it, refreshes in the background),
+:class:`QuotaConfig`, the :class:`QuotaBackend` protocol, the ``RateLimit-*`` headers and the seed's helpers
+(:func:`check_org_has_active_subscription`, :func:`get_org_plan_limits`, :func:`enforce_usage_limits`). Beside it:
+
+* :mod:`._snapshots`: what the gate and its backends share: ``Snapshot``, a reservation's ``Outcome`` and its codes,
+  ``Mode``, ``decide``, ``CLOCK_STEP``;
+* :mod:`._periods`: billing-period arithmetic: period keys, the next period's end, the rollover's provisional snapshot;
+* :mod:`._limits`: reading Lago's answers: limits from entitlements, usage totals, times;
+* :mod:`._quota_local`: the in-process backend (``LocalBackend``), and :mod:`._quota_redis` the fleet's, in Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-import calendar
 import dataclasses
-import datetime as dt
-import itertools
 import logging
 import math
 import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from decimal import Decimal, InvalidOperation
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -129,23 +137,36 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._ids import parse_time
+from ._limits import _iso, _timestamp, _Unreadable, limits_from_entitlements, subscription_entitlements, usage_totals
+from ._periods import CALENDAR_ANCHOR, _calendar_period, next_period_end, period_key, provisional, rolls_over
 from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
+from ._snapshots import (
+    ALLOWED,
+    BLOCKED,
+    CALLS,
+    CLOCK_STEP,
+    COUNTED,
+    MISSING,
+    NO_SUBSCRIPTION,
+    TOKENS,
+    UNAVAILABLE,
+    Mode,
+    Outcome,
+    Snapshot,
+    decide,
+)
 
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
     "PROBLEM_QUOTA_EXCEEDED",
     "PROBLEM_UNAVAILABLE",
-    "LocalBackend",
     "QuotaBackend",
     "QuotaConfig",
     "QuotaGate",
-    "Snapshot",
     "check_org_has_active_subscription",
     "enforce_usage_limits",
     "get_current_org",
     "get_org_plan_limits",
-    "limits_from_entitlements",
 ]
 
 logger = logging.getLogger("lago_org_billing.quota")
@@ -154,35 +175,12 @@ PROBLEM_QUOTA_EXCEEDED = "urn:lago-org-billing:problem:quota-exceeded"
 PROBLEM_NO_SUBSCRIPTION = "urn:lago-org-billing:problem:no-active-subscription"
 PROBLEM_UNAVAILABLE = "urn:lago-org-billing:problem:quota-unavailable"
 
-CALLS = "calls"
-TOKENS = "tokens"
-
-# Outcome codes of a reservation (shared with the Redis Lua script).
-MISSING = 0  # no usable snapshot: nothing counted
-ALLOWED = 1  # within limits: one call reserved
-BLOCKED = 2  # over a limit: nothing counted (unless forced)
-NO_SUBSCRIPTION = 3  # the org has no active subscription
-COUNTED = 4  # no snapshot, counted anyway (forced: fail-open or monitor mode)
-UNAVAILABLE = 5  # no snapshot and fail-closed (decided by the gate, not by backends)
-
-#: The counter period of a call allowed before its snapshot's period starts (a subscription whose ``started_at`` is
-#: later the same day, active in Lago, which ignores the events dated before it; or Lago's clock ahead of this one's
-#: at a rollover, the call billed in the period before): served, nothing counted, its settle dropped.
-NOT_STARTED = "not started"
-#: The period of an org's local records while its snapshot's period has not started: none is kept (and the hot path,
-#: which needs the records' period to be the snapshot's, leaves such an org to :meth:`LocalBackend.reserve_now`).
-_BEFORE_START = "before start"
-
 #: The subscription statuses Lago documents besides ``active``: an org whose subscription has one has no active one.
 _NOT_ACTIVE = frozenset({"pending", "terminated", "canceled", "incomplete"})
 
 #: Webhook types about an org's usage, its subscription unchanged (Lago counted past a threshold): the org's snapshot
 #: is marked due (refreshed at its next request, and serving meanwhile, while Lago's API is down too), not dropped.
 USAGE_WEBHOOK_TYPES = frozenset({"alert.triggered", "subscription.usage_threshold_reached"})
-
-#: ``normal``: reserve within limits; ``force``: reserve even over a limit (monitor mode); ``blind``: reserve
-#: even without a snapshot (fail-open); ``peek``: never reserve.
-Mode = Literal["normal", "force", "blind", "peek"]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -393,277 +391,6 @@ class QuotaConfig:
         return cls(**values)
 
 
-# ----------------------------------------------------------------------------------------- snapshot
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What Lago said about one org: subscription, limits, billing period and the usage it had counted.
-
-    Times are Unix seconds. A limit of ``None`` means unlimited. ``active=False``: no active subscription.
-    """
-
-    active: bool
-    plan_code: str | None = None
-    customer_id: str | None = None
-    calls_limit: int | None = None
-    tokens_limit: int | None = None
-    period_start: float = 0.0
-    period_end: float = 0.0
-    base_calls: int = 0
-    base_tokens: int = 0
-    #: When the usage was requested (local records older than this minus ``settle_lag`` are in it).
-    requested_at: float = 0.0
-    fetched_at: float = 0.0
-    #: When the subscription part was read.
-    plan_fetched_at: float = 0.0
-    #: When the next refresh is due (``fetched_at`` + TTL minus jitter).
-    refresh_at: float = 0.0
-    #: ``entitlements``, ``plan_limits`` or ``none``: where the limits came from.
-    limits_source: str = "none"
-    #: Version tag (unique per stored snapshot).
-    version: str = ""
-    #: Whether Lago counts the org's calls / tokens (not when the plan has no charge on the metric, or when the token
-    #: metric does not sum ``total_tokens``): what it does not count is kept locally for the whole period.
-    lago_counts_calls: bool = True
-    lago_counts_tokens: bool = True
-    #: The plan's billing interval (``monthly``...; ``monthly`` too for yearly plans billing charges monthly), the
-    #: subscription's ``ending_at`` (0: none) and pending downgrade (``next_plan_code``): what a rollover needs.
-    interval: str = ""
-    ending_at: float = 0.0
-    next_plan_code: str | None = None
-    #: Estimated end of the next period, when a request after ``period_end`` may be decided at once on a provisional
-    #: snapshot of it (see "Billing-period rollover"); 0: not (no subscription, ending or switching plans there).
-    next_period_end: float = 0.0
-    #: An anniversary subscription's ``subscription_at`` (``CALENDAR_ANCHOR``: calendar billing; 0: not known): its
-    #: day in the customer's time zone is the billing day, which a period begun elsewhere (the first, at the exact
-    #: ``started_at``; one begun by an upgrade) or ending on a short month's last day does not show.
-    anchor: float = 0.0
-    #: Of the records counted on top of this snapshot, the calls / tokens Lago may have counted already: recorded in
-    #: the ``settle_lag`` seconds before ``requested_at`` (kept: never under-count). Set by the backend storing it. A
-    #: block that holds only with them is unsure (:meth:`QuotaGate._unsure_until`): answered with a short
-    #: ``Retry-After``, and the org read again once they are ``settle_lag`` old.
-    unsure_calls: int = 0
-    unsure_tokens: int = 0
-
-    @property
-    def limited(self) -> bool:
-        return self.calls_limit is not None or self.tokens_limit is not None
-
-    def over(self, now: float) -> bool:
-        """Whether its billing period is over at ``now`` (a snapshot of no subscription has none)."""
-        return self.active and now >= self.period_end
-
-    def limits(self, config: QuotaConfig) -> dict[str, int | None]:
-        return {config.calls_privilege: self.calls_limit, config.tokens_privilege: self.tokens_limit}
-
-
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """A backend's answer to a reservation."""
-
-    code: int
-    snapshot: Snapshot | None = None
-    calls: int = 0  # calls used (this reservation included when one was made)
-    tokens: int = 0
-    hit: str = ""  # "calls" or "tokens" when over a limit
-    period: str = ""  # the counter period the reservation went to ("" = not known yet)
-    bucket: int = 0  # second of the in-flight reservation
-    backend: QuotaBackend | None = None
-
-
-def _replanned(outcome: Outcome) -> bool:
-    """Whether the outcome's snapshot is one :meth:`QuotaBackend.invalidate_all` marked (its plan read again at its
-    next refresh: ``plan_fetched_at`` 0, which no read of Lago leaves)."""
-    return outcome.snapshot is not None and not outcome.snapshot.plan_fetched_at
-
-
-def period_key(snapshot: Snapshot | None) -> str:
-    if snapshot is None or not snapshot.active:
-        return ""
-    key = _period_keys.get(snapshot.period_start)
-    if key is None:
-        if len(_period_keys) >= 1024:
-            _period_keys.clear()
-        key = _period_keys[snapshot.period_start] = repr(snapshot.period_start)
-    return key
-
-
-_period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
-
-#: ``Snapshot.anchor`` of a subscription billed on calendar periods (an anniversary's is its ``subscription_at``; 0:
-#: the billing time is not known).
-CALENDAR_ANCHOR = -1.0
-
-#: Months per plan interval (``weekly`` is 7 days; an unknown interval: the old period's length).
-_INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
-
-
-def _local(timestamp: float, other_day: bool = False) -> tuple[dt.datetime, float]:
-    """A period bound in its customer's time zone, and that zone's UTC offset (seconds), inferred from the bound:
-    Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-10:15
-    to UTC+13:45 (offsets a day apart share their midnights: UTC-11 is taken as UTC+13, New Zealand's summer, and
-    UTC+14 as UTC-10, Hawaii). ``other_day``: the offset a day apart instead (UTC+14, Kiritimati; UTC-11, American
-    Samoa), which :func:`next_period_end` takes when only it puts the bound on the billing day."""
-    second_of_day = timestamp % 86400
-    offset = -second_of_day if second_of_day < _EAST_FROM else 86400 - second_of_day
-    if other_day:
-        offset += 86400 if offset < 0 else -86400
-    return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc), offset
-
-
-#: Local midnights this many seconds after a UTC midnight or more are taken as those of a zone east of UTC (up to
-#: Chatham's +13:45 summer), earlier ones as those of a zone west of it (down to Hawaii's -10).
-_EAST_FROM = 36900
-
-
-def _day_of(timestamp: float, offset: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(timestamp + offset, dt.timezone.utc)
-
-
-def _months_on(at: dt.datetime, months: int, day: int) -> dt.datetime:
-    """``at`` moved ``months`` months on, to billing ``day`` of that month (its last day, when shorter)."""
-    index = at.month - 1 + months
-    year, month = at.year + index // 12, index % 12 + 1
-    return at.replace(year=year, month=month, day=min(day, calendar.monthrange(year, month)[1]))
-
-
-def _add_months(start: float, end: float, months: int, anchor: float = 0.0, other_day: bool = False) -> float:
-    """``end`` plus ``months`` months, in the customer's time zone, on the billing day: the end's, or, when the end
-    falls on a short month's last day, a later one. An anniversary subscription's is ``anchor``'s local day (Nov 30 to
-    Feb 28 goes on to May 31 for a day 31), taken alone: a period's start may be a first period's exact
-    ``started_at`` or an upgrade's, which a time within an hour of a midnight would show as the next day's. Without an
-    anchor, the start's day when the start is a local midnight (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
-    31). An anchor within an hour of a local midnight (not at one) may be a day off, a DST change since moving it
-    across the midnight: its day read at the end's offset, unless the start, a local midnight on an unclipped day,
-    shows the other one. An hour off across a DST change, until Lago is read. ``other_day``: in the zone a day apart
-    from the one the end suggests (see :func:`_local`)."""
-    at, offset = _local(end, other_day)
-    day = at.day
-    if day == calendar.monthrange(at.year, at.month)[1]:
-        begun, begun_offset = _local(start, other_day)
-        if not anchor:
-            if abs(begun_offset - offset) <= 3600:  # (a local midnight, the zone's offset maybe changed since)
-                day = max(day, begun.day)
-        else:
-            billing_day = _day_of(anchor, offset).day
-            local_time = (anchor + offset) % 86400
-            if 0 < local_time < 3600 or local_time >= 82800:  # (within an hour of a midnight: a DST change since?)
-                other_offset = offset + (3600 if local_time >= 82800 else -3600)
-                other = _day_of(anchor, other_offset).day
-                # the start shows the other day: a local midnight at the end's offset or one an hour off (not an
-                # exact time, a first period's or an upgrade's, half an hour off) on that day, which the first day,
-                # clipped by a short month, would not be
-                if (
-                    begun.day == other
-                    and begun_offset in (offset, other_offset)
-                    and other != min(billing_day, calendar.monthrange(begun.year, begun.month)[1])
-                ):
-                    billing_day = other
-                elif begun_offset in (offset, other_offset):  # (a start on the billing day or clipped: not later)
-                    billing_day = max(billing_day, begun.day)
-            day = max(day, billing_day)
-    return _months_on(at, months, day).timestamp() - offset
-
-
-def _on_billing_day(end: float, anchor: float, other_day: bool = False) -> bool:
-    """Whether the period end ``end``, read in the zone :func:`_local` infers (or the one a day apart), falls on a day
-    Lago ends periods of a plan counted in months: the 1st with calendar billing (``CALENDAR_ANCHOR``), else the
-    anchor's day in that zone, or the last day of a month shorter than it. Only asked of the zones whose midnights a
-    zone a day apart shares (beyond UTC-10 or UTC+13), and of a known billing time: otherwise the end's own zone is
-    kept, whatever its day."""
-    at, offset = _local(end)
-    if -36000 < offset < 46800 or not anchor:
-        return not other_day
-    if other_day:
-        at, offset = _local(end, True)
-    if anchor < 0:
-        return at.day == 1
-    return at.day == min(_day_of(anchor, offset).day, calendar.monthrange(at.year, at.month)[1])
-
-
-def next_period_end(snapshot: Snapshot) -> float:
-    """The estimated end of the period after ``snapshot``'s when its subscription is known to go on into it, else
-    0.0: not active, ending (``ending_at``) at or before the period end, or switching to another plan there."""
-    start, end = snapshot.period_start, snapshot.period_end
-    if not snapshot.active or snapshot.next_plan_code or end <= start or 0 < snapshot.ending_at <= end:
-        return 0.0
-    months = _INTERVAL_MONTHS.get(snapshot.interval)
-    if months is not None:
-        anchor = max(snapshot.anchor, 0.0)
-        estimate = _add_months(start, end, months, anchor)
-        if not _on_billing_day(end, snapshot.anchor) and _on_billing_day(end, snapshot.anchor, other_day=True):
-            # the end is a midnight of two zones a day apart (UTC-10 and Kiritimati's UTC+14, UTC+13 and American
-            # Samoa's UTC-11): only the other one puts it on the billing day (the 1st; an anniversary's day, or a short
-            # month's last), so the customer is there (its quarter ending on Oct 1 was estimated to end Dec 31)
-            estimate = _add_months(start, end, months, anchor, other_day=True)
-    elif snapshot.interval == "weekly":
-        estimate = end + 7 * 86400.0
-    else:
-        estimate = end + (end - start)
-    return min(estimate, snapshot.ending_at) if snapshot.ending_at else estimate
-
-
-#: A wall-clock time more than this (seconds) after the clock's now was taken before the clock was stepped back (NTP
-#: correcting a clock that ran ahead, a VM's clock set wrong at boot), not on another host a moment ahead (Redis:
-#: workers' clocks differ by a little): a snapshot read then is due, a newer read replaces it, and its records are
-#: counted as made now. Without it, every time stamped on the old clock would hold for as long as the step.
-CLOCK_STEP = 60.0
-
-#: Seconds after a period's end a snapshot of it may still be rolled over (as long as Redis keeps it: its expiry
-#: margin). Later, the next period's usage is what Lago counted meanwhile, not the 0 of a period start.
-_ROLLOVER_WINDOW = 3600.0
-
-
-def _calendar_period(now: float, interval: str, anchor: float | None = None) -> tuple[float, float]:
-    """The calendar billing period (Lago's default, here in UTC) of ``interval`` (a month when unknown) holding
-    ``now``: the period of a subscription when Lago gives none. With ``anchor`` (an anniversary subscription's
-    ``subscription_at``), the period repeating from that day instead. Stable across reads, so that the counts kept
-    under it (all of them when Lago counts nothing) go on, not made up anew (usage back to 0) at each refresh."""
-    at = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    day = at if anchor is None else dt.datetime.fromtimestamp(anchor, dt.timezone.utc)
-    day = day.replace(hour=0, minute=0, second=0, microsecond=0)
-    if interval == "weekly":
-        monday = at - dt.timedelta(days=at.weekday() if anchor is None else (at - day).days % 7)
-        return monday.timestamp(), (monday + dt.timedelta(days=7)).timestamp()
-    months = _INTERVAL_MONTHS.get(interval, 1)
-    if anchor is None or day > at:
-        day = at.replace(month=1, day=1)  # (calendar periods: those of an anniversary on Jan 1)
-
-    def nth(k: int) -> dt.datetime:  # the anchor's day, k intervals on (a short month's last day for a day 31)
-        return _months_on(day, k * months, day.day)
-
-    k = ((at.year - day.year) * 12 + at.month - day.month) // months
-    if nth(k) > at:
-        k -= 1
-    return nth(k).timestamp(), nth(k + 1).timestamp()
-
-
-def rolls_over(snapshot: Snapshot, now: float) -> bool:
-    """Whether ``snapshot``, its period over at ``now``, is passed on to a provisional snapshot of the next period:
-    its subscription goes on into it (``next_period_end``), and the boundary is recent. An org first seen again weeks
-    into the period (its calls served by other workers, other services) is cold instead: read from Lago, or the fail
-    policy, not decided on a usage of 0 for as long as Lago is down."""
-    return snapshot.next_period_end > now and now < snapshot.period_end + _ROLLOVER_WINDOW
-
-
-def provisional(snapshot: Snapshot, now: float) -> Snapshot:
-    """The snapshot of the period after ``snapshot``'s (over at ``now``), until Lago is read: usage base 0, due at
-    once. Its version is derived from the old one (the Redis backend makes the same, atomically)."""
-    return dataclasses.replace(
-        snapshot,
-        period_start=snapshot.period_end,
-        period_end=snapshot.next_period_end,
-        next_period_end=0.0,
-        base_calls=0,
-        base_tokens=0,
-        unsure_calls=0,
-        unsure_tokens=0,
-        refresh_at=now,
-        version=snapshot.version + "+",
-    )
-
-
 # ------------------------------------------------------------------------------------------ backend
 
 
@@ -703,106 +430,13 @@ class QuotaBackend(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _Counts:
-    """One org's local records: totals plus 1-second buckets (``c`` recorded calls, ``t`` tokens, ``i`` in
-    flight)."""
-
-    __slots__ = ("c", "calls", "i", "period", "prior", "t", "tokens")
-
-    def __init__(self, period: str = "") -> None:
-        self.period = period
-        self.prior = ""  # the period these records were carried over from (see carried)
-        self.calls = 0  # recorded + in flight
-        self.tokens = 0
-        self.c: dict[int, int] = {}
-        self.t: dict[int, int] = {}
-        self.i: dict[int, int] = {}
-
-    def reserve(self, bucket: int) -> None:
-        self.i[bucket] = self.i.get(bucket, 0) + 1
-        self.calls += 1
-
-    def settle(self, bucket: int | None, now_bucket: int, tokens: int, billed: bool) -> None:
-        if bucket is not None:
-            left = self.i.get(bucket, 0)
-            if left > 0:
-                if left == 1:
-                    del self.i[bucket]
-                else:
-                    self.i[bucket] = left - 1
-                self.calls -= 1
-        if billed:
-            self.c[now_bucket] = self.c.get(now_bucket, 0) + 1
-            self.calls += 1
-        if tokens > 0:
-            self.t[now_bucket] = self.t.get(now_bucket, 0) + tokens
-            self.tokens += tokens
-
-    def prune(
-        self,
-        cutoff: int,
-        inflight_cutoff: int,
-        *,
-        keep_calls: bool = False,
-        keep_tokens: bool = False,
-        now: int | None = None,
-    ) -> None:
-        """Drop the records a snapshot covers (older than ``cutoff``); those Lago does not count (``keep_*``) are
-        folded into bucket 0 instead, so they keep counting for the period in bounded memory. Records stamped more
-        than ``CLOCK_STEP`` after ``now`` (made before the clock was stepped back) are stamped ``now``: the next
-        snapshot drops them, not one taken once the clock is back where they were made (counted twice until then)."""
-        if now is not None:
-            for buckets in (self.c, self.t):
-                late = [sec for sec in buckets if sec > now + CLOCK_STEP]
-                if late:
-                    buckets[now] = buckets.get(now, 0) + sum(buckets.pop(sec) for sec in late)
-        self.calls -= _drop_or_fold(self.c, cutoff, keep_calls)
-        self.tokens -= _drop_or_fold(self.t, cutoff, keep_tokens)
-        for sec in [s for s in self.i if s < inflight_cutoff]:
-            self.calls -= self.i.pop(sec)
-
-    def compact(self, before: int) -> None:
-        """Fold the recorded seconds older than ``before`` into the last of them: memory stays bounded while no
-        snapshot prunes them (Lago down), and nothing is under-counted (a snapshot drops the fold only when it would
-        have dropped every second in it). Second 0 (what Lago does not count) and in-flight calls are left."""
-        for buckets in (self.c, self.t):
-            old = [sec for sec in buckets if 0 < sec < before]
-            if len(old) > 1:
-                total = sum(buckets.pop(sec) for sec in old)
-                buckets[max(old)] = total
-
-    def carried(self, period: str, since: int) -> _Counts:
-        """The records of second ``since`` or later (recorded, tokens, in flight), as records of ``period``: a period
-        begun within this one's (an upgrade, a subscription terminated and made again, a downgrade switched), whose
-        first snapshot may not have them yet. The settles of this period's calls made since are taken (``prior``)."""
-        new = _Counts(period)
-        new.prior = self.period
-        for mine, theirs in ((new.c, self.c), (new.t, self.t), (new.i, self.i)):
-            for sec, value in theirs.items():
-                if sec >= since:
-                    mine[sec] = value
-        new.calls = sum(new.c.values()) + sum(new.i.values())
-        new.tokens = sum(new.t.values())
-        return new
-
-    def add(self, other: _Counts) -> None:
-        for mine, theirs in ((self.c, other.c), (self.t, other.t), (self.i, other.i)):
-            for sec, value in theirs.items():
-                mine[sec] = mine.get(sec, 0) + value
-        self.calls += other.calls
-        self.tokens += other.tokens
+def _replanned(outcome: Outcome) -> bool:
+    """Whether the outcome's snapshot is one :meth:`QuotaBackend.invalidate_all` marked (its plan read again at its
+    next refresh: ``plan_fetched_at`` 0, which no read of Lago leaves)."""
+    return outcome.snapshot is not None and not outcome.snapshot.plan_fetched_at
 
 
-def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
-    """Remove the buckets older than ``cutoff``, returning how much they held; with ``keep``, fold them into bucket 0
-    instead (nothing leaves the total: 0 is returned)."""
-    old = [sec for sec in buckets if sec < cutoff and not (keep and sec == 0)]
-    removed = sum(buckets.pop(sec) for sec in old)
-    if keep:
-        if old:
-            buckets[0] = buckets.get(0, 0) + removed
-        return 0
-    return removed
+# ----------------------------------------------------------------------------------------- refreshes
 
 
 #: Fraction of the TTL (and of ``plan_ttl``) a first snapshot's next refresh may come early, at random.
@@ -917,464 +551,6 @@ async def _call_optional(backend: Any, name: str, *args: Any) -> None:
             logger.exception("Quota backend %s(%r) failed", name, args[0] if args else None)
 
 
-class _LocalOrg:
-    __slots__ = ("counts", "key", "key_of", "snapshot")
-
-    def __init__(self) -> None:
-        self.snapshot: Snapshot | None = None
-        self.counts = _Counts()
-        # period_key(key_of), kept for QuotaGate.check_now's fast path (whatever snapshot is stored since: it
-        # compares key_of with the current one)
-        self.key_of: Snapshot | None = None
-        self.key = ""
-
-
-def decide(snapshot: Snapshot, calls: int, tokens: int) -> str:
-    """Which limit one more call would break ("" when none): calls are checked with this call included,
-    tokens are checked as already exhausted (they are only known after the call)."""
-    if snapshot.calls_limit is not None and calls + 1 > snapshot.calls_limit:
-        return CALLS
-    if snapshot.tokens_limit is not None and tokens >= snapshot.tokens_limit:
-        return TOKENS
-    return ""
-
-
-class LocalBackend:
-    """Snapshots and counters in this process (an LRU of ``max_orgs`` orgs)."""
-
-    name = "memory"
-
-    def __init__(self, config: QuotaConfig | None = None) -> None:
-        self.config = config or QuotaConfig()
-        # A plain dict (the hot path reads it twice per request); bounded by _evict.
-        self._orgs: dict[str, _LocalOrg] = {}
-
-    def _org(self, org_id: str) -> _LocalOrg:
-        orgs = self._orgs
-        state = orgs.pop(org_id, None)  # (and put back last: the dict's order is least recently used first)
-        if state is None:
-            if len(orgs) >= self.config.max_orgs:
-                self._evict()
-            state = _LocalOrg()
-        orgs[org_id] = state
-        return state
-
-    def _evict(self) -> None:
-        """Over ``max_orgs``: forget a tenth of the orgs, taken among the least recently used half (an org used since
-        stays, however many ids came after it: a flood of ids seen once cannot push out an org in use, say one over
-        its quota, whose blocked requests count nothing): first those with nothing counted locally (their snapshot is
-        fetched again when needed), then those with no call in flight (their records not yet in a snapshot are lost,
-        long after they were made); only if every one of them has calls in flight, the least recently used."""
-        orgs = self._orgs
-        tenth = max(1, self.config.max_orgs // 10)
-        older = list(itertools.islice(orgs.items(), max(tenth, len(orgs) // 2)))
-        victims = [org_id for org_id, state in older if not state.counts.calls and not state.counts.tokens][:tenth]
-        if len(victims) < tenth:
-            idle = set(victims)
-            victims += [org_id for org_id, state in older if org_id not in idle and not state.counts.i][
-                : tenth - len(victims)
-            ]
-        if not victims:
-            victims = [org_id for org_id, _ in older[:tenth]]
-        for org_id in victims:
-            del orgs[org_id]
-
-    def reserve_now(self, org_id: str, now: float, mode: Mode) -> Outcome:
-        state = self._org(org_id)
-        snap = state.snapshot
-        counts = state.counts
-        bucket = int(now)
-        if snap is not None and snap.active and now >= snap.period_end:  # over (Snapshot.over, inline: hot path)
-            if counts.period == period_key(snap):
-                counts = state.counts = _Counts()
-            if rolls_over(snap, now):  # the subscription goes on: decided at once on the next period's
-                snap = state.snapshot = provisional(snap, now)
-            else:  # cold (kept: the refresh reads the subscription again from it)
-                snap = None
-        if snap is None:
-            if mode != "blind":
-                return Outcome(MISSING, backend=self)
-            counts.reserve(bucket)
-            return Outcome(COUNTED, None, counts.calls, counts.tokens, "", counts.period, bucket, self)
-        if not snap.active:
-            return Outcome(NO_SUBSCRIPTION, snap, backend=self)
-        if now < snap.period_start:  # not started: served, nothing counted (see NOT_STARTED)
-            if counts.period != _BEFORE_START:
-                state.counts = _Counts(_BEFORE_START)
-            return Outcome(ALLOWED, snap, snap.base_calls, snap.base_tokens, "", NOT_STARTED, bucket, self)
-        key = period_key(snap)
-        if counts.period != key:
-            if counts.period:
-                counts = state.counts = _Counts(key)
-            else:
-                counts.period = key  # records made before the first snapshot belong to its period
-        calls = snap.base_calls + counts.calls
-        tokens = snap.base_tokens + counts.tokens
-        hit = decide(snap, calls, tokens)
-        if mode == "peek":
-            return Outcome(BLOCKED if hit else ALLOWED, snap, calls, tokens, hit, key, bucket, self)
-        if not hit or mode in ("force", "blind"):
-            counts.reserve(bucket)
-            calls += 1
-        return Outcome(BLOCKED if hit else ALLOWED, snap, calls, tokens, hit, key, bucket, self)
-
-    async def reserve(self, org_id: str, now: float, mode: Mode, known: Snapshot | None) -> Outcome:
-        return self.reserve_now(org_id, now, mode)
-
-    def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
-        state = self._orgs.get(org_id)  # (not moved in the LRU order: its check did that moments ago)
-        if period == NOT_STARTED:  # (before its subscription started: Lago bills none of it)
-            return
-        counts = (state if state is not None else self._org(org_id)).counts
-        if period and counts.period != period:
-            if counts.period:
-                # the period changed since: nothing of it is counted any more, but for the calls made since the new
-                # one began (carried over: their events, dated then, are billed in it)
-                if period != counts.prior or (bucket is not None and bucket < int(float(counts.period))):
-                    return
-            else:
-                # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that
-                # period, which its next snapshot keeps (if of that period), not dropped
-                counts.period = period
-        counts.settle(bucket, int(now), tokens, billed)
-
-    def holds(self, org_id: str, bucket: int) -> bool:
-        """Whether a call of the org reserved here in second ``bucket`` is still in flight here (not handed out by
-        :meth:`drain`)."""
-        state = self._orgs.get(org_id)
-        return state is not None and bucket in state.counts.i
-
-    def knows(self, org_id: str) -> bool:
-        """Whether anything of the org (a snapshot, records) is kept here."""
-        return org_id in self._orgs
-
-    def peek_snapshot(self, org_id: str) -> Snapshot | None:
-        state = self._orgs.get(org_id)
-        return state.snapshot if state is not None else None
-
-    async def load(self, org_id: str) -> Snapshot | None:
-        return self.peek_snapshot(org_id)
-
-    def store_now(self, org_id: str, snapshot: Snapshot, now: float) -> None:
-        if snapshot.unsure_calls or snapshot.unsure_tokens:  # (a read made from an older one: set below, from here)
-            snapshot = dataclasses.replace(snapshot, unsure_calls=0, unsure_tokens=0)
-        state = self._org(org_id)
-        current = state.snapshot
-        if current is not None and (
-            # (unless requested on a clock stepped back since: later reads would all be refused for the step's length)
-            snapshot.requested_at < current.requested_at <= now + CLOCK_STEP
-            # a read of a period before the current one's (begun before a rollover, or Lago's clock behind)
-            or (current.active and snapshot.active and snapshot.period_end <= current.period_start)
-        ):
-            return  # a newer one arrived first
-        state.snapshot = snapshot
-        key = period_key(snapshot)
-        counts = state.counts
-        since = 0
-        if snapshot.active:
-            if now < snapshot.period_start:  # not started: nothing is counted until it does (see NOT_STARTED)
-                state.counts = _Counts(_BEFORE_START)
-                return
-            since = int(snapshot.period_start)
-        if counts.period and counts.period != key:
-            if not snapshot.active:
-                state.counts = _Counts()
-                return
-            # A period begun within the known one (an upgrade, terminated and subscribed again, a downgrade switched
-            # after the boundary): the records made since it began that Lago may not have counted yet (recorded in the
-            # last settle_lag seconds, in flight) are its own; not dropped (the org under-counted until the next
-            # refresh). Those before it are the old subscription's.
-            counts = state.counts = counts.carried(key, since)
-        cutoff = max(int(snapshot.requested_at - self.config.settle_lag), since)
-        counts.prune(
-            # (and those before the period's start: dated before it, their events are not billed in it)
-            cutoff,
-            int(now - self.config.inflight_horizon),
-            keep_calls=not snapshot.lago_counts_calls,
-            keep_tokens=not snapshot.lago_counts_tokens,
-            now=int(now),
-        )
-        # What is kept that Lago may have counted: recorded in the seconds up to the read (the read's own second
-        # included: its records may precede it), of what Lago counts
-        last = int(snapshot.requested_at)
-        unsure_calls = (
-            sum(n for sec, n in counts.c.items() if cutoff <= sec <= last) if snapshot.lago_counts_calls else 0
-        )
-        unsure_tokens = (
-            sum(n for sec, n in counts.t.items() if cutoff <= sec <= last) if snapshot.lago_counts_tokens else 0
-        )
-        if (unsure_calls, unsure_tokens) != (snapshot.unsure_calls, snapshot.unsure_tokens):
-            state.snapshot = dataclasses.replace(snapshot, unsure_calls=unsure_calls, unsure_tokens=unsure_tokens)
-
-    async def store(self, org_id: str, snapshot: Snapshot, now: float) -> bool:
-        self.store_now(org_id, snapshot, now)
-        return True
-
-    def seed(self, org_id: str, snapshot: Snapshot) -> None:
-        """Start local counting from ``snapshot`` (Redis fallback: the last usage seen; what was counted here since,
-        of its period, is kept)."""
-        state = self._org(org_id)
-        if state.snapshot is None or state.snapshot.requested_at < snapshot.requested_at:
-            key = period_key(snapshot)
-            # (what Redis counted is its base here, the unsure records among it: a block that holds only with them
-            # stays unsure, answered in seconds and read again, not for the period's end until the snapshot is due)
-            state.snapshot = snapshot
-            if snapshot.active and snapshot.period_start > snapshot.requested_at:  # (not started: see NOT_STARTED)
-                state.counts = _Counts(_BEFORE_START)
-            elif state.counts.period in ("", key):  # records made here since (not in what Redis showed) are kept
-                state.counts.period = key
-            else:
-                state.counts = _Counts(key)
-
-    def drain(self) -> list[tuple[str, Snapshot | None, _Counts]]:
-        """Every org's local records, cleared (handed to Redis when it is back)."""
-        out = [
-            (org_id, state.snapshot, state.counts)
-            for org_id, state in self._orgs.items()
-            if state.counts.calls or state.counts.tokens
-        ]
-        self._orgs.clear()
-        return out
-
-    def has_records(self) -> bool:
-        """Whether any org's records are kept here (what :meth:`drain` would hand out)."""
-        return any(state.counts.calls or state.counts.tokens for state in self._orgs.values())
-
-    def restore(self, drained: list[tuple[str, Snapshot | None, _Counts]]) -> None:
-        """Take back records :meth:`drain` handed out that could not be merged into Redis."""
-        for org_id, snapshot, counts in drained:
-            state = self._org(org_id)
-            if state.snapshot is None:
-                state.snapshot = snapshot
-            if not state.counts.period:
-                state.counts.period = counts.period
-            state.counts.add(counts)
-
-    async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
-        return True
-
-    async def wait_snapshot(self, org_id: str, timeout: float, after: float = 0.0) -> None:  # noqa: ASYNC109
-        return None
-
-    async def invalidate(self, org_id: str) -> None:
-        state = self._orgs.get(org_id)
-        if state is not None:
-            state.snapshot = None
-
-    async def mark_due(self, org_id: str) -> None:
-        """The org's usage is read again at its next request; its snapshot serves until then (a usage webhook)."""
-        state = self._orgs.get(org_id)
-        if state is not None and state.snapshot is not None and state.snapshot.refresh_at:
-            state.snapshot = dataclasses.replace(state.snapshot, refresh_at=0.0)
-
-    async def unlock(self, org_id: str, now: float, seconds: float) -> None:
-        return None  # (the lock of one process is its in-flight refresh)
-
-    async def compact(self, org_id: str, before: int) -> None:
-        state = self._orgs.get(org_id)
-        if state is not None:
-            state.counts.compact(before)
-
-    async def invalidate_all(self) -> None:
-        for state in self._orgs.values():
-            if state.snapshot is not None:
-                state.snapshot = dataclasses.replace(state.snapshot, refresh_at=0.0, plan_fetched_at=0.0, version="")
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-
-    async def aclose(self) -> None:
-        return None
-
-
-# ---------------------------------------------------------------------------------- limits / parsing
-
-
-def limits_from_entitlements(
-    entitlements: Sequence[Mapping[str, Any]] | None, config: QuotaConfig
-) -> dict[str, int | None]:
-    """The limits a subscription's entitlements set (``value`` = override if any, else the plan value).
-
-    Only privileges of ``config.feature_code`` named ``calls_privilege``/``tokens_privilege`` count; a
-    privilege present with no value maps to ``None`` (unlimited). Absent privileges are absent from the result.
-    """
-    found: dict[str, int | None] = {}
-    for feature in entitlements if isinstance(entitlements, list) else ():
-        # (entries not objects, a null among them from a drifting Lago: skipped, the others read)
-        if not isinstance(feature, Mapping) or feature.get("code") != config.feature_code:
-            continue
-        privileges = feature.get("privileges")
-        for privilege in privileges if isinstance(privileges, list) else ():
-            if not isinstance(privilege, Mapping):
-                continue
-            code = privilege.get("code")
-            if code not in (config.calls_privilege, config.tokens_privilege):
-                continue
-            value = privilege.get("value")
-            if value is None:
-                value = privilege.get("override_value")
-            if value is None:
-                value = privilege.get("plan_value")
-            if value is None:  # no value: unlimited
-                found[code] = None
-                continue
-            limit = _whole(value, f"entitlement {config.feature_code}.{code}")
-            if limit is not None:  # a value that is not a whole number is ignored (logged), not "unlimited"
-                found[code] = limit
-    return found
-
-
-#: Seconds a Lago that said it serves no entitlements is not asked for them again (per client): on such a Lago every
-#: plan read would otherwise cost a second request. Asked again after that, in case it was upgraded meanwhile.
-_UNSERVED_FOR = 3600.0
-_unserved: weakref.WeakKeyDictionary[LagoClient, float] = weakref.WeakKeyDictionary()  # client -> ask again after
-_unserved_said: weakref.WeakSet[LagoClient] = weakref.WeakSet()
-#: When (monotonic) the client was last served entitlements: for ``_UNSERVED_FOR`` after it, no answer saying this
-#: Lago has none is believed (a proxy's 404 during a deploy, an old pod of a rolling upgrade): that read fails instead.
-_served: weakref.WeakKeyDictionary[LagoClient, float] = weakref.WeakKeyDictionary()
-#: Clients whose last answer was a 404 that is not Lago's JSON: a second one in a row (no entitlements served between)
-#: is needed before the whole client is switched to LAGO_PLAN_LIMITS for ``_UNSERVED_FOR``.
-_unconfirmed: weakref.WeakSet[LagoClient] = weakref.WeakSet()
-
-
-def _serves_no_entitlements(exc: LagoAPIError) -> bool:
-    """Whether ``exc``, the answer to ``GET /subscriptions/{id}/entitlements`` of a subscription just read, says this
-    Lago has no entitlements: a version before them (its catch-all route: ``404 resource_not_found``; or, behind a
-    proxy, a 404 that is not Lago's JSON), or one where they were premium-only (2025: ``403 feature_unavailable`` on a
-    free licence). Not ``subscription_not_found`` (it ended meanwhile)."""
-    if exc.status == 404:
-        return exc.code in (None, "resource_not_found")
-    return exc.status == 403 and exc.code == "feature_unavailable"
-
-
-async def subscription_entitlements(
-    client: LagoClient, subscription: Mapping[str, Any], external_id: str
-) -> list[JSON] | None:
-    """The entitlements of subscription ``external_id``: those Lago embeds in it, else (an older Lago) fetched; ``[]``
-    when none; ``None`` when this Lago serves none (older than entitlements, or premium-only there: said once per
-    client, and not asked again for an hour), so that limits come from ``LAGO_PLAN_LIMITS`` alone.
-
-    Not from one odd answer: within an hour of entitlements served, an answer saying there are none is raised (the
-    org keeps its snapshot: not every org left unlimited for an hour); a 404 that is not Lago's JSON (a proxy's) is
-    taken for this read only, and for the whole client once a second comes in a row."""
-    entitlements: list[JSON] | None = subscription.get("entitlements")
-    if not isinstance(entitlements, list):  # (none embedded, or not the documented list: read from their endpoint)
-        entitlements = None
-        if _unserved.get(client, 0.0) > time.monotonic():
-            return None
-        try:
-            entitlements = await client.get_subscription_entitlements(external_id)
-        except LagoAPIError as exc:
-            if not _serves_no_entitlements(exc):
-                if isinstance(exc, LagoNotFoundError):
-                    return []  # (the subscription ended since it was read)
-                raise
-            if _served.get(client, -math.inf) > time.monotonic() - _UNSERVED_FOR:
-                raise  # (this Lago served entitlements within the hour: not believed)
-            if exc.code is None and client not in _unconfirmed:
-                _unconfirmed.add(client)  # (this read only: the client's next read asks again)
-            else:
-                _unserved[client] = time.monotonic() + _UNSERVED_FOR
-            if client not in _unserved_said:
-                _unserved_said.add(client)
-                logger.warning(
-                    "Lago serves no entitlements (its subscriptions have none, and GET /subscriptions/{id}/"
-                    "entitlements answered %s%s: a Lago version before entitlements, or one where they are "
-                    "premium-only): quota limits come from LAGO_PLAN_LIMITS alone, and a plan missing from it is "
-                    "unlimited. Upgrade Lago to use entitlements; asked again every hour; said once.",
-                    exc.status,
-                    f" {exc.code}" if exc.code else " (not Lago's JSON)",
-                )
-            return None
-        _served[client] = time.monotonic()
-        _unconfirmed.discard(client)
-    return entitlements
-
-
-def _whole(value: Any, what: str) -> int | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        logger.warning("Ignoring %s: %r is not a number", what, value)
-        return None
-    if not number.is_finite() or number < 0:
-        logger.warning("Ignoring %s: %r is not a whole number >= 0", what, value)
-        return None
-    return int(number)
-
-
-class _Unreadable(LagoAPIError):
-    """A Lago answer this gate cannot decide on (a count that is no number, a status it does not know): the fail
-    policy decides meanwhile. Said once per ``kind`` per gate, not at every refresh."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message, status=200)
-        self.kind = kind
-
-
-def _events_count(value: Any, index: int, metric: str) -> int:
-    """A charge's ``events_count``: a count as Lago writes it (``12``), or as it writes ``units`` (``"12.0"``, a
-    float); ``null`` or absent is 0. Anything else is :class:`_Unreadable`: a count taken as 0 would let the org
-    past its limit."""
-    return _count(value, index, metric, "events_count", "events")
-
-
-def _units(value: Any, index: int, metric: str) -> int:
-    """The token metric's ``units`` (a decimal string, ``"1234.0"``; ``null`` or absent is 0). Anything else is
-    :class:`_Unreadable`, as for :func:`_events_count`: tokens taken as 0 would let the org past its token limit."""
-    return _count(value, index, metric, "units", "tokens")
-
-
-def _count(value: Any, index: int, metric: str, field: str, of: str) -> int:
-    if value is None or value == "":
-        return 0
-    number: Decimal | None = None
-    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
-        try:
-            number = Decimal(value.strip() if isinstance(value, str) else value)
-        except (InvalidOperation, ValueError):
-            number = None
-    if number is None or not number.is_finite() or number < 0:
-        raise _Unreadable(
-            f"Lago's current_usage has charges_usage[{index}].{field} {str(value)[:60]!r} (metric {metric!r}), not a "
-            f"count of {of}: the usage of orgs on such answers is unknown, so LAGO_FAIL_OPEN decides for them until "
-            "Lago answers a count. Check what stands between this app and Lago (LAGO_API_URL) and Lago's version.",
-            field,
-        )
-    return int(number)
-
-
-def _timestamp(value: Any) -> float | None:
-    parsed = parse_time(value)
-    return None if parsed is None else parsed.timestamp()
-
-
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str) -> tuple[int, int | None]:
-    """(calls, tokens) of a ``customer_usage`` object. A metric used by several charges appears once per
-    charge: the largest figure is taken, not the sum. Tokens are ``None`` when the token metric is not a
-    ``sum_agg`` (its units would not be tokens)."""
-    calls = 0
-    tokens: int | None = None
-    charges = usage.get("charges_usage")
-    for index, charge in enumerate(charges if isinstance(charges, list) else ()):
-        if not isinstance(charge, Mapping):  # (a null among them, from a drifting Lago: skipped)
-            continue
-        metric = charge.get("billable_metric")
-        metric = metric if isinstance(metric, Mapping) else {}
-        code = metric.get("code")
-        if code == calls_metric:
-            calls = max(calls, _events_count(charge.get("events_count"), index, code))
-        if code == token_metric and metric.get("aggregation_type", "sum_agg") == "sum_agg":
-            tokens = max(tokens or 0, _units(charge.get("units"), index, code))
-    return calls, tokens
-
-
 # --------------------------------------------------------------------------------------------- gate
 
 
@@ -1485,6 +661,8 @@ class QuotaGate:
         self.ttl = settings.usage_cache_ttl
         self.token_metric = self.config.token_metric or settings.event_code
         _check_limit_names(settings.plan_limits, self.config)
+        from ._quota_local import LocalBackend  # (here: that module, as _quota_redis, imports this one's QuotaConfig)
+
         self.local = LocalBackend(self.config)
         if backend is None and settings.redis_url:
             from ._quota_redis import RedisBackend

@@ -33,7 +33,7 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
   nothing: what it read may predate the change (the refresher reads again).
 
 Redis down (connection refused, timeout, any ``RedisError``): the backend switches to the in-process
-:class:`~._quota.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
+:class:`~._quota_local.LocalBackend`, seeded with the last usage each org was seen at, logs once, sets
 ``stats["redis_fallback"]`` to 1 and counts ``redis_errors``; every ``redis_retry_interval`` seconds the next
 call tries Redis again (and so does the background writer, however idle the worker) with a write (``PROBE``: a
 replica's READONLY, an OOM, a missing ACL permission keep it down, where a PING passed). After a READONLY (a failover
@@ -68,22 +68,11 @@ import anyio.abc
 from cachetools import LRUCache
 
 from ._errors import ConfigurationError, QuotaBackendError
-from ._quota import (
-    ALLOWED,
-    BLOCKED,
-    CLOCK_STEP,
-    COUNTED,
-    MISSING,
-    NOT_STARTED,
-    LocalBackend,
-    Mode,
-    Outcome,
-    QuotaConfig,
-    Snapshot,
-    _Counts,
-    period_key,
-)
+from ._periods import period_key
+from ._quota import QuotaConfig
+from ._quota_local import LocalBackend, _Counts
 from ._settings import masked_url, redact_url
+from ._snapshots import ALLOWED, BLOCKED, CLOCK_STEP, COUNTED, MISSING, NOT_STARTED, Mode, Outcome, Snapshot
 
 __all__ = ["RedisBackend"]
 
