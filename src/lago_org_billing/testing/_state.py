@@ -123,6 +123,32 @@ SUBSCRIPTION_UPDATABLE = (
     "on_termination_invoice",
     "progressive_billing_disabled",
 )
+# The string parameters of each create/update (read through _permit_strings): ids and free text, not the enums and
+# codes the handlers check against a list (currency, timezone, interval...), which refuse a wrong type themselves
+CUSTOMER_STRINGS = (
+    "external_id",
+    "name",
+    "firstname",
+    "lastname",
+    "email",
+    "address_line1",
+    "address_line2",
+    "city",
+    "state",
+    "zipcode",
+    "phone",
+    "url",
+    "logo_url",
+    "legal_name",
+    "legal_number",
+    "tax_identification_number",
+    "external_salesforce_id",
+)
+SUBSCRIPTION_STRINGS = ("external_customer_id", "external_id", "plan_code", "name", "purchase_order_number")
+METRIC_STRINGS = ("code", "name", "description", "field_name")
+FEATURE_STRINGS = ("code", "name", "description")
+PLAN_STRINGS = ("code", "name", "invoice_display_name", "description")
+EVENT_STRINGS = ("transaction_id", "external_subscription_id", "code")
 
 Emit = Callable[[str, str, JSON], None]
 
@@ -153,6 +179,27 @@ def _str_or_none(value: Any) -> str | None:
     if value is None:
         return None
     return str(value).strip()
+
+
+def _permit_strings(params: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``params`` with each of ``keys`` (string parameters) as lago-api reads it.
+
+    Rails' ``permit(:key)`` keeps scalars only: an object or an array given for it is dropped, as if absent (a
+    required id is then ``value_is_mandatory``, a name on an update is left as it was), never stored as its text.
+    A number or a boolean is kept, and the string column it is saved in casts it (ActiveModel ``ImmutableString``:
+    ``to_s``, ``true``/``false`` as ``"t"``/``"f"``), so that Lago answers a string where its spec says one."""
+    permitted = dict(params)
+    for key in keys:
+        if key not in permitted:
+            continue
+        value = permitted[key]
+        if isinstance(value, (Mapping, list)):
+            del permitted[key]
+        elif isinstance(value, bool):
+            permitted[key] = "t" if value else "f"
+        elif isinstance(value, (int, float)):
+            permitted[key] = str(value)
+    return permitted
 
 
 class _Index:
@@ -967,7 +1014,7 @@ class LagoStore:
         return customer
 
     def upsert_customer(self, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "customer"))
+        params = _permit_strings(_mapping(_require_root(body, "customer")), CUSTOMER_STRINGS)
         with self.lock:
             self.refresh()
             # UpsertFromApiService returns early, each alone and before anything else, on too many metadata items,
@@ -1291,7 +1338,7 @@ class LagoStore:
     # Billable metrics --------------------------------------------------------------------------
 
     def create_metric(self, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "billable_metric"))
+        params = _permit_strings(_mapping(_require_root(body, "billable_metric")), METRIC_STRINGS)
         with self.lock:
             errors: dict[str, list[str]] = {}
             code = _str_or_none(params.get("code"))
@@ -1355,7 +1402,7 @@ class LagoStore:
         """``PUT /billable_metrics/{code}`` (lago-api ``BillableMetrics::UpdateService``): ``name``, ``description`` and
         the rounding/expression options always; ``code``, ``aggregation_type``, ``field_name``, ``recurring``,
         ``weighted_interval`` and ``filters`` only while no plan charges for the metric."""
-        params = _mapping(_require_root(body, "billable_metric"))
+        params = _permit_strings(_mapping(_require_root(body, "billable_metric")), METRIC_STRINGS)
         with self.lock:
             metric = self.metrics.get(code)
             if metric is None:
@@ -1429,7 +1476,7 @@ class LagoStore:
     # Features and entitlements -----------------------------------------------------------------
 
     def create_feature(self, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "feature"))
+        params = _permit_strings(_mapping(_require_root(body, "feature")), FEATURE_STRINGS)
         with self.lock:
             errors: dict[str, list[str]] = {}
             code = _str_or_none(params.get("code"))
@@ -1489,7 +1536,7 @@ class LagoStore:
         """``PUT /features/{code}``, a partial update (lago-api ``FeatureUpdateService`` with ``partial: true``):
         ``name``/``description`` when given; each listed privilege is created, or has its ``name`` replaced and its
         ``select_options`` extended (value_type and other privileges untouched)."""
-        params = _mapping(_require_root(body, "feature"))
+        params = _permit_strings(_mapping(_require_root(body, "feature")), FEATURE_STRINGS)
         with self.lock:
             feature = self.features.get(code)
             if feature is None:
@@ -1929,7 +1976,7 @@ class LagoStore:
         return charges
 
     def create_plan(self, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "plan"))
+        params = _permit_strings(_mapping(_require_root(body, "plan")), PLAN_STRINGS)
         with self.lock:
             errors: dict[str, list[str]] = {}
             code = _str_or_none(params.get("code"))
@@ -2042,7 +2089,7 @@ class LagoStore:
         changing cancels downgrades it no longer is (``process_downgraded_subscriptions``/``process_pending_...``).
         ``bill_charges_monthly`` is written only when given, and holds only on a yearly or semiannual plan (the spec's
         PlanUpdateInput); changing the interval to another one nulls it."""
-        params = _mapping(_require_root(body, "plan"))
+        params = _permit_strings(_mapping(_require_root(body, "plan")), PLAN_STRINGS)
         with self.lock:
             self.refresh()
             plan = self.plans.get(code)
@@ -2819,7 +2866,7 @@ class LagoStore:
             self._emit("wallet.updated", "wallet", serialized)
 
     def create_subscription(self, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "subscription"))
+        params = _permit_strings(_mapping(_require_root(body, "subscription")), SUBSCRIPTION_STRINGS)
         with self.lock:
             self.refresh()
             # Subscriptions::ValidateService#valid? stops at valid_plan? before any other check: an unknown plan is
@@ -3060,7 +3107,7 @@ class LagoStore:
             return _page(items, "subscriptions", query, self._serialize_sub)
 
     def update_subscription(self, external_id: str, status: str | None, body: Any) -> JSON:
-        params = _mapping(_require_root(body, "subscription"))
+        params = _permit_strings(_mapping(_require_root(body, "subscription")), SUBSCRIPTION_STRINGS)
         with self.lock:
             self.refresh()
             sub = self._sub_for(external_id, status or "active")
@@ -3152,8 +3199,9 @@ class LagoStore:
     def _validate_event(self, raw: Any, now: datetime) -> tuple[JSON | None, dict[str, list[str]]]:
         if not isinstance(raw, Mapping):
             return None, {"event": ["invalid_format"]}
+        raw = _permit_strings(raw, EVENT_STRINGS)
         errors: dict[str, list[str]] = {}
-        for key in ("transaction_id", "external_subscription_id", "code"):
+        for key in EVENT_STRINGS:
             value = raw.get(key)
             if value is None or (isinstance(value, str) and not value.strip()):
                 errors[key] = ["value_is_mandatory"]
