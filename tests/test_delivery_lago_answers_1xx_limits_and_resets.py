@@ -264,13 +264,18 @@ UNREADABLE = {
     "length-not-a-number": "Content-Length: 0x{n}\r\n\r\n",
     "length-signed": "Content-Length: +{n}\r\n\r\n",
     "whitespace-before-the-first-header": "\tX-Junk: 1\r\nContent-Length: {n}\r\n\r\n",
+    # (int() refuses 4,301 digits and more: a ValueError, logged as an unexpected error with a traceback per resend)
+    "length-of-5000-digits": "Content-Length: " + "9" * 5000 + "\r\n\r\n",
 }
 
 
 @pytest.mark.parametrize("head", list(UNREADABLE.values()), ids=list(UNREADABLE))
-async def test_an_unreadable_answer_is_an_unknown_outcome_resent_and_deduplicated(proxied: Any, head: str) -> None:
+async def test_an_unreadable_answer_is_an_unknown_outcome_resent_and_deduplicated(
+    proxied: Any, head: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Lago ingests the batch but its answer cannot be read (the body's end unknown): the batch is sent again, the same
-    bytes on a new connection (the first is never reused), and Lago's duplicates count as delivered: once each."""
+    bytes on a new connection (the first is never reused), and Lago's duplicates count as delivered: once each. It is
+    a protocol error, not an "unexpected error" logged with a traceback."""
     unreadable = framed(head)
 
     def frame(n: int, status: int, reason: str, body: bytes) -> tuple[bytes, bool]:
@@ -285,6 +290,7 @@ async def test_an_unreadable_answer_is_an_unknown_outcome_resent_and_deduplicate
     stats = pipeline.stats
     assert (stats["delivered"], stats["duplicates"], stats["dead_lettered"]) == (8, 8, 0)
     assert proxy.bodies[0] == proxy.bodies[1] and proxy.connections == 2
+    assert "Unexpected error" not in caplog.text
 
 
 async def test_a_204_or_304_with_a_length_has_no_body_and_the_connection_goes_on() -> None:

@@ -134,8 +134,9 @@ def _readable(connection: _Connection) -> bool:
 
 def _decimal(text: str) -> int | None:
     """``text`` as a decimal number if it is one (ASCII digits only: ``int()`` also takes signs, ``_`` and other
-    scripts' digits, none of which a status code or a Content-Length may hold), else None."""
-    return int(text) if text.isascii() and text.isdigit() else None
+    scripts' digits, none of which a status code or a Content-Length may hold), else None. Past 18 digits (an
+    exabyte; ``int()`` refuses 4,301 and more) it is no length a server could send: None too."""
+    return int(text) if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 18 else None
 
 
 def _same_length(value: str) -> int | None:

@@ -609,6 +609,9 @@ def from_jwt_claim(
             except jwt.PyJWTError as exc:
                 _jwt_refused(jwt, exc)
                 claims = None
+            except RecursionError:  # a header nested deeper than json goes: PyJWT < 2.14 lets the parser's error out
+                _jwt_refused(jwt, jwt.DecodeError("Invalid header string: JSON nested too deeply"))
+                claims = None
             cache[cache_key] = claims
         return _claim_value(claims, claim, path)
 
@@ -706,6 +709,9 @@ def _from_jwks(
                 raise jwt.InvalidIssuerError("Invalid issuer")
         except jwt.PyJWTError as exc:
             _jwt_refused(jwt, exc, source="jwks_url")
+            return None
+        except RecursionError:  # (its header read by the key set a few frames shallower: one nested to the limit)
+            _jwt_refused(jwt, jwt.DecodeError("Invalid header string: JSON nested too deeply"), source="jwks_url")
             return None
         return claims
 

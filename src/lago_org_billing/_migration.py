@@ -71,6 +71,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -95,7 +96,7 @@ from ._billing import (
     customer_metadata,
     metadata_update_items,
 )
-from ._client import JSON, LagoClient
+from ._client import JSON, LagoClient, _retry_after
 from ._dashboard import subunits_per_unit
 from ._errors import (
     InvalidIdentifierError,
@@ -709,8 +710,11 @@ class CallCounter(httpx.AsyncBaseTransport):
                     stats.writes += write
                     stats.by_method[request.method] += 1
         if response.status_code == 429:
-            # Without X-RateLimit-Reset the client backs off on its own and the others go on.
-            reset = max(0.0, _float(response.headers.get("x-ratelimit-reset")) or 0.0)
+            # Without X-RateLimit-Reset the client backs off on its own and the others go on. Read as the client reads
+            # it (a proxy's Unix time of the reset is not 56 years to hold the run for); one read as infinite ("inf",
+            # "1e999") is no wait either: every call after it was held until its timeout, and each org failed
+            reset = _retry_after(response.headers, ("x-ratelimit-reset",))
+            reset = reset if reset is not None and math.isfinite(reset) else 0.0
             now = time.monotonic()
             self.stats.rate_limited += 1
             # the time the run is held: the 429s of one window (every worker in flight gets one) extend the pause,
@@ -740,13 +744,6 @@ def _int(raw: Any) -> int | None:
     try:
         return int(raw) if raw is not None and not isinstance(raw, bool) else None
     except (TypeError, ValueError):
-        return None
-
-
-def _float(raw: str | None) -> float | None:
-    try:
-        return float(raw) if raw is not None else None
-    except ValueError:
         return None
 
 

@@ -865,7 +865,9 @@ def _lago_error(
             {"detail": _lago_field_errors(exc), "code": exc.code, "errors": exc.details}, status_code=422
         )
     if isinstance(exc, LagoRateLimitError):
-        wait = max(1, math.ceil(exc.retry_after)) if exc.retry_after is not None else 1
+        # (a wait read as infinite, a proxy's "inf" or "1e999": no whole number of seconds, said as the default)
+        asked = exc.retry_after
+        wait = max(1, math.ceil(asked)) if asked is not None and math.isfinite(asked) else 1
         return JSONResponse(
             {"detail": "Lago is throttling requests; retry later.", **(extra or {})},
             status_code=429,

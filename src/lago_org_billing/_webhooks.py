@@ -476,6 +476,8 @@ def _jwt_shape(token: str) -> str | None:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
+    except RecursionError:  # (a header nested deeper than json goes: PyJWT < 2.14 lets the parser's error out)
+        return "The signature is not a valid RS256 JWT (its header is JSON nested too deeply)."
     if header.get("alg") != "RS256":
         return f"The JWT is signed with {header.get('alg')!r}; Lago signs RS256."
     return None
@@ -1012,7 +1014,10 @@ class LagoWebhooks:
 
     @staticmethod
     def _decode(jwt: Any, token: str, key: Any) -> dict[str, Any]:
-        claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"], options={"require": ["iss", "data"]})
+        try:
+            claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"], options={"require": ["iss", "data"]})
+        except RecursionError:  # (its header parsed in _jwt_shape, a few frames shallower: one nested to the limit)
+            raise jwt.DecodeError("Invalid header string: JSON nested too deeply") from None
         return claims
 
     def _lock(self) -> anyio.Lock:
