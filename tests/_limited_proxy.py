@@ -29,6 +29,26 @@ async def read_head(stream: anyio.abc.ByteStream, buffer: bytes) -> tuple[bytes,
     return head, rest
 
 
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str], int]:
+    """A request head's method, target, headers (names as sent) and ``Content-Length`` (0 without one)."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {name.strip(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    length = next((int(value) for name, value in headers.items() if name.lower() == "content-length"), 0)
+    return method, target, headers, length
+
+
+async def read_body(stream: anyio.abc.ByteStream, buffer: bytes, length: int) -> tuple[bytes, bytes] | None:
+    """A body of ``length`` bytes and what came after it, reading ``stream`` on from ``buffer``; None when the
+    client went away first."""
+    while len(buffer) < length:
+        try:
+            buffer += await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return None
+    return buffer[:length], buffer[length:]
+
+
 async def _proxy_connection(
     stream: anyio.abc.SocketStream, lago: httpx.AsyncClient, limit: int, refuse: Refuse
 ) -> None:
@@ -38,20 +58,14 @@ async def _proxy_connection(
             parts = await read_head(stream, buffer)
             if parts is None:
                 return
-            head, buffer = parts
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length"))
+            method, target, headers, length = parse_head(parts[0])
             if length > limit:
                 await refuse(stream)
                 return
-            while len(buffer) < length:
-                try:
-                    buffer += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
-            body, buffer = buffer[:length], buffer[length:]
-            headers = {name: value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+            read = await read_body(stream, parts[1], length)
+            if read is None:
+                return
+            body, buffer = read
             answer = await lago.request(method, target, content=body, headers=headers)
             await stream.send(
                 f"HTTP/1.1 {answer.status_code} {answer.reason_phrase}\r\nContent-Type: application/json\r\n"

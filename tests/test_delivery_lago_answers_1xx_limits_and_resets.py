@@ -24,7 +24,7 @@ import anyio.abc
 import httpx
 import pytest
 
-from _limited_proxy import read_head
+from _limited_proxy import parse_head, read_body, read_head
 from lago_org_billing._client import LagoClient
 from lago_org_billing._delivery import EventPipeline
 from lago_org_billing._events import event_payload
@@ -97,18 +97,11 @@ class FramingProxy:
                 parts = await read_head(stream, buffer)
                 if parts is None:
                     return
-                head, buffer = parts
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                fields = (line.partition(":") for line in lines[1:])
-                headers = {name.strip(): value.strip() for name, _, value in fields}
-                length = int(next(v for k, v in headers.items() if k.lower() == "content-length"))
-                while len(buffer) < length:
-                    try:
-                        buffer += await stream.receive()
-                    except (anyio.EndOfStream, anyio.BrokenResourceError):
-                        return
-                body, buffer = buffer[:length], buffer[length:]
+                method, target, headers, length = parse_head(parts[0])
+                read = await read_body(stream, parts[1], length)
+                if read is None:
+                    return
+                body, buffer = read
                 self.bodies.append(body)
                 answer = await lago.request(method, target, content=body, headers=headers)
                 number, self.requests = self.requests, self.requests + 1
