@@ -1,5 +1,5 @@
 """Redis failovers and misconfigurations under the idempotency store (``idempotency_header`` with
-``LAGO_REDIS_URL``: :class:`~lago_org_billing._middleware.SharedFirstSeen`) and the webhooks' ``RedisDedupe`` (real
+``LAGO_REDIS_URL``: :class:`~lago_org_billing._idempotency.SharedFirstSeen`) and the webhooks' ``RedisDedupe`` (real
 ``redis-server`` processes on 127.0.0.1).
 
 * A failover (Sentinel, ElastiCache, a replica promoted): the old primary, now a replica, answered the pooled

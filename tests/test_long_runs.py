@@ -201,7 +201,7 @@ async def _drive(app: Any, start: int, count: int) -> None:
 async def test_many_requests_keep_memory_tasks_and_files_bounded(tmp_path: Path, spool: bool) -> None:
     """After a warm-up, thousands more requests of every kind leave nothing behind: no object, task or open file per
     request, every per-key cache within its bound, every billed event delivered."""
-    from lago_org_billing import _identity, _middleware
+    from lago_org_billing import _endpoints, _identity, _middleware
 
     fake = FakeLago()
     fake.add_plan("starter", amount_cents=0)
@@ -259,7 +259,7 @@ async def test_many_requests_keep_memory_tasks_and_files_bounded(tmp_path: Path,
         assert len(middleware._heads) <= 300 * 4 * 2
         assert len(middleware._first_seen) == 0
         assert len(_middleware._user_texts) <= 10_000 and len(_identity._header_ids) <= 10_000
-        assert len(_middleware._mount_prefixes) <= 10_000
+        assert len(_endpoints._mount_prefixes) <= 10_000
         assert middleware.pipeline.dead_letters() == []
         stats = middleware.pipeline.stats
         assert stats["recorded"] == stats["delivered"] == middleware.stats["billed"] > 0

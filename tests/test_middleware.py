@@ -217,7 +217,7 @@ def test_mounts_with_parameters_give_their_templates(starlette_before_1_7: bool)
     """Mounts with path parameters, nested ones too, give their templates, not the values (one endpoint per route,
     not one per project); behind a proxy's root_path as well. Starlette before 1.7 (``starlette>=0.37`` is allowed)
     leaves no ``scope["route"]``: the route is found from ``scope["endpoint"]``, here one endpoint serving three."""
-    from lago_org_billing._middleware import route_template
+    from lago_org_billing._endpoints import route_template
 
     seen: list[str] = []
 
@@ -904,7 +904,7 @@ def test_mounted_app_endpoint_is_the_mount(tmp_path: Any) -> None:
     """A mounted non-router app (StaticFiles) is reported as '<mount>/{path}', its prefix once."""
     from starlette.staticfiles import StaticFiles
 
-    from lago_org_billing._middleware import route_template
+    from lago_org_billing._endpoints import route_template
 
     (tmp_path / "a.txt").write_text("x")
     seen: dict[str, str] = {}

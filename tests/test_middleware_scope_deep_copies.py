@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket
 from lago_org_billing import (
     BillingSettings,
     OrgBillingMiddleware,
-    _middleware,
+    _endpoints,
     attribute_usage,
     get_current_org,
     require_quota,
@@ -152,15 +152,15 @@ async def test_long_mount_prefixes_are_not_cached_whole(fake_lago: Any, header_s
     distinct value was cached whole, 32 KB an entry (prefix as key, template or prefix as value), up to 10,000
     entries: ~300 MB a client can make a worker hold. The endpoint is still the mount's template."""
     app = Starlette(routes=[Mount("/t/{tenant}", routes=[Route("/chat", tenant_chat)])])
-    _middleware._mount_prefixes.clear()
+    _endpoints._mount_prefixes.clear()
     tenants = [f"{i:04d}" + "x" * 16_000 for i in range(8)]
     _, responses = await serve(app, header_settings, fake_lago, [("GET", f"/t/{t}/chat", HEADERS) for t in tenants])
     assert [r.status_code for r in responses] == [200] * 8
     assert {e["properties"]["endpoint"] for e in fake_lago.events} == {"/t/{tenant}/chat"}
-    assert cached_text(_middleware._mount_prefixes) < 8 * 1024  # (was 8 x 16 KB x 2)
+    assert cached_text(_endpoints._mount_prefixes) < 8 * 1024  # (was 8 x 16 KB x 2)
     # short prefixes are still cached (looked up once per value)
     await serve(app, header_settings, fake_lago, [("GET", "/t/acme/chat", HEADERS)])
-    assert any(key[1] == "/t/acme" for key in _middleware._mount_prefixes)
+    assert any(key[1] == "/t/acme" for key in _endpoints._mount_prefixes)
 
 
 async def test_long_raw_paths_are_not_cached_in_the_event_heads(

@@ -1,0 +1,149 @@
+"""The idempotency store shared by workers: with ``idempotency_header`` and ``LAGO_REDIS_URL``, the first timestamp of
+each idempotent transaction kept in Redis, so that a retry reaching another worker is the same event. Asked by
+``_middleware.OrgBillingMiddleware`` when a request with an idempotency key is over, before its event is enqueued
+(the per-process memory of first timestamps stays in the middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._quota_redis import RedisProblems, RedisUse
+
+# (the middleware's logger: its messages keep the name they were logged under)
+logger = logging.getLogger("lago_org_billing.middleware")
+
+
+class SharedFirstSeen:
+    """The first timestamp of each idempotent transaction, in Redis for a day: one round trip (set if absent, then
+    read). Redis unavailable: ``None`` (the caller keeps its own), logged once per outage; asked again at the next
+    request. A misconfiguration or a state of Redis only an operator ends (a replica's URL, TLS, credentials, ACL
+    permissions, maxmemory) is said once as what to change (as the quota store says it: ``redis_problem``). After a
+    READONLY (a failover made the node a replica) the pooled connections are dropped, so that new ones reach the
+    endpoint's new primary, and the call is made once more on a new connection."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis.asyncio as redis_asyncio
+        except ImportError:
+            raise ConfigurationError(
+                "idempotency_header with LAGO_REDIS_URL shares first timestamps in Redis, which needs the redis "
+                "client: pip install 'lago-org-billing[redis]'.",
+                variable="LAGO_REDIS_URL",
+            ) from None
+        self._from_url = functools.partial(redis_asyncio.from_url, url)
+        self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
+        self.down = False
+        self._said_unusable = False
+        self._problems = RedisProblems(_IDEMPOTENCY_REDIS_USE, url, logger)
+
+    def _usable(self) -> bool:
+        """Whether the running event loop can use the redis client: it runs only under asyncio. Under trio
+        (``hypercorn -k trio``) each call raised, and closing the client raised at shutdown: the first timestamps stay
+        in the process instead (as while Redis is down), said once."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            library = "trio" if "trio" in sys.modules else "this event loop"
+        else:
+            return True
+        if not self._said_unusable:
+            self._said_unusable = True
+            logger.error(
+                "LAGO_REDIS_URL is set but the redis client (redis.asyncio) runs only under asyncio, not %s: the first "
+                "timestamps of idempotency keys stay in each process (a retry reaching another worker gets its own, "
+                "billed again on Lago's ClickHouse store). Run the server on asyncio (uvicorn, hypercorn -k asyncio), "
+                "or unset LAGO_REDIS_URL.",
+                library,
+            )
+        return False
+
+    async def first(self, transaction_id: str, candidate: float) -> float | None:
+        if not self._usable():
+            return None
+        if self.redis is None:
+            self.redis = self._from_url()
+        key = f"lago_org_billing:first_seen:{transaction_id}"
+        for attempt in range(2):  # (a second one only after a failover's READONLY, on a new connection)
+            try:
+                value = await self.redis.eval(_FIRST_SEEN, 1, key, repr(candidate))
+            except Exception as exc:  # redis errors, OSError, timeouts
+                if not await self._failed(exc) or attempt:
+                    return None
+            else:
+                if self.down:
+                    self._recovered()
+                self._problems.succeeded(write=True)
+                return float(value)
+        return None  # pragma: no cover - (the loop returns)
+
+    async def forget(self, transaction_id: str, first: float) -> None:
+        """Drop the first timestamp of a transaction if it is still ``first`` (its event was dropped: a retry's is the
+        first). Redis unavailable: left to expire (the retry then counts as a retry until the next snapshot)."""
+        if not self._usable():
+            return
+        if self.redis is None:
+            self.redis = self._from_url()
+        try:
+            await self.redis.eval(_FORGET, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
+        except Exception as exc:  # redis errors, OSError, timeouts
+            await self._failed(exc)
+
+    async def _failed(self, exc: Exception) -> bool:
+        """Say what failed (once per outage; a problem once per kind, with what to change); after a READONLY, drop the
+        pooled connections (they reach a node a failover made a replica). Whether to try again at once (a READONLY
+        after a write: a failover, its endpoint may name the new primary already)."""
+        # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
+        known, again = await self._problems.failed(exc, self.redis)
+        if not known and not self.down:
+            logger.warning(
+                "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
+                "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
+                exc,
+            )
+        self.down = True
+        return again
+
+    def _recovered(self) -> None:
+        self.down = False
+        logger.info(
+            "Redis (%s) answers again: idempotency keys' first timestamps are shared again.", self._problems.shown_url
+        )
+
+    async def aclose(self) -> None:
+        """Close the client (its connections belong to the running loop); the next use makes another."""
+        redis, self.redis = self.redis, None
+        if redis is not None:
+            await redis.aclose()
+
+
+#: What the idempotency store's Redis problems say it is (see redis_problem).
+_IDEMPOTENCY_REDIS_USE = RedisUse(
+    who="the idempotency store (idempotency_header)",
+    writes="the first timestamp of each idempotency key",
+    refused="the idempotency keys'",
+    keys="idempotency key",
+    prefix="lago_org_billing:first_seen:",
+    meanwhile=(
+        "Meanwhile a retry reaching another worker gets its own timestamp (billed again on Lago's ClickHouse store); "
+        "Redis is asked again at each idempotent request."
+    ),
+)
+
+
+#: KEYS[1] the transaction, ARGV[1] this request's start: the first one stored (for a day) wins.
+_FIRST_SEEN = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', 86400)
+return redis.call('GET', KEYS[1])
+"""
+
+
+_FORGET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
