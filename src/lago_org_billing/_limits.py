@@ -131,18 +131,47 @@ async def subscription_entitlements(
     return entitlements
 
 
+#: The largest count or limit read from Lago; larger ones are taken as it. No Lago counts that many calls or tokens in
+#: a period (this package sends no token count past it either), the Redis script's numbers (doubles) are exact up to
+#: it (a count past 2**63 came back from it as -2**63), and a number of thousands of digits can be neither printed in
+#: a header (Python prints no int past 4,300 digits) nor read cheaply (``int(Decimal("1e1000000"))``: seconds of the
+#: event loop). An org over it stays over any limit, and a limit of it is as good as none.
+_LARGEST = 2**53 - 1
+
+
 def _whole(value: Any, what: str) -> int | None:
-    if value is None or isinstance(value, bool):
+    if value is None:
         return None
     try:
-        number = Decimal(str(value))
+        number = None if isinstance(value, bool) else Decimal(str(value))
     except InvalidOperation:
-        logger.warning("Ignoring %s: %r is not a number", what, value)
+        number = None
+    if number is None:
+        _ignored(what, value, "is not a number")
         return None
     if not number.is_finite() or number < 0:
-        logger.warning("Ignoring %s: %r is not a whole number >= 0", what, value)
+        _ignored(what, value, "is not a whole number >= 0")
         return None
-    return int(number)
+    return _LARGEST if number > _LARGEST else int(number)
+
+
+def _ignored(what: str, value: Any, why: str) -> None:
+    """A limit Lago gives that is no limit, said once per limit and value (it comes at every plan read of every org
+    on the plan, each ``plan_ttl``): not a line per org every five minutes."""
+    key = (what, repr(value)[:60])
+    if key not in _ignored_said:
+        if len(_ignored_said) >= 1024:
+            _ignored_said.clear()
+        _ignored_said.add(key)
+        logger.warning(
+            "Ignoring %s: %s %s (its plan's LAGO_PLAN_LIMITS entry applies, else no limit); said once.",
+            what,
+            key[1],
+            why,
+        )
+
+
+_ignored_said: set[tuple[str, str]] = set()
 
 
 class _Unreadable(LagoAPIError):
@@ -183,7 +212,7 @@ def _count(value: Any, index: int, metric: str, field: str, of: str) -> int:
             "Lago answers a count. Check what stands between this app and Lago (LAGO_API_URL) and Lago's version.",
             field,
         )
-    return int(number)
+    return _LARGEST if number > _LARGEST else int(number)
 
 
 def _timestamp(value: Any) -> float | None:
@@ -192,7 +221,15 @@ def _timestamp(value: Any) -> float | None:
 
 
 def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    """``timestamp`` as ISO 8601 in UTC; one past the calendar's ends (a period ending at 9999-12-31T23:59:59Z ends in
+    year 10000, one begun at 0001-01-01T00:00:00+14:00 began in year 0) as the end it passed, not a ValueError in the
+    request naming it."""
+    try:
+        at = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        at = dt.datetime.max if timestamp > 0 else dt.datetime.min
+        at = at.replace(microsecond=0, tzinfo=dt.timezone.utc)
+    return at.isoformat().replace("+00:00", "Z")
 
 
 def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str) -> tuple[int, int | None]:

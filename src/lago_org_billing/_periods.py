@@ -133,12 +133,16 @@ def next_period_end(snapshot: Snapshot) -> float:
     months = _INTERVAL_MONTHS.get(snapshot.interval)
     if months is not None:
         anchor = max(snapshot.anchor, 0.0)
-        estimate = _add_months(start, end, months, anchor)
-        if not _on_billing_day(end, snapshot.anchor) and _on_billing_day(end, snapshot.anchor, other_day=True):
-            # the end is a midnight of two zones a day apart (UTC-10 and Kiritimati's UTC+14, UTC+13 and American
-            # Samoa's UTC-11): only the other one puts it on the billing day (the 1st; an anniversary's day, or a short
-            # month's last), so the customer is there (its quarter ending on Oct 1 was estimated to end Dec 31)
-            estimate = _add_months(start, end, months, anchor, other_day=True)
+        try:
+            estimate = _add_months(start, end, months, anchor)
+            if not _on_billing_day(end, snapshot.anchor) and _on_billing_day(end, snapshot.anchor, other_day=True):
+                # the end is a midnight of two zones a day apart (UTC-10 and Kiritimati's UTC+14, UTC+13 and American
+                # Samoa's UTC-11): only the other one puts it on the billing day (the 1st; an anniversary's day, or a
+                # short month's last), so the customer is there (its quarter ending on Oct 1 was estimated to end Dec
+                # 31)
+                estimate = _add_months(start, end, months, anchor, other_day=True)
+        except (OverflowError, ValueError):  # (a period or anchor at the calendar's ends, year 9999: no estimate)
+            return 0.0
     elif snapshot.interval == "weekly":
         estimate = end + 7 * 86400.0
     else:

@@ -137,7 +137,15 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
-from ._limits import _iso, _timestamp, _Unreadable, limits_from_entitlements, subscription_entitlements, usage_totals
+from ._limits import (
+    _LARGEST,
+    _iso,
+    _timestamp,
+    _Unreadable,
+    limits_from_entitlements,
+    subscription_entitlements,
+    usage_totals,
+)
 from ._periods import CALENDAR_ANCHOR, _calendar_period, next_period_end, period_key, provisional, rolls_over
 from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
 from ._snapshots import (
@@ -439,6 +447,10 @@ def _replanned(outcome: Outcome) -> bool:
 # ----------------------------------------------------------------------------------------- refreshes
 
 
+#: The longest ``LAGO_USAGE_CACHE_TTL`` the gate keeps (seconds): a longer one means no more (no billing period is
+#: longer: a snapshot is read again at its period's end), and Redis cannot hold it as a key's expiry.
+_LONGEST_TTL = 366 * 86400.0
+
 #: Fraction of the TTL (and of ``plan_ttl``) a first snapshot's next refresh may come early, at random.
 _FIRST_SPREAD = 0.5
 #: Refreshes of cold orgs queued at once per process, at most (and at most ``max_orgs``): enough for every org of a
@@ -658,7 +670,9 @@ class QuotaGate:
         self.config = config if config is not None else QuotaConfig.from_env()
         self.clock = clock
         self.mode = settings.quota_mode
-        self.ttl = settings.usage_cache_ttl
+        # (held to a year: a snapshot is read again at its period's end anyway, and Redis refuses the lock of a TTL
+        # past ~9e15 s: LAGO_USAGE_CACHE_TTL=1e18 had every worker count alone, Redis taken for down)
+        self.ttl = min(settings.usage_cache_ttl, _LONGEST_TTL)
         self.token_metric = self.config.token_metric or settings.event_code
         _check_limit_names(settings.plan_limits, self.config)
         from ._quota_local import LocalBackend  # (here: that module, as _quota_redis, imports this one's QuotaConfig)
@@ -1166,16 +1180,20 @@ class QuotaGate:
         the new plan may allow the call, which a client told to come back in days would not learn. The same for a
         block that holds only with records Lago may have counted already (:meth:`_unsure_until`): until a read can
         tell, or, past that (the read failed or is late), after ``failure_backoff``."""
+        # never past the period's end, where the quota resets anyway (a settle_lag or failure_backoff longer than what
+        # is left of the period: LAGO_QUOTA_SETTLE_LAG=1e9 asked clients back in 31 years)
+        to_end = max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
+        backoff = min(max(1, math.ceil(self.config.failure_backoff)), to_end)
         if not snap.plan_fetched_at:
-            return max(1, math.ceil(self.config.failure_backoff))
+            return backoff
         until = self._unsure_until(outcome)
         if until is not None:
             if until <= now:  # (a read was due: it failed, is late, or waits its backoff)
-                return max(1, math.ceil(self.config.failure_backoff))
+                return backoff
             # (never more than settle_lag + 1: a read stamped later than that was made on a clock stepped back since,
             # and is read again at once, not trusted when the clock comes back there)
-            return max(1, math.ceil(min(until - now, self.config.settle_lag + 1)))
-        return max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
+            return min(max(1, math.ceil(min(until - now, self.config.settle_lag + 1))), to_end)
+        return to_end
 
     # ------------------------------------------------------------------------------ cold path
 
@@ -1563,6 +1581,14 @@ class QuotaGate:
             start = _timestamp(usage.get("from_datetime")) or start
             to = _timestamp(usage.get("to_datetime"))
             end = to + 1 if to is not None else end
+            if end <= start:  # (one still to come was taken for a subscription not started: served, never counted)
+                raise _Unreadable(
+                    f"Lago's billing period of org {org_id!r} ends before it starts (from_datetime {_iso(start)}, "
+                    f"to_datetime {_iso(end - 1)}): its usage is in no period, so LAGO_FAIL_OPEN decides for orgs on "
+                    "such answers until Lago answers a period. Check what stands between this app and Lago "
+                    "(LAGO_API_URL) and Lago's version; said once.",
+                    "inverted period",
+                )
             if start > requested_at + CLOCK_STEP:
                 self._warn_once(
                     (org_id, "not started"),
@@ -1659,7 +1685,8 @@ class QuotaGate:
         source = "none"
         table = self.settings.plan_limits.get(plan_code or "")
         if table is not None:
-            limits.update(table)
+            # (held to the largest count read from Lago, as its privileges are: a count Lago reports past it is over)
+            limits.update({name: min(limit, _LARGEST) for name, limit in table.items()})
             source = "plan_limits"
         elif entitlements is None:
             self._warn_once(
@@ -1683,15 +1710,24 @@ class QuotaGate:
         anchor = None  # (an anniversary subscription's periods repeat from its subscription date)
         if subscription.get("billing_time") == "anniversary":
             anchor = _timestamp(subscription.get("subscription_at")) or _timestamp(subscription.get("started_at"))
-        if end_raw is not None:
-            end = end_raw + 1
-            # (no start: the guessed period's ending a day before it, in whatever time zone: not now, so that the
-            # period's counter key stays the same across reads)
-            start = started or _calendar_period(end_raw - 86400, interval, anchor)[0]
-        else:  # (an older Lago: the usage's bounds replace these when it has them)
-            start, end = _calendar_period(now, interval, anchor)
-            if started is not None and start <= started <= now:
-                start = started
+        try:
+            if end_raw is not None:
+                end = end_raw + 1
+                # (no start: the guessed period's ending a day before it, in whatever time zone: not now, so that the
+                # period's counter key stays the same across reads)
+                start = started or _calendar_period(end_raw - 86400, interval, anchor)[0]
+            else:  # (an older Lago: the usage's bounds replace these when it has them)
+                start, end = _calendar_period(now, interval, anchor)
+                if started is not None and start <= started <= now:
+                    start = started
+        except (OverflowError, ValueError):  # (a period reckoned past the calendar's ends: a traceback per refresh)
+            raise _Unreadable(
+                f"Lago answered the subscription {subscription_id!r} of org {org_id!r} with times out of range "
+                f"(current_billing_period_ending_at {str(subscription.get('current_billing_period_ending_at'))[:40]!r}"
+                f", subscription_at {str(subscription.get('subscription_at'))[:40]!r}): its billing period cannot be "
+                "reckoned, so LAGO_FAIL_OPEN decides for orgs on such answers until Lago answers a period; said once.",
+                "period out of range",
+            ) from None
         return Snapshot(
             active=True,
             plan_code=plan_code,
