@@ -311,7 +311,13 @@ async def test_a_limit_lowered_by_a_webhook_mid_burst_holds_across_the_fleet(
     lago: tuple[FakeLago, str], tmp_path: Path
 ) -> None:
     """Limit 60; 20 calls in flight; the subscription's limit is lowered to 30 and ``subscription.updated`` reaches
-    one worker; then 90 more requests over both: exactly 10 are served, and Lago bills 30."""
+    one worker; then 90 more requests over both: at most 10 are served, and exactly 10 once the fleet can tell; Lago
+    bills 30.
+
+    (The read the webhook causes may find the 20 calls in Lago already while they are still within ``settle_lag`` of
+    being recorded: counted twice, 40 of 30, the burst is refused as an unsure block, "usage may be lower", asked back
+    within seconds. Which of the two the burst meets depends on when the workers deliver: the remaining calls are then
+    made one by one until 10 are served.)"""
     fake, lago_url = lago
     seeded(fake, calls=60)
     with redis_server(tmp_path) as redis_url, workers(lago_url, redis_url=redis_url) as (urls, log):
@@ -337,5 +343,17 @@ async def test_a_limit_lowered_by_a_webhook_mid_burst_holds_across_the_fleet(
                 hold.go.set()
             assert statuses(first) == {200: 20}
             answers = await fleet.burst(90)
-    assert statuses(answers) == {200: 10, 429: 80}, log
+            served = statuses(answers).get(200, 0)
+            assert served <= 10 and statuses(answers).get(429, 0) == 90 - served, log
+            if served < 10:  # (only unsure blocks stop the 10: refused as the usage may be lower than counted)
+                assert all("may be lower" in a.json()["detail"] for a in answers if a.status_code == 429)
+            with anyio.fail_after(30):
+                while served < 10:  # (asked back within settle_lag + 1 s, when the fleet reads Lago again)
+                    answer = await fleet.http[served % 2].post("/v1/chat", headers={"X-Org-Id": "org_1"}, content=b"{}")
+                    if answer.status_code == 200:
+                        served += 1
+                    else:
+                        assert answer.status_code == 429 and "may be lower" in answer.json()["detail"], log
+                        await anyio.sleep(0.1)
+            assert statuses(await fleet.burst(20)) == {429: 20}, log
     assert len(fake.events) == 30
