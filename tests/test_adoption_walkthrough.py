@@ -8,8 +8,8 @@ FastAPI app and the emulator: the user's resolution order, ``LAGO_ON_UNRESOLVED=
 membership-checked header, ``attribute_usage`` called from a streaming response's generator (an LLM's usage is known
 at the stream's end), and an org subscribed after its 402 served at once through a webhook or the billing routes.
 
-A code defect found on the way (a FastAPI dependency's ``request.state.user_id`` not billed when the org came from
-the header) is a strict xfail naming it.
+A code defect found on the way is checked fixed: a FastAPI dependency's ``request.state.user_id`` is billed (and told by
+``get_current_user``) when the org came from the header, as the resolvers' order says.
 """
 
 from __future__ import annotations
@@ -171,12 +171,6 @@ def test_the_readmes_membership_checked_header_bills_members_only(lago: Any, mon
     assert [(e["external_subscription_id"], e["properties"]["user_id"]) for e in lago.events] == [("org_acme", "ada")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="code defect: a request.state.user_id set while the app runs is read only when the app also sets another "
-    "org than the one found before it ran (late_identity); with the org from LAGO_ORG_HEADER the header's user (or "
-    "none) is billed, not the authenticated one",
-)
 @pytest.mark.parametrize("auth_org", [None, "org_acme"], ids=["user-only", "same-org"])
 def test_a_dependencys_user_is_billed_when_the_org_comes_from_the_header(
     lago: Any, monkeypatch: pytest.MonkeyPatch, auth_org: str | None
@@ -200,7 +194,7 @@ def test_a_dependencys_user_is_billed_when_the_org_comes_from_the_header(
 
     with TestClient(app) as client:
         answer = client.post("/v1/chat", headers={"X-Org-Id": "org_acme"})
-    assert answer.status_code == 200
+    assert answer.status_code == 200 and answer.json() == {"user": "ada"}
     [event] = lago.events
     assert event["properties"].get("user_id") == "ada", event["properties"]
 

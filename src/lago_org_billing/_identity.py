@@ -118,6 +118,20 @@ def _resolver_name(resolver: object) -> str:
     return getattr(resolver, "__qualname__", None) or type(resolver).__qualname__
 
 
+def describe_resolver(resolver: object) -> str:
+    """Where a resolver looks for the id, in words for a log message: what a built-in reads
+    (``request.state.org_id``, ``the X-Org-Id header``; a :func:`first_of`, each of its resolvers in turn), else the
+    function's name (``tenant_of``)."""
+    source = getattr(resolver, "_lago_source", None)
+    return source if isinstance(source, str) else _resolver_name(resolver)
+
+
+def _described(resolver: _R, source: str) -> _R:
+    """Mark a built-in resolver with what :func:`describe_resolver` says of it."""
+    setattr(resolver, "_lago_source", source)  # noqa: B010 - a plain attribute on a function object
+    return resolver
+
+
 async def call_resolver(resolver: Resolver, scope: Scope) -> str | None:
     """Run a sync or async resolver and clean what it returns.
 
@@ -260,7 +274,7 @@ def from_state(key: str = "org_id") -> Resolver:
             return _clean_id(state.get(key))
         return _clean_id(getattr(state, key, None))
 
-    return _clean_ids(resolve_from_state)
+    return _described(_clean_ids(resolve_from_state), f"request.state.{key}")
 
 
 def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
@@ -301,7 +315,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
                 return value
         return None
 
-    return _clean_ids(resolve_from_user)
+    return _described(_clean_ids(resolve_from_user), "request.user." + " or .".join(names))
 
 
 def _header_value(scope: Scope, name: bytes) -> str | None:
@@ -377,8 +391,9 @@ def from_header(
         value = _header_value(scope, raw_name)
         return _clean_id(_unjoined(value)) if value is not None else None
 
+    source = f"the {name.strip()} header"
     if membership_check is None:
-        return _clean_ids(resolve_from_header)
+        return _described(_clean_ids(resolve_from_header), source)
     check = membership_check
 
     async def resolve_from_header_checked(scope: Scope) -> str | None:
@@ -411,7 +426,9 @@ def from_header(
         logger.debug("Header %s names org %r, which the membership check rejected.", name, value)
         return None
 
-    return _clean_ids(resolve_from_header_checked)
+    return _described(
+        _clean_ids(resolve_from_header_checked), f"{source} (checked by {_resolver_name(membership_check)})"
+    )
 
 
 def _said_timeout(check: object, header: str, org_id: str, timeout: float) -> None:
@@ -537,8 +554,9 @@ def from_jwt_claim(
             "(the https URL of the issuer's JWKS, its jwks_uri, e.g. https://YOUR_DOMAIN/.well-known/jwks.json); "
             f"got {'both' if key is not None else 'neither'}."
         )
+    source = f"the {claim} claim of the Bearer token"
     if jwks_url is not None:
-        return _from_jwks(
+        jwks = _from_jwks(
             jwt,
             claim,
             jwks_url,
@@ -552,6 +570,7 @@ def from_jwt_claim(
             jwks_client,
             required,
         )
+        return _described(jwks, source)
     if not key:
         raise ConfigurationError("from_jwt_claim() needs the key that verifies the tokens (HMAC secret or PEM).")
     allowed, verification_key = _jwt_verification(jwt, key, algorithms)
@@ -615,7 +634,7 @@ def from_jwt_claim(
             cache[cache_key] = claims
         return _claim_value(claims, claim, path)
 
-    return _clean_ids(resolve_from_jwt)
+    return _described(_clean_ids(resolve_from_jwt), source)
 
 
 def _claim_value(claims: object, claim: str, path: Sequence[str] | None) -> str | None:
@@ -1221,7 +1240,7 @@ def first_of(*resolvers: Resolver) -> Resolver:
                 return value
         return None
 
-    return _clean_ids(resolve_first_of)
+    return _described(_clean_ids(resolve_first_of), ", then ".join(describe_resolver(r) for r in chain) or "nowhere")
 
 
 def _clean_ids(resolver: _R) -> _R:
@@ -1238,8 +1257,13 @@ def default_org_resolver(settings: BillingSettings) -> Resolver:
     """``request.state.org_id``, then ``scope["user"].org_id``, then ``LAGO_ORG_HEADER`` when set."""
     resolvers = [from_state("org_id"), from_user("org_id")]
     if settings.org_header:
-        resolvers.append(from_header(settings.org_header))
-    return first_of(*resolvers)
+        resolvers.append(
+            _described(from_header(settings.org_header), f"the {settings.org_header} header (LAGO_ORG_HEADER)")
+        )
+        return first_of(*resolvers)
+    return _described(
+        first_of(*resolvers), "request.state.org_id, then request.user.org_id (LAGO_ORG_HEADER is not set)"
+    )
 
 
 def default_user_resolver(settings: BillingSettings) -> Resolver:
@@ -1401,7 +1425,7 @@ def _current(request_or_scope: Any, key: str) -> str | None:
         if org_id is not None:
             publish_identity(scope, data, org_id, user_id)  # (the middleware resolves again when the app answers)
     elif data.get("org_id") is not None and getattr(data.get("middleware"), "_identify", None) is not None:
-        # The default resolvers: the middleware bills an org the app's auth set since (see late_identity)
+        # The default resolvers: the middleware bills an org (or user) the app's auth set since (see late_identity)
         user = data.get("user_id")
         late = late_identity(scope.get("state"), data["org_id"], user if isinstance(user, str) else None)
         if late is not None:
@@ -1411,16 +1435,24 @@ def _current(request_or_scope: Any, key: str) -> str | None:
 
 
 def late_identity(state: object, org_id: str | None, user_id: str | None) -> tuple[str, str | None] | None:
-    """The identity of a request whose ``request.state.org_id`` the app set while it ran (auth in a FastAPI
-    dependency) to another org than ``org_id``, the one the default resolvers found before it ran (from
-    ``request.user`` or the header): the one billed, as the resolvers' order says (state first; a header is the
-    client's claim), with the state's user when it has one. ``None`` when the state names no other org."""
+    """The identity of a request whose ``request.state`` the app's auth set while it ran (a FastAPI dependency), over
+    the one the default resolvers found before it ran (``org_id`` and ``user_id``, from ``request.user`` or the
+    headers), as the resolvers' order says (state first; a header is the client's claim):
+
+    * ``request.state.org_id`` names another org than ``org_id``: that org, with the state's user when it has one;
+    * it names none, or ``org_id``: that same org, with ``request.state.user_id`` when that is another user than
+      ``user_id`` (an org from the header, the user from the app's auth: the authenticated user is billed).
+
+    ``None`` when the state changes neither (or there is no org)."""
     if type(state) is not dict:
         return None
     late = _clean_id(state.get("org_id"))
-    if late is None or late == org_id:
+    if late is not None and late != org_id:
+        return late, _clean_id(state.get("user_id")) or user_id
+    late_user = _clean_id(state.get("user_id"))
+    if org_id is None or late_user is None or late_user == user_id:
         return None
-    return late, _clean_id(state.get("user_id")) or user_id
+    return org_id, late_user
 
 
 def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:

@@ -74,6 +74,7 @@ from ._identity import (
     default_identity,
     default_org_resolver,
     default_user_resolver,
+    describe_resolver,
     late_identity,
     publish_identity as _publish,
     resolve_now,
@@ -257,6 +258,7 @@ class OrgBillingMiddleware:
         self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
         self._warned_lazy = False
+        self._said_unresolved = False  # (the first request served without an org: see _unresolved_said)
         #: Requests running the app or recording their event; the shutdown waits for them (see _requests_recorded).
         self._in_flight = 0
         self._all_recorded: anyio.Event | None = None
@@ -454,16 +456,16 @@ class OrgBillingMiddleware:
                 # (None from now on: a deep copy of the scope made once the request is over is not remembered)
                 copies = billing.setdefault(_COPIES, None)
                 if copies is not None:  # the app ran on deep copies of the scope: its route and state there
-                    scope, org_id, user_id, decision = self._read_copies(
-                        scope, billing, org_id, user_id, decision, watcher, root_path
-                    )
-                elif self._identify is not None:  # the default resolvers: an org the app's auth set while it ran wins
+                    scope, org_id, user_id, decision = self._read_copies(scope, billing, org_id, user_id, decision)
+                elif self._identify is not None:
+                    # the default resolvers: an org or user the app's auth set while it ran wins
                     state = scope.get("state")
-                    # (the usual state has no org_id: found absent at once)
-                    if type(state) is dict and "org_id" in state and state["org_id"] not in (None, org_id):
-                        org_id, user_id, decision = self._authenticated_late(
-                            state, org_id, user_id, decision, scope, watcher, root_path
-                        )
+                    # (the usual state has neither: found absent at once; one set before the app ran is the same)
+                    if type(state) is dict and ("org_id" in state or "user_id" in state):
+                        if state.get("org_id") not in (None, org_id) or state.get("user_id") not in (None, user_id):
+                            late = self._authenticated_late(state, org_id, user_id, decision)
+                            if late is not None:
+                                org_id, user_id, decision = late
                 if preflight and self._preflight_unbilled(org_id, decision, watcher):
                     pass
                 elif self._shared_first_seen is None:
@@ -509,21 +511,18 @@ class OrgBillingMiddleware:
         org_id: str,
         user_id: str | None,
         decision: QuotaDecision | None,
-        watcher: _ResponseWatcher,
-        root_path: str,
     ) -> tuple[Scope, str, str | None, QuotaDecision | None]:
         """The end of a request whose scope was deep-copied inside this middleware (see _Billing): the copy the app
-        ran on (its route, its state: what the request is billed as) and, with the default resolvers, the org the app's
-        auth set in a copy's state. The copies are let go by the outermost billing middleware (none waits around)."""
+        ran on (its route, its state: what the request is billed as) and, with the default resolvers, the org or user
+        the app's auth set in a copy's state. The copies are let go by the outermost billing middleware (none waits
+        around)."""
         copies = _scope_copies(billing, release="waiting" not in billing)
         app_scope = _app_scope(scope, copies)
         if self._identify is not None:
             for copied in (scope, *copies):
-                state = copied.get("state")
-                if type(state) is dict and state.get("org_id") not in (None, org_id):
-                    org_id, user_id, decision = self._authenticated_late(
-                        state, org_id, user_id, decision, app_scope, watcher, root_path
-                    )
+                late = self._authenticated_late(copied.get("state"), org_id, user_id, decision)
+                if late is not None:
+                    org_id, user_id, decision = late
                     break
         return app_scope, org_id, user_id, decision
 
@@ -979,6 +978,12 @@ class OrgBillingMiddleware:
             self.stats["blocked"] += 1
         elif org_id is None:
             self.stats["unresolved"] += 1
+            if (
+                not self._said_unresolved
+                and self.on_unresolved == "allow"
+                and self._billable(scope, watcher, root_path)
+            ):
+                self._unresolved_said(scope)
         else:  # resolved only after the app ran: billed (and counted), gated only through require_quota()
             if decision is None and self.quota is not None and self._billable(scope, watcher, root_path):
                 self._ungated(org_id)  # (an answer not billed was not ungated either)
@@ -991,22 +996,18 @@ class OrgBillingMiddleware:
             raise cancelled
 
     def _authenticated_late(
-        self,
-        state: dict[str, Any],
-        org_id: str,
-        user_id: str | None,
-        decision: QuotaDecision | None,
-        scope: Scope,
-        watcher: _ResponseWatcher,
-        root_path: str,
-    ) -> tuple[str, str | None, QuotaDecision | None]:
-        """The identity to bill when the app set ``request.state.org_id`` to another org while it ran (see
-        :func:`late_identity`). The call reserved for the other org is released; the request was gated as that one,
-        not as this one (counted ``ungated``)."""
+        self, state: object, org_id: str, user_id: str | None, decision: QuotaDecision | None
+    ) -> tuple[str, str | None, QuotaDecision | None] | None:
+        """The identity to bill when the app set ``request.state.org_id`` to another org, or ``request.state.user_id``
+        to another user, while it ran (see :func:`late_identity`); ``None`` when it set neither. A user alone keeps
+        the org and its decision (gated as it is billed). Another org: the call reserved for the one found before
+        is released, and the request counted ``reattributed`` (it was gated as that other org)."""
         found = late_identity(state, org_id, user_id)
         if found is None:
-            return org_id, user_id, decision
+            return None
         late, late_user = found
+        if late == org_id:  # the user only (the org from the header or request.user): nothing to move
+            return org_id, late_user, decision
         if decision is not None and self.quota is not None:
             self.quota.settle(org_id, decision, tokens=0, billed=False)
         self.stats["reattributed"] = self.stats.get("reattributed", 0) + 1
@@ -1014,17 +1015,33 @@ class OrgBillingMiddleware:
             logger.warning(
                 "A request resolved to org %r before the app ran was billed to org %r, which the app set in "
                 "request.state.org_id while it ran (auth in an endpoint dependency?): its quota was checked for the "
-                "other org. Resolve the org before the app (an auth middleware) or use require_quota after your auth. "
+                "other org. Resolve the org before the app (an auth middleware), or let only your auth name it (leave "
+                "LAGO_ORG_HEADER unset: require_quota after your auth then gates it; it gates nothing for a request "
+                "that had an org before the app ran). "
                 "Counted in stats['reattributed']; logged once.",
                 org_id,
                 late,
             )
         if self.quota is None:
             return late, late_user, None
-        if self._billable(scope, watcher, root_path):  # (an answer not billed was not ungated either)
-            self._ungated(late)
-        # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran
+        # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran; not
+        # counted ungated though: it had an org before the app ran, and was gated (as that one: "reattributed")
         return late, late_user, QuotaDecision()
+
+    def _unresolved_said(self, scope: Scope) -> None:
+        """Say, once per middleware, that a request was served unbilled for want of an org (else silent: a misspelt
+        or missing header went unnoticed), where the middleware looked and what to do; later ones are only counted
+        (``stats["unresolved"]``, ``requests_unresolved_total``)."""
+        self._said_unresolved = True
+        logger.warning(
+            "A request to %.200r was served unbilled and ungated: no org was found in %s. Later ones are only counted "
+            "(stats['unresolved'], the requests_unresolved_total metric). If it should have been billed, check what "
+            "the client sends (a header left out or misspelt?) and where your auth sets the org; to answer such "
+            "requests 401 instead, set LAGO_ON_UNRESOLVED=reject; paths that are never billed (health checks, docs) "
+            "go in LAGO_EXCLUDE_PATHS. Logged once.",
+            scope.get("path", ""),
+            describe_resolver(self.resolve_org),
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OrgBillingMiddleware:
         """Itself: a middleware that deep-copies the scope (hypercorn's ``ProxyFixMiddleware``) copies the request's
