@@ -7,6 +7,7 @@ the org's subscription ``external_id`` comes from ``LAGO_SUBSCRIPTION_ID_TEMPLAT
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import logging
 import numbers
 import re
@@ -34,6 +35,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoUnavailableError,
     LagoValidationError,
+    traceback_text,
 )
 from ._events import event_payload
 from ._forks import track
@@ -91,6 +93,10 @@ class OrgBilling:
       OrgBillingMiddleware(app)``), instead of ``pipeline`` and ``quota``: its *current* pipeline and gate are used,
       which it makes anew each time the app is served again (a second lifespan), and its settings when ``settings``
       is omitted. The client stays this object's own.
+
+    With a gate (``quota`` or the middleware's), a subscription made, changed or ended here drops the org's cached
+    quota state in it, as ``billing_routes()`` does: its next request is decided on its new plan, not on the old one
+    for up to ``LAGO_USAGE_CACHE_TTL`` (an org answered 402 before it had a subscription, served at once once it has).
     """
 
     def __init__(
@@ -170,6 +176,28 @@ class OrgBilling:
         """Close the Lago client if this object created it."""
         if self._owns_client:
             await self.client.aclose()
+
+    async def _invalidate(self, org_id: str) -> None:
+        """After the org's subscription or plan changed here: drop its cached quota state in the gate this object
+        knows (``quota=``, or the middleware's current one), if it can (``invalidate``), as ``billing_routes()`` does.
+        Without it, an org refused (402) until it was subscribed stayed refused up to ``LAGO_USAGE_CACHE_TTL`` when no
+        webhook reaches the app. A failure (Redis unreachable) is logged, never raised: the change is made in Lago,
+        and the gate catches up at the org's next refresh or Lago's webhook."""
+        invalidate = getattr(self.quota, "invalidate", None)
+        if not callable(invalidate):
+            return
+        try:
+            done = invalidate(org_id)
+            if inspect.isawaitable(done):  # (a test double's plain MagicMock answers a non-awaitable)
+                await done
+        except Exception as exc:
+            # (its traceback as text, not the exception: the frames of the gate's Redis client held its password)
+            logger.warning(
+                "Could not invalidate the quota state of org %s after its subscription changed: the gate decides on "
+                "its old plan until its next refresh (LAGO_USAGE_CACHE_TTL) or Lago's webhook\n%s",
+                org_id,
+                traceback_text(exc),
+            )
 
     def subscription_id(self, org_id: str) -> str:
         """The Lago subscription ``external_id`` of ``org_id``."""
@@ -338,7 +366,11 @@ class OrgBilling:
         _check_dates(subscription_at, fields)
         plan_code = validate_id(plan_code, "plan_code")
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
-        return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
+        subscription = await self._create_subscription(
+            org_id, plan_code, billing_time, subscription_at, current, fields
+        )
+        await self._invalidate(org_id)
+        return subscription
 
     async def _create_subscription(
         self,
@@ -538,6 +570,7 @@ class OrgBilling:
         subscription = await self._create_subscription(
             org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
         )
+        await self._invalidate(org_id)
         return {"customer": customer, "subscription": subscription}
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
@@ -587,14 +620,17 @@ class OrgBilling:
                 await self.client.terminate_subscription(current["external_id"], status="pending")
             except LagoNotFoundError:
                 pass  # it started or was canceled meanwhile
-            return await self.client.get_subscription(current["external_id"])
-        if plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
-            return current
-        return await self.client.create_subscription(
-            external_customer_id=current["external_customer_id"],
-            plan_code=plan_code,
-            external_id=current["external_id"],
-        )
+            changed = await self.client.get_subscription(current["external_id"])
+        elif plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
+            changed = current
+        else:
+            changed = await self.client.create_subscription(
+                external_customer_id=current["external_customer_id"],
+                plan_code=plan_code,
+                external_id=current["external_id"],
+            )
+        await self._invalidate(org_id)
+        return changed
 
     async def terminate_subscription(
         self,
@@ -614,7 +650,7 @@ class OrgBilling:
         self._check_owner(org_id, current, "not terminated")
         for status in ("active", "pending"):  # not active: one that has not started yet is canceled
             try:
-                return await self.client.terminate_subscription(
+                ended = await self.client.terminate_subscription(
                     external_id,
                     status=None if status == "active" else status,
                     on_termination_invoice=on_termination_invoice if status == "active" else None,
@@ -623,13 +659,16 @@ class OrgBilling:
             except LagoNotFoundError as exc:
                 if _no_such_route(exc):
                     raise
+                continue
             except LagoUnavailableError:
                 # The DELETE is not retried (Lago may have applied it, its answer lost: a retry would 404). Read back
                 # what Lago did: ended, it is answered; still there (or Lago unreadable), the error stands.
-                ended = await self._ended_behind_lost_answer(external_id, status)
-                if ended is None:
+                lost = await self._ended_behind_lost_answer(external_id, status)
+                if lost is None:
                     raise
-                return ended
+                ended = lost
+            await self._invalidate(org_id)
+            return ended
         raise await self._nothing_to_terminate(external_id)
 
     async def _ended_behind_lost_answer(self, external_id: str, status: str) -> JSON | None:
@@ -917,6 +956,7 @@ class OrgBilling:
             prepare_only=prepare_only,
             accept_unmoved=accept_unmoved,
         )
+        await self._invalidate(org_id)  # (subscribed through the client: the org may have been refused until now)
         return outcome
 
     # ------------------------------------------------------------------ health
