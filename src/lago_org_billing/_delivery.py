@@ -198,6 +198,8 @@ class EventPipeline:
         self._progress: anyio.Event | None = None
         self._stopped: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        #: Batches the dispatcher handed to the workers, by id, until a worker starts on one (see _dispatcher).
+        self._handed: dict[int, list[Item]] = {}
         self._flushing = 0
         self._not_before = 0.0
         self._failures = 0  # consecutive transient failures (backoff exponent)
@@ -302,6 +304,9 @@ class EventPipeline:
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):
+                for batch in self._handed.values():  # handed over, never started on: not sent, back in the outbox
+                    self.outbox.release(batch)
+                self._handed.clear()
                 if not self._closed and isinstance(self.outbox, MemoryOutbox) and self.outbox.available():
                     await self._last_chance()
                 await self._finish()
@@ -552,11 +557,12 @@ class EventPipeline:
                     available and (self._flushing or time.monotonic() - outbox.ready_since >= self.flush_interval)
                 ):
                     batch = outbox.take(self.batch_size)
-                    try:
-                        await send.send(batch)
-                    except BaseException:  # cancelled with the batch in hand: back to the outbox
-                        outbox.release(batch)
-                        raise
+                    # Held here until a worker starts on it: cancelled with the batch in hand, or handed to a worker
+                    # cancelled before it ran (asyncio.run() ending the loop cancels every task at once, and the item
+                    # a memory stream gave a waiting receiver is dropped with its CancelledError), the run's end puts
+                    # it back in the outbox (see run).
+                    self._handed[id(batch)] = batch
+                    await send.send(batch)
                     continue
                 wakeup = self._wakeup = anyio.Event()
                 if available:
@@ -586,7 +592,8 @@ class EventPipeline:
     async def _worker(self, receive: MemoryObjectReceiveStream[list[Item]]) -> None:
         async with receive:
             async for batch in receive:
-                await self._deliver(batch)
+                if self._handed.pop(id(batch), None) is not None:  # (else the run's end took it back: not sent)
+                    await self._deliver(batch)
 
     async def _deliver(self, batch: list[Item]) -> None:
         stack = [batch]

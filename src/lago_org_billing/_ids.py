@@ -52,15 +52,40 @@ def path_segment(value: object, what: str = "id") -> str:
     return quote(validate_id(value, what), safe="")
 
 
+#: An ISO 8601 time in the extended or the basic format, with a fraction of any length (``.`` or ``,``) and an offset.
+_ISO_TIME = re.compile(
+    r"(\d{4})-?(\d{2})-?(\d{2})[T ](\d{2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?(?:([+-])(\d{2}):?(\d{2}))?"
+)
+
+
+def _iso_time(found: re.Match[str]) -> dt.datetime:
+    """The time :data:`_ISO_TIME` matched (a fraction past microseconds cut); ``ValueError`` when out of range."""
+    year, month, day, hour, minute, second, fraction, sign, off_hours, off_minutes = found.groups()
+    zone: dt.tzinfo | None = None
+    if sign is not None:
+        offset = dt.timedelta(hours=int(off_hours), minutes=int(off_minutes))
+        zone = dt.timezone(-offset if sign == "-" else offset)
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    return dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=zone)
+
+
 def parse_time(value: object) -> dt.datetime | None:
     """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``, ``...00.123+01:00``) as an aware datetime, UTC when it names no
-    offset; None when absent, blank or unreadable."""
+    offset; None when absent, blank or unreadable. Any fraction's length, on every Python (3.10's ``fromisoformat``
+    reads 3 or 6 digits only: a time with nanoseconds was read as no time there)."""
     if not isinstance(value, str) or not value:
         return None
+    text = value.strip().replace("Z", "+00:00")
     try:
-        parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        parsed = dt.datetime.fromisoformat(text)
     except ValueError:
-        return None
+        found = _ISO_TIME.fullmatch(text)
+        if found is None:
+            return None
+        try:
+            parsed = _iso_time(found)
+        except (ValueError, OverflowError):
+            return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
 
 

@@ -15,6 +15,7 @@ import anyio
 import httpx
 
 from .._errors import InvalidRequestError
+from .._ids import _ISO_TIME, _iso_time
 
 JSON = dict[str, Any]
 
@@ -86,23 +87,6 @@ def iso_ms(dt: datetime) -> str:
     """Event timestamps: milliseconds precision (``iso8601(3)``)."""
     dt = dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-#: An ISO 8601 time in the extended or the basic format, with a fraction of any length (``.`` or ``,``) and an offset.
-_ISO_TIME = re.compile(
-    r"(\d{4})-?(\d{2})-?(\d{2})[T ](\d{2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?(?:([+-])(\d{2}):?(\d{2}))?"
-)
-
-
-def _iso_time(found: re.Match[str]) -> datetime:
-    """The time :data:`_ISO_TIME` matched (a fraction past microseconds cut); ``ValueError`` when out of range."""
-    year, month, day, hour, minute, second, fraction, sign, off_hours, off_minutes = found.groups()
-    zone: tzinfo | None = None
-    if sign is not None:
-        offset = timedelta(hours=int(off_hours), minutes=int(off_minutes))
-        zone = timezone(-offset if sign == "-" else offset)
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
-    return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=zone)
 
 
 def parse_datetime(value: Any) -> datetime | None:
