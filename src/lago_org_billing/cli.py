@@ -134,7 +134,7 @@ def _parser(given: Collection[str] | None = None) -> argparse.ArgumentParser:
         "health",
         help="check the Lago configured by LAGO_API_URL / LAGO_API_KEY",
         description="Check that the Lago of LAGO_API_URL answers (GET /health) and takes LAGO_API_KEY (one "
-        "authenticated call), each call within LAGO_API_TIMEOUT seconds (retried up to LAGO_MAX_RETRIES times). "
+        "authenticated call), each call made once within LAGO_API_TIMEOUT seconds (a probe: Lago as it is now). "
         "The variables come from the environment, else from ./.env.",
         epilog="Exit codes: 0 healthy; 1 not healthy (Lago unreachable, not Lago's API, or refusing the key: "
         "said on stderr); 2 settings missing or malformed (LAGO_API_KEY unset...).",
