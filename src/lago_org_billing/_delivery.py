@@ -266,7 +266,7 @@ class EventPipeline:
             why = "the pipeline is closed" if self._closed else f"the outbox is full ({self.outbox.capacity} events)"
             logger.error(
                 "Dropping billing event %s: %s. Lago is slow or down; set LAGO_SPOOL_PATH for a durable spool "
-                "or raise memory_capacity.",
+                "(or give the middleware pipeline=EventPipeline(client, memory_capacity=...) with more room).",
                 what,
                 why,
             )
