@@ -201,12 +201,6 @@ def test_health_does_what_its_help_says_about_retries(lago: Any, capsys: pytest.
 
 
 @needs_redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="_quota_redis.redis_problem: a Redis out of memory is told to use 'maxmemory-policy volatile-lru', the "
-    "policy README's Quota gating advises against (it evicts the quota counters first: calls forgotten until the next "
-    "snapshot); README advises noeviction and more memory",
-)
 def test_what_a_full_redis_is_told_agrees_with_the_readme(
     lago: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -80,7 +80,7 @@ from ._identity import (
     resolve_now,
 )
 from ._metrics import mirror_renewed, register_metrics
-from ._quota import QuotaConfig, _Decision
+from ._quota import QuotaConfig, QuotaGate, _Decision
 from ._settings import BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
@@ -721,6 +721,10 @@ class OrgBillingMiddleware:
                     failure.append(RuntimeError("cancelled before it started"))
                 started.set()
             with anyio.CancelScope(shield=True):  # connections belong to this loop, which may be ending
+                # (delivery's last chance, just ended, settled the tokens of the events it built after the gate's work
+                # ended with it: written now, not left in memory when the loop, and maybe the process, ends)
+                if isinstance(self.quota, QuotaGate):
+                    await self.quota._loop_ended()
                 if self._shared_first_seen is not None:
                     await self._shared_first_seen.aclose()
                 if self._owned_client is not None:
@@ -764,11 +768,15 @@ class OrgBillingMiddleware:
         if self._config_error is not None:
             return
         spent = await self._requests_recorded()
-        if self.quota is not None:
-            await self.quota.aclose()
         # the whole shutdown within shutdown_timeout (the server's kill grace period is sized on it), delivery given
         # half of it at least
         await self.pipeline.aclose(max(self.shutdown_timeout - spent, self.shutdown_timeout / 2))
+        # The gate after delivery: the events delivery builds as it closes (those of the requests of its last
+        # flush_interval) settle their tokens in the gate, whose writer, still running, writes them to the fleet's
+        # counts. Closed first, the gate kept them in this process only: every org's last tokens under-counted by the
+        # other workers until its next refresh.
+        if self.quota is not None:
+            await self.quota.aclose()
         if self._owned_client is not None:
             await self._owned_client.aclose()
         if self._shared_first_seen is not None:

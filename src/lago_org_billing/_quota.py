@@ -715,6 +715,7 @@ class QuotaGate:
         self._tasks: anyio.abc.TaskGroup | None = None
         self._loose: set[asyncio.Task[None]] = set()
         self._scopes: set[anyio.CancelScope] = set()  # those of run(): aclose() ends them all
+        self._ended: anyio.Event | None = None  # set once run()'s work has ended (aclose() waits for it)
         self._outage_logged = False
         self._outage_logged_at = 0.0
         self._refresh_failing = False  # a refresh failed since the last one that worked (logged once)
@@ -733,6 +734,7 @@ class QuotaGate:
                 if self._tasks is not None:
                     task_status.started()
                     await anyio.sleep_forever()
+                ended = self._ended = anyio.Event()
                 try:
                     async with anyio.create_task_group() as tasks:
                         await tasks.start(self.backend.run)
@@ -746,8 +748,16 @@ class QuotaGate:
                     self._tasks = None
                     self._slots = _RefreshSlots(self.config.max_concurrent_refreshes)  # (its waiters were this loop's)
                     self._cold_queued = 0
+                    ended.set()
             finally:
                 self._scopes.discard(scope)
+
+    async def _loop_ended(self) -> None:
+        """The event loop that ran :meth:`run` ends without :meth:`aclose` (an app served without a lifespan): what was
+        settled since the backend's writer ended (the tokens of the events delivery built at its last chance, after
+        this gate's work was cancelled with it) goes to the backend now, not kept for a next loop that may never come
+        (see ``RedisBackend.detach``)."""
+        await _call_optional(self.backend, "detach")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuotaGate:
         """Itself: a scope holding the gate (the request's billing state) is deep-copied by some middlewares
@@ -765,9 +775,16 @@ class QuotaGate:
             event.set()
         self._refreshing.clear()
         self._cold_queued = 0
-        await self.backend.aclose()
         for scope in list(self._scopes):
             scope.cancel()
+        # The background work ended before the backend closes: a refresh cut off hands its lock back on a connection
+        # the close then drops (after it, one was made again and left open as the loop ended: ResourceWarning). And
+        # this returns once that work has ended, as EventPipeline.aclose() does: the middleware closes the gate last
+        # at shutdown, and its lifespan's task group, ending right after, was cut off by a server's loop ending
+        # first ("Exception in 'lifespan' protocol ... CancelledError").
+        if self._ended is not None:
+            await self._ended.wait()
+        await self.backend.aclose()
 
     # ------------------------------------------------------------------------------ hot path
 
@@ -1003,6 +1020,7 @@ class QuotaGate:
                 await self.local.invalidate(org_id)
             if refresh:
                 self._schedule_refresh(org_id, self.clock(), force=True)
+            await self._not_running_here()
 
     async def _mark_due(self, org_id: str, refresh: bool) -> None:
         """:meth:`invalidate` of a usage webhook: the org's snapshot is due (its usage read again), kept serving."""
@@ -1020,6 +1038,7 @@ class QuotaGate:
                 await self.local.mark_due(org_id)
             if refresh:
                 self._schedule_refresh(org_id, self.clock())
+            await self._not_running_here()
 
     async def invalidate_all(self) -> None:
         """Plans or features changed for everyone: every cached snapshot is refreshed (subscription part
@@ -1033,6 +1052,14 @@ class QuotaGate:
         finally:
             if self.backend is not self.local:
                 await self.local.invalidate_all()
+            await self._not_running_here()
+
+    async def _not_running_here(self) -> None:
+        """After a webhook's invalidation: without this gate's work running (a webhook served in an event loop of its
+        own, the gate's app not started there: a test client without ``with``), nothing drops the backend's
+        connections as that loop ends, and the next loop's first Redis call failed on one: dropped now."""
+        if self._tasks is None:
+            await _call_optional(self.backend, "release_idle")
 
     # ------------------------------------------------------------------------------ decisions
 

@@ -59,6 +59,7 @@ import ssl
 import sys
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -594,9 +595,9 @@ def redis_problem(
             "oom",
             logging.ERROR,
             f"Redis ({url}) is out of memory ({text}): maxmemory is reached and maxmemory-policy is noeviction, "
-            f"so it refuses {use.refused} writes. Give it more memory (maxmemory, a larger node) or an "
-            f"eviction policy (maxmemory-policy volatile-lru: every {use.keys} expires; ElastiCache: the "
-            f"parameter group). {meanwhile}",
+            f"so it refuses {use.refused} writes. Give it more memory (maxmemory, a larger node; ElastiCache: a "
+            "larger node type), and keep noeviction: an eviction policy would drop the quota counters first (they "
+            f"expire), forgetting the calls made since each org's last snapshot. {meanwhile}",
         )
     if isinstance(exc, _redis_errors("AuthenticationError", "AuthorizationError")) or any(
         code in str(exc) for code in ("WRONGPASS", "NOAUTH", "invalid username-password")
@@ -685,20 +686,37 @@ class _Script:
         else:
             pipe.evalsha(self.sha, len(keys), *keys, *args)
 
-    async def run_all(self, client: Any, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+    async def run_all(
+        self,
+        client: Any,
+        calls: list[tuple[list[Any], list[Any]]],
+        *,
+        mark: _Mark | None = None,
+    ) -> list[Any]:
         """Run ``calls`` (keys, args) pipelined, not in a transaction: Redis's answers, errors among them. The first
-        with ``EVAL``; those Redis still did not have the script for (flushed meanwhile: not run) again with it."""
+        with ``EVAL``; those Redis still did not have the script for (flushed meanwhile: not run) again with it.
+
+        ``mark``: each pipeline ends with a ``SET`` of its key to the write's id (``+`` appended for the calls run
+        again, whose indexes it keeps), after the calls: Redis runs a connection's commands in order, so a write whose
+        answers were lost can tell what Redis ran (see ``RedisBackend._resolve_cut``)."""
         async with client.pipeline(transaction=False) as pipe:
             for n, (keys, args) in enumerate(calls):
                 self.queue(pipe, keys=keys, args=args, load=n == 0)
-            results = list(await pipe.execute(raise_on_error=False))
+            if mark is not None:
+                pipe.set(mark.key, mark.write_id, px=_MARK_TTL_MS)
+            results = list(await pipe.execute(raise_on_error=False))[: len(calls)]
         missing = [n for n, result in enumerate(results) if self._missing and isinstance(result, self._missing)]
         if missing:
+            if mark is not None:
+                mark.again = missing
             async with client.pipeline(transaction=False) as pipe:
                 for n in missing:
                     self.queue(pipe, keys=calls[n][0], args=calls[n][1], load=True)
-                for n, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                    results[n] = result
+                if mark is not None:
+                    pipe.set(mark.key, mark.write_id + "+", px=_MARK_TTL_MS)
+                answers = list(await pipe.execute(raise_on_error=False))[: len(missing)]
+            for n, result in zip(missing, answers, strict=True):
+                results[n] = result
         return results
 
 
@@ -794,6 +812,22 @@ def _text(value: Any) -> str:
 
 #: A settle queued for Redis: (org, period, in-flight bucket or "", billed "1"/"0", its second, tokens).
 _Queued = tuple[str, str, str, str, str, int]
+
+#: How long the mark of a write of settles lasts (see _Mark): longer than Redis stays down, or a next event loop takes
+#: to come, in any likely case (one key per run of the writer: nothing piles up).
+_MARK_TTL_MS = UNPERIODED_TTL_MS
+
+
+@dataclasses.dataclass(slots=True)
+class _Mark:
+    """The mark a write of settles leaves in Redis after them (``key`` set to ``write_id``), and the settles it ran
+    again (``again``: Redis lacked the script), for a write whose answers were lost (see ``RedisBackend._resolve_cut``).
+    """
+
+    key: str
+    write_id: str
+    batch: list[_Queued]
+    again: list[int] = dataclasses.field(default_factory=list)
 
 
 #: Orgs whose outage records one task hands to Redis at once (each its own round trip, on a connection of the pool;
@@ -911,6 +945,15 @@ class RedisBackend:
         # org -> second -> its calls decided on the fallback, handed to Redis in flight (settled there: handed_over)
         self._handed: LRUCache[str, dict[int, int]] = LRUCache(maxsize=self.config.max_orgs)
         self._orphans: set[asyncio.Task[Any]] = set()  # reserves whose request a native cancel cut off (released)
+        # The key each write of settles marks (see _Mark; one per run of the writer), and the writes a native cancel
+        # cut off once Redis may have run them (an event loop ending: asyncio.run() cancels every task), settled before
+        # any other write (_resolve_cut)
+        self._mark_key = self.key("", f"written:{uuid.uuid4().hex}")
+        self._cut: list[_Mark] = []
+        # refresh locks being handed back in other tasks (unlock()), which the end of a loop waits for (detach())
+        self._handing_back = 0
+        self._handed_back: anyio.Event | None = None
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # that of the writer's last run
         # A counter made without a snapshot (fail-open, or a settle of a request whose org was known only after the
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
         # at most), and every fresh org id (a spoofable header, a JWT claim) let through makes one
@@ -1321,16 +1364,20 @@ class RedisBackend:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write queued settles (pipelined) until cancelled; while Redis is down, try again when it is due."""
+        if self._on_loop():
+            await self._forget_other_loops()
         self._running = True
         self._wakeup = anyio.Event()  # this loop's (a run on another loop, started lazily, makes its own)
-        if self._queue or self.stats["redis_fallback"]:
+        # (this run's writes' mark: a forked worker's run has its own, not its parent's)
+        self._mark_key = self.key("", f"written:{uuid.uuid4().hex}")
+        if self._queue or self._cut or self.stats["redis_fallback"]:
             self._wakeup.set()
         task_status.started()
         try:
             while True:
                 # What Redis could not take, and what was counted here during an outage: tried again when it is due
                 # (or at the next settle), however idle this worker is
-                if self._queue or self.stats["redis_fallback"]:
+                if self._queue or self._cut or self.stats["redis_fallback"]:
                     due = max(self._down_until - self._clock(), self.config.redis_retry_interval, 0.05)
                     with anyio.move_on_after(due):
                         await self._wakeup.wait()
@@ -1340,13 +1387,88 @@ class RedisBackend:
                 await self.flush()
         finally:
             self._running = False
-            if not self._closed and not self._unusable:  # cancelled: its loop may be ending, and its connections with
-                # it (the pool reconnects)
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self.redis.connection_pool.disconnect()
-                    except Exception:  # best effort: they are dropped all the same
-                        logger.debug("Disconnecting from Redis failed", exc_info=True)
+            await self.detach()
+
+    async def detach(self) -> None:
+        """The end of the event loop this backend's work runs in, without :meth:`aclose` (cancelled: an app served
+        without a lifespan, whose loop ``asyncio.run()`` ends by cancelling every task). What this process holds for
+        the fleet is not left in memory, for a next loop that may never come (the process exits): the writes the
+        loop's end cut off are settled, the settles queued are written (their calls recorded or released, not held
+        in flight for ``inflight_horizon``; their tokens counted), and the refresh locks it holds are handed back
+        (their refreshes were cut off: another process may read those orgs at once, not a TTL later). Then the loop's
+        connections are dropped: a next run, on another loop, has the pool make new ones. Bounded by
+        ``redis_timeout``; called again (the middleware does, once delivery's last chance settled the tokens of the
+        events it built), it writes what was settled since."""
+        if self._closed or self._unusable or not self._on_loop():
+            return
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.config.redis_timeout):
+                await self.flush()  # (the cut writes first, once the writes still going on apart have ended)
+                held, self._held = self._held, {}
+                await self._hand_back(held)
+                while self._handing_back:  # (unlock() in a refresh's task: on a connection about to be dropped)
+                    done = self._handed_back = anyio.Event()
+                    await done.wait()
+            try:
+                await self.redis.connection_pool.disconnect()
+            except Exception:  # best effort: they are dropped all the same
+                logger.debug("Disconnecting from Redis failed", exc_info=True)
+
+    async def _forget_other_loops(self) -> None:
+        """The writer runs on another event loop than before (a loop per request: an app served without a lifespan
+        by a test client): the pool's connections of another loop are dropped before any is used on this one. Those
+        made by a loop this writer did not run in (the gate used there without its background work: a webhook's
+        invalidation) were left in the pool when it ended, and their first use here failed ("Event loop is closed",
+        raised by the request, or by the background work, counting then falling back to the process)."""
+        loop = asyncio.get_running_loop()
+        before = self._loop() if self._loop is not None else None
+        self._loop = weakref.ref(loop)
+        if before is loop:  # (started again after an error, on the same loop: its connections are in use)
+            return
+        try:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
+            logger.debug("Dropping the connections of another event loop failed", exc_info=True)
+
+    async def release_idle(self) -> None:
+        """Drop the pool's idle connections: the gate's work does not run on this event loop (see
+        ``QuotaGate._not_running_here``), so nothing would as it ends."""
+        if self._closed or self._unusable or not self._on_loop():
+            return
+        try:
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # best effort: they are dropped all the same
+            logger.debug("Disconnecting from Redis failed", exc_info=True)
+
+    @staticmethod
+    def _on_loop() -> bool:
+        """Whether an asyncio loop runs (the redis client's: under trio it has nothing to write nor drop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    async def _hand_back(self, held: dict[str, str]) -> None:
+        """Free the refresh locks ``held`` (org -> this process's value), each unless it is no longer this process's
+        (a STORE replaced it, another process took it over)."""
+        if not held or not self._up():
+            return
+        # (its own value for a millisecond: freed, not marked as an invalidation's "0" is)
+        calls: list[tuple[list[Any], list[Any]]] = [
+            ([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held.items()
+        ]
+        self._handing_back += 1
+        try:
+            for result in await self._unlock.run_all(self.redis, calls):
+                if isinstance(result, Exception):
+                    raise result
+        except self._errors() as exc:
+            self._failed(exc)
+        finally:
+            self._handing_back -= 1
+            if self._handed_back is not None:
+                self._handed_back.set()
 
     async def flush(self) -> None:
         """Write every queued settle now (after any write in progress)."""
@@ -1354,7 +1476,8 @@ class RedisBackend:
             await self._flush()
 
     async def _flush(self) -> None:
-        while self._queue and self._up():
+        await self._resolve_cut()
+        while self._queue and self._up() and not self._cut:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             try:
                 results = await self._write(batch)
@@ -1364,7 +1487,7 @@ class RedisBackend:
                 break
             if not self._applied(batch, results):
                 break
-        if not self._queue:
+        if not self._queue and not self._cut:
             self._releasing.clear()
         if not self._queue and (self.stats["redis_fallback"] or self._merging is not None) and self._up():
             # Redis takes writes again: shared counting resumes now (with the outage's records merged), not at the
@@ -1378,7 +1501,31 @@ class RedisBackend:
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
-    async def _pipelined(self, batch: list[_Queued]) -> list[Any]:
+    async def _resolve_cut(self) -> None:
+        """Settle the writes a native cancel cut off once Redis may have run them (:meth:`_written_late`): what Redis
+        ran of each is read from its mark (see :class:`_Mark`), and the settles it did not run are queued again, first;
+        those it ran are not written twice (a call recorded twice, an org on a 3-call plan refused its third). Before
+        any other write, which replaces the mark, and after the writes still going on apart (their outcome decides
+        whether there is anything to settle)."""
+        if self._orphans:
+            await asyncio.wait(set(self._orphans), timeout=self.config.redis_timeout)
+        while self._cut and self._up():
+            mark = self._cut[0]
+            try:
+                value = await self.redis.get(mark.key)
+            except self._errors() as exc:  # (settled once Redis answers again)
+                self._failed(exc)
+                return
+            del self._cut[0]
+            ran = "" if value is None else _text(value)
+            if ran == mark.write_id + "+" or (ran == mark.write_id and not mark.again):
+                continue  # Redis ran them all
+            # (ran == write_id: all but those run again, which it lacked the script for; else none: it never had them,
+            # or the connection was cut while they were sent)
+            again = [mark.batch[n] for n in mark.again] if ran == mark.write_id else mark.batch
+            self._queue.extendleft(reversed(again))
+
+    async def _pipelined(self, batch: list[_Queued], mark: _Mark) -> list[Any]:
         calls = [
             (
                 [self.key(org_id, "count"), self.key(org_id, "snap")],
@@ -1386,7 +1533,7 @@ class RedisBackend:
             )
             for org_id, period, bucket, billed, now, tokens in batch
         ]
-        return await self._settle.run_all(self.redis, calls)
+        return await self._settle.run_all(self.redis, calls, mark=mark)
 
     async def _write(self, batch: list[_Queued]) -> list[Any]:
         """Redis's answers to a batch of settles, taken from the queue. Under asyncio the write runs as a task of its
@@ -1394,14 +1541,16 @@ class RedisBackend:
         first, in :meth:`reserve`; the background writer cut off) leaves it going, and what Redis did not take is
         queued again when it ends (:meth:`_written_late`), instead of the batch being lost (its billed calls never
         recorded, its released ones held in flight for ``inflight_horizon``). Under trio, shielded (its time is
-        bounded by ``redis_timeout``)."""
+        bounded by ``redis_timeout``). Each write leaves its mark after its settles (:class:`_Mark`): one cut off in
+        turn (its loop ending) is settled by it (:meth:`_resolve_cut`)."""
+        mark = _Mark(self._mark_key, uuid.uuid4().hex, batch)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (trio)
             with anyio.CancelScope(shield=True):
-                return await self._pipelined(batch)
+                return await self._pipelined(batch, mark)
         return await self._outliving_its_caller(
-            loop, self._pipelined(batch), functools.partial(self._written_late, batch)
+            loop, self._pipelined(batch, mark), functools.partial(self._written_late, mark)
         )
 
     def _applied(self, batch: list[_Queued], results: list[Any]) -> bool:
@@ -1421,12 +1570,19 @@ class RedisBackend:
             self._failed(results[refused[0]])
         return [batch[index] for index in refused]
 
-    def _written_late(self, batch: list[_Queued], task: asyncio.Task[list[Any]]) -> None:
+    def _written_late(self, mark: _Mark, task: asyncio.Task[list[Any]]) -> None:
         """The end of a write whose caller was cancelled: what Redis did not take is queued again."""
         self._orphans.discard(task)
-        if task.cancelled():  # (the loop is closing: not known to be written)
-            kept = batch
-        elif (exc := task.exception()) is not None:
+        batch = mark.batch
+        if task.cancelled():  # (the loop is ending: cut off, maybe once Redis ran it, which its mark tells)
+            if self._closed:  # (aclose() did not wait for it: counted here, as what is left at aclose() is)
+                self._settle_locally(batch)
+                return
+            self._cut.append(mark)
+            if self._running:
+                self._wakeup.set()
+            return
+        if (exc := task.exception()) is not None:
             if not isinstance(exc, self._errors()):  # (as one awaited in place would raise it: not kept)
                 logger.error("Writing quota settles to Redis failed", exc_info=exc)
                 return
@@ -1473,7 +1629,7 @@ class RedisBackend:
             max(1, int((snapshot.period_end - now) * 1000)),
             "0" if snapshot.lago_counts_calls else "1",
             "0" if snapshot.lago_counts_tokens else "1",
-            self._held.pop(org_id, ""),
+            self._held.get(org_id, ""),
             repr(snapshot.refresh_at),
             max(1, int((snapshot.refresh_at - now) * 1000)),
             repr(now + CLOCK_STEP),
@@ -1484,52 +1640,82 @@ class RedisBackend:
         ]
         try:
             keys = [self.key(org_id, "snap"), self.key(org_id, "count"), self.key(org_id, "lock")]
-            if await self._store(keys=keys, args=args) == -1:
-                return False  # superseded: invalidated (or taken over) since this process took the lock
+            superseded = await self._store(keys=keys, args=args) == -1
         except self._errors() as exc:
+            self._held.pop(org_id, None)
             self._failed(exc)
             self.fallback.store_now(org_id, snapshot, now)
-        return True
+            return True
+        # (the lock is no longer held once Redis answered: a STORE cut off before, its loop ending, leaves it to be
+        # handed back, by the refresh or by detach(), unless the STORE did replace it)
+        self._held.pop(org_id, None)
+        return not superseded  # (superseded: invalidated, or taken over, since this process took the lock)
 
     async def try_lock(self, org_id: str, ttl: float, now: float) -> bool:
         """The fleet's refresh lock: held until ``now + ttl`` on the gates' clock (``SET ... PX`` cleans up)."""
         if not self._up():
             return True
         held = repr(now + ttl)
+        before = self._held.get(org_id)
+        args = [
+            repr(now),
+            held,
+            max(1, int(ttl * 1000)),
+            before or "",
+            # (a failed refresh's unlock holds it failure_backoff: maybe longer than a TTL)
+            repr(now + max(ttl, self.config.failure_backoff) + CLOCK_STEP),
+        ]
+        if before is None and len(self._held) >= self.config.max_orgs:  # (bounded: refreshes cut off keep theirs)
+            self._held.clear()
+        # Held from before it is asked: a lock Redis set whose answer a native cancel cut off (anyio's shield lets it
+        # through: its loop ending) is handed back, here or by detach(), not held a whole TTL by nobody
+        self._held[org_id] = held
         try:
             # shielded (bounded by redis_timeout): a refresh cut off meanwhile knows it holds the lock, to hand it back
             with anyio.CancelScope(shield=True):
-                args = [
-                    repr(now),
-                    held,
-                    max(1, int(ttl * 1000)),
-                    self._held.get(org_id, ""),
-                    # (a failed refresh's unlock holds it failure_backoff: maybe longer than a TTL)
-                    repr(now + max(ttl, self.config.failure_backoff) + CLOCK_STEP),
-                ]
                 locked = bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
+            self._keep_held(org_id, held, before)
             self._failed(exc)
             return True
+        except BaseException:
+            if self._held.get(org_id) == held:  # (else detach() hands it back)
+                self._keep_held(org_id, held, before)
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
+                    await self._hand_back({org_id: held})
+            raise
         self._answered = True
         if locked:
             self._wrote = True
-            if len(self._held) >= self.config.max_orgs:  # (bounded: refreshes cut off keep theirs until then)
-                self._held.clear()
-            self._held[org_id] = held
+        else:
+            self._keep_held(org_id, held, before)
         return locked
+
+    def _keep_held(self, org_id: str, asked: str, before: str | None) -> None:
+        """The org's lock is not (known to be) the one asked for: this process holds what it held before, if any."""
+        if self._held.get(org_id) != asked:
+            return
+        if before is None:
+            del self._held[org_id]
+        else:
+            self._held[org_id] = before
 
     async def unlock(self, org_id: str, now: float, seconds: float) -> None:
         """This process's refresh of the org failed: the fleet may try again in ``seconds`` (not a TTL later)."""
         held = self._held.pop(org_id, None)
         if held is None or not self._up():
             return
+        self._handing_back += 1  # (the end of its loop waits for it: see detach())
         try:
             await self._unlock(
                 keys=[self.key(org_id, "lock")], args=[held, repr(now + seconds), max(1, int(seconds * 1000))]
             )
         except self._errors() as exc:
             self._failed(exc)
+        finally:
+            self._handing_back -= 1
+            if self._handed_back is not None:
+                self._handed_back.set()
 
     async def compact(self, org_id: str, before: int) -> None:
         """Fold the org's recorded seconds older than ``before`` into their last one (see LocalBackend.compact)."""
@@ -1649,6 +1835,9 @@ class RedisBackend:
             await asyncio.wait(set(self._orphans), timeout=self.config.redis_timeout)
         await self.flush()
         self._closed = True
+        for mark in self._cut:  # (Redis is down: whether it ran them is not known; counted here, as the queue is)
+            self._queue.extend(mark.batch)
+        self._cut.clear()
         if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
             self._settle_locally(list(self._queue))
             self._queue.clear()
