@@ -61,7 +61,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import anyio
@@ -1458,11 +1458,18 @@ class RedisBackend:
         calls: list[tuple[list[Any], list[Any]]] = [
             ([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held.items()
         ]
-        self._handing_back += 1
-        try:
+        with self._handing():
             for result in await self._unlock.run_all(self.redis, calls):
                 if isinstance(result, Exception):
                     raise result
+
+    @contextlib.contextmanager
+    def _handing(self) -> Iterator[None]:
+        """A lock being handed back (the end of its loop waits for it: see :meth:`detach`); a Redis error is said and
+        counted, not raised (the lock expires by itself)."""
+        self._handing_back += 1
+        try:
+            yield
         except self._errors() as exc:
             self._failed(exc)
         finally:
@@ -1705,17 +1712,10 @@ class RedisBackend:
         held = self._held.pop(org_id, None)
         if held is None or not self._up():
             return
-        self._handing_back += 1  # (the end of its loop waits for it: see detach())
-        try:
+        with self._handing():
             await self._unlock(
                 keys=[self.key(org_id, "lock")], args=[held, repr(now + seconds), max(1, int(seconds * 1000))]
             )
-        except self._errors() as exc:
-            self._failed(exc)
-        finally:
-            self._handing_back -= 1
-            if self._handed_back is not None:
-                self._handed_back.set()
 
     async def compact(self, org_id: str, before: int) -> None:
         """Fold the org's recorded seconds older than ``before`` into their last one (see LocalBackend.compact)."""
