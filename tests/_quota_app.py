@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -79,6 +81,32 @@ async def chat(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     return PlainTextResponse("ok")
+
+
+#: An edit of one object of Lago's answer, in place (see :class:`Drifting`).
+Edit = Callable[[dict[str, Any]], None]
+
+
+class Drifting(httpx.AsyncBaseTransport):
+    """The emulator, its 200 answers reshaped: ``subscription`` / ``usage`` edit those objects as a drifting Lago
+    sends them."""
+
+    def __init__(self, fake: FakeLago, *, subscription: Edit | None = None, usage: Edit | None = None) -> None:
+        self.inner = fake.transport()
+        self.subscription = subscription
+        self.usage = usage
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        if response.status_code != 200 or not response.content:
+            return response
+        body = json.loads(response.content)
+        if self.subscription is not None and isinstance(body.get("subscription"), dict):
+            self.subscription(body["subscription"])
+        if self.usage is not None and isinstance(body.get("customer_usage"), dict):
+            self.usage(body["customer_usage"])
+        return httpx.Response(200, json=body)
 
 
 def build() -> Any:

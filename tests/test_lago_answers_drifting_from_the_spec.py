@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from _lifespan import serving_lifespan
-from _quota_app import Clock, seed
+from _quota_app import Clock, Drifting, Edit, seed
 from lago_org_billing import BillingSettings, LagoAPIError, LagoClient, OrgBilling, OrgBillingMiddleware
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing.testing import FakeLago
@@ -37,30 +37,6 @@ pytestmark = pytest.mark.anyio
 
 API_KEY = "sk_drift_never_shown"
 BASE = "http://lago.test"
-
-Edit = Callable[[dict[str, Any]], None]
-
-
-class Drifting(httpx.AsyncBaseTransport):
-    """The emulator, its 200 answers reshaped: ``subscription`` / ``usage`` edit those objects as a drifting Lago
-    sends them."""
-
-    def __init__(self, fake: FakeLago, *, subscription: Edit | None = None, usage: Edit | None = None) -> None:
-        self.inner = fake.transport()
-        self.subscription = subscription
-        self.usage = usage
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        await response.aread()
-        if response.status_code != 200 or not response.content:
-            return response
-        body = json.loads(response.content)
-        if self.subscription is not None and isinstance(body.get("subscription"), dict):
-            self.subscription(body["subscription"])
-        if self.usage is not None and isinstance(body.get("customer_usage"), dict):
-            self.usage(body["customer_usage"])
-        return httpx.Response(200, json=body)
 
 
 @pytest.fixture

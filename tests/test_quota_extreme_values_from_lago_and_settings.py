@@ -16,13 +16,13 @@ import datetime as dt
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from _quota_app import Clock, needs_redis, seed
+from _quota_app import Clock, Drifting, Edit, needs_redis, seed
 from lago_org_billing import BillingSettings, LagoClient, _limits
 from lago_org_billing._errors import ConfigurationError
 from lago_org_billing._gate import QuotaDecision
@@ -35,29 +35,6 @@ API_KEY = "sk_extremes_never_shown"
 BASE = "http://lago.test"
 #: The largest count or limit the gate keeps (the package's bound on token counts, exact in Redis's Lua numbers).
 LARGEST = 2**53 - 1
-
-Edit = Callable[[dict[str, Any]], None]
-
-
-class Drifting(httpx.AsyncBaseTransport):
-    """The emulator, its 200 answers reshaped: ``subscription`` / ``usage`` edit those objects as Lago sends them."""
-
-    def __init__(self, fake: FakeLago, *, subscription: Edit | None = None, usage: Edit | None = None) -> None:
-        self.inner = fake.transport()
-        self.subscription = subscription
-        self.usage = usage
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        await response.aread()
-        if response.status_code != 200 or not response.content:
-            return response
-        body = json.loads(response.content)
-        if self.subscription is not None and isinstance(body.get("subscription"), dict):
-            self.subscription(body["subscription"])
-        if self.usage is not None and isinstance(body.get("customer_usage"), dict):
-            self.usage(body["customer_usage"])
-        return httpx.Response(200, json=body)
 
 
 @pytest.fixture
