@@ -845,7 +845,7 @@ class EventPipeline:
                 dumps_event(item.raw) if item.raw is not None else item.encoded()  # (text a builder wrote: checked)
             except EventBuildError as exc:  # its builder failed (and logged why)
                 self._dead(item, str(exc), None, "invalid_event")
-            except (TypeError, ValueError, RecursionError) as exc:  # (properties nested thousands deep)
+            except (TypeError, ValueError) as exc:
                 self._dead(item, f"not JSON-serialisable: {exc}", None, "invalid_event")
             else:
                 valid.append(item)
@@ -861,9 +861,7 @@ class EventPipeline:
         try:
             parts = [item.raw if item.raw is not None else item.encoded() for item in items]
             body = ('{"events":[' + ",".join(parts) + "]}").encode()  # (UnicodeEncodeError: a lone surrogate)
-        except (TypeError, ValueError, RecursionError) as exc:
-            # (RecursionError: an event submitted with properties nested thousands deep, which json cannot encode;
-            # as an "unexpected error" its whole batch was retried as it was, for ever, its other events held back)
+        except (TypeError, ValueError) as exc:  # (dumps_event's ValueError: nested too deep for JSON, among others)
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         await client.send_event_batch_json(body)
 

@@ -539,14 +539,18 @@ class EventBuildError(ValueError):
 
 def dumps_event(event: JSON | str) -> str:
     """The one JSON encoding of an event, used for the spool and for every request body (an event built as its
-    JSON text is that text). A ``ValueError`` for an event that cannot be: one that could not be built, or text that
-    is no UTF-8 (a ``UnicodeEncodeError``)."""
+    JSON text is that text). A ``ValueError`` for an event that cannot be: one that could not be built, one nested
+    deeper than ``json`` goes (its ``RecursionError``, raised as what it is here: an event JSON cannot carry), or text
+    that is no UTF-8 (a ``UnicodeEncodeError``)."""
     if type(event) is str:
         text: str = event
     elif type(event) is _Unbuildable:
         raise ValueError(event.reason)
     else:
-        text = _encode(event)
+        try:
+            text = _encode(event)
+        except RecursionError:
+            raise ValueError("nested too deeply for JSON") from None
     if not text.isascii():
         text.encode()  # a lone surrogate ("\ud800" from a client's JSON) is no UTF-8: a UnicodeEncodeError here
     return text
@@ -1010,7 +1014,7 @@ class _SpoolFile:
         for index, (row_id, event) in enumerate(rows):
             try:
                 text = dumps_event(event)
-            except (TypeError, ValueError, RecursionError) as exc:  # (RecursionError: nested too deep for JSON)
+            except (TypeError, ValueError) as exc:
                 unencodable.append(row_id)
                 reason = event.reason if type(event) is _Unbuildable else f"not JSON-serialisable: {exc}"
                 letters.append((_safe_dumps(event), reason, None, "invalid_event", time.time()))
@@ -1467,7 +1471,7 @@ def _write_advice(exc: Exception, path: str) -> str:
 def _safe_dumps(event: JSON | str) -> str:
     try:
         return dumps_event(event)
-    except (TypeError, ValueError, RecursionError):
+    except (TypeError, ValueError):
         try:
             text = repr(event)
         except RecursionError:  # nested too deep for repr too: its outer levels, abbreviated
