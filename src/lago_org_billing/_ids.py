@@ -69,23 +69,28 @@ def _iso_time(found: re.Match[str]) -> dt.datetime:
     return dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=zone)
 
 
+def iso_datetime(text: str) -> dt.datetime:
+    """``datetime.fromisoformat(text)``, and what 3.10's does not read (a fraction of other than 3 or 6 digits, the
+    basic format) on every Python; ``ValueError`` for anything else, or a time out of range."""
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        found = _ISO_TIME.fullmatch(text)
+        if found is None:
+            raise
+        return _iso_time(found)
+
+
 def parse_time(value: object) -> dt.datetime | None:
     """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``, ``...00.123+01:00``) as an aware datetime, UTC when it names no
     offset; None when absent, blank or unreadable. Any fraction's length, on every Python (3.10's ``fromisoformat``
     reads 3 or 6 digits only: a time with nanoseconds was read as no time there)."""
     if not isinstance(value, str) or not value:
         return None
-    text = value.strip().replace("Z", "+00:00")
     try:
-        parsed = dt.datetime.fromisoformat(text)
-    except ValueError:
-        found = _ISO_TIME.fullmatch(text)
-        if found is None:
-            return None
-        try:
-            parsed = _iso_time(found)
-        except (ValueError, OverflowError):
-            return None
+        parsed = iso_datetime(value.strip().replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
+        return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.timezone.utc)
 
 

@@ -15,7 +15,7 @@ import anyio
 import httpx
 
 from .._errors import InvalidRequestError
-from .._ids import _ISO_TIME, _iso_time
+from .._ids import iso_datetime
 
 JSON = dict[str, Any]
 
@@ -99,17 +99,13 @@ def parse_datetime(value: Any) -> datetime | None:
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
-        dt = datetime.fromisoformat(text)
+        dt = iso_datetime(text)
     except ValueError:
-        found = _ISO_TIME.fullmatch(text)  # (what 3.10's fromisoformat does not read: other fractions, basic format)
         try:
-            if found is not None:
-                dt = _iso_time(found)
-            else:
-                d = date.fromisoformat(text)
-                dt = datetime(d.year, d.month, d.day)
+            d = date.fromisoformat(text)
         except ValueError:
             return None
+        dt = datetime(d.year, d.month, d.day)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)
@@ -127,10 +123,9 @@ def written_date(value: Any) -> date | None:
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
-        return datetime.fromisoformat(text).date()
-    except ValueError:
-        found = _ISO_TIME.fullmatch(text)
-        return _iso_time(found).date() if found is not None else date.fromisoformat(text)
+        return iso_datetime(text).date()
+    except ValueError:  # (a bare date: parse_datetime read it)
+        return date.fromisoformat(text)
 
 
 def day_start(dt: datetime) -> datetime:
