@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import collections.abc
+import contextlib
 import dataclasses
 import datetime as dt
 import inspect
@@ -614,22 +615,20 @@ def from_jwt_claim(
             claims = cache[cache_key]
         else:
             try:
-                claims = decode(
-                    token,
-                    verification_key,
-                    algorithms=allowed,
-                    options=options,
-                    audience=audience_arg,
-                    issuer=one_issuer,
-                    leeway=leeway,
-                )
+                with pyjwt_depth_errors(jwt):
+                    claims = decode(
+                        token,
+                        verification_key,
+                        algorithms=allowed,
+                        options=options,
+                        audience=audience_arg,
+                        issuer=one_issuer,
+                        leeway=leeway,
+                    )
                 if issuers is not None and claims.get("iss") not in issuers:  # (PyJWT < 2.9 takes one issuer only)
                     raise jwt.InvalidIssuerError("Invalid issuer")
             except jwt.PyJWTError as exc:
                 _jwt_refused(jwt, exc)
-                claims = None
-            except RecursionError:  # a header nested deeper than json goes: PyJWT < 2.14 lets the parser's error out
-                _jwt_refused(jwt, jwt.DecodeError("Invalid header string: JSON nested too deeply"))
                 claims = None
             cache[cache_key] = claims
         return _claim_value(claims, claim, path)
@@ -715,22 +714,21 @@ def _from_jwks(
         if found is None:
             return None
         try:
-            claims: Mapping[str, Any] = jwt.decode(
-                token,
-                found[0],
-                algorithms=one_alg[found[1]],
-                options=options,
-                audience=audience_arg,
-                issuer=one_issuer,
-                leeway=leeway,
-            )
+            # (its header read by the key set a few frames shallower: one nested to the limit gets through to here)
+            with pyjwt_depth_errors(jwt):
+                claims: Mapping[str, Any] = jwt.decode(
+                    token,
+                    found[0],
+                    algorithms=one_alg[found[1]],
+                    options=options,
+                    audience=audience_arg,
+                    issuer=one_issuer,
+                    leeway=leeway,
+                )
             if issuers is not None and claims.get("iss") not in issuers:
                 raise jwt.InvalidIssuerError("Invalid issuer")
         except jwt.PyJWTError as exc:
             _jwt_refused(jwt, exc, source="jwks_url")
-            return None
-        except RecursionError:  # (its header read by the key set a few frames shallower: one nested to the limit)
-            _jwt_refused(jwt, jwt.DecodeError("Invalid header string: JSON nested too deeply"), source="jwks_url")
             return None
         return claims
 
@@ -766,6 +764,17 @@ def _from_jwks(
 
 #: The key sets of from_jwt_claim(jwks_url=...), by URL, client and settings, while a resolver uses them.
 _jwks_sets: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
+
+
+@contextlib.contextmanager
+def pyjwt_depth_errors(jwt: Any) -> Generator[None, None, None]:
+    """Around PyJWT's ``decode``: a token whose header is JSON nested deeper than the parser goes is the
+    ``DecodeError`` PyJWT 2.14 raises for it, for the caller's ``except jwt.PyJWTError`` (PyJWT 2.8-2.13, which the
+    package allows, let the parser's ``RecursionError`` out)."""
+    try:
+        yield
+    except RecursionError:
+        raise jwt.DecodeError("Invalid header string: JSON nested too deeply") from None
 
 
 #: The kinds of refused tokens already said at WARNING (the first of each kind; the next ones at DEBUG).

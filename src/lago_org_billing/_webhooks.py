@@ -89,7 +89,7 @@ from starlette.types import Receive, Scope, Send
 from . import _checks as checks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
-from ._identity import SCOPE_KEY
+from ._identity import SCOPE_KEY, pyjwt_depth_errors
 from ._quota import QuotaGate
 from ._quota_redis import RedisProblems, RedisUse
 from ._settings import BillingSettings, _check_unquoted, masked_url
@@ -1014,10 +1014,9 @@ class LagoWebhooks:
 
     @staticmethod
     def _decode(jwt: Any, token: str, key: Any) -> dict[str, Any]:
-        try:
+        # (its header parsed in _jwt_shape, a few frames shallower: one nested to the limit gets through to here)
+        with pyjwt_depth_errors(jwt):
             claims: dict[str, Any] = jwt.decode(token, key, algorithms=["RS256"], options={"require": ["iss", "data"]})
-        except RecursionError:  # (its header parsed in _jwt_shape, a few frames shallower: one nested to the limit)
-            raise jwt.DecodeError("Invalid header string: JSON nested too deeply") from None
         return claims
 
     def _lock(self) -> anyio.Lock:
