@@ -7,7 +7,6 @@ transport at the network edge reshapes the emulator's answers as such a Lago sen
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,17 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from _quota_app import Clock, seed
+from _quota_app import Clock, Drifting, Edit, seed
 from lago_org_billing import BillingSettings, LagoClient
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing.testing import FakeLago
 
 pytestmark = pytest.mark.anyio
 
-Rewrite = Callable[[dict[str, Any]], None]
 
-
-class OlderLago(httpx.AsyncBaseTransport):
+class OlderLago(Drifting):
     """The emulator, answering as an older Lago: ``entitlements`` answers ``/subscriptions/{id}/entitlements``
     instead of the emulator (status, body, content type), ``subscription`` / ``usage`` edit those objects."""
 
@@ -34,13 +31,11 @@ class OlderLago(httpx.AsyncBaseTransport):
         fake: FakeLago,
         *,
         entitlements: tuple[int, bytes, str] | None = None,
-        subscription: Rewrite | None = None,
-        usage: Rewrite | None = None,
+        subscription: Edit | None = None,
+        usage: Edit | None = None,
     ) -> None:
-        self.inner = fake.transport()
+        super().__init__(fake, subscription=subscription, usage=usage)
         self.entitlements = entitlements
-        self.subscription = subscription
-        self.usage = usage
         self.paths: list[str] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -53,16 +48,7 @@ class OlderLago(httpx.AsyncBaseTransport):
         ):
             status, body, content_type = self.entitlements
             return httpx.Response(status, content=body, headers={"content-type": content_type})
-        response = await self.inner.handle_async_request(request)
-        await response.aread()
-        if response.status_code != 200:
-            return response
-        body = json.loads(response.content)
-        if self.subscription is not None and isinstance(body.get("subscription"), dict):
-            self.subscription(body["subscription"])
-        if self.usage is not None and isinstance(body.get("customer_usage"), dict):
-            self.usage(body["customer_usage"])
-        return httpx.Response(200, json=body)
+        return await super().handle_async_request(request)
 
 
 def no_embedded_entitlements(subscription: dict[str, Any]) -> None:
