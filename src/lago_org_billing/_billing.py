@@ -273,7 +273,7 @@ class OrgBilling:
                 status=404,
                 code="customer_not_found",
             )
-        return await self._update(existing, org_name, email, dict(metadata or {}), fields)
+        return await self._update(existing, org_name, email, _metadata_mapping(metadata), fields)
 
     async def get_or_create_customer(
         self,
@@ -293,7 +293,12 @@ class OrgBilling:
         """True when ``external_id`` is an org-keyed customer (``billing_type=organization`` in its metadata);
         False for user-keyed (legacy) or unknown customers, and for an id no org customer can have (a legacy
         customer keyed by an email: ``alice@example.com``; Lago cannot address it in a URL path, and
-        ``create_org_customer`` refuses such ids)."""
+        ``create_org_customer`` refuses such ids).
+
+        Read from Lago, not from the id's format as the seed's was (an ``org_`` prefix): the package takes any id Lago
+        takes, so an org's id and a legacy user's can look alike; the marker every org customer gets here
+        (``create_org_customer``, ``subscribe_org_to_plan``, the migration) is what tells them apart. Await it: the
+        seed's ``if is_org_customer(id):`` without ``await`` is always true (a coroutine)."""
         if isinstance(external_id, str) and external_id and _unaddressable(external_id):
             return False
         customer = await self.get_customer(external_id)
@@ -1150,11 +1155,32 @@ def _only_existing_keys(details: Mapping[str, Any]) -> bool:
 
 
 def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    wanted: dict[str, Any] = dict(metadata or {})
+    wanted = _metadata_mapping(metadata)
     wanted[METADATA_BILLING_TYPE] = ORGANIZATION
     if user_id is not None:  # a metadata value, never in a URL path: emails and dotted ids too (check_metadata)
         wanted[METADATA_CREATED_BY] = user_id
     return wanted
+
+
+def _metadata_mapping(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``metadata`` argument of ``create_org_customer``/``update_org_customer`` as a dict; anything but a mapping
+    raises :class:`InvalidRequestError`. ``dict()`` of Lago's own item list (``[{"key": "tier", "value": "gold"}]``,
+    the shape Lago answers) reads each item as a pair: every item became the one item ``{"key": "value"}``, the org's
+    metadata lost without an error; of a string, a ValueError."""
+    given: object = metadata  # (the annotation says Mapping: what callers pass is checked)
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        items = (
+            " (Lago's item list: pass {item['key']: item['value'] for item in items})"
+            if isinstance(given, (list, tuple))
+            else ""
+        )
+        raise InvalidRequestError(
+            f"metadata must be a mapping of {{key: value}}, such as {{'tier': 'gold'}}, got "
+            f"{type(given).__name__}{items}: nothing was sent."
+        )
+    return dict(given)
 
 
 def customer_metadata(customer: Mapping[str, Any] | None) -> dict[str, str]:

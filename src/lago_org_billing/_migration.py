@@ -77,11 +77,12 @@ import re
 import socket
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
 import httpx
@@ -106,6 +107,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoUnavailableError,
     LagoValidationError,
+    traceback_text,
 )
 from ._ids import _FORBIDDEN, MAX_ID_LENGTH, parse_time, path_segment, validate_id
 from ._settings import BillingSettings
@@ -231,6 +233,10 @@ class OrgMapping:
     users: tuple[str, ...]
     plan_code: str | None = None
 
+    #: ``users`` are all the org's users (a mapping's rows), so a user an earlier run moved to the org and not among
+    #: them was moved elsewhere since (a warning says so). Not a field: the journal's fingerprints stay as they were.
+    every_user: ClassVar[bool] = True
+
     def fingerprint(self, options: MigrationOptions, settings: BillingSettings | None = None) -> str:
         """A short hash of everything that decides this org's migration (the journal skips an org only when
         it was done with the same mapping and options, on the same Lago and subscription id template)."""
@@ -244,6 +250,14 @@ class OrgMapping:
         ]
         data = json.dumps([dataclasses.astuple(self), chosen, target], sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneUserMapping(OrgMapping):
+    """The org of ``OrgBilling.migrate_user_to_org``: the one user moved by the call, the org's others not named (the
+    seed's API moves a user at a time), so those an earlier call moved to the org have not left it."""
+
+    every_user: ClassVar[bool] = False
 
 
 def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
@@ -388,12 +402,40 @@ async def load_mapping_callable(spec: str) -> list[tuple[str, dict[str, Any]]]:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
         raise MappingError([f"--mapping-callable {spec!r}: {exc}"]) from exc
-    result = function()
-    if inspect.isawaitable(result):
-        result = await result
-    if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
-        raise MappingError([f"--mapping-callable {spec!r} must return an iterable of rows"])
-    return [(f"{spec} row {index}", _row_dict(row)) for index, row in enumerate(result, 1)]
+    except Exception as exc:  # (the module's own code failing at import: a database connection made there)
+        raise _callable_failed(spec, exc) from exc
+    try:
+        result = function()
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
+            raise MappingError([f"--mapping-callable {spec!r} must return an iterable of rows"])
+        return [(f"{spec} row {index}", _ids_as_text(_row_dict(row))) for index, row in enumerate(result, 1)]
+    except LagoIntegrationError:  # (this package's own errors: a MappingError above, Lago down under one using it)
+        raise
+    except Exception as exc:  # (its database down, a cursor failing midway)
+        raise _callable_failed(spec, exc) from exc
+
+
+def _callable_failed(spec: str, exc: Exception) -> MappingError:
+    """The error of a mapping callable (or its module) that raised ``exc``: reported as an unreadable mapping file is
+    (exit 2, one line, the ``--report`` written, nothing sent to Lago), not raised out of the command as a traceback
+    with no report; the traceback is logged (``-v``) to find where it failed."""
+    logger.info("--mapping-callable %r failed\n%s", spec, traceback_text(exc))
+    return MappingError([f"--mapping-callable {spec!r} failed: {type(exc).__name__}: {exc}"])
+
+
+def _ids_as_text(record: dict[str, Any]) -> dict[str, Any]:
+    """A mapping callable's row with its integer and UUID ids as their text: a query's column types, whose text is the
+    id the app keyed its customers with (``str(user.id)``). Exact, unlike a file's JSON numbers (``1e3``, a float of
+    an id past 2**53), which stay refused there; a bool or a float stays refused here too."""
+    for key in ("user_id", "org_id"):
+        value = record.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            record[key] = str(int(value))  # (an IntEnum's str() is its name on Python 3.10)
+        elif isinstance(value, uuid.UUID):
+            record[key] = str(value)
+    return record
 
 
 def _row_dict(row: Any) -> dict[str, Any]:
@@ -1968,7 +2010,7 @@ async def plan_org(
     previous = existing_meta.get(METADATA_MIGRATED_FROM, "").split(",")
     previous_users = [u for u in previous if u and not u.startswith("+")]
     wanted[METADATA_MIGRATED_FROM] = _user_list([*previous_users, *org.users])
-    dropped = [user_id for user_id in dict.fromkeys(previous_users) if user_id not in org.users]
+    dropped = [user_id for user_id in dict.fromkeys(previous_users) if user_id not in org.users and org.every_user]
     if dropped and org_subscription is not None:  # (the mapping changed since a run prepared or migrated the org)
         names = ", ".join(map(repr, dropped))
         result.warnings.append(
@@ -3172,7 +3214,8 @@ async def migrate_user(
     A user whose customer holds wallets, coupons, a payment provider link or integrations the org customer lacks is
     refused (:class:`UnmovedHoldingsError`) unless ``accept_unmoved`` names them (:class:`MigrationOptions`)."""
     record = {"user_id": user_id, "org_id": org_id, "org_name": org_name, "email": email, "plan_code": plan_code}
-    orgs, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
+    mapped, _ = build_mapping([("migrate_user_to_org", record)], billing.settings)
+    orgs = [_OneUserMapping(**dataclasses.asdict(org)) for org in mapped]
     options = MigrationOptions(
         on_termination_invoice=on_termination_invoice,
         on_termination_credit_note=on_termination_credit_note,
