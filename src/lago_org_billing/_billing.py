@@ -6,6 +6,7 @@ the org's subscription ``external_id`` comes from ``LAGO_SUBSCRIPTION_ID_TEMPLAT
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import inspect
 import logging
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -176,6 +177,18 @@ class OrgBilling:
         """Close the Lago client if this object created it."""
         if self._owns_client:
             await self.client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, org_id: str) -> AsyncIterator[None]:
+        """Around the writes changing the org's subscription in Lago: the gate's state of the org invalidated after
+        them, whether Lago answered or not. An answer lost (``LagoUnavailableError`` after Lago applied an upgrade)
+        left the org decided on its old plan up to ``LAGO_USAGE_CACHE_TTL``; an invalidation too many costs one
+        refresh. Reads before the writes stay outside: one failing (Lago down) changed nothing, and the gate keeps
+        serving on the snapshot it has."""
+        try:
+            yield
+        finally:
+            await self._invalidate(org_id)
 
     async def _invalidate(self, org_id: str) -> None:
         """After the org's subscription or plan changed here: drop its cached quota state in the gate this object
@@ -371,11 +384,8 @@ class OrgBilling:
         _check_dates(subscription_at, fields)
         plan_code = validate_id(plan_code, "plan_code")
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
-        subscription = await self._create_subscription(
-            org_id, plan_code, billing_time, subscription_at, current, fields
-        )
-        await self._invalidate(org_id)
-        return subscription
+        async with self._changing(org_id):
+            return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
 
     async def _create_subscription(
         self,
@@ -572,10 +582,10 @@ class OrgBilling:
             name = None if customer.get("name") else org_name
             mail = None if customer.get("email") else email
             customer = await self._update(customer, name, mail, missing, {})
-        subscription = await self._create_subscription(
-            org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
-        )
-        await self._invalidate(org_id)
+        async with self._changing(org_id):  # (the customer alone changes nothing the gate decides on)
+            subscription = await self._create_subscription(
+                org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
+            )
         return {"customer": customer, "subscription": subscription}
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
@@ -618,23 +628,23 @@ class OrgBilling:
             )
         self._check_owner(org_id, current, "its plan is not changed")
         plan_code = validate_id(plan_code, "plan_code")
-        if plan_code == current.get("plan_code") and current.get("next_plan_code"):
-            # Back to the current plan while a downgrade waits for the period end: Lago would answer the subscription
-            # unchanged, the downgrade still scheduled. Cancel the pending downgrade instead.
-            try:
-                await self.client.terminate_subscription(current["external_id"], status="pending")
-            except LagoNotFoundError:
-                pass  # it started or was canceled meanwhile
-            changed = await self.client.get_subscription(current["external_id"])
-        elif plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
-            changed = current
-        else:
-            changed = await self.client.create_subscription(
-                external_customer_id=current["external_customer_id"],
-                plan_code=plan_code,
-                external_id=current["external_id"],
-            )
-        await self._invalidate(org_id)
+        async with self._changing(org_id):
+            if plan_code == current.get("plan_code") and current.get("next_plan_code"):
+                # Back to the current plan while a downgrade waits for the period end: Lago would answer the
+                # subscription unchanged, the downgrade still scheduled. Cancel the pending downgrade instead.
+                try:
+                    await self.client.terminate_subscription(current["external_id"], status="pending")
+                except LagoNotFoundError:
+                    pass  # it started or was canceled meanwhile
+                changed = await self.client.get_subscription(current["external_id"])
+            elif plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
+                changed = current
+            else:
+                changed = await self.client.create_subscription(
+                    external_customer_id=current["external_customer_id"],
+                    plan_code=plan_code,
+                    external_id=current["external_id"],
+                )
         return changed
 
     async def terminate_subscription(
@@ -651,30 +661,32 @@ class OrgBilling:
         # the org's own id too: another customer may hold it (a legacy user's, named like the org)
         current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
         if current is None:
+            # (nothing left to end: maybe a run again after an answer lost, Lago had ended it; the gate told too)
+            await self._invalidate(org_id)
             raise await self._nothing_to_terminate(external_id)
         self._check_owner(org_id, current, "not terminated")
-        for status in ("active", "pending"):  # not active: one that has not started yet is canceled
-            try:
-                ended = await self.client.terminate_subscription(
-                    external_id,
-                    status=None if status == "active" else status,
-                    on_termination_invoice=on_termination_invoice if status == "active" else None,
-                    on_termination_credit_note=on_termination_credit_note if status == "active" else None,
-                )
-            except LagoNotFoundError as exc:
-                if _no_such_route(exc):
-                    raise
-                continue
-            except LagoUnavailableError:
-                # The DELETE is not retried (Lago may have applied it, its answer lost: a retry would 404). Read back
-                # what Lago did: ended, it is answered; still there (or Lago unreadable), the error stands.
-                lost = await self._ended_behind_lost_answer(external_id, status)
-                if lost is None:
-                    raise
-                ended = lost
-            await self._invalidate(org_id)
-            return ended
-        raise await self._nothing_to_terminate(external_id)
+        async with self._changing(org_id):
+            for status in ("active", "pending"):  # not active: one that has not started yet is canceled
+                try:
+                    ended = await self.client.terminate_subscription(
+                        external_id,
+                        status=None if status == "active" else status,
+                        on_termination_invoice=on_termination_invoice if status == "active" else None,
+                        on_termination_credit_note=on_termination_credit_note if status == "active" else None,
+                    )
+                except LagoNotFoundError as exc:
+                    if _no_such_route(exc):
+                        raise
+                    continue
+                except LagoUnavailableError:
+                    # The DELETE is not retried (Lago may have applied it, its answer lost: a retry would 404). Read
+                    # back what Lago did: ended, it is answered; still there (or Lago unreadable), the error stands.
+                    lost = await self._ended_behind_lost_answer(external_id, status)
+                    if lost is None:
+                        raise
+                    ended = lost
+                return ended
+            raise await self._nothing_to_terminate(external_id)
 
     async def _ended_behind_lost_answer(self, external_id: str, status: str) -> JSON | None:
         """After a terminate (``status`` active) or cancel (``pending``) whose answer was lost: the subscription Lago
@@ -948,20 +960,21 @@ class OrgBilling:
         """
         from ._migration import migrate_user
 
-        outcome = await migrate_user(
-            self,
-            user_id=user_id,
-            org_id=org_id,
-            org_name=org_name,
-            email=email,
-            plan_code=plan_code,
-            on_termination_invoice=on_termination_invoice,
-            on_termination_credit_note=on_termination_credit_note,
-            allow_unreadable_entitlements=allow_unreadable_entitlements,
-            prepare_only=prepare_only,
-            accept_unmoved=accept_unmoved,
-        )
-        await self._invalidate(org_id)  # (subscribed through the client: the org may have been refused until now)
+        # (subscribed through the client: the org may have been refused until now; a failure midway may have too)
+        async with self._changing(org_id):
+            outcome = await migrate_user(
+                self,
+                user_id=user_id,
+                org_id=org_id,
+                org_name=org_name,
+                email=email,
+                plan_code=plan_code,
+                on_termination_invoice=on_termination_invoice,
+                on_termination_credit_note=on_termination_credit_note,
+                allow_unreadable_entitlements=allow_unreadable_entitlements,
+                prepare_only=prepare_only,
+                accept_unmoved=accept_unmoved,
+            )
         return outcome
 
     # ------------------------------------------------------------------ health

@@ -135,8 +135,14 @@ def _readable(connection: _Connection) -> bool:
 def _decimal(text: str) -> int | None:
     """``text`` as a decimal number if it is one (ASCII digits only: ``int()`` also takes signs, ``_`` and other
     scripts' digits, none of which a status code or a Content-Length may hold), else None. Past 18 digits (an
-    exabyte; ``int()`` refuses 4,301 and more) it is no length a server could send: None too."""
-    return int(text) if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 18 else None
+    exabyte; ``int()`` refuses 4,301 and more) it is no length a server could send: None too. Leading zeros are
+    digits of the number (``000...042`` is 42), read without them: thousands of them raised ``int()``'s
+    ``ValueError`` (no protocol error: an "unexpected error" with a traceback), and the batch Lago had ingested was
+    sent again, for ever when every answer is framed so."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    significant = text.lstrip("0")
+    return int(significant or "0") if len(significant) <= 18 else None
 
 
 def _same_length(value: str) -> int | None:

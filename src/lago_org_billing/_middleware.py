@@ -5,7 +5,8 @@ ASGI lifespan startup and flushed on shutdown, or started lazily on the first re
 lifespan. Requests never wait on Lago.
 
 What is billed: every request with an org, whatever its answer, except 5xx (unless ``bill_server_errors``), the app's
-401 and 403 (unless ``bill_auth_failures``: its auth refused the caller, who may have named any org; not counted
+401 and 403 and the refusals of a Starlette ``AuthenticationMiddleware`` inside (its ``on_error`` answer, 400 by
+default) (unless ``bill_auth_failures``: its auth refused the caller, who may have named any org; not counted
 against the quota either, ``stats["unbilled_auth_failures"]``) and the routing's own answers, which no endpoint
 produced: a Starlette (FastAPI) router's 404 for a path no route matches, at the top or under a ``Mount``/``Host``,
 its ``redirect_slashes`` 307 (``/v1/chat/`` -> ``/v1/chat``: the call the client then makes is the one billed), its
@@ -44,6 +45,7 @@ import anyio
 import httpx
 from cachetools import TTLCache
 from starlette.applications import Starlette
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
@@ -197,11 +199,12 @@ class OrgBillingMiddleware:
       Default: the settings' (``LAGO_ON_UNRESOLVED``, ``LAGO_UNRESOLVED_STATUS``).
     * **bill_server_errors** - bill responses with status >= 500 (and requests the app crashed on). Default: the
       settings' ``LAGO_BILL_SERVER_ERRORS``, false (the customer got nothing).
-    * **bill_auth_failures** - bill the app's 401 and 403 answers. Default: the settings'
-      ``LAGO_BILL_AUTH_FAILURES``, false: its auth refused the caller, and with the org from a header anyone could
-      name another org and run up its bill. Not billed, they are not counted against the quota either
-      (``stats["unbilled_auth_failures"]``). The middleware's own answers (``on_unresolved="reject"``, the gate's)
-      are never billed.
+    * **bill_auth_failures** - bill the app's 401 and 403 answers, and the 4xx answered before a Starlette
+      ``AuthenticationMiddleware`` inside this one let the request through (its ``on_error`` refusal of bad
+      credentials: a 400 by default). Default: the settings' ``LAGO_BILL_AUTH_FAILURES``, false: its auth refused the
+      caller, and with the org from a header anyone could name another org and run up its bill. Not billed, they are
+      not counted against the quota either (``stats["unbilled_auth_failures"]``). The middleware's own answers
+      (``on_unresolved="reject"``, the gate's) are never billed.
     * **attribution** - *(optional)* :class:`AttributionConfig` (token/model headers, body inspection).
     * **idempotency_header** - *(opt-in)* a request header (e.g. ``"Idempotency-Key"``) whose value makes the
       event stable across client retries: requests of one org to one route with the same key are billed once (one
@@ -284,6 +287,7 @@ class OrgBillingMiddleware:
             self._identify = default_identity(self.settings) if resolve_org is None and resolve_user is None else None
             self._heads: dict[tuple[str, str, str], str] = {}
             self._cors: CORSMiddleware | Literal[False] | None = None  # the app's, inside this one (see _outward)
+            self._authentication: bool | None = None  # a Starlette AuthenticationMiddleware inside (see _auth_failure)
             # a Starlette app (router) inside, behind middlewares (see _unrouted); an HTTPSRedirectMiddleware before it
             self._routing_inside, self._https_redirect = _inner_routing(app)
             # (its redirect told from an endpoint's by the answer's Location: a watcher noting it, only then)
@@ -1070,9 +1074,27 @@ class OrgBillingMiddleware:
         status = watcher.status
         if status is None or status >= 500:
             return self.bill_server_errors
-        if status == 401 or status == 403:  # the app's auth refused the caller (the middleware's own: never here)
+        if status >= 400 and self._auth_failure(scope, status):  # (the middleware's own 401/403: never here)
             return self.bill_auth_failures
         return status < 300 or not self._unrouted(scope, status, root_path, watcher)
+
+    def _auth_failure(self, scope: Scope, status: int) -> bool:
+        """Whether a 4xx is the app's auth refusing the caller: a 401 or 403, or any 4xx answered before a Starlette
+        ``AuthenticationMiddleware`` inside this one let the request through (no ``scope["auth"]``, which it sets on
+        every request it passes on, anonymous ones included): its ``on_error`` answer to bad credentials, a 400 by
+        default (or the answer of a middleware before it). The caller was never authenticated: with the org from a
+        header, it may have named any org."""
+        if status == 401 or status == 403:
+            return True
+        if "auth" in scope or status >= 500:
+            return False
+        inside = self._authentication
+        if inside is None:
+            inside = _inner_authentication(self.app)
+            if inside is None:  # a Starlette app not built yet (built by its first call): looked for next time
+                return False
+            self._authentication = inside
+        return inside
 
     def _unrouted(self, scope: Scope, status: int, root_path: str, watcher: _ResponseWatcher) -> bool:
         """:func:`_unrouted`, knowing what is inside this middleware: a Starlette app behind middlewares of their own
@@ -1121,7 +1143,7 @@ class OrgBillingMiddleware:
                 self.quota.settle(org_id, decision, tokens=0, billed=False)  # its reserved call released
             if status >= 500:
                 self.stats["unbilled_errors"] += 1
-            elif status == 401 or status == 403:
+            elif status >= 400 and self._auth_failure(scope, status):
                 self.stats["unbilled_auth_failures"] = self.stats.get("unbilled_auth_failures", 0) + 1
             else:
                 self.stats["unrouted"] += 1
@@ -1667,6 +1689,28 @@ def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
                     if isinstance(declared.cls, type) and issubclass(declared.cls, CORSMiddleware):
                         made: CORSMiddleware = declared.cls(app, *declared.args, **declared.kwargs)
                         return made
+                return None
+            app = app.middleware_stack
+        else:
+            app = getattr(app, "app", None)
+            if app is None:
+                return False
+    return False
+
+
+def _inner_authentication(app: Any) -> bool | None:
+    """Whether a Starlette ``AuthenticationMiddleware`` is among the middlewares an app is wrapped in, down to its
+    router (a Starlette app's built stack included); None when a Starlette app's stack is not built yet and declares
+    none (as :func:`_inner_cors`)."""
+    for _ in range(64):
+        if isinstance(app, AuthenticationMiddleware):
+            return True
+        if isinstance(app, Starlette):
+            if app.middleware_stack is None:
+                declared: Any
+                for declared in app.user_middleware:
+                    if isinstance(declared.cls, type) and issubclass(declared.cls, AuthenticationMiddleware):
+                        return True
                 return None
             app = app.middleware_stack
         else:
