@@ -33,7 +33,18 @@ def test_times_lago_accepts_are_read_on_every_python(text: str, expected: dt.dat
     assert parse_datetime(text) == expected
 
 
-@pytest.mark.parametrize("text", ["2026-13-01T00:00:00Z", "2026-03-01T25:00:00Z", "yesterday"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-13-01T00:00:00Z",
+        "2026-03-01T25:00:00Z",
+        "yesterday",
+        # other scripts' digits (fullwidth, Arabic-Indic), which fromisoformat refuses: the fallback read them as the
+        # digits they stand for
+        "\uff12\uff10\uff12\uff16-03-01T12:00:00.1234567Z",
+        "2026-03-01T12:00:00.\u0661\u0662\u0663\u0664\u0665\u0666\u0667Z",
+    ],
+)
 def test_what_is_no_time_stays_unreadable(text: str) -> None:
     assert parse_datetime(text) is None
 

@@ -54,7 +54,8 @@ def path_segment(value: object, what: str = "id") -> str:
 
 #: An ISO 8601 time in the extended or the basic format, with a fraction of any length (``.`` or ``,``) and an offset.
 _ISO_TIME = re.compile(
-    r"(\d{4})-?(\d{2})-?(\d{2})[T ](\d{2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?(?:([+-])(\d{2}):?(\d{2}))?"
+    r"(\d{4})-?(\d{2})-?(\d{2})[T ](\d{2}):?(\d{2}):?(\d{2})(?:[.,](\d+))?(?:([+-])(\d{2}):?(\d{2}))?",
+    re.ASCII,  # (a time of other scripts' digits, which fromisoformat refuses, is no time: not read here either)
 )
 
 
