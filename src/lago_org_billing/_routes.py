@@ -85,7 +85,7 @@ from ._gate import QuotaGateProtocol
 from ._ids import format_timestamp, validate_id
 from ._quota import QuotaConfig
 from ._settings import BillingSettings
-from ._webhooks import Invalidate, SupportsInvalidate, _scope_gate
+from ._webhooks import Invalidate, SupportsInvalidate, _called, _scope_gate
 
 __all__ = ["Authorize", "BillingRouter", "billing_routes", "deny_all"]
 
@@ -604,7 +604,7 @@ class BillingRouter(Router):
             return
         invalidate = target.invalidate if isinstance(target, SupportsInvalidate) else target
         try:
-            await invalidate(org_id)
+            await _called(invalidate, org_id)  # (a plain function too, as LagoWebhooks takes it)
         except Exception as exc:  # the webhook or the cache TTL catches up
             # (its traceback as text, not the exception: the frames of the gate's Redis client held its password)
             logger.warning("Could not invalidate the quota state of org %s\n%s", org_id, traceback_text(exc))
@@ -922,10 +922,10 @@ def billing_routes(
     * **billing** - *(optional)* the :class:`OrgBilling` to use; else one is built from ``settings``/``client``,
       or from the environment on the first request.
     * **authorize** - ``(request, org_id) -> bool`` (sync or async): may the caller manage this org? Default: deny.
-    * **invalidate** - *(optional)* ``async (org_id)`` or the quota gate, called after a plan change, a setup or a
-      termination so that the org's quota state is refreshed at once (default: the gate ``OrgBillingMiddleware``
-      published in the scope, if any). A gate (given or found) also counts the usage ``POST /usage/record`` records
-      at once, and names the limits the dashboard shows (its ``QuotaConfig``).
+    * **invalidate** - *(optional)* ``async (org_id)`` (or a plain function) or the quota gate, called after a plan
+      change, a setup or a termination so that the org's quota state is refreshed at once (default: the gate
+      ``OrgBillingMiddleware`` published in the scope, if any). A gate (given or found) also counts the usage
+      ``POST /usage/record`` records at once, and names the limits the dashboard shows (its ``QuotaConfig``).
     * **limits_provider** - *(optional)* ``(org_id) -> {"max_api_calls": 300, ...}`` for the dashboard (default:
       ``LAGO_PLAN_LIMITS`` of the org's plan).
     * **breakdown_provider** - *(optional)* a local ledger ``(org_id) -> {"by_user": [...], "by_model": [...]}``

@@ -144,8 +144,20 @@ ORG_WIDE_TYPES = frozenset(
     }
 )
 
+# Deliberately without quota effect (handlers still get them), as nothing the gate reads changes, or it catches up:
+# * customer.*: the gate reads the org's subscription, not its customer. Lago refuses to change the external_id of a
+#   customer that has subscriptions (Customers::UpdateService, "not editable if customer is attached to
+#   subscriptions"), and a new time zone moves the billing period, which the next usage read brings (current_usage's
+#   from/to, every LAGO_USAGE_CACHE_TTL);
+# * wallet.*, wallet_transaction.*, invoice.*, credit_note.*, payment*, fee.*, dunning_campaign.*: the gate checks
+#   usage against the plan's limits, not balances nor payments (a subscription Lago ends or holds for want of payment
+#   comes as subscription.terminated/canceled/incomplete);
+# * billable_metric.*, charge.*, event.error, events.errors: what Lago counts, read again at each usage refresh;
+# * plan.created (no subscription on it yet), plan.updated_details (sent with each plan.updated).
+
 DedupeState = Literal["new", "processing", "done"]
-Invalidate = Callable[[str], Awaitable[None]]
+#: ``invalidate=``: ``async (org_id) -> None``, or a plain function (called as it is, in the event loop: keep it quick)
+Invalidate = Callable[[str], Awaitable[None] | None]
 HandlerResult = Awaitable[Any] | Any
 Handler = Callable[["WebhookEvent"], HandlerResult]
 _H = TypeVar("_H", bound=Handler)
@@ -186,9 +198,10 @@ class WebhookEvent:
 
 @runtime_checkable
 class SupportsInvalidate(Protocol):
-    """A quota gate (or anything) that can drop an org's cached quota state."""
+    """A quota gate (or anything) that can drop an org's cached quota state: ``async`` (the gate's), or a plain
+    method, called as it is."""
 
-    async def invalidate(self, org_id: str) -> None: ...
+    def invalidate(self, org_id: str) -> Awaitable[None] | None: ...
 
 
 # --------------------------------------------------------------------------------------------- dedupe
@@ -638,8 +651,9 @@ class LagoWebhooks:
       omitted (``LAGO_WEBHOOK_HMAC_KEY``, ``LAGO_API_URL``, ``LAGO_API_KEY`` for JWT, ``LAGO_REDIS_URL``).
     * **client** - *(optional)* the :class:`LagoClient` that fetches the JWT public key (one is created otherwise).
     * **invalidate** - *(optional)* ``async (org_id) -> None``, or an object with ``async invalidate(org_id)``
-      (and optionally ``async invalidate_all()``), e.g. the quota gate. Without it, the gate that
-      ``OrgBillingMiddleware`` publishes in the request scope is used, when the route sits behind it.
+      (and optionally ``async invalidate_all()``), e.g. the quota gate; a plain function (or method) is called as it
+      is, in the event loop. Without it, the gate that ``OrgBillingMiddleware`` publishes in the request scope is
+      used, when the route sits behind it.
     * **handlers** - *(optional)* ``{"invoice.created": handler or [handlers]}``; ``"*"`` gets every type.
       Handlers take a :class:`WebhookEvent` and may be sync (run in a thread) or async. More with :meth:`on`.
     * **dedupe** - *(optional)* a :class:`WebhookDedupe`; default :class:`RedisDedupe` when a Redis URL is
@@ -922,6 +936,13 @@ class LagoWebhooks:
                     "invalid_signature",
                     "The body is longer than its JWT signature could carry: it is not the body signed.",
                 )
+            # (said: Lago retries, then marks the webhook failed, and nothing on this side told why)
+            self._say(
+                "too_large",
+                "Lago webhook refused (answered 413): its body is larger than max_body_size (%d bytes). A large "
+                "invoice.created can be: raise LagoWebhooks(max_body_size=...)",
+                self.max_body_size,
+            )
             return _answer(413, "too_large", f"The body is larger than {self.max_body_size} bytes.")
         try:
             problem = await self._verify(config, scheme, signature, body)
@@ -1196,7 +1217,7 @@ class LagoWebhooks:
                 if isinstance(target, QuotaGate):  # the type decides: usage alerts mark the snapshot due, not drop it
                     await target.invalidate(event.org_id, webhook_type=event.webhook_type)
                 else:  # (a gate of another kind, or a plain function: the org id only)
-                    await (target.invalidate if isinstance(target, SupportsInvalidate) else target)(event.org_id)
+                    await _called(target.invalidate if isinstance(target, SupportsInvalidate) else target, event.org_id)
             except Exception as exc:
                 raise _InvalidationFailed.of(f"org {event.org_id!r}", exc) from _without_tracebacks(exc)
             self.stats["invalidations"] += 1
@@ -1209,7 +1230,7 @@ class LagoWebhooks:
                 if coalesced is None or coalesced.target is not target:
                     coalesced = self._org_wide[id(target)] = _Coalesced(target)
                 try:
-                    await coalesced.run(invalidate_all)
+                    await coalesced.run(lambda: _called(invalidate_all))
                 except Exception as exc:
                     raise _InvalidationFailed.of("every org", exc) from _without_tracebacks(exc)
                 self.stats["invalidations"] += 1
@@ -1325,6 +1346,15 @@ def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
     billing = scope.get(SCOPE_KEY)
     gate = billing.get("quota") if isinstance(billing, Mapping) else None
     return gate if isinstance(gate, SupportsInvalidate) else None
+
+
+async def _called(function: Callable[..., object], *args: object) -> None:
+    """``function(*args)``, awaited when it answers an awaitable: ``invalidate=`` (and its ``invalidate_all``) may be
+    a plain function, a cache of one's own dropped inline, as handlers may be (awaited as async, its ``None`` raised a
+    TypeError once it had run: every such webhook was answered 500 until Lago gave up, its handlers never run)."""
+    result = function(*args)
+    if inspect.isawaitable(result):
+        await result
 
 
 def _is_async(handler: Handler) -> bool:
