@@ -5,6 +5,7 @@ import importlib.metadata
 import ipaddress
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ _MACHINE_VARIABLES = frozenset(
     {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file", "ssl_cert_dir", "prometheus_multiproc_dir"}
 )
 _ENVIRON_KEY = pytest.StashKey[pytest.MonkeyPatch]()
+_SIGINT_KEY = pytest.StashKey[object]()
 
 
 def _of_the_machine(name: str) -> bool:
@@ -50,6 +52,13 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in [name for name in os.environ if _of_the_machine(name)]:
         environ.delenv(name)
     config.stash[_ENVIRON_KEY] = environ
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started in the background by a shell without job control (``pytest &``, a CI step's ``nohup``): SIGINT is
+        # ignored, in this process and in every child it starts, and the tests of Ctrl-C (the demo's, the migration's
+        # in a subprocess) saw none. Python's handler here: children start with the default again (a handler is not
+        # inherited across exec, an ignored signal is).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        config.stash[_SIGINT_KEY] = signal.SIG_IGN
     if hasattr(config.option, "asyncio_mode"):
         # pytest-asyncio installed beside us, maybe in auto mode (``-o asyncio_mode=auto``, PYTEST_ADDOPTS): it took
         # this suite's async fixtures and anyio tests (a [trio] test ran on asyncio; gates made on anyio's loop were
@@ -59,6 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if config.stash.get(_SIGINT_KEY, None) is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     environ = config.stash.get(_ENVIRON_KEY, None)
     if environ is not None:
         environ.undo()
