@@ -61,7 +61,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -686,6 +686,27 @@ class _Script:
         else:
             pipe.evalsha(self.sha, len(keys), *keys, *args)
 
+    def _queue_marked(
+        self,
+        pipe: Any,
+        calls: list[tuple[list[Any], list[Any]]],
+        which: Sequence[int],
+        mark: _Mark | None,
+        again: str,
+        *,
+        first_loads: bool,
+    ) -> list[int]:
+        """Queue the calls ``which`` on ``pipe`` (the first with ``EVAL`` when ``first_loads``, else each) with the
+        marks :meth:`run_all` says: the indexes of their answers among the pipeline's."""
+        answered: list[int] = []
+        last = len(which) - 1
+        for m, n in enumerate(which):
+            answered.append(len(answered) + (m // _MARK_EVERY if mark is not None else 0))
+            self.queue(pipe, keys=calls[n][0], args=calls[n][1], load=m == 0 or not first_loads)
+            if mark is not None and ((m + 1) % _MARK_EVERY == 0 or m == last):
+                pipe.set(mark.key, f"{mark.write_id}{again}:{m + 1}", px=_MARK_TTL_MS)
+        return answered
+
     async def run_all(
         self,
         client: Any,
@@ -696,25 +717,27 @@ class _Script:
         """Run ``calls`` (keys, args) pipelined, not in a transaction: Redis's answers, errors among them. The first
         with ``EVAL``; those Redis still did not have the script for (flushed meanwhile: not run) again with it.
 
-        ``mark``: each pipeline ends with a ``SET`` of its key to the write's id (``+`` appended for the calls run
-        again, whose indexes it keeps), after the calls: Redis runs a connection's commands in order, so a write whose
-        answers were lost can tell what Redis ran (see ``RedisBackend._resolve_cut``)."""
+        ``mark``: every :data:`_MARK_EVERY`-th call and the last are followed by a ``SET`` of its key to the write's id
+        and the number of calls before it (``<id>:<n>``; ``<id>+:<n>`` in the pipeline of the calls run again, counting
+        those): Redis runs a connection's commands in order, so a write whose answers were lost can tell which calls
+        Redis ran (see ``RedisBackend._resolve_cut``), but for at most ``_MARK_EVERY - 1`` after the last mark it
+        read, written again (counted twice until the org's next snapshot: never under-counted). One mark after the
+        last call could not: a pipeline is no transaction, and one cut off while it was being sent had its first calls
+        run, its mark never (all of them were written again). Not one mark per call: that doubled the client's CPU per
+        settle (redis-py packs each command in Python, some 11 µs), for a cut that comes with a loop's end or a
+        dropped connection."""
         async with client.pipeline(transaction=False) as pipe:
-            for n, (keys, args) in enumerate(calls):
-                self.queue(pipe, keys=keys, args=args, load=n == 0)
-            if mark is not None:
-                pipe.set(mark.key, mark.write_id, px=_MARK_TTL_MS)
-            results = list(await pipe.execute(raise_on_error=False))[: len(calls)]
+            answered = self._queue_marked(pipe, calls, range(len(calls)), mark, "", first_loads=True)
+            replies = list(await pipe.execute(raise_on_error=False))
+        results = [replies[index] for index in answered]
         missing = [n for n, result in enumerate(results) if self._missing and isinstance(result, self._missing)]
         if missing:
             if mark is not None:
                 mark.again = missing
             async with client.pipeline(transaction=False) as pipe:
-                for n in missing:
-                    self.queue(pipe, keys=calls[n][0], args=calls[n][1], load=True)
-                if mark is not None:
-                    pipe.set(mark.key, mark.write_id + "+", px=_MARK_TTL_MS)
-                answers = list(await pipe.execute(raise_on_error=False))[: len(missing)]
+                answered = self._queue_marked(pipe, calls, missing, mark, "+", first_loads=False)
+                replies = list(await pipe.execute(raise_on_error=False))
+            answers = [replies[index] for index in answered]
             for n, result in zip(missing, answers, strict=True):
                 results[n] = result
         return results
@@ -816,18 +839,33 @@ _Queued = tuple[str, str, str, str, str, int]
 #: How long the mark of a write of settles lasts (see _Mark): longer than Redis stays down, or a next event loop takes
 #: to come, in any likely case (one key per run of the writer: nothing piles up).
 _MARK_TTL_MS = UNPERIODED_TTL_MS
+#: Settles of a write between two of its marks (see ``_Script.run_all``).
+_MARK_EVERY = 16
 
 
 @dataclasses.dataclass(slots=True)
 class _Mark:
-    """The mark a write of settles leaves in Redis after them (``key`` set to ``write_id``), and the settles it ran
-    again (``again``: Redis lacked the script), for a write whose answers were lost (see ``RedisBackend._resolve_cut``).
-    """
+    """The marks a write of settles leaves in Redis after each of them (``key`` set to ``<write_id>:<settles run>``,
+    see ``_Script.run_all``), and the settles it ran again (``again``: Redis lacked the script), for a write whose
+    answers were lost (see ``RedisBackend._resolve_cut``)."""
 
     key: str
     write_id: str
     batch: list[_Queued]
     again: list[int] = dataclasses.field(default_factory=list)
+
+    def not_run(self, value: str) -> list[_Queued]:
+        """The settles of the write that Redis did not run, its mark's ``value`` read after the write ended (``""``:
+        no mark; another write's: none of this one ran)."""
+        written, _, count = value.rpartition(":")
+        ran = int(count) if count.isdigit() else 0
+        if written == self.write_id + "+":  # (the first pipeline answered: all ran but those run again)
+            return [self.batch[n] for n in self.again[ran:]]
+        if written != self.write_id:  # (it never had them, or its first was cut off as it was sent)
+            return list(self.batch)
+        if self.again:  # (answered, but for those run again, whose pipeline Redis did not have)
+            return [self.batch[n] for n in self.again]
+        return self.batch[ran:]
 
 
 #: Orgs whose outage records one task hands to Redis at once (each its own round trip, on a connection of the pool;
@@ -945,9 +983,10 @@ class RedisBackend:
         # org -> second -> its calls decided on the fallback, handed to Redis in flight (settled there: handed_over)
         self._handed: LRUCache[str, dict[int, int]] = LRUCache(maxsize=self.config.max_orgs)
         self._orphans: set[asyncio.Task[Any]] = set()  # reserves whose request a native cancel cut off (released)
-        # The key each write of settles marks (see _Mark; one per run of the writer), and the writes a native cancel
-        # cut off once Redis may have run them (an event loop ending: asyncio.run() cancels every task), settled before
-        # any other write (_resolve_cut)
+        # The key each write of settles marks (see _Mark; one per run of the writer), and the writes whose answers were
+        # lost once Redis may have run them, in whole or in part (cut off by a native cancel, an event loop ending:
+        # asyncio.run() cancels every task; or failed, a connection dropped, a timeout): their settles are queued again,
+        # and those Redis ran taken back out of the queue, as their marks tell, before any other write (_resolve_cut)
         self._mark_key = self.key("", f"written:{uuid.uuid4().hex}")
         self._cut: list[_Mark] = []
         # refresh locks being handed back in other tasks (unlock()), which the end of a loop waits for (detach())
@@ -1486,11 +1525,14 @@ class RedisBackend:
         await self._resolve_cut()
         while self._queue and self._up() and not self._cut:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
+            mark = _Mark(self._mark_key, uuid.uuid4().hex, batch)
             try:
-                results = await self._write(batch)
+                results = await self._write(mark)
             except self._errors() as exc:  # not written (or not known to be): kept for when Redis answers again
                 self._failed(exc)
-                self._queue.extendleft(reversed(batch))
+                # (maybe run by Redis, whole or in part, its answers lost: a connection dropped, a timeout; what it ran
+                # is not written again, as its marks tell)
+                self._unsure(mark)
                 break
             if not self._applied(batch, results):
                 break
@@ -1505,15 +1547,23 @@ class RedisBackend:
         if self._queue and self._unusable:  # (refused: never written; counted here, as those made since are)
             self._settle_locally(list(self._queue))
             self._queue.clear()
+            self._cut.clear()
         if len(self._queue) > _MAX_QUEUED_SETTLES:  # (what is left at aclose() is counted locally there)
             self._settle_locally([self._queue.popleft() for _ in range(len(self._queue) - _MAX_QUEUED_SETTLES)])
 
+    def _unsure(self, mark: _Mark) -> None:
+        """A write whose answers were lost once Redis may have run it: its settles are queued again (first), until its
+        marks tell which of them Redis ran (:meth:`_resolve_cut`)."""
+        self._queue.extendleft(reversed(mark.batch))
+        self._cut.append(mark)
+
     async def _resolve_cut(self) -> None:
-        """Settle the writes a native cancel cut off once Redis may have run them (:meth:`_written_late`): what Redis
-        ran of each is read from its mark (see :class:`_Mark`), and the settles it did not run are queued again, first;
-        those it ran are not written twice (a call recorded twice, an org on a 3-call plan refused its third). Before
-        any other write, which replaces the mark, and after the writes still going on apart (their outcome decides
-        whether there is anything to settle)."""
+        """Settle the writes whose answers were lost once Redis may have run them, in whole or in part: cut off by a
+        native cancel (:meth:`_written_late`), or failed (a connection dropped, a timeout) after their settles were
+        sent. What Redis ran of each is read from its marks (see :class:`_Mark`), and those settles are taken out of the
+        queue, not written twice (a call recorded twice, an org on a 3-call plan refused its third); the others stay
+        queued. Before any other write, which replaces the mark, and after the writes still going on apart (their
+        outcome decides whether there is anything to settle)."""
         if self._orphans:
             await asyncio.wait(set(self._orphans), timeout=self.config.redis_timeout)
         while self._cut and self._up():
@@ -1524,13 +1574,11 @@ class RedisBackend:
                 self._failed(exc)
                 return
             del self._cut[0]
-            ran = "" if value is None else _text(value)
-            if ran == mark.write_id + "+" or (ran == mark.write_id and not mark.again):
-                continue  # Redis ran them all
-            # (ran == write_id: all but those run again, which it lacked the script for; else none: it never had them,
-            # or the connection was cut while they were sent)
-            again = [mark.batch[n] for n in mark.again] if ran == mark.write_id else mark.batch
-            self._queue.extendleft(reversed(again))
+            # (by identity: a settle is one tuple from settle() on, whatever became of it; one no longer queued, counted
+            # here meanwhile, is not looked for)
+            ran = {id(item) for item in mark.batch} - {id(item) for item in mark.not_run(_text(value or ""))}
+            if ran:
+                self._queue = deque(item for item in self._queue if id(item) not in ran)
 
     async def _pipelined(self, batch: list[_Queued], mark: _Mark) -> list[Any]:
         calls = [
@@ -1542,22 +1590,21 @@ class RedisBackend:
         ]
         return await self._settle.run_all(self.redis, calls, mark=mark)
 
-    async def _write(self, batch: list[_Queued]) -> list[Any]:
+    async def _write(self, mark: _Mark) -> list[Any]:
         """Redis's answers to a batch of settles, taken from the queue. Under asyncio the write runs as a task of its
         own, as :meth:`_reserve` does: a native cancel of its caller (a request writing its org's queued releases
         first, in :meth:`reserve`; the background writer cut off) leaves it going, and what Redis did not take is
         queued again when it ends (:meth:`_written_late`), instead of the batch being lost (its billed calls never
         recorded, its released ones held in flight for ``inflight_horizon``). Under trio, shielded (its time is
-        bounded by ``redis_timeout``). Each write leaves its mark after its settles (:class:`_Mark`): one cut off in
-        turn (its loop ending) is settled by it (:meth:`_resolve_cut`)."""
-        mark = _Mark(self._mark_key, uuid.uuid4().hex, batch)
+        bounded by ``redis_timeout``). Each write leaves its marks after its settles (:class:`_Mark`): one cut off in
+        turn (its loop ending), or failed, is settled by them (:meth:`_resolve_cut`)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # (trio)
             with anyio.CancelScope(shield=True):
-                return await self._pipelined(batch, mark)
+                return await self._pipelined(mark.batch, mark)
         return await self._outliving_its_caller(
-            loop, self._pipelined(batch, mark), functools.partial(self._written_late, mark)
+            loop, self._pipelined(mark.batch, mark), functools.partial(self._written_late, mark)
         )
 
     def _applied(self, batch: list[_Queued], results: list[Any]) -> bool:
@@ -1581,28 +1628,23 @@ class RedisBackend:
         """The end of a write whose caller was cancelled: what Redis did not take is queued again."""
         self._orphans.discard(task)
         batch = mark.batch
-        if task.cancelled():  # (the loop is ending: cut off, maybe once Redis ran it, which its mark tells)
-            if self._closed:  # (aclose() did not wait for it: counted here, as what is left at aclose() is)
-                self._settle_locally(batch)
-                return
-            self._cut.append(mark)
-            if self._running:
-                self._wakeup.set()
-            return
-        if (exc := task.exception()) is not None:
+        unsure = task.cancelled()  # (the loop is ending: cut off, maybe once Redis ran it, which its marks tell)
+        if not unsure and (exc := task.exception()) is not None:
             if not isinstance(exc, self._errors()):  # (as one awaited in place would raise it: not kept)
                 logger.error("Writing quota settles to Redis failed", exc_info=exc)
                 return
             self._failed(exc)
-            kept = batch
-        else:
-            kept = self._refused(batch, task.result())
+            unsure = True  # (maybe run by Redis, in part, as in _flush)
+        kept = batch if unsure else self._refused(batch, task.result())
         if not kept:
             return
         if self._closed:  # (aclose() did not wait for it: counted here, as what is left at aclose() is)
             self._settle_locally(kept)
             return
-        self._queue.extendleft(reversed(kept))
+        if unsure:
+            self._unsure(mark)
+        else:
+            self._queue.extendleft(reversed(kept))
         if self._running:
             self._wakeup.set()
 
@@ -1835,9 +1877,7 @@ class RedisBackend:
             await asyncio.wait(set(self._orphans), timeout=self.config.redis_timeout)
         await self.flush()
         self._closed = True
-        for mark in self._cut:  # (Redis is down: whether it ran them is not known; counted here, as the queue is)
-            self._queue.extend(mark.batch)
-        self._cut.clear()
+        self._cut.clear()  # (Redis is down: whether it ran their settles is not known; counted here, as the queue is)
         if self._queue:  # Redis is down: what it could not take is counted here, like the rest of the outage
             self._settle_locally(list(self._queue))
             self._queue.clear()
