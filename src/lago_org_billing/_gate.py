@@ -86,8 +86,14 @@ async def require_quota(request: HTTPConnection) -> QuotaDecision | None:
     (``request.state.org_id``...): it reserves one call, and over quota (or without an active subscription) raises
     :class:`QuotaExceededError`, which the middleware answers with the gate's 429/402, headers and problem body, as
     it would have before the app ran. Returns the decision (``None``: gating is off, the middleware gated the request
-    already, or no org). Needs ``OrgBillingMiddleware`` around the app. Its only parameter is the request, so as a
-    FastAPI dependency it takes nothing from the client.
+    already as that org, or no org). Needs ``OrgBillingMiddleware`` around the app. Its only parameter is the request,
+    so as a FastAPI dependency it takes nothing from the client.
+
+    A request the middleware gated before the app ran as another org than the one your auth sets now (the client
+    named it in ``LAGO_ORG_HEADER``, the auth found the caller's own) is gated again as the org the auth set, which it
+    is billed to: over that org's limits it is refused as above (a caller over its limit is not served by naming an
+    org with quota left); allowed, that org's call is counted (the other org's released) and the answer carries its
+    ``RateLimit-*`` headers.
 
     On a WebSocket connection (an ``APIRouter``'s ``dependencies=[...]`` cover its websocket routes too) it does
     nothing and returns ``None``: WebSocket sessions pass through the middleware unbilled and ungated. (Typed
@@ -108,6 +114,9 @@ async def require_quota(request: HTTPConnection) -> QuotaDecision | None:
     known = billing.get("decision")
     if known is not None:  # checked already (a second dependency, a sub-dependency...)
         return known  # type: ignore[no-any-return]
+    gated, middleware = billing.get("gated"), billing.get("middleware")
+    if gated is not None and middleware is not None:  # gated before the app ran: as the org the auth set now?
+        return await middleware._gate_again(request.scope, billing, gated)  # type: ignore[no-any-return]
     # The billing middlewares that had no org before the app ran, innermost first (none: gating off, done before
     # the app ran, or an excluded path): the first whose resolvers know the org now gates it, with its own gate.
     for middleware in list(billing.get("waiting", ())):

@@ -262,6 +262,7 @@ class OrgBillingMiddleware:
         self._lazy_started: anyio.Event | None = None
         self._warned_lazy = False
         self._said_unresolved = False  # (the first request served without an org: see _unresolved_said)
+        self._said_reattributed = False  # (the first one billed to another org than the one gated: _reattributed)
         #: Requests running the app or recording their event; the shutdown waits for them (see _requests_recorded).
         self._in_flight = 0
         self._all_recorded: anyio.Event | None = None
@@ -449,17 +450,35 @@ class OrgBillingMiddleware:
                 )
             else:
                 watcher.extra_headers = decision.headers
+                # for require_quota() after the app's auth, when that auth sets another org than this one: it gates the
+                # request again as that org, and needs the watcher for the answer's headers (see _gate_again). Taken
+                # out when the request ends (the watcher refers to the billing dict: no reference cycle left).
+                billing["gated"] = watcher
         self._in_flight += 1
         try:
             await self.app(scope, receive, watcher)
+        except QuotaExceededError as exc:
+            refusal: QuotaDecision = exc.decision
+            if billing.get("gated", watcher) is not None or billing.get("decision") is not refusal:
+                watcher.crashed(exc)  # (not the refusal of a request gated again: an app's own use of the error)
+                raise
+            # require_quota() refused the org the app's auth set, and nothing in the app answered its error: the
+            # gate's answer (when something did, the watcher put the gate's answer in its place: see _gate_again)
+            if watcher.send is not _discard:
+                watcher.on_start = None
+                await self._outward(refusal.response(), expose=True)(scope, receive, send)
         except BaseException as exc:  # (a cancellation, KeyboardInterrupt... cut it too: see crashed)
             watcher.crashed(exc)
             raise
         finally:
             try:
+                # (and the cycle billing dict -> watcher -> billing dict broken; None: require_quota() gated it again)
+                gated_again = billing.pop("gated", watcher) is None
                 # (None from now on: a deep copy of the scope made once the request is over is not remembered)
                 copies = billing.setdefault(_COPIES, None)
-                if copies is not None:  # the app ran on deep copies of the scope: its route and state there
+                if gated_again:  # as the org the app's auth set: that org's decision, or its refusal
+                    scope, org_id, user_id, decision = self._gated_again_end(scope, billing, org_id, user_id, decision)
+                elif copies is not None:  # the app ran on deep copies of the scope: its route and state there
                     scope, org_id, user_id, decision = self._read_copies(scope, billing, org_id, user_id, decision)
                 elif self._identify is not None:
                     # the default resolvers: an org or user the app's auth set while it ran wins
@@ -472,6 +491,8 @@ class OrgBillingMiddleware:
                                 org_id, user_id, decision = late
                 if preflight and self._preflight_unbilled(org_id, decision, watcher):
                     pass
+                elif gated_again and decision is not None and not decision.allowed:
+                    self.stats["blocked"] += 1  # the gate's answer went out: nothing billed (nor counted)
                 elif self._shared_first_seen is None:
                     self._record(scope, org_id, user_id, watcher, started, root_path, decision)
                 else:
@@ -1022,23 +1043,104 @@ class OrgBillingMiddleware:
             return org_id, late_user, decision
         if decision is not None and self.quota is not None:
             self.quota.settle(org_id, decision, tokens=0, billed=False)
-        self.stats["reattributed"] = self.stats.get("reattributed", 0) + 1
-        if self.stats["reattributed"] == 1:
-            logger.warning(
-                "A request resolved to org %r before the app ran was billed to org %r, which the app set in "
-                "request.state.org_id while it ran (auth in an endpoint dependency?): its quota was checked for the "
-                "other org. Resolve the org before the app (an auth middleware), or let only your auth name it (leave "
-                "LAGO_ORG_HEADER unset: require_quota after your auth then gates it; it gates nothing for a request "
-                "that had an org before the app ran). "
-                "Counted in stats['reattributed']; logged once.",
-                org_id,
-                late,
-            )
+        self._reattributed(org_id, late)
         if self.quota is None:
             return late, late_user, None
         # counted for it all the same (the call, then its tokens), as a request whose org came after the app ran; not
         # counted ungated though: it had an org before the app ran, and was gated (as that one: "reattributed")
         return late, late_user, QuotaDecision()
+
+    def _reattributed(self, org_id: str, late: str, *, gated_again: bool = False) -> None:
+        """Count a request gated as ``org_id`` before the app ran and billed to ``late``, the org the app's auth set;
+        say it once, unless :func:`require_quota` gated it again as ``late`` (the quota was checked for the org billed:
+        nothing to fix; said for the first request that was not, on a route without it)."""
+        self.stats["reattributed"] = self.stats.get("reattributed", 0) + 1
+        if gated_again or self._said_reattributed:
+            return
+        self._said_reattributed = True
+        logger.warning(
+            "A request resolved to org %r before the app ran was billed to org %r, which the app set in "
+            "request.state.org_id while it ran (auth in an endpoint dependency?): its quota was checked for the "
+            "other org only, so a caller over its own limit naming an org with quota left (LAGO_ORG_HEADER) is "
+            "served. Add Depends(require_quota) after your auth: it gates such a request again as the org your auth "
+            "set (refused 429/402 over its limit). Or resolve the org before the app (an auth middleware), or let "
+            "only your auth name it (leave LAGO_ORG_HEADER unset). "
+            "Counted in stats['reattributed']; logged once.",
+            org_id,
+            late,
+        )
+
+    def _gated_again_end(
+        self, scope: Scope, billing: dict[str, Any], org_id: str, user_id: str | None, decision: QuotaDecision | None
+    ) -> tuple[Scope, str, str | None, QuotaDecision | None]:
+        """The end of a request gated before the app ran as ``org_id`` (its ``decision``) that :func:`require_quota`
+        gated again as the org the app's auth set (see :meth:`_gate_again`): the scope the app ran on, and the identity
+        and decision it is billed with, as :meth:`_read_copies` and :meth:`_authenticated_late` find them; the calls
+        reserved for the orgs it is not billed to released (exactly one counted, for the org billed). A refusal is
+        returned as the decision (nothing billed: the gate's answer went out)."""
+        app_scope, found = scope, late_identity(scope.get("state"), org_id, user_id)
+        if billing.get(_COPIES) is not None:  # (the copies the app ran on: its route and state there, see _Billing)
+            copies = _scope_copies(billing, release="waiting" not in billing)
+            app_scope = _app_scope(scope, copies)
+            for copied in copies:
+                if found is not None:
+                    break
+                found = late_identity(copied.get("state"), org_id, user_id)
+        late, late_user = found if found is not None else (org_id, user_id)
+        again: QuotaDecision = billing["decision"]
+        again_org: str = billing["decision_org"]
+        quota = self.quota
+        assert quota is not None  # (it gated the request)
+        if not again.allowed or late != org_id:  # the header org's call released: it is not billed
+            if decision is not None:
+                quota.settle(org_id, decision, tokens=0, billed=False)
+        if not again.allowed:  # refused (nothing reserved)
+            return app_scope, again_org, late_user, again
+        if late == again_org:  # the org gated again is the one billed: its call
+            self._reattributed(org_id, late, gated_again=True)
+            return app_scope, late, late_user, again
+        # the app set yet another org after require_quota() (or the header's again): the call reserved for the org
+        # gated again released, the request billed as if it had not been
+        quota.settle(again_org, again, tokens=0, billed=False)
+        if late == org_id:
+            return app_scope, org_id, late_user, decision
+        self._reattributed(org_id, late)
+        return app_scope, late, late_user, QuotaDecision()
+
+    async def _gate_again(
+        self, scope: Scope, billing: dict[str, Any], watcher: _ResponseWatcher
+    ) -> QuotaDecision | None:
+        """:func:`require_quota` in a request this middleware gated before the app ran (``billing["gated"]``: its
+        watcher), once the app's auth has set ``request.state.org_id``: when that is another org than the one gated
+        (the client's header named it), the request is gated again as the org the auth set, with this middleware's
+        gate. Allowed: that org's call is reserved, and its ``RateLimit-*`` headers go out instead; the end of the
+        request (:meth:`_gated_again_end`) bills it with that decision and releases the other org's call. Refused:
+        :class:`QuotaExceededError`, and the gate's answer replaces whatever the app answers (its exception handlers
+        turn the error into their own 429). ``None``: the org gated is the one the auth set (the decision made
+        before the app ran stands), or the middleware bills the org found before the app ran whatever the app sets
+        (resolvers of your own)."""
+        org_id, user_id = billing.get("org_id"), billing.get("user_id")
+        quota = self.quota
+        if quota is None or self._identify is None or not isinstance(org_id, str):
+            return None
+        found = late_identity(scope.get("state"), org_id, user_id if isinstance(user_id, str) else None)
+        if found is None or found[0] == org_id:
+            return None
+        late, late_user = found
+        decision = await quota.check(late)
+        billing["gated"] = None  # gated again: settled so when the request ends
+        billing["decision"], billing["decision_org"] = decision, late
+        _publish(scope, billing, late, late_user)
+        if decision.allowed:
+            watcher.extra_headers = decision.headers
+            return decision
+        response = self._outward(decision.response(), expose=True)
+
+        async def refuse() -> Callable[[Send], Awaitable[None]]:
+            return lambda send: response(scope, _disconnected, send)
+
+        watcher.on_start = refuse
+        raise QuotaExceededError(late, decision)
 
     def _unresolved_said(self, scope: Scope) -> None:
         """Say, once per middleware, that a request was served unbilled for want of an org (else silent: a misspelt
@@ -1844,6 +1946,12 @@ def _discard_awaitable(pending: Any) -> None:
 
 async def _discard(message: Message) -> None:
     """The ``send`` of an answer that was replaced."""
+
+
+async def _disconnected() -> Message:
+    """The ``receive`` of the gate's answer sent in place of the app's (:meth:`OrgBillingMiddleware._gate_again`):
+    a response reads nothing."""
+    return {"type": "http.disconnect"}
 
 
 def _start_error(exc: BaseException) -> ConfigurationError:
