@@ -38,7 +38,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -88,6 +88,8 @@ from ._settings import BillingSettings
 __all__ = ["OrgBillingMiddleware"]
 
 logger = logging.getLogger("lago_org_billing.middleware")
+
+_M = TypeVar("_M")
 
 #: Extra event properties computed per request.
 PropertiesHook = Callable[[Scope, Identity], Mapping[str, Any]]
@@ -1777,42 +1779,20 @@ def _is_preflight(headers: Any) -> bool:
     return b"origin" in names and b"access-control-request-method" in names
 
 
-def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
-    """The ``CORSMiddleware`` among the middlewares an app is wrapped in, down to its router (a Starlette app's built
-    stack included); False when there is none; None when a Starlette app's stack is not built yet (its first call,
-    which an app served without a lifespan has not had before a request reached it) and declares none."""
+def _inner_middleware(app: Any, kind: type[_M]) -> _M | Any | Literal[False] | None:
+    """The middleware of class ``kind`` among those an app is wrapped in, down to its router (a Starlette app's built
+    stack included): the instance, or the ``Middleware`` entry declaring it in a Starlette app whose stack is not
+    built yet (its first call, which an app served without a lifespan has not had before a request reached it);
+    False when there is none; None when that unbuilt app declares none."""
     for _ in range(64):
-        if isinstance(app, CORSMiddleware):
+        if isinstance(app, kind):
             return app
-        if isinstance(app, Starlette):
-            if app.middleware_stack is None:  # made as its build will make it (the app stays unbuilt until called)
-                declared: Any
-                for declared in app.user_middleware:
-                    if isinstance(declared.cls, type) and issubclass(declared.cls, CORSMiddleware):
-                        made: CORSMiddleware = declared.cls(app, *declared.args, **declared.kwargs)
-                        return made
-                return None
-            app = app.middleware_stack
-        else:
-            app = getattr(app, "app", None)
-            if app is None:
-                return False
-    return False
-
-
-def _inner_authentication(app: Any) -> bool | None:
-    """Whether a Starlette ``AuthenticationMiddleware`` is among the middlewares an app is wrapped in, down to its
-    router (a Starlette app's built stack included); None when a Starlette app's stack is not built yet and declares
-    none (as :func:`_inner_cors`)."""
-    for _ in range(64):
-        if isinstance(app, AuthenticationMiddleware):
-            return True
         if isinstance(app, Starlette):
             if app.middleware_stack is None:
                 declared: Any
                 for declared in app.user_middleware:
-                    if isinstance(declared.cls, type) and issubclass(declared.cls, AuthenticationMiddleware):
-                        return True
+                    if isinstance(declared.cls, type) and issubclass(declared.cls, kind):
+                        return declared
                 return None
             app = app.middleware_stack
         else:
@@ -1820,6 +1800,23 @@ def _inner_authentication(app: Any) -> bool | None:
             if app is None:
                 return False
     return False
+
+
+def _inner_cors(app: Any) -> CORSMiddleware | Literal[False] | None:
+    """The ``CORSMiddleware`` among the middlewares an app is wrapped in (:func:`_inner_middleware`); one an unbuilt
+    Starlette app declares is made as its build will make it (the app stays unbuilt until called)."""
+    found = _inner_middleware(app, CORSMiddleware)
+    if found is None or found is False or isinstance(found, CORSMiddleware):
+        return found
+    made: CORSMiddleware = found.cls(app, *found.args, **found.kwargs)
+    return made
+
+
+def _inner_authentication(app: Any) -> bool | None:
+    """Whether a Starlette ``AuthenticationMiddleware`` is among the middlewares an app is wrapped in (see
+    :func:`_inner_middleware`: None when a Starlette app's stack is not built yet and declares none)."""
+    found = _inner_middleware(app, AuthenticationMiddleware)
+    return found if found is None or found is False else True
 
 
 #: Response headers a browser lets a page read without ``Access-Control-Expose-Headers`` (the Fetch standard's).
