@@ -114,8 +114,9 @@ def test_a_write_natively_cancelled_as_its_loop_ends_is_settled_by_the_next_loop
     async def second() -> None:
         await outbox.fill()  # settles it
         assert outbox._orphan is None
-        # written: 10 rows left; failed: the 100 rows are read again (their deletes were not written), 10 to write
-        assert outbox.unresolved() == (110 if write_fails else 10)
+        # written: 10 rows left; failed: 10 to write, and the 100 rows resolved, their deletes still to write, are not
+        # read again (they were: each sent again, a delivered event counted twice)
+        assert outbox.unresolved() == 10
         volume.full = False
         await outbox.commit()
         while True:

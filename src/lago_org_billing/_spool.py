@@ -1618,6 +1618,10 @@ class SqliteOutbox(Outbox):
         self._orphan: tuple[_Once, list[Any], list[int], list[tuple[int, DeadLetter]], list[Any], list[Any]] | None
         self._orphan = None
         self._orphan_rewound = False
+        #: Rows resolved (delivered, dead-lettered) whose resolution no commit had written when a run was rewound (a
+        #: full volume): still in the file, not loaded again (see :meth:`rewind`).
+        self._resolved_rows: set[int] = set()
+        self._resolved_upto = 0  # (the highest of them)
         _forks.track(self)
 
     def _forked(self) -> None:
@@ -1898,8 +1902,9 @@ class SqliteOutbox(Outbox):
         """Under ``_io``: the outcome of a write whose commit was cancelled natively once its thread had started it
         (:meth:`_commit`). Written: its rows are counted (loaded from the file, not handed over: a new run may have
         rewound the window). Failed (a full volume): what it took goes back, its events to be written by this commit,
-        or counted lost at close if the file never takes them (not lost uncounted); its resolutions are dropped after
-        a rewind (their rows are read again, and resolved again)."""
+        or counted lost at close if the file never takes them (not lost uncounted); its resolutions too, for the next
+        write to record, their rows not loaded again after a rewind (dropped, each was sent again: a delivered event
+        counted twice, a rejected one dead-lettered twice)."""
         assert self._orphan is not None
         write, rows, deletes, dead, revived, letters = self._orphan
         with anyio.CancelScope(shield=True):  # (the thread is writing: a short wait, off the event loop)
@@ -1912,8 +1917,9 @@ class SqliteOutbox(Outbox):
             if rows:
                 self._committed_upto = max(self._committed_upto, rows[-1][0])
             return
-        if self._orphan_rewound:
-            deletes, dead = [], []
+        if self._orphan_rewound:  # (a new run reads the file again: their rows, still there, are not loaded again)
+            self._resolved_rows.update([*deletes, *(row_id for row_id, _ in dead)])
+            self._resolved_upto = max(self._resolved_rows, default=0)
         self._take_back(rows, deletes, dead, revived, letters, send=False)
         if isinstance(write.error, Exception):
             self._write_failed(write.error, sent=0)
@@ -2056,8 +2062,8 @@ class SqliteOutbox(Outbox):
 
     def rewind(self) -> None:
         """A new run after one was cancelled: what was loaded or in flight then is forgotten (its rows are still in the
-        file, committed by the cancelled run) and read again from the first row; but the events sent from memory (the
-        file could not be written), which no file holds: they go back among those to write."""
+        file, committed by the cancelled run) and read again from the first row, but the rows already resolved; and the
+        events sent from memory (the file could not be written), which no file holds, go back among those to write."""
         if self._unwritten:
             self._requeue_unwritten()
             self._unwritten.clear()  # (none in flight: a cancelled run puts back what it was sending)
@@ -2065,9 +2071,11 @@ class SqliteOutbox(Outbox):
         self.window.clear()
         self.in_flight = 0
         self._loaded_upto = 0
-        # resolutions a failed commit did not write: their rows are read again and resolved again
-        self._to_delete.clear()
-        self._to_dead.clear()
+        # Resolutions a failed commit did not write (a full volume) stay, for the next write to record: their rows,
+        # still in the file, are not loaded again. Forgotten, they were: each sent again, a delivered event counted
+        # delivered twice (and a duplicate), a rejected one dead-lettered twice (two letters for one event).
+        self._resolved_rows = {*self._to_delete, *(row_id for row_id, _ in self._to_dead)}
+        self._resolved_upto = max(self._resolved_rows, default=0)
 
     @property
     def needs_commit(self) -> bool:
@@ -2102,6 +2110,11 @@ class SqliteOutbox(Outbox):
             if self._read_errors.count:
                 self._read_errors.end("The event spool %s is read", self.path)
             self._loaded_upto = last if items else self._committed_upto
+            if self._resolved_rows:  # (after a rewind: rows resolved, not yet deleted from the file)
+                resolved = self._resolved_rows
+                items = [item for item in items if item.id not in resolved]
+                if self._loaded_upto >= self._resolved_upto:  # (loaded past them: never read again, but by a rewind)
+                    self._resolved_rows = set()
             if items:
                 if not self.window:
                     self.ready_since = time.monotonic()
