@@ -21,6 +21,7 @@ from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 from cachetools import TTLCache
 
@@ -184,11 +185,14 @@ class OrgBilling:
         them, whether Lago answered or not. An answer lost (``LagoUnavailableError`` after Lago applied an upgrade)
         left the org decided on its old plan up to ``LAGO_USAGE_CACHE_TTL``; an invalidation too many costs one
         refresh. Reads before the writes stay outside: one failing (Lago down) changed nothing, and the gate keeps
-        serving on the snapshot it has."""
+        serving on the snapshot it has. Shielded: a write cancelled once Lago applied it (the caller's timeout, a task
+        group cancelled) is an answer lost too, and cancelled the invalidation was cut at its first await (with the
+        gate on Redis, the fleet's: an upgraded org refused on its old plan). Redis's own timeouts bound it."""
         try:
             yield
         finally:
-            await self._invalidate(org_id)
+            with anyio.CancelScope(shield=True):
+                await self._invalidate(org_id)
 
     async def _invalidate(self, org_id: str) -> None:
         """After the org's subscription or plan changed here: drop its cached quota state in the gate this object
@@ -384,8 +388,7 @@ class OrgBilling:
         _check_dates(subscription_at, fields)
         plan_code = validate_id(plan_code, "plan_code")
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
-        async with self._changing(org_id):
-            return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
+        return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
 
     async def _create_subscription(
         self,
@@ -397,7 +400,10 @@ class OrgBilling:
         fields: dict[str, Any],
     ) -> JSON:
         """:meth:`create_subscription`, its arguments checked, ``current`` the subscription under the org's id Lago
-        has (``get_current_subscription``, read by the caller)."""
+        has (``get_current_subscription``, read by the caller). The gate is invalidated around the write (see
+        :meth:`_changing`), and when the org has the plan already (the gate may have refused it until now); not
+        after the read of the customer's time zone, which writes nothing: failing (Lago down), it dropped the org's
+        state, and its requests, served on their snapshot, waited for Lago (refused with LAGO_FAIL_OPEN=false)."""
         held = self._held_by_another(org_id, current)
         if held is not None:  # (Lago would refuse it: 422 external_id value_already_exist)
             raise held
@@ -413,36 +419,38 @@ class OrgBilling:
                 and current.get("plan_code") == plan_code
                 and current.get("external_customer_id") == org_id  # (another customer's pending one: not the org's)
             ):
+                await self._invalidate(org_id)
                 return current
         zone: dt.tzinfo = dt.timezone.utc
         if any(_is_day(value) for value in (subscription_at, fields.get("ending_at"))):
             zone = _customer_zone(await self.get_customer(org_id))
         if fields.get("ending_at") is not None:
             fields["ending_at"] = _iso(fields["ending_at"], "ending_at", zone)
-        try:
-            return await self.client.create_subscription(
-                external_customer_id=org_id,
-                plan_code=plan_code,
-                external_id=self.subscription_id(org_id),
-                billing_time=billing_time,
-                subscription_at=_iso(subscription_at, "subscription_at", zone),
-                **fields,
-            )
-        except LagoUnavailableError:
-            if fields.get("plan_overrides") is None:  # (resent by the client: a re-run converges)
-                raise
-            made = await self._made_behind_lost_answer(org_id, plan_code, before)
-            if made is None:
-                raise
-            return made
-        except LagoValidationError as exc:
-            if exc.details != {"external_id": ["value_already_exist"]}:
-                raise
-            # (the caller sent no external_id: Lago's "fix the fields" is no help) another customer holds it
-            held = await self._held_elsewhere(org_id, exc)
-            if held is None:
-                raise
-            raise held from None
+        async with self._changing(org_id):
+            try:
+                return await self.client.create_subscription(
+                    external_customer_id=org_id,
+                    plan_code=plan_code,
+                    external_id=self.subscription_id(org_id),
+                    billing_time=billing_time,
+                    subscription_at=_iso(subscription_at, "subscription_at", zone),
+                    **fields,
+                )
+            except LagoUnavailableError:
+                if fields.get("plan_overrides") is None:  # (resent by the client: a re-run converges)
+                    raise
+                made = await self._made_behind_lost_answer(org_id, plan_code, before)
+                if made is None:
+                    raise
+                return made
+            except LagoValidationError as exc:
+                if exc.details != {"external_id": ["value_already_exist"]}:
+                    raise
+                # (the caller sent no external_id: Lago's "fix the fields" is no help) another customer holds it
+                held = await self._held_elsewhere(org_id, exc)
+                if held is None:
+                    raise
+                raise held from None
 
     async def _made_behind_lost_answer(self, org_id: str, plan_code: str, before: JSON | None) -> JSON | None:
         """After a create with ``plan_overrides`` whose answer was lost: the org's subscription Lago made of it (a new
@@ -582,10 +590,10 @@ class OrgBilling:
             name = None if customer.get("name") else org_name
             mail = None if customer.get("email") else email
             customer = await self._update(customer, name, mail, missing, {})
-        async with self._changing(org_id):  # (the customer alone changes nothing the gate decides on)
-            subscription = await self._create_subscription(
-                org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
-            )
+        # (invalidated around its write: the customer alone changes nothing the gate decides on)
+        subscription = await self._create_subscription(
+            org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
+        )
         return {"customer": customer, "subscription": subscription}
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
