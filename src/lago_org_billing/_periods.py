@@ -17,7 +17,7 @@ import datetime as dt
 
 from ._snapshots import Snapshot
 
-__all__ = ["CALENDAR_ANCHOR", "next_period_end", "period_key", "provisional", "rolls_over"]
+__all__ = ["CALENDAR_ANCHOR", "before_period", "next_period_end", "period_key", "provisional", "rolls_over"]
 
 
 def period_key(snapshot: Snapshot | None) -> str:
@@ -32,6 +32,18 @@ def period_key(snapshot: Snapshot | None) -> str:
 
 
 _period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
+
+
+def before_period(period: str, bucket: int | None) -> bool:
+    """Whether a call reserved in second ``bucket`` was reserved before the counter period ``period`` (a
+    :func:`period_key`) began: not when none was reserved (``None``), nor without a period."""
+    if bucket is None or not period:
+        return False
+    try:
+        return bucket < int(float(period))
+    except ValueError:  # (not a period's key: the records of a subscription not started yet)
+        return False
+
 
 #: ``Snapshot.anchor`` of a subscription billed on calendar periods (an anniversary's is its ``subscription_at``; 0:
 #: the billing time is not known).

@@ -28,7 +28,8 @@ is cached; after ``LAGO_USAGE_CACHE_TTL`` (minus up to ``jitter``) the next requ
 refresh (stale-while-revalidate; one refresh in flight per org per process, and with Redis one per fleet per
 TTL through a ``SET NX PX`` lock). The subscription part is re-read every ``plan_ttl`` seconds (default 300;
 :meth:`QuotaGate.invalidate` drops it at once, e.g. from a ``subscription.updated`` webhook; one of a usage webhook,
-``alert.triggered``, only marks the snapshot due). A cold org waits
+``alert.triggered``, only marks the snapshot due). A worker waiting for another one's read of the org (the fleet's
+lock) reads it itself once the lock is free again with no snapshot come (an invalidation frees it). A cold org waits
 at most ``cold_timeout`` (2 s) for its first snapshot; after that ``LAGO_FAIL_OPEN`` applies (counted in
 ``stats["fail_open"]``/``stats["fail_closed"]``, logged once per outage). A stale snapshot keeps serving while
 Lago is unreachable, until its billing period ends.
@@ -62,9 +63,12 @@ Local records are kept in 1-second buckets by the time they were recorded:
 
 A snapshot of a period begun within the one counted so far (an upgrade, a subscription terminated and made again, a
 downgrade switched after the boundary) keeps the records made since it began (in flight included: their settles are
-taken), which Lago may not have counted yet; those before it are the old subscription's. Calls made before the
-snapshot's period starts (a subscription whose ``started_at`` is later the same day: Lago ignores the events dated
-before it) are served and not counted (:data:`NOT_STARTED`); its limits hold from its start.
+taken), which Lago may not have counted yet; those before it are the old subscription's. One of the period after the
+counted one (read at its start, before a request rolled it over) keeps none: the calls checked before its start are
+billed in the period that ended. Calls let through before any snapshot (``LAGO_FAIL_OPEN``) are the first snapshot's
+period's, but for those checked before it began. Calls made before the snapshot's period starts (a subscription whose
+``started_at`` is later the same day: Lago ignores the events dated before it) are served and not counted
+(:data:`NOT_STARTED`); its limits hold from its start.
 
 The price is a slight over-count right after each refresh, at most the calls recorded in the last
 ``settle_lag`` seconds before it (which Lago may already have counted); it is never an under-count as long as
@@ -146,7 +150,15 @@ from ._limits import (
     subscription_entitlements,
     usage_totals,
 )
-from ._periods import CALENDAR_ANCHOR, _calendar_period, next_period_end, period_key, provisional, rolls_over
+from ._periods import (
+    CALENDAR_ANCHOR,
+    _calendar_period,
+    before_period,
+    next_period_end,
+    period_key,
+    provisional,
+    rolls_over,
+)
 from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
 from ._snapshots import (
     ALLOWED,
@@ -457,6 +469,11 @@ _FIRST_SPREAD = 0.5
 #: large fleet after a deploy, while a flood of fresh org ids (a spoofable header) with Lago slow or down cannot pile
 #: up refresh tasks without end, each reading Lago long after its request was answered.
 _MAX_COLD_QUEUE = 10_000
+
+
+#: A refresh waiting for another process's read of the org looks whether the fleet's lock is free again (the snapshot it
+#: waits for dropped by an invalidation, which frees it) this many times within ``cold_timeout``.
+_WAIT_PARTS = 4
 
 
 class _Pace:
@@ -962,7 +979,7 @@ class QuotaGate:
                 if state is not None:
                     counts = state.counts
                     period = decision.period
-                    if counts.period == period or not period:
+                    if counts.period == period or (not period and not before_period(counts.period, bucket)):
                         now_bucket = int(self.clock())
                         if bucket is not None and billed and tokens <= 0:
                             # the reserved call recorded (_Counts.settle inline): out of flight (its total unchanged),
@@ -1425,15 +1442,27 @@ class QuotaGate:
                 held = False
                 slots.release()
 
+        async def take() -> None:  # (again: it reads Lago after all, the snapshot it waited for dropped meanwhile)
+            nonlocal held
+            if not held:
+                await slots.acquire(org_id, True)
+                held = True
+
         try:
-            await self._refresh_now(org_id, release, urgent)
+            await self._refresh_now(org_id, release, urgent, take)
         finally:
             release()
             self._refreshing.pop(org_id, None)
             self._stale.discard(org_id)
             event.set()
 
-    async def _refresh_now(self, org_id: str, release_slot: Callable[[], None], urgent: bool = False) -> None:
+    async def _refresh_now(
+        self,
+        org_id: str,
+        release_slot: Callable[[], None],
+        urgent: bool = False,
+        take_slot: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
         backend = self.backend
         self._stale.discard(org_id)  # (invalidated while queued: nothing was read yet, nothing to read again)
         locked = stored = False
@@ -1445,52 +1474,51 @@ class QuotaGate:
             locked = await backend.try_lock(org_id, self.ttl, self.clock())
             previous = await backend.load(org_id) if locked else None  # the fleet's copy: maybe invalidated
             again = 0  # reads made again because the org was invalidated meanwhile (at most 3)
-            while locked:
-                snapshot = await self.fetch(org_id, previous)
-                if org_id in self._stale:  # invalidated while fetching (a plan change...): what was read may be stale
-                    if again < 3:  # read again, under a new lock (an invalidation frees the fleet's)
-                        self._stale.discard(org_id)
-                        again += 1
-                        previous = None
-                        locked = await backend.try_lock(org_id, self.ttl, self.clock())
-                        continue
-                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)  # serve it, read again at next request
-                if await backend.store(org_id, snapshot, self.clock()) is not False:  # (None: a backend of old)
-                    stored = True
+            waited = False  # (waited for another process's read once: a second wait takes no lock freed meanwhile)
+            while True:
+                while locked:
+                    snapshot = await self.fetch(org_id, previous)
+                    # invalidated while fetching (a plan change...): what was read may be stale
+                    if org_id in self._stale:
+                        if again < 3:  # read again, under a new lock (an invalidation frees the fleet's)
+                            self._stale.discard(org_id)
+                            again += 1
+                            previous = None
+                            locked = await backend.try_lock(org_id, self.ttl, self.clock())
+                            continue
+                        snapshot = dataclasses.replace(snapshot, refresh_at=0.0)  # serve it, read again at next request
+                    if await backend.store(org_id, snapshot, self.clock()) is not False:  # (None: a backend of old)
+                        stored = True
+                        break
+                    # Invalidated in another process meanwhile (a webhook there), or another process refreshes it
+                    # since: nothing was stored. Read again under a new lock, or wait for that process's snapshot.
+                    self.stats["refreshes_superseded"] = self.stats.get("refreshes_superseded", 0) + 1
+                    again += 1
+                    previous = None
+                    locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
+                if stored or waited:
                     break
-                # Invalidated in another process meanwhile (a webhook there), or another process refreshes it since:
-                # nothing was stored. Read again under a new lock, or wait for that process's snapshot.
-                self.stats["refreshes_superseded"] = self.stats.get("refreshes_superseded", 0) + 1
-                again += 1
+                waited = True
+                locked = await self._wait_for_fleet(org_id, urgent, release_slot)
+                if not locked:
+                    break
+                if take_slot is not None:  # (it reads Lago after all: within the bound on reads at once)
+                    await take_slot()
                 previous = None
-                locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
             if stored:
                 # (shared: the backend's copy also says which of its records are unsure, which only it knows: with no
                 # version, this one is replaced by it at the org's next check)
                 self._known[org_id] = dataclasses.replace(snapshot, version="") if self._shared else snapshot
                 self._refresh_errors.pop(org_id, None)
-                # (a period already over: Lago's clock behind at the rollover; the backoff before reading again stays)
-                if not snapshot.over(self.clock()):
+                # (a period already over when it was asked: Lago's clock behind at the rollover; the backoff before
+                # reading again stays. One asked before its end and answered after is not Lago behind: the org's next
+                # request reads the new period at once, not LAGO_FAIL_OPEN for failure_backoff with Lago answering)
+                if not snapshot.over(self.clock()) or snapshot.requested_at < snapshot.period_end:
                     self._next_attempt.pop(org_id, None)
                     self._gave_up.pop(org_id, None)
                 if self._outage_logged or self._refresh_failing:
                     self._outage_logged = self._refresh_failing = False
                     logger.info("Lago answers again: usage snapshots are being refreshed.")
-            else:  # another process refreshes it: wait for its snapshot (newer than one whose period is over)
-                current = await backend.load(org_id)
-                after = 0.0
-                now = self.clock()
-                if current is not None and (
-                    current.over(now)
-                    # (or one invalidate_all marked, its plan to be read again: its requests blocked on it wait for it)
-                    or not current.plan_fetched_at
-                    # (or one a request blocked on its unsure records waits to see read again, as the fleet's refresh
-                    # now does: decided on that read, not refused at once on the records it is to settle)
-                    or (urgent and (current.unsure_calls or current.unsure_tokens) and now >= self._trusted_at(current))
-                ):
-                    after = current.requested_at
-                release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
-                await backend.wait_snapshot(org_id, self.config.cold_timeout, after)
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
             self._pause_after(exc)
@@ -1520,6 +1548,50 @@ class QuotaGate:
             if locked and not stored:  # failed or cut off: the fleet may ask again after failure_backoff, not a TTL
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
                     await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
+
+    async def _wait_for_fleet(self, org_id: str, urgent: bool, release_slot: Callable[[], None]) -> bool:
+        """Another process refreshes the org (it holds the fleet's lock): wait, at most ``cold_timeout``, for its
+        snapshot (newer than one whose period is over...). True when the lock was taken here instead, to read the org
+        now: no snapshot came, and the lock is free (an invalidation frees it: the snapshot it waited for, or the one
+        stored since, dropped by a webhook; or its holder ended without storing). Waiting on until the end for a read
+        no one makes, a request of the org meanwhile (which joins this refresh) went to LAGO_FAIL_OPEN with Lago
+        answering."""
+        backend = self.backend
+        current = await backend.load(org_id)
+        after = 0.0
+        now = self.clock()
+        if current is not None and (
+            current.over(now)
+            # (or one invalidate_all marked, its plan to be read again: its requests blocked on it wait for it)
+            or not current.plan_fetched_at
+            # (or one a request blocked on its unsure records waits to see read again, as the fleet's refresh now
+            # does: decided on that read, not refused at once on the records it is to settle)
+            or (urgent and (current.unsure_calls or current.unsure_tokens) and now >= self._trusted_at(current))
+        ):
+            after = current.requested_at
+        release_slot()  # waiting asks nothing of Lago: the slot goes to another org's refresh
+        deadline = anyio.current_time() + self.config.cold_timeout
+        while True:
+            # (in parts: the lock is tried between them, and the whole wait stays within cold_timeout)
+            left = deadline - anyio.current_time()
+            await backend.wait_snapshot(org_id, max(0.0, min(left, self.config.cold_timeout / _WAIT_PARTS)), after)
+            arrived = await backend.load(org_id)
+            now = self.clock()
+            if arrived is not None and arrived.requested_at > after and not arrived.over(now):
+                if now < arrived.refresh_at <= now + self._due_within:
+                    # Read (by the other process), not due: nothing failed here to back off from. A request of the
+                    # org that finds no snapshot moments later (dropped fleet-wide by a webhook another worker got)
+                    # has it read at once, not decided by LAGO_FAIL_OPEN with Lago answering. (One still due, the
+                    # other process reading it: the backoff stays, or each request would start a refresh to wait.)
+                    self._next_attempt.pop(org_id, None)
+                    self._gave_up.pop(org_id, None)
+                return False
+            if not self._backing_off(self._paused_until, self.clock()) and await backend.try_lock(
+                org_id, self.ttl, self.clock()
+            ):
+                return True
+            if anyio.current_time() >= deadline:
+                return False
 
     def _pause_after(self, exc: BaseException) -> None:
         """After a 429, every refresh of this process waits it out, not only this org's (a burst would go on hitting
@@ -1809,9 +1881,11 @@ class QuotaGate:
 
     async def _usable_snapshot(self, org_id: str, now: float) -> Snapshot | None:
         """This process's copy of the org's snapshot, else (none, or its billing period is over: another worker may
-        have stored the new period's since) the backend's; ``None`` when neither is of the current period."""
+        have stored the new period's since) the backend's; ``None`` when neither is of the current period. With a
+        shared backend (Redis), always the backend's: another worker may have dropped the org's snapshot since (a
+        webhook it was sent: this copy answered the old plan, and no usage, until it fell due) or stored a newer one."""
         known = self._known.get(org_id)
-        if known is None or known.over(now):
+        if known is None or known.over(now) or self._shared:
             known = await self.backend.load(org_id)
         if known is not None and known.over(now):  # (as the backend decides: it makes the same at the next check)
             known = provisional(known, now) if rolls_over(known, now) else None
@@ -1831,8 +1905,13 @@ class QuotaGate:
         "remaining", "plan_code", "period_end"}``; ``reason`` is the limit hit, ``no_active_subscription`` or
         ``None``."""
         snap = await self.snapshot(org_id)
+        outcome: Outcome | None = None
+        if snap.active:
+            outcome = await self.backend.reserve(org_id, self.clock(), "peek", self._known.get(org_id))
+            if outcome.snapshot is not None:  # (the one the counts were compared with: stored since by another worker)
+                snap = outcome.snapshot
         limits = snap.limits(self.config)
-        if not snap.active:
+        if outcome is None or not snap.active:
             return {
                 "allowed": self.config.no_subscription == "allow",
                 "reason": "no_active_subscription",
@@ -1842,7 +1921,6 @@ class QuotaGate:
                 "plan_code": None,
                 "period_end": None,
             }
-        outcome = await self.backend.reserve(org_id, self.clock(), "peek", self._known.get(org_id))
         calls, tokens = outcome.calls, outcome.tokens
         if outcome.code == MISSING:
             calls, tokens = snap.base_calls, snap.base_tokens

@@ -16,7 +16,7 @@ import itertools
 import anyio
 import anyio.abc
 
-from ._periods import period_key, provisional, rolls_over
+from ._periods import before_period, period_key, provisional, rolls_over
 from ._quota import QuotaConfig
 from ._snapshots import (
     ALLOWED,
@@ -241,6 +241,8 @@ class LocalBackend:
         if period == NOT_STARTED:  # (before its subscription started: Lago bills none of it)
             return
         counts = (state if state is not None else self._org(org_id)).counts
+        if not period and before_period(counts.period, bucket):
+            return  # (reserved before any snapshot, before the period its records were then taken into: see store_now)
         if period and counts.period != period:
             if counts.period:
                 # the period changed since: nothing of it is counted any more, but for the calls made since the new
@@ -295,11 +297,29 @@ class LocalBackend:
             if not snapshot.active:
                 state.counts = _Counts()
                 return
-            # A period begun within the known one (an upgrade, terminated and subscribed again, a downgrade switched
-            # after the boundary): the records made since it began that Lago may not have counted yet (recorded in the
-            # last settle_lag seconds, in flight) are its own; not dropped (the org under-counted until the next
-            # refresh). Those before it are the old subscription's.
-            counts = state.counts = counts.carried(key, since)
+            if (
+                current is not None
+                and current.active
+                and counts.period == period_key(current)
+                and current.period_end <= snapshot.period_start
+            ):
+                # The period after the known one (read as it ended, before any request here rolled it over): its
+                # records begin with it. Those kept are of calls checked before its start (recorded after it, some),
+                # billed in the period that ended, as are the tokens of those calls still to be settled.
+                counts = state.counts = _Counts(key)
+            else:
+                # A period begun within the known one (an upgrade, terminated and subscribed again, a downgrade
+                # switched after the boundary): the records made since it began that Lago may not have counted yet
+                # (recorded in the last settle_lag seconds, in flight) are its own; not dropped (the org under-counted
+                # until the next refresh). Those before it are the old subscription's.
+                counts = state.counts = counts.carried(key, since)
+        elif not counts.period and snapshot.active:
+            # Records made before any snapshot (calls LAGO_FAIL_OPEN let through) are its period's, but for the calls
+            # in flight since before it began (before a boundary, or an upgrade made meanwhile): their events, dated at
+            # their checks, are billed in the period before (see before_period for their settles)
+            counts.period = key
+            for sec in [s for s in counts.i if s < since]:
+                counts.calls -= counts.i.pop(sec)
         cutoff = max(int(snapshot.requested_at - self.config.settle_lag), since)
         counts.prune(
             # (and those before the period's start: dated before it, their events are not billed in it)
