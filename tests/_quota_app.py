@@ -44,9 +44,9 @@ class Clock:
         self.at += dt.timedelta(seconds=seconds)
 
 
-def seed(fake: FakeLago, *, starter_calls: int | None = 300, starter_tokens: int | None = None) -> FakeLago:
-    """``api_call`` summing ``total_tokens``; feature ``api_quota``; plans ``starter`` (the given limits),
-    ``pro`` (10,000 calls) and ``legacy`` (no entitlements); org ``org_1`` on ``starter``."""
+def metric_and_feature(fake: FakeLago) -> dict[str, Any]:
+    """``api_call`` summing ``total_tokens`` and feature ``api_quota`` (``max_api_calls``, ``max_tokens``) in
+    ``fake``: the charge of a plan on that metric (free)."""
     fake.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
     fake.add_feature(
         "api_quota",
@@ -56,6 +56,13 @@ def seed(fake: FakeLago, *, starter_calls: int | None = 300, starter_tokens: int
         ],
     )
     charge = {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
+    return charge
+
+
+def seed(fake: FakeLago, *, starter_calls: int | None = 300, starter_tokens: int | None = None) -> FakeLago:
+    """``api_call`` summing ``total_tokens``; feature ``api_quota``; plans ``starter`` (the given limits),
+    ``pro`` (10,000 calls) and ``legacy`` (no entitlements); org ``org_1`` on ``starter``."""
+    charge = metric_and_feature(fake)
     starter: dict[str, Any] = {}
     if starter_calls is not None:
         starter["max_api_calls"] = starter_calls

@@ -48,7 +48,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import Clock, needs_redis
+from _quota_app import Clock, metric_and_feature, needs_redis
 from lago_org_billing import BillingSettings, LagoClient, _quota
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._quota import USAGE_WEBHOOK_TYPES, QuotaConfig, QuotaGate
@@ -454,15 +454,7 @@ def seeded_lago(clock: Clock) -> FakeLago:
     """``api_call`` summing ``total_tokens``; feature ``api_quota``; plans ``small`` and ``big`` (a dearer one: a change
     to it is an upgrade, at once; back is a downgrade, at the period's end); org_1 on ``small`` since January."""
     fake = FakeLago(api_key="k", clock=clock.now)
-    fake.add_billable_metric("api_call", aggregation_type="sum_agg", field_name="total_tokens")
-    fake.add_feature(
-        "api_quota",
-        privileges=[
-            {"code": "max_api_calls", "value_type": "integer"},
-            {"code": "max_tokens", "value_type": "integer"},
-        ],
-    )
-    charge = {"billable_metric_code": "api_call", "charge_model": "standard", "properties": {"amount": "0"}}
+    charge = metric_and_feature(fake)
     fake.add_plan("small", amount_cents=1_000, charges=[charge], entitlements={"api_quota": SMALL})
     fake.add_plan("big", amount_cents=10_000, charges=[charge], entitlements={"api_quota": BIG})
     fake.add_customer(ORG)
