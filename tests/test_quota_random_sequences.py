@@ -72,6 +72,15 @@ SHOWN = 80  # steps of a failing sequence shown
 STEPS = 300  # per seed (a probe every 40)
 
 
+def in_memory_and_redis_failing_there(reason: str) -> pytest.MarkDecorator:
+    """A test run with the in-process backend, and with Redis as a strict xfail: ``reason`` names the change the Redis
+    backend needs."""
+    return pytest.mark.parametrize(
+        "backend",
+        ["memory", pytest.param("redis", marks=[needs_redis, pytest.mark.xfail(strict=True, reason=reason)])],
+    )
+
+
 def _ts(text: str) -> float:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -915,24 +924,11 @@ async def test_a_read_answered_after_the_period_end_leaves_the_next_request_to_r
         assert (await gate.enforce_usage_limits(ORG))["usage"] == {"max_api_calls": 0, "max_tokens": 0}
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "memory",
-        pytest.param(
-            "redis",
-            marks=[
-                needs_redis,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="_quota_redis.py: the STORE script adopts a counter made before any snapshot (p unset) "
-                    "into the new snapshot's period with all its in-flight buckets; it must drop the i:<s> buckets "
-                    "older than the period's start (as LocalBackend.store_now now does), and SETTLE must drop a "
-                    "settle without a period whose bucket is older than the counter's period start",
-                ),
-            ],
-        ),
-    ],
+@in_memory_and_redis_failing_there(
+    "_quota_redis.py: the STORE script adopts a counter made before any snapshot (p unset) "
+    "into the new snapshot's period with all its in-flight buckets; it must drop the i:<s> buckets "
+    "older than the period's start (as LocalBackend.store_now now does), and SETTLE must drop a "
+    "settle without a period whose bucket is older than the counter's period start"
 )
 async def test_calls_let_through_before_the_first_snapshot_and_its_period_are_not_counted_in_it(
     backend: str, request: pytest.FixtureRequest
@@ -967,24 +963,11 @@ async def test_calls_let_through_before_the_first_snapshot_and_its_period_are_no
         }
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "memory",
-        pytest.param(
-            "redis",
-            marks=[
-                needs_redis,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="_quota_redis.py: the STORE script carries a counter of the ended period into the next "
-                    "one ('pp', and the records since its start) as for a period begun within it; when the stored "
-                    "snapshot is of the counter's period and ended at or before the new one's start (pe <= new ps), "
-                    "it must start the counter afresh (no 'pp'), as LocalBackend.store_now now does",
-                ),
-            ],
-        ),
-    ],
+@in_memory_and_redis_failing_there(
+    "_quota_redis.py: the STORE script carries a counter of the ended period into the next "
+    "one ('pp', and the records since its start) as for a period begun within it; when the stored "
+    "snapshot is of the counter's period and ended at or before the new one's start (pe <= new ps), "
+    "it must start the counter afresh (no 'pp'), as LocalBackend.store_now now does"
 )
 async def test_the_ended_periods_calls_are_not_counted_in_the_next_one_read_before_any_request(
     backend: str, request: pytest.FixtureRequest
