@@ -10,7 +10,6 @@ styled ``div``\\s, every number in the HTML itself (it works with JavaScript dis
 from __future__ import annotations
 
 import html
-import inspect
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -19,6 +18,7 @@ from typing import Any
 from ._billing import OrgBilling
 from ._limits import limits_from_entitlements, subscription_entitlements, usage_totals
 from ._quota import QuotaConfig
+from ._webhooks import _called
 
 __all__ = [
     "BREAKDOWN_DIMENSIONS",
@@ -39,13 +39,6 @@ BREAKDOWN_DIMENSIONS = {"user_id": "by_user", "model": "by_model"}
 
 #: Content-Security-Policy of the HTML page: it loads nothing and runs nothing.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-
-
-async def _call(provider: Callable[[str], Any], org_id: str) -> Any:
-    value = provider(org_id)
-    if inspect.isawaitable(value):
-        value = await value
-    return value
 
 
 def _number(value: Any) -> int | float | None:
@@ -120,7 +113,7 @@ async def dashboard_data(
     raw_limits: Mapping[str, Any] | None = None
     limits_source = "none"
     if limits_provider is not None:
-        raw_limits = await _call(limits_provider, org_id)
+        raw_limits = await _called(limits_provider, org_id)
         limits_source = "provider"
     if raw_limits is None:
         table = settings.plan_limits.get(plan_code) or {}
@@ -140,7 +133,7 @@ async def dashboard_data(
 
     breakdown: dict[str, list[dict[str, Any]]] = {key: [] for key in BREAKDOWN_DIMENSIONS.values()}
     breakdown_source = "none"
-    ledger = await _call(breakdown_provider, org_id) if breakdown_provider is not None else None
+    ledger = await _called(breakdown_provider, org_id) if breakdown_provider is not None else None
     if ledger:
         breakdown_source = "ledger"
         for dimension, key in BREAKDOWN_DIMENSIONS.items():

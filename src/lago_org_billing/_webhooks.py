@@ -1348,13 +1348,15 @@ def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
     return gate if isinstance(gate, SupportsInvalidate) else None
 
 
-async def _called(function: Callable[..., object], *args: object) -> None:
-    """``function(*args)``, awaited when it answers an awaitable: ``invalidate=`` (and its ``invalidate_all``) may be
-    a plain function, a cache of one's own dropped inline, as handlers may be (awaited as async, its ``None`` raised a
-    TypeError once it had run: every such webhook was answered 500 until Lago gave up, its handlers never run)."""
+async def _called(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``'s answer, awaited when it is an awaitable: a function given by the user may be sync or
+    async (``invalidate=`` and its ``invalidate_all``, a cache of one's own dropped inline, as handlers may be: awaited
+    as async, its ``None`` raised a TypeError once it had run, every such webhook answered 500 until Lago gave up, its
+    handlers never run; the dashboard's providers)."""
     result = function(*args)
     if inspect.isawaitable(result):
-        await result
+        result = await result
+    return result
 
 
 def _is_async(handler: Handler) -> bool:
