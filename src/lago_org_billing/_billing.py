@@ -827,7 +827,7 @@ class OrgBilling:
         org_id: str,
         transaction_id: str | None = None,
         endpoint: str | None = None,
-        user_id: str | None = None,
+        user_id: str | int | uuid.UUID | None = None,
         tokens: int = 0,
         model: str | None = None,
         *,
@@ -884,7 +884,7 @@ class OrgBilling:
         org_id: str,
         transaction_id: str | None = None,
         endpoint: str | None = None,
-        user_id: str | None = None,
+        user_id: str | int | uuid.UUID | None = None,
         tokens: int = 0,
         model: str | None = None,
         *,
@@ -894,7 +894,8 @@ class OrgBilling:
         **properties: Any,
     ) -> JSON:
         """Record one API call (event code ``LAGO_EVENT_CODE``) with user, endpoint, model and tokens, at
-        ``timestamp`` (now when omitted; see :meth:`record_usage`)."""
+        ``timestamp`` (now when omitted; see :meth:`record_usage`). ``endpoint`` and ``model`` are text; ``user_id``
+        is text, or an integer or a UUID written as its text (as the middleware's events carry them)."""
         props = _api_call_properties(endpoint, user_id, tokens, model, input_tokens, output_tokens, properties)
         return await self.record_usage(org_id, self.settings.event_code, transaction_id, props, timestamp)
 
@@ -1094,7 +1095,7 @@ def check_metadata(metadata: Mapping[str, Any]) -> None:
 
 def _api_call_properties(
     endpoint: str | None,
-    user_id: str | None,
+    user_id: str | int | uuid.UUID | None,
     tokens: int,
     model: str | None,
     input_tokens: int | None,
@@ -1118,15 +1119,29 @@ def _api_call_properties(
         )
     props["total_tokens"] = tokens or (input_tokens or 0) + (output_tokens or 0)
     for key, value in (
-        ("user_id", user_id),
-        ("endpoint", endpoint),
-        ("model", model),
+        ("user_id", _attribution_text("user_id", user_id, ids=True)),
+        ("endpoint", _attribution_text("endpoint", endpoint)),
+        ("model", _attribution_text("model", model)),
         ("input_tokens", input_tokens),
         ("output_tokens", output_tokens),
     ):
         if value is not None:
             props[key] = value
     return props
+
+
+def _attribution_text(name: str, value: object, ids: bool = False) -> str | None:
+    """``value`` as the text the middleware's events carry for ``name`` (Lago's filters and groupings match text);
+    with ``ids``, an integer or a UUID (user ids often are) as its text. Anything else raises."""
+    if value is None or isinstance(value, str):
+        return value
+    if ids and not isinstance(value, bool):  # (True is an int: not an id)
+        if isinstance(value, numbers.Integral):  # (numpy's int64 too)
+            return str(int(value))
+        if isinstance(value, uuid.UUID):
+            return str(value)
+    taken = "text, an integer or a UUID" if ids else "text"
+    raise InvalidRequestError(f"{name} must be {taken} (or None), got {type(value).__name__}: {value!r:.80}.")
 
 
 #: The largest token count an event carries: every JSON reader keeps it exact (a double's integers).
