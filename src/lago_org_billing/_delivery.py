@@ -263,13 +263,20 @@ class EventPipeline:
     def _refused(self, what: object) -> None:
         self.metrics.dropped += 1
         if not self._drop_burst:
-            why = "the pipeline is closed" if self._closed else f"the outbox is full ({self.outbox.capacity} events)"
-            logger.error(
-                "Dropping billing event %s: %s. Lago is slow or down; set LAGO_SPOOL_PATH for a durable spool "
-                "(or give the middleware pipeline=EventPipeline(client, memory_capacity=...) with more room).",
-                what,
-                why,
-            )
+            if self._closed:  # (not Lago's fault: events recorded once the app shut its billing down)
+                logger.error(
+                    "Dropping billing event %s: the pipeline is closed (the app's lifespan ended, or the pipeline was "
+                    "closed). Record events while the app runs: finish requests and background work before shutdown.",
+                    what,
+                )
+            else:
+                logger.error(
+                    "Dropping billing event %s: the outbox is full (%d events). Lago is slow or down; set "
+                    "LAGO_SPOOL_PATH for a durable spool (or give the middleware "
+                    "pipeline=EventPipeline(client, memory_capacity=...) with more room).",
+                    what,
+                    self.outbox.capacity,
+                )
         self._drop_burst += 1
 
     # ------------------------------------------------------------------ lifecycle
