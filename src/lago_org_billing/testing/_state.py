@@ -1017,6 +1017,13 @@ class LagoStore:
         params = _permit_strings(_mapping(_require_root(body, "customer")), CUSTOMER_STRINGS)
         with self.lock:
             self.refresh()
+            # create_params permits metadata: [:id, :key, :value, :display_in_invoice]: Rails drops a metadata that is
+            # not a list (as if not sent) and the items that are not objects
+            if "metadata" in params and params["metadata"] is not None:
+                if isinstance(params["metadata"], list):
+                    params["metadata"] = [item for item in params["metadata"] if isinstance(item, Mapping)]
+                else:
+                    del params["metadata"]
             # UpsertFromApiService returns early, each alone and before anything else, on too many metadata items,
             # then on an unknown finalize_zero_amount_invoice (null is accepted: "inherit")
             items = params.get("metadata")
@@ -1057,10 +1064,6 @@ class LagoStore:
                 if isinstance(term, bool) or not isinstance(term, int) or term < 0:
                     errors["net_payment_term"] = ["value_is_invalid"]
             customer = self._customer(external_id)
-            existing_metadata = customer["metadata"] if customer else []
-            new_metadata: list[JSON] | None = None
-            if "metadata" in params and params["metadata"] is not None:
-                new_metadata = self._plan_metadata(params["metadata"], existing_metadata, errors)
             if (
                 customer is not None
                 and "currency" in params
@@ -1068,8 +1071,12 @@ class LagoStore:
             ):
                 # UpsertFromApiService runs UpdateCurrencyService before saving the other fields: this error comes alone
                 raise validation_error({"currency": ["currencies_does_not_match"]})
-            if errors:
+            if errors:  # (customer.save!, before any metadata is written: the customer's errors alone)
                 raise validation_error(errors)
+            new_metadata: list[JSON] | None = None
+            if params.get("metadata") is not None:
+                existing_metadata = customer["metadata"] if customer else []
+                new_metadata = self._customer_metadata(params["metadata"], existing_metadata, new=customer is None)
             created = customer is None
             if customer is None:
                 customer = self._new_customer(external_id)
@@ -1127,67 +1134,58 @@ class LagoStore:
             return not self._editable(customer)
         return current not in (None, "") or not self._editable(customer)
 
-    def _plan_metadata(self, items: Any, existing: Sequence[JSON], errors: dict[str, list[str]]) -> list[JSON]:
-        """Validate a ``metadata`` list and return the resulting items (Lago's update semantics)."""
-        if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
-            errors["metadata"] = ["invalid_format"]
-            return list(existing)
-        # (more than METADATA_MAX_ITEMS: refused before, alone, by upsert_customer as Lago does)
-        by_id = {item["lago_id"]: item for item in existing}
-        updated_keys: dict[str, str] = {item["lago_id"]: item["key"] for item in existing}
-        kept: list[JSON] = []
+    def _customer_metadata(
+        self, items: Sequence[Mapping[str, Any]], existing: Sequence[JSON], *, new: bool
+    ) -> list[JSON]:
+        """The customer's metadata items after an upsert giving ``items``, or the 422 Lago answers.
+
+        As lago-api writes them: one by one, in the list's order (``Customers::Metadata::UpdateService``; for a ``new``
+        customer, ``UpsertFromApiService#create_metadata``, every item created), an item carrying the ``id`` of one of
+        the customer's items updating it (``update!``: only the attributes given), any other created (``create!``),
+        each validated as ``Metadata::CustomerMetadata`` is (key and value present, key unique per customer and at most
+        20 characters, value at most 100): the first that fails raises with its own errors alone, and the transaction
+        is rolled back. The items left out of the list are deleted last, so an existing key sent again without its
+        id collides with the old item."""
+        current: dict[str, JSON] = {item["lago_id"]: dict(item) for item in existing}
         created: list[JSON] = []
+        listed: set[str] = set()
         for raw in items:
-            key = raw.get("key")
-            value = raw.get("value")
-            if key is None or str(key) == "":
+            item_id = None if new or raw.get("id") is None else str(raw["id"])
+            if item_id is not None:
+                listed.add(item_id)
+            target = current.get(item_id) if item_id is not None else None
+            record: JSON = (
+                dict(target)
+                if target is not None
+                else {"lago_id": None, "key": None, "value": None, "display_in_invoice": False, "created_at": None}
+            )
+            for field in ("key", "value"):
+                if target is None or field in raw:
+                    record[field] = _metadata_text(raw.get(field))
+            record["display_in_invoice"] = bool(raw.get("display_in_invoice") or False)
+            key, value = record["key"], record["value"]
+            errors: dict[str, list[str]] = {}
+            if key is None or not key.strip():
                 errors.setdefault("key", []).append("value_is_mandatory")
-                continue
-            if value is None or str(value) == "":
-                errors.setdefault("value", []).append("value_is_mandatory")
-                continue
-            key, value = str(key), str(value)
-            if len(key) > METADATA_KEY_MAX:
+            elif any(other["key"] == key for other in (*current.values(), *created) if other is not target):
+                errors.setdefault("key", []).append("value_already_exist")
+            if key is not None and len(key) > METADATA_KEY_MAX:
                 errors.setdefault("key", []).append("value_is_too_long")
-            if len(value) > METADATA_VALUE_MAX:
+            if value is None or not value.strip():
+                errors.setdefault("value", []).append("value_is_mandatory")
+            elif len(value) > METADATA_VALUE_MAX:
                 errors.setdefault("value", []).append("value_is_too_long")
-            display = bool(raw.get("display_in_invoice", False))
-            item_id = raw.get("id")
-            if item_id is not None and str(item_id) in by_id:
-                item = dict(by_id[str(item_id)])
-                item.update(key=key, value=value, display_in_invoice=display)
-                updated_keys[item["lago_id"]] = key
-                kept.append(item)
+            if errors:
+                raise validation_error(errors)
+            if target is not None:
+                target.update(record)
             else:
-                created.append(
-                    {
-                        "lago_id": None,
-                        "key": key,
-                        "value": value,
-                        "display_in_invoice": display,
-                        "created_at": None,
-                    }
-                )
-        # Creation happens before the deletion of the items absent from the list, so re-sending an
-        # existing key without its id collides with the old item.
-        seen: set[str] = set()
-        for key in updated_keys.values():
-            if key in seen:
-                errors.setdefault("key", []).append("value_already_exist")
-            seen.add(key)
-        for item in created:
-            if item["key"] in seen:
-                errors.setdefault("key", []).append("value_already_exist")
-            seen.add(item["key"])
-        for key in ("key", "value"):
-            if key in errors:
-                errors[key] = sorted(set(errors[key]))
-        if errors:
-            return list(existing)
+                created.append(record)
         now = iso(self.now())
-        for item in created:
-            item["lago_id"] = self._uuid()
-            item["created_at"] = now
+        for record in created:
+            record["lago_id"] = self._uuid()
+            record["created_at"] = now
+        kept = [item for lago_id, item in current.items() if lago_id in listed]
         return kept + created
 
     def _serialize_customer(self, customer: JSON) -> JSON:
@@ -3200,6 +3198,15 @@ class LagoStore:
         if not isinstance(raw, Mapping):
             return None, {"event": ["invalid_format"]}
         raw = _permit_strings(raw, EVENT_STRINGS)
+        # EventsController permits ``properties: {}`` and the other keys as scalars: Rails drops a ``properties`` that
+        # is not an object, and an object or a list given for ``timestamp`` or ``precise_total_amount_cents``, as if
+        # not sent, and Events::CreateService / CreateBatchService store ``params[:properties] || {}`` (a 200, the
+        # event without properties, timestamped at reception), never a 422
+        if not isinstance(raw.get("properties"), (Mapping, type(None))):
+            del raw["properties"]
+        for key in ("timestamp", "precise_total_amount_cents"):
+            if isinstance(raw.get(key), (Mapping, list)):
+                del raw[key]
         errors: dict[str, list[str]] = {}
         for key in EVENT_STRINGS:
             value = raw.get(key)
@@ -3214,8 +3221,6 @@ class LagoStore:
         properties = raw.get("properties")
         if properties is None:
             properties = {}
-        if not isinstance(properties, Mapping):
-            errors["properties"] = ["invalid_format"]
         precise = raw.get("precise_total_amount_cents")
         if precise is not None and to_decimal(precise) is None:
             errors["precise_total_amount_cents"] = ["value_is_invalid"]
@@ -4123,6 +4128,16 @@ class LagoStore:
 
 # what an invoice record keeps that its serialization does not show as it is
 _INVOICE_INTERNAL = frozenset(("customer_id", "subscription_ids", "fees", "invoice_subscriptions", "credits"))
+
+
+def _metadata_text(value: Any) -> str | None:
+    """A metadata key or value as Lago stores it: a scalar in a string column (``true`` as ``"t"``), ``None`` for what
+    ``permit`` drops (an object, a list) or null."""
+    if value is None or isinstance(value, (Mapping, list)):
+        return None
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    return str(value)
 
 
 def _serialize_integration(item: Mapping[str, Any]) -> JSON:
