@@ -1350,7 +1350,7 @@ class OrgBillingMiddleware:
             # In the period the call was checked in (Lago bills the event there, by its timestamp; none once that
             # period is over): this package's gate gets an unreserved decision of that period, another gate the empty
             # one its protocol says.
-            tokens_only = _tokens_only(gated) if isinstance(gated, str) else gated
+            tokens_only = _tokens_only(gated, int(started)) if isinstance(gated, str) else gated
             self.quota.settle(org_id, tokens_only, tokens=total_tokens, billed=False)
         return event
 
@@ -1557,10 +1557,11 @@ _TOKENS_ONLY = QuotaDecision()
 
 
 @functools.lru_cache(maxsize=64)
-def _tokens_only(period: str) -> _Decision:
-    """The decision a request's tokens are settled with in this package's gate: none reserved, of ``period`` (a few
-    periods at a time: one per billing period of the orgs in flight)."""
-    return _Decision(reserved=False, period=period)
+def _tokens_only(period: str, second: int | None = None) -> _Decision:
+    """The decision a request's tokens are settled with in this package's gate: none reserved, of ``period``, its event
+    dated in ``second`` (Lago bills it by that date: the tokens of a call checked before a period begun since are
+    not that period's). Cached: the requests of a second, per period of the orgs in flight."""
+    return _Decision(reserved=False, period=period, bucket=second)
 
 
 def _user_json(user_id: str) -> str:

@@ -66,7 +66,9 @@ downgrade switched after the boundary) keeps the records made since it began (in
 taken), which Lago may not have counted yet; those before it are the old subscription's. One of the period after the
 counted one (read at its start, before a request rolled it over) keeps none: the calls checked before its start are
 billed in the period that ended. Calls let through before any snapshot (``LAGO_FAIL_OPEN``) are the first snapshot's
-period's, but for those checked before it began. Calls made before the snapshot's period starts (a subscription whose
+period's, but for those checked before it began. A request's tokens, settled once its event is built (after its
+call), go with its call: by the second the event is dated, not counted in a period begun after it (their event is
+billed in the one before). Calls made before the snapshot's period starts (a subscription whose
 ``started_at`` is later the same day: Lago ignores the events dated before it) are served and not counted
 (:data:`NOT_STARTED`); its limits hold from its start.
 
@@ -424,8 +426,20 @@ class QuotaBackend(Protocol):
         (see :data:`Mode`). ``known`` is the caller's last copy of the snapshot
         (a backend may skip sending it back when unchanged)."""
 
-    def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
-        """Non-blocking: release or record the reserved call, add tokens."""
+    def settle(
+        self,
+        org_id: str,
+        period: str,
+        bucket: int | None,
+        now: float,
+        *,
+        tokens: int,
+        billed: bool,
+        checked: int | None = None,
+    ) -> None:
+        """Non-blocking: release or record the reserved call (in flight since second ``bucket``), add tokens.
+        ``checked``: with no call reserved (``bucket`` ``None``), the second the call was checked in, when known: one
+        checked before the counter's period began is not of it (billed in the period before)."""
 
     async def load(self, org_id: str) -> Snapshot | None: ...
 
@@ -585,7 +599,10 @@ async def _call_optional(backend: Any, name: str, *args: Any) -> None:
 
 @dataclasses.dataclass(slots=True)
 class _Decision(QuotaDecision):
-    """A decision plus where its reservation went (for ``settle``)."""
+    """A decision plus where its reservation went (for ``settle``): the counter ``period`` and the second of the check
+    (``bucket``: its reservation's). An unreserved one settles a request's tokens once its event is built (the
+    middleware's ``_tokens_only``): ``bucket`` is then the second the event is dated (``None``: not known), which tells
+    whether the call was checked before a period begun since (its tokens billed in the one before)."""
 
     period: str = ""
     bucket: int | None = None
@@ -971,7 +988,9 @@ class QuotaGate:
             backend = decision.backend
             if backend is None:
                 backend = self.backend
-            bucket = decision.bucket if reserved else None
+            # the second of the call's check (of its reservation, or the date of its event: see _Decision)
+            checked = decision.bucket
+            bucket = checked if reserved else None
             if backend is self.local and not self._shared:
                 # Fast path (in process): LocalBackend.settle inline for an org still known here in the decision's
                 # period (or none given); else (forgotten meanwhile, or the period changed) LocalBackend.settle
@@ -979,7 +998,7 @@ class QuotaGate:
                 if state is not None:
                     counts = state.counts
                     period = decision.period
-                    if counts.period == period or (not period and not before_period(counts.period, bucket)):
+                    if counts.period == period or (not period and not before_period(counts.period, checked)):
                         now_bucket = int(self.clock())
                         if bucket is not None and billed and tokens <= 0:
                             # the reserved call recorded (_Counts.settle inline): out of flight (its total unchanged),
@@ -1006,9 +1025,11 @@ class QuotaGate:
                     bucket = None
                     if not billed and tokens <= 0:
                         return
-                self.backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed)
+                self.backend.settle(
+                    org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed, checked=checked
+                )
                 return
-            backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed)
+            backend.settle(org_id, decision.period, bucket, self.clock(), tokens=tokens, billed=billed, checked=checked)
         elif billed or tokens > 0:  # billed without a check (org known only after the app ran)
             self.backend.settle(org_id, "", None, self.clock(), tokens=tokens, billed=billed)
 

@@ -236,18 +236,33 @@ class LocalBackend:
     async def reserve(self, org_id: str, now: float, mode: Mode, known: Snapshot | None) -> Outcome:
         return self.reserve_now(org_id, now, mode)
 
-    def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
+    def settle(
+        self,
+        org_id: str,
+        period: str,
+        bucket: int | None,
+        now: float,
+        *,
+        tokens: int,
+        billed: bool,
+        checked: int | None = None,
+    ) -> None:
         state = self._orgs.get(org_id)  # (not moved in the LRU order: its check did that moments ago)
         if period == NOT_STARTED:  # (before its subscription started: Lago bills none of it)
             return
         counts = (state if state is not None else self._org(org_id)).counts
-        if not period and before_period(counts.period, bucket):
-            return  # (reserved before any snapshot, before the period its records were then taken into: see store_now)
+        if bucket is not None:
+            checked = bucket  # (the second of its check: see QuotaBackend.settle)
+        if not period and before_period(counts.period, checked):
+            # checked before any snapshot, before the period its records were then taken into (see store_now): its
+            # call, and its tokens settled when its event is built, are billed in the period before
+            return
         if period and counts.period != period:
             if counts.period:
                 # the period changed since: nothing of it is counted any more, but for the calls made since the new
-                # one began (carried over: their events, dated then, are billed in it)
-                if period != counts.prior or (bucket is not None and bucket < int(float(counts.period))):
+                # one began (carried over: their events, dated then, are billed in it); the tokens of one checked
+                # before it (settled when its event is built, after the call) are the old period's too
+                if period != counts.prior or before_period(counts.period, checked):
                     return
             else:
                 # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that

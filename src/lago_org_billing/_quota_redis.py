@@ -20,12 +20,18 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
   base 0, due now, version ``<old>+``) and resets the counter to that period; it only does so on a snapshot whose
   period is over, so it never overwrites a newer one another worker stored. Otherwise the org is cold (missing).
 * **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined. One of
-  another period than the counter's is dropped; one finding no counter (Redis restarted without its data, or evicted
-  it) makes it again for its period, unless the org's snapshot is of another period or its period is over.
+  another period than the counter's is dropped (but for the one its records were carried from, ``pp`` below); one
+  finding no counter (Redis restarted without its data, or evicted it) makes it again for its period, unless the
+  org's snapshot is of another period or its period is over. One of a call checked before the counter's period began
+  (the second of its reservation, or the date of its event for a request's tokens settled once that is built) is
+  dropped when it names the carried period or none (a call let through before any snapshot): billed in the one before.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
   older than ``requested_at - settle_lag`` or than the period's start (and in-flight ones older than
   ``inflight_horizon``). A counter of another period has the records made since the new period began carried over
-  (``pp``: the period they came from, whose settles of those calls then apply); one of a period not started yet
+  (``pp``: the period they came from, whose settles of those calls then apply), but for a counter of the stored
+  snapshot's period when that period ended at or before the new one's start (the next period, read before any check
+  rolled it over): it starts afresh. One made before any snapshot adopts its period, less the calls in flight since
+  before the period began (billed in the one before). One of a period not started yet
   (a subscription starting later today, see ``NOT_STARTED``) is dropped: nothing is counted before it starts. A
   snapshot of a period before the stored one's (a read begun before a rollover, Lago's clock behind) is not stored:
   the refresh hands its lock back. A refresh whose
@@ -177,9 +183,16 @@ if period ~= '' then
   elseif cp ~= period then
     -- a period begun within this one since (STORE carried its records over, 'pp' naming the one they came from):
     -- the calls of that one made since the new one began are its own
+    -- (ARGV[8]: the second its call was checked in, its reservation's or its event's date; '' not known): one
+    -- checked before the new period began is the old one's, its tokens settled when its event is built included
     if redis.call('HGET', cnt, 'pp') ~= period then return 0 end
-    if ARGV[2] ~= '' and tonumber(ARGV[2]) < math.floor(tonumber(cp)) then return 0 end
+    if ARGV[8] ~= '' and tonumber(ARGV[8]) < math.floor(tonumber(cp)) then return 0 end
   end
+elseif ARGV[8] ~= '' then
+  -- a call checked before any snapshot (fail-open), before the period its counter was then adopted into (see
+  -- STORE): billed in the period before, nothing of it counts here (nor its tokens, settled when its event is built)
+  local cp = tonumber(redis.call('HGET', cnt, 'p') or '')
+  if cp and tonumber(ARGV[8]) < math.floor(cp) then return 0 end
 end
 if ARGV[2] ~= '' then
   local field = 'i:' .. ARGV[2]
@@ -210,7 +223,7 @@ if ARGV[10] ~= '' then
   local holder = redis.call('GET', lock)
   if holder and holder ~= ARGV[10] then return -1 end
 end
-local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps')
+local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps', 'pe')
 -- (one requested past ARGV[13], the caller's now + CLOCK_STEP, was read on a clock stepped back since: replaced)
 if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) and tonumber(cur[1]) <= tonumber(ARGV[13]) then return 0 end
 if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(cur[3]) then
@@ -244,21 +257,47 @@ if since and tonumber(ARGV[16]) < since then
 end
 if cp and cp ~= ps then
   if ARGV[6] == '' then redis.call('DEL', cnt); return 1 end
-  -- a period begun within the counter's (an upgrade, terminated and subscribed again, a downgrade switched after the
-  -- boundary): the records made since it began, which Lago may not have counted yet (the last settle_lag seconds',
-  -- those in flight), are carried over to it ('pp': the settles of the old period's calls made since apply here);
-  -- those before it are the old subscription's
-  local old = redis.call('HGETALL', cnt)
-  redis.call('DEL', cnt)
-  redis.call('HSET', cnt, 'p', ps, 'pp', cp)
+  if cur[2] == '1' and cur[3] == cp and cur[4] and tonumber(cur[4]) <= since then
+    -- the period after the stored one (read as it ended, before any check rolled it over): its records begin with
+    -- it. Those kept are of calls checked before its start (recorded after it, some), billed in the period that
+    -- ended, as are the tokens of those calls still to be settled (no 'pp': their settles are dropped)
+    redis.call('DEL', cnt)
+    redis.call('HSET', cnt, 'p', ps)
+  else
+    -- a period begun within the counter's (an upgrade, terminated and subscribed again, a downgrade switched after
+    -- the boundary): the records made since it began, which Lago may not have counted yet (the last settle_lag
+    -- seconds', those in flight), are carried over to it ('pp': the settles of the old period's calls made since
+    -- apply here); those before it are the old subscription's
+    local old = redis.call('HGETALL', cnt)
+    redis.call('DEL', cnt)
+    redis.call('HSET', cnt, 'p', ps, 'pp', cp)
+    local start = math.floor(since)
+    for i = 1, #old, 2 do
+      local f = old[i]
+      if string.sub(f, 2, 2) == ':' then
+        local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(old[i + 1])
+        if sec and sec >= start and (kind == 'c' or kind == 't' or kind == 'i') then
+          redis.call('HINCRBY', cnt, f, val)
+          redis.call('HINCRBY', cnt, kind == 't' and 'tokens' or 'calls', val)
+        end
+      end
+    end
+  end
+  cp = ps
+elseif not cp and ARGV[6] ~= '' and redis.call('EXISTS', cnt) == 1 then
+  -- records made before any snapshot (calls LAGO_FAIL_OPEN let through) are its period's, but for the calls in
+  -- flight since before it began (before a boundary, or an upgrade made meanwhile): their events, dated at their
+  -- checks, are billed in the period before (SETTLE drops their settles, which name no period)
+  redis.call('HSET', cnt, 'p', ps)
   local start = math.floor(since)
+  local old = redis.call('HGETALL', cnt)
   for i = 1, #old, 2 do
     local f = old[i]
-    if string.sub(f, 2, 2) == ':' then
-      local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(old[i + 1])
-      if sec and sec >= start and (kind == 'c' or kind == 't' or kind == 'i') then
-        redis.call('HINCRBY', cnt, f, val)
-        redis.call('HINCRBY', cnt, kind == 't' and 'tokens' or 'calls', val)
+    if string.sub(f, 1, 2) == 'i:' then
+      local sec = tonumber(string.sub(f, 3))
+      if sec and sec < start then
+        redis.call('HDEL', cnt, f)
+        redis.call('HINCRBY', cnt, 'calls', -tonumber(old[i + 1]))
       end
     end
   end
@@ -833,8 +872,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-#: A settle queued for Redis: (org, period, in-flight bucket or "", billed "1"/"0", its second, tokens).
-_Queued = tuple[str, str, str, str, str, int]
+#: A settle queued for Redis: (org, period, in-flight bucket or "", billed "1"/"0", its second, tokens, the second
+#: its call was checked in or "": see QuotaBackend.settle).
+_Queued = tuple[str, str, str, str, str, int, str]
 
 #: How long the mark of a write of settles lasts (see _Mark): longer than Redis stays down, or a next event loop takes
 #: to come, in any likely case (one key per run of the writer: nothing piles up).
@@ -1379,22 +1419,42 @@ class RedisBackend:
             return
         self.fallback.seed(org_id, dataclasses.replace(seen.snapshot, base_calls=seen.calls, base_tokens=seen.tokens))
 
-    def settle(self, org_id: str, period: str, bucket: int | None, now: float, *, tokens: int, billed: bool) -> None:
+    def settle(
+        self,
+        org_id: str,
+        period: str,
+        bucket: int | None,
+        now: float,
+        *,
+        tokens: int,
+        billed: bool,
+        checked: int | None = None,
+    ) -> None:
         if period == NOT_STARTED:  # (allowed before its subscription started: nothing counted)
             return
+        if bucket is not None:
+            checked = bucket  # (the second of its check: see QuotaBackend.settle)
         # A call reserved in Redis is settled in Redis, even after an outage began: there its reservation waits to be
         # released (the local counts, seeded with what Redis showed, hold it already). Kept queued until Redis
         # answers, within reason (beyond the bound, and once closed, they are counted here instead).
         if self._closed or (not self._up() and (self._unusable or len(self._queue) >= _MAX_QUEUED_SETTLES)):
-            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
+            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed, checked=checked)
             return
         if bucket is None and not self._up():
             # Nothing reserved in Redis (tokens counted after the call, a call billed without a check): counted here,
             # where the outage's decisions are made (a token limit holds meanwhile), and merged into Redis after it
             self._seed_fallback(org_id)
-            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed)
+            self.fallback.settle(org_id, period, None, now, tokens=tokens, billed=billed, checked=checked)
             return
-        item = (org_id, period, "" if bucket is None else str(bucket), "1" if billed else "0", str(int(now)), tokens)
+        item = (
+            org_id,
+            period,
+            "" if bucket is None else str(bucket),
+            "1" if billed else "0",
+            str(int(now)),
+            tokens,
+            "" if checked is None else str(checked),
+        )
         self._queue.append(item)
         if bucket is not None and not billed:
             self._releasing.add(org_id)
@@ -1584,9 +1644,9 @@ class RedisBackend:
         calls = [
             (
                 [self.key(org_id, "count"), self.key(org_id, "snap")],
-                [period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS],
+                [period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS, checked],
             )
-            for org_id, period, bucket, billed, now, tokens in batch
+            for org_id, period, bucket, billed, now, tokens, checked in batch
         ]
         return await self._settle.run_all(self.redis, calls, mark=mark)
 
@@ -1649,8 +1709,9 @@ class RedisBackend:
             self._wakeup.set()
 
     def _settle_locally(self, batch: list[_Queued]) -> None:
-        for org_id, period, _bucket, billed, now, tokens in batch:
-            self.fallback.settle(org_id, period, None, float(now), tokens=tokens, billed=billed == "1")
+        for org_id, period, _bucket, billed, now, tokens, checked in batch:
+            second = int(checked) if checked else None
+            self.fallback.settle(org_id, period, None, float(now), tokens=tokens, billed=billed == "1", checked=second)
 
     async def load(self, org_id: str) -> Snapshot | None:
         if self._up():
