@@ -43,6 +43,7 @@ from ._events import event_payload
 from ._forks import track
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._ids import _FORBIDDEN, validate_id
+from ._quota import QuotaGate, _Decision
 from ._settings import BillingSettings, masked_url
 
 if TYPE_CHECKING:
@@ -784,7 +785,7 @@ class OrgBilling:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
-        self._count(org_id, payload, quota)
+        self._count(org_id, payload, quota, dated=timestamp is not None)
         return created
 
     def record_usage_nowait(
@@ -806,12 +807,12 @@ class OrgBilling:
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         if not pipeline.submit(payload):  # (also logged and counted as dropped by the pipeline)
             raise _not_queued(pipeline, str(payload["transaction_id"]))
-        self._count(org_id, payload, self.quota)
+        self._count(org_id, payload, self.quota, dated=timestamp is not None)
         return str(payload["transaction_id"])
 
-    def _count(self, org_id: str, event: JSON, quota: QuotaGateProtocol | None) -> None:
+    def _count(self, org_id: str, event: JSON, quota: QuotaGateProtocol | None, *, dated: bool) -> None:
         """Tell the quota gate (if any) about a recorded event: a call of ``LAGO_EVENT_CODE``, tokens of its token
-        metric."""
+        metric. ``dated``: the caller gave its timestamp (maybe of a period that has ended: see :func:`_dated`)."""
         if quota is None:
             return
         calls = event["code"] == self.settings.event_code
@@ -820,7 +821,7 @@ class OrgBilling:
             value = event["properties"].get("total_tokens")
             tokens = value if type(value) is int and value > 0 else 0
         if calls or tokens:
-            quota.settle(org_id, QuotaDecision(), tokens=tokens, billed=calls)
+            quota.settle(org_id, _dated(quota, event, dated), tokens=tokens, billed=calls)
 
     def record_api_call_nowait(
         self,
@@ -1128,6 +1129,15 @@ def _api_call_properties(
         if value is not None:
             props[key] = value
     return props
+
+
+def _dated(quota: QuotaGateProtocol, event: JSON, dated: bool) -> QuotaDecision:
+    """The decision a recorded event is counted with: in this package's gate, with an event the caller dated, its
+    second (Lago bills it in the period of its timestamp: one of a period that has ended is not counted in the current
+    one); else none (counted now)."""
+    if dated and isinstance(quota, QuotaGate):
+        return _Decision(reserved=False, bucket=int(float(event["timestamp"])))
+    return QuotaDecision()
 
 
 def _attribution_text(name: str, value: object, ids: bool = False) -> str | None:
