@@ -850,10 +850,13 @@ class UsageRecorder:
             # SSE lines end with \r\n, \n or \r; a \r\n split across two chunks must count once.
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        # A line held whole is over the cap by its data (see _line): a "data:" line's field name is not counted, so
+        # that an event is kept or dropped alike whether its line came with its end or not (a cut before its newline)
+        limit = self._config.max_body_bytes + (0 if self._ndjson else _DATA_FIELD)
         if b"\n" not in chunk:
             if not self._discarding:
                 self._partial += chunk
-                if len(self._partial) > self._config.max_body_bytes:
+                if len(self._partial) > limit:
                     self._discard(self._partial)
             elif self._discarded_data:
                 self._tail = (self._tail + chunk[-_TAIL:])[-_TAIL:]
@@ -870,7 +873,7 @@ class UsageRecorder:
         for line in lines:
             self._line(line)
         self._partial = tail
-        if len(tail) > self._config.max_body_bytes:
+        if len(tail) > limit:
             self._discard(tail)
 
     def _feed_frames(self, chunk: bytes) -> None:
@@ -1571,6 +1574,9 @@ _internal_logged: set[str] = set()
 _BOM = b"\xef\xbb\xbf"
 #: The marker of a stream event whose data was dropped (over the cap).
 _SKIP = b"\x00skip"
+#: How much longer than the cap a ``data:`` line held before its end may be: an event is over the cap by its data
+#: and a line end each (``len(value) + 1``), and ``data: value`` is 6 bytes longer than its value.
+_DATA_FIELD = 5
 #: The last bytes of a dropped stream event looked at for its usage.
 _TAIL = 65_536
 _said_once: set[str] = set()

@@ -1698,6 +1698,7 @@ class _RedirectWatcher(_ResponseWatcher):
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start" and message.get("status") == 307:
+            message = _listed(message)  # (a generator of headers read here was sent on empty)
             for name, value in message.get("headers") or ():
                 if name.lower() == b"location":
                     self.location = value
@@ -1717,6 +1718,7 @@ class _PreflightWatcher(_RedirectWatcher):
 
     def __call__(self, message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start" and not self.sent and not self.ended:
+            message = _listed(message)  # (a generator of headers read here was sent on without what any() consumed)
             self.cors = any(name.lower() == b"access-control-allow-methods" for name, _ in message.get("headers") or ())
         return _RedirectWatcher.__call__(self, message)
 
@@ -1731,6 +1733,16 @@ class _PreflightWatcher(_RedirectWatcher):
             return lambda send: response(scope, receive, send)
 
         return on_start
+
+
+def _listed(message: Message) -> Message:
+    """An ``http.response.start`` whose headers are any iterable but a list or tuple (ASGI allows any: a generator),
+    with them in a list: read once, where the watcher looks at them, and sent on whole (as
+    :meth:`_ResponseWatcher.__call__` does inline)."""
+    headers = message.get("headers")
+    if type(headers) is not list and headers is not None and type(headers) is not tuple:
+        return {**message, "headers": list(headers)}
+    return message
 
 
 def _https_redirect_of(scope: Scope, location: bytes | None) -> bool:
