@@ -210,7 +210,10 @@ class LocalBackend:
             if mode != "blind":
                 return Outcome(MISSING, backend=self)
             counts.reserve(bucket)
-            return Outcome(COUNTED, None, counts.calls, counts.tokens, "", counts.period, bucket, self)
+            # (of no period, as the Redis CHECK script's: these counts may be named after a period the call is not of,
+            # the one before an invalidation or a boundary, which a snapshot of the next period drops with its settle;
+            # the first snapshot's period takes it, but for one checked before that period began: see settle)
+            return Outcome(COUNTED, None, counts.calls, counts.tokens, "", "", bucket, self)
         if not snap.active:
             return Outcome(NO_SUBSCRIPTION, snap, backend=self)
         if now < snap.period_start:  # not started: served, nothing counted (see NOT_STARTED)
@@ -253,20 +256,33 @@ class LocalBackend:
         counts = (state if state is not None else self._org(org_id)).counts
         if bucket is not None:
             checked = bucket  # (the second of its check: see QuotaBackend.settle)
-        if not period and before_period(counts.period, checked):
-            # checked before any snapshot, before the period its records were then taken into (see store_now): its
-            # call, and its tokens settled when its event is built, are billed in the period before
-            return
-        if period and counts.period != period:
+        if not period:
+            if before_period(counts.period, checked):
+                # checked before any snapshot, before the period its records were then taken into (see store_now): its
+                # call, and its tokens settled when its event is built, are billed in the period before. Its call is
+                # released even so, if held here still (records taken back after a merge into Redis was cut off, as
+                # the SETTLE script releases one a check adopted or a merge handed over)
+                counts.settle(bucket, 0, 0, False)
+                return
+        elif counts.period != period:
             if counts.period:
                 # the period changed since: nothing of it is counted any more, but for the calls made since the new
                 # one began (carried over: their events, dated then, are billed in it); the tokens of one checked
                 # before it (settled when its event is built, after the call) are the old period's too
-                if period != counts.prior or before_period(counts.period, checked):
+                if period != counts.prior:
+                    return
+                if before_period(counts.period, checked):
+                    counts.settle(bucket, 0, 0, False)  # (released, if held here: as above)
                     return
             else:
                 # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that
-                # period, which its next snapshot keeps (if of that period), not dropped
+                # period, which its next snapshot keeps (if of that period), not dropped. Not when the org's snapshot
+                # says that period is over or not its own (the counts reset at its end, the org cold: a late settle of
+                # a call checked before it, as the Redis SETTLE script drops it): named after it, these counts, with
+                # the calls let through since, would be dropped as the ended period's by the next period's snapshot
+                snap = state.snapshot if state is not None else None
+                if snap is not None and (not snap.active or period_key(snap) != period or snap.period_end <= int(now)):
+                    return
                 counts.period = period
         counts.settle(bucket, int(now), tokens, billed)
 

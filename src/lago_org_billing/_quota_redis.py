@@ -167,6 +167,7 @@ return {code, calls, tokens, hit, full}
 SETTLE = """
 local cnt = KEYS[1]
 local period = ARGV[1]
+local before = false
 if period ~= '' then
   local cp = redis.call('HGET', cnt, 'p')
   if not cp then
@@ -186,15 +187,17 @@ if period ~= '' then
     -- (ARGV[8]: the second its call was checked in, its reservation's or its event's date; '' not known): one
     -- checked before the new period began is the old one's, its tokens settled when its event is built included
     if redis.call('HGET', cnt, 'pp') ~= period then return 0 end
-    if ARGV[8] ~= '' and tonumber(ARGV[8]) < math.floor(tonumber(cp)) then return 0 end
+    before = ARGV[8] ~= '' and tonumber(ARGV[8]) < math.floor(tonumber(cp))
   end
 elseif ARGV[8] ~= '' then
   -- a call checked before any snapshot (fail-open), before the period its counter was then adopted into (see
   -- STORE): billed in the period before, nothing of it counts here (nor its tokens, settled when its event is built)
   local cp = tonumber(redis.call('HGET', cnt, 'p') or '')
-  if cp and tonumber(ARGV[8]) < math.floor(cp) then return 0 end
+  before = cp and tonumber(ARGV[8]) < math.floor(cp)
 end
 if ARGV[2] ~= '' then
+  -- (released even so: one checked before the period, in flight here still, was adopted with a counter made before
+  -- any snapshot by a check, or a STORE of a release before this one, or handed over by a MERGE)
   local field = 'i:' .. ARGV[2]
   local left = tonumber(redis.call('HGET', cnt, field) or '0')
   if left > 0 then
@@ -202,6 +205,7 @@ if ARGV[2] ~= '' then
     redis.call('HINCRBY', cnt, 'calls', -1)
   end
 end
+if before then return 0 end
 if ARGV[4] == '1' then
   redis.call('HINCRBY', cnt, 'c:' .. ARGV[3], 1)
   redis.call('HINCRBY', cnt, 'calls', 1)
