@@ -42,8 +42,9 @@ subscriptions while the middleware, deployed next, bills the org's; the second (
 warning says so). The second phase keeps the donor of the first (its journal names it; without the journal, the
 candidate whose entitlements of its own the org subscription has, should another ``--plan-policy`` pick another), and
 ``verify`` picks it as ``execute`` did: never a subscription begun after the org subscription was made (a plan bought
-or upgraded in the window). ``verify`` in between reports the users' active subscriptions and that the second phase
-is pending.
+or upgraded in the window; for an org subscription the org had before, after the migration first wrote to its customer,
+whose ``migrated_from_user`` item's ``created_at`` says when). ``verify`` in between reports the users' active
+subscriptions and that the second phase is pending.
 One run doing both loses events either way: the old integration's sent after it to the users' ended subscriptions, or
 the middleware's sent before it for orgs without a subscription (Lago takes both and never bills them).
 
@@ -1940,7 +1941,8 @@ async def plan_org(
     # (an org subscription an earlier run made: _donor_kept reads the users' terminated subscriptions too, listed here
     # with their active and pending ones, one listing per user rather than two)
     made_for = customer_metadata(org_customer).get(METADATA_MIGRATED_FROM, "").split(",")
-    with_ended = _earlier_run(org, org_subscription, made_for, donor_hint) is not None
+    began = _migration_began(org_customer)
+    with_ended = _earlier_run(org, org_subscription, made_for, donor_hint, began) is not None
     ended_statuses = ("terminated",) if with_ended else ()
     users: list[tuple[str, JSON | None, list[JSON]]] = []
     terminated: dict[str, list[JSON]] = {}
@@ -2160,6 +2162,7 @@ async def plan_org(
         result,
         donor_hint,
         terminated if with_ended else None,
+        began,
     )
     if kept_donor is not None:  # (the org subscription an earlier run made: its donor, whatever changed since)
         donor, candidates = kept_donor
@@ -2321,6 +2324,7 @@ async def _donor_kept(
     result: OrgResult,
     donor_hint: tuple[str, str] | None,
     terminated: Mapping[str, Sequence[JSON]] | None = None,
+    began: dt.datetime | None = None,
 ) -> tuple[tuple[str, JSON], list[tuple[str, JSON]]] | None:
     """The donor and the candidates of an org subscription an earlier run of this migration made while its users'
     are still active (a second phase, a first phase again, a run resumed; the org customer's ``migrated_from_user``
@@ -2329,8 +2333,9 @@ async def _donor_kept(
     upgrade, a plan bought in the window: a warning names those, which the second phase ends); the first phase's
     donor (``donor_hint``, from the journal) when found. ``None`` otherwise: the donor is picked among ``active``.
     ``terminated``: the users' terminated subscriptions, by user, when :func:`plan_org` listed them with their others
-    (else read here: one more listing per user)."""
-    since = _earlier_run(org, org_subscription, previous_users, donor_hint)
+    (else read here: one more listing per user). ``began``: when the migration first wrote to the org customer (see
+    :func:`_migration_began`)."""
+    since = _earlier_run(org, org_subscription, previous_users, donor_hint, began)
     if org_subscription is None or not active or since is None:
         return None
 
@@ -2398,15 +2403,35 @@ async def _listed_or_read(
 
 
 def _earlier_run(
-    org: OrgMapping, org_subscription: JSON | None, previous_users: Iterable[str], donor_hint: tuple[str, str] | None
+    org: OrgMapping,
+    org_subscription: JSON | None,
+    previous_users: Iterable[str],
+    donor_hint: tuple[str, str] | None,
+    began: dt.datetime | None = None,
 ) -> dt.datetime | None:
-    """When the org subscription was made, if an earlier run of this migration made it (the org customer's
-    ``migrated_from_user`` names one of the org's users, or the journal names its donor: ``donor_hint``); ``None``
-    otherwise (see :func:`_donor_kept`)."""
+    """When an earlier run of this migration found the org subscription (the org customer's ``migrated_from_user``
+    names one of the org's users, or the journal names its donor: ``donor_hint``): when it made it, or, for one the org
+    had before, when that run first wrote to the org customer (``began``, see :func:`_migration_began`). The users'
+    subscriptions begun after that were not there for it to pick (see :func:`_donor_kept`); those the org subscription
+    had before were (the first run picked among them all: a run resumed picks as it did). ``None`` when no earlier run
+    found it."""
     since = parse_time((org_subscription or {}).get("created_at"))
     users = {user_id for user_id in previous_users if user_id and not user_id.startswith("+")}
     earlier = bool(users & set(org.users)) or donor_hint is not None
-    return since if org_subscription is not None and earlier else None
+    if org_subscription is None or not earlier:
+        return None
+    return max(since, began) if since is not None and began is not None else since
+
+
+def _migration_began(org_customer: JSON | None) -> dt.datetime | None:
+    """When this migration first wrote to the org customer: the ``created_at`` of its ``migrated_from_user`` metadata
+    item (written by the first write of every run, before the org subscription is made, and kept, with its id, when a
+    later run changes its value); ``None`` when it has none. An org subscription made before it (``created_at``) is
+    one the org had before the migration."""
+    for item in (org_customer or {}).get("metadata") or ():
+        if isinstance(item, Mapping) and item.get("key") == METADATA_MIGRATED_FROM:
+            return parse_time(item.get("created_at"))
+    return None
 
 
 def _warn_scheduled(
@@ -2828,6 +2853,7 @@ async def verify_org(
                 result,
                 active,
                 ended_by_user if with_ended else None,
+                _migration_began(result.customer),
             )
     for user_id, items in pages:
         for status in ("active", "pending"):  # (a pending one would start billing the user later)
@@ -2874,19 +2900,25 @@ async def _verify_overrides(
     result: OrgResult,
     active: Sequence[tuple[str, JSON]] = (),
     listed: Mapping[str, Sequence[JSON]] | None = None,
+    began: dt.datetime | None = None,
 ) -> None:
     """Pick the donor again, as ``--execute`` did: among the users' subscriptions ended since the org subscription
     was made (terminated ones, an upgraded one too) and those still ``active`` (the first phase done, the second not
     yet: ``--prepare``), else canceled ones that would have started later (not a downgrade waiting for its date), by
     the plan policy. When it is on the org subscription's plan, the org subscription must
     have each of its overrides and go without what it had removed of the plan's entitlements (but for an org
-    subscription older than the donor's, which --execute did not make: a warning). ``listed``: the users' terminated
-    and canceled subscriptions, by user, when :func:`verify_org` listed them with their others (else read here)."""
+    subscription --execute did not make, one the org had before the migration or older than the donor's: a warning).
+    ``listed``: the users' terminated and canceled subscriptions, by user, when :func:`verify_org` listed them with
+    their others (else read here). ``began``: when the migration first wrote to the org customer
+    (:func:`_migration_began`): an org subscription made before it is one the org had, whose donor --execute picked
+    among the users' subscriptions there then, those begun after the org subscription too."""
     sub_id = str(subscription.get("external_id"))
     status = str(subscription.get("status") or "active")
-    since = parse_time(subscription.get("created_at"))
-    if since is None:
+    made = parse_time(subscription.get("created_at"))
+    if made is None:
         return
+    had_before = began is not None and made < began
+    since = max(made, began) if began is not None else made
     ended: list[tuple[str, JSON]] = []
     for user_id in org.users:
         olds = await _listed_or_read(client, listed, user_id, ("terminated", "canceled"))
@@ -2942,12 +2974,14 @@ async def _verify_overrides(
             f"gets the plan's values); set them: PATCH {_entitlements_path(sub_id, status)} {body}"
         )
     donor_made = parse_time(donor.get("created_at"))
-    if to_remove and donor_made is not None and since < donor_made:  # (so not made by its migration: see plan_org)
+    older = donor_made is not None and made < donor_made
+    if to_remove and (had_before or older):  # (so not made by its migration: see plan_org)
         result.entitlements_removed = [removal for removal in wanted.removed if removal not in to_remove]
         names = ", ".join(_removal_name(removal) for removal in to_remove)
         calls = ", ".join(f"DELETE {_entitlements_path(sub_id, status, removal)}" for removal in to_remove)
+        before = origin if older else "this migration"
         result.warnings.append(
-            f"org subscription {sub_id!r} existed before {origin}: it keeps {names} of its plan's entitlements, "
+            f"org subscription {sub_id!r} existed before {before}: it keeps {names} of its plan's entitlements, "
             f"which {origin} had removed (--execute does not take them from the whole org for one user); if the org "
             f"should go without them: {calls}"
         )
