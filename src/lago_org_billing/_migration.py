@@ -1748,6 +1748,8 @@ async def _holdings(
         try:
             return await _listed(items)
         except LagoAuthenticationError as exc:
+            if exc.status != 403:  # (a 401: the key itself refused, which stops the run as anywhere else)
+                raise
             what = (
                 f"Lago refused GET {path} (403{f' {exc.code}' if exc.code else ''}): this API key may not read "
                 f"them, so whether user {user_id!r} holds {kind.replace('_', ' ')} could not be checked"
