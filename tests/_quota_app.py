@@ -44,6 +44,23 @@ class Clock:
         self.at += dt.timedelta(seconds=seconds)
 
 
+#: The limits of plans ``small`` and ``big`` of :func:`small_and_big_lago`.
+SMALL = {"max_api_calls": 6, "max_tokens": 150}
+BIG = {"max_api_calls": 11, "max_tokens": 300}
+
+
+def small_and_big_lago(clock: Clock, org_id: str = "org_1") -> FakeLago:
+    """``api_call`` summing ``total_tokens``; feature ``api_quota``; plans ``small`` and ``big`` (a dearer one: a change
+    to it is an upgrade, at once; back is a downgrade, at the period's end); ``org_id`` on ``small`` since January."""
+    fake = FakeLago(api_key="k", clock=clock.now)
+    charge = metric_and_feature(fake)
+    fake.add_plan("small", amount_cents=1_000, charges=[charge], entitlements={"api_quota": SMALL})
+    fake.add_plan("big", amount_cents=10_000, charges=[charge], entitlements={"api_quota": BIG})
+    fake.add_customer(org_id)
+    fake.add_subscription(org_id, "small", subscription_at="2026-01-01T00:00:00Z")
+    return fake
+
+
 def metric_and_feature(fake: FakeLago) -> dict[str, Any]:
     """``api_call`` summing ``total_tokens`` and feature ``api_quota`` (``max_api_calls``, ``max_tokens``) in
     ``fake``: the charge of a plan on that metric (free)."""

@@ -46,7 +46,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _quota_app import Clock, metric_and_feature, needs_redis
+from _quota_app import BIG, SMALL, Clock, needs_redis, small_and_big_lago
 from lago_org_billing import BillingSettings, LagoClient, _quota
 from lago_org_billing._gate import QuotaDecision
 from lago_org_billing._middleware import _tokens_only
@@ -62,8 +62,6 @@ ORG = "org_1"
 LAG = 5.0  # QuotaConfig.settle_lag
 TTL = 30.0  # LAGO_USAGE_CACHE_TTL
 BACKOFF = 5.0  # QuotaConfig.failure_backoff
-SMALL = {"max_api_calls": 6, "max_tokens": 150}
-BIG = {"max_api_calls": 11, "max_tokens": 300}
 #: Lago's reads (subscription, entitlements, current usage): what an outage fails; events always get through (the
 #: guarantees hold "as long as events reach Lago within settle_lag")
 READ_PATHS = ("/api/v1/subscriptions", "/api/v1/customers")
@@ -432,18 +430,6 @@ class World:
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def seeded_lago(clock: Clock) -> FakeLago:
-    """``api_call`` summing ``total_tokens``; feature ``api_quota``; plans ``small`` and ``big`` (a dearer one: a change
-    to it is an upgrade, at once; back is a downgrade, at the period's end); org_1 on ``small`` since January."""
-    fake = FakeLago(api_key="k", clock=clock.now)
-    charge = metric_and_feature(fake)
-    fake.add_plan("small", amount_cents=1_000, charges=[charge], entitlements={"api_quota": SMALL})
-    fake.add_plan("big", amount_cents=10_000, charges=[charge], entitlements={"api_quota": BIG})
-    fake.add_customer(ORG)
-    fake.add_subscription(ORG, "small", subscription_at="2026-01-01T00:00:00Z")
-    return fake
-
-
 @contextlib.asynccontextmanager
 async def world(
     seed: int,
@@ -455,7 +441,7 @@ async def world(
 ) -> AsyncIterator[World]:
     """The gates (``workers`` of them, sharing ``redis_url`` when given) running on the emulator and one clock."""
     clock = Clock(start)
-    fake = seeded_lago(clock)
+    fake = small_and_big_lago(clock, ORG)
     settings = BillingSettings(
         api_url=fake.base_url,
         api_key="k",

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from _quota_app import Clock, metric_and_feature
+from _quota_app import BIG, SMALL, Clock, small_and_big_lago
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware, _middleware
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing.testing import FakeLago
@@ -32,8 +32,6 @@ pytestmark = pytest.mark.anyio
 
 UTC = dt.timezone.utc
 ORG = "org_1"
-SMALL = {"max_api_calls": 6, "max_tokens": 150}
-BIG = {"max_api_calls": 11, "max_tokens": 300}
 MID_MONTH = dt.datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
 MONTH_END = dt.datetime(2026, 3, 31, 23, 59, 50, tzinfo=UTC)
 APRIL = dt.datetime(2026, 4, 1, tzinfo=UTC)
@@ -90,12 +88,7 @@ async def setup(
 ) -> AsyncIterator[Setup]:
     clock = Clock(start)
     monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=clock.time))  # (events dated on it)
-    fake = FakeLago(api_key="k", clock=clock.now)
-    charge = metric_and_feature(fake)
-    fake.add_plan("small", amount_cents=1_000, charges=[charge], entitlements={"api_quota": SMALL})
-    fake.add_plan("big", amount_cents=10_000, charges=[charge], entitlements={"api_quota": BIG})
-    fake.add_customer(ORG)
-    fake.add_subscription(ORG, "small", subscription_at="2026-01-01T00:00:00Z")
+    fake = small_and_big_lago(clock, ORG)
     fake.emitted_webhooks.clear()
     settings = BillingSettings(
         api_url=fake.base_url,
