@@ -49,7 +49,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -819,22 +818,7 @@ def killed_child(world: World, nth: int, when: str, *argv: str) -> str:
         env = {**os.environ, "LAGO_API_URL": url, "LAGO_API_KEY": API_KEY, "PYTHONPATH": here}
         env["LAGO_SUBSCRIPTION_ID_TEMPLATE"] = world.template
         command = ["migrate", *options(world), "--execute", "--journal", str(world.journal), *argv]
-        with (world.tmp / "child.log").open("w") as log:
-            child = subprocess.Popen(
-                [sys.executable, test_migration_resume.__file__, str(nth), when, *command],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-            try:
-                assert child.stdout is not None
-                marker = child.stdout.readline()
-            finally:
-                child.kill()
-                child.wait()
-                if child.stdout is not None:
-                    child.stdout.close()
+        marker = test_migration_resume.frozen_then_killed(nth, when, command, env, world.tmp / "child.log")
     return marker.strip()
 
 

@@ -190,6 +190,24 @@ def _migrate(
     return code, out.getvalue()
 
 
+def frozen_then_killed(nth: int, when: str, command: list[str], env: dict[str, str], log_path: Path) -> str:
+    """This file run as the child (see the end of it): ``lago-org-billing <command>`` frozen just ``before`` its
+    ``nth`` write or just ``after`` Lago answered it, then SIGKILLed; returns what it printed then (nothing: it finished
+    before). Its stderr goes to ``log_path``."""
+    with log_path.open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, __file__, str(nth), when, *command], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        try:
+            assert child.stdout is not None
+            return child.stdout.readline()
+        finally:
+            child.kill()
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("nth", range(1, WRITES + 1))
@@ -207,22 +225,7 @@ def test_a_run_killed_at_any_write_resumes_to_the_state_of_an_uninterrupted_run(
     command = ["migrate", "--mapping-file", str(tmp_path / "mapping.csv"), "--execute", "--journal", journal]
     with serve_in_thread(fake) as url:
         env = {**os.environ, "LAGO_API_URL": url, "LAGO_API_KEY": API_KEY, "PYTHONPATH": str(Path(__file__).parent)}
-        with (tmp_path / "child.log").open("w") as log:
-            child = subprocess.Popen(
-                [sys.executable, __file__, str(nth), when, *command],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-            try:
-                assert child.stdout is not None
-                marker = child.stdout.readline()
-            finally:
-                child.kill()
-                child.wait()
-                if child.stdout is not None:
-                    child.stdout.close()
+        marker = frozen_then_killed(nth, when, command, env, tmp_path / "child.log")
         assert marker.startswith("FROZEN"), (tmp_path / "child.log").read_text()
         code, output = _migrate(url, fake, tmp_path, "--execute", "--journal", journal)
         assert code == 0, (marker, output)
