@@ -76,6 +76,7 @@ import logging
 import string
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
@@ -279,7 +280,8 @@ _DEDUPE_USE = RedisUse(
 
 class RedisDedupe:
     """Dedupe shared by every worker through Redis (extra ``redis``): one key per webhook,
-    ``<prefix><unique key>`` = ``processing`` (expires after ``processing_ttl``) then ``done`` (after ``ttl``).
+    ``<prefix><unique key>`` = ``processing:<the claim's own id>`` (expires after ``processing_ttl``) then ``done``
+    (after ``ttl``).
 
     A client made from ``url`` gives up on a Redis call after ``timeout`` seconds (default 2; a ``socket_timeout``
     in the URL wins): the webhook is then processed without dedupe rather than held until Lago times out."""
@@ -316,11 +318,17 @@ class RedisDedupe:
     async def claim(self, key: str) -> DedupeState:
         name = self.prefix + key
         redis = self.redis
+        # The claim is this call's own (its value): a client that retries a command whose connection dropped
+        # (redis-py's ``Redis(...)`` does, 3 times) sends the SET again after Redis ran it, which found the delivery
+        # claimed: answered 409 "being processed" though nobody was, as were Lago's retries until the claim lapsed.
+        mine = f"processing:{uuid.uuid4().hex}"
         for _ in range(2):  # the key may expire between SET NX and GET
-            if await self._call(lambda: redis.set(name, "processing", nx=True, ex=self.processing_ttl)):
+            if await self._call(lambda: redis.set(name, mine, nx=True, ex=self.processing_ttl)):
                 return "new"
             value = await self._call(lambda: redis.get(name), write=False)
             if value is not None:
+                if value in (mine, mine.encode()):  # (the SET a retry sent again: Redis had run the first)
+                    return "new"
                 return "done" if value in (b"done", "done") else "processing"
         return "processing"
 
@@ -358,9 +366,11 @@ class RedisDedupe:
             await close()
 
 
-#: Renew a claim (not a done mark): KEYS[1] the delivery, ARGV[1] the lease in seconds.
+#: Renew a claim (not a done mark): KEYS[1] the delivery, ARGV[1] the lease in seconds. (``processing``: as workers
+#: of versions before the claim's own id wrote it, during a rolling deploy.)
 _EXTEND_CLAIM = """
-if redis.call('GET', KEYS[1]) == 'processing' then
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, 10) == 'processing' then
   return redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return 0
