@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import _resp as resp
 from _lifespan import serving_lifespan
 from _quota_app import Clock, needs_redis, seed
 from lago_org_billing import BillingSettings, LagoClient, OrgBillingMiddleware, _quota_redis
@@ -53,47 +54,6 @@ TOKENS = 7
 
 
 # ------------------------------------------------------------------------------------------------ the relay
-
-
-def _command(buffer: bytes) -> tuple[list[bytes], int] | None:
-    """The first whole command of ``buffer`` (a RESP array of bulk strings: what a client sends) and its length;
-    None while it is not all there."""
-    end = buffer.find(b"\r\n")
-    if end < 0:
-        return None
-    assert buffer[:1] == b"*", buffer[:40]
-    pos, args = end + 2, []
-    for _ in range(int(buffer[1:end])):
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            return None
-        start = end + 2
-        size = int(buffer[pos + 1 : end])
-        if len(buffer) < start + size + 2:
-            return None
-        args.append(buffer[start : start + size])
-        pos = start + size + 2
-    return args, pos
-
-
-def _answer(buffer: bytes, pos: int = 0) -> int | None:
-    """Where the first whole answer (RESP2 or RESP3) of ``buffer`` from ``pos`` ends; None while it is not all there."""
-    end = buffer.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind, head, pos = buffer[pos : pos + 1], buffer[pos + 1 : end], end + 2
-    if kind in (b"$", b"!", b"="):  # (bulk strings)
-        size = int(head)
-        if size < 0:
-            return pos
-        return pos + size + 2 if len(buffer) >= pos + size + 2 else None
-    if kind in (b"*", b"~", b">", b"%"):  # (aggregates: a map's entries are two each)
-        for _ in range(max(int(head), 0) * (2 if kind == b"%" else 1)):
-            found = _answer(buffer, pos)
-            if found is None:
-                return None
-            pos = found
-    return pos  # (one line: + - : _ , # ( and the aggregates' ends)
 
 
 def _is_settle(args: list[bytes]) -> bool:
@@ -125,7 +85,7 @@ class _Link:
             while data := self.client.recv(65536):
                 buffer += data
                 out = b""
-                while (parsed := _command(buffer)) is not None:
+                while (parsed := resp.command(buffer)) is not None:
                     args, size = parsed
                     command, buffer = buffer[:size], buffer[size:]
                     with self.wire.lock:
@@ -155,7 +115,7 @@ class _Link:
             while data := self.upstream.recv(65536):
                 buffer += data
                 out, done = b"", False
-                while (end := _answer(buffer)) is not None:
+                while (end := resp.answer(buffer)) is not None:
                     answer, buffer = buffer[:end], buffer[end:]
                     with self.wire.lock:
                         if self.mode is not None:

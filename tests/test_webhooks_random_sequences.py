@@ -69,6 +69,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+import _resp as resp
 from _quota_app import REDIS_SERVER
 from lago_org_billing import BillingSettings, LagoClient, _webhooks as webhooks_module
 from lago_org_billing._webhooks import LagoWebhooks, MemoryDedupe, RedisDedupe, WebhookEvent, sign_hmac
@@ -689,25 +690,6 @@ class Lago:
 # ------------------------------------------------------------------------------------------------ Redis, dropping
 
 
-def _command(buffer: bytes) -> tuple[list[bytes], int] | None:
-    """The first whole command of ``buffer`` (a RESP array of bulk strings) and its length; None while incomplete."""
-    end = buffer.find(b"\r\n")
-    if end < 0:
-        return None
-    pos, args = end + 2, []
-    for _ in range(int(buffer[1:end])):
-        end = buffer.find(b"\r\n", pos)
-        if end < 0:
-            return None
-        start = end + 2
-        size = int(buffer[pos + 1 : end])
-        if len(buffer) < start + size + 2:
-            return None
-        args.append(buffer[start : start + size])
-        pos = start + size + 2
-    return args, pos
-
-
 class DroppingRelay:
     """A TCP relay in front of a redis-server that drops the connection carrying a dedupe call the plan names
     (``drops``: (call, unique key, occurrence) -> "before" (the call never reaches Redis) or "after" (Redis runs it,
@@ -761,7 +743,7 @@ class DroppingRelay:
         try:
             while data := client.recv(65536):
                 buffer += data
-                while (parsed := _command(buffer)) is not None:
+                while (parsed := resp.command(buffer)) is not None:
                     args, size = parsed
                     command, buffer = buffer[:size], buffer[size:]
                     mode = self._decide(args)
