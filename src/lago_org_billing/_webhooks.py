@@ -45,7 +45,8 @@ again. Handlers that keep state should not apply an old payload over newer state
 and its timestamps, or read the current state from Lago.
 
 **Answers.** 200 once processed, for a duplicate, and for a webhook type nobody handles; 401 bad signature; 400
-not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 500 a handler raised, or the
+not a Lago webhook; 409 the same key is being processed right now (Lago retries later); 413 a body over
+``max_body_size`` (logged, naming it); 500 a handler raised, or the
 quota state could not be dropped (logged once a minute, not per webhook); 503 Lago's public key could not be fetched.
 A type nothing handles is logged once (INFO), as is a quota-changing one reaching a receiver with no quota gate.
 Anything but 200/201/202/204 makes Lago retry. Lago waits 30 s for an
