@@ -256,23 +256,12 @@ class LocalBackend:
         counts = (state if state is not None else self._org(org_id)).counts
         if bucket is not None:
             checked = bucket  # (the second of its check: see QuotaBackend.settle)
-        if not period:
-            if before_period(counts.period, checked):
-                # checked before any snapshot, before the period its records were then taken into (see store_now): its
-                # call, and its tokens settled when its event is built, are billed in the period before. Its call is
-                # released even so, if held here still (records taken back after a merge into Redis was cut off, as
-                # the SETTLE script releases one a check adopted or a merge handed over)
-                counts.settle(bucket, 0, 0, False)
-                return
-        elif counts.period != period:
+        if period and counts.period != period:
             if counts.period:
                 # the period changed since: nothing of it is counted any more, but for the calls made since the new
                 # one began (carried over: their events, dated then, are billed in it); the tokens of one checked
-                # before it (settled when its event is built, after the call) are the old period's too
+                # before it (settled when its event is built, after the call) are the old period's too (below)
                 if period != counts.prior:
-                    return
-                if before_period(counts.period, checked):
-                    counts.settle(bucket, 0, 0, False)  # (released, if held here: as above)
                     return
             else:
                 # nothing known of the org here (forgotten, or handed to Redis after an outage): records of that
@@ -284,6 +273,14 @@ class LocalBackend:
                 if snap is not None and (not snap.active or period_key(snap) != period or snap.period_end <= int(now)):
                     return
                 counts.period = period
+        if counts.period != period and before_period(counts.period, checked):
+            # of none (checked before any snapshot, before the period its records were then taken into: see
+            # store_now) or of the period carried from: checked before the counts' period began, its call, and its
+            # tokens settled when its event is built, are billed in the period before. Its call is released even so,
+            # if held here still (records taken back after a merge into Redis was cut off, as the SETTLE script
+            # releases one a check adopted or a merge handed over)
+            counts.settle(bucket, 0, 0, False)
+            return
         counts.settle(bucket, int(now), tokens, billed)
 
     def holds(self, org_id: str, bucket: int) -> bool:
