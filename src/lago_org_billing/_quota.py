@@ -1497,35 +1497,34 @@ class QuotaGate:
             again = 0  # reads made again because the org was invalidated meanwhile (at most 3)
             waited = False  # (waited for another process's read once: a second wait takes no lock freed meanwhile)
             while True:
-                while locked:
-                    snapshot = await self.fetch(org_id, previous)
-                    # invalidated while fetching (a plan change...): what was read may be stale
-                    if org_id in self._stale:
-                        if again < 3:  # read again, under a new lock (an invalidation frees the fleet's)
-                            self._stale.discard(org_id)
-                            again += 1
-                            previous = None
-                            locked = await backend.try_lock(org_id, self.ttl, self.clock())
-                            continue
-                        snapshot = dataclasses.replace(snapshot, refresh_at=0.0)  # serve it, read again at next request
-                    if await backend.store(org_id, snapshot, self.clock()) is not False:  # (None: a backend of old)
-                        stored = True
+                if not locked:  # another process refreshes it (it holds the fleet's lock): wait for its snapshot
+                    if waited:
                         break
-                    # Invalidated in another process meanwhile (a webhook there), or another process refreshes it
-                    # since: nothing was stored. Read again under a new lock, or wait for that process's snapshot.
-                    self.stats["refreshes_superseded"] = self.stats.get("refreshes_superseded", 0) + 1
-                    again += 1
+                    waited = True
+                    locked = await self._wait_for_fleet(org_id, urgent, release_slot)
+                    if not locked:
+                        break
+                    if take_slot is not None:  # (it reads Lago after all: within the bound on reads at once)
+                        await take_slot()
                     previous = None
-                    locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
-                if stored or waited:
+                snapshot = await self.fetch(org_id, previous)
+                if org_id in self._stale:  # invalidated while fetching (a plan change...): what was read may be stale
+                    if again < 3:  # read again, under a new lock (an invalidation frees the fleet's)
+                        self._stale.discard(org_id)
+                        again += 1
+                        previous = None
+                        locked = await backend.try_lock(org_id, self.ttl, self.clock())
+                        continue
+                    snapshot = dataclasses.replace(snapshot, refresh_at=0.0)  # serve it, read again at next request
+                if await backend.store(org_id, snapshot, self.clock()) is not False:  # (None: a backend of old)
+                    stored = True
                     break
-                waited = True
-                locked = await self._wait_for_fleet(org_id, urgent, release_slot)
-                if not locked:
-                    break
-                if take_slot is not None:  # (it reads Lago after all: within the bound on reads at once)
-                    await take_slot()
+                # Invalidated in another process meanwhile (a webhook there), or another process refreshes it since:
+                # nothing was stored. Read again under a new lock, or wait for that process's snapshot.
+                self.stats["refreshes_superseded"] = self.stats.get("refreshes_superseded", 0) + 1
+                again += 1
                 previous = None
+                locked = again <= 3 and await backend.try_lock(org_id, self.ttl, self.clock())
             if stored:
                 # (shared: the backend's copy also says which of its records are unsure, which only it knows: with no
                 # version, this one is replaced by it at the org's next check)
