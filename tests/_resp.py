@@ -1,7 +1,50 @@
-"""Reading the Redis wire protocol (RESP) as it passes through a test's TCP relay in front of a redis-server: where a
-client's command ends (and what it says), where a server's answer ends."""
+"""A test's TCP relay in front of a redis-server (:class:`Relay`), and reading the Redis wire protocol (RESP) as it
+passes through: where a client's command ends (and what it says), where a server's answer ends."""
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from urllib.parse import urlsplit
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the redis-server at ``target``; clients connect to ``url``. Each
+    connection is relayed by :meth:`link` (a subclass's: what it lets through, holds back or drops), from the end of
+    ``__init__`` (a subclass sets its own attributes before calling it)."""
+
+    def __init__(self, target: str) -> None:
+        port = urlsplit(target).port
+        assert port is not None
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def link(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Start relaying one connection (threads of its own: this returns at once)."""
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self.lock:
+                self.sockets += [client, upstream]
+            self.link(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
 
 
 def command(buffer: bytes) -> tuple[list[bytes], int] | None:

@@ -29,7 +29,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -137,23 +136,16 @@ class _Link:
                 self.client.shutdown(socket.SHUT_RDWR)
 
 
-class RedisWire:
+class RedisWire(resp.Relay):
     """A TCP relay in front of a redis-server (``url``). Armed, it acts on the next connection that sends a write of
     settles: :meth:`hold_after` lets its first settles through and holds back the rest (never sent, as a pipeline cut
     off while it was being sent); :meth:`drop_answers` lets the write through and drops the connection instead of
     relaying Redis's answers. ``ran`` is set once Redis answered what it was let through."""
 
     def __init__(self, target: str) -> None:
-        port = urlsplit(target).port
-        assert port is not None
-        self.target = ("127.0.0.1", port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        self.lock = threading.Lock()
         self.armed: tuple[str, int] | None = None
         self.ran = threading.Event()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
     def hold_after(self, settles: int) -> None:
         with self.lock:
@@ -165,22 +157,10 @@ class RedisWire:
             self.armed = ("drop", 0)
             self.ran.clear()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                return
-            self.sockets += [client, upstream]
-            link = _Link(self, client, upstream)
-            threading.Thread(target=link.requests, daemon=True).start()
-            threading.Thread(target=link.answers, daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
+    def link(self, client: socket.socket, upstream: socket.socket) -> None:
+        link = _Link(self, client, upstream)
+        threading.Thread(target=link.requests, daemon=True).start()
+        threading.Thread(target=link.answers, daemon=True).start()
 
 
 @pytest.fixture

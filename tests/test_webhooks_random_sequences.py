@@ -54,7 +54,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -690,38 +689,23 @@ class Lago:
 # ------------------------------------------------------------------------------------------------ Redis, dropping
 
 
-class DroppingRelay:
+class DroppingRelay(resp.Relay):
     """A TCP relay in front of a redis-server that drops the connection carrying a dedupe call the plan names
     (``drops``: (call, unique key, occurrence) -> "before" (the call never reaches Redis) or "after" (Redis runs it,
     its answer is lost)). Calls: ``claim`` (SET NX), ``get``, ``complete`` (SET done), ``release`` (DEL)."""
 
     def __init__(self, target: str, prefix: str, model: Model) -> None:
-        port = urlsplit(target).port
-        assert port is not None
-        self.target = ("127.0.0.1", port)
         self.prefix = prefix.encode()
         self.model = model
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        self.lock = threading.Lock()
         self.drops: dict[tuple[str, str, int], str] = {}
         self.seen: Counter[tuple[str, str]] = Counter()
         self.active = True
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                return
-            with self.lock:
-                self.sockets += [client, upstream]
-            drop_answer = threading.Event()
-            threading.Thread(target=self._requests, args=(client, upstream, drop_answer), daemon=True).start()
-            threading.Thread(target=self._answers, args=(client, upstream, drop_answer), daemon=True).start()
+    def link(self, client: socket.socket, upstream: socket.socket) -> None:
+        drop_answer = threading.Event()
+        threading.Thread(target=self._requests, args=(client, upstream, drop_answer), daemon=True).start()
+        threading.Thread(target=self._answers, args=(client, upstream, drop_answer), daemon=True).start()
 
     def _decide(self, args: list[bytes]) -> str | None:
         name = args[0].upper()
@@ -766,13 +750,6 @@ class DroppingRelay:
         except OSError:
             pass
         _cut(client, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for sock in self.sockets:
-                with contextlib.suppress(OSError):
-                    sock.close()
 
 
 def _cut(*sockets: socket.socket) -> None:
