@@ -315,6 +315,10 @@ class RedisDedupe:
         self.prefix = prefix
         self.ttl = max(1, int(ttl))
         self.processing_ttl = max(1, int(processing_ttl))
+        #: The claims this dedupe holds, by key (their values): ``release`` drops only its own. A claim that lapsed
+        #: (its renewals lost longer than ``processing_ttl``) may have been taken by another worker since; dropping
+        #: that one let Lago's next retry run the handlers beside the worker still running them.
+        self._claims: dict[str, str] = {}
 
     async def claim(self, key: str) -> DedupeState:
         name = self.prefix + key
@@ -325,10 +329,12 @@ class RedisDedupe:
         mine = f"processing:{uuid.uuid4().hex}"
         for _ in range(2):  # the key may expire between SET NX and GET
             if await self._call(lambda: redis.set(name, mine, nx=True, ex=self.processing_ttl)):
+                self._claims[key] = mine
                 return "new"
             value = await self._call(lambda: redis.get(name), write=False)
             if value is not None:
                 if value in (mine, mine.encode()):  # (the SET a retry sent again: Redis had run the first)
+                    self._claims[key] = mine
                     return "new"
                 return "done" if value in (b"done", "done") else "processing"
         return "processing"
@@ -338,10 +344,17 @@ class RedisDedupe:
         await self._call(lambda: self.redis.eval(_EXTEND_CLAIM, 1, self.prefix + key, self.processing_ttl))
 
     async def complete(self, key: str) -> None:
+        self._claims.pop(key, None)
         await self._call(lambda: self.redis.set(self.prefix + key, "done", ex=self.ttl))
 
     async def release(self, key: str) -> None:
-        await self._call(lambda: self.redis.delete(self.prefix + key))
+        """Drop this dedupe's claim of ``key`` (not another worker's, nor a done mark); a key it holds no claim of
+        is dropped whatever it holds (as before claims had their own values)."""
+        mine = self._claims.pop(key, None)
+        if mine is None:
+            await self._call(lambda: self.redis.delete(self.prefix + key))
+        else:
+            await self._call(lambda: self.redis.eval(_RELEASE_CLAIM, 1, self.prefix + key, mine))
 
     async def _call(self, operation: Callable[[], Awaitable[Any]], write: bool = True) -> Any:
         """``operation()`` on Redis. A misconfiguration or a state only an operator ends (a replica's URL, a wrong
@@ -373,6 +386,15 @@ _EXTEND_CLAIM = """
 local value = redis.call('GET', KEYS[1])
 if value and string.sub(value, 1, 10) == 'processing' then
   return redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+#: Drop a claim if it is still the caller's: KEYS[1] the delivery, ARGV[1] the claim's value.
+_RELEASE_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
