@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import inspect
+import itertools
 import logging
 import math
 import re
@@ -75,6 +76,8 @@ MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
 _R = TypeVar("_R", bound=Callable[..., Any])
 
 _JWT_CACHE_KEY = "lago_org_billing.jwt_claims"
+#: Scope key of the ``(check, org)`` pairs whose membership check this request already waited out (see from_header).
+_TIMED_OUT_KEY = "lago_org_billing.membership_timed_out"
 _reported: set[tuple[str, str]] = set()
 
 
@@ -367,7 +370,8 @@ def from_header(
     ``membership_check(scope, org_id)`` (sync or async) can confirm that the authenticated caller belongs to that
     org; when it returns false, raises, answers anything but ``True``, or (async) does not answer within
     ``membership_timeout`` seconds (5 by default; ``None`` waits without bound), the request is unresolved and
-    follows the middleware's unresolved-org policy (a timeout is logged once at WARNING, later ones at DEBUG). A
+    follows the middleware's unresolved-org policy (a timeout is logged once at WARNING, later ones at DEBUG; a request
+    is held by it once: the middleware's second look for the org, once the endpoint answered, does not wait again). A
     check doing I/O should be ``async``: a synchronous one blocks the event loop, and no timeout can stop it.
     Answers are not cached: cache in the check if the lookup is costly (revoking a member then waits out your TTL).
     """
@@ -396,10 +400,18 @@ def from_header(
     if membership_check is None:
         return _described(_clean_ids(resolve_from_header), source)
     check = membership_check
+    serial = next(_check_serials)  # (an int, not the check: a deep copy of the scope keeps the note it is part of)
 
     async def resolve_from_header_checked(scope: Scope) -> str | None:
         value = resolve_from_header(scope)
         if value is None:
+            return None
+        waited_out = scope.get(_TIMED_OUT_KEY)
+        if isinstance(waited_out, set) and (serial, value) in waited_out:
+            # This request already waited the whole timeout for this check and org: the middleware resolves again
+            # once the endpoint answered (an org its auth set late), and waiting again held the request twice the
+            # bound. A check that answered is asked again (a membership the endpoint granted counts).
+            logger.debug("Membership check %s timed out earlier in this request (%r).", _resolver_name(check), value)
             return None
         allowed: object = check(scope, value)
         if inspect.isawaitable(allowed):
@@ -410,6 +422,7 @@ def from_header(
                     allowed = await allowed
                 if waited.cancelled_caught:
                     _said_timeout(check, name, value, membership_timeout)
+                    scope.setdefault(_TIMED_OUT_KEY, set()).add((serial, value))
                     return None
         if allowed is True:
             return value
@@ -430,6 +443,10 @@ def from_header(
     return _described(
         _clean_ids(resolve_from_header_checked), f"{source} (checked by {_resolver_name(membership_check)})"
     )
+
+
+#: A number for each checked header resolver (the key of its notes in a request's scope).
+_check_serials = itertools.count()
 
 
 def _said_timeout(check: object, header: str, org_id: str, timeout: float) -> None:
