@@ -135,8 +135,8 @@ class BillingSettings:
         ):
             if not isinstance(switch, bool):  # ("false", a non-empty string, is true)
                 raise ConfigurationError(
-                    f"{variable} must be True or False, got {switch!r} (from_env reads the text forms: true/false, "
-                    "yes/no, on/off, 1/0).",
+                    f"{variable} must be True or False, got {_shown(switch)} (from_env reads the text forms: "
+                    "true/false, yes/no, on/off, 1/0).",
                     variable=variable,
                 )
         if (
@@ -145,11 +145,19 @@ class BillingSettings:
             or not 0 <= self.max_retries <= 20
         ):
             raise ConfigurationError(
-                f"LAGO_MAX_RETRIES must be a whole number from 0 to 20, got {self.max_retries!r}.",
+                f"LAGO_MAX_RETRIES must be a whole number from 0 to 20, got {_shown(self.max_retries)}.",
                 variable="LAGO_MAX_RETRIES",
             )
-        if not self.event_code or not self.event_code.strip():
+        # (stripped as from_env reads it: a blank that ``docker run --env-file`` kept, read by the app itself)
+        object.__setattr__(self, "event_code", self.event_code.strip())
+        if not self.event_code:
             raise ConfigurationError("LAGO_EVENT_CODE must not be empty.", variable="LAGO_EVENT_CODE")
+        if not self.event_code.isprintable():  # (sent as the events' code, which no metric has: kept, never billed)
+            raise ConfigurationError(
+                "LAGO_EVENT_CODE must be the code of a billable metric, with no line break nor control character "
+                f"inside, got {self.event_code!r}.",
+                variable="LAGO_EVENT_CODE",
+            )
         _check_template(self.subscription_id_template)
         if isinstance(self.redis_url, str):  # (a Kubernetes secret's line break, kept by code reading it itself)
             object.__setattr__(self, "redis_url", self.redis_url.strip() or None)
@@ -170,9 +178,10 @@ class BillingSettings:
                 f"LAGO_ON_UNRESOLVED must be 'allow' or 'reject', got {self.on_unresolved!r}.",
                 variable="LAGO_ON_UNRESOLVED",
             )
-        if self.unresolved_status not in (401, 403):
+        status = self.unresolved_status  # (an int: 401.0 went out as the status, which h11 refuses to send)
+        if isinstance(status, bool) or not isinstance(status, int) or status not in (401, 403):
             raise ConfigurationError(
-                f"LAGO_UNRESOLVED_STATUS must be 401 or 403, got {self.unresolved_status!r}.",
+                f"LAGO_UNRESOLVED_STATUS must be 401 or 403 (an int), got {_shown(status)}.",
                 variable="LAGO_UNRESOLVED_STATUS",
             )
         for variable, header in (("LAGO_ORG_HEADER", self.org_header), ("LAGO_USER_HEADER", self.user_header)):
@@ -459,10 +468,11 @@ _UNITS = {
     **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
     **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)")
-_DURATION = re.compile(
-    r"(?:\s*(?:\d+(?:\.\d*)?|\.\d+)\s*(?i:" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r"))+\s*"
-)
+# (the same units in both, ASCII only: a case-insensitive check also takes the long s, U+017F, for ``s``, and a part
+# the check took and the sum skipped was dropped: ``1s1`` and a long s was 1 second)
+_UNIT_NAMES = "|".join(sorted(_UNITS, key=len, reverse=True))
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(" + _UNIT_NAMES + ")", re.IGNORECASE | re.ASCII)
+_DURATION = re.compile(r"(?:\s*(?:\d+(?:\.\d*)?|\.\d+)\s*(?:" + _UNIT_NAMES + r"))+\s*", re.IGNORECASE | re.ASCII)
 
 #: The expected shape of ``LAGO_PLAN_LIMITS``.
 _PLAN_LIMITS_EXAMPLE = '{"starter": {"max_api_calls": 300, "max_tokens": 100000}}'
@@ -748,8 +758,9 @@ def _check_types(settings: BillingSettings) -> None:
             )
     if not isinstance(paths, tuple):
         object.__setattr__(settings, "exclude_paths", tuple(paths))
-    if settings.organization_id is not None and not settings.organization_id.strip():  # (as from_env reads it: unset,
-        object.__setattr__(settings, "organization_id", None)  # not an id that no webhook carries, each one refused)
+    if settings.organization_id is not None:  # as from_env reads it: blank is unset, and blanks around (a secret
+        # file's line break, read by the app itself) are no part of the id (kept, every webhook refused as another's)
+        object.__setattr__(settings, "organization_id", settings.organization_id.strip() or None)
 
 
 def _check_given_text(settings: BillingSettings) -> None:
@@ -767,8 +778,11 @@ def _check_given_text(settings: BillingSettings) -> None:
             _check_unquoted(variable, value)
             reference = _UNEXPANDED[field].search(value) if field in _UNEXPANDED else None
             if reference is not None:
+                shown = repr(reference.group().strip("/"))
+                if field == "api_key" and reference.group() != value.strip():  # (the rest of what was set: a secret)
+                    shown = "a $NAME or ${NAME}"
                 raise ConfigurationError(
-                    f"{variable} holds {reference.group().strip('/')!r}, a reference to another variable that nothing "
+                    f"{variable} holds {shown}, a reference to another variable that nothing "
                     "expanded (docker run --env-file, systemd's EnvironmentFile and Kubernetes pass it as written): "
                     "set the value itself, or expand it where the variable is set (a .env read by from_env expands "
                     "${NAME}).",
@@ -807,6 +821,11 @@ def _spool_path(value: object) -> str:
             variable="LAGO_SPOOL_PATH",
         )
     path = os.fsdecode(value)
+    if "\x00" in path:  # (a NUL in a .env or in code: the spool then failed to start, ``ValueError: embedded null``)
+        raise ConfigurationError(
+            "LAGO_SPOOL_PATH has a NUL character, which no file's name can hold: set the spool file's path.",
+            variable="LAGO_SPOOL_PATH",
+        )
     if path.strip() == ":memory:":
         raise ConfigurationError(
             "LAGO_SPOOL_PATH is the SQLite file of the durable spool, not SQLite's ':memory:' (a file of that name "
@@ -914,12 +933,32 @@ def _parse_url(name: str, value: str) -> str:
             f"{redact_url(base)}.",
             variable=name,
         )
+    import httpx  # (here: importing the package imports no httpx)
+
+    try:  # what httpx refuses (a host that is no IDNA name, such as lago_中): each LagoClient made raised InvalidURL
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ConfigurationError(
+            f"{name} must be a URL httpx can call ({exc}), got {redact_url(value)}.", variable=name
+        ) from None
     return url
 
 
 def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number, got {value!r}.", variable=name)
+    try:
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int past the floats (``10**400`` given in code: from the environment, infinity)
+        number = False
+    if not number or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, got {_shown(value)}.", variable=name)
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message; an int of more than 4,300 digits (which Python refuses to print) by its size."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__}"
 
 
 _URL_FIELDS = ("api_url", "redis_url")
@@ -1016,8 +1055,8 @@ def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
     for plan, plan_limits in limits.items():
         if not isinstance(plan_limits, Mapping):
             raise ConfigurationError(
-                f"{name} maps each plan code to an object of its limits: {name}[{plan!r}] is {plan_limits!r}, not an "
-                f"object of limits. Expected such as {example}.",
+                f"{name} maps each plan code to an object of its limits: {name}[{plan!r}] is "
+                f"{_shown(plan_limits)}, not an object of limits. Expected such as {example}.",
                 variable=name,
             )
         for limit, value in plan_limits.items():
@@ -1026,7 +1065,7 @@ def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
                 value = int(value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigurationError(
-                    f"{name}[{plan!r}][{limit!r}] must be a whole number >= 0, got {value!r}.", variable=name
+                    f"{name}[{plan!r}][{limit!r}] must be a whole number >= 0, got {_shown(value)}.", variable=name
                 )
     if not converted:
         return limits
