@@ -1323,3 +1323,20 @@ def test_a_redis_url_whose_query_redis_py_cannot_read_fails_the_gate_with_a_conf
     with pytest.raises(ConfigurationError) as info:
         QuotaGate(settings, client, config=QuotaConfig())
     assert info.value.variable == "LAGO_REDIS_URL" and "pw" not in str(info.value)
+
+
+def test_the_middleware_takes_its_own_unresolved_status_as_the_settings_do() -> None:
+    """``OrgBillingMiddleware(unresolved_status=...)`` is checked as ``LAGO_UNRESOLVED_STATUS`` is: ``401.0`` was taken
+    and went out as the reject answer's status, which h11 (uvicorn) refuses to send; an ``HTTPStatus`` is its number."""
+    import http
+
+    from starlette.applications import Starlette
+
+    from lago_org_billing import OrgBillingMiddleware
+
+    settings = BillingSettings(api_key=BYSTANDER_KEY, on_unresolved="reject")
+    for bad in (401.0, True, "403", Decimal(403)):
+        with pytest.raises(ConfigurationError, match="unresolved_status must be 401 or 403"):
+            OrgBillingMiddleware(Starlette(), settings=settings, unresolved_status=bad)
+    middleware = OrgBillingMiddleware(Starlette(), settings=settings, unresolved_status=http.HTTPStatus.FORBIDDEN)
+    assert type(middleware.unresolved_status) is int and middleware.unresolved_status == 403

@@ -281,8 +281,13 @@ class OrgBillingMiddleware:
                 raise ConfigurationError(f"on_unresolved must be 'allow' or 'reject', got {on_unresolved!r}.")
             if unresolved_status is None:
                 unresolved_status = self.settings.unresolved_status
-            if unresolved_status not in (401, 403):
-                raise ConfigurationError(f"unresolved_status must be 401 or 403, got {unresolved_status!r}.")
+            if (  # (an int: 401.0 went out as the status, which h11 refuses to send)
+                isinstance(unresolved_status, bool)
+                or not isinstance(unresolved_status, int)
+                or unresolved_status not in (401, 403)
+            ):
+                raise ConfigurationError(f"unresolved_status must be 401 or 403 (an int), got {unresolved_status!r}.")
+            unresolved_status = int(unresolved_status)  # (HTTPStatus.FORBIDDEN: its plain number)
             self.resolve_org = resolve_org or default_org_resolver(self.settings)
             self.resolve_user = resolve_user or default_user_resolver(self.settings)
             self._sync_resolvers = not (_is_async(self.resolve_org) or _is_async(self.resolve_user))
