@@ -16,7 +16,9 @@ import decimal
 import email.utils
 import enum
 import functools
+import json
 import logging
+import math
 import numbers
 import os
 import random
@@ -33,6 +35,7 @@ import httpx
 from . import _forks
 from ._errors import (
     ConfigurationError,
+    InvalidIdentifierError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -275,13 +278,14 @@ class LagoClient:
         Only the keys present are written. Beware: when ``metadata`` is present, Lago deletes every existing
         item missing from it (``OrgBilling.update_org_customer`` merges for you).
         """
-        path_segment(customer.get("external_id"), "customer external_id")
+        _mapping(customer, "customer", "{'external_id': 'org_1', 'name': 'Acme'}")
+        _segment(customer.get("external_id"), "customer external_id")
         body = await self._request("POST", "/customers", json={"customer": dict(customer)})
         return _unwrap(body, "customer")
 
     async def get_customer(self, external_id: str) -> JSON:
         """``GET /customers/{external_id}``. Raises :class:`LagoNotFoundError` when absent."""
-        body = await self._request("GET", f"/customers/{path_segment(external_id, 'customer external_id')}")
+        body = await self._request("GET", f"/customers/{_segment(external_id, 'customer external_id')}")
         return _unwrap(body, "customer")
 
     async def update_customer(self, external_id: str, **fields: Any) -> JSON:
@@ -300,7 +304,7 @@ class LagoClient:
 
     async def delete_customer(self, external_id: str) -> JSON:
         """``DELETE /customers/{external_id}`` (a soft delete; Lago terminates its subscriptions)."""
-        path = f"/customers/{path_segment(external_id, 'customer external_id')}"
+        path = f"/customers/{_segment(external_id, 'customer external_id')}"
         return _unwrap(await self._request("DELETE", path), "customer")
 
     # ----------------------------------------------------------- subscriptions
@@ -324,8 +328,8 @@ class LagoClient:
         more expensive plan upgrades at once; a cheaper one downgrades at the end of the period (the response
         is then the current subscription with ``next_plan_code``). An unknown customer is created by Lago.
         """
-        path_segment(external_customer_id, "external_customer_id")
-        path_segment(external_id, "subscription external_id")
+        _segment(external_customer_id, "external_customer_id")
+        _segment(external_id, "subscription external_id")
         if billing_time is not None and billing_time not in ("calendar", "anniversary"):
             raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
         subscription: JSON = {
@@ -354,7 +358,8 @@ class LagoClient:
     async def get_subscription(self, external_id: str, *, status: str | None = None) -> JSON:
         """``GET /subscriptions/{external_id}`` (Lago's default ``status`` is ``active``)."""
         path = _subscription_path(external_id)
-        params = {"status": status} if status else None
+        wanted = _status(status, "status", _SUBSCRIPTION_STATUSES, _LOOKED_UP)
+        params = {"status": wanted} if wanted else None
         return _unwrap(await self._request("GET", path, params=params), "subscription")
 
     async def get_current_subscription(self, external_id: str) -> JSON | None:
@@ -368,12 +373,19 @@ class LagoClient:
         return None
 
     async def update_subscription(self, external_id: str, *, status: str | None = None, **fields: Any) -> JSON:
-        """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription).
+        """``PUT /subscriptions/{external_id}``: name, ending_at... (not the plan: see create_subscription). ``status``
+        (``active``, ``pending`` or ``incomplete``) picks one of several subscriptions under the id.
 
         Only the fields given are sent. Lago's OpenAPI spec lists ``ending_at`` as required here (the server does
         not require it); ``ending_at=None`` states "renews automatically" explicitly."""
         path = _subscription_path(external_id)
-        params = {"status": status} if status else None
+        wanted = _status(
+            status,
+            "status",
+            ("active", "pending", "incomplete"),
+            "with several subscriptions under one external_id, Lago updates the active one for any other status",
+        )
+        params = {"status": wanted} if wanted else None
         body = await self._request("PUT", path, params=params, json={"subscription": fields})
         return _unwrap(body, "subscription")
 
@@ -386,7 +398,8 @@ class LagoClient:
         page: int = 1,
         per_page: int = 100,
     ) -> Page:
-        """``GET /subscriptions``. Lago returns only ``active`` ones unless ``statuses`` says otherwise."""
+        """``GET /subscriptions``. Lago returns only ``active`` ones unless ``statuses`` says otherwise (``active``,
+        ``pending``, ``terminated``, ``canceled``, ``incomplete``)."""
         paging = _page_arguments(page, per_page)
         params = _subscription_filters(external_customer_id, plan_code, statuses)
         params += [("page", str(paging["page"])), ("per_page", str(paging["per_page"]))]
@@ -420,11 +433,18 @@ class LagoClient:
             raise InvalidRequestError("on_termination_invoice must be 'generate' or 'skip'.")
         if on_termination_credit_note not in (None, "credit", "refund", "offset", "skip"):
             raise InvalidRequestError("on_termination_credit_note must be 'credit', 'refund', 'offset' or 'skip'.")
+        # Lago cancels the pending subscription for status "pending" only: for any other it terminates the active one
+        wanted = _status(
+            status,
+            "status",
+            ("active", "pending"),
+            "Lago terminates the active subscription for any status but 'pending' (which cancels the pending one)",
+        )
         path = _subscription_path(external_id)
         params = {
             key: value
             for key, value in (
-                ("status", status),
+                ("status", wanted),
                 ("on_termination_invoice", on_termination_invoice),
                 ("on_termination_credit_note", on_termination_credit_note),
             )
@@ -436,8 +456,7 @@ class LagoClient:
         """``GET /subscriptions/{external_id}/entitlements``: plan values with this subscription's overrides (of the
         active subscription, or the one with ``status``, e.g. ``pending``)."""
         path = f"{_subscription_path(external_id)}/entitlements"
-        params = {"subscription_status": status} if status else None
-        return _list_of(await self._request("GET", path, params=params), "entitlements")
+        return _list_of(await self._request("GET", path, params=_subscription_status(status)), "entitlements")
 
     async def update_subscription_entitlements(
         self, external_id: str, entitlements: Mapping[str, Mapping[str, Any]], *, status: str | None = None
@@ -445,9 +464,9 @@ class LagoClient:
         """``PATCH /subscriptions/{external_id}/entitlements``: per-subscription overrides (partial: the others are
         kept), ``{"feature_code": {"privilege_code": value}}``; of the active subscription, or the one with
         ``status``."""
+        payload = _entitlements(entitlements)
         path = f"{_subscription_path(external_id)}/entitlements"
-        params = {"subscription_status": status} if status else None
-        body = await self._request("PATCH", path, params=params, json={"entitlements": dict(entitlements)})
+        body = await self._request("PATCH", path, params=_subscription_status(status), json={"entitlements": payload})
         return _list_of(body, "entitlements")
 
     async def remove_subscription_entitlement(
@@ -455,11 +474,10 @@ class LagoClient:
     ) -> JSON:
         """``DELETE /subscriptions/{external_id}/entitlements/{feature_code}`` (or ``.../privileges/{privilege_code}``):
         a feature of the plan (or one of its privileges) taken away from this subscription only."""
-        path = f"{_subscription_path(external_id)}/entitlements/{path_segment(feature_code, 'feature code')}"
+        path = f"{_subscription_path(external_id)}/entitlements/{_segment(feature_code, 'feature code')}"
         if privilege_code is not None:
-            path += f"/privileges/{path_segment(privilege_code, 'privilege code')}"
-        params = {"subscription_status": status} if status else None
-        return dict(await self._request("DELETE", path, params=params))
+            path += f"/privileges/{_segment(privilege_code, 'privilege code')}"
+        return dict(await self._request("DELETE", path, params=_subscription_status(status)))
 
     async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
         """``GET /features`` (one page): the features plans and subscriptions can be entitled to."""
@@ -600,7 +618,10 @@ class LagoClient:
                 f"transaction_id {transaction_id!r} cannot be read back: as a URL path segment it names the events "
                 "list (or the API root), not one event. Use transaction ids with other characters."
             )
-        path = f"/events/{quote(transaction_id, safe='')}"  # this route takes dots
+        try:
+            path = f"/events/{quote(transaction_id, safe='')}"  # this route takes dots
+        except UnicodeEncodeError:  # (no event has one: create_event refuses it)
+            raise InvalidRequestError(f"transaction_id {transaction_id!r} {_SURROGATE}.") from None
         return _unwrap(await self._request("GET", path), "event")
 
     # ----------------------------------------------------- metrics, plans, features
@@ -613,7 +634,7 @@ class LagoClient:
 
     async def get_billable_metric(self, code: str) -> JSON:
         """``GET /billable_metrics/{code}``."""
-        path = f"/billable_metrics/{path_segment(code, 'billable metric code')}"
+        path = f"/billable_metrics/{_segment(code, 'billable metric code')}"
         return _unwrap(await self._request("GET", path), "billable_metric")
 
     async def create_plan(self, plan: Mapping[str, Any]) -> JSON:
@@ -625,7 +646,7 @@ class LagoClient:
 
     async def get_plan(self, code: str) -> JSON:
         """``GET /plans/{code}``."""
-        return _unwrap(await self._request("GET", f"/plans/{path_segment(code, 'plan code')}"), "plan")
+        return _unwrap(await self._request("GET", f"/plans/{_segment(code, 'plan code')}"), "plan")
 
     async def create_feature(self, feature: Mapping[str, Any]) -> JSON:
         """``POST /features`` (entitlements). Resent after a lost answer, read back on ``value_already_exist`` (see
@@ -637,6 +658,7 @@ class LagoClient:
         resend answered ``422 {"code": ["value_already_exist"]}`` after an attempt whose answer was lost is read back
         (``GET {path}/{code}``): the object Lago has is the answer when it matches ``item``; else the 422 stands,
         saying which values differ."""
+        _mapping(item, key, "{'code': 'starter', 'name': 'Starter', ...}")
         lost: list[LagoAPIError] = []
         try:
             body = await self._request("POST", path, json={key: dict(item)}, lost=lost)
@@ -645,7 +667,7 @@ class LagoClient:
             if not (lost and exc.details == {"code": ["value_already_exist"]} and isinstance(code, str)):
                 raise
             try:
-                found = _unwrap(await self._request("GET", f"{path}/{path_segment(code, f'{what} code')}"), key)
+                found = _unwrap(await self._request("GET", f"{path}/{_segment(code, f'{what} code')}"), key)
             except LagoIntegrationError as read:
                 raise exc._restated(
                     LagoValidationError,
@@ -666,8 +688,9 @@ class LagoClient:
 
     async def set_plan_entitlements(self, plan_code: str, entitlements: Mapping[str, Mapping[str, Any]]) -> list[JSON]:
         """``POST /plans/{code}/entitlements``: replace the plan's entitlements."""
-        path = f"/plans/{path_segment(plan_code, 'plan code')}/entitlements"
-        body = await self._request("POST", path, json={"entitlements": dict(entitlements)})
+        payload = _entitlements(entitlements)
+        path = f"/plans/{_segment(plan_code, 'plan code')}/entitlements"
+        body = await self._request("POST", path, json={"entitlements": payload})
         return _list_of(body, "entitlements")
 
     # ------------------------------------------------------------------- usage
@@ -685,7 +708,7 @@ class LagoClient:
         ``apply_taxes`` is false by default: with a tax provider, each call would also hit it (and may be
         throttled). ``billable_metric_code`` narrows the answer to that metric's charges.
         """
-        path = f"/customers/{path_segment(external_customer_id, 'customer external_id')}/current_usage"
+        path = f"/customers/{_segment(external_customer_id, 'customer external_id')}/current_usage"
         params: dict[str, str] = {
             "external_subscription_id": validate_id(external_subscription_id, "external_subscription_id"),
             "apply_taxes": "true" if apply_taxes else "false",
@@ -741,6 +764,7 @@ class LagoClient:
     ) -> Page:
         """``GET /applied_coupons`` (one page), optionally of one customer; ``status`` ``active`` or ``terminated``;
         ``filters``: ``coupon_code=[...]``."""
+        status = _coupon_status(status)
         params = _params({"external_customer_id": external_customer_id, "status": status, **filters})
         params += _params({}, **_page_arguments(page, per_page))
         return Page.from_body(await self._request("GET", "/applied_coupons", params=params), "applied_coupons")
@@ -750,6 +774,7 @@ class LagoClient:
     ) -> AsyncIterator[JSON]:
         """Every matching applied coupon, page after page."""
         size = _page_size(per_page)
+        status = _coupon_status(status)
         params = _params({"external_customer_id": external_customer_id, "status": status, **filters})
         return self._iterate("/applied_coupons", "applied_coupons", params, size)
 
@@ -820,8 +845,12 @@ class LagoClient:
             raise RuntimeError("This LagoClient is closed; create a new one.")
         url = f"/api/v1{path}" if api else path
         settings = self.settings
-        deadline = time.monotonic() + settings.retry_deadline
         query = httpx.QueryParams(tuple(params) if isinstance(params, list) else params)
+        _check_query(query, method, url)
+        # encoded here, once (the bytes httpx's json= sends): a value JSON cannot carry is said before anything is sent
+        content = None if json is None else _encoded(json, method, url)
+        headers = _JSON_CONTENT if content is not None else None
+        deadline = time.monotonic() + settings.retry_deadline
         attempt = 0
         while True:
             wait: float | None = None
@@ -831,7 +860,9 @@ class LagoClient:
             timeout = min(settings.api_timeout, max(left, 0.001))
             try:
                 with anyio.fail_after(timeout):
-                    response = await self._pool().request(method, url, params=query, json=json, timeout=timeout)
+                    response = await self._pool().request(
+                        method, url, params=query, content=content, headers=headers, timeout=timeout
+                    )
             except (httpx.RequestError, TimeoutError) as exc:  # network errors, and bodies that cannot be decoded
                 what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if isinstance(exc, (httpx.TimeoutException, TimeoutError)):  # (they mostly have no message)
@@ -1164,7 +1195,7 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
         if isinstance(value, (list, tuple)):
             params.extend((f"{key}[]", str(item)) for item in value)
         elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value ("": the key absent)
-            params.extend((f"{key}[{name}]", _param_text(item)) for name, item in value.items())
+            params.extend((f"{key}[{_bracketed(key, name)}]", _param_text(item)) for name, item in value.items())
         else:
             params.append((key, _param_text(value)))
     return params
@@ -1212,11 +1243,191 @@ def _customer_filter(external_customer_id: object) -> str:
     return external_customer_id
 
 
+#: The statuses of Lago's subscriptions (``Subscription::STATUSES``; the spec's enums leave ``incomplete`` out).
+_SUBSCRIPTION_STATUSES = ("active", "pending", "terminated", "canceled", "incomplete")
+_LOOKED_UP = "Lago looks the subscription up by its status, so another answers 404, as if the id were wrong"
+
+
+def _listed(values: Sequence[str]) -> str:
+    return ", ".join(repr(value) for value in values)
+
+
+def _status(value: object, name: str, allowed: Sequence[str], why: str) -> str | None:
+    """A subscription's ``status`` query parameter: ``None`` or ``""`` (Lago's default, the active one) as ``None``; one
+    of ``allowed`` as itself; anything else an :class:`InvalidRequestError` naming it, what Lago takes and ``why``
+    (what Lago would do with it instead)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise InvalidRequestError(f"{name} must be one of {_listed(allowed)} (None: the active one), got {value!r}: {why}.")
+
+
+def _subscription_status(status: object) -> dict[str, str] | None:
+    """The ``subscription_status`` query parameter of the subscription entitlement calls."""
+    wanted = _status(status, "status", _SUBSCRIPTION_STATUSES, _LOOKED_UP)
+    return {"subscription_status": wanted} if wanted else None
+
+
+def _coupon_status(status: object) -> str | None:
+    """The ``status`` filter of the applied coupon lists (``""``: none, as ``None``)."""
+    if status is None or status == "":
+        return None
+    if isinstance(status, str) and status in ("active", "terminated"):
+        return status
+    raise InvalidRequestError(
+        f"status must be 'active' or 'terminated' (None: both), got {status!r}: Lago ignores a status its applied "
+        "coupons do not have, and lists them all."
+    )
+
+
+def _mapping(value: object, name: str, example: str) -> Mapping[str, Any]:
+    """``value`` if it is a mapping (a JSON object), else an :class:`InvalidRequestError` naming it."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(
+            f"{name} must be a mapping such as {example}, got {type(value).__name__} ({_shown(value)}): nothing was "
+            "sent."
+        )
+    return value
+
+
+def _entitlements(value: object) -> dict[str, Any]:
+    """The ``entitlements`` of a plan or a subscription, ``{"feature_code": {"privilege_code": value}}``, checked: a
+    list (the shape Lago answers with) or a feature mapped to a bare value is not what Lago takes."""
+    example = "{'api_quota': {'max_api_calls': 300}}"
+    entitlements = _mapping(value, "entitlements", example)
+    for feature, privileges in entitlements.items():
+        if not isinstance(privileges, Mapping):
+            raise InvalidRequestError(
+                f"entitlements[{feature!r}] must be a mapping of the feature's privilege codes to their values, such "
+                f"as {example}, got {_shown(privileges)}: nothing was sent."
+            )
+    return dict(entitlements)
+
+
+def _bracketed(key: str, name: object) -> str:
+    """``name``, a key of the ``key`` filter (``metadata[name]=value``), if Rack reads it back as one key: a bracket in
+    it (or none at all) makes another parameter of it (``metadata[a][b]`` is nested, ``metadata[]`` a list)."""
+    text = str(name)
+    if not text or "[" in text or "]" in text:
+        raise InvalidRequestError(
+            f"{key} filter key {name!r} cannot be sent: Lago reads {key}[key]=value, where an empty key or one "
+            f"holding '[' or ']' names another parameter ({key}[a][b] is a nested one). Use keys without brackets."
+        )
+    return text
+
+
+_SURROGATE = (
+    "holds a lone surrogate (such as '\\ud800', from JSON decoded by a client): no UTF-8 text, which cannot be sent"
+)
+
+
+def _segment(value: object, what: str) -> str:
+    """:func:`path_segment`, with an id holding a lone surrogate an :class:`InvalidIdentifierError` as for other ids
+    Lago cannot take (not the ``UnicodeEncodeError`` of its percent-encoding)."""
+    try:
+        return path_segment(value, what)
+    except UnicodeEncodeError:
+        raise InvalidIdentifierError(f"{what} {value!r} {_SURROGATE}.") from None
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_query(query: httpx.QueryParams, method: str, url: str) -> None:
+    """A query parameter holding a lone surrogate is an :class:`InvalidRequestError` naming it (httpx raised a
+    ``UnicodeEncodeError`` naming none)."""
+    for name, value in query.multi_items():
+        if not (_utf8(name) and _utf8(value)):
+            raise InvalidRequestError(
+                f"{method} {url} was not sent: its query parameter {name} {value!r} {_SURROGATE}."
+            )
+
+
+#: The header of a JSON body (httpx's ``json=`` sets the same)
+_JSON_CONTENT = {"Content-Type": "application/json"}
+
+
+def _encoded(body: Any, method: str, url: str) -> bytes:
+    """``body`` as the JSON bytes httpx's ``json=`` sends (the same separators, no NaN). A value JSON cannot carry (a
+    ``datetime``, a ``Decimal``, NaN, bytes, a lone surrogate...) is an :class:`InvalidRequestError` saying where it
+    is in the body and what to pass instead, raised before anything is sent: httpx raised a ``TypeError`` or
+    ``ValueError`` naming no field."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # (UnicodeEncodeError is a ValueError)
+        problem = _unencodable(body, "", set(), 0) or f"its body is no JSON ({type(exc).__name__}: {exc})"
+    raise InvalidRequestError(f"{method} {url} was not sent: {problem}.")
+
+
+def _unencodable(value: Any, where: str, parents: set[int], depth: int) -> str | None:
+    """Where in ``value`` (a request body, at ``where``) the first value JSON cannot carry is, and what to pass
+    instead; ``None`` when none is found (nested too deeply to look)."""
+    at = where or "the body"
+    if value is None or isinstance(value, (bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{at} is {value!r}, which JSON cannot carry: pass a finite number"
+    if isinstance(value, str):
+        return None if _utf8(value) else f"{at} {_shown(value)} {_SURROGATE}"
+    if depth > 100:
+        return None
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in parents:
+            return f"{at} contains itself, which JSON cannot carry"
+        parents.add(id(value))
+        try:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    name = f"{where}.{key}" if where else str(key)
+                    if not isinstance(key, (str, int, float, bool)) and key is not None:
+                        return f"{at} has the key {_shown(key)} ({type(key).__name__}): JSON keys are strings"
+                    if isinstance(key, str) and not _utf8(key):
+                        return f"{at} has a key {_shown(key)} that {_SURROGATE}"
+                    problem = _unencodable(item, name, parents, depth + 1)
+                    if problem:
+                        return problem
+            else:
+                for index, item in enumerate(value):
+                    problem = _unencodable(item, f"{where}[{index}]", parents, depth + 1)
+                    if problem:
+                        return problem
+        finally:
+            parents.discard(id(value))
+        return None
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        hint = "pass an ISO 8601 string, e.g. value.isoformat() (of a datetime with its offset: Lago reads none as UTC)"
+    elif isinstance(value, decimal.Decimal):
+        hint = "pass it as a string (str(value)) or a number"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        hint = "pass text (a str)"
+    elif isinstance(value, (set, frozenset)):
+        hint = "pass a list"
+    elif isinstance(value, Mapping):
+        hint = "pass a dict"
+    else:
+        hint = "JSON carries strings, numbers, booleans, None, lists and dicts"
+    return f"{at} is {_shown(value)} ({type(value).__name__}), which JSON cannot carry: {hint}"
+
+
 def _subscription_filters(
     external_customer_id: str | None, plan_code: str | None, statuses: Sequence[str] | None
 ) -> list[tuple[str, str]]:
     if isinstance(statuses, str):
         raise InvalidRequestError("statuses must be a list such as ['active', 'pending'], not a string.")
+    for status in statuses or ():
+        if not isinstance(status, str) or status not in _SUBSCRIPTION_STATUSES:
+            raise InvalidRequestError(
+                f"statuses must name Lago's subscription statuses ({_listed(_SUBSCRIPTION_STATUSES)}), got {status!r}: "
+                "Lago ignores a list naming one it does not have, and lists other subscriptions than those asked."
+            )
     return _params({"external_customer_id": external_customer_id, "plan_code": plan_code, "status": statuses})
 
 
@@ -1371,7 +1582,7 @@ def _forbidden_hint(code: str | None) -> str:
 
 def _subscription_path(external_id: str) -> str:
     """``/subscriptions/{external_id}``, the id checked and escaped as one path segment."""
-    return f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
+    return f"/subscriptions/{_segment(external_id, 'subscription external_id')}"
 
 
 #: A reset "in seconds" beyond this (2001 as a Unix time; no rate-limit window lasts 31 years) is a Unix time
