@@ -886,13 +886,13 @@ async def test_a_body_is_sent_as_httpx_json_sent_it(lago: tuple[LagoClient, Reco
 @pytest.mark.parametrize(
     ("call", "said"),
     [
-        (lambda c: c.get_customer("org\ud800"), r"customer external_id 'org\\ud800' holds a lone surrogate"),
-        (lambda c: c.delete_customer("\ud800"), r"customer external_id '\\ud800' holds a lone surrogate"),
-        (lambda c: c.get_subscription("s\ud800"), r"subscription external_id 's\\ud800' holds a lone surrogate"),
-        (lambda c: c.get_plan("\ud800x"), r"plan code '\\ud800x' holds a lone surrogate"),
+        (lambda c: c.get_customer("org\ud800"), r"customer external_id 'org\\ud800' contains .* lone surrogate"),
+        (lambda c: c.delete_customer("\ud800"), r"customer external_id '\\ud800' contains .* lone surrogate"),
+        (lambda c: c.get_subscription("s\ud800"), r"subscription external_id 's\\ud800' contains .* lone surrogate"),
+        (lambda c: c.get_plan("\ud800x"), r"plan code '\\ud800x' contains .* lone surrogate"),
         (lambda c: c.remove_subscription_entitlement("org_1", "f", "\ud800"), r"privilege code"),
         (lambda c: c.get_event("tx\ud800"), r"transaction_id 'tx\\ud800' holds a lone surrogate"),
-        (lambda c: c.get_current_usage("org_1", "org\ud800"), r"query parameter external_subscription_id 'org\\ud800'"),
+        (lambda c: c.get_current_usage("org_1", "org\ud800"), r"external_subscription_id 'org\\ud800' contains .* lone surrogate"),
         (lambda c: c.list_customers(search_term="\ud800"), r"query parameter search_term '\\ud800' holds a lone"),
         (lambda c: c.list_invoices(external_customer_id="o\ud800"), r"query parameter external_customer_id"),
     ],

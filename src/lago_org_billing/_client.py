@@ -35,7 +35,6 @@ import httpx
 from . import _forks
 from ._errors import (
     ConfigurationError,
-    InvalidIdentifierError,
     InvalidRequestError,
     LagoAPIError,
     LagoAuthenticationError,
@@ -279,13 +278,13 @@ class LagoClient:
         item missing from it (``OrgBilling.update_org_customer`` merges for you).
         """
         _mapping(customer, "customer", "{'external_id': 'org_1', 'name': 'Acme'}")
-        _segment(customer.get("external_id"), "customer external_id")
+        path_segment(customer.get("external_id"), "customer external_id")
         body = await self._request("POST", "/customers", json={"customer": dict(customer)})
         return _unwrap(body, "customer")
 
     async def get_customer(self, external_id: str) -> JSON:
         """``GET /customers/{external_id}``. Raises :class:`LagoNotFoundError` when absent."""
-        body = await self._request("GET", f"/customers/{_segment(external_id, 'customer external_id')}")
+        body = await self._request("GET", f"/customers/{path_segment(external_id, 'customer external_id')}")
         return _unwrap(body, "customer")
 
     async def update_customer(self, external_id: str, **fields: Any) -> JSON:
@@ -304,7 +303,7 @@ class LagoClient:
 
     async def delete_customer(self, external_id: str) -> JSON:
         """``DELETE /customers/{external_id}`` (a soft delete; Lago terminates its subscriptions)."""
-        path = f"/customers/{_segment(external_id, 'customer external_id')}"
+        path = f"/customers/{path_segment(external_id, 'customer external_id')}"
         return _unwrap(await self._request("DELETE", path), "customer")
 
     # ----------------------------------------------------------- subscriptions
@@ -328,8 +327,8 @@ class LagoClient:
         more expensive plan upgrades at once; a cheaper one downgrades at the end of the period (the response
         is then the current subscription with ``next_plan_code``). An unknown customer is created by Lago.
         """
-        _segment(external_customer_id, "external_customer_id")
-        _segment(external_id, "subscription external_id")
+        path_segment(external_customer_id, "external_customer_id")
+        path_segment(external_id, "subscription external_id")
         if billing_time is not None and billing_time not in ("calendar", "anniversary"):
             raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
         subscription: JSON = {
@@ -474,9 +473,9 @@ class LagoClient:
     ) -> JSON:
         """``DELETE /subscriptions/{external_id}/entitlements/{feature_code}`` (or ``.../privileges/{privilege_code}``):
         a feature of the plan (or one of its privileges) taken away from this subscription only."""
-        path = f"{_subscription_path(external_id)}/entitlements/{_segment(feature_code, 'feature code')}"
+        path = f"{_subscription_path(external_id)}/entitlements/{path_segment(feature_code, 'feature code')}"
         if privilege_code is not None:
-            path += f"/privileges/{_segment(privilege_code, 'privilege code')}"
+            path += f"/privileges/{path_segment(privilege_code, 'privilege code')}"
         return dict(await self._request("DELETE", path, params=_subscription_status(status)))
 
     async def list_features(self, *, page: int = 1, per_page: int = 100) -> Page:
@@ -634,7 +633,7 @@ class LagoClient:
 
     async def get_billable_metric(self, code: str) -> JSON:
         """``GET /billable_metrics/{code}``."""
-        path = f"/billable_metrics/{_segment(code, 'billable metric code')}"
+        path = f"/billable_metrics/{path_segment(code, 'billable metric code')}"
         return _unwrap(await self._request("GET", path), "billable_metric")
 
     async def create_plan(self, plan: Mapping[str, Any]) -> JSON:
@@ -646,7 +645,7 @@ class LagoClient:
 
     async def get_plan(self, code: str) -> JSON:
         """``GET /plans/{code}``."""
-        return _unwrap(await self._request("GET", f"/plans/{_segment(code, 'plan code')}"), "plan")
+        return _unwrap(await self._request("GET", f"/plans/{path_segment(code, 'plan code')}"), "plan")
 
     async def create_feature(self, feature: Mapping[str, Any]) -> JSON:
         """``POST /features`` (entitlements). Resent after a lost answer, read back on ``value_already_exist`` (see
@@ -667,7 +666,7 @@ class LagoClient:
             if not (lost and exc.details == {"code": ["value_already_exist"]} and isinstance(code, str)):
                 raise
             try:
-                found = _unwrap(await self._request("GET", f"{path}/{_segment(code, f'{what} code')}"), key)
+                found = _unwrap(await self._request("GET", f"{path}/{path_segment(code, f'{what} code')}"), key)
             except LagoIntegrationError as read:
                 raise exc._restated(
                     LagoValidationError,
@@ -689,7 +688,7 @@ class LagoClient:
     async def set_plan_entitlements(self, plan_code: str, entitlements: Mapping[str, Mapping[str, Any]]) -> list[JSON]:
         """``POST /plans/{code}/entitlements``: replace the plan's entitlements."""
         payload = _entitlements(entitlements)
-        path = f"/plans/{_segment(plan_code, 'plan code')}/entitlements"
+        path = f"/plans/{path_segment(plan_code, 'plan code')}/entitlements"
         body = await self._request("POST", path, json={"entitlements": payload})
         return _list_of(body, "entitlements")
 
@@ -708,7 +707,7 @@ class LagoClient:
         ``apply_taxes`` is false by default: with a tax provider, each call would also hit it (and may be
         throttled). ``billable_metric_code`` narrows the answer to that metric's charges.
         """
-        path = f"/customers/{_segment(external_customer_id, 'customer external_id')}/current_usage"
+        path = f"/customers/{path_segment(external_customer_id, 'customer external_id')}/current_usage"
         params: dict[str, str] = {
             "external_subscription_id": validate_id(external_subscription_id, "external_subscription_id"),
             "apply_taxes": "true" if apply_taxes else "false",
@@ -1322,15 +1321,6 @@ _SURROGATE = (
 )
 
 
-def _segment(value: object, what: str) -> str:
-    """:func:`path_segment`, with an id holding a lone surrogate an :class:`InvalidIdentifierError` as for other ids
-    Lago cannot take (not the ``UnicodeEncodeError`` of its percent-encoding)."""
-    try:
-        return path_segment(value, what)
-    except UnicodeEncodeError:
-        raise InvalidIdentifierError(f"{what} {value!r} {_SURROGATE}.") from None
-
-
 def _utf8(text: str) -> bool:
     if text.isascii():
         return True
@@ -1582,7 +1572,7 @@ def _forbidden_hint(code: str | None) -> str:
 
 def _subscription_path(external_id: str) -> str:
     """``/subscriptions/{external_id}``, the id checked and escaped as one path segment."""
-    return f"/subscriptions/{_segment(external_id, 'subscription external_id')}"
+    return f"/subscriptions/{path_segment(external_id, 'subscription external_id')}"
 
 
 #: A reset "in seconds" beyond this (2001 as a Unix time; no rate-limit window lasts 31 years) is a Unix time

@@ -15,7 +15,7 @@ __all__ = ["format_timestamp", "path_segment", "validate_id"]
 # Rails splits a path segment at "." (``acme.com`` becomes id ``acme`` + format ``com``) on most Lago routes,
 # and no route takes "/". "?" and "#" would end the path. Control characters and surrounding blanks never
 # round-trip (Lago strips external ids).
-_FORBIDDEN = re.compile(r"[./?#%\\\x00-\x1f\x7f]")
+_FORBIDDEN = re.compile(r"[./?#%\\\x00-\x1f\x7f\ud800-\udfff]")
 MAX_ID_LENGTH = 255
 
 
@@ -39,7 +39,12 @@ def validate_id(value: object, what: str = "id") -> str:
             "#": "it starts the fragment",
             "%": "it starts an escape and proxies decode it",
             "\\": "proxies read it as '/'",
-        }.get(char, "a control character never round-trips")
+        }.get(
+            char,
+            "a lone surrogate, from JSON decoded by a client, is no UTF-8 text"
+            if "\ud800" <= char <= "\udfff"
+            else "a control character never round-trips",
+        )
         raise InvalidIdentifierError(
             f"{what} {value!r} contains {char!r}, which Lago cannot take in a URL path ({why}). Use letters, digits, "
             "'-', '_', ':' or '@', e.g. map 'acme.com' to 'acme-com'."
