@@ -32,11 +32,11 @@ our API key. Nothing in an answer contains the API key. A 429 / 503 of ``POST /u
 200, not a second charge). ``authorize`` (and a ``plans`` callable) must return ``True`` to allow: anything else
 denies (a truthy non-bool is logged once), and so does one that raises (logged with its traceback; an
 ``HTTPException`` it raises, a 401 asking to log in, is answered as is). ``POST /usage/record`` refuses property
-values Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string stays an id), and
-an ``event_code`` the org's plan has no charge for (Lago would keep the event and never bill it). A 405 is JSON too,
-its ``Allow`` naming every method of the path. On Lago's ClickHouse event store an event sent again with the
-``transaction_id`` and ``timestamp`` of an earlier one replaces it: there, let only your backend, not org admins, reach
-``POST /usage/record``.
+values (and token counts) Lago could not sum into a bill: negative, NaN, infinite, or past 2**53 - 1 (a digit string
+stays an id), and an ``event_code`` the org's plan has no charge for (Lago would keep the event and never bill it). A
+405 is JSON too, its ``Allow`` naming every method of the path. On Lago's ClickHouse event store an event sent again
+with the ``transaction_id`` and ``timestamp`` of an earlier one replaces it: there, let only your backend, not org
+admins, reach ``POST /usage/record``.
 
 Requests of the same read of the same org (``GET``/``HEAD`` with the same query) in flight together share one read of
 Lago: a dashboard polled from many tabs does not spend the Lago organization's rate limit, which every tenant and the
@@ -208,6 +208,12 @@ class _Body:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             self.errors.append(_error(("body", name), "Must be a whole number >= 0.", "int_type"))
+            return None
+        # (bounded here for every event code: one other than LAGO_EVENT_CODE carries the count in its properties as
+        # given, where Lago could not sum a number past it, as _property_error says of the properties themselves)
+        if value > _MAX_PROPERTY:
+            message = f"At most {_MAX_PROPERTY} (2**53 - 1): Lago could not sum it."
+            self.errors.append(_error(("body", name), message, "less_than_equal"))
             return None
         return value
 
@@ -609,6 +615,17 @@ class BillingRouter(Router):
             # (its traceback as text, not the exception: the frames of the gate's Redis client held its password)
             logger.warning("Could not invalidate the quota state of org %s\n%s", org_id, traceback_text(exc))
 
+    async def _written(self, request: Request, org_id: str, write: Awaitable[_T]) -> _T:
+        """``write`` (a setup, plan change or termination), the org's quota state invalidated when Lago may have
+        applied it without answering (a 5xx, a timeout, a connection lost once the call was sent): the gate then
+        decided on the old plan until its TTL (an org that had just upgraded, refused at its old limit), unless the
+        caller retried. An invalidation too many costs one refresh."""
+        try:
+            return await write
+        except LagoUnavailableError:
+            await self._invalidate(request, org_id)
+            raise
+
     # ------------------------------------------------------------------------------------------- routes
 
     async def setup(self, request: Request, org_id: str) -> Response:
@@ -626,8 +643,12 @@ class BillingRouter(Router):
         assert org_name is not None and plan_code is not None
         await self._check_plan(request, org_id, plan_code)
         try:
-            result = await self.billing.subscribe_org_to_plan(
-                org_id, plan_code, org_name, email, user_id, billing_time=billing_time or "calendar"
+            result = await self._written(
+                request,
+                org_id,
+                self.billing.subscribe_org_to_plan(
+                    org_id, plan_code, org_name, email, user_id, billing_time=billing_time or "calendar"
+                ),
             )
         except LagoNotFoundError as exc:
             if exc.code == "plan_not_found":
@@ -649,7 +670,7 @@ class BillingRouter(Router):
         assert plan_code is not None
         await self._check_plan(request, org_id, plan_code)
         try:
-            subscription = await self.billing.change_plan(org_id, plan_code)
+            subscription = await self._written(request, org_id, self.billing.change_plan(org_id, plan_code))
         except InvalidRequestError as exc:
             if isinstance(exc, InvalidIdentifierError):
                 raise
@@ -681,7 +702,8 @@ class BillingRouter(Router):
             )
             return JSONResponse({"detail": detail, "code": "skip_invoice_not_allowed"}, status_code=403)
         try:
-            subscription = await self.billing.terminate_subscription(org_id, on_termination_invoice=invoice)
+            ended = self.billing.terminate_subscription(org_id, on_termination_invoice=invoice)
+            subscription = await self._written(request, org_id, ended)
         except InvalidRequestError as exc:
             if isinstance(exc, InvalidIdentifierError):
                 raise
@@ -923,9 +945,10 @@ def billing_routes(
       or from the environment on the first request.
     * **authorize** - ``(request, org_id) -> bool`` (sync or async): may the caller manage this org? Default: deny.
     * **invalidate** - *(optional)* ``async (org_id)`` (or a plain function) or the quota gate, called after a plan
-      change, a setup or a termination so that the org's quota state is refreshed at once (default: the gate
-      ``OrgBillingMiddleware`` published in the scope, if any). A gate (given or found) also counts the usage
-      ``POST /usage/record`` records at once, and names the limits the dashboard shows (its ``QuotaConfig``).
+      change, a setup or a termination so that the org's quota state is refreshed at once, also when it answers 503
+      (Lago may have applied it, its answer lost) (default: the gate ``OrgBillingMiddleware`` published in the
+      scope, if any). A gate (given or found) also counts the usage ``POST /usage/record`` records at once, and
+      names the limits the dashboard shows (its ``QuotaConfig``).
     * **limits_provider** - *(optional)* ``(org_id) -> {"max_api_calls": 300, ...}`` for the dashboard (default:
       ``LAGO_PLAN_LIMITS`` of the org's plan).
     * **breakdown_provider** - *(optional)* a local ledger ``(org_id) -> {"by_user": [...], "by_model": [...]}``
