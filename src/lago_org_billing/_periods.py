@@ -33,6 +33,11 @@ def period_key(snapshot: Snapshot | None) -> str:
 
 _period_keys: dict[float, str] = {}  # period start -> its key (asked on every request: repr() costs more)
 
+#: The counter period of an org's local records while its snapshot's period has not started (see ``NOT_STARTED``):
+#: nothing is counted under it (Lago ignores the events dated before the start), and the gate's fast paths, which
+#: need the records' period to be the snapshot's or a settle's, leave such an org to ``LocalBackend``.
+_BEFORE_START = "before start"
+
 
 def before_period(period: str, bucket: int | None) -> bool:
     """Whether a call reserved in second ``bucket`` was reserved before the counter period ``period`` (a

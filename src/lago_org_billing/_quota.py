@@ -70,7 +70,7 @@ period's, but for those checked before it began. A request's tokens, settled onc
 call), go with its call: by the second the event is dated, not counted in a period begun after it (their event is
 billed in the one before). Calls made before the snapshot's period starts (a subscription whose
 ``started_at`` is later the same day: Lago ignores the events dated before it) are served and not counted
-(:data:`NOT_STARTED`); its limits hold from its start.
+(:data:`NOT_STARTED`), nor is usage recorded before it (or dated before it); its limits hold from its start.
 
 The price is a slight over-count right after each refresh, at most the calls recorded in the last
 ``settle_lag`` seconds before it (which Lago may already have counted); it is never an under-count as long as
@@ -153,6 +153,7 @@ from ._limits import (
     usage_totals,
 )
 from ._periods import (
+    _BEFORE_START,
     CALENDAR_ANCHOR,
     _calendar_period,
     before_period,
@@ -998,7 +999,10 @@ class QuotaGate:
                 if state is not None:
                     counts = state.counts
                     period = decision.period
-                    if counts.period == period or (not period and not before_period(counts.period, checked)):
+                    if counts.period == period or (
+                        # (records of no period, but when its period has not started: see LocalBackend.settle)
+                        not period and counts.period != _BEFORE_START and not before_period(counts.period, checked)
+                    ):
                         now_bucket = int(self.clock())
                         if bucket is not None and billed and tokens <= 0:
                             # the reserved call recorded (_Counts.settle inline): out of flight (its total unchanged),

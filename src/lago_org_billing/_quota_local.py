@@ -16,7 +16,7 @@ import itertools
 import anyio
 import anyio.abc
 
-from ._periods import before_period, period_key, provisional, rolls_over
+from ._periods import _BEFORE_START, before_period, period_key, provisional, rolls_over
 from ._quota import QuotaConfig
 from ._snapshots import (
     ALLOWED,
@@ -33,11 +33,6 @@ from ._snapshots import (
 )
 
 __all__ = ["LocalBackend"]
-
-
-#: The period of an org's local records while its snapshot's period has not started: none is kept (and the hot path,
-#: which needs the records' period to be the snapshot's, leaves such an org to :meth:`LocalBackend.reserve_now`).
-_BEFORE_START = "before start"
 
 
 class _Counts:
@@ -256,6 +251,18 @@ class LocalBackend:
         counts = (state if state is not None else self._org(org_id)).counts
         if bucket is not None:
             checked = bucket  # (the second of its check: see QuotaBackend.settle)
+        if counts.period == _BEFORE_START and state is not None:
+            # Its snapshot's period had not started when stored: nothing is counted before it starts (Lago bills
+            # none of it; the Redis SETTLE script drops it too). From its start, these records are the period's, but
+            # for usage dated before it (below): they were kept under _BEFORE_START until the next check dropped
+            # them, usage recorded from the start meanwhile with them (Lago bills it: under-counted until a read).
+            snap = state.snapshot
+            if snap is not None and snap.active and now < snap.period_start:
+                return
+            if snap is not None and snap.active and now < snap.period_end:
+                counts = state.counts = _Counts(period_key(snap))
+            else:  # (invalidated since, or its period over: of no period, as an org's unknown here; see store_now)
+                counts.period = ""
         if period and counts.period != period:
             if counts.period:
                 # the period changed since: nothing of it is counted any more, but for the calls made since the new

@@ -13,18 +13,21 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
 * **reserve** (``CHECK`` script, one round trip): read the snapshot and the counters, compare with the limits,
   ``HINCRBY`` when allowed, return (outcome, calls, tokens, limit hit) plus the snapshot fields when the caller's copy
   is out of date. A counter of another period is reset; one made before any snapshot (fail-open) adopts the first
-  snapshot's period. The counter expires one hour after its period ends (relative to the caller's clock). A snapshot
-  whose period is over is rolled over there, atomically (see "Billing-period rollover" in :mod:`._quota`): when its
-  ``ne`` (the next period's estimated end) is later than now, and its period ended less than ``PERIOD_MARGIN_MS`` ago,
-  the script turns it into the next period's provisional snapshot (``ps`` = the old ``pe``, ``pe`` = ``ne``, usage
-  base 0, due now, version ``<old>+``) and resets the counter to that period; it only does so on a snapshot whose
-  period is over, so it never overwrites a newer one another worker stored. Otherwise the org is cold (missing).
+  snapshot's period, less the usage recorded before that period began. The counter expires one hour after its period
+  ends (relative to the caller's clock). A snapshot whose period is over is rolled over there, atomically (see
+  "Billing-period rollover" in :mod:`._quota`): when its ``ne`` (the next period's estimated end) is later than now,
+  and its period ended less than ``PERIOD_MARGIN_MS`` ago, the script turns it into the next period's provisional
+  snapshot (``ps`` = the old ``pe``, ``pe`` = ``ne``, usage base 0, due now, version ``<old>+``) and resets the counter
+  to that period; it only does so on a snapshot whose period is over, so it never overwrites a newer one another
+  worker stored. Otherwise the org is cold (missing).
 * **settle** (``SETTLE`` script): queued by the sync ``settle`` and written by a background task, pipelined. One of
   another period than the counter's is dropped (but for the one its records were carried from, ``pp`` below); one
   finding no counter (Redis restarted without its data, or evicted it) makes it again for its period, unless the
   org's snapshot is of another period or its period is over. One of a call checked before the counter's period began
   (the second of its reservation, or the date of its event for a request's tokens settled once that is built) is
   dropped when it names the carried period or none (a call let through before any snapshot): billed in the one before.
+  One of none finding no counter (usage recorded without a check) is of the org's snapshot's period, which names the
+  counter; before that period starts (``NOT_STARTED``) it is dropped, as usage dated before it is.
 * **store** (``STORE`` script): replaces the snapshot unless a newer one is there, drops the recorded buckets
   older than ``requested_at - settle_lag`` or than the period's start (and in-flight ones older than
   ``inflight_horizon``). A counter of another period has the records made since the new period began carried over
@@ -102,7 +105,29 @@ def _expiry_ms(until: float, now: float) -> int:
 #: Settles kept for Redis while it is down (beyond: counted locally, as a fallback decision would be).
 _MAX_QUEUED_SETTLES = 100_000
 
-CHECK = """
+#: (Lua, heading the scripts that name a counter made before any snapshot after the period starting at ``start``: its
+#: records made before then are dropped, as STORE drops them: their events, dated before it, are not billed in it. The
+#: calls in flight are left to their settles, which SETTLE drops when checked before it.)
+_DROP_BEFORE = """
+local function drop_before(cnt, start)
+  start = math.floor(tonumber(start))
+  local old = redis.call('HGETALL', cnt)
+  for i = 1, #old, 2 do
+    local kind = string.sub(old[i], 1, 2)
+    if kind == 'c:' or kind == 't:' then
+      local sec = tonumber(string.sub(old[i], 3))
+      if sec and sec < start then
+        redis.call('HDEL', cnt, old[i])
+        redis.call('HINCRBY', cnt, kind == 't:' and 'tokens' or 'calls', -tonumber(old[i + 1]))
+      end
+    end
+  end
+end
+"""
+
+CHECK = (
+    _DROP_BEFORE
+    + """
 local snap, cnt = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[1])
 local bucket = ARGV[2]
@@ -144,7 +169,14 @@ if now < tonumber(s[5]) then
 end
 if cp ~= s[5] then
   -- (re)created for this period: it expires with it, whether or not this check reserves (a peek, a block)
-  if cp then redis.call('DEL', cnt) end
+  if cp then
+    redis.call('DEL', cnt)
+  else
+    -- made before any snapshot (calls let through, usage recorded) and left so by a worker of the release before
+    -- this one (its SETTLE counted usage recorded before a late start there, its STORE does not name such a
+    -- counter): its period's, but for the records made before it began
+    drop_before(cnt, s[5])
+  end
   redis.call('HSET', cnt, 'p', s[5])
   redis.call('PEXPIRE', cnt, math.max(1, math.floor((tonumber(s[6]) - now) * 1000)) + tonumber(ARGV[5]))
 end
@@ -163,8 +195,11 @@ if mode ~= 'p' and (hit == '' or mode == 'f' or mode == 'b') then
 end
 return {code, calls, tokens, hit, full}
 """
+)
 
-SETTLE = """
+SETTLE = (
+    _DROP_BEFORE
+    + """
 local cnt = KEYS[1]
 local period = ARGV[1]
 local before = false
@@ -189,11 +224,29 @@ if period ~= '' then
     if redis.call('HGET', cnt, 'pp') ~= period then return 0 end
     before = ARGV[8] ~= '' and tonumber(ARGV[8]) < math.floor(tonumber(cp))
   end
-elseif ARGV[8] ~= '' then
+else
+  -- of no period (a call let through before any snapshot, usage recorded without a check): of the counter's period
+  local cp = redis.call('HGET', cnt, 'p')
+  if not cp then
+    -- none yet (the org's snapshot was stored while its period had not started, which dropped the counter): named
+    -- after the snapshot's period, as the CHECK script names it (and the in-process backend its records)
+    local s = redis.call('HMGET', KEYS[2], 'v', 'a', 'ps', 'pe')
+    if s[1] and s[2] == '1' and tonumber(ARGV[3]) < tonumber(s[4]) then
+      if tonumber(ARGV[3]) < tonumber(s[3]) then
+        before = true  -- its period has not started (see NOT_STARTED): Lago bills none of it
+      else
+        cp = s[3]
+        drop_before(cnt, cp)
+        redis.call('HSET', cnt, 'p', cp)
+        redis.call('PEXPIRE', cnt, math.max(1, math.floor((tonumber(s[4]) - tonumber(ARGV[3])) * 1000)) + ARGV[7])
+      end
+    end
+  end
   -- a call checked before any snapshot (fail-open), before the period its counter was then adopted into (see
-  -- STORE): billed in the period before, nothing of it counts here (nor its tokens, settled when its event is built)
-  local cp = tonumber(redis.call('HGET', cnt, 'p') or '')
-  before = cp and tonumber(ARGV[8]) < math.floor(cp)
+  -- STORE), or usage dated before the period: billed in the period before (or in none: a subscription's first),
+  -- nothing of it counts here (nor a call's tokens, settled when its event is built)
+  local start = tonumber(cp or '')
+  if start and ARGV[8] ~= '' and tonumber(ARGV[8]) < math.floor(start) then before = true end
 end
 if ARGV[2] ~= '' then
   -- (released even so: one checked before the period, in flight here still, was adopted with a counter made before
@@ -218,6 +271,7 @@ end
 if redis.call('PTTL', cnt) == -1 then redis.call('PEXPIRE', cnt, ARGV[6]) end
 return 1
 """
+)
 
 STORE = """
 local snap, cnt, lock = KEYS[1], KEYS[2], KEYS[3]
