@@ -571,6 +571,13 @@ class OrgBilling:
             raise held
         customer = await self.get_customer(org_id)
         if customer is None:
+            # (what the customer would be checked first, then the plan: a plan Lago lacks refused the subscription
+            # once the customer was written, left behind with none)
+            _name(org_name)
+            if email is not None:
+                _email(email)
+            check_metadata(_package_metadata(user_id, None))
+            await self._plan_known(plan_code)
             customer = await self.create_org_customer(org_id, org_name, email, user_id)
         else:
             current = customer_metadata(customer)
@@ -596,6 +603,15 @@ class OrgBilling:
             org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
         )
         return {"customer": customer, "subscription": subscription}
+
+    async def _plan_known(self, plan_code: str) -> None:
+        """Raise Lago's :class:`LagoNotFoundError` (``plan_not_found``) when it has no plan ``plan_code``. An API key
+        that may not read plans (a 403) is no answer: the subscription's creation then says it, as before."""
+        try:
+            await self.client.get_plan(plan_code)
+        except LagoAPIError as exc:
+            if exc.status != 403:
+                raise
 
     async def get_subscription(self, org_id: str, status: str | None = None) -> JSON | None:
         """The org's active subscription (or the one with ``status``), or ``None`` (also when another customer holds
