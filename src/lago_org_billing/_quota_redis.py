@@ -1030,15 +1030,28 @@ class RedisBackend:
                 from redis.maint_notifications import MaintNotificationsConfig
 
                 extra["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-            pool = redis_asyncio.BlockingConnectionPool.from_url(
-                url,
-                max_connections=self.config.redis_max_connections,
-                timeout=self.config.redis_pool_timeout,
-                socket_timeout=self.config.redis_timeout,
-                socket_connect_timeout=self.config.redis_timeout,
-                retry=Retry(NoBackoff(), 0),
-                **extra,
-            )
+            try:
+                pool = redis_asyncio.BlockingConnectionPool.from_url(
+                    url,
+                    max_connections=self.config.redis_max_connections,
+                    timeout=self.config.redis_pool_timeout,
+                    socket_timeout=self.config.redis_timeout,
+                    socket_connect_timeout=self.config.redis_timeout,
+                    retry=Retry(NoBackoff(), 0),
+                    **extra,
+                )
+            except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
+                problem: str | None = f"{type(exc).__name__}: {exc}"
+            else:
+                problem = None
+            if problem is not None:  # (outside the except: no chained traceback whose frames hold the URL)
+                del url  # (nor this frame: an error tracker's locals)
+                raise ConfigurationError(
+                    f"LAGO_REDIS_URL ({self.url}) cannot be read by redis-py ({problem}): the quota gate's Redis "
+                    "backend cannot be made. Fix it (redis://[user:password@]host:port/db, the password "
+                    "percent-encoded, options as redis-py reads them, e.g. ?socket_timeout=5) or unset it.",
+                    variable="LAGO_REDIS_URL",
+                )
             client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
         self.redis = client
         self._check = _Script(self.redis, CHECK)
