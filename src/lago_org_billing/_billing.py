@@ -126,6 +126,9 @@ class OrgBilling:
         # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
         # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
         self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
+        # caller-given events queued (subscription, transaction id, timestamp): one queued again (a caller's own
+        # retry) is not counted in the quota gate again, as Lago keeps it once
+        self._queued: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=100_000, ttl=86_400)
         # record_*_nowait is sync and called from thread pools (sync endpoints): the cache is not thread-safe (two
         # threads evicting at once raise KeyError out of the call, the event never queued)
         self._first_timestamps_lock = threading.Lock()
@@ -823,8 +826,19 @@ class OrgBilling:
         payload = self._usage_event(org_id, event_code, transaction_id, properties, timestamp)
         if not pipeline.submit(payload):  # (also logged and counted as dropped by the pipeline)
             raise _not_queued(pipeline, str(payload["transaction_id"]))
-        self._count(org_id, payload, self.quota, dated=timestamp is not None)
+        if transaction_id is None or self._first_queued(payload):
+            self._count(org_id, payload, self.quota, dated=timestamp is not None)
         return str(payload["transaction_id"])
+
+    def _first_queued(self, event: JSON) -> bool:
+        """Whether a caller-given event is queued for the first time here (within a day): a caller's retry of it (the
+        same id and timestamp: a job run again) is one event in Lago, counted in the quota gate once."""
+        key = (event["external_subscription_id"], event["transaction_id"], str(event["timestamp"]))
+        with self._first_timestamps_lock:
+            if key in self._queued:
+                return False
+            self._queued[key] = True
+        return True
 
     def _count(self, org_id: str, event: JSON, quota: QuotaGateProtocol | None, *, dated: bool) -> None:
         """Tell the quota gate (if any) about a recorded event: a call of ``LAGO_EVENT_CODE``, tokens of its token
