@@ -133,12 +133,15 @@ async def test_a_405_is_json_and_names_every_method_of_the_path(
 ) -> None:
     """``PATCH /subscription`` answered ``Allow: GET, HEAD`` (the first of the three routes of that path), telling a
     frontend that PUT and DELETE do not exist, and in Starlette as plain text: every method is listed now, in a
-    JSON ``{"detail": ...}`` like the routes' other errors, and Lago is not asked."""
+    JSON ``{"detail": ...}`` like the routes' other errors (``Cache-Control: no-store`` and ``nosniff`` as every answer
+    of the routes), and Lago is not asked."""
     before = len(env.fake.requests)
     response = await env.client.request(method, BASE + path, json={}, headers=ADMIN)
     assert response.status_code == 405, response.text
     assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
     assert response.json()["detail"] == "Method Not Allowed"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
     assert len(env.fake.requests) == before
 
 

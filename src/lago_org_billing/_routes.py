@@ -501,7 +501,9 @@ class BillingRouter(Router):
         async def endpoint(request: Request) -> Response:
             handler = handlers.get(request.method)
             if handler is None:  # (before authorize, as a Route's own 405 was: it tells only the routes' shape)
-                return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow})
+                return JSONResponse(
+                    {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": allow, **_PRIVATE}
+                )
             org_id = str(request.path_params["org_id"])
             try:
                 allowed = self.authorize(request, org_id)
