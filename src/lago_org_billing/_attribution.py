@@ -616,6 +616,7 @@ class UsageRecorder:
         "_head",
         "_headers",
         "_inflater",
+        "_json_event",
         "_last",
         "_mode",
         "_ndjson",
@@ -624,6 +625,7 @@ class UsageRecorder:
         "_scope",
         "_size",
         "_skip_lf",
+        "_skipped",
         "_tail",
         "status",
     )
@@ -636,6 +638,10 @@ class UsageRecorder:
     _discarding: bool
     _event: bytes
     _tail: bytes
+    # The last bytes of the data of an event over the cap, read for a usage closing it when it ends; whether its data
+    # open a JSON object (only such an event's usage is read).
+    _skipped: bytearray
+    _json_event: bool
     # A JSON body over the cap: its first and last bytes (inflated).
     _head: bytearray
     _last: bytearray
@@ -736,6 +742,8 @@ class UsageRecorder:
                 self._discarding = False
                 self._discarded_data = False
                 self._tail = b""
+                self._skipped = bytearray()
+                self._json_event = False
                 self._event = b""
                 self._data_lines = []
                 self._data_size = 0
@@ -975,26 +983,52 @@ class UsageRecorder:
         self._discarded_data = start[:4] == b"data" or self._ndjson
         if self._ndjson:  # a document over the cap, dropped: its first bytes kept for its model (see _oversized)
             self._head = bytearray(start[:_JSON_END])
+        elif self._discarded_data:  # its data, as _line reads them (the field name was in the event's last bytes)
+            start = start.partition(b":")[2]
+            start = start[1:] if start[:1] == b" " else start
+            if not self._data_lines and self._event != _SKIP:  # the event's first data line
+                self._json_event = start.lstrip()[:1] == b"{"
         self._tail = start[-_TAIL:] if self._discarded_data else b""
 
-    def _oversized(self, tail: bytes) -> None:
+    def _oversized(self, last: bytes) -> None:
         """An event whose data are over the cap is dropped (its data not kept, not parsed), but a usage object at its
-        end is read from its last bytes ``tail``: the event closing a streamed image generation (Images API, the
-        Responses API's image_generation tool) carries the image in base64, megabytes, and the usage after it."""
+        end is read from its last bytes when it ends (:meth:`_closing_usage`): the event closing a streamed image
+        generation (Images API, the Responses API's image_generation tool) carries the image in base64, megabytes, and
+        the usage after it. ``last``: the last bytes of a data line of the event (the one that took it over the cap,
+        or one after it: an event pretty-printed over several data lines has its usage on the lines after)."""
         if self._ndjson:
-            self._oversized_document(bytes(self._head), tail)
+            self._oversized_document(bytes(self._head), last)
             return
-        self._data_lines.clear()
-        self._event = _SKIP
+        skipped = self._skipped
+        if self._event != _SKIP:  # its data lines before: the start of a usage spread over lines may be there
+            lines, self._data_lines = self._data_lines, []
+            at, kept = len(lines), 0
+            while at and kept < _TAIL:
+                at -= 1
+                kept += len(lines[at]) + 1
+            skipped.clear()
+            skipped += b"".join(line + b"\n" for line in lines[at:])
+            self._event = _SKIP
+        else:
+            skipped += b"\n"
+        skipped += last[-_TAIL:]
+        if len(skipped) > 4 * _TAIL:  # trimmed now and then: amortized, however many lines
+            del skipped[:-_TAIL]
         self._tail = b""
-        at, key = tail.rfind(b'"usage"'), 7
+
+    def _closing_usage(self) -> None:
+        """An event over the cap ended: a usage object at its end, read from its last bytes."""
+        tail = bytes(self._skipped[-_TAIL:])
+        self._skipped = bytearray()
+        at, key = _key_at(tail, b'"usage"'), 7
         if at < 0:
-            at, key = tail.rfind(b'"usageMetadata"'), 15
-        if at >= 0 and self._counts is not None:
-            text = tail[at + key :].decode("utf-8", "replace").lstrip(" \t")
+            at, key = _key_at(tail, b'"usageMetadata"'), 15
+        if at >= 0 and self._counts is not None and self._json_event:  # (an event of other data: not an answer's)
+            # (blanks: a line end too, the event's data lines being joined by them)
+            text = tail[at + key :].decode("utf-8", "replace").lstrip(" \t\n")
             if text[:1] == ":":
                 try:
-                    usage = _scan_json(text[1:].lstrip(" \t"), 0)[0]
+                    usage = _scan_json(text[1:].lstrip(" \t\n"), 0)[0]
                 except (ValueError, StopIteration, RecursionError):
                     usage = None
                 if isinstance(usage, dict):
@@ -1037,11 +1071,14 @@ class UsageRecorder:
         if value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            if self._event == _SKIP:
+            if self._event == _SKIP:  # more of an event over the cap: its last bytes only
+                self._oversized(value)
                 return
+            if not self._data_lines:  # the event's first data line
+                self._json_event = value.lstrip()[:1] == b"{"
             self._data_size += len(value) + 1
             if self._data_size > self._config.max_body_bytes:  # one event's data over the cap: not kept, not read
-                self._oversized(value[-_TAIL:])
+                self._oversized(value)
                 return
             self._data_lines.append(value)
         elif field == b"event" and self._event != _SKIP:
@@ -1052,12 +1089,13 @@ class UsageRecorder:
         skip = self._event == _SKIP
         self._event = b""
         self._data_size = 0
+        if skip:  # an event over the cap (its data not kept): a usage closing it is read
+            self._closing_usage()
+            return
         if not lines:
             return
         data = lines[0] if len(lines) == 1 else b"\n".join(lines)
         self._data_lines = []
-        if skip:
-            return
         counts = self._counts
         if counts is None:
             return
@@ -1221,7 +1259,7 @@ class UsageRecorder:
             elif self._discarding and self._discarded_data:
                 self._discarding = False
                 self._oversized(self._tail)
-            if self._data_lines:
+            if self._data_lines or self._event == _SKIP:
                 self._dispatch()
             return _resolve_counts(counts, "sse", model_needs_usage=False), "sse"
         return {}, None
@@ -1315,6 +1353,15 @@ _KEY_TRIES = 16
 _blanks = re.compile(r"[ \t\n\r]*")
 
 
+def _key_at(data: bytes, quoted: bytes) -> int:
+    """Where the last ``quoted`` key of ``data`` starts, one inside a string left out (an escaped quote before it:
+    ``"say \\"usage"``); ``-1`` when none."""
+    at = data.rfind(quoted)
+    while at > 0 and data[at - 1] == 0x5C:  # (a backslash)
+        at = data.rfind(quoted, 0, at)
+    return at
+
+
 def _skip(text: str, index: int) -> int:
     """Where JSON's blanks from ``index`` in ``text`` end."""
     match = _blanks.match(text, index)
@@ -1331,6 +1378,8 @@ def _closing_members(text: str, key: str, before: int, within: int) -> dict[str,
         before = text.rfind(quoted, 0, before)
         if before < 0:
             return None
+        if text[before - 1 : before] == "\\":  # an escaped quote: the end of a string ('"say \\"usage"'), not a key
+            continue
         members, closing, first_end = _members(text, before)
         if closing and key in members and len(text) - first_end <= within:
             return members
@@ -1470,8 +1519,10 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
     if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's blanks only, as json.loads
         return Usage()  # trailing data: json.loads would refuse the document
     usage = payload.get("usage")  # (a document opening with "{" is an object: a dict)
-    if type(usage) is not dict:
-        return _payload_usage(payload)  # Gemini's, Ollama's...: the general path's rules, parsed once
+    if type(usage) is not dict or "billed_units" in usage or "tokens" in usage:
+        # Gemini's, Ollama's...; Cohere's units, billed whatever other counts a gateway puts next to them: the general
+        # path's rules, parsed once
+        return _payload_usage(payload)
     # (the model checked before the counts: either one not plain sends the body down the general path all the same)
     model = payload.get("model")
     if model is not None:
@@ -1497,9 +1548,11 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
             return _payload_usage(payload)
         return model, input_tokens, output_tokens, total
     anthropic_shape = input_tokens is None
-    if anthropic_shape:
+    if input_tokens is None:
         input_tokens = usage.get("input_tokens")
-        if usage.get("iterations"):  # Anthropic's compaction calls may be there: the general path's rules
+        if input_tokens is None or usage.get("iterations"):
+            # No input count: Bedrock's or Gemini's camelCase counts are read then, next to an output_tokens too;
+            # Anthropic's compaction calls may be there: the general path's rules
             return _payload_usage(payload)
     if output_tokens is None:
         output_tokens = usage.get("output_tokens")
@@ -1509,11 +1562,7 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
         cache_write, cache_read = usage.get("cache_creation_input_tokens"), usage.get("cache_read_input_tokens")
         if not (_count_or_none(cache_write) and _count_or_none(cache_read)):
             return _payload_usage(payload)
-        if input_tokens is not None:
-            input_tokens += (cache_write or 0) + (cache_read or 0)
-    if input_tokens is None and output_tokens is None and total is None:
-        return _payload_usage(payload)  # no counts (Bedrock's camelCase...): the general path's rules
-    input_tokens = input_tokens or 0
+        input_tokens += (cache_write or 0) + (cache_read or 0)
     output_tokens = output_tokens or 0
     if total is None:
         return model, input_tokens, output_tokens, input_tokens + output_tokens
