@@ -517,9 +517,12 @@ async def _replay_chunk(
         async with anyio.create_task_group() as tasks:
             try:
                 await tasks.start(pipeline.run)
-                for spooled in chunk:
-                    pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
-                answered = await pipeline.flush(max(0.0, deadline - time.monotonic()))
+                for letters in _rounds(chunk):  # (letters sharing a transaction_id never in one batch: see _rounds)
+                    for spooled in letters:
+                        pipeline.submit(functools.partial(str, spooled.body))  # the stored text, as it is
+                    answered = await pipeline.flush(max(0.0, deadline - time.monotonic()))
+                    if not answered:
+                        break
             except BaseException:  # interrupted (Ctrl-C): the pipeline stops as cancelled, its events unanswered
                 delivery_log.disabled = True
                 raise
@@ -581,6 +584,23 @@ async def _replay_chunk(
                 report.unchecked_reason = verdict
             elif verdict is not None:
                 report.unbilled.append((spooled, *verdict))
+
+
+def _rounds(chunk: list[SpoolDeadLetter]) -> list[list[SpoolDeadLetter]]:
+    """``chunk`` in rounds sent one after the other, none holding two letters of one ``transaction_id``. Lago's
+    Postgres store matches the rows a batch inserted back to its events by ``transaction_id`` alone: of two events of
+    one batch sharing one (on two subscriptions, where each is an event of its own) it answers the second
+    ``value_already_exist`` although Lago never stored it. (The pipeline sends such an event again alone, see
+    ``_delivery._shared_ids``; rounds spare a replay that 422 and its resends.)"""
+    rounds: list[list[SpoolDeadLetter]] = []
+    seen: dict[str, int] = {}
+    for spooled in chunk:
+        transaction_id = str(spooled.letter.event.get("transaction_id"))
+        turn = seen[transaction_id] = seen.get(transaction_id, -1) + 1
+        if turn == len(rounds):
+            rounds.append([])
+        rounds[turn].append(spooled)
+    return rounds
 
 
 def _still_spooled(chunk: list[SpoolDeadLetter], report: ReplayReport) -> list[SpoolDeadLetter]:

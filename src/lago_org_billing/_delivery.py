@@ -834,9 +834,18 @@ class EventPipeline:
                 duplicates.append(item)
             else:
                 self._dead(item, _describe(error), exc.status, exc.code)
+        alone: list[list[Item]] = []
+        if duplicates:
+            # Lago's Postgres store matches the rows a batch inserted back to its events by transaction_id alone: of
+            # events of several subscriptions sharing one (a caller's own id), all but one are answered
+            # value_already_exist though none is stored. Those are sent again alone, where the answer is theirs.
+            shared = _shared_ids(items)
+            if shared:
+                alone = [[item] for item in duplicates if _transaction_id(item) in shared]
+                duplicates = [item for item in duplicates if _transaction_id(item) not in shared]
         if duplicates:
             self._duplicates(duplicates)
-        return [rest] if rest else []
+        return ([rest] if rest else []) + alone
 
     def _duplicates(self, items: list[Item]) -> None:
         self.metrics.duplicates += len(items)
@@ -871,6 +880,26 @@ class EventPipeline:
         except (TypeError, ValueError) as exc:  # (dumps_event's ValueError: nested too deep for JSON, among others)
             raise InvalidRequestError(f"an event is not JSON-serialisable: {exc}") from exc
         await client.send_event_batch_json(body)
+
+
+def _transaction_id(item: Item) -> str | None:
+    """An event's ``transaction_id`` (``None`` when it cannot be read: such an event never reached Lago)."""
+    try:
+        key = item.payload().get("transaction_id")
+    except Exception:  # (its builder failed: dead-lettered before any batch)
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _shared_ids(items: list[Item]) -> set[str | None]:
+    """The transaction ids more than one event of a batch has (read on a 422 only: never on the happy path)."""
+    seen: set[str | None] = set()
+    shared: set[str | None] = set()
+    for item in items:
+        key = _transaction_id(item)
+        (shared if key in seen else seen).add(key)
+    shared.discard(None)
+    return shared
 
 
 def running_here(pipeline: Any) -> anyio.Event | None:
