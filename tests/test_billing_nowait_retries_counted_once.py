@@ -11,32 +11,12 @@ import anyio
 import pytest
 
 from lago_org_billing import BillingSettings, EventPipeline, LagoClient, OrgBilling
-from lago_org_billing._quota import QuotaGate
-from lago_org_billing._snapshots import Snapshot
 from lago_org_billing.testing import FakeLago
+from test_billing_nowait_threads_count_in_the_gate import _cached_gate
 
 pytestmark = pytest.mark.anyio
 
 API_KEY = "test-api-key"
-
-
-def _gate(settings: BillingSettings, client: LagoClient) -> QuotaGate:
-    gate = QuotaGate(settings.replace(quota_mode="enforce"), client)
-    now = time.time()
-    snapshot = Snapshot(
-        active=True,
-        plan_code="starter",
-        calls_limit=10,
-        tokens_limit=10**9,
-        period_start=now - 3600,
-        period_end=now + 86400,
-        requested_at=now,
-        fetched_at=now,
-        plan_fetched_at=now,
-        refresh_at=now + 86400,
-    )
-    gate.local.store_now("org_1", snapshot, now)
-    return gate
 
 
 async def test_the_same_event_recorded_again_is_counted_once() -> None:
@@ -45,7 +25,7 @@ async def test_the_same_event_recorded_again_is_counted_once() -> None:
     settings = BillingSettings(api_key=API_KEY, api_url=FakeLago.base_url)
     client = LagoClient(settings, transport=fake.transport())
     pipeline = EventPipeline(client)
-    gate = _gate(settings, client)
+    gate = _cached_gate(settings, client)
     billing = OrgBilling(settings, client=client, pipeline=pipeline, quota=gate)
     async with anyio.create_task_group() as tasks:
         await tasks.start(pipeline.run)

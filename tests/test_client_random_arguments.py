@@ -42,6 +42,7 @@ from lago_org_billing import (
 )
 from lago_org_billing._client import Page
 from lago_org_billing.testing import FakeLago
+from test_client_wallets_coupons_credit_notes_and_page_arguments import Recorder
 
 pytestmark = pytest.mark.anyio
 
@@ -155,19 +156,6 @@ def privilege_value(rng: random.Random) -> tuple[Any, bool]:
 
 
 # ---------------------------------------------------------------------------------------------- the emulator
-
-
-class Recorder(httpx.AsyncBaseTransport):
-    """Passes requests to the emulator and keeps each request."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.requests: list[httpx.Request] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await request.aread()
-        self.requests.append(request)
-        return await self.inner.handle_async_request(request)
 
 
 def seeded_lago() -> FakeLago:
@@ -892,7 +880,7 @@ async def test_a_body_is_sent_as_httpx_json_sent_it(lago: tuple[LagoClient, Reco
         (lambda c: c.get_plan("\ud800x"), r"plan code '\\ud800x' contains .* lone surrogate"),
         (lambda c: c.remove_subscription_entitlement("org_1", "f", "\ud800"), r"privilege code"),
         (lambda c: c.get_event("tx\ud800"), r"transaction_id 'tx\\ud800' holds a lone surrogate"),
-        (lambda c: c.get_current_usage("org_1", "org\ud800"), r"external_subscription_id 'org\\ud800' contains .* lone surrogate"),
+        (lambda c: c.get_current_usage("org_1", "org\ud800"), r"subscription_id 'org\\ud800' contains"),
         (lambda c: c.list_customers(search_term="\ud800"), r"query parameter search_term '\\ud800' holds a lone"),
         (lambda c: c.list_invoices(external_customer_id="o\ud800"), r"query parameter external_customer_id"),
     ],
