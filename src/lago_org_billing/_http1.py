@@ -51,6 +51,12 @@ _MAX_EARLY_ANSWER = 1 << 20
 #: ordinary batch) are taken by the socket's buffers at once, with no task started to listen.
 _LISTEN_FROM = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
+#: HTTP-version SP 3DIGIT, then SP (and the reason) or nothing (RFC 9112 4), as h11 (the httpx path) reads it: "2000"
+#: or "200OK" is no status 200. ASCII digits only (``[0-9]``, not ``\d``).
+_STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: |\Z)")
+#: What is stripped around a header value (OWS, RFC 9110 5.6.3): not all that ``str.strip()`` takes, which in the
+#: latin-1 reading of the head includes bytes of UTF-8 text (A0 ends "à", 85 ends "Å").
+_OWS = " \t"
 
 
 class RawHTTPError(Exception):
@@ -346,9 +352,9 @@ class RawPoster:
         while True:
             head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
             lines = head.decode("latin-1").split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            status = _decimal(rest[:3])
-            if not version.startswith("HTTP/1.") or status is None or status < 100:  # (three digits)
+            match = _STATUS_LINE.match(lines[0])
+            status = int(match[1]) if match else 0
+            if status < 100:
                 raise RawHTTPError(f"malformed status line {lines[0][:80]!r}")
             if status >= 200 or status == 101:
                 break  # interim answers (100 Continue, 103 Early Hints) come before the real one: skipped
@@ -361,13 +367,18 @@ class RawPoster:
                 if not headers:
                     raise RawHTTPError(f"malformed answer: a header line begins with whitespace {line[:40]!r}")
                 name, value = headers[-1]
-                headers[-1] = (name, f"{value} {line.strip()}".strip())
+                headers[-1] = (name, f"{value} {line.strip(_OWS)}".strip(_OWS))
             else:
-                name, _, value = line.partition(":")
-                headers.append((name.strip(), value.strip()))
+                # A line that is no "name: value" field (no colon, or nothing before it) is a malformed answer, as
+                # h11 reads it: else it became a header of its own and the rest was taken for an answer.
+                name, colon, value = line.partition(":")
+                name = name.strip()
+                if not colon or not name:
+                    raise RawHTTPError(f"malformed answer: a header line without a name {line[:40]!r}")
+                headers.append((name, value.strip(_OWS)))
         length: int | None = None
         chunked = False
-        close = version == "HTTP/1.0"
+        close = lines[0].startswith("HTTP/1.0")
         for name, value in headers:
             lowered = name.lower()
             if lowered == "content-length":
