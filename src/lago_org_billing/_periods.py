@@ -61,9 +61,10 @@ _INTERVAL_MONTHS = {"monthly": 1, "quarterly": 3, "semiannual": 6, "yearly": 12}
 def _local(timestamp: float, other_day: bool = False) -> tuple[dt.datetime, float]:
     """A period bound in its customer's time zone, and that zone's UTC offset (seconds), inferred from the bound:
     Lago's periods start and end at local midnight, so the offset is the one putting the bound there, from UTC-10:15
-    to UTC+13:45 (offsets a day apart share their midnights: UTC-11 is taken as UTC+13, New Zealand's summer, and
-    UTC+14 as UTC-10, Hawaii). ``other_day``: the offset a day apart instead (UTC+14, Kiritimati; UTC-11, American
-    Samoa), which :func:`next_period_end` takes when only it puts the bound on the billing day."""
+    to UTC+13:45 (offsets a day apart share their midnights: UTC-11 is taken as UTC+13, New Zealand's summer, UTC-12
+    as UTC+12, and UTC+14 as UTC-10, Hawaii). ``other_day``: the offset a day apart instead (UTC+14, Kiritimati; UTC-11,
+    American Samoa; UTC-12, Rails' "International Date Line West"), which :func:`next_period_end` takes when only it
+    puts the bound on the billing day (or both do, and only it the period's start)."""
     second_of_day = timestamp % 86400
     offset = -second_of_day if second_of_day < _EAST_FROM else 86400 - second_of_day
     if other_day:
@@ -94,9 +95,10 @@ def _add_months(start: float, end: float, months: int, anchor: float = 0.0, othe
     ``started_at`` or an upgrade's, which a time within an hour of a midnight would show as the next day's. Without an
     anchor, the start's day when the start is a local midnight (anniversary day 31: Jan 31 to Feb 28 goes on to Mar
     31). An anchor within an hour of a local midnight (not at one) may be a day off, a DST change since moving it
-    across the midnight: its day read at the end's offset, unless the start, a local midnight on an unclipped day,
-    shows the other one. An hour off across a DST change, until Lago is read. ``other_day``: in the zone a day apart
-    from the one the end suggests (see :func:`_local`)."""
+    across the midnight: its day read at the end's offset, unless the end (a short month's last day, later than the
+    day read) or the start (a local midnight on an unclipped day) shows the other one; a first period begun at 23:00
+    sharp is taken for one begun at a midnight an hour east. An hour off across a DST change, until Lago is read.
+    ``other_day``: in the zone a day apart from the one the end suggests (see :func:`_local`)."""
     at, offset = _local(end, other_day)
     day = at.day
     if day == calendar.monthrange(at.year, at.month)[1]:
@@ -110,35 +112,56 @@ def _add_months(start: float, end: float, months: int, anchor: float = 0.0, othe
             if 0 < local_time < 3600 or local_time >= 82800:  # (within an hour of a midnight: a DST change since?)
                 other_offset = offset + (3600 if local_time >= 82800 else -3600)
                 other = _day_of(anchor, other_offset).day
-                # the start shows the other day: a local midnight at the end's offset or one an hour off (not an
-                # exact time, a first period's or an upgrade's, half an hour off) on that day, which the first day,
-                # clipped by a short month, would not be
-                if (
-                    begun.day == other
-                    and begun_offset in (offset, other_offset)
-                    and other != min(billing_day, calendar.monthrange(begun.year, begun.month)[1])
-                ):
+                if billing_day < day <= other:
+                    # the end, a short month's last day, is not on the day read (Jan 31 23:30 in London's winter,
+                    # read in summer: Feb 1, for a period ending Apr 30) but on the other one: Jul 30 was estimated
                     billing_day = other
-                elif begun_offset in (offset, other_offset):  # (a start on the billing day or clipped: not later)
-                    billing_day = max(billing_day, begun.day)
+                elif begun_offset in (offset, other_offset):
+                    # (a first period's start, the anchor itself, shows a midnight of the season an hour east when it
+                    # is one, a subscription made at a summer midnight, read in winter; or when made at 23:00 sharp:
+                    # a day off then, until Lago is read, as the more usual summer midnight is kept right)
+                    first_day = min(billing_day, calendar.monthrange(begun.year, begun.month)[1])
+                    if begun.day == other != first_day and other >= day:
+                        # the start shows the other day: a local midnight at the end's offset or one an hour off (not
+                        # an exact time, a first period's or an upgrade's, half an hour off) on that day, which the
+                        # first day, clipped by a short month, would not be; and the end, on a short month's last day,
+                        # does not rule it out (Aug 31 at 23:00 is a midnight of Sep 1 an hour east: Aug 28 was
+                        # estimated for a period ending Feb 28)
+                        billing_day = other
+                    else:  # (a start on the billing day or clipped: not later)
+                        billing_day = max(billing_day, begun.day)
             day = max(day, billing_day)
     return _months_on(at, months, day).timestamp() - offset
 
 
 def _on_billing_day(end: float, anchor: float, other_day: bool = False) -> bool:
-    """Whether the period end ``end``, read in the zone :func:`_local` infers (or the one a day apart), falls on a day
-    Lago ends periods of a plan counted in months: the 1st with calendar billing (``CALENDAR_ANCHOR``), else the
-    anchor's day in that zone, or the last day of a month shorter than it. Only asked of the zones whose midnights a
-    zone a day apart shares (beyond UTC-10 or UTC+13), and of a known billing time: otherwise the end's own zone is
-    kept, whatever its day."""
+    """Whether the period bound ``end``, read in the zone :func:`_local` infers for it (or the one a day apart), falls
+    on a day Lago ends periods of a plan counted in months: the 1st with calendar billing (``CALENDAR_ANCHOR``), else
+    the anchor's day in that zone, or the last day of a month shorter than it. Only asked of the zones whose midnights
+    a zone a day apart shares (UTC-10 and beyond, UTC+12, UTC+13 and beyond), and of a known billing time: otherwise
+    the end's own zone is kept, whatever its day."""
     at, offset = _local(end)
-    if -36000 < offset < 46800 or not anchor:
+    if (-36000 < offset < 46800 and offset != 43200) or not anchor:
         return not other_day
     if other_day:
         at, offset = _local(end, True)
     if anchor < 0:
         return at.day == 1
     return at.day == min(_day_of(anchor, offset).day, calendar.monthrange(at.year, at.month)[1])
+
+
+def _other_day(start: float, end: float, anchor: float) -> bool:
+    """Whether the customer is in the zone a day apart from the one the end suggests (see :func:`_local`): only it
+    puts the end on the billing day, or both do (an anniversary on a day both zones' months have: American Samoa's
+    28th is Tonga's 29th) and only it the period's start, a local midnight on the billing day (or a short month's
+    last) unless it is the first period's exact start (the anchor) or an upgrade's. When both fit the start too,
+    the snapshot is the same in both zones: the end's own is kept (a day off until Lago is read, if wrong)."""
+    if _on_billing_day(end, anchor, other_day=True):
+        if not _on_billing_day(end, anchor):
+            return True
+        if anchor > 0 and start != anchor and (end - start) % 86400 == 0:  # (a local midnight in both zones)
+            return _on_billing_day(start, anchor, other_day=True) and not _on_billing_day(start, anchor)
+    return False
 
 
 def next_period_end(snapshot: Snapshot) -> float:
@@ -152,11 +175,11 @@ def next_period_end(snapshot: Snapshot) -> float:
         anchor = max(snapshot.anchor, 0.0)
         try:
             estimate = _add_months(start, end, months, anchor)
-            if not _on_billing_day(end, snapshot.anchor) and _on_billing_day(end, snapshot.anchor, other_day=True):
+            if _other_day(start, end, snapshot.anchor):
                 # the end is a midnight of two zones a day apart (UTC-10 and Kiritimati's UTC+14, UTC+13 and American
-                # Samoa's UTC-11): only the other one puts it on the billing day (the 1st; an anniversary's day, or a
-                # short month's last), so the customer is there (its quarter ending on Oct 1 was estimated to end Dec
-                # 31)
+                # Samoa's UTC-11, UTC+12 and UTC-12): only the other one puts it (or its start) on the billing day
+                # (the 1st; an anniversary's day, or a short month's last), so the customer is there (its quarter
+                # ending on Oct 1 was estimated to end Dec 31)
                 estimate = _add_months(start, end, months, anchor, other_day=True)
         except (OverflowError, ValueError):  # (a period or anchor at the calendar's ends, year 9999: no estimate)
             return 0.0
