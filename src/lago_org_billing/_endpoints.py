@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
 from starlette.middleware.httpsredirect import HTTPSRedirectMiddleware
-from starlette.routing import Host, Mount, Router
+from starlette.routing import Host, Match, Mount, Router
 from starlette.types import Scope
 
 
@@ -50,12 +51,12 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
 
 def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -> str:
     # routed: a Starlette app (router) is inside the billing middleware, behind middlewares of its own
-    route, path = scope.get("route"), scope["path"]
-    fastapi = scope.get("fastapi")
-    if fastapi is not None:  # FastAPI keeps included routers: the route with its include_router() prefix is there
-        route = _fastapi_route(fastapi, route)
-    if route is None and "endpoint" in scope:  # Starlette before 1.7 leaves no scope["route"]: found by its endpoint
-        route = _route_by_endpoint(scope)
+    route, path = _matched_route(scope), scope["path"]
+    if isinstance(route, Mount) and root_path and scope.get("root_path") == root_path:  # (nothing matched below)
+        outside = _outside(scope, root_path)
+        outer = _mount_chain(getattr(scope.get("router"), "routes", ()), outside, scope, []) if outside else None
+        if outer is not None and route.app is outer[1].app:  # the mount serving the billing middleware: no route of
+            route = None  # its app (a middleware of the app answered before its router)
     template = getattr(route, "path", None)
     if not isinstance(template, str):  # no route: a 404, a redirect_slashes 307...; the raw path only without Starlette
         if isinstance(route, Host) and not route.routes:  # a host's app that is not a router (StaticFiles...): the
@@ -70,7 +71,7 @@ def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -
     inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
     if prefix:  # the concrete prefix ("/v1/projects/p1"), as its mounts' templates ("/v1/projects/{project_id}")
-        prefix = _mount_template(scope.get("router"), prefix)
+        prefix = _mount_template(scope.get("router"), prefix, scope, root_path)
     if isinstance(route, Mount):  # a mounted app that is not a router (StaticFiles...): the mount is the route
         # (a mounted router that matched none, bare or in middlewares of its own: its 404, its redirect_slashes
         # 307, not a "/v2/{path}" endpoint)
@@ -78,6 +79,29 @@ def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -
             return UNMATCHED
         return (prefix or template) + "/{path}"
     return prefix + template
+
+
+def _matched_route(scope: Scope) -> Any:
+    """The route (or mount, host) that served a request, None when none did.
+
+    ``scope["route"]``, where Starlette's routers leave it; FastAPI's (0.16x) keeps its included routers: the route
+    with its ``include_router()`` prefix is in ``scope["fastapi"]``. A FastAPI router does not write
+    ``scope["route"]`` for what is not a FastAPI route (a Starlette route, a mount of its own): under a Starlette
+    ``Mount`` or ``Host`` serving a FastAPI app, the mount (host) is left there, and what that app served (its
+    ``StaticFiles``' 404, its routes) was taken for the mount's (a 404 unbilled, ``/sub/{path}``). Every match writes
+    ``scope["endpoint"]`` (a mount's, a host's: its app): one that is not the mount's app is what matched inside it,
+    found by its endpoint, as before Starlette 1.7, which leaves no ``scope["route"]``."""
+    route = scope.get("route")
+    fastapi = scope.get("fastapi")
+    if fastapi is not None:
+        route = _fastapi_route(fastapi, route)
+    if route is None:
+        return _route_by_endpoint(scope) if "endpoint" in scope else None
+    if isinstance(route, (Mount, Host)) and "endpoint" in scope and scope["endpoint"] is not route.app:
+        inner = _route_by_endpoint(scope)  # (None: an endpoint not found under the router: the mount, as before)
+        if inner is not None:
+            return inner
+    return route
 
 
 def _raw_endpoint(path: object) -> str:
@@ -118,13 +142,11 @@ def _unrouted(scope: Scope, status: int, root_path: str, routed: bool = False) -
     Starlette router that matched no route, its ``redirect_slashes`` redirect, its 405 for a method the route does not
     take, a redirect of a Starlette middleware before routing (``HTTPSRedirectMiddleware``). Not billed."""
     if status == 405:
-        route = scope.get("route")
-        if scope.get("fastapi") is not None:
-            route = _fastapi_route(scope["fastapi"], route)
-        if route is None and "endpoint" in scope:
-            route = _route_by_endpoint(scope)
+        route = _matched_route(scope)
         methods = getattr(route, "methods", None)
-        return isinstance(methods, (set, frozenset, list, tuple)) and scope["method"] not in methods
+        if isinstance(methods, (set, frozenset, list, tuple)):
+            return scope["method"] not in methods
+        return _handler_missing(getattr(route, "endpoint", None), scope["method"])
     if status != 404 and status >= 400:
         return False
     if not routed and scope.get("router") is None and not isinstance(scope.get("app"), Starlette):
@@ -133,6 +155,22 @@ def _unrouted(scope: Scope, status: int, root_path: str, routed: bool = False) -
     if type(fastapi) is dict and "frontend_path" in fastapi:
         return False  # a FastAPI frontend's (static files) answer, as a mounted app's: no scope["route"] either
     return _template(scope, status, root_path, routed) is UNMATCHED
+
+
+#: The methods a Starlette ``HTTPEndpoint`` dispatches to a handler of that name (any other: its 405).
+_HANDLED = frozenset(("get", "head", "post", "put", "patch", "delete", "options", "query"))
+
+
+def _handler_missing(endpoint: Any, method: str) -> bool:
+    """Whether ``endpoint`` is a class-based ``HTTPEndpoint`` without a handler for ``method``: its route takes every
+    method (``methods`` None) and the class answers 405 itself (``method_not_allowed``), as a router does for a
+    function route that does not take it (the client probing methods was billed for a class view's 405s only)."""
+    if not (isinstance(endpoint, type) and issubclass(endpoint, HTTPEndpoint)):
+        return False
+    name = method.lower()
+    if name == "head" and getattr(endpoint, "head", None) is None:
+        name = "get"  # (HEAD runs the GET handler)
+    return name not in _HANDLED or getattr(endpoint, name, None) is None
 
 
 def _dot_segments(path: str) -> bool:
@@ -145,7 +183,7 @@ def _mount_prefix(scope: Scope, root_path: str) -> str:
     """The templates of the mounts a request went through, from where the middleware saw it (``root_path``)."""
     inner_root: str = scope.get("root_path", "")
     prefix = inner_root[len(root_path) :] if inner_root.startswith(root_path) else ""
-    return _mount_template(scope.get("router"), prefix) if prefix else prefix
+    return _mount_template(scope.get("router"), prefix, scope, root_path) if prefix else prefix
 
 
 def _fastapi_route(fastapi: Any, route: Any) -> Any:
@@ -191,73 +229,168 @@ def _route_by_endpoint(scope: Scope) -> Any:
     path, inner_root = scope["path"], scope.get("root_path", "")
     inner_path = path[len(inner_root) :] if inner_root and path.startswith(inner_root) else path
     for route in candidates:
+        if isinstance(route, Mount):  # (the root_path ends with what it matched: the path within it is its app's)
+            if _mount_matched(route, inner_root):
+                return route
+            continue
         regex = getattr(route, "path_regex", None)
-        if regex is not None and regex.match(inner_path if not isinstance(route, Mount) else inner_path + "/"):
+        if regex is not None and regex.match(inner_path):
             return route
     return None
+
+
+def _mount_matched(mount: Mount, root_path: str) -> bool:
+    """Whether the end of ``root_path`` (the one a mount made, by putting what it matched at its end) is a prefix
+    ``mount`` matches: an app mounted at several paths (``/a`` and ``/b/{tenant}``) is found at the one that served
+    (the path within it was tried against its pattern: none matched, the mount's requests billed ``<unmatched>``)."""
+    regex, index = mount.path_regex, len(root_path)
+    while index >= 0:
+        match = regex.match(root_path[index:] + "/")
+        if match is not None and not match.group("path"):
+            return True
+        index = root_path.rfind("/", 0, index) if index else -1
+    return False
+
+
+def _included(route: Any) -> list[Any] | None:
+    """The routes of a router FastAPI (0.16x) included (``app.include_router(router, prefix=...)``), as it serves
+    them (with the prefixes); None for any other route."""
+    candidates = getattr(route, "effective_candidates", None)
+    if candidates is None or not callable(candidates):
+        return None
+    try:
+        return [getattr(candidate, "starlette_route", None) or candidate for candidate in candidates()]
+    except Exception:  # pragma: no cover - FastAPI's private API changed: as a route of its own
+        return None
 
 
 def _routes_serving(routes: Any, endpoint: Any, depth: int) -> list[Any]:
     found: list[Any] = []
     for route in routes:
-        if getattr(route, "endpoint", None) is endpoint:
-            found.append(route)
+        inner: list[Any] = []
+        included = _included(route) if depth < 16 else None
+        if included is not None:  # (a Starlette route in a router FastAPI included, under a mount of its app)
+            inner = _routes_serving(included, endpoint, depth + 1)
+        elif getattr(route, "endpoint", None) is endpoint:
+            inner = [route]
         elif isinstance(route, (Mount, Host)) and depth < 16:
-            if route.app is endpoint:
-                found.append(route)
-            else:
-                found.extend(_routes_serving(route.routes, endpoint, depth + 1))
+            inner = [route] if route.app is endpoint else _routes_serving(_routes_within(route), endpoint, depth + 1)
+        # (the same route reached twice, a router mounted at two paths, is found once)
+        found.extend(other for other in inner if not any(other is known for known in found))
     return found
+
+
+def _routes_within(route: Mount | Host) -> Any:
+    """The routes of a mount's (host's) app: its router's, also behind middlewares of its own
+    (``Mount("/api", app=CORSMiddleware(router))``, whose ``routes`` are none: the mounts and routes in that router
+    were not found, billed under their concrete prefix, ``/api/t/acme/chat/{chat_id}``, or before Starlette 1.7 as
+    ``<unmatched>``)."""
+    routes = route.routes
+    if routes:
+        return routes
+    app: Any = route.app
+    for _ in range(64):
+        if isinstance(app, (Starlette, Router)):
+            return app.routes
+        try:
+            app = getattr(app, "app", None)
+        except Exception:  # pragma: no cover - an object whose attributes fail
+            break
+        if app is None:
+            break
+    return ()
 
 
 #: The longest concrete path (mount prefix, raw path as endpoint) the caches keyed by one keep: a client chooses the
 #: values in its URL (up to the server's limit, ~16 KB), and 10,000 entries of that size would be hundreds of MB.
 _MAX_CACHED_PATH = 1024
 
-#: (id of the outermost router, concrete mount prefix) -> (that router, the mounts' path templates).
-_mount_prefixes: dict[tuple[int, str], tuple[Any, str]] = {}
+#: (id of the outermost router, concrete mount prefix) -> (that router, the mounts' path templates); None when they
+#: depend on the request's host (a ``Host`` route was passed by), then under (id, prefix, the request's host). Below
+#: mounts around the billing middleware (:func:`_outside`): (id, prefix, None, their concrete prefix), (..., host).
+_mount_prefixes: dict[tuple[Any, ...], tuple[Any, str | None]] = {}
 
 
-def _mount_template(router: Any, prefix: str) -> str:
-    """The path templates of the mounts whose concrete prefix a request went through (cached: a prefix with no
-    parameter is its own template; one with parameters is looked up once per value, bounded)."""
-    key = (id(router), prefix)  # routers compare by their routes: not hashable
+def _mount_template(router: Any, prefix: str, scope: Scope, root_path: str = "") -> str:
+    """The path templates of the mounts whose concrete prefix a request went through, below the billing middleware
+    (whose ``root_path`` is given) (cached: a prefix with no parameter is its own template; one with parameters is
+    looked up once per value (and host), bounded)."""
+    outside = _outside(scope, root_path)
+    # (routers compare by their routes: not hashable)
+    key: tuple[Any, ...] = (id(router), prefix) if not outside else (id(router), prefix, None, outside)
     known = _mount_prefixes.get(key)
     if known is not None and known[0] is router:
-        return known[1]
-    template = _find_mounts(getattr(router, "routes", ()), prefix) or prefix
-    if len(prefix) > _MAX_CACHED_PATH:  # a long parameter value (a client's 16 KB tenant): looked up, not kept
+        if known[1] is not None:
+            return known[1]
+        known = _mount_prefixes.get((*key, _host(scope)))
+        if known is not None and known[0] is router and known[1] is not None:
+            return known[1]
+    hosts: list[Host] = []
+    routes: Any = getattr(router, "routes", ())
+    if outside:  # the billing middleware is around an app mounted in another: the routes below its mounts
+        outer = _mount_chain(routes, outside, scope, hosts)
+        routes = _routes_within(outer[1]) if outer is not None else ()
+    found = _mount_chain(routes, prefix, scope, hosts)
+    template = found[0] if found is not None else prefix
+    host = _host(scope) if hosts else ""
+    if len(prefix) + len(host) + len(outside) > _MAX_CACHED_PATH:  # a long value (a client's 16 KB tenant): not kept
         return template
     if len(_mount_prefixes) >= 10_000:
         _mount_prefixes.clear()
-    _mount_prefixes[key] = (router, template)
+    if hosts:
+        hosted = (*key, host)
+        _mount_prefixes[key] = (router, None)
+        _mount_prefixes[hosted] = (router, template)
+    else:
+        _mount_prefixes[key] = (router, template)
     return template
 
 
-def _find_mounts(routes: Any, prefix: str) -> str | None:
+def _outside(scope: Scope, root_path: str) -> str:
+    """The concrete prefix of the mounts around the billing middleware, when it is around an app mounted in another
+    (``Mount("/o/{region}", app=OrgBillingMiddleware(app))``): ``scope["router"]`` is the other app's, whose root
+    (``app_root_path``, which the outermost mount sets) is not the middleware's ``root_path``. Its mounts' templates
+    are not the events' (they are billed from where the middleware sees them): the mounts below it were not found
+    from the outer router (``/t/acme/chat``), and the outer mount was taken for a route of the app."""
+    base = scope.get("app_root_path")
+    if not root_path or type(base) is not str or len(base) >= len(root_path) or not root_path.startswith(base):
+        return ""
+    return root_path[len(base) :]
+
+
+def _host(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+def _mount_chain(routes: Any, prefix: str, scope: Scope, hosts: list[Host]) -> tuple[str, Mount] | None:
     """The templates of the chain of mounts, among ``routes`` and theirs, that matches ``prefix`` exactly (the
-    first, as Starlette's router picks it); None when none does."""
+    first, as Starlette's router picks it), and its last mount; None when none does. ``hosts``: the ``Host`` routes
+    passed by."""
     for route in routes:
-        candidates = getattr(route, "effective_candidates", None)
-        if candidates is not None and callable(candidates):  # a router FastAPI included: its routes, prefixed
-            try:
-                included = [getattr(candidate, "starlette_route", None) or candidate for candidate in candidates()]
-            except Exception:  # pragma: no cover - FastAPI's private API changed: the concrete prefix is kept
-                continue
-            inner = _find_mounts(included, prefix)
-            if inner is not None:
-                return inner
+        included = _included(route)
+        if included is not None:  # a router FastAPI included: its routes, prefixed
+            found = _mount_chain(included, prefix, scope, hosts)
+            if found is not None:
+                return found
         elif isinstance(route, Mount):
             match = route.path_regex.match(prefix + "/")
             if match is not None:
                 rest = match.group("path").rstrip("/")
                 if not rest:
-                    return route.path
-                inner = _find_mounts(route.routes, "/" + rest)
-                if inner is not None:
-                    return route.path + inner
+                    return route.path, route
+                found = _mount_chain(_routes_within(route), "/" + rest, scope, hosts)
+                if found is not None:
+                    return route.path + found[0], found[1]
         elif isinstance(route, Host):  # a host's routes are its app's, under the same prefix
-            inner = _find_mounts(route.routes, prefix)
-            if inner is not None:
-                return inner
+            # (only the host the request was for: another's mount matching the prefix is another route, Host("docs.
+            # example.com") with Mount("/{version}") before Mount("/v1"): "/{version}/chat" for api.example.com)
+            hosts.append(route)
+            if route.matches(scope)[0] is not Match.FULL:
+                continue
+            found = _mount_chain(_routes_within(route), prefix, scope, hosts)
+            if found is not None:
+                return found
     return None
