@@ -48,7 +48,7 @@ from test_attribution_gzip_members_bedrock_and_gemini_relays import frame
 Billed = tuple["str | None", int, int, int]
 
 #: The seeds every random test runs (each well under 2 s).
-SEEDS = [1, 7, 42, 2026, 31337, 90210]
+SEEDS = [1, 7, 42, 2026]
 
 
 @pytest.fixture(autouse=True)

@@ -69,7 +69,7 @@ from test_asgi_extensions_and_hosts import StarletteBefore17
 pytestmark = pytest.mark.anyio
 
 UNMATCHED = "<unmatched>"
-SEEDS = 200
+SEEDS = 100
 REQUESTS = 80  # per seed
 USAGE = {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
 WORDS = ("v1", "v2", "api", "items", "chat", "users", "files", "models", "orgs", "jobs", "a", "b")

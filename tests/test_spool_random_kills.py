@@ -408,7 +408,7 @@ class Sequence:
         assert self.wal_bytes() == 0, sorted(os.listdir(self.path.parent))
 
 
-SEEDS = range(12)
+SEEDS = range(6)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
