@@ -7,6 +7,7 @@ check asks before identity. Used by ``_middleware.OrgBillingMiddleware``; import
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -16,21 +17,27 @@ from starlette.routing import Host, Match, Mount, Router
 from starlette.types import Scope
 
 
+def _app_chain(app: Any) -> Iterator[Any]:
+    """``app`` and the apps it wraps (each middleware's ``.app``), outermost first, at most 64."""
+    for _ in range(64):
+        yield app
+        try:
+            app = getattr(app, "app", None)
+        except Exception:  # pragma: no cover - an object whose attributes fail
+            return
+        if app is None:
+            return
+
+
 def _inner_routing(app: Any) -> tuple[bool, bool]:
     """Whether a Starlette app (or router) is inside ``app``, behind middlewares of its own, and whether an
     ``HTTPSRedirectMiddleware`` is among those."""
     redirects = False
-    for _ in range(64):
-        if isinstance(app, (Starlette, Router)):
+    for inner in _app_chain(app):
+        if isinstance(inner, (Starlette, Router)):
             return True, redirects
-        if isinstance(app, HTTPSRedirectMiddleware):
+        if isinstance(inner, HTTPSRedirectMiddleware):
             redirects = True
-        try:
-            app = getattr(app, "app", None)
-        except Exception:  # pragma: no cover - an object whose attributes fail
-            break
-        if app is None:
-            break
     return False, redirects
 
 
@@ -288,16 +295,9 @@ def _routes_within(route: Mount | Host) -> Any:
     routes = route.routes
     if routes:
         return routes
-    app: Any = route.app
-    for _ in range(64):
+    for app in _app_chain(route.app):
         if isinstance(app, (Starlette, Router)):
             return app.routes
-        try:
-            app = getattr(app, "app", None)
-        except Exception:  # pragma: no cover - an object whose attributes fail
-            break
-        if app is None:
-            break
     return ()
 
 
