@@ -65,7 +65,7 @@ from lago_org_billing.testing._server import serve_in_thread
 
 API_KEY = "dead-letters-key"
 UTC = datetime.timezone.utc
-SEEDS = [*range(1, 9), 16, 20, 58]  # (16, 20 and 58 met the defect of the regression case at the end)
+SEEDS = [*range(1, 5), 16, 20, 58]  # (16, 20 and 58 met the defect of the regression case at the end)
 
 #: org_a and org_b are billed monthly since 2026-01-01 (current period from March 1st); org_none has no subscription.
 SUBSCRIPTIONS = ("org_a", "org_b", "org_none")

@@ -73,9 +73,9 @@ from lago_org_billing._identity import (
 
 pytestmark = pytest.mark.anyio
 
-KEY_SEEDS = range(8)
-JWKS_SEEDS = range(6)
-SOURCE_SEEDS = range(8)
+KEY_SEEDS = range(6)
+JWKS_SEEDS = range(4)
+SOURCE_SEEDS = range(6)
 STEPS = 80
 
 #: The HMAC secret of the ``key=`` seeds (64 bytes: no weak-key warning); never in an answer or a log line.
