@@ -13,8 +13,7 @@ import sys
 from typing import Any
 
 from ._errors import ConfigurationError
-from ._quota_redis import RedisProblems, RedisUse
-from ._settings import masked_url
+from ._quota_redis import RedisProblems, RedisUse, unreadable_redis_url
 
 # (the middleware's logger: its messages keep the name they were logged under)
 logger = logging.getLogger("lago_org_billing.middleware")
@@ -37,20 +36,15 @@ class SharedFirstSeen:
                 "client: pip install 'lago-org-billing[redis]'.",
                 variable="LAGO_REDIS_URL",
             ) from None
-        problem: str | None
+        failure: ConfigurationError | None
         try:  # (read now, not at the first idempotent request: redis-py refused its query there, a ValueError each)
             redis_asyncio.connection.parse_url(url)
         except (ValueError, TypeError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
+            failure = unreadable_redis_url(url, exc, "the idempotency keys' store shared by workers")
         else:
-            problem = None
-        if problem is not None:
-            raise ConfigurationError(
-                f"LAGO_REDIS_URL ({masked_url(url)}) cannot be read by redis-py ({problem}): idempotency keys cannot "
-                "be shared between workers. Fix it (redis://[user:password@]host:port/db, the password "
-                "percent-encoded, options as redis-py reads them, e.g. ?socket_timeout=5) or unset it.",
-                variable="LAGO_REDIS_URL",
-            )
+            failure = None
+        if failure is not None:
+            raise failure
         self._from_url = functools.partial(redis_asyncio.from_url, url)
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False

@@ -613,6 +613,23 @@ def redis_is_readonly(exc: BaseException) -> bool:
     )
 
 
+def unreadable_redis_url(url: str, exc: Exception, what: str) -> ConfigurationError:
+    """The error of a ``LAGO_REDIS_URL`` redis-py cannot read (``?socket_timeout=5s``: the settings leave its query to
+    redis-py, which refused it with a bare ``ValueError``), naming ``what`` cannot be made; the password masked, in the
+    URL and in redis-py's reason. Raise it outside the ``except`` (no chained traceback whose frames held the URL)."""
+    problem = f"{type(exc).__name__}: {exc}"
+    password = url.rpartition("@")[0].partition("://")[2]
+    password = password.partition(":")[2] or password  # (``redis://secret@host``: the password alone)
+    if password:
+        problem = problem.replace(password, "***")
+    return ConfigurationError(
+        f"LAGO_REDIS_URL ({masked_url(url)}) cannot be read by redis-py ({problem}): {what} cannot be made. Fix it "
+        "(redis://[user:password@]host:port/db, the password percent-encoded, options as redis-py reads them, e.g. "
+        "?socket_timeout=5) or unset it.",
+        variable="LAGO_REDIS_URL",
+    )
+
+
 class RedisProblems:
     """What one of the package's Redis clients knows of its Redis, for :func:`redis_problem`, and what it said of it:
     whether Redis answered once and took a write once (``READONLY`` after a write: a failover; before: a replica's
@@ -1041,17 +1058,12 @@ class RedisBackend:
                     **extra,
                 )
             except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
-                problem: str | None = f"{type(exc).__name__}: {exc}"
+                failure: ConfigurationError | None = unreadable_redis_url(url, exc, "the quota gate's Redis backend")
             else:
-                problem = None
-            if problem is not None:  # (outside the except: no chained traceback whose frames hold the URL)
+                failure = None
+            if failure is not None:
                 del url  # (nor this frame: an error tracker's locals)
-                raise ConfigurationError(
-                    f"LAGO_REDIS_URL ({self.url}) cannot be read by redis-py ({problem}): the quota gate's Redis "
-                    "backend cannot be made. Fix it (redis://[user:password@]host:port/db, the password "
-                    "percent-encoded, options as redis-py reads them, e.g. ?socket_timeout=5) or unset it.",
-                    variable="LAGO_REDIS_URL",
-                )
+                raise failure
             client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
         self.redis = client
         self._check = _Script(self.redis, CHECK)

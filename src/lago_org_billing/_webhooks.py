@@ -93,8 +93,8 @@ from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY, pyjwt_depth_errors
 from ._quota import QuotaGate
-from ._quota_redis import RedisProblems, RedisUse
-from ._settings import BillingSettings, _check_unquoted, masked_url
+from ._quota_redis import RedisProblems, RedisUse, unreadable_redis_url
+from ._settings import BillingSettings, _check_unquoted
 
 __all__ = [
     "INVALIDATING_TYPES",
@@ -424,19 +424,9 @@ def _redis_from_url(url: str, timeout: float) -> Any:
         # (options in the URL's query win over these: redis-py applies them last)
         return redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
-        problem = f"{type(exc).__name__}: {exc}"
-    shown = masked_url(url)
-    password = url.rpartition("@")[0].partition("://")[2]
-    password = password.partition(":")[2] or password  # (``redis://secret@host``: the password alone)
-    if password:
-        problem = problem.replace(password, "***")
-    del url, password
-    raise ConfigurationError(
-        f"LAGO_REDIS_URL ({shown}) cannot be read by redis-py ({problem}): the webhooks' dedupe cannot be made. Fix it "
-        "(redis://[user:password@]host:port/db, the password percent-encoded, options as redis-py reads them, e.g. "
-        "?socket_timeout=5) or unset it.",
-        variable="LAGO_REDIS_URL",
-    )
+        failure = unreadable_redis_url(url, exc, "the webhooks' dedupe")
+    del url
+    raise failure
 
 
 # ------------------------------------------------------------------------------------------ signatures
