@@ -645,6 +645,22 @@ def model_state(w: World) -> dict[str, tuple[Any, ...]]:
     }
 
 
+def refused_before_lago(w: World, response: httpx.Response, raw: bytes, early: set[tuple[Any, ...]]) -> bool:
+    """Whether a setup's or plan change's body was refused before Lago was asked (a body that is no JSON object, or
+    fields refused by the route), checked as so: the answer its refusal gives, and no call to Lago."""
+    if raw in BAD_BODIES:
+        status, loc = whole_body_error(raw)
+        assert response.status_code == status, w.why()
+        if loc is not None:
+            check_422(w, response, {loc})
+    elif early:
+        check_422(w, response, early)
+    else:
+        return False
+    no_lago(w)
+    return True
+
+
 def expect_setup(
     w: World,
     response: httpx.Response,
@@ -660,16 +676,7 @@ def expect_setup(
     if content_type != "application/json":
         assert response.status_code == 415, w.why()
         return
-    if raw in BAD_BODIES:
-        status, loc = whole_body_error(raw)
-        assert response.status_code == status, w.why()
-        if loc is not None:
-            check_422(w, response, {loc})
-        no_lago(w)
-        return
-    if early:
-        check_422(w, response, early)
-        no_lago(w)
+    if refused_before_lago(w, response, raw, early):
         return
     plan = body["plan_code"]
     if mount == "billing" and plan not in OFFERED:
@@ -785,16 +792,7 @@ async def step_change_plan(w: World) -> None:
     fault = pick_fault(rng, targets)
 
     def expect(response: httpx.Response) -> None:
-        if raw in BAD_BODIES:
-            status, loc = whole_body_error(raw)
-            assert response.status_code == status, w.why()
-            if loc is not None:
-                check_422(w, response, {loc})
-            no_lago(w)
-            return
-        if early:
-            check_422(w, response, early)
-            no_lago(w)
+        if refused_before_lago(w, response, raw, early):
             return
         plan = body["plan_code"]
         if mount == "billing" and plan not in OFFERED:
