@@ -160,6 +160,44 @@ def reserved(outcome: Outcome, mode: Mode) -> bool:
     )
 
 
+async def shared_step(
+    w: Twins,
+    op: str,
+    rng: random.Random,
+    in_flight: list[Call],
+    billed: list[Call],
+    *,
+    dated_ago: tuple[int, ...],
+) -> None:
+    """The steps the backends-alike sequences take alike: a check (after a store too), a settle, its tokens, usage
+    recorded undated or dated (``dated_ago`` seconds back), an invalidation, a tick. Other ``op`` are the caller's."""
+    if op in ("store", "reserve"):  # (a snapshot is read for a check, which follows: the gate's refresh)
+        mode: Mode = rng.choice(["normal", "normal", "blind", "force", "peek"])
+        mine, theirs = await w.reserve(mode)
+        assert (mine.code, mine.calls, mine.tokens) == (theirs.code, theirs.calls, theirs.tokens), "\n".join(
+            w.log[-40:]
+        )
+        if reserved(mine, mode):
+            in_flight.append(Call((mine.period, theirs.period), mine.bucket))
+    elif op == "settle" and in_flight:
+        call = in_flight.pop(rng.randrange(len(in_flight)))
+        bill = rng.random() < 0.7
+        w.settle(call.periods, call.bucket, tokens=rng.choice([0, 0, 40]), billed=bill)
+        if bill:
+            billed.append(call)
+    elif op == "tokens" and billed:
+        call = billed.pop(rng.randrange(len(billed)))  # (its event built: tokens of its check's second)
+        w.settle(call.periods, None, tokens=rng.choice([7, 90]), billed=False, checked=call.bucket)
+    elif op == "unchecked":  # (billed without a check: the org known only after the app ran; record_usage)
+        w.settle(("", ""), None, tokens=3, billed=True)
+    elif op == "dated":  # (record_usage with the event's timestamp)
+        w.settle(("", ""), None, tokens=5, billed=True, checked=int(w.now) - rng.choice(dated_ago))
+    elif op == "invalidate":
+        await w.invalidate()
+    elif op == "tick":
+        w.now += rng.choice([0.0, 0.4, 1.0, 2.0, 3.0])
+
+
 async def run_sequence(seed: int, redis_url: str) -> None:
     """One seeded sequence around the end of March (and an upgrade in it, maybe; a pending downgrade, maybe)."""
     rng = random.Random(seed)
@@ -181,35 +219,11 @@ async def run_sequence(seed: int, redis_url: str) -> None:
                 else:
                     snapshot = period(MARCH, APRIL, read, f"v{step}", next_end=0.0 if downgrade else None)
                 await w.store(snapshot)
-            if op in ("store", "reserve"):  # (a snapshot is read for a check, which follows: the gate's refresh)
-                mode: Mode = rng.choice(["normal", "normal", "blind", "force", "peek"])
-                mine, theirs = await w.reserve(mode)
-                assert (mine.code, mine.calls, mine.tokens) == (theirs.code, theirs.calls, theirs.tokens), "\n".join(
-                    w.log[-40:]
-                )
-                if reserved(mine, mode):
-                    in_flight.append(Call((mine.period, theirs.period), mine.bucket))
-            elif op == "settle" and in_flight:
-                call = in_flight.pop(rng.randrange(len(in_flight)))
-                bill = rng.random() < 0.7
-                w.settle(call.periods, call.bucket, tokens=rng.choice([0, 0, 40]), billed=bill)
-                if bill:
-                    billed.append(call)
-            elif op == "tokens" and billed:
-                call = billed.pop(rng.randrange(len(billed)))  # (its event built: tokens of its check's second)
-                w.settle(call.periods, None, tokens=rng.choice([7, 90]), billed=False, checked=call.bucket)
-            elif op == "unchecked":  # (billed without a check: the org known only after the app ran; record_usage)
-                w.settle(("", ""), None, tokens=3, billed=True)
-            elif op == "dated":  # (record_usage with the event's timestamp)
-                w.settle(("", ""), None, tokens=5, billed=True, checked=int(w.now) - rng.choice([0, 2, 9]))
-            elif op == "invalidate":
-                await w.invalidate()
-            elif op == "upgrade" and upgrade_at is None and w.now < APRIL:
+            await shared_step(w, op, rng, in_flight, billed, dated_ago=(0, 2, 9))
+            if op == "upgrade" and upgrade_at is None and w.now < APRIL:
                 upgrade_at = float(int(w.now))  # (a new subscription and period from now on: its webhook)
                 w.say("upgrade")
                 await w.invalidate()
-            elif op == "tick":
-                w.now += rng.choice([0.0, 0.4, 1.0, 2.0, 3.0])
             elif op == "jump":
                 w.now = max(w.now, rng.choice([APRIL - 5, APRIL - 1, APRIL + 0.5, APRIL + 6]))
             await w.compare()

@@ -20,9 +20,9 @@ from _quota_app import REDIS_SERVER, Clock, metric_and_feature
 from lago_org_billing import BillingSettings, EventPipeline, LagoClient, OrgBilling
 from lago_org_billing._quota import QuotaConfig, QuotaGate
 from lago_org_billing._quota_redis import encode
-from lago_org_billing._snapshots import ALLOWED, NOT_STARTED, Mode
+from lago_org_billing._snapshots import ALLOWED, NOT_STARTED
 from lago_org_billing.testing import FakeLago
-from test_quota_redis_scripts_reviewed import APRIL, MAY, ORG, Call, period, redis_counts, reserved, twins
+from test_quota_redis_scripts_reviewed import APRIL, MAY, ORG, Call, period, redis_counts, shared_step, twins
 
 pytestmark = pytest.mark.anyio
 
@@ -173,32 +173,8 @@ async def run_late_start(seed: int, redis_url: str) -> None:
                 read = max(last_read, w.now - rng.choice([0, 0, 1, 3]))
                 last_read = read
                 await w.store(period(APRIL, MAY, read, f"v{step}"))
-            if op in ("store", "reserve"):
-                mode: Mode = rng.choice(["normal", "normal", "blind", "force", "peek"])
-                mine, theirs = await w.reserve(mode)
-                assert (mine.code, mine.calls, mine.tokens) == (theirs.code, theirs.calls, theirs.tokens), "\n".join(
-                    w.log[-40:]
-                )
-                if reserved(mine, mode):
-                    in_flight.append(Call((mine.period, theirs.period), mine.bucket))
-            elif op == "settle" and in_flight:
-                call = in_flight.pop(rng.randrange(len(in_flight)))
-                bill = rng.random() < 0.7
-                w.settle(call.periods, call.bucket, tokens=rng.choice([0, 0, 40]), billed=bill)
-                if bill:
-                    billed.append(call)
-            elif op == "tokens" and billed:
-                call = billed.pop(rng.randrange(len(billed)))
-                w.settle(call.periods, None, tokens=rng.choice([7, 90]), billed=False, checked=call.bucket)
-            elif op == "unchecked":
-                w.settle(("", ""), None, tokens=3, billed=True)
-            elif op == "dated":
-                w.settle(("", ""), None, tokens=5, billed=True, checked=int(w.now) - rng.choice([0, 2, 9, 60]))
-            elif op == "invalidate":
-                await w.invalidate()
-            elif op == "tick":
-                w.now += rng.choice([0.0, 0.4, 1.0, 2.0, 3.0])
-            elif op == "jump":
+            await shared_step(w, op, rng, in_flight, billed, dated_ago=(0, 2, 9, 60))
+            if op == "jump":
                 w.now = max(w.now, rng.choice([APRIL - 5, APRIL - 1, APRIL, APRIL + 0.5, APRIL + 6]))
             await w.compare()
         for call in in_flight:
