@@ -1192,7 +1192,12 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
         if value is None:
             continue
         if isinstance(value, (list, tuple)):
-            params.extend((f"{key}[]", str(item)) for item in value)
+            if any(item is None for item in value):
+                raise InvalidRequestError(
+                    f"The {key!r} filter holds None ({value!r}): Lago would read it as an empty value and match "
+                    f"nothing. Leave None out of the list."
+                )
+            params.extend((f"{key}[]", _param_text(item)) for item in value)
         elif isinstance(value, Mapping):  # Lago's metadata filters: metadata[key]=value ("": the key absent)
             params.extend((f"{key}[{_bracketed(key, name)}]", _param_text(item)) for name, item in value.items())
         else:
