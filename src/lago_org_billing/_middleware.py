@@ -789,9 +789,12 @@ class OrgBillingMiddleware:
         """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
         lifespan. Servers with a lifespan do this on shutdown by themselves."""
         await self._shutdown()
-        if self._lazy_task is not None:
-            await self._lazy_task
-            self._lazy_task = None
+        task = self._lazy_task
+        if task is not None:
+            await task
+            # (a finished task returns at once, before its done callback ran: the callback, finding another task or
+            # none, then left _lazy_started set, and every later request met a "not running" pipeline)
+            self._lazy_ended(task)
         if self._lazy_done is not None:
             await self._lazy_done.wait()
         self._running = False
