@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
@@ -37,21 +37,35 @@ BreakdownProvider = Callable[[str], Mapping[str, Any] | Awaitable[Mapping[str, A
 #: Grouping keys the dashboard breaks usage down by, and the JSON key of each breakdown.
 BREAKDOWN_DIMENSIONS = {"user_id": "by_user", "model": "by_model"}
 
+#: Past it a float is infinite.
+_FLOAT_END = Decimal(sys.float_info.max)
+#: Sums and unit conversions without rounding (the default context keeps 28 digits: a 30-digit count lost its last).
+_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+
 #: Content-Security-Policy of the HTML page: it loads nothing and runs nothing.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 
-def _number(value: Any) -> int | float | None:
-    """Lago's decimal strings (``"12.0"``) as JSON numbers: int when whole."""
+def _decimal(value: Any) -> Decimal | None:
+    """Lago's decimal strings (``"12.0"``), and numbers, exactly; ``None`` for anything else (a word, NaN)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         number = Decimal(str(value))
     except (InvalidOperation, ValueError):
         return None
-    if not number.is_finite():
+    return number if number.is_finite() else None
+
+
+def _number(value: Any) -> int | float | None:
+    """Lago's decimal strings (``"12.0"``) as JSON numbers: int when whole, or past a float (JSON has no inf)."""
+    number = _decimal(value)
+    if number is None:
         return None
-    return int(number) if number == number.to_integral_value() else float(number)
+    whole = number.to_integral_value()
+    if number == whole or abs(number) >= _FLOAT_END:
+        return int(whole)
+    return float(number)
 
 
 def _whole(value: Any) -> int:
@@ -190,12 +204,12 @@ def _limit(
     ratio: float | None = None if used is None or limit is None else 1.0
     remaining: int | float | None = None
     if used is not None and limit is not None:
+        # exactly, in decimal: a float subtraction left 0.19999999999999998 of a 0.3 GB limit with 0.1 used
+        remaining = max(_number(_EXACT.subtract(_exact(limit), _exact(used))) or 0, 0)
         try:
             ratio = used / limit if limit else 1.0
-            remaining = max(limit - used, 0)
         except OverflowError:  # past a float (a "1e400" from a provider or summed in Lago): exactly, then capped
             ratio = _capped(Decimal(used) / Decimal(limit)) if limit else 1.0
-            remaining = max(_number(Decimal(limit) - Decimal(used)) or 0, 0)
     return {
         "name": name,
         "limit": limit,
@@ -204,6 +218,12 @@ def _limit(
         "ratio": None if ratio is None else round(ratio, 4),
         "exceeded": bool(used is not None and limit is not None and used >= limit),
     }
+
+
+def _exact(number: int | float) -> Decimal:
+    """A JSON number of :func:`_number` as the decimal it was read from (a float by its shortest repr: 0.1, not
+    0.1000000000000000055...)."""
+    return Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
 
 
 def _capped(value: Decimal) -> float:
@@ -223,24 +243,32 @@ def _ledger_row(dimension: str, row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _grouped_breakdown(charges: list[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Sum Lago's ``grouped_usage`` per user and per model (one charge per metric and dimension, so that a
-    metric billed by two charges is not counted twice)."""
+    """Sum Lago's ``grouped_usage`` per user and per model. The events and units of a metric come from one of its
+    charges grouped by the dimension (a metric billed by two charges counts the same events twice); its amount is
+    every such charge's (a standard fee and a percentage on the same metric are both the user's spend)."""
     rows: dict[str, dict[str, dict[str, Any]]] = {dimension: {} for dimension in BREAKDOWN_DIMENSIONS}
     taken: set[tuple[str, str]] = set()
     for charge in charges:
         code = str((charge.get("billable_metric") or {}).get("code") or "")
         groups = [g for g in charge.get("grouped_usage") or [] if isinstance(g, Mapping)]
         for dimension in BREAKDOWN_DIMENSIONS:
-            if (code, dimension) in taken or not any(dimension in (g.get("grouped_by") or {}) for g in groups):
+            if not any(dimension in (g.get("grouped_by") or {}) for g in groups):
                 continue
+            counted = (code, dimension) in taken
             taken.add((code, dimension))
             for group in groups:
                 value = (group.get("grouped_by") or {}).get(dimension)
                 key = "(none)" if value is None else str(value)
                 row = rows[dimension].setdefault(key, {dimension: key, "events": 0, "amount_cents": 0, "units": {}})
-                row["events"] += _whole(group.get("events_count"))
                 row["amount_cents"] += _whole(group.get("amount_cents"))
-                row["units"][code] = (row["units"].get(code) or 0) + (_number(group.get("units")) or 0)
+                if not counted:
+                    row["events"] += _whole(group.get("events_count"))
+                    # summed exactly, made a JSON number once: floats would show 0.1 + 0.2 GB as 0.30000000000000004
+                    units = _decimal(group.get("units")) or Decimal(0)
+                    row["units"][code] = _EXACT.add(row["units"].get(code, Decimal(0)), units)
+    for by_key in rows.values():
+        for row in by_key.values():
+            row["units"] = {code: _number(units) or 0 for code, units in row["units"].items()}
     return {
         key: sorted(rows[dimension].values(), key=lambda row: (-row["events"], row[dimension]))
         for dimension, key in BREAKDOWN_DIMENSIONS.items()
@@ -251,10 +279,14 @@ def _grouped_breakdown(charges: list[Mapping[str, Any]]) -> dict[str, list[dict[
 
 
 def wants_html(accept: str, format_param: str | None = None) -> bool:
-    """HTML when ``?format=html``, or when the Accept header prefers ``text/html`` to JSON (browsers)."""
+    """HTML when ``?format=html``, or when the Accept header prefers ``text/html`` to JSON (browsers).
+
+    Each type takes the quality of the most specific range that names it (RFC 9110 12.5.1: ``application/json;q=0.5,
+    */*`` ranks JSON 0.5, not 1); ``application/xhtml+xml`` counts as HTML when named. On a tie the type named more
+    specifically wins (``text/html, */*`` is HTML), else JSON (``*/*``, no header)."""
     if format_param:
         return format_param.lower() == "html"
-    best_html = best_json = -1.0
+    qualities: dict[str, float] = {}
     for part in accept.lower().split(","):
         media, _, params = part.strip().partition(";")
         quality = 1.0
@@ -265,12 +297,20 @@ def wants_html(accept: str, format_param: str | None = None) -> bool:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
+                quality = min(max(quality, 0.0), 1.0) if quality == quality else 0.0  # (NaN: not acceptable)
         media = media.strip()
-        if media in ("text/html", "application/xhtml+xml"):
-            best_html = max(best_html, quality)
-        elif media in ("application/json", "*/*", "application/*"):
-            best_json = max(best_json, quality if media == "application/json" else quality - 0.01)
-    return best_html > 0 and best_html > best_json
+        qualities[media] = max(qualities.get(media, quality), quality)
+
+    def preference(media: str, *ranges: str) -> tuple[float, int]:
+        """(quality, specificity) of the most specific of ``media`` and its ``ranges`` the header names."""
+        for specificity, name in enumerate((media, *ranges)):
+            if name in qualities:
+                return qualities[name], -specificity
+        return 0.0, -len(ranges) - 1
+
+    as_html = max(preference("text/html", "text/*", "*/*"), preference("application/xhtml+xml"))
+    as_json = preference("application/json", "application/*", "*/*")
+    return as_html[0] > 0 and as_html > as_json
 
 
 def _e(value: Any) -> str:
@@ -308,7 +348,7 @@ def _money(cents: Any, currency: Any) -> str:
     if cents is None:
         return "—"
     subunits = subunits_per_unit(currency)
-    value = Decimal(int(cents)) / subunits
+    value = _EXACT.divide(Decimal(int(cents)), subunits)
     return f"{value:,.{_DECIMALS[subunits]}f} {currency or ''}".strip()
 
 
