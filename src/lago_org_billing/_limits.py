@@ -36,7 +36,8 @@ def limits_from_entitlements(
     """The limits a subscription's entitlements set (``value`` = override if any, else the plan value).
 
     Only privileges of ``config.feature_code`` named ``calls_privilege``/``tokens_privilege`` count; a
-    privilege present with no value maps to ``None`` (unlimited). Absent privileges are absent from the result.
+    privilege present with no value maps to ``None`` (unlimited); one whose value is no whole number >= 0 (a fraction,
+    negative, a word, a boolean) is ignored, said once. Absent privileges are absent from the result.
     """
     found: dict[str, int | None] = {}
     for feature in entitlements if isinstance(entitlements, list) else ():
@@ -44,6 +45,13 @@ def limits_from_entitlements(
         if not isinstance(feature, Mapping) or feature.get("code") != config.feature_code:
             continue
         privileges = feature.get("privileges")
+        if isinstance(privileges, Mapping):
+            # lago-api in mid-2025 keyed them by code (``{"max_api_calls": {"code": ..., "value": 300}}``, its
+            # SubscriptionEntitlementCollectionSerializer): skipped, every org of such a Lago was unlimited, silently.
+            privileges = [
+                {"code": code, **privilege} if isinstance(privilege, Mapping) else privilege
+                for code, privilege in privileges.items()
+            ]
         for privilege in privileges if isinstance(privileges, list) else ():
             if not isinstance(privilege, Mapping):
                 continue
@@ -149,7 +157,9 @@ def _whole(value: Any, what: str) -> int | None:
     if number is None:
         _ignored(what, value, "is not a number")
         return None
-    if not number.is_finite() or number < 0:
+    # A fraction is no whole number either (a string privilege's "0.5", "99.99"): cut to one, "0.5" was a limit of 0
+    # that refused every call of the org, silently. (to_integral_value is cheap at any exponent: "1e-999999999" too.)
+    if not number.is_finite() or number < 0 or number != number.to_integral_value():
         _ignored(what, value, "is not a whole number >= 0")
         return None
     return _LARGEST if number > _LARGEST else int(number)
