@@ -388,6 +388,9 @@ class JwksKeys:
                 )
             skipped.append(f"{name}: a private key")
             return None
+        if alg is not None and not isinstance(alg, str):  # (a list or object: unhashable, it failed the whole set)
+            skipped.append(f"{name}: alg {alg!r:.100}, not an algorithm name")
+            return None
         if alg is not None and alg not in self._algorithms:
             skipped.append(f"{name}: alg {alg!r} not in algorithms")
             return None
