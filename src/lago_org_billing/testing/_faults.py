@@ -136,7 +136,11 @@ def _number(spec: Mapping[str, Any], key: str, *, minimum: float, integer: bool 
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise FaultSpecError(f"fault field {key!r} must be {kind} >= {minimum:g}, got {value!r}")
-    if not math.isfinite(value) or value < minimum:
+    try:  # (an integer past a float's range would overflow later, in the clock arithmetic or the sleep)
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite or value < minimum:
         raise FaultSpecError(f"fault field {key!r} must be {kind} >= {minimum:g}, got {value!r}")
     return value
 
@@ -155,6 +159,8 @@ def parse_rule(spec: Any) -> FaultRule:
         raise FaultSpecError(f"fault field 'status' must be an HTTP error status (400-599), got {status!r}")
     count = _number(spec, "count", minimum=1, integer=True)
     seconds = _number(spec, "seconds", minimum=0)
+    if seconds == 0:  # expired as it is added: it could never apply
+        raise FaultSpecError("fault field 'seconds' needs a window longer than 0 seconds (e.g. 1), got 0")
     if count is not None and seconds is not None:
         raise FaultSpecError("give either 'count' (number of requests) or 'seconds' (time window), not both")
     latency = _number(spec, "latency_ms", minimum=0) or 0.0
@@ -164,6 +170,17 @@ def parse_rule(spec: Any) -> FaultRule:
     path = spec.get("path", DEFAULT_PATH)
     if not isinstance(path, str) or not path.startswith("/"):
         raise FaultSpecError(f"fault field 'path' must be a path prefix starting with '/', got {path!r}")
+    # Rules that could never apply, refused now rather than silently never firing: requests are matched by their
+    # path alone (no query string, no fragment), and the emulator's own controls are never faulted.
+    if "?" in path or "#" in path:
+        raise FaultSpecError(
+            f"fault field 'path' is matched against the request's path, without query string or fragment, got {path!r}"
+        )
+    if path.startswith(EMULATOR_PATHS):
+        raise FaultSpecError(
+            f"fault field 'path' cannot be under {EMULATOR_PATHS!r} (the emulator's controls are never faulted), "
+            f"got {path!r}"
+        )
     rate_limit: RateLimit | None = None
     raw_limit = spec.get("rate_limit")
     if raw_limit is not None:
@@ -193,7 +210,7 @@ def parse_rule(spec: Any) -> FaultRule:
     if body is not None:
         try:  # (as the response will send it: refused now, not when a request meets the rule)
             json.dumps(body, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise FaultSpecError(f"fault field 'body' must be JSON (objects, lists, strings, numbers): {exc}") from None
     return FaultRule(
         status=None if status is None else int(status),
@@ -351,7 +368,7 @@ class FaultController:
     async def _post(self, request: Request) -> Response:
         try:
             spec = json.loads(await request.body() or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             return _unprocessable('the body must be JSON, e.g. {"status": 503, "count": 2}')
         try:
             rule = self.add(parse_rule(spec))
