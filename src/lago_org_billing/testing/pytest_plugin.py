@@ -96,7 +96,7 @@ def fake_lago() -> Any:
 
 
 @pytest.fixture
-def fake_lago_server(fake_lago: Any) -> Iterator[Any]:
+def fake_lago_server(fake_lago: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """``fake_lago`` served over HTTP on 127.0.0.1; its base URL is ``fake_lago_server.url``.
 
     While it is served, ``127.0.0.1`` is added to ``NO_PROXY``/``no_proxy``: behind a proxy (``HTTPS_PROXY`` of a
@@ -104,10 +104,15 @@ def fake_lago_server(fake_lago: Any) -> Iterator[Any]:
     proxy, which cannot reach this machine's loopback."""
     from ._server import serve_in_thread
 
-    with serve_in_thread(fake_lago) as url, pytest.MonkeyPatch.context() as patch:
-        for name in ("NO_PROXY", "no_proxy"):
-            value = os.environ.get(name)
-            patch.setenv(name, f"{value},127.0.0.1" if value else "127.0.0.1")
+    # Both names get the user's exceptions: urllib, httpx and requests read ``no_proxy`` before ``NO_PROXY``, and a
+    # ``no_proxy=127.0.0.1`` of ours beside a CI's ``NO_PROXY=localhost,.corp`` hid those for the test. Set with the
+    # test's own ``monkeypatch``: with one of ours, a ``monkeypatch.setenv("NO_PROXY", ...)`` of the test (its
+    # fixture set up first, so undone last) put our value back after the test, for every later test of the run.
+    found = {name: os.environ.get(name) for name in ("NO_PROXY", "no_proxy")}
+    with serve_in_thread(fake_lago) as url:
+        for name, other in (("NO_PROXY", "no_proxy"), ("no_proxy", "NO_PROXY")):
+            value = found[name] or found[other]
+            monkeypatch.setenv(name, f"{value},127.0.0.1" if value else "127.0.0.1")
         fake_lago.url = url
         try:
             yield fake_lago
