@@ -25,9 +25,11 @@ Control routes (never part of Lago's API)::
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import math
 import threading
 import uuid
@@ -45,7 +47,6 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError
-from ._util import TimedASGITransport
 
 __all__ = [
     "CONTROL_PATH",
@@ -56,6 +57,8 @@ __all__ = [
     "install_webhooks",
     "sign_hmac",
 ]
+
+logger = logging.getLogger("lago_org_billing.testing")
 
 CONTROL_PATH = "/_emulator/webhooks"
 SUCCESS_STATUSES = frozenset({200, 201, 202, 204})
@@ -106,6 +109,22 @@ class WebhookDelivery:
         }
 
 
+# Lago sends ``payload.to_json``, and in a Rails app that is ActiveSupport's encoder: besides the JSON gem's escapes it
+# writes ``<``, ``>`` and ``&`` as ``\u003c``, ``\u003e``, ``\u0026`` (``escape_html_entities_in_json``, on by default)
+# and U+2028/U+2029 as ``\u2028``/``\u2029``. A receiver that verifies a body it parsed and wrote again, rather than the
+# raw bytes, fails on those (an invoice's ``file_url`` has ``&`` in its query): it must fail here too. (The characters
+# only occur inside strings, where the escape means the same character, so the whole text can be rewritten.)
+_RAILS_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def _to_json(payload: Mapping[str, Any]) -> bytes:
+    """Rails' ``payload.to_json``: compact, UTF-8, keys in order, with ActiveSupport's escapes."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.translate(_RAILS_ESCAPES).encode()
+
+
 def sign_hmac(body: bytes, key: str) -> str:
     """Lago's HMAC signature: base64 (standard, padded) of HMAC-SHA256(key, raw body)."""
     return base64.b64encode(hmac.new(key.encode(), body, hashlib.sha256).digest()).decode()
@@ -119,8 +138,33 @@ def _sign_jwt(body: bytes, private_key_pem: bytes, issuer: str) -> str:
             "signing webhooks with JWT needs PyJWT: pip install 'lago-org-billing[testing]' "
             "(or configure the emulator's webhooks with signature='hmac')"
         ) from exc
-    token: str = jwt.encode({"data": body.decode(), "iss": issuer}, private_key_pem, algorithm="RS256")
+    # Written as ruby-jwt writes Lago's (RS256 being deterministic, the very token Lago would send with this key): a
+    # header of ``alg`` alone, and the claims as raw UTF-8, where PyJWT's defaults add ``typ`` and write each non-ASCII
+    # character as a \u escape, a token up to twice Lago's, past a receiver server's header limit where Lago's fits.
+    token: str = jwt.encode(
+        {"data": body.decode(), "iss": issuer},
+        _private_key(private_key_pem),
+        algorithm="RS256",
+        headers={"typ": None},
+        json_encoder=_Utf8Encoder,
+    )
     return token
+
+
+class _Utf8Encoder(json.JSONEncoder):
+    """JSON as Ruby's ``JSON.generate`` writes it: non-ASCII characters as they are."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{**options, "ensure_ascii": False})
+
+
+@functools.lru_cache(maxsize=8)
+def _private_key(pem: bytes) -> Any:
+    """The signing key, loaded once per PEM: loading checks the RSA key, about 0.1 s, which PyJWT given the PEM did
+    again for every attempt (a test sending 50 JWT webhooks spent 5 s on it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_private_key(pem, password=None)
 
 
 class WebhookDispatcher:
@@ -133,7 +177,8 @@ class WebhookDispatcher:
       ``"hmac"`` (``hmac_key``, a random UUID when not given, like Lago's per-organization key).
     * ``attempts`` - tries per delivery, in all.
     * ``timeout`` - seconds an attempt may take (Lago: 30); a receiver slower than that, in process too, is a failed
-      attempt (``ReadTimeout``), retried like Lago's.
+      attempt (``ReadTimeout``), retried like Lago's. The attempt ends with the answer: what an in-process receiver
+      does after it (background tasks) neither times it out nor fails it, as over HTTP.
 
     Like Lago, nothing is queued while no endpoint (``url`` or ``app``) is configured.
     """
@@ -309,8 +354,7 @@ class WebhookDispatcher:
         if not self.enabled:
             return None
         payload = self.envelope(webhook_type, object_type, obj)
-        # Lago sends ``payload.to_json``: compact, UTF-8.
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        body = _to_json(payload)
         delivery = WebhookDelivery(
             unique_key=str(uuid.uuid4()),
             webhook_type=webhook_type,
@@ -341,8 +385,7 @@ class WebhookDispatcher:
 
     def _client(self) -> tuple[httpx.AsyncClient, str]:
         if self.app is not None:
-            # (a plain ASGITransport ignores timeouts: a receiver that hangs would hold the delivery for ever)
-            transport: httpx.AsyncBaseTransport = TimedASGITransport(app=self.app)
+            transport: httpx.AsyncBaseTransport = _InProcessReceiver(self.app)
             return httpx.AsyncClient(transport=transport, timeout=self.timeout), self.url or DEFAULT_APP_URL
         if self.url is None:
             raise ConfigurationError(
@@ -613,6 +656,66 @@ class WebhookMiddleware:
                 await self.app(scope, lifespan_receive, send)
             finally:
                 stop.cancel()
+
+
+class _InProcessReceiver(httpx.AsyncBaseTransport):
+    """Sends an attempt to a receiver app in process, and ends it as over a socket: with the receiver's answer.
+
+    ``httpx.ASGITransport`` returns once the app call ends, with the work the app does after its response (Starlette's
+    ``BackgroundTask``, FastAPI's ``BackgroundTasks``) and ignoring timeouts. Over HTTP Lago has the status as soon as
+    the response is sent, so here too: the attempt's timeout runs until the response is complete (a receiver slower
+    than that is a ``ReadTimeout``), and an exception the app raises after answering is logged, as a server would,
+    not a failed attempt that Lago would never have retried. Work still running ``timeout`` seconds after the answer
+    is cancelled: the delivery run has to end, and Lago would not have waited for it either."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {}).get("read")
+        limit = math.inf if timeout is None else float(timeout)
+        status: int | None = None
+        headers: list[tuple[bytes, bytes]] = []
+        body: list[bytes] = []
+        answered = False
+        receiver = self.app
+        response: httpx.Response | None = None
+        with anyio.CancelScope(deadline=anyio.current_time() + limit) as deadline:
+
+            async def app(scope: Scope, receive: Receive, send: Send) -> None:
+                async def watch(message: Message) -> None:
+                    nonlocal status, headers, answered
+                    await send(message)
+                    if message["type"] == "http.response.start":
+                        status = int(message["status"])
+                        headers = list(message.get("headers", []))
+                    elif message["type"] == "http.response.body":
+                        body.append(message.get("body", b""))
+                        if not message.get("more_body", False):
+                            answered = True
+                            deadline.deadline = anyio.current_time() + limit
+
+                try:
+                    await receiver(scope, receive, watch)
+                except Exception:
+                    # (after a failure answer, such as the 500 Starlette sends before re-raising, the exception stays
+                    # the attempt's error: failed either way, and it says more than the status)
+                    if not answered or status not in SUCCESS_STATUSES:
+                        raise
+                    logger.warning(
+                        "The webhook receiver raised after answering %s to %s: Lago has that answer, the delivery "
+                        "stands",
+                        status,
+                        request.url,
+                        exc_info=True,
+                    )
+
+            response = await httpx.ASGITransport(app=app).handle_async_request(request)
+        if response is not None:
+            return response
+        if answered and status is not None:  # (cut while working after its answer)
+            return httpx.Response(status, headers=headers, content=b"".join(body))
+        raise httpx.ReadTimeout(f"{request.url} did not answer within the read timeout ({limit:g} s)", request=request)
 
 
 class _SupportsWebhooks(_FakeLike, Protocol):
