@@ -10,7 +10,10 @@ run holds the journal (``FILE.lock``, an OS lock held for the run).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import signal
 import sys
 import threading
@@ -211,6 +214,11 @@ class Terminated(LagoIntegrationError):
 
 
 def _handle(args: argparse.Namespace) -> int:
+    # Ids and names stdout's encoding cannot hold (a redirected stdout on Windows is in its ANSI code page, cp1252)
+    # are printed escaped, as stderr prints them: a UnicodeEncodeError stopped the run (after its writes) with a
+    # traceback.
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return run_migrate_command(args, on_org_done=ORG_DONE_HOOK)
     except KeyboardInterrupt:  # (the CLI exits 130) what was done is done, each step idempotent: say how to go on
@@ -222,14 +230,15 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def _say_stopped(args: argparse.Namespace, how: str) -> None:
+    print(f"\n{_stopped(args, how)}", file=sys.stderr)
+
+
+def _stopped(args: argparse.Namespace, how: str) -> str:
+    """What a run stopped ``how`` says (on stderr, and in its ``--report``)."""
     if args.execute:
         again = "the same command" if args.journal else "the same command (with --journal FILE, it skips done orgs)"
-        print(f"\nmigrate {how}: every step is safe to make again; run {again} to finish.", file=sys.stderr)
-    else:
-        print(
-            f"\nmigrate {how}: nothing was changed (a {'--verify' if args.verify else 'dry run'} only reads).",
-            file=sys.stderr,
-        )
+        return f"migrate {how}: every step is safe to make again; run {again} to finish."
+    return f"migrate {how}: nothing was changed (a {'--verify' if args.verify else 'dry run'} only reads)."
 
 
 def run_migrate_command(
@@ -276,6 +285,14 @@ def run_migrate_command(
         if report.is_dir() or not report.resolve().parent.is_dir():
             print(f"error: --report {args.report}: not a file path in an existing directory", file=err)
             return 2
+        for what, other in (("mapping file", args.mapping_file), ("journal", args.journal)):
+            if other and _same_file(report, Path(other)):  # (the report written at the end replaced it)
+                print(
+                    f"error: --report {args.report} is the {what} ({other}): the report would replace it; give the "
+                    "report a path of its own",
+                    file=err,
+                )
+                return 2
         try:  # writable? (a file made to find out is removed: a run stopped early leaves no empty report)
             existed = report.exists()
             report.open("a", encoding="utf-8").close()
@@ -289,19 +306,36 @@ def run_migrate_command(
         lock = JournalLock(args.journal)
         try:
             lock.acquire()
-        except JournalLockedError as exc:
+        except JournalLockedError as exc:  # (the report left as it is: the same command's, that run's)
             print(f"error: {exc}", file=err)
             return 2
         except OSError as exc:
-            print(
-                f"error: --journal {args.journal}: its lock {lock.path} cannot be taken ({type(exc).__name__}: {exc}); "
+            return _refuse(
+                args,
+                f"--journal {args.journal}: its lock {lock.path} cannot be taken ({type(exc).__name__}: {exc}); "
                 "nothing was done. The lock file is made next to the journal: give a --journal in a directory this "
                 "user can write, on a file system with file locks (a local disk: some network shares have none)",
-                file=err,
+                err,
             )
-            return 2
     try:
+        if args.report:
+            # From here on the report is this run's: a run that did not get to write its own (killed, stopped, Lago not
+            # answering) left the report of the run before it under this run's name ("ok": true, a dry run's).
+            try:
+                _write_report(args.report, {"ok": False, "problems": [_unfinished(args)]})
+            except OSError as exc:  # (checked above, but a disk fills up, a directory goes)
+                print(f"error: --report {args.report} cannot be written ({type(exc).__name__}: {exc})", file=err)
+                return 2
         return _run(args, mode, options, settings, transport, out, err, on_org_done)
+    except KeyboardInterrupt:
+        _report_problem(args, _stopped(args, "interrupted"))
+        raise
+    except Terminated:
+        _report_problem(args, _stopped(args, "stopped (SIGTERM)"))
+        raise
+    except LagoIntegrationError as exc:  # (said by the CLI's main as it exits: Lago not answering, a key refused)
+        _report_problem(args, str(exc))
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -333,24 +367,22 @@ def _run(
         try:
             opened = Journal(args.journal)
         except UnicodeDecodeError as exc:  # (a torn last line is skipped by Journal: this is more)
-            print(
-                f"error: --journal {args.journal} is not a journal of this command (not UTF-8: {exc}); nothing was "
+            return _refuse(
+                args,
+                f"--journal {args.journal} is not a journal of this command (not UTF-8: {exc}); nothing was "
                 "done. Give the journal of the run to resume, or a new path to start one (without it, a run plans "
                 "from what Lago has). If it is the journal of a run killed while writing its first line, move it "
                 "aside: nothing had been recorded yet",
-                file=err,
+                err,
             )
-            return 2
         except OSError as exc:
-            print(f"error: --journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", file=err)
-            return 2
+            return _refuse(args, f"--journal {args.journal} cannot be read ({type(exc).__name__}: {exc})", err)
     if opened is not None and mode == "execute":
         try:  # writable, before the first write to Lago (its directory made, as its first record would)
             opened.path.parent.mkdir(parents=True, exist_ok=True)
             opened.path.open("a", encoding="utf-8").close()
         except OSError as exc:
-            print(f"error: --journal {args.journal} cannot be written ({type(exc).__name__}: {exc})", file=err)
-            return 2
+            return _refuse(args, f"--journal {args.journal} cannot be written ({type(exc).__name__}: {exc})", err)
 
     async def main() -> int:
         counter = CallCounter(transport or httpx.AsyncHTTPTransport(retries=0, limits=_limits(args.concurrency)))
@@ -428,6 +460,13 @@ def _run(
             if journal is not None:
                 journal.close()
         run.warnings[:0] = warnings
+        # The report first: printing can fail (the reader of a pipe gone, ``| head``), and then there was none.
+        report_failed: OSError | None = None
+        if args.report:
+            try:
+                _write_report(args.report, run.to_json())
+            except OSError as exc:  # checked up front, but it can still fail (disk full, removed directory...)
+                report_failed = exc
         if mode == "dry-run":
             _print_plan(run, out)
         _print_summary(run, out)
@@ -440,12 +479,10 @@ def _run(
                 "then run the same command without --prepare to end the users' subscriptions and mark them.",
                 file=out,
             )
+        if report_failed is not None:
+            print(f"error: the report could not be written to {args.report}: {report_failed}", file=err)
+            return 1
         if args.report:
-            try:
-                _write_report(args.report, run.to_json())
-            except OSError as exc:  # checked up front, but it can still fail (disk full, removed directory...)
-                print(f"error: the report could not be written to {args.report}: {exc}", file=err)
-                return 1
             print(f"report written to {args.report}", file=out)
         return 0 if run.ok else 1
 
@@ -498,6 +535,42 @@ def _mapping_failed(exc: MappingError, args: argparse.Namespace, err: TextIO) ->
 
 def _write_report(path: str, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _unfinished(args: argparse.Namespace) -> str:
+    """What ``--report`` holds while the run is made, and after a run that never got to write its own (killed)."""
+    if args.execute:
+        return (
+            "migrate --execute did not finish (still running, or killed before writing its report: see its stderr); "
+            "every step is safe to make again: run the same command to finish"
+        )
+    return (
+        f"migrate {'--verify' if args.verify else 'dry run'} did not finish (still running, or killed before writing "
+        "its report: see its stderr); nothing was changed (it only reads): run it again"
+    )
+
+
+def _report_problem(args: argparse.Namespace, problem: str) -> None:
+    """``--report``: this run stopped, saying why (instead of :func:`_unfinished`). Best effort: the run stops anyway,
+    for a reason said on stderr."""
+    if args.report:
+        with contextlib.suppress(OSError):
+            _write_report(args.report, {"ok": False, "problems": [problem]})
+
+
+def _refuse(args: argparse.Namespace, problem: str, err: TextIO) -> int:
+    """Exit 2 before anything is done, saying ``problem`` on stderr and in ``--report``."""
+    print(f"error: {problem}", file=err)
+    _report_problem(args, problem)
+    return 2
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name the same file (through ``..``, a symbolic or a hard link)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------- output
