@@ -30,6 +30,19 @@ __all__ = ["limits_from_entitlements", "subscription_entitlements", "usage_total
 logger = logging.getLogger("lago_org_billing.quota")
 
 
+def privileges_of(feature: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A feature's privileges (objects only), listed or keyed by their codes. lago-api in mid-2025 keyed them
+    (``{"max_api_calls": {"code": ..., "value": 300}}``, its plan and subscription entitlement serializers): read as a
+    list they were none, every org of such a Lago unlimited, and the migration took every plan privilege as removed
+    for the donor (or, the plan's keyed too, none). The code inside wins; the key stands in for one left out."""
+    privileges = feature.get("privileges")
+    if isinstance(privileges, Mapping):
+        privileges = [{"code": code, **p} if isinstance(p, Mapping) else p for code, p in privileges.items()]
+    if not isinstance(privileges, list):
+        return []
+    return [privilege for privilege in privileges if isinstance(privilege, Mapping)]
+
+
 def limits_from_entitlements(
     entitlements: Sequence[Mapping[str, Any]] | None, config: QuotaConfig
 ) -> dict[str, int | None]:
@@ -44,17 +57,7 @@ def limits_from_entitlements(
         # (entries not objects, a null among them from a drifting Lago: skipped, the others read)
         if not isinstance(feature, Mapping) or feature.get("code") != config.feature_code:
             continue
-        privileges = feature.get("privileges")
-        if isinstance(privileges, Mapping):
-            # lago-api in mid-2025 keyed them by code (``{"max_api_calls": {"code": ..., "value": 300}}``, its
-            # SubscriptionEntitlementCollectionSerializer): skipped, every org of such a Lago was unlimited, silently.
-            privileges = [
-                {"code": code, **privilege} if isinstance(privilege, Mapping) else privilege
-                for code, privilege in privileges.items()
-            ]
-        for privilege in privileges if isinstance(privileges, list) else ():
-            if not isinstance(privilege, Mapping):
-                continue
+        for privilege in privileges_of(feature):
             code = privilege.get("code")
             if code not in (config.calls_privilege, config.tokens_privilege):
                 continue

@@ -111,6 +111,7 @@ from ._errors import (
     traceback_text,
 )
 from ._ids import _FORBIDDEN, MAX_ID_LENGTH, parse_time, path_segment, validate_id
+from ._limits import privileges_of
 from ._settings import BillingSettings
 
 if TYPE_CHECKING:
@@ -1302,7 +1303,7 @@ def _override_values(entitlements: Iterable[Any]) -> Overrides:
         overrides = feature.get("overrides")
         if isinstance(overrides, Mapping):
             values.update({str(code): value for code, value in overrides.items() if value is not None})
-        for privilege in _privileges(feature):
+        for privilege in privileges_of(feature):
             if privilege.get("code") and privilege.get("override_value") is not None:
                 values.setdefault(str(privilege["code"]), privilege["override_value"])
         if values:
@@ -1310,23 +1311,8 @@ def _override_values(entitlements: Iterable[Any]) -> Overrides:
     return result
 
 
-def _privileges(feature: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """A feature's privileges (objects only), listed or keyed by their codes: lago-api in mid-2025 keyed them
-    (``{"max_api_calls": {"code": ..., "value": 300}}``, its plan and subscription entitlement serializers), and read
-    as a list they were none, so every plan privilege looked removed for the donor (deleted from the org subscription,
-    its overrides with them) or, the plan's keyed too, none did (a removal not carried). As ``limits_from_entitlements``
-    reads them."""
-    privileges = feature.get("privileges")
-    if isinstance(privileges, Mapping):
-        # (the code inside wins, as limits_from_entitlements reads it; the key stands in for one left out)
-        privileges = [{"code": code, **p} if isinstance(p, Mapping) else p for code, p in privileges.items()]
-    if not isinstance(privileges, list):
-        return []
-    return [privilege for privilege in privileges if isinstance(privilege, Mapping)]
-
-
 def _privilege_codes(feature: Mapping[str, Any]) -> set[str]:
-    return {str(privilege["code"]) for privilege in _privileges(feature) if privilege.get("code")}
+    return {str(privilege["code"]) for privilege in privileges_of(feature) if privilege.get("code")}
 
 
 def _plan_features(plan: JSON | None) -> dict[str, set[str]] | None:
