@@ -3,18 +3,20 @@ asynchronously (never blocking the event loop), its usable keys cached by ``kid`
 
 A token whose ``kid`` is not cached makes the set be fetched again, at most once per ``refresh_interval`` (at least 1 s:
 anyone can send tokens with random kids); the set is also fetched again when a token comes after ``max_age`` (at least
-the interval). Concurrent requests share the fetch in flight. A failed fetch keeps the cached keys (logged once until a
-fetch succeeds). A fetch is bounded: redirects are never followed (not even by a ``jwks_client`` that follows them: to
-plain http or another host, whoever answers there would choose the keys), the answer is read up to :data:`_MAX_BYTES`
-(decoded) and must be complete within :data:`_DEADLINE` seconds (a server that drips its answer keeps every read under
-httpx's per-read timeout, and a request waits for the fetch). Only public signature keys of the allowed algorithms are
-kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys, unknown kinds and keys too weak to trust (RSA under
-2048 bits: a WARNING per fetch) are skipped, so an HMAC algorithm never verifies with a published key (the
+the interval). Concurrent requests share the fetch in flight, which runs in a task of its own: a request cancelled while
+it waits (a timeout, a client gone) neither cancels nor repeats it. A failed fetch keeps the cached keys (logged once
+until a fetch succeeds). A fetch is bounded: redirects are never followed (not even by a ``jwks_client`` that follows
+them: to plain http or another host, whoever answers there would choose the keys), the answer is read up to
+:data:`_MAX_BYTES` (decoded) and must be complete within :data:`_DEADLINE` seconds (a server that drips its answer keeps
+every read under httpx's per-read timeout, and a request waits for the fetch). Only public signature keys of the allowed
+algorithms are kept: symmetric (``oct``) keys, private keys, ``use: enc`` keys, unknown kinds and keys too weak to trust
+(RSA under 2048 bits: a WARNING per fetch) are skipped, so an HMAC algorithm never verifies with a published key (the
 algorithm-confusion attack).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import ipaddress
@@ -24,7 +26,7 @@ import math
 import ssl
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
@@ -159,9 +161,9 @@ class JwksKeys:
         self._keys: dict[tuple[str, str], Any] = {}
         self._single: dict[str, Any] = {}  # alg -> key, when the set has exactly one usable key (kid-less tokens)
         self._fetched_at: float | None = None  # last successful fetch
-        self._attempted_at: float | None = None  # last fetch started (and not cancelled)
-        self._completed = 0
+        self._attempted_at: float | None = None  # last fetch started (and not cancelled by its loop's end)
         self._in_flight: anyio.Event | None = None
+        self._task: asyncio.Task[None] | None = None  # the fetch in flight, on asyncio
         self._failures = 0
         self._ssl: ssl.SSLContext | None = None
         self._headers: dict[str, tuple[str | None, str] | None] = {}  # token header segment -> (kid, alg)
@@ -224,32 +226,47 @@ class JwksKeys:
 
     async def refresh(self) -> None:
         """Fetch the set, unless a fetch is in flight (wait for it) or one started less than the interval ago.
-        Never raises for a failed fetch (the cached keys stay); a cancelled one hands the fetch to a waiter."""
-        while True:
-            in_flight = self._in_flight
-            if in_flight is not None:
-                completed = self._completed
-                await in_flight.wait()
-                if self._completed != completed:
-                    return
-                continue  # its request was cancelled: fetch in its stead
+        Never raises for a failed fetch (the cached keys stay).
+
+        The fetch runs in a task of the event loop's, not in the request that needed it: cancelling a waiter (a
+        timeout middleware, a client gone from a server that cancels) only ends that request's wait, so the fetch
+        still answers the requests left waiting and stays the interval's one attempt. Run in the request, its
+        cancellation had to either give the attempt back, and requests cancelled one after another fetched once
+        each (anyone can send unknown kids and hang up), or keep it, and those waiting lost the keys. Counting the
+        waiters would still fetch again when one takes over, and hold it past the deadline of the first fetch; a task
+        needs no such hand-over, and ends by :data:`_DEADLINE`, so nobody waits longer than that."""
+        in_flight = self._in_flight
+        if in_flight is None:
             now = _clock()
             if self._attempted_at is not None and now - self._attempted_at < self._interval:
                 return
-            event = self._in_flight = anyio.Event()
+            in_flight = self._in_flight = anyio.Event()
             previous, self._attempted_at = self._attempted_at, now
-            done = False
-            try:
-                await self._fetch()
-                done = True
-            finally:
-                if done:
-                    self._completed += 1
-                else:
-                    self._attempted_at = previous
-                self._in_flight = None
-                event.set()
+            self._spawn(self._fetch_for_all, in_flight, previous)
+        await in_flight.wait()
+
+    def _spawn(self, fetch: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio (hypercorn -k trio): a system task, cancelled as trio.run() ends
+            import trio
+
+            trio.lowlevel.spawn_system_task(fetch, *args, name="lago-org-billing JWKS fetch")
             return
+        # (asyncio keeps a weak reference to a task only: held until it ends)
+        self._task = loop.create_task(fetch(*args), name="lago-org-billing JWKS fetch")
+
+    async def _fetch_for_all(self, in_flight: anyio.Event, previous: float | None) -> None:
+        done = False
+        try:
+            await self._fetch()
+            done = True
+        finally:
+            if not done:  # cancelled: only as its event loop ends, so the attempt is given back (the next loop fetches)
+                self._attempted_at = previous
+            self._in_flight = None
+            self._task = None
+            in_flight.set()
 
     async def _fetch(self) -> None:
         try:
