@@ -7,6 +7,10 @@ import importlib
 import os
 import sys
 from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .testing import FakeLago
 
 # Only the standard library here (json and logging are imported when used): ``--help`` and a mistyped command then
 # cost next to nothing, and a Ctrl-C while a command imports what it needs is in ``main`` (exit 130, no traceback).
@@ -111,7 +115,13 @@ def _parser(given: Collection[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is being done")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    emulator = commands.add_parser("emulator", help="serve the Lago emulator (Lago's REST API, in memory)")
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve the Lago emulator (Lago's REST API, in memory)",
+        epilog="Exit codes: 130 stopped with Ctrl-C (it serves until stopped); 2 a seed file that cannot be read or "
+        "holds what Lago would refuse, a port taken or out of range, a host that is not this machine's, or uvicorn "
+        "missing (said on stderr, before serving).",
+    )
     emulator.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     emulator.add_argument("--port", type=int, default=3000, help="port (default 3000, Lago's)")
     emulator.add_argument(
@@ -182,12 +192,16 @@ def _emulator(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
     if args.seed:
-        fake = FakeLago.from_seed_file(args.seed, api_key=api_key, event_store=args.event_store)
+        fake = _seeded(args.seed, api_key=api_key, event_store=args.event_store)
     else:
         fake = FakeLago(api_key=api_key, event_store=args.event_store)
     require_uvicorn()  # before saying where it listens: a script reading the address must not wait on nothing
+    _check_host(args.host)
     port = free_port_or_error(args.host, args.port)  # before saying where it listens (a port in use: one line)
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    # Every interface ("0.0.0.0", "", "::") is no address to call, and not the URL the emulator signs its JWT webhooks
+    # with (run() names the loopback): an app set to the wildcard refused every webhook's issuer.
+    url_host = _LOOPBACK_OF_WILDCARD.get(args.host, args.host)
+    host = f"[{url_host}]" if ":" in url_host else url_host
     # The environment's key may be a real Lago's: not printed (the apps of this shell already have it).
     key = "" if api_key == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={api_key}"
     print(
@@ -198,6 +212,49 @@ def _emulator(args: argparse.Namespace) -> int:
     )
     run(fake, args.host, port)
     return 0
+
+
+#: The loopback address a client on this machine calls for a server listening on every interface (as ``run`` names it
+#: in the webhooks it signs).
+_LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def _seeded(path: str, **options: Any) -> FakeLago:
+    """``FakeLago.from_seed_file(path, **options)``, with what it raises besides its own errors (text of another
+    encoding than UTF-8; an invoice or wallet amount of the wrong type, which their seeding helpers do not check) as a
+    :class:`ConfigurationError` naming the file: one line, exit 2, not a traceback."""
+    from ._errors import ConfigurationError, LagoIntegrationError
+    from .testing import FakeLago
+
+    try:
+        return FakeLago.from_seed_file(path, **options)
+    except LagoIntegrationError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"the emulator seed file {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8."
+        ) from None
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ConfigurationError(
+            f"seed file {path!r}: a value of the wrong type or out of range ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def _check_host(host: str) -> None:
+    """Refuse a ``--host`` the socket module cannot even look up (a NUL; text IDNA cannot encode, such as the lone
+    surrogates of bytes of another encoding): a TypeError there, and a socket left open."""
+    from ._errors import ConfigurationError
+
+    try:
+        if "\x00" in host:
+            raise UnicodeError
+        if not host.isascii():
+            host.encode("idna")
+    except UnicodeError:
+        raise ConfigurationError(
+            f"--host {host!r} is no host name or address of this machine: use --host 127.0.0.1 (or 0.0.0.0 for every "
+            "interface)."
+        ) from None
 
 
 def _health(args: argparse.Namespace) -> int:
