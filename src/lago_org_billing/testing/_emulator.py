@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +69,10 @@ HELD_ACROSS_RESET_BODY: JSON = {
     "message": "the emulator was reset while this request was held (an injected latency): it was not applied; "
     "send it again if it belongs to the current test",
 }
+#: Lago's answer to a body Rails cannot read: not JSON, or JSON holding text that is not Unicode (a lone surrogate:
+#: "\ud800" is valid JSON, but Rails refuses the parameter's encoding before any controller runs)
+NOT_JSON_BODY: JSON = {"status": 400, "error": "BadRequest: the request body is not valid JSON"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -207,8 +212,10 @@ class FakeLago:
         if self.webhook_dispatcher is not None:
             self.webhook_dispatcher.emit(webhook_type, object_type, obj)
 
-    def _call(self, operation: Callable[[], JSON]) -> JSON:
-        """Run a store operation from Python, turning Lago errors into :class:`FakeLagoError`."""
+    def _call(self, operation: Callable[[], JSON], *inputs: Any) -> JSON:
+        """Run a store operation from Python, turning Lago errors into :class:`FakeLagoError`; ``inputs`` (what the
+        helper was given) are first refused as the API refuses a body holding a lone surrogate."""
+        _refuse_lone_surrogates(*inputs)
         try:
             return operation()
         except ApiError as exc:
@@ -467,7 +474,7 @@ class FakeLago:
             "filters": list(filters or []),
             **fields,
         }
-        return self._call(lambda: self.store.create_metric({"billable_metric": params}))["billable_metric"]  # type: ignore[no-any-return]
+        return self._call(lambda: self.store.create_metric({"billable_metric": params}), params)["billable_metric"]  # type: ignore[no-any-return]
 
     def add_feature(
         self,
@@ -478,7 +485,7 @@ class FakeLago:
     ) -> JSON:
         """Create a feature (``POST /features``) and return it."""
         params = {"code": code, "name": name, "description": description, "privileges": list(privileges or [])}
-        return self._call(lambda: self.store.create_feature({"feature": params}))["feature"]  # type: ignore[no-any-return]
+        return self._call(lambda: self.store.create_feature({"feature": params}), params)["feature"]  # type: ignore[no-any-return]
 
     def add_plan(
         self,
@@ -501,12 +508,12 @@ class FakeLago:
             "entitlements": dict(entitlements or {}),
             **fields,
         }
-        return self._call(lambda: self.store.create_plan({"plan": params}))["plan"]  # type: ignore[no-any-return]
+        return self._call(lambda: self.store.create_plan({"plan": params}), params)["plan"]  # type: ignore[no-any-return]
 
     def add_customer(self, external_id: str, **fields: Any) -> JSON:
         """Create or update a customer (``POST /customers``) and return it."""
         params = {"external_id": external_id, **fields}
-        return self._call(lambda: self.store.upsert_customer({"customer": params}))["customer"]  # type: ignore[no-any-return]
+        return self._call(lambda: self.store.upsert_customer({"customer": params}), params)["customer"]  # type: ignore[no-any-return]
 
     def add_subscription(
         self, external_customer_id: str, plan_code: str, external_id: str | None = None, **fields: Any
@@ -518,11 +525,12 @@ class FakeLago:
             "external_id": external_id or external_customer_id,
             **fields,
         }
-        return self._call(lambda: self.store.create_subscription({"subscription": params}))["subscription"]  # type: ignore[no-any-return]
+        return self._call(lambda: self.store.create_subscription({"subscription": params}), params)["subscription"]  # type: ignore[no-any-return]
 
     def add_invoice(self, external_customer_id: str, **fields: Any) -> JSON:
         """Store an invoice for a customer (created if needed); ``fields`` override the defaults."""
-        return self._call(lambda: self.store.add_invoice(external_customer_id, fields))["invoice"]  # type: ignore[no-any-return]
+        created = self._call(lambda: self.store.add_invoice(external_customer_id, fields), external_customer_id, fields)
+        return created["invoice"]  # type: ignore[no-any-return]
 
     def add_wallet(self, external_customer_id: str, **fields: Any) -> JSON:
         """Store a wallet of prepaid credits for a customer (created if needed) and return it as ``GET /wallets``
@@ -531,7 +539,8 @@ class FakeLago:
         derived), ``recurring_transaction_rules`` (a list of partial rules: ``{"trigger": "interval", "interval":
         "monthly", "paid_credits": "10.0"}``) its automatic top-ups. Subscription invoices consume it, as Lago does
         (``prepaid_credit_amount_cents``, a ``wallet_transaction.created`` webhook); the emulator never tops it up."""
-        return self._call(lambda: self.store.add_wallet(external_customer_id, fields))["wallet"]  # type: ignore[no-any-return]
+        created = self._call(lambda: self.store.add_wallet(external_customer_id, fields), external_customer_id, fields)
+        return created["wallet"]  # type: ignore[no-any-return]
 
     def add_applied_coupon(self, external_customer_id: str, coupon_code: str, **fields: Any) -> JSON:
         """Store a coupon applied to a customer (created if needed) and return it as ``GET /applied_coupons`` lists
@@ -540,7 +549,10 @@ class FakeLago:
         ``frequency_duration``, ``status``... Subscription invoices deduct it before taxes, as Lago does
         (``coupons_amount_cents``), and terminate it once used up."""
         return self._call(  # type: ignore[no-any-return]
-            lambda: self.store.add_applied_coupon(external_customer_id, coupon_code, fields)
+            lambda: self.store.add_applied_coupon(external_customer_id, coupon_code, fields),
+            external_customer_id,
+            coupon_code,
+            fields,
         )["applied_coupon"]
 
     def add_credit_note(self, lago_invoice_id: str, **fields: Any) -> JSON:
@@ -548,7 +560,8 @@ class FakeLago:
         ``fields`` are CreditNoteObject fields: ``credit_amount_cents`` (what it credits the customer),
         ``balance_amount_cents`` (what is left of it: all by default), ``credit_status``, ``refund_amount_cents``...
         The customer's next subscription invoices consume its available credit (``credit_notes_amount_cents``)."""
-        return self._call(lambda: self.store.add_credit_note(lago_invoice_id, fields))["credit_note"]  # type: ignore[no-any-return]
+        created = self._call(lambda: self.store.add_credit_note(lago_invoice_id, fields), lago_invoice_id, fields)
+        return created["credit_note"]  # type: ignore[no-any-return]
 
     def seed(self, data: Mapping[str, Any]) -> None:
         """Load objects shaped like Lago's create inputs, in dependency order.
@@ -577,6 +590,7 @@ class FakeLago:
             items = data.get(key) or []
             if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
                 raise FakeLagoError(f"seed key {key!r} must be a list of objects")
+        _refuse_lone_surrogates(data)  # (checked whole, before any of it is stored)
         store = self.store
         for item in data.get("billable_metrics") or []:
             params = dict(item)
@@ -659,10 +673,12 @@ class FakeLago:
                     try:
                         body = json.loads(raw)
                     except (ValueError, RecursionError):  # (nested thousands deep: Lago's parser refuses it too)
-                        return JSONResponse(
-                            {"status": 400, "error": "BadRequest: the request body is not valid JSON"},
-                            status_code=400,
-                        )
+                        return JSONResponse(NOT_JSON_BODY, status_code=400)
+                    # (a lone surrogate comes from a \u escape, bytes that are not ASCII, or a UTF-16/32 body, which
+                    # json.loads tells by its NUL bytes: an ASCII body without them, the usual event batch, is not
+                    # walked)
+                    if (b"\\u" in raw or b"\x00" in raw or not raw.isascii()) and _holds_lone_surrogate(body):
+                        return JSONResponse(NOT_JSON_BODY, status_code=400)
             try:
                 epoch = request.scope.get(_EPOCH)
                 if epoch is None:  # (the emulator's own controls: no lock held while they reset or flush)
@@ -946,3 +962,39 @@ def _json_group(raw: str, name: str = "filter_by_group") -> dict[str, list[Any]]
 
 def _status(request: Request) -> str | None:
     return request.query_params.get("status") or request.query_params.get("subscription_status")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether ``value`` (parsed JSON, or what a Python helper was given) holds a lone surrogate in a string or a key.
+
+    ``json.loads`` keeps a lone ``\\ud800`` escape (or raw UTF-8-encoded surrogate bytes) as a lone surrogate, which
+    nothing can encode later (the response, a webhook body, a read). An escaped pair is one character, never
+    matched. Walked without recursion (parsed JSON may be nested deeper than Python's recursion limit), each
+    container once (a helper's input may hold itself)."""
+    pending = [value]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, (Mapping, list, tuple)) and id(item) not in seen:  # (all alive: ids not reused)
+            seen.add(id(item))
+            if isinstance(item, Mapping):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            else:
+                pending.extend(item)
+    return False
+
+
+def _refuse_lone_surrogates(*values: Any) -> None:
+    """Raise the :class:`FakeLagoError` the API's 400 would give when a Python helper's input holds a lone
+    surrogate (what :func:`_holds_lone_surrogate` finds): stored, it would break every later serialization."""
+    if any(_holds_lone_surrogate(value) for value in values):
+        raise FakeLagoError(
+            f"Lago would refuse this with 400: {json.dumps(NOT_JSON_BODY)} (a string holds a lone surrogate, "
+            "which is not Unicode)",
+            status=400,
+            body=NOT_JSON_BODY,
+        )

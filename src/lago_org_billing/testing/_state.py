@@ -13,6 +13,7 @@ import functools
 import heapq
 import json
 import random
+import re
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -1516,7 +1517,8 @@ class LagoStore:
             if not isinstance(raw, Mapping) or not raw.get("code"):
                 errors.setdefault("privilege.code", []).append("value_is_mandatory")
                 continue
-            value_type = raw.get("value_type") or "integer"
+            # (lago-api Entitlement::Privilege: ``attribute :value_type, :string, default: "string"``)
+            value_type = raw.get("value_type") or "string"
             pcode = str(raw["code"]).strip()
             if pcode in seen:
                 errors["privilege.code"] = [duplicate]
@@ -1639,7 +1641,6 @@ class LagoStore:
         if not isinstance(raw, Mapping):
             raise bad_request("entitlements")
         result: dict[str, dict[str, Any]] = {}
-        errors: dict[str, list[str]] = {}
         for feature_code, privileges in raw.items():
             feature = self.features.get(str(feature_code))
             if feature is None:
@@ -1650,13 +1651,10 @@ class LagoStore:
                 if privilege is None:
                     raise not_found("privilege")
                 cast = _cast_privilege(privilege, value)
-                if cast is _INVALID:
-                    errors[f"{privilege_code}_privilege_value"] = ["value_is_invalid"]
-                    continue
+                if isinstance(cast, _Refusal):  # (lago-api raises at the first value it refuses: one error)
+                    raise validation_error({cast.field: [cast.error]})
                 values[str(privilege_code)] = cast
             result[str(feature_code)] = values
-        if errors:
-            raise validation_error(errors)
         return result
 
     def _serialize_plan_entitlements(self, plan: JSON) -> list[JSON]:
@@ -4160,31 +4158,62 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-_INVALID = object()
+class _Refusal(NamedTuple):
+    """The validation error Lago answers for a privilege value: ``error_details`` ``{field: [error]}``."""
+
+    field: str
+    error: str
+
+
+#: The text lago-api's ``value.to_i.to_s == value`` keeps: an integer as Ruby writes it ("007", " 300", "+5", "-0"
+#: and "1_000" read as numbers but are not written back the same; "²" and other digits than ASCII read as 0)
+_RUBY_INTEGER_TEXT = re.compile("0|-?[1-9][0-9]*")
+#: Ruby's ``[[:space:]]`` (Unicode White_Space), what ActiveSupport's ``blank?`` skips; unlike ``str.isspace`` it
+#: does not hold the separators U+001C-U+001F
+_RUBY_SPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(
+    chr(c) for c in range(0x2000, 0x200B)
+)
 
 
 def _cast_privilege(privilege: JSON, value: Any) -> Any:
+    """``value`` for ``privilege``, cast to its ``value_type``, or the :class:`_Refusal` Lago answers.
+
+    lago-api ``Entitlement::Concerns::CreateOrUpdateConcern#validate_value``: a select value must be one of the
+    options (strings: ``5`` is not ``"5"``); a boolean ``true``/``false`` or their text; an integer a JSON integer
+    or text that ``to_i.to_s`` gives back unchanged; a string a JSON string. ``nil`` passes it, then the
+    ``EntitlementValue`` presence validation refuses it, as it does a blank string (``privilege.value``)."""
+    invalid = _Refusal(f"{privilege['code']}_privilege_value", "value_is_invalid")
+    if value is None:
+        return _Refusal("privilege.value", "value_is_mandatory")
     value_type = privilege["value_type"]
-    if value_type == "integer":
-        if isinstance(value, bool):
-            return _INVALID
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        return _INVALID
-    if value_type == "boolean":
-        if isinstance(value, bool):
-            return value
-        if value in ("true", "false"):
-            return value == "true"
-        return _INVALID
+    cast: Any
     if value_type == "select":
-        options = privilege["config"].get("select_options") or []
-        return str(value) if str(value) in [str(o) for o in options] else _INVALID
-    if isinstance(value, (dict, list)) or value is None:
-        return _INVALID
-    return str(value)
+        options = [str(o) for o in privilege["config"].get("select_options") or []]
+        if not isinstance(value, str) or value not in options:
+            return _Refusal(invalid.field, "value_not_in_select_options")
+        cast = value
+    elif value_type == "boolean":
+        if isinstance(value, bool):
+            return value
+        if value not in ("true", "false"):
+            return invalid
+        cast = value == "true"
+    elif value_type == "integer":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, str) or not _RUBY_INTEGER_TEXT.fullmatch(value):
+            return invalid
+        try:
+            cast = int(value)
+        except ValueError:  # (over Python's 4300 digits for int(): Lago keeps it, no JSON answer here could hold it)
+            return invalid
+    elif isinstance(value, str):
+        cast = value
+    else:
+        return invalid
+    if isinstance(value, str) and all(ch in _RUBY_SPACE for ch in value):
+        return _Refusal("privilege.value", "value_is_mandatory")
+    return cast
 
 
 @functools.lru_cache(maxsize=1)
