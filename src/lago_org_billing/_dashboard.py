@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
@@ -39,8 +39,9 @@ BREAKDOWN_DIMENSIONS = {"user_id": "by_user", "model": "by_model"}
 
 #: Past it a float is infinite.
 _FLOAT_END = Decimal(sys.float_info.max)
-#: Sums and unit conversions without rounding (the default context keeps 28 digits: a 30-digit count lost its last).
-_EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)
+#: Sums and unit conversions without rounding (the default context keeps 28 digits: a 30-digit count lost its last),
+#: bounded all the same: at MAX_PREC, "1e999999999" + "1" is a billion digits to write out.
+_EXACT = Context(prec=1_000, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 #: Content-Security-Policy of the HTML page: it loads nothing and runs nothing.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
