@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -207,6 +208,52 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """While the body runs, SIGTERM (``docker stop``, systemd, ``kill``) is a :class:`KeyboardInterrupt`, as Ctrl-C is,
+    and so stops the servers as Ctrl-C does. Without a handler it ended the process at once, and a container's first
+    process (PID 1), for which a signal without a handler is ignored, did not stop at all (``docker stop`` killed it
+    after its grace period). In the main thread only (elsewhere the body just runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+#: What asyncio logs (a warning) for each write past the fifth to a connection already lost.
+_LOST_CONNECTION_WRITE = "socket.send() raised exception."
+
+
+class _LostConnectionWrites(logging.Filter):
+    """Leaves out asyncio's warning of writes to a connection already lost. The demo's servers answer only the demo's
+    own client (and the curl of ``--serve``): at a Ctrl-C that client closes its connections while the example app
+    streams to them, and a stream, written in one go before the server can see its client gone, had asyncio warn at
+    each write past the fifth: lines of warnings on stderr, for an interrupt the user asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _LOST_CONNECTION_WRITE
+
+
+@contextlib.contextmanager
+def _quiet_lost_connections() -> Iterator[None]:
+    """:class:`_LostConnectionWrites` on asyncio's logger while the body runs (the servers' teardown included)."""
+    quiet = _LostConnectionWrites()
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -473,7 +520,7 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
 
     fake = FakeLago(api_key=API_KEY)
     seed(fake)
-    with _loopback_only(), _serving(fake, port) as (lago_url, app_url, settings):
+    with _loopback_only(), _quiet_lost_connections(), _serving(fake, port) as (lago_url, app_url, settings):
         ok = run_main(_main, fake, lago_url, app_url, settings)
         print()
         _say(
@@ -482,18 +529,20 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
             else "MISMATCH: see above."
         )
         if serve:
-            print(
-                # --noproxy: curl sends even 127.0.0.1 to the http_proxy/ALL_PROXY of the user's shell (a corporate
-                # laptop's), and -S shows why a call failed (-s alone hides it: nothing at all on screen).
-                f"\nServing until Ctrl-C. Try:\n  {_CURL} -X POST {app_url}/v1/chat/completions "
-                "-H 'X-Org-Id: org_acme' -H 'X-User-Id: ada' -H 'Content-Type: application/json' "
-                '-d \'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}\'\n'
-                # quoted: unquoted, zsh (macOS's shell) takes the '?' for a glob and answers "no matches found"
-                f"  {_CURL} '{lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme' "
-                f"-H 'Authorization: Bearer {API_KEY}'",
-                flush=True,  # piped or redirected (``| tee``), stdout is block-buffered: out now, not at Ctrl-C
-            )
-            with contextlib.suppress(KeyboardInterrupt):
+            # Ctrl-C and SIGTERM end the serving from before the commands are printed: either one sent on reading them
+            # (``docker stop`` as soon as the container logs them) stops the demo as it would a moment later (exit 0).
+            with contextlib.suppress(KeyboardInterrupt), _stopped_by_sigterm():
+                print(
+                    # --noproxy: curl sends even 127.0.0.1 to the http_proxy/ALL_PROXY of the user's shell (a corporate
+                    # laptop's), and -S shows why a call failed (-s alone hides it: nothing at all on screen).
+                    f"\nServing until Ctrl-C. Try:\n  {_CURL} -X POST {app_url}/v1/chat/completions "
+                    "-H 'X-Org-Id: org_acme' -H 'X-User-Id: ada' -H 'Content-Type: application/json' "
+                    '-d \'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}\'\n'
+                    # quoted: unquoted, zsh (macOS's shell) takes the '?' for a glob and answers "no matches found"
+                    f"  {_CURL} '{lago_url}/api/v1/customers/org_acme/current_usage?external_subscription_id=org_acme' "
+                    f"-H 'Authorization: Bearer {API_KEY}'",
+                    flush=True,  # piped or redirected (``| tee``), stdout is block-buffered: out now, not at Ctrl-C
+                )
                 while True:
                     time.sleep(3600)
     sys.stdout.flush()
