@@ -163,7 +163,8 @@ def _parser(given: Collection[str] | None = None) -> argparse.ArgumentParser:
         "send traffic for two orgs, and print what was served next to what Lago ingested; then show the quota "
         "blocking an org on a free plan and a plan upgrade unblocking it. The demo uses its own emulator and "
         "settings: the LAGO_* variables of the environment (and .env) are not read. Exit 0 when everything "
-        "agrees, 1 on a mismatch, 2 when --port is taken.",
+        "agrees (with --serve, also once stopped by Ctrl-C or SIGTERM), 1 on a mismatch, 2 when --port is taken, "
+        "130 when interrupted before serving.",
     )
     demo.add_argument("--serve", action="store_true", help="keep the emulator and the example app running")
     demo.add_argument("--port", type=int, default=0, help="port of the emulator (default: a free one)")
