@@ -7,6 +7,7 @@ that quietly means something else (``"false"``, a non-empty string, is true; ``T
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
@@ -24,7 +25,7 @@ def number(
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
+        or not _finite(value)
         or value < minimum
         or (value == minimum and not inclusive)
     ):
@@ -32,24 +33,66 @@ def number(
         hint = " (a string read from the environment: convert it with float())" if isinstance(value, str) else ""
         if type(value).__name__ == "Decimal":
             hint = " (a Decimal: convert it with float())"
+        elif isinstance(value, numbers.Real) and _overflows(value):
+            hint = " (past the largest float, 1.8e308)"
         raise ConfigurationError(
-            f"{name} must be a finite number of seconds {bound}, got {value!r}{hint}.", variable=variable
+            f"{name} must be a finite number of seconds {bound}, got {_shown(value)}{hint}.", variable=variable
         )
     return float(value)
+
+
+def _overflows(value: numbers.Real) -> bool:
+    """Whether ``value`` (an int past the floats: ``10**400``) cannot be a float."""
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+def _finite(value: numbers.Real) -> bool:
+    """``math.isfinite``, false for an int past the floats (``10**400``), which it raises ``OverflowError`` for
+    (``float()`` does too, where the value is used)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message; an int of more than 4,300 digits (which Python refuses to print: ``ValueError``)
+    by its size."""
+    try:
+        return repr(value)
+    except ValueError:
+        if isinstance(value, numbers.Integral):
+            return f"an int of {int(value).bit_length()} bits"
+        return f"a {type(value).__name__}"
 
 
 def timeout(name: str, value: object) -> float | None:
     """``value``, ``None`` (no limit, or the default) or a number of seconds >= 0 (``math.inf``: no limit), for a
     timeout given to a call of the public API (``EventPipeline.flush(timeout)``): a string failed deep inside anyio
-    (``TypeError``), NaN never ended or ended at once (every comparison false), a negative one at once."""
+    (``TypeError``), NaN never ended or ended at once (every comparison false), a negative one at once. An int past
+    the floats (``10**400``) is no limit too."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _nan(value) or value < 0:
         hint = " (a string read from the environment: convert it with float())" if isinstance(value, str) else ""
         raise ConfigurationError(
-            f"{name} must be None or a number of seconds >= 0 (math.inf: no limit), got {value!r}{hint}."
+            f"{name} must be None or a number of seconds >= 0 (math.inf: no limit), got {_shown(value)}{hint}."
         )
+    if _overflows(value):  # (``10**400`` seconds: no limit, as math.inf; ``float()`` raised ``OverflowError``)
+        return math.inf
     return float(value)
+
+
+def _nan(value: numbers.Real) -> bool:
+    """``math.isnan``, false for an int past the floats (which it raises ``OverflowError`` for)."""
+    try:
+        return math.isnan(value)
+    except OverflowError:  # (an int past the floats: a number all the same)
+        return False
 
 
 def whole(
@@ -64,7 +107,9 @@ def whole(
     ):
         bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
         hint = " (a string read from the environment: convert it with int())" if isinstance(value, str) else ""
-        raise ConfigurationError(f"{name} must be a whole number {bound}, got {value!r}{hint}.", variable=variable)
+        raise ConfigurationError(
+            f"{name} must be a whole number {bound}, got {_shown(value)}{hint}.", variable=variable
+        )
     return int(value)
 
 
@@ -87,13 +132,78 @@ def text(name: str, value: object, *, example: str, empty: bool = False, variabl
     return value
 
 
-def function(name: str, value: Any, *, what: str) -> Any:
-    """``value``, a callable."""
+def function(
+    name: str,
+    value: Any,
+    *,
+    what: str,
+    arguments: int | None = None,
+    keywords: tuple[str, ...] = (),
+    synchronous: bool = False,
+) -> Any:
+    """``value``, a callable; not one of this package's resolver makers (``from_header``, ``from_state``...) given
+    uncalled, which made no resolver but was called as one, with the scope, at every request (each request then
+    unresolved: served unbilled). With ``arguments``, one that can be called with that many positional arguments (and
+    ``keywords``), as it will be (a resolver ``lambda: ...``, a class given for its instance: a ``TypeError`` at every
+    call, caught there and the request served unbilled, or the webhook answered 500 until Lago gives up); with
+    ``synchronous``, a plain function, not an ``async`` one (its coroutine would never be awaited). A callable whose
+    signature Python cannot tell (some builtins) is taken as it is, and a test double (:func:`double`) too."""
     if not callable(value):
         raise ConfigurationError(
-            f"{name} must be {what}, got {value!r} ({type(value).__name__}), which is not callable."
+            f"{name} must be {what}, got {_shown(value)} ({type(value).__name__}), which is not callable."
         )
+    if double(value):
+        return value
+    maker = _resolver_maker(value)
+    if maker is not None:
+        raise ConfigurationError(
+            f"{name} must be {what}, got {maker} itself, which makes a resolver: call it ({maker}(...)) and give "
+            "what it returns."
+        )
+    if arguments is not None:
+        problem = _call_problem(value, arguments, keywords)
+        if problem is not None:
+            given = f"the class {value.__name__} itself" if isinstance(value, type) else _shown(value)
+            taken = ", ".join([f"{arguments} positional argument{'s' if arguments != 1 else ''}", *keywords])
+            raise ConfigurationError(
+                f"{name} must be {what}, got {given}, which cannot be called with {taken} ({problem})."
+            )
+    if synchronous and _is_async(value):
+        raise ConfigurationError(f"{name} must be {what}, a plain function, got an async one: {_shown(value)}.")
     return value
+
+
+#: The public functions that make resolvers (``from_header('X-Org-Id')``): given uncalled, each was called with the
+#: request's scope as its argument (``from_state(scope)``) and raised at every request.
+_RESOLVER_MAKERS = ("from_header", "from_state", "from_user", "from_jwt_claim", "first_of")
+
+
+def _resolver_maker(value: object) -> str | None:
+    """The name of the resolver maker ``value`` is, else ``None``."""
+    identity = sys.modules.get("lago_org_billing._identity")
+    if identity is None:  # (not imported yet: nobody could have given one)
+        return None
+    return next((maker for maker in _RESOLVER_MAKERS if getattr(identity, maker, None) is value), None)
+
+
+def _call_problem(value: Any, arguments: int, keywords: tuple[str, ...]) -> str | None:
+    """Why ``value`` cannot be called with ``arguments`` positional arguments and ``keywords`` (``None``: it can, or
+    its signature cannot be told)."""
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # (a builtin or a C type without one: left to be called)
+        return None
+    try:
+        signature.bind(*range(arguments), **dict.fromkeys(keywords))
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
+def _is_async(value: object) -> bool:
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
+    call = getattr(value, "__call__", None)  # noqa: B004
+    return inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(call)
 
 
 def built(name: str, value: object, *, what: str) -> None:
