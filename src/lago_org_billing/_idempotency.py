@@ -18,6 +18,12 @@ from ._quota_redis import RedisProblems, RedisUse, unreadable_redis_url
 # (the middleware's logger: its messages keep the name they were logged under)
 logger = logging.getLogger("lago_org_billing.middleware")
 
+#: Seconds a Redis call may take (its connection's too), as the quota gate's and the webhooks' dedupe's. Without it,
+#: redis-py's own (5 s in redis-py 8, none before): a Redis that stopped answering (a network partition, a firewall
+#: dropping packets, a frozen node) held each idempotent request that long after its answer, and with LAGO_API_TIMEOUT
+#: below it (the middleware's bound, which cancels the call) the outage was never said.
+_REDIS_TIMEOUT = 2.0
+
 
 class SharedFirstSeen:
     """The first timestamp of each idempotent transaction, in Redis for a day: one round trip (set if absent, then
@@ -25,11 +31,13 @@ class SharedFirstSeen:
     request. A misconfiguration or a state of Redis only an operator ends (a replica's URL, TLS, credentials, ACL
     permissions, maxmemory) is said once as what to change (as the quota store says it: ``redis_problem``). After a
     READONLY (a failover made the node a replica) the pooled connections are dropped, so that new ones reach the
-    endpoint's new primary, and the call is made once more on a new connection."""
+    endpoint's new primary, and the call is made once more on a new connection. So is a call whose pooled connection
+    Redis had closed meanwhile (a restart, its ``timeout`` or a proxy dropping idle clients): not an outage."""
 
     def __init__(self, url: str) -> None:
         try:
             import redis.asyncio as redis_asyncio
+            from redis.exceptions import ConnectionError as RedisConnectionError
         except ImportError:
             raise ConfigurationError(
                 "idempotency_header with LAGO_REDIS_URL shares first timestamps in Redis, which needs the redis "
@@ -45,7 +53,12 @@ class SharedFirstSeen:
             failure = None
         if failure is not None:
             raise failure
-        self._from_url = functools.partial(redis_asyncio.from_url, url)
+        # (bounded: a Redis that does not answer is unavailable, said; the URL's socket_timeout wins, as redis-py
+        # applies its query last)
+        self._from_url = functools.partial(
+            redis_asyncio.from_url, url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT
+        )
+        self._connection_error: type[Exception] = RedisConnectionError
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         self.down = False
         self._said_unusable = False
@@ -80,7 +93,7 @@ class SharedFirstSeen:
         key = f"lago_org_billing:first_seen:{transaction_id}"
         for attempt in range(2):  # (a second one only after a failover's READONLY, on a new connection)
             try:
-                value = await self.redis.eval(_FIRST_SEEN, 1, key, repr(candidate))
+                value = await self._eval(_FIRST_SEEN, key, repr(candidate))
             except Exception as exc:  # redis errors, OSError, timeouts
                 if not await self._failed(exc) or attempt:
                     return None
@@ -99,9 +112,24 @@ class SharedFirstSeen:
         if self.redis is None:
             self.redis = self._from_url()
         try:
-            await self.redis.eval(_FORGET, 1, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
+            await self._eval(_FORGET, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
         except Exception as exc:  # redis errors, OSError, timeouts
             await self._failed(exc)
+
+    async def _eval(self, script: str, key: str, argument: str) -> Any:
+        """``EVAL`` of a script of one key, made once more (on a new connection) when the pooled connection it took
+        was closed by Redis meanwhile: redis-py's check of a pooled connection does not notice that, and a client made
+        from a URL makes no second attempt (its connections' ``Retry`` has none). A restart, Redis's ``timeout``, a
+        proxy or load balancer dropping idle clients: the first call of each process after it failed, was taken for
+        an outage (said at WARNING), and its first timestamp stayed in the process, so that a retry reaching another
+        worker was billed again though Redis answered all along. Not while Redis is known to be down (one attempt
+        per request then), nor after a timeout (a second one would double the wait); both scripts may run twice."""
+        try:
+            return await self.redis.eval(script, 1, key, argument)
+        except Exception as exc:  # (an exact ConnectionError: not auth, not busy loading, not a full pool)
+            if self.down or type(exc) is not self._connection_error:
+                raise
+        return await self.redis.eval(script, 1, key, argument)  # (the failed connection was dropped: a new one)
 
     async def _failed(self, exc: Exception) -> bool:
         """Say what failed (once per outage; a problem once per kind, with what to change); after a READONLY, drop the
