@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from ._errors import ConfigurationError
-from ._quota_redis import RedisProblems, RedisUse, unreadable_redis_url
+from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
 
 # (the middleware's logger: its messages keep the name they were logged under)
 logger = logging.getLogger("lago_org_billing.middleware")
@@ -56,7 +56,11 @@ class SharedFirstSeen:
         # (bounded: a Redis that does not answer is unavailable, said; the URL's socket_timeout wins, as redis-py
         # applies its query last)
         self._from_url = functools.partial(
-            redis_asyncio.from_url, url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT
+            redis_asyncio.from_url,
+            url,
+            socket_timeout=_REDIS_TIMEOUT,
+            socket_connect_timeout=_REDIS_TIMEOUT,
+            **reconnecting_pool_options(redis_asyncio),
         )
         self._connection_error: type[Exception] = RedisConnectionError
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)

@@ -613,6 +613,20 @@ def redis_is_readonly(exc: BaseException) -> bool:
     )
 
 
+def reconnecting_pool_options(redis_asyncio: Any) -> dict[str, Any]:
+    """Options of a redis-py connection pool (or ``from_url``) that hand out a live connection after Redis closed a
+    pooled one. redis-py 8 turns maintenance notifications on with RESP3, and with them on its pool hands out a
+    connection the server closed without reconnecting it: every connection open when Redis restarted, failed over, or
+    dropped idle clients (its ``timeout``, a proxy's) then failed its next command, taken for an outage (the quota gate
+    counted alone for ``redis_retry_interval``; the idempotency store and the webhooks' dedupe went without Redis for
+    that call: a retry reaching another worker billed again, a webhook run without dedupe)."""
+    if hasattr(redis_asyncio.BlockingConnectionPool, "maint_notifications_enabled"):
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+    return {}
+
+
 def unreadable_redis_url(url: str, exc: Exception, what: str) -> ConfigurationError:
     """The error of a ``LAGO_REDIS_URL`` redis-py cannot read (``?socket_timeout=5s``: the settings leave its query to
     redis-py, which refused it with a bare ``ValueError``), naming ``what`` cannot be made; the password masked, in the
@@ -1038,15 +1052,6 @@ class RedisBackend:
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            extra: dict[str, Any] = {}
-            if hasattr(redis_asyncio.BlockingConnectionPool, "maint_notifications_enabled"):
-                # (redis-py 8: RESP3 turns maintenance notifications on, and with them on the pool hands out a pooled
-                # connection the server closed without reconnecting it. Every connection open when Redis restarted,
-                # failed over, or dropped idle clients (its ``timeout``, a proxy's) then failed its next command,
-                # never tried again here: the process counted alone for redis_retry_interval after each of them)
-                from redis.maint_notifications import MaintNotificationsConfig
-
-                extra["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
             try:
                 pool = redis_asyncio.BlockingConnectionPool.from_url(
                     url,
@@ -1055,7 +1060,7 @@ class RedisBackend:
                     socket_timeout=self.config.redis_timeout,
                     socket_connect_timeout=self.config.redis_timeout,
                     retry=Retry(NoBackoff(), 0),
-                    **extra,
+                    **reconnecting_pool_options(redis_asyncio),
                 )
             except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
                 failure: ConfigurationError | None = unreadable_redis_url(url, exc, "the quota gate's Redis backend")
