@@ -118,6 +118,11 @@ class OrgBilling:
                 "not both."
             )
         _check_billing_arguments(settings, client, pipeline, quota, middleware)
+        if client is not None and transport is not None:  # (the transport of a client made here: none is)
+            raise ConfigurationError(
+                "OrgBilling(transport=...) is the transport of the client OrgBilling makes; with client= given it "
+                "makes none and the transport would go unused: give it to your LagoClient(settings, transport=...)."
+            )
         self._middleware = middleware
         self._pipeline = pipeline
         self._quota = quota

@@ -32,7 +32,7 @@ from urllib.parse import quote, urlsplit
 import anyio
 import httpx
 
-from . import _forks
+from . import _checks as checks, _forks
 from ._errors import (
     ConfigurationError,
     InvalidRequestError,
@@ -141,6 +141,8 @@ class LagoClient:
                 f"LagoClient(settings) must be a BillingSettings (BillingSettings.from_env(), or "
                 f"BillingSettings(api_key=...)), got {type(settings).__name__}."
             )
+        if transport is not None:  # (the class: its methods called unbound at the first call, a TypeError)
+            checks.built("LagoClient(transport=...)", transport, what="an httpx.AsyncBaseTransport")
         if transport is not None and not callable(getattr(transport, "handle_async_request", None)):
             raise ConfigurationError(
                 f"LagoClient(transport=...) must be an httpx.AsyncBaseTransport (e.g. FakeLago().transport()), got "

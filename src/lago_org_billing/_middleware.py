@@ -271,8 +271,8 @@ class OrgBillingMiddleware:
         try:
             _check_arguments(
                 app, settings, resolve_org, resolve_user, bill_server_errors, bill_auth_failures, attribution,
-                idempotency_header, event_properties, quota, quota_config, client, pipeline, shutdown_timeout,
-                metrics_registry,
+                idempotency_header, event_properties, quota, quota_config, client, transport, pipeline,
+                shutdown_timeout, metrics_registry,
             )  # fmt: skip
             self.settings = settings if settings is not None else BillingSettings.from_env()
             if on_unresolved is None:
@@ -286,7 +286,9 @@ class OrgBillingMiddleware:
                 or not isinstance(unresolved_status, int)
                 or unresolved_status not in (401, 403)
             ):
-                raise ConfigurationError(f"unresolved_status must be 401 or 403 (an int), got {unresolved_status!r}.")
+                raise ConfigurationError(  # (shown by its size past 4,300 digits: its repr raises ValueError)
+                    f"unresolved_status must be 401 or 403 (an int), got {checks._shown(unresolved_status)}."
+                )
             unresolved_status = int(unresolved_status)  # (HTTPStatus.FORBIDDEN: its plain number)
             self.resolve_org = resolve_org or default_org_resolver(self.settings)
             self.resolve_user = resolve_user or default_user_resolver(self.settings)
@@ -1875,6 +1877,7 @@ def _check_arguments(
     quota: object,
     quota_config: object,
     client: object,
+    transport: object,
     pipeline: object,
     shutdown_timeout: object,
     metrics_registry: object,
@@ -1896,6 +1899,7 @@ def _check_arguments(
                 resolver,
                 what=f"a function (scope) -> str | None, sync or async, such as {example} (a header's name goes "
                 "in LAGO_ORG_HEADER / LAGO_USER_HEADER)",
+                arguments=1,  # (the scope: ``lambda: "org"`` raised at every request, each served unbilled)
             )
     if bill_server_errors is not None:
         checks.flag(f"{name}(bill_server_errors=...)", bill_server_errors)
@@ -1912,7 +1916,11 @@ def _check_arguments(
             )
     if event_properties is not None:
         checks.function(
-            f"{name}(event_properties=...)", event_properties, what="a function (scope, identity) -> mapping"
+            f"{name}(event_properties=...)",
+            event_properties,
+            what="a function (scope, identity) -> mapping, not an async one (it runs when the response is over)",
+            arguments=2,
+            synchronous=True,
         )
     if quota is not None and quota != "auto" and not checks.double(quota):
         checks.built(f"{name}(quota=...)", quota, what="'auto', None or a gate object (QuotaGate(settings, client))")
@@ -1926,17 +1934,36 @@ def _check_arguments(
                 f"task_status), async check(org_id), settle(org_id, decision, *, tokens, billed), async aclose()): "
                 f"got {type(quota).__name__}, which lacks {', '.join(missing)}."
             )
+        # each as the middleware calls it: a ``check`` that takes no org raised at every request, an ``async settle``
+        # was never awaited (no call counted, no reservation released)
+        for method, shape, arguments, keywords, synchronous in _GATE_CALLS:
+            checks.function(
+                f"{name}(quota=...).{method}",
+                getattr(quota, method),
+                what=f"the gate's {shape} (QuotaGateProtocol)",
+                arguments=arguments,
+                keywords=keywords,
+                synchronous=synchronous,
+            )
     if quota_config is not None:
         checks.instance(f"{name}(quota_config=...)", quota_config, QuotaConfig, what="a QuotaConfig")
     if client is not None:
         checks.client(f"{name}(client=...)", client)
     if pipeline is not None:
         checks.built(f"{name}(pipeline=...)", pipeline, what="an EventPipeline (EventPipeline(client))")
+    if transport is not None and (client is not None or pipeline is not None):  # (then never used: no word said)
+        given = "client=" if client is not None else "pipeline="
+        raise ConfigurationError(
+            f"{name}(transport=...) is the transport of the client the middleware makes; with {given} given it "
+            "makes none and the transport would go unused: give it to your LagoClient(settings, transport=...)."
+        )
     if pipeline is not None and not (
         callable(getattr(pipeline, "lane", None)) or callable(getattr(pipeline, "submit", None))
     ):
         raise ConfigurationError(f"{name}(pipeline=...) must be an EventPipeline, got {type(pipeline).__name__}.")
     checks.number(f"{name}(shutdown_timeout=...)", shutdown_timeout, inclusive=True)
+    if metrics_registry is not None:  # (the class: its register() called unbound, a TypeError)
+        checks.built(f"{name}(metrics_registry=...)", metrics_registry, what="a CollectorRegistry (or None)")
     if metrics_registry is not None and not callable(getattr(metrics_registry, "register", None)):
         raise ConfigurationError(
             f"{name}(metrics_registry=...) must be a prometheus_client CollectorRegistry (or None: with "
@@ -1946,6 +1973,13 @@ def _check_arguments(
 
 #: What the middleware calls of a gate given as ``quota=`` (``_gate.QuotaGateProtocol``; ``check_now`` is optional).
 _GATE_METHODS = ("run", "check", "settle", "aclose")
+
+#: How the middleware calls them: (method, its shape, positional arguments, keywords, must be a plain function).
+_GATE_CALLS: tuple[tuple[str, str, int, tuple[str, ...], bool], ...] = (
+    ("run", "async run(*, task_status)", 0, ("task_status",), False),
+    ("check", "async check(org_id)", 1, (), False),
+    ("settle", "settle(org_id, decision, *, tokens, billed)", 2, ("tokens", "billed"), True),
+)
 
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -53,7 +53,7 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Container, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar, cast
 
@@ -85,7 +85,7 @@ from ._gate import QuotaGateProtocol
 from ._ids import format_timestamp, validate_id
 from ._quota import QuotaConfig
 from ._settings import BillingSettings
-from ._webhooks import Invalidate, SupportsInvalidate, _called, _scope_gate
+from ._webhooks import Invalidate, SupportsInvalidate, _called, _scope_gate, check_invalidate
 
 __all__ = ["Authorize", "BillingRouter", "billing_routes", "deny_all"]
 
@@ -394,6 +394,16 @@ class _SharedReads:
             del self._flights[key]
 
 
+def _plan_codes(plans: Any) -> list[object] | None:
+    """The codes of ``plans=`` given as a collection, read once (``None``: a string, or not iterable: ``5``)."""
+    if isinstance(plans, (str, bytes)):
+        return None
+    try:
+        return list(plans)
+    except TypeError:
+        return None
+
+
 class BillingRouter(Router):
     """The Router ``billing_routes()`` returns; ``billing`` is its :class:`OrgBilling` (created on first use
     when not given) and ``aclose()`` closes the Lago client it created."""
@@ -421,23 +431,32 @@ class BillingRouter(Router):
         ):
             if value is not None:
                 checks.instance(f"{name}({argument}=...)", value, cls, what=what)
-        if (
-            plans is not None
-            and not callable(plans)
-            and (isinstance(plans, (str, bytes)) or not all(isinstance(code, str) for code in plans))
-        ):
-            raise ConfigurationError(
-                f"{name}(plans=...) must be a collection of plan codes such as {{'starter', 'pro'}}, or a function "
-                f"(request, org_id, plan_code) -> bool, got {plans!r}."
-            )
+        checks.function(
+            f"{name}(authorize=...)", authorize, what="a function (request, org_id) -> bool, sync or async", arguments=2
+        )
+        shape = "a collection of plan codes such as {'starter', 'pro'}, or a function (request, org_id, plan_code)"
+        if plans is not None and callable(plans):
+            checks.function(f"{name}(plans=...)", plans, what=f"{shape} -> bool", arguments=3)
+        elif plans is not None:
+            codes = _plan_codes(plans)
+            if codes is None or not all(isinstance(code, str) for code in codes):
+                raise ConfigurationError(f"{name}(plans=...) must be {shape} -> bool, got {checks._shown(plans)}.")
+            if not isinstance(cast(object, plans), Container):  # (an iterator, a generator: used up by the check)
+                plans = frozenset(cast("list[str]", codes))
+            # (a collection is kept as given: codes added to it later, at startup, are offered too)
         for argument, function in (
             ("limits_provider", limits_provider),
             ("breakdown_provider", breakdown_provider),
         ):
             if function is not None:
                 checks.function(
-                    f"{name}({argument}=...)", function, what="a function (see billing_routes' documentation)"
+                    f"{name}({argument}=...)",
+                    function,
+                    what="a function (org_id) -> mapping, sync or async (see billing_routes' documentation)",
+                    arguments=1,
                 )
+        if invalidate is not None:
+            check_invalidate(f"{name}(invalidate=...)", invalidate)
         # (kept as checked: an int, whatever whole number was given, e.g. numpy's, which Lago's page sizes refuse)
         invoice_limit = checks.whole(f"{name}(invoice_limit=...)", invoice_limit, maximum=100)
         max_body_size = checks.whole(f"{name}(max_body_size=...)", max_body_size)

@@ -93,7 +93,7 @@ from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY, pyjwt_depth_errors
 from ._quota import QuotaGate
-from ._quota_redis import RedisProblems, RedisUse, unreadable_redis_url
+from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
 from ._settings import BillingSettings, _check_unquoted
 
 __all__ = [
@@ -422,7 +422,9 @@ def _redis_from_url(url: str, timeout: float) -> Any:
         ) from _without_tracebacks(exc)
     try:
         # (options in the URL's query win over these: redis-py applies them last)
-        return redis_asyncio.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return redis_asyncio.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, **reconnecting_pool_options(redis_asyncio)
+        )
     except (ValueError, TypeError) as exc:  # (TypeError: redis-py converting a query option)
         failure = unreadable_redis_url(url, exc, "the webhooks' dedupe")
     del url
@@ -617,6 +619,24 @@ class _Config:
     jwt_too: bool = False
 
 
+#: What a webhook handler is, for the messages refusing one.
+_HANDLER = "a function (event: WebhookEvent), sync or async"
+
+
+def check_invalidate(name: str, invalidate: object) -> None:
+    """Refuse an ``invalidate=`` (of ``LagoWebhooks`` or ``billing_routes``) that cannot be called with an org id:
+    a name (``"quota"``), a function of another shape (``lambda: None``), a gate class given for its instance. Each
+    raised at every invalidation (a webhook answered 500 until Lago gave up, a plan change's quota state kept)."""
+    what = "a function (org_id) or an object with invalidate(org_id), such as the quota gate"
+    if checks.double(invalidate):
+        return
+    checks.built(name, invalidate, what=what)
+    if isinstance(invalidate, SupportsInvalidate):  # (an object with ``invalidate``: what is called, as it is used)
+        checks.function(f"{name}.invalidate", invalidate.invalidate, what=what, arguments=1)
+        return
+    checks.function(name, invalidate, what=what, arguments=1)
+
+
 def _check_webhook_arguments(
     settings: object,
     client: object,
@@ -626,6 +646,8 @@ def _check_webhook_arguments(
     key_refetch_interval: object,
     max_body_size: object,
     organization_id: object,
+    dedupe: object = None,
+    redis_url: object = None,
 ) -> None:
     """Refuse an argument of ``LagoWebhooks(...)`` that cannot work, where it was written (each failed deep inside
     or later, at the first webhook: an answer Lago retries, then gives up on)."""
@@ -634,11 +656,8 @@ def _check_webhook_arguments(
         checks.instance(f"{name}(settings)", settings, BillingSettings, what="a BillingSettings")
     if client is not None:
         checks.instance(f"{name}(client=...)", client, LagoClient, what="a LagoClient")
-    if invalidate is not None and not (callable(invalidate) or callable(getattr(invalidate, "invalidate", None))):
-        raise ConfigurationError(
-            f"{name}(invalidate=...) must be a function (org_id) or an object with invalidate(org_id) (e.g. the "
-            f"quota gate), got {invalidate!r}."
-        )
+    if invalidate is not None:
+        check_invalidate(f"{name}(invalidate=...)", invalidate)
     if handlers is not None:
         ok = isinstance(handlers, Mapping) and all(
             isinstance(key, str)
@@ -650,10 +669,28 @@ def _check_webhook_arguments(
                 f"{name}(handlers=...) must map webhook types to handlers, such as {{'invoice.created': on_invoice}} "
                 f"(a function, or a list of them), got {handlers!r}."
             )
-    if issuer is not None and not (
-        isinstance(issuer, str) or (isinstance(issuer, (list, tuple)) and all(isinstance(one, str) for one in issuer))
+        # each called with the event: a handler of another shape answered every webhook 500, until Lago gave up
+        for key, value in handlers.items() if isinstance(handlers, Mapping) else ():
+            for handler in [value] if callable(value) else value:
+                checks.function(f"{name}(handlers=...)[{key!r}]", handler, what=_HANDLER, arguments=1)
+    issuers = [issuer] if isinstance(issuer, str) else issuer if isinstance(issuer, (list, tuple)) else None
+    if issuer is not None and (  # (a blank one matches no token's iss: every JWT webhook refused, 401)
+        issuers is None or not all(isinstance(one, str) and one.strip("/ ") for one in issuers)
     ):
-        raise ConfigurationError(f"{name}(issuer=...) must be a string or a list of strings, got {issuer!r}.")
+        raise ConfigurationError(
+            f"{name}(issuer=...) must be a non-blank string such as 'https://api.getlago.com' (Lago's API URL) or a "
+            f"list of them, got {issuer!r}."
+        )
+    if dedupe is not None and not checks.double(dedupe):
+        checks.built(f"{name}(dedupe=...)", dedupe, what="a WebhookDedupe (MemoryDedupe(), RedisDedupe(url))")
+        missing = [method for method in ("claim", "complete", "release") if not callable(getattr(dedupe, method, None))]
+        if missing:  # (each webhook's claim failed, logged as Redis unavailable, and ran without dedupe)
+            raise ConfigurationError(
+                f"{name}(dedupe=...) must be a WebhookDedupe (MemoryDedupe(), RedisDedupe(url)) with async claim(key), "
+                f"complete(key) and release(key), got {type(dedupe).__name__}, which lacks {', '.join(missing)}."
+            )
+    if redis_url is not None:  # (not shown: it may hold a password; "" is LAGO_REDIS_URL's, as before)
+        checks.text(f"{name}(redis_url=...)", redis_url, example="redis://localhost:6379/0", empty=True)
     checks.number(f"{name}(key_refetch_interval=...)", key_refetch_interval, inclusive=True)
     checks.whole(f"{name}(max_body_size=...)", max_body_size)
     if organization_id is not None:
@@ -716,8 +753,9 @@ class LagoWebhooks:
     ) -> None:
         try:
             _check_webhook_arguments(
-                settings, client, invalidate, handlers, issuer, key_refetch_interval, max_body_size, organization_id
-            )
+                settings, client, invalidate, handlers, issuer, key_refetch_interval, max_body_size, organization_id,
+                dedupe, redis_url,
+            )  # fmt: skip
             self._settings = settings
             self._organization_id = organization_id
             self._client = client
@@ -793,6 +831,7 @@ class LagoWebhooks:
             raise ConfigurationError(f"A webhook type must be a non-empty string, got {webhook_type!r}.")
         if not callable(handler):
             raise ConfigurationError(f"The handler of {webhook_type!r} is not callable: {handler!r}.")
+        checks.function(f"The handler of {webhook_type!r}", handler, what=_HANDLER, arguments=1)
         self._handlers.setdefault(webhook_type, []).append(handler)
 
     # --------------------------------------------------------------------------------- configuration
