@@ -639,6 +639,12 @@ async def test_a_number_too_large_for_a_float_is_refused(client: httpx.AsyncClie
 )
 async def test_json_nested_too_deep_is_refused(client: httpx.AsyncClient, raw: bytes) -> None:
     """A body nested deeper than JSON decoding (or the rule's ``body`` check) takes is a 422, not ``RecursionError``."""
+    try:
+        json.dumps(json.loads(raw))
+    except (RecursionError, ValueError):
+        pass
+    else:  # (Python 3.13 reads and writes 990 levels: no such body there)
+        pytest.skip("this Python decodes and encodes this body")
     response = await client.post("/_emulator/faults", content=raw)
     assert response.status_code == 422 and response.json()["code"] == "invalid_fault"
     assert (await client.get("/_emulator/faults")).json() == {"faults": []}
