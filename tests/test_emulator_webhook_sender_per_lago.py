@@ -427,7 +427,7 @@ async def test_a_receiver_slower_than_the_timeout_fails_the_attempt_and_the_retr
     """A receiver that does not answer within the timeout (Lago: ``Net::ReadTimeout``) is a failed attempt, retried
     with the same body, signature and key, up to 3 attempts in all."""
     receiver = Receiver(answer=lambda key, attempt: "hang" if attempt < 3 else 204)
-    delivery = await _deliver(_one_webhook(receiver, timeout=0.05))
+    delivery = await _deliver(_one_webhook(receiver, timeout=0.3))
     assert (delivery.state, delivery.attempts) == ("succeeded", 3)
     assert [str(entry).split(":")[0] for entry in delivery.history] == ["ReadTimeout", "ReadTimeout", "204"]
     [(key, hits)] = receiver.by_key().items()
@@ -450,7 +450,7 @@ async def test_background_work_longer_than_the_timeout_does_not_undo_the_answer(
     the attempt into a timeout and a retry. The emulator waited for the whole app call, timed it out and sent the
     webhook 3 times; the background work is now cut after another ``timeout`` so that delivery still ends."""
     receiver = Receiver(answer=lambda key, attempt: "200+hang")
-    delivery = await _deliver(_one_webhook(receiver, timeout=0.05))
+    delivery = await _deliver(_one_webhook(receiver, timeout=0.3))
     assert (delivery.state, delivery.history) == ("succeeded", [200])
     assert (len(receiver.hits), receiver.background_runs) == (1, 1)
 
