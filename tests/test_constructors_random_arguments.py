@@ -388,6 +388,8 @@ def _middleware_case(seed: int) -> tuple[dict[str, Any], dict[str, str], list[st
     kwargs.setdefault("quota", None)
     if {"client", "pipeline"} & set(kwargs) and "transport" in kwargs and "transport" not in bad:
         bad.append("transport")  # (the transport of a client the middleware makes: it makes none then)
+    if {"client", "pipeline"} <= set(kwargs) and "client" not in bad:
+        bad.append("client")  # (a pipeline sends with its own client: another one given beside it goes unused)
     # what reaches Lago: the emulator, one way (a transport, a client or a pipeline given)
     if not {"client", "pipeline", "transport"} & set(kwargs):
         kwargs["transport"] = w.lago.transport()

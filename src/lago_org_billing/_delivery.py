@@ -97,6 +97,13 @@ _EVENT_AT_FAULT = (400, 413)
 #: 1 MiB by default), or a body too slow to upload within LAGO_API_TIMEOUT. Such a batch is split as on a 500; an
 #: ordinary batch (100 events are some 50 kB) failing so is an outage, and only waited out.
 _LARGE_BODY = 1 << 20
+#: The most batches in flight at once (``EventPipeline(concurrency=...)``): the client's default pool holds 50
+#: connections, and batches past it waited for one (failing as a transient error past ``LAGO_API_TIMEOUT``); each is a
+#: worker task, and the spool's window is sized from it. ``10**30`` was taken, and would start that many tasks.
+MAX_CONCURRENCY = 50
+#: The largest ``spool_window``: SQLite's largest integer, the ``LIMIT`` of a load of the backlog (``10**30`` was
+#: taken, and the first load raised ``OverflowError``, ending the background delivery).
+_MAX_SPOOL_WINDOW = 2**63 - 1
 
 
 class EventPipeline:
@@ -110,7 +117,7 @@ class EventPipeline:
     * **memory_capacity** - events the memory outbox holds (with the spool: events waiting for a commit).
     * **batch_size** - events per ``POST /events/batch`` (1 to 100).
     * **flush_interval** - seconds the oldest event may wait for a batch to fill.
-    * **concurrency** - batches in flight at once.
+    * **concurrency** - batches in flight at once (1 to ``MAX_CONCURRENCY``, 50: the client's default pool).
     * **commit_window** - seconds between group commits of the spool (an event is durable within it).
     * **shutdown_timeout** - seconds :meth:`aclose` spends delivering what is left.
     * **max_attempts** - 500-class strikes before an event is isolated and dead-lettered.
@@ -965,14 +972,11 @@ def _check_pipeline_arguments(
     name = "EventPipeline"
     checks.client(f"{name}(client)", client)
     checks.whole(f"{name}(batch_size=...)", batch_size, maximum=MAX_BATCH_SIZE)
-    for argument, count in (
-        ("memory_capacity", memory_capacity),
-        ("concurrency", concurrency),
-        ("max_attempts", max_attempts),
-    ):
+    for argument, count in (("memory_capacity", memory_capacity), ("max_attempts", max_attempts)):
         checks.whole(f"{name}({argument}=...)", count)
+    checks.whole(f"{name}(concurrency=...)", concurrency, maximum=MAX_CONCURRENCY)
     if spool_window is not None:
-        checks.whole(f"{name}(spool_window=...)", spool_window)
+        checks.whole(f"{name}(spool_window=...)", spool_window, maximum=_MAX_SPOOL_WINDOW)
     checks.number(f"{name}(flush_interval=...)", flush_interval, inclusive=True)
     checks.number(f"{name}(shutdown_timeout=...)", shutdown_timeout, inclusive=True)
     checks.number(f"{name}(commit_window=...)", commit_window)

@@ -83,7 +83,7 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import QuotaConfig, QuotaGate, _Decision
-from ._settings import BillingSettings
+from ._settings import _SWITCH_WORDS, BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -1914,6 +1914,20 @@ def _check_arguments(
                 f"{name}(idempotency_header=...) must be an HTTP header name such as 'Idempotency-Key' (letters, "
                 f"digits and -), got {header!r}."
             )
+        # (as LAGO_ORG_HEADER refuses them: a header no client sends, idempotency silently off, each retry billed
+        # again; "None" too here, ``str(None)`` of a setting read in code)
+        if header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS:
+            raise ConfigurationError(
+                f"{name}(idempotency_header=...) is the name of the request header that carries the client's "
+                f"idempotency key (such as 'Idempotency-Key'), not a switch nor None: got {header!r}. Give None "
+                "to bill every request."
+            )
+        if header[:5].upper() == "HTTP_":  # (Django's name for it: clients send Idempotency-Key)
+            sent = "-".join(part.capitalize() for part in header[5:].split("_"))
+            raise ConfigurationError(
+                f"{name}(idempotency_header=...) is the header's name as clients send it "
+                f"({sent or 'Idempotency-Key'}), not its WSGI/CGI name: got {header!r}."
+            )
     if event_properties is not None:
         checks.function(
             f"{name}(event_properties=...)",
@@ -1951,6 +1965,14 @@ def _check_arguments(
         checks.client(f"{name}(client=...)", client)
     if pipeline is not None:
         checks.built(f"{name}(pipeline=...)", pipeline, what="an EventPipeline (EventPipeline(client))")
+    if client is not None and pipeline is not None and getattr(pipeline, "client", None) is not client:
+        # (the pipeline sends with its own client, and the automatic gate asks that one: the given one went unused,
+        # its key, URL and transport with it; the pipeline's own client given again is used all the same)
+        raise ConfigurationError(
+            f"{name}(client=...) is the client the middleware makes its pipeline with; with pipeline= given it "
+            "makes none and the client would go unused (the pipeline sends with its own, the gate asks that one): "
+            "give the client to your EventPipeline(client) and leave client= out."
+        )
     if transport is not None and (client is not None or pipeline is not None):  # (then never used: no word said)
         given = "client=" if client is not None else "pipeline="
         raise ConfigurationError(
@@ -1983,6 +2005,8 @@ _GATE_CALLS: tuple[tuple[str, str, int, tuple[str, ...], bool], ...] = (
 
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: What ``None`` reads as, once made text (``str(None)``, JSON's ``null``): a header name nobody meant.
+_NULL_WORDS = frozenset({"none", "null"})
 
 
 def _is_async(function: Any) -> bool:

@@ -1053,6 +1053,12 @@ def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
         raise ConfigurationError(f"{name} must be a JSON object such as {example}.", variable=name)
     converted = False
     for plan, plan_limits in limits.items():
+        if not isinstance(plan, str):  # (given in code: Lago's plan codes are strings, an int one matched no plan)
+            raise ConfigurationError(
+                f"{name} maps plan codes (strings, as Lago's) to their limits: key {_shown(plan)} is a "
+                f"{type(plan).__name__}, which no plan's code matches. Expected such as {example}.",
+                variable=name,
+            )
         if not isinstance(plan_limits, Mapping):
             raise ConfigurationError(
                 f"{name} maps each plan code to an object of its limits: {name}[{plan!r}] is "
@@ -1060,6 +1066,12 @@ def _check_plan_limits(limits: object) -> Mapping[str, Mapping[str, int]]:
                 variable=name,
             )
         for limit, value in plan_limits.items():
+            if not isinstance(limit, str):  # (the limits' names are strings: QuotaConfig's, Lago's metric codes)
+                raise ConfigurationError(
+                    f"{name}[{plan!r}] maps limit names (strings such as 'max_api_calls') to whole numbers: key "
+                    f"{_shown(limit)} is a {type(limit).__name__}, which no limit's name matches.",
+                    variable=name,
+                )
             if isinstance(value, float) and value.is_integer():
                 converted = True
                 value = int(value)
