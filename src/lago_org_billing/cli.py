@@ -222,7 +222,7 @@ _LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 def _seeded(path: str, **options: Any) -> FakeLago:
     """``FakeLago.from_seed_file(path, **options)``, with what it raises besides its own errors (text of another
-    encoding than UTF-8; an invoice or wallet amount of the wrong type, which their seeding helpers do not check) as a
+    encoding than UTF-8; any Python error a seeding helper lets through, a safety net: they check their values) as a
     :class:`ConfigurationError` naming the file: one line, exit 2, not a traceback."""
     from ._errors import ConfigurationError, LagoIntegrationError
     from .testing import FakeLago

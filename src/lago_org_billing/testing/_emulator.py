@@ -420,8 +420,9 @@ class FakeLago:
         clock, signing keys, and its webhook endpoint with its signing settings, so that an emulator kept for a
         session and reset between tests keeps delivering webhooks. To forget the endpoint too, call
         ``fake.webhook_dispatcher.reset()`` (or ``DELETE /_emulator/webhooks``). ``POST /_emulator/reset`` does the
-        same as this method. A request still held then (an injected ``latency_ms``) is answered 503 and not applied
-        when its latency ends: it belongs to the test that ended, not to the next one."""
+        same as this method. A request still held then by an injected ``latency_ms`` is let go at once (its fault's
+        status or drop, if it had one) and otherwise answered 503, not applied: it belongs to the test that ended, not
+        to the next one (and a served emulator stopped next has no request left to wait for)."""
         with self.store.lock:  # (the endpoints check the epoch under this lock: see _endpoint)
             self._epoch += 1
             self.store.clear()
@@ -570,6 +571,9 @@ class FakeLago:
         ``wallets`` (each with its ``external_customer_id``, else as :meth:`add_wallet` takes), ``applied_coupons``
         (each with its ``external_customer_id`` and ``coupon_code``, else as :meth:`add_applied_coupon` takes); credit
         notes, which need an invoice's ``lago_id``: :meth:`add_credit_note`.
+
+        An entry Lago would refuse raises :class:`FakeLagoError` naming it first (``"invoices[2]: Lago would refuse
+        this with 422: ..."``, with Lago's ``status`` and ``body``); the entries loaded before it stay.
         """
         if not isinstance(data, Mapping):
             raise FakeLagoError("seed data must be a JSON object with keys such as 'plans' and 'customers'")
@@ -591,48 +595,50 @@ class FakeLago:
             if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
                 raise FakeLagoError(f"seed key {key!r} must be a list of objects")
         _refuse_lone_surrogates(data)  # (checked whole, before any of it is stored)
+        for key in known:
+            for index, item in enumerate(data.get(key) or []):
+                try:
+                    self._seed_one(key, item)
+                except FakeLagoError as exc:  # (which entry: a seed file's author has to find it)
+                    raise FakeLagoError(f"{key}[{index}]: {exc}", status=exc.status, body=exc.body) from None
+
+    def _seed_one(self, key: str, item: Mapping[str, Any]) -> None:
+        """Load one entry of ``seed()``'s ``key``."""
         store = self.store
-        for item in data.get("billable_metrics") or []:
-            params = dict(item)
+        params = dict(item)
+        if key == "billable_metrics":
             params.setdefault("name", params.get("code"))
             params.setdefault("aggregation_type", "count_agg")
-            self._call(lambda p=params: store.create_metric({"billable_metric": p}))  # type: ignore[misc]
-        for item in data.get("features") or []:
-            self._call(lambda p=dict(item): store.create_feature({"feature": p}))  # type: ignore[misc]
-        for item in data.get("plans") or []:
-            params = dict(item)
+            self._call(lambda: store.create_metric({"billable_metric": params}))
+        elif key == "features":
+            self._call(lambda: store.create_feature({"feature": params}))
+        elif key == "plans":
             params.setdefault("name", params.get("code"))
             params.setdefault("interval", "monthly")
             params.setdefault("amount_cents", 0)
             params.setdefault("amount_currency", "USD")
-            self._call(lambda p=params: store.create_plan({"plan": p}))  # type: ignore[misc]
-        for item in data.get("customers") or []:
-            self._call(lambda p=dict(item): store.upsert_customer({"customer": p}))  # type: ignore[misc]
-        for item in data.get("subscriptions") or []:
-            params = dict(item)
+            self._call(lambda: store.create_plan({"plan": params}))
+        elif key == "customers":
+            self._call(lambda: store.upsert_customer({"customer": params}))
+        elif key == "subscriptions":
             params.setdefault("external_id", params.get("external_customer_id"))
-            self._call(lambda p=params: store.create_subscription({"subscription": p}))  # type: ignore[misc]
-        for item in data.get("invoices") or []:
-            params = dict(item)
+            self._call(lambda: store.create_subscription({"subscription": params}))
+        elif key == "invoices":
             customer_id = params.pop("external_customer_id", None)
             if not customer_id:
                 raise FakeLagoError("each seeded invoice needs an 'external_customer_id'")
-            self._call(lambda c=str(customer_id), p=params: store.add_invoice(c, p))  # type: ignore[misc]
-        for item in data.get("wallets") or []:
-            params = dict(item)
+            self._call(lambda: store.add_invoice(str(customer_id), params))
+        elif key == "wallets":
             customer_id = params.pop("external_customer_id", None)
             if not customer_id:
                 raise FakeLagoError("each seeded wallet needs an 'external_customer_id'")
-            self._call(lambda c=str(customer_id), p=params: store.add_wallet(c, p))  # type: ignore[misc]
-        for item in data.get("applied_coupons") or []:
-            params = dict(item)
+            self._call(lambda: store.add_wallet(str(customer_id), params))
+        else:  # applied_coupons
             customer_id = params.pop("external_customer_id", None)
             coupon_code = params.pop("coupon_code", None)
             if not customer_id or not coupon_code:
                 raise FakeLagoError("each seeded applied coupon needs an 'external_customer_id' and a 'coupon_code'")
-            self._call(
-                lambda c=str(customer_id), k=str(coupon_code), p=params: store.add_applied_coupon(c, k, p)  # type: ignore[misc]
-            )
+            self._call(lambda: store.add_applied_coupon(str(customer_id), str(coupon_code), params))
 
     @classmethod
     def from_seed_file(cls, path: str | PathLike[str], **kwargs: Any) -> FakeLago:

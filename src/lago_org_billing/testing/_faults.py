@@ -15,6 +15,11 @@ A rule applies to requests whose path starts with ``path`` (default ``/api/v1``)
 ``count`` requests, for ``seconds`` after it was added, or, with neither, until it is cleared.
 Rules are tried in the order they were added: each matching rule adds its latency, and the
 first one that answers (status, drop or an exceeded rate limit) ends the chain.
+
+Clearing the rules (``DELETE /_emulator/faults``, ``clear_faults()``, ``fake.reset()``) ends the latencies being
+waited at once: each request held then goes on as its rules decided when it arrived (their status, drop or 429, else
+the emulator's answer: after ``reset()``, its 503 for a request of the test that ended). A served emulator stopped
+next has nothing left to wait for.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import httpx
 from starlette.requests import Request
@@ -123,6 +129,16 @@ class FaultRule:
         if self.body is not None:
             data["body"] = self.body
         return data
+
+
+@dataclass(eq=False)
+class _Hold:
+    """A latency being waited: its cancel scope, with the event loop and thread it runs in (``clear()`` ends it from
+    any thread)."""
+
+    scope: anyio.CancelScope
+    token: Any  # (anyio.lowlevel.EventLoopToken: anyio 4.11+; None before, when only its own thread can end it)
+    thread: int
 
 
 class _SupportsFaults(Protocol):
@@ -263,6 +279,8 @@ class FaultController:
         self._clock = clock
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
+        self._generation = 0  # bumped by clear(): a request whose rules were taken before waits no latency
+        self._holds: set[_Hold] = set()  # the latencies being waited, which clear() ends
 
     @property
     def rules(self) -> list[FaultRule]:
@@ -309,21 +327,50 @@ class FaultController:
         return self.add(parse_rule(spec))
 
     def clear(self) -> None:
-        """Remove every rule."""
+        """Remove every rule, and end the latencies being waited: the requests they hold go on at once, as their
+        rules decided when they arrived (a held request kept a served emulator from stopping, which then cancelled it
+        with an error logged)."""
         with self._lock:
             self._rules.clear()
+            self._generation += 1
+            holds = list(self._holds)
+            self._holds.clear()
+        for hold in holds:  # (outside the lock: the loop thread may be waiting for it)
+            try:
+                if hold.thread == threading.get_ident():
+                    hold.scope.cancel()
+                elif hold.token is not None:
+                    anyio.from_thread.run_sync(hold.scope.cancel, token=hold.token)
+            except RuntimeError:  # its event loop has ended (the request with it)
+                pass
+
+    async def _hold(self, seconds: float, generation: int) -> None:
+        """Wait a rule's latency for a request whose rules were taken at ``generation``, unless :meth:`clear` ends
+        it (or came in between)."""
+        current_token = getattr(anyio.lowlevel, "current_token", None)  # (anyio 4.11+, the testing extra's)
+        hold = _Hold(anyio.CancelScope(), current_token() if current_token else None, threading.get_ident())
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._holds.add(hold)
+        try:
+            with hold.scope:
+                await _sleep(seconds)
+        finally:
+            with self._lock:
+                self._holds.discard(hold)
 
     def _prune(self, now: float) -> None:
         self._rules = [rule for rule in self._rules if not rule.expired(now)]
 
-    def _take(self, path: str) -> tuple[list[FaultRule], dict[str, str] | None, bool]:
+    def _take(self, path: str) -> tuple[list[FaultRule], dict[str, str] | None, bool, int]:
         """Claim the rules that apply to one request, counting it against their ``count`` and rate-limit windows.
 
         Returns the claimed rules in order (each adds its latency; the last one answers if it has a status or drops),
         the ``X-RateLimit-*`` headers of the last rate limit met (``None``: none) and whether that rate limit was
-        exceeded. An exceeded rate limit answers 429 and ends the chain there: the rules after it are not claimed, their
-        ``count`` stays for the requests that reach them. Decided at once under the lock, so that concurrent requests
-        never share one ``count``."""
+        exceeded, and the rules' generation (see :meth:`_hold`). An exceeded rate limit answers 429 and ends the chain
+        there: the rules after it are not claimed, their ``count`` stays for the requests that reach them. Decided at
+        once under the lock, so that concurrent requests never share one ``count``."""
         now = self._clock()
         with self._lock:
             self._prune(now)
@@ -343,7 +390,7 @@ class FaultController:
                     if not allowed:
                         limited = True
                         break
-            return claimed, rate_headers, limited
+            return claimed, rate_headers, limited, self._generation
 
     def _count_rate(self, rate: RateLimit, now: float) -> tuple[bool, dict[str, str]]:
         """Count one request in the window (the lock held); return (allowed, X-RateLimit-* headers)."""
@@ -370,6 +417,8 @@ class FaultController:
             spec = json.loads(await request.body() or b"null")
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             return _unprocessable('the body must be JSON, e.g. {"status": 503, "count": 2}')
+        if _holds_lone_surrogate(spec):  # (stored, it broke the listing and the faulted answers: 500s)
+            return _unprocessable(LONE_SURROGATE_MESSAGE)
         try:
             rule = self.add(parse_rule(spec))
         except FaultSpecError as exc:
@@ -391,6 +440,20 @@ class FaultController:
             Route(CONTROL_PATH, self._get, methods=["GET"]),
             Route(CONTROL_PATH, self._delete, methods=["DELETE"]),
         ]
+
+
+#: What the controls answer (their 422) for a body holding a lone surrogate, which the API refuses with Lago's 400
+LONE_SURROGATE_MESSAGE = (
+    "the body holds a lone surrogate (a \\ud800-\\udfff escape without its pair), which is not Unicode text"
+)
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """The API routes' check (see ``_emulator._holds_lone_surrogate``), imported when called: that module imports
+    this one."""
+    from ._emulator import _holds_lone_surrogate as holds
+
+    return holds(value)
 
 
 def _unprocessable(message: str) -> Response:
@@ -419,10 +482,10 @@ class FaultMiddleware:
         if path.startswith(EMULATOR_PATHS):  # the emulator's own controls (reset, state...) are never faulted
             await self.app(scope, receive, send)
             return
-        rules, rate_headers, limited = self.controller._take(path)
+        rules, rate_headers, limited, generation = self.controller._take(path)
         for rule in rules:
             if rule.latency_ms:
-                await _sleep(rule.latency_ms / 1000)
+                await self.controller._hold(rule.latency_ms / 1000, generation)
         last = rules[-1] if rules else None
         if last is not None and last.drop:
             await _drop(scope, receive, send)

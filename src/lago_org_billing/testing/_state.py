@@ -12,6 +12,7 @@ import copy
 import functools
 import heapq
 import json
+import math
 import random
 import re
 import threading
@@ -150,6 +151,49 @@ METRIC_STRINGS = ("code", "name", "description", "field_name")
 FEATURE_STRINGS = ("code", "name", "description")
 PLAN_STRINGS = ("code", "name", "invoice_display_name", "description")
 EVENT_STRINGS = ("transaction_id", "external_subscription_id", "code")
+#: The amounts in cents of an invoice and of a credit note that the seeding helpers take (InvoiceObject and
+#: CreditNoteObject integers, bigint columns in lago-api): each checked, as the code reading them later calls int()
+INVOICE_AMOUNTS = (
+    "fees_amount_cents",
+    "coupons_amount_cents",
+    "credit_notes_amount_cents",
+    "sub_total_excluding_taxes_amount_cents",
+    "taxes_amount_cents",
+    "sub_total_including_taxes_amount_cents",
+    "prepaid_credit_amount_cents",
+    "progressive_billing_credit_amount_cents",
+    "total_amount_cents",
+    "total_due_amount_cents",
+    "total_paid_amount_cents",
+)
+CREDIT_NOTE_AMOUNTS = (
+    "credit_amount_cents",
+    "refund_amount_cents",
+    "offset_amount_cents",
+    "balance_amount_cents",
+    "total_amount_cents",
+    "taxes_amount_cents",
+    "sub_total_excluding_taxes_amount_cents",
+    "coupons_adjustment_amount_cents",
+)
+#: The integers of an applied coupon (AppliedCouponObject), read with int() when invoices consume it
+APPLIED_COUPON_INTEGERS = (
+    "amount_cents",
+    "amount_cents_remaining",
+    "frequency_duration",
+    "frequency_duration_remaining",
+)
+#: The fields of a seeded object that the emulator sorts, indexes or compares (texts: an id, dates and times, states),
+#: and those it walks as lists of objects, per seeding helper: a number among the dates broke every listing's sort
+SEEDED_TEXTS = {
+    "invoice": ("lago_id", "issuing_date", "created_at"),
+    "wallet": ("lago_id", "created_at"),
+    "credit_note": ("lago_id", "created_at"),
+    "applied_coupon": ("lago_id", "created_at"),
+}
+SEEDED_LISTS = {"invoice": ("metadata", "credits", "fees")}
+#: lago-api ``Wallet`` validates ``priority`` in 1..50 (OAS WalletObject: "Allowed values: 1-50")
+WALLET_PRIORITIES = range(1, 51)
 
 Emit = Callable[[str, str, JSON], None]
 
@@ -3689,6 +3733,8 @@ class LagoStore:
         return data
 
     def add_invoice(self, external_customer_id: str, fields: Mapping[str, Any]) -> JSON:
+        # (before the customer is made: a refusal stores nothing)
+        fields = _checked_seeded("invoice", fields, (*INVOICE_AMOUNTS, "sequential_id"))
         with self.lock:
             customer = self._customer(external_customer_id) or self._new_customer(external_customer_id)
             invoice = self._new_invoice(customer, fields)
@@ -3832,7 +3878,7 @@ class LagoStore:
         """Store a wallet (``fields``: WalletObject fields; ``credits_balance`` or ``balance_cents`` gives the other
         by ``rate_amount`` and the currency's subunits). Lago's wallet currency must be the customer's: one without a
         currency takes the wallet's."""
-        params = dict(fields)
+        params = _checked_seeded("wallet", fields)
         with self.lock:
             currency = params.get("currency") or "USD"
             rate = to_decimal(params.get("rate_amount", "1"))
@@ -3844,20 +3890,41 @@ class LagoStore:
                 errors["rate_amount"] = ["value_is_invalid"]
             if status not in ("active", "terminated"):
                 errors["status"] = ["value_is_invalid"]
+            # The balance, its priority and top-up rules: read later as numbers and rule objects (a word or a list
+            # raised ValueError/TypeError here, or at the customer's next invoice; "abc" or 1e400 credits were 0)
+            credits: Decimal | None = None
+            balance: int | None = 0
+            if params.get("credits_balance") is not None:
+                credits = to_decimal(params["credits_balance"])
+                if rate is not None and rate > 0 and _valid_currency(currency) and credits is not None:
+                    amount = credits * rate * subunits_per_unit(currency)
+                    # (compared first: rounding 1e999999999 credits to cents would build their billion digits)
+                    balance = _bigint(cents(amount)) if abs(amount) < 2**63 else None
+                if credits is None or balance is None:
+                    errors["credits_balance"] = ["value_is_invalid"]
+            elif params.get("balance_cents") is not None:
+                balance = _bigint(params["balance_cents"])
+                if balance is None:
+                    errors["balance_cents"] = ["value_is_invalid"]
+            if params.get("priority") is not None:
+                priority = _bigint(params["priority"])
+                if priority not in WALLET_PRIORITIES:
+                    errors["priority"] = ["value_is_invalid"]
+                params["priority"] = priority
+            rules = params.get("recurring_transaction_rules")
+            if rules is not None and (not isinstance(rules, list) or not all(isinstance(r, Mapping) for r in rules)):
+                # (Lago's code for a rule it cannot use: Wallets::ValidateRecurringTransactionRulesService)
+                errors["recurring_transaction_rules"] = ["invalid_recurring_rule"]
             if errors:
                 raise validation_error(errors)
-            assert rate is not None
+            assert rate is not None and balance is not None
             customer = self._holder(external_customer_id)
             current = customer["fields"].get("currency")
             if current not in (None, "") and current != currency:
                 raise validation_error({"currency": ["currencies_does_not_match"]})
             customer["fields"]["currency"] = currency
             unit = subunits_per_unit(currency)
-            if "credits_balance" in params:
-                credits = to_decimal(params["credits_balance"]) or Decimal(0)
-                balance = cents(credits * rate * unit)
-            else:
-                balance = int(params.get("balance_cents", 0) or 0)
+            if credits is None:
                 credits = Decimal(balance) / unit / rate
             now = iso(self.now())
             wallet: JSON = {
@@ -3895,9 +3962,7 @@ class LagoStore:
                 {k: copy.deepcopy(v) for k, v in params.items() if k not in ("credits_balance", "balance_cents")}
             )
             wallet.update(currency=currency, rate_amount=decimal_str(rate))
-            wallet["recurring_transaction_rules"] = [
-                self._recurring_rule(rule) for rule in params.get("recurring_transaction_rules") or []
-            ]
+            wallet["recurring_transaction_rules"] = [self._recurring_rule(rule) for rule in rules or []]
             wallet["customer_id"] = customer["lago_id"]
             self.wallets.append(wallet)
             return {"wallet": self._serialize_wallet(wallet)}
@@ -3959,8 +4024,12 @@ class LagoStore:
                 errors["coupon_code"] = ["value_is_mandatory"]
             if params.get("amount_cents") is None and params.get("percentage_rate") is None:
                 errors["amount_cents"] = ["value_is_mandatory"]
+            if params.get("percentage_rate") is not None and to_decimal(params["percentage_rate"]) is None:
+                errors["percentage_rate"] = ["value_is_invalid"]  # (it was taken as a fixed coupon of 0)
             if errors:
                 raise validation_error(errors)
+            # (a word or a list raised ValueError/TypeError at the customer's next invoice: a 500 over HTTP)
+            params = _checked_seeded("applied_coupon", params, APPLIED_COUPON_INTEGERS)
             customer = self._holder(external_customer_id)
             amount = params.get("amount_cents")
             now = iso(self.now())
@@ -4033,6 +4102,7 @@ class LagoStore:
             invoice = next(iter(self._invoices_by_id.records(lago_invoice_id)), None)
             if invoice is None:
                 raise not_found("invoice")
+            params = _checked_seeded("credit_note", params, CREDIT_NOTE_AMOUNTS)
             note = self._credit_note_record(invoice, params)
             if note["credit_status"] not in ("available", "consumed", "voided", None):
                 raise validation_error({"credit_status": ["value_is_invalid"]})
@@ -4557,6 +4627,78 @@ def _graduated_percentage_amount(units: Decimal, ranges: Iterable[Mapping[str, A
         if high is None or high >= units:
             break
     return total
+
+
+#: The range of lago-api's bigint columns (amounts in cents)
+_BIGINT = range(-(2**63), 2**63)
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,20}")
+
+
+def _bigint(value: Any) -> int | None:
+    """An integer as Lago keeps it (a bigint column: amounts in cents, counts), from a seeding helper's field: an
+    integer, an integral number (``250.0``) or integer text (``"1000"``), else ``None`` (a word, a fraction, a boolean,
+    infinity, a list, a value past the column: int() raised on some, others were stored to break a later answer)."""
+    if isinstance(value, bool):
+        return None
+    number: int
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, (float, Decimal)):
+        decimal = to_decimal(value)
+        if decimal is None or abs(decimal) >= 2**63 or decimal != decimal.to_integral_value():
+            return None  # (compared first: int() of 1e999999999 would build its billion digits)
+        number = int(decimal)
+    elif isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        return None
+    return number if number in _BIGINT else None
+
+
+def _holds_non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a float JSON cannot carry (NaN, Infinity: a seed file's ``1e400``), which every answer
+    serving it would fail to encode. Walked without recursion, each container once."""
+    pending = [value]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, (Mapping, list, tuple)) and id(item) not in seen:  # (all alive: ids not reused)
+            seen.add(id(item))
+            pending.extend(item.values() if isinstance(item, Mapping) else item)
+    return False
+
+
+def _checked_seeded(kind: str, fields: Mapping[str, Any], integers: Iterable[str] = ()) -> dict[str, Any]:
+    """A seeding helper's ``fields`` for an object of ``kind`` as the emulator can keep and serve them: the
+    ``integers`` (amounts in cents, counts) as ints (see :func:`_bigint`), the texts it sorts or indexes as text and the
+    lists it walks as lists of objects (any of them given as ``None`` left to its default), no NaN or Infinity
+    anywhere; else Lago's 422 ``value_is_invalid`` naming each field (they raised ValueError or TypeError, or were
+    stored to break later answers with a 500)."""
+    checked = dict(fields)
+    errors: dict[str, list[str]] = {}
+    texts, lists = SEEDED_TEXTS.get(kind, ()), SEEDED_LISTS.get(kind, ())
+    for key in (*texts, *lists, *integers):
+        if key in checked and checked[key] is None:
+            del checked[key]
+    for key, value in checked.items():
+        if key in texts:
+            valid = isinstance(value, str)
+        elif key in lists:
+            valid = isinstance(value, list) and all(isinstance(item, Mapping) for item in value)
+            valid = valid and not _holds_non_finite(value)
+        elif key in integers:
+            checked[key] = _bigint(value)
+            valid = checked[key] is not None
+        else:
+            valid = not _holds_non_finite(value)
+        if not valid:
+            errors[key] = ["value_is_invalid"]
+    if errors:
+        raise validation_error(errors)
+    return checked
 
 
 def _valid_amount(value: Any) -> bool:

@@ -47,6 +47,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError
+from ._faults import LONE_SURROGATE_MESSAGE, _holds_lone_surrogate
 
 __all__ = [
     "CONTROL_PATH",
@@ -534,8 +535,10 @@ class WebhookDispatcher:
     async def _put(self, request: Request) -> Response:
         try:
             spec = json.loads(await request.body() or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             spec = None
+        if _holds_lone_surrogate(spec):  # (stored, it broke GET /_emulator/webhooks and every signature: 500s)
+            return _unprocessable(LONE_SURROGATE_MESSAGE)
         if not isinstance(spec, dict):
             return _unprocessable('the body must be a JSON object such as {"url": "http://127.0.0.1:8000/hooks"}')
         unknown = sorted(set(spec) - {"url", "signature", "hmac_key", "issuer", "attempts", "timeout"})
@@ -583,8 +586,10 @@ class WebhookDispatcher:
     async def _redeliver(self, request: Request) -> Response:
         try:
             spec = json.loads(await request.body() or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):
             spec = None
+        if _holds_lone_surrogate(spec):
+            return _unprocessable(LONE_SURROGATE_MESSAGE)
         key = spec.get("unique_key") if isinstance(spec, dict) else None
         if not isinstance(key, str):
             return _unprocessable('the body must be {"unique_key": "<X-Lago-Unique-Key of a delivery>"}')
