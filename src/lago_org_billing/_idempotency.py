@@ -141,14 +141,25 @@ class SharedFirstSeen:
         after a write: a failover, its endpoint may name the new primary already)."""
         # a misconfiguration, or a state of Redis an operator fixes: said once, what to do
         known, again = await self._problems.failed(exc, self.redis)
-        if not known and not self.down:
+        if not known:
+            self._outage(exc)
+        self.down = True
+        return again
+
+    def timed_out(self, bound: float) -> None:
+        """The caller's bound (``LAGO_API_TIMEOUT``, when under this store's own timeout) cancelled a call before
+        Redis answered: an outage, said (once) as the call's own timeout would have said it. Without this, a Redis
+        that stopped answering was never said, and ``down`` stayed false."""
+        self._outage(f"no answer within LAGO_API_TIMEOUT, {bound:g} s")
+        self.down = True
+
+    def _outage(self, reason: object) -> None:
+        if not self.down:
             logger.warning(
                 "Redis (LAGO_REDIS_URL) is unavailable for idempotency keys (%s): a retry reaching another worker "
                 "gets its own timestamp meanwhile (billed again on Lago's ClickHouse store).",
-                exc,
+                reason,
             )
-        self.down = True
-        return again
 
     def _recovered(self) -> None:
         self.down = False

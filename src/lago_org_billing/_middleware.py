@@ -1468,8 +1468,10 @@ class OrgBillingMiddleware:
         finally:
             forgotten = self._record(scope, org_id, user_id, watcher, started, root_path, decision, idempotent)
         if forgotten is not None and self._shared_first_seen is not None:  # its retry is the first event, fleet-wide
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout) as bound:
                 await self._shared_first_seen.forget(forgotten, started)
+            if bound.cancelled_caught:  # (under the store's own timeout: its outage, said as that one would say it)
+                self._shared_first_seen.timed_out(self.settings.api_timeout)
 
     async def _share_first_seen(
         self, scope: Scope, org_id: str, watcher: _ResponseWatcher, root_path: str, started: float
@@ -1490,8 +1492,10 @@ class OrgBillingMiddleware:
         local = self._first_seen.get(transaction_id)
         candidate = started if local is None else local
         first: float | None = None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout):
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.settings.api_timeout) as bound:
             first = await self._shared_first_seen.first(transaction_id, candidate)
+        if bound.cancelled_caught:  # (LAGO_API_TIMEOUT under the store's own timeout: a Redis not answering, said)
+            self._shared_first_seen.timed_out(self.settings.api_timeout)
         self._first_seen[transaction_id] = candidate if first is None else first
         return endpoint, transaction_id, local is not None or (first is not None and first != candidate)
 

@@ -165,6 +165,12 @@ def parse_rule(spec: Any) -> FaultRule:
     """Validate a fault specification (the JSON body of ``POST /_emulator/faults``)."""
     if not isinstance(spec, Mapping):
         raise FaultSpecError('a fault must be a JSON object such as {"status": 503, "count": 2}')
+    # The Python API (``inject_fault``) meets this check here as the HTTP route does before parsing: stored, a lone
+    # surrogate in 'body' or 'path' broke the listing and every faulted answer (nothing can encode it).
+    if _holds_lone_surrogate(spec):
+        raise FaultSpecError(
+            "a fault holds a lone surrogate (a \\ud800-\\udfff character without its pair), which is not Unicode text"
+        )
     unknown = sorted(set(spec) - _ALLOWED_KEYS)
     if unknown:
         raise FaultSpecError(
@@ -332,6 +338,13 @@ class FaultController:
         with an error logged)."""
         with self._lock:
             self._rules.clear()
+        self._end_waits()
+
+    def _end_waits(self) -> None:
+        """End the latencies being waited, and those of requests whose rules are already taken, keeping the rules
+        (what :meth:`clear` does to them; ``serve_in_thread`` as it stops: a held request kept the server from
+        stopping for its graceful timeout, then was cancelled with a traceback logged)."""
+        with self._lock:
             self._generation += 1
             holds = list(self._holds)
             self._holds.clear()

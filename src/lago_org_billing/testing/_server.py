@@ -158,6 +158,15 @@ def serve_in_thread(
     try:
         yield base_url
     finally:
+        # A request still held by an injected latency (its client gave up) goes on at once, as its rules decided:
+        # otherwise uvicorn waits its graceful timeout, then cancels it with a traceback logged. The user's rules
+        # stay (not clear()): the fake may be inspected or served again after.
+        faults = getattr(fake, "faults", None)
+        if faults is not None:
+            from ._faults import FaultController
+
+            if isinstance(faults, FaultController):
+                faults._end_waits()
         server.should_exit = True
         thread.join(timeout)
         if thread.is_alive():  # stuck past the graceful timeout (a lifespan shutdown?): stop without it

@@ -218,6 +218,13 @@ class WebhookDispatcher:
         self._validate()
 
     def _validate(self) -> None:
+        # As ``PUT /_emulator/webhooks`` refuses them, for ``configure()`` and the constructor too: a stored lone
+        # surrogate broke ``config_json()`` (the GET listing) and every signature (nothing can encode it).
+        if _holds_lone_surrogate((self.hmac_key, self.issuer, self.url)):
+            raise InvalidRequestError(
+                "webhook url, hmac_key and issuer must be Unicode text: one holds a lone surrogate "
+                "(a \\ud800-\\udfff character without its pair)"
+            )
         if self.signature not in ("jwt", "hmac"):
             raise InvalidRequestError(f"webhook signature must be 'jwt' or 'hmac', got {self.signature!r}")
         if (
