@@ -284,17 +284,20 @@ def m_template(raw: str) -> Verdict:
 
 _TOKEN = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")  # RFC 9110 tchar
 _SWITCHES = {"1", "0", "true", "false", "yes", "no", "on", "off", "y", "n", "enabled", "disabled"}
+#: What None reads as once made text (str(None), JSON's null): a header name nobody meant, refused as a switch is
+#: (apart from _SWITCHES, which the generator draws from: the seeds keep drawing what they drew).
+_NULLS = {"none", "null"}
 
 
 def m_header(raw: str) -> Verdict:
-    """A request header's name as clients send it (an RFC 9110 token), not a switch nor a WSGI ``HTTP_`` name;
-    empty is unset (off)."""
+    """A request header's name as clients send it (an RFC 9110 token), not a switch, ``None`` made text nor a WSGI
+    ``HTTP_`` name; empty is unset (off)."""
     text = raw.strip()
     if quoted(text):
         return No(QUOTES, code=text)
     if not text:
         return Ok(None)
-    if not set(text) <= _TOKEN or text.lower() in _SWITCHES or text[:5].upper() == "HTTP_":
+    if not set(text) <= _TOKEN or text.lower() in _SWITCHES | _NULLS or text[:5].upper() == "HTTP_":
         return No(r"header", code=text)
     return Ok(text)
 

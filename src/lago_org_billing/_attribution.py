@@ -79,6 +79,7 @@ from starlette.types import Message, Scope
 from . import _checks as checks
 from ._errors import ConfigurationError
 from ._identity import SCOPE_KEY
+from ._settings import _HEADER_NAME
 
 __all__ = [
     "AttributionConfig",
@@ -161,6 +162,13 @@ class AttributionConfig:
                     f"(() for none), got {checked!r}."
                 )
             for rank, name in enumerate(names):
+                # (a name with a blank, ':' or a control character inside is one no response carries: its usage
+                # silently never read; one outside Latin-1 failed with a bare UnicodeEncodeError)
+                if not _HEADER_NAME.fullmatch(name.strip()):
+                    raise ConfigurationError(
+                        f"AttributionConfig.{field}_headers must hold HTTP header names such as 'x-{field}' "
+                        f"(letters, digits and -, no ':' or blanks inside), got {name!r}."
+                    )
                 mapping.setdefault(name.strip().lower().encode("latin-1"), (field, rank))
         object.__setattr__(self, "_header_map", mapping)
         checks.flag("AttributionConfig.inspect_body", self.inspect_body)

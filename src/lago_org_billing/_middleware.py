@@ -32,7 +32,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import sys
 import time
 import types
@@ -83,7 +82,7 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import QuotaConfig, QuotaGate, _Decision
-from ._settings import _SWITCH_WORDS, BillingSettings
+from ._settings import _HEADER_NAME, _NULL_WORDS, _SWITCH_WORDS, BillingSettings
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -2006,11 +2005,6 @@ _GATE_CALLS: tuple[tuple[str, str, int, tuple[str, ...], bool], ...] = (
     ("check", "async check(org_id)", 1, (), False),
     ("settle", "settle(org_id, decision, *, tokens, billed)", 2, ("tokens", "billed"), True),
 )
-
-#: An HTTP field name (RFC 9110 token).
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: What ``None`` reads as, once made text (``str(None)``, JSON's ``null``): a header name nobody meant.
-_NULL_WORDS = frozenset({"none", "null"})
 
 
 def _is_async(function: Any) -> bool:

@@ -38,6 +38,9 @@ class _DefaultDeadline(float):
 _RETRY_DEADLINE = 30.0
 #: Values that say "on"/"off": a header variable set to one of them was meant as a switch, not a header's name.
 _SWITCH_WORDS = frozenset({"1", "0", "true", "false", "yes", "no", "on", "off", "y", "n", "enabled", "disabled"})
+#: What ``None`` reads as once made text (``str(None)`` of a setting read in code, JSON's ``null`` in a templated
+#: manifest): as a header's name, one no client sends, so every request went unresolved.
+_NULL_WORDS = frozenset({"none", "null"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -190,10 +193,10 @@ class BillingSettings:
                     f"{variable} must be an HTTP header name such as X-Org-Id (letters, digits and -), got {header!r}.",
                     variable=variable,
                 )
-            if header is not None and header.lower() in _SWITCH_WORDS:
+            if header is not None and (header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS):
                 raise ConfigurationError(
                     f"{variable} is the name of the request header that carries the id (such as X-Org-Id or "
-                    f"X-User-Id), not a switch: got {header!r}. Unset it to leave header resolution off.",
+                    f"X-User-Id), not a switch nor None: got {header!r}. Unset it to leave header resolution off.",
                     variable=variable,
                 )
             if header is not None and header[:5].upper() == "HTTP_":
