@@ -387,7 +387,7 @@ def m_api_url(raw: str) -> Verdict:
         return No(hint, code=text)
     if any(char.isspace() or not char.isprintable() for char in url):
         return No(hint, code=text)
-    if url[-7:].lower() == "/api/v1":
+    if parts.path[-7:].lower() == "/api/v1":
         url = url[:-7].rstrip("/")
     elif re.search(r"(?i)/api/v1/", parts.path):
         return No(hint, code=text)
@@ -1353,3 +1353,20 @@ def test_the_middleware_takes_its_own_unresolved_status_as_the_settings_do() -> 
             OrgBillingMiddleware(Starlette(), settings=settings, unresolved_status=bad)
     middleware = OrgBillingMiddleware(Starlette(), settings=settings, unresolved_status=http.HTTPStatus.FORBIDDEN)
     assert type(middleware.unresolved_status) is int and middleware.unresolved_status == 403
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("http://api/v1", "http://api/v1"),
+        ("http://API/V1/", "http://API/V1"),
+        ("http://api:3000/api/v1", "http://api:3000"),
+        ("https://lago.example.com/api/v1/", "https://lago.example.com"),
+    ],
+)
+def test_a_host_named_api_is_not_taken_for_the_api_v1_suffix(value: str, expected: str) -> None:
+    """Found by the seeds: ``LAGO_API_URL=http://api/v1`` (a host named ``api``, a base path ``/v1``) was read as
+    ``http:``, the ``/api/v1`` suffix looked for in the whole URL rather than its path: every call failed, while
+    ``BillingSettings(api_url="http:")`` is refused. The suffix is dropped from the path only."""
+    settings = BillingSettings.from_env(None, environ={"LAGO_API_URL": value}, require_api_key=False)
+    assert settings.api_url == expected

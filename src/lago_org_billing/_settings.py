@@ -927,7 +927,8 @@ def _parse_url(name: str, value: str) -> str:
             f"http://lago:3000, got {redact_url(value)}.",
             variable=name,
         )
-    if url[-len("/api/v1") :].lower() == "/api/v1":  # the Lago docs show URLs with /api/v1; we add it ourselves
+    # (the path's end, not the URL's: ``http://api/v1``, a host named api, was cut to ``http:``)
+    if parts.path[-len("/api/v1") :].lower() == "/api/v1":  # the Lago docs show URLs with /api/v1; we add it ourselves
         url = url[: -len("/api/v1")].rstrip("/")  # (and ``${HOST}/`` + ``/api/v1`` leaves ``//api/v1``)
     elif endpoint := _ENDPOINT_PATH.search(parts.path):  # an endpoint's URL, copied from Lago's API reference
         base = url[: len(url) - len(parts.path) + endpoint.start()]
