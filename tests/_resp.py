@@ -47,6 +47,30 @@ class Relay:
                     sock.close()
 
 
+class StallingRelay(Relay):
+    """A relay that passes bytes both ways, except while ``stalled``: then nothing passes (a network partition
+    dropping packets, a frozen node: calls get no answer)."""
+
+    def __init__(self, target: str) -> None:
+        self.stalled = False
+        super().__init__(target)
+
+    def link(self, client: socket.socket, upstream: socket.socket) -> None:
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.stalled:  # (lost: the client gives up on the call and drops its connection)
+                    sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def command(buffer: bytes) -> tuple[list[bytes], int] | None:
     """The first whole command of ``buffer`` (a RESP array of bulk strings: what a client sends) and its length;
     None while it is not all there."""

@@ -225,30 +225,11 @@ def violations(model: Model, events: list[dict[str, Any]], workers: list[OrgBill
 # ------------------------------------------------------------------------------------------------ the world
 
 
-class Relay(resp.Relay):
+class Relay(resp.StallingRelay):
     """A TCP relay in front of the redis-server: :meth:`down` closes its port (connections are refused, those open
     are cut) until :meth:`up` opens it again; :meth:`cut` drops the connections open (a restart, Redis's ``timeout``
     or a proxy's closing idle clients) and lets new ones through; while ``stalled`` nothing passes either way (a
     network partition dropping packets, a frozen node: calls get no answer)."""
-
-    def __init__(self, target: str) -> None:
-        self.stalled = False
-        super().__init__(target)
-
-    def link(self, client: socket.socket, upstream: socket.socket) -> None:
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                if not self.stalled:  # (lost: the client gives up on the call and drops its connection)
-                    sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
         with self.lock:

@@ -16,13 +16,11 @@ patched.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import itertools
 import json
 import logging
 import os
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from _jwks_server import Clock, JwksServer
 from lago_org_billing import BillingSettings, OrgBillingMiddleware
 from lago_org_billing._identity import from_jwt_claim, get_current_org, reset_warnings
 
@@ -54,75 +53,6 @@ def _reset_identity_warnings() -> Iterator[None]:
     reset_warnings()
 
 
-class JwksServer:
-    """JWKS endpoints on 127.0.0.1: the body each path answers, the GETs each received, and a gate that holds the
-    answers of gated paths until :meth:`release` (``arrived`` is set by each GET)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.answers: dict[str, tuple[bytes, bool]] = {}
-        self.fetches: dict[str, int] = {}
-        self.arrived = threading.Event()
-        self.gate = threading.Event()
-        served = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with served.lock:
-                    served.fetches[self.path] = served.fetches.get(self.path, 0) + 1
-                    body, gated = served.answers.get(self.path, (b"{}", False))
-                    gate = served.gate
-                served.arrived.set()
-                if gated:
-                    gate.wait(30)  # (a guard: the test releases it)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(OSError):  # (the client gave up: a fetch past its deadline)
-                    self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def serve(self, path: str, body: bytes, *, gated: bool) -> None:
-        with self.lock:
-            self.answers[path] = (body, gated)
-
-    def count(self, path: str) -> int:
-        with self.lock:
-            return self.fetches.get(path, 0)
-
-    async def wait_arrival(self) -> None:
-        """Until a GET arrived since the last :meth:`hold` (a guard of 30 s against a hang, not a timing)."""
-        assert await anyio.to_thread.run_sync(self.arrived.wait, 30), "no JWKS fetch arrived"
-
-    def hold(self) -> None:
-        """Gated paths hold their answers again (those already let go are not held back)."""
-        with self.lock:
-            if self.gate.is_set():
-                self.gate = threading.Event()
-            self.arrived.clear()
-
-    def release(self) -> None:
-        with self.lock:
-            self.gate.set()
-
-    def close(self) -> None:
-        self.release()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
-
-
 @pytest.fixture(scope="module")
 def jwks_endpoints() -> Iterator[JwksServer]:
     server = JwksServer()
@@ -137,19 +67,9 @@ def server(jwks_endpoints: JwksServer) -> Iterator[JwksServer]:
     jwks_endpoints.release()  # (a handler still held lets go)
 
 
-class Clock:
-    """The JWKS cache's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 70_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
+    fake = Clock(70_000.0)
     monkeypatch.setattr("lago_org_billing._jwks._clock", fake)
     return fake
 

@@ -28,12 +28,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import http.server
 import json
 import logging
 import os
 import random
-import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from _jwks_server import Clock, JwksServer
 from lago_org_billing import BillingSettings, OrgBillingMiddleware
 from lago_org_billing._identity import from_jwt_claim, get_current_org, reset_warnings
 
@@ -577,67 +576,6 @@ async def test_random_tokens_resolve_exactly_as_pyjwt_verifies_them(
 # ------------------------------------------------------------------------------------------------ jwks_url=
 
 
-class JwksServer:
-    """JWKS endpoints on 127.0.0.1, one path each: what a path answers (a status and body; ``drop``: the connection
-    closed unanswered; ``gate``: held until :meth:`release`), and the GETs each received."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.answers: dict[str, tuple[str, int, bytes]] = {}
-        self.fetches = collections.Counter[str]()
-        self.arrived = threading.Event()
-        self.gate = threading.Event()
-        served = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with served.lock:
-                    served.fetches[self.path] += 1
-                    mode, status, body = served.answers.get(self.path, ("answer", 404, b"{}"))
-                served.arrived.set()
-                if mode == "drop":
-                    self.close_connection = True
-                    return
-                if mode == "gate":
-                    served.gate.wait(30)  # (a guard: the test releases it)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                with contextlib.suppress(OSError):  # (the client gave up: a fetch past its deadline)
-                    self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def serve(self, path: str, body: bytes, status: int = 200, mode: str = "answer") -> None:
-        with self.lock:
-            self.answers[path] = (mode, status, body)
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def fresh(self) -> JwksServer:
-        """For the next test: no request arrived, the gate closed (paths are the tests' own)."""
-        self.arrived.clear()
-        self.gate.clear()
-        return self
-
-    def close(self) -> None:
-        self.gate.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
-
-
 @pytest.fixture(scope="module")
 def jwks_endpoints() -> Iterator[JwksServer]:
     server = JwksServer()
@@ -651,19 +589,9 @@ def jwks_server(jwks_endpoints: JwksServer) -> Iterator[JwksServer]:
     jwks_endpoints.release()  # (a handler still held lets go)
 
 
-class Clock:
-    """The JWKS cache's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 50_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    fake = Clock()
+    fake = Clock(50_000.0)
     monkeypatch.setattr("lago_org_billing._jwks._clock", fake)
     return fake
 
@@ -980,8 +908,7 @@ async def test_concurrent_requests_with_unknown_kids_share_one_fetch(
     assert await resolve_all(org, [token_for(attacker, f"again-{n}") for n in range(20)]) == [None] * 20
     assert jwks_server.fetches[path] == 1
     clock.now += 30
-    jwks_server.arrived.clear()
-    jwks_server.gate.clear()
+    jwks_server.hold()
     burst = [token_for(attacker, f"later-{n}") for n in range(20)]
     assert await resolve_all(org, burst, gated=jwks_server) == [None] * 20
     assert jwks_server.fetches[path] == 2

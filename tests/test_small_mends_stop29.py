@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -132,30 +131,6 @@ pytest_anyio = pytest.mark.anyio
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
-class StallingRelay(resp.Relay):
-    """A TCP relay in front of the redis-server; while ``stalled`` nothing passes either way (a network partition
-    dropping packets, a frozen node: calls get no answer)."""
-
-    def __init__(self, target: str) -> None:
-        self.stalled = False
-        super().__init__(target)
-
-    def link(self, client: socket.socket, upstream: socket.socket) -> None:
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                if not self.stalled:
-                    sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
 @contextlib.contextmanager
 def said() -> Iterator[list[logging.LogRecord]]:
     records: list[logging.LogRecord] = []
@@ -177,8 +152,8 @@ async def _ok(request: Request) -> Response:
 
 
 @contextlib.asynccontextmanager
-async def billed(redis_url: str) -> AsyncIterator[tuple[OrgBillingMiddleware, StallingRelay]]:
-    relay = StallingRelay(redis_url)
+async def billed(redis_url: str) -> AsyncIterator[tuple[OrgBillingMiddleware, resp.StallingRelay]]:
+    relay = resp.StallingRelay(redis_url)
     lago = FakeLago(api_key="k")
     settings = BillingSettings(
         api_url=lago.base_url,
