@@ -37,7 +37,7 @@ import anyio
 from starlette.types import Scope
 
 from ._errors import ConfigurationError, traceback_text
-from ._settings import _HEADER_NAME, _NULL_WORDS, _SWITCH_WORDS, BillingSettings
+from ._settings import BillingSettings, header_as_sent, header_name_problem
 
 if TYPE_CHECKING:
     import httpx
@@ -469,27 +469,26 @@ def _header_name(caller: str, name: object) -> bytes:
     """``name`` as ASGI servers give it (lower case, latin-1), once checked to be a header name that can match."""
     variable = "LAGO_ORG_HEADER" if caller == "from_header()" else None
     example = "X-Org-Id" if caller == "from_header()" else "Authorization"
-    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name.strip()):
+    header = name.strip() if isinstance(name, str) else ""
+    # (as LAGO_ORG_HEADER refuses them: a header no client sends, every request unresolved)
+    problem = header_name_problem(header)
+    if problem == "token":
         raise ConfigurationError(
             f"{caller} needs an HTTP header name such as '{example}' (letters, digits and -, no ':' or blanks), "
             f"got {name!r}.",
             variable=variable,
         )
-    header = name.strip()
-    # (as LAGO_ORG_HEADER refuses them: a header no client sends, every request unresolved; "None" is ``str(None)``
-    # of a setting read in code)
-    if header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS:
+    if problem == "switch":
         raise ConfigurationError(
             f"{caller} needs the name of the request header that carries the "
             f"{'id' if caller == 'from_header()' else 'bearer token'} (such as '{example}'), not a switch nor None: "
             f"got {name!r}.",
             variable=variable,
         )
-    if header[:5].upper() == "HTTP_":  # (Django's name for it: clients send X-Org-Id)
-        sent = "-".join(part.capitalize() for part in header[5:].split("_"))
+    if problem == "wsgi":
         raise ConfigurationError(
-            f"{caller} needs the header's name as clients send it ({sent or example}), not its WSGI/CGI name: "
-            f"got {name!r}.",
+            f"{caller} needs the header's name as clients send it ({header_as_sent(header, example)}), not its "
+            f"WSGI/CGI name: got {name!r}.",
             variable=variable,
         )
     return header.lower().encode("latin-1")

@@ -82,7 +82,7 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import QuotaConfig, QuotaGate, _Decision
-from ._settings import _HEADER_NAME, _NULL_WORDS, _SWITCH_WORDS, BillingSettings
+from ._settings import BillingSettings, header_as_sent, header_name_problem
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -1912,24 +1912,24 @@ def _check_arguments(
         checks.instance(f"{name}(attribution=...)", attribution, AttributionConfig, what="an AttributionConfig")
     if idempotency_header is not None:
         header = checks.text(f"{name}(idempotency_header=...)", idempotency_header, example="Idempotency-Key")
-        if not _HEADER_NAME.fullmatch(header):
+        # (as LAGO_ORG_HEADER refuses them: a header no client sends, idempotency silently off, each retry billed
+        # again)
+        problem = header_name_problem(header)
+        if problem == "token":
             raise ConfigurationError(
                 f"{name}(idempotency_header=...) must be an HTTP header name such as 'Idempotency-Key' (letters, "
                 f"digits and -), got {header!r}."
             )
-        # (as LAGO_ORG_HEADER refuses them: a header no client sends, idempotency silently off, each retry billed
-        # again; "None" too here, ``str(None)`` of a setting read in code)
-        if header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS:
+        if problem == "switch":
             raise ConfigurationError(
                 f"{name}(idempotency_header=...) is the name of the request header that carries the client's "
                 f"idempotency key (such as 'Idempotency-Key'), not a switch nor None: got {header!r}. Give None "
                 "to bill every request."
             )
-        if header[:5].upper() == "HTTP_":  # (Django's name for it: clients send Idempotency-Key)
-            sent = "-".join(part.capitalize() for part in header[5:].split("_"))
+        if problem == "wsgi":
             raise ConfigurationError(
                 f"{name}(idempotency_header=...) is the header's name as clients send it "
-                f"({sent or 'Idempotency-Key'}), not its WSGI/CGI name: got {header!r}."
+                f"({header_as_sent(header, 'Idempotency-Key')}), not its WSGI/CGI name: got {header!r}."
             )
     if event_properties is not None:
         checks.function(

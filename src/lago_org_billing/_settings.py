@@ -188,22 +188,24 @@ class BillingSettings:
                 variable="LAGO_UNRESOLVED_STATUS",
             )
         for variable, header in (("LAGO_ORG_HEADER", self.org_header), ("LAGO_USER_HEADER", self.user_header)):
-            if header is not None and not _HEADER_NAME.fullmatch(header):
+            if header is None:
+                continue
+            kind = header_name_problem(header)
+            if kind == "token":
                 raise ConfigurationError(
                     f"{variable} must be an HTTP header name such as X-Org-Id (letters, digits and -), got {header!r}.",
                     variable=variable,
                 )
-            if header is not None and (header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS):
+            if kind == "switch":
                 raise ConfigurationError(
                     f"{variable} is the name of the request header that carries the id (such as X-Org-Id or "
                     f"X-User-Id), not a switch nor None: got {header!r}. Unset it to leave header resolution off.",
                     variable=variable,
                 )
-            if header is not None and header[:5].upper() == "HTTP_":
-                name = "-".join(part.capitalize() for part in header[5:].split("_"))
+            if kind == "wsgi":
                 raise ConfigurationError(
-                    f"{variable} is the header's name as clients send it ({name or 'X-Org-Id'}), not its WSGI/CGI "
-                    f"name: got {header!r}.",
+                    f"{variable} is the header's name as clients send it ({header_as_sent(header, 'X-Org-Id')}), "
+                    f"not its WSGI/CGI name: got {header!r}.",
                     variable=variable,
                 )
         for prefix in self.exclude_paths:
@@ -872,6 +874,26 @@ _ENDPOINT_PATH = re.compile("(?i)/api/v1/")
 
 #: An HTTP field name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_name_problem(header: str) -> Literal["token", "switch", "wsgi"] | None:
+    """Why ``header`` names no request header a client sends (``None``: it may), for each setting or argument naming
+    one to say in its own words: ``"token"``, no HTTP field name (RFC 9110 token); ``"switch"``, a switch word or
+    ``None`` made text (``LAGO_ORG_HEADER=true``, ``str(None)``: every request unresolved, each retry billed again);
+    ``"wsgi"``, a WSGI/CGI name (Django's ``HTTP_X_ORG_ID``)."""
+    if not _HEADER_NAME.fullmatch(header):
+        return "token"
+    if header.lower() in _SWITCH_WORDS or header.lower() in _NULL_WORDS:
+        return "switch"
+    if header[:5].upper() == "HTTP_":
+        return "wsgi"
+    return None
+
+
+def header_as_sent(wsgi_name: str, example: str) -> str:
+    """The header a WSGI/CGI name stands for, as clients send it (``HTTP_X_ORG_ID``: ``X-Org-Id``; ``example`` for
+    ``HTTP_`` alone)."""
+    return "-".join(part.capitalize() for part in wsgi_name[5:].split("_")) or example
 
 
 def _split_url(url: str) -> SplitResult | None:
