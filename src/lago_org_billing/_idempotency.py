@@ -122,12 +122,13 @@ class SharedFirstSeen:
 
     async def _eval(self, script: str, key: str, argument: str) -> Any:
         """``EVAL`` of a script of one key, made once more (on a new connection) when the pooled connection it took
-        was closed by Redis meanwhile: redis-py's check of a pooled connection does not notice that, and a client made
-        from a URL makes no second attempt (its connections' ``Retry`` has none). A restart, Redis's ``timeout``, a
-        proxy or load balancer dropping idle clients: the first call of each process after it failed, was taken for
-        an outage (said at WARNING), and its first timestamp stayed in the process, so that a retry reaching another
-        worker was billed again though Redis answered all along. Not while Redis is known to be down (one attempt
-        per request then), nor after a timeout (a second one would double the wait); both scripts may run twice."""
+        was closed by Redis meanwhile. :func:`reconnecting_pool_options` has the pool reconnect a connection whose close
+        it has read; one closed as it is handed out (Redis's ``timeout`` or a proxy dropping idle clients at that
+        moment, a restart) still fails its command, and a client made from a URL makes no second attempt (its
+        connections' ``Retry`` has none). That call was taken for an outage (said at WARNING) and its first timestamp
+        stayed in the process, so that a retry reaching another worker was billed again though Redis answered all
+        along. Not while Redis is known to be down (one attempt per request then), nor after a timeout (a second one
+        would double the wait); both scripts may run twice."""
         try:
             return await self.redis.eval(script, 1, key, argument)
         except Exception as exc:  # (an exact ConnectionError: not auth, not busy loading, not a full pool)

@@ -983,8 +983,6 @@ def billing_routes(
       admin pick one kept for others (a $0 internal plan) when ``authorize`` lets org admins in: set it then.
     * **max_body_size** - bytes a request body may have (413 beyond; 64 KiB by default).
     """
-    if not callable(authorize):
-        raise ConfigurationError("billing_routes(authorize=...) must be a function (request, org_id) -> bool.")
     return BillingRouter(
         billing,
         settings=settings,
