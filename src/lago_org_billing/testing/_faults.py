@@ -163,14 +163,14 @@ def _number(spec: Mapping[str, Any], key: str, *, minimum: float, integer: bool 
 
 def parse_rule(spec: Any) -> FaultRule:
     """Validate a fault specification (the JSON body of ``POST /_emulator/faults``)."""
-    if not isinstance(spec, Mapping):
-        raise FaultSpecError('a fault must be a JSON object such as {"status": 503, "count": 2}')
-    # The Python API (``inject_fault``) meets this check here as the HTTP route does before parsing: stored, a lone
-    # surrogate in 'body' or 'path' broke the listing and every faulted answer (nothing can encode it).
+    # For the HTTP route and the Python API (``inject_fault``) alike: stored, a lone surrogate in 'body' or 'path'
+    # broke the listing and every faulted answer (nothing can encode it).
     if _holds_lone_surrogate(spec):
         raise FaultSpecError(
             "a fault holds a lone surrogate (a \\ud800-\\udfff character without its pair), which is not Unicode text"
         )
+    if not isinstance(spec, Mapping):
+        raise FaultSpecError('a fault must be a JSON object such as {"status": 503, "count": 2}')
     unknown = sorted(set(spec) - _ALLOWED_KEYS)
     if unknown:
         raise FaultSpecError(
@@ -430,8 +430,6 @@ class FaultController:
             spec = json.loads(await request.body() or b"null")
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than the decoder goes)
             return _unprocessable('the body must be JSON, e.g. {"status": 503, "count": 2}')
-        if _holds_lone_surrogate(spec):  # (stored, it broke the listing and the faulted answers: 500s)
-            return _unprocessable(LONE_SURROGATE_MESSAGE)
         try:
             rule = self.add(parse_rule(spec))
         except FaultSpecError as exc:
