@@ -189,7 +189,7 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 
 def _emulator(args: argparse.Namespace) -> int:
     from .testing import FakeLago
-    from .testing._server import free_port_or_error, require_uvicorn, run
+    from .testing._server import free_port_or_error, local_url, require_uvicorn, run
 
     api_key = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
     if args.seed:
@@ -199,25 +199,18 @@ def _emulator(args: argparse.Namespace) -> int:
     require_uvicorn()  # before saying where it listens: a script reading the address must not wait on nothing
     _check_host(args.host)
     port = free_port_or_error(args.host, args.port)  # before saying where it listens (a port in use: one line)
-    # Every interface ("0.0.0.0", "", "::") is no address to call, and not the URL the emulator signs its JWT webhooks
-    # with (run() names the loopback): an app set to the wildcard refused every webhook's issuer.
-    url_host = _LOOPBACK_OF_WILDCARD.get(args.host, args.host)
-    host = f"[{url_host}]" if ":" in url_host else url_host
+    # (the URL run() signs its JWT webhooks with: the wildcard address, printed, had apps refuse every webhook's issuer)
+    url = local_url(args.host, port)
     # The environment's key may be a real Lago's: not printed (the apps of this shell already have it).
     key = "" if api_key == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={api_key}"
     print(
-        f"Lago emulator on http://{host}:{port} (event store {args.event_store}"
+        f"Lago emulator on {url} (event store {args.event_store}"
         f"{', taking the LAGO_API_KEY of your environment' if not key else ''}).\n"
-        f"  export LAGO_API_URL=http://{host}:{port}{key}",
+        f"  export LAGO_API_URL={url}{key}",
         flush=True,
     )
     run(fake, args.host, port)
     return 0
-
-
-#: The loopback address a client on this machine calls for a server listening on every interface (as ``run`` names it
-#: in the webhooks it signs).
-_LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 def _seeded(path: str, **options: Any) -> FakeLago:

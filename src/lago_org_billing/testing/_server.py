@@ -199,13 +199,19 @@ def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
         ) from None
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL a client on this machine calls for a server listening on ``host``: every interface (``0.0.0.0``, ``""``,
+    ``::``) is no address to call, so its loopback; the URL the emulator signs its JWT webhooks with (``iss``)."""
+    url_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{url_host}]' if ':' in url_host else url_host}:{port}"
+
+
 def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: str = "info") -> None:
     """Serve ``fake`` in the foreground until interrupted (the ``lago-org-billing emulator`` command)."""
     port = free_port_or_error(host, port)
     uvicorn = _uvicorn()
     install_controls(fake)
-    url_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    _sign_as(fake, f"http://{f'[{url_host}]' if ':' in url_host else url_host}:{port}")
+    _sign_as(fake, local_url(host, port))
     server = uvicorn.Server(_config(fake, host, port, log_level))
     try:
         server.run()
