@@ -856,24 +856,10 @@ def test_a_resolver_that_cannot_take_the_scope_is_refused(value: Any) -> None:
         OrgBillingMiddleware(_inner(), world().settings, resolve_org=value, quota=None)
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        pytest.param(
-            "sync check",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a plain check() returning an awaitable (a wrapper delegating to a QuotaGate) works: it cannot "
-                "be told from one returning a QuotaDecision without calling it; the middleware could accept both",
-            ),
-        ),
-        "async settle",
-        "check without org_id",
-    ],
-)
+@pytest.mark.parametrize("shape", ["async settle", "check without org_id"])
 def test_a_gate_whose_methods_cannot_take_the_middlewares_calls_is_refused(shape: str) -> None:
-    """A gate whose check is plain (TypeError at every request), whose settle is async (its coroutine never awaited,
-    no call counted) or whose check takes no org is refused naming quota=."""
+    """A gate whose settle is async (its coroutine never awaited, no call counted) or whose check takes no org is
+    refused naming quota=."""
     from lago_org_billing._gate import QuotaDecision
 
     class Gate:
@@ -890,14 +876,64 @@ def test_a_gate_whose_methods_cannot_take_the_middlewares_calls_is_refused(shape
             pass
 
     gate: Any = Gate()
-    if shape == "sync check":
-        gate.check = lambda org_id: QuotaDecision()
-    elif shape == "async settle":
+    if shape == "async settle":
         gate.settle = _async_header_org
     else:
         gate.check = lambda: QuotaDecision()
     with pytest.raises(ConfigurationError, match="quota"):
         OrgBillingMiddleware(_inner(), world().settings, quota=gate)
+
+
+@pytest.mark.parametrize("answers", ["a decision", "an awaitable"])
+@pytest.mark.parametrize("where", ["before the app", "require_quota"])
+async def test_a_gate_with_a_plain_check_gates_each_request(answers: str, where: str) -> None:
+    """A gate whose ``check`` is a plain function works, whether it answers the decision at once or an awaitable (a
+    wrapper delegating to another gate's ``async check``): before, ``await`` on its QuotaDecision raised a TypeError
+    at every request (each answered 500), and refusing plain checks would have refused the delegating wrapper."""
+    from lago_org_billing import require_quota
+    from lago_org_billing._gate import QuotaDecision
+
+    asked: list[str] = []
+
+    async def decided(org_id: str) -> QuotaDecision:
+        return QuotaDecision() if org_id == "org_a" else QuotaDecision(allowed=False, status=402)
+
+    class Gate:
+        async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+
+        def check(self, org_id: str) -> Any:
+            asked.append(org_id)
+            if answers == "an awaitable":
+                return decided(org_id)
+            return QuotaDecision() if org_id == "org_a" else QuotaDecision(allowed=False, status=402)
+
+        def settle(self, org_id: str, decision: QuotaDecision, *, tokens: int, billed: bool) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    w = world()
+    w.lago.add_subscription("org_b", "starter", external_id="org_b")
+    if where == "require_quota":  # the org known only inside the app: the dependency gates it
+        settings = BillingSettings(api_key=KEY, api_url="http://lago.test")
+
+        async def ok(request: Request) -> PlainTextResponse:
+            request.state.org_id = request.headers["x-org-id"]
+            await require_quota(request)
+            return PlainTextResponse("ok")
+
+        inner = Starlette(routes=[Route("/ok", ok)])
+    else:
+        settings, inner = w.settings, _inner()
+    app = OrgBillingMiddleware(inner, settings, client=w.client(), quota=Gate())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        allowed = await http.get("/ok", headers={"X-Org-Id": "org_a"})
+        refused = await http.get("/ok", headers={"X-Org-Id": "org_b"})
+        await app.aclose()
+    assert (allowed.status_code, refused.status_code) == (200, 402)
+    assert asked == ["org_a", "org_b"]
 
 
 @pytest.mark.parametrize(

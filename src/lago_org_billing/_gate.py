@@ -1,14 +1,15 @@
 """What the middleware asks of a quota gate, and the decision it gets back.
 
-The middleware calls ``await gate.check(org_id)`` before the app runs (a blocked request never reaches it),
-adds ``decision.headers`` to the response of an allowed one, and calls ``gate.settle(...)`` once the response
-is over, then once more for the request's tokens when its event is built. ``_quota.QuotaGate`` is the
-implementation; anything with these methods works.
+The middleware calls ``gate.check(org_id)`` before the app runs (awaiting its answer unless that is the decision
+itself; a blocked request never reaches the app), adds ``decision.headers`` to the response of an allowed one, and
+calls ``gate.settle(...)`` once the response is over, then once more for the request's tokens when its event is
+built. ``_quota.QuotaGate`` is the implementation; anything with these methods works.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import anyio
@@ -59,8 +60,10 @@ class QuotaGateProtocol(Protocol):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Background work (snapshot refreshes), started next to the delivery pipeline."""
 
-    async def check(self, org_id: str) -> QuotaDecision:
-        """Decide before the app runs; reserve one call when allowed. No network once the org is cached."""
+    def check(self, org_id: str) -> Awaitable[QuotaDecision] | QuotaDecision:
+        """Decide before the app runs; reserve one call when allowed. No network once the org is cached. An
+        ``async def check`` (as :class:`QuotaGate`'s), or a plain one answering a :class:`QuotaDecision` at once or
+        an awaitable of one (a wrapper delegating to another gate's ``check``)."""
 
     # Optional: ``check_now(org_id) -> QuotaDecision | None``, the same decision without a coroutine when it
     # needs no I/O (``None``: call ``check``). The middleware uses it when the gate has it.
@@ -130,7 +133,8 @@ async def require_quota(request: HTTPConnection) -> QuotaDecision | None:
     gate = middleware.quota
     if gate is None:
         return None
-    decision: QuotaDecision = await gate.check(org_id)
+    checked = gate.check(org_id)
+    decision = checked if isinstance(checked, QuotaDecision) else await checked
     billing["decision"], billing["decision_org"] = decision, org_id
     # Known from now on: get_current_org(request), request.state.billing_org_id (and the RateLimit-* headers of
     # an allowed answer are added to it)

@@ -445,7 +445,8 @@ class OrgBillingMiddleware:
         if quota is not None:
             decision = self._check_now(org_id) if self._check_now is not None else None
             if decision is None:
-                decision = await quota.check(org_id)
+                checked = quota.check(org_id)  # (a plain check() may answer at once: see QuotaGateProtocol)
+                decision = checked if isinstance(checked, QuotaDecision) else await checked
             if not decision.allowed:
                 if not preflight:
                     self.stats["blocked"] += 1
@@ -1138,7 +1139,8 @@ class OrgBillingMiddleware:
         if found is None or found[0] == org_id:
             return None
         late, late_user = found
-        decision = await quota.check(late)
+        checked = quota.check(late)
+        decision = checked if isinstance(checked, QuotaDecision) else await checked
         billing["gated"] = None  # gated again: settled so when the request ends
         billing["decision"], billing["decision_org"] = decision, late
         _publish(scope, billing, late, late_user)
