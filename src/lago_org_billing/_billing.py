@@ -131,9 +131,9 @@ class OrgBilling:
         # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
         # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
         self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
-        # caller-given events queued (subscription, transaction id, timestamp): one queued again (a caller's own
-        # retry) is not counted in the quota gate again, as Lago keeps it once
-        self._queued: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=100_000, ttl=86_400)
+        # caller-given events counted in the quota gate (subscription, transaction id, timestamp, code), recorded or
+        # queued: one recorded or queued again (a caller's own retry) is not counted again, as Lago keeps it once
+        self._queued: TTLCache[tuple[str, str, str, str], bool] = TTLCache(maxsize=100_000, ttl=86_400)
         # record_*_nowait is sync and called from thread pools (sync endpoints): the cache is not thread-safe (two
         # threads evicting at once raise KeyError out of the call, the event never queued)
         self._first_timestamps_lock = threading.Lock()
@@ -273,7 +273,10 @@ class OrgBilling:
         return await self._update(existing, org_name, email, wanted, fields)
 
     async def get_customer(self, org_id: str) -> JSON | None:
-        """The org's Lago customer, or ``None`` when it has none."""
+        """The org's Lago customer, or ``None`` when it has none. An ``org_id`` Lago cannot address raises
+        :class:`InvalidIdentifierError` naming ``org_id`` (the client's check named its own ``customer external_id``,
+        an argument the caller never wrote)."""
+        validate_id(org_id, "org_id")
         try:
             return await self.client.get_customer(org_id)
         except LagoNotFoundError as exc:
@@ -327,6 +330,7 @@ class OrgBilling:
         seed's ``if is_org_customer(id):`` without ``await`` is always true (a coroutine)."""
         if isinstance(external_id, str) and external_id and _unaddressable(external_id):
             return False
+        validate_id(external_id, "external_id")  # (padded, empty, too long, not text: said with this argument's name)
         customer = await self.get_customer(external_id)
         if customer is None:
             return False
@@ -605,6 +609,17 @@ class OrgBilling:
                 )
             name = None if customer.get("name") else org_name
             mail = None if customer.get("email") else email
+            if (name is not None or mail is not None or missing) and (subscribed or {}).get("plan_code") != plan_code:
+                # (the completion checked, then the plan read, as for a new customer: a plan Lago lacks refused the
+                # subscription once the customer was completed, a refused setup that wrote the name, email and org
+                # marker all the same)
+                if name is not None:
+                    _name(name)
+                if mail is not None:
+                    _email(mail)
+                if missing:
+                    check_metadata({**current, **missing})
+                await self._plan_known(plan_code)
             customer = await self._update(customer, name, mail, missing, {})
         # (invalidated around its write: the customer alone changes nothing the gate decides on)
         subscription = await self._create_subscription(
@@ -651,6 +666,9 @@ class OrgBilling:
         changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither, and
         :class:`InvalidRequestError` when the subscription under the org's id is another customer's.
         """
+        # (checked before any call: a plan code Lago cannot address was answered "no active subscription" for an org
+        # without one, the argument at fault never named)
+        plan_code = validate_id(plan_code, "plan_code")
         # (one that has not started yet too: Lago changes its plan in place)
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
         if current is None:
@@ -660,7 +678,6 @@ class OrgBilling:
                 code="subscription_not_found",
             )
         self._check_owner(org_id, current, "its plan is not changed")
-        plan_code = validate_id(plan_code, "plan_code")
         async with self._changing(org_id):
             if plan_code == current.get("plan_code") and current.get("next_plan_code"):
                 # Back to the current plan while a downgrade waits for the period end: Lago would answer the
@@ -669,6 +686,12 @@ class OrgBilling:
                     await self.client.terminate_subscription(current["external_id"], status="pending")
                 except LagoNotFoundError:
                     pass  # it started or was canceled meanwhile
+                except LagoUnavailableError:
+                    # The DELETE is not resent (its answer lost, Lago may have canceled the downgrade): read back what
+                    # Lago did, as terminate_subscription does. Canceled, the change is made; still pending (or Lago
+                    # unreadable), the error stands. (It raised while the plan was changed as asked.)
+                    if await self._ended_behind_lost_answer(current["external_id"], "pending") is None:
+                        raise
                 changed = await self.client.get_subscription(current["external_id"])
             elif plan_code == current.get("plan_code"):  # already on it: Lago would replace one with plan_overrides
                 changed = current
@@ -690,7 +713,14 @@ class OrgBilling:
     ) -> JSON:
         """Terminate the org's active subscription, or cancel its pending one (``subscription_id`` defaults to the
         org's; another customer's is refused, under the org's own id too)."""
-        external_id = subscription_id if subscription_id is not None else self.subscription_id(org_id)
+        # (both checked before any call, each named: the org's was not checked when a subscription_id was given, and
+        # one Lago cannot address was said as the client's "subscription external_id")
+        validate_id(org_id, "org_id")
+        external_id = (
+            validate_id(subscription_id, "subscription_id")
+            if subscription_id is not None
+            else self.subscription_id(org_id)
+        )
         # the org's own id too: another customer may hold it (a legacy user's, named like the org)
         current = await self.client.get_current_subscription(external_id)  # (or one that has not started yet)
         if current is None:
@@ -809,7 +839,9 @@ class OrgBilling:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
-        self._count(org_id, payload, quota, dated=timestamp is not None)
+        # (on ClickHouse a caller's retry is taken again, 200, and replaces the first: counted once, as queued ones are)
+        if transaction_id is None or self._first_queued(payload):
+            self._count(org_id, payload, quota, dated=timestamp is not None)
         return created
 
     def record_usage_nowait(
@@ -836,9 +868,11 @@ class OrgBilling:
         return str(payload["transaction_id"])
 
     def _first_queued(self, event: JSON) -> bool:
-        """Whether a caller-given event is queued for the first time here (within a day): a caller's retry of it (the
-        same id and timestamp: a job run again) is one event in Lago, counted in the quota gate once."""
-        key = (event["external_subscription_id"], event["transaction_id"], str(event["timestamp"]))
+        """Whether a caller-given event is recorded or queued for the first time here (within a day): a caller's retry
+        of it (the same id, timestamp and code: a job run again, through either path) is one event in Lago, counted in
+        the quota gate once. (Lago's ClickHouse store takes the retry, 200, and keeps one: record_usage counted it at
+        each call, refusing the org below its limit until the gate's next read of Lago.)"""
+        key = (event["external_subscription_id"], event["transaction_id"], str(event["timestamp"]), str(event["code"]))
         with self._first_timestamps_lock:
             if key in self._queued:
                 return False
