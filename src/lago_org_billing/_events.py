@@ -25,6 +25,13 @@ MAX_ID_BYTES = 1024
 #: ``precise_total_amount_cents`` is a ``decimal(40, 15)`` column: at most 25 digits before the point.
 _MAX_AMOUNT = Decimal(10) ** 25
 
+#: Postgres' ``numeric``, which Lago casts a property to when it sums it (``properties->>'field'``), holds at most
+#: 131,072 digits before the point and 16,383 after it. A Decimal past them is refused: written out as plain text it
+#: is as long as its exponent says (``Decimal("1E+99999999")``, 12 characters, is 100 MB of digits), and Lago could
+#: not sum it anyway.
+_MAX_ADJUSTED = 131_071
+_MIN_EXPONENT = -16_383
+
 
 def event_payload(
     *,
@@ -131,10 +138,15 @@ def _check_amount(value: object) -> str | None:
             number = Decimal(text)
         except (InvalidOperation, ValueError):
             number = None
-    if number is None or not number.is_finite() or abs(number) >= _MAX_AMOUNT:
+    if (
+        number is None
+        or not number.is_finite()
+        or abs(number) >= _MAX_AMOUNT
+        or number.as_tuple().exponent < _MIN_EXPONENT  # type: ignore[operator]  # (an int: the number is finite)
+    ):
         raise InvalidRequestError(
             f"Event precise_total_amount_cents must be a finite number of cents (a decimal string such as "
-            f"'1234.56', under 10**25), got {value!r}."
+            f"'1234.56', under 10**25, at most 16383 digits after the point), got {value!r}."
         )
     return f"{number:f}"
 
@@ -217,6 +229,13 @@ def _decimals_as_text(value: Any, path: str) -> Any:
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise InvalidRequestError(f"Event property {path!r} is {value!r}, which JSON cannot carry.")
+        # (a zero's exponent past numeric's is written "0": kept)
+        if (value and value.adjusted() > _MAX_ADJUSTED) or value.as_tuple().exponent < _MIN_EXPONENT:  # type: ignore[operator]
+            raise InvalidRequestError(
+                f"Event property {path!r} is {value!r}, past what Lago can sum as a number (Postgres numeric: "
+                "131072 digits before the point, 16383 after it). Round it (value.quantize(Decimal('0.0001'))) "
+                "or leave it out."
+            )
         return f"{value:f}"
     if isinstance(value, dict):
         items = {key: _decimals_as_text(item, f"{path}.{key}" if path else str(key)) for key, item in value.items()}

@@ -65,7 +65,7 @@ from ._endpoints import (
     _whole_raw_endpoint,
 )
 from ._errors import ConfigurationError, InvalidRequestError, LagoIntegrationError, QuotaExceededError
-from ._events import event_payload
+from ._events import _check_id, event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._idempotency import SharedFirstSeen
 from ._identity import (
@@ -1367,8 +1367,10 @@ class OrgBillingMiddleware:
 
     def _head(self, org_id: str, endpoint: str, method: str) -> str:
         """The JSON of what all events of one org, endpoint and method share (cached: a few per route and org)."""
+        subscription_id = self.settings.subscription_id_for(org_id)
+        _check_id("external_subscription_id", subscription_id)  # (as event_payload checks it: a cache miss only)
         head = (
-            f'"external_subscription_id":{_json_str(self.settings.subscription_id_for(org_id))},'
+            f'"external_subscription_id":{_json_str(subscription_id)},'
             f'"code":{_json_str(self.settings.event_code)},"properties":{{"org_id":{_json_str(org_id)},'
             f'"endpoint":{_json_str(endpoint)},"method":{_json_str(method)}'
         )
