@@ -35,6 +35,7 @@ import os
 import sys
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import Any, Literal, TypeVar
@@ -261,6 +262,8 @@ class OrgBillingMiddleware:
         self._lazy_done: anyio.Event | None = None  # the lazy start's end, on trio
         self._lazy_error: ConfigurationError | None = None
         self._lazy_started: anyio.Event | None = None
+        self._stopping = False  # (its shutdown has begun: see _shared_with_others)
+        self._pipeline_scope: anyio.CancelScope | None = None  # (its part in running the pipeline: _run_pipeline)
         self._warned_lazy = False
         self._said_unresolved = False  # (the first request served without an org: see _unresolved_said)
         self._said_reattributed = False  # (the first one billed to another org than the one gated: _reattributed)
@@ -331,6 +334,8 @@ class OrgBillingMiddleware:
             self._owns_quota = quota == "auto"
             if pipeline is None:
                 pipeline = self._new_pipeline()
+            else:
+                _GIVEN_PIPELINE.add(self)  # (maybe shared with another app's middleware: see _shutdown)
             self._use_pipeline(pipeline)
             if quota_config is not None and quota != "auto":
                 raise ConfigurationError(
@@ -624,6 +629,7 @@ class OrgBillingMiddleware:
         if self._config_error is not None:
             await self._startup_failed(receive, send, self._config_error)
         self._renew()
+        self._stopping = False
         started = False
         app_error: Exception | None = None
         try:
@@ -679,16 +685,17 @@ class OrgBillingMiddleware:
         request of this app failed with that: that run is followed instead, and the pipeline run here if it stops
         without being closed."""
         pipeline = self.pipeline
-        stopped = running_here(pipeline)
-        if stopped is None:
-            await pipeline.run(task_status=task_status)
-            return
-        task_status.started()
-        while stopped is not None:
-            await stopped.wait()
-            stopped = running_here(pipeline)  # (another follower may have run it again meanwhile)
-        if not getattr(pipeline, "closed", False):
-            await pipeline.run()
+        with anyio.CancelScope() as self._pipeline_scope:  # (cancelled by _shutdown when others still serve)
+            stopped = running_here(pipeline)
+            if stopped is None:
+                await pipeline.run(task_status=task_status)
+                return
+            task_status.started()
+            while stopped is not None:
+                await stopped.wait()
+                stopped = running_here(pipeline)  # (another follower may have run it again meanwhile)
+            if not getattr(pipeline, "closed", False):
+                await pipeline.run()
 
     async def _startup_failed(self, receive: Receive, send: Send, error: Exception) -> None:
         """Answer the lifespan startup with the error (uvicorn logs the message and exits; a test client raises it)."""
@@ -713,6 +720,7 @@ class OrgBillingMiddleware:
         except RuntimeError:  # trio (hypercorn -k trio): a system task, cancelled as trio.run() ends
             loop = None
         self._renew()
+        self._stopping = False
         started = self._lazy_started = anyio.Event()
         failure: list[BaseException] = []
         if loop is None:
@@ -790,6 +798,18 @@ class OrgBillingMiddleware:
     async def aclose(self) -> None:
         """Deliver what is pending (within ``shutdown_timeout``) and stop background work started without a
         lifespan. Servers with a lifespan do this on shutdown by themselves."""
+        if (
+            self._config_error is None
+            and not self._running
+            and self._lazy_task is None
+            and self._lazy_done is None
+            and not getattr(self.pipeline, "closed", True)
+            and getattr(self.pipeline, "stats", {}).get("depth", 0) > 0
+        ):
+            # Started lazily on a loop that has ended since (a test client without ``with``, a loop per request): its
+            # spool holds what it did not deliver. Closed as it is, that was left for the next start, whose new gate
+            # did not count it (an org over its limit served again): run now to deliver it, then closed.
+            await self._start_lazily()
         await self._shutdown()
         task = self._lazy_task
         if task is not None:
@@ -804,10 +824,20 @@ class OrgBillingMiddleware:
     async def _shutdown(self) -> None:
         if self._config_error is not None:
             return
+        self._stopping = True
         spent = await self._requests_recorded()
         # the whole shutdown within shutdown_timeout (the server's kill grace period is sized on it), delivery given
         # half of it at least
-        await self.pipeline.aclose(max(self.shutdown_timeout - spent, self.shutdown_timeout / 2))
+        timeout = max(self.shutdown_timeout - spent, self.shutdown_timeout / 2)
+        if self._shared_with_others():
+            # A pipeline given to the middlewares of several apps, another still serving: closed here, it dropped that
+            # app's every event from now on ("the pipeline is closed"). Delivered now; the last one to stop closes it
+            # (its run, if it was this one's, goes on in the other's task: see _run_pipeline).
+            await self.pipeline.flush(timeout)
+            if self._pipeline_scope is not None:
+                self._pipeline_scope.cancel()  # this one's part in its run ends (the others run it on)
+        else:
+            await self.pipeline.aclose(timeout)
         # The gate after delivery: the events delivery builds as it closes (those of the requests of its last
         # flush_interval) settle their tokens in the gate, whose writer, still running, writes them to the fleet's
         # counts. Closed first, the gate kept them in this process only: every org's last tokens under-counted by the
@@ -818,6 +848,16 @@ class OrgBillingMiddleware:
             await self._owned_client.aclose()
         if self._shared_first_seen is not None:
             await self._shared_first_seen.aclose()
+
+    def _shared_with_others(self) -> bool:
+        """Whether this middleware's pipeline was given to another billing middleware too that serves on (started,
+        not shutting down)."""
+        if self._owns_pipeline:
+            return False
+        return any(
+            other is not self and other.pipeline is self.pipeline and other._running and not other._stopping
+            for other in list(_GIVEN_PIPELINE)
+        )
 
     async def _requests_recorded(self) -> float:
         """Wait (at most half of ``shutdown_timeout``, 5 s at most) for the requests still running to record their
@@ -2086,6 +2126,10 @@ class _RequestIds:
 
 
 _request_id = _RequestIds()
+
+#: The billing middlewares given their pipeline (``pipeline=``), which other apps' middlewares may share: the last of
+#: them to shut down closes it (see ``OrgBillingMiddleware._shutdown``). Weakly held.
+_GIVEN_PIPELINE: weakref.WeakSet[OrgBillingMiddleware] = weakref.WeakSet()
 
 
 #: Seconds the shutdown waits at most for the requests in flight to record their events (cancelled ones do within a
