@@ -65,7 +65,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _checks as checks
+from . import _checks as checks, _forks
 from ._client import LagoClient
 from ._errors import (
     ConfigurationError,
@@ -216,6 +216,23 @@ class EventPipeline:
         self._drop_burst = 0
         self._config_error_logged = False
         self._exit_stack: anyio.abc.TaskGroup | None = None
+        _forks.track(self)
+
+    def _forked(self) -> None:
+        """In the child of a ``fork`` made while this pipeline ran (``multiprocessing`` from a served app): its run is
+        the parent's, on the parent's loop, which the child does not have. The child's pipeline is one not running,
+        which the child may run on a loop of its own (it answered "already running", and the events the child had
+        queued were never sent); the batches handed out in the parent are the parent's to deliver. (Its outbox starts
+        over by itself: see ``_forked`` there.)"""
+        if not self._running:
+            return
+        _forks.left_by_parent.append((self._handed, self._scope, self._exit_stack))
+        self._running = False
+        self._loop_thread = self._call_soon = None
+        self._wakeup = self._kick = self._progress = self._stopped = None
+        self._scope = self._exit_stack = None
+        self._handed = {}
+        self._flushing = 0
 
     # ------------------------------------------------------------------ request path
 

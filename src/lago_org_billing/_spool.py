@@ -360,6 +360,21 @@ class MemoryOutbox(Outbox):
         # Events submitted through a lane: (builder, facts waiting for it); counted in ``_deferred``.
         self._lanes: list[tuple[Callable[[Any], JSON | str], list[Any]]] = []
         self._deferred = 0
+        _forks.track(self)
+
+    def _forked(self) -> None:
+        """In the child of a ``fork``: the events queued here are the parent's, which delivers them as its pipeline
+        runs. The child starts empty (kept, the child running the pipeline it inherited sent each of them again). The
+        window and lanes are emptied in place: a lane's ``put_facts`` holds them."""
+        if not (self.window or self._deferred or self.in_flight):
+            return
+        _forks.left_by_parent.append((list(self.window), [list(pending) for _, pending in self._lanes]))
+        self.window.clear()
+        self._unbuilt.clear()
+        for _, pending in self._lanes:
+            pending.clear()
+        self._deferred = 0
+        self.in_flight = 0
 
     def put(self, event: EventOrBuilder) -> bool:
         window = self.window
@@ -1627,11 +1642,14 @@ class SqliteOutbox(Outbox):
     def _forked(self) -> None:
         """In the child of a ``fork`` (see the module docstring): an opened spool is the parent's. The child lets go
         of its slot and starts over, empty and unopened (what this outbox held is the parent's to deliver; kept
-        referenced, not freed: no copy-on-write of its pages); a spool never opened is kept as it is."""
+        referenced, not freed: no copy-on-write of its pages); a spool never opened is kept as it is, unless it holds
+        events (submitted before the parent's pipeline first ran): those are the parent's too, which commits and
+        delivers them as its pipeline runs. Kept, the child running the pipeline it inherited sent each of them again
+        (and Lago, whose batches are atomic, refused the child's own events sent with them as duplicates)."""
         file = self.file
         opened = self._opened or file.conn is not None or file._lock_fd is not None
         file.forked()
-        if not opened:
+        if not opened and not self.pending:
             return
         _forks.left_by_parent.append(vars(self).copy())
         on_ready, on_dead_written = self.on_ready, self.on_dead_written
