@@ -118,7 +118,7 @@ async def test_graduated_percentage_ranges(clock: Clock) -> None:
 async def test_graduated_percentage_inside_the_first_range_and_without_units(clock: Clock) -> None:
     fake = _percentage_fake(clock, {"graduated_percentage_ranges": RANGES}, model="graduated_percentage")
     usage = fake.usage("org", "sub")["customer_usage"]["charges_usage"][0]
-    assert usage["amount_cents"] == 0  # no units: no flat amount either
+    assert usage["amount_cents"] == 100  # no units: the first range's flat amount all the same (lago-api#5760)
     assert await _amount(fake, [500]) == 500 + 100
 
 

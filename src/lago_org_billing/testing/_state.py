@@ -19,8 +19,8 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
-from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal
-from typing import Any, NamedTuple
+from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, localcontext
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from .._dashboard import subunits_per_unit
 from .._errors import ConfigurationError
@@ -940,7 +940,8 @@ class LagoStore:
             fees.append(fee)
             true_up = true_ups.get(charge["lago_id"], 0)
             if true_up:
-                extra = self._fee(invoice, sub, true_up, copy.deepcopy(item), **common)
+                # (CreateTrueUpService: units 1, events_count 0)
+                extra = self._fee(invoice, sub, true_up, copy.deepcopy(item), **common, events_count=0)
                 extra["lago_true_up_parent_fee_id"] = fee["lago_id"]
                 fee["lago_true_up_fee_id"] = extra["lago_id"]
                 fees.append(extra)
@@ -4478,11 +4479,18 @@ def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -
 
 
 def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volume: bool) -> Decimal:
+    """lago-api ``ChargeModels::VolumeService`` / ``GraduatedService`` (``AmountDetails::RangeGraduatedService``).
+
+    Bounds are read as the decimals Lago reads (``BigDecimal(to_value.to_s)``: a JSON ``10.5`` bound is valid and
+    not cut to 10). Since getlago/lago-api#5760 the flat amount of each range reached is billed without units too (so
+    the first range's for 0 units). Volume: the range where ``from_value <= units.ceil`` and ``units <= to_value``
+    bills all the units; none (negative units) bills nothing. Graduated: each range up to the first one whose
+    ``to_value`` is null or reaches the units bills its units, ``min(units, to_value)`` less ``from_value - 1`` (all
+    of them from the first range: negative units are billed there, as Lago does)."""
     total = Decimal(0)
     for rng in ranges:
-        low = Decimal(int(rng.get("from_value") or 0))
-        high_raw = rng.get("to_value")
-        high = None if high_raw is None else Decimal(int(high_raw))
+        low = to_decimal(rng.get("from_value")) or Decimal(0)
+        high = to_decimal(rng.get("to_value"))
         per_unit = to_decimal(rng.get("per_unit_amount")) or Decimal(0)
         flat = to_decimal(rng.get("flat_amount")) or Decimal(0)
         if volume:
@@ -4490,14 +4498,10 @@ def _ranges_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]], *, volum
             if units.to_integral_value(rounding=ROUND_CEILING) >= low and (high is None or units <= high):
                 return units * per_unit + flat
             continue
-        if units <= 0:
+        top = high if high is not None and units >= high else units
+        total += (top if low == 0 else top - low + 1) * per_unit + flat
+        if high is None or high >= units:
             break
-        # Lago's graduated ranges: first range starts at 0, next ones at previous to_value + 1.
-        start = low - 1 if low > 0 else Decimal(0)
-        if units <= start:
-            break
-        top = units if high is None else min(units, high)
-        total += (top - start) * per_unit + flat
     return total
 
 
@@ -4608,8 +4612,9 @@ def _percentage_amount(
 
 def _graduated_percentage_amount(units: Decimal, ranges: Iterable[Mapping[str, Any]]) -> Decimal:
     """lago-api ``ChargeModels::GraduatedPercentageService``: each range bills ``rate`` % of the units that fall in
-    it plus its ``flat_amount`` (no flat amount without units), ranges counted as Lago's graduated ones (the first
-    from 0, the next from the previous ``to_value`` + 1), up to the range holding the units."""
+    it plus its ``flat_amount`` (the first range's without units too, since getlago/lago-api#5760), ranges counted as
+    Lago's graduated ones (the first from 0, the next from the previous ``to_value`` + 1), up to the range holding
+    the units."""
     total = Decimal(0)
     for rng in ranges:
         low = to_decimal(rng.get("from_value")) or Decimal(0)
@@ -4621,9 +4626,7 @@ def _graduated_percentage_amount(units: Decimal, ranges: Iterable[Mapping[str, A
         else:
             in_range = units - low + 1
         amount = in_range * (to_decimal(rng.get("rate")) or Decimal(0)) / 100
-        if units != 0 and in_range != 0:
-            amount += to_decimal(rng.get("flat_amount")) or Decimal(0)
-        total += amount
+        total += amount + (to_decimal(rng.get("flat_amount")) or Decimal(0))
         if high is None or high >= units:
             break
     return total
@@ -4754,16 +4757,39 @@ def _percentage_errors(model: str, properties: Mapping[str, Any], metric: JSON) 
     return codes
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: Enough digits for the sums and products of a fee: PostgreSQL's numeric and Ruby's BigDecimal keep every digit of
+#: them, where Python's default context keeps 28 (a 30-digit sum of events lost its cents)
+_FEE_CONTEXT = Context(prec=1000)
+
+
+def _exact(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``function`` computing in :data:`_FEE_CONTEXT` (units summed, amounts multiplied exactly)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with localcontext(_FEE_CONTEXT):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_exact
 def _amount_details(charge: JSON, units: Decimal) -> JSON:
     """A charge fee's ``amount_details`` (lago-api ``ChargeModels::*Service#amount_details``): a package's free and
-    paid units, package size and package price; empty for the other models here."""
+    paid units, package size and package price; empty for the other models here. ``PackageService#amount_details``
+    gives the ``free_units`` property as it is (not capped by the units), ``"0.0"`` paid units when the free units
+    cover the units, and zeros throughout without units."""
     if charge["charge_model"] != "package" or charge["filters"]:
         return {}
+    if units == 0:
+        return {"free_units": "0.0", "paid_units": "0.0", "per_package_size": 0, "per_package_unit_amount": "0.0"}
     properties = charge["properties"]
-    free = min(Decimal(int(properties.get("free_units") or 0)), units)
+    free = Decimal(int(properties.get("free_units") or 0))
     return {
         "free_units": decimal_str(free),
-        "paid_units": decimal_str(units - free),
+        "paid_units": decimal_str(max(units - free, Decimal(0))),
         "per_package_size": int(properties.get("package_size") or 1),
         "per_package_unit_amount": decimal_str(to_decimal(properties.get("amount")) or Decimal(0)),
     }
@@ -4836,7 +4862,14 @@ def _charge_amount(
         size = int(properties.get("package_size") or 1)
         free = Decimal(int(properties.get("free_units") or 0))
         paid = max(units - free, Decimal(0))
-        packages = (paid / Decimal(size)).to_integral_value(rounding=ROUND_CEILING)
+        # PackageService: paid_units.fdiv(package_size).ceil, a Float division: 1e20 + 1 paid units in packages of
+        # 1 are 1e20 packages, and 10.0000000000000001 in packages of 10 are 1 (a Float past 1e308, which Ruby
+        # could not ceil, is counted exactly instead)
+        quotient = float(paid) / size
+        if math.isfinite(quotient):
+            packages = Decimal(math.ceil(quotient))
+        else:
+            packages = (paid / Decimal(size)).to_integral_value(rounding=ROUND_CEILING)
         return packages * (to_decimal(properties.get("amount")) or Decimal(0))
     if charge_model == "graduated":
         return _ranges_amount(units, properties.get("graduated_ranges") or [], volume=False)
@@ -4855,6 +4888,11 @@ def _charge_amount(
     return Decimal(0)
 
 
+#: The aggregations whose event store reads only the events with a number in the field (``numeric_property = true``
+#: in lago-api's SumService, MaxService, LatestService and WeightedSumService)
+_NUMERIC_AGGREGATIONS = frozenset({"sum_agg", "max_agg", "latest_agg", "weighted_sum_agg"})
+
+
 def _bucket(
     metric: JSON,
     model: str,
@@ -4865,18 +4903,33 @@ def _bucket(
 ) -> JSON:
     """One charge bucket; ``amount_cents`` in the currency's subunits (``subunits`` per unit: 1 for JPY, 1000 for KWD,
     as Lago counts them). A weighted sum's ``total_aggregated_units`` is the plain sum of its events (lago-api's
-    ``variation``, plus the previous periods' total for a recurring metric), its ``events_count`` the period's."""
+    ``variation``, plus the previous periods' total for a recurring metric), its ``events_count`` the period's.
+
+    A sum, max, latest or weighted sum reads only the events whose field is a number (lago-api's event store with
+    ``numeric_property``): the others are not in its ``events_count``, nor in a percentage's events (its
+    ``fixed_amount`` is per event counted) or a dynamic charge's amounts.
+
+    Negative units (a sum of negative values) or a negative amount bill nothing: ``Fees::ChargeService#init_fee``
+    sets the fee's amount and units to 0 then ("Prevent trying to create a fee with negative units or amount",
+    getlago/lago-api#2966), its events count kept."""
     units = _aggregate(metric, events, span)
-    total_units = units
+    total_units: Decimal | None = None
+    if metric["aggregation_type"] in _NUMERIC_AGGREGATIONS:
+        field = metric["field_name"]
+        events = [e for e in events if to_decimal(e["properties"].get(field)) is not None]
     count = len(events)
     if metric["aggregation_type"] == "weighted_sum_agg" and span is not None:
         total_units = _aggregate({**metric, "aggregation_type": "sum_agg"}, events)
         count = sum(1 for e in events if Decimal(e["ts"]) >= span.start)
+    amount = _charge_amount(model, properties, units, events, subunits, metric)
+    if units < 0 or amount < 0:
+        units = amount = Decimal(0)
     return {
         "units": decimal_str(units),
-        "total_aggregated_units": decimal_str(total_units),
+        # (the fee's total_aggregated_units: the aggregation's, else its units)
+        "total_aggregated_units": decimal_str(units if total_units is None else total_units),
         "events_count": count,
-        "amount_cents": cents(_charge_amount(model, properties, units, events, subunits, metric) * subunits),
+        "amount_cents": cents(amount * subunits),
         "pricing_unit_details": None,
         "presentation_breakdowns": [],
     }
@@ -5049,6 +5102,7 @@ def _group_values(value: Any) -> set[str | None]:
     return {"" if x is None else _group_text(x) for x in items}
 
 
+@_exact
 def _charge_usage(
     charge: JSON,
     metric: JSON,
