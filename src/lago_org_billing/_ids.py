@@ -75,9 +75,22 @@ def _iso_time(found: re.Match[str]) -> dt.datetime:
     return dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=zone)
 
 
+#: What 3.10's ``datetime.fromisoformat`` reads: ``YYYY-MM-DD``, then a separator, ``HH[:MM[:SS[.fff[fff]]]]`` and an
+#: offset ``+HH:MM[:SS[.ffffff]]``. 3.11's reads more (week dates ``2026-W11-1``, ``20260315`` alone, ``T1230``,
+#: ``+05``, ``Z``...): not read here on any Python, so that a time is read (or refused: the emulator's 422) the same on
+#: every Python the package supports.
+_FROMISOFORMAT_310 = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:.\d{2}(?::\d{2}(?::\d{2}(?:\.\d{3}(?:\d{3})?)?)?)?(?:[+-]\d{2}:\d{2}(?::\d{2}(?:\.\d{6})?)?)?)?",
+    re.ASCII | re.DOTALL,
+)
+
+
 def iso_datetime(text: str) -> dt.datetime:
-    """``datetime.fromisoformat(text)``, and what 3.10's does not read (a fraction of other than 3 or 6 digits, the
-    basic format) on every Python; ``ValueError`` for anything else, or a time out of range."""
+    """``datetime.fromisoformat(text)`` as Python 3.10 reads it, and what 3.10's does not read (a fraction of other
+    than 3 or 6 digits, the basic format), on every Python; ``ValueError`` for anything else, or a time out of
+    range."""
+    if _FROMISOFORMAT_310.fullmatch(text) is None and _ISO_TIME.fullmatch(text) is None:
+        raise ValueError(f"Invalid isoformat string: {text!r}")
     try:
         return dt.datetime.fromisoformat(text)
     except ValueError:

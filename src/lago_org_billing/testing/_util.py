@@ -99,13 +99,9 @@ def parse_datetime(value: Any) -> datetime | None:
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
-        dt = iso_datetime(text)
+        dt = iso_datetime(text)  # (a bare date too: ``date.fromisoformat`` reads week dates and more from 3.11 on)
     except ValueError:
-        try:
-            d = date.fromisoformat(text)
-        except ValueError:
-            return None
-        dt = datetime(d.year, d.month, d.day)
+        return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC)
@@ -122,10 +118,7 @@ def written_date(value: Any) -> date | None:
     text = str(value).strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    try:
-        return iso_datetime(text).date()
-    except ValueError:  # (a bare date: parse_datetime read it)
-        return date.fromisoformat(text)
+    return iso_datetime(text).date()  # (parse_datetime read it: iso_datetime reads it)
 
 
 def day_start(dt: datetime) -> datetime:
