@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -253,6 +254,19 @@ def _child_options(rng: random.Random) -> dict[str, Any]:
     }
 
 
+def _file_rows(uri: str, file: str) -> list[str]:
+    """The transaction ids of the rows of the SQLite database at ``uri`` (``file``, for the messages), checked whole."""
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], file
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "events" not in tables:  # (killed before its schema was committed: nothing in it yet)
+            return []
+        return [json.loads(body)["transaction_id"] for (body,) in conn.execute("SELECT body FROM events")]
+    finally:
+        conn.close()
+
+
 class Sequence:
     """Runs a seed's children against one emulator and spool file, and keeps what the oracle checks."""
 
@@ -267,6 +281,7 @@ class Sequence:
         self.closed_stats: dict[str, int] | None = None
         self.shared = False  # whether two workers shared the spool (an adoption cut short may copy a row twice)
         self.rows_left = 0  # the events the spool's files held after the last kill
+        self.tmp_path, self.copies = tmp_path, 0  # (copies of slot files a read-only connection could not read)
 
     def run_all(self, runs: list[RunSpec]) -> None:
         with serve_in_thread(self.door) as url:
@@ -351,14 +366,21 @@ class Sequence:
         checkpoint, no recovery written), each file checked whole first."""
         found: list[str] = []
         for _slot, file in spool_slot_files(str(self.path)):
-            conn = sqlite3.connect("file:" + urllib.parse.quote(file) + "?mode=ro", uri=True)
             try:
-                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], file
-                tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if "events" in tables:  # (else killed before its schema was committed: nothing in it yet)
-                    found += [json.loads(body)["transaction_id"] for (body,) in conn.execute("SELECT body FROM events")]
-            finally:
-                conn.close()
+                found += _file_rows("file:" + urllib.parse.quote(file) + "?mode=ro", file)
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise
+                # Killed while the slot file was still in rollback-journal mode (its first PRAGMA journal_mode=WAL,
+                # a copy made again): a hot -journal, which a read-only connection cannot roll back
+                # (SQLITE_READONLY_ROLLBACK). Read a copy instead, rolled back as the next process opening it does.
+                copy = self.tmp_path / f"copy-{self.copies}"
+                self.copies += 1
+                copy.mkdir()
+                for suffix in ("", "-journal", "-wal"):
+                    if os.path.exists(file + suffix):
+                        shutil.copyfile(file + suffix, copy / ("spool.db" + suffix))
+                found += _file_rows(str(copy / "spool.db"), file)
         return found
 
     def wal_bytes(self) -> int:
