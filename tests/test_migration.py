@@ -520,3 +520,21 @@ async def test_a_refused_api_key_is_the_same_error_whatever_the_mapping(fake: Fa
         for options in (MigrationOptions(), MigrationOptions(default_plan="starter")):
             with pytest.raises(LagoAuthenticationError):
                 await validate_mapping(client, records, options)
+
+
+def test_a_lone_surrogate_in_an_org_name_or_email_is_a_mapping_problem(tmp_path: Path) -> None:
+    """A JSON export's ``"\\ud800"`` (half a character) decodes to a lone surrogate, which no UTF-8 request carries:
+    refused up front with the row and the field, not as the org's customer write failing mid-run."""
+    path = tmp_path / "map.json"
+    rows = [
+        {"user_id": "u1", "org_id": "o1", "org_name": "Acme \ud800", "email": ""},
+        {"user_id": "u2", "org_id": "o2", "org_name": "Beta", "email": "a\udc00@x.test"},
+    ]
+    path.write_text(json.dumps(rows))  # (ensure_ascii: written as the \ud800 escapes a broken export holds)
+    with pytest.raises(MappingError) as caught:
+        build_mapping(read_mapping_file(path), BillingSettings(api_key=API_KEY))
+    assert caught.value.problems == [
+        "map.json item 1: org_name 'Acme \\ud800' holds a lone surrogate (a JSON '\\ud800' escape of half a "
+        "character, from a broken export): no Unicode text; fix the export",
+        "map.json item 2: email 'a\\udc00@x.test' is not an email address",
+    ]

@@ -367,6 +367,8 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: A lone surrogate: what a JSON export's ``"\ud800"`` decodes to, no Unicode text (it cannot be sent as UTF-8)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _unreadable_csv(path: Path, start: int, end: int, exc: csv.Error) -> str:
@@ -510,8 +512,15 @@ def build_mapping(records: Sequence[tuple[str, Any]], settings: BillingSettings)
                 f"{where}: org_name contains the control character {control.group()!r} (a line break of a quote not "
                 "closed, or a byte of a binary export?): remove it"
             )
+        elif _SURROGATE.search(org_name):  # (else the org's customer write failed mid-run, unencodable)
+            problems.append(
+                f"{where}: org_name {org_name!r} holds a lone surrogate (a JSON '\\ud800' escape of half a character, "
+                "from a broken export): no Unicode text; fix the export"
+            )
         email = (values["email"] or "").strip() or None
-        if email is not None and ("@" not in email or any(c.isspace() or _CONTROL.match(c) for c in email)):
+        if email is not None and (
+            "@" not in email or any(c.isspace() or _CONTROL.match(c) for c in email) or _SURROGATE.search(email)
+        ):
             problems.append(f"{where}: email {email!r} is not an email address")
         plan_code = (values["plan_code"] or "").strip() or None
         if plan_code is not None:
