@@ -6,7 +6,7 @@ import ipaddress
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,32 @@ def pytest_configure(config: pytest.Config) -> None:
         # closed on its own: "Event loop is closed"). Every async test and fixture here is anyio's: strict mode
         # leaves them to anyio.
         config.option.asyncio_mode = "strict"
+
+
+def _sendable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (what many tests here feed the package, and its logs repeat)
+    written as its escape."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under pytest-xdist (``-n``): a worker sends each report to the controller as UTF-8, and a captured log or a
+    failure holding a lone surrogate crashed the worker ("surrogates not allowed") and ended the run. Escaped there."""
+    report: pytest.TestReport = yield
+    if hasattr(item.config, "workerinput"):
+        report.sections = [(title, _sendable(content)) for title, content in report.sections]
+        if report.longrepr is not None and not isinstance(report.longrepr, tuple):
+            text = str(report.longrepr)
+            if _sendable(text) is not text:
+                report.longrepr = _sendable(text)
+    return report
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -153,13 +153,13 @@ async def test_good_timeouts_still_accepted(seconds: Any) -> None:
 # ------------------------------------------------------------------ 3. QuotaGate's client and backend
 
 
-@pytest.mark.parametrize("client", [None, "http://lago", SETTINGS, object()], ids=repr)
+@pytest.mark.parametrize("client", [None, "http://lago", SETTINGS, object()], ids=["None", "url", "settings", "object"])
 def test_a_quota_gate_without_a_client_is_refused(client: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"QuotaGate\(client\)"):
         QuotaGate(SETTINGS, client, config=QuotaConfig())
 
 
-@pytest.mark.parametrize("backend", ["x", "redis", object(), LocalBackend], ids=repr)
+@pytest.mark.parametrize("backend", ["x", "redis", object(), LocalBackend], ids=["x", "redis", "object", "class"])
 def test_a_quota_gate_with_a_wrong_backend_is_refused(backend: Any) -> None:
     client = LagoClient(SETTINGS)
     with pytest.raises(ConfigurationError, match=r"QuotaGate\(backend=\.\.\.\)"):
