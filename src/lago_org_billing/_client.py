@@ -46,7 +46,7 @@ from ._errors import (
     _without_tracebacks,
 )
 from ._events import MAX_BATCH_SIZE, normalize_event
-from ._http1 import RawHTTPError, RawPoster, can_use_raw_poster
+from ._http1 import RawConnectError, RawHTTPError, RawPoster, can_use_raw_poster
 from ._ids import path_segment, validate_id
 from ._settings import BillingSettings, redact_url
 from ._version import __version__
@@ -236,9 +236,16 @@ class LagoClient:
     def _pool(self) -> httpx.AsyncClient:
         """The httpx client to call through: in a forked child, one of its own, made on its first call."""
         if self._inherited:
+            # made before the parent's pool is let go of: should it fail (an https pool reads its CA bundle, which a
+            # process out of file descriptors cannot open), the next call tries again, never through the parent's
+            # connections (an answer read on one of them is the answer to the other process's request)
+            try:
+                own = self._make_http()
+            except OSError as exc:  # (ssl.SSLError too): a connection never made, retried as one
+                raise httpx.ConnectError(f"no connection pool could be made ({type(exc).__name__}: {exc})") from exc
             self._inherited = False
             _forks.left_by_parent.append(self._http)
-            self._http = self._make_http()
+            self._http = own
         return self._http
 
     def _make_http(self) -> httpx.AsyncClient:
@@ -945,7 +952,14 @@ def _maybe_applied(error: LagoAPIError) -> bool:
     connection closed once it was sent), not a 429 (Lago processed nothing) nor a connection never made."""
     if isinstance(error, LagoRateLimitError):
         return False
-    return not isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+    return not connection_never_made(error)
+
+
+def connection_never_made(error: BaseException) -> bool:
+    """Whether ``error`` (this client's) is a connection that could not be made (refused, DNS, a connect timeout, no
+    connection free in the pool, a process out of file descriptors): nothing of the request was written, by httpx or
+    the raw poster."""
+    return isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, RawConnectError))
 
 
 def _differences(asked: Any, found: Any, where: str = "") -> list[str]:

@@ -23,7 +23,8 @@ SQLite spool of :mod:`._spool` (durable, group commit).
   are refused (counted, logged) once it is full.
 * **No answer to a batch of 1 MiB or more** (a proxy before Lago may drop a body over its limit, or its upload outlast
   LAGO_API_TIMEOUT): as a 500 below (split, strikes only in healthy intervals), so an event too large for the way to
-  Lago is dead-lettered and cannot hold back the events behind it for good; in an outage nothing is struck.
+  Lago is dead-lettered and cannot hold back the events behind it for good; in an outage nothing is struck, nor when
+  no connection could be made (refused, DNS, a process out of file descriptors: no byte of the body was sent).
 * **429**: the whole pipeline pauses for ``X-RateLimit-Reset`` (or ``Retry-After``) seconds, kept between
   ``retry_backoff`` and ``max_backoff``; no attempt is counted against the events.
 * **500 and other 5xx** (Lago answered, and failed, perhaps because of an event): the batch is split in halves
@@ -66,7 +67,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _checks as checks, _forks
-from ._client import LagoClient
+from ._client import LagoClient, connection_never_made
 from ._errors import (
     ConfigurationError,
     InvalidRequestError,
@@ -81,7 +82,17 @@ from ._errors import (
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
 from ._settings import redact_url
-from ._spool import DeadLetter, EventBuildError, EventOrBuilder, Item, MemoryOutbox, Outbox, SqliteOutbox, dumps_event
+from ._spool import (
+    DeadLetter,
+    EventBuildError,
+    EventOrBuilder,
+    Item,
+    MemoryOutbox,
+    Outbox,
+    SqliteOutbox,
+    _out_of_descriptors,
+    dumps_event,
+)
 
 __all__ = ["DeadLetter", "EventPipeline"]
 
@@ -745,7 +756,8 @@ class EventPipeline:
     def _server_failure(self, items: list[Item], exc: LagoAPIError, stack: list[list[Item]]) -> bool:
         """Network error, 5xx, 401/403/404. True when the caller should go on with ``stack``."""
         status = exc.status
-        size = _body_size(items) if status is None else 0
+        # (a connection never made wrote nothing of the body: a process out of file descriptors, refused, DNS)
+        size = _body_size(items) if status is None and not connection_never_made(exc) else 0
         if size >= _LARGE_BODY:
             # No answer to a large body: perhaps the way to Lago refuses it (a reset, an upload cut off at the timeout)
             # rather than an outage. Split as on a 500, so one event too large for it cannot hold back every event
@@ -794,6 +806,11 @@ class EventPipeline:
             return True
         delay = self._backoff()
         hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
+        if status is None and _out_of_descriptors(exc):
+            hint = (
+                ": this process is out of file descriptors (EMFILE/ENFILE); raise its limit (ulimit -n, systemd's "
+                "LimitNOFILE, the container's nofile ulimit) or find what holds them open"
+            )
         _every_20th(self._failures)(  # (recovery is logged at INFO)
             "Lago delivery to %s failed: %s; events are kept and retried in %.2f s%s",
             redact_url(self.client.settings.api_url),

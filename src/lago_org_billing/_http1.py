@@ -40,7 +40,7 @@ import httpx
 from . import _forks
 from ._errors import _without_tracebacks
 
-__all__ = ["RawHTTPError", "RawPoster", "can_use_raw_poster"]
+__all__ = ["RawConnectError", "RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
 _MAX_HEADER_BYTES = 64 * 1024
 #: After a write that failed: seconds given to reading an answer the server sent before closing (it is on the
@@ -62,6 +62,21 @@ _OWS = " \t"
 class RawHTTPError(Exception):
     """The exchange failed below HTTP (connection, TLS, timeout, malformed answer). Its cause, if any, carries no
     traceback: the frames under it held the request as written, ``Authorization: Bearer <key>`` included."""
+
+
+class RawConnectError(RawHTTPError):
+    """No connection could be made (refused, DNS, a process out of file descriptors: ``EMFILE``): nothing of the
+    request was written, so the failure says nothing about its body, and Lago applied nothing."""
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """What made a connection fail, as said: anyio's ``connect_tcp`` hides the cause of each attempt under "All
+    connection attempts failed" (an ``EMFILE`` among them, which says what to do), shown here."""
+    said = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    causes = list(getattr(cause, "exceptions", ())) or ([cause] if cause is not None else [])
+    details = sorted({f"{type(each).__name__}: {each}" for each in causes if isinstance(each, OSError)})
+    return f"{said} ({'; '.join(details)})" if details else said
 
 
 #: What a connection that broke raises (reset, closed, cut TLS, a malformed answer): the request is discarded with it.
@@ -244,7 +259,10 @@ class RawPoster:
             try:
                 with anyio.fail_after(self.timeout):
                     if connection is None:
-                        connection = await self._connect()
+                        try:
+                            connection = await self._connect()
+                        except _BROKEN as exc:  # (refused, DNS, EMFILE: never sent; LAGO_API_TIMEOUT: below)
+                            raise RawConnectError(_connect_failure(exc)) from _without_tracebacks(exc)
                     answer = await self._exchange(connection, request)
                 if reused and answer[0] == 408:
                     # A server closing an idle kept-alive connection may say so first (RFC 9110 15.5.9): that 408
@@ -257,6 +275,8 @@ class RawPoster:
                 raise RawHTTPError(f"no answer within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
             except _BROKEN as exc:
                 await self._discard(connection)
+                if isinstance(exc, RawConnectError):
+                    raise
                 if not reused:
                     raise RawHTTPError(f"{type(exc).__name__}: {exc}") from _without_tracebacks(exc)
             except BaseException:  # cancelled mid-exchange (a shutdown deadline): not left open to the server

@@ -698,6 +698,15 @@ class _SpoolFile:
                         "If it is not a spool, set LAGO_SPOOL_PATH to a file of its own (a new path: the spool "
                         "makes it)"
                     )
+                elif _out_of_descriptors(exc) or (_cannot_open(exc) and _descriptors_short()):
+                    # (not "a writable directory", nor "unset it": the file is fine, and its events would stay in it)
+                    raise ConfigurationError(
+                        f"The event spool {self.path or self.base_path} cannot be opened ({type(exc).__name__}: "
+                        f"{exc}): this process is out of file descriptors. Raise its limit (ulimit -n, systemd's "
+                        "LimitNOFILE, the container's nofile ulimit) or find what holds descriptors open, and start "
+                        "again: the undelivered events the spool holds are kept in it, and delivered then.",
+                        variable="LAGO_SPOOL_PATH",
+                    ) from exc
                 elif _volume_full(exc):
                     # (not "a writable directory", nor "unset it": the file's events would stay in it, undelivered)
                     raise ConfigurationError(
@@ -1373,6 +1382,47 @@ def _volume_full(exc: BaseException) -> bool:
         return name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR")
     text = str(exc).lower()
     return "disk i/o error" in text or "disk is full" in text
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by the process (or the system) running out of file descriptors: an ``EMFILE`` or
+    ``ENFILE`` anywhere in its causes (anyio hides each connection attempt's error under "All connection attempts
+    failed", in a cause or an exception group)."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        todo.extend([current.__cause__, current.__context__, *getattr(current, "exceptions", ())])
+    return False
+
+
+def _cannot_open(exc: BaseException) -> bool:
+    """Whether SQLite's ``exc`` is SQLITE_CANTOPEN, which does not say why (a directory it cannot write, or no file
+    descriptor left for the database, its -wal or its -shm file)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None)  # (Python 3.11+)
+    return name == "SQLITE_CANTOPEN" if isinstance(name, str) else "unable to open" in str(exc).lower()
+
+
+def _descriptors_short(needed: int = 4) -> bool:
+    """Whether this process cannot open the ``needed`` descriptors an opening spool takes (its slot lock, the database,
+    its -wal and -shm files): what SQLITE_CANTOPEN meant then, rather than a directory it cannot write."""
+    opened: list[int] = []
+    try:
+        for _ in range(needed):
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return False
 
 
 def _damaged(exc: BaseException) -> bool:
