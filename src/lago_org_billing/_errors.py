@@ -19,7 +19,7 @@ Messages never contain the API key.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -158,6 +158,14 @@ def _without_tracebacks(exc: BaseException) -> BaseException:
     poster under a network error held the request as it was written (``Authorization: Bearer <key>``, a proxy's
     ``Proxy-Authorization``) as locals, which error trackers (Sentry's ``include_local_variables``, on by default),
     ``rich`` and ``loguru`` tracebacks ship."""
+    for current in _chain(exc):
+        current.__traceback__ = None
+    return exc
+
+
+def _chain(exc: BaseException, *, groups: bool = False) -> Iterator[BaseException]:
+    """``exc`` and each exception of its chain (causes and contexts; with ``groups``, an exception group's members
+    too), each once."""
     seen: list[BaseException] = []
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -165,9 +173,10 @@ def _without_tracebacks(exc: BaseException) -> BaseException:
         if current is None or any(current is known for known in seen):
             continue
         seen.append(current)
-        current.__traceback__ = None
+        yield current
         todo += [current.__cause__, current.__context__]
-    return exc
+        if groups:
+            todo += getattr(current, "exceptions", ())
 
 
 def _bare(error: ConfigurationError) -> ConfigurationError:

@@ -79,7 +79,7 @@ import anyio
 import anyio.to_thread
 
 from . import _forks
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, _chain
 
 _flock: Callable[[int, int], None] | None
 try:
@@ -1388,17 +1388,9 @@ def _out_of_descriptors(exc: BaseException) -> bool:
     """Whether ``exc`` was caused by the process (or the system) running out of file descriptors: an ``EMFILE`` or
     ``ENFILE`` anywhere in its causes (anyio hides each connection attempt's error under "All connection attempts
     failed", in a cause or an exception group)."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.EMFILE, errno.ENFILE):
-            return True
-        todo.extend([current.__cause__, current.__context__, *getattr(current, "exceptions", ())])
-    return False
+    return any(
+        isinstance(each, OSError) and each.errno in (errno.EMFILE, errno.ENFILE) for each in _chain(exc, groups=True)
+    )
 
 
 def _cannot_open(exc: BaseException) -> bool:
