@@ -607,6 +607,7 @@ class OrgBillingMiddleware:
     def _renew(self) -> None:
         """Before background work starts again after a shutdown (a second ``with TestClient(app)``, an app served
         again): the pipeline, client and gate this middleware made are made anew; given ones must be open."""
+        self._stopping = False
         if not getattr(self.pipeline, "closed", False):
             return
         if not self._owns_pipeline:
@@ -629,7 +630,6 @@ class OrgBillingMiddleware:
         if self._config_error is not None:
             await self._startup_failed(receive, send, self._config_error)
         self._renew()
-        self._stopping = False
         started = False
         app_error: Exception | None = None
         try:
@@ -720,7 +720,6 @@ class OrgBillingMiddleware:
         except RuntimeError:  # trio (hypercorn -k trio): a system task, cancelled as trio.run() ends
             loop = None
         self._renew()
-        self._stopping = False
         started = self._lazy_started = anyio.Event()
         failure: list[BaseException] = []
         if loop is None:
