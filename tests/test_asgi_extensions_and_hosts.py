@@ -84,7 +84,7 @@ async def test_a_file_sent_by_the_server_ends_the_duration_before_the_background
     duration ran on until the app returned, its BackgroundTask's 30 s included (as with a body it ends with the
     response: test_background_task_time_is_not_billed_as_request_duration)."""
     now = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[0]))
     export = tmp_path / "export.csv"
     export.write_bytes(b"a,b\n1,2\n")
 

@@ -3,7 +3,6 @@ attribution feeding it (bodies over the cap, whole numbers with a decimal point)
 
 from __future__ import annotations
 
-import itertools
 import json
 import types
 from collections.abc import Iterator
@@ -66,36 +65,45 @@ async def billed_events(app: Any, fake_lago: Any, settings: BillingSettings, *pa
 # -- duration ------------------------------------------------------------------------------------------------------
 
 
-async def test_a_wall_clock_stepped_back_never_bills_a_negative_duration(
-    fake_lago: Any, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch
+class SteppedClocks:
+    """The middleware's clocks (its module's ``time``): the wall clock, which NTP or a resumed VM steps, and the
+    monotonic one, which only runs on. The endpoint steps the wall clock and takes ``took`` seconds."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.wall = 1_767_225_600.0
+        self.mono = 5_000.0
+        monkeypatch.setattr(
+            middleware_module, "time", types.SimpleNamespace(time=lambda: self.wall, monotonic=lambda: self.mono)
+        )
+
+    def app(self, step: float, took: float) -> Starlette:
+        async def ok(request: Request) -> Response:
+            self.wall += step + took
+            self.mono += took
+            return JSONResponse({"ok": True})
+
+        return Starlette(routes=[Route("/ok", ok)])
+
+
+@pytest.mark.parametrize(
+    "step",
+    [-0.5, -3_600.0, 3 * 86_400.0, 0.0],
+    ids=["NTP-back-half-a-second", "back-an-hour", "forward-three-days-VM-resumed", "no-step"],
+)
+@pytest.mark.parametrize("hooked", [False, True], ids=["template", "event_properties-hook"])
+async def test_a_wall_clock_stepped_while_a_request_runs_bills_the_time_it_took(
+    fake_lago: Any, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch, step: float, hooked: bool
 ) -> None:
-    """NTP stepping the clock back while a request runs (a VM resumed, a container's clock synced) made its
-    ``duration_ms`` negative: a ``sum_agg`` / ``max_agg`` metric on it (compute-time billing) was lowered."""
-    clock = itertools.chain([1_767_225_600.5, 1_767_225_600.0], itertools.repeat(1_767_225_600.0))
-    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=lambda: next(clock)))
-
-    async def ok(request: Request) -> Response:
-        return JSONResponse({"ok": True})
-
-    [props] = await billed_events(Starlette(routes=[Route("/ok", ok)]), fake_lago, settings, "/ok")
-    assert props["duration_ms"] == 0
-
-
-async def test_a_wall_clock_stepped_back_with_a_hook(
-    fake_lago: Any, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same with an ``event_properties`` hook (the event built as a dict)."""
-    clock = itertools.chain([1_767_225_600.5, 1_767_225_600.0], itertools.repeat(1_767_225_600.0))
-    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=lambda: next(clock)))
-
-    async def ok(request: Request) -> Response:
-        return JSONResponse({"ok": True})
-
-    app = Starlette(routes=[Route("/ok", ok)])
-    [props] = await billed_events(
-        app, fake_lago, settings, "/ok", event_properties=lambda scope, identity: {"region": "eu"}
-    )
-    assert props["duration_ms"] == 0 and props["region"] == "eu"
+    """The wall clock stepped while a request runs (NTP, a VM resumed, a container's clock synced) made its
+    ``duration_ms`` what the step made it: 0 for a step back (a ``sum_agg`` / ``max_agg`` metric on it, compute-time
+    billing, lost the request's time), days for a step forward (billed for days). The duration is the monotonic
+    clock's; the timestamp stays the wall clock's at the start (Lago bills the event in the period it names)."""
+    clocks = SteppedClocks(monkeypatch)
+    hook = {"event_properties": lambda scope, identity: {"region": "eu"}} if hooked else {}
+    [props] = await billed_events(clocks.app(step, took=0.25), fake_lago, settings, "/ok", **hook)
+    assert props["duration_ms"] == 250
+    assert fake_lago.events[0]["timestamp"] == "2026-01-01T00:00:00.000Z"  # (as the emulator keeps it)
+    assert props.get("region") == ("eu" if hooked else None)
 
 
 # -- token values ---------------------------------------------------------------------------------------------------

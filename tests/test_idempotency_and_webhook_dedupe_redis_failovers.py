@@ -21,6 +21,7 @@ with the old node. Waiting for a redis-server to listen is the suite's bounded r
 from __future__ import annotations
 
 import logging
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -90,7 +91,7 @@ class Fleet:
 def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The middleware's wall clock (a retry comes seconds after its request: another timestamp of its own)."""
     clock = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
     return clock
 
 

@@ -39,6 +39,7 @@ import logging
 import random
 import socket
 import threading
+import time
 import types
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -331,7 +332,7 @@ async def world(
     seed: int, redis_url: str, monkeypatch: pytest.MonkeyPatch, redis_timeout: float | None = None
 ) -> AsyncIterator[World]:
     clock = [T0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic))
     # (the processes' memory of first timestamps is kept a day of the same clock)
     monkeypatch.setattr(_middleware, "TTLCache", functools.partial(TTLCache, timer=lambda: clock[0]))
     if redis_timeout is not None:  # (how long a Redis call may go unanswered: short where Redis stalls on purpose)

@@ -988,21 +988,23 @@ async def test_background_task_time_is_not_billed_as_request_duration(
     fake_lago: Any, settings: BillingSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The response is over before its BackgroundTask runs (Starlette #919): the event's duration ends with the last
-    body message, not when the app returns. The middleware's clock is a settable one; the task moves it 30 s on."""
+    body message, not when the app returns. The middleware's clocks are settable ones; the task moves them 30 s on."""
     import types
 
     from starlette.background import BackgroundTask
 
     from lago_org_billing import _middleware
 
-    now = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+    now = [1_700_000_000.0, 5_000.0]  # the wall clock, the monotonic one
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[1]))
 
     def slow_job() -> None:
         now[0] += 30.0
+        now[1] += 30.0
 
     async def endpoint(request: Request) -> Response:
         now[0] += 0.25  # the answer itself
+        now[1] += 0.25
         return JSONResponse({"usage": {"total_tokens": 3}}, background=BackgroundTask(slow_job))
 
     middleware = OrgBillingMiddleware(

@@ -120,7 +120,7 @@ async def test_an_error_answer_after_the_response_went_out_does_not_lengthen_its
     """The same under a server ignoring what comes after the end: the error answer's last body message is not the
     response's end (its duration stays the answer's, not the answer's plus its background task's)."""
     now = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[0]))
 
     def slow_failing_job() -> None:
         now[0] += 30.0
@@ -239,7 +239,7 @@ async def test_a_zerocopysend_file_ends_the_duration_before_what_follows(
     """The response is over when the last zero-copy piece is handed over: the work the app does after (30 s of a
     background job) is not the request's duration."""
     now = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=lambda: now[0]))
     export = tmp_path / "export.csv"
     export.write_bytes(b"a,b\n1,2\n")
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import time
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,7 +41,7 @@ PREPARE = MigrationOptions(prepare_only=True)
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=clock.time))
+    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
     return clock
 
 

@@ -5,6 +5,7 @@ user moved to another org) and the seed's helpers on a half-migrated account. Ev
 
 from __future__ import annotations
 
+import time
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,7 +37,7 @@ HEADERS = {"X-Org-Id": "acme", "X-User-Id": "alice"}
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """One clock for the emulator, the gate and the middleware's event timestamps."""
     clock = Clock()
-    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=clock.time))
+    monkeypatch.setattr(middleware_module, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
     return clock
 
 

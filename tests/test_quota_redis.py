@@ -356,6 +356,7 @@ async def test_an_idempotent_retry_on_another_worker_is_billed_once(
     """idempotency_header with LAGO_REDIS_URL: a retry reaching another worker (another middleware, its own memory)
     gets the first request's timestamp from Redis, so Lago's ClickHouse store (deduplicating on transaction_id and
     timestamp) keeps one event; each worker had kept its own, billed twice. Redis down: served and billed, said once."""
+    import time
     import types
 
     import httpx
@@ -366,7 +367,7 @@ async def test_an_idempotent_retry_on_another_worker_is_billed_once(
     from lago_org_billing import OrgBillingMiddleware, _middleware
 
     now = [1_700_000_000.0]
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
 
     async def chat(request: object) -> JSONResponse:
         return JSONResponse({"usage": {"total_tokens": 3}})

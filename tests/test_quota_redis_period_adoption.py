@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,7 +88,8 @@ async def setup(
     start: dt.datetime, redis_url: str | None, monkeypatch: pytest.MonkeyPatch, *, fail_open: bool = False
 ) -> AsyncIterator[Setup]:
     clock = Clock(start)
-    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=clock.time))  # (events dated on it)
+    # (events dated on it)
+    monkeypatch.setattr(_middleware, "time", types.SimpleNamespace(time=clock.time, monotonic=time.monotonic))
     fake = small_and_big_lago(clock, ORG)
     fake.emitted_webhooks.clear()
     settings = BillingSettings(

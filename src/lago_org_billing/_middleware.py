@@ -418,7 +418,8 @@ class OrgBillingMiddleware:
             preflight = True
         else:
             self.stats["requests"] += 1
-        started = time.time()
+        started = time.time()  # the event's timestamp (the wall clock, as Lago bills it)
+        began = time.monotonic()  # its duration's start (a wall clock stepped meanwhile does not stretch it)
         identity = self._identify(scope) if self._identify is not None else None
         if identity is None:
             identity = await self._resolve(scope)
@@ -437,7 +438,7 @@ class OrgBillingMiddleware:
                 billing[_COPIES] = None  # (the request is over: see _Billing)
                 await self._reject(scope, receive, send)
                 return
-            await self._call_unresolved(scope, receive, send, started, root_path, preflight)
+            await self._call_unresolved(scope, receive, send, started, began, root_path, preflight)
             return
         if took_over and not self._claim(billing):  # (the one waiting around it bills nothing, gates nothing)
             await self.app(scope, receive, send)  # pragma: no cover - an org found before the app is found first
@@ -447,6 +448,7 @@ class OrgBillingMiddleware:
         watcher = (
             self._watcher(scope, self.attribution, send) if not preflight else _PreflightWatcher(scope, self, send)
         )
+        watcher.began = began
         if quota is not None:
             decision = self._check_now(org_id) if self._check_now is not None else None
             if decision is None:
@@ -921,7 +923,14 @@ class OrgBillingMiddleware:
         return identity
 
     async def _call_unresolved(
-        self, scope: Scope, receive: Receive, send: Send, started: float, root_path: str, preflight: bool = False
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        began: float,
+        root_path: str,
+        preflight: bool = False,
     ) -> None:
         """No org before the app ran: serve it, and look again once the endpoint has answered, since auth done
         in endpoint dependencies (FastAPI ``Depends``) sets ``request.state`` only then. The quota is checked only
@@ -975,6 +984,7 @@ class OrgBillingMiddleware:
             self._watcher(scope, self.attribution, send) if not preflight else _PreflightWatcher(scope, self, send)
         )
         watcher.on_start = resolve_late
+        watcher.began = began
         self._in_flight += 1
         try:
             await self.app(scope, receive, watcher)
@@ -1326,7 +1336,9 @@ class OrgBillingMiddleware:
             method,
             status,
             started,
-            watcher.ended or time.time(),
+            # its end: the start moved on by the monotonic time it took (a step of the wall clock meanwhile, by NTP
+            # or a VM resumed, would make it days long, or none)
+            started + ((watcher.ended or time.monotonic()) - watcher.began),
             transaction_id,
             org_id,
             user_id,
@@ -1366,7 +1378,7 @@ class OrgBillingMiddleware:
                     usage.output_tokens,
                     usage.total_tokens,
                 )
-            duration = max(ended - started, 0.0)  # (wall clock: stepped back meanwhile by NTP, never negative)
+            duration = max(ended - started, 0.0)  # (measured on the monotonic clock: see _record)
             if idempotent_id is None:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
@@ -1658,7 +1670,7 @@ _FILE_SENDS = frozenset(("http.response.pathsend", "http.response.zerocopysend",
 class _ResponseWatcher(UsageRecorder):
     """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
-    __slots__ = ("ended", "extra_headers", "on_start", "send", "sent")
+    __slots__ = ("began", "ended", "extra_headers", "on_start", "send", "sent")
 
     def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
         # UsageRecorder.__init__, inline (one per request: a call less); keep the two in step
@@ -1674,7 +1686,8 @@ class _ResponseWatcher(UsageRecorder):
         self._inflater = None
         self.send: Send | None = send
         self.status = 500  # when the app fails before answering
-        self.ended = 0.0  # when the response's last body message went out (0: not yet)
+        self.began = 0.0  # (time.monotonic()) when the request came in: set by the middleware
+        self.ended = 0.0  # (time.monotonic()) when the response's last body message went out (0: not yet)
         self.sent = False  # a body byte went out before the last message (a stream)
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         #: Called when the app starts its answer; may return a replacement answer (``send -> None``) to send instead.
@@ -1691,7 +1704,7 @@ class _ResponseWatcher(UsageRecorder):
             if self._mode:  # something to read (a JSON or SSE body)
                 self.response_body(message.get("body", b""))
             if not message.get("more_body"):  # the response is over (background tasks may run on: not billed time)
-                self.ended = time.time()
+                self.ended = time.monotonic()
             elif not self.sent and message.get("body"):
                 self.sent = True
         elif kind == "http.response.start":
@@ -1708,7 +1721,7 @@ class _ResponseWatcher(UsageRecorder):
         elif kind in _FILE_SENDS:
             # a file the server sends itself (ASGI extensions; FileResponse under granian): the body as it goes out
             if kind == "http.response.pathsend" or not message.get("more_body"):
-                self.ended = time.time()
+                self.ended = time.monotonic()
             else:
                 self.sent = True
         return send(message)
