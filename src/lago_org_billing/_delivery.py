@@ -83,6 +83,7 @@ from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
 from ._settings import redact_url
 from ._spool import (
+    _OUT_OF_DESCRIPTORS,
     DeadLetter,
     EventBuildError,
     EventOrBuilder,
@@ -477,11 +478,13 @@ class EventPipeline:
             lost = await outbox.close()
             if lost:
                 self.metrics.lost_at_shutdown += lost
+                # (the errors above say what to do: not only a full or read-only volume, but a spool never opened
+                # for want of file descriptors, whose slot file has no name yet)
                 logger.error(
                     "Shutdown: %d billing events were neither delivered nor written to the spool %s (it cannot be "
-                    "written: see the errors above) and are lost; free space on its volume or make it writable.",
+                    "written: the errors above say why, and what to do) and are lost.",
                     lost,
-                    self.spool_file,
+                    self.spool_file or (outbox.file.base_path if isinstance(outbox, SqliteOutbox) else None),
                 )
         else:  # cancelled without aclose: make everything durable, keep the file open for a new run()
             await outbox.commit()
@@ -807,10 +810,7 @@ class EventPipeline:
         delay = self._backoff()
         hint = " (check LAGO_API_URL if this lasts)" if status is None else ""
         if status is None and _out_of_descriptors(exc):
-            hint = (
-                ": this process is out of file descriptors (EMFILE/ENFILE); raise its limit (ulimit -n, systemd's "
-                "LimitNOFILE, the container's nofile ulimit) or find what holds them open"
-            )
+            hint = f": {_OUT_OF_DESCRIPTORS}"
         _every_20th(self._failures)(  # (recovery is logged at INFO)
             "Lago delivery to %s failed: %s; events are kept and retried in %.2f s%s",
             redact_url(self.client.settings.api_url),

@@ -58,7 +58,6 @@ import collections
 import dataclasses
 import errno
 import functools
-import glob
 import heapq
 import itertools
 import json
@@ -114,6 +113,11 @@ _RETRY_MAX = 1.0
 #: Seconds between two log lines about a condition that lasts (a spool that cannot be written, a full dead-letter
 #: list): said when it starts, then at this rate with a count, never once per attempt or per event.
 _LOG_EVERY = 60.0
+#: What a process out of file descriptors is told to do: one wording, for the spool's errors and the delivery's.
+_OUT_OF_DESCRIPTORS = (
+    "this process is out of file descriptors (EMFILE/ENFILE): raise its limit (ulimit -n, systemd's LimitNOFILE, the "
+    "container's nofile ulimit) or find what holds them open"
+)
 #: Free bytes in a drained spool file (at most ``_SHRINK_ROWS`` events left: traffic goes on meanwhile) past which it
 #: is vacuumed (given back to the volume).
 _SHRINK_FREE = 4 << 20
@@ -528,9 +532,18 @@ def spool_slot_files(path: str) -> list[tuple[int, str]]:
     own (:func:`spool_slot_path` of a slot below ``_MAX_SLOTS``): a copy named ``PATH.20240101``, ``PATH.01`` or
     ``PATH.0`` is no slot file, never adopted (its events sent again, the file deleted) nor listed."""
     base = os.path.abspath(path)
+    directory, prefix = os.path.dirname(base), os.path.basename(base) + "."
     pattern = re.compile(re.escape(base) + r"(?:\.([1-9][0-9]*))?")
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        # (not ``glob``, which lists nothing when the directory cannot be read: out of descriptors, the orphans were
+        # left unadopted without a word)
+        if _out_of_descriptors(exc):
+            raise
+        names = []
     found = []
-    for candidate in [base, *glob.glob(glob.escape(base) + ".*")]:
+    for candidate in [base, *(os.path.join(directory, name) for name in names if name.startswith(prefix))]:
         match = pattern.fullmatch(candidate)
         if match is None or not os.path.isfile(candidate):
             continue
@@ -612,6 +625,8 @@ class _SpoolFile:
         self._lock_fd: int | None = None
         self.adopted = 0
         self.slot = 0
+        #: The slot files found as the spool was last opened (:meth:`_adopt_orphans` adopts those no process holds).
+        self._slot_files: list[tuple[int, str]] = []
         #: (device, inode) of the slot file ``conn`` has open: a file at ``path`` that is not this one (deleted,
         #: replaced) no longer holds what is written (:meth:`_keep_in_place`).
         self._identity: tuple[int, int] | None = None
@@ -644,6 +659,9 @@ class _SpoolFile:
             try:
                 directory = os.path.dirname(self.base_path)
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
+                # The orphans to adopt, listed before a slot is taken: the listing takes a descriptor for a moment,
+                # which the slot's four (its lock, the database, its -wal and -shm) must not leave none for.
+                self._slot_files = spool_slot_files(self.base_path)
                 slot, conn = -1, None
                 while conn is None:
                     slot = self.slot = self._acquire_slot(slot + 1)
@@ -700,11 +718,15 @@ class _SpoolFile:
                     )
                 elif _out_of_descriptors(exc) or (_cannot_open(exc) and _descriptors_short()):
                     # (not "a writable directory", nor "unset it": the file is fine, and its events would stay in it)
+                    if isinstance(exc, _OrphanOutOfDescriptors):
+                        what, cause = f"The orphan spool file {exc.filename} cannot be adopted", exc.__cause__
+                        kept = "the spool and the orphan file hold are kept in them (nothing was removed)"
+                    else:
+                        what, cause = f"The event spool {self.path or self.base_path} cannot be opened", exc
+                        kept = "the spool holds are kept in it"
                     raise ConfigurationError(
-                        f"The event spool {self.path or self.base_path} cannot be opened ({type(exc).__name__}: "
-                        f"{exc}): this process is out of file descriptors. Raise its limit (ulimit -n, systemd's "
-                        "LimitNOFILE, the container's nofile ulimit) or find what holds descriptors open, and start "
-                        "again: the undelivered events the spool holds are kept in it, and delivered then.",
+                        f"{what} ({type(cause).__name__}: {cause}): {_OUT_OF_DESCRIPTORS}, and start again: the "
+                        f"undelivered events {kept}, and delivered then.",
                         variable="LAGO_SPOOL_PATH",
                     ) from exc
                 elif _volume_full(exc):
@@ -941,10 +963,15 @@ class _SpoolFile:
             return 0
         assert self.conn is not None
         adopted = 0
-        for slot, candidate in spool_slot_files(self.base_path):
+        for slot, candidate in self._slot_files:
             if slot == my_slot or _inherited(candidate):  # (left to another process to adopt)
                 continue
-            fd = self._try_lock(candidate)
+            try:
+                fd = self._try_lock(candidate)
+            except OSError as exc:
+                if _out_of_descriptors(exc):
+                    raise _OrphanOutOfDescriptors(candidate) from exc
+                raise
             if fd is None:  # a live process owns it
                 continue
             wal_bytes = _wal_without_database(candidate)
@@ -962,6 +989,11 @@ class _SpoolFile:
             try:
                 adopted += self._adopt(candidate)
             except sqlite3.DatabaseError as exc:
+                if _cannot_open(exc) and _descriptors_short(3):
+                    # No descriptor left for the orphan's database, -wal or -shm file (SQLite says only "unable to
+                    # open"): the file is fine, not to be checked or removed with its events; the opening fails
+                    # saying so, and the orphan is adopted by a start that has the descriptors.
+                    raise _OrphanOutOfDescriptors(candidate) from exc
                 # One unreadable orphan (torn by a failing disk, a stray file named like a slot) must not keep every
                 # process from starting: it is left where it is, and said.
                 logger.error(
@@ -1270,6 +1302,14 @@ class _NoFileLocks(OSError):
     """The spool's volume takes no ``flock`` (some network and FUSE file systems)."""
 
 
+class _OrphanOutOfDescriptors(OSError):
+    """An orphan slot file (``filename``) could not be opened to be adopted: this process is out of descriptors (the
+    cause: its lock's ``EMFILE``, or SQLite's SQLITE_CANTOPEN as it attached the file)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.EMFILE, "out of file descriptors as it was adopted", path)
+
+
 class _WalWithoutDatabase(OSError):
     """A slot's -wal file holds data, and its database file is missing or empty (deleted after a crash)."""
 
@@ -1323,7 +1363,10 @@ def _count_read_only(path: str) -> int | None:
 def _backlog_left(base_path: str) -> str:
     """What keeping events in memory instead of the spool at ``base_path`` leaves behind, to append to that advice:
     the events its files hold, counted if they can be read, else said in general terms ("" when it has none)."""
-    counts = [_count_read_only(file) for _slot, file in spool_slot_files(base_path)]
+    try:
+        counts = [_count_read_only(file) for _slot, file in spool_slot_files(base_path)]
+    except OSError:  # (its directory not listed: out of descriptors) said in general terms, not raised instead
+        counts = [None]
     until = "until a process that can write it starts with LAGO_SPOOL_PATH set to it"
     if None in counts:
         return f" (any undelivered events the spool file holds would then stay in it, undelivered, {until})"
@@ -2219,7 +2262,23 @@ class SqliteOutbox(Outbox):
     async def close(self) -> int:
         if not self._opened:
             if self.pending:  # submitted before the spool was ever opened: still make them durable
-                await self.open()
+                try:
+                    await self.open()
+                except ConfigurationError as exc:
+                    # Out of file descriptors (as the opening found it: an EMFILE, or SQLITE_CANTOPEN while short of
+                    # them), raised, it failed a shutdown that can do nothing about it (the steps after it not taken),
+                    # and these events went with the process uncounted: lost all the same, they are counted, and why
+                    # is said with what to do. (A path that is no spool is the configuration's: raised, as at start.)
+                    if not (_out_of_descriptors(exc) or _descriptors_short()):
+                        raise
+                    lost, self.pending = len(self.pending), []
+                    logger.error(
+                        "Shutdown: the %d events submitted before the event spool was opened cannot be written to it: "
+                        "%s",
+                        lost,
+                        exc,
+                    )
+                    return lost
             else:  # (an opening cut short may have locked a slot all the same)
                 await anyio.to_thread.run_sync(self.file.close)
                 return 0
