@@ -4434,6 +4434,28 @@ def _weighted_sum(values: Sequence[tuple[Decimal, Decimal]], span: Span) -> Deci
     return total.quantize(Decimal("1e-20"), rounding=ROUND_CEILING, context=context).normalize(context)
 
 
+#: The text lago-api's event store takes for a number (``PostgresStore#numeric_condition``: ``properties ->> field ~
+#: '^-?\d+(\.\d+)?$'``, ``\d`` ASCII digits under PostgreSQL's libc and C locales): "1e3", " 5", "+5", "5.", ".5",
+#: "NaN", "Infinity", "1_000" or "5\n" are none ("$" ends the text there, as ``fullmatch`` does, not before a "\n")
+_NUMERIC_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+def _property_number(value: Any) -> Decimal | None:
+    """An event property's value as a sum, max, latest or weighted sum reads it, else ``None``: the event is left out
+    (not counted, not refused), as lago-api's event store with ``numeric_property`` leaves it out. A JSON number is
+    always one (jsonb writes a numeric back without exponent, so its text matches); text only as
+    :data:`_NUMERIC_TEXT` (``Decimal`` reads far more: "1e3", " 5", "+5", ".5", "1_000", other scripts' digits);
+    a boolean, null, object or list never. (The Postgres store's rule, read on both stores: ClickHouse's
+    ``events_enriched.decimal_value``, ``toDecimal128OrZero(value, 26)``, makes a non-number, or a number of 12 or
+    more integer digits, an event of value 0, counted: not emulated.)"""
+    if isinstance(value, str):
+        if _NUMERIC_TEXT.fullmatch(value) is None:
+            return None
+        number = Decimal(value)
+        return number if number else number.copy_abs()  # ("-0"::numeric is 0: no negative zero in a numeric)
+    return to_decimal(value)
+
+
 def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -> Decimal:
     aggregation = metric["aggregation_type"]
     if aggregation == "count_agg":
@@ -4441,7 +4463,7 @@ def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -
     field = metric["field_name"]
     if aggregation == "weighted_sum_agg" and span is not None:
         ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
-        pairs = [(Decimal(e["ts"]), to_decimal(e["properties"].get(field))) for e in ordered]
+        pairs = [(Decimal(e["ts"]), _property_number(e["properties"].get(field))) for e in ordered]
         return _weighted_sum([(ts, v) for ts, v in pairs if v is not None], span)
     if aggregation in ("sum_agg", "weighted_sum_agg", "custom_agg", "max_agg"):  # order does not matter
         whole: list[int] = []  # plain ints, the usual values, summed without a Decimal each
@@ -4451,7 +4473,7 @@ def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -
             if type(raw) is int:
                 whole.append(raw)
             else:
-                value = to_decimal(raw)
+                value = _property_number(raw)
                 if value is not None:
                     exact.append(value)
         if aggregation == "max_agg":
@@ -4460,7 +4482,7 @@ def _aggregate(metric: JSON, events: Sequence[JSON], span: Span | None = None) -
             return max(exact) if exact else Decimal(0)
         return Decimal(sum(whole)) + sum(exact, Decimal(0))
     ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
-    values = [(e, to_decimal(e["properties"].get(field))) for e in ordered]
+    values = [(e, _property_number(e["properties"].get(field))) for e in ordered]
     if aggregation == "latest_agg":
         present = [v for _, v in values if v is not None]
         return present[-1] if present else Decimal(0)
@@ -4512,7 +4534,7 @@ def _event_values(metric: JSON | None, events: Sequence[JSON]) -> list[Decimal]:
     ordered = sorted(events, key=lambda e: Decimal(e["ts"]))
     if metric is None or metric["aggregation_type"] in ("count_agg", "unique_count_agg"):
         return [Decimal(1)] * len(ordered)
-    values = (to_decimal(e["properties"].get(metric["field_name"])) for e in ordered)
+    values = (_property_number(e["properties"].get(metric["field_name"])) for e in ordered)
     return [v for v in values if v is not None]
 
 
@@ -4916,7 +4938,7 @@ def _bucket(
     total_units: Decimal | None = None
     if metric["aggregation_type"] in _NUMERIC_AGGREGATIONS:
         field = metric["field_name"]
-        events = [e for e in events if to_decimal(e["properties"].get(field)) is not None]
+        events = [e for e in events if _property_number(e["properties"].get(field)) is not None]
     count = len(events)
     if metric["aggregation_type"] == "weighted_sum_agg" and span is not None:
         total_units = _aggregate({**metric, "aggregation_type": "sum_agg"}, events)
