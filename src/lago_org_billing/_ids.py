@@ -89,12 +89,15 @@ def iso_datetime(text: str) -> dt.datetime:
     """``datetime.fromisoformat(text)`` as Python 3.10 reads it, and what 3.10's does not read (a fraction of other
     than 3 or 6 digits, the basic format), on every Python; ``ValueError`` for anything else, or a time out of
     range."""
-    if _FROMISOFORMAT_310.fullmatch(text) is None and _ISO_TIME.fullmatch(text) is None:
-        raise ValueError(f"Invalid isoformat string: {text!r}")
+    found: re.Match[str] | None = None  # (matched once: kept for the fallback below)
+    if _FROMISOFORMAT_310.fullmatch(text) is None:
+        found = _ISO_TIME.fullmatch(text)
+        if found is None:
+            raise ValueError(f"Invalid isoformat string: {text!r}")
     try:
         return dt.datetime.fromisoformat(text)
     except ValueError:
-        found = _ISO_TIME.fullmatch(text)
+        found = found or _ISO_TIME.fullmatch(text)  # (matched here only when 3.10's form matched above)
         if found is None:
             raise
         return _iso_time(found)
@@ -121,7 +124,8 @@ def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = N
     """
     if value is None:
         value = dt.datetime.now(dt.timezone.utc)
-    if type(value) is float and 0 <= value < 10**11:  # the hot path (time.time()): exact to the millisecond
+    if type(value) is float and 0 < value < 10**11:  # the hot path (time.time()): exact to the millisecond
+        # (not 0: -0.0 is >= 0 too, and its f"{:.3f}" is "-0.000"; both zeros take the path below)
         return f"{value:.3f}"
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
@@ -147,7 +151,9 @@ def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = N
         raise InvalidRequestError(
             f"Event timestamp {value!r} looks like milliseconds; Lago takes seconds (divide by 1000)."
         )
-    return f"{number.quantize(Decimal('0.001'))}"
+    # (copy_abs: a negative zero, -0.0, "-0" or Decimal("-0.00"), passed the check above, and Lago's timestamp is never
+    # "-0.000"; any other negative was refused, even one rounding to 0)
+    return f"{number.copy_abs().quantize(Decimal('0.001'))}"
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
