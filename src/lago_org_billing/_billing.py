@@ -585,11 +585,7 @@ class OrgBilling:
         if customer is None:
             # (what the customer would be checked first, then the plan: a plan Lago lacks refused the subscription
             # once the customer was written, left behind with none)
-            _name(org_name)
-            if email is not None:
-                _email(email)
-            check_metadata(_package_metadata(user_id, None))
-            await self._plan_known(plan_code)
+            await self._check_setup(plan_code, org_name, email, _package_metadata(user_id, None), new=True)
             customer = await self.create_org_customer(org_id, org_name, email, user_id)
         else:
             current = customer_metadata(customer)
@@ -613,19 +609,33 @@ class OrgBilling:
                 # (the completion checked, then the plan read, as for a new customer: a plan Lago lacks refused the
                 # subscription once the customer was completed, a refused setup that wrote the name, email and org
                 # marker all the same)
-                if name is not None:
-                    _name(name)
-                if mail is not None:
-                    _email(mail)
-                if missing:
-                    check_metadata({**current, **missing})
-                await self._plan_known(plan_code)
+                await self._check_setup(plan_code, name, mail, {**current, **missing} if missing else None)
             customer = await self._update(customer, name, mail, missing, {})
         # (invalidated around its write: the customer alone changes nothing the gate decides on)
         subscription = await self._create_subscription(
             org_id, plan_code, billing_time, subscription_at, subscribed, subscription_fields
         )
         return {"customer": customer, "subscription": subscription}
+
+    async def _check_setup(
+        self,
+        plan_code: str,
+        name: str | None,
+        email: str | None,
+        metadata: Mapping[str, Any] | None,
+        *,
+        new: bool = False,
+    ) -> None:
+        """Raise before ``subscribe_org_to_plan`` writes the org's customer: :class:`InvalidRequestError` for the
+        ``name``, ``email`` or ``metadata`` it would write (``None``: none written; a ``new`` customer's name is
+        checked even then, it needs one) that Lago refuses, then Lago's ``plan_not_found`` (:meth:`_plan_known`)."""
+        if name is not None or new:
+            _name(name)
+        if email is not None:
+            _email(email)
+        if metadata is not None:
+            check_metadata(metadata)
+        await self._plan_known(plan_code)
 
     async def _plan_known(self, plan_code: str) -> None:
         """Raise Lago's :class:`LagoNotFoundError` (``plan_not_found``) when it has no plan ``plan_code``. An API key
@@ -1334,7 +1344,7 @@ def metadata_update_items(customer: Mapping[str, Any] | None, metadata: Mapping[
     return items
 
 
-def _name(name: str) -> str:
+def _name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequestError(f"org_name must be a non-empty string, got {name!r}.")
     if len(name) > 255:
