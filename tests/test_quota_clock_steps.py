@@ -252,3 +252,38 @@ async def test_a_plan_read_before_a_step_back_is_read_again_after_plan_ttl(redis
         assert dict(decision.headers)[b"ratelimit-limit"] == b"200"
         no_redis_errors(gate)
         tasks.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------ 3. a step forward
+
+
+async def test_calls_served_just_before_a_step_forward_count_until_lago_has_them(redis: str | None) -> None:
+    """The host's clock ran 38 h behind (a VM's clock set wrong at boot; Lago's is right) and NTP steps it forward.
+    Three calls served just before the step, their events not in Lago yet, look 38 h old to the first read after it,
+    whose usage lacks them (1 call): that read dropped them, and a 5-call plan served three more calls (7) until the
+    next read. Lago's usage bounds what it lacks whatever the clock says: they count until Lago has them (the plan's
+    fifth call served, then 429), and are not counted twice once it has (a limit raised to 7 serves two more)."""
+    clock = Clock(T0)
+    clock.advance(-38 * 3600)
+    lago = HostLago(limit=5)
+    lago.usage["org_1"] = 1
+    gate = make_gate(lago, clock, redis)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gate.run)
+        assert [(await call(gate, "org_1")).allowed for _ in range(3)] == [True] * 3
+        await settled(gate)
+        await flushed(gate)
+        clock.advance(38 * 3600)  # stepped forward: Lago still has 1 (the 3 on their way)
+        reads = lago.reads
+        assert (await refreshed(gate, "org_1")).allowed  # the plan's fifth (decided on the read before the step)
+        assert lago.reads > reads  # (due: read again)
+        allowed = [(await call(gate, "org_1")).allowed for _ in range(3)]
+        assert allowed == [False] * 3, "the calls served before the step were dropped by the read after it"
+        await flushed(gate)
+        lago.usage["org_1"] = 5  # delivered
+        lago.limit = 7
+        clock.advance(gate.config.settle_lag + 1)
+        await gate.invalidate("org_1")  # (subscription.updated: the limit raised)
+        assert [(await call(gate, "org_1")).allowed for _ in range(3)] == [True, True, False]
+        no_redis_errors(gate)
+        tasks.cancel_scope.cancel()

@@ -125,6 +125,22 @@ class _Counts:
         self.tokens += other.tokens
 
 
+def _not_in_lago(buckets: dict[int, int], since: int, base: int, before: tuple[int, int]) -> int:
+    """How many of the records in ``buckets`` (second ``since`` on) the usage Lago just answered (``base``) cannot
+    include, whatever their seconds say. Lago counts each event once, so of them it has at most those the last read
+    may have had (``before``: that read's usage and the unsure records it kept) plus what its usage grew by since: a
+    lower bound of what it lacks (0 or less when it may have them all)."""
+    return sum(n for sec, n in buckets.items() if sec >= since) - before[1] - (base - before[0])
+
+
+def _reads(snapshot: Snapshot) -> tuple[int, int]:
+    """The calls and tokens Lago had counted as of ``snapshot``, where they bound the records it lacks (see
+    :func:`_not_in_lago`); -1 where they do not: no limit on them (not read), or Lago does not count them."""
+    calls = snapshot.base_calls if snapshot.calls_limit is not None and snapshot.lago_counts_calls else -1
+    tokens = snapshot.base_tokens if snapshot.tokens_limit is not None and snapshot.lago_counts_tokens else -1
+    return calls, tokens
+
+
 def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
     """Remove the buckets older than ``cutoff``, returning how much they held; with ``keep``, fold them into bucket 0
     instead (nothing leaves the total: 0 is returned)."""
@@ -138,10 +154,11 @@ def _drop_or_fold(buckets: dict[int, int], cutoff: int, keep: bool) -> int:
 
 
 class _LocalOrg:
-    __slots__ = ("counts", "key", "key_of", "snapshot")
+    __slots__ = ("counts", "key", "key_of", "seeded", "snapshot")
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
+        self.seeded = False  # the snapshot is not a read of Lago (Redis's usage: see seed, restore)
         self.counts = _Counts()
         # period_key(key_of), kept for QuotaGate.check_now's fast path (whatever snapshot is stored since: it
         # compares key_of with the current one)
@@ -322,6 +339,17 @@ class LocalBackend:
         state.snapshot = snapshot
         key = period_key(snapshot)
         counts = state.counts
+        # (the last read of Lago, of these records: see _not_in_lago)
+        last_read = (
+            current
+            if current is not None
+            and not state.seeded
+            and current.active
+            and counts.period == key == period_key(current)
+            and current.customer_id == snapshot.customer_id
+            else None
+        )
+        state.seeded = False
         since = 0
         if snapshot.active:
             if now < snapshot.period_start:  # not started: nothing is counted until it does (see NOT_STARTED)
@@ -356,6 +384,20 @@ class LocalBackend:
             for sec in [s for s in counts.i if s < since]:
                 counts.calls -= counts.i.pop(sec)
         cutoff = max(int(snapshot.requested_at - self.config.settle_lag), since)
+        # Lago's usage bounds what it lacks whatever the clock says: it counts each event once and drops none, so
+        # of the records held since the last read, it lacks all but those that read may have had (its unsure ones)
+        # and what its usage grew by since. Those are not dropped, however old their seconds look: made just before
+        # the clock was stepped forward (NTP correcting a clock behind, a VM resumed), their events still on their way,
+        # they lie before the cutoff of a read on the new clock. (A usage that fell, another subscription's, bounds
+        # nothing.)
+        lacking = [0, 0]
+        if last_read is not None:
+            for kind, (buckets, was, now_read) in enumerate(
+                zip((counts.c, counts.t), _reads(last_read), _reads(snapshot), strict=True)
+            ):
+                if 0 <= was <= now_read:
+                    unsure = (last_read.unsure_calls, last_read.unsure_tokens)[kind]
+                    lacking[kind] = _not_in_lago(buckets, since, now_read, (was, unsure))
         counts.prune(
             # (and those before the period's start: dated before it, their events are not billed in it)
             cutoff,
@@ -367,6 +409,17 @@ class LocalBackend:
         # What is kept that Lago may have counted: recorded in the seconds up to the read (the read's own second
         # included: its records may precede it), of what Lago counts
         last = int(snapshot.requested_at)
+        if last >= cutoff:
+            # Those of them the prune dropped are stamped as recorded in the read's second: unsure, as its records
+            # (counted twice at worst, not under-counted), dropped by a read settle_lag later as they are
+            for kind, buckets in enumerate((counts.c, counts.t)):
+                lost = lacking[kind] - sum(buckets.values())
+                if lost > 0:
+                    buckets[last] = buckets.get(last, 0) + lost
+                    if kind:
+                        counts.tokens += lost
+                    else:
+                        counts.calls += lost
         unsure_calls = (
             sum(n for sec, n in counts.c.items() if cutoff <= sec <= last) if snapshot.lago_counts_calls else 0
         )
@@ -389,6 +442,7 @@ class LocalBackend:
             # (what Redis counted is its base here, the unsure records among it: a block that holds only with them
             # stays unsure, answered in seconds and read again, not for the period's end until the snapshot is due)
             state.snapshot = snapshot
+            state.seeded = True  # (Redis's usage, its records included: no bound on what Lago lacks)
             if snapshot.active and snapshot.period_start > snapshot.requested_at:  # (not started: see NOT_STARTED)
                 state.counts = _Counts(_BEFORE_START)
             elif state.counts.period in ("", key):  # records made here since (not in what Redis showed) are kept
@@ -416,6 +470,7 @@ class LocalBackend:
             state = self._org(org_id)
             if state.snapshot is None:
                 state.snapshot = snapshot
+                state.seeded = True  # (maybe seeded; of records older than it, some: no bound on what Lago lacks)
             if not state.counts.period:
                 state.counts.period = counts.period
             state.counts.add(counts)

@@ -80,7 +80,7 @@ from cachetools import LRUCache
 from ._errors import ConfigurationError, QuotaBackendError
 from ._periods import period_key
 from ._quota import QuotaConfig
-from ._quota_local import LocalBackend, _Counts
+from ._quota_local import LocalBackend, _Counts, _reads
 from ._settings import masked_url, redact_url
 from ._snapshots import ALLOWED, BLOCKED, CLOCK_STEP, COUNTED, MISSING, NOT_STARTED, Mode, Outcome, Snapshot
 
@@ -281,7 +281,7 @@ if ARGV[10] ~= '' then
   local holder = redis.call('GET', lock)
   if holder and holder ~= ARGV[10] then return -1 end
 end
-local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps', 'pe')
+local cur = redis.call('HMGET', snap, 'rq', 'a', 'ps', 'pe', 'bc', 'bt', 'uc', 'ut', 'cust', 'cl', 'tl', 'lc', 'lt')
 -- (one requested past ARGV[13], the caller's now + CLOCK_STEP, was read on a clock stepped back since: replaced)
 if cur[1] and tonumber(cur[1]) > tonumber(ARGV[1]) and tonumber(cur[1]) <= tonumber(ARGV[13]) then return 0 end
 if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(cur[3]) then
@@ -293,7 +293,7 @@ if cur[2] == '1' and cur[3] and ARGV[6] ~= '' and tonumber(ARGV[6]) <= tonumber(
   return 0
 end
 redis.call('DEL', snap)
-redis.call('HSET', snap, unpack(ARGV, 17))
+redis.call('HSET', snap, unpack(ARGV, 20))
 redis.call('PEXPIRE', snap, ARGV[4])
 if ARGV[10] ~= '' and redis.call('GET', lock) == ARGV[10] then
   -- the lock this refresh took ends when the snapshot is due (its jittered time), not a whole TTL after it began
@@ -308,6 +308,14 @@ end
 local ps = ARGV[5]
 local cp = redis.call('HGET', cnt, 'p')
 local since = tonumber(ps)
+-- the last read of Lago, of these records (its period's, the same customer's): its usage and the unsure records it
+-- kept, of the calls ('c') and tokens ('t') where both reads bound what Lago lacks (ARGV[17], ARGV[18]: this read's
+-- usage, -1 where not; see _not_in_lago)
+local was = {}
+if cur[2] == '1' and cp and cp == ps and cur[3] == ps and (cur[9] or '') == ARGV[19] then
+  if cur[10] ~= '-1' and cur[12] ~= '0' then was.c = {tonumber(cur[5] or '0'), tonumber(cur[7] or '0')} end
+  if cur[11] ~= '-1' and cur[13] ~= '0' then was.t = {tonumber(cur[6] or '0'), tonumber(cur[8] or '0')} end
+end
 if since and tonumber(ARGV[16]) < since then
   -- its period has not started (see the CHECK script): nothing is counted until it does
   redis.call('DEL', cnt)
@@ -374,11 +382,17 @@ local keep = {c = ARGV[8] == '1', t = ARGV[9] == '1'}
 -- the snapshot's 'uc'/'ut' (see LocalBackend.store_now)
 local last = math.floor(tonumber(ARGV[1]))
 local unsure = {c = 0, t = 0}
+-- the records of the period held before the prune, and those it keeps (see the bound below)
+local held, kept = {c = 0, t = 0}, {c = 0, t = 0}
 local fields = redis.call('HGETALL', cnt)
 for i = 1, #fields, 2 do
   local f = fields[i]
   if string.sub(f, 2, 2) == ':' then
     local kind, sec, val = string.sub(f, 1, 1), tonumber(string.sub(f, 3)), tonumber(fields[i + 1])
+    if (kind == 'c' or kind == 't') then
+      if since and sec >= math.floor(since) then held[kind] = held[kind] + val end
+      if sec > late or sec >= cutc or keep[kind] then kept[kind] = kept[kind] + val end
+    end
     if kind == 'i' and sec < cuti then
       redis.call('HDEL', cnt, f)
       redis.call('HINCRBY', cnt, 'calls', -val)
@@ -399,6 +413,22 @@ for i = 1, #fields, 2 do
       end
     elseif (kind == 'c' or kind == 't') and sec <= last and not keep[kind] then
       unsure[kind] = unsure[kind] + val
+    end
+  end
+end
+-- Lago's usage bounds what it lacks, whatever the clock says (see LocalBackend.store_now): of the records held since
+-- the last read, all but its unsure ones and what the usage grew by since. Those the prune dropped (made before the
+-- clock was stepped forward, their events on their way) are stamped as recorded in the read's second: unsure
+if last >= cutc then
+  for kind, read in pairs({c = tonumber(ARGV[17]), t = tonumber(ARGV[18])}) do
+    local w = was[kind]
+    if w and read >= 0 and w[1] >= 0 and w[1] <= read then
+      local lost = held[kind] - w[2] - (read - w[1]) - kept[kind]
+      if lost > 0 then
+        redis.call('HINCRBY', cnt, kind .. ':' .. last, lost)
+        redis.call('HINCRBY', cnt, kind == 'c' and 'calls' or 'tokens', lost)
+        unsure[kind] = unsure[kind] + lost
+      end
     end
   end
 end
@@ -1834,6 +1864,8 @@ class RedisBackend:
             int(now) + int(CLOCK_STEP),
             int(now),
             repr(now),
+            *_reads(snapshot),  # (what bounds the records Lago lacks: see _not_in_lago)
+            snapshot.customer_id or "",
             *encode(snapshot),
         ]
         try:
