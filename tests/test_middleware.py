@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -288,6 +289,58 @@ async def test_excluded_paths_are_whole_segments(fake_lago: Any, settings: Billi
     assert await middleware.pipeline.flush(5)
     assert [event["properties"]["endpoint"] for event in fake_lago.events] == ["/v1/chatter"]
     assert middleware.stats["excluded"] == 2
+
+
+@pytest.mark.parametrize("given", [("/health ",), ("\t/health\n",), ["/health"], frozenset({" /health/ "})])
+async def test_excluded_paths_given_in_code_as_from_env_reads_them(
+    fake_lago: Any, settings: BillingSettings, given: Any
+) -> None:
+    """Blanks around a prefix given in code (a line read from a file, a stray space) are no part of it, as from_env's
+    comma-separated form reads them: "/health " excluded nothing, and /health was billed. A list or set is read as
+    the tuple it stands for, by the settings and by the middleware's ``exclude_paths`` setter alike."""
+    for made in ("settings", "setter"):
+        before = len(fake_lago.events)
+        if made == "settings":
+            middleware = OrgBillingMiddleware(
+                build_app(), settings.replace(exclude_paths=given), quota=None, transport=fake_lago.transport()
+            )
+        else:
+            middleware = OrgBillingMiddleware(
+                build_app(), settings.replace(exclude_paths=()), quota=None, transport=fake_lago.transport()
+            )
+            middleware.exclude_paths = given
+        assert middleware.exclude_paths == (("/health/",) if isinstance(given, frozenset) else ("/health",))
+        async with client_for(middleware) as client:
+            assert (await client.get("/health", headers=HEADERS)).status_code == 200
+            assert (await client.post("/v1/chat/1", headers=HEADERS)).status_code == 200
+        assert await middleware.pipeline.flush(5)
+        await middleware.aclose()
+        assert [event["properties"]["endpoint"] for event in fake_lago.events[before:]] == ["/v1/chat/{chat_id}"], made
+        assert middleware.stats["excluded"] == 1, made
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (("health",), "entry 'health' must start with '/'"),
+        (("/ ",), "entry '/ ' would exclude every request"),
+        (("/health*",), "is a path prefix, not a pattern"),
+        (("/health /metrics",), "holds several prefixes"),
+        ("/health", "must be a tuple of path prefixes"),
+        ((b"/health",), "entry b'/health' is a bytes"),
+    ],
+)
+def test_excluded_paths_that_are_no_prefix_are_refused_by_the_setter_too(
+    settings: BillingSettings, given: Any, said: str
+) -> None:
+    """The middleware's ``exclude_paths`` setter took anything (a prefix without its '/', a pattern), silently
+    matching nothing: it refuses what BillingSettings refuses, with the same words, and keeps what it had."""
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        settings.replace(exclude_paths=given)
+    middleware = OrgBillingMiddleware(build_app(), settings, quota=None)
+    with pytest.raises(ConfigurationError, match=re.escape(said)):
+        middleware.exclude_paths = given
+    assert middleware.exclude_paths == ("/health",)
 
 
 def test_excluded_paths_under_a_root_path(fake_lago: Any, settings: BillingSettings) -> None:

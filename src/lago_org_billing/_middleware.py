@@ -83,7 +83,7 @@ from ._identity import (
 )
 from ._metrics import mirror_renewed, register_metrics
 from ._quota import QuotaConfig, QuotaGate, _Decision
-from ._settings import BillingSettings, header_as_sent, header_name_problem
+from ._settings import BillingSettings, excluded_prefixes, header_as_sent, header_name_problem
 
 __all__ = ["OrgBillingMiddleware"]
 
@@ -575,7 +575,8 @@ class OrgBillingMiddleware:
 
     @exclude_paths.setter
     def exclude_paths(self, prefixes: tuple[str, ...]) -> None:
-        self._exclude_paths = tuple(prefixes)
+        # (checked as BillingSettings checks them: a prefix set here that is none was silently never matched)
+        self._exclude_paths = excluded_prefixes(prefixes)
         stripped = [prefix.rstrip("/") for prefix in self._exclude_paths]
         self._excluded_exact = frozenset(stripped)
         self._excluded_under = tuple(prefix + "/" for prefix in stripped)

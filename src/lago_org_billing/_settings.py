@@ -208,20 +208,6 @@ class BillingSettings:
                     f"not its WSGI/CGI name: got {header!r}.",
                     variable=variable,
                 )
-        for prefix in self.exclude_paths:
-            problem = None
-            if not prefix.startswith("/"):
-                problem = "must start with '/'"
-            elif not prefix.strip("/"):
-                problem = "would exclude every request (to bill nothing, leave the middleware out)"
-            elif "*" in prefix or "?" in prefix:
-                problem = "is a path prefix, not a pattern ('/health' covers '/health' and '/health/...')"
-            elif _SEVERAL_PREFIXES.search(prefix):
-                problem = "holds several prefixes: separate them with commas ('/health,/metrics')"
-            if problem:
-                raise ConfigurationError(
-                    f"LAGO_EXCLUDE_PATHS entry {prefix!r} {problem}.", variable="LAGO_EXCLUDE_PATHS"
-                )
         object.__setattr__(self, "plan_limits", _check_plan_limits(self.plan_limits))
         if self.spool_path is not None:
             object.__setattr__(self, "spool_path", _spool_path(self.spool_path))
@@ -733,7 +719,7 @@ _TEXT_FIELDS = {
 def _check_types(settings: BillingSettings) -> None:
     """Refuse a field of the wrong type given in code (``None`` for a missing setting, bytes, a number), which failed
     deep inside (``AttributeError: 'NoneType' object has no attribute 'strip'``) or later, at the first request; and
-    read a list of ``exclude_paths`` as the tuple it stands for."""
+    read ``exclude_paths`` as the tuple of prefixes it stands for (:func:`excluded_prefixes`)."""
     for field, (variable, optional, example) in _TEXT_FIELDS.items():
         value = getattr(settings, field)
         if value is None and optional:
@@ -746,7 +732,16 @@ def _check_types(settings: BillingSettings) -> None:
                 f"{type(value).__name__}{hint}.",
                 variable=variable,
             )
-    paths: object = settings.exclude_paths
+    object.__setattr__(settings, "exclude_paths", excluded_prefixes(settings.exclude_paths))
+    if settings.organization_id is not None:  # as from_env reads it: blank is unset, and blanks around (a secret
+        # file's line break, read by the app itself) are no part of the id (kept, every webhook refused as another's)
+        object.__setattr__(settings, "organization_id", settings.organization_id.strip() or None)
+
+
+def excluded_prefixes(paths: object) -> tuple[str, ...]:
+    """``exclude_paths`` given in code (a tuple, list or set of path prefixes) as the tuple the middleware matches,
+    blanks around each entry removed as ``from_env`` removes them (``'/health '``, a line break read from a file,
+    matched nothing); :class:`ConfigurationError` naming the entry that is no prefix."""
     shape = "a tuple of path prefixes such as ('/health', '/metrics')"
     if isinstance(paths, (str, bytes)) or not isinstance(paths, (tuple, list, frozenset, set)):
         raise ConfigurationError(
@@ -754,18 +749,28 @@ def _check_types(settings: BillingSettings) -> None:
             "(from_env reads the comma-separated text form).",
             variable="LAGO_EXCLUDE_PATHS",
         )
-    for prefix in paths:
-        if not isinstance(prefix, str):
+    prefixes: list[str] = []
+    for given in paths:
+        if not isinstance(given, str):
             raise ConfigurationError(
-                f"LAGO_EXCLUDE_PATHS (BillingSettings.exclude_paths) must be {shape}: entry {prefix!r} is a "
-                f"{type(prefix).__name__}.",
+                f"LAGO_EXCLUDE_PATHS (BillingSettings.exclude_paths) must be {shape}: entry {given!r} is a "
+                f"{type(given).__name__}.",
                 variable="LAGO_EXCLUDE_PATHS",
             )
-    if not isinstance(paths, tuple):
-        object.__setattr__(settings, "exclude_paths", tuple(paths))
-    if settings.organization_id is not None:  # as from_env reads it: blank is unset, and blanks around (a secret
-        # file's line break, read by the app itself) are no part of the id (kept, every webhook refused as another's)
-        object.__setattr__(settings, "organization_id", settings.organization_id.strip() or None)
+        prefix = given.strip()
+        problem = None
+        if not prefix.startswith("/"):
+            problem = "must start with '/'"
+        elif not prefix.strip("/"):
+            problem = "would exclude every request (to bill nothing, leave the middleware out)"
+        elif "*" in prefix or "?" in prefix:
+            problem = "is a path prefix, not a pattern ('/health' covers '/health' and '/health/...')"
+        elif _SEVERAL_PREFIXES.search(prefix):
+            problem = "holds several prefixes: separate them with commas ('/health,/metrics')"
+        if problem:
+            raise ConfigurationError(f"LAGO_EXCLUDE_PATHS entry {given!r} {problem}.", variable="LAGO_EXCLUDE_PATHS")
+        prefixes.append(prefix)
+    return tuple(prefixes)
 
 
 def _check_given_text(settings: BillingSettings) -> None:
