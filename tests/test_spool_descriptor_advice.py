@@ -9,6 +9,8 @@
 * ``EventPipeline.aclose()`` of a pipeline that never ran, out of descriptors: with nothing submitted it closes quietly
   (no file was opened); events submitted before it ran, which the spool it cannot open cannot keep, are counted lost
   and said with what to do, not raised (the shutdown failed there, and the events went uncounted).
+* A spool write that fails for want of descriptors (the file deleted while in use, made again) is said so, not
+  "free space on its volume"; its events wait in memory and are written once there are descriptors again.
 """
 
 from __future__ import annotations
@@ -178,3 +180,55 @@ def test_events_lost_to_a_spool_that_could_not_be_opened_get_no_disk_advice(tmp_
     assert len(lines) == 1, early["said"]
     assert f"{path}.3.db" in lines[0], lines[0]
     assert not [line for line in early["said"] if "free space" in line], early["said"]
+
+
+WAL_CHILD = PRELUDE + textwrap.dedent(
+    """
+    from lago_org_billing import _spool
+    from lago_org_billing._spool import SqliteOutbox
+
+    _spool._RETRY_FIRST = _spool._RETRY_MAX = 0.0  # (a failed write is tried again at the next commit)
+
+    async def main(path, free):
+        outbox = SqliteOutbox(path)
+        await outbox.open()
+
+        def put(prefix, count):
+            for index in range(count):
+                assert outbox.put({"transaction_id": f"{prefix}{index}", "external_subscription_id": "o", "code": "c"})
+
+        put("before", 3)
+        await outbox.commit()
+        for suffix in ("", "-wal", "-shm"):  # (rm spool.db*: the file is made again at the next write)
+            os.remove(path + suffix)
+        put("short", 2)
+        with exhausted(free):
+            await outbox.commit()
+        failing = said()
+        await outbox.commit()  # the descriptors back: written
+        rows = outbox.file.conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        await outbox.close()
+        return {"free": free, "failing": failing, "rows": rows}
+
+    for free in range(6):
+        print(json.dumps(anyio.run(main, f"{sys.argv[1]}.{free}.db", free)), flush=True)
+    """
+)
+
+
+def test_a_spool_write_out_of_descriptors_is_said_so_not_free_space(tmp_path: Path) -> None:
+    """The -wal file deleted while in use makes the spool open its connection again at the next write; out of
+    descriptors then, SQLite says only "unable to open database file", and the log advised "free space on its volume,
+    or make it writable" (the volume was fine). It names the descriptors, with what to do; the events wait in memory
+    and are written once there are descriptors again (none lost)."""
+    outs = run_child(WAL_CHILD, str(tmp_path / "spool"))
+    failed = []
+    for out in outs:
+        assert out["rows"] == 5, out
+        for line in out["failing"]:
+            if "Could not write the event spool" in line:
+                failed.append(line)
+                assert "out of file descriptors" in line and "ulimit -n" in line, out
+                assert "free space" not in line, out
+    assert failed, outs  # (with no descriptor free at least, the write failed)
+    assert any("unable to open" in line for line in failed), failed  # (SQLite's own, a descriptor or two free)

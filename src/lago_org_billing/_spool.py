@@ -1563,6 +1563,9 @@ def _write_advice(exc: Exception, path: str) -> str:
             f"the file is damaged (sqlite3 {path} 'PRAGMA integrity_check'): stop this process (what waits in memory "
             "is sent to Lago as it stops), recover the file's events (sqlite3 .recover) and move it away"
         )
+    if _out_of_descriptors(exc) or (_cannot_open(exc) and _descriptors_short(3)):
+        # (the file made again, or opened again, with no descriptor left: not the volume's fault)
+        return _OUT_OF_DESCRIPTORS
     if isinstance(exc, sqlite3.OperationalError):  # SQLITE_FULL, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN
         return "free space on its volume, or make it writable"
     return "an unexpected error: please report it"  # (an IntegrityError, a ProgrammingError: a defect here)
