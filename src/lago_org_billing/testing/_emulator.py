@@ -319,11 +319,18 @@ class FakeLago:
             return await receive()
 
         status = 0
+        recorded = False
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not recorded:
+                # Recorded before the answer's end goes out: a client that has read the answer finds its request in
+                # ``requests``. (Recorded after it, a served emulator's thread could append it after the caller's next
+                # step: missing from an assertion made at once, or landing after a test's requests.clear().)
+                recorded = True
+                self._record(scope, raw, status, epoch)
             await send(message)
 
         try:
@@ -332,7 +339,8 @@ class FakeLago:
             status = 0  # (an injected drop starts a response in process only to abort it: nothing was answered)
             raise
         finally:
-            self._record(scope, raw, status, epoch)
+            if not recorded:
+                self._record(scope, raw, status, epoch)
 
     def _record(self, scope: Scope, raw: bytes, status: int, epoch: int) -> None:
         query: dict[str, str | list[str]] = {}
