@@ -52,7 +52,8 @@ def gate_on(lago: HostLago, clock: Clock, redis: str | None, *, ttl: float = 30.
 
 
 def backend_on(url: str, prefix: str, **config: Any) -> RedisBackend:
-    backend = RedisBackend(url, QuotaConfig(redis_prefix=prefix, **config))
+    # (a healthy Redis, however loaded the machine: past the 2 s default, a call counts as an outage)
+    backend = RedisBackend(url, QuotaConfig(**{"redis_prefix": prefix, "redis_timeout": 30.0, **config}))
     _OPEN.append(backend)
     return backend
 
