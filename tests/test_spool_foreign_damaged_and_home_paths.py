@@ -75,7 +75,7 @@ _APP_DATABASES = {
 
 @pytest.mark.parametrize("kind", sorted(_APP_DATABASES))
 async def test_a_spool_path_naming_another_programs_database_is_refused_and_left_untouched(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "app.sqlite3"
     _database(path, _APP_DATABASES[kind])
@@ -89,6 +89,9 @@ async def test_a_spool_path_naming_another_programs_database_is_refused_and_left
             await pipeline.commit()  # (opens the spool, as run() does first)
         with pytest.raises(ConfigurationError):  # (its last attempt to keep the events submitted: said again)
             await pipeline.aclose()
+    # ... and the events submitted, lost for want of a spool, are counted and said (they went uncounted)
+    assert pipeline.stats["lost_at_shutdown"] == 3, pipeline.stats
+    assert any("the 3 events submitted before the event spool was opened" in r.getMessage() for r in caplog.records)
     assert info.value.variable == "LAGO_SPOOL_PATH"
     assert "users" in str(info.value) and "file of its own" in str(info.value), str(info.value)
     assert fake.events == []  # none of the app's rows went to Lago as billing events

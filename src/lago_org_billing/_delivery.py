@@ -475,7 +475,11 @@ class EventPipeline:
                     lost,
                 )
         elif self._closed:
-            lost = await outbox.close()
+            try:
+                lost = await outbox.close()
+            except ConfigurationError:  # a path that is no spool, never opened: what was submitted is lost, counted
+                self.metrics.lost_at_shutdown += outbox.lost_at_close if isinstance(outbox, SqliteOutbox) else 0
+                raise
             if lost:
                 self.metrics.lost_at_shutdown += lost
                 # (the errors above say what to do: not only a full or read-only volume, but a spool never opened

@@ -1684,6 +1684,8 @@ class SqliteOutbox(Outbox):
         self.file = _SpoolFile(path, synchronous.upper())
         self.window_size = max(window, 1)
         self.pending: list[tuple[int, EventOrBuilder | str]] = []
+        #: Events :meth:`close` could not keep (a spool never opened), also when it raised: the pipeline counts them.
+        self.lost_at_close = 0
         self._to_delete: list[int] = []
         self._to_dead: list[tuple[int, DeadLetter]] = []
         # replayed dead letters (id, stored text), deleted with the commit that writes their events; and the ids of
@@ -2268,19 +2270,21 @@ class SqliteOutbox(Outbox):
                 try:
                     await self.open()
                 except ConfigurationError as exc:
-                    # Out of file descriptors (as the opening found it: an EMFILE, or SQLITE_CANTOPEN while short of
-                    # them), raised, it failed a shutdown that can do nothing about it (the steps after it not taken),
-                    # and these events went with the process uncounted: lost all the same, they are counted, and why
-                    # is said with what to do. (A path that is no spool is the configuration's: raised, as at start.)
-                    if not (_out_of_descriptors(exc) or _descriptors_short()):
-                        raise
+                    # Lost all the same: counted (lost_at_close, read by the pipeline even when this raises) and said
+                    # with why and what to do. Out of file descriptors (as the opening found it: an EMFILE, or
+                    # SQLITE_CANTOPEN while short of them), raised, it failed a shutdown that can do nothing about it
+                    # (the steps after it not taken): returned. A path that is no spool is the configuration's: raised,
+                    # as at start.
                     lost, self.pending = len(self.pending), []
+                    self.lost_at_close += lost
                     logger.error(
-                        "Shutdown: the %d events submitted before the event spool was opened cannot be written to it: "
-                        "%s",
+                        "Shutdown: the %d events submitted before the event spool was opened cannot be written to it "
+                        "and are lost: %s",
                         lost,
                         exc,
                     )
+                    if not (_out_of_descriptors(exc) or _descriptors_short()):
+                        raise
                     return lost
             else:  # (an opening cut short may have locked a slot all the same)
                 await anyio.to_thread.run_sync(self.file.close)
