@@ -1500,6 +1500,8 @@ def _lago_error(response: httpx.Response, method: str, url: str, parsed: dict[st
         summary += f" ({code})"
     if details:
         summary += f": {_short(details)}"
+    elif messages := _error_messages(body):  # Lago's 500: {"status": 500, "errors": [{"message", "backtrace"}]}
+        summary += f": {messages}"
     kwargs: dict[str, Any] = {
         "status": status,
         "code": code,
@@ -1624,6 +1626,17 @@ def _retry_after(headers: httpx.Headers, names: tuple[str, ...] = ("x-ratelimit-
             continue
         return max(0.0, at - time.time())
     return None
+
+
+def _error_messages(body: Mapping[str, Any]) -> str:
+    """The messages of Lago's 500 answer (``{"status": 500, "errors": [{"message": ..., "backtrace": [...]}]}``, its
+    only diagnosis; the backtraces left out), shortened; ``""`` for any other body."""
+    errors = body.get("errors")
+    if not isinstance(errors, list):
+        return ""
+    found = [item["message"] for item in errors[:5] if isinstance(item, dict) and isinstance(item.get("message"), str)]
+    text = "; ".join(" ".join(message.split()) for message in found if message.strip())  # (one line: for logs)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _short(details: Mapping[str, Any]) -> str:
