@@ -97,9 +97,14 @@ def _page_number(value: Any) -> Any:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _digits(value.strip()):
         return int(value.strip())
     return value
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only: ``str.isdigit()`` is true of ``"²"`` too, which ``int()`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 class _State(enum.Enum):

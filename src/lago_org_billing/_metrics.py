@@ -618,7 +618,9 @@ def _forget_dead_processes(directory: str) -> None:
         return
     for name in names:
         kind, _, pid = name.removesuffix(".db").rpartition("_")
-        if not (name.endswith(".db") and kind.startswith("gauge_live") and pid.isdigit() and int(pid) > 0):
+        if not (
+            name.endswith(".db") and kind.startswith("gauge_live") and pid.isascii() and pid.isdigit() and int(pid) > 0
+        ):
             continue  # not a live gauge's file, or not named by a pid (a custom process identifier)
         try:
             os.kill(int(pid), 0)

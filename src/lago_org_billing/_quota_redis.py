@@ -1017,7 +1017,7 @@ class _Mark:
         """The settles of the write that Redis did not run, its mark's ``value`` read after the write ended (``""``:
         no mark; another write's: none of this one ran)."""
         written, _, count = value.rpartition(":")
-        ran = int(count) if count.isdigit() else 0
+        ran = int(count) if count.isascii() and count.isdigit() else 0
         if written == self.write_id + "+":  # (the first pipeline answered: all ran but those run again)
             return [self.batch[n] for n in self.again[ran:]]
         if written != self.write_id:  # (it never had them, or its first was cut off as it was sent)

@@ -269,7 +269,7 @@ async def _json_object(router: BillingRouter, request: Request, allowed: set[str
 async def _capped_body(request: Request, max_size: int) -> bytes:
     too_large = _Refused(413, f"The body is over {max_size} bytes.", "body_too_large")
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_size:
+    if length.isascii() and length.isdigit() and int(length) > max_size:  # ("²" is a digit to isdigit(), not to int())
         raise too_large
     chunks: list[bytes] = []
     size = 0

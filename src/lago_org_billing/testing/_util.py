@@ -247,7 +247,7 @@ def cents(value: Decimal) -> int:
 
 
 KAMINARI_DEFAULT_PER_PAGE = 25  # (lago-api has no Kaminari initializer: its default_per_page stays 25)
-_LEADING_INT = re.compile(r"\s*([+-]?\d+)")
+_LEADING_INT = re.compile(r"\s*([+-]?\d+)", re.ASCII)  # (Ruby's \s and digits: ASCII ones)
 
 
 def _ruby_to_i(value: Any) -> int:
@@ -263,7 +263,7 @@ def page_size(per_page: Any) -> int:
     if per_page is None:
         return 100
     text = str(per_page)
-    if not text[:1].isdigit():
+    if not ("0" <= text[:1] <= "9"):  # (Ruby's /^\d/: an ASCII digit; "²" is none)
         return KAMINARI_DEFAULT_PER_PAGE
     return _ruby_to_i(text)
 
