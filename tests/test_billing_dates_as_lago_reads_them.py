@@ -94,7 +94,7 @@ async def test_an_iso_datetime_string_is_still_sent_as_given(fake_lago: Any, bil
     [
         # 00:00 does not exist on these days (clocks jump from 00:00 to 01:00): the day starts at 01:00 local
         ("America/Santiago", dt.date(2026, 9, 6), "2026-09-06T04:00:00Z"),
-        ("Asia/Beirut", dt.date(2026, 3, 29), "2026-03-28T22:00:00Z"),
+        ("Atlantic/Azores", dt.date(2026, 3, 29), "2026-03-29T01:00:00Z"),  # (UTC-1 to UTC+0)
     ],
 )
 async def test_a_date_on_a_dst_day_without_midnight_starts_with_that_day(

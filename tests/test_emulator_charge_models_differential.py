@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from lago_org_billing.testing import FakeLago
+from lago_org_billing.testing._accepted import CURRENCIES
 
 pytestmark = pytest.mark.anyio
 
@@ -463,8 +464,12 @@ async def _ok(response: httpx.Response) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-async def _set_up(client: httpx.AsyncClient, case: Mapping[str, Any]) -> None:
+async def _set_up(client: httpx.AsyncClient, case: Mapping[str, Any], fake: FakeLago) -> None:
+    """The case's metric, plan, customer, subscription and events. A currency Lago does not take (KWD, 3 decimals:
+    its list has none) is set in the emulator's store behind the API, the plan and customer made in USD: the fees'
+    rounding to the currency's subunit is checked with 0, 2 and 3 decimals."""
     index, metric = case["index"], case["metric"]
+    currency = case["currency"] if case["currency"] in CURRENCIES else "USD"
     await _ok(
         await client.post("/api/v1/billable_metrics", json={"billable_metric": {"name": metric["code"], **metric}})
     )
@@ -473,11 +478,11 @@ async def _set_up(client: httpx.AsyncClient, case: Mapping[str, Any]) -> None:
         "name": f"p{index}",
         "interval": "monthly",
         "amount_cents": 0,
-        "amount_currency": case["currency"],
+        "amount_currency": currency,
         "charges": [{"billable_metric_code": metric["code"], **c} for c in case["charges"]],
     }
     await _ok(await client.post("/api/v1/plans", json={"plan": plan}))
-    customer = {"external_id": f"cu{index}", "currency": case["currency"]}
+    customer = {"external_id": f"cu{index}", "currency": currency}
     await _ok(await client.post("/api/v1/customers", json={"customer": customer}))
     subscription = {
         "external_customer_id": f"cu{index}",
@@ -486,6 +491,11 @@ async def _set_up(client: httpx.AsyncClient, case: Mapping[str, Any]) -> None:
         "subscription_at": "2026-03-01T00:00:00Z",
     }
     await _ok(await client.post("/api/v1/subscriptions", json={"subscription": subscription}))
+    if currency != case["currency"]:
+        fake.store.plans[f"p{index}"]["amount_currency"] = case["currency"]
+        for stored in fake.store.customers:
+            if stored["external_id"] == f"cu{index}":
+                stored["fields"]["currency"] = case["currency"]
     if case["events"]:
         await _ok(await client.post("/api/v1/events/batch", json={"events": case["events"]}))
 
@@ -520,7 +530,7 @@ async def test_current_usage_matches_the_reference_for_every_charge_model() -> N
     problems: list[str] = []
     async with fake.client() as client:
         for case in _cases():
-            await _set_up(client, case)
+            await _set_up(client, case, fake)
             usage = await _ok(
                 await client.get(
                     f"/api/v1/customers/cu{case['index']}/current_usage",
@@ -540,7 +550,7 @@ async def test_termination_invoice_fees_match_the_reference() -> None:
     problems: list[str] = []
     async with fake.client() as client:
         for case in _cases()[::3]:
-            await _set_up(client, case)
+            await _set_up(client, case, fake)
             await _ok(await client.delete(f"/api/v1/subscriptions/s{case['index']}"))
             listed = await _ok(
                 await client.get("/api/v1/invoices", params={"external_customer_id": f"cu{case['index']}"})
@@ -597,7 +607,7 @@ async def _one_case(
     case = {"index": 0, "metric": metric, "currency": "USD", "events": events, "charges": list(charges)}
     fake = FakeLago(api_key="k", clock=_Clock(NOW))
     async with fake.client() as client:
-        await _set_up(client, case)
+        await _set_up(client, case, fake)
         usage = await _ok(
             await client.get("/api/v1/customers/cu0/current_usage", params={"external_subscription_id": "s0"})
         )

@@ -329,11 +329,13 @@ def _fmt(value: Any) -> str:
 
 
 #: Subunits per unit of the currencies where it is not 100 (the Money gem's ``subunit_to_unit``, which Lago's
-#: ``amount_cents`` are counted in): a yen has none, a Kuwaiti dinar 1,000 fils.
+#: ``amount_cents`` are counted in): a yen has none, a Kuwaiti dinar 1,000 fils, an ouguiya 5 khoums (Lago takes its
+#: old code, MRO, which the Money gem counts so).
 _SUBUNITS = {
     **dict.fromkeys("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split(), 1),
     **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 1000),
     "MGA": 5,
+    "MRO": 5,
     "MRU": 5,
 }
 _DECIMALS = {1: 0, 5: 1, 100: 2, 1000: 3}

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 from .._dashboard import subunits_per_unit
 from .._errors import ConfigurationError
+from ._accepted import CURRENCIES, TIMEZONES
 from ._util import (
     JSON,
     UTC,
@@ -1091,9 +1092,8 @@ class LagoStore:
                 if key in params and params[key] not in allowed:
                     errors[key] = ["value_is_invalid"]
             timezone = params.get("timezone")
-            known = _timezones()  # (empty without a time zone database: then not checked)
-            if timezone is not None and (not isinstance(timezone, str) or (known and timezone not in known)):
-                errors["timezone"] = ["invalid_timezone"]  # OAS TimezoneOrNull: IANA names
+            if timezone is not None and (not isinstance(timezone, str) or timezone not in TIMEZONES):  # (Lago's list)
+                errors["timezone"] = ["invalid_timezone"]
             name = params.get("name")
             if isinstance(name, str) and len(name) > 255:  # OAS CustomerCreateInput.name maxLength 255
                 errors["name"] = ["value_is_too_long"]
@@ -4287,16 +4287,10 @@ def _cast_privilege(privilege: JSON, value: Any) -> Any:
     return cast
 
 
-@functools.lru_cache(maxsize=1)
-def _timezones() -> frozenset[str]:
-    import zoneinfo
-
-    names = frozenset(zoneinfo.available_timezones())
-    return names | {"UTC"} if names else frozenset()
-
-
 def _valid_currency(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 3 and value.isalpha() and value.isupper()
+    """Whether Lago takes ``value`` as a currency: one of its ISO 4217 codes (see ``_accepted``), not any three
+    capital letters."""
+    return isinstance(value, str) and value in CURRENCIES
 
 
 def _check_on_termination(params: Mapping[str, Any], errors: dict[str, list[str]]) -> None:
