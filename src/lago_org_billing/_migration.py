@@ -241,7 +241,8 @@ class OrgMapping:
 
     def fingerprint(self, options: MigrationOptions, settings: BillingSettings | None = None) -> str:
         """A short hash of everything that decides this org's migration (the journal skips an org only when
-        it was done with the same mapping and options, on the same Lago and subscription id template)."""
+        it was done with the same mapping and options, on the same Lago and subscription id template; the same Lago
+        organization too, which the journal tells by its entries' ``lago``: see :meth:`Journal.use_lago`)."""
         target = [settings.api_url, settings.subscription_id_template] if settings is not None else []
         # (``prepare_only`` only when set: the fingerprints of a journal written before the phases existed still match)
         # (nor ``accept_unmoved``: it decides whether an org may be migrated, not what its migration does)
@@ -803,16 +804,26 @@ def _int(raw: Any) -> int | None:
 # ------------------------------------------------------------------------------------------- journal
 
 
+def _lago_of(entry: Mapping[str, Any]) -> str | None:
+    """The Lago organization a journal entry was written for (see :meth:`Journal.use_lago`), None when not said."""
+    lago = entry.get("lago")
+    return lago if isinstance(lago, str) else None
+
+
 class Journal:
     """An append-only JSON-lines log of every step. An org recorded ``done`` with the same fingerprint
     (mapping rows and options) is skipped by the next run; a torn last line (killed process) is ignored."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._done: dict[str, str] = {}
+        #: org id -> (fingerprint, ``lago`` of the entry: None in a journal of an earlier version)
+        self._done: dict[str, tuple[str, str | None]] = {}
         self._prepared: set[str] = set()
         self._donors: dict[str, tuple[str, str]] = {}
-        self._subscribed: set[tuple[str, str, str]] = set()
+        self._subscribed: set[tuple[str, str, str, str | None]] = set()
+        #: The Lago organization of this run (:meth:`use_lago`): written in each entry, and an entry of another's
+        #: never matches.
+        self.lago: str | None = None
         self._file: IO[str] | None = None
         if self.path.exists():
             self._read()
@@ -838,27 +849,45 @@ class Journal:
                 read_one = read_one or isinstance(entry, dict)
                 if isinstance(entry, dict) and self._subscribing(entry):
                     self._subscribed.add(
-                        (str(entry.get("org_id")), str(entry.get("target")), str(entry.get("fingerprint")))
+                        (
+                            str(entry.get("org_id")),
+                            str(entry.get("target")),
+                            str(entry.get("fingerprint")),
+                            _lago_of(entry),
+                        )
                     )
                 if not isinstance(entry, dict) or entry.get("type") != "org":
                     continue
                 if entry.get("status") == "done":
-                    self._done[str(entry.get("org_id"))] = str(entry.get("fingerprint"))
+                    self._done[str(entry.get("org_id"))] = (str(entry.get("fingerprint")), _lago_of(entry))
                     self._phase_done(entry)
                 else:
                     self._done.pop(str(entry.get("org_id")), None)
 
+    def use_lago(self, settings: BillingSettings) -> None:
+        """Set the Lago organization this run migrates: its entries say it (``lago``), and those of another never match
+        (not skipped as done, not taken as having made the org's subscription). Lago Cloud serves every organization
+        (staging, production) at one URL, told apart by the API key: a hash of URL and key, no secret written. A
+        journal of an earlier version, whose entries say none, matches as before; a key rotated plans the orgs done
+        again (a few reads each, nothing written twice)."""
+        text = f"lago-org-billing journal\n{settings.api_url}\n{settings.api_key}"
+        self.lago = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _same_lago(self, lago: str | None) -> bool:
+        return lago is None or self.lago is None or lago == self.lago
+
     def is_done(self, org_id: str, fingerprint: str) -> bool:
-        return self._done.get(org_id) == fingerprint
+        found = self._done.get(org_id)
+        return found is not None and found[0] == fingerprint and self._same_lago(found[1])
 
     @property
     def prepared(self) -> frozenset[str]:
         """The orgs a first phase (``prepare_only``: ``--prepare``) of this journal was done for."""
-        return frozenset(self._prepared)
+        return frozenset(org_id for org_id in self._prepared if self._same_lago(self._done.get(org_id, ("", None))[1]))
 
     def prepared_donor(self, org_id: str) -> tuple[str, str] | None:
         """The user and subscription id whose entitlement overrides the first phase gave the org (its donor)."""
-        return self._donors.get(org_id)
+        return self._donors.get(org_id) if org_id in self.prepared else None
 
     def _phase_done(self, entry: Mapping[str, Any]) -> None:
         """An org recorded done: by a first phase (its donor kept for the second), or finished."""
@@ -891,7 +920,7 @@ class Journal:
     def made_subscription(self, org_id: str, subscription_id: str, fingerprint: str) -> bool:
         """Whether a run of this migration (same mapping rows and options: ``fingerprint``) set out to make the org
         subscription ``subscription_id`` (recorded before it asked Lago), i.e. the org had none before it."""
-        return (org_id, subscription_id, fingerprint) in self._subscribed
+        return any((org_id, subscription_id, fingerprint, lago) in self._subscribed for lago in {None, self.lago})
 
     @property
     def done_count(self) -> int:
@@ -903,14 +932,16 @@ class Journal:
             self._file = self.path.open("a", encoding="utf-8")
             if self._torn():  # (a line cut by a crash: this record on a line of its own, not glued to it and lost)
                 self._file.write("\n")
+        if self.lago is not None:
+            fields = {**fields, "lago": self.lago}
         entry = {"type": kind, "at": _now_iso(), **fields}
         self._file.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
         self._file.flush()
         if kind == "org" and fields.get("status") == "done":
-            self._done[str(fields["org_id"])] = str(fields.get("fingerprint"))
+            self._done[str(fields["org_id"])] = (str(fields.get("fingerprint")), self.lago)
             self._phase_done(fields)
         if self._subscribing({"type": kind, **fields}):
-            self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"])))
+            self._subscribed.add((str(fields["org_id"]), str(fields["target"]), str(fields["fingerprint"]), self.lago))
 
     def _torn(self) -> bool:
         """Whether the journal ends inside a line (its last write cut by a kill or a full disk)."""
@@ -1279,6 +1310,39 @@ def _user_list(users: Iterable[str], limit: int = 100) -> str:
 
 def _started(subscription: JSON) -> str:
     return str(subscription.get("started_at") or subscription.get("subscription_at") or "")
+
+
+def _trial_days(plan: JSON | None) -> float:
+    """The days of free trial a plan gives each new subscription (Lago's ``trial_period``, a number of days), 0 for
+    none or unknown."""
+    try:
+        days = float((plan or {}).get("trial_period") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return days if math.isfinite(days) and days > 0 else 0.0
+
+
+async def _amounts_comparable(
+    org: OrgMapping, policy: str, candidates: list[tuple[str, JSON]], plans: PlanCatalog
+) -> None:
+    """Raise unless the plan ``policy`` picks for ``org`` among its users' subscriptions can be told by their amounts:
+    ``highest`` and ``lowest`` compare amounts in the currency's subunits, meaningless across currencies (6,000 JPY
+    is more than 50.00 USD there), and an org customer has one currency."""
+    if policy not in ("highest", "lowest") or len(candidates) < 2:
+        return
+    found: dict[str, list[str]] = {}
+    for user_id, subscription in candidates:
+        code = str(subscription.get("plan_code"))
+        plan = await plans.get(code)
+        currency = subscription.get("plan_amount_currency") or (plan or {}).get("amount_currency")
+        found.setdefault(str(currency or "?"), []).append(f"{user_id}'s {code!r}")
+    if len(found) > 1:
+        paid = "; ".join(f"{currency}: {', '.join(who)}" for currency, who in sorted(found.items()))
+        raise InvalidRequestError(
+            f"org {org.org_id!r}'s users pay in different currencies ({paid}): --plan-policy {policy} cannot compare "
+            "their amounts (no exchange rates), and an org customer has one currency. Nothing was done for this org: "
+            "name its plan in the mapping's plan_code column, or run with --plan-policy oldest or newest"
+        )
 
 
 async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog) -> tuple[str, JSON]:
@@ -1956,6 +2020,15 @@ async def plan_org(
     terminated: dict[str, list[JSON]] = {}
     for user_id in org.users:
         customer = await _or_none(client.get_customer(user_id))
+        if customer_metadata(customer).get(METADATA_BILLING_TYPE) == ORGANIZATION:
+            # (ids of users and orgs from one sequence, an earlier batch made org user_id: its subscription would be
+            # ended as this "user's", and the org it bills left unbilled)
+            raise InvalidRequestError(
+                f"user_id {user_id!r} (org {org.org_id!r}) is the Lago customer of an org (its metadata "
+                f"{METADATA_BILLING_TYPE}={ORGANIZATION}), not a user's: nothing was done for org {org.org_id!r}, "
+                f"and org {user_id!r} keeps its subscription. Check the user_id of its rows in the mapping (Lago keys "
+                "customers by external_id only: a user cannot share an org's id)"
+            )
         subscriptions: list[JSON] = []
         if customer is None:
             result.warnings.append(
@@ -1963,7 +2036,9 @@ async def plan_org(
                 "case-sensitive: a typo?)"
             )
         else:
-            subscriptions, terminated[user_id] = await _user_subscriptions(client, user_id, ended_statuses)
+            subscriptions, terminated[user_id], incomplete = await _user_subscriptions(client, user_id, ended_statuses)
+            if incomplete:
+                result.warnings.append(_incomplete_said(user_id, org.org_id, incomplete))
         for subscription in subscriptions:  # every write it needs must be possible before the first one is made
             path_segment(subscription.get("external_id"), f"user {user_id!r}'s subscription id")
         users.append((user_id, customer, subscriptions))
@@ -2000,6 +2075,8 @@ async def plan_org(
         if s.get("status") == "pending" and not s.get("previous_plan_code")
     ]
 
+    if org.plan_code is None and org_subscription is None:
+        await _amounts_comparable(org, options.plan_policy, active or starting, plans)
     source: tuple[str, JSON] | None = await _pick(options.plan_policy, active, plans) if active else None
     starts_at: str | None = None
     if not active and starting:  # users who bought a plan starting later: the org starts when the first would have
@@ -2130,6 +2207,15 @@ async def plan_org(
                         "that is not on a later day than today, so the org subscription cannot end with it and "
                         "this org would fail at it (see the error then)"
                     )
+            trial = _trial_days(await plans.get(result.plan_code))
+            if trial and active:  # (a subscription starting later would have had that trial all the same)
+                result.warnings.append(
+                    f"org {org.org_id!r}: plan {result.plan_code!r} has a {trial:g}-day trial, which Lago gives every "
+                    f"new subscription: the org subscription starts one, and is not billed the plan's fee for "
+                    f"{trial:g} days although its users' subscriptions had theirs. To bill it from the cut-over, "
+                    f"subscribe the org yourself first (POST /subscriptions, external_id {sub_id!r}, plan_overrides "
+                    '{"trial_period": 0}), then run again: the migration keeps the org subscription it finds'
+                )
             until = f"; ending {payload['ending_at']}" if "ending_at" in payload else ""
             steps.append(
                 Step(
@@ -2390,14 +2476,25 @@ async def _donor_kept(
 
 async def _user_subscriptions(
     client: LagoClient, user_id: str, ended: Sequence[str] = ()
-) -> tuple[list[JSON], list[JSON]]:
-    """A user's active and pending subscriptions (every page), and those of the ``ended`` statuses listed in the same
-    request (one listing per user rather than two)."""
-    items = [
-        s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=["active", "pending", *ended])
-    ]
+) -> tuple[list[JSON], list[JSON], list[JSON]]:
+    """A user's active and pending subscriptions (every page), those of the ``ended`` statuses and its incomplete ones
+    (waiting for a payment: see :func:`_incomplete_said`), listed in the same request (one listing per user)."""
+    statuses = ["active", "pending", "incomplete", *ended]
+    items = [s async for s in client.iter_subscriptions(external_customer_id=user_id, statuses=statuses)]
     live = [s for s in items if s.get("status") in ("active", "pending")]
-    return live, [s for s in items if s.get("status") in ended]
+    incomplete = [s for s in items if s.get("status") == "incomplete"]
+    return live, [s for s in items if s.get("status") in ended], incomplete
+
+
+def _incomplete_said(user_id: str, org_id: str, incomplete: Sequence[JSON]) -> str:
+    """A user's subscriptions waiting for a payment (Lago's ``incomplete``, ``activation_rules`` of type ``payment``):
+    once paid they start and bill the user; Lago refuses to end one meanwhile (``422 subscription_incomplete``)."""
+    ids = ", ".join(str(s.get("external_id")) for s in incomplete)
+    return (
+        f"user {user_id!r} (org {org_id!r}) has incomplete subscription(s) {ids} (waiting for a payment): once paid, "
+        "it starts and bills the user; Lago refuses to end it while incomplete. Run the migration again once it is "
+        "paid (it is then ended like the others) or canceled (payment failed, or timed out)"
+    )
 
 
 async def _listed_or_read(
@@ -2822,8 +2919,10 @@ async def verify_org(
     user_customers: list[tuple[str, JSON | None]] = []
     for user_id in org.users:
         # (every page: a user left with more than one page of subscriptions is reported with all of them)
-        live, ended_by_user[user_id] = await _user_subscriptions(client, user_id, ended_statuses)
+        live, ended_by_user[user_id], incomplete = await _user_subscriptions(client, user_id, ended_statuses)
         pages.append((user_id, live))
+        if incomplete:  # (as a pending one: it would bill the user once paid)
+            result.errors.append(_incomplete_said(user_id, org.org_id, incomplete))
         user_customers.append((user_id, await _or_none(client.get_customer(user_id))))
     accepted = (options or MigrationOptions()).accept_unmoved
     for user_id, customer in user_customers:  # (what they hold that was not moved: see _settle_unmoved)
@@ -3127,6 +3226,8 @@ async def run_migration(
             raise MappingError(problems)
     results = [OrgResult(org_id=org.org_id, users=org.users) for org in orgs]
     run.orgs = results
+    if journal is not None:
+        journal.use_lago(client.settings)
     fingerprints = [org.fingerprint(options, client.settings) for org in orgs]
     # (which run made an org subscription, whatever the phase: a first phase stopped and a second resuming it)
     both_phases = dataclasses.replace(options, prepare_only=False)

@@ -301,6 +301,14 @@ def run_migrate_command(
         except OSError as exc:
             print(f"error: --report {args.report} cannot be written ({type(exc).__name__}: {exc})", file=err)
             return 2
+    if args.journal and args.mapping_file and _same_file(Path(args.journal), Path(args.mapping_file)):
+        # (the journal's lines were appended to the mapping, which every later run then refused as broken)
+        print(
+            f"error: --journal {args.journal} is the mapping file: the journal would be written into it; give the "
+            "journal a path of its own",
+            file=err,
+        )
+        return 2
     lock: JournalLock | None = None
     if args.journal and mode == "execute":  # (before the journal is read: another run may be writing it)
         lock = JournalLock(args.journal)
@@ -397,6 +405,8 @@ def _run(
                     records = await load_mapping_callable(args.mapping_callable)
                 orgs, warnings = await validate_mapping(client, records, options)
                 journal = opened
+                if journal is not None:  # (its entries of another Lago organization at the same URL never match)
+                    journal.use_lago(client.settings)
                 users = sum(len(org.users) for org in orgs)
                 print(
                     f"migrate ({mode}): {len(orgs)} orgs, {users} users, Lago at {masked_url(settings.api_url)}",
