@@ -36,7 +36,7 @@ import sys
 import time
 import types
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from json.encoder import encode_basestring as _json_str
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -1614,6 +1614,30 @@ class OrgBillingMiddleware:
 #: The JSON text of a request's event (``json.loads`` gives the document ``event_payload`` builds): transaction id,
 #: timestamp, the org/endpoint head, status, duration, tokens, and
 #: the optional user and model. Timestamp and duration are written with millisecond digits (fixed at creation).
+def _with_gate_headers(
+    headers: Iterable[tuple[bytes, bytes]], gate: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[bytes, bytes]]:
+    """An answer's headers with the gate's ``RateLimit-*`` (and ``Retry-After``) added, unless the app set its own (a
+    gateway passing its upstream's on, a limiter of its own): those are kept, not joined by a second value of each
+    field (RFC 9110 reads repeated fields as one list, ``100, 5``: neither readable). The three ``RateLimit-*`` fields
+    describe one limit together: none of the gate's is added next to any of the app's."""
+    for name, _ in headers:
+        if name and name[0] in (114, 82):  # (b"r", b"R": the first byte of a field of the gate's)
+            break
+    else:  # (the usual: no field of the app's starts so: 0.1 µs)
+        return [*headers, *gate]
+    own = {_GATE_FIELDS.get(name.lower()) for name, _ in headers}
+    return [*headers, *(pair for pair in gate if _GATE_FIELDS[pair[0]] not in own)]
+
+
+#: The fields the gate adds to an answer (lowercase, as ASGI names them), by what they describe.
+_GATE_FIELDS = {
+    b"ratelimit-limit": "ratelimit",
+    b"ratelimit-remaining": "ratelimit",
+    b"ratelimit-reset": "ratelimit",
+    b"retry-after": "retry-after",
+}
+
 _EVENT_JSON = (
     '{"transaction_id":"%s","timestamp":"%.3f",%s,"status_code":%d,"duration_ms":%.3f,'
     '"input_tokens":%d,"output_tokens":%d,"total_tokens":%d%s%s}}'
@@ -1718,7 +1742,7 @@ class _ResponseWatcher(UsageRecorder):
             if self.on_start is not None:  # (which may set the headers to add)
                 return self._start_then_send(self.on_start, send, message)
             if self.extra_headers:
-                message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+                message = {**message, "headers": _with_gate_headers(message.get("headers", ()), self.extra_headers)}
         elif kind in _FILE_SENDS:
             # a file the server sends itself (ASGI extensions; FileResponse under granian): the body as it goes out
             if kind == "http.response.pathsend" or not message.get("more_body"):
@@ -1736,7 +1760,7 @@ class _ResponseWatcher(UsageRecorder):
         replacement = await on_start()
         if replacement is None:
             if self.extra_headers:
-                message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+                message = {**message, "headers": _with_gate_headers(message.get("headers", ()), self.extra_headers)}
             await send(message)
         else:  # the app's answer is dropped, message by message, and the replacement goes out
             self.send = _discard
