@@ -294,7 +294,7 @@ async def test_record_usage_and_duplicates(env: Env) -> None:
     assert event["properties"]["total_tokens"] == 42
     second = await env.client.post(f"{BASE}/org_acme/usage/record", json=body, headers=ADMIN)
     assert (second.status_code, second.json()["duplicate"]) == (200, True)
-    other = {"event_code": "tokens", "properties": {"total_tokens": 7}, "user_id": "ada", "timestamp": 1_700_000_000}
+    other = {"event_code": "tokens", "properties": {"total_tokens": 7}, "user_id": "ada", "timestamp": 4_000_000_000}
     assert (await env.client.post(f"{BASE}/org_acme/usage/record", json=other, headers=ADMIN)).status_code == 201
     assert env.fake.events[-1]["code"] == "tokens"
 

@@ -989,6 +989,8 @@ def usage_body(rng: random.Random, noisy: bool) -> Usage:
         roll = roll if roll < 0.2 else 0.9
     if roll < 0.2:
         body["timestamp"] = rng.choice((1_741_953_600, 1_741_953_600.125, "1741953600.5", " 1741953600 ", 0, "0.001"))
+        if body["timestamp"] in (0, "0.001"):  # (before the subscriptions start, at NOW: Lago would never bill it)
+            u.late.add("timestamp")
     elif roll < 0.24:
         body["timestamp"] = rng.choice((True, [], {}, {"t": 1}))
         u.early.add(("body", "timestamp"))

@@ -904,8 +904,9 @@ class LagoClient:
             # answer would fail its retry with a 404
             # (a 429 always: Lago processed nothing, even of a call not otherwise retried; and a write never sent, its
             # connection not made (refused, DNS, connect timeout): nothing reached Lago. A read with retry=False is a
-            # probe's one attempt: not resent)
-            throttled = isinstance(error, LagoRateLimitError)
+            # probe's one attempt, within LAGO_API_TIMEOUT: not resent, not even after a 429, whose wait can be the
+            # whole retry deadline: a readiness probe, a webhook waiting on Lago's key, is told Lago throttles now)
+            throttled = isinstance(error, LagoRateLimitError) and (retry or method != "GET")
             never_sent = method != "GET" and not _maybe_applied(error)
             retryable = throttled or never_sent or (retry and method != "DELETE")
             if not retryable:

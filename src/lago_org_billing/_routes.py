@@ -82,7 +82,7 @@ from ._errors import (
     traceback_text,
 )
 from ._gate import QuotaGateProtocol
-from ._ids import format_timestamp, validate_id
+from ._ids import format_timestamp, parse_time, validate_id
 from ._quota import QuotaConfig
 from ._settings import BillingSettings
 from ._webhooks import Invalidate, SupportsInvalidate, _called, _scope_gate, check_invalidate
@@ -297,6 +297,26 @@ def _query_int(request: Request, name: str, maximum: int, default: int) -> int:
     if not 1 <= value <= maximum:
         raise _Invalid(_error(("query", name), f"Must be a whole number from 1 to {maximum}.", "int_range"))
     return value
+
+
+def _check_after_start(org_id: str, timestamp: object, subscription: JSON) -> None:
+    """Refuse an event dated before the org's subscription started (``started_at``): Lago stores it (a 200) and never
+    bills it, as an event of a code the plan has no charge for."""
+    try:
+        sent = Decimal(format_timestamp(cast("Any", timestamp)))
+    except InvalidRequestError:
+        return  # (no time at all: said as before, where the event is made)
+    started = parse_time(subscription.get("started_at"))
+    if started is not None and sent < Decimal(started.timestamp()).quantize(Decimal("0.001"), rounding="ROUND_FLOOR"):
+        raise _Invalid(
+            _error(
+                ("body",),  # (as the other refusals made once the subscription is read)
+                f"The timestamp {timestamp!r} is before org {org_id!r}'s subscription started "
+                f"({subscription.get('started_at')}): Lago would store the event and never bill it. Send the time the "
+                "usage happened (on or after the start), or none for now.",
+                "value_error",
+            )
+        )
 
 
 def _check_billed(event_code: str, subscription: Mapping[str, Any]) -> None:
@@ -786,6 +806,8 @@ class BillingRouter(Router):
             )
         if event_code is not None and event_code != self.billing.settings.event_code:
             _check_billed(event_code, subscription)  # (nor events of a code its plan has no charge for: a typo)
+        if timestamp is not None:
+            _check_after_start(org_id, timestamp, subscription)  # (nor events of before it: never billed either)
         # counted by the gate at once, as the middleware counts its requests (else only at its next snapshot of Lago)
         quota = self.billing.quota
         if quota is None:

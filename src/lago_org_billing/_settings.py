@@ -808,18 +808,23 @@ def _check_api_key(settings: BillingSettings) -> None:
     object.__setattr__(settings, "api_key", key)
     if not isinstance(key, str) or not key:
         return
-    problem = None
+    problem = api_key_problem(key)
+    if problem:
+        raise ConfigurationError(f"LAGO_API_KEY {problem}.", variable="LAGO_API_KEY")
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why ``key`` (stripped) cannot be an API key a client sends as ``Authorization: Bearer <key>``, or ``None``."""
     if _BEARER.match(key):
-        problem = "starts with 'Bearer': set it to the key alone (the client sends 'Authorization: Bearer <key>')"
-    elif any(char.isspace() for char in key):
-        problem = "has a blank or a line break inside: set it to the key alone (Lago: Developers > API keys)"
-    elif not (key.isascii() and key.isprintable()):  # (httpx could not send it: UnicodeEncodeError at first use)
-        problem = (
+        return "starts with 'Bearer': set it to the key alone (the client sends 'Authorization: Bearer <key>')"
+    if any(char.isspace() for char in key):
+        return "has a blank or a line break inside: set it to the key alone (Lago: Developers > API keys)"
+    if not (key.isascii() and key.isprintable()):  # (httpx could not send it: UnicodeEncodeError at first use)
+        return (
             "has a character no Lago key has (a typographic quote, an invisible or control character, pasted with "
             "it): type or copy the key again alone (Lago: Developers > API keys)"
         )
-    if problem:
-        raise ConfigurationError(f"LAGO_API_KEY {problem}.", variable="LAGO_API_KEY")
+    return None
 
 
 def _spool_path(value: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
@@ -188,10 +189,17 @@ def _command_parser(parser: argparse.ArgumentParser, command: str | None) -> arg
 
 
 def _emulator(args: argparse.Namespace) -> int:
+    from ._errors import ConfigurationError
+    from ._settings import api_key_problem
     from .testing import FakeLago
     from .testing._server import free_port_or_error, local_url, require_uvicorn, run
 
-    api_key = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
+    given = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
+    api_key = given.strip()  # (as the clients send it)
+    problem = api_key_problem(api_key) if api_key else "is empty"
+    if problem:  # (served, every call would be a 401: no client can send it)
+        where = "--api-key" if args.api_key else "LAGO_API_KEY"
+        raise ConfigurationError(f"The emulator's API key ({where}) {problem}.", variable="LAGO_API_KEY")
     if args.seed:
         fake = _seeded(args.seed, api_key=api_key, event_store=args.event_store)
     else:
@@ -202,11 +210,12 @@ def _emulator(args: argparse.Namespace) -> int:
     # (the URL run() signs its JWT webhooks with: the wildcard address, printed, had apps refuse every webhook's issuer)
     url = local_url(args.host, port)
     # The environment's key may be a real Lago's: not printed (the apps of this shell already have it).
-    key = "" if api_key == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={api_key}"
+    # (quoted for a shell: a key with a $, ; or quote, pasted unquoted, set another key)
+    key = "" if given == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={shlex.quote(api_key)}"
     print(
         f"Lago emulator on {url} (event store {args.event_store}"
         f"{', taking the LAGO_API_KEY of your environment' if not key else ''}).\n"
-        f"  export LAGO_API_URL={url}{key}",
+        f"  export LAGO_API_URL={shlex.quote(url)}{key}",
         flush=True,
     )
     run(fake, args.host, port)
