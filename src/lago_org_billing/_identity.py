@@ -1319,6 +1319,13 @@ def default_user_resolver(settings: BillingSettings) -> Resolver:
     return first_of(*resolvers)
 
 
+#: The default resolvers' reads of ``request.state`` and ``scope["user"]`` (see :func:`late_user`).
+_STATE_ORG = from_state("org_id")
+_STATE_USER = from_state("user_id")
+_USER_ORG = from_user("org_id")
+_USER_ID = from_user(("identity", "user_id", "id", "sub", "username"))
+
+
 def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str | None, str | None] | None]:
     """The default org and user resolvers in one pass over the scope (the middleware's hot path).
 
@@ -1471,7 +1478,10 @@ def _current(request_or_scope: Any, key: str) -> str | None:
     elif data.get("org_id") is not None and getattr(data.get("middleware"), "_identify", None) is not None:
         # The default resolvers: the middleware bills an org (or user) the app's auth set since (see late_identity)
         user = data.get("user_id")
-        late = late_identity(scope.get("state"), data["org_id"], user if isinstance(user, str) else None)
+        user = user if isinstance(user, str) else None
+        late = late_identity(scope.get("state"), data["org_id"], user)
+        was = late if late is not None else (data["org_id"], user)
+        late = late_user(scope, *was) or late  # (an auth middleware inside the billing one: request.user, then)
         if late is not None:
             return late[0] if key == "org_id" else late[1]
     value = data.get(key)
@@ -1497,6 +1507,31 @@ def late_identity(state: object, org_id: str | None, user_id: str | None) -> tup
     if org_id is None or late_user is None or late_user == user_id:
         return None
     return org_id, late_user
+
+
+def late_user(scope: Scope, org_id: str | None, user_id: str | None) -> tuple[str, str | None] | None:
+    """The identity of a request whose ``scope["user"]`` an authentication middleware inside the billing one set while
+    the app ran (Starlette's ``AuthenticationMiddleware`` added after ``OrgBillingMiddleware``), over the one found
+    before it ran from the headers, as the resolvers' order says (``request.user`` before a header, the client's
+    claim; ``request.state``, read first, before both):
+
+    * the user's ``org_id`` names another org than ``org_id``: that org, with the user's id (else ``user_id``);
+    * it names none, or ``org_id``: that org, with the user's id when it is another than ``user_id``.
+
+    ``None`` when it changes neither, or ``request.state`` names them (see :func:`late_identity`)."""
+    if org_id is None or scope.get("user") is None:
+        return None
+    late = _USER_ORG(scope) if _STATE_ORG(scope) is None else None
+    late_id = _USER_ID(scope) if _STATE_USER(scope) is None else None
+    if not isinstance(late, str):
+        late = None
+    if not isinstance(late_id, str):
+        late_id = None
+    if late is not None and late != org_id:
+        return late, late_id or user_id
+    if late_id is None or late_id == user_id:
+        return None
+    return org_id, late_id
 
 
 def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, user_id: str | None) -> None:

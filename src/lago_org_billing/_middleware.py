@@ -78,6 +78,7 @@ from ._identity import (
     default_user_resolver,
     describe_resolver,
     late_identity,
+    late_user,
     publish_identity as _publish,
     resolve_now,
 )
@@ -424,6 +425,7 @@ class OrgBillingMiddleware:
         if identity is None:
             identity = await self._resolve(scope)
         org_id, user_id = identity
+        had_user = "user" in scope  # (else one an auth middleware inside this one sets is read when the app is done)
         state = scope.get("state")
         if type(state) is dict:  # publish_identity(), inline for the usual state (a plain dict): the hot path
             billing["org_id"] = org_id
@@ -500,11 +502,17 @@ class OrgBillingMiddleware:
                     # the default resolvers: an org or user the app's auth set while it ran wins
                     state = scope.get("state")
                     # (the usual state has neither: found absent at once; one set before the app ran is the same)
+                    late = None
                     if type(state) is dict and ("org_id" in state or "user_id" in state):
                         if state.get("org_id") not in (None, org_id) or state.get("user_id") not in (None, user_id):
                             late = self._authenticated_late(state, org_id, user_id, decision)
-                            if late is not None:
-                                org_id, user_id, decision = late
+                    if not had_user and "user" in scope:
+                        # AuthenticationMiddleware inside this one: request.user is set while the app runs, and wins
+                        # over the headers (the client's claim), as the resolvers' order says (after request.state)
+                        was = late if late is not None else (org_id, user_id, decision)
+                        late = self._late(late_user(scope, was[0], was[1]), *was) or late
+                    if late is not None:
+                        org_id, user_id, decision = late
                 if preflight and self._preflight_unbilled(org_id, decision, watcher):
                     pass
                 elif gated_again and decision is not None and not decision.allowed:
@@ -1097,7 +1105,16 @@ class OrgBillingMiddleware:
         to another user, while it ran (see :func:`late_identity`); ``None`` when it set neither. A user alone keeps
         the org and its decision (gated as it is billed). Another org: the call reserved for the one found before
         is released, and the request counted ``reattributed`` (it was gated as that other org)."""
-        found = late_identity(state, org_id, user_id)
+        return self._late(late_identity(state, org_id, user_id), org_id, user_id, decision)
+
+    def _late(
+        self,
+        found: tuple[str, str | None] | None,
+        org_id: str,
+        user_id: str | None,
+        decision: QuotaDecision | None,
+    ) -> tuple[str, str | None, QuotaDecision | None] | None:
+        """:meth:`_authenticated_late` for the identity ``found`` after the app ran (``None``: none)."""
         if found is None:
             return None
         late, late_user = found
