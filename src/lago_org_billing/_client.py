@@ -1479,6 +1479,7 @@ def _error_from_response(response: httpx.Response, method: str, url: str) -> Lag
     parsed = _body_object(response)
     error = _lago_error(response, method, url, parsed)
     error.lago_json = parsed is not None
+    error.lago_envelope = parsed is not None and parsed.get("status") == response.status_code
     return error
 
 

@@ -80,6 +80,7 @@ from ._errors import (
     is_duplicate_error,
 )
 from ._events import MAX_BATCH_SIZE
+from ._ids import format_timestamp
 from ._metrics import PipelineMetrics
 from ._settings import redact_url
 from ._spool import (
@@ -257,12 +258,20 @@ class EventPipeline:
         A full outbox or a closed pipeline never raises: it counts the event in ``dropped``, logs an ERROR (once per
         burst), and the answer is False (True: accepted). Something that is neither an event (a mapping) nor a
         function raises :class:`InvalidRequestError` (it could only be dead-lettered)."""
-        if not isinstance(event, Mapping) and not callable(event):  # (it would be dead-lettered in the background)
-            raise InvalidRequestError(
-                f"EventPipeline.submit() takes an event (a dict such as {{'transaction_id': ..., "
-                f"'external_subscription_id': ..., 'code': ..., 'properties': {{...}}}}) or a function returning one, "
-                f"got {type(event).__name__}: nothing was queued."
-            )
+        if type(event) is not dict:
+            if isinstance(event, Mapping):  # (a read-only mapping, a ChainMap: taken for a builder, then dead-lettered)
+                event = dict(event)
+            elif not callable(event):  # (it would be dead-lettered in the background)
+                raise InvalidRequestError(
+                    f"EventPipeline.submit() takes an event (a dict such as {{'transaction_id': ..., "
+                    f"'external_subscription_id': ..., 'code': ..., 'properties': {{...}}}}) or a function returning "
+                    f"one, got {type(event).__name__}: nothing was queued."
+                )
+        if type(event) is dict and event.get("timestamp") is None:
+            # fixed now, when the event is made: without one Lago stamps each copy it receives, and on its ClickHouse
+            # store a resend after a lost answer is a second event, billed twice (and one sent after an outage is
+            # billed at the time it was sent)
+            event["timestamp"] = format_timestamp()
         self.metrics.recorded += 1
         if not self._closed and self.outbox.put(event):
             if self._drop_burst:
@@ -670,6 +679,11 @@ class EventPipeline:
                 if failure is not None:
                     raise failure
             except LagoValidationError as exc:
+                if not exc.lago_envelope:  # a proxy's or a gateway's 422 page: no event is at fault (all were struck)
+                    metrics.lago_error(exc.status)
+                    if self._server_failure(items, exc, stack):
+                        continue
+                    return
                 stack.extend(self._rejected(items, exc))
             except LagoRateLimitError as exc:
                 metrics.lago_error(exc.status)
@@ -691,9 +705,9 @@ class EventPipeline:
                 return
             except LagoAPIError as exc:  # other answers
                 metrics.lago_error(exc.status)
-                # the content of some event: split until it is alone (not a 400 page of a proxy's: Lago's are JSON,
-                # and an HTTP request to an HTTPS port would dead-letter every event)
-                if exc.status in _EVENT_AT_FAULT and (exc.status != 400 or exc.lago_json):
+                # the content of some event: split until it is alone (not a 400 of a proxy's or a gateway's: Lago's
+                # is its JSON envelope, and an HTTP request to an HTTPS port would dead-letter every event)
+                if exc.status in _EVENT_AT_FAULT and (exc.status != 400 or exc.lago_envelope):
                     self._isolate(items, exc, stack)
                 elif self._server_failure(items, exc, stack):  # 405, 408, 409...: not one event's doing
                     continue

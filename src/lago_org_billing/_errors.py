@@ -74,9 +74,12 @@ class LagoAPIError(LagoIntegrationError):
     * **error** - Lago's ``error`` text.
     * **lago_json** - whether the answer's body was a JSON object, as Lago's are (``False``: a proxy's or load
       balancer's page, or no body: its status is theirs, not Lago's verdict on the request).
+    * **lago_envelope** - whether that object is Lago's error envelope (``{"status": <the answer's>, "error": ...}``):
+      ``False`` for an API gateway's own JSON (``{"message": "Bad Request"}``), whose 400 or 422 blames no event.
     """
 
     lago_json: bool = True
+    lago_envelope: bool = True
 
     def __init__(
         self,

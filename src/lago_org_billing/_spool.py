@@ -79,6 +79,7 @@ import anyio.to_thread
 
 from . import _forks
 from ._errors import ConfigurationError, _chain
+from ._ids import format_timestamp
 
 _flock: Callable[[int, int], None] | None
 try:
@@ -575,6 +576,8 @@ def dumps_event(event: JSON | str) -> str:
     elif type(event) is _Unbuildable:
         raise ValueError(event.reason)
     else:
+        if type(event) is dict and event.get("timestamp") is None and "transaction_id" in event:
+            event["timestamp"] = format_timestamp()  # (a builder's event: fixed once, as submit() does it)
         try:
             text = _encode(event)
         except RecursionError:
