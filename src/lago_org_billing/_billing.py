@@ -398,7 +398,7 @@ class OrgBilling:
         An org whose subscription ``external_id`` another Lago customer's active subscription holds is refused before
         anything is sent (:class:`LagoValidationError`, as Lago's 422, saying which customer and what to do)."""
         validate_id(org_id, "org_id")
-        _check_dates(subscription_at, fields)
+        _check_dates(subscription_at, fields, billing_time)
         plan_code = validate_id(plan_code, "plan_code")
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
         return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
@@ -575,7 +575,7 @@ class OrgBilling:
         plan_code = validate_id(plan_code, "plan_code")
         billing_time = subscription_fields.pop("billing_time", "calendar")
         subscription_at = subscription_fields.pop("subscription_at", None)
-        _check_dates(subscription_at, subscription_fields)
+        _check_dates(subscription_at, subscription_fields, billing_time)
         # (the read create_subscription makes, made first: the org's own subscription, or the id held by another)
         subscribed = await self.client.get_current_subscription(self.subscription_id(org_id))
         held = self._held_by_another(org_id, subscribed)
@@ -782,16 +782,26 @@ class OrgBilling:
         logger.info("Subscription %s was ended by Lago although its answer was lost; answered as ended", external_id)
         return ended
 
-    async def _nothing_to_terminate(self, external_id: str) -> LagoNotFoundError:
+    async def _nothing_to_terminate(self, external_id: str) -> LagoAPIError:
         """The error of a terminate that finds neither an active nor a pending subscription ``external_id``: it says
-        when it already ended (a terminate run again, or one whose answer was lost), else that there is none."""
-        for status in ("terminated", "canceled"):
+        when it is waiting for a payment (Lago refuses to end it: 422), when it already ended (a terminate run again,
+        or one whose answer was lost), else that there is none."""
+        for status in ("incomplete", "terminated", "canceled"):
             try:
                 ended = await self.client.get_subscription(external_id, status=status)
             except LagoNotFoundError as exc:
                 if _no_such_route(exc):
                     return exc
                 continue
+            if status == "incomplete":  # (payment-gated: activation_rules of type payment)
+                return LagoValidationError(
+                    f"Subscription {external_id!r} is incomplete (lago_id {ended.get('lago_id')}): waiting for the "
+                    "payment that activates it, and Lago refuses to terminate it meanwhile (subscription_incomplete). "
+                    "It is canceled if the payment fails or times out; once paid it is active: terminate it then.",
+                    status=422,
+                    code="validation_errors",
+                    details={"base": ["subscription_incomplete"]},
+                )
             when = ended.get("terminated_at") or ended.get("canceled_at")
             return LagoNotFoundError(
                 f"Subscription {external_id!r} is already {status} ({when}; lago_id {ended.get('lago_id')}): nothing "
@@ -1416,10 +1426,21 @@ def _is_day(value: object) -> bool:
     return _day(value) is not None
 
 
-def _check_dates(subscription_at: Any, fields: Mapping[str, Any]) -> None:
-    """Raise :class:`InvalidRequestError` for a subscription date Lago cannot be sent (a naive datetime...)."""
+def _check_dates(subscription_at: Any, fields: Mapping[str, Any], billing_time: Any = "calendar") -> None:
+    """Raise :class:`InvalidRequestError` for a subscription date Lago cannot be sent (a naive datetime...), a
+    ``billing_time`` it does not take, or a field the org's subscription gets from its org (given, it raised a bare
+    ``TypeError``, its customer written already)."""
     _iso(subscription_at, "subscription_at")
     _iso(fields.get("ending_at"), "ending_at")
+    if billing_time not in ("calendar", "anniversary"):
+        raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
+    reserved = sorted(key for key in ("external_customer_id", "external_id", "plan_code") if key in fields)
+    if reserved:
+        raise InvalidRequestError(
+            f"{', '.join(reserved)} cannot be given: the org's subscription is its customer's (the org id), under the "
+            "external_id LAGO_SUBSCRIPTION_ID_TEMPLATE makes of the org id (BillingSettings.subscription_id_template "
+            "changes it), on the plan_code argument."
+        )
 
 
 def _customer_zone(customer: Mapping[str, Any] | None) -> dt.tzinfo:
