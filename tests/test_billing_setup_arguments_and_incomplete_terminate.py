@@ -7,6 +7,8 @@
 - ``terminate_subscription`` of an ``incomplete`` subscription (payment-gated; Lago refuses to end it: 422
   ``subscription_incomplete``) said it "is neither active nor pending, and never was ... subscribe the org first":
   it says it is waiting for its payment, and what to do.
+- ``record_usage`` of an event of another metric under a ``transaction_id`` Lago's Postgres store holds for the
+  subscription was answered ``{"duplicate": True}`` and never billed: refused, saying to give it its own id.
 """
 
 from __future__ import annotations
@@ -74,3 +76,28 @@ async def test_terminating_an_incomplete_subscription_says_it_waits_for_its_paym
     assert "incomplete" in text and "payment" in text and "never was" not in text, text
     assert info.value.details == {"base": ["subscription_incomplete"]}
     assert stored["status"] == "incomplete"
+
+
+async def test_an_event_of_another_metric_under_a_used_transaction_id_is_refused_not_called_a_duplicate() -> None:
+    """Lago's Postgres store takes one event per ``transaction_id`` and subscription, whatever its code: a request's
+    second event (another metric) given the first's id was answered ``{"duplicate": True}`` and never billed. It is
+    refused, saying to give it its own id; the same event sent again is still a duplicate."""
+    lago = _lago()
+    lago.add_billable_metric("api_call", aggregation_type="count_agg")
+    lago.add_billable_metric("api_tokens", aggregation_type="sum_agg", field_name="tokens")
+    async with _billing(lago) as billing:
+        await billing.subscribe_org_to_plan("org_a", "starter", "Acme")
+        await billing.record_usage("org_a", "api_call", transaction_id="req_42", timestamp=1_900_000_000)
+        again = await billing.record_usage("org_a", "api_call", transaction_id="req_42", timestamp=1_900_000_000)
+        assert again["duplicate"] is True
+        with pytest.raises(LagoValidationError, match="its own transaction_id") as info:
+            await billing.record_usage("org_a", "api_tokens", transaction_id="req_42", properties={"tokens": 1500})
+        assert "'api_call'" in str(info.value)
+        made = await billing.record_usage(
+            "org_a", "api_tokens", transaction_id="req_42:tokens", properties={"tokens": 1}
+        )
+        assert not made.get("duplicate")
+    assert sorted((e["transaction_id"], e["code"]) for e in lago.events) == [
+        ("req_42", "api_call"),
+        ("req_42:tokens", "api_tokens"),
+    ]
