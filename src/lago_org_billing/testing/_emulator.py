@@ -451,7 +451,13 @@ class FakeLago:
 
     def usage(self, external_customer_id: str, external_subscription_id: str, **params: Any) -> JSON:
         """The body ``GET /customers/{id}/current_usage`` would return (``{"customer_usage": {...}}``)."""
-        groups = dict(params.pop("group", None) or {})
+        group = params.pop("group", None) or {}
+        if not isinstance(group, Mapping):  # (a dict() of it raised a bare ValueError or TypeError)
+            raise FakeLagoError(
+                f"group must be a mapping of event properties to values, such as {{'user_id': 'u1'}}, got {group!r}",
+                status=400,
+            )
+        groups = dict(group)
         query = {"external_subscription_id": external_subscription_id, **params}
         return self._call(lambda: self.store.current_usage(external_customer_id, query, groups))
 
@@ -514,7 +520,10 @@ class FakeLago:
             "amount_currency": fields.pop("amount_currency", "USD"),
             "interval": interval,
             "charges": list(charges or []),
-            "entitlements": dict(entitlements or {}),
+            # (not a mapping: given to the store as it is, which refuses it as Lago does, not a bare ValueError here)
+            "entitlements": dict(entitlements or {})
+            if isinstance(entitlements, (Mapping, type(None)))
+            else entitlements,
             **fields,
         }
         return self._call(lambda: self.store.create_plan({"plan": params}), params)["plan"]  # type: ignore[no-any-return]
