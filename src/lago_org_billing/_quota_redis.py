@@ -1223,7 +1223,7 @@ class RedisBackend:
         elif not self.stats["redis_fallback"] and not self._closed:  # (closed: a refresh still running at shutdown)
             logger.warning(
                 "Redis (%s) failed (%s: %s): quota counting falls back to this process until it answers "
-                "(retry every %.0f s).",
+                "(retry every %g s).",
                 self._shown_url,
                 type(exc).__name__,
                 exc,
