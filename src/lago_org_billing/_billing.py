@@ -867,7 +867,7 @@ class OrgBilling:
             self._count(org_id, payload, quota, dated=timestamp is not None)
         return created
 
-    async def _another_events_id(self, payload: JSON, exc: LagoValidationError) -> LagoValidationError | None:
+    async def _another_events_id(self, payload: JSON, exc: LagoValidationError) -> LagoAPIError | None:
         """Lago's Postgres store refused ``payload`` as a duplicate (its ``transaction_id`` and subscription): the
         error to raise when the event Lago holds under them is of another metric (a caller giving one id to a request's
         two events), not this one sent again; ``None`` for a resend, or when that cannot be read (said a duplicate, as
@@ -880,17 +880,12 @@ class OrgBilling:
             return None  # (the first match across the account: another subscription's event, nothing known)
         if held.get("code") == payload["code"]:
             return None
-        return LagoValidationError(
+        return exc._restated(
+            LagoValidationError,
             f"Lago holds another event under transaction_id {payload['transaction_id']!r} for subscription "
             f"{payload['external_subscription_id']!r}: one of code {held.get('code')!r}, not {payload['code']!r}. "
             "Lago's Postgres store takes one event per transaction_id and subscription, whatever its code: give each "
             "event of a request its own transaction_id (e.g. '<request id>:<code>'). Nothing was recorded.",
-            status=exc.status,
-            code=exc.code,
-            details=exc.details,
-            error=exc.error,
-            method=exc.method,
-            path=exc.path,
         )
 
     def record_usage_nowait(
