@@ -47,7 +47,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE, normalize_event
 from ._http1 import RawConnectError, RawHTTPError, RawPoster, can_use_raw_poster
-from ._ids import path_segment, validate_id
+from ._ids import ascii_digits, path_segment, validate_id
 from ._settings import BillingSettings, redact_url
 from ._version import __version__
 
@@ -97,14 +97,9 @@ def _page_number(value: Any) -> Any:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and _digits(value.strip()):
+    if isinstance(value, str) and ascii_digits(value.strip()):
         return int(value.strip())
     return value
-
-
-def _digits(text: str) -> bool:
-    """Whether ``text`` is ASCII digits only: ``str.isdigit()`` is true of ``"²"`` too, which ``int()`` refuses."""
-    return text.isascii() and text.isdigit()
 
 
 class _State(enum.Enum):

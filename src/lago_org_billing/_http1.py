@@ -39,6 +39,7 @@ import httpx
 
 from . import _forks
 from ._errors import _without_tracebacks
+from ._ids import ascii_digits
 
 __all__ = ["RawConnectError", "RawHTTPError", "RawPoster", "can_use_raw_poster"]
 
@@ -160,7 +161,7 @@ def _decimal(text: str) -> int | None:
     digits of the number (``000...042`` is 42), read without them: thousands of them raised ``int()``'s
     ``ValueError`` (no protocol error: an "unexpected error" with a traceback), and the batch Lago had ingested was
     sent again, for ever when every answer is framed so."""
-    if not (text.isascii() and text.isdigit()):
+    if not ascii_digits(text):
         return None
     significant = text.lstrip("0")
     return int(significant or "0") if len(significant) <= 18 else None

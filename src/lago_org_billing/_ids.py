@@ -103,6 +103,12 @@ def iso_datetime(text: str) -> dt.datetime:
         return _iso_time(found)
 
 
+def ascii_digits(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only, a number ``int()`` reads: ``str.isdigit()`` is also true of ``"²"`` (a
+    Latin-1 header byte, a setting), which ``int()`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_time(value: object) -> dt.datetime | None:
     """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``, ``...00.123+01:00``) as an aware datetime, UTC when it names no
     offset; None when absent, blank or unreadable. Any fraction's length, on every Python (3.10's ``fromisoformat``

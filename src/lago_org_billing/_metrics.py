@@ -87,6 +87,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ._errors import ConfigurationError
+from ._ids import ascii_digits
 
 __all__ = ["LATENCY_BUCKETS", "PipelineMetrics", "register_metrics"]
 
@@ -618,9 +619,7 @@ def _forget_dead_processes(directory: str) -> None:
         return
     for name in names:
         kind, _, pid = name.removesuffix(".db").rpartition("_")
-        if not (
-            name.endswith(".db") and kind.startswith("gauge_live") and pid.isascii() and pid.isdigit() and int(pid) > 0
-        ):
+        if not (name.endswith(".db") and kind.startswith("gauge_live") and ascii_digits(pid) and int(pid) > 0):
             continue  # not a live gauge's file, or not named by a pid (a custom process identifier)
         try:
             os.kill(int(pid), 0)

@@ -143,6 +143,7 @@ from ._errors import (
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
+from ._ids import ascii_digits
 from ._limits import (
     _LARGEST,
     _iso,
@@ -367,7 +368,7 @@ class QuotaConfig:
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:
-            if not (status.isascii() and status.isdigit()):  # ("²" is a digit to isdigit(), not to int())
+            if not ascii_digits(status):
                 raise ConfigurationError(
                     f"LAGO_QUOTA_STATUS must be 429 or 402, got {status!r}.", variable="LAGO_QUOTA_STATUS"
                 )
@@ -377,7 +378,7 @@ class QuotaConfig:
             values["no_subscription"] = no_sub
         no_sub_status = env.get("LAGO_QUOTA_NO_SUBSCRIPTION_STATUS", "").strip()
         if no_sub_status:
-            if not (no_sub_status.isascii() and no_sub_status.isdigit()):  # ("²" is a digit to isdigit(), not to int())
+            if not ascii_digits(no_sub_status):
                 raise ConfigurationError(
                     f"LAGO_QUOTA_NO_SUBSCRIPTION_STATUS must be 402 or 403, got {no_sub_status!r}.",
                     variable="LAGO_QUOTA_NO_SUBSCRIPTION_STATUS",
@@ -394,7 +395,7 @@ class QuotaConfig:
         values["plan_refresh_rate"] = _env_float(env, "LAGO_QUOTA_PLAN_REFRESH_RATE", cls.plan_refresh_rate)
         concurrency = env.get("LAGO_QUOTA_REFRESH_CONCURRENCY", "").strip()
         if concurrency:
-            if not (concurrency.isascii() and concurrency.isdigit()):  # ("²" is a digit to isdigit(), not to int())
+            if not ascii_digits(concurrency):
                 raise ConfigurationError(
                     f"LAGO_QUOTA_REFRESH_CONCURRENCY must be a whole number >= 1, got {concurrency!r}.",
                     variable="LAGO_QUOTA_REFRESH_CONCURRENCY",

@@ -78,6 +78,7 @@ import anyio.abc
 from cachetools import LRUCache
 
 from ._errors import ConfigurationError, QuotaBackendError
+from ._ids import ascii_digits
 from ._periods import period_key
 from ._quota import QuotaConfig
 from ._quota_local import LocalBackend, _Counts, _reads
@@ -1017,7 +1018,7 @@ class _Mark:
         """The settles of the write that Redis did not run, its mark's ``value`` read after the write ended (``""``:
         no mark; another write's: none of this one ran)."""
         written, _, count = value.rpartition(":")
-        ran = int(count) if count.isascii() and count.isdigit() else 0
+        ran = int(count) if ascii_digits(count) else 0
         if written == self.write_id + "+":  # (the first pipeline answered: all ran but those run again)
             return [self.batch[n] for n in self.again[ran:]]
         if written != self.write_id:  # (it never had them, or its first was cut off as it was sent)

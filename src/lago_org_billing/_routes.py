@@ -82,7 +82,7 @@ from ._errors import (
     traceback_text,
 )
 from ._gate import QuotaGateProtocol
-from ._ids import format_timestamp, parse_time, validate_id
+from ._ids import ascii_digits, format_timestamp, parse_time, validate_id
 from ._quota import QuotaConfig
 from ._settings import BillingSettings
 from ._webhooks import Invalidate, SupportsInvalidate, _called, _scope_gate, check_invalidate
@@ -269,7 +269,7 @@ async def _json_object(router: BillingRouter, request: Request, allowed: set[str
 async def _capped_body(request: Request, max_size: int) -> bytes:
     too_large = _Refused(413, f"The body is over {max_size} bytes.", "body_too_large")
     length = request.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > max_size:  # ("²" is a digit to isdigit(), not to int())
+    if ascii_digits(length) and int(length) > max_size:
         raise too_large
     chunks: list[bytes] = []
     size = 0
@@ -293,7 +293,7 @@ def _query_int(request: Request, name: str, maximum: int, default: int) -> int:
     if raw is None:
         return default
     digits = raw.lstrip("0")  # (leading zeros count in int()'s digit limit too)
-    value = int(digits or "0") if raw.isascii() and raw.isdigit() and len(digits) <= len(str(maximum)) else 0
+    value = int(digits or "0") if ascii_digits(raw) and len(digits) <= len(str(maximum)) else 0
     if not 1 <= value <= maximum:
         raise _Invalid(_error(("query", name), f"Must be a whole number from 1 to {maximum}.", "int_range"))
     return value

@@ -92,6 +92,7 @@ from . import _checks as checks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY, pyjwt_depth_errors
+from ._ids import ascii_digits
 from ._quota import QuotaGate
 from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
 from ._settings import BillingSettings, _check_unquoted
@@ -1035,8 +1036,7 @@ class LagoWebhooks:
     async def _read_body(self, request: Request, limit: int) -> bytes | None:
         """The body, or ``None`` once it is over ``limit`` bytes (read no further)."""
         declared = request.headers.get("content-length")
-        # ("²", a Latin-1 byte of a header, is a digit to isdigit(), not to int(): no 500 for a malformed length)
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        if declared is not None and ascii_digits(declared) and int(declared) > limit:
             return None
         chunks: list[bytes] = []
         size = 0
