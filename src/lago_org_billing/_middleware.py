@@ -1628,9 +1628,6 @@ class OrgBillingMiddleware:
         return outward
 
 
-#: The JSON text of a request's event (``json.loads`` gives the document ``event_payload`` builds): transaction id,
-#: timestamp, the org/endpoint head, status, duration, tokens, and
-#: the optional user and model. Timestamp and duration are written with millisecond digits (fixed at creation).
 def _with_gate_headers(
     headers: Iterable[tuple[bytes, bytes]], gate: tuple[tuple[bytes, bytes], ...]
 ) -> list[tuple[bytes, bytes]]:
@@ -1655,6 +1652,9 @@ _GATE_FIELDS = {
     b"retry-after": "retry-after",
 }
 
+#: The JSON text of a request's event (``json.loads`` gives the document ``event_payload`` builds): transaction id,
+#: timestamp, the org/endpoint head, status, duration, tokens, and
+#: the optional user and model. Timestamp and duration are written with millisecond digits (fixed at creation).
 _EVENT_JSON = (
     '{"transaction_id":"%s","timestamp":"%.3f",%s,"status_code":%d,"duration_ms":%.3f,'
     '"input_tokens":%d,"output_tokens":%d,"total_tokens":%d%s%s}}'
