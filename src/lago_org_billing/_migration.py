@@ -883,11 +883,16 @@ class Journal:
     @property
     def prepared(self) -> frozenset[str]:
         """The orgs a first phase (``prepare_only``: ``--prepare``) of this journal was done for."""
-        return frozenset(org_id for org_id in self._prepared if self._same_lago(self._done.get(org_id, ("", None))[1]))
+        return frozenset(org_id for org_id in self._prepared if self._prepared_here(org_id))
+
+    def _prepared_here(self, org_id: str) -> bool:
+        """Whether a first phase for this run's Lago organization prepared the org (see :meth:`use_lago`)."""
+        return org_id in self._prepared and self._same_lago(self._done.get(org_id, ("", None))[1])
 
     def prepared_donor(self, org_id: str) -> tuple[str, str] | None:
         """The user and subscription id whose entitlement overrides the first phase gave the org (its donor)."""
-        return self._donors.get(org_id) if org_id in self.prepared else None
+        # (one org's look: not the whole prepared set built again for each org)
+        return self._donors.get(org_id) if self._prepared_here(org_id) else None
 
     def _phase_done(self, entry: Mapping[str, Any]) -> None:
         """An org recorded done: by a first phase (its donor kept for the second), or finished."""

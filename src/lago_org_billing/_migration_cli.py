@@ -416,12 +416,13 @@ def _run(
                     # (an org done with another mapping row, options, Lago or id template is planned again)
                     same = sum(journal.is_done(org.org_id, org.fingerprint(options, client.settings)) for org in orgs)
                     # (done by the first phase, --prepare: the second phase finishes them)
+                    prepared_orgs = journal.prepared  # (a set built once, not once per org)
                     prepared = (
                         0
                         if options.prepare_only
                         else sum(
                             journal.was_done(org.org_id)
-                            and org.org_id in journal.prepared
+                            and org.org_id in prepared_orgs
                             and not journal.is_done(org.org_id, org.fingerprint(options, client.settings))
                             for org in orgs
                         )
