@@ -1637,12 +1637,15 @@ def _error_messages(body: Mapping[str, Any]) -> str:
     if not isinstance(errors, list):
         return ""
     found = [item["message"] for item in errors[:5] if isinstance(item, dict) and isinstance(item.get("message"), str)]
-    text = "; ".join(" ".join(message.split()) for message in found if message.strip())  # (one line: for logs)
-    return text if len(text) <= 300 else text[:297] + "..."
+    return _clipped("; ".join(" ".join(message.split()) for message in found if message.strip()))  # (one line)
 
 
 def _short(details: Mapping[str, Any]) -> str:
-    text = str(dict(details))
+    return _clipped(str(dict(details)))
+
+
+def _clipped(text: str) -> str:
+    """``text`` in 300 characters at most (an error message's part: Lago's details, its 500's messages)."""
     return text if len(text) <= 300 else text[:297] + "..."
 
 
