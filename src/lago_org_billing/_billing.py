@@ -26,7 +26,7 @@ import httpx
 from cachetools import TTLCache
 
 from . import _checks as checks
-from ._client import JSON, LagoClient
+from ._client import JSON, LagoClient, check_billing_time
 from ._errors import (
     ConfigurationError,
     InvalidIdentifierError,
@@ -398,7 +398,7 @@ class OrgBilling:
         An org whose subscription ``external_id`` another Lago customer's active subscription holds is refused before
         anything is sent (:class:`LagoValidationError`, as Lago's 422, saying which customer and what to do)."""
         validate_id(org_id, "org_id")
-        _check_dates(subscription_at, fields, billing_time)
+        _check_subscription_arguments(subscription_at, fields, billing_time)
         plan_code = validate_id(plan_code, "plan_code")
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
         return await self._create_subscription(org_id, plan_code, billing_time, subscription_at, current, fields)
@@ -575,7 +575,7 @@ class OrgBilling:
         plan_code = validate_id(plan_code, "plan_code")
         billing_time = subscription_fields.pop("billing_time", "calendar")
         subscription_at = subscription_fields.pop("subscription_at", None)
-        _check_dates(subscription_at, subscription_fields, billing_time)
+        _check_subscription_arguments(subscription_at, subscription_fields, billing_time)
         # (the read create_subscription makes, made first: the org's own subscription, or the id held by another)
         subscribed = await self.client.get_current_subscription(self.subscription_id(org_id))
         held = self._held_by_another(org_id, subscribed)
@@ -1450,14 +1450,13 @@ def _is_day(value: object) -> bool:
     return _day(value) is not None
 
 
-def _check_dates(subscription_at: Any, fields: Mapping[str, Any], billing_time: Any = "calendar") -> None:
+def _check_subscription_arguments(subscription_at: Any, fields: Mapping[str, Any], billing_time: Any) -> None:
     """Raise :class:`InvalidRequestError` for a subscription date Lago cannot be sent (a naive datetime...), a
     ``billing_time`` it does not take, or a field the org's subscription gets from its org (given, it raised a bare
     ``TypeError``, its customer written already)."""
     _iso(subscription_at, "subscription_at")
     _iso(fields.get("ending_at"), "ending_at")
-    if billing_time not in ("calendar", "anniversary"):
-        raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
+    check_billing_time(billing_time)
     reserved = sorted(key for key in ("external_customer_id", "external_id", "plan_code") if key in fields)
     if reserved:
         raise InvalidRequestError(

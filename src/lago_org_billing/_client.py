@@ -338,8 +338,8 @@ class LagoClient:
         """
         path_segment(external_customer_id, "external_customer_id")
         path_segment(external_id, "subscription external_id")
-        if billing_time is not None and billing_time not in ("calendar", "anniversary"):
-            raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
+        if billing_time is not None:
+            check_billing_time(billing_time)
         subscription: JSON = {
             "external_customer_id": external_customer_id,
             "plan_code": plan_code,
@@ -1642,6 +1642,12 @@ def _error_messages(body: Mapping[str, Any]) -> str:
 
 def _short(details: Mapping[str, Any]) -> str:
     return _clipped(str(dict(details)))
+
+
+def check_billing_time(billing_time: object) -> None:
+    """Raise :class:`InvalidRequestError` for a subscription ``billing_time`` Lago does not take."""
+    if billing_time not in ("calendar", "anniversary"):
+        raise InvalidRequestError(f"billing_time must be 'calendar' or 'anniversary', got {billing_time!r}.")
 
 
 def _clipped(text: str) -> str:
