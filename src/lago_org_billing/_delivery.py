@@ -80,7 +80,6 @@ from ._errors import (
     is_duplicate_error,
 )
 from ._events import MAX_BATCH_SIZE
-from ._ids import format_timestamp
 from ._metrics import PipelineMetrics
 from ._settings import redact_url
 from ._spool import (
@@ -94,6 +93,7 @@ from ._spool import (
     SqliteOutbox,
     _out_of_descriptors,
     dumps_event,
+    stamp,
 )
 
 __all__ = ["DeadLetter", "EventPipeline"]
@@ -267,11 +267,8 @@ class EventPipeline:
                     f"'external_subscription_id': ..., 'code': ..., 'properties': {{...}}}}) or a function returning "
                     f"one, got {type(event).__name__}: nothing was queued."
                 )
-        if type(event) is dict and event.get("timestamp") is None:
-            # fixed now, when the event is made: without one Lago stamps each copy it receives, and on its ClickHouse
-            # store a resend after a lost answer is a second event, billed twice (and one sent after an outage is
-            # billed at the time it was sent)
-            event["timestamp"] = format_timestamp()
+        if type(event) is dict:
+            stamp(event)
         self.metrics.recorded += 1
         if not self._closed and self.outbox.put(event):
             if self._drop_burst:

@@ -576,8 +576,8 @@ def dumps_event(event: JSON | str) -> str:
     elif type(event) is _Unbuildable:
         raise ValueError(event.reason)
     else:
-        if type(event) is dict and event.get("timestamp") is None and "transaction_id" in event:
-            event["timestamp"] = format_timestamp()  # (a builder's event: fixed once, as submit() does it)
+        if type(event) is dict and "transaction_id" in event:
+            stamp(event)  # (a builder's event: fixed once, as submit() does it)
         try:
             text = _encode(event)
         except RecursionError:
@@ -585,6 +585,14 @@ def dumps_event(event: JSON | str) -> str:
     if not text.isascii():
         text.encode()  # a lone surrogate ("\ud800" from a client's JSON) is no UTF-8: a UnicodeEncodeError here
     return text
+
+
+def stamp(event: JSON) -> None:
+    """Give ``event`` the time now when it has no ``timestamp``, once, as it is made: without one Lago stamps each copy
+    it receives, so on its ClickHouse store a resend after a lost answer is a second event, billed twice (and one sent
+    after an outage is billed at the time it was sent)."""
+    if event.get("timestamp") is None:
+        event["timestamp"] = format_timestamp()
 
 
 class _Unbuildable(dict):  # type: ignore[type-arg]
