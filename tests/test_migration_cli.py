@@ -53,14 +53,16 @@ class Outcome:
         return [r for r in self.requests if r.method != "GET"]
 
 
-def run_cli(fake: FakeLago, tmp: Path, name: str, *argv: str, api_url: str | None = None) -> Outcome:
+def run_cli(
+    fake: FakeLago, tmp: Path, name: str, *argv: str, api_url: str | None = None, api_key: str = data.API_KEY
+) -> Outcome:
     """Run ``migrate`` in process against ``fake``, recording its requests, state before/after and report
-    (``api_url``: the URL it is told, when it is served too)."""
+    (``api_url``: the URL it is told, when it is served too; ``api_key``: the key it is given)."""
     fake.requests.clear()
     before = fake.snapshot()
     out, err = io.StringIO(), io.StringIO()
     report = tmp / f"{name}.json"
-    environ = {"LAGO_API_URL": api_url or fake.base_url, "LAGO_API_KEY": data.API_KEY}
+    environ = {"LAGO_API_URL": api_url or fake.base_url, "LAGO_API_KEY": api_key}
     settings = BillingSettings.from_env(None, environ=environ)
     args = parse(*argv, "--report", str(report))
     code = run_migrate_command(args, transport=fake.transport(), settings=settings, stdout=out, stderr=err)
