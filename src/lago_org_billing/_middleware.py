@@ -83,6 +83,7 @@ from ._identity import (
     resolve_now,
 )
 from ._metrics import mirror_renewed, register_metrics
+from ._periods import before_period
 from ._quota import QuotaConfig, QuotaGate, _Decision
 from ._settings import BillingSettings, excluded_prefixes, header_as_sent, header_name_problem
 
@@ -1401,6 +1402,10 @@ class OrgBillingMiddleware:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                 transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
+            if type(gated) is str and before_period(gated, int(started)):
+                # begun in one billing period, checked in the next (a slow resolver or a cold org's wait across the
+                # boundary): counted against the new period's limit, so billed there, from its first millisecond
+                started = float(gated)
             if extra is not None:
                 counts = (model, input_tokens, output_tokens, total_tokens)
                 event: dict[str, Any] | str = self._hooked_event(
