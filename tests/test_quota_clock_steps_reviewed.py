@@ -129,7 +129,8 @@ async def test_store_script_refuses_a_read_of_an_earlier_period_and_hands_its_lo
     late_february = snap(NOW, FEBRUARY)  # (requested later: only its period refuses it)
     assert await backend.store("org_1", late_february, NOW)
     assert decode(await backend.redis.hgetall(backend.key("org_1", "snap"))) == march
-    assert (await backend.redis.get(backend.key("org_1", "lock"))).decode() == repr(FEBRUARY[1])
+    # (for the 1 ms to the read's period end, already past: gone by the time it is read on a busy machine)
+    assert await backend.redis.get(backend.key("org_1", "lock")) in (None, repr(FEBRUARY[1]).encode())
     assert backend.stats["redis_errors"] == 0
 
 
