@@ -10,12 +10,14 @@ styled ``div``\\s, every number in the HTML itself (it works with JavaScript dis
 from __future__ import annotations
 
 import html
+import math
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
 from ._billing import OrgBilling
+from ._errors import ConfigurationError
 from ._limits import limits_from_entitlements, subscription_entitlements, usage_totals
 from ._quota import QuotaConfig
 from ._webhooks import _called
@@ -39,6 +41,11 @@ BREAKDOWN_DIMENSIONS = {"user_id": "by_user", "model": "by_model"}
 
 #: Past it a float is infinite.
 _FLOAT_END = Decimal(sys.float_info.max)
+#: The largest number the dashboard shows as it is (4,000 digits; Python refuses to print an int past 4,300).
+_LONGEST = Decimal(10**4000 - 1)
+#: Rows shown in each breakdown table of the page, in their order (Lago's grouped usage: the most used first); the
+#: JSON answer lists them all.
+_MAX_ROWS = 200
 #: Sums and unit conversions without rounding (the default context keeps 28 digits: a 30-digit count lost its last),
 #: bounded all the same: at MAX_PREC, "1e999999999" + "1" is a billion digits to write out.
 _EXACT = Context(prec=1_000, Emax=MAX_EMAX, Emin=MIN_EMIN)
@@ -65,6 +72,8 @@ def _number(value: Any) -> int | float | None:
         return None
     whole = number.to_integral_value()
     if number == whole or abs(number) >= _FLOAT_END:
+        if abs(whole) > _LONGEST:  # (past what Python prints as text, 4,300 digits: held there, as "unlimited")
+            return int(_LONGEST.copy_sign(whole))
         return int(whole)
     return float(number)
 
@@ -129,6 +138,12 @@ async def dashboard_data(
     limits_source = "none"
     if limits_provider is not None:
         raw_limits = await _called(limits_provider, org_id)
+        if raw_limits is not None and not isinstance(raw_limits, Mapping):
+            raise ConfigurationError(
+                f"billing_routes(limits_provider=...) returned {_shown(raw_limits)} for org {org_id!r}: return a "
+                'mapping of limit names to limits ({"max_api_calls": 300} or {"max_gb": {"limit": 5, "used": 1.2}}), '
+                "or None for the plan's limits"
+            )
         limits_source = "provider"
     if raw_limits is None:
         table = settings.plan_limits.get(plan_code) or {}
@@ -149,10 +164,12 @@ async def dashboard_data(
     breakdown: dict[str, list[dict[str, Any]]] = {key: [] for key in BREAKDOWN_DIMENSIONS.values()}
     breakdown_source = "none"
     ledger = await _called(breakdown_provider, org_id) if breakdown_provider is not None else None
+    if ledger is not None:
+        _check_ledger(ledger, org_id)
     if ledger:
         breakdown_source = "ledger"
         for dimension, key in BREAKDOWN_DIMENSIONS.items():
-            breakdown[key] = [_ledger_row(dimension, row) for row in ledger.get(key) or [] if isinstance(row, Mapping)]
+            breakdown[key] = [_ledger_row(dimension, row) for row in ledger.get(key) or ()]
     elif any(charge.get("grouped_usage") for charge in charges):
         breakdown_source = "lago_grouped_usage"
         breakdown = _grouped_breakdown(charges)
@@ -211,13 +228,19 @@ def _limit(
             ratio = used / limit if limit else 1.0
         except OverflowError:  # past a float (a "1e400" from a provider or summed in Lago): exactly, then capped
             ratio = _capped(Decimal(used) / Decimal(limit)) if limit else 1.0
+    # (below the limit the ratio is rounded down: 199 of 200 is 0.995, not 1.0 beside "exceeded": false)
+    exceeded = bool(used is not None and limit is not None and used >= limit)
     return {
         "name": name,
         "limit": limit,
         "used": used,
         "remaining": remaining,
-        "ratio": None if ratio is None else round(ratio, 4),
-        "exceeded": bool(used is not None and limit is not None and used >= limit),
+        "ratio": None
+        if ratio is None
+        else round(ratio, 4)
+        if exceeded
+        else min(math.floor(ratio * 10_000), 9_999) / 10_000,
+        "exceeded": exceeded,
     }
 
 
@@ -230,6 +253,37 @@ def _exact(number: int | float) -> Decimal:
 def _capped(value: Decimal) -> float:
     """``value`` as a float JSON can carry (the largest finite one past it)."""
     return max(min(float(value), sys.float_info.max), -sys.float_info.max)
+
+
+def _check_ledger(ledger: Any, org_id: str) -> None:
+    """A ``breakdown_provider``'s answer is a mapping of lists of row mappings, or a clear error (its rows were
+    skipped, and the page showed empty tables "from the local usage ledger")."""
+    problem = None
+    if not isinstance(ledger, Mapping):
+        problem = f"returned {_shown(ledger)}"
+    else:
+        for key in BREAKDOWN_DIMENSIONS.values():
+            rows = ledger.get(key)
+            if rows is None:
+                continue
+            if not isinstance(rows, (list, tuple)):
+                problem = f"returned {key} as {_shown(rows)}"
+                break
+            odd = next((row for row in rows if not isinstance(row, Mapping)), None)
+            if odd is not None:
+                problem = f"returned a row of {key} as {_shown(odd)}"
+                break
+    if problem is not None:
+        raise ConfigurationError(
+            f"billing_routes(breakdown_provider=...) {problem} for org {org_id!r}: return "
+            '{"by_user": [{"user_id": ..., "events": ..., "amount_cents": ..., "units": {"<metric code>": ...}}, ...], '
+            '"by_model": [{"model": ..., ...}, ...]}, or None for Lago\'s grouped usage'
+        )
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"a {type(value).__name__} ({text if len(text) <= 80 else text[:77] + '...'})"
 
 
 def _ledger_row(dimension: str, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -408,7 +462,10 @@ def render_html(data: Mapping[str, Any]) -> str:
         ratio = limit.get("ratio")
         width = 0.0 if ratio is None else min(max(float(ratio), 0.0), 1.0) * 100
         level = " over" if limit.get("exceeded") else " warn" if ratio is not None and ratio >= 0.8 else ""
-        percent = "" if ratio is None else f' <span class="pct">({min(float(ratio), 1e6) * 100:.0f}%)</span>'
+        # (rounded down below the limit: 100% says it is reached, as the bar's colour does)
+        shown = min(float(ratio), 1e6) * 100 if ratio is not None else 0.0
+        shown = shown if limit.get("exceeded") else min(math.floor(shown), 99)
+        percent = "" if ratio is None else f' <span class="pct">({shown:.0f}%)</span>'
         parts.append(
             f'<div class="limit" data-limit="{_e(limit.get("name"))}"><div class="head">'
             f'<span class="name">{_e(limit.get("name"))}</span><span><span class="used">{_e(_fmt(limit.get("used")))}'
@@ -450,6 +507,8 @@ def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], cu
             f'<section id="{section_id}"><h2>{title}</h2><p class="muted">No breakdown: group the charge by '
             f"<code>{_e(dimension)}</code> in Lago (pricing_group_keys) or give a ledger.</p></section>"
         )
+    more = len(rows) - _MAX_ROWS
+    rows = rows[:_MAX_ROWS]  # (a page of thousands of rows is megabytes, rendered on the event loop)
     codes = sorted({code for row in rows for code in (row.get("units") or {})})
     head = "".join(f'<th class="num">{_e(code)}</th>' for code in codes)
     out = [
@@ -464,6 +523,11 @@ def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], cu
         out.append(
             f'<tr data-key="{_e(row.get(dimension))}"><td>{_e(row.get(dimension))}</td>{cells}'
             f'<td class="num">{_e(_money(row.get("amount_cents"), currency))}</td></tr>'
+        )
+    if more > 0:
+        out.append(
+            f'<tr class="more"><td colspan="{len(codes) + 2}">and {more:,} more (the JSON answer, ?format=json, '
+            "lists them all)</td></tr>"
         )
     out.append("</tbody></table></section>")
     return "".join(out)
