@@ -20,6 +20,7 @@ from ._billing import OrgBilling
 from ._errors import ConfigurationError
 from ._limits import limits_from_entitlements, subscription_entitlements, usage_totals
 from ._quota import QuotaConfig
+from ._settings import env_file_of
 from ._webhooks import _called
 
 __all__ = [
@@ -133,7 +134,11 @@ async def dashboard_data(
 
     if config is None:
         gate_config = getattr(billing.quota, "config", None)
-        config = gate_config if isinstance(gate_config, QuotaConfig) else QuotaConfig.from_env()
+        config = (
+            gate_config
+            if isinstance(gate_config, QuotaConfig)
+            else QuotaConfig.from_env(env_file=env_file_of(settings))
+        )
     raw_limits: Mapping[str, Any] | None = None
     limits_source = "none"
     if limits_provider is not None:

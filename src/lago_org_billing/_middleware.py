@@ -278,7 +278,11 @@ class OrgBillingMiddleware:
                 idempotency_header, event_properties, quota, quota_config, client, transport, pipeline,
                 shutdown_timeout, metrics_registry,
             )  # fmt: skip
-            self.settings = settings if settings is not None else BillingSettings.from_env()
+            if settings is None:  # a client (or a pipeline's) given: its settings, as OrgBilling and LagoWebhooks take
+                given = client if client is not None else pipeline.client if pipeline is not None else None
+                given_settings = getattr(given, "settings", None)
+                settings = given_settings if isinstance(given_settings, BillingSettings) else BillingSettings.from_env()
+            self.settings = settings
             if on_unresolved is None:
                 on_unresolved = "reject" if self.settings.on_unresolved == "reject" else "allow"
             if on_unresolved not in ("allow", "reject"):

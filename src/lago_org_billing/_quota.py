@@ -163,7 +163,7 @@ from ._periods import (
     provisional,
     rolls_over,
 )
-from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds
+from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds, env_file_of
 from ._snapshots import (
     ALLOWED,
     BLOCKED,
@@ -322,6 +322,13 @@ class QuotaConfig:
                 "error). Use e.g. 'myapp:quota:'.",
                 variable="LAGO_QUOTA_REDIS_PREFIX",
             )
+        if self.calls_privilege == self.tokens_privilege:
+            raise ConfigurationError(
+                f"LAGO_QUOTA_CALLS_PRIVILEGE and LAGO_QUOTA_TOKENS_PRIVILEGE both name {self.calls_privilege!r}: one "
+                "limit would cap both the calls and the tokens (300 calls a period refusing an org at 300 tokens). "
+                "Name two privileges (the defaults: 'max_api_calls' and 'max_tokens').",
+                variable="LAGO_QUOTA_TOKENS_PRIVILEGE",
+            )
         if self.over_quota_status not in (402, 429):
             raise ConfigurationError(
                 f"LAGO_QUOTA_STATUS must be 429 or 402, got {self.over_quota_status!r}.", variable="LAGO_QUOTA_STATUS"
@@ -351,20 +358,27 @@ class QuotaConfig:
             )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> QuotaConfig:
-        """Read the ``LAGO_QUOTA_*`` variables from ``environ`` (default: ``.env`` overlaid by the process
-        environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults; ``overrides`` win."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        env_file: str | os.PathLike[str] | None = ".env",
+        **overrides: Any,
+    ) -> QuotaConfig:
+        """Read the ``LAGO_QUOTA_*`` variables from ``environ`` (default: ``env_file``, skipped when absent, overlaid
+        by the process environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults;
+        ``overrides`` win. The gate a middleware makes reads the file its ``BillingSettings.from_env()`` read."""
         file_values: dict[str, str] = {}
         if environ is None:
             # (read as BillingSettings.from_env reads it: as python-dotenv does, ``export`` lines included)
-            file_values = _read_env_file(".env") if os.path.isfile(".env") else {}
+            file_values = _read_env_file(env_file) if env_file is not None and os.path.isfile(env_file) else {}
             env: Mapping[str, str] = {**file_values, **os.environ}
         else:
             env = environ
         for name in _QUOTA_VARIABLES:
             raw = env.get(name)
             if raw is not None:
-                _check_raw(name, raw, ".env" if name in file_values and name not in os.environ else None)
+                _check_raw(name, raw, str(env_file) if name in file_values and name not in os.environ else None)
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:
@@ -703,7 +717,7 @@ class QuotaGate:
         _check_gate_parts(client, backend)
         self.settings = settings
         self.client = client
-        self.config = config if config is not None else QuotaConfig.from_env()
+        self.config = config if config is not None else QuotaConfig.from_env(env_file=env_file_of(settings))
         self.clock = clock
         self.mode = settings.quota_mode
         # (held to a year: a snapshot is read again at its period's end anyway, and Redis refuses the lock of a TTL

@@ -231,7 +231,10 @@ class BillingSettings:
         ``api_timeout`` (``dataclasses.replace`` would keep the deadline computed from the old timeout: use this)."""
         if "retry_deadline" not in changes and getattr(self, "_default_deadline", False):
             changes["retry_deadline"] = _DefaultDeadline(_RETRY_DEADLINE)
-        return dataclasses.replace(self, **changes)
+        changed = dataclasses.replace(self, **changes)
+        if hasattr(self, "_env_file"):
+            object.__setattr__(changed, "_env_file", env_file_of(self))
+        return changed
 
     __replace__ = replace  # ``copy.replace`` (Python 3.13)
 
@@ -311,9 +314,17 @@ class BillingSettings:
         get("LAGO_UNRESOLVED_STATUS", _int, "unresolved_status")
         values.update(overrides)
         settings = cls(**values)
+        object.__setattr__(settings, "_env_file", env_file)  # (read by the gate's QuotaConfig too: see env_file_of)
         if require_api_key:
             settings.require_api_key()
         return settings
+
+
+def env_file_of(settings: BillingSettings) -> str | os.PathLike[str] | None:
+    """The ``.env`` file :meth:`BillingSettings.from_env` read ``settings`` from (``None``: none), for the other
+    variables of that file (``LAGO_QUOTA_*``); ``.env`` for settings made in code, as ``QuotaConfig.from_env()``."""
+    found: str | os.PathLike[str] | None = getattr(settings, "_env_file", ".env")
+    return found
 
 
 def _secret_file(

@@ -80,6 +80,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -889,7 +890,7 @@ class LagoWebhooks:
             settings=settings,
             mode=mode,
             hmac_key=hmac_key.encode() if hmac_key else None,
-            issuers=tuple(issuer.rstrip("/") for issuer in issuers),
+            issuers=tuple(_issuer_key(issuer) for issuer in issuers),
             organization_id=organization_id,
             jwt_too=mode == "hmac" and self._takes_jwt_too(settings, organization_id),
         )
@@ -1087,7 +1088,7 @@ class LagoWebhooks:
         except jwt.PyJWTError as exc:
             return f"The signature is not a valid RS256 JWT ({type(exc).__name__}: {exc})."
         issuer = claims.get("iss")
-        if not isinstance(issuer, str) or issuer.rstrip("/") not in config.issuers:
+        if not isinstance(issuer, str) or _issuer_key(issuer) not in config.issuers:
             return f"The JWT issuer {issuer!r} is not the expected {' or '.join(config.issuers)} (see issuer=)."
         data = claims.get("data")
         if not isinstance(data, str) or not hmac.compare_digest(data.encode(), body):
@@ -1459,3 +1460,21 @@ def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONRes
         body["detail"] = detail
     body.update({key: value for key, value in extra.items() if value is not None})
     return JSONResponse(body, status_code=status)
+
+
+def _issuer_key(url: str) -> str:
+    """A JWT issuer (a Lago API URL) as compared: scheme and host in lower case, without a ``user:password@`` (never
+    shown in an answer or a log) nor the scheme's default port, nor a trailing ``/``. ``LAGO_API_URL`` written
+    ``HTTPS://API.getlago.com:443/`` is the Lago whose ``iss`` is ``https://api.getlago.com``."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:  # (not a URL: compared as written)
+        return url.rstrip("/")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return url.rstrip("/")
+    scheme = parts.scheme.lower()
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != (443 if scheme == "https" else 80):
+        host += f":{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
