@@ -76,6 +76,11 @@ MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
 _R = TypeVar("_R", bound=Callable[..., Any])
 
 _JWT_CACHE_KEY = "lago_org_billing.jwt_claims"
+#: Scope key set (to the header's name) when a bearer-token header came more than once with different values: the
+#: middleware refuses such a request (400) whatever ``on_unresolved`` says. Unresolved and served, it was served
+#: unbilled and ungated while the app's auth (Starlette's ``request.headers``, FastAPI's ``HTTPBearer``) accepted the
+#: first value: any client could stop paying by adding a second ``Authorization`` header.
+AMBIGUOUS_CREDENTIALS = "lago_org_billing.ambiguous_credentials"
 #: Scope key of the ``(check, org)`` pairs whose membership check this request already waited out (see from_header).
 _TIMED_OUT_KEY = "lago_org_billing.membership_timed_out"
 _reported: set[tuple[str, str]] = set()
@@ -497,6 +502,8 @@ def _header_name(caller: str, name: object) -> bytes:
 def _bearer_token(scope: Scope, header: bytes) -> str | None:
     value = _header_value(scope, header)
     if value is None:
+        if len({value for key, value in scope.get("headers") or () if key == header}) > 1:
+            scope[AMBIGUOUS_CREDENTIALS] = header.decode("latin-1")
         return None
     scheme, _, token = value.strip().partition(" ")
     token = token.strip()

@@ -26,6 +26,7 @@ import math
 import ssl
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
@@ -68,6 +69,12 @@ class _FetchError(Exception):
     """A JWKS answer that cannot be used (the message says why)."""
 
 
+_TOO_LARGE = (
+    f"the answer is larger than {_MAX_BYTES >> 10} KiB, which no key set is (a JWKS is a few KB): check that jwks_url "
+    "is your issuer's jwks_uri"
+)
+
+
 def check_url(url: object) -> str:
     """``jwks_url`` of :func:`from_jwt_claim`: an https URL, or http on a loopback host (a local test issuer)."""
     example = "https://YOUR_ISSUER/.well-known/jwks.json (the jwks_uri of its /.well-known/openid-configuration)"
@@ -78,6 +85,18 @@ def check_url(url: object) -> str:
             host = parsed.hostname
         except ValueError:
             parsed = None
+    if parsed is not None and host:
+        # (what could never be fetched: every token unresolved at run time, said only in a log)
+        try:
+            port = parsed.port
+            httpx.URL(str(url).strip())
+        except (ValueError, httpx.InvalidURL):
+            port = 0
+        if port == 0 or any(char.isspace() or not char.isprintable() for char in str(url).strip()):
+            raise ConfigurationError(
+                f"from_jwt_claim(jwks_url={url!r}) cannot be fetched (its port or host is not valid, or it holds a "
+                f"blank): pass the issuer's jwks_uri as it is written, such as {example}."
+            )
     if parsed is None or parsed.scheme not in ("https", "http") or not host:
         raise ConfigurationError(
             f"from_jwt_claim(jwks_url=...) takes the https URL of the issuer's JWKS, such as {example}; got {url!r}."
@@ -308,18 +327,35 @@ class JwksKeys:
             return await self._read(client)
 
     async def _read(self, client: httpx.AsyncClient) -> tuple[int, str | None, bytes]:
-        headers = {"Accept": "application/json"}
+        # (not compressed: a JWKS is a few KB; an answer compressed anyway is inflated within the bound, never whole:
+        # httpx inflates each chunk whole, and a few hundred bytes compressed twice are any size)
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         async with client.stream("GET", self.url, headers=headers, follow_redirects=False) as response:
             if response.status_code != 200:
                 return response.status_code, response.headers.get("location"), b""
+            if response.is_stream_consumed:  # (made whole, and inflated, before it came: a test's MockTransport)
+                whole = response.content
+                if len(whole) > _MAX_BYTES:
+                    raise _FetchError(_TOO_LARGE)
+                return 200, None, whole
+            encoding = response.headers.get("content-encoding", "")
+            codings = [c.strip().lower() for c in encoding.split(",") if c.strip().lower() not in ("", "identity")]
+            if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+                raise _FetchError(
+                    f"the answer is encoded {encoding!r}, which a key set is not sent in (identity was asked for; "
+                    "gzip or deflate are read): check that jwks_url is your issuer's jwks_uri"
+                )
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 32) if codings else None  # (a gzip or zlib header)
             body = bytearray()
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
+                if inflater is not None:
+                    try:
+                        chunk = inflater.decompress(chunk, _MAX_BYTES + 1 - len(body))
+                    except zlib.error as exc:
+                        raise _FetchError(f"the answer's {codings[0]} encoding is damaged ({exc})") from None
                 body += chunk
                 if len(body) > _MAX_BYTES:
-                    raise _FetchError(
-                        f"the answer is larger than {_MAX_BYTES >> 10} KiB, which no key set is (a JWKS is a few "
-                        "KB): check that jwks_url is your issuer's jwks_uri"
-                    )
+                    raise _FetchError(_TOO_LARGE)
             return 200, None, bytes(body)
 
     def _failed(self, exc: Exception) -> None:

@@ -70,6 +70,7 @@ from ._events import _check_id, event_payload
 from ._gate import QuotaDecision, QuotaGateProtocol
 from ._idempotency import SharedFirstSeen
 from ._identity import (
+    AMBIGUOUS_CREDENTIALS,
     SCOPE_KEY,
     Identity,
     Resolver,
@@ -440,6 +441,12 @@ class OrgBillingMiddleware:
         else:
             _publish(scope, billing, org_id, user_id)
         if org_id is None:
+            if AMBIGUOUS_CREDENTIALS in scope and not preflight:  # (the bearer token sent twice: see its docstring)
+                self.stats["unresolved"] += 1
+                self.stats["ambiguous_credentials"] = self.stats.get("ambiguous_credentials", 0) + 1
+                billing[_COPIES] = None  # (the request is over: see _Billing)
+                await self._outward(_ambiguous_answer(scope[AMBIGUOUS_CREDENTIALS]))(scope, receive, send)
+                return
             if self.on_unresolved == "reject" and not preflight:
                 self.stats["unresolved"] += 1
                 billing[_COPIES] = None  # (the request is over: see _Billing)
@@ -1670,6 +1677,22 @@ _EVENT_JSON = (
 )
 
 _user_texts: dict[str, str] = {}
+
+
+def _ambiguous_answer(header: str) -> JSONResponse:
+    """The 400 answer to a request whose bearer-token header came twice with different values (RFC 9110 5.3: a
+    singleton field): which one the app's auth reads is not known, so neither is the org to bill."""
+    return JSONResponse(
+        {
+            "type": "about:blank",
+            "title": "Ambiguous credentials",
+            "status": 400,
+            "detail": f"The {header} header was sent more than once with different values: send it once.",
+        },
+        status_code=400,
+        media_type="application/problem+json",
+    )
+
 
 #: The decision passed to ``settle`` to add a request's tokens after its call was settled.
 _TOKENS_ONLY = QuotaDecision()
