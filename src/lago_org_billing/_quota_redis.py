@@ -1465,9 +1465,11 @@ class RedisBackend:
                 if result is not None:
                     self._answered = True
                     return self._outcome(org_id, result, known, int(now))
-        self.stats["fallback_decisions"] += 1
         self._seed_fallback(org_id)
-        return self.fallback.reserve_now(org_id, now, mode)
+        outcome = self.fallback.reserve_now(org_id, now, mode)
+        if outcome.code != MISSING:  # (a miss is no decision: the gate reads the org's usage, then asks again)
+            self.stats["fallback_decisions"] += 1
+        return outcome
 
     async def _reserve(self, org_id: str, keys: list[str], args: list[Any], known: Snapshot | None, now: float) -> Any:
         """The ``CHECK`` script's answer. Under asyncio it runs as a task of its own: a native cancel of the request
