@@ -604,7 +604,7 @@ async def test_sse_oversized_comment_line_drops_only_itself() -> None:
 
 async def test_sse_event_of_many_lines_over_the_cap_is_not_kept(caplog: pytest.LogCaptureFixture) -> None:
     """An event whose data lines add up past the cap (each line under it) is dropped as it grows, not kept whole in
-    memory until its blank line, and said once; the next event still counts."""
+    memory until its blank line, and said once when no usage came from anywhere else; the next event still counts."""
     from lago_org_billing import _attribution
 
     _attribution._said_once.clear()
@@ -617,6 +617,14 @@ async def test_sse_event_of_many_lines_over_the_cap_is_not_kept(caplog: pytest.L
     recorder.response_body(b'data: {"usage": {"input_tokens": 999}}\n\n')  # still the same (dropped) event
     recorder.response_body(sse((None, {"model": "m", "usage": {"input_tokens": 1, "output_tokens": 2}})))
     assert recorder.result() == Usage("m", 1, 2, 3, "sse")
+    # (not said: the stream's usage came after it; a stream whose only event is dropped is)
+    assert "over AttributionConfig.max_body_bytes" not in caplog.text
+    alone = UsageRecorder({"type": "http"}, config)
+    alone.response_start(start_message(SSE))
+    for _ in range(1_000):
+        alone.response_body(b"data: " + b"x" * 100 + b"\n")
+    alone.response_body(b'data: {"usage": {"input_tokens": 999}}\n\n')
+    assert alone.result().total_tokens == 0
     assert "over AttributionConfig.max_body_bytes" in caplog.text
 
 

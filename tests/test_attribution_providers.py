@@ -685,11 +685,19 @@ async def test_ollama_with_its_prompt_cached_bills_the_output_it_counted() -> No
 async def test_an_ndjson_line_over_the_cap_is_said_once_and_the_next_lines_still_count(
     chunk: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A line over the cap is dropped; the next lines still count. Said (tokens billed 0) only when the stream gave
+    no usage at all: a dropped line whose stream's usage came later lost nothing."""
+    from lago_org_billing import _attribution
+
     huge = json.dumps({"model": "llama3.2", "response": "x" * 60_000, "done": False}).encode() + b"\n"
     stream = huge + b"".join(OLLAMA_NDJSON)
     chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
     usage = record(b"application/x-ndjson", chunks, AttributionConfig(max_body_bytes=50_000))
     assert usage == Usage("llama3.2", 26, 298, 324, "sse")
+    assert not [r for r in caplog.records if "max_body_bytes" in r.getMessage()]
+    _attribution._said_once.clear()
+    alone = [huge[i : i + chunk] for i in range(0, len(huge), chunk)]
+    assert record(b"application/x-ndjson", alone, AttributionConfig(max_body_bytes=50_000)).total_tokens == 0
     assert [r for r in caplog.records if "max_body_bytes" in r.getMessage()]
 
 

@@ -292,10 +292,13 @@ def attribute_usage(
 class _Counts:
     """Raw usage values seen in a body, last value per key (streams report cumulative counts)."""
 
-    __slots__ = ("answer", "done", "latest", "model", "usage_id")
+    __slots__ = ("answer", "done", "dropped", "latest", "model", "usage_id")
 
     def __init__(self) -> None:
         self.model: Any = None
+        # A stream event over the cap was dropped without a usage read from its end: said (tokens billed 0) when the
+        # stream ends without any (a partial image's event has none, and its stream's usage comes later)
+        self.dropped = False
         # The id of the completion (chat chunks' "id", the Responses API's response's) whose usage was last read.
         self.usage_id: object = None
         # Whether a model came with an LLM's answer (a chat chunk's choices, the Responses API's response, Ollama's
@@ -1042,7 +1045,10 @@ class UsageRecorder:
                 if isinstance(usage, dict):
                     _collect({"usage": usage}, self._counts)
                     return
-        _cap_exceeded("stream event")
+        if self._counts is not None:
+            self._counts.dropped = True  # (said at the end if no usage came: see result)
+        else:  # pragma: no cover - a stream's events are counted
+            _cap_exceeded("stream event")
 
     def _oversized_document(self, head: bytes, tail: bytes) -> None:
         """A newline-delimited JSON document over the cap is dropped (not parsed), but Ollama's counts closing it are
@@ -1058,7 +1064,9 @@ class UsageRecorder:
                 counts.answer = True
                 _collect(payload, counts)
                 return
-        _cap_exceeded("stream event")
+            counts.dropped = True  # (said at the end if no usage came: see result)
+            return
+        _cap_exceeded("stream event")  # pragma: no cover - a stream's lines are counted
 
     def _line(self, line: bytes) -> None:
         if not line:
@@ -1154,8 +1162,13 @@ class UsageRecorder:
         except Exception:  # pragma: no cover - defensive, the helpers only read dicts
             _internal_error("result")
             explicit, headers = {}, {}
-        if body_source == "sse" and len(body_fields) == 1 and "model" in body_fields and self._counts is not None:
-            if self._counts.answer and not any(field in explicit or field in headers for field in _TOKEN_FIELDS):
+        counts = self._counts
+        if counts is not None and not any(
+            field in explicit or field in headers or field in body_fields for field in _TOKEN_FIELDS
+        ):
+            if counts.dropped:  # an event over the cap, and no usage from anywhere: perhaps in that event
+                _cap_exceeded("stream event")
+            elif body_source == "sse" and len(body_fields) == 1 and "model" in body_fields and counts.answer:
                 _stream_without_usage()
         self._result = _merge((("explicit", explicit), ("headers", headers), (body_source or "json", body_fields)))
         return self._result

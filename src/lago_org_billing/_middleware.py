@@ -1372,7 +1372,10 @@ class OrgBillingMiddleware:
             transaction_id,
             org_id,
             user_id,
-            watcher.deferred(),  # the watcher lets go of the request's objects
+            # the watcher lets go of the request's objects. A response cut off (the client left a stream): its usage
+            # is read when the event is built, so what a stream's generator attributes as it is closed (its finally,
+            # run once the disconnect has left the middleware) is billed
+            watcher.deferred() if watcher.ended else watcher.cut_off(),
             # what its tokens are settled with (see _build_event): the period of this package's gate's decision (a
             # str, shared: the decision itself is not kept alive while the event waits), else the empty decision
             None if decision is None or retry else decision.period if type(decision) is _Decision else _TOKENS_ONLY,
@@ -1401,6 +1404,8 @@ class OrgBillingMiddleware:
             if type(usage) is bytes:  # (the usual: a JSON body's counts, read without a Usage made)
                 model, input_tokens, output_tokens, total_tokens = json_usage_counts(usage)
             else:
+                if isinstance(usage, UsageRecorder):  # a response cut off: read now (see _record)
+                    usage = usage.result()
                 assert isinstance(usage, Usage)
                 model, input_tokens, output_tokens, total_tokens = (
                     usage.model,
@@ -1730,7 +1735,7 @@ _Facts = tuple[
     "str | None",
     str,
     "str | None",
-    "bytes | Usage",
+    "bytes | Usage | UsageRecorder",  # (a recorder: a response cut off, read when the event is built)
     "str | QuotaDecision | None",  # its gate decision's period, or _TOKENS_ONLY (None: not gated, or a retry)
     "Mapping[str, Any] | None",
 ]
@@ -1822,6 +1827,12 @@ class _ResponseWatcher(UsageRecorder):
         cut off (a broken connection)."""
         if not self.ended and not self.sent and not _client_went_away(error):
             self.status = 500
+
+    def cut_off(self) -> _ResponseWatcher:
+        """This watcher, let go of the request, for its usage to be read when the event is built (a response cut off:
+        what the app attributes while it is closed comes after the middleware is done)."""
+        self.detach()
+        return self
 
     def detach(self) -> None:
         if self._scope is not None:  # (UsageRecorder.detach, inline: once per request)
