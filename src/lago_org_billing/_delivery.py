@@ -336,10 +336,12 @@ class EventPipeline:
         self._call_soon = _threadsafe_caller()
         self._wakeup, self._kick, self._progress = anyio.Event(), anyio.Event(), anyio.Event()
         self._stopped = anyio.Event()
+        # (made before the outbox opens: an aclose() while a spool opens, in a worker thread, stops the run too)
+        self._scope = anyio.CancelScope()
         try:
-            await self.outbox.open()
-            send, receive = anyio.create_memory_object_stream[list[Item]](0)
-            with anyio.CancelScope() as self._scope:
+            with self._scope:
+                await self.outbox.open()
+                send, receive = anyio.create_memory_object_stream[list[Item]](0)
                 async with anyio.create_task_group() as tg:
                     if self.outbox.durable:
                         tg.start_soon(self._spool_task)

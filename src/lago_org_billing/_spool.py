@@ -679,6 +679,23 @@ class _SpoolFile:
                     self.path = spool_slot_path(self.base_path, slot)
                     try:
                         conn = self._connect()
+                    except _WalWithoutDatabase as exc:
+                        # An orphan slot whose database file went after a crash, its -wal kept (a worker starting
+                        # beside a live one takes the slots after the first): left untouched, said, the next slot taken
+                        if slot == 0:
+                            raise
+                        logger.error(
+                            "The spool slot file %s is %s, but its write-ahead log %s-wal (%d bytes) holds events "
+                            "committed since it was last written: left untouched, and another slot taken. Restore the "
+                            "database file at %s (from where it was moved, or a backup): the next process to start "
+                            "delivers its events.",
+                            exc.filename,
+                            "empty" if os.path.exists(exc.filename) else "missing",
+                            exc.filename,
+                            exc.wal_bytes,
+                            exc.filename,
+                        )
+                        self._release()
                     except sqlite3.DatabaseError as exc:
                         # An orphan slot file SQLite cannot read (torn, or a stray file named like one) is no spool to
                         # write to: left where it is (said by ``_adopt_orphans``), and the next slot taken. (Not
@@ -825,10 +842,42 @@ class _SpoolFile:
                 self._make_again()
             elif any(_file_id(self.path + suffix) != made for suffix, made in self._sidecars.items()):
                 self._reopen()
+            elif self._lock_fd is not None and not _same_file(self._lock_fd, self.path + ".lock"):
+                self._lock_again()
         except OSError as exc:
             raise sqlite3.OperationalError(
                 f"the spool file {self.path} was deleted while in use and cannot be made again ({exc})"
             ) from exc
+
+    def _lock_again(self) -> None:
+        """The slot's lock file was removed (``rm *.lock``, a tmp cleaner: it is never modified) while this process
+        uses the slot: locked again at once, made anew, before a process starting meanwhile takes the slot as free and
+        writes this spool file too (both sending its events, their row ids colliding)."""
+        fd = self._try_lock(self.path)
+        if fd is None:
+            logger.error(
+                "The lock file %s.lock of the event spool was removed while this process used it, and another process "
+                "has taken the slot since: both now use the spool file %s (their events may be sent twice, which Lago "
+                "counts once). Restart this process to have it take a slot of its own; never remove a spool's lock "
+                "files while a process uses it.",
+                self.path,
+                self.path,
+            )
+            old_fd, self._lock_fd = (
+                self._lock_fd,
+                None,
+            )  # (its lock, of a file gone, holds nothing: not looked at again)
+            if old_fd is not None:
+                _close_lock(old_fd)
+            return
+        old_fd, self._lock_fd = self._lock_fd, fd if fd >= 0 else None
+        if old_fd is not None:
+            _close_lock(old_fd)
+        logger.warning(
+            "The lock file %s.lock of the event spool was removed while this process used it: made and locked again. "
+            "Never remove a spool's lock files while a process uses it.",
+            self.path,
+        )
 
     def _reopen(self) -> None:
         """The -wal or -shm file of the spool was deleted: the WAL's content goes into the database file, and the
@@ -1024,6 +1073,7 @@ class _SpoolFile:
         assert conn is not None
         conn.execute("ATTACH DATABASE ? AS orphan", (orphan,))
         try:
+            _check_spool_schema(conn, "orphan")  # (a file named like a slot, another program's: left untouched)
             tables = {row[0] for row in conn.execute("SELECT name FROM orphan.sqlite_master WHERE type='table'")}
             moved = 0
             conn.execute("BEGIN IMMEDIATE")
@@ -1391,11 +1441,12 @@ class _NotASpool(sqlite3.DatabaseError):
     """An SQLite database that is no spool this version can write: another program's, or a spool of another schema."""
 
 
-def _check_spool_schema(conn: sqlite3.Connection) -> None:
-    """Raise :class:`_NotASpool` unless the database of ``conn`` is empty or a spool this version can read and write
-    (:data:`_SPOOL_COLUMNS`). Used as a spool, another program's database would have its ``events`` rows sent to Lago
-    and deleted, or be read and written in vain (every event in memory only) with advice about disk space."""
-    tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+def _check_spool_schema(conn: sqlite3.Connection, schema: str = "main") -> None:
+    """Raise :class:`_NotASpool` unless the database ``schema`` of ``conn`` (an attached orphan's too) is empty or a
+    spool this version can read and write (:data:`_SPOOL_COLUMNS`). Used as a spool, or adopted, another program's
+    database would have its ``events`` rows sent to Lago and deleted, or be read and written in vain (every event in
+    memory only) with advice about disk space."""
+    tables = [row[0] for row in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table'")]
     problems: list[str] = []
     foreign = sorted(
         name
@@ -1408,7 +1459,7 @@ def _check_spool_schema(conn: sqlite3.Connection) -> None:
         if table not in tables:
             continue
         # (cid, name, type, notnull, default, pk)
-        columns = {row[1]: row for row in conn.execute(f"PRAGMA table_info({table})")}
+        columns = {row[1]: row for row in conn.execute(f"PRAGMA {schema}.table_info({table})")}
         missing = [name for name in needed if name not in columns]
         if missing:
             problems.append(f"its table {table} has no column {', '.join(missing)}")
