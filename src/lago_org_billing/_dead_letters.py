@@ -37,14 +37,16 @@ import functools
 import json
 import logging
 import os
+import pickle
 import re
 import sqlite3
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -254,16 +256,27 @@ async def replay_spool_dead_letters(
     is logged at WARNING on ``lago_org_billing.dead_letters``."""
     if not wait > 0:  # (nan too)
         raise ConfigurationError(f"wait must be a positive number of seconds, got {wait!r}. Nothing was sent.")
-    with _SpoolLocks("replay_spool_dead_letters") as locks:
-        report = await _replay_letters(locks.held_letters(letters), settings, wait)
-        report.unchanged += locks.busy
+    report = ReplayReport()
+    try:
+        with _SpoolLocks("replay_spool_dead_letters") as locks:
+            await _replay_letters(locks.held_letters(letters), settings, wait, report)
+            report.unchanged += locks.busy
+    except BaseException:
+        if report.sent:  # cut short (cancelled, an error) after thousands went through: their letters are updated
+            report.complete = False
+            _log_report(report)
+        raise
     _log_report(report)
     return report
 
 
-async def _replay_letters(letters: Iterable[SpoolDeadLetter], settings: BillingSettings, wait: float) -> ReplayReport:
-    """:func:`replay_spool_dead_letters` without its locks (the command holds its own) nor its log."""
-    report = ReplayReport()
+async def _replay_letters(
+    letters: Iterable[SpoolDeadLetter], settings: BillingSettings, wait: float, report: ReplayReport | None = None
+) -> ReplayReport:
+    """:func:`replay_spool_dead_letters` without its locks (the command holds its own) nor its log. ``report``: the
+    caller's, which holds what the thousands done did when the replay is cut short (their letters are updated then,
+    and those Lago will not bill must still be said)."""
+    report = ReplayReport() if report is None else report
     deadline = time.monotonic() + wait
     async with LagoClient(settings) as client:
         # Lago refusing the key (401/403), or a URL that is not Lago's API (its front end's HTML, another 404 page, a
@@ -871,17 +884,62 @@ def _of_subscriptions_and_times(
         yield spooled
 
 
+class _Spilled:
+    """A list kept in a temporary file (each item pickled): what the command reports of a replay, however many letters
+    are rejected again or not billed (a store of a million, replayed before its cause is fixed), in bounded memory.
+    Appended to, counted, then read through once or more."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()
+        self._count = 0
+
+    def append(self, item: Any) -> None:
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        self._file.write(len(data).to_bytes(8, "big") + data)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Any]:
+        self._file.flush()
+        self._file.seek(0)
+        for _ in range(self._count):
+            size = int.from_bytes(self._file.read(8), "big")
+            yield pickle.loads(self._file.read(size))
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _replay(letters: Iterable[SpoolDeadLetter], settings: BillingSettings, args: argparse.Namespace) -> int:
     replay_settings = settings
+    spilled = [_Spilled(), _Spilled(), _Spilled()]
+    report = ReplayReport(rejected=cast(Any, spilled[0]), skipped=cast(Any, spilled[1]), unbilled=cast(Any, spilled[2]))
+    try:
+        return _replay_reported(letters, replay_settings, args, report)
+    finally:
+        for kept in spilled:
+            kept.close()
+
+
+def _replay_reported(
+    letters: Iterable[SpoolDeadLetter], replay_settings: BillingSettings, args: argparse.Namespace, report: ReplayReport
+) -> int:
     try:
         # (the command holds the spool's lock already, and prints what the function would log)
-        report = run_main(lambda: _replay_letters(letters, replay_settings, args.timeout))
-    except KeyboardInterrupt:
-        print(
-            "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "
-            "(run again: events Lago took meanwhile count as duplicates, not billed twice).",
-            file=sys.stderr,
-        )
+        run_main(lambda: _replay_letters(letters, replay_settings, args.timeout, report))
+    except (KeyboardInterrupt, ConfigurationError) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            print(
+                "Interrupted: the letters of the thousand being replayed, and any after them, are left as they were "
+                "(run again: events Lago took meanwhile count as duplicates, not billed twice).",
+                file=sys.stderr,
+            )
+        if report.sent:  # thousands went through before: their letters are updated, what they did is said
+            report.complete = False
+            _print_report(report, args.json)
         raise
     _print_report(report, args.json)
     return 0 if report.complete and not report.rejected and not report.unchanged else 1
@@ -1045,27 +1103,35 @@ def _print_letters(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool)
 
 
 def _print_report(report: ReplayReport, as_json: bool) -> None:
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    "sent": report.sent,
-                    "complete": report.complete,
-                    "unchanged": report.unchanged,
-                    "gone": report.gone,
-                    "delivered": report.delivered,
-                    "duplicates": report.duplicates,
-                    "rejected": [_as_json(spooled) for spooled in report.rejected],
-                    "skipped": [_as_json(spooled) for spooled in report.skipped],
-                    "unbilled": [
-                        {**_as_json(spooled), "why": why, "period_started_at": period}
-                        for spooled, why, period in report.unbilled
-                    ],
-                    "unchecked": report.unchecked,
-                },
-                indent=2,
-            )
-        )
+    if as_json:  # (as json.dumps(..., indent=2) writes it, its lists written item by item: any length)
+        counts = {
+            "sent": report.sent,
+            "complete": report.complete,
+            "unchanged": report.unchanged,
+            "gone": report.gone,
+            "delivered": report.delivered,
+            "duplicates": report.duplicates,
+        }
+        lists: dict[str, Iterable[dict[str, Any]]] = {
+            "rejected": (_as_json(spooled) for spooled in report.rejected),
+            "skipped": (_as_json(spooled) for spooled in report.skipped),
+            "unbilled": (
+                {**_as_json(spooled), "why": why, "period_started_at": period}
+                for spooled, why, period in report.unbilled
+            ),
+        }
+        write = sys.stdout.write
+        write("{\n")
+        for name, value in counts.items():
+            write(f"  {json.dumps(name)}: {json.dumps(value)},\n")
+        for name, items in lists.items():
+            write(f"  {json.dumps(name)}: [")
+            first = True
+            for item in items:
+                write(("\n" if first else ",\n") + textwrap.indent(json.dumps(item, indent=2), "    "))
+                first = False
+            write("],\n" if first else "\n  ],\n")
+        write(f'  "unchecked": {json.dumps(report.unchecked)}\n}}\n')
         return
     print(
         f"Replayed {report.sent}: {report.delivered} delivered ({report.duplicates} already in Lago), "
