@@ -1418,9 +1418,10 @@ class OrgBillingMiddleware:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                 transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
-            if type(gated) is str and before_period(gated, int(started)):
+            if type(gated) is str and idempotent_id is None and before_period(gated, int(started)):
                 # begun in one billing period, checked in the next (a slow resolver or a cold org's wait across the
-                # boundary): counted against the new period's limit, so billed there, from its first millisecond
+                # boundary): counted against the new period's limit, so billed there, from its first millisecond. (Not
+                # an idempotent request's: its retries are sent with the first timestamp remembered, in Redis too.)
                 started = float(gated)
             if extra is not None:
                 counts = (model, input_tokens, output_tokens, total_tokens)
