@@ -332,7 +332,7 @@ async def test_a_listing_whose_next_page_does_not_move_forward_is_an_error_not_a
         is_optional=True,
     )
     httpx_mock.add_response(
-        json={"customers": [CUSTOMER], "meta": {**page, "next_page": next_page}},
+        json={"customers": [{**CUSTOMER, "lago_id": "c2"}], "meta": {**page, "next_page": next_page}},
         url=f"{BASE}/api/v1/customers?page=2&per_page=1",
         is_reusable=True,
     )

@@ -26,7 +26,7 @@ import httpx
 from cachetools import TTLCache
 
 from . import _checks as checks
-from ._client import JSON, LagoClient, check_billing_time
+from ._client import JSON, LagoClient, _only_existing_keys, check_billing_time
 from ._errors import (
     ConfigurationError,
     InvalidIdentifierError,
@@ -1303,14 +1303,6 @@ def _unaddressable(external_id: str) -> bool:
     except InvalidIdentifierError:
         return external_id == external_id.strip() and _FORBIDDEN.search(external_id) is not None
     return False
-
-
-def _only_existing_keys(details: Mapping[str, Any]) -> bool:
-    """A 422 whose only complaint is metadata keys that exist already (``{"key": ["value_already_exist"]}``)."""
-    return bool(details) and all(
-        field.endswith("key") and set(codes if isinstance(codes, list) else [codes]) == {"value_already_exist"}
-        for field, codes in details.items()
-    )
 
 
 def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:

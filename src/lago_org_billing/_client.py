@@ -288,7 +288,34 @@ class LagoClient:
         """
         _mapping(customer, "customer", "{'external_id': 'org_1', 'name': 'Acme'}")
         path_segment(customer.get("external_id"), "customer external_id")
-        body = await self._request("POST", "/customers", json={"customer": dict(customer)})
+        external_id = str(customer["external_id"])
+        lost: list[LagoAPIError] = []
+        try:
+            body = await self._request("POST", "/customers", json={"customer": dict(customer)}, lost=lost)
+        except LagoValidationError as exc:
+            # Resent after a lost answer: the first attempt's new metadata keys exist now, and Lago refuses them
+            # (``{"key": ["value_already_exist"]}``). The customer read back is the answer when it is as asked.
+            if not (lost and _only_existing_keys(exc.details)):
+                raise
+            try:
+                found = await self.get_customer(external_id)
+            except LagoIntegrationError as read:
+                raise exc._restated(
+                    LagoValidationError,
+                    f"{exc.args[0]} This call's first attempt may have written customer {external_id!r} (its answer "
+                    f"was lost), but it could not be read back ({type(read).__name__}: {read}): read it (GET "
+                    f"/api/v1/customers/{external_id}) before writing it again.",
+                ) from None
+            differences = _differences(dict(customer), found)
+            if differences:
+                raise exc._restated(
+                    LagoValidationError,
+                    f"{exc.args[0]} This call's first attempt may have written customer {external_id!r} (its answer "
+                    f"was lost), but Lago has other values than asked ({'; '.join(differences[:5])}): read it "
+                    "before writing it again.",
+                ) from None
+            logger.info("Lago had written customer %r although its answer was lost; answered as written", external_id)
+            return found
         return _unwrap(body, "customer")
 
     async def get_customer(self, external_id: str) -> JSON:
@@ -393,6 +420,11 @@ class LagoClient:
             ("active", "pending", "incomplete"),
             "with several subscriptions under one external_id, Lago updates the active one for any other status",
         )
+        if not fields:  # (Lago answers a bare 400 "param is missing or the value is empty: subscription")
+            raise InvalidRequestError(
+                "update_subscription() needs at least one field to change (name=..., ending_at=..., "
+                "subscription_at=..., plan_overrides=...): nothing was sent."
+            )
         params = {"status": wanted} if wanted else None
         body = await self._request("PUT", path, params=params, json={"subscription": fields})
         return _unwrap(body, "subscription")
@@ -816,11 +848,27 @@ class LagoClient:
     # ------------------------------------------------------------- machinery
 
     async def _iterate(self, path: str, key: str, params: list[tuple[str, str]], per_page: int) -> AsyncIterator[JSON]:
+        """Each item of a list once, though it changes meanwhile. Lago pages by number, newest first: an item created
+        during the listing moves every later one a place down (the first of the next page was handed out already:
+        skipped, by ``lago_id``), and items removed (the caller deleting each one it is handed) move later ones up
+        into pages already read: when ``total_count`` goes down, the listing reads again from the first page."""
         page_number = 1
+        seen: set[object] = set()
+        total: object = None
         while True:
             query = [*params, ("page", str(page_number)), ("per_page", str(per_page))]
             page = Page.from_body(await self._request("GET", path, params=query), key)
+            count = page.total_count
+            if page_number > 1 and type(total) is int and type(count) is int and count < total:
+                total, page_number = count, 1  # (each restart on a smaller count: it ends)
+                continue
+            total = count
             for item in page.items:
+                lago_id = item.get("lago_id") if isinstance(item, Mapping) else None
+                if lago_id is not None and type(lago_id) is str:
+                    if lago_id in seen:
+                        continue
+                    seen.add(lago_id)
                 yield item
             if not page.next_page or not page.items:
                 return
@@ -961,6 +1009,14 @@ def connection_never_made(error: BaseException) -> bool:
     connection free in the pool, a process out of file descriptors): nothing of the request was written, by httpx or
     the raw poster."""
     return isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, RawConnectError))
+
+
+def _only_existing_keys(details: Mapping[str, Any]) -> bool:
+    """A 422 whose only complaint is metadata keys that exist already (``{"key": ["value_already_exist"]}``)."""
+    return bool(details) and all(
+        field.endswith("key") and set(codes if isinstance(codes, list) else [codes]) == {"value_already_exist"}
+        for field, codes in details.items()
+    )
 
 
 def _differences(asked: Any, found: Any, where: str = "") -> list[str]:

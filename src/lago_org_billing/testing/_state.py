@@ -205,6 +205,16 @@ def _require_root(body: Any, key: str) -> Any:
     return body[key]
 
 
+def _entitlements_of(body: Any) -> Any:
+    """The ``entitlements`` of an entitlements request: absent or ``{}`` is none (lago-api's controllers read
+    ``params.fetch(:entitlements, {})``: a plan's set to none has its entitlements removed); a body that is no JSON
+    object is a 400."""
+    if not isinstance(body, Mapping):
+        raise bad_request("entitlements")
+    found = body.get("entitlements")
+    return {} if found is None else found
+
+
 def _page(items: Sequence[JSON], key: str, query: Mapping[str, Any], serialize: Callable[[JSON], JSON]) -> JSON:
     """:func:`~._util.paginate` the records, then serialize the page's alone (serializing every record for each page
     made paging through 20,000 customers quadratic)."""
@@ -1723,7 +1733,7 @@ class LagoStore:
         return out
 
     def set_plan_entitlements(self, code: str, body: Any, *, merge: bool) -> JSON:
-        raw = _require_root(body, "entitlements") if not merge or body else {}
+        raw = _entitlements_of(body) if not merge or body else {}
         with self.lock:
             plan = self.plans.get(code)
             if plan is None:
@@ -1842,7 +1852,7 @@ class LagoStore:
         """``PATCH /subscriptions/{id}/entitlements`` (lago-api ``SubscriptionEntitlementCoreUpdateService``, partial):
         a feature or privilege set again is no longer removed; a value equal to the plan's is no override (the plan's
         value shows, ``override_value`` null), and a feature set exactly as the plan has it is back to the plan's."""
-        raw = _require_root(body, "entitlements")
+        raw = _entitlements_of(body)
         with self.lock:
             self.refresh()
             sub = self._sub_for(external_id, status or "active")
