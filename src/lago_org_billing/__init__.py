@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._metrics import PipelineMetrics, register_metrics
     from ._middleware import OrgBillingMiddleware
     from ._migration import (
+        EntitlementsUnreadableError,
         Journal,
         JournalLock,
         JournalLockedError,
@@ -98,6 +99,7 @@ _EXPORTS = {
     "MappingError": "._migration",
     "MigrationOptions": "._migration",
     "UnmovedHoldingsError": "._migration",
+    "EntitlementsUnreadableError": "._migration",
     "OrgBilling": "._billing",
     "OrgBillingMiddleware": "._middleware",
     "Page": "._client",
@@ -139,6 +141,7 @@ __all__ = [
     "ConfigurationError",
     "DeadLetter",
     "enforce_usage_limits",
+    "EntitlementsUnreadableError",
     "EventPipeline",
     "first_of",
     "from_header",

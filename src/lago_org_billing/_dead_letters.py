@@ -141,6 +141,9 @@ class ReplayReport:
     unchecked_reason: str = ""
 
 
+#: A subscription not read within the replay's time (see _check_billing_periods).
+_NOT_READ = object()
+
 #: Letters read from a spool file, and replayed, at a time: memory stays bounded whatever the table holds.
 CHUNK = 1_000
 
@@ -282,13 +285,16 @@ async def _replay_letters(
         # Lago refusing the key (401/403), or a URL that is not Lago's API (its front end's HTML, another 404 page, a
         # redirect: a plain LagoAPIError), is said at once (delivery would retry those until --timeout, then report
         # "Lago did not answer"); an outage (5xx, 408, 429, no connection) is the delivery's to retry.
+        checked = anyio.move_on_after(max(0.0, deadline - time.monotonic()))  # (within the replay's time too)
         try:
-            await client.list_customers(per_page=1)
+            with checked:
+                await client.list_customers(per_page=1)
         except LagoAuthenticationError as exc:
             if exc.status != 403:
                 raise ConfigurationError(f"Lago refuses this API key: {exc}", variable="LAGO_API_KEY") from None
             # a key scoped by resource (Lago's API key permissions) may not read customers: a replay only writes events
-            await _check_events_permission(client)
+            with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as checked:
+                await _check_events_permission(client)
         except LagoNotFoundError as exc:
             raise ConfigurationError(f"Lago refuses this API key or URL: {exc}", variable="LAGO_API_KEY") from None
         except LagoIntegrationError as exc:
@@ -296,6 +302,9 @@ async def _replay_letters(
                 raise ConfigurationError(
                     f"LAGO_API_URL ({settings.api_url}) does not answer as Lago's API: {exc}", variable="LAGO_API_URL"
                 ) from None
+        if checked.cancelled_caught:  # Lago did not answer within the replay's time: nothing sent, every letter kept
+            report.complete = False
+            return report
         chunk: list[SpoolDeadLetter] = []
         periods: dict[str, _Subscription | LagoIntegrationError | None] = {}
         for spooled in letters:
@@ -435,12 +444,20 @@ async def _check_billing_periods(
                     "the replay's time (--timeout, or wait) ran out before it was read"
                 )
             else:
+                subscription: Any = _NOT_READ
                 try:
-                    subscription = await client.get_current_subscription(external_id)
+                    # (within the replay's time: a Lago that does not answer is not waited on for its retries)
+                    with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                        subscription = await client.get_current_subscription(external_id)
                 except LagoIntegrationError as exc:
                     periods[external_id] = exc
                 else:
-                    periods[external_id] = None if subscription is None else _subscription_of(subscription)
+                    if subscription is _NOT_READ:
+                        periods[external_id] = LagoIntegrationError(
+                            "the replay's time (--timeout, or wait) ran out while it was read"
+                        )
+                    else:
+                        periods[external_id] = None if subscription is None else _subscription_of(subscription)
         known = periods[external_id]
         if isinstance(known, LagoIntegrationError):
             verdicts[id(spooled)] = str(known)

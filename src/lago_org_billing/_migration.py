@@ -80,7 +80,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal
@@ -413,8 +413,15 @@ async def load_mapping_callable(spec: str) -> list[tuple[str, dict[str, Any]]]:
         result = function()
         if inspect.isawaitable(result):
             result = await result
+        if isinstance(result, AsyncIterable):  # an async generator (rows streamed from an async database query)
+            result = [row async for row in result]
         if isinstance(result, (str, bytes, Mapping)) or not isinstance(result, Iterable):
-            raise MappingError([f"--mapping-callable {spec!r} must return an iterable of rows"])
+            raise MappingError(
+                [
+                    f"--mapping-callable {spec!r} must return an iterable of rows (a list, a generator, an async "
+                    f"generator), got {type(result).__name__}"
+                ]
+            )
         return [(f"{spec} row {index}", _ids_as_text(_row_dict(row))) for index, row in enumerate(result, 1)]
     except LagoIntegrationError:  # (this package's own errors: a MappingError above, Lago down under one using it)
         raise

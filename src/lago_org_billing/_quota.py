@@ -163,7 +163,7 @@ from ._periods import (
     provisional,
     rolls_over,
 )
-from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds, env_file_of
+from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds, _secret_file, env_file_of
 from ._snapshots import (
     ALLOWED,
     BLOCKED,
@@ -372,13 +372,20 @@ class QuotaConfig:
         if environ is None:
             # (read as BillingSettings.from_env reads it: as python-dotenv does, ``export`` lines included)
             file_values = _read_env_file(env_file) if env_file is not None and os.path.isfile(env_file) else {}
-            env: Mapping[str, str] = {**file_values, **os.environ}
+            source: Mapping[str, str] = os.environ
+            env: dict[str, str] = {**file_values, **os.environ}
         else:
-            env = environ
+            source, env = environ, dict(environ)
+        secrets: set[str] = set()
         for name in _QUOTA_VARIABLES:
+            # ``<name>_FILE``: the value read from the file it names, as BillingSettings.from_env reads every variable
+            secret = _secret_file(name, source, file_values, env_file)
+            if secret is not None:
+                env[name] = secret
+                secrets.add(name)
             raw = env.get(name)
-            if raw is not None:
-                _check_raw(name, raw, str(env_file) if name in file_values and name not in os.environ else None)
+            if raw is not None and name not in secrets:
+                _check_raw(name, raw, str(env_file) if name in file_values and name not in source else None)
         values: dict[str, Any] = {}
         status = env.get("LAGO_QUOTA_STATUS", "").strip()
         if status:

@@ -328,7 +328,7 @@ def env_file_of(settings: BillingSettings) -> str | os.PathLike[str] | None:
 
 
 def _secret_file(
-    name: str, source: Mapping[str, str], file_values: Mapping[str, str], env_file: str | Path | None
+    name: str, source: Mapping[str, str], file_values: Mapping[str, str], env_file: str | os.PathLike[str] | None
 ) -> str | None:
     """The content of the file ``<name>_FILE`` names (Docker and Kubernetes secrets: ``LAGO_API_KEY_FILE=/run/secrets/
     lago_api_key``), or ``None`` when that variable is unset or empty. The environment wins over the ``.env`` file, as
