@@ -785,14 +785,16 @@ class LagoWebhooks:
             # the quota gate's store failing (Redis down): each webhook fails the same way, Lago retries each 3 times
             self._alarm = _Throttled(logger, level=logging.ERROR)
             self._said_once: set[str] = set()  # what is said once per webhook type (see _once)
-            #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``failed``,
-            #: ``ignored`` (no handler), ``invalidations``, ``key_fetches``.
+            #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``incomplete``
+            #: (the sender gone before its body came), ``failed``, ``ignored`` (no handler), ``invalidations``,
+            #: ``key_fetches``.
             self.stats: dict[str, int] = dict.fromkeys(
                 (
                     "received",
                     "processed",
                     "duplicates",
                     "rejected",
+                    "incomplete",
                     "failed",
                     "ignored",
                     "invalidations",
@@ -991,7 +993,13 @@ class LagoWebhooks:
             # The token carries the body it signs (its ``data`` claim, base64url inside the token): a body longer
             # than the token is not that one, and is read no further than that (16 KiB or so, not max_body_size).
             limit = min(limit, len(signature))
-        body = await self._read_body(request, limit)
+        try:
+            body = await self._read_body(request, limit)
+        except _BodyCut:
+            # (no signature to blame: the body never came whole; Lago sends the webhook again)
+            self.stats["incomplete"] += 1
+            logger.info("Lago webhook not read: its sender disconnected before its body came (Lago sends it again).")
+            return _answer(400, "incomplete_body", "The connection closed before the body was received.")
         if body is None:
             if limit < self.max_body_size:
                 return self._reject(
@@ -1047,8 +1055,8 @@ class LagoWebhooks:
                 if size > limit:
                     return None
                 chunks.append(chunk)
-        except ClientDisconnect:
-            return b""
+        except ClientDisconnect:  # (cut off: not the body signed, nor a bad signature)
+            raise _BodyCut from None
         return b"".join(chunks)
 
     def _reject(self, code: str, detail: str) -> Response:
@@ -1452,6 +1460,10 @@ def _printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+class _BodyCut(Exception):
+    """The sender disconnected before the webhook's body was read whole."""
 
 
 def _answer(status: int, code: str, detail: str | None, **extra: Any) -> JSONResponse:
