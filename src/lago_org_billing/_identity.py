@@ -1490,6 +1490,13 @@ def _current(request_or_scope: Any, key: str) -> str | None:
         was = late if late is not None else (data["org_id"], user)
         late = late_user(scope, *was) or late  # (an auth middleware inside the billing one: request.user, then)
         if late is not None:
+            # request.state.billing_org_id / billing_user_id say so too from now on, as when no org was found before
+            # the app ran (the billing dict keeps that one: the middleware compares them once the app is done)
+            state = scope.get("state")
+            if type(state) is dict:
+                state["billing_org_id"], state["billing_user_id"] = late
+            elif state is not None:
+                _publish_in_state_object(state, *late)
             return late[0] if key == "org_id" else late[1]
     value = data.get(key)
     return value if isinstance(value, str) else None
