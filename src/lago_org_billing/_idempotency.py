@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any
 
+from . import _forks
 from ._errors import ConfigurationError
 from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
 
@@ -64,9 +65,17 @@ class SharedFirstSeen:
         )
         self._connection_error: type[Exception] = RedisConnectionError
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
+        _forks.track(self)
         self.down = False
         self._said_unusable = False
         self._problems = RedisProblems(_IDEMPOTENCY_REDIS_USE, url, logger)
+
+    def _forked(self) -> None:
+        """In a forked child: a client of its own, made on first use (the parent's, its pooled sockets, kept
+        referenced, never used: the parent would read the replies to the child's commands as its own)."""
+        if self.redis is not None:
+            _forks.left_by_parent.append(self.redis)
+            self.redis = None
 
     def _usable(self) -> bool:
         """Whether the running event loop can use the redis client: it runs only under asyncio. Under trio

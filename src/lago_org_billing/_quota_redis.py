@@ -77,6 +77,7 @@ import anyio
 import anyio.abc
 from cachetools import LRUCache
 
+from . import _forks
 from ._errors import ConfigurationError, QuotaBackendError
 from ._ids import ascii_digits
 from ._periods import period_key
@@ -96,6 +97,23 @@ logger = logging.getLogger("lago_org_billing.quota")
 #: nothing else set their expiry, live as long as their records' period (``UNPERIODED_TTL_MS``: records of none).
 PERIOD_MARGIN_MS = 3_600_000
 UNPERIODED_TTL_MS = 86_400_000
+
+
+def renew_pool_after_fork(client: Any) -> None:
+    """In a process forked from the one that made ``client`` (a redis-py asyncio client this package made): a
+    connection pool of its own, made as the parent's was. The parent's pooled connections (its sockets, and a
+    ``BlockingConnectionPool``'s condition bound to its event loop) are kept referenced, never used nor closed: a
+    command the child wrote on them would have its reply read by the parent as the answer to its own."""
+    old = client.connection_pool
+    options: dict[str, Any] = {
+        "connection_class": old.connection_class,
+        "max_connections": old.max_connections,
+        **old.connection_kwargs,
+    }
+    if hasattr(old, "timeout") and hasattr(old, "_condition"):  # (a BlockingConnectionPool: how long to wait for one)
+        options["timeout"] = old.timeout
+    client.connection_pool = type(old)(**options)
+    _forks.left_by_parent.append(old)
 
 
 def _expiry_ms(until: float, now: float) -> int:
@@ -1101,6 +1119,7 @@ class RedisBackend:
                 del url  # (nor this frame: an error tracker's locals)
                 raise failure
             client = redis_asyncio.Redis.from_pool(pool)  # closes the pool with the client
+            _forks.track(self)  # (its pool made here: a forked child makes its own, see _forked)
         self.redis = client
         self._check = _Script(self.redis, CHECK)
         self._settle = _Script(self.redis, SETTLE)
@@ -1156,6 +1175,10 @@ class RedisBackend:
         # app ran) lives this long: what a first snapshot would keep of it is younger (in flight for inflight_horizon
         # at most), and every fresh org id (a spoofable header, a JWT claim) let through makes one
         self._blind_ttl_ms = int(self.config.inflight_horizon * 1000) + PERIOD_MARGIN_MS
+
+    def _forked(self) -> None:
+        """In a forked child: a connection pool of its own (see :func:`renew_pool_after_fork`)."""
+        renew_pool_after_fork(self.redis)
 
     # ------------------------------------------------------------------------------ keys
 

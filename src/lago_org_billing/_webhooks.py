@@ -89,13 +89,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from . import _checks as checks
+from . import _checks as checks, _forks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY, pyjwt_depth_errors
 from ._ids import ascii_digits
 from ._quota import QuotaGate
-from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
+from ._quota_redis import (
+    RedisProblems,
+    RedisUse,
+    reconnecting_pool_options,
+    renew_pool_after_fork,
+    unreadable_redis_url,
+)
 from ._settings import BillingSettings, _check_unquoted
 
 __all__ = [
@@ -313,6 +319,7 @@ class RedisDedupe:
             if failure is not None:
                 del url  # (a local a traceback would show: the URL with its password)
                 raise _bare(failure)
+            _forks.track(self)  # (its pool made here: a forked child makes its own, see _forked)
         self.redis = client
         self.prefix = prefix
         self.ttl = max(1, int(ttl))
@@ -321,6 +328,10 @@ class RedisDedupe:
         #: (its renewals lost longer than ``processing_ttl``) may have been taken by another worker since; dropping
         #: that one let Lago's next retry run the handlers beside the worker still running them.
         self._claims: dict[str, str] = {}
+
+    def _forked(self) -> None:
+        """In a forked child: a connection pool of its own (see ``renew_pool_after_fork``)."""
+        renew_pool_after_fork(self.redis)
 
     async def claim(self, key: str) -> DedupeState:
         name = self.prefix + key
