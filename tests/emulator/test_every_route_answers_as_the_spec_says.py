@@ -219,11 +219,12 @@ NOT_FOUND: list[tuple[Call, str]] = [
 ]
 
 #: A body without its root key on each route taking one: Rails' ``params.require`` answers 400
+#: (Not the entitlements routes: lago-api reads their body with ``params.fetch(:entitlements, {})``, so a body
+#: without its root is no entitlements, taken: ROOT_OPTIONAL.)
 MISSING_ROOT: list[Call] = [
     Call("POST", "/customers", {"external_id": "acme"}),
     Call("POST", "/subscriptions", {"external_id": "sub"}),
     Call("PUT", "/subscriptions/sub", {"name": "x"}),
-    Call("PATCH", "/subscriptions/sub/entitlements", {"seats": {"max": 1}}),
     Call("POST", "/events", EVENT),
     Call("POST", "/events/batch", {"event": EVENT}),
     Call("POST", "/billable_metrics", {"code": "x"}),
@@ -232,9 +233,15 @@ MISSING_ROOT: list[Call] = [
     Call("PUT", "/features/seats", {"name": "x"}),
     Call("POST", "/plans", PLAN_BODY["plan"]),
     Call("PUT", "/plans/free", {"name": "x"}),
+    Call("PUT", f"/invoices/{INVOICE}", {"payment_status": "succeeded"}),
+]
+
+#: The routes whose body's root lago-api reads with a default (``params.fetch(:entitlements, {})``): a body without it
+#: is no entitlements (a plan's replaced by none, a subscription's patch changing nothing), answered 200.
+ROOT_OPTIONAL: list[Call] = [
+    Call("PATCH", "/subscriptions/sub/entitlements", {"seats": {"max": 1}}),
     Call("POST", "/plans/pro/entitlements", {"seats": {"max": 1}}),
     Call("PATCH", "/plans/pro/entitlements", {"seats": {"max": 1}}),
-    Call("PUT", f"/invoices/{INVOICE}", {"payment_status": "succeeded"}),
 ]
 
 #: A request Lago refuses with 422 on each route whose spec lists one, and the ``error_details`` it names
@@ -490,11 +497,22 @@ def _same_shape(path: str, template: str) -> bool:
 async def test_a_body_without_its_root_key_gets_the_specs_400(
     call: Call, fake: FakeLago, client: httpx.AsyncClient
 ) -> None:
-    """A body without its root key (``customer``, ``event``, ``entitlements``...) is Lago's 400 BadRequest, as the
+    """A body without its root key (``customer``, ``event``, ``plan``...) is Lago's 400 BadRequest, as the
     spec's ``BadRequest`` response."""
     response = await send(client, fake, call)
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith("BadRequest: param is missing or the value is empty: ")
+    assert_response_matches(response)
+
+
+@pytest.mark.parametrize("call", ROOT_OPTIONAL, ids=str)
+async def test_a_body_without_its_root_key_is_no_entitlements_where_lago_defaults_it(
+    call: Call, fake: FakeLago, client: httpx.AsyncClient
+) -> None:
+    """The entitlements routes read their root with a default (lago-api ``params.fetch(:entitlements, {})``): a body
+    without it sets none, answered 200 as the spec says."""
+    response = await send(client, fake, call)
+    assert response.status_code == 200, response.text
     assert_response_matches(response)
 
 
@@ -518,7 +536,8 @@ async def test_an_invalid_request_gets_the_specs_422(
 def test_the_4xx_tables_cover_every_write_route(fake: FakeLago) -> None:
     """MISSING_ROOT drives every route that takes a JSON body, and UNPROCESSABLE every route whose spec lists 422."""
     writes = {(m, t) for m, t in _served(fake) if m in ("POST", "PUT", "PATCH")}
-    assert {(m, t) for m, t in writes for c in MISSING_ROOT if c.method == m and _same_shape(c.path, t)} == writes
+    calls = MISSING_ROOT + ROOT_OPTIONAL
+    assert {(m, t) for m, t in writes for c in calls if c.method == m and _same_shape(c.path, t)} == writes
     with_422 = {(m, t) for m, t in _served(fake) - NOT_IN_SPEC if "422" in _spec_operation(m, t)["responses"]}
     driven = {(m, t) for m, t in with_422 for c, _ in UNPROCESSABLE if c.method == m and _same_shape(c.path, t)}
     assert driven == with_422
