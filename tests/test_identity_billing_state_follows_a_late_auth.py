@@ -81,7 +81,8 @@ async def test_billing_user_id_tells_the_user_a_late_auth_set_not_the_header_use
 ) -> None:
     """The client sends X-Org-Id: org_a and X-User-Id: mallory, the app's auth sets ``request.state.user_id = "ada"``:
     ada is billed and ``get_current_user`` says ada; ``request.state.billing_user_id`` still says mallory."""
-    seen = await call(late_auth_app(None, "ada"), header_settings, fake_lago, {"X-Org-Id": "org_a", "X-User-Id": "mallory"})
+    headers = {"X-Org-Id": "org_a", "X-User-Id": "mallory"}
+    seen = await call(late_auth_app(None, "ada"), header_settings, fake_lago, headers)
     assert [e["properties"].get("user_id") for e in fake_lago.events] == ["ada"]
     assert seen["user"] == "ada"
     assert seen["billing_user_id"] == seen["user"], seen  # fails: 'mallory'

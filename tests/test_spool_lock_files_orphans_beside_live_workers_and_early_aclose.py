@@ -55,8 +55,8 @@ async def _spool_with_wal(where: Path, count: int) -> Path:
 
 
 async def test_a_slot_whose_lock_file_was_removed_is_not_shared_with_the_next_worker(tmp_path: Path) -> None:
-    """``rm spool.db*.lock`` ("stale lock files"), or a tmp cleaner removing the never-modified lock file, while worker A
-    uses slot 0: A writes on, then worker B starts. B took slot 0 too (a new lock file, free), and the two processes
+    """``rm spool.db*.lock`` ("stale lock files"), or a tmp cleaner removing the never-modified lock file, while worker
+    A uses slot 0: A writes on, then worker B starts. B took slot 0 too (a new lock file, free), and the two processes
     wrote one SQLite file: each loaded and sent the other's rows (both delivering, and deleting, the same events), and
     A's next writes failed with ``IntegrityError: UNIQUE constraint failed: events.id`` ("please report it"), its
     events held in memory only. Each slot file must have one owner: B takes a slot of its own."""
@@ -91,7 +91,7 @@ async def test_a_slot_whose_lock_file_was_removed_is_not_shared_with_the_next_wo
     assert rows(path) == 7
 
 
-# ------------------------------------------------------------------------------------------ orphans beside a live worker
+# ------------------------------------------------------------------------------------- orphans beside a live worker
 
 
 async def test_a_worker_starting_beside_a_live_one_skips_an_orphan_slot_whose_database_is_gone_but_wal_stayed(
@@ -107,7 +107,7 @@ async def test_a_worker_starting_beside_a_live_one_skips_an_orphan_slot_whose_da
     orphan = Path(f"{path}.1")
     for suffix in ("-wal", "-shm"):
         shutil.copyfile(f"{walled}{suffix}", f"{orphan}{suffix}")
-    wal_before = Path(f"{orphan}-wal").read_bytes()
+    wal_before = _read(f"{orphan}-wal")
     live = SqliteOutbox(str(path))
     await live.open()  # worker 0
     try:
@@ -120,9 +120,9 @@ async def test_a_worker_starting_beside_a_live_one_skips_an_orphan_slot_whose_da
             await starting.close()
     finally:
         await live.close()
-    assert Path(f"{orphan}-wal").read_bytes() == wal_before and not orphan.exists()
+    assert _read(f"{orphan}-wal") == wal_before and not _exists(orphan)
     assert any(f"{orphan}-wal" in record.getMessage() for record in caplog.records if record.levelname == "ERROR")
-    orphan.write_bytes(walled.read_bytes())  # its database file restored: its events are all there
+    _write(orphan, _read(walled))  # its database file restored: its events are all there
     assert rows(orphan) == 4
 
 
@@ -152,7 +152,7 @@ async def test_an_orphan_slot_file_that_is_another_programs_database_is_left_unt
         assert outbox.adopted == 0 and outbox.spool_depth() == 0
     finally:
         await outbox.close()
-    assert other.exists()
+    assert _exists(other)
     assert _query(other, "SELECT email FROM users") == [("a@example.com",)]
     assert len(_query(other, "SELECT * FROM events")) == 2
 
@@ -161,9 +161,10 @@ async def test_an_orphan_slot_file_that_is_another_programs_database_is_left_unt
 
 
 async def test_aclose_while_the_spool_is_still_opening_stops_the_run(tmp_path: Path) -> None:
-    """``tg.start_soon(pipeline.run)`` then ``aclose()`` while the spool opens in its worker thread (a slow disk, a large
-    orphan being adopted): ``aclose`` failed with a bare ``AssertionError`` (``self._scope is not None``), and the run
-    went on once the spool had opened, holding its slot, never closed. It must stop the run and close the spool."""
+    """``tg.start_soon(pipeline.run)`` then ``aclose()`` while the spool opens in its worker thread (a slow disk, a
+    large orphan being adopted): ``aclose`` failed with a bare ``AssertionError`` (``self._scope is not None``), and the
+    run went on once the spool had opened, holding its slot, never closed. It must stop the run and close the
+    spool."""
     path = tmp_path / "spool.db"
     entered, release = threading.Event(), threading.Event()
     async with make_client(make_fake().transport()) as client:
@@ -199,3 +200,17 @@ async def test_aclose_while_the_spool_is_still_opening_stops_the_run(tmp_path: P
     assert errors == [], errors
     assert running_after_aclose == [False]  # aclose() returned with the run stopped
     assert file.conn is None and file._lock_fd is None  # the slot is let go
+
+
+def _read(path: str | Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _write(path: str | Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+
+
+def _exists(path: str | Path) -> bool:
+    return os.path.exists(path)
