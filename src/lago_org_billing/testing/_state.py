@@ -974,7 +974,7 @@ class LagoStore:
         """The true-up fees of the charges billed under their ``min_amount_cents`` (lago-api
         ``Fees::CreateTrueUpService``): the minimum prorated by the days billed (``charges_from_datetime`` to
         ``charges_to_datetime``, or the termination, in days rounded up) over the charges period's days, less the
-        charge's amount, truncated to the subunit as Lago's integer column keeps it."""
+        charge's amount, rounded to the subunit (lago-api rounds the precise difference)."""
         start, end = self._full_charges_bounds(sub, at)
         duration = _period_days(start, end)
         billed_from = parse_datetime(usage["from_datetime"]) or start
@@ -985,7 +985,9 @@ class LagoStore:
         for charge_usage in usage["charges_usage"]:
             minimum = Decimal(minimums.get(charge_usage["charge"]["lago_id"], 0)) * days / duration
             if minimum > charge_usage["amount_cents"]:
-                amounts[charge_usage["charge"]["lago_id"]] = int(minimum - charge_usage["amount_cents"])
+                # (rounded to the subunit: lago-api's CreateTrueUpService rounds the precise difference)
+                true_up = (minimum - charge_usage["amount_cents"]).to_integral_value(rounding=ROUND_HALF_UP)
+                amounts[charge_usage["charge"]["lago_id"]] = int(true_up)
         return amounts
 
     @staticmethod
@@ -1412,6 +1414,8 @@ class LagoStore:
             filters = params.get("filters") or []
             if not _valid_metric_filters(filters):
                 errors["filters"] = ["invalid_format"]
+            if params.get("rounding_function") not in (None, "round", "ceil", "floor"):
+                errors["rounding_function"] = ["value_is_invalid"]
             if errors:
                 raise validation_error(errors)
             assert code is not None
@@ -4572,7 +4576,11 @@ def _running_total(
 
 
 def _percentage_amount(
-    properties: Mapping[str, Any], units: Decimal, events: Sequence[JSON], metric: JSON | None
+    properties: Mapping[str, Any],
+    units: Decimal,
+    events: Sequence[JSON],
+    metric: JSON | None,
+    count: int | None = None,
 ) -> Decimal:
     """lago-api ``ChargeModels::PercentageService`` (in currency units).
 
@@ -4631,7 +4639,7 @@ def _percentage_amount(
         free_units = per_total
     free_count = min((n for n in (per_events, sum(1 for t in running if t < per_total)) if n != 0), default=0)
     percentage = Decimal(0) if free_units > units else (units - free_units) * rate / 100
-    count = len(events)
+    count = len(events) if count is None else count  # (a unique count's: its values, as lago-api's result count)
     fixed_total = Decimal(0) if units == 0 or free_count >= count else (count - free_count) * fixed
     return percentage + fixed_total
 
@@ -4872,6 +4880,24 @@ def _present(properties: Mapping[str, Any], key: str) -> bool:
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
+_ROUNDINGS = {"round": ROUND_HALF_UP, "ceil": ROUND_CEILING, "floor": ROUND_FLOOR}
+
+
+def _rounded(metric: Mapping[str, Any], units: Decimal) -> Decimal:
+    """lago-api ``BillableMetrics::Aggregations::ApplyRoundingService``: the aggregation rounded as the metric says
+    (``rounding_function`` round, ceil or floor, to ``rounding_precision`` digits: 0 by default, negative for tens,
+    hundreds...), before any charge model prices it."""
+    mode = _ROUNDINGS.get(str(metric.get("rounding_function") or ""))
+    if mode is None:
+        return units
+    try:
+        precision = int(metric.get("rounding_precision") or 0)
+        with localcontext(Context(prec=max(28, len(units.as_tuple().digits) + abs(precision) + 2))):
+            return units.quantize(Decimal(1).scaleb(-precision), rounding=mode)
+    except (TypeError, ValueError, ArithmeticError):
+        return units
+
+
 def _charge_amount(
     charge_model: str,
     properties: Mapping[str, Any],
@@ -4879,9 +4905,10 @@ def _charge_amount(
     events: Sequence[JSON] = (),
     subunits: int = 100,
     metric: JSON | None = None,
+    count: int | None = None,
 ) -> Decimal:
     """Amount in currency units (not cents) for ``units`` (aggregated from ``events`` of ``metric``) under one charge
-    model."""
+    model; ``count``: the aggregation's count, when not its number of events (a unique count's values)."""
     if charge_model == "standard":
         return units * (to_decimal(properties.get("amount")) or Decimal(0))
     if charge_model == "package":
@@ -4902,7 +4929,7 @@ def _charge_amount(
     if charge_model == "volume":
         return _ranges_amount(units, properties.get("volume_ranges") or [], volume=True)
     if charge_model == "percentage":
-        return _percentage_amount(properties, units, events, metric)
+        return _percentage_amount(properties, units, events, metric, count)
     if charge_model == "graduated_percentage":
         return _graduated_percentage_amount(units, properties.get("graduated_percentage_ranges") or [])
     if charge_model == "dynamic":
@@ -4938,16 +4965,18 @@ def _bucket(
     Negative units (a sum of negative values) or a negative amount bill nothing: ``Fees::ChargeService#init_fee``
     sets the fee's amount and units to 0 then ("Prevent trying to create a fee with negative units or amount",
     getlago/lago-api#2966), its events count kept."""
-    units = _aggregate(metric, events, span)
+    units = _rounded(metric, _aggregate(metric, events, span))
     total_units: Decimal | None = None
     if metric["aggregation_type"] in _NUMERIC_AGGREGATIONS:
         field = metric["field_name"]
         events = [e for e in events if _property_number(e["properties"].get(field)) is not None]
-    count = len(events)
+    # (a unique count's is its number of values: lago-api UniqueCountService sets the result's count to it, which the
+    # fee keeps as its events_count and a percentage charge pays its fixed amount on)
+    count = int(units) if metric["aggregation_type"] == "unique_count_agg" else len(events)
     if metric["aggregation_type"] == "weighted_sum_agg" and span is not None:
         total_units = _aggregate({**metric, "aggregation_type": "sum_agg"}, events)
         count = sum(1 for e in events if Decimal(e["ts"]) >= span.start)
-    amount = _charge_amount(model, properties, units, events, subunits, metric)
+    amount = _charge_amount(model, properties, units, events, subunits, metric, count)
     if units < 0 or amount < 0:
         units = amount = Decimal(0)
     return {
