@@ -58,6 +58,12 @@ def route_template(scope: Scope, status: int = 200, root_path: str = "") -> str:
 
 def _template(scope: Scope, status: int, root_path: str, routed: bool = False) -> str:
     # routed: a Starlette app (router) is inside the billing middleware, behind middlewares of its own
+    # the root the app's outermost router started at: a Mount matched sets it; without one, the scope's own root
+    base = scope.get("app_root_path", scope.get("root_path"))
+    if type(base) is str and len(base) > len(root_path) and base.startswith(root_path):
+        # the app set a root of its own inside the billing middleware (FastAPI(root_path=...), a middleware reading
+        # X-Forwarded-Prefix): it is no mount's prefix, whose concrete values (a tenant's id) would be billed
+        root_path = base
     route, path = _matched_route(scope), scope["path"]
     if isinstance(route, Mount) and root_path and scope.get("root_path") == root_path:  # (nothing matched below)
         outside = _outside(scope, root_path)

@@ -1343,6 +1343,8 @@ class OrgBillingMiddleware:
                 self.stats["unrouted"] += 1
             return None
         method = scope["method"]
+        if len(method) > _MAX_METHOD:  # (a client's token: h11 takes any, up to its 16 KiB request line)
+            method = method[: _MAX_METHOD - 1] + "\u2026"
         transaction_id: str | None = None
         retry = False
         if idempotent is not None:
@@ -1465,7 +1467,7 @@ class OrgBillingMiddleware:
             f'"code":{_json_str(self.settings.event_code)},"properties":{{"org_id":{_json_str(org_id)},'
             f'"endpoint":{_json_str(endpoint)},"method":{_json_str(method)}'
         )
-        if len(endpoint) <= _MAX_CACHED_PATH:  # (an app without Starlette routing: its raw paths, long ones not kept)
+        if len(endpoint) <= _MAX_CACHED_PATH and len(method) <= _MAX_METHOD:  # (long raw paths, methods: not kept)
             if len(self._heads) >= 10_000:  # bounded: a cache of the active combinations, not a registry
                 self._heads.clear()
             self._heads[(org_id, endpoint, method)] = head
@@ -1699,6 +1701,9 @@ def _ambiguous_answer(header: str) -> JSONResponse:
         media_type="application/problem+json",
     )
 
+
+#: The longest HTTP method billed as sent (longer ones, a client's token, are cut: kept in every waiting event).
+_MAX_METHOD = 64
 
 #: The decision passed to ``settle`` to add a request's tokens after its call was settled.
 _TOKENS_ONLY = QuotaDecision()
