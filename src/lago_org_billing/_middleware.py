@@ -23,6 +23,7 @@ answers are the routing's own) and ``_idempotency`` (``SharedFirstSeen``: idempo
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import functools
 import hashlib
@@ -31,6 +32,7 @@ import inspect
 import itertools
 import json
 import logging
+import multiprocessing.util
 import os
 import sys
 import time
@@ -644,10 +646,26 @@ class OrgBillingMiddleware:
         mirror_renewed(self)  # multiprocess metrics: the new pipeline and gate counted even if gone before a sync
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        background_scope, background_ended = anyio.CancelScope(), anyio.Event()
+
+        async def background(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with background_scope:
+                    await self._background(task_status=task_status)
+            finally:
+                background_ended.set()
+
         async def send_wrapper(message: Message) -> None:
             # Flushed whether the app's own shutdown succeeded or not: its failure is no reason to lose the events.
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self._shutdown()
+            elif message["type"] == "lifespan.startup.failed":
+                # The app's own startup failed: its background is stopped before the server hears of it, so that the
+                # lifespan call ends with it (hypercorn looks whether it has ended as soon as it is told: one still
+                # stopping the background was taken for a server to run, the app serving without its startup).
+                self._running = False
+                background_scope.cancel()
+                await background_ended.wait()
             await send(message)
 
         if self._config_error is not None:
@@ -657,7 +675,7 @@ class OrgBillingMiddleware:
         app_error: Exception | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                await tasks.start(self._background)
+                await tasks.start(background)
                 started = self._running = True
                 try:
                     await self.app(scope, receive, send_wrapper)
@@ -756,6 +774,7 @@ class OrgBillingMiddleware:
             error = _start_error(failure[0])
             self._lazy_error = error  # for the requests that waited on this start (a later one tries again)
             raise error
+        _said_at_exit(self)
         if not self._warned_lazy:  # (_run_detached marked it running)
             self._warned_lazy = True
             logger.warning(
@@ -1700,6 +1719,43 @@ def _ambiguous_answer(header: str) -> JSONResponse:
         status_code=400,
         media_type="application/problem+json",
     )
+
+
+#: The middlewares whose delivery started lazily (no lifespan) in this process: what their memory still holds when the
+#: process exits is said (see _lost_at_exit).
+_lazily_started: weakref.WeakSet[OrgBillingMiddleware] = weakref.WeakSet()
+_exit_hook_pid: int | None = None
+
+
+def _said_at_exit(middleware: OrgBillingMiddleware) -> None:
+    """Have the events ``middleware`` still holds in memory said when this process exits (once hooked per process)."""
+    global _exit_hook_pid
+    _lazily_started.add(middleware)
+    if _exit_hook_pid != os.getpid():
+        _exit_hook_pid = os.getpid()
+        atexit.register(_lost_at_exit)
+        # (a multiprocessing worker, granian's, ends with os._exit: its finalizers run, not atexit)
+        multiprocessing.util.Finalize(None, _lost_at_exit, exitpriority=10)
+
+
+def _lost_at_exit() -> None:
+    """At the process's exit: the events a lazily started delivery still held in memory, its run never ended (a server
+    that ends neither a lifespan nor the event loop's tasks: granian), are lost; said with their count, not silently."""
+    for middleware in list(_lazily_started):
+        pipeline = getattr(middleware, "pipeline", None)
+        if pipeline is None or not pipeline._running or pipeline.outbox.durable:
+            continue
+        held = pipeline.outbox.unresolved()
+        if held:
+            pipeline.metrics.lost_at_shutdown += held
+            logger.error(
+                "%d billing events were lost: still in memory when the process exited, the server having ended "
+                "neither an ASGI lifespan (none was sent) nor the event loop's tasks, they were neither delivered nor "
+                "written anywhere. Add OrgBillingMiddleware to the outermost app (its lifespan shutdown flushes "
+                "them), call its aclose() from your app's lifespan, or set LAGO_SPOOL_PATH.",
+                held,
+            )
+    _lazily_started.clear()
 
 
 #: The longest HTTP method billed as sent (longer ones, a client's token, are cut: kept in every waiting event).
