@@ -136,8 +136,15 @@ class World:
         """The org's current period as Lago reports it, and the calls and tokens Lago counted in it."""
         usage = self.fake.usage(ORG, ORG, billable_metric_code="api_call")["customer_usage"]
         charge = usage["charges_usage"][0]
+        start = _ts(usage["from_datetime"])
+        # (Lago counts from a subscription's exact start, which its answers give to the second: the calls of an
+        # upgrade's second made before it are the old subscription's)
+        for sub in self.fake.store.subscriptions:
+            exact = sub.get("_started_exact")
+            if sub["external_id"] == ORG and sub["status"] == "active" and exact and int(_ts(exact)) == int(start):
+                start = max(start, _ts(exact))
         return (
-            _ts(usage["from_datetime"]),
+            start,
             _ts(usage["to_datetime"]) + 1,
             int(charge["events_count"]),
             int(Decimal(charge["units"])),

@@ -2338,7 +2338,8 @@ class LagoStore:
         charges periods (``Yearly/SemiannualService#compute_charges_from_date/_to_date`` delegate to
         ``MonthlyService``). Both ``current_billing_period_*`` and current usage use these bounds."""
         start, end = self._full_charges_bounds(sub, at)
-        started = parse_datetime(sub["started_at"])
+        # (exact: an upgrade in the second of the old plan's last calls leaves them to the old subscription)
+        started = parse_datetime(sub.get("_started_exact") or sub["started_at"])
         if started is not None and started > start:
             start = started
         return start, end
@@ -2479,6 +2480,8 @@ class LagoStore:
         (``bill``: not for an upgrade, whose invoice bills it with the replaced subscription)."""
         sub["status"] = "active"
         sub["started_at"] = iso(at)
+        # (the exact time, as Lago stores it to the microsecond: the charges period's start, see _charges_bounds)
+        sub["_started_exact"] = at.isoformat()
         self._file_under_plan(sub)
         self._touch(sub)
         key = (sub["customer_id"], sub["external_id"])
@@ -2525,6 +2528,7 @@ class LagoStore:
         termination invoice issued (``generate_invoice``: its ``on_termination_invoice``)."""
         sub["status"] = "terminated"
         sub["terminated_at"] = iso(at)
+        sub["_terminated_exact"] = at.isoformat()  # (its usage's end: see _usage_for)
         self._file_under_plan(sub)
         if credit_unused:
             self._credit_unused_days(sub, at, upgrade=upgrade)
@@ -3637,10 +3641,14 @@ class LagoStore:
         start, end = self._charges_bounds(sub, at)
         upper = end
         terminated = parse_datetime(sub["terminated_at"])
+        exact = parse_datetime(sub.get("_terminated_exact")) if sub.get("_terminated_exact") else None
         if terminated is not None and terminated < upper:
             upper = terminated
-        # (the period's last second up to its last microsecond, as Lago's end_of_day)
+        # (the period's last second up to its last microsecond, as Lago's end_of_day; a termination's exact time, as
+        # Lago stores it: an upgrade's new subscription counts the events from then on, not these)
         low, high = Decimal(repr(start.timestamp())), Decimal(repr(upper.timestamp())) + Decimal("0.999999")
+        if exact is not None and upper == terminated:
+            high = Decimal(repr(exact.timestamp()))
         # a recurring metric also reads the events of the periods before (lago-api ``recurring_events_scope``, or
         # the latest cached aggregation): its value carries over
         history = [e for e in self._events_by_subscription.records(sub["external_id"]) if Decimal(e["ts"]) <= high]
