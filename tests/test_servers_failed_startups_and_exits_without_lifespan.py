@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 import lago_org_billing
 from lago_org_billing import BillingSettings, OrgBillingMiddleware
-from test_asgi_servers import API_KEY, DEADLINE, ORG, Emulator, _free_port, _installed, emulator  # noqa: F401
+from test_asgi_servers import API_KEY, DEADLINE, ORG, Emulator, Running, _free_port, _installed, emulator  # noqa: F401
 
 #: The directory holding the package under test, for the servers' PYTHONPATH.
 SOURCES = str(Path(lago_org_billing.__file__).resolve().parents[1])
@@ -86,8 +86,10 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class Process:
-    """A server (``python -m <argv>``) started in ``app_dir`` with the package under test, against the emulator."""
+class Process(Running):
+    """A server (``python -m <argv>``) started in ``app_dir`` with the package under test, against the emulator; not
+    waited for here (one whose startup fails exits instead of listening: see listening_or_exited). ``stop`` and
+    ``output`` are test_asgi_servers' ``Running``'s."""
 
     def __init__(self, argv: list[str], app_dir: Path, lago: Emulator) -> None:
         self.port = _free_port()
@@ -122,19 +124,6 @@ class Process:
             except OSError:
                 time.sleep(0.05)  # polling a condition (the port, the process), bounded by the deadline
         pytest.fail(f"the server neither listened nor exited within {DEADLINE} s:\n{self.output()}")
-
-    def stop(self, sig: signal.Signals) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"the server did not exit within {DEADLINE} s of {sig.name}:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture
