@@ -863,10 +863,8 @@ class _SpoolFile:
                 self.path,
                 self.path,
             )
-            old_fd, self._lock_fd = (
-                self._lock_fd,
-                None,
-            )  # (its lock, of a file gone, holds nothing: not looked at again)
+            # (its lock, of a file gone, holds nothing: not looked at again)
+            old_fd, self._lock_fd = self._lock_fd, None
             if old_fd is not None:
                 _close_lock(old_fd)
             return
