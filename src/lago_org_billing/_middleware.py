@@ -1439,7 +1439,7 @@ class OrgBillingMiddleware:
                 transaction_id = _request_id()
             else:  # a retry's event is its first one's: same id and timestamp (its own duration)
                 transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
-            if type(gated) is str and idempotent_id is None and started < _period_start(gated):
+            if type(gated) is str and idempotent_id is None and before_period(gated, int(started)):
                 # begun in one billing period, checked in the next (a slow resolver or a cold org's wait across the
                 # boundary): counted against the new period's limit, so billed there, from its first millisecond. (Not
                 # an idempotent request's: its retries are sent with the first timestamp remembered, in Redis too.)
@@ -1763,13 +1763,6 @@ _MAX_METHOD = 64
 
 #: The decision passed to ``settle`` to add a request's tokens after its call was settled.
 _TOKENS_ONLY = QuotaDecision()
-
-
-@functools.lru_cache(maxsize=64)
-def _period_start(period: str) -> float:
-    """The second a counter period (a ``period_key``) began, as ``before_period`` reads it (cached: asked once per
-    gated event); 0 for what is no period's key (none, a subscription not started yet): nothing is before it."""
-    return 0.0 if not before_period(period, 0) else float(int(float(period)))
 
 
 @functools.lru_cache(maxsize=64)

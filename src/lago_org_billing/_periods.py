@@ -14,10 +14,19 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import datetime as dt
+import functools
 
 from ._snapshots import Snapshot
 
-__all__ = ["CALENDAR_ANCHOR", "before_period", "next_period_end", "period_key", "provisional", "rolls_over"]
+__all__ = [
+    "CALENDAR_ANCHOR",
+    "before_period",
+    "next_period_end",
+    "period_key",
+    "period_start",
+    "provisional",
+    "rolls_over",
+]
 
 
 def period_key(snapshot: Snapshot | None) -> str:
@@ -44,10 +53,18 @@ def before_period(period: str, bucket: int | None) -> bool:
     :func:`period_key`) began: not when none was reserved (``None``), nor without a period."""
     if bucket is None or not period:
         return False
+    start = period_start(period)
+    return start is not None and bucket < start
+
+
+@functools.lru_cache(maxsize=1024)
+def period_start(period: str) -> int | None:
+    """The second the counter period ``period`` (a :func:`period_key`) began; ``None`` for what is no period's key (the
+    records of a subscription not started yet). Cached: asked for each gated event and settle."""
     try:
-        return bucket < int(float(period))
-    except ValueError:  # (not a period's key: the records of a subscription not started yet)
-        return False
+        return int(float(period))
+    except ValueError:
+        return None
 
 
 #: ``Snapshot.anchor`` of a subscription billed on calendar periods (an anniversary's is its ``subscription_at``; 0:
