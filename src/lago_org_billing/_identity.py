@@ -1492,11 +1492,7 @@ def _current(request_or_scope: Any, key: str) -> str | None:
         if late is not None:
             # request.state.billing_org_id / billing_user_id say so too from now on, as when no org was found before
             # the app ran (the billing dict keeps that one: the middleware compares them once the app is done)
-            state = scope.get("state")
-            if type(state) is dict:
-                state["billing_org_id"], state["billing_user_id"] = late
-            elif state is not None:
-                _publish_in_state_object(state, *late)
+            _publish_in_state(scope, *late)
             return late[0] if key == "org_id" else late[1]
     value = data.get(key)
     return value if isinstance(value, str) else None
@@ -1558,6 +1554,11 @@ def publish_identity(scope: Scope, billing: dict[str, Any], org_id: str | None, 
     as it is, and the identity is published in the billing dict only. Never raises."""
     billing["org_id"] = org_id
     billing["user_id"] = user_id
+    _publish_in_state(scope, org_id, user_id)
+
+
+def _publish_in_state(scope: Scope, org_id: str | None, user_id: str | None) -> None:
+    """``request.state.billing_org_id`` / ``billing_user_id`` (see :func:`publish_identity`)."""
     state = scope.get("state")
     if type(state) is dict:  # the usual case (Starlette keeps request.state in a plain dict)
         state["billing_org_id"] = org_id
