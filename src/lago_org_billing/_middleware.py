@@ -443,16 +443,17 @@ class OrgBillingMiddleware:
         else:
             _publish(scope, billing, org_id, user_id)
         if org_id is None:
-            if AMBIGUOUS_CREDENTIALS in scope and not preflight:  # (the bearer token sent twice: see its docstring)
+            answer: ASGIApp | None = None
+            if not preflight:
+                if AMBIGUOUS_CREDENTIALS in scope:  # (the bearer token sent twice: see its docstring)
+                    self.stats["ambiguous_credentials"] = self.stats.get("ambiguous_credentials", 0) + 1
+                    answer = self._outward(_ambiguous_answer(scope[AMBIGUOUS_CREDENTIALS]))
+                elif self.on_unresolved == "reject":
+                    answer = self._rejection()
+            if answer is not None:
                 self.stats["unresolved"] += 1
-                self.stats["ambiguous_credentials"] = self.stats.get("ambiguous_credentials", 0) + 1
                 billing[_COPIES] = None  # (the request is over: see _Billing)
-                await self._outward(_ambiguous_answer(scope[AMBIGUOUS_CREDENTIALS]))(scope, receive, send)
-                return
-            if self.on_unresolved == "reject" and not preflight:
-                self.stats["unresolved"] += 1
-                billing[_COPIES] = None  # (the request is over: see _Billing)
-                await self._reject(scope, receive, send)
+                await answer(scope, receive, send)
                 return
             await self._call_unresolved(scope, receive, send, started, began, root_path, preflight)
             return
@@ -1632,9 +1633,6 @@ class OrgBillingMiddleware:
         if first is None:
             self._first_seen[transaction_id] = first = started
         return first
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._rejection()(scope, receive, send)
 
     def _rejection(self) -> ASGIApp:
         """The answer to a request without an org under ``on_unresolved="reject"``."""
