@@ -854,6 +854,10 @@ class _SpoolFile:
         uses the slot: locked again at once, made anew, before a process starting meanwhile takes the slot as free and
         writes this spool file too (both sending its events, their row ids colliding)."""
         fd = self._try_lock(self.path)
+        # (the old lock, of a file gone, holds nothing; with none taken again, the slot is not looked at again)
+        old_fd, self._lock_fd = self._lock_fd, fd if fd is not None and fd >= 0 else None
+        if old_fd is not None:
+            _close_lock(old_fd)
         if fd is None:
             logger.error(
                 "The lock file %s.lock of the event spool was removed while this process used it, and another process "
@@ -863,19 +867,12 @@ class _SpoolFile:
                 self.path,
                 self.path,
             )
-            # (its lock, of a file gone, holds nothing: not looked at again)
-            old_fd, self._lock_fd = self._lock_fd, None
-            if old_fd is not None:
-                _close_lock(old_fd)
-            return
-        old_fd, self._lock_fd = self._lock_fd, fd if fd >= 0 else None
-        if old_fd is not None:
-            _close_lock(old_fd)
-        logger.warning(
-            "The lock file %s.lock of the event spool was removed while this process used it: made and locked again. "
-            "Never remove a spool's lock files while a process uses it.",
-            self.path,
-        )
+        else:
+            logger.warning(
+                "The lock file %s.lock of the event spool was removed while this process used it: made and locked "
+                "again. Never remove a spool's lock files while a process uses it.",
+                self.path,
+            )
 
     def _reopen(self) -> None:
         """The -wal or -shm file of the spool was deleted: the WAL's content goes into the database file, and the
