@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
+from . import _checks as checks
 from ._billing import OrgBilling
 from ._errors import ConfigurationError
 from ._limits import limits_from_entitlements, subscription_entitlements, usage_totals
@@ -287,7 +288,7 @@ def _check_ledger(ledger: Any, org_id: str) -> None:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = checks._shown(value)  # (repr, or a size for an int Python will not print)
     return f"a {type(value).__name__} ({text if len(text) <= 80 else text[:77] + '...'})"
 
 
