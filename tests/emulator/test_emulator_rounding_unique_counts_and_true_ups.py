@@ -107,20 +107,22 @@ async def test_metric_rounding_function_rounds_the_aggregated_units_before_prici
 
 # unique_count_agg ------------------------------------------------------------------------------------------------
 
+#: Seats alice, alice, bob: three events, two unique values.
+SEATS = (
+    ("a1", {"seat": "alice"}, datetime(2026, 3, 10, tzinfo=UTC)),
+    ("a2", {"seat": "alice"}, datetime(2026, 3, 11, tzinfo=UTC)),
+    ("b1", {"seat": "bob"}, datetime(2026, 3, 12, tzinfo=UTC)),
+)
+
 
 async def test_unique_count_events_count_is_the_number_of_unique_values() -> None:
     """Seats: alice, alice, bob (three events, two unique values). lago-api ``UniqueCountService`` sets
     ``result.count = result.aggregation``, which ``ChargeModels::BaseService#apply`` passes on as the fee's
-    ``events_count``: current usage says ``units`` 2.0 and ``events_count`` 2 (the emulator: 3)."""
+    ``events_count``: current usage says ``units`` 2.0 and ``events_count`` 2 (the emulator counted 3)."""
     clock = Clock(MARCH)
     fake = _fake(clock, [STANDARD], aggregation_type="unique_count_agg", field_name="seat")
     clock.now = datetime(2026, 3, 20, tzinfo=UTC)
-    await _send(
-        fake,
-        ("a1", {"seat": "alice"}, datetime(2026, 3, 10, tzinfo=UTC)),
-        ("a2", {"seat": "alice"}, datetime(2026, 3, 11, tzinfo=UTC)),
-        ("b1", {"seat": "bob"}, datetime(2026, 3, 12, tzinfo=UTC)),
-    )
+    await _send(fake, *SEATS)
     usage = await _charge_usage(fake)
     assert (usage["units"], usage["events_count"], usage["amount_cents"]) == ("2.0", 2, 200)
 
@@ -128,7 +130,7 @@ async def test_unique_count_events_count_is_the_number_of_unique_values() -> Non
 async def test_unique_count_percentage_fixed_amount_is_paid_per_unique_value() -> None:
     """A percentage charge (rate 0, ``fixed_amount`` 1.00) on the same unique count: lago-api
     ``PercentageService#compute_fixed_amount`` bills ``(aggregation_result.count - free_units_count) * fixed_amount``,
-    the count being the unique count: 2 x 1.00 = 200 cents (the emulator bills one fixed amount per event: 300)."""
+    the count being the unique count: 2 x 1.00 = 200 cents (the emulator billed one fixed amount per event: 300)."""
     clock = Clock(MARCH)
     percentage = {
         "billable_metric_code": "m",
@@ -137,12 +139,7 @@ async def test_unique_count_percentage_fixed_amount_is_paid_per_unique_value() -
     }
     fake = _fake(clock, [percentage], aggregation_type="unique_count_agg", field_name="seat")
     clock.now = datetime(2026, 3, 20, tzinfo=UTC)
-    await _send(
-        fake,
-        ("a1", {"seat": "alice"}, datetime(2026, 3, 10, tzinfo=UTC)),
-        ("a2", {"seat": "alice"}, datetime(2026, 3, 11, tzinfo=UTC)),
-        ("b1", {"seat": "bob"}, datetime(2026, 3, 12, tzinfo=UTC)),
-    )
+    await _send(fake, *SEATS)
     usage = await _charge_usage(fake)
     assert usage["amount_cents"] == 200
 
