@@ -19,6 +19,7 @@ from starlette.types import Message
 from lago_org_billing import BillingSettings, OrgBillingMiddleware, attribute_usage
 from lago_org_billing._attribution import Usage, reset_warnings
 from test_attribution import SSE, record, sse
+from test_middleware_scope_deep_copies import transport_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -104,17 +105,8 @@ async def test_a_stream_whose_usage_is_really_lost_over_the_cap_is_still_said_af
 def _scope(path: str) -> dict[str, Any]:
     """An HTTP scope from a server implementing ASGI 2.4 (a send to a gone client raises OSError)."""
     return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
+        **transport_scope(path),
         "headers": [(b"host", b"t"), (b"x-org-id", b"org_a"), (b"x-user-id", b"ada")],
-        "server": ("t", 80),
         "client": ("127.0.0.1", 1234),
     }
 
