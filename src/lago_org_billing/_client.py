@@ -399,12 +399,14 @@ class LagoClient:
 
     async def get_current_subscription(self, external_id: str) -> JSON | None:
         """The subscription ``external_id`` that is active, else the one that has not started yet (``pending``);
-        ``None`` when neither exists."""
+        ``None`` when neither exists. Lago's catch-all 404 (``resource_not_found``: LAGO_API_URL is not where Lago is
+        served) is raised: it says nothing of the subscription."""
         for status in (None, "pending"):
             try:
                 return await self.get_subscription(external_id, status=status)
-            except LagoNotFoundError:
-                pass
+            except LagoNotFoundError as exc:
+                if exc.code == "resource_not_found":
+                    raise
         return None
 
     async def update_subscription(self, external_id: str, *, status: str | None = None, **fields: Any) -> JSON:

@@ -31,9 +31,10 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
+from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ._errors import ConfigurationError, traceback_text
@@ -1457,17 +1458,29 @@ def billing_scope(request_or_scope: Any) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def get_current_org(request_or_scope: Any) -> str | None:
+@overload
+def get_current_org(request_or_scope: HTTPConnection) -> str | None: ...
+@overload
+def get_current_org(request_or_scope: MutableMapping[str, Any]) -> str | None: ...
+# (the implementation's annotation is what FastAPI reads: an HTTPConnection, so that Depends(get_current_org) gets the
+# request, not a query parameter the client fills in; a scope works all the same)
+def get_current_org(request_or_scope: HTTPConnection) -> str | None:  # type: ignore[misc]
     """The org the current request is billed to (``Request`` or scope); ``None`` if unresolved, and for a WebSocket
-    (the middleware passes WebSocket sessions on unbilled and ungated).
+    (the middleware passes WebSocket sessions on unbilled and ungated). A FastAPI dependency too:
+    ``org: str | None = Depends(get_current_org)``.
 
     An org the middleware could not resolve before the app ran (auth in an endpoint dependency sets
     ``request.state.org_id`` later) is looked for again, with the middleware's resolvers when they are synchronous."""
     return _current(request_or_scope, "org_id")
 
 
-def get_current_user(request_or_scope: Any) -> str | None:
-    """The user the current request is attributed to; ``None`` if unresolved or outside the middleware."""
+@overload
+def get_current_user(request_or_scope: HTTPConnection) -> str | None: ...
+@overload
+def get_current_user(request_or_scope: MutableMapping[str, Any]) -> str | None: ...
+def get_current_user(request_or_scope: HTTPConnection) -> str | None:  # type: ignore[misc]  # (see get_current_org)
+    """The user the current request is attributed to; ``None`` if unresolved or outside the middleware. A FastAPI
+    dependency too: ``Depends(get_current_user)``."""
     return _current(request_or_scope, "user_id")
 
 

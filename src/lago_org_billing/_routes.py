@@ -749,7 +749,9 @@ class BillingRouter(Router):
             if isinstance(exc, InvalidIdentifierError):
                 raise
             return self._held_elsewhere(request, org_id, exc, "to terminate")
-        except LagoNotFoundError:
+        except LagoNotFoundError as exc:
+            if exc.code == "resource_not_found":  # (LAGO_API_URL is wrong: see _lago_error)
+                raise
             return _not_found(f"Org {org_id!r} has no active subscription to terminate.", "subscription_not_found")
         await self._invalidate(request, org_id)
         return JSONResponse({"subscription": subscription})
@@ -923,6 +925,10 @@ def _lago_error(
 ) -> JSONResponse:
     """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL). ``extra``
     adds fields to the 429 and 503 answers."""
+    if isinstance(exc, LagoNotFoundError) and exc.code == "resource_not_found":
+        # Lago's catch-all route: LAGO_API_URL is not where Lago is served (not "this org has nothing")
+        say("no route", "Lago has no route for %s %s (check LAGO_API_URL): %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
     if isinstance(exc, LagoNotFoundError):
         return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
     if isinstance(exc, LagoValidationError):  # a detail list, as every 422 of these routes (Lago's own kept in errors)
