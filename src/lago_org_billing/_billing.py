@@ -457,6 +457,12 @@ class OrgBilling:
                     raise
                 return made
             except LagoValidationError as exc:
+                if exc.details == {"subscription": ["subscription_incomplete"]}:  # (no field of ours at fault)
+                    external_id = self.subscription_id(org_id)
+                    waiting = await self._incomplete(external_id) or {}
+                    raise _waiting_for_payment(
+                        external_id, waiting, "another subscription under its id", "change its plan then"
+                    ) from None
                 if exc.details != {"external_id": ["value_already_exist"]}:
                     raise
                 # (the caller sent no external_id: Lago's "fix the fields" is no help) another customer holds it
@@ -682,6 +688,9 @@ class OrgBilling:
         # (one that has not started yet too: Lago changes its plan in place)
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
         if current is None:
+            waiting = await self._incomplete(self.subscription_id(org_id))
+            if waiting is not None:
+                raise _waiting_for_payment(waiting["external_id"], waiting, "to change its plan", "change it then")
             raise LagoNotFoundError(
                 f"Org {org_id!r} has no active subscription to change: use create_subscription.",
                 status=404,
@@ -782,6 +791,15 @@ class OrgBilling:
         logger.info("Subscription %s was ended by Lago although its answer was lost; answered as ended", external_id)
         return ended
 
+    async def _incomplete(self, external_id: str) -> JSON | None:
+        """The subscription ``external_id`` waiting for its payment (``incomplete``), if there is one."""
+        try:
+            return await self.client.get_subscription(external_id, status="incomplete")
+        except LagoNotFoundError as exc:
+            if _no_such_route(exc):
+                raise
+            return None
+
     async def _nothing_to_terminate(self, external_id: str) -> LagoAPIError:
         """The error of a terminate that finds neither an active nor a pending subscription ``external_id``: it says
         when it is waiting for a payment (Lago refuses to end it: 422), when it already ended (a terminate run again,
@@ -794,14 +812,7 @@ class OrgBilling:
                     return exc
                 continue
             if status == "incomplete":  # (payment-gated: activation_rules of type payment)
-                return LagoValidationError(
-                    f"Subscription {external_id!r} is incomplete (lago_id {ended.get('lago_id')}): waiting for the "
-                    "payment that activates it, and Lago refuses to terminate it meanwhile (subscription_incomplete). "
-                    "It is canceled if the payment fails or times out; once paid it is active: terminate it then.",
-                    status=422,
-                    code="validation_errors",
-                    details={"base": ["subscription_incomplete"]},
-                )
+                return _waiting_for_payment(external_id, ended, "to terminate it", "terminate it then")
             when = ended.get("terminated_at") or ended.get("canceled_at")
             return LagoNotFoundError(
                 f"Subscription {external_id!r} is already {status} ({when}; lago_id {ended.get('lago_id')}): nothing "
@@ -831,7 +842,10 @@ class OrgBilling:
         Give a stable ``transaction_id`` to make retries safe (one is generated otherwise). Lago's ClickHouse store
         deduplicates on the id *and* the timestamp: without ``timestamp``, a retry here reuses the first call's
         (remembered a day in this process); across processes, pass the same ``timestamp``. An event Lago already has
-        is not an error: the answer is the payload with ``"duplicate": True``.
+        is not an error: the answer is the payload with ``"duplicate": True``. When Lago could not be reached (or its
+        answer was lost) for an event whose id was generated here, the :class:`LagoUnavailableError` names that id and
+        timestamp (its ``transaction_id`` and ``timestamp`` attributes too): Lago may hold the event, so resend it with
+        them, not as a new event.
 
         Lago takes (200) an event of an org without a subscription yet, and bills it never, not even once the
         subscription exists (it ignores events before a subscription's ``started_at``): subscribe the org first
@@ -862,6 +876,20 @@ class OrgBilling:
                 logger.info("Event %s was already in Lago; not recorded twice", payload["transaction_id"])
                 return {**payload, "duplicate": True}
             raise
+        except LagoUnavailableError as exc:
+            if transaction_id is not None:  # (the caller's own id: its retry is deduplicated)
+                raise
+            # The id was made here: the caller cannot know it, and a retry without it is a second event, billed twice
+            # if Lago took the first (its answer lost)
+            transaction_id, stamp = payload["transaction_id"], payload["timestamp"]
+            restated = exc._restated(
+                LagoUnavailableError,
+                f"{exc} Lago may hold the event all the same (an answer lost): resend it with "
+                f"transaction_id={transaction_id!r} and timestamp={stamp!r}; a new id would be a second event, billed "
+                "twice.",
+            )
+            restated.transaction_id, restated.timestamp = transaction_id, stamp  # type: ignore[attr-defined]
+            raise restated from exc
         # (on ClickHouse a caller's retry is taken again, 200, and replaces the first: counted once, as queued ones are)
         if transaction_id is None or self._first_queued(payload):
             self._count(org_id, payload, quota, dated=timestamp is not None)
@@ -931,8 +959,10 @@ class OrgBilling:
         calls = event["code"] == self.settings.event_code
         tokens = 0
         if event["code"] == getattr(quota, "token_metric", self.settings.event_code):
-            value = event["properties"].get("total_tokens")
-            tokens = value if type(value) is int and value > 0 else 0
+            try:  # as Lago sums it: 500, 500.0, "500" and Decimal("500") (sent as "500") are 500 tokens
+                tokens = _property_count("total_tokens", event["properties"].get("total_tokens")) or 0
+            except InvalidRequestError:  # (not a count Lago can sum: it bills none)
+                tokens = 0
         if calls or tokens:
             quota.settle(org_id, _dated(quota, event, dated), tokens=tokens, billed=calls)
 
@@ -1138,7 +1168,15 @@ def _not_queued(pipeline: EventPipeline, transaction_id: str) -> LagoIntegration
             "was served again and its middleware made a new pipeline). Build OrgBilling(middleware=asgi_app) to follow "
             "the middleware's current pipeline, or send the event now with await billing.record_usage(...)."
         )
-    capacity = getattr(getattr(pipeline, "outbox", None), "capacity", None)
+    outbox = getattr(pipeline, "outbox", None)
+    capacity = getattr(outbox, "capacity", None)
+    if getattr(outbox, "durable", False):  # (a spool: full of events waiting for its next commit, not for Lago)
+        return LagoUnavailableError(
+            f"Event {transaction_id!r} was not queued: {capacity} events are waiting for the spool's next commit (its "
+            "writes failing or stalled: see the errors logged about the spool). Send it later with await "
+            "billing.record_usage(...) (same transaction_id), and raise EventPipeline(memory_capacity=...) if bursts "
+            "fill it."
+        )
     return LagoUnavailableError(
         f"Event {transaction_id!r} was not queued: the delivery outbox is full ({capacity} events wait for Lago, "
         "which is slow or down). Send it later with await billing.record_usage(...) (same transaction_id), and set "
@@ -1288,6 +1326,20 @@ def _property_count(name: str, value: Any) -> int | None:
             f"properties.{name} (a token count) must be a whole number from 0 to 2**53 - 1, got {value!r}."
         )
     return int(count)
+
+
+def _waiting_for_payment(external_id: str, subscription: JSON, refused: str, then: str) -> LagoValidationError:
+    """The error of a write Lago refuses while the subscription ``external_id`` is ``incomplete`` (payment-gated:
+    ``activation_rules`` of type payment): Lago's 422 ``subscription_incomplete`` names no field to fix."""
+    lago_id = f" (lago_id {subscription['lago_id']})" if subscription.get("lago_id") else ""
+    return LagoValidationError(
+        f"Subscription {external_id!r} is incomplete{lago_id}: waiting for the payment that activates it, and Lago "
+        f"refuses {refused} meanwhile (subscription_incomplete). It is canceled if the payment fails or times out; "
+        f"once paid it is active: {then}.",
+        status=422,
+        code="validation_errors",
+        details={"base": ["subscription_incomplete"]},
+    )
 
 
 def _no_such_route(exc: LagoNotFoundError) -> bool:
