@@ -775,7 +775,12 @@ class QuotaGate:
         self._ended: anyio.Event | None = None  # set once run()'s work has ended (aclose() waits for it)
         self._outage_logged = False
         self._outage_logged_at = 0.0
-        self._refresh_failing = False  # a refresh failed since the last one that worked (logged once)
+        # A refresh's failure is said once (WARNING, then DEBUG) until a refresh works again (said at INFO): an outage
+        # fails every org's. An org whose last refresh failed (-> when) is not said again when it fails again after
+        # other orgs' refreshes worked (one org's usage Lago fails to compute, again and again), until its own works
+        # (an org not asked again meanwhile, its traffic gone, is forgotten after _longest_wait)
+        self._refresh_warned = False
+        self._refresh_failing: dict[str, float] = {}
         self._config_warnings: set[tuple[str, str]] = set()
         _LAST[:] = [weakref.ref(self)]
 
@@ -1562,8 +1567,11 @@ class QuotaGate:
                 if not snapshot.over(self.clock()) or snapshot.requested_at < snapshot.period_end:
                     self._next_attempt.pop(org_id, None)
                     self._gave_up.pop(org_id, None)
-                if self._outage_logged or self._refresh_failing:
-                    self._outage_logged = self._refresh_failing = False
+                if self._refresh_failing:
+                    self._refresh_failing.pop(org_id, None)
+                    self._forget_old_failures()
+                if self._outage_logged or self._refresh_warned:
+                    self._outage_logged = self._refresh_warned = False
                     logger.info("Lago answers again: usage snapshots are being refreshed.")
         except LagoIntegrationError as exc:
             self.stats["refresh_errors"] += 1
@@ -1579,14 +1587,18 @@ class QuotaGate:
                 else:
                     self._warn_once(("", exc.kind), "Could not refresh the quota snapshot of org %r: %s", org_id, exc)
             else:
-                # one WARNING until a refresh succeeds again (an outage fails every org's refresh), the rest at DEBUG
-                (logger.debug if self._refresh_failing else logger.warning)(
+                self._forget_old_failures()
+                said = self._refresh_warned or org_id in self._refresh_failing
+                (logger.debug if said else logger.warning)(
                     "Could not refresh the quota snapshot of org %r: %s (further failures are logged at DEBUG until "
                     "Lago answers again; counted in stats['refresh_errors'])",
                     org_id,
                     exc,
                 )
-                self._refresh_failing = True
+                self._refresh_warned = self._refresh_warned or not said
+                if len(self._refresh_failing) >= self.config.max_orgs:  # (bounded)
+                    self._refresh_failing.clear()
+                self._refresh_failing[org_id] = self.clock()
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
             logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
@@ -1594,6 +1606,12 @@ class QuotaGate:
             if locked and not stored:  # failed or cut off: the fleet may ask again after failure_backoff, not a TTL
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
                     await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
+
+    def _forget_old_failures(self) -> None:
+        """Forget the failing orgs not asked again for ``_longest_wait`` (their traffic gone: no refresh tells)."""
+        oldest = self.clock() - self._longest_wait
+        for org_id in [org for org, when in self._refresh_failing.items() if when < oldest]:
+            del self._refresh_failing[org_id]
 
     async def _wait_for_fleet(self, org_id: str, urgent: bool, release_slot: Callable[[], None]) -> bool:
         """Another process refreshes the org (it holds the fleet's lock): wait, at most ``cold_timeout``, for its
@@ -1949,7 +1967,8 @@ class QuotaGate:
     async def enforce_usage_limits(self, org_id: str) -> dict[str, Any]:
         """Where the org stands, without reserving anything: ``{"allowed", "reason", "limits", "usage",
         "remaining", "plan_code", "period_end"}``; ``reason`` is the limit hit, ``no_active_subscription`` or
-        ``None``."""
+        ``None``. The usage of an org without limits, which the gate does not track, is read from Lago (each value
+        ``None`` when it cannot be read)."""
         snap = await self.snapshot(org_id)
         outcome: Outcome | None = None
         if snap.active:
@@ -1970,8 +1989,24 @@ class QuotaGate:
         calls, tokens = outcome.calls, outcome.tokens
         if outcome.code == MISSING:
             calls, tokens = snap.base_calls, snap.base_tokens
-        usage = {self.config.calls_privilege: calls, self.config.tokens_privilege: tokens}
-        remaining = {name: (None if limit is None else max(0, limit - usage[name])) for name, limit in limits.items()}
+        usage: dict[str, int | None] = {self.config.calls_privilege: calls, self.config.tokens_privilege: tokens}
+        if not snap.limited:
+            # The gate never reads the usage of an org without limits (nothing to compare it with): read here, off
+            # the request path, as Lago counts it (None when it cannot be read: not a made-up 0)
+            usage = dict.fromkeys(usage)
+            if snap.customer_id:
+                try:
+                    read = await self.client.get_current_usage(
+                        snap.customer_id, self.settings.subscription_id_for(org_id), apply_taxes=False
+                    )
+                except LagoIntegrationError as exc:
+                    logger.debug("Could not read the usage of org %r: %s", org_id, exc)
+                else:
+                    calls_read, tokens_read = usage_totals(read, self.settings.event_code, self.token_metric)
+                    usage = {self.config.calls_privilege: calls_read, self.config.tokens_privilege: tokens_read}
+        remaining = {
+            name: (None if limit is None else max(0, limit - (usage[name] or 0))) for name, limit in limits.items()
+        }
         hit = outcome.hit
         return {
             "allowed": not hit,
