@@ -7,8 +7,9 @@ used only where it is a plain drop-in: no injected transport, and httpx would co
 in the environment applies to it). Everything else goes through httpx.
 
 An answer is only ever read as the answer to the request just written: a connection is pooled again only if nothing
-follows the answer in its buffer, and taken from the pool only if the server has written nothing on it meanwhile
-(bytes nobody asked for, a close, an idle-timeout 408), as httpcore does.
+follows the answer in its buffer (or in its TLS layer), and taken from the pool only if the server has written nothing
+on it meanwhile (bytes nobody asked for, a close, an idle-timeout 408) and it has been idle no longer than
+:data:`_KEEPALIVE_EXPIRY` seconds, as httpcore does.
 
 A server may answer before it has read the whole body, then close: a proxy refusing a body over its limit (413), a
 server refusing the request by its headers (401). Writing the rest of the body then fails; the answer it already sent
@@ -30,6 +31,7 @@ import re
 import select
 import ssl
 import sys
+import time
 from urllib.parse import urlsplit
 from urllib.request import getproxies
 
@@ -52,6 +54,13 @@ _MAX_EARLY_ANSWER = 1 << 20
 #: ordinary batch) are taken by the socket's buffers at once, with no task started to listen.
 _LISTEN_FROM = 64 * 1024
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
+#: Seconds a connection may sit idle in the pool and still be reused: httpx's default ``keepalive_expiry`` (the
+#: client's other calls), past which a NAT or a load balancer may have dropped it silently, and a batch written on it
+#: would wait the whole LAGO_API_TIMEOUT for an answer that never comes.
+_KEEPALIVE_EXPIRY = 5.0
+#: The blank line ending an answer's head: lines end in CRLF or in a bare LF (RFC 9112 2.2 lets a recipient take one
+#: for a line end), as h11 (the httpx path) finds it (``\n\r?\n``).
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 #: HTTP-version SP 3DIGIT, then SP (and the reason) or nothing (RFC 9112 4), as h11 (the httpx path) reads it: "2000"
 #: or "200OK" is no status 200. ASCII digits only (``[0-9]``, not ``\d``).
 _STATUS_LINE = re.compile(r"HTTP/1\.[0-9] ([0-9]{3})(?: |\Z)")
@@ -133,10 +142,25 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
+def _held(connection: _Connection) -> bool:
+    """Whether bytes the server sent are held, read from the socket but not by an answer: in the buffer, or, over TLS,
+    in the TLS layer (a record read from the socket together with the answer's, not decrypted yet), where neither the
+    buffer nor the socket shows them."""
+    if connection.buffer:
+        return True
+    # anyio's TLSStream has no public way to its incoming BIO (``TLSAttribute.ssl_object`` gives the SSL object only,
+    # through an ``extra()`` that builds every attribute's getter at each call): its private attributes are read, with
+    # getattr, so that an anyio renaming them makes this a plain stream again (whose socket is still looked at), not
+    # an AttributeError on every batch.
+    read_bio = getattr(connection.stream, "_read_bio", None)
+    ssl_object = getattr(connection.stream, "_ssl_object", None)
+    return bool(getattr(read_bio, "pending", 0)) or bool(ssl_object is not None and ssl_object.pending())
+
+
 def _readable(connection: _Connection) -> bool:
     """Whether the server wrote something on an idle connection (or closed it): what it wrote is no answer to a
     request not yet sent, so the connection is not reused."""
-    if connection.buffer:
+    if _held(connection):
         return True
     try:
         fileno = connection.stream.extra(anyio.abc.SocketAttribute.raw_socket).fileno()
@@ -174,13 +198,26 @@ def _same_length(value: str) -> int | None:
 
 
 class _Connection:
-    __slots__ = ("buffer", "limit", "stream")
+    __slots__ = ("buffer", "idle_since", "limit", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.buffer = b""
         #: Bytes the buffer may hold (bounded only for an answer read after a broken write).
         self.limit = sys.maxsize
+        #: ``time.monotonic()`` as the connection was pooled last.
+        self.idle_since = 0.0
+
+    async def read_head(self, limit: int) -> str:
+        """An answer's head, up to the blank line ending it, its lines ending in LF (CRLF or a bare LF as read)."""
+        while True:
+            end = _HEAD_END.search(self.buffer)
+            if end is not None:
+                head, self.buffer = self.buffer[: end.start()], self.buffer[end.end() :]
+                return head.decode("latin-1").replace("\r\n", "\n")
+            if len(self.buffer) > limit:
+                raise RawHTTPError("response header too large")
+            await self._receive()
 
     async def read_until(self, marker: bytes, limit: int) -> bytes:
         while True:
@@ -250,10 +287,12 @@ class RawPoster:
             + body
         )
         # A pooled connection may have been closed by the server meanwhile: one more try on a fresh one
-        # (safe: events are idempotent by transaction_id).
+        # (safe: events are idempotent by transaction_id). One idle past the keep-alive expiry is not tried at all: a
+        # middlebox that dropped it says nothing, and the batch would wait out LAGO_API_TIMEOUT on it.
+        now = time.monotonic()
         for attempt in (0, 1):
             connection = self._idle.pop() if self._idle and attempt == 0 else None
-            while connection is not None and _readable(connection):
+            while connection is not None and (now - connection.idle_since > _KEEPALIVE_EXPIRY or _readable(connection)):
                 await self._discard(connection)
                 connection = self._idle.pop() if self._idle else None
             reused = connection is not None
@@ -371,8 +410,7 @@ class RawPoster:
         self, connection: _Connection, *, reusable: bool = True
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         while True:
-            head = await connection.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
-            lines = head.decode("latin-1").split("\r\n")
+            lines = (await connection.read_head(_MAX_HEADER_BYTES)).split("\n")
             match = _STATUS_LINE.match(lines[0])
             status = int(match[1]) if match else 0
             if status < 100:
@@ -427,10 +465,12 @@ class RawPoster:
         else:
             body = await connection.read_to_eof()
             close = True
-        # Bytes after the answer (a server writing more than its framing said): no answer to any request to come.
-        if close or not reusable or connection.buffer or len(self._idle) >= self.max_idle:
+        # Bytes after the answer (a server writing more than its framing said), in the buffer or the TLS layer: no
+        # answer to any request to come.
+        if close or not reusable or _held(connection) or len(self._idle) >= self.max_idle:
             await self._discard(connection)
         else:
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
         return status, headers, body
 
