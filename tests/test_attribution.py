@@ -634,7 +634,7 @@ async def test_bodies_whose_usage_is_not_read_are_said_once(caplog: pytest.LogCa
     from lago_org_billing import _attribution
 
     _attribution._said_once.clear()
-    body = dumps({"usage": {"prompt_tokens": 5, "completion_tokens": 5}, "pad": "x" * 2_000})
+    body = dumps({"usage": {"prompt_tokens": 5, "completion_tokens": 5}, "pad": "x" * 14_000})
     for _ in range(2):
         assert record([body], config=AttributionConfig(max_body_bytes=1_000)).total_tokens == 0
         assert record([b"\x1f\x9d..."], headers=[(b"content-encoding", b"compress")]).total_tokens == 0

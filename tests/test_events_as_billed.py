@@ -213,8 +213,8 @@ async def test_an_oversized_json_body_without_usage_at_its_end_still_says_so(cap
 
 
 async def test_a_usage_object_not_closing_an_oversized_json_body_is_not_read(caplog: pytest.LogCaptureFixture) -> None:
-    """Only a usage object closing the body (at most 1 KiB after it) is trusted: one followed by more data is not."""
-    body = json.dumps({"usage": {"prompt_tokens": 5}, "data": "x" * 2_000}).encode()
+    """Only a usage object closing the body (at most 12 KiB after it) is trusted: one followed by more data is not."""
+    body = json.dumps({"usage": {"prompt_tokens": 5}, "data": "x" * 14_000}).encode()
     assert record(body, config=AttributionConfig(max_body_bytes=1_000)) == Usage()
     assert "over AttributionConfig.max_body_bytes" in caplog.text
 

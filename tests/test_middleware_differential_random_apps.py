@@ -715,7 +715,7 @@ def went_away(error: BaseException) -> bool:
 
 #: A usage object closes a JSON body over the cap when at most this many characters follow it (``_attribution``'s
 #: ``_CLOSING``: OpenAI's ``service_tier`` and ``system_fingerprint``...).
-CLOSING = 1_024
+CLOSING = 12_288
 
 
 def _sse_events(data: bytes) -> list[bytes]:

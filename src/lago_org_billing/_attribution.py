@@ -346,11 +346,7 @@ def _collect(payload: object, counts: _Counts) -> None:
     if isinstance(usage, Mapping) and (answer or container is payload.get("response")) and container.get("id"):
         # An OpenAI-style completion (or the Responses API's response) with its id: a usage of another one than
         # the last usage read is another completion of the stream (a tool loop relaying each call): added up.
-        ident = container.get("id")
-        if counts.latest and counts.usage_id is not None and ident != counts.usage_id:
-            counts.done.append(counts.latest)
-            counts.latest = {}
-        counts.usage_id = ident
+        _completion_of(counts, container.get("id"))
     if not isinstance(usage, Mapping):
         usage = payload.get("usageMetadata")  # Google Gemini (and Vertex AI), its model in modelVersion
         if isinstance(usage, Mapping):
@@ -358,10 +354,7 @@ def _collect(payload: object, counts: _Counts) -> None:
                 model = payload.get("modelVersion")
             ident = payload.get("responseId")  # its usage is cumulative per answer: another answer's adds up
             if ident is not None:
-                if counts.latest and counts.usage_id is not None and ident != counts.usage_id:
-                    counts.done.append(counts.latest)
-                    counts.latest = {}
-                counts.usage_id = ident
+                _completion_of(counts, ident)
         elif ("eval_count" in payload or "prompt_eval_count" in payload) and _ollama(payload):
             # Ollama's own API: counts at the top level of its last line (done) or of its embeddings; elsewhere an
             # "eval_count" is not tokens (a model-evaluation service's samples)
@@ -410,6 +403,15 @@ def _collect(payload: object, counts: _Counts) -> None:
             counts.model = model  # reported (and dropped) when the usage is read, unless a valid one follows
         if answer:
             counts.answer = True
+
+
+def _completion_of(counts: _Counts, ident: object) -> None:
+    """A usage of the completion ``ident`` is read next: one of another completion than the last usage read starts
+    another message of the stream (what was counted is done, added up with what follows)."""
+    if counts.latest and counts.usage_id is not None and ident != counts.usage_id:
+        counts.done.append(counts.latest)
+        counts.latest = {}
+    counts.usage_id = ident
 
 
 def _cohere_units(usage: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -637,6 +639,7 @@ class UsageRecorder:
         "_size",
         "_skip_lf",
         "_skipped",
+        "_skipped_id",
         "_tail",
         "status",
     )
@@ -653,6 +656,8 @@ class UsageRecorder:
     # open a JSON object (only such an event's usage is read).
     _skipped: bytearray
     _json_event: bool
+    # The id of the completion whose event is over the cap, read from its first bytes (see _closing_usage).
+    _skipped_id: str | None
     # A JSON body over the cap: its first and last bytes (inflated).
     _head: bytearray
     _last: bytearray
@@ -755,6 +760,7 @@ class UsageRecorder:
                 self._tail = b""
                 self._skipped = bytearray()
                 self._json_event = False
+                self._skipped_id = None
                 self._event = b""
                 self._data_lines = []
                 self._data_size = 0
@@ -999,7 +1005,21 @@ class UsageRecorder:
             start = start[1:] if start[:1] == b" " else start
             if not self._data_lines and self._event != _SKIP:  # the event's first data line
                 self._json_event = start.lstrip()[:1] == b"{"
+            if self._event != _SKIP:
+                self._skipped_id = self._completion_id(start)
         self._tail = start[-_TAIL:] if self._discarded_data else b""
+
+    def _completion_id(self, line: bytes) -> str | None:
+        """The id of the completion whose event goes over the cap with ``line``, read from the event's first bytes
+        (its data lines before, then ``line``): a chat chunk's ``id`` (next to its ``choices``), the response's of a
+        Responses API event, as :func:`_collect` reads them in an event read whole; ``None`` when they show none."""
+        head = line[:_TAIL]
+        if self._data_lines:
+            head = (b"\n".join(self._data_lines)[:_TAIL] + b"\n" + head)[:_TAIL]
+        match = _COMPLETION_ID.match(head)
+        if match is None or not (match[1] or b'"choices"' in head):
+            return None
+        return match[2].decode("utf-8", "replace")
 
     def _oversized(self, last: bytes) -> None:
         """An event whose data are over the cap is dropped (its data not kept, not parsed), but a usage object at its
@@ -1031,22 +1051,24 @@ class UsageRecorder:
         """An event over the cap ended: a usage object at its end, read from its last bytes."""
         tail = bytes(self._skipped[-_TAIL:])
         self._skipped = bytearray()
-        at, key = _key_at(tail, b'"usage"'), 7
-        if at < 0:
-            at, key = _key_at(tail, b'"usageMetadata"'), 15
-        if at >= 0 and self._counts is not None and self._json_event:  # (an event of other data: not an answer's)
-            # (blanks: a line end too, the event's data lines being joined by them)
-            text = tail[at + key :].decode("utf-8", "replace").lstrip(" \t\n")
-            if text[:1] == ":":
-                try:
-                    usage = _scan_json(text[1:].lstrip(" \t\n"), 0)[0]
-                except (ValueError, StopIteration, RecursionError):
-                    usage = None
-                if isinstance(usage, dict):
-                    _collect({"usage": usage}, self._counts)
+        ident: object = self._skipped_id
+        self._skipped_id = None
+        counts = self._counts
+        if counts is not None and self._json_event and b'"usage' in tail:  # (an event of other data: not an answer's)
+            text = tail.decode("utf-8", "replace")
+            for key in ("usage", "usageMetadata"):
+                members = _usage_members(text, key)
+                if members is not None:
+                    # Its completion's id (read from its first bytes; Gemini's responseId closes its chunk): another
+                    # completion's usage adds up, as in an event read whole
+                    if key == "usageMetadata":
+                        ident = members.get("responseId")
+                    if ident is not None:
+                        _completion_of(counts, ident)
+                    _collect({"usage": members[key]}, counts)
                     return
-        if self._counts is not None:
-            self._counts.dropped = True  # (said at the end if no usage came: see result)
+        if counts is not None:
+            counts.dropped = True  # (said at the end if no usage came: see result)
         else:  # pragma: no cover - a stream's events are counted
             _cap_exceeded("stream event")
 
@@ -1094,6 +1116,7 @@ class UsageRecorder:
                 self._json_event = value.lstrip()[:1] == b"{"
             self._data_size += len(value) + 1
             if self._data_size > self._config.max_body_bytes:  # one event's data over the cap: not kept, not read
+                self._skipped_id = self._completion_id(value)
                 self._oversized(value)
                 return
             self._data_lines.append(value)
@@ -1368,19 +1391,36 @@ def _gemini_last_chunk(last: str, head: bytes) -> dict[str, Any] | None:
 
 #: A usage object "closes" a JSON body when at most this many bytes follow it (OpenAI's ``service_tier`` and
 #: ``system_fingerprint``, the Responses API's ``user`` and ``metadata``; nothing after Anthropic's or embeddings').
-_CLOSING = 1_024
+_CLOSING = 12_288
 #: How many occurrences of a key the last bytes of a JSON body over the cap are searched for, from its end.
 _KEY_TRIES = 16
+#: The id at the start of a stream event's data: a chat chunk's, or the response's of a Responses API event (its
+#: ``type``, maybe its ``sequence_number``, then its ``response``: OpenAI's order of their members).
+_COMPLETION_ID = re.compile(
+    rb'[ \t\n]*\{[ \t\n]*("type"[ \t\n]*:[ \t\n]*"response\.[a-z_]+"[ \t\n]*,[ \t\n]*'
+    rb'(?:"sequence_number"[ \t\n]*:[ \t\n]*[0-9]+[ \t\n]*,[ \t\n]*)?"response"[ \t\n]*:[ \t\n]*\{[ \t\n]*)?'
+    rb'"id"[ \t\n]*:[ \t\n]*"([^"\\]{1,255})"'
+)
 _blanks = re.compile(r"[ \t\n\r]*")
 
 
-def _key_at(data: bytes, quoted: bytes) -> int:
-    """Where the last ``quoted`` key of ``data`` starts, one inside a string left out (an escaped quote before it:
-    ``"say \\"usage"``); ``-1`` when none."""
-    at = data.rfind(quoted)
-    while at > 0 and data[at - 1] == 0x5C:  # (a backslash)
-        at = data.rfind(quoted, 0, at)
-    return at
+def _usage_members(text: str, key: str) -> dict[str, Any] | None:
+    """The members of the object holding the usage object ``key`` among the last characters ``text`` of a stream
+    event over the cap, from that key on (a Gemini chunk's ``responseId`` follows its ``usageMetadata``). The last
+    ``key`` followed by ``:`` and an object, from the end (a metadata echoed after the usage may name it, as a key or
+    a value: ``{"feature": "usage"}``); ``None`` when none is."""
+    quoted = f'"{key}"'
+    before = len(text)
+    for _ in range(_KEY_TRIES):
+        before = text.rfind(quoted, 0, before)
+        if before < 0:
+            return None
+        if text[before - 1 : before] == "\\":  # an escaped quote: the end of a string ('"say \\"usage"'), not a key
+            continue
+        members = _members(text, before)[0]  # (blanks: a line end too, the event's data lines being joined by them)
+        if isinstance(members.get(key), dict):
+            return members
+    return None
 
 
 def _skip(text: str, index: int) -> int:
