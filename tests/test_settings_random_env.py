@@ -322,8 +322,8 @@ def m_exclude_paths(raw: str) -> Verdict:
 
 
 def m_spool_path(raw: str) -> Verdict:
-    """A file path, ``~`` expanded; not ``:memory:``, no ``${NAME}`` nor ``$NAME`` directory left unexpanded, no NUL
-    (no file can be named so); empty is unset (memory)."""
+    """A file path, ``~`` expanded; not ``:memory:`` nor a directory (ending with ``/``), no ``${NAME}`` nor
+    ``$NAME`` directory left unexpanded, no NUL (no file can be named so); empty is unset (memory)."""
     text = raw.strip()
     if quoted(text):
         return No(QUOTES, code=text)
@@ -337,6 +337,8 @@ def m_spool_path(raw: str) -> Verdict:
         return No(REFERENCE, code=text)
     if "\x00" in text:
         return No(r"file", code=text)
+    if text.endswith("/"):  # a directory, where the spool's file is meant
+        return No(r"names a directory", code=text)
     return Ok(os.path.expanduser(text))
 
 

@@ -81,7 +81,7 @@ from ._errors import (
 )
 from ._events import MAX_BATCH_SIZE
 from ._metrics import PipelineMetrics
-from ._settings import redact_url
+from ._settings import _names_a_directory, redact_url
 from ._spool import (
     _OUT_OF_DESCRIPTORS,
     DeadLetter,
@@ -114,6 +114,9 @@ _LARGE_BODY = 1 << 20
 #: connections, and batches past it waited for one (failing as a transient error past ``LAGO_API_TIMEOUT``); each is a
 #: worker task, and the spool's window is sized from it. ``10**30`` was taken, and would start that many tasks.
 MAX_CONCURRENCY = 50
+#: The shortest ``commit_window``: shorter, the spool's task and the dispatcher, waiting a window at a time, spun (a
+#: microsecond took a whole CPU core while idle) and each event was its own transaction, fsync'd.
+_MIN_COMMIT_WINDOW = 0.001
 #: The largest ``spool_window``: SQLite's largest integer, the ``LIMIT`` of a load of the backlog (``10**30`` was
 #: taken, and the first load raised ``OverflowError``, ending the background delivery).
 _MAX_SPOOL_WINDOW = 2**63 - 1
@@ -131,7 +134,8 @@ class EventPipeline:
     * **batch_size** - events per ``POST /events/batch`` (1 to 100).
     * **flush_interval** - seconds the oldest event may wait for a batch to fill.
     * **concurrency** - batches in flight at once (1 to ``MAX_CONCURRENCY``, 50: the client's default pool).
-    * **commit_window** - seconds between group commits of the spool (an event is durable within it).
+    * **commit_window** - seconds between group commits of the spool (an event is durable within it; at least
+      0.001).
     * **shutdown_timeout** - seconds :meth:`aclose` spends delivering what is left.
     * **max_attempts** - 500-class strikes before an event is isolated and dead-lettered.
     * **max_backoff** - cap of the pause after transient failures (seconds).
@@ -176,6 +180,12 @@ class EventPipeline:
             raise ConfigurationError(
                 f"EventPipeline(spool_path=...) must be a file path (a str or a pathlib.Path), got "
                 f"{type(spool_path).__name__}."
+            )
+        if spool_path and _names_a_directory(os.fsdecode(spool_path)):
+            raise ConfigurationError(
+                f"EventPipeline(spool_path={spool_path!r}) ends with a separator: it names a directory, and the "
+                "spool is a SQLite file (SQLite would make a file of the directory's name). Name the spool's file in "
+                "it, e.g. DIR/spool.db."
             )
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ConfigurationError(f"batch_size must be from 1 to {MAX_BATCH_SIZE} (Lago's limit), got {batch_size}")
@@ -310,6 +320,15 @@ class EventPipeline:
                     "Dropping billing event %s: the pipeline is closed (the app's lifespan ended, or the pipeline was "
                     "closed). Record events while the app runs: finish requests and background work before shutdown.",
                     what,
+                )
+            elif self.outbox.durable:  # (the spool holds what Lago has not taken: full with what it has not written)
+                logger.error(
+                    "Dropping billing event %s: the outbox is full (%d events wait for the event spool's next commit, "
+                    "or are sent from memory while it cannot be written). Its writes fail or stall: see the spool's "
+                    "errors logged, and its volume. For more room, give the middleware "
+                    "pipeline=EventPipeline(client, spool_path=..., memory_capacity=...).",
+                    what,
+                    self.outbox.capacity,
                 )
             else:
                 logger.error(
@@ -1030,7 +1049,12 @@ def _check_pipeline_arguments(
         checks.whole(f"{name}(spool_window=...)", spool_window, maximum=_MAX_SPOOL_WINDOW)
     checks.number(f"{name}(flush_interval=...)", flush_interval, inclusive=True)
     checks.number(f"{name}(shutdown_timeout=...)", shutdown_timeout, inclusive=True)
-    checks.number(f"{name}(commit_window=...)", commit_window)
+    if checks.number(f"{name}(commit_window=...)", commit_window) < _MIN_COMMIT_WINDOW:
+        raise ConfigurationError(
+            f"{name}(commit_window=...) must be at least {_MIN_COMMIT_WINDOW:g} s, got {commit_window!r}: shorter is "
+            "no window (the spool's task and the dispatcher spin, a CPU core busy while idle, and each event is a "
+            "transaction of its own, fsync'd). The default, 0.05 s, makes an event durable within 50 ms."
+        )
     checks.number(f"{name}(max_backoff=...)", max_backoff)
     if retry_backoff is not None:
         checks.number(f"{name}(retry_backoff=...)", retry_backoff)

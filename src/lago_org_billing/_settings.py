@@ -858,7 +858,18 @@ def _spool_path(value: object) -> str:
             "would be made): unset it to keep events in memory.",
             variable="LAGO_SPOOL_PATH",
         )
+    if _names_a_directory(path):
+        raise ConfigurationError(
+            f"LAGO_SPOOL_PATH={path!r} ends with {path[-1]!r}: it names a directory, and the spool is a SQLite file "
+            "(SQLite would make a file of the directory's name). Name the spool's file in it, e.g. DIR/spool.db.",
+            variable="LAGO_SPOOL_PATH",
+        )
     return os.path.expanduser(path)
+
+
+def _names_a_directory(path: str) -> bool:
+    """Whether a spool's path ends with a separator (``/var/lib/app/billing/``): a directory, where a file is meant."""
+    return path.endswith(("/", os.sep))
 
 
 #: A ``$NAME`` or ``${NAME}`` left unexpanded, where no value of the field has one: anywhere in a Lago key or id

@@ -75,6 +75,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _forks
@@ -596,10 +597,11 @@ def stamp(event: JSON) -> None:
 
 
 class _Unbuildable(dict):  # type: ignore[type-arg]
-    """Stands for a lazily submitted event whose builder failed: it is written to the dead letters."""
+    """Stands for a lazily submitted event whose builder failed, or a spool row that is no text (damaged on disk): it
+    is written to the dead letters."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(error=reason)
+    def __init__(self, reason: str, **known: str) -> None:
+        super().__init__(error=reason, **known)  # (what is known of the event, kept in its dead letter)
         self.reason = reason
 
 
@@ -621,6 +623,23 @@ def _built_or_unbuildable(event: EventOrBuilder | str | Callable[..., Any], *arg
 #: Seconds between two checks of an idle spool's files (:meth:`SqliteOutbox._idle_check`): three ``stat`` calls in a
 #: worker thread.
 _IDLE_CHECK = 1.0
+#: Worker threads the spools of one event loop use at once (each spool's thread work runs one step at a time: a
+#: write, a load, a check; these are for several spools, and for an opening or a close beside them).
+_SPOOL_THREADS = 4
+_spool_threads: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar("lago_org_billing spool threads")
+
+
+def _threads() -> anyio.CapacityLimiter:
+    """The worker threads of the spools of the running event loop (made at its first use: one per loop, forgotten with
+    it). Not anyio's default limiter, which the app's sync endpoints share (Starlette, FastAPI: 40 threads): under load
+    a group commit waited behind every request queued there, the events it carried not durable meanwhile (lost to a
+    ``kill -9`` well past the commit window), delivery stalled and, the commit queue full, new events were dropped."""
+    try:
+        return _spool_threads.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(_SPOOL_THREADS)
+        _spool_threads.set(limiter)
+        return limiter
 
 
 class _SpoolFile:
@@ -1275,19 +1294,29 @@ class _SpoolFile:
             self._shrink_failures = 0
 
     def load(self, after_id: int, limit: int) -> tuple[list[Item], int]:
-        """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id."""
+        """Up to ``limit`` rows after ``after_id``, as items carrying their stored text; and the last id.
+
+        Read as bytes, decoded row by row: read as text, one row that is no UTF-8 (a byte flipped on disk, which
+        ``PRAGMA integrity_check`` does not see) failed the whole read, every time, and nothing was delivered again.
+        Such a row is an event that cannot be sent: dead-lettered with what its text holds."""
         with self.lock:
             rows = (
                 self._reconnect()
-                .execute("SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+                .execute(
+                    "SELECT id, CAST(body AS BLOB) FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                )
                 .fetchall()
             )
         # not parsed here: the stored text is sent as is (a corrupt row is isolated by Lago's answer)
-        return [Item(None, row_id, raw=body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
+        return [_loaded(row_id, body) for row_id, body in rows], (rows[-1][0] if rows else after_id)
 
     def dead_letters(self) -> list[DeadLetter]:
         """The table's letters, then those of events never written that the write in progress holds (no id yet)."""
-        query = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY id"
+        # (its text read as bytes: a letter whose text is no UTF-8, damaged on disk, failed the whole read)
+        query = (
+            "SELECT id, CAST(body AS BLOB), CAST(reason AS BLOB), status, CAST(code AS BLOB), created_at "
+            "FROM dead_letters ORDER BY id"
+        )
         with self.lock:
             writing = self.letters_writing
             if self.conn is not None:
@@ -1300,17 +1329,23 @@ class _SpoolFile:
                     conn.close()
             else:
                 rows = []
-        return [dead_letter_from_row(row) for row in rows] + writing
+        return [
+            dead_letter_from_row((row_id, _text(body), _text(reason), status, _text(code), created_at))
+            for row_id, body, reason, status, code, created_at in rows
+        ] + writing
 
     def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
-        """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first."""
+        """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first. A text that is no UTF-8
+        (damaged on disk) is given with its bad bytes as ``\\xNN`` escapes: no JSON, so no event to replay."""
         with self.lock:
-            rows: list[tuple[int, str]] = (
+            rows: list[tuple[int, bytes]] = (
                 self._reconnect()
-                .execute("SELECT id, body FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+                .execute(
+                    "SELECT id, CAST(body AS BLOB) FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+                )
                 .fetchall()
             )
-        return rows
+        return [(row_id, body.decode(errors="backslashreplace")) for row_id, body in rows]
 
     def close(self) -> int:
         """Release the slot; how many events were lost with it: those of a file deleted while in use that could not be
@@ -1639,6 +1674,22 @@ def _safe_dumps(event: JSON | str) -> str:
         return json.dumps({"repr": text})
 
 
+def _loaded(row_id: int, body: bytes) -> Item:
+    """A row of the events table, read as bytes, as an item carrying its stored text; one that is no UTF-8 (damaged
+    on disk) as an event that cannot be sent, dead-lettered with what its text holds."""
+    try:
+        return Item(None, row_id, raw=body.decode())
+    except UnicodeDecodeError as exc:
+        reason = f"the spool's row {row_id} is not UTF-8 text (damaged on disk?): {exc}"
+        return Item(_Unbuildable(reason, body=body.decode(errors="backslashreplace")), row_id)
+
+
+def _text(value: bytes | None) -> str | None:
+    """A text column read as bytes (``CAST(... AS BLOB)``): decoded, a byte that is no UTF-8 (damaged on disk) as a
+    ``\\xNN`` escape."""
+    return None if value is None else value.decode(errors="backslashreplace")
+
+
 def _loads_or_raw(body: str) -> JSON:
     try:
         value = json.loads(body)
@@ -1922,7 +1973,7 @@ class SqliteOutbox(Outbox):
             waiting = {dead_id for dead_id, _, _ in self._revived}
             room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
             while len(chosen) < room:  # page through the table: it may be large
-                rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500)
+                rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500, limiter=_threads())
                 if not rows:
                     break
                 after = rows[-1][0]
@@ -1946,7 +1997,7 @@ class SqliteOutbox(Outbox):
         if self._opened:
             return
         self._io = anyio.Lock()
-        count, max_id, self.adopted = await anyio.to_thread.run_sync(self.file.open)
+        count, max_id, self.adopted = await anyio.to_thread.run_sync(self.file.open, limiter=_threads())
         self._opened = True
         self._rows = count
         # ids assigned before open (events submitted early) are renumbered after the existing rows
@@ -1998,7 +2049,7 @@ class SqliteOutbox(Outbox):
                 # drop what it took from memory above, events included, uncounted
                 with anyio.CancelScope(shield=True):
                     encoded, unencodable, vanished = await anyio.to_thread.run_sync(
-                        write, rows, deletes, dead, revived, letters
+                        write, rows, deletes, dead, revived, letters, limiter=_threads()
                     )
             except Exception as exc:  # (sqlite3.Error; anything else would lose the window's events: kept too)
                 # sent from memory (Lago may well be up) rather than held there for a volume that may stay full
@@ -2029,7 +2080,7 @@ class SqliteOutbox(Outbox):
         async with self._io:
             try:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.file.keep_in_place)
+                    await anyio.to_thread.run_sync(self.file.keep_in_place, limiter=_threads())
             except sqlite3.Error:  # (cannot be made again now: the next write fails visibly, and is retried)
                 logger.debug("The spool %s could not be checked between writes", self.file.path, exc_info=True)
 
@@ -2073,7 +2124,7 @@ class SqliteOutbox(Outbox):
         assert self._orphan is not None
         write, rows, deletes, dead, revived, letters = self._orphan
         with anyio.CancelScope(shield=True):  # (the thread is writing: a short wait, off the event loop)
-            await anyio.to_thread.run_sync(write.done.wait)
+            await anyio.to_thread.run_sync(write.done.wait, limiter=_threads())
         self._orphan = None
         if write.error is None:
             _, unencodable, vanished = write.result
@@ -2266,7 +2317,9 @@ class SqliteOutbox(Outbox):
             if not room:
                 return
             try:
-                items, last = await anyio.to_thread.run_sync(self.file.load, self._loaded_upto, room)
+                items, last = await anyio.to_thread.run_sync(
+                    self.file.load, self._loaded_upto, room, limiter=_threads()
+                )
             except sqlite3.Error as exc:
                 # Not raised: it would end the delivery tasks, and the app's lifespan they run in. The rows stay in
                 # the file and the read is tried again after a backoff.
@@ -2344,13 +2397,14 @@ class SqliteOutbox(Outbox):
                         raise
                     return lost
             else:  # (an opening cut short may have locked a slot all the same)
-                await anyio.to_thread.run_sync(self.file.close)
+                await anyio.to_thread.run_sync(self.file.close, limiter=_threads())
                 return 0
         with anyio.CancelScope(shield=True):
             self._take_back_unwritten()
             await self._commit(last=True)
             lost = self._give_up_unwritten()
-            gone = await anyio.to_thread.run_sync(self.file.close)  # (a file deleted in use, not made again)
+            # (a file deleted in use, not made again)
+            gone = await anyio.to_thread.run_sync(self.file.close, limiter=_threads())
             self._rows -= gone
             lost += gone
         self._opened = False
