@@ -6,7 +6,8 @@ hold every slot (cluster mode with one shard): a node answering MOVED is refused
 
     <prefix>{<org>}:snap    hash: the Snapshot (v, a, plan, cust, cl, tl, ps, pe, bc, bt, rq, fa, pf, ra, src, lc, lt,
                             iv, ea, np, ne, an)
-    <prefix>{<org>}:count   hash: p (period start), calls, tokens, and 1-second buckets c:<s>, t:<s>, i:<s>
+    <prefix>{<org>}:count   hash: p (period start), calls, tokens, 1-second buckets c:<s>, t:<s>, i:<s>, and per call
+                            in flight its reservation's mark r:<mark> = <s> (see ``RedisBackend._release_lost``)
     <prefix>{<org>}:lock    held-until time (SET PX <ttl>): the one process of the fleet refreshing the org; "0"
                             after an invalidation (free, and marks the refresh in flight then as superseded)
 
@@ -53,6 +54,9 @@ records made meanwhile are added to its counters (those of a period after a coun
 provisional snapshot, replace it) before Redis decides for their orgs again: a check merges its own org's records
 itself (or waits for that org's merge alone), the background writer the rest, a few orgs at once. Calls still running
 are handed over in flight (kept by snapshots, released or recorded in Redis when they end), not as finished calls.
+Before that, what Redis ran for this process while its answers were lost (a connection dropped, a reply slower than
+``redis_timeout``) is settled: a reservation CHECK made (its call was counted here) is released, a refresh lock LOCK
+took is handed back.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import ssl
 import sys
 import time
@@ -177,6 +182,7 @@ if not v then
   if mode ~= 'b' then return {0, 0, 0, '', full} end
   local c = redis.call('HINCRBY', cnt, 'calls', 1)
   redis.call('HINCRBY', cnt, 'i:' .. bucket, 1)
+  redis.call('HSET', cnt, 'r:' .. ARGV[7], bucket)
   if not cp then redis.call('PEXPIRE', cnt, ARGV[6]) end
   return {4, c, tonumber(redis.call('HGET', cnt, 'tokens') or '0'), '', full}
 end
@@ -209,6 +215,8 @@ if hit ~= '' then code = 2 end
 if mode ~= 'p' and (hit == '' or mode == 'f' or mode == 'b') then
   redis.call('HINCRBY', cnt, 'calls', 1)
   redis.call('HINCRBY', cnt, 'i:' .. bucket, 1)
+  -- the reservation's mark (ARGV[7]), deleted by its settle: one whose answer was lost is released by it
+  redis.call('HSET', cnt, 'r:' .. ARGV[7], bucket)
   redis.call('PEXPIRE', cnt, math.max(1, math.floor((tonumber(s[6]) - now) * 1000)) + tonumber(ARGV[5]))
   calls = calls + 1
 end
@@ -222,6 +230,8 @@ SETTLE = (
 local cnt = KEYS[1]
 local period = ARGV[1]
 local before = false
+-- (ARGV[9]: the mark of the reservation settled, '' none: see CHECK; its answer came, it is no longer needed)
+if ARGV[9] ~= '' then redis.call('HDEL', cnt, 'r:' .. ARGV[9]) end
 if period ~= '' then
   local cp = redis.call('HGET', cnt, 'p')
   if not cp then
@@ -364,6 +374,8 @@ if cp and cp ~= ps then
         if sec and sec >= start and (kind == 'c' or kind == 't' or kind == 'i') then
           redis.call('HINCRBY', cnt, f, val)
           redis.call('HINCRBY', cnt, kind == 't' and 'tokens' or 'calls', val)
+        elseif kind == 'r' and val >= start then
+          redis.call('HSET', cnt, f, val)  -- (the mark of a reservation carried over: its value is its second)
         end
       end
     end
@@ -412,7 +424,10 @@ for i = 1, #fields, 2 do
       if since and sec >= math.floor(since) then held[kind] = held[kind] + val end
       if sec > late or sec >= cutc or keep[kind] then kept[kind] = kept[kind] + val end
     end
-    if kind == 'i' and sec < cuti then
+    if kind == 'r' then
+      -- (a reservation's mark, its value its second: gone with the calls in flight no settle came for)
+      if val < cuti then redis.call('HDEL', cnt, f) end
+    elseif kind == 'i' and sec < cuti then
       redis.call('HDEL', cnt, f)
       redis.call('HINCRBY', cnt, 'calls', -val)
     elseif (kind == 'c' or kind == 't') and sec > late then
@@ -567,6 +582,21 @@ return 1
 
 UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
+"""
+
+
+#: A reservation whose answer was lost (see ``RedisBackend._release_lost``): released (as SETTLE releases a call not
+#: billed) when its mark (ARGV[1]) says CHECK made it, and its settle did not come. Once: the mark goes with it.
+RELEASE_LOST = """
+local cnt = KEYS[1]
+if redis.call('HDEL', cnt, 'r:' .. ARGV[1]) == 0 then return 0 end
+local field = 'i:' .. ARGV[2]
+local left = tonumber(redis.call('HGET', cnt, field) or '0')
+if left > 0 then
+  if left == 1 then redis.call('HDEL', cnt, field) else redis.call('HINCRBY', cnt, field, -1) end
+  redis.call('HINCRBY', cnt, 'calls', -1)
+end
 return 1
 """
 
@@ -1011,8 +1041,14 @@ def _text(value: Any) -> str:
 
 
 #: A settle queued for Redis: (org, period, in-flight bucket or "", billed "1"/"0", its second, tokens, the second
-#: its call was checked in or "": see QuotaBackend.settle).
-_Queued = tuple[str, str, str, str, str, int, str]
+#: its call was checked in or "": see QuotaBackend.settle, its reservation's mark or "": see CHECK).
+_Queued = tuple[str, str, str, str, str, int, str, str]
+
+#: Reservations and refresh locks whose answers were lost, kept for when Redis answers again (see
+#: ``RedisBackend._release_lost``), and reservations' marks awaiting their settles: bounded (beyond, forgotten: a lost
+#: reservation is then held in flight until ``inflight_horizon``, a lock until its TTL, an unsettled mark pruned then).
+_MAX_LOST = 10_000
+_MAX_MARKED = 100_000
 
 #: How long the mark of a write of settles lasts (see _Mark): longer than Redis stays down, or a next event loop takes
 #: to come, in any likely case (one key per run of the writer: nothing piles up).
@@ -1131,11 +1167,17 @@ class RedisBackend:
         self._read_again = _Script(self.redis, READ_AGAIN)
         self._lock = _Script(self.redis, LOCK)
         self._unlock = _Script(self.redis, UNLOCK)
+        self._release = _Script(self.redis, RELEASE_LOST)
         self._compact = _Script(self.redis, COMPACT)
         self._probe = _Script(self.redis, PROBE)
         self._sharded = False  # LAGO_REDIS_URL named a node of a cluster of several shards (see _refuse_sharded)
         self._redirected = _redis_errors("AskError")  # (MovedError is one)
         self._held: dict[str, str] = {}  # org -> the value of the refresh lock this process holds
+        # (org, second) -> the marks of the calls reserved then, for their settles (see CHECK); and the reservations
+        # (org, mark, second) and refresh locks (org, value) whose answers were lost: see _release_lost
+        self._marks: dict[tuple[str, int], list[str]] = {}
+        self._lost_reservations: set[tuple[str, str, int]] = set()
+        self._lost_locks: set[tuple[str, str]] = set()
         self.stats: dict[str, int] = {"redis_errors": 0, "redis_fallback": 0, "fallback_decisions": 0}
         self._down_until = 0.0
         # Misconfigurations and states of Redis said (a kind each: see _problem) since it last took a write: each is
@@ -1308,6 +1350,7 @@ class RedisBackend:
                     if pool is not None:
                         await pool.disconnect()
                 await self._probe(keys=[self.key("", "probe")], args=[])  # (a write: see PROBE)
+                await self._release_lost()  # (before the outage's records are merged: see there)
             except self._errors() as exc:
                 self._failed(exc)
                 return
@@ -1328,6 +1371,56 @@ class RedisBackend:
                 self._wakeup.set()
                 return
         await self._merge_rest(merging)
+
+    async def _release_lost(self) -> None:
+        """What Redis did for this process while its answers were lost (a connection dropped, a reply slower than
+        ``redis_timeout``), once it answers again. A reservation CHECK made is released when its mark is there: its
+        call was served and counted here, and merged with the outage's records it was held twice (its reservation in
+        flight for ``inflight_horizon``: the org's last calls refused early). A refresh lock LOCK took is handed back
+        (else held by nobody for its TTL: the fleet waited for a refresh that stores nothing in Redis). Each runs
+        once (a mark, a lock's value, is gone once used): kept when Redis fails again, for its next recovery."""
+        lost, locks = list(self._lost_reservations), list(self._lost_locks)
+        results: list[Any] = []
+        if lost:
+            calls = [([self.key(org_id, "count")], [mark, bucket]) for org_id, mark, bucket in lost]
+            results += await self._release.run_all(self.redis, calls)
+        if locks:
+            # (its own value for a millisecond: freed, as _hand_back frees it, if it is still the one asked for)
+            unlocks = [([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in locks]
+            results += await self._unlock.run_all(self.redis, unlocks)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        self._lost_reservations.difference_update(lost)
+        self._lost_locks.difference_update(locks)
+
+    def _lost_answer(self, org_id: str, args: list[Any]) -> None:
+        """A CHECK (``args``: its arguments) whose answer was lost once Redis may have run it: released, if it
+        reserved, when Redis answers again (:meth:`_release_lost`)."""
+        if len(self._lost_reservations) >= _MAX_LOST:
+            self._lost_reservations.clear()
+        self._lost_reservations.add((org_id, args[6], args[1]))
+
+    def _marked(self, org_id: str, args: list[Any], outcome: Outcome) -> None:
+        """Keep the mark of the call CHECK reserved (``args``: its arguments), for its settle to delete (see CHECK)."""
+        code, mode = outcome.code, args[2]
+        if outcome.period == NOT_STARTED or not (
+            (code in (ALLOWED, COUNTED) and mode != "p") or (code == BLOCKED and mode in ("f", "b"))
+        ):
+            return
+        if len(self._marks) >= _MAX_MARKED:  # (bounded: those forgotten are pruned by the org's next STORE then)
+            self._marks.clear()
+        self._marks.setdefault((org_id, args[1]), []).append(args[6])
+
+    def _unmark(self, org_id: str, bucket: int) -> str:
+        """The mark of a call of the org reserved in second ``bucket`` ("" none: reserved before, or elsewhere)."""
+        marks = self._marks.get((org_id, bucket))
+        if not marks:
+            return ""
+        mark = marks.pop()
+        if not marks:
+            del self._marks[(org_id, bucket)]
+        return mark
 
     async def _merge_org(self, org_id: str, merging: _Merging) -> None:
         """Merge the org's pending records (one round trip), or wait for the merge of them that runs."""
@@ -1467,6 +1560,10 @@ class RedisBackend:
         if self._up():
             args = [repr(now), int(now), {"normal": "n", "force": "f", "blind": "b", "peek": "p"}[mode]]
             args += [known.version if known is not None else "", PERIOD_MARGIN_MS, self._blind_ttl_ms]
+            # (the reservation's mark: a field of the org's counter set with the reservation, deleted by its settle.
+            # Only the calls in flight hold one, a few bytes each, and a check writes one more field: not a key per
+            # request kept minutes or an hour, whose memory would follow the traffic)
+            args.append(os.urandom(6).hex())
             result = None
             try:
                 # Shielded (bounded by redis_timeout): a request cancelled meanwhile (a client gone, a timeout) still
@@ -1487,7 +1584,9 @@ class RedisBackend:
             else:
                 if result is not None:
                     self._answered = True
-                    return self._outcome(org_id, result, known, int(now))
+                    outcome = self._outcome(org_id, result, known, int(now))
+                    self._marked(org_id, args, outcome)
+                    return outcome
         self._seed_fallback(org_id)
         outcome = self.fallback.reserve_now(org_id, now, mode)
         if outcome.code != MISSING:  # (a miss is no decision: the gate reads the org's usage, then asks again)
@@ -1501,11 +1600,15 @@ class RedisBackend:
         its answer comes (:meth:`_orphaned`), instead of staying in flight for ``inflight_horizon``. Under trio every
         cancellation goes through anyio's scopes, which the caller's shield stops: it is awaited in place."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # (trio)
-            return await self._check(keys=keys, args=args)
-        late = functools.partial(self._orphaned, org_id, args[2], known, now)
-        return await self._outliving_its_caller(loop, self._check(keys=keys, args=args), late)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # (trio)
+                return await self._check(keys=keys, args=args)
+            late = functools.partial(self._orphaned, org_id, args, known, now)
+            return await self._outliving_its_caller(loop, self._check(keys=keys, args=args), late)
+        except self._errors():
+            self._lost_answer(org_id, args)  # (maybe run by Redis, its answer lost)
+            raise
 
     async def _outliving_its_caller(
         self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, _T], late: Callable[[asyncio.Task[_T]], None]
@@ -1520,7 +1623,9 @@ class RedisBackend:
             task.add_done_callback(late)
             raise
 
-    def _orphaned(self, org_id: str, mode: str, known: Snapshot | None, now: float, task: asyncio.Task[Any]) -> None:
+    def _orphaned(
+        self, org_id: str, args: list[Any], known: Snapshot | None, now: float, task: asyncio.Task[Any]
+    ) -> None:
         """The answer of a reserve whose request is gone: the call it reserved (if any) is released."""
         self._orphans.discard(task)
         if task.cancelled():  # (the loop is closing)
@@ -1528,10 +1633,12 @@ class RedisBackend:
         exc = task.exception()
         if exc is not None:
             if isinstance(exc, self._errors()):
+                self._lost_answer(org_id, args)
                 self._failed(exc)
             return
         outcome = self._outcome(org_id, task.result(), known, int(now))
-        code = outcome.code
+        self._marked(org_id, args, outcome)
+        code, mode = outcome.code, args[2]
         if (code in (ALLOWED, COUNTED) and mode != "p") or (code == BLOCKED and mode in ("f", "b")):
             self.settle(org_id, outcome.period, outcome.bucket, now, tokens=0, billed=False)
 
@@ -1576,8 +1683,10 @@ class RedisBackend:
     ) -> None:
         if period == NOT_STARTED:  # (allowed before its subscription started: nothing counted)
             return
+        mark = ""
         if bucket is not None:
             checked = bucket  # (the second of its check: see QuotaBackend.settle)
+            mark = self._unmark(org_id, bucket)
         # A call reserved in Redis is settled in Redis, even after an outage began: there its reservation waits to be
         # released (the local counts, seeded with what Redis showed, hold it already). Kept queued until Redis
         # answers, within reason (beyond the bound, and once closed, they are counted here instead).
@@ -1598,6 +1707,7 @@ class RedisBackend:
             str(int(now)),
             tokens,
             "" if checked is None else str(checked),
+            mark,
         )
         self._queue.append(item)
         if bucket is not None and not billed:
@@ -1648,7 +1758,8 @@ class RedisBackend:
             with anyio.move_on_after(self.config.redis_timeout):
                 await self.flush()  # (the cut writes first, once the writes still going on apart have ended)
                 held, self._held = self._held, {}
-                await self._hand_back(held)
+                lost, self._lost_locks = self._lost_locks, set()
+                await self._hand_back([*held.items(), *lost])
                 while self._handing_back:  # (unlock() in a refresh's task: on a connection about to be dropped)
                     done = self._handed_back = anyio.Event()
                     await done.wait()
@@ -1692,14 +1803,14 @@ class RedisBackend:
             return False
         return True
 
-    async def _hand_back(self, held: dict[str, str]) -> None:
-        """Free the refresh locks ``held`` (org -> this process's value), each unless it is no longer this process's
-        (a STORE replaced it, another process took it over)."""
+    async def _hand_back(self, held: Sequence[tuple[str, str]]) -> None:
+        """Free the refresh locks ``held`` ((org, this process's value) pairs), each unless it is no longer this
+        process's (a STORE replaced it, another process took it over)."""
         if not held or not self._up():
             return
         # (its own value for a millisecond: freed, not marked as an invalidation's "0" is)
         calls: list[tuple[list[Any], list[Any]]] = [
-            ([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held.items()
+            ([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held
         ]
         with self._handing():
             for result in await self._unlock.run_all(self.redis, calls):
@@ -1788,9 +1899,9 @@ class RedisBackend:
         calls = [
             (
                 [self.key(org_id, "count"), self.key(org_id, "snap")],
-                [period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS, checked],
+                [period, bucket, now, billed, tokens, self._blind_ttl_ms, PERIOD_MARGIN_MS, checked, reserved],
             )
-            for org_id, period, bucket, billed, now, tokens, checked in batch
+            for org_id, period, bucket, billed, now, tokens, checked, reserved in batch
         ]
         return await self._settle.run_all(self.redis, calls, mark=mark)
 
@@ -1853,7 +1964,7 @@ class RedisBackend:
             self._wakeup.set()
 
     def _settle_locally(self, batch: list[_Queued]) -> None:
-        for org_id, period, _bucket, billed, now, tokens, checked in batch:
+        for org_id, period, _bucket, billed, now, tokens, checked, _mark in batch:
             second = int(checked) if checked else None
             self.fallback.settle(org_id, period, None, float(now), tokens=tokens, billed=billed == "1", checked=second)
 
@@ -1932,13 +2043,20 @@ class RedisBackend:
                 locked = bool(await self._lock(keys=[self.key(org_id, "lock")], args=args) == 1)
         except self._errors() as exc:
             self._keep_held(org_id, held, before)
+            # Maybe taken, its answer lost (a connection dropped, a reply slower than redis_timeout): this process
+            # refreshes the org on its own, storing nothing in Redis, so the lock is handed back as soon as Redis
+            # answers again (_release_lost; or by detach()), not held by nobody for a TTL while the fleet waits.
+            # (Not at once, here: that would be one more round trip, maybe a whole redis_timeout, on this request.)
+            if len(self._lost_locks) >= self.config.max_orgs:
+                self._lost_locks.clear()
+            self._lost_locks.add((org_id, held))
             self._failed(exc)
             return True
         except BaseException:
             if self._held.get(org_id) == held:  # (else detach() hands it back)
                 self._keep_held(org_id, held, before)
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.config.redis_timeout):
-                    await self._hand_back({org_id: held})
+                    await self._hand_back([(org_id, held)])
             raise
         self._answered = True
         if locked:
