@@ -63,7 +63,7 @@ from ._ids import parse_time
 from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
-from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
+from ._spool import DeadLetter, dead_letter_from_row, spool_slot_files
 
 __all__ = [
     "DeadLettersBusyError",
@@ -163,9 +163,7 @@ def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     for slot, file in files:
         after = 0
         while True:
-            rows = _rows(
-                file, f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK)
-            )
+            rows = _rows(file, f"SELECT {_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK))
             if not rows:
                 break
             after = rows[-1][0]
@@ -194,7 +192,7 @@ def find_spool_dead_letters(path: str, keys: Iterable[str | int]) -> tuple[list[
         named.setdefault((int(slot_text or 0), int(id_text)), key)
     for (slot, row_id), key in named.items():
         rows = (
-            _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
+            _rows(files[slot], f"SELECT {_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
             if slot in files and row_id < 2**63  # (past SQLite's integers: no such row, not an OverflowError)
             else []
         )
@@ -240,8 +238,26 @@ def _rows(file: str, query: str, parameters: tuple[Any, ...]) -> list[Any]:
         raise ConfigurationError(message, variable="LAGO_SPOOL_PATH") from None
 
 
+#: A letter's columns, its texts read as bytes: one that is no UTF-8 (a byte flipped on disk, which ``PRAGMA
+#: integrity_check`` does not see) failed the whole read, and the command could neither list nor purge any letter.
+_COLUMNS = "id, CAST(body AS BLOB), CAST(reason AS BLOB), status, CAST(code AS BLOB), created_at"
+
+
 def _letter(file: str, slot: int, row: tuple[Any, ...]) -> SpoolDeadLetter:
-    return SpoolDeadLetter(file, slot, dead_letter_from_row(row), row[1])
+    """A row of :data:`_COLUMNS`: its letter shown with the bytes that are no UTF-8 as ``\\xNN`` (no JSON: never
+    replayed), its stored text kept as stored (``surrogateescape``: the same bytes again, by which it is deleted)."""
+    row_id, body, reason, status, code, created_at = row
+    letter = dead_letter_from_row((row_id, _shown(body), _shown(reason), status, _shown(code), created_at))
+    return SpoolDeadLetter(file, slot, letter, body.decode("utf-8", "surrogateescape"))
+
+
+def _shown(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "backslashreplace")
+
+
+def _stored(spooled: SpoolDeadLetter) -> bytes:
+    """A letter's text as its spool file holds it (matched as ``CAST(body AS BLOB)``)."""
+    return spooled.body.encode("utf-8", "surrogateescape")
 
 
 async def replay_spool_dead_letters(
@@ -580,18 +596,18 @@ async def _replay_chunk(
     for spooled, new in outcomes:
         by_file.setdefault(spooled.file, []).append((spooled, new))
     for file, file_outcomes in by_file.items():
-        deletes = [(spooled.letter.id, spooled.body) for spooled, new in file_outcomes if new is None]
+        deletes = [(spooled.letter.id, _stored(spooled)) for spooled, new in file_outcomes if new is None]
         updates = [
-            (new.reason, new.status, new.code, new.created_at, spooled.letter.id, spooled.body)
+            (new.reason, new.status, new.code, new.created_at, spooled.letter.id, _stored(spooled))
             for spooled, new in file_outcomes
             if new is not None
         ]
         try:
             with _connect(file) as conn:  # by id and text: never a letter that took a freed id meanwhile
-                conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", deletes)
+                conn.executemany("DELETE FROM dead_letters WHERE id = ? AND CAST(body AS BLOB) = ?", deletes)
                 conn.executemany(
                     "UPDATE dead_letters SET reason = ?, status = ?, code = ?, created_at = ? "
-                    "WHERE id = ? AND body = ?",
+                    "WHERE id = ? AND CAST(body AS BLOB) = ?",
                     updates,
                 )
         except sqlite3.OperationalError as exc:  # the file went away (a starting worker adopted it), or is locked
@@ -1055,14 +1071,16 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
 
 def _delete(letters: list[SpoolDeadLetter], done: int) -> int:
     """Delete ``letters`` (by id and text: never a letter that took a freed id), a transaction per spool file."""
-    by_file: dict[str, list[tuple[int | None, str]]] = {}
+    by_file: dict[str, list[tuple[int | None, bytes]]] = {}
     for spooled in letters:
-        by_file.setdefault(spooled.file, []).append((spooled.letter.id, spooled.body))
+        by_file.setdefault(spooled.file, []).append((spooled.letter.id, _stored(spooled)))
     deleted = 0
     for file, keys in by_file.items():
         try:
             with _connect(file) as conn:
-                deleted += conn.executemany("DELETE FROM dead_letters WHERE id = ? AND body = ?", keys).rowcount
+                deleted += conn.executemany(
+                    "DELETE FROM dead_letters WHERE id = ? AND CAST(body AS BLOB) = ?", keys
+                ).rowcount
         except sqlite3.DatabaseError as exc:
             raise ConfigurationError(
                 f"The spool file {file} could not be changed ({type(exc).__name__}: {exc}): {done + deleted} dead "
