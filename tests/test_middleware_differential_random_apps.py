@@ -673,7 +673,7 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
 
 def answer_of(trace: Trace) -> tuple[Message | None, list[Message], bool, bool]:
     """The answer's start, the messages of its body read for usage (up to its end), whether it ended and whether a
-    body byte went out before its end (a stream)."""
+    body byte (or a file) went out."""
     start: Message | None = None
     body: list[Message] = []
     ended = sent = False
@@ -686,26 +686,28 @@ def answer_of(trace: Trace) -> tuple[Message | None, list[Message], bool, bool]:
                 body.append(message)
                 if not message.get("more_body"):
                     ended = True
-                elif message.get("body"):
+                if message.get("body"):
                     sent = True
             elif kind == "http.response.pathsend":
-                ended = True
+                ended = sent = True
             elif kind == "http.response.zerocopysend":
-                if message.get("more_body"):
-                    sent = True
-                else:
+                sent = True
+                if not message.get("more_body"):
                     ended = True
     return start, body, ended, sent
 
 
 def expected_status(trace: Trace) -> int:
     """The status billed: the app's, or 500 when it sent none, or failed before its first body byte (not because its
-    client went away)."""
+    client went away): before its end, or at an end without a byte nor a declared length (an empty stream closed for
+    it, as Starlette's BaseHTTPMiddleware closes a failed app's)."""
     start, _, ended, sent = answer_of(trace)
     if start is None:
         return 500
-    if trace.error is not None and not ended and not sent and not went_away(trace.error):
-        return 500
+    if trace.error is not None and not sent and not went_away(trace.error):
+        length = any(name.lower() == b"content-length" for name, _ in start.get("headers") or ())
+        if not ended or not length:
+            return 500
     return int(start["status"])
 
 

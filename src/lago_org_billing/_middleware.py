@@ -1809,7 +1809,7 @@ _FILE_SENDS = frozenset(("http.response.pathsend", "http.response.zerocopysend",
 class _ResponseWatcher(UsageRecorder):
     """The ``send`` the app gets: notes the status, shows the response to its usage recording, adds headers."""
 
-    __slots__ = ("began", "ended", "extra_headers", "on_start", "send", "sent")
+    __slots__ = ("began", "ended", "extra_headers", "head", "on_start", "send", "sent")
 
     def __init__(self, scope: Scope, config: AttributionConfig, send: Send) -> None:
         # UsageRecorder.__init__, inline (one per request: a call less); keep the two in step
@@ -1827,7 +1827,8 @@ class _ResponseWatcher(UsageRecorder):
         self.status = 500  # when the app fails before answering
         self.began = 0.0  # (time.monotonic()) when the request came in: set by the middleware
         self.ended = 0.0  # (time.monotonic()) when the response's last body message went out (0: not yet)
-        self.sent = False  # a body byte went out before the last message (a stream)
+        self.sent = False  # a body byte went out (before the last message: a stream)
+        self.head: Any = None  # the headers of the answer's start
         self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
         #: Called when the app starts its answer; may return a replacement answer (``send -> None``) to send instead.
         self.on_start: Callable[[], Awaitable[Callable[[Send], Awaitable[None]] | None]] | None = None
@@ -1844,6 +1845,8 @@ class _ResponseWatcher(UsageRecorder):
                 self.response_body(message.get("body", b""))
             if not message.get("more_body"):  # the response is over (background tasks may run on: not billed time)
                 self.ended = time.monotonic()
+                if not self.sent and message.get("body"):
+                    self.sent = True
             elif not self.sent and message.get("body"):
                 self.sent = True
         elif kind == "http.response.start":
@@ -1853,6 +1856,7 @@ class _ResponseWatcher(UsageRecorder):
             if type(headers) is not list and headers is not None and type(headers) is not tuple:
                 message = {**message, "headers": list(headers)}  # any iterable (a generator): read here and sent on
             self.response_start(message)  # never raises
+            self.head = message.get("headers")
             if self.on_start is not None:  # (which may set the headers to add)
                 return self._start_then_send(self.on_start, send, message)
             if self.extra_headers:
@@ -1861,8 +1865,7 @@ class _ResponseWatcher(UsageRecorder):
             # a file the server sends itself (ASGI extensions; FileResponse under granian): the body as it goes out
             if kind == "http.response.pathsend" or not message.get("more_body"):
                 self.ended = time.monotonic()
-            else:
-                self.sent = True
+            self.sent = True
         return send(message)
 
     async def _start_then_send(
@@ -1884,8 +1887,14 @@ class _ResponseWatcher(UsageRecorder):
         """The app raised, or was cancelled (a timeout, a server's shutdown). A response it cut off before its first
         body byte (a stream whose generator failed at once: the 200 went out, nothing else) is a server error, billed
         as such (or not: ``bill_server_errors``); one cut off later is billed with what was counted, as one the client
-        cut off (a broken connection)."""
-        if not self.ended and not self.sent and not _client_went_away(error):
+        cut off (a broken connection).
+
+        One "ended" without a byte nor a declared length is such a stream too: Starlette's ``BaseHTTPMiddleware``
+        closes the stream of an app that failed (an empty last message) before it raises the app's error. (An empty
+        answer declares its length, ``Content-Length: 0``: served, then a background task failed.)"""
+        if self.sent or _client_went_away(error):
+            return
+        if not self.ended or not any(name.lower() == b"content-length" for name, _ in self.head or ()):
             self.status = 500
 
     def cut_off(self) -> _ResponseWatcher:
