@@ -127,7 +127,7 @@ async def test_from_state_accepts_a_state_object_and_cleans_values() -> None:
     assert "42" == from_state()(make_scope(state=state))
     assert "acme" == from_state()(make_scope(state={"org_id": "  acme "}))
     assert from_state()(make_scope(state={"org_id": ""})) is None
-    assert from_state()(make_scope(state={"org_id": True})) is None
+    assert resolve_now(from_state(), make_scope(state={"org_id": True})) is None  # (not an id: said, unresolved)
     assert from_state()(make_scope()) is None
     assert from_state()(make_scope(state={})) is None
 

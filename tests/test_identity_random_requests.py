@@ -176,6 +176,18 @@ def model_id(value: object) -> str | None:
     return text if text and len(text) <= 255 and text.isprintable() else None
 
 
+class NotAnId(Exception):
+    """``request.state`` or ``request.user`` holds a value of a type that is never an id (a bool, a list...): the
+    chain stops there, unresolved (no later source, such as a header, is tried)."""
+
+
+def model_source_id(value: object) -> str | None:
+    """:func:`model_id` of a value read from ``request.state`` or ``request.user``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise NotAnId
+    return model_id(value)
+
+
 def model_claim(claims: Mapping[str, Any] | None, claim: str) -> str | None:
     """The claim of verified claims; a dotted name no claim has reads the nested one (from_jwt_claim's docstring)."""
     if claims is None:
@@ -243,7 +255,7 @@ def model_user(user: object, names: Sequence[str]) -> str | None:
     if not flag:
         return None
     for name in names:
-        found = model_id(get(name))
+        found = model_source_id(get(name))
         if found is not None:
             return found
     return None
@@ -252,7 +264,7 @@ def model_user(user: object, names: Sequence[str]) -> str | None:
 def model_state(state: object, key: str) -> str | None:
     if state is None:
         return None
-    return model_id(state.get(key) if isinstance(state, Mapping) else getattr(state, key, None))
+    return model_source_id(state.get(key) if isinstance(state, Mapping) else getattr(state, key, None))
 
 
 def strict_decode(
@@ -1287,10 +1299,18 @@ async def test_org_and_user_from_state_user_headers_and_chains(
             what = f"seed {seed} step {step}: {auth.state!r} {auth.user!r} {headers!r} {check.of}"
 
             asks: list[str] = []  # the orgs the membership check is asked about, in turn
-            org = model_state(auth.state, "org_id") or model_user(auth.user, ["org_id"])
+            try:
+                org, stopped = model_state(auth.state, "org_id") or model_user(auth.user, ["org_id"]), False
+            except NotAnId:
+                org, stopped = None, True
+            try:
+                user, user_stopped = model_state(auth.state, "user_id") or model_user(auth.user, USER_NAMES), False
+            except NotAnId:
+                user, user_stopped = None, True
             if chained:
-                org = org or model_claim(token_claims, "org_id")
-                if org is None:
+                if not stopped:
+                    org = org or model_claim(token_claims, "org_id")
+                if org is None and not stopped:
                     header_org = model_header_id(headers, b"x-org-id")
                     if header_org is not None:
                         behaviour = check.behaviour(header_org)
@@ -1302,12 +1322,12 @@ async def test_org_and_user_from_state_user_headers_and_chains(
                             # (its auth may have set request.state.org_id); a check that did not answer in time is
                             # not waited for a second time in the same request
                             asks.append(header_org)
-                user = model_state(auth.state, "user_id") or model_user(auth.user, USER_NAMES)
-                user = user or model_claim(token_claims, "sub")
+                if not user_stopped:
+                    user = user or model_claim(token_claims, "sub")
             else:
-                org = org or model_header_id(headers, b"x-org-id")
-                user = model_state(auth.state, "user_id") or model_user(auth.user, USER_NAMES)
-                if user is None and user_header is not None:
+                if not stopped:
+                    org = org or model_header_id(headers, b"x-org-id")
+                if user is None and user_header is not None and not user_stopped:
                     user = model_header_id(headers, b"x-user-id")
             expected = Expected(org, user if org is not None else None)
 

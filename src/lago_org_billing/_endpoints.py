@@ -188,7 +188,12 @@ def _handler_missing(endpoint: Any, method: str) -> bool:
 
 def _dot_segments(path: str) -> bool:
     """Whether a path holds ``.`` or ``..`` segments (``/health/../v1/chat``, sent as is or as ``%2e%2e``): not the
-    excluded path it starts with, once an app's catch-all route or a proxy behind it resolves them."""
+    excluded path it starts with, once an app's catch-all route or a proxy behind it resolves them. So do those the
+    server left encoded (``/health/%2e%2e/v1/chat``, sent as ``%252e%252e``), and ``\\`` as a ``/``: an app that
+    forwards the path upstream sends them as they are, and nginx (or IIS, for ``\\``) there decodes them and resolves
+    the segments (``/v1/chat``, served unbilled and ungated)."""
+    if "%" in path or "\\" in path:
+        path = path.replace("\\", "/").replace("%2e", ".").replace("%2E", ".").replace("%2f", "/").replace("%2F", "/")
     return "/./" in path or "/../" in path or path.endswith(("/.", "/.."))
 
 

@@ -12,7 +12,9 @@ awaitable of either. Resolvers work on the scope, so they run before any ``Reque
 - :func:`first_of`: the first resolver that finds an id.
 
 Ids are cleaned the same way whatever the source: ``str`` (surrounding blanks stripped), ``int`` or ``UUID`` are
-accepted; empty values, values longer than 255 characters or with control characters count as unresolved.
+accepted; empty values, values longer than 255 characters or with control characters count as unresolved. A value of
+another type (``bytes``, a float, a bool, any other object) is a bug where it was set: it is said once at WARNING, and
+the request is unresolved, never resolved by a later source (a header) instead.
 """
 
 from __future__ import annotations
@@ -107,6 +109,33 @@ def reset_warnings() -> None:
     """Forget which resolver errors and token refusals were already logged (for tests)."""
     _reported.clear()
     _refusals_said.clear()
+
+
+class _NotAnId(Exception):
+    """Raised by :func:`from_state` and :func:`from_user` for a value that is there but can never be an id (said at
+    WARNING where found): it stops a :func:`first_of` chain, as a resolver that raises does, and
+    :func:`call_resolver` treats the request as unresolved without logging it again. A chain that went on would
+    resolve a later source instead: the org a client names in its header, for a request the app's auth attributed to
+    another (``request.state.org_id = b"org_a"``, read from Redis without ``decode_responses``)."""
+
+
+def _not_an_id(value: object) -> bool:
+    """Whether ``value`` is there but of a type that is never an id (``bytes``, a float, a bool, another object)."""
+    return value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)))
+
+
+def _said_not_an_id(source: str, value: object) -> None:
+    """Say, once per source and type, that ``source`` holds ``value``, which is not an id."""
+    kind = type(value).__qualname__
+    if _first_time((source, f"holds {kind}")):
+        logger.warning(
+            "%s holds a %s (%.100r), which is not an id: the request is treated as unresolved (no later source, such "
+            "as a header, is tried instead). Set it to the id as a str (bytes need .decode(): redis-py returns bytes "
+            "unless decode_responses=True), an int or a UUID. Logged once per source and type.",
+            source,
+            kind,
+            value,
+        )
 
 
 def _clean_id(value: object) -> str | None:
@@ -254,6 +283,8 @@ def _clean_result(resolver: object, value: object) -> str | None:
 
 
 def _report(resolver: Resolver, exc: Exception) -> None:
+    if type(exc) is _NotAnId:  # (said where the value was found)
+        return
     key = (_resolver_name(resolver), type(exc).__qualname__)
     if _first_time(key):
         logger.error(  # the traceback as text, not the exception: its frames held the request's scope (its bearer
@@ -269,22 +300,34 @@ def _report(resolver: Resolver, exc: Exception) -> None:
 
 
 def from_state(key: str = "org_id") -> Resolver:
-    """Resolve from ``request.state.<key>`` (Starlette keeps ``request.state`` in ``scope["state"]``)."""
+    """Resolve from ``request.state.<key>`` (Starlette keeps ``request.state`` in ``scope["state"]``).
+
+    A value there of a type that is never an id (``bytes``, a float, a bool, another object) is said once at WARNING
+    and leaves the request unresolved: a :func:`first_of` chain stops there, rather than resolving a later source
+    (the client's header) for a request the app's auth attributed to an org."""
     if not isinstance(key, str) or not key:
         raise ConfigurationError(
             f"from_state(key) must be the name of the request.state attribute holding the id, such as 'org_id', "
             f"got {key!r}."
         )
 
+    source = f"request.state.{key}"
+
     def resolve_from_state(scope: Scope) -> str | None:
         state = scope.get("state")
         if state is None:
             return None
         if type(state) is dict or isinstance(state, Mapping):
-            return _clean_id(state.get(key))
-        return _clean_id(getattr(state, key, None))
+            value = state.get(key)
+        else:
+            value = getattr(state, key, None)
+        ident = _clean_id(value)
+        if ident is None and _not_an_id(value):
+            _said_not_an_id(source, value)
+            raise _NotAnId(f"{source} holds a {type(value).__qualname__}, which is not an id (see the WARNING)")
+        return ident
 
-    return _described(_clean_ids(resolve_from_state), f"request.state.{key}")
+    return _described(_clean_ids(resolve_from_state), source)
 
 
 def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
@@ -293,8 +336,17 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
     ``attribute`` may be a sequence of names tried in order. Mapping users are read with ``user[attribute]``,
     other objects with ``getattr``. Users whose ``is_authenticated`` (attribute, method or mapping item) is false
     resolve to ``None``, as do attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
+    An attribute holding a value of a type that is never an id stops there, as with :func:`from_state`.
     """
     names = (attribute,) if isinstance(attribute, str) and attribute else _attribute_names(attribute)
+
+    def checked(name: str, raw: object) -> str | None:
+        value = _clean_id(raw)
+        if value is None and _not_an_id(raw):
+            source = f"request.user.{name}"
+            _said_not_an_id(source, raw)
+            raise _NotAnId(f"{source} holds a {type(raw).__qualname__}, which is not an id (see the WARNING)")
+        return value
 
     def resolve_from_user(scope: Scope) -> str | None:
         user = scope.get("user")
@@ -305,7 +357,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
             if flag is not True and not (flag() if callable(flag) else flag):
                 return None
             for name in names:
-                value = _clean_id(user.get(name))
+                value = checked(name, user.get(name))
                 if value is not None:
                     return value
             return None
@@ -318,9 +370,10 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
             pass
         for name in names:
             try:
-                value = _clean_id(getattr(user, name, None))
+                raw = getattr(user, name, None)
             except NotImplementedError:
                 continue
+            value = checked(name, raw)
             if value is not None:
                 return value
         return None
@@ -1252,7 +1305,8 @@ def first_of(*resolvers: Resolver) -> Resolver:
 
     Stays synchronous while the resolvers it tries are; turns into an awaitable from the first one that returns
     an awaitable. An exception in any resolver propagates (to :func:`call_resolver`), rather than silently falling
-    through to a later, possibly weaker, source such as a header.
+    through to a later, possibly weaker, source such as a header; so does a resolver returning a value of a type that
+    is never an id (``bytes``...): said once at WARNING, the chain stops there, unresolved.
     """
     chain = tuple(resolvers)
     if not all(callable(resolver) for resolver in chain):  # (none: every request unresolved, as documented)
@@ -1264,15 +1318,16 @@ def first_of(*resolvers: Resolver) -> Resolver:
     async def resume(
         pending: Awaitable[str | None], source: Resolver, rest: tuple[Resolver, ...], scope: Scope
     ) -> str | None:
-        value = _clean_result(source, await pending)
-        if value is not None:
+        first: object = await pending
+        value = _clean_result(source, first)
+        if value is not None or _not_an_id(first):
             return value
         for resolver in rest:
             result = resolver(scope)
             if result is not None and type(result) is not str and inspect.isawaitable(result):
                 result = await result
             value = _clean_result(resolver, result)
-            if value is not None:
+            if value is not None or _not_an_id(result):  # (no id there, of a type never one: stop, see above)
                 return value
         return None
 
@@ -1288,7 +1343,7 @@ def first_of(*resolvers: Resolver) -> Resolver:
             if type(result) is not str and inspect.isawaitable(result):
                 return _Pending(resume, result, resolver, chain[index + 1 :], scope)
             value = _clean_result(resolver, result)
-            if value is not None:
+            if value is not None or _not_an_id(result):  # (no id there, of a type never one: stop, see above)
                 return value
         return None
 
@@ -1350,14 +1405,21 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
             return None
         state = scope.get("state")
         org = user = None
+        no_user = False
         if state:
             if type(state) is not dict:
                 return None
             org = state.get("org_id")
             if org is not None:
+                if type(org) is not str and _not_an_id(org):  # unresolved, as from_state() leaves it (not the header's)
+                    _said_not_an_id("request.state.org_id", org)
+                    return None, None
                 org = _clean_id(org)
             user = state.get("user_id")
             if user is not None:
+                if type(user) is not str and _not_an_id(user):  # no user, as from_state() finds (not the header's)
+                    _said_not_an_id("request.state.user_id", user)
+                    no_user = True
                 user = _clean_id(user)
         if (org is None and org_header is not None) or (user is None and user_header is not None):
             headers = scope["headers"]
@@ -1381,7 +1443,9 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
                 user = _header_ids.get(user_raw) if type(user_raw) is bytes else None
                 if user is None:
                     user = _header_id(user_raw)
-        return (org, user) if org is not None else (None, None)
+        if org is None:
+            return None, None
+        return (org, None) if no_user else (org, user)
 
     return resolve_identity
 
@@ -1511,7 +1575,7 @@ def _current(request_or_scope: Any, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def late_identity(state: object, org_id: str | None, user_id: str | None) -> tuple[str, str | None] | None:
+def late_identity(state: object, org_id: str | None, user_id: str | None) -> tuple[str | None, str | None] | None:
     """The identity of a request whose ``request.state`` the app's auth set while it ran (a FastAPI dependency), over
     the one the default resolvers found before it ran (``org_id`` and ``user_id``, from ``request.user`` or the
     headers), as the resolvers' order says (state first; a header is the client's claim):
@@ -1520,10 +1584,16 @@ def late_identity(state: object, org_id: str | None, user_id: str | None) -> tup
     * it names none, or ``org_id``: that same org, with ``request.state.user_id`` when that is another user than
       ``user_id`` (an org from the header, the user from the app's auth: the authenticated user is billed).
 
-    ``None`` when the state changes neither (or there is no org)."""
+    ``None`` when the state changes neither (or there is no org); ``(None, None)``, unresolved, when
+    ``request.state.org_id`` holds a value that is never an id (``bytes``...: said once at WARNING): the app's auth
+    named an org there, and it is not the one found before (the client's header) that is billed for it."""
     if type(state) is not dict:
         return None
-    late = _clean_id(state.get("org_id"))
+    raw = state.get("org_id")
+    late = _clean_id(raw)
+    if late is None and _not_an_id(raw):
+        _said_not_an_id("request.state.org_id", raw)
+        return None, None
     if late is not None and late != org_id:
         return late, _clean_id(state.get("user_id")) or user_id
     late_user = _clean_id(state.get("user_id"))
@@ -1532,7 +1602,7 @@ def late_identity(state: object, org_id: str | None, user_id: str | None) -> tup
     return org_id, late_user
 
 
-def late_user(scope: Scope, org_id: str | None, user_id: str | None) -> tuple[str, str | None] | None:
+def late_user(scope: Scope, org_id: str | None, user_id: str | None) -> tuple[str | None, str | None] | None:
     """The identity of a request whose ``scope["user"]`` an authentication middleware inside the billing one set while
     the app ran (Starlette's ``AuthenticationMiddleware`` added after ``OrgBillingMiddleware``), over the one found
     before it ran from the headers, as the resolvers' order says (``request.user`` before a header, the client's
@@ -1541,11 +1611,18 @@ def late_user(scope: Scope, org_id: str | None, user_id: str | None) -> tuple[st
     * the user's ``org_id`` names another org than ``org_id``: that org, with the user's id (else ``user_id``);
     * it names none, or ``org_id``: that org, with the user's id when it is another than ``user_id``.
 
-    ``None`` when it changes neither, or ``request.state`` names them (see :func:`late_identity`)."""
+    ``None`` when it changes neither, or ``request.state`` names them (see :func:`late_identity`); ``(None, None)``,
+    unresolved, when the org there is a value that is never an id (see :func:`from_user`)."""
     if org_id is None or scope.get("user") is None:
         return None
-    late = _USER_ORG(scope) if _STATE_ORG(scope) is None else None
-    late_id = _USER_ID(scope) if _STATE_USER(scope) is None else None
+    try:
+        late = _USER_ORG(scope) if _STATE_ORG(scope) is None else None
+    except _NotAnId:  # (said by the resolver) unresolved, as the resolvers leave such a request
+        return None, None
+    try:
+        late_id = _USER_ID(scope) if _STATE_USER(scope) is None else None
+    except _NotAnId:  # (said by the resolver) no user, as the resolvers find none
+        late_id = None
     if not isinstance(late, str):
         late = None
     if not isinstance(late_id, str):

@@ -524,11 +524,17 @@ class OrgBillingMiddleware:
                     if not had_user and "user" in scope:
                         # AuthenticationMiddleware inside this one: request.user is set while the app runs, and wins
                         # over the headers (the client's claim), as the resolvers' order says (after request.state)
-                        was = late if late is not None else (org_id, user_id, decision)
-                        late = self._late(late_user(scope, was[0], was[1]), *was) or late
+                        was_org, was_user, was_decision = late if late is not None else (org_id, user_id, decision)
+                        if was_org is not None:
+                            found = late_user(scope, was_org, was_user)
+                            late = self._late(found, was_org, was_user, was_decision) or late
                     if late is not None:
                         org_id, user_id, decision = late
-                if preflight and self._preflight_unbilled(org_id, decision, watcher):
+                if org_id is None:  # the app's auth set an org that is no id (bytes...): unbilled, said (see _late)
+                    self.stats["unresolved"] += 1
+                    if preflight:  # (a call in a preflight's shape: counted as _preflight_unbilled counts one)
+                        self.stats["requests"] += 1
+                elif preflight and self._preflight_unbilled(org_id, decision, watcher):
                     pass
                 elif gated_again and decision is not None and not decision.allowed:
                     self.stats["blocked"] += 1  # the gate's answer went out: nothing billed (nor counted)
@@ -575,19 +581,18 @@ class OrgBillingMiddleware:
         org_id: str,
         user_id: str | None,
         decision: QuotaDecision | None,
-    ) -> tuple[Scope, str, str | None, QuotaDecision | None]:
+    ) -> tuple[Scope, str | None, str | None, QuotaDecision | None]:
         """The end of a request whose scope was deep-copied inside this middleware (see _Billing): the copy the app
         ran on (its route, its state: what the request is billed as) and, with the default resolvers, the org or user
-        the app's auth set in a copy's state. The copies are let go by the outermost billing middleware (none waits
-        around)."""
+        the app's auth set in a copy's state (an org that is no id: ``None``, see :meth:`_late`). The copies are let
+        go by the outermost billing middleware (none waits around)."""
         copies = _scope_copies(billing, release="waiting" not in billing)
         app_scope = _app_scope(scope, copies)
         if self._identify is not None:
             for copied in (scope, *copies):
                 late = self._authenticated_late(copied.get("state"), org_id, user_id, decision)
                 if late is not None:
-                    org_id, user_id, decision = late
-                    break
+                    return app_scope, *late
         return app_scope, org_id, user_id, decision
 
     @property
@@ -1132,7 +1137,7 @@ class OrgBillingMiddleware:
 
     def _authenticated_late(
         self, state: object, org_id: str, user_id: str | None, decision: QuotaDecision | None
-    ) -> tuple[str, str | None, QuotaDecision | None] | None:
+    ) -> tuple[str | None, str | None, QuotaDecision | None] | None:
         """The identity to bill when the app set ``request.state.org_id`` to another org, or ``request.state.user_id``
         to another user, while it ran (see :func:`late_identity`); ``None`` when it set neither. A user alone keeps
         the org and its decision (gated as it is billed). Another org: the call reserved for the one found before
@@ -1141,15 +1146,21 @@ class OrgBillingMiddleware:
 
     def _late(
         self,
-        found: tuple[str, str | None] | None,
+        found: tuple[str | None, str | None] | None,
         org_id: str,
         user_id: str | None,
         decision: QuotaDecision | None,
-    ) -> tuple[str, str | None, QuotaDecision | None] | None:
-        """:meth:`_authenticated_late` for the identity ``found`` after the app ran (``None``: none)."""
+    ) -> tuple[str | None, str | None, QuotaDecision | None] | None:
+        """:meth:`_authenticated_late` for the identity ``found`` after the app ran (``None``: none). An org of
+        ``None``: the app's auth set one that is no id (``bytes``...): unresolved, its call released, nothing billed
+        (not the org found before, the client's header)."""
         if found is None:
             return None
         late, late_user = found
+        if late is None:
+            if decision is not None and self.quota is not None:
+                self.quota.settle(org_id, decision, tokens=0, billed=False)
+            return None, None, None
         if late == org_id:  # the user only (the org from the header or request.user): nothing to move
             return org_id, late_user, decision
         if decision is not None and self.quota is not None:
@@ -1183,7 +1194,7 @@ class OrgBillingMiddleware:
 
     def _gated_again_end(
         self, scope: Scope, billing: dict[str, Any], org_id: str, user_id: str | None, decision: QuotaDecision | None
-    ) -> tuple[Scope, str, str | None, QuotaDecision | None]:
+    ) -> tuple[Scope, str | None, str | None, QuotaDecision | None]:
         """The end of a request gated before the app ran as ``org_id`` (its ``decision``) that :func:`require_quota`
         gated again as the org the app's auth set (see :meth:`_gate_again`): the scope the app ran on, and the identity
         and decision it is billed with, as :meth:`_read_copies` and :meth:`_authenticated_late` find them; the calls
@@ -1215,6 +1226,8 @@ class OrgBillingMiddleware:
         quota.settle(again_org, again, tokens=0, billed=False)
         if late == org_id:
             return app_scope, org_id, late_user, decision
+        if late is None:  # and then an org that is no id (bytes...): unbilled, its calls released (see _late)
+            return app_scope, None, None, None
         self._reattributed(org_id, late)
         return app_scope, late, late_user, QuotaDecision()
 
@@ -1238,6 +1251,8 @@ class OrgBillingMiddleware:
         if found is None or found[0] == org_id:
             return None
         late, late_user = found
+        if late is None:  # an org that is no id (bytes...): the decision made before stands, nothing is billed (_late)
+            return None
         checked = quota.check(late)
         decision = checked if isinstance(checked, QuotaDecision) else await checked
         billing["gated"] = None  # gated again: settled so when the request ends
