@@ -472,8 +472,9 @@ async def test_a_pending_subscription_that_started_during_a_retried_cancel_is_te
 
 async def test_an_org_subscribed_under_another_id_fails_with_what_to_do(fake: FakeLago, client: LagoClient) -> None:
     """It got a second subscription (billed twice); keeping only its own would leave the middleware billing an id
-    that does not exist. The org fails, nothing written, with the two ways out."""
-    fake.add_customer("acme", name="Acme")
+    that does not exist. The org fails, nothing written, with the two ways out. (Its customer marked an org's, as
+    the app's create_org_customer marks it: one that is not may be a user's, refused as such.)"""
+    fake.add_customer("acme", name="Acme", metadata=[{"key": "billing_type", "value": "organization"}])
     fake.add_subscription("acme", "starter", external_id="made-in-the-ui")
     fake.requests.clear()
     run = await run_migration(client, [ACME], mode="execute")

@@ -317,10 +317,14 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if nul:
         text = text.replace("\x00", nul)
     reader = csv.reader(io.StringIO(text, newline=""))
+    first: list[str] | None = []
     try:
-        header = [name.replace(nul, "\x00").strip() if nul else name.strip() for name in next(reader, [])]
+        while first == []:  # (blank lines before the header skipped, as those between rows are)
+            start = reader.line_num + 1
+            first = next(reader, None)
     except csv.Error as exc:
-        raise MappingError([_unreadable_csv(path, 1, reader.line_num, exc)]) from exc
+        raise MappingError([_unreadable_csv(path, start, reader.line_num, exc)]) from exc
+    header = [name.replace(nul, "\x00").strip() if nul else name.strip() for name in first or []]
     missing = [column for column in MAPPING_COLUMNS if column not in header]
     unknown = [column for column in header if column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
     doubled = [column for column in dict.fromkeys(header) if header.count(column) > 1]
@@ -1357,6 +1361,19 @@ async def _amounts_comparable(
         )
 
 
+async def _yearly_paid(subscription: JSON, plans: PlanCatalog) -> int:
+    """What ``subscription`` pays a year (a price override of its plan shows in ``plan_amount_cents``)."""
+    own = subscription.get("plan_amount_cents")
+    return await plans.yearly_amount(str(subscription.get("plan_code")), _int(own) or 0, amount_cents=own)
+
+
+async def _currency_of(subscription: JSON, plans: PlanCatalog) -> str | None:
+    """The currency ``subscription`` is billed in: its own (``plan_amount_currency``), else its plan's."""
+    plan = await plans.get(str(subscription.get("plan_code")))
+    currency = subscription.get("plan_amount_currency") or (plan or {}).get("amount_currency")
+    return str(currency) if currency else None
+
+
 async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog) -> tuple[str, JSON]:
     keyed = []
     for user_id, subscription in active:
@@ -2013,7 +2030,29 @@ async def plan_org(
         )
     # (one that starts later counts: made from a user's pending one by an earlier run)
     org_subscription = await client.get_current_subscription(sub_id)
-    if org_subscription is None and org_customer is not None:
+    marked = customer_metadata(org_customer).get(METADATA_BILLING_TYPE) == ORGANIZATION
+    if org_customer is not None and not marked:
+        # (ids of users and orgs from two sequences: customer org_id may be a user's, one in no org so not in the
+        # mapping, with its subscriptions, ended or not, and its card on file. Taken for the org's, the org would be
+        # billed in that user's name and on its card. An org customer is marked billing_type=organization by this
+        # package; one that is not and has subscriptions other than the org's is not taken for the org's.)
+        statuses = ["active", "pending", "incomplete", "terminated", "canceled"]
+        every = client.iter_subscriptions(external_customer_id=org.org_id, statuses=statuses)
+        mine = [s async for s in every if s.get("external_id") != sub_id]
+        if mine:
+            its_own = ", ".join(f"{s.get('external_id')!r} ({s.get('plan_code')}, {s.get('status')})" for s in mine[:5])
+            name = f" ({org_customer.get('name')})" if org_customer.get("name") else ""
+            raise InvalidRequestError(
+                f"org_id {org.org_id!r} is an existing Lago customer{name} not marked {METADATA_BILLING_TYPE}="
+                f"{ORGANIZATION} (as org customers are) with subscriptions of its own: {its_own}"
+                f"{', ...' if len(mine) > 5 else ''}. It may be a user's (ids of users and orgs from two sequences), "
+                "and the org would then be billed in that user's name and on its payment method: nothing was done "
+                f"for org {org.org_id!r}. Bill the org under another id (e.g. 'org_{org.org_id}': its org_id in the "
+                "mapping and the org id the app's middleware resolves), or, if customer "
+                f"{org.org_id!r} really is the org's, mark it {METADATA_BILLING_TYPE}={ORGANIZATION} in Lago (its "
+                "metadata) and run again"
+            )
+    if org_subscription is None and org_customer is not None and marked:  # (an unmarked one with any: refused above)
         # an active subscription of the org under another id (made in Lago's UI...) is the org's subscription
         others = [s async for s in client.iter_subscriptions(external_customer_id=org.org_id, statuses=["active"])]
         if others:  # neither a second subscription (billed twice) nor this one (the middleware bills sub_id)
@@ -2181,6 +2220,21 @@ async def plan_org(
                 f"org {org.org_id!r} already subscribed to {result.plan_code!r}; mapping plan_code "
                 f"{org.plan_code!r} not applied (change plans with OrgBilling.change_plan)"
             )
+        elif org.plan_code is None and source is not None and not org_subscription_made:
+            # (kept as documented; but the org would pay less than the user plan it ends: said, not done silently.
+            # Not for one this migration made: its plan is the policy's pick already)
+            user_id, picked = source
+            theirs = await _yearly_paid(picked, plans)
+            kept = await _yearly_paid(org_subscription, plans)
+            currency = await _currency_of(picked, plans)
+            if theirs > kept and currency == await _currency_of(org_subscription, plans):
+                result.warnings.append(
+                    f"org {org.org_id!r} keeps its subscription {sub_id!r} on plan {result.plan_code!r} "
+                    f"({_amount(kept, currency)} a year), while {user_id}'s subscription "
+                    f"{picked.get('external_id')} on plan {picked.get('plan_code')!r} ({_amount(theirs, currency)} a "
+                    f"year) is ended: the org pays less than its user did. Change the org's plan with "
+                    f"OrgBilling.change_plan if it should pay {picked.get('plan_code')!r}"
+                )
     else:
         if org.plan_code is not None:
             result.plan_code, result.plan_source = org.plan_code, "mapping plan_code"
@@ -2203,6 +2257,18 @@ async def plan_org(
                 f"the org gets a customer but no subscription{f' ({moved})' if moved else ''}"
             )
         else:
+            billed = org_customer.get("currency") if org_customer is not None else None
+            if billed:  # (Lago refuses the subscription, after the customer's write: 422 currencies_does_not_match)
+                paid = source[1] if source is not None and takes_its_plan else {"plan_code": result.plan_code}
+                currency = await _currency_of(paid, plans)
+                if currency and currency != billed:
+                    raise InvalidRequestError(
+                        f"org customer {org.org_id!r} exists in {billed} (its currency in Lago), and its subscription "
+                        f"would be billed in {currency} (plan {result.plan_code!r}; {result.plan_source}): Lago "
+                        "refuses a subscription in another currency than its customer's. Nothing was done for this "
+                        f"org: name a plan in {billed} in the mapping's plan_code column, or change org customer "
+                        f"{org.org_id!r}'s currency to {currency} in Lago, and run again"
+                    )
             result.billing_time = str(source[1].get("billing_time") or "calendar") if source else "calendar"
             payload: JSON = {"plan_code": result.plan_code, "billing_time": result.billing_time}
             if starts_at is not None:
