@@ -406,9 +406,11 @@ class LocalBackend:
             keep_tokens=not snapshot.lago_counts_tokens,
             now=int(now),
         )
-        # What is kept that Lago may have counted: recorded in the seconds up to the read (the read's own second
-        # included: its records may precede it), of what Lago counts
-        last = int(snapshot.requested_at)
+        # What is kept that Lago may have counted: recorded in the seconds up to the read's answer, stored now (its
+        # own second included: its records may precede it; and those made while Lago computed it, their events
+        # delivered meanwhile: a slow read's calls were counted twice, the org refused below its limit until its
+        # period's end). As the Redis STORE script takes them.
+        last = int(max(snapshot.requested_at, now))
         if last >= cutoff:
             # Those of them the prune dropped are stamped as recorded in the read's second: unsure, as its records
             # (counted twice at worst, not under-counted), dropped by a read settle_lag later as they are

@@ -411,7 +411,9 @@ local late, now = tonumber(ARGV[14]), ARGV[15]
 local keep = {c = ARGV[8] == '1', t = ARGV[9] == '1'}
 -- what is kept that Lago may have counted (recorded from the cutoff to the read's own second, of what Lago counts):
 -- the snapshot's 'uc'/'ut' (see LocalBackend.store_now)
-local last = math.floor(tonumber(ARGV[1]))
+-- (to the read's answer, stored now (ARGV[15]): what was recorded while Lago computed it may be in it too, its events
+-- delivered meanwhile; as LocalBackend.store_now takes them)
+local last = math.max(math.floor(tonumber(ARGV[1])), math.floor(tonumber(ARGV[15])))
 local unsure = {c = 0, t = 0}
 -- the records of the period held before the prune, and those it keeps (see the bound below)
 local held, kept = {c = 0, t = 0}, {c = 0, t = 0}
@@ -1297,6 +1299,8 @@ class RedisBackend:
             )
         self.stats["redis_fallback"] = 1
         self._down_until = self._clock() + self.config.redis_retry_interval
+        if self._running:  # the writer tries Redis again when due, however idle this worker is (nothing queued)
+            self._wakeup.set()
 
     def _problem(self, exc: BaseException) -> tuple[str, int, str] | None:
         """What a Redis error says beyond "Redis is down", when it is a misconfiguration or a state of Redis that only
