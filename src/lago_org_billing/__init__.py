@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._client import LagoClient, Page
     from ._delivery import EventPipeline
     from ._errors import (
+        ClosedError,
         ConfigurationError,
         InvalidIdentifierError,
         InvalidRequestError,
@@ -105,6 +106,7 @@ _EXPORTS = {
     "Page": "._client",
     "PipelineMetrics": "._metrics",
     "QuotaBackendError": "._errors",
+    "ClosedError": "._errors",
     "QuotaConfig": "._quota",
     "QuotaDecision": "._gate",
     "QuotaExceededError": "._errors",
@@ -138,6 +140,7 @@ __all__ = [
     "BillingRouter",
     "BillingSettings",
     "check_org_has_active_subscription",
+    "ClosedError",
     "ConfigurationError",
     "DeadLetter",
     "enforce_usage_limits",

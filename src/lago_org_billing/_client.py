@@ -34,6 +34,7 @@ import httpx
 
 from . import _checks as checks, _forks
 from ._errors import (
+    ClosedError,
     ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
@@ -192,7 +193,7 @@ class LagoClient:
 
     async def __aenter__(self) -> LagoClient:
         if self._state is _State.CLOSED:
-            raise RuntimeError("Cannot reopen a LagoClient once it has been closed; create a new one.")
+            raise ClosedError("Cannot reopen a LagoClient once it has been closed; create a new one.")
         return self
 
     async def __aexit__(
@@ -592,7 +593,7 @@ class LagoClient:
         every attempt sends the same bytes. Errors are raised as by every other call.
         """
         if self._state is _State.CLOSED:
-            raise RuntimeError("This LagoClient is closed; create a new one.")
+            raise ClosedError("This LagoClient is closed; create a new one.")
         url = "/api/v1/events/batch"
         timeout = self.settings.api_timeout
         if self._raw is not None:
@@ -900,7 +901,7 @@ class LagoClient:
         answer lost: a network error once the request was sent, a 5xx) are appended to, for a caller that reads a
         resend's ``value_already_exist`` as its own first attempt applied."""
         if self._state is _State.CLOSED:
-            raise RuntimeError("This LagoClient is closed; create a new one.")
+            raise ClosedError("This LagoClient is closed; create a new one.")
         url = f"/api/v1{path}" if api else path
         settings = self.settings
         query = httpx.QueryParams(tuple(params) if isinstance(params, list) else params)

@@ -69,6 +69,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import _checks as checks, _forks
 from ._client import LagoClient, connection_never_made
 from ._errors import (
+    ClosedError,
     ConfigurationError,
     InvalidRequestError,
     LagoAPIError,
@@ -345,9 +346,9 @@ class EventPipeline:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the background tasks until :meth:`aclose` or cancellation. ``await tg.start(pipeline.run)``."""
         if self._running:
-            raise RuntimeError("This EventPipeline is already running.")
+            raise ClosedError("This EventPipeline is already running.")
         if self._closed:
-            raise RuntimeError("This EventPipeline is closed; create a new one.")
+            raise ClosedError("This EventPipeline is closed; create a new one.")
         if self._ran and isinstance(self.outbox, SqliteOutbox):  # after a cancelled run: its batches were cut short
             self.outbox.rewind()
         self._running = self._ran = True
@@ -411,7 +412,7 @@ class EventPipeline:
         """
         timeout = checks.timeout("EventPipeline.flush(timeout)", timeout)
         if not self._running:
-            raise RuntimeError("EventPipeline.flush() needs the pipeline running: await tg.start(pipeline.run)")
+            raise ClosedError("EventPipeline.flush() needs the pipeline running: await tg.start(pipeline.run)")
         self._flushing += 1
         try:
             with anyio.move_on_after(timeout):
@@ -551,7 +552,7 @@ class EventPipeline:
         by several workers, each replays the letters of its own slot file: ``lago-org-billing dead-letters --replay``
         covers them all."""
         if self._closed:
-            raise RuntimeError("This EventPipeline is closed; replay dead letters with a running one.")
+            raise ClosedError("This EventPipeline is closed; replay dead letters with a running one.")
         count = await self.outbox.replay_dead(None if ids is None else {i for i in ids if i is not None})
         if count:
             self.metrics.replayed += count
@@ -950,7 +951,7 @@ class EventPipeline:
         the same bytes. Errors map as in :class:`LagoClient`."""
         client = self.client
         if client.is_closed:
-            raise RuntimeError("The LagoClient of this EventPipeline is closed.")
+            raise ClosedError("The LagoClient of this EventPipeline is closed.")
         try:
             parts = [item.raw if item.raw is not None else item.encoded() for item in items]
             body = ('{"events":[' + ",".join(parts) + "]}").encode()  # (UnicodeEncodeError: a lone surrogate)

@@ -3,6 +3,7 @@
 The tree::
 
     LagoIntegrationError
+    ├── ClosedError                 a LagoClient or EventPipeline used once closed, or out of turn (a RuntimeError)
     ├── ConfigurationError          a setting is missing or malformed (names the variable)
     ├── InvalidRequestError         bad input caught before any call to Lago (also a ValueError)
     │   └── InvalidIdentifierError  an id Lago cannot take in a URL path
@@ -25,6 +26,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 __all__ = [
+    "ClosedError",
     "ConfigurationError",
     "InvalidIdentifierError",
     "InvalidRequestError",
@@ -42,6 +44,12 @@ __all__ = [
 
 class LagoIntegrationError(Exception):
     """Base class of every error raised by lago-org-billing."""
+
+
+class ClosedError(LagoIntegrationError, RuntimeError):
+    """A ``LagoClient`` or an ``EventPipeline`` used out of turn: after it was closed, a pipeline flushed before it
+    runs or run twice. Nothing was sent; the message says what to do (make a new one, run it first). Also a
+    ``RuntimeError``, what these raised before."""
 
 
 class ConfigurationError(LagoIntegrationError, ValueError):

@@ -194,7 +194,10 @@ def _emulator(args: argparse.Namespace) -> int:
     from .testing import FakeLago
     from .testing._server import free_port_or_error, local_url, require_uvicorn, run
 
-    given = args.api_key or os.environ.get("LAGO_API_KEY") or DEFAULT_EMULATOR_KEY
+    # (the environment's, else ./.env's, as the other commands and the app read it: an emulator started from the app's
+    # directory takes the key the app sends)
+    from_env = os.environ.get("LAGO_API_KEY") or _dotenv_key()
+    given = args.api_key or from_env or DEFAULT_EMULATOR_KEY
     api_key = given.strip()  # (as the clients send it)
     problem = api_key_problem(api_key) if api_key else "is empty"
     if problem:  # (served, every call would be a 401: no client can send it)
@@ -211,7 +214,7 @@ def _emulator(args: argparse.Namespace) -> int:
     url = local_url(args.host, port)
     # The environment's key may be a real Lago's: not printed (the apps of this shell already have it).
     # (quoted for a shell: a key with a $, ; or quote, pasted unquoted, set another key)
-    key = "" if given == os.environ.get("LAGO_API_KEY") else f" LAGO_API_KEY={shlex.quote(api_key)}"
+    key = "" if given == from_env else f" LAGO_API_KEY={shlex.quote(api_key)}"
     print(
         f"Lago emulator on {url} (event store {args.event_store}"
         f"{', taking the LAGO_API_KEY of your environment' if not key else ''}).\n"
@@ -220,6 +223,19 @@ def _emulator(args: argparse.Namespace) -> int:
     )
     run(fake, args.host, port)
     return 0
+
+
+def _dotenv_key() -> str:
+    """``LAGO_API_KEY`` of ``./.env`` (empty when there is none, or it cannot be read: the settings say why)."""
+    from ._errors import ConfigurationError
+    from ._settings import _read_env_file
+
+    if not os.path.isfile(".env"):
+        return ""
+    try:
+        return str(_read_env_file(".env").get("LAGO_API_KEY") or "")
+    except (ConfigurationError, OSError, UnicodeDecodeError):
+        return ""
 
 
 def _seeded(path: str, **options: Any) -> FakeLago:
