@@ -647,7 +647,7 @@ class UsageRecorder:
     _data_lines: list[bytes]
     _data_size: int
     _ndjson: bool
-    _partial: bytes
+    _partial: bytes | bytearray
     _skip_lf: bool
     _discarding: bool
     _event: bytes
@@ -859,7 +859,7 @@ class UsageRecorder:
 
     def _feed_sse(self, chunk: bytes) -> None:
         if self._fresh:  # (a byte-order mark may come split over the first chunks: held until it is whole or not one)
-            chunk = self._partial + chunk
+            chunk = bytes(self._partial) + chunk
             if len(chunk) < 3 and _BOM.startswith(chunk):
                 self._partial = chunk
                 return
@@ -880,9 +880,12 @@ class UsageRecorder:
         limit = self._config.max_body_bytes + (0 if self._ndjson else _DATA_FIELD)
         if b"\n" not in chunk:
             if not self._discarding:
-                self._partial += chunk
-                if len(self._partial) > limit:
-                    self._discard(self._partial)
+                partial = self._partial
+                if type(partial) is not bytearray:  # (grown in place: a long line relayed in small chunks is not
+                    partial = self._partial = bytearray(partial)  # copied whole at each, quadratic on the loop)
+                partial += chunk
+                if len(partial) > limit:
+                    self._discard(bytes(partial))
             elif self._discarded_data:
                 self._tail = (self._tail + chunk[-_TAIL:])[-_TAIL:]
             return
@@ -894,7 +897,7 @@ class UsageRecorder:
                 self._oversized(self._tail + lines[0][-_TAIL:])
             del lines[0]  # (a comment, id or event line: only it)
         elif self._partial:
-            lines[0] = self._partial + lines[0]
+            lines[0] = bytes(self._partial) + lines[0]
         for line in lines:
             self._line(line)
         self._partial = tail
@@ -1298,7 +1301,7 @@ class UsageRecorder:
         if counts is not None:
             # A stream that ended (or was cut) without its final blank line: use complete data lines.
             if self._partial and not self._discarding:
-                self._line(self._partial)
+                self._line(bytes(self._partial))
                 self._partial = b""
             elif self._discarding and self._discarded_data:
                 self._discarding = False
@@ -1724,7 +1727,9 @@ def _encoded_body_skipped(encoding: bytes, install: str | None = None) -> None:
     """A compressed body's usage is not read (said once per encoding); ``install``: what reads it, not importable."""
     shown = encoding.decode("latin-1")
     _warn_once(
-        f"encoding:{encoding!r}",
+        # (one key for the encodings read by no module: a proxy passing an upstream's varying values on, kilobytes
+        # each, would fill the set and the log without bound)
+        f"encoding:{encoding!r}" if encoding in _CODEC_MODULES else "encoding:other",
         "A JSON or event-stream response was %s-encoded before OrgBillingMiddleware saw it: its usage was not "
         "read (tokens billed 0). %sput the billing middleware inside the compression one (app.add_middleware: add "
         "OrgBillingMiddleware before the compression middleware, so that it wraps the billing one), or attribute "

@@ -1598,6 +1598,7 @@ class QuotaGate:
                 self._refresh_warned = self._refresh_warned or not said
                 if len(self._refresh_failing) >= self.config.max_orgs:  # (bounded)
                     self._refresh_failing.clear()
+                self._refresh_failing.pop(org_id, None)  # (moved to the end: the dict is in the order of failures)
                 self._refresh_failing[org_id] = self.clock()
         except Exception:  # never let a refresh crash the background task group
             self.stats["refresh_errors"] += 1
@@ -1608,10 +1609,15 @@ class QuotaGate:
                     await _call_optional(backend, "unlock", org_id, self.clock(), self.config.failure_backoff)
 
     def _forget_old_failures(self) -> None:
-        """Forget the failing orgs not asked again for ``_longest_wait`` (their traffic gone: no refresh tells)."""
+        """Forget the failing orgs not asked again for ``_longest_wait`` (their traffic gone: no refresh tells). The
+        dict is in the order of their last failures: only the old ones at its head are looked at (amortized O(1))."""
         oldest = self.clock() - self._longest_wait
-        for org_id in [org for org, when in self._refresh_failing.items() if when < oldest]:
-            del self._refresh_failing[org_id]
+        failing = self._refresh_failing
+        while failing:
+            org_id = next(iter(failing))
+            if failing[org_id] >= oldest:
+                break
+            del failing[org_id]
 
     async def _wait_for_fleet(self, org_id: str, urgent: bool, release_slot: Callable[[], None]) -> bool:
         """Another process refreshes the org (it holds the fleet's lock): wait, at most ``cold_timeout``, for its
