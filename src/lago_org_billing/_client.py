@@ -1,4 +1,7 @@
-"""The async Lago REST client: one pooled ``httpx.AsyncClient``, retries, Lago's error envelope.
+"""The async Lago REST client: pooled ``httpx.AsyncClient``s, retries, Lago's error envelope.
+
+A pool's connections belong to the event loop they were made on: the client keeps a pool for each loop that calls it
+(``asyncio.run`` per job in a CLI or a Celery task, threads with loops of their own), made on the loop's first call.
 
 A process forked from one holding a client (``os.fork()``, ``multiprocessing``'s ``fork``, ``gunicorn --preload``)
 never uses the client's own pool it inherited: its connections are the parent's, on the parent's event loop. The
@@ -9,7 +12,9 @@ is the caller's: kept as it is.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import dataclasses
 import datetime
 import decimal
@@ -23,14 +28,18 @@ import numbers
 import os
 import random
 import ssl
+import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
+from cachetools import TTLCache
 
 from . import _checks as checks, _forks
 from ._errors import (
@@ -106,6 +115,35 @@ def _page_number(value: Any) -> Any:
 class _State(enum.Enum):
     OPEN = 1
     CLOSED = 2
+
+
+class _NoLoop:
+    """The key of the pool called through outside asyncio and trio (anyio runs on no other: never, in practice)."""
+
+
+_NO_LOOP = _NoLoop()
+
+
+def _running_loop() -> object:
+    """The running event loop, as the key of its pool: asyncio's loop, or under trio the run's token (a trio run
+    that has ended is known only once its token is collected: its pool is dropped then)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio (hypercorn -k trio), which is imported then
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                return trio.lowlevel.current_trio_token()
+            except RuntimeError:  # pragma: no cover - anyio runs on asyncio or trio
+                pass
+    return _NO_LOOP
+
+
+def _ended(loop: object) -> bool:
+    """Whether ``loop`` (a key of :func:`_running_loop`) has ended: an asyncio loop closed (``asyncio.run`` closes
+    its loop as it returns)."""
+    is_closed = getattr(loop, "is_closed", None)
+    return bool(is_closed is not None and is_closed())
 
 
 class LagoClient:
@@ -184,16 +222,29 @@ class LagoClient:
             # no auth of httpx's own: it turns a user:password@ of the URL into Basic auth, replacing the API key
             auth=_KEY_ONLY,
         )
-        self._http = self._make_http()
-        self._inherited = False  # (in a forked child: ``_http`` is the parent's pool)
+        # An injected transport's pool: the only one (the transport is the caller's, as is the event loop it serves).
+        # This client's own: the first event loop to call takes ``_http`` (made here, so that a proxy variable httpx
+        # cannot read is said as the client is made); every other loop gets a pool of its own in ``_pools``.
+        self._http: httpx.AsyncClient | None = self._make_http()
+        self._shared = None if self._own_pool else self._http
+        self._pools: dict[int, tuple[weakref.ref[object], httpx.AsyncClient]] = {}  # id(loop) -> (loop, its pool)
+        self._pools_lock = threading.Lock()  # (threads, each with a loop of its own, share the client)
         if self._own_pool:
             _forks.track(self)
         self._state = _State.OPEN
+        self._entered = 0  # ``async with`` blocks open on this client: the outermost one's end closes it
         self._say = _Throttled(logger)  # retries: said at WARNING once a minute (an outage fails every call)
+        # (external_subscription_id, transaction_id) of an event sent without a timestamp -> the timestamp it was sent
+        # with: the caller's resend (after a LagoUnavailableError whose first attempt Lago had ingested) is then the
+        # same event, not one more (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp). Threads
+        # share the client, and the cache is not thread-safe.
+        self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
+        self._first_timestamps_lock = threading.Lock()
 
     async def __aenter__(self) -> LagoClient:
         if self._state is _State.CLOSED:
             raise ClosedError("Cannot reopen a LagoClient once it has been closed; create a new one.")
+        self._entered += 1
         return self
 
     async def __aexit__(
@@ -202,52 +253,90 @@ class LagoClient:
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        await self.aclose()
+        # a block entered inside another (a helper given the app's client, written as the README shows) leaves the
+        # client open to the outer one
+        self._entered -= 1
+        if self._entered <= 0:
+            await self.aclose()
 
     async def close_idle_connections(self, *, pool: bool = False) -> None:
         """Close the idle keep-alive connections of the events' poster: they belong to the running event loop (one
         ending, e.g. background delivery started without a lifespan, leaves none for the next loop to trip on).
-        ``pool=True`` renews the whole httpx pool too (this client's own, not an injected transport): only when
-        nothing else uses it, as the loop ends."""
+        ``pool=True`` closes the running loop's httpx pool too (this client's own, not an injected transport; the
+        loop's next call makes a new one): only when nothing else uses it, as the loop ends."""
         if self._raw is not None:
             await self._raw.aclose()
         if pool and self._own_pool and self._state is not _State.CLOSED:
-            if self._inherited:
-                self._pool()
-                return
-            old, self._http = self._http, self._make_http()
-            await old.aclose()
+            loop = _running_loop()
+            with self._pools_lock:
+                entry = self._pools.pop(id(loop), None)
+            if entry is not None and entry[0]() is loop:  # (else an ended loop's, whose id this one took: dropped)
+                await entry[1].aclose()
 
     def _forked(self) -> None:
-        """In a forked child: ``_http`` is the parent's pool (a pool of its own is made on its first call: none in a
-        child that never calls Lago)."""
-        self._inherited = True
+        """In a forked child: every pool is the parent's, left as it is (a pool of its own is made on its first call:
+        none in a child that never calls Lago)."""
+        _forks.left_by_parent.append((self._http, self._pools))
+        self._http, self._pools = None, {}
+        self._pools_lock = threading.Lock()  # (one a parent's thread held at the fork stays held in the child)
+        self._first_timestamps_lock = threading.Lock()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (the running event loop's: the pools of other loops, ended ones or other
+        threads', are dropped, their connections left to the garbage collector, as they cannot be closed from this
+        loop)."""
         self._state = _State.CLOSED
         if self._raw is not None:
             await self._raw.aclose()
-        if self._inherited:  # the parent's: never closed here
-            self._inherited = False
-            _forks.left_by_parent.append(self._http)
+        if self._shared is not None:
+            await self._shared.aclose()
             return
-        await self._http.aclose()
+        loop = _running_loop()
+        with self._pools_lock:
+            pools, self._pools = self._pools, {}
+            unused, self._http = self._http, None
+        for reference, pool in pools.values():
+            if reference() is loop:
+                await pool.aclose()
+        if unused is not None:  # (no loop called: no connection)
+            await unused.aclose()
 
     def _pool(self) -> httpx.AsyncClient:
-        """The httpx client to call through: in a forked child, one of its own, made on its first call."""
-        if self._inherited:
-            # made before the parent's pool is let go of: should it fail (an https pool reads its CA bundle, which a
-            # process out of file descriptors cannot open), the next call tries again, never through the parent's
-            # connections (an answer read on one of them is the answer to the other process's request)
-            try:
-                own = self._make_http()
-            except OSError as exc:  # (ssl.SSLError too): a connection never made, retried as one
-                raise httpx.ConnectError(f"no connection pool could be made ({type(exc).__name__}: {exc})") from exc
-            self._inherited = False
-            _forks.left_by_parent.append(self._http)
-            self._http = own
-        return self._http
+        """The httpx client to call through: the injected transport's; else the running event loop's pool (an httpx
+        pool's connections belong to the loop they were made on: another loop reusing one fails with "Event loop is
+        closed" or "bound to a different event loop", or hangs)."""
+        if self._shared is not None:
+            return self._shared
+        loop = _running_loop()
+        entry = self._pools.get(id(loop))
+        if entry is not None and entry[0]() is loop:
+            return entry[1]
+        return self._new_pool(loop)
+
+    def _new_pool(self, loop: object) -> httpx.AsyncClient:
+        """The pool of ``loop``, a loop that has none yet. The pools of loops that have ended are dropped, not closed:
+        closing them needs their own loop (an asyncio transport closed on another schedules on its closed loop and
+        raises). Their sockets are closed by the garbage collector."""
+        with self._pools_lock:
+            if self._state is _State.CLOSED:  # (closed by another thread meanwhile)
+                raise ClosedError("This LagoClient is closed; create a new one.")
+            for key, (reference, _) in list(self._pools.items()):
+                other = reference()
+                if other is None or _ended(other):
+                    del self._pools[key]
+            pool = self._http
+            if pool is None:
+                # in a forked child (the parent's pools are left as they are: an answer read on one of their
+                # connections is the answer to the other process's request) or on a second loop: should this fail (an
+                # https pool reads its CA bundle, which a process out of file descriptors cannot open), the next call
+                # tries again
+                try:
+                    pool = self._make_http()
+                except OSError as exc:  # (ssl.SSLError too): a connection never made, retried as one
+                    raise httpx.ConnectError(f"no connection pool could be made ({type(exc).__name__}: {exc})") from exc
+            self._http = None
+            self._pools[id(loop)] = (weakref.ref(loop), pool)
+        return pool
 
     def _make_http(self) -> httpx.AsyncClient:
         """A new httpx pool. A proxy variable httpx cannot read (it reads them as each pool is made) is a
@@ -531,12 +620,19 @@ class LagoClient:
 
     async def create_event(self, event: Mapping[str, Any]) -> JSON:
         """``POST /events``. ``event`` needs ``transaction_id``, ``external_subscription_id`` and ``code``;
-        a missing ``timestamp`` is fixed to now, as a millisecond string, before sending.
+        a missing ``timestamp`` is fixed to now, as a millisecond string, before sending. A ``timestamp`` given is sent
+        as given.
+
+        An event sent again without a timestamp (same ``external_subscription_id`` and ``transaction_id``, within a
+        day, through this client) is sent with the timestamp of its first sending: a resend after a
+        :class:`LagoUnavailableError` whose first attempt Lago had ingested is then the same event, not one more (Lago's
+        ClickHouse store deduplicates on ``transaction_id`` *and* ``timestamp``: a new "now" would bill it twice).
 
         An event this call's first attempt got into Lago, its answer lost (a 502, a timeout), is sent again as it was;
         Lago's answer that it has it then is this call's success: the event as sent, with ``"duplicate": True``.
         An event Lago had before this call raises :class:`LagoValidationError` (``is_duplicate_only``)."""
         payload = normalize_event(event)
+        self._keep_first_timestamps([(event, payload)])
         lost: list[LagoAPIError] = []
         try:
             body = await self._request("POST", "/events", json={"event": payload}, lost=lost)
@@ -555,7 +651,11 @@ class LagoClient:
         with a :class:`LagoValidationError` whose ``details`` are keyed by index (see ``failed_indexes()``).
 
         A batch this call's first attempt got into Lago, its answer lost, is sent again as it was; Lago's answer that
-        it has every event then is this call's success: the events as sent, each with ``"duplicate": True``."""
+        it has every event then is this call's success: the events as sent, each with ``"duplicate": True``.
+
+        Timestamps are as for :meth:`create_event`: a missing one is now, or, for an event sent before without one
+        (a caller's resend of the batch after a :class:`LagoUnavailableError`), the timestamp of its first sending; a
+        ``timestamp`` given is sent as given."""
         if not events:
             raise InvalidRequestError("create_events needs at least one event.")
         if len(events) > MAX_BATCH_SIZE:
@@ -563,6 +663,7 @@ class LagoClient:
                 f"Lago takes at most {MAX_BATCH_SIZE} events per batch, got {len(events)}: split the list."
             )
         payload = [normalize_event(event) for event in events]
+        self._keep_first_timestamps(zip(events, payload, strict=True))
         lost: list[LagoAPIError] = []
         try:
             body = await self._request("POST", "/events/batch", json={"events": payload}, lost=lost)
@@ -585,6 +686,20 @@ class LagoClient:
         echoed = body.get("events")
         # (a 2xx without the events echoed, an older Lago's empty 200: the events as sent, taken)
         return echoed if isinstance(echoed, list) else [dict(item) for item in payload]
+
+    def _keep_first_timestamps(self, sent: Iterable[tuple[Mapping[str, Any], dict[str, Any]]]) -> None:
+        """Each payload of an event without a timestamp: stamped with the timestamp of that event's first sending
+        (remembered for a day), else remembered with the one it has (now)."""
+        with self._first_timestamps_lock:
+            for event, payload in sent:
+                if event.get("timestamp") is not None:
+                    continue
+                key = (payload["external_subscription_id"], payload["transaction_id"])
+                first = self._first_timestamps.get(key)
+                if first is None:
+                    self._first_timestamps[key] = payload["timestamp"]
+                else:
+                    payload["timestamp"] = first
 
     async def send_event_batch_json(self, body: bytes) -> None:
         """``POST /events/batch`` with a ready JSON body (``{"events": [...]}``), once, without retries.
@@ -843,10 +958,22 @@ class LagoClient:
     async def get_webhook_public_key(self, *, retry: bool = True) -> bytes:
         """The PEM public key Lago signs JWT webhooks with (``GET /webhooks/json_public_key``)."""
         body = await self._request("GET", "/webhooks/json_public_key", retry=retry)
-        encoded = (body.get("webhook") or {}).get("public_key")
+        webhook = body.get("webhook")
+        encoded = webhook.get("public_key") if isinstance(webhook, Mapping) else None
         if not isinstance(encoded, str):
-            raise LagoAPIError("Lago's webhook public key response has no webhook.public_key.", status=200)
-        return base64.b64decode("".join(encoded.split()))
+            raise _shape_error(body, "webhook", "an object with the key's base64 under 'public_key'")
+        try:
+            # (validate: b64decode would otherwise drop what is not base64, and decode a page's text into a bad key)
+            return base64.b64decode("".join(encoded.split()), validate=True)
+        except binascii.Error as exc:
+            raise LagoAPIError(
+                f"Lago answered GET /api/v1/webhooks/json_public_key with webhook.public_key {_shown(encoded)}, which "
+                f"is not base64 ({exc}): not a key this client can read. Check LAGO_API_URL (a proxy or gateway "
+                "answering instead of Lago?).",
+                status=200,
+                method="GET",
+                path="/api/v1/webhooks/json_public_key",
+            ) from None
 
     # ------------------------------------------------------------- machinery
 
