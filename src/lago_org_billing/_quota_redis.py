@@ -2164,9 +2164,9 @@ class RedisBackend:
             ) from exc
 
     async def invalidate_all(self) -> None:
-        """Every org's snapshot becomes due (SCAN over the keys ``<prefix>{<org>}:snap``; fleet-wide), locks freed and
-        marked (a refresh in flight stores nothing). A Redis error is raised as :class:`~._errors.QuotaBackendError`,
-        as for :meth:`invalidate`."""
+        """Every org's snapshot becomes due (SCAN over the keys ``<prefix>{<org>}:snap``, then ``:lock``; fleet-wide),
+        locks freed and marked (a refresh in flight stores nothing, an org's first one too). A Redis error is raised as
+        :class:`~._errors.QuotaBackendError`, as for :meth:`invalidate`."""
         await self.fallback.invalidate_all()
         self._last_seen.clear()
         if not self._up() and self._unusable:  # (no fleet to tell)
@@ -2177,12 +2177,16 @@ class RedisBackend:
             # (the prefix taken literally, then this backend's key shape: not the keys of another app whose prefix
             # starts with this one's, nor, for a prefix holding glob characters, those its pattern would match)
             # (and the form of org ids starting with "}": see key())
-            match = "".join("\\" + c if c in "*?[]\\" else c for c in self.config.redis_prefix) + "[{}]*:snap"
-            async for key in self.redis.scan_iter(match=match, count=1000):
-                batch.append(_text(key))
-                if len(batch) >= 500:
-                    await self._expire_batch(batch, version)
-                    batch = []
+            prefix = "".join("\\" + c if c in "*?[]\\" else c for c in self.config.redis_prefix)
+            # The orgs with a snapshot, then those with a lock and none yet: a worker reading an org's first snapshot
+            # (cold: after a deploy, a flush) read the plan before the change, and its STORE, finding its lock as it
+            # left it, stored the old limits for the whole fleet until the plan's next read
+            for kind in ("snap", "lock"):
+                async for key in self.redis.scan_iter(match=f"{prefix}[{{}}]*:{kind}", count=1000):
+                    batch.append(_text(key)[: -len(kind)] + "snap")
+                    if len(batch) >= 500:
+                        await self._expire_batch(batch, version)
+                        batch = []
             if batch:
                 await self._expire_batch(batch, version)
         except self._errors() as exc:

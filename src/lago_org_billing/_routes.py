@@ -660,11 +660,16 @@ class BillingRouter(Router):
         """``write`` (a setup, plan change or termination), the org's quota state invalidated when Lago may have
         applied it without answering (a 5xx, a timeout, a connection lost once the call was sent): the gate then
         decided on the old plan until its TTL (an org that had just upgraded, refused at its old limit), unless the
-        caller retried. An invalidation too many costs one refresh."""
+        caller retried; and when the request is cancelled meanwhile (a timeout middleware, a server's shutdown), maybe
+        once Lago applied it. An invalidation too many costs one refresh."""
         try:
             return await write
         except LagoUnavailableError:
             await self._invalidate(request, org_id)
+            raise
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_INVALIDATE_WHEN_CANCELLED):
+                await self._invalidate(request, org_id)
             raise
 
     # ------------------------------------------------------------------------------------------- routes
@@ -918,6 +923,10 @@ class BillingRouter(Router):
         if html:
             return HTMLResponse(render_html(data), headers={**headers, **_HTML})
         return JSONResponse(data, headers=headers)
+
+
+#: Seconds a cancelled write's invalidation may take (shielded from the cancellation: bounded).
+_INVALIDATE_WHEN_CANCELLED = 5.0
 
 
 def _lago_error(
