@@ -218,6 +218,7 @@ class EventPipeline:
         self.outbox.on_ready = self._notify
         self.outbox.on_dead_written = self._dead_written
         self._sleep = anyio.sleep  # tests replace it to observe the pauses
+        self._gate_scopes: set[anyio.CancelScope] = set()  # the pauses being waited out (lifted at shutdown)
         self._closed = False
         self._running = False
         self._ran = False
@@ -446,6 +447,11 @@ class EventPipeline:
         self.outbox.closing()
         deadline = self.shutdown_timeout if timeout is None else timeout
         if self._running:
+            # One try now: a pause after failures (up to max_backoff, 60 s) outlasted the deadline without a request
+            # to Lago, and the memory outbox's events were lost though Lago had come back
+            self._not_before = 0.0
+            for scope in list(self._gate_scopes):
+                scope.cancel()
             delivered = await self.flush(deadline)
             if not delivered and not self.outbox.durable:
                 logger.warning(
@@ -642,6 +648,10 @@ class EventPipeline:
                     await send.send(batch)
                     continue
                 wakeup = self._wakeup = anyio.Event()
+                if not available and outbox.available():
+                    # an event submitted from a thread meanwhile woke the event before this one (the outbox wakes the
+                    # dispatcher only as it stops being empty): waited on, nothing would ever set this one
+                    continue
                 if available:
                     timeout: float | None = self.flush_interval - (time.monotonic() - outbox.ready_since)
                 else:
@@ -654,7 +664,12 @@ class EventPipeline:
             delay = self._not_before - time.monotonic()
             if delay <= 0:
                 return
-            await self._sleep(delay)
+            with anyio.CancelScope() as scope:  # (cancelled by aclose(): see there)
+                self._gate_scopes.add(scope)
+                try:
+                    await self._sleep(delay)
+                finally:
+                    self._gate_scopes.discard(scope)
 
     def _pause(self, seconds: float) -> None:
         self._not_before = max(self._not_before, time.monotonic() + seconds)
