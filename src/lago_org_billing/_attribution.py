@@ -1412,18 +1412,23 @@ def _usage_members(text: str, key: str) -> dict[str, Any] | None:
     event over the cap, from that key on (a Gemini chunk's ``responseId`` follows its ``usageMetadata``). The last
     ``key`` followed by ``:`` and an object, from the end (a metadata echoed after the usage may name it, as a key or
     a value: ``{"feature": "usage"}``); ``None`` when none is."""
-    quoted = f'"{key}"'
-    before = len(text)
-    for _ in range(_KEY_TRIES):
-        before = text.rfind(quoted, 0, before)
-        if before < 0:
-            return None
-        if text[before - 1 : before] == "\\":  # an escaped quote: the end of a string ('"say \\"usage"'), not a key
-            continue
-        members = _members(text, before)[0]  # (blanks: a line end too, the event's data lines being joined by them)
+    for at in _key_starts(text, key, len(text)):
+        members = _members(text, at)[0]  # (blanks: a line end too, the event's data lines being joined by them)
         if isinstance(members.get(key), dict):
             return members
     return None
+
+
+def _key_starts(text: str, key: str, before: int) -> Iterator[int]:
+    """Where the member ``key`` may start in ``text`` before ``before``, from the end: its last :data:`_KEY_TRIES`
+    occurrences, those after an escaped quote left out (the end of a string: ``'"say \\"usage"'``, not a key)."""
+    quoted = f'"{key}"'
+    for _ in range(_KEY_TRIES):
+        before = text.rfind(quoted, 0, before)
+        if before < 0:
+            return
+        if text[before - 1 : before] != "\\":
+            yield before
 
 
 def _skip(text: str, index: int) -> int:
@@ -1437,14 +1442,8 @@ def _closing_members(text: str, key: str, before: int, within: int) -> dict[str,
     from the member ``key`` starting before ``before`` (its last occurrence from which they can be read to the
     document's end: one nested deeper is followed by the end of its own object, not the document's), its value
     followed by at most ``within`` characters; ``None`` when there is none."""
-    quoted = f'"{key}"'
-    for _ in range(_KEY_TRIES):
-        before = text.rfind(quoted, 0, before)
-        if before < 0:
-            return None
-        if text[before - 1 : before] == "\\":  # an escaped quote: the end of a string ('"say \\"usage"'), not a key
-            continue
-        members, closing, first_end = _members(text, before)
+    for at in _key_starts(text, key, before):
+        members, closing, first_end = _members(text, at)
         if closing and key in members and len(text) - first_end <= within:
             return members
     return None
