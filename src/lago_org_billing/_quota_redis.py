@@ -149,6 +149,19 @@ local function drop_before(cnt, start)
 end
 """
 
+#: (Lua, heading the scripts that release a call in flight: one of second ``second`` is no longer, its call uncounted;
+#: none there, as a settle of it ran already, nothing is.)
+_RELEASE = """
+local function release(cnt, second)
+  local field = 'i:' .. second
+  local left = tonumber(redis.call('HGET', cnt, field) or '0')
+  if left > 0 then
+    if left == 1 then redis.call('HDEL', cnt, field) else redis.call('HINCRBY', cnt, field, -1) end
+    redis.call('HINCRBY', cnt, 'calls', -1)
+  end
+end
+"""
+
 CHECK = (
     _DROP_BEFORE
     + """
@@ -226,6 +239,7 @@ return {code, calls, tokens, hit, full}
 
 SETTLE = (
     _DROP_BEFORE
+    + _RELEASE
     + """
 local cnt = KEYS[1]
 local period = ARGV[1]
@@ -280,12 +294,7 @@ end
 if ARGV[2] ~= '' then
   -- (released even so: one checked before the period, in flight here still, was adopted with a counter made before
   -- any snapshot by a check, or a STORE of a release before this one, or handed over by a MERGE)
-  local field = 'i:' .. ARGV[2]
-  local left = tonumber(redis.call('HGET', cnt, field) or '0')
-  if left > 0 then
-    if left == 1 then redis.call('HDEL', cnt, field) else redis.call('HINCRBY', cnt, field, -1) end
-    redis.call('HINCRBY', cnt, 'calls', -1)
-  end
+  release(cnt, ARGV[2])
 end
 if before then return 0 end
 if ARGV[4] == '1' then
@@ -590,17 +599,15 @@ return 1
 
 #: A reservation whose answer was lost (see ``RedisBackend._release_lost``): released (as SETTLE releases a call not
 #: billed) when its mark (ARGV[1]) says CHECK made it, and its settle did not come. Once: the mark goes with it.
-RELEASE_LOST = """
+RELEASE_LOST = (
+    _RELEASE
+    + """
 local cnt = KEYS[1]
 if redis.call('HDEL', cnt, 'r:' .. ARGV[1]) == 0 then return 0 end
-local field = 'i:' .. ARGV[2]
-local left = tonumber(redis.call('HGET', cnt, field) or '0')
-if left > 0 then
-  if left == 1 then redis.call('HDEL', cnt, field) else redis.call('HINCRBY', cnt, field, -1) end
-  redis.call('HINCRBY', cnt, 'calls', -1)
-end
+release(cnt, ARGV[2])
 return 1
 """
+)
 
 
 COMPACT = """
