@@ -447,11 +447,13 @@ class EventPipeline:
         self.outbox.closing()
         deadline = self.shutdown_timeout if timeout is None else timeout
         if self._running:
-            # One try now: a pause after failures (up to max_backoff, 60 s) outlasted the deadline without a request
-            # to Lago, and the memory outbox's events were lost though Lago had come back
-            self._not_before = 0.0
-            for scope in list(self._gate_scopes):
-                scope.cancel()
+            # One try now, within a deadline: a pause after failures (up to max_backoff, 60 s) outlasted it without a
+            # request to Lago, and the memory outbox's events were lost though Lago had come back. (None asked for:
+            # nothing is sent.)
+            if deadline > 0:
+                self._not_before = 0.0
+                for scope in list(self._gate_scopes):
+                    scope.cancel()
             delivered = await self.flush(deadline)
             if not delivered and not self.outbox.durable:
                 logger.warning(
