@@ -1217,7 +1217,7 @@ class LagoWebhooks:
                     "dedupe",
                     "Webhook dedupe unavailable (check Redis, LAGO_REDIS_URL): processing %s without it, so a delivery "
                     "Lago sends again may run its handlers twice\n%s",
-                    key,
+                    shown,
                     traceback_text(exc),  # (not the exception: its frames' locals held the Redis password)
                 )
                 state = "new"
