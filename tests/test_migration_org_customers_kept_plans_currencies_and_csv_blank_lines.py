@@ -89,6 +89,23 @@ async def test_an_org_id_that_is_a_subscribed_user_s_customer_is_not_told_to_end
     assert "terminate that subscription" not in error, error
 
 
+@pytest.mark.anyio
+async def test_a_user_subscription_under_the_org_s_subscription_id_is_said_in_the_dry_run(
+    fake: FakeLago, client: LagoClient
+) -> None:
+    """Customer 42 is user Dave's, subscribed as the seed's user-keyed integration did (``create_subscription(user_id,
+    ...)``: its subscription's id is 42, the org's subscription id under the default template). Org 42's migration
+    takes that subscription for the org's own and keeps it: not refused (an org subscribed by hand in Lago's UI looks
+    the same), but the dry run says the customer is not marked as an org's and what that would mean."""
+    fake.add_customer("42", name="Dave Smith", email="dave@home.test")
+    fake.add_subscription("42", "pro", external_id="42")
+    fake.add_customer("7", name="Erin")
+    fake.add_subscription("7", "pro", external_id="sub_7")
+    dry = await run_migration(client, [OrgMapping("42", "Org Forty-Two", None, ("7",))], mode="dry-run")
+    said = [warning for warning in dry.orgs[0].warnings if "not marked billing_type=organization" in warning]
+    assert len(said) == 1 and "Dave Smith" in said[0], dry.orgs[0].warnings
+
+
 # --- an existing org subscription on a cheaper plan ------------------------------------------------------------------
 
 

@@ -2215,6 +2215,16 @@ async def plan_org(
         result.plan_code = str(org_subscription.get("plan_code"))
         result.plan_source = "existing org subscription"
         result.billing_time = org_subscription.get("billing_time")
+        if org_customer is not None and not marked and not org_subscription_made:
+            # (its id is the org's subscription id: a user's made with create_subscription(user_id, ...) under the
+            # default template has it too, and ids of users and orgs may come from two sequences: said, not refused)
+            name = f" ({org_customer.get('name')})" if org_customer.get("name") else ""
+            result.warnings.append(
+                f"org {org.org_id!r} keeps the subscription {sub_id!r} of customer {org.org_id!r}{name}, which is not "
+                f"marked {METADATA_BILLING_TYPE}={ORGANIZATION}: if that customer is a user's (ids of users and orgs "
+                "from two sequences), the org would be billed in that user's name and on its payment method; then "
+                "bill the org under another id. It is marked as the org's customer by --execute"
+            )
         if org.plan_code is not None and org.plan_code != result.plan_code:
             result.warnings.append(
                 f"org {org.org_id!r} already subscribed to {result.plan_code!r}; mapping plan_code "
