@@ -37,6 +37,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoUnavailableError,
     LagoValidationError,
+    no_such_route,
     traceback_text,
 )
 from ._events import event_payload
@@ -280,7 +281,7 @@ class OrgBilling:
         try:
             return await self.client.get_customer(org_id)
         except LagoNotFoundError as exc:
-            if _no_such_route(exc):  # a LAGO_API_URL Lago is not served under: not "this org has no customer"
+            if no_such_route(exc):  # a LAGO_API_URL Lago is not served under: not "this org has no customer"
                 raise
             return None
 
@@ -658,7 +659,7 @@ class OrgBilling:
         try:
             subscription = await self.client.get_subscription(self.subscription_id(org_id), status=status)
         except LagoNotFoundError as exc:
-            if _no_such_route(exc):
+            if no_such_route(exc):
                 raise
             return None
         owner = subscription.get("external_customer_id")
@@ -757,7 +758,7 @@ class OrgBilling:
                         on_termination_credit_note=on_termination_credit_note if status == "active" else None,
                     )
                 except LagoNotFoundError as exc:
-                    if _no_such_route(exc):
+                    if no_such_route(exc):
                         raise
                     continue
                 except LagoUnavailableError:
@@ -776,7 +777,7 @@ class OrgBilling:
         try:
             await self.client.get_subscription(external_id, status=None if status == "active" else status)
         except LagoNotFoundError as exc:
-            if _no_such_route(exc):
+            if no_such_route(exc):
                 return None
         except LagoIntegrationError:
             return None
@@ -796,7 +797,7 @@ class OrgBilling:
         try:
             return await self.client.get_subscription(external_id, status="incomplete")
         except LagoNotFoundError as exc:
-            if _no_such_route(exc):
+            if no_such_route(exc):
                 raise
             return None
 
@@ -808,7 +809,7 @@ class OrgBilling:
             try:
                 ended = await self.client.get_subscription(external_id, status=status)
             except LagoNotFoundError as exc:
-                if _no_such_route(exc):
+                if no_such_route(exc):
                     return exc
                 continue
             if status == "incomplete":  # (payment-gated: activation_rules of type payment)
@@ -1340,12 +1341,6 @@ def _waiting_for_payment(external_id: str, subscription: JSON, refused: str, the
         code="validation_errors",
         details={"base": ["subscription_incomplete"]},
     )
-
-
-def _no_such_route(exc: LagoNotFoundError) -> bool:
-    """Lago's catch-all 404 (``resource_not_found``): the path is not one of Lago's (a LAGO_API_URL under a path Lago
-    is not served at), so nothing is known missing."""
-    return exc.code == "resource_not_found"
 
 
 def _unaddressable(external_id: str) -> bool:

@@ -54,6 +54,7 @@ from ._errors import (
     LagoUnavailableError,
     LagoValidationError,
     _without_tracebacks,
+    no_such_route,
 )
 from ._events import MAX_BATCH_SIZE, normalize_event
 from ._http1 import RawConnectError, RawHTTPError, RawPoster, can_use_raw_poster
@@ -495,7 +496,7 @@ class LagoClient:
             try:
                 return await self.get_subscription(external_id, status=status)
             except LagoNotFoundError as exc:
-                if exc.code == "resource_not_found":
+                if no_such_route(exc):
                     raise
         return None
 

@@ -39,6 +39,7 @@ __all__ = [
     "LagoValidationError",
     "QuotaExceededError",
     "is_duplicate_error",
+    "no_such_route",
 ]
 
 
@@ -205,6 +206,12 @@ def _bare(error: ConfigurationError) -> ConfigurationError:
 def _already_exist(codes: Any) -> bool:
     """``["value_already_exist"]``, whatever else Lago might put in such a list (unhashable objects...)."""
     return isinstance(codes, list) and bool(codes) and all(code == "value_already_exist" for code in codes)
+
+
+def no_such_route(exc: LagoNotFoundError) -> bool:
+    """Lago's catch-all 404 (``resource_not_found``): the path is not one of Lago's (a LAGO_API_URL under a path Lago
+    is not served at), so nothing is known missing."""
+    return exc.code == "resource_not_found"
 
 
 def is_duplicate_error(error: Any) -> bool:

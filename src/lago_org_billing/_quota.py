@@ -140,6 +140,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoRateLimitError,
     LagoUnavailableError,
+    no_such_route,
 )
 from ._gate import QuotaDecision
 from ._identity import billing_scope, get_current_org
@@ -1816,7 +1817,7 @@ class QuotaGate:
         try:
             subscription: JSON = await self.client.get_subscription(subscription_id)
         except LagoNotFoundError as exc:
-            if exc.code == "resource_not_found":  # Lago's catch-all for a route it does not serve: LAGO_API_URL is
+            if no_such_route(exc):  # Lago's catch-all for a route it does not serve: LAGO_API_URL is
                 raise  # wrong (a path), not every org without a subscription: the fail policy applies, the error said
             self._no_subscription(org_id, subscription_id, "does not exist (404)")
             return Snapshot(active=False, plan_fetched_at=now)

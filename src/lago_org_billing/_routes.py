@@ -79,6 +79,7 @@ from ._errors import (
     LagoRateLimitError,
     LagoUnavailableError,
     LagoValidationError,
+    no_such_route,
     traceback_text,
 )
 from ._gate import QuotaGateProtocol
@@ -755,7 +756,7 @@ class BillingRouter(Router):
                 raise
             return self._held_elsewhere(request, org_id, exc, "to terminate")
         except LagoNotFoundError as exc:
-            if exc.code == "resource_not_found":  # (LAGO_API_URL is wrong: see _lago_error)
+            if no_such_route(exc):  # (LAGO_API_URL is wrong: see _lago_error)
                 raise
             return _not_found(f"Org {org_id!r} has no active subscription to terminate.", "subscription_not_found")
         await self._invalidate(request, org_id)
@@ -934,7 +935,7 @@ def _lago_error(
 ) -> JSONResponse:
     """Map errors to answers; messages come from codes, never from settings (no API key, no Lago URL). ``extra``
     adds fields to the 429 and 503 answers."""
-    if isinstance(exc, LagoNotFoundError) and exc.code == "resource_not_found":
+    if isinstance(exc, LagoNotFoundError) and no_such_route(exc):
         # Lago's catch-all route: LAGO_API_URL is not where Lago is served (not "this org has nothing")
         say("no route", "Lago has no route for %s %s (check LAGO_API_URL): %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
