@@ -63,7 +63,7 @@ from ._ids import parse_time
 from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
-from ._spool import DeadLetter, dead_letter_from_row, spool_slot_files
+from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
 
 __all__ = [
     "DeadLettersBusyError",
@@ -163,7 +163,9 @@ def read_spool_dead_letters(path: str) -> Iterator[SpoolDeadLetter]:
     for slot, file in files:
         after = 0
         while True:
-            rows = _rows(file, f"SELECT {_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK))
+            rows = _rows(
+                file, f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?", (after, CHUNK)
+            )
             if not rows:
                 break
             after = rows[-1][0]
@@ -192,7 +194,7 @@ def find_spool_dead_letters(path: str, keys: Iterable[str | int]) -> tuple[list[
         named.setdefault((int(slot_text or 0), int(id_text)), key)
     for (slot, row_id), key in named.items():
         rows = (
-            _rows(files[slot], f"SELECT {_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
+            _rows(files[slot], f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?", (row_id,))
             if slot in files and row_id < 2**63  # (past SQLite's integers: no such row, not an OverflowError)
             else []
         )
@@ -238,21 +240,10 @@ def _rows(file: str, query: str, parameters: tuple[Any, ...]) -> list[Any]:
         raise ConfigurationError(message, variable="LAGO_SPOOL_PATH") from None
 
 
-#: A letter's columns, its texts read as bytes: one that is no UTF-8 (a byte flipped on disk, which ``PRAGMA
-#: integrity_check`` does not see) failed the whole read, and the command could neither list nor purge any letter.
-_COLUMNS = "id, CAST(body AS BLOB), CAST(reason AS BLOB), status, CAST(code AS BLOB), created_at"
-
-
 def _letter(file: str, slot: int, row: tuple[Any, ...]) -> SpoolDeadLetter:
-    """A row of :data:`_COLUMNS`: its letter shown with the bytes that are no UTF-8 as ``\\xNN`` (no JSON: never
-    replayed), its stored text kept as stored (``surrogateescape``: the same bytes again, by which it is deleted)."""
-    row_id, body, reason, status, code, created_at = row
-    letter = dead_letter_from_row((row_id, _shown(body), _shown(reason), status, _shown(code), created_at))
-    return SpoolDeadLetter(file, slot, letter, body.decode("utf-8", "surrogateescape"))
-
-
-def _shown(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8", "backslashreplace")
+    """A row of ``DEAD_LETTER_COLUMNS`` (its texts read as bytes): its letter, and its stored text kept as stored
+    (``surrogateescape``: the same bytes again, by which it is deleted, a byte that is no UTF-8 included)."""
+    return SpoolDeadLetter(file, slot, dead_letter_from_row(row), row[1].decode("utf-8", "surrogateescape"))
 
 
 def _stored(spooled: SpoolDeadLetter) -> bytes:

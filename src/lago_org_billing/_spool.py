@@ -197,14 +197,25 @@ class DeadLetter:
         return _replayable(self.event)
 
 
-#: The columns of a ``dead_letters`` row, in the order :func:`dead_letter_from_row` takes them.
-DEAD_LETTER_COLUMNS = "id, body, reason, status, code, created_at"
+#: The columns of a ``dead_letters`` row, in the order :func:`dead_letter_from_row` takes them: its texts read as
+#: bytes (one that is no UTF-8, a byte flipped on disk, which ``PRAGMA integrity_check`` does not see, failed the
+#: whole read).
+DEAD_LETTER_COLUMNS = "id, CAST(body AS BLOB), CAST(reason AS BLOB), status, CAST(code AS BLOB), created_at"
 
 
 def dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
-    """A ``dead_letters`` row (:data:`DEAD_LETTER_COLUMNS`) as a :class:`DeadLetter`."""
+    """A ``dead_letters`` row (:data:`DEAD_LETTER_COLUMNS`) as a :class:`DeadLetter`: a byte of its texts that is no
+    UTF-8 as a ``\\xNN`` escape (no JSON then: never replayed)."""
     row_id, body, reason, status, code, created_at = row
-    return DeadLetter(_loads_or_raw(body), reason, status, code, created_at, row_id)
+    # (body and reason are NOT NULL)
+    return DeadLetter(
+        _loads_or_raw(body.decode(errors="backslashreplace")),
+        reason.decode(errors="backslashreplace"),
+        status,
+        _text(code),
+        created_at,
+        row_id,
+    )
 
 
 def _replayable(event: Any) -> bool:
@@ -1312,11 +1323,7 @@ class _SpoolFile:
 
     def dead_letters(self) -> list[DeadLetter]:
         """The table's letters, then those of events never written that the write in progress holds (no id yet)."""
-        # (its text read as bytes: a letter whose text is no UTF-8, damaged on disk, failed the whole read)
-        query = (
-            "SELECT id, CAST(body AS BLOB), CAST(reason AS BLOB), status, CAST(code AS BLOB), created_at "
-            "FROM dead_letters ORDER BY id"
-        )
+        query = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY id"
         with self.lock:
             writing = self.letters_writing
             if self.conn is not None:
@@ -1329,10 +1336,7 @@ class _SpoolFile:
                     conn.close()
             else:
                 rows = []
-        return [
-            dead_letter_from_row((row_id, _text(body), _text(reason), status, _text(code), created_at))
-            for row_id, body, reason, status, code, created_at in rows
-        ] + writing
+        return [dead_letter_from_row(row) for row in rows] + writing
 
     def dead_bodies(self, after: int, limit: int) -> list[tuple[int, str]]:
         """(id, stored text) of up to ``limit`` dead letters after id ``after``, oldest first. A text that is no UTF-8
@@ -1345,7 +1349,7 @@ class _SpoolFile:
                 )
                 .fetchall()
             )
-        return [(row_id, body.decode(errors="backslashreplace")) for row_id, body in rows]
+        return [(row_id, _text(body) or "") for row_id, body in rows]
 
     def close(self) -> int:
         """Release the slot; how many events were lost with it: those of a file deleted while in use that could not be
@@ -1681,7 +1685,7 @@ def _loaded(row_id: int, body: bytes) -> Item:
         return Item(None, row_id, raw=body.decode())
     except UnicodeDecodeError as exc:
         reason = f"the spool's row {row_id} is not UTF-8 text (damaged on disk?): {exc}"
-        return Item(_Unbuildable(reason, body=body.decode(errors="backslashreplace")), row_id)
+        return Item(_Unbuildable(reason, body=_text(body) or ""), row_id)
 
 
 def _text(value: bytes | None) -> str | None:
