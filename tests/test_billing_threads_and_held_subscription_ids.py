@@ -57,7 +57,7 @@ def test_nowait_from_many_threads_queues_every_event(
     threads_count, per_thread = 6, 2_500
     billing = OrgBilling(lago_settings, transport=fake_lago.transport())
     billing.pipeline = EventPipeline(billing.client, memory_capacity=threads_count * per_thread)  # never run
-    billing._first_timestamps = TTLCache(maxsize=32, ttl=86_400)  # full at once, as after a busy day
+    billing.client._first_timestamps = TTLCache(maxsize=32, ttl=86_400)  # full at once, as after a busy day
     errors: list[BaseException] = []
     start = threading.Barrier(threads_count)
 

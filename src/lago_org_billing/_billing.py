@@ -129,15 +129,13 @@ class OrgBilling:
         self._quota = quota
         if settings is None and client is None and middleware is not None:
             settings = middleware.settings
-        # caller-given transaction id -> the timestamp of its first event here: a retry without an explicit timestamp
-        # is then the same event (Lago's ClickHouse store deduplicates on transaction_id *and* timestamp)
-        self._first_timestamps: TTLCache[tuple[str, str], str] = TTLCache(maxsize=100_000, ttl=86_400)
+        # (a caller-given transaction id's first timestamp is the client's memory: LagoClient._first_timestamp)
         # caller-given events counted in the quota gate (subscription, transaction id, timestamp, code), recorded or
         # queued: one recorded or queued again (a caller's own retry) is not counted again, as Lago keeps it once
         self._queued: TTLCache[tuple[str, str, str, str], bool] = TTLCache(maxsize=100_000, ttl=86_400)
         # record_*_nowait is sync and called from thread pools (sync endpoints): the cache is not thread-safe (two
         # threads evicting at once raise KeyError out of the call, the event never queued)
-        self._first_timestamps_lock = threading.Lock()
+        self._queued_lock = threading.Lock()
         track(self)  # (a lock held by another thread at a fork would stay held in the child)
         if client is not None:
             self.client = client
@@ -149,7 +147,7 @@ class OrgBilling:
             self._owns_client = True
 
     def _forked(self) -> None:
-        self._first_timestamps_lock = threading.Lock()
+        self._queued_lock = threading.Lock()
 
     @property
     def pipeline(self) -> EventPipeline | None:
@@ -946,7 +944,7 @@ class OrgBilling:
         the quota gate once. (Lago's ClickHouse store takes the retry, 200, and keeps one: record_usage counted it at
         each call, refusing the org below its limit until the gate's next read of Lago.)"""
         key = (event["external_subscription_id"], event["transaction_id"], str(event["timestamp"]), str(event["code"]))
-        with self._first_timestamps_lock:
+        with self._queued_lock:
             if key in self._queued:
                 return False
             self._queued[key] = True
@@ -1015,13 +1013,8 @@ class OrgBilling:
             timestamp=timestamp,
         )
         if transaction_id and timestamp is None:  # a retry of a caller's event keeps its first timestamp
-            key = (event["external_subscription_id"], transaction_id)
-            with self._first_timestamps_lock:
-                first = self._first_timestamps.get(key)
-                if first is None:
-                    self._first_timestamps[key] = event["timestamp"]
-            if first is not None:
-                event["timestamp"] = first
+            sub = event["external_subscription_id"]
+            event["timestamp"] = self.client._first_timestamp(sub, transaction_id, event["timestamp"])
         return event
 
     async def record_api_call(

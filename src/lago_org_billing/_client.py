@@ -691,16 +691,21 @@ class LagoClient:
     def _keep_first_timestamps(self, sent: Iterable[tuple[Mapping[str, Any], dict[str, Any]]]) -> None:
         """Each payload of an event without a timestamp: stamped with the timestamp of that event's first sending
         (remembered for a day), else remembered with the one it has (now)."""
+        for event, payload in sent:
+            if event.get("timestamp") is None:
+                sub, tx = payload["external_subscription_id"], payload["transaction_id"]
+                payload["timestamp"] = self._first_timestamp(sub, tx, payload["timestamp"])
+
+    def _first_timestamp(self, subscription_id: str, transaction_id: str, timestamp: str | None) -> str | None:
+        """The timestamp the event ``(subscription_id, transaction_id)`` was first sent with through this client (or
+        queued, by ``OrgBilling``), remembered a day; ``timestamp`` when there is none yet, remembered as that one
+        (``None``: only looked up). Threads share the client: under a lock."""
+        key = (subscription_id, transaction_id)
         with self._first_timestamps_lock:
-            for event, payload in sent:
-                if event.get("timestamp") is not None:
-                    continue
-                key = (payload["external_subscription_id"], payload["transaction_id"])
-                first = self._first_timestamps.get(key)
-                if first is None:
-                    self._first_timestamps[key] = payload["timestamp"]
-                else:
-                    payload["timestamp"] = first
+            first = self._first_timestamps.get(key)
+            if first is None and timestamp is not None:
+                self._first_timestamps[key] = timestamp
+        return timestamp if first is None else first
 
     async def send_event_batch_json(self, body: bytes) -> None:
         """``POST /events/batch`` with a ready JSON body (``{"events": [...]}``), once, without retries.

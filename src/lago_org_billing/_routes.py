@@ -838,7 +838,7 @@ class BillingRouter(Router):
         except (LagoUnavailableError, LagoRateLimitError) as exc:
             # Lago may hold the event (its answer lost): a retry under this transaction_id and timestamp is then a
             # duplicate, not a second charge (Lago's ClickHouse store deduplicates on both)
-            sent = self.billing._first_timestamps.get((self.billing.subscription_id(org_id), transaction_id))
+            sent = self.billing.client._first_timestamp(self.billing.subscription_id(org_id), transaction_id, None)
             stamp = format_timestamp(timestamp) if timestamp is not None else sent
             return _lago_error(exc, request, self._say, {"transaction_id": transaction_id, "timestamp": stamp})
         duplicate = bool(event.pop("duplicate", False))
