@@ -138,6 +138,17 @@ def _said_not_an_id(source: str, value: object) -> None:
         )
 
 
+def _checked_id(value: object, source: str, name: str = "") -> str | None:
+    """``value`` found at ``source + name`` (``request.state.org_id``...) as an id string, or ``None`` when there is
+    none; one of a type that is never an id is said (:func:`_said_not_an_id`) and raises :class:`_NotAnId`."""
+    ident = _clean_id(value)
+    if ident is None and _not_an_id(value):
+        source += name  # (made only then: a resolver runs per request)
+        _said_not_an_id(source, value)
+        raise _NotAnId(f"{source} holds a {type(value).__qualname__}, which is not an id (see the WARNING)")
+    return ident
+
+
 def _clean_id(value: object) -> str | None:
     """``value`` as an id string, or ``None`` when it cannot be one."""
     if value is None or isinstance(value, bool):
@@ -321,11 +332,7 @@ def from_state(key: str = "org_id") -> Resolver:
             value = state.get(key)
         else:
             value = getattr(state, key, None)
-        ident = _clean_id(value)
-        if ident is None and _not_an_id(value):
-            _said_not_an_id(source, value)
-            raise _NotAnId(f"{source} holds a {type(value).__qualname__}, which is not an id (see the WARNING)")
-        return ident
+        return _checked_id(value, source)
 
     return _described(_clean_ids(resolve_from_state), source)
 
@@ -340,14 +347,6 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
     """
     names = (attribute,) if isinstance(attribute, str) and attribute else _attribute_names(attribute)
 
-    def checked(name: str, raw: object) -> str | None:
-        value = _clean_id(raw)
-        if value is None and _not_an_id(raw):
-            source = f"request.user.{name}"
-            _said_not_an_id(source, raw)
-            raise _NotAnId(f"{source} holds a {type(raw).__qualname__}, which is not an id (see the WARNING)")
-        return value
-
     def resolve_from_user(scope: Scope) -> str | None:
         user = scope.get("user")
         if user is None:
@@ -357,7 +356,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
             if flag is not True and not (flag() if callable(flag) else flag):
                 return None
             for name in names:
-                value = checked(name, user.get(name))
+                value = _checked_id(user.get(name), "request.user.", name)
                 if value is not None:
                     return value
             return None
@@ -373,7 +372,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
                 raw = getattr(user, name, None)
             except NotImplementedError:
                 continue
-            value = checked(name, raw)
+            value = _checked_id(raw, "request.user.", name)
             if value is not None:
                 return value
         return None
@@ -1589,10 +1588,9 @@ def late_identity(state: object, org_id: str | None, user_id: str | None) -> tup
     named an org there, and it is not the one found before (the client's header) that is billed for it."""
     if type(state) is not dict:
         return None
-    raw = state.get("org_id")
-    late = _clean_id(raw)
-    if late is None and _not_an_id(raw):
-        _said_not_an_id("request.state.org_id", raw)
+    try:
+        late = _checked_id(state.get("org_id"), "request.state.org_id")
+    except _NotAnId:
         return None, None
     if late is not None and late != org_id:
         return late, _clean_id(state.get("user_id")) or user_id
