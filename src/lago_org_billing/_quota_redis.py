@@ -1396,9 +1396,7 @@ class RedisBackend:
             calls = [([self.key(org_id, "count")], [mark, bucket]) for org_id, mark, bucket in lost]
             results += await self._release.run_all(self.redis, calls)
         if locks:
-            # (its own value for a millisecond: freed, as _hand_back frees it, if it is still the one asked for)
-            unlocks = [([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in locks]
-            results += await self._unlock.run_all(self.redis, unlocks)
+            results += await self._unlock.run_all(self.redis, self._freeing(locks))
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -1819,14 +1817,15 @@ class RedisBackend:
         process's (a STORE replaced it, another process took it over)."""
         if not held or not self._up():
             return
-        # (its own value for a millisecond: freed, not marked as an invalidation's "0" is)
-        calls: list[tuple[list[Any], list[Any]]] = [
-            ([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held
-        ]
         with self._handing():
-            for result in await self._unlock.run_all(self.redis, calls):
+            for result in await self._unlock.run_all(self.redis, self._freeing(held)):
                 if isinstance(result, Exception):
                     raise result
+
+    def _freeing(self, held: Sequence[tuple[str, str]]) -> list[tuple[list[Any], list[Any]]]:
+        """The UNLOCK calls freeing the refresh locks ``held`` ((org, value) pairs), each if it still holds that value:
+        its own value for a millisecond (freed, not marked as an invalidation's "0" is)."""
+        return [([self.key(org_id, "lock")], [value, value, 1]) for org_id, value in held]
 
     @contextlib.contextmanager
     def _handing(self) -> Iterator[None]:
