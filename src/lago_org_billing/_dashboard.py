@@ -390,15 +390,17 @@ def _fmt(value: Any) -> str:
 
 #: Subunits per unit of the currencies where it is not 100 (the Money gem's ``subunit_to_unit``, which Lago's
 #: ``amount_cents`` are counted in): a yen has none, a Kuwaiti dinar 1,000 fils, an ouguiya 5 khoums (Lago takes its
-#: old code, MRO, which the Money gem counts so).
+#: old code, MRO, which the Money gem counts so), a Chilean unidad de fomento 10,000 (ISO 4217's 4 decimals, the Money
+#: gem's since 6.6: Lago bills 1 UF as 10000 "cents", which showed as 100.00 CLF).
 _SUBUNITS = {
     **dict.fromkeys("BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX VND VUV XAF XOF XPF".split(), 1),
     **dict.fromkeys("BHD IQD JOD KWD LYD OMR TND".split(), 1000),
+    "CLF": 10_000,
     "MGA": 5,
     "MRO": 5,
     "MRU": 5,
 }
-_DECIMALS = {1: 0, 5: 1, 100: 2, 1000: 3}
+_DECIMALS = {1: 0, 5: 1, 100: 2, 1000: 3, 10_000: 4}
 
 
 def subunits_per_unit(currency: Any) -> int:
@@ -503,6 +505,22 @@ def render_html(data: Mapping[str, Any]) -> str:
     }.get(str(data.get("breakdown_source")), "")
     parts.append(f'<p class="muted" id="source">{_e(source)}</p></main></body></html>')
     return "".join(parts)
+
+
+def render_no_subscription_html(org_id: str) -> str:
+    """The page of an org without an active subscription (``billing_routes``' 404): it says so, and nothing else. It
+    was the dashboard's page over empty data: "Plan ()", "No limits are configured for this plan", and a hint telling
+    the org's admin to group Lago's charges by ``pricing_group_keys`` or give a ledger (an operator's remedy, for a
+    plan with usage)."""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>Billing · {_e(org_id)}</title><style>{_STYLE}</style></head><body><main>"
+        f'<h1>Billing for <span id="org-id">{_e(org_id)}</span></h1>'
+        '<section id="plan"><dl><dt>Status</dt><dd id="status">no active subscription</dd></dl>'
+        '<p class="muted">This org has no active subscription: there is no plan, limit or usage to show.</p>'
+        "</section></main></body></html>"
+    )
 
 
 def _breakdown_table(dimension: str, key: str, rows: list[Mapping[str, Any]], currency: Any) -> str:

@@ -106,6 +106,8 @@ _Facts = TypeVar("_Facts")
 _OUTAGE_STATUSES = (408, 425, 502, 503, 504)
 #: Answers that blame the content of some event of the batch (other 4xx are about the request or the configuration).
 _EVENT_AT_FAULT = (400, 413)
+#: What ``_post`` raises before any request is made (see ``_deliver_stack``): no ``POST`` to count, nor to time.
+_UNSENT = (InvalidRequestError, ClosedError)
 #: Bytes of a batch's body from which a failure without an answer (a reset, a timeout) may be the body's own doing: a
 #: proxy before Lago that drops a request over its limit instead of answering 413 (nginx's ``client_max_body_size`` is
 #: 1 MiB by default), or a body too slow to upload within LAGO_API_TIMEOUT. Such a batch is split as on a 500; an
@@ -702,15 +704,22 @@ class EventPipeline:
         outbox, metrics = self.outbox, self.metrics
         while stack:
             items = stack.pop()
+            started: float | None = None
             try:
                 await self._wait_gate()
                 started = time.monotonic()
-                metrics.batches_sent += 1
                 failure = await self._attempt(items)
             except BaseException:  # cancelled: this batch goes back to the outbox with the rest
+                if started is not None:  # (cut short in its POST: a call made, with no answer and no duration)
+                    metrics.batches_sent += 1
                 stack.append(items)
                 raise
-            metrics.observe_latency(time.monotonic() - started)  # every call, failed ones too (timeouts show)
+            # Every call, failed ones too (timeouts show); not an attempt that made none: an event JSON cannot carry
+            # (the body is built first) or a closed client, which raise before any request. Counted, they showed
+            # batches_sent_total and delivery_seconds_count growing, with near-zero durations, while nothing was sent.
+            if not isinstance(failure, _UNSENT):
+                metrics.batches_sent += 1
+                metrics.observe_latency(time.monotonic() - started)
             try:
                 if failure is not None:
                     raise failure

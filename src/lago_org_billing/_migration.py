@@ -99,7 +99,7 @@ from ._billing import (
     metadata_update_items,
 )
 from ._client import JSON, LagoClient, _retry_after
-from ._dashboard import subunits_per_unit
+from ._dashboard import _DECIMALS, subunits_per_unit
 from ._errors import (
     InvalidIdentifierError,
     InvalidRequestError,
@@ -1791,9 +1791,8 @@ class Unmoved:
 def _amount(cents: Any, currency: Any) -> str:
     """``cents`` (Lago's ``*_cents``: the currency's subunits) in the currency's units: ``25.00 USD``."""
     subunits = subunits_per_unit(currency)
-    places = max(len(str(subunits)) - 1, 0)
     value = Decimal(_int(cents) or 0) / subunits
-    return f"{value:,.{places}f} {currency or ''}".strip()
+    return f"{value:,.{_DECIMALS[subunits]}f} {currency or ''}".strip()  # (5 subunits, MRU's khoums: 1 decimal)
 
 
 def _totals(items: Iterable[tuple[int, str]]) -> str:

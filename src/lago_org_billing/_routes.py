@@ -67,7 +67,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import _checks as checks
 from ._billing import OrgBilling, _api_call_properties
 from ._client import JSON, LagoClient, Page, _Throttled
-from ._dashboard import CSP, BreakdownProvider, LimitsProvider, dashboard_data, render_html, wants_html
+from ._dashboard import (
+    CSP,
+    BreakdownProvider,
+    LimitsProvider,
+    dashboard_data,
+    render_html,
+    render_no_subscription_html,
+    wants_html,
+)
 from ._errors import (
     ConfigurationError,
     InvalidIdentifierError,
@@ -918,7 +926,7 @@ class BillingRouter(Router):
         if data is None:
             detail = f"Org {org_id!r} has no active subscription."
             if html:
-                page = render_html({"org_id": org_id, "subscription": {"status": "no active subscription"}})
+                page = render_no_subscription_html(org_id)
                 return HTMLResponse(page, status_code=404, headers={**headers, **_HTML})
             return JSONResponse({"detail": detail, "code": "subscription_not_found"}, status_code=404, headers=headers)
         if html:
