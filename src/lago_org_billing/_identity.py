@@ -696,9 +696,8 @@ def from_jwt_claim(
         (object(), verification_key),
     )
 
-    one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
     path = tuple(claim.split(".")) if "." in claim else None  # a nested claim, when no claim has the dotted name
-    issuers = issuer_arg if isinstance(issuer_arg, tuple) else None
+    issuers = _jwt_issuers(issuer_arg)
 
     def resolve_from_jwt(scope: Scope) -> str | None:
         token = _bearer_token(scope, raw_header)
@@ -717,11 +716,9 @@ def from_jwt_claim(
                         algorithms=allowed,
                         options=options,
                         audience=audience_arg,
-                        issuer=one_issuer,
                         leeway=leeway,
                     )
-                if issuers is not None and claims.get("iss") not in issuers:  # (PyJWT < 2.9 takes one issuer only)
-                    raise jwt.InvalidIssuerError("Invalid issuer")
+                _jwt_check_issuer(jwt, claims, issuers)
             except jwt.PyJWTError as exc:
                 _jwt_refused(jwt, exc)
                 claims = None
@@ -787,8 +784,7 @@ def _from_jwks(
     audiences = _jwt_accepted("audience", audience)
     audience_arg = audiences if audiences is None or isinstance(audiences, str) else list(audiences)
     issuer_arg = _jwt_accepted("issuer", issuer)
-    one_issuer = issuer_arg if isinstance(issuer_arg, str) else None
-    issuers = issuer_arg if isinstance(issuer_arg, tuple) else None
+    issuers = _jwt_issuers(issuer_arg)
     path = tuple(claim.split(".")) if "." in claim else None
 
     # One key set per URL and client: the org and the user resolvers (or several apps) fetch it once.
@@ -817,11 +813,9 @@ def _from_jwks(
                     algorithms=one_alg[found[1]],
                     options=options,
                     audience=audience_arg,
-                    issuer=one_issuer,
                     leeway=leeway,
                 )
-            if issuers is not None and claims.get("iss") not in issuers:
-                raise jwt.InvalidIssuerError("Invalid issuer")
+            _jwt_check_issuer(jwt, claims, issuers)
         except jwt.PyJWTError as exc:
             _jwt_refused(jwt, exc, source="jwks_url")
             return None
@@ -951,6 +945,26 @@ def _jwt_accepted(option: str, value: object) -> str | tuple[str, ...] | None:
             f"{option}=None to skip the check."
         )
     return value if isinstance(value, str) else tuple(str(name) for name in names)
+
+
+def _jwt_issuers(issuer: str | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The accepted issuers of :func:`from_jwt_claim` (:func:`_jwt_accepted`'s answer) as a tuple, or ``None``."""
+    return (issuer,) if isinstance(issuer, str) else issuer
+
+
+def _jwt_check_issuer(jwt: Any, claims: Mapping[str, Any], issuers: tuple[str, ...] | None) -> None:
+    """The ``iss`` of verified ``claims`` is one of ``issuers``, exactly (when any are configured); else the error PyJWT
+    raises for it. Checked here, never by PyJWT: 2.8 compares one issuer only, and 2.10.0 (which the package allows)
+    takes a string ``issuer=`` as a sequence, accepting any ``iss`` it contains (CVE-2024-53861: ``""`` or
+    ``"https://auth.example"`` for ``"https://auth.example.com/"``), and raises ``TypeError`` for an ``iss`` that is
+    not a string (an ERROR traceback per kind, not a refusal)."""
+    if issuers is None:
+        return
+    if "iss" not in claims:
+        raise jwt.MissingRequiredClaimError("iss")
+    iss = claims["iss"]
+    if not isinstance(iss, str) or iss not in issuers:
+        raise jwt.InvalidIssuerError("Invalid issuer")
 
 
 #: The curve each ECDSA algorithm signs with (RFC 7518 3.4, RFC 8812 3.2).

@@ -41,6 +41,7 @@ except ImportError:  # (the webhooks extra: from_jwt_claim says which to install
 
 from ._errors import ConfigurationError
 from ._identity import _first_time, _jwt_key_fits, _jwt_refused, _jwt_weakness, _refusals_said
+from ._settings import masked_url
 
 logger = logging.getLogger("lago_org_billing.identity")
 
@@ -78,6 +79,7 @@ _TOO_LARGE = (
 def check_url(url: object) -> str:
     """``jwks_url`` of :func:`from_jwt_claim`: an https URL, or http on a loopback host (a local test issuer)."""
     example = "https://YOUR_ISSUER/.well-known/jwks.json (the jwks_uri of its /.well-known/openid-configuration)"
+    shown = masked_url(url) if isinstance(url, str) else url  # (in the errors: a password in it masked)
     parsed = None
     if isinstance(url, str):
         try:
@@ -94,16 +96,16 @@ def check_url(url: object) -> str:
             port = 0
         if port == 0 or any(char.isspace() or not char.isprintable() for char in str(url).strip()):
             raise ConfigurationError(
-                f"from_jwt_claim(jwks_url={url!r}) cannot be fetched (its port or host is not valid, or it holds a "
+                f"from_jwt_claim(jwks_url={shown!r}) cannot be fetched (its port or host is not valid, or it holds a "
                 f"blank): pass the issuer's jwks_uri as it is written, such as {example}."
             )
     if parsed is None or parsed.scheme not in ("https", "http") or not host:
         raise ConfigurationError(
-            f"from_jwt_claim(jwks_url=...) takes the https URL of the issuer's JWKS, such as {example}; got {url!r}."
+            f"from_jwt_claim(jwks_url=...) takes the https URL of the issuer's JWKS, such as {example}; got {shown!r}."
         )
     if parsed.scheme == "http" and not _loopback(host):
         raise ConfigurationError(
-            f"from_jwt_claim(jwks_url={url!r}) must be an https URL: fetched over plain http, anyone on the network "
+            f"from_jwt_claim(jwks_url={shown!r}) must be an https URL: fetched over plain http, anyone on the network "
             "path could substitute their own key and sign tokens for any org. http is accepted only on a loopback "
             f"host (localhost, 127.0.0.1, ::1: a local test issuer). Pass {example}."
         )
@@ -173,6 +175,8 @@ class JwksKeys:
         max_age: float,
     ) -> None:
         self.url = url
+        # As logs show it: a password in the URL (a JWKS behind Basic auth, which httpx sends from it) masked.
+        self.shown = masked_url(url)
         self._client = client
         self._algorithms = algorithms  # allowed name -> PyJWT implementation (asymmetric ones only)
         self._interval = refresh_interval
@@ -221,7 +225,7 @@ class JwksKeys:
     def _unknown(self, kid: str | None, alg: str) -> None:
         said = "kid" if kid is not None else "no kid"
         if said in _refusals_said:
-            logger.debug("Bearer token refused: kid %.100r (%s) is not in the JWKS at %s.", kid, alg, self.url)
+            logger.debug("Bearer token refused: kid %.100r (%s) is not in the JWKS at %s.", kid, alg, self.shown)
             return
         _refusals_said.add(said)
         if kid is None:
@@ -237,7 +241,7 @@ class JwksKeys:
             "kid). Check that jwks_url is your issuer's jwks_uri and algorithms the ones it signs with. Later "
             "refusals of this kind are logged at DEBUG.",
             reason,
-            self.url,
+            self.shown,
             self._interval,
         )
 
@@ -313,9 +317,9 @@ class JwksKeys:
         self._keys, self._single = keys, single
         self._fetched_at = _clock()
         if self._failures:
-            logger.info("JWKS at %s fetched again after %d failed attempt(s).", self.url, self._failures)
+            logger.info("JWKS at %s fetched again after %d failed attempt(s).", self.shown, self._failures)
             self._failures = 0
-        logger.debug("JWKS at %s fetched: %d usable key(s).", self.url, len({k for k, _ in keys}))
+        logger.debug("JWKS at %s fetched: %d usable key(s).", self.shown, len({k for k, _ in keys}))
 
     async def _get(self) -> tuple[int, str | None, bytes]:
         """``(status, location, body)`` of the JWKS URL; the body of a 200 only, at most :data:`_MAX_BYTES`."""
@@ -364,7 +368,7 @@ class JwksKeys:
         if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.HTTPStatusError):
             reason = f"{type(exc).__name__}: {reason}"
         if self._failures > 1:
-            logger.debug("Could not fetch the JWKS at %s again (%s).", self.url, reason)
+            logger.debug("Could not fetch the JWKS at %s again (%s).", self.shown, reason)
             return
         cached = len({k for k, _ in self._keys})
         logger.warning(
@@ -372,7 +376,7 @@ class JwksKeys:
             "another kid are unresolved until a fetch succeeds; fetched again at most every %g s when a token needs "
             "it. Check jwks_url (your issuer's jwks_uri) and that it is reachable. Logged once until a fetch "
             "succeeds.",
-            self.url,
+            self.shown,
             reason,
             cached,
             self._interval,
@@ -395,13 +399,13 @@ class JwksKeys:
                 for alg, key in loaded.items():
                     keys.setdefault((kid, alg), key)  # (the first of a kid repeated, as PyJWT's PyJWKClient)
         if skipped:
-            logger.debug("JWKS at %s: skipped %s.", self.url, "; ".join(skipped))
+            logger.debug("JWKS at %s: skipped %s.", self.shown, "; ".join(skipped))
         if weak:  # (once per fetch: the issuer's to fix, and a risk while it publishes them)
             logger.warning(
                 "The JWKS at %s publishes key(s) too weak to trust (%s): skipped, tokens signed with them are refused. "
                 "Whoever factors such a key signs tokens for any org: have the issuer rotate to RSA keys of 2048 bits "
                 "or more (or EC keys). Logged on each fetch while it publishes them.",
-                self.url,
+                self.shown,
                 "; ".join(weak),
             )
         if not usable:
@@ -436,7 +440,7 @@ class JwksKeys:
                 logger.warning(
                     "The JWKS at %s publishes a PRIVATE key (%s): skipped. Anyone who reads that URL can sign tokens "
                     "with it: have the issuer rotate it, or check that jwks_url is its public jwks_uri.",
-                    self.url,
+                    self.shown,
                     name,
                 )
             skipped.append(f"{name}: a private key")
