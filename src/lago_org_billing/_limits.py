@@ -25,7 +25,7 @@ from ._ids import parse_time
 if TYPE_CHECKING:
     from ._quota import QuotaConfig
 
-__all__ = ["limits_from_entitlements", "subscription_entitlements", "usage_totals"]
+__all__ = ["charges_metric", "limits_from_entitlements", "subscription_entitlements", "usage_totals"]
 
 logger = logging.getLogger("lago_org_billing.quota")
 
@@ -263,3 +263,17 @@ def usage_totals(usage: Mapping[str, Any], calls_metric: str, token_metric: str)
         if code == token_metric and metric.get("aggregation_type", "sum_agg") == "sum_agg":
             tokens = max(tokens or 0, _units(charge.get("units"), index, code))
     return calls, tokens
+
+
+def charges_metric(usage: Mapping[str, Any], code: str) -> bool:
+    """Whether the ``customer_usage`` object ``usage`` has a charge on the metric ``code``: whether Lago counts its
+    events at all. Not whether the answer is empty: read without ``billable_metric_code`` (a token metric of its own,
+    limited too), or from a Lago that ignores it (before that filter: ``filter_by_charge_code`` only), it lists the
+    plan's other charges, or none; a plan charging no calls was taken for 0 calls counted in Lago, the org's own
+    records dropped as counted there at each read: its calls limit was never reached."""
+    charges = usage.get("charges_usage")
+    for charge in charges if isinstance(charges, list) else ():
+        metric = charge.get("billable_metric") if isinstance(charge, Mapping) else None
+        if isinstance(metric, Mapping) and metric.get("code") == code:
+            return True
+    return False

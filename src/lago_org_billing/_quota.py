@@ -150,6 +150,7 @@ from ._limits import (
     _iso,
     _timestamp,
     _Unreadable,
+    charges_metric,
     limits_from_entitlements,
     subscription_entitlements,
     usage_totals,
@@ -1728,7 +1729,9 @@ class QuotaGate:
                 raise
             calls, token_units = usage_totals(usage, self.settings.event_code, self.token_metric)
             tokens = token_units or 0
-            counts_calls = bool(usage)
+            # (a charge on the metric, not just an answer: one read unfiltered, or from a Lago ignoring the filter,
+            # may list the plan's charges on other metrics only)
+            counts_calls = charges_metric(usage, self.settings.event_code)
             counts_tokens = bool(usage) and (token_units is not None or base.tokens_limit is None)
             if base.tokens_limit is not None and token_units is None and usage:
                 self._warn_once(
@@ -1739,10 +1742,10 @@ class QuotaGate:
                     org_id,
                     self.token_metric,
                 )
-            if not usage:
+            if not counts_calls:
                 self._warn_once(
                     (org_id, "charge"),
-                    "The plan of org %r has no charge on the metric %r: Lago counts none of its usage, so its "
+                    "The plan of org %r has no charge on the metric %r: Lago counts none of its calls, so its "
                     "limits are checked against the gate's own records only (those of requests other deployments "
                     "serve are missed). Add the charge to the plan.",
                     org_id,
@@ -2010,7 +2013,13 @@ class QuotaGate:
                     logger.debug("Could not read the usage of org %r: %s", org_id, exc)
                 else:
                     calls_read, tokens_read = usage_totals(read, self.settings.event_code, self.token_metric)
-                    usage = {self.config.calls_privilege: calls_read, self.config.tokens_privilege: tokens_read}
+                    usage = {
+                        # (None, not 0, when the plan has no charge on the metric: Lago counts none of the calls)
+                        self.config.calls_privilege: calls_read
+                        if charges_metric(read, self.settings.event_code)
+                        else None,
+                        self.config.tokens_privilege: tokens_read,
+                    }
         remaining = {
             name: (None if limit is None else max(0, limit - (usage[name] or 0))) for name, limit in limits.items()
         }
