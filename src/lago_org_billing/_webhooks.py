@@ -78,6 +78,7 @@ import string
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 from urllib.parse import urlsplit
@@ -328,6 +329,8 @@ class RedisDedupe:
         #: (its renewals lost longer than ``processing_ttl``) may have been taken by another worker since; dropping
         #: that one let Lago's next retry run the handlers beside the worker still running them.
         self._claims: dict[str, str] = {}
+        #: The event loop the pool's connections were last used on (see ``_forget_other_loops``).
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
     def _forked(self) -> None:
         """In a forked child: a connection pool of its own (see ``renew_pool_after_fork``)."""
@@ -375,6 +378,7 @@ class RedisDedupe:
         again. After a failover (``READONLY`` from the old primary, once a write was taken) the pooled connections
         are dropped and the call made once more, on a new connection to the endpoint's new primary: without that,
         every webhook would run without dedupe for the life of the process."""
+        await self._forget_other_loops()
         for attempt in range(2):
             try:
                 result = await operation()
@@ -387,7 +391,30 @@ class RedisDedupe:
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _forget_other_loops(self) -> None:
+        """Drop the pool's idle connections when this call runs on another event loop than the last one: they belong
+        to that loop. A receiver made once and served in a loop per request (Starlette's ``TestClient`` without
+        ``with``) or per test (pytest's anyio or asyncio plugins, with a module's app) reused them on the next loop,
+        where each failed ("attached to a different loop", "Event loop is closed"): that webhook went without
+        dedupe (said as Redis being unavailable), and every delivery sent again ran its handlers again."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (not asyncio: the redis client cannot run here anyway, and says so)
+            return
+        before = self._loop() if self._loop is not None else None
+        used, self._loop = self._loop is not None, weakref.ref(loop)
+        if before is loop or not used:
+            return
+        pool = getattr(self.redis, "connection_pool", None)
+        if pool is None:
+            return
+        try:
+            await pool.disconnect(inuse_connections=False)
+        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
+            logger.debug("Dropping the webhook dedupe's connections of another event loop failed", exc_info=True)
+
     async def aclose(self) -> None:
+        await self._forget_other_loops()  # (closed from another loop than the last webhook's: "Event loop is closed")
         close = getattr(self.redis, "aclose", None)
         if close is not None:
             await close()
