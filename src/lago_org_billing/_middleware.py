@@ -674,6 +674,13 @@ class OrgBillingMiddleware:
                 await background_ended.wait()
             await send(message)
 
+        received = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            received = True
+            return await receive()
+
         if self._config_error is not None:
             await self._startup_failed(receive, send, self._config_error)
         self._renew()
@@ -684,7 +691,21 @@ class OrgBillingMiddleware:
                 await tasks.start(background)
                 started = self._running = True
                 try:
-                    await self.app(scope, receive, send_wrapper)
+                    try:
+                        await self.app(scope, receive_wrapper, send_wrapper)
+                    except Exception as exc:
+                        if received:
+                            raise
+                        unsupported: Exception | None = exc
+                    else:
+                        unsupported = None
+                    if not received:
+                        # The app does not speak the lifespan (Django's ASGIHandler and asgiref's WsgiToAsgi raise
+                        # on it, many plain ASGI apps return): it ended without reading the startup. The server
+                        # then served without one (uvicorn: "lifespan protocol appears unsupported"), this
+                        # middleware started lazily on the first request, said it "got no ASGI lifespan", and a
+                        # SIGTERM lost what its memory held. The middleware got the lifespan: it answers it itself.
+                        await self._own_lifespan(receive, send, unsupported)
                 except Exception as exc:  # raised as it is after the task group, not wrapped in an ExceptionGroup
                     app_error = exc
                 finally:
@@ -696,6 +717,26 @@ class OrgBillingMiddleware:
             await self._startup_failed(receive, send, _start_error(exc))
         if app_error is not None:
             raise app_error
+
+    async def _own_lifespan(self, receive: Receive, send: Send, unsupported: Exception | None) -> None:
+        """The lifespan of an app that does not speak it, answered by this middleware: its background work (running
+        already) serves until the server's shutdown, which delivers what is pending, as with an app that speaks it."""
+        logger.info(
+            "The app inside OrgBillingMiddleware does not support the ASGI lifespan (%s): the middleware answers it "
+            "itself, its delivery flushed on the server's shutdown.",
+            "it returned without reading it" if unsupported is None else f"{type(unsupported).__name__}: {unsupported}",
+        )
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+        if message["type"] == "lifespan.shutdown":
+            try:
+                await self._shutdown()
+            except Exception as exc:  # (said to the server as an app's failed shutdown is, then raised)
+                await send({"type": "lifespan.shutdown.failed", "message": f"{type(exc).__name__}: {exc}"})
+                raise
+            await send({"type": "lifespan.shutdown.complete"})
 
     async def _background(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The pipeline's and the gate's background work. An error that stops them once started is logged and

@@ -68,6 +68,7 @@ import re
 import reprlib
 import shlex
 import sqlite3
+import stat
 import threading
 import time
 import urllib.parse
@@ -698,6 +699,7 @@ class _SpoolFile:
                 count, max_id = self.conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM events").fetchone()
                 return int(count), int(max_id), self.adopted
             try:
+                _check_regular_file(self.base_path)
                 directory = os.path.dirname(self.base_path)
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # (a directory made here: the owner's only)
                 # The orphans to adopt, listed before a slot is taken: the listing takes a descriptor for a moment,
@@ -1473,6 +1475,23 @@ def _backlog_left(base_path: str) -> str:
 
 class _NotASpool(sqlite3.DatabaseError):
     """An SQLite database that is no spool this version can write: another program's, or a spool of another schema."""
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise :class:`_NotASpool` if ``path`` is a device, a FIFO or a socket: ``LAGO_SPOOL_PATH=/dev/null`` (tried to
+    keep no spool) was opened by SQLite, whose "disk I/O error" was said as a full or failing volume, with advice to
+    free space on ``/dev``. (A directory is refused as such by the opening.)"""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # (missing: the spool makes it; anything else is said by the opening)
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = (
+        "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+        else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+    )  # fmt: skip
+    raise _NotASpool(f"it is {kind}, not a file")
 
 
 def _check_spool_schema(conn: sqlite3.Connection, schema: str = "main") -> None:
