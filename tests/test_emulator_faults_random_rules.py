@@ -200,7 +200,8 @@ class Model:
         rate: tuple[str, str, str] | None = None
         if not path.startswith("/_emulator/"):
             for rule in self.rules:
-                if not path.startswith(rule.path):
+                # (a prefix ending with "/" names a whole segment: the path without that slash too)
+                if not (path + "/" if rule.path.endswith("/") else path).startswith(rule.path):
                     continue
                 if rule.remaining is not None:
                     rule.remaining -= 1

@@ -203,7 +203,7 @@ def _emulator(args: argparse.Namespace) -> int:
     if problem:  # (served, every call would be a 401: no client can send it)
         where = "--api-key" if args.api_key else "LAGO_API_KEY"
         raise ConfigurationError(f"The emulator's API key ({where}) {problem}.", variable="LAGO_API_KEY")
-    if args.seed:
+    if args.seed is not None:  # (an empty name too: refused, not an emulator started without its seed)
         fake = _seeded(args.seed, api_key=api_key, event_store=args.event_store)
     else:
         fake = FakeLago(api_key=api_key, event_store=args.event_store)

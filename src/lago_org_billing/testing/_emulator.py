@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from os import PathLike
+from os import PathLike, fspath
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -666,6 +666,11 @@ class FakeLago:
     @classmethod
     def from_seed_file(cls, path: str | PathLike[str], **kwargs: Any) -> FakeLago:
         """A new emulator loaded with the JSON seed file at ``path`` (see :meth:`seed`)."""
+        if not fspath(path):  # (Path("") is ".": "cannot read '.': Is a directory" hid the name that was missing)
+            raise FakeLagoError(
+                'the emulator seed file name is empty (an unset variable in --seed "$SEED_FILE"?): give the path of '
+                "a JSON seed file"
+            )
         file = Path(path)
         try:
             text = file.read_text(encoding="utf-8")

@@ -11,7 +11,9 @@ Rules are added through the Python API (``fake.inject_fault(...)``) or over HTTP
     DELETE /_emulator/faults  removes every rule
 
 A rule applies to requests whose path starts with ``path`` (default ``/api/v1``), never to the emulator's own
-``/_emulator/`` controls (reset, state, webhooks): even ``"path": "/"`` leaves them working. It lasts for
+``/_emulator/`` controls (reset, state, webhooks): even ``"path": "/"`` leaves them working. A ``path`` ending with
+``/`` names a whole segment: ``/api/v1/customers/`` applies to ``/api/v1/customers`` and what lies under it (the
+emulator serves ``/api/v1/customers/`` as ``/api/v1/customers``, as Rails does). It lasts for
 ``count`` requests, for ``seconds`` after it was added, or, with neither, until it is cleared.
 Rules are tried in the order they were added: each matching rule adds its latency, and the
 first one that answers (status, drop or an exceeded rate limit) ends the chain.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +61,9 @@ __all__ = [
 CONTROL_PATH = "/_emulator/faults"
 DEFAULT_PATH = "/api/v1"
 EMULATOR_PATHS = "/_emulator/"
+#: The paths the emulator normalizes before the rules meet them (``FakeLago.__call__``: repeated and trailing slashes)
+API_PATHS = "/api/v1"
+_REPEATED_SLASHES = re.compile("/{2,}")
 
 # Module-level so tests can record latency without waiting for it.
 _sleep = anyio.sleep
@@ -103,6 +109,12 @@ class FaultRule:
     expires_at: float | None = field(default=None, repr=False)
 
     def matches(self, path: str) -> bool:
+        # A prefix ending with "/" names a whole segment: the path it names (which the emulator serves without the
+        # slash, as Rails does, and which reaches the rules so: ``/api/v1/customers/`` as ``/api/v1/customers``) and
+        # what lies under it, not its neighbours (``/api/v1/events/``: not ``/api/v1/events_enriched``). It met
+        # only what lies under it: a rule for exactly the path a request was sent to never fired.
+        if self.path.endswith("/"):
+            return (path + "/").startswith(self.path)
         return path.startswith(self.path)
 
     def expired(self, now: float) -> bool:
@@ -198,6 +210,8 @@ def parse_rule(spec: Any) -> FaultRule:
         raise FaultSpecError(
             f"fault field 'path' is matched against the request's path, without query string or fragment, got {path!r}"
         )
+    if path.startswith(API_PATHS):  # (served as Rails routes it, without repeated slashes: so met by the rules)
+        path = _REPEATED_SLASHES.sub("/", path)
     if path.startswith(EMULATOR_PATHS):
         raise FaultSpecError(
             f"fault field 'path' cannot be under {EMULATOR_PATHS!r} (the emulator's controls are never faulted), "

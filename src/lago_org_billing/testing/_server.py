@@ -98,7 +98,8 @@ def serve_in_thread(
     timeout: float = 10.0,
     **uvicorn_options: Any,
 ) -> Iterator[str]:
-    """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``).
+    """Serve ``fake`` with uvicorn in a daemon thread; yield its base URL (``http://127.0.0.1:<port>``; the loopback
+    too for a ``host`` of every interface, ``0.0.0.0`` or ``::``).
 
     ``port=0`` picks a free port. The server has started (socket bound, lifespan done) when the
     ``with`` body runs, and is shut down when it ends: a request still held then (an injected ``latency_ms`` whose
@@ -151,9 +152,11 @@ def serve_in_thread(
         ) from cause
     sock = server.servers[0].sockets[0]
     bound_host, bound_port = sock.getsockname()[:2]
-    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     scheme = "https" if uvicorn_options.get("ssl_certfile") else "http"
-    base_url = f"{scheme}://{url_host}:{bound_port}"
+    # (served on every interface, "0.0.0.0" or "::": the loopback, as the ``emulator`` command prints it. The wildcard
+    # address is no address to call (Windows refuses to connect to it), and it was the JWT webhooks' issuer too, which
+    # an app pointed at http://127.0.0.1:<port> refused)
+    base_url = local_url(bound_host, bound_port, scheme=scheme)
     restore_issuer = _sign_as(fake, base_url)
     try:
         yield base_url
@@ -199,11 +202,11 @@ def free_port_or_error(host: str = "127.0.0.1", port: int = 3000) -> int:
         ) from None
 
 
-def local_url(host: str, port: int) -> str:
+def local_url(host: str, port: int, *, scheme: str = "http") -> str:
     """The URL a client on this machine calls for a server listening on ``host``: every interface (``0.0.0.0``, ``""``,
     ``::``) is no address to call, so its loopback; the URL the emulator signs its JWT webhooks with (``iss``)."""
     url_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://{f'[{url_host}]' if ':' in url_host else url_host}:{port}"
+    return f"{scheme}://{f'[{url_host}]' if ':' in url_host else url_host}:{port}"
 
 
 def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: str = "info") -> None:
