@@ -1947,8 +1947,12 @@ class _ResponseWatcher(UsageRecorder):
 
         One "ended" without a byte nor a declared length is such a stream too: Starlette's ``BaseHTTPMiddleware``
         closes the stream of an app that failed (an empty last message) before it raises the app's error. (An empty
-        answer declares its length, ``Content-Length: 0``: served, then a background task failed.)"""
-        if self.sent or _client_went_away(error):
+        answer declares its length, ``Content-Length: 0``: served, then a background task failed.)
+
+        Nor is an answer a middleware outside this one sent in place of the app's (:func:`_answered_outside`: the 413
+        of ``FastAPI(max_body_size=...)``): billed as the app answered, the routing's own 404 not at all (it was
+        billed as a 500, ``<unmatched>`` for a path no route matches, under ``bill_server_errors``)."""
+        if self.sent or _client_went_away(error) or _answered_outside(error):
             return
         if not self.ended or not any(name.lower() == b"content-length" for name, _ in self.head or ()):
             self.status = 500
@@ -2061,6 +2065,16 @@ def _client_went_away(error: BaseException) -> bool:
         cause = error.__cause__ or error.__context__  # own may be an upstream's (ASGI 2.4 servers)
         return cause is None or _client_went_away(cause)
     return isinstance(error, _DISCONNECTED) or type(error).__name__ == "ClientDisconnected"  # (uvicorn's)
+
+
+def _answered_outside(error: BaseException) -> bool:
+    """Whether an error raised through the app is a middleware outside this one saying it answered in the app's place:
+    Starlette's ``RequestBodyLimitMiddleware`` (which ``FastAPI(max_body_size=...)`` puts outside the app's own
+    middlewares) sends its 413 to a request whose ``Content-Length`` is over the limit instead of the answer the app
+    starts (the endpoint's, the router's 404), and raises this from that send. The app did not fail."""
+    while len(getattr(error, "exceptions", ())) == 1:  # an (Base)ExceptionGroup of one (a task group's)
+        error = error.exceptions[0]  # type: ignore[attr-defined]
+    return type(error).__name__ == "_RequestBodyLimitResponseSent"  # (Starlette's, private: by its name)
 
 
 def _is_preflight(headers: Any) -> bool:
