@@ -212,16 +212,22 @@ def _interrupts_deferred() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _stopped_by_sigterm() -> Iterator[None]:
-    """While the body runs, SIGTERM (``docker stop``, systemd, ``kill``) is a :class:`KeyboardInterrupt`, as Ctrl-C is,
-    and so stops the servers as Ctrl-C does. Without a handler it ended the process at once, and a container's first
-    process (PID 1), for which a signal without a handler is ignored, did not stop at all (``docker stop`` killed it
-    after its grace period). In the main thread only (elsewhere the body just runs)."""
+    """While the body runs, SIGTERM (``docker stop``, systemd, ``kill``) is a Ctrl-C, and so stops the servers as Ctrl-C
+    does. Without a handler it ended the process at once, and a container's first process (PID 1), for which a signal
+    without a handler is ignored, did not stop at all (``docker stop`` killed it after its grace period). Handed to
+    whatever takes Ctrl-C at that moment: the event loop's runner while the demo runs (it cancels the demo's task: an
+    exception raised there instead would come out of whichever callback the loop was in), the hold of
+    :func:`_interrupts_deferred` while the servers stop, else Python's own :class:`KeyboardInterrupt`. In the main
+    thread only (elsewhere the body just runs)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if not callable(ctrl_c):  # Ctrl-C ignored or left to the system (SIG_IGN, SIG_DFL): SIGTERM still stops
+            raise KeyboardInterrupt
+        ctrl_c(signal.SIGINT, frame)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -520,7 +526,16 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
 
     fake = FakeLago(api_key=API_KEY)
     seed(fake)
-    with _loopback_only(), _quiet_lost_connections(), _serving(fake, port) as (lago_url, app_url, settings):
+    # SIGTERM stops the demo as Ctrl-C does from here on, in both modes: before the serving it was handled only once
+    # the curl commands were printed, and a ``docker stop`` sent while the demo's traffic ran (its first seconds) was
+    # ignored by the container's PID 1, which then served until killed after the grace period (elsewhere the process
+    # died at once by the signal). Interrupted before the serving is exit 130, as for Ctrl-C.
+    with (
+        _stopped_by_sigterm(),
+        _loopback_only(),
+        _quiet_lost_connections(),
+        _serving(fake, port) as (lago_url, app_url, settings),
+    ):
         ok = run_main(_main, fake, lago_url, app_url, settings)
         print()
         _say(
@@ -531,7 +546,7 @@ def run_demo(*, serve: bool = False, port: int = 0) -> int:
         if serve:
             # Ctrl-C and SIGTERM end the serving from before the commands are printed: either one sent on reading them
             # (``docker stop`` as soon as the container logs them) stops the demo as it would a moment later (exit 0).
-            with contextlib.suppress(KeyboardInterrupt), _stopped_by_sigterm():
+            with contextlib.suppress(KeyboardInterrupt):
                 print(
                     # --noproxy: curl sends even 127.0.0.1 to the http_proxy/ALL_PROXY of the user's shell (a corporate
                     # laptop's), and -S shows why a call failed (-s alone hides it: nothing at all on screen).
