@@ -529,7 +529,8 @@ async def test_idempotent_transaction_ids_are_exact_and_secret(
 
 def test_idempotent_retry_keeps_the_first_timestamp_and_its_own_duration(settings: BillingSettings) -> None:
     """The event of a retry (same key) carries the first request's transaction id and timestamp, and the retry's
-    own duration, not the time since the first attempt."""
+    own duration, not the time since the first attempt (its facts, as ``_record`` takes them: the first timestamp,
+    moved on by its own duration; through requests: ``test_idempotency_retries_waiting_in_the_outbox.py``)."""
     middleware = OrgBillingMiddleware(build_app(), settings, idempotency_header="Idempotency-Key", quota=None)
     usage = json.dumps({"usage": USAGE}).encode()
     first = json.loads(
@@ -539,7 +540,7 @@ def test_idempotent_retry_keeps_the_first_timestamp_and_its_own_duration(setting
     )
     retry = json.loads(
         middleware._build_event(
-            ("/v1/chat/{chat_id}", "POST", 200, 200.0, 200.25, "idem_k", "org_a", None, usage, False, None)
+            ("/v1/chat/{chat_id}", "POST", 200, 100.0, 100.25, "idem_k", "org_a", None, usage, False, None)
         )
     )
     assert retry["transaction_id"] == first["transaction_id"] and retry["timestamp"] == first["timestamp"] == "100.000"

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import sys
+import weakref
 from typing import Any
 
 from . import _forks
@@ -65,6 +66,8 @@ class SharedFirstSeen:
         )
         self._connection_error: type[Exception] = RedisConnectionError
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
+        #: The event loop the client's connections were last used on (see ``_forget_other_loops``).
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         _forks.track(self)
         self.down = False
         self._said_unusable = False
@@ -103,6 +106,7 @@ class SharedFirstSeen:
             return None
         if self.redis is None:
             self.redis = self._from_url()
+        await self._forget_other_loops()
         key = f"lago_org_billing:first_seen:{transaction_id}"
         for attempt in range(2):  # (a second one only after a failover's READONLY, on a new connection)
             try:
@@ -124,6 +128,7 @@ class SharedFirstSeen:
             return
         if self.redis is None:
             self.redis = self._from_url()
+        await self._forget_other_loops()
         try:
             await self._eval(_FORGET, f"lago_org_billing:first_seen:{transaction_id}", repr(first))
         except Exception as exc:  # redis errors, OSError, timeouts
@@ -177,9 +182,35 @@ class SharedFirstSeen:
             "Redis (%s) answers again: idempotency keys' first timestamps are shared again.", self._problems.shown_url
         )
 
+    async def _forget_other_loops(self) -> None:
+        """Drop the client's idle connections when this call runs on another event loop than the last one: they
+        belong to that loop. The middleware closes the client as each loop it serves on ends (its lifespan's shutdown,
+        or the end of the background work it started without one); a client left open by a loop that ended otherwise
+        had each first call on the next loop fail ("Event loop is closed", "attached to a different loop"): said as
+        Redis being unavailable, that key's first timestamp kept in the process (a retry reaching another worker
+        billed again), and ``aclose()`` from that loop raised (as the webhooks' dedupe did: see ``RedisDedupe``)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (not asyncio: the client is not used here, see _usable)
+            return
+        before = self._loop() if self._loop is not None else None
+        used, self._loop = self._loop is not None, weakref.ref(loop)
+        if before is loop or not used:
+            return
+        pool = getattr(self.redis, "connection_pool", None)
+        if pool is None:
+            return
+        try:
+            await pool.disconnect(inuse_connections=False)
+        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
+            logger.debug("Dropping the idempotency store's connections of another event loop failed", exc_info=True)
+
     async def aclose(self) -> None:
         """Close the client (its connections belong to the running loop); the next use makes another."""
+        if self.redis is not None:
+            await self._forget_other_loops()  # (closed from another loop than its last call's: "Event loop is closed")
         redis, self.redis = self.redis, None
+        self._loop = None
         if redis is not None:
             await redis.aclose()
 

@@ -1433,20 +1433,27 @@ class OrgBillingMiddleware:
                 endpoint = _template(scope, status, root_path, self._routing_inside)
             key = self._idempotency_key(scope) if self.idempotency_header is not None else None
             if key is not None:  # (in this process's memory; with Redis, _share_first_seen asked the fleet)
-                transaction_id = self._idempotent_id(key, org_id, method, endpoint, scope["path"])
+                # (the method whole, as _share_first_seen reads it: cut, two methods sharing their first 63 characters
+                # were one call and its retry, the second never billed)
+                transaction_id = self._idempotent_id(key, org_id, scope["method"], endpoint, scope["path"])
                 retry = transaction_id in self._first_seen
                 if not retry:
                     self._first_seen[transaction_id] = started
+        # its timestamp: a retry's is its first event's, taken now (a first one's is its own start). Read from this
+        # memory when the pipeline built the event (within its flush_interval), it was lost when the memory had
+        # forgotten it meanwhile (the key's day over, or 100,000 newer keys): the retry, counted as one (its quota
+        # call released), was then sent with its own timestamp, billed again on Lago's ClickHouse store.
+        timestamp = started if transaction_id is None else self._first_seen.get(transaction_id, started)
         # Keep only what the event needs, as plain values (the JSON body at most): the request's objects are freed
         # at once, and the waiting event costs the memory (and the garbage collector) next to nothing.
         facts: _Facts = (
             endpoint,
             method,
             status,
-            started,
+            timestamp,
             # its end: the start moved on by the monotonic time it took (a step of the wall clock meanwhile, by NTP
-            # or a VM resumed, would make it days long, or none)
-            started + ((watcher.ended or time.monotonic()) - watcher.began),
+            # or a VM resumed, would make it days long, or none); a retry's, its own duration after its first's start
+            timestamp + ((watcher.ended or time.monotonic()) - watcher.began),
             transaction_id,
             org_id,
             user_id,
@@ -1492,10 +1499,8 @@ class OrgBillingMiddleware:
                     usage.total_tokens,
                 )
             duration = max(ended - started, 0.0)  # (measured on the monotonic clock: see _record)
-            if idempotent_id is None:
-                transaction_id = _request_id()
-            else:  # a retry's event is its first one's: same id and timestamp (its own duration)
-                transaction_id, started = idempotent_id, self._first_timestamp(idempotent_id, started)
+            # a retry's event is its first one's: same id and timestamp (its own duration), taken by _record
+            transaction_id = _request_id() if idempotent_id is None else idempotent_id
             if type(gated) is str and idempotent_id is None and before_period(gated, int(started)):
                 # begun in one billing period, checked in the next (a slow resolver or a cold org's wait across the
                 # boundary): counted against the new period's limit, so billed there, from its first millisecond. (Not
@@ -1682,14 +1687,6 @@ class OrgBillingMiddleware:
         digest = hmac.new((self.settings.api_key or "").encode(), message, hashlib.sha256).hexdigest()
         return f"idem_{digest[:32]}"
 
-    def _first_timestamp(self, transaction_id: str, started: float) -> float:
-        """The timestamp of the first event made with an idempotent transaction id (Lago's ClickHouse store
-        deduplicates on id and timestamp)."""
-        first = self._first_seen.get(transaction_id)
-        if first is None:
-            self._first_seen[transaction_id] = first = started
-        return first
-
     def _rejection(self) -> ASGIApp:
         """The answer to a request without an org under ``on_unresolved="reject"``."""
         response = JSONResponse(
@@ -1838,10 +1835,10 @@ def _user_json(user_id: str) -> str:
 
 
 #: What a request's event needs, captured when its response is over: endpoint, method, status, start and end
-#: times, the idempotent transaction id (with an idempotency key), org, user, usage (or the JSON body to read it
-#: from), whether the quota gate counts its tokens, and the ``event_properties`` hook's properties (with a hook
-#: only). A tuple of plain values: one small allocation on the request path, which the garbage collector stops
-#: tracking.
+#: times (a retry's: its first event's start, and that moved on by its own duration), the idempotent transaction id
+#: (with an idempotency key), org, user, usage (or the JSON body to read it from), whether the quota gate counts its
+#: tokens, and the ``event_properties`` hook's properties (with a hook only). A tuple of plain values: one small
+#: allocation on the request path, which the garbage collector stops tracking.
 _Facts = tuple[
     str,
     str,
