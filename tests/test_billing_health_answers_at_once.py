@@ -50,6 +50,9 @@ async def test_a_healthy_lago_is_healthy(httpx_mock: HTTPXMock) -> None:
         url=f"{URL}/api/v1/customers?page=1&per_page=1",
         json={"customers": [], "meta": {"current_page": 1, "total_pages": 0, "total_count": 0}},
     )
+    httpx_mock.add_response(  # (LAGO_EVENT_CODE's metric, read to warn of one Lago has not)
+        url=f"{URL}/api/v1/billable_metrics/api_call", json={"billable_metric": {"code": "api_call"}}
+    )
     async with OrgBilling(settings()) as billing:
         result = await billing.check_lago_health()
-    assert result["healthy"] is True and result["error"] is None
+    assert result["healthy"] is True and result["error"] is None and result["warnings"] == []

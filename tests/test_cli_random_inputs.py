@@ -485,6 +485,7 @@ def run_health(capsys: pytest.CaptureFixture[str], *options: str) -> tuple[int, 
 
 def test_health_of_a_lago_up_is_exit_0(lago: tuple[FakeLago, str], capsys: pytest.CaptureFixture[str]) -> None:
     """``health`` against the emulator up: exit 0, and --json says healthy."""
+    lago[0].add_billable_metric("api_call")  # (else rightly warned of, on stderr: LAGO_EVENT_CODE names no metric)
     code, out, err = run_health(capsys)
     assert code == 0 and "is healthy" in out and err == "", (out, err)
     code, out, _err = run_health(capsys, "--json")

@@ -1127,12 +1127,20 @@ class OrgBilling:
     # ------------------------------------------------------------------ health
 
     async def check_lago_health(self, *, retry: bool = False) -> JSON:
-        """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error"}``.
+        """Whether Lago answers, without raising: ``{"healthy", "url", "version", "latency_ms", "error",
+        "warnings"}``.
 
         A probe (a readiness check): one attempt per call, each within ``LAGO_API_TIMEOUT``, so it reports Lago as it
-        is now rather than after retrying an unhealthy one; ``retry=True`` retries as other calls do."""
+        is now rather than after retrying an unhealthy one; ``retry=True`` retries as other calls do. ``warnings``
+        lists what a healthy Lago will not bill as configured (``LAGO_EVENT_CODE`` naming no billable metric)."""
         started = time.perf_counter()
-        result: JSON = {"healthy": False, "url": masked_url(self.settings.api_url), "version": None, "error": None}
+        result: JSON = {
+            "healthy": False,
+            "url": masked_url(self.settings.api_url),
+            "version": None,
+            "error": None,
+            "warnings": [],
+        }
         try:
             body = await self.client.health(retry=retry)
         except (LagoIntegrationError, RuntimeError) as exc:  # (RuntimeError: a closed client)
@@ -1149,6 +1157,23 @@ class OrgBilling:
                 result["healthy"] = False
                 what = "refuses this API key" if isinstance(exc, LagoAuthenticationError) else "an API call failed"
                 result["error"] = f"Lago is up, but {what}: {exc}"
+        if result["healthy"]:
+            # Lago takes events of a code no billable metric has (200) and bills none of them (lago-api.md: "unknown
+            # code is NOT rejected"): a mistyped LAGO_EVENT_CODE, or a metric not made yet, lost every request's
+            # billing without a word anywhere. Only Lago's own answer that there is no such metric is said (a key
+            # whose permissions do not cover billable metrics, or a failed read, tells nothing about it).
+            code = self.settings.event_code
+            try:
+                await self.client.get_billable_metric(code, retry=retry)
+            except LagoNotFoundError as exc:
+                if exc.code == "billable_metric_not_found":
+                    result["warnings"].append(
+                        f"LAGO_EVENT_CODE {code!r} is the code of no billable metric in this Lago: Lago takes the "
+                        "events sent under it and bills none of them. Create the billable metric with that code "
+                        "(Lago: Billable metrics), or set LAGO_EVENT_CODE to the code of the one that bills requests."
+                    )
+            except (LagoIntegrationError, RuntimeError):
+                pass
         result["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return result
 

@@ -796,10 +796,10 @@ class LagoClient:
         when it is the one asked for (see :meth:`create_plan`)."""
         return await self._create_by_code("/billable_metrics", "billable_metric", billable_metric, "billable metric")
 
-    async def get_billable_metric(self, code: str) -> JSON:
-        """``GET /billable_metrics/{code}``."""
+    async def get_billable_metric(self, code: str, *, retry: bool = True) -> JSON:
+        """``GET /billable_metrics/{code}``; ``retry=False``: one attempt."""
         path = f"/billable_metrics/{path_segment(code, 'billable metric code')}"
-        return _unwrap(await self._request("GET", path), "billable_metric")
+        return _unwrap(await self._request("GET", path, retry=retry), "billable_metric")
 
     async def create_plan(self, plan: Mapping[str, Any]) -> JSON:
         """``POST /plans``. Resent after a lost answer (a 5xx, a timeout, a reset once sent) as other writes are: Lago

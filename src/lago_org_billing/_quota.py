@@ -1747,7 +1747,8 @@ class QuotaGate:
                     (org_id, "charge"),
                     "The plan of org %r has no charge on the metric %r: Lago counts none of its calls, so its "
                     "limits are checked against the gate's own records only (those of requests other deployments "
-                    "serve are missed). Add the charge to the plan.",
+                    "serve are missed), and bills none of them. Add the charge to the plan, or, if LAGO_EVENT_CODE "
+                    "is not the code of the metric the plan charges requests on, set it to that code.",
                     org_id,
                     self.settings.event_code,
                 )

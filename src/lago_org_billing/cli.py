@@ -147,8 +147,9 @@ def _parser(given: Collection[str] | None = None) -> argparse.ArgumentParser:
         description="Check that the Lago of LAGO_API_URL answers (GET /health) and takes LAGO_API_KEY (one "
         "authenticated call), each call made once within LAGO_API_TIMEOUT seconds (a probe: Lago as it is now). "
         "The variables come from the environment, else from ./.env.",
-        epilog="Exit codes: 0 healthy; 1 not healthy (Lago unreachable, not Lago's API, or refusing the key: "
-        "said on stderr); 2 settings missing or malformed (LAGO_API_KEY unset...).",
+        epilog="Exit codes: 0 healthy (a warning on stderr when LAGO_EVENT_CODE is the code of no billable metric "
+        "there: Lago takes such events and bills none); 1 not healthy (Lago unreachable, not Lago's API, or refusing "
+        "the key: said on stderr); 2 settings missing or malformed (LAGO_API_KEY unset...).",
     )
     health.add_argument(
         "--json",
@@ -294,6 +295,9 @@ def _health(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif result["healthy"]:
         print(f"Lago at {result['url']} is healthy (version {result['version']}, {result['latency_ms']} ms).")
+        warnings = result.get("warnings")
+        for warning in warnings if isinstance(warnings, list) else ():  # (healthy: what it will not bill as set)
+            print(f"Warning: {warning}", file=sys.stderr)
     else:
         print(f"Lago at {result['url']} is NOT healthy: {result['error']}", file=sys.stderr)
     return 0 if result["healthy"] else 1
