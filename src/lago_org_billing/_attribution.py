@@ -72,7 +72,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import Message, Scope
 
@@ -256,8 +256,16 @@ def _scope_of(request_or_scope: Any) -> MutableMapping[str, Any] | None:
     return scope if isinstance(scope, MutableMapping) else None
 
 
+class HasScope(Protocol):
+    """A request object carrying its ASGI ``scope``: Starlette's and FastAPI's ``Request`` and ``WebSocket``, or
+    another ASGI framework's."""
+
+    @property
+    def scope(self) -> object: ...
+
+
 def attribute_usage(
-    request_or_scope: Any,
+    request_or_scope: HasScope | Mapping[str, Any],
     *,
     model: str | None = None,
     input_tokens: int | None = None,
@@ -272,7 +280,16 @@ def attribute_usage(
     ignored, never raised. Outside the billing middleware (e.g. unit tests of the app) this does nothing.
     """
     scope = _scope_of(request_or_scope)
-    data = scope.get(SCOPE_KEY) if scope is not None else None
+    if scope is None:  # (``request.state``, a response, ``None``: typed ``Any``, no type checker said it either)
+        _warn_once(
+            f"attribute_usage:{type(request_or_scope).__qualname__}",
+            "attribute_usage() was given a %s, which is neither a request nor an ASGI scope: the usage it names is "
+            "not billed (the request's tokens come from its headers or body instead). Pass the endpoint's Request. "
+            "Logged once.",
+            type(request_or_scope).__name__,
+        )
+        return
+    data = scope.get(SCOPE_KEY)
     if not isinstance(data, dict):
         logger.debug("attribute_usage() called outside the billing middleware; ignored.")
         return

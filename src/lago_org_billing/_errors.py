@@ -5,6 +5,7 @@ The tree::
     LagoIntegrationError
     ├── ClosedError                 a LagoClient or EventPipeline used once closed, or out of turn (a RuntimeError)
     ├── ConfigurationError          a setting is missing or malformed (names the variable)
+    │   └── UnknownSettingError     a keyword naming no setting (also a TypeError)
     ├── InvalidRequestError         bad input caught before any call to Lago (also a ValueError)
     │   └── InvalidIdentifierError  an id Lago cannot take in a URL path
     └── LagoAPIError                Lago answered with an error (status, code, details)
@@ -38,6 +39,7 @@ __all__ = [
     "LagoUnavailableError",
     "LagoValidationError",
     "QuotaExceededError",
+    "UnknownSettingError",
     "is_duplicate_error",
     "no_such_route",
 ]
@@ -59,6 +61,12 @@ class ConfigurationError(LagoIntegrationError, ValueError):
     def __init__(self, message: str, *, variable: str | None = None) -> None:
         super().__init__(message)
         self.variable = variable
+
+
+class UnknownSettingError(ConfigurationError, TypeError):
+    """A keyword that names no setting (``BillingSettings.from_env(api_timout=3)``, ``settings.replace(...)``,
+    ``QuotaConfig.from_env(...)``): the message names the setting meant. Also a ``TypeError``, what Python raises for
+    an unexpected keyword argument (and what these raised before, from frames holding the whole environment)."""
 
 
 class QuotaBackendError(LagoIntegrationError):

@@ -121,10 +121,11 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import anyio
 import anyio.abc
@@ -140,6 +141,7 @@ from ._errors import (
     LagoNotFoundError,
     LagoRateLimitError,
     LagoUnavailableError,
+    _bare,
     no_such_route,
 )
 from ._gate import QuotaDecision
@@ -165,7 +167,16 @@ from ._periods import (
     provisional,
     rolls_over,
 )
-from ._settings import BillingSettings, _bool, _check_raw, _read_env_file, _seconds, _secret_file, env_file_of
+from ._settings import (
+    BillingSettings,
+    _bool,
+    _check_raw,
+    _read_env_file,
+    _seconds,
+    _secret_file,
+    check_setting_names,
+    env_file_of,
+)
 from ._snapshots import (
     ALLOWED,
     BLOCKED,
@@ -182,12 +193,18 @@ from ._snapshots import (
     decide,
 )
 
+if sys.version_info >= (3, 11):  # (as _settings: typing.get_type_hints of from_env at run time too)
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "PROBLEM_NO_SUBSCRIPTION",
     "PROBLEM_QUOTA_EXCEEDED",
     "PROBLEM_UNAVAILABLE",
     "QuotaBackend",
     "QuotaConfig",
+    "QuotaConfigFields",
     "QuotaGate",
     "check_org_has_active_subscription",
     "enforce_usage_limits",
@@ -365,11 +382,25 @@ class QuotaConfig:
         environ: Mapping[str, str] | None = None,
         *,
         env_file: str | os.PathLike[str] | None = ".env",
-        **overrides: Any,
+        **overrides: Unpack[QuotaConfigFields],
     ) -> QuotaConfig:
         """Read the ``LAGO_QUOTA_*`` variables from ``environ`` (default: ``env_file``, skipped when absent, overlaid
         by the process environment, as :meth:`BillingSettings.from_env` does); unset ones keep their defaults;
         ``overrides`` win. The gate a middleware makes reads the file its ``BillingSettings.from_env()`` read."""
+        try:
+            return cls._from_env(environ, env_file, overrides)
+        except ConfigurationError as exc:
+            failure = exc
+        # (raised bare, as BillingSettings.from_env raises its errors: the frames it went through held the whole
+        # environment as locals, the API key, the webhook key and Redis passwords included)
+        del environ, overrides
+        raise _bare(failure)
+
+    @classmethod
+    def _from_env(
+        cls, environ: Mapping[str, str] | None, env_file: str | os.PathLike[str] | None, overrides: Mapping[str, Any]
+    ) -> QuotaConfig:
+        check_setting_names("QuotaConfig", overrides, _QUOTA_FIELD_NAMES)
         file_values: dict[str, str] = {}
         if environ is None:
             # (read as BillingSettings.from_env reads it: as python-dotenv does, ``export`` lines included)
@@ -436,6 +467,39 @@ class QuotaConfig:
                 values[field] = raw
         values.update(overrides)
         return cls(**values)
+
+
+_QUOTA_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(QuotaConfig) if field.init)
+
+
+class QuotaConfigFields(TypedDict, total=False):
+    """The fields of :class:`QuotaConfig` as keywords, for the overrides of :meth:`QuotaConfig.from_env`: a type
+    checker sees a misspelt one or a value of the wrong type (kept in step with the fields by the tests)."""
+
+    over_quota_status: int
+    no_subscription: Literal["block", "allow"]
+    no_subscription_status: int
+    unavailable_status: int
+    cold_timeout: float
+    headers: bool
+    feature_code: str
+    calls_privilege: str
+    tokens_privilege: str
+    token_metric: str | None
+    settle_lag: float
+    plan_ttl: float
+    jitter: float
+    failure_backoff: float
+    max_concurrent_refreshes: int
+    refresh_rate: float
+    plan_refresh_rate: float
+    max_orgs: int
+    inflight_horizon: float
+    redis_prefix: str
+    redis_timeout: float
+    redis_max_connections: int
+    redis_pool_timeout: float
+    redis_retry_interval: float
 
 
 # ------------------------------------------------------------------------------------------ backend

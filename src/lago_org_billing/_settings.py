@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
 import os
 import re
 import string
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
-from ._errors import ConfigurationError, _bare
+from ._errors import ConfigurationError, UnknownSettingError, _bare
 from ._ids import _FORBIDDEN
 
-__all__ = ["BillingSettings", "QuotaMode"]
+if sys.version_info >= (3, 11):  # (at run time too: typing.get_type_hints of replace and from_env)
+    from typing import Unpack
+elif TYPE_CHECKING:  # (type checkers always have typing_extensions; it is no dependency)
+    from typing_extensions import Unpack
+
+__all__ = ["BillingSettings", "OnUnresolved", "QuotaMode", "SettingsFields"]
 
 QuotaMode = Literal["enforce", "monitor", "off"]
 _QUOTA_MODES = ("enforce", "monitor", "off")
+OnUnresolved = Literal["allow", "reject"]
 _T = TypeVar("_T")
 
 
@@ -111,7 +119,7 @@ class BillingSettings:
     bill_auth_failures: bool = False
     #: ``LAGO_ON_UNRESOLVED``: a request whose org cannot be resolved is served unbilled (``allow``) or
     #: answered ``LAGO_UNRESOLVED_STATUS`` with a JSON problem body (``reject``).
-    on_unresolved: str = "allow"
+    on_unresolved: OnUnresolved = "allow"
     #: ``LAGO_UNRESOLVED_STATUS``: 401 or 403, the answer of ``LAGO_ON_UNRESOLVED=reject``.
     unresolved_status: int = 401
 
@@ -226,15 +234,22 @@ class BillingSettings:
             )
         return self.api_key
 
-    def replace(self, **changes: Any) -> BillingSettings:
+    def replace(self, **changes: Unpack[SettingsFields]) -> BillingSettings:
         """A copy with some fields changed (validated again); a ``retry_deadline`` left at its default still follows
         ``api_timeout`` (``dataclasses.replace`` would keep the deadline computed from the old timeout: use this)."""
         if "retry_deadline" not in changes and getattr(self, "_default_deadline", False):
             changes["retry_deadline"] = _DefaultDeadline(_RETRY_DEADLINE)
-        changed = dataclasses.replace(self, **changes)
-        if hasattr(self, "_env_file"):
-            object.__setattr__(changed, "_env_file", env_file_of(self))
-        return changed
+        try:
+            changed = dataclasses.replace(self, **changes)
+        except ConfigurationError as exc:
+            failure = exc
+        else:
+            if hasattr(self, "_env_file"):
+                object.__setattr__(changed, "_env_file", env_file_of(self))
+            return changed
+        # (raised bare: dataclasses.replace's frame held every field, the API key and the HMAC key among them)
+        del changes
+        raise _bare(failure)
 
     __replace__ = replace  # ``copy.replace`` (Python 3.13)
 
@@ -245,7 +260,7 @@ class BillingSettings:
         *,
         environ: Mapping[str, str] | None = None,
         require_api_key: bool = True,
-        **overrides: Any,
+        **overrides: Unpack[SettingsFields],
     ) -> BillingSettings:
         """Read settings from ``environ`` (default ``os.environ``) and ``env_file`` (skipped when absent).
 
@@ -269,7 +284,7 @@ class BillingSettings:
         env_file: str | Path | None,
         environ: Mapping[str, str] | None,
         require_api_key: bool,
-        overrides: dict[str, Any],
+        overrides: Mapping[str, Any],
     ) -> BillingSettings:
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None
@@ -318,6 +333,37 @@ class BillingSettings:
         if require_api_key:
             settings.require_api_key()
         return settings
+
+
+class SettingsFields(TypedDict, total=False):
+    """The fields of :class:`BillingSettings` as keywords, for :meth:`~BillingSettings.replace` and the overrides of
+    :meth:`~BillingSettings.from_env`: a type checker sees a misspelt one (``replace(api_timout=3)``) or a value of the
+    wrong type, which ``**changes: Any`` let through (kept in step with the fields by the tests)."""
+
+    api_key: str
+    api_url: str
+    api_timeout: float
+    max_retries: int
+    retry_deadline: float
+    retry_backoff: float
+    event_code: str
+    subscription_id_template: str
+    org_header: str | None
+    user_header: str | None
+    exclude_paths: tuple[str, ...]
+    spool_path: str | None
+    redis_url: str | None
+    quota_mode: QuotaMode
+    fail_open: bool
+    usage_cache_ttl: float
+    plan_limits: Mapping[str, Mapping[str, int]]
+    webhook_hmac_key: str | None
+    organization_id: str | None
+    metrics: bool
+    bill_server_errors: bool
+    bill_auth_failures: bool
+    on_unresolved: OnUnresolved
+    unresolved_status: int
 
 
 def env_file_of(settings: BillingSettings) -> str | os.PathLike[str] | None:
@@ -371,13 +417,27 @@ def _secret_file(
     return content.strip()
 
 
+def check_setting_names(owner: str, given: Mapping[str, object], known: Collection[str]) -> None:
+    """An :class:`UnknownSettingError` naming the first of ``given``'s keywords that is no field of ``owner`` (and the
+    field meant, when one is close): a misspelt keyword (``replace(api_timout=3)``) was a bare ``TypeError`` raised
+    through frames holding every field and the whole environment as locals (see :func:`_bare`)."""
+    for name in given:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, list(known), n=1)
+        meant = f"did you mean {close[0]!r}?" if close else f"its settings are {', '.join(known)}."
+        raise UnknownSettingError(f"{owner} has no setting {name!r}: {meant}")
+
+
 def _guarded_init(init: Callable[..., None]) -> Callable[..., None]:
     """The dataclass' ``__init__``, whose frame has every field as a local: a :class:`ConfigurationError` of its
-    checks is raised again from here, bare (:func:`_bare`), with no field left among this frame's locals."""
+    checks (a keyword that names no field included) is raised again from here, bare (:func:`_bare`), with no field
+    left among this frame's locals."""
 
     @functools.wraps(init)
     def __init__(self: BillingSettings, **fields: Any) -> None:
         try:
+            check_setting_names("BillingSettings", fields, _FIELD_NAMES)
             init(self, **fields)
             return
         except ConfigurationError as exc:
@@ -389,6 +449,7 @@ def _guarded_init(init: Callable[..., None]) -> Callable[..., None]:
 
 
 setattr(BillingSettings, "__init__", _guarded_init(BillingSettings.__init__))  # noqa: B010 - (mypy: the dataclass')
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(BillingSettings) if field.init)
 
 
 def _str(name: str, raw: str) -> str:
