@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         LagoValidationError,
         QuotaBackendError,
         QuotaExceededError,
+        UnknownSettingError,
     )
     from ._gate import QuotaDecision, require_quota
     from ._identity import (
@@ -100,6 +101,7 @@ _EXPORTS = {
     "MappingError": "._migration",
     "MigrationOptions": "._migration",
     "UnmovedHoldingsError": "._migration",
+    "UnknownSettingError": "._errors",
     "EntitlementsUnreadableError": "._migration",
     "OrgBilling": "._billing",
     "OrgBillingMiddleware": "._middleware",
@@ -184,6 +186,7 @@ __all__ = [
     "register_metrics",
     "require_quota",
     "run_migration",
+    "UnknownSettingError",
     "UnmovedHoldingsError",
     "Usage",
     "WebhookEvent",
