@@ -837,6 +837,7 @@ class QuotaGate:
         self._known: LRUCache[str, Snapshot] = LRUCache(maxsize=self.config.max_orgs)
         self._tasks: anyio.abc.TaskGroup | None = None
         self._loose: set[asyncio.Task[None]] = set()
+        self._loose_trio: dict[anyio.CancelScope, anyio.Event] = {}  # the same under trio: its scope -> set as it ends
         self._scopes: set[anyio.CancelScope] = set()  # those of run(): aclose() ends them all
         self._ended: anyio.Event | None = None  # set once run()'s work has ended (aclose() waits for it)
         self._outage_logged = False
@@ -899,6 +900,11 @@ class QuotaGate:
             task.cancel()
         if loose:  # ended before the backend closes: none is left holding a connection of a loop about to close
             await asyncio.gather(*loose, return_exceptions=True)
+        loose_trio = list(self._loose_trio.items())
+        for scope, _ in loose_trio:
+            scope.cancel()
+        for _, done in loose_trio:
+            await done.wait()
         for event in self._refreshing.values():  # (a task cancelled before it ran left its entry)
             event.set()
         self._refreshing.clear()
@@ -1537,9 +1543,43 @@ class QuotaGate:
         if self._tasks is not None:
             self._tasks.start_soon(func, org_id, event, urgent)
             return
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(func(org_id, event, urgent))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio (hypercorn -k trio): a system task, cancelled as trio.run() ends
+            self._spawn_on_trio(func, org_id, event, urgent)
+            return
+        task: asyncio.Task[None] = loop.create_task(func(org_id, event, urgent))
         self._loose.add(task)
         task.add_done_callback(self._loose.discard)
+
+    def _spawn_on_trio(
+        self,
+        func: Callable[[str, anyio.Event, bool], Coroutine[Any, Any, None]],
+        org_id: str,
+        event: anyio.Event,
+        urgent: bool,
+    ) -> None:
+        """:meth:`_spawn` without the gate's work running (its seed helpers called from a script, a webhook's refresh
+        in an app that did not start it), under trio: ``asyncio.get_running_loop()`` raised ``RuntimeError`` there,
+        out of every cold check and seed helper. A system task, as the middleware's lazy start is; :meth:`aclose`
+        cancels it and waits for its end, as it does an asyncio task's."""
+        import trio
+
+        scope = anyio.CancelScope()
+        done = anyio.Event()
+        self._loose_trio[scope] = done
+
+        async def run() -> None:  # (a system task must not raise: the refresh keeps its errors, as in the task group)
+            try:
+                with scope:
+                    await func(org_id, event, urgent)
+            except Exception:  # pragma: no cover - _refresh catches what a refresh raises
+                logger.exception("Unexpected error refreshing the quota snapshot of org %r", org_id)
+            finally:
+                self._loose_trio.pop(scope, None)
+                done.set()
+
+        trio.lowlevel.spawn_system_task(run, name="lago-org-billing quota refresh")
 
     async def _refresh(self, org_id: str, event: anyio.Event, urgent: bool = False) -> None:
         slots = self._slots
