@@ -1528,8 +1528,18 @@ class OrgBillingMiddleware:
                     "" if model is None else ',"model":' + _json_str(model),
                 )
         except Exception:
-            logger.exception("Could not build the usage event of %s %s", method, endpoint)
-            self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
+            count = self.stats["event_errors"] = self.stats.get("event_errors", 0) + 1
+            # With its traceback for the first, then every 100th (as its dead letters are said): a cause that lasts
+            # fails every request alike (an org id a client sends that makes a subscription id too long for Lago),
+            # and must not write a traceback per request. The others at DEBUG; all are counted.
+            (logger.exception if count == 1 or count % 100 == 0 else logger.debug)(
+                "Could not build the usage event of %.20r %.200r (%d so far, counted in stats['event_errors']); it "
+                "goes to the dead letters with the reason",
+                method,
+                endpoint,
+                count,
+                exc_info=True,
+            )
             raise
         if gated is not None and total_tokens and self.quota is not None:
             # In the period the call was checked in (Lago bills the event there, by its timestamp; none once that

@@ -561,10 +561,12 @@ class BillingRouter(Router):
                 raise  # the app's own answer (a 401 asking to log in)
             except Exception as exc:  # (no session on the request: a scanner, a logged-out tab) fail closed, not a 500
                 # its traceback as text, not the exception: the locals of its frames (the callback's, PyJWT's...) held
-                # the caller's bearer token or cookie and the app's JWT signing key, which error trackers ship
+                # the caller's bearer token or cookie and the app's JWT signing key, which error trackers ship. The
+                # path quoted and cut (as in every line of these routes): whoever sends it writes it, terminal escapes
+                # and 8 KiB of it included, and no session is needed to get here
                 self._say(
                     "authorize",
-                    "billing_routes(authorize=...) raised on %s %s: the caller was denied (403). Make it return "
+                    "billing_routes(authorize=...) raised on %s %.200r: the caller was denied (403). Make it return "
                     "False (or raise an HTTPException) when it cannot tell.\n%s",
                     request.method,
                     request.url.path,
@@ -644,7 +646,7 @@ class BillingRouter(Router):
         like the org): a 404, as ``GET /subscription`` answers then. The billing layer's message names that customer
         (its external id: an email, a user id) and the operator's remedies: for the server log, never for the org's
         admin."""
-        self._say("held elsewhere", "%s %s was answered 404: %s", request.method, request.url.path, exc)
+        self._say("held elsewhere", "%s %.200r was answered 404: %s", request.method, request.url.path, exc)
         return _not_found(f"Org {org_id!r} has no active subscription {what}.", "subscription_not_found")
 
     def _gate(self, request: Request) -> SupportsInvalidate | None:
@@ -945,7 +947,13 @@ def _lago_error(
     adds fields to the 429 and 503 answers."""
     if isinstance(exc, LagoNotFoundError) and no_such_route(exc):
         # Lago's catch-all route: LAGO_API_URL is not where Lago is served (not "this org has nothing")
-        say("no route", "Lago has no route for %s %s (check LAGO_API_URL): %s", request.method, request.url.path, exc)
+        say(
+            "no route",
+            "Lago has no route for %s %.200r (check LAGO_API_URL): %s",
+            request.method,
+            request.url.path,
+            exc,
+        )
         return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
     if isinstance(exc, LagoNotFoundError):
         return JSONResponse({"detail": "Not found in Lago.", "code": exc.code}, status_code=404)
@@ -969,10 +977,10 @@ def _lago_error(
             headers={"Retry-After": "5"},
         )
     if isinstance(exc, LagoAuthenticationError):
-        say("auth", "Lago refused the API key for %s %s: %s", request.method, request.url.path, exc)
+        say("auth", "Lago refused the API key for %s %.200r: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The billing service is misconfigured."}, status_code=502)
     if isinstance(exc, LagoAPIError):
-        say(f"status {exc.status}", "Lago error on %s %s: %s", request.method, request.url.path, exc)
+        say(f"status {exc.status}", "Lago error on %s %.200r: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "Lago answered with an error.", "code": exc.code}, status_code=502)
     if isinstance(exc, ConfigurationError):
         raise exc  # a deployment error: loud, with its message in the server log

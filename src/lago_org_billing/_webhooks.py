@@ -822,6 +822,9 @@ class LagoWebhooks:
             self._say = _Throttled(logger)
             # the quota gate's store failing (Redis down): each webhook fails the same way, Lago retries each 3 times
             self._alarm = _Throttled(logger, level=logging.ERROR)
+            # what is no problem of this side's, and can come with every request (anyone can open a delivery and
+            # leave before its body): at INFO, once a minute
+            self._note = _Throttled(logger, level=logging.INFO)
             self._said_once: set[str] = set()  # what is said once per webhook type (see _once)
             #: Counters: ``received``, ``processed``, ``duplicates``, ``rejected`` (bad signature), ``incomplete``
             #: (the sender gone before its body came), ``failed``, ``ignored`` (no handler), ``invalidations``,
@@ -1036,7 +1039,11 @@ class LagoWebhooks:
         except _BodyCut:
             # (no signature to blame: the body never came whole; Lago sends the webhook again)
             self.stats["incomplete"] += 1
-            logger.info("Lago webhook not read: its sender disconnected before its body came (Lago sends it again).")
+            self._note(
+                "incomplete",
+                "Lago webhook not read: its sender disconnected before its body came (Lago sends it again; counted "
+                "in stats['incomplete'])",
+            )
             return _answer(400, "incomplete_body", "The connection closed before the body was received.")
         if body is None:
             if limit < self.max_body_size:
