@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 
 import lago_org_billing
 from lago_org_billing import BillingSettings, OrgBillingMiddleware, QuotaConfig
-from lago_org_billing.cli import _parser
+from lago_org_billing.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -153,3 +155,32 @@ def test_quota_config_in_code_still_takes_lago_quota_mode(monkeypatch: pytest.Mo
     gate = OrgBillingMiddleware(Starlette(), settings=enforce, quota_config=QuotaConfig())
     assert gate.quota is not None and gate.quota.config.over_quota_status == 429  # type: ignore[attr-defined]
     assert re.search(r"`LAGO_QUOTA_MODE`[^.]* still is", README)
+
+
+def test_the_stats_the_readme_reads_with_brackets_are_there_from_the_start() -> None:
+    """README reads ``stats["ungated"]``, ``stats["unrouted"]``...: keys a new middleware has (a dashboard or a test
+    reading one before the first such request must not raise KeyError). A key made at its first count is written
+    ``stats.get("...", 0)``, or said to exist from the first with the ``.get`` to read it."""
+    stats = OrgBillingMiddleware(Starlette(), settings=BillingSettings(api_key="k")).stats
+    for match in re.finditer(r'stats\["([a-z_]+)"\]', README):
+        said = README[match.end() : match.end() + 120]
+        assert match.group(1) in stats or ".get(" in said, (match.group(1), sorted(stats))
+    read = re.findall(r'stats\.get\("([a-z_]+)", 0\)', README)
+    assert "unbilled_auth_failures" in read and "cold_shed" in read, read
+
+
+def test_health_says_its_event_code_warning_where_the_readme_says(
+    fake_lago_server: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README (CLI): ``health`` warns on stderr when LAGO_EVENT_CODE is no billable metric's code, or, with
+    ``--json``, in the report's ``warnings`` (stdout stays one JSON document, stderr empty)."""
+    monkeypatch.setenv("LAGO_API_URL", fake_lago_server.url)
+    monkeypatch.setenv("LAGO_API_KEY", fake_lago_server.api_key)
+    monkeypatch.setenv("LAGO_EVENT_CODE", "no_such_metric")
+    assert main(["health"]) == 0
+    assert "no_such_metric" in capsys.readouterr().err
+    assert main(["health", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and any("no_such_metric" in w for w in json.loads(out)["warnings"]), (out, err)
+    said = " ".join(section("CLI").split())
+    assert "warns, on stderr or in `--json`'s `warnings`, when `LAGO_EVENT_CODE`" in said
