@@ -28,6 +28,7 @@ import dataclasses
 import datetime as dt
 import os
 import random
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
@@ -72,7 +73,9 @@ BAD_ORGS: tuple[Any, ...] = (
     "acme.com", "a/b", " org_1", "org_1 ", "", "x" * 256, "o?x", "o#x", "50%", "a\\b", "a\x00b", "a\ud800", 42, None,
 )  # fmt: skip
 USERS = ("u1", "user.with.dots@x.test", "用户", "d'arcy")
-BAD_USERS: tuple[Any, ...] = ("u" * 101, "   ", 5)
+BAD_USERS: tuple[Any, ...] = ("u" * 101, "   ", 4.5)
+#: Creators' ids that are not text: kept as their text (as record_api_call writes a user id).
+ID_USERS: tuple[Any, ...] = (5, uuid.UUID(int=7))
 NAMES = ("Acme", "Ünïcode 組織", "O'Brien & Sons <x>", "n" * 255, "tab\there")
 BAD_NAMES: tuple[Any, ...] = ("", "   ", "n" * 256, "a\x00b", "\ud800", 5)
 EMAILS = ("a@b.test", "üser+tag@例え.jp", "o'brien@x.test")
@@ -249,7 +252,16 @@ def _check_metadata(values: dict[str, Any], user_id: Any = None) -> None:
     for key, value in values.items():
         bad = not isinstance(value, str) or not value.strip() or len(value) > 100 or "\x00" in value
         if len(key) > 20 or bad:
-            raise Refused("created_by_user_id" if key == "created_by_user_id" else "metadata")
+            raise Refused("user_id" if key == "created_by_user_id" else "metadata")  # (created_by_user_id too)
+
+
+def _creator(user: Any) -> Any:
+    """The creating user's id as ``created_by_user_id`` holds it: text as given, an integer or a UUID as its text."""
+    if user is None or isinstance(user, str):
+        return user
+    if isinstance(user, (int, uuid.UUID)) and not isinstance(user, bool):
+        return str(user)
+    raise Refused("user_id")
 
 
 # ---------------------------------------------------------------------------------------------------- the world
@@ -392,7 +404,7 @@ def op_update_customer(w: World) -> Op:
 def op_get_or_create(w: World) -> Op:
     rng = w.rng
     org, name = pick(rng, ORGS, BAD_ORGS), pick(rng, NAMES, BAD_NAMES)
-    email, user = pick(rng, (None, *EMAILS), BAD_EMAILS), pick(rng, (None, *USERS), BAD_USERS)
+    email, user = pick(rng, (None, *EMAILS), BAD_EMAILS), pick(rng, (None, *USERS, *ID_USERS), BAD_USERS)
 
     def expect(m: Model) -> Check:
         _id(org, "org_id")
@@ -401,7 +413,7 @@ def op_get_or_create(w: World) -> Op:
             return lambda result: _same_customer(result, existing)
         wanted: dict[str, Any] = {"billing_type": "organization"}
         if user is not None:
-            wanted["created_by_user_id"] = user
+            wanted["created_by_user_id"] = _creator(user)
         _check_metadata(wanted)
         m.customers[org] = Customer(_name(name), _email(email), wanted)
         return lambda result: _same_customer(result, m.customers[org])
@@ -475,16 +487,17 @@ def op_subscribe(w: World) -> Op:
     rng, at = w.rng, w.at
     org, plan = pick(rng, ORGS, BAD_ORGS), pick(rng, (*PLANS, *PLANS, *MISSING_PLANS), BAD_PLANS)
     name, email = pick(rng, NAMES, BAD_NAMES), pick(rng, (None, *EMAILS), BAD_EMAILS)
-    user = pick(rng, (None, *USERS), BAD_USERS)
+    user = pick(rng, (None, *USERS, *ID_USERS), BAD_USERS)
 
     def expect(m: Model) -> Check:
         _ids(org_id=org, plan_code=plan)
+        creator = _creator(user)  # (checked before any call)
         m.sub_id(org)
         existing = m.customers.get(org)
         if existing is None:
             wanted: dict[str, Any] = {"billing_type": "organization"}
             if user is not None:
-                wanted["created_by_user_id"] = user
+                wanted["created_by_user_id"] = creator
             customer = Customer(_name(name), _email(email), wanted)
             _check_metadata(wanted)
             if plan not in PLANS:
@@ -493,7 +506,7 @@ def op_subscribe(w: World) -> Op:
         else:
             wanted = {"billing_type": "organization"}
             if user is not None:
-                wanted["created_by_user_id"] = user
+                wanted["created_by_user_id"] = creator
             missing = {k: v for k, v in wanted.items() if k not in existing.metadata}
             room = max(5 - len(existing.metadata), 0)
             missing = dict(list(missing.items())[:room])

@@ -235,7 +235,7 @@ class OrgBilling:
         org_id: str,
         org_name: str,
         email: str | None = None,
-        user_id: str | None = None,
+        user_id: str | int | uuid.UUID | None = None,
         metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> JSON:
@@ -243,6 +243,7 @@ class OrgBilling:
         ``created_by_user_id`` and ``billing_type=organization`` in metadata.
 
         Calling it again is safe: existing metadata items are kept and updated, never dropped.
+        ``user_id`` is text, or an integer or a UUID kept as its text (as :meth:`record_api_call` writes it).
         ``fields`` are other Lago customer fields (``currency``, ``country``...).
         """
         validate_id(org_id, "org_id")
@@ -308,7 +309,7 @@ class OrgBilling:
         org_id: str,
         org_name: str,
         email: str | None = None,
-        user_id: str | None = None,
+        user_id: str | int | uuid.UUID | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> JSON:
         """The org's customer, created first when it does not exist (an existing one is left as it is)."""
@@ -564,7 +565,7 @@ class OrgBilling:
         plan_code: str,
         org_name: str,
         email: str | None = None,
-        user_id: str | None = None,
+        user_id: str | int | uuid.UUID | None = None,
         **subscription_fields: Any,
     ) -> JSON:
         """One call to set an org up: its customer (created if needed) and its subscription.
@@ -578,6 +579,7 @@ class OrgBilling:
         :class:`LagoValidationError`, as Lago's 422 would once the customer was written, naming that customer)."""
         validate_id(org_id, "org_id")
         plan_code = validate_id(plan_code, "plan_code")
+        user_id = _attribution_text("user_id", user_id, ids=True)  # (before any call, as the other arguments)
         billing_time = subscription_fields.pop("billing_time", "calendar")
         subscription_at = subscription_fields.pop("subscription_at", None)
         _check_subscription_arguments(subscription_at, subscription_fields, billing_time)
@@ -1049,6 +1051,14 @@ class OrgBilling:
         except LagoNotFoundError as exc:
             if exc.code in ("customer_not_found", "subscription_not_found"):
                 return None
+            if exc.code == "charge_not_found" and billable_metric_code is not None:
+                # (Lago's 404 of the filter, not of the org: "check the id, or create the resource first" named none)
+                raise exc._restated(
+                    LagoNotFoundError,
+                    f"The plan of org {org_id!r} has no charge on billable metric {billable_metric_code!r} "
+                    "(billable_metric_code, Lago's charge_not_found): check the metric's code (case-sensitive), or "
+                    "add a charge on it to the plan; without billable_metric_code, the usage of every charge.",
+                ) from None
             raise
         except LagoAPIError as exc:
             if exc.status == 405 and exc.code == "no_active_subscription":
@@ -1132,7 +1142,8 @@ class OrgBilling:
 
         A probe (a readiness check): one attempt per call, each within ``LAGO_API_TIMEOUT``, so it reports Lago as it
         is now rather than after retrying an unhealthy one; ``retry=True`` retries as other calls do. ``warnings``
-        lists what a healthy Lago will not bill as configured (``LAGO_EVENT_CODE`` naming no billable metric)."""
+        lists what a healthy Lago will not bill as configured (``LAGO_EVENT_CODE`` naming no billable metric), and a
+        permission the API key lacks (a key Lago takes, scoped by resource without reading customers: healthy)."""
         started = time.perf_counter()
         result: JSON = {
             "healthy": False,
@@ -1153,10 +1164,22 @@ class OrgBilling:
         if result["healthy"]:  # Lago's /health needs no key: one authenticated call checks the key too
             try:
                 await self.client.list_customers(per_page=1, retry=retry)
+            except LagoAuthenticationError as exc:
+                if exc.status == 403 and "_action_not_allowed_for_" in (exc.code or ""):
+                    # Lago knows the key (401 is an unknown one): it is scoped by resource (Lago's API key
+                    # permissions) without reading customers, as a key for the middleware's events and quota reads can
+                    # be. Said unhealthy, "refuses this API key", a readiness probe of a working deployment failed.
+                    result["warnings"].append(
+                        f"Lago takes this API key, but {exc.code} (its permissions in Lago's API key settings): "
+                        "OrgBilling's customer calls (get_customer, create_org_customer, subscribe_org_to_plan...) "
+                        "are refused with it. Grant it the permission if this app makes them."
+                    )
+                else:
+                    result["healthy"] = False
+                    result["error"] = f"Lago is up, but refuses this API key: {exc}"
             except LagoIntegrationError as exc:
                 result["healthy"] = False
-                what = "refuses this API key" if isinstance(exc, LagoAuthenticationError) else "an API call failed"
-                result["error"] = f"Lago is up, but {what}: {exc}"
+                result["error"] = f"Lago is up, but an API call failed: {exc}"
         if result["healthy"]:
             # Lago takes events of a code no billable metric has (200) and bills none of them (lago-api.md: "unknown
             # code is NOT rejected"): a mistyped LAGO_EVENT_CODE, or a metric not made yet, lost every request's
@@ -1370,11 +1393,13 @@ def _unaddressable(external_id: str) -> bool:
     return False
 
 
-def _package_metadata(user_id: str | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def _package_metadata(user_id: str | int | uuid.UUID | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     wanted = _metadata_mapping(metadata)
     wanted[METADATA_BILLING_TYPE] = ORGANIZATION
     if user_id is not None:  # a metadata value, never in a URL path: emails and dotted ids too (check_metadata)
-        wanted[METADATA_CREATED_BY] = user_id
+        # (an integer or a UUID as its text, as record_api_call and the middleware's events carry the user: refused,
+        # it was said "value of 'created_by_user_id' must be a non-blank string", a key the caller never wrote)
+        wanted[METADATA_CREATED_BY] = _attribution_text("user_id", user_id, ids=True)
     return wanted
 
 
