@@ -1210,7 +1210,7 @@ class QuotaGate:
         monitor = self.mode == "monitor"
         if code == ALLOWED or code == COUNTED:
             self.stats["allowed"] += 1
-            headers = self._headers(snap, outcome, now, blocked=False) if self.config.headers else ()
+            headers = self._headers(org_id, snap, outcome, now, blocked=False) if self.config.headers else ()
             return _Decision(
                 allowed=True,
                 headers=headers,
@@ -1221,7 +1221,7 @@ class QuotaGate:
             )
         if code == BLOCKED:
             assert snap is not None
-            headers = self._headers(snap, outcome, now, blocked=True)
+            headers = self._headers(org_id, snap, outcome, now, blocked=True)
             problem = self._problem_quota(org_id, snap, outcome, now)
             if monitor:
                 self.stats["would_block"] += 1
@@ -1258,9 +1258,11 @@ class QuotaGate:
                 return _Decision(allowed=True, status=status, problem=problem, would_block=True)
             self.stats["blocked"] += 1
             return _Decision(allowed=False, status=status, problem=problem)
-        # UNAVAILABLE: cold org, Lago unreachable, fail closed
+        # UNAVAILABLE: cold org, Lago unreachable, fail closed. The client is asked back once the gate asks Lago
+        # again: after failure_backoff, or, Lago having answered a read 429, once every refresh's pause is over (a
+        # client back after failure_backoff meanwhile was refused again, up to a minute long, without Lago being asked)
         status = self.config.unavailable_status
-        retry = max(1, math.ceil(self.config.failure_backoff))
+        retry = max(1, math.ceil(self.config.failure_backoff), math.ceil(self._reads_again_in(org_id, now)))
         self.stats["blocked"] += 1
         return _Decision(
             allowed=False,
@@ -1277,7 +1279,7 @@ class QuotaGate:
         )
 
     def _headers(
-        self, snap: Snapshot | None, outcome: Outcome, now: float, *, blocked: bool
+        self, org_id: str, snap: Snapshot | None, outcome: Outcome, now: float, *, blocked: bool
     ) -> tuple[tuple[bytes, bytes], ...]:
         if snap is None or not snap.limited:
             return ()
@@ -1306,7 +1308,7 @@ class QuotaGate:
                 (b"ratelimit-limit", b"%d" % limit),
                 (b"ratelimit-remaining", b"%d" % left),
                 (b"ratelimit-reset", reset),
-                (b"retry-after", b"%d" % self._retry_after(snap, outcome, now)),
+                (b"retry-after", b"%d" % self._retry_after(org_id, snap, outcome, now)),
             )
         return (
             (b"ratelimit-limit", b"%d" % limit),
@@ -1320,7 +1322,7 @@ class QuotaGate:
         else:
             name, limit, usage, unit = self.config.calls_privilege, snap.calls_limit, outcome.calls, "API calls"
         status = self.config.over_quota_status
-        retry_after = self._retry_after(snap, outcome, now)
+        retry_after = self._retry_after(org_id, snap, outcome, now)
         detail = (
             f"Organization {org_id!r} has used {usage} of the {limit} {unit} its plan {snap.plan_code!r} allows per "
             f"billing period ({name}). The quota resets at {_iso(snap.period_end)}, or at once with a plan upgrade."
@@ -1342,16 +1344,19 @@ class QuotaGate:
             "retry_after": retry_after,
         }
 
-    def _retry_after(self, snap: Snapshot, outcome: Outcome, now: float) -> int:
+    def _retry_after(self, org_id: str, snap: Snapshot, outcome: Outcome, now: float) -> int:
         """Seconds a blocked client is asked to wait: until the period's end, or, while the plan is to be read again
         (one :meth:`invalidate_all` marked: ``plan.updated``, and not read in time), until the gate asks Lago again:
         the new plan may allow the call, which a client told to come back in days would not learn. The same for a
         block that holds only with records Lago may have counted already (:meth:`_unsure_until`): until a read can
-        tell, or, past that (the read failed or is late), after ``failure_backoff``."""
+        tell, or, past that (the read failed or is late), after ``failure_backoff``. Neither before the gate asks Lago
+        about the org again (:meth:`_reads_again_in`: a 429 of Lago's pauses every refresh), which the answer to a
+        client back earlier would be decided without."""
         # never past the period's end, where the quota resets anyway (a settle_lag or failure_backoff longer than what
         # is left of the period: LAGO_QUOTA_SETTLE_LAG=1e9 asked clients back in 31 years)
         to_end = max(1, math.ceil(snap.period_end - now))  # (0 when the period ended during the round trip)
-        backoff = min(max(1, math.ceil(self.config.failure_backoff)), to_end)
+        again = math.ceil(self._reads_again_in(org_id, now))
+        backoff = min(max(1, math.ceil(self.config.failure_backoff), again), to_end)
         if not snap.plan_fetched_at:
             return backoff
         until = self._unsure_until(outcome)
@@ -1360,8 +1365,24 @@ class QuotaGate:
                 return backoff
             # (never more than settle_lag + 1: a read stamped later than that was made on a clock stepped back since,
             # and is read again at once, not trusted when the clock comes back there)
-            return min(max(1, math.ceil(min(until - now, self.config.settle_lag + 1))), to_end)
+            return min(max(1, math.ceil(min(until - now, self.config.settle_lag + 1)), again), to_end)
         return to_end
+
+    def _reads_again_in(self, org_id: str, now: float) -> float:
+        """Seconds until a request of the org may have it read from Lago again (0: at once): not while every refresh
+        of this process waits out a 429 of Lago's (``_paused_until``: up to a minute, or a TTL), nor while a wait for
+        the org's read went unanswered moments ago (``_gave_up``) or its last refresh failed moments ago (none in
+        flight: one is, its read may land any moment). Each as :meth:`_backing_off` reads it: bounded, not one stamped
+        before the clock was stepped back."""
+        wait = 0.0
+        for until in (
+            self._paused_until,
+            self._gave_up.get(org_id, 0.0),
+            0.0 if org_id in self._refreshing else self._next_attempt.get(org_id, 0.0),
+        ):
+            if self._backing_off(until, now) and until - now > wait:
+                wait = until - now
+        return wait
 
     # ------------------------------------------------------------------------------ cold path
 
@@ -1410,6 +1431,10 @@ class QuotaGate:
                 # the call the blind reservation counted all the same is released (a block is never settled)
                 backend = outcome.backend if outcome.backend is not None else self.backend
                 backend.settle(org_id, outcome.period, outcome.bucket, self.clock(), tokens=0, billed=False)
+                # and taken out of the usage the answer tells (its problem body's, RateLimit-Remaining, and whether
+                # the block holds only with unsure records): an org at its limit of 2 was said to have used 3, and an
+                # unsure block taken for a sure one was asked back at the period's end
+                outcome.calls -= 1
             return outcome
         self.stats["fail_closed"] += 1
         self._log_outage(org_id, "refused (LAGO_FAIL_OPEN=false)")
