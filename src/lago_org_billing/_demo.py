@@ -266,8 +266,9 @@ def _quiet_lost_connections() -> Iterator[None]:
 def _serving(fake: Any, port: int = 0) -> Iterator[tuple[str, str, BillingSettings]]:
     """The emulator and the example app, served; stopped in that order's reverse when the body ends, however it ends
     (a Ctrl-C while they stop is held until both have: the app flushes its events to the emulator first)."""
-    from .testing._server import free_port_or_error, serve_in_thread
+    from .testing._server import forget_requests, free_port_or_error, serve_in_thread
 
+    forget_requests(fake)  # (the demo reads Lago's events, not the request log: with --serve it grew for good)
     if port:  # a port taken (or out of range) is one line, as for ``emulator``, not uvicorn's tracebacks
         free_port_or_error("127.0.0.1", port)
     with contextlib.ExitStack() as servers:

@@ -1454,7 +1454,9 @@ class QuotaGate:
     def _warn_once(self, key: tuple[str, str], message: str, *args: object) -> None:
         """A configuration problem of one org, said once (not at every refresh)."""
         if key not in self._config_warnings:
-            if len(self._config_warnings) >= 10_000:
+            # (bounded as the orgs kept are: below that, past 10,000 such orgs the set was emptied over and over, and
+            # each org warned again at every read of its usage, a WARNING per org and LAGO_USAGE_CACHE_TTL)
+            if len(self._config_warnings) >= max(10_000, self.config.max_orgs):
                 self._config_warnings.clear()
             self._config_warnings.add(key)
             logger.warning(message, *args)
@@ -1709,7 +1711,10 @@ class QuotaGate:
             self._pause_after(exc)
             if len(self._refresh_errors) >= self.config.max_orgs:  # (bounded: raised by the seed helpers, then gone)
                 self._refresh_errors.clear()
-            self._refresh_errors[org_id] = exc
+            # Kept without its traceback: its frames (the client's request, its answer...) held about 6 KB per org,
+            # hundreds of MB once the orgs of an outage (or a flood of org ids meanwhile) reached max_orgs. Raised
+            # again, it says what failed all the same (Lago's answer, the call).
+            self._refresh_errors[org_id] = exc.with_traceback(None)
             # the records of an org whose refreshes fail (Lago down) keep growing by the second: folded
             await _call_optional(backend, "compact", org_id, int(self.clock() - self.config.settle_lag))
             if isinstance(exc, _Unreadable):  # (Lago answers, in a shape it keeps: said once per kind, not per outage)

@@ -166,6 +166,18 @@ class _LocalOrg:
         self.key = ""
 
 
+def _only_here(state: _LocalOrg) -> bool:
+    """Whether some of the org's records are counted nowhere else: Lago does not count them (a plan with no charge
+    on the calls metric, a token metric that is not a sum: see ``Snapshot.lago_counts_*``; folded into second 0 at
+    each snapshot), so a snapshot read again after they are forgotten does not have them."""
+    counts, snap = state.counts, state.snapshot
+    if counts.c.get(0) or counts.t.get(0):
+        return True
+    return snap is not None and (
+        (not snap.lago_counts_calls and bool(counts.c)) or (not snap.lago_counts_tokens and bool(counts.t))
+    )
+
+
 class LocalBackend:
     """Snapshots and counters in this process (an LRU of ``max_orgs`` orgs)."""
 
@@ -190,17 +202,23 @@ class LocalBackend:
         """Over ``max_orgs``: forget a tenth of the orgs, taken among the least recently used half (an org used since
         stays, however many ids came after it: a flood of ids seen once cannot push out an org in use, say one over
         its quota, whose blocked requests count nothing): first those with nothing counted locally (their snapshot is
-        fetched again when needed), then those with no call in flight (their records not yet in a snapshot are lost,
-        long after they were made); only if every one of them has calls in flight, the least recently used."""
+        fetched again when needed), then those with no call in flight whose records Lago counts (those not yet in a
+        snapshot are lost, long after they were made), then those with no call in flight whose records are their only
+        count (see _only_here: forgotten, the org's usage of the period starts again from Lago's 0); only if every
+        one of them has calls in flight, the least recently used."""
         orgs = self._orgs
         tenth = max(1, self.config.max_orgs // 10)
         older = list(itertools.islice(orgs.items(), max(tenth, len(orgs) // 2)))
         victims = [org_id for org_id, state in older if not state.counts.calls and not state.counts.tokens][:tenth]
-        if len(victims) < tenth:
+        for keep_own in (True, False):
+            if len(victims) >= tenth:
+                break
             idle = set(victims)
-            victims += [org_id for org_id, state in older if org_id not in idle and not state.counts.i][
-                : tenth - len(victims)
-            ]
+            victims += [
+                org_id
+                for org_id, state in older
+                if org_id not in idle and not state.counts.i and not (keep_own and _only_here(state))
+            ][: tenth - len(victims)]
         if not victims:
             victims = [org_id for org_id, _ in older[:tenth]]
         for org_id in victims:

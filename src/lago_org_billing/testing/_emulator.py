@@ -148,6 +148,10 @@ class FakeLago:
         self.extra_routes: list[BaseRoute] = []
         self.middleware: list[Middleware] = []
         self.requests: list[RequestRecord] = []
+        # Whether requests are recorded in ``requests``: not by an emulator served for good (the ``emulator`` command,
+        # ``demo --serve``: see forget_requests), where nothing can read them; each record (a batch's events parsed
+        # again) stayed for as long as it served, about 1 KB per event beside the events themselves.
+        self._log_requests = True
         self._epoch = 0  # reset() count: see _EPOCH
         self._log_lock = threading.Lock()
         self._outbox: list[tuple[str, str, JSON]] = []
@@ -349,6 +353,8 @@ class FakeLago:
                 self._record(scope, raw, status, epoch)
 
     def _record(self, scope: Scope, raw: bytes, status: int, epoch: int) -> None:
+        if not self._log_requests:
+            return
         query: dict[str, str | list[str]] = {}
         for key, value in httpx.QueryParams(scope.get("query_string", b"").decode("latin-1")).multi_items():
             existing = query.get(key)

@@ -45,6 +45,16 @@ def install_controls(fake: Any) -> Any:
     return fake
 
 
+def forget_requests(fake: Any) -> None:
+    """Have a FakeLago served for good (the ``emulator`` command, ``demo --serve``) keep no log of its requests
+    (``FakeLago.requests``, for the tests that inspect it): nothing reads it there, and it grew with every request
+    for as long as the emulator served (a memory climbing without end under a load test). Other ASGI apps pass
+    through."""
+    if isinstance(getattr(fake, "requests", None), list) and hasattr(fake, "_log_requests"):
+        fake._log_requests = False
+        fake.requests.clear()
+
+
 def _sign_as(fake: Any, base_url: str) -> Callable[[], None]:
     """Served over HTTP, the emulator's JWT webhooks name its URL as issuer, as Lago names its own (``LagoWebhooks()``
     expects ``LAGO_API_URL``); an issuer set by the user is kept. Returns what puts the issuer back when serving
@@ -215,6 +225,7 @@ def run(fake: ASGIApp, host: str = "127.0.0.1", port: int = 3000, *, log_level: 
     uvicorn = _uvicorn()
     install_controls(fake)
     _sign_as(fake, local_url(host, port))
+    forget_requests(fake)
     server = uvicorn.Server(_config(fake, host, port, log_level))
     try:
         server.run()
