@@ -206,6 +206,7 @@ def lago(served: tuple[Switch, str], monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("LAGO_API_URL", url)
     monkeypatch.setenv("LAGO_API_KEY", API_KEY)
     monkeypatch.setenv("LAGO_RETRY_BACKOFF", "0.001")
+    switch.requests.clear()  # (the module's server: another test's requests are not this one's)
     yield switch
     switch.fake = None
     _migration_cli.ORG_DONE_HOOK = None

@@ -318,17 +318,24 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         text = text.replace("\x00", nul)
     reader = csv.reader(io.StringIO(text, newline=""))
     first: list[str] | None = []
-    try:
-        while first == []:  # (blank lines before the header skipped, as those between rows are)
+    try:  # (blank lines before the header skipped, as those between rows are: a spreadsheet's ",,," rows too)
+        while first is not None and not any(name.strip() for name in first):
             start = reader.line_num + 1
             first = next(reader, None)
     except csv.Error as exc:
         raise MappingError([_unreadable_csv(path, start, reader.line_num, exc)]) from exc
     header = [name.replace(nul, "\x00").strip() if nul else name.strip() for name in first or []]
+    # A spreadsheet's export ends the header with unnamed columns when its used range is wider than the data
+    # ("user_id,org_id,org_name,email,,"): no columns, as long as the rows leave them empty (see below). One among the
+    # named columns is said as such ("given more than once: " naming nothing, and "unknown column(s) ''", before).
+    width = len(header)
+    while header and not header[-1]:
+        header.pop()
+    unnamed = [str(index) for index, column in enumerate(header, 1) if not column]
     missing = [column for column in MAPPING_COLUMNS if column not in header]
-    unknown = [column for column in header if column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
-    doubled = [column for column in dict.fromkeys(header) if header.count(column) > 1]
-    if missing or unknown or doubled:
+    unknown = [column for column in header if column and column not in (*MAPPING_COLUMNS, *OPTIONAL_COLUMNS)]
+    doubled = [column for column in dict.fromkeys(header) if column and header.count(column) > 1]
+    if missing or unknown or doubled or unnamed:
         problems = []
         if doubled:  # (which value is meant cannot be told)
             problems.append(f"{path.name} header: column(s) given more than once: {', '.join(doubled)}")
@@ -336,6 +343,8 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             problems.append(f"{path.name} header: missing column(s) {', '.join(missing)}")
         if unknown:
             problems.append(f"{path.name} header: unknown column(s) {', '.join(map(repr, unknown))}")
+        if unnamed:
+            problems.append(f"{path.name} header: unnamed column(s) {', '.join(unnamed)}")
         problems[-1] += f" (expected {','.join(MAPPING_COLUMNS)}[,plan_code])"
         raise MappingError(problems)
     records: list[tuple[str, dict[str, Any]]] = []
@@ -350,8 +359,10 @@ def read_mapping_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
         if row is None:
             break
         end = reader.line_num
-        if not row:  # a blank line
+        if not any(field.strip() for field in row):  # a blank line, or a spreadsheet's row of empty cells (",,,")
             continue
+        if len(row) > len(header) and not any(field.strip() for field in row[len(header) : width]):
+            row = row[: len(header)] + row[width:]  # (the header's unnamed columns, left empty; a value there is said)
         if nul:
             row = [field.replace(nul, "\x00") for field in row]
         # (as csv.DictReader: the fields beyond the header under None, a short row's missing ones None)
