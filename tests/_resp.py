@@ -22,7 +22,9 @@ class Relay:
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.closed = False
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
 
     def link(self, client: socket.socket, upstream: socket.socket) -> None:
         """Start relaying one connection (threads of its own: this returns at once)."""
@@ -37,14 +39,30 @@ class Relay:
                 return
             with self.lock:
                 self.sockets += [client, upstream]
+                if self.closed:  # (accepted as the relay closed: ended with the others)
+                    for sock in (client, upstream):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                        sock.close()
+                    return
             self.link(client, upstream)
 
     def close(self) -> None:
+        """Stop listening and end every relayed connection. Each socket is shut down before it is closed: on Linux a
+        close alone wakes no thread blocked in ``accept()`` or ``recv()`` on it (the socket stays open under it), so
+        the relay went on listening, and relaying, after its test, its threads left blocked for the rest of the run,
+        and a client got no end of its connection."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         with self.lock:
+            self.closed = True
             for sock in self.sockets:
                 with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
                     sock.close()
+        self.accepting.join(10)
 
 
 class StallingRelay(Relay):

@@ -223,6 +223,10 @@ class Running:
             LAGO_API_KEY=API_KEY,
             LAGO_ORG_HEADER="X-Org-Id",
             LAGO_RETRY_BACKOFF="0.05",
+            # gunicorn >= 25.1 opens a control socket, by default in ~/.gunicorn (unlinking any socket there: a
+            # developer's own gunicorn's, another xdist worker's): in the test's directory instead. Older gunicorns
+            # and the other servers read no XDG_RUNTIME_DIR.
+            XDG_RUNTIME_DIR=str(app_dir),
             **extra_env,
         )
         argv = [arg.format(port=self.port, app=app) for arg in server.argv]

@@ -249,7 +249,8 @@ class Relay(resp.StallingRelay):
 
     def up(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", self.port))  # (SO_REUSEADDR: the port just closed)
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
 
 
 class AnswersLost(httpx.AsyncBaseTransport):

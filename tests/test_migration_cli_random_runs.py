@@ -200,13 +200,14 @@ def served() -> Iterator[tuple[Switch, str]]:
 @pytest.fixture
 def lago(served: tuple[Switch, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Switch]:
     """The served emulator, the environment pointing the CLI at it, run from an empty directory (no ./.env), Lago's
-    retries quick; no test hook left behind."""
+    retries quick; no test hook left behind, nor the requests of the test before (a test that runs ``main`` itself,
+    not through :func:`cli`, saw them: it passed only after one that made none)."""
     switch, url = served
+    switch.requests.clear()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LAGO_API_URL", url)
     monkeypatch.setenv("LAGO_API_KEY", API_KEY)
     monkeypatch.setenv("LAGO_RETRY_BACKOFF", "0.001")
-    switch.requests.clear()  # (the module's server: another test's requests are not this one's)
     yield switch
     switch.fake = None
     _migration_cli.ORG_DONE_HOOK = None
