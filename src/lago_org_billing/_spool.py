@@ -1988,14 +1988,20 @@ class SqliteOutbox(Outbox):
         await self.open()
         assert self._io is not None
         chosen: list[tuple[int, str]] = []
-        after = 0
+        if ids is not None and not ids:
+            return 0
+        # Letters named by id: only the span of ids they are in is read (ordered by id), not the whole table: paged
+        # from its first letter, a replay of one letter of a million read the file whole (half a gigabyte), holding
+        # the commits (below) meanwhile, the events submitted not durable for as long.
+        after = 0 if ids is None else max(min(ids) - 1, 0)
+        last = None if ids is None else max(ids)
         async with self._io:  # not while a commit is writing (it may be deleting letters replayed before)
             if self._orphan is not None:  # (nor while a cancelled commit's write may be)
                 await self._settle_orphan()
             # (read once no commit holds them: one that fails puts the letters it took back among those waiting)
             waiting = {dead_id for dead_id, _, _ in self._revived}
             room = self.capacity - len(self.pending) - len(self._unwritten) - self._rewriting
-            while len(chosen) < room:  # page through the table: it may be large
+            while len(chosen) < room and (last is None or after < last):  # page through the table: it may be large
                 rows = await anyio.to_thread.run_sync(self.file.dead_bodies, after, 500, limiter=_threads())
                 if not rows:
                     break
