@@ -683,11 +683,21 @@ class OrgBilling:
         changes plan at once, still starting then. Raises :class:`LagoNotFoundError` when the org has neither, and
         :class:`InvalidRequestError` when the subscription under the org's id is another customer's.
         """
+        changed = await self._change_plan(org_id, plan_code)
+        assert changed is not None
+        return changed
+
+    async def _change_plan(self, org_id: str, plan_code: str, *, own_only: bool = False) -> JSON | None:
+        """:meth:`change_plan`; ``own_only``: only when ``plan_code`` is the org's current plan (``billing_routes()``
+        for a plan it does not offer: back to it cancels a downgrade the org's admin scheduled), else ``None`` and
+        nothing written (no subscription, or another plan), decided on the one read the change is made from."""
         # (checked before any call: a plan code Lago cannot address was answered "no active subscription" for an org
         # without one, the argument at fault never named)
         plan_code = validate_id(plan_code, "plan_code")
         # (one that has not started yet too: Lago changes its plan in place)
         current = await self.client.get_current_subscription(self.subscription_id(org_id))
+        if own_only and (current is None or current.get("plan_code") != plan_code):
+            return None
         if current is None:
             waiting = await self._incomplete(self.subscription_id(org_id))
             if waiting is not None:

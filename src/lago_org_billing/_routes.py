@@ -13,7 +13,8 @@ Routes, under ``/organizations/{org_id}``:
 ``POST /setup``            customer + subscription: ``{"org_name", "plan_code", "email"?, "user_id"?,
                            "billing_time"?}``
 ``GET /subscription``      the active subscription
-``PUT /subscription``      upgrade/downgrade: ``{"plan_code"}`` (a cheaper plan applies at period end)
+``PUT /subscription``      upgrade/downgrade: ``{"plan_code"}`` (a cheaper plan applies at period end; the
+                           current plan cancels a pending downgrade)
 ``DELETE /subscription``   terminate (``?on_termination_invoice=skip`` only with ``allow_skip_invoice``)
 ``POST /usage/record``     one usage event: ``{"event_code"?, "transaction_id"?, "properties"?,
                            "timestamp"?, "user_id"?, "model"?, "endpoint"?, "tokens"?, ...}``
@@ -725,9 +726,19 @@ class BillingRouter(Router):
         plan_code = body.string("plan_code", required=True, is_id=True)
         body.check()
         assert plan_code is not None
-        await self._check_plan(request, org_id, plan_code)
         try:
-            subscription = await self._written(request, org_id, self.billing.change_plan(org_id, plan_code))
+            await self._check_plan(request, org_id, plan_code)
+        except _Invalid as exc:
+            # not offered, but maybe the org's own plan (a grandfathered price, one an operator gave it): never one
+            # kept for others, and going back to it is how a downgrade its admin scheduled is cancelled (refused, the
+            # org lost at the period's end a plan its admin can never pick again). Told by the read the change is
+            # made from (one read of Lago on this path), anything else refused as before, nothing written
+            refused: _Invalid | None = exc
+        else:
+            refused = None
+        try:
+            change = self.billing._change_plan(org_id, plan_code, own_only=refused is not None)
+            found = await self._written(request, org_id, change)
         except InvalidRequestError as exc:
             if isinstance(exc, InvalidIdentifierError):
                 raise
@@ -738,6 +749,10 @@ class BillingRouter(Router):
             if exc.code == "subscription_not_found":
                 return _not_found(f"Org {org_id!r} has no active subscription to change.", "subscription_not_found")
             raise
+        if found is None:  # (own_only: not the org's plan)
+            assert refused is not None
+            raise refused
+        subscription = found
         scheduled = subscription.get("next_plan_code") == plan_code and subscription.get("plan_code") != plan_code
         await self._invalidate(request, org_id)
         return JSONResponse(
@@ -1034,7 +1049,9 @@ def billing_routes(
       allow it only on routes your operators use.
     * **plans** - the plan codes ``setup`` and ``PUT /subscription`` accept (a collection), or ``(request, org_id,
       plan_code) -> bool`` (sync or async). Default ``None``: any plan of the Lago account, which lets an org's
-      admin pick one kept for others (a $0 internal plan) when ``authorize`` lets org admins in: set it then.
+      admin pick one kept for others (a $0 internal plan) when ``authorize`` lets org admins in: set it then. The
+      org's own plan is taken by ``PUT /subscription`` even when not offered: back to it cancels a scheduled
+      downgrade.
     * **max_body_size** - bytes a request body may have (413 beyond; 64 KiB by default).
     """
     return BillingRouter(
