@@ -239,8 +239,12 @@ def _tokens(value: object, source: str, field: str) -> int | None:
 def _model(value: object, source: str) -> str | None:
     if value is None:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
+    if isinstance(value, bytes):  # a header's: UTF-8 as written (a proxy passing its upstream's bytes on), else
+        raw = value  # Latin-1, as Starlette encodes ``response.headers["X-Model"] = "modèle"`` (not valid UTF-8)
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = raw.decode("latin-1")
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -1597,7 +1601,10 @@ def _fast_json_counts(body: bytes) -> Usage | UsageCounts | None:
         _unparseable_body()
         return Usage()
     if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's blanks only, as json.loads
-        return Usage()  # trailing data: json.loads would refuse the document
+        # trailing data: json.loads would refuse the document, and the general path says so (a stream of JSON lines
+        # sent as application/json, Ollama's relayed, was billed 0 tokens without a word here)
+        _unparseable_body()
+        return Usage()
     usage = payload.get("usage")  # (a document opening with "{" is an object: a dict)
     if type(usage) is not dict or "billed_units" in usage or "tokens" in usage:
         # Gemini's, Ollama's...; Cohere's units, billed whatever other counts a gateway puts next to them: the general
@@ -2099,7 +2106,8 @@ def _unparseable_body() -> None:
     _warn_once(
         "unparseable",
         'A response declared as JSON mentions "usage" but could not be parsed as JSON (invalid, not UTF-8, '
-        "a number too long...): its usage was not read (tokens billed 0). Logged once.",
+        "a number too long, several JSON documents: a stream of JSON lines should be sent as application/x-ndjson, "
+        "read line by line...): its usage was not read (tokens billed 0). Logged once.",
     )
 
 
