@@ -785,7 +785,7 @@ def redis_problem(
     as it may be shown (no password); ``wrote``: Redis took a write of this client once (READONLY after that: a
     failover, before: a replica's URL); ``answered``: it answered once; ``plain``: the URL is ``redis://``. Kinds:
     ``readonly`` (drop the pooled connections: new ones reach the endpoint's primary), ``oom``, ``auth``, ``acl``,
-    ``tls``."""
+    ``db`` (the URL's database refused), ``tls``."""
     text = f"{type(exc).__name__}: {exc}"
     meanwhile = use.meanwhile
     if redis_is_readonly(exc):
@@ -835,6 +835,17 @@ def redis_problem(
             f"The Redis ACL user of LAGO_REDIS_URL ({url}) lacks a permission {use.who} needs ({text}): "
             f"grant it, e.g. ACL SETUSER <user> ~{use.prefix}* +@read +@write +eval +evalsha "
             f"(ElastiCache: an access string with these). {meanwhile}",
+        )
+    if any(words in str(exc) for words in ("DB index is out of range", "invalid DB index", "not allowed in cluster")):
+        # (every connection's SELECT of the URL's database fails, so no command ever runs: no wait ends it. A Redis
+        # Cluster, which a one-shard cluster-mode Redis is, has database 0 only)
+        return (
+            "db",
+            logging.ERROR,
+            f"Redis ({url}) refuses the database LAGO_REDIS_URL names ({text}): a cluster-mode Redis (ElastiCache or "
+            "Memorystore cluster mode enabled, Redis Cluster) has database 0 only, so drop the /<db> (or make it "
+            "/0); another Redis has the databases its `databases` setting gives (16 by default: 0 to 15), so name "
+            f"one of those. {meanwhile}",
         )
     cause: BaseException | None = exc
     for _depth in range(8):  # (the ssl error is the redis error's context)
