@@ -3002,9 +3002,17 @@ class LagoStore:
                     del self._plans_by_id[override["lago_id"]]
                 return {"subscription": self._serialize_sub(current, extended=True)}
             if current["status"] == "pending":
-                current["plan_code"], current["plan_id"] = target["code"], target["lago_id"]
+                # PlanUpgradeService/PlanDowngradeService#update_pending_subscription on a subscription that has not
+                # started: ``current_subscription.plan = plan`` (the plan itself: plan_overrides are not applied),
+                # its name when one is given, and ``save!``: no webhook is sent
+                if override is not None:
+                    del self._plans_by_id[override["lago_id"]]
+                current["plan_code"], current["plan_id"] = plan["code"], plan["lago_id"]
+                name = str(params.get("name") or "").strip()
+                if name:
+                    current["name"] = name
                 self._file_under_plan(current)
-                self._emit_sub("subscription.updated", current)
+                self._touch(current)
                 return {"subscription": self._serialize_sub(current, extended=True)}
             current_plan = self._plan_of(current)
             old_next = self._find_sub_by_id(current.get("next_subscription_id"))
