@@ -177,15 +177,19 @@ def model_id(value: object) -> str | None:
 
 
 class NotAnId(Exception):
-    """``request.state`` or ``request.user`` holds a value of a type that is never an id (a bool, a list...): the
-    chain stops there, unresolved (no later source, such as a header, is tried)."""
+    """``request.state`` or ``request.user`` holds a value of a type that is never an id (a bool, a list...), or a str
+    or int that can never be one (over 255 characters, control characters; a blank str is no value): the chain stops
+    there, unresolved (no later source, such as a header, is tried)."""
 
 
 def model_source_id(value: object) -> str | None:
     """:func:`model_id` of a value read from ``request.state`` or ``request.user``."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
         raise NotAnId
-    return model_id(value)
+    found = model_id(value)
+    if found is None and value is not None and not (isinstance(value, str) and not value.strip()):
+        raise NotAnId
+    return found
 
 
 def model_claim(claims: Mapping[str, Any] | None, claim: str) -> str | None:

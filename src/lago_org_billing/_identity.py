@@ -12,9 +12,11 @@ awaitable of either. Resolvers work on the scope, so they run before any ``Reque
 - :func:`first_of`: the first resolver that finds an id.
 
 Ids are cleaned the same way whatever the source: ``str`` (surrounding blanks stripped), ``int`` or ``UUID`` are
-accepted; empty values, values longer than 255 characters or with control characters count as unresolved. A value of
-another type (``bytes``, a float, a bool, any other object) is a bug where it was set: it is said once at WARNING, and
-the request is unresolved, never resolved by a later source (a header) instead.
+accepted (an ``int`` as its number, a ``UUID`` as its hex form, whatever ``str()`` of a subclass or enum member says);
+empty values, values longer than 255 characters or with control characters count as unresolved. A value of another
+type (``bytes``, a float, a bool, any other object) is a bug where it was set: it is said once at WARNING, and the
+request is unresolved, never resolved by a later source (a header) instead; so is, in ``request.state`` or
+``request.user``, a ``str`` or ``int`` that is there (not blank) but can never be an id.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ logger = logging.getLogger("lago_org_billing.identity")
 SCOPE_KEY = "lago_org_billing"
 
 MAX_ID_LENGTH = 255
+#: Ints of this many digits or more are too long to be an id (MAX_ID_LENGTH).
+_INT_BOUND = 10**MAX_ID_LENGTH
 
 Resolver = Callable[[Scope], str | Awaitable[str | None] | None]
 MembershipCheck = Callable[[Scope, str], bool | Awaitable[bool]]
@@ -124,8 +128,30 @@ def _not_an_id(value: object) -> bool:
     return value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, uuid.UUID)))
 
 
+def _there(value: object) -> bool:
+    """Whether ``value``, of which :func:`_clean_id` made no id, is there all the same: of a type that is never an id
+    (:func:`_not_an_id`), or a ``str`` or ``int`` that can never be one (over 255 characters, control characters, as in
+    ``"acme\\u200b"`` pasted from a page). A blank ``str`` is no value, as ``None`` is."""
+    return bool(value.strip()) if isinstance(value, str) else value is not None
+
+
 def _said_not_an_id(source: str, value: object) -> None:
     """Say, once per source and type, that ``source`` holds ``value``, which is not an id."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):  # of an id's type, but no id (see _there)
+        if _first_time((source, "holds no id")):
+            shown = (
+                f"{value[:100]!r} ({len(value)} characters)"
+                if isinstance(value, str)
+                else "an int too long to be an id"
+            )
+            logger.warning(
+                "%s holds %s, which cannot be an id (at most 255 characters, no control characters): the request is "
+                "treated as unresolved (no later source, such as a header, is tried instead). Fix the value where it "
+                "is set. Logged once per source.",
+                source,
+                shown,
+            )
+        return
     kind = type(value).__qualname__
     if _first_time((source, f"holds {kind}")):
         logger.warning(
@@ -140,9 +166,10 @@ def _said_not_an_id(source: str, value: object) -> None:
 
 def _checked_id(value: object, source: str, name: str = "") -> str | None:
     """``value`` found at ``source + name`` (``request.state.org_id``...) as an id string, or ``None`` when there is
-    none; one of a type that is never an id is said (:func:`_said_not_an_id`) and raises :class:`_NotAnId`."""
+    none; one there that can never be an id (a type that never is, a str of 300 characters: :func:`_there`) is said
+    (:func:`_said_not_an_id`) and raises :class:`_NotAnId`."""
     ident = _clean_id(value)
-    if ident is None and _not_an_id(value):
+    if ident is None and _there(value):
         source += name  # (made only then: a resolver runs per request)
         _said_not_an_id(source, value)
         raise _NotAnId(f"{source} holds a {type(value).__qualname__}, which is not an id (see the WARNING)")
@@ -155,8 +182,15 @@ def _clean_id(value: object) -> str | None:
         return None
     if isinstance(value, str):
         value = value.strip()
-    elif isinstance(value, (int, uuid.UUID)):
-        value = str(value)
+    elif isinstance(value, int):
+        # Its number, whatever str() of a subclass says: an enum member of ints is 'Tenant.ACME' (an IntEnum's too on
+        # Python 3.10), an ORM's key type may print 'Org #7'. Bounded first: one of more digits than an id has was
+        # the ValueError of str() over 4300 digits, a crash of the request.
+        if not -_INT_BOUND < value < _INT_BOUND:
+            return None
+        value = int.__repr__(value)
+    elif isinstance(value, uuid.UUID):
+        value = uuid.UUID.__str__(value)  # (its hex form, not a subclass's own str(): 'urn:uuid:...')
     else:
         return None
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
@@ -313,7 +347,8 @@ def _report(resolver: Resolver, exc: Exception) -> None:
 def from_state(key: str = "org_id") -> Resolver:
     """Resolve from ``request.state.<key>`` (Starlette keeps ``request.state`` in ``scope["state"]``).
 
-    A value there of a type that is never an id (``bytes``, a float, a bool, another object) is said once at WARNING
+    A value there of a type that is never an id (``bytes``, a float, a bool, another object), or a ``str`` or ``int``
+    that can never be one (over 255 characters, control characters; a blank one is no value), is said once at WARNING
     and leaves the request unresolved: a :func:`first_of` chain stops there, rather than resolving a later source
     (the client's header) for a request the app's auth attributed to an org."""
     if not isinstance(key, str) or not key:
@@ -343,7 +378,7 @@ def from_user(attribute: str | Sequence[str] = "org_id") -> Resolver:
     ``attribute`` may be a sequence of names tried in order. Mapping users are read with ``user[attribute]``,
     other objects with ``getattr``. Users whose ``is_authenticated`` (attribute, method or mapping item) is false
     resolve to ``None``, as do attributes that are missing or raise ``NotImplementedError`` (``BaseUser.identity``).
-    An attribute holding a value of a type that is never an id stops there, as with :func:`from_state`.
+    An attribute holding a value that can never be an id stops there, as with :func:`from_state`.
     """
     names = (attribute,) if isinstance(attribute, str) and attribute else _attribute_names(attribute)
 
@@ -1422,18 +1457,18 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
         if state:
             if type(state) is not dict:
                 return None
-            org = state.get("org_id")
-            if org is not None:
-                if type(org) is not str and _not_an_id(org):  # unresolved, as from_state() leaves it (not the header's)
-                    _said_not_an_id("request.state.org_id", org)
+            raw = state.get("org_id")
+            if raw is not None:
+                org = _clean_id(raw)
+                if org is None and _there(raw):  # unresolved, as from_state() leaves it (not the header's)
+                    _said_not_an_id("request.state.org_id", raw)
                     return None, None
-                org = _clean_id(org)
-            user = state.get("user_id")
-            if user is not None:
-                if type(user) is not str and _not_an_id(user):  # no user, as from_state() finds (not the header's)
-                    _said_not_an_id("request.state.user_id", user)
+            raw = state.get("user_id")
+            if raw is not None:
+                user = _clean_id(raw)
+                if user is None and _there(raw):  # no user, as from_state() finds (not the header's)
+                    _said_not_an_id("request.state.user_id", raw)
                     no_user = True
-                user = _clean_id(user)
         if (org is None and org_header is not None) or (user is None and user_header is not None):
             headers = scope["headers"]
             try:  # no name repeated (the usual case): a dict of them, built in C, answers both
