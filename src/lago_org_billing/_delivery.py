@@ -39,7 +39,8 @@ SQLite spool of :mod:`._spool` (durable, group commit).
 * **422 naming some events** (Lago rejects the batch atomically): duplicates are counted as delivered, the
   invalid events go to the dead letters with Lago's reason, and the rest is sent again at once.
 * **400, 413, or a 422 naming no event**: the batch is split in halves until the culprit is alone; it goes
-  to the dead letters with the status and Lago's code.
+  to the dead letters with the status and Lago's code. (A 422 ``too_many_events``, a self-hosted Lago taking fewer
+  events per batch, also halves the batch size from then on, logged at WARNING.)
 
 Dead letters are kept in memory (the last 10,000) or in the spool's ``dead_letters`` table, logged at ERROR
 with Lago's reason, counted in metrics and returned by :meth:`EventPipeline.dead_letters`;
@@ -120,6 +121,9 @@ MAX_CONCURRENCY = 50
 #: The shortest ``commit_window``: shorter, the spool's task and the dispatcher, waiting a window at a time, spun (a
 #: microsecond took a whole CPU core while idle) and each event was its own transaction, fsync'd.
 _MIN_COMMIT_WINDOW = 0.001
+#: The shortest pause between two builds of the events waiting in the memory outbox (``flush_interval`` when longer):
+#: with ``flush_interval=0`` its task woke at every turn of the event loop, a CPU core busy while idle.
+_MIN_BUILD_INTERVAL = 0.01
 #: The largest ``spool_window``: SQLite's largest integer, the ``LIMIT`` of a load of the backlog (``10**30`` was
 #: taken, and the first load raised ``OverflowError``, ending the background delivery).
 _MAX_SPOOL_WINDOW = 2**63 - 1
@@ -614,9 +618,13 @@ class EventPipeline:
             self._kick.set()
 
     async def _build_task(self, outbox: MemoryOutbox) -> None:
-        """Build lazily submitted events within ``flush_interval``, whether or not Lago takes them now."""
+        """Build lazily submitted events within ``flush_interval`` (or :data:`_MIN_BUILD_INTERVAL`), whether or not
+        Lago takes them now."""
+        # (a flush_interval of 0, "send at once", made this task wake at every turn of the loop: a whole CPU core
+        # taken while idle. A batch sent at once builds its events itself; this is for those waiting meanwhile)
+        interval = max(self.flush_interval, _MIN_BUILD_INTERVAL)
         while True:
-            await anyio.sleep(self.flush_interval)
+            await anyio.sleep(interval)
             outbox.build_pending()
 
     async def _spool_task(self) -> None:
@@ -704,6 +712,10 @@ class EventPipeline:
         outbox, metrics = self.outbox, self.metrics
         while stack:
             items = stack.pop()
+            if len(items) > self.batch_size:  # (made before Lago was found to take fewer: see _fewer_per_batch)
+                size = self.batch_size
+                stack.extend(items[start : start + size] for start in reversed(range(0, len(items), size)))
+                items = stack.pop()
             started: float | None = None
             try:
                 await self._wait_gate()
@@ -925,6 +937,8 @@ class EventPipeline:
         if not failed or not all(is_duplicate_error(error) for error in failed.values()):
             self.metrics.lago_error(exc.status)
         if not failed or any(index >= len(items) for index in failed):
+            if not failed and len(items) > 1 and exc.details.get("events") == ["too_many_events"]:
+                self._fewer_per_batch(len(items))
             stack: list[list[Item]] = []
             self._isolate(items, exc, stack)
             return stack
@@ -950,6 +964,22 @@ class EventPipeline:
         if duplicates:
             self._duplicates(duplicates)
         return ([rest] if rest else []) + alone
+
+    def _fewer_per_batch(self, refused: int) -> None:
+        """Lago refused a batch of ``refused`` events as ``too_many_events``: a self-hosted Lago whose
+        ``LAGO_EVENTS_BATCH_MAX_LENGTH`` is under the batch size. Batches are made of half as many from now on (each
+        such batch was split in halves, and its halves in halves, three calls or more where one would do, for every
+        batch and with nothing said but the count of 422 answers)."""
+        size = max(1, refused // 2)
+        if size >= self.batch_size:
+            return
+        self.batch_size = size
+        logger.warning(
+            "Lago takes fewer than %d events per batch (a self-hosted Lago's LAGO_EVENTS_BATCH_MAX_LENGTH is under "
+            "it): batches of at most %d events from now on. Set EventPipeline(batch_size=...) to Lago's maximum.",
+            refused,
+            size,
+        )
 
     def _duplicates(self, items: list[Item]) -> None:
         self.metrics.duplicates += len(items)

@@ -312,6 +312,11 @@ class RawPoster:
             except TimeoutError as exc:
                 await self._discard(connection)
                 _without_tracebacks(exc)  # (its frames: the exchange cut short, the request among their locals)
+                if connection is None:
+                    # The connection itself was not made in time (a host that drops SYNs: a firewall, a full accept
+                    # queue): nothing of the request was written, as httpx's ConnectTimeout says. Taken for "no
+                    # answer", a batch of 1 MiB or more was split and struck as too large for the way to Lago.
+                    raise RawConnectError(f"no connection within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
                 raise RawHTTPError(f"no answer within {self.timeout:g} s: LAGO_API_TIMEOUT") from None
             except _BROKEN as exc:
                 await self._discard(connection)
