@@ -10,12 +10,11 @@ import asyncio
 import functools
 import logging
 import sys
-import weakref
 from typing import Any
 
 from . import _forks
 from ._errors import ConfigurationError
-from ._quota_redis import RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
+from ._quota_redis import LoopConnections, RedisProblems, RedisUse, reconnecting_pool_options, unreadable_redis_url
 
 # (the middleware's logger: its messages keep the name they were logged under)
 logger = logging.getLogger("lago_org_billing.middleware")
@@ -67,7 +66,7 @@ class SharedFirstSeen:
         self._connection_error: type[Exception] = RedisConnectionError
         self.redis: Any = None  # made on first use, closed with the loop it belongs to (see aclose)
         #: The event loop the client's connections were last used on (see ``_forget_other_loops``).
-        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._loops = LoopConnections()
         _forks.track(self)
         self.down = False
         self._said_unusable = False
@@ -189,28 +188,14 @@ class SharedFirstSeen:
         had each first call on the next loop fail ("Event loop is closed", "attached to a different loop"): said as
         Redis being unavailable, that key's first timestamp kept in the process (a retry reaching another worker
         billed again), and ``aclose()`` from that loop raised (as the webhooks' dedupe did: see ``RedisDedupe``)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # (not asyncio: the client is not used here, see _usable)
-            return
-        before = self._loop() if self._loop is not None else None
-        used, self._loop = self._loop is not None, weakref.ref(loop)
-        if before is loop or not used:
-            return
-        pool = getattr(self.redis, "connection_pool", None)
-        if pool is None:
-            return
-        try:
-            await pool.disconnect(inuse_connections=False)
-        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
-            logger.debug("Dropping the idempotency store's connections of another event loop failed", exc_info=True)
+        await self._loops.drop_others(self.redis, "the idempotency store", logger)
 
     async def aclose(self) -> None:
         """Close the client (its connections belong to the running loop); the next use makes another."""
         if self.redis is not None:
             await self._forget_other_loops()  # (closed from another loop than its last call's: "Event loop is closed")
         redis, self.redis = self.redis, None
-        self._loop = None
+        self._loops.forget()
         if redis is not None:
             await redis.aclose()
 

@@ -701,6 +701,43 @@ def redis_is_readonly(exc: BaseException) -> bool:
     )
 
 
+class LoopConnections:
+    """The event loop a redis client's pooled connections were last used on, for a client made once and used on one
+    loop after another (Starlette's ``TestClient`` without ``with``, a loop per request; pytest's anyio or asyncio
+    plugins, a loop per test; ``asyncio.run`` per call): its idle connections belong to the loop that opened them, and
+    each first call on the next loop failed with them ("attached to a different loop", "Event loop is closed"), said as
+    Redis being unavailable. :meth:`drop_others` drops them before a call on another loop (under trio, and at the first
+    use, nothing). Used by the webhooks' dedupe and the idempotency keys' store (the quota backend has its own writer:
+    see ``_on_loop``)."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self) -> None:
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+
+    async def drop_others(self, redis: Any, what: str, log: logging.Logger) -> None:
+        """Drop ``redis``'s idle pooled connections if this runs on another event loop than the last call's."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (not asyncio: the redis client cannot run here anyway, and its user says so)
+            return
+        before = self._loop() if self._loop is not None else None
+        used, self._loop = self._loop is not None, weakref.ref(loop)
+        if before is loop or not used:
+            return
+        pool = getattr(redis, "connection_pool", None)
+        if pool is None:
+            return
+        try:
+            await pool.disconnect(inuse_connections=False)
+        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
+            log.debug("Dropping %s's connections of another event loop failed", what, exc_info=True)
+
+    def forget(self) -> None:
+        """The client is closed: the next one's first use is on whatever loop runs it."""
+        self._loop = None
+
+
 def reconnecting_pool_options(redis_asyncio: Any) -> dict[str, Any]:
     """Options of a redis-py connection pool (or ``from_url``) that hand out a live connection after Redis closed a
     pooled one. redis-py 8 turns maintenance notifications on with RESP3, and with them on its pool hands out a

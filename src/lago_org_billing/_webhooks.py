@@ -78,7 +78,6 @@ import string
 import sys
 import time
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 from urllib.parse import urlsplit
@@ -97,6 +96,7 @@ from ._identity import SCOPE_KEY, pyjwt_depth_errors
 from ._ids import ascii_digits
 from ._quota import QuotaGate
 from ._quota_redis import (
+    LoopConnections,
     RedisProblems,
     RedisUse,
     reconnecting_pool_options,
@@ -330,7 +330,7 @@ class RedisDedupe:
         #: that one let Lago's next retry run the handlers beside the worker still running them.
         self._claims: dict[str, str] = {}
         #: The event loop the pool's connections were last used on (see ``_forget_other_loops``).
-        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._loops = LoopConnections()
 
     def _forked(self) -> None:
         """In a forked child: a connection pool of its own (see ``renew_pool_after_fork``)."""
@@ -397,21 +397,7 @@ class RedisDedupe:
         ``with``) or per test (pytest's anyio or asyncio plugins, with a module's app) reused them on the next loop,
         where each failed ("attached to a different loop", "Event loop is closed"): that webhook went without
         dedupe (said as Redis being unavailable), and every delivery sent again ran its handlers again."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # (not asyncio: the redis client cannot run here anyway, and says so)
-            return
-        before = self._loop() if self._loop is not None else None
-        used, self._loop = self._loop is not None, weakref.ref(loop)
-        if before is loop or not used:
-            return
-        pool = getattr(self.redis, "connection_pool", None)
-        if pool is None:
-            return
-        try:
-            await pool.disconnect(inuse_connections=False)
-        except Exception:  # (a dead loop's connection raises as it is dropped: it is dropped all the same)
-            logger.debug("Dropping the webhook dedupe's connections of another event loop failed", exc_info=True)
+        await self._loops.drop_others(self.redis, "the webhook dedupe", logger)
 
     async def aclose(self) -> None:
         await self._forget_other_loops()  # (closed from another loop than the last webhook's: "Event loop is closed")
