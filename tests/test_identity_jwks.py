@@ -171,7 +171,10 @@ def test_key_and_jwks_url_are_exclusive_and_one_is_needed() -> None:
         from_jwt_claim("org_id")
 
 
-@pytest.mark.parametrize("url", ["http://issuer.test/jwks.json", "http://10.0.0.1/jwks", "ftp://issuer.test/jwks"])
+@pytest.mark.parametrize(
+    "url",
+    ["http://issuer.test/jwks.json", "http://10.0.0.1/jwks", "http://[::ffff:10.0.0.1]/jwks", "ftp://issuer.test/jwks"],
+)
 def test_jwks_url_must_be_https_unless_loopback(url: str) -> None:
     with pytest.raises(ConfigurationError, match="https") as raised:
         from_jwt_claim("org_id", jwks_url=url)
@@ -179,7 +182,17 @@ def test_jwks_url_must_be_https_unless_loopback(url: str) -> None:
         assert "sign tokens for any org" in str(raised.value)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/jwks.json", "http://localhost/jwks", "http://[::1]/jwks"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/jwks.json",
+        "http://localhost/jwks",
+        "http://[::1]/jwks",
+        # (127.0.0.1 written as an IPv4-mapped IPv6 address: a loopback host on every Python, where 3.10's and 3.11's
+        # ``is_loopback`` is false of it, 3.13's true)
+        "http://[::ffff:127.0.0.1]:8080/jwks",
+    ],
+)
 def test_http_jwks_url_on_loopback_is_accepted(url: str) -> None:
     assert callable(from_jwt_claim("org_id", jwks_url=url))
 

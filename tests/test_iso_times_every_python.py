@@ -79,3 +79,24 @@ async def test_the_emulator_refuses_a_week_date_as_lago_does(subscription_at: st
         response = await client.post("/api/v1/subscriptions", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error_details"] == {"subscription_at": ["invalid_date"]}
+
+
+@pytest.mark.parametrize("day", ["20260315", "2026-W11-1", "2026-W11-7", " 20260315 "])
+async def test_an_invoice_issuing_date_only_newer_pythons_read_is_ignored_on_every_python(day: str) -> None:
+    """``GET /invoices?issuing_date_from=...&issuing_date_to=...``: Lago filters by a day it reads with Ruby's
+    ``Date.strptime(value)`` (``%F``, ``YYYY-MM-DD``) and ignores any other text (``InvoiceIndex``, ``valid_date?``).
+    The emulator read the days with ``date.fromisoformat``: on 3.11+ ``20260315`` and week dates filtered the list,
+    on 3.10 they were ignored."""
+    fake = FakeLago(api_key="k")
+    fake.add_customer(external_id="c")
+    for issued in ("2026-03-01", "2026-03-15", "2026-03-31"):
+        fake.add_invoice("c", issuing_date=issued)
+    async with fake.client() as client:
+        listed = []
+        for params in ({}, {"issuing_date_from": day}, {"issuing_date_to": day}):
+            response = await client.get("/api/v1/invoices", params=params)
+            assert response.status_code == 200, response.text
+            listed.append(sorted(invoice["issuing_date"] for invoice in response.json()["invoices"]))
+        by_day = await client.get("/api/v1/invoices", params={"issuing_date_from": "2026-03-15"})
+    assert listed == [["2026-03-01", "2026-03-15", "2026-03-31"]] * 3
+    assert sorted(invoice["issuing_date"] for invoice in by_day.json()["invoices"]) == ["2026-03-15", "2026-03-31"]

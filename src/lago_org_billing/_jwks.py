@@ -116,9 +116,14 @@ def _loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # (127.0.0.1 written as an IPv4-mapped IPv6 address, ``[::ffff:127.0.0.1]``, is as loopback as itself: Python 3.13's
+    # ``is_loopback`` says so, 3.10's and 3.11's did not, so that the same jwks_url was refused there)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 #: The shortest ``jwks_refresh_interval``: a token with an unknown ``kid`` fetches the set when the last fetch is older

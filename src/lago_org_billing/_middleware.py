@@ -653,6 +653,7 @@ class OrgBillingMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         background_scope, background_ended = anyio.CancelScope(), anyio.Event()
+        startup_failed: list[Message] = []  # the app's lifespan.startup.failed, not yet told to the server
 
         async def background(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
             try:
@@ -666,12 +667,17 @@ class OrgBillingMiddleware:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self._shutdown()
             elif message["type"] == "lifespan.startup.failed":
-                # The app's own startup failed: its background is stopped before the server hears of it, so that the
-                # lifespan call ends with it (hypercorn looks whether it has ended as soon as it is told: one still
-                # stopping the background was taken for a server to run, the app serving without its startup).
+                # The app's own startup failed: its background is stopped, and the server hears of it only once the
+                # task group has ended, so that the lifespan call ends with it. hypercorn looks whether the call has
+                # ended as soon as it is told; from Python 3.12 its ``asyncio.wait_for`` no longer yields in between,
+                # and anyio's task group yields at least once as it ends: a call still ending its task group was taken
+                # for a server to run, the app serving without its startup. Raised to the app as hypercorn's own send
+                # raises there (LifespanFailureError), so that its call ends.
                 self._running = False
                 background_scope.cancel()
                 await background_ended.wait()
+                startup_failed.append(message)
+                raise _StartupFailed("the app's lifespan startup failed: told to the server as its lifespan call ends")
             await send(message)
 
         received = False
@@ -679,6 +685,8 @@ class OrgBillingMiddleware:
         async def receive_wrapper() -> Message:
             nonlocal received
             received = True
+            if startup_failed:  # (an app going on after its failed startup, the error above swallowed: told now)
+                await send(startup_failed.pop())
             return await receive()
 
         if self._config_error is not None:
@@ -715,6 +723,17 @@ class OrgBillingMiddleware:
             if started:
                 raise
             await self._startup_failed(receive, send, _start_error(exc))
+        if isinstance(app_error, _StartupFailed):  # the app's own error, if it raised one as it told the failure
+            app_error = app_error.__context__ if isinstance(app_error.__context__, Exception) else None
+        if startup_failed:
+            # Told now, the app's error raised with it: hypercorn raises LifespanFailureError from this send (the call
+            # ends with it, the app's error its context; so does the send of an OrgBillingMiddleware around this one,
+            # which gets the app's error back that way); uvicorn takes it and gets the app's error.
+            try:
+                if app_error is not None:
+                    raise app_error
+            finally:
+                await send(startup_failed.pop())
         if app_error is not None:
             raise app_error
 
@@ -1780,6 +1799,10 @@ def _ambiguous_answer(header: str) -> JSONResponse:
         status_code=400,
         media_type="application/problem+json",
     )
+
+
+class _StartupFailed(Exception):
+    """Raised to an app from its ``lifespan.startup.failed`` send: the server is told once its lifespan call ends."""
 
 
 #: The middlewares whose delivery started lazily (no lifespan) in this process: what their memory still holds when the

@@ -261,8 +261,14 @@ def parse_rule(spec: Any) -> FaultRule:
 
 
 #: Lago's reason phrases where Python's have changed since (3.13: 413 "Content Too Large", 422 "Unprocessable
-#: Content"): the error bodies stay what Lago sends on every Python.
-_LAGO_PHRASES = {413: "Payload Too Large", 422: "Unprocessable Entity"}
+#: Content"), or differ before 3.13 (414 "Request-URI Too Long", 416 "Requested Range Not Satisfiable"): the error
+#: bodies stay what Lago sends on every Python.
+_LAGO_PHRASES = {
+    413: "Payload Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Entity",
+}
 
 
 def error_body(status: int) -> dict[str, Any]:

@@ -4353,12 +4353,17 @@ def _multi_values(multi: Mapping[str, list[str]], *names: str) -> list[str]:
 
 
 def _iso_date(value: Any) -> str | None:
-    if not isinstance(value, str) or not value.strip():
+    """A day Lago reads (``Date.strptime(value)``: ``YYYY-MM-DD``), else ``None``: not ``date.fromisoformat``'s, which
+    reads ``20260315`` and week dates (``2026-W11-1``) from Python 3.11 on, days Lago ignores (as 3.10 did)."""
+    if not isinstance(value, str) or not _ISO_DAY.fullmatch(value.strip()):
         return None
     try:
         return date.fromisoformat(value.strip()).isoformat()
-    except ValueError:
+    except ValueError:  # (2026-02-30)
         return None
+
+
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def _metadata_matches(items: Sequence[Mapping[str, Any]], query: Mapping[str, Any]) -> bool:
