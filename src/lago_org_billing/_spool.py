@@ -1435,7 +1435,7 @@ def _wal_without_database(path: str) -> int:
 def _count_read_only(path: str) -> int | None:
     """The rows of the ``events`` table of the spool file ``path``, read without writing anything; None if that
     cannot be known (unreadable, not a spool, its -wal unreadable)."""
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    uri = "file:" + urllib.parse.quote(os.fsencode(path)) + "?mode=ro"  # (a name that is no UTF-8: its bytes)
     try:
         wal = os.stat(path + "-wal").st_size
     except FileNotFoundError:
