@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import inspect
 import logging
 import numbers
@@ -136,6 +137,8 @@ class OrgBilling:
         # record_*_nowait is sync and called from thread pools (sync endpoints): the cache is not thread-safe (two
         # threads evicting at once raise KeyError out of the call, the event never queued)
         self._queued_lock = threading.Lock()
+        # and so are the quota gate's in-process records those calls count in: see _count
+        self._count_lock = threading.Lock()
         track(self)  # (a lock held by another thread at a fork would stay held in the child)
         if client is not None:
             self.client = client
@@ -148,6 +151,7 @@ class OrgBilling:
 
     def _forked(self) -> None:
         self._queued_lock = threading.Lock()
+        self._count_lock = threading.Lock()
 
     @property
     def pipeline(self) -> EventPipeline | None:
@@ -975,7 +979,27 @@ class OrgBilling:
             except InvalidRequestError:  # (not a count Lago can sum: it bills none)
                 tokens = 0
         if calls or tokens:
-            quota.settle(org_id, _dated(quota, event, dated), tokens=tokens, billed=calls)
+            decision = _dated(quota, event, dated)
+            # Called from a thread (record_*_nowait in a sync endpoint, run in a thread pool): the gate's records are
+            # the event loop's (the in-process ones are plain dicts, added to by read-modify-writes that a thread
+            # switch splits), so the loop's thread counts them, soon, as the pipeline is woken (see
+            # EventPipeline._notify). Settled here, racing the loop and each other, records were lost from the
+            # per-second buckets but not from the totals: a read of Lago that had them all dropped less than was
+            # counted, and the difference stayed counted for the period, the org refused below its limit.
+            pipeline = self.pipeline
+            call_soon = getattr(pipeline, "_call_soon", None)
+            if (
+                call_soon is not None
+                and getattr(pipeline, "_running", False)
+                and getattr(pipeline, "_loop_thread", None) != threading.get_ident()
+            ):
+                try:
+                    call_soon(functools.partial(_settle_logged, quota, org_id, decision, tokens, calls))
+                    return
+                except Exception:  # the loop has ended: counted here (below)
+                    logger.debug("Could not count usage on the pipeline's loop from another thread", exc_info=True)
+            with self._count_lock:  # (no loop running the pipeline: at least the threads do not race each other)
+                quota.settle(org_id, decision, tokens=tokens, billed=calls)
 
     def record_api_call_nowait(
         self,
@@ -1332,6 +1356,15 @@ def _api_call_properties(
         if value is not None:
             props[key] = value
     return props
+
+
+def _settle_logged(quota: QuotaGateProtocol, org_id: str, decision: QuotaDecision, tokens: int, billed: bool) -> None:
+    """``quota.settle(...)`` run by the event loop for another thread (see ``OrgBilling._count``): an error is logged,
+    not raised into the loop (trio's ends its run on a callback's error)."""
+    try:
+        quota.settle(org_id, decision, tokens=tokens, billed=billed)
+    except Exception:
+        logger.exception("Could not count usage of org %.200r in the quota gate", org_id)
 
 
 def _dated(quota: QuotaGateProtocol, event: JSON, dated: bool) -> QuotaDecision:
