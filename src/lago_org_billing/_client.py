@@ -1113,6 +1113,13 @@ class LagoClient:
                 lost.append(error)
             self._log_retry(method, url, error, attempt, wait)
             await anyio.sleep(wait)
+            if self.is_closed:
+                # closed by another task during the wait (an app's shutdown): said as such, not as whatever the pool
+                # raises (an injected transport's, closed with the client, raised httpx's bare RuntimeError)
+                raise ClosedError(
+                    f"This LagoClient was closed while {method} {url} waited to be sent again (its last attempt: "
+                    f"{error}); create a new one. The call was not sent again."
+                ) from None
 
     def _log_retry(self, method: str, url: str, error: LagoAPIError, attempt: int, wait: float) -> None:
         """Say a retry: at WARNING (with what to check) at most once a minute, else at DEBUG. While Lago is down every
@@ -1410,7 +1417,12 @@ def _params(filters: Mapping[str, Any], **fixed: Any) -> list[tuple[str, str]]:
     for key, value in {**filters, **fixed}.items():
         if value is None:
             continue
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (bytes, bytearray, memoryview)):  # (its str(), "b'...'", is a value Lago matches to none)
+            raise InvalidRequestError(f"The {key!r} filter is {_shown(value)}, bytes: pass text (a str).")
+        if isinstance(value, Iterable) and not isinstance(value, (str, Mapping)):
+            # a set, a dict's keys, a generator: the items, as of a list (their str() was sent as one value, "{'a'}",
+            # which Lago matches to nothing: the page came back empty, silently)
+            value = list(value)
             if any(item is None for item in value):
                 raise InvalidRequestError(
                     f"The {key!r} filter holds None ({value!r}): Lago would read it as an empty value and match "
@@ -1636,6 +1648,7 @@ def _subscription_filters(
 ) -> list[tuple[str, str]]:
     if isinstance(statuses, str):
         raise InvalidRequestError("statuses must be a list such as ['active', 'pending'], not a string.")
+    statuses = None if statuses is None else list(statuses)  # (a generator: read once, here, and sent as read)
     for status in statuses or ():
         if not isinstance(status, str) or status not in _SUBSCRIPTION_STATUSES:
             raise InvalidRequestError(
