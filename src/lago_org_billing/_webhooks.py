@@ -222,7 +222,8 @@ class WebhookDedupe(Protocol):
     """Remembers which ``X-Lago-Unique-Key`` were processed.
 
     ``claim`` answers ``"new"`` (and marks the key as being processed), ``"processing"`` or ``"done"``;
-    ``complete`` records success; ``release`` forgets a key whose processing failed, so a retry runs again.
+    ``complete`` records success; ``release`` forgets a key whose processing failed, so a retry runs again. Each may
+    be a plain method too (a store over a sync client), called as it is, in the event loop: keep it quick.
     """
 
     async def claim(self, key: str) -> DedupeState: ...
@@ -712,7 +713,7 @@ def _check_webhook_arguments(
         missing = [method for method in ("claim", "complete", "release") if not callable(getattr(dedupe, method, None))]
         if missing:  # (each webhook's claim failed, logged as Redis unavailable, and ran without dedupe)
             raise ConfigurationError(
-                f"{name}(dedupe=...) must be a WebhookDedupe (MemoryDedupe(), RedisDedupe(url)) with async claim(key), "
+                f"{name}(dedupe=...) must be a WebhookDedupe (MemoryDedupe(), RedisDedupe(url)) with claim(key), "
                 f"complete(key) and release(key), got {type(dedupe).__name__}, which lacks {', '.join(missing)}."
             )
     if redis_url is not None:  # (not shown: it may hold a password; "" is LAGO_REDIS_URL's, as before)
@@ -737,9 +738,9 @@ class LagoWebhooks:
       omitted (``LAGO_WEBHOOK_HMAC_KEY``, ``LAGO_API_URL``, ``LAGO_API_KEY`` for JWT, ``LAGO_REDIS_URL``).
     * **client** - *(optional)* the :class:`LagoClient` that fetches the JWT public key (one is created otherwise).
     * **invalidate** - *(optional)* ``async (org_id) -> None``, or an object with ``async invalidate(org_id)``
-      (and optionally ``async invalidate_all()``), e.g. the quota gate; a plain function (or method) is called as it
-      is, in the event loop. Without it, the gate that ``OrgBillingMiddleware`` publishes in the request scope is
-      used, when the route sits behind it.
+      (and optionally ``async invalidate_all()``), e.g. the quota gate (``gate.invalidate`` stands for the gate); a
+      plain function (or method) is called as it is, in the event loop. Without it, the gate that
+      ``OrgBillingMiddleware`` publishes in the request scope is used, when the route sits behind it.
     * **handlers** - *(optional)* ``{"invoice.created": handler or [handlers]}``; ``"*"`` gets every type.
       Handlers take a :class:`WebhookEvent` and may be sync (run in a thread) or async. More with :meth:`on`.
     * **dedupe** - *(optional)* a :class:`WebhookDedupe`; default :class:`RedisDedupe` when a Redis URL is
@@ -785,7 +786,7 @@ class LagoWebhooks:
             self._settings = settings
             self._organization_id = organization_id
             self._client = client
-            self._invalidate = invalidate
+            self._invalidate = _gate_of(invalidate)
             self._handlers: dict[str, list[Handler]] = {}
             for webhook_type, value in (handlers or {}).items():
                 for handler in [value] if callable(value) else list(value):
@@ -1231,7 +1232,9 @@ class LagoWebhooks:
         claimed = False
         if dedupe is not None:
             try:
-                state = await dedupe.claim(token)
+                # (a plain method's answer is no awaitable: awaited, it raised a TypeError, taken for Redis being
+                # down, and every delivery ran without dedupe, Lago's retries and resends running handlers again)
+                state = await _called(dedupe.claim, token)
             except Exception as exc:  # Redis down: process anyway (at-least-once) rather than lose the webhook
                 self._say(
                     "dedupe",
@@ -1253,7 +1256,7 @@ class LagoWebhooks:
         except BaseException as exc:
             if claimed and dedupe is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._quietly(dedupe.release(token))
+                    await self._quietly(_called(dedupe.release, token))
             if not isinstance(exc, Exception):
                 raise
             self.stats["failed"] += 1
@@ -1268,7 +1271,7 @@ class LagoWebhooks:
             logger.exception("Handling the Lago webhook %s (%s) failed; Lago will retry it", event.webhook_type, shown)
             return _answer(500, "handler_failed", "A handler failed; Lago will retry.", unique_key=key)
         if claimed and dedupe is not None:
-            await self._quietly(dedupe.complete(token))
+            await self._quietly(_called(dedupe.complete, token))
         self.stats["processed" if handled else "ignored"] += 1
         status = "processed" if handled else "ignored"
         return _answer(_SUCCESS, status, None, unique_key=key, webhook_type=event.webhook_type, org_id=event.org_id)
@@ -1285,7 +1288,7 @@ class LagoWebhooks:
         async def keep_claim() -> None:
             while True:
                 await anyio.sleep(period)
-                await self._quietly(extend(key))
+                await self._quietly(_called(extend, key))
 
         handled: list[bool] = []
         failure: list[Exception] = []
@@ -1440,6 +1443,18 @@ def _dedupe_token(unique_key: str | None, body: bytes) -> str:
     if len(unique_key) <= _MAX_KEPT_KEY:
         return unique_key
     return "key-sha256:" + hashlib.sha256(unique_key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _gate_of(invalidate: Invalidate | SupportsInvalidate | None) -> Invalidate | SupportsInvalidate | None:
+    """``invalidate=``, or the quota gate itself when it is the gate's own ``invalidate`` method
+    (``invalidate=gate.invalidate``: "an async function of the org id", the natural way to write it). Called with the
+    org id only, it dropped the org's snapshot on a usage webhook (``alert.triggered``) instead of marking it due (its
+    next request, with Lago's API down, got the fail policy), and ``plan.updated``/``feature.*`` found no
+    ``invalidate_all``: every org kept its old limits up to ``LAGO_QUOTA_PLAN_TTL``."""
+    gate = getattr(invalidate, "__self__", None)
+    if inspect.ismethod(invalidate) and isinstance(gate, QuotaGate) and invalidate.__name__ == "invalidate":
+        return gate
+    return invalidate
 
 
 def _scope_gate(scope: Scope) -> SupportsInvalidate | None:
