@@ -141,7 +141,9 @@ def _check_amount(value: object) -> str | None:
     if (
         number is None
         or not number.is_finite()
-        or abs(number) >= _MAX_AMOUNT
+        # (copy_abs, not abs(): exact, where abs() rounds to the caller's context, which refused 25-digit amounts just
+        # under the limit past its precision, and raised decimal.Inexact where a caller traps it)
+        or number.copy_abs() >= _MAX_AMOUNT
         or number.as_tuple().exponent < _MIN_EXPONENT  # type: ignore[operator]  # (an int: the number is finite)
     ):
         raise InvalidRequestError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from urllib.parse import quote
 
 from ._errors import InvalidIdentifierError, InvalidRequestError
@@ -158,8 +158,13 @@ def format_timestamp(value: dt.datetime | float | int | str | Decimal | None = N
             f"Event timestamp {value!r} looks like milliseconds; Lago takes seconds (divide by 1000)."
         )
     # (copy_abs: a negative zero, -0.0, "-0" or Decimal("-0.00"), passed the check above, and Lago's timestamp is never
-    # "-0.000"; any other negative was refused, even one rounding to 0)
-    return f"{number.copy_abs().quantize(Decimal('0.001'))}"
+    # "-0.000"; any other negative was refused, even one rounding to 0. Rounded in a context of its own: the caller's
+    # thread context (a money app's prec=6, ROUND_FLOOR or a trapped Inexact) made 1767225600 a
+    # decimal.InvalidOperation, and a resend from another thread a different timestamp)
+    return f"{number.copy_abs().quantize(_MILLISECOND, context=_TIMESTAMP_CONTEXT)}"
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MILLISECOND = Decimal("0.001")
+#: Seconds under 10**11 to the millisecond are 15 digits at most; no trap: rounding is what the quantize is for.
+_TIMESTAMP_CONTEXT = Context(prec=28, rounding=ROUND_HALF_EVEN, traps=[])
