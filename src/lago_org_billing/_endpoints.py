@@ -236,14 +236,33 @@ def _route_by_endpoint(scope: Scope) -> Any:
     router, endpoint = scope.get("router"), scope["endpoint"]
     key = (id(router), id(endpoint))
     known = _endpoint_routes.get(key)
-    if known is None or known[0] is not router or known[1] is not endpoint:
-        if len(_endpoint_routes) >= 10_000:
-            _endpoint_routes.clear()
-        found = tuple(_routes_serving(getattr(router, "routes", ()), endpoint, 0))
-        known = _endpoint_routes[key] = (router, endpoint, found)
+    fresh = known is None or known[0] is not router or known[1] is not endpoint
+    if fresh:
+        known = _endpoint_routes_of(key, router, endpoint)
+    assert known is not None
     candidates = known[2]
-    if len(candidates) <= 1:
-        return candidates[0] if candidates else None
+    route = _route_matching(candidates, scope)
+    if route is None and candidates and not fresh:
+        # the routes changed since they were looked up (``app.add_route()``, ``app.router.routes`` extended at
+        # runtime): a route added with an endpoint another route has was billed under that other route's template
+        candidates = _endpoint_routes_of(key, router, endpoint)[2]
+        route = _route_matching(candidates, scope)
+    if route is None and len(candidates) == 1:
+        return candidates[0]  # (the one route with that endpoint, as its pattern was not matched: as before)
+    return route
+
+
+def _endpoint_routes_of(key: tuple[int, int], router: Any, endpoint: Any) -> tuple[Any, Any, tuple[Any, ...]]:
+    """The routes (or mounts) under ``router`` serving ``endpoint``, looked up and kept in :data:`_endpoint_routes`."""
+    if len(_endpoint_routes) >= 10_000:
+        _endpoint_routes.clear()
+    found = tuple(_routes_serving(getattr(router, "routes", ()), endpoint, 0))
+    known = _endpoint_routes[key] = (router, endpoint, found)
+    return known
+
+
+def _route_matching(candidates: tuple[Any, ...], scope: Scope) -> Any:
+    """The first of ``candidates`` whose pattern matches the request's path within its mount; None when none does."""
     path, inner_root = scope["path"], scope.get("root_path", "")
     inner_path = path[len(inner_root) :] if inner_root and path.startswith(inner_root) else path
     for route in candidates:
