@@ -2102,9 +2102,14 @@ def _answered_outside(error: BaseException) -> bool:
     Starlette's ``RequestBodyLimitMiddleware`` (which ``FastAPI(max_body_size=...)`` puts outside the app's own
     middlewares) sends its 413 to a request whose ``Content-Length`` is over the limit instead of the answer the app
     starts (the endpoint's, the router's 404), and raises this from that send. The app did not fail."""
-    while len(getattr(error, "exceptions", ())) == 1:  # an (Base)ExceptionGroup of one (a task group's)
+    return type(_sole(error)).__name__ == "_RequestBodyLimitResponseSent"  # (Starlette's, private: by its name)
+
+
+def _sole(error: BaseException) -> BaseException:
+    """``error`` out of the (Base)ExceptionGroups of one exception wrapping it (a task group's)."""
+    while len(getattr(error, "exceptions", ())) == 1:
         error = error.exceptions[0]  # type: ignore[attr-defined]
-    return type(error).__name__ == "_RequestBodyLimitResponseSent"  # (Starlette's, private: by its name)
+    return error
 
 
 def _is_preflight(headers: Any) -> bool:
@@ -2340,8 +2345,7 @@ async def _disconnected() -> Message:
 
 def _start_error(exc: BaseException) -> ConfigurationError:
     """The error to report when the background work could not start: its real cause, out of its task groups."""
-    while len(getattr(exc, "exceptions", ())) == 1:  # an (Base)ExceptionGroup of one
-        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    exc = _sole(exc)
     reason = str(exc) if isinstance(exc, LagoIntegrationError) else f"{type(exc).__name__}: {exc}"
     error = ConfigurationError(
         f"OrgBillingMiddleware could not start its background delivery: {reason}",
