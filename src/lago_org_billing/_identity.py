@@ -1459,15 +1459,15 @@ def default_identity(settings: BillingSettings) -> Callable[[Scope], tuple[str |
                 return None
             raw = state.get("org_id")
             if raw is not None:
-                org = _clean_id(raw)
-                if org is None and _there(raw):  # unresolved, as from_state() leaves it (not the header's)
-                    _said_not_an_id("request.state.org_id", raw)
+                try:
+                    org = _checked_id(raw, "request.state.org_id")
+                except _NotAnId:  # unresolved, as from_state() leaves it (not the header's)
                     return None, None
             raw = state.get("user_id")
             if raw is not None:
-                user = _clean_id(raw)
-                if user is None and _there(raw):  # no user, as from_state() finds (not the header's)
-                    _said_not_an_id("request.state.user_id", raw)
+                try:
+                    user = _checked_id(raw, "request.state.user_id")
+                except _NotAnId:  # no user, as from_state() finds (not the header's)
                     no_user = True
         if (org is None and org_header is not None) or (user is None and user_header is not None):
             headers = scope["headers"]
