@@ -44,7 +44,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -63,7 +62,7 @@ from ._ids import parse_time
 from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
-from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files
+from ._spool import DEAD_LETTER_COLUMNS, DeadLetter, dead_letter_from_row, spool_slot_files, sqlite_uri
 
 __all__ = [
     "DeadLettersBusyError",
@@ -726,9 +725,7 @@ class _connect:
     """A connection to an existing spool file that commits on success (and waits for a busy owner's commit)."""
 
     def __init__(self, file: str) -> None:
-        # (quoted as the bytes the OS names it by: a name that is no UTF-8, read as surrogates, raised in quote())
-        uri = f"file:{urllib.parse.quote(os.fsencode(file))}?mode=rw"
-        self.conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT)
+        self.conn = sqlite3.connect(sqlite_uri(file, "rw"), uri=True, timeout=BUSY_TIMEOUT)
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn

@@ -1432,10 +1432,16 @@ def _wal_without_database(path: str) -> int:
         return 0  # (left to opening it to say what is wrong)
 
 
+def sqlite_uri(path: str, mode: str) -> str:
+    """The SQLite URI of the file ``path`` opened in ``mode`` (``ro``, ``rw``), quoted from the bytes the OS names it
+    by: a name that is no UTF-8 (read by Python as surrogates) raised ``UnicodeEncodeError`` in ``quote()``."""
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?mode={mode}"
+
+
 def _count_read_only(path: str) -> int | None:
     """The rows of the ``events`` table of the spool file ``path``, read without writing anything; None if that
     cannot be known (unreadable, not a spool, its -wal unreadable)."""
-    uri = "file:" + urllib.parse.quote(os.fsencode(path)) + "?mode=ro"  # (a name that is no UTF-8: its bytes)
+    uri = sqlite_uri(path, "ro")
     try:
         wal = os.stat(path + "-wal").st_size
     except FileNotFoundError:
