@@ -58,7 +58,7 @@ from ._errors import (
     LagoIntegrationError,
     LagoNotFoundError,
 )
-from ._ids import parse_time
+from ._ids import parse_time, printable
 from ._migration import drop_file_lock, take_file_lock
 from ._run import run_main
 from ._settings import BillingSettings
@@ -981,14 +981,6 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _printable(text: str) -> str:
-    """``text`` as the listing and the report print it: a character that cannot be printed written as its escape (a
-    line break or a terminal's escape sequence in a stored ``transaction_id``; a lone surrogate, which a JSON
-    ``"\\ud800"`` or a file name that is no UTF-8 is read as, and which no stdout can encode: the listing stopped
-    there with a traceback)."""
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
-
-
 def _print_summary(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool) -> None:
     counts: dict[tuple[int | None, str | None, str], int] = {}
     for spooled in letters:
@@ -1010,8 +1002,8 @@ def _print_summary(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool)
     if groups:
         print(f"{'COUNT':>7} {'STATUS':<6} {'CODE':<18} REASON")
     for (status, code, reason), count in groups:
-        print(f"{count:>7} {status or '-'!s:<6} {_printable(code or '-'):<18} {_printable(reason[:200])}")
-    print(f"{sum(counts.values())} dead letters in {_printable(path)}")
+        print(f"{count:>7} {status or '-'!s:<6} {printable(code or '-'):<18} {printable(reason[:200])}")
+    print(f"{sum(counts.values())} dead letters in {printable(path)}")
 
 
 def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLetter]) -> int:
@@ -1023,7 +1015,7 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
         count += 1
         newest[spooled.file] = max(newest.get(spooled.file, 0), spooled.letter.id or 0)
     if not count:
-        print(json.dumps({"purged": 0}) if args.json else f"No dead letters to purge in {_printable(path)}.")
+        print(json.dumps({"purged": 0}) if args.json else f"No dead letters to purge in {printable(path)}.")
         return 0
     what = f"{count} dead letters of {path}" + (f" whose reason holds {args.reason!r}" if args.reason else "")
     if args.subscriptions or args.since or args.until:
@@ -1063,7 +1055,7 @@ def _purge(path: str, args: argparse.Namespace, letters: Iterable[SpoolDeadLette
         )
         raise
     logger.info("Purged %d dead letters of %s", purged, path)
-    print(json.dumps({"purged": purged}) if args.json else f"Purged {purged} dead letters of {_printable(path)}.")
+    print(json.dumps({"purged": purged}) if args.json else f"Purged {purged} dead letters of {printable(path)}.")
     return 0
 
 
@@ -1127,12 +1119,12 @@ def _print_letters(letters: Iterable[SpoolDeadLetter], path: str, as_json: bool)
         count += 1
         replayable += spooled.letter.replayable
         letter = spooled.letter
-        transaction = _printable(str(letter.event.get("transaction_id", "(no event)")))
+        transaction = printable(str(letter.event.get("transaction_id", "(no event)")))
         print(
             f"{spooled.key:<8} {_when(letter.created_at):<19} {letter.status or '-'!s:<6} "
-            f"{_printable(letter.code or '-'):<18} {transaction[:34]:<34} {_printable(_one_line(letter.reason)[:200])}"
+            f"{printable(letter.code or '-'):<18} {transaction[:34]:<34} {printable(_one_line(letter.reason)[:200])}"
         )
-    print(f"{count} dead letters in {_printable(path)} ({replayable} can be replayed)")
+    print(f"{count} dead letters in {printable(path)} ({replayable} can be replayed)")
 
 
 def _print_report(report: ReplayReport, as_json: bool) -> None:
@@ -1171,7 +1163,7 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
         f"{len(report.rejected)} rejected again."
     )
     for spooled in report.rejected:
-        reason = _printable(_one_line(spooled.letter.reason)[:200])
+        reason = printable(_one_line(spooled.letter.reason)[:200])
         print(f"  {spooled.key}: rejected again ({spooled.letter.status}): {reason}")
     if not report.complete:
         print(_INCOMPLETE % "run", file=sys.stderr)
@@ -1188,14 +1180,14 @@ def _print_report(report: ReplayReport, as_json: bool) -> None:
     if report.skipped:
         print(f"Skipped {len(report.skipped)} letters holding no whole event (it could not be built or serialised):")
         for spooled in report.skipped:
-            print(f"  {spooled.key}: {_printable(_one_line(spooled.letter.reason)[:200])}")
+            print(f"  {spooled.key}: {printable(_one_line(spooled.letter.reason)[:200])}")
     if report.unbilled:
         print(
             f"Delivered, but Lago will not bill these {len(report.unbilled)} (a replay keeps each event's timestamp):"
         )
         for spooled, why, _ in report.unbilled:
-            transaction = _printable(str(spooled.letter.event.get("transaction_id")))
-            print(f"  {spooled.key}: {transaction}: {_printable(why)}")
+            transaction = printable(str(spooled.letter.event.get("transaction_id")))
+            print(f"  {spooled.key}: {transaction}: {printable(why)}")
         print(
             f"Warning: Lago stores the {len(report.unbilled)} events listed above but will not bill them (--json "
             f"gives them whole). {_UNBILLED_ADVICE}.",

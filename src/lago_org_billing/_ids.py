@@ -109,6 +109,15 @@ def ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that cannot be printed written as its escape (``\\n``, ``\\x1b``, ``\\ud800``): for
+    a log line or a listing, where a line break would forge a line, a terminal escape drive the terminal, and a lone
+    surrogate (a JSON ``"\\ud800"``, a file name that is no UTF-8) stop the output with ``UnicodeEncodeError``."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 def parse_time(value: object) -> dt.datetime | None:
     """Lago's ISO 8601 time (``2026-03-01T00:00:00Z``, ``...00.123+01:00``) as an aware datetime, UTC when it names no
     offset; None when absent, blank or unreadable. Any fraction's length, on every Python (3.10's ``fromisoformat``

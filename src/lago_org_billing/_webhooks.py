@@ -93,7 +93,7 @@ from . import _checks as checks, _forks
 from ._client import LagoClient, _Throttled
 from ._errors import ConfigurationError, LagoIntegrationError, _bare, _without_tracebacks, traceback_text
 from ._identity import SCOPE_KEY, pyjwt_depth_errors
-from ._ids import ascii_digits
+from ._ids import ascii_digits, printable
 from ._quota import QuotaGate
 from ._quota_redis import (
     LoopConnections,
@@ -1094,7 +1094,7 @@ class LagoWebhooks:
     def _reject(self, code: str, detail: str) -> Response:
         self.stats["rejected"] += 1
         # (the detail may quote what the sender wrote, e.g. a token's "crit" header: no line of its choosing in the log)
-        self._say(code, "Lago webhook rejected (%s, answered 401): %s", code, _printable(detail))
+        self._say(code, "Lago webhook rejected (%s, answered 401): %s", code, printable(detail))
         return _answer(401, code, detail)
 
     # ------------------------------------------------------------------------------------- verifying
@@ -1228,7 +1228,7 @@ class LagoWebhooks:
         if self._owns_dedupe and isinstance(dedupe, RedisDedupe) and not _on_asyncio():
             dedupe = self._dedupe = self._memory_dedupe_instead()
         key = event.unique_key
-        shown = None if key is None else _printable(key)  # (the header is not signed: no line of its choosing logged)
+        shown = None if key is None else printable(key)  # (the header is not signed: no line of its choosing logged)
         claimed = False
         if dedupe is not None:
             try:
@@ -1499,13 +1499,6 @@ def _given_hmac_key(key: object) -> str | None:
         )
     _check_unquoted("LAGO_WEBHOOK_HMAC_KEY", key)
     return key.strip() or None
-
-
-def _printable(text: str) -> str:
-    """``text`` with its line breaks and other control characters escaped (``\\n``), for a log line."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class _BodyCut(Exception):
