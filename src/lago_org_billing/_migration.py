@@ -1360,9 +1360,7 @@ async def _amounts_comparable(
     found: dict[str, list[str]] = {}
     for user_id, subscription in candidates:
         code = str(subscription.get("plan_code"))
-        plan = await plans.get(code)
-        currency = subscription.get("plan_amount_currency") or (plan or {}).get("amount_currency")
-        found.setdefault(str(currency or "?"), []).append(f"{user_id}'s {code!r}")
+        found.setdefault(await _currency_of(subscription, plans) or "?", []).append(f"{user_id}'s {code!r}")
     if len(found) > 1:
         paid = "; ".join(f"{currency}: {', '.join(who)}" for currency, who in sorted(found.items()))
         raise InvalidRequestError(
@@ -1383,6 +1381,11 @@ async def _currency_of(subscription: JSON, plans: PlanCatalog) -> str | None:
     plan = await plans.get(str(subscription.get("plan_code")))
     currency = subscription.get("plan_amount_currency") or (plan or {}).get("amount_currency")
     return str(currency) if currency else None
+
+
+def _named(customer: JSON) -> str:
+    """`` (its name)`` of a Lago customer, to follow its id in a message; nothing when it has none."""
+    return f" ({customer.get('name')})" if customer.get("name") else ""
 
 
 async def _pick(policy: str, active: list[tuple[str, JSON]], plans: PlanCatalog) -> tuple[str, JSON]:
@@ -2051,7 +2054,7 @@ async def plan_org(
         mine = [s async for s in every if s.get("external_id") != sub_id]
         if mine:
             its_own = ", ".join(f"{s.get('external_id')!r} ({s.get('plan_code')}, {s.get('status')})" for s in mine[:5])
-            name = f" ({org_customer.get('name')})" if org_customer.get("name") else ""
+            name = _named(org_customer)
             raise InvalidRequestError(
                 f"org_id {org.org_id!r} is an existing Lago customer{name} not marked {METADATA_BILLING_TYPE}="
                 f"{ORGANIZATION} (as org customers are) with subscriptions of its own: {its_own}"
@@ -2228,7 +2231,7 @@ async def plan_org(
         if org_customer is not None and not marked and not org_subscription_made:
             # (its id is the org's subscription id: a user's made with create_subscription(user_id, ...) under the
             # default template has it too, and ids of users and orgs may come from two sequences: said, not refused)
-            name = f" ({org_customer.get('name')})" if org_customer.get("name") else ""
+            name = _named(org_customer)
             result.warnings.append(
                 f"org {org.org_id!r} keeps the subscription {sub_id!r} of customer {org.org_id!r}{name}, which is not "
                 f"marked {METADATA_BILLING_TYPE}={ORGANIZATION}: if that customer is a user's (ids of users and orgs "
