@@ -6,6 +6,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,14 @@ def no_write_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 def redis(request: pytest.FixtureRequest) -> str | None:
     """The quota backend a test runs on: ``None`` (in process), or the URL of a throwaway redis-server."""
     return request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+
+@pytest.fixture
+def busy_threads() -> Iterator[None]:
+    """Threads switch as often as the interpreter allows (as under a loaded thread pool)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

@@ -4,14 +4,12 @@ org's cached snapshot is kept."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import pytest
 
 from lago_org_billing import BillingSettings, EventPipeline, LagoClient, OrgBilling
 from lago_org_billing._quota import QuotaGate
@@ -21,24 +19,12 @@ from lago_org_billing.testing import FakeLago
 API_KEY = "test-api-key"
 
 
-@pytest.fixture
-def busy_threads() -> Iterator[None]:
-    """Threads switch as often as the interpreter allows (as under a loaded thread pool)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
-def _cached_gate(settings: BillingSettings, client: LagoClient) -> QuotaGate:
-    gate = QuotaGate(settings.replace(quota_mode="enforce"), client)
-    now = time.time()
-    snapshot = Snapshot(
+def cached_snapshot(now: float, calls_limit: int = 10**9) -> Snapshot:
+    """A fresh snapshot of an active org, read at ``now``, its period around it."""
+    return Snapshot(
         active=True,
         plan_code="starter",
-        calls_limit=10**9,
+        calls_limit=calls_limit,
         tokens_limit=10**12,
         period_start=now - 3600,
         period_end=now + 86400,
@@ -47,31 +33,25 @@ def _cached_gate(settings: BillingSettings, client: LagoClient) -> QuotaGate:
         plan_fetched_at=now,
         refresh_at=now + 86400,
     )
-    gate.local.store_now("org_1", snapshot, now)
+
+
+def _cached_gate(settings: BillingSettings, client: LagoClient) -> QuotaGate:
+    gate = QuotaGate(settings.replace(quota_mode="enforce"), client)
+    now = time.time()
+    gate.local.store_now("org_1", cached_snapshot(now), now)
     return gate
 
 
-def test_calls_recorded_from_threads_are_all_counted_in_the_gate(busy_threads: None) -> None:
-    threads_count, per_thread = 6, 1_500
-    fake = FakeLago(api_key=API_KEY)
-    settings = BillingSettings(api_key=API_KEY, api_url=FakeLago.base_url)
-    client = LagoClient(settings, transport=fake.transport())
-    pipeline = EventPipeline(client, memory_capacity=threads_count * per_thread + 1)
-    gate = _cached_gate(settings, client)
-    billing = OrgBilling(settings, client=client, pipeline=pipeline, quota=gate)
-    started, recorded = threading.Event(), threading.Event()
-    seen: list[Any] = []
-
-    async def loop_side() -> None:
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(pipeline.run)
-            started.set()
-            await anyio.to_thread.run_sync(recorded.wait)
-            await pipeline.flush(30)
-            state = gate.local._orgs["org_1"]  # (read on the loop's thread, after what the threads handed it)
-            seen.extend([state.snapshot is not None, state.counts.calls, state.counts.tokens])
-            await pipeline.aclose()
-
+def calls_from_threads(
+    billing: OrgBilling,
+    loop_side: Callable[[], Awaitable[None]],
+    started: threading.Event,
+    recorded: threading.Event,
+    threads_count: int,
+    per_thread: int,
+) -> list[BaseException]:
+    """Run ``loop_side`` (the pipeline's event loop: it sets ``started``, then waits for ``recorded``) in a thread of
+    its own while ``threads_count`` threads each record ``per_thread`` calls of 3 tokens at once; what they raised."""
     loop_thread = threading.Thread(target=anyio.run, args=(loop_side,))
     loop_thread.start()
     errors: list[BaseException] = []
@@ -95,6 +75,31 @@ def test_calls_recorded_from_threads_are_all_counted_in_the_gate(busy_threads: N
     finally:
         recorded.set()
         loop_thread.join(60)
+    return errors
+
+
+def test_calls_recorded_from_threads_are_all_counted_in_the_gate(busy_threads: None) -> None:
+    threads_count, per_thread = 6, 1_500
+    fake = FakeLago(api_key=API_KEY)
+    settings = BillingSettings(api_key=API_KEY, api_url=FakeLago.base_url)
+    client = LagoClient(settings, transport=fake.transport())
+    pipeline = EventPipeline(client, memory_capacity=threads_count * per_thread + 1)
+    gate = _cached_gate(settings, client)
+    billing = OrgBilling(settings, client=client, pipeline=pipeline, quota=gate)
+    started, recorded = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    async def loop_side() -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pipeline.run)
+            started.set()
+            await anyio.to_thread.run_sync(recorded.wait)
+            await pipeline.flush(30)
+            state = gate.local._orgs["org_1"]  # (read on the loop's thread, after what the threads handed it)
+            seen.extend([state.snapshot is not None, state.counts.calls, state.counts.tokens])
+            await pipeline.aclose()
+
+    errors = calls_from_threads(billing, loop_side, started, recorded, threads_count, per_thread)
     assert errors == []
     total = threads_count * per_thread
     # the snapshot kept (a race replaced the org's state with an empty one), every call and its tokens counted

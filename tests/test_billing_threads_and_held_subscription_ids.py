@@ -13,9 +13,7 @@ Covers:
 
 from __future__ import annotations
 
-import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,17 +32,6 @@ pytestmark = pytest.mark.anyio
 
 
 # ------------------------------------------------------------------------------- nowait from threads
-
-
-@pytest.fixture
-def busy_threads() -> Iterator[None]:
-    """Threads switch as often as the interpreter allows (as under a loaded thread pool)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def test_nowait_from_many_threads_queues_every_event(

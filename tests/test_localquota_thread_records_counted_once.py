@@ -5,31 +5,18 @@ has every call drops them all (no phantom usage left, the org refused below its 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
-import pytest
 
 from lago_org_billing import BillingSettings, EventPipeline, LagoClient, OrgBilling
 from lago_org_billing._quota import QuotaGate
-from lago_org_billing._snapshots import ALLOWED, Snapshot
+from lago_org_billing._snapshots import ALLOWED
 from lago_org_billing.testing import FakeLago
+from test_billing_nowait_threads_count_in_the_gate import cached_snapshot, calls_from_threads
 
 API_KEY = "test-api-key"
-
-
-@pytest.fixture
-def busy_threads() -> Iterator[None]:
-    """Threads switch as often as the interpreter allows (as under a loaded thread pool)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def test_calls_recorded_from_threads_leave_no_usage_once_lago_has_them_all(busy_threads: None) -> None:
@@ -46,18 +33,7 @@ def test_calls_recorded_from_threads_leave_no_usage_once_lago_has_them_all(busy_
     pipeline = EventPipeline(client, memory_capacity=total + 1)
     gate = QuotaGate(settings.replace(quota_mode="enforce"), client)
     now = time.time()
-    snapshot = Snapshot(
-        active=True,
-        plan_code="starter",
-        calls_limit=total + 10,
-        tokens_limit=10**12,
-        period_start=now - 3600,
-        period_end=now + 86400,
-        requested_at=now,
-        fetched_at=now,
-        plan_fetched_at=now,
-        refresh_at=now + 86400,
-    )
+    snapshot = cached_snapshot(now, calls_limit=total + 10)
     gate.local.store_now("org_1", snapshot, now)
     billing = OrgBilling(settings, client=client, pipeline=pipeline, quota=gate)
     started, recorded = threading.Event(), threading.Event()
@@ -79,28 +55,6 @@ def test_calls_recorded_from_threads_leave_no_usage_once_lago_has_them_all(busy_
             seen.extend([outcome.code, outcome.calls, outcome.tokens])
             await pipeline.aclose()
 
-    loop_thread = threading.Thread(target=anyio.run, args=(loop_side,))
-    loop_thread.start()
-    errors: list[BaseException] = []
-    try:
-        assert started.wait(10)
-        barrier = threading.Barrier(threads_count)
-
-        def work(worker: int) -> None:
-            barrier.wait()
-            for i in range(per_thread):
-                try:
-                    billing.record_api_call_nowait("org_1", f"req_{worker}_{i}", "/v1/chat", "u_1", tokens=3)
-                except BaseException as exc:  # each failure is what this test counts
-                    errors.append(exc)
-
-        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads_count)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-    finally:
-        recorded.set()
-        loop_thread.join(60)
+    errors = calls_from_threads(billing, loop_side, started, recorded, threads_count, per_thread)
     assert errors == []
     assert seen == [ALLOWED, total, 3 * total]
